@@ -1,0 +1,352 @@
+"""Agent identities, the cluster authority, certificates and attestation quotes.
+
+A trusted VMM on each end (PALM's assumption) is stood for here by an agent
+whose code and policy hash to an allowed *measurement*, certified by the
+cluster authority and proven live by a quote bound to the Noise handshake.
+Formats are specified in proto/PROTOCOL.md (section "Identities").
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from palm_net.crypto.noise import KeyPair, keypair_from_private
+
+CERT_VERSION = 1
+CERT_DOMAIN = b"palm-net/cert/v1\x00"
+QUOTE_DOMAIN = b"palm-net/quote/v1\x00"
+MAX_CERT_LEN = 4096
+ROLES = ("source", "destination")
+
+IDENTITY_FILE = "identity.key"
+CERT_FILE = "agent.cert"
+CA_KEY_FILE = "ca.key"
+CA_PUB_FILE = "ca.pub"
+
+
+class RejectReason(enum.StrEnum):
+    """Why a peer was refused at the handshake (also the wire error codes)."""
+
+    MALFORMED = "malformed"
+    UNKNOWN_AUTHORITY = "unknown-authority"
+    BAD_CERTIFICATE = "bad-certificate"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not-yet-valid"
+    KEY_MISMATCH = "key-mismatch"
+    BAD_QUOTE = "bad-quote"
+    MEASUREMENT_NOT_ALLOWED = "measurement-not-allowed"
+    ROLE_NOT_ALLOWED = "role-not-allowed"
+    CIPHER_NOT_ALLOWED = "cipher-not-allowed"
+
+
+class AttestationError(Exception):
+    def __init__(self, reason: RejectReason, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+
+
+class KeyFileError(Exception):
+    """A key file is missing, unreadable, malformed or readable by others."""
+
+
+# --------------------------------------------------------------------------
+# Key files: written 0600, refused when group/other may read them.
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_secret_file(path: Path) -> bytes:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"key file {path} is accessible by group/other (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "run: chmod 600 " + str(path)
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+
+
+def _unpack_map(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(data, raw=False, max_bin_len=MAX_CERT_LEN, max_str_len=1024,
+                              max_array_len=64, max_map_len=64, strict_map_key=True)
+    except Exception:
+        raise KeyFileError(f"{what} is not valid msgpack") from None
+    if not isinstance(obj, dict):
+        raise KeyFileError(f"{what} is not a msgpack map")
+    return obj
+
+
+def _field(obj: dict[str, Any], key: str, typ: type, what: str) -> Any:
+    val = obj.get(key)
+    if not isinstance(val, typ) or (isinstance(val, bool) and typ is int):
+        raise KeyFileError(f"{what}: field {key!r} missing or of the wrong type")
+    return val
+
+
+# --------------------------------------------------------------------------
+# Agent identity
+
+
+@dataclass(frozen=True, repr=False)
+class AgentIdentity:
+    name: str
+    static: KeyPair  # X25519, the Noise static key
+    signing: SigningKey  # Ed25519, signs quotes
+
+    def __repr__(self) -> str:
+        return f"AgentIdentity(name={self.name!r}, static_pub={self.static.public.hex()[:16]}...)"
+
+    @property
+    def sign_pub(self) -> bytes:
+        return bytes(self.signing.verify_key)
+
+    @classmethod
+    def generate(cls, name: str) -> AgentIdentity:
+        validate_name(name)
+        return cls(name, keypair_from_private(os.urandom(32)), SigningKey.generate())
+
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / IDENTITY_FILE
+        blob = msgpack.packb({"v": 1, "name": self.name, "x25519": self.static.private,
+                              "ed25519": bytes(self.signing)})
+        write_secret_file(path, blob)
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> AgentIdentity:
+        path = directory / IDENTITY_FILE
+        obj = _unpack_map(read_secret_file(path), str(path))
+        what = str(path)
+        if obj.get("v") != 1:
+            raise KeyFileError(f"{what}: unsupported identity version")
+        x = _field(obj, "x25519", bytes, what)
+        ed = _field(obj, "ed25519", bytes, what)
+        if len(x) != 32 or len(ed) != 32:
+            raise KeyFileError(f"{what}: key of the wrong length")
+        return cls(_field(obj, "name", str, what), keypair_from_private(x), SigningKey(ed))
+
+    def public_description(self) -> dict[str, str]:
+        return {"name": self.name, "static_pub": self.static.public.hex(),
+                "sign_pub": self.sign_pub.hex()}
+
+
+def validate_name(name: str) -> None:
+    if not (1 <= len(name) <= 64) or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"invalid name {name!r}: 1-64 characters of letters, digits, '-', '_', '.'")
+
+
+# --------------------------------------------------------------------------
+# Measurement: a digest of the agent's code and policy, the same on every host.
+
+
+def compute_measurement(policy: bytes = b"", root: Path | None = None) -> bytes:
+    """BLAKE2b-256 over the sorted (relative path, content) of palm_net's *.py plus the policy."""
+    root = root or Path(__file__).resolve().parent.parent
+    h = hashlib.blake2b(digest_size=32, person=b"palm-measure")
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix().encode()
+        if "/testing/" in "/" + rel.decode():
+            continue  # test tooling is not part of the trusted agent
+        content = path.read_bytes()
+        h.update(len(rel).to_bytes(4, "big") + rel + len(content).to_bytes(8, "big") + content)
+    h.update(b"policy" + len(policy).to_bytes(8, "big") + policy)
+    return h.digest()
+
+
+# --------------------------------------------------------------------------
+# Cluster authority and certificates
+
+
+def key_id(public: bytes) -> bytes:
+    return hashlib.blake2b(public, digest_size=16, person=b"palm-keyid").digest()
+
+
+@dataclass(frozen=True)
+class Certificate:
+    name: str
+    static_pub: bytes
+    sign_pub: bytes
+    measurement: bytes
+    not_before: int
+    not_after: int
+    roles: tuple[str, ...]
+    issuer: bytes  # key id of the authority
+    body: bytes = field(repr=False)  # the exact signed bytes
+    signature: bytes = field(repr=False)
+
+    def encode(self) -> bytes:
+        out: bytes = msgpack.packb({"body": self.body, "sig": self.signature})
+        return out
+
+    @classmethod
+    def decode(cls, data: bytes) -> Certificate:
+        if len(data) > MAX_CERT_LEN:
+            raise AttestationError(RejectReason.MALFORMED, "certificate too long")
+        try:
+            outer = _unpack_map(data, "certificate")
+            body = _field(outer, "body", bytes, "certificate")
+            sig = _field(outer, "sig", bytes, "certificate")
+            obj = _unpack_map(body, "certificate body")
+            if obj.get("v") != CERT_VERSION or set(obj) != {
+                "v", "name", "static_pub", "sign_pub", "measurement", "nbf", "naf", "roles", "iss"
+            }:
+                raise KeyFileError("certificate: unsupported version or fields")
+            roles = _field(obj, "roles", list, "certificate")
+            if not all(isinstance(r, str) for r in roles):
+                raise KeyFileError("certificate: roles must be strings")
+            cert = cls(
+                _field(obj, "name", str, "certificate"),
+                _field(obj, "static_pub", bytes, "certificate"),
+                _field(obj, "sign_pub", bytes, "certificate"),
+                _field(obj, "measurement", bytes, "certificate"),
+                _field(obj, "nbf", int, "certificate"),
+                _field(obj, "naf", int, "certificate"),
+                tuple(roles),
+                _field(obj, "iss", bytes, "certificate"),
+                body,
+                sig,
+            )
+        except KeyFileError as exc:
+            raise AttestationError(RejectReason.MALFORMED, str(exc)) from None
+        if len(cert.static_pub) != 32 or len(cert.sign_pub) != 32 or len(cert.measurement) != 32:
+            raise AttestationError(RejectReason.MALFORMED, "certificate key or measurement length")
+        return cert
+
+    def verify(self, authority_pub: bytes, now: float | None = None) -> None:
+        """Checks issuer, signature and validity window; raises AttestationError."""
+        if not hmac.compare_digest(self.issuer, key_id(authority_pub)):
+            raise AttestationError(RejectReason.UNKNOWN_AUTHORITY,
+                                   f"certificate of {self.name!r} is issued by another authority")
+        try:
+            VerifyKey(authority_pub).verify(CERT_DOMAIN + self.body, self.signature)
+        except (BadSignatureError, ValueError, TypeError):
+            raise AttestationError(RejectReason.BAD_CERTIFICATE,
+                                   f"signature on certificate of {self.name!r} is invalid") from None
+        t = time.time() if now is None else now
+        if t < self.not_before:
+            raise AttestationError(RejectReason.NOT_YET_VALID, f"certificate of {self.name!r}")
+        if t > self.not_after:
+            raise AttestationError(RejectReason.EXPIRED, f"certificate of {self.name!r}")
+
+
+@dataclass(frozen=True, repr=False)
+class Authority:
+    signing: SigningKey
+
+    def __repr__(self) -> str:
+        return f"Authority(key_id={self.key_id.hex()})"
+
+    @property
+    def public(self) -> bytes:
+        return bytes(self.signing.verify_key)
+
+    @property
+    def key_id(self) -> bytes:
+        return key_id(self.public)
+
+    @classmethod
+    def generate(cls) -> Authority:
+        return cls(SigningKey.generate())
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_secret_file(directory / CA_KEY_FILE, msgpack.packb({"v": 1, "ed25519": bytes(self.signing)}))
+        (directory / CA_PUB_FILE).write_text(self.public.hex() + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> Authority:
+        path = directory / CA_KEY_FILE
+        obj = _unpack_map(read_secret_file(path), str(path))
+        seed = _field(obj, "ed25519", bytes, str(path))
+        if obj.get("v") != 1 or len(seed) != 32:
+            raise KeyFileError(f"{path}: unsupported authority key")
+        return cls(SigningKey(seed))
+
+    def issue(
+        self,
+        name: str,
+        static_pub: bytes,
+        sign_pub: bytes,
+        measurement: bytes,
+        roles: Iterable[str] = ROLES,
+        not_before: int | None = None,
+        days: float = 365,
+    ) -> Certificate:
+        roles = tuple(roles)
+        for r in roles:
+            if r not in ROLES:
+                raise ValueError(f"unknown role {r!r} (known: {', '.join(ROLES)})")
+        nbf = int(time.time()) - 60 if not_before is None else not_before
+        naf = nbf + int(days * 86400)
+        body = msgpack.packb({
+            "v": CERT_VERSION, "name": name, "static_pub": static_pub, "sign_pub": sign_pub,
+            "measurement": measurement, "nbf": nbf, "naf": naf, "roles": list(roles),
+            "iss": self.key_id,
+        })
+        sig = self.signing.sign(CERT_DOMAIN + body).signature
+        return Certificate(name, static_pub, sign_pub, measurement, nbf, naf, roles, self.key_id, body, sig)
+
+
+def load_authority_public(path: Path) -> bytes:
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read authority public key {path}: {exc.strerror}") from None
+    try:
+        pub = bytes.fromhex(text)
+    except ValueError:
+        pub = b""
+    if len(pub) != 32:
+        raise KeyFileError(f"{path} is not an authority public key (64 hex digits)")
+    return pub
+
+
+# --------------------------------------------------------------------------
+# Attestation quote: Ed25519 over the handshake hash and the measurement.
+
+
+def make_quote(identity: AgentIdentity, handshake_hash: bytes, measurement: bytes) -> bytes:
+    return identity.signing.sign(QUOTE_DOMAIN + handshake_hash + measurement).signature
+
+
+def verify_quote(sign_pub: bytes, handshake_hash: bytes, measurement: bytes, quote: bytes) -> None:
+    if len(quote) != 64:
+        raise AttestationError(RejectReason.BAD_QUOTE, "quote has the wrong length")
+    try:
+        VerifyKey(sign_pub).verify(QUOTE_DOMAIN + handshake_hash + measurement, quote)
+    except (BadSignatureError, ValueError, TypeError):
+        raise AttestationError(RejectReason.BAD_QUOTE, "quote signature does not verify") from None
+
+
+def same_key(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)

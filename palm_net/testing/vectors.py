@@ -1,0 +1,79 @@
+"""Deterministic vectors for palm_net's own handshake and first records.
+
+Fixed keys, ephemerals, certificate window and clock make every byte
+reproducible (Ed25519 signatures are deterministic).  ``proto/vectors/*.json``
+is what this produces; tests recompute and compare.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose
+from palm_net.crypto.identity import AgentIdentity, Authority
+from palm_net.crypto.noise import CipherName, keypair_from_private
+from palm_net.wire.protocol import Role, SessionProtocol
+
+INPUTS: dict[str, Any] = {
+    "authority_seed": "a0" * 32,
+    "source": {"name": "host-a", "x25519": "01" * 32, "ed25519_seed": "11" * 32, "ephemeral": "21" * 32},
+    "destination": {"name": "host-b", "x25519": "02" * 32, "ed25519_seed": "12" * 32, "ephemeral": "22" * 32},
+    "measurement": "5a" * 32,
+    "not_before": 1_700_000_000,
+    "days": 36500,
+    "clock": 1_800_000_000,
+    "roles": ["source", "destination"],
+    "migration_id": "00112233445566778899aabbccddeeff",
+}
+
+
+def _config(side: dict[str, str], authority: Authority, inputs: dict[str, Any], cipher: CipherName) -> ChannelConfig:
+    ident = AgentIdentity(side["name"], keypair_from_private(bytes.fromhex(side["x25519"])),
+                          SigningKey(bytes.fromhex(side["ed25519_seed"])))
+    m = bytes.fromhex(inputs["measurement"])
+    cert = authority.issue(ident.name, ident.static.public, ident.sign_pub, m, inputs["roles"],
+                           not_before=inputs["not_before"], days=inputs["days"])
+    return ChannelConfig(ident, cert, authority.public, m, frozenset({m}), ciphers=(cipher,),
+                         clock=lambda: float(inputs["clock"]))
+
+
+def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS) -> dict[str, Any]:
+    authority = Authority(SigningKey(bytes.fromhex(inputs["authority_seed"])))
+    src = _config(inputs["source"], authority, inputs, cipher)
+    dst = _config(inputs["destination"], authority, inputs, cipher)
+    init = AttestedHandshake(src, True, Purpose.MIGRATION, cipher=cipher,
+                             ephemeral=keypair_from_private(bytes.fromhex(inputs["source"]["ephemeral"])))
+    resp = AttestedHandshake(dst, False, None,
+                             ephemeral=keypair_from_private(bytes.fromhex(inputs["destination"]["ephemeral"])))
+    flight1 = init.initiate()
+    flight2 = resp.receive_data(flight1)
+    flight3 = init.receive_data(flight2)
+    assert resp.receive_data(flight3) == b""
+    assert init.result is not None and resp.result is not None
+    mid = bytes.fromhex(inputs["migration_id"])
+    src_proto, dst_proto = SessionProtocol(Role.SOURCE, mid), SessionProtocol(Role.DESTINATION)
+    begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=256, protected_pages=16,
+                           processes=1, vcpus=1, plain=False)
+    record1 = init.result.sender.seal(begin)
+    resp.result.receiver.receive_data(record1)
+    assert dst_proto.receive(resp.result.receiver.next_record() or b"").type == "BEGIN"
+    accept = dst_proto.send("ACCEPT")
+    record2 = resp.result.sender.seal(accept)
+    return {
+        "protocol_name": init.result.protocol_name,
+        "inputs": inputs,
+        "certificates": {"source": src.certificate.encode().hex(), "destination": dst.certificate.encode().hex()},
+        "flights": [
+            {"from": "initiator", "bytes": flight1.hex()},
+            {"from": "responder", "bytes": flight2.hex()},
+            {"from": "initiator", "bytes": flight3.hex()},
+        ],
+        "handshake_hash": init.result.handshake_hash.hex(),
+        "records": [
+            {"from": "initiator", "plaintext": begin.hex(), "bytes": record1.hex()},
+            {"from": "responder", "plaintext": accept.hex(), "bytes": record2.hex()},
+        ],
+    }
+

@@ -1,0 +1,60 @@
+"""Length-prefixed frames: a 4-byte big-endian length, then that many bytes.
+
+The length is checked against the configured maximum before a single byte of
+the body is buffered, so a peer claiming 4 GiB costs us nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from palm_net.wire.errors import ProtocolError
+
+LENGTH = struct.Struct(">I")
+PREFIX_LEN = LENGTH.size
+
+
+def frame(body: bytes) -> bytes:
+    return LENGTH.pack(len(body)) + body
+
+
+class FrameBuffer:
+    """Accumulates stream bytes and yields whole frames (sans-IO)."""
+
+    __slots__ = ("_buf", "_need", "max_len", "min_len")
+
+    def __init__(self, max_len: int, min_len: int = 1) -> None:
+        self._buf = bytearray()
+        self.max_len = max_len
+        self.min_len = min_len
+        self._need = -1  # body length of the frame in progress, -1 if unknown
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def take_rest(self) -> bytes:
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+    def next_frame(self) -> bytes | None:
+        buf = self._buf
+        if self._need < 0:
+            if len(buf) < PREFIX_LEN:
+                return None
+            (n,) = LENGTH.unpack_from(buf)
+            if n > self.max_len:
+                raise ProtocolError("oversize", f"frame length {n} exceeds the maximum {self.max_len}")
+            if n < self.min_len:
+                raise ProtocolError("undersize", f"frame length {n} below the minimum {self.min_len}")
+            self._need = n
+        end = PREFIX_LEN + self._need
+        if len(buf) < end:
+            return None
+        body = bytes(buf[PREFIX_LEN:end])
+        del buf[:end]
+        self._need = -1
+        return body

@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""Regenerates proto/vectors/*.json (palm_net's own handshake and first records).
+
+Run after a deliberate wire change, then review the diff: tests compare the
+implementation against these files byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from palm_net.crypto.noise import CipherName
+from palm_net.testing.vectors import build
+
+OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    for cipher in CipherName:
+        path = OUT / f"handshake_{cipher.value.lower()}.json"
+        path.write_text(json.dumps(build(cipher), indent=1) + "\n")
+        print(f"wrote {path}")

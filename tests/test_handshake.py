@@ -1,0 +1,261 @@
+"""The attested handshake: success over memory streams and TCP, and every refusal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from palm_net.channel.handshake import (
+    AttestedHandshake,
+    Purpose,
+    TransportMode,
+    decode_preamble,
+    encode_preamble,
+)
+from palm_net.channel.transport import accept, connect
+from palm_net.crypto.identity import Authority
+from palm_net.crypto.noise import CipherName
+from palm_net.wire.errors import HandshakeError
+from palm_net.wire.framing import frame
+
+
+def pump(init: AttestedHandshake, resp: AttestedHandshake, tamper=None) -> None:
+    """Runs a sans-IO handshake to completion; ``tamper(i, bytes)`` may alter flight i."""
+    to_resp = init.initiate()
+    flight = 0
+    while not (init.complete and resp.complete):
+        if tamper:
+            to_resp = tamper(flight, to_resp)
+        flight += 1
+        to_init = resp.receive_data(to_resp)
+        if init.complete:
+            break
+        if tamper:
+            to_init = tamper(flight, to_init)
+        flight += 1
+        to_resp = init.receive_data(to_init)
+
+
+def test_sans_io_handshake_both_ciphers(pki):
+    a, b = pki.config("src"), pki.config("dst")
+    for cipher in (CipherName.CHACHAPOLY, CipherName.AESGCM):
+        init = AttestedHandshake(a, True, cipher=cipher)
+        resp = AttestedHandshake(b, False, purpose=None)
+        pump(init, resp)
+        assert init.result and resp.result
+        assert init.result.handshake_hash == resp.result.handshake_hash
+        assert init.result.peer.name == "dst" and resp.result.peer.name == "src"
+        assert cipher.value in init.result.protocol_name
+        assert resp.result.purpose is Purpose.MIGRATION
+        rec = init.result.sender.seal(b"first record")
+        resp.result.receiver.receive_data(rec)
+        assert resp.result.receiver.next_record() == b"first record"
+
+
+async def _pair(stream_a, stream_b, cfg_a, cfg_b, **kw):
+    out = {}
+    async with trio.open_nursery() as n:
+        async def server():
+            out["b"] = await accept(stream_b, cfg_b)
+        n.start_soon(server)
+        out["a"] = await connect(stream_a, cfg_a, **kw)
+    return out["a"], out["b"]
+
+
+async def test_memory_stream_exchange(pki):
+    s1, s2 = trio.testing.memory_stream_pair()
+    a, b = await _pair(s1, s2, pki.config("src"), pki.config("dst"))
+    payloads = [os.urandom(n) for n in (1, 100, 65519, 4096)]
+    for p in payloads:
+        await a.send_record(p)
+    assert [await b.receive_record() for _ in payloads] == payloads
+    await b.send_record(b"reply")
+    assert await a.receive_record() == b"reply"
+
+
+async def test_tcp_loopback_exchange(pki):
+    cfg_a, cfg_b = pki.config("src"), pki.config("dst")
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    got = []
+    async with trio.open_nursery() as n:
+        async def serve_one():
+            stream = await listeners[0].accept()
+            ch = await accept(stream, cfg_b)
+            for _ in range(50):
+                got.append(await ch.receive_record())
+            await ch.send_record(b"ack")
+        n.start_soon(serve_one)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        ch = await connect(stream, cfg_a)
+        for i in range(50):
+            await ch.send_record(bytes([i]) * 60000)
+        assert await ch.receive_record() == b"ack"
+    assert got == [bytes([i]) * 60000 for i in range(50)]
+    await listeners[0].aclose()
+
+
+def _refused(init_cfg, resp_cfg, reason: str, rejecter: str = "init", **kw):
+    init = AttestedHandshake(init_cfg, True, **kw)
+    resp = AttestedHandshake(resp_cfg, False, purpose=None)
+    with pytest.raises(HandshakeError) as info:
+        pump(init, resp)
+    assert info.value.code == reason
+    # The side that refused never completed; nothing beyond the handshake happened.
+    assert not (init.complete and resp.complete)
+    assert (init if rejecter == "init" else resp).result is None
+    return info.value
+
+
+def test_unknown_authority(pki):
+    rogue = Authority.generate()
+    # The destination's certificate is from a self-made authority: the source refuses.
+    err = _refused(pki.config("src"), pki.config("dst", authority=rogue), "unknown-authority")
+    assert "another authority" in str(err)
+    # And the other way round: the destination refuses a rogue source.
+    _refused(pki.config("src", authority=rogue), pki.config("dst"), "unknown-authority", rejecter="resp")
+
+
+def test_expired_and_not_yet_valid(pki):
+    old = int(time.time()) - 10 * 86400
+    _refused(pki.config("src"), pki.config("dst", not_before=old, days=1), "expired")
+    _refused(pki.config("src", not_before=int(time.time()) + 3600), pki.config("dst"), "not-yet-valid",
+             rejecter="resp")
+
+
+def test_key_mismatch_stolen_certificate(pki):
+    victim = pki.config("dst")
+    thief = pki.config("dst")  # own keys...
+    stolen = type(thief)(**{**thief.__dict__, "certificate": victim.certificate})  # ...victim's certificate
+    _refused(pki.config("src"), stolen, "key-mismatch")
+
+
+def test_bad_quote_forged_signature(pki, monkeypatch):
+    import palm_net.channel.handshake as hsmod
+    real = hsmod.make_quote
+    monkeypatch.setattr(hsmod, "make_quote", lambda ident, h, m: real(ident, bytes(len(h)), m))
+    _refused(pki.config("src"), pki.config("dst"), "bad-quote")
+
+
+def test_quote_replayed_from_another_session(pki):
+    """A quote captured in one session does not verify in another (channel binding)."""
+    src, dst = pki.config("src"), pki.config("dst")
+    import palm_net.channel.handshake as hsmod
+    captured = []
+    orig = hsmod.make_quote
+    hsmod.make_quote = lambda ident, h, m: captured.append(orig(ident, h, m)) or captured[-1]
+    try:
+        pump(AttestedHandshake(src, True), AttestedHandshake(dst, False))
+        replay = captured[0]
+        hsmod.make_quote = lambda ident, h, m: replay
+        with pytest.raises(HandshakeError) as info:
+            pump(AttestedHandshake(src, True), AttestedHandshake(dst, False))
+        assert info.value.code == "bad-quote"
+    finally:
+        hsmod.make_quote = orig
+
+
+def test_measurement_not_allowed(pki):
+    _refused(pki.config("src"), pki.config("dst", measurement=os.urandom(32)), "measurement-not-allowed")
+
+
+def test_role_not_allowed(pki):
+    _refused(pki.config("src"), pki.config("dst", roles=["source"]), "role-not-allowed")
+    _refused(pki.config("src", roles=["destination"]), pki.config("dst"), "role-not-allowed", rejecter="resp")
+
+
+def test_cipher_not_allowed_and_downgrade_detected(pki):
+    only_chacha = pki.config("dst", ciphers=(CipherName.CHACHAPOLY,))
+    _refused(pki.config("src", ciphers=(CipherName.AESGCM, CipherName.CHACHAPOLY)), only_chacha,
+             "cipher-not-allowed", rejecter="resp", cipher=CipherName.AESGCM)
+
+    # An attacker rewrites the initiator's choice in the preamble: the prologue no
+    # longer matches and the handshake fails at the first authenticated message.
+    def downgrade(flight, data):
+        if flight == 0:
+            n = int.from_bytes(data[:4], "big")
+            purpose, mode, name = decode_preamble(data[4 : 4 + n])
+            return frame(encode_preamble(purpose, mode, name.replace("AESGCM", "ChaChaPoly"))) + data[4 + n :]
+        return data
+    init = AttestedHandshake(pki.config("src"), True, cipher=CipherName.AESGCM)
+    resp = AttestedHandshake(pki.config("dst"), False)
+    with pytest.raises(HandshakeError) as info:
+        pump(init, resp, tamper=downgrade)
+    assert info.value.code == "handshake-failed"
+    assert not init.complete
+
+
+def test_purpose_bound_into_prologue(pki):
+    """A migration endpoint refuses a recovery transcript and vice versa."""
+    init = AttestedHandshake(pki.config("src"), True, purpose=Purpose.RECOVERY)
+    resp = AttestedHandshake(pki.config("dst"), False, purpose=Purpose.MIGRATION)
+    with pytest.raises(HandshakeError) as info:
+        pump(init, resp)
+    assert info.value.code == "purpose"
+
+    def flip_purpose(flight, data):
+        if flight == 0:
+            b = bytearray(data)
+            b[4 + 5] = Purpose.MIGRATION  # the preamble's purpose byte
+            return bytes(b)
+        return data
+    init = AttestedHandshake(pki.config("src"), True, purpose=Purpose.RECOVERY)
+    resp = AttestedHandshake(pki.config("dst"), False, purpose=None)
+    with pytest.raises(HandshakeError):
+        pump(init, resp, tamper=flip_purpose)
+
+
+def test_plain_mode_needs_both_sides(pki):
+    with pytest.raises(HandshakeError, match="plain"):
+        AttestedHandshake(pki.config("src"), True, mode=TransportMode.PLAIN_BENCHMARK)
+    _refused(pki.config("src", allow_plain=True), pki.config("dst"), "plain-not-allowed", rejecter="resp",
+             mode=TransportMode.PLAIN_BENCHMARK)
+    init = AttestedHandshake(pki.config("src", allow_plain=True), True, mode=TransportMode.PLAIN_BENCHMARK)
+    resp = AttestedHandshake(pki.config("dst", allow_plain=True), False)
+    pump(init, resp)
+    assert resp.result.mode is TransportMode.PLAIN_BENCHMARK
+    frame = init.result.sender.seal(b"visible")
+    assert b"visible" in frame
+
+
+def test_garbage_and_oversize_preamble(pki):
+    resp = AttestedHandshake(pki.config("dst"), False)
+    with pytest.raises(HandshakeError) as info:
+        resp.receive_data(b"\xff\xff\xff\xff")
+    assert info.value.code == "oversize"
+    resp = AttestedHandshake(pki.config("dst"), False)
+    with pytest.raises(HandshakeError):
+        resp.receive_data(b"\x00\x00\x00\x08GET / HT")
+
+
+async def test_handshake_deadline(pki):
+    cfg = pki.config("dst", handshake_timeout=0.2)
+    _s1, s2 = trio.testing.memory_stream_pair()
+    with pytest.raises(HandshakeError) as info:
+        await accept(s2, cfg)  # the peer never speaks
+    assert info.value.code == "timeout"
+
+
+def test_no_key_material_in_reprs_exceptions_or_logs(pki, caplog):
+    caplog.set_level(logging.DEBUG)
+    src, dst = pki.config("src"), pki.config("dst")
+    init = AttestedHandshake(src, True)
+    resp = AttestedHandshake(dst, False)
+    pump(init, resp)
+    secrets = [src.identity.static.private, bytes(src.identity.signing), dst.identity.static.private,
+               bytes(dst.identity.signing), init.result.sender.cs.k, init.result.receiver.cs.k]
+    texts = [repr(x) for x in (src, dst, src.identity, init, resp, init.result, init.result.sender,
+                              init.result.receiver, pki.authority)]
+    try:
+        _refused(pki.config("src"), pki.config("dst", measurement=os.urandom(32)), "measurement-not-allowed")
+    except Exception as exc:  # pragma: no cover
+        texts.append(str(exc))
+    texts.append(caplog.text)
+    for s in secrets:
+        for t in texts:
+            assert s.hex() not in t and s.hex()[:16] not in t

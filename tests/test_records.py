@@ -1,0 +1,218 @@
+"""The record layer and the message codec: every tampering ends the session."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from palm_net.channel.records import MAX_PLAINTEXT, RecordReceiver, RecordSender
+from palm_net.crypto.noise import AESGCM, CHACHAPOLY, CipherState
+from palm_net.wire import messages
+from palm_net.wire.errors import ProtocolError
+from palm_net.wire.protocol import Role, SessionProtocol, State
+
+KEY = bytes(range(32))
+MID = bytes(16)
+
+
+def pair(fns=CHACHAPOLY, **kw):
+    return RecordSender(CipherState(fns, KEY), **kw), RecordReceiver(CipherState(fns, KEY), **kw)
+
+
+def deliver(rx: RecordReceiver, data: bytes) -> bytes | None:
+    rx.receive_data(data)
+    return rx.next_record()
+
+
+@pytest.mark.parametrize("fns", [CHACHAPOLY, AESGCM])
+def test_roundtrip_transcript_and_rekey(fns):
+    tx, rx = pair(fns, rekey_interval=3)
+    for i in range(10):
+        pt = os.urandom(1 + i * 1000)
+        assert deliver(rx, tx.seal(pt)) == pt
+    assert tx.count == rx.count == 10 and tx.transcript == rx.transcript
+    assert tx.cs.k == rx.cs.k != KEY  # rekeyed three times, in step
+
+
+def test_bit_flip_at_every_sampled_position_fails():
+    rng = random.Random(7)
+    tx, _ = pair()
+    rec = tx.seal(os.urandom(3000))
+    positions = [*sorted(rng.sample(range(4, len(rec)), 300)), 4, len(rec) - 1]
+    for pos in positions:
+        _, rx = pair()
+        bad = bytearray(rec)
+        bad[pos] ^= 1 << rng.randrange(8)
+        with pytest.raises(ProtocolError) as info:
+            deliver(rx, bytes(bad))
+        assert info.value.code == "bad-record"
+        with pytest.raises(ProtocolError):  # no further processing
+            rx.next_record()
+
+
+def test_replayed_reordered_truncated_records():
+    tx, rx = pair()
+    r0, r1, r2 = (tx.seal(bytes([i]) * 100) for i in range(3))
+    assert deliver(rx, r0) == bytes(100)
+    with pytest.raises(ProtocolError, match="authentication"):
+        deliver(rx, r0)  # replay
+    _, rx = pair()
+    with pytest.raises(ProtocolError):
+        deliver(rx, r1)  # reordered: r1 before r0
+    _, rx = pair()
+    deliver(rx, r0)
+    assert deliver(rx, r1[:-5]) is None  # truncated: waits for the rest...
+    with pytest.raises(ProtocolError):
+        deliver(rx, r2[:5])  # ...and the next bytes do not authenticate
+
+
+def test_oversize_length_refused_before_allocation():
+    _, rx = pair()
+    rx.receive_data((2**31).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError) as info:
+        rx.next_record()
+    assert info.value.code == "oversize"
+    assert len(rx.frames) == 4  # nothing beyond the prefix was buffered
+    rx = RecordReceiver(CipherState(CHACHAPOLY, KEY), max_record=1024)
+    rx.receive_data((1025).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError, match="oversize"):
+        rx.next_record()
+    _, rx = pair()
+    rx.receive_data((3).to_bytes(4, "big") + b"abc")
+    with pytest.raises(ProtocolError, match="undersize"):
+        rx.next_record()
+
+
+def test_sender_refuses_records_larger_than_noise_allows():
+    tx, _ = pair()
+    with pytest.raises(ValueError):
+        tx.seal(bytes(MAX_PLAINTEXT + 1))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.binary(max_size=2000), st.integers(1, 64))
+def test_fuzz_record_decoder_only_protocol_errors(data, chunk):
+    _, rx = pair()
+    try:
+        for i in range(0, len(data), chunk):
+            rx.receive_data(data[i : i + chunk])
+            while rx.next_record() is not None:
+                pass
+    except ProtocolError:
+        pass
+
+
+# -- messages
+
+
+def _msg(t="ROUND_END", **body):
+    body = body or {"round": 1, "pages": 2, "dirty": 3}
+    return messages.Message(t, MID, 0, body)
+
+
+def test_message_roundtrip():
+    m = _msg()
+    assert messages.decode(messages.encode(m)) == m
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda o: o.pop("seq"),
+    lambda o: o.update(extra=1),
+    lambda o: o.update(t="NOPE"),
+    lambda o: o.update(v=2),
+    lambda o: o.update(mid=b"short"),
+    lambda o: o.update(seq=-1),
+    lambda o: o["b"].pop("round"),
+    lambda o: o["b"].update(more=1),
+    lambda o: o["b"].update(round="1"),
+    lambda o: o["b"].update(round=10**9),
+    lambda o: o["b"].update(round=True),
+])
+def test_message_schema_violations(mutate):
+    obj = {"v": 1, "t": "ROUND_END", "mid": MID, "seq": 0, "b": {"round": 1, "pages": 2, "dirty": 3}}
+    mutate(obj)
+    with pytest.raises(ProtocolError):
+        messages.decode(msgpack.packb(obj))
+
+
+def test_malformed_msgpack_and_ext_types():
+    for data in (b"\xc1", b"\x81", msgpack.packb([1, 2]), msgpack.packb(msgpack.ExtType(1, b"x")),
+                 messages.encode(_msg()) + b"\x00"):
+        with pytest.raises(ProtocolError):
+            messages.decode(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=512))
+def test_fuzz_message_decoder_bytes(data):
+    try:
+        messages.decode(data)
+    except ProtocolError:
+        pass
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=40) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(messages.SCHEMAS)), st.dictionaries(st.text(max_size=10), values, max_size=6),
+       values)
+def test_fuzz_message_decoder_structured(mtype, body, seq):
+    obj = {"v": 1, "t": mtype, "mid": MID, "seq": seq, "b": body}
+    try:
+        msg = messages.decode(msgpack.packb(obj))
+    except ProtocolError:
+        return
+    assert set(msg.body) == set(messages.SCHEMAS[mtype])
+
+
+# -- the session state machine
+
+
+def test_session_out_of_state_replay_and_foreign_mid():
+    src, dst = SessionProtocol(Role.SOURCE, MID), SessionProtocol(Role.DESTINATION)
+    begin = src.send("BEGIN", vm="v", vm_id=bytes(16), pages=1, protected_pages=0, processes=0, vcpus=1,
+                     plain=False)
+    dst.receive(begin)
+    # PAGES before ACCEPT: out of state on the destination
+    src2 = SessionProtocol(Role.SOURCE, MID)
+    src2.state = State.STREAMING
+    src2._next_seq[Role.SOURCE] = 1
+    pages = src2.send("PAGES", round=0, gfns=b"", kinds=b"", vers=b"", data=b"")
+    with pytest.raises(ProtocolError) as info:
+        dst.receive(pages)
+    assert info.value.code == "out-of-state"
+    # a replayed BEGIN is out of state too
+    dst2 = SessionProtocol(Role.DESTINATION)
+    dst2.receive(begin)
+    with pytest.raises(ProtocolError):
+        dst2.receive(begin)
+    # right state, wrong sequence number
+    dst3 = SessionProtocol(Role.DESTINATION)
+    dst3.receive(begin)
+    dst3.send("ACCEPT")
+    src3 = SessionProtocol(Role.SOURCE, MID)
+    src3.state = State.STREAMING
+    src3._next_seq[Role.SOURCE] = 5
+    with pytest.raises(ProtocolError) as info:
+        dst3.receive(src3.send("ROUND_END", round=0, pages=0, dirty=0))
+    assert info.value.code == "sequence"
+    # right state and sequence, another migration's id
+    dst4 = SessionProtocol(Role.DESTINATION)
+    dst4.receive(begin)
+    dst4.send("ACCEPT")
+    other = SessionProtocol(Role.SOURCE, os.urandom(16))
+    other.state = State.STREAMING
+    other._next_seq[Role.SOURCE] = 1
+    with pytest.raises(ProtocolError) as info:
+        dst4.receive(other.send("ROUND_END", round=0, pages=0, dirty=0))
+    assert info.value.code == "wrong-migration"

@@ -1,0 +1,32 @@
+"""palm_net's own handshake vectors (proto/vectors/) reproduce byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from palm_net.crypto.noise import CipherName
+from palm_net.testing.vectors import build
+
+VECTORS = Path(__file__).resolve().parent.parent / "proto" / "vectors"
+
+
+@pytest.mark.parametrize("cipher", list(CipherName))
+def test_palm_vectors(cipher):
+    expected = json.loads((VECTORS / f"handshake_{cipher.value.lower()}.json").read_text())
+    got = build(cipher, expected["inputs"])
+    assert got == expected
+
+
+def test_vectors_are_independent_of_the_implementation_details():
+    """Spot checks an outsider can make from the spec alone."""
+    v = json.loads((VECTORS / "handshake_chachapoly.json").read_text())
+    flight1 = bytes.fromhex(v["flights"][0]["bytes"])
+    n = int.from_bytes(flight1[:4], "big")
+    preamble = flight1[4 : 4 + n]
+    assert preamble[:4] == b"PALM" and preamble[4] == 1 and preamble[5] == 1 and preamble[6] == 0
+    assert preamble[8:].decode() == "Noise_XX_25519_ChaChaPoly_BLAKE2b"
+    # msg1 = the initiator's ephemeral public key and an empty payload
+    assert int.from_bytes(flight1[4 + n : 8 + n], "big") == 32
