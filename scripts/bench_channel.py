@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512, help="MiB through the channel per run")
     args = ap.parse_args()
     total = args.mib * MIB
-    print(f"{'cipher':<11} {'AEAD 1MiB':>10} {'AEAD 64K':>10} {'channel':>10} {'ratio':>7}   (GiB/s, median of {args.repeat})")
+    print(f"{'cipher':<11} {'AEAD 1MiB':>10} {'AEAD 64K':>10} {'channel':>10} {'ratio':>7}"
+          f"   (GiB/s, median of {args.repeat})")
     for cipher in CipherName:
         a1 = statistics.median(aead_gibs(cipher, MIB, 256 * MIB) for _ in range(args.repeat))
         a64 = statistics.median(aead_gibs(cipher, MAX_PLAINTEXT, 256 * MIB) for _ in range(args.repeat))

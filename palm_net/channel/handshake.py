@@ -94,6 +94,7 @@ class ChannelConfig:
 class PeerInfo:
     name: str
     static_pub: bytes
+    sign_pub: bytes
     measurement: bytes
     roles: tuple[str, ...]
     ciphers: tuple[str, ...]
@@ -240,7 +241,8 @@ class AttestedHandshake:
         cipher = self._hs.protocol_name.split("_")[3]
         if cipher not in obj["ciphers"]:
             raise AttestationError(RejectReason.CIPHER_NOT_ALLOWED, f"peer does not allow {cipher}")
-        return PeerInfo(cert.name, cert.static_pub, cert.measurement, cert.roles, tuple(obj["ciphers"]))
+        return PeerInfo(cert.name, cert.static_pub, cert.sign_pub, cert.measurement, cert.roles,
+                        tuple(obj["ciphers"]))
 
     # -- the state machine
 

@@ -76,6 +76,11 @@ class SessionProtocol:
         return f"SessionProtocol({self.role.value}, {self.state.value})"
 
     @property
+    def context_parts(self) -> int:
+        """CONTEXT chunks accepted so far."""
+        return self._context_parts
+
+    @property
     def peer_role(self) -> Role:
         return D if self.role is S else S
 

@@ -1,0 +1,120 @@
+"""What the migration engine needs from a hypervisor, and nothing more.
+
+The engine talks to a VM only through this interface, so a real hypervisor
+can be plugged in beside the embedded model (palm_net.hypervisor.model).
+Page reads go through the *untrusted view*: a protected page is only ever
+handed out as ciphertext plus its (public) version.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+PAGE_SIZE = 4096
+KIND_ZERO = 0
+KIND_NORMAL = 1
+KIND_PROTECTED = 2
+
+
+@dataclass
+class PageBatch:
+    """Page records as they travel: parallel arrays plus the data of non-zero pages."""
+
+    gfns: array[int]  # typecode Q
+    kinds: bytes
+    vers: array[int]  # typecode Q
+    data: bytes
+
+    def __len__(self) -> int:
+        return len(self.gfns)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    checked: int  # protected pages whose MAC verified
+    in_process_view: int  # plaintext pages held for their process (nothing to verify)
+    failures: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    name: str
+    vm_id: bytes
+    npages: int
+    vcpus: int
+    protected_pages: int
+    processes: int
+
+
+class Backend(Protocol):
+    """One VM as the engine sees it (source or destination side)."""
+
+    @property
+    def info(self) -> VmInfo: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    # -- source side
+    def enable_dirty_log(self) -> None: ...
+
+    def disable_dirty_log(self) -> None: ...
+
+    def collect_dirty(self) -> array[int]:
+        """Returns the gfns written since the last call and clears the log ('I' array)."""
+        ...
+
+    def read_pages(self, gfns: Sequence[int], start: int, round_no: int,
+                   budget: int, max_entries: int) -> tuple[PageBatch, int]:
+        """Reads gfns[start:...] through the untrusted view, while the batch's
+        arrays and data stay within ``budget`` bytes and ``max_entries`` pages.
+
+        Returns the batch and the index of the first gfn not included.
+        """
+        ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def export_cpu_state(self) -> bytes: ...
+
+    def export_protection(self) -> bytes:
+        """The protected-context blob: keys, per-page metadata, thread contexts."""
+        ...
+
+    def set_throttle(self, fraction: float) -> None:
+        """Auto-converge: let the vCPUs run only this fraction of the time (1.0 = full)."""
+        ...
+
+    # -- destination side
+    def write_pages(self, batch: PageBatch) -> None: ...
+
+    def import_cpu_state(self, state: bytes) -> None: ...
+
+    def import_protection(self, blob: bytes) -> None: ...
+
+    def protected_gfns(self) -> Iterator[int]:
+        """The gfns owned by protected processes (after import_protection on a destination)."""
+        ...
+
+    def verify(self) -> VerifyReport: ...
+
+    def sync(self) -> None:
+        """Makes the VM's state durable (before a handoff step is persisted)."""
+        ...
+
+    def activate(self) -> None:
+        """Makes a verified incoming VM runnable and runs it."""
+        ...
+
+    def scrub(self) -> None:
+        """Destroys the VM's memory and keys (after handoff, or a failed incoming VM)."""
+        ...

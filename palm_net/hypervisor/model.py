@@ -1,0 +1,668 @@
+"""The embedded hypervisor model: a VM with Overshadow-style protected processes.
+
+Guest memory is real memory: a shared mmap of a file in the VM's directory,
+so it outlives the agent process (as a VM outlives a crashed management
+daemon) and an agent restarted on its state directory finds its VMs again.
+Per-page protection metadata lives in a second mapped file; process keys and
+thread contexts are sealed with the host's hypervisor key (a stand-in for a
+TPM-sealed secret) and never leave the hypervisor except inside the
+protected-context blob, which the engine only sends over an attested session.
+
+Dirty logging is a software log: every write path of the model writes the
+data first and then marks the page under the log's lock, and
+``collect_dirty`` swaps the bitmap under the same lock, so a write is either
+seen by the collect or lands in the next bitmap: no write is lost.  (The
+kernel's userfaultfd write-protect + PAGEMAP_SCAN dirty log is not used:
+the model's writers are its own code, so the software log sees every write.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import re
+import shutil
+import struct
+import threading
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from nacl.secret import SecretBox
+
+from palm_net.crypto.identity import write_secret_file
+from palm_net.crypto.noise import CIPHERS
+from palm_net.hypervisor.backend import (
+    KIND_NORMAL,
+    KIND_PROTECTED,
+    KIND_ZERO,
+    PAGE_SIZE,
+    PageBatch,
+    VerifyReport,
+    VmInfo,
+)
+from palm_net.hypervisor.protection import (
+    TAG_LEN,
+    IntegrityError,
+    default_page_cipher,
+    open_page,
+    seal_page,
+)
+
+ZERO_PAGE = bytes(PAGE_SIZE)
+ENTRY_BYTES = 8 + 1 + 8  # gfn, kind, version in a PAGES message
+META_MAGIC = b"PALMVM01"
+META_HEADER = 8192
+CPU_REGS = ("rip", "rsp", "rax", "rbx", "rcx", "rdx", "rflags", "cr3")
+VIEW_CIPHER = 0
+VIEW_PROCESS = 1
+MAX_PROCESSES = 255
+THREADS_PER_PROCESS = 2
+THREAD_CONTEXT_LEN = 256
+BLOB_VERSION = 1
+_DIRTY = re.compile(b"\x01")
+
+
+class VmError(Exception):
+    """A VM operation is not possible (bad state, bad argument, damaged files)."""
+
+
+@dataclass(frozen=True)
+class ProcessLayout:
+    pid: int
+    first: int  # first gfn owned
+    count: int
+
+
+class _Meta:
+    """Per-page metadata arrays over a mapped file (owners, views, versions, tags)."""
+
+    def __init__(self, path: Path, npages: int, create: bool) -> None:
+        size = META_HEADER + npages * (1 + 1 + 8 + TAG_LEN)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            elif os.fstat(fd).st_size != size:
+                raise VmError(f"{path}: metadata file has the wrong size")
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        if create:
+            self.map[:8] = META_MAGIC
+        elif self.map[:8] != META_MAGIC:
+            raise VmError(f"{path}: not a palm_net VM metadata file")
+        mv = memoryview(self.map)
+        o = META_HEADER
+        self.owners = mv[o : o + npages]
+        o += npages
+        self.views = mv[o : o + npages]
+        o += npages
+        self.versions = mv[o : o + 8 * npages].cast("Q")
+        o += 8 * npages
+        self.tags = mv[o : o + TAG_LEN * npages]
+        self._mv = mv
+
+    def tag(self, gfn: int) -> bytes:
+        return bytes(self.tags[gfn * TAG_LEN : (gfn + 1) * TAG_LEN])
+
+    def set_tag(self, gfn: int, tag: bytes) -> None:
+        self.tags[gfn * TAG_LEN : (gfn + 1) * TAG_LEN] = tag
+
+    def cpu_state(self) -> bytes:
+        (n,) = struct.unpack_from("<I", self.map, 8)
+        return bytes(self.map[12 : 12 + n])
+
+    def set_cpu_state(self, data: bytes) -> None:
+        if len(data) > META_HEADER - 12:
+            raise VmError("CPU state too large")
+        struct.pack_into("<I", self.map, 8, len(data))
+        self.map[12 : 12 + len(data)] = data
+
+    def close(self) -> None:
+        for v in (self.owners, self.views, self.versions, self.tags, self._mv):
+            v.release()
+        self.map.close()
+
+
+def fill_pseudorandom(mem: mmap.mmap, start: int, end: int, seed: int) -> None:
+    """Deterministic random bytes from a seed: an AEAD keystream over zeros (fast)."""
+    fns = CIPHERS[default_page_cipher()]
+    key = hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=32, person=b"palm-fill").digest()
+    chunk = 65536
+    zeros = bytes(chunk)
+    for i, off in enumerate(range(start, end, chunk)):
+        n = min(chunk, end - off)
+        mem[off : off + n] = fns.encrypt(key, i, b"", zeros)[:n]
+
+
+class ModelVM:
+    """One VM of the model.  Thread-safe for one workload thread plus the engine."""
+
+    def __init__(self, vm_dir: Path, config: dict[str, Any], sealing_key: bytes, create: bool) -> None:
+        self.dir = vm_dir
+        self.config = config
+        self.name: str = config["name"]
+        self.vm_id = bytes.fromhex(config["vm_id"])
+        self.npages: int = config["npages"]
+        self.vcpus: int = config["vcpus"]
+        self.page_cipher = CIPHERS[config["page_cipher"]]
+        self.processes = [ProcessLayout(**p) for p in config["processes"]]
+        self._box = SecretBox(sealing_key)
+        size = self.npages * PAGE_SIZE
+        fd = os.open(vm_dir / "memory", os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            elif os.fstat(fd).st_size != size:
+                raise VmError(f"{vm_dir}/memory has the wrong size")
+            self.mem = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.meta = _Meta(vm_dir / "meta", self.npages, create)
+        self._lock = threading.Lock()  # dirty log, view transitions, run state
+        self._dirty: bytearray | None = None
+        self._unpause = threading.Condition(self._lock)
+        self._keys: list[bytearray] = []
+        self._threads: list[list[bytes]] = []
+        self.cpu: dict[str, Any] = {"regs": [dict.fromkeys(CPU_REGS, 0) for _ in range(self.vcpus)]}
+        self.throttle = 1.0
+        self.workload: Any = None  # palm_net.hypervisor.workload.Workload, when one runs
+        if not create:
+            self._load_secrets()
+            cpu = self.meta.cpu_state()
+            if cpu:
+                self.cpu = msgpack.unpackb(cpu)
+
+    def __repr__(self) -> str:
+        return f"ModelVM({self.name!r}, {self.npages} pages, state={self.state})"
+
+    # -- lifecycle -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        vm_dir: Path,
+        name: str,
+        npages: int,
+        sealing_key: bytes,
+        *,
+        protected_processes: int = 0,
+        protected_pages: int = 0,
+        vcpus: int = 1,
+        fill: str = "half",
+        seed: int = 0,
+        page_cipher: str | None = None,
+        policy: str = "any",
+        workload: str = "idle",
+        state: str = "running",
+    ) -> ModelVM:
+        if npages < 1:
+            raise VmError("a VM needs at least one page")
+        if protected_processes > MAX_PROCESSES:
+            raise VmError(f"at most {MAX_PROCESSES} protected processes")
+        if protected_processes and not 0 < protected_pages <= npages // 2 * 2:
+            raise VmError("protected memory must be between one page and the VM's memory")
+        if protected_processes > protected_pages:
+            raise VmError("each protected process needs at least one page")
+        vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        # Protected processes own the top of memory, split evenly.
+        procs = []
+        first = npages - protected_pages
+        for i in range(protected_processes):
+            count = protected_pages // protected_processes + (1 if i < protected_pages % protected_processes else 0)
+            procs.append({"pid": 1000 + i, "first": first, "count": count})
+            first += count
+        config = {
+            "name": name, "vm_id": os.urandom(16).hex(), "npages": npages, "vcpus": vcpus,
+            "page_cipher": page_cipher or default_page_cipher(), "processes": procs, "state": state,
+            "policy": policy, "workload": workload, "seed": seed,
+        }
+        vm = cls(vm_dir, config, sealing_key, create=True)
+        vm._fill(fill, seed)
+        vm._keys = [bytearray(os.urandom(32)) for _ in procs]
+        vm._threads = [[os.urandom(THREAD_CONTEXT_LEN) for _ in range(THREADS_PER_PROCESS)] for _ in procs]
+        # Cloaking: every protected page starts sealed (cipher view, version 1).
+        for idx, p in enumerate(vm.processes):
+            for gfn in range(p.first, p.first + p.count):
+                vm.meta.owners[gfn] = idx + 1
+                vm._to_cipher_view_locked(gfn)
+        vm.sync()
+        return vm
+
+    @classmethod
+    def create_incoming(cls, vm_dir: Path, name: str, vm_id: bytes, npages: int, vcpus: int,
+                        sealing_key: bytes) -> ModelVM:
+        """An empty, paused VM that receives a migration; not runnable until activated."""
+        vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        config = {"name": name, "vm_id": vm_id.hex(), "npages": npages, "vcpus": vcpus,
+                  "page_cipher": default_page_cipher(), "processes": [], "state": "incoming",
+                  "policy": "any", "workload": "idle", "seed": 0}
+        vm = cls(vm_dir, config, sealing_key, create=True)
+        vm._save_config()
+        return vm
+
+    @classmethod
+    def open(cls, vm_dir: Path, sealing_key: bytes) -> ModelVM:
+        try:
+            config = json.loads((vm_dir / "vm.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise VmError(f"{vm_dir}: cannot read vm.json ({exc})") from None
+        return cls(vm_dir, config, sealing_key, create=False)
+
+    @property
+    def state(self) -> str:
+        return str(self.config["state"])
+
+    def _set_state(self, state: str) -> None:
+        self.config["state"] = state
+        self._save_config()
+
+    def _save_config(self) -> None:
+        tmp = self.dir / "vm.json.tmp"
+        tmp.write_text(json.dumps(self.config))
+        os.replace(tmp, self.dir / "vm.json")
+
+    def _fill(self, fill: str, seed: int) -> None:
+        size = self.npages * PAGE_SIZE
+        if fill == "zero":
+            return
+        if fill == "random":
+            fill_pseudorandom(self.mem, 0, size, seed)
+        elif fill == "half":  # first half random, second half zero pages
+            fill_pseudorandom(self.mem, 0, (self.npages // 2) * PAGE_SIZE, seed)
+        else:
+            raise VmError(f"unknown fill {fill!r} (zero, random, half)")
+
+    def _load_secrets(self) -> None:
+        path = self.dir / "secrets"
+        if not path.exists():
+            return
+        try:
+            obj = msgpack.unpackb(self._box.decrypt(path.read_bytes()))
+        except Exception:
+            raise VmError(f"{path}: cannot unseal (wrong host key or damaged file)") from None
+        self._keys = [bytearray(k) for k in obj["keys"]]
+        self._threads = [list(t) for t in obj["threads"]]
+
+    def sync(self) -> None:
+        """Makes the VM's state durable: memory, metadata, CPU state, sealed secrets."""
+        self.meta.set_cpu_state(msgpack.packb(self.cpu))
+        self.mem.flush()
+        self.meta.map.flush()
+        blob = msgpack.packb({"keys": [bytes(k) for k in self._keys], "threads": self._threads})
+        write_secret_file(self.dir / "secrets", self._box.encrypt(blob))
+        self._save_config()
+
+    def close(self) -> None:
+        if self.workload is not None:
+            self.workload.stop()
+            self.workload = None
+        with contextlib.suppress(Exception):
+            self.meta.close()
+            self.mem.close()
+
+    def scrub(self) -> None:
+        """Destroys memory and keys: after a handoff, or a failed incoming VM."""
+        if self.workload is not None:
+            self.workload.stop()
+            self.workload = None
+        for k in self._keys:
+            k[:] = bytes(len(k))
+        self._keys = []
+        self._threads = []
+        with contextlib.suppress(Exception):
+            zeros = bytes(1 << 20)
+            for off in range(0, len(self.mem), len(zeros)):
+                n = min(len(zeros), len(self.mem) - off)
+                self.mem[off : off + n] = zeros[:n]
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- info ------------------------------------------------------------
+
+    @property
+    def info(self) -> VmInfo:
+        return VmInfo(self.name, self.vm_id, self.npages, self.vcpus,
+                      sum(p.count for p in self.processes), len(self.processes))
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def policy(self) -> str:
+        return str(self.config.get("policy", "any"))
+
+    # -- run state -------------------------------------------------------
+
+    def pause(self) -> None:
+        with self._lock:  # waits out a write in progress: none follows
+            if self.state not in ("running", "paused"):
+                raise VmError(f"cannot pause a VM in state {self.state}")
+            self.config["state"] = "paused"
+        self.sync()
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.state not in ("paused", "running"):
+                raise VmError(f"cannot resume a VM in state {self.state}")
+            self.config["state"] = "running"
+            self._unpause.notify_all()
+        self._save_config()
+
+    def wait_running(self, timeout: float) -> bool:
+        """For vCPU (workload) threads: blocks while paused.  Caller holds no lock."""
+        with self._lock:
+            return self._unpause.wait_for(lambda: self.state == "running", timeout)
+
+    def set_throttle(self, fraction: float) -> None:
+        self.throttle = max(0.01, min(1.0, fraction))
+
+    # -- dirty log -------------------------------------------------------
+
+    def enable_dirty_log(self) -> None:
+        with self._lock:
+            self._dirty = bytearray(self.npages)
+
+    def disable_dirty_log(self) -> None:
+        with self._lock:
+            self._dirty = None
+
+    def collect_dirty(self) -> array[int]:
+        with self._lock:
+            old = self._dirty
+            if old is None:
+                raise VmError("dirty logging is not enabled")
+            self._dirty = bytearray(self.npages)
+        return array("I", (m.start() for m in _DIRTY.finditer(old)))
+
+    def _mark_locked(self, gfn: int) -> None:
+        if self._dirty is not None:
+            self._dirty[gfn] = 1
+
+    # -- guest access (the workload is the guest) ------------------------
+
+    def _check_gfn(self, gfn: int) -> None:
+        if not 0 <= gfn < self.npages:
+            raise VmError(f"gfn {gfn} outside guest memory (0..{self.npages - 1})")
+
+    def guest_write(self, gfn: int, data: bytes, offset: int = 0) -> None:
+        """A write by the guest OS (untrusted view).  On a protected page it
+        writes over the ciphertext, which the page's MAC will expose."""
+        self._check_gfn(gfn)
+        if offset < 0 or offset + len(data) > PAGE_SIZE:
+            raise VmError("write crosses the page")
+        with self._lock:
+            if self.state != "running":
+                raise VmError(f"VM {self.name!r} is {self.state}")
+            if self.meta.owners[gfn]:
+                self._to_cipher_view_locked(gfn)
+            base = gfn * PAGE_SIZE + offset
+            self.mem[base : base + len(data)] = data
+            self._mark_locked(gfn)
+            self._tick_locked()
+
+    def process_write(self, process: int, gfn: int, data: bytes, offset: int = 0) -> None:
+        """A write by protected process ``process`` (index) to a page it owns."""
+        if offset < 0 or offset + len(data) > PAGE_SIZE:
+            raise VmError("write crosses the page")
+        with self._lock:
+            if self.state != "running":
+                raise VmError(f"VM {self.name!r} is {self.state}")
+            self._to_process_view_locked(process, gfn)
+            base = gfn * PAGE_SIZE + offset
+            self.mem[base : base + len(data)] = data
+            self._mark_locked(gfn)
+            self._tick_locked()
+            t = self._threads[process]
+            t[0] = hashlib.blake2b(t[0] + data, digest_size=THREAD_CONTEXT_LEN // 4).digest() * 4
+
+    def process_read(self, process: int, gfn: int) -> bytes:
+        with self._lock:
+            self._to_process_view_locked(process, gfn)
+            return self.mem[gfn * PAGE_SIZE : (gfn + 1) * PAGE_SIZE]
+
+    def os_read(self, gfn: int) -> bytes:
+        """What the guest OS (or any reader outside the VMM's trust) sees."""
+        self._check_gfn(gfn)
+        with self._lock:
+            if self.meta.owners[gfn]:
+                self._to_cipher_view_locked(gfn)
+            return self.mem[gfn * PAGE_SIZE : (gfn + 1) * PAGE_SIZE]
+
+    def _tick_locked(self) -> None:
+        regs = self.cpu["regs"][0]
+        regs["rip"] = (regs["rip"] + 4) & 0xFFFFFFFFFFFFFFFF
+        regs["rax"] = (regs["rax"] + 1) & 0xFFFFFFFFFFFFFFFF
+
+    # -- multi-shadowing -------------------------------------------------
+
+    def _owner_locked(self, gfn: int) -> int:
+        self._check_gfn(gfn)
+        return self.meta.owners[gfn] - 1
+
+    def _to_process_view_locked(self, process: int, gfn: int) -> None:
+        owner = self._owner_locked(gfn)
+        if owner != process:
+            raise VmError(f"page {gfn} does not belong to protected process {process}")
+        if self.meta.views[gfn] == VIEW_PROCESS:
+            return
+        p = self.processes[owner]
+        base = gfn * PAGE_SIZE
+        plain = open_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id, p.pid, gfn,
+                          self.meta.versions[gfn], self.mem[base : base + PAGE_SIZE], self.meta.tag(gfn))
+        self.mem[base : base + PAGE_SIZE] = plain
+        self.meta.views[gfn] = VIEW_PROCESS
+
+    def _to_cipher_view_locked(self, gfn: int) -> None:
+        owner = self.meta.owners[gfn] - 1
+        if self.meta.views[gfn] == VIEW_CIPHER and self.meta.versions[gfn]:
+            return
+        p = self.processes[owner]
+        version = self.meta.versions[gfn] + 1
+        base = gfn * PAGE_SIZE
+        ct, tag = seal_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id, p.pid, gfn, version,
+                            self.mem[base : base + PAGE_SIZE])
+        self.mem[base : base + PAGE_SIZE] = ct
+        self.meta.versions[gfn] = version
+        self.meta.set_tag(gfn, tag)
+        self.meta.views[gfn] = VIEW_CIPHER
+
+    # -- the engine's source side ---------------------------------------
+
+    def read_pages(self, gfns: Sequence[int], start: int, round_no: int,
+                   budget: int, max_entries: int) -> tuple[PageBatch, int]:
+        out_g = array("Q")
+        kinds = bytearray()
+        vers = array("Q")
+        parts: list[bytes] = []
+        mem, owners, n = self.mem, self.meta.owners, len(gfns)
+        i = start
+        # Each entry costs 17 bytes of arrays; a data page 4096 more.  Stop
+        # while the next page still fits whatever it turns out to be.
+        room = budget - PAGE_SIZE - ENTRY_BYTES
+        while i < n and len(out_g) < max_entries and ENTRY_BYTES * len(out_g) + PAGE_SIZE * len(parts) <= room:
+            gfn = gfns[i]
+            base = gfn * PAGE_SIZE
+            if owners[gfn]:
+                with self._lock:
+                    self._to_cipher_view_locked(gfn)
+                    parts.append(mem[base : base + PAGE_SIZE])
+                    vers.append(self.meta.versions[gfn])
+                kinds.append(KIND_PROTECTED)
+            else:
+                page = mem[base : base + PAGE_SIZE]
+                if page == ZERO_PAGE:
+                    kinds.append(KIND_ZERO)
+                else:
+                    kinds.append(KIND_NORMAL)
+                    parts.append(page)
+                vers.append(round_no)
+            out_g.append(gfn)
+            i += 1
+        return PageBatch(out_g, bytes(kinds), vers, b"".join(parts)), i
+
+    def export_cpu_state(self) -> bytes:
+        if self.state == "running":
+            raise VmError("CPU state is only exported from a paused VM")
+        out: bytes = msgpack.packb({"v": 1, "cpu": self.cpu, "workload": self.config.get("workload", "idle"),
+                                    "seed": self.config.get("seed", 0), "policy": self.policy})
+        return out
+
+    def export_protection(self) -> bytes:
+        """The protected-context blob (proto/PROTOCOL.md 7.3).  Only from a paused VM."""
+        if self.state == "running":
+            raise VmError("the protected-context blob is only exported from a paused VM")
+        gfns = array("I")
+        vers = array("Q")
+        tags = bytearray()
+        with self._lock:
+            for p in self.processes:
+                for gfn in range(p.first, p.first + p.count):
+                    gfns.append(gfn)
+                    vers.append(self.meta.versions[gfn])
+                    tags += self.meta.tags[gfn * TAG_LEN : (gfn + 1) * TAG_LEN]
+            out: bytes = msgpack.packb({
+                "v": BLOB_VERSION,
+                "cipher": self.page_cipher.name.value,
+                "processes": [{"pid": p.pid, "first": p.first, "count": p.count, "key": bytes(self._keys[i]),
+                               "threads": self._threads[i]} for i, p in enumerate(self.processes)],
+                "gfns": gfns.tobytes(),
+                "versions": vers.tobytes(),
+                "tags": bytes(tags),
+            })
+        return out
+
+    # -- the engine's destination side ----------------------------------
+
+    def write_pages(self, batch: PageBatch) -> None:
+        if self.state != "incoming":
+            raise VmError("pages are only written into an incoming VM")
+        mem, data = self.mem, memoryview(batch.data)
+        d = 0
+        for gfn, kind in zip(batch.gfns, batch.kinds):
+            base = gfn * PAGE_SIZE
+            if kind == KIND_ZERO:
+                if mem[base : base + 8] != ZERO_PAGE[:8] or mem[base : base + PAGE_SIZE] != ZERO_PAGE:
+                    mem[base : base + PAGE_SIZE] = ZERO_PAGE
+            else:
+                mem[base : base + PAGE_SIZE] = data[d : d + PAGE_SIZE]
+                d += PAGE_SIZE
+
+    def import_cpu_state(self, state: bytes) -> None:
+        try:
+            obj = msgpack.unpackb(state, max_str_len=4096, max_bin_len=4096, max_array_len=256, max_map_len=64)
+            cpu = obj["cpu"]
+            regs = cpu["regs"]
+            if obj["v"] != 1 or len(regs) != self.vcpus or not all(set(r) == set(CPU_REGS) for r in regs):
+                raise ValueError
+        except Exception:
+            raise VmError("CPU state is malformed") from None
+        self.cpu = cpu
+        self.config.update(workload=obj.get("workload", "idle"), seed=obj.get("seed", 0),
+                           policy=obj.get("policy", "any"))
+
+    def import_protection(self, blob: bytes) -> None:
+        if self.state != "incoming":
+            raise VmError("protection metadata is only imported into an incoming VM")
+        try:
+            obj = msgpack.unpackb(blob, max_bin_len=1 << 30, max_array_len=MAX_PROCESSES * 4,
+                                  max_map_len=16, max_str_len=64)
+            if obj["v"] != BLOB_VERSION or obj["cipher"] not in CIPHERS:
+                raise ValueError
+            procs = obj["processes"]
+            gfns = array("I", obj["gfns"])
+            vers = array("Q", obj["versions"])
+            tags = obj["tags"]
+            if len(vers) != len(gfns) or len(tags) != TAG_LEN * len(gfns) or len(procs) > MAX_PROCESSES:
+                raise ValueError
+            layouts = [ProcessLayout(int(p["pid"]), int(p["first"]), int(p["count"])) for p in procs]
+            keys = [bytes(p["key"]) for p in procs]
+            threads = [[bytes(t) for t in p["threads"]] for p in procs]
+            if any(len(k) != 32 for k in keys):
+                raise ValueError
+        except Exception:
+            raise VmError("protected-context blob is malformed") from None
+        expected = [g for p in layouts for g in range(p.first, p.first + p.count)]
+        if list(gfns) != expected or (expected and max(expected) >= self.npages):
+            raise VmError("protected-context blob does not match the VM's memory layout")
+        with self._lock:
+            for idx, p in enumerate(layouts):
+                for gfn in range(p.first, p.first + p.count):
+                    self.meta.owners[gfn] = idx + 1
+            for i, gfn in enumerate(gfns):
+                self.meta.versions[gfn] = vers[i]
+                self.meta.set_tag(gfn, tags[i * TAG_LEN : (i + 1) * TAG_LEN])
+                self.meta.views[gfn] = VIEW_CIPHER
+            self.processes = layouts
+            self.page_cipher = CIPHERS[obj["cipher"]]
+            self._keys = [bytearray(k) for k in keys]
+            self._threads = threads
+            self.config["processes"] = [p.__dict__ for p in layouts]
+            self.config["page_cipher"] = obj["cipher"]
+
+    def protected_gfns(self) -> Iterator[int]:
+        for p in self.processes:
+            yield from range(p.first, p.first + p.count)
+
+    def verify(self) -> VerifyReport:
+        """Checks every protected page in the cipher view against its MAC."""
+        checked = plain = 0
+        failures: list[str] = []
+        with self._lock:
+            for idx, p in enumerate(self.processes):
+                key = bytes(self._keys[idx])
+                for gfn in range(p.first, p.first + p.count):
+                    if self.meta.views[gfn] == VIEW_PROCESS:
+                        plain += 1
+                        continue
+                    base = gfn * PAGE_SIZE
+                    try:
+                        open_page(self.page_cipher, key, self.vm_id, p.pid, gfn, self.meta.versions[gfn],
+                                  self.mem[base : base + PAGE_SIZE], self.meta.tag(gfn))
+                        checked += 1
+                    except IntegrityError as exc:
+                        failures.append(str(exc))
+        return VerifyReport(checked, plain, tuple(failures[:20]))
+
+    def activate(self) -> None:
+        if self.state != "incoming":
+            raise VmError(f"only an incoming VM can be activated (state {self.state})")
+        self.config["state"] = "running"
+        self.sync()
+
+    # -- digest ------------------------------------------------------------
+
+    def digest(self) -> str:
+        """BLAKE2b-256 of memory as the guest sees it, protected pages in plaintext."""
+        h = hashlib.blake2b(digest_size=32, person=b"palm-vm-digest")
+        pos = 0
+        step = 256 * PAGE_SIZE
+        with self._lock:
+            for idx, p in enumerate(self.processes):
+                for off in range(pos * PAGE_SIZE, p.first * PAGE_SIZE, step):
+                    h.update(self.mem[off : min(off + step, p.first * PAGE_SIZE)])
+                key = bytes(self._keys[idx])
+                for gfn in range(p.first, p.first + p.count):
+                    base = gfn * PAGE_SIZE
+                    page = self.mem[base : base + PAGE_SIZE]
+                    if self.meta.views[gfn] == VIEW_CIPHER:
+                        page = open_page(self.page_cipher, key, self.vm_id, p.pid, gfn, self.meta.versions[gfn],
+                                         page, self.meta.tag(gfn))
+                    h.update(page)
+                pos = p.first + p.count
+            for off in range(pos * PAGE_SIZE, self.npages * PAGE_SIZE, step):
+                h.update(self.mem[off : min(off + step, self.npages * PAGE_SIZE)])
+        return h.hexdigest()
+
+    def memory_bytes(self) -> bytes:
+        """Raw guest memory (tests compare unprotected VMs byte for byte)."""
+        with self._lock:
+            return self.mem[:]

@@ -1,0 +1,457 @@
+"""The migration engine (sans-IO): what the source sends, what the destination checks.
+
+Neither engine touches the network.  The source engine turns a VM into the
+ordered message plaintexts of proto/PROTOCOL.md section 7 and decides, after
+each round, whether to iterate or stop and copy.  The destination engine
+takes message plaintexts and returns replies, applying pages to an incoming
+VM and refusing to say READY unless it provably holds exactly what was sent.
+The trio shell (palm_net.migration.runner) moves the bytes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from palm_net.hypervisor.backend import (
+    KIND_NORMAL,
+    KIND_PROTECTED,
+    KIND_ZERO,
+    PAGE_SIZE,
+    Backend,
+    PageBatch,
+)
+from palm_net.channel.records import MAX_PLAINTEXT
+from palm_net.migration.store import HandoffStore
+from palm_net.wire.errors import ProtocolError
+from palm_net.wire.messages import MAX_BLOB, MAX_PAGES_PER_MESSAGE, Message
+from palm_net.wire.protocol import Role, SessionProtocol, State
+
+# Page arrays + data of one PAGES message; the rest of a 65519-byte record
+# is the msgpack envelope (measured < 120 bytes).
+PAGES_BUDGET = MAX_PLAINTEXT - 256
+ABORT_DOMAIN = b"palm-net/abort/v1\x00"
+CONTEXT_CHUNK = MAX_BLOB
+
+
+class MigrationFailure(Exception):
+    """The migration cannot go on; ``code`` is an error code of proto/PROTOCOL.md."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
+
+
+# --------------------------------------------------------------------------
+# Parameters and statistics
+
+
+@dataclass
+class MigrationParams:
+    downtime_limit: float = 0.300  # seconds
+    max_rounds: int = 30
+    max_factor: float = 3.0  # stop iterating after sending this many times the memory
+    bandwidth: float | None = None  # bytes/s cap, None = unlimited
+    auto_converge: bool = False
+    plain: bool = False  # benchmark-only transport mode
+
+    def validate(self) -> None:
+        if not 0 < self.downtime_limit <= 3600:
+            raise ValueError("downtime limit must be between 0 and 3600 s")
+        if not 1 <= self.max_rounds <= 10_000:
+            raise ValueError("max rounds must be between 1 and 10000")
+        if not 1.0 <= self.max_factor <= 1000:
+            raise ValueError("max factor must be between 1 and 1000")
+        if self.bandwidth is not None and self.bandwidth < 4096:
+            raise ValueError("bandwidth cap must be at least 4 KiB/s")
+
+
+@dataclass
+class RoundStats:
+    round: int
+    pages: int  # page records sent
+    bytes: int  # message bytes sent (before the AEAD tag and framing)
+    duration: float
+    dirty_pages: int  # pages dirtied during the round
+    dirty_rate: float  # pages/s
+    bandwidth: float  # bytes/s measured on the wire
+
+
+@dataclass
+class MigrationStats:
+    status: str = "setup"
+    phase: str = "setup"
+    setup_time: float = 0.0
+    total_time: float = 0.0
+    downtime: float | None = None
+    expected_downtime: float | None = None
+    rounds: list[RoundStats] = field(default_factory=list)
+    current_round: int = 0
+    transferred: int = 0  # bytes on the wire, framing and tags included
+    remaining: int = 0  # pages still to send in the current round
+    zero_pages: int = 0
+    normal_pages: int = 0
+    protected_pages: int = 0
+    page_records: int = 0
+    bandwidth: float = 0.0
+    throttle: float = 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------
+# Abort tokens: the destination's promise never to activate a migration.
+
+
+def make_abort_token(signing: SigningKey, mid: bytes) -> bytes:
+    return signing.sign(ABORT_DOMAIN + mid).signature
+
+
+def check_abort_token(sign_pub: bytes, mid: bytes, token: bytes) -> bool:
+    try:
+        VerifyKey(sign_pub).verify(ABORT_DOMAIN + mid, token)
+        return True
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+
+
+# --------------------------------------------------------------------------
+# Source
+
+
+class SourceEngine:
+    """Produces the source's messages in order; the shell seals and sends them."""
+
+    def __init__(self, vm: Backend, mid: bytes, params: MigrationParams) -> None:
+        self.vm = vm
+        self.info = vm.info
+        self.params = params
+        self.proto = SessionProtocol(Role.SOURCE, mid)
+        self.stats = MigrationStats()
+        self.round = 0
+        self.pending: Any = range(self.info.npages)  # round 0: every page
+        self.sent_bytes = 0
+        self.paused_at: float | None = None
+        self._hot_rounds = 0
+
+    @property
+    def mid(self) -> bytes:
+        assert self.proto.mid is not None
+        return self.proto.mid
+
+    def begin(self) -> bytes:
+        if self.params.plain and self.info.protected_pages:
+            raise MigrationFailure("plain-refused",
+                                   "a VM with protected processes never migrates over the plain benchmark mode")
+        return self.proto.send("BEGIN", vm=self.info.name, vm_id=self.info.vm_id, pages=self.info.npages,
+                               protected_pages=self.info.protected_pages, processes=self.info.processes,
+                               vcpus=self.info.vcpus, plain=self.params.plain)
+
+    def receive(self, data: bytes) -> Message:
+        return self.proto.receive(data)
+
+    def start(self) -> None:
+        """After ACCEPT: turn on dirty logging, then round 0 reads every page."""
+        self.vm.enable_dirty_log()
+        self.stats.status = "active"
+        self.stats.phase = "round"
+
+    def page_messages(self) -> Iterator[bytes]:
+        """PAGES messages for the current round's pending gfns."""
+        gfns, n, i = self.pending, len(self.pending), 0
+        st = self.stats
+        while i < n:
+            batch, i = self.vm.read_pages(gfns, i, self.round, PAGES_BUDGET, MAX_PAGES_PER_MESSAGE)
+            msg = self._pages_message(batch)
+            st.remaining = n - i
+            yield msg
+
+    def _pages_message(self, batch: PageBatch) -> bytes:
+        st = self.stats
+        kinds = batch.kinds
+        zero = kinds.count(KIND_ZERO)
+        prot = kinds.count(KIND_PROTECTED)
+        st.zero_pages += zero
+        st.protected_pages += prot
+        st.normal_pages += len(kinds) - zero - prot
+        st.page_records += 1
+        msg = self.proto.send("PAGES", round=self.round, gfns=batch.gfns.tobytes(), kinds=kinds,
+                              vers=batch.vers.tobytes(), data=batch.data)
+        self.sent_bytes += len(msg)
+        return msg
+
+    def end_round(self, duration: float, wire_bytes: int) -> tuple[bytes, bool]:
+        """Closes the round: ROUND_END and whether to stop and copy now."""
+        dirty = self.vm.collect_dirty()
+        p = self.params
+        bandwidth = wire_bytes / duration if duration > 0 else float("inf")
+        if p.bandwidth:
+            bandwidth = min(bandwidth, p.bandwidth)
+        rs = RoundStats(self.round, len(self.pending), wire_bytes, duration, len(dirty),
+                        len(dirty) / duration if duration > 0 else 0.0, bandwidth)
+        self.stats.rounds.append(rs)
+        self.stats.bandwidth = bandwidth
+        expected = len(dirty) * PAGE_SIZE / bandwidth if bandwidth > 0 else float("inf")
+        self.stats.expected_downtime = expected
+        msg = self.proto.send("ROUND_END", round=self.round, pages=len(self.pending), dirty=len(dirty))
+        memory = self.info.npages * PAGE_SIZE
+        stop = (expected <= p.downtime_limit or self.round + 1 >= p.max_rounds
+                or self.sent_bytes >= p.max_factor * memory)
+        if p.auto_converge and not stop:
+            # QEMU's rule: throttle when the guest dirtied over half of what we sent, twice running.
+            self._hot_rounds = self._hot_rounds + 1 if len(dirty) * PAGE_SIZE > wire_bytes / 2 else 0
+            if self._hot_rounds >= 2:
+                step = 0.2 if self.stats.throttle == 1.0 else 0.1
+                self.stats.throttle = max(0.01, self.stats.throttle - step)
+                self.vm.set_throttle(self.stats.throttle)
+                self._hot_rounds = 0
+        self.pending = dirty
+        self.round += 1
+        self.stats.current_round = self.round
+        return msg, stop
+
+    def stop_and_copy(self) -> Iterator[bytes]:
+        """Pauses the VM and yields the last pages, the CPU state and the context blob."""
+        self.stats.phase = "stop-and-copy"
+        self.vm.pause()
+        self.paused_at = time.monotonic()
+        self.pending = self.vm.collect_dirty()
+        self.vm.disable_dirty_log()
+        self.stats.current_round = self.round
+        yield from self.page_messages()
+        yield self.proto.send("CPU_STATE", state=self.vm.export_cpu_state())
+        blob = self.vm.export_protection()
+        chunks = [blob[i : i + CONTEXT_CHUNK] for i in range(0, len(blob), CONTEXT_CHUNK)] or [b""]
+        for i, chunk in enumerate(chunks):
+            yield self.proto.send("CONTEXT", index=i, total=len(chunks), data=chunk)
+
+    def complete(self, records_sent: int, transcript: bytes) -> bytes:
+        self.stats.phase = "verify"
+        return self.proto.send("COMPLETE", records=records_sent, page_records=self.stats.page_records,
+                               transcript=transcript)
+
+    def commit(self) -> bytes:
+        self.stats.phase = "commit"
+        return self.proto.send("COMMIT")
+
+    def abort(self, code: str, reason: str) -> bytes | None:
+        """ABORT if the state machine still allows the source to send one."""
+        try:
+            return self.proto.send("ABORT", code=code[:64], reason=reason[:512], token=b"")
+        except ProtocolError:
+            return None
+
+
+# --------------------------------------------------------------------------
+# Destination
+
+
+class DestinationEngine:
+    """Checks and applies an incoming migration; never READY unless all verifies."""
+
+    def __init__(
+        self,
+        make_vm: Callable[[Message], Backend],
+        store: HandoffStore,
+        signing: SigningKey,
+        peer_name: str,
+        peer_static: bytes,
+        peer_sign: bytes,
+        plain_session: bool,
+        max_pages: int,
+    ) -> None:
+        self.proto = SessionProtocol(Role.DESTINATION)
+        self.make_vm = make_vm
+        self.store = store
+        self.signing = signing
+        self.peer = (peer_name, peer_static, peer_sign)
+        self.plain_session = plain_session
+        self.max_pages = max_pages
+        self.vm: Backend | None = None
+        self.npages = 0
+        self.expected_protected = 0
+        self.applied: array[int] = array("Q")
+        self.received = bytearray()
+        self.last_kind = bytearray()
+        self.page_records = 0
+        self.round = 0
+        self.cpu_state_seen = False
+        self.context = bytearray()
+        self.context_total = 0
+        self.context_limit = 0
+        self.outcome: str | None = None  # prepared, committed, aborted
+        self.error: MigrationFailure | None = None
+
+    @property
+    def mid(self) -> bytes | None:
+        return self.proto.mid
+
+    @property
+    def state(self) -> State:
+        return self.proto.state
+
+    def receive(self, data: bytes, transcript_before: bytes, records_before: int) -> list[bytes]:
+        """Handles one message; returns the replies.  Raises ProtocolError or
+        MigrationFailure, after which the shell calls ``fail``."""
+        msg = self.proto.receive(data)
+        handler = getattr(self, "_on_" + msg.type.lower())
+        out: list[bytes] = handler(msg, transcript_before, records_before)
+        return out
+
+    # -- handlers
+
+    def _on_begin(self, msg: Message, *_: Any) -> list[bytes]:
+        b = msg.body
+        if b["plain"] != self.plain_session:
+            raise MigrationFailure("mode-mismatch", "BEGIN's plain flag disagrees with the session mode")
+        if b["plain"] and b["protected_pages"]:
+            raise MigrationFailure("plain-refused", "a VM with protected processes cannot use the plain mode")
+        if not 1 <= b["pages"] <= self.max_pages:
+            raise MigrationFailure("too-large", f"VM of {b['pages']} pages exceeds this agent's limit")
+        if b["protected_pages"] > b["pages"] or b["processes"] > b["protected_pages"]:
+            raise MigrationFailure("malformed", "inconsistent protected page counts")
+        name, static, sign = self.peer
+        self.store.create(msg.mid, "destination", b["vm"], name, "", static, sign, "receiving")
+        self.vm = self.make_vm(msg)  # may raise MigrationFailure (name taken, no memory)
+        self.npages = b["pages"]
+        self.expected_protected = b["protected_pages"]
+        self.applied = array("Q", bytes(8 * self.npages))
+        self.received = bytearray(self.npages)
+        self.last_kind = bytearray(self.npages)
+        # gfn u32 + version u64 + tag 16 per protected page, plus keys and thread contexts.
+        self.context_limit = 28 * b["protected_pages"] + 2048 * b["processes"] + 65536
+        return [self.proto.send("ACCEPT")]
+
+    def _on_pages(self, msg: Message, *_: Any) -> list[bytes]:
+        b = msg.body
+        gb, kinds, vb, data = b["gfns"], b["kinds"], b["vers"], b["data"]
+        n = len(kinds)
+        if n == 0 or len(gb) != 8 * n or len(vb) != 8 * n:
+            raise MigrationFailure("malformed", "PAGES arrays disagree in length")
+        if b["round"] < self.round:
+            raise MigrationFailure("rollback", f"page record of round {b['round']} after round {self.round}")
+        self.round = b["round"]
+        gfns, vers = array("Q", gb), array("Q", vb)
+        ndata = n - kinds.count(KIND_ZERO)
+        if kinds.count(KIND_NORMAL) + kinds.count(KIND_PROTECTED) != ndata:
+            raise MigrationFailure("malformed", "unknown page kind")
+        if len(data) != ndata * PAGE_SIZE:
+            raise MigrationFailure("malformed", "PAGES data length disagrees with its kinds")
+        applied, npages = self.applied, self.npages
+        for gfn, ver in zip(gfns, vers):
+            if gfn >= npages:
+                raise MigrationFailure("malformed", f"gfn {gfn} outside the VM")
+            if ver < applied[gfn]:
+                raise MigrationFailure("rollback", f"page {gfn} version {ver} older than applied {applied[gfn]}")
+        assert self.vm is not None
+        self.vm.write_pages(PageBatch(gfns, kinds, vers, data))
+        received, last_kind = self.received, self.last_kind
+        for gfn, ver, kind in zip(gfns, vers, kinds):
+            applied[gfn] = ver
+            received[gfn] = 1
+            last_kind[gfn] = kind
+        self.page_records += 1
+        return []
+
+    def _on_round_end(self, msg: Message, *_: Any) -> list[bytes]:
+        return []
+
+    def _on_cpu_state(self, msg: Message, *_: Any) -> list[bytes]:
+        assert self.vm is not None
+        self.vm.import_cpu_state(msg.body["state"])
+        self.cpu_state_seen = True
+        return []
+
+    def _on_context(self, msg: Message, *_: Any) -> list[bytes]:
+        if len(self.context) + len(msg.body["data"]) > self.context_limit:
+            raise MigrationFailure("oversize", "protected-context blob larger than the VM can need")
+        self.context += msg.body["data"]
+        self.context_total = msg.body["total"]
+        return []
+
+    def _on_complete(self, msg: Message, transcript_before: bytes, records_before: int) -> list[bytes]:
+        b = msg.body
+        assert self.vm is not None
+        if not hmac.compare_digest(b["transcript"], transcript_before) or b["records"] != records_before:
+            raise MigrationFailure("incomplete", "record count or running hash differs from what was received")
+        if b["page_records"] != self.page_records:
+            raise MigrationFailure("incomplete", f"{self.page_records} page records applied, "
+                                                 f"{b['page_records']} sent")
+        if self.proto.context_parts != self.context_total:
+            raise MigrationFailure("incomplete", "protected-context blob is missing chunks")
+        if self.received.count(0):
+            raise MigrationFailure("incomplete", f"{self.received.count(0)} pages never received")
+        if not self.cpu_state_seen:
+            raise MigrationFailure("incomplete", "no CPU state")
+        self.vm.import_protection(bytes(self.context))
+        self.context = bytearray()
+        info = self.vm.info
+        if info.protected_pages != self.expected_protected:
+            raise MigrationFailure("incomplete", "protected page count differs from BEGIN")
+        # Every protected page must have arrived as ciphertext, never as a plain page.
+        protected = bytearray(self.npages)
+        for g in self.vm.protected_gfns():
+            protected[g] = 1
+            if self.last_kind[g] != KIND_PROTECTED:
+                raise MigrationFailure("integrity", f"protected page {g} did not arrive as ciphertext")
+        if self.last_kind.count(KIND_PROTECTED) != sum(protected):
+            raise MigrationFailure("integrity", "ciphertext pages outside the protected processes")
+        report = self.vm.verify()
+        if not report.ok or report.checked != info.protected_pages:
+            raise MigrationFailure("integrity", "; ".join(report.failures[:3]) or "protected pages not verified")
+        assert self.mid is not None
+        self.vm.sync()
+        if not self.store.transition(self.mid, ("receiving",), "prepared"):
+            raise MigrationFailure("state", "migration is no longer receiving (aborted?)")
+        self.outcome = "prepared"
+        return [self.proto.send("READY")]
+
+
+    def _on_commit(self, msg: Message, *_: Any) -> list[bytes]:
+        assert self.mid is not None and self.vm is not None
+        if not self.store.transition(self.mid, ("prepared",), "committed"):
+            # We already aborted (timeout, shutdown): the promise stands.
+            token = make_abort_token(self.signing, self.mid)
+            self._discard("commit after abort")
+            return [self.proto.send("ABORT", code="aborted", reason="destination already aborted this migration",
+                                    token=token)]
+        self.outcome = "committed"
+        self.vm.activate()
+        return [self.proto.send("DONE")]
+
+    def _on_abort(self, msg: Message, *_: Any) -> list[bytes]:
+        self._discard(f"source aborted: {msg.body['code']}: {msg.body['reason']}")
+        return []
+
+    def _discard(self, error: str) -> None:
+        if self.mid is not None:
+            self.store.transition(self.mid, ("receiving", "prepared"), "aborted",
+                                  token=make_abort_token(self.signing, self.mid), error=error[:500])
+        if self.vm is not None:
+            self.vm.scrub()
+            self.vm = None
+        self.outcome = "aborted"
+
+    def fail(self, code: str, reason: str) -> bytes | None:
+        """After an error: scrub what was received, persist aborted, and return
+        ABORT for the source if the state machine still allows it."""
+        if self.outcome == "committed":
+            return None  # the VM runs here; a late error changes nothing
+        self._discard(f"{code}: {reason}")
+        self.error = MigrationFailure(code, reason)
+        if self.proto.state in (State.IDLE, State.DONE, State.ABORTED, State.CLOSED):
+            return None
+        token = make_abort_token(self.signing, self.mid) if self.mid else b""
+        try:
+            return self.proto.send("ABORT", code=code[:64], reason=reason[:512], token=token)
+        except ProtocolError:
+            return None

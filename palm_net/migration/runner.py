@@ -1,0 +1,241 @@
+"""The trio shell around the migration engines: moves bytes, runs tasks, keeps time.
+
+Source pipeline: a producer advances the engine's message generator in a
+worker thread (reading pages, encoding and sealing records; libsodium
+releases the GIL) and hands ~1 MiB chunks of sealed frames through a bounded
+memory channel to the sender task, which writes them to the socket.  The
+window of chunks in flight bounds the agent's memory whatever the guest size.
+A receiver task reads the destination's messages concurrently so an ABORT
+stops the stream at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from palm_net.channel.transport import SecureChannel
+from palm_net.migration.engine import (
+    DestinationEngine,
+    MigrationFailure,
+    SourceEngine,
+    check_abort_token,
+)
+from palm_net.migration.store import HandoffStore
+from palm_net.wire.errors import ProtocolError
+from palm_net.wire.messages import Message
+from palm_net.wire.protocol import State
+
+log = structlog.get_logger("palm.migration")
+
+RECORDS_PER_CHUNK = 16  # ~1 MiB of frames per hand-off to the sender
+WINDOW = 4  # chunks in flight between producer and sender
+REPLY_TIMEOUT = 30.0  # for ACCEPT, READY, DONE
+IDLE_TIMEOUT = 60.0  # destination: longest silence from the source
+
+
+@dataclass
+class Flush:
+    done: trio.Event
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+
+@contextlib.contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raises the first meaningful exception of a nursery's group on its own."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if not leaves:
+            raise
+        first = leaves[0]
+        raise first from first.__cause__
+
+
+class InDoubt(Exception):
+    """The handoff point passed and the outcome is unknown: the VM stays paused."""
+
+
+class SourceRun:
+    """One outgoing migration over an established channel."""
+
+    def __init__(self, channel: SecureChannel, engine: SourceEngine, store: HandoffStore, peer_addr: str,
+                 on_progress: Callable[[], None] | None = None) -> None:
+        self.ch = channel
+        self.engine = engine
+        self.store = store
+        self.peer_addr = peer_addr
+        self.on_progress = on_progress or (lambda: None)
+        self.log = log.bind(migration=engine.mid.hex(), vm=engine.info.name, peer=channel.peer_name)
+        self._send, self._recv = trio.open_memory_channel[bytes | Flush](WINDOW)
+        self._inbox_send, self._inbox = trio.open_memory_channel[Message](8)
+        self.started = time.monotonic()
+        self.handed_off = False
+
+    # -- plumbing
+
+    async def _sender(self) -> None:
+        stats, cap = self.engine.stats, self.engine.params.bandwidth
+        t0, sent = time.monotonic(), 0
+        async for item in self._recv:
+            if isinstance(item, Flush):
+                item.done.set()
+                continue
+            await self.ch.stream.send_all(item)
+            sent += len(item)
+            stats.transferred += len(item)
+            if cap:  # pacing to the bandwidth cap
+                ahead = sent / cap - (time.monotonic() - t0)
+                if ahead > 0:
+                    await trio.sleep(ahead)
+
+    async def _receiver(self) -> None:
+        while True:
+            data = await self.ch.receive_record()
+            msg = self.engine.receive(data)
+            if msg.type == "ABORT" and self.engine.proto.state is State.ABORTED and not self.handed_off:
+                raise MigrationFailure(msg.body["code"], "destination aborted: " + msg.body["reason"])
+            await self._inbox_send.send(msg)
+            if self.engine.proto.state in (State.DONE, State.ABORTED):
+                return  # the session is over: a close from here on is not an error
+
+    def _seal_some(self, it: Iterator[bytes], limit: int) -> tuple[bytes, bool]:
+        frames = []
+        for msg in it:
+            frames.append(self.ch.sender.seal(msg))
+            if len(frames) >= limit:
+                return b"".join(frames), False
+        return b"".join(frames), True
+
+    async def _pump(self, messages: Iterable[bytes]) -> None:
+        it = iter(messages)
+        while True:
+            chunk, done = await trio.to_thread.run_sync(self._seal_some, it, RECORDS_PER_CHUNK)
+            if chunk:
+                await self._send.send(chunk)
+            self.on_progress()
+            if done:
+                return
+
+    async def _flush(self) -> None:
+        ev = trio.Event()
+        await self._send.send(Flush(ev))
+        await ev.wait()
+
+    async def _expect(self, mtype: str, timeout: float) -> Message:
+        with trio.fail_after(timeout):
+            msg = await self._inbox.receive()
+        if msg.type != mtype:
+            raise MigrationFailure(msg.body.get("code", "protocol"), f"expected {mtype}, got {msg.type}")
+        return msg
+
+    # -- the migration
+
+    async def run(self) -> None:
+        """Raises on failure; ``handed_off`` then tells whether the outcome is in doubt."""
+        with single_error():
+            await self._run()
+
+    async def _run(self) -> None:
+        eng, st = self.engine, self.engine.stats
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender)
+            nursery.start_soon(self._receiver)
+            await self._pump([eng.begin()])
+            await self._expect("ACCEPT", REPLY_TIMEOUT)
+            st.setup_time = time.monotonic() - self.started
+            eng.start()
+            self.log.info("migration started", phase="round", round=0, pages=eng.info.npages)
+            while True:
+                t0, b0 = time.monotonic(), st.transferred
+                await self._pump(eng.page_messages())
+                await self._flush()
+                end_msg, stop = eng.end_round(time.monotonic() - t0, st.transferred - b0)
+                r = st.rounds[-1]
+                self.log.info("round done", phase="round", round=r.round, pages=r.pages, dirty=r.dirty_pages,
+                              seconds=round(r.duration, 4), expected_downtime=st.expected_downtime)
+                await self._pump([end_msg])
+                if stop:
+                    break
+            self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(eng.pending))
+            await self._pump(eng.stop_and_copy())
+            await self._pump([eng.complete(self.ch.sender.count, self.ch.sender.transcript)])
+            await self._expect("READY", REPLY_TIMEOUT)
+            # The handoff point: durable before COMMIT leaves.
+            if not self.store.transition(eng.mid, ("sending",), "handed_off"):
+                raise MigrationFailure("state", "migration was cancelled before the handoff")
+            self.handed_off = True
+            self.log.info("handed off", phase="commit", round=eng.round)
+            await self._pump([eng.commit()])
+            await self._flush()
+            with trio.fail_after(REPLY_TIMEOUT):
+                msg = await self._inbox.receive()
+            self._finish(msg)
+            nursery.cancel_scope.cancel()
+
+    def _finish(self, msg: Message) -> None:
+        eng, st = self.engine, self.engine.stats
+        if msg.type == "DONE":
+            st.downtime = time.monotonic() - (eng.paused_at or time.monotonic())
+            st.total_time = time.monotonic() - self.started
+            st.status = st.phase = "completed"
+            return
+        # ABORT after COMMIT: only with a valid token may the source resume.
+        token = msg.body.get("token", b"")
+        if msg.type == "ABORT" and check_abort_token(self.ch.result.peer.sign_pub, eng.mid, token):
+            raise MigrationFailure("aborted", "destination refused the commit: " + msg.body.get("reason", ""))
+        raise InDoubt("unexpected answer to COMMIT")
+
+
+class DestinationRun:
+    """One incoming migration over an established channel."""
+
+    def __init__(self, channel: SecureChannel, engine: DestinationEngine,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.ch = channel
+        self.engine = engine
+        self.idle_timeout = idle_timeout
+        self.log = log.bind(peer=channel.peer_name)
+
+    async def run(self) -> None:
+        eng, ch = self.engine, self.ch
+        try:
+            while eng.state not in (State.DONE, State.ABORTED):
+                before, count = ch.receiver.transcript, ch.receiver.count
+                with trio.fail_after(self.idle_timeout):
+                    data = await ch.receive_record()
+                replies = eng.receive(data, before, count)
+                if eng.mid is not None and "migration" not in self.log._context:
+                    self.log = self.log.bind(migration=eng.mid.hex())
+                for r in replies:
+                    await ch.send_record(r)
+                if replies and eng.outcome in ("prepared", "committed"):
+                    self.log.info(eng.outcome, phase=eng.outcome, round=eng.round)
+        except (ProtocolError, MigrationFailure, trio.TooSlowError, trio.BrokenResourceError,
+                trio.ClosedResourceError, OSError) as exc:
+            code = getattr(exc, "code", "timeout" if isinstance(exc, trio.TooSlowError) else "closed")
+            reason = getattr(exc, "reason", None) or getattr(exc, "detail", None) or type(exc).__name__
+            abort = eng.fail(code, str(reason))
+            self.log.warning("incoming migration failed", phase="abort", error=code, reason=str(reason),
+                             outcome=eng.outcome)
+            if abort is not None:
+                with trio.move_on_after(2):
+                    try:
+                        await ch.send_record(abort)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            raise
+

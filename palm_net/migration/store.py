@@ -1,0 +1,121 @@
+"""Durable handoff state (SQLite), one database per agent.
+
+The handoff rules hang on a few durable facts: the source "handed off" (it
+may never resume on its own), the destination "prepared" / "committed" /
+"aborted" (an abort is forever: that migration is never activated).  Each
+transition is one atomic UPDATE guarded by the states it may leave, written
+with synchronous=FULL before the message that announces it is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS migrations (
+    mid         BLOB PRIMARY KEY,
+    role        TEXT NOT NULL,          -- source | destination
+    vm          TEXT NOT NULL,
+    peer        TEXT NOT NULL,          -- peer agent name (from its certificate)
+    peer_addr   TEXT NOT NULL,          -- host:port to reach the destination (source side)
+    peer_static BLOB NOT NULL,          -- the peer's Noise static key
+    peer_sign   BLOB NOT NULL,          -- the peer's Ed25519 key (verifies abort tokens)
+    state       TEXT NOT NULL,
+    token       BLOB,                   -- abort token (destination: issued; source: received)
+    error       TEXT,
+    stats       TEXT,
+    created     REAL NOT NULL,
+    updated     REAL NOT NULL
+);
+"""
+
+# Source: sending -> handed_off -> done | aborted; sending -> aborted.
+# Destination: receiving -> prepared -> committed; receiving|prepared -> aborted.
+SOURCE_FINAL = ("done", "aborted")
+DEST_FINAL = ("committed", "aborted")
+
+
+@dataclass(frozen=True)
+class MigrationRow:
+    mid: bytes
+    role: str
+    vm: str
+    peer: str
+    peer_addr: str
+    peer_static: bytes
+    peer_sign: bytes
+    state: str
+    token: bytes | None
+    error: str | None
+    stats: dict[str, Any] | None
+    created: float
+    updated: float
+
+
+class HandoffStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create(self, mid: bytes, role: str, vm: str, peer: str, peer_addr: str, peer_static: bytes,
+               peer_sign: bytes, state: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO migrations (mid, role, vm, peer, peer_addr, peer_static, peer_sign, state,"
+                " created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (mid, role, vm, peer, peer_addr, peer_static, peer_sign, state, now, now),
+            )
+
+    def transition(self, mid: bytes, from_states: tuple[str, ...], to_state: str, *,
+                   token: bytes | None = None, error: str | None = None) -> bool:
+        """Atomically moves mid from one of from_states to to_state; False if it was elsewhere."""
+        marks = ",".join("?" * len(from_states))
+        with self._lock:
+            cur = self._db.execute(
+                f"UPDATE migrations SET state=?, token=COALESCE(?, token), error=COALESCE(?, error), updated=?"  # noqa: S608
+                f" WHERE mid=? AND state IN ({marks})",
+                (to_state, token, error, time.time(), mid, *from_states),
+            )
+            return cur.rowcount == 1
+
+    def set_stats(self, mid: bytes, stats: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("UPDATE migrations SET stats=? WHERE mid=?", (json.dumps(stats), mid))
+
+    def get(self, mid: bytes) -> MigrationRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM migrations WHERE mid=?", (mid,)).fetchone()
+        return self._row(row) if row else None
+
+    def list(self, role: str | None = None, states: tuple[str, ...] | None = None,
+             limit: int = 100) -> list[MigrationRow]:
+        q, args = "SELECT * FROM migrations WHERE 1=1", []
+        if role:
+            q += " AND role=?"
+            args.append(role)
+        if states:
+            q += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        q += " ORDER BY created DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(q, (*args, limit)).fetchall()
+        return [self._row(r) for r in rows]
+
+    @staticmethod
+    def _row(r: tuple[Any, ...]) -> MigrationRow:
+        return MigrationRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                            json.loads(r[10]) if r[10] else None, r[11], r[12])
