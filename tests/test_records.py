@@ -181,7 +181,7 @@ def test_fuzz_message_decoder_structured(mtype, body, seq):
 def test_session_out_of_state_replay_and_foreign_mid():
     src, dst = SessionProtocol(Role.SOURCE, MID), SessionProtocol(Role.DESTINATION)
     begin = src.send("BEGIN", vm="v", vm_id=bytes(16), pages=1, protected_pages=0, processes=0, vcpus=1,
-                     plain=False)
+                     plain=False, digest=False)
     dst.receive(begin)
     # PAGES before ACCEPT: out of state on the destination
     src2 = SessionProtocol(Role.SOURCE, MID)

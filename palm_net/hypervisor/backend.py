@@ -107,6 +107,10 @@ class Backend(Protocol):
 
     def verify(self) -> VerifyReport: ...
 
+    def digest(self) -> str:
+        """Hex BLAKE2b-256 of memory as the guest sees it (protected pages in plaintext)."""
+        ...
+
     def sync(self) -> None:
         """Makes the VM's state durable (before a handoff step is persisted)."""
         ...

@@ -20,6 +20,7 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from palm_net.channel.records import MAX_PLAINTEXT
 from palm_net.hypervisor.backend import (
     KIND_NORMAL,
     KIND_PROTECTED,
@@ -28,7 +29,6 @@ from palm_net.hypervisor.backend import (
     Backend,
     PageBatch,
 )
-from palm_net.channel.records import MAX_PLAINTEXT
 from palm_net.migration.store import HandoffStore
 from palm_net.wire.errors import ProtocolError
 from palm_net.wire.messages import MAX_BLOB, MAX_PAGES_PER_MESSAGE, Message
@@ -62,6 +62,7 @@ class MigrationParams:
     bandwidth: float | None = None  # bytes/s cap, None = unlimited
     auto_converge: bool = False
     plain: bool = False  # benchmark-only transport mode
+    verify_digest: bool = False  # both sides digest memory while paused; COMMIT only if equal
 
     def validate(self) -> None:
         if not 0 < self.downtime_limit <= 3600:
@@ -103,6 +104,7 @@ class MigrationStats:
     page_records: int = 0
     bandwidth: float = 0.0
     throttle: float = 1.0
+    digest: str | None = None  # memory digest at pause, when verify_digest was asked
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +143,7 @@ class SourceEngine:
         self.pending: Any = range(self.info.npages)  # round 0: every page
         self.sent_bytes = 0
         self.paused_at: float | None = None
+        self.digest: str | None = None
         self._hot_rounds = 0
 
     @property
@@ -154,7 +157,7 @@ class SourceEngine:
                                    "a VM with protected processes never migrates over the plain benchmark mode")
         return self.proto.send("BEGIN", vm=self.info.name, vm_id=self.info.vm_id, pages=self.info.npages,
                                protected_pages=self.info.protected_pages, processes=self.info.processes,
-                               vcpus=self.info.vcpus, plain=self.params.plain)
+                               vcpus=self.info.vcpus, plain=self.params.plain, digest=self.params.verify_digest)
 
     def receive(self, data: bytes) -> Message:
         return self.proto.receive(data)
@@ -224,8 +227,12 @@ class SourceEngine:
         self.stats.phase = "stop-and-copy"
         self.vm.pause()
         self.paused_at = time.monotonic()
-        self.pending = self.vm.collect_dirty()
+        # The last round's dirty set (collected when we decided to stop) plus
+        # whatever the guest wrote until the pause.
+        self.pending = array("I", sorted(set(self.pending).union(self.vm.collect_dirty())))
         self.vm.disable_dirty_log()
+        if self.params.verify_digest:
+            self.digest = self.stats.digest = self.vm.digest()
         self.stats.current_round = self.round
         yield from self.page_messages()
         yield self.proto.send("CPU_STATE", state=self.vm.export_cpu_state())
@@ -238,6 +245,13 @@ class SourceEngine:
         self.stats.phase = "verify"
         return self.proto.send("COMPLETE", records=records_sent, page_records=self.stats.page_records,
                                transcript=transcript)
+
+    def check_ready(self, msg: Message) -> None:
+        """With verify_digest: the destination's memory must equal ours at pause."""
+        if self.params.verify_digest:
+            theirs = msg.body["digest"]
+            if self.digest is None or not hmac.compare_digest(theirs, bytes.fromhex(self.digest)):
+                raise MigrationFailure("digest-mismatch", "destination memory differs from the source at pause")
 
     def commit(self) -> bytes:
         self.stats.phase = "commit"
@@ -277,6 +291,7 @@ class DestinationEngine:
         self.plain_session = plain_session
         self.max_pages = max_pages
         self.vm: Backend | None = None
+        self.vm_name: str | None = None
         self.npages = 0
         self.expected_protected = 0
         self.applied: array[int] = array("Q")
@@ -285,6 +300,7 @@ class DestinationEngine:
         self.page_records = 0
         self.round = 0
         self.cpu_state_seen = False
+        self.want_digest = False
         self.context = bytearray()
         self.context_total = 0
         self.context_limit = 0
@@ -320,10 +336,15 @@ class DestinationEngine:
         if b["protected_pages"] > b["pages"] or b["processes"] > b["protected_pages"]:
             raise MigrationFailure("malformed", "inconsistent protected page counts")
         name, static, sign = self.peer
-        self.store.create(msg.mid, "destination", b["vm"], name, "", static, sign, "receiving")
+        try:
+            self.store.create(msg.mid, "destination", b["vm"], b["vm_id"], name, "", static, sign, "receiving")
+        except Exception:  # the id is known: a replayed or aborted-forever migration
+            raise MigrationFailure("replay", "migration id already used on this agent") from None
         self.vm = self.make_vm(msg)  # may raise MigrationFailure (name taken, no memory)
+        self.vm_name = b["vm"]
         self.npages = b["pages"]
         self.expected_protected = b["protected_pages"]
+        self.want_digest = b["digest"]
         self.applied = array("Q", bytes(8 * self.npages))
         self.received = bytearray(self.npages)
         self.last_kind = bytearray(self.npages)
@@ -413,7 +434,8 @@ class DestinationEngine:
         if not self.store.transition(self.mid, ("receiving",), "prepared"):
             raise MigrationFailure("state", "migration is no longer receiving (aborted?)")
         self.outcome = "prepared"
-        return [self.proto.send("READY")]
+        digest = bytes.fromhex(self.vm.digest()) if self.want_digest else b""
+        return [self.proto.send("READY", digest=digest)]
 
 
     def _on_commit(self, msg: Message, *_: Any) -> list[bytes]:

@@ -102,6 +102,7 @@ class MigrationResult:
             "rounds": len(st.rounds) + (1 if st.status == "completed" else 0),
             "bytes": st.transferred, "zero_pages": st.zero_pages, "normal_pages": st.normal_pages,
             "protected_pages": st.protected_pages, "throttle": st.throttle,
+            "digest": st.digest, "digest_verified": bool(st.digest) and self.ok,
             "round_stats": [r.__dict__ for r in st.rounds],
             "error": self.error, "phase": self.phase, "runs_on": self.runs_on,
         }
@@ -116,10 +117,16 @@ async def migrate_out(
     connect_recovery: ConnectFn,
     on_progress: Callable[[MigrationStats], None] | None = None,
     in_doubt_wait: float = 30.0,
+    mid: bytes | None = None,
 ) -> MigrationResult:
-    """Migrates ``vm`` to the agent at ``dest_addr``; never raises for a failed migration."""
+    """Migrates ``vm`` to the agent at ``dest_addr``; never raises for a failed migration.
+
+    If cancelled (operator cancel, agent shutdown) before the handoff point,
+    the VM is resumed here before the cancellation propagates; after it, the
+    VM stays paused in doubt and the agent's recovery takes over.
+    """
     params.validate()
-    mid = os.urandom(16)
+    mid = mid or os.urandom(16)
     stats = MigrationStats()
     started = time.monotonic()
 
@@ -146,7 +153,8 @@ async def migrate_out(
             check_policy(vm.policy, peer.name, peer.measurement)
         except MigrationFailure as exc:
             return fail(exc.code, exc.reason, "policy")
-        store.create(mid, "source", vm.name, peer.name, dest_addr, peer.static_pub, peer.sign_pub, "sending")
+        store.create(mid, "source", vm.name, vm.vm_id, peer.name, dest_addr, peer.static_pub, peer.sign_pub,
+                     "sending")
         engine = SourceEngine(vm, mid, params)
         engine.stats = stats
         run = SourceRun(channel, engine, store, dest_addr,
@@ -154,6 +162,10 @@ async def migrate_out(
         run.started = started
         try:
             await run.run()
+        except trio.Cancelled:
+            if not run.handed_off:
+                _resume_source(vm, store, mid, "cancelled", "migration cancelled")
+            raise
         except Exception as exc:
             code = getattr(exc, "code", type(exc).__name__)
             reason = getattr(exc, "reason", None) or getattr(exc, "detail", None) or str(exc) or type(exc).__name__
@@ -197,16 +209,21 @@ async def _resume_after_failure(vm: ModelVM, store: HandoffStore, mid: bytes, st
                 await channel.send_record(abort)
             except Exception:  # noqa: S110 - best effort: the destination discards on its own anyway
                 pass
-    store.transition(mid, ("sending",), "aborted", error=f"{code}: {reason}"[:500])
-    vm.disable_dirty_log()
-    vm.set_throttle(1.0)
-    if vm.state == "paused":
-        vm.resume()
+    _resume_source(vm, store, mid, code, reason)
     stats.status = "failed"
     stats.total_time = time.monotonic() - started
     log.warning("migration failed, VM resumed on the source", migration=mid.hex(), vm=vm.name, peer=peer,
                 phase=phase, error=code, reason=reason)
     return MigrationResult(False, mid, vm.name, "failed", stats, f"{code}: {reason}", phase, "source", peer)
+
+
+def _resume_source(vm: ModelVM, store: HandoffStore, mid: bytes, code: str, reason: str) -> None:
+    """Before the handoff point the source may always run again."""
+    store.transition(mid, ("sending",), "aborted", error=f"{code}: {reason}"[:500])
+    vm.disable_dirty_log()
+    vm.set_throttle(1.0)
+    if vm.state == "paused":
+        vm.resume()
 
 
 def _recovered(outcome: str, vm: ModelVM, mid: bytes, stats: MigrationStats, started: float,
@@ -277,7 +294,7 @@ def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes) -> tuple[
     token = make_abort_token(signing, mid)
     if row is None:
         # Never heard of it: record the abort so a late BEGIN with this id is refused too.
-        store.create(mid, "destination", "?", "?", "", b"", b"", "aborted")
+        store.create(mid, "destination", "?", b"", "?", "", b"", b"", "aborted")
     else:
         store.transition(mid, ("receiving", "prepared"), "aborted", token=token, error="aborted on recovery query")
     return "aborted", token

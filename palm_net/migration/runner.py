@@ -173,7 +173,7 @@ class SourceRun:
             self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(eng.pending))
             await self._pump(eng.stop_and_copy())
             await self._pump([eng.complete(self.ch.sender.count, self.ch.sender.transcript)])
-            await self._expect("READY", REPLY_TIMEOUT)
+            eng.check_ready(await self._expect("READY", REPLY_TIMEOUT))
             # The handoff point: durable before COMMIT leaves.
             if not self.store.transition(eng.mid, ("sending",), "handed_off"):
                 raise MigrationFailure("state", "migration was cancelled before the handoff")

@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS migrations (
     mid         BLOB PRIMARY KEY,
     role        TEXT NOT NULL,          -- source | destination
     vm          TEXT NOT NULL,
+    vm_id       BLOB NOT NULL,          -- the VM's identity (names can be reused)
     peer        TEXT NOT NULL,          -- peer agent name (from its certificate)
     peer_addr   TEXT NOT NULL,          -- host:port to reach the destination (source side)
     peer_static BLOB NOT NULL,          -- the peer's Noise static key
@@ -46,6 +47,7 @@ class MigrationRow:
     mid: bytes
     role: str
     vm: str
+    vm_id: bytes
     peer: str
     peer_addr: str
     peer_static: bytes
@@ -70,14 +72,14 @@ class HandoffStore:
     def close(self) -> None:
         self._db.close()
 
-    def create(self, mid: bytes, role: str, vm: str, peer: str, peer_addr: str, peer_static: bytes,
-               peer_sign: bytes, state: str) -> None:
+    def create(self, mid: bytes, role: str, vm: str, vm_id: bytes, peer: str, peer_addr: str,
+               peer_static: bytes, peer_sign: bytes, state: str) -> None:
         now = time.time()
         with self._lock:
             self._db.execute(
-                "INSERT INTO migrations (mid, role, vm, peer, peer_addr, peer_static, peer_sign, state,"
-                " created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (mid, role, vm, peer, peer_addr, peer_static, peer_sign, state, now, now),
+                "INSERT INTO migrations (mid, role, vm, vm_id, peer, peer_addr, peer_static, peer_sign, state,"
+                " created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (mid, role, vm, vm_id, peer, peer_addr, peer_static, peer_sign, state, now, now),
             )
 
     def transition(self, mid: bytes, from_states: tuple[str, ...], to_state: str, *,
@@ -117,5 +119,5 @@ class HandoffStore:
 
     @staticmethod
     def _row(r: tuple[Any, ...]) -> MigrationRow:
-        return MigrationRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
-                            json.loads(r[10]) if r[10] else None, r[11], r[12])
+        return MigrationRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                            json.loads(r[11]) if r[11] else None, r[12], r[13])

@@ -55,7 +55,7 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS) -> dict[str, Any]
     mid = bytes.fromhex(inputs["migration_id"])
     src_proto, dst_proto = SessionProtocol(Role.SOURCE, mid), SessionProtocol(Role.DESTINATION)
     begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=256, protected_pages=16,
-                           processes=1, vcpus=1, plain=False)
+                           processes=1, vcpus=1, plain=False, digest=False)
     record1 = init.result.sender.seal(begin)
     resp.result.receiver.receive_data(record1)
     assert dst_proto.receive(resp.result.receiver.next_record() or b"").type == "BEGIN"

@@ -61,6 +61,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "processes": U(4096),
         "vcpus": U(256),
         "plain": BOOL,
+        "digest": BOOL,  # ask the destination for its memory digest in READY
     },
     "ACCEPT": {},
     # page records: parallel arrays (gfn u64 LE, kind u8, version u64 LE) + data
@@ -75,7 +76,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "CPU_STATE": {"state": B(MAX_BLOB)},
     "CONTEXT": {"index": U(2**20), "total": U(2**20), "data": B(MAX_BLOB)},
     "COMPLETE": {"records": U(), "page_records": U(), "transcript": B(32, exact=32)},
-    "READY": {},
+    "READY": {"digest": B(32)},  # empty unless BEGIN asked for it
     "COMMIT": {},
     "DONE": {},
     "ABORT": {"code": S(64), "reason": S(512), "token": B(256)},

@@ -1,0 +1,534 @@
+"""The agent: one trusted hypervisor's migration service on a host.
+
+It owns the host's VMs (the hypervisor model), listens for attested
+migration and recovery sessions from other agents, serves the local control
+socket, and keeps its durable state in its directory:
+
+    DIR/identity.key   X25519 + Ed25519 identity (0600)
+    DIR/agent.cert     certificate from the cluster authority
+    DIR/hv.key         the hypervisor's sealing key for VM secrets (0600)
+    DIR/state.db       SQLite: the handoff state of every migration
+    DIR/memory-dir     where VM memory lives (default: a tmpfs directory)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from palm_net.channel.handshake import ChannelConfig, Purpose, TransportMode, default_ciphers
+from palm_net.channel.transport import SecureChannel, accept, connect
+from palm_net.crypto.identity import (
+    CERT_FILE,
+    AgentIdentity,
+    AttestationError,
+    Certificate,
+    KeyFileError,
+    compute_measurement,
+    load_authority_public,
+    read_secret_file,
+    write_secret_file,
+)
+from palm_net.crypto.noise import CipherName
+from palm_net.hypervisor.backend import PAGE_SIZE
+from palm_net.hypervisor.model import ModelVM, VmError
+from palm_net.hypervisor.workload import Workload, WorkloadError
+from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, MigrationStats
+from palm_net.migration.orchestrate import (
+    MigrationResult,
+    migrate_out,
+    override_resume,
+    recover_once,
+    serve_incoming,
+    validate_policy,
+)
+from palm_net.migration.store import HandoffStore
+from palm_net.wire.errors import ProtocolError
+from palm_net.wire.messages import Message
+
+log = structlog.get_logger("palm.agent")
+
+AGENT_POLICY = b"palm-net agent policy v1: model hypervisor, attested migration only"
+MAX_PENDING_HANDSHAKES = 64
+
+
+class AgentError(Exception):
+    """An operator-facing error: one line, no traceback."""
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad address {text!r}: use HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def default_measurement() -> bytes:
+    return compute_measurement(AGENT_POLICY)
+
+
+@dataclass
+class AgentConfig:
+    state_dir: Path
+    listen: str
+    control: Path
+    ca_pub: Path
+    allow_measurements: list[bytes] = field(default_factory=list)
+    max_incoming: int = 4
+    max_incoming_memory: int = 16 << 30
+    handshake_timeout: float = 10.0
+    ciphers: tuple[CipherName, ...] = field(default_factory=default_ciphers)
+    allow_plain: bool = False
+    memory_dir: Path | None = None
+    in_doubt_wait: float = 30.0
+
+
+@dataclass
+class LiveMigration:
+    mid: bytes
+    vm: str
+    role: str
+    peer: str
+    stats: MigrationStats
+    started: float
+    cancel: trio.CancelScope | None = None
+    result: MigrationResult | None = None
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        d = cfg.state_dir
+        if not d.is_dir():
+            raise AgentError(f"state directory {d} does not exist (run: palm keygen --dir {d} --name NAME)")
+        try:
+            self.identity = AgentIdentity.load(d)
+            self.authority_pub = load_authority_public(cfg.ca_pub)
+        except KeyFileError as exc:
+            raise AgentError(str(exc)) from None
+        try:
+            self.certificate = Certificate.decode((d / CERT_FILE).read_bytes())
+        except OSError:
+            raise AgentError(f"no certificate at {d / CERT_FILE} (run: palm ca issue --agent {d})") from None
+        except AttestationError as exc:
+            raise AgentError(f"{d / CERT_FILE}: {exc}") from None
+        try:
+            self.certificate.verify(self.authority_pub)
+        except AttestationError as exc:
+            raise AgentError(f"own certificate refused: {exc}") from None
+        if self.certificate.static_pub != self.identity.static.public:
+            raise AgentError(f"{d / CERT_FILE} was issued for another identity key")
+        self.measurement = default_measurement()
+        if self.certificate.measurement != self.measurement:
+            log.warning("certificate measurement differs from this agent's code; peers will refuse it",
+                        cert=self.certificate.measurement.hex()[:16], running=self.measurement.hex()[:16])
+        allowed = frozenset(cfg.allow_measurements or [self.measurement])
+        self.channel_config = ChannelConfig(self.identity, self.certificate, self.authority_pub, self.measurement,
+                                            allowed, ciphers=cfg.ciphers, allow_plain=cfg.allow_plain,
+                                            handshake_timeout=cfg.handshake_timeout)
+        self.sealing_key = self._sealing_key()
+        self.store = HandoffStore(d / "state.db")
+        self.memory_dir = self._memory_dir()
+        self.vms: dict[str, ModelVM] = {}
+        self.live: dict[bytes, LiveMigration] = {}
+        self.incoming: dict[int, DestinationEngine] = {}
+        self.incoming_reserved = 0
+        self.accepting = True
+        self._handshakes = 0
+        self.listen_port = 0
+        self._nursery: trio.Nursery | None = None
+
+    # -- state directory ----------------------------------------------------
+
+    def _sealing_key(self) -> bytes:
+        path = self.cfg.state_dir / "hv.key"
+        if not path.exists():
+            write_secret_file(path, os.urandom(32))
+        try:
+            key = read_secret_file(path)
+        except KeyFileError as exc:
+            raise AgentError(str(exc)) from None
+        if len(key) != 32:
+            raise AgentError(f"{path} is not a 32-byte key")
+        return key
+
+    def _memory_dir(self) -> Path:
+        record = self.cfg.state_dir / "memory-dir"
+        if self.cfg.memory_dir is not None:
+            mdir = self.cfg.memory_dir
+        elif record.exists():
+            mdir = Path(record.read_text().strip())
+        else:
+            # VM memory lives in RAM (tmpfs) like a real guest's; it survives an
+            # agent restart, not a host reboot.
+            tag = hashlib.blake2b(str(self.cfg.state_dir.resolve()).encode(), digest_size=6).hexdigest()
+            shm = Path("/dev/shm")  # noqa: S108 - a private 0700 directory is made inside
+            mdir = shm / f"palm-{tag}" if shm.is_dir() else self.cfg.state_dir / "vms"
+        mdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        record.write_text(str(mdir) + "\n")
+        return mdir
+
+    def _vm_dir(self, name: str) -> Path:
+        return self.memory_dir / name
+
+    # -- start-up recovery ------------------------------------------------------
+
+    def load_vms(self) -> None:
+        """Reopens VMs and applies the handoff rules to whatever was in flight."""
+        for vm_dir in sorted(p for p in self.memory_dir.iterdir() if p.is_dir()):
+            try:
+                opened = ModelVM.open(vm_dir, self.sealing_key)
+            except VmError as exc:
+                log.error("cannot reopen VM, left in place", dir=str(vm_dir), error=str(exc))
+                continue
+            self.vms[opened.name] = opened
+        for row in self.store.list(role="destination", states=("receiving", "prepared", "committed"),
+                                   limit=1 << 30):
+            dvm = self.vms.get(row.vm)
+            if dvm is not None and dvm.vm_id != row.vm_id:
+                dvm = None
+            if row.state == "committed":
+                if dvm is not None and dvm.state == "incoming":
+                    dvm.activate()  # died between "committed" and activation
+                    log.info("committed migration activated after restart", migration=row.mid.hex(), vm=row.vm)
+                continue
+            self.store.transition(row.mid, ("receiving", "prepared"), "aborted", error="agent restarted")
+            log.warning("incoming migration aborted by restart", migration=row.mid.hex(), vm=row.vm,
+                        peer=row.peer, phase="abort")
+        for name, leftover in list(self.vms.items()):
+            if leftover.state == "incoming":  # never committed: discard
+                leftover.scrub()
+                del self.vms[name]
+        for row in self.store.list(role="source", states=("sending", "handed_off", "done"), limit=1 << 30):
+            svm = self.vms.get(row.vm)
+            vm = svm if svm is not None and svm.vm_id == row.vm_id else None
+            if row.state == "sending":
+                self.store.transition(row.mid, ("sending",), "aborted", error="agent restarted before handoff")
+                if vm is not None and vm.state == "paused":
+                    vm.resume()
+                log.warning("outgoing migration aborted by restart, VM resumed", migration=row.mid.hex(),
+                            vm=row.vm, peer=row.peer, phase="abort")
+            elif row.state == "done" and vm is not None and vm.state == "paused":
+                vm.scrub()  # handed over and confirmed: only the scrub was missing
+                del self.vms[row.vm]
+        for running in self.vms.values():
+            if running.state == "running":
+                self._start_workload(running)
+
+    def in_doubt(self) -> list[bytes]:
+        return [r.mid for r in self.store.list(role="source", states=("handed_off",))]
+
+    async def _recovery_loop(self, mid: bytes) -> None:
+        delay = 0.5
+        while True:
+            row = self.store.get(mid)
+            if row is None or row.state != "handed_off":
+                return
+            vm = self.vms.get(row.vm)
+            outcome = await recover_once(self.store, mid, vm, self._connect_recovery)
+            if outcome is not None:
+                if outcome in ("committed", "done") and vm is not None:
+                    self.vms.pop(row.vm, None)
+                elif vm is not None:
+                    self._start_workload(vm)
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # -- VMs ------------------------------------------------------------------
+
+    def _start_workload(self, vm: ModelVM) -> None:
+        spec = str(vm.config.get("workload", "idle"))
+        try:
+            wl = Workload(vm, spec, int(vm.config.get("seed", 0)))
+        except WorkloadError as exc:
+            log.error("workload not started", vm=vm.name, error=str(exc))
+            return
+        vm.workload = wl
+        wl.start()
+
+    def get_vm(self, name: str) -> ModelVM:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise AgentError(f"unknown VM {name!r}")
+        return vm
+
+    def create_vm(self, name: str, memory: int, protected: int = 0, protected_memory: int | None = None,
+                  workload: str = "idle", seed: int = 0, policy: str = "any", fill: str = "half",
+                  vcpus: int = 1) -> ModelVM:
+        from palm_net.crypto.identity import validate_name
+        from palm_net.hypervisor.workload import parse_workload
+        try:
+            validate_name(name)
+            validate_policy(policy)
+            parse_workload(workload)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
+        if name in self.vms or self._vm_dir(name).exists():
+            raise AgentError(f"a VM named {name!r} already exists")
+        if memory < PAGE_SIZE or memory % PAGE_SIZE:
+            raise AgentError("memory must be a positive multiple of 4 KiB")
+        npages = memory // PAGE_SIZE
+        prot_pages = 0
+        if protected:
+            pm = protected_memory if protected_memory is not None else memory // 4
+            prot_pages = max(protected, pm // PAGE_SIZE)
+        try:
+            vm = ModelVM.create(self._vm_dir(name), name, npages, self.sealing_key, protected_processes=protected,
+                                protected_pages=prot_pages, vcpus=vcpus, fill=fill, seed=seed, policy=policy,
+                                workload=workload)
+        except VmError as exc:
+            shutil.rmtree(self._vm_dir(name), ignore_errors=True)
+            raise AgentError(str(exc)) from None
+        self.vms[name] = vm
+        self._start_workload(vm)
+        log.info("VM created", vm=name, pages=npages, protected_pages=prot_pages, workload=workload)
+        return vm
+
+    def destroy_vm(self, name: str) -> None:
+        vm = self.get_vm(name)
+        if any(lm.vm == name and lm.result is None for lm in self.live.values()):
+            raise AgentError(f"VM {name!r} is migrating")
+        vm.scrub()
+        del self.vms[name]
+        log.info("VM destroyed", vm=name)
+
+    def _make_incoming(self, msg: Message) -> ModelVM:
+        b = msg.body
+        if not self.accepting:
+            raise MigrationFailure("shutting-down", "destination agent is shutting down")
+        if len([e for e in self.incoming.values() if e.vm is not None]) >= self.cfg.max_incoming:
+            raise MigrationFailure("busy", "destination has too many incoming migrations")
+        size = b["pages"] * PAGE_SIZE
+        if self.incoming_reserved + size > self.cfg.max_incoming_memory:
+            raise MigrationFailure("busy", "destination has no memory reserved for this VM")
+        if b["vm"] in self.vms or self._vm_dir(b["vm"]).exists():
+            raise MigrationFailure("exists", f"destination already has a VM named {b['vm']!r}")
+        vm = ModelVM.create_incoming(self._vm_dir(b["vm"]), b["vm"], b["vm_id"], b["pages"], b["vcpus"],
+                                     self.sealing_key)
+        self.incoming_reserved += size
+        self.vms[vm.name] = vm
+        return vm
+
+    # -- network --------------------------------------------------------------
+
+    async def _connect(self, addr: str, purpose: Purpose, mode: TransportMode = TransportMode.SECURE,
+                       cipher: CipherName | None = None) -> SecureChannel:
+        host, port = parse_hostport(addr)
+        with trio.fail_after(self.cfg.handshake_timeout):
+            stream = await trio.open_tcp_stream(host, port)
+        try:
+            return await connect(stream, self.channel_config, purpose=purpose, mode=mode, cipher=cipher)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+
+    async def _connect_recovery(self, addr: str) -> SecureChannel:
+        return await self._connect(addr, Purpose.RECOVERY)
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        if self._handshakes >= MAX_PENDING_HANDSHAKES:
+            await stream.aclose()  # a flood of half-open peers cannot starve the others
+            return
+        self._handshakes += 1
+        try:
+            try:
+                channel = await accept(stream, self.channel_config)
+            finally:
+                self._handshakes -= 1
+        except ProtocolError as exc:
+            log.warning("handshake refused", error=exc.code, reason=exc.detail)
+            await stream.aclose()
+            return
+        engines: list[DestinationEngine] = []
+
+        def track(engine: DestinationEngine) -> None:
+            engines.append(engine)
+            self.incoming[id(engine)] = engine
+
+        try:
+            await serve_incoming(channel, self.store, self.identity.signing, self._make_incoming,
+                                 self.cfg.max_incoming_memory // PAGE_SIZE, track)
+        except (ProtocolError, MigrationFailure, trio.TooSlowError, trio.BrokenResourceError,
+                trio.ClosedResourceError, OSError):
+            pass  # already logged by the runner; the VM was scrubbed
+        finally:
+            for engine in engines:
+                self._settle_incoming(engine)
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await channel.aclose()
+
+    def _settle_incoming(self, engine: DestinationEngine) -> None:
+        """After an incoming session ends, whatever way: run it or forget it."""
+        self.incoming.pop(id(engine), None)
+        if engine.outcome != "committed" and engine.vm is not None:
+            engine.fail("closed", "session ended before COMMIT")  # aborted forever, scrubbed
+        name = engine.vm_name
+        vm = self.vms.get(name) if name else None
+        if vm is not None and name is not None:
+            if engine.outcome == "committed":
+                self._start_workload(vm)
+            elif not vm.dir.exists():
+                del self.vms[name]
+        if engine.npages:
+            self.incoming_reserved -= engine.npages * PAGE_SIZE
+
+    # -- migrations out -------------------------------------------------------
+
+    async def migrate(self, name: str, to: str, params: MigrationParams, cipher: CipherName | None = None,
+                      on_progress: Callable[[MigrationStats], None] | None = None) -> MigrationResult:
+        vm = self.get_vm(name)
+        if any(lm.vm == name and lm.result is None for lm in self.live.values()):
+            raise AgentError(f"VM {name!r} is already migrating")
+        try:
+            parse_hostport(to)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
+        if not self.accepting:
+            raise AgentError("agent is shutting down")
+        mode = TransportMode.PLAIN_BENCHMARK if params.plain else TransportMode.SECURE
+
+        async def conn(addr: str) -> SecureChannel:
+            return await self._connect(addr, Purpose.MIGRATION, mode, cipher)
+
+        scope = trio.CancelScope()
+        mid = os.urandom(16)
+        lm = LiveMigration(mid, name, "source", to, MigrationStats(), time.time(), scope)
+
+        def progress(stats: MigrationStats) -> None:
+            lm.stats = stats
+            if on_progress:
+                on_progress(stats)
+
+        self.live[mid] = lm
+        result: MigrationResult | None = None
+        with scope:
+            result = await migrate_out(vm, self.store, to, params, conn, self._connect_recovery, progress,
+                                       self.cfg.in_doubt_wait, mid=mid)
+        if result is None:  # cancelled by the operator before the handoff: the VM runs here
+            result = MigrationResult(False, mid, name, "cancelled", lm.stats, "cancelled by operator",
+                                     lm.stats.phase, "source" if vm.running else "none (paused, in doubt)")
+        lm.result = result
+        if result.ok:
+            self.vms.pop(name, None)
+        elif result.status == "in-doubt" and self._nursery is not None:
+            self._nursery.start_soon(self._recovery_loop, result.mid)
+        elif vm.running and vm.workload is None:
+            self._start_workload(vm)
+        self._trim_live()
+        return result
+
+    def _trim_live(self) -> None:
+        done = [m for m, lm in self.live.items() if lm.result is not None]
+        for m in done[:-50]:
+            del self.live[m]
+
+    def cancel(self, mid_hex: str) -> str:
+        for lm in list(self.live.values()):
+            if lm.mid.hex() == mid_hex and lm.result is None:
+                row = self.store.get(lm.mid)
+                if row is not None and row.state != "sending":
+                    raise AgentError("migration is past the handoff point; it cannot be cancelled")
+                if lm.cancel is not None:
+                    lm.cancel.cancel()
+                return "cancelling"
+        raise AgentError(f"no migration in flight with id {mid_hex}")
+
+    async def resolve(self, mid_hex: str, override: bool, reason: str) -> str:
+        try:
+            mid = bytes.fromhex(mid_hex)
+        except ValueError:
+            raise AgentError(f"bad migration id {mid_hex!r}") from None
+        row = self.store.get(mid)
+        if row is None or row.role != "source" or row.state != "handed_off":
+            raise AgentError(f"no in-doubt migration with id {mid_hex}")
+        vm = self.get_vm(row.vm)
+        if override:
+            override_resume(self.store, mid, vm, reason or "operator override")
+            self._start_workload(vm)
+            return "resumed (override)"
+        outcome = await recover_once(self.store, mid, vm, self._connect_recovery)
+        if outcome is None:
+            return "still in doubt: destination not reachable"
+        if outcome in ("committed", "done"):
+            self.vms.pop(row.vm, None)
+        else:
+            self._start_workload(vm)
+        return outcome
+
+    def migrations(self) -> list[dict[str, Any]]:
+        out = []
+        for row in self.store.list(limit=50):
+            lm = self.live.get(row.mid)
+            stats = lm.stats.as_dict() if lm is not None else row.stats
+            out.append({"migration_id": row.mid.hex(), "role": row.role, "vm": row.vm, "peer": row.peer,
+                        "state": row.state, "in_flight": lm is not None and lm.result is None,
+                        "error": row.error, "updated": row.updated, "stats": stats})
+        return out
+
+    # -- the service ----------------------------------------------------------
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from palm_net.agent.control import ControlServer
+
+        host, port = parse_hostport(self.cfg.listen)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise AgentError(f"cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from None
+        self.listen_port = listeners[0].socket.getsockname()[1]
+        control = ControlServer(self, self.cfg.control)
+        await control.bind()
+        self.load_vms()
+        log.info("agent started", agent=self.identity.name, listen=f"{host}:{self.listen_port}",
+                 control=str(self.cfg.control), measurement=self.measurement.hex()[:16], vms=len(self.vms))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for mid in self.in_doubt():
+                    nursery.start_soon(self._recovery_loop, mid)
+                nursery.start_soon(control.serve)
+                await nursery.start(trio.serve_listeners, self.handle_connection, listeners)
+                task_status.started(self)
+        finally:
+            self.shutdown_sync()
+            control.close()
+
+    def shutdown_sync(self) -> None:
+        self.accepting = False
+        for vm in list(self.vms.values()):
+            with contextlib.suppress(Exception):
+                if vm.workload is not None:
+                    vm.workload.stop()
+                    vm.workload = None
+                if vm.dir.exists():
+                    vm.sync()
+                vm.close()
+        self.store.close()
+        log.info("agent stopped", agent=self.identity.name)
+
+
+async def run_agent(cfg: AgentConfig) -> None:
+    """Runs until SIGINT/SIGTERM; in-flight migrations end by the handoff rules."""
+    agent = Agent(cfg)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.serve)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for sig in signals:
+                log.info("shutting down", signal=signal.Signals(sig).name)
+                agent.accepting = False
+                nursery.cancel_scope.cancel()
+                break

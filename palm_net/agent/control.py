@@ -1,0 +1,238 @@
+"""The local control API: JSON lines over a Unix socket (mode 0600).
+
+Specified in proto/PROTOCOL.md section 9.  One request per connection line:
+``{"v": 1, "op": OP, "args": {...}}``; the answer is one line
+``{"v": 1, "ok": true, "result": ...}`` or ``{"v": 1, "ok": false, "error": "..."}``.
+``migrate`` first sends ``{"v": 1, "event": "progress", "stats": {...}}`` lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from palm_net.crypto.noise import CipherName
+from palm_net.hypervisor.model import VmError
+from palm_net.migration.engine import MigrationParams, MigrationStats
+from palm_net.units import parse_rate, parse_size
+
+if TYPE_CHECKING:
+    from palm_net.agent.agent import Agent
+
+log = structlog.get_logger("palm.control")
+
+CONTROL_VERSION = 1
+MAX_REQUEST = 64 * 1024
+
+
+class RequestError(Exception):
+    pass
+
+
+def _arg(args: dict[str, Any], name: str, typ: type, default: Any = ...) -> Any:
+    if name not in args or args[name] is None:
+        if default is ...:
+            raise RequestError(f"missing argument {name!r}")
+        return default
+    val = args[name]
+    if typ is float and isinstance(val, int) and not isinstance(val, bool):
+        val = float(val)
+    if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+        raise RequestError(f"argument {name!r} must be {typ.__name__}")
+    return val
+
+
+def vm_summary(agent: Agent, name: str) -> dict[str, Any]:
+    vm = agent.get_vm(name)
+    info = vm.info
+    return {"name": vm.name, "vm_id": info.vm_id.hex(), "state": vm.state, "memory": info.npages * 4096,
+            "pages": info.npages, "protected_processes": info.processes, "protected_pages": info.protected_pages,
+            "workload": vm.config.get("workload", "idle"), "policy": vm.policy, "vcpus": info.vcpus,
+            "writes": vm.workload.writes if vm.workload is not None else 0}
+
+
+class ControlServer:
+    def __init__(self, agent: Agent, path: Path) -> None:
+        self.agent = agent
+        self.path = path
+        self.sock: trio.socket.SocketType | None = None
+
+    async def bind(self) -> None:
+        path = self.path
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                from palm_net.agent.agent import AgentError
+                raise AgentError(f"control path {path} exists and is not a socket")
+            if await self._alive():
+                from palm_net.agent.agent import AgentError
+                raise AgentError(f"another agent is listening on {path}")
+            path.unlink()
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is created 0600: only this user may drive the agent
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        self.sock = sock
+
+    async def _alive(self) -> bool:
+        try:
+            s = await trio.open_unix_socket(str(self.path))
+        except OSError:
+            return False
+        await s.aclose()
+        return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    async def serve(self) -> None:
+        assert self.sock is not None
+        listener = trio.SocketListener(self.sock)
+        await trio.serve_listeners(self._handle, [listener])
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            buf = bytearray()
+            try:
+                with trio.fail_after(30):
+                    while b"\n" not in buf:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        buf += data
+                        if len(buf) > MAX_REQUEST:
+                            await self._reply(stream, {"ok": False, "error": "request too large"})
+                            return
+            except trio.TooSlowError:
+                return
+            line = bytes(buf.split(b"\n", 1)[0])
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict) or req.get("v") != CONTROL_VERSION or not isinstance(req.get("op"), str):
+                    raise RequestError(f"bad request: need {{'v': {CONTROL_VERSION}, 'op': ..., 'args': {{...}}}}")
+                args = req.get("args") or {}
+                if not isinstance(args, dict):
+                    raise RequestError("args must be an object")
+                result = await self.dispatch(req["op"], args, stream)
+                await self._reply(stream, {"ok": True, "result": result})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            except Exception as exc:  # every operator error is one line back, never a crash
+                from palm_net.agent.agent import AgentError
+                known = (RequestError, ValueError, VmError, AgentError)
+                msg = str(exc) if isinstance(exc, known) else f"internal error: {type(exc).__name__}: {exc}"
+                if not isinstance(exc, known):
+                    log.exception("control request failed", op=str(req.get("op")) if isinstance(req, dict) else "?")
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._reply(stream, {"ok": False, "error": msg})
+
+    @staticmethod
+    async def _reply(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
+        obj = {"v": CONTROL_VERSION, **obj}
+        await stream.send_all(json.dumps(obj).encode() + b"\n")
+
+    async def dispatch(self, op: str, args: dict[str, Any], stream: trio.SocketStream) -> Any:
+        agent = self.agent
+        if op == "status":
+            return {"agent": agent.identity.name, "listen_port": agent.listen_port, "vms": len(agent.vms),
+                    "measurement": agent.measurement.hex(), "accepting": agent.accepting,
+                    "incoming": len(agent.incoming)}
+        if op == "vm.create":
+            memory = _arg(args, "memory", str)
+            pm = _arg(args, "protected_memory", str, None)
+            agent.create_vm(
+                _arg(args, "name", str), parse_size(memory), _arg(args, "protected", int, 0),
+                parse_size(pm) if pm else None, _arg(args, "workload", str, "idle"), _arg(args, "seed", int, 0),
+                _arg(args, "policy", str, "any"), _arg(args, "fill", str, "half"),
+            )
+            return vm_summary(agent, args["name"])
+        if op == "vm.list":
+            return [vm_summary(agent, n) for n in sorted(agent.vms)]
+        name = _arg(args, "name", str, None)
+        if op == "vm.show":
+            return vm_summary(agent, _arg(args, "name", str))
+        if op == "vm.digest":
+            vm = agent.get_vm(_arg(args, "name", str))
+            return {"name": vm.name, "digest": await trio.to_thread.run_sync(vm.digest), "state": vm.state}
+        if op == "vm.verify":
+            vm = agent.get_vm(_arg(args, "name", str))
+            rep = await trio.to_thread.run_sync(vm.verify)
+            return {"name": vm.name, "ok": rep.ok, "checked": rep.checked, "in_process_view": rep.in_process_view,
+                    "failures": list(rep.failures)}
+        if op in ("vm.pause", "vm.resume"):
+            vm = agent.get_vm(_arg(args, "name", str))
+            if any(lm.vm == vm.name and lm.result is None for lm in agent.live.values()):
+                raise RequestError(f"VM {vm.name!r} is migrating")
+            if vm.state not in ("running", "paused"):
+                raise RequestError(f"VM {vm.name!r} is {vm.state}")
+            (vm.pause if op == "vm.pause" else vm.resume)()
+            return vm_summary(agent, vm.name)
+        if op == "vm.destroy":
+            agent.destroy_vm(_arg(args, "name", str))
+            return {"name": name, "destroyed": True}
+        if op == "migrate":
+            return await self._migrate(args, stream)
+        if op == "migrations":
+            return agent.migrations()
+        if op == "migrate.cancel":
+            return {"status": agent.cancel(_arg(args, "id", str))}
+        if op == "migrate.resolve":
+            return {"status": await agent.resolve(_arg(args, "id", str), _arg(args, "override", bool, False),
+                                                  _arg(args, "reason", str, ""))}
+        raise RequestError(f"unknown operation {op!r}")
+
+    async def _migrate(self, args: dict[str, Any], stream: trio.SocketStream) -> Any:
+        bw = _arg(args, "bandwidth", str, None)
+        params = MigrationParams(
+            downtime_limit=_arg(args, "downtime_ms", float, 300.0) / 1000,
+            max_rounds=_arg(args, "max_rounds", int, 30),
+            max_factor=_arg(args, "max_factor", float, 3.0),
+            bandwidth=parse_rate(bw) if bw else None,
+            auto_converge=_arg(args, "auto_converge", bool, False),
+            plain=_arg(args, "plain", bool, False),
+            verify_digest=_arg(args, "verify_digest", bool, False),
+        )
+        params.validate()
+        cipher_name = _arg(args, "cipher", str, None)
+        cipher = None
+        if cipher_name:
+            names = {"aesgcm": CipherName.AESGCM, "chachapoly": CipherName.CHACHAPOLY}
+            if cipher_name.lower() not in names:
+                raise RequestError(f"unknown cipher {cipher_name!r} (aesgcm, chachapoly)")
+            cipher = names[cipher_name.lower()]
+            if cipher not in self.agent.cfg.ciphers:
+                raise RequestError(f"cipher {cipher_name} is not available on this agent")
+        send, recv = trio.open_memory_channel[dict[str, Any]](1)
+        last = [0.0]
+
+        def progress(stats: MigrationStats) -> None:
+            now = trio.current_time()
+            if now - last[0] >= 0.2:  # at most 5 updates a second
+                last[0] = now
+                with contextlib.suppress(trio.WouldBlock):
+                    send.send_nowait(stats.as_dict())
+
+        async def forward() -> None:
+            async for stats in recv:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._reply(stream, {"event": "progress", "stats": stats})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forward)
+            result = await self.agent.migrate(_arg(args, "name", str), _arg(args, "to", str), params, cipher,
+                                              progress)
+            send.close()
+        return result.as_dict()

@@ -1,0 +1,498 @@
+"""The `palm` command: what an operator runs.
+
+Every error an operator can cause is one line on stderr and a non-zero exit
+(1 for a refused or failed operation, 2 for bad usage); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+from palm_net.units import format_bytes, parse_rate, parse_size
+
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------
+# control socket client
+
+
+def control_request(path: str, op: str, args: dict[str, Any],
+                    on_event: Callable[[dict[str, Any]], None] | None = None, timeout: float = 3600) -> Any:
+    if not Path(path).exists():
+        raise CliError(f"no agent at {path} (is `palm agent` running with --control {path}?)")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError as exc:
+        raise CliError(f"no agent at {path} ({exc.strerror or exc})") from None
+    try:
+        s.sendall(json.dumps({"v": 1, "op": op, "args": args}).encode() + b"\n")
+        for obj in _lines(s):
+            if "event" in obj:
+                if on_event:
+                    on_event(obj)
+                continue
+            if not obj.get("ok"):
+                raise CliError(str(obj.get("error", "agent refused the request")))
+            return obj.get("result")
+    except TimeoutError:
+        raise CliError(f"agent at {path} did not answer in time") from None
+    except OSError as exc:
+        raise CliError(f"lost the agent at {path} ({exc.strerror or exc})") from None
+    finally:
+        s.close()
+    raise CliError(f"agent at {path} closed the connection without an answer")
+
+
+def _lines(s: socket.socket) -> Iterator[dict[str, Any]]:
+    buf = b""
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            try:
+                yield json.loads(line)
+            except ValueError:
+                raise CliError("agent sent a malformed answer") from None
+
+
+# --------------------------------------------------------------------------
+# output
+
+
+def emit(obj: Any, as_json: bool, text: Callable[[], str]) -> None:
+    print(json.dumps(obj, indent=None if not sys.stdout.isatty() else 2) if as_json else text())
+
+
+def _fmt_table(rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def migrate_summary(r: dict[str, Any]) -> str:
+    lines = []
+    if r["ok"]:
+        lines.append(f"migrated {r['vm']} to {r['peer']}: {r['status']} (migration {r['migration_id']})")
+    else:
+        lines.append(f"migration of {r['vm']} {r['status']}: {r['error']} (phase {r['phase']}; "
+                     f"VM runs on: {r['runs_on']})")
+    lines.append(f"  total {r['total_ms']} ms, downtime {r['downtime_ms']} ms "
+                 f"(expected {r['expected_downtime_ms']} ms), setup {r['setup_ms']} ms")
+    lines.append(f"  rounds {r['rounds']}, on the wire {format_bytes(r['bytes'])}, pages: {r['normal_pages']} normal,"
+                 f" {r['zero_pages']} zero, {r['protected_pages']} protected (ciphertext)")
+    for rs in r.get("round_stats", []):
+        lines.append(f"    round {rs['round']}: {rs['pages']} pages, {format_bytes(rs['bytes'])} in "
+                     f"{rs['duration'] * 1000:.0f} ms ({format_bytes(rs['bandwidth'])}/s), "
+                     f"{rs['dirty_pages']} dirtied ({rs['dirty_rate']:.0f} pages/s)")
+    if r.get("digest"):
+        lines.append(f"  memory digest at pause {r['digest'][:16]}... "
+                     f"{'equal on both sides' if r['digest_verified'] else 'NOT verified'}")
+    return "\n".join(lines)
+
+
+class Progress:
+    """A one-line live display on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        st = ev["stats"]
+        last = st["rounds"][-1] if st["rounds"] else None
+        rate = f"{format_bytes(last['bandwidth'])}/s" if last else "-"
+        dirty = f"{last['dirty_rate']:.0f} pages/s" if last else "-"
+        exp = st["expected_downtime"]
+        line = (f"\r{st['phase']:<13} round {st['current_round']:<3} sent {format_bytes(st['transferred']):>10}"
+                f"  remaining {st['remaining']:>8} pages  rate {rate:>12}  dirty {dirty:>14}"
+                f"  expected downtime {'-' if exp is None else f'{exp * 1000:.0f} ms'}")
+        sys.stderr.write(line[:160].ljust(120))
+        sys.stderr.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+# --------------------------------------------------------------------------
+# commands
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from palm_net.crypto.identity import IDENTITY_FILE, AgentIdentity
+
+    d = Path(a.dir)
+    if (d / IDENTITY_FILE).exists() and not a.force:
+        raise CliError(f"{d / IDENTITY_FILE} exists (use --force to replace the identity)")
+    try:
+        ident = AgentIdentity.generate(a.name)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    path = ident.save(d)
+    emit({**ident.public_description(), "path": str(path)}, a.json,
+         lambda: f"identity {ident.name} written to {path}\n  static (X25519) {ident.static.public.hex()}\n"
+                 f"  signing (Ed25519) {ident.sign_pub.hex()}")
+    return 0
+
+
+def cmd_ca(a: argparse.Namespace) -> int:
+    from palm_net.agent.agent import default_measurement
+    from palm_net.crypto.identity import CA_KEY_FILE, CA_PUB_FILE, CERT_FILE, AgentIdentity, Authority
+
+    if a.ca_cmd == "init":
+        d = Path(a.dir)
+        if (d / CA_KEY_FILE).exists() and not a.force:
+            raise CliError(f"{d / CA_KEY_FILE} exists (use --force to replace the authority)")
+        ca = Authority.generate()
+        ca.save(d)
+        emit({"key_id": ca.key_id.hex(), "public": ca.public.hex(), "pub_file": str(d / CA_PUB_FILE)}, a.json,
+             lambda: f"authority {ca.key_id.hex()} created in {d}; give agents {d / CA_PUB_FILE}")
+        return 0
+    ca = Authority.load(Path(a.ca))
+    ident = AgentIdentity.load(Path(a.agent))
+    if a.measurement:
+        try:
+            m = bytes.fromhex(a.measurement)
+        except ValueError:
+            m = b""
+        if len(m) != 32:
+            raise CliError("--measurement must be 64 hex digits", EXIT_USAGE)
+    else:
+        m = default_measurement()
+    if a.days <= 0:
+        raise CliError("--days must be positive", EXIT_USAGE)
+    try:
+        cert = ca.issue(ident.name, ident.static.public, ident.sign_pub, m, a.role or ("source", "destination"),
+                        days=a.days)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    path = Path(a.agent) / CERT_FILE
+    path.write_bytes(cert.encode())
+    emit({"name": cert.name, "measurement": m.hex(), "roles": list(cert.roles), "not_after": cert.not_after,
+          "path": str(path)}, a.json,
+         lambda: f"certificate for {cert.name} written to {path} (roles {', '.join(cert.roles)}, "
+                 f"measurement {m.hex()[:16]}..., valid {a.days:g} days)")
+    return 0
+
+
+def cmd_measurement(a: argparse.Namespace) -> int:
+    from palm_net.agent.agent import default_measurement
+
+    m = default_measurement().hex()
+    emit({"measurement": m}, a.json, lambda: m)
+    return 0
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise CliError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"config {path} is not valid TOML: {exc}") from None
+    known = {"dir", "listen", "control", "ca", "allow_measurement", "max_incoming", "max_incoming_memory",
+             "memory_dir", "allow_plain", "handshake_timeout", "log_format", "log_level"}
+    unknown = set(data) - known
+    if unknown:
+        raise CliError(f"config {path}: unknown keys {', '.join(sorted(unknown))}")
+    return data
+
+
+def cmd_agent(a: argparse.Namespace) -> int:
+    import trio
+
+    from palm_net.agent.agent import AgentConfig, AgentError, parse_hostport, run_agent
+
+    conf = _load_config(a.config)
+
+    def pick(flag: Any, key: str, default: Any = None) -> Any:
+        return flag if flag is not None else conf.get(key, default)  # flags win over the file
+
+    d, listen, control, ca = pick(a.dir, "dir"), pick(a.listen, "listen"), pick(a.control, "control"), pick(a.ca, "ca")
+    for name, val in (("--dir", d), ("--listen", listen), ("--control", control), ("--ca", ca)):
+        if not val:
+            raise CliError(f"{name} is required (flag or config file)", EXIT_USAGE)
+    try:
+        parse_hostport(listen)
+        allow = [bytes.fromhex(h) for h in (pick(a.allow_measurement, "allow_measurement", []) or [])]
+        if any(len(m) != 32 for m in allow):
+            raise ValueError("an allowed measurement must be 64 hex digits")
+        mim = pick(a.max_incoming_memory, "max_incoming_memory", "16GiB")
+        cfg = AgentConfig(
+            state_dir=Path(d), listen=listen, control=Path(control), ca_pub=Path(ca), allow_measurements=allow,
+            max_incoming=int(pick(a.max_incoming, "max_incoming", 4)),
+            max_incoming_memory=parse_size(str(mim)),
+            handshake_timeout=float(pick(a.handshake_timeout, "handshake_timeout", 10.0)),
+            allow_plain=bool(pick(a.allow_plain or None, "allow_plain", False)),
+            memory_dir=Path(pick(a.memory_dir, "memory_dir")) if pick(a.memory_dir, "memory_dir") else None,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    try:
+        trio.run(run_agent, cfg)
+    except AgentError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def cmd_vm(a: argparse.Namespace) -> int:
+    op = a.vm_cmd
+    if op == "create":
+        try:
+            parse_size(a.memory)
+            if a.protected_memory:
+                parse_size(a.protected_memory)
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        args: dict[str, Any] = {"name": a.name, "memory": a.memory, "protected": a.protected,
+                                "protected_memory": a.protected_memory, "workload": a.workload, "seed": a.seed,
+                                "policy": a.policy, "fill": a.fill}
+        r = control_request(a.control, "vm.create", args)
+        emit(r, a.json, lambda: f"VM {r['name']} created: {format_bytes(r['memory'])}, "
+                                f"{r['protected_processes']} protected processes ({r['protected_pages']} pages), "
+                                f"workload {r['workload']}")
+        return 0
+    if op == "list":
+        r = control_request(a.control, "vm.list", {})
+        emit(r, a.json, lambda: _fmt_table(
+            [["NAME", "STATE", "MEMORY", "PROTECTED", "WORKLOAD"]]
+            + [[v["name"], v["state"], format_bytes(v["memory"]), str(v["protected_pages"]), v["workload"]]
+               for v in r]) or "no VMs")
+        return 0
+    r = control_request(a.control, f"vm.{op}", {"name": a.name})
+    if op == "digest":
+        emit(r, a.json, lambda: f"{r['digest']}  {r['name']}")
+    elif op == "verify":
+        emit(r, a.json, lambda: f"{r['name']}: {'OK' if r['ok'] else 'FAILED'}, {r['checked']} protected pages "
+                                f"verified, {r['in_process_view']} held in the process view"
+                                + "".join(f"\n  {f}" for f in r["failures"]))
+        return 0 if r["ok"] else EXIT_FAIL
+    elif op == "destroy":
+        emit(r, a.json, lambda: f"VM {a.name} destroyed")
+    else:
+        emit(r, a.json, lambda: "\n".join(f"{k}: {v}" for k, v in r.items()))
+    return 0
+
+
+def cmd_migrate(a: argparse.Namespace) -> int:
+    if a.cancel:
+        r = control_request(a.control, "migrate.cancel", {"id": a.cancel})
+        emit(r, a.json, lambda: f"migration {a.cancel}: {r['status']}")
+        return 0
+    if a.resolve:
+        r = control_request(a.control, "migrate.resolve", {"id": a.resolve, "override": a.override,
+                                                           "reason": a.reason or ""})
+        emit(r, a.json, lambda: f"migration {a.resolve}: {r['status']}")
+        return 0
+    if not a.name or not a.to:
+        raise CliError("migrate needs NAME and --to HOST:PORT (or --cancel ID / --resolve ID)", EXIT_USAGE)
+    try:
+        if a.bandwidth:
+            parse_rate(a.bandwidth)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    args = {"name": a.name, "to": a.to, "downtime_ms": a.downtime_ms, "max_rounds": a.max_rounds,
+            "max_factor": a.max_factor, "bandwidth": a.bandwidth, "cipher": a.cipher,
+            "auto_converge": a.auto_converge, "plain": a.plain_benchmark, "verify_digest": a.verify_digest}
+    progress = Progress(not a.json and sys.stderr.isatty())
+    try:
+        r = control_request(a.control, "migrate", args, progress)
+    finally:
+        progress.done()
+    emit(r, a.json, lambda: migrate_summary(r))
+    return 0 if r["ok"] else EXIT_FAIL
+
+
+def cmd_migrations(a: argparse.Namespace) -> int:
+    r = control_request(a.control, "migrations", {})
+    emit(r, a.json, lambda: _fmt_table(
+        [["ID", "ROLE", "VM", "PEER", "STATE", "TOTAL MS", "DOWNTIME MS", "ERROR"]]
+        + [[m["migration_id"], m["role"], m["vm"], m["peer"], m["state"] + (" *" if m["in_flight"] else ""),
+            f"{(m['stats'] or {}).get('total_time', 0) * 1000:.0f}",
+            "-" if not m["stats"] or m["stats"].get("downtime") is None else f"{m['stats']['downtime'] * 1000:.0f}",
+            (m["error"] or "")[:60]] for m in r]) or "no migrations")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from palm_net.demo import run_demo
+
+    return run_demo(a)
+
+
+# --------------------------------------------------------------------------
+# parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="palm", description="palm_net: secure live migration of VMs with hypervisor-protected "
+                "processes (PALM). Start with `palm demo`.")
+    p.add_argument("--log-format", choices=("console", "json"), default=None, help="log line format (stderr)")
+    p.add_argument("--log-level", default=None, help="debug, info, warning, error (default info)")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, help: str, fn: Callable[[argparse.Namespace], int], json_flag: bool = True,
+            control: bool = False, parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print one JSON object")
+        if control:
+            sp.add_argument("--control", required=True, metavar="SOCKET", help="the agent's control socket")
+        return sp
+
+    k = add("keygen", "create an agent identity (X25519 + Ed25519 keys, 0600)", cmd_keygen)
+    k.add_argument("--dir", required=True, help="agent state directory")
+    k.add_argument("--name", required=True, help="agent name (letters, digits, - _ .)")
+    k.add_argument("--force", action="store_true", help="replace an existing identity")
+
+    ca = sub.add_parser("ca", help="the cluster authority: init, issue")
+    ca_sub = ca.add_subparsers(dest="ca_cmd", metavar="CA_COMMAND", parser_class=_Parser)
+    ca_sub.required = True
+    ci = add("init", "create a cluster authority (Ed25519) in DIR", cmd_ca, parent=ca_sub)
+    ci.add_argument("--dir", required=True)
+    ci.add_argument("--force", action="store_true")
+    cs = add("issue", "issue a certificate for an agent, written into its DIR", cmd_ca, parent=ca_sub)
+    cs.add_argument("--ca", required=True, metavar="DIR", help="authority directory")
+    cs.add_argument("--agent", required=True, metavar="DIR", help="agent state directory (has identity.key)")
+    cs.add_argument("--days", type=float, default=365, help="validity in days (default 365)")
+    cs.add_argument("--role", action="append", choices=("source", "destination"),
+                    help="role, repeatable (default both)")
+    cs.add_argument("--measurement", metavar="HEX", help="measurement to certify (default: this installation's)")
+
+    add("measurement", "print this installation's agent measurement", cmd_measurement)
+
+    ag = add("agent", "run an agent in the foreground until SIGINT/SIGTERM", cmd_agent, json_flag=False)
+    ag.add_argument("--dir", help="state directory (identity, certificate, SQLite)")
+    ag.add_argument("--listen", metavar="HOST:PORT", help="address for migration sessions")
+    ag.add_argument("--control", metavar="SOCKET", help="control socket path (created 0600)")
+    ag.add_argument("--ca", metavar="CA_PUB", help="the authority's public key file (ca.pub)")
+    ag.add_argument("--allow-measurement", action="append", metavar="HEX",
+                    help="peer measurement to accept, repeatable (default: this agent's own)")
+    ag.add_argument("--config", metavar="FILE", help="TOML file with the same keys (flags win)")
+    ag.add_argument("--max-incoming", type=int, help="concurrent incoming migrations (default 4)")
+    ag.add_argument("--max-incoming-memory", metavar="SIZE", help="memory reserved for incoming VMs (default 16GiB)")
+    ag.add_argument("--memory-dir", help="where VM memory lives (default a tmpfs directory)")
+    ag.add_argument("--handshake-timeout", type=float, help="seconds (default 10)")
+    ag.add_argument("--allow-plain", action="store_true", default=None,
+                    help="accept the benchmark-only plain mode (never for protected VMs)")
+
+    vm = sub.add_parser("vm", help="VMs of an agent: create, list, show, digest, verify, pause, resume, destroy")
+    vm_sub = vm.add_subparsers(dest="vm_cmd", metavar="VM_COMMAND", parser_class=_Parser)
+    vm_sub.required = True
+    vc = add("create", "create a VM (the embedded hypervisor model)", cmd_vm, control=True, parent=vm_sub)
+    vc.add_argument("name")
+    vc.add_argument("--memory", required=True, metavar="SIZE", help="e.g. 512MiB, 2GiB")
+    vc.add_argument("--protected", type=int, default=0, metavar="N", help="protected processes (default 0)")
+    vc.add_argument("--protected-memory", metavar="SIZE", help="memory they own (default a quarter)")
+    vc.add_argument("--workload", default="idle",
+                    help="idle | random:RATE | hotset:SIZE:RATE | protected:RATE, joined with +")
+    vc.add_argument("--seed", type=int, default=0)
+    vc.add_argument("--policy", default="any", help="any | none | agents:A,B | measurements:HEX,...")
+    vc.add_argument("--fill", default="half", choices=("half", "random", "zero"),
+                    help="initial memory: half random/half zero (default), random, zero")
+    add("list", "list VMs", cmd_vm, control=True, parent=vm_sub)
+    for op, hlp in (("show", "show one VM"), ("digest", "digest of guest memory (protected pages as plaintext)"),
+                    ("verify", "check every protected page against its metadata"), ("pause", "pause a VM"),
+                    ("resume", "resume a VM"), ("destroy", "destroy a VM and scrub its memory and keys")):
+        add(op, hlp, cmd_vm, control=True, parent=vm_sub).add_argument("name")
+
+    mg = add("migrate", "live-migrate a VM to another agent (or --cancel / --resolve one)", cmd_migrate,
+             control=True)
+    mg.add_argument("name", nargs="?")
+    mg.add_argument("--to", metavar="HOST:PORT")
+    mg.add_argument("--downtime-ms", type=float, default=300.0, help="downtime limit (default 300)")
+    mg.add_argument("--max-rounds", type=int, default=30, help="default 30")
+    mg.add_argument("--max-factor", type=float, default=3.0, help="stop after sending X times memory (default 3)")
+    mg.add_argument("--bandwidth", metavar="RATE", help="cap, e.g. 1Gbit or 100MiB/s")
+    mg.add_argument("--cipher", choices=("aesgcm", "chachapoly"), help="default: aesgcm with AES-NI")
+    mg.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")
+    mg.add_argument("--verify-digest", action="store_true",
+                    help="both sides digest memory while paused; commit only if equal (adds downtime)")
+    mg.add_argument("--plain-benchmark", action="store_true",
+                    help="benchmark-only unencrypted records (refused for protected VMs)")
+    mg.add_argument("--cancel", metavar="ID", help="cancel an in-flight migration (before the handoff)")
+    mg.add_argument("--resolve", metavar="ID", help="ask the destination about an in-doubt migration now")
+    mg.add_argument("--override", action="store_true",
+                    help="with --resolve: resume the in-doubt VM without the destination (may fork it!)")
+    mg.add_argument("--reason", help="with --override: why (logged)")
+
+    add("migrations", "in-flight and recent migrations", cmd_migrations, control=True)
+
+    dm = add("demo", "throw-away authority + two agents on loopback: migrate a protected VM under load", cmd_demo)
+    dm.add_argument("--memory", default="256MiB", metavar="SIZE", help="guest memory (default 256MiB)")
+    dm.add_argument("--workload", default="random:2000+protected:500", help="guest workload during migration")
+    dm.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from palm_net import logs
+
+    try:
+        conf_fmt = conf_lvl = None
+        if getattr(a, "config", None):
+            conf = _load_config(a.config)
+            conf_fmt, conf_lvl = conf.get("log_format"), conf.get("log_level")
+        logs.configure(a.log_format or conf_fmt or "console", a.log_level or conf_lvl or "info")
+    except (ValueError, CliError) as exc:
+        print(f"palm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from palm_net.crypto.identity import KeyFileError
+
+    try:
+        return int(a.fn(a))
+    except CliError as exc:
+        print(f"palm: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyFileError as exc:
+        print(f"palm: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("palm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

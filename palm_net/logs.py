@@ -1,0 +1,44 @@
+"""structlog set-up: one event per line, JSON or console, to stderr.
+
+A processor drops any value that looks like key material (bytes, or fields
+named like keys) so nothing secret can reach a log by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_WORDS = ("key", "secret", "token", "nonce", "private", "seed", "plaintext")
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for k in list(event):
+        v = event[k]
+        if isinstance(v, (bytes, bytearray, memoryview)) or any(w in k.lower() for w in _SECRET_WORDS):
+            event[k] = "<redacted>"
+    return event
+
+
+def configure(fmt: str = "console", level: str = "info") -> None:
+    lvl = logging.getLevelName(level.upper())
+    if not isinstance(lvl, int):
+        raise ValueError(f"unknown log level {level!r}")
+    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
