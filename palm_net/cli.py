@@ -256,8 +256,11 @@ def cmd_agent(a: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    from palm_net.trioutil import single_error
+
     try:
-        trio.run(run_agent, cfg)
+        with single_error():
+            trio.run(run_agent, cfg)
     except AgentError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -339,6 +342,13 @@ def cmd_migrations(a: argparse.Namespace) -> int:
             f"{(m['stats'] or {}).get('total_time', 0) * 1000:.0f}",
             "-" if not m["stats"] or m["stats"].get("downtime") is None else f"{m['stats']['downtime'] * 1000:.0f}",
             (m["error"] or "")[:60]] for m in r]) or "no migrations")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    r = control_request(a.control, "status", {})
+    emit(r, a.json, lambda: f"agent {r['agent']} listening on port {r['listen_port']}, {r['vms']} VMs, "
+                            f"{r['incoming']} incoming, measurement {r['measurement'][:16]}...")
     return 0
 
 
@@ -453,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--reason", help="with --override: why (logged)")
 
     add("migrations", "in-flight and recent migrations", cmd_migrations, control=True)
+    add("status", "the agent's name, port and counts", cmd_status, control=True)
 
     dm = add("demo", "throw-away authority + two agents on loopback: migrate a protected VM under load", cmd_demo)
     dm.add_argument("--memory", default="256MiB", metavar="SIZE", help="guest memory (default 256MiB)")

@@ -66,7 +66,8 @@ def run_demo(a: argparse.Namespace) -> int:
         raise CliError(str(exc), 2) from None
     if memory < 16 << 20:
         raise CliError("demo memory must be at least 16MiB", 2)
-    root = Path(tempfile.mkdtemp(prefix="palm-demo-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    shm = "/dev/shm"  # noqa: S108 - mkdtemp makes a private 0700 directory
+    root = Path(tempfile.mkdtemp(prefix="palm-demo-", dir=shm if Path(shm).is_dir() else None))
     procs: list[subprocess.Popen[bytes]] = []
     t_start = time.monotonic()
     try:

@@ -262,7 +262,7 @@ class AttestedHandshake:
                     break
                 out += self._on_frame(msg)
         except AttestationError as exc:
-            raise HandshakeError(exc.reason.value, str(exc)) from None
+            raise HandshakeError(exc.reason.value, exc.detail) from None
         except NoiseError as exc:
             raise HandshakeError("handshake-failed", str(exc)) from None
         except HandshakeError:

@@ -55,6 +55,7 @@ class RejectReason(enum.StrEnum):
 class AttestationError(Exception):
     def __init__(self, reason: RejectReason, detail: str = "") -> None:
         self.reason = reason
+        self.detail = detail
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
 
 

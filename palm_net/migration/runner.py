@@ -11,7 +11,6 @@ stops the stream at once.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from palm_net.migration.engine import (
     check_abort_token,
 )
 from palm_net.migration.store import HandoffStore
+from palm_net.trioutil import single_error
 from palm_net.wire.errors import ProtocolError
 from palm_net.wire.messages import Message
 from palm_net.wire.protocol import State
@@ -42,27 +42,6 @@ IDLE_TIMEOUT = 60.0  # destination: longest silence from the source
 @dataclass
 class Flush:
     done: trio.Event
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for e in exc.exceptions:
-            yield from _leaves(e)
-    else:
-        yield exc
-
-
-@contextlib.contextmanager
-def single_error() -> Iterator[None]:
-    """Re-raises the first meaningful exception of a nursery's group on its own."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if not leaves:
-            raise
-        first = leaves[0]
-        raise first from first.__cause__
 
 
 class InDoubt(Exception):

@@ -1,0 +1,141 @@
+"""A fault-injecting TCP proxy that understands palm_net's framing.
+
+Every unit on a palm_net connection is a frame (u32be length + body), from
+the preamble on, so the proxy can count frames per direction without any
+key: client->server frame 0 is the preamble, 1 the first handshake message,
+2 the third, 3.. the source's records; server->client frame 0 is the second
+handshake message, 1 ACCEPT, 2 READY, 3 DONE (for a migration session).
+
+A plan is a list of Rules; each names the connection (0 = first), the
+direction, the frame index and the action: drop, duplicate, flip (one bit),
+truncate, delay, replay (a frame seen earlier, possibly in an earlier
+connection), cut (close both sides before forwarding), or cut_after.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Literal
+
+import trio
+
+Direction = Literal["c2s", "s2c"]
+Action = Literal["drop", "duplicate", "flip", "truncate", "delay", "replay", "cut", "cut_after"]
+
+
+@dataclass
+class Rule:
+    direction: Direction
+    frame: int
+    action: Action
+    connection: int = 0
+    bit: int = 0  # flip: which bit of the frame (after the prefix); truncate: bytes to keep
+    seconds: float = 0.0  # delay
+    replay_of: tuple[int, Direction, int] | None = None  # (connection, direction, frame) to inject
+    fired: bool = False
+
+
+@dataclass
+class ProxyLog:
+    frames: dict[tuple[int, Direction], int] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+
+
+class FaultProxy:
+    def __init__(self, target: tuple[str, int], rules: list[Rule] | None = None) -> None:
+        self.target = target
+        self.rules = rules or []
+        self.log = ProxyLog()
+        self.seen: dict[tuple[int, Direction, int], bytes] = {}
+        self.connections = 0
+        self.port = 0
+        self.cut_event = trio.Event()
+
+    async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(self.port)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        conn = self.connections
+        self.connections += 1
+        try:
+            server = await trio.open_tcp_stream(*self.target)
+        except OSError:
+            await client.aclose()
+            return
+        async with client, server, trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, conn, "c2s", client, server, nursery.cancel_scope)
+            nursery.start_soon(self._pump, conn, "s2c", server, client, nursery.cancel_scope)
+
+    async def _pump(self, conn: int, direction: Direction, src: trio.SocketStream, dst: trio.SocketStream,
+                    scope: trio.CancelScope) -> None:
+        buf = bytearray()
+        index = 0
+        try:
+            while True:
+                data = await src.receive_some(65536 * 4)
+                if not data:
+                    await dst.send_eof() if hasattr(dst, "send_eof") else None
+                    return
+                buf += data
+                while len(buf) >= 4:
+                    (n,) = struct.unpack_from(">I", buf)
+                    if n > 1 << 24:  # not palm_net framing: pass through raw
+                        await dst.send_all(bytes(buf))
+                        buf.clear()
+                        break
+                    if len(buf) < 4 + n:
+                        break
+                    frame = bytes(buf[: 4 + n])
+                    del buf[: 4 + n]
+                    self.seen[(conn, direction, index)] = frame
+                    self.log.frames[(conn, direction)] = index + 1
+                    if not await self._apply(conn, direction, index, frame, dst, scope):
+                        return
+                    index += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()
+
+    async def _apply(self, conn: int, direction: Direction, index: int, frame: bytes, dst: trio.SocketStream,
+                     scope: trio.CancelScope) -> bool:
+        out = [frame]
+        for r in self.rules:
+            if r.fired or r.connection != conn or r.direction != direction or r.frame != index:
+                continue
+            r.fired = True
+            self.log.events.append(f"conn {conn} {direction} frame {index}: {r.action}")
+            if r.action == "drop":
+                out = []
+            elif r.action == "duplicate":
+                out = [frame, frame]
+            elif r.action == "flip":
+                b = bytearray(frame)
+                pos = 4 + (r.bit // 8) % max(1, len(frame) - 4)
+                b[pos] ^= 1 << (r.bit % 8)
+                out = [bytes(b)]
+            elif r.action == "truncate":  # part of the frame, then the connection drops
+                await dst.send_all(frame[: 4 + r.bit])
+                scope.cancel()
+                return False
+            elif r.action == "delay":
+                await trio.sleep(r.seconds)
+            elif r.action == "replay" and r.replay_of is not None:
+                old = self.seen.get(r.replay_of)
+                if old is not None:
+                    out = [old, frame]
+            elif r.action == "cut":
+                self.cut_event.set()
+                scope.cancel()
+                return False
+            elif r.action == "cut_after":
+                await dst.send_all(frame)
+                self.cut_event.set()
+                scope.cancel()
+                return False
+        for f in out:
+            await dst.send_all(f)
+        return True

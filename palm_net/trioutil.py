@@ -1,0 +1,29 @@
+"""Small trio helpers shared by the shells."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import trio
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+
+@contextlib.contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raises the first meaningful exception of a nursery's group on its own."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if not leaves:
+            raise
+        first = leaves[0]
+        raise first from first.__cause__

@@ -1,0 +1,253 @@
+"""End to end through the real `palm` command: authority, two agent processes, migrations, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+PALM = [sys.executable, "-m", "palm_net.cli"]
+
+
+def palm(*args, check=True, timeout=120):
+    p = subprocess.run([*PALM, *args], capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"palm {' '.join(args)} failed ({p.returncode}): {p.stderr}")
+    return p
+
+
+def one_line_error(p, *words):
+    assert p.returncode != 0, p.stdout
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix="palm-cli-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self.procs = {}
+        self.ports = {}
+        palm("ca", "init", "--dir", str(self.root / "ca"))
+        for name in ("a", "b"):
+            palm("keygen", "--dir", str(self.root / name), "--name", f"host-{name}")
+            palm("ca", "issue", "--ca", str(self.root / "ca"), "--agent", str(self.root / name))
+
+    def sock(self, name):
+        return str(self.root / f"{name}.sock")
+
+    def start(self, name, *extra, port=None):
+        self.ports[name] = port or self.ports.get(name) or free_port()
+        log = open(self.root / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [*PALM, "--log-format", "json", "--log-level", "debug", "agent", "--dir", str(self.root / name),
+             "--listen", f"127.0.0.1:{self.ports[name]}", "--control", self.sock(name),
+             "--ca", str(self.root / "ca" / "ca.pub"), "--memory-dir", str(self.root / f"{name}-mem"), *extra],
+            stdout=log, stderr=log)
+        self.procs[name] = proc
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError((self.root / f"{name}.log").read_text()[-2000:])
+            if palm("status", "--control", self.sock(name), check=False).returncode == 0:
+                return proc
+            time.sleep(0.05)
+        raise AssertionError("agent did not start")
+
+    def stop(self, name, sig=signal.SIGTERM):
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        return proc.wait(20)
+
+    def log(self, name):
+        return (self.root / f"{name}.log").read_text()
+
+    def close(self):
+        for name in list(self.procs):
+            self.stop(name)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster()
+    c.start("a")
+    c.start("b")
+    yield c
+    c.close()
+
+
+def vm_names(c, name):
+    return [v["name"] for v in json.loads(palm("vm", "list", "--control", c.sock(name), "--json").stdout)]
+
+
+def test_migrate_end_to_end(cluster):
+    c = cluster
+    palm("vm", "create", "vm1", "--control", c.sock("a"), "--memory", "32MiB", "--protected", "2", "--seed", "3")
+    before = json.loads(palm("vm", "digest", "vm1", "--control", c.sock("a"), "--json").stdout)["digest"]
+    p = palm("migrate", "vm1", "--control", c.sock("a"), "--to", f"127.0.0.1:{c.ports['b']}", "--json")
+    r = json.loads(p.stdout)
+    assert r["ok"] and r["status"] == "completed" and r["vm"] == "vm1" and r["rounds"] >= 2
+    for k in ("migration_id", "total_ms", "downtime_ms", "bytes", "zero_pages", "protected_pages"):
+        assert k in r
+    assert r["protected_pages"] >= 2048 and r["zero_pages"] > 0
+    after = json.loads(palm("vm", "digest", "vm1", "--control", c.sock("b"), "--json").stdout)["digest"]
+    assert after == before
+    assert vm_names(c, "a") == [] and vm_names(c, "b") == ["vm1"]
+    v = json.loads(palm("vm", "verify", "vm1", "--control", c.sock("b"), "--json").stdout)
+    assert v["ok"] and v["checked"] == 2048
+    ms = json.loads(palm("migrations", "--control", c.sock("a"), "--json").stdout)
+    assert ms[0]["migration_id"] == r["migration_id"] and ms[0]["state"] == "done"
+    # and back again, text mode
+    p = palm("migrate", "vm1", "--control", c.sock("b"), "--to", f"127.0.0.1:{c.ports['a']}")
+    assert "migrated vm1 to host-a" in p.stdout
+    assert json.loads(palm("vm", "digest", "vm1", "--control", c.sock("a"), "--json").stdout)["digest"] == before
+
+
+def test_logs_carry_no_key_material(cluster):
+    c = cluster
+    palm("vm", "create", "vm1", "--control", c.sock("a"), "--memory", "16MiB", "--protected", "1",
+         "--workload", "random:1000+protected:500")
+    assert json.loads(palm("migrate", "vm1", "--control", c.sock("a"), "--to", f"127.0.0.1:{c.ports['b']}",
+                           "--json", "--verify-digest").stdout)["ok"]
+    import msgpack
+
+    from palm_net.hypervisor.model import ModelVM
+    secrets = []
+    for name in ("a", "b"):
+        ident = msgpack.unpackb((c.root / name / "identity.key").read_bytes())
+        secrets += [ident["x25519"], ident["ed25519"], (c.root / name / "hv.key").read_bytes()]
+    secrets.append(msgpack.unpackb((c.root / "ca" / "ca.key").read_bytes())["ed25519"])
+    vm = ModelVM.open(c.root / "b-mem" / "vm1", (c.root / "b" / "hv.key").read_bytes())
+    secrets += [bytes(k) for k in vm._keys]
+    vm.close()
+    logs = c.log("a") + c.log("b")
+    assert "migration completed" in logs and '"migration":' in logs and '"phase":' in logs
+    for s in secrets:
+        for form in (s.hex(), s.hex()[:16], repr(s)[2:30]):
+            assert form not in logs
+
+
+def test_bad_inputs_are_one_line_errors(cluster, tmp_path):
+    c = cluster
+    one_line_error(palm("vm", "show", "nope", "--control", c.sock("a"), check=False), "unknown VM")
+    one_line_error(palm("vm", "list", "--control", str(tmp_path / "none.sock"), check=False), "no agent at")
+    one_line_error(palm("vm", "create", "x", "--control", c.sock("a"), "--memory", "12XB", check=False),
+                   "malformed size")
+    one_line_error(palm("migrate", "x", "--control", c.sock("a"), "--to", "127.0.0.1:1", "--bandwidth", "fast",
+                        check=False), "malformed rate")
+    palm("vm", "create", "vm1", "--control", c.sock("a"), "--memory", "8MiB")
+    one_line_error(palm("vm", "create", "vm1", "--control", c.sock("a"), "--memory", "8MiB", check=False),
+                   "already exists")
+    # destination not reachable
+    p = palm("migrate", "vm1", "--control", c.sock("a"), "--to", f"127.0.0.1:{free_port()}", check=False)
+    assert p.returncode == 1 and "unreachable" in p.stdout and "Traceback" not in p.stderr
+    assert vm_names(c, "a") == ["vm1"]
+    # port in use
+    one_line_error(palm("agent", "--dir", str(c.root / "a"), "--listen", f"127.0.0.1:{c.ports['b']}",
+                        "--control", str(c.root / "x.sock"), "--ca", str(c.root / "ca" / "ca.pub"), check=False),
+                   "cannot listen")
+    # too-open key file
+    key = c.root / "b" / "identity.key"
+    os.chmod(key, 0o644)
+    one_line_error(palm("agent", "--dir", str(c.root / "b"), "--listen", "127.0.0.1:0", "--control",
+                        str(c.root / "y.sock"), "--ca", str(c.root / "ca" / "ca.pub"), check=False),
+                   "group/other")
+    os.chmod(key, 0o600)
+    one_line_error(palm("vm", "create", "v2", "--control", c.sock("a"), "--memory", "8MiB", "--workload", "bogus",
+                        check=False), "bad workload")
+    one_line_error(palm("agent", "--dir", str(tmp_path / "nodir"), "--listen", "127.0.0.1:0", "--control",
+                        str(c.root / "z.sock"), "--ca", str(c.root / "ca" / "ca.pub"), check=False), "does not exist")
+
+
+def test_refused_peers(tmp_path):
+    """A destination whose certificate comes from another authority, or whose
+    measurement is not allowed, never receives the VM."""
+    c = Cluster()
+    try:
+        palm("ca", "init", "--dir", str(c.root / "rogue"))
+        palm("ca", "issue", "--ca", str(c.root / "rogue"), "--agent", str(c.root / "b"))
+        # b trusts the rogue authority; a trusts the real one
+        c.start("a")
+        c.ports["b"] = free_port()
+        log = open(c.root / "b.log", "ab")
+        c.procs["b"] = subprocess.Popen(
+            [*PALM, "agent", "--dir", str(c.root / "b"), "--listen", f"127.0.0.1:{c.ports['b']}", "--control",
+             c.sock("b"), "--ca", str(c.root / "rogue" / "ca.pub"), "--memory-dir", str(c.root / "b-mem")],
+            stdout=log, stderr=log)
+        for _ in range(200):
+            if palm("status", "--control", c.sock("b"), check=False).returncode == 0:
+                break
+            time.sleep(0.05)
+        palm("vm", "create", "vm1", "--control", c.sock("a"), "--memory", "8MiB", "--protected", "1")
+        p = palm("migrate", "vm1", "--control", c.sock("a"), "--to", f"127.0.0.1:{c.ports['b']}", "--json",
+                 check=False)
+        r = json.loads(p.stdout)
+        assert p.returncode == 1 and not r["ok"] and "unknown-authority" in r["error"] and r["runs_on"] == "source"
+        c.stop("b")
+        # now b has a proper certificate, but a allows only another measurement
+        palm("ca", "issue", "--ca", str(c.root / "ca"), "--agent", str(c.root / "b"))
+        c.start("b")
+        c.stop("a")
+        c.start("a", "--allow-measurement", "ab" * 32)
+        p = palm("migrate", "vm1", "--control", c.sock("a"), "--to", f"127.0.0.1:{c.ports['b']}", "--json",
+                 check=False)
+        r = json.loads(p.stdout)
+        assert not r["ok"] and "measurement-not-allowed" in r["error"]
+        assert vm_names(c, "a") == ["vm1"] and vm_names(c, "b") == []
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("victim", ["a", "b"])
+def test_agent_shutdown_during_migration_keeps_one_copy(cluster, victim):
+    c = cluster
+    palm("vm", "create", "vm1", "--control", c.sock("a"), "--memory", "64MiB", "--protected", "1",
+         "--fill", "random")
+    digest = json.loads(palm("vm", "digest", "vm1", "--control", c.sock("a"), "--json").stdout)["digest"]
+    mig = subprocess.Popen([*PALM, "migrate", "vm1", "--control", c.sock("a"), "--to",
+                            f"127.0.0.1:{c.ports['b']}", "--bandwidth", "16MiB/s", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # in round 0
+    assert c.stop(victim) == 0
+    out, _ = mig.communicate(timeout=60)
+    c.start(victim)
+    on_a, on_b = vm_names(c, "a"), vm_names(c, "b")
+    assert on_a == ["vm1"] and on_b == [], (out, on_a, on_b)
+    show = json.loads(palm("vm", "show", "vm1", "--control", c.sock("a"), "--json").stdout)
+    assert show["state"] == "running"
+    assert json.loads(palm("vm", "digest", "vm1", "--control", c.sock("a"), "--json").stdout)["digest"] == digest
+
+
+def test_demo_json():
+    p = palm("demo", "--json", "--memory", "64MiB", timeout=120)
+    r = json.loads(p.stdout)
+    assert r["ok"] and r["digest_equal"] and r["vm_on_destination"] and not r["vm_on_source"]
+    assert r["verify"]["ok"] and r["migration"]["protected_pages"] > 0
+
+
+def test_help_and_usage():
+    p = palm("--help")
+    assert "demo" in p.stdout and "migrate" in p.stdout
+    p = palm("migrate", "--control", "/nonexistent.sock", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert palm("bogus", check=False).returncode == 2

@@ -1,0 +1,424 @@
+"""The migration engine: no lost write, every workload, tampering refused, the handoff rules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from array import array
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from palm_net.agent.agent import AgentError
+from palm_net.hypervisor.backend import PageBatch
+from palm_net.hypervisor.model import ModelVM
+from palm_net.hypervisor.workload import Workload
+from palm_net.migration.engine import (
+    DestinationEngine,
+    MigrationFailure,
+    MigrationParams,
+    SourceEngine,
+    check_abort_token,
+)
+from palm_net.migration.store import HandoffStore
+from palm_net.testing.cluster import LocalCluster
+from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.wire import messages
+from palm_net.wire.errors import ProtocolError
+from palm_net.wire.protocol import State
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture
+def shm():
+    d = Path(tempfile.mkdtemp(prefix="palm-t-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# The dirty log: a concurrent writer never loses a write
+
+
+def _apply(dst: ModelVM, data: bytes) -> None:
+    msg = messages.decode(data)
+    if msg.type == "PAGES":
+        b = msg.body
+        dst.write_pages(PageBatch(array("Q", b["gfns"]), b["kinds"], array("Q", b["vers"]), b["data"]))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(rate=st.sampled_from([2_000, 20_000, 100_000]), hot=st.sampled_from([0, 64]),
+       rounds=st.integers(1, 4), seed=st.integers(0, 2**16), fill=st.sampled_from(["half", "random", "zero"]))
+def test_dirty_log_never_loses_a_write(shm, rate, hot, rounds, seed, fill):
+    """Writer and migrator race; at pause the destination equals the source byte for byte."""
+    npages = 2048
+    d = shm / f"{seed}-{rate}-{hot}-{rounds}-{fill}"
+    src = ModelVM.create(d / "src", "vm", npages, KEY, fill=fill, seed=seed)
+    dst = ModelVM.create_incoming(d / "dst", "vm", src.vm_id, npages, 1, KEY)
+    spec = f"hotset:{hot * 4096}:{rate}" if hot else f"random:{rate}"
+    wl = Workload(src, spec, seed)
+    wl.start()
+    try:
+        eng = SourceEngine(src, os.urandom(16), MigrationParams(max_rounds=rounds, downtime_limit=1e-9))
+        eng.begin()
+        eng.proto.state = State.STREAMING
+        eng.start()
+        for _ in range(rounds):
+            for m in eng.page_messages():
+                _apply(dst, m)
+                time.sleep(0)  # let the writer in between records
+            _, stop = eng.end_round(0.01, 1 << 20)
+            if stop:
+                break
+        for m in eng.stop_and_copy():
+            _apply(dst, m)
+    finally:
+        wl.stop()
+    assert wl.writes > 0 or rate == 0
+    assert src.state == "paused"
+    assert src.memory_bytes() == dst.memory_bytes()
+    src.close()
+    dst.close()
+
+
+# --------------------------------------------------------------------------
+# Destination checks, driven message by message (each defence on its own)
+
+
+def _destination(shm: Path, store: HandoffStore) -> DestinationEngine:
+    from nacl.signing import SigningKey
+
+    def make_vm(msg):
+        b = msg.body
+        return ModelVM.create_incoming(shm / "dst", b["vm"], b["vm_id"], b["pages"], b["vcpus"], KEY)
+
+    return DestinationEngine(make_vm, store, SigningKey.generate(), "src", bytes(32), bytes(32), False, 1 << 20)
+
+
+def _source_messages(shm: Path, protected: bool = True) -> tuple[ModelVM, list[bytes]]:
+    vm = ModelVM.create(shm / "src", "vm", 512, KEY, protected_processes=1 if protected else 0,
+                        protected_pages=128 if protected else 0, seed=5, fill="random")
+    eng = SourceEngine(vm, os.urandom(16), MigrationParams(max_rounds=2, downtime_limit=1e-9))
+    msgs = [eng.begin()]
+    eng.proto.state = State.STREAMING  # ACCEPT is played by the test
+    eng.proto._next_seq[eng.proto.peer_role] = 1
+    eng.start()
+    msgs += list(eng.page_messages())
+    msgs.append(eng.end_round(0.01, 1 << 20)[0])
+    vm.guest_write(3, b"dirty")  # round 1 has work
+    msgs += list(eng.stop_and_copy())
+    return vm, msgs
+
+
+def _renumber(msgs: list[bytes]) -> list[bytes]:
+    """Re-sequence after a test removed or added messages (simulating a bad source)."""
+    out = []
+    for i, m in enumerate(msgs):
+        msg = messages.decode(m)
+        out.append(messages.encode(messages.Message(msg.type, msg.mid, i, msg.body)))
+    return out
+
+
+def _count(msgs: list[bytes]) -> tuple[int, int]:
+    return len(msgs), sum(messages.decode(m).type == "PAGES" for m in msgs)
+
+
+def _feed(dest: DestinationEngine, msgs: list[bytes], claim: tuple[int, int] | None = None) -> list[bytes]:
+    """Feeds the messages, then COMPLETE with the counts the source claims (default: true ones)."""
+    records, page_records = claim or _count(msgs)
+    replies = []
+    for i, m in enumerate(msgs):
+        replies += dest.receive(m, b"T" * 32, i)
+    complete = messages.encode(messages.Message("COMPLETE", messages.decode(msgs[0]).mid, len(msgs), {
+        "records": records, "page_records": page_records, "transcript": b"T" * 32}))
+    replies += dest.receive(complete, b"T" * 32, len(msgs))
+    return replies
+
+
+def test_destination_accepts_an_intact_stream(shm):
+    store = HandoffStore(shm / "d.db")
+    vm, msgs = _source_messages(shm)
+    dest = _destination(shm, store)
+    replies = _feed(dest, msgs)
+    assert [messages.decode(r).type for r in replies] == ["ACCEPT", "READY"]
+    assert dest.outcome == "prepared" and store.get(dest.mid).state == "prepared"
+    assert dest.vm.digest() == vm.digest()
+
+
+@pytest.mark.parametrize(("tamper", "code"), [
+    ("drop", "incomplete"),
+    ("duplicate", "incomplete"),
+    ("replay-earlier-round", "rollback"),
+    ("alter-protected-ciphertext", "integrity"),
+    ("alter-context", "integrity"),
+    ("missing-context-chunk", "out-of-state"),
+])
+def test_destination_refuses_ready_on_tampering(shm, tamper, code):
+    store = HandoffStore(shm / "d.db")
+    _, msgs = _source_messages(shm)
+    claim = _count(msgs)  # what the source sent and will claim in COMPLETE
+    pages = [i for i, m in enumerate(msgs) if messages.decode(m).type == "PAGES"]
+    if tamper == "drop":
+        del msgs[pages[1]]
+    elif tamper == "duplicate":
+        msgs.insert(pages[1], msgs[pages[1]])
+    elif tamper == "replay-earlier-round":
+        msgs.insert(pages[-1] + 1, msgs[pages[0]])  # a round-0 record after the stop-and-copy round
+    elif tamper in ("alter-protected-ciphertext", "alter-context"):
+        idx = next(i for i in pages if 2 in messages.decode(msgs[i]).body["kinds"]) if tamper.endswith("text") \
+            else next(i for i, m in enumerate(msgs) if messages.decode(m).type == "CONTEXT")
+        msg = messages.decode(msgs[idx])
+        body = dict(msg.body)
+        field = "data"
+        blob = bytearray(body[field])
+        blob[-1] ^= 0x80  # last byte: the last page's data / the last MAC tag
+        body[field] = bytes(blob)
+        msgs[idx] = messages.encode(messages.Message(msg.type, msg.mid, msg.seq, body))
+    elif tamper == "missing-context-chunk":
+        msgs = [m for m in msgs if messages.decode(m).type != "CONTEXT"]
+    msgs = _renumber(msgs)
+    dest = _destination(shm, store)
+    with pytest.raises((MigrationFailure, ProtocolError)) as info:
+        _feed(dest, msgs, claim)
+    assert info.value.code == code
+    abort = dest.fail(info.value.code, "test")
+    assert dest.outcome == "aborted"
+    assert store.get(dest.mid).state == "aborted"
+    assert not (shm / "dst").exists()  # everything received was scrubbed
+    if abort is not None:
+        assert messages.decode(abort).type == "ABORT"
+
+
+def test_destination_refuses_plain_for_protected_and_mode_mismatch(shm):
+    store = HandoffStore(shm / "d.db")
+    _, msgs = _source_messages(shm)
+    begin = messages.decode(msgs[0])
+    body = {**begin.body, "plain": True}
+    dest = _destination(shm, store)
+    dest.plain_session = True
+    with pytest.raises(MigrationFailure) as info:
+        dest.receive(messages.encode(messages.Message("BEGIN", begin.mid, 0, body)), b"", 0)
+    assert info.value.code == "plain-refused"
+    dest = _destination(shm, HandoffStore(shm / "d2.db"))
+    with pytest.raises(MigrationFailure, match="mode-mismatch"):
+        dest.receive(messages.encode(messages.Message("BEGIN", begin.mid, 0, body)), b"", 0)
+
+
+# --------------------------------------------------------------------------
+# Whole migrations between in-process agents over loopback TCP
+
+
+@pytest.fixture
+async def cluster(nursery):
+    c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
+    c.nursery = nursery
+    await c.start("a")
+    await c.start("b")
+    yield c
+    for name in list(c.members):
+        await c.stop(name)
+    c.cleanup()
+
+
+@pytest.mark.parametrize("workload", ["idle", "random:3000", "hotset:256KiB:5000", "protected:2000",
+                                      "random:2000+protected:1000"])
+async def test_migration_with_each_workload(cluster, workload):
+    a, b = cluster["a"], cluster["b"]
+    vm = a.create_vm("vm1", 8 << 20, protected=2, workload=workload, seed=7)
+    p0 = vm.processes[0]
+    secret = b"protected plaintext that never leaves the hypervisor"
+    vm.process_write(0, p0.first + 1, secret, 100)
+    await trio.sleep(0.2)
+    res = await a.migrate("vm1", cluster.addr("b"), MigrationParams(verify_digest=True))
+    assert res.ok, res.error
+    assert res.stats.digest  # both sides digested memory at pause and agreed
+    assert "vm1" not in a.vms and cluster.running_copies("vm1") == ["b"]
+    moved = b.vms["vm1"]
+    report = moved.verify()
+    assert report.ok and report.checked + report.in_process_view == moved.info.protected_pages
+    # The protected process's view still works on the destination, and the
+    # untrusted view of the page is ciphertext, not the secret.
+    assert secret not in moved.os_read(p0.first + 1)
+    assert moved.process_read(0, p0.first + 1)[100:100 + len(secret)] == secret
+    assert a.store.get(res.mid).state == "done" and b.store.get(res.mid).state == "committed"
+
+
+async def test_protected_plaintext_never_on_the_wire(cluster):
+    a = cluster["a"]
+    vm = a.create_vm("vm1", 4 << 20, protected=1, fill="zero")
+    marker = b"TOP-SECRET-" * 8
+    for g in range(vm.processes[0].first, vm.processes[0].first + 16):
+        vm.process_write(0, g, marker)
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
+    await cluster.nursery.start(proxy.serve)
+    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    assert res.ok
+    wire = b"".join(proxy.seen.values())
+    assert marker not in wire and b"TOP-SECRET" not in wire
+    assert res.stats.protected_pages >= vm.info.protected_pages
+
+
+async def test_plain_mode_refused_for_protected_vm(cluster):
+    a = cluster["a"]
+    a.create_vm("vm1", 4 << 20, protected=1)
+    res = await a.migrate("vm1", cluster.addr("b"), MigrationParams(plain=True))
+    assert not res.ok and "plain-refused" in res.error
+    assert cluster.running_copies("vm1") == ["a"]
+
+
+@pytest.mark.parametrize("policy", ["none", "agents:c", "measurements:" + "00" * 32])
+async def test_policy_forbidden_destination_refused_before_any_page(cluster, policy):
+    a = cluster["a"]
+    a.create_vm("vm1", 4 << 20, protected=1, policy=policy)
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
+    await cluster.nursery.start(proxy.serve)
+    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    assert not res.ok and res.error.startswith("policy")
+    # At most the handshake crossed (preamble, msg1, msg3): not one record.
+    assert proxy.log.frames.get((0, "c2s"), 0) <= 3
+    assert cluster.running_copies("vm1") == ["a"]
+
+
+async def test_policy_allowing_the_destination_by_name(cluster):
+    a = cluster["a"]
+    a.create_vm("vm1", 4 << 20, protected=1, policy="agents:b")
+    assert (await a.migrate("vm1", cluster.addr("b"), MigrationParams())).ok
+
+
+# --------------------------------------------------------------------------
+# Tampering on the wire and failures at each handoff step
+
+
+async def _via_proxy(cluster, rules, workload="idle", params=None):
+    a = cluster["a"]
+    vm = a.create_vm("vm1", 4 << 20, protected=1, workload=workload, fill="random")
+    digest = vm.digest() if workload == "idle" else None
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), rules)
+    await cluster.nursery.start(proxy.serve)
+    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", params or MigrationParams())
+    return res, digest, proxy
+
+
+def _one_copy(cluster, digest):
+    copies = cluster.running_copies("vm1")
+    assert len(copies) == 1, f"VM runs on {copies}"
+    vm = cluster[copies[0]].vms["vm1"]
+    if digest is not None:
+        assert vm.digest() == digest
+    assert vm.verify().ok
+    return copies[0]
+
+
+@pytest.mark.parametrize("rule", [
+    Rule("c2s", 6, "flip", bit=900),
+    Rule("c2s", 6, "drop"),
+    Rule("c2s", 6, "duplicate"),
+    Rule("c2s", 7, "replay", replay_of=(0, "c2s", 5)),
+    Rule("c2s", 6, "truncate", bit=100),
+    Rule("s2c", 1, "flip", bit=3),
+], ids=["bitflip", "drop", "duplicate", "replay", "truncate", "flip-accept"])
+async def test_tampered_records_fail_closed(cluster, rule):
+    res, digest, proxy = await _via_proxy(cluster, [rule])
+    assert not res.ok and res.runs_on == "source"
+    assert _one_copy(cluster, digest) == "a"
+    assert proxy.log.events  # the rule fired
+    assert "vm1" not in cluster["b"].vms
+
+
+async def test_replay_of_an_earlier_session_is_refused(cluster):
+    """Records recorded from one session injected into the next fail authentication."""
+    a = cluster["a"]
+    a.create_vm("vm0", 4 << 20, fill="random")
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port),
+                       [Rule("c2s", 5, "replay", connection=1, replay_of=(0, "c2s", 5))])
+    await cluster.nursery.start(proxy.serve)
+    assert (await a.migrate("vm0", f"127.0.0.1:{proxy.port}", MigrationParams())).ok
+    a.create_vm("vm1", 4 << 20, fill="random")
+    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    assert not res.ok and cluster.running_copies("vm1") == ["a"]
+
+
+@pytest.mark.parametrize(("step", "rule", "where"), [
+    ("before READY", Rule("s2c", 2, "cut"), "a"),
+    ("after READY", Rule("s2c", 2, "cut_after"), "a"),
+    ("after COMMIT", Rule("s2c", 3, "cut"), "b"),
+    ("after DONE", Rule("s2c", 3, "cut_after"), "b"),
+])
+async def test_handoff_failure_at_each_step(cluster, step, rule, where):
+    res, digest, proxy = await _via_proxy(cluster, [rule])
+    assert proxy.log.events, "the fault was injected"
+    assert _one_copy(cluster, digest) == where, step
+    if where == "b":
+        assert cluster["a"].store.get(res.mid).state == "done"
+    else:
+        assert cluster["a"].store.get(res.mid).state == "aborted"
+        row = cluster["b"].store.get(res.mid)
+        assert row is None or row.state == "aborted"
+
+
+async def test_in_doubt_source_restart_then_recovery(cluster):
+    """COMMIT reached the destination, DONE never came back, and the source
+    agent restarts while in doubt: it recovers the outcome from the destination."""
+    cluster.members["a"].config.in_doubt_wait = 0.01
+    res, digest, _ = await _via_proxy(cluster, [Rule("s2c", 3, "cut"), Rule("c2s", 0, "cut", connection=1)])
+    assert res.status == "in-doubt" and res.runs_on.startswith("none")
+    assert cluster.running_copies("vm1") == ["b"]  # paused on a, running on b: still one copy
+    assert cluster["a"].vms["vm1"].state == "paused"
+    await cluster.stop("a")
+    cluster.members["a"].config.in_doubt_wait = 3.0
+    a = await cluster.start("a")
+    with trio.fail_after(10):
+        while a.store.get(res.mid).state == "handed_off":
+            await trio.sleep(0.05)
+    assert a.store.get(res.mid).state == "done"
+    assert "vm1" not in a.vms
+    _one_copy(cluster, digest)
+
+
+async def test_destination_restart_while_prepared_aborts_and_source_resumes(cluster):
+    cluster.members["a"].config.in_doubt_wait = 0.01
+    # READY reaches the source, the COMMIT never reaches the destination, whose
+    # agent restarts: it aborts on start-up and the source gets a token.
+    res, digest, _ = await _via_proxy(cluster, [Rule("c2s", 0, "cut", connection=1),
+                                                 Rule("s2c", 2, "cut_after")])
+    await cluster.stop("b")
+    b = await cluster.start("b")
+    assert b.store.get(res.mid).state == "aborted"
+    a = cluster["a"]
+    if a.store.get(res.mid).state == "handed_off":
+        status = await a.resolve(res.mid.hex(), override=False, reason="")
+        assert status == "aborted"
+    assert _one_copy(cluster, digest) == "a"
+
+
+async def test_abort_token_is_bound_to_the_migration(cluster):
+    b = cluster["b"]
+    from palm_net.migration.engine import make_abort_token
+    mid = os.urandom(16)
+    token = make_abort_token(b.identity.signing, mid)
+    assert check_abort_token(b.identity.sign_pub, mid, token)
+    assert not check_abort_token(b.identity.sign_pub, os.urandom(16), token)
+    assert not check_abort_token(cluster["a"].identity.sign_pub, mid, token)
+
+
+async def test_operator_override_is_loud(cluster, capsys):
+    cluster.members["a"].config.in_doubt_wait = 0.01
+    res, _, _ = await _via_proxy(cluster, [Rule("s2c", 3, "cut"), Rule("c2s", 0, "cut", connection=1),
+                                           Rule("c2s", 0, "cut", connection=2), Rule("c2s", 0, "cut", connection=3)])
+    a = cluster["a"]
+    if a.store.get(res.mid).state != "handed_off":
+        pytest.skip("recovery won the race")
+    with pytest.raises(AgentError):
+        await a.resolve("zz", override=True, reason="x")
+    assert await a.resolve(res.mid.hex(), override=True, reason="test override") == "resumed (override)"
+    assert a.vms["vm1"].state == "running"
+    captured = capsys.readouterr()
+    assert "OPERATOR OVERRIDE" in captured.out + captured.err
