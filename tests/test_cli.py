@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from palm_net.agent.launcher import AgentProcess, free_port
 
 pytestmark = pytest.mark.slow
 PALM = [sys.executable, "-m", "palm_net.cli"]
@@ -36,54 +37,39 @@ def one_line_error(p, *words):
     return lines[0]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
+    """Two agents as processes; identities and certificates made with the CLI itself."""
+
     def __init__(self):
         self.root = Path(tempfile.mkdtemp(prefix="palm-cli-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-        self.procs = {}
-        self.ports = {}
+        self.agents = {}
         palm("ca", "init", "--dir", str(self.root / "ca"))
         for name in ("a", "b"):
             palm("keygen", "--dir", str(self.root / name), "--name", f"host-{name}")
             palm("ca", "issue", "--ca", str(self.root / "ca"), "--agent", str(self.root / name))
+            self.agents[name] = AgentProcess(self.root, name, log_level="debug")
+
+    @property
+    def ports(self):
+        return {n: ag.port for n, ag in self.agents.items()}
 
     def sock(self, name):
-        return str(self.root / f"{name}.sock")
+        return self.agents[name].control
 
-    def start(self, name, *extra, port=None):
-        self.ports[name] = port or self.ports.get(name) or free_port()
-        log = open(self.root / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [*PALM, "--log-format", "json", "--log-level", "debug", "agent", "--dir", str(self.root / name),
-             "--listen", f"127.0.0.1:{self.ports[name]}", "--control", self.sock(name),
-             "--ca", str(self.root / "ca" / "ca.pub"), "--memory-dir", str(self.root / f"{name}-mem"), *extra],
-            stdout=log, stderr=log)
-        self.procs[name] = proc
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError((self.root / f"{name}.log").read_text()[-2000:])
-            if palm("status", "--control", self.sock(name), check=False).returncode == 0:
-                return proc
-            time.sleep(0.05)
-        raise AssertionError("agent did not start")
+    def start(self, name, *extra):
+        ag = self.agents[name]
+        ag.extra = list(extra)
+        return ag.start()
 
     def stop(self, name, sig=signal.SIGTERM):
-        proc = self.procs.pop(name)
-        proc.send_signal(sig)
-        return proc.wait(20)
+        return self.agents[name].stop(sig)
 
     def log(self, name):
-        return (self.root / f"{name}.log").read_text()
+        return self.agents[name].log_path.read_text()
 
     def close(self):
-        for name in list(self.procs):
-            self.stop(name)
+        for ag in self.agents.values():
+            ag.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -186,18 +172,11 @@ def test_refused_peers(tmp_path):
     try:
         palm("ca", "init", "--dir", str(c.root / "rogue"))
         palm("ca", "issue", "--ca", str(c.root / "rogue"), "--agent", str(c.root / "b"))
-        # b trusts the rogue authority; a trusts the real one
+        # b trusts the rogue authority (its certificate comes from it); a trusts the real one
         c.start("a")
-        c.ports["b"] = free_port()
-        log = open(c.root / "b.log", "ab")
-        c.procs["b"] = subprocess.Popen(
-            [*PALM, "agent", "--dir", str(c.root / "b"), "--listen", f"127.0.0.1:{c.ports['b']}", "--control",
-             c.sock("b"), "--ca", str(c.root / "rogue" / "ca.pub"), "--memory-dir", str(c.root / "b-mem")],
-            stdout=log, stderr=log)
-        for _ in range(200):
-            if palm("status", "--control", c.sock("b"), check=False).returncode == 0:
-                break
-            time.sleep(0.05)
+        shutil.copy(c.root / "rogue" / "ca.pub", c.root / "ca" / "rogue.pub")
+        c.agents["b"].extra = ["--ca", str(c.root / "ca" / "rogue.pub")]  # the later --ca wins
+        c.agents["b"].start()
         palm("vm", "create", "vm1", "--control", c.sock("a"), "--memory", "8MiB", "--protected", "1")
         p = palm("migrate", "vm1", "--control", c.sock("a"), "--to", f"127.0.0.1:{c.ports['b']}", "--json",
                  check=False)

@@ -1,0 +1,105 @@
+"""Start agents as separate processes: the demo, benchmarks, drills and tests use this.
+
+``provision`` makes a throw-away authority and agent identities with
+certificates; ``AgentProcess`` runs `palm agent` on one of them and waits
+until its control socket answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from palm_net.agent.agent import default_measurement
+from palm_net.cli import CliError, control_request
+from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
+
+
+def provision(root: Path, names: list[str], days: float = 1, measurement: bytes | None = None) -> Authority:
+    """An authority in root/ca and, for each name, an agent directory root/NAME with a certificate."""
+    ca = Authority.generate()
+    ca.save(root / "ca")
+    m = measurement or default_measurement()
+    for name in names:
+        ident = AgentIdentity.generate(name)
+        ident.save(root / name)
+        (root / name / CERT_FILE).write_bytes(ca.issue(name, ident.static.public, ident.sign_pub, m,
+                                                        days=days).encode())
+    return ca
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class AgentProcess:
+    """One `palm agent` process with its own state directory, log file and control socket."""
+
+    def __init__(self, root: Path, name: str, host: str = "127.0.0.1", port: int | None = None,
+                 extra: list[str] | None = None, prefix: list[str] | None = None, log_level: str = "info") -> None:
+        self.root, self.name, self.host = root, name, host
+        self.port = port or free_port(host if host != "0.0.0.0" else "127.0.0.1")  # noqa: S104
+        self.extra = extra or []
+        self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", NS]
+        self.log_level = log_level
+        self.control = str(root / f"{name}.sock")
+        self.log_path = root / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20) -> AgentProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "palm_net.cli", "--log-format", "json", "--log-level", self.log_level, "agent",
+             "--dir", str(self.root / self.name), "--listen", f"{self.host}:{self.port}", "--control", self.control,
+             "--ca", str(self.root / "ca" / "ca.pub"), "--memory-dir", str(self.root / f"{self.name}-mem"),
+             *self.extra],
+            stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise CliError(f"agent {self.name} exited at start: {self.log_tail(500)}")
+            if Path(self.control).exists():
+                with contextlib.suppress(CliError):
+                    self.request("status", timeout=5)
+                    return self
+            time.sleep(0.05)
+        raise CliError(f"agent {self.name} did not start within {timeout:g} s")
+
+    def request(self, op: str, timeout: float = 3600, **args: Any) -> Any:
+        return control_request(self.control, op, args, timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc = None
+        return rc
+
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text()[-n:]
+        except OSError:
+            return ""
