@@ -110,7 +110,7 @@ def _source_messages(shm: Path, protected: bool = True) -> tuple[ModelVM, list[b
     msgs = [eng.begin()]
     eng.proto.state = State.STREAMING  # ACCEPT is played by the test
     eng.proto._next_seq[eng.proto.peer_role] = 1
-    eng.start()
+    msgs.append(eng.start())  # KEYS
     msgs += list(eng.page_messages())
     msgs.append(eng.end_round(0.01, 1 << 20)[0])
     vm.guest_write(3, b"dirty")  # round 1 has work

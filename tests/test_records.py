@@ -187,7 +187,7 @@ def test_session_out_of_state_replay_and_foreign_mid():
     src2 = SessionProtocol(Role.SOURCE, MID)
     src2.state = State.STREAMING
     src2._next_seq[Role.SOURCE] = 1
-    pages = src2.send("PAGES", round=0, gfns=b"", kinds=b"", vers=b"", data=b"")
+    pages = src2.send("PAGES", round=0, gfns=b"", kinds=b"", vers=b"", data=b"", tags=b"")
     with pytest.raises(ProtocolError) as info:
         dst.receive(pages)
     assert info.value.code == "out-of-state"

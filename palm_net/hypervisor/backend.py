@@ -27,6 +27,7 @@ class PageBatch:
     kinds: bytes
     vers: array[int]  # typecode Q
     data: bytes
+    tags: bytes = b""  # the MAC of each protected page, in order
 
     def __len__(self) -> int:
         return len(self.gfns)
@@ -86,6 +87,10 @@ class Backend(Protocol):
 
     def export_cpu_state(self) -> bytes: ...
 
+    def export_keys(self) -> bytes:
+        """Process keys and page layout, for verifying protected pages on arrival."""
+        ...
+
     def export_protection(self) -> bytes:
         """The protected-context blob: keys, per-page metadata, thread contexts."""
         ...
@@ -96,6 +101,8 @@ class Backend(Protocol):
 
     # -- destination side
     def write_pages(self, batch: PageBatch) -> None: ...
+
+    def import_keys(self, blob: bytes) -> None: ...
 
     def import_cpu_state(self, state: bytes) -> None: ...
 

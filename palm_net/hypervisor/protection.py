@@ -46,7 +46,7 @@ def seal_page(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfn: int
 
 
 def open_page(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfn: int, version: int,
-              ciphertext: bytes, tag: bytes) -> bytes:
+              ciphertext: bytes | memoryview, tag: bytes) -> bytes:
     try:
         return fns.decrypt_raw(bytes(ciphertext) + bytes(tag), _ad(vm_id, pid, gfn, version),
                                _NONCE.pack(gfn, version), key)

@@ -29,6 +29,7 @@ from palm_net.hypervisor.backend import (
     Backend,
     PageBatch,
 )
+from palm_net.hypervisor.protection import IntegrityError
 from palm_net.migration.store import HandoffStore
 from palm_net.wire.errors import ProtocolError
 from palm_net.wire.messages import MAX_BLOB, MAX_PAGES_PER_MESSAGE, Message
@@ -162,11 +163,13 @@ class SourceEngine:
     def receive(self, data: bytes) -> Message:
         return self.proto.receive(data)
 
-    def start(self) -> None:
-        """After ACCEPT: turn on dirty logging, then round 0 reads every page."""
+    def start(self) -> bytes:
+        """After ACCEPT: turn on dirty logging; returns KEYS, the first message
+        of the stream (round 0, reading every page, follows)."""
         self.vm.enable_dirty_log()
         self.stats.status = "active"
         self.stats.phase = "round"
+        return self.proto.send("KEYS", data=self.vm.export_keys())
 
     def page_messages(self) -> Iterator[bytes]:
         """PAGES messages for the current round's pending gfns."""
@@ -188,7 +191,7 @@ class SourceEngine:
         st.normal_pages += len(kinds) - zero - prot
         st.page_records += 1
         msg = self.proto.send("PAGES", round=self.round, gfns=batch.gfns.tobytes(), kinds=kinds,
-                              vers=batch.vers.tobytes(), data=batch.data)
+                              vers=batch.vers.tobytes(), data=batch.data, tags=batch.tags)
         self.sent_bytes += len(msg)
         return msg
 
@@ -296,7 +299,6 @@ class DestinationEngine:
         self.expected_protected = 0
         self.applied: array[int] = array("Q")
         self.received = bytearray()
-        self.last_kind = bytearray()
         self.page_records = 0
         self.round = 0
         self.cpu_state_seen = False
@@ -347,10 +349,18 @@ class DestinationEngine:
         self.want_digest = b["digest"]
         self.applied = array("Q", bytes(8 * self.npages))
         self.received = bytearray(self.npages)
-        self.last_kind = bytearray(self.npages)
         # gfn u32 + version u64 + tag 16 per protected page, plus keys and thread contexts.
         self.context_limit = 28 * b["protected_pages"] + 2048 * b["processes"] + 65536
         return [self.proto.send("ACCEPT")]
+
+    def _on_keys(self, msg: Message, *_: Any) -> list[bytes]:
+        assert self.vm is not None
+        if self.page_records:
+            raise MigrationFailure("out-of-state", "KEYS after the first page record")
+        self.vm.import_keys(msg.body["data"])
+        if self.vm.info.protected_pages != self.expected_protected:
+            raise MigrationFailure("malformed", "key layout disagrees with BEGIN's protected page count")
+        return []
 
     def _on_pages(self, msg: Message, *_: Any) -> list[bytes]:
         b = msg.body
@@ -367,6 +377,8 @@ class DestinationEngine:
             raise MigrationFailure("malformed", "unknown page kind")
         if len(data) != ndata * PAGE_SIZE:
             raise MigrationFailure("malformed", "PAGES data length disagrees with its kinds")
+        if len(b["tags"]) != 16 * kinds.count(KIND_PROTECTED):
+            raise MigrationFailure("malformed", "PAGES tags disagree with its protected pages")
         applied, npages = self.applied, self.npages
         for gfn, ver in zip(gfns, vers):
             if gfn >= npages:
@@ -374,12 +386,14 @@ class DestinationEngine:
             if ver < applied[gfn]:
                 raise MigrationFailure("rollback", f"page {gfn} version {ver} older than applied {applied[gfn]}")
         assert self.vm is not None
-        self.vm.write_pages(PageBatch(gfns, kinds, vers, data))
-        received, last_kind = self.received, self.last_kind
-        for gfn, ver, kind in zip(gfns, vers, kinds):
+        try:
+            self.vm.write_pages(PageBatch(gfns, kinds, vers, data, b["tags"]))
+        except IntegrityError as exc:
+            raise MigrationFailure("integrity", str(exc)) from None
+        received = self.received
+        for gfn, ver in zip(gfns, vers):
             applied[gfn] = ver
             received[gfn] = 1
-            last_kind[gfn] = kind
         self.page_records += 1
         return []
 
@@ -413,22 +427,16 @@ class DestinationEngine:
             raise MigrationFailure("incomplete", f"{self.received.count(0)} pages never received")
         if not self.cpu_state_seen:
             raise MigrationFailure("incomplete", "no CPU state")
-        self.vm.import_protection(bytes(self.context))
+        # Every protected page was verified against its MAC on arrival (and only
+        # ciphertext was accepted on protected gfns); the final metadata must
+        # name exactly those versions and MACs.
+        try:
+            self.vm.import_protection(bytes(self.context))
+        except IntegrityError as exc:
+            raise MigrationFailure("integrity", str(exc)) from None
         self.context = bytearray()
-        info = self.vm.info
-        if info.protected_pages != self.expected_protected:
+        if self.vm.info.protected_pages != self.expected_protected:
             raise MigrationFailure("incomplete", "protected page count differs from BEGIN")
-        # Every protected page must have arrived as ciphertext, never as a plain page.
-        protected = bytearray(self.npages)
-        for g in self.vm.protected_gfns():
-            protected[g] = 1
-            if self.last_kind[g] != KIND_PROTECTED:
-                raise MigrationFailure("integrity", f"protected page {g} did not arrive as ciphertext")
-        if self.last_kind.count(KIND_PROTECTED) != sum(protected):
-            raise MigrationFailure("integrity", "ciphertext pages outside the protected processes")
-        report = self.vm.verify()
-        if not report.ok or report.checked != info.protected_pages:
-            raise MigrationFailure("integrity", "; ".join(report.failures[:3]) or "protected pages not verified")
         assert self.mid is not None
         self.vm.sync()
         if not self.store.transition(self.mid, ("receiving",), "prepared"):

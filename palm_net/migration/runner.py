@@ -136,7 +136,7 @@ class SourceRun:
             await self._pump([eng.begin()])
             await self._expect("ACCEPT", REPLY_TIMEOUT)
             st.setup_time = time.monotonic() - self.started
-            eng.start()
+            await self._pump([eng.start()])
             self.log.info("migration started", phase="round", round=0, pages=eng.info.npages)
             while True:
                 t0, b0 = time.monotonic(), st.transferred
@@ -152,6 +152,8 @@ class SourceRun:
             self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(eng.pending))
             await self._pump(eng.stop_and_copy())
             await self._pump([eng.complete(self.ch.sender.count, self.ch.sender.transcript)])
+            self.log.debug("complete sent", phase="verify", round=eng.round,
+                           paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
             eng.check_ready(await self._expect("READY", REPLY_TIMEOUT))
             # The handoff point: durable before COMMIT leaves.
             if not self.store.transition(eng.mid, ("sending",), "handed_off"):
@@ -197,6 +199,8 @@ class DestinationRun:
                 with trio.fail_after(self.idle_timeout):
                     data = await ch.receive_record()
                 replies = eng.receive(data, before, count)
+                if replies and eng.state in (State.PREPARED, State.DONE):
+                    self.log.debug("handled", phase=eng.state.value, round=eng.round)
                 if eng.mid is not None and "migration" not in self.log._context:
                     self.log = self.log.bind(migration=eng.mid.hex())
                 for r in replies:

@@ -71,7 +71,10 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "kinds": B(MAX_PAGES_PER_MESSAGE),
         "vers": B(8 * MAX_PAGES_PER_MESSAGE),
         "data": B(MAX_BLOB),
+        "tags": B(16 * 16),  # MACs of the protected pages, in order (at most 15 data pages fit)
     },
+    # process keys and layout, before the first page (verifies protected pages on arrival)
+    "KEYS": {"data": B(MAX_BLOB)},
     "ROUND_END": {"round": U(10_000), "pages": U(MAX_GUEST_PAGES * 64), "dirty": U(MAX_GUEST_PAGES)},
     "CPU_STATE": {"state": B(MAX_BLOB)},
     "CONTEXT": {"index": U(2**20), "total": U(2**20), "data": B(MAX_BLOB)},

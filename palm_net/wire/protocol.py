@@ -44,6 +44,7 @@ TRANSITIONS: dict[tuple[State, Role, str], State] = {
     (State.IDLE, S, "BEGIN"): State.BEGUN,
     (State.IDLE, S, "QUERY"): State.QUERIED,
     (State.BEGUN, D, "ACCEPT"): State.STREAMING,
+    (State.STREAMING, S, "KEYS"): State.STREAMING,
     (State.STREAMING, S, "PAGES"): State.STREAMING,
     (State.STREAMING, S, "ROUND_END"): State.STREAMING,
     (State.STREAMING, S, "CPU_STATE"): State.STOPPED,
