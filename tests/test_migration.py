@@ -60,7 +60,7 @@ def _apply(dst: ModelVM, data: bytes) -> None:
 def test_dirty_log_never_loses_a_write(shm, rate, hot, rounds, seed, fill):
     """Writer and migrator race; at pause the destination equals the source byte for byte."""
     npages = 2048
-    d = shm / f"{seed}-{rate}-{hot}-{rounds}-{fill}"
+    d = Path(tempfile.mkdtemp(dir=shm))
     src = ModelVM.create(d / "src", "vm", npages, KEY, fill=fill, seed=seed)
     dst = ModelVM.create_incoming(d / "dst", "vm", src.vm_id, npages, 1, KEY)
     spec = f"hotset:{hot * 4096}:{rate}" if hot else f"random:{rate}"
@@ -72,9 +72,13 @@ def test_dirty_log_never_loses_a_write(shm, rate, hot, rounds, seed, fill):
         eng.proto.state = State.STREAMING
         eng.start()
         for _ in range(rounds):
+            seen = wl.writes
             for m in eng.page_messages():
                 _apply(dst, m)
                 time.sleep(0)  # let the writer in between records
+            deadline = time.monotonic() + 2
+            while wl.writes == seen and time.monotonic() < deadline:
+                time.sleep(0.001)  # make sure the guest wrote during this round
             _, stop = eng.end_round(0.01, 1 << 20)
             if stop:
                 break
@@ -82,7 +86,7 @@ def test_dirty_log_never_loses_a_write(shm, rate, hot, rounds, seed, fill):
             _apply(dst, m)
     finally:
         wl.stop()
-    assert wl.writes > 0 or rate == 0
+    assert wl.writes > 0
     assert src.state == "paused"
     assert src.memory_bytes() == dst.memory_bytes()
     src.close()
@@ -330,7 +334,9 @@ async def test_tampered_records_fail_closed(cluster, rule):
     assert not res.ok and res.runs_on == "source"
     assert _one_copy(cluster, digest) == "a"
     assert proxy.log.events  # the rule fired
-    assert "vm1" not in cluster["b"].vms
+    with trio.fail_after(5):  # the destination scrubs once its session ends
+        while "vm1" in cluster["b"].vms:
+            await trio.sleep(0.02)
 
 
 async def test_replay_of_an_earlier_session_is_refused(cluster):

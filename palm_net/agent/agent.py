@@ -18,7 +18,6 @@ import hashlib
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -320,7 +319,6 @@ class Agent:
                                      self.sealing_key)
         self.incoming_reserved += size
         self.vms[vm.name] = vm
-        threading.Thread(target=vm.prefault, name=f"prefault-{vm.name}", daemon=True).start()
         return vm
 
     # -- network --------------------------------------------------------------

@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from palm_net.channel.transport import SecureChannel
+from palm_net.hypervisor.model import VmError
 from palm_net.migration.engine import (
     DestinationEngine,
     MigrationFailure,
@@ -34,6 +35,7 @@ from palm_net.wire.protocol import State
 log = structlog.get_logger("palm.migration")
 
 RECORDS_PER_CHUNK = 16  # ~1 MiB of frames per hand-off to the sender
+RECV_CHUNK = 1 << 20  # destination: bytes per socket read handed to the worker
 WINDOW = 4  # chunks in flight between producer and sender
 REPLY_TIMEOUT = 30.0  # for ACCEPT, READY, DONE
 IDLE_TIMEOUT = 60.0  # destination: longest silence from the source
@@ -191,23 +193,48 @@ class DestinationRun:
         self.idle_timeout = idle_timeout
         self.log = log.bind(peer=channel.peer_name)
 
+    async def _reader(self, send: trio.MemorySendChannel[bytes]) -> None:
+        async with send:
+            while True:
+                with trio.fail_after(self.idle_timeout):
+                    data = await self.ch.stream.receive_some(RECV_CHUNK)
+                if not data:
+                    raise ProtocolError("closed", "peer closed the connection")
+                await send.send(bytes(data))
+
+    def _process(self) -> list[bytes]:
+        """Worker thread: opens, decodes and applies every whole record buffered."""
+        eng, rx = self.engine, self.ch.receiver
+        replies: list[bytes] = []
+        while eng.state not in (State.DONE, State.ABORTED):
+            before, count = rx.transcript, rx.count
+            rec = rx.next_record()
+            if rec is None:
+                break
+            replies += eng.receive(rec, before, count)
+        return replies
+
     async def run(self) -> None:
+        """Pipelined: the trio task reads the socket while a worker thread
+        decrypts and applies what arrived before (libsodium drops the GIL)."""
         eng, ch = self.engine, self.ch
         try:
-            while eng.state not in (State.DONE, State.ABORTED):
-                before, count = ch.receiver.transcript, ch.receiver.count
-                with trio.fail_after(self.idle_timeout):
-                    data = await ch.receive_record()
-                replies = eng.receive(data, before, count)
-                if replies and eng.state in (State.PREPARED, State.DONE):
-                    self.log.debug("handled", phase=eng.state.value, round=eng.round)
-                if eng.mid is not None and "migration" not in self.log._context:
-                    self.log = self.log.bind(migration=eng.mid.hex())
-                for r in replies:
-                    await ch.send_record(r)
-                if replies and eng.outcome in ("prepared", "committed"):
-                    self.log.info(eng.outcome, phase=eng.outcome, round=eng.round)
-        except (ProtocolError, MigrationFailure, trio.TooSlowError, trio.BrokenResourceError,
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    send, recv = trio.open_memory_channel[bytes](WINDOW)
+                    nursery.start_soon(self._reader, send)
+                    async for chunk in recv:
+                        ch.receiver.receive_data(chunk)
+                        replies = await trio.to_thread.run_sync(self._process)
+                        if eng.mid is not None and "migration" not in self.log._context:
+                            self.log = self.log.bind(migration=eng.mid.hex())
+                        for r in replies:
+                            await ch.send_record(r)
+                        if replies and eng.outcome in ("prepared", "committed"):
+                            self.log.info(eng.outcome, phase=eng.outcome, round=eng.round)
+                        if eng.state in (State.DONE, State.ABORTED):
+                            nursery.cancel_scope.cancel()
+        except (ProtocolError, MigrationFailure, VmError, trio.TooSlowError, trio.BrokenResourceError,
                 trio.ClosedResourceError, OSError) as exc:
             code = getattr(exc, "code", "timeout" if isinstance(exc, trio.TooSlowError) else "closed")
             reason = getattr(exc, "reason", None) or getattr(exc, "detail", None) or type(exc).__name__
