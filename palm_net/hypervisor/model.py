@@ -83,20 +83,24 @@ class ProcessLayout:
     count: int
 
 
+def map_file(path: Path, size: int, create: bool) -> mmap.mmap:
+    """A shared mapping of a 0600 file of exactly ``size`` bytes (made if ``create``)."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size != size:
+            raise VmError(f"{path} has the wrong size")
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
 class _Meta:
     """Per-page metadata arrays over a mapped file (owners, views, versions, tags)."""
 
     def __init__(self, path: Path, npages: int, create: bool) -> None:
-        size = META_HEADER + npages * (1 + 1 + 8 + TAG_LEN)
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, size)
-            elif os.fstat(fd).st_size != size:
-                raise VmError(f"{path}: metadata file has the wrong size")
-            self.map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self.map = map_file(path, META_HEADER + npages * (1 + 1 + 8 + TAG_LEN), create)
         if create:
             self.map[:8] = META_MAGIC
         elif self.map[:8] != META_MAGIC:
@@ -158,16 +162,7 @@ class ModelVM:
         self.page_cipher = CIPHERS[config["page_cipher"]]
         self.processes = [ProcessLayout(**p) for p in config["processes"]]
         self._box = SecretBox(sealing_key)
-        size = self.npages * PAGE_SIZE
-        fd = os.open(vm_dir / "memory", os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, size)
-            elif os.fstat(fd).st_size != size:
-                raise VmError(f"{vm_dir}/memory has the wrong size")
-            self.mem = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self.mem = map_file(vm_dir / "memory", self.npages * PAGE_SIZE, create)
         if config["state"] != "incoming":
             threading.Thread(target=self.prefault, name=f"prefault-{self.name}", daemon=True).start()
         # Incoming VMs start as holes (zero, unallocated): a zero page record
