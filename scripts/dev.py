@@ -58,7 +58,8 @@ def main(argv: list[str]) -> int:
     if what == "test":
         ensure_venv("test")
         for step in ([str(BIN / "ruff"), "check", "palm_net", "tests", "scripts"],
-                     [str(BIN / "mypy"), "--config-file", "setup.cfg"]):
+                     [str(BIN / "mypy"), "--config-file", "setup.cfg"],
+                     [str(BIN / "hadolint"), "Dockerfile"]):
             print("dev: " + " ".join(Path(step[0]).name if i == 0 else a for i, a in enumerate(step)), flush=True)
             rc = run(step)
             if rc:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import collections
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,33 @@ from palm_net.channel.handshake import ChannelConfig
 from palm_net.crypto.identity import AgentIdentity, Authority, compute_measurement
 
 ROOT = Path(__file__).resolve().parent.parent
+# Examples run by the fuzzers, printed at the end of the run (CI's record).
+FUZZ_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+COUNTS_DIR = ROOT / ".pytest-fuzz-counts"
+
+
+def pytest_sessionstart(session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        shutil.rmtree(COUNTS_DIR, ignore_errors=True)
+        COUNTS_DIR.mkdir(exist_ok=True)
+
+
+def pytest_sessionfinish(session) -> None:
+    worker = getattr(session.config, "workerinput", {}).get("workerid", "main")
+    if FUZZ_COUNTS and COUNTS_DIR.is_dir():
+        (COUNTS_DIR / f"{worker}.json").write_text(json.dumps(FUZZ_COUNTS))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    total: collections.Counter[str] = collections.Counter()
+    for f in COUNTS_DIR.glob("*.json"):
+        total.update(json.loads(f.read_text()))
+    shutil.rmtree(COUNTS_DIR, ignore_errors=True)
+    if total:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(total.items()))
+        terminalreporter.write_line(f"fuzz examples run: {counts}")
 CACOPHONY = ROOT.parent / "shared" / "noise" / "cacophony.txt"
 
 

@@ -15,6 +15,7 @@ from palm_net.crypto.noise import AESGCM, CHACHAPOLY, CipherState
 from palm_net.wire import messages
 from palm_net.wire.errors import ProtocolError
 from palm_net.wire.protocol import Role, SessionProtocol, State
+from tests.conftest import FUZZ_COUNTS
 
 KEY = bytes(range(32))
 MID = bytes(16)
@@ -97,6 +98,7 @@ def test_sender_refuses_records_larger_than_noise_allows():
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.binary(max_size=2000), st.integers(1, 64))
 def test_fuzz_record_decoder_only_protocol_errors(data, chunk):
+    FUZZ_COUNTS["record-decoder"] += 1
     _, rx = pair()
     try:
         for i in range(0, len(data), chunk):
@@ -150,6 +152,7 @@ def test_malformed_msgpack_and_ext_types():
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=512))
 def test_fuzz_message_decoder_bytes(data):
+    FUZZ_COUNTS["message-decoder"] += 1
     try:
         messages.decode(data)
     except ProtocolError:
@@ -167,6 +170,7 @@ values = st.recursive(
 @given(st.sampled_from(sorted(messages.SCHEMAS)), st.dictionaries(st.text(max_size=10), values, max_size=6),
        values)
 def test_fuzz_message_decoder_structured(mtype, body, seq):
+    FUZZ_COUNTS["message-schema"] += 1
     obj = {"v": 1, "t": mtype, "mid": MID, "seq": seq, "b": body}
     try:
         msg = messages.decode(msgpack.packb(obj))

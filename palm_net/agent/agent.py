@@ -60,7 +60,7 @@ from palm_net.wire.messages import Message
 log = structlog.get_logger("palm.agent")
 
 AGENT_POLICY = b"palm-net agent policy v1: model hypervisor, attested migration only"
-MAX_PENDING_HANDSHAKES = 64
+MAX_PENDING_HANDSHAKES = 256
 
 
 class AgentError(Exception):
@@ -145,7 +145,7 @@ class Agent:
         self.incoming: dict[int, DestinationEngine] = {}
         self.incoming_reserved = 0
         self.accepting = True
-        self._handshakes = 0
+        self._pending: dict[object, trio.CancelScope] = {}
         self.listen_port = 0
         self._nursery: trio.Nursery | None = None
 
@@ -339,18 +339,27 @@ class Agent:
         return await self._connect(addr, Purpose.RECOVERY)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
-        if self._handshakes >= MAX_PENDING_HANDSHAKES:
-            await stream.aclose()  # a flood of half-open peers cannot starve the others
-            return
-        self._handshakes += 1
+        # Every handshake has a deadline and a small buffer; when too many are
+        # pending, the oldest is dropped: a flood of half-open peers cannot
+        # starve honest ones, which finish in milliseconds.
+        scope = trio.CancelScope()
+        key = object()
+        if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+            oldest = next(iter(self._pending))
+            self._pending.pop(oldest).cancel()
+        self._pending[key] = scope
+        channel = None
         try:
-            try:
+            with scope:
                 channel = await accept(stream, self.channel_config)
-            finally:
-                self._handshakes -= 1
         except ProtocolError as exc:
             log.warning("handshake refused", error=exc.code, reason=exc.detail)
-            await stream.aclose()
+        finally:
+            self._pending.pop(key, None)
+        if channel is None:
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await stream.aclose()
             return
         engines: list[DestinationEngine] = []
 

@@ -52,6 +52,9 @@ MAGIC = b"PALM"
 PROLOGUE_LABEL = b"palm-net/handshake/v1\x00"
 MAX_PREAMBLE = 64
 MAX_PAYLOAD = 8192
+# Handshake messages carry at most keys and an attestation payload: a peer
+# cannot make a pending handshake buffer more than this.
+MAX_HANDSHAKE_FRAME = MAX_PAYLOAD + 256
 
 
 class Purpose(enum.IntEnum):
@@ -160,7 +163,7 @@ class AttestedHandshake:
             raise ValueError("an initiator must name its purpose")
         self.purpose = purpose
         self.mode = mode
-        self._frames = FrameBuffer(MAX_MESSAGE_LEN)
+        self._frames = FrameBuffer(MAX_HANDSHAKE_FRAME)
         self._hs: HandshakeState | None = None
         self._preamble: bytes | None = None
         self._ephemeral = ephemeral  # fixed only by test vectors

@@ -56,11 +56,16 @@ class RecordSender(_Direction):
 
     def seal(self, plaintext: bytes) -> bytes:
         """Returns the frame (length prefix + Noise transport message)."""
+        prefix, ct = self.seal_parts(plaintext)
+        return prefix + ct
+
+    def seal_parts(self, plaintext: bytes) -> tuple[bytes, bytes]:
+        """The frame as (length prefix, message), for callers that join many frames at once."""
         if not 0 < len(plaintext) <= MAX_PLAINTEXT:
             raise ValueError(f"record plaintext must be 1..{MAX_PLAINTEXT} bytes")
         ct = self.cs.encrypt_with_ad(b"", plaintext)
         self._advance(ct)
-        return LENGTH.pack(len(ct)) + ct
+        return LENGTH.pack(len(ct)), ct
 
 
 class RecordReceiver(_Direction):

@@ -102,7 +102,7 @@ class QemuProcess:
                *(args or [])]
         if incoming:
             cmd += ["-incoming", incoming]
-        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         self.qmp: QmpClient | None = None

@@ -94,12 +94,13 @@ class SourceRun:
                 return  # the session is over: a close from here on is not an error
 
     def _seal_some(self, it: Iterator[bytes], limit: int) -> tuple[bytes, bool]:
-        frames = []
+        parts: list[bytes] = []
+        seal = self.ch.sender.seal_parts
         for msg in it:
-            frames.append(self.ch.sender.seal(msg))
-            if len(frames) >= limit:
-                return b"".join(frames), False
-        return b"".join(frames), True
+            parts.extend(seal(msg))
+            if len(parts) >= 2 * limit:
+                return b"".join(parts), False  # one copy of the chunk, not one per frame
+        return b"".join(parts), True
 
     async def _pump(self, messages: Iterable[bytes]) -> None:
         it = iter(messages)

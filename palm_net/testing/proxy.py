@@ -43,8 +43,10 @@ class ProxyLog:
 
 
 class FaultProxy:
-    def __init__(self, target: tuple[str, int], rules: list[Rule] | None = None) -> None:
+    def __init__(self, target: tuple[str, int], rules: list[Rule] | None = None,
+                 listen_host: str = "127.0.0.1") -> None:
         self.target = target
+        self.listen_host = listen_host
         self.rules = rules or []
         self.log = ProxyLog()
         self.seen: dict[tuple[int, Direction, int], bytes] = {}
@@ -53,7 +55,7 @@ class FaultProxy:
         self.cut_event = trio.Event()
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(0, host=self.listen_host)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._handle, listeners)
@@ -139,3 +141,39 @@ class FaultProxy:
         for f in out:
             await dst.send_all(f)
         return True
+
+
+class ProxyThread:
+    """Runs a FaultProxy in its own thread and trio loop (for tests that drive processes)."""
+
+    def __init__(self, target: tuple[str, int], rules: list[Rule] | None = None,
+                 listen_host: str = "127.0.0.1") -> None:
+        import threading
+
+        self.proxy = FaultProxy(target, rules, listen_host)
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.proxy.serve)
+                self._ready.set()
+
+    def __enter__(self) -> ProxyThread:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.proxy.port
+
+    def __exit__(self, *_: object) -> None:
+        if self._token is not None and self._scope is not None:
+            self._token.run_sync_soon(self._scope.cancel)
+        self._thread.join(10)

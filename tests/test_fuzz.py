@@ -1,0 +1,263 @@
+"""hypothesis state machines: the handshake and the migration protocol under random faults.
+
+The migration machine runs the real source and destination engines over the
+real record layer, with a wire the test controls: messages are delivered,
+dropped, duplicated, swapped, bit-flipped or truncated in random
+interleavings with guest writes and destination restarts.  The model it is
+checked against is small: the destination may only ever become READY if it
+received exactly the records the source sent, in order, and then its memory
+equals the source's at pause; after any fault on a delivered record it must
+end aborted, with its incoming VM scrubbed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from nacl.signing import SigningKey
+
+from palm_net.channel.handshake import AttestedHandshake
+from palm_net.channel.records import RecordReceiver, RecordSender
+from palm_net.crypto.noise import AESGCM, CipherState
+from palm_net.hypervisor.model import ModelVM
+from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, SourceEngine
+from palm_net.migration.store import HandoffStore
+from palm_net.wire.errors import ProtocolError
+from palm_net.wire.protocol import State
+from tests.conftest import FUZZ_COUNTS, Pki
+
+KEY = bytes(range(32))
+SHM = "/dev/shm" if Path("/dev/shm").is_dir() else None
+
+
+# --------------------------------------------------------------------------
+# handshake
+
+
+class HandshakeMachine(RuleBasedStateMachine):
+    """Two handshake drivers; flights may be tampered, dropped or duplicated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        pki = Pki()
+        self.init = AttestedHandshake(pki.config("src"), True)
+        self.resp = AttestedHandshake(pki.config("dst"), False, purpose=None)
+        self.to_resp = [self.init.initiate()]
+        self.to_init: list[bytes] = []
+        self.failed: set[str] = set()
+        FUZZ_COUNTS["handshake"] += 1
+
+    def _deliver(self, side: str, data: bytes) -> None:
+        target = self.resp if side == "resp" else self.init
+        if side in self.failed or target.complete:
+            return  # after completion bytes belong to the record layer, not the handshake
+        try:
+            out = target.receive_data(data)
+        except ProtocolError:
+            self.failed.add(side)
+            return
+        if out:
+            (self.to_init if side == "resp" else self.to_resp).append(out)
+
+    @precondition(lambda self: self.to_resp)
+    @rule()
+    def deliver_to_responder(self) -> None:
+        self._deliver("resp", self.to_resp.pop(0))
+
+    @precondition(lambda self: self.to_init)
+    @rule()
+    def deliver_to_initiator(self) -> None:
+        self._deliver("init", self.to_init.pop(0))
+
+    @precondition(lambda self: self.to_resp or self.to_init)
+    @rule(data=st.data(), kind=st.sampled_from(["flip", "drop", "duplicate", "truncate"]))
+    def tamper(self, data, kind) -> None:
+        q = self.to_resp if self.to_resp else self.to_init
+        msg = q[0]
+        if not msg and kind in ("flip", "truncate"):
+            kind = "drop"
+        if kind == "flip":
+            pos = data.draw(st.integers(0, len(msg) - 1))
+            q[0] = msg[:pos] + bytes([msg[pos] ^ (1 << data.draw(st.integers(0, 7)))]) + msg[pos + 1 :]
+        elif kind == "drop":
+            q.pop(0)
+        elif kind == "duplicate":
+            q.insert(0, msg)
+        else:
+            q[0] = msg[: data.draw(st.integers(0, len(msg) - 1))]
+
+    @rule()
+    def observe(self) -> None:
+        """Always possible: lets a run end in any state (even with nothing in flight)."""
+        assert len(self.failed) <= 2
+
+    @invariant()
+    def never_disagree(self) -> None:
+        """Whatever was tampered with: if both sides complete, they agree on the
+        transcript and keys (a flipped byte can never be accepted silently)."""
+        a, b = self.init.result, self.resp.result
+        if a and b:
+            assert a.handshake_hash == b.handshake_hash
+            assert a.sender.cs.k == b.receiver.cs.k and a.receiver.cs.k == b.sender.cs.k
+        for side in self.failed:
+            assert (self.init if side == "init" else self.resp).result is None
+
+
+TestHandshakeMachine = HandshakeMachine.TestCase
+TestHandshakeMachine.settings = settings(max_examples=60, stateful_step_count=12, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
+
+
+# --------------------------------------------------------------------------
+# migration protocol
+
+
+class MigrationMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="palm-fuzz-", dir=SHM))
+        FUZZ_COUNTS["migration"] += 1
+
+    @initialize(protected=st.booleans(), seed=st.integers(0, 1000))
+    def setup(self, protected, seed) -> None:
+        self.src = ModelVM.create(self.dir / "src", "vm", 256, KEY, protected_processes=1 if protected else 0,
+                                  protected_pages=32 if protected else 0, seed=seed, fill="random")
+        self.store = HandoffStore(self.dir / "dst.db")
+        self.eng = SourceEngine(self.src, os.urandom(16), MigrationParams(max_rounds=3, downtime_limit=1e-9))
+        self.tx = RecordSender(CipherState(AESGCM, KEY))
+        self.rx = RecordReceiver(CipherState(AESGCM, KEY))
+        self.dest = self._new_destination()
+        self.plan = self._messages()
+        self.wire: list[bytes] = []
+        self.sent = 0  # records the source emitted
+        self.dead = False  # destination session over (error or restart)
+        self.digest_at_pause: str | None = None
+
+    def _new_destination(self) -> DestinationEngine:
+        d = self.dir
+
+        def make_vm(msg):
+            b = msg.body
+            return ModelVM.create_incoming(d / f"dst-{os.urandom(4).hex()}", b["vm"], b["vm_id"], b["pages"],
+                                           b["vcpus"], KEY)
+
+        return DestinationEngine(make_vm, self.store, SigningKey.generate(), "src", bytes(32), bytes(32), False,
+                                 1 << 20)
+
+    def _messages(self):
+        eng = self.eng
+        yield eng.begin()
+        eng.proto.state = State.STREAMING  # ACCEPT is consumed implicitly below
+        eng.proto._next_seq[eng.proto.peer_role] = 1
+        yield eng.start()
+        while True:
+            yield from eng.page_messages()
+            msg, stop = eng.end_round(0.01, 1 << 20)
+            yield msg
+            if stop:
+                break
+        yield from eng.stop_and_copy()
+        self.digest_at_pause = self.src.digest()
+        yield eng.complete(self.tx.count, self.tx.transcript)
+
+    def teardown(self) -> None:
+        with_suppressed = (self.src, getattr(self.dest, "vm", None))
+        for vm in with_suppressed:
+            if vm is not None:
+                vm.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @precondition(lambda self: self.plan is not None)
+    @rule()
+    def emit(self) -> None:
+        msg = next(self.plan, None)
+        if msg is None:
+            self.plan = None
+            return
+        self.wire.append(self.tx.seal(msg))
+        self.sent += 1
+
+    @precondition(lambda self: self.plan is not None and self.src.state == "running")
+    @rule(gfn=st.integers(0, 200), data=st.binary(min_size=1, max_size=16))
+    def guest_write(self, gfn, data) -> None:
+        self.src.guest_write(gfn, data)
+
+    @precondition(lambda self: self.wire and not self.dead)
+    @rule()
+    def deliver(self) -> None:
+        rec = self.wire.pop(0)
+        before, count = self.rx.transcript, self.rx.count
+        try:
+            self.rx.receive_data(rec)
+            pt = self.rx.next_record()
+            if pt is None:
+                return  # a truncated frame waits for bytes that never come
+            self.dest.receive(pt, before, count)
+        except (ProtocolError, MigrationFailure) as exc:
+            self.dest.fail(getattr(exc, "code", "error"), "fuzz")
+            self.dead = True
+
+    @precondition(lambda self: self.wire)
+    @rule(kind=st.sampled_from(["drop", "duplicate", "swap", "flip", "truncate"]), data=st.data())
+    def fault(self, kind, data) -> None:
+        w = self.wire
+        if not w[0] and kind in ("flip", "truncate"):
+            kind = "drop"
+        if kind == "drop":
+            w.pop(0)
+        elif kind == "duplicate":
+            w.insert(0, w[0])
+        elif kind == "swap" and len(w) > 1:
+            w[0], w[1] = w[1], w[0]
+        elif kind == "flip":
+            pos = data.draw(st.integers(0, len(w[0]) - 1))
+            w[0] = w[0][:pos] + bytes([w[0][pos] ^ 0x40]) + w[0][pos + 1 :]
+        elif kind == "truncate":
+            w[0] = w[0][: data.draw(st.integers(0, len(w[0]) - 1))]
+
+    @precondition(lambda self: not self.dead)
+    @rule()
+    def restart_destination(self) -> None:
+        # An agent restart aborts whatever was receiving (proto 7.5); the session is gone.
+        self.dest.fail("closed", "restart")
+        self.dead = True
+
+    @rule()
+    def observe(self) -> None:
+        """Always possible: a run may end in any state."""
+        assert self.sent >= self.rx.count or self.dead
+
+    @precondition(lambda self: not self.dead and self.dest.outcome is None)
+    @rule()
+    def finish_without_faults(self) -> None:
+        """Runs the rest of the stream untouched (faults before it still count)."""
+        while self.plan is not None:
+            self.emit()
+        while self.wire and not self.dead:
+            self.deliver()
+        if self.dest.outcome == "prepared":
+            FUZZ_COUNTS["migration-ready"] += 1
+
+    @invariant()
+    def ready_only_for_an_exact_stream(self) -> None:
+        if self.dest.outcome == "prepared":
+            # exactly the records the source sent, in order, each once
+            assert self.rx.count == self.sent and self.rx.transcript == self.tx.transcript
+            assert self.digest_at_pause is not None  # COMPLETE was the last record sent
+            assert self.dest.vm.digest() == self.digest_at_pause
+            assert self.store.get(self.dest.mid).state == "prepared"
+        if self.dead:
+            assert self.dest.outcome == "aborted"
+            assert self.dest.vm is None  # scrubbed
+
+
+TestMigrationMachine = MigrationMachine.TestCase
+TestMigrationMachine.settings = settings(max_examples=40, stateful_step_count=60, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.filter_too_much])

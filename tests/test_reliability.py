@@ -1,0 +1,203 @@
+"""Agents as real processes: kill -9 at each phase, floods, huge claims, concurrent load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from palm_net.agent.launcher import AgentProcess, provision
+from palm_net.channel.handshake import Purpose, TransportMode, encode_preamble
+from palm_net.cli import CliError
+from palm_net.testing.proxy import ProxyThread, Rule
+
+pytestmark = pytest.mark.slow
+SHM = "/dev/shm" if Path("/dev/shm").is_dir() else None
+
+
+class Pair:
+    def __init__(self, extra_b: list[str] | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="palm-rel-", dir=SHM))
+        provision(self.root, ["a", "b"])
+        self.a = AgentProcess(self.root, "a", log_level="debug").start()
+        self.b = AgentProcess(self.root, "b", extra=extra_b or [], log_level="debug").start()
+
+    def names(self, ag: AgentProcess) -> dict[str, str]:
+        return {v["name"]: v["state"] for v in ag.request("vm.list", timeout=30)}
+
+    def one_copy(self, vm: str, timeout: float = 30) -> str:
+        """Waits until the in-doubt dust settles, then: the VM runs on exactly one agent."""
+        deadline = time.monotonic() + timeout
+        while True:
+            a, b = self.names(self.a), self.names(self.b)
+            running = [n for n, s in (("a", a.get(vm)), ("b", b.get(vm))) if s == "running"]
+            present = [n for n, s in (("a", a.get(vm)), ("b", b.get(vm))) if s is not None]
+            if len(running) == 1 and present == running:
+                return running[0]
+            assert len(running) <= 1, f"VM runs twice: {a} {b}"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"VM not settled on exactly one agent: a={a} b={b}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for ag in (self.a, self.b):
+            ag.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+def _migrate_async(src: AgentProcess, name: str, to: str, **args) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = src.request("migrate", name=name, to=to, timeout=120, **args)
+        except CliError as exc:
+            out["error"] = str(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# Each case: which frame the proxy holds back for 3 s, which agent is killed -9
+# meanwhile, and where the VM must end up.  s2c frames: 1 ACCEPT, 2 READY, 3 DONE.
+KILL_CASES = [
+    ("source, round 0", "a", None, "a"),
+    ("destination, round 0", "b", None, "a"),
+    ("source, destination verifying (before READY)", "a", Rule("s2c", 2, "delay", seconds=3), "a"),
+    ("destination, prepared (READY held)", "b", Rule("s2c", 2, "delay", seconds=3), "a"),
+    ("source, handed off (DONE held)", "a", Rule("s2c", 3, "delay", seconds=3), "b"),
+    ("destination, committed (DONE held)", "b", Rule("s2c", 3, "delay", seconds=3), "b"),
+]
+
+
+@pytest.mark.parametrize(("case", "victim", "rule", "where"), KILL_CASES, ids=[c[0] for c in KILL_CASES])
+def test_kill9_at_each_phase_then_restart(pair, case, victim, rule, where):
+    p = pair
+    p.a.request("vm.create", name="vm1", memory="32MiB", protected=1, fill="random")
+    digest = p.a.request("vm.digest", name="vm1")["digest"]
+    with ProxyThread(("127.0.0.1", p.b.port), [rule] if rule else []) as proxy:
+        args = {} if rule else {"bandwidth": "8MiB/s"}  # round 0 takes ~3 s
+        t, _ = _migrate_async(p.a, "vm1", f"127.0.0.1:{proxy.port}", **args)
+        if rule:
+            _wait_for(lambda: rule.fired, what=f"the proxy to hold frame {rule.frame}")
+            time.sleep(0.3)
+        else:
+            time.sleep(1.0)
+        agent = p.a if victim == "a" else p.b
+        agent.stop(signal.SIGKILL)
+        agent.start()
+        t.join(60)
+        assert p.one_copy("vm1") == where, case
+    ag = p.a if where == "a" else p.b
+    assert ag.request("vm.digest", name="vm1")["digest"] == digest
+    assert ag.request("vm.verify", name="vm1")["ok"]
+    logs = p.a.log_tail(200000) + p.b.log_tail(200000)
+    assert "migration" in logs
+
+
+def test_flood_of_half_open_handshakes_and_huge_claims_do_not_starve(pair):
+    p = pair
+    p.a.request("vm.create", name="vm1", memory="16MiB", protected=1)
+    socks = []
+    for i in range(300):  # more than the pending-handshake limit
+        s = socket.create_connection(("127.0.0.1", p.b.port))
+        if i % 3 == 0:
+            s.sendall(struct.pack(">I", 0xFFFFFFF0))  # a huge length claim
+        elif i % 3 == 1:
+            pre = encode_preamble(Purpose.MIGRATION, TransportMode.SECURE, "Noise_XX_25519_AESGCM_BLAKE2b")
+            s.sendall(struct.pack(">I", len(pre)) + pre)  # then silence: half open
+        socks.append(s)
+    try:
+        r = p.a.request("migrate", name="vm1", to=p.b.addr, timeout=60)
+        assert r["ok"], r["error"]
+        assert p.b.request("status")["agent"] == "b"
+    finally:
+        for s in socks:
+            s.close()
+    p.one_copy("vm1")
+
+
+def test_huge_counts_in_begin_are_refused(pair):
+    """A peer claiming a guest far beyond the destination's reservation gets ABORT, not an allocation."""
+    p = pair
+    from palm_net.wire.messages import MAX_GUEST_PAGES
+    assert MAX_GUEST_PAGES * 4096 > 16 << 30  # the 16 GiB default reservation is the real bound
+    p.a.request("vm.create", name="big", memory="64MiB")
+    p.b.stop()
+    p.b.extra = ["--max-incoming-memory", "32MiB"]
+    p.b.start()
+    r = p.a.request("migrate", name="big", to=p.b.addr)
+    assert not r["ok"] and ("too-large" in r["error"] or "busy" in r["error"]) and r["runs_on"] == "source"
+
+
+def test_eight_concurrent_migrations_into_one_destination_under_a_flood():
+    p = Pair(extra_b=["--max-incoming", "8"])
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                s = socket.create_connection(("127.0.0.1", p.b.port), timeout=1)
+                s.sendall(b"\x00\x00\x00\x10" + b"garbage-garbage!")
+                s.close()
+            except OSError:
+                pass
+            time.sleep(0.002)
+
+    peak = [0]
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                st = {k: int(v.split()[0]) for k, _, v in
+                      (ln.partition(":") for ln in open(f"/proc/{p.b.pid()}/status")) if k in ("VmRSS", "RssShmem")}
+                peak[0] = max(peak[0], (st["VmRSS"] - st["RssShmem"]) * 1024)
+            except (OSError, KeyError):
+                pass
+            time.sleep(0.02)
+
+    try:
+        for i in range(8):
+            p.a.request("vm.create", name=f"vm{i}", memory="16MiB", protected=1, fill="random",
+                        workload="random:500")
+        threads = [threading.Thread(target=flood, daemon=True), threading.Thread(target=sample, daemon=True)]
+        for t in threads:
+            t.start()
+        runs = [_migrate_async(p.a, f"vm{i}", p.b.addr) for i in range(8)]
+        for t, _ in runs:
+            t.join(120)
+        stop.set()
+        results = [out.get("result") or {"ok": False, "error": out.get("error")} for _, out in runs]
+        assert all(r["ok"] for r in results), [r.get("error") for r in results]
+        assert sorted(p.names(p.b)) == [f"vm{i}" for i in range(8)]
+        assert p.names(p.a) == {}
+        # Bounded: the destination's own memory (guest memory excluded) stays small.
+        assert peak[0] < 256 << 20, f"destination used {peak[0] >> 20} MiB beyond guest memory"
+        print(json.dumps({"destination_peak_rss_beyond_guest_mib": peak[0] >> 20}))
+    finally:
+        stop.set()
+        p.close()
