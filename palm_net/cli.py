@@ -324,7 +324,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     args = {"name": a.name, "to": a.to, "downtime_ms": a.downtime_ms, "max_rounds": a.max_rounds,
             "max_factor": a.max_factor, "bandwidth": a.bandwidth, "cipher": a.cipher,
-            "auto_converge": a.auto_converge, "plain": a.plain_benchmark, "verify_digest": a.verify_digest}
+            "auto_converge": a.auto_converge, "plain": a.plain_benchmark, "verify_digest": a.verify_digest,
+            "reply_timeout": a.reply_timeout}
     progress = Progress(not a.json and sys.stderr.isatty())
     try:
         r = control_request(a.control, "migrate", args, progress)
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")
     mg.add_argument("--verify-digest", action="store_true",
                     help="both sides digest memory while paused; commit only if equal (adds downtime)")
+    mg.add_argument("--reply-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="wait this long for the destination's ACCEPT, READY and DONE (default 30)")
     mg.add_argument("--plain-benchmark", action="store_true",
                     help="benchmark-only unencrypted records (refused for protected VMs)")
     mg.add_argument("--cancel", metavar="ID", help="cancel an in-flight migration (before the handoff)")

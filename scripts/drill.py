@@ -240,6 +240,9 @@ class Drill:
             proxy.__enter__()
             target = f"{self.net.proxy_host()}:{proxy.port}"
         result: dict[str, Any] = {}
+        args.setdefault("reply_timeout", 5.0)  # a dropped reply should cost seconds, not the 30 s default
+        if kill:
+            args.setdefault("bandwidth", "16MiB/s")  # slow enough for the kill to land mid-migration
 
         def run() -> None:
             try:
@@ -250,7 +253,7 @@ class Drill:
         t = threading.Thread(target=run, daemon=True)
         t.start()
         if kill:
-            time.sleep(self.rng.uniform(0.02, 0.6))
+            time.sleep(self.rng.uniform(0.05, 1.2))
             victim = src if kill == "source" else dst
             victim.stop(signal.SIGKILL)
             victim.start()

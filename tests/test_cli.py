@@ -76,10 +76,12 @@ class Cluster:
 @pytest.fixture
 def cluster():
     c = Cluster()
-    c.start("a")
-    c.start("b")
-    yield c
-    c.close()
+    try:
+        c.start("a")
+        c.start("b")
+        yield c
+    finally:
+        c.close()
 
 
 def vm_names(c, name):

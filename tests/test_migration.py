@@ -428,3 +428,47 @@ async def test_operator_override_is_loud(cluster, capsys):
     assert a.vms["vm1"].state == "running"
     captured = capsys.readouterr()
     assert "OPERATOR OVERRIDE" in captured.out + captured.err
+
+
+# An idle, unprotected, zero-filled 1024-page VM has a fixed record layout,
+# so the proxy can aim at each phase (c2s frames 0-2 are the handshake):
+# 3 BEGIN, 4 KEYS, 5 PAGES (round 0), 6 ROUND_END, 7 CPU_STATE (stop-and-copy),
+# 8 CONTEXT (the protected-context blob), 9 COMPLETE, 10 COMMIT.
+PHASES = [
+    ("handshake msg3", Rule("c2s", 2, "flip", bit=40), "a"),
+    ("handshake msg2", Rule("s2c", 0, "flip", bit=100), "a"),
+    ("BEGIN", Rule("c2s", 3, "flip", bit=20), "a"),
+    ("round 0 pages", Rule("c2s", 5, "flip", bit=2000), "a"),
+    ("round end", Rule("c2s", 6, "drop"), "a"),
+    ("stop-and-copy CPU state", Rule("c2s", 7, "flip", bit=30), "a"),
+    ("protected-context blob", Rule("c2s", 8, "truncate", bit=20), "a"),
+    ("completion record", Rule("c2s", 9, "replay", replay_of=(0, "c2s", 8)), "a"),
+    ("COMMIT cut", Rule("c2s", 10, "cut"), "a"),
+    ("COMMIT flipped", Rule("c2s", 10, "flip", bit=9), "a"),
+]
+
+
+@pytest.mark.parametrize(("phase", "rule", "where"), PHASES, ids=[p[0] for p in PHASES])
+async def test_fault_at_each_phase(cluster, phase, rule, where):
+    a = cluster["a"]
+    vm = a.create_vm("vm1", 1024 * 4096, fill="zero")
+    digest = vm.digest()
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [rule])
+    await cluster.nursery.start(proxy.serve)
+    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    assert proxy.log.events, f"{phase}: the fault was not injected"
+    assert not res.ok or res.extra.get("recovered")
+    with trio.fail_after(10):  # in-doubt recovery and destination cleanup settle
+        while cluster.running_copies("vm1") != [where] or "vm1" in cluster["b"].vms:
+            await trio.sleep(0.05)
+    assert cluster["a"].vms["vm1"].digest() == digest
+
+
+async def test_phase_layout_assumed_above(cluster):
+    """Without faults, that VM's session is exactly 11 frames out and 4 back."""
+    a = cluster["a"]
+    a.create_vm("vm1", 1024 * 4096, fill="zero")
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
+    await cluster.nursery.start(proxy.serve)
+    assert (await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())).ok
+    assert proxy.log.frames[(0, "c2s")] == 11 and proxy.log.frames[(0, "s2c")] == 4

@@ -201,3 +201,19 @@ def test_eight_concurrent_migrations_into_one_destination_under_a_flood():
     finally:
         stop.set()
         p.close()
+
+
+def test_restart_acts_on_the_migration_not_on_the_vm_name(pair):
+    """Regression (found by the soak drill): a destination that once committed
+    this VM, then saw it leave, then is killed while receiving it again, must
+    not activate the new incoming copy on restart."""
+    p = pair
+    p.a.request("vm.create", name="vm1", memory="32MiB", protected=1, fill="random")
+    assert p.a.request("migrate", name="vm1", to=p.b.addr)["ok"]
+    assert p.b.request("migrate", name="vm1", to=p.a.addr)["ok"]
+    t, _ = _migrate_async(p.a, "vm1", p.b.addr, bandwidth="8MiB/s")
+    time.sleep(1.0)
+    p.b.stop(signal.SIGKILL)
+    p.b.start()
+    t.join(60)
+    assert p.one_copy("vm1") == "a"

@@ -185,7 +185,12 @@ class Agent:
     # -- start-up recovery ------------------------------------------------------
 
     def load_vms(self) -> None:
-        """Reopens VMs and applies the handoff rules to whatever was in flight."""
+        """Reopens VMs and applies the handoff rules to whatever was in flight.
+
+        A VM records the id of the migration it is part of, so a restart acts
+        on exactly that migration (a VM name, or even the VM, may have come
+        and gone many times before).
+        """
         for vm_dir in sorted(p for p in self.memory_dir.iterdir() if p.is_dir()):
             try:
                 opened = ModelVM.open(vm_dir, self.sealing_key)
@@ -193,35 +198,37 @@ class Agent:
                 log.error("cannot reopen VM, left in place", dir=str(vm_dir), error=str(exc))
                 continue
             self.vms[opened.name] = opened
-        for row in self.store.list(role="destination", states=("receiving", "prepared", "committed"),
-                                   limit=1 << 30):
-            dvm = self.vms.get(row.vm)
-            if dvm is not None and dvm.vm_id != row.vm_id:
-                dvm = None
-            if row.state == "committed":
-                if dvm is not None and dvm.state == "incoming":
-                    dvm.activate()  # died between "committed" and activation
-                    log.info("committed migration activated after restart", migration=row.mid.hex(), vm=row.vm)
+        for name, vm in list(self.vms.items()):
+            mid = vm.migration
+            row = self.store.get(mid) if mid else None
+            bound = log.bind(migration=mid.hex() if mid else None, vm=name, phase="restart")
+            if vm.state == "incoming":
+                if row is not None and row.role == "destination" and row.state == "committed":
+                    vm.activate()  # died between "committed" and activation
+                    bound.info("committed migration activated after restart")
+                else:  # never committed: discard, and never activate it later
+                    if row is not None:
+                        self.store.transition(row.mid, ("receiving", "prepared"), "aborted", error="agent restarted")
+                    vm.scrub()
+                    del self.vms[name]
+                    bound.warning("incoming migration aborted by restart")
                 continue
-            self.store.transition(row.mid, ("receiving", "prepared"), "aborted", error="agent restarted")
-            log.warning("incoming migration aborted by restart", migration=row.mid.hex(), vm=row.vm,
-                        peer=row.peer, phase="abort")
-        for name, leftover in list(self.vms.items()):
-            if leftover.state == "incoming":  # never committed: discard
-                leftover.scrub()
-                del self.vms[name]
-        for row in self.store.list(role="source", states=("sending", "handed_off", "done"), limit=1 << 30):
-            svm = self.vms.get(row.vm)
-            vm = svm if svm is not None and svm.vm_id == row.vm_id else None
+            if row is None or row.role != "source":
+                continue
             if row.state == "sending":
                 self.store.transition(row.mid, ("sending",), "aborted", error="agent restarted before handoff")
-                if vm is not None and vm.state == "paused":
+                row = self.store.get(row.mid)
+            if row is not None and row.state == "aborted":
+                vm.set_migration(None)
+                if vm.state == "paused":
                     vm.resume()
-                log.warning("outgoing migration aborted by restart, VM resumed", migration=row.mid.hex(),
-                            vm=row.vm, peer=row.peer, phase="abort")
-            elif row.state == "done" and vm is not None and vm.state == "paused":
+                bound.warning("outgoing migration aborted by restart, VM resumed")
+            elif row is not None and row.state == "done":
                 vm.scrub()  # handed over and confirmed: only the scrub was missing
-                del self.vms[row.vm]
+                del self.vms[name]
+            # handed_off: stays paused, in doubt; serve() starts its recovery
+        for row in self.store.list(role="destination", states=("receiving", "prepared"), limit=1 << 30):
+            self.store.transition(row.mid, ("receiving", "prepared"), "aborted", error="agent restarted")
         for running in self.vms.values():
             if running.state == "running":
                 self._start_workload(running)
@@ -316,7 +323,7 @@ class Agent:
         if b["vm"] in self.vms or self._vm_dir(b["vm"]).exists():
             raise MigrationFailure("exists", f"destination already has a VM named {b['vm']!r}")
         vm = ModelVM.create_incoming(self._vm_dir(b["vm"]), b["vm"], b["vm_id"], b["pages"], b["vcpus"],
-                                     self.sealing_key)
+                                     self.sealing_key, migration=msg.mid)
         self.incoming_reserved += size
         self.vms[vm.name] = vm
         return vm

@@ -204,6 +204,7 @@ class ControlServer:
             auto_converge=_arg(args, "auto_converge", bool, False),
             plain=_arg(args, "plain", bool, False),
             verify_digest=_arg(args, "verify_digest", bool, False),
+            reply_timeout=_arg(args, "reply_timeout", float, 30.0),
         )
         params.validate()
         cipher_name = _arg(args, "cipher", str, None)

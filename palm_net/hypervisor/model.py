@@ -241,12 +241,13 @@ class ModelVM:
 
     @classmethod
     def create_incoming(cls, vm_dir: Path, name: str, vm_id: bytes, npages: int, vcpus: int,
-                        sealing_key: bytes) -> ModelVM:
+                        sealing_key: bytes, migration: bytes | None = None) -> ModelVM:
         """An empty, paused VM that receives a migration; not runnable until activated."""
         vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
         config = {"name": name, "vm_id": vm_id.hex(), "npages": npages, "vcpus": vcpus,
                   "page_cipher": default_page_cipher(), "processes": [], "state": "incoming",
-                  "policy": "any", "workload": "idle", "seed": 0}
+                  "policy": "any", "workload": "idle", "seed": 0,
+                  "migration": migration.hex() if migration else None}
         vm = cls(vm_dir, config, sealing_key, create=True)
         vm._save_config()
         return vm
@@ -281,6 +282,16 @@ class ModelVM:
     @property
     def state(self) -> str:
         return str(self.config["state"])
+
+    @property
+    def migration(self) -> bytes | None:
+        """The migration this VM is part of (as source or incoming), if any."""
+        mid = self.config.get("migration")
+        return bytes.fromhex(mid) if mid else None
+
+    def set_migration(self, mid: bytes | None) -> None:
+        self.config["migration"] = mid.hex() if mid else None
+        self._save_config()
 
     def _set_state(self, state: str) -> None:
         self.config["state"] = state
@@ -743,6 +754,7 @@ class ModelVM:
         if self.state != "incoming":
             raise VmError(f"only an incoming VM can be activated (state {self.state})")
         self.config["state"] = "running"
+        self.config["migration"] = None
         self.sync()
 
     # -- digest ------------------------------------------------------------

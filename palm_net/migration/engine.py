@@ -65,6 +65,7 @@ class MigrationParams:
     auto_converge: bool = False
     plain: bool = False  # benchmark-only transport mode
     verify_digest: bool = False  # both sides digest memory while paused; COMMIT only if equal
+    reply_timeout: float = 30.0  # seconds to wait for ACCEPT, READY and DONE
 
     def validate(self) -> None:
         if not 0 < self.downtime_limit <= 3600:
@@ -75,6 +76,8 @@ class MigrationParams:
             raise ValueError("max factor must be between 1 and 1000")
         if self.bandwidth is not None and self.bandwidth < 4096:
             raise ValueError("bandwidth cap must be at least 4 KiB/s")
+        if not 0.1 <= self.reply_timeout <= 3600:
+            raise ValueError("reply timeout must be between 0.1 and 3600 s")
 
 
 @dataclass

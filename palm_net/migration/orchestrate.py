@@ -155,6 +155,7 @@ async def migrate_out(
             return fail(exc.code, exc.reason, "policy")
         store.create(mid, "source", vm.name, vm.vm_id, peer.name, dest_addr, peer.static_pub, peer.sign_pub,
                      "sending")
+        vm.set_migration(mid)
         engine = SourceEngine(vm, mid, params)
         engine.stats = stats
         run = SourceRun(channel, engine, store, dest_addr,
@@ -222,6 +223,7 @@ def _resume_source(vm: ModelVM, store: HandoffStore, mid: bytes, code: str, reas
     store.transition(mid, ("sending",), "aborted", error=f"{code}: {reason}"[:500])
     vm.disable_dirty_log()
     vm.set_throttle(1.0)
+    vm.set_migration(None)
     if vm.state == "paused":
         vm.resume()
 
@@ -279,6 +281,7 @@ async def recover_once(store: HandoffStore, mid: bytes, vm: ModelVM | None, conn
         store.transition(mid, ("handed_off",), "aborted", token=token, error="aborted by destination token")
         if vm is not None:
             vm.disable_dirty_log()
+            vm.set_migration(None)
             vm.resume()
         bound.warning("in-doubt migration resolved: destination aborted (valid token), VM resumed on the source")
         return "aborted"
@@ -313,6 +316,7 @@ def override_resume(store: HandoffStore, mid: bytes, vm: ModelVM, operator_reaso
               "if the destination committed, the VM now runs twice", migration=mid.hex(), vm=vm.name,
               peer=row.peer, phase="in-doubt", reason=operator_reason)
     vm.disable_dirty_log()
+    vm.set_migration(None)
     vm.resume()
 
 

@@ -37,7 +37,6 @@ log = structlog.get_logger("palm.migration")
 RECORDS_PER_CHUNK = 16  # ~1 MiB of frames per hand-off to the sender
 RECV_CHUNK = 1 << 20  # destination: bytes per socket read handed to the worker
 WINDOW = 4  # chunks in flight between producer and sender
-REPLY_TIMEOUT = 30.0  # for ACCEPT, READY, DONE
 IDLE_TIMEOUT = 60.0  # destination: longest silence from the source
 
 
@@ -137,7 +136,7 @@ class SourceRun:
             nursery.start_soon(self._sender)
             nursery.start_soon(self._receiver)
             await self._pump([eng.begin()])
-            await self._expect("ACCEPT", REPLY_TIMEOUT)
+            await self._expect("ACCEPT", self.engine.params.reply_timeout)
             st.setup_time = time.monotonic() - self.started
             await self._pump([eng.start()])
             self.log.info("migration started", phase="round", round=0, pages=eng.info.npages)
@@ -157,7 +156,7 @@ class SourceRun:
             await self._pump([eng.complete(self.ch.sender.count, self.ch.sender.transcript)])
             self.log.debug("complete sent", phase="verify", round=eng.round,
                            paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
-            eng.check_ready(await self._expect("READY", REPLY_TIMEOUT))
+            eng.check_ready(await self._expect("READY", self.engine.params.reply_timeout))
             # The handoff point: durable before COMMIT leaves.
             if not self.store.transition(eng.mid, ("sending",), "handed_off"):
                 raise MigrationFailure("state", "migration was cancelled before the handoff")
@@ -165,7 +164,7 @@ class SourceRun:
             self.log.info("handed off", phase="commit", round=eng.round)
             await self._pump([eng.commit()])
             await self._flush()
-            with trio.fail_after(REPLY_TIMEOUT):
+            with trio.fail_after(self.engine.params.reply_timeout):
                 msg = await self._inbox.receive()
             self._finish(msg)
             nursery.cancel_scope.cancel()
