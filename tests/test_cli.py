@@ -23,7 +23,7 @@ PALM = [sys.executable, "-m", "palm_net.cli"]
 def palm(*args, check=True, timeout=120):
     p = subprocess.run([*PALM, *args], capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"palm {' '.join(args)} failed ({p.returncode}): {p.stderr}")
+        raise AssertionError(f"palm {' '.join(args)} failed ({p.returncode}): {p.stderr} {p.stdout}")
     return p
 
 

@@ -472,3 +472,43 @@ async def test_phase_layout_assumed_above(cluster):
     await cluster.nursery.start(proxy.serve)
     assert (await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())).ok
     assert proxy.log.frames[(0, "c2s")] == 11 and proxy.log.frames[(0, "s2c")] == 4
+
+
+async def test_first_record_arriving_with_the_last_handshake_message_is_answered(shm):
+    """Regression (found by the load test): BEGIN coalesced with msg3 in one
+    read sits in the record buffer; the destination must answer it without
+    waiting for more bytes (the source sends nothing until ACCEPT)."""
+    import trio.testing
+    from nacl.signing import SigningKey
+
+    from palm_net.channel.handshake import AttestedHandshake
+    from palm_net.channel.transport import SecureChannel
+    from palm_net.migration.runner import DestinationRun
+    from palm_net.wire.protocol import Role, SessionProtocol
+    from tests.conftest import Pki
+
+    pki = Pki()
+    init = AttestedHandshake(pki.config("src"), True)
+    resp = AttestedHandshake(pki.config("dst"), False)
+    resp.receive_data(init.receive_data(resp.receive_data(init.initiate())))  # msg1, msg2, msg3
+    src_proto = SessionProtocol(Role.SOURCE, os.urandom(16))
+    begin = init.result.sender.seal(src_proto.send(
+        "BEGIN", vm="vm", vm_id=bytes(16), pages=16, protected_pages=0, processes=0, vcpus=1, plain=False,
+        digest=False))
+    ours, theirs = trio.testing.memory_stream_pair()
+    channel = SecureChannel(theirs, resp.result, leftover=begin)
+
+    def make_vm(msg):
+        b = msg.body
+        return ModelVM.create_incoming(shm / "in", b["vm"], b["vm_id"], b["pages"], b["vcpus"], KEY)
+
+    engine = DestinationEngine(make_vm, HandoffStore(shm / "d.db"), SigningKey.generate(), "src", bytes(32),
+                               bytes(32), False, 1 << 20)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(DestinationRun(channel, engine, idle_timeout=5).run)
+        rx = init.result.receiver
+        with trio.fail_after(3):
+            while (rec := rx.next_record()) is None:
+                rx.receive_data(await ours.receive_some(65536))
+        assert src_proto.receive(rec).type == "ACCEPT"
+        nursery.cancel_scope.cancel()

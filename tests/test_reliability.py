@@ -192,7 +192,9 @@ def test_eight_concurrent_migrations_into_one_destination_under_a_flood():
             t.join(120)
         stop.set()
         results = [out.get("result") or {"ok": False, "error": out.get("error")} for _, out in runs]
-        assert all(r["ok"] for r in results), [r.get("error") for r in results]
+        relevant = [ln for ln in p.b.log_tail(10**7).splitlines() if "handshake refused" not in ln]
+        assert all(r["ok"] for r in results), ([(r.get("error"), r.get("phase")) for r in results],
+                                               relevant[-40:])
         assert sorted(p.names(p.b)) == [f"vm{i}" for i in range(8)]
         assert p.names(p.a) == {}
         # Bounded: the destination's own memory (guest memory excluded) stays small.

@@ -145,7 +145,9 @@ class Agent:
         self.incoming: dict[int, DestinationEngine] = {}
         self.incoming_reserved = 0
         self.accepting = True
-        self._pending: dict[object, trio.CancelScope] = {}
+        self._pending: dict[object, list[Any]] = {}  # key -> [cancel scope, handshake]
+        self._refusals: dict[str, int] = {}
+        self._refusal_logged = 0.0
         self.listen_port = 0
         self._nursery: trio.Nursery | None = None
 
@@ -345,22 +347,39 @@ class Agent:
     async def _connect_recovery(self, addr: str) -> SecureChannel:
         return await self._connect(addr, Purpose.RECOVERY)
 
+    def _admit_handshake(self) -> None:
+        """Keeps the pending handshakes bounded: when full, drops the oldest of
+        those that got least far (a flood of half-open or garbage peers loses
+        its slots before an honest peer that is already mid-handshake)."""
+        if len(self._pending) < MAX_PENDING_HANDSHAKES:
+            return
+        victim = min(self._pending, key=lambda k: self._pending[k][1].progress if self._pending[k][1] else -1)
+        self._pending.pop(victim)[0].cancel()
+
+    def _log_refusal(self, code: str, detail: str) -> None:
+        """A flood must not turn into a flood of log lines: one summary line a second."""
+        now = time.monotonic()
+        self._refusals[code] = self._refusals.get(code, 0) + 1
+        if now - self._refusal_logged >= 1.0:
+            log.warning("handshakes refused", counts=dict(self._refusals), last_reason=detail)
+            self._refusals.clear()
+            self._refusal_logged = now
+
     async def handle_connection(self, stream: trio.SocketStream) -> None:
-        # Every handshake has a deadline and a small buffer; when too many are
-        # pending, the oldest is dropped: a flood of half-open peers cannot
-        # starve honest ones, which finish in milliseconds.
+        # Every handshake has a deadline and a small buffer, and the number
+        # pending is bounded (_admit_handshake).
         scope = trio.CancelScope()
         key = object()
-        if len(self._pending) >= MAX_PENDING_HANDSHAKES:
-            oldest = next(iter(self._pending))
-            self._pending.pop(oldest).cancel()
-        self._pending[key] = scope
+        self._admit_handshake()
+        entry: list[Any] = [scope, None]
+        self._pending[key] = entry
         channel = None
         try:
             with scope:
-                channel = await accept(stream, self.channel_config)
+                channel = await accept(stream, self.channel_config,
+                                       on_start=lambda hs: entry.__setitem__(1, hs))
         except ProtocolError as exc:
-            log.warning("handshake refused", error=exc.code, reason=exc.detail)
+            self._log_refusal(exc.code, exc.detail)
         finally:
             self._pending.pop(key, None)
         if channel is None:
@@ -368,6 +387,7 @@ class Agent:
                 cs.shield = True
                 await stream.aclose()
             return
+        log.debug("session accepted", peer=channel.peer_name, purpose=channel.result.purpose.name)
         engines: list[DestinationEngine] = []
 
         def track(engine: DestinationEngine) -> None:

@@ -184,6 +184,13 @@ class AttestedHandshake:
     def complete(self) -> bool:
         return self.result is not None
 
+    @property
+    def progress(self) -> int:
+        """0: nothing valid yet; 1: a valid preamble; 2+: handshake messages processed."""
+        if self._hs is None:
+            return 0
+        return 1 + self._hs.message_index
+
     def _start(self, preamble: bytes) -> None:
         self._preamble = preamble
         _, _, name = decode_preamble(preamble)

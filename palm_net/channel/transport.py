@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from palm_net.channel.handshake import (
@@ -91,6 +93,11 @@ async def connect(
     return await _drive(stream, hs, hs.initiate(), config.handshake_timeout)
 
 
-async def accept(stream: trio.abc.Stream, config: ChannelConfig, purpose: Purpose | None = None) -> SecureChannel:
+async def accept(stream: trio.abc.Stream, config: ChannelConfig, purpose: Purpose | None = None,
+                 on_start: Callable[[AttestedHandshake], None] | None = None) -> SecureChannel:
+    """Responder side.  ``on_start`` sees the handshake object (its progress),
+    for an agent that must choose which pending handshake to drop."""
     hs = AttestedHandshake(config, initiator=False, purpose=purpose)
+    if on_start is not None:
+        on_start(hs)
     return await _drive(stream, hs, b"", config.handshake_timeout)

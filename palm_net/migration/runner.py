@@ -222,6 +222,9 @@ class DestinationRun:
             with single_error():
                 async with trio.open_nursery() as nursery:
                     send, recv = trio.open_memory_channel[bytes](WINDOW)
+                    # Records that arrived with the last handshake message are
+                    # already buffered: handle them before waiting for more.
+                    await send.send(b"")
                     nursery.start_soon(self._reader, send)
                     async for chunk in recv:
                         ch.receiver.receive_data(chunk)
