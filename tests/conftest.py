@@ -26,11 +26,14 @@ def pytest_sessionstart(session) -> None:
 
 def pytest_sessionfinish(session) -> None:
     worker = getattr(session.config, "workerinput", {}).get("workerid", "main")
-    if FUZZ_COUNTS and COUNTS_DIR.is_dir():
+    if FUZZ_COUNTS:
+        COUNTS_DIR.mkdir(exist_ok=True)
         (COUNTS_DIR / f"{worker}.json").write_text(json.dumps(FUZZ_COUNTS))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    if hasattr(terminalreporter.config, "workerinput"):
+        return  # xdist workers have reporters too: only the controller sums up
     total: collections.Counter[str] = collections.Counter()
     for f in COUNTS_DIR.glob("*.json"):
         total.update(json.loads(f.read_text()))
