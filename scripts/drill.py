@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from palm_net.agent.launcher import AgentProcess, provision  # noqa: E402
-from palm_net.cli import CliError  # noqa: E402
 from palm_net.testing.proxy import ProxyThread, Rule  # noqa: E402
 
 PORT = 7400
@@ -239,19 +238,10 @@ class Drill:
             proxy = ProxyThread((dst.host, dst.port), [rule], listen_host=self.net.proxy_host())
             proxy.__enter__()
             target = f"{self.net.proxy_host()}:{proxy.port}"
-        result: dict[str, Any] = {}
         args.setdefault("reply_timeout", 5.0)  # a dropped reply should cost seconds, not the 30 s default
         if kill:
             args.setdefault("bandwidth", "16MiB/s")  # slow enough for the kill to land mid-migration
-
-        def run() -> None:
-            try:
-                result["r"] = src.request("migrate", name=vm, to=target, timeout=300, **args)
-            except CliError as exc:
-                result["error"] = str(exc)
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
+        t, result = src.migrate_async(vm, target, **args)
         if kill:
             time.sleep(self.rng.uniform(0.05, 1.2))
             victim = src if kill == "source" else dst
@@ -260,7 +250,7 @@ class Drill:
         t.join(300)
         if proxy is not None:
             proxy.__exit__()
-        r = result.get("r")
+        r = result.get("result")
         if r is None:
             return f"source agent gone ({result.get('error', 'killed')})", None
         if r["ok"]:

@@ -16,7 +16,6 @@ import pytest
 
 from palm_net.agent.launcher import AgentProcess, provision
 from palm_net.channel.handshake import Purpose, TransportMode, encode_preamble
-from palm_net.cli import CliError
 from palm_net.testing.proxy import ProxyThread, Rule
 
 pytestmark = pytest.mark.slow
@@ -61,17 +60,7 @@ def pair():
 
 
 def _migrate_async(src: AgentProcess, name: str, to: str, **args) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["result"] = src.request("migrate", name=name, to=to, timeout=120, **args)
-        except CliError as exc:
-            out["error"] = str(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
+    return src.migrate_async(name, to, timeout=120, **args)
 
 
 def _wait_for(pred, timeout: float = 20, what: str = "condition") -> None:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,21 @@ class AgentProcess:
 
     def request(self, op: str, timeout: float = 3600, **args: Any) -> Any:
         return control_request(self.control, op, args, timeout=timeout)
+
+    def migrate_async(self, name: str, to: str, timeout: float = 300,
+                      **args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+        """Starts `migrate` in a thread; ``out`` gets "result" or "error" (the agent may be killed meanwhile)."""
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                out["result"] = self.request("migrate", timeout=timeout, name=name, to=to, **args)
+            except CliError as exc:
+                out["error"] = str(exc)
+
+        t = threading.Thread(target=run, name=f"migrate-{name}", daemon=True)
+        t.start()
+        return t, out
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
         if self.proc is None:
