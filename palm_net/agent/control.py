@@ -55,7 +55,7 @@ def vm_summary(agent: Agent, name: str) -> dict[str, Any]:
     return {"name": vm.name, "vm_id": info.vm_id.hex(), "state": vm.state, "memory": info.npages * 4096,
             "pages": info.npages, "protected_processes": info.processes, "protected_pages": info.protected_pages,
             "workload": vm.config.get("workload", "idle"), "policy": vm.policy, "vcpus": info.vcpus,
-            "writes": vm.workload.writes if vm.workload is not None else 0}
+            "writes": vm.workload.writes if vm.workload is not None else 0, "resident": vm.resident}
 
 
 class ControlServer:

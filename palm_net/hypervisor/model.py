@@ -163,6 +163,7 @@ class ModelVM:
         self.processes = [ProcessLayout(**p) for p in config["processes"]]
         self._box = SecretBox(sealing_key)
         self.mem = map_file(vm_dir / "memory", self.npages * PAGE_SIZE, create)
+        self.resident = False  # all of guest memory backed and mapped (see prefault)
         if config["state"] != "incoming":
             threading.Thread(target=self.prefault, name=f"prefault-{self.name}", daemon=True).start()
         # Incoming VMs start as holes (zero, unallocated): a zero page record
@@ -270,6 +271,7 @@ class ModelVM:
                 self.mem.madvise(MADV_POPULATE_WRITE, off, min(chunk, size - off))
             except (OSError, ValueError):
                 return
+        self.resident = True
 
     @classmethod
     def open(cls, vm_dir: Path, sealing_key: bytes) -> ModelVM:
@@ -573,6 +575,15 @@ class ModelVM:
         return [{"pid": p.pid, "first": p.first, "count": p.count, "key": bytes(self._keys[i])}
                 for i, p in enumerate(self.processes)]
 
+    def _metadata_digest(self, p: ProcessLayout) -> bytes:
+        """BLAKE2b-256 over a process's per-page versions (u64le) then MACs: the
+        final metadata, committed to in the blob instead of sent again."""
+        m = self.meta
+        h = hashlib.blake2b(digest_size=32, person=b"palm-page-meta")
+        h.update(m.versions[p.first : p.first + p.count])
+        h.update(m.tags[p.first * TAG_LEN : (p.first + p.count) * TAG_LEN])
+        return h.digest()
+
     def export_keys(self) -> bytes:
         """Process keys and layout, sent at the start of streaming so the
         destination can verify each protected page as it arrives."""
@@ -584,14 +595,12 @@ class ModelVM:
         """The protected-context blob (proto/PROTOCOL.md 7.3).  Only from a paused VM."""
         if self.state == "running":
             raise VmError("the protected-context blob is only exported from a paused VM")
-        m = self.meta
         with self._lock:
             out: bytes = msgpack.packb({
                 "v": BLOB_VERSION,
                 "cipher": self.page_cipher.name.value,
                 "processes": [{**lay, "threads": self._threads[i],
-                               "versions": m.versions[p.first : p.first + p.count].tobytes(),
-                               "tags": bytes(m.tags[p.first * TAG_LEN : (p.first + p.count) * TAG_LEN])}
+                               "metadata": self._metadata_digest(p)}
                               for i, (p, lay) in enumerate(zip(self.processes, self._layout()))],
             })
         return out
@@ -704,25 +713,19 @@ class ModelVM:
         if layouts != self.processes or len(keys) != len(self._keys) or not all(
                 hmac.compare_digest(k, bytes(mine)) for k, mine in zip(keys, self._keys)):
             raise IntegrityError("protected-context blob disagrees with the keys sent at the start")
-        m = self.meta
         threads: list[list[bytes]] = []
         for p, entry in zip(layouts, obj["processes"]):
             try:
-                vers, tags = bytes(entry["versions"]), bytes(entry["tags"])
+                digest = bytes(entry["metadata"])
                 thr = [bytes(x) for x in entry["threads"]]
             except Exception:
                 raise VmError("protected-context blob is malformed") from None
-            if len(vers) != 8 * p.count or len(tags) != TAG_LEN * p.count or len(thr) > 64:
+            if len(digest) != 32 or len(thr) > 64:
                 raise VmError("protected-context blob is malformed")
-            # One comparison per process: what arrived (and verified) is the final state.
-            same_v = m.versions[p.first : p.first + p.count].tobytes() == vers
-            same_t = bytes(m.tags[p.first * TAG_LEN : (p.first + p.count) * TAG_LEN]) == tags
-            if not (same_v and same_t):
-                got = array("Q", vers)
-                bad = [p.first + i for i in range(p.count) if m.versions[p.first + i] != got[i]
-                       or m.tag(p.first + i) != tags[i * TAG_LEN : (i + 1) * TAG_LEN]]
-                raise IntegrityError(f"{len(bad)} protected pages (first gfn {bad[0] if bad else '?'}) do not hold "
-                                     "the final version the source sealed")
+            # The versions and MACs verified on arrival must be exactly the final ones.
+            if not hmac.compare_digest(self._metadata_digest(p), digest):
+                raise IntegrityError(f"protected pages of process {p.pid} do not hold the final versions "
+                                     "the source sealed")
             threads.append(thr)
         self._threads = threads
 
