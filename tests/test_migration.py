@@ -512,3 +512,34 @@ async def test_first_record_arriving_with_the_last_handshake_message_is_answered
                 rx.receive_data(await ours.receive_some(65536))
         assert src_proto.receive(rec).type == "ACCEPT"
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("action", ["flip", "drop", "replay"])
+async def test_fault_in_a_later_precopy_round(cluster, action):
+    """A guest write during round 0 makes a round-1 page record at c2s frame 7
+    (tiny downtime limit: no early stop); tampering with it fails closed."""
+    a = cluster["a"]
+    vm = a.create_vm("vm1", 1024 * 4096, fill="zero")
+    rules = [Rule("c2s", 5, "call", callback=lambda: vm.guest_write(17, b"written during round 0")),
+             Rule("c2s", 7, action, bit=4000, replay_of=(0, "c2s", 5))]
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), rules)
+    await cluster.nursery.start(proxy.serve)
+    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(downtime_limit=1e-6, max_rounds=3))
+    assert all(r.fired for r in rules)
+    assert not res.ok and res.runs_on == "source"
+    assert len(res.stats.rounds) >= 1 and res.stats.rounds[0].dirty_pages == 1
+    with trio.fail_after(5):
+        while "vm1" in cluster["b"].vms:
+            await trio.sleep(0.02)
+    assert cluster.running_copies("vm1") == ["a"]
+    assert vm.os_read(17).startswith(b"written during round 0")
+
+
+async def test_later_round_layout_assumed_above(cluster):
+    a = cluster["a"]
+    vm = a.create_vm("vm1", 1024 * 4096, fill="zero")
+    rule = Rule("c2s", 5, "call", callback=lambda: vm.guest_write(17, b"x"))
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [rule])
+    await cluster.nursery.start(proxy.serve)
+    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(downtime_limit=1e-6, max_rounds=3))
+    assert res.ok and [r.pages for r in res.stats.rounds][:2] == [1024, 1]

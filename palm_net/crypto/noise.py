@@ -214,11 +214,6 @@ class SymmetricState:
     def mix_hash(self, data: bytes) -> None:
         self.h = blake2b(self.h + data)
 
-    def mix_key_and_hash(self, ikm: bytes) -> None:
-        self.ck, temp_h, temp_k = hkdf(self.ck, ikm, 3)
-        self.mix_hash(temp_h)
-        self.cipher_state.initialize_key(temp_k[:KEYLEN])
-
     def get_handshake_hash(self) -> bytes:
         return self.h
 

@@ -9,7 +9,7 @@ handed out as ciphertext plus its (public) version.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,10 +107,6 @@ class Backend(Protocol):
     def import_cpu_state(self, state: bytes) -> None: ...
 
     def import_protection(self, blob: bytes) -> None: ...
-
-    def protected_gfns(self) -> Iterator[int]:
-        """The gfns owned by protected processes (after import_protection on a destination)."""
-        ...
 
     def verify(self) -> VerifyReport: ...
 

@@ -29,7 +29,7 @@ import shutil
 import struct
 import threading
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,10 +293,6 @@ class ModelVM:
 
     def set_migration(self, mid: bytes | None) -> None:
         self.config["migration"] = mid.hex() if mid else None
-        self._save_config()
-
-    def _set_state(self, state: str) -> None:
-        self.config["state"] = state
         self._save_config()
 
     def _save_config(self) -> None:
@@ -728,10 +724,6 @@ class ModelVM:
                                      "the source sealed")
             threads.append(thr)
         self._threads = threads
-
-    def protected_gfns(self) -> Iterator[int]:
-        for p in self.processes:
-            yield from range(p.first, p.first + p.count)
 
     def verify(self) -> VerifyReport:
         """Checks every protected page in the cipher view against its MAC."""

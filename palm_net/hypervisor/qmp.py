@@ -79,14 +79,6 @@ def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
 
 
-def kvm_usable() -> bool:
-    try:
-        with open("/dev/kvm", "rb"):
-            return True
-    except OSError:
-        return False
-
-
 class QemuProcess:
     """A QEMU process with a QMP socket, started and owned by us."""
 

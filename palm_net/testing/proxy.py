@@ -9,19 +9,21 @@ handshake message, 1 ACCEPT, 2 READY, 3 DONE (for a migration session).
 A plan is a list of Rules; each names the connection (0 = first), the
 direction, the frame index and the action: drop, duplicate, flip (one bit),
 truncate, delay, replay (a frame seen earlier, possibly in an earlier
-connection), cut (close both sides before forwarding), or cut_after.
+connection), cut (close both sides before forwarding), cut_after, or call (run
+a test's callback, e.g. a guest write, then forward).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import trio
 
 Direction = Literal["c2s", "s2c"]
-Action = Literal["drop", "duplicate", "flip", "truncate", "delay", "replay", "cut", "cut_after"]
+Action = Literal["drop", "duplicate", "flip", "truncate", "delay", "replay", "cut", "cut_after", "call"]
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Rule:
     bit: int = 0  # flip: which bit of the frame (after the prefix); truncate: bytes to keep
     seconds: float = 0.0  # delay
     replay_of: tuple[int, Direction, int] | None = None  # (connection, direction, frame) to inject
+    callback: Callable[[], None] | None = None  # call: run this (e.g. a guest write), then forward
     fired: bool = False
 
 
@@ -125,6 +128,8 @@ class FaultProxy:
                 return False
             elif r.action == "delay":
                 await trio.sleep(r.seconds)
+            elif r.action == "call" and r.callback is not None:
+                r.callback()
             elif r.action == "replay" and r.replay_of is not None:
                 old = self.seen.get(r.replay_of)
                 if old is not None:
