@@ -75,6 +75,8 @@ def run_demo(a: argparse.Namespace) -> int:
             print(json.dumps(summary))
         else:
             print(migrate_summary(result))
+            print("  (the downtime includes the memory digests both agents take while the VM is paused, "
+                  "--verify-digest)")
             if verify:
                 print(f"  destination verify: {'OK' if verify['ok'] else 'FAILED'}, {verify['checked']} protected "
                       f"pages checked against their MACs")

@@ -246,8 +246,6 @@ class SourceEngine:
         # whatever the guest wrote until the pause.
         self.pending = array("I", sorted(set(self.pending).union(self.vm.collect_dirty())))
         self.vm.disable_dirty_log()
-        if self.params.verify_digest:
-            self.digest = self.stats.digest = self.vm.digest()
         self.stats.current_round = self.round
         yield from self.page_messages()
         yield self.proto.send("CPU_STATE", state=self.vm.export_cpu_state())
@@ -260,6 +258,12 @@ class SourceEngine:
         self.stats.phase = "verify"
         return self.proto.send("COMPLETE", records=records_sent, page_records=self.stats.page_records,
                                transcript=transcript)
+
+    def digest_paused(self) -> None:
+        """With verify_digest: our memory digest, taken while the VM is paused
+        (the runner overlaps it with the destination's verification)."""
+        if self.params.verify_digest:
+            self.digest = self.stats.digest = self.vm.digest()
 
     def check_ready(self, msg: Message) -> None:
         """With verify_digest: the destination's memory must equal ours at pause."""

@@ -156,7 +156,11 @@ class SourceRun:
             await self._pump([eng.complete(self.ch.sender.count, self.ch.sender.transcript)])
             self.log.debug("complete sent", phase="verify", round=eng.round,
                            paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
-            eng.check_ready(await self._expect("READY", self.engine.params.reply_timeout))
+            # Our digest (if asked) while the destination verifies: both run at once.
+            async with trio.open_nursery() as digest_nursery:
+                digest_nursery.start_soon(trio.to_thread.run_sync, eng.digest_paused)
+                ready = await self._expect("READY", self.engine.params.reply_timeout)
+            eng.check_ready(ready)
             # The handoff point: durable before COMMIT leaves.
             if not self.store.transition(eng.mid, ("sending",), "handed_off"):
                 raise MigrationFailure("state", "migration was cancelled before the handoff")
