@@ -395,21 +395,21 @@ class DestinationEngine:
             raise MigrationFailure("malformed", "PAGES data length disagrees with its kinds")
         if len(b["tags"]) != 16 * kinds.count(KIND_PROTECTED):
             raise MigrationFailure("malformed", "PAGES tags disagree with its protected pages")
-        applied, npages = self.applied, self.npages
+        # One pass checks and records; if the batch then fails to apply, the
+        # session is over anyway and these arrays are discarded with it.
+        applied, received, npages = self.applied, self.received, self.npages
         for gfn, ver in zip(gfns, vers):
             if gfn >= npages:
                 raise MigrationFailure("malformed", f"gfn {gfn} outside the VM")
             if ver < applied[gfn]:
                 raise MigrationFailure("rollback", f"page {gfn} version {ver} older than applied {applied[gfn]}")
+            applied[gfn] = ver
+            received[gfn] = 1
         assert self.vm is not None
         try:
             self.vm.write_pages(PageBatch(gfns, kinds, vers, data, b["tags"]))
         except IntegrityError as exc:
             raise MigrationFailure("integrity", str(exc)) from None
-        received = self.received
-        for gfn, ver in zip(gfns, vers):
-            applied[gfn] = ver
-            received[gfn] = 1
         self.page_records += 1
         return []
 
