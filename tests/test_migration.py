@@ -543,3 +543,49 @@ async def test_later_round_layout_assumed_above(cluster):
     await cluster.nursery.start(proxy.serve)
     res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(downtime_limit=1e-6, max_rounds=3))
     assert res.ok and [r.pages for r in res.stats.rounds][:2] == [1024, 1]
+
+
+async def test_auto_converge_throttles_a_guest_that_dirties_faster_than_the_link(cluster):
+    a = cluster["a"]
+    a.create_vm("vm1", 2 << 20, workload="random:20000", fill="random")
+    params = MigrationParams(bandwidth=8 << 20, auto_converge=True, max_rounds=6, max_factor=20,
+                             downtime_limit=0.01)
+    res = await a.migrate("vm1", cluster.addr("b"), params)
+    assert res.ok, res.error
+    assert res.stats.throttle < 1.0  # the vCPUs were slowed down
+    assert cluster.running_copies("vm1") == ["b"]
+
+
+async def test_bandwidth_cap_is_respected(cluster):
+    a = cluster["a"]
+    a.create_vm("vm1", 4 << 20, fill="random")
+    res = await a.migrate("vm1", cluster.addr("b"), MigrationParams(bandwidth=8 << 20))
+    assert res.ok
+    r0 = res.stats.rounds[0]
+    assert r0.bytes / r0.duration <= 8 * (1 << 20) * 1.15  # paced to the cap (within a burst)
+
+
+async def test_operator_cancel_before_the_handoff_resumes_the_source(cluster):
+    a = cluster["a"]
+    a.create_vm("vm1", 16 << 20, fill="random", protected=1)
+    results = []
+
+    async def run():
+        results.append(await a.migrate("vm1", cluster.addr("b"), MigrationParams(bandwidth=4 << 20)))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run)
+        with trio.fail_after(5):
+            while not [m for m in a.live.values() if m.result is None and m.stats.phase == "round"]:
+                await trio.sleep(0.02)
+        mid = next(m.mid for m in a.live.values() if m.result is None)
+        assert a.cancel(mid.hex()) == "cancelling"
+    res = results[0]
+    assert not res.ok and res.status == "cancelled" and res.runs_on == "source"
+    assert a.store.get(mid).state == "aborted"
+    assert cluster.running_copies("vm1") == ["a"]
+    with trio.fail_after(5):
+        while "vm1" in cluster["b"].vms:
+            await trio.sleep(0.02)
+    with pytest.raises(AgentError):
+        a.cancel(mid.hex())  # nothing in flight any more

@@ -163,10 +163,6 @@ async def migrate_out(
         run.started = started
         try:
             await run.run()
-        except trio.Cancelled:
-            if not run.handed_off:
-                _resume_source(vm, store, mid, "cancelled", "migration cancelled")
-            raise
         except Exception as exc:
             code = getattr(exc, "code", type(exc).__name__)
             reason = getattr(exc, "reason", None) or getattr(exc, "detail", None) or str(exc) or type(exc).__name__
@@ -188,6 +184,12 @@ async def migrate_out(
             return MigrationResult(False, mid, vm.name, "in-doubt", stats,
                                    f"{code}: {reason}; outcome unknown, VM paused until the destination answers",
                                    "in-doubt", "none (paused, in doubt)", peer.name)
+        except BaseException:
+            # Cancellation (operator cancel, agent shutdown), possibly grouped by a
+            # nursery: before the handoff point the VM runs here again.
+            if not run.handed_off:
+                _resume_source(vm, store, mid, "cancelled", "migration cancelled")
+            raise
         store.transition(mid, ("handed_off",), "done")
         store.set_stats(mid, stats.as_dict())
         vm.scrub()
