@@ -19,9 +19,11 @@ import structlog
 import trio
 from nacl.signing import SigningKey
 
+from palm_net.channel.handshake import Purpose, TransportMode
 from palm_net.channel.transport import SecureChannel
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration.engine import (
+    DestinationEngine,
     MigrationFailure,
     MigrationParams,
     MigrationStats,
@@ -29,9 +31,10 @@ from palm_net.migration.engine import (
     check_abort_token,
     make_abort_token,
 )
-from palm_net.migration.runner import SourceRun
+from palm_net.migration.runner import DestinationRun, SourceRun
 from palm_net.migration.store import HandoffStore
 from palm_net.wire.errors import ProtocolError
+from palm_net.wire.messages import Message
 from palm_net.wire.protocol import Role, SessionProtocol
 
 log = structlog.get_logger("palm.migration")
@@ -326,26 +329,21 @@ async def serve_incoming(
     channel: SecureChannel,
     store: HandoffStore,
     signing: SigningKey,
-    make_vm: Callable[[Any], ModelVM],
+    make_vm: Callable[[Message], ModelVM],
     max_pages: int,
-    on_engine: Callable[[Any], None] | None = None,
+    on_engine: Callable[[DestinationEngine], None] | None = None,
 ) -> None:
     """Destination side of one attested session: a migration or a recovery query."""
-    from palm_net.channel.handshake import Purpose, TransportMode
-    from palm_net.migration.engine import DestinationEngine
-    from palm_net.migration.runner import DestinationRun
-
     peer = channel.result.peer
     if channel.result.purpose is Purpose.RECOVERY:
         proto = SessionProtocol(Role.DESTINATION)
         with trio.fail_after(10):
-            msg = proto.receive(await channel.receive_record())
+            proto.receive(await channel.receive_record())  # QUERY: the state machine allows nothing else
             assert proto.mid is not None
             outcome, token = answer_query(store, signing, proto.mid)
             log.info("recovery query answered", migration=proto.mid.hex(), peer=peer.name, phase="in-doubt",
                      outcome=outcome)
             await channel.send_record(proto.send("OUTCOME", outcome=outcome, token=token))
-        del msg
         return
     engine = DestinationEngine(make_vm, store, signing, peer.name, peer.static_pub, peer.sign_pub,
                                channel.result.mode is TransportMode.PLAIN_BENCHMARK, max_pages)
