@@ -229,7 +229,8 @@ def _load_config(path: str | None) -> dict[str, Any]:
 def cmd_agent(a: argparse.Namespace) -> int:
     import trio
 
-    from palm_net.agent.agent import AgentConfig, AgentError, parse_hostport, run_agent
+    from palm_net.agent.agent import AgentConfig, parse_hostport, run_agent
+    from palm_net.agent.errors import AgentError
 
     conf = _load_config(a.config)
 

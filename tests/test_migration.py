@@ -14,7 +14,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from palm_net.agent.agent import AgentError
+from palm_net.agent.errors import AgentError
 from palm_net.hypervisor.backend import PageBatch
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.workload import Workload

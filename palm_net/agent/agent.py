@@ -27,6 +27,8 @@ from typing import Any
 import structlog
 import trio
 
+from palm_net.agent.control import ControlServer
+from palm_net.agent.errors import AgentError
 from palm_net.channel.handshake import ChannelConfig, Purpose, TransportMode, default_ciphers
 from palm_net.channel.transport import SecureChannel, accept, connect
 from palm_net.crypto.identity import (
@@ -38,12 +40,13 @@ from palm_net.crypto.identity import (
     compute_measurement,
     load_authority_public,
     read_secret_file,
+    validate_name,
     write_secret_file,
 )
 from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.backend import PAGE_SIZE
 from palm_net.hypervisor.model import ModelVM, VmError
-from palm_net.hypervisor.workload import Workload, WorkloadError
+from palm_net.hypervisor.workload import Workload, WorkloadError, parse_workload
 from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, MigrationStats
 from palm_net.migration.orchestrate import (
     MigrationResult,
@@ -61,10 +64,6 @@ log = structlog.get_logger("palm.agent")
 
 AGENT_POLICY = b"palm-net agent policy v1: model hypervisor, attested migration only"
 MAX_PENDING_HANDSHAKES = 256
-
-
-class AgentError(Exception):
-    """An operator-facing error: one line, no traceback."""
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -276,8 +275,6 @@ class Agent:
     def create_vm(self, name: str, memory: int, protected: int = 0, protected_memory: int | None = None,
                   workload: str = "idle", seed: int = 0, policy: str = "any", fill: str = "half",
                   vcpus: int = 1) -> ModelVM:
-        from palm_net.crypto.identity import validate_name
-        from palm_net.hypervisor.workload import parse_workload
         try:
             validate_name(name)
             validate_policy(policy)
@@ -518,8 +515,6 @@ class Agent:
     # -- the service ----------------------------------------------------------
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from palm_net.agent.control import ControlServer
-
         host, port = parse_hostport(self.cfg.listen)
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)

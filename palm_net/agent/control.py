@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from palm_net.agent.errors import AgentError
 from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.model import VmError
 from palm_net.migration.engine import MigrationParams, MigrationStats
@@ -68,10 +69,8 @@ class ControlServer:
         path = self.path
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
-                from palm_net.agent.agent import AgentError
                 raise AgentError(f"control path {path} exists and is not a socket")
             if await self._alive():
-                from palm_net.agent.agent import AgentError
                 raise AgentError(f"another agent is listening on {path}")
             path.unlink()
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -131,7 +130,6 @@ class ControlServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             except Exception as exc:  # every operator error is one line back, never a crash
-                from palm_net.agent.agent import AgentError
                 known = (RequestError, ValueError, VmError, AgentError)
                 msg = str(exc) if isinstance(exc, known) else f"internal error: {type(exc).__name__}: {exc}"
                 if not isinstance(exc, known):
