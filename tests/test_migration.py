@@ -589,3 +589,29 @@ async def test_operator_cancel_before_the_handoff_resumes_the_source(cluster):
             await trio.sleep(0.02)
     with pytest.raises(AgentError):
         a.cancel(mid.hex())  # nothing in flight any more
+
+
+@pytest.mark.parametrize("name", ["../escape", "..", "a/b", ".hidden"])
+async def test_destination_refuses_vm_names_that_are_not_plain_names(cluster, name):
+    """A (certified) source cannot make the destination create files outside its VM directory."""
+    from palm_net.channel.handshake import ChannelConfig
+    from palm_net.channel.transport import connect
+    from palm_net.crypto.identity import AgentIdentity
+    from palm_net.wire.protocol import Role, SessionProtocol
+
+    ident = AgentIdentity.generate("evil")
+    cert = cluster.authority.issue("evil", ident.static.public, ident.sign_pub, cluster.measurement)
+    cfg = ChannelConfig(ident, cert, cluster.authority.public, cluster.measurement,
+                        frozenset({cluster.measurement}))
+    stream = await trio.open_tcp_stream("127.0.0.1", cluster.members["b"].port)
+    ch = await connect(stream, cfg)
+    proto = SessionProtocol(Role.SOURCE, os.urandom(16))
+    await ch.send_record(proto.send("BEGIN", vm=name, vm_id=bytes(16), pages=16, protected_pages=0,
+                                    processes=0, vcpus=1, plain=False, digest=False))
+    with trio.fail_after(5):
+        reply = proto.receive(await ch.receive_record())
+    assert reply.type == "ABORT" and reply.body["code"] == "malformed"
+    await ch.aclose()
+    root = cluster.members["b"].config.memory_dir
+    assert not (root.parent / "escape").exists() and list(root.iterdir()) == []
+    assert cluster["b"].store.get(proto.mid).state == "aborted"

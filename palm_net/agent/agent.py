@@ -244,7 +244,11 @@ class Agent:
             if row is None or row.state != "handed_off":
                 return
             vm = self.vms.get(row.vm)
-            outcome = await recover_once(self.store, mid, vm, self._connect_recovery)
+            try:
+                outcome = await recover_once(self.store, mid, vm, self._connect_recovery)
+            except Exception:  # keep asking; never crash the agent over one in-doubt migration
+                log.exception("recovery attempt failed", migration=mid.hex(), vm=row.vm, phase="in-doubt")
+                outcome = None
             if outcome is not None:
                 if outcome in ("committed", "done") and vm is not None:
                     self.vms.pop(row.vm, None)
@@ -312,6 +316,10 @@ class Agent:
 
     def _make_incoming(self, msg: Message) -> ModelVM:
         b = msg.body
+        try:
+            validate_name(b["vm"])  # it names a directory: no "..", no "/"
+        except ValueError as exc:
+            raise MigrationFailure("malformed", str(exc)) from None
         if not self.accepting:
             raise MigrationFailure("shutting-down", "destination agent is shutting down")
         if len([e for e in self.incoming.values() if e.vm is not None]) >= self.cfg.max_incoming:
@@ -397,6 +405,8 @@ class Agent:
         except (ProtocolError, MigrationFailure, trio.TooSlowError, trio.BrokenResourceError,
                 trio.ClosedResourceError, OSError):
             pass  # already logged by the runner; the VM was scrubbed
+        except Exception:  # one session's unexpected failure must never take the agent down
+            log.exception("incoming session failed", peer=channel.peer_name)
         finally:
             for engine in engines:
                 self._settle_incoming(engine)

@@ -118,6 +118,7 @@ class ControlServer:
             except trio.TooSlowError:
                 return
             line = bytes(buf.split(b"\n", 1)[0])
+            req: Any = None
             try:
                 req = json.loads(line)
                 if not isinstance(req, dict) or req.get("v") != CONTROL_VERSION or not isinstance(req.get("op"), str):

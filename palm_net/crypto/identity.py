@@ -162,8 +162,10 @@ class AgentIdentity:
 
 
 def validate_name(name: str) -> None:
-    if not (1 <= len(name) <= 64) or not all(c.isalnum() or c in "-_." for c in name):
-        raise ValueError(f"invalid name {name!r}: 1-64 characters of letters, digits, '-', '_', '.'")
+    """Agent and VM names: also used as directory names, so never '.', '..' or a path."""
+    if (not (1 <= len(name) <= 64) or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+            or name.startswith(".")):
+        raise ValueError(f"invalid name {name!r}: 1-64 ASCII letters, digits, '-', '_', '.', not starting with '.'")
 
 
 # --------------------------------------------------------------------------
