@@ -261,3 +261,38 @@ TestMigrationMachine = MigrationMachine.TestCase
 TestMigrationMachine.settings = settings(max_examples=40, stateful_step_count=60, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.filter_too_much])
+
+
+# --------------------------------------------------------------------------
+# the hypervisor's parsers of wire blobs (keys, CPU state, protected context)
+
+import msgpack  # noqa: E402
+from hypothesis import given  # noqa: E402
+
+from palm_net.hypervisor.model import VmError  # noqa: E402
+from palm_net.hypervisor.protection import IntegrityError  # noqa: E402
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=40) | st.text(max_size=10),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+        ["v", "cipher", "processes", "pid", "first", "count", "key", "threads", "metadata", "cpu", "regs",
+         "rip", "workload", "seed", "policy"]), c, max_size=6),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blob=_values, which=st.sampled_from(["keys", "cpu", "context"]))
+def test_fuzz_blob_parsers_only_refuse_cleanly(blob, which):
+    FUZZ_COUNTS["blob-parsers"] += 1
+    d = Path(tempfile.mkdtemp(prefix="palm-fz-", dir=SHM))
+    try:
+        vm = ModelVM.create_incoming(d / "vm", "vm", bytes(16), 64, 1, KEY)
+        data = msgpack.packb(blob)
+        try:
+            {"keys": vm.import_keys, "cpu": vm.import_cpu_state, "context": vm.import_protection}[which](data)
+        except (VmError, IntegrityError):
+            pass
+        vm.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -72,6 +72,20 @@ BLOB_VERSION = 1
 _DIRTY = re.compile(b"\x01")
 
 
+def _u(value: Any, limit: int) -> int:
+    """A non-negative int below limit, or ValueError (wire input)."""
+    if type(value) is not int or not 0 <= value < limit:
+        raise ValueError("not an integer in range")
+    return value
+
+
+def _bin(value: Any, max_len: int) -> bytes:
+    """Bytes of at most max_len, or ValueError (wire input)."""
+    if type(value) is not bytes or len(value) > max_len:
+        raise ValueError("not a byte string of the right size")
+    return value
+
+
 class VmError(Exception):
     """A VM operation is not possible (bad state, bad argument, damaged files)."""
 
@@ -610,9 +624,11 @@ class ModelVM:
                                   max_str_len=64)
             if obj["v"] != BLOB_VERSION or obj["cipher"] not in CIPHERS or len(obj["processes"]) > MAX_PROCESSES:
                 raise ValueError
-            layouts = [ProcessLayout(int(p["pid"]), int(p["first"]), int(p["count"])) for p in obj["processes"]]
-            keys = [bytes(p["key"]) for p in obj["processes"]]
-            if any(len(k) != 32 for k in keys) or any(p.count < 1 or p.first < 0 for p in layouts):
+            # From the wire: exact types before use (bytes(n) of an int would allocate n bytes).
+            layouts = [ProcessLayout(_u(p["pid"], 2**32), _u(p["first"], 2**40), _u(p["count"], 2**40))
+                       for p in obj["processes"]]
+            keys = [_bin(p["key"], 32) for p in obj["processes"]]
+            if any(len(k) != 32 for k in keys) or any(p.count < 1 for p in layouts):
                 raise ValueError
         except Exception:
             raise VmError(f"{what} is malformed") from None
@@ -691,13 +707,20 @@ class ModelVM:
             obj = msgpack.unpackb(state, max_str_len=4096, max_bin_len=4096, max_array_len=256, max_map_len=64)
             cpu = obj["cpu"]
             regs = cpu["regs"]
-            if obj["v"] != 1 or len(regs) != self.vcpus or not all(set(r) == set(CPU_REGS) for r in regs):
+            if (obj["v"] != 1 or len(regs) != self.vcpus or set(cpu) != {"regs"}
+                    or not all(isinstance(r, dict) and set(r) == set(CPU_REGS) for r in regs)):
                 raise ValueError
+            for r in regs:
+                for name in CPU_REGS:
+                    _u(r[name], 2**64)
+            workload, seed, policy = obj.get("workload", "idle"), obj.get("seed", 0), obj.get("policy", "any")
+            if not isinstance(workload, str) or not isinstance(policy, str):
+                raise ValueError
+            _u(seed, 2**63)
         except Exception:
             raise VmError("CPU state is malformed") from None
         self.cpu = cpu
-        self.config.update(workload=obj.get("workload", "idle"), seed=obj.get("seed", 0),
-                           policy=obj.get("policy", "any"))
+        self.config.update(workload=workload, seed=seed, policy=policy)
 
     def import_protection(self, blob: bytes) -> None:
         """Installs the final protected context.  Every protected page must
@@ -712,8 +735,10 @@ class ModelVM:
         threads: list[list[bytes]] = []
         for p, entry in zip(layouts, obj["processes"]):
             try:
-                digest = bytes(entry["metadata"])
-                thr = [bytes(x) for x in entry["threads"]]
+                digest = _bin(entry["metadata"], 32)
+                if not isinstance(entry["threads"], list):
+                    raise ValueError
+                thr = [_bin(x, 4 * THREAD_CONTEXT_LEN) for x in entry["threads"]]
             except Exception:
                 raise VmError("protected-context blob is malformed") from None
             if len(digest) != 32 or len(thr) > 64:
