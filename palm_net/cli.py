@@ -333,7 +333,10 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     finally:
         progress.done()
     emit(r, a.json, lambda: migrate_summary(r))
-    return 0 if r["ok"] else EXIT_FAIL
+    if not r["ok"]:
+        print(f"palm: migration {r['status']}: {r['error']} (VM runs on: {r['runs_on']})", file=sys.stderr)
+        return EXIT_FAIL
+    return 0
 
 
 def cmd_migrations(a: argparse.Namespace) -> int:
