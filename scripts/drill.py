@@ -277,6 +277,8 @@ class Drill:
             if "replay_of" in fault:
                 fault["replay_of"] = tuple(fault["replay_of"])
             rule = Rule(**fault) if fault else None
+            for kind in ([rule.action] if rule else []) + ([f"kill-{step['kill']}"] if step.get("kill") else []):
+                self.counts[kind] = self.counts.get(kind, 0) + 1
             outcome, down = self.migrate(vm, to, rule, step.get("kill"), **step.get("args", {}))
             self._record(n, action, f"{vm} -> agent{to}" + (f" with {step['fault']}" if rule else "")
                          + (f" kill -9 {step['kill']}" if step.get("kill") else ""), outcome, down)
