@@ -250,13 +250,19 @@ class Agent:
                 log.exception("recovery attempt failed", migration=mid.hex(), vm=row.vm, phase="in-doubt")
                 outcome = None
             if outcome is not None:
-                if outcome in ("committed", "done") and vm is not None:
-                    self.vms.pop(row.vm, None)
-                elif vm is not None:
-                    self._start_workload(vm)
+                self._settle_outgoing(row.vm, vm, outcome)
                 return
             await trio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+    def _settle_outgoing(self, name: str, vm: ModelVM | None, outcome: str) -> None:
+        """After an in-doubt migration resolved: forget the VM, or run it here again."""
+        if vm is None:
+            return
+        if outcome in ("committed", "done"):
+            self.vms.pop(name, None)
+        else:
+            self._start_workload(vm)
 
     # -- VMs ------------------------------------------------------------------
 
@@ -506,10 +512,7 @@ class Agent:
         outcome = await recover_once(self.store, mid, vm, self._connect_recovery)
         if outcome is None:
             return "still in doubt: destination not reachable"
-        if outcome in ("committed", "done"):
-            self.vms.pop(row.vm, None)
-        else:
-            self._start_workload(vm)
+        self._settle_outgoing(row.vm, vm, outcome)
         return outcome
 
     def migrations(self) -> list[dict[str, Any]]:

@@ -52,6 +52,13 @@ class MigrationFailure(Exception):
         super().__init__(f"{code}: {reason}")
 
 
+def describe(exc: BaseException, default_code: str) -> tuple[str, str]:
+    """(code, one-line reason) of a MigrationFailure, a ProtocolError or anything else."""
+    code = getattr(exc, "code", None) or default_code
+    reason = getattr(exc, "reason", None) or getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+    return str(code), str(reason)
+
+
 # --------------------------------------------------------------------------
 # Parameters and statistics
 
@@ -138,12 +145,12 @@ def check_abort_token(sign_pub: bytes, mid: bytes, token: bytes) -> bool:
 class SourceEngine:
     """Produces the source's messages in order; the shell seals and sends them."""
 
-    def __init__(self, vm: Backend, mid: bytes, params: MigrationParams) -> None:
+    def __init__(self, vm: Backend, mid: bytes, params: MigrationParams, stats: MigrationStats | None = None) -> None:
         self.vm = vm
         self.info = vm.info
         self.params = params
         self.proto = SessionProtocol(Role.SOURCE, mid)
-        self.stats = MigrationStats()
+        self.stats = stats or MigrationStats()
         self.round = 0
         self.pending: Any = range(self.info.npages)  # round 0: every page
         self.sent_bytes = 0

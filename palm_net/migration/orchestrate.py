@@ -29,6 +29,7 @@ from palm_net.migration.engine import (
     MigrationStats,
     SourceEngine,
     check_abort_token,
+    describe,
     make_abort_token,
 )
 from palm_net.migration.runner import DestinationRun, SourceRun
@@ -146,8 +147,7 @@ async def migrate_out(
         check_policy(vm.policy)
         channel = await connect(dest_addr)
     except (MigrationFailure, ProtocolError) as exc:
-        return fail(exc.code, getattr(exc, "reason", None) or str(exc.detail if hasattr(exc, "detail") else exc),
-                    "handshake")
+        return fail(*describe(exc, "handshake"), "handshake")
     except OSError as exc:
         return fail("unreachable", f"destination {dest_addr} not reachable ({exc.strerror or exc})", "connect")
     peer = channel.result.peer
@@ -159,18 +159,14 @@ async def migrate_out(
         store.create(mid, "source", vm.name, vm.vm_id, peer.name, dest_addr, peer.static_pub, peer.sign_pub,
                      "sending")
         vm.set_migration(mid)
-        engine = SourceEngine(vm, mid, params)
-        engine.stats = stats
-        run = SourceRun(channel, engine, store, dest_addr,
-                        (lambda: on_progress(stats)) if on_progress else None)
-        run.started = started
+        engine = SourceEngine(vm, mid, params, stats)
+        run = SourceRun(channel, engine, store, (lambda: on_progress(stats)) if on_progress else None, started)
         try:
             await run.run()
         except Exception as exc:
-            code = getattr(exc, "code", type(exc).__name__)
-            reason = getattr(exc, "reason", None) or getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+            code, reason = describe(exc, type(exc).__name__)
             if not run.handed_off:
-                return await _resume_after_failure(vm, store, mid, stats, code, str(reason), started, channel,
+                return await _resume_after_failure(vm, store, mid, stats, code, reason, started, channel,
                                                    engine, peer.name)
             # Past the handoff point: ask the destination (in doubt until it answers).
             log.warning("in doubt after COMMIT", migration=mid.hex(), vm=vm.name, peer=peer.name,

@@ -25,6 +25,7 @@ from palm_net.migration.engine import (
     MigrationFailure,
     SourceEngine,
     check_abort_token,
+    describe,
 )
 from palm_net.migration.store import HandoffStore
 from palm_net.trioutil import single_error
@@ -52,17 +53,16 @@ class InDoubt(Exception):
 class SourceRun:
     """One outgoing migration over an established channel."""
 
-    def __init__(self, channel: SecureChannel, engine: SourceEngine, store: HandoffStore, peer_addr: str,
-                 on_progress: Callable[[], None] | None = None) -> None:
+    def __init__(self, channel: SecureChannel, engine: SourceEngine, store: HandoffStore,
+                 on_progress: Callable[[], None] | None = None, started: float | None = None) -> None:
         self.ch = channel
         self.engine = engine
         self.store = store
-        self.peer_addr = peer_addr
         self.on_progress = on_progress or (lambda: None)
         self.log = log.bind(migration=engine.mid.hex(), vm=engine.info.name, peer=channel.peer_name)
         self._send, self._recv = trio.open_memory_channel[bytes | Flush](WINDOW)
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](8)
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.handed_off = False
 
     # -- plumbing
@@ -243,10 +243,9 @@ class DestinationRun:
                             nursery.cancel_scope.cancel()
         except (ProtocolError, MigrationFailure, VmError, trio.TooSlowError, trio.BrokenResourceError,
                 trio.ClosedResourceError, OSError) as exc:
-            code = getattr(exc, "code", "timeout" if isinstance(exc, trio.TooSlowError) else "closed")
-            reason = getattr(exc, "reason", None) or getattr(exc, "detail", None) or type(exc).__name__
-            abort = eng.fail(code, str(reason))
-            self.log.warning("incoming migration failed", phase="abort", error=code, reason=str(reason),
+            code, reason = describe(exc, "timeout" if isinstance(exc, trio.TooSlowError) else "closed")
+            abort = eng.fail(code, reason)
+            self.log.warning("incoming migration failed", phase="abort", error=code, reason=reason,
                              outcome=eng.outcome)
             if abort is not None:
                 with trio.move_on_after(2):
