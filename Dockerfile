@@ -11,6 +11,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# QEMU for the agent's QEMU VMs (KVM when the container gets /dev/kvm, TCG otherwise).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends qemu-system-x86 \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/palm_net
 COPY setup.cfg pyproject.toml README.md ./
 COPY palm_net ./palm_net

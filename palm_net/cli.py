@@ -254,7 +254,11 @@ def cmd_agent(a: argparse.Namespace) -> int:
             handshake_timeout=float(pick(a.handshake_timeout, "handshake_timeout", 10.0)),
             allow_plain=bool(pick(a.allow_plain or None, "allow_plain", False)),
             memory_dir=Path(pick(a.memory_dir, "memory_dir")) if pick(a.memory_dir, "memory_dir") else None,
+            accept_qemu=not bool(pick(a.no_qemu or None, "no_qemu", False)),
+            qemu_accel=pick(a.qemu_accel, "qemu_accel"),
         )
+        if cfg.qemu_accel not in (None, "kvm", "tcg"):
+            raise ValueError(f"qemu_accel must be kvm or tcg, not {cfg.qemu_accel!r}")
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     from palm_net.trioutil import single_error
@@ -276,22 +280,34 @@ def cmd_vm(a: argparse.Namespace) -> int:
                 parse_size(a.protected_memory)
         except ValueError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
+        if a.backend == "qemu" and (a.protected or a.protected_memory):
+            raise CliError("QEMU VMs have no protected processes (--protected is the model's)", EXIT_USAGE)
+        if a.qemu_arg and a.backend != "qemu":
+            raise CliError("--qemu-arg needs --backend qemu", EXIT_USAGE)
         args: dict[str, Any] = {"name": a.name, "memory": a.memory, "protected": a.protected,
                                 "protected_memory": a.protected_memory, "workload": a.workload, "seed": a.seed,
-                                "policy": a.policy, "fill": a.fill}
+                                "policy": a.policy, "fill": a.fill, "backend": a.backend,
+                                "qemu_args": a.qemu_arg or [], "vcpus": a.vcpus}
         r = control_request(a.control, "vm.create", args)
-        emit(r, a.json, lambda: f"VM {r['name']} created: {format_bytes(r['memory'])}, "
-                                f"{r['protected_processes']} protected processes ({r['protected_pages']} pages), "
-                                f"workload {r['workload']}")
+        if r["backend"] == "qemu":
+            emit(r, a.json, lambda: f"VM {r['name']} created: QEMU ({r['accel']}, pid {r['pid']}), "
+                                    f"{format_bytes(r['memory'])}, {r['vcpus']} vCPU")
+        else:
+            emit(r, a.json, lambda: f"VM {r['name']} created: {format_bytes(r['memory'])}, "
+                                    f"{r['protected_processes']} protected processes ({r['protected_pages']} pages), "
+                                    f"workload {r['workload']}")
         return 0
     if op == "list":
         r = control_request(a.control, "vm.list", {})
         emit(r, a.json, lambda: _fmt_table(
-            [["NAME", "STATE", "MEMORY", "PROTECTED", "WORKLOAD"]]
-            + [[v["name"], v["state"], format_bytes(v["memory"]), str(v["protected_pages"]), v["workload"]]
-               for v in r]) or "no VMs")
+            [["NAME", "BACKEND", "STATE", "MEMORY", "PROTECTED", "WORKLOAD"]]
+            + [[v["name"], v["backend"], v["state"], format_bytes(v["memory"]), str(v["protected_pages"]),
+                v["workload"]] for v in r]) or "no VMs")
         return 0
-    r = control_request(a.control, f"vm.{op}", {"name": a.name})
+    req: dict[str, Any] = {"name": a.name}
+    if op == "digest" and a.range:
+        req["range"] = a.range
+    r = control_request(a.control, f"vm.{op}", req)
     if op == "digest":
         emit(r, a.json, lambda: f"{r['digest']}  {r['name']}")
     elif op == "verify":
@@ -424,15 +440,27 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--max-incoming-memory", metavar="SIZE", help="memory reserved for incoming VMs (default 16GiB)")
     ag.add_argument("--memory-dir", help="where VM memory lives (default a tmpfs directory)")
     ag.add_argument("--handshake-timeout", type=float, help="seconds (default 10)")
+    ag.add_argument("--qemu-accel", choices=("kvm", "tcg"),
+                    help="accelerator for QEMU VMs created here (default: kvm if /dev/kvm is usable, else tcg)")
+    ag.add_argument("--no-qemu", action="store_true", default=None, help="refuse incoming QEMU VMs")
     ag.add_argument("--allow-plain", action="store_true", default=None,
                     help="accept the benchmark-only plain mode (never for protected VMs)")
 
     vm = sub.add_parser("vm", help="VMs of an agent: create, list, show, digest, verify, pause, resume, destroy")
     vm_sub = vm.add_subparsers(dest="vm_cmd", metavar="VM_COMMAND", parser_class=_Parser)
     vm_sub.required = True
-    vc = add("create", "create a VM (the embedded hypervisor model)", cmd_vm, control=True, parent=vm_sub)
+    vc = add("create", "create a VM (the embedded hypervisor model, or a QEMU process)", cmd_vm, control=True,
+             parent=vm_sub)
     vc.add_argument("name")
     vc.add_argument("--memory", required=True, metavar="SIZE", help="e.g. 512MiB, 2GiB")
+    vc.add_argument("--backend", choices=("model", "qemu"), default="model",
+                    help="model (default): the embedded hypervisor with protected processes; qemu: a QEMU/KVM "
+                         "guest started and owned by the agent (TCG where /dev/kvm is not usable)")
+    vc.add_argument("--qemu-arg", action="append", metavar="ARG",
+                    help="extra QEMU argument, repeatable; write options with '=', e.g. --qemu-arg=-device "
+                         "--qemu-arg=virtio-rng-pci.  Migratable: -cpu, -rtc, -device of a few host-free "
+                         "devices; -device loader,file=... (source only) loads guest memory from a file")
+    vc.add_argument("--vcpus", type=int, default=1, help="virtual CPUs (QEMU backend; default 1)")
     vc.add_argument("--protected", type=int, default=0, metavar="N", help="protected processes (default 0)")
     vc.add_argument("--protected-memory", metavar="SIZE", help="memory they own (default a quarter)")
     vc.add_argument("--workload", default="idle",
@@ -445,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     for op, hlp in (("show", "show one VM"), ("digest", "digest of guest memory (protected pages as plaintext)"),
                     ("verify", "check every protected page against its metadata"), ("pause", "pause a VM"),
                     ("resume", "resume a VM"), ("destroy", "destroy a VM and scrub its memory and keys")):
-        add(op, hlp, cmd_vm, control=True, parent=vm_sub).add_argument("name")
+        sp = add(op, hlp, cmd_vm, control=True, parent=vm_sub)
+        sp.add_argument("name")
+        if op == "digest":
+            sp.add_argument("--range", metavar="ADDR:SIZE",
+                            help="QEMU VMs: digest only this guest-physical range, e.g. 0x1000000:8MiB")
 
     mg = add("migrate", "live-migrate a VM to another agent (or --cancel / --resolve one)", cmd_migrate,
              control=True)

@@ -21,3 +21,6 @@ if __name__ == "__main__":
         path = OUT / f"handshake_{cipher.value.lower()}.json"
         path.write_text(json.dumps(build(cipher), indent=1) + "\n")
         print(f"wrote {path}")
+    path = OUT / "stream_aesgcm.json"
+    path.write_text(json.dumps(build(CipherName.AESGCM, backend="qemu"), indent=1) + "\n")
+    print(f"wrote {path}")

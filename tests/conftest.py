@@ -9,6 +9,7 @@ import pytest
 
 from palm_net.channel.handshake import ChannelConfig
 from palm_net.crypto.identity import AgentIdentity, Authority, compute_measurement
+from palm_net.testing.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 # Examples run by the fuzzers, printed at the end of the run (CI's record).
@@ -72,3 +73,16 @@ class Pki:
 @pytest.fixture
 def pki() -> Pki:
     return Pki()
+
+
+@pytest.fixture
+async def cluster(nursery):
+    """Two in-process agents, a and b, on loopback (palm_net.testing.cluster)."""
+    c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
+    c.nursery = nursery
+    await c.start("a")
+    await c.start("b")
+    yield c
+    for name in list(c.members):
+        await c.stop(name)
+    c.cleanup()

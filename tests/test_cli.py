@@ -111,6 +111,42 @@ def test_migrate_end_to_end(cluster):
     assert json.loads(palm("vm", "digest", "vm1", "--control", c.sock("a"), "--json").stdout)["digest"] == before
 
 
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+def test_qemu_vm_through_the_cli(cluster, tmp_path):
+    c = cluster
+    content = tmp_path / "content.bin"
+    content.write_bytes(os.urandom(1 << 20))
+    p = palm("vm", "create", "qvm", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64MiB",
+             "--qemu-arg=-device", f"--qemu-arg=loader,file={content},addr=0x1000000,force-raw=on",
+             "--qemu-arg=-cpu", "--qemu-arg=qemu64,-kvmclock")  # see docs/QEMU.md on kvmclock and digests
+    assert "created: QEMU" in p.stdout
+    show = json.loads(palm("vm", "show", "qvm", "--control", c.sock("a"), "--json").stdout)
+    assert show["backend"] == "qemu" and show["qemu_status"] == "running" and show["accel"] in ("kvm", "tcg")
+    rng = ["--range", "0x1000000:1MiB"]
+    before = json.loads(palm("vm", "digest", "qvm", "--control", c.sock("a"), "--json", *rng).stdout)["digest"]
+    r = json.loads(palm("migrate", "qvm", "--control", c.sock("a"), "--to", f"127.0.0.1:{c.ports['b']}",
+                        "--json", "--verify-digest").stdout)
+    assert r["ok"] and r["digest_verified"] and r["hypervisor"]["rounds"] >= 1, r
+    assert "BACKEND" in palm("vm", "list", "--control", c.sock("b")).stdout
+    assert json.loads(palm("vm", "digest", "qvm", "--control", c.sock("b"), "--json", *rng).stdout)["digest"] \
+        == before
+    assert vm_names(c, "a") == []
+    # bad input: one line each, nothing created
+    one_line_error(palm("vm", "create", "q2", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64MiB",
+                        "--qemu-arg=-drive", "--qemu-arg=file=/etc/shadow", check=False), "set by palm_net")
+    one_line_error(palm("vm", "create", "q2", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64MiB",
+                        "--qemu-arg=-device", "--qemu-arg=virtio-serial-pci", check=False), "cannot migrate")
+    one_line_error(palm("vm", "create", "q2", "--control", c.sock("a"), "--memory", "64MiB",
+                        "--qemu-arg=-device", check=False), "needs --backend qemu")
+    one_line_error(palm("vm", "create", "q2", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64MiB",
+                        "--protected", "1", check=False), "no protected processes")
+    one_line_error(palm("vm", "digest", "qvm", "--control", c.sock("b"), "--range", "0x1000000:1TiB",
+                        check=False), "outside")
+    assert vm_names(c, "a") == []
+    palm("vm", "destroy", "qvm", "--control", c.sock("b"))
+    assert vm_names(c, "b") == []
+
+
 def test_logs_carry_no_key_material(cluster):
     c = cluster
     palm("vm", "create", "vm1", "--control", c.sock("a"), "--memory", "16MiB", "--protected", "1",

@@ -26,6 +26,7 @@ from palm_net.channel.handshake import AttestedHandshake
 from palm_net.channel.records import RecordReceiver, RecordSender
 from palm_net.crypto.noise import AESGCM, CipherState
 from palm_net.hypervisor.model import ModelVM
+from palm_net.hypervisor.qemu import OWN_OPTIONS, QemuError, QemuSpec, split_args
 from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, SourceEngine
 from palm_net.migration.store import HandoffStore
 from palm_net.wire.errors import ProtocolError
@@ -296,3 +297,32 @@ def test_fuzz_blob_parsers_only_refuse_cleanly(blob, which):
         vm.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+_spec_values = st.fixed_dictionaries({
+    "memory_mib": st.one_of(st.integers(-2, 2**21), st.text(max_size=3)),
+    "vcpus": st.one_of(st.integers(-1, 100), st.none()),
+    "machine": st.sampled_from(["pc", "q35", "virt", ""]),
+    "accel": st.sampled_from(["kvm", "tcg", "hvf", 1]),
+    "args": st.lists(st.one_of(st.sampled_from(["-device", "-cpu", "-rtc", "-drive", "-chardev", "-m",
+                                                "loader,file=/x", "virtio-rng-pci", "edu", "qemu64", "a/b",
+                                                "virtio-serial-pci,chardev=c"]), st.text(max_size=20)),
+                     max_size=40),
+}, optional={"extra": _values})
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=st.one_of(_spec_values, _values), raw=st.booleans(), data=st.binary(max_size=64))
+def test_fuzz_qemu_spec_parser_only_refuses_cleanly(spec, raw, data):
+    """A QEMU spec from the wire decides what the destination starts: anything
+    it accepts must re-encode to itself and name only migratable arguments."""
+    FUZZ_COUNTS["blob-parsers"] += 1
+    blob = data if raw else msgpack.packb(spec)
+    try:
+        parsed = QemuSpec.decode(blob)
+    except QemuError:
+        return
+    assert QemuSpec.decode(parsed.encode()) == parsed
+    wire, local = split_args(list(parsed.args))
+    assert wire == list(parsed.args) and not local
+    assert all(a not in OWN_OPTIONS for a in parsed.args)

@@ -26,7 +26,6 @@ from palm_net.migration.engine import (
     check_abort_token,
 )
 from palm_net.migration.store import HandoffStore
-from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.proxy import FaultProxy, Rule
 from palm_net.wire import messages
 from palm_net.wire.errors import ProtocolError
@@ -218,18 +217,6 @@ def test_destination_refuses_plain_for_protected_and_mode_mismatch(shm):
 
 # --------------------------------------------------------------------------
 # Whole migrations between in-process agents over loopback TCP
-
-
-@pytest.fixture
-async def cluster(nursery):
-    c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
-    c.nursery = nursery
-    await c.start("a")
-    await c.start("b")
-    yield c
-    for name in list(c.members):
-        await c.stop(name)
-    c.cleanup()
 
 
 @pytest.mark.parametrize("workload", ["idle", "random:3000", "hotset:256KiB:5000", "protected:2000",
@@ -494,7 +481,7 @@ async def test_first_record_arriving_with_the_last_handshake_message_is_answered
     src_proto = SessionProtocol(Role.SOURCE, os.urandom(16))
     begin = init.result.sender.seal(src_proto.send(
         "BEGIN", vm="vm", vm_id=bytes(16), pages=16, protected_pages=0, processes=0, vcpus=1, plain=False,
-        digest=False))
+        digest=False, backend="model", spec=b""))
     ours, theirs = trio.testing.memory_stream_pair()
     channel = SecureChannel(theirs, resp.result, leftover=begin)
 
@@ -607,7 +594,7 @@ async def test_destination_refuses_vm_names_that_are_not_plain_names(cluster, na
     ch = await connect(stream, cfg)
     proto = SessionProtocol(Role.SOURCE, os.urandom(16))
     await ch.send_record(proto.send("BEGIN", vm=name, vm_id=bytes(16), pages=16, protected_pages=0,
-                                    processes=0, vcpus=1, plain=False, digest=False))
+                                    processes=0, vcpus=1, plain=False, digest=False, backend="model", spec=b""))
     with trio.fail_after(5):
         reply = proto.receive(await ch.receive_record())
     assert reply.type == "ABORT" and reply.body["code"] == "malformed"

@@ -182,10 +182,54 @@ def test_fuzz_message_decoder_structured(mtype, body, seq):
 # -- the session state machine
 
 
+def _begun(backend: str, spec: bytes) -> tuple[SessionProtocol, SessionProtocol]:
+    src, dst = SessionProtocol(Role.SOURCE, MID), SessionProtocol(Role.DESTINATION)
+    dst.receive(src.send("BEGIN", vm="v", vm_id=bytes(16), pages=1, protected_pages=0, processes=0, vcpus=1,
+                         plain=False, digest=False, backend=backend, spec=spec))
+    src.receive(dst.send("ACCEPT"))
+    return src, dst
+
+
+def _forged(src: SessionProtocol, mtype: str, **body) -> bytes:
+    """A message the peer's state machine would not let it send (a forger's)."""
+    return messages.encode(messages.Message(mtype, MID, src._next_seq[Role.SOURCE], body))
+
+
+def test_session_backend_decides_page_or_stream_messages():
+    # a page migration never takes STREAM, a stream migration never takes pages
+    src, dst = _begun("model", b"")
+    with pytest.raises(ProtocolError, match="not part of a page migration"):
+        dst.receive(_forged(src, "STREAM", data=b"x"))
+    src, dst = _begun("qemu", b"spec")
+    for mtype, body in (("PAGES", {"round": 0, "gfns": b"", "kinds": b"", "vers": b"", "data": b"", "tags": b""}),
+                        ("KEYS", {"data": b""}), ("CPU_STATE", {"state": b""})):
+        with pytest.raises(ProtocolError, match="not part of a stream migration"):
+            dst.receive(_forged(src, mtype, **body))
+    # the stream path: STREAM*, STREAM_END, COMPLETE (no context blob)
+    src, dst = _begun("qemu", b"spec")
+    for m in (src.send("STREAM", data=b"abc"), src.send("STREAM_END", bytes=3)):
+        dst.receive(m)
+    with pytest.raises(ProtocolError):  # nothing streams after the end
+        dst.receive(_forged(src, "STREAM", data=b"late"))
+    src, dst = _begun("qemu", b"spec")
+    dst.receive(src.send("STREAM_END", bytes=0))
+    dst.receive(src.send("COMPLETE", records=2, page_records=0, transcript=bytes(32)))
+    assert dst.state is State.VERIFYING
+    # unknown backends, and a spec where none belongs (or none where one must be)
+    for backend, spec, code in (("xen", b"", "unsupported"), ("model", b"x", "malformed"),
+                                ("qemu", b"", "malformed")):
+        d = SessionProtocol(Role.DESTINATION)
+        with pytest.raises(ProtocolError) as info:
+            d.receive(messages.encode(messages.Message("BEGIN", MID, 0, {
+                "vm": "v", "vm_id": bytes(16), "pages": 1, "protected_pages": 0, "processes": 0, "vcpus": 1,
+                "plain": False, "digest": False, "backend": backend, "spec": spec})))
+        assert info.value.code == code
+
+
 def test_session_out_of_state_replay_and_foreign_mid():
     src, dst = SessionProtocol(Role.SOURCE, MID), SessionProtocol(Role.DESTINATION)
     begin = src.send("BEGIN", vm="v", vm_id=bytes(16), pages=1, protected_pages=0, processes=0, vcpus=1,
-                     plain=False, digest=False)
+                     plain=False, digest=False, backend="model", spec=b"")
     dst.receive(begin)
     # PAGES before ACCEPT: out of state on the destination
     src2 = SessionProtocol(Role.SOURCE, MID)

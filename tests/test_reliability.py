@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -10,12 +13,14 @@ import struct
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from palm_net.agent.launcher import AgentProcess, provision
 from palm_net.channel.handshake import Purpose, TransportMode, encode_preamble
+from palm_net.hypervisor.qemu import kill_all_under, qemu_binary
 from palm_net.testing.proxy import ProxyThread, Rule
 
 pytestmark = pytest.mark.slow
@@ -49,6 +54,7 @@ class Pair:
     def close(self) -> None:
         for ag in (self.a, self.b):
             ag.stop()
+        kill_all_under(self.root)  # QEMU VMs outlive their agents by design
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -71,26 +77,26 @@ def _wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
         time.sleep(0.02)
 
 
-# Each case: which frame the proxy holds back for 3 s, which agent is killed -9
+# Each case: which frame the proxy holds back, which agent is killed -9
 # meanwhile, and where the VM must end up.  s2c frames: 1 ACCEPT, 2 READY, 3 DONE.
+HOLD = 3.0
 KILL_CASES = [
     ("source, round 0", "a", None, "a"),
     ("destination, round 0", "b", None, "a"),
-    ("source, destination verifying (before READY)", "a", Rule("s2c", 2, "delay", seconds=3), "a"),
-    ("destination, prepared (READY held)", "b", Rule("s2c", 2, "delay", seconds=3), "a"),
-    ("source, handed off (DONE held)", "a", Rule("s2c", 3, "delay", seconds=3), "b"),
-    ("destination, committed (DONE held)", "b", Rule("s2c", 3, "delay", seconds=3), "b"),
+    ("source, destination verifying (before READY)", "a", Rule("s2c", 2, "delay", seconds=HOLD), "a"),
+    ("destination, prepared (READY held)", "b", Rule("s2c", 2, "delay", seconds=HOLD), "a"),
+    ("source, handed off (DONE held)", "a", Rule("s2c", 3, "delay", seconds=HOLD), "b"),
+    ("destination, committed (DONE held)", "b", Rule("s2c", 3, "delay", seconds=HOLD), "b"),
 ]
 
 
-@pytest.mark.parametrize(("case", "victim", "rule", "where"), KILL_CASES, ids=[c[0] for c in KILL_CASES])
-def test_kill9_at_each_phase_then_restart(pair, case, victim, rule, where):
-    p = pair
-    p.a.request("vm.create", name="vm1", memory="32MiB", protected=1, fill="random")
-    digest = p.a.request("vm.digest", name="vm1")["digest"]
+def kill_during_migration(p: Pair, name: str, rule: Rule | None, victim: str, slow: str) -> str:
+    """Migrates a to b through the proxy, kill -9s the victim while the rule
+    holds its frame (or, without a rule, a second into a ``slow``-capped
+    transfer), restarts it, and returns where the VM settles."""
     with ProxyThread(("127.0.0.1", p.b.port), [rule] if rule else []) as proxy:
-        args = {} if rule else {"bandwidth": "8MiB/s"}  # round 0 takes ~3 s
-        t, _ = _migrate_async(p.a, "vm1", f"127.0.0.1:{proxy.port}", **args)
+        args = {} if rule else {"bandwidth": slow}
+        t, _ = _migrate_async(p.a, name, f"127.0.0.1:{proxy.port}", **args)
         if rule:
             _wait_for(lambda: rule.fired, what=f"the proxy to hold frame {rule.frame}")
             time.sleep(0.3)
@@ -100,12 +106,52 @@ def test_kill9_at_each_phase_then_restart(pair, case, victim, rule, where):
         agent.stop(signal.SIGKILL)
         agent.start()
         t.join(60)
-        assert p.one_copy("vm1") == where, case
+        return p.one_copy(name)
+
+
+def fresh(rule: Rule | None) -> Rule | None:
+    """A Rule remembers that it fired: each test needs its own copy of a shared case."""
+    return dataclasses.replace(rule, fired=False) if rule else None
+
+
+@pytest.mark.parametrize(("case", "victim", "rule", "where"), KILL_CASES, ids=[c[0] for c in KILL_CASES])
+def test_kill9_at_each_phase_then_restart(pair, case, victim, rule, where):
+    rule = fresh(rule)
+    p = pair
+    p.a.request("vm.create", name="vm1", memory="32MiB", protected=1, fill="random")
+    digest = p.a.request("vm.digest", name="vm1")["digest"]
+    # round 0 takes ~3 s at 8 MiB/s
+    assert kill_during_migration(p, "vm1", rule, victim, "8MiB/s") == where, case
     ag = p.a if where == "a" else p.b
     assert ag.request("vm.digest", name="vm1")["digest"] == digest
     assert ag.request("vm.verify", name="vm1")["ok"]
     logs = p.a.log_tail(200000) + p.b.log_tail(200000)
     assert "migration" in logs
+
+
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed (Debian qemu-system-x86)")
+@pytest.mark.parametrize(("case", "victim", "rule", "where"), KILL_CASES, ids=[c[0] for c in KILL_CASES])
+def test_kill9_of_an_agent_with_a_qemu_vm_then_restart(pair, case, victim, rule, where, tmp_path):
+    """The same cases with a real QEMU guest: afterwards exactly one QEMU of
+    the VM exists on the host, it runs (asked over QMP), and it holds the content."""
+    from tests.test_qemu import CONTENT, LOAD_ADDR, qemu_processes
+
+    rule = fresh(rule)
+    p = pair
+    content = tmp_path / "content.bin"
+    content.write_bytes(os.urandom(CONTENT))
+    name = "q" + uuid.uuid4().hex[:10]
+    p.a.request("vm.create", name=name, memory="64MiB", backend="qemu",
+                qemu_args=["-device", f"loader,file={content},addr={LOAD_ADDR:#x},force-raw=on"])
+    # the 9 MB stream takes ~2 s at 4 MiB/s
+    assert kill_during_migration(p, name, rule, victim, "4MiB/s") == where, case
+    ag = p.a if where == "a" else p.b
+    _wait_for(lambda: len(qemu_processes(name)) == 1, what="exactly one QEMU of the VM")
+    show = ag.request("vm.show", name=name)
+    assert show["qemu_status"] == "running" and qemu_processes(name) == [show["pid"]]
+    assert ag.request("vm.verify", name=name)["ok"]
+    r = ag.request("vm.digest", name=name, range=f"{LOAD_ADDR:#x}:{CONTENT}")
+    assert r["digest"] == hashlib.blake2b(content.read_bytes(), digest_size=32, person=b"palm-vm-digest").hexdigest()
 
 
 def test_flood_of_half_open_handshakes_and_huge_claims_do_not_starve(pair):

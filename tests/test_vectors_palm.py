@@ -9,6 +9,7 @@ import pytest
 
 from palm_net.crypto.noise import CipherName
 from palm_net.testing.vectors import build
+from palm_net.wire import messages
 
 VECTORS = Path(__file__).resolve().parent.parent / "proto" / "vectors"
 
@@ -18,6 +19,13 @@ def test_palm_vectors(cipher):
     expected = json.loads((VECTORS / f"handshake_{cipher.value.lower()}.json").read_text())
     got = build(cipher, expected["inputs"])
     assert got == expected
+
+
+def test_stream_backend_vectors():
+    expected = json.loads((VECTORS / "stream_aesgcm.json").read_text())
+    assert build(CipherName.AESGCM, expected["inputs"], backend="qemu") == expected
+    types = [messages.decode(bytes.fromhex(r["plaintext"])).type for r in expected["records"]]
+    assert types == ["BEGIN", "ACCEPT", "STREAM", "STREAM_END"]
 
 
 def test_vectors_are_independent_of_the_implementation_details():

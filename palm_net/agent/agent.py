@@ -44,8 +44,10 @@ from palm_net.crypto.identity import (
     write_secret_file,
 )
 from palm_net.crypto.noise import CipherName
-from palm_net.hypervisor.backend import PAGE_SIZE
-from palm_net.hypervisor.model import ModelVM, VmError
+from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
+from palm_net.hypervisor.model import ModelVM
+from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM
+from palm_net.hypervisor.vms import AnyVM, open_vm
 from palm_net.hypervisor.workload import Workload, WorkloadError, parse_workload
 from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, MigrationStats
 from palm_net.migration.orchestrate import (
@@ -62,7 +64,7 @@ from palm_net.wire.messages import Message
 
 log = structlog.get_logger("palm.agent")
 
-AGENT_POLICY = b"palm-net agent policy v1: model hypervisor, attested migration only"
+AGENT_POLICY = b"palm-net agent policy v2: model hypervisor and QEMU, attested migration only"
 MAX_PENDING_HANDSHAKES = 256
 
 
@@ -91,6 +93,8 @@ class AgentConfig:
     allow_plain: bool = False
     memory_dir: Path | None = None
     in_doubt_wait: float = 30.0
+    accept_qemu: bool = True  # receive QEMU VMs (their QEMU is started here, paused until COMMIT)
+    qemu_accel: str | None = None  # kvm or tcg; None: KVM when /dev/kvm is usable
 
 
 @dataclass
@@ -139,7 +143,7 @@ class Agent:
         self.sealing_key = self._sealing_key()
         self.store = HandoffStore(d / "state.db")
         self.memory_dir = self._memory_dir()
-        self.vms: dict[str, ModelVM] = {}
+        self.vms: dict[str, AnyVM] = {}
         self.live: dict[bytes, LiveMigration] = {}
         self.incoming: dict[int, DestinationEngine] = {}
         self.incoming_reserved = 0
@@ -194,8 +198,8 @@ class Agent:
         """
         for vm_dir in sorted(p for p in self.memory_dir.iterdir() if p.is_dir()):
             try:
-                opened = ModelVM.open(vm_dir, self.sealing_key)
-            except VmError as exc:
+                opened = open_vm(vm_dir, self.sealing_key)
+            except HypervisorError as exc:
                 log.error("cannot reopen VM, left in place", dir=str(vm_dir), error=str(exc))
                 continue
             self.vms[opened.name] = opened
@@ -205,8 +209,11 @@ class Agent:
             bound = log.bind(migration=mid.hex() if mid else None, vm=name, phase="restart")
             if vm.state == "incoming":
                 if row is not None and row.role == "destination" and row.state == "committed":
-                    vm.activate()  # died between "committed" and activation
-                    bound.info("committed migration activated after restart")
+                    try:
+                        vm.activate()  # died between "committed" and activation
+                        bound.info("committed migration activated after restart")
+                    except HypervisorError as exc:  # e.g. its QEMU died with us: lost, say so
+                        bound.error("committed VM cannot be activated", error=str(exc))
                 else:  # never committed: discard, and never activate it later
                     if row is not None:
                         self.store.transition(row.mid, ("receiving", "prepared"), "aborted", error="agent restarted")
@@ -220,9 +227,7 @@ class Agent:
                 self.store.transition(row.mid, ("sending",), "aborted", error="agent restarted before handoff")
                 row = self.store.get(row.mid)
             if row is not None and row.state == "aborted":
-                vm.set_migration(None)
-                if vm.state == "paused":
-                    vm.resume()
+                vm.resume_after_migration()
                 bound.warning("outgoing migration aborted by restart, VM resumed")
             elif row is not None and row.state == "done":
                 vm.scrub()  # handed over and confirmed: only the scrub was missing
@@ -255,7 +260,7 @@ class Agent:
             await trio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
-    def _settle_outgoing(self, name: str, vm: ModelVM | None, outcome: str) -> None:
+    def _settle_outgoing(self, name: str, vm: AnyVM | None, outcome: str) -> None:
         """After an in-doubt migration resolved: forget the VM, or run it here again."""
         if vm is None:
             return
@@ -266,7 +271,9 @@ class Agent:
 
     # -- VMs ------------------------------------------------------------------
 
-    def _start_workload(self, vm: ModelVM) -> None:
+    def _start_workload(self, vm: AnyVM) -> None:
+        if not isinstance(vm, ModelVM):
+            return  # a QEMU guest runs its own code
         spec = str(vm.config.get("workload", "idle"))
         try:
             wl = Workload(vm, spec, int(vm.config.get("seed", 0)))
@@ -276,23 +283,29 @@ class Agent:
         vm.workload = wl
         wl.start()
 
-    def get_vm(self, name: str) -> ModelVM:
+    def get_vm(self, name: str) -> AnyVM:
         vm = self.vms.get(name)
         if vm is None:
             raise AgentError(f"unknown VM {name!r}")
         return vm
 
-    def create_vm(self, name: str, memory: int, protected: int = 0, protected_memory: int | None = None,
-                  workload: str = "idle", seed: int = 0, policy: str = "any", fill: str = "half",
-                  vcpus: int = 1) -> ModelVM:
+    def _check_new_vm(self, name: str, policy: str) -> None:
         try:
             validate_name(name)
             validate_policy(policy)
-            parse_workload(workload)
         except ValueError as exc:
             raise AgentError(str(exc)) from None
         if name in self.vms or self._vm_dir(name).exists():
             raise AgentError(f"a VM named {name!r} already exists")
+
+    def create_vm(self, name: str, memory: int, protected: int = 0, protected_memory: int | None = None,
+                  workload: str = "idle", seed: int = 0, policy: str = "any", fill: str = "half",
+                  vcpus: int = 1) -> ModelVM:
+        self._check_new_vm(name, policy)
+        try:
+            parse_workload(workload)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
         if memory < PAGE_SIZE or memory % PAGE_SIZE:
             raise AgentError("memory must be a positive multiple of 4 KiB")
         npages = memory // PAGE_SIZE
@@ -304,12 +317,29 @@ class Agent:
             vm = ModelVM.create(self._vm_dir(name), name, npages, self.sealing_key, protected_processes=protected,
                                 protected_pages=prot_pages, vcpus=vcpus, fill=fill, seed=seed, policy=policy,
                                 workload=workload)
-        except VmError as exc:
+        except HypervisorError as exc:
             shutil.rmtree(self._vm_dir(name), ignore_errors=True)
             raise AgentError(str(exc)) from None
         self.vms[name] = vm
         self._start_workload(vm)
         log.info("VM created", vm=name, pages=npages, protected_pages=prot_pages, workload=workload)
+        return vm
+
+    def create_qemu_vm(self, name: str, memory: int, args: list[str], vcpus: int = 1,
+                       policy: str = "any") -> QemuVM:
+        """A VM that is a QEMU process owned by this agent (KVM if usable, else TCG)."""
+        self._check_new_vm(name, policy)
+        if memory < (1 << 20) or memory % (1 << 20):
+            raise AgentError("QEMU memory must be a positive multiple of 1 MiB")
+        try:
+            vm = QemuVM.create(self._vm_dir(name), name, memory >> 20, vcpus=vcpus, args=args, policy=policy,
+                               accel=self.cfg.qemu_accel)
+        except HypervisorError as exc:
+            shutil.rmtree(self._vm_dir(name), ignore_errors=True)
+            raise AgentError(str(exc)) from None
+        self.vms[name] = vm
+        log.info("VM created", vm=name, backend="qemu", memory_mib=memory >> 20, accel=vm.spec.accel,
+                 pid=vm.pid)
         return vm
 
     def destroy_vm(self, name: str) -> None:
@@ -320,7 +350,7 @@ class Agent:
         del self.vms[name]
         log.info("VM destroyed", vm=name)
 
-    def _make_incoming(self, msg: Message) -> ModelVM:
+    def _make_incoming(self, msg: Message) -> AnyVM:
         b = msg.body
         try:
             validate_name(b["vm"])  # it names a directory: no "..", no "/"
@@ -335,8 +365,20 @@ class Agent:
             raise MigrationFailure("busy", "destination has no memory reserved for this VM")
         if b["vm"] in self.vms or self._vm_dir(b["vm"]).exists():
             raise MigrationFailure("exists", f"destination already has a VM named {b['vm']!r}")
-        vm = ModelVM.create_incoming(self._vm_dir(b["vm"]), b["vm"], b["vm_id"], b["pages"], b["vcpus"],
-                                     self.sealing_key, migration=msg.mid)
+        vm: AnyVM
+        if b["backend"] == "qemu":
+            if not self.cfg.accept_qemu:
+                raise MigrationFailure("backend", "this agent does not accept QEMU VMs")
+            try:
+                spec = QemuSpec.decode(b["spec"])
+                if spec.memory_mib * (1 << 20) != size:
+                    raise QemuError("QEMU spec's memory disagrees with BEGIN's page count")
+                vm = QemuVM.create_incoming(self._vm_dir(b["vm"]), b["vm"], b["vm_id"], spec, migration=msg.mid)
+            except HypervisorError as exc:
+                raise MigrationFailure("backend", str(exc)) from None
+        else:
+            vm = ModelVM.create_incoming(self._vm_dir(b["vm"]), b["vm"], b["vm_id"], b["pages"], b["vcpus"],
+                                         self.sealing_key, migration=msg.mid)
         self.incoming_reserved += size
         self.vms[vm.name] = vm
         return vm

@@ -20,7 +20,8 @@ import trio
 
 from palm_net.agent.errors import AgentError
 from palm_net.crypto.noise import CipherName
-from palm_net.hypervisor.model import VmError
+from palm_net.hypervisor.backend import HypervisorError
+from palm_net.hypervisor.qemu import QemuVM
 from palm_net.migration.engine import MigrationParams, MigrationStats
 from palm_net.units import parse_rate, parse_size
 
@@ -50,13 +51,35 @@ def _arg(args: dict[str, Any], name: str, typ: type, default: Any = ...) -> Any:
     return val
 
 
+def parse_range(text: str, ram: list[tuple[int, int]]) -> tuple[int, int]:
+    """ADDR:SIZE (ADDR in hex or decimal, SIZE like 8MiB) inside one of the guest's RAM ranges."""
+    a, sep, sz = text.partition(":")
+    try:
+        addr, size = int(a, 0), parse_size(sz)
+    except ValueError:
+        raise RequestError(f"bad range {text!r}: use ADDR:SIZE, e.g. 0x1000000:8MiB") from None
+    if not sep or size <= 0 or not any(base <= addr and addr + size <= base + n for base, n in ram):
+        raise RequestError(f"bad range {text!r}: outside the guest's memory")
+    return addr, size
+
+
 def vm_summary(agent: Agent, name: str) -> dict[str, Any]:
     vm = agent.get_vm(name)
     info = vm.info
-    return {"name": vm.name, "vm_id": info.vm_id.hex(), "state": vm.state, "memory": info.npages * 4096,
-            "pages": info.npages, "protected_processes": info.processes, "protected_pages": info.protected_pages,
-            "workload": vm.config.get("workload", "idle"), "policy": vm.policy, "vcpus": info.vcpus,
-            "writes": vm.workload.writes if vm.workload is not None else 0, "resident": vm.resident}
+    out = {"name": vm.name, "backend": vm.backend, "vm_id": info.vm_id.hex(), "state": vm.state,
+           "memory": info.npages * 4096, "pages": info.npages, "protected_processes": info.processes,
+           "protected_pages": info.protected_pages, "policy": vm.policy, "vcpus": info.vcpus}
+    if isinstance(vm, QemuVM):
+        try:
+            status = vm.qemu_status() if vm.state != "dead" else "dead"
+        except HypervisorError as exc:
+            status = f"unreachable ({exc})"
+        out.update({"workload": "guest", "writes": 0, "resident": True, "pid": vm.pid, "accel": vm.spec.accel,
+                    "qemu_args": [*vm.spec.args, *vm.local_args], "qemu_status": status})
+    else:
+        out.update({"workload": vm.config.get("workload", "idle"), "resident": vm.resident,
+                    "writes": vm.workload.writes if vm.workload is not None else 0})
+    return out
 
 
 class ControlServer:
@@ -131,7 +154,7 @@ class ControlServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             except Exception as exc:  # every operator error is one line back, never a crash
-                known = (RequestError, ValueError, VmError, AgentError)
+                known = (RequestError, ValueError, HypervisorError, AgentError)
                 msg = str(exc) if isinstance(exc, known) else f"internal error: {type(exc).__name__}: {exc}"
                 if not isinstance(exc, known):
                     log.exception("control request failed", op=str(req.get("op")) if isinstance(req, dict) else "?")
@@ -152,6 +175,21 @@ class ControlServer:
         if op == "vm.create":
             memory = _arg(args, "memory", str)
             pm = _arg(args, "protected_memory", str, None)
+            backend = _arg(args, "backend", str, "model")
+            if backend == "qemu":
+                qargs = _arg(args, "qemu_args", list, [])
+                if not all(isinstance(x, str) for x in qargs):
+                    raise RequestError("argument 'qemu_args' must be a list of strings")
+                if pm or _arg(args, "protected", int, 0):
+                    raise RequestError("QEMU VMs have no protected processes (that is the model's)")
+                await trio.to_thread.run_sync(lambda: agent.create_qemu_vm(
+                    _arg(args, "name", str), parse_size(memory), qargs, _arg(args, "vcpus", int, 1),
+                    _arg(args, "policy", str, "any")))
+                return vm_summary(agent, args["name"])
+            if backend != "model":
+                raise RequestError(f"unknown backend {backend!r} (model or qemu)")
+            if _arg(args, "qemu_args", list, []):
+                raise RequestError("--qemu-arg needs --backend qemu")
             agent.create_vm(
                 _arg(args, "name", str), parse_size(memory), _arg(args, "protected", int, 0),
                 parse_size(pm) if pm else None, _arg(args, "workload", str, "idle"), _arg(args, "seed", int, 0),
@@ -165,7 +203,15 @@ class ControlServer:
             return vm_summary(agent, _arg(args, "name", str))
         if op == "vm.digest":
             vm = agent.get_vm(_arg(args, "name", str))
-            return {"name": vm.name, "digest": await trio.to_thread.run_sync(vm.digest), "state": vm.state}
+            rng = _arg(args, "range", str, None)
+            if rng is None:
+                return {"name": vm.name, "digest": await trio.to_thread.run_sync(vm.digest), "state": vm.state}
+            if not isinstance(vm, QemuVM):
+                raise RequestError("--range needs a QEMU VM (a model VM digests all its memory)")
+            qvm = vm
+            addr, size = parse_range(rng, qvm.ram_ranges())
+            digest = await trio.to_thread.run_sync(lambda: qvm.digest([(addr, size)]))
+            return {"name": vm.name, "digest": digest, "state": vm.state, "range": rng}
         if op == "vm.verify":
             vm = agent.get_vm(_arg(args, "name", str))
             rep = await trio.to_thread.run_sync(vm.verify)
@@ -177,7 +223,7 @@ class ControlServer:
                 raise RequestError(f"VM {vm.name!r} is migrating")
             if vm.state not in ("running", "paused"):
                 raise RequestError(f"VM {vm.name!r} is {vm.state}")
-            (vm.pause if op == "vm.pause" else vm.resume)()
+            await trio.to_thread.run_sync(vm.pause if op == "vm.pause" else vm.resume)
             return vm_summary(agent, vm.name)
         if op == "vm.destroy":
             agent.destroy_vm(_arg(args, "name", str))

@@ -9,14 +9,18 @@ handed out as ciphertext plus its (public) version.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 PAGE_SIZE = 4096
 KIND_ZERO = 0
 KIND_NORMAL = 1
 KIND_PROTECTED = 2
+
+
+class HypervisorError(Exception):
+    """A VM cannot be created, driven or migrated by its hypervisor (one-line message)."""
 
 
 @dataclass
@@ -54,14 +58,61 @@ class VmInfo:
     processes: int
 
 
-class Backend(Protocol):
-    """One VM as the engine sees it (source or destination side)."""
+class HostedVM(Protocol):
+    """What every backend offers the handoff: run state, digest, the end of a copy."""
 
     @property
     def info(self) -> VmInfo: ...
 
     @property
     def running(self) -> bool: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def verify(self) -> VerifyReport: ...
+
+    def digest(self) -> str:
+        """Hex BLAKE2b-256 of memory as the guest sees it (protected pages in plaintext)."""
+        ...
+
+    def sync(self) -> None:
+        """Makes the VM's state durable (before a handoff step is persisted)."""
+        ...
+
+    def activate(self) -> None:
+        """Makes a verified incoming VM runnable and runs it."""
+        ...
+
+    def scrub(self) -> None:
+        """Destroys the VM's memory and keys (after handoff, or a failed incoming VM)."""
+        ...
+
+
+class StreamBackend(HostedVM, Protocol):
+    """A hypervisor that migrates by its own byte stream (QEMU); palm_net carries it."""
+
+    paused_at: float | None  # monotonic time the guest stopped for the last copy
+    last_stats: dict[str, Any]  # the hypervisor's own migration figures
+
+    def stream_out(self, chunk: int, downtime_limit: float, bandwidth: float | None,
+                   auto_converge: bool) -> Iterator[bytes]:
+        """Runs the hypervisor's migration, yielding its stream; the guest is paused at the end."""
+        ...
+
+    def stream_in(self, data: bytes) -> None: ...
+
+    @property
+    def stream_received(self) -> int: ...
+
+    def end_stream(self) -> None:
+        """Waits until the incoming hypervisor loaded the whole stream (paused)."""
+        ...
+
+
+class Backend(HostedVM, Protocol):
+    """One VM of a page backend (the model) as the engine sees it."""
 
     # -- source side
     def enable_dirty_log(self) -> None: ...
@@ -80,10 +131,6 @@ class Backend(Protocol):
         Returns the batch and the index of the first gfn not included.
         """
         ...
-
-    def pause(self) -> None: ...
-
-    def resume(self) -> None: ...
 
     def export_cpu_state(self) -> bytes: ...
 
@@ -108,20 +155,3 @@ class Backend(Protocol):
 
     def import_protection(self, blob: bytes) -> None: ...
 
-    def verify(self) -> VerifyReport: ...
-
-    def digest(self) -> str:
-        """Hex BLAKE2b-256 of memory as the guest sees it (protected pages in plaintext)."""
-        ...
-
-    def sync(self) -> None:
-        """Makes the VM's state durable (before a handoff step is persisted)."""
-        ...
-
-    def activate(self) -> None:
-        """Makes a verified incoming VM runnable and runs it."""
-        ...
-
-    def scrub(self) -> None:
-        """Destroys the VM's memory and keys (after handoff, or a failed incoming VM)."""
-        ...

@@ -44,6 +44,7 @@ from palm_net.hypervisor.backend import (
     KIND_PROTECTED,
     KIND_ZERO,
     PAGE_SIZE,
+    HypervisorError,
     PageBatch,
     VerifyReport,
     VmInfo,
@@ -55,6 +56,7 @@ from palm_net.hypervisor.protection import (
     open_page,
     seal_page,
 )
+from palm_net.hypervisor.vmconfig import ConfiguredVM
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO8 = bytes(8)
@@ -86,7 +88,7 @@ def _bin(value: Any, max_len: int) -> bytes:
     return value
 
 
-class VmError(Exception):
+class VmError(HypervisorError):
     """A VM operation is not possible (bad state, bad argument, damaged files)."""
 
 
@@ -163,7 +165,7 @@ def fill_pseudorandom(mem: mmap.mmap, start: int, end: int, seed: int) -> None:
         mem[off : off + n] = fns.encrypt(key, i, b"", zeros)[:n]
 
 
-class ModelVM:
+class ModelVM(ConfiguredVM):
     """One VM of the model.  Thread-safe for one workload thread plus the engine."""
 
     def __init__(self, vm_dir: Path, config: dict[str, Any], sealing_key: bytes, create: bool) -> None:
@@ -200,6 +202,8 @@ class ModelVM:
 
     def __repr__(self) -> str:
         return f"ModelVM({self.name!r}, {self.npages} pages, state={self.state})"
+
+    backend = "model"
 
     # -- lifecycle -------------------------------------------------------
 
@@ -295,25 +299,6 @@ class ModelVM:
             raise VmError(f"{vm_dir}: cannot read vm.json ({exc})") from None
         return cls(vm_dir, config, sealing_key, create=False)
 
-    @property
-    def state(self) -> str:
-        return str(self.config["state"])
-
-    @property
-    def migration(self) -> bytes | None:
-        """The migration this VM is part of (as source or incoming), if any."""
-        mid = self.config.get("migration")
-        return bytes.fromhex(mid) if mid else None
-
-    def set_migration(self, mid: bytes | None) -> None:
-        self.config["migration"] = mid.hex() if mid else None
-        self._save_config()
-
-    def _save_config(self) -> None:
-        tmp = self.dir / "vm.json.tmp"
-        tmp.write_text(json.dumps(self.config))
-        os.replace(tmp, self.dir / "vm.json")
-
     def _fill(self, fill: str, seed: int) -> None:
         size = self.npages * PAGE_SIZE
         if fill == "zero":
@@ -377,14 +362,6 @@ class ModelVM:
         return VmInfo(self.name, self.vm_id, self.npages, self.vcpus,
                       sum(p.count for p in self.processes), len(self.processes))
 
-    @property
-    def running(self) -> bool:
-        return self.state == "running"
-
-    @property
-    def policy(self) -> str:
-        return str(self.config.get("policy", "any"))
-
     # -- run state -------------------------------------------------------
 
     def pause(self) -> None:
@@ -409,6 +386,15 @@ class ModelVM:
 
     def set_throttle(self, fraction: float) -> None:
         self.throttle = max(0.01, min(1.0, fraction))
+
+    def resume_after_migration(self) -> None:
+        """The source again owns the VM (failure before the handoff point, or
+        the destination's abort token): stop logging and throttling, and run."""
+        self.disable_dirty_log()
+        self.set_throttle(1.0)
+        self.set_migration(None)
+        if self.state == "paused":
+            self.resume()
 
     # -- dirty log -------------------------------------------------------
 

@@ -1,51 +1,83 @@
-"""A small async QMP client (QEMU Machine Protocol) on trio, and a QEMU process wrapper.
+"""A small QMP client (QEMU Machine Protocol) over a Unix socket.
 
-Ours rather than qemu.qmp: it is some 100 lines, runs on trio like the rest of
-the agent (qemu.qmp is asyncio), and needs only execute/events.
+Ours rather than qemu.qmp: it is some 100 lines, and it is blocking on
+purpose.  The migration engines call the hypervisor from worker threads (the
+source's producer, the destination's pipeline), and qemu.qmp is asyncio while
+the agent is trio.  A lock makes one client safe to share between threads;
+asynchronous events are kept as they arrive and can be waited for.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
+import socket
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
-import trio
+from palm_net.hypervisor.backend import HypervisorError
 
 MAX_LINE = 1 << 20
+MAX_EVENTS = 256
 
 
-class QmpError(Exception):
+class QmpError(HypervisorError):
     pass
 
 
+Event = dict[str, Any]
+
+
 class QmpClient:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self._buf = bytearray()
-        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.events: list[Event] = []
 
     @classmethod
-    async def connect(cls, path: str, timeout: float = 10) -> QmpClient:
-        with trio.fail_after(timeout):
-            while True:
-                try:
-                    stream = await trio.open_unix_socket(path)
-                    break
-                except OSError:
-                    await trio.sleep(0.05)  # QEMU still starting: poll its socket
-            client = cls(stream)
-            greeting = await client._read()
+    def connect(cls, path: str, timeout: float = 10.0, alive: Callable[[], bool] | None = None) -> QmpClient:
+        """Connects and negotiates capabilities.  QEMU creates its socket while
+        starting, so a missing socket is retried until ``timeout`` (or until
+        ``alive`` says the process is gone)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                sock.connect(path)
+                break
+            except OSError as exc:
+                sock.close()
+                if alive is not None and not alive():
+                    raise QmpError("QEMU exited while starting") from None
+                if time.monotonic() >= deadline:
+                    raise QmpError(f"no QMP socket at {path} ({exc.strerror or exc})") from None
+                time.sleep(0.02)  # QEMU has not created its socket yet
+        client = cls(sock)
+        try:
+            greeting = client._read(deadline)
             if "QMP" not in greeting:
                 raise QmpError("not a QMP greeting")
-            await client.execute("qmp_capabilities")
+            client.execute("qmp_capabilities", timeout=max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            client.close()
+            raise
         return client
 
-    async def _read(self) -> dict[str, Any]:
+    def _read(self, deadline: float) -> dict[str, Any]:
         while b"\n" not in self._buf:
-            data = await self.stream.receive_some(65536)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QmpError("QMP timeout")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                raise QmpError("QMP timeout") from None
+            except OSError as exc:
+                raise QmpError(f"QMP socket: {exc.strerror or exc}") from None
             if not data:
                 raise QmpError("QEMU closed the QMP socket")
             self._buf += data
@@ -53,72 +85,53 @@ class QmpClient:
                 raise QmpError("QMP line too long")
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
-        obj: dict[str, Any] = json.loads(line)
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            raise QmpError("QMP sent a line that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise QmpError("QMP sent a non-object")
         return obj
 
-    async def execute(self, command: str, timeout: float = 30, **arguments: Any) -> Any:
+    def _keep(self, event: Event) -> None:
+        self.events.append(event)
+        del self.events[:-MAX_EVENTS]
+
+    def execute(self, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        with trio.fail_after(timeout):
-            await self.stream.send_all(json.dumps(msg).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            try:
+                self.sock.settimeout(timeout)
+                self.sock.sendall(json.dumps(msg).encode() + b"\n")
+            except OSError as exc:
+                raise QmpError(f"QMP socket: {exc.strerror or exc}") from None
             while True:
-                obj = await self._read()
+                obj = self._read(deadline)
                 if "event" in obj:
-                    self.events.append(obj)
+                    self._keep(obj)
                     continue
                 if "error" in obj:
-                    raise QmpError(f"{command}: {obj['error'].get('desc', obj['error'])}")
+                    err = obj["error"]
+                    raise QmpError(f"{command}: {err.get('desc', err) if isinstance(err, dict) else err}")
                 return obj.get("return")
 
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+    def wait_event(self, match: Callable[[Event], bool], timeout: float) -> Event:
+        """The first kept or arriving event that ``match``es (it is consumed)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for i, ev in enumerate(self.events):
+                    if match(ev):
+                        return self.events.pop(i)
+                obj = self._read(deadline)
+                if "event" in obj:
+                    self._keep(obj)
 
-
-def qemu_binary() -> str | None:
-    return shutil.which("qemu-system-x86_64")
-
-
-class QemuProcess:
-    """A QEMU process with a QMP socket, started and owned by us."""
-
-    def __init__(self, workdir: Path, name: str, memory_mib: int, args: list[str] | None = None,
-                 accel: str = "tcg", incoming: str | None = None) -> None:
-        binary = qemu_binary()
-        if binary is None:
-            raise QmpError("qemu-system-x86_64 not found (Debian package qemu-system-x86)")
-        self.qmp_path = str(workdir / f"{name}.qmp")
-        self.log_path = workdir / f"{name}.qemu.log"
-        cmd = [binary, "-machine", f"pc,accel={accel}", "-m", str(memory_mib), "-nodefaults", "-nographic",
-               "-display", "none", "-serial", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-               *(args or [])]
-        if incoming:
-            cmd += ["-incoming", incoming]
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
-        self.qmp: QmpClient | None = None
-
-    async def start(self) -> QmpClient:
-        if self.proc.poll() is not None:
-            raise QmpError(f"QEMU exited: {self.log_path.read_text()[-500:]}")
-        self.qmp = await QmpClient.connect(self.qmp_path)
-        return self.qmp
-
-    async def status(self) -> str:
-        assert self.qmp is not None
-        return str((await self.qmp.execute("query-status"))["status"])
-
-    async def quit(self) -> None:
-        if self.qmp is not None:
-            try:
-                await self.qmp.execute("quit", timeout=5)
-            except (QmpError, trio.TooSlowError, OSError, trio.BrokenResourceError):
-                pass
-            await self.qmp.aclose()
-            self.qmp = None
+    def close(self) -> None:
         try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.sock.close()
+        except OSError:
+            pass

@@ -15,7 +15,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
@@ -27,7 +27,10 @@ from palm_net.hypervisor.backend import (
     KIND_ZERO,
     PAGE_SIZE,
     Backend,
+    HostedVM,
+    HypervisorError,
     PageBatch,
+    StreamBackend,
 )
 from palm_net.hypervisor.protection import IntegrityError
 from palm_net.migration.store import HandoffStore
@@ -117,6 +120,7 @@ class MigrationStats:
     bandwidth: float = 0.0
     throttle: float = 1.0
     digest: str | None = None  # memory digest at pause, when verify_digest was asked
+    hypervisor: dict[str, Any] | None = None  # a stream backend's own figures (QEMU's query-migrate)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,27 +146,29 @@ def check_abort_token(sign_pub: bytes, mid: bytes, token: bytes) -> bool:
 # Source
 
 
-class SourceEngine:
-    """Produces the source's messages in order; the shell seals and sends them."""
+class _SourceBase:
+    """What every source engine shares: BEGIN, and the verification and handoff messages."""
 
-    def __init__(self, vm: Backend, mid: bytes, params: MigrationParams, stats: MigrationStats | None = None) -> None:
-        self.vm = vm
+    backend = "model"
+
+    def __init__(self, vm: HostedVM, mid: bytes, params: MigrationParams, stats: MigrationStats | None = None) -> None:
         self.info = vm.info
         self.params = params
         self.proto = SessionProtocol(Role.SOURCE, mid)
         self.stats = stats or MigrationStats()
         self.round = 0
-        self.pending: Any = range(self.info.npages)  # round 0: every page
         self.sent_bytes = 0
         self.paused_at: float | None = None
         self.digest: str | None = None
-        self._hot_rounds = 0
-        self._last_dirty: int | None = None
+        self._hosted = vm
 
     @property
     def mid(self) -> bytes:
         assert self.proto.mid is not None
         return self.proto.mid
+
+    def spec(self) -> bytes:
+        return b""
 
     def begin(self) -> bytes:
         if self.params.plain and self.info.protected_pages:
@@ -170,10 +176,51 @@ class SourceEngine:
                                    "a VM with protected processes never migrates over the plain benchmark mode")
         return self.proto.send("BEGIN", vm=self.info.name, vm_id=self.info.vm_id, pages=self.info.npages,
                                protected_pages=self.info.protected_pages, processes=self.info.processes,
-                               vcpus=self.info.vcpus, plain=self.params.plain, digest=self.params.verify_digest)
+                               vcpus=self.info.vcpus, plain=self.params.plain, digest=self.params.verify_digest,
+                               backend=self.backend, spec=self.spec())
 
     def receive(self, data: bytes) -> Message:
         return self.proto.receive(data)
+
+    def complete(self, records_sent: int, transcript: bytes) -> bytes:
+        self.stats.phase = "verify"
+        return self.proto.send("COMPLETE", records=records_sent, page_records=self.stats.page_records,
+                               transcript=transcript)
+
+    def digest_paused(self) -> None:
+        """With verify_digest: our memory digest, taken while the VM is paused
+        (the runner overlaps it with the destination's verification)."""
+        if self.params.verify_digest:
+            self.digest = self.stats.digest = self._hosted.digest()
+
+    def check_ready(self, msg: Message) -> None:
+        """With verify_digest: the destination's memory must equal ours at pause."""
+        if self.params.verify_digest:
+            theirs = msg.body["digest"]
+            if self.digest is None or not hmac.compare_digest(theirs, bytes.fromhex(self.digest)):
+                raise MigrationFailure("digest-mismatch", "destination memory differs from the source at pause")
+
+    def commit(self) -> bytes:
+        self.stats.phase = "commit"
+        return self.proto.send("COMMIT")
+
+    def abort(self, code: str, reason: str) -> bytes | None:
+        """ABORT if the state machine still allows the source to send one."""
+        try:
+            return self.proto.send("ABORT", code=code[:64], reason=reason[:512], token=b"")
+        except ProtocolError:
+            return None
+
+
+class SourceEngine(_SourceBase):
+    """A page backend's migration: pre-copy rounds of page records, then stop-and-copy."""
+
+    def __init__(self, vm: Backend, mid: bytes, params: MigrationParams, stats: MigrationStats | None = None) -> None:
+        super().__init__(vm, mid, params, stats)
+        self.vm = vm
+        self.pending: Any = range(self.info.npages)  # round 0: every page
+        self._hot_rounds = 0
+        self._last_dirty: int | None = None
 
     def start(self) -> bytes:
         """After ACCEPT: turn on dirty logging; returns KEYS, the first message
@@ -261,34 +308,53 @@ class SourceEngine:
         for i, chunk in enumerate(chunks):
             yield self.proto.send("CONTEXT", index=i, total=len(chunks), data=chunk)
 
-    def complete(self, records_sent: int, transcript: bytes) -> bytes:
-        self.stats.phase = "verify"
-        return self.proto.send("COMPLETE", records=records_sent, page_records=self.stats.page_records,
-                               transcript=transcript)
+class StreamSourceEngine(_SourceBase):
+    """A stream backend's migration (QEMU): the hypervisor runs its own rounds
+    and stop-and-copy; its stream travels as STREAM records, then STREAM_END."""
 
-    def digest_paused(self) -> None:
-        """With verify_digest: our memory digest, taken while the VM is paused
-        (the runner overlaps it with the destination's verification)."""
-        if self.params.verify_digest:
-            self.digest = self.stats.digest = self.vm.digest()
+    backend = "qemu"
 
-    def check_ready(self, msg: Message) -> None:
-        """With verify_digest: the destination's memory must equal ours at pause."""
-        if self.params.verify_digest:
-            theirs = msg.body["digest"]
-            if self.digest is None or not hmac.compare_digest(theirs, bytes.fromhex(self.digest)):
-                raise MigrationFailure("digest-mismatch", "destination memory differs from the source at pause")
+    def __init__(self, vm: StreamBackend, mid: bytes, params: MigrationParams, stats: MigrationStats | None = None,
+                 spec: bytes = b"") -> None:
+        super().__init__(vm, mid, params, stats)
+        self.vm = vm
+        self._spec = spec
+        self.stream_bytes = 0
 
-    def commit(self) -> bytes:
-        self.stats.phase = "commit"
-        return self.proto.send("COMMIT")
+    def spec(self) -> bytes:
+        return self._spec
 
-    def abort(self, code: str, reason: str) -> bytes | None:
-        """ABORT if the state machine still allows the source to send one."""
+    def stream_messages(self) -> Iterator[bytes]:
+        """After ACCEPT: STREAM records until the hypervisor completes, then STREAM_END."""
+        st, p = self.stats, self.params
+        st.status, st.phase = "active", "stream"
         try:
-            return self.proto.send("ABORT", code=code[:64], reason=reason[:512], token=b"")
-        except ProtocolError:
-            return None
+            for chunk in self.vm.stream_out(MAX_BLOB, p.downtime_limit, p.bandwidth, p.auto_converge):
+                self.stream_bytes += len(chunk)
+                st.page_records += 1
+                msg = self.proto.send("STREAM", data=chunk)
+                self.sent_bytes += len(msg)
+                yield msg
+        except HypervisorError as exc:
+            raise MigrationFailure("hypervisor", str(exc)) from None
+        self.paused_at = self.vm.paused_at
+        st.phase = "stop-and-copy"
+        self._merge_stats(self.vm.last_stats)
+        yield self.proto.send("STREAM_END", bytes=self.stream_bytes)
+
+    def _merge_stats(self, info: dict[str, Any]) -> None:
+        """QEMU's query-migrate figures into the migration record."""
+        ram = info.get("ram") or {}
+        st = self.stats
+        st.hypervisor = {
+            "status": info.get("status"), "total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+            "setup_ms": info.get("setup-time"), "rounds": ram.get("dirty-sync-count"),
+            "transferred": ram.get("transferred"), "duplicate_pages": ram.get("duplicate"),
+            "normal_pages": ram.get("normal"), "mbps": ram.get("mbps"), "stream_bytes": self.stream_bytes,
+        }
+        st.zero_pages = int(ram.get("duplicate") or 0)
+        st.normal_pages = int(ram.get("normal") or 0)
+        st.current_round = self.round = int(ram.get("dirty-sync-count") or 0)
 
 
 # --------------------------------------------------------------------------
@@ -300,7 +366,7 @@ class DestinationEngine:
 
     def __init__(
         self,
-        make_vm: Callable[[Message], Backend],
+        make_vm: Callable[[Message], HostedVM],
         store: HandoffStore,
         signing: SigningKey,
         peer_name: str,
@@ -316,8 +382,10 @@ class DestinationEngine:
         self.peer = (peer_name, peer_static, peer_sign)
         self.plain_session = plain_session
         self.max_pages = max_pages
-        self.vm: Backend | None = None
+        self.vm: HostedVM | None = None
         self.vm_name: str | None = None
+        self.stream = False  # a stream backend (QEMU): STREAM records instead of pages
+        self.stream_end: int | None = None  # STREAM_END's byte count
         self.npages = 0
         self.expected_protected = 0
         self.applied: array[int] = array("Q")
@@ -348,6 +416,15 @@ class DestinationEngine:
         out: list[bytes] = handler(msg, transcript_before, records_before)
         return out
 
+    def _pages(self) -> Backend:
+        # The session protocol admits page messages only after a page backend's BEGIN.
+        assert self.vm is not None and not self.stream
+        return cast(Backend, self.vm)
+
+    def _streamer(self) -> StreamBackend:
+        assert self.vm is not None and self.stream
+        return cast(StreamBackend, self.vm)
+
     # -- handlers
 
     def _on_begin(self, msg: Message, *_: Any) -> list[bytes]:
@@ -360,6 +437,9 @@ class DestinationEngine:
             raise MigrationFailure("too-large", f"VM of {b['pages']} pages exceeds this agent's limit")
         if b["protected_pages"] > b["pages"] or b["processes"] > b["protected_pages"]:
             raise MigrationFailure("malformed", "inconsistent protected page counts")
+        self.stream = bool(self.proto.stream)
+        if self.stream and b["protected_pages"]:
+            raise MigrationFailure("malformed", "a stream backend carries no protected processes")
         name, static, sign = self.peer
         try:
             self.store.create(msg.mid, "destination", b["vm"], b["vm_id"], name, "", static, sign, "receiving")
@@ -370,6 +450,8 @@ class DestinationEngine:
         self.npages = b["pages"]
         self.expected_protected = b["protected_pages"]
         self.want_digest = b["digest"]
+        if self.stream:
+            return [self.proto.send("ACCEPT")]
         self.applied = array("Q", bytes(8 * self.npages))
         self.received = bytearray(self.npages)
         # gfn u32 + version u64 + tag 16 per protected page, plus keys and thread contexts.
@@ -377,11 +459,11 @@ class DestinationEngine:
         return [self.proto.send("ACCEPT")]
 
     def _on_keys(self, msg: Message, *_: Any) -> list[bytes]:
-        assert self.vm is not None
+        vm = self._pages()
         if self.page_records:
             raise MigrationFailure("out-of-state", "KEYS after the first page record")
-        self.vm.import_keys(msg.body["data"])
-        if self.vm.info.protected_pages != self.expected_protected:
+        vm.import_keys(msg.body["data"])
+        if vm.info.protected_pages != self.expected_protected:
             raise MigrationFailure("malformed", "key layout disagrees with BEGIN's protected page count")
         return []
 
@@ -412,9 +494,8 @@ class DestinationEngine:
                 raise MigrationFailure("rollback", f"page {gfn} version {ver} older than applied {applied[gfn]}")
             applied[gfn] = ver
             received[gfn] = 1
-        assert self.vm is not None
         try:
-            self.vm.write_pages(PageBatch(gfns, kinds, vers, data, b["tags"]))
+            self._pages().write_pages(PageBatch(gfns, kinds, vers, data, b["tags"]))
         except IntegrityError as exc:
             raise MigrationFailure("integrity", str(exc)) from None
         self.page_records += 1
@@ -423,9 +504,28 @@ class DestinationEngine:
     def _on_round_end(self, msg: Message, *_: Any) -> list[bytes]:
         return []
 
+    def _on_stream(self, msg: Message, *_: Any) -> list[bytes]:
+        try:
+            self._streamer().stream_in(msg.body["data"])
+        except HypervisorError as exc:
+            raise MigrationFailure("hypervisor", str(exc)) from None
+        self.page_records += 1
+        return []
+
+    def _on_stream_end(self, msg: Message, *_: Any) -> list[bytes]:
+        vm = self._streamer()
+        if msg.body["bytes"] != vm.stream_received:
+            raise MigrationFailure("incomplete", f"{vm.stream_received} stream bytes received, "
+                                                 f"{msg.body['bytes']} sent")
+        try:
+            vm.end_stream()  # the hypervisor loaded all of it and holds the guest paused
+        except HypervisorError as exc:
+            raise MigrationFailure("hypervisor", str(exc)) from None
+        self.stream_end = msg.body["bytes"]
+        return []
+
     def _on_cpu_state(self, msg: Message, *_: Any) -> list[bytes]:
-        assert self.vm is not None
-        self.vm.import_cpu_state(msg.body["state"])
+        self._pages().import_cpu_state(msg.body["state"])
         self.cpu_state_seen = True
         return []
 
@@ -444,6 +544,22 @@ class DestinationEngine:
         if b["page_records"] != self.page_records:
             raise MigrationFailure("incomplete", f"{self.page_records} page records applied, "
                                                  f"{b['page_records']} sent")
+        if self.stream:
+            if self.stream_end is None:
+                raise MigrationFailure("incomplete", "the stream never ended")
+        else:
+            self._check_pages_complete()
+        assert self.mid is not None
+        self.vm.sync()
+        if not self.store.transition(self.mid, ("receiving",), "prepared"):
+            raise MigrationFailure("state", "migration is no longer receiving (aborted?)")
+        self.outcome = "prepared"
+        digest = bytes.fromhex(self.vm.digest()) if self.want_digest else b""
+        return [self.proto.send("READY", digest=digest)]
+
+
+    def _check_pages_complete(self) -> None:
+        vm = self._pages()
         if self.proto.context_parts != self.context_total:
             raise MigrationFailure("incomplete", "protected-context blob is missing chunks")
         if self.received.count(0):
@@ -454,20 +570,12 @@ class DestinationEngine:
         # ciphertext was accepted on protected gfns); the final metadata must
         # name exactly those versions and MACs.
         try:
-            self.vm.import_protection(bytes(self.context))
+            vm.import_protection(bytes(self.context))
         except IntegrityError as exc:
             raise MigrationFailure("integrity", str(exc)) from None
         self.context = bytearray()
-        if self.vm.info.protected_pages != self.expected_protected:
+        if vm.info.protected_pages != self.expected_protected:
             raise MigrationFailure("incomplete", "protected page count differs from BEGIN")
-        assert self.mid is not None
-        self.vm.sync()
-        if not self.store.transition(self.mid, ("receiving",), "prepared"):
-            raise MigrationFailure("state", "migration is no longer receiving (aborted?)")
-        self.outcome = "prepared"
-        digest = bytes.fromhex(self.vm.digest()) if self.want_digest else b""
-        return [self.proto.send("READY", digest=digest)]
-
 
     def _on_commit(self, msg: Message, *_: Any) -> list[bytes]:
         assert self.mid is not None and self.vm is not None

@@ -21,13 +21,15 @@ from nacl.signing import SigningKey
 
 from palm_net.channel.handshake import Purpose, TransportMode
 from palm_net.channel.transport import SecureChannel
-from palm_net.hypervisor.model import ModelVM
+from palm_net.hypervisor.qemu import QemuVM
+from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.engine import (
     DestinationEngine,
     MigrationFailure,
     MigrationParams,
     MigrationStats,
     SourceEngine,
+    StreamSourceEngine,
     check_abort_token,
     describe,
     make_abort_token,
@@ -103,17 +105,19 @@ class MigrationResult:
             "expected_downtime_ms": round(st.expected_downtime * 1000, 1) if st.expected_downtime is not None
             else None,
             "setup_ms": round(st.setup_time * 1000, 1),
-            "rounds": len(st.rounds) + (1 if st.status == "completed" else 0),
+            "rounds": (st.hypervisor or {}).get("rounds") if st.hypervisor
+            else len(st.rounds) + (1 if st.status == "completed" else 0),
             "bytes": st.transferred, "zero_pages": st.zero_pages, "normal_pages": st.normal_pages,
             "protected_pages": st.protected_pages, "throttle": st.throttle,
             "digest": st.digest, "digest_verified": bool(st.digest) and self.ok,
             "round_stats": [r.__dict__ for r in st.rounds],
             "error": self.error, "phase": self.phase, "runs_on": self.runs_on,
+            "hypervisor": st.hypervisor,
         }
 
 
 async def migrate_out(
-    vm: ModelVM,
+    vm: AnyVM,
     store: HandoffStore,
     dest_addr: str,
     params: MigrationParams,
@@ -159,7 +163,9 @@ async def migrate_out(
         store.create(mid, "source", vm.name, vm.vm_id, peer.name, dest_addr, peer.static_pub, peer.sign_pub,
                      "sending")
         vm.set_migration(mid)
-        engine = SourceEngine(vm, mid, params, stats)
+        engine: SourceEngine | StreamSourceEngine = (
+            StreamSourceEngine(vm, mid, params, stats, vm.spec.encode()) if isinstance(vm, QemuVM)
+            else SourceEngine(vm, mid, params, stats))
         run = SourceRun(channel, engine, store, (lambda: on_progress(stats)) if on_progress else None, started)
         try:
             await run.run()
@@ -200,9 +206,9 @@ async def migrate_out(
             await channel.aclose()
 
 
-async def _resume_after_failure(vm: ModelVM, store: HandoffStore, mid: bytes, stats: MigrationStats, code: str,
-                                reason: str, started: float, channel: SecureChannel, engine: SourceEngine,
-                                peer: str) -> MigrationResult:
+async def _resume_after_failure(vm: AnyVM, store: HandoffStore, mid: bytes, stats: MigrationStats, code: str,
+                                reason: str, started: float, channel: SecureChannel,
+                                engine: SourceEngine | StreamSourceEngine, peer: str) -> MigrationResult:
     phase = stats.phase
     abort = engine.abort(code, reason)
     if abort is not None:
@@ -219,17 +225,13 @@ async def _resume_after_failure(vm: ModelVM, store: HandoffStore, mid: bytes, st
     return MigrationResult(False, mid, vm.name, "failed", stats, f"{code}: {reason}", phase, "source", peer)
 
 
-def _resume_source(vm: ModelVM, store: HandoffStore, mid: bytes, code: str, reason: str) -> None:
+def _resume_source(vm: AnyVM, store: HandoffStore, mid: bytes, code: str, reason: str) -> None:
     """Before the handoff point the source may always run again."""
     store.transition(mid, ("sending",), "aborted", error=f"{code}: {reason}"[:500])
-    vm.disable_dirty_log()
-    vm.set_throttle(1.0)
-    vm.set_migration(None)
-    if vm.state == "paused":
-        vm.resume()
+    vm.resume_after_migration()
 
 
-def _recovered(outcome: str, vm: ModelVM, mid: bytes, stats: MigrationStats, started: float,
+def _recovered(outcome: str, vm: AnyVM, mid: bytes, stats: MigrationStats, started: float,
                peer: str) -> MigrationResult:
     stats.total_time = time.monotonic() - started
     if outcome == "committed":
@@ -241,7 +243,7 @@ def _recovered(outcome: str, vm: ModelVM, mid: bytes, stats: MigrationStats, sta
                            "in-doubt", "source", peer)
 
 
-async def recover_once(store: HandoffStore, mid: bytes, vm: ModelVM | None, connect_recovery: ConnectFn) -> str | None:
+async def recover_once(store: HandoffStore, mid: bytes, vm: AnyVM | None, connect_recovery: ConnectFn) -> str | None:
     """One attempt to learn an in-doubt migration's outcome and apply it.
 
     Returns "committed" / "aborted" once settled, None if the destination
@@ -281,9 +283,7 @@ async def recover_once(store: HandoffStore, mid: bytes, vm: ModelVM | None, conn
     if outcome == "aborted" and check_abort_token(row.peer_sign, mid, token):
         store.transition(mid, ("handed_off",), "aborted", token=token, error="aborted by destination token")
         if vm is not None:
-            vm.disable_dirty_log()
-            vm.set_migration(None)
-            vm.resume()
+            vm.resume_after_migration()
         bound.warning("in-doubt migration resolved: destination aborted (valid token), VM resumed on the source")
         return "aborted"
     bound.error("recovery answer without a valid abort token ignored", outcome=outcome)
@@ -304,7 +304,7 @@ def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes) -> tuple[
     return "aborted", token
 
 
-def override_resume(store: HandoffStore, mid: bytes, vm: ModelVM, operator_reason: str) -> None:
+def override_resume(store: HandoffStore, mid: bytes, vm: AnyVM, operator_reason: str) -> None:
     """The operator's loud override: resume an in-doubt VM without the destination's word.
 
     This can fork the VM if the destination did commit; it is logged as an error.
@@ -316,16 +316,14 @@ def override_resume(store: HandoffStore, mid: bytes, vm: ModelVM, operator_reaso
     log.error("OPERATOR OVERRIDE: in-doubt VM resumed without the destination's abort token; "
               "if the destination committed, the VM now runs twice", migration=mid.hex(), vm=vm.name,
               peer=row.peer, phase="in-doubt", reason=operator_reason)
-    vm.disable_dirty_log()
-    vm.set_migration(None)
-    vm.resume()
+    vm.resume_after_migration()
 
 
 async def serve_incoming(
     channel: SecureChannel,
     store: HandoffStore,
     signing: SigningKey,
-    make_vm: Callable[[Message], ModelVM],
+    make_vm: Callable[[Message], AnyVM],
     max_pages: int,
     on_engine: Callable[[DestinationEngine], None] | None = None,
 ) -> None:

@@ -19,11 +19,12 @@ import structlog
 import trio
 
 from palm_net.channel.transport import SecureChannel
-from palm_net.hypervisor.model import VmError
+from palm_net.hypervisor.backend import HypervisorError
 from palm_net.migration.engine import (
     DestinationEngine,
     MigrationFailure,
     SourceEngine,
+    StreamSourceEngine,
     check_abort_token,
     describe,
 )
@@ -53,7 +54,7 @@ class InDoubt(Exception):
 class SourceRun:
     """One outgoing migration over an established channel."""
 
-    def __init__(self, channel: SecureChannel, engine: SourceEngine, store: HandoffStore,
+    def __init__(self, channel: SecureChannel, engine: SourceEngine | StreamSourceEngine, store: HandoffStore,
                  on_progress: Callable[[], None] | None = None, started: float | None = None) -> None:
         self.ch = channel
         self.engine = engine
@@ -103,13 +104,20 @@ class SourceRun:
 
     async def _pump(self, messages: Iterable[bytes]) -> None:
         it = iter(messages)
-        while True:
-            chunk, done = await trio.to_thread.run_sync(self._seal_some, it, RECORDS_PER_CHUNK)
-            if chunk:
-                await self._send.send(chunk)
-            self.on_progress()
-            if done:
-                return
+        try:
+            while True:
+                chunk, done = await trio.to_thread.run_sync(self._seal_some, it, RECORDS_PER_CHUNK)
+                if chunk:
+                    await self._send.send(chunk)
+                self.on_progress()
+                if done:
+                    return
+        finally:
+            # A generator left half-way (failure, cancel) releases what it holds
+            # now (a hypervisor's migration socket), not when the traceback dies.
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     async def _flush(self) -> None:
         ev = trio.Event()
@@ -138,21 +146,14 @@ class SourceRun:
             await self._pump([eng.begin()])
             await self._expect("ACCEPT", self.engine.params.reply_timeout)
             st.setup_time = time.monotonic() - self.started
-            await self._pump([eng.start()])
-            self.log.info("migration started", phase="round", round=0, pages=eng.info.npages)
-            while True:
-                t0, b0 = time.monotonic(), st.transferred
-                await self._pump(eng.page_messages())
-                await self._flush()
-                end_msg, stop = eng.end_round(time.monotonic() - t0, st.transferred - b0)
-                r = st.rounds[-1]
-                self.log.info("round done", phase="round", round=r.round, pages=r.pages, dirty=r.dirty_pages,
-                              seconds=round(r.duration, 4), expected_downtime=st.expected_downtime)
-                await self._pump([end_msg])
-                if stop:
-                    break
-            self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(eng.pending))
-            await self._pump(eng.stop_and_copy())
+            if isinstance(eng, StreamSourceEngine):
+                self.log.info("migration started", phase="stream", backend=eng.backend, pages=eng.info.npages)
+                await self._pump(eng.stream_messages())
+                hv = st.hypervisor or {}
+                self.log.info("stream done", phase="stop-and-copy", rounds=hv.get("rounds"),
+                              stream_bytes=eng.stream_bytes, hypervisor_downtime_ms=hv.get("downtime_ms"))
+            else:
+                await self._precopy(eng)
             await self._pump([eng.complete(self.ch.sender.count, self.ch.sender.transcript)])
             self.log.debug("complete sent", phase="verify", round=eng.round,
                            paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
@@ -172,6 +173,25 @@ class SourceRun:
                 msg = await self._inbox.receive()
             self._finish(msg)
             nursery.cancel_scope.cancel()
+
+    async def _precopy(self, eng: SourceEngine) -> None:
+        """Pre-copy rounds until convergence, then stop-and-copy."""
+        st = eng.stats
+        await self._pump([eng.start()])
+        self.log.info("migration started", phase="round", round=0, pages=eng.info.npages)
+        while True:
+            t0, b0 = time.monotonic(), st.transferred
+            await self._pump(eng.page_messages())
+            await self._flush()
+            end_msg, stop = eng.end_round(time.monotonic() - t0, st.transferred - b0)
+            r = st.rounds[-1]
+            self.log.info("round done", phase="round", round=r.round, pages=r.pages, dirty=r.dirty_pages,
+                          seconds=round(r.duration, 4), expected_downtime=st.expected_downtime)
+            await self._pump([end_msg])
+            if stop:
+                break
+        self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(eng.pending))
+        await self._pump(eng.stop_and_copy())
 
     def _finish(self, msg: Message) -> None:
         eng, st = self.engine, self.engine.stats
@@ -241,7 +261,7 @@ class DestinationRun:
                             self.log.info(eng.outcome, phase=eng.outcome, round=eng.round)
                         if eng.state in (State.DONE, State.ABORTED):
                             nursery.cancel_scope.cancel()
-        except (ProtocolError, MigrationFailure, VmError, trio.TooSlowError, trio.BrokenResourceError,
+        except (ProtocolError, MigrationFailure, HypervisorError, trio.TooSlowError, trio.BrokenResourceError,
                 trio.ClosedResourceError, OSError) as exc:
             code, reason = describe(exc, "timeout" if isinstance(exc, trio.TooSlowError) else "closed")
             abort = eng.fail(code, reason)

@@ -16,6 +16,7 @@ import trio
 
 from palm_net.agent.agent import Agent, AgentConfig, default_measurement
 from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
+from palm_net.hypervisor.qemu import kill_all_under
 
 
 @dataclass
@@ -92,4 +93,5 @@ class LocalCluster:
         return out
 
     def cleanup(self) -> None:
+        kill_all_under(self.root)  # QEMU VMs outlive their agents by design
         shutil.rmtree(self.root, ignore_errors=True)

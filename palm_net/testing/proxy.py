@@ -10,7 +10,8 @@ A plan is a list of Rules; each names the connection (0 = first), the
 direction, the frame index and the action: drop, duplicate, flip (one bit),
 truncate, delay, replay (a frame seen earlier, possibly in an earlier
 connection), cut (close both sides before forwarding), cut_after, or call (run
-a test's callback, e.g. a guest write, then forward).
+a test's callback, e.g. a guest write, then forward).  A rule may instead
+pick its frame by a predicate over (index, frame).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class Rule:
     seconds: float = 0.0  # delay
     replay_of: tuple[int, Direction, int] | None = None  # (connection, direction, frame) to inject
     callback: Callable[[], None] | None = None  # call: run this (e.g. a guest write), then forward
+    # Instead of ``frame``: the first frame (index, whole frame) this accepts,
+    # for records whose index varies (the end of a hypervisor's stream).
+    match: Callable[[int, bytes], bool] | None = None
     fired: bool = False
 
 
@@ -109,7 +113,9 @@ class FaultProxy:
                      scope: trio.CancelScope) -> bool:
         out = [frame]
         for r in self.rules:
-            if r.fired or r.connection != conn or r.direction != direction or r.frame != index:
+            if r.fired or r.connection != conn or r.direction != direction:
+                continue
+            if (r.frame != index) if r.match is None else not r.match(index, frame):
                 continue
             r.fired = True
             self.log.events.append(f"conn {conn} {direction} frame {index}: {r.action}")

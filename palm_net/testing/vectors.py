@@ -1,4 +1,5 @@
-"""Deterministic vectors for palm_net's own handshake and first records.
+"""Deterministic vectors for palm_net's own handshake and first records
+(a page backend's BEGIN/ACCEPT; a stream backend's BEGIN/ACCEPT/STREAM/STREAM_END).
 
 Fixed keys, ephemerals, certificate window and clock make every byte
 reproducible (Ed25519 signatures are deterministic).  ``proto/vectors/*.json``
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 from nacl.signing import SigningKey
 
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose
@@ -39,7 +41,13 @@ def _config(side: dict[str, str], authority: Authority, inputs: dict[str, Any], 
                          clock=lambda: float(inputs["clock"]))
 
 
-def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS) -> dict[str, Any]:
+# A stream backend's session (proto/PROTOCOL.md 7.7): a QEMU spec, then the
+# first bytes of a QEMU migration stream (its magic "QEVM" and version 3).
+STREAM_SPEC = {"memory_mib": 64, "vcpus": 1, "machine": "pc", "accel": "tcg", "args": ["-cpu", "qemu64"]}
+STREAM_BYTES = b"QEVM\x00\x00\x00\x03"
+
+
+def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "model") -> dict[str, Any]:
     authority = Authority(SigningKey(bytes.fromhex(inputs["authority_seed"])))
     src = _config(inputs["source"], authority, inputs, cipher)
     dst = _config(inputs["destination"], authority, inputs, cipher)
@@ -54,13 +62,30 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS) -> dict[str, Any]
     assert init.result is not None and resp.result is not None
     mid = bytes.fromhex(inputs["migration_id"])
     src_proto, dst_proto = SessionProtocol(Role.SOURCE, mid), SessionProtocol(Role.DESTINATION)
-    begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=256, protected_pages=16,
-                           processes=1, vcpus=1, plain=False, digest=False)
+    if backend == "qemu":
+        spec = msgpack.packb(STREAM_SPEC, use_bin_type=True)
+        begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=64 * 256, protected_pages=0,
+                               processes=0, vcpus=1, plain=False, digest=False, backend="qemu", spec=spec)
+    else:
+        begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=256, protected_pages=16,
+                               processes=1, vcpus=1, plain=False, digest=False, backend="model", spec=b"")
     record1 = init.result.sender.seal(begin)
     resp.result.receiver.receive_data(record1)
     assert dst_proto.receive(resp.result.receiver.next_record() or b"").type == "BEGIN"
     accept = dst_proto.send("ACCEPT")
     record2 = resp.result.sender.seal(accept)
+    src_proto.receive(accept)
+    records = [
+        {"from": "initiator", "plaintext": begin.hex(), "bytes": record1.hex()},
+        {"from": "responder", "plaintext": accept.hex(), "bytes": record2.hex()},
+    ]
+    if backend == "qemu":
+        for msg in (src_proto.send("STREAM", data=STREAM_BYTES),
+                    src_proto.send("STREAM_END", bytes=len(STREAM_BYTES))):
+            rec = init.result.sender.seal(msg)
+            resp.result.receiver.receive_data(rec)
+            assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
+            records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
     return {
         "protocol_name": init.result.protocol_name,
         "inputs": inputs,
@@ -71,9 +96,7 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS) -> dict[str, Any]
             {"from": "initiator", "bytes": flight3.hex()},
         ],
         "handshake_hash": init.result.handshake_hash.hex(),
-        "records": [
-            {"from": "initiator", "plaintext": begin.hex(), "bytes": record1.hex()},
-            {"from": "responder", "plaintext": accept.hex(), "bytes": record2.hex()},
-        ],
+        "backend": backend,
+        "records": records,
     }
 

@@ -27,6 +27,9 @@ MAX_PAGES_PER_MESSAGE = 2048
 # Largest guest we accept: 2**28 pages = 1 TiB.
 MAX_GUEST_PAGES = 2**28
 MAX_BLOB = MAX_PLAINTEXT - 256  # room for the envelope around one bin field
+MAX_SPEC = 4096
+PAGE_BACKENDS = frozenset({"model"})
+STREAM_BACKENDS = frozenset({"qemu"})
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "vcpus": U(256),
         "plain": BOOL,
         "digest": BOOL,  # ask the destination for its memory digest in READY
+        "backend": S(16),  # "model": page records; "qemu": the hypervisor's own stream
+        "spec": B(MAX_SPEC),  # the machine to start for a stream backend (empty for "model")
     },
     "ACCEPT": {},
     # page records: parallel arrays (gfn u64 LE, kind u8, version u64 LE) + data
@@ -75,6 +80,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
     # process keys and layout, before the first page (verifies protected pages on arrival)
     "KEYS": {"data": B(MAX_BLOB)},
+    # stream backends: the hypervisor's own migration stream, in order, then its length
+    "STREAM": {"data": B(MAX_BLOB)},
+    "STREAM_END": {"bytes": U()},
     "ROUND_END": {"round": U(10_000), "pages": U(MAX_GUEST_PAGES * 64), "dirty": U(MAX_GUEST_PAGES)},
     "CPU_STATE": {"state": B(MAX_BLOB)},
     "CONTEXT": {"index": U(2**20), "total": U(2**20), "data": B(MAX_BLOB)},

@@ -28,7 +28,7 @@ class State(enum.Enum):
     BEGUN = "begun"  # BEGIN sent, waiting for ACCEPT
     STREAMING = "streaming"  # pre-copy rounds and stop-and-copy pages
     STOPPED = "stopped"  # CPU state sent: only the context blob may follow
-    SEALED = "sealed"  # context blob complete... waiting for COMPLETE
+    SEALED = "sealed"  # stream backends: the stream ended, COMPLETE follows
     VERIFYING = "verifying"  # COMPLETE sent, destination checks
     PREPARED = "prepared"  # READY: destination verified and persisted
     COMMITTING = "committing"  # COMMIT sent: the handoff point has passed
@@ -48,6 +48,9 @@ TRANSITIONS: dict[tuple[State, Role, str], State] = {
     (State.STREAMING, S, "PAGES"): State.STREAMING,
     (State.STREAMING, S, "ROUND_END"): State.STREAMING,
     (State.STREAMING, S, "CPU_STATE"): State.STOPPED,
+    (State.STREAMING, S, "STREAM"): State.STREAMING,
+    (State.STREAMING, S, "STREAM_END"): State.SEALED,
+    (State.SEALED, S, "COMPLETE"): State.VERIFYING,
     (State.STOPPED, S, "CONTEXT"): State.STOPPED,
     (State.STOPPED, S, "COMPLETE"): State.VERIFYING,
     (State.VERIFYING, D, "READY"): State.PREPARED,
@@ -57,12 +60,15 @@ TRANSITIONS: dict[tuple[State, Role, str], State] = {
 }
 # ABORT may end the session from any state before the handoff completes, by
 # either side; after COMMIT only the destination may abort (with a token).
-for _state in (State.BEGUN, State.STREAMING, State.STOPPED, State.VERIFYING, State.PREPARED):
+for _state in (State.BEGUN, State.STREAMING, State.STOPPED, State.SEALED, State.VERIFYING, State.PREPARED):
     TRANSITIONS[(_state, S, "ABORT")] = State.ABORTED
     TRANSITIONS[(_state, D, "ABORT")] = State.ABORTED
 TRANSITIONS[(State.COMMITTING, D, "ABORT")] = State.ABORTED
 
 TERMINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
+# What carries the VM depends on BEGIN's backend: page records, or a stream.
+PAGE_ONLY = frozenset({"KEYS", "PAGES", "ROUND_END", "CPU_STATE", "CONTEXT"})
+STREAM_ONLY = frozenset({"STREAM", "STREAM_END"})
 
 
 class SessionProtocol:
@@ -72,6 +78,7 @@ class SessionProtocol:
         self.mid = mid
         self._next_seq = {S: 0, D: 0}
         self._context_parts = 0
+        self.stream: bool | None = None  # set by BEGIN: a stream backend
 
     def __repr__(self) -> str:
         return f"SessionProtocol({self.role.value}, {self.state.value})"
@@ -99,12 +106,22 @@ class SessionProtocol:
         if msg.seq != expected:
             raise ProtocolError("sequence",
                                 f"{msg.type} seq {msg.seq}, expected {expected} (replayed, reordered or dropped)")
+        if msg.type == "BEGIN":
+            backend = msg.body["backend"]
+            if backend not in messages.PAGE_BACKENDS | messages.STREAM_BACKENDS:
+                raise ProtocolError("unsupported", f"unknown backend {backend[:16]!r}")
+            if (backend in messages.STREAM_BACKENDS) != bool(msg.body["spec"]):
+                raise ProtocolError("malformed", "BEGIN's spec must be set exactly for a stream backend")
+            self.stream = backend in messages.STREAM_BACKENDS
+        if msg.type in (STREAM_ONLY if not self.stream else PAGE_ONLY):
+            raise ProtocolError("out-of-state", f"{msg.type} is not part of a "
+                                                f"{'stream' if self.stream else 'page'} migration")
         if msg.type == "CONTEXT":
             # Context chunks arrive in order, each naming the same total.
             if msg.body["index"] != self._context_parts or msg.body["index"] >= msg.body["total"]:
                 raise ProtocolError("sequence", "protected-context chunks out of order")
             self._context_parts += 1
-        if msg.type == "COMPLETE" and self._context_parts == 0:
+        if msg.type == "COMPLETE" and not self.stream and self._context_parts == 0:
             raise ProtocolError("out-of-state", "COMPLETE before the protected-context blob")
         self._next_seq[sender] = expected + 1
         self.state = nxt

@@ -1,0 +1,614 @@
+"""Real VMs: QEMU processes started and owned by the agent, driven over QMP.
+
+QEMU's own live migration carries the VM (RAM rounds, device and CPU state);
+palm_net carries QEMU's byte stream and adds what QEMU lacks: attestation of
+the peer and the one-copy handoff.  The source QEMU migrates into a Unix
+socket the agent reads (``migrate unix:``); the destination QEMU is started
+paused with ``-S -incoming defer`` and fed through its own Unix socket.  It
+stays paused until COMMIT (``cont``); the source stays paused
+("postmigrate") until the handoff rules let it run again or quit it.
+
+A QEMU VM outlives its agent, like a model VM: the agent finds it again by
+its directory (vm.json with the pid) and reconnects to its QMP socket.
+
+QEMU VMs have no VMM-protected processes here: that protection is the
+embedded model's.  What crosses the wire from a QEMU source is its migration
+stream (plaintext guest memory, as QEMU's TLS mode would carry it), sealed
+record by record in the attested session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError, VerifyReport, VmInfo
+from palm_net.hypervisor.qmp import QmpClient, QmpError
+from palm_net.hypervisor.vmconfig import ConfiguredVM
+
+MIB = 1 << 20
+MAX_MEMORY_MIB = 1 << 20  # 1 TiB, the protocol's guest limit
+MAX_VCPUS = 64
+MAX_ARGS = 32
+MAX_ARG_LEN = 256
+MAX_SPEC = 4096
+QMP_TIMEOUT = 30.0
+STREAM_TIMEOUT = 30.0  # longest silence of QEMU's migration stream
+# Options palm_net sets itself; a VM's extra arguments may not repeat them.
+OWN_OPTIONS = frozenset({"-machine", "-M", "-m", "-smp", "-accel", "-enable-kvm", "-qmp", "-monitor", "-incoming",
+                         "-S", "-daemonize", "-pidfile", "-name", "-nodefaults", "-display", "-serial", "-chardev",
+                         "-mon", "-readconfig", "-writeconfig", "-object", "-drive", "-netdev", "-kernel", "-initrd",
+                         "-append", "-bios", "-fw_cfg", "-runas", "-chroot", "-sandbox", "-plugin", "-trace", "-D"})
+# What a destination accepts from the wire: options that name no host
+# resource (no files, sockets, backends).  Anything else stays on its host.
+WIRE_DEVICES = frozenset({"virtio-rng-pci", "virtio-balloon-pci", "pvpanic", "isa-debug-exit", "edu",
+                          "pci-testdev", "i6300esb"})
+WIRE_OPTIONS = frozenset({"-cpu", "-device", "-rtc"})
+# The generic loader fills guest memory from a host file at reset: the
+# source's own business (the incoming stream overwrites that memory anyway).
+LOCAL_DEVICES = frozenset({"loader"})
+SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,=:+-]{1,256}")
+BLAKE_PERSON = b"palm-vm-digest"
+
+
+class QemuError(HypervisorError):
+    """A QEMU VM cannot be created, driven or migrated; the message is one line."""
+
+
+def qemu_binary() -> str | None:
+    return shutil.which("qemu-system-x86_64")
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def default_accel() -> str:
+    return "kvm" if kvm_usable() else "tcg"
+
+
+# --------------------------------------------------------------------------
+# Arguments: what the operator may add, and what may cross the wire
+
+
+def _device_driver(value: str) -> str:
+    return value.split(",", 1)[0]
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Splits a VM's extra QEMU arguments into (wire, local) option/value pairs.
+
+    Raises QemuError naming the first argument that is neither migratable
+    nor a source-only device."""
+    if len(args) > MAX_ARGS:
+        raise QemuError(f"at most {MAX_ARGS} extra QEMU arguments")
+    wire: list[str] = []
+    local: list[str] = []
+    i = 0
+    while i < len(args):
+        opt = args[i]
+        if opt in OWN_OPTIONS:
+            raise QemuError(f"QEMU option {opt} is set by palm_net itself")
+        if i + 1 >= len(args):
+            raise QemuError(f"QEMU option {opt} needs a value")
+        value = args[i + 1]
+        if len(value) > MAX_ARG_LEN:
+            raise QemuError(f"QEMU argument for {opt} is longer than {MAX_ARG_LEN} characters")
+        if opt == "-device" and _device_driver(value) in LOCAL_DEVICES:
+            local += [opt, value]
+        elif opt in WIRE_OPTIONS and SAFE_VALUE.fullmatch(value) and (
+                opt != "-device" or _device_driver(value) in WIRE_DEVICES):
+            wire += [opt, value]
+        else:
+            raise QemuError(f"QEMU argument {opt} {value[:60]} cannot migrate (allowed: -cpu MODEL, -rtc ..., "
+                            f"-device {{{','.join(sorted(WIRE_DEVICES))}}}, and -device loader on the source)")
+        i += 2
+    return wire, local
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    """The machine a destination must start to receive the stream (BEGIN's ``spec``)."""
+
+    memory_mib: int
+    vcpus: int
+    machine: str
+    accel: str
+    args: tuple[str, ...] = field(default=())
+
+    def encode(self) -> bytes:
+        out: bytes = msgpack.packb({"memory_mib": self.memory_mib, "vcpus": self.vcpus, "machine": self.machine,
+                                    "accel": self.accel, "args": list(self.args)}, use_bin_type=True)
+        return out
+
+    @classmethod
+    def decode(cls, blob: bytes) -> QemuSpec:
+        """Strict parse of a spec from the wire; QemuError on anything unexpected."""
+        if len(blob) > MAX_SPEC:
+            raise QemuError("QEMU spec too large")
+        try:
+            obj = msgpack.unpackb(blob, raw=False, max_array_len=MAX_ARGS, max_map_len=8, max_str_len=MAX_ARG_LEN,
+                                  max_bin_len=0, max_ext_len=0, strict_map_key=True)
+        except Exception:
+            raise QemuError("QEMU spec is not msgpack") from None
+        keys = {"memory_mib", "vcpus", "machine", "accel", "args"}
+        if type(obj) is not dict or set(obj) != keys:
+            raise QemuError(f"QEMU spec must have exactly {sorted(keys)}")
+        mem, vcpus, machine, accel, args = (obj[k] for k in ("memory_mib", "vcpus", "machine", "accel", "args"))
+        if type(mem) is not int or not 1 <= mem <= MAX_MEMORY_MIB:
+            raise QemuError("QEMU spec: memory out of bounds")
+        if type(vcpus) is not int or not 1 <= vcpus <= MAX_VCPUS:
+            raise QemuError("QEMU spec: vcpus out of bounds")
+        if machine not in ("pc", "q35"):
+            raise QemuError("QEMU spec: machine must be pc or q35")
+        if accel not in ("kvm", "tcg"):
+            raise QemuError("QEMU spec: accel must be kvm or tcg")
+        if type(args) is not list or not all(type(a) is str for a in args):
+            raise QemuError("QEMU spec: args must be a list of strings")
+        wire, local = split_args(args)
+        if local:
+            raise QemuError("QEMU spec: source-only devices cannot be sent")
+        return cls(mem, vcpus, machine, accel, tuple(wire))
+
+
+def _run_dir(vm_dir: Path) -> Path:
+    """Where a VM's sockets live: Unix socket paths are limited to 107 bytes,
+    so a short directory named after the VM directory (stable across restarts)."""
+    tag = hashlib.blake2b(str(vm_dir.resolve()).encode(), digest_size=8).hexdigest()
+    d = Path(tempfile.gettempdir()) / f"palm-q-{tag}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    """The process exists and is the QEMU with our QMP socket (pids are reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return marker.encode() in cmdline
+
+
+def kill_all_under(root: Path) -> int:
+    """Kills the QEMU of every VM directory below ``root`` (test and drill
+    clean-up: a QEMU outlives its agent by design).  Returns how many."""
+    killed = 0
+    for cfg_path in root.rglob("vm.json"):
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = config.get("pid") if isinstance(config, dict) and config.get("backend") == "qemu" else None
+        if isinstance(pid, int) and _pid_alive(pid, str(_run_dir(cfg_path.parent) / "qmp.sock")):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        shutil.rmtree(_run_dir(cfg_path.parent), ignore_errors=True)
+    return killed
+
+
+# --------------------------------------------------------------------------
+# The VM
+
+
+class QemuVM(ConfiguredVM):
+    """One QEMU VM owned by the agent.  Thread-safe: QMP calls are serialised."""
+
+    backend = "qemu"
+
+    def __init__(self, vm_dir: Path, config: dict[str, Any]) -> None:
+        self.dir = vm_dir
+        self.config = config
+        self.name: str = config["name"]
+        self.vm_id = bytes.fromhex(config["vm_id"])
+        self.spec = QemuSpec(config["memory_mib"], config["vcpus"], config["machine"], config["accel"],
+                             tuple(config["args"]))
+        self.local_args: list[str] = list(config.get("local_args", []))
+        self.run_dir = _run_dir(vm_dir)
+        self.qmp_path = str(self.run_dir / "qmp.sock")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QmpClient | None = None
+        self.workload: Any = None  # QEMU guests run their own code
+        self.throttle = 1.0
+        self.paused_at: float | None = None  # monotonic time QEMU stopped the guest for stop-and-copy
+        self.last_stats: dict[str, Any] = {}
+        self._incoming: socket.socket | None = None
+        self._received = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"QemuVM({self.name!r}, {self.spec.memory_mib} MiB, state={self.state})"
+
+    # -- lifecycle -------------------------------------------------------
+
+    @classmethod
+    def create(cls, vm_dir: Path, name: str, memory_mib: int, *, vcpus: int = 1, args: list[str] | None = None,
+               policy: str = "any", accel: str | None = None, machine: str = "pc") -> QemuVM:
+        if qemu_binary() is None:
+            raise QemuError("qemu-system-x86_64 not found (install Debian's qemu-system-x86)")
+        if not 1 <= memory_mib <= MAX_MEMORY_MIB:
+            raise QemuError("QEMU memory must be between 1 MiB and 1 TiB")
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise QemuError(f"vcpus must be between 1 and {MAX_VCPUS}")
+        wire, local = split_args(list(args or []))
+        vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        config: dict[str, Any] = {
+            "backend": "qemu", "name": name, "vm_id": os.urandom(16).hex(), "memory_mib": memory_mib,
+            "vcpus": vcpus, "machine": machine, "accel": accel or default_accel(), "args": wire,
+            "local_args": local, "state": "running", "policy": policy, "migration": None, "pid": None,
+        }
+        vm = cls(vm_dir, config)
+        vm._start(incoming=False)
+        return vm
+
+    @classmethod
+    def create_incoming(cls, vm_dir: Path, name: str, vm_id: bytes, spec: QemuSpec,
+                        migration: bytes | None = None) -> QemuVM:
+        """A paused QEMU waiting for the stream (-S -incoming defer); runs only after activate()."""
+        if qemu_binary() is None:
+            raise QemuError("qemu-system-x86_64 not found on the destination")
+        if spec.accel == "kvm" and not kvm_usable():
+            raise QemuError("the source runs under KVM and /dev/kvm is not usable here")
+        vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        config: dict[str, Any] = {
+            "backend": "qemu", "name": name, "vm_id": vm_id.hex(), "memory_mib": spec.memory_mib,
+            "vcpus": spec.vcpus, "machine": spec.machine, "accel": spec.accel, "args": list(spec.args),
+            "local_args": [], "state": "incoming", "policy": "any",
+            "migration": migration.hex() if migration else None, "pid": None,
+        }
+        vm = cls(vm_dir, config)
+        try:
+            vm._start(incoming=True)
+            q = vm._q()
+            q.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+            in_path = str(vm.run_dir / "incoming.sock")
+            q.execute("migrate-incoming", uri=f"unix:{in_path}")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(STREAM_TIMEOUT)
+            sock.connect(in_path)
+            vm._incoming = sock
+        except (QmpError, OSError) as exc:
+            vm.scrub()
+            raise QemuError(f"destination QEMU did not start: {exc}") from None
+        return vm
+
+    def _command(self, incoming: bool) -> list[str]:
+        binary = qemu_binary()
+        if binary is None:
+            raise QemuError("qemu-system-x86_64 not found")
+        s = self.spec
+        cmd = [binary, "-name", f"palm-{self.name}", "-machine", f"{s.machine},accel={s.accel}",
+               "-m", str(s.memory_mib), "-smp", str(s.vcpus), "-nodefaults", "-display", "none",
+               "-serial", "none", "-monitor", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+               *s.args, *self.local_args]
+        if incoming:
+            cmd += ["-S", "-incoming", "defer"]
+        return cmd
+
+    def _start(self, incoming: bool) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.qmp_path)
+        log = open(self.dir / "qemu.log", "ab")
+        try:
+            # Own session: a signal to the agent's process group leaves the VM running.
+            self.proc = subprocess.Popen(self._command(incoming), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)
+        except OSError as exc:
+            raise QemuError(f"cannot start QEMU: {exc.strerror or exc}") from None
+        finally:
+            log.close()
+        self.config["pid"] = self.proc.pid
+        self._save_config()
+        try:
+            self.qmp = QmpClient.connect(self.qmp_path, QMP_TIMEOUT, alive=lambda: self.proc is not None and
+                                         self.proc.poll() is None)
+        except QmpError as exc:
+            tail = self._log_tail()
+            self._kill()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise QemuError(f"QEMU did not start: {tail or exc}") from None
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.dir / "qemu.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1][:200] if lines else ""
+
+    @classmethod
+    def open(cls, vm_dir: Path) -> QemuVM:
+        """Finds a VM's QEMU again after an agent restart.  A VM whose QEMU is
+        gone loads in state "dead" (it can only be destroyed)."""
+        try:
+            config = json.loads((vm_dir / "vm.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise QemuError(f"{vm_dir}: cannot read vm.json ({exc})") from None
+        vm = cls(vm_dir, config)
+        pid = config.get("pid")
+        alive = isinstance(pid, int) and _pid_alive(pid, vm.qmp_path)
+        if alive:
+            try:
+                vm.qmp = QmpClient.connect(vm.qmp_path, 5.0)
+            except QmpError:
+                alive = False
+        if not alive and vm.state != "incoming":  # an incoming one is scrubbed by the handoff rules
+            vm.config["state"] = "dead"
+        return vm
+
+    def _q(self) -> QmpClient:
+        if self.qmp is None:
+            raise QemuError(f"QEMU of VM {self.name!r} is not running")
+        return self.qmp
+
+    def _pid(self) -> int | None:
+        pid = self.config.get("pid")
+        return pid if isinstance(pid, int) else None
+
+    def _kill(self) -> None:
+        """Ends the QEMU process: QMP quit, then SIGKILL if it lingers."""
+        if self.qmp is not None:
+            with contextlib.suppress(QmpError):
+                self.qmp.execute("quit", timeout=5)
+            self.qmp.close()
+            self.qmp = None
+        pid = self._pid()
+        if self.proc is not None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        elif pid is not None:
+            deadline = time.monotonic() + 5
+            while _pid_alive(pid, self.qmp_path) and time.monotonic() < deadline:
+                time.sleep(0.02)  # not our child (agent restarted): no wait() to block on
+            if _pid_alive(pid, self.qmp_path):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid()
+
+    # -- state -----------------------------------------------------------
+
+    @property
+    def info(self) -> VmInfo:
+        return VmInfo(self.name, self.vm_id, self.spec.memory_mib * MIB // PAGE_SIZE, self.spec.vcpus, 0, 0)
+
+    def qemu_status(self) -> str:
+        return str(self._q().execute("query-status")["status"])
+
+    def pause(self) -> None:
+        if self.state not in ("running", "paused"):
+            raise QemuError(f"cannot pause a VM in state {self.state}")
+        self._q().execute("stop")
+        self.config["state"] = "paused"
+        self._save_config()
+
+    def resume(self) -> None:
+        if self.state not in ("running", "paused"):
+            raise QemuError(f"cannot resume a VM in state {self.state}")
+        # QEMU lets "cont" run a source after its migration completed
+        # (postmigrate): only the handoff rules decide whether we may.
+        self._q().execute("cont")
+        self.config["state"] = "running"
+        self._save_config()
+
+    def set_throttle(self, fraction: float) -> None:
+        self.throttle = fraction  # QEMU throttles itself (auto-converge capability)
+
+    def resume_after_migration(self) -> None:
+        """The source again owns the VM (failure before the handoff point, or
+        the destination's abort token): stop QEMU's migration and run."""
+        q = self._q()
+        with contextlib.suppress(QmpError):
+            q.execute("migrate_cancel")
+        status = str(q.execute("query-migrate").get("status", "none"))
+        if status in ("active", "cancelling", "device", "pre-switchover", "setup", "wait-unplug"):
+            q.wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
+                         ("cancelled", "failed", "completed"), QMP_TIMEOUT)
+        self.set_migration(None)
+        if self.state == "paused" or self.qemu_status() != "running":
+            self.config["state"] = "paused"
+            try:
+                self.resume()
+            except QmpError:
+                # QEMU restarts a guest itself when its migration fails late.
+                if self.qemu_status() != "running":
+                    raise
+                self.config["state"] = "running"
+                self._save_config()
+
+    def sync(self) -> None:
+        self._save_config()  # the guest's memory lives in QEMU, not in our files
+
+    def close(self) -> None:
+        """Lets go of the QEMU (the VM keeps running; the next agent reconnects)."""
+        if self._incoming is not None:
+            self._incoming.close()
+            self._incoming = None
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+
+    def scrub(self) -> None:
+        """Ends the VM: QEMU quits (the kernel zeroes its memory before reuse)."""
+        if self._incoming is not None:
+            self._incoming.close()
+            self._incoming = None
+        self._kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def activate(self) -> None:
+        if self.state != "incoming":
+            raise QemuError(f"only an incoming VM can be activated (state {self.state})")
+        self._q().execute("cont")
+        self.config["state"] = "running"
+        self.config["migration"] = None
+        self._save_config()
+
+    def verify(self) -> VerifyReport:
+        """Nothing protected to check (see the module docstring); QEMU must be alive."""
+        try:
+            self.qemu_status()
+        except (QemuError, QmpError) as exc:
+            return VerifyReport(0, 0, (f"QEMU not answering: {exc}",))
+        return VerifyReport(0, 0, ())
+
+    # -- memory ----------------------------------------------------------
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """Guest-physical (address, size) of RAM: the pc/q35 machines put what
+        does not fit below the PCI hole above 4 GiB."""
+        size = self.spec.memory_mib * MIB
+        low_max = 0xE0000000 if self.spec.machine == "pc" else 0xB0000000
+        if size < low_max:
+            return [(0, size)]
+        low = 0xC0000000 if self.spec.machine == "pc" else 0x80000000  # gigabyte-aligned split
+        return [(0, low), (1 << 32, size - low)]
+
+    def pmemsave(self, addr: int, size: int) -> bytes:
+        """Guest-physical memory as QEMU sees it (via a file QEMU writes)."""
+        path = self.dir / f"pmem-{threading.get_ident()}.bin"
+        try:
+            self._q().execute("pmemsave", val=addr, size=size, filename=str(path), timeout=300)
+            return path.read_bytes()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def digest(self, ranges: list[tuple[int, int]] | None = None) -> str:
+        """BLAKE2b-256 of guest RAM, or of the given guest-physical (address,
+        size) ranges (pmemsave, in 64 MiB pieces)."""
+        h = hashlib.blake2b(digest_size=32, person=BLAKE_PERSON)
+        step = 64 * MIB
+        for base, size in ranges or self.ram_ranges():
+            for off in range(0, size, step):
+                h.update(self.pmemsave(base + off, min(step, size - off)))
+        return h.hexdigest()
+
+    # -- migration: source -------------------------------------------------
+
+    def stream_out(self, chunk: int, downtime_limit: float, bandwidth: float | None,
+                   auto_converge: bool) -> Iterator[bytes]:
+        """Starts QEMU's migration into a Unix socket and yields its stream in
+        chunks of at most ``chunk`` bytes until QEMU completes (the guest is then
+        paused, "postmigrate").  Raises QemuError if QEMU's migration fails."""
+        q = self._q()
+        path = str(self.run_dir / "outgoing.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn: socket.socket | None = None
+        try:
+            listener.bind(path)
+            listener.listen(1)
+            listener.settimeout(STREAM_TIMEOUT)
+            q.execute("migrate-set-capabilities", capabilities=[
+                {"capability": "events", "state": True},
+                {"capability": "auto-converge", "state": auto_converge}])
+            # QEMU caps migration at 128 MiB/s by default; ours is the channel's pace.
+            q.execute("migrate-set-parameters", **{
+                "downtime-limit": max(1, int(downtime_limit * 1000)),
+                "max-bandwidth": int(bandwidth) if bandwidth else 1 << 40})
+            q.events.clear()
+            q.execute("migrate", uri=f"unix:{path}")
+            conn, _ = listener.accept()
+            conn.settimeout(STREAM_TIMEOUT)
+            buf = bytearray(chunk)
+            view = memoryview(buf)
+            eof = False
+            while not eof:
+                filled = 0
+                while filled < chunk:  # full records, except the last
+                    n = conn.recv_into(view[filled:])
+                    if n == 0:
+                        eof = True
+                        break
+                    filled += n
+                if filled:
+                    yield bytes(view[:filled])
+        except OSError as exc:
+            raise QemuError(f"QEMU migration stream: {exc.strerror or exc}") from None
+        finally:
+            if conn is not None:
+                conn.close()
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        ev = q.wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
+                          ("completed", "failed", "cancelled"), QMP_TIMEOUT)
+        info = q.execute("query-migrate")
+        self.last_stats = info
+        if ev["data"]["status"] != "completed":
+            raise QemuError(f"QEMU migration {ev['data']['status']}: {info.get('error-desc', 'no reason given')}")
+        self.config["state"] = "paused"  # postmigrate: QEMU keeps the guest stopped
+        self._save_config()
+        self.paused_at = self._stop_time(q)
+
+    @staticmethod
+    def _stop_time(q: QmpClient) -> float:
+        """When QEMU stopped the guest, on our monotonic clock (QMP events carry wall time)."""
+        for ev in reversed(q.events):
+            if ev.get("event") == "STOP":
+                ts = ev.get("timestamp", {})
+                wall = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+                return time.monotonic() - max(0.0, time.time() - wall)
+        return time.monotonic()
+
+    # -- migration: destination --------------------------------------------
+
+    def stream_in(self, data: bytes) -> None:
+        if self._incoming is None:
+            raise QemuError("no incoming migration on this VM")
+        try:
+            self._incoming.sendall(data)
+        except OSError as exc:
+            raise QemuError(f"destination QEMU stopped reading the stream: {exc.strerror or exc}") from None
+        self._received += len(data)
+
+    @property
+    def stream_received(self) -> int:
+        return self._received
+
+    def end_stream(self) -> None:
+        """The whole stream was handed over: wait for QEMU to load it (paused)."""
+        if self._incoming is None:
+            raise QemuError("no incoming migration on this VM")
+        with contextlib.suppress(OSError):
+            self._incoming.shutdown(socket.SHUT_WR)
+        try:
+            ev = self._q().wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
+                                      ("completed", "failed"), QMP_TIMEOUT)
+        except QmpError as exc:
+            raise QemuError(f"destination QEMU did not finish loading: {exc}; {self._log_tail()}") from None
+        self._incoming.close()
+        self._incoming = None
+        if ev["data"]["status"] != "completed":
+            raise QemuError(f"destination QEMU refused the stream: {self._log_tail()}")
+        status = self.qemu_status()
+        if status == "running":
+            raise QemuError("destination QEMU runs before COMMIT")

@@ -1,0 +1,289 @@
+"""Real VMs: QEMU guests migrated agent to agent, QEMU's stream inside the attested session.
+
+Every test starts its own QEMU processes (Debian's qemu-system-x86; KVM when
+/dev/kvm is usable, TCG otherwise) and skips when QEMU is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
+from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM, qemu_binary, split_args
+from palm_net.migration.engine import MigrationFailure, MigrationParams
+from palm_net.testing.cluster import LocalCluster
+from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.wire import messages
+
+pytestmark = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed "
+                                "(Debian package qemu-system-x86; .ci/run installs it)")
+
+MEM = 64 << 20
+LOAD_ADDR = 0x1000000  # 16 MiB: above what the BIOS touches
+CONTENT = 8 << 20
+
+
+@pytest.fixture(scope="module")
+def content(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("qemu") / "content.bin"
+    path.write_bytes(os.urandom(CONTENT))
+    return path
+
+
+def new_vm(agent, content: Path) -> QemuVM:
+    name = "q" + uuid.uuid4().hex[:10]  # unique: QEMU processes are counted by name across xdist workers
+    # Without kvmclock: under KVM the destination's kernel rewrites the guest's
+    # pvclock page when it loads the clock, so a guest using kvmclock never has
+    # a bit-equal RAM digest on both sides (see docs/QEMU.md).
+    return agent.create_qemu_vm(name, MEM, ["-device", f"loader,file={content},addr={LOAD_ADDR:#x},force-raw=on",
+                                            "-cpu", "qemu64,-kvmclock"])
+
+
+def qemu_processes(name: str) -> list[int]:
+    """Live QEMU processes of this VM, on the whole host."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if f"palm-{name}".encode() in cmd and stat[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def runnable(cluster, name: str) -> list[str]:
+    """Agents whose copy of the VM is a running QEMU (asked over QMP, not our records)."""
+    out = []
+    for m in cluster.members.values():
+        vm = m.agent.vms.get(name) if m.agent else None
+        if isinstance(vm, QemuVM) and vm.state != "dead" and vm.qemu_status() == "running":
+            out.append(m.name)
+    return out
+
+
+async def settle_one_copy(cluster, name: str, where: str, content: Path) -> None:
+    """Exactly one QEMU of the VM exists on the host, it runs, on ``where``, and holds the content."""
+    with trio.fail_after(20):  # in-doubt recovery and the destination's clean-up settle
+        while True:
+            alive = qemu_processes(name)
+            if len(alive) == 1 and runnable(cluster, name) == [where]:
+                break
+            await trio.sleep(0.05)
+    vm = cluster[where].vms[name]
+    assert vm.pmemsave(LOAD_ADDR, CONTENT) == content.read_bytes()
+    other = "b" if where == "a" else "a"
+    assert name not in cluster[other].vms
+
+
+# --------------------------------------------------------------------------
+# A whole migration
+
+
+async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
+    a, b = cluster["a"], cluster["b"]
+    vm = new_vm(a, content)
+    src_pid = vm.pid
+    assert vm.pmemsave(LOAD_ADDR, CONTENT) == content.read_bytes()
+    await trio.sleep(0.5)  # let the guest (its BIOS) run and write its RAM before the copy
+    res = await a.migrate(vm.name, cluster.addr("b"), MigrationParams(verify_digest=True))
+    assert res.ok, res.error
+    d = res.as_dict()
+    # Both agents digested all guest RAM (pmemsave) while paused, and COMMIT
+    # went only because the digests were equal.
+    assert d["digest_verified"] and len(d["digest"]) == 64
+    hv = d["hypervisor"]
+    assert hv["status"] == "completed" and hv["rounds"] >= 1 and d["rounds"] == hv["rounds"]
+    assert hv["stream_bytes"] > CONTENT and d["bytes"] > hv["stream_bytes"]
+    assert d["downtime_ms"] >= hv["downtime_ms"] > 0  # palm's downtime runs until DONE
+    moved = b.vms[vm.name]
+    assert isinstance(moved, QemuVM) and moved.state == "running" and moved.qemu_status() == "running"
+    assert moved.pmemsave(LOAD_ADDR, CONTENT) == content.read_bytes()
+    assert vm.name not in a.vms and qemu_processes(vm.name) == [moved.pid] and src_pid != moved.pid
+    # And back again, by the same rules.
+    res = await b.migrate(vm.name, cluster.addr("a"), MigrationParams())
+    assert res.ok, res.error
+    await settle_one_copy(cluster, vm.name, "a", content)
+
+
+async def test_stream_never_carries_the_content_in_clear(cluster, content):
+    """QEMU's stream holds guest memory in plaintext; on the wire it is sealed."""
+    a = cluster["a"]
+    vm = new_vm(a, content)
+    needle = content.read_bytes()[4096 * 100 : 4096 * 100 + 64]
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
+    await cluster.nursery.start(proxy.serve)
+    assert (await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())).ok
+    wire = b"".join(f for (c, d, _), f in proxy.seen.items() if d == "c2s")
+    assert len(wire) > CONTENT and needle not in wire
+
+
+# --------------------------------------------------------------------------
+# A cut connection and a bit flip at each phase: exactly one runnable QEMU
+
+
+def frame_len(mtype: str, seq: int, body: dict) -> int:
+    """A record's length on the wire: u32 prefix + message + AEAD tag."""
+    return 4 + len(messages.encode(messages.Message(mtype, bytes(16), seq, body))) + 16
+
+
+# c2s frames 0-2 are the handshake, 3 BEGIN (seq 0), then STREAM records,
+# STREAM_END, COMPLETE, COMMIT; the last three are found by their exact
+# length at their index (a STREAM chunk of that very length would be hit
+# instead: the same phase, and just as fatal).
+def is_stream_end(i: int, f: bytes) -> bool:
+    return i > 4 and len(f) == frame_len("STREAM_END", i - 3, {"bytes": 1 << 24})
+
+
+def is_complete(i: int, f: bytes) -> bool:
+    return i > 5 and len(f) == frame_len("COMPLETE", i - 3, {"records": i - 3, "page_records": i - 5,
+                                                             "transcript": bytes(32)})
+
+
+def is_commit(i: int, f: bytes) -> bool:
+    return i > 6 and len(f) == frame_len("COMMIT", i - 3, {})
+
+
+def c2s(action: str, frame: int = 0, match=None, bit: int = 20) -> Rule:
+    return Rule("c2s", frame, action, bit=bit, match=match)
+
+
+QPHASES = [
+    ("handshake msg3 flip", Rule("c2s", 2, "flip", bit=40), "a"),
+    ("handshake msg2 flip", Rule("s2c", 0, "flip", bit=100), "a"),
+    ("BEGIN flip", c2s("flip", 3), "a"),
+    ("BEGIN cut", c2s("cut", 3), "a"),
+    ("ACCEPT flip", Rule("s2c", 1, "flip", bit=30), "a"),
+    ("ACCEPT cut", Rule("s2c", 1, "cut"), "a"),
+    ("first stream record flip", c2s("flip", 4, bit=5000), "a"),
+    ("mid-stream flip", c2s("flip", 40, bit=9000), "a"),
+    ("mid-stream cut", c2s("cut", 40), "a"),
+    ("stream end flip", c2s("flip", match=is_stream_end), "a"),
+    ("stream end cut", c2s("cut", match=is_stream_end), "a"),
+    ("completion flip", c2s("flip", match=is_complete), "a"),
+    ("completion cut", c2s("cut", match=is_complete), "a"),
+    ("READY flip", Rule("s2c", 2, "flip", bit=30), "a"),
+    ("READY cut", Rule("s2c", 2, "cut"), "a"),
+    ("COMMIT flip", c2s("flip", match=is_commit, bit=9), "a"),
+    ("COMMIT cut", c2s("cut", match=is_commit), "a"),
+    ("DONE flip", Rule("s2c", 3, "flip", bit=30), "b"),
+    ("DONE cut", Rule("s2c", 3, "cut"), "b"),
+]
+
+
+@pytest.mark.parametrize(("phase", "rule", "where"), QPHASES, ids=[p[0] for p in QPHASES])
+async def test_qemu_fault_at_each_phase(cluster, content, phase, rule, where):
+    a = cluster["a"]
+    vm = new_vm(a, content)
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [rule])
+    await cluster.nursery.start(proxy.serve)
+    res = await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
+    assert proxy.log.events, f"{phase}: the fault was not injected"
+    assert not res.ok or res.extra.get("recovered") or where == "b"
+    await settle_one_copy(cluster, vm.name, where, content)
+
+
+async def test_qemu_phase_layout_assumed_above(cluster, content):
+    """Without faults: the end of the stream, COMPLETE and COMMIT are where the predicates look."""
+    a = cluster["a"]
+    vm = new_vm(a, content)
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
+    await cluster.nursery.start(proxy.serve)
+    assert (await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())).ok
+    n = proxy.log.frames[(0, "c2s")]
+    frames = [proxy.seen[(0, "c2s", i)] for i in range(n)]
+    assert n > 44 and proxy.log.frames[(0, "s2c")] == 4
+    assert is_commit(n - 1, frames[-1]) and is_complete(n - 2, frames[-2]) and is_stream_end(n - 3, frames[-3])
+    assert not any(is_stream_end(i, frames[i]) for i in range(4, n - 3))
+
+
+async def test_cancel_mid_stream_resumes_the_source(cluster, content):
+    """An operator cancel while QEMU streams: QEMU's migration is cancelled,
+    the guest runs on at the source, the destination's QEMU is quit."""
+    a = cluster["a"]
+    vm = new_vm(a, content)
+
+    def cancel() -> None:
+        (mid,) = [lm.mid for lm in a.live.values() if lm.result is None]
+        a.cancel(mid.hex())
+
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [Rule("c2s", 20, "call", callback=cancel)])
+    await cluster.nursery.start(proxy.serve)
+    res = await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
+    assert res.status == "cancelled" and res.runs_on == "source"
+    await settle_one_copy(cluster, vm.name, "a", content)
+
+
+# --------------------------------------------------------------------------
+# An unauthorised destination receives nothing
+
+
+@pytest.mark.parametrize("why", ["self-made authority", "measurement not allowed"])
+async def test_unauthorised_destination_receives_nothing(nursery, content, why):
+    c = LocalCluster(("a", "b"))
+    c.nursery = nursery
+    b = c.members["b"]
+    ident = AgentIdentity.load(b.dir)
+    if why == "self-made authority":
+        rogue = Authority.generate()
+        rogue.save(c.root / "rogue")
+        cert = rogue.issue("b", ident.static.public, ident.sign_pub, c.measurement)
+        b.config.ca_pub = c.root / "rogue" / "ca.pub"
+    else:
+        cert = c.authority.issue("b", ident.static.public, ident.sign_pub, bytes(32))
+    (b.dir / CERT_FILE).write_bytes(cert.encode())
+    try:
+        a = await c.start("a")
+        await c.start("b")
+        vm = new_vm(a, content)
+        proxy = FaultProxy(("127.0.0.1", b.port))
+        await nursery.start(proxy.serve)
+        res = await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
+        assert not res.ok and res.phase == "handshake" and res.runs_on == "source"
+        # Nothing beyond the first two handshake frames left the source: no
+        # record, so no BEGIN and no byte of QEMU's stream.
+        assert proxy.log.frames[(0, "c2s")] <= 2
+        assert c["b"].vms == {} and c["b"].store.list() == []
+        assert qemu_processes(vm.name) == [vm.pid] and vm.qemu_status() == "running"
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# What a destination accepts from the wire
+
+
+def test_qemu_arguments_that_cannot_migrate_are_refused():
+    wire, local = split_args(["-device", "virtio-rng-pci", "-device", "loader,file=/x,addr=0x1000",
+                              "-cpu", "qemu64"])
+    assert wire == ["-device", "virtio-rng-pci", "-cpu", "qemu64"] and local[0] == "-device"
+    for bad in (["-drive", "file=/etc/shadow"], ["-chardev", "file,id=x,path=/tmp/x"], ["-m", "1G"],
+                ["-device", "virtio-serial,chardev=x"], ["-cpu", "a/b"], ["-device"]):
+        with pytest.raises(QemuError):
+            split_args(bad)
+    spec = QemuSpec(64, 1, "pc", "tcg", ("-device", "loader,file=/etc/shadow"))
+    with pytest.raises(QemuError, match="source-only"):
+        QemuSpec.decode(spec.encode())
+    ok = QemuSpec(64, 2, "pc", "kvm", ("-cpu", "qemu64"))
+    assert QemuSpec.decode(ok.encode()) == ok
+
+
+async def test_destination_refuses_a_spec_that_disagrees_with_begin(cluster):
+    """BEGIN's page count reserves memory; a spec asking QEMU for more is refused."""
+    b = cluster["b"]
+    msg = messages.Message("BEGIN", os.urandom(16), 0, {"vm": "big", "vm_id": bytes(16), "pages": 16,
+                                                         "protected_pages": 0, "processes": 0, "vcpus": 1,
+                                                         "plain": False, "digest": False, "backend": "qemu",
+                                                         "spec": QemuSpec(4096, 1, "pc", "tcg").encode()})
+    with pytest.raises(MigrationFailure, match="disagrees"):
+        b._make_incoming(msg)
+    assert "big" not in b.vms
