@@ -102,6 +102,11 @@ def migrate_summary(r: dict[str, Any]) -> str:
                  f"(expected {r['expected_downtime_ms']} ms), setup {r['setup_ms']} ms")
     lines.append(f"  rounds {r['rounds']}, on the wire {format_bytes(r['bytes'])}, pages: {r['normal_pages']} normal,"
                  f" {r['zero_pages']} zero, {r['protected_pages']} protected (ciphertext)")
+    hv = r.get("hypervisor")
+    if hv:
+        lines.append(f"  QEMU's own figures: {hv['rounds']} dirty syncs, downtime {hv['downtime_ms']} ms as QEMU "
+                     f"counts it (ours runs to DONE), stream {format_bytes(hv['stream_bytes'])} in "
+                     f"{hv['total_ms']} ms")
     for rs in r.get("round_stats", []):
         lines.append(f"    round {rs['round']}: {rs['pages']} pages, {format_bytes(rs['bytes'])} in "
                      f"{rs['duration'] * 1000:.0f} ms ({format_bytes(rs['bandwidth'])}/s), "

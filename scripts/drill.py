@@ -36,10 +36,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from palm_net.agent.launcher import AgentProcess, provision  # noqa: E402
+from palm_net.hypervisor.qemu import kill_all_under  # noqa: E402
 from palm_net.testing.proxy import ProxyThread, Rule  # noqa: E402
 
 PORT = 7400
 UNSETTLED = ("sending", "receiving", "prepared", "handed_off")
+
+
+def qemu_processes(vm: str) -> list[int]:
+    """Live QEMU processes of a drill VM on this host (namespaces share the pid space)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"palm-{vm}".encode() in (d / "cmdline").read_bytes().split(b"\0"):
+                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(int(d.name))
+        except OSError:
+            continue
+    return out
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -121,6 +135,11 @@ class VmSpec:
     protected: int = 1
     workload: str = "idle"
     digest: str | None = None
+    backend: str = "model"  # or "qemu": a QEMU guest with known random content at QEMU_LOAD
+
+
+QEMU_LOAD = 0x1000000  # where a drill's QEMU guest gets its random content (-device loader)
+QEMU_CONTENT = 4 << 20
 
 
 @dataclass
@@ -158,6 +177,7 @@ class Drill:
     def close(self) -> None:
         for ag in self.agents:
             ag.stop()
+        kill_all_under(self.root)  # QEMU guests outlive their agents by design
         self.net.cleanup()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -206,8 +226,13 @@ class Drill:
         for name, spec in self.vms.items():
             ag = self.agents[spec.on]
             if spec.workload == "idle" and spec.digest is not None:
-                if ag.request("vm.digest", name=name, timeout=60)["digest"] != spec.digest:
+                if self.digest(ag, spec) != spec.digest:
                     problems.append(f"{name}: digest changed (memory lost or corrupted)")
+            if spec.backend == "qemu":
+                show = ag.request("vm.show", name=name, timeout=30)
+                procs = qemu_processes(name)
+                if show["qemu_status"] != "running" or procs != [show["pid"]]:
+                    problems.append(f"{name}: QEMU says {show['qemu_status']}, QEMU processes on the host {procs}")
             if not ag.request("vm.verify", name=name, timeout=60)["ok"]:
                 problems.append(f"{name}: protected pages fail verification")
         return problems
@@ -216,14 +241,30 @@ class Drill:
 
     def create_vms(self) -> None:
         for v in self.sc.get("vm", []):
-            spec = VmSpec(v["name"], self.index(v.get("on", 0)), v.get("memory", "32MiB"), v.get("protected", 1),
-                          v.get("workload", "idle"))
+            backend = v.get("backend", "model")
+            spec = VmSpec(v["name"], self.index(v.get("on", 0)), v.get("memory", "32MiB"),
+                          v.get("protected", 1 if backend == "model" else 0), v.get("workload", "idle"),
+                          backend=backend)
             ag = self.agents[spec.on]
-            ag.request("vm.create", name=spec.name, memory=spec.memory, protected=spec.protected,
-                       workload=spec.workload, seed=self.rng.randrange(1 << 30), fill="random")
+            if backend == "qemu":
+                if shutil.which("qemu-system-x86_64") is None:
+                    raise SystemExit("drill: this scenario needs qemu-system-x86_64 (Debian qemu-system-x86)")
+                content = self.root / f"{spec.name}.content"
+                content.write_bytes(self.rng.randbytes(QEMU_CONTENT))
+                ag.request("vm.create", name=spec.name, memory=spec.memory, backend="qemu", qemu_args=[
+                    "-device", f"loader,file={content},addr={QEMU_LOAD:#x},force-raw=on"])
+            else:
+                ag.request("vm.create", name=spec.name, memory=spec.memory, protected=spec.protected,
+                           workload=spec.workload, seed=self.rng.randrange(1 << 30), fill="random")
             if spec.workload == "idle":
-                spec.digest = ag.request("vm.digest", name=spec.name)["digest"]
+                spec.digest = self.digest(ag, spec)
             self.vms[spec.name] = spec
+
+    @staticmethod
+    def digest(ag: AgentProcess, spec: VmSpec) -> str:
+        """A running QEMU guest writes its RAM (its BIOS): its content region is what must not change."""
+        args = {"range": f"{QEMU_LOAD:#x}:{QEMU_CONTENT}"} if spec.backend == "qemu" else {}
+        return str(ag.request("vm.digest", name=spec.name, timeout=60, **args)["digest"])
 
     def migrate(self, vm: str, to: int, rule: Rule | None = None, kill: str | None = None,
                 **args: Any) -> tuple[str, float | None]:

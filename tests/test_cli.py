@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from palm_net.agent.launcher import AgentProcess, free_port
+from palm_net.hypervisor.qemu import kill_all_under
 
 pytestmark = pytest.mark.slow
 PALM = [sys.executable, "-m", "palm_net.cli"]
@@ -70,6 +71,7 @@ class Cluster:
     def close(self):
         for ag in self.agents.values():
             ag.stop()
+        kill_all_under(self.root)  # QEMU guests outlive their agents by design
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -71,7 +71,7 @@ def vm_summary(agent: Agent, name: str) -> dict[str, Any]:
            "protected_pages": info.protected_pages, "policy": vm.policy, "vcpus": info.vcpus}
     if isinstance(vm, QemuVM):
         try:
-            status = vm.qemu_status() if vm.state != "dead" else "dead"
+            status = vm.qemu_status(timeout=1.0) if vm.state != "dead" else "dead"
         except HypervisorError as exc:
             status = f"unreachable ({exc})"
         out.update({"workload": "guest", "writes": 0, "resident": True, "pid": vm.pid, "accel": vm.spec.accel,
@@ -226,7 +226,7 @@ class ControlServer:
             await trio.to_thread.run_sync(vm.pause if op == "vm.pause" else vm.resume)
             return vm_summary(agent, vm.name)
         if op == "vm.destroy":
-            agent.destroy_vm(_arg(args, "name", str))
+            await trio.to_thread.run_sync(agent.destroy_vm, _arg(args, "name", str))  # a QEMU may take a moment to quit
             return {"name": name, "destroyed": True}
         if op == "migrate":
             return await self._migrate(args, stream)

@@ -235,7 +235,6 @@ class QemuVM(ConfiguredVM):
         self.last_stats: dict[str, Any] = {}
         self._incoming: socket.socket | None = None
         self._received = 0
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"QemuVM({self.name!r}, {self.spec.memory_mib} MiB, state={self.state})"
@@ -397,8 +396,8 @@ class QemuVM(ConfiguredVM):
     def info(self) -> VmInfo:
         return VmInfo(self.name, self.vm_id, self.spec.memory_mib * MIB // PAGE_SIZE, self.spec.vcpus, 0, 0)
 
-    def qemu_status(self) -> str:
-        return str(self._q().execute("query-status")["status"])
+    def qemu_status(self, timeout: float = QMP_TIMEOUT) -> str:
+        return str(self._q().execute("query-status", timeout=timeout)["status"])
 
     def pause(self) -> None:
         if self.state not in ("running", "paused"):
@@ -536,7 +535,7 @@ class QemuVM(ConfiguredVM):
                 "max-bandwidth": int(bandwidth) if bandwidth else 1 << 40})
             q.events.clear()
             q.execute("migrate", uri=f"unix:{path}")
-            conn, _ = listener.accept()
+            conn = self._accept_stream(q, listener)
             conn.settimeout(STREAM_TIMEOUT)
             buf = bytearray(chunk)
             view = memoryview(buf)
@@ -568,6 +567,20 @@ class QemuVM(ConfiguredVM):
         self.config["state"] = "paused"  # postmigrate: QEMU keeps the guest stopped
         self._save_config()
         self.paused_at = self._stop_time(q)
+
+    @staticmethod
+    def _accept_stream(q: QmpClient, listener: socket.socket) -> socket.socket:
+        """QEMU's connection to our socket; fails fast if its migration failed to start."""
+        listener.settimeout(0.5)
+        deadline = time.monotonic() + STREAM_TIMEOUT
+        while True:
+            try:
+                return listener.accept()[0]
+            except TimeoutError:
+                info = q.execute("query-migrate")
+                if info.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise QemuError(f"QEMU never connected its migration stream "
+                                    f"({info.get('status')}: {info.get('error-desc', 'no reason given')})") from None
 
     @staticmethod
     def _stop_time(q: QmpClient) -> float:

@@ -9,11 +9,12 @@ asynchronous events are kept as they arrive and can be waited for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from palm_net.hypervisor.backend import HypervisorError
@@ -93,6 +94,17 @@ class QmpClient:
             raise QmpError("QMP sent a non-object")
         return obj
 
+    @contextlib.contextmanager
+    def _locked(self, timeout: float) -> Iterator[None]:
+        # Another thread may be waiting for an event: a caller on the agent's
+        # event loop must not hang behind it for long.
+        if not self._lock.acquire(timeout=timeout):
+            raise QmpError("QMP busy (another command or wait in progress)")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _keep(self, event: Event) -> None:
         self.events.append(event)
         del self.events[:-MAX_EVENTS]
@@ -102,7 +114,7 @@ class QmpClient:
         if arguments:
             msg["arguments"] = arguments
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._locked(timeout):
             try:
                 self.sock.settimeout(timeout)
                 self.sock.sendall(json.dumps(msg).encode() + b"\n")
@@ -121,7 +133,7 @@ class QmpClient:
     def wait_event(self, match: Callable[[Event], bool], timeout: float) -> Event:
         """The first kept or arriving event that ``match``es (it is consumed)."""
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._locked(timeout):
             while True:
                 for i, ev in enumerate(self.events):
                     if match(ev):
