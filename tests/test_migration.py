@@ -216,6 +216,88 @@ def test_destination_refuses_plain_for_protected_and_mode_mismatch(shm):
 
 
 # --------------------------------------------------------------------------
+# A stream backend's destination, with a stand-in hypervisor (no QEMU needed)
+
+
+class FakeStream:
+    """Records the stream it is fed; ``load_ok`` decides what its 'QEMU' makes of it."""
+
+    def __init__(self, info, load_ok: bool = True) -> None:
+        self.info, self.load_ok = info, load_ok
+        self.data = bytearray()
+        self.ended = self.active = self.scrubbed = False
+        self.running = False
+        self.paused_at, self.last_stats = None, {}
+
+    @property
+    def stream_received(self) -> int:
+        return len(self.data)
+
+    def stream_in(self, data: bytes) -> None:
+        assert not self.ended
+        self.data += data
+
+    def end_stream(self) -> None:
+        from palm_net.hypervisor.qemu import QemuError
+        self.ended = True
+        if not self.load_ok:
+            raise QemuError("destination QEMU refused the stream")
+
+    def sync(self) -> None:
+        pass
+
+    def digest(self) -> str:
+        return bytes(32).hex()
+
+    def activate(self) -> None:
+        self.active = self.running = True
+
+    def scrub(self) -> None:
+        self.scrubbed = True
+
+
+def _stream_session(chunks: list[bytes], claim: int | None = None, load_ok: bool = True):
+    from nacl.signing import SigningKey
+
+    from palm_net.hypervisor.backend import VmInfo
+    from palm_net.wire.protocol import Role, SessionProtocol
+
+    d = Path(tempfile.mkdtemp(prefix="palm-fs-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    fake = FakeStream(VmInfo("q", bytes(16), 256, 1, 0, 0), load_ok)
+    dest = DestinationEngine(lambda msg: fake, HandoffStore(d / "d.db"), SigningKey.generate(), "src", bytes(32),
+                             bytes(32), False, 1 << 20)
+    src = SessionProtocol(Role.SOURCE, os.urandom(16))
+    msgs = [src.send("BEGIN", vm="q", vm_id=bytes(16), pages=256, protected_pages=0, processes=0, vcpus=1,
+                     plain=False, digest=False, backend="qemu", spec=b"spec")]
+    replies = dest.receive(msgs[0], b"T" * 32, 0)
+    src.receive(replies[0])  # ACCEPT
+    msgs += [src.send("STREAM", data=c) for c in chunks]
+    msgs.append(src.send("STREAM_END", bytes=sum(map(len, chunks)) if claim is None else claim))
+    msgs.append(src.send("COMPLETE", records=len(msgs), page_records=len(chunks), transcript=b"T" * 32))
+    try:
+        for i, m in enumerate(msgs[1:], 1):
+            replies += dest.receive(m, b"T" * 32, i)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return dest, fake, replies
+
+
+def test_stream_destination_feeds_the_hypervisor_in_order_and_says_ready_once_loaded():
+    chunks = [os.urandom(n) for n in (65263, 17, 4096)]
+    dest, fake, replies = _stream_session(chunks)
+    assert bytes(fake.data) == b"".join(chunks) and fake.ended
+    assert [messages.decode(r).type for r in replies] == ["ACCEPT", "READY"] and dest.outcome == "prepared"
+
+
+@pytest.mark.parametrize(("claim", "load_ok", "code"), [(10, True, "incomplete"), (None, False, "hypervisor")],
+                         ids=["byte count differs", "hypervisor refuses the stream"])
+def test_stream_destination_refuses_ready(claim, load_ok, code):
+    with pytest.raises(MigrationFailure) as info:
+        _stream_session([b"abc", b"defg"], claim=claim, load_ok=load_ok)
+    assert info.value.code == code
+
+
+# --------------------------------------------------------------------------
 # Whole migrations between in-process agents over loopback TCP
 
 

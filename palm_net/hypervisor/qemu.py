@@ -20,6 +20,7 @@ record by record in the attested session.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -75,13 +76,26 @@ def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
 
 
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+
+
 def kvm_usable() -> bool:
+    """/dev/kvm opens and really creates a VM (it may exist where nested
+    virtualisation is off, and QEMU would then fail to start)."""
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
-    os.close(fd)
-    return True
+    try:
+        if fcntl.ioctl(fd, KVM_GET_API_VERSION, 0) != 12:
+            return False
+        os.close(fcntl.ioctl(fd, KVM_CREATE_VM, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def default_accel() -> str:
