@@ -98,8 +98,8 @@ def migrate_summary(r: dict[str, Any]) -> str:
     else:
         lines.append(f"migration of {r['vm']} {r['status']}: {r['error']} (phase {r['phase']}; "
                      f"VM runs on: {r['runs_on']})")
-    lines.append(f"  total {r['total_ms']} ms, downtime {r['downtime_ms']} ms "
-                 f"(expected {r['expected_downtime_ms']} ms), setup {r['setup_ms']} ms")
+    expected = f" (expected {r['expected_downtime_ms']} ms)" if r["expected_downtime_ms"] is not None else ""
+    lines.append(f"  total {r['total_ms']} ms, downtime {r['downtime_ms']} ms{expected}, setup {r['setup_ms']} ms")
     lines.append(f"  rounds {r['rounds']}, on the wire {format_bytes(r['bytes'])}, pages: {r['normal_pages']} normal,"
                  f" {r['zero_pages']} zero, {r['protected_pages']} protected (ciphertext)")
     hv = r.get("hypervisor")

@@ -135,7 +135,7 @@ def test_qemu_vm_through_the_cli(cluster, tmp_path):
     assert vm_names(c, "a") == []
     # bad input: one line each, nothing created
     one_line_error(palm("vm", "create", "q2", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64MiB",
-                        "--qemu-arg=-drive", "--qemu-arg=file=/etc/shadow", check=False), "set by palm_net")
+                        "--qemu-arg=-drive", "--qemu-arg=file=/etc/shadow", check=False), "host resource")
     one_line_error(palm("vm", "create", "q2", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64MiB",
                         "--qemu-arg=-device", "--qemu-arg=virtio-serial-pci", check=False), "cannot migrate")
     one_line_error(palm("vm", "create", "q2", "--control", c.sock("a"), "--memory", "64MiB",

@@ -26,7 +26,7 @@ from palm_net.channel.handshake import AttestedHandshake
 from palm_net.channel.records import RecordReceiver, RecordSender
 from palm_net.crypto.noise import AESGCM, CipherState
 from palm_net.hypervisor.model import ModelVM
-from palm_net.hypervisor.qemu import OWN_OPTIONS, QemuError, QemuSpec, split_args
+from palm_net.hypervisor.qemu import HOST_OPTIONS, OWN_OPTIONS, QemuError, QemuSpec, split_args
 from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, SourceEngine
 from palm_net.migration.store import HandoffStore
 from palm_net.wire.errors import ProtocolError
@@ -325,4 +325,4 @@ def test_fuzz_qemu_spec_parser_only_refuses_cleanly(spec, raw, data):
     assert QemuSpec.decode(parsed.encode()) == parsed
     wire, local = split_args(list(parsed.args))
     assert wire == list(parsed.args) and not local
-    assert all(a not in OWN_OPTIONS for a in parsed.args)
+    assert all(a not in OWN_OPTIONS | HOST_OPTIONS for a in parsed.args)

@@ -271,6 +271,10 @@ def test_qemu_arguments_that_cannot_migrate_are_refused():
     wire, local = split_args(["-device", "virtio-rng-pci", "-device", "loader,file=/x,addr=0x1000",
                               "-cpu", "qemu64"])
     assert wire == ["-device", "virtio-rng-pci", "-cpu", "qemu64"] and local[0] == "-device"
+    with pytest.raises(QemuError, match="host resource"):
+        split_args(["-netdev", "user,id=n0"])
+    with pytest.raises(QemuError, match="set by palm_net"):
+        split_args(["-smp", "4"])
     for bad in (["-drive", "file=/etc/shadow"], ["-chardev", "file,id=x,path=/tmp/x"], ["-m", "1G"],
                 ["-device", "virtio-serial,chardev=x"], ["-cpu", "a/b"], ["-device"]):
         with pytest.raises(QemuError):

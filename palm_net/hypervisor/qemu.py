@@ -53,9 +53,13 @@ QMP_TIMEOUT = 30.0
 STREAM_TIMEOUT = 30.0  # longest silence of QEMU's migration stream
 # Options palm_net sets itself; a VM's extra arguments may not repeat them.
 OWN_OPTIONS = frozenset({"-machine", "-M", "-m", "-smp", "-accel", "-enable-kvm", "-qmp", "-monitor", "-incoming",
-                         "-S", "-daemonize", "-pidfile", "-name", "-nodefaults", "-display", "-serial", "-chardev",
-                         "-mon", "-readconfig", "-writeconfig", "-object", "-drive", "-netdev", "-kernel", "-initrd",
-                         "-append", "-bios", "-fw_cfg", "-runas", "-chroot", "-sandbox", "-plugin", "-trace", "-D"})
+                         "-S", "-daemonize", "-pidfile", "-name", "-nodefaults", "-display", "-serial", "-mon",
+                         "-runas", "-chroot", "-sandbox"})
+# Options that name host resources (files, sockets, backends, disks, networks):
+# they could not be recreated on another host from the wire.
+HOST_OPTIONS = frozenset({"-chardev", "-readconfig", "-writeconfig", "-object", "-drive", "-blockdev", "-netdev",
+                          "-nic", "-net", "-kernel", "-initrd", "-append", "-bios", "-fw_cfg", "-plugin", "-trace",
+                          "-D", "-L", "-hda", "-hdb", "-cdrom", "-fsdev", "-virtfs", "-audiodev", "-spice", "-vnc"})
 # What a destination accepts from the wire: options that name no host
 # resource (no files, sockets, backends).  Anything else stays on its host.
 WIRE_DEVICES = frozenset({"virtio-rng-pci", "virtio-balloon-pci", "pvpanic", "isa-debug-exit", "edu",
@@ -124,6 +128,8 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
         opt = args[i]
         if opt in OWN_OPTIONS:
             raise QemuError(f"QEMU option {opt} is set by palm_net itself")
+        if opt in HOST_OPTIONS:
+            raise QemuError(f"QEMU option {opt} names a host resource; such a VM cannot migrate (see docs/QEMU.md)")
         if i + 1 >= len(args):
             raise QemuError(f"QEMU option {opt} needs a value")
         value = args[i + 1]
