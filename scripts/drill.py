@@ -35,8 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from palm_net.agent.launcher import AgentProcess, provision  # noqa: E402
-from palm_net.hypervisor.qemu import kill_all_under  # noqa: E402
+from palm_net.agent.launcher import AgentProcess, provision, remove_all  # noqa: E402
 from palm_net.testing.proxy import ProxyThread, Rule  # noqa: E402
 
 PORT = 7400
@@ -175,11 +174,8 @@ class Drill:
             ag.start()
 
     def close(self) -> None:
-        for ag in self.agents:
-            ag.stop()
-        kill_all_under(self.root)  # QEMU guests outlive their agents by design
+        remove_all(self.root, self.agents)
         self.net.cleanup()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def index(self, name: str | int) -> int:
         if isinstance(name, int):

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from palm_net.agent.launcher import AgentProcess, free_port
-from palm_net.hypervisor.qemu import kill_all_under
+from palm_net.agent.launcher import AgentProcess, free_port, remove_all
 
 pytestmark = pytest.mark.slow
 PALM = [sys.executable, "-m", "palm_net.cli"]
@@ -69,10 +68,7 @@ class Cluster:
         return self.agents[name].log_path.read_text()
 
     def close(self):
-        for ag in self.agents.values():
-            ag.stop()
-        kill_all_under(self.root)  # QEMU guests outlive their agents by design
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_all(self.root, self.agents.values())
 
 
 @pytest.fixture

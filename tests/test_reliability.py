@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from palm_net.agent.launcher import AgentProcess, provision
+from palm_net.agent.launcher import AgentProcess, provision, remove_all
 from palm_net.channel.handshake import Purpose, TransportMode, encode_preamble
-from palm_net.hypervisor.qemu import kill_all_under, qemu_binary
+from palm_net.hypervisor.qemu import qemu_binary
 from palm_net.testing.proxy import ProxyThread, Rule
 
 pytestmark = pytest.mark.slow
@@ -52,10 +51,7 @@ class Pair:
             time.sleep(0.2)
 
     def close(self) -> None:
-        for ag in (self.a, self.b):
-            ag.stop()
-        kill_all_under(self.root)  # QEMU VMs outlive their agents by design
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_all(self.root, (self.a, self.b))
 
 
 @pytest.fixture

@@ -8,18 +8,21 @@ until its control socket answers.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from palm_net.agent.agent import default_measurement
 from palm_net.cli import CliError, control_request
 from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
+from palm_net.hypervisor.qemu import kill_all_under
 
 
 def provision(root: Path, names: list[str], days: float = 1, measurement: bytes | None = None) -> Authority:
@@ -119,3 +122,12 @@ class AgentProcess:
             return self.log_path.read_text()[-n:]
         except OSError:
             return ""
+
+
+def remove_all(root: Path, agents: Iterable[AgentProcess]) -> None:
+    """Test and drill teardown: stops the agents, kills the QEMU guests they
+    started (which outlive their agents by design), removes ``root``."""
+    for ag in agents:
+        ag.stop()
+    kill_all_under(root)
+    shutil.rmtree(root, ignore_errors=True)

@@ -308,6 +308,7 @@ class SourceEngine(_SourceBase):
         for i, chunk in enumerate(chunks):
             yield self.proto.send("CONTEXT", index=i, total=len(chunks), data=chunk)
 
+
 class StreamSourceEngine(_SourceBase):
     """A stream backend's migration (QEMU): the hypervisor runs its own rounds
     and stop-and-copy; its stream travels as STREAM records, then STREAM_END."""
@@ -556,7 +557,6 @@ class DestinationEngine:
         self.outcome = "prepared"
         digest = bytes.fromhex(self.vm.digest()) if self.want_digest else b""
         return [self.proto.send("READY", digest=digest)]
-
 
     def _check_pages_complete(self) -> None:
         vm = self._pages()

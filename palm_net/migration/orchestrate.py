@@ -105,7 +105,7 @@ class MigrationResult:
             "expected_downtime_ms": round(st.expected_downtime * 1000, 1) if st.expected_downtime is not None
             else None,
             "setup_ms": round(st.setup_time * 1000, 1),
-            "rounds": (st.hypervisor or {}).get("rounds") if st.hypervisor
+            "rounds": st.hypervisor["rounds"] if st.hypervisor
             else len(st.rounds) + (1 if st.status == "completed" else 0),
             "bytes": st.transferred, "zero_pages": st.zero_pages, "normal_pages": st.normal_pages,
             "protected_pages": st.protected_pages, "throttle": st.throttle,
