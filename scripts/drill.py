@@ -36,23 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from palm_net.agent.launcher import AgentProcess, provision, remove_all  # noqa: E402
+from palm_net.hypervisor.qemu import live_processes  # noqa: E402
 from palm_net.testing.proxy import ProxyThread, Rule  # noqa: E402
 
 PORT = 7400
 UNSETTLED = ("sending", "receiving", "prepared", "handed_off")
-
-
-def qemu_processes(vm: str) -> list[int]:
-    """Live QEMU processes of a drill VM on this host (namespaces share the pid space)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and f"palm-{vm}".encode() in (d / "cmdline").read_bytes().split(b"\0"):
-                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(int(d.name))
-        except OSError:
-            continue
-    return out
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -226,7 +214,7 @@ class Drill:
                     problems.append(f"{name}: digest changed (memory lost or corrupted)")
             if spec.backend == "qemu":
                 show = ag.request("vm.show", name=name, timeout=30)
-                procs = qemu_processes(name)
+                procs = live_processes(name)
                 if show["qemu_status"] != "running" or procs != [show["pid"]]:
                     problems.append(f"{name}: QEMU says {show['qemu_status']}, QEMU processes on the host {procs}")
             if not ag.request("vm.verify", name=name, timeout=60)["ok"]:

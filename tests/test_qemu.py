@@ -16,6 +16,7 @@ import trio
 from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
 from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM, qemu_binary, split_args
+from palm_net.hypervisor.qemu import live_processes as qemu_processes
 from palm_net.migration.engine import MigrationFailure, MigrationParams
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.proxy import FaultProxy, Rule
@@ -43,21 +44,6 @@ def new_vm(agent, content: Path) -> QemuVM:
     # a bit-equal RAM digest on both sides (see docs/QEMU.md).
     return agent.create_qemu_vm(name, MEM, ["-device", f"loader,file={content},addr={LOAD_ADDR:#x},force-raw=on",
                                             "-cpu", "qemu64,-kvmclock"])
-
-
-def qemu_processes(name: str) -> list[int]:
-    """Live QEMU processes of this VM, on the whole host."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().split(b"\0")
-                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if f"palm-{name}".encode() in cmd and stat[0] != "Z":
-                out.append(int(d.name))
-    return out
 
 
 def runnable(cluster, name: str) -> list[str]:

@@ -17,6 +17,7 @@ PAGE_SIZE = 4096
 KIND_ZERO = 0
 KIND_NORMAL = 1
 KIND_PROTECTED = 2
+DIGEST_PERSON = b"palm-vm-digest"  # BLAKE2b personalisation of every VM memory digest
 
 
 class HypervisorError(Exception):

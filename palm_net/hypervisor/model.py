@@ -40,6 +40,7 @@ from nacl.secret import SecretBox
 from palm_net.crypto.identity import write_secret_file
 from palm_net.crypto.noise import CIPHERS
 from palm_net.hypervisor.backend import (
+    DIGEST_PERSON,
     KIND_NORMAL,
     KIND_PROTECTED,
     KIND_ZERO,
@@ -767,7 +768,7 @@ class ModelVM(ConfiguredVM):
 
     def digest(self) -> str:
         """BLAKE2b-256 of memory as the guest sees it, protected pages in plaintext."""
-        h = hashlib.blake2b(digest_size=32, person=b"palm-vm-digest")
+        h = hashlib.blake2b(digest_size=32, person=DIGEST_PERSON)
         pos = 0
         step = 256 * PAGE_SIZE
         with self._lock:

@@ -39,7 +39,7 @@ from typing import Any
 
 import msgpack
 
-from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError, VerifyReport, VmInfo
+from palm_net.hypervisor.backend import DIGEST_PERSON, PAGE_SIZE, HypervisorError, VerifyReport, VmInfo
 from palm_net.hypervisor.qmp import QmpClient, QmpError
 from palm_net.hypervisor.vmconfig import ConfiguredVM
 
@@ -69,7 +69,6 @@ WIRE_OPTIONS = frozenset({"-cpu", "-device", "-rtc"})
 # source's own business (the incoming stream overwrites that memory anyway).
 LOCAL_DEVICES = frozenset({"loader"})
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,=:+-]{1,256}")
-BLAKE_PERSON = b"palm-vm-digest"
 
 
 class QemuError(HypervisorError):
@@ -201,6 +200,23 @@ def _run_dir(vm_dir: Path) -> Path:
     return d
 
 
+def live_processes(vm_name: str) -> list[int]:
+    """Live (not zombie) QEMU processes of the VM with this name, host-wide
+    (tests and drills check there is exactly one)."""
+    marker = f"palm-{vm_name}".encode()  # QEMU's -name, see QemuVM._command
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if marker in (d / "cmdline").read_bytes().split(b"\0") and \
+                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
 def _pid_alive(pid: int, marker: str) -> bool:
     """The process exists and is the QEMU with our QMP socket (pids are reused)."""
     try:
@@ -250,7 +266,6 @@ class QemuVM(ConfiguredVM):
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QmpClient | None = None
         self.workload: Any = None  # QEMU guests run their own code
-        self.throttle = 1.0
         self.paused_at: float | None = None  # monotonic time QEMU stopped the guest for stop-and-copy
         self.last_stats: dict[str, Any] = {}
         self._incoming: socket.socket | None = None
@@ -380,7 +395,8 @@ class QemuVM(ConfiguredVM):
             raise QemuError(f"QEMU of VM {self.name!r} is not running")
         return self.qmp
 
-    def _pid(self) -> int | None:
+    @property
+    def pid(self) -> int | None:
         pid = self.config.get("pid")
         return pid if isinstance(pid, int) else None
 
@@ -391,7 +407,7 @@ class QemuVM(ConfiguredVM):
                 self.qmp.execute("quit", timeout=5)
             self.qmp.close()
             self.qmp = None
-        pid = self._pid()
+        pid = self.pid
         if self.proc is not None:
             try:
                 self.proc.wait(5)
@@ -406,10 +422,6 @@ class QemuVM(ConfiguredVM):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
 
-    @property
-    def pid(self) -> int | None:
-        return self._pid()
-
     # -- state -----------------------------------------------------------
 
     @property
@@ -420,23 +432,19 @@ class QemuVM(ConfiguredVM):
         return str(self._q().execute("query-status", timeout=timeout)["status"])
 
     def pause(self) -> None:
-        if self.state not in ("running", "paused"):
-            raise QemuError(f"cannot pause a VM in state {self.state}")
-        self._q().execute("stop")
-        self.config["state"] = "paused"
-        self._save_config()
+        self._run_state("stop", "paused")
 
     def resume(self) -> None:
-        if self.state not in ("running", "paused"):
-            raise QemuError(f"cannot resume a VM in state {self.state}")
         # QEMU lets "cont" run a source after its migration completed
         # (postmigrate): only the handoff rules decide whether we may.
-        self._q().execute("cont")
-        self.config["state"] = "running"
-        self._save_config()
+        self._run_state("cont", "running")
 
-    def set_throttle(self, fraction: float) -> None:
-        self.throttle = fraction  # QEMU throttles itself (auto-converge capability)
+    def _run_state(self, command: str, state: str) -> None:
+        if self.state not in ("running", "paused"):
+            raise QemuError(f"cannot {command} a VM in state {self.state}")
+        self._q().execute(command)
+        self.config["state"] = state
+        self._save_config()
 
     def resume_after_migration(self) -> None:
         """The source again owns the VM (failure before the handoff point, or
@@ -522,7 +530,7 @@ class QemuVM(ConfiguredVM):
     def digest(self, ranges: list[tuple[int, int]] | None = None) -> str:
         """BLAKE2b-256 of guest RAM, or of the given guest-physical (address,
         size) ranges (pmemsave, in 64 MiB pieces)."""
-        h = hashlib.blake2b(digest_size=32, person=BLAKE_PERSON)
+        h = hashlib.blake2b(digest_size=32, person=DIGEST_PERSON)
         step = 64 * MIB
         for base, size in ranges or self.ram_ranges():
             for off in range(0, size, step):
