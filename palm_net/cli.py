@@ -149,9 +149,10 @@ class Progress:
 
 
 def cmd_keygen(a: argparse.Namespace) -> int:
+    from palm_net.agent.paths import default_state_dir
     from palm_net.crypto.identity import IDENTITY_FILE, AgentIdentity
 
-    d = Path(a.dir)
+    d = Path(a.dir) if a.dir else default_state_dir()
     if (d / IDENTITY_FILE).exists() and not a.force:
         raise CliError(f"{d / IDENTITY_FILE} exists (use --force to replace the identity)")
     try:
@@ -197,7 +198,9 @@ def cmd_ca(a: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     path = Path(a.agent) / CERT_FILE
-    path.write_bytes(cert.encode())
+    from palm_net.hostfs import write_atomic
+
+    write_atomic(path, cert.encode(), 0o644)
     emit({"name": cert.name, "measurement": m.hex(), "roles": list(cert.roles), "not_after": cert.not_after,
           "path": str(path)}, a.json,
          lambda: f"certificate for {cert.name} written to {path} (roles {', '.join(cert.roles)}, "
@@ -224,7 +227,8 @@ def _load_config(path: str | None) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise CliError(f"config {path} is not valid TOML: {exc}") from None
     known = {"dir", "listen", "control", "ca", "allow_measurement", "max_incoming", "max_incoming_memory",
-             "memory_dir", "allow_plain", "handshake_timeout", "log_format", "log_level"}
+             "memory_dir", "run_dir", "allow_plain", "handshake_timeout", "log_format", "log_level", "no_qemu",
+             "qemu_accel", "qemu_uids"}
     unknown = set(data) - known
     if unknown:
         raise CliError(f"config {path}: unknown keys {', '.join(sorted(unknown))}")
@@ -236,14 +240,16 @@ def cmd_agent(a: argparse.Namespace) -> int:
 
     from palm_net.agent.agent import AgentConfig, parse_hostport, run_agent
     from palm_net.agent.errors import AgentError
+    from palm_net.agent.paths import default_state_dir
 
     conf = _load_config(a.config)
 
     def pick(flag: Any, key: str, default: Any = None) -> Any:
         return flag if flag is not None else conf.get(key, default)  # flags win over the file
 
-    d, listen, control, ca = pick(a.dir, "dir"), pick(a.listen, "listen"), pick(a.control, "control"), pick(a.ca, "ca")
-    for name, val in (("--dir", d), ("--listen", listen), ("--control", control), ("--ca", ca)):
+    d, listen, control, ca = (pick(a.dir, "dir", str(default_state_dir())), pick(a.listen, "listen"),
+                              pick(a.control, "control"), pick(a.ca, "ca"))
+    for name, val in (("--listen", listen), ("--ca", ca)):
         if not val:
             raise CliError(f"{name} is required (flag or config file)", EXIT_USAGE)
     try:
@@ -252,8 +258,13 @@ def cmd_agent(a: argparse.Namespace) -> int:
         if any(len(m) != 32 for m in allow):
             raise ValueError("an allowed measurement must be 64 hex digits")
         mim = pick(a.max_incoming_memory, "max_incoming_memory", "16GiB")
+        uids = str(pick(a.qemu_uids, "qemu_uids", "")) or None
+        first, _, count = (uids or "").partition(":")
+        if uids and not (first.isdigit() and count.isdigit() and int(count) > 0):
+            raise ValueError(f"qemu_uids must be FIRST:COUNT, not {uids!r}")
         cfg = AgentConfig(
-            state_dir=Path(d), listen=listen, control=Path(control), ca_pub=Path(ca), allow_measurements=allow,
+            state_dir=Path(d), listen=listen, control=Path(control) if control else None, ca_pub=Path(ca),
+            allow_measurements=allow,
             max_incoming=int(pick(a.max_incoming, "max_incoming", 4)),
             max_incoming_memory=parse_size(str(mim)),
             handshake_timeout=float(pick(a.handshake_timeout, "handshake_timeout", 10.0)),
@@ -261,7 +272,10 @@ def cmd_agent(a: argparse.Namespace) -> int:
             memory_dir=Path(pick(a.memory_dir, "memory_dir")) if pick(a.memory_dir, "memory_dir") else None,
             accept_qemu=not bool(pick(a.no_qemu or None, "no_qemu", False)),
             qemu_accel=pick(a.qemu_accel, "qemu_accel"),
+            run_dir=Path(pick(a.run_dir, "run_dir")) if pick(a.run_dir, "run_dir") else None,
         )
+        if uids:
+            cfg.qemu_uids = (int(first), int(count))
         if cfg.qemu_accel not in (None, "kvm", "tcg"):
             raise ValueError(f"qemu_accel must be kvm or tcg, not {cfg.qemu_accel!r}")
     except ValueError as exc:
@@ -413,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     k = add("keygen", "create an agent identity (X25519 + Ed25519 keys, 0600)", cmd_keygen)
-    k.add_argument("--dir", required=True, help="agent state directory")
+    k.add_argument("--dir", help="agent state directory (default: the agent's, /var/lib/palm as root)")
     k.add_argument("--name", required=True, help="agent name (letters, digits, - _ .)")
     k.add_argument("--force", action="store_true", help="replace an existing identity")
 
@@ -434,9 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("measurement", "print this installation's agent measurement", cmd_measurement)
 
     ag = add("agent", "run an agent in the foreground until SIGINT/SIGTERM", cmd_agent, json_flag=False)
-    ag.add_argument("--dir", help="state directory (identity, certificate, SQLite)")
+    ag.add_argument("--dir", help="state directory (identity, certificate, SQLite; default /var/lib/palm as root, "
+                                  "~/.local/state/palm otherwise); must be the agent's own, mode 0700")
     ag.add_argument("--listen", metavar="HOST:PORT", help="address for migration sessions")
-    ag.add_argument("--control", metavar="SOCKET", help="control socket path (created 0600)")
+    ag.add_argument("--control", metavar="SOCKET", help="control socket path (created 0600, in a 0700 directory; "
+                                                        "default RUN_DIR/control.sock)")
+    ag.add_argument("--run-dir", metavar="DIR", help="sockets and QEMU jails (default /run/palm/TAG as root, "
+                                                     "$XDG_RUNTIME_DIR/palm/TAG otherwise)")
     ag.add_argument("--ca", metavar="CA_PUB", help="the authority's public key file (ca.pub)")
     ag.add_argument("--allow-measurement", action="append", metavar="HEX",
                     help="peer measurement to accept, repeatable (default: this agent's own)")
@@ -448,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--qemu-accel", choices=("kvm", "tcg"),
                     help="accelerator for QEMU VMs created here (default: kvm if /dev/kvm is usable, else tcg)")
     ag.add_argument("--no-qemu", action="store_true", default=None, help="refuse incoming QEMU VMs")
+    ag.add_argument("--qemu-uids", metavar="FIRST:COUNT",
+                    help="uids confined QEMUs run as, one per VM (root only; default 2000000000:65536)")
     ag.add_argument("--allow-plain", action="store_true", default=None,
                     help="accept the benchmark-only plain mode (never for protected VMs)")
 

@@ -153,13 +153,13 @@ def test_logs_carry_no_key_material(cluster):
                            "--json", "--verify-digest").stdout)["ok"]
     import msgpack
 
-    from palm_net.hypervisor.model import ModelVM
+    from palm_net.hypervisor.vms import open_vm
     secrets = []
     for name in ("a", "b"):
         ident = msgpack.unpackb((c.root / name / "identity.key").read_bytes())
         secrets += [ident["x25519"], ident["ed25519"], (c.root / name / "hv.key").read_bytes()]
     secrets.append(msgpack.unpackb((c.root / "ca" / "ca.key").read_bytes())["ed25519"])
-    vm = ModelVM.open(c.root / "b-mem" / "vm1", (c.root / "b" / "hv.key").read_bytes())
+    vm = open_vm(c.root / "b-mem" / "vm1", (c.root / "b" / "hv.key").read_bytes())
     secrets += [bytes(k) for k in vm._keys]
     vm.close()
     logs = c.log("a") + c.log("b")
@@ -184,14 +184,20 @@ def test_bad_inputs_are_one_line_errors(cluster, tmp_path):
     p = palm("migrate", "vm1", "--control", c.sock("a"), "--to", f"127.0.0.1:{free_port()}", check=False)
     one_line_error(p, "unreachable", "VM runs on: source")
     assert vm_names(c, "a") == ["vm1"]
+    # a second agent on a running agent's state directory (another port and control socket)
+    one_line_error(palm("agent", "--dir", str(c.root / "a"), "--listen", "127.0.0.1:0",
+                        "--control", str(c.root / "x.sock"), "--ca", str(c.root / "ca" / "ca.pub"), check=False),
+                   "state directory", "in use by another agent", f"pid {c.agents['a'].pid()}")
+    palm("keygen", "--dir", str(c.root / "c"), "--name", "host-c")
+    palm("ca", "issue", "--ca", str(c.root / "ca"), "--agent", str(c.root / "c"))
     # port in use
-    one_line_error(palm("agent", "--dir", str(c.root / "a"), "--listen", f"127.0.0.1:{c.ports['b']}",
+    one_line_error(palm("agent", "--dir", str(c.root / "c"), "--listen", f"127.0.0.1:{c.ports['b']}",
                         "--control", str(c.root / "x.sock"), "--ca", str(c.root / "ca" / "ca.pub"), check=False),
                    "cannot listen")
     # too-open key file
-    key = c.root / "b" / "identity.key"
+    key = c.root / "c" / "identity.key"
     os.chmod(key, 0o644)
-    one_line_error(palm("agent", "--dir", str(c.root / "b"), "--listen", "127.0.0.1:0", "--control",
+    one_line_error(palm("agent", "--dir", str(c.root / "c"), "--listen", "127.0.0.1:0", "--control",
                         str(c.root / "y.sock"), "--ca", str(c.root / "ca" / "ca.pub"), check=False),
                    "group/other")
     os.chmod(key, 0o600)

@@ -692,5 +692,5 @@ async def test_destination_refuses_vm_names_that_are_not_plain_names(cluster, na
     assert reply.type == "ABORT" and reply.body["code"] == "malformed"
     await ch.aclose()
     root = cluster.members["b"].config.memory_dir
-    assert not (root.parent / "escape").exists() and list(root.iterdir()) == []
+    assert not (root.parent / "escape").exists() and [p for p in root.iterdir() if p.name != ".lock"] == []
     assert cluster["b"].store.get(proto.mid).state == "aborted"

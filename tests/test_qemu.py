@@ -71,7 +71,7 @@ async def settle_one_copy(cluster, name: str, where: str, content: Path) -> None
                 break
             await trio.sleep(0.05)
     vm = cluster[where].vms[name]
-    assert vm.pmemsave(LOAD_ADDR, CONTENT) == content.read_bytes()
+    assert vm.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
 
 
 # --------------------------------------------------------------------------
@@ -82,12 +82,12 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     a, b = cluster["a"], cluster["b"]
     vm = new_vm(a, content)
     src_pid = vm.pid
-    assert vm.pmemsave(LOAD_ADDR, CONTENT) == content.read_bytes()
+    assert vm.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
     await trio.sleep(0.5)  # let the guest (its BIOS) run and write its RAM before the copy
     res = await a.migrate(vm.name, cluster.addr("b"), MigrationParams(verify_digest=True))
     assert res.ok, res.error
     d = res.as_dict()
-    # Both agents digested all guest RAM (pmemsave) while paused, and COMMIT
+    # Both agents digested all guest RAM (its RAM file) while paused, and COMMIT
     # went only because the digests were equal.
     assert d["digest_verified"] and len(d["digest"]) == 64
     hv = d["hypervisor"]
@@ -96,7 +96,7 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     assert d["downtime_ms"] > 0 and d["downtime_ms"] >= hv["downtime_ms"] >= 0  # ours runs until DONE (QEMU: whole ms)
     moved = b.vms[vm.name]
     assert isinstance(moved, QemuVM) and moved.state == "running" and moved.qemu_status() == "running"
-    assert moved.pmemsave(LOAD_ADDR, CONTENT) == content.read_bytes()
+    assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
     assert vm.name not in a.vms and qemu_processes(vm.name) == [moved.pid] and src_pid != moved.pid
     # And back again, by the same rules.
     res = await b.migrate(vm.name, cluster.addr("a"), MigrationParams())

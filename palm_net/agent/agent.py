@@ -9,12 +9,15 @@ socket, and keeps its durable state in its directory:
     DIR/hv.key         the hypervisor's sealing key for VM secrets (0600)
     DIR/state.db       SQLite: the handoff state of every migration
     DIR/memory-dir     where VM memory lives (default: a tmpfs directory)
+    DIR/.lock          held while the agent runs: one agent per directory
+
+Every directory it uses is its own (made 0700, or verified: palm_net.hostfs);
+defaults are in palm_net.agent.paths.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -29,6 +32,7 @@ import trio
 
 from palm_net.agent.control import ControlServer
 from palm_net.agent.errors import AgentError
+from palm_net.agent.paths import MAX_RUN_DIR, default_control, default_run_dir
 from palm_net.channel.handshake import ChannelConfig, Purpose, TransportMode, default_ciphers
 from palm_net.channel.transport import SecureChannel, accept, connect
 from palm_net.crypto.identity import (
@@ -41,12 +45,21 @@ from palm_net.crypto.identity import (
     load_authority_public,
     read_secret_file,
     validate_name,
-    write_secret_file,
 )
 from palm_net.crypto.noise import CipherName
+from palm_net.hostfs import (
+    DirLock,
+    UnsafePathError,
+    create_exclusive,
+    ensure_dir,
+    make_private_dir,
+    read_nofollow,
+    verify_dir,
+    write_atomic,
+)
 from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
 from palm_net.hypervisor.model import ModelVM
-from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM
+from palm_net.hypervisor.qemu import DEFAULT_UIDS, Confinement, QemuError, QemuSpec, QemuVM
 from palm_net.hypervisor.vms import AnyVM, open_vm
 from palm_net.hypervisor.workload import Workload, WorkloadError, parse_workload
 from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, MigrationStats
@@ -83,7 +96,7 @@ def default_measurement() -> bytes:
 class AgentConfig:
     state_dir: Path
     listen: str
-    control: Path
+    control: Path | None  # None: RUN_DIR/control.sock
     ca_pub: Path
     allow_measurements: list[bytes] = field(default_factory=list)
     max_incoming: int = 4
@@ -95,6 +108,8 @@ class AgentConfig:
     in_doubt_wait: float = 30.0
     accept_qemu: bool = True  # receive QEMU VMs (their QEMU is started here, paused until COMMIT)
     qemu_accel: str | None = None  # kvm or tcg; None: KVM when /dev/kvm is usable
+    run_dir: Path | None = None  # sockets and QEMU jails; None: palm_net.agent.paths.default_run_dir
+    qemu_uids: tuple[int, int] = DEFAULT_UIDS  # (first, count) of the uids confined QEMUs run as (root only)
 
 
 @dataclass
@@ -112,17 +127,48 @@ class LiveMigration:
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        d = cfg.state_dir
-        if not d.is_dir():
+        self._locks: list[DirLock] = []
+        self.vms: dict[str, AnyVM] = {}
+        self.live: dict[bytes, LiveMigration] = {}
+        self.incoming: dict[int, DestinationEngine] = {}
+        self.incoming_reserved = 0
+        self.accepting = True
+        self._pending: dict[object, list[Any]] = {}  # key -> [cancel scope, handshake]
+        self._refusals: dict[str, int] = {}
+        self._refusal_logged = 0.0
+        self.listen_port = 0
+        self._nursery: trio.Nursery | None = None
+        try:
+            self._open()
+        except UnsafePathError as exc:
+            self._release_locks()
+            raise AgentError(str(exc)) from None
+        except BaseException:
+            self._release_locks()
+            raise
+
+    def _open(self) -> None:
+        """Takes the state directory (one agent per directory), then keys,
+        certificate, store and memory directory; every path ours or refused."""
+        cfg, d = self.cfg, self.cfg.state_dir
+        if not d.exists() and not d.is_symlink():
             raise AgentError(f"state directory {d} does not exist (run: palm keygen --dir {d} --name NAME)")
+        verify_dir(d, "state directory")
+        self._locks.append(DirLock(d, "state directory"))
+        self.run_dir = ensure_dir(cfg.run_dir or default_run_dir(d), "run directory")
+        if len(str(self.run_dir)) > MAX_RUN_DIR:
+            raise AgentError(f"run directory {self.run_dir} is longer than {MAX_RUN_DIR} characters "
+                             "(Unix socket paths are short); choose a shorter --run-dir")
+        self.control_path = cfg.control or default_control(d)
+        ensure_dir(self.control_path.parent, "control socket directory")
         try:
             self.identity = AgentIdentity.load(d)
             self.authority_pub = load_authority_public(cfg.ca_pub)
         except KeyFileError as exc:
             raise AgentError(str(exc)) from None
         try:
-            self.certificate = Certificate.decode((d / CERT_FILE).read_bytes())
-        except OSError:
+            self.certificate = Certificate.decode(read_nofollow(d / CERT_FILE, 1 << 16))
+        except (OSError, UnsafePathError):
             raise AgentError(f"no certificate at {d / CERT_FILE} (run: palm ca issue --agent {d})") from None
         except AttestationError as exc:
             raise AgentError(f"{d / CERT_FILE}: {exc}") from None
@@ -141,25 +187,27 @@ class Agent:
                                             allowed, ciphers=cfg.ciphers, allow_plain=cfg.allow_plain,
                                             handshake_timeout=cfg.handshake_timeout)
         self.sealing_key = self._sealing_key()
-        self.store = HandoffStore(d / "state.db")
         self.memory_dir = self._memory_dir()
-        self.vms: dict[str, AnyVM] = {}
-        self.live: dict[bytes, LiveMigration] = {}
-        self.incoming: dict[int, DestinationEngine] = {}
-        self.incoming_reserved = 0
-        self.accepting = True
-        self._pending: dict[object, list[Any]] = {}  # key -> [cancel scope, handshake]
-        self._refusals: dict[str, int] = {}
-        self._refusal_logged = 0.0
-        self.listen_port = 0
-        self._nursery: trio.Nursery | None = None
+        self._locks.append(DirLock(self.memory_dir, "memory directory"))
+        self.confinement = Confinement.for_agent(cfg.qemu_uids)
+        self.store = HandoffStore(d / "state.db")
+
+    def _release_locks(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
 
     # -- state directory ----------------------------------------------------
 
     def _sealing_key(self) -> bytes:
         path = self.cfg.state_dir / "hv.key"
-        if not path.exists():
-            write_secret_file(path, os.urandom(32))
+        if not path.exists() and not path.is_symlink():
+            fd = create_exclusive(path)  # first start: a new key, never a planted file
+            try:
+                os.write(fd, os.urandom(32))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         try:
             key = read_secret_file(path)
         except KeyFileError as exc:
@@ -169,19 +217,23 @@ class Agent:
         return key
 
     def _memory_dir(self) -> Path:
+        """Where VM memory lives: --memory-dir (made 0700 or verified), else a
+        directory with an unpredictable name made in /dev/shm and recorded in
+        the state directory (tmpfs: guest RAM survives an agent restart, not a reboot)."""
         record = self.cfg.state_dir / "memory-dir"
+        mdir: Path | None = None
         if self.cfg.memory_dir is not None:
-            mdir = self.cfg.memory_dir
-        elif record.exists():
-            mdir = Path(record.read_text().strip())
+            mdir = ensure_dir(self.cfg.memory_dir, "memory directory")
         else:
-            # VM memory lives in RAM (tmpfs) like a real guest's; it survives an
-            # agent restart, not a host reboot.
-            tag = hashlib.blake2b(str(self.cfg.state_dir.resolve()).encode(), digest_size=6).hexdigest()
-            shm = Path("/dev/shm")  # noqa: S108 - a private 0700 directory is made inside
-            mdir = shm / f"palm-{tag}" if shm.is_dir() else self.cfg.state_dir / "vms"
-        mdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        record.write_text(str(mdir) + "\n")
+            if record.exists() or record.is_symlink():
+                recorded = Path(read_nofollow(record, 4096).decode().strip())
+                if recorded.exists() or recorded.is_symlink():
+                    mdir = verify_dir(recorded, "memory directory")
+            if mdir is None:  # first start, or the host rebooted (tmpfs emptied)
+                shm = Path("/dev/shm")  # noqa: S108 - the directory made inside is ours alone (hostfs)
+                mdir = (make_private_dir(shm, f"palm-{os.geteuid()}-") if shm.is_dir()
+                        else ensure_dir(self.cfg.state_dir / "vms", "memory directory"))
+        write_atomic(record, (str(mdir) + "\n").encode())
         return mdir
 
     def _vm_dir(self, name: str) -> Path:
@@ -196,7 +248,7 @@ class Agent:
         on exactly that migration (a VM name, or even the VM, may have come
         and gone many times before).
         """
-        for vm_dir in sorted(p for p in self.memory_dir.iterdir() if p.is_dir()):
+        for vm_dir in sorted(p for p in self.memory_dir.iterdir() if p.is_dir() and not p.is_symlink()):
             try:
                 opened = open_vm(vm_dir, self.sealing_key)
             except HypervisorError as exc:
@@ -332,8 +384,8 @@ class Agent:
         if memory < (1 << 20) or memory % (1 << 20):
             raise AgentError("QEMU memory must be a positive multiple of 1 MiB")
         try:
-            vm = QemuVM.create(self._vm_dir(name), name, memory >> 20, vcpus=vcpus, args=args, policy=policy,
-                               accel=self.cfg.qemu_accel)
+            vm = QemuVM.create(self._vm_dir(name), self.run_dir, name, memory >> 20, vcpus=vcpus, args=args,
+                               policy=policy, accel=self.cfg.qemu_accel, confine=self.confinement)
         except HypervisorError as exc:
             shutil.rmtree(self._vm_dir(name), ignore_errors=True)
             raise AgentError(str(exc)) from None
@@ -373,7 +425,8 @@ class Agent:
                 spec = QemuSpec.decode(b["spec"])
                 if spec.memory_mib * (1 << 20) != size:
                     raise QemuError("QEMU spec's memory disagrees with BEGIN's page count")
-                vm = QemuVM.create_incoming(self._vm_dir(b["vm"]), b["vm"], b["vm_id"], spec, migration=msg.mid)
+                vm = QemuVM.create_incoming(self._vm_dir(b["vm"]), self.run_dir, b["vm"], b["vm_id"], spec,
+                                            migration=msg.mid, confine=self.confinement)
             except HypervisorError as exc:
                 raise MigrationFailure("backend", str(exc)) from None
         else:
@@ -576,11 +629,14 @@ class Agent:
         except OSError as exc:
             raise AgentError(f"cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from None
         self.listen_port = listeners[0].socket.getsockname()[1]
-        control = ControlServer(self, self.cfg.control)
+        control = ControlServer(self, self.control_path)
         await control.bind()
         self.load_vms()
         log.info("agent started", agent=self.identity.name, listen=f"{host}:{self.listen_port}",
-                 control=str(self.cfg.control), measurement=self.measurement.hex()[:16], vms=len(self.vms))
+                 control=str(self.control_path),
+                 qemu_confinement="seccomp, own uid and empty root per VM" if self.confinement.uids
+                 else "seccomp only (agent not root)",
+                 measurement=self.measurement.hex()[:16], vms=len(self.vms))
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -604,6 +660,7 @@ class Agent:
                     vm.sync()
                 vm.close()
         self.store.close()
+        self._release_locks()
         log.info("agent stopped", agent=self.identity.name)
 
 

@@ -68,7 +68,8 @@ class AgentProcess:
             [*self.prefix, sys.executable, "-m", "palm_net.cli", "--log-format", "json", "--log-level", self.log_level,
              "agent", "--dir", str(self.root / self.name), "--listen", f"{self.host}:{self.port}",
              "--control", self.control, "--ca", str(self.root / "ca" / "ca.pub"),
-             "--memory-dir", str(self.root / f"{self.name}-mem"), *self.extra],
+             "--memory-dir", str(self.root / f"{self.name}-mem"), "--run-dir", str(self.root / f"{self.name}-run"),
+             *self.extra],
             stdout=log, stderr=log, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

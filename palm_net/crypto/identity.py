@@ -9,6 +9,7 @@ Formats are specified in proto/PROTOCOL.md (section "Identities").
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import hmac
 import os
@@ -24,11 +25,13 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from palm_net.crypto.noise import KeyPair, keypair_from_private
+from palm_net.hostfs import UnsafePathError, ensure_dir, open_nofollow, write_atomic
 
 CERT_VERSION = 1
 CERT_DOMAIN = b"palm-net/cert/v1\x00"
 QUOTE_DOMAIN = b"palm-net/quote/v1\x00"
 MAX_CERT_LEN = 4096
+MAX_KEY_FILE = 4096
 ROLES = ("source", "destination")
 
 IDENTITY_FILE = "identity.key"
@@ -68,31 +71,43 @@ class KeyFileError(Exception):
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Writes a key file 0600: a fresh temporary file (never through a planted
+    name or symlink), fsync'd and renamed into place."""
+    write_atomic(path, data, 0o600)
 
 
 def read_secret_file(path: Path) -> bytes:
     try:
-        st = path.stat()
+        fd = open_nofollow(path, os.O_RDONLY)
     except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"key file {path} is accessible by group/other (mode {stat.S_IMODE(st.st_mode):04o}); "
-            "run: chmod 600 " + str(path)
-        )
+        why = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise KeyFileError(f"cannot read key file {path}: {why}") from None
     try:
-        return path.read_bytes()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {path} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFileError(
+                f"key file {path} is accessible by group/other (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "run: chmod 600 " + str(path)
+            )
+        if st.st_uid != os.geteuid():
+            raise KeyFileError(f"key file {path} belongs to uid {st.st_uid}, not to this user")
+        if st.st_size > MAX_KEY_FILE:
+            raise KeyFileError(f"key file {path} is too large to be a key")
+        return os.read(fd, MAX_KEY_FILE + 1)
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def key_directory(directory: Path) -> Path:
+    """Where key files go: made 0700 by us, or verified (no other user may plant or swap them)."""
+    try:
+        return ensure_dir(directory, "key directory")
+    except UnsafePathError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 def _unpack_map(data: bytes, what: str) -> dict[str, Any]:
@@ -136,8 +151,7 @@ class AgentIdentity:
         return cls(name, keypair_from_private(os.urandom(32)), SigningKey.generate())
 
     def save(self, directory: Path) -> Path:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = directory / IDENTITY_FILE
+        path = key_directory(directory) / IDENTITY_FILE
         blob = msgpack.packb({"v": 1, "name": self.name, "x25519": self.static.private,
                               "ed25519": bytes(self.signing)})
         write_secret_file(path, blob)
@@ -282,9 +296,9 @@ class Authority:
         return cls(SigningKey.generate())
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_directory(directory)
         write_secret_file(directory / CA_KEY_FILE, msgpack.packb({"v": 1, "ed25519": bytes(self.signing)}))
-        (directory / CA_PUB_FILE).write_text(self.public.hex() + "\n")
+        write_atomic(directory / CA_PUB_FILE, (self.public.hex() + "\n").encode(), 0o644)
 
     @classmethod
     def load(cls, directory: Path) -> Authority:
@@ -321,16 +335,20 @@ class Authority:
 
 
 def load_authority_public(path: Path) -> bytes:
+    """The authority's public key file (ca.pub: 64 hex digits), never its private key."""
     try:
-        text = path.read_text().strip()
+        raw = path.read_bytes()[:4096]
+    except IsADirectoryError:
+        raise KeyFileError(f"{path} is a directory; give the authority's public key file "
+                           f"({path / CA_PUB_FILE})") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read authority public key {path}: {exc.strerror}") from None
     try:
-        pub = bytes.fromhex(text)
-    except ValueError:
+        pub = bytes.fromhex(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
         pub = b""
     if len(pub) != 32:
-        raise KeyFileError(f"{path} is not an authority public key (64 hex digits)")
+        raise KeyFileError(f"{path} is not an authority public key (ca.pub holds 64 hex digits)")
     return pub
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import json
 import mmap
 import os
 import re
@@ -37,8 +36,8 @@ from typing import Any
 import msgpack
 from nacl.secret import SecretBox
 
-from palm_net.crypto.identity import write_secret_file
 from palm_net.crypto.noise import CIPHERS
+from palm_net.hostfs import UnsafePathError, create_exclusive, open_nofollow, read_nofollow, reserve, write_atomic
 from palm_net.hypervisor.backend import (
     DIGEST_PERSON,
     KIND_NORMAL,
@@ -101,11 +100,19 @@ class ProcessLayout:
 
 
 def map_file(path: Path, size: int, create: bool) -> mmap.mmap:
-    """A shared mapping of a 0600 file of exactly ``size`` bytes (made if ``create``)."""
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    """A shared mapping of a 0600 file of exactly ``size`` bytes.  ``create``
+    makes a new file (never a planted one) and reserves its space now: a write
+    into a mapping past a full tmpfs would be SIGBUS, a crash of the agent."""
+    try:
+        fd = create_exclusive(path) if create else open_nofollow(path, os.O_RDWR)
+    except OSError as exc:
+        raise VmError(f"{path}: {exc.strerror}") from None
     try:
         if create:
-            os.ftruncate(fd, size)
+            try:
+                reserve(fd, size, f"VM file {path.name}")
+            except UnsafePathError as exc:
+                raise VmError(str(exc)) from None
         elif os.fstat(fd).st_size != size:
             raise VmError(f"{path} has the wrong size")
         return mmap.mmap(fd, size)
@@ -234,7 +241,7 @@ class ModelVM(ConfiguredVM):
             raise VmError("protected memory must be between one page and the VM's memory")
         if protected_processes > protected_pages:
             raise VmError("each protected process needs at least one page")
-        vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        vm_dir.mkdir(mode=0o700)
         # Protected processes own the top of memory, split evenly.
         procs = []
         first = npages - protected_pages
@@ -263,7 +270,7 @@ class ModelVM(ConfiguredVM):
     def create_incoming(cls, vm_dir: Path, name: str, vm_id: bytes, npages: int, vcpus: int,
                         sealing_key: bytes, migration: bytes | None = None) -> ModelVM:
         """An empty, paused VM that receives a migration; not runnable until activated."""
-        vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        vm_dir.mkdir(mode=0o700)
         config = {"name": name, "vm_id": vm_id.hex(), "npages": npages, "vcpus": vcpus,
                   "page_cipher": default_page_cipher(), "processes": [], "state": "incoming",
                   "policy": "any", "workload": "idle", "seed": 0,
@@ -293,12 +300,12 @@ class ModelVM(ConfiguredVM):
         self.resident = True
 
     @classmethod
-    def open(cls, vm_dir: Path, sealing_key: bytes) -> ModelVM:
+    def open(cls, vm_dir: Path, config: dict[str, Any], sealing_key: bytes) -> ModelVM:
+        """A VM again after an agent restart (``config``: its vm.json, palm_net.hypervisor.vmconfig)."""
         try:
-            config = json.loads((vm_dir / "vm.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise VmError(f"{vm_dir}: cannot read vm.json ({exc})") from None
-        return cls(vm_dir, config, sealing_key, create=False)
+            return cls(vm_dir, config, sealing_key, create=False)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VmError(f"{vm_dir}: damaged vm.json ({type(exc).__name__})") from None
 
     def _fill(self, fill: str, seed: int) -> None:
         size = self.npages * PAGE_SIZE
@@ -316,7 +323,7 @@ class ModelVM(ConfiguredVM):
         if not path.exists():
             return
         try:
-            obj = msgpack.unpackb(self._box.decrypt(path.read_bytes()))
+            obj = msgpack.unpackb(self._box.decrypt(read_nofollow(path, 16 << 20)))
         except Exception:
             raise VmError(f"{path}: cannot unseal (wrong host key or damaged file)") from None
         self._keys = [bytearray(k) for k in obj["keys"]]
@@ -328,7 +335,7 @@ class ModelVM(ConfiguredVM):
         self.mem.flush()
         self.meta.map.flush()
         blob = msgpack.packb({"keys": [bytes(k) for k in self._keys], "threads": self._threads})
-        write_secret_file(self.dir / "secrets", self._box.encrypt(blob))
+        write_atomic(self.dir / "secrets", self._box.encrypt(blob))
         self._save_config()
 
     def close(self) -> None:

@@ -2,11 +2,20 @@
 
 QEMU's own live migration carries the VM (RAM rounds, device and CPU state);
 palm_net carries QEMU's byte stream and adds what QEMU lacks: attestation of
-the peer and the one-copy handoff.  The source QEMU migrates into a Unix
-socket the agent reads (``migrate unix:``); the destination QEMU is started
-paused with ``-S -incoming defer`` and fed through its own Unix socket.  It
-stays paused until COMMIT (``cont``); the source stays paused
-("postmigrate") until the handoff rules let it run again or quit it.
+the peer and the one-copy handoff.  The stream passes through a socket pair
+whose QEMU end is handed over QMP (``getfd``, then ``migrate fd:`` /
+``migrate-incoming fd:``), so no file-system name exists that anyone could
+plant or connect to.  The destination QEMU is started paused with ``-S
+-incoming defer``; it stays paused until COMMIT (``cont``); the source stays
+paused ("postmigrate") until the handoff rules let it run again or quit it.
+
+A destination QEMU parses a byte stream chosen by another host (QEMU's own
+security documentation treats migration streams as untrusted), so every
+QEMU is confined (docs/SECURITY.md): seccomp (``-sandbox``), and, when the
+agent runs as root, its own unprivileged uid and a chroot into an empty
+directory.  Guest RAM is a file in the VM's directory that QEMU opens before
+it drops its privileges (``memory-backend-file``, shared), so the agent
+reads guest memory for digests directly and reserves its space up front.
 
 A QEMU VM outlives its agent, like a model VM: the agent finds it again by
 its directory (vm.json with the pid) and reconnects to its QMP socket.
@@ -24,13 +33,13 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +48,15 @@ from typing import Any
 
 import msgpack
 
+from palm_net.hostfs import (
+    UnsafePathError,
+    create_exclusive,
+    make_private_dir,
+    open_nofollow,
+    read_nofollow,
+    reserve,
+    verify_dir,
+)
 from palm_net.hypervisor.backend import DIGEST_PERSON, PAGE_SIZE, HypervisorError, VerifyReport, VmInfo
 from palm_net.hypervisor.qmp import QmpClient, QmpError
 from palm_net.hypervisor.vmconfig import ConfiguredVM
@@ -54,21 +72,42 @@ STREAM_TIMEOUT = 30.0  # longest silence of QEMU's migration stream
 # Options palm_net sets itself; a VM's extra arguments may not repeat them.
 OWN_OPTIONS = frozenset({"-machine", "-M", "-m", "-smp", "-accel", "-enable-kvm", "-qmp", "-monitor", "-incoming",
                          "-S", "-daemonize", "-pidfile", "-name", "-nodefaults", "-display", "-serial", "-mon",
-                         "-runas", "-chroot", "-sandbox"})
+                         "-runas", "-chroot", "-sandbox", "-mem-path", "-mem-prealloc"})
 # Options that name host resources (files, sockets, backends, disks, networks):
 # they could not be recreated on another host from the wire.
 HOST_OPTIONS = frozenset({"-chardev", "-readconfig", "-writeconfig", "-object", "-drive", "-blockdev", "-netdev",
                           "-nic", "-net", "-kernel", "-initrd", "-append", "-bios", "-fw_cfg", "-plugin", "-trace",
-                          "-D", "-L", "-hda", "-hdb", "-cdrom", "-fsdev", "-virtfs", "-audiodev", "-spice", "-vnc"})
-# What a destination accepts from the wire: options that name no host
-# resource (no files, sockets, backends).  Anything else stays on its host.
-WIRE_DEVICES = frozenset({"virtio-rng-pci", "virtio-balloon-pci", "pvpanic", "isa-debug-exit", "edu",
-                          "pci-testdev", "i6300esb"})
+                          "-D", "-L", "-hda", "-hdb", "-cdrom", "-fsdev", "-virtfs", "-audiodev", "-spice", "-vnc",
+                          "-add-fd", "-option-rom", "-global", "-set", "-run-with"})
+# What a destination accepts from the wire: devices that use no host
+# resource, each with the properties it may set (every PCI device also has
+# ``romfile``, which names a host file: never from the wire).
+COMMON_DEVICE_PROPS = frozenset({"id", "bus", "addr", "multifunction"})
+WIRE_DEVICES: dict[str, frozenset[str]] = {
+    "virtio-rng-pci": frozenset({"max-bytes", "period"}),
+    "virtio-balloon-pci": frozenset({"deflate-on-oom", "free-page-reporting"}),
+    "pvpanic": frozenset({"ioport", "events"}),
+    "isa-debug-exit": frozenset({"iobase", "iosize"}),
+    "edu": frozenset({"dma_mask"}),
+    "pci-testdev": frozenset({"membar"}),
+    "i6300esb": frozenset(),
+}
+RTC_PROPS = frozenset({"base", "clock", "driftfix"})
 WIRE_OPTIONS = frozenset({"-cpu", "-device", "-rtc"})
 # The generic loader fills guest memory from a host file at reset: the
 # source's own business (the incoming stream overwrites that memory anyway).
 LOCAL_DEVICES = frozenset({"loader"})
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,=:+-]{1,256}")
+# seccomp: no obsolete calls, no new processes, no resource control.
+# elevateprivileges stays "allow" only where QEMU must drop root itself
+# (-runas): QEMU 7.2 installs the filter before it calls setgid/setuid, and
+# "deny" kills it there; after that drop no set*id call can regain anything.
+SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny,elevateprivileges="
+# Dynamic uids for confined QEMUs (one per VM), away from users and from
+# systemd's dynamic range; --qemu-uids changes them.
+DEFAULT_UIDS = (2_000_000_000, 65536)
+GUEST_RAM = "guest.ram"
+STREAM_FD = "palm-migration"
 
 
 class QemuError(HypervisorError):
@@ -109,8 +148,27 @@ def default_accel() -> str:
 # Arguments: what the operator may add, and what may cross the wire
 
 
-def _device_driver(value: str) -> str:
-    return value.split(",", 1)[0]
+def _check_props(opt: str, what: str, props: list[str], allowed: frozenset[str]) -> None:
+    for prop in props:
+        key, eq, _ = prop.partition("=")
+        if not eq or key not in allowed:
+            names = ", ".join(sorted(allowed)) or "none"
+            raise QemuError(f"QEMU argument {opt} {what}: property {key!r} is not allowed "
+                            f"(allowed: {names}; nothing that names a host file or resource)")
+
+
+def _check_wire_value(opt: str, value: str) -> None:
+    """A -device, -rtc or -cpu value that may cross the wire: no host resource in it."""
+    if not SAFE_VALUE.fullmatch(value):
+        raise QemuError(f"QEMU argument {opt} {value[:60]}: only letters, digits and _.,=:+- are allowed")
+    if opt == "-device":
+        driver, *props = value.split(",")
+        if driver not in WIRE_DEVICES:
+            raise QemuError(f"QEMU device {driver[:40]} cannot migrate (allowed: "
+                            f"{', '.join(sorted(WIRE_DEVICES))}, and -device loader on the source)")
+        _check_props(opt, driver, props, WIRE_DEVICES[driver] | COMMON_DEVICE_PROPS)
+    elif opt == "-rtc":
+        _check_props(opt, "", value.split(","), RTC_PROPS)
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -129,19 +187,18 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
             raise QemuError(f"QEMU option {opt} is set by palm_net itself")
         if opt in HOST_OPTIONS:
             raise QemuError(f"QEMU option {opt} names a host resource; such a VM cannot migrate (see docs/QEMU.md)")
+        if opt not in WIRE_OPTIONS:
+            raise QemuError(f"QEMU option {opt[:40]} cannot migrate (allowed: -cpu MODEL, -rtc ..., -device ...)")
         if i + 1 >= len(args):
             raise QemuError(f"QEMU option {opt} needs a value")
         value = args[i + 1]
         if len(value) > MAX_ARG_LEN:
             raise QemuError(f"QEMU argument for {opt} is longer than {MAX_ARG_LEN} characters")
-        if opt == "-device" and _device_driver(value) in LOCAL_DEVICES:
+        if opt == "-device" and value.split(",", 1)[0] in LOCAL_DEVICES:
             local += [opt, value]
-        elif opt in WIRE_OPTIONS and SAFE_VALUE.fullmatch(value) and (
-                opt != "-device" or _device_driver(value) in WIRE_DEVICES):
-            wire += [opt, value]
         else:
-            raise QemuError(f"QEMU argument {opt} {value[:60]} cannot migrate (allowed: -cpu MODEL, -rtc ..., "
-                            f"-device {{{','.join(sorted(WIRE_DEVICES))}}}, and -device loader on the source)")
+            _check_wire_value(opt, value)
+            wire += [opt, value]
         i += 2
     return wire, local
 
@@ -191,15 +248,6 @@ class QemuSpec:
         return cls(mem, vcpus, machine, accel, tuple(wire))
 
 
-def _run_dir(vm_dir: Path) -> Path:
-    """Where a VM's sockets live: Unix socket paths are limited to 107 bytes,
-    so a short directory named after the VM directory (stable across restarts)."""
-    tag = hashlib.blake2b(str(vm_dir.resolve()).encode(), digest_size=8).hexdigest()
-    d = Path(tempfile.gettempdir()) / f"palm-q-{tag}"
-    d.mkdir(mode=0o700, exist_ok=True)
-    return d
-
-
 def live_processes(vm_name: str) -> list[int]:
     """Live (not zombie) QEMU processes of the VM with this name, host-wide
     (tests and drills check there is exactly one)."""
@@ -226,6 +274,30 @@ def _pid_alive(pid: int, marker: str) -> bool:
     return marker.encode() in cmdline
 
 
+def _uids_in_use() -> set[int]:
+    used = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                used.add(d.stat().st_uid)
+    return used
+
+
+def allocate_uid(uids: tuple[int, int] = DEFAULT_UIDS) -> int:
+    """An unused uid for one confined QEMU: no account has it and no process runs as it."""
+    base, count = uids
+    in_use = _uids_in_use()
+    for _ in range(64):
+        uid = base + secrets.randbelow(count)
+        if uid in in_use:
+            continue
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    raise QemuError(f"no free uid in {base}..{base + count - 1} for a confined QEMU")
+
+
 def kill_all_under(root: Path) -> int:
     """Kills the QEMU of every VM directory below ``root`` (test and drill
     clean-up: a QEMU outlives its agent by design).  Returns how many."""
@@ -235,13 +307,28 @@ def kill_all_under(root: Path) -> int:
             config = json.loads(cfg_path.read_text())
         except (OSError, ValueError):
             continue
-        pid = config.get("pid") if isinstance(config, dict) and config.get("backend") == "qemu" else None
-        if isinstance(pid, int) and _pid_alive(pid, str(_run_dir(cfg_path.parent) / "qmp.sock")):
+        if not isinstance(config, dict) or config.get("backend") != "qemu" or not config.get("run_dir"):
+            continue
+        run_dir = Path(str(config["run_dir"]))
+        pid = config.get("pid")
+        if isinstance(pid, int) and _pid_alive(pid, str(run_dir / "qmp.sock")):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
-        shutil.rmtree(_run_dir(cfg_path.parent), ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return killed
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """How this agent confines the QEMUs it starts (docs/SECURITY.md)."""
+
+    uids: tuple[int, int] | None = DEFAULT_UIDS  # None: QEMU keeps the agent's uid (no -runas, no chroot)
+
+    @classmethod
+    def for_agent(cls, uids: tuple[int, int] = DEFAULT_UIDS) -> Confinement:
+        """Root can give each QEMU its own uid and an empty root; another user cannot."""
+        return cls(uids if os.geteuid() == 0 else None)
 
 
 # --------------------------------------------------------------------------
@@ -261,7 +348,7 @@ class QemuVM(ConfiguredVM):
         self.spec = QemuSpec(config["memory_mib"], config["vcpus"], config["machine"], config["accel"],
                              tuple(config["args"]))
         self.local_args: list[str] = list(config.get("local_args", []))
-        self.run_dir = _run_dir(vm_dir)
+        self.run_dir = Path(config["run_dir"])  # QMP socket and the empty root: made by us, 0700
         self.qmp_path = str(self.run_dir / "qmp.sock")
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QmpClient | None = None
@@ -277,8 +364,31 @@ class QemuVM(ConfiguredVM):
     # -- lifecycle -------------------------------------------------------
 
     @classmethod
-    def create(cls, vm_dir: Path, name: str, memory_mib: int, *, vcpus: int = 1, args: list[str] | None = None,
-               policy: str = "any", accel: str | None = None, machine: str = "pc") -> QemuVM:
+    def _new(cls, vm_dir: Path, run_parent: Path, confine: Confinement, config: dict[str, Any]) -> QemuVM:
+        """Makes the VM's directories and its guest RAM file (space reserved now)."""
+        vm_dir.mkdir(mode=0o700)
+        try:
+            run_dir = make_private_dir(run_parent, "")
+            os.mkdir(run_dir / "root", 0o500)  # the chroot: empty, and QEMU's uid may not write there
+            config["run_dir"] = str(run_dir)
+            config["uid"] = allocate_uid(confine.uids) if confine.uids else None
+            fd = create_exclusive(vm_dir / GUEST_RAM)
+            try:
+                reserve(fd, config["memory_mib"] * MIB, "the guest's memory")
+            finally:
+                os.close(fd)
+        except (UnsafePathError, OSError) as exc:
+            shutil.rmtree(vm_dir, ignore_errors=True)
+            if config.get("run_dir"):
+                shutil.rmtree(config["run_dir"], ignore_errors=True)
+            raise QemuError(str(exc) if isinstance(exc, UnsafePathError) else
+                            f"cannot prepare the VM: {exc.strerror or exc}") from None
+        return cls(vm_dir, config)
+
+    @classmethod
+    def create(cls, vm_dir: Path, run_parent: Path, name: str, memory_mib: int, *, vcpus: int = 1,
+               args: list[str] | None = None, policy: str = "any", accel: str | None = None, machine: str = "pc",
+               confine: Confinement | None = None) -> QemuVM:
         if qemu_binary() is None:
             raise QemuError("qemu-system-x86_64 not found (install Debian's qemu-system-x86)")
         if not 1 <= memory_mib <= MAX_MEMORY_MIB:
@@ -286,56 +396,71 @@ class QemuVM(ConfiguredVM):
         if not 1 <= vcpus <= MAX_VCPUS:
             raise QemuError(f"vcpus must be between 1 and {MAX_VCPUS}")
         wire, local = split_args(list(args or []))
-        vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
         config: dict[str, Any] = {
             "backend": "qemu", "name": name, "vm_id": os.urandom(16).hex(), "memory_mib": memory_mib,
             "vcpus": vcpus, "machine": machine, "accel": accel or default_accel(), "args": wire,
             "local_args": local, "state": "running", "policy": policy, "migration": None, "pid": None,
         }
-        vm = cls(vm_dir, config)
+        vm = cls._new(vm_dir, run_parent, confine or Confinement.for_agent(), config)
         vm._start(incoming=False)
         return vm
 
     @classmethod
-    def create_incoming(cls, vm_dir: Path, name: str, vm_id: bytes, spec: QemuSpec,
-                        migration: bytes | None = None) -> QemuVM:
+    def create_incoming(cls, vm_dir: Path, run_parent: Path, name: str, vm_id: bytes, spec: QemuSpec,
+                        migration: bytes | None = None, confine: Confinement | None = None) -> QemuVM:
         """A paused QEMU waiting for the stream (-S -incoming defer); runs only after activate()."""
         if qemu_binary() is None:
             raise QemuError("qemu-system-x86_64 not found on the destination")
         if spec.accel == "kvm" and not kvm_usable():
             raise QemuError("the source runs under KVM and /dev/kvm is not usable here")
-        vm_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
         config: dict[str, Any] = {
             "backend": "qemu", "name": name, "vm_id": vm_id.hex(), "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus, "machine": spec.machine, "accel": spec.accel, "args": list(spec.args),
             "local_args": [], "state": "incoming", "policy": "any",
             "migration": migration.hex() if migration else None, "pid": None,
         }
-        vm = cls(vm_dir, config)
+        vm = cls._new(vm_dir, run_parent, confine or Confinement.for_agent(), config)
         try:
             vm._start(incoming=True)
             q = vm._q()
             q.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-            in_path = str(vm.run_dir / "incoming.sock")
-            q.execute("migrate-incoming", uri=f"unix:{in_path}")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(STREAM_TIMEOUT)
-            sock.connect(in_path)
-            vm._incoming = sock
+            ours = vm._pass_stream_fd(q)
+            q.execute("migrate-incoming", uri=f"fd:{STREAM_FD}")
+            ours.settimeout(STREAM_TIMEOUT)
+            vm._incoming = ours
         except (QmpError, OSError) as exc:
             vm.scrub()
             raise QemuError(f"destination QEMU did not start: {exc}") from None
         return vm
+
+    def _pass_stream_fd(self, q: QmpClient) -> socket.socket:
+        """A socket pair for the migration stream; QEMU gets one end by SCM_RIGHTS."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            q.execute("getfd", pass_fd=theirs.fileno(), fdname=STREAM_FD)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # QEMU holds its own copy now: its close is our end of stream
+        return ours
 
     def _command(self, incoming: bool) -> list[str]:
         binary = qemu_binary()
         if binary is None:
             raise QemuError("qemu-system-x86_64 not found")
         s = self.spec
-        cmd = [binary, "-name", f"palm-{self.name}", "-machine", f"{s.machine},accel={s.accel}",
+        uid = self.config.get("uid")
+        cmd = [binary, "-name", f"palm-{self.name}",
+               "-machine", f"{s.machine},accel={s.accel},memory-backend=pc.ram",
+               "-object", f"memory-backend-file,id=pc.ram,mem-path={self.dir / GUEST_RAM},size={s.memory_mib}M,"
+                          "share=on",
                "-m", str(s.memory_mib), "-smp", str(s.vcpus), "-nodefaults", "-display", "none",
                "-serial", "none", "-monitor", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-               *s.args, *self.local_args]
+               "-sandbox", SANDBOX + ("allow" if uid is not None else "deny")]
+        if uid is not None:
+            cmd += ["-runas", f"{uid}:{uid}", "-chroot", str(self.run_dir / "root")]
+        cmd += [*s.args, *self.local_args]
         if incoming:
             cmd += ["-S", "-incoming", "defer"]
         return cmd
@@ -343,15 +468,18 @@ class QemuVM(ConfiguredVM):
     def _start(self, incoming: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.qmp_path)
-        log = open(self.dir / "qemu.log", "ab")
+        log = open_nofollow(self.dir / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
-            # Own session: a signal to the agent's process group leaves the VM running.
+            # Own session: a signal to the agent's process group leaves the VM
+            # running.  An empty working directory and environment: QEMU gets
+            # nothing of the agent's but what the command line names.
             self.proc = subprocess.Popen(self._command(incoming), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
+                                         start_new_session=True, cwd=self.run_dir / "root",
+                                         env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
         except OSError as exc:
             raise QemuError(f"cannot start QEMU: {exc.strerror or exc}") from None
         finally:
-            log.close()
+            os.close(log)
         self.config["pid"] = self.proc.pid
         self._save_config()
         try:
@@ -361,30 +489,32 @@ class QemuVM(ConfiguredVM):
             tail = self._log_tail()
             self._kill()
             shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
             raise QemuError(f"QEMU did not start: {tail or exc}") from None
 
     def _log_tail(self) -> str:
+        """QEMU's last log line: for the local log and operator only, never for a peer."""
         try:
-            lines = (self.dir / "qemu.log").read_text(errors="replace").strip().splitlines()
-        except OSError:
+            text = read_nofollow(self.dir / "qemu.log", 1 << 20)
+        except (OSError, UnsafePathError):
             return ""
+        lines = text.decode(errors="replace").strip().splitlines()
         return lines[-1][:200] if lines else ""
 
     @classmethod
-    def open(cls, vm_dir: Path) -> QemuVM:
+    def open(cls, vm_dir: Path, config: dict[str, Any]) -> QemuVM:
         """Finds a VM's QEMU again after an agent restart.  A VM whose QEMU is
         gone loads in state "dead" (it can only be destroyed)."""
-        try:
-            config = json.loads((vm_dir / "vm.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise QemuError(f"{vm_dir}: cannot read vm.json ({exc})") from None
+        if not isinstance(config.get("run_dir"), str):
+            raise QemuError(f"{vm_dir}: vm.json names no run directory")
         vm = cls(vm_dir, config)
         pid = config.get("pid")
         alive = isinstance(pid, int) and _pid_alive(pid, vm.qmp_path)
         if alive:
             try:
+                verify_dir(vm.run_dir, "QEMU run directory")
                 vm.qmp = QmpClient.connect(vm.qmp_path, 5.0)
-            except QmpError:
+            except (QmpError, UnsafePathError):
                 alive = False
         if not alive and vm.state != "incoming":  # an incoming one is scrubbed by the handoff rules
             vm.config["state"] = "dead"
@@ -469,7 +599,7 @@ class QemuVM(ConfiguredVM):
                 self._save_config()
 
     def sync(self) -> None:
-        self._save_config()  # the guest's memory lives in QEMU, not in our files
+        self._save_config()  # the guest's memory lives in QEMU's RAM file, which QEMU keeps
 
     def close(self) -> None:
         """Lets go of the QEMU (the VM keeps running; the next agent reconnects)."""
@@ -481,7 +611,7 @@ class QemuVM(ConfiguredVM):
             self.qmp = None
 
     def scrub(self) -> None:
-        """Ends the VM: QEMU quits (the kernel zeroes its memory before reuse)."""
+        """Ends the VM: QEMU quits and its RAM file goes (tmpfs pages are zeroed before reuse)."""
         if self._incoming is not None:
             self._incoming.close()
             self._incoming = None
@@ -517,43 +647,49 @@ class QemuVM(ConfiguredVM):
         low = 0xC0000000 if self.spec.machine == "pc" else 0x80000000  # gigabyte-aligned split
         return [(0, low), (1 << 32, size - low)]
 
-    def pmemsave(self, addr: int, size: int) -> bytes:
-        """Guest-physical memory as QEMU sees it (via a file QEMU writes)."""
-        path = self.dir / f"pmem-{threading.get_ident()}.bin"
+    def _ram_offset(self, addr: int, size: int) -> int:
+        """Where guest-physical [addr, addr+size) lies in the RAM file: the
+        ranges of ram_ranges() follow each other in it, in order."""
+        offset = 0
+        for base, n in self.ram_ranges():
+            if base <= addr and addr + size <= base + n:
+                return offset + addr - base
+            offset += n
+        raise QemuError(f"guest-physical range {addr:#x}+{size:#x} is not RAM")
+
+    def read_ram(self, addr: int, size: int) -> bytes:
+        """Guest-physical memory, read from the RAM file QEMU shares with us."""
+        offset = self._ram_offset(addr, size)
+        fd = open_nofollow(self.dir / GUEST_RAM, os.O_RDONLY)
         try:
-            self._q().execute("pmemsave", val=addr, size=size, filename=str(path), timeout=300)
-            return path.read_bytes()
+            return os.pread(fd, size, offset)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            os.close(fd)
 
     def digest(self, ranges: list[tuple[int, int]] | None = None) -> str:
-        """BLAKE2b-256 of guest RAM, or of the given guest-physical (address,
-        size) ranges (pmemsave, in 64 MiB pieces)."""
+        """BLAKE2b-256 of guest RAM, or of the given guest-physical (address, size) ranges."""
         h = hashlib.blake2b(digest_size=32, person=DIGEST_PERSON)
-        step = 64 * MIB
-        for base, size in ranges or self.ram_ranges():
-            for off in range(0, size, step):
-                h.update(self.pmemsave(base + off, min(step, size - off)))
+        step = 16 * MIB
+        fd = open_nofollow(self.dir / GUEST_RAM, os.O_RDONLY)
+        try:
+            for base, size in ranges or self.ram_ranges():
+                start = self._ram_offset(base, size)
+                for off in range(start, start + size, step):
+                    h.update(os.pread(fd, min(step, start + size - off), off))
+        finally:
+            os.close(fd)
         return h.hexdigest()
 
     # -- migration: source -------------------------------------------------
 
     def stream_out(self, chunk: int, downtime_limit: float, bandwidth: float | None,
                    auto_converge: bool) -> Iterator[bytes]:
-        """Starts QEMU's migration into a Unix socket and yields its stream in
+        """Starts QEMU's migration into a socket pair and yields its stream in
         chunks of at most ``chunk`` bytes until QEMU completes (the guest is then
         paused, "postmigrate").  Raises QemuError if QEMU's migration fails."""
         q = self._q()
-        path = str(self.run_dir / "outgoing.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn: socket.socket | None = None
         try:
-            listener.bind(path)
-            listener.listen(1)
-            listener.settimeout(STREAM_TIMEOUT)
             q.execute("migrate-set-capabilities", capabilities=[
                 {"capability": "events", "state": True},
                 {"capability": "auto-converge", "state": auto_converge}])
@@ -562,13 +698,13 @@ class QemuVM(ConfiguredVM):
                 "downtime-limit": max(1, int(downtime_limit * 1000)),
                 "max-bandwidth": int(bandwidth) if bandwidth else 1 << 40})
             q.events.clear()
-            q.execute("migrate", uri=f"unix:{path}")
-            conn = self._accept_stream(q, listener)
+            conn = self._pass_stream_fd(q)
+            q.execute("migrate", uri=f"fd:{STREAM_FD}")
             conn.settimeout(STREAM_TIMEOUT)
             buf = bytearray(chunk)
             view = memoryview(buf)
             eof = False
-            while not eof:
+            while not eof:  # QEMU closes its end when its migration ends (or fails to start)
                 filled = 0
                 while filled < chunk:  # full records, except the last
                     n = conn.recv_into(view[filled:])
@@ -583,9 +719,6 @@ class QemuVM(ConfiguredVM):
         finally:
             if conn is not None:
                 conn.close()
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
         ev = q.wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
                           ("completed", "failed", "cancelled"), QMP_TIMEOUT)
         info = q.execute("query-migrate")
@@ -595,20 +728,6 @@ class QemuVM(ConfiguredVM):
         self.config["state"] = "paused"  # postmigrate: QEMU keeps the guest stopped
         self._save_config()
         self.paused_at = self._stop_time(q)
-
-    @staticmethod
-    def _accept_stream(q: QmpClient, listener: socket.socket) -> socket.socket:
-        """QEMU's connection to our socket; fails fast if its migration failed to start."""
-        listener.settimeout(0.5)
-        deadline = time.monotonic() + STREAM_TIMEOUT
-        while True:
-            try:
-                return listener.accept()[0]
-            except TimeoutError:
-                info = q.execute("query-migrate")
-                if info.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
-                    raise QemuError(f"QEMU never connected its migration stream "
-                                    f"({info.get('status')}: {info.get('error-desc', 'no reason given')})") from None
 
     @staticmethod
     def _stop_time(q: QmpClient) -> float:

@@ -9,6 +9,7 @@ asynchronous events are kept as they arrive and can be waited for.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import socket
@@ -109,7 +110,8 @@ class QmpClient:
         self.events.append(event)
         del self.events[:-MAX_EVENTS]
 
-    def execute(self, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
+    def execute(self, command: str, timeout: float = 30.0, pass_fd: int | None = None, **arguments: Any) -> Any:
+        """Runs one command; ``pass_fd`` goes along with it (SCM_RIGHTS), as ``getfd`` needs."""
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
@@ -117,7 +119,13 @@ class QmpClient:
         with self._locked(timeout):
             try:
                 self.sock.settimeout(timeout)
-                self.sock.sendall(json.dumps(msg).encode() + b"\n")
+                data = json.dumps(msg).encode() + b"\n"
+                if pass_fd is None:
+                    self.sock.sendall(data)
+                else:  # the descriptor rides on the first byte; the rest follows as usual
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                       array.array("i", [pass_fd]))])
+                    self.sock.sendall(data[sent:])
             except OSError as exc:
                 raise QmpError(f"QMP socket: {exc.strerror or exc}") from None
             while True:

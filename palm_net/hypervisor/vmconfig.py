@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from palm_net.hostfs import UnsafePathError, read_nofollow, verify_dir, write_atomic
+from palm_net.hypervisor.backend import HypervisorError
+
+CONFIG_FILE = "vm.json"
 
 
 class ConfiguredVM:
@@ -37,6 +41,17 @@ class ConfiguredVM:
         self._save_config()
 
     def _save_config(self) -> None:
-        tmp = self.dir / "vm.json.tmp"
-        tmp.write_text(json.dumps(self.config))
-        os.replace(tmp, self.dir / "vm.json")
+        write_atomic(self.dir / CONFIG_FILE, json.dumps(self.config).encode())
+
+
+def load_config(vm_dir: Path) -> dict[str, Any]:
+    """A VM directory's vm.json: the directory must be ours (0700) and the file
+    a regular file (palm_net.hostfs); HypervisorError otherwise."""
+    try:
+        verify_dir(vm_dir, "VM directory")
+        config = json.loads(read_nofollow(vm_dir / CONFIG_FILE))
+    except (OSError, ValueError, UnsafePathError) as exc:
+        raise HypervisorError(f"{vm_dir}: cannot read {CONFIG_FILE} ({exc})") from None
+    if not isinstance(config, dict):
+        raise HypervisorError(f"{vm_dir}: {CONFIG_FILE} is not an object")
+    return config
