@@ -1,7 +1,10 @@
 """structlog set-up: one event per line, JSON or console, to stderr.
 
 A processor drops any value that looks like key material (bytes, or fields
-named like keys) so nothing secret can reach a log by accident.
+named like keys) so nothing secret can reach a log by accident.  Tracebacks
+are always plain: structlog's console default (rich or better-exceptions,
+when installed) prints every frame's local variables, keys included, past
+that processor.
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ def configure(fmt: str = "console", level: str = "info") -> None:
     lvl = logging.getLevelName(level.upper())
     if not isinstance(lvl, int):
         raise ValueError(f"unknown log level {level!r}")
-    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
-                     else structlog.dev.ConsoleRenderer(colors=False))
+    json_out = fmt == "json"
+    renderer: Any = (structlog.processors.JSONRenderer() if json_out
+                     else structlog.dev.ConsoleRenderer(colors=False,
+                                                        exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
+            # JSON: the traceback as one plain string field (no locals).
+            *([structlog.processors.ExceptionRenderer()] if json_out else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

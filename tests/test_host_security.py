@@ -1,0 +1,355 @@
+"""The host side of the threat model: other local users are untrusted, operators make mistakes.
+
+No local user may plant, redirect or read what an agent and its QEMUs use;
+one agent per state directory; every QEMU confined (docs/SECURITY.md).
+Tests that need root (another uid to attack with, QEMU's -runas) skip
+elsewhere; CI runs as root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from palm_net.agent.agent import Agent
+from palm_net.agent.errors import AgentError
+from palm_net.hostfs import UnsafePathError, ensure_dir, verify_dir, write_atomic
+from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM, qemu_binary, split_args
+from palm_net.migration.engine import MigrationParams
+from palm_net.testing.cluster import LocalCluster
+from palm_net.wire import messages
+
+NOBODY = 65534
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: attacks come from another uid")
+needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed "
+                                "(Debian package qemu-system-x86; .ci/run installs it)")
+
+
+@pytest.fixture
+def shm_dir():
+    d = Path(tempfile.mkdtemp(prefix="palm-hostsec-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# hostfs: what a directory must be before the agent uses it
+
+
+def test_a_directory_of_another_user_a_wide_mode_or_a_symlink_is_refused(shm_dir):
+    ok = ensure_dir(shm_dir / "mine")
+    assert verify_dir(ok) == ok and (os.stat(ok).st_mode & 0o777) == 0o700
+    wide = shm_dir / "wide"
+    wide.mkdir(mode=0o755)
+    os.chmod(wide, 0o755)
+    with pytest.raises(UnsafePathError, match="mode 0755; it must be 0700"):
+        ensure_dir(wide)
+    link = shm_dir / "link"
+    link.symlink_to(ok)
+    with pytest.raises(UnsafePathError, match="is a symlink"):
+        ensure_dir(link)
+    open_parent = shm_dir / "open"
+    open_parent.mkdir()
+    os.chmod(open_parent, 0o777)  # writable by all, not sticky: anyone could swap what is below
+    with pytest.raises(UnsafePathError, match="writable by other users"):
+        ensure_dir(open_parent / "below")
+    if os.geteuid() == 0:
+        theirs = shm_dir / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, NOBODY, NOBODY)
+        with pytest.raises(UnsafePathError, match=f"belongs to uid {NOBODY}"):
+            ensure_dir(theirs)
+        with pytest.raises(UnsafePathError, match=f"belongs to uid {NOBODY}"):
+            ensure_dir(theirs / "below")  # an ancestor another user owns
+
+
+def test_atomic_writes_never_follow_or_reuse_a_planted_name(shm_dir):
+    d = ensure_dir(shm_dir / "d")
+    victim = shm_dir / "victim"
+    victim.write_text("untouched")
+    for planted in ("vm.json.tmp", ".vm.json.tmp", "hv.key.tmp"):
+        (d / planted).symlink_to(victim)
+    write_atomic(d / "vm.json", b"{}")
+    assert victim.read_text() == "untouched" and (d / "vm.json").read_bytes() == b"{}"
+    assert oct(os.stat(d / "vm.json").st_mode & 0o777) == oct(0o600)
+    (d / "vm.json").unlink()
+    (d / "vm.json").symlink_to(victim)  # the final name: replaced, never written through
+    write_atomic(d / "vm.json", b"[]")
+    assert victim.read_text() == "untouched" and not (d / "vm.json").is_symlink()
+
+
+# --------------------------------------------------------------------------
+# The agent refuses what is not its own, and shares no directory
+
+
+async def test_agent_refuses_unsafe_directories_with_one_line(nursery):
+    c = LocalCluster(("a",))
+    cfg = c.members["a"].config
+    try:
+        wide = c.root / "wide-mem"
+        wide.mkdir()
+        os.chmod(wide, 0o755)
+        cfg.memory_dir = wide
+        with pytest.raises(AgentError, match=r"memory directory .* has mode 0755"):
+            Agent(cfg)
+        cfg.memory_dir = c.root / "a-mem"
+        real = ensure_dir(c.root / "real-run")
+        (c.root / "link-run").symlink_to(real)
+        cfg.run_dir = c.root / "link-run"
+        with pytest.raises(AgentError, match=r"run directory .* is a symlink") as exc:
+            Agent(cfg)
+        assert "\n" not in str(exc.value)
+        cfg.run_dir = c.root / "a-run"
+        os.chmod(c.members["a"].dir, 0o750)
+        with pytest.raises(AgentError, match=r"state directory .* mode 0750"):
+            Agent(cfg)
+        os.chmod(c.members["a"].dir, 0o700)
+        agent = Agent(cfg)  # and the refusals held nothing: the directory is free again
+        agent.shutdown_sync()
+    finally:
+        c.cleanup()
+
+
+async def test_one_agent_per_state_directory_and_per_memory_directory(nursery):
+    c = LocalCluster(("a", "b"))
+    c.nursery = nursery
+    try:
+        await c.start("a")
+        with pytest.raises(AgentError, match=r"state directory .* is in use by another agent \(pid \d+\)"):
+            Agent(c.members["a"].config)  # another port and control socket, the same directory
+        shared = c.members["b"].config
+        shared.memory_dir = c.members["a"].config.memory_dir
+        with pytest.raises(AgentError, match=r"memory directory .* is in use by another agent"):
+            Agent(shared)
+        await c.stop("a")
+        await c.start("a")  # the lock dies with its holder
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()
+
+
+async def test_default_memory_directory_is_unpredictable_and_recorded(nursery):
+    c = LocalCluster(("a",))
+    c.nursery = nursery
+    cfg = c.members["a"].config
+    cfg.memory_dir = None
+    made: Path | None = None
+    try:
+        a = await c.start("a")
+        made = a.memory_dir
+        assert made.parent == Path("/dev/shm") and made.name.startswith(f"palm-{os.geteuid()}-")
+        assert len(made.name) > len(f"palm-{os.geteuid()}-") + 8
+        await c.stop("a")
+        assert (await c.start("a")).memory_dir == made  # a restart finds its VMs again
+        await c.stop("a")
+        # Someone swapped the recorded directory for a symlink to theirs: refused, not adopted.
+        shutil.rmtree(made)
+        decoy = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        made.symlink_to(decoy)
+        with pytest.raises(AgentError, match="is a symlink"):
+            Agent(cfg)
+        made.unlink()
+        shutil.rmtree(decoy)
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        if made is not None and made.exists():
+            shutil.rmtree(made, ignore_errors=True)
+        c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# An unprivileged local user attacks whatever it can see
+
+
+ATTACKER = r"""
+import json, os, socket, sys
+targets = json.loads(sys.argv[1])
+won = []
+def attempt(what, fn):
+    try:
+        fn()
+        won.append(what)
+    except OSError:
+        pass
+for d in targets["dirs"]:
+    attempt(f"list {d}", lambda: os.listdir(d))
+    attempt(f"create in {d}", lambda: open(os.path.join(d, "planted"), "x").close())
+    attempt(f"mkdir in {d}", lambda: os.mkdir(os.path.join(d, "planted.d")))
+    attempt(f"symlink in {d}", lambda: os.symlink("/etc/passwd", os.path.join(d, "vm.json.tmp")))
+    attempt(f"rename {d}", lambda: os.rename(d, d + ".moved"))
+for f in targets["files"]:
+    attempt(f"read {f}", lambda: open(f, "rb").read(1))
+    attempt(f"write {f}", lambda: open(f, "r+b").close())
+for s in targets["sockets"]:
+    def connect(s=s):
+        c = socket.socket(socket.AF_UNIX)
+        try:
+            c.connect(s)
+        finally:
+            c.close()
+    attempt(f"connect {s}", connect)
+# Plant what a predictable name would have given before: the old defaults.
+for name in targets["plant"]:
+    attempt(f"plant {name}", lambda: os.makedirs(name, mode=0o777, exist_ok=True))
+print(json.dumps(won))
+"""
+
+
+def attack_as(uid: int, targets: dict[str, list[str]]) -> list[str]:
+    p = subprocess.run([sys.executable, "-c", ATTACKER, json.dumps(targets)], capture_output=True, text=True,
+                       user=uid, group=uid, extra_groups=[], timeout=60, cwd="/")
+    assert p.returncode == 0, p.stderr
+    return list(json.loads(p.stdout))
+
+
+def observable(agent: Agent) -> dict[str, list[str]]:
+    """Every directory, file and socket the agent and its QEMUs use, as a local user could learn them
+    (from /proc/PID/cmdline, the /dev/shm listing, or guessing)."""
+    roots = [agent.cfg.state_dir, agent.memory_dir, agent.run_dir, agent.control_path.parent]
+    dirs, files, sockets = [], [], [str(agent.control_path)]
+    for r in roots:
+        dirs.append(str(r))
+        for p in r.rglob("*"):
+            if p.is_symlink():
+                continue
+            if p.is_dir():
+                dirs.append(str(p))
+            elif p.is_socket():
+                sockets.append(str(p))
+            else:
+                files.append(str(p))
+    return {"dirs": dirs, "files": files, "sockets": sockets, "plant": []}
+
+
+@root_only
+@needs_qemu
+async def test_an_unprivileged_user_can_neither_plant_redirect_nor_read(nursery, tmp_path):
+    c = LocalCluster(("a", "b"))
+    c.nursery = nursery
+    c.members["a"].config.memory_dir = None  # the default: a fresh directory in /dev/shm
+    # Before the agents run: what the old defaults named, pre-created by the user.
+    state_tag = uuid.uuid4().hex[:12]
+    planted = [f"/tmp/palm-q-{state_tag}", f"/dev/shm/palm-{state_tag}"]
+    assert attack_as(NOBODY, {"dirs": [], "files": [], "sockets": [], "plant": planted}) == \
+        [f"plant {p}" for p in planted]
+    made = None
+    try:
+        a, b = await c.start("a"), await c.start("b")
+        made = a.memory_dir
+        content = tmp_path / "content.bin"
+        content.write_bytes(os.urandom(1 << 20))
+        os.chmod(tmp_path, 0o755)
+        os.chmod(content, 0o644)
+        q = a.create_qemu_vm("q" + uuid.uuid4().hex[:8], 64 << 20,
+                             ["-device", f"loader,file={content},addr=0x1000000,force-raw=on"])
+        a.create_vm("m1", 4 << 20, protected=1)
+        # While they run, with a migration in flight: everything visible is attacked.
+        won: list[str] = []
+
+        async def attack_midway() -> None:
+            await trio.sleep(0.05)
+            for agent in (a, b):
+                won.extend(await trio.to_thread.run_sync(attack_as, NOBODY, observable(agent)))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(attack_midway)
+            res = await a.migrate(q.name, c.addr("b"), MigrationParams(bandwidth=64 << 20))
+        assert res.ok, res.error
+        won.extend(attack_as(NOBODY, observable(a)) + attack_as(NOBODY, observable(b)))
+        assert won == [], won
+        # And nothing the agents use belongs to that user.
+        for agent in (a, b):
+            for r in (agent.cfg.state_dir, agent.memory_dir, agent.run_dir):
+                for p in (r, *r.rglob("*")):
+                    assert p.lstat().st_uid == 0, p
+        assert str(made) not in planted and not any(str(a.run_dir).startswith(p) for p in planted)
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        for p in planted:
+            shutil.rmtree(p, ignore_errors=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# QEMU: confined, and told nothing from the wire that names a host file
+
+
+def test_device_properties_that_name_host_files_are_refused():
+    for bad in ("virtio-rng-pci,romfile=hv.key", "edu,romfile=/var/lib/palm/identity.key",
+                "virtio-rng-pci,rng=rng0", "i6300esb,romfile=x", "pvpanic,chardev=c0"):
+        with pytest.raises(QemuError, match="allowed"):
+            split_args(["-device", bad])
+        with pytest.raises(QemuError, match="allowed"):
+            QemuSpec.decode(QemuSpec(64, 1, "pc", "tcg", ("-device", bad)).encode())
+    with pytest.raises(QemuError, match="allowed"):
+        split_args(["-rtc", "base=utc,file=/etc/shadow"])
+    assert split_args(["-device", "virtio-rng-pci,max-bytes=1024,period=1000,id=rng", "-rtc", "base=utc"])[0]
+
+
+@needs_qemu
+async def test_a_peer_cannot_make_the_destination_qemu_open_a_host_file(cluster):
+    """The shown attack: -device virtio-rng-pci,romfile=hv.key in BEGIN's spec."""
+    from palm_net.migration.engine import MigrationFailure
+
+    b = cluster["b"]
+    spec = QemuSpec(64, 1, "pc", "tcg", ("-device", "virtio-rng-pci,romfile=hv.key")).encode()
+    msg = messages.Message("BEGIN", os.urandom(16), 0, {"vm": "evil", "vm_id": os.urandom(16), "pages": 16384,
+                                                         "protected_pages": 0, "processes": 0, "vcpus": 1,
+                                                         "plain": False, "digest": False, "backend": "qemu",
+                                                         "spec": spec})
+    with pytest.raises(MigrationFailure, match="romfile"):
+        b._make_incoming(msg)
+    assert "evil" not in b.vms and not (b.memory_dir / "evil").exists()
+
+
+def qemu_process(pid: int) -> dict[str, str]:
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    return {"uid": status["Uid"].split()[0], "gid": status["Gid"].split()[0], "seccomp": status["Seccomp"].strip(),
+            "root": os.readlink(f"/proc/{pid}/root"), "cwd": os.readlink(f"/proc/{pid}/cwd"),
+            "environ": Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")}
+
+
+@root_only
+@needs_qemu
+async def test_every_qemu_is_confined(cluster):
+    """Source and destination QEMUs: their own uid, seccomp, an empty root, nothing of the agent's."""
+    a = cluster["a"]
+    vm = a.create_qemu_vm("q" + uuid.uuid4().hex[:8], 64 << 20, ["-cpu", "qemu64"])
+    res = await a.migrate(vm.name, cluster.addr("b"), MigrationParams())
+    assert res.ok, res.error
+    moved = cluster["b"].vms[vm.name]
+    other = cluster["b"].create_qemu_vm("q" + uuid.uuid4().hex[:8], 64 << 20, [])
+    uids = set()
+    for q in (moved, other):
+        assert isinstance(q, QemuVM) and q.pid is not None
+        with trio.fail_after(10):
+            while qemu_process(q.pid)["uid"] == "0":  # QEMU drops root just before the guest starts
+                await trio.sleep(0.02)
+        p = qemu_process(q.pid)
+        assert p["uid"] not in ("0", str(os.geteuid())) and p["gid"] == p["uid"]
+        assert p["seccomp"] == "2"  # a filter is installed
+        assert p["root"] == p["cwd"] == str(q.run_dir / "root")  # chrooted there, and in it
+        assert os.listdir(q.run_dir / "root") == []
+        assert "PALM" not in p["environ"] and "HOME" not in p["environ"]
+        uids.add(p["uid"])
+    assert len(uids) == 2  # one uid per VM: one QEMU cannot signal or trace another
+    cmd = Path(f"/proc/{moved.pid}/cmdline").read_bytes().split(b"\0")
+    sandbox = cmd[cmd.index(b"-sandbox") + 1].decode()
+    for deny in ("obsolete=deny", "spawn=deny", "resourcecontrol=deny"):
+        assert deny in sandbox
+    assert b"-incoming" in cmd and not any(b"unix:" in w and b"incoming" in w for w in cmd)
