@@ -228,7 +228,8 @@ def _load_config(path: str | None) -> dict[str, Any]:
         raise CliError(f"config {path} is not valid TOML: {exc}") from None
     known = {"dir", "listen", "control", "ca", "allow_measurement", "max_incoming", "max_incoming_memory",
              "memory_dir", "run_dir", "allow_plain", "handshake_timeout", "log_format", "log_level", "no_qemu",
-             "qemu_accel", "qemu_uids"}
+             "qemu_accel", "qemu_uids", "max_incoming_per_peer", "incoming_deadline_per_gib", "max_connections",
+             "handshake_rate", "session_rate"}
     unknown = set(data) - known
     if unknown:
         raise CliError(f"config {path}: unknown keys {', '.join(sorted(unknown))}")
@@ -267,6 +268,11 @@ def cmd_agent(a: argparse.Namespace) -> int:
             allow_measurements=allow,
             max_incoming=int(pick(a.max_incoming, "max_incoming", 4)),
             max_incoming_memory=parse_size(str(mim)),
+            max_incoming_per_peer=int(pick(a.max_incoming_per_peer, "max_incoming_per_peer", 2)),
+            incoming_deadline_per_gib=float(pick(a.incoming_deadline_per_gib, "incoming_deadline_per_gib", 150.0)),
+            max_connections=int(pick(a.max_connections, "max_connections", 512)),
+            handshake_rate=float(pick(a.handshake_rate, "handshake_rate", 10.0)),
+            session_rate=float(pick(a.session_rate, "session_rate", 5.0)),
             handshake_timeout=float(pick(a.handshake_timeout, "handshake_timeout", 10.0)),
             allow_plain=bool(pick(a.allow_plain or None, "allow_plain", False)),
             memory_dir=Path(pick(a.memory_dir, "memory_dir")) if pick(a.memory_dir, "memory_dir") else None,
@@ -461,6 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--config", metavar="FILE", help="TOML file with the same keys (flags win)")
     ag.add_argument("--max-incoming", type=int, help="concurrent incoming migrations (default 4)")
     ag.add_argument("--max-incoming-memory", metavar="SIZE", help="memory reserved for incoming VMs (default 16GiB)")
+    ag.add_argument("--max-incoming-per-peer", type=int, help="concurrent incoming migrations from one agent "
+                                                              "(default 2)")
+    ag.add_argument("--incoming-deadline-per-gib", type=float, metavar="SECONDS",
+                    help="an incoming migration must finish within 120 s plus this per GiB (default 150)")
+    ag.add_argument("--max-connections", type=int, help="connections held at once (default 512)")
+    ag.add_argument("--handshake-rate", type=float, metavar="PER_S",
+                    help="new connections a second per source address, bursts of 4x (default 10)")
+    ag.add_argument("--session-rate", type=float, metavar="PER_S",
+                    help="sessions a second per certified peer, bursts of 4x (default 5)")
     ag.add_argument("--memory-dir", help="where VM memory lives (default a tmpfs directory)")
     ag.add_argument("--handshake-timeout", type=float, help="seconds (default 10)")
     ag.add_argument("--qemu-accel", choices=("kvm", "tcg"),

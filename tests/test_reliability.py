@@ -24,6 +24,7 @@ from palm_net.testing.proxy import ProxyThread, Rule
 
 pytestmark = pytest.mark.slow
 SHM = "/dev/shm" if Path("/dev/shm").is_dir() else None
+FLOODER = "127.0.0.2"  # floods come from another loopback address than the honest agents
 
 
 class Pair:
@@ -155,7 +156,7 @@ def test_flood_of_half_open_handshakes_and_huge_claims_do_not_starve(pair):
     p.a.request("vm.create", name="vm1", memory="16MiB", protected=1)
     socks = []
     for i in range(300):  # more than the pending-handshake limit
-        s = socket.create_connection(("127.0.0.1", p.b.port))
+        s = socket.create_connection(("127.0.0.1", p.b.port), source_address=(f"127.0.1.{i % 200 + 1}", 0))
         if i % 3 == 0:
             s.sendall(struct.pack(">I", 0xFFFFFFF0))  # a huge length claim
         elif i % 3 == 1:
@@ -186,13 +187,14 @@ def test_huge_counts_in_begin_are_refused(pair):
 
 
 def test_eight_concurrent_migrations_into_one_destination_under_a_flood():
-    p = Pair(extra_b=["--max-incoming", "8"])
+    p = Pair(extra_b=["--max-incoming", "8", "--max-incoming-per-peer", "8"])
     stop = threading.Event()
 
     def flood() -> None:
         while not stop.is_set():
             try:
-                s = socket.create_connection(("127.0.0.1", p.b.port), timeout=1)
+                # From another address than the agents' (the per-address limit is its own test).
+                s = socket.create_connection(("127.0.0.1", p.b.port), timeout=1, source_address=(FLOODER, 0))
                 s.sendall(b"\x00\x00\x00\x10" + b"garbage-garbage!")
                 s.close()
             except OSError:

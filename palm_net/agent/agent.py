@@ -32,6 +32,7 @@ import trio
 
 from palm_net.agent.control import ControlServer
 from palm_net.agent.errors import AgentError
+from palm_net.agent.limits import Admission, TokenBuckets
 from palm_net.agent.paths import MAX_RUN_DIR, default_control, default_run_dir
 from palm_net.channel.handshake import ChannelConfig, Purpose, TransportMode, default_ciphers
 from palm_net.channel.transport import SecureChannel, accept, connect
@@ -62,7 +63,13 @@ from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.qemu import DEFAULT_UIDS, Confinement, QemuError, QemuSpec, QemuVM
 from palm_net.hypervisor.vms import AnyVM, open_vm
 from palm_net.hypervisor.workload import Workload, WorkloadError, parse_workload
-from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, MigrationStats
+from palm_net.migration.engine import (
+    DestinationEngine,
+    MigrationFailure,
+    MigrationParams,
+    MigrationStats,
+    describe,
+)
 from palm_net.migration.orchestrate import (
     MigrationResult,
     migrate_out,
@@ -71,7 +78,7 @@ from palm_net.migration.orchestrate import (
     serve_incoming,
     validate_policy,
 )
-from palm_net.migration.store import HandoffStore
+from palm_net.migration.store import HandoffStore, MigrationRow
 from palm_net.wire.errors import ProtocolError
 from palm_net.wire.messages import Message
 
@@ -92,6 +99,19 @@ def default_measurement() -> bytes:
     return compute_measurement(AGENT_POLICY)
 
 
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError):
+        return "?"
+
+
+async def _close(stream: trio.abc.AsyncResource) -> None:
+    with trio.move_on_after(1) as cs:
+        cs.shield = True
+        await stream.aclose()
+
+
 @dataclass
 class AgentConfig:
     state_dir: Path
@@ -101,6 +121,11 @@ class AgentConfig:
     allow_measurements: list[bytes] = field(default_factory=list)
     max_incoming: int = 4
     max_incoming_memory: int = 16 << 30
+    max_incoming_per_peer: int = 2  # KubeVirt's default: 2 outbound migrations per node
+    incoming_deadline_per_gib: float = 150.0  # a whole incoming migration within 120 s + this per GiB
+    max_connections: int = 512  # connections held at once, handshakes and sessions
+    handshake_rate: float = 10.0  # new connections a second per source address (burst: 4x)
+    session_rate: float = 5.0  # sessions (BEGIN or QUERY) a second per certified peer (burst: 4x)
     handshake_timeout: float = 10.0
     ciphers: tuple[CipherName, ...] = field(default_factory=default_ciphers)
     allow_plain: bool = False
@@ -110,6 +135,12 @@ class AgentConfig:
     qemu_accel: str | None = None  # kvm or tcg; None: KVM when /dev/kvm is usable
     run_dir: Path | None = None  # sockets and QEMU jails; None: palm_net.agent.paths.default_run_dir
     qemu_uids: tuple[int, int] = DEFAULT_UIDS  # (first, count) of the uids confined QEMUs run as (root only)
+
+    def __post_init__(self) -> None:
+        for name in ("max_incoming", "max_incoming_memory", "max_incoming_per_peer", "incoming_deadline_per_gib",
+                     "max_connections", "handshake_rate", "session_rate", "handshake_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
 
 
 @dataclass
@@ -131,8 +162,11 @@ class Agent:
         self.vms: dict[str, AnyVM] = {}
         self.live: dict[bytes, LiveMigration] = {}
         self.incoming: dict[int, DestinationEngine] = {}
-        self.incoming_reserved = 0
-        self.accepting = True
+        self.admission = Admission(cfg.max_incoming, cfg.max_incoming_memory, cfg.max_incoming_per_peer)
+        self.handshakes = TokenBuckets(cfg.handshake_rate, 4 * cfg.handshake_rate)  # per source address
+        self.sessions = TokenBuckets(cfg.session_rate, 4 * cfg.session_rate)  # per certified peer
+        self.connections = 0
+        self.counters: dict[str, int] = {}  # refusals by reason, handshakes completed
         self._pending: dict[object, list[Any]] = {}  # key -> [cancel scope, handshake]
         self._refusals: dict[str, int] = {}
         self._refusal_logged = 0.0
@@ -300,24 +334,36 @@ class Agent:
             row = self.store.get(mid)
             if row is None or row.state != "handed_off":
                 return
-            vm = self.vms.get(row.vm)
+            vm = self._vm_of(row)
             try:
                 outcome = await recover_once(self.store, mid, vm, self._connect_recovery)
             except Exception:  # keep asking; never crash the agent over one in-doubt migration
                 log.exception("recovery attempt failed", migration=mid.hex(), vm=row.vm, phase="in-doubt")
                 outcome = None
             if outcome is not None:
-                self._settle_outgoing(row.vm, vm, outcome)
+                self._settle_outgoing(vm, outcome)
                 return
             await trio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
-    def _settle_outgoing(self, name: str, vm: AnyVM | None, outcome: str) -> None:
+    def _vm_of(self, row: MigrationRow) -> AnyVM | None:
+        """The VM a migration is about: the one with its identity that records
+        that migration, never merely one with its name (names are reused)."""
+        vm = self.vms.get(row.vm)
+        if vm is not None and vm.vm_id == row.vm_id and vm.migration == row.mid:
+            return vm
+        return None
+
+    def _forget(self, vm: AnyVM) -> None:
+        if self.vms.get(vm.name) is vm:
+            del self.vms[vm.name]
+
+    def _settle_outgoing(self, vm: AnyVM | None, outcome: str) -> None:
         """After an in-doubt migration resolved: forget the VM, or run it here again."""
         if vm is None:
             return
         if outcome in ("committed", "done"):
-            self.vms.pop(name, None)
+            self._forget(vm)
         else:
             self._start_workload(vm)
 
@@ -394,45 +440,70 @@ class Agent:
                  pid=vm.pid)
         return vm
 
-    def destroy_vm(self, name: str) -> None:
+    def operable_vm(self, name: str) -> AnyVM:
+        """The VM, if the operator may pause, resume or destroy it now: not while
+        it migrates, and never while its handoff is in doubt (only the destination's
+        word, or a loud override, may decide where it runs)."""
         vm = self.get_vm(name)
         if any(lm.vm == name and lm.result is None for lm in self.live.values()):
             raise AgentError(f"VM {name!r} is migrating")
+        mid = vm.migration
+        row = self.store.get(mid) if mid else None
+        if row is not None and row.role == "source" and row.state == "handed_off":
+            raise AgentError(f"VM {name!r} was handed off by migration {mid.hex() if mid else ''} and its outcome "
+                             f"is in doubt: use palm migrate --resolve {mid.hex() if mid else ''} [--override]")
+        if vm.state == "incoming":
+            raise AgentError(f"VM {name!r} is arriving by a migration; it is the destination's only after COMMIT")
+        return vm
+
+    def set_run_state(self, name: str, run: bool) -> AnyVM:
+        vm = self.operable_vm(name)
+        if vm.state not in ("running", "paused"):
+            raise AgentError(f"VM {name!r} is {vm.state}")
+        (vm.resume if run else vm.pause)()
+        log.info("VM resumed" if run else "VM paused", vm=name)
+        return vm
+
+    def destroy_vm(self, name: str) -> None:
+        vm = self.operable_vm(name)
         vm.scrub()
-        del self.vms[name]
+        if self.vms.get(name) is vm:
+            del self.vms[name]
         log.info("VM destroyed", vm=name)
 
     def _make_incoming(self, msg: Message) -> AnyVM:
+        """The incoming VM for an admitted BEGIN (palm_net.agent.limits.Admission).
+        Refusals carry a code; their detail stays in our log (proto/PROTOCOL.md 8)."""
         b = msg.body
         try:
             validate_name(b["vm"])  # it names a directory: no "..", no "/"
         except ValueError as exc:
             raise MigrationFailure("malformed", str(exc)) from None
-        if not self.accepting:
-            raise MigrationFailure("shutting-down", "destination agent is shutting down")
-        if len([e for e in self.incoming.values() if e.vm is not None]) >= self.cfg.max_incoming:
-            raise MigrationFailure("busy", "destination has too many incoming migrations")
         size = b["pages"] * PAGE_SIZE
-        if self.incoming_reserved + size > self.cfg.max_incoming_memory:
-            raise MigrationFailure("busy", "destination has no memory reserved for this VM")
         if b["vm"] in self.vms or self._vm_dir(b["vm"]).exists():
             raise MigrationFailure("exists", f"destination already has a VM named {b['vm']!r}")
+        if any(v.vm_id == b["vm_id"] for v in list(self.vms.values())):
+            raise MigrationFailure("exists", "destination already hosts a VM with this identity")
+        free = os.statvfs(self.memory_dir)
+        if size > free.f_bavail * free.f_frsize:  # checked before any allocation; the
+            raise MigrationFailure("no-space", f"{size >> 20} MiB asked, {free.f_bavail * free.f_frsize >> 20} "
+                                               f"MiB free in {self.memory_dir}")  # reservation then makes sure
         vm: AnyVM
-        if b["backend"] == "qemu":
-            if not self.cfg.accept_qemu:
-                raise MigrationFailure("backend", "this agent does not accept QEMU VMs")
-            try:
+        try:
+            if b["backend"] == "qemu":
+                if not self.cfg.accept_qemu:
+                    raise MigrationFailure("backend", "this agent does not accept QEMU VMs")
                 spec = QemuSpec.decode(b["spec"])
                 if spec.memory_mib * (1 << 20) != size:
                     raise QemuError("QEMU spec's memory disagrees with BEGIN's page count")
                 vm = QemuVM.create_incoming(self._vm_dir(b["vm"]), self.run_dir, b["vm"], b["vm_id"], spec,
                                             migration=msg.mid, confine=self.confinement)
-            except HypervisorError as exc:
-                raise MigrationFailure("backend", str(exc)) from None
-        else:
-            vm = ModelVM.create_incoming(self._vm_dir(b["vm"]), b["vm"], b["vm_id"], b["pages"], b["vcpus"],
-                                         self.sealing_key, migration=msg.mid)
-        self.incoming_reserved += size
+            else:
+                vm = ModelVM.create_incoming(self._vm_dir(b["vm"]), b["vm"], b["vm_id"], b["pages"], b["vcpus"],
+                                             self.sealing_key, migration=msg.mid)
+        except HypervisorError as exc:
+            shutil.rmtree(self._vm_dir(b["vm"]), ignore_errors=True)
+            raise MigrationFailure("no-space" if "no room" in str(exc) else "backend", str(exc)) from None
         self.vms[vm.name] = vm
         return vm
 
@@ -471,7 +542,28 @@ class Agent:
             self._refusals.clear()
             self._refusal_logged = now
 
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
     async def handle_connection(self, stream: trio.SocketStream) -> None:
+        # Before any work: a cap on connections held, and a rate per source
+        # address (a first message costs us a Diffie-Hellman and our
+        # certificate, the sender almost nothing).
+        if self.connections >= self.cfg.max_connections or not self.handshakes.take(_peer_host(stream)):
+            reason = "connections" if self.connections >= self.cfg.max_connections else "rate"
+            self._count(f"refused-{reason}")
+            self._log_refusal(reason, "connection closed before the handshake")
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await stream.aclose()
+            return
+        self.connections += 1
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self.connections -= 1
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
         # Every handshake has a deadline and a small buffer, and the number
         # pending is bounded (_admit_handshake).
         scope = trio.CancelScope()
@@ -485,14 +577,19 @@ class Agent:
                 channel = await accept(stream, self.channel_config,
                                        on_start=lambda hs: entry.__setitem__(1, hs))
         except ProtocolError as exc:
+            self._count(f"refused-{exc.code}")
             self._log_refusal(exc.code, exc.detail)
         finally:
             self._pending.pop(key, None)
-        if channel is None:
-            with trio.move_on_after(1) as cs:
-                cs.shield = True
-                await stream.aclose()
+        if channel is not None and not self.sessions.take(channel.result.peer.static_pub):
+            self._count("refused-session-rate")
+            self._log_refusal("session-rate", f"peer {channel.peer_name} opens sessions too fast")
+            await _close(channel.stream)
             return
+        if channel is None:
+            await _close(stream)
+            return
+        self._count("handshakes")
         log.debug("session accepted", peer=channel.peer_name, purpose=channel.result.purpose.name)
         engines: list[DestinationEngine] = []
 
@@ -502,10 +599,14 @@ class Agent:
 
         try:
             await serve_incoming(channel, self.store, self.identity.signing, self._make_incoming,
-                                 self.cfg.max_incoming_memory // PAGE_SIZE, track)
+                                 self.cfg.max_incoming_memory // PAGE_SIZE, track, self.admission.admit,
+                                 self.cfg.incoming_deadline_per_gib)
         except (ProtocolError, MigrationFailure, trio.TooSlowError, trio.BrokenResourceError,
-                trio.ClosedResourceError, OSError):
-            pass  # already logged by the runner; the VM was scrubbed
+                trio.ClosedResourceError, OSError) as exc:
+            if channel.result.purpose is Purpose.RECOVERY:
+                code, reason = describe(exc, type(exc).__name__)
+                log.warning("recovery session refused", peer=channel.peer_name, error=code, reason=reason)
+            # a migration's failure was logged by the runner; its VM was scrubbed
         except Exception:  # one session's unexpected failure must never take the agent down
             log.exception("incoming session failed", peer=channel.peer_name)
         finally:
@@ -527,8 +628,7 @@ class Agent:
                 self._start_workload(vm)
             elif not vm.dir.exists():
                 del self.vms[name]
-        if engine.npages:
-            self.incoming_reserved -= engine.npages * PAGE_SIZE
+        engine._release()  # its place in the limits: a committed VM is simply ours now
 
     # -- migrations out -------------------------------------------------------
 
@@ -541,7 +641,7 @@ class Agent:
             parse_hostport(to)
         except ValueError as exc:
             raise AgentError(str(exc)) from None
-        if not self.accepting:
+        if not self.admission.accepting:
             raise AgentError("agent is shutting down")
         mode = TransportMode.PLAIN_BENCHMARK if params.plain else TransportMode.SECURE
 
@@ -567,7 +667,7 @@ class Agent:
                                      lm.stats.phase, "source" if vm.running else "none (paused, in doubt)")
         lm.result = result
         if result.ok:
-            self.vms.pop(name, None)
+            self._forget(vm)
         elif result.status == "in-doubt" and self._nursery is not None:
             self._nursery.start_soon(self._recovery_loop, result.mid)
         elif vm.running and vm.workload is None:
@@ -599,15 +699,17 @@ class Agent:
         row = self.store.get(mid)
         if row is None or row.role != "source" or row.state != "handed_off":
             raise AgentError(f"no in-doubt migration with id {mid_hex}")
-        vm = self.get_vm(row.vm)
+        vm = self._vm_of(row)
         if override:
+            if vm is None:
+                raise AgentError(f"the VM of migration {mid_hex} is no longer here: nothing to resume")
             override_resume(self.store, mid, vm, reason or "operator override")
             self._start_workload(vm)
             return "resumed (override)"
         outcome = await recover_once(self.store, mid, vm, self._connect_recovery)
         if outcome is None:
             return "still in doubt: destination not reachable"
-        self._settle_outgoing(row.vm, vm, outcome)
+        self._settle_outgoing(vm, outcome)
         return outcome
 
     def migrations(self) -> list[dict[str, Any]]:
@@ -650,7 +752,7 @@ class Agent:
             control.close()
 
     def shutdown_sync(self) -> None:
-        self.accepting = False
+        self.admission.accepting = False
         for vm in list(self.vms.values()):
             with contextlib.suppress(Exception):
                 if vm.workload is not None:
@@ -672,6 +774,6 @@ async def run_agent(cfg: AgentConfig) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for sig in signals:
                 log.info("shutting down", signal=signal.Signals(sig).name)
-                agent.accepting = False
+                agent.admission.accepting = False
                 nursery.cancel_scope.cancel()
                 break

@@ -170,8 +170,9 @@ class ControlServer:
         agent = self.agent
         if op == "status":
             return {"agent": agent.identity.name, "listen_port": agent.listen_port, "vms": len(agent.vms),
-                    "measurement": agent.measurement.hex(), "accepting": agent.accepting,
-                    "incoming": len(agent.incoming)}
+                    "measurement": agent.measurement.hex(), "accepting": agent.admission.accepting,
+                    "incoming": len(agent.incoming), "connections": agent.connections,
+                    "counters": dict(agent.counters)}
         if op == "vm.create":
             memory = _arg(args, "memory", str)
             pm = _arg(args, "protected_memory", str, None)
@@ -218,12 +219,7 @@ class ControlServer:
             return {"name": vm.name, "ok": rep.ok, "checked": rep.checked, "in_process_view": rep.in_process_view,
                     "failures": list(rep.failures)}
         if op in ("vm.pause", "vm.resume"):
-            vm = agent.get_vm(_arg(args, "name", str))
-            if any(lm.vm == vm.name and lm.result is None for lm in agent.live.values()):
-                raise RequestError(f"VM {vm.name!r} is migrating")
-            if vm.state not in ("running", "paused"):
-                raise RequestError(f"VM {vm.name!r} is {vm.state}")
-            await trio.to_thread.run_sync(vm.pause if op == "vm.pause" else vm.resume)
+            vm = await trio.to_thread.run_sync(agent.set_run_state, _arg(args, "name", str), op == "vm.resume")
             return vm_summary(agent, vm.name)
         if op == "vm.destroy":
             await trio.to_thread.run_sync(agent.destroy_vm, _arg(args, "name", str))  # a QEMU may take a moment to quit

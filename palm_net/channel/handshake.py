@@ -37,7 +37,6 @@ from palm_net.crypto.noise import (
     CIPHERS,
     MAX_MESSAGE_LEN,
     CipherName,
-    CipherState,
     HandshakeState,
     KeyPair,
     NoiseError,
@@ -321,8 +320,7 @@ class AttestedHandshake:
         hs = self._hs
         assert hs is not None and self.peer is not None and self.purpose is not None
         c1, c2 = hs.split()
-        if self.mode is TransportMode.PLAIN_BENCHMARK:
-            c1, c2 = CipherState(c1.fns), CipherState(c2.fns)  # no key: records in the clear
+        plain = self.mode is TransportMode.PLAIN_BENCHMARK  # bulk data in the clear, the rest sealed
         send, recv = (c1, c2) if self.initiator else (c2, c1)
         self.result = HandshakeResult(
             peer=self.peer,
@@ -330,6 +328,6 @@ class AttestedHandshake:
             mode=self.mode,
             protocol_name=hs.protocol_name,
             handshake_hash=hs.get_handshake_hash(),
-            sender=RecordSender(send),
-            receiver=RecordReceiver(recv, max_record=self.config.max_record),
+            sender=RecordSender(send, plain=plain),
+            receiver=RecordReceiver(recv, max_record=self.config.max_record, plain=plain),
         )

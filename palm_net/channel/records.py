@@ -27,81 +27,115 @@ def _chain(prev: bytes, item: bytes) -> bytes:
     return hashlib.blake2b(prev + item, digest_size=TRANSCRIPT_LEN).digest()
 
 
+CLEAR, SEALED = 0, 1  # PLAIN_BENCHMARK mode: the first byte of every frame body
+
+
 class _Direction:
-    """One direction's cipher state, record count, transcript and rekey schedule."""
+    """One direction's cipher state, record count, transcript and rekey schedule.
 
-    __slots__ = ("_plain", "count", "cs", "rekey_interval", "transcript")
+    In PLAIN_BENCHMARK mode (``plain``) each frame body starts with a kind
+    byte: SEALED records are Noise transport messages as in SECURE mode (the
+    nonce counts sealed records only); CLEAR records carry their plaintext
+    unprotected.  Only bulk data may travel CLEAR (the session protocol
+    refuses anything else), so the handoff messages stay authenticated.
+    """
 
-    def __init__(self, cs: CipherState, rekey_interval: int = REKEY_INTERVAL) -> None:
+    __slots__ = ("count", "cs", "plain", "rekey_interval", "sealed", "transcript")
+
+    def __init__(self, cs: CipherState, rekey_interval: int = REKEY_INTERVAL, plain: bool = False) -> None:
+        if not cs.has_key():
+            raise ValueError("a record direction needs a keyed CipherState")
         self.cs = cs
         self.count = 0
+        self.sealed = 0
         self.transcript = bytes(TRANSCRIPT_LEN)
         self.rekey_interval = rekey_interval
-        self._plain = not cs.has_key()
+        self.plain = plain
 
-    def _advance(self, ct: bytes) -> None:
-        # Plain (benchmark) mode has no tag: chain a CRC so the count still binds.
-        tag = zlib.crc32(ct).to_bytes(4, "big") if self._plain else ct[-TAGLEN:]
+    def _advance(self, body: bytes, sealed: bool) -> None:
+        # A clear record has no tag: chain a CRC of it so the count still binds.
+        tag = body[-TAGLEN:] if sealed else zlib.crc32(body).to_bytes(4, "big")
         self.transcript = _chain(self.transcript, tag)
         self.count += 1
-        if not self._plain and self.count % self.rekey_interval == 0:
-            self.cs.rekey()
+        if sealed:
+            self.sealed += 1
+            if self.sealed % self.rekey_interval == 0:
+                self.cs.rekey()
 
 
 class RecordSender(_Direction):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"RecordSender(count={self.count}, plain={self._plain})"
+        return f"RecordSender(count={self.count}, plain={self.plain})"
 
-    def seal(self, plaintext: bytes) -> bytes:
-        """Returns the frame (length prefix + Noise transport message)."""
-        prefix, ct = self.seal_parts(plaintext)
-        return prefix + ct
+    def seal(self, plaintext: bytes, clear: bool = False) -> bytes:
+        """Returns the frame (length prefix + body)."""
+        prefix, body = self.seal_parts(plaintext, clear)
+        return prefix + body
 
-    def seal_parts(self, plaintext: bytes) -> tuple[bytes, bytes]:
-        """The frame as (length prefix, message), for callers that join many frames at once."""
+    def seal_parts(self, plaintext: bytes, clear: bool = False) -> tuple[bytes, bytes]:
+        """The frame as (length prefix, body), for callers that join many frames at once.
+        ``clear`` (PLAIN_BENCHMARK mode only) sends the plaintext unprotected."""
         if not 0 < len(plaintext) <= MAX_PLAINTEXT:
             raise ValueError(f"record plaintext must be 1..{MAX_PLAINTEXT} bytes")
+        if not self.plain:
+            if clear:
+                raise ValueError("clear records exist only in the plain benchmark mode")
+            ct = self.cs.encrypt_with_ad(b"", plaintext)
+            self._advance(ct, True)
+            return LENGTH.pack(len(ct)), ct
+        if clear:
+            self._advance(plaintext, False)
+            return LENGTH.pack(1 + len(plaintext)), bytes([CLEAR]) + plaintext
         ct = self.cs.encrypt_with_ad(b"", plaintext)
-        self._advance(ct)
-        return LENGTH.pack(len(ct)), ct
+        self._advance(ct, True)
+        return LENGTH.pack(1 + len(ct)), bytes([SEALED]) + ct
 
 
 class RecordReceiver(_Direction):
-    __slots__ = ("failed", "frames")
+    __slots__ = ("authenticated", "failed", "frames")
 
     def __init__(self, cs: CipherState, rekey_interval: int = REKEY_INTERVAL,
-                 max_record: int = MAX_MESSAGE_LEN) -> None:
+                 max_record: int = MAX_MESSAGE_LEN, plain: bool = False) -> None:
         if not TAGLEN < max_record <= MAX_MESSAGE_LEN:
             raise ValueError(f"max_record must be in {TAGLEN + 1}..{MAX_MESSAGE_LEN}")
-        super().__init__(cs, rekey_interval)
-        self.frames = FrameBuffer(max_record, min_len=1 if self._plain else TAGLEN + 1)
+        super().__init__(cs, rekey_interval, plain)
+        self.frames = FrameBuffer(max_record + 1 if plain else max_record, min_len=2 if plain else TAGLEN + 1)
         self.failed = False
+        self.authenticated = True  # whether the last record returned was sealed
 
     def __repr__(self) -> str:
-        return f"RecordReceiver(count={self.count}, plain={self._plain}, failed={self.failed})"
+        return f"RecordReceiver(count={self.count}, plain={self.plain}, failed={self.failed})"
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self.frames.feed(data)
 
     def next_record(self) -> bytes | None:
-        """The next authenticated plaintext, None if more bytes are needed.
+        """The next plaintext, None if more bytes are needed.  ``authenticated``
+        tells whether it was sealed (always, outside the plain benchmark mode).
 
         Any failure is final: the session is dead and nothing more is returned.
         """
         if self.failed:
             raise ProtocolError("session-failed", "record layer already failed")
         try:
-            ct = self.frames.next_frame()
-            if ct is None:
+            body = self.frames.next_frame()
+            if body is None:
                 return None
-            pt = self.cs.decrypt_with_ad(b"", ct)
+            sealed = True
+            if self.plain:
+                kind, body = body[0], body[1:]
+                if kind not in (CLEAR, SEALED) or (kind == SEALED and len(body) <= TAGLEN):
+                    raise ProtocolError("bad-record", f"record {self.count} has an unknown kind")
+                sealed = kind == SEALED
+            pt = self.cs.decrypt_with_ad(b"", body) if sealed else body
         except ProtocolError:
             self.failed = True
             raise
         except NoiseError:
             self.failed = True
             raise ProtocolError("bad-record", f"record {self.count} failed authentication") from None
-        self._advance(ct)
+        self._advance(body, sealed)
+        self.authenticated = sealed
         return pt

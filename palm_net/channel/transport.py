@@ -49,9 +49,15 @@ class SecureChannel:
             await self.stream.send_all(frames)
 
     async def receive_record(self) -> bytes:
+        """The next record, which must have been sealed (the clear records of
+        the plain benchmark mode carry bulk data only, read by the destination's
+        pipeline straight from ``receiver``)."""
         while True:
             rec = self.receiver.next_record()
             if rec is not None:
+                if not self.receiver.authenticated:
+                    self.receiver.failed = True
+                    raise ProtocolError("unauthenticated", "a record arrived in the clear")
                 return rec
             data = await self.stream.receive_some(RECV_CHUNK)
             if not data:

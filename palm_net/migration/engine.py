@@ -34,7 +34,7 @@ from palm_net.hypervisor.backend import (
 )
 from palm_net.hypervisor.protection import IntegrityError
 from palm_net.migration.store import HandoffStore
-from palm_net.wire.errors import ProtocolError
+from palm_net.wire.errors import ProtocolError, public_reason
 from palm_net.wire.messages import MAX_BLOB, MAX_PAGES_PER_MESSAGE, Message
 from palm_net.wire.protocol import Role, SessionProtocol, State
 
@@ -207,7 +207,7 @@ class _SourceBase:
     def abort(self, code: str, reason: str) -> bytes | None:
         """ABORT if the state machine still allows the source to send one."""
         try:
-            return self.proto.send("ABORT", code=code[:64], reason=reason[:512], token=b"")
+            return self.proto.send("ABORT", code=code[:64], reason=public_reason(code), token=b"")
         except ProtocolError:
             return None
 
@@ -375,9 +375,15 @@ class DestinationEngine:
         peer_sign: bytes,
         plain_session: bool,
         max_pages: int,
+        admit: Callable[[bytes, int], Callable[[], None]] | None = None,
     ) -> None:
+        """``admit(peer_static, bytes)`` takes this migration's place in the
+        agent's limits or raises MigrationFailure; it returns the release."""
         self.proto = SessionProtocol(Role.DESTINATION)
         self.make_vm = make_vm
+        self.admit = admit
+        self.release: Callable[[], None] | None = None  # our admission, until the session is settled
+        self.row_created = False  # the store row of this migration is ours (not a replayed id's)
         self.store = store
         self.signing = signing
         self.peer = (peer_name, peer_static, peer_sign)
@@ -409,13 +415,15 @@ class DestinationEngine:
     def state(self) -> State:
         return self.proto.state
 
-    def receive(self, data: bytes, transcript_before: bytes, records_before: int) -> list[bytes]:
+    def receive(self, data: bytes, transcript_before: bytes, records_before: int,
+                authenticated: bool = True) -> list[bytes]:
         """Handles one message; returns the replies.  Raises ProtocolError or
         MigrationFailure, after which the shell calls ``fail``."""
-        msg = self.proto.receive(data)
-        handler = getattr(self, "_on_" + msg.type.lower())
-        out: list[bytes] = handler(msg, transcript_before, records_before)
-        return out
+        msg = self.proto.receive(data, authenticated)
+        handler = self._handlers.get(msg.type)
+        if handler is None:  # the session protocol lets through only what a destination handles
+            raise MigrationFailure("out-of-state", f"{msg.type} is not for a destination")
+        return handler(self, msg, transcript_before, records_before)
 
     def _pages(self) -> Backend:
         # The session protocol admits page messages only after a page backend's BEGIN.
@@ -429,6 +437,8 @@ class DestinationEngine:
     # -- handlers
 
     def _on_begin(self, msg: Message, *_: Any) -> list[bytes]:
+        """Checks, then admission, then the VM, then the store row: a refused
+        BEGIN writes nothing and holds nothing (no row, no slot, no memory)."""
         b = msg.body
         if b["plain"] != self.plain_session:
             raise MigrationFailure("mode-mismatch", "BEGIN's plain flag disagrees with the session mode")
@@ -441,12 +451,21 @@ class DestinationEngine:
         self.stream = bool(self.proto.stream)
         if self.stream and b["protected_pages"]:
             raise MigrationFailure("malformed", "a stream backend carries no protected processes")
+        if self.store.get(msg.mid) is not None:  # a replayed, committed or aborted-forever id
+            raise MigrationFailure("replay", "migration id already used on this agent")
         name, static, sign = self.peer
+        if self.admit is not None:
+            self.release = self.admit(static, b["pages"] * PAGE_SIZE)
+        try:
+            self.vm = self.make_vm(msg)  # may raise MigrationFailure (name taken, no room)
+        except BaseException:
+            self._release()
+            raise
         try:
             self.store.create(msg.mid, "destination", b["vm"], b["vm_id"], name, "", static, sign, "receiving")
-        except Exception:  # the id is known: a replayed or aborted-forever migration
+        except Exception:  # the same id BEGUN concurrently in another session
             raise MigrationFailure("replay", "migration id already used on this agent") from None
-        self.vm = self.make_vm(msg)  # may raise MigrationFailure (name taken, no memory)
+        self.row_created = True
         self.vm_name = b["vm"]
         self.npages = b["pages"]
         self.expected_protected = b["protected_pages"]
@@ -458,6 +477,11 @@ class DestinationEngine:
         # gfn u32 + version u64 + tag 16 per protected page, plus keys and thread contexts.
         self.context_limit = 28 * b["protected_pages"] + 2048 * b["processes"] + 65536
         return [self.proto.send("ACCEPT")]
+
+    def _release(self) -> None:
+        if self.release is not None:
+            self.release()
+            self.release = None
 
     def _on_keys(self, msg: Message, *_: Any) -> list[bytes]:
         vm = self._pages()
@@ -580,11 +604,10 @@ class DestinationEngine:
     def _on_commit(self, msg: Message, *_: Any) -> list[bytes]:
         assert self.mid is not None and self.vm is not None
         if not self.store.transition(self.mid, ("prepared",), "committed"):
-            # We already aborted (timeout, shutdown): the promise stands.
-            token = make_abort_token(self.signing, self.mid)
+            # We already aborted (timeout, shutdown, a recovery query): the promise stands.
             self._discard("commit after abort")
-            return [self.proto.send("ABORT", code="aborted", reason="destination already aborted this migration",
-                                    token=token)]
+            return [self.proto.send("ABORT", code="aborted", reason=public_reason("aborted"),
+                                    token=self._abort_token())]
         self.outcome = "committed"
         self.vm.activate()
         return [self.proto.send("DONE")]
@@ -593,10 +616,20 @@ class DestinationEngine:
         self._discard(f"source aborted: {msg.body['code']}: {msg.body['reason']}")
         return []
 
+    def _abort_token(self) -> bytes:
+        """The destination's signed promise never to activate this migration:
+        only for a migration recorded here as aborted, from this very peer."""
+        if self.mid is None:
+            return b""
+        row = self.store.get(self.mid)
+        if (row is None or row.role != "destination" or row.state != "aborted"
+                or not hmac.compare_digest(row.peer_static, self.peer[1])):
+            return b""
+        return make_abort_token(self.signing, self.mid)
+
     def _discard(self, error: str) -> None:
-        if self.mid is not None:
-            self.store.transition(self.mid, ("receiving", "prepared"), "aborted",
-                                  token=make_abort_token(self.signing, self.mid), error=error[:500])
+        if self.mid is not None and self.row_created:  # never another session's row (a replayed id)
+            self.store.transition(self.mid, ("receiving", "prepared"), "aborted", error=error[:500])
         if self.vm is not None:
             self.vm.scrub()
             self.vm = None
@@ -604,15 +637,21 @@ class DestinationEngine:
 
     def fail(self, code: str, reason: str) -> bytes | None:
         """After an error: scrub what was received, persist aborted, and return
-        ABORT for the source if the state machine still allows it."""
+        ABORT for the source if the state machine still allows it (the reason
+        on the wire is the code's generic text; ``reason`` stays in our log)."""
         if self.outcome == "committed":
             return None  # the VM runs here; a late error changes nothing
         self._discard(f"{code}: {reason}")
         self.error = MigrationFailure(code, reason)
         if self.proto.state in (State.IDLE, State.DONE, State.ABORTED, State.CLOSED):
             return None
-        token = make_abort_token(self.signing, self.mid) if self.mid else b""
         try:
-            return self.proto.send("ABORT", code=code[:64], reason=reason[:512], token=token)
+            return self.proto.send("ABORT", code=code[:64], reason=public_reason(code), token=self._abort_token())
         except ProtocolError:
             return None
+
+    _handlers: dict[str, Callable[[DestinationEngine, Message, bytes, int], list[bytes]]] = {
+        "BEGIN": _on_begin, "KEYS": _on_keys, "PAGES": _on_pages, "ROUND_END": _on_round_end,
+        "STREAM": _on_stream, "STREAM_END": _on_stream_end, "CPU_STATE": _on_cpu_state, "CONTEXT": _on_context,
+        "COMPLETE": _on_complete, "COMMIT": _on_commit, "ABORT": _on_abort,
+    }

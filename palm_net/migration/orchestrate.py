@@ -9,6 +9,7 @@ Source rules (proto/PROTOCOL.md 7.4):
 
 from __future__ import annotations
 
+import hmac
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,7 @@ from palm_net.migration.engine import (
     describe,
     make_abort_token,
 )
-from palm_net.migration.runner import DestinationRun, SourceRun
+from palm_net.migration.runner import DEADLINE_PER_GIB, DestinationRun, SourceRun
 from palm_net.migration.store import HandoffStore
 from palm_net.wire.errors import ProtocolError
 from palm_net.wire.messages import Message
@@ -263,7 +264,7 @@ async def recover_once(store: HandoffStore, mid: bytes, vm: AnyVM | None, connec
         if peer.static_pub != row.peer_static:
             log.error("recovery reached another agent", migration=mid.hex(), peer=peer.name, phase="in-doubt")
             return None
-        proto = SessionProtocol(Role.SOURCE, mid)
+        proto = SessionProtocol(Role.SOURCE, mid, recovery=True)
         with trio.fail_after(10):
             await channel.send_record(proto.send("QUERY"))
             msg = proto.receive(await channel.receive_record())
@@ -286,22 +287,34 @@ async def recover_once(store: HandoffStore, mid: bytes, vm: AnyVM | None, connec
             vm.resume_after_migration()
         bound.warning("in-doubt migration resolved: destination aborted (valid token), VM resumed on the source")
         return "aborted"
+    if outcome == "unknown":
+        bound.error("the destination does not know this migration as ours; still in doubt")
+        return None
     bound.error("recovery answer without a valid abort token ignored", outcome=outcome)
     return None
 
 
-def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes) -> tuple[str, bytes]:
-    """Destination side of recovery: 'committed', or abort forever and hand out the token."""
+def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes, asker_static: bytes,
+                 asker_name: str = "?", asker_sign: bytes = b"") -> tuple[str, bytes]:
+    """Destination side of recovery, for the source recorded for ``mid`` only:
+    'committed', or abort forever and hand out the token.  Another agent
+    learns 'unknown' and changes nothing."""
     row = store.get(mid)
+    if row is None:
+        # Never heard of it: record the abort (bounded per peer, expiring) so
+        # that a late BEGIN with this id is refused too.
+        store.record_unknown_query(mid, asker_name, asker_static, asker_sign)
+        row = store.get(mid)
+    elif row.role != "destination" or not hmac.compare_digest(row.peer_static, asker_static):
+        return "unknown", b""
+    else:
+        store.transition(mid, ("receiving", "prepared"), "aborted", error="aborted on recovery query")
+        row = store.get(mid)
     if row is not None and row.state == "committed":
         return "committed", b""
-    token = make_abort_token(signing, mid)
-    if row is None:
-        # Never heard of it: record the abort so a late BEGIN with this id is refused too.
-        store.create(mid, "destination", "?", b"", "?", "", b"", b"", "aborted")
-    else:
-        store.transition(mid, ("receiving", "prepared"), "aborted", token=token, error="aborted on recovery query")
-    return "aborted", token
+    if row is not None and row.state == "aborted":  # a token only for what is recorded aborted
+        return "aborted", make_abort_token(signing, mid)
+    return "unknown", b""
 
 
 def override_resume(store: HandoffStore, mid: bytes, vm: AnyVM, operator_reason: str) -> None:
@@ -326,21 +339,23 @@ async def serve_incoming(
     make_vm: Callable[[Message], AnyVM],
     max_pages: int,
     on_engine: Callable[[DestinationEngine], None] | None = None,
+    admit: Callable[[bytes, int], Callable[[], None]] | None = None,
+    deadline_per_gib: float = DEADLINE_PER_GIB,
 ) -> None:
     """Destination side of one attested session: a migration or a recovery query."""
     peer = channel.result.peer
     if channel.result.purpose is Purpose.RECOVERY:
-        proto = SessionProtocol(Role.DESTINATION)
+        proto = SessionProtocol(Role.DESTINATION, recovery=True)
         with trio.fail_after(10):
             proto.receive(await channel.receive_record())  # QUERY: the state machine allows nothing else
             assert proto.mid is not None
-            outcome, token = answer_query(store, signing, proto.mid)
+            outcome, token = answer_query(store, signing, proto.mid, peer.static_pub, peer.name, peer.sign_pub)
             log.info("recovery query answered", migration=proto.mid.hex(), peer=peer.name, phase="in-doubt",
                      outcome=outcome)
             await channel.send_record(proto.send("OUTCOME", outcome=outcome, token=token))
         return
     engine = DestinationEngine(make_vm, store, signing, peer.name, peer.static_pub, peer.sign_pub,
-                               channel.result.mode is TransportMode.PLAIN_BENCHMARK, max_pages)
+                               channel.result.mode is TransportMode.PLAIN_BENCHMARK, max_pages, admit)
     if on_engine is not None:
         on_engine(engine)
-    await DestinationRun(channel, engine).run()
+    await DestinationRun(channel, engine, deadline_per_gib=deadline_per_gib).run()

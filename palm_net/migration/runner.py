@@ -19,7 +19,7 @@ import structlog
 import trio
 
 from palm_net.channel.transport import SecureChannel
-from palm_net.hypervisor.backend import HypervisorError
+from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
 from palm_net.migration.engine import (
     DestinationEngine,
     MigrationFailure,
@@ -32,7 +32,7 @@ from palm_net.migration.store import HandoffStore
 from palm_net.trioutil import single_error
 from palm_net.wire.errors import ProtocolError
 from palm_net.wire.messages import Message
-from palm_net.wire.protocol import State
+from palm_net.wire.protocol import CLEAR_ALLOWED, State
 
 log = structlog.get_logger("palm.migration")
 
@@ -40,6 +40,9 @@ RECORDS_PER_CHUNK = 16  # ~1 MiB of frames per hand-off to the sender
 RECV_CHUNK = 1 << 20  # destination: bytes per socket read handed to the worker
 WINDOW = 4  # chunks in flight between producer and sender
 IDLE_TIMEOUT = 60.0  # destination: longest silence from the source
+BEGIN_TIMEOUT = 30.0  # destination: BEGIN within this of the session's start
+SESSION_BASE = 120.0  # destination: a whole migration within this plus DEADLINE_PER_GIB per GiB
+DEADLINE_PER_GIB = 150.0
 
 
 @dataclass
@@ -95,9 +98,12 @@ class SourceRun:
 
     def _seal_some(self, it: Iterator[bytes], limit: int) -> tuple[bytes, bool]:
         parts: list[bytes] = []
-        seal = self.ch.sender.seal_parts
+        seal, proto = self.ch.sender.seal_parts, self.engine.proto
+        plain = self.ch.sender.plain
         for msg in it:
-            parts.extend(seal(msg))
+            # Each message is yielded right after the protocol made it: in the
+            # plain benchmark mode, only bulk data goes in the clear.
+            parts.extend(seal(msg, plain and proto.last_sent in CLEAR_ALLOWED))
             if len(parts) >= 2 * limit:
                 return b"".join(parts), False  # one copy of the chunk, not one per frame
         return b"".join(parts), True
@@ -211,10 +217,11 @@ class DestinationRun:
     """One incoming migration over an established channel."""
 
     def __init__(self, channel: SecureChannel, engine: DestinationEngine,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, deadline_per_gib: float = DEADLINE_PER_GIB) -> None:
         self.ch = channel
         self.engine = engine
         self.idle_timeout = idle_timeout
+        self.deadline_per_gib = deadline_per_gib
         self.log = log.bind(peer=channel.peer_name)
 
     async def _reader(self, send: trio.MemorySendChannel[bytes]) -> None:
@@ -235,15 +242,19 @@ class DestinationRun:
             rec = rx.next_record()
             if rec is None:
                 break
-            replies += eng.receive(rec, before, count)
+            replies += eng.receive(rec, before, count, rx.authenticated)
         return replies
 
     async def run(self) -> None:
         """Pipelined: the trio task reads the socket while a worker thread
         decrypts and applies what arrived before (libsodium drops the GIL)."""
         eng, ch = self.engine, self.ch
+        started = trio.current_time()
         try:
-            with single_error():
+            # An absolute deadline: a peer trickling bytes cannot hold its slot
+            # forever.  BEGIN comes soon; the whole migration then gets time
+            # in proportion to the memory it announced.
+            with single_error(), trio.fail_at(started + BEGIN_TIMEOUT) as deadline:
                 async with trio.open_nursery() as nursery:
                     send, recv = trio.open_memory_channel[bytes](WINDOW)
                     # Records that arrived with the last handshake message are
@@ -255,6 +266,9 @@ class DestinationRun:
                         replies = await trio.to_thread.run_sync(self._process)
                         if eng.mid is not None and "migration" not in self.log._context:
                             self.log = self.log.bind(migration=eng.mid.hex())
+                        if eng.npages and deadline.deadline == started + BEGIN_TIMEOUT:
+                            gib = eng.npages * PAGE_SIZE / (1 << 30)
+                            deadline.deadline = started + SESSION_BASE + self.deadline_per_gib * gib
                         for r in replies:
                             await ch.send_record(r)
                         if replies and eng.outcome in ("prepared", "committed"):

@@ -38,8 +38,11 @@ CREATE TABLE IF NOT EXISTS migrations (
 
 # Source: sending -> handed_off -> done | aborted; sending -> aborted.
 # Destination: receiving -> prepared -> committed; receiving|prepared -> aborted.
-SOURCE_FINAL = ("done", "aborted")
-DEST_FINAL = ("committed", "aborted")
+UNKNOWN_VM = ""  # the VM name of a row made for a QUERY about an id we never saw
+MAX_UNKNOWN_PER_PEER = 256  # such rows a peer can leave behind; the oldest go first
+UNKNOWN_TTL = 86400.0  # and they expire after a day
+HISTORY_TTL = 30 * 86400.0  # finished rows kept this long ("committed" forever: an in-doubt
+# source may ask at any time, and the answer must never turn into "aborted")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,35 @@ class HandoffStore:
                 (to_state, token, error, time.time(), mid, *from_states),
             )
             return cur.rowcount == 1
+
+    def record_unknown_query(self, mid: bytes, peer: str, peer_static: bytes, peer_sign: bytes) -> None:
+        """A QUERY about an id never seen here: recorded aborted, so a late BEGIN
+        with it is refused; bounded per peer and expiring (a peer cannot fill the store)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("DELETE FROM migrations WHERE vm=? AND state='aborted' AND updated<?",
+                             (UNKNOWN_VM, now - UNKNOWN_TTL))
+            self._db.execute(
+                "DELETE FROM migrations WHERE mid IN (SELECT mid FROM migrations WHERE vm=? AND peer_static=?"
+                " AND state='aborted' ORDER BY created DESC LIMIT -1 OFFSET ?)",
+                (UNKNOWN_VM, peer_static, MAX_UNKNOWN_PER_PEER - 1))
+            self._db.execute(
+                "INSERT OR IGNORE INTO migrations (mid, role, vm, vm_id, peer, peer_addr, peer_static, peer_sign,"
+                " state, error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (mid, "destination", UNKNOWN_VM, b"", peer, "", peer_static, peer_sign, "aborted",
+                 "unknown migration queried", now, now))
+
+    def prune(self, now: float | None = None) -> int:
+        """Forgets finished migrations older than HISTORY_TTL, never a committed one."""
+        cutoff = (time.time() if now is None else now) - HISTORY_TTL
+        with self._lock:
+            cur = self._db.execute("DELETE FROM migrations WHERE state IN ('done', 'aborted') AND updated<?",
+                                   (cutoff,))
+            return cur.rowcount
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM migrations").fetchone()[0])
 
     def set_stats(self, mid: bytes, stats: dict[str, Any]) -> None:
         with self._lock:

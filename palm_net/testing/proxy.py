@@ -9,9 +9,11 @@ handshake message, 1 ACCEPT, 2 READY, 3 DONE (for a migration session).
 A plan is a list of Rules; each names the connection (0 = first), the
 direction, the frame index and the action: drop, duplicate, flip (one bit),
 truncate, delay, replay (a frame seen earlier, possibly in an earlier
-connection), cut (close both sides before forwarding), cut_after, or call (run
-a test's callback, e.g. a guest write, then forward).  A rule may instead
-pick its frame by a predicate over (index, frame).
+connection), cut (close both sides before forwarding), cut_after, call (run
+a test's callback, e.g. a guest write, then forward), or forge (an on-path
+attacker: the callback sees every frame so far and returns the frames to
+send instead, in either direction).  A rule may instead pick its frame by a
+predicate over (index, frame).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Literal
 import trio
 
 Direction = Literal["c2s", "s2c"]
-Action = Literal["drop", "duplicate", "flip", "truncate", "delay", "replay", "cut", "cut_after", "call"]
+Action = Literal["drop", "duplicate", "flip", "truncate", "delay", "replay", "cut", "cut_after", "call", "forge"]
+Forger = Callable[[dict[tuple[int, "Direction", int], bytes], bytes], list[tuple["Direction", bytes]]]
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Rule:
     seconds: float = 0.0  # delay
     replay_of: tuple[int, Direction, int] | None = None  # (connection, direction, frame) to inject
     callback: Callable[[], None] | None = None  # call: run this (e.g. a guest write), then forward
+    forger: Forger | None = None  # forge: (frames seen, this frame) -> frames to send instead
     # Instead of ``frame``: the first frame (index, whole frame) this accepts,
     # for records whose index varies (the end of a hypervisor's stream).
     match: Callable[[int, bytes], bool] | None = None
@@ -59,6 +63,7 @@ class FaultProxy:
         self.seen: dict[tuple[int, Direction, int], bytes] = {}
         self.connections = 0
         self.port = 0
+        self._dst: dict[tuple[int, Direction], trio.SocketStream] = {}
         self.cut_event = trio.Event()
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -76,6 +81,7 @@ class FaultProxy:
         except OSError:
             await client.aclose()
             return
+        self._dst[(conn, "c2s")], self._dst[(conn, "s2c")] = server, client
         async with client, server, trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, conn, "c2s", client, server, nursery.cancel_scope)
             nursery.start_soon(self._pump, conn, "s2c", server, client, nursery.cancel_scope)
@@ -136,6 +142,13 @@ class FaultProxy:
                 await trio.sleep(r.seconds)
             elif r.action == "call" and r.callback is not None:
                 r.callback()
+            elif r.action == "forge" and r.forger is not None:
+                out = []
+                for d, forged in r.forger(self.seen, frame):
+                    if d == direction:
+                        out.append(forged)
+                    else:
+                        await self._dst[(conn, d)].send_all(forged)
             elif r.action == "replay" and r.replay_of is not None:
                 old = self.seen.get(r.replay_of)
                 if old is not None:

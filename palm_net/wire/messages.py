@@ -121,8 +121,11 @@ def _check(name: str, value: Any, f: Field, where: str) -> None:
     elif f.kind is bool:
         ok = type(value) is bool
     else:
+        # Text from a peer reaches logs and terminals: printable only (no
+        # control characters, newlines, escapes or bidi overrides).
         ok = (isinstance(value, (bytes, str)) and type(value) is f.kind and len(value) <= f.max
-              and (f.exact is None or len(value) == f.exact))
+              and (f.exact is None or len(value) == f.exact)
+              and (not isinstance(value, str) or value.isprintable()))
     if not ok:
         raise ProtocolError("malformed", f"{where}: field {name!r} has a wrong type or is out of bounds")
 

@@ -24,7 +24,8 @@ class Role(enum.Enum):
 
 
 class State(enum.Enum):
-    IDLE = "idle"
+    IDLE = "idle"  # a MIGRATION session, before BEGIN
+    RECOVERY = "recovery"  # a RECOVERY session, before QUERY
     BEGUN = "begun"  # BEGIN sent, waiting for ACCEPT
     STREAMING = "streaming"  # pre-copy rounds and stop-and-copy pages
     STOPPED = "stopped"  # CPU state sent: only the context blob may follow
@@ -42,7 +43,7 @@ S, D = Role.SOURCE, Role.DESTINATION
 
 TRANSITIONS: dict[tuple[State, Role, str], State] = {
     (State.IDLE, S, "BEGIN"): State.BEGUN,
-    (State.IDLE, S, "QUERY"): State.QUERIED,
+    (State.RECOVERY, S, "QUERY"): State.QUERIED,
     (State.BEGUN, D, "ACCEPT"): State.STREAMING,
     (State.STREAMING, S, "KEYS"): State.STREAMING,
     (State.STREAMING, S, "PAGES"): State.STREAMING,
@@ -69,12 +70,17 @@ TERMINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
 # What carries the VM depends on BEGIN's backend: page records, or a stream.
 PAGE_ONLY = frozenset({"KEYS", "PAGES", "ROUND_END", "CPU_STATE", "CONTEXT"})
 STREAM_ONLY = frozenset({"STREAM", "STREAM_END"})
+# The only messages that may travel unauthenticated (CLEAR records of the
+# plain benchmark mode, proto/PROTOCOL.md 5): bulk data, never a handoff step.
+CLEAR_ALLOWED = frozenset({"PAGES", "STREAM"})
 
 
 class SessionProtocol:
-    def __init__(self, role: Role, mid: bytes | None = None) -> None:
+    def __init__(self, role: Role, mid: bytes | None = None, recovery: bool = False) -> None:
+        """``recovery``: a RECOVERY session (QUERY and OUTCOME only), else a MIGRATION session."""
         self.role = role
-        self.state = State.IDLE
+        self.state = State.RECOVERY if recovery else State.IDLE
+        self.last_sent: str | None = None  # type of the last message we sent
         self.mid = mid
         self._next_seq = {S: 0, D: 0}
         self._context_parts = 0
@@ -129,13 +135,16 @@ class SessionProtocol:
     def send(self, mtype: str, **body: Any) -> bytes:
         """Makes, checks and encodes our next message."""
         if self.mid is None:
-            raise ProtocolError("state", "no migration id set")
+            raise ProtocolError("out-of-state", "no migration id set")
         msg = Message(mtype, self.mid, self._next_seq[self.role], body)
         self._advance(self.role, msg)
+        self.last_sent = mtype
         return messages.encode(msg)
 
-    def receive(self, data: bytes) -> Message:
-        """Decodes and checks the peer's next message."""
+    def receive(self, data: bytes, authenticated: bool = True) -> Message:
+        """Decodes and checks the peer's next message (``authenticated``: it came sealed)."""
         msg = messages.decode(data)
+        if not authenticated and msg.type not in CLEAR_ALLOWED:
+            raise ProtocolError("unauthenticated", f"{msg.type} arrived in a clear record")
         self._advance(self.peer_role, msg)
         return msg

@@ -1,0 +1,96 @@
+"""What an agent lets peers take: connections, handshakes, sessions, memory.
+
+A certified peer may still be hostile, and anyone can open a TCP connection.
+Each limit has one owner and is checked and taken in one call:
+
+- ``TokenBuckets``: a rate per key (a source address before the handshake,
+  a peer's static key after it), with a bounded number of keys;
+- ``Admission``: the incoming migrations admitted, in all and per peer, and
+  the guest memory they reserve.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from palm_net.migration.engine import MigrationFailure
+
+
+class TokenBuckets:
+    """A token bucket per key: ``rate`` tokens a second, at most ``burst``.
+    The least recently seen keys are forgotten beyond ``max_keys`` (a flood of
+    addresses costs bounded memory; a forgotten key starts with a full bucket)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.max_keys, self.clock = rate, burst, max_keys, clock
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()  # key -> (tokens, stamp)
+
+    def take(self, key: Hashable) -> bool:
+        now = self.clock()
+        tokens, stamp = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return ok
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass
+class Admission:
+    """Incoming migrations: check the limits and take the place in one call.
+
+    Engines call ``admit`` when BEGIN arrives (from the worker thread that
+    applies records), the agent calls the returned release when the session
+    is settled; a lock makes the check and the take one step.
+    """
+
+    max_sessions: int
+    max_memory: int
+    max_per_peer: int
+    accepting: bool = True
+    sessions: int = 0
+    memory: int = 0
+    per_peer: dict[bytes, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def admit(self, peer: bytes, size: int) -> Callable[[], None]:
+        with self._lock:
+            if not self.accepting:
+                raise MigrationFailure("shutting-down", "destination agent is shutting down")
+            if self.sessions >= self.max_sessions:
+                raise MigrationFailure("busy", f"{self.sessions} incoming migrations already (limit "
+                                               f"{self.max_sessions})")
+            if self.per_peer.get(peer, 0) >= self.max_per_peer:
+                raise MigrationFailure("busy", f"this peer has {self.max_per_peer} incoming migrations already")
+            if self.memory + size > self.max_memory:
+                raise MigrationFailure("busy", f"{self.memory >> 20} MiB reserved for incoming VMs, "
+                                               f"{size >> 20} MiB more exceeds {self.max_memory >> 20} MiB")
+            self.sessions += 1
+            self.memory += size
+            self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                self.sessions -= 1
+                self.memory -= size
+                left = self.per_peer[peer] - 1
+                if left:
+                    self.per_peer[peer] = left
+                else:
+                    del self.per_peer[peer]
+
+        return release
