@@ -24,3 +24,6 @@ if __name__ == "__main__":
     path = OUT / "stream_aesgcm.json"
     path.write_text(json.dumps(build(CipherName.AESGCM, backend="qemu"), indent=1) + "\n")
     print(f"wrote {path}")
+    path = OUT / "plain_aesgcm.json"
+    path.write_text(json.dumps(build(CipherName.AESGCM, plain=True), indent=1) + "\n")
+    print(f"wrote {path}")

@@ -548,3 +548,82 @@ def test_a_handoff_message_in_a_clear_record_is_refused():
     pages = messages.Message("PAGES", mid, 1, {"round": 0, "gfns": bytes(8), "kinds": b"\x00", "vers": bytes(8),
                                                "data": b"", "tags": b""})
     assert dst.receive(messages.encode(pages), authenticated=False).type == "PAGES"
+
+
+# --------------------------------------------------------------------------
+# The operator: every control operation in every handoff state
+
+
+HELD = {
+    "sending (round 0)": [Rule("c2s", 6, "delay", seconds=0.8)],
+    "destination prepared (READY held)": [Rule("s2c", 2, "delay", seconds=0.8)],
+    "handed off (DONE held)": [Rule("s2c", 3, "delay", seconds=0.8)],
+    "in doubt (DONE and recovery cut)": ALL_CUT,
+}
+
+
+@pytest.mark.parametrize("held", list(HELD))
+async def test_every_operator_call_in_every_handoff_state(cluster, held):
+    """While a migration is held at each handoff state, the operator calls every
+    VM operation on both agents: each is refused or harmless, and the VM ends
+    on exactly one agent with its memory intact."""
+    a, b = cluster["a"], cluster["b"]
+    cluster.members["a"].config.in_doubt_wait = 0.01
+    vm = a.create_vm("vm1", 8 << 20, protected=1, fill="random")
+    digest = vm.digest()
+    rules = [Rule(r.direction, r.frame, r.action, connection=r.connection, seconds=r.seconds) for r in HELD[held]]
+    proxy = FaultProxy(("127.0.0.1", port(cluster)), rules)
+    await cluster.nursery.start(proxy.serve)
+    outcomes: dict[str, str] = {}
+
+    async def operate() -> None:
+        with trio.fail_after(10):
+            while not proxy.log.events:  # the held frame
+                await trio.sleep(0.005)
+        await trio.sleep(0.05)
+        lm = max(a.live.values(), key=lambda m: m.started)  # in flight, or just ended in doubt
+        for agent_name, agent in (("a", a), ("b", b)):
+            row = agent.store.get(lm.mid)
+            owner = agent is b and row is not None and row.state == "committed"  # b's VM now: b's to run
+            ops = [("pause", lambda ag=agent: ag.set_run_state("vm1", False)),
+                   ("resume", lambda ag=agent: ag.set_run_state("vm1", True))]
+            if not owner:
+                ops.append(("destroy", lambda ag=agent: ag.destroy_vm("vm1")))
+            for op, call in ops:
+                try:
+                    call()
+                    outcomes[f"{agent_name} {op}"] = "done" if owner else "DONE WITHOUT OWNING IT"
+                except AgentError as exc:
+                    assert "\n" not in str(exc)
+                    outcomes[f"{agent_name} {op}"] = "refused"
+            try:
+                await agent.migrate("vm1", cluster.addr("a" if agent is b else "b"), MigrationParams())
+                outcomes[f"{agent_name} migrate"] = "started"
+            except AgentError:
+                outcomes[f"{agent_name} migrate"] = "refused"
+            try:
+                agent.cancel(lm.mid.hex())
+                outcomes[f"{agent_name} cancel"] = "cancelling"
+            except AgentError:
+                outcomes[f"{agent_name} cancel"] = "refused"
+
+    async with trio.open_nursery() as n:
+        n.start_soon(operate)
+        res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    # Nothing the operator did touched the VM where it was not the agent's to run.
+    assert "DONE WITHOUT OWNING IT" not in outcomes.values(), outcomes
+    assert outcomes["a migrate"] == "refused" and outcomes["b cancel"] == "refused"
+    if held.startswith(("handed off", "in doubt")):
+        assert outcomes["a cancel"] == "refused"  # past the handoff point: no cancel
+    proxy.rules.clear()  # the network heals: recovery settles any doubt
+    with trio.fail_after(30):
+        while True:
+            copies = cluster.running_copies("vm1")
+            row = a.store.get(res.mid)
+            assert len(copies) <= 1, f"VM runs on {copies}"
+            if len(copies) == 1 and row.state != "handed_off" and sum("vm1" in ag.vms for ag in (a, b)) == 1:
+                break
+            await trio.sleep(0.05)
+    (where,) = copies
+    assert cluster[where].vms["vm1"].digest() == digest and cluster[where].vms["vm1"].verify().ok
+    assert cluster["b" if where == "a" else "a"].vms.get("vm1") is None

@@ -28,6 +28,22 @@ def test_stream_backend_vectors():
     assert types == ["BEGIN", "ACCEPT", "STREAM", "STREAM_END"]
 
 
+def test_plain_mode_vectors():
+    """Plain benchmark mode: a kind byte per record; only PAGES in the clear."""
+    expected = json.loads((VECTORS / "plain_aesgcm.json").read_text())
+    assert build(CipherName.AESGCM, expected["inputs"], plain=True) == expected
+    kinds = []
+    for r in expected["records"]:
+        rec = bytes.fromhex(r["bytes"])
+        assert int.from_bytes(rec[:4], "big") == len(rec) - 4
+        kinds.append((messages.decode(bytes.fromhex(r["plaintext"])).type, rec[4]))
+        if rec[4] == 0:  # clear: the plaintext itself follows the kind byte
+            assert rec[5:] == bytes.fromhex(r["plaintext"])
+        else:  # sealed: a Noise transport message (plaintext + 16-byte tag)
+            assert len(rec) == 4 + 1 + len(bytes.fromhex(r["plaintext"])) + 16
+    assert kinds == [("BEGIN", 1), ("ACCEPT", 1), ("PAGES", 0), ("ROUND_END", 1)]
+
+
 def test_vectors_are_independent_of_the_implementation_details():
     """Spot checks an outsider can make from the spec alone."""
     v = json.loads((VECTORS / "handshake_chachapoly.json").read_text())

@@ -634,9 +634,7 @@ class Agent:
 
     async def migrate(self, name: str, to: str, params: MigrationParams, cipher: CipherName | None = None,
                       on_progress: Callable[[MigrationStats], None] | None = None) -> MigrationResult:
-        vm = self.get_vm(name)
-        if any(lm.vm == name and lm.result is None for lm in self.live.values()):
-            raise AgentError(f"VM {name!r} is already migrating")
+        vm = self.operable_vm(name)  # not while migrating, arriving or in doubt
         try:
             parse_hostport(to)
         except ValueError as exc:

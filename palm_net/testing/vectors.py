@@ -1,5 +1,6 @@
 """Deterministic vectors for palm_net's own handshake and first records
-(a page backend's BEGIN/ACCEPT; a stream backend's BEGIN/ACCEPT/STREAM/STREAM_END).
+(a page backend's BEGIN/ACCEPT; a stream backend's BEGIN/ACCEPT/STREAM/STREAM_END;
+the plain benchmark mode's sealed BEGIN/ACCEPT, a clear PAGES and a sealed ROUND_END).
 
 Fixed keys, ephemerals, certificate window and clock make every byte
 reproducible (Ed25519 signatures are deterministic).  ``proto/vectors/*.json``
@@ -13,7 +14,7 @@ from typing import Any
 import msgpack
 from nacl.signing import SigningKey
 
-from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose
+from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose, TransportMode
 from palm_net.crypto.identity import AgentIdentity, Authority
 from palm_net.crypto.noise import CipherName, keypair_from_private
 from palm_net.wire.protocol import Role, SessionProtocol
@@ -38,7 +39,7 @@ def _config(side: dict[str, str], authority: Authority, inputs: dict[str, Any], 
     cert = authority.issue(ident.name, ident.static.public, ident.sign_pub, m, inputs["roles"],
                            not_before=inputs["not_before"], days=inputs["days"])
     return ChannelConfig(ident, cert, authority.public, m, frozenset({m}), ciphers=(cipher,),
-                         clock=lambda: float(inputs["clock"]))
+                         clock=lambda: float(inputs["clock"]), allow_plain=True)
 
 
 # A stream backend's session (proto/PROTOCOL.md 7.7): a QEMU spec, then the
@@ -47,11 +48,13 @@ STREAM_SPEC = {"memory_mib": 64, "vcpus": 1, "machine": "pc", "accel": "tcg", "a
 STREAM_BYTES = b"QEVM\x00\x00\x00\x03"
 
 
-def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "model") -> dict[str, Any]:
+def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "model",
+          plain: bool = False) -> dict[str, Any]:
     authority = Authority(SigningKey(bytes.fromhex(inputs["authority_seed"])))
     src = _config(inputs["source"], authority, inputs, cipher)
     dst = _config(inputs["destination"], authority, inputs, cipher)
-    init = AttestedHandshake(src, True, Purpose.MIGRATION, cipher=cipher,
+    mode = TransportMode.PLAIN_BENCHMARK if plain else TransportMode.SECURE
+    init = AttestedHandshake(src, True, Purpose.MIGRATION, mode=mode, cipher=cipher,
                              ephemeral=keypair_from_private(bytes.fromhex(inputs["source"]["ephemeral"])))
     resp = AttestedHandshake(dst, False, None,
                              ephemeral=keypair_from_private(bytes.fromhex(inputs["destination"]["ephemeral"])))
@@ -67,15 +70,16 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=64 * 256, protected_pages=0,
                                processes=0, vcpus=1, plain=False, digest=False, backend="qemu", spec=spec)
     else:
-        begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=256, protected_pages=16,
-                               processes=1, vcpus=1, plain=False, digest=False, backend="model", spec=b"")
+        begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=256, protected_pages=0 if plain
+                               else 16, processes=0 if plain else 1, vcpus=1, plain=plain, digest=False,
+                               backend="model", spec=b"")
     record1 = init.result.sender.seal(begin)
     resp.result.receiver.receive_data(record1)
     assert dst_proto.receive(resp.result.receiver.next_record() or b"").type == "BEGIN"
     accept = dst_proto.send("ACCEPT")
     record2 = resp.result.sender.seal(accept)
     src_proto.receive(accept)
-    records = [
+    records: list[dict[str, Any]] = [
         {"from": "initiator", "plaintext": begin.hex(), "bytes": record1.hex()},
         {"from": "responder", "plaintext": accept.hex(), "bytes": record2.hex()},
     ]
@@ -86,6 +90,15 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
             resp.result.receiver.receive_data(rec)
             assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
             records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
+    if plain:  # bulk data in the clear, everything else sealed (proto/PROTOCOL.md 5)
+        pages = src_proto.send("PAGES", round=0, gfns=(7).to_bytes(8, "little"), kinds=b"\x01",
+                               vers=(0).to_bytes(8, "little"), data=bytes(range(256)) * 16, tags=b"")
+        for msg, clear in ((pages, True), (src_proto.send("ROUND_END", round=0, pages=1, dirty=0), False)):
+            rec = init.result.sender.seal(msg, clear=clear)
+            resp.result.receiver.receive_data(rec)
+            got = resp.result.receiver.next_record() or b""
+            assert dst_proto.receive(got, resp.result.receiver.authenticated) is not None
+            records.append({"from": "initiator", "clear": clear, "plaintext": msg.hex(), "bytes": rec.hex()})
     return {
         "protocol_name": init.result.protocol_name,
         "inputs": inputs,
@@ -97,6 +110,7 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         ],
         "handshake_hash": init.result.handshake_hash.hex(),
         "backend": backend,
+        **({"mode": "plain-benchmark"} if plain else {}),
         "records": records,
     }
 
