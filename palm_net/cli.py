@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,52 +27,16 @@ class CliError(Exception):
         self.code = code
 
 
-# --------------------------------------------------------------------------
-# control socket client
-
-
 def control_request(path: str, op: str, args: dict[str, Any],
                     on_event: Callable[[dict[str, Any]], None] | None = None, timeout: float = 3600) -> Any:
-    if not Path(path).exists():
-        raise CliError(f"no agent at {path} (is `palm agent` running with --control {path}?)")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-    except OSError as exc:
-        raise CliError(f"no agent at {path} ({exc.strerror or exc})") from None
-    try:
-        s.sendall(json.dumps({"v": 1, "op": op, "args": args}).encode() + b"\n")
-        for obj in _lines(s):
-            if "event" in obj:
-                if on_event:
-                    on_event(obj)
-                continue
-            if not obj.get("ok"):
-                raise CliError(str(obj.get("error", "agent refused the request")))
-            return obj.get("result")
-    except TimeoutError:
-        raise CliError(f"agent at {path} did not answer in time") from None
-    except OSError as exc:
-        raise CliError(f"lost the agent at {path} ({exc.strerror or exc})") from None
-    finally:
-        s.close()
-    raise CliError(f"agent at {path} closed the connection without an answer")
+    """The agent's control API (palm_net.agent.client), its refusals as CliError."""
+    from palm_net.agent.client import ControlError
+    from palm_net.agent.client import control_request as request
 
-
-def _lines(s: socket.socket) -> Iterator[dict[str, Any]]:
-    buf = b""
-    while True:
-        data = s.recv(65536)
-        if not data:
-            return
-        buf += data
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            try:
-                yield json.loads(line)
-            except ValueError:
-                raise CliError("agent sent a malformed answer") from None
+    try:
+        return request(path, op, args, on_event, timeout)
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------
@@ -239,8 +202,9 @@ def _load_config(path: str | None) -> dict[str, Any]:
 def cmd_agent(a: argparse.Namespace) -> int:
     import trio
 
-    from palm_net.agent.agent import AgentConfig, parse_hostport, run_agent
+    from palm_net.agent.agent import AgentConfig, run_agent
     from palm_net.agent.errors import AgentError
+    from palm_net.agent.outgoing import parse_hostport
     from palm_net.agent.paths import default_state_dir
 
     conf = _load_config(a.config)

@@ -40,10 +40,20 @@ def _uid() -> int:
 
 
 def check_ancestors(path: Path) -> None:
-    """Every directory from ``path`` (resolved) up to / is owned by root or us
-    and writable by nobody else (sticky root-owned directories excepted)."""
-    real = Path(os.path.realpath(path))
+    """Every directory from ``path`` up to / is owned by root or us and writable
+    by nobody else (sticky root-owned directories excepted), both as written
+    (a symlink on the way must be root's or ours: another user could retarget
+    it later) and resolved."""
     uid = _uid()
+    given = Path(os.path.abspath(path))
+    for anc in (given, *given.parents):
+        try:
+            st = os.lstat(anc)
+        except OSError as exc:
+            raise UnsafePathError(f"{path}: cannot check {anc} ({exc.strerror})") from None
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, uid):
+            raise UnsafePathError(f"{path}: {anc} is a symlink of uid {st.st_uid}, who could point it elsewhere")
+    real = Path(os.path.realpath(path))
     for anc in (real, *real.parents):
         try:
             st = os.stat(anc)
@@ -57,7 +67,8 @@ def check_ancestors(path: Path) -> None:
 
 
 def verify_dir(path: Path, what: str = "directory") -> Path:
-    """Refuses ``path`` unless it is a real directory of ours, mode 0700, in safe ancestors."""
+    """Refuses ``path`` unless it is a real directory of ours, mode 0700, in safe
+    ancestors; returns its real path (use that from then on)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -74,7 +85,7 @@ def verify_dir(path: Path, what: str = "directory") -> Path:
         raise UnsafePathError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 "
                               f"(chmod 700 {path})")
     check_ancestors(path.parent)
-    return path
+    return Path(os.path.realpath(path))
 
 
 def ensure_dir(path: Path, what: str = "directory") -> Path:

@@ -27,3 +27,21 @@ def single_error() -> Iterator[None]:
             raise
         first = leaves[0]
         raise first from first.__cause__
+
+
+class ConflictDetector:
+    """Detects two tasks using one resource at once (after trio's own, which is
+    private): ``with detector:`` raises trio.BusyResourceError instead of
+    letting them interleave."""
+
+    def __init__(self, msg: str) -> None:
+        self._msg = msg
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._msg)
+        self._held = True
+
+    def __exit__(self, *_: object) -> None:
+        self._held = False

@@ -8,6 +8,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(bit|bps|i?B/s|B/s)\s*$", re.IGNORECASE)
 _MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DEC = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+MAX_SIZE = 1 << 50  # 1 PiB: more than any guest, far below where floats lose whole bytes
 
 
 def parse_size(text: str) -> int:
@@ -17,6 +18,8 @@ def parse_size(text: str) -> int:
         raise ValueError(f"malformed size {text!r} (examples: 4096, 512MiB, 2GiB)")
     unit = (m.group(2) or "B").upper()
     value = float(m.group(1)) * _MULT[unit[0] if unit != "B" else ""]
+    if not value <= MAX_SIZE:  # also refuses inf (a long run of digits) and nan
+        raise ValueError(f"size {text[:40]!r} is too large")
     if value != int(value):
         raise ValueError(f"size {text!r} is not a whole number of bytes")
     return int(value)
@@ -28,6 +31,8 @@ def parse_rate(text: str) -> float:
     if not m:
         raise ValueError(f"malformed rate {text!r} (examples: 1Gbit, 100MiB/s)")
     num, prefix, unit = float(m.group(1)), m.group(2).upper(), m.group(3).lower()
+    if not num <= MAX_SIZE:
+        raise ValueError(f"rate {text[:40]!r} is too large")
     if unit in ("bit", "bps"):
         return num * _DEC[prefix] / 8
     if unit.startswith("i"):

@@ -19,6 +19,13 @@ FUZZ_COUNTS: collections.Counter[str] = collections.Counter()
 COUNTS_DIR = ROOT / ".pytest-fuzz-counts"
 
 
+def pytest_configure(config) -> None:
+    # In-process agents log as the real ones do (plain tracebacks, redaction).
+    from palm_net import logs
+
+    logs.configure("console", "debug")
+
+
 def pytest_sessionstart(session) -> None:
     if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
         shutil.rmtree(COUNTS_DIR, ignore_errors=True)
@@ -86,3 +93,11 @@ async def cluster(nursery):
     for name in list(c.members):
         await c.stop(name)
     c.cleanup()
+
+
+def raw_message(mtype: str, mid: bytes, seq: int, body: dict) -> bytes:
+    """A message as a forger writes it: any body, no bounds checked (the typed
+    classes refuse to make such a message; the decoder must refuse to take it)."""
+    import msgpack
+
+    return msgpack.packb({"v": 1, "t": mtype, "mid": mid, "seq": seq, "b": body}, use_bin_type=True)

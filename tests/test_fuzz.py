@@ -20,17 +20,19 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from nacl.signing import SigningKey
 
 from palm_net.channel.handshake import AttestedHandshake
 from palm_net.channel.records import RecordReceiver, RecordSender
+from palm_net.channel.transport import Record
 from palm_net.crypto.noise import AESGCM, CipherState
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.qemu import HOST_OPTIONS, OWN_OPTIONS, QemuError, QemuSpec, split_args
-from palm_net.migration.engine import DestinationEngine, MigrationFailure, MigrationParams, SourceEngine
-from palm_net.migration.store import HandoffStore
-from palm_net.wire.errors import ProtocolError
-from palm_net.wire.protocol import State
+from palm_net.migration.handoff import HandoffState, HandoffStore
+from palm_net.migration.params import MigrationParams
+from palm_net.migration.source import SourceEngine
+from palm_net.testing.engines import DestinationDriver, source_stream
+from palm_net.wire.errors import ErrorCode, PalmError, RemoteProtocolError
+from palm_net.wire.messages import Begin
 from tests.conftest import FUZZ_COUNTS, Pki
 
 KEY = bytes(range(32))
@@ -60,7 +62,7 @@ class HandshakeMachine(RuleBasedStateMachine):
             return  # after completion bytes belong to the record layer, not the handshake
         try:
             out = target.receive_data(data)
-        except ProtocolError:
+        except PalmError:
             self.failed.add(side)
             return
         if out:
@@ -130,7 +132,7 @@ class MigrationMachine(RuleBasedStateMachine):
         self.src = ModelVM.create(self.dir / "src", "vm", 256, KEY, protected_processes=1 if protected else 0,
                                   protected_pages=32 if protected else 0, seed=seed, fill="random")
         self.store = HandoffStore(self.dir / "dst.db")
-        self.eng = SourceEngine(self.src, os.urandom(16), MigrationParams(max_rounds=3, downtime_limit=1e-9))
+        self.eng = SourceEngine(os.urandom(16), self.src.info, MigrationParams(max_rounds=3, downtime_limit=1e-9))
         self.tx = RecordSender(CipherState(AESGCM, KEY))
         self.rx = RecordReceiver(CipherState(AESGCM, KEY))
         self.dest = self._new_destination()
@@ -140,32 +142,18 @@ class MigrationMachine(RuleBasedStateMachine):
         self.dead = False  # destination session over (error or restart)
         self.digest_at_pause: str | None = None
 
-    def _new_destination(self) -> DestinationEngine:
+    def _new_destination(self) -> DestinationDriver:
         d = self.dir
 
-        def make_vm(msg):
-            b = msg.body
-            return ModelVM.create_incoming(d / f"dst-{os.urandom(4).hex()}", b["vm"], b["vm_id"], b["pages"],
-                                           b["vcpus"], KEY)
+        def make_vm(mid: bytes, b: Begin) -> ModelVM:
+            return ModelVM.create_incoming(d / f"dst-{os.urandom(4).hex()}", b.vm, b.vm_id, b.pages, b.vcpus, KEY)
 
-        return DestinationEngine(make_vm, self.store, SigningKey.generate(), "src", bytes(32), bytes(32), False,
-                                 1 << 20)
+        return DestinationDriver(self.store, make_vm)
 
     def _messages(self):
-        eng = self.eng
-        yield eng.begin()
-        eng.proto.state = State.STREAMING  # ACCEPT is consumed implicitly below
-        eng.proto._next_seq[eng.proto.peer_role] = 1
-        yield eng.start()
-        while True:
-            yield from eng.page_messages()
-            msg, stop = eng.end_round(0.01, 1 << 20)
-            yield msg
-            if stop:
-                break
-        yield from eng.stop_and_copy()
+        yield from source_stream(self.src, self.eng, 3)
         self.digest_at_pause = self.src.digest()
-        yield eng.complete(self.tx.count, self.tx.transcript)
+        yield self.eng.complete(self.tx.count, self.tx.transcript)
 
     def teardown(self) -> None:
         with_suppressed = (self.src, getattr(self.dest, "vm", None))
@@ -199,9 +187,9 @@ class MigrationMachine(RuleBasedStateMachine):
             pt = self.rx.next_record()
             if pt is None:
                 return  # a truncated frame waits for bytes that never come
-            self.dest.receive(pt, before, count)
-        except (ProtocolError, MigrationFailure) as exc:
-            self.dest.fail(getattr(exc, "code", "error"), "fuzz")
+            self.dest.perform(self.dest.engine.on_record(Record(pt, count, before)))
+        except PalmError as exc:
+            self.dest.fail(exc)
             self.dead = True
 
     @precondition(lambda self: self.wire)
@@ -226,7 +214,7 @@ class MigrationMachine(RuleBasedStateMachine):
     @rule()
     def restart_destination(self) -> None:
         # An agent restart aborts whatever was receiving (proto 7.5); the session is gone.
-        self.dest.fail("closed", "restart")
+        self.dest.fail(RemoteProtocolError(ErrorCode.CLOSED, "restart"))
         self.dead = True
 
     @rule()
@@ -234,7 +222,7 @@ class MigrationMachine(RuleBasedStateMachine):
         """Always possible: a run may end in any state."""
         assert self.sent >= self.rx.count or self.dead
 
-    @precondition(lambda self: not self.dead and self.dest.outcome is None)
+    @precondition(lambda self: not self.dead and self.dest.engine.outcome is None)
     @rule()
     def finish_without_faults(self) -> None:
         """Runs the rest of the stream untouched (faults before it still count)."""
@@ -242,19 +230,19 @@ class MigrationMachine(RuleBasedStateMachine):
             self.emit()
         while self.wire and not self.dead:
             self.deliver()
-        if self.dest.outcome == "prepared":
+        if self.dest.engine.outcome == "prepared":
             FUZZ_COUNTS["migration-ready"] += 1
 
     @invariant()
     def ready_only_for_an_exact_stream(self) -> None:
-        if self.dest.outcome == "prepared":
+        if self.dest.engine.outcome == "prepared":
             # exactly the records the source sent, in order, each once
             assert self.rx.count == self.sent and self.rx.transcript == self.tx.transcript
             assert self.digest_at_pause is not None  # COMPLETE was the last record sent
-            assert self.dest.vm.digest() == self.digest_at_pause
-            assert self.store.get(self.dest.mid).state == "prepared"
+            assert self.dest.vm is not None and self.dest.vm.digest() == self.digest_at_pause
+            assert self.store.get(self.dest.engine.mid).state is HandoffState.PREPARED
         if self.dead:
-            assert self.dest.outcome == "aborted"
+            assert self.dest.engine.outcome == "aborted"
             assert self.dest.vm is None  # scrubbed
 
 

@@ -20,7 +20,7 @@ from palm_net.channel.handshake import (
 from palm_net.channel.transport import accept, connect
 from palm_net.crypto.identity import Authority
 from palm_net.crypto.noise import CipherName
-from palm_net.wire.errors import HandshakeError
+from palm_net.wire.errors import HandshakeError, LocalProtocolError
 from palm_net.wire.framing import frame
 
 
@@ -72,10 +72,10 @@ async def test_memory_stream_exchange(pki):
     a, b = await _pair(s1, s2, pki.config("src"), pki.config("dst"))
     payloads = [os.urandom(n) for n in (1, 100, 65519, 4096)]
     for p in payloads:
-        await a.send_record(p)
-    assert [await b.receive_record() for _ in payloads] == payloads
-    await b.send_record(b"reply")
-    assert await a.receive_record() == b"reply"
+        await a.send(p)
+    assert [(await b.receive()).data for _ in payloads] == payloads
+    await b.send(b"reply")
+    assert (await a.receive()).data == b"reply"
 
 
 async def test_tcp_loopback_exchange(pki):
@@ -88,14 +88,14 @@ async def test_tcp_loopback_exchange(pki):
             stream = await listeners[0].accept()
             ch = await accept(stream, cfg_b)
             for _ in range(50):
-                got.append(await ch.receive_record())
-            await ch.send_record(b"ack")
+                got.append((await ch.receive()).data)
+            await ch.send(b"ack")
         n.start_soon(serve_one)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         ch = await connect(stream, cfg_a)
         for i in range(50):
-            await ch.send_record(bytes([i]) * 60000)
-        assert await ch.receive_record() == b"ack"
+            await ch.send(bytes([i]) * 60000)
+        assert (await ch.receive()).data == b"ack"
     assert got == [bytes([i]) * 60000 for i in range(50)]
     await listeners[0].aclose()
 
@@ -211,7 +211,7 @@ def test_purpose_bound_into_prologue(pki):
 
 
 def test_plain_mode_needs_both_sides(pki):
-    with pytest.raises(HandshakeError, match="plain"):
+    with pytest.raises(LocalProtocolError, match="plain"):  # our own mistake: nothing is sent
         AttestedHandshake(pki.config("src"), True, mode=TransportMode.PLAIN_BENCHMARK)
     _refused(pki.config("src", allow_plain=True), pki.config("dst"), "plain-not-allowed", rejecter="resp",
              mode=TransportMode.PLAIN_BENCHMARK)

@@ -6,7 +6,6 @@ import os
 import shutil
 import tempfile
 import time
-from array import array
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from palm_net.agent.errors import AgentError
-from palm_net.hypervisor.backend import PageBatch
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.workload import Workload
-from palm_net.migration.engine import (
-    DestinationEngine,
-    MigrationFailure,
-    MigrationParams,
-    SourceEngine,
-    check_abort_token,
-)
-from palm_net.migration.store import HandoffStore
+from palm_net.migration.handoff import HandoffState, HandoffStore, check_abort_token
+from palm_net.migration.params import MigrationParams
+from palm_net.testing.engines import DestinationDriver, source_messages
 from palm_net.testing.proxy import FaultProxy, Rule
 from palm_net.wire import messages
-from palm_net.wire.errors import ProtocolError
-from palm_net.wire.protocol import State
+from palm_net.wire.errors import PalmError
+from palm_net.wire.messages import Begin, Complete, Context, Message, Pages, Stream, StreamEnd
+from palm_net.wire.pages import KIND_PROTECTED, unpack
+from palm_net.wire.protocol import Role, SessionProtocol
 
 KEY = bytes(range(32))
 
@@ -47,9 +42,8 @@ def shm():
 
 def _apply(dst: ModelVM, data: bytes) -> None:
     msg = messages.decode(data)
-    if msg.type == "PAGES":
-        b = msg.body
-        dst.write_pages(PageBatch(array("Q", b["gfns"]), b["kinds"], array("Q", b["vers"]), b["data"]))
+    if isinstance(msg.body, Pages):
+        dst.write_pages(unpack(msg.body))
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -65,26 +59,18 @@ def test_dirty_log_never_loses_a_write(shm, rate, hot, rounds, seed, fill):
     spec = f"hotset:{hot * 4096}:{rate}" if hot else f"random:{rate}"
     wl = Workload(src, spec, seed)
     wl.start()
+
+    def round_done(_: int) -> None:
+        seen, deadline = wl.writes, time.monotonic() + 2
+        while wl.writes == seen and time.monotonic() < deadline:
+            time.sleep(0.001)  # make sure the guest wrote during this round
+
     try:
-        eng = SourceEngine(src, os.urandom(16), MigrationParams(max_rounds=rounds, downtime_limit=1e-9))
-        eng.begin()
-        eng.proto.state = State.STREAMING
-        eng.start()
-        for _ in range(rounds):
-            seen = wl.writes
-            for m in eng.page_messages():
-                _apply(dst, m)
-                time.sleep(0)  # let the writer in between records
-            deadline = time.monotonic() + 2
-            while wl.writes == seen and time.monotonic() < deadline:
-                time.sleep(0.001)  # make sure the guest wrote during this round
-            _, stop = eng.end_round(0.01, 1 << 20)
-            if stop:
-                break
-        for m in eng.stop_and_copy():
-            _apply(dst, m)
+        _, msgs = source_messages(src, MigrationParams(max_rounds=rounds, downtime_limit=1e-9), rounds, round_done)
     finally:
         wl.stop()
+    for m in msgs:
+        _apply(dst, m)
     assert wl.writes > 0
     assert src.state == "paused"
     assert src.memory_bytes() == dst.memory_bytes()
@@ -96,28 +82,18 @@ def test_dirty_log_never_loses_a_write(shm, rate, hot, rounds, seed, fill):
 # Destination checks, driven message by message (each defence on its own)
 
 
-def _destination(shm: Path, store: HandoffStore) -> DestinationEngine:
-    from nacl.signing import SigningKey
+def _destination(shm: Path, store: HandoffStore, plain: bool = False) -> DestinationDriver:
+    def make_vm(mid: bytes, b: Begin) -> ModelVM:
+        return ModelVM.create_incoming(shm / "dst", b.vm, b.vm_id, b.pages, b.vcpus, KEY, migration=mid)
 
-    def make_vm(msg):
-        b = msg.body
-        return ModelVM.create_incoming(shm / "dst", b["vm"], b["vm_id"], b["pages"], b["vcpus"], KEY)
-
-    return DestinationEngine(make_vm, store, SigningKey.generate(), "src", bytes(32), bytes(32), False, 1 << 20)
+    return DestinationDriver(store, make_vm, plain)
 
 
 def _source_messages(shm: Path, protected: bool = True) -> tuple[ModelVM, list[bytes]]:
     vm = ModelVM.create(shm / "src", "vm", 512, KEY, protected_processes=1 if protected else 0,
                         protected_pages=128 if protected else 0, seed=5, fill="random")
-    eng = SourceEngine(vm, os.urandom(16), MigrationParams(max_rounds=2, downtime_limit=1e-9))
-    msgs = [eng.begin()]
-    eng.proto.state = State.STREAMING  # ACCEPT is played by the test
-    eng.proto._next_seq[eng.proto.peer_role] = 1
-    msgs.append(eng.start())  # KEYS
-    msgs += list(eng.page_messages())
-    msgs.append(eng.end_round(0.01, 1 << 20)[0])
-    vm.guest_write(3, b"dirty")  # round 1 has work
-    msgs += list(eng.stop_and_copy())
+    _, msgs = source_messages(vm, MigrationParams(max_rounds=2, downtime_limit=1e-9), 1,
+                              lambda _: vm.guest_write(3, b"dirty"))  # round 1 has work
     return vm, msgs
 
 
@@ -126,24 +102,28 @@ def _renumber(msgs: list[bytes]) -> list[bytes]:
     out = []
     for i, m in enumerate(msgs):
         msg = messages.decode(m)
-        out.append(messages.encode(messages.Message(msg.type, msg.mid, i, msg.body)))
+        out.append(messages.encode(Message(msg.mid, i, msg.body)))
     return out
 
 
 def _count(msgs: list[bytes]) -> tuple[int, int]:
-    return len(msgs), sum(messages.decode(m).type == "PAGES" for m in msgs)
+    return len(msgs), sum(isinstance(messages.decode(m).body, Pages) for m in msgs)
 
 
-def _feed(dest: DestinationEngine, msgs: list[bytes], claim: tuple[int, int] | None = None) -> list[bytes]:
+def _feed(dest: DestinationDriver, msgs: list[bytes], claim: tuple[int, int] | None = None,
+          transcript: bytes = b"T" * 32) -> list[bytes]:
     """Feeds the messages, then COMPLETE with the counts the source claims (default: true ones)."""
     records, page_records = claim or _count(msgs)
     replies = []
-    for i, m in enumerate(msgs):
-        replies += dest.receive(m, b"T" * 32, i)
-    complete = messages.encode(messages.Message("COMPLETE", messages.decode(msgs[0]).mid, len(msgs), {
-        "records": records, "page_records": page_records, "transcript": b"T" * 32}))
-    replies += dest.receive(complete, b"T" * 32, len(msgs))
-    return replies
+    for m in msgs:
+        replies += dest.feed(m)
+    complete = messages.encode(Message(messages.decode(msgs[0]).mid, len(msgs),
+                                       Complete(records, page_records, transcript)))
+    return replies + dest.feed(complete)
+
+
+def _types(replies: list[bytes]) -> list[str]:
+    return [messages.decode(r).type for r in replies]
 
 
 def test_destination_accepts_an_intact_stream(shm):
@@ -151,68 +131,99 @@ def test_destination_accepts_an_intact_stream(shm):
     vm, msgs = _source_messages(shm)
     dest = _destination(shm, store)
     replies = _feed(dest, msgs)
-    assert [messages.decode(r).type for r in replies] == ["ACCEPT", "READY"]
-    assert dest.outcome == "prepared" and store.get(dest.mid).state == "prepared"
-    assert dest.vm.digest() == vm.digest()
+    assert _types(replies) == ["ACCEPT", "READY"]
+    assert dest.engine.outcome == "prepared" and store.get(dest.engine.mid).state is HandoffState.PREPARED
+    assert dest.vm is not None and dest.vm.digest() == vm.digest()
+
+
+def _alter(msg: Message, **fields: object) -> Message:
+    return Message(msg.mid, msg.seq, type(msg.body)(**{**msg.body.fields(), **fields}))
 
 
 @pytest.mark.parametrize(("tamper", "code"), [
     ("drop", "incomplete"),
     ("duplicate", "incomplete"),
     ("replay-earlier-round", "rollback"),
+    ("older-version-of-a-page", "rollback"),
     ("alter-protected-ciphertext", "integrity"),
     ("alter-context", "integrity"),
     ("missing-context-chunk", "out-of-state"),
+    ("transcript-differs", "incomplete"),
+    ("record-count-differs", "incomplete"),
+    ("page-never-sent", "incomplete"),
 ])
 def test_destination_refuses_ready_on_tampering(shm, tamper, code):
+    """Each of PALM's completeness and freshness checks, tripped on its own."""
     store = HandoffStore(shm / "d.db")
     _, msgs = _source_messages(shm)
     claim = _count(msgs)  # what the source sent and will claim in COMPLETE
-    pages = [i for i, m in enumerate(msgs) if messages.decode(m).type == "PAGES"]
+    pages = [i for i, m in enumerate(msgs) if isinstance(messages.decode(m).body, Pages)]
+    transcript = b"T" * 32
     if tamper == "drop":
         del msgs[pages[1]]
     elif tamper == "duplicate":
         msgs.insert(pages[1], msgs[pages[1]])
     elif tamper == "replay-earlier-round":
         msgs.insert(pages[-1] + 1, msgs[pages[0]])  # a round-0 record after the stop-and-copy round
+    elif tamper == "older-version-of-a-page":
+        # The same round, but one page's version lower than what was applied: a stale copy.
+        last = messages.decode(msgs[pages[-1]])
+        p = last.body
+        assert isinstance(p, Pages)
+        batch = unpack(p)
+        batch.vers[0] = 0
+        stale = Message(last.mid, last.seq, batch.message(p.round))
+        msgs.insert(pages[-1] + 1, msgs[pages[-1]])
+        msgs[pages[-1] + 1] = messages.encode(stale)
+        claim = (claim[0] + 1, claim[1] + 1)
     elif tamper in ("alter-protected-ciphertext", "alter-context"):
-        idx = next(i for i in pages if 2 in messages.decode(msgs[i]).body["kinds"]) if tamper.endswith("text") \
-            else next(i for i, m in enumerate(msgs) if messages.decode(m).type == "CONTEXT")
+        idx = next(i for i in pages if KIND_PROTECTED in messages.decode(msgs[i]).body.kinds) \
+            if tamper.endswith("text") else next(i for i, m in enumerate(msgs)
+                                                 if isinstance(messages.decode(m).body, Context))
         msg = messages.decode(msgs[idx])
-        body = dict(msg.body)
-        field = "data"
-        blob = bytearray(body[field])
+        blob = bytearray(msg.body.data)
         blob[-1] ^= 0x80  # last byte: the last page's data / the last MAC tag
-        body[field] = bytes(blob)
-        msgs[idx] = messages.encode(messages.Message(msg.type, msg.mid, msg.seq, body))
+        msgs[idx] = messages.encode(_alter(msg, data=bytes(blob)))
     elif tamper == "missing-context-chunk":
-        msgs = [m for m in msgs if messages.decode(m).type != "CONTEXT"]
+        msgs = [m for m in msgs if not isinstance(messages.decode(m).body, Context)]
+    elif tamper == "transcript-differs":
+        transcript = b"X" * 32
+    elif tamper == "record-count-differs":
+        claim = (claim[0] + 1, claim[1])
+    elif tamper == "page-never-sent":
+        # gfn 0 never arrives, and the counts agree with what was sent: only the
+        # every-page-received check can tell.
+        first = messages.decode(msgs[pages[0]])
+        batch = unpack(first.body)  # type: ignore[arg-type]
+        from palm_net.wire.pages import PageBatch
+        rest = PageBatch(batch.gfns[1:], batch.kinds[1:], batch.vers[1:],
+                         batch.data[4096 if batch.kinds[0] else 0:],
+                         batch.tags[16 if batch.kinds[0] == KIND_PROTECTED else 0:])
+        msgs[pages[0]] = messages.encode(Message(first.mid, first.seq, rest.message(first.body.round)))
     msgs = _renumber(msgs)
     dest = _destination(shm, store)
-    with pytest.raises((MigrationFailure, ProtocolError)) as info:
-        _feed(dest, msgs, claim)
+    with pytest.raises(PalmError) as info:
+        _feed(dest, msgs, claim, transcript)
     assert info.value.code == code
-    abort = dest.fail(info.value.code, "test")
-    assert dest.outcome == "aborted"
-    assert store.get(dest.mid).state == "aborted"
+    abort = dest.fail(info.value)
+    assert dest.engine.outcome == "aborted"
+    assert store.get(dest.engine.mid).state is HandoffState.ABORTED
     assert not (shm / "dst").exists()  # everything received was scrubbed
-    if abort is not None:
-        assert messages.decode(abort).type == "ABORT"
+    assert _types(abort) == ["ABORT"] and messages.decode(abort[0]).body.token  # recorded aborted: a token
 
 
 def test_destination_refuses_plain_for_protected_and_mode_mismatch(shm):
     store = HandoffStore(shm / "d.db")
     _, msgs = _source_messages(shm)
     begin = messages.decode(msgs[0])
-    body = {**begin.body, "plain": True}
-    dest = _destination(shm, store)
-    dest.plain_session = True
-    with pytest.raises(MigrationFailure) as info:
-        dest.receive(messages.encode(messages.Message("BEGIN", begin.mid, 0, body)), b"", 0)
+    plain_begin = messages.encode(_alter(begin, plain=True))
+    dest = _destination(shm, store, plain=True)
+    with pytest.raises(PalmError) as info:
+        dest.feed(plain_begin)
     assert info.value.code == "plain-refused"
     dest = _destination(shm, HandoffStore(shm / "d2.db"))
-    with pytest.raises(MigrationFailure, match="mode-mismatch"):
-        dest.receive(messages.encode(messages.Message("BEGIN", begin.mid, 0, body)), b"", 0)
+    with pytest.raises(PalmError, match="mode-mismatch"):
+        dest.feed(plain_begin)
 
 
 # --------------------------------------------------------------------------
@@ -222,16 +233,14 @@ def test_destination_refuses_plain_for_protected_and_mode_mismatch(shm):
 class FakeStream:
     """Records the stream it is fed; ``load_ok`` decides what its 'QEMU' makes of it."""
 
+    backend = "qemu"
+
     def __init__(self, info, load_ok: bool = True) -> None:
         self.info, self.load_ok = info, load_ok
         self.data = bytearray()
         self.ended = self.active = self.scrubbed = False
         self.running = False
         self.paused_at, self.last_stats = None, {}
-
-    @property
-    def stream_received(self) -> int:
-        return len(self.data)
 
     def stream_in(self, data: bytes) -> None:
         assert not self.ended
@@ -257,26 +266,21 @@ class FakeStream:
 
 
 def _stream_session(chunks: list[bytes], claim: int | None = None, load_ok: bool = True):
-    from nacl.signing import SigningKey
-
     from palm_net.hypervisor.backend import VmInfo
-    from palm_net.wire.protocol import Role, SessionProtocol
 
     d = Path(tempfile.mkdtemp(prefix="palm-fs-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     fake = FakeStream(VmInfo("q", bytes(16), 256, 1, 0, 0), load_ok)
-    dest = DestinationEngine(lambda msg: fake, HandoffStore(d / "d.db"), SigningKey.generate(), "src", bytes(32),
-                             bytes(32), False, 1 << 20)
+    dest = DestinationDriver(HandoffStore(d / "d.db"), lambda mid, begin: fake)
     src = SessionProtocol(Role.SOURCE, os.urandom(16))
-    msgs = [src.send("BEGIN", vm="q", vm_id=bytes(16), pages=256, protected_pages=0, processes=0, vcpus=1,
-                     plain=False, digest=False, backend="qemu", spec=b"spec")]
-    replies = dest.receive(msgs[0], b"T" * 32, 0)
+    msgs = [src.send(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec"))]
+    replies = dest.feed(msgs[0])
     src.receive(replies[0])  # ACCEPT
-    msgs += [src.send("STREAM", data=c) for c in chunks]
-    msgs.append(src.send("STREAM_END", bytes=sum(map(len, chunks)) if claim is None else claim))
-    msgs.append(src.send("COMPLETE", records=len(msgs), page_records=len(chunks), transcript=b"T" * 32))
+    msgs += [src.send(Stream(c)) for c in chunks]
+    msgs.append(src.send(StreamEnd(sum(map(len, chunks)) if claim is None else claim)))
+    msgs.append(src.send(Complete(len(msgs), len(chunks), b"T" * 32)))
     try:
-        for i, m in enumerate(msgs[1:], 1):
-            replies += dest.receive(m, b"T" * 32, i)
+        for m in msgs[1:]:
+            replies += dest.feed(m)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return dest, fake, replies
@@ -286,13 +290,13 @@ def test_stream_destination_feeds_the_hypervisor_in_order_and_says_ready_once_lo
     chunks = [os.urandom(n) for n in (65263, 17, 4096)]
     dest, fake, replies = _stream_session(chunks)
     assert bytes(fake.data) == b"".join(chunks) and fake.ended
-    assert [messages.decode(r).type for r in replies] == ["ACCEPT", "READY"] and dest.outcome == "prepared"
+    assert _types(replies) == ["ACCEPT", "READY"] and dest.engine.outcome == "prepared"
 
 
 @pytest.mark.parametrize(("claim", "load_ok", "code"), [(10, True, "incomplete"), (None, False, "hypervisor")],
                          ids=["byte count differs", "hypervisor refuses the stream"])
 def test_stream_destination_refuses_ready(claim, load_ok, code):
-    with pytest.raises(MigrationFailure) as info:
+    with pytest.raises(PalmError) as info:
         _stream_session([b"abc", b"defg"], claim=claim, load_ok=load_ok)
     assert info.value.code == code
 
@@ -305,12 +309,12 @@ def test_stream_destination_refuses_ready(claim, load_ok, code):
                                       "random:2000+protected:1000"])
 async def test_migration_with_each_workload(cluster, workload):
     a, b = cluster["a"], cluster["b"]
-    vm = a.create_vm("vm1", 8 << 20, protected=2, workload=workload, seed=7)
+    vm = a.registry.create_model("vm1", 8 << 20, protected=2, workload=workload, seed=7)
     p0 = vm.processes[0]
     secret = b"protected plaintext that never leaves the hypervisor"
     vm.process_write(0, p0.first + 1, secret, 100)
     await trio.sleep(0.2)
-    res = await a.migrate("vm1", cluster.addr("b"), MigrationParams(verify_digest=True))
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(verify_digest=True))
     assert res.ok, res.error
     assert res.stats.digest  # both sides digested memory at pause and agreed
     assert "vm1" not in a.vms and cluster.running_copies("vm1") == ["b"]
@@ -336,13 +340,13 @@ async def test_migration_with_each_workload(cluster, workload):
 
 async def test_protected_plaintext_never_on_the_wire(cluster):
     a = cluster["a"]
-    vm = a.create_vm("vm1", 4 << 20, protected=1, fill="zero")
+    vm = a.registry.create_model("vm1", 4 << 20, protected=1, fill="zero")
     marker = b"TOP-SECRET-" * 8
     for g in range(vm.processes[0].first, vm.processes[0].first + 16):
         vm.process_write(0, g, marker)
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
     await cluster.nursery.start(proxy.serve)
-    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
     assert res.ok
     wire = b"".join(proxy.seen.values())
     assert marker not in wire and b"TOP-SECRET" not in wire
@@ -351,8 +355,8 @@ async def test_protected_plaintext_never_on_the_wire(cluster):
 
 async def test_plain_mode_refused_for_protected_vm(cluster):
     a = cluster["a"]
-    a.create_vm("vm1", 4 << 20, protected=1)
-    res = await a.migrate("vm1", cluster.addr("b"), MigrationParams(plain=True))
+    a.registry.create_model("vm1", 4 << 20, protected=1)
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(plain=True))
     assert not res.ok and "plain-refused" in res.error
     assert cluster.running_copies("vm1") == ["a"]
 
@@ -360,10 +364,10 @@ async def test_plain_mode_refused_for_protected_vm(cluster):
 @pytest.mark.parametrize("policy", ["none", "agents:c", "measurements:" + "00" * 32])
 async def test_policy_forbidden_destination_refused_before_any_page(cluster, policy):
     a = cluster["a"]
-    a.create_vm("vm1", 4 << 20, protected=1, policy=policy)
+    a.registry.create_model("vm1", 4 << 20, protected=1, policy=policy)
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
     await cluster.nursery.start(proxy.serve)
-    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
     assert not res.ok and res.error.startswith("policy")
     # At most the handshake crossed (preamble, msg1, msg3): not one record.
     assert proxy.log.frames.get((0, "c2s"), 0) <= 3
@@ -372,8 +376,8 @@ async def test_policy_forbidden_destination_refused_before_any_page(cluster, pol
 
 async def test_policy_allowing_the_destination_by_name(cluster):
     a = cluster["a"]
-    a.create_vm("vm1", 4 << 20, protected=1, policy="agents:b")
-    assert (await a.migrate("vm1", cluster.addr("b"), MigrationParams())).ok
+    a.registry.create_model("vm1", 4 << 20, protected=1, policy="agents:b")
+    assert (await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())).ok
 
 
 # --------------------------------------------------------------------------
@@ -382,11 +386,11 @@ async def test_policy_allowing_the_destination_by_name(cluster):
 
 async def _via_proxy(cluster, rules, workload="idle", params=None):
     a = cluster["a"]
-    vm = a.create_vm("vm1", 4 << 20, protected=1, workload=workload, fill="random")
+    vm = a.registry.create_model("vm1", 4 << 20, protected=1, workload=workload, fill="random")
     digest = vm.digest() if workload == "idle" else None
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), rules)
     await cluster.nursery.start(proxy.serve)
-    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", params or MigrationParams())
+    res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", params or MigrationParams())
     return res, digest, proxy
 
 
@@ -421,13 +425,13 @@ async def test_tampered_records_fail_closed(cluster, rule):
 async def test_replay_of_an_earlier_session_is_refused(cluster):
     """Records recorded from one session injected into the next fail authentication."""
     a = cluster["a"]
-    a.create_vm("vm0", 4 << 20, fill="random")
+    a.registry.create_model("vm0", 4 << 20, fill="random")
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port),
                        [Rule("c2s", 5, "replay", connection=1, replay_of=(0, "c2s", 5))])
     await cluster.nursery.start(proxy.serve)
-    assert (await a.migrate("vm0", f"127.0.0.1:{proxy.port}", MigrationParams())).ok
-    a.create_vm("vm1", 4 << 20, fill="random")
-    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    assert (await a.outgoing.migrate("vm0", f"127.0.0.1:{proxy.port}", MigrationParams())).ok
+    a.registry.create_model("vm1", 4 << 20, fill="random")
+    res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
     assert not res.ok and cluster.running_copies("vm1") == ["a"]
 
 
@@ -479,14 +483,14 @@ async def test_destination_restart_while_prepared_aborts_and_source_resumes(clus
     assert b.store.get(res.mid).state == "aborted"
     a = cluster["a"]
     if a.store.get(res.mid).state == "handed_off":
-        status = await a.resolve(res.mid.hex(), override=False, reason="")
+        status = await a.outgoing.resolve(res.mid.hex(), override=False, reason="")
         assert status == "aborted"
     assert _one_copy(cluster, digest) == "a"
 
 
 async def test_abort_token_is_bound_to_the_migration(cluster):
     b = cluster["b"]
-    from palm_net.migration.engine import make_abort_token
+    from palm_net.migration.handoff import make_abort_token
     mid = os.urandom(16)
     token = make_abort_token(b.identity.signing, mid)
     assert check_abort_token(b.identity.sign_pub, mid, token)
@@ -502,8 +506,8 @@ async def test_operator_override_is_loud(cluster, capsys):
     if a.store.get(res.mid).state != "handed_off":
         pytest.skip("recovery won the race")
     with pytest.raises(AgentError):
-        await a.resolve("zz", override=True, reason="x")
-    assert await a.resolve(res.mid.hex(), override=True, reason="test override") == "resumed (override)"
+        await a.outgoing.resolve("zz", override=True, reason="x")
+    assert await a.outgoing.resolve(res.mid.hex(), override=True, reason="test override") == "resumed (override)"
     assert a.vms["vm1"].state == "running"
     captured = capsys.readouterr()
     assert "OPERATOR OVERRIDE" in captured.out + captured.err
@@ -530,11 +534,11 @@ PHASES = [
 @pytest.mark.parametrize(("phase", "rule", "where"), PHASES, ids=[p[0] for p in PHASES])
 async def test_fault_at_each_phase(cluster, phase, rule, where):
     a = cluster["a"]
-    vm = a.create_vm("vm1", 1024 * 4096, fill="zero")
+    vm = a.registry.create_model("vm1", 1024 * 4096, fill="zero")
     digest = vm.digest()
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [rule])
     await cluster.nursery.start(proxy.serve)
-    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
     assert proxy.log.events, f"{phase}: the fault was not injected"
     assert not res.ok or res.extra.get("recovered")
     with trio.fail_after(10):  # in-doubt recovery and destination cleanup settle
@@ -546,10 +550,10 @@ async def test_fault_at_each_phase(cluster, phase, rule, where):
 async def test_phase_layout_assumed_above(cluster):
     """Without faults, that VM's session is exactly 11 frames out and 4 back."""
     a = cluster["a"]
-    a.create_vm("vm1", 1024 * 4096, fill="zero")
+    a.registry.create_model("vm1", 1024 * 4096, fill="zero")
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
     await cluster.nursery.start(proxy.serve)
-    assert (await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())).ok
+    assert (await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())).ok
     assert proxy.log.frames[(0, "c2s")] == 11 and proxy.log.frames[(0, "s2c")] == 4
 
 
@@ -562,8 +566,8 @@ async def test_first_record_arriving_with_the_last_handshake_message_is_answered
 
     from palm_net.channel.handshake import AttestedHandshake
     from palm_net.channel.transport import SecureChannel
+    from palm_net.migration.destination import DestinationEngine
     from palm_net.migration.runner import DestinationRun
-    from palm_net.wire.protocol import Role, SessionProtocol
     from tests.conftest import Pki
 
     pki = Pki()
@@ -571,20 +575,17 @@ async def test_first_record_arriving_with_the_last_handshake_message_is_answered
     resp = AttestedHandshake(pki.config("dst"), False)
     resp.receive_data(init.receive_data(resp.receive_data(init.initiate())))  # msg1, msg2, msg3
     src_proto = SessionProtocol(Role.SOURCE, os.urandom(16))
-    begin = init.result.sender.seal(src_proto.send(
-        "BEGIN", vm="vm", vm_id=bytes(16), pages=16, protected_pages=0, processes=0, vcpus=1, plain=False,
-        digest=False, backend="model", spec=b""))
+    begin = init.result.sender.seal(src_proto.send(Begin("vm", bytes(16), 16, 0, 0, 1, False, False, "model", b"")))
     ours, theirs = trio.testing.memory_stream_pair()
     channel = SecureChannel(theirs, resp.result, leftover=begin)
 
-    def make_vm(msg):
-        b = msg.body
-        return ModelVM.create_incoming(shm / "in", b["vm"], b["vm_id"], b["pages"], b["vcpus"], KEY)
+    async def open_vm(mid: bytes, b: Begin, peer) -> ModelVM:
+        return ModelVM.create_incoming(shm / "in", b.vm, b.vm_id, b.pages, b.vcpus, KEY)
 
-    engine = DestinationEngine(make_vm, HandoffStore(shm / "d.db"), SigningKey.generate(), "src", bytes(32),
-                               bytes(32), False, 1 << 20)
+    store = HandoffStore(shm / "d.db")
+    run = DestinationRun(channel, DestinationEngine(False, 1 << 20), store, SigningKey.generate(), open_vm)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(DestinationRun(channel, engine, idle_timeout=5).run)
+        nursery.start_soon(run.run)
         rx = init.result.receiver
         with trio.fail_after(3):
             while (rec := rx.next_record()) is None:
@@ -598,12 +599,12 @@ async def test_fault_in_a_later_precopy_round(cluster, action):
     """A guest write during round 0 makes a round-1 page record at c2s frame 7
     (tiny downtime limit: no early stop); tampering with it fails closed."""
     a = cluster["a"]
-    vm = a.create_vm("vm1", 1024 * 4096, fill="zero")
+    vm = a.registry.create_model("vm1", 1024 * 4096, fill="zero")
     rules = [Rule("c2s", 5, "call", callback=lambda: vm.guest_write(17, b"written during round 0")),
              Rule("c2s", 7, action, bit=4000, replay_of=(0, "c2s", 5))]
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), rules)
     await cluster.nursery.start(proxy.serve)
-    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(downtime_limit=1e-6, max_rounds=3))
+    res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(downtime_limit=1e-6, max_rounds=3))
     assert all(r.fired for r in rules)
     assert not res.ok and res.runs_on == "source"
     assert len(res.stats.rounds) >= 1 and res.stats.rounds[0].dirty_pages == 1
@@ -616,20 +617,20 @@ async def test_fault_in_a_later_precopy_round(cluster, action):
 
 async def test_later_round_layout_assumed_above(cluster):
     a = cluster["a"]
-    vm = a.create_vm("vm1", 1024 * 4096, fill="zero")
+    vm = a.registry.create_model("vm1", 1024 * 4096, fill="zero")
     rule = Rule("c2s", 5, "call", callback=lambda: vm.guest_write(17, b"x"))
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [rule])
     await cluster.nursery.start(proxy.serve)
-    res = await a.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(downtime_limit=1e-6, max_rounds=3))
+    res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(downtime_limit=1e-6, max_rounds=3))
     assert res.ok and [r.pages for r in res.stats.rounds][:2] == [1024, 1]
 
 
 async def test_auto_converge_throttles_a_guest_that_dirties_faster_than_the_link(cluster):
     a = cluster["a"]
-    a.create_vm("vm1", 2 << 20, workload="random:20000", fill="random")
+    a.registry.create_model("vm1", 2 << 20, workload="random:20000", fill="random")
     params = MigrationParams(bandwidth=8 << 20, auto_converge=True, max_rounds=6, max_factor=20,
                              downtime_limit=0.01)
-    res = await a.migrate("vm1", cluster.addr("b"), params)
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), params)
     assert res.ok, res.error
     assert res.stats.throttle < 1.0  # the vCPUs were slowed down
     assert cluster.running_copies("vm1") == ["b"]
@@ -637,8 +638,8 @@ async def test_auto_converge_throttles_a_guest_that_dirties_faster_than_the_link
 
 async def test_bandwidth_cap_is_respected(cluster):
     a = cluster["a"]
-    a.create_vm("vm1", 4 << 20, fill="random")
-    res = await a.migrate("vm1", cluster.addr("b"), MigrationParams(bandwidth=8 << 20))
+    a.registry.create_model("vm1", 4 << 20, fill="random")
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(bandwidth=8 << 20))
     assert res.ok
     r0 = res.stats.rounds[0]
     assert r0.bytes / r0.duration <= 8 * (1 << 20) * 1.15  # paced to the cap (within a burst)
@@ -646,19 +647,19 @@ async def test_bandwidth_cap_is_respected(cluster):
 
 async def test_operator_cancel_before_the_handoff_resumes_the_source(cluster):
     a = cluster["a"]
-    a.create_vm("vm1", 16 << 20, fill="random", protected=1)
+    a.registry.create_model("vm1", 16 << 20, fill="random", protected=1)
     results = []
 
     async def run():
-        results.append(await a.migrate("vm1", cluster.addr("b"), MigrationParams(bandwidth=4 << 20)))
+        results.append(await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(bandwidth=4 << 20)))
 
     async with trio.open_nursery() as n:
         n.start_soon(run)
         with trio.fail_after(5):
-            while not [m for m in a.live.values() if m.result is None and m.stats.phase == "round"]:
+            while not [m for m in a.outgoing.live.values() if m.result is None and m.stats.phase == "round"]:
                 await trio.sleep(0.02)
-        mid = next(m.mid for m in a.live.values() if m.result is None)
-        assert a.cancel(mid.hex()) == "cancelling"
+        mid = next(m.mid for m in a.outgoing.live.values() if m.result is None)
+        assert a.outgoing.cancel(mid.hex()) == "cancelling"
     res = results[0]
     assert not res.ok and res.status == "cancelled" and res.runs_on == "source"
     assert a.store.get(mid).state == "aborted"
@@ -667,7 +668,7 @@ async def test_operator_cancel_before_the_handoff_resumes_the_source(cluster):
         while "vm1" in cluster["b"].vms:
             await trio.sleep(0.02)
     with pytest.raises(AgentError):
-        a.cancel(mid.hex())  # nothing in flight any more
+        a.outgoing.cancel(mid.hex())  # nothing in flight any more
 
 
 @pytest.mark.parametrize("name", ["../escape", "..", "a/b", ".hidden"])
@@ -685,11 +686,10 @@ async def test_destination_refuses_vm_names_that_are_not_plain_names(cluster, na
     stream = await trio.open_tcp_stream("127.0.0.1", cluster.members["b"].port)
     ch = await connect(stream, cfg)
     proto = SessionProtocol(Role.SOURCE, os.urandom(16))
-    await ch.send_record(proto.send("BEGIN", vm=name, vm_id=bytes(16), pages=16, protected_pages=0,
-                                    processes=0, vcpus=1, plain=False, digest=False, backend="model", spec=b""))
+    await ch.send(proto.send(Begin(name, bytes(16), 16, 0, 0, 1, False, False, "model", b"")))
     with trio.fail_after(5):
-        reply = proto.receive(await ch.receive_record())
-    assert reply.type == "ABORT" and reply.body["code"] == "malformed"
+        reply = proto.receive((await ch.receive()).data)
+    assert reply.type == "ABORT" and reply.body.code == "malformed"
     await ch.aclose()
     root = cluster.members["b"].config.memory_dir
     assert not (root.parent / "escape").exists() and [p for p in root.iterdir() if p.name != ".lock"] == []

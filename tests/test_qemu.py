@@ -17,10 +17,10 @@ from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
 from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM, qemu_binary, split_args
 from palm_net.hypervisor.qemu import live_processes as qemu_processes
-from palm_net.migration.engine import MigrationFailure, MigrationParams
+from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.proxy import FaultProxy, Rule
-from palm_net.wire import messages
+from tests.conftest import raw_message
 
 pytestmark = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed "
                                 "(Debian package qemu-system-x86; .ci/run installs it)")
@@ -42,7 +42,7 @@ def new_vm(agent, content: Path) -> QemuVM:
     # Without kvmclock: under KVM the destination's kernel rewrites the guest's
     # pvclock page when it loads the clock, so a guest using kvmclock never has
     # a bit-equal RAM digest on both sides (see docs/QEMU.md).
-    return agent.create_qemu_vm(name, MEM, ["-device", f"loader,file={content},addr={LOAD_ADDR:#x},force-raw=on",
+    return agent.registry.create_qemu(name, MEM, ["-device", f"loader,file={content},addr={LOAD_ADDR:#x},force-raw=on",
                                             "-cpu", "qemu64,-kvmclock"])
 
 
@@ -84,7 +84,7 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     src_pid = vm.pid
     assert vm.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
     await trio.sleep(0.5)  # let the guest (its BIOS) run and write its RAM before the copy
-    res = await a.migrate(vm.name, cluster.addr("b"), MigrationParams(verify_digest=True))
+    res = await a.outgoing.migrate(vm.name, cluster.addr("b"), MigrationParams(verify_digest=True))
     assert res.ok, res.error
     d = res.as_dict()
     # Both agents digested all guest RAM (its RAM file) while paused, and COMMIT
@@ -99,7 +99,7 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
     assert vm.name not in a.vms and qemu_processes(vm.name) == [moved.pid] and src_pid != moved.pid
     # And back again, by the same rules.
-    res = await b.migrate(vm.name, cluster.addr("a"), MigrationParams())
+    res = await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams())
     assert res.ok, res.error
     await settle_one_copy(cluster, vm.name, "a", content)
 
@@ -111,7 +111,7 @@ async def test_stream_never_carries_the_content_in_clear(cluster, content):
     needle = content.read_bytes()[4096 * 100 : 4096 * 100 + 64]
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
     await cluster.nursery.start(proxy.serve)
-    assert (await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())).ok
+    assert (await a.outgoing.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())).ok
     wire = b"".join(f for (c, d, _), f in proxy.seen.items() if d == "c2s")
     assert len(wire) > CONTENT and needle not in wire
 
@@ -122,7 +122,7 @@ async def test_stream_never_carries_the_content_in_clear(cluster, content):
 
 def frame_len(mtype: str, seq: int, body: dict) -> int:
     """A record's length on the wire: u32 prefix + message + AEAD tag."""
-    return 4 + len(messages.encode(messages.Message(mtype, bytes(16), seq, body))) + 16
+    return 4 + len(raw_message(mtype, bytes(16), seq, body)) + 16
 
 
 # c2s frames 0-2 are the handshake, 3 BEGIN (seq 0), then STREAM records,
@@ -175,7 +175,7 @@ async def test_qemu_fault_at_each_phase(cluster, content, phase, rule, where):
     vm = new_vm(a, content)
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [rule])
     await cluster.nursery.start(proxy.serve)
-    res = await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
+    res = await a.outgoing.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
     assert proxy.log.events, f"{phase}: the fault was not injected"
     assert not res.ok or res.extra.get("recovered") or where == "b"
     await settle_one_copy(cluster, vm.name, where, content)
@@ -187,7 +187,7 @@ async def test_qemu_phase_layout_assumed_above(cluster, content):
     vm = new_vm(a, content)
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
     await cluster.nursery.start(proxy.serve)
-    assert (await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())).ok
+    assert (await a.outgoing.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())).ok
     n = proxy.log.frames[(0, "c2s")]
     frames = [proxy.seen[(0, "c2s", i)] for i in range(n)]
     assert n > 44 and proxy.log.frames[(0, "s2c")] == 4
@@ -202,12 +202,12 @@ async def test_cancel_mid_stream_resumes_the_source(cluster, content):
     vm = new_vm(a, content)
 
     def cancel() -> None:
-        (mid,) = [lm.mid for lm in a.live.values() if lm.result is None]
-        a.cancel(mid.hex())
+        (mid,) = [lm.mid for lm in a.outgoing.live.values() if lm.result is None]
+        a.outgoing.cancel(mid.hex())
 
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [Rule("c2s", 20, "call", callback=cancel)])
     await cluster.nursery.start(proxy.serve)
-    res = await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
+    res = await a.outgoing.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
     assert res.status == "cancelled" and res.runs_on == "source"
     await settle_one_copy(cluster, vm.name, "a", content)
 
@@ -236,7 +236,7 @@ async def test_unauthorised_destination_receives_nothing(nursery, content, why):
         vm = new_vm(a, content)
         proxy = FaultProxy(("127.0.0.1", b.port))
         await nursery.start(proxy.serve)
-        res = await a.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
+        res = await a.outgoing.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams())
         assert not res.ok and res.phase == "handshake" and res.runs_on == "source"
         # Nothing beyond the first two handshake frames left the source: no
         # record, so no BEGIN and no byte of QEMU's stream.
@@ -274,11 +274,12 @@ def test_qemu_arguments_that_cannot_migrate_are_refused():
 
 async def test_destination_refuses_a_spec_that_disagrees_with_begin(cluster):
     """BEGIN's page count reserves memory; a spec asking QEMU for more is refused."""
+    from palm_net.testing.hostile import HostilePeer
+
     b = cluster["b"]
-    msg = messages.Message("BEGIN", os.urandom(16), 0, {"vm": "big", "vm_id": bytes(16), "pages": 16,
-                                                         "protected_pages": 0, "processes": 0, "vcpus": 1,
-                                                         "plain": False, "digest": False, "backend": "qemu",
-                                                         "spec": QemuSpec(4096, 1, "pc", "tcg").encode()})
-    with pytest.raises(MigrationFailure, match="disagrees"):
-        b._make_incoming(msg)
-    assert "big" not in b.vms
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    ch, _, reply = await evil.try_begin(cluster.members["b"].port, name="big", pages=16, backend="qemu",
+                                        spec=QemuSpec(4096, 1, "pc", "tcg").encode())
+    await ch.aclose()
+    assert reply.type == "ABORT" and reply.body.code == "backend"
+    assert "big" not in b.vms and b.incoming.admission.sessions == 0

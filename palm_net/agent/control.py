@@ -12,17 +12,19 @@ import contextlib
 import json
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
+from palm_net.agent.client import CONTROL_VERSION
 from palm_net.agent.errors import AgentError
 from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.backend import HypervisorError
-from palm_net.hypervisor.qemu import QemuVM
-from palm_net.migration.engine import MigrationParams, MigrationStats
+from palm_net.hypervisor.vms import AnyVM
+from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.units import parse_rate, parse_size
 
 if TYPE_CHECKING:
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("palm.control")
 
-CONTROL_VERSION = 1
 MAX_REQUEST = 64 * 1024
 
 
@@ -63,26 +64,20 @@ def parse_range(text: str, ram: list[tuple[int, int]]) -> tuple[int, int]:
     return addr, size
 
 
-def vm_summary(agent: Agent, name: str) -> dict[str, Any]:
-    vm = agent.get_vm(name)
+def vm_summary(vm: AnyVM) -> dict[str, Any]:
     info = vm.info
-    out = {"name": vm.name, "backend": vm.backend, "vm_id": info.vm_id.hex(), "state": vm.state,
-           "memory": info.npages * 4096, "pages": info.npages, "protected_processes": info.processes,
-           "protected_pages": info.protected_pages, "policy": vm.policy, "vcpus": info.vcpus}
-    if isinstance(vm, QemuVM):
-        try:
-            status = vm.qemu_status(timeout=1.0) if vm.state != "dead" else "dead"
-        except HypervisorError as exc:
-            status = f"unreachable ({exc})"
-        out.update({"workload": "guest", "writes": 0, "resident": True, "pid": vm.pid, "accel": vm.spec.accel,
-                    "qemu_args": [*vm.spec.args, *vm.local_args], "qemu_status": status})
-    else:
-        out.update({"workload": vm.config.get("workload", "idle"), "resident": vm.resident,
-                    "writes": vm.workload.writes if vm.workload is not None else 0})
-    return out
+    return {"name": vm.name, "backend": vm.backend, "vm_id": info.vm_id.hex(), "state": vm.state,
+            "memory": info.npages * 4096, "pages": info.npages, "protected_processes": info.processes,
+            "protected_pages": info.protected_pages, "policy": vm.policy, "vcpus": info.vcpus, **vm.summary()}
+
+
+Handler = Callable[["ControlServer", dict[str, Any], trio.SocketStream], Awaitable[Any]]
 
 
 class ControlServer:
+    """Serves the control socket: one request a connection, each op a small handler
+    over the agent's services (registry, outgoing) and its status."""
+
     def __init__(self, agent: Agent, path: Path) -> None:
         self.agent = agent
         self.path = path
@@ -138,7 +133,7 @@ class ControlServer:
                         if len(buf) > MAX_REQUEST:
                             await self._reply(stream, {"ok": False, "error": "request too large"})
                             return
-            except trio.TooSlowError:
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             line = bytes(buf.split(b"\n", 1)[0])
             req: Any = None
@@ -149,91 +144,101 @@ class ControlServer:
                 args = req.get("args") or {}
                 if not isinstance(args, dict):
                     raise RequestError("args must be an object")
-                result = await self.dispatch(req["op"], args, stream)
+                handler = self.OPS.get(req["op"])
+                if handler is None:
+                    raise RequestError(f"unknown operation {req['op'][:40]!r}")
+                result = await handler(self, args, stream)
                 await self._reply(stream, {"ok": True, "result": result})
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            except Exception as exc:  # every operator error is one line back, never a crash
+            except Exception as exc:
                 known = (RequestError, ValueError, HypervisorError, AgentError)
                 msg = str(exc) if isinstance(exc, known) else f"internal error: {type(exc).__name__}: {exc}"
                 if not isinstance(exc, known):
                     log.exception("control request failed", op=str(req.get("op")) if isinstance(req, dict) else "?")
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._reply(stream, {"ok": False, "error": msg})
+                    await self._reply(stream, {"ok": False, "error": msg.splitlines()[0] if msg else "failed"})
 
     @staticmethod
     async def _reply(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
         obj = {"v": CONTROL_VERSION, **obj}
         await stream.send_all(json.dumps(obj).encode() + b"\n")
 
-    async def dispatch(self, op: str, args: dict[str, Any], stream: trio.SocketStream) -> Any:
-        agent = self.agent
-        if op == "status":
-            return {"agent": agent.identity.name, "listen_port": agent.listen_port, "vms": len(agent.vms),
-                    "measurement": agent.measurement.hex(), "accepting": agent.admission.accepting,
-                    "incoming": len(agent.incoming), "connections": agent.connections,
-                    "counters": dict(agent.counters)}
-        if op == "vm.create":
-            memory = _arg(args, "memory", str)
-            pm = _arg(args, "protected_memory", str, None)
-            backend = _arg(args, "backend", str, "model")
-            if backend == "qemu":
-                qargs = _arg(args, "qemu_args", list, [])
-                if not all(isinstance(x, str) for x in qargs):
-                    raise RequestError("argument 'qemu_args' must be a list of strings")
-                if pm or _arg(args, "protected", int, 0):
-                    raise RequestError("QEMU VMs have no protected processes (that is the model's)")
-                await trio.to_thread.run_sync(lambda: agent.create_qemu_vm(
-                    _arg(args, "name", str), parse_size(memory), qargs, _arg(args, "vcpus", int, 1),
-                    _arg(args, "policy", str, "any")))
-                return vm_summary(agent, args["name"])
-            if backend != "model":
-                raise RequestError(f"unknown backend {backend!r} (model or qemu)")
-            if _arg(args, "qemu_args", list, []):
-                raise RequestError("--qemu-arg needs --backend qemu")
-            agent.create_vm(
-                _arg(args, "name", str), parse_size(memory), _arg(args, "protected", int, 0),
-                parse_size(pm) if pm else None, _arg(args, "workload", str, "idle"), _arg(args, "seed", int, 0),
-                _arg(args, "policy", str, "any"), _arg(args, "fill", str, "half"),
-            )
-            return vm_summary(agent, args["name"])
-        if op == "vm.list":
-            return [vm_summary(agent, n) for n in sorted(agent.vms)]
-        name = _arg(args, "name", str, None)
-        if op == "vm.show":
-            return vm_summary(agent, _arg(args, "name", str))
-        if op == "vm.digest":
-            vm = agent.get_vm(_arg(args, "name", str))
-            rng = _arg(args, "range", str, None)
-            if rng is None:
-                return {"name": vm.name, "digest": await trio.to_thread.run_sync(vm.digest), "state": vm.state}
-            if not isinstance(vm, QemuVM):
-                raise RequestError("--range needs a QEMU VM (a model VM digests all its memory)")
-            qvm = vm
-            addr, size = parse_range(rng, qvm.ram_ranges())
-            digest = await trio.to_thread.run_sync(lambda: qvm.digest([(addr, size)]))
-            return {"name": vm.name, "digest": digest, "state": vm.state, "range": rng}
-        if op == "vm.verify":
-            vm = agent.get_vm(_arg(args, "name", str))
-            rep = await trio.to_thread.run_sync(vm.verify)
-            return {"name": vm.name, "ok": rep.ok, "checked": rep.checked, "in_process_view": rep.in_process_view,
-                    "failures": list(rep.failures)}
-        if op in ("vm.pause", "vm.resume"):
-            vm = await trio.to_thread.run_sync(agent.set_run_state, _arg(args, "name", str), op == "vm.resume")
-            return vm_summary(agent, vm.name)
-        if op == "vm.destroy":
-            await trio.to_thread.run_sync(agent.destroy_vm, _arg(args, "name", str))  # a QEMU may take a moment to quit
-            return {"name": name, "destroyed": True}
-        if op == "migrate":
-            return await self._migrate(args, stream)
-        if op == "migrations":
-            return agent.migrations()
-        if op == "migrate.cancel":
-            return {"status": agent.cancel(_arg(args, "id", str))}
-        if op == "migrate.resolve":
-            return {"status": await agent.resolve(_arg(args, "id", str), _arg(args, "override", bool, False),
-                                                  _arg(args, "reason", str, ""))}
-        raise RequestError(f"unknown operation {op!r}")
+    # -- the operations
+
+    async def _status(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        return self.agent.status()
+
+    async def _vm_create(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        registry = self.agent.registry
+        memory = _arg(args, "memory", str)
+        pm = _arg(args, "protected_memory", str, None)
+        backend = _arg(args, "backend", str, "model")
+        name = _arg(args, "name", str)
+        if backend == "qemu":
+            qargs = _arg(args, "qemu_args", list, [])
+            if not all(isinstance(x, str) for x in qargs):
+                raise RequestError("argument 'qemu_args' must be a list of strings")
+            if pm or _arg(args, "protected", int, 0):
+                raise RequestError("QEMU VMs have no protected processes (that is the model's)")
+            vm: AnyVM = await trio.to_thread.run_sync(lambda: registry.create_qemu(
+                name, parse_size(memory), qargs, _arg(args, "vcpus", int, 1), _arg(args, "policy", str, "any")))
+            return vm_summary(vm)
+        if backend != "model":
+            raise RequestError(f"unknown backend {backend!r} (model or qemu)")
+        if _arg(args, "qemu_args", list, []):
+            raise RequestError("--qemu-arg needs --backend qemu")
+        vm = registry.create_model(
+            name, parse_size(memory), _arg(args, "protected", int, 0), parse_size(pm) if pm else None,
+            _arg(args, "workload", str, "idle"), _arg(args, "seed", int, 0), _arg(args, "policy", str, "any"),
+            _arg(args, "fill", str, "half"))
+        return vm_summary(vm)
+
+    async def _vm_list(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        return [vm_summary(vm) for vm in sorted(self.agent.registry, key=lambda v: v.name)]
+
+    async def _vm_show(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        return vm_summary(self.agent.registry.get(_arg(args, "name", str)))
+
+    async def _vm_digest(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        vm = self.agent.registry.get(_arg(args, "name", str))
+        rng = _arg(args, "range", str, None)
+        if rng is None:
+            return {"name": vm.name, "digest": await trio.to_thread.run_sync(vm.digest), "state": vm.state}
+        if vm.backend != "qemu":
+            raise RequestError("--range needs a QEMU VM (a model VM digests all its memory)")
+        addr, size = parse_range(rng, vm.ram_ranges())  # type: ignore[union-attr]
+        digest = await trio.to_thread.run_sync(lambda: vm.digest([(addr, size)]))  # type: ignore[call-arg]
+        return {"name": vm.name, "digest": digest, "state": vm.state, "range": rng}
+
+    async def _vm_verify(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        vm = self.agent.registry.get(_arg(args, "name", str))
+        rep = await trio.to_thread.run_sync(vm.verify)
+        return {"name": vm.name, "ok": rep.ok, "checked": rep.checked, "in_process_view": rep.in_process_view,
+                "failures": list(rep.failures)}
+
+    async def _vm_pause(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        vm = await trio.to_thread.run_sync(self.agent.registry.set_run_state, _arg(args, "name", str), False)
+        return vm_summary(vm)
+
+    async def _vm_resume(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        vm = await trio.to_thread.run_sync(self.agent.registry.set_run_state, _arg(args, "name", str), True)
+        return vm_summary(vm)
+
+    async def _vm_destroy(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        name = _arg(args, "name", str)
+        await trio.to_thread.run_sync(self.agent.registry.destroy, name)  # a QEMU may take a moment to quit
+        return {"name": name, "destroyed": True}
+
+    async def _migrations(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        return self.agent.outgoing.migrations()
+
+    async def _migrate_cancel(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        return {"status": self.agent.outgoing.cancel(_arg(args, "id", str))}
+
+    async def _migrate_resolve(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        return {"status": await self.agent.outgoing.resolve(_arg(args, "id", str), _arg(args, "override", bool, False),
+                                                            _arg(args, "reason", str, ""))}
 
     async def _migrate(self, args: dict[str, Any], stream: trio.SocketStream) -> Any:
         bw = _arg(args, "bandwidth", str, None)
@@ -274,7 +279,14 @@ class ControlServer:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(forward)
-            result = await self.agent.migrate(_arg(args, "name", str), _arg(args, "to", str), params, cipher,
-                                              progress)
+            result = await self.agent.outgoing.migrate(_arg(args, "name", str), _arg(args, "to", str), params,
+                                                       cipher, progress)
             send.close()
         return result.as_dict()
+
+    OPS: dict[str, Handler] = {
+        "status": _status, "vm.create": _vm_create, "vm.list": _vm_list, "vm.show": _vm_show,
+        "vm.digest": _vm_digest, "vm.verify": _vm_verify, "vm.pause": _vm_pause, "vm.resume": _vm_resume,
+        "vm.destroy": _vm_destroy, "migrate": _migrate, "migrations": _migrations,
+        "migrate.cancel": _migrate_cancel, "migrate.resolve": _migrate_resolve,
+    }

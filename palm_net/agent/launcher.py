@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from palm_net.agent.agent import default_measurement
-from palm_net.cli import CliError, control_request
+from palm_net.agent.client import ControlError, control_request
 from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
 from palm_net.hypervisor.qemu import kill_all_under
 
@@ -75,13 +75,13 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise CliError(f"agent {self.name} exited at start: {self.log_tail(500)}")
+                raise ControlError(f"agent {self.name} exited at start: {self.log_tail(500)}")
             if Path(self.control).exists():
-                with contextlib.suppress(CliError):
+                with contextlib.suppress(ControlError):
                     self.request("status", timeout=5)
                     return self
             time.sleep(0.05)
-        raise CliError(f"agent {self.name} did not start within {timeout:g} s")
+        raise ControlError(f"agent {self.name} did not start within {timeout:g} s")
 
     def request(self, op: str, timeout: float = 3600, **args: Any) -> Any:
         return control_request(self.control, op, args, timeout=timeout)
@@ -94,7 +94,7 @@ class AgentProcess:
         def run() -> None:
             try:
                 out["result"] = self.request("migrate", timeout=timeout, name=name, to=to, **args)
-            except CliError as exc:
+            except ControlError as exc:
                 out["error"] = str(exc)
 
         t = threading.Thread(target=run, name=f"migrate-{name}", daemon=True)

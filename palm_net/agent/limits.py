@@ -6,7 +6,7 @@ Each limit has one owner and is checked and taken in one call:
 - ``TokenBuckets``: a rate per key (a source address before the handshake,
   a peer's static key after it), with a bounded number of keys;
 - ``Admission``: the incoming migrations admitted, in all and per peer, and
-  the guest memory they reserve.
+  the guest memory they reserve, in all and per peer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from palm_net.migration.engine import MigrationFailure
+from palm_net.wire.errors import ErrorCode, MigrationFailure
 
 
 class TokenBuckets:
@@ -56,27 +56,34 @@ class Admission:
     max_sessions: int
     max_memory: int
     max_per_peer: int
+    max_memory_per_peer: int
     accepting: bool = True
     sessions: int = 0
     memory: int = 0
     per_peer: dict[bytes, int] = field(default_factory=dict)
+    memory_per_peer: dict[bytes, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def admit(self, peer: bytes, size: int) -> Callable[[], None]:
         with self._lock:
             if not self.accepting:
-                raise MigrationFailure("shutting-down", "destination agent is shutting down")
+                raise MigrationFailure(ErrorCode.SHUTTING_DOWN, "destination agent is shutting down")
             if self.sessions >= self.max_sessions:
-                raise MigrationFailure("busy", f"{self.sessions} incoming migrations already (limit "
-                                               f"{self.max_sessions})")
+                raise MigrationFailure(ErrorCode.BUSY, f"{self.sessions} incoming migrations already (limit "
+                                                       f"{self.max_sessions})")
             if self.per_peer.get(peer, 0) >= self.max_per_peer:
-                raise MigrationFailure("busy", f"this peer has {self.max_per_peer} incoming migrations already")
+                raise MigrationFailure(ErrorCode.BUSY, f"this peer has {self.max_per_peer} incoming migrations "
+                                                       "already")
             if self.memory + size > self.max_memory:
-                raise MigrationFailure("busy", f"{self.memory >> 20} MiB reserved for incoming VMs, "
-                                               f"{size >> 20} MiB more exceeds {self.max_memory >> 20} MiB")
+                raise MigrationFailure(ErrorCode.BUSY, f"{self.memory >> 20} MiB reserved for incoming VMs, "
+                                                       f"{size >> 20} MiB more exceeds {self.max_memory >> 20} MiB")
+            if self.memory_per_peer.get(peer, 0) + size > self.max_memory_per_peer:
+                raise MigrationFailure(ErrorCode.BUSY, f"this peer's share of incoming memory is "
+                                                       f"{self.max_memory_per_peer >> 20} MiB")
             self.sessions += 1
             self.memory += size
             self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
+            self.memory_per_peer[peer] = self.memory_per_peer.get(peer, 0) + size
         released = False
 
         def release() -> None:
@@ -87,10 +94,15 @@ class Admission:
                 released = True
                 self.sessions -= 1
                 self.memory -= size
-                left = self.per_peer[peer] - 1
-                if left:
-                    self.per_peer[peer] = left
-                else:
-                    del self.per_peer[peer]
+                _decrease(self.per_peer, peer, 1)
+                _decrease(self.memory_per_peer, peer, size)
 
         return release
+
+
+def _decrease(counts: dict[bytes, int], key: bytes, by: int) -> None:
+    left = counts[key] - by
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]

@@ -43,7 +43,7 @@ from palm_net.crypto.noise import (
     aesgcm_available,
     protocol_name,
 )
-from palm_net.wire.errors import HandshakeError, ProtocolError
+from palm_net.wire.errors import ErrorCode, HandshakeError, LocalProtocolError, PalmError
 from palm_net.wire.framing import FrameBuffer, frame
 
 PROTOCOL_VERSION = 1
@@ -123,19 +123,19 @@ def encode_preamble(purpose: Purpose, mode: TransportMode, name: str) -> bytes:
 
 def decode_preamble(data: bytes) -> tuple[Purpose, TransportMode, str]:
     if len(data) < 8 or data[:4] != MAGIC:
-        raise HandshakeError("bad-preamble", "not a palm_net peer")
+        raise HandshakeError(ErrorCode.BAD_PREAMBLE, "not a palm_net peer")
     if data[4] != PROTOCOL_VERSION:
-        raise HandshakeError("version", f"protocol version {data[4]} not supported (want {PROTOCOL_VERSION})")
+        raise HandshakeError(ErrorCode.VERSION, f"protocol version {data[4]} not supported (want {PROTOCOL_VERSION})")
     try:
         purpose, mode = Purpose(data[5]), TransportMode(data[6])
     except ValueError:
-        raise HandshakeError("bad-preamble", "unknown purpose or mode") from None
+        raise HandshakeError(ErrorCode.BAD_PREAMBLE, "unknown purpose or mode") from None
     if len(data) != 8 + data[7]:
-        raise HandshakeError("bad-preamble", "length mismatch")
+        raise HandshakeError(ErrorCode.BAD_PREAMBLE, "length mismatch")
     try:
         return purpose, mode, data[8:].decode("ascii")
     except UnicodeDecodeError:
-        raise HandshakeError("bad-preamble", "protocol name not ascii") from None
+        raise HandshakeError(ErrorCode.BAD_PREAMBLE, "protocol name not ascii") from None
 
 
 def required_peer_role(initiator: bool) -> str:
@@ -170,10 +170,10 @@ class AttestedHandshake:
         self.peer: PeerInfo | None = None
         if purpose is not None and initiator:
             if mode is TransportMode.PLAIN_BENCHMARK and not config.allow_plain:
-                raise HandshakeError("plain-not-allowed", "plain benchmark mode is not enabled")
+                raise LocalProtocolError(ErrorCode.PLAIN_NOT_ALLOWED, "plain benchmark mode is not enabled")
             chosen = cipher or config.ciphers[0]
             if chosen not in config.ciphers:
-                raise HandshakeError(RejectReason.CIPHER_NOT_ALLOWED.value, f"{chosen.value} not allowed locally")
+                raise LocalProtocolError(ErrorCode.CIPHER_NOT_ALLOWED, f"{chosen.value} not allowed locally")
             self._start(encode_preamble(purpose, mode, protocol_name("XX", chosen)))
 
     def __repr__(self) -> str:
@@ -199,7 +199,7 @@ class AttestedHandshake:
                 e=self._ephemeral,
             )
         except NoiseError as exc:
-            raise HandshakeError(RejectReason.CIPHER_NOT_ALLOWED.value, str(exc)) from None
+            raise HandshakeError(ErrorCode.CIPHER_NOT_ALLOWED, str(exc)) from None
 
     def initiate(self) -> bytes:
         """Initiator: the preamble and the first handshake message."""
@@ -261,7 +261,7 @@ class AttestedHandshake:
         Raises HandshakeError on any failure; the caller closes the connection.
         """
         if self.result is not None:
-            raise HandshakeError("state", "handshake already complete")
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "handshake already complete")
         self._frames.feed(data)
         out = bytearray()
         try:
@@ -271,12 +271,12 @@ class AttestedHandshake:
                     break
                 out += self._on_frame(msg)
         except AttestationError as exc:
-            raise HandshakeError(exc.reason.value, exc.detail) from None
+            raise HandshakeError(ErrorCode(exc.reason.value), exc.detail) from None
         except NoiseError as exc:
-            raise HandshakeError("handshake-failed", str(exc)) from None
+            raise HandshakeError(ErrorCode.HANDSHAKE_FAILED, str(exc)) from None
         except HandshakeError:
             raise
-        except ProtocolError as exc:
+        except PalmError as exc:  # framing
             raise HandshakeError(exc.code, exc.detail) from None
         return bytes(out)
 
@@ -284,22 +284,23 @@ class AttestedHandshake:
         cfg = self.config
         if self._hs is None:  # responder, first frame: the preamble
             if len(msg) > MAX_PREAMBLE:
-                raise HandshakeError("bad-preamble", "preamble too long")
+                raise HandshakeError(ErrorCode.BAD_PREAMBLE, "preamble too long")
             purpose, mode, name = decode_preamble(msg)
             if self.purpose is not None and purpose is not self.purpose:
-                raise HandshakeError("purpose", f"peer wants {purpose.name}, this endpoint serves {self.purpose.name}")
+                raise HandshakeError(ErrorCode.PURPOSE,
+                                     f"peer wants {purpose.name}, this endpoint serves {self.purpose.name}")
             self.purpose = purpose
             if mode is TransportMode.PLAIN_BENCHMARK and not cfg.allow_plain:
-                raise HandshakeError("plain-not-allowed", "plain benchmark mode is not enabled here")
+                raise HandshakeError(ErrorCode.PLAIN_NOT_ALLOWED, "plain benchmark mode is not enabled here")
             cipher = name.split("_")[3] if name.count("_") == 4 else ""
             if cipher not in CIPHERS or CipherName(cipher) not in cfg.ciphers:
-                raise HandshakeError(RejectReason.CIPHER_NOT_ALLOWED.value, f"{name} not allowed here")
+                raise HandshakeError(ErrorCode.CIPHER_NOT_ALLOWED, f"{name} not allowed here")
             self.mode = mode
             self._start(msg)
             return b""
         hs = self._hs
         if hs.is_my_turn():
-            raise HandshakeError("state", "unexpected handshake message")
+            raise HandshakeError(ErrorCode.HANDSHAKE_FAILED, "unexpected handshake message")
         payload = hs.read_message(msg)
         step = hs.message_index
         out = b""
@@ -308,7 +309,7 @@ class AttestedHandshake:
             out = frame(hs.write_message(self._payload))
         elif not self.initiator and step == 1:
             if payload:
-                raise HandshakeError("bad-handshake", "first message must have an empty payload")
+                raise HandshakeError(ErrorCode.HANDSHAKE_FAILED, "first message must have an empty payload")
             out = frame(hs.write_message(self._payload))
         elif not self.initiator and step == 3:
             self.peer = self._check_peer(payload, hs.payload_hash, hs.rs)

@@ -13,13 +13,15 @@ import hashlib
 import zlib
 
 from palm_net.crypto.noise import MAX_MESSAGE_LEN, TAGLEN, CipherState, NoiseError
-from palm_net.wire.errors import ProtocolError
+from palm_net.wire.errors import ErrorCode, PalmError, RemoteProtocolError
 from palm_net.wire.framing import LENGTH, FrameBuffer
+from palm_net.wire.messages import MAX_PLAINTEXT as WIRE_MAX_PLAINTEXT
 
 # Noise REKEY (spec 11.3) after this many records in a direction: about
 # 256 MiB of page records, so a transient key protects a bounded amount.
 REKEY_INTERVAL = 4096
 MAX_PLAINTEXT = MAX_MESSAGE_LEN - TAGLEN
+assert MAX_PLAINTEXT == WIRE_MAX_PLAINTEXT  # the wire layer bounds messages by the same figure
 TRANSCRIPT_LEN = 32
 
 
@@ -118,7 +120,7 @@ class RecordReceiver(_Direction):
         Any failure is final: the session is dead and nothing more is returned.
         """
         if self.failed:
-            raise ProtocolError("session-failed", "record layer already failed")
+            raise RemoteProtocolError(ErrorCode.BAD_RECORD, "the record layer already failed")
         try:
             body = self.frames.next_frame()
             if body is None:
@@ -127,15 +129,15 @@ class RecordReceiver(_Direction):
             if self.plain:
                 kind, body = body[0], body[1:]
                 if kind not in (CLEAR, SEALED) or (kind == SEALED and len(body) <= TAGLEN):
-                    raise ProtocolError("bad-record", f"record {self.count} has an unknown kind")
+                    raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} has an unknown kind")
                 sealed = kind == SEALED
             pt = self.cs.decrypt_with_ad(b"", body) if sealed else body
-        except ProtocolError:
+        except PalmError:
             self.failed = True
             raise
         except NoiseError:
             self.failed = True
-            raise ProtocolError("bad-record", f"record {self.count} failed authentication") from None
+            raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} failed authentication") from None
         self._advance(body, sealed)
         self.authenticated = sealed
         return pt

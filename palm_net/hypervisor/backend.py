@@ -8,34 +8,23 @@ handed out as ciphertext plus its (public) version.
 
 from __future__ import annotations
 
+import socket
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-PAGE_SIZE = 4096
-KIND_ZERO = 0
-KIND_NORMAL = 1
-KIND_PROTECTED = 2
+from palm_net.wire.messages import PAGE_SIZE
+from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, PageBatch
+
+__all__ = ["DIGEST_PERSON", "KIND_NORMAL", "KIND_PROTECTED", "KIND_ZERO", "PAGE_SIZE", "Backend", "HostedVM",
+           "HypervisorError", "PageBatch", "StreamBackend", "VerifyReport", "VmInfo"]
+
 DIGEST_PERSON = b"palm-vm-digest"  # BLAKE2b personalisation of every VM memory digest
 
 
 class HypervisorError(Exception):
     """A VM cannot be created, driven or migrated by its hypervisor (one-line message)."""
-
-
-@dataclass
-class PageBatch:
-    """Page records as they travel: parallel arrays plus the data of non-zero pages."""
-
-    gfns: array[int]  # typecode Q
-    kinds: bytes
-    vers: array[int]  # typecode Q
-    data: bytes
-    tags: bytes = b""  # the MAC of each protected page, in order
-
-    def __len__(self) -> int:
-        return len(self.gfns)
 
 
 @dataclass(frozen=True)
@@ -62,8 +51,28 @@ class VmInfo:
 class HostedVM(Protocol):
     """What every backend offers the handoff: run state, digest, the end of a copy."""
 
+    backend: str  # "model" (a page backend) or "qemu" (a stream backend)
+
     @property
     def info(self) -> VmInfo: ...
+
+    @property
+    def policy(self) -> str: ...
+
+    def migration_spec(self) -> bytes:
+        """What BEGIN's spec carries for this backend (empty for a page backend)."""
+        ...
+
+    @property
+    def migration(self) -> bytes | None:
+        """The migration this VM is part of (as source or incoming), if any."""
+        ...
+
+    def set_migration(self, mid: bytes | None) -> None: ...
+
+    def resume_after_migration(self) -> None:
+        """The source owns the VM again (before the handoff point, or by an abort token): run it."""
+        ...
 
     @property
     def running(self) -> bool: ...
@@ -97,15 +106,15 @@ class StreamBackend(HostedVM, Protocol):
     paused_at: float | None  # monotonic time the guest stopped for the last copy
     last_stats: dict[str, Any]  # the hypervisor's own migration figures
 
-    def stream_out(self, chunk: int, downtime_limit: float, bandwidth: float | None,
-                   auto_converge: bool) -> Iterator[bytes]:
-        """Runs the hypervisor's migration, yielding its stream; the guest is paused at the end."""
+    def start_stream(self, downtime_limit: float, bandwidth: float | None, auto_converge: bool) -> socket.socket:
+        """Starts the hypervisor's migration; the stream is read from the socket returned."""
+        ...
+
+    def finish_stream(self) -> dict[str, Any]:
+        """After the stream ended: the hypervisor completed (its guest paused); its figures."""
         ...
 
     def stream_in(self, data: bytes) -> None: ...
-
-    @property
-    def stream_received(self) -> int: ...
 
     def end_stream(self) -> None:
         """Waits until the incoming hypervisor loaded the whole stream (paused)."""

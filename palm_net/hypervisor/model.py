@@ -57,6 +57,7 @@ from palm_net.hypervisor.protection import (
     seal_page,
 )
 from palm_net.hypervisor.vmconfig import ConfiguredVM
+from palm_net.hypervisor.vmspec import check_workload, validate_policy
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO8 = bytes(8)
@@ -364,6 +365,15 @@ class ModelVM(ConfiguredVM):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- info ------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """What `palm vm show` adds for this backend."""
+        return {"workload": self.config.get("workload", "idle"), "resident": self.resident,
+                "writes": self.workload.writes if self.workload is not None else 0}
+
+    def migration_spec(self) -> bytes:
+        """BEGIN's spec: none for a page backend (proto 6)."""
+        return b""
 
     @property
     def info(self) -> VmInfo:
@@ -707,10 +717,10 @@ class ModelVM(ConfiguredVM):
             for r in regs:
                 for name in CPU_REGS:
                     _u(r[name], 2**64)
-            workload, seed, policy = obj.get("workload", "idle"), obj.get("seed", 0), obj.get("policy", "any")
-            if not isinstance(workload, str) or not isinstance(policy, str):
-                raise ValueError
-            _u(seed, 2**63)
+            # They end up in vm.json, the operator's terminal and the workload's parser.
+            workload = check_workload(obj.get("workload", "idle"))
+            policy = validate_policy(obj.get("policy", "any"))
+            seed = _u(obj.get("seed", 0), 2**63)
         except Exception:
             raise VmError("CPU state is malformed") from None
         self.cpu = cpu

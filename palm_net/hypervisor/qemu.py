@@ -41,7 +41,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +111,28 @@ STREAM_FD = "palm-migration"
 
 class QemuError(HypervisorError):
     """A QEMU VM cannot be created, driven or migrated; the message is one line."""
+
+
+def read_stream(conn: socket.socket, chunk: int, most: int) -> tuple[list[bytes], bool]:
+    """Up to ``most`` full chunks of a migration stream (the last may be short);
+    and whether it ended.  Blocking: for a worker thread."""
+    out: list[bytes] = []
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    try:
+        while len(out) < most:
+            filled = 0
+            while filled < chunk:
+                n = conn.recv_into(view[filled:])
+                if n == 0:
+                    if filled:
+                        out.append(bytes(view[:filled]))
+                    return out, True
+                filled += n
+            out.append(bytes(view))
+    except OSError as exc:
+        raise QemuError(f"QEMU migration stream: {exc.strerror or exc}") from None
+    return out, False
 
 
 def qemu_binary() -> str | None:
@@ -356,7 +377,6 @@ class QemuVM(ConfiguredVM):
         self.paused_at: float | None = None  # monotonic time QEMU stopped the guest for stop-and-copy
         self.last_stats: dict[str, Any] = {}
         self._incoming: socket.socket | None = None
-        self._received = 0
 
     def __repr__(self) -> str:
         return f"QemuVM({self.name!r}, {self.spec.memory_mib} MiB, state={self.state})"
@@ -554,6 +574,19 @@ class QemuVM(ConfiguredVM):
 
     # -- state -----------------------------------------------------------
 
+    def summary(self) -> dict[str, Any]:
+        """What `palm vm show` adds for this backend (QEMU's own status, asked with a short wait)."""
+        try:
+            status = self.qemu_status(timeout=1.0) if self.state != "dead" else "dead"
+        except HypervisorError as exc:
+            status = f"unreachable ({exc})"
+        return {"workload": "guest", "writes": 0, "resident": True, "pid": self.pid, "accel": self.spec.accel,
+                "qemu_args": [*self.spec.args, *self.local_args], "qemu_status": status}
+
+    def migration_spec(self) -> bytes:
+        """BEGIN's spec: the machine the destination starts (proto 7.7)."""
+        return self.spec.encode()
+
     @property
     def info(self) -> VmInfo:
         return VmInfo(self.name, self.vm_id, self.spec.memory_mib * MIB // PAGE_SIZE, self.spec.vcpus, 0, 0)
@@ -682,52 +715,41 @@ class QemuVM(ConfiguredVM):
 
     # -- migration: source -------------------------------------------------
 
-    def stream_out(self, chunk: int, downtime_limit: float, bandwidth: float | None,
-                   auto_converge: bool) -> Iterator[bytes]:
-        """Starts QEMU's migration into a socket pair and yields its stream in
-        chunks of at most ``chunk`` bytes until QEMU completes (the guest is then
-        paused, "postmigrate").  Raises QemuError if QEMU's migration fails."""
+    def start_stream(self, downtime_limit: float, bandwidth: float | None, auto_converge: bool) -> socket.socket:
+        """Starts QEMU's migration into a socket pair; returns our end, from which
+        ``read_stream`` takes the stream until QEMU closes it."""
         q = self._q()
-        conn: socket.socket | None = None
+        q.execute("migrate-set-capabilities", capabilities=[
+            {"capability": "events", "state": True},
+            {"capability": "auto-converge", "state": auto_converge}])
+        # QEMU caps migration at 128 MiB/s by default; ours is the channel's pace.
+        q.execute("migrate-set-parameters", **{
+            "downtime-limit": max(1, int(downtime_limit * 1000)),
+            "max-bandwidth": int(bandwidth) if bandwidth else 1 << 40})
+        q.events.clear()
+        conn = self._pass_stream_fd(q)
         try:
-            q.execute("migrate-set-capabilities", capabilities=[
-                {"capability": "events", "state": True},
-                {"capability": "auto-converge", "state": auto_converge}])
-            # QEMU caps migration at 128 MiB/s by default; ours is the channel's pace.
-            q.execute("migrate-set-parameters", **{
-                "downtime-limit": max(1, int(downtime_limit * 1000)),
-                "max-bandwidth": int(bandwidth) if bandwidth else 1 << 40})
-            q.events.clear()
-            conn = self._pass_stream_fd(q)
             q.execute("migrate", uri=f"fd:{STREAM_FD}")
-            conn.settimeout(STREAM_TIMEOUT)
-            buf = bytearray(chunk)
-            view = memoryview(buf)
-            eof = False
-            while not eof:  # QEMU closes its end when its migration ends (or fails to start)
-                filled = 0
-                while filled < chunk:  # full records, except the last
-                    n = conn.recv_into(view[filled:])
-                    if n == 0:
-                        eof = True
-                        break
-                    filled += n
-                if filled:
-                    yield bytes(view[:filled])
-        except OSError as exc:
-            raise QemuError(f"QEMU migration stream: {exc.strerror or exc}") from None
-        finally:
-            if conn is not None:
-                conn.close()
+        except BaseException:
+            conn.close()
+            raise
+        conn.settimeout(STREAM_TIMEOUT)
+        return conn
+
+    def finish_stream(self) -> dict[str, Any]:
+        """After QEMU closed the stream: its migration must have completed (the guest
+        is then paused, "postmigrate"); returns QEMU's figures.  QemuError otherwise."""
+        q = self._q()
         ev = q.wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
                           ("completed", "failed", "cancelled"), QMP_TIMEOUT)
-        info = q.execute("query-migrate")
+        info: dict[str, Any] = q.execute("query-migrate")
         self.last_stats = info
         if ev["data"]["status"] != "completed":
             raise QemuError(f"QEMU migration {ev['data']['status']}: {info.get('error-desc', 'no reason given')}")
         self.config["state"] = "paused"  # postmigrate: QEMU keeps the guest stopped
         self._save_config()
         self.paused_at = self._stop_time(q)
+        return info
 
     @staticmethod
     def _stop_time(q: QmpClient) -> float:
@@ -748,11 +770,6 @@ class QemuVM(ConfiguredVM):
             self._incoming.sendall(data)
         except OSError as exc:
             raise QemuError(f"destination QEMU stopped reading the stream: {exc.strerror or exc}") from None
-        self._received += len(data)
-
-    @property
-    def stream_received(self) -> int:
-        return self._received
 
     def end_stream(self) -> None:
         """The whole stream was handed over: wait for QEMU to load it (paused)."""

@@ -15,48 +15,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from dataclasses import dataclass
 
 from palm_net.hypervisor.backend import PAGE_SIZE
 from palm_net.hypervisor.model import ModelVM, VmError
-from palm_net.units import parse_size
+from palm_net.hypervisor.vmspec import Part, WorkloadError, parse_workload
 
 TICK = 0.002
 
 
-class WorkloadError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Part:
-    kind: str  # random, hotset, protected
-    rate: float  # writes per second
-    pages: int = 0  # hotset size in pages
-
-
-def parse_workload(spec: str) -> list[Part]:
-    parts: list[Part] = []
-    for item in spec.split("+"):
-        fields = item.strip().split(":")
-        kind = fields[0]
-        try:
-            if kind == "idle" and len(fields) == 1:
-                continue
-            if kind in ("random", "protected") and len(fields) == 2:
-                parts.append(Part(kind, float(fields[1])))
-            elif kind == "hotset" and len(fields) == 3:
-                size = parse_size(fields[1])
-                parts.append(Part(kind, float(fields[2]), max(1, size // PAGE_SIZE)))
-            else:
-                raise WorkloadError
-        except ValueError:
-            raise WorkloadError(
-                f"bad workload {item!r}: use idle, random:RATE, hotset:SIZE:RATE or protected:RATE"
-            ) from None
-        if parts and not 0 <= parts[-1].rate <= 10_000_000:
-            raise WorkloadError(f"bad workload rate in {item!r}")
-    return parts
 
 
 class Workload:

@@ -9,7 +9,6 @@ Source rules (proto/PROTOCOL.md 7.4):
 
 from __future__ import annotations
 
-import hmac
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -22,65 +21,20 @@ from nacl.signing import SigningKey
 
 from palm_net.channel.handshake import Purpose, TransportMode
 from palm_net.channel.transport import SecureChannel
-from palm_net.hypervisor.qemu import QemuVM
-from palm_net.hypervisor.vms import AnyVM
-from palm_net.migration.engine import (
-    DestinationEngine,
-    MigrationFailure,
-    MigrationParams,
-    MigrationStats,
-    SourceEngine,
-    StreamSourceEngine,
-    check_abort_token,
-    describe,
-    make_abort_token,
-)
-from palm_net.migration.runner import DEADLINE_PER_GIB, DestinationRun, SourceRun
-from palm_net.migration.store import HandoffStore
-from palm_net.wire.errors import ProtocolError
-from palm_net.wire.messages import Message
+from palm_net.hypervisor.backend import HostedVM
+from palm_net.hypervisor.vmspec import check_policy
+from palm_net.migration.destination import DEADLINE_PER_GIB, DestinationEngine
+from palm_net.migration.handoff import HandoffState, HandoffStore, Peer
+from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.migration.runner import DestinationRun, InDoubt, SourceRun
+from palm_net.migration.source import SourceEngine
+from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError
+from palm_net.wire.messages import Begin, Outcome, Query
 from palm_net.wire.protocol import Role, SessionProtocol
 
 log = structlog.get_logger("palm.migration")
 
 ConnectFn = Callable[[str], Awaitable[SecureChannel]]
-
-
-class PolicyError(MigrationFailure):
-    pass
-
-
-def check_policy(policy: str, peer_name: str | None = None, peer_measurement: bytes | None = None) -> None:
-    """Per-VM migration policy, in the spirit of SEV's NOSEND / DOMAIN.
-
-    ``any``; ``none`` (never migrates); ``agents:NAME[,NAME...]``;
-    ``measurements:HEX[,HEX...]``.  Checked before connecting (``none``) and
-    after the handshake, before any page is sent.
-    """
-    kind, _, arg = policy.partition(":")
-    allowed = [a for a in arg.split(",") if a]
-    if kind == "any":
-        return
-    if kind == "none":
-        raise PolicyError("policy", "the VM's policy forbids migration")
-    if kind == "agents":
-        if peer_name is not None and peer_name not in allowed:
-            raise PolicyError("policy", f"the VM's policy does not allow agent {peer_name!r}")
-        return
-    if kind == "measurements":
-        if peer_measurement is not None and peer_measurement.hex() not in allowed:
-            raise PolicyError("policy", "the VM's policy does not allow the destination's measurement")
-        return
-    raise PolicyError("policy", f"unknown policy {policy!r}")
-
-
-def validate_policy(policy: str) -> str:
-    kind, _, arg = policy.partition(":")
-    if kind in ("any", "none") and not arg:
-        return policy
-    if kind in ("agents", "measurements") and arg:
-        return policy
-    raise ValueError(f"bad policy {policy!r}: any, none, agents:NAME,... or measurements:HEX,...")
 
 
 @dataclass
@@ -118,7 +72,7 @@ class MigrationResult:
 
 
 async def migrate_out(
-    vm: AnyVM,
+    vm: HostedVM,
     store: HandoffStore,
     dest_addr: str,
     params: MigrationParams,
@@ -127,6 +81,7 @@ async def migrate_out(
     on_progress: Callable[[MigrationStats], None] | None = None,
     in_doubt_wait: float = 30.0,
     mid: bytes | None = None,
+    spec: bytes = b"",
 ) -> MigrationResult:
     """Migrates ``vm`` to the agent at ``dest_addr``; never raises for a failed migration.
 
@@ -138,224 +93,216 @@ async def migrate_out(
     mid = mid or os.urandom(16)
     stats = MigrationStats()
     started = time.monotonic()
+    name = vm.info.name
 
-    def fail(code: str, reason: str, phase: str) -> MigrationResult:
+    def fail(error: PalmError, phase: str) -> MigrationResult:
         stats.status = "failed"
         stats.total_time = time.monotonic() - started
-        return MigrationResult(False, mid, vm.name, "failed", stats, f"{code}: {reason}", phase, "source")
+        return MigrationResult(False, mid, name, "failed", stats, str(error), phase, "source")
 
     if params.plain and vm.info.protected_pages:
-        return fail("plain-refused", "a VM with protected processes never uses the plain benchmark mode", "setup")
-    if vm.state != "running":
-        return fail("state", f"VM {vm.name!r} is {vm.state}, not running", "setup")
+        return fail(MigrationFailure(ErrorCode.PLAIN_REFUSED, "a VM with protected processes never uses the "
+                                                              "plain benchmark mode"), "setup")
+    if not vm.running:
+        return fail(MigrationFailure(ErrorCode.VM_STATE, f"VM {name!r} is not running"), "setup")
     try:
         check_policy(vm.policy)
         channel = await connect(dest_addr)
-    except (MigrationFailure, ProtocolError) as exc:
-        return fail(*describe(exc, "handshake"), "handshake")
+    except PalmError as exc:
+        return fail(exc, "handshake")
     except OSError as exc:
-        return fail("unreachable", f"destination {dest_addr} not reachable ({exc.strerror or exc})", "connect")
-    peer = channel.result.peer
+        return fail(MigrationFailure(ErrorCode.UNREACHABLE, f"destination {dest_addr} not reachable "
+                                                            f"({exc.strerror or exc})"), "connect")
+    info = channel.result.peer
+    peer = Peer(info.name, info.static_pub, info.sign_pub, dest_addr)
     try:
         try:
-            check_policy(vm.policy, peer.name, peer.measurement)
+            check_policy(vm.policy, info.name, info.measurement)
         except MigrationFailure as exc:
-            return fail(exc.code, exc.reason, "policy")
-        store.create(mid, "source", vm.name, vm.vm_id, peer.name, dest_addr, peer.static_pub, peer.sign_pub,
-                     "sending")
-        vm.set_migration(mid)
-        engine: SourceEngine | StreamSourceEngine = (
-            StreamSourceEngine(vm, mid, params, stats, vm.spec.encode()) if isinstance(vm, QemuVM)
-            else SourceEngine(vm, mid, params, stats))
-        run = SourceRun(channel, engine, store, (lambda: on_progress(stats)) if on_progress else None, started)
+            return fail(exc, "policy")
+        store.open_outgoing(mid, vm, peer)
+        engine = SourceEngine(mid, vm.info, params, stream=bool(spec), spec=spec, stats=stats)
+        run = SourceRun(channel, engine, vm, store, (lambda: on_progress(stats)) if on_progress else None, started)
         try:
             await run.run()
-        except Exception as exc:
-            code, reason = describe(exc, type(exc).__name__)
+        except (PalmError, InDoubt) as exc:
+            error = exc if isinstance(exc, PalmError) else MigrationFailure(ErrorCode.OUT_OF_STATE, str(exc))
             if not run.handed_off:
-                return await _resume_after_failure(vm, store, mid, stats, code, reason, started, channel,
-                                                   engine, peer.name)
+                return await _resume_after_failure(vm, store, error, stats, started, channel, engine, peer)
+            if run.abort_token is not None:  # the destination refused the commit, with its token
+                store.abort_and_resume(mid, vm, str(error), token=run.abort_token)
+                return _recovered("aborted", name, mid, stats, started, peer.name)
             # Past the handoff point: ask the destination (in doubt until it answers).
-            log.warning("in doubt after COMMIT", migration=mid.hex(), vm=vm.name, peer=peer.name,
-                        phase="in-doubt", error=code)
-            stats.status = "in-doubt"
-            stats.phase = "in-doubt"
+            log.warning("in doubt after COMMIT", migration=mid.hex(), vm=name, peer=peer.name,
+                        phase="in-doubt", error=error.code.value)
+            stats.status = stats.phase = "in-doubt"
             with trio.move_on_after(in_doubt_wait):
                 while True:
                     outcome = await recover_once(store, mid, vm, connect_recovery)
                     if outcome is not None:
-                        return _recovered(outcome, vm, mid, stats, started, peer.name)
+                        return _recovered(outcome, name, mid, stats, started, peer.name)
                     await trio.sleep(0.5)  # retry backoff
             stats.total_time = time.monotonic() - started
-            return MigrationResult(False, mid, vm.name, "in-doubt", stats,
-                                   f"{code}: {reason}; outcome unknown, VM paused until the destination answers",
+            return MigrationResult(False, mid, name, "in-doubt", stats,
+                                   f"{error}; outcome unknown, VM paused until the destination answers",
                                    "in-doubt", "none (paused, in doubt)", peer.name)
         except BaseException:
-            # Cancellation (operator cancel, agent shutdown), possibly grouped by a
-            # nursery: before the handoff point the VM runs here again.
+            # Cancellation (operator cancel, agent shutdown): before the handoff
+            # point the VM runs here again.
             if not run.handed_off:
-                _resume_source(vm, store, mid, "cancelled", "migration cancelled")
+                store.abort_and_resume(mid, vm, "cancelled: migration cancelled")
             raise
-        store.transition(mid, ("handed_off",), "done")
+        store.confirm_and_scrub(mid, vm)
         store.set_stats(mid, stats.as_dict())
-        vm.scrub()
-        log.info("migration completed", migration=mid.hex(), vm=vm.name, peer=peer.name, phase="done",
+        log.info("migration completed", migration=mid.hex(), vm=name, peer=peer.name, phase="done",
                  round=engine.round, downtime_ms=round((stats.downtime or 0) * 1000, 1))
-        return MigrationResult(True, mid, vm.name, "completed", stats, runs_on="destination", peer=peer.name)
+        return MigrationResult(True, mid, name, "completed", stats, runs_on="destination", peer=peer.name)
     finally:
         with trio.move_on_after(1):
             await channel.aclose()
 
 
-async def _resume_after_failure(vm: AnyVM, store: HandoffStore, mid: bytes, stats: MigrationStats, code: str,
-                                reason: str, started: float, channel: SecureChannel,
-                                engine: SourceEngine | StreamSourceEngine, peer: str) -> MigrationResult:
+async def _resume_after_failure(vm: HostedVM, store: HandoffStore, error: PalmError, stats: MigrationStats,
+                                started: float, channel: SecureChannel, engine: SourceEngine,
+                                peer: Peer) -> MigrationResult:
+    """Before the handoff point the source may always run again (ABORT to the destination, best effort)."""
     phase = stats.phase
-    abort = engine.abort(code, reason)
+    abort = engine.abort(error.code)
     if abort is not None:
         with trio.move_on_after(1):
             try:
-                await channel.send_record(abort)
-            except Exception:  # noqa: S110 - best effort: the destination discards on its own anyway
-                pass
-    _resume_source(vm, store, mid, code, reason)
+                await channel.send(abort)
+            except (PalmError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                    OSError):
+                pass  # the destination discards on its own anyway
+    store.abort_and_resume(engine.mid, vm, str(error))
     stats.status = "failed"
     stats.total_time = time.monotonic() - started
-    log.warning("migration failed, VM resumed on the source", migration=mid.hex(), vm=vm.name, peer=peer,
-                phase=phase, error=code, reason=reason)
-    return MigrationResult(False, mid, vm.name, "failed", stats, f"{code}: {reason}", phase, "source", peer)
+    log.warning("migration failed, VM resumed on the source", migration=engine.mid.hex(), vm=vm.info.name,
+                peer=peer.name, phase=phase, error=error.code.value, reason=error.detail)
+    return MigrationResult(False, engine.mid, vm.info.name, "failed", stats, str(error), phase, "source", peer.name)
 
 
-def _resume_source(vm: AnyVM, store: HandoffStore, mid: bytes, code: str, reason: str) -> None:
-    """Before the handoff point the source may always run again."""
-    store.transition(mid, ("sending",), "aborted", error=f"{code}: {reason}"[:500])
-    vm.resume_after_migration()
-
-
-def _recovered(outcome: str, vm: AnyVM, mid: bytes, stats: MigrationStats, started: float,
+def _recovered(outcome: str, name: str, mid: bytes, stats: MigrationStats, started: float,
                peer: str) -> MigrationResult:
     stats.total_time = time.monotonic() - started
     if outcome == "committed":
         stats.status = "completed"
-        return MigrationResult(True, mid, vm.name, "completed", stats, runs_on="destination", peer=peer,
+        return MigrationResult(True, mid, name, "completed", stats, runs_on="destination", peer=peer,
                                extra={"recovered": True})
     stats.status = "failed"
-    return MigrationResult(False, mid, vm.name, "failed", stats, "aborted: destination issued an abort token",
+    return MigrationResult(False, mid, name, "failed", stats, "aborted: destination issued an abort token",
                            "in-doubt", "source", peer)
 
 
-async def recover_once(store: HandoffStore, mid: bytes, vm: AnyVM | None, connect_recovery: ConnectFn) -> str | None:
+async def recover_once(store: HandoffStore, mid: bytes, vm: HostedVM | None,
+                       connect_recovery: ConnectFn) -> str | None:
     """One attempt to learn an in-doubt migration's outcome and apply it.
 
     Returns "committed" / "aborted" once settled, None if the destination
-    could not be asked (try again later).
+    could not be asked or gave no usable answer (try again later).
     """
     row = store.get(mid)
-    if row is None or row.role != "source":
+    if row is None or row.role is not Role.SOURCE:
         return None
-    if row.state != "handed_off":
-        return row.state
+    if row.state is not HandoffState.HANDED_OFF:
+        return "committed" if row.state is HandoffState.DONE else "aborted"
     try:
-        channel = await connect_recovery(row.peer_addr)
-    except (OSError, ProtocolError):
+        channel = await connect_recovery(row.peer.addr)
+    except (OSError, PalmError):
         return None
     try:
-        peer = channel.result.peer
-        if peer.static_pub != row.peer_static:
-            log.error("recovery reached another agent", migration=mid.hex(), peer=peer.name, phase="in-doubt")
+        if not row.is_peer(channel.result.peer.static_pub):
+            log.error("recovery reached another agent", migration=mid.hex(), peer=channel.peer_name,
+                      phase="in-doubt")
             return None
         proto = SessionProtocol(Role.SOURCE, mid, recovery=True)
         with trio.fail_after(10):
-            await channel.send_record(proto.send("QUERY"))
-            msg = proto.receive(await channel.receive_record())
-    except (OSError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await channel.send(proto.send(Query()))
+            answer = proto.receive((await channel.receive()).data).get(Outcome)
+    except (OSError, PalmError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
         return None
     finally:
         with trio.move_on_after(1):
             await channel.aclose()
-    outcome, token = msg.body["outcome"], msg.body["token"]
-    bound = log.bind(migration=mid.hex(), vm=row.vm, peer=row.peer, phase="in-doubt")
-    if outcome == "committed":
-        store.transition(mid, ("handed_off",), "done")
-        if vm is not None:
-            vm.scrub()
+    bound = log.bind(migration=mid.hex(), vm=row.vm, peer=row.peer.name, phase="in-doubt")
+    if answer.outcome == "committed":
+        store.confirm_and_scrub(mid, vm)
         bound.info("in-doubt migration resolved: committed on the destination, source scrubbed")
         return "committed"
-    if outcome == "aborted" and check_abort_token(row.peer_sign, mid, token):
-        store.transition(mid, ("handed_off",), "aborted", token=token, error="aborted by destination token")
-        if vm is not None:
-            vm.resume_after_migration()
+    if answer.outcome == "aborted" and answer.token:
+        try:
+            store.abort_and_resume(mid, vm, "aborted by destination token", token=answer.token)
+        except PalmError:
+            bound.error("recovery answer with an invalid abort token ignored")
+            return None
         bound.warning("in-doubt migration resolved: destination aborted (valid token), VM resumed on the source")
         return "aborted"
-    if outcome == "unknown":
-        bound.error("the destination does not know this migration as ours; still in doubt")
-        return None
-    bound.error("recovery answer without a valid abort token ignored", outcome=outcome)
+    bound.error("the destination does not know this migration as ours; still in doubt", outcome=answer.outcome)
     return None
 
 
-def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes, asker_static: bytes,
-                 asker_name: str = "?", asker_sign: bytes = b"") -> tuple[str, bytes]:
+def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes, asker: Peer) -> Outcome:
     """Destination side of recovery, for the source recorded for ``mid`` only:
     'committed', or abort forever and hand out the token.  Another agent
     learns 'unknown' and changes nothing."""
     row = store.get(mid)
     if row is None:
-        # Never heard of it: record the abort (bounded per peer, expiring) so
-        # that a late BEGIN with this id is refused too.
-        store.record_unknown_query(mid, asker_name, asker_static, asker_sign)
-        row = store.get(mid)
-    elif row.role != "destination" or not hmac.compare_digest(row.peer_static, asker_static):
-        return "unknown", b""
+        store.record_unknown(mid, asker)  # a late BEGIN with this id is refused too
+    elif row.role is not Role.DESTINATION or not row.is_peer(asker.static_pub):
+        return Outcome("unknown", b"")
     else:
-        store.transition(mid, ("receiving", "prepared"), "aborted", error="aborted on recovery query")
-        row = store.get(mid)
-    if row is not None and row.state == "committed":
-        return "committed", b""
-    if row is not None and row.state == "aborted":  # a token only for what is recorded aborted
-        return "aborted", make_abort_token(signing, mid)
-    return "unknown", b""
+        store.abort_forever(mid, None, "aborted on recovery query")  # a no-op once committed
+    row = store.get(mid)
+    if row is not None and row.state is HandoffState.COMMITTED:
+        return Outcome("committed", b"")
+    token = store.abort_token(mid, asker.static_pub, signing)  # only for what is recorded aborted
+    return Outcome("aborted", token) if token else Outcome("unknown", b"")
 
 
-def override_resume(store: HandoffStore, mid: bytes, vm: AnyVM, operator_reason: str) -> None:
+def override_resume(store: HandoffStore, mid: bytes, vm: HostedVM, operator_reason: str) -> None:
     """The operator's loud override: resume an in-doubt VM without the destination's word.
 
     This can fork the VM if the destination did commit; it is logged as an error.
     """
     row = store.get(mid)
-    if row is None or row.state != "handed_off":
-        raise MigrationFailure("state", "no in-doubt migration with that id")
-    store.transition(mid, ("handed_off",), "aborted", error=f"OPERATOR OVERRIDE: {operator_reason}"[:500])
+    if row is None or row.state is not HandoffState.HANDED_OFF:
+        raise MigrationFailure(ErrorCode.VM_STATE, "no in-doubt migration with that id")
     log.error("OPERATOR OVERRIDE: in-doubt VM resumed without the destination's abort token; "
-              "if the destination committed, the VM now runs twice", migration=mid.hex(), vm=vm.name,
-              peer=row.peer, phase="in-doubt", reason=operator_reason)
-    vm.resume_after_migration()
+              "if the destination committed, the VM now runs twice", migration=mid.hex(), vm=vm.info.name,
+              peer=row.peer.name, phase="in-doubt", reason=operator_reason)
+    store.abort_and_resume(mid, vm, f"OPERATOR OVERRIDE: {operator_reason}", override=True)
 
 
 async def serve_incoming(
     channel: SecureChannel,
     store: HandoffStore,
     signing: SigningKey,
-    make_vm: Callable[[Message], AnyVM],
+    open_vm: Callable[[bytes, Begin, Peer], Awaitable[HostedVM]],
     max_pages: int,
-    on_engine: Callable[[DestinationEngine], None] | None = None,
-    admit: Callable[[bytes, int], Callable[[], None]] | None = None,
     deadline_per_gib: float = DEADLINE_PER_GIB,
-) -> None:
-    """Destination side of one attested session: a migration or a recovery query."""
-    peer = channel.result.peer
+    runs: dict[int, DestinationRun] | None = None,
+) -> DestinationRun | None:
+    """Destination side of one attested session: a recovery query (answered here),
+    or a migration (returns its run: its engine's outcome and VM, for the agent)."""
+    info = channel.result.peer
     if channel.result.purpose is Purpose.RECOVERY:
         proto = SessionProtocol(Role.DESTINATION, recovery=True)
         with trio.fail_after(10):
-            proto.receive(await channel.receive_record())  # QUERY: the state machine allows nothing else
+            proto.receive((await channel.receive()).data)  # QUERY: the state machine allows nothing else
             assert proto.mid is not None
-            outcome, token = answer_query(store, signing, proto.mid, peer.static_pub, peer.name, peer.sign_pub)
-            log.info("recovery query answered", migration=proto.mid.hex(), peer=peer.name, phase="in-doubt",
-                     outcome=outcome)
-            await channel.send_record(proto.send("OUTCOME", outcome=outcome, token=token))
-        return
-    engine = DestinationEngine(make_vm, store, signing, peer.name, peer.static_pub, peer.sign_pub,
-                               channel.result.mode is TransportMode.PLAIN_BENCHMARK, max_pages, admit)
-    if on_engine is not None:
-        on_engine(engine)
-    await DestinationRun(channel, engine, deadline_per_gib=deadline_per_gib).run()
+            outcome = answer_query(store, signing, proto.mid, Peer(info.name, info.static_pub, info.sign_pub))
+            log.info("recovery query answered", migration=proto.mid.hex(), peer=info.name, phase="in-doubt",
+                     outcome=outcome.outcome)
+            await channel.send(proto.send(outcome))
+        return None
+    engine = DestinationEngine(channel.result.mode is TransportMode.PLAIN_BENCHMARK, max_pages, deadline_per_gib)
+    run = DestinationRun(channel, engine, store, signing, open_vm)
+    if runs is not None:
+        runs[id(run)] = run
+    try:
+        await run.run()
+    finally:
+        if runs is not None:
+            runs.pop(id(run), None)
+    return run

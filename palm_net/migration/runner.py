@@ -1,291 +1,474 @@
-"""The trio shell around the migration engines: moves bytes, runs tasks, keeps time.
+"""The trio shells around the migration engines: they move bytes, run tasks, keep time.
 
-Source pipeline: a producer advances the engine's message generator in a
-worker thread (reading pages, encoding and sealing records; libsodium
-releases the GIL) and hands ~1 MiB chunks of sealed frames through a bounded
-memory channel to the sender task, which writes them to the socket.  The
-window of chunks in flight bounds the agent's memory whatever the guest size.
-A receiver task reads the destination's messages concurrently so an ABORT
-stops the stream at once.
+Each engine has one owner, the trio task that runs its session: every call
+into an engine, its session protocol and the durable handoff happens on
+the trio thread.  Worker threads get plain inputs and return plain outputs:
+pages read from the VM, page batches written into it, records sealed or
+opened (libsodium drops the GIL), a digest.
+
+Source: a producer task reads the round's pages in a worker thread, ~1 MiB
+at a time, into a bounded window; the session task turns each batch into a
+PAGES message (the engine) and sends them as one sealed batch.  A receiver
+task reads the destination's messages concurrently, so an ABORT stops the
+stream at once.
+
+Destination: a reader task reads the socket ahead into a bounded window;
+the session task opens the buffered records in a worker thread, gives them
+to the engine one by one, and performs its effects in order, applying runs
+of page batches in one worker call.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import structlog
 import trio
+from nacl.signing import SigningKey
 
 from palm_net.channel.transport import SecureChannel
-from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
-from palm_net.migration.engine import (
-    DestinationEngine,
-    MigrationFailure,
-    SourceEngine,
-    StreamSourceEngine,
-    check_abort_token,
-    describe,
+from palm_net.hypervisor.backend import Backend, HostedVM, HypervisorError, PageBatch, StreamBackend
+from palm_net.hypervisor.protection import IntegrityError
+from palm_net.hypervisor.qemu import read_stream
+from palm_net.migration.destination import DestinationEngine
+from palm_net.migration.effects import (
+    Aborted,
+    AbortForever,
+    ApplyPages,
+    CommitAndActivate,
+    Committed,
+    Effect,
+    EndStream,
+    ImportCpuState,
+    ImportKeys,
+    ImportProtection,
+    KeysImported,
+    Opened,
+    OpenIncoming,
+    Prepare,
+    Prepared,
+    ProtectionImported,
+    Result,
+    Send,
+    StreamIn,
+    StreamLoaded,
 )
-from palm_net.migration.store import HandoffStore
-from palm_net.trioutil import single_error
-from palm_net.wire.errors import ProtocolError
-from palm_net.wire.messages import Message
-from palm_net.wire.protocol import CLEAR_ALLOWED, State
+from palm_net.migration.handoff import HandoffStore, Peer, check_abort_token
+from palm_net.migration.source import SourceEngine
+from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
+from palm_net.wire.messages import MAX_BLOB, MAX_PAGES_PER_MESSAGE, MAX_PLAINTEXT, Abort, Begin, Message
+from palm_net.wire.protocol import FINAL
 
 log = structlog.get_logger("palm.migration")
 
-RECORDS_PER_CHUNK = 16  # ~1 MiB of frames per hand-off to the sender
-RECV_CHUNK = 1 << 20  # destination: bytes per socket read handed to the worker
-WINDOW = 4  # chunks in flight between producer and sender
-IDLE_TIMEOUT = 60.0  # destination: longest silence from the source
-BEGIN_TIMEOUT = 30.0  # destination: BEGIN within this of the session's start
-SESSION_BASE = 120.0  # destination: a whole migration within this plus DEADLINE_PER_GIB per GiB
-DEADLINE_PER_GIB = 150.0
-
-
-@dataclass
-class Flush:
-    done: trio.Event
+RECORDS_PER_CHUNK = 16  # ~1 MiB of records per hand-off between tasks and threads
+RECV_CHUNK = 1 << 20  # destination: bytes per socket read
+WINDOW = 4  # chunks in flight between producer and consumer
+PAGES_BUDGET = MAX_PLAINTEXT - 256  # page arrays + data of one PAGES message; the rest is envelope
 
 
 class InDoubt(Exception):
     """The handoff point passed and the outcome is unknown: the VM stays paused."""
 
 
+def session_error(exc: BaseException) -> PalmError:
+    """What ended a session, in the one vocabulary (the I/O layer's own errors mapped once, here)."""
+    if isinstance(exc, PalmError):
+        return exc
+    if isinstance(exc, trio.TooSlowError):
+        return RemoteProtocolError(ErrorCode.TIMEOUT, "the session ran out of time")
+    if isinstance(exc, IntegrityError):
+        return MigrationFailure(ErrorCode.INTEGRITY, str(exc))
+    if isinstance(exc, HypervisorError):
+        return MigrationFailure(ErrorCode.HYPERVISOR, str(exc))
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+        return RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({type(exc).__name__})")
+    raise exc
+
+
+def first_error(group: BaseExceptionGroup[Any]) -> PalmError:
+    """The first error of a nursery's group that is not a cancellation."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, trio.Cancelled):
+            return session_error(exc)
+    raise group
+
+
+# --------------------------------------------------------------------------
+# Source
+
+
 class SourceRun:
     """One outgoing migration over an established channel."""
 
-    def __init__(self, channel: SecureChannel, engine: SourceEngine | StreamSourceEngine, store: HandoffStore,
+    def __init__(self, channel: SecureChannel, engine: SourceEngine, vm: HostedVM, store: HandoffStore,
                  on_progress: Callable[[], None] | None = None, started: float | None = None) -> None:
         self.ch = channel
         self.engine = engine
+        self.vm = vm
         self.store = store
         self.on_progress = on_progress or (lambda: None)
         self.log = log.bind(migration=engine.mid.hex(), vm=engine.info.name, peer=channel.peer_name)
-        self._send, self._recv = trio.open_memory_channel[bytes | Flush](WINDOW)
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](8)
         self.started = time.monotonic() if started is None else started
         self.handed_off = False
+        self.abort_token: bytes | None = None  # a valid one from the destination, after COMMIT
+        self._paced_since = time.monotonic()
+        self._paced_bytes = 0
 
     # -- plumbing
 
-    async def _sender(self) -> None:
-        stats, cap = self.engine.stats, self.engine.params.bandwidth
-        t0, sent = time.monotonic(), 0
-        async for item in self._recv:
-            if isinstance(item, Flush):
-                item.done.set()
-                continue
-            await self.ch.stream.send_all(item)
-            sent += len(item)
-            stats.transferred += len(item)
-            if cap:  # pacing to the bandwidth cap
-                ahead = sent / cap - (time.monotonic() - t0)
-                if ahead > 0:
-                    await trio.sleep(ahead)
-
     async def _receiver(self) -> None:
         while True:
-            data = await self.ch.receive_record()
-            msg = self.engine.receive(data)
-            if msg.type == "ABORT" and self.engine.proto.state is State.ABORTED and not self.handed_off:
-                raise MigrationFailure(msg.body["code"], "destination aborted: " + msg.body["reason"])
+            msg = self.engine.on_record(await self.ch.receive())
             await self._inbox_send.send(msg)
-            if self.engine.proto.state in (State.DONE, State.ABORTED):
+            if self.engine.proto.state in FINAL:
                 return  # the session is over: a close from here on is not an error
 
-    def _seal_some(self, it: Iterator[bytes], limit: int) -> tuple[bytes, bool]:
-        parts: list[bytes] = []
-        seal, proto = self.ch.sender.seal_parts, self.engine.proto
-        plain = self.ch.sender.plain
-        for msg in it:
-            # Each message is yielded right after the protocol made it: in the
-            # plain benchmark mode, only bulk data goes in the clear.
-            parts.extend(seal(msg, plain and proto.last_sent in CLEAR_ALLOWED))
-            if len(parts) >= 2 * limit:
-                return b"".join(parts), False  # one copy of the chunk, not one per frame
-        return b"".join(parts), True
+    async def _send(self, messages: Sequence[bytes], bulk: bool = False) -> None:
+        sent = await self.ch.send_batch([(m, bulk) for m in messages])
+        self.engine.stats.transferred += sent
+        cap = self.engine.params.bandwidth
+        if cap:  # pacing to the bandwidth cap
+            self._paced_bytes += sent
+            ahead = self._paced_bytes / cap - (time.monotonic() - self._paced_since)
+            if ahead > 0:
+                await trio.sleep(ahead)
 
-    async def _pump(self, messages: Iterable[bytes]) -> None:
-        it = iter(messages)
-        try:
-            while True:
-                chunk, done = await trio.to_thread.run_sync(self._seal_some, it, RECORDS_PER_CHUNK)
-                if chunk:
-                    await self._send.send(chunk)
-                self.on_progress()
-                if done:
-                    return
-        finally:
-            # A generator left half-way (failure, cancel) releases what it holds
-            # now (a hypervisor's migration socket), not when the traceback dies.
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    async def _flush(self) -> None:
-        ev = trio.Event()
-        await self._send.send(Flush(ev))
-        await ev.wait()
-
-    async def _expect(self, mtype: str, timeout: float) -> Message:
+    async def _expect(self, timeout: float) -> Message:
         with trio.fail_after(timeout):
-            msg = await self._inbox.receive()
-        if msg.type != mtype:
-            raise MigrationFailure(msg.body.get("code", "protocol"), f"expected {mtype}, got {msg.type}")
-        return msg
+            return await self._inbox.receive()
 
     # -- the migration
 
     async def run(self) -> None:
-        """Raises on failure; ``handed_off`` then tells whether the outcome is in doubt."""
-        with single_error():
+        """Raises PalmError (or InDoubt) on failure; ``handed_off`` then tells whether
+        the outcome is in doubt."""
+        try:
             await self._run()
+        except BaseExceptionGroup as group:
+            err = first_error(group)
+            raise err from None
 
     async def _run(self) -> None:
-        eng, st = self.engine, self.engine.stats
+        eng, st, timeout = self.engine, self.engine.stats, self.engine.params.reply_timeout
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._sender)
             nursery.start_soon(self._receiver)
-            await self._pump([eng.begin()])
-            await self._expect("ACCEPT", self.engine.params.reply_timeout)
+            await self._send([eng.begin()])
+            eng.accepted(await self._expect(timeout))
             st.setup_time = time.monotonic() - self.started
-            if isinstance(eng, StreamSourceEngine):
-                self.log.info("migration started", phase="stream", backend=eng.backend, pages=eng.info.npages)
-                await self._pump(eng.stream_messages())
-                hv = st.hypervisor or {}
-                self.log.info("stream done", phase="stop-and-copy", rounds=hv.get("rounds"),
-                              stream_bytes=eng.stream_bytes, hypervisor_downtime_ms=hv.get("downtime_ms"))
+            if eng.stream:
+                await self._stream(cast(StreamBackend, self.vm))
             else:
-                await self._precopy(eng)
-            await self._pump([eng.complete(self.ch.sender.count, self.ch.sender.transcript)])
+                await self._precopy(cast(Backend, self.vm))
+            await self._send([eng.complete(*self.ch.sent)])
             self.log.debug("complete sent", phase="verify", round=eng.round,
                            paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
             # Our digest (if asked) while the destination verifies: both run at once.
+            digest: list[str] = []
             async with trio.open_nursery() as digest_nursery:
-                digest_nursery.start_soon(trio.to_thread.run_sync, eng.digest_paused)
-                ready = await self._expect("READY", self.engine.params.reply_timeout)
-            eng.check_ready(ready)
+                if eng.params.verify_digest:
+                    digest_nursery.start_soon(self._digest, digest)
+                ready = await self._expect(timeout)
+            eng.check_ready(ready, digest[0] if digest else None)
             # The handoff point: durable before COMMIT leaves.
-            if not self.store.transition(eng.mid, ("sending",), "handed_off"):
-                raise MigrationFailure("state", "migration was cancelled before the handoff")
+            if not self.store.hand_off(eng.mid):
+                raise MigrationFailure(ErrorCode.CANCELLED, "migration was cancelled before the handoff")
             self.handed_off = True
             self.log.info("handed off", phase="commit", round=eng.round)
-            await self._pump([eng.commit()])
-            await self._flush()
-            with trio.fail_after(self.engine.params.reply_timeout):
-                msg = await self._inbox.receive()
-            self._finish(msg)
+            await self._send([eng.commit()])
+            self._finish(await self._expect(timeout))
             nursery.cancel_scope.cancel()
 
-    async def _precopy(self, eng: SourceEngine) -> None:
+    async def _digest(self, out: list[str]) -> None:
+        out.append(await trio.to_thread.run_sync(self.vm.digest))
+
+    async def _precopy(self, vm: Backend) -> None:
         """Pre-copy rounds until convergence, then stop-and-copy."""
-        st = eng.stats
-        await self._pump([eng.start()])
+        eng, st = self.engine, self.engine.stats
+
+        def start() -> bytes:
+            vm.enable_dirty_log()  # before the first page is read
+            return vm.export_keys()
+
+        await self._send([eng.keys(await trio.to_thread.run_sync(start))])
         self.log.info("migration started", phase="round", round=0, pages=eng.info.npages)
         while True:
             t0, b0 = time.monotonic(), st.transferred
-            await self._pump(eng.page_messages())
-            await self._flush()
-            end_msg, stop = eng.end_round(time.monotonic() - t0, st.transferred - b0)
+            await self._send_pages(vm, eng.pending)
+            dirty = await trio.to_thread.run_sync(vm.collect_dirty)
+            end_msg, stop, throttle = eng.end_round(time.monotonic() - t0, st.transferred - b0, dirty)
+            if throttle is not None:
+                vm.set_throttle(throttle)
             r = st.rounds[-1]
             self.log.info("round done", phase="round", round=r.round, pages=r.pages, dirty=r.dirty_pages,
                           seconds=round(r.duration, 4), expected_downtime=st.expected_downtime)
-            await self._pump([end_msg])
+            await self._send([end_msg])
             if stop:
                 break
-        self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(eng.pending))
-        await self._pump(eng.stop_and_copy())
+
+        def pause() -> tuple[float, Any]:
+            vm.pause()
+            paused_at = time.monotonic()
+            dirty = vm.collect_dirty()  # what the guest wrote until the pause
+            vm.disable_dirty_log()
+            return paused_at, dirty
+
+        paused_at, dirty = await trio.to_thread.run_sync(pause)
+        gfns = eng.stop_and_copy(paused_at, dirty)
+        self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(gfns))
+        await self._send_pages(vm, gfns)
+        cpu, blob = await trio.to_thread.run_sync(lambda: (vm.export_cpu_state(), vm.export_protection()))
+        await self._send(eng.final_state(cpu, blob))
+
+    async def _send_pages(self, vm: Backend, gfns: Sequence[int]) -> None:
+        """The pages of ``gfns``: read ahead in a worker thread, sent as PAGES messages."""
+        eng = self.engine
+        send, recv = trio.open_memory_channel[tuple[list[PageBatch], int]](WINDOW)
+        round_no = eng.round
+
+        def read_some(start: int) -> tuple[list[PageBatch], int]:
+            batches: list[PageBatch] = []
+            i = start
+            while i < len(gfns) and len(batches) < RECORDS_PER_CHUNK:
+                batch, i = vm.read_pages(gfns, i, round_no, PAGES_BUDGET, MAX_PAGES_PER_MESSAGE)
+                batches.append(batch)
+            return batches, i
+
+        async def produce() -> None:
+            async with send:
+                i = 0
+                while i < len(gfns):
+                    batches, i = await trio.to_thread.run_sync(read_some, i)
+                    await send.send((batches, i))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            async for batches, done in recv:
+                left = len(gfns) - done
+                await self._send([eng.pages(b, left) for b in batches], bulk=True)
+                self.on_progress()
+
+    async def _stream(self, vm: StreamBackend) -> None:
+        """A stream backend: its own rounds and stop-and-copy; we carry the bytes."""
+        eng, p = self.engine, self.engine.params
+        self.log.info("migration started", phase="stream", backend=vm.backend, pages=eng.info.npages)
+        conn = await trio.to_thread.run_sync(vm.start_stream, p.downtime_limit, p.bandwidth, p.auto_converge)
+        try:
+            ended = False
+            while not ended:
+                chunks, ended = await trio.to_thread.run_sync(read_stream, conn, MAX_BLOB, RECORDS_PER_CHUNK)
+                if chunks:
+                    await self._send([eng.stream_chunk(c) for c in chunks], bulk=True)
+                self.on_progress()
+        finally:
+            conn.close()  # also on failure or cancel: QEMU sees its stream end
+        stats = await trio.to_thread.run_sync(vm.finish_stream)
+        await self._send([eng.stream_end(vm.paused_at, stats)])
+        hv = eng.stats.hypervisor or {}
+        self.log.info("stream done", phase="stop-and-copy", rounds=hv.get("rounds"), stream_bytes=eng.stream_bytes,
+                      hypervisor_downtime_ms=hv.get("downtime_ms"))
 
     def _finish(self, msg: Message) -> None:
-        eng, st = self.engine, self.engine.stats
-        if msg.type == "DONE":
-            st.downtime = time.monotonic() - (eng.paused_at or time.monotonic())
-            st.total_time = time.monotonic() - self.started
-            st.status = st.phase = "completed"
-            return
-        # ABORT after COMMIT: only with a valid token may the source resume.
-        token = msg.body.get("token", b"")
-        if msg.type == "ABORT" and check_abort_token(self.ch.result.peer.sign_pub, eng.mid, token):
-            raise MigrationFailure("aborted", "destination refused the commit: " + msg.body.get("reason", ""))
-        raise InDoubt("unexpected answer to COMMIT")
+        eng = self.engine
+        if isinstance(msg.body, Abort):
+            # ABORT after COMMIT: only with a valid token may the source resume.
+            if check_abort_token(self.ch.result.peer.sign_pub, eng.mid, msg.body.token):
+                self.abort_token = msg.body.token
+                raise MigrationFailure(ErrorCode.ABORTED, "destination refused the commit: " + msg.body.reason)
+            raise InDoubt("an abort without a valid token after COMMIT")
+        eng.done(msg, time.monotonic(), self.started)
+
+
+# --------------------------------------------------------------------------
+# Destination
+
+
+class DestinationHost:
+    """Performs a destination engine's requests on the incoming VM and the durable
+    handoff.  Blocking, and touching neither the engine nor the session: the
+    shell runs it in a worker thread (tests may call it directly)."""
+
+    def __init__(self, store: HandoffStore, signing: SigningKey, peer: Peer) -> None:
+        self.store = store
+        self.signing = signing
+        self.peer = peer
+        self.vm: HostedVM | None = None
+
+    def bulk(self, effects: Sequence[Effect]) -> None:
+        """Page batches into the VM (protected ones verified on arrival), or stream bytes to it."""
+        vm = self.vm
+        assert vm is not None
+        try:
+            for eff in effects:
+                if isinstance(eff, ApplyPages):
+                    cast(Backend, vm).write_pages(eff.batch)
+                elif isinstance(eff, StreamIn):
+                    cast(StreamBackend, vm).stream_in(eff.data)
+        except (IntegrityError, HypervisorError) as exc:
+            raise session_error(exc) from None
+
+    def perform(self, eff: Effect, mid: bytes | None) -> Result | None:
+        """One request (not Send, not OpenIncoming: those are the shell's); its result, if one is due.
+        ``mid``: the session's migration id (None before a valid first message)."""
+        if isinstance(eff, AbortForever):
+            vm, self.vm = self.vm, None
+            if eff.recorded and mid is not None:
+                self.store.abort_forever(mid, vm, eff.why)
+                return Aborted(self.store.abort_token(mid, self.peer.static_pub, self.signing))
+            if vm is not None:
+                vm.scrub()
+            return Aborted(b"")
+        vm = self.vm
+        assert vm is not None and mid is not None  # the engine asks for these only after OpenIncoming
+        try:
+            if isinstance(eff, (ApplyPages, StreamIn)):
+                self.bulk([eff])
+                return None
+            if isinstance(eff, ImportKeys):
+                cast(Backend, vm).import_keys(eff.data)
+                return KeysImported(vm.info.protected_pages)
+            if isinstance(eff, ImportCpuState):
+                cast(Backend, vm).import_cpu_state(eff.state)
+                return None
+            if isinstance(eff, ImportProtection):
+                cast(Backend, vm).import_protection(eff.blob)
+                return ProtectionImported(vm.info.protected_pages)
+            if isinstance(eff, EndStream):
+                cast(StreamBackend, vm).end_stream()
+                return StreamLoaded()
+            if isinstance(eff, Prepare):
+                persisted = self.store.prepare(mid, vm)
+                return Prepared(persisted, bytes.fromhex(vm.digest()) if persisted and eff.digest else b"")
+            if isinstance(eff, CommitAndActivate):
+                return Committed(self.store.commit_and_activate(mid, vm))
+        except (IntegrityError, HypervisorError) as exc:
+            raise session_error(exc) from None
+        raise AssertionError(f"no host for {eff!r}")
 
 
 class DestinationRun:
-    """One incoming migration over an established channel."""
+    """One incoming migration over an established channel.
 
-    def __init__(self, channel: SecureChannel, engine: DestinationEngine,
-                 idle_timeout: float = IDLE_TIMEOUT, deadline_per_gib: float = DEADLINE_PER_GIB) -> None:
+    ``open_vm(mid, begin, peer)`` is the agent's part of BEGIN: admission, the
+    incoming VM, the durable row (MigrationFailure when refused).
+    """
+
+    def __init__(self, channel: SecureChannel, engine: DestinationEngine, store: HandoffStore, signing: SigningKey,
+                 open_vm: Callable[[bytes, Begin, Peer], Awaitable[HostedVM]]) -> None:
         self.ch = channel
         self.engine = engine
-        self.idle_timeout = idle_timeout
-        self.deadline_per_gib = deadline_per_gib
+        self.open_vm = open_vm
+        peer = channel.result.peer
+        self.host = DestinationHost(store, signing, Peer(peer.name, peer.static_pub, peer.sign_pub))
         self.log = log.bind(peer=channel.peer_name)
+
+    @property
+    def vm(self) -> HostedVM | None:
+        return self.host.vm
+
+    async def run(self) -> PalmError | None:
+        """The session, to its end; returns what ended it early (it is logged), None if it ran through."""
+        eng = self.engine
+        started = trio.current_time()
+        error: PalmError | None = None
+        try:
+            with trio.fail_at(eng.deadline(started)) as deadline:
+                async with trio.open_nursery() as nursery:
+                    send, recv = trio.open_memory_channel[bytes](WINDOW)
+                    nursery.start_soon(self._reader, send)
+                    # Records that arrived with the last handshake message are
+                    # already buffered: handle them before waiting for more.
+                    await self._process()
+                    async for chunk in recv:
+                        if eng.state in FINAL:
+                            break
+                        self.ch.feed(chunk)
+                        await self._process()
+                        # An absolute deadline: a peer trickling bytes cannot hold its
+                        # slot forever (BEGIN soon, then time in proportion to the memory).
+                        deadline.deadline = eng.deadline(started)
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            error = first_error(group)
+        except Exception as exc:
+            error = session_error(exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                if eng.outcome not in ("committed", "aborted"):  # cancelled, failed, or the peer went away
+                    error = error or RemoteProtocolError(ErrorCode.CLOSED, "session ended before COMMIT")
+                    await self._fail(error)
+        return error
 
     async def _reader(self, send: trio.MemorySendChannel[bytes]) -> None:
         async with send:
             while True:
-                with trio.fail_after(self.idle_timeout):
-                    data = await self.ch.stream.receive_some(RECV_CHUNK)
-                if not data:
-                    raise ProtocolError("closed", "peer closed the connection")
-                await send.send(bytes(data))
+                await send.send(await self.ch.read_some(RECV_CHUNK))
 
-    def _process(self) -> list[bytes]:
-        """Worker thread: opens, decodes and applies every whole record buffered."""
-        eng, rx = self.engine, self.ch.receiver
-        replies: list[bytes] = []
-        while eng.state not in (State.DONE, State.ABORTED):
-            before, count = rx.transcript, rx.count
-            rec = rx.next_record()
-            if rec is None:
+    async def _process(self) -> None:
+        """Every whole record buffered, through the engine; effects performed in order."""
+        eng = self.engine
+        pending: list[Effect] = []
+        for rec in await self.ch.open_buffered():
+            if eng.state in FINAL:
                 break
-            replies += eng.receive(rec, before, count, rx.authenticated)
-        return replies
+            effects = eng.on_record(rec)
+            if eng.mid is not None and "migration" not in self.log._context:
+                self.log = self.log.bind(migration=eng.mid.hex())
+            pending += effects
+            if any(not isinstance(e, (ApplyPages, StreamIn)) for e in effects):
+                await self._perform(pending)  # the engine's next step may depend on these
+                pending = []
+        await self._perform(pending)
 
-    async def run(self) -> None:
-        """Pipelined: the trio task reads the socket while a worker thread
-        decrypts and applies what arrived before (libsodium drops the GIL)."""
-        eng, ch = self.engine, self.ch
-        started = trio.current_time()
+    async def _perform(self, effects: list[Effect]) -> None:
+        """Performs effects in order: runs of page batches (or stream bytes) in one worker
+        call, and each request's result fed back to the engine, whose effects follow."""
+        eng, host = self.engine, self.host
+        i = 0
+        while i < len(effects):
+            eff = effects[i]
+            if isinstance(eff, (ApplyPages, StreamIn)):
+                j = i
+                while j < len(effects) and type(effects[j]) is type(eff):
+                    j += 1
+                await trio.to_thread.run_sync(host.bulk, effects[i:j])
+                i = j
+                continue
+            i += 1
+            if isinstance(eff, Send):
+                await self.ch.send(eff.data)
+                continue
+            if isinstance(eff, OpenIncoming):
+                host.vm = await self.open_vm(eff.mid, eff.begin, host.peer)
+                result: Result | None = Opened(host.vm.info.protected_pages)
+            else:
+                result = await trio.to_thread.run_sync(host.perform, eff, eng.mid)
+            if result is None:
+                continue
+            await self._perform(eng.on_result(result))
+            if isinstance(result, Prepared) and result.persisted:
+                self.log.info("prepared", phase="prepared", round=eng.round)
+            elif isinstance(result, Committed) and result.committed:
+                self.log.info("committed", phase="committed", round=eng.round)
+
+    async def _fail(self, error: PalmError) -> None:
+        """The engine's way out: abort forever and scrub, then ABORT (best effort)."""
+        eng, host = self.engine, self.host
+        self.log.warning("incoming migration failed", phase="abort", error=error.code.value, reason=error.detail,
+                         outcome=eng.outcome)
         try:
-            # An absolute deadline: a peer trickling bytes cannot hold its slot
-            # forever.  BEGIN comes soon; the whole migration then gets time
-            # in proportion to the memory it announced.
-            with single_error(), trio.fail_at(started + BEGIN_TIMEOUT) as deadline:
-                async with trio.open_nursery() as nursery:
-                    send, recv = trio.open_memory_channel[bytes](WINDOW)
-                    # Records that arrived with the last handshake message are
-                    # already buffered: handle them before waiting for more.
-                    await send.send(b"")
-                    nursery.start_soon(self._reader, send)
-                    async for chunk in recv:
-                        ch.receiver.receive_data(chunk)
-                        replies = await trio.to_thread.run_sync(self._process)
-                        if eng.mid is not None and "migration" not in self.log._context:
-                            self.log = self.log.bind(migration=eng.mid.hex())
-                        if eng.npages and deadline.deadline == started + BEGIN_TIMEOUT:
-                            gib = eng.npages * PAGE_SIZE / (1 << 30)
-                            deadline.deadline = started + SESSION_BASE + self.deadline_per_gib * gib
-                        for r in replies:
-                            await ch.send_record(r)
-                        if replies and eng.outcome in ("prepared", "committed"):
-                            self.log.info(eng.outcome, phase=eng.outcome, round=eng.round)
-                        if eng.state in (State.DONE, State.ABORTED):
-                            nursery.cancel_scope.cancel()
-        except (ProtocolError, MigrationFailure, HypervisorError, trio.TooSlowError, trio.BrokenResourceError,
-                trio.ClosedResourceError, OSError) as exc:
-            code, reason = describe(exc, "timeout" if isinstance(exc, trio.TooSlowError) else "closed")
-            abort = eng.fail(code, reason)
-            self.log.warning("incoming migration failed", phase="abort", error=code, reason=reason,
-                             outcome=eng.outcome)
-            if abort is not None:
-                with trio.move_on_after(2):
-                    try:
-                        await ch.send_record(abort)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
-            raise
-
+            with trio.move_on_after(5):
+                await self._perform(eng.fail(error))
+        except (PalmError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            pass  # the abort is durable before ABORT is sent; the send is best effort
+        if host.vm is not None:  # the abort did not complete: never leave memory behind
+            vm, host.vm = host.vm, None
+            if eng.mid is not None and eng.npages:
+                await trio.to_thread.run_sync(host.store.abort_forever, eng.mid, vm, f"{error.code}: {error.detail}")
+            else:
+                await trio.to_thread.run_sync(vm.scrub)

@@ -11,7 +11,7 @@ import trio
 from palm_net.channel.handshake import ChannelConfig, Purpose
 from palm_net.channel.transport import SecureChannel, connect
 from palm_net.crypto.identity import AgentIdentity, Authority
-from palm_net.wire.messages import Message
+from palm_net.wire.messages import Begin, Message, Query
 from palm_net.wire.protocol import Role, SessionProtocol
 
 
@@ -29,25 +29,24 @@ class HostilePeer:
     @staticmethod
     def begin(proto: SessionProtocol, name: str = "v", pages: int = 16, backend: str = "model",
               spec: bytes = b"", vm_id: bytes | None = None) -> bytes:
-        return proto.send("BEGIN", vm=name, vm_id=vm_id or os.urandom(16), pages=pages, protected_pages=0,
-                          processes=0, vcpus=1, plain=False, digest=False, backend=backend, spec=spec)
+        return proto.send(Begin(name, vm_id or os.urandom(16), pages, 0, 0, 1, False, False, backend, spec))
 
     async def try_begin(self, port: int, mid: bytes | None = None, timeout: float = 10,
                         **kw: Any) -> tuple[SecureChannel, SessionProtocol, Message]:
         """A session with one BEGIN; returns it open, with the destination's answer."""
         ch = await self.session(port)
         proto = SessionProtocol(Role.SOURCE, mid or os.urandom(16))
-        await ch.send_record(self.begin(proto, **kw))
+        await ch.send(self.begin(proto, **kw))
         with trio.fail_after(timeout):
-            reply = proto.receive(await ch.receive_record())
+            reply = proto.receive((await ch.receive()).data)
         return ch, proto, reply
 
     async def query(self, port: int, mid: bytes, timeout: float = 10) -> Message:
         ch = await self.session(port, Purpose.RECOVERY)
         try:
             proto = SessionProtocol(Role.SOURCE, mid, recovery=True)
-            await ch.send_record(proto.send("QUERY"))
+            await ch.send(proto.send(Query()))
             with trio.fail_after(timeout):
-                return proto.receive(await ch.receive_record())
+                return proto.receive((await ch.receive()).data)
         finally:
             await ch.aclose()

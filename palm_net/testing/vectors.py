@@ -9,6 +9,7 @@ is what this produces; tests recompute and compare.
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import msgpack
@@ -17,6 +18,8 @@ from nacl.signing import SigningKey
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose, TransportMode
 from palm_net.crypto.identity import AgentIdentity, Authority
 from palm_net.crypto.noise import CipherName, keypair_from_private
+from palm_net.wire.messages import Accept, Begin, RoundEnd, Stream, StreamEnd
+from palm_net.wire.pages import PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
 INPUTS: dict[str, Any] = {
@@ -67,16 +70,14 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
     src_proto, dst_proto = SessionProtocol(Role.SOURCE, mid), SessionProtocol(Role.DESTINATION)
     if backend == "qemu":
         spec = msgpack.packb(STREAM_SPEC, use_bin_type=True)
-        begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=64 * 256, protected_pages=0,
-                               processes=0, vcpus=1, plain=False, digest=False, backend="qemu", spec=spec)
+        begin = src_proto.send(Begin("vm-1", bytes(range(16)), 64 * 256, 0, 0, 1, False, False, "qemu", spec))
     else:
-        begin = src_proto.send("BEGIN", vm="vm-1", vm_id=bytes(range(16)), pages=256, protected_pages=0 if plain
-                               else 16, processes=0 if plain else 1, vcpus=1, plain=plain, digest=False,
-                               backend="model", spec=b"")
+        begin = src_proto.send(Begin("vm-1", bytes(range(16)), 256, 0 if plain else 16, 0 if plain else 1, 1, plain,
+                                     False, "model", b""))
     record1 = init.result.sender.seal(begin)
     resp.result.receiver.receive_data(record1)
     assert dst_proto.receive(resp.result.receiver.next_record() or b"").type == "BEGIN"
-    accept = dst_proto.send("ACCEPT")
+    accept = dst_proto.send(Accept())
     record2 = resp.result.sender.seal(accept)
     src_proto.receive(accept)
     records: list[dict[str, Any]] = [
@@ -84,16 +85,15 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         {"from": "responder", "plaintext": accept.hex(), "bytes": record2.hex()},
     ]
     if backend == "qemu":
-        for msg in (src_proto.send("STREAM", data=STREAM_BYTES),
-                    src_proto.send("STREAM_END", bytes=len(STREAM_BYTES))):
+        for msg in (src_proto.send(Stream(STREAM_BYTES)), src_proto.send(StreamEnd(len(STREAM_BYTES)))):
             rec = init.result.sender.seal(msg)
             resp.result.receiver.receive_data(rec)
             assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
             records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
     if plain:  # bulk data in the clear, everything else sealed (proto/PROTOCOL.md 5)
-        pages = src_proto.send("PAGES", round=0, gfns=(7).to_bytes(8, "little"), kinds=b"\x01",
-                               vers=(0).to_bytes(8, "little"), data=bytes(range(256)) * 16, tags=b"")
-        for msg, clear in ((pages, True), (src_proto.send("ROUND_END", round=0, pages=1, dirty=0), False)):
+        batch = PageBatch(array("Q", [7]), b"\x01", array("Q", [0]), bytes(range(256)) * 16)
+        pages = src_proto.send(batch.message(0))
+        for msg, clear in ((pages, True), (src_proto.send(RoundEnd(0, 1, 0)), False)):
             rec = init.result.sender.seal(msg, clear=clear)
             resp.result.receiver.receive_data(rec)
             got = resp.result.receiver.next_record() or b""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from palm_net.wire.errors import ProtocolError
+from palm_net.wire.errors import ErrorCode, RemoteProtocolError
 
 LENGTH = struct.Struct(">I")
 PREFIX_LEN = LENGTH.size
@@ -47,9 +47,9 @@ class FrameBuffer:
                 return None
             (n,) = LENGTH.unpack_from(buf)
             if n > self.max_len:
-                raise ProtocolError("oversize", f"frame length {n} exceeds the maximum {self.max_len}")
+                raise RemoteProtocolError(ErrorCode.OVERSIZE, f"frame length {n} exceeds the maximum {self.max_len}")
             if n < self.min_len:
-                raise ProtocolError("undersize", f"frame length {n} below the minimum {self.min_len}")
+                raise RemoteProtocolError(ErrorCode.UNDERSIZE, f"frame length {n} below the minimum {self.min_len}")
             self._need = n
         end = PREFIX_LEN + self._need
         if len(buf) < end:

@@ -1,27 +1,32 @@
-"""Messages: strict msgpack maps with a schema per type (proto/PROTOCOL.md, "Messages").
+"""Messages: one frozen class per type, strict msgpack on the wire (proto/PROTOCOL.md 6).
 
-Every message is ``{"v": 1, "t": TYPE, "mid": bin16, "seq": uint, "b": {...}}``.
-Decoding refuses anything the schema does not name: unknown types, missing or
-extra fields, wrong types, values over their bound, ext types.  The unpacker's
-own limits stop huge containers before they are built.
+Every record plaintext is ``{"v": 1, "t": TYPE, "mid": bin16, "seq": uint,
+"b": {...}}``.  Each message type is a frozen dataclass whose ``SCHEMA``
+bounds every field: making one that breaks its bounds is a
+``LocalProtocolError`` (nothing is sent), decoding one a
+``RemoteProtocolError`` (the peer broke the protocol).  Decoding refuses
+anything the schema does not name: unknown types, missing or extra fields,
+wrong types, values over their bound, ext types, non-printable text; the
+unpacker's own limits stop huge containers before they are built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import builtins
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from palm_net.channel.records import MAX_PLAINTEXT
-from palm_net.wire.errors import ProtocolError
+from palm_net.wire.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 
 WIRE_VERSION = 1
 MID_LEN = 16
 MAX_SEQ = 2**63 - 1
+# A record's plaintext: a Noise transport message (65535) less its tag (16).
+MAX_PLAINTEXT = 65535 - 16
 PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 # Up to this many page entries in one PAGES message (zero pages are 17 bytes each).
 MAX_PAGES_PER_MESSAGE = 2048
 # Largest guest we accept: 2**28 pages = 1 TiB.
@@ -36,8 +41,18 @@ STREAM_BACKENDS = frozenset({"qemu"})
 class Field:
     kind: type  # int, bytes, str, bool
     max: int  # max value for int, max length for bytes/str
-    min: int = 0
     exact: int | None = None  # exact length for bytes
+
+    def ok(self, value: Any) -> bool:
+        if self.kind is int:
+            return type(value) is int and 0 <= value <= self.max
+        if self.kind is bool:
+            return type(value) is bool
+        # Text from a peer reaches logs and terminals: printable only (no
+        # control characters, newlines, escapes or bidi overrides).
+        return (type(value) is self.kind and isinstance(value, (bytes, str)) and len(value) <= self.max
+                and (self.exact is None or len(value) == self.exact)
+                and (not isinstance(value, str) or value.isprintable()))
 
 
 def U(max_value: int = MAX_SEQ) -> Field:
@@ -54,115 +69,254 @@ def S(max_len: int) -> Field:
 
 BOOL = Field(bool, 1)
 
-SCHEMAS: dict[str, dict[str, Field]] = {
-    # source -> destination: open a migration
-    "BEGIN": {
-        "vm": S(64),
-        "vm_id": B(16, exact=16),
-        "pages": U(MAX_GUEST_PAGES),
-        "protected_pages": U(MAX_GUEST_PAGES),
-        "processes": U(4096),
-        "vcpus": U(256),
-        "plain": BOOL,
-        "digest": BOOL,  # ask the destination for its memory digest in READY
-        "backend": S(16),  # "model": page records; "qemu": the hypervisor's own stream
-        "spec": B(MAX_SPEC),  # the machine to start for a stream backend (empty for "model")
-    },
-    "ACCEPT": {},
-    # page records: parallel arrays (gfn u64 LE, kind u8, version u64 LE) + data
-    "PAGES": {
-        "round": U(10_000),
-        "gfns": B(8 * MAX_PAGES_PER_MESSAGE),
-        "kinds": B(MAX_PAGES_PER_MESSAGE),
-        "vers": B(8 * MAX_PAGES_PER_MESSAGE),
-        "data": B(MAX_BLOB),
-        "tags": B(16 * 16),  # MACs of the protected pages, in order (at most 15 data pages fit)
-    },
-    # process keys and layout, before the first page (verifies protected pages on arrival)
-    "KEYS": {"data": B(MAX_BLOB)},
-    # stream backends: the hypervisor's own migration stream, in order, then its length
-    "STREAM": {"data": B(MAX_BLOB)},
-    "STREAM_END": {"bytes": U()},
-    "ROUND_END": {"round": U(10_000), "pages": U(MAX_GUEST_PAGES * 64), "dirty": U(MAX_GUEST_PAGES)},
-    "CPU_STATE": {"state": B(MAX_BLOB)},
-    "CONTEXT": {"index": U(2**20), "total": U(2**20), "data": B(MAX_BLOB)},
-    "COMPLETE": {"records": U(), "page_records": U(), "transcript": B(32, exact=32)},
-    "READY": {"digest": B(32)},  # empty unless BEGIN asked for it
-    "COMMIT": {},
-    "DONE": {},
-    "ABORT": {"code": S(64), "reason": S(512), "token": B(256)},
-    # a new RECOVERY session: the in-doubt source asks for the outcome
-    "QUERY": {},
-    "OUTCOME": {"outcome": S(16), "token": B(256)},
-}
 
+class Body:
+    """A message type: a frozen dataclass with a ``TYPE`` and a ``SCHEMA`` of bounds."""
+
+    TYPE: ClassVar[str]
+    SCHEMA: ClassVar[dict[str, Field]]
+
+    def __post_init__(self) -> None:
+        for name, f in self.SCHEMA.items():
+            if not f.ok(getattr(self, name)):
+                raise LocalProtocolError(ErrorCode.MALFORMED,
+                                         f"{self.TYPE}: field {name!r} has a wrong type or is out of bounds")
+
+    def __repr__(self) -> str:
+        # Bodies may hold keys, ciphertext or state: never print a byte string.
+        shown = ", ".join(f"{k}={v!r}" if not isinstance(v, bytes) else f"{k}=<{len(v)} bytes>"
+                          for k, v in self.fields().items())
+        return f"{type(self).__name__}({shown})"
+
+    def fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.SCHEMA}
+
+
+@dataclass(frozen=True, repr=False)
+class Begin(Body):
+    """Source -> destination: open a migration (proto 7.1, 7.7)."""
+
+    TYPE = "BEGIN"
+    SCHEMA = {"vm": S(64), "vm_id": B(16, exact=16), "pages": U(MAX_GUEST_PAGES),
+              "protected_pages": U(MAX_GUEST_PAGES), "processes": U(4096), "vcpus": U(256), "plain": BOOL,
+              "digest": BOOL, "backend": S(16), "spec": B(MAX_SPEC)}
+    vm: str
+    vm_id: bytes
+    pages: int
+    protected_pages: int
+    processes: int
+    vcpus: int
+    plain: bool
+    digest: bool  # ask the destination for its memory digest in READY
+    backend: str  # "model": page records; "qemu": the hypervisor's own stream
+    spec: bytes  # the machine to start for a stream backend (empty for "model")
+
+
+@dataclass(frozen=True, repr=False)
+class Accept(Body):
+    TYPE = "ACCEPT"
+    SCHEMA: ClassVar[dict[str, Field]] = {}
+
+
+@dataclass(frozen=True, repr=False)
+class Keys(Body):
+    """Process keys and layout, before the first page (proto 7.3)."""
+
+    TYPE = "KEYS"
+    SCHEMA = {"data": B(MAX_BLOB)}
+    data: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Pages(Body):
+    """Page records: parallel arrays (gfn u64le, kind u8, version u64le) and the
+    data of non-zero pages (palm_net.wire.pages packs and checks them)."""
+
+    TYPE = "PAGES"
+    SCHEMA = {"round": U(10_000), "gfns": B(8 * MAX_PAGES_PER_MESSAGE), "kinds": B(MAX_PAGES_PER_MESSAGE),
+              "vers": B(8 * MAX_PAGES_PER_MESSAGE), "data": B(MAX_BLOB),
+              "tags": B(16 * 16)}  # MACs of the protected pages, in order (at most 15 data pages fit)
+    round: int
+    gfns: bytes
+    kinds: bytes
+    vers: bytes
+    data: bytes
+    tags: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Stream(Body):
+    """The next bytes of a stream backend's own migration stream (proto 7.7)."""
+
+    TYPE = "STREAM"
+    SCHEMA = {"data": B(MAX_BLOB)}
+    data: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class StreamEnd(Body):
+    TYPE = "STREAM_END"
+    SCHEMA = {"bytes": U()}
+    bytes: int
+
+
+@dataclass(frozen=True, repr=False)
+class RoundEnd(Body):
+    TYPE = "ROUND_END"
+    SCHEMA = {"round": U(10_000), "pages": U(MAX_GUEST_PAGES * 64), "dirty": U(MAX_GUEST_PAGES)}
+    round: int
+    pages: int
+    dirty: int
+
+
+@dataclass(frozen=True, repr=False)
+class CpuState(Body):
+    TYPE = "CPU_STATE"
+    SCHEMA = {"state": B(MAX_BLOB)}
+    state: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Context(Body):
+    """A chunk of the protected-context blob (proto 7.3)."""
+
+    TYPE = "CONTEXT"
+    SCHEMA = {"index": U(2**20), "total": U(2**20), "data": B(MAX_BLOB)}
+    index: int
+    total: int
+    data: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Complete(Body):
+    TYPE = "COMPLETE"
+    SCHEMA = {"records": U(), "page_records": U(), "transcript": B(32, exact=32)}
+    records: int
+    page_records: int
+    transcript: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Ready(Body):
+    TYPE = "READY"
+    SCHEMA = {"digest": B(32)}  # empty unless BEGIN asked for it
+    digest: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Commit(Body):
+    TYPE = "COMMIT"
+    SCHEMA: ClassVar[dict[str, Field]] = {}
+
+
+@dataclass(frozen=True, repr=False)
+class Done(Body):
+    TYPE = "DONE"
+    SCHEMA: ClassVar[dict[str, Field]] = {}
+
+
+@dataclass(frozen=True, repr=False)
+class Abort(Body):
+    TYPE = "ABORT"
+    SCHEMA = {"code": S(64), "reason": S(512), "token": B(256)}
+    code: str
+    reason: str
+    token: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Query(Body):
+    """A new RECOVERY session: the in-doubt source asks for the outcome."""
+
+    TYPE = "QUERY"
+    SCHEMA: ClassVar[dict[str, Field]] = {}
+
+
+@dataclass(frozen=True, repr=False)
+class Outcome(Body):
+    TYPE = "OUTCOME"
+    SCHEMA = {"outcome": S(16), "token": B(256)}
+    outcome: str  # committed, aborted, unknown
+    token: bytes
+
+
+TYPES: dict[str, type[Body]] = {cls.TYPE: cls for cls in (
+    Begin, Accept, Keys, Pages, Stream, StreamEnd, RoundEnd, CpuState, Context, Complete, Ready, Commit, Done,
+    Abort, Query, Outcome)}
 ENVELOPE = {"v", "t", "mid", "seq", "b"}
+_MID = B(MID_LEN, exact=MID_LEN)
+_SEQ = U()
+T = TypeVar("T", bound=Body)
 
 
 @dataclass(frozen=True)
 class Message:
-    type: str
+    """One message on the wire: the migration id, its sequence number, its body."""
+
     mid: bytes
     seq: int
-    body: Mapping[str, Any]
+    body: Body
 
     def __repr__(self) -> str:
-        # Bodies may hold ciphertext, blobs or state: never print them.
-        return f"Message({self.type}, mid={self.mid.hex()[:8]}, seq={self.seq})"
+        return f"Message({self.body.TYPE}, mid={self.mid.hex()[:8]}, seq={self.seq})"
 
+    @property
+    def type(self) -> str:
+        return self.body.TYPE
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError("malformed", "msgpack ext types are not allowed")
-
-
-def _check(name: str, value: Any, f: Field, where: str) -> None:
-    if f.kind is int:
-        ok = type(value) is int and f.min <= value <= f.max
-    elif f.kind is bool:
-        ok = type(value) is bool
-    else:
-        # Text from a peer reaches logs and terminals: printable only (no
-        # control characters, newlines, escapes or bidi overrides).
-        ok = (isinstance(value, (bytes, str)) and type(value) is f.kind and len(value) <= f.max
-              and (f.exact is None or len(value) == f.exact)
-              and (not isinstance(value, str) or value.isprintable()))
-    if not ok:
-        raise ProtocolError("malformed", f"{where}: field {name!r} has a wrong type or is out of bounds")
+    def get(self, cls: builtins.type[T]) -> T:
+        """The body as ``cls`` (an assertion of what the state machine already allowed)."""
+        body = self.body
+        if not isinstance(body, cls):
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"{self.type} is not {cls.TYPE}")
+        return body
 
 
 def encode(msg: Message) -> bytes:
-    out: bytes = msgpack.packb({"v": WIRE_VERSION, "t": msg.type, "mid": msg.mid, "seq": msg.seq,
-                                "b": dict(msg.body)}, use_bin_type=True)
+    if not _MID.ok(msg.mid) or not _SEQ.ok(msg.seq):
+        raise LocalProtocolError(ErrorCode.MALFORMED, "migration id or sequence number out of bounds")
+    out: bytes = msgpack.packb({"v": WIRE_VERSION, "t": msg.body.TYPE, "mid": msg.mid, "seq": msg.seq,
+                                "b": msg.body.fields()}, use_bin_type=True)
     return out
 
 
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise RemoteProtocolError(ErrorCode.MALFORMED, "msgpack ext types are not allowed")
+
+
 def decode(data: bytes) -> Message:
-    """Strict decode of one message; any deviation is a ProtocolError."""
+    """Strict decode of one message; any deviation is a RemoteProtocolError."""
     if len(data) > MAX_PLAINTEXT:
-        raise ProtocolError("oversize", "message larger than a record")
+        raise RemoteProtocolError(ErrorCode.OVERSIZE, "message larger than a record")
     try:
         obj = msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
             max_bin_len=MAX_PLAINTEXT, max_str_len=1024, max_array_len=0, max_map_len=16,
             max_ext_len=0,
         )
-    except ProtocolError:
+    except PalmError:
         raise
     except Exception as exc:
-        raise ProtocolError("malformed", f"not a msgpack message ({type(exc).__name__})") from None
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"not a msgpack message ({type(exc).__name__})") from None
     if type(obj) is not dict or set(obj) != ENVELOPE:
-        raise ProtocolError("malformed", "envelope must have exactly v, t, mid, seq, b")
-    if obj["v"] != WIRE_VERSION or type(obj["v"]) is not int:
-        raise ProtocolError("version", f"message version {obj['v']!r} not supported")
-    mtype = obj["t"]
-    if type(mtype) is not str or mtype not in SCHEMAS:
-        raise ProtocolError("unknown-type", f"unknown message type {str(mtype)[:32]!r}")
-    _check("mid", obj["mid"], B(MID_LEN, exact=MID_LEN), mtype)
-    _check("seq", obj["seq"], U(), mtype)
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "envelope must have exactly v, t, mid, seq, b")
+    if type(obj["v"]) is not int or obj["v"] != WIRE_VERSION:
+        raise RemoteProtocolError(ErrorCode.VERSION, "message version not supported")
+    cls = TYPES.get(obj["t"]) if type(obj["t"]) is str else None
+    if cls is None:
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_TYPE, "unknown message type")
+    if not _MID.ok(obj["mid"]) or not _SEQ.ok(obj["seq"]):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{cls.TYPE}: migration id or sequence out of bounds")
     body = obj["b"]
-    schema = SCHEMAS[mtype]
-    if type(body) is not dict or set(body) != set(schema):
-        raise ProtocolError("malformed", f"{mtype}: body fields must be exactly {sorted(schema)}")
-    for name, f in schema.items():
-        _check(name, body[name], f, mtype)
-    return Message(mtype, obj["mid"], obj["seq"], body)
+    if type(body) is not dict or set(body) != set(cls.SCHEMA):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{cls.TYPE}: body fields must be exactly "
+                                                       f"{sorted(cls.SCHEMA)}")
+    try:
+        return Message(obj["mid"], obj["seq"], cls(**body))
+    except LocalProtocolError as exc:  # the bounds are the same: here the peer broke them
+        raise RemoteProtocolError(exc.code, exc.detail) from None
+
+
+def schema_fields_match(cls: type[Body]) -> bool:
+    """Each class's dataclass fields are exactly its schema's, in order (a test checks every type)."""
+    return [f.name for f in dataclasses.fields(cls)] == list(cls.SCHEMA)  # type: ignore[arg-type]

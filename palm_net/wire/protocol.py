@@ -2,20 +2,39 @@
 
 One ``SessionProtocol`` object lives at each end of a session and sees every
 message in both directions.  A message is allowed only if the table below has
-an entry for (current state, sender role, type); the entry gives the next
-state.  Sequence numbers count up by one per direction from 0, and the
+an entry for (current state, sender role, message class); the entry gives the
+next state.  Sequence numbers count up by one per direction from 0, and the
 migration id is fixed by the first message: replayed, reordered, foreign or
-out-of-state messages are ProtocolErrors.
+out-of-state messages are RemoteProtocolErrors (our own mistakes,
+LocalProtocolErrors).  proto/PROTOCOL.md 6.1 is this table.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
 
 from palm_net.wire import messages
-from palm_net.wire.errors import ProtocolError
-from palm_net.wire.messages import Message
+from palm_net.wire.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
+from palm_net.wire.messages import (
+    Abort,
+    Accept,
+    Begin,
+    Body,
+    Commit,
+    Complete,
+    Context,
+    CpuState,
+    Done,
+    Keys,
+    Message,
+    Outcome,
+    Pages,
+    Query,
+    Ready,
+    RoundEnd,
+    Stream,
+    StreamEnd,
+)
 
 
 class Role(enum.Enum):
@@ -41,38 +60,38 @@ class State(enum.Enum):
 
 S, D = Role.SOURCE, Role.DESTINATION
 
-TRANSITIONS: dict[tuple[State, Role, str], State] = {
-    (State.IDLE, S, "BEGIN"): State.BEGUN,
-    (State.RECOVERY, S, "QUERY"): State.QUERIED,
-    (State.BEGUN, D, "ACCEPT"): State.STREAMING,
-    (State.STREAMING, S, "KEYS"): State.STREAMING,
-    (State.STREAMING, S, "PAGES"): State.STREAMING,
-    (State.STREAMING, S, "ROUND_END"): State.STREAMING,
-    (State.STREAMING, S, "CPU_STATE"): State.STOPPED,
-    (State.STREAMING, S, "STREAM"): State.STREAMING,
-    (State.STREAMING, S, "STREAM_END"): State.SEALED,
-    (State.SEALED, S, "COMPLETE"): State.VERIFYING,
-    (State.STOPPED, S, "CONTEXT"): State.STOPPED,
-    (State.STOPPED, S, "COMPLETE"): State.VERIFYING,
-    (State.VERIFYING, D, "READY"): State.PREPARED,
-    (State.PREPARED, S, "COMMIT"): State.COMMITTING,
-    (State.COMMITTING, D, "DONE"): State.DONE,
-    (State.QUERIED, D, "OUTCOME"): State.CLOSED,
+TRANSITIONS: dict[tuple[State, Role, type[Body]], State] = {
+    (State.IDLE, S, Begin): State.BEGUN,
+    (State.RECOVERY, S, Query): State.QUERIED,
+    (State.BEGUN, D, Accept): State.STREAMING,
+    (State.STREAMING, S, Keys): State.STREAMING,
+    (State.STREAMING, S, Pages): State.STREAMING,
+    (State.STREAMING, S, RoundEnd): State.STREAMING,
+    (State.STREAMING, S, CpuState): State.STOPPED,
+    (State.STREAMING, S, Stream): State.STREAMING,
+    (State.STREAMING, S, StreamEnd): State.SEALED,
+    (State.SEALED, S, Complete): State.VERIFYING,
+    (State.STOPPED, S, Context): State.STOPPED,
+    (State.STOPPED, S, Complete): State.VERIFYING,
+    (State.VERIFYING, D, Ready): State.PREPARED,
+    (State.PREPARED, S, Commit): State.COMMITTING,
+    (State.COMMITTING, D, Done): State.DONE,
+    (State.QUERIED, D, Outcome): State.CLOSED,
 }
 # ABORT may end the session from any state before the handoff completes, by
 # either side; after COMMIT only the destination may abort (with a token).
 for _state in (State.BEGUN, State.STREAMING, State.STOPPED, State.SEALED, State.VERIFYING, State.PREPARED):
-    TRANSITIONS[(_state, S, "ABORT")] = State.ABORTED
-    TRANSITIONS[(_state, D, "ABORT")] = State.ABORTED
-TRANSITIONS[(State.COMMITTING, D, "ABORT")] = State.ABORTED
+    TRANSITIONS[(_state, S, Abort)] = State.ABORTED
+    TRANSITIONS[(_state, D, Abort)] = State.ABORTED
+TRANSITIONS[(State.COMMITTING, D, Abort)] = State.ABORTED
 
-TERMINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
+FINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
 # What carries the VM depends on BEGIN's backend: page records, or a stream.
-PAGE_ONLY = frozenset({"KEYS", "PAGES", "ROUND_END", "CPU_STATE", "CONTEXT"})
-STREAM_ONLY = frozenset({"STREAM", "STREAM_END"})
+PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, CpuState, Context})
+STREAM_ONLY: frozenset[type[Body]] = frozenset({Stream, StreamEnd})
 # The only messages that may travel unauthenticated (CLEAR records of the
 # plain benchmark mode, proto/PROTOCOL.md 5): bulk data, never a handoff step.
-CLEAR_ALLOWED = frozenset({"PAGES", "STREAM"})
+CLEAR_ALLOWED: frozenset[type[Body]] = frozenset({Pages, Stream})
 
 
 class SessionProtocol:
@@ -80,7 +99,6 @@ class SessionProtocol:
         """``recovery``: a RECOVERY session (QUERY and OUTCOME only), else a MIGRATION session."""
         self.role = role
         self.state = State.RECOVERY if recovery else State.IDLE
-        self.last_sent: str | None = None  # type of the last message we sent
         self.mid = mid
         self._next_seq = {S: 0, D: 0}
         self._context_parts = 0
@@ -99,52 +117,64 @@ class SessionProtocol:
         return D if self.role is S else S
 
     def _advance(self, sender: Role, msg: Message) -> None:
-        key = (self.state, sender, msg.type)
-        nxt = TRANSITIONS.get(key)
+        """Checks ``msg`` from ``sender`` against the table; raises the code proto 6.1 names
+        (the caller makes it a local or a remote error)."""
+        body = msg.body
+        nxt = TRANSITIONS.get((self.state, sender, type(body)))
         if nxt is None:
-            raise ProtocolError("out-of-state",
-                                f"{msg.type} from {sender.value} not allowed in state {self.state.value}")
+            raise PalmError(ErrorCode.OUT_OF_STATE,
+                            f"{body.TYPE} from {sender.value} not allowed in state {self.state.value}")
         if self.mid is None:
             self.mid = msg.mid
         elif msg.mid != self.mid:
-            raise ProtocolError("wrong-migration", "message for another migration on this session")
+            raise PalmError(ErrorCode.WRONG_MIGRATION, "message for another migration on this session")
         expected = self._next_seq[sender]
         if msg.seq != expected:
-            raise ProtocolError("sequence",
-                                f"{msg.type} seq {msg.seq}, expected {expected} (replayed, reordered or dropped)")
-        if msg.type == "BEGIN":
-            backend = msg.body["backend"]
-            if backend not in messages.PAGE_BACKENDS | messages.STREAM_BACKENDS:
-                raise ProtocolError("unsupported", f"unknown backend {backend[:16]!r}")
-            if (backend in messages.STREAM_BACKENDS) != bool(msg.body["spec"]):
-                raise ProtocolError("malformed", "BEGIN's spec must be set exactly for a stream backend")
-            self.stream = backend in messages.STREAM_BACKENDS
-        if msg.type in (STREAM_ONLY if not self.stream else PAGE_ONLY):
-            raise ProtocolError("out-of-state", f"{msg.type} is not part of a "
-                                                f"{'stream' if self.stream else 'page'} migration")
-        if msg.type == "CONTEXT":
+            raise PalmError(ErrorCode.SEQUENCE,
+                            f"{body.TYPE} seq {msg.seq}, expected {expected} (replayed, reordered or dropped)")
+        stream = self.stream
+        if isinstance(body, Begin):
+            if body.backend not in messages.PAGE_BACKENDS | messages.STREAM_BACKENDS:
+                raise PalmError(ErrorCode.UNSUPPORTED, f"unknown backend {body.backend[:16]!r}")
+            if (body.backend in messages.STREAM_BACKENDS) != bool(body.spec):
+                raise PalmError(ErrorCode.MALFORMED, "BEGIN's spec must be set exactly for a stream backend")
+            stream = body.backend in messages.STREAM_BACKENDS
+        if type(body) in (STREAM_ONLY if not stream else PAGE_ONLY):
+            raise PalmError(ErrorCode.OUT_OF_STATE, f"{body.TYPE} is not part of a "
+                                                    f"{'stream' if stream else 'page'} migration")
+        parts = self._context_parts
+        if isinstance(body, Context):
             # Context chunks arrive in order, each naming the same total.
-            if msg.body["index"] != self._context_parts or msg.body["index"] >= msg.body["total"]:
-                raise ProtocolError("sequence", "protected-context chunks out of order")
-            self._context_parts += 1
-        if msg.type == "COMPLETE" and not self.stream and self._context_parts == 0:
-            raise ProtocolError("out-of-state", "COMPLETE before the protected-context blob")
+            if body.index != parts or body.index >= body.total:
+                raise PalmError(ErrorCode.SEQUENCE, "protected-context chunks out of order")
+            parts += 1
+        if isinstance(body, Complete) and not stream and parts == 0:
+            raise PalmError(ErrorCode.OUT_OF_STATE, "COMPLETE before the protected-context blob")
+        self.stream, self._context_parts = stream, parts
         self._next_seq[sender] = expected + 1
         self.state = nxt
 
-    def send(self, mtype: str, **body: Any) -> bytes:
-        """Makes, checks and encodes our next message."""
+    def send(self, body: Body) -> bytes:
+        """Checks and encodes our next message (LocalProtocolError if we may not send it)."""
         if self.mid is None:
-            raise ProtocolError("out-of-state", "no migration id set")
-        msg = Message(mtype, self.mid, self._next_seq[self.role], body)
-        self._advance(self.role, msg)
-        self.last_sent = mtype
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "no migration id set")
+        msg = Message(self.mid, self._next_seq[self.role], body)
+        try:
+            self._advance(self.role, msg)
+        except PalmError as exc:
+            raise LocalProtocolError(exc.code, exc.detail) from None
         return messages.encode(msg)
+
+    def can_send(self, cls: type[Body]) -> bool:
+        return (self.state, self.role, cls) in TRANSITIONS
 
     def receive(self, data: bytes, authenticated: bool = True) -> Message:
         """Decodes and checks the peer's next message (``authenticated``: it came sealed)."""
         msg = messages.decode(data)
-        if not authenticated and msg.type not in CLEAR_ALLOWED:
-            raise ProtocolError("unauthenticated", f"{msg.type} arrived in a clear record")
-        self._advance(self.peer_role, msg)
+        if not authenticated and type(msg.body) not in CLEAR_ALLOWED:
+            raise RemoteProtocolError(ErrorCode.UNAUTHENTICATED, f"{msg.type} arrived in a clear record")
+        try:
+            self._advance(self.peer_role, msg)
+        except PalmError as exc:
+            raise RemoteProtocolError(exc.code, exc.detail) from None
         return msg

@@ -1,0 +1,70 @@
+"""The control API's client (proto/PROTOCOL.md 9), beside its server (palm_net.agent.control).
+
+Blocking on purpose: the `palm` command, the launcher of test and drill
+agents, and scripts call it from plain threads.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+CONTROL_VERSION = 1
+MAX_ANSWER_LINE = 16 << 20
+
+
+class ControlError(Exception):
+    """The agent refused the request, or could not be reached (one line)."""
+
+
+def control_request(path: str, op: str, args: dict[str, Any],
+                    on_event: Callable[[dict[str, Any]], None] | None = None, timeout: float = 3600) -> Any:
+    """One request; ``on_event`` sees the progress lines before the answer."""
+    if not Path(path).exists():
+        raise ControlError(f"no agent at {path} (is `palm agent` running with --control {path}?)")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError as exc:
+        raise ControlError(f"no agent at {path} ({exc.strerror or exc})") from None
+    try:
+        s.sendall(json.dumps({"v": CONTROL_VERSION, "op": op, "args": args}).encode() + b"\n")
+        for obj in _lines(s):
+            if "event" in obj:
+                if on_event:
+                    on_event(obj)
+                continue
+            if not obj.get("ok"):
+                raise ControlError(str(obj.get("error", "agent refused the request")))
+            return obj.get("result")
+    except TimeoutError:
+        raise ControlError(f"agent at {path} did not answer in time") from None
+    except OSError as exc:
+        raise ControlError(f"lost the agent at {path} ({exc.strerror or exc})") from None
+    finally:
+        s.close()
+    raise ControlError(f"agent at {path} closed the connection without an answer")
+
+
+def _lines(s: socket.socket) -> Iterator[dict[str, Any]]:
+    buf = b""
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return
+        buf += data
+        if len(buf) > MAX_ANSWER_LINE:
+            raise ControlError("agent sent an answer too large")
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise ControlError("agent sent a malformed answer") from None
+            if not isinstance(obj, dict):
+                raise ControlError("agent sent a malformed answer")
+            yield obj

@@ -1,0 +1,178 @@
+"""The outgoing service: the operator's migrations, cancels, resolutions, and in-doubt recovery.
+
+A migration out runs under the handoff rules (palm_net.migration.orchestrate):
+before the handoff point any failure or cancel runs the VM here again;
+after it the VM stays paused until the destination's word, which a
+recovery task keeps asking for (with back-off, also after a restart).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from palm_net.agent.errors import AgentError
+from palm_net.agent.registry import VmRegistry
+from palm_net.channel.transport import SecureChannel
+from palm_net.crypto.noise import CipherName
+from palm_net.hypervisor.vms import AnyVM
+from palm_net.migration.handoff import HandoffState, HandoffStore
+from palm_net.migration.orchestrate import MigrationResult, migrate_out, override_resume, recover_once
+from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.wire.protocol import Role
+
+log = structlog.get_logger("palm.agent")
+
+ConnectFn = Callable[[str, bool, CipherName | None], Awaitable[SecureChannel]]  # -> a MIGRATION session
+RecoveryFn = Callable[[str], Awaitable[SecureChannel]]  # address -> a RECOVERY session
+KEEP_FINISHED = 50  # finished migrations kept for `palm migrations`
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad address {text!r}: use HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class LiveMigration:
+    mid: bytes
+    vm: str
+    peer: str
+    stats: MigrationStats
+    started: float
+    cancel: trio.CancelScope
+    result: MigrationResult | None = None
+
+
+class OutgoingService:
+    def __init__(self, store: HandoffStore, registry: VmRegistry, connect: ConnectFn, connect_recovery: RecoveryFn,
+                 in_doubt_wait: Callable[[], float]) -> None:
+        self.store = store
+        self.registry = registry
+        self.connect = connect
+        self.connect_recovery = connect_recovery
+        self.in_doubt_wait = in_doubt_wait  # read at each migration (the setting may change)
+        self.live: dict[bytes, LiveMigration] = {}
+        self.nursery: trio.Nursery | None = None  # where recovery tasks run (set by the agent's serve)
+
+    def migrating(self, name: str) -> bool:
+        return any(lm.vm == name and lm.result is None for lm in self.live.values())
+
+    async def migrate(self, name: str, to: str, params: MigrationParams, cipher: CipherName | None = None,
+                      on_progress: Callable[[MigrationStats], None] | None = None) -> MigrationResult:
+        vm = self.registry.operable(name)  # not while migrating, arriving or in doubt
+        try:
+            parse_hostport(to)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
+
+        async def connect(addr: str) -> SecureChannel:
+            return await self.connect(addr, params.plain, cipher)
+
+        mid = os.urandom(16)
+        lm = LiveMigration(mid, name, to, MigrationStats(), time.time(), trio.CancelScope())
+
+        def progress(stats: MigrationStats) -> None:
+            lm.stats = stats
+            if on_progress:
+                on_progress(stats)
+
+        self.live[mid] = lm
+        result: MigrationResult | None = None
+        with lm.cancel:
+            result = await migrate_out(vm, self.store, to, params, connect, self.connect_recovery, progress,
+                                       self.in_doubt_wait(), mid=mid, spec=vm.migration_spec())
+        if result is None:  # cancelled by the operator before the handoff: the VM runs here
+            result = MigrationResult(False, mid, name, "cancelled", lm.stats, "cancelled: by the operator",
+                                     lm.stats.phase, "source" if vm.running else "none (paused, in doubt)")
+        lm.result = result
+        self._settle(vm, result.status if result.status != "completed" else "committed")
+        if result.status == "in-doubt" and self.nursery is not None:
+            self.nursery.start_soon(self.recover, result.mid)
+        self._trim()
+        return result
+
+    def _settle(self, vm: AnyVM | None, outcome: str) -> None:
+        """After a migration's outcome is known: forget the VM, or run it here again."""
+        if vm is None:
+            return
+        if outcome == "committed":
+            self.registry.forget(vm)
+        elif vm.running:
+            self.registry.start_workload(vm)
+
+    def _trim(self) -> None:
+        done = [m for m, lm in self.live.items() if lm.result is not None]
+        for m in done[:-KEEP_FINISHED]:
+            del self.live[m]
+
+    def cancel(self, mid_hex: str) -> str:
+        for lm in list(self.live.values()):
+            if lm.mid.hex() == mid_hex and lm.result is None:
+                row = self.store.get(lm.mid)
+                if row is not None and row.state is not HandoffState.SENDING:
+                    raise AgentError("migration is past the handoff point; it cannot be cancelled")
+                lm.cancel.cancel()
+                return "cancelling"
+        raise AgentError(f"no migration in flight with id {mid_hex}")
+
+    def in_doubt(self) -> list[bytes]:
+        return [r.mid for r in self.store.list(role=Role.SOURCE, states=(HandoffState.HANDED_OFF,))]
+
+    async def recover(self, mid: bytes) -> None:
+        """Asks the destination until an in-doubt migration is settled (back-off up to 10 s)."""
+        delay = 0.5
+        while True:
+            row = self.store.get(mid)
+            if row is None or row.state is not HandoffState.HANDED_OFF:
+                return
+            vm = self.registry.of(row)
+            try:
+                outcome = await recover_once(self.store, mid, vm, self.connect_recovery)
+            except Exception:
+                log.exception("recovery attempt failed", migration=mid.hex(), vm=row.vm, phase="in-doubt")
+                outcome = None
+            if outcome is not None:
+                self._settle(vm, outcome)
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def resolve(self, mid_hex: str, override: bool, reason: str) -> str:
+        try:
+            mid = bytes.fromhex(mid_hex)
+        except ValueError:
+            raise AgentError(f"bad migration id {mid_hex!r}") from None
+        row = self.store.get(mid)
+        if row is None or row.role is not Role.SOURCE or row.state is not HandoffState.HANDED_OFF:
+            raise AgentError(f"no in-doubt migration with id {mid_hex}")
+        vm = self.registry.of(row)
+        if override:
+            if vm is None:
+                raise AgentError(f"the VM of migration {mid_hex} is no longer here: nothing to resume")
+            override_resume(self.store, mid, vm, reason or "operator override")
+            self.registry.start_workload(vm)
+            return "resumed (override)"
+        outcome = await recover_once(self.store, mid, vm, self.connect_recovery)
+        if outcome is None:
+            return "still in doubt: destination not reachable"
+        self._settle(vm, outcome)
+        return outcome
+
+    def migrations(self) -> list[dict[str, Any]]:
+        out = []
+        for row in self.store.list(limit=50):
+            lm = self.live.get(row.mid)
+            stats = lm.stats.as_dict() if lm is not None else row.stats
+            out.append({"migration_id": row.mid.hex(), "role": row.role.value, "vm": row.vm, "peer": row.peer.name,
+                        "state": row.state.value, "in_flight": lm is not None and lm.result is None,
+                        "error": row.error, "updated": row.updated, "stats": stats})
+        return out

@@ -1,0 +1,272 @@
+"""The VMs an agent hosts: the one owner of which VM a name means here.
+
+Every VM lives in a directory of the agent's memory directory (the embedded
+model's memory, or a QEMU process's RAM file and config).  The registry
+creates, finds, guards and forgets them; names are reserved while an
+incoming VM is being made, so two sessions (or a session and the operator)
+never get the same name.  It runs on the agent's trio thread; the slow
+parts of creating a VM (starting QEMU, reserving memory) run in a worker
+thread on paths the registry reserved first.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import structlog
+
+from palm_net.agent.errors import AgentError
+from palm_net.crypto.identity import validate_name
+from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
+from palm_net.hypervisor.model import ModelVM
+from palm_net.hypervisor.qemu import Confinement, QemuSpec, QemuVM
+from palm_net.hypervisor.vms import AnyVM, open_vm
+from palm_net.hypervisor.vmspec import check_workload, validate_policy
+from palm_net.hypervisor.workload import Workload
+from palm_net.migration.handoff import HandoffState, HandoffStore, MigrationRow
+from palm_net.wire.protocol import Role
+
+log = structlog.get_logger("palm.agent")
+
+
+class VmRegistry:
+    def __init__(self, memory_dir: Path, run_dir: Path, sealing_key: bytes, store: HandoffStore,
+                 confinement: Confinement, qemu_accel: str | None,
+                 migrating: Callable[[str], bool]) -> None:
+        self.memory_dir = memory_dir
+        self.run_dir = run_dir
+        self.sealing_key = sealing_key
+        self.store = store
+        self.confinement = confinement
+        self.qemu_accel = qemu_accel
+        self.migrating = migrating  # the outgoing service: is this VM migrating now?
+        self.vms: dict[str, AnyVM] = {}
+        self._reserved: set[str] = set()  # names of incoming VMs being made
+
+    def __iter__(self) -> Iterator[AnyVM]:
+        return iter(list(self.vms.values()))
+
+    def __len__(self) -> int:
+        return len(self.vms)
+
+    def dir_of(self, name: str) -> Path:
+        return self.memory_dir / name
+
+    def get(self, name: str) -> AnyVM:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise AgentError(f"unknown VM {name!r}")
+        return vm
+
+    def of(self, row: MigrationRow) -> AnyVM | None:
+        """The VM a migration is about: the one with its identity that records
+        that migration, never merely one with its name (names are reused)."""
+        vm = self.vms.get(row.vm)
+        if vm is not None and vm.vm_id == row.vm_id and vm.migration == row.mid:
+            return vm
+        return None
+
+    def forget(self, vm: AnyVM) -> None:
+        if self.vms.get(vm.name) is vm:
+            del self.vms[vm.name]
+
+    def name_free(self, name: str) -> bool:
+        return name not in self.vms and name not in self._reserved and not self.dir_of(name).exists()
+
+    # -- names: reserved first, then the VM is made on the reserved path
+
+    def reserve(self, name: str, vm_id: bytes | None = None) -> None:
+        """Takes ``name`` (a plain name: no "..", no "/") for a VM about to be made;
+        AgentError if it is taken (or, with ``vm_id``, if that VM is hosted here)."""
+        validate_name(name)
+        if not self.name_free(name):
+            raise AgentError(f"a VM named {name!r} already exists")
+        if vm_id is not None and any(v.vm_id == vm_id for v in self.vms.values()):
+            raise AgentError("a VM with this identity is hosted here already")
+        self._reserved.add(name)
+
+    def add(self, vm: AnyVM) -> None:
+        """The VM made on a reserved name becomes ours."""
+        self._reserved.discard(vm.name)
+        self.vms[vm.name] = vm
+
+    def unreserve(self, name: str) -> None:
+        """A reservation given up: nothing was made, or what was made is gone."""
+        self._reserved.discard(name)
+        shutil.rmtree(self.dir_of(name), ignore_errors=True)
+
+    # -- what the operator makes
+
+    def _check_new(self, name: str, policy: str) -> None:
+        try:
+            validate_policy(policy)
+            self.reserve(name)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
+
+    def create_model(self, name: str, memory: int, protected: int = 0, protected_memory: int | None = None,
+                     workload: str = "idle", seed: int = 0, policy: str = "any", fill: str = "half",
+                     vcpus: int = 1) -> ModelVM:
+        try:
+            check_workload(workload)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
+        if memory < PAGE_SIZE or memory % PAGE_SIZE:
+            raise AgentError("memory must be a positive multiple of 4 KiB")
+        self._check_new(name, policy)
+        npages = memory // PAGE_SIZE
+        prot_pages = 0
+        if protected:
+            pm = protected_memory if protected_memory is not None else memory // 4
+            prot_pages = max(protected, pm // PAGE_SIZE)
+        try:
+            vm = ModelVM.create(self.dir_of(name), name, npages, self.sealing_key, protected_processes=protected,
+                                protected_pages=prot_pages, vcpus=vcpus, fill=fill, seed=seed, policy=policy,
+                                workload=workload)
+        except HypervisorError as exc:
+            self.unreserve(name)
+            raise AgentError(str(exc)) from None
+        self.add(vm)
+        self.start_workload(vm)
+        log.info("VM created", vm=name, pages=npages, protected_pages=prot_pages, workload=workload)
+        return vm
+
+    def create_qemu(self, name: str, memory: int, args: list[str], vcpus: int = 1, policy: str = "any") -> QemuVM:
+        """A VM that is a QEMU process owned by this agent (KVM if usable, else TCG)."""
+        if memory < (1 << 20) or memory % (1 << 20):
+            raise AgentError("QEMU memory must be a positive multiple of 1 MiB")
+        self._check_new(name, policy)
+        try:
+            vm = QemuVM.create(self.dir_of(name), self.run_dir, name, memory >> 20, vcpus=vcpus, args=args,
+                               policy=policy, accel=self.qemu_accel, confine=self.confinement)
+        except HypervisorError as exc:
+            self.unreserve(name)
+            raise AgentError(str(exc)) from None
+        self.add(vm)
+        log.info("VM created", vm=name, backend="qemu", memory_mib=memory >> 20, accel=vm.spec.accel, pid=vm.pid)
+        return vm
+
+    def make_incoming(self, name: str, vm_id: bytes, mid: bytes, pages: int, vcpus: int, backend: str,
+                      spec: bytes) -> AnyVM:
+        """Worker thread: the VM an admitted BEGIN asked for, on the name reserved for it
+        (HypervisorError if it cannot be made; the caller gives the name back)."""
+        if backend == "qemu":
+            qspec = QemuSpec.decode(spec)
+            if qspec.memory_mib * (1 << 20) != pages * PAGE_SIZE:
+                raise HypervisorError("QEMU spec's memory disagrees with BEGIN's page count")
+            return QemuVM.create_incoming(self.dir_of(name), self.run_dir, name, vm_id, qspec, migration=mid,
+                                          confine=self.confinement)
+        return ModelVM.create_incoming(self.dir_of(name), name, vm_id, pages, vcpus, self.sealing_key,
+                                       migration=mid)
+
+    # -- what the operator may do to a VM
+
+    def operable(self, name: str) -> AnyVM:
+        """The VM, if the operator may pause, resume, destroy or migrate it now: not
+        while it migrates or arrives, and never while its handoff is in doubt (only
+        the destination's word, or a loud override, may decide where it runs)."""
+        vm = self.get(name)
+        if self.migrating(name):
+            raise AgentError(f"VM {name!r} is migrating")
+        mid = vm.migration
+        row = self.store.get(mid) if mid else None
+        if mid is not None and row is not None and row.role is Role.SOURCE and row.state is HandoffState.HANDED_OFF:
+            raise AgentError(f"VM {name!r} was handed off by migration {mid.hex()} and its outcome is in doubt: "
+                             f"use palm migrate --resolve {mid.hex()} [--override]")
+        if vm.state == "incoming":
+            raise AgentError(f"VM {name!r} is arriving by a migration; it is the destination's only after COMMIT")
+        return vm
+
+    def set_run_state(self, name: str, run: bool) -> AnyVM:
+        vm = self.operable(name)
+        if vm.state not in ("running", "paused"):
+            raise AgentError(f"VM {name!r} is {vm.state}")
+        (vm.resume if run else vm.pause)()
+        log.info("VM resumed" if run else "VM paused", vm=name)
+        return vm
+
+    def destroy(self, name: str) -> None:
+        vm = self.operable(name)
+        vm.scrub()
+        self.forget(vm)
+        log.info("VM destroyed", vm=name)
+
+    # -- workloads (the model's stand-in for a guest's own code)
+
+    def start_workload(self, vm: AnyVM) -> None:
+        """Never fails: a VM whose workload cannot run is simply idle (logged)."""
+        if not isinstance(vm, ModelVM) or vm.workload is not None:
+            return  # a QEMU guest runs its own code
+        spec = str(vm.config.get("workload", "idle"))
+        try:
+            wl = Workload(vm, spec, int(vm.config.get("seed", 0)))
+        except Exception as exc:
+            log.error("workload not started, VM idle", vm=vm.name, error=f"{type(exc).__name__}: {exc}"[:200])
+            return
+        vm.workload = wl
+        wl.start()
+
+    # -- restart
+
+    def load(self) -> None:
+        """Reopens the VMs of the memory directory and applies the handoff rules to
+        whatever was in flight.  A VM records the id of the migration it is part
+        of, so a restart acts on exactly that migration (a VM name, or even the VM,
+        may have come and gone many times before)."""
+        for vm_dir in sorted(p for p in self.memory_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+            try:
+                opened = open_vm(vm_dir, self.sealing_key)
+            except HypervisorError as exc:
+                log.error("cannot reopen VM, left in place", dir=str(vm_dir), error=str(exc))
+                continue
+            self.vms[opened.name] = opened
+        store = self.store
+        for name, vm in list(self.vms.items()):
+            mid = vm.migration
+            row = store.get(mid) if mid else None
+            bound = log.bind(migration=mid.hex() if mid else None, vm=name, phase="restart")
+            if vm.state == "incoming":
+                if row is not None and row.role is Role.DESTINATION and row.state is HandoffState.COMMITTED:
+                    try:
+                        vm.activate()  # died between "committed" and activation
+                        bound.info("committed migration activated after restart")
+                    except HypervisorError as exc:  # e.g. its QEMU died with us: lost, say so
+                        bound.error("committed VM cannot be activated", error=str(exc))
+                else:  # never committed: discard, and never activate it later
+                    if row is not None and mid is not None:
+                        store.abort_forever(mid, None, "agent restarted")
+                    vm.scrub()
+                    self.forget(vm)
+                    bound.warning("incoming migration aborted by restart")
+                continue
+            if mid is None or row is None or row.role is not Role.SOURCE:
+                continue
+            if row.state is HandoffState.SENDING:
+                store.abort_and_resume(mid, vm, "agent restarted before handoff")
+                bound.warning("outgoing migration aborted by restart, VM resumed")
+            elif row.state is HandoffState.ABORTED:
+                vm.resume_after_migration()
+            elif row.state is HandoffState.DONE:
+                vm.scrub()  # handed over and confirmed: only the scrub was missing
+                self.forget(vm)
+            # handed_off: stays paused, in doubt; the outgoing service asks the destination
+        for row in store.list(role=Role.DESTINATION, states=(HandoffState.RECEIVING, HandoffState.PREPARED),
+                              limit=1 << 30):
+            store.abort_forever(row.mid, None, "agent restarted")
+        for vm in self:
+            if vm.running:
+                self.start_workload(vm)
+
+    def close(self) -> None:
+        for vm in self:
+            try:
+                if vm.workload is not None:
+                    vm.workload.stop()
+                    vm.workload = None
+                if vm.dir.exists():
+                    vm.sync()
+                vm.close()
+            except Exception as exc:
+                log.error("VM not closed cleanly", vm=vm.name, error=str(exc)[:200])

@@ -1,0 +1,317 @@
+"""The destination engine (sans-IO): checks an incoming migration, never READY unless all verifies.
+
+It takes records (``on_record``) and the results of what it asked
+(``on_result``), and returns effects (palm_net.migration.effects); it owns
+the session protocol and every check of proto/PROTOCOL.md 7.1-7.5 and 7.7:
+what BEGIN may claim, the order of keys, pages and blob, page versions
+(rollback), every page received, the CPU state, COMPLETE's counts and
+transcript, the protected page count.  It touches no socket, store, VM or
+clock: the shell (palm_net.migration.runner) performs the effects.
+"""
+
+from __future__ import annotations
+
+import hmac
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+from palm_net.channel.transport import Record
+from palm_net.migration.effects import (
+    Aborted,
+    AbortForever,
+    ApplyPages,
+    CommitAndActivate,
+    Committed,
+    Effect,
+    EndStream,
+    ImportCpuState,
+    ImportKeys,
+    ImportProtection,
+    KeysImported,
+    Opened,
+    OpenIncoming,
+    Prepare,
+    Prepared,
+    ProtectionImported,
+    Result,
+    Send,
+    StreamIn,
+    StreamLoaded,
+)
+from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, PalmError, public_reason
+from palm_net.wire.messages import (
+    PAGE_SIZE,
+    Abort,
+    Accept,
+    Begin,
+    Body,
+    Commit,
+    Complete,
+    Context,
+    CpuState,
+    Done,
+    Keys,
+    Message,
+    Pages,
+    Ready,
+    RoundEnd,
+    Stream,
+    StreamEnd,
+)
+from palm_net.wire.pages import unpack
+from palm_net.wire.protocol import Role, SessionProtocol, State
+
+BEGIN_TIMEOUT = 30.0  # BEGIN within this of the session's start
+SESSION_BASE = 120.0  # a whole migration within this plus DEADLINE_PER_GIB per GiB
+DEADLINE_PER_GIB = 150.0
+
+
+def context_limit(protected_pages: int, processes: int) -> int:
+    """The largest protected-context blob a VM of this shape can need (proto 7.3):
+    gfn u32 + version u64 + tag 16 per protected page, plus keys and thread contexts."""
+    return 28 * protected_pages + 2048 * processes + 65536
+
+
+class DestinationEngine:
+    """One incoming migration session, from BEGIN to DONE or ABORT."""
+
+    def __init__(self, plain_session: bool, max_pages: int, deadline_per_gib: float = DEADLINE_PER_GIB) -> None:
+        self.proto = SessionProtocol(Role.DESTINATION)
+        self.plain_session = plain_session
+        self.max_pages = max_pages
+        self.deadline_per_gib = deadline_per_gib
+        self.begin: Begin | None = None
+        self.npages = 0
+        self.stream = False  # a stream backend (QEMU): STREAM records instead of pages
+        self.stream_bytes = 0  # STREAM data received
+        self.stream_loaded = False
+        self.applied: array[int] = array("Q")  # the version applied per gfn
+        self.received = bytearray()  # 1 per gfn received at least once
+        self.page_records = 0
+        self.round = 0
+        self.cpu_state_seen = False
+        self.context = bytearray()
+        self.context_total = 0
+        self.context_limit = 0
+        self.complete: Complete | None = None
+        self.outcome: str | None = None  # prepared, committed, aborted
+        self.error: PalmError | None = None
+        self._awaiting: type[Result] | None = None  # the result the last request will bring
+
+    def __repr__(self) -> str:
+        return f"DestinationEngine({self.proto.state.value}, outcome={self.outcome})"
+
+    @property
+    def mid(self) -> bytes | None:
+        return self.proto.mid
+
+    @property
+    def state(self) -> State:
+        return self.proto.state
+
+    @property
+    def vm_name(self) -> str | None:
+        return self.begin.vm if self.begin is not None else None
+
+    def deadline(self, started: float) -> float:
+        """When this session must be over: BEGIN soon, then time in proportion to the memory announced."""
+        if not self.npages:
+            return started + BEGIN_TIMEOUT
+        return started + SESSION_BASE + self.deadline_per_gib * self.npages * PAGE_SIZE / (1 << 30)
+
+    def _send(self, body: Body) -> Send:
+        return Send(self.proto.send(body))
+
+    def _request(self, effect: Effect, result: type[Result]) -> list[Effect]:
+        self._awaiting = result
+        return [effect]
+
+    # -- events
+
+    def on_record(self, rec: Record) -> list[Effect]:
+        """One record from the source; raises PalmError, after which the shell calls ``fail``."""
+        if self._awaiting is not None:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"a record while {self._awaiting.__name__} is due")
+        msg = self.proto.receive(rec.data, rec.authenticated)
+        handler = self._on_message.get(type(msg.body))
+        if handler is None:  # the session protocol lets through only what a destination handles
+            raise MigrationFailure(ErrorCode.OUT_OF_STATE, f"{msg.type} is not for a destination")
+        return handler(self, msg, rec)
+
+    def on_result(self, result: Result) -> list[Effect]:
+        """What the shell learned by performing the last request."""
+        if self._awaiting is None or not isinstance(result, self._awaiting):
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"unexpected {type(result).__name__}")
+        self._awaiting = None
+        return self._on_result[type(result)](self, result)
+
+    def fail(self, error: PalmError) -> list[Effect]:
+        """After an error: abort forever and scrub (then ABORT with the code's generic
+        reason, if the state machine still allows it).  A committed VM stays as it is."""
+        if self.outcome in ("committed", "aborted"):
+            return []
+        self.error = error
+        self._awaiting = None
+        return self._request(AbortForever(f"{error.code}: {error.detail}", self.npages > 0), Aborted)
+
+    # -- messages
+
+    def _on_begin(self, msg: Message, _: Record) -> list[Effect]:
+        b = msg.get(Begin)
+        if b.plain != self.plain_session:
+            raise MigrationFailure(ErrorCode.MODE_MISMATCH, "BEGIN's plain flag disagrees with the session mode")
+        if b.plain and b.protected_pages:
+            raise MigrationFailure(ErrorCode.PLAIN_REFUSED, "a VM with protected processes cannot use the plain mode")
+        if not 1 <= b.pages <= self.max_pages:
+            raise MigrationFailure(ErrorCode.TOO_LARGE, f"VM of {b.pages} pages exceeds this agent's limit")
+        if b.protected_pages > b.pages or b.processes > b.protected_pages:
+            raise MigrationFailure(ErrorCode.MALFORMED, "inconsistent protected page counts")
+        self.stream = bool(self.proto.stream)
+        if self.stream and b.protected_pages:
+            raise MigrationFailure(ErrorCode.MALFORMED, "a stream backend carries no protected processes")
+        self.begin = b
+        return self._request(OpenIncoming(msg.mid, b), Opened)
+
+    def _opened(self, result: Opened) -> list[Effect]:
+        assert self.begin is not None
+        self.npages = self.begin.pages
+        if not self.stream:
+            self.applied = array("Q", bytes(8 * self.npages))
+            self.received = bytearray(self.npages)
+            self.context_limit = context_limit(self.begin.protected_pages, self.begin.processes)
+        return [self._send(Accept())]
+
+    def _on_keys(self, msg: Message, _: Record) -> list[Effect]:
+        if self.page_records:
+            raise MigrationFailure(ErrorCode.OUT_OF_STATE, "KEYS after the first page record")
+        return self._request(ImportKeys(msg.get(Keys).data), KeysImported)
+
+    def _keys_imported(self, result: KeysImported) -> list[Effect]:
+        assert self.begin is not None
+        if result.protected_pages != self.begin.protected_pages:
+            raise MigrationFailure(ErrorCode.MALFORMED, "key layout disagrees with BEGIN's protected page count")
+        return []
+
+    def _on_pages(self, msg: Message, _: Record) -> list[Effect]:
+        p = msg.get(Pages)
+        batch = unpack(p)
+        if p.round < self.round:
+            raise MigrationFailure(ErrorCode.ROLLBACK, f"page record of round {p.round} after round {self.round}")
+        self.round = p.round
+        applied, received, npages = self.applied, self.received, self.npages
+        for gfn, ver in zip(batch.gfns, batch.vers):
+            if gfn >= npages:
+                raise MigrationFailure(ErrorCode.MALFORMED, f"gfn {gfn} outside the VM")
+            if ver < applied[gfn]:
+                raise MigrationFailure(ErrorCode.ROLLBACK, f"page {gfn} version {ver} older than applied "
+                                                           f"{applied[gfn]}")
+            applied[gfn] = ver
+            received[gfn] = 1
+        self.page_records += 1
+        return [ApplyPages(batch)]
+
+    def _on_round_end(self, msg: Message, _: Record) -> list[Effect]:
+        return []
+
+    def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
+        data = msg.get(Stream).data
+        self.stream_bytes += len(data)
+        self.page_records += 1
+        return [StreamIn(data)]
+
+    def _on_stream_end(self, msg: Message, _: Record) -> list[Effect]:
+        claimed = msg.get(StreamEnd).bytes
+        if claimed != self.stream_bytes:
+            raise MigrationFailure(ErrorCode.INCOMPLETE, f"{self.stream_bytes} stream bytes received, {claimed} sent")
+        return self._request(EndStream(), StreamLoaded)
+
+    def _stream_loaded(self, result: StreamLoaded) -> list[Effect]:
+        self.stream_loaded = True
+        return []
+
+    def _on_cpu_state(self, msg: Message, _: Record) -> list[Effect]:
+        self.cpu_state_seen = True
+        return [ImportCpuState(msg.get(CpuState).state)]
+
+    def _on_context(self, msg: Message, _: Record) -> list[Effect]:
+        c = msg.get(Context)
+        if len(self.context) + len(c.data) > self.context_limit:
+            raise MigrationFailure(ErrorCode.OVERSIZE, "protected-context blob larger than the VM can need")
+        self.context += c.data
+        self.context_total = c.total
+        return []
+
+    def _on_complete(self, msg: Message, rec: Record) -> list[Effect]:
+        c = msg.get(Complete)
+        if not hmac.compare_digest(c.transcript, rec.transcript_before) or c.records != rec.index:
+            raise MigrationFailure(ErrorCode.INCOMPLETE, "record count or running hash differs from what was "
+                                                         "received")
+        if c.page_records != self.page_records:
+            raise MigrationFailure(ErrorCode.INCOMPLETE, f"{self.page_records} page records applied, "
+                                                         f"{c.page_records} sent")
+        self.complete = c
+        if self.stream:
+            if not self.stream_loaded:
+                raise MigrationFailure(ErrorCode.INCOMPLETE, "the stream never ended")
+            return self._prepare()
+        if self.proto.context_parts != self.context_total:
+            raise MigrationFailure(ErrorCode.INCOMPLETE, "protected-context blob is missing chunks")
+        missing = self.received.count(0)
+        if missing:
+            raise MigrationFailure(ErrorCode.INCOMPLETE, f"{missing} pages never received")
+        if not self.cpu_state_seen:
+            raise MigrationFailure(ErrorCode.INCOMPLETE, "no CPU state")
+        # Every protected page was verified against its MAC on arrival (and only
+        # ciphertext was accepted on protected gfns); the final metadata must
+        # name exactly those versions and MACs (the hypervisor checks it).
+        blob, self.context = bytes(self.context), bytearray()
+        return self._request(ImportProtection(blob), ProtectionImported)
+
+    def _protection_imported(self, result: ProtectionImported) -> list[Effect]:
+        assert self.begin is not None
+        if result.protected_pages != self.begin.protected_pages:
+            raise MigrationFailure(ErrorCode.INCOMPLETE, "protected page count differs from BEGIN")
+        return self._prepare()
+
+    def _prepare(self) -> list[Effect]:
+        assert self.begin is not None
+        return self._request(Prepare(self.begin.digest), Prepared)
+
+    def _prepared(self, result: Prepared) -> list[Effect]:
+        if not result.persisted:
+            raise MigrationFailure(ErrorCode.ABORTED, "the migration was aborted before READY (a recovery query?)")
+        self.outcome = "prepared"
+        return [self._send(Ready(result.digest))]
+
+    def _on_commit(self, msg: Message, _: Record) -> list[Effect]:
+        return self._request(CommitAndActivate(), Committed)
+
+    def _committed(self, result: Committed) -> list[Effect]:
+        if result.committed:
+            self.outcome = "committed"
+            return [self._send(Done())]
+        # We already aborted (timeout, shutdown, a recovery query): the promise stands.
+        return self.fail(MigrationFailure(ErrorCode.ABORTED, "commit after abort"))
+
+    def _on_abort(self, msg: Message, _: Record) -> list[Effect]:
+        a = msg.get(Abort)
+        self.error = MigrationFailure(ErrorCode.CANCELLED, f"source aborted: {a.code}: {a.reason}")
+        return self._request(AbortForever(f"source aborted: {a.code}: {a.reason}", self.npages > 0), Aborted)
+
+    def _aborted(self, result: Aborted) -> list[Effect]:
+        self.outcome = "aborted"
+        if self.error is None or not self.proto.can_send(Abort):
+            return []  # the source ended it, or the session is past answering
+        code = self.error.code
+        return [self._send(Abort(code.value, public_reason(code), result.token))]
+
+    _on_message: dict[type[Body], Callable[[DestinationEngine, Message, Record], list[Effect]]] = {
+        Begin: _on_begin, Keys: _on_keys, Pages: _on_pages, RoundEnd: _on_round_end, Stream: _on_stream,
+        StreamEnd: _on_stream_end, CpuState: _on_cpu_state, Context: _on_context, Complete: _on_complete,
+        Commit: _on_commit, Abort: _on_abort,
+    }
+    _on_result: dict[type[Result], Callable[[DestinationEngine, Any], list[Effect]]] = {
+        Opened: _opened, KeysImported: _keys_imported, StreamLoaded: _stream_loaded,
+        ProtectionImported: _protection_imported, Prepared: _prepared, Committed: _committed, Aborted: _aborted,
+    }

@@ -1,0 +1,324 @@
+"""The durable handoff (proto/PROTOCOL.md 7.5): its states, its legal moves, its operations.
+
+At most one copy of a VM ever runs, and after any failure exactly one does,
+because a few facts are durable before the message that announces them:
+the source "handed off" (from then on it never resumes on its own), the
+destination "prepared" / "committed" / "aborted" (an abort is forever).
+
+``MOVES`` is the whole table; ``HandoffStore`` keeps each migration's state
+in SQLite (synchronous=FULL) and changes it only by a move of the table,
+one atomic UPDATE guarded by the states the move may leave.  The operations
+pair each durable step with its effect on the VM, in the order that keeps
+the promise (persist, then act): ``prepare``, ``hand_off``,
+``commit_and_activate``, ``confirm_and_scrub``, ``abort_forever``,
+``abort_and_resume``.  Nothing outside this module names a state by string.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from palm_net.hypervisor.backend import HostedVM
+from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure
+from palm_net.wire.protocol import Role
+
+ABORT_DOMAIN = b"palm-net/abort/v1\x00"
+
+
+class HandoffState(enum.StrEnum):
+    # the source
+    SENDING = "sending"
+    HANDED_OFF = "handed_off"  # COMMIT may have left: never resume without the destination's word
+    DONE = "done"
+    # the destination
+    RECEIVING = "receiving"
+    PREPARED = "prepared"  # verified and synced; READY may have left
+    COMMITTED = "committed"  # the VM runs here
+    # either side, forever
+    ABORTED = "aborted"
+
+
+class Step(enum.StrEnum):
+    OPEN = "open"
+    PREPARE = "prepare"
+    HAND_OFF = "hand-off"
+    COMMIT = "commit"
+    CONFIRM = "confirm"
+    ABORT = "abort"
+
+
+SRC, DST = Role.SOURCE, Role.DESTINATION
+H = HandoffState
+# (side, state before (None: no row yet), step) -> state after.  proto 7.5.
+MOVES: dict[tuple[Role, HandoffState | None, Step], HandoffState] = {
+    (SRC, None, Step.OPEN): H.SENDING,
+    (SRC, H.SENDING, Step.HAND_OFF): H.HANDED_OFF,
+    (SRC, H.HANDED_OFF, Step.CONFIRM): H.DONE,  # the destination said "committed" (DONE or OUTCOME)
+    (SRC, H.SENDING, Step.ABORT): H.ABORTED,  # before the handoff point: always
+    (SRC, H.HANDED_OFF, Step.ABORT): H.ABORTED,  # after it: only with an abort token, or the operator's override
+    (DST, None, Step.OPEN): H.RECEIVING,
+    (DST, H.RECEIVING, Step.PREPARE): H.PREPARED,
+    (DST, H.PREPARED, Step.COMMIT): H.COMMITTED,
+    (DST, H.RECEIVING, Step.ABORT): H.ABORTED,
+    (DST, H.PREPARED, Step.ABORT): H.ABORTED,
+    (DST, None, Step.ABORT): H.ABORTED,  # a QUERY about an id never seen here: refused forever
+}
+FINAL = frozenset({H.DONE, H.COMMITTED, H.ABORTED})
+
+
+def leaving(side: Role, step: Step) -> tuple[HandoffState, ...]:
+    """The states ``step`` may leave on ``side`` (the guard of its UPDATE)."""
+    return tuple(s for (r, s, st) in MOVES if r is side and st is step and s is not None)
+
+
+# --------------------------------------------------------------------------
+# Abort tokens: the destination's signed promise never to activate a migration.
+
+
+def make_abort_token(signing: SigningKey, mid: bytes) -> bytes:
+    return signing.sign(ABORT_DOMAIN + mid).signature
+
+
+def check_abort_token(sign_pub: bytes, mid: bytes, token: bytes) -> bool:
+    try:
+        VerifyKey(sign_pub).verify(ABORT_DOMAIN + mid, token)
+        return True
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+
+
+# --------------------------------------------------------------------------
+# The store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS migrations (
+    mid         BLOB PRIMARY KEY,
+    role        TEXT NOT NULL,          -- source | destination
+    vm          TEXT NOT NULL,
+    vm_id       BLOB NOT NULL,          -- the VM's identity (names can be reused)
+    peer        TEXT NOT NULL,          -- peer agent name (from its certificate)
+    peer_addr   TEXT NOT NULL,          -- host:port to reach the destination (source side)
+    peer_static BLOB NOT NULL,          -- the peer's Noise static key
+    peer_sign   BLOB NOT NULL,          -- the peer's Ed25519 key (verifies abort tokens)
+    state       TEXT NOT NULL,
+    token       BLOB,                   -- abort token (source: the one received)
+    error       TEXT,
+    stats       TEXT,
+    created     REAL NOT NULL,
+    updated     REAL NOT NULL
+);
+"""
+UNKNOWN_VM = ""  # the VM name of a row made for a QUERY about an id we never saw
+MAX_UNKNOWN_PER_PEER = 256  # such rows a peer can leave behind; the oldest go first
+UNKNOWN_TTL = 86400.0  # and they expire after a day
+HISTORY_TTL = 30 * 86400.0  # finished rows kept this long ("committed" forever: an in-doubt
+# source may ask at any time, and the answer must never turn into "aborted")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The other agent of a migration, as its certificate names it."""
+
+    name: str
+    static_pub: bytes  # its Noise static key: who may ask about this migration
+    sign_pub: bytes  # its Ed25519 key: verifies its abort tokens
+    addr: str = ""  # host:port (source side: where to ask when in doubt)
+
+
+@dataclass(frozen=True)
+class MigrationRow:
+    mid: bytes
+    role: Role
+    vm: str
+    vm_id: bytes
+    peer: Peer
+    state: HandoffState
+    token: bytes | None
+    error: str | None
+    stats: dict[str, Any] | None
+    created: float
+    updated: float
+
+    def is_peer(self, static_pub: bytes) -> bool:
+        return hmac.compare_digest(self.peer.static_pub, static_pub)
+
+
+class HandoffStore:
+    """Every migration of this agent and its durable state.  Thread-safe (a
+    lock around the one SQLite connection); each move is one atomic UPDATE."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- rows
+
+    def _open(self, mid: bytes, side: Role, vm: str, vm_id: bytes, peer: Peer, step: Step = Step.OPEN,
+              error: str | None = None) -> None:
+        state = MOVES[(side, None, step)]
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO migrations (mid, role, vm, vm_id, peer, peer_addr, peer_static, peer_sign, state,"
+                " error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (mid, side.value, vm, vm_id, peer.name, peer.addr, peer.static_pub, peer.sign_pub, state.value,
+                 error, now, now))
+
+    def _move(self, mid: bytes, side: Role, step: Step, *, token: bytes | None = None,
+              error: str | None = None) -> bool:
+        """Moves ``mid`` by ``step`` if the table allows it from where it is; False if it was elsewhere."""
+        sources = leaving(side, step)
+        if not sources:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"no {step} move for a {side.value}")
+        marks = ",".join("?" * len(sources))  # placeholders only: the states are parameters
+        sql = ("UPDATE migrations SET state=?, token=COALESCE(?, token), error=COALESCE(?, error), updated=?"  # noqa: S608
+               f" WHERE mid=? AND role=? AND state IN ({marks})")
+        with self._lock:
+            cur = self._db.execute(sql, (MOVES[(side, sources[0], step)].value, token, error[:500] if error else None,
+                                         time.time(), mid, side.value, *(s.value for s in sources)))
+            return cur.rowcount == 1
+
+    def get(self, mid: bytes) -> MigrationRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM migrations WHERE mid=?", (mid,)).fetchone()
+        return self._row(row) if row else None
+
+    def list(self, role: Role | None = None, states: tuple[HandoffState, ...] | None = None,
+             limit: int = 100) -> list[MigrationRow]:
+        q, args = "SELECT * FROM migrations WHERE 1=1", []
+        if role:
+            q += " AND role=?"
+            args.append(role.value)
+        if states:
+            q += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(s.value for s in states)
+        q += " ORDER BY created DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(q, (*args, limit)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM migrations").fetchone()[0])
+
+    def set_stats(self, mid: bytes, stats: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("UPDATE migrations SET stats=? WHERE mid=?", (json.dumps(stats), mid))
+
+    def prune(self, now: float | None = None) -> int:
+        """Forgets finished migrations older than HISTORY_TTL, never a committed one."""
+        cutoff = (time.time() if now is None else now) - HISTORY_TTL
+        with self._lock:
+            cur = self._db.execute("DELETE FROM migrations WHERE state IN (?, ?) AND updated<?",
+                                   (H.DONE.value, H.ABORTED.value, cutoff))
+            return cur.rowcount
+
+    @staticmethod
+    def _row(r: tuple[Any, ...]) -> MigrationRow:
+        return MigrationRow(r[0], Role(r[1]), r[2], r[3], Peer(r[4], r[6], r[7], r[5]), HandoffState(r[8]), r[9],
+                            r[10], json.loads(r[11]) if r[11] else None, r[12], r[13])
+
+    # -- the source's operations
+
+    def open_outgoing(self, mid: bytes, vm: HostedVM, peer: Peer) -> None:
+        """SENDING, and the VM records the migration it is part of (a restart acts on that id)."""
+        self._open(mid, SRC, vm.info.name, vm.info.vm_id, peer)
+        vm.set_migration(mid)
+
+    def hand_off(self, mid: bytes) -> bool:
+        """The handoff point: durable before COMMIT leaves.  False if the migration was
+        cancelled meanwhile (it then resumes here)."""
+        return self._move(mid, SRC, Step.HAND_OFF)
+
+    def confirm_and_scrub(self, mid: bytes, vm: HostedVM | None) -> bool:
+        """The destination committed: DONE, then this copy's memory and keys go."""
+        moved = self._move(mid, SRC, Step.CONFIRM)
+        if moved and vm is not None:
+            vm.scrub()
+        return moved
+
+    def abort_and_resume(self, mid: bytes, vm: HostedVM | None, why: str, *, token: bytes | None = None,
+                         override: bool = False) -> bool:
+        """The VM runs here again: before the handoff point always; after it only
+        with the destination's abort token (verified against the key recorded
+        for it) or the operator's override."""
+        row = self.get(mid)
+        if row is None or row.role is not SRC:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "no outgoing migration with that id")
+        if row.state is H.HANDED_OFF and not override and not (
+                token and check_abort_token(row.peer.sign_pub, mid, token)):
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "an in-doubt migration resumes only with the "
+                                                             "destination's abort token or an override")
+        moved = self._move(mid, SRC, Step.ABORT, token=token, error=why)
+        if moved and vm is not None:
+            vm.resume_after_migration()
+        return moved
+
+    # -- the destination's operations
+
+    def open_incoming(self, mid: bytes, vm_name: str, vm_id: bytes, peer: Peer) -> None:
+        """RECEIVING; an id already recorded here, in any state, is a replay."""
+        try:
+            self._open(mid, DST, vm_name, vm_id, peer)
+        except sqlite3.IntegrityError:
+            raise MigrationFailure(ErrorCode.REPLAY, "migration id already used on this agent") from None
+
+    def prepare(self, mid: bytes, vm: HostedVM) -> bool:
+        """The VM verified: synced, then PREPARED (READY may follow).  False if aborted meanwhile."""
+        vm.sync()
+        return self._move(mid, DST, Step.PREPARE)
+
+    def commit_and_activate(self, mid: bytes, vm: HostedVM) -> bool:
+        """COMMITTED, then the VM runs here.  False if the migration was aborted
+        before (a timeout, a recovery query): the abort stands, the VM never runs."""
+        if not self._move(mid, DST, Step.COMMIT):
+            return False
+        vm.activate()
+        return True
+
+    def abort_forever(self, mid: bytes, vm: HostedVM | None, why: str) -> None:
+        """ABORTED (this migration is never activated), then what arrived is scrubbed."""
+        self._move(mid, DST, Step.ABORT, error=why)
+        if vm is not None:
+            vm.scrub()
+
+    def record_unknown(self, mid: bytes, peer: Peer) -> None:
+        """A QUERY about an id never seen here: recorded aborted, so that a late BEGIN
+        with it is refused too; bounded per peer and expiring (a peer cannot fill the store)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("DELETE FROM migrations WHERE vm=? AND state=? AND updated<?",
+                             (UNKNOWN_VM, H.ABORTED.value, now - UNKNOWN_TTL))
+            self._db.execute(
+                "DELETE FROM migrations WHERE mid IN (SELECT mid FROM migrations WHERE vm=? AND peer_static=?"
+                " AND state=? ORDER BY created DESC LIMIT -1 OFFSET ?)",
+                (UNKNOWN_VM, peer.static_pub, H.ABORTED.value, MAX_UNKNOWN_PER_PEER - 1))
+        try:
+            self._open(mid, DST, UNKNOWN_VM, b"", peer, Step.ABORT, error="unknown migration queried")
+        except sqlite3.IntegrityError:
+            pass  # it exists after all (a concurrent BEGIN): the caller reads it again
+
+    def abort_token(self, mid: bytes, peer_static: bytes, signing: SigningKey) -> bytes:
+        """The abort token, only for a migration recorded aborted here and begun by that peer."""
+        row = self.get(mid)
+        if row is None or row.role is not DST or row.state is not H.ABORTED or not row.is_peer(peer_static):
+            return b""
+        return make_abort_token(signing, mid)

@@ -1,0 +1,66 @@
+"""A migration's parameters (what the operator asks) and statistics (what happened)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class MigrationParams:
+    downtime_limit: float = 0.300  # seconds
+    max_rounds: int = 30
+    max_factor: float = 3.0  # stop iterating after sending this many times the memory
+    bandwidth: float | None = None  # bytes/s cap, None = unlimited
+    auto_converge: bool = False
+    plain: bool = False  # benchmark-only transport mode
+    verify_digest: bool = False  # both sides digest memory while paused; COMMIT only if equal
+    reply_timeout: float = 30.0  # seconds to wait for ACCEPT, READY and DONE
+
+    def validate(self) -> None:
+        if not 0 < self.downtime_limit <= 3600:
+            raise ValueError("downtime limit must be between 0 and 3600 s")
+        if not 1 <= self.max_rounds <= 10_000:
+            raise ValueError("max rounds must be between 1 and 10000")
+        if not 1.0 <= self.max_factor <= 1000:
+            raise ValueError("max factor must be between 1 and 1000")
+        if self.bandwidth is not None and self.bandwidth < 4096:
+            raise ValueError("bandwidth cap must be at least 4 KiB/s")
+        if not 0.1 <= self.reply_timeout <= 3600:
+            raise ValueError("reply timeout must be between 0.1 and 3600 s")
+
+
+@dataclass
+class RoundStats:
+    round: int
+    pages: int  # page records sent
+    bytes: int  # message bytes sent (before the AEAD tag and framing)
+    duration: float
+    dirty_pages: int  # pages dirtied during the round
+    dirty_rate: float  # pages/s
+    bandwidth: float  # bytes/s measured on the wire
+
+
+@dataclass
+class MigrationStats:
+    status: str = "setup"
+    phase: str = "setup"
+    setup_time: float = 0.0
+    total_time: float = 0.0
+    downtime: float | None = None
+    expected_downtime: float | None = None
+    rounds: list[RoundStats] = field(default_factory=list)
+    current_round: int = 0
+    transferred: int = 0  # bytes on the wire, framing and tags included
+    remaining: int = 0  # pages still to send in the current round
+    zero_pages: int = 0
+    normal_pages: int = 0
+    protected_pages: int = 0
+    page_records: int = 0
+    bandwidth: float = 0.0
+    throttle: float = 1.0
+    digest: str | None = None  # memory digest at pause, when verify_digest was asked
+    hypervisor: dict[str, Any] | None = None  # a stream backend's own figures (QEMU's query-migrate)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
