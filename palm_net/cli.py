@@ -47,7 +47,15 @@ def emit(obj: Any, as_json: bool, text: Callable[[], str]) -> None:
     print(json.dumps(obj, indent=None if not sys.stdout.isatty() else 2) if as_json else text())
 
 
+def safe(text: object) -> str:
+    """Text for a terminal: anything that is not printable (escape sequences, newlines,
+    bidi overrides: from a peer, or a VM's config) shown as an escape, never obeyed."""
+    s = str(text)
+    return s if s.isprintable() else s.encode("unicode_escape").decode("ascii")
+
+
 def _fmt_table(rows: list[list[str]]) -> str:
+    rows = [[safe(c) for c in r] for r in rows]
     if not rows:
         return ""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -307,7 +315,7 @@ def cmd_vm(a: argparse.Namespace) -> int:
     elif op == "destroy":
         emit(r, a.json, lambda: f"VM {a.name} destroyed")
     else:
-        emit(r, a.json, lambda: "\n".join(f"{k}: {v}" for k, v in r.items()))
+        emit(r, a.json, lambda: "\n".join(f"{k}: {safe(v)}" for k, v in r.items()))
     return 0
 
 

@@ -96,6 +96,7 @@ def ensure_dir(path: Path, what: str = "directory") -> Path:
     except FileNotFoundError:
         if not path.parent.exists():
             ensure_dir(path.parent, what)
+        check_ancestors(path.parent)  # before making anything below them
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:

@@ -43,7 +43,7 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         raise ValueError(f"unknown log level {level!r}")
     json_out = fmt == "json"
     renderer: Any = (structlog.processors.JSONRenderer() if json_out
-                     else structlog.dev.ConsoleRenderer(colors=False,
+                     else structlog.dev.ConsoleRenderer(colors=False, repr_native_str=True,  # quoted: no injection
                                                         exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=[

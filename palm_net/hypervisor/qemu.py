@@ -40,6 +40,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,18 +305,28 @@ def _uids_in_use() -> set[int]:
     return used
 
 
+_ALLOCATED: dict[int, float] = {}  # uids handed out lately, not yet seen running
+_ALLOCATING = threading.Lock()
+
+
 def allocate_uid(uids: tuple[int, int] = DEFAULT_UIDS) -> int:
-    """An unused uid for one confined QEMU: no account has it and no process runs as it."""
+    """An unused uid for one confined QEMU: no account has it, no process runs as it,
+    and no other VM started here lately was given it (two may start at once)."""
     base, count = uids
-    in_use = _uids_in_use()
-    for _ in range(64):
-        uid = base + secrets.randbelow(count)
-        if uid in in_use:
-            continue
-        try:
-            pwd.getpwuid(uid)
-        except KeyError:
-            return uid
+    with _ALLOCATING:
+        now = time.monotonic()
+        for uid in [u for u, t in _ALLOCATED.items() if now - t > 60]:
+            del _ALLOCATED[uid]
+        in_use = _uids_in_use() | set(_ALLOCATED)
+        for _ in range(64):
+            uid = base + secrets.randbelow(count)
+            if uid in in_use:
+                continue
+            try:
+                pwd.getpwuid(uid)
+            except KeyError:
+                _ALLOCATED[uid] = now
+                return uid
     raise QemuError(f"no free uid in {base}..{base + count - 1} for a confined QEMU")
 
 

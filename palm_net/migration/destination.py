@@ -63,8 +63,9 @@ from palm_net.wire.pages import unpack
 from palm_net.wire.protocol import Role, SessionProtocol, State
 
 BEGIN_TIMEOUT = 30.0  # BEGIN within this of the session's start
-SESSION_BASE = 120.0  # a whole migration within this plus DEADLINE_PER_GIB per GiB
-DEADLINE_PER_GIB = 150.0
+SESSION_BASE = 120.0  # then: this, plus DEADLINE_PER_GIB for each GiB of the VM's data received so far
+DEADLINE_PER_GIB = 150.0  # (a floor of about 7 MiB/s), up to MAX_RESEND times the VM's memory
+MAX_RESEND = 8
 
 
 def context_limit(protected_pages: int, processes: int) -> int:
@@ -89,6 +90,7 @@ class DestinationEngine:
         self.applied: array[int] = array("Q")  # the version applied per gfn
         self.received = bytearray()  # 1 per gfn received at least once
         self.page_records = 0
+        self.progress = 0  # bytes of the VM's memory received (zero pages count as whole pages)
         self.round = 0
         self.cpu_state_seen = False
         self.context = bytearray()
@@ -115,10 +117,13 @@ class DestinationEngine:
         return self.begin.vm if self.begin is not None else None
 
     def deadline(self, started: float) -> float:
-        """When this session must be over: BEGIN soon, then time in proportion to the memory announced."""
+        """When this session must be over if nothing more arrives: BEGIN soon; then
+        time in proportion to the VM's data received (a peer that trickles, or
+        sends only ROUND_ENDs, falls behind), up to MAX_RESEND times its memory."""
         if not self.npages:
             return started + BEGIN_TIMEOUT
-        return started + SESSION_BASE + self.deadline_per_gib * self.npages * PAGE_SIZE / (1 << 30)
+        progress = min(self.progress, MAX_RESEND * self.npages * PAGE_SIZE)
+        return started + SESSION_BASE + self.deadline_per_gib * progress / (1 << 30)
 
     def _send(self, body: Body) -> Send:
         return Send(self.proto.send(body))
@@ -209,6 +214,7 @@ class DestinationEngine:
             applied[gfn] = ver
             received[gfn] = 1
         self.page_records += 1
+        self.progress += len(batch) * PAGE_SIZE
         return [ApplyPages(batch)]
 
     def _on_round_end(self, msg: Message, _: Record) -> list[Effect]:
@@ -217,6 +223,7 @@ class DestinationEngine:
     def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
         data = msg.get(Stream).data
         self.stream_bytes += len(data)
+        self.progress += len(data)
         self.page_records += 1
         return [StreamIn(data)]
 

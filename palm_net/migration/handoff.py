@@ -124,6 +124,7 @@ MAX_UNKNOWN_PER_PEER = 256  # such rows a peer can leave behind; the oldest go f
 UNKNOWN_TTL = 86400.0  # and they expire after a day
 HISTORY_TTL = 30 * 86400.0  # finished rows kept this long ("committed" forever: an in-doubt
 # source may ask at any time, and the answer must never turn into "aborted")
+MAX_ABORTED_PER_PEER = 1000  # and at most this many aborted incoming ones per peer
 
 
 @dataclass(frozen=True)
@@ -224,12 +225,17 @@ class HandoffStore:
             self._db.execute("UPDATE migrations SET stats=? WHERE mid=?", (json.dumps(stats), mid))
 
     def prune(self, now: float | None = None) -> int:
-        """Forgets finished migrations older than HISTORY_TTL, never a committed one."""
+        """Forgets finished migrations older than HISTORY_TTL, and aborted incoming ones
+        beyond the newest MAX_ABORTED_PER_PEER of each peer; never a committed one."""
         cutoff = (time.time() if now is None else now) - HISTORY_TTL
         with self._lock:
-            cur = self._db.execute("DELETE FROM migrations WHERE state IN (?, ?) AND updated<?",
-                                   (H.DONE.value, H.ABORTED.value, cutoff))
-            return cur.rowcount
+            n = self._db.execute("DELETE FROM migrations WHERE state IN (?, ?) AND updated<?",
+                                 (H.DONE.value, H.ABORTED.value, cutoff)).rowcount
+            n += self._db.execute(
+                "DELETE FROM migrations WHERE mid IN (SELECT mid FROM (SELECT mid, ROW_NUMBER() OVER"
+                " (PARTITION BY peer_static ORDER BY updated DESC) AS k FROM migrations WHERE role=? AND state=?)"
+                " WHERE k>?)", (DST.value, H.ABORTED.value, MAX_ABORTED_PER_PEER)).rowcount
+            return n
 
     @staticmethod
     def _row(r: tuple[Any, ...]) -> MigrationRow:
