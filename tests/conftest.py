@@ -49,15 +49,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if total:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(total.items()))
         terminalreporter.write_line(f"fuzz examples run: {counts}")
-CACOPHONY = ROOT.parent / "shared" / "noise" / "cacophony.txt"
+NOISE_VECTORS = ROOT / "tests" / "vectors" / "cacophony_subset.json"  # source and checksum inside
 
 
 @pytest.fixture(scope="session")
 def cacophony() -> dict[str, dict]:
-    if not CACOPHONY.exists():
-        pytest.skip(f"Noise test vectors not found at {CACOPHONY}")
-    vectors = json.loads(CACOPHONY.read_text())["vectors"]
-    return {v["protocol_name"]: v for v in vectors if "init_psks" not in v and "resp_psks" not in v}
+    vectors = json.loads(NOISE_VECTORS.read_text())["vectors"]
+    return {v["protocol_name"]: v for v in vectors}
 
 
 class Pki:

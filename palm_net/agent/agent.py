@@ -253,6 +253,10 @@ class Agent:
     def vms(self) -> dict[str, Any]:
         return self.registry.vms
 
+    @property
+    def ciphers(self) -> tuple[CipherName, ...]:
+        return self.cfg.ciphers
+
     def status(self) -> dict[str, Any]:
         inc = self.incoming
         return {"agent": self.identity.name, "listen_port": self.listen_port, "vms": len(self.registry),

@@ -14,21 +14,32 @@ import os
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 import trio
 
 from palm_net.agent.client import CONTROL_VERSION
 from palm_net.agent.errors import AgentError
+from palm_net.agent.outgoing import OutgoingService
+from palm_net.agent.registry import VmRegistry
 from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.units import parse_rate, parse_size
 
-if TYPE_CHECKING:
-    from palm_net.agent.agent import Agent
+
+class Controlled(Protocol):
+    """What the control API drives: the agent's VMs, its migrations out, its status."""
+
+    registry: VmRegistry
+    outgoing: OutgoingService
+
+    @property
+    def ciphers(self) -> tuple[CipherName, ...]: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 log = structlog.get_logger("palm.control")
 
@@ -78,7 +89,7 @@ class ControlServer:
     """Serves the control socket: one request a connection, each op a small handler
     over the agent's services (registry, outgoing) and its status."""
 
-    def __init__(self, agent: Agent, path: Path) -> None:
+    def __init__(self, agent: Controlled, path: Path) -> None:
         self.agent = agent
         self.path = path
         self.sock: trio.socket.SocketType | None = None
@@ -260,7 +271,7 @@ class ControlServer:
             if cipher_name.lower() not in names:
                 raise RequestError(f"unknown cipher {cipher_name!r} (aesgcm, chachapoly)")
             cipher = names[cipher_name.lower()]
-            if cipher not in self.agent.cfg.ciphers:
+            if cipher not in self.agent.ciphers:
                 raise RequestError(f"cipher {cipher_name} is not available on this agent")
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         last = [0.0]

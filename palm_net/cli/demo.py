@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from palm_net.cli import CliError, control_request, migrate_summary
+from palm_net.cli.output import CliError, control_request, migrate_summary
 from palm_net.units import format_bytes, parse_size
 
 
