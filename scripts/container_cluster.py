@@ -20,6 +20,7 @@ then whatever of those host traces the run added, and reports anything left.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -71,6 +72,7 @@ runroot = "{dir}/run"
 """
 
 # Host paths that Podman, runc and the CNI plugins write to outside the store.
+TAG_PREFIX = "palm-ctr-"  # names every container, volume, network, image and directory of a run
 HOST_DIRS = ("/var/lib/containers", "/run/containers", "/var/lib/cni", "/run/cni", "/run/runc", "/run/netns")
 
 
@@ -105,13 +107,18 @@ def debian_mirrors() -> list[str]:
             text = f.read_text()
         except OSError:
             continue
-        entries += _deb822_entries(text) if f.suffix == ".sources" else _one_line_entries(text)
+        entries += parse_sources(text, deb822=f.suffix == ".sources")
     lines = []
     for uri, suite in entries:
         line = f"deb {uri} {suite} main"
         if suite in wanted and line not in lines:
             lines.append(line)
     return lines
+
+
+def parse_sources(text: str, deb822: bool) -> list[tuple[str, str]]:
+    """(URI, suite) of each enabled `deb` source with the main component, one-line or deb822 format."""
+    return _deb822_entries(text) if deb822 else _one_line_entries(text)
 
 
 def _one_line_entries(text: str) -> list[tuple[str, str]]:
@@ -345,7 +352,8 @@ class ContainerCluster:
         names = sorted(s for s in services if s != AUTHORITY_INIT)
         if n != len(names):
             raise ContainerError(f"{compose_file.name} has {len(names)} agents ({', '.join(names)}), not {n}")
-        self.tag = f"palm-drill-{os.getpid()}"
+        self.lock = host_lock()
+        self.tag = f"{TAG_PREFIX}{os.getpid()}"
         self.base, self.image = f"localhost/{self.tag}-base", f"localhost/{self.tag}"
         self.store = Path(tempfile.mkdtemp(prefix=f"{self.tag}-", dir="/var/tmp"))
         (self.store / "tmp").mkdir()
@@ -484,6 +492,7 @@ class ContainerCluster:
             for s, h in zip((signal.SIGINT, signal.SIGTERM), old):
                 signal.signal(s, h)
             self.log.close()
+            os.close(self.lock)
 
     def _close(self) -> list[str]:
         t0 = time.monotonic()
@@ -515,6 +524,19 @@ class ContainerCluster:
               f"{time.monotonic() - t0:.1f} s; " + (f"LEFT BEHIND: {'; '.join(left)}" if left else
                                                       "nothing left behind"), flush=True)
         return left
+
+
+def host_lock() -> int:
+    """One container drill at a time on a host: runs would share CNI state, subnets and iptables chains.
+
+    The lock is an flock on /var/tmp itself (where the stores live), so it leaves no file behind."""
+    fd = os.open("/var/tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("containers: waiting for another container drill on this host", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def terminate(p: subprocess.Popen[Any], grace: float = 60) -> None:
