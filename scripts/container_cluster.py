@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -71,9 +71,13 @@ graphroot = "{dir}/storage"
 runroot = "{dir}/run"
 """
 
-# Host paths that Podman, runc and the CNI plugins write to outside the store.
 TAG_PREFIX = "palm-ctr-"  # names every container, volume, network, image and directory of a run
-HOST_DIRS = ("/var/lib/containers", "/run/containers", "/var/lib/cni", "/run/cni", "/run/runc", "/run/netns")
+BLOB_CACHE = "/var/lib/containers/cache/blob-info-cache-v1.boltdb"  # containers/image, for root
+# Host paths that Podman, runc and the CNI plugins write to outside the store (the second list is walked;
+# the host's own Podman store in /var/lib/containers/storage is not looked at).
+HOST_DIRS = ("/var/lib/containers", "/run/containers")
+HOST_TREES = ("/var/lib/containers/cache", "/run/containers/cni", "/var/lib/cni", "/run/cni", "/run/runc",
+              "/run/netns")
 
 
 class ContainerError(Exception):
@@ -202,6 +206,37 @@ def private_env(d: Path) -> dict[str, str]:
 # host traces
 
 
+@dataclass
+class Ours:
+    """What marks a trace on the host as this run's: its tag (in every name it chose) and what Podman
+    named for it: container ids (runc state, CNI results), network namespaces, bridges, addresses."""
+
+    tag: str
+    ids: set[str] = field(default_factory=set)
+    netns: set[str] = field(default_factory=set)
+    bridges: set[str] = field(default_factory=set)
+    ips: set[str] = field(default_factory=set)
+
+    def path(self, p: str) -> bool:
+        if self.tag in p or p in self.netns or p == BLOB_CACHE or any(i in p for i in self.ids):
+            return True
+        with contextlib.suppress(OSError):  # e.g. the state.json of a runc container of an interrupted build
+            if os.path.isfile(p) and os.path.getsize(p) < 1 << 20:
+                return self.tag.encode() in Path(p).read_bytes()
+        return False
+
+    def rule(self, line: str) -> bool:
+        padded = f" {line} "
+        return (self.tag in line or any(f" {b} " in padded for b in self.bridges)
+                or any(f" {ip}/32 " in padded for ip in self.ips))
+
+    def link(self, name: str) -> bool:
+        with contextlib.suppress(OSError):
+            if os.path.basename(os.readlink(f"/sys/class/net/{name}/master")) in self.bridges:
+                return True
+        return name in self.bridges
+
+
 @dataclass(frozen=True)
 class HostState:
     """What Podman, runc and CNI leave on the host outside the store: files, links, iptables, processes."""
@@ -213,20 +248,25 @@ class HostState:
 
     @classmethod
     def take(cls, tag: str) -> HostState:
-        paths = set()
-        for top in HOST_DIRS:
-            if os.path.lexists(top):
-                paths.add(top)
-                for dirpath, dirs, files in os.walk(top):
-                    paths.update(os.path.join(dirpath, n) for n in dirs + files)
+        paths = {p for p in HOST_DIRS + HOST_TREES if os.path.lexists(p)}
+        for top in HOST_TREES:
+            for dirpath, dirs, files in os.walk(top):
+                paths.update(os.path.join(dirpath, n) for n in dirs + files)
+        paths = {p for p in paths if not p.startswith("/run/netns/") or os.path.basename(p).startswith("netns-")}
         links = {n for n in os.listdir("/sys/class/net") if n.startswith(("cni-", "veth"))}
         return cls(frozenset(paths), frozenset(links), tuple(iptables_cni()), frozenset(processes_naming(tag)))
 
-    def added_since(self, before: HostState) -> list[str]:
-        out = [f"file {p}" for p in sorted(self.paths - before.paths)]
-        out += [f"link {n}" for n in sorted(self.links - before.links)]
-        extra = Counter(self.rules) - Counter(before.rules)
-        out += [f"iptables -t {t} {r}" for (t, r) in sorted(extra.elements())]
+    def added_since(self, before: HostState, ours: Ours | None = None) -> list[str]:
+        """What is here and was not before: all of it, or only what is this run's (ours)."""
+        def mine_path(p: str) -> bool:
+            return ours is None or ours.path(p) or (os.path.isdir(p) and not os.listdir(p))
+
+        new_rules = list((Counter(self.rules) - Counter(before.rules)).elements())
+        out = [f"file {p}" for p in sorted(self.paths - before.paths) if mine_path(p)]
+        out += [f"link {n}" for n in sorted(self.links - before.links) if ours is None or ours.link(n)]
+        if ours is not None and not all(ours.rule(r) or scaffolding(t, r, new_rules) for t, r in new_rules):
+            new_rules = [(t, r) for t, r in new_rules if ours.rule(r)]  # someone else uses CNI meanwhile
+        out += [f"iptables -t {t} {r}" for (t, r) in sorted(new_rules)]
         out += [f"process {pid} {cmd[:80]}" for pid, cmd in sorted(self.processes - before.processes)]
         return out
 
@@ -241,6 +281,15 @@ def iptables_cni() -> list[tuple[str, str]]:
         elif line.startswith((":CNI-", "-A")) and ("CNI-" in line or "cni-podman" in line):
             out.append((table, line.split(" [", 1)[0] if line.startswith(":") else line))
     return out
+
+
+def scaffolding(table: str, line: str, new: list[tuple[str, str]]) -> bool:
+    """A new chain, or a jump into one (FORWARD -> CNI-FORWARD -> CNI-ADMIN): what the CNI firewall plugin
+    sets up on first use and never removes."""
+    chains = {r[1:].split()[0] for t, r in new if t == table and r.startswith(":")}
+    if line.startswith(":"):
+        return True
+    return " -j " in line and line.rsplit(" -j ", 1)[1].split()[0] in chains and "/32" not in line
 
 
 def processes_naming(tag: str) -> set[tuple[int, str]]:
@@ -266,34 +315,41 @@ def mounts_under(prefix: str) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
-def restore_host(before: HostState, tag: str) -> None:
-    """Undoes what the run added to the host (only that): iptables rules and chains, links, files, processes."""
-    now = HostState.take(tag)
+def restore_host(before: HostState, ours: Ours) -> None:
+    """Undoes what this run added to the host, and only that: its processes, iptables rules (and the CNI
+    chains it created, once nobody else's rules are in them), its bridge, its files and the empty
+    directories it created."""
+    now = HostState.take(ours.tag)
     for pid, _ in now.processes - before.processes:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    extra = Counter(now.rules) - Counter(before.rules)
-    chains = [(table, line[1:].split()[0]) for table, line in extra.elements() if line.startswith(":")]
-    for table, line in extra.elements():  # rules first: they jump to the chains
-        if line.startswith("-A"):
+    new = list((Counter(now.rules) - Counter(before.rules)).elements())
+    rules = [(t, r) for t, r in new if r.startswith("-A")]
+    for table, line in rules:  # rules first: they jump to the chains
+        if ours.rule(line):
             subprocess.run(["iptables", "-t", table, "-D", *shlex.split(line)[1:]], capture_output=True, check=False)
-    for flag in ("-F", "-X"):
-        for table, chain in chains:
-            subprocess.run(["iptables", "-t", table, flag, chain], capture_output=True, check=False)
+    rest = [(t, r) for t, r in rules if not ours.rule(r)]
+    if all(scaffolding(t, r, new) for t, r in rest):
+        for table, line in rest:
+            subprocess.run(["iptables", "-t", table, "-D", *shlex.split(line)[1:]], capture_output=True, check=False)
+        chains = [(t, r[1:].split()[0]) for t, r in new if r.startswith(":")]
+        for flag in ("-F", "-X"):
+            for table, chain in chains:
+                subprocess.run(["iptables", "-t", table, flag, chain], capture_output=True, check=False)
     for name in now.links - before.links:
-        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+        if name in ours.bridges:
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
     mounted = set(mounts_under("/"))
     for path in sorted(now.paths - before.paths, key=len, reverse=True):  # deepest first
-        if path.startswith("/run/netns/") and not os.path.basename(path).startswith("netns-"):
-            continue  # a namespace of `ip netns`, not Podman's
         with contextlib.suppress(OSError):
-            if os.path.isdir(path) and not os.path.islink(path) and os.listdir(path):
-                continue  # never what someone else put there meanwhile
-            if path in mounted:  # a network namespace, or /run/netns bound on itself
-                subprocess.run(["umount", path], capture_output=True, check=False)
             if os.path.isdir(path) and not os.path.islink(path):
-                os.rmdir(path)
-            else:
+                if not os.listdir(path):  # a directory it created; never one someone filled meanwhile
+                    if path in mounted:  # /run/netns is bound on itself
+                        subprocess.run(["umount", path], capture_output=True, check=False)
+                    os.rmdir(path)
+            elif ours.path(path):
+                if path in mounted:  # a network namespace
+                    subprocess.run(["umount", path], capture_output=True, check=False)
                 os.unlink(path)
 
 
@@ -312,6 +368,7 @@ class ContainerAgent(AgentProcess):
     def start(self, timeout: float = 90) -> ContainerAgent:
         self.cluster.podman("start", self.container)
         self.wait_healthy(timeout)
+        self.cluster.record()
         return self
 
     def wait_healthy(self, timeout: float) -> None:
@@ -360,6 +417,7 @@ class ContainerCluster:
         self.env = {**private_env(self.store), "PALM_IMAGE": self.image}
         self.log: TextIO = open(root / "containers.log", "a")
         self.before = HostState.take(self.tag)
+        self.ours = Ours(self.tag)
         self.agents = [ContainerAgent(self, s) for s in names]
         self.timings: dict[str, float] = {}
 
@@ -367,9 +425,10 @@ class ContainerCluster:
 
     def run(self, cmd: Sequence[str], timeout: float = 120, check: bool = True, stdin: Any = None,
             capture: bool = True) -> subprocess.CompletedProcess[str]:
-        """Runs a command of the harness; on Ctrl-C or an error it is asked to stop (SIGTERM), not killed."""
+        """Runs a command of the harness in its own session (a terminal's Ctrl-C reaches the drill alone);
+        on Ctrl-C or an error it is asked to stop (SIGTERM), not killed."""
         print(f"$ {shlex.join(cmd)}", file=self.log, flush=True)
-        with subprocess.Popen(list(cmd), env=self.env, stdin=stdin, text=True,
+        with subprocess.Popen(list(cmd), env=self.env, stdin=stdin, text=True, start_new_session=True,
                               stdout=subprocess.PIPE if capture else self.log, stderr=subprocess.PIPE) as p:
             try:
                 out, err = p.communicate(timeout=timeout)
@@ -426,6 +485,7 @@ class ContainerCluster:
                 ag.control = str(Path(self.own_volume(ag)) / CONTROL)
             for ag in self.agents:
                 ag.wait_healthy(90)
+        self.record()
         problems = self.isolation()
         if problems:
             raise ContainerError("volume isolation: " + "; ".join(problems))
@@ -437,15 +497,35 @@ class ContainerCluster:
         codename = debian_mirrors()[0].split()[2]
         cmd = ["mmdebstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", codename, "-", *debian_mirrors()]
         print(f"$ {shlex.join(cmd)} | podman import - {self.base}", file=self.log, flush=True)
-        with subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=self.log) as mm:
+        # Its own session: on a signal mmdebstrap sends SIGHUP to its whole process group.
+        with subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=self.log,
+                              start_new_session=True) as mm:
             try:
                 self.run(["podman", "import", "-", self.base], stdin=mm.stdout, timeout=900)
                 rc = mm.wait(60)
             except BaseException:
-                terminate(mm)  # mmdebstrap unmounts and removes its chroot on SIGTERM
+                if mm.stdout is not None:
+                    mm.stdout.close()  # the reader is gone: mmdebstrap must not block writing to the pipe
+                terminate(mm)  # on SIGTERM mmdebstrap finishes its current stage, unmounts and removes its chroot
                 raise
         if rc != 0:
             raise ContainerError(f"mmdebstrap failed ({rc}); see {self.log.name}")
+
+    def record(self) -> None:
+        """Notes what Podman named on the host for this run (see Ours); a restart brings new names."""
+        with contextlib.suppress(ContainerError, subprocess.TimeoutExpired, ValueError):
+            ids = self.podman("ps", "-a", "-q", "--no-trunc", timeout=60).stdout.split()
+            for c in json.loads(self.podman("inspect", "--format", "json", *ids).stdout) if ids else []:
+                self.ours.ids.add(c["Id"])
+                net = c.get("NetworkSettings") or {}
+                if net.get("SandboxKey"):
+                    self.ours.netns.add(net["SandboxKey"])
+                self.ours.ips.update(n["IPAddress"] for n in (net.get("Networks") or {}).values() if n.get("IPAddress"))
+            nets = [n for n in self.podman("network", "ls", "--format", "{{.Name}}", timeout=60).stdout.split()
+                    if n != "podman"]
+            for n in json.loads(self.podman("network", "inspect", *nets).stdout) if nets else []:
+                if n.get("network_interface"):
+                    self.ours.bridges.add(n["network_interface"])
 
     def containers(self) -> dict[str, str]:
         """Service name -> container name, by compose's labels."""
@@ -485,11 +565,11 @@ class ContainerCluster:
 
     def close(self) -> list[str]:
         """Removes everything the run made; returns what is left (nothing, unless something failed)."""
-        old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
+        old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
         try:
             return self._close()
         finally:
-            for s, h in zip((signal.SIGINT, signal.SIGTERM), old):
+            for s, h in zip((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), old):
                 signal.signal(s, h)
             self.log.close()
             os.close(self.lock)
@@ -497,6 +577,7 @@ class ContainerCluster:
     def _close(self) -> list[str]:
         t0 = time.monotonic()
         left = []
+        self.record()
         with contextlib.suppress(ContainerError, subprocess.TimeoutExpired):
             self.compose("down", "-v", "-t", "1", check=False)
         # Everything in the private store is this run's: sweep what compose did not remove.
@@ -513,13 +594,20 @@ class ContainerCluster:
             except subprocess.TimeoutExpired:
                 names = ["(podman did not answer)"]
             left += [f"{what} {n}" for n in names if not (what == "network" and n == "podman")]
+        # A build interrupted mid-step can leave its runc container behind (/run/runc): delete it by its bundle.
+        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+            runc = subprocess.run(["runc", "list", "--format", "json"], capture_output=True, text=True, timeout=30,
+                                  check=False)
+            for c in json.loads(runc.stdout or "null") or []:
+                if self.tag in c.get("bundle", ""):
+                    self.run(["runc", "delete", "--force", c["id"]], check=False, timeout=60)
         for mnt in mounts_under(str(self.store)):
             subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
         shutil.rmtree(self.store, ignore_errors=True)
         if self.store.exists():
             left.append(f"store {self.store}")
-        restore_host(self.before, self.tag)
-        left += HostState.take(self.tag).added_since(self.before)
+        restore_host(self.before, self.ours)
+        left += HostState.take(self.tag).added_since(self.before, self.ours)
         print(f"containers: removed containers, volumes, network, images and the private store in "
               f"{time.monotonic() - t0:.1f} s; " + (f"LEFT BEHIND: {'; '.join(left)}" if left else
                                                       "nothing left behind"), flush=True)

@@ -445,7 +445,8 @@ def main() -> int:
     def on_signal(signum: int, _: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     t0 = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="palm-drill-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     cluster: Cluster | None = None
