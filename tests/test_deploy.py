@@ -67,6 +67,13 @@ def image_entrypoint() -> list[str]:
     return list(json.loads(m.group(1)))
 
 
+def image_healthcheck() -> list[str]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    m = re.search(r"^HEALTHCHECK\s.*?\bCMD\s+(\[.*\])\s*$", text, re.M)
+    assert m, "Dockerfile has no exec-form HEALTHCHECK"
+    return ["CMD", *json.loads(m.group(1))]
+
+
 class Deployment:
     def __init__(self, text: str) -> None:
         doc = yaml.safe_load(text)
@@ -114,6 +121,10 @@ def problems(dep: Deployment) -> list[str]:
             path = args[args.index(flag) + 1] if flag in args else ""
             if not any(under(path, m) for m in writable):
                 out.append(f"{a}: {flag} {path or '(unset)'} is not in its own volume")
+        health = svc.get("healthcheck", {}).get("test") or image_healthcheck()
+        control = args[args.index("--control") + 1] if "--control" in args else ""
+        if "--control" not in health or health[health.index("--control") + 1] != control:
+            out.append(f"{a}: the healthcheck {health} does not ask the agent's control socket {control}")
         ca = args[args.index("--ca") + 1] if "--ca" in args else ""
         public = [m for m in ms if m.read_only and under(ca, m)]
         if not public:
