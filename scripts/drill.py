@@ -479,7 +479,7 @@ def main() -> int:
     finally:
         left = cluster.close() if cluster is not None else []
         log = root / "containers.log"
-        if rc != 0 and log.exists():  # the podman commands' output, before it goes with the root
+        if rc == 1 and log.exists():  # the podman commands' output, before it goes with the root
             print("drill: the last lines of the container log:\n" + "".join(log.read_text().splitlines(True)[-30:]),
                   file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
