@@ -4,6 +4,7 @@
     python3 scripts/dev.py demo [ARGS]   # venv + install, then `palm demo ARGS`
     python3 scripts/dev.py test [ARGS]   # venv + install with test extras, then lint, types, pytest
     python3 scripts/dev.py palm ARGS     # any palm command from the venv
+    python3 scripts/dev.py venv [EXTRAS] # only create or refresh the venv (e.g. `venv test`)
 
 Needs only python3 (3.11+).  The venv lives in .venv and is refreshed when
 setup.cfg changes.
@@ -55,6 +56,9 @@ def main(argv: list[str]) -> int:
     if what == "palm":
         ensure_venv("")
         return run([str(BIN / "palm"), *rest])
+    if what == "venv":  # e.g. `venv test`: only make sure .venv has these extras
+        ensure_venv(rest[0] if rest else "")
+        return 0
     if what == "test":
         ensure_venv("test")
         for step in ([str(BIN / "ruff"), "check", "palm_net", "tests", "scripts"],
@@ -66,7 +70,7 @@ def main(argv: list[str]) -> int:
                 return rc
         workers = ["-n", os.environ.get("PALM_TEST_WORKERS", "2")]
         return run([str(BIN / "python"), "-m", "pytest", *workers, *rest])
-    print(f"dev: unknown command {what!r} (demo, test, palm)", file=sys.stderr)
+    print(f"dev: unknown command {what!r} (demo, test, palm, venv)", file=sys.stderr)
     return 2
 
 

@@ -2,12 +2,20 @@
 """Scripted cluster drills: N agents, VMs, migrations, faults, kills; invariants after every step.
 
     scripts/drill scripts/drills/basic.toml [--agents N] [--seed S] [--loopback]
+    scripts/drill --containers scripts/drills/containers.toml
 
 Each agent runs as its own process.  As root with `ip` available, each lives
 in its own network namespace, joined to a bridge by a veth link (so link
 rate limits with `tc tbf` are real); otherwise all run on loopback ports and
 the drill says so.  Namespaces, links and processes it creates are removed
 at the end, also on failure or Ctrl-C.
+
+With --containers the agents are the containers of scripts/compose.yaml,
+built and run by Podman from a private store (scripts/container_cluster.py):
+the same steps (migrate, ring, concurrent, kill -9 of a container) and the
+same invariants, between containers on their own network; every container,
+volume, network and image it made is removed at the end, also on failure or
+Ctrl-C, and so is what Podman left on the host.
 
 Invariants checked after every step: each VM runs on exactly one agent;
 digest continuity for VMs without a workload; no leftover state (no incoming
@@ -28,14 +36,16 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from palm_net.agent.launcher import AgentProcess, provision, remove_all  # noqa: E402
+from palm_net.cli import CliError  # noqa: E402
 from palm_net.hypervisor.qemu import live_processes  # noqa: E402
 from palm_net.testing.proxy import ProxyThread, Rule  # noqa: E402
 
@@ -45,6 +55,35 @@ UNSETTLED = ("sending", "receiving", "prepared", "handed_off")
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, check=check)
+
+
+class ProcessCluster:
+    """Agents as processes on this host: in network namespaces (root) or on loopback."""
+
+    def __init__(self, n: int, loopback: bool, root: Path) -> None:
+        self.root = root
+        self.net = Network(n, loopback)
+        names = [f"agent{i}" for i in range(n)]
+        provision(root, names)
+        self.agents = [AgentProcess(root, name, host=self.net.host(i), port=PORT if self.net.netns else None,
+                                    prefix=self.net.prefix(i), extra=["--max-incoming", "8"])
+                       for i, name in enumerate(names)]
+        self.kind = "network namespaces" if self.net.netns else "loopback"
+
+    def start(self) -> None:
+        for ag in self.agents:
+            ag.start()
+
+    def proxy_host(self) -> str:
+        return self.net.proxy_host()
+
+    def rate_limit(self, i: int, rate: str | None) -> str:
+        return self.net.rate_limit(i, rate)
+
+    def close(self) -> list[str]:
+        remove_all(self.root, self.agents)
+        self.net.cleanup()
+        return []
 
 
 class Network:
@@ -139,31 +178,27 @@ class StepResult:
     violations: list[str] = field(default_factory=list)
 
 
+class Cluster(Protocol):
+    """Where a drill's agents run: ProcessCluster, or container_cluster.ContainerCluster."""
+
+    agents: Sequence[AgentProcess]
+    kind: str
+
+    def start(self) -> None: ...
+
+    def close(self) -> list[str]: ...  # what it could not remove
+
+
 class Drill:
-    def __init__(self, scenario: dict[str, Any], agents: int, seed: int, loopback: bool) -> None:
+    def __init__(self, scenario: dict[str, Any], cluster: Cluster, seed: int, root: Path) -> None:
         self.sc = scenario
         self.rng = random.Random(seed)
-        self.root = Path(tempfile.mkdtemp(prefix="palm-drill-", dir="/dev/shm" if Path("/dev/shm").is_dir()
-                                          else None))
-        self.net = Network(agents, loopback)
-        names = [f"agent{i}" for i in range(agents)]
-        provision(self.root, names)
-        self.agents = [AgentProcess(self.root, name, host=self.net.host(i), port=PORT if self.net.netns else None,
-                                    prefix=self.net.prefix(i), extra=["--max-incoming", "8"])
-                       for i, name in enumerate(names)]
+        self.root = root
+        self.cluster = cluster
+        self.agents = cluster.agents
         self.vms: dict[str, VmSpec] = {}
         self.results: list[StepResult] = []
         self.counts: dict[str, int] = {}
-
-    # -- lifecycle
-
-    def start(self) -> None:
-        for ag in self.agents:
-            ag.start()
-
-    def close(self) -> None:
-        remove_all(self.root, self.agents)
-        self.net.cleanup()
 
     def index(self, name: str | int) -> int:
         if isinstance(name, int):
@@ -260,9 +295,10 @@ class Drill:
         proxy = None
         if rule is not None:
             # In namespace mode the proxy listens on the bridge address of the root namespace.
-            proxy = ProxyThread((dst.host, dst.port), [rule], listen_host=self.net.proxy_host())
+            assert isinstance(self.cluster, ProcessCluster), "faults need agents as processes"
+            proxy = ProxyThread((dst.host, dst.port), [rule], listen_host=self.cluster.proxy_host())
             proxy.__enter__()
-            target = f"{self.net.proxy_host()}:{proxy.port}"
+            target = f"{self.cluster.proxy_host()}:{proxy.port}"
         args.setdefault("reply_timeout", 5.0)  # a dropped reply should cost seconds, not the 30 s default
         if kill:
             args.setdefault("bandwidth", "16MiB/s")  # slow enough for the kill to land mid-migration
@@ -326,7 +362,8 @@ class Drill:
                 oc, down = out.get(v, ("no result", None))
                 self._record(n, action, f"{v} -> agent{to}", oc, down)
         elif action == "rate":
-            detail = self.net.rate_limit(self.index(step["agent"]), step.get("rate"))
+            assert isinstance(self.cluster, ProcessCluster), "rate limits need agents as processes"
+            detail = self.cluster.rate_limit(self.index(step["agent"]), step.get("rate"))
             self._record(n, action, f"agent{self.index(step['agent'])} {step.get('rate')}", detail)
         elif action == "random":
             count, p = step.get("count", 100), step.get("fault_probability", 0.3)
@@ -369,12 +406,26 @@ class Drill:
         return "\n".join(rows)
 
 
+def container_problem(sc: dict[str, Any]) -> str | None:
+    """Why a scenario cannot run between containers (faults and rate limits act on host-side links)."""
+    for v in sc.get("vm", []):
+        if v.get("backend", "model") != "model":
+            return f"VM {v.get('name')}: --containers drills model VMs only"
+    for n, step in enumerate(sc.get("step", []), 1):
+        if "fault" in step or step.get("action") == "rate" or (step.get("action") == "random"
+                                                               and step.get("fault_probability", 0.3) > 0):
+            return f"step {n} ({step.get('action')}): proxy faults and rate limits need agents as processes"
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scenario", type=Path)
     ap.add_argument("--agents", type=int, default=None, help="default: the scenario's, else 3")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--loopback", action="store_true", help="no network namespaces even as root")
+    ap.add_argument("--containers", action="store_true",
+                    help="the agents of scripts/compose.yaml as Podman containers (root; see README)")
     a = ap.parse_args()
     try:
         sc = tomllib.loads(a.scenario.read_text())
@@ -382,32 +433,59 @@ def main() -> int:
         print(f"drill: cannot read {a.scenario}: {exc}", file=sys.stderr)
         return 2
     meta = sc.get("drill", {})
-    drill = Drill(sc, a.agents or meta.get("agents", 3), a.seed if a.seed is not None else meta.get("seed", 1),
-                  a.loopback)
+    n = a.agents or meta.get("agents", 3)
+    if a.containers:
+        import container_cluster
+
+        why = container_problem(sc) or container_cluster.missing()
+        if why:
+            print(f"drill: --containers: {why}", file=sys.stderr)
+            return 2
 
     def on_signal(signum: int, _: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    t0 = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="palm-drill-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    cluster: Cluster | None = None
+    rc = 1
     try:
-        print(f"drill {meta.get('name', a.scenario.stem)}: {len(drill.agents)} agents "
-              f"({'network namespaces' if drill.net.netns else 'loopback'}), root {drill.root}", flush=True)
-        drill.start()
+        cluster = (container_cluster.ContainerCluster(n, root) if a.containers
+                   else ProcessCluster(n, a.loopback, root))
+        drill = Drill(sc, cluster, a.seed if a.seed is not None else meta.get("seed", 1), root)
+        print(f"drill {meta.get('name', a.scenario.stem)}: {len(drill.agents)} agents ({cluster.kind}), "
+              f"root {root}", flush=True)
+        cluster.start()
         drill.create_vms()
         problems = drill.settle()
         if problems:
             print("drill: invariants fail before any step: " + "; ".join(problems), file=sys.stderr)
             return 1
-        for n, step in enumerate(sc.get("step", []), 1):
-            drill.run_step(n, step)
+        for k, step in enumerate(sc.get("step", []), 1):
+            drill.run_step(k, step)
         print()
         print(drill.table())
-        return 1 if any(r.violations for r in drill.results) else 0
+        rc = 1 if any(r.violations for r in drill.results) else 0
     except KeyboardInterrupt:
         print("drill: interrupted, cleaning up", file=sys.stderr)
-        return 130
+        rc = 130
+    except Exception as exc:
+        if not a.containers or not isinstance(exc, (container_cluster.ContainerError, CliError)):
+            raise
+        print(f"drill: {exc}", file=sys.stderr)
+        rc = 1
     finally:
-        drill.close()
+        left = cluster.close() if cluster is not None else []
+        log = root / "containers.log"
+        if rc == 1 and log.exists():  # the podman commands' output, before it goes with the root
+            print("drill: the last lines of the container log:\n" + "".join(log.read_text().splitlines(True)[-30:]),
+                  file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
+        if a.containers:
+            print(f"drill: {time.monotonic() - t0:.1f} s in all", flush=True)
+    return rc or (1 if left else 0)
 
 
 if __name__ == "__main__":
