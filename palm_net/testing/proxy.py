@@ -64,6 +64,7 @@ class FaultProxy:
         self.connections = 0
         self.port = 0
         self._dst: dict[tuple[int, Direction], trio.SocketStream] = {}
+        self._fired: set[int] = set()
         self.cut_event = trio.Event()
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -118,11 +119,14 @@ class FaultProxy:
     async def _apply(self, conn: int, direction: Direction, index: int, frame: bytes, dst: trio.SocketStream,
                      scope: trio.CancelScope) -> bool:
         out = [frame]
-        for r in self.rules:
-            if r.fired or r.connection != conn or r.direction != direction:
+        for n, r in enumerate(self.rules):
+            # Fired once per proxy (a Rule shared by parametrized tests fires again in the next one);
+            # ``r.fired`` tells a test's observer.
+            if n in self._fired or r.connection != conn or r.direction != direction:
                 continue
             if (r.frame != index) if r.match is None else not r.match(index, frame):
                 continue
+            self._fired.add(n)
             r.fired = True
             self.log.events.append(f"conn {conn} {direction} frame {index}: {r.action}")
             if r.action == "drop":
