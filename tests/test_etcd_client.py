@@ -129,10 +129,7 @@ async def test_compare_and_swap_succeeds_and_fails_on_each_target(client, prefix
 async def test_concurrent_compare_and_swap_loses_no_update(client, prefix):
     k = prefix + b"counter"
     await client.put(k, b"0")
-    lost = 0
-
     async def increment() -> None:
-        nonlocal lost
         while True:
             kv = await client.get(k)
             assert kv is not None
@@ -140,7 +137,6 @@ async def test_concurrent_compare_and_swap_loses_no_update(client, prefix):
             r = await client.txn([Compare.mod_revision(k, "==", kv.mod_revision)], [bumped])
             if r.succeeded:
                 return
-            lost += 1
 
     async with trio.open_nursery() as n:
         for _ in range(8):
@@ -179,6 +175,11 @@ async def test_keep_alive_raises_when_the_lease_is_revoked_elsewhere(client):
             await n.start(client.keep_alive, lease)
             await client.lease_revoke(lease.id)
     await client.lease_revoke(lease.id)  # revoking a lease that is gone is fine
+    # with the context manager, the block is cancelled and the error raised
+    with trio.fail_after(5), pytest.raises(EtcdError, match="expired"):
+        async with client.lease(3) as lease:
+            await client.lease_revoke(lease.id)
+            await trio.sleep_forever()
 
 
 @needs_etcd
@@ -428,6 +429,17 @@ async def test_connection_lost_after_sending_a_write_is_indeterminate():
             with pytest.raises(EtcdError, match=r"no endpoint answered"):
                 await c.get(b"k")
             assert requests > 2  # the read was sent again
+
+
+async def test_an_answer_that_is_not_the_gateway_is_one_line():
+    async def not_found(stream):
+        await read_request(stream)
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 19\r\n\r\n404 page not found\n")
+
+    async with fake_server(not_found) as port:
+        async with EtcdClient(EtcdConfig((f"http://127.0.0.1:{port}",), timeout=0.5, attempt_timeout=0.2)) as c:
+            with pytest.raises(EtcdError, match=rf"^etcd /v3/kv/range: HTTP status 404 from http://127.0.0.1:{port}$"):
+                await c.get(b"k")
 
 
 async def test_oversized_answers_are_refused():

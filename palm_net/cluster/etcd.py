@@ -364,7 +364,12 @@ class EtcdClient:
                     await self._checkin(conn)
                 else:
                     await conn.aclose()
-        body = parse_json(data, f"etcd {path}")
+        try:
+            body = parse_json(data, f"etcd {path}")
+        except EtcdError:
+            if status == 200:
+                raise
+            raise EtcdError(f"etcd {path}: HTTP status {status} from {ep.url}") from None
         if status != 200:
             err = error_from(body, f"etcd {path}", status)
             if err.code == CODE_UNAVAILABLE:
