@@ -49,11 +49,6 @@ def find_etcd() -> str | None:
     return shutil.which("etcd") or (str(beside) if os.access(beside, os.X_OK) else None)
 
 
-def etcd_version(binary: str) -> str:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("etcd Version")), "?")
-
-
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
