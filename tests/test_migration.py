@@ -171,6 +171,7 @@ def test_destination_refuses_ready_on_tampering(shm, tamper, code):
         p = last.body
         assert isinstance(p, Pages)
         batch = unpack(p)
+        batch.vers = batch.vers.copy()
         batch.vers[0] = 0
         stale = Message(last.mid, last.seq, batch.message(p.round))
         msgs.insert(pages[-1] + 1, msgs[pages[-1]])

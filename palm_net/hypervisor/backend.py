@@ -9,13 +9,11 @@ handed out as ciphertext plus its (public) version.
 from __future__ import annotations
 
 import socket
-from array import array
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from palm_net.wire.messages import PAGE_SIZE
-from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, PageBatch
+from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, Gfns, PageBatch
 
 __all__ = ["DIGEST_PERSON", "KIND_NORMAL", "KIND_PROTECTED", "KIND_ZERO", "PAGE_SIZE", "Backend", "HostedVM",
            "HypervisorError", "PageBatch", "StreamBackend", "VerifyReport", "VmInfo"]
@@ -129,11 +127,11 @@ class Backend(HostedVM, Protocol):
 
     def disable_dirty_log(self) -> None: ...
 
-    def collect_dirty(self) -> array[int]:
-        """Returns the gfns written since the last call and clears the log ('I' array)."""
+    def collect_dirty(self) -> Gfns:
+        """Returns the gfns written since the last call and clears the log."""
         ...
 
-    def read_pages(self, gfns: Sequence[int], start: int, round_no: int,
+    def read_pages(self, gfns: Gfns, start: int, round_no: int,
                    budget: int, max_entries: int) -> tuple[PageBatch, int]:
         """Reads gfns[start:...] through the untrusted view, while the batch's
         arrays and data stay within ``budget`` bytes and ``max_entries`` pages.

@@ -12,9 +12,11 @@ clock: the shell (palm_net.migration.runner) performs the effects.
 from __future__ import annotations
 
 import hmac
-from array import array
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from palm_net.channel.transport import Record
 from palm_net.migration.effects import (
@@ -87,8 +89,8 @@ class DestinationEngine:
         self.stream = False  # a stream backend (QEMU): STREAM records instead of pages
         self.stream_bytes = 0  # STREAM data received
         self.stream_loaded = False
-        self.applied: array[int] = array("Q")  # the version applied per gfn
-        self.received = bytearray()  # 1 per gfn received at least once
+        self.applied: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)  # the version applied per gfn
+        self.received: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)  # each gfn received at least once
         self.page_records = 0
         self.progress = 0  # bytes of the VM's memory received (zero pages count as whole pages)
         self.round = 0
@@ -182,8 +184,8 @@ class DestinationEngine:
         assert self.begin is not None
         self.npages = self.begin.pages
         if not self.stream:
-            self.applied = array("Q", bytes(8 * self.npages))
-            self.received = bytearray(self.npages)
+            self.applied = np.zeros(self.npages, np.uint64)
+            self.received = np.zeros(self.npages, np.bool_)
             self.context_limit = context_limit(self.begin.protected_pages, self.begin.processes)
         return [self._send(Accept())]
 
@@ -204,15 +206,17 @@ class DestinationEngine:
         if p.round < self.round:
             raise MigrationFailure(ErrorCode.ROLLBACK, f"page record of round {p.round} after round {self.round}")
         self.round = p.round
-        applied, received, npages = self.applied, self.received, self.npages
-        for gfn, ver in zip(batch.gfns, batch.vers):
-            if gfn >= npages:
-                raise MigrationFailure(ErrorCode.MALFORMED, f"gfn {gfn} outside the VM")
-            if ver < applied[gfn]:
-                raise MigrationFailure(ErrorCode.ROLLBACK, f"page {gfn} version {ver} older than applied "
-                                                           f"{applied[gfn]}")
-            applied[gfn] = ver
-            received[gfn] = 1
+        gfns, vers = batch.gfns, batch.vers
+        outside = gfns >= self.npages
+        if outside.any():
+            raise MigrationFailure(ErrorCode.MALFORMED, f"gfn {gfns[outside][0]} outside the VM")
+        older = vers < self.applied[gfns]  # a gfn appears once in a message (unpack): no order within it
+        if older.any():
+            i = int(np.argmax(older))
+            raise MigrationFailure(ErrorCode.ROLLBACK, f"page {gfns[i]} version {vers[i]} older than applied "
+                                                       f"{self.applied[gfns[i]]}")
+        self.applied[gfns] = vers
+        self.received[gfns] = True
         self.page_records += 1
         self.progress += len(batch) * PAGE_SIZE
         return [ApplyPages(batch)]
@@ -264,7 +268,7 @@ class DestinationEngine:
             return self._prepare()
         if self.proto.context_parts != self.context_total:
             raise MigrationFailure(ErrorCode.INCOMPLETE, "protected-context blob is missing chunks")
-        missing = self.received.count(0)
+        missing = self.npages - int(np.count_nonzero(self.received))
         if missing:
             raise MigrationFailure(ErrorCode.INCOMPLETE, f"{missing} pages never received")
         if not self.cpu_state_seen:

@@ -59,6 +59,7 @@ from palm_net.migration.handoff import HandoffStore, Peer, check_abort_token
 from palm_net.migration.source import SourceEngine
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.wire.messages import MAX_BLOB, MAX_PAGES_PER_MESSAGE, MAX_PLAINTEXT, Abort, Begin, Message
+from palm_net.wire.pages import Gfns
 from palm_net.wire.protocol import FINAL
 
 log = structlog.get_logger("palm.migration")
@@ -225,7 +226,7 @@ class SourceRun:
         cpu, blob = await trio.to_thread.run_sync(lambda: (vm.export_cpu_state(), vm.export_protection()))
         await self._send(eng.final_state(cpu, blob))
 
-    async def _send_pages(self, vm: Backend, gfns: Sequence[int]) -> None:
+    async def _send_pages(self, vm: Backend, gfns: Gfns) -> None:
         """The pages of ``gfns``: read ahead in a worker thread, sent as PAGES messages."""
         eng = self.engine
         send, recv = trio.open_memory_channel[tuple[list[PageBatch], int]](WINDOW)

@@ -11,9 +11,9 @@ whether to iterate or stop and copy.  It reads no clock (the shell passes
 from __future__ import annotations
 
 import hmac
-from array import array
-from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from palm_net.channel.transport import Record
 from palm_net.migration.params import MigrationParams, MigrationStats, RoundStats
@@ -37,7 +37,7 @@ from palm_net.wire.messages import (
     Stream,
     StreamEnd,
 )
-from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, PageBatch
+from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Gfns, PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
 DOWNTIME_GOAL_DIVISOR = 6  # iterate on while shrinking, until expected downtime <= limit / 6
@@ -59,7 +59,7 @@ class SourceEngine:
         self.round = 0
         self.sent_bytes = 0  # message bytes of the VM's memory (before tags and framing)
         self.stream_bytes = 0
-        self.pending: Sequence[int] = range(info.npages)  # gfns of the current round; round 0: all
+        self.pending: Gfns = np.arange(info.npages, dtype=np.uint64)  # gfns of the current round; round 0: all
         self.paused_at: float | None = None
         self.digest: str | None = None
         self.committed = False  # COMMIT was made: from here only the destination's word settles it
@@ -110,7 +110,7 @@ class SourceEngine:
         """A PAGES message for a batch the shell read from the current round's gfns."""
         st = self.stats
         kinds = batch.kinds
-        zero, prot = kinds.count(KIND_ZERO), kinds.count(KIND_PROTECTED)
+        zero, prot = kinds.count(KIND_ZERO), kinds.count(KIND_PROTECTED)  # bytes.count: C speed
         st.zero_pages += zero
         st.protected_pages += prot
         st.normal_pages += len(kinds) - zero - prot
@@ -120,7 +120,7 @@ class SourceEngine:
         self.sent_bytes += len(msg)
         return msg
 
-    def end_round(self, duration: float, wire_bytes: int, dirty: array[int]) -> tuple[bytes, bool, float | None]:
+    def end_round(self, duration: float, wire_bytes: int, dirty: Gfns) -> tuple[bytes, bool, float | None]:
         """Closes the round: ROUND_END, whether to stop and copy now, and a new
         throttle for the guest (auto-converge) or None."""
         p, st = self.params, self.stats
@@ -157,12 +157,12 @@ class SourceEngine:
         st.current_round = self.round
         return msg, stop, throttle
 
-    def stop_and_copy(self, now: float, dirty_at_pause: array[int]) -> Sequence[int]:
+    def stop_and_copy(self, now: float, dirty_at_pause: Gfns) -> Gfns:
         """The guest is paused (at ``now``): the gfns of the last copy, which are the
         last round's dirty set plus whatever the guest wrote until the pause."""
         self.stats.phase = "stop-and-copy"
         self.paused_at = now
-        self.pending = array("I", sorted(set(self.pending).union(dirty_at_pause)))
+        self.pending = np.union1d(self.pending, dirty_at_pause).astype(np.uint64)
         self.stats.current_round = self.round
         return self.pending
 

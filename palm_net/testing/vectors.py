@@ -9,10 +9,10 @@ is what this produces; tests recompute and compare.
 
 from __future__ import annotations
 
-from array import array
 from typing import Any
 
 import msgpack
+import numpy as np
 from nacl.signing import SigningKey
 
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose, TransportMode
@@ -91,7 +91,7 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
             assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
             records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
     if plain:  # bulk data in the clear, everything else sealed (proto/PROTOCOL.md 5)
-        batch = PageBatch(array("Q", [7]), b"\x01", array("Q", [0]), bytes(range(256)) * 16)
+        batch = PageBatch(np.array([7], np.uint64), b"\x01", np.array([0], np.uint64), bytes(range(256)) * 16)
         pages = src_proto.send(batch.message(0))
         for msg, clear in ((pages, True), (src_proto.send(RoundEnd(0, 1, 0)), False)):
             rec = init.result.sender.seal(msg, clear=clear)

@@ -49,8 +49,13 @@ class Field:
         if self.kind is bool:
             return type(value) is bool
         # Text from a peer reaches logs and terminals: printable only (no
-        # control characters, newlines, escapes or bidi overrides).
-        return (type(value) is self.kind and isinstance(value, (bytes, str)) and len(value) <= self.max
+        # control characters, newlines, escapes or bidi overrides).  A message we
+        # make may hold a memoryview of bytes (no copy); one we decode never does.
+        if self.kind is bytes and type(value) is memoryview:
+            value = value.cast("B")
+        elif type(value) is not self.kind:
+            return False
+        return (isinstance(value, (bytes, str, memoryview)) and len(value) <= self.max
                 and (self.exact is None or len(value) == self.exact)
                 and (not isinstance(value, str) or value.isprintable()))
 
@@ -140,7 +145,7 @@ class Pages(Body):
     gfns: bytes
     kinds: bytes
     vers: bytes
-    data: bytes
+    data: bytes | memoryview  # a view of the pages read (no copy) in a message we make
     tags: bytes
 
 

@@ -8,9 +8,10 @@ ciphertext); ``data`` the 4096-byte pages of kinds 1 and 2 in order;
 
 from __future__ import annotations
 
-import sys
-from array import array
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from palm_net.wire.errors import ErrorCode, RemoteProtocolError
 from palm_net.wire.messages import PAGE_SIZE, Pages
@@ -20,34 +21,28 @@ KIND_NORMAL = 1
 KIND_PROTECTED = 2
 TAG_LEN = 16
 ENTRY_BYTES = 8 + 1 + 8  # gfn, kind, version in a PAGES message
-_SWAP = sys.byteorder != "little"
+U64LE = np.dtype("<u8")  # whatever the host's byte order
+
+Gfns = npt.NDArray[np.uint64]
 
 
-def u64le(values: array[int]) -> bytes:
-    """An array of unsigned 64-bit ints as u64le bytes."""
-    if values.itemsize != 8:
-        values = array("Q", values)
-    if _SWAP:
-        values = array("Q", values)
-        values.byteswap()
-    return values.tobytes()
+def u64le(values: Gfns) -> bytes:
+    """Unsigned 64-bit ints as u64le bytes."""
+    return np.asarray(values, dtype=U64LE).tobytes()
 
 
-def from_u64le(data: bytes) -> array[int]:
-    out = array("Q", data)
-    if _SWAP:
-        out.byteswap()
-    return out
+def from_u64le(data: bytes) -> Gfns:
+    return np.frombuffer(data, dtype=U64LE).astype(np.uint64, copy=False)
 
 
 @dataclass
 class PageBatch:
     """Page records as they travel: parallel arrays plus the data of non-zero pages."""
 
-    gfns: array[int]  # typecode Q
+    gfns: Gfns
     kinds: bytes
-    vers: array[int]  # typecode Q
-    data: bytes
+    vers: Gfns
+    data: bytes | memoryview  # the pages of kinds 1 and 2, in order
     tags: bytes = b""  # the MAC of each protected page, in order
 
     def __len__(self) -> int:
@@ -62,11 +57,16 @@ def unpack(p: Pages) -> PageBatch:
     n = len(p.kinds)
     if n == 0 or len(p.gfns) != 8 * n or len(p.vers) != 8 * n:
         raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES arrays disagree in length")
-    zero, protected = p.kinds.count(KIND_ZERO), p.kinds.count(KIND_PROTECTED)
-    if p.kinds.count(KIND_NORMAL) + protected != n - zero:
+    kinds = np.frombuffer(p.kinds, dtype=np.uint8)
+    protected = int(np.count_nonzero(kinds == KIND_PROTECTED))
+    zero = int(np.count_nonzero(kinds == KIND_ZERO))
+    if int(np.count_nonzero(kinds == KIND_NORMAL)) + protected != n - zero:
         raise RemoteProtocolError(ErrorCode.MALFORMED, "unknown page kind")
     if len(p.data) != (n - zero) * PAGE_SIZE:
         raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES data length disagrees with its kinds")
     if len(p.tags) != TAG_LEN * protected:
         raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES tags disagree with its protected pages")
-    return PageBatch(from_u64le(p.gfns), p.kinds, from_u64le(p.vers), p.data, p.tags)
+    gfns = from_u64le(p.gfns)
+    if np.unique(gfns).size != n:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "a gfn appears twice in one PAGES message")
+    return PageBatch(gfns, p.kinds, from_u64le(p.vers), p.data, p.tags)
