@@ -183,11 +183,11 @@ def read_nofollow(path: Path, limit: int = 1 << 20) -> bytes:
         os.close(fd)
 
 
-def reserve(fd: int, size: int, what: str) -> None:
-    """Allocates ``size`` bytes of a file now, so that a later write into its
-    mapping cannot fail (on tmpfs a write past the free space is SIGBUS)."""
+def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
+    """Allocates ``size`` bytes of a file (from ``offset``) now, so that a later write
+    into its mapping cannot fail (on tmpfs a write past the free space is SIGBUS)."""
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, offset, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
             raise UnsafePathError(f"no room for {what} ({size >> 20} MiB): the file system is full") from None

@@ -10,6 +10,7 @@ import pytest
 from palm_net.channel.handshake import ChannelConfig
 from palm_net.crypto.identity import AgentIdentity, Authority, compute_measurement
 from palm_net.testing.cluster import LocalCluster
+from palm_net.wire import messages
 
 ROOT = Path(__file__).resolve().parent.parent
 # Examples run by the fuzzers, printed at the end of the run (CI's record).
@@ -98,4 +99,5 @@ def raw_message(mtype: str, mid: bytes, seq: int, body: dict) -> bytes:
     classes refuse to make such a message; the decoder must refuse to take it)."""
     import msgpack
 
-    return msgpack.packb({"v": 1, "t": mtype, "mid": mid, "seq": seq, "b": body}, use_bin_type=True)
+    return msgpack.packb({"v": messages.WIRE_VERSION, "t": mtype, "mid": mid, "seq": seq, "b": body},
+                         use_bin_type=True)

@@ -549,7 +549,7 @@ def test_a_handoff_message_in_a_clear_record_is_refused():
             dst.receive(forged, authenticated=False)
         assert exc.value.code == "unauthenticated"
     # Bulk data may come in the clear in that mode; it is then checked as usual.
-    pages = messages.Message(mid, 1, Pages(0, bytes(8), b"\x00", bytes(8), b"", b""))
+    pages = messages.Message(mid, 1, Pages(0, bytes(8), b"\x00", bytes(8), b""))
     assert dst.receive(messages.encode(pages), authenticated=False).type == "PAGES"
 
 

@@ -18,12 +18,12 @@ from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.workload import Workload
 from palm_net.migration.handoff import HandoffState, HandoffStore, check_abort_token
 from palm_net.migration.params import MigrationParams
-from palm_net.testing.engines import DestinationDriver, source_messages
+from palm_net.testing.engines import DestinationDriver, Unit, renumber, source_messages, split_data, units
 from palm_net.testing.proxy import FaultProxy, Rule
 from palm_net.wire import messages
 from palm_net.wire.errors import PalmError
 from palm_net.wire.messages import Begin, Complete, Context, Message, Pages, Stream, StreamEnd
-from palm_net.wire.pages import KIND_PROTECTED, unpack
+from palm_net.wire.pages import KIND_PROTECTED, IncomingPages, PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
 KEY = bytes(range(32))
@@ -40,10 +40,14 @@ def shm():
 # The dirty log: a concurrent writer never loses a write
 
 
-def _apply(dst: ModelVM, data: bytes) -> None:
-    msg = messages.decode(data)
-    if isinstance(msg.body, Pages):
-        dst.write_pages(unpack(msg.body))
+def _apply(dst: ModelVM, u: Unit) -> None:
+    if isinstance(u.body, Pages):
+        pages = IncomingPages(u.body)
+        for d in u.data:
+            pages.add(d)
+        for batch in (pages.zero(), pages.take()):
+            if batch is not None:
+                dst.write_pages(batch)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -69,8 +73,8 @@ def test_dirty_log_never_loses_a_write(shm, rate, hot, rounds, seed, fill):
         _, msgs = source_messages(src, MigrationParams(max_rounds=rounds, downtime_limit=1e-9), rounds, round_done)
     finally:
         wl.stop()
-    for m in msgs:
-        _apply(dst, m)
+    for u in units(msgs):
+        _apply(dst, u)
     assert wl.writes > 0
     assert src.state == "paused"
     assert src.memory_bytes() == dst.memory_bytes()
@@ -97,17 +101,9 @@ def _source_messages(shm: Path, protected: bool = True) -> tuple[ModelVM, list[b
     return vm, msgs
 
 
-def _renumber(msgs: list[bytes]) -> list[bytes]:
-    """Re-sequence after a test removed or added messages (simulating a bad source)."""
-    out = []
-    for i, m in enumerate(msgs):
-        msg = messages.decode(m)
-        out.append(messages.encode(Message(msg.mid, i, msg.body)))
-    return out
-
-
 def _count(msgs: list[bytes]) -> tuple[int, int]:
-    return len(msgs), sum(isinstance(messages.decode(m).body, Pages) for m in msgs)
+    """(records, PAGES messages): what COMPLETE counts."""
+    return len(msgs), sum(isinstance(u.body, Pages) for u in units(msgs))
 
 
 def _feed(dest: DestinationDriver, msgs: list[bytes], claim: tuple[int, int] | None = None,
@@ -117,7 +113,7 @@ def _feed(dest: DestinationDriver, msgs: list[bytes], claim: tuple[int, int] | N
     replies = []
     for m in msgs:
         replies += dest.feed(m)
-    complete = messages.encode(Message(messages.decode(msgs[0]).mid, len(msgs),
+    complete = messages.encode(Message(messages.decode(msgs[0]).mid, len(units(msgs)),
                                        Complete(records, page_records, transcript)))
     return replies + dest.feed(complete)
 
@@ -157,36 +153,37 @@ def test_destination_refuses_ready_on_tampering(shm, tamper, code):
     store = HandoffStore(shm / "d.db")
     _, msgs = _source_messages(shm)
     claim = _count(msgs)  # what the source sent and will claim in COMPLETE
-    pages = [i for i, m in enumerate(msgs) if isinstance(messages.decode(m).body, Pages)]
+    us = units(msgs)
+    pages = [i for i, u in enumerate(us) if isinstance(u.body, Pages)]
     transcript = b"T" * 32
     if tamper == "drop":
-        del msgs[pages[1]]
+        del us[pages[1]]
     elif tamper == "duplicate":
-        msgs.insert(pages[1], msgs[pages[1]])
+        us.insert(pages[1], us[pages[1]])
     elif tamper == "replay-earlier-round":
-        msgs.insert(pages[-1] + 1, msgs[pages[0]])  # a round-0 record after the stop-and-copy round
+        us.insert(pages[-1] + 1, us[pages[0]])  # a round-0 message after the stop-and-copy round
     elif tamper == "older-version-of-a-page":
         # The same round, but one page's version lower than what was applied: a stale copy.
-        last = messages.decode(msgs[pages[-1]])
-        p = last.body
-        assert isinstance(p, Pages)
-        batch = unpack(p)
-        batch.vers = batch.vers.copy()
-        batch.vers[0] = 0
-        stale = Message(last.mid, last.seq, batch.message(p.round))
-        msgs.insert(pages[-1] + 1, msgs[pages[-1]])
-        msgs[pages[-1] + 1] = messages.encode(stale)
-        claim = (claim[0] + 1, claim[1] + 1)
-    elif tamper in ("alter-protected-ciphertext", "alter-context"):
-        idx = next(i for i in pages if KIND_PROTECTED in messages.decode(msgs[i]).body.kinds) \
-            if tamper.endswith("text") else next(i for i, m in enumerate(msgs)
-                                                 if isinstance(messages.decode(m).body, Context))
-        msg = messages.decode(msgs[idx])
-        blob = bytearray(msg.body.data)
-        blob[-1] ^= 0x80  # last byte: the last page's data / the last MAC tag
-        msgs[idx] = messages.encode(_alter(msg, data=bytes(blob)))
+        last = us[pages[-1]]
+        vers = IncomingPages(last.body).vers.copy()
+        vers[0] = 0
+        stale = _alter(last.msg, vers=vers.astype("<u8").tobytes())
+        us.insert(pages[-1] + 1, Unit(stale, last.data))
+        claim = (claim[0] + len(last.records()), claim[1] + 1)
+    elif tamper == "alter-protected-ciphertext":
+        u = next(us[i] for i in pages if KIND_PROTECTED in us[i].body.kinds)
+        data_kinds = bytes(k for k in u.body.kinds if k)
+        at = data_kinds.index(KIND_PROTECTED) * 4096 + 100  # a byte of the first protected page
+        data = bytearray(b"".join(u.data))
+        data[at] ^= 0x80
+        us[us.index(u)] = Unit(u.msg, split_data(bytes(data)))
+    elif tamper == "alter-context":
+        i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
+        blob = bytearray(us[i].body.data)
+        blob[-1] ^= 0x80  # the last MAC tag
+        us[i] = Unit(_alter(us[i].msg, data=bytes(blob)), [])
     elif tamper == "missing-context-chunk":
-        msgs = [m for m in msgs if not isinstance(messages.decode(m).body, Context)]
+        us = [u for u in us if not isinstance(u.body, Context)]
     elif tamper == "transcript-differs":
         transcript = b"X" * 32
     elif tamper == "record-count-differs":
@@ -194,14 +191,14 @@ def test_destination_refuses_ready_on_tampering(shm, tamper, code):
     elif tamper == "page-never-sent":
         # gfn 0 never arrives, and the counts agree with what was sent: only the
         # every-page-received check can tell.
-        first = messages.decode(msgs[pages[0]])
-        batch = unpack(first.body)  # type: ignore[arg-type]
-        from palm_net.wire.pages import PageBatch
-        rest = PageBatch(batch.gfns[1:], batch.kinds[1:], batch.vers[1:],
-                         batch.data[4096 if batch.kinds[0] else 0:],
-                         batch.tags[16 if batch.kinds[0] == KIND_PROTECTED else 0:])
-        msgs[pages[0]] = messages.encode(Message(first.mid, first.seq, rest.message(first.body.round)))
-    msgs = _renumber(msgs)
+        first = us[pages[0]]
+        p = IncomingPages(first.body)
+        k = first.body.kinds
+        data = b"".join(first.data)[4096 if k[0] else 0:]
+        rest = PageBatch(p.gfns[1:], k[1:], p.vers[1:], data, first.body.tags[16 if k[0] == KIND_PROTECTED else 0:])
+        us[pages[0]] = Unit(Message(first.msg.mid, first.msg.seq, rest.message(first.body.round)), split_data(data))
+        claim = (claim[0] - len(first.data) + len(us[pages[0]].data), claim[1])
+    msgs = renumber(us)
     dest = _destination(shm, store)
     with pytest.raises(PalmError) as info:
         _feed(dest, msgs, claim, transcript)
@@ -276,9 +273,10 @@ def _stream_session(chunks: list[bytes], claim: int | None = None, load_ok: bool
     msgs = [src.send(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec"))]
     replies = dest.feed(msgs[0])
     src.receive(replies[0])  # ACCEPT
-    msgs += [src.send(Stream(c)) for c in chunks]
+    for c in chunks:
+        msgs += [src.send(Stream(len(c))), *map(bytes, src.send_data(c))]
     msgs.append(src.send(StreamEnd(sum(map(len, chunks)) if claim is None else claim)))
-    msgs.append(src.send(Complete(len(msgs), len(chunks), b"T" * 32)))
+    msgs.append(src.send(Complete(len(msgs), len(chunks), b"T" * 32)))  # records, STREAM messages
     try:
         for m in msgs[1:]:
             replies += dest.feed(m)

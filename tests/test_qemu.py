@@ -125,21 +125,29 @@ def frame_len(mtype: str, seq: int, body: dict) -> int:
     return 4 + len(raw_message(mtype, bytes(16), seq, body)) + 16
 
 
-# c2s frames 0-2 are the handshake, 3 BEGIN (seq 0), then STREAM records,
-# STREAM_END, COMPLETE, COMMIT; the last three are found by their exact
-# length at their index (a STREAM chunk of that very length would be hit
+# c2s frames 0-2 are the handshake, 3 BEGIN (seq 0), then STREAM messages each
+# with its data records, STREAM_END, COMPLETE, COMMIT; the last three are found
+# by their exact length (for any size of the sequence number and counts they
+# may carry) at their index (a data record of that very length would be hit
 # instead: the same phase, and just as fatal).
+SEQS = (1, 200, 70000)  # one of each msgpack integer size a sequence number may take here
+
+
+def _lengths(mtype: str, bodies: list[dict]) -> set[int]:
+    return {frame_len(mtype, seq, body) for seq in SEQS for body in bodies}
+
+
 def is_stream_end(i: int, f: bytes) -> bool:
-    return i > 4 and len(f) == frame_len("STREAM_END", i - 3, {"bytes": 1 << 24})
+    return i > 4 and len(f) in _lengths("STREAM_END", [{"bytes": 1 << 24}])
 
 
 def is_complete(i: int, f: bytes) -> bool:
-    return i > 5 and len(f) == frame_len("COMPLETE", i - 3, {"records": i - 3, "page_records": i - 5,
-                                                             "transcript": bytes(32)})
+    return i > 5 and len(f) in _lengths("COMPLETE", [{"records": i - 3, "page_records": n, "transcript": bytes(32)}
+                                                     for n in SEQS])
 
 
 def is_commit(i: int, f: bytes) -> bool:
-    return i > 6 and len(f) == frame_len("COMMIT", i - 3, {})
+    return i > 6 and len(f) in _lengths("COMMIT", [{}])
 
 
 def c2s(action: str, frame: int = 0, match=None, bit: int = 20) -> Rule:

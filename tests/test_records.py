@@ -126,7 +126,7 @@ def test_message_roundtrip():
     lambda o: o.pop("seq"),
     lambda o: o.update(extra=1),
     lambda o: o.update(t="NOPE"),
-    lambda o: o.update(v=2),
+    lambda o: o.update(v=1),  # the version before the data records
     lambda o: o.update(mid=b"short"),
     lambda o: o.update(seq=-1),
     lambda o: o["b"].pop("round"),
@@ -136,7 +136,8 @@ def test_message_roundtrip():
     lambda o: o["b"].update(round=True),
 ])
 def test_message_schema_violations(mutate):
-    obj = {"v": 1, "t": "ROUND_END", "mid": MID, "seq": 0, "b": {"round": 1, "pages": 2, "dirty": 3}}
+    obj = {"v": messages.WIRE_VERSION, "t": "ROUND_END", "mid": MID, "seq": 0,
+           "b": {"round": 1, "pages": 2, "dirty": 3}}
     mutate(obj)
     with pytest.raises(PalmError):
         messages.decode(msgpack.packb(obj))
@@ -171,7 +172,7 @@ values = st.recursive(
        values)
 def test_fuzz_message_decoder_structured(mtype, body, seq):
     FUZZ_COUNTS["message-schema"] += 1
-    obj = {"v": 1, "t": mtype, "mid": MID, "seq": seq, "b": body}
+    obj = {"v": messages.WIRE_VERSION, "t": mtype, "mid": MID, "seq": seq, "b": body}
     try:
         msg = messages.decode(msgpack.packb(obj))
     except PalmError:
@@ -199,18 +200,18 @@ def test_session_backend_decides_page_or_stream_messages():
     # a page migration never takes STREAM, a stream migration never takes pages
     src, dst = _begun("model", b"")
     with pytest.raises(PalmError, match="not part of a page migration"):
-        dst.receive(_forged(src, "STREAM", data=b"x"))
+        dst.receive(_forged(src, "STREAM", length=1))
     src, dst = _begun("qemu", b"spec")
-    for mtype, body in (("PAGES", {"round": 0, "gfns": b"", "kinds": b"", "vers": b"", "data": b"", "tags": b""}),
+    for mtype, body in (("PAGES", {"round": 0, "gfns": b"", "kinds": b"", "vers": b"", "tags": b""}),
                         ("KEYS", {"data": b""}), ("CPU_STATE", {"state": b""})):
         with pytest.raises(PalmError, match="not part of a stream migration"):
             dst.receive(_forged(src, mtype, **body))
     # the stream path: STREAM*, STREAM_END, COMPLETE (no context blob)
     src, dst = _begun("qemu", b"spec")
-    for m in (src.send(Stream(data=b"abc")), src.send(StreamEnd(bytes=3))):
+    for m in (src.send(Stream(length=3)), *src.send_data(b"abc"), src.send(StreamEnd(bytes=3))):
         dst.receive(m)
     with pytest.raises(PalmError):  # nothing streams after the end
-        dst.receive(_forged(src, "STREAM", data=b"late"))
+        dst.receive(_forged(src, "STREAM", length=4))
     src, dst = _begun("qemu", b"spec")
     dst.receive(src.send(StreamEnd(bytes=0)))
     dst.receive(src.send(Complete(records=2, page_records=0, transcript=bytes(32))))
@@ -235,7 +236,7 @@ def test_session_out_of_state_replay_and_foreign_mid():
     src2 = SessionProtocol(Role.SOURCE, MID)
     src2.state = State.STREAMING
     src2._next_seq[Role.SOURCE] = 1
-    pages = src2.send(Pages(round=0, gfns=b"", kinds=b"", vers=b"", data=b"", tags=b""))
+    pages = src2.send(Pages(round=0, gfns=b"", kinds=b"", vers=b"", tags=b""))
     with pytest.raises(PalmError) as info:
         dst.receive(pages)
     assert info.value.code == "out-of-state"

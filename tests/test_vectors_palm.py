@@ -21,11 +21,18 @@ def test_palm_vectors(cipher):
     assert got == expected
 
 
+def _type(record: dict) -> str:
+    """A record's message type, or "data" for a data record (raw bytes after PAGES or STREAM)."""
+    return "data" if record.get("data") else messages.decode(bytes.fromhex(record["plaintext"])).type
+
+
 def test_stream_backend_vectors():
     expected = json.loads((VECTORS / "stream_aesgcm.json").read_text())
     assert build(CipherName.AESGCM, expected["inputs"], backend="qemu") == expected
-    types = [messages.decode(bytes.fromhex(r["plaintext"])).type for r in expected["records"]]
-    assert types == ["BEGIN", "ACCEPT", "STREAM", "STREAM_END"]
+    types = [_type(r) for r in expected["records"]]
+    assert types == ["BEGIN", "ACCEPT", "STREAM", "data", "STREAM_END"]
+    stream = messages.decode(bytes.fromhex(expected["records"][2]["plaintext"])).body
+    assert stream.length == len(bytes.fromhex(expected["records"][3]["plaintext"]))  # its data record, raw
 
 
 def test_plain_mode_vectors():
@@ -36,12 +43,12 @@ def test_plain_mode_vectors():
     for r in expected["records"]:
         rec = bytes.fromhex(r["bytes"])
         assert int.from_bytes(rec[:4], "big") == len(rec) - 4
-        kinds.append((messages.decode(bytes.fromhex(r["plaintext"])).type, rec[4]))
+        kinds.append((_type(r), rec[4]))
         if rec[4] == 0:  # clear: the plaintext itself follows the kind byte
             assert rec[5:] == bytes.fromhex(r["plaintext"])
         else:  # sealed: a Noise transport message (plaintext + 16-byte tag)
             assert len(rec) == 4 + 1 + len(bytes.fromhex(r["plaintext"])) + 16
-    assert kinds == [("BEGIN", 1), ("ACCEPT", 1), ("PAGES", 0), ("ROUND_END", 1)]
+    assert kinds == [("BEGIN", 1), ("ACCEPT", 1), ("PAGES", 0), ("data", 0), ("ROUND_END", 1)]
 
 
 def test_vectors_are_independent_of_the_implementation_details():

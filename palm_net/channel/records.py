@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import zlib
 
-from palm_net.crypto.noise import MAX_MESSAGE_LEN, TAGLEN, CipherState, NoiseError
+from palm_net.crypto.noise import MAX_MESSAGE_LEN, TAGLEN, Buffer, CipherState, NoiseError
 from palm_net.wire.errors import ErrorCode, PalmError, RemoteProtocolError
-from palm_net.wire.framing import LENGTH, FrameBuffer
+from palm_net.wire.framing import LENGTH, PREFIX_LEN, FrameBuffer
 from palm_net.wire.messages import MAX_PLAINTEXT as WIRE_MAX_PLAINTEXT
 
 # Noise REKEY (spec 11.3) after this many records in a direction: about
@@ -54,9 +54,9 @@ class _Direction:
         self.rekey_interval = rekey_interval
         self.plain = plain
 
-    def _advance(self, body: bytes, sealed: bool) -> None:
+    def _advance(self, body: Buffer, sealed: bool) -> None:
         # A clear record has no tag: chain a CRC of it so the count still binds.
-        tag = body[-TAGLEN:] if sealed else zlib.crc32(body).to_bytes(4, "big")
+        tag = bytes(body[-TAGLEN:]) if sealed else zlib.crc32(body).to_bytes(4, "big")
         self.transcript = _chain(self.transcript, tag)
         self.count += 1
         if sealed:
@@ -94,6 +94,49 @@ class RecordSender(_Direction):
         self._advance(ct, True)
         return LENGTH.pack(1 + len(ct)), bytes([SEALED]) + ct
 
+    @staticmethod
+    def frame_size(plaintext_len: int, plain: bool) -> int:
+        """Bytes on the wire for a record of this plaintext (the larger, sealed form)."""
+        return PREFIX_LEN + int(plain) + plaintext_len + TAGLEN
+
+    def seal_into(self, plaintext: Buffer, out: memoryview, clear: bool = False) -> int:
+        """The frame written at the start of ``out`` (the bulk path: no copies but the
+        sealing itself); returns its length.  As ``seal_parts`` otherwise."""
+        m = len(plaintext)
+        if not 0 < m <= MAX_PLAINTEXT:
+            raise ValueError(f"record plaintext must be 1..{MAX_PLAINTEXT} bytes")
+        if clear and not self.plain:
+            raise ValueError("clear records exist only in the plain benchmark mode")
+        start = PREFIX_LEN + int(self.plain)
+        if self.plain:
+            out[PREFIX_LEN] = CLEAR if clear else SEALED
+        if clear:
+            out[start : start + m] = plaintext
+            self._advance(out[start : start + m], False)
+            size = m
+        else:
+            size = self.cs.encrypt_into(plaintext, out[start:])
+            self._advance(out[start + size - TAGLEN : start + size], True)
+        LENGTH.pack_into(out, 0, start - PREFIX_LEN + size)
+        return start + size
+
+
+class Record:
+    """One record as the receiver opened it: its plaintext (bytes, or a view of the
+    buffer it was opened in), its index in the session, the receive transcript
+    before it, and whether it came sealed."""
+
+    __slots__ = ("authenticated", "data", "index", "transcript_before")
+
+    def __repr__(self) -> str:
+        return f"Record(index={self.index}, {len(self.data)} bytes, authenticated={self.authenticated})"
+
+    def __init__(self, data: Buffer, index: int, transcript_before: bytes, authenticated: bool = True) -> None:
+        self.data = data
+        self.index = index
+        self.transcript_before = transcript_before
+        self.authenticated = authenticated
+
 
 class RecordReceiver(_Direction):
     __slots__ = ("authenticated", "failed", "frames")
@@ -112,6 +155,57 @@ class RecordReceiver(_Direction):
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self.frames.feed(data)
+
+    def take_buffered(self) -> bytes:
+        """The bytes ``receive_data`` took and no record consumed yet: for a caller
+        switching to its own buffers (``whole_frames``, ``open_in_place``)."""
+        return self.frames.take_rest()
+
+    def whole_frames(self, buf: Buffer, size: int) -> int:
+        """Where the whole frames at the start of ``buf[:size]`` end (every length checked)."""
+        try:
+            return self.frames.whole_frames(buf, size)
+        except PalmError:
+            self.failed = True
+            raise
+
+    def open_in_place(self, buf: memoryview) -> list[Record]:
+        """Opens the whole frames that fill ``buf`` (see ``whole_frames``), decrypting
+        each where it lies; their plaintexts are views of ``buf``.  Same checks and
+        failure rule as ``next_record``."""
+        if self.failed:
+            raise RemoteProtocolError(ErrorCode.BAD_RECORD, "the record layer already failed")
+        out: list[Record] = []
+        pos, end = 0, len(buf)
+        try:
+            while pos < end:
+                (n,) = LENGTH.unpack_from(buf, pos)
+                body = buf[pos + PREFIX_LEN : pos + PREFIX_LEN + self.frames.check(n)]
+                if len(body) != n:
+                    raise RemoteProtocolError(ErrorCode.BAD_RECORD, "a frame cut short")
+                pos += PREFIX_LEN + n
+                sealed = True
+                if self.plain:
+                    kind, body = body[0], body[1:]
+                    if kind not in (CLEAR, SEALED) or (kind == SEALED and len(body) <= TAGLEN):
+                        raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} has an unknown kind")
+                    sealed = kind == SEALED
+                index, before = self.count, self.transcript
+                if sealed:
+                    tag = bytes(body[-TAGLEN:])  # before the plaintext may overwrite anything
+                    size = self.cs.decrypt_into(body, body)
+                    self._advance(tag, True)
+                    body = body[:size]
+                else:
+                    self._advance(body, False)
+                out.append(Record(body, index, before, sealed))
+        except PalmError:
+            self.failed = True
+            raise
+        except NoiseError:
+            self.failed = True
+            raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} failed authentication") from None
+        return out
 
     def next_record(self) -> bytes | None:
         """The next plaintext, None if more bytes are needed.  ``authenticated``

@@ -1,9 +1,18 @@
-"""The thin trio shell: runs the sans-IO handshake and record layer over a stream."""
+"""The thin trio shell: runs the sans-IO handshake and record layer over a stream.
+
+Besides one record at a time (``send``, ``receive``), a channel has a bulk
+path for the migration's page and stream data: ``Outbox`` seals records
+into reusable buffers in a worker thread while one task sends the previous
+ones; ``Inbox`` reads the socket into reusable buffers and opens the
+records where they lie.  No record is copied on either side but by the
+kernel and the cipher.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -14,23 +23,14 @@ from palm_net.channel.handshake import (
     Purpose,
     TransportMode,
 )
-from palm_net.channel.records import RecordReceiver, RecordSender
-from palm_net.crypto.noise import CipherName
+from palm_net.channel.records import Record, RecordReceiver, RecordSender
+from palm_net.crypto.noise import Buffer, CipherName
 from palm_net.trioutil import ConflictDetector
 from palm_net.wire.errors import ErrorCode, HandshakeError, RemoteProtocolError
 
+__all__ = ["Inbox", "Outbox", "Record", "SecureChannel", "accept", "connect"]
+
 RECV_CHUNK = 256 * 1024
-
-
-@dataclass(frozen=True)
-class Record:
-    """One record as the channel opened it: its plaintext, its index in the
-    session, the receive transcript before it, and whether it came sealed."""
-
-    data: bytes
-    index: int
-    transcript_before: bytes
-    authenticated: bool = True
 
 
 class SecureChannel:
@@ -49,7 +49,9 @@ class SecureChannel:
         if leftover:
             self._receiver.receive_data(leftover)
         self._sending = ConflictDetector("another task is sending on this channel")
+        self._sealing = ConflictDetector("another task is sealing on this channel")
         self._receiving = ConflictDetector("another task is receiving on this channel")
+        self._raw: socket.socket | None = None  # see read_ready
 
     def __repr__(self) -> str:
         return f"SecureChannel(peer={self.peer_name!r}, {self.result.protocol_name})"
@@ -72,32 +74,40 @@ class SecureChannel:
 
     async def send(self, plaintext: bytes) -> int:
         """One record, sealed; returns the bytes put on the wire."""
-        with self._sending:
-            frame = self._sender.seal(plaintext)
-            await self.stream.send_all(frame)
-        return len(frame)
+        return await self.send_batch([(plaintext, False)])
 
     async def send_batch(self, messages: Sequence[tuple[bytes, bool]]) -> int:
-        """Many records, in order: (plaintext, bulk) pairs; bulk ones go in the clear in
-        the plain benchmark mode.  Sealed in a worker thread, then sent; returns the bytes
-        put on the wire."""
-        with self._sending:
-            frames = await trio.to_thread.run_sync(self._seal_all, messages)
+        """Records in order: (plaintext, bulk) pairs, bulk ones in the clear in the
+        plain benchmark mode; returns the bytes put on the wire."""
+        with self._sending, self._sealing:
+            parts: list[bytes] = []
+            for data, bulk in messages:
+                parts.extend(self._sender.seal_parts(data, self.plain and bulk))
+            frames = b"".join(parts)
             await self.stream.send_all(frames)
         return len(frames)
 
-    def _seal_all(self, messages: Sequence[tuple[bytes, bool]]) -> bytes:
-        seal, plain = self._sender.seal_parts, self._sender.plain
-        parts: list[bytes] = []
-        for data, bulk in messages:
-            parts.extend(seal(data, plain and bulk))
-        return b"".join(parts)  # one copy of the whole batch, not one per frame
+    def frames_size(self, messages: Sequence[tuple[Buffer, bool]]) -> int:
+        return sum(RecordSender.frame_size(len(m), self.plain) for m, _ in messages)
+
+    def seal_into(self, messages: Sequence[tuple[Buffer, bool]], out: memoryview) -> int:
+        """Seals records in order into ``out`` (blocking: a worker thread's); returns
+        the bytes written.  The caller sends them before anything sealed later."""
+        with self._sealing:
+            pos = 0
+            for data, bulk in messages:
+                pos += self._sender.seal_into(data, out[pos:], self.plain and bulk)
+            return pos
+
+    async def send_sealed(self, frames: Buffer) -> None:
+        with self._sending:
+            await self.stream.send_all(frames)
 
     # -- receiving
 
     async def receive(self) -> Record:
         """The next record, which must have been sealed (the clear records of the plain
-        benchmark mode carry bulk data only, which only ``open_buffered`` returns)."""
+        benchmark mode carry bulk data only, which only the Inbox returns)."""
         with self._receiving:
             while True:
                 rec = self._open_one()
@@ -108,40 +118,11 @@ class SecureChannel:
                     return rec
                 self._receiver.receive_data(await self._read_some(RECV_CHUNK))
 
-    async def read_into_buffer(self, max_bytes: int) -> int:
-        """Reads what the socket has (at most ``max_bytes``) into the record buffer; returns how much."""
-        data = await self._read_some(max_bytes)
-        with self._receiving:
-            self._receiver.receive_data(data)
-        return len(data)
-
-    async def read_some(self, max_bytes: int) -> bytes:
-        """Raw bytes from the socket, for a reader task that runs ahead of ``feed``."""
-        return await self._read_some(max_bytes)
-
-    def feed(self, data: bytes) -> None:
-        with self._receiving:
-            self._receiver.receive_data(data)
-
-    async def open_buffered(self, limit: int = 1 << 30) -> list[Record]:
-        """Opens the whole records buffered (at most ``limit``), in a worker thread."""
-        with self._receiving:
-            return await trio.to_thread.run_sync(self._open_all, limit)
-
     def _open_one(self) -> Record | None:
         rx = self._receiver
         index, before = rx.count, rx.transcript
         data = rx.next_record()
         return None if data is None else Record(data, index, before, rx.authenticated)
-
-    def _open_all(self, limit: int) -> list[Record]:
-        out: list[Record] = []
-        while len(out) < limit:
-            rec = self._open_one()
-            if rec is None:
-                break
-            out.append(rec)
-        return out
 
     async def _read_some(self, max_bytes: int) -> bytes:
         data = await self.stream.receive_some(max_bytes)
@@ -149,8 +130,147 @@ class SecureChannel:
             raise RemoteProtocolError(ErrorCode.CLOSED, "peer closed the connection")
         return bytes(data)
 
+    def read_ready(self, view: memoryview) -> int:
+        """Reads what the socket holds already into ``view``, never waiting (0 if
+        nothing, or no socket); an end of stream is left for ``read_into`` to see."""
+        if self._raw is None:
+            sock = getattr(self.stream, "socket", None)
+            if sock is None:
+                return 0
+            # Our own handle on the socket (a duplicate descriptor): the stdlib's
+            # recv_into with MSG_DONTWAIT, which trio's socket has no way to ask for.
+            self._raw = socket.socket(fileno=os.dup(sock.fileno()))
+        got = 0
+        while got < len(view):
+            try:
+                n = self._raw.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # read_into raises it, in trio
+            if not n:
+                break
+            got += n
+        return got
+
+    async def read_into(self, view: memoryview) -> int:
+        """Reads what the socket has into ``view`` (at least one byte)."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is not None:
+            got: int = await sock.recv_into(view)
+        else:  # a stream without a socket (tests): one copy
+            data = await self.stream.receive_some(len(view))
+            got = len(data)
+            view[:got] = data
+        if not got:
+            raise RemoteProtocolError(ErrorCode.CLOSED, "peer closed the connection")
+        return got
+
     async def aclose(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         await self.stream.aclose()
+
+
+class _Buffers:
+    """A bounded pool of reusable bytearrays.  One still viewed (a record's data
+    held somewhere) cannot be resized: it is left to the garbage collector and a
+    fresh one takes its place, so a buffer is never written while anything sees it."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._send, self._recv = trio.open_memory_channel[bytearray](count)
+        for _ in range(count):
+            self._send.send_nowait(bytearray(size))
+
+    async def get(self) -> bytearray:
+        buf = await self._recv.receive()
+        try:
+            buf.append(0)  # BufferError while any view of it lives
+            buf.pop()
+        except BufferError:
+            buf = bytearray(self.size)
+        return buf
+
+    def put(self, buf: bytearray) -> None:
+        self._send.send_nowait(buf)
+
+
+class Outbox:
+    """The sending side of the bulk path: ``put`` seals a batch of records into a
+    free buffer (in a worker thread) while ``run`` (one task) sends the earlier
+    ones, in order; ``run`` returns once ``close`` was called and all is sent.
+    Nothing else may send on the channel meanwhile."""
+
+    def __init__(self, channel: SecureChannel, size: int, buffers: int = 3,
+                 on_sent: Callable[[int], Awaitable[None]] | None = None) -> None:
+        self.ch = channel
+        self._pool = _Buffers(buffers, size)
+        self._queue_send, self._queue = trio.open_memory_channel[tuple[bytearray, int]](buffers - 1)
+        self._on_sent = on_sent
+
+    async def put(self, messages: Sequence[tuple[Buffer, bool]]) -> int:
+        """Seals ``messages`` (plaintext, bulk) and queues them; returns their size on the wire."""
+        need = self.ch.frames_size(messages)
+        buf = await self._pool.get() if need <= self._pool.size else bytearray(need)
+        with memoryview(buf) as view:
+            size = await trio.to_thread.run_sync(self.ch.seal_into, messages, view)
+        await self._queue_send.send((buf, size))
+        return size
+
+    def close(self) -> None:
+        self._queue_send.close()
+
+    async def run(self) -> None:
+        async for buf, size in self._queue:
+            with memoryview(buf) as view:
+                await self.ch.send_sealed(view[:size])
+            if len(buf) == self._pool.size:
+                self._pool.put(buf)
+            if self._on_sent is not None:
+                await self._on_sent(size)
+
+
+class Inbox:
+    """The receiving side of the bulk path: ``run`` (one task) reads the socket into
+    free buffers and passes on each buffer's whole frames; ``open`` opens them in
+    place (in a worker thread), and ``release`` gives a buffer back once nothing
+    needs its records any more."""
+
+    def __init__(self, channel: SecureChannel, size: int = 4 << 20, buffers: int = 4) -> None:
+        if size < 2 * (65536 + 8):
+            raise ValueError("an Inbox buffer holds at least two largest frames")
+        self.ch = channel
+        self._pool = _Buffers(buffers, size)
+        # Bytes that arrived with the handshake: the start of the first buffer.
+        self._carry = channel._receiver.take_buffered()
+
+    async def run(self, out: trio.MemorySendChannel[tuple[bytearray, int]]) -> None:
+        """Waits for bytes, then takes whatever else the socket holds already, until
+        whole frames are in: a consumer that falls behind gets few full buffers, not
+        many small ones.  The part of a frame at the end starts the next buffer."""
+        rx = self.ch._receiver
+        async with out:
+            while True:
+                buf = await self._pool.get()
+                filled = len(self._carry)
+                buf[:filled] = self._carry
+                with memoryview(buf) as view:
+                    end = rx.whole_frames(view, filled)
+                    while not end:
+                        filled += await self.ch.read_into(view[filled:])
+                        filled += self.ch.read_ready(view[filled:])
+                        end = rx.whole_frames(view, filled)
+                    self._carry = bytes(view[end:filled])
+                await out.send((buf, end))
+
+    async def open(self, buf: bytearray, end: int) -> list[Record]:
+        with self.ch._receiving:
+            return await trio.to_thread.run_sync(self.ch._receiver.open_in_place, memoryview(buf)[:end])
+
+    def release(self, buf: bytearray) -> None:
+        self._pool.put(buf)
 
 
 async def _drive(stream: trio.abc.Stream, hs: AttestedHandshake, first: bytes, timeout: float) -> SecureChannel:

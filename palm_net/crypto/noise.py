@@ -10,8 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nacl import bindings as sodium
+from nacl._sodium import ffi, lib  # the libsodium under nacl.bindings: AEAD on buffers, in place
 
 DHLEN = 32
 HASHLEN = 64
@@ -41,6 +43,7 @@ class CipherName(enum.StrEnum):
 
 
 AeadFn = Callable[[bytes, bytes, bytes, bytes], bytes]
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ class CipherFunctions:
     encrypt_raw: AeadFn  # (message, aad, nonce, key) -> ciphertext||tag
     decrypt_raw: AeadFn
     nonce_order: str  # byte order of the 64-bit counter in the 96-bit nonce
+    # The same AEAD as libsodium's C functions (combined mode), for the bulk
+    # path: they read and write buffers (pynacl's take and return bytes, a copy
+    # each way), may work in place, and release the GIL.
+    encrypt_c: Any = None
+    decrypt_c: Any = None
 
     def nonce(self, n: int) -> bytes:
         # Both ciphers: 32 bits of zeros then the counter; ChaChaPoly little
@@ -67,26 +75,50 @@ class CipherFunctions:
     def rekey(self, k: bytes) -> bytes:
         return self.encrypt(k, MAX_NONCE, b"", bytes(32))[:KEYLEN]
 
+    def encrypt_into(self, k: bytes, n: int, plaintext: Buffer, out: Buffer) -> int:
+        """ENCRYPT(k, n, ad="", plaintext) written to ``out`` (ciphertext then the tag);
+        returns its length.  ``out`` may start at ``plaintext`` (in place)."""
+        m = len(plaintext)
+        if len(out) < m + TAGLEN:
+            raise ValueError("output buffer too small")
+        self.encrypt_c(ffi.from_buffer(out, require_writable=True), ffi.NULL, ffi.from_buffer(plaintext), m,
+                       ffi.NULL, 0, ffi.NULL, self.nonce(n), k)
+        return m + TAGLEN
+
+    def decrypt_into(self, k: bytes, n: int, ciphertext: Buffer, out: Buffer) -> int:
+        """DECRYPT(k, n, ad="", ciphertext) written to ``out``; returns the plaintext length.
+        ``out`` may start at ``ciphertext`` (in place).  DecryptError if the tag fails."""
+        c = len(ciphertext)
+        if c < TAGLEN or len(out) < c - TAGLEN:
+            raise DecryptError("authentication failed")
+        rc = self.decrypt_c(ffi.from_buffer(out, require_writable=True), ffi.NULL, ffi.NULL,
+                            ffi.from_buffer(ciphertext), c, ffi.NULL, 0, self.nonce(n), k)
+        if rc != 0:
+            raise DecryptError("authentication failed")
+        return c - TAGLEN
+
 
 CHACHAPOLY = CipherFunctions(
     CipherName.CHACHAPOLY,
     sodium.crypto_aead_chacha20poly1305_ietf_encrypt,
     sodium.crypto_aead_chacha20poly1305_ietf_decrypt,
     "little",
+    lib.crypto_aead_chacha20poly1305_ietf_encrypt,
+    lib.crypto_aead_chacha20poly1305_ietf_decrypt,
 )
 AESGCM = CipherFunctions(
     CipherName.AESGCM,
     sodium.crypto_aead_aes256gcm_encrypt,
     sodium.crypto_aead_aes256gcm_decrypt,
     "big",
+    lib.crypto_aead_aes256gcm_encrypt,
+    lib.crypto_aead_aes256gcm_decrypt,
 )
 CIPHERS = {c.name.value: c for c in (CHACHAPOLY, AESGCM)}
 
 
 def aesgcm_available() -> bool:
     """libsodium only offers AES-256-GCM where the CPU has AES-NI and CLMUL."""
-    from nacl._sodium import lib
-
     return bool(lib.crypto_aead_aes256gcm_is_available())
 
 
@@ -184,6 +216,26 @@ class CipherState:
         out = self.fns.decrypt(self.k, self.n, ad, ciphertext)
         self.n += 1
         return out
+
+    def encrypt_into(self, plaintext: Buffer, out: Buffer) -> int:
+        """EncryptWithAd(ad="", plaintext) written to ``out``; its length (see CipherFunctions)."""
+        if self.k is None:
+            raise NoiseError("encrypt_into needs a key")
+        if self.n >= MAX_NONCE:
+            raise NoiseError("nonce exhausted: rekey or new handshake required")
+        size = self.fns.encrypt_into(self.k, self.n, plaintext, out)
+        self.n += 1
+        return size
+
+    def decrypt_into(self, ciphertext: Buffer, out: Buffer) -> int:
+        """DecryptWithAd(ad="", ciphertext) written to ``out``; the plaintext length."""
+        if self.k is None:
+            raise NoiseError("decrypt_into needs a key")
+        if self.n >= MAX_NONCE:
+            raise NoiseError("nonce exhausted: rekey or new handshake required")
+        size = self.fns.decrypt_into(self.k, self.n, ciphertext, out)
+        self.n += 1
+        return size
 
     def rekey(self) -> None:
         if self.k is None:

@@ -16,13 +16,17 @@ from palm_net.wire.messages import PAGE_SIZE
 from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, Gfns, PageBatch
 
 __all__ = ["DIGEST_PERSON", "KIND_NORMAL", "KIND_PROTECTED", "KIND_ZERO", "PAGE_SIZE", "Backend", "HostedVM",
-           "HypervisorError", "PageBatch", "StreamBackend", "VerifyReport", "VmInfo"]
+           "HypervisorError", "NoRoomError", "PageBatch", "StreamBackend", "VerifyReport", "VmInfo"]
 
 DIGEST_PERSON = b"palm-vm-digest"  # BLAKE2b personalisation of every VM memory digest
 
 
 class HypervisorError(Exception):
     """A VM cannot be created, driven or migrated by its hypervisor (one-line message)."""
+
+
+class NoRoomError(HypervisorError):
+    """The host has no room for a VM's memory (its file system is full)."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class StreamBackend(HostedVM, Protocol):
         """After the stream ended: the hypervisor completed (its guest paused); its figures."""
         ...
 
-    def stream_in(self, data: bytes) -> None: ...
+    def stream_in(self, data: bytes | bytearray | memoryview) -> None: ...
 
     def end_stream(self) -> None:
         """Waits until the incoming hypervisor loaded the whole stream (paused)."""
@@ -131,10 +135,10 @@ class Backend(HostedVM, Protocol):
         """Returns the gfns written since the last call and clears the log."""
         ...
 
-    def read_pages(self, gfns: Gfns, start: int, round_no: int,
-                   budget: int, max_entries: int) -> tuple[PageBatch, int]:
-        """Reads gfns[start:...] through the untrusted view, while the batch's
-        arrays and data stay within ``budget`` bytes and ``max_entries`` pages.
+    def read_pages(self, gfns: Gfns, start: int, round_no: int, out: Any) -> tuple[PageBatch, int]:
+        """Reads gfns[start:...] through the untrusted view: at most MAX_PAGES_PER_MESSAGE
+        pages, of which at most ``len(out)`` carry data (written into ``out``, a
+        numpy array of pages, which the batch's data views).
 
         Returns the batch and the index of the first gfn not included.
         """

@@ -114,26 +114,19 @@ class QemuError(HypervisorError):
     """A QEMU VM cannot be created, driven or migrated; the message is one line."""
 
 
-def read_stream(conn: socket.socket, chunk: int, most: int) -> tuple[list[bytes], bool]:
-    """Up to ``most`` full chunks of a migration stream (the last may be short);
-    and whether it ended.  Blocking: for a worker thread."""
-    out: list[bytes] = []
-    buf = bytearray(chunk)
-    view = memoryview(buf)
+def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
+    """The next bytes of a migration stream into ``out``, until it is full or the
+    stream ends: how many, and whether it ended.  Blocking: for a worker thread."""
+    filled = 0
     try:
-        while len(out) < most:
-            filled = 0
-            while filled < chunk:
-                n = conn.recv_into(view[filled:])
-                if n == 0:
-                    if filled:
-                        out.append(bytes(view[:filled]))
-                    return out, True
-                filled += n
-            out.append(bytes(view))
+        while filled < len(out):
+            n = conn.recv_into(out[filled:])
+            if n == 0:
+                return filled, True
+            filled += n
     except OSError as exc:
         raise QemuError(f"QEMU migration stream: {exc.strerror or exc}") from None
-    return out, False
+    return filled, False
 
 
 def qemu_binary() -> str | None:
@@ -774,7 +767,7 @@ class QemuVM(ConfiguredVM):
 
     # -- migration: destination --------------------------------------------
 
-    def stream_in(self, data: bytes) -> None:
+    def stream_in(self, data: bytes | bytearray | memoryview) -> None:
         if self._incoming is None:
             raise QemuError("no incoming migration on this VM")
         try:

@@ -61,8 +61,8 @@ from palm_net.wire.messages import (
     Stream,
     StreamEnd,
 )
-from palm_net.wire.pages import unpack
-from palm_net.wire.protocol import Role, SessionProtocol, State
+from palm_net.wire.pages import IncomingPages
+from palm_net.wire.protocol import Data, Role, SessionProtocol, State
 
 BEGIN_TIMEOUT = 30.0  # BEGIN within this of the session's start
 SESSION_BASE = 120.0  # then: this, plus DEADLINE_PER_GIB for each GiB of the VM's data received so far
@@ -92,6 +92,7 @@ class DestinationEngine:
         self.applied: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)  # the version applied per gfn
         self.received: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)  # each gfn received at least once
         self.page_records = 0
+        self._pages: IncomingPages | None = None  # the PAGES message whose data records come next
         self.progress = 0  # bytes of the VM's memory received (zero pages count as whole pages)
         self.round = 0
         self.cpu_state_seen = False
@@ -141,6 +142,8 @@ class DestinationEngine:
         if self._awaiting is not None:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"a record while {self._awaiting.__name__} is due")
         msg = self.proto.receive(rec.data, rec.authenticated)
+        if isinstance(msg, Data):
+            return self._on_data(msg)
         handler = self._on_message.get(type(msg.body))
         if handler is None:  # the session protocol lets through only what a destination handles
             raise MigrationFailure(ErrorCode.OUT_OF_STATE, f"{msg.type} is not for a destination")
@@ -202,7 +205,7 @@ class DestinationEngine:
 
     def _on_pages(self, msg: Message, _: Record) -> list[Effect]:
         p = msg.get(Pages)
-        batch = unpack(p)
+        batch = IncomingPages(p)
         if p.round < self.round:
             raise MigrationFailure(ErrorCode.ROLLBACK, f"page record of round {p.round} after round {self.round}")
         self.round = p.round
@@ -219,17 +222,37 @@ class DestinationEngine:
         self.received[gfns] = True
         self.page_records += 1
         self.progress += len(batch) * PAGE_SIZE
-        return [ApplyPages(batch)]
+        self._pages = batch if self.proto.data_due else None
+        zero = batch.zero()
+        return [ApplyPages(zero)] if zero is not None else []
+
+    def _on_data(self, d: Data) -> list[Effect]:
+        """A data record: the next pages of the last PAGES message, or stream bytes."""
+        if self.stream:
+            self.stream_bytes += len(d.data)
+            self.progress += len(d.data)
+            return [StreamIn(d.data)]
+        assert self._pages is not None  # the protocol announced this record
+        self._pages.add(d.data)
+        return self.flush() if d.last else []
+
+    def flush(self) -> list[Effect]:
+        """The pages of data records received and not yet asked to be written (the
+        shell calls this at the end of each buffer it opened, so that the buffer's
+        data is written before the buffer is reused)."""
+        if self._pages is None:
+            return []
+        batch = self._pages.take()
+        if not self.proto.data_due:
+            self._pages = None
+        return [ApplyPages(batch)] if batch is not None else []
 
     def _on_round_end(self, msg: Message, _: Record) -> list[Effect]:
         return []
 
     def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
-        data = msg.get(Stream).data
-        self.stream_bytes += len(data)
-        self.progress += len(data)
-        self.page_records += 1
-        return [StreamIn(data)]
+        self.page_records += 1  # its bytes follow in data records
+        return []
 
     def _on_stream_end(self, msg: Message, _: Record) -> list[Effect]:
         claimed = msg.get(StreamEnd).bytes

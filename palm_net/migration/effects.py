@@ -53,9 +53,10 @@ class ApplyPages(Effect):
 
 @dataclass(frozen=True)
 class StreamIn(Effect):
-    """The next bytes of a stream backend's migration stream, to its hypervisor."""
+    """The next bytes of a stream backend's migration stream, to its hypervisor
+    (a view of the buffer its record was opened in: used before the shell releases it)."""
 
-    data: bytes
+    data: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ async def recover_once(store: HandoffStore, mid: bytes, vm: HostedVM | None,
         proto = SessionProtocol(Role.SOURCE, mid, recovery=True)
         with trio.fail_after(10):
             await channel.send(proto.send(Query()))
-            answer = proto.receive((await channel.receive()).data).get(Outcome)
+            answer = proto.receive_message((await channel.receive()).data).get(Outcome)
     except (OSError, PalmError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
         return None
     finally:
@@ -289,7 +289,7 @@ async def serve_incoming(
     if channel.result.purpose is Purpose.RECOVERY:
         proto = SessionProtocol(Role.DESTINATION, recovery=True)
         with trio.fail_after(10):
-            proto.receive((await channel.receive()).data)  # QUERY: the state machine allows nothing else
+            proto.receive_message((await channel.receive()).data)  # QUERY: the state machine allows nothing else
             assert proto.mid is not None
             outcome = answer_query(store, signing, proto.mid, Peer(info.name, info.static_pub, info.sign_pub))
             log.info("recovery query answered", migration=proto.mid.hex(), peer=info.name, phase="in-doubt",

@@ -6,16 +6,19 @@ the trio thread.  Worker threads get plain inputs and return plain outputs:
 pages read from the VM, page batches written into it, records sealed or
 opened (libsodium drops the GIL), a digest.
 
-Source: a producer task reads the round's pages in a worker thread, ~1 MiB
-at a time, into a bounded window; the session task turns each batch into a
-PAGES message (the engine) and sends them as one sealed batch.  A receiver
-task reads the destination's messages concurrently, so an ABORT stops the
-stream at once.
+Source: a producer task reads the round's pages in a worker thread, one
+PAGES message's worth (up to 1 MiB of data) at a time, into a few reusable
+buffers; the session task turns each batch into a PAGES message and its data
+records (the engine) and seals them into the channel's Outbox, whose task
+sends the previous batch meanwhile.  A receiver task reads the
+destination's messages concurrently, so an ABORT stops the stream at once.
 
-Destination: a reader task reads the socket ahead into a bounded window;
-the session task opens the buffered records in a worker thread, gives them
-to the engine one by one, and performs its effects in order, applying runs
-of page batches in one worker call.
+Destination: the channel's Inbox task reads the socket into reusable
+buffers; the session task opens each buffer's records in place (a worker
+thread), gives them to the engine one by one and hands the page batches to
+an applier task, which writes them into the VM (a worker thread) while the
+next buffer is opened.  Any other request of the engine waits until the
+applier is idle: it may depend on the pages before it.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
+import numpy as np
 import structlog
 import trio
 from nacl.signing import SigningKey
 
-from palm_net.channel.transport import SecureChannel
-from palm_net.hypervisor.backend import Backend, HostedVM, HypervisorError, PageBatch, StreamBackend
+from palm_net.channel.transport import Inbox, Outbox, Record, SecureChannel
+from palm_net.hypervisor.backend import Backend, HostedVM, HypervisorError, NoRoomError, StreamBackend
 from palm_net.hypervisor.protection import IntegrityError
 from palm_net.hypervisor.qemu import read_stream
 from palm_net.migration.destination import DestinationEngine
@@ -58,16 +62,19 @@ from palm_net.migration.effects import (
 from palm_net.migration.handoff import HandoffStore, Peer, check_abort_token
 from palm_net.migration.source import SourceEngine
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
-from palm_net.wire.messages import MAX_BLOB, MAX_PAGES_PER_MESSAGE, MAX_PLAINTEXT, Abort, Begin, Message
-from palm_net.wire.pages import Gfns
+from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Abort, Begin, Message
+from palm_net.wire.pages import Buffer, Gfns
 from palm_net.wire.protocol import FINAL
 
 log = structlog.get_logger("palm.migration")
 
-RECORDS_PER_CHUNK = 16  # ~1 MiB of records per hand-off between tasks and threads
-RECV_CHUNK = 1 << 20  # destination: bytes per socket read
-WINDOW = 4  # chunks in flight between producer and consumer
-PAGES_BUDGET = MAX_PLAINTEXT - 256  # page arrays + data of one PAGES message; the rest is envelope
+# Work goes to a worker thread in pieces of about this many bulk messages
+# (MAX_BULK of data each): a hop to a thread and back costs 30-80 us here,
+# so a piece is a few MiB (pages read, records sealed, a buffer opened).
+PER_HOP = 4
+READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
+OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
+APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not yet written
 
 
 class InDoubt(Exception):
@@ -82,6 +89,8 @@ def session_error(exc: BaseException) -> PalmError:
         return RemoteProtocolError(ErrorCode.TIMEOUT, "the session ran out of time")
     if isinstance(exc, IntegrityError):
         return MigrationFailure(ErrorCode.INTEGRITY, str(exc))
+    if isinstance(exc, NoRoomError):
+        return MigrationFailure(ErrorCode.NO_SPACE, str(exc))
     if isinstance(exc, HypervisorError):
         return MigrationFailure(ErrorCode.HYPERVISOR, str(exc))
     if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
@@ -130,15 +139,49 @@ class SourceRun:
             if self.engine.proto.state in FINAL:
                 return  # the session is over: a close from here on is not an error
 
-    async def _send(self, messages: Sequence[bytes], bulk: bool = False) -> None:
-        sent = await self.ch.send_batch([(m, bulk) for m in messages])
-        self.engine.stats.transferred += sent
+    async def _send(self, messages: Sequence[bytes]) -> None:
+        await self._sent(await self.ch.send_batch([(m, False) for m in messages]))
+
+    async def _sent(self, size: int) -> None:
+        """``size`` bytes went on the wire: counted, and paced to the bandwidth cap."""
+        self.engine.stats.transferred += size
         cap = self.engine.params.bandwidth
-        if cap:  # pacing to the bandwidth cap
-            self._paced_bytes += sent
+        if cap:
+            self._paced_bytes += size
             ahead = self._paced_bytes / cap - (time.monotonic() - self._paced_since)
             if ahead > 0:
                 await trio.sleep(ahead)
+
+    async def _pump(self, read: Callable[[Any], tuple[Any, bool]], buffers: list[Any],
+                    to_records: Callable[[Any], list[Buffer]]) -> None:
+        """The bulk path: ``read(buffer)`` (a worker thread) fills one of ``buffers``
+        and says whether it was the last; ``to_records`` (this task: the engine) makes
+        the records of what was read, which the Outbox seals and sends."""
+        free_send, free = trio.open_memory_channel[Any](len(buffers))
+        for b in buffers:
+            free_send.send_nowait(b)
+        ready_send, ready = trio.open_memory_channel[tuple[Any, Any]](len(buffers) - 1)
+        outbox = Outbox(self.ch, OUTBOX_BUFFER, on_sent=self._sent)
+
+        async def produce() -> None:
+            async with ready_send:
+                last = False
+                while not last:
+                    buf = await free.receive()
+                    item, last = await trio.to_thread.run_sync(read, buf)
+                    await ready_send.send((item, buf))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            nursery.start_soon(outbox.run)
+            async for item, buf in ready:
+                records = to_records(item)
+                if records:
+                    await outbox.put([(r, True) for r in records])
+                del records, item  # views of buf: sealed, so buf is free again
+                free_send.send_nowait(buf)
+                self.on_progress()
+            outbox.close()
 
     async def _expect(self, timeout: float) -> Message:
         with trio.fail_after(timeout):
@@ -228,44 +271,41 @@ class SourceRun:
 
     async def _send_pages(self, vm: Backend, gfns: Gfns) -> None:
         """The pages of ``gfns``: read ahead in a worker thread, sent as PAGES messages."""
-        eng = self.engine
-        send, recv = trio.open_memory_channel[tuple[list[PageBatch], int]](WINDOW)
-        round_no = eng.round
+        eng, round_no, pos = self.engine, self.engine.round, [0]
 
-        def read_some(start: int) -> tuple[list[PageBatch], int]:
-            batches: list[PageBatch] = []
-            i = start
-            while i < len(gfns) and len(batches) < RECORDS_PER_CHUNK:
-                batch, i = vm.read_pages(gfns, i, round_no, PAGES_BUDGET, MAX_PAGES_PER_MESSAGE)
-                batches.append(batch)
-            return batches, i
+        def read(out: Any) -> tuple[list[tuple[Any, int]], bool]:
+            batches = []
+            for rows in range(0, PER_HOP * MAX_DATA_PAGES, MAX_DATA_PAGES):
+                if pos[0] >= len(gfns):
+                    break
+                batch, pos[0] = vm.read_pages(gfns, pos[0], round_no, out[rows : rows + MAX_DATA_PAGES])
+                batches.append((batch, pos[0]))
+            return batches, pos[0] >= len(gfns)
 
-        async def produce() -> None:
-            async with send:
-                i = 0
-                while i < len(gfns):
-                    batches, i = await trio.to_thread.run_sync(read_some, i)
-                    await send.send((batches, i))
+        def to_records(batches: list[tuple[Any, int]]) -> list[Buffer]:
+            return [r for batch, done in batches for r in eng.pages(batch, len(gfns) - done)]
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(produce)
-            async for batches, done in recv:
-                left = len(gfns) - done
-                await self._send([eng.pages(b, left) for b in batches], bulk=True)
-                self.on_progress()
+        if len(gfns):
+            # np.empty: memory a page backend that reads runs in place never touches.
+            buffers = [np.empty((PER_HOP * MAX_DATA_PAGES, PAGE_SIZE), np.uint8) for _ in range(READ_AHEAD + 1)]
+            await self._pump(read, buffers, to_records)
 
     async def _stream(self, vm: StreamBackend) -> None:
         """A stream backend: its own rounds and stop-and-copy; we carry the bytes."""
         eng, p = self.engine, self.engine.params
         self.log.info("migration started", phase="stream", backend=vm.backend, pages=eng.info.npages)
         conn = await trio.to_thread.run_sync(vm.start_stream, p.downtime_limit, p.bandwidth, p.auto_converge)
+
+        def read(out: bytearray) -> tuple[memoryview, bool]:
+            view = memoryview(out)
+            n, ended = read_stream(conn, view)
+            return view[:n], ended
+
+        def to_records(data: memoryview) -> list[Buffer]:
+            return [r for i in range(0, len(data), MAX_BULK) for r in eng.stream_chunk(data[i : i + MAX_BULK])]
+
         try:
-            ended = False
-            while not ended:
-                chunks, ended = await trio.to_thread.run_sync(read_stream, conn, MAX_BLOB, RECORDS_PER_CHUNK)
-                if chunks:
-                    await self._send([eng.stream_chunk(c) for c in chunks], bulk=True)
-                self.on_progress()
+            await self._pump(read, [bytearray(PER_HOP * MAX_BULK) for _ in range(READ_AHEAD + 1)], to_records)
         finally:
             conn.close()  # also on failure or cancel: QEMU sees its stream end
         stats = await trio.to_thread.run_sync(vm.finish_stream)
@@ -352,6 +392,43 @@ class DestinationHost:
         raise AssertionError(f"no host for {eff!r}")
 
 
+class _Applier:
+    """The destination's writer: page batches (or stream bytes) into the VM in a
+    worker thread, in order, while the session task opens the next buffer;
+    then the buffers their data lies in go back to the Inbox."""
+
+    def __init__(self, host: DestinationHost, release: Callable[[bytearray], None]) -> None:
+        self.host = host
+        self.release = release
+        self._send, self._recv = trio.open_memory_channel[tuple[list[Effect], list[bytearray]]](APPLY_WINDOW)
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def submit(self, effects: list[Effect], bufs: list[bytearray]) -> None:
+        if not effects and not bufs:
+            return
+        self._pending += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        await self._send.send((effects, bufs))
+
+    async def drain(self) -> None:
+        """Returns once everything submitted is written."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        async for effects, bufs in self._recv:
+            if effects:
+                await trio.to_thread.run_sync(self.host.bulk, effects)
+            del effects
+            for buf in bufs:
+                self.release(buf)
+            self._pending -= 1
+            if not self._pending:
+                self._idle.set()
+
+
 class DestinationRun:
     """One incoming migration over an established channel.
 
@@ -380,19 +457,19 @@ class DestinationRun:
         try:
             with trio.fail_at(eng.deadline(started)) as deadline:
                 async with trio.open_nursery() as nursery:
-                    send, recv = trio.open_memory_channel[bytes](WINDOW)
-                    nursery.start_soon(self._reader, send)
-                    # Records that arrived with the last handshake message are
-                    # already buffered: handle them before waiting for more.
-                    await self._process()
-                    async for chunk in recv:
+                    inbox = Inbox(self.ch)
+                    applier = _Applier(self.host, inbox.release)
+                    chunks_send, chunks = trio.open_memory_channel[tuple[bytearray, int]](1)
+                    nursery.start_soon(inbox.run, chunks_send)
+                    nursery.start_soon(applier.run)
+                    async for buf, end in chunks:
+                        await self._process(await inbox.open(buf, end), buf, applier)
                         if eng.state in FINAL:
                             break
-                        self.ch.feed(chunk)
-                        await self._process()
                         # An absolute deadline: a peer trickling bytes cannot hold its
                         # slot forever (BEGIN soon, then time in proportion to the memory).
                         deadline.deadline = eng.deadline(started)
+                    await applier.drain()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             error = first_error(group)
@@ -405,26 +482,29 @@ class DestinationRun:
                     await self._fail(error)
         return error
 
-    async def _reader(self, send: trio.MemorySendChannel[bytes]) -> None:
-        async with send:
-            while True:
-                await send.send(await self.ch.read_some(RECV_CHUNK))
-
-    async def _process(self) -> None:
-        """Every whole record buffered, through the engine; effects performed in order."""
+    async def _process(self, records: list[Record], buf: bytearray, applier: _Applier) -> None:
+        """One buffer's records through the engine, in order: page batches to the
+        applier, any other request once the applier is idle (it may depend on
+        them); the buffer goes back once its batches are written."""
         eng = self.engine
-        pending: list[Effect] = []
-        for rec in await self.ch.open_buffered():
+        bulk: list[Effect] = []
+        for i in range(len(records)):
             if eng.state in FINAL:
                 break
-            effects = eng.on_record(rec)
+            effects = eng.on_record(records[i])
             if eng.mid is not None and "migration" not in self.log._context:
                 self.log = self.log.bind(migration=eng.mid.hex())
-            pending += effects
-            if any(not isinstance(e, (ApplyPages, StreamIn)) for e in effects):
-                await self._perform(pending)  # the engine's next step may depend on these
-                pending = []
-        await self._perform(pending)
+            while effects:
+                eff = effects.pop(0)
+                if isinstance(eff, (ApplyPages, StreamIn)):
+                    bulk.append(eff)
+                    continue
+                await applier.submit(bulk, [])
+                bulk = []
+                await applier.drain()
+                await self._perform([eff])
+        records.clear()  # views of buf: only the batches hold it now
+        await applier.submit(bulk + eng.flush(), [buf])
 
     async def _perform(self, effects: list[Effect]) -> None:
         """Performs effects in order: runs of page batches (or stream bytes) in one worker

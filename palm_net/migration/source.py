@@ -37,7 +37,7 @@ from palm_net.wire.messages import (
     Stream,
     StreamEnd,
 )
-from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Gfns, PageBatch
+from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Buffer, Gfns, PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
 DOWNTIME_GOAL_DIVISOR = 6  # iterate on while shrinking, until expected downtime <= limit / 6
@@ -87,7 +87,7 @@ class SourceEngine:
     def on_record(self, rec: Record) -> Message:
         """A message from the destination.  An ABORT before the handoff point ends
         the migration (MigrationFailure with the destination's code)."""
-        msg = self.proto.receive(rec.data, rec.authenticated)
+        msg = self.proto.receive_message(rec.data, rec.authenticated)
         if isinstance(msg.body, Abort) and not self.committed:  # after COMMIT: the token decides (runner)
             raise MigrationFailure(_code(msg.body.code), "destination aborted: " + msg.body.reason)
         return msg
@@ -106,8 +106,9 @@ class SourceEngine:
         self.stats.status, self.stats.phase = "active", "round"
         return self.proto.send(Keys(blob))
 
-    def pages(self, batch: PageBatch, remaining: int) -> bytes:
-        """A PAGES message for a batch the shell read from the current round's gfns."""
+    def pages(self, batch: PageBatch, remaining: int) -> list[Buffer]:
+        """A PAGES message for a batch the shell read from the current round's gfns,
+        then its data records (views of the batch's data)."""
         st = self.stats
         kinds = batch.kinds
         zero, prot = kinds.count(KIND_ZERO), kinds.count(KIND_PROTECTED)  # bytes.count: C speed
@@ -117,8 +118,9 @@ class SourceEngine:
         st.page_records += 1
         st.remaining = remaining
         msg = self.proto.send(batch.message(self.round))
-        self.sent_bytes += len(msg)
-        return msg
+        data = b"".join(batch.data) if isinstance(batch.data, list) else batch.data
+        self.sent_bytes += len(msg) + len(data)
+        return [msg, *self.proto.send_data(data)] if data else [msg]
 
     def end_round(self, duration: float, wire_bytes: int, dirty: Gfns) -> tuple[bytes, bool, float | None]:
         """Closes the round: ROUND_END, whether to stop and copy now, and a new
@@ -175,14 +177,15 @@ class SourceEngine:
 
     # -- a stream backend: the hypervisor's own stream
 
-    def stream_chunk(self, data: bytes) -> bytes:
+    def stream_chunk(self, data: Buffer) -> list[Buffer]:
+        """The next bytes of the hypervisor's stream: a STREAM message, then its data records."""
         st = self.stats
         st.status, st.phase = "active", "stream"
         self.stream_bytes += len(data)
         st.page_records += 1
-        msg = self.proto.send(Stream(data))
-        self.sent_bytes += len(msg)
-        return msg
+        msg = self.proto.send(Stream(len(data)))
+        self.sent_bytes += len(msg) + len(data)
+        return [msg, *self.proto.send_data(data)]
 
     def stream_end(self, paused_at: float | None, hypervisor_stats: dict[str, Any]) -> bytes:
         """The hypervisor completed (its guest paused at ``paused_at``): STREAM_END."""

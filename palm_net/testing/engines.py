@@ -1,7 +1,8 @@
 """Drive the migration engines without sockets, threads or a clock: what the
 trio shells do, done synchronously, for tests that feed exact inputs.
 
-``source_messages`` plays a source's rounds against a model VM;
+``source_messages`` plays a source's rounds against a model VM (its records:
+messages, and the data records after PAGES; ``units`` groups them);
 ``DestinationDriver`` feeds a destination engine message by message and
 performs its effects with a real VM and store (palm_net.migration.runner's
 DestinationHost), returning the messages it would send.
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 from nacl.signing import SigningKey
 
 from palm_net.channel.transport import Record
@@ -20,21 +23,66 @@ from palm_net.migration.destination import DestinationEngine
 from palm_net.migration.effects import Effect, Opened, OpenIncoming, Send
 from palm_net.migration.handoff import HandoffStore, Peer
 from palm_net.migration.params import MigrationParams
-from palm_net.migration.runner import PAGES_BUDGET, DestinationHost, session_error
+from palm_net.migration.runner import DestinationHost, session_error
 from palm_net.migration.source import SourceEngine
 from palm_net.wire import messages
-from palm_net.wire.messages import MAX_PAGES_PER_MESSAGE, Accept, Begin, Message
+from palm_net.wire.messages import DATA_RECORD, MAX_DATA_PAGES, PAGE_SIZE, Accept, Begin, Message
 from palm_net.wire.protocol import State
 
 PEER = Peer("src", bytes(32), bytes(32))
 
 
 def read_round(engine: SourceEngine, vm: Backend) -> Iterator[bytes]:
-    """PAGES messages for the engine's pending gfns, read from ``vm`` as the shell would."""
+    """The records of PAGES messages (and their data) for the engine's pending gfns,
+    read from ``vm`` as the shell would."""
     gfns, i = engine.pending, 0
+    out = np.empty((MAX_DATA_PAGES, PAGE_SIZE), np.uint8)
     while i < len(gfns):
-        batch, i = vm.read_pages(gfns, i, engine.round, PAGES_BUDGET, MAX_PAGES_PER_MESSAGE)
-        yield engine.pages(batch, len(gfns) - i)
+        batch, i = vm.read_pages(gfns, i, engine.round, out)
+        yield from map(bytes, engine.pages(batch, len(gfns) - i))  # copies: ``out`` is read into again
+
+
+class Unit:
+    """A message and its data records (a PAGES or STREAM message's bulk), as tests
+    drop, repeat, reorder or alter them whole."""
+
+    def __init__(self, msg: Message, data: list[bytes]) -> None:
+        self.msg = msg
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Unit({self.msg!r}, {len(self.data)} data records)"
+
+    @property
+    def body(self) -> Any:
+        return self.msg.body
+
+    def records(self) -> list[bytes]:
+        return [messages.encode(self.msg), *self.data]
+
+
+def units(records: list[bytes]) -> list[Unit]:
+    """Records grouped into units (the data records after each message that announced them)."""
+    out: list[Unit] = []
+    i = 0
+    while i < len(records):
+        msg = messages.decode(records[i])
+        n = -(-msg.body.bulk // DATA_RECORD)
+        out.append(Unit(msg, records[i + 1 : i + 1 + n]))
+        i += 1 + n
+    return out
+
+
+def renumber(us: list[Unit]) -> list[bytes]:
+    """The records of ``us``, re-sequenced (after a test removed or added units)."""
+    out: list[bytes] = []
+    for i, u in enumerate(us):
+        out += Unit(Message(u.msg.mid, i, u.msg.body), u.data).records()
+    return out
+
+
+def split_data(data: bytes) -> list[bytes]:
+    return [data[i : i + DATA_RECORD] for i in range(0, len(data), DATA_RECORD)]
 
 
 def source_stream(vm: Backend, engine: SourceEngine, rounds: int,

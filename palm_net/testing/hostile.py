@@ -38,7 +38,7 @@ class HostilePeer:
         proto = SessionProtocol(Role.SOURCE, mid or os.urandom(16))
         await ch.send(self.begin(proto, **kw))
         with trio.fail_after(timeout):
-            reply = proto.receive((await ch.receive()).data)
+            reply = proto.receive_message((await ch.receive()).data)
         return ch, proto, reply
 
     async def query(self, port: int, mid: bytes, timeout: float = 10) -> Message:
@@ -47,6 +47,6 @@ class HostilePeer:
             proto = SessionProtocol(Role.SOURCE, mid, recovery=True)
             await ch.send(proto.send(Query()))
             with trio.fail_after(timeout):
-                return proto.receive((await ch.receive()).data)
+                return proto.receive_message((await ch.receive()).data)
         finally:
             await ch.aclose()

@@ -1,6 +1,7 @@
 """Deterministic vectors for palm_net's own handshake and first records
-(a page backend's BEGIN/ACCEPT; a stream backend's BEGIN/ACCEPT/STREAM/STREAM_END;
-the plain benchmark mode's sealed BEGIN/ACCEPT, a clear PAGES and a sealed ROUND_END).
+(a page backend's BEGIN/ACCEPT; a stream backend's BEGIN/ACCEPT, STREAM and its
+data record, STREAM_END; the plain benchmark mode's sealed BEGIN/ACCEPT, a clear
+PAGES with its clear data record, and a sealed ROUND_END).
 
 Fixed keys, ephemerals, certificate window and clock make every byte
 reproducible (Ed25519 signatures are deterministic).  ``proto/vectors/*.json``
@@ -76,7 +77,7 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
                                      False, "model", b""))
     record1 = init.result.sender.seal(begin)
     resp.result.receiver.receive_data(record1)
-    assert dst_proto.receive(resp.result.receiver.next_record() or b"").type == "BEGIN"
+    assert dst_proto.receive_message(resp.result.receiver.next_record() or b"").type == "BEGIN"
     accept = dst_proto.send(Accept())
     record2 = resp.result.sender.seal(accept)
     src_proto.receive(accept)
@@ -84,21 +85,26 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         {"from": "initiator", "plaintext": begin.hex(), "bytes": record1.hex()},
         {"from": "responder", "plaintext": accept.hex(), "bytes": record2.hex()},
     ]
-    if backend == "qemu":
-        for msg in (src_proto.send(Stream(STREAM_BYTES)), src_proto.send(StreamEnd(len(STREAM_BYTES)))):
+    if backend == "qemu":  # STREAM, its data record, STREAM_END
+        stream = [src_proto.send(Stream(len(STREAM_BYTES))), *map(bytes, src_proto.send_data(STREAM_BYTES))]
+        for i, msg in enumerate((*stream, src_proto.send(StreamEnd(len(STREAM_BYTES))))):
             rec = init.result.sender.seal(msg)
             resp.result.receiver.receive_data(rec)
             assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
-            records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
+            records.append({"from": "initiator", **({"data": True} if i == 1 else {}), "plaintext": msg.hex(),
+                            "bytes": rec.hex()})
     if plain:  # bulk data in the clear, everything else sealed (proto/PROTOCOL.md 5)
-        batch = PageBatch(np.array([7], np.uint64), b"\x01", np.array([0], np.uint64), bytes(range(256)) * 16)
-        pages = src_proto.send(batch.message(0))
-        for msg, clear in ((pages, True), (src_proto.send(RoundEnd(0, 1, 0)), False)):
+        batch = PageBatch(np.array([7, 9], np.uint64), b"\x01\x00", np.array([0, 0], np.uint64),
+                          bytes(range(256)) * 16)
+        pages = [src_proto.send(batch.message(0)), *map(bytes, src_proto.send_data(bytes(range(256)) * 16))]
+        for i, (msg, clear) in enumerate(((pages[0], True), (pages[1], True),
+                                          (src_proto.send(RoundEnd(0, 2, 0)), False))):
             rec = init.result.sender.seal(msg, clear=clear)
             resp.result.receiver.receive_data(rec)
             got = resp.result.receiver.next_record() or b""
             assert dst_proto.receive(got, resp.result.receiver.authenticated) is not None
-            records.append({"from": "initiator", "clear": clear, "plaintext": msg.hex(), "bytes": rec.hex()})
+            records.append({"from": "initiator", **({"data": True} if i == 1 else {}), "clear": clear,
+                            "plaintext": msg.hex(), "bytes": rec.hex()})
     return {
         "protocol_name": init.result.protocol_name,
         "inputs": inputs,

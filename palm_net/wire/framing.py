@@ -38,7 +38,27 @@ class FrameBuffer:
     def take_rest(self) -> bytes:
         rest = bytes(self._buf)
         self._buf.clear()
+        self._need = -1
         return rest
+
+    def check(self, n: int) -> int:
+        """A frame length read from the wire, within bounds (else RemoteProtocolError)."""
+        if n > self.max_len:
+            raise RemoteProtocolError(ErrorCode.OVERSIZE, f"frame length {n} exceeds the maximum {self.max_len}")
+        if n < self.min_len:
+            raise RemoteProtocolError(ErrorCode.UNDERSIZE, f"frame length {n} below the minimum {self.min_len}")
+        return n
+
+    def whole_frames(self, buf: bytes | bytearray | memoryview, size: int) -> int:
+        """For a caller that keeps its own buffer: where the whole frames at the start
+        of ``buf[:size]`` end (0 if none is whole yet), every length checked."""
+        end = 0
+        while end + PREFIX_LEN <= size:
+            (n,) = LENGTH.unpack_from(buf, end)
+            if end + PREFIX_LEN + self.check(n) > size:
+                break
+            end += PREFIX_LEN + n
+        return end
 
     def next_frame(self) -> bytes | None:
         buf = self._buf
@@ -46,15 +66,12 @@ class FrameBuffer:
             if len(buf) < PREFIX_LEN:
                 return None
             (n,) = LENGTH.unpack_from(buf)
-            if n > self.max_len:
-                raise RemoteProtocolError(ErrorCode.OVERSIZE, f"frame length {n} exceeds the maximum {self.max_len}")
-            if n < self.min_len:
-                raise RemoteProtocolError(ErrorCode.UNDERSIZE, f"frame length {n} below the minimum {self.min_len}")
-            self._need = n
+            self._need = self.check(n)
         end = PREFIX_LEN + self._need
         if len(buf) < end:
             return None
-        body = bytes(buf[PREFIX_LEN:end])
+        with memoryview(buf) as view:
+            body = bytes(view[PREFIX_LEN:end])  # one copy (a bytearray slice would be two)
         del buf[:end]
         self._need = -1
         return body

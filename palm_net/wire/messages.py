@@ -1,13 +1,17 @@
 """Messages: one frozen class per type, strict msgpack on the wire (proto/PROTOCOL.md 6).
 
-Every record plaintext is ``{"v": 1, "t": TYPE, "mid": bin16, "seq": uint,
-"b": {...}}``.  Each message type is a frozen dataclass whose ``SCHEMA``
-bounds every field: making one that breaks its bounds is a
-``LocalProtocolError`` (nothing is sent), decoding one a
-``RemoteProtocolError`` (the peer broke the protocol).  Decoding refuses
-anything the schema does not name: unknown types, missing or extra fields,
-wrong types, values over their bound, ext types, non-printable text; the
-unpacker's own limits stop huge containers before they are built.
+Every message is one record whose plaintext is ``{"v": 2, "t": TYPE, "mid":
+bin16, "seq": uint, "b": {...}}``.  PAGES and STREAM announce bulk data
+(``Body.bulk`` bytes), which follows in the next records as raw bytes, at
+most DATA_RECORD bytes each (the data records: no envelope, so a receiver
+can open them in place and hand them to the hypervisor without a copy).
+Each message type is a frozen dataclass whose ``SCHEMA`` bounds every
+field: making one that breaks its bounds is a ``LocalProtocolError``
+(nothing is sent), decoding one a ``RemoteProtocolError`` (the peer broke
+the protocol).  Decoding refuses anything the schema does not name: unknown
+types, missing or extra fields, wrong types, values over their bound, ext
+types, non-printable text; the unpacker's own limits stop huge containers
+before they are built.
 """
 
 from __future__ import annotations
@@ -21,14 +25,20 @@ import msgpack
 
 from palm_net.wire.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MID_LEN = 16
 MAX_SEQ = 2**63 - 1
 # A record's plaintext: a Noise transport message (65535) less its tag (16).
 MAX_PLAINTEXT = 65535 - 16
 PAGE_SIZE = 4096
-# Up to this many page entries in one PAGES message (zero pages are 17 bytes each).
+# A data record carries at most 15 whole pages: each page of a PAGES message's
+# data then lies in one record, and the hypervisor takes it from there.
+DATA_RECORD = 15 * PAGE_SIZE
+# Up to this many page entries in one PAGES message, of which at most
+# MAX_DATA_PAGES carry data (1 MiB: 18 data records).
 MAX_PAGES_PER_MESSAGE = 2048
+MAX_DATA_PAGES = 256
+MAX_BULK = MAX_DATA_PAGES * PAGE_SIZE  # bulk data after one PAGES or STREAM message
 # Largest guest we accept: 2**28 pages = 1 TiB.
 MAX_GUEST_PAGES = 2**28
 MAX_BLOB = MAX_PLAINTEXT - 256  # room for the envelope around one bin field
@@ -49,13 +59,10 @@ class Field:
         if self.kind is bool:
             return type(value) is bool
         # Text from a peer reaches logs and terminals: printable only (no
-        # control characters, newlines, escapes or bidi overrides).  A message we
-        # make may hold a memoryview of bytes (no copy); one we decode never does.
-        if self.kind is bytes and type(value) is memoryview:
-            value = value.cast("B")
-        elif type(value) is not self.kind:
+        # control characters, newlines, escapes or bidi overrides).
+        if type(value) is not self.kind:
             return False
-        return (isinstance(value, (bytes, str, memoryview)) and len(value) <= self.max
+        return (isinstance(value, (bytes, str)) and len(value) <= self.max
                 and (self.exact is None or len(value) == self.exact)
                 and (not isinstance(value, str) or value.isprintable()))
 
@@ -86,6 +93,13 @@ class Body:
             if not f.ok(getattr(self, name)):
                 raise LocalProtocolError(ErrorCode.MALFORMED,
                                          f"{self.TYPE}: field {name!r} has a wrong type or is out of bounds")
+        if self.bulk > MAX_BULK:
+            raise LocalProtocolError(ErrorCode.MALFORMED, f"{self.TYPE}: more than {MAX_BULK} bytes of data")
+
+    @property
+    def bulk(self) -> int:
+        """Bytes of data the data records after this message carry."""
+        return 0
 
     def __repr__(self) -> str:
         # Bodies may hold keys, ciphertext or state: never print a byte string.
@@ -135,27 +149,40 @@ class Keys(Body):
 @dataclass(frozen=True, repr=False)
 class Pages(Body):
     """Page records: parallel arrays (gfn u64le, kind u8, version u64le) and the
-    data of non-zero pages (palm_net.wire.pages packs and checks them)."""
+    MACs of the protected pages (palm_net.wire.pages packs and checks them).
+    The 4096 bytes of each non-zero page follow in data records."""
 
     TYPE = "PAGES"
     SCHEMA = {"round": U(10_000), "gfns": B(8 * MAX_PAGES_PER_MESSAGE), "kinds": B(MAX_PAGES_PER_MESSAGE),
-              "vers": B(8 * MAX_PAGES_PER_MESSAGE), "data": B(MAX_BLOB),
-              "tags": B(16 * 16)}  # MACs of the protected pages, in order (at most 15 data pages fit)
+              "vers": B(8 * MAX_PAGES_PER_MESSAGE), "tags": B(16 * MAX_DATA_PAGES)}
     round: int
     gfns: bytes
     kinds: bytes
     vers: bytes
-    data: bytes | memoryview  # a view of the pages read (no copy) in a message we make
-    tags: bytes
+    tags: bytes  # the MAC of each protected page, in order
+
+    @property
+    def bulk(self) -> int:
+        return PAGE_SIZE * (len(self.kinds) - self.kinds.count(0))  # bytes.count: C speed
 
 
 @dataclass(frozen=True, repr=False)
 class Stream(Body):
-    """The next bytes of a stream backend's own migration stream (proto 7.7)."""
+    """The next ``length`` bytes of a stream backend's own migration stream
+    (proto 7.7), which follow in data records."""
 
     TYPE = "STREAM"
-    SCHEMA = {"data": B(MAX_BLOB)}
-    data: bytes
+    SCHEMA = {"length": U(MAX_BULK)}
+    length: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.length == 0:
+            raise LocalProtocolError(ErrorCode.MALFORMED, "STREAM: a length of at least 1")
+
+    @property
+    def bulk(self) -> int:
+        return self.length
 
 
 @dataclass(frozen=True, repr=False)
@@ -289,7 +316,7 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise RemoteProtocolError(ErrorCode.MALFORMED, "msgpack ext types are not allowed")
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes | bytearray | memoryview) -> Message:
     """Strict decode of one message; any deviation is a RemoteProtocolError."""
     if len(data) > MAX_PLAINTEXT:
         raise RemoteProtocolError(ErrorCode.OVERSIZE, "message larger than a record")

@@ -1,9 +1,10 @@
-"""The PAGES codec (proto/PROTOCOL.md 6): parallel little-endian arrays and page data.
+"""The PAGES codec (proto/PROTOCOL.md 6): parallel little-endian arrays, then page data.
 
 ``gfns`` and ``vers`` are u64le each, whatever the host's byte order;
 ``kinds`` one byte each (0 zero page, 1 normal page, 2 protected page as
-ciphertext); ``data`` the 4096-byte pages of kinds 1 and 2 in order;
-``tags`` the 16-byte MAC of each protected page, in order.
+ciphertext); ``tags`` the 16-byte MAC of each protected page, in order.  The
+4096-byte pages of kinds 1 and 2 follow, in order, in the data records
+(DATA_RECORD bytes, 15 pages, each but the last).
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import numpy as np
 import numpy.typing as npt
 
 from palm_net.wire.errors import ErrorCode, RemoteProtocolError
-from palm_net.wire.messages import PAGE_SIZE, Pages
+from palm_net.wire.messages import DATA_RECORD, PAGE_SIZE, Pages
 
 KIND_ZERO = 0
 KIND_NORMAL = 1
 KIND_PROTECTED = 2
 TAG_LEN = 16
 ENTRY_BYTES = 8 + 1 + 8  # gfn, kind, version in a PAGES message
+PAGES_PER_RECORD = DATA_RECORD // PAGE_SIZE
 U64LE = np.dtype("<u8")  # whatever the host's byte order
 
 Gfns = npt.NDArray[np.uint64]
+Buffer = bytes | bytearray | memoryview
 
 
 def u64le(values: Gfns) -> bytes:
@@ -42,31 +45,68 @@ class PageBatch:
     gfns: Gfns
     kinds: bytes
     vers: Gfns
-    data: bytes | memoryview  # the pages of kinds 1 and 2, in order
+    data: Buffer | list[Buffer]  # the pages of kinds 1 and 2, in order: one buffer, or parts of whole pages
     tags: bytes = b""  # the MAC of each protected page, in order
 
     def __len__(self) -> int:
         return len(self.gfns)
 
     def message(self, round_no: int) -> Pages:
-        return Pages(round_no, u64le(self.gfns), self.kinds, u64le(self.vers), self.data, self.tags)
+        return Pages(round_no, u64le(self.gfns), self.kinds, u64le(self.vers), self.tags)
 
 
-def unpack(p: Pages) -> PageBatch:
-    """A PAGES message's arrays, checked against each other (RemoteProtocolError)."""
-    n = len(p.kinds)
-    if n == 0 or len(p.gfns) != 8 * n or len(p.vers) != 8 * n:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES arrays disagree in length")
-    kinds = np.frombuffer(p.kinds, dtype=np.uint8)
-    protected = int(np.count_nonzero(kinds == KIND_PROTECTED))
-    zero = int(np.count_nonzero(kinds == KIND_ZERO))
-    if int(np.count_nonzero(kinds == KIND_NORMAL)) + protected != n - zero:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "unknown page kind")
-    if len(p.data) != (n - zero) * PAGE_SIZE:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES data length disagrees with its kinds")
-    if len(p.tags) != TAG_LEN * protected:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES tags disagree with its protected pages")
-    gfns = from_u64le(p.gfns)
-    if np.unique(gfns).size != n:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "a gfn appears twice in one PAGES message")
-    return PageBatch(gfns, p.kinds, from_u64le(p.vers), p.data, p.tags)
+class IncomingPages:
+    """A PAGES message at the receiver, checked (RemoteProtocolError), gathering its
+    data records: ``zero()`` is the batch of its zero pages; ``add(data)`` takes the
+    next data record, and ``take()`` the batch of the data pages added since the
+    last take (their data: the records, in order, each a whole number of pages)."""
+
+    def __init__(self, p: Pages) -> None:
+        n = len(p.kinds)
+        if n == 0 or len(p.gfns) != 8 * n or len(p.vers) != 8 * n:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES arrays disagree in length")
+        kinds = np.frombuffer(p.kinds, dtype=np.uint8)
+        if int(np.count_nonzero(kinds > KIND_PROTECTED)):
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "unknown page kind")
+        protected = kinds == KIND_PROTECTED
+        if len(p.tags) != TAG_LEN * int(np.count_nonzero(protected)):
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES tags disagree with its protected pages")
+        self.gfns = from_u64le(p.gfns)
+        # The source sends each message's gfns in ascending order: checking that
+        # is cheaper than finding duplicates, and rules them out.
+        if n > 1 and not bool((self.gfns[1:] > self.gfns[:-1]).all()):
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES gfns are not in ascending order")
+        self.vers = from_u64le(p.vers)
+        self.round = p.round
+        self._zero = kinds == KIND_ZERO
+        has_data = ~self._zero
+        self._gfns, self._vers, self._kinds = self.gfns[has_data], self.vers[has_data], kinds[has_data]
+        self._tags = p.tags
+        self._parts: list[Buffer] = []
+        self._rows = 0  # data pages in _parts
+        self._taken = 0  # data pages taken before them
+
+    def __len__(self) -> int:
+        return len(self.gfns)
+
+    def zero(self) -> PageBatch | None:
+        if not self._zero.any():
+            return None
+        g = self.gfns[self._zero]
+        return PageBatch(g, bytes(len(g)), self.vers[self._zero], b"", b"")
+
+    def add(self, data: Buffer) -> None:
+        self._parts.append(data)
+        self._rows += len(data) // PAGE_SIZE
+
+    def take(self) -> PageBatch | None:
+        if not self._parts:
+            return None
+        a, b = self._taken, self._taken + self._rows
+        kinds = self._kinds[a:b]
+        t0 = int(np.count_nonzero(self._kinds[:a] == KIND_PROTECTED))
+        t1 = t0 + int(np.count_nonzero(kinds == KIND_PROTECTED))
+        batch = PageBatch(self._gfns[a:b], kinds.tobytes(), self._vers[a:b], self._parts,
+                          self._tags[t0 * TAG_LEN : t1 * TAG_LEN])
+        self._parts, self._rows, self._taken = [], 0, b
+        return batch

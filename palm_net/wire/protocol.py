@@ -1,7 +1,9 @@
 """The session state machine (sans-IO), in the manner of h11's _state.py.
 
 One ``SessionProtocol`` object lives at each end of a session and sees every
-message in both directions.  A message is allowed only if the table below has
+record in both directions: messages, and the data records that follow a
+PAGES or STREAM message (``Data`` events, by position: the bulk the message
+announced, DATA_RECORD bytes a record until the last).  A message is allowed only if the table below has
 an entry for (current state, sender role, message class); the entry gives the
 next state.  Sequence numbers count up by one per direction from 0, and the
 migration id is fixed by the first message: replayed, reordered, foreign or
@@ -12,10 +14,12 @@ LocalProtocolErrors).  proto/PROTOCOL.md 6.1 is this table.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from palm_net.wire import messages
 from palm_net.wire.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 from palm_net.wire.messages import (
+    DATA_RECORD,
     Abort,
     Accept,
     Begin,
@@ -94,6 +98,29 @@ STREAM_ONLY: frozenset[type[Body]] = frozenset({Stream, StreamEnd})
 CLEAR_ALLOWED: frozenset[type[Body]] = frozenset({Pages, Stream})
 
 
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, repr=False)
+class Data:
+    """A data record: the next bytes of the bulk its PAGES or STREAM message announced."""
+
+    data: Buffer
+    index: int  # 0, 1, ... within the message's data records
+    last: bool
+
+    def __repr__(self) -> str:
+        return f"Data(index={self.index}, {len(self.data)} bytes, last={self.last})"
+
+
+class _Bulk:
+    __slots__ = ("due", "index")
+
+    def __init__(self) -> None:
+        self.due = 0
+        self.index = 0
+
+
 class SessionProtocol:
     def __init__(self, role: Role, mid: bytes | None = None, recovery: bool = False) -> None:
         """``recovery``: a RECOVERY session (QUERY and OUTCOME only), else a MIGRATION session."""
@@ -101,6 +128,8 @@ class SessionProtocol:
         self.state = State.RECOVERY if recovery else State.IDLE
         self.mid = mid
         self._next_seq = {S: 0, D: 0}
+        # Per sender: bulk bytes still to come in data records, and the next one's index.
+        self._bulk = {S: _Bulk(), D: _Bulk()}
         self._context_parts = 0
         self.stream: bool | None = None  # set by BEGIN: a stream backend
 
@@ -152,12 +181,32 @@ class SessionProtocol:
             raise PalmError(ErrorCode.OUT_OF_STATE, "COMPLETE before the protected-context blob")
         self.stream, self._context_parts = stream, parts
         self._next_seq[sender] = expected + 1
+        self._bulk[sender].due, self._bulk[sender].index = body.bulk, 0
         self.state = nxt
+
+    @staticmethod
+    def _data(bulk: _Bulk, size: int) -> tuple[int, bool]:
+        """A data record of ``size`` bytes: its index and whether it is the last."""
+        due = bulk.due
+        if due == 0:
+            raise PalmError(ErrorCode.OUT_OF_STATE, "a data record without a message announcing it")
+        if size != min(DATA_RECORD, due):
+            raise PalmError(ErrorCode.MALFORMED, f"a data record of {size} bytes, {min(DATA_RECORD, due)} due")
+        index = bulk.index
+        bulk.due, bulk.index = due - size, index + 1
+        return index, due == size
+
+    @property
+    def data_due(self) -> bool:
+        """Data records must come next from the peer (not a message)."""
+        return self._bulk[self.peer_role].due > 0
 
     def send(self, body: Body) -> bytes:
         """Checks and encodes our next message (LocalProtocolError if we may not send it)."""
         if self.mid is None:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "no migration id set")
+        if self._bulk[self.role].due:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "the data records of the last message are due")
         msg = Message(self.mid, self._next_seq[self.role], body)
         try:
             self._advance(self.role, msg)
@@ -165,11 +214,37 @@ class SessionProtocol:
             raise LocalProtocolError(exc.code, exc.detail) from None
         return messages.encode(msg)
 
-    def can_send(self, cls: type[Body]) -> bool:
-        return (self.state, self.role, cls) in TRANSITIONS
+    def send_data(self, data: Buffer) -> list[memoryview]:
+        """The whole bulk the last message announced, as the plaintexts of its data records."""
+        view = memoryview(data).cast("B")
+        bulk = self._bulk[self.role]
+        if len(view) != bulk.due:
+            raise LocalProtocolError(ErrorCode.MALFORMED, f"{len(view)} bytes of data, {bulk.due} due")
+        parts = [view[i : i + DATA_RECORD] for i in range(0, len(view), DATA_RECORD)]
+        for part in parts:
+            self._data(bulk, len(part))
+        return parts
 
-    def receive(self, data: bytes, authenticated: bool = True) -> Message:
-        """Decodes and checks the peer's next message (``authenticated``: it came sealed)."""
+    def can_send(self, cls: type[Body]) -> bool:
+        return (self.state, self.role, cls) in TRANSITIONS and not self._bulk[self.role].due
+
+    def receive_message(self, data: Buffer, authenticated: bool = True) -> Message:
+        """As ``receive``, where a message must come (the destination sends no data)."""
+        ev = self.receive(data, authenticated)
+        if not isinstance(ev, Message):
+            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "a data record where a message was due")
+        return ev
+
+    def receive(self, data: Buffer, authenticated: bool = True) -> Message | Data:
+        """The peer's next record, checked: a message (decoded), or a data record
+        (``authenticated``: it came sealed)."""
+        bulk = self._bulk[self.peer_role]
+        if bulk.due:
+            try:
+                index, last = self._data(bulk, len(data))
+            except PalmError as exc:
+                raise RemoteProtocolError(exc.code, exc.detail) from None
+            return Data(data, index, last)  # only PAGES and STREAM have data: CLEAR_ALLOWED
         msg = messages.decode(data)
         if not authenticated and type(msg.body) not in CLEAR_ALLOWED:
             raise RemoteProtocolError(ErrorCode.UNAUTHENTICATED, f"{msg.type} arrived in a clear record")
