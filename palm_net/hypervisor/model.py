@@ -653,8 +653,9 @@ class ModelVM(ConfiguredVM):
         """The page records of gfns[start:...] through the untrusted view: at most
         MAX_PAGES_PER_MESSAGE pages, of which at most ``len(out)`` carry data (copied
         into ``out``, pages of 4096 bytes, or a view of guest memory for a run of
-        normal pages); and the index of the first gfn not included.  Whole batches at once (numpy), no loop per page but for
-        protected pages still in their process's view."""
+        normal pages); and the index of the first gfn not included.  Whole batches
+        at once (numpy), no loop per page but for protected pages still in their
+        process's view."""
         a = self.arrays
         cand = gfns[start : start + MAX_PAGES_PER_MESSAGE]
         if len(cand) == 0:
