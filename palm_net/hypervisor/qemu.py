@@ -602,6 +602,11 @@ class QemuVM(ConfiguredVM):
     def info(self) -> VmInfo:
         return VmInfo(self.name, self.vm_id, self.spec.memory_mib * MIB // PAGE_SIZE, self.spec.vcpus, 0, 0)
 
+    def migration_progress(self) -> dict[str, Any]:
+        """QEMU's query-migrate while it migrates, for a progress display (a short
+        wait: QmpError if QMP is busy, e.g. waiting for the end of the migration)."""
+        return dict(self._q().execute("query-migrate", timeout=0.5))
+
     def qemu_status(self, timeout: float = QMP_TIMEOUT) -> str:
         return str(self._q().execute("query-status", timeout=timeout)["status"])
 
