@@ -91,6 +91,7 @@ class ProgressView:
         self._live: Any = None
         self._console: Any = None
         self._last_plain = 0.0
+        self._pending_note: str | None = None
         self.migration_id: str | None = None
 
     @classmethod
@@ -101,11 +102,12 @@ class ProgressView:
 
     def started(self, ev: dict[str, Any]) -> None:
         self.migration_id = ev.get("migration_id")
-        if self.mode == "off":
-            return
-        note = (f"migrating {ev.get('vm')} to {ev.get('to')}: migration {self.migration_id}"
-                + (" (Ctrl-C cancels it)" if self.mode == "live" else ""))
-        self.note(note)
+        note = f"migrating {ev.get('vm')} to {ev.get('to')}: migration {self.migration_id}"
+        if self.mode == "live":
+            self.note(note + " (Ctrl-C cancels it)")
+        elif self.mode == "plain":  # with the first progress line, a second in (a quick refusal stays one line)
+            self._pending_note = note
+            self._last_plain = time.monotonic()
 
     def note(self, text: str) -> None:
         """A line above the live display (it stays)."""
@@ -128,6 +130,9 @@ class ProgressView:
             now = time.monotonic()
             if now - self._last_plain >= 1.0:
                 self._last_plain = now
+                if self._pending_note:
+                    self.note(self._pending_note)
+                    self._pending_note = None
                 self.out.write(f"palm: {self.label}{', '.join(t for _, t in segments(v))}\n")
                 self.out.flush()
             return

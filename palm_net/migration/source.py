@@ -217,6 +217,7 @@ class SourceEngine:
             "setup_ms": info.get("setup-time"), "rounds": ram.get("dirty-sync-count"),
             "transferred": ram.get("transferred"), "duplicate_pages": ram.get("duplicate"),
             "normal_pages": ram.get("normal"), "mbps": ram.get("mbps"), "stream_bytes": self.stream_bytes,
+            "digest_excluded": info.get("palm-digest-excluded") or [],  # kvmclock areas (proto 7.7)
         }
         st.zero_pages = int(ram.get("duplicate") or 0)
         st.normal_pages = int(ram.get("normal") or 0)
