@@ -328,16 +328,28 @@ async def test_default_guest_digest_leaves_out_exactly_the_kvmclock_areas(cluste
 
 
 def test_kvmclock_areas_refuse_what_is_not_qemus_layout():
+    """The parser trusts the stream's end only if every section lies exactly where QEMU's
+    own description of it says (header, subsections, footer, then EOF)."""
+    import json
+
     from palm_net.hypervisor.qemu import kvmclock_areas
 
     assert kvmclock_areas(b"") is None
     assert kvmclock_areas(b"\x00\x06\x00\x00\x00\x02{}") is None  # no devices
-    desc = b'{"devices": [{"name": "cpu", "instance_id": 0, "version": 12, "fields": [{"name": "env.system_time_msr", "type": "uint64", "size": 8}]}]}'
-    good_section = b"\x04\x00\x00\x00\x03\x03cpu\x00\x00\x00\x00\x00\x00\x00\x0c" + (0xE8C21).to_bytes(8, "big") \
-        + b"\x7e\x00\x00\x00\x03"
-    tail = b"RAM..." + good_section + b"\x00\x06" + len(desc).to_bytes(4, "big") + desc
-    assert kvmclock_areas(tail) == [(0xE8C20, 32, "kvmclock of vCPU 0")]
-    bad = tail.replace(b"\x03cpu\x00\x00\x00\x00\x00\x00\x00\x0c", b"\x03cpu\x00\x00\x00\x00\x00\x00\x00\x0b")
-    assert kvmclock_areas(bad) is None  # the version disagrees with the description: nothing trusted
-    off = good_section.replace(b"\x7e", b"\x7f")
-    assert kvmclock_areas(tail.replace(good_section, off)) is None
+    cpu = {"name": "cpu", "instance_id": 0, "version": 12,
+           "fields": [{"name": "env.regs", "array_len": 2, "type": "uint64", "size": 8},
+                      {"name": "env.system_time_msr", "type": "uint64", "size": 8},
+                      {"name": "env.wall_clock_msr", "type": "uint64", "size": 8}],
+           "subsections": [{"vmsd_name": "cpu/tsc_khz", "version": 1,
+                            "fields": [{"name": "env.tsc_khz", "type": "int64", "size": 8}]}]}
+    desc = json.dumps({"page_size": 4096, "devices": [cpu]}).encode()
+    section = (b"\x04\x00\x00\x00\x03\x03cpu\x00\x00\x00\x00\x00\x00\x00\x0c" + bytes(16)
+               + (0xE8C21).to_bytes(8, "big") + (0x9000).to_bytes(8, "big")
+               + b"\x05\x0bcpu/tsc_khz\x00\x00\x00\x01" + bytes(8) + b"\x7e\x00\x00\x00\x03")
+    tail = b"RAM..." + section + b"\x00\x06" + len(desc).to_bytes(4, "big") + desc
+    assert kvmclock_areas(tail) == [(0x9000, 12, "kvmclock wall clock"), (0xE8C20, 32, "kvmclock of vCPU 0")]
+    assert kvmclock_areas(tail.replace(b"\x0c" + bytes(16), b"\x0b" + bytes(16))) is None  # another version
+    assert kvmclock_areas(tail.replace(b"\x7e", b"\x7f")) is None  # no footer where it must be
+    assert kvmclock_areas(tail[:-1]) is None  # the description cut short
+    off = (0xE8C20).to_bytes(8, "big")  # the enable bit clear: the guest does not use it
+    assert kvmclock_areas(tail.replace((0xE8C21).to_bytes(8, "big"), off)) == [(0x9000, 12, "kvmclock wall clock")]

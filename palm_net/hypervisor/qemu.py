@@ -166,7 +166,7 @@ def _fields_size(desc: dict[str, Any]) -> int:
 
 
 def _subsections_size(desc: dict[str, Any]) -> int:
-    return sum(3 + len(str(s["vmsd_name"]).encode()) + 4 + _fields_size(s) + _subsections_size(s)
+    return sum(2 + len(str(s["vmsd_name"]).encode()) + 4 + _fields_size(s) + _subsections_size(s)
                for s in desc.get("subsections", []))
 
 
