@@ -430,7 +430,8 @@ def _interrupted(a: argparse.Namespace, control: str, mid: str | None) -> int:
         try:
             control_request(control, "migrate.cancel", {"id": mid}, timeout=10)
         except CliError as exc:
-            print(f"palm: {exc}", file=sys.stderr)  # e.g. past the handoff point: it completes
+            if "handoff" in str(exc):  # past the handoff point: it completes (else: already cancelled)
+                print(f"palm: {exc}", file=sys.stderr)
         row: dict[str, Any] = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -502,7 +503,8 @@ def _version() -> str:
 def _complete_vms(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
     """Shell completion of VM names: asks the agent the command would talk to."""
     try:
-        vms = control_request(_control(parsed_args), "vm.list", {}, timeout=2)
+        control = getattr(parsed_args, "control", None) or default_control()
+        vms = control_request(control, "vm.list", {}, timeout=2)
     except Exception:  # completion must never fail loudly
         return []
     return [v["name"] for v in vms if str(v["name"]).startswith(prefix)]

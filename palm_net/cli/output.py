@@ -28,9 +28,14 @@ class CliError(Exception):
 def control_request(path: str, op: str, args: dict[str, Any],
                     on_event: Callable[[dict[str, Any]], None] | None = None, timeout: float = 3600) -> Any:
     """The agent's control API (palm_net.agent.client), its refusals as CliError."""
+    from pathlib import Path
+
     from palm_net.agent.client import ControlError
     from palm_net.agent.client import control_request as request
 
+    if not Path(path).exists():
+        raise CliError(f"no agent at {path} (is `palm agent` running? give its socket with --control or "
+                       "$PALM_CONTROL)")
     try:
         return request(path, op, args, on_event, timeout)
     except ControlError as exc:

@@ -102,9 +102,9 @@ class ProgressView:
 
     def started(self, ev: dict[str, Any]) -> None:
         self.migration_id = ev.get("migration_id")
-        note = f"migrating {ev.get('vm')} to {ev.get('to')}: migration {self.migration_id}"
+        note = f"migration {self.migration_id}: {ev.get('vm')} to {ev.get('to')}"
         if self.mode == "live":
-            self.note(note + " (Ctrl-C cancels it)")
+            self.note(note + " (Ctrl-C cancels)")
         elif self.mode == "plain":  # with the first progress line, a second in (a quick refusal stays one line)
             self._pending_note = note
             self._last_plain = time.monotonic()
@@ -113,8 +113,8 @@ class ProgressView:
         """A line above the live display (it stays)."""
         if self.mode == "off":
             return
-        if self._live is not None:
-            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+        if self.mode == "live":
+            self._terminal().print(text, markup=False, highlight=False)  # wrapped at words, above the line
         else:
             self.out.write(f"palm: {text}\n" if self.mode == "plain" else text + "\n")
             self.out.flush()
@@ -133,21 +133,26 @@ class ProgressView:
                 if self._pending_note:
                     self.note(self._pending_note)
                     self._pending_note = None
-                self.out.write(f"palm: {self.label}{', '.join(t for _, t in segments(v))}\n")
+                self.out.write(f"palm: {self.label}{', '.join(t.strip() for _, t in segments(v))}\n")
                 self.out.flush()
             return
         from rich.text import Text
 
         if self._live is None:
-            from rich.console import Console
             from rich.live import Live
 
-            self._console = Console(file=self.out, highlight=False)
-            self._live = Live(console=self._console, auto_refresh=False, transient=True,
+            self._live = Live(console=self._terminal(), auto_refresh=False, transient=True,
                               redirect_stdout=False, redirect_stderr=False)
             self._live.start()
-        width = self._console.size.width
+        width = self._terminal().size.width
         self._live.update(Text(line(v, width), no_wrap=True, overflow="crop"), refresh=True)
+
+    def _terminal(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.out, highlight=False)
+        return self._console
 
     def close(self) -> None:
         if self._live is not None:

@@ -541,7 +541,12 @@ class QemuVM(ConfiguredVM):
             "local_args": local, "state": "running", "policy": policy, "migration": None, "pid": None,
         }
         vm = cls._new(vm_dir, run_parent, confine or Confinement.for_agent(), config)
-        vm._start(incoming=False)
+        try:
+            vm._start(incoming=False)
+        except BaseException:  # whatever failed, nothing of the VM stays behind
+            shutil.rmtree(vm.dir, ignore_errors=True)
+            shutil.rmtree(vm.run_dir, ignore_errors=True)
+            raise
         return vm
 
     @classmethod
