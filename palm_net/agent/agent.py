@@ -17,6 +17,7 @@ defaults are in palm_net.agent.paths.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass, field
@@ -235,8 +236,15 @@ class Agent:
     async def _connect(self, addr: str, purpose: Purpose, mode: TransportMode = TransportMode.SECURE,
                        cipher: CipherName | None = None) -> SecureChannel:
         host, port = parse_hostport(addr)
-        with trio.fail_after(self.cfg.handshake_timeout):
-            stream = await trio.open_tcp_stream(host, port)
+        try:
+            with trio.fail_after(self.cfg.handshake_timeout):
+                stream = await trio.open_tcp_stream(host, port)
+        except trio.TooSlowError:
+            raise OSError(errno.ETIMEDOUT, f"no answer within {self.cfg.handshake_timeout:g} s") from None
+        except OSError as exc:  # trio's "all attempts failed": say why the first one did
+            causes = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else ()
+            why = next((os.strerror(e.errno) for e in causes if isinstance(e, OSError) and e.errno), None)
+            raise OSError(exc.errno, why or exc.strerror or str(exc)) from None
         try:
             return await connect(stream, self.channel_config, purpose=purpose, mode=mode, cipher=cipher)
         except BaseException:

@@ -199,25 +199,27 @@ class OutgoingService:
             out.append({"migration_id": row.mid.hex(), "role": row.role.value, "vm": row.vm, "peer": row.peer.name,
                         "state": row.state.value, "in_flight": in_flight,
                         "error": row.error, "started": row.created, "updated": row.updated, "stats": stats,
-                        **_figures(stats, (now if in_flight else row.updated) - row.created)})
+                        **_figures(stats, (now if in_flight else row.updated) - row.created, in_flight)})
         known = {row.mid for row in rows}
         for lm in self.live.values():
             if lm.mid in known or lm.result is None:
                 continue
-            stats = lm.stats.as_dict()
-            out.append({"migration_id": lm.mid.hex(), "role": "source", "vm": lm.vm, "peer": lm.result.peer or lm.peer,
-                        "state": lm.result.status, "in_flight": False, "error": lm.result.error,
-                        "started": lm.started, "updated": lm.started + lm.stats.total_time, "stats": stats,
-                        **_figures(stats, lm.stats.total_time)})
+            res = lm.result
+            stats = res.stats.as_dict()
+            out.append({"migration_id": lm.mid.hex(), "role": "source", "vm": lm.vm, "peer": res.peer or lm.peer,
+                        "state": res.status, "in_flight": False, "error": res.error,
+                        "started": lm.started, "updated": lm.started + res.stats.total_time, "stats": stats,
+                        **_figures(stats, res.stats.total_time, False)})
         out.sort(key=lambda m: -float(m["started"]))
         return out[:50]
 
 
-def _figures(stats: dict[str, Any] | None, elapsed: float) -> dict[str, Any]:
+def _figures(stats: dict[str, Any] | None, elapsed: float, in_flight: bool) -> dict[str, Any]:
     """A migrations row's figures with the keys and units of a migration result (ms, bytes)."""
     st = stats or {}
     down = st.get("downtime")
-    return {"elapsed_ms": round(max(0.0, elapsed) * 1000, 1),
+    ms = round(max(0.0, elapsed) * 1000, 1)
+    return {"elapsed_ms": ms, "total_ms": None if in_flight else ms,
             "downtime_ms": round(down * 1000, 1) if down is not None else None,
             "bytes": st.get("transferred"),
             "remaining_pages": st.get("remaining") if st.get("phase") in ("round", "stop-and-copy") else None}

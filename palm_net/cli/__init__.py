@@ -310,7 +310,7 @@ def cmd_vm(a: argparse.Namespace) -> int:
             [["NAME", "BACKEND", "STATE", "MEMORY", "PROTECTED", "WORKLOAD"]]
             + [[v["name"], v["backend"], v["state"], format_bytes(v["memory"]),
                 format_bytes(v["protected_pages"] * 4096) if v["protected_pages"] else "-",
-                v["workload"]] for v in r]) or "no VMs")
+                v["workload"]] for v in r]) if r else "no VMs")
         return 0
     req: dict[str, Any] = {"name": a.name}
     if op == "digest" and a.range:
@@ -512,8 +512,8 @@ def _complete_vms(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> lis
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        """Bad usage is one line too, with where to look."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

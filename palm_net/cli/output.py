@@ -75,8 +75,20 @@ def _ms(v: float | None) -> str:
 
 
 def _labelled(pairs: list[tuple[str, str]], indent: str = "  ") -> list[str]:
+    """label  value, the values aligned; on a terminal a long value wraps under itself."""
+    import shutil
+    import textwrap
+
     width = max((len(k) for k, _ in pairs), default=0)
-    return [f"{indent}{k.ljust(width)}  {v}" for k, v in pairs]
+    cols = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+    out = []
+    for k, v in pairs:
+        head = f"{indent}{k.ljust(width)}  "
+        if cols and len(head) + len(v) > cols - 1 and cols - 1 - len(head) >= 30:
+            out.append(textwrap.fill(v, cols - 1, initial_indent=head, subsequent_indent=" " * len(head)))
+        else:
+            out.append(head + v)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -108,6 +120,8 @@ def migrate_summary(r: dict[str, Any]) -> str:
                                            f"{_ms(wait)} from COMPLETE to READY; {ctx})"))
     else:
         pairs.append(("downtime", f"{_ms(r.get('downtime_ms'))}  ({ctx})" if ctx else _ms(r.get("downtime_ms"))))
+        if wait is not None:
+            pairs.append(("  of which", f"{_ms(wait)} the destination's checks (COMPLETE to READY)"))
     pairs.append(("setup", _ms(r.get("setup_ms"))))
     hv = r.get("hypervisor")
     if hv:
@@ -138,8 +152,19 @@ def migrate_summary(r: dict[str, Any]) -> str:
         lines += ["  " + ln for ln in _fmt_table(rows).splitlines()]
     warning = downtime_warning(r)
     if warning:
-        lines.append(f"  WARNING: {warning}")
+        lines.append(_wrap(f"WARNING: {warning}", "  "))
     return "\n".join(lines)
+
+
+def _wrap(text: str, indent: str) -> str:
+    """Long prose wrapped at words for a terminal (as it is, for a file or a pipe)."""
+    import shutil
+    import textwrap
+
+    if not sys.stdout.isatty():
+        return indent + text
+    width = max(40, min(100, shutil.get_terminal_size().columns))
+    return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + "  ")
 
 
 def downtime_warning(r: dict[str, Any]) -> str | None:
@@ -152,7 +177,9 @@ def downtime_warning(r: dict[str, Any]) -> str | None:
     if r.get("digest") and r.get("stop_reason") in (None, "converged"):
         reason = "the memory digest check runs inside the pause"
     elif not reason and r.get("stop_reason") == "converged":
-        reason = "the last copy took longer than expected"
+        wait = r.get("ready_wait_ms")
+        checks = f" and the destination's checks before READY took {_ms(wait)}" if wait is not None else ""
+        reason = f"the last pages were expected to take {_ms(r.get('expected_downtime_ms'))}{checks}"
     policy = " and paused anyway (--downtime-policy pause; abort, continue or throttle choose otherwise)" \
         if r.get("stop_reason") in ("max-rounds", "max-factor", "max-throttle") else ""
     return (f"downtime {_ms(r.get('downtime_ms'))} was above the {_ms(r.get('downtime_limit_ms'))} limit: "
@@ -167,7 +194,8 @@ def _failure_figures(r: dict[str, Any]) -> str:
         pairs.append(("after", _ms(r["total_ms"])))
     if r.get("bytes"):
         rounds = len(r.get("round_stats") or [])
-        pairs.append(("sent", format_bytes(r["bytes"]) + (f" in {rounds} complete rounds" if rounds else "")))
+        done = f" in {rounds} complete round{'s' if rounds > 1 else ''}" if rounds else ""
+        pairs.append(("sent", format_bytes(r["bytes"]) + done))
     if r.get("migration_id"):
         pairs.append(("migration", r["migration_id"]))
     return "\n".join(_labelled(pairs))
@@ -202,14 +230,16 @@ def _when(ts: float | None) -> str:
 def migrations_text(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no migrations"
-    table = [["ID", "ROLE", "VM", "PEER", "STATE", "STARTED", "ELAPSED", "DOWNTIME", "SENT", "LEFT"]]
+    flying = any(m["in_flight"] for m in rows)
+    table = [["ID", "DIR", "VM", "PEER", "STATE", "STARTED", "TIME", "DOWN", "SENT"]
+             + (["LEFT"] if flying else [])]
     for m in rows:
         left = m.get("remaining_pages")
-        table.append([m["migration_id"][:12], m["role"], m["vm"], m["peer"],
+        table.append([m["migration_id"][:8], "out" if m["role"] == "source" else "in", m["vm"], m["peer"],
                       m["state"] + (" *" if m["in_flight"] else ""), _when(m.get("started")),
                       _ms(m.get("elapsed_ms")), _ms(m.get("downtime_ms")),
-                      format_bytes(m["bytes"]) if m.get("bytes") else "-",
-                      format_bytes(left * 4096) if m["in_flight"] and left else "-"])
+                      format_bytes(m["bytes"]) if m.get("bytes") else "-"]
+                     + ([format_bytes(left * 4096) if m["in_flight"] and left else "-"] if flying else []))
     out = _fmt_table(table)
     lines = out.splitlines()
     # Each error in full, under its row.
@@ -218,8 +248,9 @@ def migrations_text(rows: list[dict[str, Any]]) -> str:
         result.append(line)
         if m.get("error"):
             result.append(f"    {safe(m['error'])}")
-    result.append("(* in flight; IDs shortened: `palm migrations --json` has them whole, and --cancel takes a "
-                  "prefix or the VM's name)")
+    result.append(_wrap("DIR: out (this agent is the source) or in; TIME: elapsed; IDs shortened (--json has "
+                        "them whole; --cancel takes a prefix or a VM name)" + ("; * in flight" if flying else ""),
+                        ""))
     return "\n".join(result)
 
 
