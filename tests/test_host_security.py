@@ -148,13 +148,16 @@ async def test_default_memory_directory_is_unpredictable_and_recorded(nursery):
         made = a.memory_dir
         assert made.parent == Path("/dev/shm") and made.name.startswith(f"palm-{os.geteuid()}-")
         assert len(made.name) > len(f"palm-{os.geteuid()}-") + 8
+        a.registry.create_model("keep", 1 << 20)
         await c.stop("a")
-        assert (await c.start("a")).memory_dir == made  # a restart finds its VMs again
+        a = await c.start("a")
+        assert a.memory_dir == made and "keep" in a.vms  # a restart finds its VMs again
+        a.registry.destroy("keep")
         await c.stop("a")
+        assert not made.exists()  # a clean stop with no VM left removes it: nothing stays behind
         # While it was gone (a reboot empties /dev/shm), someone planted the recorded
         # name as a symlink to their directory: not adopted, and no reason to stay
         # down either: a fresh directory, recorded anew.
-        shutil.rmtree(made)
         decoy = Path(tempfile.mkdtemp(dir="/dev/shm"))
         made.symlink_to(decoy)
         again = (await c.start("a")).memory_dir

@@ -291,3 +291,73 @@ async def test_destination_refuses_a_spec_that_disagrees_with_begin(cluster):
     await ch.aclose()
     assert reply.type == "ABORT" and reply.body.code == "backend"
     assert "big" not in b.vms and b.incoming.admission.sessions == 0
+
+
+# --------------------------------------------------------------------------
+# --verify-digest on a guest with the defaults (KVM, SeaBIOS, kvmclock)
+
+
+async def test_default_guest_digest_leaves_out_exactly_the_kvmclock_areas(cluster, monkeypatch):
+    """A guest started with the defaults uses kvmclock under KVM; the destination's
+    kernel rewrites its pvclock structures when QEMU loads the CPU state.  Both
+    agents find those structures in the stream's CPU state and leave exactly
+    them out: the check passes, and RAM is byte-equal everywhere else."""
+    a, b = cluster["a"], cluster["b"]
+    seen: list[tuple[str, bytes, list[tuple[int, int, str]]]] = []
+    digest = QemuVM.digest
+
+    def spy(self, ranges=None):
+        if ranges is None:  # the migration's digests, both sides, while paused
+            seen.append((self.dir.parent.name, (self.dir / "guest.ram").read_bytes(), list(self.digest_excluded)))
+        return digest(self, ranges)
+
+    monkeypatch.setattr(QemuVM, "digest", spy)
+    vm = a.registry.create_qemu("q" + uuid.uuid4().hex[:10], MEM, [])  # no -cpu: kvmclock as QEMU defaults it
+    await trio.sleep(1.5)  # SeaBIOS turns kvmclock on after about half a second
+    res = await a.outgoing.migrate(vm.name, cluster.addr("b"), MigrationParams(verify_digest=True))
+    assert res.ok, res.error
+    d = res.as_dict()
+    assert d["digest_verified"]
+    (src, src_ram, src_excl), (dst, dst_ram, dst_excl) = sorted(seen, key=lambda x: x[0] != a.memory_dir.name)
+    assert src == a.memory_dir.name and dst == b.memory_dir.name
+    assert src_excl == dst_excl and len(src_ram) == len(dst_ram) == MEM
+    diff = [i for i in range(0, MEM, 4096) if src_ram[i : i + 4096] != dst_ram[i : i + 4096]]
+    holes = [(addr, addr + size) for addr, size, _ in src_excl]  # below 3.5 GiB: the RAM file's offsets
+    for page in diff:
+        for i in range(page, page + 4096):
+            if src_ram[i] != dst_ram[i]:
+                assert any(lo <= i < hi for lo, hi in holes), f"byte {i:#x} differs outside {src_excl}"
+    if vm.spec.accel == "kvm":
+        assert any("kvmclock of vCPU 0" in w for _, _, w in src_excl), src_excl
+        assert d["hypervisor"]["digest_excluded"] == [f"{w} {x:#x}+{n}" for x, n, w in src_excl]
+    else:  # TCG has no kvmclock: nothing left out, RAM equal
+        assert src_excl == [] and diff == []
+    await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams())
+
+
+def test_kvmclock_areas_refuse_what_is_not_qemus_layout():
+    """The parser trusts the stream's end only if every section lies exactly where QEMU's
+    own description of it says (header, subsections, footer, then EOF)."""
+    import json
+
+    from palm_net.hypervisor.qemu import kvmclock_areas
+
+    assert kvmclock_areas(b"") is None
+    assert kvmclock_areas(b"\x00\x06\x00\x00\x00\x02{}") is None  # no devices
+    cpu = {"name": "cpu", "instance_id": 0, "version": 12,
+           "fields": [{"name": "env.regs", "array_len": 2, "type": "uint64", "size": 8},
+                      {"name": "env.system_time_msr", "type": "uint64", "size": 8},
+                      {"name": "env.wall_clock_msr", "type": "uint64", "size": 8}],
+           "subsections": [{"vmsd_name": "cpu/tsc_khz", "version": 1,
+                            "fields": [{"name": "env.tsc_khz", "type": "int64", "size": 8}]}]}
+    desc = json.dumps({"page_size": 4096, "devices": [cpu]}).encode()
+    section = (b"\x04\x00\x00\x00\x03\x03cpu\x00\x00\x00\x00\x00\x00\x00\x0c" + bytes(16)
+               + (0xE8C21).to_bytes(8, "big") + (0x9000).to_bytes(8, "big")
+               + b"\x05\x0bcpu/tsc_khz\x00\x00\x00\x01" + bytes(8) + b"\x7e\x00\x00\x00\x03")
+    tail = b"RAM..." + section + b"\x00\x06" + len(desc).to_bytes(4, "big") + desc
+    assert kvmclock_areas(tail) == [(0x9000, 12, "kvmclock wall clock"), (0xE8C20, 32, "kvmclock of vCPU 0")]
+    assert kvmclock_areas(tail.replace(b"\x0c" + bytes(16), b"\x0b" + bytes(16))) is None  # another version
+    assert kvmclock_areas(tail.replace(b"\x7e", b"\x7f")) is None  # no footer where it must be
+    assert kvmclock_areas(tail[:-1]) is None  # the description cut short
+    off = (0xE8C20).to_bytes(8, "big")  # the enable bit clear: the guest does not use it
+    assert kvmclock_areas(tail.replace((0xE8C21).to_bytes(8, "big"), off)) == [(0x9000, 12, "kvmclock wall clock")]

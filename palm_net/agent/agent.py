@@ -17,6 +17,7 @@ defaults are in palm_net.agent.paths.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from palm_net.channel.handshake import ChannelConfig, Purpose, TransportMode, de
 from palm_net.channel.transport import SecureChannel, connect
 from palm_net.crypto.identity import (
     CERT_FILE,
+    IDENTITY_FILE,
     AgentIdentity,
     AttestationError,
     Certificate,
@@ -46,6 +48,7 @@ from palm_net.crypto.identity import (
 )
 from palm_net.crypto.noise import CipherName
 from palm_net.hostfs import (
+    LOCK_FILE,
     DirLock,
     UnsafePathError,
     create_exclusive,
@@ -142,6 +145,9 @@ class Agent:
                              "(Unix socket paths are short); choose a shorter --run-dir")
         control = cfg.control or default_control(d)
         self.control_path = ensure_dir(control.parent, "control socket directory") / control.name
+        if not (d / IDENTITY_FILE).exists() and not (d / IDENTITY_FILE).is_symlink():
+            raise AgentError(f"no agent identity in {d} (run: palm keygen --dir {d} --name NAME, "
+                             f"then: palm ca issue --ca CA_DIR --agent {d})")
         try:
             self.identity = AgentIdentity.load(d)
             self.authority_pub = load_authority_public(cfg.ca_pub)
@@ -150,7 +156,8 @@ class Agent:
         try:
             self.certificate = Certificate.decode(read_nofollow(d / CERT_FILE, 1 << 16))
         except (OSError, UnsafePathError):
-            raise AgentError(f"no certificate at {d / CERT_FILE} (run: palm ca issue --agent {d})") from None
+            raise AgentError(f"no certificate at {d / CERT_FILE} "
+                             f"(run: palm ca issue --ca CA_DIR --agent {d})") from None
         except AttestationError as exc:
             raise AgentError(f"{d / CERT_FILE}: {exc}") from None
         try:
@@ -229,8 +236,15 @@ class Agent:
     async def _connect(self, addr: str, purpose: Purpose, mode: TransportMode = TransportMode.SECURE,
                        cipher: CipherName | None = None) -> SecureChannel:
         host, port = parse_hostport(addr)
-        with trio.fail_after(self.cfg.handshake_timeout):
-            stream = await trio.open_tcp_stream(host, port)
+        try:
+            with trio.fail_after(self.cfg.handshake_timeout):
+                stream = await trio.open_tcp_stream(host, port)
+        except trio.TooSlowError:
+            raise OSError(errno.ETIMEDOUT, f"no answer within {self.cfg.handshake_timeout:g} s") from None
+        except OSError as exc:  # trio's "all attempts failed": say why the first one did
+            causes = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else ()
+            why = next((os.strerror(e.errno) for e in causes if isinstance(e, OSError) and e.errno), None)
+            raise OSError(exc.errno, why or exc.strerror or str(exc)) from None
         try:
             return await connect(stream, self.channel_config, purpose=purpose, mode=mode, cipher=cipher)
         except BaseException:
@@ -245,7 +259,13 @@ class Agent:
         if not self.incoming.accepting:
             raise AgentError("agent is shutting down")
         mode = TransportMode.PLAIN_BENCHMARK if plain else TransportMode.SECURE
-        return await self._connect(addr, Purpose.MIGRATION, mode, cipher)
+        channel = await self._connect(addr, Purpose.MIGRATION, mode, cipher)
+        if channel.result.peer.static_pub == self.identity.static.public:
+            with trio.move_on_after(1):
+                await channel.aclose()
+            raise AgentError(f"{addr} is this agent ({self.identity.name}): a VM cannot migrate to the agent "
+                             "it runs on")
+        return channel
 
     # -- the service ----------------------------------------------------------
 
@@ -301,8 +321,21 @@ class Agent:
         self.incoming.stop_accepting()
         self.registry.close()
         self.store.close()
+        self._remove_empty_memory_dir()
         self._release_locks()
         log.info("agent stopped", agent=self.identity.name)
+
+    def _remove_empty_memory_dir(self) -> None:
+        """A memory directory the agent made itself and that holds no VM goes at a
+        clean stop (the next start makes a new one); one named by --memory-dir stays."""
+        if self.cfg.memory_dir is not None:
+            return
+        try:
+            if {p.name for p in self.memory_dir.iterdir()} == {LOCK_FILE}:
+                (self.memory_dir / LOCK_FILE).unlink()
+                self.memory_dir.rmdir()
+        except OSError as exc:
+            log.warning("memory directory left in place", dir=str(self.memory_dir), error=exc.strerror)
 
 
 async def run_agent(cfg: AgentConfig) -> None:

@@ -22,11 +22,14 @@ import trio
 from palm_net.agent.client import CONTROL_VERSION
 from palm_net.agent.errors import AgentError
 from palm_net.agent.outgoing import OutgoingService
+from palm_net.agent.progress import ProgressMeter
 from palm_net.agent.registry import VmRegistry
 from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.backend import HypervisorError
+from palm_net.hypervisor.qemu import QemuVM
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.trioutil import single_error
 from palm_net.units import parse_rate, parse_size
 
 
@@ -262,6 +265,7 @@ class ControlServer:
             plain=_arg(args, "plain", bool, False),
             verify_digest=_arg(args, "verify_digest", bool, False),
             reply_timeout=_arg(args, "reply_timeout", float, 30.0),
+            downtime_policy=_arg(args, "downtime_policy", str, "pause"),
         )
         params.validate()
         cipher_name = _arg(args, "cipher", str, None)
@@ -273,26 +277,54 @@ class ControlServer:
             cipher = names[cipher_name.lower()]
             if cipher not in self.agent.ciphers:
                 raise RequestError(f"cipher {cipher_name} is not available on this agent")
+        name, to = _arg(args, "name", str), _arg(args, "to", str)
+        vm = self.agent.outgoing.check(name, to, params)  # refused before anything starts: one line
+        mid = os.urandom(16)
+        meter = ProgressMeter(mid, trio.current_time())
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
-        last = [0.0]
+        last = [-1.0]
+        live: list[dict[str, Any] | None] = [None]  # a QEMU source's own figures, polled
 
         def progress(stats: MigrationStats) -> None:
             now = trio.current_time()
             if now - last[0] >= 0.2:  # at most 5 updates a second
                 last[0] = now
                 with contextlib.suppress(trio.WouldBlock):
-                    send.send_nowait(stats.as_dict())
+                    send.send_nowait({"migration_id": mid.hex(), "view": meter.view(stats, now, live[0]),
+                                      "stats": stats.as_dict()})
 
         async def forward() -> None:
-            async for stats in recv:
+            async for event in recv:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._reply(stream, {"event": "progress", "stats": stats})
+                    await self._reply(stream, {"event": "progress", **event})
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(forward)
-            result = await self.agent.outgoing.migrate(_arg(args, "name", str), _arg(args, "to", str), params,
-                                                       cipher, progress)
-            send.close()
+        async def poll_qemu(qvm: QemuVM) -> None:
+            while True:
+                with contextlib.suppress(HypervisorError):
+                    live[0] = await trio.to_thread.run_sync(qvm.migration_progress)
+                await trio.sleep(0.5)
+
+        async def watch_client() -> None:
+            """The operator's `palm migrate` owns the job: if it goes away (Ctrl-C twice,
+            a closed terminal), the migration is cancelled, as virsh aborts its job."""
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while await stream.receive_some(4096):
+                    pass
+            with contextlib.suppress(AgentError):
+                self.agent.outgoing.cancel(mid.hex())
+                log.warning("control client went away: migration cancelled", migration=mid.hex(), vm=name)
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                await self._reply(stream, {"event": "started", "migration_id": mid.hex(), "vm": name, "to": to})
+                nursery.start_soon(forward)
+                async with trio.open_nursery() as side:
+                    side.start_soon(watch_client)
+                    if isinstance(vm, QemuVM):
+                        side.start_soon(poll_qemu, vm)
+                    result = await self.agent.outgoing.migrate(name, to, params, cipher, progress, mid=mid)
+                    side.cancel_scope.cancel()
+                send.close()  # forward sends what is left, then ends
         return result.as_dict()
 
     OPS: dict[str, Handler] = {

@@ -66,18 +66,30 @@ class OutgoingService:
     def migrating(self, name: str) -> bool:
         return any(lm.vm == name and lm.result is None for lm in self.live.values())
 
-    async def migrate(self, name: str, to: str, params: MigrationParams, cipher: CipherName | None = None,
-                      on_progress: Callable[[MigrationStats], None] | None = None) -> MigrationResult:
+    def check(self, name: str, to: str, params: MigrationParams) -> AnyVM:
+        """The VM to migrate, or AgentError (one line) if the request is refused."""
         vm = self.registry.operable(name)  # not while migrating, arriving or in doubt
         try:
             parse_hostport(to)
         except ValueError as exc:
             raise AgentError(str(exc)) from None
+        if not vm.running:
+            raise AgentError(f"VM {name!r} is {vm.state}: only a running VM migrates (palm vm resume {name})")
+        if vm.backend == "qemu" and params.downtime_policy != "pause":
+            raise AgentError("a QEMU guest converges by QEMU's own rule (it iterates until the expected downtime "
+                             "fits; --auto-converge throttles): --downtime-policy is for model VMs")
+        return vm
+
+    async def migrate(self, name: str, to: str, params: MigrationParams, cipher: CipherName | None = None,
+                      on_progress: Callable[[MigrationStats], None] | None = None,
+                      mid: bytes | None = None) -> MigrationResult:
+        """Migrates a VM out; AgentError for a request refused before anything starts."""
+        vm = self.check(name, to, params)
 
         async def connect(addr: str) -> SecureChannel:
             return await self.connect(addr, params.plain, cipher)
 
-        mid = os.urandom(16)
+        mid = mid or os.urandom(16)
         lm = LiveMigration(mid, name, to, MigrationStats(), time.time(), trio.CancelScope())
 
         def progress(stats: MigrationStats) -> None:
@@ -87,13 +99,20 @@ class OutgoingService:
 
         self.live[mid] = lm
         result: MigrationResult | None = None
-        with lm.cancel:
-            result = await migrate_out(vm, self.store, to, params, connect, self.connect_recovery, progress,
-                                       self.in_doubt_wait(), mid=mid, spec=vm.migration_spec())
+        try:
+            with lm.cancel:
+                result = await migrate_out(vm, self.store, to, params, connect, self.connect_recovery, progress,
+                                           self.in_doubt_wait(), mid=mid, spec=vm.migration_spec())
+        except BaseException:
+            del self.live[mid]  # refused on the way (e.g. the destination is this agent): not a migration
+            raise
         if result is None:  # cancelled by the operator before the handoff: the VM runs here
             result = MigrationResult(False, mid, name, "cancelled", lm.stats, "cancelled: by the operator",
                                      lm.stats.phase, "source" if vm.running else "none (paused, in doubt)")
         lm.result = result
+        if not result.ok and self.store.get(mid) is None:  # failed before BEGIN: no row, so say it here
+            log.warning("migration failed before it began", migration=mid.hex(), vm=name, peer=to,
+                        phase=result.phase, error=result.error)
         self._settle(vm, result.status if result.status != "completed" else "committed")
         if result.status == "in-doubt" and self.nursery is not None:
             self.nursery.start_soon(self.recover, result.mid)
@@ -168,11 +187,39 @@ class OutgoingService:
         return outcome
 
     def migrations(self) -> list[dict[str, Any]]:
+        """Recent migrations, newest first: the durable rows, and migrations out that
+        failed before BEGIN (kept in memory only: they never had a row)."""
+        now = time.time()
         out = []
-        for row in self.store.list(limit=50):
+        rows = self.store.list(limit=50)
+        for row in rows:
             lm = self.live.get(row.mid)
             stats = lm.stats.as_dict() if lm is not None else row.stats
+            in_flight = lm is not None and lm.result is None
             out.append({"migration_id": row.mid.hex(), "role": row.role.value, "vm": row.vm, "peer": row.peer.name,
-                        "state": row.state.value, "in_flight": lm is not None and lm.result is None,
-                        "error": row.error, "updated": row.updated, "stats": stats})
-        return out
+                        "state": row.state.value, "in_flight": in_flight,
+                        "error": row.error, "started": row.created, "updated": row.updated, "stats": stats,
+                        **_figures(stats, (now if in_flight else row.updated) - row.created, in_flight)})
+        known = {row.mid for row in rows}
+        for lm in self.live.values():
+            if lm.mid in known or lm.result is None:
+                continue
+            res = lm.result
+            stats = res.stats.as_dict()
+            out.append({"migration_id": lm.mid.hex(), "role": "source", "vm": lm.vm, "peer": res.peer or lm.peer,
+                        "state": res.status, "in_flight": False, "error": res.error,
+                        "started": lm.started, "updated": lm.started + res.stats.total_time, "stats": stats,
+                        **_figures(stats, res.stats.total_time, False)})
+        out.sort(key=lambda m: -float(m["started"]))
+        return out[:50]
+
+
+def _figures(stats: dict[str, Any] | None, elapsed: float, in_flight: bool) -> dict[str, Any]:
+    """A migrations row's figures with the keys and units of a migration result (ms, bytes)."""
+    st = stats or {}
+    down = st.get("downtime")
+    ms = round(max(0.0, elapsed) * 1000, 1)
+    return {"elapsed_ms": ms, "total_ms": None if in_flight else ms,
+            "downtime_ms": round(down * 1000, 1) if down is not None else None,
+            "bytes": st.get("transferred"),
+            "remaining_pages": st.get("remaining") if st.get("phase") in ("round", "stop-and-copy") else None}

@@ -7,8 +7,10 @@ Every error an operator can cause is one line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -16,16 +18,25 @@ from typing import Any, NoReturn
 
 from palm_net.cli.output import (
     EXIT_FAIL,
+    EXIT_INTERRUPTED,
     EXIT_USAGE,
     CliError,
-    Progress,
     _fmt_table,
     control_request,
+    downtime_warning,
     emit,
+    migrate_failure,
     migrate_summary,
+    migrations_text,
     safe,
+    status_text,
+    vm_text,
 )
-from palm_net.units import format_bytes, parse_rate, parse_size
+from palm_net.cli.progress import ProgressView
+from palm_net.migration.params import DOWNTIME_POLICIES
+from palm_net.units import exact_size, format_bytes, has_unit, parse_memory, parse_rate
+
+CONTROL_ENV = "PALM_CONTROL"
 
 __all__ = ["CliError", "_fmt_table", "build_parser", "control_request", "main", "migrate_summary", "safe"]
 
@@ -54,7 +65,14 @@ def cmd_keygen(a: argparse.Namespace) -> int:
 
 def cmd_ca(a: argparse.Namespace) -> int:
     from palm_net.agent.agent import default_measurement
-    from palm_net.crypto.identity import CA_KEY_FILE, CA_PUB_FILE, CERT_FILE, AgentIdentity, Authority
+    from palm_net.crypto.identity import (
+        CA_KEY_FILE,
+        CA_PUB_FILE,
+        CERT_FILE,
+        IDENTITY_FILE,
+        AgentIdentity,
+        Authority,
+    )
 
     if a.ca_cmd == "init":
         d = Path(a.dir)
@@ -65,7 +83,16 @@ def cmd_ca(a: argparse.Namespace) -> int:
         emit({"key_id": ca.key_id.hex(), "public": ca.public.hex(), "pub_file": str(d / CA_PUB_FILE)}, a.json,
              lambda: f"authority {ca.key_id.hex()} created in {d}; give agents {d / CA_PUB_FILE}")
         return 0
-    ca = Authority.load(Path(a.ca))
+    ca_dir = Path(a.ca)
+    if ca_dir.name in (CA_KEY_FILE, CA_PUB_FILE) and ca_dir.is_file():
+        ca_dir = ca_dir.parent  # the authority's key file given: its directory is meant
+    if not (ca_dir / CA_KEY_FILE).exists():
+        raise CliError(f"no authority key in {ca_dir} (make one: palm ca init --dir {ca_dir}; --ca names the "
+                       "directory holding ca.key)", EXIT_USAGE)
+    if not (Path(a.agent) / IDENTITY_FILE).exists():
+        raise CliError(f"no agent identity in {a.agent} (make one: palm keygen --dir {a.agent} --name NAME)",
+                       EXIT_USAGE)
+    ca = Authority.load(ca_dir)
     ident = AgentIdentity.load(Path(a.agent))
     if a.measurement:
         try:
@@ -102,6 +129,18 @@ def cmd_measurement(a: argparse.Namespace) -> int:
     return 0
 
 
+# The agent's settings file: each key, and the type its value must have.
+CONFIG_KEYS: dict[str, tuple[type, ...]] = {
+    "dir": (str,), "listen": (str,), "control": (str,), "ca": (str,), "allow_measurement": (list,),
+    "max_incoming": (int,), "max_incoming_memory": (str, int), "memory_dir": (str,), "run_dir": (str,),
+    "allow_plain": (bool,), "handshake_timeout": (int, float), "log_format": (str,), "log_level": (str,),
+    "no_qemu": (bool,), "qemu_accel": (str,), "qemu_uids": (str,), "max_incoming_per_peer": (int,),
+    "incoming_deadline_per_gib": (int, float), "max_connections": (int,), "handshake_rate": (int, float),
+    "session_rate": (int, float),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+
+
 def _load_config(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
@@ -112,14 +151,43 @@ def _load_config(path: str | None) -> dict[str, Any]:
         raise CliError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise CliError(f"config {path} is not valid TOML: {exc}") from None
-    known = {"dir", "listen", "control", "ca", "allow_measurement", "max_incoming", "max_incoming_memory",
-             "memory_dir", "run_dir", "allow_plain", "handshake_timeout", "log_format", "log_level", "no_qemu",
-             "qemu_accel", "qemu_uids", "max_incoming_per_peer", "incoming_deadline_per_gib", "max_connections",
-             "handshake_rate", "session_rate"}
-    unknown = set(data) - known
+    unknown = set(data) - set(CONFIG_KEYS)
     if unknown:
         raise CliError(f"config {path}: unknown keys {', '.join(sorted(unknown))}")
+    for key, val in data.items():
+        types = CONFIG_KEYS[key]
+        if not isinstance(val, types) or (isinstance(val, bool) and bool not in types):
+            want = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise CliError(f"config {path}: {key} must be {want}, not {val!r}"[:300], EXIT_USAGE)
+        if isinstance(val, list) and not all(isinstance(x, str) for x in val):
+            raise CliError(f"config {path}: allow_measurement must be a list of hex strings", EXIT_USAGE)
     return data
+
+
+def default_control() -> str:
+    """Where `palm` looks for the agent: $PALM_CONTROL, else the control socket a `palm agent`
+    started with its default state directory listens on (palm_net.agent.paths)."""
+    from palm_net.agent.paths import default_control as agent_default
+    from palm_net.agent.paths import default_state_dir
+
+    return os.environ.get(CONTROL_ENV) or str(agent_default(default_state_dir()))
+
+
+def _control(a: argparse.Namespace) -> str:
+    return str(a.control) if a.control else default_control()
+
+
+def _authority_pub(ca: str) -> Path:
+    """`palm agent --ca`: the authority's public key file, or the directory holding it."""
+    from palm_net.crypto.identity import CA_KEY_FILE, CA_PUB_FILE
+
+    path = Path(ca)
+    if path.is_dir():
+        path = path / CA_PUB_FILE
+    if path.name == CA_KEY_FILE:
+        raise CliError(f"{ca} is the authority's private key: give agents {path.with_name(CA_PUB_FILE)} (or the "
+                       "directory) and keep ca.key on the authority's host", EXIT_USAGE)
+    return path
 
 
 def cmd_agent(a: argparse.Namespace) -> int:
@@ -136,7 +204,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
         return flag if flag is not None else conf.get(key, default)  # flags win over the file
 
     d, listen, control, ca = (pick(a.dir, "dir", str(default_state_dir())), pick(a.listen, "listen"),
-                              pick(a.control, "control"), pick(a.ca, "ca"))
+                              pick(a.control, "control", os.environ.get(CONTROL_ENV)), pick(a.ca, "ca"))
     for name, val in (("--listen", listen), ("--ca", ca)):
         if not val:
             raise CliError(f"{name} is required (flag or config file)", EXIT_USAGE)
@@ -151,10 +219,10 @@ def cmd_agent(a: argparse.Namespace) -> int:
         if uids and not (first.isdigit() and count.isdigit() and int(count) > 0):
             raise ValueError(f"qemu_uids must be FIRST:COUNT, not {uids!r}")
         cfg = AgentConfig(
-            state_dir=Path(d), listen=listen, control=Path(control) if control else None, ca_pub=Path(ca),
+            state_dir=Path(d), listen=listen, control=Path(control) if control else None, ca_pub=_authority_pub(ca),
             allow_measurements=allow,
             max_incoming=int(pick(a.max_incoming, "max_incoming", 4)),
-            max_incoming_memory=parse_size(str(mim)),
+            max_incoming_memory=parse_memory(str(mim)),
             max_incoming_per_peer=int(pick(a.max_incoming_per_peer, "max_incoming_per_peer", 2)),
             incoming_deadline_per_gib=float(pick(a.incoming_deadline_per_gib, "incoming_deadline_per_gib", 150.0)),
             max_connections=int(pick(a.max_connections, "max_connections", 512)),
@@ -183,24 +251,51 @@ def cmd_agent(a: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_arg(flag: str, text: str) -> str:
+    """A memory size as QEMU's -m reads it (a bare number is MiB), sent exactly."""
+    try:
+        return exact_size(parse_memory(text))
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}", EXIT_USAGE) from None
+
+
+def _workload_arg(spec: str) -> str:
+    """hotset:SIZE needs a unit (a bare number is not obviously MiB there)."""
+    for item in spec.split("+"):
+        f = item.strip().split(":")
+        if f[0] == "hotset" and len(f) == 3:
+            try:
+                if not has_unit(f[1]):
+                    raise CliError(f"--workload {item}: give the hot set's size a unit, e.g. hotset:64M:{f[2]}",
+                                   EXIT_USAGE)
+            except ValueError as exc:
+                raise CliError(f"--workload {item}: {exc}", EXIT_USAGE) from None
+    return spec
+
+
 def cmd_vm(a: argparse.Namespace) -> int:
     op = a.vm_cmd
+    control = _control(a)
     if op == "create":
-        try:
-            parse_size(a.memory)
-            if a.protected_memory:
-                parse_size(a.protected_memory)
-        except ValueError as exc:
-            raise CliError(str(exc), EXIT_USAGE) from None
-        if a.backend == "qemu" and (a.protected or a.protected_memory):
-            raise CliError("QEMU VMs have no protected processes (--protected is the model's)", EXIT_USAGE)
+        memory = _memory_arg("--memory", a.memory)
+        pm = _memory_arg("--protected-memory", a.protected_memory) if a.protected_memory else None
+        if a.backend == "qemu":
+            if a.protected or a.protected_memory:
+                raise CliError("QEMU VMs have no protected processes (--protected is the model's)", EXIT_USAGE)
+            model_only = (("--workload", a.workload), ("--seed", a.seed), ("--fill", a.fill))
+            given = [f for f, v in model_only if v is not None]
+            if given:
+                raise CliError(f"{', '.join(given)}: the embedded model's; a QEMU guest runs its own code from its "
+                               "own memory", EXIT_USAGE)
         if a.qemu_arg and a.backend != "qemu":
             raise CliError("--qemu-arg needs --backend qemu", EXIT_USAGE)
-        args: dict[str, Any] = {"name": a.name, "memory": a.memory, "protected": a.protected,
-                                "protected_memory": a.protected_memory, "workload": a.workload, "seed": a.seed,
-                                "policy": a.policy, "fill": a.fill, "backend": a.backend,
-                                "qemu_args": a.qemu_arg or [], "vcpus": a.vcpus}
-        r = control_request(a.control, "vm.create", args)
+        if a.vcpus != 1 and a.backend != "qemu":
+            raise CliError("--vcpus is for QEMU VMs (--backend qemu)", EXIT_USAGE)
+        args: dict[str, Any] = {"name": a.name, "memory": memory, "protected": a.protected,
+                                "protected_memory": pm, "workload": _workload_arg(a.workload or "idle"),
+                                "seed": a.seed or 0, "policy": a.policy, "fill": a.fill or "half",
+                                "backend": a.backend, "qemu_args": a.qemu_arg or [], "vcpus": a.vcpus}
+        r = control_request(control, "vm.create", args)
         if r["backend"] == "qemu":
             emit(r, a.json, lambda: f"VM {r['name']} created: QEMU ({r['accel']}, pid {r['pid']}), "
                                     f"{format_bytes(r['memory'])}, {r['vcpus']} vCPU")
@@ -210,16 +305,23 @@ def cmd_vm(a: argparse.Namespace) -> int:
                                     f"workload {r['workload']}")
         return 0
     if op == "list":
-        r = control_request(a.control, "vm.list", {})
+        r = control_request(control, "vm.list", {})
         emit(r, a.json, lambda: _fmt_table(
             [["NAME", "BACKEND", "STATE", "MEMORY", "PROTECTED", "WORKLOAD"]]
-            + [[v["name"], v["backend"], v["state"], format_bytes(v["memory"]), str(v["protected_pages"]),
-                v["workload"]] for v in r]) or "no VMs")
+            + [[v["name"], v["backend"], v["state"], format_bytes(v["memory"]),
+                format_bytes(v["protected_pages"] * 4096) if v["protected_pages"] else "-",
+                v["workload"]] for v in r]) if r else "no VMs")
         return 0
     req: dict[str, Any] = {"name": a.name}
     if op == "digest" and a.range:
+        addr, sep, size = a.range.partition(":")
+        try:
+            if sep and not has_unit(size):
+                raise CliError(f"--range {a.range}: give the size a unit, e.g. {addr}:8M", EXIT_USAGE)
+        except ValueError as exc:
+            raise CliError(f"--range {a.range}: {exc}", EXIT_USAGE) from None
         req["range"] = a.range
-    r = control_request(a.control, f"vm.{op}", req)
+    r = control_request(control, f"vm.{op}", req)
     if op == "digest":
         emit(r, a.json, lambda: f"{r['digest']}  {r['name']}")
     elif op == "verify":
@@ -229,59 +331,150 @@ def cmd_vm(a: argparse.Namespace) -> int:
         return 0 if r["ok"] else EXIT_FAIL
     elif op == "destroy":
         emit(r, a.json, lambda: f"VM {a.name} destroyed")
+    elif op in ("pause", "resume"):
+        emit(r, a.json, lambda: f"VM {r['name']} {r['state']}")
     else:
-        emit(r, a.json, lambda: "\n".join(f"{k}: {safe(v)}" for k, v in r.items()))
+        emit(r, a.json, lambda: vm_text(r))
     return 0
 
 
+def _find_migration(control: str, what: str, in_flight: bool) -> str:
+    """A migration id from a whole id, a unique prefix of one, or a VM's name."""
+    rows = [m for m in control_request(control, "migrations", {}) if m["role"] == "source"]
+    if in_flight:
+        rows = [m for m in rows if m["in_flight"]]
+    else:
+        rows = [m for m in rows if m["state"] == "handed_off"]
+    hits = [m for m in rows if m["migration_id"] == what] or \
+        [m for m in rows if m["migration_id"].startswith(what.lower())] or [m for m in rows if m["vm"] == what]
+    kind = "in flight" if in_flight else "in doubt"
+    if not hits:
+        raise CliError(f"no migration {kind} matches {what!r} (palm migrations lists them)")
+    if len(hits) > 1:
+        ids = ", ".join(f"{m['migration_id'][:12]} ({m['vm']})" for m in hits)
+        raise CliError(f"{what!r} matches {len(hits)} migrations {kind}: {ids}; give more of the id")
+    return str(hits[0]["migration_id"])
+
+
 def cmd_migrate(a: argparse.Namespace) -> int:
+    control = _control(a)
+    if a.override and not a.resolve:
+        raise CliError("--override goes with --resolve ID", EXIT_USAGE)
     if a.cancel:
-        r = control_request(a.control, "migrate.cancel", {"id": a.cancel})
-        emit(r, a.json, lambda: f"migration {a.cancel}: {r['status']}")
+        mid = _find_migration(control, a.cancel, True)
+        r = control_request(control, "migrate.cancel", {"id": mid})
+        emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid}: {r['status']}")
         return 0
     if a.resolve:
-        r = control_request(a.control, "migrate.resolve", {"id": a.resolve, "override": a.override,
-                                                           "reason": a.reason or ""})
-        emit(r, a.json, lambda: f"migration {a.resolve}: {r['status']}")
+        mid = _find_migration(control, a.resolve, False)
+        r = control_request(control, "migrate.resolve", {"id": mid, "override": a.override,
+                                                         "reason": a.reason or ""})
+        emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid}: {r['status']}")
         return 0
     if not a.name or not a.to:
-        raise CliError("migrate needs NAME and --to HOST:PORT (or --cancel ID / --resolve ID)", EXIT_USAGE)
+        raise CliError("migrate needs NAME and --to HOST:PORT (or --cancel / --resolve)", EXIT_USAGE)
     try:
         if a.bandwidth:
             parse_rate(a.bandwidth)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    _check_address(a.to)
     args = {"name": a.name, "to": a.to, "downtime_ms": a.downtime_ms, "max_rounds": a.max_rounds,
             "max_factor": a.max_factor, "bandwidth": a.bandwidth, "cipher": a.cipher,
             "auto_converge": a.auto_converge, "plain": a.plain_benchmark, "verify_digest": a.verify_digest,
             "reply_timeout": a.reply_timeout}
-    progress = Progress(not a.json and sys.stderr.isatty())
+    if a.downtime_policy:
+        args["downtime_policy"] = a.downtime_policy
+    view = ProgressView.for_command(a.json)
     try:
-        r = control_request(a.control, "migrate", args, progress)
-    finally:
-        progress.done()
-    emit(r, a.json, lambda: migrate_summary(r))
+        try:
+            r = control_request(control, "migrate", args, view)
+        finally:
+            view.close()
+    except KeyboardInterrupt:
+        return _interrupted(a, control, view.migration_id)
+    return _report(a, r)
+
+
+def _check_address(to: str) -> None:
+    from palm_net.agent.outgoing import parse_hostport
+
+    try:
+        parse_hostport(to)
+    except ValueError as exc:
+        raise CliError(f"--to: {exc} (e.g. host-b:7400)", EXIT_USAGE) from None
+
+
+def _report(a: argparse.Namespace, r: dict[str, Any]) -> int:
     if not r["ok"]:
-        print(f"palm: migration {r['status']}: {r['error']} (VM runs on: {r['runs_on']})", file=sys.stderr)
+        # The reason and where the VM runs first (one line on stderr), then the figures that exist.
+        print(f"palm: {migrate_failure(r)}", file=sys.stderr, flush=True)
+        emit(r, a.json, lambda: migrate_summary(r))
         return EXIT_FAIL
+    emit(r, a.json, lambda: migrate_summary(r))
+    warning = downtime_warning(r)
+    if warning and a.json:
+        print(f"palm: warning: {warning}", file=sys.stderr)
     return 0
 
 
+def _interrupted(a: argparse.Namespace, control: str, mid: str | None) -> int:
+    """Ctrl-C during `palm migrate`: cancel the migration (as virsh aborts its job), wait
+    for its outcome and say where the VM runs.  A second Ctrl-C leaves at once (the
+    agent still cancels: it sees its client go)."""
+    if mid is None:
+        print("palm: interrupted before the migration started", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"palm: interrupted: cancelling migration {mid} ...", file=sys.stderr, flush=True)
+    try:
+        try:
+            control_request(control, "migrate.cancel", {"id": mid}, timeout=10)
+        except CliError as exc:
+            if "handoff" in str(exc):  # past the handoff point: it completes (else: already cancelled)
+                print(f"palm: {exc}", file=sys.stderr)
+        row: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = [m for m in control_request(control, "migrations", {}, timeout=10) if m["migration_id"] == mid]
+            if rows and not rows[0]["in_flight"]:
+                row = rows[0]
+                break
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("palm: interrupted again; the agent cancels the migration if it still can", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    state = row.get("state", "unknown")
+    done = state in ("done", "completed")
+    where = "destination" if done else "source" if state in ("aborted", "failed", "cancelled") else "unknown"
+    out = {"ok": done, "vm": a.name, "migration_id": mid, "status": "completed" if done else "cancelled",
+           "error": None if done else "cancelled: interrupted by the operator (Ctrl-C)", "runs_on": where,
+           "state": state}
+    if a.json:
+        print(json.dumps(out))
+    if done:
+        print(f"palm: migration {mid} was past the handoff point and completed: {a.name} runs on the destination",
+              file=sys.stderr)
+        return 0
+    print(f"palm: migration {mid} cancelled (state {state}); VM runs on: {where}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def cmd_migrations(a: argparse.Namespace) -> int:
-    r = control_request(a.control, "migrations", {})
-    emit(r, a.json, lambda: _fmt_table(
-        [["ID", "ROLE", "VM", "PEER", "STATE", "TOTAL MS", "DOWNTIME MS", "ERROR"]]
-        + [[m["migration_id"], m["role"], m["vm"], m["peer"], m["state"] + (" *" if m["in_flight"] else ""),
-            f"{(m['stats'] or {}).get('total_time', 0) * 1000:.0f}",
-            "-" if not m["stats"] or m["stats"].get("downtime") is None else f"{m['stats']['downtime'] * 1000:.0f}",
-            (m["error"] or "")[:60]] for m in r]) or "no migrations")
+    r = control_request(_control(a), "migrations", {})
+    emit(r, a.json, lambda: migrations_text(r))
     return 0
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    r = control_request(a.control, "status", {})
-    emit(r, a.json, lambda: f"agent {r['agent']} listening on port {r['listen_port']}, {r['vms']} VMs, "
-                            f"{r['incoming']} incoming, measurement {r['measurement'][:16]}...")
+    r = control_request(_control(a), "status", {})
+    emit(r, a.json, lambda: status_text(r))
+    return 0
+
+
+def cmd_completion(a: argparse.Namespace) -> int:
+    import argcomplete
+
+    print(argcomplete.shellcode(["palm"], shell=a.shell))  # type: ignore[attr-defined]
     return 0
 
 
@@ -295,17 +488,43 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # parser
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("palm-net")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _complete_vms(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    """Shell completion of VM names: asks the agent the command would talk to."""
+    try:
+        control = getattr(parsed_args, "control", None) or default_control()
+        vms = control_request(control, "vm.list", {}, timeout=2)
+    except Exception:  # completion must never fail loudly
+        return []
+    return [v["name"] for v in vms if str(v["name"]).startswith(prefix)]
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        """Bad usage is one line too, with where to look."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="palm", description="palm_net: secure live migration of VMs with hypervisor-protected "
-                "processes (PALM). Start with `palm demo`.")
+                "processes (PALM). Start with `palm demo`; docs/OPERATOR.md walks through a real session.",
+                epilog="Sizes: 512M, 2G, 2GiB (binary units; a bare number of memory is MiB, as QEMU's -m). "
+                f"Commands find the agent at --control, else ${CONTROL_ENV}, else the default agent's socket. "
+                "Shell completion: eval \"$(palm completion bash)\".")
+    p.add_argument("--version", action="version", version=f"palm {_version()}")
     p.add_argument("--log-format", choices=("console", "json"), default=None, help="log line format (stderr)")
-    p.add_argument("--log-level", default=None, help="debug, info, warning, error (default info)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -314,9 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
         if json_flag:
-            sp.add_argument("--json", action="store_true", help="print one JSON object")
+            sp.add_argument("--json", action="store_true", help="print one JSON object (exact numbers)")
         if control:
-            sp.add_argument("--control", required=True, metavar="SOCKET", help="the agent's control socket")
+            sp.add_argument("--control", metavar="SOCKET",
+                            help=f"the agent's control socket (default ${CONTROL_ENV}, else {default_control()})")
         return sp
 
     k = add("keygen", "create an agent identity (X25519 + Ed25519 keys, 0600)", cmd_keygen)
@@ -328,10 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca_sub = ca.add_subparsers(dest="ca_cmd", metavar="CA_COMMAND", parser_class=_Parser)
     ca_sub.required = True
     ci = add("init", "create a cluster authority (Ed25519) in DIR", cmd_ca, parent=ca_sub)
-    ci.add_argument("--dir", required=True)
-    ci.add_argument("--force", action="store_true")
+    ci.add_argument("--dir", required=True, help="where ca.key (private, stays here) and ca.pub (for agents) go")
+    ci.add_argument("--force", action="store_true", help="replace an existing authority")
     cs = add("issue", "issue a certificate for an agent, written into its DIR", cmd_ca, parent=ca_sub)
-    cs.add_argument("--ca", required=True, metavar="DIR", help="authority directory")
+    cs.add_argument("--ca", required=True, metavar="DIR", help="authority directory (holds ca.key; the ca.key "
+                                                               "file itself is taken too)")
     cs.add_argument("--agent", required=True, metavar="DIR", help="agent state directory (has identity.key)")
     cs.add_argument("--days", type=float, default=365, help="validity in days (default 365)")
     cs.add_argument("--role", action="append", choices=("source", "destination"),
@@ -341,19 +562,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("measurement", "print this installation's agent measurement", cmd_measurement)
 
     ag = add("agent", "run an agent in the foreground until SIGINT/SIGTERM", cmd_agent, json_flag=False)
+    # also after the command (as the README lists them among the agent's settings)
+    ag.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS,
+                    help="log line format on stderr (default console)")
+    ag.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help="default info")
     ag.add_argument("--dir", help="state directory (identity, certificate, SQLite; default /var/lib/palm as root, "
                                   "~/.local/state/palm otherwise); must be the agent's own, mode 0700")
     ag.add_argument("--listen", metavar="HOST:PORT", help="address for migration sessions")
     ag.add_argument("--control", metavar="SOCKET", help="control socket path (created 0600, in a 0700 directory; "
-                                                        "default RUN_DIR/control.sock)")
+                                                        f"default ${CONTROL_ENV}, else RUN_DIR/control.sock)")
     ag.add_argument("--run-dir", metavar="DIR", help="sockets and QEMU jails (default /run/palm/TAG as root, "
                                                      "$XDG_RUNTIME_DIR/palm/TAG otherwise)")
-    ag.add_argument("--ca", metavar="CA_PUB", help="the authority's public key file (ca.pub)")
+    ag.add_argument("--ca", metavar="CA_PUB", help="the authority's public key file (ca.pub), or the directory "
+                                                   "holding it")
     ag.add_argument("--allow-measurement", action="append", metavar="HEX",
                     help="peer measurement to accept, repeatable (default: this agent's own)")
     ag.add_argument("--config", metavar="FILE", help="TOML file with the same keys (flags win)")
     ag.add_argument("--max-incoming", type=int, help="concurrent incoming migrations (default 4)")
-    ag.add_argument("--max-incoming-memory", metavar="SIZE", help="memory reserved for incoming VMs (default 16GiB)")
+    ag.add_argument("--max-incoming-memory", metavar="SIZE", help="memory reserved for incoming VMs (default 16G)")
     ag.add_argument("--max-incoming-per-peer", type=int, help="concurrent incoming migrations from one agent "
                                                               "(default 2)")
     ag.add_argument("--incoming-deadline-per-gib", type=float, metavar="SECONDS",
@@ -379,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     vc = add("create", "create a VM (the embedded hypervisor model, or a QEMU process)", cmd_vm, control=True,
              parent=vm_sub)
     vc.add_argument("name")
-    vc.add_argument("--memory", required=True, metavar="SIZE", help="e.g. 512MiB, 2GiB")
+    vc.add_argument("--memory", required=True, metavar="SIZE",
+                    help="guest memory: 512M, 2G, 2GiB; a bare number is MiB (as QEMU's -m)")
     vc.add_argument("--backend", choices=("model", "qemu"), default="model",
                     help="model (default): the embedded hypervisor with protected processes; qemu: a QEMU/KVM "
                          "guest started and owned by the agent (TCG where /dev/kvm is not usable)")
@@ -388,31 +615,39 @@ def build_parser() -> argparse.ArgumentParser:
                          "--qemu-arg=virtio-rng-pci.  Migratable: -cpu, -rtc, -device of a few host-free "
                          "devices; -device loader,file=... (source only) loads guest memory from a file")
     vc.add_argument("--vcpus", type=int, default=1, help="virtual CPUs (QEMU backend; default 1)")
-    vc.add_argument("--protected", type=int, default=0, metavar="N", help="protected processes (default 0)")
-    vc.add_argument("--protected-memory", metavar="SIZE", help="memory they own (default a quarter)")
-    vc.add_argument("--workload", default="idle",
-                    help="idle | random:RATE | hotset:SIZE:RATE | protected:RATE, joined with +")
-    vc.add_argument("--seed", type=int, default=0)
-    vc.add_argument("--policy", default="any", help="any | none | agents:A,B | measurements:HEX,...")
-    vc.add_argument("--fill", default="half", choices=("half", "random", "zero"),
-                    help="initial memory: half random/half zero (default), random, zero")
+    vc.add_argument("--protected", type=int, default=0, metavar="N",
+                    help="model: protected processes (default 0)")
+    vc.add_argument("--protected-memory", metavar="SIZE", help="model: memory they own (default a quarter)")
+    vc.add_argument("--workload", default=None,
+                    help="model: what the guest does, idle (default) | random:RATE | hotset:SIZE:RATE | "
+                         "protected:RATE, joined with + (RATE: page writes a second)")
+    vc.add_argument("--seed", type=int, default=None, help="model: the workload's and fill's seed (default 0)")
+    vc.add_argument("--policy", default="any", help="where it may migrate: any | none | agents:A,B | "
+                                                    "measurements:HEX,...")
+    vc.add_argument("--fill", default=None, choices=("half", "random", "zero"),
+                    help="model: initial memory, half random/half zero (default), random, zero")
     add("list", "list VMs", cmd_vm, control=True, parent=vm_sub)
     for op, hlp in (("show", "show one VM"), ("digest", "digest of guest memory (protected pages as plaintext)"),
                     ("verify", "check every protected page against its metadata"), ("pause", "pause a VM"),
                     ("resume", "resume a VM"), ("destroy", "destroy a VM and scrub its memory and keys")):
         sp = add(op, hlp, cmd_vm, control=True, parent=vm_sub)
-        sp.add_argument("name")
+        sp.add_argument("name").completer = _complete_vms  # type: ignore[attr-defined]
         if op == "digest":
             sp.add_argument("--range", metavar="ADDR:SIZE",
-                            help="QEMU VMs: digest only this guest-physical range, e.g. 0x1000000:8MiB")
+                            help="QEMU VMs: digest only this guest-physical range, e.g. 0x1000000:8M")
 
     mg = add("migrate", "live-migrate a VM to another agent (or --cancel / --resolve one)", cmd_migrate,
              control=True)
-    mg.add_argument("name", nargs="?")
-    mg.add_argument("--to", metavar="HOST:PORT")
+    mg.add_argument("name", nargs="?", help="the VM").completer = _complete_vms  # type: ignore[attr-defined]
+    mg.add_argument("--to", metavar="HOST:PORT", help="the destination agent's --listen address")
     mg.add_argument("--downtime-ms", type=float, default=300.0, help="downtime limit (default 300)")
-    mg.add_argument("--max-rounds", type=int, default=30, help="default 30")
-    mg.add_argument("--max-factor", type=float, default=3.0, help="stop after sending X times memory (default 3)")
+    mg.add_argument("--max-rounds", type=int, default=30, help="stop iterating after this many rounds (default 30)")
+    mg.add_argument("--max-factor", type=float, default=3.0,
+                    help="stop iterating after sending X times the memory (default 3)")
+    mg.add_argument("--downtime-policy", choices=DOWNTIME_POLICIES, default=None,
+                    help="model VMs: at --max-rounds/--max-factor with the limit not met, pause anyway (default; "
+                         "the summary warns), abort (the VM runs on here), continue iterating until it fits, or "
+                         "throttle the guest a step a round until it fits")
     mg.add_argument("--bandwidth", metavar="RATE", help="cap, e.g. 1Gbit or 100MiB/s")
     mg.add_argument("--cipher", choices=("aesgcm", "chachapoly"), help="default: aesgcm with AES-NI")
     mg.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")
@@ -422,17 +657,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait this long for the destination's ACCEPT, READY and DONE (default 30)")
     mg.add_argument("--plain-benchmark", action="store_true",
                     help="benchmark-only unencrypted records (refused for protected VMs)")
-    mg.add_argument("--cancel", metavar="ID", help="cancel an in-flight migration (before the handoff)")
-    mg.add_argument("--resolve", metavar="ID", help="ask the destination about an in-doubt migration now")
+    which = mg.add_mutually_exclusive_group()
+    which.add_argument("--cancel", metavar="ID", help="cancel an in-flight migration (before the handoff): its id, "
+                                                      "a unique prefix, or the VM's name")
+    which.add_argument("--resolve", metavar="ID", help="ask the destination about an in-doubt migration now (id, "
+                                                       "prefix or VM name)")
     mg.add_argument("--override", action="store_true",
                     help="with --resolve: resume the in-doubt VM without the destination (may fork it!)")
     mg.add_argument("--reason", help="with --override: why (logged)")
 
     add("migrations", "in-flight and recent migrations", cmd_migrations, control=True)
     add("status", "the agent's name, port and counts", cmd_status, control=True)
+    co = add("completion", "print the shell completion script: eval \"$(palm completion bash)\"", cmd_completion,
+             json_flag=False)
+    co.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish", "tcsh"))
 
     dm = add("demo", "throw-away authority + two agents on loopback: migrate a protected VM under load", cmd_demo)
-    dm.add_argument("--memory", default="256MiB", metavar="SIZE", help="guest memory (default 256MiB)")
+    dm.add_argument("--memory", default="256M", metavar="SIZE", help="guest memory (default 256M)")
     dm.add_argument("--workload", default="random:2000+protected:500", help="guest workload during migration")
     dm.add_argument("--keep", action="store_true", help="keep the temporary directories")
     return p
@@ -440,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (argcomplete); exits
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     a = parser.parse_args(argv)
     from palm_net import logs
 

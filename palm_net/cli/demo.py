@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from palm_net.cli.output import CliError, control_request, migrate_summary
-from palm_net.units import format_bytes, parse_size
+from palm_net.cli.output import CliError, control_request, migrate_failure, migrate_summary
+from palm_net.units import exact_size, format_bytes, parse_memory
 
 
 def _say(quiet: bool, text: str) -> None:
@@ -34,7 +34,7 @@ def run_demo(a: argparse.Namespace) -> int:
 
     quiet = a.json
     try:
-        memory = parse_size(a.memory)
+        memory = parse_memory(a.memory)
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
     if memory < 16 << 20:
@@ -53,7 +53,7 @@ def run_demo(a: argparse.Namespace) -> int:
         src, dst = agents
         ctl_a, ctl_b = src.control, dst.control
         _say(quiet, f"  agents listening on {src.addr} and {dst.addr}")
-        vm = control_request(ctl_a, "vm.create", {"name": "demo-vm", "memory": a.memory, "protected": 2,
+        vm = control_request(ctl_a, "vm.create", {"name": "demo-vm", "memory": exact_size(memory), "protected": 2,
                                                   "workload": a.workload, "seed": 42})
         _say(quiet, f"  VM demo-vm on host-a: {format_bytes(vm['memory'])}, {vm['protected_processes']} protected "
                     f"processes owning {vm['protected_pages']} pages, workload {vm['workload']}")
@@ -74,9 +74,9 @@ def run_demo(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps(summary))
         else:
+            if not result["ok"]:
+                print(migrate_failure(result))
             print(migrate_summary(result))
-            print("  (the downtime includes the memory digests both agents take while the VM is paused, "
-                  "--verify-digest)")
             if verify:
                 print(f"  destination verify: {'OK' if verify['ok'] else 'FAILED'}, {verify['checked']} protected "
                       f"pages checked against their MACs")

@@ -28,6 +28,7 @@ record by record in the attested session.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -114,6 +115,109 @@ class QemuError(HypervisorError):
     """A QEMU VM cannot be created, driven or migrated; the message is one line."""
 
 
+# --------------------------------------------------------------------------
+# What the hypervisor rewrites on load: kvmclock areas, found in the stream
+#
+# Under KVM a guest that uses kvmclock tells the host, per vCPU, where its
+# pvclock structure is (MSR_KVM_SYSTEM_TIME_NEW: address | enable bit) and,
+# once, where its wall clock structure is (MSR_KVM_WALL_CLOCK_NEW).  When the
+# destination's QEMU loads the CPU state it writes these MSRs back into KVM,
+# and the destination's kernel rewrites both structures in guest RAM (their
+# version fields, the TSC-stable flag): so RAM there differs from the
+# source's in exactly these bytes.  Their addresses are in the migration
+# stream itself: its last part is QEMU's description of the device state it
+# carries (the "vmdesc" JSON: each device section's fields with their sizes),
+# preceded by the device sections; the CPU sections hold env.system_time_msr
+# and env.wall_clock_msr.  Both agents carry the same stream, so both find the
+# same areas, and each leaves them out of its digest (proto/PROTOCOL.md 7.7).
+
+TAIL_BYTES = 16 << 20  # the end of the stream kept: device state and its description
+PVCLOCK_SIZE = 32  # struct pvclock_vcpu_time_info
+WALL_CLOCK_SIZE = 12  # struct pvclock_wall_clock
+VM_EOF, VM_SECTION_FULL, VM_SUBSECTION, VM_VMDESCRIPTION, VM_SECTION_FOOTER = 0x00, 0x04, 0x05, 0x06, 0x7E
+
+
+class StreamTail:
+    """The last TAIL_BYTES of a migration stream (copies: the stream passes through
+    buffers that are used again)."""
+
+    def __init__(self, limit: int = TAIL_BYTES) -> None:
+        self.limit = limit
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+
+    def add(self, data: bytes | bytearray | memoryview) -> None:
+        if not len(data):
+            return
+        self.chunks.append(bytes(data))
+        self.size += len(data)
+        while self.chunks and self.size - len(self.chunks[0]) >= self.limit:
+            self.size -= len(self.chunks.popleft())
+
+    def bytes(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class StreamSocket(socket.socket):
+    """The source's end of QEMU's migration stream; read_stream keeps its tail."""
+
+    tail: StreamTail
+
+
+def _fields_size(desc: dict[str, Any]) -> int:
+    return sum(int(f["size"]) * int(f.get("array_len", 1)) for f in desc.get("fields", []))
+
+
+def _subsections_size(desc: dict[str, Any]) -> int:
+    return sum(2 + len(str(s["vmsd_name"]).encode()) + 4 + _fields_size(s) + _subsections_size(s)
+               for s in desc.get("subsections", []))
+
+
+def kvmclock_areas(tail: bytes) -> list[tuple[int, int, str]] | None:
+    """(guest-physical address, size, what) of each kvmclock structure named by the CPU
+    state at the end of a QEMU migration stream; None if the end of the stream is not
+    what QEMU writes (then nothing is left out of a digest: it fails closed)."""
+    try:
+        # ... QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION, be32 length, the JSON, end of stream.
+        at = len(tail)
+        while True:
+            at = tail.rfind(bytes([VM_EOF, VM_VMDESCRIPTION]), 0, at)
+            if at < 0:
+                return None
+            if int.from_bytes(tail[at + 2 : at + 6], "big") == len(tail) - at - 6:
+                break
+        desc = json.loads(tail[at + 6 :])
+        devices = desc["devices"]
+        # Each device section: FULL, be32 id, u8 len, idstr, be32 instance, be32 version,
+        # its fields, its subsections (SUBSECTION, u8 len, name, be32 version, fields), FOOTER, be32 id.
+        sizes = [14 + len(str(d["name"]).encode()) + _fields_size(d) + _subsections_size(d) + 5 for d in devices]
+        pos = at - sum(sizes)
+        if pos < 0:
+            return None
+        areas: list[tuple[int, int, str]] = []
+        for dev, size in zip(devices, sizes):
+            name = str(dev["name"]).encode()
+            header = bytes([VM_SECTION_FULL]) + tail[pos + 1 : pos + 5] + bytes([len(name)]) + name + \
+                int(dev["instance_id"]).to_bytes(4, "big") + int(dev["version"]).to_bytes(4, "big")
+            if tail[pos : pos + len(header)] != header or tail[pos + size - 5] != VM_SECTION_FOOTER:
+                return None  # not the layout the description gives: trust none of it
+            if dev["name"] == "cpu":
+                off = pos + len(header)
+                for f in dev.get("fields", []):
+                    n = int(f["size"]) * int(f.get("array_len", 1))
+                    value = int.from_bytes(tail[off : off + 8], "big") if f["size"] == 8 else 0
+                    cpu = int(dev["instance_id"])
+                    if f["name"] == "env.system_time_msr" and value & 1:
+                        areas.append((value & ~1, PVCLOCK_SIZE, f"kvmclock of vCPU {cpu}"))
+                    elif f["name"] == "env.wall_clock_msr" and value:
+                        areas.append((value, WALL_CLOCK_SIZE, "kvmclock wall clock"))
+                    off += n
+            pos += size
+        return sorted(set(areas))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError):
+        return None
+
+
 def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
     """The next bytes of a migration stream into ``out``, until it is full or the
     stream ends: how many, and whether it ended.  Blocking: for a worker thread."""
@@ -126,6 +230,9 @@ def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
             filled += n
     except OSError as exc:
         raise QemuError(f"QEMU migration stream: {exc.strerror or exc}") from None
+    finally:
+        if isinstance(conn, StreamSocket):
+            conn.tail.add(out[:filled])
     return filled, False
 
 
@@ -381,6 +488,9 @@ class QemuVM(ConfiguredVM):
         self.paused_at: float | None = None  # monotonic time QEMU stopped the guest for stop-and-copy
         self.last_stats: dict[str, Any] = {}
         self._incoming: socket.socket | None = None
+        self._tail: StreamTail | None = None  # the end of the stream of the migration under way
+        # What this VM's digest leaves out while it is paused for a migration (see kvmclock_areas).
+        self.digest_excluded: list[tuple[int, int, str]] = []
 
     def __repr__(self) -> str:
         return f"QemuVM({self.name!r}, {self.spec.memory_mib} MiB, state={self.state})"
@@ -426,7 +536,12 @@ class QemuVM(ConfiguredVM):
             "local_args": local, "state": "running", "policy": policy, "migration": None, "pid": None,
         }
         vm = cls._new(vm_dir, run_parent, confine or Confinement.for_agent(), config)
-        vm._start(incoming=False)
+        try:
+            vm._start(incoming=False)
+        except BaseException:  # whatever failed, nothing of the VM stays behind
+            shutil.rmtree(vm.dir, ignore_errors=True)
+            shutil.rmtree(vm.run_dir, ignore_errors=True)
+            raise
         return vm
 
     @classmethod
@@ -452,6 +567,7 @@ class QemuVM(ConfiguredVM):
             q.execute("migrate-incoming", uri=f"fd:{STREAM_FD}")
             ours.settimeout(STREAM_TIMEOUT)
             vm._incoming = ours
+            vm._tail = StreamTail()
         except (QmpError, OSError) as exc:
             vm.scrub()
             raise QemuError(f"destination QEMU did not start: {exc}") from None
@@ -595,6 +711,11 @@ class QemuVM(ConfiguredVM):
     def info(self) -> VmInfo:
         return VmInfo(self.name, self.vm_id, self.spec.memory_mib * MIB // PAGE_SIZE, self.spec.vcpus, 0, 0)
 
+    def migration_progress(self) -> dict[str, Any]:
+        """QEMU's query-migrate while it migrates, for a progress display (a short
+        wait: QmpError if QMP is busy, e.g. waiting for the end of the migration)."""
+        return dict(self._q().execute("query-migrate", timeout=0.5))
+
     def qemu_status(self, timeout: float = QMP_TIMEOUT) -> str:
         return str(self._q().execute("query-status", timeout=timeout)["status"])
 
@@ -616,6 +737,7 @@ class QemuVM(ConfiguredVM):
     def resume_after_migration(self) -> None:
         """The source again owns the VM (failure before the handoff point, or
         the destination's abort token): stop QEMU's migration and run."""
+        self.digest_excluded, self._tail = [], None
         q = self._q()
         with contextlib.suppress(QmpError):
             q.execute("migrate_cancel")
@@ -660,6 +782,7 @@ class QemuVM(ConfiguredVM):
         if self.state != "incoming":
             raise QemuError(f"only an incoming VM can be activated (state {self.state})")
         self._q().execute("cont")
+        self.digest_excluded = []  # running: the guest owns its clock areas again
         self.config["state"] = "running"
         self.config["migration"] = None
         self._save_config()
@@ -704,15 +827,33 @@ class QemuVM(ConfiguredVM):
             os.close(fd)
 
     def digest(self, ranges: list[tuple[int, int]] | None = None) -> str:
-        """BLAKE2b-256 of guest RAM, or of the given guest-physical (address, size) ranges."""
+        """BLAKE2b-256 of guest RAM, or of the given guest-physical (address, size) ranges.
+
+        All of RAM, while paused for a migration whose stream named kvmclock areas
+        (``digest_excluded``): their bytes read as zeros, and their list hashed
+        first, so that equal digests mean equal RAM outside exactly these areas
+        and the same areas left out (proto/PROTOCOL.md 7.7)."""
         h = hashlib.blake2b(digest_size=32, person=DIGEST_PERSON)
         step = 16 * MIB
+        holes: list[tuple[int, int]] = []
+        if ranges is None and self.digest_excluded:
+            h.update(b"palm-kvmclock-excluded" + b"".join(addr.to_bytes(8, "little") + size.to_bytes(4, "little")
+                                                         for addr, size, _ in self.digest_excluded))
+            holes = [(self._ram_offset(addr, size), size) for addr, size, _ in self.digest_excluded]
         fd = open_nofollow(self.dir / GUEST_RAM, os.O_RDONLY)
         try:
             for base, size in ranges or self.ram_ranges():
                 start = self._ram_offset(base, size)
                 for off in range(start, start + size, step):
-                    h.update(os.pread(fd, min(step, start + size - off), off))
+                    data = os.pread(fd, min(step, start + size - off), off)
+                    cut = [(o, n) for o, n in holes if o < off + len(data) and off < o + n]
+                    if cut:
+                        buf = bytearray(data)
+                        for o, n in cut:
+                            lo, hi = max(o, off) - off, min(o + n, off + len(data)) - off
+                            buf[lo:hi] = bytes(hi - lo)
+                        data = bytes(buf)
+                    h.update(data)
         finally:
             os.close(fd)
         return h.hexdigest()
@@ -731,7 +872,9 @@ class QemuVM(ConfiguredVM):
             "downtime-limit": max(1, int(downtime_limit * 1000)),
             "max-bandwidth": int(bandwidth) if bandwidth else 1 << 40})
         q.events.clear()
-        conn = self._pass_stream_fd(q)
+        conn = StreamSocket(fileno=self._pass_stream_fd(q).detach())
+        conn.tail = self._tail = StreamTail()
+        self.digest_excluded = []
         try:
             q.execute("migrate", uri=f"fd:{STREAM_FD}")
         except BaseException:
@@ -753,7 +896,17 @@ class QemuVM(ConfiguredVM):
         self.config["state"] = "paused"  # postmigrate: QEMU keeps the guest stopped
         self._save_config()
         self.paused_at = self._stop_time(q)
+        self._find_clock_areas()
+        info["palm-digest-excluded"] = [f"{what} {addr:#x}+{size}" for addr, size, what in self.digest_excluded]
         return info
+
+    def _find_clock_areas(self) -> None:
+        """After the whole stream passed: the kvmclock areas its CPU state names (in RAM)."""
+        areas = kvmclock_areas(self._tail.bytes()) if self._tail is not None else None
+        self._tail = None
+        ram = self.ram_ranges()
+        self.digest_excluded = [a for a in areas or []
+                                if any(base <= a[0] and a[0] + a[1] <= base + n for base, n in ram)]
 
     @staticmethod
     def _stop_time(q: QmpClient) -> float:
@@ -770,6 +923,8 @@ class QemuVM(ConfiguredVM):
     def stream_in(self, data: bytes | bytearray | memoryview) -> None:
         if self._incoming is None:
             raise QemuError("no incoming migration on this VM")
+        if self._tail is not None:
+            self._tail.add(data)
         try:
             self._incoming.sendall(data)
         except OSError as exc:
@@ -793,3 +948,4 @@ class QemuVM(ConfiguredVM):
         status = self.qemu_status()
         if status == "running":
             raise QemuError("destination QEMU runs before COMMIT")
+        self._find_clock_areas()

@@ -68,6 +68,11 @@ class MigrationResult:
             "round_stats": [r.__dict__ for r in st.rounds],
             "error": self.error, "phase": self.phase, "runs_on": self.runs_on,
             "hypervisor": st.hypervisor,
+            "downtime_limit_ms": round(st.downtime_limit * 1000, 1) if st.downtime_limit is not None else None,
+            "downtime_exceeded": st.downtime is not None and st.downtime_limit is not None
+            and st.downtime > st.downtime_limit,
+            "stop_reason": st.stop_reason,
+            "ready_wait_ms": round(st.ready_wait * 1000, 1) if st.ready_wait is not None else None,
         }
 
 

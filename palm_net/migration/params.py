@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# What the source does when it must stop iterating (max_rounds or max_factor
+# reached) while the expected downtime is still above the limit:
+DOWNTIME_POLICIES = ("pause", "abort", "continue", "throttle")
+
 
 @dataclass
 class MigrationParams:
@@ -16,6 +20,10 @@ class MigrationParams:
     plain: bool = False  # benchmark-only transport mode
     verify_digest: bool = False  # both sides digest memory while paused; COMMIT only if equal
     reply_timeout: float = 30.0  # seconds to wait for ACCEPT, READY and DONE
+    # At the round or volume cap with the downtime limit not met: "pause" anyway
+    # (and say so), "abort" (the VM runs on here), "continue" iterating past the
+    # caps, or "throttle" the guest a step a round until it fits (pause at 99%).
+    downtime_policy: str = "pause"
 
     def validate(self) -> None:
         if not 0 < self.downtime_limit <= 3600:
@@ -28,6 +36,8 @@ class MigrationParams:
             raise ValueError("bandwidth cap must be at least 4 KiB/s")
         if not 0.1 <= self.reply_timeout <= 3600:
             raise ValueError("reply timeout must be between 0.1 and 3600 s")
+        if self.downtime_policy not in DOWNTIME_POLICIES:
+            raise ValueError(f"downtime policy must be one of {', '.join(DOWNTIME_POLICIES)}")
 
 
 @dataclass
@@ -53,6 +63,7 @@ class MigrationStats:
     current_round: int = 0
     transferred: int = 0  # bytes on the wire, framing and tags included
     remaining: int = 0  # pages still to send in the current round
+    round_pages: int = 0  # pages of the current round
     zero_pages: int = 0
     normal_pages: int = 0
     protected_pages: int = 0
@@ -61,6 +72,12 @@ class MigrationStats:
     throttle: float = 1.0
     digest: str | None = None  # memory digest at pause, when verify_digest was asked
     hypervisor: dict[str, Any] | None = None  # a stream backend's own figures (QEMU's query-migrate)
+    downtime_limit: float | None = None  # the limit asked for (seconds)
+    # Why the source stopped iterating: "converged" (the rest fits the limit),
+    # or the cap it hit with the limit not met ("max-rounds", "max-factor",
+    # "max-throttle") and paused anyway by the policy.
+    stop_reason: str | None = None
+    ready_wait: float | None = None  # from COMPLETE sent to READY (the destination's checks, and digests if asked)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

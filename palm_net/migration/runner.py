@@ -210,6 +210,7 @@ class SourceRun:
             else:
                 await self._precopy(cast(Backend, self.vm))
             await self._send([eng.complete(*self.ch.sent)])
+            completed_at = time.monotonic()
             self.log.debug("complete sent", phase="verify", round=eng.round,
                            paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
             # Our digest (if asked) while the destination verifies: both run at once.
@@ -218,6 +219,7 @@ class SourceRun:
                 if eng.params.verify_digest:
                     digest_nursery.start_soon(self._digest, digest)
                 ready = await self._expect(timeout)
+            st.ready_wait = time.monotonic() - completed_at  # READY and our digest, if asked
             eng.check_ready(ready, digest[0] if digest else None)
             # The handoff point: durable before COMMIT leaves.
             if not self.store.hand_off(eng.mid):

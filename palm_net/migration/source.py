@@ -56,6 +56,7 @@ class SourceEngine:
         self.stream = stream
         self.spec = spec
         self.stats = stats or MigrationStats()
+        self.stats.downtime_limit = params.downtime_limit
         self.round = 0
         self.sent_bytes = 0  # message bytes of the VM's memory (before tags and framing)
         self.stream_bytes = 0
@@ -117,6 +118,7 @@ class SourceEngine:
         st.normal_pages += len(kinds) - zero - prot
         st.page_records += 1
         st.remaining = remaining
+        st.round_pages = len(self.pending)
         msg = self.proto.send(batch.message(self.round))
         data = b"".join(batch.data) if isinstance(batch.data, list) else batch.data
         self.sent_bytes += len(msg) + len(data)
@@ -144,10 +146,25 @@ class SourceEngine:
         shrinking = self._last_dirty is None or n <= self._last_dirty // 2
         converged = fits and (expected <= p.downtime_limit / DOWNTIME_GOAL_DIVISOR or not shrinking)
         memory = self.info.npages * PAGE_SIZE
-        stop = converged or self.round + 1 >= p.max_rounds or self.sent_bytes >= p.max_factor * memory
+        cap = ("max-rounds" if self.round + 1 >= p.max_rounds
+               else "max-factor" if self.sent_bytes >= p.max_factor * memory else None)
+        stop = converged or (cap is not None and p.downtime_policy != "continue")
         self._last_dirty = n
         throttle = None
-        if p.auto_converge and not stop:
+        if cap and not fits and p.downtime_policy == "abort":
+            raise MigrationFailure(ErrorCode.CANCELLED, f"expected downtime {expected * 1000:.0f} ms is above the "
+                                   f"{p.downtime_limit * 1000:.0f} ms limit at {cap} (downtime policy abort)")
+        if cap and not fits and p.downtime_policy == "throttle":
+            # Past the cap: one throttle step a round until the rest fits; at the
+            # last step, pause anyway.
+            if st.throttle <= 0.01:
+                stop, cap = True, "max-throttle"
+            else:
+                stop, throttle = False, max(0.01, st.throttle - (0.2 if st.throttle == 1.0 else 0.1))
+                st.throttle = throttle
+        if stop:
+            st.stop_reason = "converged" if fits else (cap or "converged")
+        if p.auto_converge and not stop and throttle is None:
             # QEMU's rule: throttle when the guest dirtied over half of what we sent, twice running.
             self._hot_rounds = self._hot_rounds + 1 if n * PAGE_SIZE > wire_bytes / 2 else 0
             if self._hot_rounds >= 2:
@@ -203,6 +220,7 @@ class SourceEngine:
             "setup_ms": info.get("setup-time"), "rounds": ram.get("dirty-sync-count"),
             "transferred": ram.get("transferred"), "duplicate_pages": ram.get("duplicate"),
             "normal_pages": ram.get("normal"), "mbps": ram.get("mbps"), "stream_bytes": self.stream_bytes,
+            "digest_excluded": info.get("palm-digest-excluded") or [],  # kvmclock areas (proto 7.7)
         }
         st.zero_pages = int(ram.get("duplicate") or 0)
         st.normal_pages = int(ram.get("normal") or 0)
