@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from palm_net.cli.cluster import CONFIG_KEYS as CLUSTER_CONFIG_KEYS
+from palm_net.cli.cluster import add_agent_flags, add_commands, agent_settings
 from palm_net.cli.output import (
     EXIT_FAIL,
     EXIT_USAGE,
@@ -115,7 +117,7 @@ def _load_config(path: str | None) -> dict[str, Any]:
     known = {"dir", "listen", "control", "ca", "allow_measurement", "max_incoming", "max_incoming_memory",
              "memory_dir", "run_dir", "allow_plain", "handshake_timeout", "log_format", "log_level", "no_qemu",
              "qemu_accel", "qemu_uids", "max_incoming_per_peer", "incoming_deadline_per_gib", "max_connections",
-             "handshake_rate", "session_rate"}
+             "handshake_rate", "session_rate"} | CLUSTER_CONFIG_KEYS
     unknown = set(data) - known
     if unknown:
         raise CliError(f"config {path}: unknown keys {', '.join(sorted(unknown))}")
@@ -166,6 +168,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
             accept_qemu=not bool(pick(a.no_qemu or None, "no_qemu", False)),
             qemu_accel=pick(a.qemu_accel, "qemu_accel"),
             run_dir=Path(pick(a.run_dir, "run_dir")) if pick(a.run_dir, "run_dir") else None,
+            **agent_settings(a, pick),  # the cluster: --etcd, --advertise, --capacity, --metrics
         )
         if uids:
             cfg.qemu_uids = (int(first), int(count))
@@ -372,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uids confined QEMUs run as, one per VM (root only; default 2000000000:65536)")
     ag.add_argument("--allow-plain", action="store_true", default=None,
                     help="accept the benchmark-only plain mode (never for protected VMs)")
+    add_agent_flags(ag)
 
     vm = sub.add_parser("vm", help="VMs of an agent: create, list, show, digest, verify, pause, resume, destroy")
     vm_sub = vm.add_subparsers(dest="vm_cmd", metavar="VM_COMMAND", parser_class=_Parser)
@@ -430,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("migrations", "in-flight and recent migrations", cmd_migrations, control=True)
     add("status", "the agent's name, port and counts", cmd_status, control=True)
+
+    add_commands(sub, add, _Parser)
 
     dm = add("demo", "throw-away authority + two agents on loopback: migrate a protected VM under load", cmd_demo)
     dm.add_argument("--memory", default="256MiB", metavar="SIZE", help="guest memory (default 256MiB)")
