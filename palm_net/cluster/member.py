@@ -248,15 +248,15 @@ class ClusterMember:
     async def _publish_loop(self, etcd: EtcdClient, key: bytes, lease: Lease) -> None:
         last = b""
         while True:
-            self._publish = trio.Event()
+            self._publish = trio.Event()  # before reading the record: a change after it wakes us
             data = self.record().encode()
             if data != last:
                 await etcd.put(key, data, lease=lease.id)
                 last = data
                 self.good()
+            await trio.sleep(0.1)  # pacing: at most ten puts a second, however busy the agent
             with trio.move_on_after(self.cfg.publish_every):
                 await self._publish.wait()
-            await trio.sleep(0.1)  # pacing: at most ten puts a second, however busy the agent
 
     # -- lists
 
