@@ -237,6 +237,7 @@ async def test_revocation_refuses_handshakes_everywhere_and_is_kept_across_resta
     r = await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
     assert not r.ok
     c.proxies["b"].heal()
+    await eventually(lambda: c["b"].cluster.member.lease is not None, what="b registered again")
     async with EtcdClient(c.etcd.config()) as e:
         acks = await unrevoke(e, c.keys, "c", 10.0)
         assert acks is not None and set(acks.seconds) == {"a", "b"}

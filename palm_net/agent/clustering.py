@@ -17,18 +17,22 @@ wires the agent's services to the cluster layer (palm_net.cluster):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import trio
 
 from palm_net.agent.errors import AgentError
-from palm_net.agent.outgoing import parse_hostport
-from palm_net.channel.handshake import PeerInfo, Purpose
+from palm_net.agent.incoming import IncomingService
+from palm_net.agent.outgoing import OutgoingService, parse_hostport
+from palm_net.agent.registry import VmRegistry
+from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel
 from palm_net.cluster.converge import Fact, FactKind
 from palm_net.cluster.gate import Lists, PeerGate
@@ -36,15 +40,15 @@ from palm_net.cluster.host import DrainOutcome
 from palm_net.cluster.member import ClusterMember, MemberConfig
 from palm_net.cluster.model import VM_STATES, AgentRecord, Keys, Outgoing, VmRecord
 from palm_net.cluster.placement import Movable
+from palm_net.crypto.identity import AgentIdentity, Certificate
 from palm_net.hypervisor.backend import PAGE_SIZE
-from palm_net.migration.handoff import HandoffState
+from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.orchestrate import MigrationResult
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.wire.errors import PalmError
 from palm_net.wire.protocol import Role
 
 if TYPE_CHECKING:
-    from palm_net.agent.agent import Agent
     from palm_net.cluster.metrics import AgentMetrics
 
 log = structlog.get_logger("palm.agent")
@@ -57,8 +61,24 @@ def _version() -> str:
         return "unknown"
 
 
+class ClusterAgent(Protocol):
+    """What of the agent (palm_net.agent.agent.Agent, which imports this module) the glue uses."""
+
+    cfg: Any  # its AgentConfig: etcd, etcd_prefix, advertise, listen, capacity, metrics, cluster_*
+    identity: AgentIdentity
+    certificate: Certificate
+    measurement: bytes
+    channel_config: ChannelConfig
+    state_dir: Path
+    listen_port: int
+    registry: VmRegistry
+    store: HandoffStore
+    incoming: IncomingService
+    outgoing: OutgoingService
+
+
 class AgentCluster:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: ClusterAgent) -> None:
         self.agent = agent
         cfg = agent.cfg
         self.gate = PeerGate(agent.channel_config.allowed_measurements)
@@ -72,7 +92,11 @@ class AgentCluster:
         self.started = time.time()
         if cfg.etcd is not None:
             keys = Keys(cfg.etcd_prefix)
-            self.member = ClusterMember(MemberConfig(cfg.etcd, keys, agent.state_dir, cfg.cluster_lease_ttl,
+            # Each agent starts with another member (by its name): the load spreads over them.
+            eps = cfg.etcd.endpoints
+            k = int.from_bytes(hashlib.blake2b(self.name.encode(), digest_size=4).digest(), "big") % len(eps)
+            etcd = dataclasses.replace(cfg.etcd, endpoints=eps[k:] + eps[:k])
+            self.member = ClusterMember(MemberConfig(etcd, keys, agent.state_dir, cfg.cluster_lease_ttl,
                                                      cfg.cluster_reconcile_every), self)
         if cfg.metrics is not None:
             try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from palm_net.cli.cluster import CONFIG_KEYS as CLUSTER_CONFIG_KEYS
-from palm_net.cli.cluster import add_agent_flags, add_commands, agent_settings
+from palm_net.cli.cluster import add_agent_flags, add_commands, agent_settings, cluster_line
 from palm_net.cli.output import (
     EXIT_FAIL,
     EXIT_USAGE,
@@ -284,7 +284,8 @@ def cmd_migrations(a: argparse.Namespace) -> int:
 def cmd_status(a: argparse.Namespace) -> int:
     r = control_request(a.control, "status", {})
     emit(r, a.json, lambda: f"agent {r['agent']} listening on port {r['listen_port']}, {r['vms']} VMs, "
-                            f"{r['incoming']} incoming, measurement {r['measurement'][:16]}...")
+                            f"{r['incoming']} incoming, measurement {r['measurement'][:16]}..."
+                            + cluster_line(r.get("cluster")))
     return 0
 
 

@@ -87,6 +87,26 @@ def agent_settings(a: argparse.Namespace, pick: Callable[..., Any]) -> dict[str,
     return {"etcd": etcd, "etcd_prefix": prefix, "advertise": advertise, "capacity": cap, "metrics": metrics}
 
 
+def cluster_line(c: dict[str, Any] | None) -> str:
+    """`palm status`'s cluster part: etcd, the lists in force, conflicts, a drain."""
+    if not c or "etcd" not in c:
+        return ""
+    lists = c.get("lists", {})
+    line = (f"\ncluster: etcd {c['etcd']}, {'registered' if c.get('registered') else 'not registered'}, "
+            f"lists of revision {lists.get('revision', 0)} ({len(lists.get('revoked', []))} revoked, "
+            f"{'own allowlist' if lists.get('allowlist') is None else 'cluster allowlist'})")
+    if c.get("note"):
+        line += f"\n  {c['note']}"
+    if c.get("conflicts"):
+        line += f"\n  VM records also claimed by another agent (not written): {', '.join(c['conflicts'])}"
+    if c.get("name_taken"):
+        line += f"\n  {c['name_taken']}"
+    if c.get("drain"):
+        d = c["drain"]
+        line += f"\n  draining: {d.get('state')}, {d.get('moved', 0)} moved, {d.get('failed', 0)} failed"
+    return line
+
+
 # --------------------------------------------------------------- commands
 
 
