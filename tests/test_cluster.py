@@ -6,12 +6,15 @@ decides), a drain, the metrics endpoint, and the `palm cluster` commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import trio
 
+from palm_net.agent.errors import AgentError
 from palm_net.cluster import EtcdClient
 from palm_net.cluster.admin import read_cluster, revoke, status_dict, unrevoke
 from palm_net.cluster.etcd import EtcdConfig
@@ -20,7 +23,7 @@ from palm_net.migration.handoff import HandoffState
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.cutproxy import CutProxy
-from palm_net.testing.etcd import MISSING_REASON, EtcdCluster, find_etcd
+from palm_net.testing.etcd import MISSING_REASON, OPENSSL_MISSING_REASON, EtcdCluster, find_etcd
 from palm_net.testing.proxy import FaultProxy, Rule
 from palm_net.wire.protocol import Role
 
@@ -332,6 +335,34 @@ async def test_drain_evacuates_a_host_within_the_limits(make, prefix):
                      what="the records following the drains")
 
 
+async def test_a_drain_goes_on_after_its_agent_restarts(make):
+    from palm_net.cluster.admin import drain_status, follow_drain, request_drain
+    from palm_net.cluster.model import DrainOptions
+
+    c = await make(names=("a", "b"))
+    await eventually(lambda: _both(c))
+    for i in range(4):
+        c["a"].registry.create_model(f"vm{i}", 16 * MiB)
+    opts = DrainOptions(max_source=1, bandwidth=32 * MiB)  # one at a time, half a second each
+    async with EtcdClient(c.etcd.config()) as e:
+        req, _ = await request_drain(e, c.keys, "a", opts, "test")
+        first = await eventually(lambda: _moved(e, c.keys, 1), what="the first VM moved")
+        await c.local.stop("a")  # the agent stops in the middle of the drain (the command is not even running)
+        mid = await drain_status(e, c.keys, "a")
+        assert mid is not None and mid.id == req.id and mid.counts()["moved"] < 4
+        await c.local.start("a")
+        st = await follow_drain(e, c.keys, "a", req.id, lambda s: None)
+    assert st.state == "done" and st.counts()["moved"] == 4 and st.started == first.started
+    assert sorted(c["b"].vms) == [f"vm{i}" for i in range(4)] and not c["a"].vms
+
+
+async def _moved(e: EtcdClient, keys: Keys, n: int):
+    from palm_net.cluster.admin import drain_status
+
+    st = await drain_status(e, keys, "a")
+    return st if st is not None and st.counts()["moved"] >= n else None
+
+
 async def _all_registered(c: Cluster, n: int):
     return len(await c.agents()) == n
 
@@ -373,6 +404,26 @@ async def test_metrics_endpoint(make):
     while chunk := await stream.receive_some(65536):
         data += chunk
     assert b'palm_migrations_total{outcome="committed",role="destination"} 1.0' in data
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason=OPENSSL_MISSING_REASON)
+async def test_an_agent_joins_over_tls_with_a_client_certificate(nursery, tmp_path):
+    with EtcdCluster(1, tls=True) as tls_etcd:
+        local = LocalCluster(("a",))
+        local.nursery = nursery
+        m = local.members["a"]
+        m.config.etcd = tls_etcd.config()
+        try:
+            await local.start("a")
+            async with EtcdClient(tls_etcd.config()) as e:
+                await eventually(lambda: e.get(KEYS.agent("a")), what="registration over TLS")
+            await local.stop("a")
+            m.config.etcd = dataclasses.replace(tls_etcd.config(), cert_file=tmp_path / "none.crt")
+            with pytest.raises(AgentError, match="etcd TLS files"):
+                await local.start("a")
+        finally:
+            await local.stop("a")
+            local.cleanup()
 
 
 def test_cli_status_revoke_and_drain(etcd, prefix, capsys, tmp_path: Path):

@@ -35,6 +35,7 @@ from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel
 from palm_net.cluster.converge import Fact, FactKind
+from palm_net.cluster.etcdwire import EtcdError
 from palm_net.cluster.gate import Lists, PeerGate
 from palm_net.cluster.host import DrainOutcome
 from palm_net.cluster.member import ClusterMember, MemberConfig
@@ -91,6 +92,10 @@ class AgentCluster:
         self._token: trio.lowlevel.TrioToken | None = None
         self.started = time.time()
         if cfg.etcd is not None:
+            try:
+                cfg.etcd.ssl_context()  # unreadable TLS files: refuse now, in one line, not retry forever
+            except EtcdError as exc:
+                raise AgentError(str(exc)) from None
             keys = Keys(cfg.etcd_prefix)
             # Each agent starts with another member (by its name): the load spreads over them.
             eps = cfg.etcd.endpoints
@@ -274,12 +279,14 @@ class AgentCluster:
                                a.outgoing.migrating(vm.name)))
         return out
 
-    async def drain_migrate(self, name: str, addr: str, on_sent: Callable[[int], None]) -> DrainOutcome:
+    async def drain_migrate(self, name: str, addr: str, on_sent: Callable[[int], None],
+                            bandwidth: int = 0) -> DrainOutcome:
         def progress(stats: MigrationStats) -> None:
             on_sent(stats.transferred)
 
+        params = MigrationParams(bandwidth=float(bandwidth) if bandwidth else None)
         try:
-            r = await self.agent.outgoing.migrate(name, addr, MigrationParams(), None, progress)
+            r = await self.agent.outgoing.migrate(name, addr, params, None, progress)
         except (AgentError, PalmError, ValueError) as exc:
             return DrainOutcome(False, str(exc))
         d = r.as_dict()

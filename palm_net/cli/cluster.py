@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from palm_net.cli.output import EXIT_FAIL, EXIT_USAGE, CliError, _fmt_table, emit
-from palm_net.units import format_bytes, parse_size
+from palm_net.units import format_bytes, parse_rate, parse_size
 
 ETCD_ENV = "PALM_ETCD_ENDPOINTS"
 CONFIG_KEYS = {"etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_prefix", "advertise", "capacity", "metrics"}
@@ -341,7 +341,9 @@ def _drain(a: argparse.Namespace) -> int:
                 "(palm cluster undrain)" if ok else "not draining"))
         return 0 if ok else EXIT_FAIL
     try:
-        opts = DrainOptions(a.max_cluster, a.max_source, a.timeout_per_gib, a.progress_timeout, a.attempts).check()
+        bw = parse_rate(a.bandwidth) if a.bandwidth else 0
+        opts = DrainOptions(a.max_cluster, a.max_source, a.timeout_per_gib, a.progress_timeout, a.attempts,
+                            int(bw)).check()
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     view = DrainView(a.host, live=not a.json and sys.stderr.isatty(), quiet=a.json)
@@ -429,6 +431,7 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], parser_c
                    help="cancel a migration that sent nothing for this long (default 150)")
     p.add_argument("--attempts", type=int, default=3, help="tries per VM, elsewhere each time if possible "
                                                            "(default 3)")
+    p.add_argument("--bandwidth", metavar="RATE", help="cap per migration, e.g. 1Gbit or 100MiB/s (default none)")
     p.add_argument("--no-wait", action="store_true", help="request the drain and return")
     p.add_argument("--stop", action="store_true", help="start no more migrations (HOST stays marked draining)")
     p = one("undrain", "HOST may receive VMs again (and a drain under way starts no more migrations)")

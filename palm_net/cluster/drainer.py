@@ -184,7 +184,8 @@ class Drain:
         plan = self.plan
         assert plan is not None
         try:
-            out = await self.host.drain_migrate(name, cand.addr, lambda sent: plan.progress(name, sent, time.time()))
+            out = await self.host.drain_migrate(name, cand.addr, lambda sent: plan.progress(name, sent, time.time()),
+                                                self.req.options.bandwidth)
         finally:
             await self.side.give_slot(self.etcd, slot, value)
         plan.finished(name, out.ok, out.error, out.total_ms, out.downtime_ms)

@@ -48,7 +48,8 @@ class ClusterHost(Protocol):
         """The VMs of this host as a drain sees them."""
         ...
 
-    async def drain_migrate(self, name: str, addr: str, on_sent: Callable[[int], None]) -> DrainOutcome:
+    async def drain_migrate(self, name: str, addr: str, on_sent: Callable[[int], None],
+                            bandwidth: int = 0) -> DrainOutcome:
         """Migrates a VM as `palm migrate` would (never raises for a failed migration)."""
         ...
 

@@ -344,11 +344,14 @@ class DrainOptions:
     per_gib: float = 150.0  # completion timeout: this many seconds per GiB of guest memory (at least 60 s)
     progress_timeout: float = 150.0  # cancelled when no byte went out for this long (before the handoff only)
     attempts: int = 3  # tries per VM (another destination each time where there is one)
+    bandwidth: int = 0  # bytes a second per migration (0: no cap)
 
     def check(self) -> DrainOptions:
         if not (1 <= self.max_cluster <= MAX_SLOTS and 1 <= self.max_source <= MAX_SLOTS
-                and 0 < self.per_gib <= 1e6 and 0 < self.progress_timeout <= 1e6 and 1 <= self.attempts <= 100):
-            raise ValueError("drain limits: max_cluster and max_source 1..100, timeouts positive, attempts 1..100")
+                and 0 < self.per_gib <= 1e6 and 0 < self.progress_timeout <= 1e6 and 1 <= self.attempts <= 100
+                and 0 <= self.bandwidth <= 1 << 40):
+            raise ValueError("drain limits: max_cluster and max_source 1..100, timeouts positive, attempts 1..100, "
+                             "bandwidth up to 1 TiB/s")
         return self
 
 
@@ -376,7 +379,8 @@ class DrainRequest:
             raise RecordError(f"{w}: options is not an object")
         opts = DrainOptions(_int(o, "max_cluster", w, 1, MAX_SLOTS, 5), _int(o, "max_source", w, 1, MAX_SLOTS, 2),
                             _num(o, "per_gib", w, 1e-3, 1e6, 150.0), _num(o, "progress_timeout", w, 1e-3, 1e6, 150.0),
-                            _int(o, "attempts", w, 1, 100, 3))  # each field in its range: check() holds
+                            _int(o, "attempts", w, 1, 100, 3), _int(o, "bandwidth", w, 0, 1 << 40, 0))
+        # each field in its range: check() holds
         return cls(_hex(d, "id", w, 8), _num(d, "at", w, hi=1e11), _text(d, "by", w, default="", limit=128),
                    opts, _bool(d, "stop", w, default=False))
 
