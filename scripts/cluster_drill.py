@@ -132,6 +132,8 @@ def record_problems(drill: Any) -> list[str]:
     for name, agents in by_name.items():
         problems.append(f"record for unknown VM {name} on {agents}")
     problems += [f"invalid record: {p}" for p in view.problems]
+    problems += [f"{a.name} reports {a.conflicts} VM records another agent also claims"
+                 for a in view.agents.values() if a.conflicts]
     return problems
 
 

@@ -156,6 +156,16 @@ def test_an_unreadable_record_is_replaced_by_the_host_only():
     assert Converger("b").plan({}, bad, 0.0) == []
 
 
+def test_arrivals_from_the_recorded_agent_are_commits_not_conflicts():
+    """A VM going back and forth: each arrival replaces the record of the agent it came from."""
+    conv = Converger("a")
+    for t in range(10):
+        fact = Fact(FactKind.HOSTS, VID, VmRecord(VID, "web", "a", f"{t:032x}"), came_from="b")
+        acts = conv.plan({VID: fact}, read("b", migration=f"{t + 100:032x}"), now=float(t))
+        assert len(acts) == 1 and acts[0].record.migration == f"{t:032x}"
+    assert conv.conflicts == set()
+
+
 def test_two_hosts_of_one_vm_stop_fighting_and_report_it():
     """Only after an operator override forked a VM can two agents both host it."""
     conv = Converger("a")

@@ -236,10 +236,10 @@ class AgentCluster:
         # Settled migrations, newest first: where a VM that left went (DONE), and which
         # migration put a VM here (COMMITTED; an activated VM no longer records it).
         settled = store.list(states=(HandoffState.DONE, HandoffState.COMMITTED), limit=2000)
-        placed: dict[bytes, str] = {}
+        placed: dict[bytes, tuple[str, str]] = {}  # vm_id -> (migration id, the agent it came from)
         for done in settled:
             if done.role is Role.DESTINATION:
-                placed.setdefault(done.vm_id, done.mid.hex())
+                placed.setdefault(done.vm_id, (done.mid.hex(), done.peer.name))
         facts: dict[str, Fact] = {}
         for vm in a.registry:
             vid = vm.info.vm_id.hex()
@@ -252,8 +252,9 @@ class AgentCluster:
                 facts[vid] = Fact(FactKind.IN_DOUBT, vid)
                 continue
             state = vm.state if vm.state in VM_STATES else "unknown"
-            facts[vid] = Fact(FactKind.HOSTS, vid, VmRecord(vid, vm.name, self.name, placed.get(vm.info.vm_id, ""),
-                                                            vm.info.npages * PAGE_SIZE, vm.backend, vm.policy, state))
+            by, came_from = placed.get(vm.info.vm_id, ("", ""))
+            facts[vid] = Fact(FactKind.HOSTS, vid, VmRecord(vid, vm.name, self.name, by, vm.info.npages * PAGE_SIZE,
+                                                            vm.backend, vm.policy, state), came_from=came_from)
         # VMs no longer here: the newest settled migration of each says where it went
         # (DONE: to its destination), or that it came here and left otherwise (destroyed).
         seen = set(facts)

@@ -13,6 +13,7 @@ What an agent knows about a VM (a ``Fact``) and what it does to the record:
 |---|---|---|
 | HOSTS: it runs here (not in doubt, not arriving) | nothing | the record naming it |
 | HOSTS | this agent | only what changed (state, name, migration id) |
+| HOSTS, arrived by M from A | A (before M) | the record naming it and M: COMMIT's move |
 | HOSTS | another agent, or garbage | the record naming it (the handoff says it runs here, and only here) |
 | GONE_TO(B, M): it left by migration M, committed on B | this agent | the record naming B and M |
 | GONE: it is not here and nothing says where it went | this agent | deletes the record |
@@ -25,8 +26,9 @@ left stale by a partition is corrected by the agent that hosts the VM, or
 by the one it names.  Only the VM's host ever names itself, and the handoff
 lets one host at a time run a VM, so two agents never fight over a record,
 except after an operator's override forked a VM: an agent that had to take
-a record over ``CONFLICT_LIMIT`` times within ``CONFLICT_WINDOW`` stops
-writing it and reports the conflict (its status, and the agent record).
+over a record naming an agent other than the one the VM came from
+``CONFLICT_LIMIT`` times within ``CONFLICT_WINDOW`` stops writing it and
+reports the conflict (its status, and the agent record).
 
 Nothing here, and nothing anywhere, starts or stops a VM because of a record.
 """
@@ -59,6 +61,7 @@ class Fact:
     record: VmRecord | None = None  # HOSTS: the record as this agent would write it
     to: str = ""  # GONE_TO: the destination agent
     migration: str = ""  # GONE_TO: the migration that took it there
+    came_from: str = ""  # HOSTS: the source of the migration that put it here ("" if made here)
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,12 @@ class Converger:
                 want = replace(want, migration=rec.migration)  # not known here: keep what the record knows
             return None if _same(rec, want) else Write(want, rev, "runs here, record out of date")
         # The record names another agent (or cannot be read): the handoff says the VM runs here.
+        if rec is not None and fact.came_from and rec.agent == fact.came_from and want.migration \
+                and rec.migration != want.migration:
+            # The COMMIT of the migration that put it here, from the agent it came from: the
+            # expected move, keyed by that migration's id.
+            self._calm(read.vm_id)
+            return Write(want, rev, f"committed here by migration {want.migration[:8]} from {rec.agent}")
         if read.vm_id in self.conflicts:
             return None
         seen = self._takeovers.setdefault(read.vm_id, deque())
