@@ -281,4 +281,11 @@ def test_drain_plan_limits_retries_timeouts_and_resume():
         again.refresh(here)
     st = again.status(300.0)
     assert st.vms["v2"].state == "failed" and st.vms["v2"].attempts == 2 and st.state == "incomplete"
+    # a VM that left by a committed migration the plan did not see end (its agent restarted)
+    # counts as moved; one that is simply gone does not
+    last = DrainPlan.resume(plan.id, "a", opts, 400.0, st)
+    last.vms["x"] = DrainVm("waiting", memory=MiB)
+    last.vms["y"] = DrainVm("waiting", memory=MiB)
+    last.refresh([], left={"x": "c"})
+    assert (last.vms["x"].state, last.vms["x"].to, last.vms["y"].state) == ("moved", "c", "gone")
     assert st.vms["v0"].state == st.vms["v1"].state == "moved" and st.vms["p"].state == "unplaceable"

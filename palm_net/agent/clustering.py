@@ -280,6 +280,14 @@ class AgentCluster:
                                a.outgoing.migrating(vm.name)))
         return out
 
+    def departed(self) -> dict[str, str]:
+        a = self.agent
+        out: dict[str, str] = {}
+        for row in a.store.list(role=Role.SOURCE, states=(HandoffState.DONE,), limit=1000):  # newest first
+            if row.vm not in a.registry.vms:
+                out.setdefault(row.vm, row.peer.name)
+        return out
+
     async def drain_migrate(self, name: str, addr: str, on_sent: Callable[[int], None],
                             bandwidth: int = 0) -> DrainOutcome:
         def progress(stats: MigrationStats) -> None:

@@ -151,7 +151,7 @@ class Drain:
             if cur is None or cur.stop or cur.id != plan.id:
                 plan.stopped = True
             here = self.host.movable()
-            plan.refresh(here)
+            plan.refresh(here, self.host.departed())
             now = time.time()
             for name, why in plan.overdue(now):
                 log.warning("drain migration overdue: cancelling it", vm=name, why=why)

@@ -48,6 +48,10 @@ class ClusterHost(Protocol):
         """The VMs of this host as a drain sees them."""
         ...
 
+    def departed(self) -> dict[str, str]:
+        """VMs no longer here that left by a committed migration: name -> destination agent."""
+        ...
+
     async def drain_migrate(self, name: str, addr: str, on_sent: Callable[[int], None],
                             bandwidth: int = 0) -> DrainOutcome:
         """Migrates a VM as `palm migrate` would (never raises for a failed migration)."""

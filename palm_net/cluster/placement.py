@@ -148,7 +148,10 @@ class DrainPlan:
 
     # -- what the host has now
 
-    def refresh(self, here: list[Movable]) -> None:
+    def refresh(self, here: list[Movable], left: dict[str, str] | None = None) -> None:
+        """What the host has now; ``left``: VMs that left it by a committed migration, to where
+        (one that was under way when the agent restarted, or one moved by hand)."""
+        left = left or {}
         names = {v.name for v in here}
         for v in here:
             cur = self.vms.get(v.name)
@@ -161,7 +164,12 @@ class DrainPlan:
                 self.vms[v.name] = replace(cur, memory=v.memory)
         for name, cur in list(self.vms.items()):
             if name not in names and name not in self.flying and cur.state in ("waiting", "unplaceable", "failed"):
-                self.vms[name] = replace(cur, state="gone", error="no longer on this host (not moved by the drain)")
+                if name in left:
+                    self.vms[name] = replace(cur, state="moved", to=left[name],
+                                             error="committed while the drain was not watching (a restart)")
+                else:
+                    self.vms[name] = replace(cur, state="gone", error="no longer on this host (not moved by a "
+                                                                      "migration)")
 
     # -- choosing
 
