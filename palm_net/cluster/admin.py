@@ -50,6 +50,7 @@ class ClusterView:
     drain_status: dict[str, DrainStatus] = field(default_factory=dict)
     slots: dict[str, Slot] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # values that are not valid records
+    config_revision: int = 0  # the newest write under config/ still there (a deletion leaves no trace)
 
 
 async def read_cluster(etcd: EtcdClient, keys: Keys) -> ClusterView:
@@ -58,6 +59,8 @@ async def read_cluster(etcd: EtcdClient, keys: Keys) -> ClusterView:
     view = ClusterView(snap.revision)
     for kv in snap.kvs:
         k, v = kv.key, kv.value
+        if k.startswith(keys.config):
+            view.config_revision = max(view.config_revision, kv.mod_revision)
         try:
             if k.startswith(keys.agents):
                 rec = AgentRecord.decode(v)
@@ -92,7 +95,6 @@ async def read_cluster(etcd: EtcdClient, keys: Keys) -> ClusterView:
 def status_dict(view: ClusterView) -> dict[str, Any]:
     """What `palm cluster status --json` prints."""
     agents = []
-    newest = max((a.lists_revision for a in view.agents.values()), default=0)
     for name, a in sorted(view.agents.items()):
         health = "revoked" if name in view.revoked else "draining" if name in view.drains else "ok"
         if a.in_doubt:
@@ -104,7 +106,7 @@ def status_dict(view: ClusterView) -> dict[str, Any]:
         agents.append({"name": name, "addr": a.addr, "health": health, "alive": True, "vms": a.vms,
                        "free": a.free, "capacity": a.capacity, "measurement": a.measurement, "roles": list(a.roles),
                        "version": a.version, "lists_revision": a.lists_revision,
-                       "lists_behind": a.lists_revision < newest, "started": a.started})
+                       "lists_behind": a.lists_revision < view.config_revision, "started": a.started})
     for name in sorted(set(view.revoked) - set(view.agents)):
         agents.append({"name": name, "health": "revoked", "alive": False})
     vms = []
