@@ -2,6 +2,7 @@
 """Scripted cluster drills: N agents, VMs, migrations, faults, kills; invariants after every step.
 
     scripts/drill scripts/drills/basic.toml [--agents N] [--seed S] [--loopback]
+    scripts/drill scripts/drills/cluster.toml       # with a real etcd cluster (scripts/cluster_drill.py)
     scripts/drill --containers scripts/drills/containers.toml
 
 Each agent runs as its own process.  As root with `ip` available, each lives
@@ -19,7 +20,8 @@ Ctrl-C, and so is what Podman left on the host.
 
 Invariants checked after every step: each VM runs on exactly one agent;
 digest continuity for VMs without a workload; no leftover state (no incoming
-VM, no unfinished or in-doubt migration once settled); protected pages verify.
+VM, no unfinished or in-doubt migration once settled); protected pages verify;
+with etcd, the cluster record of every VM names the agent that runs it.
 Exit status 1 if any invariant was violated.
 """
 
@@ -58,19 +60,32 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 class ProcessCluster:
-    """Agents as processes on this host: in network namespaces (root) or on loopback."""
+    """Agents as processes on this host: in network namespaces (root) or on loopback;
+    with ``etcd`` members, an etcd cluster beside them (scripts/cluster_drill.py)."""
 
-    def __init__(self, n: int, loopback: bool, root: Path) -> None:
+    def __init__(self, n: int, loopback: bool, root: Path, etcd: int = 0) -> None:
         self.root = root
-        self.net = Network(n, loopback)
+        self.net = Network(n + etcd, loopback)
+        self.etcd = None
+        extra = ["--max-incoming", "8"]
+        if etcd:
+            from cluster_drill import DrillEtcd
+
+            self.etcd = DrillEtcd(self.net, n, etcd)
         names = [f"agent{i}" for i in range(n)]
         provision(root, names)
         self.agents = [AgentProcess(root, name, host=self.net.host(i), port=PORT if self.net.netns else None,
-                                    prefix=self.net.prefix(i), extra=["--max-incoming", "8"])
+                                    prefix=self.net.prefix(i), extra=extra)
                        for i, name in enumerate(names)]
         self.kind = "network namespaces" if self.net.netns else "loopback"
+        if etcd:
+            self.kind += f", etcd of {etcd} members"
 
     def start(self) -> None:
+        if self.etcd is not None:
+            self.etcd.start()
+            for ag in self.agents:
+                ag.extra = [*ag.extra, *self.etcd.agent_args()]  # its members' addresses are known now
         for ag in self.agents:
             ag.start()
 
@@ -82,6 +97,8 @@ class ProcessCluster:
 
     def close(self) -> list[str]:
         remove_all(self.root, self.agents)
+        if self.etcd is not None:
+            self.etcd.stop()
         self.net.cleanup()
         return []
 
@@ -199,6 +216,8 @@ class Drill:
         self.vms: dict[str, VmSpec] = {}
         self.results: list[StepResult] = []
         self.counts: dict[str, int] = {}
+        self.etcd = getattr(cluster, "etcd", None)  # scripts/cluster_drill.DrillEtcd, with etcd = N
+        self.cluster_notes: list[str] = []
 
     def index(self, name: str | int) -> int:
         if isinstance(name, int):
@@ -254,6 +273,10 @@ class Drill:
                     problems.append(f"{name}: QEMU says {show['qemu_status']}, QEMU processes on the host {procs}")
             if not ag.request("vm.verify", name=name, timeout=60)["ok"]:
                 problems.append(f"{name}: protected pages fail verification")
+        if self.etcd is not None and not problems:
+            from cluster_drill import record_problems
+
+            problems += record_problems(self)
         return problems
 
     # -- actions
@@ -284,6 +307,30 @@ class Drill:
         """A running QEMU guest writes its RAM (its BIOS): its content region is what must not change."""
         args = {"range": f"{QEMU_LOAD:#x}:{QEMU_CONTENT}"} if spec.backend == "qemu" else {}
         return str(ag.request("vm.digest", name=spec.name, timeout=60, **args)["digest"])
+
+    def scratch_vm(self, on: int) -> str:
+        """A small idle VM on agent ``on`` for probes (made once, then checked like the others)."""
+        name = f"probe{on}"
+        if name not in self.vms:
+            spec = VmSpec(name, on, "8MiB", 0)
+            self.agents[on].request("vm.create", name=name, memory=spec.memory, fill="random")
+            spec.digest = self.digest(self.agents[on], spec)
+            self.vms[name] = spec
+        return name
+
+    def migrate_start(self, vm: str, to: int, **args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+        args.setdefault("reply_timeout", 5.0)
+        return self.agents[self.vms[vm].on].migrate_async(vm, self.agents[to].addr, **args)
+
+    def migrate_finish(self, vm: str, to: int, t: threading.Thread, result: dict[str, Any]) -> tuple[str, float | None]:
+        t.join(300)
+        r = result.get("result")
+        if r is None:
+            return f"source agent gone ({result.get('error', 'killed')})", None
+        if r["ok"]:
+            self.vms[vm].on = to
+            return "migrated", r["downtime_ms"]
+        return f"{r['status']}: {str(r['error'])[:60]}", None
 
     def migrate(self, vm: str, to: int, rule: Rule | None = None, kill: str | None = None,
                 **args: Any) -> tuple[str, float | None]:
@@ -376,8 +423,16 @@ class Drill:
                 self._record(n, action, f"#{k} {vm} -> agent{to} fault {desc}", outcome, down,
                              check=step.get("check_every", 1) and k % step.get("check_every", 1) == 0)
         else:
-            raise SystemExit(f"drill: unknown action {action!r}")
+            from cluster_drill import run_step
+
+            if not run_step(self, n, step):
+                raise SystemExit(f"drill: unknown action {action!r}" + ("" if self.etcd else
+                                                                       " (cluster steps need etcd = N in [drill])"))
         del t0
+
+    def record(self, n: int, action: str, detail: str, outcome: str, down: float | None = None,
+               check: bool = True) -> None:
+        self._record(n, action, detail, outcome, down, check)
 
     def _record(self, n: int, action: str, detail: str, outcome: str, down: float | None = None,
                 check: bool = True) -> None:
@@ -395,7 +450,8 @@ class Drill:
                         f"{'-' if r.downtime_ms is None else f'{r.downtime_ms:.1f}':>9}  "
                         f"{'ok' if not r.violations else '; '.join(r.violations)}")
         migrated = sum(1 for r in self.results if r.outcome == "migrated")
-        failed = sum(1 for r in self.results if r.action != "rate" and r.outcome != "migrated"
+        failed = sum(1 for r in self.results if r.action in ("migrate", "ring", "concurrent", "random")
+                     and r.outcome != "migrated"
                      and not r.outcome.startswith("skipped"))
         viol = sum(len(r.violations) for r in self.results)
         downs = sorted(r.downtime_ms for r in self.results if r.downtime_ms is not None)
@@ -403,6 +459,7 @@ class Drill:
         rows.append("")
         rows.append(f"steps {len(self.results)}, migrations completed {migrated}, failed closed {failed}, "
                     f"median downtime {med}, faults injected {self.counts or {}}, invariant violations {viol}")
+        rows += self.cluster_notes
         return "\n".join(rows)
 
 
@@ -445,6 +502,10 @@ def main() -> int:
     def on_signal(signum: int, _: Any) -> None:
         raise KeyboardInterrupt
 
+    from palm_net import logs
+
+    logs.configure("console", "warning")  # the drill's own etcd client: warnings only
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     t0 = time.monotonic()
@@ -453,7 +514,7 @@ def main() -> int:
     rc = 1
     try:
         cluster = (container_cluster.ContainerCluster(n, root) if a.containers
-                   else ProcessCluster(n, a.loopback, root))
+                   else ProcessCluster(n, a.loopback, root, int(meta.get("etcd", 0))))
         drill = Drill(sc, cluster, a.seed if a.seed is not None else meta.get("seed", 1), root)
         print(f"drill {meta.get('name', a.scenario.stem)}: {len(drill.agents)} agents ({cluster.kind}), "
               f"root {root}", flush=True)

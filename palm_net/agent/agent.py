@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 import trio
 
+from palm_net.agent.clustering import AgentCluster
 from palm_net.agent.control import ControlServer
 from palm_net.agent.errors import AgentError
 from palm_net.agent.incoming import IncomingLimits, IncomingService
@@ -35,6 +36,7 @@ from palm_net.agent.paths import MAX_RUN_DIR, default_control, default_run_dir
 from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import ChannelConfig, Purpose, TransportMode, default_ciphers
 from palm_net.channel.transport import SecureChannel, connect
+from palm_net.cluster.etcd import EtcdConfig
 from palm_net.crypto.identity import (
     CERT_FILE,
     IDENTITY_FILE,
@@ -95,6 +97,14 @@ class AgentConfig:
     qemu_accel: str | None = None  # kvm or tcg; None: KVM when /dev/kvm is usable
     run_dir: Path | None = None  # sockets and QEMU jails; None: palm_net.agent.paths.default_run_dir
     qemu_uids: tuple[int, int] = DEFAULT_UIDS  # (first, count) of the uids confined QEMUs run as (root only)
+    # the cluster (docs/CLUSTER.md): etcd, how others reach this agent, what it offers; metrics
+    etcd: EtcdConfig | None = None  # None: no cluster, everything as without it
+    etcd_prefix: str = "/palm/"
+    advertise: str | None = None  # HOST:PORT other agents reach this one at (default: --listen)
+    capacity: int | None = None  # guest memory this host offers (default: the memory directory's file system)
+    cluster_lease_ttl: int = 10
+    cluster_reconcile_every: float = 15.0
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
 
     def __post_init__(self) -> None:
         for name in ("max_incoming", "max_incoming_memory", "max_incoming_per_peer", "incoming_deadline_per_gib",
@@ -128,6 +138,7 @@ class Agent:
                                 cfg.session_rate)
         self.incoming = IncomingService(self.channel_config, self.store, self.identity.signing, self.registry,
                                         limits, cfg.accept_qemu)
+        self.cluster = AgentCluster(self)  # the peer gate; with --etcd the cluster member, with --metrics those
 
     def _open(self) -> None:
         """Takes the state directory (one agent per directory), then keys,
@@ -265,6 +276,7 @@ class Agent:
                 await channel.aclose()
             raise AgentError(f"{addr} is this agent ({self.identity.name}): a VM cannot migrate to the agent "
                              "it runs on")
+        await self.cluster.check_outgoing(channel)  # revoked, or not allowed by the cluster's list
         return channel
 
     # -- the service ----------------------------------------------------------
@@ -279,9 +291,13 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         inc = self.incoming
-        return {"agent": self.identity.name, "listen_port": self.listen_port, "vms": len(self.registry),
-                "measurement": self.measurement.hex(), "accepting": inc.accepting, "incoming": len(inc.runs),
-                "connections": inc.connections, "counters": dict(inc.counters)}
+        out = {"agent": self.identity.name, "listen_port": self.listen_port, "vms": len(self.registry),
+               "measurement": self.measurement.hex(), "accepting": inc.accepting, "incoming": len(inc.runs),
+               "connections": inc.connections, "counters": dict(inc.counters)}
+        cluster = self.cluster.status()
+        if cluster is not None:
+            out["cluster"] = cluster
+        return out
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_hostport(self.cfg.listen)
@@ -306,6 +322,7 @@ class Agent:
                     nursery.start_soon(self.outgoing.recover, mid)
                 nursery.start_soon(control.serve)
                 nursery.start_soon(self._prune)
+                await self.cluster.start(nursery)
                 await nursery.start(trio.serve_listeners, self.incoming.handle, listeners)
                 task_status.started(self)
         finally:

@@ -25,7 +25,7 @@ from nacl.signing import SigningKey
 from palm_net.agent.errors import AgentError
 from palm_net.agent.limits import Admission, TokenBuckets
 from palm_net.agent.registry import VmRegistry
-from palm_net.channel.handshake import ChannelConfig, Purpose
+from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel, accept
 from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
 from palm_net.hypervisor.vms import AnyVM
@@ -102,6 +102,11 @@ class IncomingService:
         self._pending: dict[object, list[Any]] = {}  # key -> [cancel scope, handshake]
         self._refusals: dict[str, int] = {}
         self._refusal_logged = 0.0
+        # The cluster's peer gate (palm_net.cluster.gate), consulted after each handshake
+        # and, when its lists change, for every session in flight (recheck).
+        self.gate: Callable[[PeerInfo, Purpose], PalmError | None] = lambda peer, purpose: None
+        self._live: dict[object, tuple[SecureChannel, trio.CancelScope]] = {}
+        self.on_settled: list[Callable[[str], None]] = []  # told how each MIGRATION session ended
 
     @property
     def accepting(self) -> bool:
@@ -182,6 +187,12 @@ class IncomingService:
             self._pending.pop(key, None)
         if scope.cancelled_caught:
             return None
+        refused = self.gate(channel.result.peer, channel.result.purpose)
+        if refused is not None:
+            self._count(f"refused-{refused.code}")
+            self._log_refusal(refused.code.value, refused.detail)
+            await _close(channel)
+            return None
         if not self.sessions.take(channel.result.peer.static_pub):
             self._count("refused-session-rate")
             self._log_refusal("session-rate", f"peer {channel.peer_name!r} opens sessions too fast")
@@ -198,16 +209,44 @@ class IncomingService:
             return await self._open(session, mid, begin, peer)
 
         run: DestinationRun | None = None
+        key, scope = object(), trio.CancelScope()
+        self._live[key] = (channel, scope)
         try:
-            run = await serve_incoming(channel, self.store, self.signing, open_vm,
-                                       self.limits.max_memory // PAGE_SIZE, self.limits.deadline_per_gib,
-                                       self.runs)
+            with scope:  # cancelled by recheck: the peer was refused before READY
+                run = await serve_incoming(channel, self.store, self.signing, open_vm,
+                                           self.limits.max_memory // PAGE_SIZE, self.limits.deadline_per_gib,
+                                           self.runs)
         except (PalmError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if channel.result.purpose is Purpose.RECOVERY:
                 log.warning("recovery session refused", peer=channel.peer_name, error=type(exc).__name__,
                             reason=str(exc)[:200])
         finally:
+            del self._live[key]
             self._settle(session, run)
+            if channel.result.purpose is Purpose.MIGRATION:
+                outcome = (run.engine.outcome if run is not None else None) or ("aborted" if session.vm else "refused")
+                for fn in self.on_settled:
+                    fn(outcome)
+
+    def recheck(self) -> None:
+        """The peers allowed changed: each session in flight with a peer now refused ends
+        if its destination engine has not reached READY (it aborts forever and sends no
+        READY); past READY the handoff rules decide."""
+        for channel, scope in list(self._live.values()):
+            refused = self.gate(channel.result.peer, channel.result.purpose)
+            if refused is None:
+                continue
+            run = next((r for r in self.runs.values() if r.ch is channel), None)
+            outcome = run.engine.outcome if run is not None else None
+            if outcome is None:
+                log.warning("incoming migration ended before READY: peer now refused", peer=channel.peer_name,
+                            migration=run.engine.mid.hex() if run is not None and run.engine.mid else None,
+                            error=refused.code.value, reason=refused.detail)
+                self._count(f"ended-{refused.code}")
+                scope.cancel()
+            else:
+                log.warning("peer now refused, but the migration is past READY: the handoff rules decide",
+                            peer=channel.peer_name, outcome=outcome)
 
     # -- BEGIN: admission, the VM, the durable row; and the end of a session
 

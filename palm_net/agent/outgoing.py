@@ -19,12 +19,14 @@ import trio
 
 from palm_net.agent.errors import AgentError
 from palm_net.agent.registry import VmRegistry
+from palm_net.channel.handshake import PeerInfo
 from palm_net.channel.transport import SecureChannel
 from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.orchestrate import MigrationResult, migrate_out, override_resume, recover_once
 from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.wire.errors import PalmError
 from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.agent")
@@ -50,6 +52,8 @@ class LiveMigration:
     started: float
     cancel: trio.CancelScope
     result: MigrationResult | None = None
+    peer_info: PeerInfo | None = None  # the attested destination, once the handshake named it
+    cancel_reason: str = "by the operator"
 
 
 class OutgoingService:
@@ -62,6 +66,7 @@ class OutgoingService:
         self.in_doubt_wait = in_doubt_wait  # read at each migration (the setting may change)
         self.live: dict[bytes, LiveMigration] = {}
         self.nursery: trio.Nursery | None = None  # where recovery tasks run (set by the agent's serve)
+        self.on_result: list[Callable[[MigrationResult], None]] = []  # told of each migration's result
 
     def migrating(self, name: str) -> bool:
         return any(lm.vm == name and lm.result is None for lm in self.live.values())
@@ -86,11 +91,13 @@ class OutgoingService:
         """Migrates a VM out; AgentError for a request refused before anything starts."""
         vm = self.check(name, to, params)
 
-        async def connect(addr: str) -> SecureChannel:
-            return await self.connect(addr, params.plain, cipher)
-
         mid = mid or os.urandom(16)
         lm = LiveMigration(mid, name, to, MigrationStats(), time.time(), trio.CancelScope())
+
+        async def connect(addr: str) -> SecureChannel:
+            channel = await self.connect(addr, params.plain, cipher)
+            lm.peer_info = channel.result.peer
+            return channel
 
         def progress(stats: MigrationStats) -> None:
             lm.stats = stats
@@ -107,7 +114,7 @@ class OutgoingService:
             del self.live[mid]  # refused on the way (e.g. the destination is this agent): not a migration
             raise
         if result is None:  # cancelled by the operator before the handoff: the VM runs here
-            result = MigrationResult(False, mid, name, "cancelled", lm.stats, "cancelled: by the operator",
+            result = MigrationResult(False, mid, name, "cancelled", lm.stats, f"cancelled: {lm.cancel_reason}",
                                      lm.stats.phase, "source" if vm.running else "none (paused, in doubt)")
         lm.result = result
         if not result.ok and self.store.get(mid) is None:  # failed before BEGIN: no row, so say it here
@@ -117,6 +124,8 @@ class OutgoingService:
         if result.status == "in-doubt" and self.nursery is not None:
             self.nursery.start_soon(self.recover, result.mid)
         self._trim()
+        for fn in self.on_result:
+            fn(result)
         return result
 
     def _settle(self, vm: AnyVM | None, outcome: str) -> None:
@@ -142,6 +151,32 @@ class OutgoingService:
                 lm.cancel.cancel()
                 return "cancelling"
         raise AgentError(f"no migration in flight with id {mid_hex}")
+
+    def cancel_before_handoff(self, lm: LiveMigration, reason: str) -> bool:
+        """Cancels a migration in flight if it has not reached the handoff point (it then
+        resumes here); False if it has (the handoff rules decide)."""
+        row = self.store.get(lm.mid)
+        if lm.result is not None or (row is not None and row.state is not HandoffState.SENDING):
+            return False
+        lm.cancel_reason = reason
+        lm.cancel.cancel()
+        return True
+
+    def recheck(self, refusal: Callable[[PeerInfo], PalmError | None]) -> None:
+        """The peers allowed changed: a migration in flight to one now refused ends before
+        the handoff point (it never hands off); past it, the handoff rules decide."""
+        for lm in list(self.live.values()):
+            if lm.result is not None or lm.peer_info is None:
+                continue
+            err = refusal(lm.peer_info)
+            if err is None:
+                continue
+            if self.cancel_before_handoff(lm, err.detail):
+                log.warning("migration cancelled before the handoff: peer now refused", migration=lm.mid.hex(),
+                            vm=lm.vm, peer=lm.peer_info.name, phase=lm.stats.phase, error=err.code.value)
+            else:
+                log.warning("peer now refused, but the migration is past the handoff point: the handoff rules "
+                            "decide", migration=lm.mid.hex(), vm=lm.vm, peer=lm.peer_info.name)
 
     def in_doubt(self) -> list[bytes]:
         return [r.mid for r in self.store.list(role=Role.SOURCE, states=(HandoffState.HANDED_OFF,))]

@@ -44,6 +44,7 @@ class VmRegistry:
         self.migrating = migrating  # the outgoing service: is this VM migrating now?
         self.vms: dict[str, AnyVM] = {}
         self._reserved: set[str] = set()  # names of incoming VMs being made
+        self.changed: Callable[[], None] = lambda: None  # told when a VM comes, goes or changes state
 
     def __iter__(self) -> Iterator[AnyVM]:
         return iter(list(self.vms.values()))
@@ -71,6 +72,7 @@ class VmRegistry:
     def forget(self, vm: AnyVM) -> None:
         if self.vms.get(vm.name) is vm:
             del self.vms[vm.name]
+            self.changed()
 
     def name_free(self, name: str) -> bool:
         return name not in self.vms and name not in self._reserved and not self.dir_of(name).exists()
@@ -91,6 +93,7 @@ class VmRegistry:
         """The VM made on a reserved name becomes ours."""
         self._reserved.discard(vm.name)
         self.vms[vm.name] = vm
+        self.changed()
 
     def unreserve(self, name: str) -> None:
         """A reservation given up: nothing was made, or what was made is gone."""
@@ -185,6 +188,7 @@ class VmRegistry:
             raise AgentError(f"VM {name!r} is {vm.state}")
         (vm.resume if run else vm.pause)()
         log.info("VM resumed" if run else "VM paused", vm=name)
+        self.changed()
         return vm
 
     def destroy(self, name: str) -> None:
@@ -196,7 +200,9 @@ class VmRegistry:
     # -- workloads (the model's stand-in for a guest's own code)
 
     def start_workload(self, vm: AnyVM) -> None:
-        """Never fails: a VM whose workload cannot run is simply idle (logged)."""
+        """Never fails: a VM whose workload cannot run is simply idle (logged).  Called
+        whenever a VM runs here (again): after COMMIT, after a migration out failed."""
+        self.changed()
         if not isinstance(vm, ModelVM) or vm.workload is not None:
             return  # a QEMU guest runs its own code
         spec = str(vm.config.get("workload", "idle"))

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from palm_net.cli.cluster import CONFIG_KEYS as CLUSTER_CONFIG_KEYS
+from palm_net.cli.cluster import add_agent_flags, add_commands, agent_settings, cluster_line
 from palm_net.cli.output import (
     EXIT_FAIL,
     EXIT_INTERRUPTED,
@@ -137,6 +139,7 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "no_qemu": (bool,), "qemu_accel": (str,), "qemu_uids": (str,), "max_incoming_per_peer": (int,),
     "incoming_deadline_per_gib": (int, float), "max_connections": (int,), "handshake_rate": (int, float),
     "session_rate": (int, float),
+    **{key: (str,) for key in CLUSTER_CONFIG_KEYS},  # etcd URLs, files, addresses, a size
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
 
@@ -234,6 +237,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
             accept_qemu=not bool(pick(a.no_qemu or None, "no_qemu", False)),
             qemu_accel=pick(a.qemu_accel, "qemu_accel"),
             run_dir=Path(pick(a.run_dir, "run_dir")) if pick(a.run_dir, "run_dir") else None,
+            **agent_settings(a, pick),  # the cluster: --etcd, --advertise, --capacity, --metrics
         )
         if uids:
             cfg.qemu_uids = (int(first), int(count))
@@ -467,7 +471,7 @@ def cmd_migrations(a: argparse.Namespace) -> int:
 
 def cmd_status(a: argparse.Namespace) -> int:
     r = control_request(_control(a), "status", {})
-    emit(r, a.json, lambda: status_text(r))
+    emit(r, a.json, lambda: status_text(r) + cluster_line(r.get("cluster")))
     return 0
 
 
@@ -598,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uids confined QEMUs run as, one per VM (root only; default 2000000000:65536)")
     ag.add_argument("--allow-plain", action="store_true", default=None,
                     help="accept the benchmark-only plain mode (never for protected VMs)")
+    add_agent_flags(ag)
 
     vm = sub.add_parser("vm", help="VMs of an agent: create, list, show, digest, verify, pause, resume, destroy")
     vm_sub = vm.add_subparsers(dest="vm_cmd", metavar="VM_COMMAND", parser_class=_Parser)
@@ -671,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     co = add("completion", "print the shell completion script: eval \"$(palm completion bash)\"", cmd_completion,
              json_flag=False)
     co.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish", "tcsh"))
+
+    add_commands(sub, add, _Parser)
 
     dm = add("demo", "throw-away authority + two agents on loopback: migrate a protected VM under load", cmd_demo)
     dm.add_argument("--memory", default="256M", metavar="SIZE", help="guest memory (default 256M)")

@@ -26,6 +26,7 @@ class Member:
     config: AgentConfig
     agent: Agent | None = None
     scope: trio.CancelScope | None = None
+    stopped: trio.Event | None = None
     port: int = 0
 
     @property
@@ -68,22 +69,25 @@ class LocalCluster:
         if m.port:
             m.config.listen = f"127.0.0.1:{m.port}"  # a restarted agent keeps its address
         agent = Agent(m.config)
-        scope = trio.CancelScope()
+        scope, stopped = trio.CancelScope(), trio.Event()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await agent.serve(task_status=task_status)
+            try:
+                with scope:
+                    await agent.serve(task_status=task_status)
+            finally:
+                stopped.set()
 
         await self.nursery.start(run)
-        m.agent, m.scope, m.port = agent, scope, agent.listen_port
+        m.agent, m.scope, m.stopped, m.port = agent, scope, stopped, agent.listen_port
         return agent
 
     async def stop(self, name: str) -> None:
         m = self.members[name]
-        if m.scope is not None:
+        if m.scope is not None and m.stopped is not None:
             m.scope.cancel()
-            await trio.sleep(0.05)  # let its finally blocks run
-        m.agent, m.scope = None, None
+            await m.stopped.wait()  # its finally blocks have run: its directories are free
+        m.agent, m.scope, m.stopped = None, None, None
 
     def running_copies(self, vm: str) -> list[str]:
         """Agents on which the VM exists and runs (the one-copy rule: exactly one)."""

@@ -69,14 +69,16 @@ class Member:
     tls: bool = False
     proc: subprocess.Popen[bytes] | None = None
     watcher: threading.Thread | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]
 
     @property
     def client_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def log(self) -> Path:
@@ -88,7 +90,12 @@ class Member:
 
 
 class EtcdCluster:
-    def __init__(self, size: int = 1, *, tls: bool = False, binary: str | None = None) -> None:
+    """``hosts`` and ``prefixes`` (the drill's): member i listens on hosts[i]:2379 and :2380,
+    started under prefixes[i] (its network namespace); by default all on loopback ports."""
+
+    def __init__(self, size: int = 1, *, tls: bool = False, binary: str | None = None,
+                 hosts: list[str] | None = None, prefixes: list[list[str]] | None = None,
+                 heartbeat_ms: int = 50, election_ms: int = 500) -> None:
         found = binary or find_etcd()
         if found is None:
             raise RuntimeError(MISSING_REASON)
@@ -101,6 +108,8 @@ class EtcdCluster:
         self.root = Path(tempfile.mkdtemp(prefix="palm-etcd-", dir=base))  # mkdtemp: mode 0700
         self.members: list[Member] = []
         self._token = f"palm-test-{os.getpid()}-{id(self)}"
+        self.hosts, self.prefixes = hosts, prefixes
+        self.timers = (str(heartbeat_ms), str(election_ms))
 
     def __enter__(self) -> EtcdCluster:
         try:
@@ -152,8 +161,10 @@ class EtcdCluster:
         if self.tls:
             self._make_certs()
         for attempt in range(3):  # a port taken between choosing and binding: choose again
-            ports = _free_ports(2 * self.size)
-            self.members = [Member(f"m{i}", ports[2 * i], ports[2 * i + 1], self.root / f"m{i}", self.tls)
+            ports = _free_ports(2 * self.size) if self.hosts is None else [2379, 2380] * self.size
+            self.members = [Member(f"m{i}", ports[2 * i], ports[2 * i + 1], self.root / f"m{i}", self.tls,
+                                   host=self.hosts[i] if self.hosts else "127.0.0.1",
+                                   prefix=self.prefixes[i] if self.prefixes else [])
                             for i in range(self.size)]
             try:
                 self._launch(list(range(self.size)), new=True)
@@ -211,13 +222,13 @@ class EtcdCluster:
                 path.unlink(missing_ok=True)
                 notify.bind(str(path))
                 waiting.append((m, notify))
-                args = [self.binary, "--name", m.name, "--data-dir", str(m.dir),
+                args = [*m.prefix, self.binary, "--name", m.name, "--data-dir", str(m.dir),
                         "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
                         "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                         "--initial-cluster", cluster, "--initial-cluster-token", self._token,
                         "--initial-cluster-state", "new" if new else "existing",
                         # loopback: short raft timers make elections and lease expiry fast
-                        "--heartbeat-interval", "50", "--election-timeout", "500",
+                        "--heartbeat-interval", self.timers[0], "--election-timeout", self.timers[1],
                         "--logger", "zap", "--log-outputs", "stderr"]
                 if self.tls:
                     t = self.root / "tls"

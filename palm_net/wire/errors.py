@@ -78,6 +78,7 @@ class ErrorCode(enum.StrEnum):
     UNREACHABLE = "unreachable"
     VM_STATE = "vm-state"
     CANCELLED = "cancelled"
+    REVOKED = "revoked"
 
 
 class PalmError(Exception):

@@ -1,0 +1,444 @@
+"""`palm cluster ...` and the cluster flags of `palm agent` (docs/CLUSTER.md).
+
+The cluster commands talk to etcd (``--etcd URL[,URL...]``, or
+``$PALM_ETCD_ENDPOINTS``), never to an agent's control socket: an operator
+runs them from anywhere etcd is reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from palm_net.cli.output import EXIT_FAIL, EXIT_USAGE, CliError, _fmt_table, emit
+from palm_net.units import format_bytes, parse_rate, parse_size
+
+ETCD_ENV = "PALM_ETCD_ENDPOINTS"
+CONFIG_KEYS = {"etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_prefix", "advertise", "capacity", "metrics"}
+
+
+# --------------------------------------------------------------- flags
+
+
+def _etcd_flags(p: argparse.ArgumentParser, required_hint: str) -> None:
+    p.add_argument("--etcd", metavar="URL[,URL...]", help=f"etcd client URLs, all http:// or all https:// "
+                                                          f"({required_hint})")
+    p.add_argument("--etcd-ca", metavar="FILE", help="CA of the etcd members' certificates (https)")
+    p.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd (members with "
+                                                       "--client-cert-auth)")
+    p.add_argument("--etcd-key", metavar="FILE", help="its private key")
+    p.add_argument("--etcd-prefix", metavar="PREFIX", help="key prefix of this cluster in etcd (default /palm/)")
+
+
+def add_agent_flags(ag: argparse.ArgumentParser) -> None:
+    """`palm agent`'s cluster flags; without --etcd the agent is on its own, as before."""
+    _etcd_flags(ag, "joins the cluster: registers, publishes its VMs, enforces revocations; default: no cluster")
+    ag.add_argument("--advertise", metavar="HOST:PORT", help="where other agents reach this one (default: "
+                                                             "--listen; needed when listening on 0.0.0.0)")
+    ag.add_argument("--capacity", metavar="SIZE", help="guest memory this host offers to placement (default: "
+                                                       "the size of the memory directory's file system)")
+    ag.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                                                           "(needs prometheus_client: palm-net[metrics])")
+
+
+def _etcd_config(etcd: str | None, ca: str | None, cert: str | None, key: str | None, required: bool) -> Any:
+    from palm_net.cluster.etcd import EtcdConfig
+    from palm_net.cluster.etcdwire import EtcdError
+
+    urls = etcd or os.environ.get(ETCD_ENV)
+    if not urls:
+        if required:
+            raise CliError(f"--etcd URL[,URL...] is required (or set {ETCD_ENV})", EXIT_USAGE)
+        return None
+    try:
+        return EtcdConfig.from_urls(urls, ca_file=Path(ca) if ca else None, cert_file=Path(cert) if cert else None,
+                                    key_file=Path(key) if key else None)
+    except EtcdError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def agent_settings(a: argparse.Namespace, pick: Callable[..., Any]) -> dict[str, Any]:
+    """AgentConfig's cluster fields from the flags (or the config file's keys)."""
+    from palm_net.cluster.model import Keys
+
+    etcd = _etcd_config(pick(a.etcd, "etcd"), pick(a.etcd_ca, "etcd_ca"), pick(a.etcd_cert, "etcd_cert"),
+                        pick(a.etcd_key, "etcd_key"), required=False)
+    prefix = pick(a.etcd_prefix, "etcd_prefix", "/palm/")
+    advertise, capacity, metrics = pick(a.advertise, "advertise"), pick(a.capacity, "capacity"), pick(a.metrics,
+                                                                                                    "metrics")
+    try:
+        Keys(prefix)
+        if advertise:
+            check_listen(advertise, "--advertise")
+        if metrics:
+            check_listen(metrics, "--metrics")
+        cap = parse_size(str(capacity)) if capacity else None
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if etcd is None and (advertise or capacity or pick(a.etcd_prefix, "etcd_prefix")):
+        raise CliError("--advertise, --capacity and --etcd-prefix need --etcd", EXIT_USAGE)
+    return {"etcd": etcd, "etcd_prefix": prefix, "advertise": advertise, "capacity": cap, "metrics": metrics}
+
+
+def cluster_line(c: dict[str, Any] | None) -> str:
+    """`palm status`'s cluster part: etcd, the lists in force, conflicts, a drain."""
+    if not c or "etcd" not in c:
+        return ""
+    lists = c.get("lists", {})
+    line = (f"\ncluster: etcd {c['etcd']}, {'registered' if c.get('registered') else 'not registered'}, "
+            f"lists of revision {lists.get('revision', 0)} ({len(lists.get('revoked', []))} revoked, "
+            f"{'own allowlist' if lists.get('allowlist') is None else 'cluster allowlist'})")
+    if c.get("note"):
+        line += f"\n  {c['note']}"
+    if c.get("conflicts"):
+        line += f"\n  VM records also claimed by another agent (not written): {', '.join(c['conflicts'])}"
+    if c.get("name_taken"):
+        line += f"\n  {c['name_taken']}"
+    if c.get("drain"):
+        d = c["drain"]
+        line += f"\n  draining: {d.get('state')}, {d.get('moved', 0)} moved, {d.get('failed', 0)} failed"
+    return line
+
+
+# --------------------------------------------------------------- commands
+
+
+def _run(a: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+    """Runs ``fn(etcd, keys)`` with a client; etcd's and the operation's refusals as one line."""
+    import trio
+
+    from palm_net.cluster.admin import AdminError
+    from palm_net.cluster.etcd import EtcdClient
+    from palm_net.cluster.etcdwire import EtcdError
+    from palm_net.cluster.model import Keys, RecordError
+    from palm_net.trioutil import single_error
+
+    cfg = _etcd_config(a.etcd, a.etcd_ca, a.etcd_cert, a.etcd_key, required=True)
+    try:
+        keys = Keys(a.etcd_prefix or "/palm/")
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+    async def main() -> Any:
+        async with EtcdClient(cfg) as etcd:
+            return await fn(etcd, keys)
+
+    try:
+        with single_error():
+            return trio.run(main)
+    except (EtcdError, AdminError, RecordError) as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _by() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"[:128]
+    except (OSError, KeyError):
+        return "operator"
+
+
+def _acks_line(what: str, acks: Any, wait: float) -> str:
+    n = len(acks.seconds)
+    total = n + len(acks.missing)
+    if not total:
+        return f"{what} (revision {acks.revision}); no agent is alive to enforce it yet"
+    slowest = max(acks.seconds.items(), key=lambda kv: kv[1]) if acks.seconds else None
+    line = f"{what}: in force on {n} of {total} live agents"
+    if slowest is not None:
+        line += f" after {slowest[1] * 1000:.0f} ms (slowest: {slowest[0]})"
+    if acks.missing:
+        line += f"; NOT acknowledged within {wait:g} s by {', '.join(acks.missing)} (cut off from etcd?)"
+    if acks.gone:
+        line += f"; left the cluster meanwhile: {', '.join(acks.gone)}"
+    return line
+
+
+def _acks_dict(acks: Any) -> dict[str, Any] | None:
+    if acks is None:
+        return None
+    return {"revision": acks.revision, "acknowledged_ms": {k: round(v * 1000, 1) for k, v in acks.seconds.items()},
+            "missing": acks.missing, "gone": acks.gone}
+
+
+def cmd_cluster(a: argparse.Namespace) -> int:
+    return int(_COMMANDS[a.cluster_cmd](a))
+
+
+def _status(a: argparse.Namespace) -> int:
+    from palm_net.cluster.admin import read_cluster, status_dict
+
+    async def go(etcd: Any, keys: Any) -> Any:
+        return status_dict(await read_cluster(etcd, keys))
+
+    r = _run(a, go)
+    emit(r, a.json, lambda: status_text(r, a.etcd_prefix or "/palm/"))
+    return 0
+
+
+def status_text(r: dict[str, Any], prefix: str) -> str:
+    alive = [x for x in r["agents"] if x.get("alive")]
+    lines = [f"cluster {prefix} at revision {r['revision']}: {len(alive)} agents alive, {len(r['vms'])} VMs, "
+             f"{len(r['migrations'])} migrations in flight, {len(r['drains'])} draining, {len(r['revoked'])} revoked"
+             + ("" if r["allowlist"] is None else f", allowlist of {len(r['allowlist'])} measurements")]
+    if r["agents"]:
+        lines += ["", _fmt_table([["AGENT", "ADDRESS", "HEALTH", "VMS", "FREE", "CAPACITY", "LISTS"]] + [
+            [x["name"], x.get("addr", "-"), x["health"] + ("" if x.get("alive") else " (not alive)"),
+             str(x.get("vms", "-")), format_bytes(x["free"]) if "free" in x else "-",
+             format_bytes(x["capacity"]) if "capacity" in x else "-",
+             (f"r{x['lists_revision']}" + (" behind" if x.get("lists_behind") else "")) if x.get("alive") else "-"]
+            for x in r["agents"]])]
+    if r["vms"]:
+        lines += ["", _fmt_table([["VM", "RUNS ON", "STATE", "MEMORY", "POLICY", "PLACED BY"]] + [
+            [v["name"], v["agent"] + ("" if v["agent_alive"] else " (agent not alive)"), v["state"],
+             format_bytes(v["memory"]), v["policy"], v["migration"][:16] or "-"] for v in r["vms"]])]
+    if r["migrations"]:
+        lines += ["", _fmt_table([["MIGRATION", "VM", "FROM", "TO", "PHASE", "SECONDS"]] + [
+            [m["migration_id"][:16], m["vm"], m["from"], m["to"], m["phase"], f"{m['seconds']:.1f}"]
+            for m in r["migrations"]])]
+    for d in r["drains"]:
+        counts = ", ".join(f"{k} {d[k]}" for k in ("moved", "migrating", "waiting", "failed", "unplaceable", "gone")
+                           if d.get(k))
+        lines.append(f"draining {d['host']}: {d['state']}{' (stopped)' if d['stopped'] else ''}"
+                     + (f", {counts}" if counts else ""))
+    for p in r["problems"]:
+        lines.append(f"not a valid record: {p}")
+    return "\n".join(lines)
+
+
+def _revoke(a: argparse.Namespace, undo: bool) -> int:
+    from palm_net.cluster.admin import revoke, unrevoke
+
+    async def go(etcd: Any, keys: Any) -> Any:
+        if undo:
+            return await unrevoke(etcd, keys, a.agent, a.wait)
+        return await revoke(etcd, keys, a.agent, a.reason or "", _by(), a.wait)
+
+    try:
+        from palm_net.crypto.identity import validate_name
+
+        validate_name(a.agent)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    acks = _run(a, go)
+    if acks is None:
+        emit({"agent": a.agent, "revoked": False, "changed": False}, a.json,
+             lambda: f"agent {a.agent} was not revoked")
+        return 0
+    what = f"agent {a.agent} {'no longer revoked' if undo else 'revoked'}"
+    emit({"agent": a.agent, "revoked": not undo, "changed": True, "acks": _acks_dict(acks)}, a.json,
+         lambda: _acks_line(what, acks, a.wait))
+    return EXIT_FAIL if acks.missing else 0
+
+
+def _allowlist(a: argparse.Namespace) -> int:
+    from palm_net.cluster.admin import change_allowlist
+    from palm_net.cluster.model import Allowlist
+
+    how = a.how
+    ms = [m.lower() for m in a.measurement]
+    if how in ("add", "remove", "set") and not ms:
+        raise CliError(f"allowlist {how} needs at least one measurement (64 hex digits; palm measurement)",
+                       EXIT_USAGE)
+    if how in ("show", "clear") and ms:
+        raise CliError(f"allowlist {how} takes no measurement", EXIT_USAGE)
+
+    async def go(etcd: Any, keys: Any) -> Any:
+        if how == "show":
+            kv = await etcd.get(keys.allowlist)
+            return (Allowlist.decode(kv.value) if kv is not None else None), None
+        return await change_allowlist(etcd, keys, how, ms, _by(), a.wait)
+
+    al, acks = _run(a, go)
+    out = {"allowlist": None if al is None else list(al.measurements), "acks": _acks_dict(acks)}
+
+    def text() -> str:
+        head = ("no cluster allowlist: each agent accepts its own list (--allow-measurement, or its own "
+                "measurement)" if al is None else "cluster allowlist:\n" + "\n".join(f"  {m}" for m in al.measurements))
+        if acks is not None:
+            head += "\n" + _acks_line("allowlist changed", acks, a.wait)
+        elif how not in ("show",):
+            head += "\n(unchanged)"
+        return head
+
+    emit(out, a.json, text)
+    return EXIT_FAIL if acks is not None and acks.missing else 0
+
+
+class DrainView:
+    """Live progress of a drain: a line per VM as it changes, and on a terminal one
+    line redrawn with the counts."""
+
+    def __init__(self, host: str, live: bool, quiet: bool) -> None:
+        self.host, self.live, self.quiet = host, live, quiet
+        self.seen: dict[str, tuple[str, str, int]] = {}
+        self.t0 = time.monotonic()
+        self.drawn = False
+
+    def __call__(self, st: Any) -> None:
+        if self.quiet:
+            return
+        for name, v in sorted(st.vms.items()):
+            key = (v.state, v.to, v.attempts)
+            if self.seen.get(name) == key:
+                continue
+            self.seen[name] = key
+            detail = {"moved": f"moved to {v.to} (total {v.total_ms:.0f} ms, downtime {v.downtime_ms:.1f} ms)",
+                      "migrating": f"migrating to {v.to} (attempt {v.attempts}, {format_bytes(v.memory)})",
+                      "failed": f"FAILED after {v.attempts} attempts: {v.error}",
+                      "unplaceable": f"not placed: {v.error}", "gone": v.error or "gone",
+                      "waiting": "waiting" + (f": {v.error}" if v.error else "")}[v.state]
+            self._clear()
+            print(f"  {name}: {detail}", file=sys.stderr, flush=True)
+        if self.live:
+            c = st.counts()
+            line = (f"\rdrain {self.host}: {c['moved']}/{len(st.vms)} moved, {c['migrating']} migrating, "
+                    f"{c['waiting']} waiting, {c['failed']} failed  {time.monotonic() - self.t0:.1f} s")
+            sys.stderr.write(line[:150].ljust(100))
+            sys.stderr.flush()
+            self.drawn = True
+
+    def _clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+            self.drawn = False
+
+    def done(self) -> None:
+        self._clear()
+
+
+def drain_summary(st: Any, opts: Any) -> str:
+    c = st.counts()
+    dests = sorted({v.to for v in st.vms.values() if v.state == "moved"})
+    took = (st.finished or st.updated) - st.started
+    left = c["waiting"] + c["migrating"] + c["failed"] + c["unplaceable"]
+    line = (f"drain of {st.host} {st.state}: {c['moved']} of {len(st.vms)} VMs moved to {len(dests)} agents in "
+            f"{took:.1f} s, {c['failed']} failed, {c['unplaceable']} not placeable, {left} left on {st.host} "
+            f"(at most {st.max_parallel} at once from {st.host}; limits {opts.max_cluster} in the cluster, "
+            f"{opts.max_source} per host)")
+    for name, v in sorted(st.vms.items()):
+        if v.state in ("failed", "unplaceable", "waiting"):
+            line += f"\n  {name}: {v.state}: {v.error}"
+    return line
+
+
+def _drain(a: argparse.Namespace) -> int:
+    from palm_net.cluster.admin import follow_drain, request_drain, stop_drain
+    from palm_net.cluster.model import DrainOptions
+
+    if a.stop:
+        ok = _run(a, lambda etcd, keys: stop_drain(etcd, keys, a.host, unmark=False))
+        emit({"host": a.host, "stopped": ok}, a.json, lambda: f"drain of {a.host}: "
+             + ("no more migrations will start (those under way finish); it stays marked draining "
+                "(palm cluster undrain)" if ok else "not draining"))
+        return 0 if ok else EXIT_FAIL
+    try:
+        bw = parse_rate(a.bandwidth) if a.bandwidth else 0
+        opts = DrainOptions(a.max_cluster, a.max_source, a.timeout_per_gib, a.progress_timeout, a.attempts,
+                            int(bw)).check()
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    view = DrainView(a.host, live=not a.json and sys.stderr.isatty(), quiet=a.json)
+
+    async def go(etcd: Any, keys: Any) -> Any:
+        req, joined = await request_drain(etcd, keys, a.host, opts, _by())
+        if not a.json:
+            print(f"{'following the drain already under way' if joined else 'draining'} {a.host} (drain {req.id}); "
+                  "it is marked draining: nothing new is placed on it", file=sys.stderr, flush=True)
+        if a.no_wait:
+            return req, None
+        return req, await follow_drain(etcd, keys, a.host, req.id, view)
+
+    try:
+        req, st = _run(a, go)
+    except KeyboardInterrupt:
+        view.done()
+        print(f"palm: interrupted; the drain goes on (`palm cluster drain {a.host}` follows it again, --stop stops "
+              "it)", file=sys.stderr)
+        return 130
+    view.done()
+    if st is None:
+        emit({"host": a.host, "drain_id": req.id, "state": "requested"}, a.json,
+             lambda: f"drain {req.id} of {a.host} requested (palm cluster status shows its progress)")
+        return 0
+    out = {"host": a.host, "drain_id": st.id, "state": st.state, "started": st.started, "finished": st.finished,
+           "seconds": round((st.finished or st.updated) - st.started, 2), "max_parallel": st.max_parallel,
+           "counts": st.counts(), "vms": {k: v.__dict__ for k, v in st.vms.items()},
+           "limits": {"cluster": req.options.max_cluster, "per_host": req.options.max_source},
+           "summary": drain_summary(st, req.options).splitlines()[0]}
+    emit(out, a.json, lambda: drain_summary(st, req.options))
+    return 0 if st.state == "done" else EXIT_FAIL
+
+
+def _undrain(a: argparse.Namespace) -> int:
+    from palm_net.cluster.admin import stop_drain
+
+    ok = _run(a, lambda etcd, keys: stop_drain(etcd, keys, a.host, unmark=True))
+    emit({"host": a.host, "was_draining": ok}, a.json,
+         lambda: f"{a.host} is no longer marked draining" if ok else f"{a.host} was not draining")
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "status": _status, "revoke": lambda a: _revoke(a, False), "unrevoke": lambda a: _revoke(a, True),
+    "allowlist": _allowlist, "drain": _drain, "undrain": _undrain,
+}
+
+
+def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], parser_class: type) -> None:
+    cl = sub.add_parser("cluster", help="the cluster in etcd: status, revoke, allowlist, drain (docs/CLUSTER.md)",
+                        description="Operations on the cluster, through etcd (not the agents' control sockets).")
+    cl_sub = cl.add_subparsers(dest="cluster_cmd", metavar="CLUSTER_COMMAND", parser_class=parser_class)
+    cl_sub.required = True
+
+    def one(name: str, help: str) -> argparse.ArgumentParser:
+        p = add(name, help, cmd_cluster, parent=cl_sub)
+        _etcd_flags(p, f"or ${ETCD_ENV}")
+        return p
+
+    one("status", "agents and their health, VMs and where they run, migrations in flight, drains")
+    for name, help in (("revoke", "refuse AGENT everywhere: every agent refuses its next handshake, and "
+                                  "migrations with it end before READY"),
+                       ("unrevoke", "take AGENT's revocation back")):
+        p = one(name, help)
+        p.add_argument("agent", metavar="AGENT", help="the agent's name (its certificate's)")
+        if name == "revoke":
+            p.add_argument("--reason", help="why (kept with the revocation)")
+        p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                       help="wait this long for every live agent to enforce it (default 10)")
+    p = one("allowlist", "the cluster's measurement allowlist (it replaces each agent's own while set)")
+    p.add_argument("how", choices=("show", "add", "remove", "set", "clear"))
+    p.add_argument("measurement", nargs="*", metavar="HEX", help="measurements (palm measurement prints one)")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="wait this long for every live agent to enforce it (default 10)")
+    p = one("drain", "evacuate HOST: live-migrate every VM elsewhere, with progress and a summary; HOST stays "
+                     "marked draining (nothing new is placed on it) until `palm cluster undrain`")
+    p.add_argument("host", metavar="HOST", help="the agent to evacuate")
+    p.add_argument("--max-cluster", type=int, default=5, help="drain migrations in the whole cluster at once "
+                                                              "(default 5)")
+    p.add_argument("--max-source", type=int, default=2, help="migrations out of HOST at once (default 2)")
+    p.add_argument("--timeout-per-gib", type=float, default=150.0, metavar="SECONDS",
+                   help="cancel a migration not done within this per GiB of memory, at least 60 s (default 150)")
+    p.add_argument("--progress-timeout", type=float, default=150.0, metavar="SECONDS",
+                   help="cancel a migration that sent nothing for this long (default 150)")
+    p.add_argument("--attempts", type=int, default=3, help="tries per VM, elsewhere each time if possible "
+                                                           "(default 3)")
+    p.add_argument("--bandwidth", metavar="RATE", help="cap per migration, e.g. 1Gbit or 100MiB/s (default none)")
+    p.add_argument("--no-wait", action="store_true", help="request the drain and return")
+    p.add_argument("--stop", action="store_true", help="start no more migrations (HOST stays marked draining)")
+    p = one("undrain", "HOST may receive VMs again (and a drain under way starts no more migrations)")
+    p.add_argument("host", metavar="HOST")
+
+
+def check_listen(text: str, flag: str) -> None:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad {flag} {text!r}: use HOST:PORT")
