@@ -182,7 +182,12 @@ class _Buffers:
         self.size = size
         self._send, self._recv = trio.open_memory_channel[bytearray](count)
         for _ in range(count):
-            self._send.send_nowait(bytearray(size))
+            self._send.send_nowait(self._new())
+
+    def _new(self) -> bytearray:
+        buf = bytearray(self.size + 1)
+        del buf[-1]  # a byte to spare: the check below then never reallocates
+        return buf
 
     async def get(self) -> bytearray:
         buf = await self._recv.receive()
@@ -190,7 +195,7 @@ class _Buffers:
             buf.append(0)  # BufferError while any view of it lives
             buf.pop()
         except BufferError:
-            buf = bytearray(self.size)
+            buf = self._new()
         return buf
 
     def put(self, buf: bytearray) -> None:

@@ -19,6 +19,7 @@ the model's writers are its own code, so the software log sees every write.)
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import hmac
 import mmap
@@ -63,6 +64,15 @@ from palm_net.wire.pages import Gfns
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def populate(addr: int, length: int) -> bool:
+    """Backs [addr, addr+length) of a shared mapping with mapped pages now
+    (MADV_POPULATE_WRITE), without holding the GIL: mmap.madvise holds it for
+    the whole call, tens of ms a chunk, stalling every other thread.  False
+    where the kernel cannot (before Linux 5.14) or the memory is not there."""
+    return int(_libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_POPULATE_WRITE)) == 0
 META_MAGIC = b"PALMVM01"
 META_HEADER = 8192
 CPU_REGS = ("rip", "rsp", "rax", "rbx", "rcx", "rdx", "rflags", "cr3")
@@ -124,20 +134,25 @@ def map_file(path: Path, size: int, create: bool, reserve_now: bool = True) -> m
 
 
 class _Reserver:
-    """An incoming VM's memory, reserved (fallocate) and populated (mapped) by a
-    helper thread ahead of the data, in ascending chunks: the receive path then
-    writes into memory that is already there (a fresh page costs a fault, a
-    clear and a mapping, 0.35-0.5 s per GiB here), and the reservation is off
-    the BEGIN path.  A write waits until its pages are reserved, so none lands
-    past a full file system (SIGBUS on tmpfs); no room ends the migration."""
+    """An incoming VM's memory, reserved (fallocate) by a helper thread ahead of its
+    data, in ascending chunks, so that the reservation is off the BEGIN path; and
+    populated (mapped) just ahead of where the data is being written, so that the
+    receive path writes into memory that is already there (a fresh page costs a
+    fault, a clear and a mapping: 0.35-0.5 s per GiB here), while the stretches
+    that stay zero are never touched.  A write waits until its pages are
+    reserved, so none lands past a full file system (SIGBUS on tmpfs); no room
+    ends the migration."""
 
     CHUNK = 32 << 20
+    AHEAD = 2 * CHUNK  # populated beyond the highest byte written so far
 
-    def __init__(self, path: Path, mem: mmap.mmap, size: int) -> None:
+    def __init__(self, path: Path, base: int, size: int) -> None:
         self._fd = open_nofollow(path, os.O_RDWR)
-        self._mem = mem
+        self._base = base  # where the file is mapped (it stays mapped until stop() returns)
         self._size = size
-        self._done = 0
+        self._done = 0  # reserved: [0, _done)
+        self._populated = 0
+        self._wanted = 0  # the highest byte a write waited for
         self._error: str | None = None
         self._stop = False
         self._cond = threading.Condition()
@@ -146,28 +161,43 @@ class _Reserver:
 
     def _run(self) -> None:
         try:
-            for off in range(0, self._size, self.CHUNK):
-                if self._stop:
-                    raise VmError("stopped")
-                n = min(self.CHUNK, self._size - off)
-                reserve(self._fd, n, "the incoming VM's memory", offset=off)
-                with contextlib.suppress(OSError, ValueError):  # best effort (Linux 5.14+)
-                    self._mem.madvise(MADV_POPULATE_WRITE, off, n)
+            while True:
                 with self._cond:
-                    self._done = off + n
+                    if self._stop:
+                        return
+                    # First populate up to just ahead of the writes; else reserve on.
+                    target = min(self._done, self._wanted + self.AHEAD)
+                    populating = self._populated < target
+                    if not populating and self._done >= self._size:
+                        if self._populated >= self._size:
+                            return
+                        self._cond.wait()  # all reserved: populate as the writes move on
+                        continue
+                    off = self._populated if populating else self._done
+                n = min(self.CHUNK, self._size - off)
+                if populating:
+                    populate(self._base + off, n)  # best effort
+                else:
+                    reserve(self._fd, n, "the incoming VM's memory", offset=off)
+                with self._cond:
+                    if populating:
+                        self._populated = off + n
+                    else:
+                        self._done = off + n
                     self._cond.notify_all()
         except BaseException as exc:
             with self._cond:
-                self._error = str(exc) if isinstance(exc, (UnsafePathError, VmError)) else "reservation failed"
+                self._error = str(exc) if isinstance(exc, UnsafePathError) else "reservation failed"
                 self._cond.notify_all()
         finally:
             os.close(self._fd)
 
     def wait(self, end: int) -> None:
         """Returns once bytes [0, end) are reserved; NoRoomError if they never will be."""
-        if self._done >= end:
-            return
         with self._cond:
+            if end > self._wanted:
+                self._wanted = end
+                self._cond.notify_all()
             while self._done < end and self._error is None:
                 self._cond.wait()
             if self._done < end:
@@ -175,7 +205,9 @@ class _Reserver:
 
     def stop(self) -> int:
         """Stops reserving; returns how many bytes (from 0) were reserved."""
-        self._stop = True
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         self._thread.join()
         return self._done
 
@@ -257,13 +289,13 @@ def _zero_pages(words: npt.NDArray[np.uint64], gfns: Gfns, lo: int | None) -> np
     if not maybe.size:
         return zero
     if lo is None:
-        zero[maybe] = ~words[gfns[maybe]].any(axis=1)
+        zero[maybe] = words[gfns[maybe]].max(axis=1) == 0
         return zero
     # Runs of candidates, each scanned as one slice of guest memory (no copy).
     breaks = np.flatnonzero(np.diff(maybe) != 1) + 1
     for run in np.split(maybe, breaks):
         s, e = int(run[0]), int(run[-1]) + 1
-        zero[s:e] = ~words[lo + s : lo + e].any(axis=1)
+        zero[s:e] = words[lo + s : lo + e].max(axis=1) == 0  # (max: no cast to bool, as any() does)
     return zero
 
 
@@ -283,14 +315,18 @@ class ModelVM(ConfiguredVM):
         incoming = create and config["state"] == "incoming"
         self.mem = map_file(vm_dir / "memory", self.npages * PAGE_SIZE, create, reserve_now=not incoming)
         self.resident = False  # all of guest memory backed and mapped (see prefault)
-        if config["state"] != "incoming":
-            threading.Thread(target=self.prefault, name=f"prefault-{self.name}", daemon=True).start()
         # Incoming VMs start as holes (zero, unallocated): a zero page record
         # for a page never written costs nothing, as in QEMU's destination.
         self._written = np.zeros(self.npages, np.uint8) if config["state"] == "incoming" else None
         self.meta = _Meta(vm_dir / "meta", self.npages, create)
         self._np: _Views | None = _Views(self.mem, self.meta)
-        self._reserver = _Reserver(vm_dir / "memory", self.mem, self.npages * PAGE_SIZE) if incoming else None
+        self._reserver = _Reserver(vm_dir / "memory", self._np.pages.ctypes.data, self.npages * PAGE_SIZE) \
+            if incoming else None
+        self._closing = threading.Event()
+        self._prefault: threading.Thread | None = None
+        if config["state"] != "incoming":
+            self._prefault = threading.Thread(target=self.prefault, name=f"prefault-{self.name}", daemon=True)
+            self._prefault.start()
         self._lock = threading.Lock()  # dirty log, view transitions, run state
         self._dirty: bytearray | None = None
         self._unpause = threading.Condition(self._lock)
@@ -381,18 +417,15 @@ class ModelVM(ConfiguredVM):
 
         Fresh or newly mapped memory costs a page fault per page on first touch
         (0.3-1.2 s per GiB measured on the reference VM).  Populating it from a
-        helper thread (the madvise releases the GIL) takes that work off the
-        migration's path (at creation or reopening; an incoming VM is left
-        sparse, see write_pages).  Best effort: without
-        MADV_POPULATE_WRITE (Linux 5.14) it does nothing.
+        helper thread takes that work off the migration's path (at creation or
+        reopening; an incoming VM's memory is populated ahead of its data, see
+        _Reserver).  Best effort: without MADV_POPULATE_WRITE (Linux 5.14) it
+        does nothing.
         """
         size = self.npages * PAGE_SIZE
+        base = self.arrays.pages.ctypes.data
         for off in range(0, size, chunk):
-            if self.mem.closed:
-                return
-            try:
-                self.mem.madvise(MADV_POPULATE_WRITE, off, min(chunk, size - off))
-            except (OSError, ValueError):
+            if self._closing.is_set() or not populate(base + off, min(chunk, size - off)):
                 return
         self.resident = True
 
@@ -453,6 +486,9 @@ class ModelVM(ConfiguredVM):
         if self.workload is not None:
             self.workload.stop()
             self.workload = None
+        self._closing.set()
+        if self._prefault is not None and self._prefault is not threading.current_thread():
+            self._prefault.join()  # it works on the mapping: done before the mapping goes
         if self._reserver is not None:
             self._reserver.stop()
             self._reserver = None
@@ -905,6 +941,9 @@ class ModelVM(ConfiguredVM):
         self.config["state"] = "running"
         self.config["migration"] = None
         self.sync()
+        if self._reserver is not None:  # all reserved (sync waited): the guest's own writes map the rest
+            self._reserver.stop()
+            self._reserver = None
 
     # -- digest ------------------------------------------------------------
 
