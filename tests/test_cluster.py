@@ -24,7 +24,7 @@ from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.cutproxy import CutProxy
 from palm_net.testing.etcd import MISSING_REASON, OPENSSL_MISSING_REASON, EtcdCluster, find_etcd
-from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.testing.proxy import READY, FaultProxy, Rule
 from palm_net.wire.protocol import Role
 
 pytestmark = pytest.mark.skipif(find_etcd() is None, reason=MISSING_REASON)
@@ -254,7 +254,8 @@ async def test_a_peer_revoked_in_flight(make, nursery, when):
     c = await make(names=("a", "b", "c"), etcd_for=("a", "b"))  # c, the source, does not learn it
     await eventually(lambda: _both(c))
     c["c"].registry.create_model("web", 16 * MiB)
-    rule = Rule("c2s", 6, "delay", seconds=1.5) if when == "before READY" else Rule("s2c", 2, "delay", seconds=1.5)
+    rule = Rule("c2s", 6, "delay", seconds=1.5) if when == "before READY" else \
+        Rule("s2c", 0, "delay", match=READY, seconds=1.5)
     proxy = FaultProxy(("127.0.0.1", c.local.members["b"].port), [rule])
     await nursery.start(proxy.serve)
     out = {}

@@ -27,14 +27,14 @@ from palm_net.migration.handoff import check_abort_token
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.hostile import HostilePeer
-from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule, sealed
 from palm_net.wire import messages
 from palm_net.wire.errors import PalmError, public_reason
 from palm_net.wire.messages import Abort, Accept, Commit, Complete, Done, Pages, Query
 from palm_net.wire.protocol import Role, SessionProtocol, State
 from tests.conftest import raw_message
 
-ALL_CUT = [Rule("s2c", 3, "cut"), *(Rule("c2s", 0, "cut", connection=i) for i in range(1, 40))]
+ALL_CUT = [Rule("s2c", 0, "cut", match=DONE), *(Rule("c2s", 0, "cut", connection=i) for i in range(1, 40))]
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ async def in_doubt(cluster, rules=None, name: str = "vm1"):
     a = cluster["a"]
     cluster.members["a"].config.in_doubt_wait = 0.01
     vm = a.registry.create_model(name, 4 << 20, protected=1, fill="random")
-    proxy = FaultProxy(("127.0.0.1", port(cluster)), [Rule(r.direction, r.frame, r.action, connection=r.connection)
+    proxy = FaultProxy(("127.0.0.1", port(cluster)), [dataclasses.replace(r, fired=False)
                                                        for r in (rules or ALL_CUT)])
     await cluster.nursery.start(proxy.serve)
     res = await a.outgoing.migrate(name, f"127.0.0.1:{proxy.port}", MigrationParams())
@@ -82,7 +82,7 @@ async def test_operator_cannot_touch_a_vm_that_is_arriving(cluster):
     a, b = cluster["a"], cluster["b"]
     a.registry.create_model("vm1", 16 << 20, fill="random")
     arrived = trio.Event()
-    proxy = FaultProxy(("127.0.0.1", port(cluster)), [Rule("s2c", 2, "delay", seconds=1.0)])
+    proxy = FaultProxy(("127.0.0.1", port(cluster)), [Rule("s2c", 0, "delay", match=READY, seconds=1.0)])
     await cluster.nursery.start(proxy.serve)
 
     async def operate_on_b() -> None:
@@ -283,7 +283,7 @@ async def test_a_replayed_id_in_flight_does_not_abort_the_real_migration(cluster
         assert reply.type == "ABORT" and reply.body.code == "replay" and reply.body.token == b""
 
     proxy = FaultProxy(("127.0.0.1", port(cluster)), [Rule("c2s", 6, "call", callback=replay_mid),
-                                                      Rule("s2c", 2, "delay", seconds=0.5)])
+                                                      Rule("s2c", 0, "delay", match=READY, seconds=0.5)])
     await cluster.nursery.start(proxy.serve)
     async with trio.open_nursery() as n:
         n.start_soon(hijack)
@@ -337,7 +337,7 @@ async def test_only_the_recorded_source_learns_an_outcome(cluster, evil):
         seen.extend(m.mid for m in a.outgoing.live.values() if m.result is None)
 
     proxy = FaultProxy(("127.0.0.1", port(cluster)), [Rule("c2s", 6, "call", callback=grab),
-                                                      Rule("s2c", 2, "delay", seconds=0.5)])
+                                                      Rule("s2c", 0, "delay", match=READY, seconds=0.5)])
     await cluster.nursery.start(proxy.serve)
 
     async def meddle() -> None:
@@ -511,8 +511,11 @@ async def test_plain_mode_a_forged_done_cannot_lose_the_vm(nursery):
         vm = a.registry.create_model("vm1", 4 << 20, fill="random")
         digest = vm.digest()
 
+        ready = sealed("READY", {"digest": b""}, plain=True)
+
         def is_commit(i: int, frame: bytes) -> bool:  # the first sealed source record after READY
-            return i > 3 and frame[4] != CLEAR and proxy.log.frames.get((0, "s2c"), 0) >= 3
+            return i > 3 and frame[4] != CLEAR and any(ready(0, f) for (_, d, _), f in proxy.seen.items()
+                                                       if d == "s2c")
 
         def forge_done(seen: dict, frame: bytes) -> list:
             clear = next(f for (conn, d, _), f in sorted(seen.items()) if d == "c2s" and len(f) > 5
@@ -559,8 +562,8 @@ def test_a_handoff_message_in_a_clear_record_is_refused():
 
 HELD = {
     "sending (round 0)": [Rule("c2s", 6, "delay", seconds=0.8)],
-    "destination prepared (READY held)": [Rule("s2c", 2, "delay", seconds=0.8)],
-    "handed off (DONE held)": [Rule("s2c", 3, "delay", seconds=0.8)],
+    "destination prepared (READY held)": [Rule("s2c", 0, "delay", match=READY, seconds=0.8)],
+    "handed off (DONE held)": [Rule("s2c", 0, "delay", match=DONE, seconds=0.8)],
     "in doubt (DONE and recovery cut)": ALL_CUT,
 }
 
@@ -574,7 +577,7 @@ async def test_every_operator_call_in_every_handoff_state(cluster, held):
     cluster.members["a"].config.in_doubt_wait = 0.01
     vm = a.registry.create_model("vm1", 8 << 20, protected=1, fill="random")
     digest = vm.digest()
-    rules = [Rule(r.direction, r.frame, r.action, connection=r.connection, seconds=r.seconds) for r in HELD[held]]
+    rules = [dataclasses.replace(r, fired=False) for r in HELD[held]]
     proxy = FaultProxy(("127.0.0.1", port(cluster)), rules)
     await cluster.nursery.start(proxy.serve)
     outcomes: dict[str, str] = {}

@@ -19,10 +19,10 @@ from palm_net.hypervisor.workload import Workload
 from palm_net.migration.handoff import HandoffState, HandoffStore, check_abort_token
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.engines import DestinationDriver, Unit, renumber, source_messages, split_data, units
-from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule
 from palm_net.wire import messages
 from palm_net.wire.errors import PalmError
-from palm_net.wire.messages import Begin, Complete, Context, Message, Pages, Stream, StreamEnd
+from palm_net.wire.messages import Begin, Complete, Context, Message, Pages, RoundEnd, Stream, StreamEnd
 from palm_net.wire.pages import KIND_PROTECTED, IncomingPages, PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
@@ -127,7 +127,8 @@ def test_destination_accepts_an_intact_stream(shm):
     vm, msgs = _source_messages(shm)
     dest = _destination(shm, store)
     replies = _feed(dest, msgs)
-    assert _types(replies) == ["ACCEPT", "READY"]
+    rounds = sum(isinstance(u.body, RoundEnd) for u in units(msgs))
+    assert rounds and _types(replies) == ["ACCEPT"] + ["ROUND_DONE"] * rounds + ["READY"]
     assert dest.engine.outcome == "prepared" and store.get(dest.engine.mid).state is HandoffState.PREPARED
     assert dest.vm is not None and dest.vm.digest() == vm.digest()
 
@@ -435,10 +436,10 @@ async def test_replay_of_an_earlier_session_is_refused(cluster):
 
 
 @pytest.mark.parametrize(("step", "rule", "where"), [
-    ("before READY", Rule("s2c", 2, "cut"), "a"),
-    ("after READY", Rule("s2c", 2, "cut_after"), "a"),
-    ("after COMMIT", Rule("s2c", 3, "cut"), "b"),
-    ("after DONE", Rule("s2c", 3, "cut_after"), "b"),
+    ("before READY", Rule("s2c", 0, "cut", match=READY), "a"),
+    ("after READY", Rule("s2c", 0, "cut_after", match=READY), "a"),
+    ("after COMMIT", Rule("s2c", 0, "cut", match=DONE), "b"),
+    ("after DONE", Rule("s2c", 0, "cut_after", match=DONE), "b"),
 ])
 async def test_handoff_failure_at_each_step(cluster, step, rule, where):
     res, digest, proxy = await _via_proxy(cluster, [rule])
@@ -456,7 +457,8 @@ async def test_in_doubt_source_restart_then_recovery(cluster):
     """COMMIT reached the destination, DONE never came back, and the source
     agent restarts while in doubt: it recovers the outcome from the destination."""
     cluster.members["a"].config.in_doubt_wait = 0.01
-    res, digest, _ = await _via_proxy(cluster, [Rule("s2c", 3, "cut"), Rule("c2s", 0, "cut", connection=1)])
+    res, digest, _ = await _via_proxy(cluster, [Rule("s2c", 0, "cut", match=DONE),
+                                                Rule("c2s", 0, "cut", connection=1)])
     assert res.status == "in-doubt" and res.runs_on.startswith("none")
     assert cluster.running_copies("vm1") == ["b"]  # paused on a, running on b: still one copy
     assert cluster["a"].vms["vm1"].state == "paused"
@@ -547,13 +549,13 @@ async def test_fault_at_each_phase(cluster, phase, rule, where):
 
 
 async def test_phase_layout_assumed_above(cluster):
-    """Without faults, that VM's session is exactly 11 frames out and 4 back."""
+    """Without faults, that VM's session is exactly 11 frames out and 5 back (ROUND_DONE of round 0)."""
     a = cluster["a"]
     a.registry.create_model("vm1", 1024 * 4096, fill="zero")
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port))
     await cluster.nursery.start(proxy.serve)
     assert (await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())).ok
-    assert proxy.log.frames[(0, "c2s")] == 11 and proxy.log.frames[(0, "s2c")] == 4
+    assert proxy.log.frames[(0, "c2s")] == 11 and proxy.log.frames[(0, "s2c")] == 5
 
 
 async def test_first_record_arriving_with_the_last_handshake_message_is_answered(shm):

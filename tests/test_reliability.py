@@ -20,7 +20,7 @@ import pytest
 from palm_net.agent.launcher import AgentProcess, provision, remove_all
 from palm_net.channel.handshake import Purpose, TransportMode, encode_preamble
 from palm_net.hypervisor.qemu import qemu_binary
-from palm_net.testing.proxy import ProxyThread, Rule
+from palm_net.testing.proxy import DONE, READY, ProxyThread, Rule
 
 pytestmark = pytest.mark.slow
 SHM = "/dev/shm" if Path("/dev/shm").is_dir() else None
@@ -75,15 +75,15 @@ def _wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
 
 
 # Each case: which frame the proxy holds back, which agent is killed -9
-# meanwhile, and where the VM must end up.  s2c frames: 1 ACCEPT, 2 READY, 3 DONE.
+# meanwhile, and where the VM must end up (READY and DONE picked by their length).
 HOLD = 3.0
 KILL_CASES = [
     ("source, round 0", "a", None, "a"),
     ("destination, round 0", "b", None, "a"),
-    ("source, destination verifying (before READY)", "a", Rule("s2c", 2, "delay", seconds=HOLD), "a"),
-    ("destination, prepared (READY held)", "b", Rule("s2c", 2, "delay", seconds=HOLD), "a"),
-    ("source, handed off (DONE held)", "a", Rule("s2c", 3, "delay", seconds=HOLD), "b"),
-    ("destination, committed (DONE held)", "b", Rule("s2c", 3, "delay", seconds=HOLD), "b"),
+    ("source, destination verifying (before READY)", "a", Rule("s2c", 0, "delay", match=READY, seconds=HOLD), "a"),
+    ("destination, prepared (READY held)", "b", Rule("s2c", 0, "delay", match=READY, seconds=HOLD), "a"),
+    ("source, handed off (DONE held)", "a", Rule("s2c", 0, "delay", match=DONE, seconds=HOLD), "b"),
+    ("destination, committed (DONE held)", "b", Rule("s2c", 0, "delay", match=DONE, seconds=HOLD), "b"),
 ]
 
 

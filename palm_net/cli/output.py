@@ -140,6 +140,9 @@ def migrate_summary(r: dict[str, Any]) -> str:
         excl = (hv or {}).get("digest_excluded") or []
         cover = f"; kvmclock areas left out: {', '.join(excl)}" if excl else ""
         pairs.append(("memory digest", f"{r['digest'][:16]}... equal on both sides{cover}"))
+        if r.get("digest_at_pause"):
+            pairs.append(("  at the pause", f"{r['digest_at_pause']} to this copy's memory, read afresh "
+                                            f"after DONE ({_ms(r.get('digest_check_ms'))}, not in the downtime)"))
     lines += _labelled(pairs)
     rs = r.get("round_stats") or []
     if rs:
@@ -174,7 +177,7 @@ def downtime_warning(r: dict[str, Any]) -> str | None:
     why = {"max-rounds": "it stopped iterating at --max-rounds", "max-factor": "it stopped iterating at "
            "--max-factor (volume sent)", "max-throttle": "the guest was throttled as far as it goes"}
     reason = why.get(str(r.get("stop_reason")), "")
-    if r.get("digest") and r.get("stop_reason") in (None, "converged"):
+    if r.get("digest") and not r.get("digest_at_pause") and r.get("stop_reason") in (None, "converged"):
         reason = "the memory digest check runs inside the pause"
     elif not reason and r.get("stop_reason") == "converged":
         wait = r.get("ready_wait_ms")

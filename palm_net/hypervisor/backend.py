@@ -86,7 +86,17 @@ class HostedVM(Protocol):
     def verify(self) -> VerifyReport: ...
 
     def digest(self) -> str:
-        """Hex BLAKE2b-256 of memory as the guest sees it (protected pages in plaintext)."""
+        """The memory digest (hex) of memory as the guest sees it now (protected pages
+        in plaintext; proto 7.4 and 7.7)."""
+        ...
+
+    def start_page_digest(self) -> None:
+        """A migration's digest from now on: kept as pages are sent or written, where
+        the backend can (a page backend); else nothing to do."""
+        ...
+
+    def page_digest(self) -> str:
+        """The digest the migration kept (start_page_digest), or ``digest()``."""
         ...
 
     def sync(self) -> None:

@@ -39,7 +39,6 @@ from nacl.secret import SecretBox
 from palm_net.crypto.noise import CIPHERS
 from palm_net.hostfs import UnsafePathError, create_exclusive, open_nofollow, read_nofollow, reserve, write_atomic
 from palm_net.hypervisor.backend import (
-    DIGEST_PERSON,
     KIND_NORMAL,
     KIND_PROTECTED,
     KIND_ZERO,
@@ -50,6 +49,7 @@ from palm_net.hypervisor.backend import (
     VerifyReport,
     VmInfo,
 )
+from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
 from palm_net.hypervisor.protection import (
     TAG_LEN,
     IntegrityError,
@@ -320,6 +320,7 @@ class ModelVM(ConfiguredVM):
         self._written = np.zeros(self.npages, np.uint8) if config["state"] == "incoming" else None
         self.meta = _Meta(vm_dir / "meta", self.npages, create)
         self._np: _Views | None = _Views(self.mem, self.meta)
+        self._pages_digest: PageDigest | None = None  # kept as pages are sent or written (a migration's)
         self._reserver = _Reserver(vm_dir / "memory", self._np.pages.ctypes.data, self.npages * PAGE_SIZE) \
             if incoming else None
         self._closing = threading.Event()
@@ -731,7 +732,45 @@ class ModelVM(ConfiguredVM):
                 data[pos[protected]] = a.pages[pg]
                 vers[protected] = a.versions[pg]
                 tags = a.tags[pg].tobytes()
+        if self._pages_digest is not None:
+            self._record_pages(cand, kinds, vers, data, tags)
         return PageBatch(cand, kinds.tobytes(), vers, data.reshape(-1).data, tags), start + n
+
+    # -- the memory digest, kept page by page during a migration (proto 7.4)
+
+    def start_page_digest(self) -> None:
+        """From now on, the hash of each page as it is sent (read_pages) or written
+        (write_pages): the digest of the last copy of every page, at no pass over memory."""
+        self._pages_digest = PageDigest(self.npages)
+
+    def page_digest(self) -> str:
+        """The digest of the pages as sent or written since start_page_digest (else of memory)."""
+        return self._pages_digest.digest() if self._pages_digest is not None else self.digest()
+
+    def _record_pages(self, gfns: Gfns, kinds: npt.NDArray[np.uint8], vers: Gfns,
+                      data: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]], tags: bytes) -> None:
+        """The hashes of a batch's pages as the guest sees them: zero, data, or a
+        protected page's plaintext (opened from the ciphertext sent or written)."""
+        pd = self._pages_digest
+        assert pd is not None
+        pd.record_zero(gfns[kinds == KIND_ZERO])
+        has_data = kinds != KIND_ZERO
+        dg, dk = gfns[has_data], kinds[has_data]
+        rows = data if isinstance(data, list) else data.reshape(-1, PAGE_SIZE)[: len(dg)]
+        prot = dk == KIND_PROTECTED
+        if prot.any():
+            plain = list(rows)
+            tag = np.frombuffer(tags, np.uint8).reshape(-1, TAG_LEN)
+            for i, row in enumerate(np.flatnonzero(prot)):
+                gfn = int(dg[row])
+                owner = int(self.arrays.owners[gfn]) - 1
+                plain[row] = open_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id,
+                                       self.processes[owner].pid, gfn, int(vers[has_data][row]), rows[row].data,
+                                       tag[i].tobytes())
+            pd.record(dg, hash_pages(plain))
+        elif len(dg):
+            pd.record(dg, hash_pages(rows))
+        pd.refresh()
 
     def export_cpu_state(self) -> bytes:
         if self.state == "running":
@@ -866,6 +905,8 @@ class ModelVM(ConfiguredVM):
         if at != len(dg):
             raise IntegrityError("page data disagrees with the page count")
         written[dg] = 1
+        if self._pages_digest is not None:
+            self._record_pages(gfns, kinds, batch.vers, [row for rows in parts for row in rows], batch.tags)
 
     def import_cpu_state(self, state: bytes) -> None:
         try:
@@ -948,26 +989,28 @@ class ModelVM(ConfiguredVM):
     # -- digest ------------------------------------------------------------
 
     def digest(self) -> str:
-        """BLAKE2b-256 of memory as the guest sees it, protected pages in plaintext."""
-        h = hashlib.blake2b(digest_size=32, person=DIGEST_PERSON)
-        pos = 0
-        step = 256 * PAGE_SIZE
+        """The memory digest (proto 7.4) of memory as the guest sees it now,
+        protected pages in plaintext: every page hashed afresh."""
+        pd = PageDigest(self.npages)
+        step = 1024
         with self._lock:
-            for idx, p in enumerate(self.processes):
-                for off in range(pos * PAGE_SIZE, p.first * PAGE_SIZE, step):
-                    h.update(self.mem[off : min(off + step, p.first * PAGE_SIZE)])
-                key = bytes(self._keys[idx])
-                for gfn in range(p.first, p.first + p.count):
-                    base = gfn * PAGE_SIZE
-                    page = self.mem[base : base + PAGE_SIZE]
-                    if self.meta.views[gfn] == VIEW_CIPHER:
-                        page = open_page(self.page_cipher, key, self.vm_id, p.pid, gfn, self.meta.versions[gfn],
-                                         page, self.meta.tag(gfn))
-                    h.update(page)
-                pos = p.first + p.count
-            for off in range(pos * PAGE_SIZE, self.npages * PAGE_SIZE, step):
-                h.update(self.mem[off : min(off + step, self.npages * PAGE_SIZE)])
-        return h.hexdigest()
+            a = self.arrays
+            for lo in range(0, self.npages, step):
+                gfns = np.arange(lo, min(lo + step, self.npages), dtype=np.uint64)
+                rows = a.pages[lo : lo + len(gfns)]
+                prot = (a.owners[lo : lo + len(gfns)] != 0) & (a.views[lo : lo + len(gfns)] == VIEW_CIPHER)
+                if not prot.any():
+                    pd.record(gfns, hash_pages(rows))
+                    continue
+                plain: list[Any] = list(rows)
+                for i in np.flatnonzero(prot):
+                    gfn = lo + int(i)
+                    owner = int(a.owners[gfn]) - 1
+                    plain[i] = open_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id,
+                                         self.processes[owner].pid, gfn, int(a.versions[gfn]), rows[i].data,
+                                         self.meta.tag(gfn))
+                pd.record(gfns, hash_pages(plain))
+        return pd.digest()
 
     def memory_bytes(self) -> bytes:
         """Raw guest memory (tests compare unprotected VMs byte for byte)."""

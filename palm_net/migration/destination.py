@@ -57,6 +57,7 @@ from palm_net.wire.messages import (
     Message,
     Pages,
     Ready,
+    RoundDone,
     RoundEnd,
     Stream,
     StreamEnd,
@@ -248,7 +249,9 @@ class DestinationEngine:
         return [ApplyPages(batch)] if batch is not None else []
 
     def _on_round_end(self, msg: Message, _: Record) -> list[Effect]:
-        return []
+        # Sent once everything before is written (the shell performs a request only
+        # then): the source pauses for the last copy once we have caught up.
+        return [self._send(RoundDone(msg.get(RoundEnd).round))]
 
     def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
         self.page_records += 1  # its bytes follow in data records

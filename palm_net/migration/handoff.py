@@ -254,9 +254,13 @@ class HandoffStore:
         cancelled meanwhile (it then resumes here)."""
         return self._move(mid, SRC, Step.HAND_OFF)
 
+    def confirm(self, mid: bytes) -> bool:
+        """The destination committed: DONE.  The caller scrubs this copy next."""
+        return self._move(mid, SRC, Step.CONFIRM)
+
     def confirm_and_scrub(self, mid: bytes, vm: HostedVM | None) -> bool:
         """The destination committed: DONE, then this copy's memory and keys go."""
-        moved = self._move(mid, SRC, Step.CONFIRM)
+        moved = self.confirm(mid)
         if moved and vm is not None:
             vm.scrub()
         return moved

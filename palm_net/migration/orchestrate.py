@@ -9,6 +9,7 @@ Source rules (proto/PROTOCOL.md 7.4):
 
 from __future__ import annotations
 
+import hmac
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,8 @@ class MigrationResult:
             "bytes": st.transferred, "zero_pages": st.zero_pages, "normal_pages": st.normal_pages,
             "protected_pages": st.protected_pages, "throttle": st.throttle,
             "digest": st.digest, "digest_verified": bool(st.digest) and self.ok,
+            "digest_at_pause": st.digest_at_pause,
+            "digest_check_ms": round(st.digest_check * 1000, 1) if st.digest_check is not None else None,
             "round_stats": [r.__dict__ for r in st.rounds],
             "error": self.error, "phase": self.phase, "runs_on": self.runs_on,
             "hypervisor": st.hypervisor,
@@ -157,7 +160,10 @@ async def migrate_out(
             if not run.handed_off:
                 store.abort_and_resume(mid, vm, "cancelled: migration cancelled")
             raise
-        store.confirm_and_scrub(mid, vm)
+        if store.confirm(mid):
+            if params.verify_digest and not engine.stream:
+                await _check_digest_at_pause(vm, stats, mid)
+            await trio.to_thread.run_sync(vm.scrub)  # a GiB takes a while: not on the event loop
         store.set_stats(mid, stats.as_dict())
         log.info("migration completed", migration=mid.hex(), vm=name, peer=peer.name, phase="done",
                  round=engine.round, downtime_ms=round((stats.downtime or 0) * 1000, 1))
@@ -165,6 +171,22 @@ async def migrate_out(
     finally:
         with trio.move_on_after(1):
             await channel.aclose()
+
+
+async def _check_digest_at_pause(vm: HostedVM, stats: MigrationStats, mid: bytes) -> None:
+    """The second half of --verify-digest (proto 7.4), after DONE: READY's digest matched
+    the pages as this agent last sent them; here they are checked against memory at
+    the pause, read afresh from this copy (paused since, and not yet scrubbed), which
+    proves the dirty log missed no write.  The destination runs the VM already: a
+    difference cannot be undone, so it is said loudly."""
+    t0 = time.monotonic()
+    full = await trio.to_thread.run_sync(vm.digest)
+    stats.digest_check = time.monotonic() - t0
+    equal = stats.digest is not None and hmac.compare_digest(full, stats.digest)
+    stats.digest_at_pause = "equal" if equal else "differs"
+    if not equal:
+        log.error("memory at the pause differs from the pages sent: the dirty log missed a write",
+                  migration=mid.hex(), vm=vm.info.name, phase="done")
 
 
 async def _resume_after_failure(vm: HostedVM, store: HandoffStore, error: PalmError, stats: MigrationStats,

@@ -70,7 +70,11 @@ class MigrationStats:
     page_records: int = 0
     bandwidth: float = 0.0
     throttle: float = 1.0
-    digest: str | None = None  # memory digest at pause, when verify_digest was asked
+    digest: str | None = None  # memory digest at pause, when verify_digest was asked (READY's, proto 7.4)
+    # A page backend's digest is kept page by page as pages are sent: after DONE
+    # it is checked against this copy's memory at the pause, read afresh (7.4).
+    digest_at_pause: str | None = None  # "equal", "differs"
+    digest_check: float | None = None  # seconds that check took (after DONE, off the downtime)
     hypervisor: dict[str, Any] | None = None  # a stream backend's own figures (QEMU's query-migrate)
     downtime_limit: float | None = None  # the limit asked for (seconds)
     # Why the source stopped iterating: "converged" (the rest fits the limit),

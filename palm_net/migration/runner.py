@@ -62,7 +62,7 @@ from palm_net.migration.effects import (
 from palm_net.migration.handoff import HandoffStore, Peer, check_abort_token
 from palm_net.migration.source import SourceEngine
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
-from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Abort, Begin, Message
+from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Abort, Begin, Message, RoundDone
 from palm_net.wire.pages import Buffer, Gfns
 from palm_net.wire.protocol import FINAL
 
@@ -75,6 +75,7 @@ PER_HOP = 4
 READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
 APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not yet written
+CATCH_UP_WAIT = 2.0  # source: at most this long for the destination to write the last round before the pause
 
 
 class InDoubt(Exception):
@@ -129,12 +130,19 @@ class SourceRun:
         self.abort_token: bytes | None = None  # a valid one from the destination, after COMMIT
         self._paced_since = time.monotonic()
         self._paced_bytes = 0
+        self._written_round = -1  # the last round the destination says it has written (ROUND_DONE)
+        self._round_written = trio.Event()
 
     # -- plumbing
 
     async def _receiver(self) -> None:
         while True:
             msg = self.engine.on_record(await self.ch.receive())
+            if isinstance(msg.body, RoundDone):
+                self._written_round = max(self._written_round, msg.body.round)
+                self._round_written.set()
+                self._round_written = trio.Event()
+                continue
             await self._inbox_send.send(msg)
             if self.engine.proto.state in FINAL:
                 return  # the session is over: a close from here on is not an error
@@ -231,13 +239,15 @@ class SourceRun:
             nursery.cancel_scope.cancel()
 
     async def _digest(self, out: list[str]) -> None:
-        out.append(await trio.to_thread.run_sync(self.vm.digest))
+        out.append(await trio.to_thread.run_sync(self.vm.page_digest))
 
     async def _precopy(self, vm: Backend) -> None:
         """Pre-copy rounds until convergence, then stop-and-copy."""
         eng, st = self.engine, self.engine.stats
 
         def start() -> bytes:
+            if eng.params.verify_digest:
+                vm.start_page_digest()  # the hash of each page as it is sent (proto 7.4)
             vm.enable_dirty_log()  # before the first page is read
             return vm.export_keys()
 
@@ -255,6 +265,12 @@ class SourceRun:
                           seconds=round(r.duration, 4), expected_downtime=st.expected_downtime)
             await self._send([end_msg])
             if stop:
+                # Pause once the destination has written this round: what it still
+                # had to write would be downtime.  The guest runs meanwhile (its
+                # writes go to the last copy); a slow destination is not waited for long.
+                with trio.move_on_after(CATCH_UP_WAIT):
+                    while self._written_round < r.round:
+                        await self._round_written.wait()
                 break
 
         def pause() -> tuple[float, Any]:
@@ -386,7 +402,7 @@ class DestinationHost:
                 return StreamLoaded()
             if isinstance(eff, Prepare):
                 persisted = self.store.prepare(mid, vm)
-                return Prepared(persisted, bytes.fromhex(vm.digest()) if persisted and eff.digest else b"")
+                return Prepared(persisted, bytes.fromhex(vm.page_digest()) if persisted and eff.digest else b"")
             if isinstance(eff, CommitAndActivate):
                 return Committed(self.store.commit_and_activate(mid, vm))
         except (IntegrityError, HypervisorError) as exc:
@@ -528,6 +544,8 @@ class DestinationRun:
                 continue
             if isinstance(eff, OpenIncoming):
                 host.vm = await self.open_vm(eff.mid, eff.begin, host.peer)
+                if eff.begin.digest:
+                    host.vm.start_page_digest()  # the hash of each page as it is written (proto 7.4)
                 result: Result | None = Opened(host.vm.info.protected_pages)
             else:
                 result = await trio.to_thread.run_sync(host.perform, eff, eng.mid)

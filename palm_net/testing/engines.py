@@ -144,6 +144,8 @@ class DestinationDriver:
                 continue
             if isinstance(eff, OpenIncoming):
                 vm = self.make_vm(eff.mid, eff.begin)
+                if eff.begin.digest:
+                    vm.start_page_digest()
                 self.store.open_incoming(eff.mid, eff.begin.vm, eff.begin.vm_id, PEER)
                 self.host.vm = vm
                 result = Opened(vm.info.protected_pages)

@@ -4,7 +4,9 @@ Every unit on a palm_net connection is a frame (u32be length + body), from
 the preamble on, so the proxy can count frames per direction without any
 key: client->server frame 0 is the preamble, 1 the first handshake message,
 2 the third, 3.. the source's records; server->client frame 0 is the second
-handshake message, 1 ACCEPT, 2 READY, 3 DONE (for a migration session).
+handshake message, 1 ACCEPT, then a ROUND_DONE per pre-copy round, READY and
+DONE (for a migration session): ``sealed(TYPE, body)`` picks one of those by
+its length.
 
 A plan is a list of Rules; each names the connection (0 = first), the
 direction, the frame index and the action: drop, duplicate, flip (one bit),
@@ -21,9 +23,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import msgpack
 import trio
+
+from palm_net.wire.messages import WIRE_VERSION
 
 Direction = Literal["c2s", "s2c"]
 Action = Literal["drop", "duplicate", "flip", "truncate", "delay", "replay", "cut", "cut_after", "call", "forge"]
@@ -45,6 +50,20 @@ class Rule:
     # for records whose index varies (the end of a hypervisor's stream).
     match: Callable[[int, bytes], bool] | None = None
     fired: bool = False
+
+
+def sealed(mtype: str, body: dict[str, Any] | None = None, plain: bool = False) -> Callable[[int, bytes], bool]:
+    """A Rule's ``match``: a sealed record of this message type, told by its length
+    (the sequence number takes 1, 2 or 5 bytes; the rest is fixed by the body;
+    ``plain``: the plain benchmark mode's kind byte too)."""
+    lengths = {4 + int(plain) + len(msgpack.packb({"v": WIRE_VERSION, "t": mtype, "mid": bytes(16), "seq": seq,
+                                                   "b": body or {}}, use_bin_type=True)) + 16
+               for seq in (1, 200, 70000)}
+    return lambda _, frame: len(frame) in lengths
+
+
+READY = sealed("READY", {"digest": b""})  # a page migration's READY (no digest asked) ...
+DONE = sealed("DONE")  # ... and its DONE
 
 
 @dataclass

@@ -202,6 +202,16 @@ class RoundEnd(Body):
 
 
 @dataclass(frozen=True, repr=False)
+class RoundDone(Body):
+    """Destination -> source: every page of this round is written here (the source
+    pauses its guest for the last copy only once the destination has caught up)."""
+
+    TYPE = "ROUND_DONE"
+    SCHEMA = {"round": U(10_000)}
+    round: int
+
+
+@dataclass(frozen=True, repr=False)
 class CpuState(Body):
     TYPE = "CPU_STATE"
     SCHEMA = {"state": B(MAX_BLOB)}
@@ -273,7 +283,8 @@ class Outcome(Body):
 
 
 TYPES: dict[str, type[Body]] = {cls.TYPE: cls for cls in (
-    Begin, Accept, Keys, Pages, Stream, StreamEnd, RoundEnd, CpuState, Context, Complete, Ready, Commit, Done,
+    Begin, Accept, Keys, Pages, Stream, StreamEnd, RoundEnd, RoundDone, CpuState, Context, Complete, Ready, Commit,
+    Done,
     Abort, Query, Outcome)}
 ENVELOPE = {"v", "t", "mid", "seq", "b"}
 _MID = B(MID_LEN, exact=MID_LEN)

@@ -35,6 +35,7 @@ from palm_net.wire.messages import (
     Pages,
     Query,
     Ready,
+    RoundDone,
     RoundEnd,
     Stream,
     StreamEnd,
@@ -71,6 +72,11 @@ TRANSITIONS: dict[tuple[State, Role, type[Body]], State] = {
     (State.STREAMING, S, Keys): State.STREAMING,
     (State.STREAMING, S, Pages): State.STREAMING,
     (State.STREAMING, S, RoundEnd): State.STREAMING,
+    # The destination answers each ROUND_END once the round is written; the
+    # answer may cross the source's next messages on the wire.
+    (State.STREAMING, D, RoundDone): State.STREAMING,
+    (State.STOPPED, D, RoundDone): State.STOPPED,
+    (State.VERIFYING, D, RoundDone): State.VERIFYING,
     (State.STREAMING, S, CpuState): State.STOPPED,
     (State.STREAMING, S, Stream): State.STREAMING,
     (State.STREAMING, S, StreamEnd): State.SEALED,
@@ -91,7 +97,7 @@ TRANSITIONS[(State.COMMITTING, D, Abort)] = State.ABORTED
 
 FINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
 # What carries the VM depends on BEGIN's backend: page records, or a stream.
-PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, CpuState, Context})
+PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, RoundDone, CpuState, Context})
 STREAM_ONLY: frozenset[type[Body]] = frozenset({Stream, StreamEnd})
 # The only messages that may travel unauthenticated (CLEAR records of the
 # plain benchmark mode, proto/PROTOCOL.md 5): bulk data, never a handoff step.

@@ -1,0 +1,293 @@
+"""The data path of protocol version 2: data records, the bulk buffers that are
+opened and sealed in place, incoming memory reserved ahead of the data, and the
+memory digest kept page by page (proto/PROTOCOL.md 6, 7.1, 7.4)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from palm_net.channel.records import RecordReceiver, RecordSender
+from palm_net.channel.transport import Inbox, Outbox, SecureChannel, _Buffers
+from palm_net.crypto.noise import CIPHERS, CipherState
+from palm_net.hypervisor.model import ModelVM
+from palm_net.migration import orchestrate
+from palm_net.migration.handoff import HandoffStore
+from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.testing.engines import DestinationDriver, source_messages, units
+from palm_net.wire import messages
+from palm_net.wire.errors import LocalProtocolError, PalmError
+from palm_net.wire.messages import DATA_RECORD, MAX_BULK, Accept, Begin, Pages, Stream
+from palm_net.wire.pages import IncomingPages
+from palm_net.wire.protocol import Data, Role, SessionProtocol
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture
+def shm():
+    d = Path(tempfile.mkdtemp(prefix="palm-dp-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Data records in the session protocol
+
+
+def _streaming() -> tuple[SessionProtocol, SessionProtocol]:
+    mid = os.urandom(16)
+    src, dst = SessionProtocol(Role.SOURCE, mid), SessionProtocol(Role.DESTINATION)
+    dst.receive(src.send(Begin("v", bytes(16), 64, 0, 0, 1, False, False, "qemu", b"spec")))
+    src.receive(dst.send(Accept()))
+    return src, dst
+
+
+@pytest.mark.parametrize("length", [1, DATA_RECORD - 1, DATA_RECORD, DATA_RECORD + 1, MAX_BULK])
+def test_a_message_s_bulk_travels_in_data_records_of_61440_bytes(length):
+    src, dst = _streaming()
+    data = os.urandom(length)
+    header = src.send(Stream(length))
+    parts = src.send_data(data)
+    assert [len(p) for p in parts] == [min(DATA_RECORD, length - i) for i in range(0, length, DATA_RECORD)]
+    assert dst.receive(header).type == "STREAM" and dst.data_due
+    got = [dst.receive(bytes(p)) for p in parts]
+    assert all(isinstance(d, Data) for d in got) and [d.last for d in got] == [False] * (len(parts) - 1) + [True]
+    assert b"".join(bytes(d.data) for d in got) == data and not dst.data_due
+
+
+def test_data_records_must_have_their_exact_size_and_come_before_any_message():
+    src, dst = _streaming()
+    dst.receive(src.send(Stream(DATA_RECORD + 10)))
+    with pytest.raises(PalmError) as info:
+        dst.receive(os.urandom(DATA_RECORD - 1))  # short
+    assert info.value.code == "malformed"
+    # The sender may not put a message before the data it announced, nor more data.
+    src2, _ = _streaming()
+    src2.send(Stream(10))
+    with pytest.raises(LocalProtocolError):
+        src2.send(Stream(10))
+    with pytest.raises(LocalProtocolError):
+        src2.send_data(b"x" * 11)
+    # A message where data is due is taken as data: a wrong size, refused.
+    src3, dst3 = _streaming()
+    dst3.receive(src3.send(Stream(100)))
+    with pytest.raises(PalmError) as info:
+        dst3.receive(messages.encode(messages.Message(src3.mid or b"", 2, Stream(5))))
+    assert info.value.code == "malformed"
+
+
+def test_a_bulk_announcement_is_bounded_before_anything_is_allocated():
+    with pytest.raises(PalmError):
+        Stream(MAX_BULK + 1)
+    with pytest.raises(PalmError):  # 257 data pages
+        Pages(0, bytes(8 * 257), b"\x01" * 257, bytes(8 * 257), b"")
+
+
+def test_pages_gfns_must_ascend():
+    gfns = np.array([3, 2], "<u8").tobytes()
+    with pytest.raises(PalmError, match="ascending"):
+        IncomingPages(Pages(0, gfns, b"\x00\x00", bytes(16), b""))
+
+
+# --------------------------------------------------------------------------
+# Sealed into buffers, opened in place
+
+
+def _pair(plain: bool = False) -> tuple[RecordSender, RecordReceiver]:
+    k = os.urandom(32)
+    return RecordSender(CipherState(CIPHERS["AESGCM"], k), plain=plain), \
+        RecordReceiver(CipherState(CIPHERS["AESGCM"], k), plain=plain)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_seal_into_and_open_in_place_agree_with_the_one_record_path(plain):
+    tx, rx = _pair(plain)
+    ref_tx, ref_rx = _pair(plain)
+    ref_tx.cs.k = tx.cs.k
+    ref_rx.cs.k = rx.cs.k
+    msgs = [(os.urandom(n), plain and n > 100) for n in (1, 17, 4096, DATA_RECORD, 65519)]
+    buf = bytearray(sum(RecordSender.frame_size(len(m), plain) for m, _ in msgs))
+    pos = 0
+    for m, clear in msgs:
+        pos += tx.seal_into(m, memoryview(buf)[pos:], clear)
+    assert bytes(buf[:pos]) == b"".join(ref_tx.seal(m, clear) for m, clear in msgs)
+    assert rx.whole_frames(buf, pos) == pos and rx.whole_frames(buf, pos - 1) < pos
+    opened = rx.open_in_place(memoryview(buf)[:pos])
+    assert [bytes(r.data) for r in opened] == [m for m, _ in msgs]
+    assert [r.authenticated for r in opened] == [not clear for _, clear in msgs]
+    assert (rx.count, rx.transcript) == (tx.count, tx.transcript)
+
+
+def test_open_in_place_fails_closed_on_a_flipped_bit():
+    tx, rx = _pair()
+    buf = bytearray(2 * RecordSender.frame_size(100, False))
+    pos = tx.seal_into(b"a" * 100, memoryview(buf))
+    pos += tx.seal_into(b"b" * 100, memoryview(buf)[pos:])
+    buf[pos - 3] ^= 1
+    with pytest.raises(PalmError) as info:
+        rx.open_in_place(memoryview(buf)[:pos])
+    assert info.value.code == "bad-record" and rx.failed
+
+
+async def test_a_buffer_still_viewed_is_never_reused():
+    pool = _Buffers(1, 1024)
+    buf = await pool.get()
+    view = memoryview(buf)[:10]  # a record still held somewhere
+    pool.put(buf)
+    again = await pool.get()
+    assert again is not buf  # a fresh one: buf stays as its holder sees it
+    view.release()
+    pool.put(again)
+    assert await pool.get() is again
+
+
+async def _channels() -> tuple[SecureChannel, SecureChannel]:
+    """Two channels over an in-memory stream pair, with matching record layers."""
+    from palm_net.channel.handshake import HandshakeResult
+
+    a_stream, b_stream = trio.testing.memory_stream_pair()
+    tx, rx = _pair()
+    tx2, rx2 = _pair()
+
+    def result(sender: RecordSender, receiver: RecordReceiver) -> HandshakeResult:
+        r = object.__new__(HandshakeResult)
+        object.__setattr__(r, "sender", sender)
+        object.__setattr__(r, "receiver", receiver)
+        return r
+
+    return SecureChannel(a_stream, result(tx, rx2)), SecureChannel(b_stream, result(tx2, rx))
+
+
+async def test_outbox_and_inbox_carry_records_in_order_across_buffers():
+    """Records of every size, sealed a batch per buffer on one side, read into
+    buffers of the smallest allowed size on the other (records span buffers)."""
+    a, b = await _channels()
+    msgs = [os.urandom(n) for n in [65519, 1, DATA_RECORD, 300, 65519] * 12]
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        outbox = Outbox(a, 4 * 70000, buffers=2)
+        nursery.start_soon(outbox.run)
+        inbox = Inbox(b, size=2 * (65536 + 8), buffers=2)
+        send, recv = trio.open_memory_channel[tuple[bytearray, int]](0)
+        nursery.start_soon(inbox.run, send)
+
+        async def consume() -> None:
+            async for buf, end in recv:
+                recs = await inbox.open(buf, end)
+                got.extend(bytes(r.data) for r in recs)
+                recs.clear()
+                inbox.release(buf)
+                if len(got) == len(msgs):
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(consume)
+        for i in range(0, len(msgs), 3):
+            await outbox.put([(m, False) for m in msgs[i : i + 3]])
+        outbox.close()
+    assert got == msgs
+
+
+# --------------------------------------------------------------------------
+# Incoming memory: reserved ahead of the data, no write past a full disk
+
+
+def test_incoming_memory_is_reserved_before_it_is_written_and_a_failed_reservation_ends_the_migration(
+        shm, monkeypatch):
+    from palm_net import hostfs
+    from palm_net.hypervisor import model
+
+    real = hostfs.reserve
+
+    def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
+        if offset >= 32 << 20:  # the file system is full from 32 MiB on
+            raise hostfs.UnsafePathError(f"no room for {what}: the file system is full")
+        real(fd, size, what, offset)
+
+    monkeypatch.setattr(model, "reserve", reserve)
+    src = ModelVM.create(shm / "src", "vm", 16384, KEY, fill="random", seed=3)  # 64 MiB
+    store = HandoffStore(shm / "d.db")
+    dest = DestinationDriver(store, lambda mid, b: ModelVM.create_incoming(shm / "dst", b.vm, b.vm_id, b.pages,
+                                                                           b.vcpus, KEY, migration=mid))
+    _, msgs = source_messages(src, MigrationParams(max_rounds=1))
+    with pytest.raises(PalmError) as info:
+        for m in msgs:
+            dest.feed(m)
+    assert info.value.code == "no-space"
+    dest.fail(info.value)
+    assert not (shm / "dst").exists()  # scrubbed, what was reserved only
+    src.close()
+
+
+# --------------------------------------------------------------------------
+# The memory digest, page by page (proto 7.4)
+
+
+def _migrate_digest(shm: Path, sneak: bool = False) -> tuple[ModelVM, ModelVM]:
+    """A protected VM migrated with the digest kept page by page; ``sneak``: the
+    guest writes a page behind the dirty log's back during round 0."""
+    src = ModelVM.create(shm / "src", "vm", 2048, KEY, protected_processes=2, protected_pages=256,
+                         fill="half", seed=9)
+    src.process_write(0, src.processes[0].first + 3, b"in the process view at the pause")  # plaintext in memory
+    src.start_page_digest()
+
+    def between(r: int) -> None:
+        if sneak and r == 0:
+            src.arrays.pages[5, :8] = np.frombuffer(b"missed!!", np.uint8)
+
+    _, msgs = source_messages(src, MigrationParams(max_rounds=3, downtime_limit=1e-9, verify_digest=True), 2,
+                              between)
+    dest = DestinationDriver(HandoffStore(shm / "d.db"), lambda mid, b: ModelVM.create_incoming(
+        shm / "dst", b.vm, b.vm_id, b.pages, b.vcpus, KEY, migration=mid))
+    for m in msgs:
+        dest.feed(m)
+    assert isinstance(dest.vm, ModelVM)
+    return src, dest.vm
+
+
+def test_the_digest_kept_page_by_page_is_the_digest_of_memory(shm):
+    src, dst = _migrate_digest(shm)
+    # The destination's, kept as it wrote, and the source's, kept as it sent:
+    # both equal the digest of the memory they describe, read afresh.
+    assert dst.page_digest() == dst.digest() == src.page_digest() == src.digest()
+
+
+def test_a_write_the_dirty_log_missed_is_found_after_the_handoff(shm):
+    src, dst = _migrate_digest(shm, sneak=True)
+    # READY's digest matches what was sent (the destination holds exactly that) ...
+    assert dst.page_digest() == src.page_digest()
+    # ... and the check after DONE finds the source's memory at the pause is not it.
+    stats = MigrationStats(digest=src.page_digest())
+    trio.run(orchestrate._check_digest_at_pause, src, stats, os.urandom(16))
+    assert stats.digest_at_pause == "differs" and stats.digest_check is not None
+    stats = MigrationStats(digest=src.digest())
+    trio.run(orchestrate._check_digest_at_pause, src, stats, os.urandom(16))
+    assert stats.digest_at_pause == "equal"
+
+
+async def test_verify_digest_end_to_end_checks_memory_at_the_pause(cluster):
+    a = cluster["a"]
+    a.registry.create_model("vm1", 8 << 20, protected=2, workload="random:2000+protected:500", seed=4)
+    await trio.sleep(0.2)
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(verify_digest=True))
+    assert res.ok, res.error
+    assert res.stats.digest and res.stats.digest_at_pause == "equal"
+    d = res.as_dict()
+    assert d["digest_at_pause"] == "equal" and d["digest_check_ms"] is not None
+
+
+def test_units_group_data_records_with_their_message(shm):
+    src = ModelVM.create(shm / "s", "vm", 600, KEY, fill="random", seed=1)
+    _, msgs = source_messages(src, MigrationParams(max_rounds=1))
+    us = units(msgs)
+    pages = [u for u in us if isinstance(u.body, Pages)]
+    assert sum(len(u.data) for u in us) + len(us) == len(msgs)
+    assert all(sum(map(len, u.data)) == u.body.bulk for u in pages)
+    src.close()
