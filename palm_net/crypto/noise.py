@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from nacl import bindings as sodium
-from nacl._sodium import ffi, lib  # the libsodium under nacl.bindings: AEAD on buffers, in place
+
+# The libsodium under nacl.bindings: AEAD on buffers, in place (also the VMM's
+# batched page AEAD, palm_net.hypervisor.protection).
+from nacl._sodium import ffi as ffi
+from nacl._sodium import lib
 
 DHLEN = 32
 HASHLEN = 64

@@ -55,6 +55,7 @@ from palm_net.hypervisor.protection import (
     IntegrityError,
     default_page_cipher,
     open_page,
+    open_pages,
     seal_page,
 )
 from palm_net.hypervisor.vmconfig import ConfiguredVM
@@ -747,28 +748,43 @@ class ModelVM(ConfiguredVM):
         """The digest of the pages as sent or written since start_page_digest (else of memory)."""
         return self._pages_digest.digest() if self._pages_digest is not None else self.digest()
 
+    def _open_protected(self, gfns: Gfns, vers: Gfns, rows: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]],
+                        tags: npt.NDArray[np.uint8], want_plain: bool) -> npt.NDArray[np.uint8] | None:
+        """Verifies protected pages (ciphertext rows) against their MACs, a process at
+        a time (IntegrityError); their plaintexts, in the same order, if asked."""
+        owners = self.arrays.owners[gfns]
+        plain = np.empty((len(gfns), PAGE_SIZE), np.uint8) if want_plain else None
+        for owner in np.unique(owners):
+            sel = np.flatnonzero(owners == owner)
+            p = self.processes[int(owner) - 1]
+            out = np.empty((len(sel), PAGE_SIZE), np.uint8) if plain is not None else None
+            mine = [rows[i] for i in sel] if isinstance(rows, list) else rows[sel]
+            open_pages(self.page_cipher, bytes(self._keys[int(owner) - 1]), self.vm_id, p.pid, gfns[sel], vers[sel],
+                       mine, tags[sel], out)
+            if plain is not None and out is not None:
+                plain[sel] = out
+        return plain
+
     def _record_pages(self, gfns: Gfns, kinds: npt.NDArray[np.uint8], vers: Gfns,
-                      data: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]], tags: bytes) -> None:
+                      data: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]], tags: bytes,
+                      plain: npt.NDArray[np.uint8] | None = None) -> None:
         """The hashes of a batch's pages as the guest sees them: zero, data, or a
-        protected page's plaintext (opened from the ciphertext sent or written)."""
+        protected page's plaintext (``plain``, or opened here from the ciphertext)."""
         pd = self._pages_digest
         assert pd is not None
         pd.record_zero(gfns[kinds == KIND_ZERO])
         has_data = kinds != KIND_ZERO
         dg, dk = gfns[has_data], kinds[has_data]
-        rows = data if isinstance(data, list) else data.reshape(-1, PAGE_SIZE)[: len(dg)]
-        prot = dk == KIND_PROTECTED
-        if prot.any():
-            plain = list(rows)
-            tag = np.frombuffer(tags, np.uint8).reshape(-1, TAG_LEN)
-            for i, row in enumerate(np.flatnonzero(prot)):
-                gfn = int(dg[row])
-                owner = int(self.arrays.owners[gfn]) - 1
-                plain[row] = open_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id,
-                                       self.processes[owner].pid, gfn, int(vers[has_data][row]), rows[row].data,
-                                       tag[i].tobytes())
-            pd.record(dg, hash_pages(plain))
-        elif len(dg):
+        rows = data if isinstance(data, list) else list(data.reshape(-1, PAGE_SIZE)[: len(dg)])
+        prot = np.flatnonzero(dk == KIND_PROTECTED)
+        if len(prot):
+            opened = plain if plain is not None else self._open_protected(
+                dg[prot], vers[has_data][prot], np.stack([rows[i] for i in prot]),
+                np.frombuffer(tags, np.uint8).reshape(-1, TAG_LEN), True)
+            assert opened is not None
+            for j, i in enumerate(prot):
+                rows[i] = opened[j]
+        if len(dg):
             pd.record(dg, hash_pages(rows))
         pd.refresh()
 
@@ -870,17 +886,13 @@ class ModelVM(ConfiguredVM):
         has_data = kinds != KIND_ZERO
         parts = [np.frombuffer(d, dtype=np.uint8).reshape(-1, PAGE_SIZE)
                  for d in (batch.data if isinstance(batch.data, list) else [batch.data])]
+        plain = None
         if protected.any():
-            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            parts = [data]
+            arrived = [row for part in parts for row in part]  # views: each data page where it arrived
             pos = np.cumsum(has_data) - 1
             pg, prow, pver = gfns[protected], pos[protected], batch.vers[protected]
             tags = np.frombuffer(batch.tags, dtype=np.uint8).reshape(-1, TAG_LEN)
-            for i in range(len(pg)):  # one AEAD open per protected page (libsodium)
-                gfn, owner = int(pg[i]), int(owners[protected][i])
-                p = self.processes[owner - 1]
-                open_page(self.page_cipher, bytes(self._keys[owner - 1]), self.vm_id, p.pid, gfn, int(pver[i]),
-                          data[prow[i]].data, tags[i].tobytes())
+            plain = self._open_protected(pg, pver, [arrived[i] for i in prow], tags, self._pages_digest is not None)
             a.versions[pg] = pver
             a.tags[pg] = tags
             a.views[pg] = VIEW_CIPHER
@@ -906,7 +918,7 @@ class ModelVM(ConfiguredVM):
             raise IntegrityError("page data disagrees with the page count")
         written[dg] = 1
         if self._pages_digest is not None:
-            self._record_pages(gfns, kinds, batch.vers, [row for rows in parts for row in rows], batch.tags)
+            self._record_pages(gfns, kinds, batch.vers, [row for rows in parts for row in rows], batch.tags, plain)
 
     def import_cpu_state(self, state: bytes) -> None:
         try:
@@ -1002,13 +1014,12 @@ class ModelVM(ConfiguredVM):
                 if not prot.any():
                     pd.record(gfns, hash_pages(rows))
                     continue
+                pi = np.flatnonzero(prot)
+                opened = self._open_protected(gfns[pi], a.versions[gfns[pi]], rows[pi], a.tags[gfns[pi]], True)
+                assert opened is not None
                 plain: list[Any] = list(rows)
-                for i in np.flatnonzero(prot):
-                    gfn = lo + int(i)
-                    owner = int(a.owners[gfn]) - 1
-                    plain[i] = open_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id,
-                                         self.processes[owner].pid, gfn, int(a.versions[gfn]), rows[i].data,
-                                         self.meta.tag(gfn))
+                for j, i in enumerate(pi):
+                    plain[i] = opened[j]
                 pd.record(gfns, hash_pages(plain))
         return pd.digest()
 

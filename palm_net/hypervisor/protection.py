@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import struct
 
-from palm_net.crypto.noise import CipherFunctions, aesgcm_available
+import numpy as np
+import numpy.typing as npt
+
+from palm_net.crypto.noise import CipherFunctions, aesgcm_available, ffi
 
 PAGE_SIZE = 4096
 TAG_LEN = 16
@@ -43,6 +46,46 @@ def seal_page(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfn: int
     """Returns (ciphertext of PAGE_SIZE bytes, tag)."""
     out = fns.encrypt_raw(plaintext, _ad(vm_id, pid, gfn, version), _NONCE.pack(gfn, version), key)
     return out[:-TAG_LEN], out[-TAG_LEN:]
+
+
+AD_LEN = 9 + _AD.size
+
+
+def open_pages(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfns: npt.NDArray[np.uint64],
+               versions: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]],
+               tags: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8] | None = None) -> None:
+    """``open_page`` for many pages of one process at once: the associated data and
+    nonces built as arrays, one C call a page (not the few microseconds of Python
+    each that made protection cost a third of a migration's time).  The plaintexts
+    go to ``out`` (rows of 4096) if given.  IntegrityError names the first failure."""
+    k = len(gfns)
+    if k == 0:
+        return
+    ad = np.empty((k, AD_LEN), np.uint8)
+    ad[:, :9] = np.frombuffer(b"palm-page", np.uint8)
+    ad[:, 9:25] = np.frombuffer(vm_id, np.uint8)
+    ad[:, 25:29] = np.frombuffer(struct.pack("<I", pid), np.uint8)
+    ad[:, 29:37] = gfns.astype("<u8").view(np.uint8).reshape(k, 8)
+    ad[:, 37:45] = versions.astype("<u8").view(np.uint8).reshape(k, 8)
+    nonce = np.empty((k, 12), np.uint8)
+    nonce[:, :4] = gfns.astype("<u4").view(np.uint8).reshape(k, 4)
+    nonce[:, 4:] = ad[:, 37:45]
+    boxed = np.empty((k, PAGE_SIZE + TAG_LEN), np.uint8)  # ciphertext || tag, as libsodium takes it
+    if isinstance(pages, list):
+        for i, page in enumerate(pages):
+            boxed[i, :PAGE_SIZE] = page
+    else:
+        boxed[:, :PAGE_SIZE] = pages
+    boxed[:, PAGE_SIZE:] = tags
+    dst = out if out is not None else np.empty((1, PAGE_SIZE), np.uint8)
+    step = PAGE_SIZE if out is not None else 0
+    dp, bp, ap, np_ = (ffi.from_buffer(x, require_writable=True) for x in (dst, boxed, ad, nonce))
+    decrypt = fns.decrypt_c
+    for i in range(k):
+        if decrypt(dp + i * step, ffi.NULL, ffi.NULL, bp + i * (PAGE_SIZE + TAG_LEN), PAGE_SIZE + TAG_LEN,
+                   ap + i * AD_LEN, AD_LEN, np_ + i * 12, key) != 0:
+            raise IntegrityError(f"protected page gfn {int(gfns[i])} (pid {pid}, version {int(versions[i])}) fails "
+                                 "its MAC")
 
 
 def open_page(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfn: int, version: int,
