@@ -243,7 +243,7 @@ class Inbox:
     place (in a worker thread), and ``release`` gives a buffer back once nothing
     needs its records any more."""
 
-    def __init__(self, channel: SecureChannel, size: int = 4 << 20, buffers: int = 4) -> None:
+    def __init__(self, channel: SecureChannel, size: int = 2 << 20, buffers: int = 3) -> None:
         if size < 2 * (65536 + 8):
             raise ValueError("an Inbox buffer holds at least two largest frames")
         self.ch = channel

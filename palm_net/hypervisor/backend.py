@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from palm_net.wire.messages import PAGE_SIZE
-from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, Gfns, PageBatch
+from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, Gfns, PageBatch, RoundGfns
 
 __all__ = ["DIGEST_PERSON", "KIND_NORMAL", "KIND_PROTECTED", "KIND_ZERO", "PAGE_SIZE", "Backend", "HostedVM",
            "HypervisorError", "NoRoomError", "PageBatch", "StreamBackend", "VerifyReport", "VmInfo"]
@@ -145,7 +145,7 @@ class Backend(HostedVM, Protocol):
         """Returns the gfns written since the last call and clears the log."""
         ...
 
-    def read_pages(self, gfns: Gfns, start: int, round_no: int, out: Any) -> tuple[PageBatch, int]:
+    def read_pages(self, gfns: RoundGfns, start: int, round_no: int, out: Any) -> tuple[PageBatch, int]:
         """Reads gfns[start:...] through the untrusted view: at most MAX_PAGES_PER_MESSAGE
         pages, of which at most ``len(out)`` carry data (written into ``out``, a
         numpy array of pages, which the batch's data views).

@@ -61,7 +61,7 @@ from palm_net.hypervisor.protection import (
 from palm_net.hypervisor.vmconfig import ConfiguredVM
 from palm_net.hypervisor.vmspec import check_workload, validate_policy
 from palm_net.wire.messages import MAX_PAGES_PER_MESSAGE
-from palm_net.wire.pages import Gfns
+from palm_net.wire.pages import Gfns, RoundGfns
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
@@ -686,7 +686,7 @@ class ModelVM(ConfiguredVM):
 
     # -- the engine's source side ---------------------------------------
 
-    def read_pages(self, gfns: Gfns, start: int, round_no: int,
+    def read_pages(self, gfns: RoundGfns, start: int, round_no: int,
                    out: npt.NDArray[np.uint8]) -> tuple[PageBatch, int]:
         """The page records of gfns[start:...] through the untrusted view: at most
         MAX_PAGES_PER_MESSAGE pages, of which at most ``len(out)`` carry data (copied

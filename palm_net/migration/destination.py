@@ -69,6 +69,7 @@ BEGIN_TIMEOUT = 30.0  # BEGIN within this of the session's start
 SESSION_BASE = 120.0  # then: this, plus DEADLINE_PER_GIB for each GiB of the VM's data received so far
 DEADLINE_PER_GIB = 150.0  # (a floor of about 7 MiB/s), up to MAX_RESEND times the VM's memory
 MAX_RESEND = 8
+MAX_VERSION = 2**32 - 1  # page versions are below this (proto 6): the per-page table is 4 bytes a page
 
 
 def context_limit(protected_pages: int, processes: int) -> int:
@@ -90,8 +91,9 @@ class DestinationEngine:
         self.stream = False  # a stream backend (QEMU): STREAM records instead of pages
         self.stream_bytes = 0  # STREAM data received
         self.stream_loaded = False
-        self.applied: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)  # the version applied per gfn
-        self.received: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)  # each gfn received at least once
+        # Per gfn, the version applied plus one (0: never received): 4 bytes a page,
+        # 4 MiB for a 4 GiB guest (versions are below 2**32 - 1, proto 6).
+        self.applied: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
         self.page_records = 0
         self._pages: IncomingPages | None = None  # the PAGES message whose data records come next
         self.progress = 0  # bytes of the VM's memory received (zero pages count as whole pages)
@@ -188,8 +190,7 @@ class DestinationEngine:
         assert self.begin is not None
         self.npages = self.begin.pages
         if not self.stream:
-            self.applied = np.zeros(self.npages, np.uint64)
-            self.received = np.zeros(self.npages, np.bool_)
+            self.applied = np.zeros(self.npages, np.uint32)
             self.context_limit = context_limit(self.begin.protected_pages, self.begin.processes)
         return [self._send(Accept())]
 
@@ -214,13 +215,15 @@ class DestinationEngine:
         outside = gfns >= self.npages
         if outside.any():
             raise MigrationFailure(ErrorCode.MALFORMED, f"gfn {gfns[outside][0]} outside the VM")
-        older = vers < self.applied[gfns]  # a gfn appears once in a message (unpack): no order within it
+        if int(vers.max()) >= MAX_VERSION:
+            raise MigrationFailure(ErrorCode.MALFORMED, "a page version out of range")
+        plus1 = vers + 1
+        older = plus1 < self.applied[gfns]  # a gfn appears once in a message (ascending): no order within it
         if older.any():
             i = int(np.argmax(older))
             raise MigrationFailure(ErrorCode.ROLLBACK, f"page {gfns[i]} version {vers[i]} older than applied "
-                                                       f"{self.applied[gfns[i]]}")
-        self.applied[gfns] = vers
-        self.received[gfns] = True
+                                                       f"{int(self.applied[gfns[i]]) - 1}")
+        self.applied[gfns] = plus1
         self.page_records += 1
         self.progress += len(batch) * PAGE_SIZE
         self._pages = batch if self.proto.data_due else None
@@ -294,7 +297,7 @@ class DestinationEngine:
             return self._prepare()
         if self.proto.context_parts != self.context_total:
             raise MigrationFailure(ErrorCode.INCOMPLETE, "protected-context blob is missing chunks")
-        missing = self.npages - int(np.count_nonzero(self.received))
+        missing = self.npages - int(np.count_nonzero(self.applied))
         if missing:
             raise MigrationFailure(ErrorCode.INCOMPLETE, f"{missing} pages never received")
         if not self.cpu_state_seen:

@@ -63,7 +63,7 @@ from palm_net.migration.handoff import HandoffStore, Peer, check_abort_token
 from palm_net.migration.source import SourceEngine
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Abort, Begin, Message, RoundDone
-from palm_net.wire.pages import Buffer, Gfns
+from palm_net.wire.pages import Buffer, RoundGfns
 from palm_net.wire.protocol import FINAL
 
 log = structlog.get_logger("palm.migration")
@@ -71,7 +71,7 @@ log = structlog.get_logger("palm.migration")
 # Work goes to a worker thread in pieces of about this many bulk messages
 # (MAX_BULK of data each): a hop to a thread and back costs 30-80 us here,
 # so a piece is a few MiB (pages read, records sealed, a buffer opened).
-PER_HOP = 4
+PER_HOP = 2
 READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
 APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not yet written
@@ -287,7 +287,7 @@ class SourceRun:
         cpu, blob = await trio.to_thread.run_sync(lambda: (vm.export_cpu_state(), vm.export_protection()))
         await self._send(eng.final_state(cpu, blob))
 
-    async def _send_pages(self, vm: Backend, gfns: Gfns) -> None:
+    async def _send_pages(self, vm: Backend, gfns: RoundGfns) -> None:
         """The pages of ``gfns``: read ahead in a worker thread, sent as PAGES messages."""
         eng, round_no, pos = self.engine, self.engine.round, [0]
 

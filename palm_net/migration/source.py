@@ -37,7 +37,7 @@ from palm_net.wire.messages import (
     Stream,
     StreamEnd,
 )
-from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Buffer, Gfns, PageBatch
+from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Buffer, Gfns, PageBatch, PageRange, RoundGfns
 from palm_net.wire.protocol import Role, SessionProtocol
 
 DOWNTIME_GOAL_DIVISOR = 6  # iterate on while shrinking, until expected downtime <= limit / 6
@@ -60,7 +60,7 @@ class SourceEngine:
         self.round = 0
         self.sent_bytes = 0  # message bytes of the VM's memory (before tags and framing)
         self.stream_bytes = 0
-        self.pending: Gfns = np.arange(info.npages, dtype=np.uint64)  # gfns of the current round; round 0: all
+        self.pending: RoundGfns = PageRange(info.npages)  # gfns of the current round; round 0: all
         self.paused_at: float | None = None
         self.digest: str | None = None
         self.committed = False  # COMMIT was made: from here only the destination's word settles it
@@ -181,9 +181,10 @@ class SourceEngine:
         last round's dirty set plus whatever the guest wrote until the pause."""
         self.stats.phase = "stop-and-copy"
         self.paused_at = now
-        self.pending = np.union1d(self.pending, dirty_at_pause).astype(np.uint64)
+        pending = np.union1d(np.asarray(self.pending), dirty_at_pause).astype(np.uint64)
+        self.pending = pending
         self.stats.current_round = self.round
-        return self.pending
+        return pending
 
     def final_state(self, cpu_state: bytes, blob: bytes) -> list[bytes]:
         """CPU_STATE and the protected-context blob in CONTEXT chunks (the guest is paused)."""

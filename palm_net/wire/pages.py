@@ -10,6 +10,7 @@ ciphertext); ``tags`` the 16-byte MAC of each protected page, in order.  The
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,27 @@ U64LE = np.dtype("<u8")  # whatever the host's byte order
 
 Gfns = npt.NDArray[np.uint64]
 Buffer = bytes | bytearray | memoryview
+
+
+class PageRange:
+    """The gfns 0 .. n-1 as a round sends them, made a slice at a time (round 0 of
+    a 4 GiB guest would otherwise hold an 8 MiB array of all of them)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, s: slice) -> Gfns:
+        lo, hi, _ = s.indices(self.n)
+        return np.arange(lo, max(lo, hi), dtype=np.uint64)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Gfns:
+        return np.arange(self.n, dtype=dtype or np.uint64)
+
+
+RoundGfns = Gfns | PageRange
 
 
 def u64le(values: Gfns) -> bytes:
