@@ -70,6 +70,8 @@ MAX_ARG_LEN = 256
 MAX_SPEC = 4096
 QMP_TIMEOUT = 30.0
 STREAM_TIMEOUT = 30.0  # longest silence of QEMU's migration stream
+STREAM_SOCKET_BUFFER = 4 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # as root: past net.core.wmem_max
 # Options palm_net sets itself; a VM's extra arguments may not repeat them.
 OWN_OPTIONS = frozenset({"-machine", "-M", "-m", "-smp", "-accel", "-enable-kvm", "-qmp", "-monitor", "-incoming",
                          "-S", "-daemonize", "-pidfile", "-name", "-nodefaults", "-display", "-serial", "-mon",
@@ -219,15 +221,22 @@ def kvmclock_areas(tail: bytes) -> list[tuple[int, int, str]] | None:
 
 
 def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
-    """The next bytes of a migration stream into ``out``, until it is full or the
-    stream ends: how many, and whether it ended.  Blocking: for a worker thread."""
+    """The next bytes of a migration stream into ``out``: waits for some, then takes
+    what else QEMU has written already (up to ``len(out)``; not waiting to fill it,
+    so the last bytes before QEMU's pause go on at once).  How many, and whether
+    the stream ended.  Blocking: for a worker thread."""
     filled = 0
     try:
+        flags = 0
         while filled < len(out):
-            n = conn.recv_into(out[filled:])
+            try:
+                n = conn.recv_into(out[filled:], 0, flags)
+            except BlockingIOError:
+                break
             if n == 0:
                 return filled, True
             filled += n
+            flags = socket.MSG_DONTWAIT
     except OSError as exc:
         raise QemuError(f"QEMU migration stream: {exc.strerror or exc}") from None
     finally:
@@ -576,6 +585,9 @@ class QemuVM(ConfiguredVM):
     def _pass_stream_fd(self, q: QmpClient) -> socket.socket:
         """A socket pair for the migration stream; QEMU gets one end by SCM_RIGHTS."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):  # QEMU writes ahead while a batch is sealed (200 KiB by default)
+            with contextlib.suppress(OSError):
+                end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, STREAM_SOCKET_BUFFER)
         try:
             q.execute("getfd", pass_fd=theirs.fileno(), fdname=STREAM_FD)
         except BaseException:
