@@ -194,6 +194,32 @@ def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
         raise
 
 
+def memory_backing(path: Path) -> str:
+    """What backs files in ``path``, in a few words, for the agent's start-up line:
+    the file system of its mount and, for tmpfs, the page size its files get
+    (``huge=`` mount option; docs/BENCHMARKS.md says why it matters)."""
+    best: tuple[int, str, str] = (-1, "unknown", "")
+    real = str(path.resolve())
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                point = left.split()[4]
+                fstype, _, options = [*right.split(), "", "", ""][:3]
+                if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > best[0]:
+                    best = (len(point), fstype, options)
+    except OSError:
+        return "unknown"
+    _, fstype, options = best
+    if fstype == "hugetlbfs":
+        return "hugetlbfs (huge pages)"
+    if fstype != "tmpfs":
+        return fstype
+    huge = next((o.split("=", 1)[1] for o in options.split(",") if o.startswith("huge=")), "never")
+    pages = "" if huge in ("always", "within_size") else " (4 KiB pages: see docs/BENCHMARKS.md)"
+    return f"tmpfs, huge={huge}{pages}"
+
+
 class DirLock:
     """An exclusive lock on a directory for the lifetime of this process
     (flock on DIR/.lock; the kernel drops it when the process dies)."""

@@ -56,6 +56,7 @@ from palm_net.hostfs import (
     create_exclusive,
     ensure_dir,
     make_private_dir,
+    memory_backing,
     read_nofollow,
     verify_dir,
     write_atomic,
@@ -315,7 +316,8 @@ class Agent:
                      control=str(self.control_path),
                      qemu_confinement="seccomp, own uid and empty root per VM" if self.confinement.uids
                      else "seccomp only (agent not root)",
-                     measurement=self.measurement.hex()[:16], vms=len(self.registry), pruned_rows=pruned)
+                     measurement=self.measurement.hex()[:16], vms=len(self.registry), pruned_rows=pruned,
+                     guest_memory=f"{self.memory_dir}: {memory_backing(self.memory_dir)}")
             async with trio.open_nursery() as nursery:
                 self.outgoing.nursery = nursery
                 for mid in self.outgoing.in_doubt():
