@@ -291,3 +291,12 @@ def test_units_group_data_records_with_their_message(shm):
     assert sum(len(u.data) for u in us) + len(us) == len(msgs)
     assert all(sum(map(len, u.data)) == u.body.bulk for u in pages)
     src.close()
+
+
+def test_the_agent_can_say_what_backs_guest_memory(tmp_path):
+    from palm_net.hostfs import memory_backing
+
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        assert memory_backing(shm).startswith(("tmpfs", "unknown"))
+    assert memory_backing(tmp_path)  # whatever it is, one short line

@@ -23,7 +23,7 @@ import trio
 from nacl.signing import SigningKey
 
 from palm_net.agent.errors import AgentError
-from palm_net.agent.limits import Admission, TokenBuckets
+from palm_net.agent.limits import Admission, TokenBuckets, release_free_memory
 from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel, accept
@@ -223,6 +223,7 @@ class IncomingService:
         finally:
             del self._live[key]
             self._settle(session, run)
+            release_free_memory()
             if channel.result.purpose is Purpose.MIGRATION:
                 outcome = (run.engine.outcome if run is not None else None) or ("aborted" if session.vm else "refused")
                 for fn in self.on_settled:

@@ -11,6 +11,7 @@ Each limit has one owner and is checked and taken in one call:
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +19,20 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from palm_net.wire.errors import ErrorCode, MigrationFailure
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None)
+except OSError:
+    _libc = None
+
+
+def release_free_memory() -> None:
+    """Hands the memory a migration freed back to the system (glibc keeps it in its
+    arenas otherwise: an agent that migrated a few guests held 20-30 MiB more at
+    rest than a fresh one).  Best effort, a few ms."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class TokenBuckets:

@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from palm_net.agent.errors import AgentError
+from palm_net.agent.limits import release_free_memory
 from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import PeerInfo
 from palm_net.channel.transport import SecureChannel
@@ -124,6 +125,7 @@ class OutgoingService:
         if result.status == "in-doubt" and self.nursery is not None:
             self.nursery.start_soon(self.recover, result.mid)
         self._trim()
+        release_free_memory()
         for fn in self.on_result:
             fn(result)
         return result

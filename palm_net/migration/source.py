@@ -40,7 +40,7 @@ from palm_net.wire.messages import (
 from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Buffer, Gfns, PageBatch, PageRange, RoundGfns
 from palm_net.wire.protocol import Role, SessionProtocol
 
-DOWNTIME_GOAL_DIVISOR = 6  # iterate on while shrinking, until expected downtime <= limit / 6
+DOWNTIME_GOAL_DIVISOR = 30  # iterate on while shrinking, until expected downtime <= limit / 30
 CONTEXT_CHUNK = MAX_BLOB
 
 
@@ -140,8 +140,9 @@ class SourceEngine:
         msg = self.proto.send(RoundEnd(self.round, len(self.pending), n))
         # QEMU/Xen stop as soon as the rest fits the limit.  We also go on while
         # a round at least halves the dirty set and the expected downtime is
-        # above a sixth of the limit: a hot set then costs one short extra
-        # round instead of a long pause.
+        # above a thirtieth of the limit (10 ms by default, about what a pause
+        # costs anyway): a round that halves the rest is short, and the pause
+        # then holds little more than its fixed costs.
         fits = expected <= p.downtime_limit
         shrinking = self._last_dirty is None or n <= self._last_dirty // 2
         converged = fits and (expected <= p.downtime_limit / DOWNTIME_GOAL_DIVISOR or not shrinking)
