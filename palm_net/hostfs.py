@@ -197,7 +197,7 @@ def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
 def memory_backing(path: Path) -> str:
     """What backs files in ``path``, in a few words, for the agent's start-up line:
     the file system of its mount and, for tmpfs, the page size its files get
-    (``huge=`` mount option; docs/BENCHMARKS.md says why it matters)."""
+    (``huge=`` mount option; docs/DATAPATH.md says why it matters)."""
     best: tuple[int, str, str] = (-1, "unknown", "")
     real = str(path.resolve())
     try:
@@ -216,7 +216,7 @@ def memory_backing(path: Path) -> str:
     if fstype != "tmpfs":
         return fstype
     huge = next((o.split("=", 1)[1] for o in options.split(",") if o.startswith("huge=")), "never")
-    pages = "" if huge in ("always", "within_size") else " (4 KiB pages: see docs/BENCHMARKS.md)"
+    pages = "" if huge in ("always", "within_size") else " (4 KiB pages: see docs/DATAPATH.md)"
     return f"tmpfs, huge={huge}{pages}"
 
 

@@ -499,11 +499,18 @@ def goal_qemu(pairs: dict[str, Palm], rep: int, memory: int, work: Path) -> dict
 SCALE_FILLS = ("half", "random", "zero")
 
 
-def goal_scale(palm: Palm, rep: int, sizes: list[int]) -> dict[str, Any]:
+def _tls_scaled(tls: TlsCopy, size: int) -> dict[str, Any]:
+    r = tls.copy(size, "random", seed=3)
+    return {**r, "total_ms": r["ms"], "s_per_gib": r["ms"] / 1000 / (size / GIB)}
+
+
+def goal_scale(palm: Palm, rep: int, sizes: list[int], tls: TlsCopy | None = None) -> dict[str, Any]:
     modes: dict[str, Callable[[], dict[str, Any]]] = {}
     for size in sizes:
         for fill in SCALE_FILLS:
             modes[f"{fill}@{size}"] = lambda s=size, f=fill: palm.migrate(s, fill=f)
+        if tls is not None:  # the machine's own scaling: the same bytes copied over TLS into fresh memory
+            modes[f"tls@{size}"] = lambda s=size: _tls_scaled(tls, s)
     runs, failed = interleave(rep, modes, "goal 5 (scale)")
     out: dict[str, Any] = {"sizes": sizes, "modes": summaries(runs, failed)}
     rows = []
@@ -524,9 +531,26 @@ def goal_scale(palm: Palm, rep: int, sizes: list[int]) -> dict[str, Any]:
         out[f"flat_{fill}"] = c
         rows.append(row("5. scale", what, f"{fmt(c['palm'], ' s/GiB')} at {names[hi]}",
                         f"{fmt(c['base'], ' s/GiB')} at {names[lo]}", c, 1.25))
+    # The TLS copy at each size: palm_net's all-random guest against it, size by size.
+    if tls is not None and len(sizes) >= 2 and all(runs[f"tls@{s}"] for s in sizes):
+        med = {s: statistics.median(r["s_per_gib"] for r in runs[f"tls@{s}"]) for s in sizes}
+        hi, lo = max(med, key=med.__getitem__), min(med, key=med.__getitem__)
+        c = {**compare(*paired(runs[f"tls@{hi}"], runs[f"tls@{lo}"], "s_per_gib")),
+             "per_size": {str(s): med[s] for s in sizes}}
+        out["flat_tls"] = c
+        rows.append(row("5. scale", f"the TLS copy itself (the machine's scaling), time per GiB, max/min over {span}",
+                        f"{fmt(c['palm'], ' s/GiB')} at {names[hi]}", f"{fmt(c['base'], ' s/GiB')} at {names[lo]}",
+                        c, None, "-", "info"))
+        for size in sizes:
+            c = compare(*paired(runs[f"random@{size}"], runs[f"tls@{size}"], "total_ms"))
+            out[f"vs_tls_{size}"] = c
+            rows.append(row("5. scale", f"idle {names[size]} all-random guest vs TLS copy of {names[size]}, total",
+                            ms(c["palm"]), ms(c["base"]), c, None, "-", "info"))
     # Agent memory beyond the guest.
     worst: tuple[float, str, str, float] = (0.0, "", "", 0.0)
     for key, rs in runs.items():
+        if key.startswith("tls@"):
+            continue
         for r in rs:
             for side in ("source", "destination"):
                 if r[f"rss_{side}"] > worst[0]:
@@ -823,6 +847,9 @@ def report(res: dict[str, Any]) -> str:
             fill, size = k.split("@")
             if "skipped" in e:
                 L.append(f"| {format_bytes(int(size))} | {fill} | skipped: {e['skipped']} | | | | | | |")
+            elif fill == "tls":
+                L.append(f"| {format_bytes(int(size))} | TLS copy of it (random) | {fmt(e['total_ms'], '', 0)} | "
+                         f"{fmt(e['s_per_gib'])} | - | - | - | - | - |")
             elif "total_ms" in e:
                 L.append(f"| {format_bytes(int(size))} | {fill} | {fmt(e['total_ms'], '', 0)} | "
                          f"{fmt(e['s_per_gib'])} | {fmt(e['downtime_ms'], '', 1)} | {fmt(e['rss_source'], '', 0)} | "
@@ -991,7 +1018,7 @@ def main() -> int:
     try:
         tls: TlsCopy | None = None
         tls_skip = ""
-        if only & {"tls", "limits"}:
+        if only & {"tls", "limits", "scale"}:
             try:
                 tls = TlsCopy(work)
             except (OSError, subprocess.CalledProcessError) as exc:
@@ -1029,7 +1056,7 @@ def main() -> int:
         run("goals", "qemu", lambda: goal_qemu({a: palm(a) for a in accels}, rep, guest, work))
         for key in [k for k in pairs if k != "default"]:
             pairs.pop(key).close()  # the other accelerator's agents: done
-        run("goals", "scale", lambda: goal_scale(palm(), rep, sizes))
+        run("goals", "scale", lambda: goal_scale(palm(), rep, sizes, tls))
         run("goals", "channels", lambda: goal_channels(palm(), rep, guest))
         run("context", "ciphers", lambda: context_ciphers(palm(), rep, guest))
         run("context", "hotset", lambda: context_hotset(palm(), rep, guest, args.hotset, args.hot_rate))

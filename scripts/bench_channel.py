@@ -3,9 +3,10 @@
 
 For each cipher: single-core AEAD seal throughput on 1 MiB messages (the
 baseline), the same on 65519-byte messages (what a record carries), and the
-secure channel's throughput over loopback TCP carrying 1 MiB payloads (each
-split into records), sender and receiver in separate processes.  Prints
-medians of --repeat runs and the channel/AEAD ratio.
+secure channel's bulk path (Outbox and Inbox: sealed into buffers, opened in
+place, as a migration's data records are) over loopback TCP carrying 1 MiB
+payloads, sender and receiver in separate processes.  Prints medians of
+--repeat runs and the channel/AEAD ratio.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import trio
 
 from palm_net.channel.handshake import ChannelConfig
 from palm_net.channel.records import MAX_PLAINTEXT
-from palm_net.channel.transport import accept, connect
+from palm_net.channel.transport import Inbox, Outbox, accept, connect
 from palm_net.crypto.identity import AgentIdentity, Authority, compute_measurement
 from palm_net.crypto.noise import CIPHERS, CipherName, CipherState
+from palm_net.wire.messages import DATA_RECORD
 
 MIB = 1 << 20
 
@@ -55,9 +57,17 @@ def _receiver(cfg: ChannelConfig, sock: socket.socket, total: int) -> None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
         ch = await accept(stream, cfg)
         got = 0
-        while got < total:  # the destination's path: read, then open what is buffered in a worker thread
-            ch.feed(await ch.read_some(1 << 20))
-            got += sum(len(r.data) for r in await ch.open_buffered())
+        inbox = Inbox(ch)  # the destination's path: read into buffers, open in place in a worker thread
+        async with trio.open_nursery() as nursery:
+            send, recv = trio.open_memory_channel[tuple[bytearray, int]](1)
+            nursery.start_soon(inbox.run, send)
+            async for buf, end in recv:
+                recs = await inbox.open(buf, end)
+                got += sum(len(r.data) for r in recs)
+                recs.clear()
+                inbox.release(buf)
+                if got >= total:
+                    nursery.cancel_scope.cancel()
         await ch.send(b"done")
     trio.run(main)
 
@@ -75,10 +85,16 @@ def channel_gibs(cipher: CipherName, total: int) -> float:
         ch = await connect(stream, src, cipher=cipher)
         t = time.perf_counter()
         sent = 0
-        while sent < total:
-            # the source's path: one 1 MiB payload = 17 records, sealed in a worker thread, one send
-            await ch.send_batch([(payload[i : i + MAX_PLAINTEXT], False) for i in range(0, MIB, MAX_PLAINTEXT)])
-            sent += MIB
+        # the source's path: 1 MiB payloads as data records, sealed into buffers in a
+        # worker thread (two payloads a hop) while the previous buffer is sent
+        outbox = Outbox(ch, 2 * (MIB + 32 * 1024))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            view = memoryview(payload)
+            while sent < total:
+                await outbox.put([(view[i : i + DATA_RECORD], False) for i in range(0, MIB, DATA_RECORD)] * 2)
+                sent += 2 * MIB
+            outbox.close()
         await ch.receive()
         return total / (time.perf_counter() - t) / 2**30
 

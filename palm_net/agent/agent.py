@@ -31,6 +31,7 @@ from palm_net.agent.clustering import AgentCluster
 from palm_net.agent.control import ControlServer
 from palm_net.agent.errors import AgentError
 from palm_net.agent.incoming import IncomingLimits, IncomingService
+from palm_net.agent.limits import bound_malloc
 from palm_net.agent.outgoing import OutgoingService, parse_hostport
 from palm_net.agent.paths import MAX_RUN_DIR, default_control, default_run_dir
 from palm_net.agent.registry import VmRegistry
@@ -359,6 +360,7 @@ class Agent:
 
 async def run_agent(cfg: AgentConfig) -> None:
     """Runs until SIGINT/SIGTERM; in-flight migrations end by the handoff rules."""
+    bound_malloc()  # this process is an agent from now on
     agent = Agent(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve)

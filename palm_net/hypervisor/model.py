@@ -60,7 +60,7 @@ from palm_net.hypervisor.protection import (
 )
 from palm_net.hypervisor.vmconfig import ConfiguredVM
 from palm_net.hypervisor.vmspec import check_workload, validate_policy
-from palm_net.wire.messages import MAX_PAGES_PER_MESSAGE
+from palm_net.wire.messages import MAX_DATA_PAGES, MAX_PAGES_PER_MESSAGE
 from palm_net.wire.pages import Gfns, RoundGfns
 
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -153,7 +153,8 @@ class _Reserver:
         self._size = size
         self._done = 0  # reserved: [0, _done)
         self._populated = 0
-        self._wanted = 0  # the highest byte a write waited for
+        self._wanted = 0  # the highest byte a write waited for (populated ahead of it)
+        self._needed = 0  # the highest byte anyone waits to be reserved (reserved first)
         self._error: str | None = None
         self._stop = False
         self._cond = threading.Condition()
@@ -166,9 +167,10 @@ class _Reserver:
                 with self._cond:
                     if self._stop:
                         return
-                    # First populate up to just ahead of the writes; else reserve on.
+                    # What a caller waits for is reserved first; then memory is populated
+                    # up to just ahead of the writes; else reserved on.
                     target = min(self._done, self._wanted + self.AHEAD)
-                    populating = self._populated < target
+                    populating = self._done >= self._needed and self._populated < target
                     if not populating and self._done >= self._size:
                         if self._populated >= self._size:
                             return
@@ -193,11 +195,14 @@ class _Reserver:
         finally:
             os.close(self._fd)
 
-    def wait(self, end: int) -> None:
-        """Returns once bytes [0, end) are reserved; NoRoomError if they never will be."""
+    def wait(self, end: int, writing: bool = True) -> None:
+        """Returns once bytes [0, end) are reserved; NoRoomError if they never will be.
+        ``writing``: the caller writes up to ``end`` next (populate ahead of it)."""
         with self._cond:
-            if end > self._wanted:
-                self._wanted = end
+            if end > self._needed or (writing and end > self._wanted):
+                self._needed = max(self._needed, end)
+                if writing:
+                    self._wanted = max(self._wanted, end)
                 self._cond.notify_all()
             while self._done < end and self._error is None:
                 self._cond.wait()
@@ -322,6 +327,7 @@ class ModelVM(ConfiguredVM):
         self.meta = _Meta(vm_dir / "meta", self.npages, create)
         self._np: _Views | None = _Views(self.mem, self.meta)
         self._pages_digest: PageDigest | None = None  # kept as pages are sent or written (a migration's)
+        self._scratch = threading.local()
         self._reserver = _Reserver(vm_dir / "memory", self._np.pages.ctypes.data, self.npages * PAGE_SIZE) \
             if incoming else None
         self._closing = threading.Event()
@@ -472,7 +478,7 @@ class ModelVM(ConfiguredVM):
         grew with the guest's populated memory: 26-56 ms for a random-filled
         idle guest against 5-9 ms zero-filled)."""
         if self._reserver is not None:
-            self._reserver.wait(self.npages * PAGE_SIZE)
+            self._reserver.wait(self.npages * PAGE_SIZE, writing=False)
         self.meta.set_cpu_state(msgpack.packb(self.cpu))
         blob = msgpack.packb({"keys": [bytes(k) for k in self._keys], "threads": self._threads})
         write_atomic(self.dir / "secrets", self._box.encrypt(blob))
@@ -759,8 +765,11 @@ class ModelVM(ConfiguredVM):
             p = self.processes[int(owner) - 1]
             out = np.empty((len(sel), PAGE_SIZE), np.uint8) if plain is not None else None
             mine = [rows[i] for i in sel] if isinstance(rows, list) else rows[sel]
+            scratch = getattr(self._scratch, "box", None)
+            if scratch is None:  # a buffer a thread keeps: a fresh MiB a batch would fault in every page of it
+                scratch = self._scratch.box = np.empty((MAX_DATA_PAGES, PAGE_SIZE + TAG_LEN), np.uint8)
             open_pages(self.page_cipher, bytes(self._keys[int(owner) - 1]), self.vm_id, p.pid, gfns[sel], vers[sel],
-                       mine, tags[sel], out)
+                       mine, tags[sel], out, scratch)
             if plain is not None and out is not None:
                 plain[sel] = out
         return plain
@@ -919,6 +928,10 @@ class ModelVM(ConfiguredVM):
         written[dg] = 1
         if self._pages_digest is not None:
             self._record_pages(gfns, kinds, batch.vers, [row for rows in parts for row in rows], batch.tags, plain)
+
+    def settle(self) -> None:
+        if self._reserver is not None:
+            self._reserver.wait(self.npages * PAGE_SIZE, writing=False)
 
     def import_cpu_state(self, state: bytes) -> None:
         try:

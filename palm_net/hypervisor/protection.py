@@ -53,11 +53,13 @@ AD_LEN = 9 + _AD.size
 
 def open_pages(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfns: npt.NDArray[np.uint64],
                versions: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]],
-               tags: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8] | None = None) -> None:
+               tags: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8] | None = None,
+               scratch: npt.NDArray[np.uint8] | None = None) -> None:
     """``open_page`` for many pages of one process at once: the associated data and
     nonces built as arrays, one C call a page (not the few microseconds of Python
     each that made protection cost a third of a migration's time).  The plaintexts
-    go to ``out`` (rows of 4096) if given.  IntegrityError names the first failure."""
+    go to ``out`` (rows of 4096) if given; ``scratch``: a (rows, 4112) buffer to use
+    again.  IntegrityError names the first failure."""
     k = len(gfns)
     if k == 0:
         return
@@ -70,7 +72,8 @@ def open_pages(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfns: n
     nonce = np.empty((k, 12), np.uint8)
     nonce[:, :4] = gfns.astype("<u4").view(np.uint8).reshape(k, 4)
     nonce[:, 4:] = ad[:, 37:45]
-    boxed = np.empty((k, PAGE_SIZE + TAG_LEN), np.uint8)  # ciphertext || tag, as libsodium takes it
+    boxed = scratch[:k] if scratch is not None and len(scratch) >= k else \
+        np.empty((k, PAGE_SIZE + TAG_LEN), np.uint8)  # ciphertext || tag, as libsodium takes it
     if isinstance(pages, list):
         for i, page in enumerate(pages):
             boxed[i, :PAGE_SIZE] = page

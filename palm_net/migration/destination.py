@@ -38,6 +38,8 @@ from palm_net.migration.effects import (
     ProtectionImported,
     Result,
     Send,
+    Settle,
+    Settled,
     StreamIn,
     StreamLoaded,
 )
@@ -96,6 +98,7 @@ class DestinationEngine:
         self.applied: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
         self.page_records = 0
         self._pages: IncomingPages | None = None  # the PAGES message whose data records come next
+        self._round_ended = 0  # the last ROUND_END's round, for its ROUND_DONE
         self.progress = 0  # bytes of the VM's memory received (zero pages count as whole pages)
         self.round = 0
         self.cpu_state_seen = False
@@ -252,9 +255,14 @@ class DestinationEngine:
         return [ApplyPages(batch)] if batch is not None else []
 
     def _on_round_end(self, msg: Message, _: Record) -> list[Effect]:
-        # Sent once everything before is written (the shell performs a request only
-        # then): the source pauses for the last copy once we have caught up.
-        return [self._send(RoundDone(msg.get(RoundEnd).round))]
+        # Answered once everything before is written (the shell performs a request
+        # only then) and the memory is all reserved: the source pauses for the last
+        # copy once we have caught up, so none of this is downtime.
+        self._round_ended = msg.get(RoundEnd).round
+        return self._request(Settle(), Settled)
+
+    def _settled(self, result: Settled) -> list[Effect]:
+        return [self._send(RoundDone(self._round_ended))]
 
     def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
         self.page_records += 1  # its bytes follow in data records
@@ -352,6 +360,6 @@ class DestinationEngine:
         Commit: _on_commit, Abort: _on_abort,
     }
     _on_result: dict[type[Result], Callable[[DestinationEngine, Any], list[Effect]]] = {
-        Opened: _opened, KeysImported: _keys_imported, StreamLoaded: _stream_loaded,
+        Opened: _opened, KeysImported: _keys_imported, StreamLoaded: _stream_loaded, Settled: _settled,
         ProtectionImported: _protection_imported, Prepared: _prepared, Committed: _committed, Aborted: _aborted,
     }

@@ -65,6 +65,12 @@ class EndStream(Effect):
 
 
 @dataclass(frozen=True)
+class Settle(Effect):
+    """A round is written: wait until the incoming VM's memory is all reserved (what
+    READY would wait for inside the pause otherwise): -> Settled."""
+
+
+@dataclass(frozen=True)
 class ImportCpuState(Effect):
     state: bytes
 
@@ -117,6 +123,11 @@ class KeysImported(Result):
 
 @dataclass(frozen=True)
 class StreamLoaded(Result):
+    pass
+
+
+@dataclass(frozen=True)
+class Settled(Result):
     pass
 
 

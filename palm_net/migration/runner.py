@@ -56,6 +56,8 @@ from palm_net.migration.effects import (
     ProtectionImported,
     Result,
     Send,
+    Settle,
+    Settled,
     StreamIn,
     StreamLoaded,
 )
@@ -400,6 +402,9 @@ class DestinationHost:
             if isinstance(eff, EndStream):
                 cast(StreamBackend, vm).end_stream()
                 return StreamLoaded()
+            if isinstance(eff, Settle):
+                cast(Backend, vm).settle()
+                return Settled()
             if isinstance(eff, Prepare):
                 persisted = self.store.prepare(mid, vm)
                 return Prepared(persisted, bytes.fromhex(vm.page_digest()) if persisted and eff.digest else b"")
