@@ -1006,6 +1006,7 @@ def main() -> int:
     full = only == {*GOALS.values(), *CONTEXT}
     if args.report_only:
         res = json.loads((out / "bench.json").read_text())
+        res["plot"] = plot(res, out / "rounds.png") or res.get("plot")  # matplotlib may be there now
         write_report(res, out, doc=not args.no_doc and not res.get("partial") and not res.get("quick"))
         return 0
     res: dict[str, Any] = {"command": "scripts/bench " + " ".join(sys.argv[1:]), "machine": machine(),
