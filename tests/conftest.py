@@ -94,6 +94,16 @@ async def cluster(nursery):
     c.cleanup()
 
 
+@pytest.fixture
+def shm():
+    """A private scratch directory on tmpfs (where guest memory lives), removed after."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="palm-t-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def raw_message(mtype: str, mid: bytes, seq: int, body: dict) -> bytes:
     """A message as a forger writes it: any body, no bounds checked (the typed
     classes refuse to make such a message; the decoder must refuse to take it)."""

@@ -5,8 +5,6 @@ memory digest kept page by page (proto/PROTOCOL.md 6, 7.1, 7.4)."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +28,6 @@ from palm_net.wire.protocol import Data, Role, SessionProtocol
 
 KEY = bytes(range(32))
 
-
-@pytest.fixture
-def shm():
-    d = Path(tempfile.mkdtemp(prefix="palm-dp-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------

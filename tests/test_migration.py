@@ -29,12 +29,6 @@ from palm_net.wire.protocol import Role, SessionProtocol
 KEY = bytes(range(32))
 
 
-@pytest.fixture
-def shm():
-    d = Path(tempfile.mkdtemp(prefix="palm-t-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
 
 # --------------------------------------------------------------------------
 # The dirty log: a concurrent writer never loses a write

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from typing import TypeVar
 
 from palm_net.crypto.noise import MAX_MESSAGE_LEN, TAGLEN, Buffer, CipherState, NoiseError
 from palm_net.wire.errors import ErrorCode, PalmError, RemoteProtocolError
@@ -30,6 +31,7 @@ def _chain(prev: bytes, item: bytes) -> bytes:
 
 
 CLEAR, SEALED = 0, 1  # PLAIN_BENCHMARK mode: the first byte of every frame body
+B = TypeVar("B", bytes, memoryview)
 
 
 class _Direction:
@@ -184,12 +186,7 @@ class RecordReceiver(_Direction):
                 if len(body) != n:
                     raise RemoteProtocolError(ErrorCode.BAD_RECORD, "a frame cut short")
                 pos += PREFIX_LEN + n
-                sealed = True
-                if self.plain:
-                    kind, body = body[0], body[1:]
-                    if kind not in (CLEAR, SEALED) or (kind == SEALED and len(body) <= TAGLEN):
-                        raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} has an unknown kind")
-                    sealed = kind == SEALED
+                body, sealed = self._unwrap(body)
                 index, before = self.count, self.transcript
                 if sealed:
                     tag = bytes(body[-TAGLEN:])  # before the plaintext may overwrite anything
@@ -207,6 +204,15 @@ class RecordReceiver(_Direction):
             raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} failed authentication") from None
         return out
 
+    def _unwrap(self, body: B) -> tuple[B, bool]:
+        """A frame body as (record, sealed): in PLAIN_BENCHMARK mode its kind byte decides."""
+        if not self.plain:
+            return body, True
+        kind, rest = body[0], body[1:]
+        if kind not in (CLEAR, SEALED) or (kind == SEALED and len(rest) <= TAGLEN):
+            raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} has an unknown kind")
+        return rest, kind == SEALED
+
     def next_record(self) -> bytes | None:
         """The next plaintext, None if more bytes are needed.  ``authenticated``
         tells whether it was sealed (always, outside the plain benchmark mode).
@@ -216,15 +222,10 @@ class RecordReceiver(_Direction):
         if self.failed:
             raise RemoteProtocolError(ErrorCode.BAD_RECORD, "the record layer already failed")
         try:
-            body = self.frames.next_frame()
-            if body is None:
+            frame = self.frames.next_frame()
+            if frame is None:
                 return None
-            sealed = True
-            if self.plain:
-                kind, body = body[0], body[1:]
-                if kind not in (CLEAR, SEALED) or (kind == SEALED and len(body) <= TAGLEN):
-                    raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} has an unknown kind")
-                sealed = kind == SEALED
+            body, sealed = self._unwrap(frame)
             pt = self.cs.decrypt_with_ad(b"", body) if sealed else body
         except PalmError:
             self.failed = True
