@@ -33,36 +33,29 @@ needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_6
                                 "(Debian package qemu-system-x86; .ci/run installs it)")
 
 
-@pytest.fixture
-def shm_dir():
-    d = Path(tempfile.mkdtemp(prefix="palm-hostsec-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------
 # hostfs: what a directory must be before the agent uses it
 
 
-def test_a_directory_of_another_user_a_wide_mode_or_a_symlink_is_refused(shm_dir):
-    ok = ensure_dir(shm_dir / "mine")
+def test_a_directory_of_another_user_a_wide_mode_or_a_symlink_is_refused(shm):
+    ok = ensure_dir(shm / "mine")
     assert verify_dir(ok) == ok and (os.stat(ok).st_mode & 0o777) == 0o700
-    wide = shm_dir / "wide"
+    wide = shm / "wide"
     wide.mkdir(mode=0o755)
     os.chmod(wide, 0o755)
     with pytest.raises(UnsafePathError, match="mode 0755; it must be 0700"):
         ensure_dir(wide)
-    link = shm_dir / "link"
+    link = shm / "link"
     link.symlink_to(ok)
     with pytest.raises(UnsafePathError, match="is a symlink"):
         ensure_dir(link)
-    open_parent = shm_dir / "open"
+    open_parent = shm / "open"
     open_parent.mkdir()
     os.chmod(open_parent, 0o777)  # writable by all, not sticky: anyone could swap what is below
     with pytest.raises(UnsafePathError, match="writable by other users"):
         ensure_dir(open_parent / "below")
     if os.geteuid() == 0:
-        theirs = shm_dir / "theirs"
+        theirs = shm / "theirs"
         theirs.mkdir(mode=0o700)
         os.chown(theirs, NOBODY, NOBODY)
         with pytest.raises(UnsafePathError, match=f"belongs to uid {NOBODY}"):
@@ -71,9 +64,9 @@ def test_a_directory_of_another_user_a_wide_mode_or_a_symlink_is_refused(shm_dir
             ensure_dir(theirs / "below")  # an ancestor another user owns
 
 
-def test_atomic_writes_never_follow_or_reuse_a_planted_name(shm_dir):
-    d = ensure_dir(shm_dir / "d")
-    victim = shm_dir / "victim"
+def test_atomic_writes_never_follow_or_reuse_a_planted_name(shm):
+    d = ensure_dir(shm / "d")
+    victim = shm / "victim"
     victim.write_text("untouched")
     for planted in ("vm.json.tmp", ".vm.json.tmp", "hv.key.tmp"):
         (d / planted).symlink_to(victim)
