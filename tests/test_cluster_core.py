@@ -190,7 +190,7 @@ def test_records_that_named_us_are_read_again():
 
 
 def peer(name: str = "b", m: bytes = b"\x01" * 32) -> PeerInfo:
-    return PeerInfo(name, b"s" * 32, b"k" * 32, m, ("source", "destination"), ("AESGCM",))
+    return PeerInfo(name, b"s" * 32, b"k" * 32, m)
 
 
 def test_gate_refuses_revoked_and_not_allowed_migrations_only():

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -264,3 +265,62 @@ def test_no_key_material_in_reprs_exceptions_or_logs(pki, caplog):
     for s in secrets:
         for t in texts:
             assert s.hex() not in t and s.hex()[:16] not in t
+
+
+# --------------------------------------------------------------------------
+# Each check at its edge (found by mutation testing)
+
+
+def test_certificates_are_judged_by_the_configured_clock(pki):
+    """An agent whose clock says the peer's certificate has expired refuses it,
+    whatever the host's own clock says."""
+    later = time.time() + 400 * 86400
+    _refused(pki.config("src", clock=lambda: later), pki.config("dst", days=30), "expired")
+
+
+def _payload_refused(pki, payload: dict) -> HandshakeError:
+    init = AttestedHandshake(pki.config("src"), True)
+    init._payload = lambda h: msgpack.packb(payload)  # type: ignore[method-assign]
+    resp = AttestedHandshake(pki.config("dst"), False, purpose=None)
+    with pytest.raises(HandshakeError) as info:
+        pump(init, resp)
+    assert resp.result is None
+    return info.value
+
+
+@pytest.mark.parametrize("field", ["v", "cert", "quote", "ciphers", "cipher-name", "extra", "missing"])
+def test_every_field_of_the_attestation_payload_is_checked(pki, field):
+    good = {"v": 1, "cert": b"c" * 100, "quote": b"q" * 64, "ciphers": ["AESGCM", "ChaChaPoly"]}
+    bad = dict(good)
+    if field == "v":
+        bad["v"] = 2
+    elif field in ("cert", "quote"):
+        bad[field] = "not bytes"
+    elif field == "ciphers":
+        bad["ciphers"] = "AESGCM"
+    elif field == "cipher-name":
+        bad["ciphers"] = ["AESGCM", 7]
+    elif field == "extra":
+        bad["more"] = 1
+    else:
+        del bad["quote"]
+    assert _payload_refused(pki, bad).code == "malformed"
+
+
+def test_the_attestation_payload_is_bounded(pki):
+    base = {"v": 1, "cert": b"c" * 100, "quote": b"q" * 64}
+    assert _payload_refused(pki, {**base, "ciphers": ["AESGCM"] * 9}).code == "malformed"  # 8 at most
+    assert _payload_refused(pki, {**base, "ciphers": ["A" * 257]}).code == "malformed"  # 256 characters at most
+
+
+def test_a_preamble_is_whole_and_at_most_64_bytes(pki):
+    with pytest.raises(HandshakeError) as info:
+        decode_preamble(b"PALM\x01\x01\x00")  # the magic, but cut short
+    assert info.value.code == "bad-preamble"
+    # 64 bytes is allowed (the name is then what is refused), 65 is too long.
+    for size, code in ((64, "cipher-not-allowed"), (65, "bad-preamble")):
+        name = b"N" * (size - 8)
+        resp = AttestedHandshake(pki.config("dst"), False)
+        with pytest.raises(HandshakeError) as info:
+            resp.receive_data(frame(b"PALM\x01\x01\x00" + bytes([len(name)]) + name))
+        assert info.value.code == code, size

@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +23,7 @@ from palm_net.testing.engines import DestinationDriver, Unit, renumber, source_m
 from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule
 from palm_net.wire import messages
 from palm_net.wire.errors import PalmError
-from palm_net.wire.messages import Begin, Complete, Context, Message, Pages, RoundEnd, Stream, StreamEnd
+from palm_net.wire.messages import Begin, Complete, Context, Keys, Message, Pages, RoundEnd, Stream, StreamEnd
 from palm_net.wire.pages import KIND_PROTECTED, IncomingPages, PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
@@ -689,3 +690,48 @@ async def test_destination_refuses_vm_names_that_are_not_plain_names(cluster, na
     root = cluster.members["b"].config.memory_dir
     assert not (root.parent / "escape").exists() and [p for p in root.iterdir() if p.name != ".lock"] == []
     assert cluster["b"].store.get(proto.mid) is None  # a refused BEGIN writes nothing
+
+
+# --------------------------------------------------------------------------
+# The page checks at their edges (found by mutation testing: each check's
+# boundary, and a page that turns to zeros)
+
+
+@pytest.mark.parametrize(("gfn", "version", "code"), [
+    (511, 0, None),  # the last page of the VM, the lowest version: fine
+    (512, 0, "malformed"),  # one past the end
+    (7, 2**32 - 2, None),  # the highest version a destination keeps
+    (7, 2**32 - 1, "malformed"),  # one more
+])
+def test_a_page_just_outside_the_vm_or_its_versions_is_refused(shm, gfn, version, code):
+    _, msgs = _source_messages(shm, protected=False)  # a VM of 512 pages
+    us = units(msgs)
+    begin, keys = us[0], next(u for u in us if isinstance(u.body, Keys))
+    page = PageBatch(np.array([gfn], np.uint64), b"\x00", np.array([version], np.uint64), b"")  # a zero page
+    forged = Unit(Message(begin.msg.mid, 0, page.message(0)), [])
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    records = renumber([begin, keys, forged])
+    for m in records[:-1]:
+        dest.feed(m)
+    if code is None:
+        dest.feed(records[-1])
+        return
+    with pytest.raises(PalmError) as info:
+        dest.feed(records[-1])
+    assert info.value.code == code
+
+
+def test_a_page_that_turns_to_zeros_is_zero_at_the_destination(shm):
+    """Round 0 sends a page with data; the guest then clears it: the zero-page
+    record of round 1 must clear it at the destination too."""
+    src = ModelVM.create(shm / "src", "vm", 64, KEY, fill="random", seed=2)
+
+    def clear(_: int) -> None:
+        src.guest_write(9, bytes(4096))
+
+    _, msgs = source_messages(src, MigrationParams(max_rounds=2, downtime_limit=1e-9), 1, clear)
+    dst = ModelVM.create_incoming(shm / "dst", "vm", src.vm_id, 64, 1, KEY)
+    for u in units(msgs):
+        _apply(dst, u)
+    assert dst.memory_bytes()[9 * 4096 : 10 * 4096] == bytes(4096)
+    assert src.memory_bytes() == dst.memory_bytes()

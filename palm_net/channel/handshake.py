@@ -98,8 +98,6 @@ class PeerInfo:
     static_pub: bytes
     sign_pub: bytes
     measurement: bytes
-    roles: tuple[str, ...]
-    ciphers: tuple[str, ...]
 
 
 @dataclass(repr=False)
@@ -250,8 +248,7 @@ class AttestedHandshake:
         cipher = self._hs.protocol_name.split("_")[3]
         if cipher not in obj["ciphers"]:
             raise AttestationError(RejectReason.CIPHER_NOT_ALLOWED, f"peer does not allow {cipher}")
-        return PeerInfo(cert.name, cert.static_pub, cert.sign_pub, cert.measurement, cert.roles,
-                        tuple(obj["ciphers"]))
+        return PeerInfo(cert.name, cert.static_pub, cert.sign_pub, cert.measurement)
 
     # -- the state machine
 

@@ -6,8 +6,8 @@ the trio thread.  Worker threads get plain inputs and return plain outputs:
 pages read from the VM, page batches written into it, records sealed or
 opened (libsodium drops the GIL), a digest.
 
-Source: a producer task reads the round's pages in a worker thread, one
-PAGES message's worth (up to 1 MiB of data) at a time, into a few reusable
+Source: a producer task reads the round's pages in a worker thread, a few
+PAGES messages' worth (up to 1 MiB of data each) at a time, into reusable
 buffers; the session task turns each batch into a PAGES message and its data
 records (the engine) and seals them into the channel's Outbox, whose task
 sends the previous batch meanwhile.  A receiver task reads the
@@ -70,9 +70,10 @@ from palm_net.wire.protocol import FINAL
 
 log = structlog.get_logger("palm.migration")
 
-# Work goes to a worker thread in pieces of about this many bulk messages
-# (MAX_BULK of data each): a hop to a thread and back costs 30-80 us here,
-# so a piece is a few MiB (pages read, records sealed, a buffer opened).
+# Work goes to a worker thread in pieces of this many bulk messages (MAX_BULK
+# of data each): a hop to a thread and back costs 30-80 us here, so pieces
+# are MiB, not records; and each side holds a few of them, so not more (an
+# agent stays within 64 MiB outside guest memory, docs/DATAPATH.md).
 PER_HOP = 2
 READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
