@@ -8,11 +8,13 @@ FROM ${BASE}
 LABEL org.opencontainers.image.title="palm_net agent" \
       org.opencontainers.image.description="PALM secure live migration agent"
 
+# PALM_CONTROL: a `palm` command run in the container (`podman exec`) finds the agent.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/palm/venv/bin:$PATH
+    PATH=/opt/palm/venv/bin:$PATH \
+    PALM_CONTROL=/var/lib/palm/run/control.sock
 
 # QEMU for the agent's QEMU VMs (KVM when the container gets /dev/kvm, TCG otherwise).
 # hadolint ignore=DL3008

@@ -30,6 +30,7 @@ def pump(init: AttestedHandshake, resp: AttestedHandshake, tamper=None) -> None:
     to_resp = init.initiate()
     flight = 0
     while not (init.complete and resp.complete):
+        assert flight < 4, "the handshake stalled: three messages make it"
         if tamper:
             to_resp = tamper(flight, to_resp)
         flight += 1

@@ -13,17 +13,18 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nacl.signing import SigningKey
 
 from palm_net.agent.errors import AgentError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.workload import Workload
-from palm_net.migration.handoff import HandoffState, HandoffStore, check_abort_token
+from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, check_abort_token
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.engines import DestinationDriver, Unit, renumber, source_messages, split_data, units
 from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule
 from palm_net.wire import messages
 from palm_net.wire.errors import PalmError
-from palm_net.wire.messages import Begin, Complete, Context, Keys, Message, Pages, RoundEnd, Stream, StreamEnd
+from palm_net.wire.messages import Abort, Begin, Complete, Context, Keys, Message, Pages, RoundEnd, Stream, StreamEnd
 from palm_net.wire.pages import KIND_PROTECTED, IncomingPages, PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
@@ -218,6 +219,78 @@ def test_destination_refuses_plain_for_protected_and_mode_mismatch(shm):
     dest = _destination(shm, HandoffStore(shm / "d2.db"))
     with pytest.raises(PalmError, match="mode-mismatch"):
         dest.feed(plain_begin)
+
+
+@pytest.mark.parametrize(("pages", "protected", "processes", "code"), [
+    (0, 0, 0, "too-large"), (1, 0, 0, None), (64, 0, 0, None), (65, 0, 0, "too-large"),
+    (64, 64, 1, None), (64, 65, 1, "malformed"), (64, 1, 1, None), (64, 1, 2, "malformed"),
+])
+def test_begin_sizes_are_bounded_by_the_agent_s_limit_and_each_other(shm, pages, protected, processes, code):
+    mid = os.urandom(16)
+    begin = messages.encode(Message(mid, 0, Begin("vm", bytes(16), pages, protected, processes, 1, False, False,
+                                                  "model", b"")))
+    store = HandoffStore(shm / "d.db")
+    dest = DestinationDriver(store, lambda m, b: ModelVM.create_incoming(shm / "dst", b.vm, b.vm_id, b.pages,
+                                                                         b.vcpus, KEY, migration=m), max_pages=64)
+    if code is None:
+        assert _types(dest.feed(begin)) == ["ACCEPT"] and store.get(mid).state is HandoffState.RECEIVING
+    else:
+        with pytest.raises(PalmError) as info:
+            dest.feed(begin)
+        assert info.value.code == code and store.get(mid) is None
+
+
+def test_a_source_abort_ends_the_migration_for_good_and_scrubs(shm):
+    store = HandoffStore(shm / "d.db")
+    src, msgs = _source_messages(shm)
+    dest = _destination(shm, store)
+    first = units(msgs)[:3]  # BEGIN, KEYS and round 0's first pages
+    for u in first:
+        for r in u.records():
+            dest.feed(r)
+    mid = dest.engine.mid
+    assert dest.vm is not None and store.get(mid).state is HandoffState.RECEIVING
+    abort = messages.encode(Message(mid, len(first), Abort("cancelled", "migration cancelled", b"")))
+    assert dest.feed(abort) == []  # nothing to answer: the source has gone its way
+    assert dest.engine.outcome == "aborted" and dest.vm is None and not (shm / "dst").exists()
+    assert store.get(mid).state is HandoffState.ABORTED
+    assert dest.engine.error is not None and dest.engine.error.code == "cancelled"
+    assert "source aborted: cancelled" in dest.engine.error.detail
+    src.close()
+
+
+def test_the_handoff_store_gives_back_every_field_it_was_given(shm):
+    store = HandoffStore(shm / "d.db")
+    peers = [Peer(f"peer{i}", bytes([i]) * 32, bytes([0x80 + i]) * 32, f"10.0.0.{i}:7400") for i in (1, 2)]
+    mids = [bytes([i]) * 16 for i in range(1, 4)]
+    before = time.time()
+    store.open_incoming(mids[0], "web", b"W" * 16, peers[0])
+    store.open_incoming(mids[1], "db", b"D" * 16, peers[1])
+    store.open_incoming(mids[2], "db2", b"E" * 16, peers[1])
+    store.set_stats(mids[0], {"rounds": 3})
+    store.abort_forever(mids[1], None, "integrity: a page failed its check")
+    row = store.get(mids[0])
+    assert row is not None and (row.mid, row.role, row.vm, row.vm_id, row.peer) == (
+        mids[0], Role.DESTINATION, "web", b"W" * 16, peers[0])
+    assert (row.state, row.token, row.error, row.stats) == (HandoffState.RECEIVING, None, None, {"rounds": 3})
+    assert before <= row.created <= row.updated <= time.time()
+    aborted = store.get(mids[1])
+    assert aborted is not None and aborted.state is HandoffState.ABORTED and aborted.peer == peers[1]
+    assert aborted.error == "integrity: a page failed its check" and aborted.stats is None
+    assert [r.mid for r in store.list()] == mids[::-1]  # newest first
+    assert [r.mid for r in store.list(limit=2)] == mids[:0:-1]
+    assert [r.mid for r in store.list(states=(HandoffState.ABORTED,))] == [mids[1]]
+    assert store.list(role=Role.SOURCE) == [] and store.count() == 3
+    # the abort token: only for a recorded abort, only to the peer that began it
+    signing = SigningKey.generate()
+    assert check_abort_token(signing.verify_key.encode(), mids[1],
+                             store.abort_token(mids[1], peers[1].static_pub, signing))
+    assert store.abort_token(mids[1], peers[0].static_pub, signing) == b""
+    assert store.abort_token(mids[0], peers[0].static_pub, signing) == b""
+    # finished rows go after their time to live, the rest stay
+    assert store.prune(now=time.time()) == 0
+    assert store.prune(now=time.time() + 31 * 86400) == 1 and store.get(mids[1]) is None
+    assert store.count() == 2
 
 
 # --------------------------------------------------------------------------
@@ -558,7 +631,6 @@ async def test_first_record_arriving_with_the_last_handshake_message_is_answered
     read sits in the record buffer; the destination must answer it without
     waiting for more bytes (the source sends nothing until ACCEPT)."""
     import trio.testing
-    from nacl.signing import SigningKey
 
     from palm_net.channel.handshake import AttestedHandshake
     from palm_net.channel.transport import SecureChannel
