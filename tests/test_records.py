@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import zlib
 
 import msgpack
 import pytest
@@ -39,6 +41,35 @@ def test_roundtrip_transcript_and_rekey(fns):
         assert deliver(rx, tx.seal(pt)) == pt
     assert tx.count == rx.count == 10 and tx.transcript == rx.transcript
     assert tx.cs.k == rx.cs.k != KEY  # rekeyed three times, in step
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_the_transcript_is_the_spec_s_chain_of_tags(plain):
+    """proto 5: T_0 = 32 zero bytes, T_i = BLAKE2b-256(T_(i-1) || tag_i), tag_i the
+    record's last 16 bytes, or u32be crc32 of a clear record (PLAIN_BENCHMARK)."""
+    tx, rx = pair(plain=plain)
+    expected = bytes(32)
+    for i, clear in enumerate([False, True, False] if plain else [False] * 3):
+        pt = bytes([i]) * (100 + i)
+        rec = tx.seal(pt, clear=True) if clear else tx.seal(pt)
+        body = rec[4:]  # after the length prefix
+        tag = zlib.crc32(body[1:]).to_bytes(4, "big") if clear else body[-16:]
+        expected = hashlib.blake2b(expected + tag, digest_size=32).digest()
+        assert deliver(rx, rec) == pt
+        assert tx.transcript == rx.transcript == expected, i
+    assert tx.count == rx.count == 3
+
+
+def test_a_receiver_that_failed_stays_failed():
+    tx, rx = pair()
+    one, two = tx.seal(b"one"), tx.seal(b"two")
+    bad = bytearray(two)
+    bad[-1] ^= 1
+    assert deliver(rx, one) == b"one"
+    with pytest.raises(PalmError):
+        deliver(rx, bytes(bad))
+    with pytest.raises(PalmError):  # not even the intact record, which would open otherwise
+        deliver(rx, two)
 
 
 def test_bit_flip_at_every_sampled_position_fails():
