@@ -83,10 +83,17 @@ def test_a_bulk_announcement_is_bounded_before_anything_is_allocated():
         Pages(0, bytes(8 * 257), b"\x01" * 257, bytes(8 * 257), b"")
 
 
-def test_pages_gfns_must_ascend():
-    gfns = np.array([3, 2], "<u8").tobytes()
-    with pytest.raises(PalmError, match="ascending"):
-        IncomingPages(Pages(0, gfns, b"\x00\x00", bytes(16), b""))
+@pytest.mark.parametrize(("gfns", "kinds", "vers", "why"), [
+    ([3, 2], b"\x00\x00", 2, "ascending"),
+    ([2, 2], b"\x00\x00", 2, "ascending"),  # a page twice in one message
+    ([2, 3, 4], b"\x00\x00", 2, "disagree"),
+    ([2, 3], b"\x00\x00", 3, "disagree"),
+    ([2, 3], b"\x00\x03", 2, "kind"),
+])
+def test_pages_arrays_agree_and_gfns_ascend(gfns, kinds, vers, why):
+    with pytest.raises(PalmError, match=why):
+        IncomingPages(Pages(0, np.array(gfns, "<u8").tobytes(), kinds, bytes(8 * vers), b""))
+    assert len(IncomingPages(Pages(0, np.array([2, 3], "<u8").tobytes(), b"\x00\x00", bytes(16), b""))) == 2
 
 
 # --------------------------------------------------------------------------

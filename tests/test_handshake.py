@@ -289,23 +289,37 @@ def _payload_refused(pki, payload: dict) -> HandshakeError:
     return info.value
 
 
-@pytest.mark.parametrize("field", ["v", "cert", "quote", "ciphers", "cipher-name", "extra", "missing"])
-def test_every_field_of_the_attestation_payload_is_checked(pki, field):
-    good = {"v": 1, "cert": b"c" * 100, "quote": b"q" * 64, "ciphers": ["AESGCM", "ChaChaPoly"]}
-    bad = dict(good)
-    if field == "v":
-        bad["v"] = 2
-    elif field in ("cert", "quote"):
-        bad[field] = "not bytes"
-    elif field == "ciphers":
-        bad["ciphers"] = "AESGCM"
-    elif field == "cipher-name":
-        bad["ciphers"] = ["AESGCM", 7]
-    elif field == "extra":
-        bad["more"] = 1
-    else:
-        del bad["quote"]
-    assert _payload_refused(pki, bad).code == "malformed"
+def _altered_payload_refused(pki, change) -> HandshakeError | None:
+    """The initiator's real payload with ``change`` made to it (its dict); the error, or None."""
+    init = AttestedHandshake(pki.config("src"), True)
+    real = init._payload
+    init._payload = lambda h: msgpack.packb(change(msgpack.unpackb(real(h))))  # type: ignore[method-assign]
+    resp = AttestedHandshake(pki.config("dst"), False, purpose=None)
+    try:
+        pump(init, resp)
+    except HandshakeError as exc:
+        assert resp.result is None
+        return exc
+    return None
+
+
+def _with(**fields):
+    return lambda d: {**d, **fields}
+
+
+def _without(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+@pytest.mark.parametrize("change", [
+    _with(v=2), _with(cert="not bytes"), _with(quote="not bytes"), _with(ciphers="AESGCM"),
+    _with(ciphers=["AESGCM", 7]), _with(ciphers=[7]), _with(more=1), _without("quote"), _without("ciphers"),
+], ids=["v", "cert", "quote", "ciphers", "cipher-name", "cipher-names", "extra", "missing", "no-ciphers"])
+def test_every_field_of_the_attestation_payload_is_checked(pki, change):
+    """One field wrong in an otherwise valid payload (so no later check hides it)."""
+    assert _altered_payload_refused(pki, lambda d: d) is None  # the real one passes
+    err = _altered_payload_refused(pki, change)
+    assert err is not None and err.code == "malformed"
 
 
 def test_the_attestation_payload_is_bounded(pki):
@@ -325,3 +339,20 @@ def test_a_preamble_is_whole_and_at_most_64_bytes(pki):
         with pytest.raises(HandshakeError) as info:
             resp.receive_data(frame(b"PALM\x01\x01\x00" + bytes([len(name)]) + name))
         assert info.value.code == code, size
+
+
+def test_a_preamble_is_8_bytes_and_its_ascii_name():
+    head = b"PALM" + bytes([1, Purpose.MIGRATION, TransportMode.SECURE])
+    assert decode_preamble(head + b"\x00") == (Purpose.MIGRATION, TransportMode.SECURE, "")
+    for bad in (head, head + b"\x01\xff"):  # 7 bytes; a name that is not ascii
+        with pytest.raises(HandshakeError) as info:
+            decode_preamble(bad)
+        assert info.value.code == "bad-preamble"
+
+
+def test_an_initiator_offers_its_first_configured_cipher_by_default(pki):
+    for ciphers in ((CipherName.AESGCM, CipherName.CHACHAPOLY), (CipherName.CHACHAPOLY, CipherName.AESGCM)):
+        init = AttestedHandshake(pki.config("src", ciphers=ciphers), True)
+        resp = AttestedHandshake(pki.config("dst"), False, purpose=None)
+        pump(init, resp)
+        assert init.result is not None and ciphers[0].value in init.result.protocol_name

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from palm_net.agent.errors import AgentError
+from palm_net.channel.records import Record
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.workload import Workload
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, check_abort_token
@@ -24,7 +25,19 @@ from palm_net.testing.engines import DestinationDriver, Unit, renumber, source_m
 from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule
 from palm_net.wire import messages
 from palm_net.wire.errors import PalmError
-from palm_net.wire.messages import Abort, Begin, Complete, Context, Keys, Message, Pages, RoundEnd, Stream, StreamEnd
+from palm_net.wire.messages import (
+    MAX_BLOB,
+    Abort,
+    Begin,
+    Complete,
+    Context,
+    Keys,
+    Message,
+    Pages,
+    RoundEnd,
+    Stream,
+    StreamEnd,
+)
 from palm_net.wire.pages import KIND_PROTECTED, IncomingPages, PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
@@ -144,6 +157,9 @@ def _alter(msg: Message, **fields: object) -> Message:
     ("transcript-differs", "incomplete"),
     ("record-count-differs", "incomplete"),
     ("page-never-sent", "incomplete"),
+    ("context-chunk-index-skipped", "sequence"),
+    ("context-chunk-past-its-total", "sequence"),
+    ("context-larger-than-the-vm-can-need", "oversize"),
 ])
 def test_destination_refuses_ready_on_tampering(shm, tamper, code):
     """Each of PALM's completeness and freshness checks, tripped on its own."""
@@ -179,6 +195,17 @@ def test_destination_refuses_ready_on_tampering(shm, tamper, code):
         blob = bytearray(us[i].body.data)
         blob[-1] ^= 0x80  # the last MAC tag
         us[i] = Unit(_alter(us[i].msg, data=bytes(blob)), [])
+    elif tamper == "context-larger-than-the-vm-can-need":
+        # two whole chunks: more than 28 bytes a protected page + 2 KiB a process + 64 KiB
+        i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
+        us = [u for u in us if not isinstance(u.body, Context)]
+        us[i:i] = [Unit(Message(us[0].msg.mid, 0, Context(k, 2, bytes(MAX_BLOB))), []) for k in (0, 1)]
+    elif tamper.startswith("context-"):
+        i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
+        c = us[i].body
+        change = {"context-chunk-index-skipped": {"index": c.index + 1},
+                  "context-chunk-past-its-total": {"total": c.index}}[tamper]
+        us[i] = Unit(_alter(us[i].msg, **change), [])
     elif tamper == "missing-context-chunk":
         us = [u for u in us if not isinstance(u.body, Context)]
     elif tamper == "transcript-differs":
@@ -240,6 +267,20 @@ def test_begin_sizes_are_bounded_by_the_agent_s_limit_and_each_other(shm, pages,
         assert info.value.code == code and store.get(mid) is None
 
 
+def test_the_destination_engine_takes_only_the_result_it_asked_for(shm):
+    from palm_net.migration.effects import KeysImported, Opened
+    from palm_net.wire.errors import LocalProtocolError
+
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    with pytest.raises(LocalProtocolError):  # nothing asked yet
+        dest.engine.on_result(Opened(0))
+    _, msgs = _source_messages(shm)
+    effects = dest.engine.on_record(Record(msgs[0], 0, b"T" * 32))  # BEGIN: it asks for the VM to be opened
+    assert effects and dest.engine._awaiting is Opened
+    with pytest.raises(LocalProtocolError):
+        dest.engine.on_result(KeysImported(0))
+
+
 def test_a_source_abort_ends_the_migration_for_good_and_scrubs(shm):
     store = HandoffStore(shm / "d.db")
     src, msgs = _source_messages(shm)
@@ -287,10 +328,44 @@ def test_the_handoff_store_gives_back_every_field_it_was_given(shm):
                              store.abort_token(mids[1], peers[1].static_pub, signing))
     assert store.abort_token(mids[1], peers[0].static_pub, signing) == b""
     assert store.abort_token(mids[0], peers[0].static_pub, signing) == b""
+    assert store.abort_token(b"\x07" * 16, peers[0].static_pub, signing) == b""  # never recorded
     # finished rows go after their time to live, the rest stay
     assert store.prune(now=time.time()) == 0
     assert store.prune(now=time.time() + 31 * 86400) == 1 and store.get(mids[1]) is None
     assert store.count() == 2
+
+
+def test_an_outgoing_migration_resumes_past_the_handoff_only_with_the_token_or_an_override(shm):
+    from palm_net.migration.handoff import make_abort_token
+    from palm_net.wire.errors import LocalProtocolError
+
+    store = HandoffStore(shm / "s.db")
+    dest_key = SigningKey.generate()
+    peer = Peer("dst", b"S" * 32, dest_key.verify_key.encode(), "127.0.0.1:1")
+    vms = [ModelVM.create(shm / f"vm{i}", f"vm{i}", 16, KEY) for i in range(3)]
+    mids = [bytes([i + 1]) * 16 for i in range(3)]
+    for mid, vm in zip(mids, vms, strict=True):
+        store.open_outgoing(mid, vm, peer)
+        vm.pause()
+        assert store.hand_off(mid)
+    store.open_incoming(b"\x09" * 16, "in", b"I" * 16, peer)
+    for mid in (b"\x08" * 16, b"\x09" * 16):  # unknown; incoming
+        with pytest.raises(LocalProtocolError):
+            store.abort_and_resume(mid, None, "x")
+    for token in (None, b"", make_abort_token(SigningKey.generate(), mids[0]), make_abort_token(dest_key, mids[1])):
+        with pytest.raises(LocalProtocolError):  # none, empty, another key's, another migration's
+            store.abort_and_resume(mids[0], vms[0], "x", token=token)
+    assert store.get(mids[0]).state is HandoffState.HANDED_OFF and vms[0].state == "paused"
+    token = make_abort_token(dest_key, mids[0])
+    assert store.abort_and_resume(mids[0], vms[0], "destination aborted", token=token)
+    row = store.get(mids[0])
+    assert row.state is HandoffState.ABORTED and row.token == token and row.error == "destination aborted"
+    assert vms[0].state == "running"
+    assert store.abort_and_resume(mids[1], vms[1], "operator", override=True) and vms[1].state == "running"
+    assert store.confirm(mids[2])  # DONE: it never runs here again, whatever is asked
+    assert not store.abort_and_resume(mids[2], vms[2], "late", override=True) and vms[2].state == "paused"
+    for vm in vms:
+        vm.close()
 
 
 # --------------------------------------------------------------------------

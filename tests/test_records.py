@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from palm_net.channel.records import MAX_PLAINTEXT, RecordReceiver, RecordSender
-from palm_net.crypto.noise import AESGCM, CHACHAPOLY, CipherState
+from palm_net.crypto.noise import AESGCM, CHACHAPOLY, MAX_MESSAGE_LEN, TAGLEN, CipherState
 from palm_net.wire import messages
 from palm_net.wire.errors import PalmError
 from palm_net.wire.messages import Accept, Begin, Complete, Pages, RoundEnd, Stream, StreamEnd
@@ -296,3 +296,67 @@ def test_session_out_of_state_replay_and_foreign_mid():
     with pytest.raises(PalmError) as info:
         dst4.receive(other.send(RoundEnd(round=0, pages=0, dirty=0)))
     assert info.value.code == "wrong-migration"
+
+
+# --------------------------------------------------------------------------
+# Each bound at its edge (found by mutation testing)
+
+
+def _frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_a_record_holds_1_to_max_plaintext_bytes():
+    tx, rx = pair()
+    with pytest.raises(ValueError):
+        tx.seal(b"")
+    with pytest.raises(ValueError):
+        tx.seal_into(b"", memoryview(bytearray(64)))
+    with pytest.raises(ValueError):
+        tx.seal(bytes(MAX_PLAINTEXT + 1))
+    assert deliver(rx, tx.seal(bytes(MAX_PLAINTEXT))) == bytes(MAX_PLAINTEXT)
+    for bad in (TAGLEN, MAX_MESSAGE_LEN + 1):
+        with pytest.raises(ValueError):
+            RecordReceiver(CipherState(CHACHAPOLY, KEY), max_record=bad)
+    RecordReceiver(CipherState(CHACHAPOLY, KEY), max_record=TAGLEN + 1)
+
+
+def test_a_sealed_frame_shorter_than_a_tag_and_one_byte_is_refused_unread():
+    _, rx = pair()
+    with pytest.raises(PalmError) as info:
+        deliver(rx, _frame(bytes(TAGLEN)))
+    assert info.value.code == "undersize"
+
+
+def test_plain_mode_frames_a_kind_byte_and_at_least_one_byte():
+    tx, rx = pair(plain=True)
+    assert deliver(rx, tx.seal(b"x", clear=True)) == b"x"  # a 2-byte frame body
+    assert deliver(rx, tx.seal(bytes(MAX_PLAINTEXT), clear=True)) == bytes(MAX_PLAINTEXT)  # kind byte + max
+    _, rx = pair(plain=True)
+    with pytest.raises(PalmError) as info:
+        deliver(rx, _frame(b"\x00"))  # the kind byte alone
+    assert info.value.code == "undersize"
+
+
+@pytest.mark.parametrize(("body", "why"), [(b"\x02" + bytes(40), "kind"), (b"\x01" + bytes(TAGLEN), "tag only")])
+def test_plain_mode_refuses_an_unknown_kind_and_a_sealed_record_with_no_plaintext(body, why):
+    _, rx = pair(plain=True)
+    with pytest.raises(PalmError) as info:
+        deliver(rx, _frame(body))
+    assert info.value.code == "bad-record", why
+
+
+def test_a_message_is_bounded_by_the_record_and_its_envelope_checked_on_both_sides():
+    pad = bytes(MAX_PLAINTEXT - 64)
+    msg = msgpack.packb({"v": 2, "t": "ACCEPT", "mid": MID, "seq": 0, "b": {}, "pad": pad})
+    msg += bytes(MAX_PLAINTEXT - len(msg))  # exactly the most a record holds: judged on its content
+    with pytest.raises(PalmError) as info:
+        messages.decode(msg)
+    assert info.value.code == "malformed"
+    with pytest.raises(PalmError) as info:
+        messages.decode(msg + b"\x00")
+    assert info.value.code == "oversize"
+    for mid, seq in ((bytes(15), 0), (MID, -1), (MID, 2**63)):
+        with pytest.raises(PalmError):
+            messages.encode(messages.Message(mid, seq, Accept()))
+    assert messages.decode(messages.encode(messages.Message(MID, 0, Accept()))).type == "ACCEPT"
