@@ -335,7 +335,7 @@ def test_the_handoff_store_gives_back_every_field_it_was_given(shm):
     assert store.count() == 2
 
 
-def test_an_outgoing_migration_resumes_past_the_handoff_only_with_the_token_or_an_override(shm):
+def test_past_the_handoff_a_source_resumes_only_with_the_token_or_by_the_operator(shm):
     from palm_net.migration.handoff import make_abort_token
     from palm_net.wire.errors import LocalProtocolError
 
