@@ -350,7 +350,7 @@ def test_a_preamble_is_8_bytes_and_its_ascii_name():
         assert info.value.code == "bad-preamble"
 
 
-def test_an_initiator_offers_its_first_configured_cipher_by_default(pki):
+def test_an_initiator_offers_its_first_configured_cipher_unless_told(pki):
     for ciphers in ((CipherName.AESGCM, CipherName.CHACHAPOLY), (CipherName.CHACHAPOLY, CipherName.AESGCM)):
         init = AttestedHandshake(pki.config("src", ciphers=ciphers), True)
         resp = AttestedHandshake(pki.config("dst"), False, purpose=None)
