@@ -9,8 +9,10 @@ sender's value so the receiver can prove it processed exactly that sequence.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import zlib
+from collections.abc import Iterator
 from typing import TypeVar
 
 from palm_net.crypto.noise import MAX_MESSAGE_LEN, TAGLEN, Buffer, CipherState, NoiseError
@@ -165,21 +167,16 @@ class RecordReceiver(_Direction):
 
     def whole_frames(self, buf: Buffer, size: int) -> int:
         """Where the whole frames at the start of ``buf[:size]`` end (every length checked)."""
-        try:
+        with self._fail_closed():
             return self.frames.whole_frames(buf, size)
-        except PalmError:
-            self.failed = True
-            raise
 
     def open_in_place(self, buf: memoryview) -> list[Record]:
         """Opens the whole frames that fill ``buf`` (see ``whole_frames``), decrypting
         each where it lies; their plaintexts are views of ``buf``.  Same checks and
         failure rule as ``next_record``."""
-        if self.failed:
-            raise RemoteProtocolError(ErrorCode.BAD_RECORD, "the record layer already failed")
         out: list[Record] = []
         pos, end = 0, len(buf)
-        try:
+        with self._fail_closed():
             while pos < end:
                 (n,) = LENGTH.unpack_from(buf, pos)
                 body = buf[pos + PREFIX_LEN : pos + PREFIX_LEN + self.frames.check(n)]
@@ -196,13 +193,22 @@ class RecordReceiver(_Direction):
                 else:
                     self._advance(body, False)
                 out.append(Record(body, index, before, sealed))
+        return out
+
+    @contextlib.contextmanager
+    def _fail_closed(self) -> Iterator[None]:
+        """Runs a step of reading records: nothing after a failure, and any failure
+        (a bad length, kind or tag) is final."""
+        if self.failed:
+            raise RemoteProtocolError(ErrorCode.BAD_RECORD, "the record layer already failed")
+        try:
+            yield
         except PalmError:
             self.failed = True
             raise
         except NoiseError:
             self.failed = True
             raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} failed authentication") from None
-        return out
 
     def _unwrap(self, body: B) -> tuple[B, bool]:
         """A frame body as (record, sealed): in PLAIN_BENCHMARK mode its kind byte decides."""
@@ -219,20 +225,12 @@ class RecordReceiver(_Direction):
 
         Any failure is final: the session is dead and nothing more is returned.
         """
-        if self.failed:
-            raise RemoteProtocolError(ErrorCode.BAD_RECORD, "the record layer already failed")
-        try:
+        with self._fail_closed():
             frame = self.frames.next_frame()
             if frame is None:
                 return None
             body, sealed = self._unwrap(frame)
             pt = self.cs.decrypt_with_ad(b"", body) if sealed else body
-        except PalmError:
-            self.failed = True
-            raise
-        except NoiseError:
-            self.failed = True
-            raise RemoteProtocolError(ErrorCode.BAD_RECORD, f"record {self.count} failed authentication") from None
         self._advance(body, sealed)
         self.authenticated = sealed
         return pt
