@@ -29,6 +29,7 @@ from palm_net.wire.messages import (
     MAX_BLOB,
     Abort,
     Begin,
+    Commit,
     Complete,
     Context,
     Keys,
@@ -139,7 +140,21 @@ def test_destination_accepts_an_intact_stream(shm):
     rounds = sum(isinstance(u.body, RoundEnd) for u in units(msgs))
     assert rounds and _types(replies) == ["ACCEPT"] + ["ROUND_DONE"] * rounds + ["READY"]
     assert dest.engine.outcome == "prepared" and store.get(dest.engine.mid).state is HandoffState.PREPARED
-    assert dest.vm is not None and dest.vm.digest() == vm.digest()
+    assert dest.vm is not None and dest.vm.digest() == vm.digest() and not dest.vm.running
+    # COMMIT: durable first, then the VM runs here, then DONE
+    commit = messages.encode(Message(dest.engine.mid, len(units(msgs)) + 1, Commit()))
+    assert _types(dest.feed(commit)) == ["DONE"]
+    assert dest.engine.outcome == "committed" and store.get(dest.engine.mid).state is HandoffState.COMMITTED
+    assert dest.vm.running
+
+
+def test_a_handoff_message_that_came_in_the_clear_is_refused(shm):
+    _, msgs = _source_messages(shm)
+    dest = _destination(shm, HandoffStore(shm / "d.db"), plain=False)
+    with pytest.raises(PalmError) as info:
+        dest.feed(msgs[0], authenticated=False)  # BEGIN, unsealed
+    assert info.value.code == "unauthenticated"
+    assert dest.vm is None
 
 
 def _alter(msg: Message, **fields: object) -> Message:
