@@ -296,6 +296,26 @@ def test_the_destination_engine_takes_only_the_result_it_asked_for(shm):
         dest.engine.on_result(KeysImported(0))
 
 
+def test_the_session_deadline_grows_with_the_data_received_up_to_eight_times_the_vm(shm):
+    from palm_net.migration.destination import BEGIN_TIMEOUT, DEADLINE_PER_GIB, MAX_RESEND, SESSION_BASE
+
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    eng = dest.engine
+    assert eng.deadline(10.0) == 10.0 + BEGIN_TIMEOUT  # BEGIN soon
+    _, msgs = _source_messages(shm)  # a 512-page VM
+    us = units(msgs)
+    pages = [i for i, u in enumerate(us) if isinstance(u.body, Pages)]
+    first = us[: pages[1] + 1]  # BEGIN, KEYS and round 0's first two PAGES messages
+    for u in first:
+        for r in u.records():
+            dest.feed(r)
+    received = sum(len(IncomingPages(u.body)) for u in first if isinstance(u.body, Pages)) * 4096
+    assert received and eng.progress == received  # zero pages count whole
+    assert eng.deadline(10.0) == pytest.approx(10.0 + SESSION_BASE + DEADLINE_PER_GIB * received / 2**30)
+    eng.progress = 1 << 40  # a peer resending for ever earns no more time than MAX_RESEND times the VM
+    assert eng.deadline(0.0) == pytest.approx(SESSION_BASE + DEADLINE_PER_GIB * MAX_RESEND * 512 * 4096 / 2**30)
+
+
 def test_a_source_abort_ends_the_migration_for_good_and_scrubs(shm):
     store = HandoffStore(shm / "d.db")
     src, msgs = _source_messages(shm)
