@@ -21,7 +21,7 @@ from palm_net.channel.handshake import (
 from palm_net.channel.transport import accept, connect
 from palm_net.crypto.identity import Authority
 from palm_net.crypto.noise import CipherName
-from palm_net.wire.errors import HandshakeError, LocalProtocolError
+from palm_net.wire.errors import HandshakeError, LocalProtocolError, PalmError
 from palm_net.wire.framing import frame
 
 
@@ -356,3 +356,17 @@ def test_an_initiator_offers_its_first_configured_cipher_unless_told(pki):
         resp = AttestedHandshake(pki.config("dst"), False, purpose=None)
         pump(init, resp)
         assert init.result is not None and ciphers[0].value in init.result.protocol_name
+
+
+def test_the_configured_record_bound_holds_on_the_session_s_receiver(pki):
+    init = AttestedHandshake(pki.config("src"), True)
+    resp = AttestedHandshake(pki.config("dst", max_record=1000), False, purpose=None)
+    pump(init, resp)
+    assert init.result and resp.result
+    rx = resp.result.receiver
+    rx.receive_data(init.result.sender.seal(bytes(1000 - 16)))  # a 1000-byte frame: at the bound
+    assert rx.next_record() == bytes(984)
+    with pytest.raises(PalmError) as info:
+        rx.receive_data(init.result.sender.seal(bytes(1000 - 15)))
+        rx.next_record()
+    assert info.value.code == "oversize"

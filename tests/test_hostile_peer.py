@@ -518,10 +518,13 @@ async def test_plain_mode_a_forged_done_cannot_lose_the_vm(nursery):
                                                        if d == "s2c")
 
         def forge_done(seen: dict, frame: bytes) -> list:
-            clear = next(f for (conn, d, _), f in sorted(seen.items()) if d == "c2s" and len(f) > 5
-                         and f[4] == CLEAR)
+            conn, clear = next((conn, f) for (conn, d, _), f in sorted(seen.items()) if d == "c2s" and len(f) > 5
+                               and f[4] == CLEAR)
             mid = messages.decode(clear[5:]).mid
-            done = messages.encode(messages.Message(mid, 2, Done()))
+            # The destination's next sequence number: every s2c frame after its handshake
+            # message is a message (ACCEPT, ROUND_DONEs, READY), so DONE would be next.
+            seq = sum(1 for (c2, d, _) in seen if c2 == conn and d == "s2c") - 1
+            done = messages.encode(messages.Message(mid, seq, Done()))
             return [("s2c", (1 + len(done)).to_bytes(4, "big") + bytes([CLEAR]) + done)]  # COMMIT dropped
 
         proxy = FaultProxy(("127.0.0.1", c.members["b"].port), [Rule("c2s", 0, "forge", match=is_commit,

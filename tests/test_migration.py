@@ -175,6 +175,8 @@ def _alter(msg: Message, **fields: object) -> Message:
     ("context-chunk-index-skipped", "sequence"),
     ("context-chunk-past-its-total", "sequence"),
     ("context-larger-than-the-vm-can-need", "oversize"),
+    ("context-one-byte-over-the-limit", "oversize"),
+    ("context-exactly-at-the-limit", "incomplete"),  # admitted by size; refused later, at COMPLETE
 ])
 def test_destination_refuses_ready_on_tampering(shm, tamper, code):
     """Each of PALM's completeness and freshness checks, tripped on its own."""
@@ -210,6 +212,13 @@ def test_destination_refuses_ready_on_tampering(shm, tamper, code):
         blob = bytearray(us[i].body.data)
         blob[-1] ^= 0x80  # the last MAC tag
         us[i] = Unit(_alter(us[i].msg, data=bytes(blob)), [])
+    elif tamper in ("context-one-byte-over-the-limit", "context-exactly-at-the-limit"):
+        # 128 protected pages, 1 process (_source_messages): 28 * 128 + 2048 + 65536 bytes at most
+        size = 28 * 128 + 2048 + 65536 + (tamper == "context-one-byte-over-the-limit")
+        i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
+        us = [u for u in us if not isinstance(u.body, Context)]
+        chunks = [bytes(MAX_BLOB), bytes(size - MAX_BLOB)]
+        us[i:i] = [Unit(Message(us[0].msg.mid, 0, Context(k, 2, c)), []) for k, c in enumerate(chunks)]
     elif tamper == "context-larger-than-the-vm-can-need":
         # two whole chunks: more than 28 bytes a protected page + 2 KiB a process + 64 KiB
         i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
@@ -912,8 +921,8 @@ def test_a_page_that_turns_to_zeros_is_zero_at_the_destination(shm):
         src.guest_write(9, bytes(4096))
 
     _, msgs = source_messages(src, MigrationParams(max_rounds=2, downtime_limit=1e-9), 1, clear)
-    dst = ModelVM.create_incoming(shm / "dst", "vm", src.vm_id, 64, 1, KEY)
-    for u in units(msgs):
-        _apply(dst, u)
-    assert dst.memory_bytes()[9 * 4096 : 10 * 4096] == bytes(4096)
+    dest = _destination(shm, HandoffStore(shm / "d.db"))  # the engine applies what arrives
+    assert _types(_feed(dest, msgs))[-1] == "READY"
+    dst = dest.vm
+    assert isinstance(dst, ModelVM) and dst.memory_bytes()[9 * 4096 : 10 * 4096] == bytes(4096)
     assert src.memory_bytes() == dst.memory_bytes()

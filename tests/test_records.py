@@ -332,6 +332,10 @@ def test_plain_mode_frames_a_kind_byte_and_at_least_one_byte():
     tx, rx = pair(plain=True)
     assert deliver(rx, tx.seal(b"x", clear=True)) == b"x"  # a 2-byte frame body
     assert deliver(rx, tx.seal(bytes(MAX_PLAINTEXT), clear=True)) == bytes(MAX_PLAINTEXT)  # kind byte + max
+    assert deliver(rx, tx.seal(bytes(MAX_PLAINTEXT))) == bytes(MAX_PLAINTEXT)  # kind byte + a whole Noise message
+    with pytest.raises(PalmError) as info:
+        deliver(rx, _frame(b"\x00" + bytes(MAX_MESSAGE_LEN + 1)))  # one byte more than that
+    assert info.value.code == "oversize"
     _, rx = pair(plain=True)
     with pytest.raises(PalmError) as info:
         deliver(rx, _frame(b"\x00"))  # the kind byte alone
