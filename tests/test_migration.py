@@ -148,6 +148,18 @@ def test_destination_accepts_an_intact_stream(shm):
     assert dest.vm.running
 
 
+def test_a_protected_context_in_several_chunks_is_put_back_together(shm):
+    src = ModelVM.create(shm / "src", "vm", 1024, KEY, protected_processes=128, protected_pages=512, seed=3,
+                         fill="random")
+    _, msgs = source_messages(src, MigrationParams(max_rounds=1, downtime_limit=1e-9))
+    chunks = [u.body for u in units(msgs) if isinstance(u.body, Context)]
+    assert len(chunks) >= 2 and [c.index for c in chunks] == list(range(chunks[0].total))
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    assert _types(_feed(dest, msgs))[-1] == "READY"
+    assert dest.vm is not None and dest.vm.digest() == src.digest()
+    src.close()
+
+
 def test_a_handoff_message_that_came_in_the_clear_is_refused(shm):
     _, msgs = _source_messages(shm)
     dest = _destination(shm, HandoffStore(shm / "d.db"), plain=False)
