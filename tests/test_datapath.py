@@ -86,6 +86,7 @@ def test_a_bulk_announcement_is_bounded_before_anything_is_allocated():
 @pytest.mark.parametrize(("gfns", "kinds", "vers", "why"), [
     ([3, 2], b"\x00\x00", 2, "ascending"),
     ([2, 2], b"\x00\x00", 2, "ascending"),  # a page twice in one message
+    ([1, 3, 2], b"\x00\x00\x00", 3, "ascending"),  # each after the one before, not only after the first
     ([2, 3, 4], b"\x00\x00", 2, "disagree"),
     ([2, 3], b"\x00\x00", 3, "disagree"),
     ([2, 3], b"\x00\x03", 2, "kind"),

@@ -99,7 +99,6 @@ class IncomingPages:
         if n > 1 and not bool((self.gfns[1:] > self.gfns[:-1]).all()):
             raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES gfns are not in ascending order")
         self.vers = from_u64le(p.vers)
-        self.round = p.round
         self._zero = kinds == KIND_ZERO
         has_data = ~self._zero
         self._gfns, self._vers, self._kinds = self.gfns[has_data], self.vers[has_data], kinds[has_data]
