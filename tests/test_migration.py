@@ -490,6 +490,7 @@ def test_stream_destination_feeds_the_hypervisor_in_order_and_says_ready_once_lo
     dest, fake, replies = _stream_session(chunks)
     assert bytes(fake.data) == b"".join(chunks) and fake.ended
     assert _types(replies) == ["ACCEPT", "READY"] and dest.engine.outcome == "prepared"
+    assert dest.engine.progress == sum(map(len, chunks))  # what the session deadline grows with
 
 
 @pytest.mark.parametrize(("claim", "load_ok", "code"), [(10, True, "incomplete"), (None, False, "hypervisor")],
