@@ -192,13 +192,15 @@ def test_bad_inputs_are_one_line_errors(cluster, tmp_path):
     palm("ca", "issue", "--ca", str(c.root / "ca"), "--agent", str(c.root / "c"))
     # port in use
     one_line_error(palm("agent", "--dir", str(c.root / "c"), "--listen", f"127.0.0.1:{c.ports['b']}",
+                        "--memory-dir", str(c.root / "c-mem"),  # not the default: it outlives the test
                         "--control", str(c.root / "x.sock"), "--ca", str(c.root / "ca" / "ca.pub"), check=False),
                    "cannot listen")
     # too-open key file
     key = c.root / "c" / "identity.key"
     os.chmod(key, 0o644)
     one_line_error(palm("agent", "--dir", str(c.root / "c"), "--listen", "127.0.0.1:0", "--control",
-                        str(c.root / "y.sock"), "--ca", str(c.root / "ca" / "ca.pub"), check=False),
+                        str(c.root / "y.sock"), "--memory-dir", str(c.root / "c-mem"),
+                        "--ca", str(c.root / "ca" / "ca.pub"), check=False),
                    "group/other")
     os.chmod(key, 0o600)
     one_line_error(palm("vm", "create", "v2", "--control", c.sock("a"), "--memory", "8MiB", "--workload", "bogus",
