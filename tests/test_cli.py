@@ -71,8 +71,8 @@ class Cluster:
         remove_all(self.root, self.agents.values())
 
 
-@pytest.fixture
-def cluster():
+def two_agents():
+    """Agents a and b started, stopped and removed after the caller is done."""
     c = Cluster()
     try:
         c.start("a")
@@ -80,6 +80,11 @@ def cluster():
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def cluster():
+    yield from two_agents()
 
 
 def vm_names(c, name):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from palm_net.agent.launcher import AgentProcess, free_port
-from tests.test_cli import PALM, Cluster, one_line_error, palm, vm_names
+from tests.test_cli import PALM, one_line_error, palm, two_agents, vm_names
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ops():
     """Two agents for the whole module (each test names its own VMs)."""
-    c = Cluster()
-    try:
-        c.start("a")
-        c.start("b")
-        yield c
-    finally:
-        c.close()
+    yield from two_agents()
 
 
 def to(c, name: str) -> str:

@@ -202,22 +202,24 @@ class CipherState:
     def set_nonce(self, nonce: int) -> None:
         self.n = nonce
 
+    def _nonce(self) -> int:
+        """n, while it may still be used (spec 5.1: 2^64-1 is reserved)."""
+        if self.n >= MAX_NONCE:
+            raise NoiseError("nonce exhausted: rekey or new handshake required")
+        return self.n
+
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
         if self.k is None:
             return plaintext
-        if self.n >= MAX_NONCE:
-            raise NoiseError("nonce exhausted: rekey or new handshake required")
-        out = self.fns.encrypt(self.k, self.n, ad, plaintext)
+        out = self.fns.encrypt(self.k, self._nonce(), ad, plaintext)
         self.n += 1
         return out
 
     def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
         if self.k is None:
             return ciphertext
-        if self.n >= MAX_NONCE:
-            raise NoiseError("nonce exhausted: rekey or new handshake required")
         # A failed decrypt raises before n moves (spec 5.1).
-        out = self.fns.decrypt(self.k, self.n, ad, ciphertext)
+        out = self.fns.decrypt(self.k, self._nonce(), ad, ciphertext)
         self.n += 1
         return out
 
@@ -225,9 +227,7 @@ class CipherState:
         """EncryptWithAd(ad="", plaintext) written to ``out``; its length (see CipherFunctions)."""
         if self.k is None:
             raise NoiseError("encrypt_into needs a key")
-        if self.n >= MAX_NONCE:
-            raise NoiseError("nonce exhausted: rekey or new handshake required")
-        size = self.fns.encrypt_into(self.k, self.n, plaintext, out)
+        size = self.fns.encrypt_into(self.k, self._nonce(), plaintext, out)
         self.n += 1
         return size
 
@@ -235,9 +235,7 @@ class CipherState:
         """DecryptWithAd(ad="", ciphertext) written to ``out``; the plaintext length."""
         if self.k is None:
             raise NoiseError("decrypt_into needs a key")
-        if self.n >= MAX_NONCE:
-            raise NoiseError("nonce exhausted: rekey or new handshake required")
-        size = self.fns.decrypt_into(self.k, self.n, ciphertext, out)
+        size = self.fns.decrypt_into(self.k, self._nonce(), ciphertext, out)
         self.n += 1
         return size
 
