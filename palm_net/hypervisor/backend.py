@@ -8,6 +8,8 @@ handed out as ciphertext plus its (public) version.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,7 +18,8 @@ from palm_net.wire.messages import PAGE_SIZE
 from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, Gfns, PageBatch, RoundGfns
 
 __all__ = ["DIGEST_PERSON", "KIND_NORMAL", "KIND_PROTECTED", "KIND_ZERO", "PAGE_SIZE", "Backend", "HostedVM",
-           "HypervisorError", "NoRoomError", "PageBatch", "StreamBackend", "VerifyReport", "VmInfo"]
+           "HypervisorError", "NoRoomError", "PageBatch", "StreamBackend", "VerifyReport", "VmInfo",
+           "describe_error"]
 
 DIGEST_PERSON = b"palm-vm-digest"  # BLAKE2b personalisation of every VM memory digest
 
@@ -27,6 +30,36 @@ class HypervisorError(Exception):
 
 class NoRoomError(HypervisorError):
     """The host has no room for a VM's memory (its file system is full)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming what failed, as it is: an OSError by its errno and the file
+    it was about (ENOSPC: no space on that file system; EIO: an I/O error), a
+    hypervisor error by its message.  Never the exception's class name alone."""
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else None
+        if exc.errno == errno.ENOSPC:
+            fs = _mount_point(where) if where else None
+            return ("no space left on device" + (f" writing {where}" if where else "")
+                    + (f" (file system at {fs})" if fs else ""))
+        if exc.errno == errno.EIO:
+            return "I/O error" + (f" on {where}" if where else "")
+        why = (exc.strerror or os.strerror(exc.errno)) if exc.errno else (str(exc) or type(exc).__name__)
+        return f"{why}" + (f": {where}" if where else "")
+    return str(exc) or type(exc).__name__
+
+
+def _mount_point(path: str | bytes | int) -> str | None:
+    """The mount point of the file system holding ``path`` (for a message only)."""
+    if not isinstance(path, str):
+        return None
+    p = os.path.abspath(path)
+    while not os.path.ismount(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p
 
 
 @dataclass(frozen=True)

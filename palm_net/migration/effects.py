@@ -144,7 +144,9 @@ class Prepared(Result):
 
 @dataclass(frozen=True)
 class Committed(Result):
-    committed: bool  # False: aborted before, the abort stands
+    committed: bool  # the durable row says COMMITTED (False: aborted before, the abort stands)
+    running: bool = True  # the VM runs here (False: activation failed, retried; DONE all the same)
+    error: str | None = None  # why it does not run
 
 
 @dataclass(frozen=True)

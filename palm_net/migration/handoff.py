@@ -29,7 +29,7 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from palm_net.hypervisor.backend import HostedVM
+from palm_net.hypervisor.backend import HostedVM, HypervisorError, describe_error
 from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure
 from palm_net.wire.protocol import Role
 
@@ -82,6 +82,38 @@ def leaving(side: Role, step: Step) -> tuple[HandoffState, ...]:
     return tuple(s for (r, s, st) in MOVES if r is side and st is step and s is not None)
 
 
+# What each side may do to its copy of the VM, decided from its durable row
+# alone (the state read back after the move, never a variable or an exception
+# path).  The store's operations and the model checker (tests/) both use these.
+
+
+def may_resume(state: HandoffState | None, *, token_ok: bool = False, override: bool = False) -> bool:
+    """May the source leave ``state`` by ABORT (and run its copy again)?  Before the
+    handoff point always; after it only with the destination's abort token or the
+    operator's override; never once the destination's commit was confirmed."""
+    if state is H.HANDED_OFF:
+        return token_ok or override
+    return state in leaving(SRC, Step.ABORT)
+
+
+def may_scrub(side: Role, state: HandoffState | None) -> bool:
+    """May this side destroy its copy, its row being in ``state`` (read after the move)?
+    The source once DONE (the destination committed); the destination once ABORTED
+    (forever: it never activates), or with no row at all (nothing recorded, nothing
+    to commit).  A committed VM is never scrubbed."""
+    if side is SRC:
+        return state is H.DONE
+    return state is None or state is H.ABORTED
+
+
+def may_run(side: Role, state: HandoffState | None) -> bool:
+    """May this side's copy run, its row being in ``state``?  The destination's only
+    once COMMITTED; the source's while no handoff happened, or after an abort."""
+    if side is DST:
+        return state is H.COMMITTED
+    return state in (None, H.SENDING, H.ABORTED)
+
+
 # --------------------------------------------------------------------------
 # Abort tokens: the destination's signed promise never to activate a migration.
 
@@ -125,6 +157,25 @@ UNKNOWN_TTL = 86400.0  # and they expire after a day
 HISTORY_TTL = 30 * 86400.0  # finished rows kept this long ("committed" forever: an in-doubt
 # source may ask at any time, and the answer must never turn into "aborted")
 MAX_ABORTED_PER_PEER = 1000  # and at most this many aborted incoming ones per peer
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What COMMIT did on the destination."""
+
+    committed: bool  # the row says COMMITTED: the VM is this agent's, running or not
+    running: bool  # it runs here now
+    error: str | None = None  # why it does not run (committed: retried and reported, never scrubbed)
+
+
+def activate_committed(vm: HostedVM) -> Activation:
+    """Runs a committed VM (its row is COMMITTED).  A failure is reported, not raised:
+    the VM stays committed and not running, to be retried or resumed by the operator."""
+    try:
+        vm.activate()
+    except (HypervisorError, OSError) as exc:
+        return Activation(True, False, describe_error(exc))
+    return Activation(True, True)
 
 
 @dataclass(frozen=True)
@@ -186,8 +237,13 @@ class HandoffStore:
     def _move(self, mid: bytes, side: Role, step: Step, *, token: bytes | None = None,
               error: str | None = None) -> bool:
         """Moves ``mid`` by ``step`` if the table allows it from where it is; False if it was elsewhere."""
-        sources = leaving(side, step)
-        if not sources:
+        return self._move_from(mid, side, step, leaving(side, step), token=token, error=error)
+
+    def _move_from(self, mid: bytes, side: Role, step: Step, sources: tuple[HandoffState, ...], *,
+                   token: bytes | None = None, error: str | None = None) -> bool:
+        """Moves ``mid`` by ``step`` if it is in one of ``sources`` (each a state the table
+        lets ``step`` leave); False if it was elsewhere."""
+        if not sources or any((side, s, step) not in MOVES for s in sources):
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"no {step} move for a {side.value}")
         marks = ",".join("?" * len(sources))  # placeholders only: the states are parameters
         sql = ("UPDATE migrations SET state=?, token=COALESCE(?, token), error=COALESCE(?, error), updated=?"  # noqa: S608
@@ -201,6 +257,11 @@ class HandoffStore:
         with self._lock:
             row = self._db.execute("SELECT * FROM migrations WHERE mid=?", (mid,)).fetchone()
         return self._row(row) if row else None
+
+    def state_of(self, mid: bytes) -> HandoffState | None:
+        """The durable state of ``mid`` (None: no row), read now: every safety decision's input."""
+        row = self.get(mid)
+        return row.state if row is not None else None
 
     def list(self, role: Role | None = None, states: tuple[HandoffState, ...] | None = None,
              limit: int = 100) -> list[MigrationRow]:
@@ -259,9 +320,10 @@ class HandoffStore:
         return self._move(mid, SRC, Step.CONFIRM)
 
     def confirm_and_scrub(self, mid: bytes, vm: HostedVM | None) -> bool:
-        """The destination committed: DONE, then this copy's memory and keys go."""
+        """The destination committed: DONE, then this copy's memory and keys go
+        (decided from the row read back: a row that is not DONE keeps its VM)."""
         moved = self.confirm(mid)
-        if moved and vm is not None:
+        if vm is not None and may_scrub(SRC, self.state_of(mid)):
             vm.scrub()
         return moved
 
@@ -273,11 +335,15 @@ class HandoffStore:
         row = self.get(mid)
         if row is None or row.role is not SRC:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "no outgoing migration with that id")
-        if row.state is H.HANDED_OFF and not override and not (
-                token and check_abort_token(row.peer.sign_pub, mid, token)):
-            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "an in-doubt migration resumes only with the "
-                                                             "destination's abort token or an override")
-        moved = self._move(mid, SRC, Step.ABORT, token=token, error=why)
+        token_ok = bool(token) and check_abort_token(row.peer.sign_pub, mid, token or b"")
+        if not may_resume(row.state, token_ok=token_ok, override=override):
+            if row.state is H.HANDED_OFF:
+                raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "an in-doubt migration resumes only with the "
+                                                                 "destination's abort token or an override")
+            return False  # aborted already (resumed then) or done (the destination runs it)
+        # The guard of the UPDATE is the state just checked: a concurrent move
+        # (the handoff, a confirmation) makes this one fail, and nothing resumes.
+        moved = self._move_from(mid, SRC, Step.ABORT, (row.state,), token=token, error=why)
         if moved and vm is not None:
             vm.resume_after_migration()
         return moved
@@ -292,23 +358,35 @@ class HandoffStore:
             raise MigrationFailure(ErrorCode.REPLAY, "migration id already used on this agent") from None
 
     def prepare(self, mid: bytes, vm: HostedVM) -> bool:
-        """The VM verified: synced, then PREPARED (READY may follow).  False if aborted meanwhile."""
+        """The VM verified: synced (with everything activation will need written and
+        reserved: activation only flips what is in place), then PREPARED (READY may
+        follow).  False if aborted meanwhile."""
         vm.sync()
         return self._move(mid, DST, Step.PREPARE)
 
-    def commit_and_activate(self, mid: bytes, vm: HostedVM) -> bool:
-        """COMMITTED, then the VM runs here.  False if the migration was aborted
-        before (a timeout, a recovery query): the abort stands, the VM never runs."""
-        if not self._move(mid, DST, Step.COMMIT):
-            return False
-        vm.activate()
-        return True
+    def commit_and_activate(self, mid: bytes, vm: HostedVM) -> Activation:
+        """COMMITTED, then the VM runs here.  Not committed if the migration was
+        aborted before (a timeout, a recovery query): the abort stands, the VM never
+        runs.  Once committed, a failed activation leaves the VM committed and not
+        running (to be retried, reported; never scrubbed): the row decides, not the error."""
+        moved = self._move(mid, DST, Step.COMMIT)
+        if not may_run(DST, self.state_of(mid)):
+            return Activation(False, False)
+        if not moved:  # committed by an earlier call: activation is that call's (or the restart's)
+            return Activation(True, vm.running)
+        return activate_committed(vm)
 
-    def abort_forever(self, mid: bytes, vm: HostedVM | None, why: str) -> None:
-        """ABORTED (this migration is never activated), then what arrived is scrubbed."""
-        self._move(mid, DST, Step.ABORT, error=why)
+    def abort_forever(self, mid: bytes | None, vm: HostedVM | None, why: str) -> bool:
+        """ABORTED (this migration is never activated), then what arrived is scrubbed,
+        if the row read back says aborted (or there is none).  A committed VM stays:
+        False then (the caller keeps it; it is this agent's now)."""
+        if mid is not None:
+            self._move(mid, DST, Step.ABORT, error=why)
+        if not may_scrub(DST, self.state_of(mid) if mid is not None else None):
+            return False
         if vm is not None:
             vm.scrub()
+        return True
 
     def record_unknown(self, mid: bytes, peer: Peer) -> None:
         """A QUERY about an id never seen here: recorded aborted, so that a late BEGIN

@@ -410,7 +410,8 @@ class DestinationHost:
                 persisted = self.store.prepare(mid, vm)
                 return Prepared(persisted, bytes.fromhex(vm.page_digest()) if persisted and eff.digest else b"")
             if isinstance(eff, CommitAndActivate):
-                return Committed(self.store.commit_and_activate(mid, vm))
+                act = self.store.commit_and_activate(mid, vm)
+                return Committed(act.committed, act.running, act.error)
         except (IntegrityError, HypervisorError) as exc:
             raise session_error(exc) from None
         raise AssertionError(f"no host for {eff!r}")
