@@ -69,6 +69,7 @@ log = structlog.get_logger("palm.agent")
 
 AGENT_POLICY = b"palm-net agent policy v2: model hypervisor and QEMU, attested migration only"
 PRUNE_EVERY = 3600.0  # seconds between prunes of finished migrations
+ACTIVATION_RETRY = (1.0, 60.0)  # first and longest wait between activations of a committed VM
 
 
 def default_measurement() -> bytes:
@@ -295,7 +296,8 @@ class Agent:
         inc = self.incoming
         out = {"agent": self.identity.name, "listen_port": self.listen_port, "vms": len(self.registry),
                "measurement": self.measurement.hex(), "accepting": inc.accepting, "incoming": len(inc.runs),
-               "connections": inc.connections, "counters": dict(inc.counters)}
+               "connections": inc.connections, "counters": dict(inc.counters),
+               "committed_not_running": dict(self.registry.not_running)}
         cluster = self.cluster.status()
         if cluster is not None:
             out["cluster"] = cluster
@@ -325,6 +327,7 @@ class Agent:
                     nursery.start_soon(self.outgoing.recover, mid)
                 nursery.start_soon(control.serve)
                 nursery.start_soon(self._prune)
+                nursery.start_soon(self._activations)
                 await self.cluster.start(nursery)
                 await nursery.start(trio.serve_listeners, self.incoming.handle, listeners)
                 task_status.started(self)
@@ -336,6 +339,24 @@ class Agent:
         while True:
             await trio.sleep(PRUNE_EVERY)
             self.store.prune()
+
+    async def _activations(self) -> None:
+        """Committed VMs whose activation failed: retried with back-off (1 s doubling to
+        a minute), until they run or the operator destroys them there."""
+        reg, delay = self.registry, ACTIVATION_RETRY[0]
+        while True:
+            if not reg.not_running:
+                reg.activation_wanted = trio.Event()
+                await reg.activation_wanted.wait()
+                delay = ACTIVATION_RETRY[0]
+            await trio.sleep(delay)
+            for name in list(reg.not_running):
+                vm = reg.vms.get(name)
+                if vm is None:
+                    reg.not_running.pop(name, None)
+                    continue
+                reg.activated(vm, await trio.to_thread.run_sync(reg.activate, vm))
+            delay = min(delay * 2, ACTIVATION_RETRY[1])
 
     def close(self) -> None:
         self.incoming.stop_accepting()
@@ -368,5 +389,8 @@ async def run_agent(cfg: AgentConfig) -> None:
             async for sig in signals:
                 log.info("shutting down", signal=signal.Signals(sig).name)
                 agent.incoming.stop_accepting()
+                if agent.incoming.committing:
+                    log.warning("waiting for commit windows in progress before stopping",
+                                sessions=agent.incoming.committing)
                 nursery.cancel_scope.cancel()
                 break

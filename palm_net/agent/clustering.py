@@ -325,7 +325,8 @@ class AgentCluster:
             refused[("outgoing", k)] = n
         s = Snapshot(vms=len(a.registry), incoming=len(a.incoming.runs),
                      outgoing=sum(1 for lm in a.outgoing.live.values() if lm.result is None),
-                     in_doubt=len(a.outgoing.in_doubt()), refused=refused)
+                     in_doubt=len(a.outgoing.in_doubt()), refused=refused,
+                     committed_not_running=len(a.registry.not_running))
         m = self.member
         if m is not None:
             st = m.status()

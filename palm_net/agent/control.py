@@ -208,11 +208,18 @@ class ControlServer:
             _arg(args, "fill", str, "half"))
         return vm_summary(vm)
 
+    def _summary(self, vm: AnyVM) -> dict[str, Any]:
+        out = vm_summary(vm)
+        error = self.agent.registry.not_running.get(vm.name)
+        if error is not None:  # committed here, activation failed: said loudly wherever the VM is shown
+            out.update(state="committed-not-running", activation_error=error)
+        return out
+
     async def _vm_list(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
-        return [vm_summary(vm) for vm in sorted(self.agent.registry, key=lambda v: v.name)]
+        return [self._summary(vm) for vm in sorted(self.agent.registry, key=lambda v: v.name)]
 
     async def _vm_show(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
-        return vm_summary(self.agent.registry.get(_arg(args, "name", str)))
+        return self._summary(self.agent.registry.get(_arg(args, "name", str)))
 
     async def _vm_digest(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
         vm = self.agent.registry.get(_arg(args, "name", str))

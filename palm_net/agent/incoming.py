@@ -29,11 +29,12 @@ from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel, accept
 from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
 from palm_net.hypervisor.vms import AnyVM
-from palm_net.migration.handoff import HandoffStore, Peer
+from palm_net.migration.handoff import HandoffStore, Peer, may_run
 from palm_net.migration.orchestrate import serve_incoming
 from palm_net.migration.runner import DestinationRun
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError
 from palm_net.wire.messages import Begin
+from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.agent")
 
@@ -80,6 +81,7 @@ class Session:
     def __init__(self) -> None:
         self.release: Callable[[], None] | None = None
         self.vm: AnyVM | None = None
+        self.mid: bytes | None = None  # the migration recorded for it (its row decides how it ends)
         self.name: str | None = None  # reserved in the registry
 
 
@@ -221,11 +223,12 @@ class IncomingService:
                 log.warning("recovery session refused", peer=channel.peer_name, error=type(exc).__name__,
                             reason=str(exc)[:200])
         finally:
+            # However it ended (an error, the agent's stop, a cancellation after the
+            # commit), the durable row says what the session left: never a variable.
             del self._live[key]
-            self._settle(session, run)
+            outcome = self._settle(session, run)
             release_free_memory()
             if channel.result.purpose is Purpose.MIGRATION:
-                outcome = (run.engine.outcome if run is not None else None) or ("aborted" if session.vm else "refused")
                 for fn in self.on_settled:
                     fn(outcome)
 
@@ -283,23 +286,35 @@ class IncomingService:
         except BaseException:
             await trio.to_thread.run_sync(vm.scrub)
             raise
-        session.vm = vm
+        session.vm, session.mid = vm, mid
         self.registry.add(vm)
         return vm
 
-    def _settle(self, session: Session, run: DestinationRun | None) -> None:
-        """After a session ends, whatever way: the VM runs here, or nothing of it is left."""
+    def _settle(self, session: Session, run: DestinationRun | None) -> str:
+        """After a session ends, whatever way, decided from its durable row: the VM is
+        this agent's (committed: running, or kept and retried if activation failed),
+        or nothing of it is left.  Returns the outcome: committed, aborted, refused."""
         try:
-            vm = session.vm
-            if run is not None and run.engine.outcome == "committed" and vm is not None:
-                self.registry.start_workload(vm)
-            else:
-                if vm is not None:
-                    if vm.dir.exists():  # the runner scrubs on every way out; never leave memory behind
-                        vm.scrub()
+            vm, mid = session.vm, session.mid
+            if vm is not None and may_run(Role.DESTINATION, self.store.state_of(mid) if mid else None):
+                if vm.running:
+                    self.registry.start_workload(vm)
+                else:
+                    self.registry.activation_failed(vm, (run.activation_error if run is not None else None)
+                                                    or "the commit window ended before activation")
+                return "committed"
+            if vm is not None:
+                # The runner scrubs on every way out; never leave memory behind (the row decides).
+                if not vm.dir.exists() or self.store.abort_forever(mid, vm, "session ended before COMMIT"):
                     self.registry.forget(vm)
-                if session.name is not None and session.name not in self.registry.vms:
-                    self.registry.unreserve(session.name)
+            if session.name is not None and session.name not in self.registry.vms:
+                self.registry.unreserve(session.name)
+            return "aborted" if vm is not None else "refused"
         finally:
             if session.release is not None:  # a committed VM is simply ours now
                 session.release()
+
+    @property
+    def committing(self) -> int:
+        """Sessions inside their commit window (an agent asked to stop waits for them)."""
+        return sum(1 for r in self.runs.values() if r.committing)

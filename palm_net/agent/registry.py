@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
+import trio
 
 from palm_net.agent.errors import AgentError
 from palm_net.crypto.identity import validate_name
@@ -25,7 +26,14 @@ from palm_net.hypervisor.qemu import Confinement, QemuSpec, QemuVM
 from palm_net.hypervisor.vms import AnyVM, open_vm
 from palm_net.hypervisor.vmspec import check_workload, validate_policy
 from palm_net.hypervisor.workload import Workload
-from palm_net.migration.handoff import HandoffState, HandoffStore, MigrationRow
+from palm_net.migration.handoff import (
+    Activation,
+    HandoffState,
+    HandoffStore,
+    MigrationRow,
+    activate_committed,
+    may_run,
+)
 from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.agent")
@@ -44,6 +52,10 @@ class VmRegistry:
         self.migrating = migrating  # the outgoing service: is this VM migrating now?
         self.vms: dict[str, AnyVM] = {}
         self._reserved: set[str] = set()  # names of incoming VMs being made
+        # Committed here (their rows say so) but not running: activation failed; retried
+        # by the agent, reported everywhere, resumable by the operator, never scrubbed.
+        self.not_running: dict[str, str] = {}
+        self.activation_wanted = trio.Event()  # set when a VM joins not_running
         self.changed: Callable[[], None] = lambda: None  # told when a VM comes, goes or changes state
 
     def __iter__(self) -> Iterator[AnyVM]:
@@ -72,7 +84,35 @@ class VmRegistry:
     def forget(self, vm: AnyVM) -> None:
         if self.vms.get(vm.name) is vm:
             del self.vms[vm.name]
+            self.not_running.pop(vm.name, None)
             self.changed()
+
+    # -- committed VMs whose activation failed
+
+    def activation_failed(self, vm: AnyVM, error: str) -> None:
+        """A committed VM does not run: kept, reported loudly, retried."""
+        self.not_running[vm.name] = error
+        log.error("VM committed here but not running: activation will be retried (palm vm resume to try now)",
+                  vm=vm.name, error=error)
+        self.activation_wanted.set()
+        self.changed()
+
+    def activate(self, vm: AnyVM) -> Activation:
+        """Worker thread: one attempt to run a committed VM of ``not_running``; its row must
+        still say COMMITTED (it always does: committed is forever)."""
+        mid = vm.migration
+        if mid is None or not may_run(Role.DESTINATION, self.store.state_of(mid)):
+            return Activation(False, False, "its migration is not recorded committed here")
+        return activate_committed(vm)
+
+    def activated(self, vm: AnyVM, act: Activation) -> None:
+        """The result of an attempt (the trio thread)."""
+        if act.running:
+            self.not_running.pop(vm.name, None)
+            log.info("committed VM activated", vm=vm.name)
+            self.start_workload(vm)
+        elif act.error is not None:
+            self.not_running[vm.name] = act.error
 
     def name_free(self, name: str) -> bool:
         return name not in self.vms and name not in self._reserved and not self.dir_of(name).exists()
@@ -183,6 +223,13 @@ class VmRegistry:
         return vm
 
     def set_run_state(self, name: str, run: bool) -> AnyVM:
+        if run and name in self.not_running:  # committed here, activation failed: try again now
+            vm = self.get(name)
+            act = self.activate(vm)
+            self.activated(vm, act)
+            if not act.running:
+                raise AgentError(f"VM {name!r} is committed here but cannot be activated: {act.error}")
+            return vm
         vm = self.operable(name)
         if vm.state not in ("running", "paused"):
             raise AgentError(f"VM {name!r} is {vm.state}")
@@ -234,17 +281,14 @@ class VmRegistry:
             row = store.get(mid) if mid else None
             bound = log.bind(migration=mid.hex() if mid else None, vm=name, phase="restart")
             if vm.state == "incoming":
-                if row is not None and row.role is Role.DESTINATION and row.state is HandoffState.COMMITTED:
-                    try:
-                        vm.activate()  # died between "committed" and activation
+                if row is not None and row.role is Role.DESTINATION and may_run(Role.DESTINATION, row.state):
+                    act = activate_committed(vm)  # died between "committed" and activation (or it failed)
+                    if act.running:
                         bound.info("committed migration activated after restart")
-                    except HypervisorError as exc:  # e.g. its QEMU died with us: lost, say so
-                        bound.error("committed VM cannot be activated", error=str(exc))
-                else:  # never committed: discard, and never activate it later
-                    if row is not None and mid is not None:
-                        store.abort_forever(mid, None, "agent restarted")
-                    vm.scrub()
-                    self.forget(vm)
+                    else:  # e.g. its QEMU died with us: kept, reported, retried; never scrubbed
+                        self.activation_failed(vm, act.error or "activation failed")
+                elif store.abort_forever(mid if row is not None else None, vm, "agent restarted"):
+                    self.forget(vm)  # never committed: discarded, and never activated later
                     bound.warning("incoming migration aborted by restart")
                 continue
             if mid is None or row is None or row.role is not Role.SOURCE:
@@ -254,8 +298,7 @@ class VmRegistry:
                 bound.warning("outgoing migration aborted by restart, VM resumed")
             elif row.state is HandoffState.ABORTED:
                 vm.resume_after_migration()
-            elif row.state is HandoffState.DONE:
-                vm.scrub()  # handed over and confirmed: only the scrub was missing
+            elif store.scrub_handed_over(mid, vm):  # DONE: only the scrub was missing
                 self.forget(vm)
             # handed_off: stays paused, in doubt; the outgoing service asks the destination
         for row in store.list(role=Role.DESTINATION, states=(HandoffState.RECEIVING, HandoffState.PREPARED),

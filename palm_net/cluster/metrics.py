@@ -37,6 +37,7 @@ class Snapshot:
     incoming: int = 0
     outgoing: int = 0
     in_doubt: int = 0
+    committed_not_running: int = 0
     refused: dict[tuple[str, str], int] = field(default_factory=dict)  # (side, reason) -> count
     etcd: int | None = None  # 1 reachable, 0 not; None: not in a cluster
     etcd_unreachable_seconds: float = 0.0
@@ -58,6 +59,9 @@ class _State(Collector):
         yield GaugeMetricFamily("palm_migrations_in_doubt",
                                 "outgoing migrations handed off whose outcome is not known yet (VM paused)",
                                 value=s.in_doubt)
+        yield GaugeMetricFamily("palm_vms_committed_not_running",
+                                "VMs committed here whose activation failed (retried; never scrubbed)",
+                                value=s.committed_not_running)
         c = CounterMetricFamily("palm_handshakes_refused", "peers refused at or right after the handshake, "
                                 "by side and reason", labels=["side", "reason"])
         for (side, reason), n in sorted(s.refused.items()):

@@ -483,6 +483,8 @@ class ModelVM(ConfiguredVM):
         blob = msgpack.packb({"keys": [bytes(k) for k in self._keys], "threads": self._threads})
         write_atomic(self.dir / "secrets", self._box.encrypt(blob))
         self._save_config()
+        if self.state == "incoming":
+            self._stage_activation()
 
     @property
     def arrays(self) -> _Views:
@@ -1002,14 +1004,14 @@ class ModelVM(ConfiguredVM):
         return VerifyReport(checked, plain, tuple(failures[:20]))
 
     def activate(self) -> None:
+        """Runs a committed incoming VM: everything it needs was written and reserved at
+        PREPARE (sync), so this only flips what is in place."""
         if self.state != "incoming":
             raise VmError(f"only an incoming VM can be activated (state {self.state})")
-        self.config["state"] = "running"
-        self.config["migration"] = None
-        self.sync()
         if self._reserver is not None:  # all reserved (sync waited): the guest's own writes map the rest
             self._reserver.stop()
             self._reserver = None
+        self._flip_activation()
 
     # -- digest ------------------------------------------------------------
 

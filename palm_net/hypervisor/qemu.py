@@ -771,6 +771,8 @@ class QemuVM(ConfiguredVM):
 
     def sync(self) -> None:
         self._save_config()  # the guest's memory lives in QEMU's RAM file, which QEMU keeps
+        if self.state == "incoming":
+            self._stage_activation()
 
     def close(self) -> None:
         """Lets go of the QEMU (the VM keeps running; the next agent reconnects)."""
@@ -793,11 +795,9 @@ class QemuVM(ConfiguredVM):
     def activate(self) -> None:
         if self.state != "incoming":
             raise QemuError(f"only an incoming VM can be activated (state {self.state})")
-        self._q().execute("cont")
+        self._q().execute("cont")  # QmpError: not running; the caller retries (the row is COMMITTED)
         self.digest_excluded = []  # running: the guest owns its clock areas again
-        self.config["state"] = "running"
-        self.config["migration"] = None
-        self._save_config()
+        self._flip_activation()
 
     def verify(self) -> VerifyReport:
         """Nothing protected to check (see the module docstring); QEMU must be alive."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from palm_net.hostfs import UnsafePathError, read_nofollow, verify_dir, write_atomic
+from palm_net.hostfs import UnsafePathError, fsync_dir, read_nofollow, verify_dir, write_atomic
 from palm_net.hypervisor.backend import HypervisorError
 
 CONFIG_FILE = "vm.json"
+STAGED_FILE = "vm.json.committed"  # an incoming VM's vm.json once it runs, written at PREPARE
 
 
 class ConfiguredVM:
@@ -37,11 +39,36 @@ class ConfiguredVM:
         return bytes.fromhex(mid) if mid else None
 
     def set_migration(self, mid: bytes | None) -> None:
+        """Records the migration this VM is part of; as it was if it cannot be written."""
+        old = self.config.get("migration")
         self.config["migration"] = mid.hex() if mid else None
-        self._save_config()
+        try:
+            self._save_config()
+        except BaseException:
+            self.config["migration"] = old
+            raise
 
     def _save_config(self) -> None:
         write_atomic(self.dir / CONFIG_FILE, json.dumps(self.config).encode())
+
+    # An incoming VM's activation must not fail for lack of space (its row is
+    # COMMITTED by then): the vm.json it will have once running is written
+    # beside the current one before PREPARED, and activation renames it over
+    # (a rename allocates nothing).  Until then the VM says "incoming" on disk,
+    # and a restart activates it from its COMMITTED row.
+
+    def _stage_activation(self) -> None:
+        """Before PREPARED: the running vm.json, written and synced beside the current one."""
+        running = dict(self.config, state="running", migration=None)
+        write_atomic(self.dir / STAGED_FILE, json.dumps(running).encode())
+
+    def _flip_activation(self) -> None:
+        """The VM runs: the staged vm.json becomes the VM's (in memory at once; on disk
+        by a rename; OSError if the file system refuses even that: the VM still runs,
+        and the row's COMMITTED activates it again after a restart)."""
+        self.config = dict(self.config, state="running", migration=None)
+        os.replace(self.dir / STAGED_FILE, self.dir / CONFIG_FILE)
+        fsync_dir(self.dir)
 
 
 def load_config(vm_dir: Path) -> dict[str, Any]:

@@ -348,6 +348,9 @@ class DestinationEngine:
         return self._request(AbortForever(f"source aborted: {a.code}: {a.reason}", self.npages > 0), Aborted)
 
     def _aborted(self, result: Aborted) -> list[Effect]:
+        if not result.aborted:  # committed before the failure: the durable row stands
+            self.outcome = "committed"
+            return []
         self.outcome = "aborted"
         if self.error is None or not self.proto.can_send(Abort):
             return []  # the source ended it, or the session is past answering

@@ -152,3 +152,4 @@ class Committed(Result):
 @dataclass(frozen=True)
 class Aborted(Result):
     token: bytes  # the abort token for the peer, or empty (palm_net.migration.handoff)
+    aborted: bool = True  # False: the row says COMMITTED (the VM stays: it is this agent's)

@@ -17,6 +17,7 @@ the promise (persist, then act): ``prepare``, ``hand_off``,
 from __future__ import annotations
 
 import enum
+import errno
 import hmac
 import json
 import sqlite3
@@ -29,6 +30,7 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from palm_net.faults import fault
 from palm_net.hypervisor.backend import HostedVM, HypervisorError, describe_error
 from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure
 from palm_net.wire.protocol import Role
@@ -168,13 +170,20 @@ class Activation:
     error: str | None = None  # why it does not run (committed: retried and reported, never scrubbed)
 
 
+def _storage_code(exc: BaseException) -> ErrorCode:
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return ErrorCode.NO_SPACE if full or (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)) \
+        else ErrorCode.HYPERVISOR
+
+
 def activate_committed(vm: HostedVM) -> Activation:
     """Runs a committed VM (its row is COMMITTED).  A failure is reported, not raised:
     the VM stays committed and not running, to be retried or resumed by the operator."""
     try:
+        fault("destination.vm.activate")
         vm.activate()
-    except (HypervisorError, OSError) as exc:
-        return Activation(True, False, describe_error(exc))
+    except (HypervisorError, OSError) as exc:  # (a VM that runs but whose vm.json lags says running)
+        return Activation(True, vm.running, describe_error(exc))
     return Activation(True, True)
 
 
@@ -227,12 +236,14 @@ class HandoffStore:
               error: str | None = None) -> None:
         state = MOVES[(side, None, step)]
         now = time.time()
+        fault(f"{side.value}.store.open")
         with self._lock:
             self._db.execute(
                 "INSERT INTO migrations (mid, role, vm, vm_id, peer, peer_addr, peer_static, peer_sign, state,"
                 " error, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (mid, side.value, vm, vm_id, peer.name, peer.addr, peer.static_pub, peer.sign_pub, state.value,
                  error, now, now))
+        fault(f"{side.value}.store.open.done")
 
     def _move(self, mid: bytes, side: Role, step: Step, *, token: bytes | None = None,
               error: str | None = None) -> bool:
@@ -248,10 +259,14 @@ class HandoffStore:
         marks = ",".join("?" * len(sources))  # placeholders only: the states are parameters
         sql = ("UPDATE migrations SET state=?, token=COALESCE(?, token), error=COALESCE(?, error), updated=?"  # noqa: S608
                f" WHERE mid=? AND role=? AND state IN ({marks})")
+        fault(f"{side.value}.store.{step.value}")
         with self._lock:
             cur = self._db.execute(sql, (MOVES[(side, sources[0], step)].value, token, error[:500] if error else None,
                                          time.time(), mid, side.value, *(s.value for s in sources)))
-            return cur.rowcount == 1
+            moved = cur.rowcount == 1
+        if moved:
+            fault(f"{side.value}.store.{step.value}.done")
+        return moved
 
     def get(self, mid: bytes) -> MigrationRow | None:
         with self._lock:
@@ -306,9 +321,18 @@ class HandoffStore:
     # -- the source's operations
 
     def open_outgoing(self, mid: bytes, vm: HostedVM, peer: Peer) -> None:
-        """SENDING, and the VM records the migration it is part of (a restart acts on that id)."""
-        self._open(mid, SRC, vm.info.name, vm.info.vm_id, peer)
-        vm.set_migration(mid)
+        """SENDING, and the VM records the migration it is part of (a restart acts on that id).
+        MigrationFailure if either cannot be written (no row is left SENDING then)."""
+        try:
+            self._open(mid, SRC, vm.info.name, vm.info.vm_id, peer)
+        except (OSError, sqlite3.Error) as exc:
+            raise MigrationFailure(_storage_code(exc), f"cannot record the migration: {describe_error(exc)}") from None
+        try:
+            vm.set_migration(mid)
+        except (OSError, HypervisorError) as exc:
+            self._move(mid, SRC, Step.ABORT, error=f"cannot mark the VM: {describe_error(exc)}")
+            raise MigrationFailure(_storage_code(exc), f"cannot mark VM {vm.info.name!r} as migrating: "
+                                                       f"{describe_error(exc)}") from None
 
     def hand_off(self, mid: bytes) -> bool:
         """The handoff point: durable before COMMIT leaves.  False if the migration was
@@ -320,12 +344,18 @@ class HandoffStore:
         return self._move(mid, SRC, Step.CONFIRM)
 
     def confirm_and_scrub(self, mid: bytes, vm: HostedVM | None) -> bool:
-        """The destination committed: DONE, then this copy's memory and keys go
-        (decided from the row read back: a row that is not DONE keeps its VM)."""
+        """The destination committed: DONE, then this copy's memory and keys go."""
         moved = self.confirm(mid)
-        if vm is not None and may_scrub(SRC, self.state_of(mid)):
-            vm.scrub()
+        self.scrub_handed_over(mid, vm)
         return moved
+
+    def scrub_handed_over(self, mid: bytes, vm: HostedVM | None) -> bool:
+        """The source's copy goes if, and only if, the row read back says DONE."""
+        if vm is None or not may_scrub(SRC, self.state_of(mid)):
+            return False
+        fault("source.vm.scrub")
+        vm.scrub()
+        return True
 
     def abort_and_resume(self, mid: bytes, vm: HostedVM | None, why: str, *, token: bytes | None = None,
                          override: bool = False) -> bool:
@@ -345,6 +375,7 @@ class HandoffStore:
         # (the handoff, a confirmation) makes this one fail, and nothing resumes.
         moved = self._move_from(mid, SRC, Step.ABORT, (row.state,), token=token, error=why)
         if moved and vm is not None:
+            fault("source.vm.resume")
             vm.resume_after_migration()
         return moved
 
@@ -361,6 +392,7 @@ class HandoffStore:
         """The VM verified: synced (with everything activation will need written and
         reserved: activation only flips what is in place), then PREPARED (READY may
         follow).  False if aborted meanwhile."""
+        fault("destination.vm.sync")
         vm.sync()
         return self._move(mid, DST, Step.PREPARE)
 
@@ -385,6 +417,7 @@ class HandoffStore:
         if not may_scrub(DST, self.state_of(mid) if mid is not None else None):
             return False
         if vm is not None:
+            fault("destination.vm.scrub")
             vm.scrub()
         return True
 

@@ -128,14 +128,17 @@ async def migrate_out(
             check_policy(vm.policy, info.name, info.measurement)
         except MigrationFailure as exc:
             return fail(exc, "policy")
-        store.open_outgoing(mid, vm, peer)
+        try:
+            store.open_outgoing(mid, vm, peer)
+        except MigrationFailure as exc:  # e.g. no space for the VM's record of the migration
+            return fail(exc, "setup")
         engine = SourceEngine(mid, vm.info, params, stream=bool(spec), spec=spec, stats=stats)
         run = SourceRun(channel, engine, vm, store, (lambda: on_progress(stats)) if on_progress else None, started)
         try:
             await run.run()
         except (PalmError, InDoubt) as exc:
             error = exc if isinstance(exc, PalmError) else MigrationFailure(ErrorCode.OUT_OF_STATE, str(exc))
-            if not run.handed_off:
+            if store.state_of(mid) is not HandoffState.HANDED_OFF:  # the row decides, not how we got here
                 return await _resume_after_failure(vm, store, error, stats, started, channel, engine, peer)
             if run.abort_token is not None:  # the destination refused the commit, with its token
                 store.abort_and_resume(mid, vm, str(error), token=run.abort_token)
@@ -155,15 +158,16 @@ async def migrate_out(
                                    f"{error}; outcome unknown, VM paused until the destination answers",
                                    "in-doubt", "none (paused, in doubt)", peer.name)
         except BaseException:
-            # Cancellation (operator cancel, agent shutdown): before the handoff
-            # point the VM runs here again.
-            if not run.handed_off:
+            # Cancellation (operator cancel, agent shutdown), or an error of ours:
+            # before the handoff point (the row says so) the VM runs here again.
+            if store.state_of(mid) is HandoffState.SENDING:
                 store.abort_and_resume(mid, vm, "cancelled: migration cancelled")
             raise
         if store.confirm(mid):
             if params.verify_digest and not engine.stream:
                 await _check_digest_at_pause(vm, stats, mid)
-            await trio.to_thread.run_sync(vm.scrub)  # a GiB takes a while: not on the event loop
+        # A GiB takes a while to scrub: not on the event loop.  The row read back decides.
+        await trio.to_thread.run_sync(store.scrub_handed_over, mid, vm)
         store.set_stats(mid, stats.as_dict())
         log.info("migration completed", migration=mid.hex(), vm=name, peer=peer.name, phase="done",
                  round=engine.round, downtime_ms=round((stats.downtime or 0) * 1000, 1))

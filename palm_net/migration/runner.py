@@ -23,6 +23,7 @@ applier is idle: it may depend on the pages before it.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
@@ -33,7 +34,15 @@ import trio
 from nacl.signing import SigningKey
 
 from palm_net.channel.transport import Inbox, Outbox, Record, SecureChannel
-from palm_net.hypervisor.backend import Backend, HostedVM, HypervisorError, NoRoomError, StreamBackend
+from palm_net.faults import fault
+from palm_net.hypervisor.backend import (
+    Backend,
+    HostedVM,
+    HypervisorError,
+    NoRoomError,
+    StreamBackend,
+    describe_error,
+)
 from palm_net.hypervisor.protection import IntegrityError
 from palm_net.hypervisor.qemu import read_stream
 from palm_net.migration.destination import DestinationEngine
@@ -78,7 +87,12 @@ PER_HOP = 2
 READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
 APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not yet written
+COMMIT_WINDOW = 30.0  # destination: at most this long shielded for COMMIT, activation and DONE
 CATCH_UP_WAIT = 2.0  # source: at most this long for the destination to write the last round before the pause
+
+
+# Errors of the host's own storage, never of a connection.
+LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
 
 
 class InDoubt(Exception):
@@ -86,7 +100,9 @@ class InDoubt(Exception):
 
 
 def session_error(exc: BaseException) -> PalmError:
-    """What ended a session, in the one vocabulary (the I/O layer's own errors mapped once, here)."""
+    """What ended a session, in the one vocabulary (the I/O layer's own errors mapped once, here).
+    A file system's error is named as it is (no space on which file system, an I/O
+    error), never as a lost connection."""
     if isinstance(exc, PalmError):
         return exc
     if isinstance(exc, trio.TooSlowError):
@@ -97,8 +113,13 @@ def session_error(exc: BaseException) -> PalmError:
         return MigrationFailure(ErrorCode.NO_SPACE, str(exc))
     if isinstance(exc, HypervisorError):
         return MigrationFailure(ErrorCode.HYPERVISOR, str(exc))
+    if isinstance(exc, TimeoutError):  # a local wait (QMP, a worker), not the peer
+        return MigrationFailure(ErrorCode.TIMEOUT, describe_error(exc))
+    if isinstance(exc, OSError) and (exc.filename is not None or exc.errno in LOCAL_ERRNOS):
+        return MigrationFailure(ErrorCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                else ErrorCode.HYPERVISOR, describe_error(exc))
     if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
-        return RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({type(exc).__name__})")
+        return RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({describe_error(exc)})")
     raise exc
 
 
@@ -129,7 +150,6 @@ class SourceRun:
         self.log = log.bind(migration=engine.mid.hex(), vm=engine.info.name, peer=channel.peer_name)
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](8)
         self.started = time.monotonic() if started is None else started
-        self.handed_off = False
         self.abort_token: bytes | None = None  # a valid one from the destination, after COMMIT
         self._paced_since = time.monotonic()
         self._paced_bytes = 0
@@ -140,7 +160,9 @@ class SourceRun:
 
     async def _receiver(self) -> None:
         while True:
-            msg = self.engine.on_record(await self.ch.receive())
+            rec = await self.ch.receive()
+            fault("source.receive")
+            msg = self.engine.on_record(rec)
             if isinstance(msg.body, RoundDone):
                 self._written_round = max(self._written_round, msg.body.round)
                 self._round_written.set()
@@ -151,6 +173,7 @@ class SourceRun:
                 return  # the session is over: a close from here on is not an error
 
     async def _send(self, messages: Sequence[bytes]) -> None:
+        fault("source.send")
         await self._sent(await self.ch.send_batch([(m, False) for m in messages]))
 
     async def _sent(self, size: int) -> None:
@@ -201,8 +224,8 @@ class SourceRun:
     # -- the migration
 
     async def run(self) -> None:
-        """Raises PalmError (or InDoubt) on failure; ``handed_off`` then tells whether
-        the outcome is in doubt."""
+        """Raises PalmError (or InDoubt) on failure; the durable row then tells
+        whether the outcome is in doubt (HANDED_OFF) or the VM may run here again."""
         try:
             await self._run()
         except BaseExceptionGroup as group:
@@ -235,7 +258,6 @@ class SourceRun:
             # The handoff point: durable before COMMIT leaves.
             if not self.store.hand_off(eng.mid):
                 raise MigrationFailure(ErrorCode.CANCELLED, "migration was cancelled before the handoff")
-            self.handed_off = True
             self.log.info("handed off", phase="commit", round=eng.round)
             await self._send([eng.commit()])
             self._finish(await self._expect(timeout))
@@ -249,6 +271,7 @@ class SourceRun:
         eng, st = self.engine, self.engine.stats
 
         def start() -> bytes:
+            fault("source.vm.start")
             if eng.params.verify_digest:
                 vm.start_page_digest()  # the hash of each page as it is sent (proto 7.4)
             vm.enable_dirty_log()  # before the first page is read
@@ -259,7 +282,7 @@ class SourceRun:
         while True:
             t0, b0 = time.monotonic(), st.transferred
             await self._send_pages(vm, eng.pending)
-            dirty = await trio.to_thread.run_sync(vm.collect_dirty)
+            dirty = await trio.to_thread.run_sync(self._collect_dirty, vm)
             end_msg, stop, throttle = eng.end_round(time.monotonic() - t0, st.transferred - b0, dirty)
             if throttle is not None:
                 vm.set_throttle(throttle)
@@ -277,6 +300,7 @@ class SourceRun:
                 break
 
         def pause() -> tuple[float, Any]:
+            fault("source.vm.pause")
             vm.pause()
             paused_at = time.monotonic()
             dirty = vm.collect_dirty()  # what the guest wrote until the pause
@@ -287,14 +311,25 @@ class SourceRun:
         gfns = eng.stop_and_copy(paused_at, dirty)
         self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(gfns))
         await self._send_pages(vm, gfns)
-        cpu, blob = await trio.to_thread.run_sync(lambda: (vm.export_cpu_state(), vm.export_protection()))
+        cpu, blob = await trio.to_thread.run_sync(self._export_final, vm)
         await self._send(eng.final_state(cpu, blob))
+
+    @staticmethod
+    def _collect_dirty(vm: Backend) -> Any:
+        fault("source.vm.collect_dirty")
+        return vm.collect_dirty()
+
+    @staticmethod
+    def _export_final(vm: Backend) -> tuple[bytes, bytes]:
+        fault("source.vm.export_final")
+        return vm.export_cpu_state(), vm.export_protection()
 
     async def _send_pages(self, vm: Backend, gfns: RoundGfns) -> None:
         """The pages of ``gfns``: read ahead in a worker thread, sent as PAGES messages."""
         eng, round_no, pos = self.engine, self.engine.round, [0]
 
         def read(out: Any) -> tuple[list[tuple[Any, int]], bool]:
+            fault("source.vm.read_pages")
             batches = []
             for rows in range(0, PER_HOP * MAX_DATA_PAGES, MAX_DATA_PAGES):
                 if pos[0] >= len(gfns):
@@ -315,6 +350,7 @@ class SourceRun:
         """A stream backend: its own rounds and stop-and-copy; we carry the bytes."""
         eng, p = self.engine, self.engine.params
         self.log.info("migration started", phase="stream", backend=vm.backend, pages=eng.info.npages)
+        fault("source.vm.start")
         conn = await trio.to_thread.run_sync(vm.start_stream, p.downtime_limit, p.bandwidth, p.auto_converge)
 
         def read(out: bytearray) -> tuple[memoryview, bool]:
@@ -329,6 +365,7 @@ class SourceRun:
             await self._pump(read, [bytearray(PER_HOP * MAX_BULK) for _ in range(READ_AHEAD + 1)], to_records)
         finally:
             conn.close()  # also on failure or cancel: QEMU sees its stream end
+        fault("source.vm.export_final")
         stats = await trio.to_thread.run_sync(vm.finish_stream)
         await self._send([eng.stream_end(vm.paused_at, stats)])
         hv = eng.stats.hypervisor or {}
@@ -367,24 +404,26 @@ class DestinationHost:
         assert vm is not None
         try:
             for eff in effects:
+                fault(f"destination.{type(eff).__name__}")
                 if isinstance(eff, ApplyPages):
                     cast(Backend, vm).write_pages(eff.batch)
                 elif isinstance(eff, StreamIn):
                     cast(StreamBackend, vm).stream_in(eff.data)
-        except (IntegrityError, HypervisorError) as exc:
+        except (IntegrityError, HypervisorError, OSError) as exc:
             raise session_error(exc) from None
 
     def perform(self, eff: Effect, mid: bytes | None) -> Result | None:
         """One request (not Send, not OpenIncoming: those are the shell's); its result, if one is due.
         ``mid``: the session's migration id (None before a valid first message)."""
+        fault(f"destination.{type(eff).__name__}")
         if isinstance(eff, AbortForever):
-            vm, self.vm = self.vm, None
-            if eff.recorded and mid is not None:
-                self.store.abort_forever(mid, vm, eff.why)
-                return Aborted(self.store.abort_token(mid, self.peer.static_pub, self.signing))
-            if vm is not None:
-                vm.scrub()
-            return Aborted(b"")
+            # The row decides: a committed VM stays (this agent's now), whatever went wrong.
+            recorded = eff.recorded and mid is not None
+            if not self.store.abort_forever(mid if recorded else None, self.vm, eff.why):
+                return Aborted(b"", aborted=False)
+            self.vm = None
+            return Aborted(self.store.abort_token(mid, self.peer.static_pub, self.signing)
+                           if recorded and mid is not None else b"")
         vm = self.vm
         assert vm is not None and mid is not None  # the engine asks for these only after OpenIncoming
         try:
@@ -412,7 +451,7 @@ class DestinationHost:
             if isinstance(eff, CommitAndActivate):
                 act = self.store.commit_and_activate(mid, vm)
                 return Committed(act.committed, act.running, act.error)
-        except (IntegrityError, HypervisorError) as exc:
+        except (IntegrityError, HypervisorError, OSError) as exc:
             raise session_error(exc) from None
         raise AssertionError(f"no host for {eff!r}")
 
@@ -466,6 +505,8 @@ class DestinationRun:
         self.ch = channel
         self.engine = engine
         self.open_vm = open_vm
+        self.committing = False  # inside the commit window (an agent asked to stop waits for it)
+        self.activation_error: str | None = None  # committed, but the VM does not run (retried by the agent)
         peer = channel.result.peer
         self.host = DestinationHost(store, signing, Peer(peer.name, peer.static_pub, peer.sign_pub))
         self.log = log.bind(peer=channel.peer_name)
@@ -512,6 +553,7 @@ class DestinationRun:
         applier, any other request once the applier is idle (it may depend on
         them); the buffer goes back once its batches are written."""
         eng = self.engine
+        fault("destination.receive")
         bulk: list[Effect] = []
         for i in range(len(records)):
             if eng.state in FINAL:
@@ -547,9 +589,14 @@ class DestinationRun:
                 continue
             i += 1
             if isinstance(eff, Send):
+                fault("destination.Send")
                 await self.ch.send(eff.data)
                 continue
+            if isinstance(eff, CommitAndActivate):
+                await self._commit_window(eff)
+                continue
             if isinstance(eff, OpenIncoming):
+                fault("destination.OpenIncoming")
                 host.vm = await self.open_vm(eff.mid, eff.begin, host.peer)
                 if eff.begin.digest:
                     host.vm.start_page_digest()  # the hash of each page as it is written (proto 7.4)
@@ -561,8 +608,28 @@ class DestinationRun:
             await self._perform(eng.on_result(result))
             if isinstance(result, Prepared) and result.persisted:
                 self.log.info("prepared", phase="prepared", round=eng.round)
-            elif isinstance(result, Committed) and result.committed:
-                self.log.info("committed", phase="committed", round=eng.round)
+
+    async def _commit_window(self, eff: CommitAndActivate) -> None:
+        """COMMITTED, the VM activated, DONE sent: shielded from cancellation (an agent
+        asked to stop, or the session's deadline, waits for it) and bounded.  From
+        COMMITTED on, the VM is this agent's whatever happens next: a failed
+        activation leaves it committed and not running, retried by the agent."""
+        eng = self.engine
+        self.committing = True
+        try:
+            with trio.move_on_after(COMMIT_WINDOW) as scope:
+                scope.shield = True
+                result = await trio.to_thread.run_sync(self.host.perform, eff, eng.mid)
+                assert isinstance(result, Committed)
+                if result.committed and not result.running:
+                    self.activation_error = result.error or "activation failed"
+                    self.log.error("committed, but the VM does not run here: activation will be retried",
+                                   phase="committed", error=self.activation_error)
+                elif result.committed:
+                    self.log.info("committed", phase="committed", round=eng.round)
+                await self._perform(eng.on_result(result))  # DONE (or, aborted before, ABORT)
+        finally:
+            self.committing = False
 
     async def _fail(self, error: PalmError) -> None:
         """The engine's way out: abort forever and scrub, then ABORT (best effort)."""
@@ -574,9 +641,7 @@ class DestinationRun:
                 await self._perform(eng.fail(error))
         except (PalmError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
             pass  # the abort is durable before ABORT is sent; the send is best effort
-        if host.vm is not None:  # the abort did not complete: never leave memory behind
-            vm, host.vm = host.vm, None
-            if eng.mid is not None and eng.npages:
-                await trio.to_thread.run_sync(host.store.abort_forever, eng.mid, vm, f"{error.code}: {error.detail}")
-            else:
-                await trio.to_thread.run_sync(vm.scrub)
+        if host.vm is not None:  # the abort did not complete: never leave memory behind (the row decides)
+            mid = eng.mid if eng.npages else None
+            if await trio.to_thread.run_sync(host.store.abort_forever, mid, host.vm, f"{error.code}: {error.detail}"):
+                host.vm = None

@@ -1,0 +1,128 @@
+"""Fault points: every step of a migration where the world can fail, by name.
+
+In the spirit of FoundationDB's BUGGIFY: the code calls ``fault(step)`` just
+before each durable write (and just after it: the crash between persisting a
+step and acting on it), each VM action, each send and receive, each request
+the destination's shell performs in a worker thread.  Nothing happens unless
+an injector is installed: the fault matrix (tests/test_faults.py) installs
+one that raises, cancels the agent or kills the process at one step, then
+checks that the VM runs on exactly one host.  An agent started for such a
+drill reads ``PALM_FAULT=STEP:KIND`` (it says so loudly at start).
+
+``STEPS`` names every point; a test checks that the code's calls and this
+table agree, and that every effect the destination's shell performs has one,
+so a new step cannot be added without its fault point.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+
+SRC, DST = "source", "destination"
+
+
+def _store(side: str, step: str, what: str) -> dict[str, str]:
+    return {f"{side}.store.{step}": f"before the durable write: {what}",
+            f"{side}.store.{step}.done": f"after the durable write, before acting on it: {what}"}
+
+
+# The destination's shell performs each effect of its engine behind one point
+# named after the effect (palm_net.migration.effects): "destination.<Effect>".
+EFFECTS = ("OpenIncoming", "ImportKeys", "ApplyPages", "StreamIn", "EndStream", "Settle", "ImportCpuState",
+           "ImportProtection", "Prepare", "CommitAndActivate", "AbortForever", "Send")
+
+STEPS: dict[str, str] = {
+    # the source
+    **_store(SRC, "open", "the row SENDING, the VM marked with the migration"),
+    f"{SRC}.vm.start": "dirty log on, keys exported (or the stream backend's migration started)",
+    f"{SRC}.vm.read_pages": "a round's pages read (a worker thread)",
+    f"{SRC}.vm.collect_dirty": "the dirty log read after a round",
+    f"{SRC}.vm.pause": "the VM paused for stop-and-copy",
+    f"{SRC}.vm.export_final": "CPU state and protected-context blob exported (or the stream finished)",
+    f"{SRC}.send": "a control message sealed and sent",
+    f"{SRC}.receive": "a message from the destination",
+    **_store(SRC, "hand-off", "HANDED_OFF, before COMMIT leaves"),
+    **_store(SRC, "confirm", "DONE: the destination committed"),
+    f"{SRC}.vm.scrub": "the source's copy destroyed after DONE",
+    **_store(SRC, "abort", "ABORTED: the source runs its copy again"),
+    f"{SRC}.vm.resume": "the source's copy resumed",
+    # the destination
+    **_store(DST, "open", "the row RECEIVING"),
+    f"{DST}.receive": "a buffer of records from the source",
+    **{f"{DST}.{e}": f"the shell performs {e}" for e in EFFECTS},
+    f"{DST}.vm.sync": "the incoming VM synced (and its activation staged) before PREPARED",
+    **_store(DST, "prepare", "PREPARED, before READY"),
+    **_store(DST, "commit", "COMMITTED, before the VM runs"),
+    f"{DST}.vm.activate": "the committed VM activated",
+    **_store(DST, "abort", "ABORTED forever"),
+    f"{DST}.vm.scrub": "what arrived destroyed after an abort",
+}
+
+
+Injector = Callable[[str], None]
+_injector: Injector | None = None
+
+
+def fault(step: str) -> None:
+    """A point where the world may fail: does nothing unless an injector is installed."""
+    inj = _injector
+    if inj is not None:
+        inj(step)
+
+
+def install(injector: Injector | None) -> Injector | None:
+    """Installs ``injector`` (None: none); returns the one it replaces."""
+    global _injector
+    old, _injector = _injector, injector
+    return old
+
+
+def raiser(kind: str) -> BaseException:
+    """The exception a fault of ``kind`` raises: enospc, eio, hypervisor, qmp, timeout."""
+    from palm_net.hypervisor.backend import HypervisorError
+    from palm_net.hypervisor.qmp import QmpError
+
+    if kind == "enospc":
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/injected/fault")
+    if kind == "eio":
+        return OSError(errno.EIO, os.strerror(errno.EIO), "/injected/fault")
+    if kind == "hypervisor":
+        return HypervisorError("injected hypervisor failure")
+    if kind == "qmp":
+        return QmpError("injected QMP failure")
+    if kind == "timeout":
+        return TimeoutError("injected timeout")
+    raise ValueError(f"unknown fault kind {kind!r}")
+
+
+RAISE_KINDS = ("enospc", "eio", "hypervisor", "timeout")
+
+
+def from_environment(value: str | None = None) -> str | None:
+    """An agent started for a fault drill: ``PALM_FAULT=STEP:KIND`` (KIND: exit, or one of
+    RAISE_KINDS) fires at the first time the agent reaches STEP.  Returns the setting
+    (for the agent's loud start-up line), None when unset."""
+    spec = os.environ.get("PALM_FAULT") if value is None else value
+    if not spec:
+        return None
+    step, _, kind = spec.rpartition(":")
+    if step not in STEPS or kind not in ("exit", *RAISE_KINDS, "qmp"):
+        raise ValueError(f"PALM_FAULT={spec!r}: expected STEP:KIND with a step of palm_net.faults.STEPS "
+                         f"and KIND exit, {', '.join(RAISE_KINDS)} or qmp")
+    fired = [False]
+
+    def inject(at: str) -> None:
+        if at != step or fired[0]:
+            return
+        fired[0] = True
+        if kind == "exit":
+            sys.stderr.write(f"PALM_FAULT: process exits at {step}\n")
+            sys.stderr.flush()
+            os._exit(86)  # a crash: no finally, no flush, no cleanup
+        raise raiser(kind)
+
+    install(inject)
+    return spec
