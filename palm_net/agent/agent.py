@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 import trio
 
+from palm_net import faults
 from palm_net.agent.clustering import AgentCluster
 from palm_net.agent.control import ControlServer
 from palm_net.agent.errors import AgentError
@@ -382,6 +383,13 @@ class Agent:
 async def run_agent(cfg: AgentConfig) -> None:
     """Runs until SIGINT/SIGTERM; in-flight migrations end by the handoff rules."""
     bound_malloc()  # this process is an agent from now on
+    try:
+        drill = faults.from_environment()
+    except ValueError as exc:
+        raise AgentError(str(exc)) from None
+    if drill is not None:
+        log.warning("FAULT DRILL: this agent fails on purpose at one step (PALM_FAULT); never in production",
+                    fault=drill)
     agent = Agent(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve)

@@ -27,9 +27,9 @@ from palm_net.agent.limits import Admission, TokenBuckets, release_free_memory
 from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel, accept
-from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
+from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError, describe_error
 from palm_net.hypervisor.vms import AnyVM
-from palm_net.migration.handoff import HandoffStore, Peer, may_run
+from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer, may_run
 from palm_net.migration.orchestrate import serve_incoming
 from palm_net.migration.runner import DestinationRun
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError
@@ -305,7 +305,14 @@ class IncomingService:
                 return "committed"
             if vm is not None:
                 # The runner scrubs on every way out; never leave memory behind (the row decides).
-                if not vm.dir.exists() or self.store.abort_forever(mid, vm, "session ended before COMMIT"):
+                try:
+                    if not vm.dir.exists() or self.store.abort_forever(mid, vm, "session ended before COMMIT"):
+                        self.registry.forget(vm)
+                except STORAGE_ERRORS as exc:
+                    # Not recorded aborted, so not scrubbed: never runnable (not committed),
+                    # and the next start aborts and scrubs it from its row.
+                    log.error("incoming VM kept until the agent's next start: its abort could not be recorded",
+                              vm=vm.name, error=describe_error(exc))
                     self.registry.forget(vm)
             if session.name is not None and session.name not in self.registry.vms:
                 self.registry.unreserve(session.name)

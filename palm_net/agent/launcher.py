@@ -8,6 +8,7 @@ until its control socket answers.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -48,12 +49,14 @@ class AgentProcess:
     """One `palm agent` process with its own state directory, log file and control socket."""
 
     def __init__(self, root: Path, name: str, host: str = "127.0.0.1", port: int | None = None,
-                 extra: list[str] | None = None, prefix: list[str] | None = None, log_level: str = "info") -> None:
+                 extra: list[str] | None = None, prefix: list[str] | None = None, log_level: str = "info",
+                 env: dict[str, str] | None = None) -> None:
         self.root, self.name, self.host = root, name, host
         self.port = port or free_port(host if host != "0.0.0.0" else "127.0.0.1")  # noqa: S104
         self.extra = extra or []
         self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", NS]
         self.log_level = log_level
+        self.env = env  # added to this process's environment (e.g. PALM_FAULT for a fault drill)
         self.control = str(root / f"{name}.sock")
         self.log_path = root / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -70,7 +73,7 @@ class AgentProcess:
              "--control", self.control, "--ca", str(self.root / "ca" / "ca.pub"),
              "--memory-dir", str(self.root / f"{self.name}-mem"), "--run-dir", str(self.root / f"{self.name}-run"),
              *self.extra],
-            stdout=log, stderr=log, start_new_session=True)
+            stdout=log, stderr=log, start_new_session=True, env={**os.environ, **self.env} if self.env else None)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -24,7 +24,7 @@ from palm_net.channel.handshake import PeerInfo
 from palm_net.channel.transport import SecureChannel
 from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.vms import AnyVM
-from palm_net.migration.handoff import HandoffState, HandoffStore
+from palm_net.migration.handoff import HandoffState, HandoffStore, may_scrub
 from palm_net.migration.orchestrate import MigrationResult, migrate_out, override_resume, recover_once
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.wire.errors import PalmError
@@ -121,7 +121,7 @@ class OutgoingService:
         if not result.ok and self.store.get(mid) is None:  # failed before BEGIN: no row, so say it here
             log.warning("migration failed before it began", migration=mid.hex(), vm=name, peer=to,
                         phase=result.phase, error=result.error)
-        self._settle(vm, result.status if result.status != "completed" else "committed")
+        self._settle(vm, mid)
         if result.status == "in-doubt" and self.nursery is not None:
             self.nursery.start_soon(self.recover, result.mid)
         self._trim()
@@ -130,11 +130,16 @@ class OutgoingService:
             fn(result)
         return result
 
-    def _settle(self, vm: AnyVM | None, outcome: str) -> None:
-        """After a migration's outcome is known: forget the VM, or run it here again."""
+    def _settle(self, vm: AnyVM | None, mid: bytes) -> None:
+        """After a migration's outcome is known, from its durable row: the VM was handed
+        over (DONE: forgotten here; a copy whose scrub failed goes at the next start),
+        or it runs here again."""
         if vm is None:
             return
-        if outcome == "committed":
+        if may_scrub(Role.SOURCE, self.store.state_of(mid)):
+            if vm.dir.exists():
+                log.error("the handed-over copy could not be scrubbed: it never runs here again, and goes at "
+                          "the agent's next start", vm=vm.name, migration=mid.hex())
             self.registry.forget(vm)
         elif vm.running:
             self.registry.start_workload(vm)
@@ -189,6 +194,8 @@ class OutgoingService:
         while True:
             row = self.store.get(mid)
             if row is None or row.state is not HandoffState.HANDED_OFF:
+                if row is not None:  # settled meanwhile (a resolution, or an attempt that failed late)
+                    self._settle(self.registry.of(row), mid)
                 return
             vm = self.registry.of(row)
             try:
@@ -197,7 +204,7 @@ class OutgoingService:
                 log.exception("recovery attempt failed", migration=mid.hex(), vm=row.vm, phase="in-doubt")
                 outcome = None
             if outcome is not None:
-                self._settle(vm, outcome)
+                self._settle(vm, mid)
                 return
             await trio.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -220,7 +227,7 @@ class OutgoingService:
         outcome = await recover_once(self.store, mid, vm, self.connect_recovery)
         if outcome is None:
             return "still in doubt: destination not reachable"
-        self._settle(vm, outcome)
+        self._settle(vm, mid)
         return outcome
 
     def migrations(self) -> list[dict[str, Any]]:

@@ -218,6 +218,9 @@ class VmRegistry:
         if mid is not None and row is not None and row.role is Role.SOURCE and row.state is HandoffState.HANDED_OFF:
             raise AgentError(f"VM {name!r} was handed off by migration {mid.hex()} and its outcome is in doubt: "
                              f"use palm migrate --resolve {mid.hex()} [--override]")
+        if mid is not None and row is not None and row.role is Role.SOURCE and not may_run(Role.SOURCE, row.state):
+            raise AgentError(f"VM {name!r} was handed over to {row.peer.name} by migration {mid.hex()}: this copy "
+                             "never runs again (it is scrubbed at the agent's next start)")
         if vm.state == "incoming":
             raise AgentError(f"VM {name!r} is arriving by a migration; it is the destination's only after COMMIT")
         return vm

@@ -170,6 +170,10 @@ class Activation:
     error: str | None = None  # why it does not run (committed: retried and reported, never scrubbed)
 
 
+# What a durable write (SQLite, a file) can fail with, besides a crash.
+STORAGE_ERRORS = (OSError, sqlite3.Error, HypervisorError)
+
+
 def _storage_code(exc: BaseException) -> ErrorCode:
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return ErrorCode.NO_SPACE if full or (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)) \
@@ -373,7 +377,16 @@ class HandoffStore:
             return False  # aborted already (resumed then) or done (the destination runs it)
         # The guard of the UPDATE is the state just checked: a concurrent move
         # (the handoff, a confirmation) makes this one fail, and nothing resumes.
-        moved = self._move_from(mid, SRC, Step.ABORT, (row.state,), token=token, error=why)
+        try:
+            moved = self._move_from(mid, SRC, Step.ABORT, (row.state,), token=token, error=why)
+        except STORAGE_ERRORS:
+            # The write failed (a full or failing disk), or failed to report: the
+            # row read back decides.  Before the handoff point no COMMIT ever left,
+            # so the VM is the source's whether or not the abort could be recorded
+            # (a restart records it); after it, nothing resumes without the record.
+            if self.state_of(mid) not in (H.SENDING, H.ABORTED):
+                raise
+            moved = True
         if moved and vm is not None:
             fault("source.vm.resume")
             vm.resume_after_migration()

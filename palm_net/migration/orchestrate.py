@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from nacl.signing import SigningKey
 
 from palm_net.channel.handshake import Purpose, TransportMode
 from palm_net.channel.transport import SecureChannel
-from palm_net.hypervisor.backend import HostedVM
+from palm_net.hypervisor.backend import HostedVM, HypervisorError, describe_error
 from palm_net.hypervisor.vmspec import check_policy
 from palm_net.migration.destination import DEADLINE_PER_GIB, DestinationEngine
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer
@@ -163,11 +164,23 @@ async def migrate_out(
             if store.state_of(mid) is HandoffState.SENDING:
                 store.abort_and_resume(mid, vm, "cancelled: migration cancelled")
             raise
-        if store.confirm(mid):
-            if params.verify_digest and not engine.stream:
-                await _check_digest_at_pause(vm, stats, mid)
-        # A GiB takes a while to scrub: not on the event loop.  The row read back decides.
-        await trio.to_thread.run_sync(store.scrub_handed_over, mid, vm)
+        try:
+            if store.confirm(mid):
+                if params.verify_digest and not engine.stream:
+                    await _check_digest_at_pause(vm, stats, mid)
+            # A GiB takes a while to scrub: not on the event loop.  The row read back decides.
+            await trio.to_thread.run_sync(store.scrub_handed_over, mid, vm)
+        except (OSError, sqlite3.Error, HypervisorError) as exc:
+            # The destination runs the VM.  Unconfirmed here, this copy stays paused
+            # in doubt and recovery confirms it; confirmed, it is scrubbed at the next start.
+            log.error("migration committed on the destination, but this side could not finish",
+                      migration=mid.hex(), vm=name, peer=peer.name, phase="done", error=describe_error(exc))
+            if store.state_of(mid) is HandoffState.HANDED_OFF:
+                stats.status = stats.phase = "in-doubt"
+                stats.total_time = time.monotonic() - started
+                return MigrationResult(False, mid, name, "in-doubt", stats,
+                                       f"committed on the destination; not recorded here ({describe_error(exc)})",
+                                       "in-doubt", "destination", peer.name)
         store.set_stats(mid, stats.as_dict())
         log.info("migration completed", migration=mid.hex(), vm=name, peer=peer.name, phase="done",
                  round=engine.round, downtime_ms=round((stats.downtime or 0) * 1000, 1))

@@ -70,7 +70,7 @@ from palm_net.migration.effects import (
     StreamIn,
     StreamLoaded,
 )
-from palm_net.migration.handoff import HandoffStore, Peer, check_abort_token
+from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer, check_abort_token
 from palm_net.migration.source import SourceEngine
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Abort, Begin, Message, RoundDone
@@ -643,5 +643,9 @@ class DestinationRun:
             pass  # the abort is durable before ABORT is sent; the send is best effort
         if host.vm is not None:  # the abort did not complete: never leave memory behind (the row decides)
             mid = eng.mid if eng.npages else None
-            if await trio.to_thread.run_sync(host.store.abort_forever, mid, host.vm, f"{error.code}: {error.detail}"):
-                host.vm = None
+            try:
+                if await trio.to_thread.run_sync(host.store.abort_forever, mid, host.vm,
+                                                 f"{error.code}: {error.detail}"):
+                    host.vm = None
+            except STORAGE_ERRORS as exc:  # the agent settles it (and a restart, from the row)
+                self.log.error("the abort could not be recorded", phase="abort", error=describe_error(exc))

@@ -1,0 +1,363 @@
+"""Exactly one copy under every fault: the fault matrix (issue 21).
+
+Each case migrates a small model VM with a protected process between two
+in-process agents and makes the world fail at one named step
+(palm_net.faults.STEPS): the step raises (ENOSPC, EIO, a hypervisor error, a
+timeout), or the agent is stopped there (its cancel scope: what SIGTERM
+does).  A watcher checks all along that the VM never runs on two hosts; the
+stopped agent restarts, recovery runs, and at the end the VM runs on exactly
+one host, its protected pages verify and its memory digest is unchanged.
+Steps on the abort path are reached by a first fault that sends the
+migration there.  Crashes (``os._exit`` at a step) need real processes: the
+`exit` column below runs agents as processes with PALM_FAULT set.
+
+The default suite runs the two reproductions of issue 21 and a seeded
+sample; ``-m faults`` runs the whole matrix and prints its table.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from palm_net import faults
+from palm_net.migration import effects
+from palm_net.migration.handoff import MOVES
+from palm_net.migration.params import MigrationParams
+from palm_net.testing.cluster import LocalCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_PROCESS_KINDS = (*faults.RAISE_KINDS, "cancel")
+
+# Steps a clean migration of a model VM never reaches, and the first fault that
+# sends it there (on the abort path, or the stream backend's only).
+ABORT_TRIGGER = {"source": ("source.vm.export_final", "hypervisor"),
+                 "destination": ("destination.ImportProtection", "hypervisor")}
+ON_ABORT_PATH = {"source.store.abort", "source.store.abort.done", "source.vm.resume",
+                 "destination.AbortForever", "destination.store.abort", "destination.store.abort.done",
+                 "destination.vm.scrub"}
+STREAM_ONLY = {"destination.StreamIn", "destination.EndStream"}
+
+
+def model_steps() -> list[str]:
+    return [s for s in faults.STEPS if s not in STREAM_ONLY]
+
+
+# --------------------------------------------------------------------------
+# The list of fault points cannot go stale
+
+
+def _literal_points() -> set[str]:
+    """Every fault("...") with a literal step in palm_net/."""
+    found = set()
+    for path in (ROOT / "palm_net").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "fault" and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                found.add(node.args[0].value)
+    return found
+
+
+def test_every_step_has_its_fault_point_and_every_point_is_listed():
+    listed = set(faults.STEPS)
+    literal = _literal_points()
+    assert literal <= listed, f"fault points missing from faults.STEPS: {sorted(literal - listed)}"
+    # Each durable move of the handoff table has its points before and after (HandoffStore._move_from).
+    for side, _, step in MOVES:
+        for suffix in ("", ".done"):
+            name = f"{side.value}.store.{'open' if _ is None else step.value}{suffix}"
+            assert name in listed, f"no fault point for the durable step {name}"
+    # Every effect the destination's shell performs has its point (runner.DestinationHost).
+    performed = {c.__name__ for c in vars(effects).values()
+                 if isinstance(c, type) and issubclass(c, effects.Effect) and c is not effects.Effect}
+    assert performed == set(faults.EFFECTS), "an effect without its fault point (faults.EFFECTS)"
+    dynamic = {f"destination.{e}" for e in faults.EFFECTS} | {
+        f"{side.value}.store.{'open' if before is None else step.value}{sfx}"
+        for side, before, step in MOVES for sfx in ("", ".done")}
+    assert listed <= literal | dynamic, f"listed steps no code reaches: {sorted(listed - literal - dynamic)}"
+
+
+def test_an_injector_is_off_by_default_and_the_environment_form_is_checked():
+    assert faults._injector is None
+    faults.fault("destination.vm.activate")  # nothing happens
+    with pytest.raises(ValueError, match="PALM_FAULT"):
+        faults.from_environment("no.such.step:exit")
+    with pytest.raises(ValueError, match="PALM_FAULT"):
+        faults.from_environment("destination.vm.activate:melt")
+    assert faults.from_environment("") is None
+    try:
+        assert faults.from_environment("destination.vm.activate:eio") == "destination.vm.activate:eio"
+        with pytest.raises(OSError, match="Input/output"):
+            faults.fault("destination.vm.activate")
+        faults.fault("destination.vm.activate")  # once only
+    finally:
+        faults.install(None)
+
+
+# --------------------------------------------------------------------------
+# One case of the matrix, in process
+
+
+@dataclass
+class Case:
+    step: str
+    kind: str
+    fired: list[str] = field(default_factory=list)
+    where: str = ""
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def victim(self) -> str:
+        return "a" if self.step.startswith("source.") else "b"
+
+
+def _cancel_agent(cluster: LocalCluster, name: str) -> None:
+    """The agent's stop, from the trio thread or a worker thread."""
+    scope = cluster.members[name].scope
+    assert scope is not None
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        trio.from_thread.run_sync(scope.cancel)
+    else:
+        scope.cancel()
+
+
+async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096) -> Case:
+    t0 = time.monotonic()
+    a = cluster["a"]
+    vm = a.registry.create_model("vm1", memory, protected=1, fill="random", seed=5)
+    digest = vm.digest()
+    plan = [(case.step, case.kind)]
+    if case.step in ON_ABORT_PATH:
+        plan.insert(0, ABORT_TRIGGER[case.step.split(".")[0]])
+
+    def inject(at: str) -> None:
+        if not plan or at != plan[0][0]:
+            return
+        step, kind = plan.pop(0)
+        case.fired.append(step)
+        if kind == "cancel":
+            _cancel_agent(cluster, "a" if step.startswith("source.") else "b")
+            return
+        raise faults.raiser(kind)
+
+    two: list[str] = []
+
+    async def watch() -> None:  # never two runnable copies, at any moment
+        while True:
+            copies = cluster.running_copies("vm1")
+            if len(copies) > 1:
+                two.append(",".join(copies))
+            await trio.sleep(0.002)
+
+    result: dict[str, object] = {}
+
+    async def migrate() -> None:
+        result["r"] = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+
+    old = faults.install(inject)
+    try:
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(watch)
+            assert a.outgoing.nursery is not None
+            a.outgoing.nursery.start_soon(migrate)  # inside the agent: its stop ends it as it would
+            with trio.fail_after(30):
+                while "r" not in result and cluster.members["a"].agent is a and not _stopped(cluster, "a"):
+                    await trio.sleep(0.01)
+                for name in ("a", "b"):  # a stopped agent restarts (same directory, same port)
+                    if _stopped(cluster, name):
+                        await cluster.stop(name)
+                        await cluster.start(name)
+                case.where = await settle(cluster, digest)
+            watchers.cancel_scope.cancel()
+    finally:
+        faults.install(old)
+    assert not two, f"{case.step}/{case.kind}: the VM ran on two hosts at once ({two[0]})"
+    case.seconds = time.monotonic() - t0
+    if not case.fired:
+        case.note = "not reached"
+    return case
+
+
+def _stopped(cluster: LocalCluster, name: str) -> bool:
+    m = cluster.members[name]
+    return m.stopped is not None and m.stopped.is_set()
+
+
+async def settle(cluster: LocalCluster, digest: str, timeout: float = 25) -> str:
+    """Waits until the VM runs on exactly one agent and nowhere else holds it (recovery,
+    retried activation, aborts done); checks it there: verifies, same digest."""
+    deadline = trio.current_time() + timeout
+    while True:
+        copies = cluster.running_copies("vm1")
+        holders = [n for n, m in cluster.members.items() if m.agent is not None and "vm1" in m.agent.vms]
+        if len(copies) == 1 and holders == copies:
+            break
+        if trio.current_time() > deadline:
+            states = {n: (m.agent.vms["vm1"].state if m.agent and "vm1" in m.agent.vms else None,
+                          dict(m.agent.registry.not_running) if m.agent else None)
+                      for n, m in cluster.members.items()}
+            raise AssertionError(f"the VM did not settle on exactly one host: {states}")
+        await trio.sleep(0.02)
+    where = copies[0]
+    vm = cluster[where].vms["vm1"]
+    report = await trio.to_thread.run_sync(vm.verify)
+    assert report.ok and report.checked + report.in_process_view == vm.info.protected_pages, report
+    assert await trio.to_thread.run_sync(vm.digest) == digest, "the idle guest's memory changed"
+    return where
+
+
+@pytest.fixture
+async def pair(nursery):
+    c = LocalCluster(("a", "b"), in_doubt_wait=0.5)
+    c.nursery = nursery
+    await c.start("a")
+    await c.start("b")
+    yield c
+    for name in list(c.members):
+        await c.stop(name)
+    c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# The two reproductions of issue 21
+
+
+async def test_a_failed_activation_after_commit_keeps_the_vm_committed_then_runs_it(pair):
+    """ENOSPC (a full memory file system) as the committed VM is activated: it used
+    to be scrubbed on both hosts.  Now it stays committed here, is reported, and runs
+    once the retry succeeds; the source scrubbed its copy (exactly one)."""
+    seen: list[str] = []
+
+    def full_at_activation(at: str) -> None:
+        if at == "destination.vm.activate" and not seen:
+            seen.append(at)
+            raise faults.raiser("enospc")
+
+    a, b = pair["a"], pair["b"]
+    vm = a.registry.create_model("vm1", 256 * 4096, protected=2, fill="random", seed=9)
+    digest = vm.digest()
+    faults.install(full_at_activation)
+    try:
+        res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+    finally:
+        faults.install(None)
+    assert seen and res.ok, res.error
+    row = b.store.get(res.mid)
+    assert row is not None and row.state == "committed" and a.store.get(res.mid).state == "done"
+    assert "vm1" not in a.vms and "vm1" in b.vms  # never scrubbed on the destination
+    with trio.fail_after(5):  # DONE reaches the source before the destination's session settles
+        while "vm1" not in b.registry.not_running and not b.vms["vm1"].running:
+            await trio.sleep(0.01)
+    assert "no space left on device" in b.registry.not_running.get("vm1", "") or b.vms["vm1"].running
+    assert await settle(pair, digest) == "b"  # the agent's retry ran it
+    assert not b.registry.not_running
+
+
+async def test_committed_not_running_is_reported_and_resumable_by_the_operator(pair):
+    from palm_net.agent.control import ControlServer
+
+    fails = [0]
+
+    def qmp_refuses(at: str) -> None:
+        if at == "destination.vm.activate" and fails[0] < 3:
+            fails[0] += 1
+            raise faults.raiser("eio")
+
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, protected=1)
+    faults.install(qmp_refuses)
+    try:
+        res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+        assert res.ok
+        with trio.fail_after(5):  # DONE reaches the source before the destination's session settles
+            while "vm1" not in b.registry.not_running:
+                await trio.sleep(0.01)
+        assert b.registry.not_running["vm1"].startswith("I/O error")
+        status = b.status()
+        assert "vm1" in status["committed_not_running"]
+        shown = ControlServer(b, b.control_path)._summary(b.vms["vm1"])
+        assert shown["state"] == "committed-not-running" and "I/O error" in shown["activation_error"]
+        from palm_net.agent.errors import AgentError
+
+        while fails[0] < 3:  # the operator tries before the disk is back: a clear refusal
+            with pytest.raises(AgentError, match="committed here but cannot be activated"):
+                b.registry.set_run_state("vm1", True)
+    finally:
+        faults.install(None)
+    b.registry.set_run_state("vm1", True)  # the operator's resume, there
+    assert b.vms["vm1"].running and not b.registry.not_running
+    assert pair.running_copies("vm1") == ["b"]
+
+
+async def test_the_destination_stopped_inside_the_commit_window_keeps_the_committed_vm(pair):
+    """SIGTERM (the agent's stop) just after COMMITTED became durable used to scrub the
+    VM on both hosts.  The commit window is shielded: activation and DONE finish,
+    the agent stops, and after its restart the VM runs there, once."""
+    case = await run_case(pair, Case("destination.store.commit.done", "cancel"))
+    assert case.fired == ["destination.store.commit.done"]
+    assert case.where == "b"
+
+
+# --------------------------------------------------------------------------
+# The matrix
+
+
+def all_cases() -> list[tuple[str, str]]:
+    return [(s, k) for s in model_steps() for k in IN_PROCESS_KINDS]
+
+
+SAMPLE = random.Random(int(os.environ.get("PALM_FAULT_SEED", "21"))).sample(all_cases(), 10)
+
+
+@pytest.mark.parametrize(("step", "kind"), SAMPLE, ids=[f"{s}:{k}" for s, k in SAMPLE])
+async def test_fault_matrix_sample(pair, step, kind):
+    case = await run_case(pair, Case(step, kind))
+    assert case.where in ("a", "b")
+
+
+@pytest.mark.faults
+async def test_fault_matrix_in_process(shm, capsys):
+    """Every model step x every in-process kind, one fresh pair of agents each."""
+    rows: list[Case] = []
+    t0 = time.monotonic()
+    for step, kind in all_cases():
+        async with trio.open_nursery() as nursery:
+            c = LocalCluster(("a", "b"), in_doubt_wait=0.5)
+            c.nursery = nursery
+            try:
+                await c.start("a")
+                await c.start("b")
+                rows.append(await run_case(c, Case(step, kind)))
+            finally:
+                for name in list(c.members):
+                    await c.stop(name)
+                c.cleanup()
+    with capsys.disabled():
+        print_table(rows, IN_PROCESS_KINDS, time.monotonic() - t0)
+    reached = [r for r in rows if not r.note]
+    assert len(reached) >= len(rows) * 3 // 4, "most steps must be reached by a model migration"
+
+
+def print_table(rows: list[Case], kinds: tuple[str, ...], seconds: float) -> None:
+    by = {(r.step, r.kind): r for r in rows}
+    steps = list(dict.fromkeys(r.step for r in rows))
+    width = max(len(s) for s in steps)
+    print(f"\nfault matrix: {len(steps)} steps x {len(kinds)} kinds = {len(rows)} cases in {seconds:.0f} s "
+          "(cell: where the one copy runs; '-': step not reached)")
+    print(" " * width + "  " + " ".join(f"{k:>10}" for k in kinds))
+    for s in steps:
+        cells = []
+        for k in kinds:
+            r = by.get((s, k))
+            cells.append(f"{'-' if r is None or r.note else r.where:>10}")
+        print(f"{s:<{width}}  " + " ".join(cells))
