@@ -102,27 +102,33 @@ RAISE_KINDS = ("enospc", "eio", "hypervisor", "timeout")
 
 
 def from_environment(value: str | None = None) -> str | None:
-    """An agent started for a fault drill: ``PALM_FAULT=STEP:KIND`` (KIND: exit, or one of
-    RAISE_KINDS) fires at the first time the agent reaches STEP.  Returns the setting
-    (for the agent's loud start-up line), None when unset."""
+    """An agent started for a fault drill: ``PALM_FAULT=STEP:KIND[,STEP:KIND...]`` (KIND:
+    exit, or one of RAISE_KINDS and qmp): each fires the first time the agent reaches its
+    STEP after the one before fired (a first fault can lead to the step of the second).
+    Returns the setting (for the agent's loud start-up line), None when unset."""
     spec = os.environ.get("PALM_FAULT") if value is None else value
     if not spec:
         return None
-    step, _, kind = spec.rpartition(":")
-    if step not in STEPS or kind not in ("exit", *RAISE_KINDS, "qmp"):
-        raise ValueError(f"PALM_FAULT={spec!r}: expected STEP:KIND with a step of palm_net.faults.STEPS "
-                         f"and KIND exit, {', '.join(RAISE_KINDS)} or qmp")
-    fired = [False]
+    plan = []
+    for item in spec.split(","):
+        step, _, kind = item.rpartition(":")
+        if step not in STEPS or kind not in ("exit", *RAISE_KINDS, "qmp"):
+            raise ValueError(f"PALM_FAULT={spec!r}: expected STEP:KIND[,STEP:KIND...] with steps of "
+                             f"palm_net.faults.STEPS and KIND exit, {', '.join(RAISE_KINDS)} or qmp")
+        plan.append((step, kind))
 
     def inject(at: str) -> None:
-        if at != step or fired[0]:
+        if not plan or at != plan[0][0]:
             return
-        fired[0] = True
+        step, kind = plan.pop(0)
         if kind == "exit":
             sys.stderr.write(f"PALM_FAULT: process exits at {step}\n")
             sys.stderr.flush()
-            os._exit(86)  # a crash: no finally, no flush, no cleanup
+            os._exit(EXIT_CODE)  # a crash: no finally, no flush, no cleanup
         raise raiser(kind)
 
     install(inject)
     return spec
+
+
+EXIT_CODE = 86  # what an agent killed by PALM_FAULT exits with

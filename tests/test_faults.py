@@ -28,6 +28,7 @@ import pytest
 import trio
 
 from palm_net import faults
+from palm_net.agent.launcher import AgentProcess, provision, remove_all
 from palm_net.migration import effects
 from palm_net.migration.handoff import MOVES
 from palm_net.migration.params import MigrationParams
@@ -330,20 +331,32 @@ async def test_fault_matrix_in_process(shm, capsys):
     """Every model step x every in-process kind, one fresh pair of agents each."""
     rows: list[Case] = []
     t0 = time.monotonic()
+    only = os.environ.get("PALM_FAULT_ONLY")  # e.g. "destination.vm" to rerun some rows
     for step, kind in all_cases():
-        async with trio.open_nursery() as nursery:
-            c = LocalCluster(("a", "b"), in_doubt_wait=0.5)
-            c.nursery = nursery
-            try:
-                await c.start("a")
-                await c.start("b")
-                rows.append(await run_case(c, Case(step, kind)))
-            finally:
-                for name in list(c.members):
-                    await c.stop(name)
-                c.cleanup()
+        if only and only not in step:
+            continue
+        case = Case(step, kind)
+        c = LocalCluster(("a", "b"), in_doubt_wait=0.5)
+        try:
+            async with trio.open_nursery() as nursery:
+                c.nursery = nursery
+                try:
+                    await c.start("a")
+                    await c.start("b")
+                    await run_case(c, case)
+                finally:
+                    for name in list(c.members):
+                        await c.stop(name)
+        except (Exception, BaseExceptionGroup) as exc:  # recorded: the table shows every failing cell
+            case.note = "FAIL"
+            case.where = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            c.cleanup()
+        rows.append(case)
     with capsys.disabled():
         print_table(rows, IN_PROCESS_KINDS, time.monotonic() - t0)
+    failed = [f"{r.step}:{r.kind}: {r.where}" for r in rows if r.note == "FAIL"]
+    assert not failed, "\n".join(failed)
     reached = [r for r in rows if not r.note]
     assert len(reached) >= len(rows) * 3 // 4, "most steps must be reached by a model migration"
 
@@ -353,11 +366,103 @@ def print_table(rows: list[Case], kinds: tuple[str, ...], seconds: float) -> Non
     steps = list(dict.fromkeys(r.step for r in rows))
     width = max(len(s) for s in steps)
     print(f"\nfault matrix: {len(steps)} steps x {len(kinds)} kinds = {len(rows)} cases in {seconds:.0f} s "
-          "(cell: where the one copy runs; '-': step not reached)")
+          "(cell: the host the one copy runs on at the end; '-': step not reached)")
     print(" " * width + "  " + " ".join(f"{k:>10}" for k in kinds))
     for s in steps:
         cells = []
         for k in kinds:
             r = by.get((s, k))
-            cells.append(f"{'-' if r is None or r.note else r.where:>10}")
+            cells.append(f"{'-' if r is None or r.note == 'not reached' else 'FAIL' if r.note else r.where:>10}")
         print(f"{s:<{width}}  " + " ".join(cells))
+
+
+# --------------------------------------------------------------------------
+# The process dies at a step (os._exit: no finally, no cleanup): real agents
+
+
+def _one_copy(agents: dict[str, AgentProcess], vm: str, timeout: float = 40) -> str:
+    """Waits until the VM runs on exactly one agent and no other holds it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {n: {v["name"]: v["state"] for v in ag.request("vm.list", timeout=30)}.get(vm)
+                  for n, ag in agents.items()}
+        running = [n for n, s in states.items() if s == "running"]
+        assert len(running) <= 1, f"the VM runs twice: {states}"
+        if running and [n for n, s in states.items() if s is not None] == running:
+            return running[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the VM did not settle on exactly one agent: {states}")
+        time.sleep(0.1)
+
+
+def crash_case(root: Path, step: str) -> Case:
+    """Migrates a model VM with a protected process from a to b; the agent of ``step``'s
+    side exits there (after a first fault that leads to it, on the abort path), is
+    started again, and the VM must end on exactly one host, verified, unchanged."""
+    case = Case(step, "exit")
+    t0 = time.monotonic()
+    plan = [f"{step}:exit"]
+    if step in ON_ABORT_PATH:
+        trigger, kind = ABORT_TRIGGER[step.split(".")[0]]
+        plan.insert(0, f"{trigger}:{kind}")
+    provision(root, ["a", "b"])
+    env = {"PALM_FAULT": ",".join(plan)}
+    agents = {"a": AgentProcess(root, "a", env=env if case.victim == "a" else None, log_level="debug"),
+              "b": AgentProcess(root, "b", env=env if case.victim == "b" else None, log_level="debug")}
+    try:
+        for ag in agents.values():
+            ag.start()
+        a, victim = agents["a"], agents[case.victim]
+        a.request("vm.create", name="vm1", memory="1MiB", protected=1, fill="random", seed=3)
+        digest = a.request("vm.digest", name="vm1")["digest"]
+        t, _ = a.migrate_async("vm1", agents["b"].addr, timeout=60)
+        assert victim.proc is not None
+        while t.is_alive() and victim.proc.poll() is None:
+            time.sleep(0.01)
+        rc = victim.proc.poll()
+        if rc is not None:  # it died at the step: started again, without the fault
+            assert rc == faults.EXIT_CODE, f"agent {case.victim} exited with {rc}: {victim.log_tail(800)}"
+            case.fired.append(step)
+            victim.proc = None
+            victim.env = None
+            victim.start()
+        t.join(60)
+        case.where = _one_copy(agents, "vm1")
+        ag = agents[case.where]
+        assert ag.request("vm.verify", name="vm1")["ok"]
+        assert ag.request("vm.digest", name="vm1")["digest"] == digest
+    finally:
+        remove_all(root, agents.values())
+    if not case.fired:
+        case.note = "not reached"
+    case.seconds = time.monotonic() - t0
+    return case
+
+
+CRASH_SAMPLE = ["destination.store.commit.done", "source.store.hand-off.done"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", CRASH_SAMPLE)
+def test_crash_at_a_step_then_restart(shm, step):
+    case = crash_case(shm / "c", step)
+    assert case.fired == [step] and case.where == ("b" if step.startswith("destination") else "a")
+
+
+@pytest.mark.faults
+def test_fault_matrix_crash(shm, capsys):
+    """Every model step x the process dying there."""
+    rows: list[Case] = []
+    t0 = time.monotonic()
+    only = os.environ.get("PALM_FAULT_ONLY")
+    for i, step in enumerate(model_steps()):
+        if only and only not in step:
+            continue
+        try:
+            rows.append(crash_case(shm / f"c{i}", step))
+        except (Exception, BaseExceptionGroup) as exc:
+            rows.append(Case(step, "exit", where=f"{type(exc).__name__}: {exc}"[:300], note="FAIL"))
+    with capsys.disabled():
+        print_table(rows, ("exit",), time.monotonic() - t0)
+    failed = [f"{r.step}: {r.where}" for r in rows if r.note == "FAIL"]
+    assert not failed, "\n".join(failed)

@@ -211,8 +211,9 @@ class ControlServer:
     def _summary(self, vm: AnyVM) -> dict[str, Any]:
         out = vm_summary(vm)
         error = self.agent.registry.not_running.get(vm.name)
-        if error is not None:  # committed here, activation failed: said loudly wherever the VM is shown
-            out.update(state="committed-not-running", activation_error=error)
+        if error is not None:  # this agent's, but its activation or resume failed: said wherever it is shown
+            out.update(state="committed-not-running" if vm.state == "incoming" else "resume-failed",
+                       activation_error=error)
         return out
 
     async def _vm_list(self, args: dict[str, Any], _: trio.SocketStream) -> Any:

@@ -143,6 +143,8 @@ class OutgoingService:
             self.registry.forget(vm)
         elif vm.running:
             self.registry.start_workload(vm)
+        elif self.store.state_of(mid) is HandoffState.ABORTED:  # ours again, but its resume failed
+            self.registry.activation_failed(vm, "did not resume after the migration ended (see the log)")
 
     def _trim(self) -> None:
         done = [m for m, lm in self.live.items() if lm.result is not None]

@@ -20,7 +20,7 @@ import trio
 
 from palm_net.agent.errors import AgentError
 from palm_net.crypto.identity import validate_name
-from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
+from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError, describe_error
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.qemu import Confinement, QemuSpec, QemuVM
 from palm_net.hypervisor.vms import AnyVM, open_vm
@@ -90,20 +90,30 @@ class VmRegistry:
     # -- committed VMs whose activation failed
 
     def activation_failed(self, vm: AnyVM, error: str) -> None:
-        """A committed VM does not run: kept, reported loudly, retried."""
+        """A VM this agent owns by its row does not run (committed here, or the source's
+        again after an abort): kept, reported loudly, retried."""
         self.not_running[vm.name] = error
-        log.error("VM committed here but not running: activation will be retried (palm vm resume to try now)",
-                  vm=vm.name, error=error)
+        log.error("VM is this agent's but does not run: retried (palm vm resume to try now)",
+                  vm=vm.name, state=vm.state, error=error)
         self.activation_wanted.set()
         self.changed()
 
     def activate(self, vm: AnyVM) -> Activation:
-        """Worker thread: one attempt to run a committed VM of ``not_running``; its row must
-        still say COMMITTED (it always does: committed is forever)."""
+        """Worker thread: one attempt to run a VM of ``not_running``, as its row allows:
+        committed here (activation), or the source's after an abort (resume)."""
         mid = vm.migration
-        if mid is None or not may_run(Role.DESTINATION, self.store.state_of(mid)):
-            return Activation(False, False, "its migration is not recorded committed here")
-        return activate_committed(vm)
+        row = self.store.get(mid) if mid is not None else None
+        if vm.state == "incoming":
+            if row is None or not may_run(Role.DESTINATION, row.state):
+                return Activation(False, False, "its migration is not recorded committed here")
+            return activate_committed(vm)
+        if row is not None and (row.role is not Role.SOURCE or row.state is not HandoffState.ABORTED):
+            return Activation(False, False, f"its migration is {row.state}: not this agent's to run")
+        try:
+            vm.resume_after_migration()
+        except (HypervisorError, OSError) as exc:
+            return Activation(True, vm.running, describe_error(exc))
+        return Activation(True, vm.running, None if vm.running else "not running after resume")
 
     def activated(self, vm: AnyVM, act: Activation) -> None:
         """The result of an attempt (the trio thread)."""
@@ -300,7 +310,9 @@ class VmRegistry:
                 store.abort_and_resume(mid, vm, "agent restarted before handoff")
                 bound.warning("outgoing migration aborted by restart, VM resumed")
             elif row.state is HandoffState.ABORTED:
-                vm.resume_after_migration()
+                act = self.activate(vm)  # the resume was missing (or failed)
+                if not act.running:
+                    self.activation_failed(vm, act.error or "did not resume")
             elif store.scrub_handed_over(mid, vm):  # DONE: only the scrub was missing
                 self.forget(vm)
             # handed_off: stays paused, in doubt; the outgoing service asks the destination

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -34,6 +35,8 @@ from palm_net.faults import fault
 from palm_net.hypervisor.backend import HostedVM, HypervisorError, describe_error
 from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure
 from palm_net.wire.protocol import Role
+
+log = structlog.get_logger("palm.migration")
 
 ABORT_DOMAIN = b"palm-net/abort/v1\x00"
 
@@ -329,11 +332,11 @@ class HandoffStore:
         MigrationFailure if either cannot be written (no row is left SENDING then)."""
         try:
             self._open(mid, SRC, vm.info.name, vm.info.vm_id, peer)
-        except (OSError, sqlite3.Error) as exc:
+        except STORAGE_ERRORS as exc:
             raise MigrationFailure(_storage_code(exc), f"cannot record the migration: {describe_error(exc)}") from None
         try:
             vm.set_migration(mid)
-        except (OSError, HypervisorError) as exc:
+        except STORAGE_ERRORS as exc:
             self._move(mid, SRC, Step.ABORT, error=f"cannot mark the VM: {describe_error(exc)}")
             raise MigrationFailure(_storage_code(exc), f"cannot mark VM {vm.info.name!r} as migrating: "
                                                        f"{describe_error(exc)}") from None
@@ -388,8 +391,14 @@ class HandoffStore:
                 raise
             moved = True
         if moved and vm is not None:
-            fault("source.vm.resume")
-            vm.resume_after_migration()
+            try:
+                fault("source.vm.resume")
+                vm.resume_after_migration()
+            except (HypervisorError, OSError) as exc:
+                # The VM is the source's (its row says so) but does not run: the
+                # agent sees it paused and retries (palm_net.agent.registry).
+                log.error("VM did not resume after its migration ended", vm=vm.info.name, migration=mid.hex(),
+                          error=describe_error(exc))
         return moved
 
     # -- the destination's operations

@@ -641,6 +641,8 @@ class DestinationRun:
                 await self._perform(eng.fail(error))
         except (PalmError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
             pass  # the abort is durable before ABORT is sent; the send is best effort
+        except STORAGE_ERRORS as exc:  # (OSError aside) the abort could not be recorded: tried again below
+            self.log.error("the abort failed", phase="abort", error=describe_error(exc))
         if host.vm is not None:  # the abort did not complete: never leave memory behind (the row decides)
             mid = eng.mid if eng.npages else None
             try:
