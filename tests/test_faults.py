@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import os
 import random
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,7 +420,10 @@ def crash_case(root: Path, step: str) -> Case:
         assert victim.proc is not None
         while t.is_alive() and victim.proc.poll() is None:
             time.sleep(0.01)
-        rc = victim.proc.poll()
+        try:  # the peer may see the connection close before the dying process is reaped
+            rc = victim.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            rc = None
         if rc is not None:  # it died at the step: started again, without the fault
             assert rc == faults.EXIT_CODE, f"agent {case.victim} exited with {rc}: {victim.log_tail(800)}"
             case.fired.append(step)

@@ -36,6 +36,7 @@ from palm_net.agent.limits import bound_malloc
 from palm_net.agent.outgoing import OutgoingService, parse_hostport
 from palm_net.agent.paths import MAX_RUN_DIR, default_control, default_run_dir
 from palm_net.agent.registry import VmRegistry
+from palm_net.agent.vmindex import check_start
 from palm_net.channel.handshake import ChannelConfig, Purpose, TransportMode, default_ciphers
 from palm_net.channel.transport import SecureChannel, connect
 from palm_net.cluster.etcd import EtcdConfig
@@ -96,6 +97,7 @@ class AgentConfig:
     ciphers: tuple[CipherName, ...] = field(default_factory=default_ciphers)
     allow_plain: bool = False
     memory_dir: Path | None = None
+    adopt_vms: bool = False  # VMs the state records in another memory directory: moved here (else: refused)
     in_doubt_wait: float = 30.0
     accept_qemu: bool = True  # receive QEMU VMs (their QEMU is started here, paused until COMMIT)
     qemu_accel: str | None = None  # kvm or tcg; None: KVM when /dev/kvm is usable
@@ -195,7 +197,7 @@ class Agent:
         self.confinement = Confinement.for_agent(cfg.qemu_uids)
         self.store = HandoffStore(d / "state.db")
         self.registry = VmRegistry(self.memory_dir, self.run_dir, self.sealing_key, self.store, self.confinement,
-                                   cfg.qemu_accel, migrating=lambda name: False)
+                                   cfg.qemu_accel, migrating=lambda name: False, state_dir=d)
 
     def _release_locks(self) -> None:
         for lock in self._locks:
@@ -227,7 +229,9 @@ class Agent:
         the state directory (tmpfs: guest RAM survives an agent restart, not a reboot)."""
         record = self.state_dir / "memory-dir"
         mdir: Path | None = None
+        fresh = False
         if self.cfg.memory_dir is not None:
+            fresh = not self.cfg.memory_dir.exists() and not self.cfg.memory_dir.is_symlink()
             mdir = ensure_dir(self.cfg.memory_dir, "memory directory")
         else:
             if record.exists() or record.is_symlink():
@@ -243,6 +247,8 @@ class Agent:
                 shm = Path("/dev/shm")  # noqa: S108 - the directory made inside is ours alone (hostfs)
                 mdir = (make_private_dir(shm, f"palm-{os.geteuid()}-") if shm.is_dir()
                         else ensure_dir(self.state_dir / "vms", "memory directory"))
+        # Never lose sight of the VMs the state records (in another directory, or one gone).
+        check_start(self.state_dir, mdir, self.cfg.adopt_vms, fresh)
         write_atomic(record, (str(mdir) + "\n").encode())
         return mdir
 

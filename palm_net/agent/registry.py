@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from palm_net.agent.errors import AgentError
+from palm_net.agent.vmindex import describe, read_index, write_index
 from palm_net.crypto.identity import validate_name
 from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError, describe_error
 from palm_net.hypervisor.model import ModelVM
@@ -42,8 +43,9 @@ log = structlog.get_logger("palm.agent")
 class VmRegistry:
     def __init__(self, memory_dir: Path, run_dir: Path, sealing_key: bytes, store: HandoffStore,
                  confinement: Confinement, qemu_accel: str | None,
-                 migrating: Callable[[str], bool]) -> None:
+                 migrating: Callable[[str], bool], state_dir: Path | None = None) -> None:
         self.memory_dir = memory_dir
+        self.state_dir = state_dir  # where the index of VMs is kept (palm_net.agent.vmindex), if anywhere
         self.run_dir = run_dir
         self.sealing_key = sealing_key
         self.store = store
@@ -85,7 +87,12 @@ class VmRegistry:
         if self.vms.get(vm.name) is vm:
             del self.vms[vm.name]
             self.not_running.pop(vm.name, None)
+            self._write_index()
             self.changed()
+
+    def _write_index(self) -> None:
+        if self.state_dir is not None:
+            write_index(self.state_dir, self.memory_dir, self.vms.values())
 
     # -- committed VMs whose activation failed
 
@@ -143,6 +150,7 @@ class VmRegistry:
         """The VM made on a reserved name becomes ours."""
         self._reserved.discard(vm.name)
         self.vms[vm.name] = vm
+        self._write_index()
         self.changed()
 
     def unreserve(self, name: str) -> None:
@@ -288,6 +296,12 @@ class VmRegistry:
                 log.error("cannot reopen VM, left in place", dir=str(vm_dir), error=str(exc))
                 continue
             self.vms[opened.name] = opened
+        idx = read_index(self.state_dir) if self.state_dir is not None else None
+        if idx is not None and idx.memory_dir == self.memory_dir:
+            for name, entry in sorted(idx.vms.items()):
+                if name not in self.vms:  # its directory is gone (deleted, or never made durable)
+                    log.error("VM recorded by this agent not found in its memory directory", vm=describe(name, entry),
+                              memory_dir=str(self.memory_dir))
         store = self.store
         for name, vm in list(self.vms.items()):
             mid = vm.migration
@@ -322,6 +336,7 @@ class VmRegistry:
         for vm in self:
             if vm.running:
                 self.start_workload(vm)
+        self._write_index()
 
     def close(self) -> None:
         for vm in self:

@@ -234,6 +234,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
             handshake_timeout=float(pick(a.handshake_timeout, "handshake_timeout", 10.0)),
             allow_plain=bool(pick(a.allow_plain or None, "allow_plain", False)),
             memory_dir=Path(pick(a.memory_dir, "memory_dir")) if pick(a.memory_dir, "memory_dir") else None,
+            adopt_vms=bool(a.adopt_vms),
             accept_qemu=not bool(pick(a.no_qemu or None, "no_qemu", False)),
             qemu_accel=pick(a.qemu_accel, "qemu_accel"),
             run_dir=Path(pick(a.run_dir, "run_dir")) if pick(a.run_dir, "run_dir") else None,
@@ -594,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--session-rate", type=float, metavar="PER_S",
                     help="sessions a second per certified peer, bursts of 4x (default 5)")
     ag.add_argument("--memory-dir", help="where VM memory lives (default a tmpfs directory)")
+    ag.add_argument("--adopt-vms", action="store_true",
+                    help="VMs the state directory records in another memory directory are moved into this one "
+                         "(without it the agent refuses to start and names them)")
     ag.add_argument("--handshake-timeout", type=float, help="seconds (default 10)")
     ag.add_argument("--qemu-accel", choices=("kvm", "tcg"),
                     help="accelerator for QEMU VMs created here (default: kvm if /dev/kvm is usable, else tcg)")
