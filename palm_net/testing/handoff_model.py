@@ -148,7 +148,7 @@ class Bounds:
     """What is explored.  The default is the one the suite checks."""
 
     copies: int = 2  # copies of each message in flight at once
-    crashes: int = 2  # crashes in a run (either side; restarts are free)
+    crashes: int = 3  # crashes in a run (either side; restarts are free)
     forged: int = 1  # forged ABORT / OUTCOME with a token that does not verify
     override: bool = False  # the operator's --override
     operator: bool = True  # the operator's vm resume / vm destroy (where operable allows)
