@@ -7,7 +7,9 @@ the destination's shell performs in a worker thread.  Nothing happens unless
 an injector is installed: the fault matrix (tests/test_faults.py) installs
 one that raises, cancels the agent or kills the process at one step, then
 checks that the VM runs on exactly one host.  An agent started for such a
-drill reads ``PALM_FAULT=STEP:KIND`` (it says so loudly at start).
+drill reads ``PALM_FAULT=STEP:KIND`` (palm_net.agent.faultdrill; it says so
+loudly at start).  This module imports nothing of palm_net: every layer may
+call it.
 
 ``STEPS`` names every point; a test checks that the code's calls and this
 table agree, and that every effect the destination's shell performs has one,
@@ -16,9 +18,6 @@ so a new step cannot be added without its fault point.
 
 from __future__ import annotations
 
-import errno
-import os
-import sys
 from collections.abc import Callable
 
 SRC, DST = "source", "destination"
@@ -78,57 +77,3 @@ def install(injector: Injector | None) -> Injector | None:
     global _injector
     old, _injector = _injector, injector
     return old
-
-
-def raiser(kind: str) -> BaseException:
-    """The exception a fault of ``kind`` raises: enospc, eio, hypervisor, qmp, timeout."""
-    from palm_net.hypervisor.backend import HypervisorError
-    from palm_net.hypervisor.qmp import QmpError
-
-    if kind == "enospc":
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/injected/fault")
-    if kind == "eio":
-        return OSError(errno.EIO, os.strerror(errno.EIO), "/injected/fault")
-    if kind == "hypervisor":
-        return HypervisorError("injected hypervisor failure")
-    if kind == "qmp":
-        return QmpError("injected QMP failure")
-    if kind == "timeout":
-        return TimeoutError("injected timeout")
-    raise ValueError(f"unknown fault kind {kind!r}")
-
-
-RAISE_KINDS = ("enospc", "eio", "hypervisor", "timeout")
-
-
-def from_environment(value: str | None = None) -> str | None:
-    """An agent started for a fault drill: ``PALM_FAULT=STEP:KIND[,STEP:KIND...]`` (KIND:
-    exit, or one of RAISE_KINDS and qmp): each fires the first time the agent reaches its
-    STEP after the one before fired (a first fault can lead to the step of the second).
-    Returns the setting (for the agent's loud start-up line), None when unset."""
-    spec = os.environ.get("PALM_FAULT") if value is None else value
-    if not spec:
-        return None
-    plan = []
-    for item in spec.split(","):
-        step, _, kind = item.rpartition(":")
-        if step not in STEPS or kind not in ("exit", *RAISE_KINDS, "qmp"):
-            raise ValueError(f"PALM_FAULT={spec!r}: expected STEP:KIND[,STEP:KIND...] with steps of "
-                             f"palm_net.faults.STEPS and KIND exit, {', '.join(RAISE_KINDS)} or qmp")
-        plan.append((step, kind))
-
-    def inject(at: str) -> None:
-        if not plan or at != plan[0][0]:
-            return
-        step, kind = plan.pop(0)
-        if kind == "exit":
-            sys.stderr.write(f"PALM_FAULT: process exits at {step}\n")
-            sys.stderr.flush()
-            os._exit(EXIT_CODE)  # a crash: no finally, no flush, no cleanup
-        raise raiser(kind)
-
-    install(inject)
-    return spec
-
-
-EXIT_CODE = 86  # what an agent killed by PALM_FAULT exits with

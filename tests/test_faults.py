@@ -29,6 +29,7 @@ import pytest
 import trio
 
 from palm_net import faults
+from palm_net.agent import faultdrill
 from palm_net.agent.launcher import AgentProcess, provision, remove_all
 from palm_net.migration import effects
 from palm_net.migration.handoff import MOVES
@@ -36,7 +37,7 @@ from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
-IN_PROCESS_KINDS = (*faults.RAISE_KINDS, "cancel")
+IN_PROCESS_KINDS = (*faultdrill.RAISE_KINDS, "cancel")
 
 # Steps a clean migration of a model VM never reaches, and the first fault that
 # sends it there (on the abort path, or the stream backend's only).
@@ -95,12 +96,12 @@ def test_an_injector_is_off_by_default_and_the_environment_form_is_checked():
     assert faults._injector is None
     faults.fault("destination.vm.activate")  # nothing happens
     with pytest.raises(ValueError, match="PALM_FAULT"):
-        faults.from_environment("no.such.step:exit")
+        faultdrill.from_environment("no.such.step:exit")
     with pytest.raises(ValueError, match="PALM_FAULT"):
-        faults.from_environment("destination.vm.activate:melt")
-    assert faults.from_environment("") is None
+        faultdrill.from_environment("destination.vm.activate:melt")
+    assert faultdrill.from_environment("") is None
     try:
-        assert faults.from_environment("destination.vm.activate:eio") == "destination.vm.activate:eio"
+        assert faultdrill.from_environment("destination.vm.activate:eio") == "destination.vm.activate:eio"
         with pytest.raises(OSError, match="Input/output"):
             faults.fault("destination.vm.activate")
         faults.fault("destination.vm.activate")  # once only
@@ -164,7 +165,7 @@ async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096,
         if kind == "cancel":
             _cancel_agent(cluster, "a" if step.startswith("source.") else "b")
             return
-        raise faults.raiser(kind)
+        raise faultdrill.raiser(kind)
 
     two: list[str] = []
 
@@ -278,7 +279,7 @@ async def test_a_failed_activation_after_commit_keeps_the_vm_committed_then_runs
     def full_at_activation(at: str) -> None:
         if at == "destination.vm.activate" and not seen:
             seen.append(at)
-            raise faults.raiser("enospc")
+            raise faultdrill.raiser("enospc")
 
     a, b = pair["a"], pair["b"]
     vm = a.registry.create_model("vm1", 256 * 4096, protected=2, fill="random", seed=9)
@@ -308,7 +309,7 @@ async def test_committed_not_running_is_reported_and_resumable_by_the_operator(p
     def qmp_refuses(at: str) -> None:
         if at == "destination.vm.activate" and fails[0] < 3:
             fails[0] += 1
-            raise faults.raiser("eio")
+            raise faultdrill.raiser("eio")
 
     a, b = pair["a"], pair["b"]
     a.registry.create_model("vm1", 64 * 4096, protected=1)
@@ -498,7 +499,7 @@ def crash_case(root: Path, step: str) -> Case:
         except subprocess.TimeoutExpired:
             rc = None
         if rc is not None:  # it died at the step: started again, without the fault
-            assert rc == faults.EXIT_CODE, f"agent {case.victim} exited with {rc}: {victim.log_tail(800)}"
+            assert rc == faultdrill.EXIT_CODE, f"agent {case.victim} exited with {rc}: {victim.log_tail(800)}"
             case.fired.append(step)
             victim.proc = None
             victim.env = None
@@ -543,3 +544,11 @@ def test_fault_matrix_crash(shm, capsys):
         print_table(rows, ("exit",), time.monotonic() - t0)
     failed = [f"{r.step}: {r.where}" for r in rows if r.note == "FAIL"]
     assert not failed, "\n".join(failed)
+
+
+def test_each_step_of_the_handoff_table_leads_to_one_state():
+    """HandoffStore._move_from sets one target for all the states a step may leave."""
+    targets: dict[tuple[object, object], set[object]] = {}
+    for (side, _, step), after in MOVES.items():
+        targets.setdefault((side, step), set()).add(after)
+    assert all(len(t) == 1 for t in targets.values()), targets

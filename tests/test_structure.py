@@ -19,7 +19,8 @@ PROTO = (ROOT / "proto" / "PROTOCOL.md").read_text()
 PKG = ROOT / "palm_net"
 # crypto -> wire -> channel -> hypervisor -> migration -> agent -> cli (STYLE.md "Layers"); the
 # helpers below every layer import nothing of palm_net; testing/ may use anything.
-LAYERS = ["hostfs", "units", "trioutil", "logs", "crypto", "wire", "channel", "hypervisor", "migration", "cluster",
+LAYERS = ["hostfs", "units", "trioutil", "logs", "faults", "crypto", "wire", "channel", "hypervisor", "migration",
+          "cluster",
           "agent", "cli"]
 
 

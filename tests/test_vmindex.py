@@ -52,7 +52,7 @@ async def test_a_vanished_memory_dir_is_refused_naming_the_vms(one):
     old, _ = await _with_vm(one)
     shutil.rmtree(old)
     cfg = one.members["a"].config
-    with pytest.raises(AgentError, match="vm1.*which is missing"):
+    with pytest.raises(AgentError, match=r"vm1.*which is missing"):
         Agent(cfg)
     cfg.adopt_vms = True  # the operator accepts going on without them
     a = await one.start("a")

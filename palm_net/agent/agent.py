@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 import trio
 
-from palm_net import faults
+from palm_net.agent import faultdrill
 from palm_net.agent.clustering import AgentCluster
 from palm_net.agent.control import ControlServer
 from palm_net.agent.errors import AgentError
@@ -390,7 +390,7 @@ async def run_agent(cfg: AgentConfig) -> None:
     """Runs until SIGINT/SIGTERM; in-flight migrations end by the handoff rules."""
     bound_malloc()  # this process is an agent from now on
     try:
-        drill = faults.from_environment()
+        drill = faultdrill.from_environment()
     except ValueError as exc:
         raise AgentError(str(exc)) from None
     if drill is not None:
