@@ -121,6 +121,7 @@ class Case:
     where: str = ""
     seconds: float = 0.0
     note: str = ""
+    log: str = ""  # the agents' logs (processes)
 
     @property
     def victim(self) -> str:
@@ -470,13 +471,14 @@ def _one_copy(agents: dict[str, AgentProcess], vm: str, timeout: float = 40) -> 
         time.sleep(0.1)
 
 
-def crash_case(root: Path, step: str) -> Case:
+def crash_case(root: Path, step: str, kind: str = "exit") -> Case:
     """Migrates a model VM with a protected process from a to b; the agent of ``step``'s
-    side exits there (after a first fault that leads to it, on the abort path), is
-    started again, and the VM must end on exactly one host, verified, unchanged."""
-    case = Case(step, "exit")
+    side exits there (``stop``: is sent SIGTERM there) after a first fault that leads
+    to it on the abort path, is started again, and the VM must end on exactly one
+    host, verified, unchanged."""
+    case = Case(step, kind)
     t0 = time.monotonic()
-    plan = [f"{step}:exit"]
+    plan = [f"{step}:{kind}"]
     if step in ON_ABORT_PATH:
         trigger, kind = ABORT_TRIGGER[step.split(".")[0]]
         plan.insert(0, f"{trigger}:{kind}")
@@ -498,14 +500,16 @@ def crash_case(root: Path, step: str) -> Case:
             rc = victim.proc.wait(1.0)
         except subprocess.TimeoutExpired:
             rc = None
-        if rc is not None:  # it died at the step: started again, without the fault
-            assert rc == faultdrill.EXIT_CODE, f"agent {case.victim} exited with {rc}: {victim.log_tail(800)}"
+        if rc is not None:  # it died (or stopped) at the step: started again, without the fault
+            assert rc == (faultdrill.EXIT_CODE if kind == "exit" else 0), \
+                f"agent {case.victim} exited with {rc}: {victim.log_tail(800)}"
             case.fired.append(step)
             victim.proc = None
             victim.env = None
             victim.start()
         t.join(60)
         case.where = _one_copy(agents, "vm1")
+        case.log = "".join(ag.log_tail(1 << 20) for ag in agents.values())
         ag = agents[case.where]
         assert ag.request("vm.verify", name="vm1")["ok"]
         assert ag.request("vm.digest", name="vm1")["digest"] == digest
@@ -517,14 +521,18 @@ def crash_case(root: Path, step: str) -> Case:
     return case
 
 
-CRASH_SAMPLE = ["destination.store.commit.done", "source.store.hand-off.done"]
+CRASH_SAMPLE = [("destination.store.commit.done", "exit"), ("source.store.hand-off.done", "exit"),
+                # issue 21's second reproduction, for real: SIGTERM inside the commit window
+                ("destination.store.commit.done", "stop"), ("destination.vm.activate", "stop")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", CRASH_SAMPLE)
-def test_crash_at_a_step_then_restart(shm, step):
-    case = crash_case(shm / "c", step)
+@pytest.mark.parametrize(("step", "kind"), CRASH_SAMPLE)
+def test_crash_or_stop_at_a_step_then_restart(shm, step, kind):
+    case = crash_case(shm / "c", step, kind)
     assert case.fired == [step] and case.where == ("b" if step.startswith("destination") else "a")
+    if kind == "stop":  # it waited for the commit window, and said so
+        assert "waiting for commit windows in progress" in case.log
 
 
 @pytest.mark.faults

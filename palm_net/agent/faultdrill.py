@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 
 from palm_net.faults import STEPS, install
@@ -31,25 +32,29 @@ RAISE_KINDS = ("enospc", "eio", "hypervisor", "timeout")
 
 
 def from_environment(value: str | None = None) -> str | None:
-    """An agent started for a fault drill: ``PALM_FAULT=STEP:KIND[,STEP:KIND...]`` (KIND:
-    exit, or one of RAISE_KINDS and qmp): each fires the first time the agent reaches its
-    STEP after the one before fired (a first fault can lead to the step of the second).
-    Returns the setting (for the agent's loud start-up line), None when unset."""
+    """An agent started for a fault drill: ``PALM_FAULT=STEP:KIND[,STEP:KIND...]``, KIND
+    one of exit (the process dies), stop (SIGTERM to itself), RAISE_KINDS or qmp.  Each
+    fires the first time the agent reaches its STEP after the one before fired (a first
+    fault can lead to the step of the second).  Returns the setting (for the agent's
+    loud start-up line), None when unset."""
     spec = os.environ.get("PALM_FAULT") if value is None else value
     if not spec:
         return None
     plan = []
     for item in spec.split(","):
         step, _, kind = item.rpartition(":")
-        if step not in STEPS or kind not in ("exit", *RAISE_KINDS, "qmp"):
+        if step not in STEPS or kind not in ("exit", "stop", *RAISE_KINDS, "qmp"):
             raise ValueError(f"PALM_FAULT={spec!r}: expected STEP:KIND[,STEP:KIND...] with steps of "
-                             f"palm_net.faults.STEPS and KIND exit, {', '.join(RAISE_KINDS)} or qmp")
+                             f"palm_net.faults.STEPS and KIND exit, stop, {', '.join(RAISE_KINDS)} or qmp")
         plan.append((step, kind))
 
     def inject(at: str) -> None:
         if not plan or at != plan[0][0]:
             return
         step, kind = plan.pop(0)
+        if kind == "stop":  # what systemctl stop sends: the agent's own stop path runs
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if kind == "exit":
             sys.stderr.write(f"PALM_FAULT: process exits at {step}\n")
             sys.stderr.flush()
