@@ -84,14 +84,8 @@ def pki() -> Pki:
 @pytest.fixture
 async def cluster(nursery):
     """Two in-process agents, a and b, on loopback (palm_net.testing.cluster)."""
-    c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
-    c.nursery = nursery
-    await c.start("a")
-    await c.start("b")
-    yield c
-    for name in list(c.members):
-        await c.stop(name)
-    c.cleanup()
+    async with LocalCluster.started(nursery, in_doubt_wait=3.0) as c:
+        yield c
 
 
 @pytest.fixture

@@ -257,14 +257,8 @@ async def settle_qemu(cluster: LocalCluster, name: str, content: Path, timeout: 
 
 @pytest.fixture
 async def pair(nursery):
-    c = LocalCluster(("a", "b"), in_doubt_wait=0.5)
-    c.nursery = nursery
-    await c.start("a")
-    await c.start("b")
-    yield c
-    for name in list(c.members):
-        await c.stop(name)
-    c.cleanup()
+    async with LocalCluster.started(nursery, in_doubt_wait=0.5) as c:
+        yield c
 
 
 # --------------------------------------------------------------------------
@@ -385,22 +379,12 @@ async def test_fault_matrix_in_process(shm, capsys):
 async def _isolated(case: Case, content: Path | None = None) -> Case:
     """One case with a fresh pair of agents; a failure is recorded in the case (the
     table shows every failing cell)."""
-    c = LocalCluster(("a", "b"), in_doubt_wait=0.5)
     try:
-        async with trio.open_nursery() as nursery:
-            c.nursery = nursery
-            try:
-                await c.start("a")
-                await c.start("b")
-                await run_case(c, case, content=content)
-            finally:
-                for name in list(c.members):
-                    await c.stop(name)
+        async with trio.open_nursery() as nursery, LocalCluster.started(nursery, in_doubt_wait=0.5) as c:
+            await run_case(c, case, content=content)
     except (Exception, BaseExceptionGroup) as exc:
         case.note = "FAIL"
         case.where = _leaf(exc)
-    finally:
-        c.cleanup()
     return case
 
 

@@ -7,10 +7,13 @@ its port, to exercise restart recovery.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -54,6 +57,22 @@ class LocalCluster:
                               in_doubt_wait=in_doubt_wait, handshake_timeout=5.0, max_incoming=max_incoming)
             self.members[name] = Member(name, d, cfg)
         self.nursery: trio.Nursery | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def started(cls, nursery: trio.Nursery, names: tuple[str, ...] = ("a", "b"),
+                      **kw: Any) -> AsyncIterator[LocalCluster]:
+        """The agents started in ``nursery``; stopped and their directories removed after."""
+        c = cls(names, **kw)
+        c.nursery = nursery
+        try:
+            for name in names:
+                await c.start(name)
+            yield c
+        finally:
+            for name in list(c.members):
+                await c.stop(name)
+            c.cleanup()
 
     def __getitem__(self, name: str) -> Agent:
         agent = self.members[name].agent
