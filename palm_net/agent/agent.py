@@ -64,6 +64,7 @@ from palm_net.hostfs import (
     verify_dir,
     write_atomic,
 )
+from palm_net.hypervisor.backend import HypervisorError, describe_error
 from palm_net.hypervisor.qemu import DEFAULT_UIDS, Confinement
 from palm_net.migration.handoff import HandoffStore
 
@@ -348,13 +349,14 @@ class Agent:
             self.store.prune()
 
     async def _activations(self) -> None:
-        """Committed VMs whose activation failed: retried with back-off (1 s doubling to
-        a minute), until they run or the operator destroys them there."""
+        """What failed to happen to a VM after its migration, retried with back-off (1 s
+        doubling to a minute): committed VMs activated, the source's resumed, handed-over
+        copies scrubbed; until they are, or the operator acts there."""
         reg, delay = self.registry, ACTIVATION_RETRY[0]
         while True:
-            if not reg.not_running:
-                reg.activation_wanted = trio.Event()
-                await reg.activation_wanted.wait()
+            if not reg.not_running and not reg.to_scrub:
+                reg.retry_wanted = trio.Event()
+                await reg.retry_wanted.wait()
                 delay = ACTIVATION_RETRY[0]
             await trio.sleep(delay)
             for name in list(reg.not_running):
@@ -363,6 +365,14 @@ class Agent:
                     reg.not_running.pop(name, None)
                     continue
                 reg.activated(vm, await trio.to_thread.run_sync(reg.activate, vm))
+            for mid, gone in list(reg.to_scrub.items()):
+                try:
+                    await trio.to_thread.run_sync(self.store.scrub_handed_over, mid, gone)
+                except (HypervisorError, OSError) as exc:
+                    log.warning("scrub of a handed-over copy failed again", vm=gone.name, error=describe_error(exc))
+                    continue
+                del reg.to_scrub[mid]
+                log.info("handed-over copy scrubbed", vm=gone.name, migration=mid.hex())
             delay = min(delay * 2, ACTIVATION_RETRY[1])
 
     def close(self) -> None:

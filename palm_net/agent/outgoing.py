@@ -137,10 +137,10 @@ class OutgoingService:
         if vm is None:
             return
         if may_scrub(Role.SOURCE, self.store.state_of(mid)):
-            if vm.dir.exists():
-                log.error("the handed-over copy could not be scrubbed: it never runs here again, and goes at "
-                          "the agent's next start", vm=vm.name, migration=mid.hex())
-            self.registry.forget(vm)
+            if vm.dir.exists():  # its scrub failed: it never runs here again, and is retried
+                self.registry.scrub_failed(vm, mid)
+            else:
+                self.registry.forget(vm)
         elif vm.running:
             self.registry.start_workload(vm)
         elif self.store.state_of(mid) is HandoffState.ABORTED:  # ours again, but its resume failed

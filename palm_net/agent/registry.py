@@ -57,7 +57,10 @@ class VmRegistry:
         # Committed here (their rows say so) but not running: activation failed; retried
         # by the agent, reported everywhere, resumable by the operator, never scrubbed.
         self.not_running: dict[str, str] = {}
-        self.activation_wanted = trio.Event()  # set when a VM joins not_running
+        # Handed-over copies (their rows DONE) whose scrub failed: no longer ours to run or
+        # show, their memory goes at the next attempt (retried like activations).
+        self.to_scrub: dict[bytes, AnyVM] = {}
+        self.retry_wanted = trio.Event()  # set when a VM joins not_running or to_scrub
         self.changed: Callable[[], None] = lambda: None  # told when a VM comes, goes or changes state
 
     def __iter__(self) -> Iterator[AnyVM]:
@@ -102,8 +105,16 @@ class VmRegistry:
         self.not_running[vm.name] = error
         log.error("VM is this agent's but does not run: retried (palm vm resume to try now)",
                   vm=vm.name, state=vm.state, error=error)
-        self.activation_wanted.set()
+        self.retry_wanted.set()
         self.changed()
+
+    def scrub_failed(self, vm: AnyVM, mid: bytes) -> None:
+        """A handed-over copy (row DONE) still holds memory: forgotten here (it never runs
+        again), its scrub retried."""
+        log.error("the handed-over copy could not be scrubbed yet: retried", vm=vm.name, migration=mid.hex())
+        self.forget(vm)
+        self.to_scrub[mid] = vm
+        self.retry_wanted.set()
 
     def activate(self, vm: AnyVM) -> Activation:
         """Worker thread: one attempt to run a VM of ``not_running``, as its row allows:
@@ -327,8 +338,12 @@ class VmRegistry:
                 act = self.activate(vm)  # the resume was missing (or failed)
                 if not act.running:
                     self.activation_failed(vm, act.error or "did not resume")
-            elif store.scrub_handed_over(mid, vm):  # DONE: only the scrub was missing
-                self.forget(vm)
+            elif row.state is HandoffState.DONE:  # only the scrub was missing
+                try:
+                    if store.scrub_handed_over(mid, vm):
+                        self.forget(vm)
+                except (HypervisorError, OSError):
+                    self.scrub_failed(vm, mid)
             # handed_off: stays paused, in doubt; the outgoing service asks the destination
         for row in store.list(role=Role.DESTINATION, states=(HandoffState.RECEIVING, HandoffState.PREPARED),
                               limit=1 << 30):

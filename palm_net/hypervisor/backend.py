@@ -140,6 +140,10 @@ class HostedVM(Protocol):
         """Makes a verified incoming VM runnable and runs it."""
         ...
 
+    def mark_stopped(self) -> None:
+        """A resume failed: the VM says paused until it runs again (nothing is written)."""
+        ...
+
     def scrub(self) -> None:
         """Destroys the VM's memory and keys (after handoff, or a failed incoming VM)."""
         ...

@@ -550,6 +550,10 @@ class ModelVM(ConfiguredVM):
             self.config["state"] = "paused"
         self.sync()
 
+    def mark_stopped(self) -> None:
+        with self._lock:  # the workload waits on this state
+            super().mark_stopped()
+
     def resume(self) -> None:
         with self._lock:
             if self.state not in ("paused", "running"):

@@ -38,6 +38,12 @@ class ConfiguredVM:
         mid = self.config.get("migration")
         return bytes.fromhex(mid) if mid else None
 
+    def mark_stopped(self) -> None:
+        """A resume or activation failed: the VM is not known to run, so it says paused
+        (in memory) until one succeeds; the agent's retry then resumes it."""
+        if self.state == "running":
+            self.config = dict(self.config, state="paused")
+
     def set_migration(self, mid: bytes | None) -> None:
         """Records the migration this VM is part of; as it was if it cannot be written."""
         old = self.config.get("migration")

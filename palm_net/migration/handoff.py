@@ -397,6 +397,7 @@ class HandoffStore:
             except (HypervisorError, OSError) as exc:
                 # The VM is the source's (its row says so) but does not run: the
                 # agent sees it paused and retries (palm_net.agent.registry).
+                vm.mark_stopped()
                 log.error("VM did not resume after its migration ended", vm=vm.info.name, migration=mid.hex(),
                           error=describe_error(exc))
         return moved
