@@ -320,6 +320,12 @@ async def test_committed_not_running_is_reported_and_resumable_by_the_operator(p
         assert "vm1" in status["committed_not_running"]
         shown = ControlServer(b, b.control_path)._summary(b.vms["vm1"])
         assert shown["state"] == "committed-not-running" and "I/O error" in shown["activation_error"]
+        row = next(m for m in b.outgoing.migrations() if m["migration_id"] == res.mid.hex())
+        assert row["state"].startswith("committed (not running: I/O error")
+        from palm_net.cluster.metrics import AgentMetrics
+
+        scrape = AgentMetrics(b.cluster._snapshot).render().decode()
+        assert "palm_vms_committed_not_running 1.0" in scrape
         from palm_net.agent.errors import AgentError
 
         while fails[0] < 3:  # the operator tries before the disk is back: a clear refusal
@@ -544,3 +550,40 @@ def test_each_step_of_the_handoff_table_leads_to_one_state():
     for (side, _, step), after in MOVES.items():
         targets.setdefault((side, step), set()).add(after)
     assert all(len(t) == 1 for t in targets.values()), targets
+
+
+# --------------------------------------------------------------------------
+# Errors named as they are
+
+
+def test_storage_errors_are_named_not_called_a_lost_connection():
+    import errno as e
+
+    from palm_net.migration.runner import session_error
+    from palm_net.wire.errors import ErrorCode
+
+    full = session_error(OSError(e.ENOSPC, "No space left on device", "/dev/shm/palm-0-x/vm1/vm.json"))
+    assert full.code is ErrorCode.NO_SPACE and "no space left on device" in full.detail
+    assert "/dev/shm" in full.detail  # which file system
+    eio = session_error(OSError(e.EIO, "Input/output error", "/var/lib/palm/state.db"))
+    assert eio.code is ErrorCode.HYPERVISOR and eio.detail.startswith("I/O error")
+    reset = session_error(ConnectionResetError(e.ECONNRESET, "Connection reset by peer"))
+    assert reset.code is ErrorCode.CLOSED and "connection lost" in reset.detail
+
+
+async def test_no_space_at_the_start_of_a_migration_is_one_line_and_leaves_no_sending_row(pair, monkeypatch):
+    import errno as e
+
+    a = pair["a"]
+    vm = a.registry.create_model("vm1", 64 * 4096, protected=1)
+
+    def full(mid: bytes | None) -> None:
+        raise OSError(e.ENOSPC, "No space left on device", str(vm.dir / "vm.json"))
+
+    monkeypatch.setattr(vm, "set_migration", full)
+    res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+    assert not res.ok and res.runs_on == "source" and vm.running
+    assert res.error.startswith("no-space: cannot mark VM 'vm1' as migrating: no space left on device")
+    assert "\n" not in res.error
+    row = a.store.get(res.mid)
+    assert row is not None and row.state == "aborted"  # never left "sending"

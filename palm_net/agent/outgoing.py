@@ -242,8 +242,12 @@ class OutgoingService:
             lm = self.live.get(row.mid)
             stats = lm.stats.as_dict() if lm is not None else row.stats
             in_flight = lm is not None and lm.result is None
+            vm = self.registry.of(row)
+            state = row.state.value
+            if vm is not None and vm.name in self.registry.not_running:  # ours by this row, but not running
+                state += " (not running: " + self.registry.not_running[vm.name] + ")"
             out.append({"migration_id": row.mid.hex(), "role": row.role.value, "vm": row.vm, "peer": row.peer.name,
-                        "state": row.state.value, "in_flight": in_flight,
+                        "state": state, "in_flight": in_flight,
                         "error": row.error, "started": row.created, "updated": row.updated, "stats": stats,
                         **_figures(stats, (now if in_flight else row.updated) - row.created, in_flight)})
         known = {row.mid for row in rows}
