@@ -24,10 +24,12 @@ exactly-one-copy check).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -55,6 +57,7 @@ class DrillEtcd:
         else:
             self.cluster = EtcdCluster(n, heartbeat_ms=100, election_ms=1000)
         self.cut_agents: set[int] = set()
+        self.signer: Path | None = None  # the operator's directory (`palm cluster --signer`), once provisioned
 
     def start(self) -> None:
         self.cluster.start()
@@ -103,8 +106,9 @@ class DrillEtcd:
     def palm(self, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any] | None, str, float]:
         """Runs the real `palm cluster` command (from the root namespace); (rc, JSON, stderr, seconds)."""
         t0 = time.monotonic()
+        env = {**os.environ, **({"PALM_SIGNER": str(self.signer)} if self.signer else {})}
         p = subprocess.run([sys.executable, "-m", "palm_net.cli", "cluster", *args, "--etcd", self.urls, "--json"],
-                           capture_output=True, text=True, timeout=timeout)
+                           capture_output=True, text=True, timeout=timeout, env=env)
         took = time.monotonic() - t0
         try:
             out = json.loads(p.stdout) if p.stdout.strip() else None

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from palm_net.agent.launcher import AgentProcess, provision, remove_all  # noqa: E402
+from palm_net.agent.launcher import AgentProcess, provision, provision_operator, remove_all  # noqa: E402
 from palm_net.cli import CliError  # noqa: E402
 from palm_net.hypervisor.qemu import live_processes  # noqa: E402
 from palm_net.testing.proxy import ProxyThread, Rule  # noqa: E402
@@ -73,7 +73,9 @@ class ProcessCluster:
 
             self.etcd = DrillEtcd(self.net, n, etcd)
         names = [f"agent{i}" for i in range(n)]
-        provision(root, names)
+        ca = provision(root, names)
+        if self.etcd is not None:  # `palm cluster` signs as an operator (the authority's key stays aside)
+            self.etcd.signer = provision_operator(root, ca)
         self.agents = [AgentProcess(root, name, host=self.net.host(i), port=PORT if self.net.netns else None,
                                     prefix=self.net.prefix(i), extra=extra)
                        for i, name in enumerate(names)]

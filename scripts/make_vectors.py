@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerates proto/vectors/*.json (palm_net's own handshake and first records).
+"""Regenerates proto/vectors/*.json (palm_net's own handshake and first records, and the
+signed cluster policy documents).
 
 Run after a deliberate wire change, then review the diff: tests compare the
 implementation against these files byte for byte.
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 
 from palm_net.crypto.noise import CipherName
-from palm_net.testing.vectors import build
+from palm_net.testing.vectors import build, build_policy
 
 OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"
 
@@ -26,4 +27,7 @@ if __name__ == "__main__":
     print(f"wrote {path}")
     path = OUT / "plain_aesgcm.json"
     path.write_text(json.dumps(build(CipherName.AESGCM, plain=True), indent=1) + "\n")
+    print(f"wrote {path}")
+    path = OUT / "policy.json"
+    path.write_text(json.dumps(build_policy(), indent=1) + "\n")
     print(f"wrote {path}")

@@ -18,7 +18,8 @@ from palm_net.agent.errors import AgentError
 from palm_net.cluster import EtcdClient
 from palm_net.cluster.admin import read_cluster, revoke, status_dict, unrevoke
 from palm_net.cluster.etcd import EtcdConfig
-from palm_net.cluster.model import AgentRecord, Keys, VmRecord
+from palm_net.cluster.model import AgentRecord, Keys, KnownAgent, VmRecord
+from palm_net.cluster.policy import Signer
 from palm_net.migration.handoff import HandoffState
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
@@ -66,6 +67,7 @@ class Cluster:
         self.etcd = etcd
         self.keys = Keys(prefix)
         self.local = LocalCluster(tuple(names), in_doubt_wait=3.0)
+        self.signer = Signer(self.local.authority.signing, self.local.authority.public)
         self.local.nursery = nursery
         self.proxies: dict[str, CutProxy] = {}
         self.etcd_for = set(names if etcd_for is None else etcd_for)
@@ -220,7 +222,7 @@ async def test_revocation_refuses_handshakes_everywhere_and_is_kept_across_resta
     for name in ("a", "c"):
         c[name].registry.create_model(f"vm-{name}", 8 * MiB)
     async with EtcdClient(c.etcd.config()) as e:
-        acks = await revoke(e, c.keys, "c", "compromised", "test", 10.0)
+        acks = (await revoke(e, c.keys, c.signer, "c", "compromised", "test", 10.0, force=True)).acks
         assert set(acks.seconds) == {"a", "b"} and not acks.missing
     assert c["b"].cluster.gate.lists.revoked == {"c"}
     r = await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
@@ -242,8 +244,8 @@ async def test_revocation_refuses_handshakes_everywhere_and_is_kept_across_resta
     c.proxies["b"].heal()
     await eventually(lambda: c["b"].cluster.member.lease is not None, what="b registered again")
     async with EtcdClient(c.etcd.config()) as e:
-        acks = await unrevoke(e, c.keys, "c", 10.0)
-        assert acks is not None and set(acks.seconds) == {"a", "b"}
+        changed = await unrevoke(e, c.keys, c.signer, "c", "test", 10.0)
+        assert changed is not None and set(changed.acks.seconds) == {"a", "b"}
     r = await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
     assert r.ok, r.error
 
@@ -268,7 +270,7 @@ async def test_a_peer_revoked_in_flight(make, nursery, when):
     run = next(iter(c["b"].incoming.runs.values()))
     assert run.engine.outcome == (None if when == "before READY" else "prepared")
     async with EtcdClient(c.etcd.config()) as e:
-        await revoke(e, c.keys, "c", "", "test", 10.0)
+        await revoke(e, c.keys, c.signer, "c", "", "test", 10.0, force=True)
     r = await eventually(lambda: out.get("r"), what="the migration's end")
     row = c["b"].store.get(r.mid)
     if when == "before READY":
@@ -287,17 +289,17 @@ async def test_the_cluster_allowlist_replaces_the_local_one(make):
 
     other = "11" * 32
     async with EtcdClient(c.etcd.config()) as e:
-        al, acks = await change_allowlist(e, c.keys, "set", [other], "test", 10.0)
-        assert set(acks.seconds) == {"a", "b"}
+        al, changed = await change_allowlist(e, c.keys, c.signer, "set", [other], "test", 10.0)
+        assert set(changed.acks.seconds) == {"a", "b"}
     r = await c["a"].outgoing.migrate("web", c.local.addr("b"), MigrationParams())
     assert not r.ok and "measurement-not-allowed" in r.error and c.local.running_copies("web") == ["a"]
     async with EtcdClient(c.etcd.config()) as e:
-        await change_allowlist(e, c.keys, "add", [c["a"].measurement.hex()], "test", 10.0)
+        await change_allowlist(e, c.keys, c.signer, "add", [c["a"].measurement.hex()], "test", 10.0)
     r = await c["a"].outgoing.migrate("web", c.local.addr("b"), MigrationParams())
     assert r.ok, r.error
     async with EtcdClient(c.etcd.config()) as e:
-        al, acks = await change_allowlist(e, c.keys, "clear", [], "test", 10.0)
-        assert al is None and acks is not None
+        al, changed = await change_allowlist(e, c.keys, c.signer, "clear", [], "test", 10.0)
+        assert al is None and changed is not None
     assert c["a"].cluster.gate.lists.allowlist is None
 
 
@@ -312,7 +314,8 @@ async def test_drain_evacuates_a_host_within_the_limits(make, prefix):
     c["a"].registry.create_model("pinned", 8 * MiB, policy="agents:c")
     c["a"].registry.create_model("stays", 8 * MiB, policy="none")
     async with EtcdClient(c.etcd.config()) as e:
-        req, joined = await request_drain(e, c.keys, "a", DrainOptions(max_cluster=5, max_source=2), "test")
+        req, joined, _ = await request_drain(e, c.keys, c.signer, "a", DrainOptions(max_cluster=5, max_source=2),
+                                             "test")
         assert not joined
         seen = []
         st = await follow_drain(e, c.keys, "a", req.id, seen.append)
@@ -326,7 +329,7 @@ async def test_drain_evacuates_a_host_within_the_limits(make, prefix):
     assert c.local.running_copies("stays") == ["a"]
     # while marked draining nothing is placed on a: a drain of b goes to c only
     async with EtcdClient(c.etcd.config()) as e:
-        req, _ = await request_drain(e, c.keys, "b", DrainOptions(), "test")
+        req, _, _ = await request_drain(e, c.keys, c.signer, "b", DrainOptions(), "test")
         st = await follow_drain(e, c.keys, "b", req.id, lambda s: None)
         assert st.state == "done" and {v.to for v in st.vms.values()} == {"c"}
         view = status_dict(await read_cluster(e, c.keys))
@@ -346,7 +349,7 @@ async def test_a_drain_goes_on_after_its_agent_restarts(make):
         c["a"].registry.create_model(f"vm{i}", 16 * MiB)
     opts = DrainOptions(max_source=1, bandwidth=32 * MiB)  # one at a time, half a second each
     async with EtcdClient(c.etcd.config()) as e:
-        req, _ = await request_drain(e, c.keys, "a", opts, "test")
+        req, _, _ = await request_drain(e, c.keys, c.signer, "a", opts, "test")
         first = await eventually(lambda: _moved(e, c.keys, 1), what="the first VM moved")
         await c.local.stop("a")  # the agent stops in the middle of the drain (the command is not even running)
         mid = await drain_status(e, c.keys, "a")
@@ -429,23 +432,45 @@ async def test_an_agent_joins_over_tls_with_a_client_certificate(nursery, tmp_pa
 
 def test_cli_status_revoke_and_drain(etcd, prefix, capsys, tmp_path: Path):
     """The commands against etcd, with no agent: what they say and exit with."""
+    from palm_net.agent.launcher import provision_operator
     from palm_net.cli import main
+    from palm_net.crypto.identity import Authority
 
     url = etcd.urls[0]
-    assert main(["cluster", "status", "--etcd", url, "--etcd-prefix", prefix]) == 0
+    ca = Authority.generate()
+    ca.save(tmp_path / "ca")
+    op = str(provision_operator(tmp_path, ca, "alice"))
+    at = ["--etcd", url, "--etcd-prefix", prefix]
+    assert main(["cluster", "status", *at]) == 0
     assert "0 agents alive" in capsys.readouterr().out
-    assert main(["cluster", "revoke", "ghost", "--etcd", url, "--etcd-prefix", prefix, "--wait", "1"]) == 0
-    assert "no agent is alive" in capsys.readouterr().out
-    assert main(["cluster", "status", "--json", "--etcd", url, "--etcd-prefix", prefix]) == 0
+    assert main(["cluster", "revoke", "ghost", *at, "--wait", "1"]) == 2  # nothing unsigned
+    assert "--signer DIR is required" in capsys.readouterr().err
+    # a name no agent ever registered (a typo): refused, and the known names are said
+    async def register():
+        async with EtcdClient(etcd.config()) as e:
+            await e.put(Keys(prefix).known_agent("host-c"), KnownAgent("host-c", "cd" * 32, 1.7e9).encode())
+    trio.run(register)
+    assert main(["cluster", "revoke", "host-zz", *at, "--wait", "1", "--signer", op]) == 1
+    err = capsys.readouterr().err
+    assert "no agent named 'host-zz' ever registered" in err and "known: host-c" in err and "--force" in err
+    assert main(["cluster", "status", "--json", *at]) == 0
+    assert json.loads(capsys.readouterr().out)["revoked"] == []  # nothing was written
+    assert main(["cluster", "revoke", "ghost", *at, "--wait", "1", "--signer", op, "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "agent ghost revoked by name only" in out and "signed by the operator alice" in out
+    assert f"written to {prefix}config/revoked/ghost" in out and "no agent is alive" in out
+    assert main(["cluster", "revoke", "host-c", *at, "--wait", "1", "--signer", str(tmp_path / "ca")]) == 0
+    assert "with its static key cdcdcdcdcdcdcdcd..." in capsys.readouterr().out
+    assert main(["cluster", "status", "--json", *at, "--ca", str(tmp_path / "ca" / "ca.pub")]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert st["revoked"] == ["ghost"] and st["agents"] == [{"name": "ghost", "health": "revoked", "alive": False}]
-    assert main(["cluster", "drain", "ghost", "--etcd", url, "--etcd-prefix", prefix]) == 1
+    assert st["revoked"] == ["ghost", "host-c"] and st["problems"] == []
+    assert {"name": "ghost", "health": "revoked", "alive": False} in st["agents"]
+    assert main(["cluster", "drain", "ghost", *at, "--signer", op]) == 1
     assert "not alive in the cluster" in capsys.readouterr().err
-    assert main(["cluster", "allowlist", "remove", "ab" * 32, "--etcd", url, "--etcd-prefix", prefix]) == 1
+    assert main(["cluster", "allowlist", "remove", "ab" * 32, *at, "--signer", op]) == 1
     assert "empty" in capsys.readouterr().err
     assert main(["cluster", "status", "--etcd", "http://127.0.0.1:1", "--etcd-prefix", prefix]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no endpoint answered" in err
     assert main(["cluster", "status"]) == 2
     assert "--etcd" in capsys.readouterr().err
-

@@ -1,4 +1,4 @@
-"""palm_net's own handshake vectors (proto/vectors/) reproduce byte for byte."""
+"""palm_net's own handshake and policy vectors (proto/vectors/) reproduce byte for byte."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from palm_net.crypto.noise import CipherName
-from palm_net.testing.vectors import build
+from palm_net.testing.vectors import build, build_policy
 from palm_net.wire import messages
 
 VECTORS = Path(__file__).resolve().parent.parent / "proto" / "vectors"
@@ -61,3 +61,23 @@ def test_vectors_are_independent_of_the_implementation_details():
     assert preamble[8:].decode() == "Noise_XX_25519_ChaChaPoly_BLAKE2b"
     # msg1 = the initiator's ephemeral public key and an empty payload
     assert int.from_bytes(flight1[4 + n : 8 + n], "big") == 32
+
+
+def test_policy_vectors():
+    """proto 10: the documents reproduce, and each verifies from the spec alone (Ed25519 over
+    the domain and the body, by the authority or by the key of the operator's certificate)."""
+    import msgpack
+    from nacl.signing import VerifyKey
+
+    expected = json.loads((VECTORS / "policy.json").read_text())
+    assert build_policy(expected["inputs"]) == expected
+    authority = VerifyKey(bytes.fromhex(expected["authority_public"]))
+    operator = msgpack.unpackb(msgpack.unpackb(bytes.fromhex(expected["operator_certificate"]))["body"])
+    assert operator["roles"] == ["operator"]
+    for d in expected["documents"]:
+        outer = msgpack.unpackb(bytes.fromhex(d["document"]))
+        assert set(outer) == {"body", "sig", "cert"} and outer["body"].hex() == d["body"]
+        key = authority if not outer["cert"] else VerifyKey(operator["sign_pub"])
+        key.verify(b"palm-net/policy/v1\x00" + outer["body"], outer["sig"])
+        assert msgpack.unpackb(outer["body"])["cluster"] == expected["inputs"]["cluster"]
+    assert [r["reason"] for r in expected["refused"]] == ["wrong-role", "bad-signature", "unsigned", "other-cluster"]

@@ -101,7 +101,8 @@ class AgentCluster:
             eps = cfg.etcd.endpoints
             k = int.from_bytes(hashlib.blake2b(self.name.encode(), digest_size=4).digest(), "big") % len(eps)
             etcd = dataclasses.replace(cfg.etcd, endpoints=eps[k:] + eps[:k])
-            self.member = ClusterMember(MemberConfig(etcd, keys, agent.state_dir, cfg.cluster_lease_ttl,
+            self.member = ClusterMember(MemberConfig(etcd, keys, agent.state_dir, agent.channel_config.authority_pub,
+                                                     cfg.cluster_lease_ttl,
                                                      cfg.cluster_reconcile_every), self)
         if cfg.metrics is not None:
             try:

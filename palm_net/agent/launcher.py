@@ -22,7 +22,7 @@ from typing import Any
 
 from palm_net.agent.agent import default_measurement
 from palm_net.agent.client import ControlError, control_request
-from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
+from palm_net.crypto.identity import CA_PUB_FILE, CERT_FILE, OPERATOR_ROLE, AgentIdentity, Authority
 from palm_net.hypervisor.qemu import kill_all_under
 
 
@@ -37,6 +37,18 @@ def provision(root: Path, names: list[str], days: float = 1, measurement: bytes 
         (root / name / CERT_FILE).write_bytes(ca.issue(name, ident.static.public, ident.sign_pub, m,
                                                         days=days).encode())
     return ca
+
+
+def provision_operator(root: Path, ca: Authority, name: str = "operator", days: float = 1) -> Path:
+    """An operator's directory root/NAME (as `palm keygen` then `palm ca issue --role operator`):
+    what `palm cluster ... --signer DIR` signs the cluster's policy with."""
+    d = root / name
+    ident = AgentIdentity.generate(name)
+    ident.save(d)
+    (d / CERT_FILE).write_bytes(ca.issue(name, ident.static.public, ident.sign_pub, bytes(32), (OPERATOR_ROLE,),
+                                         days=days).encode())
+    (d / CA_PUB_FILE).write_text(ca.public.hex() + "\n")
+    return d
 
 
 def free_port(host: str = "127.0.0.1") -> int:

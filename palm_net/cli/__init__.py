@@ -103,6 +103,8 @@ def cmd_ca(a: argparse.Namespace) -> int:
             m = b""
         if len(m) != 32:
             raise CliError("--measurement must be 64 hex digits", EXIT_USAGE)
+    elif a.role and "operator" in a.role:
+        m = bytes(32)  # an operator runs no agent code: nothing to measure
     else:
         m = default_measurement()
     if a.days <= 0:
@@ -116,6 +118,8 @@ def cmd_ca(a: argparse.Namespace) -> int:
     from palm_net.hostfs import write_atomic
 
     write_atomic(path, cert.encode(), 0o644)
+    if "operator" in cert.roles:  # `palm cluster ... --signer DIR` checks what it reads against it
+        write_atomic(Path(a.agent) / CA_PUB_FILE, (ca.public.hex() + "\n").encode(), 0o644)
     emit({"name": cert.name, "measurement": m.hex(), "roles": list(cert.roles), "not_after": cert.not_after,
           "path": str(path)}, a.json,
          lambda: f"certificate for {cert.name} written to {path} (roles {', '.join(cert.roles)}, "
@@ -555,13 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
     ci = add("init", "create a cluster authority (Ed25519) in DIR", cmd_ca, parent=ca_sub)
     ci.add_argument("--dir", required=True, help="where ca.key (private, stays here) and ca.pub (for agents) go")
     ci.add_argument("--force", action="store_true", help="replace an existing authority")
-    cs = add("issue", "issue a certificate for an agent, written into its DIR", cmd_ca, parent=ca_sub)
+    cs = add("issue", "issue a certificate for an agent (or an operator), written into its DIR", cmd_ca,
+             parent=ca_sub)
     cs.add_argument("--ca", required=True, metavar="DIR", help="authority directory (holds ca.key; the ca.key "
                                                                "file itself is taken too)")
     cs.add_argument("--agent", required=True, metavar="DIR", help="agent state directory (has identity.key)")
     cs.add_argument("--days", type=float, default=365, help="validity in days (default 365)")
-    cs.add_argument("--role", action="append", choices=("source", "destination"),
-                    help="role, repeatable (default both)")
+    cs.add_argument("--role", action="append", choices=("source", "destination", "operator"),
+                    help="role, repeatable (default source and destination); operator (alone): the certificate "
+                         "signs the cluster's policy (palm cluster revoke, allowlist, drain --signer DIR), "
+                         "never an agent's")
     cs.add_argument("--measurement", metavar="HEX", help="measurement to certify (default: this installation's)")
 
     add("measurement", "print this installation's agent measurement", cmd_measurement)

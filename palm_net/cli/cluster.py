@@ -21,6 +21,7 @@ from palm_net.cli.output import EXIT_FAIL, EXIT_USAGE, CliError, _fmt_table, emi
 from palm_net.units import format_bytes, parse_rate, parse_size
 
 ETCD_ENV = "PALM_ETCD_ENDPOINTS"
+SIGNER_ENV = "PALM_SIGNER"
 CONFIG_KEYS = {"etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_prefix", "advertise", "capacity", "metrics"}
 
 
@@ -175,9 +176,15 @@ def cmd_cluster(a: argparse.Namespace) -> int:
 
 def _status(a: argparse.Namespace) -> int:
     from palm_net.cluster.admin import read_cluster, status_dict
+    from palm_net.crypto.identity import KeyFileError, load_authority_public
+
+    try:
+        ca = load_authority_public(Path(a.ca)) if a.ca else None
+    except KeyFileError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
     async def go(etcd: Any, keys: Any) -> Any:
-        return status_dict(await read_cluster(etcd, keys))
+        return status_dict(await read_cluster(etcd, keys, ca))
 
     r = _run(a, go)
     emit(r, a.json, lambda: status_text(r, a.etcd_prefix or "/palm/"))
@@ -214,13 +221,34 @@ def status_text(r: dict[str, Any], prefix: str) -> str:
     return "\n".join(lines)
 
 
+def _signer(a: argparse.Namespace) -> Any:
+    """Who signs the policy this command writes: ``--signer DIR`` or $PALM_SIGNER."""
+    from palm_net.cluster.policy import Signer
+    from palm_net.crypto.identity import KeyFileError
+
+    d = a.signer or os.environ.get(SIGNER_ENV)
+    if not d:
+        raise CliError(f"--signer DIR is required (or set {SIGNER_ENV}): the authority's directory (ca.key), or an "
+                       "operator's (palm keygen, then palm ca issue --role operator): agents take no unsigned "
+                       "policy", EXIT_USAGE)
+    try:
+        return Signer.load(Path(d))
+    except KeyFileError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _doc_line(changed: Any) -> str:
+    d = changed.doc
+    return f"serial {d.serial}, signed by the {d.signer}, written to {changed.key}"
+
+
+def _changed_dict(changed: Any) -> dict[str, Any]:
+    d = changed.doc
+    return {"key": changed.key, "serial": d.serial, "signer": d.signer, "acks": _acks_dict(changed.acks)}
+
+
 def _revoke(a: argparse.Namespace, undo: bool) -> int:
     from palm_net.cluster.admin import revoke, unrevoke
-
-    async def go(etcd: Any, keys: Any) -> Any:
-        if undo:
-            return await unrevoke(etcd, keys, a.agent, a.wait)
-        return await revoke(etcd, keys, a.agent, a.reason or "", _by(), a.wait)
 
     try:
         from palm_net.crypto.identity import validate_name
@@ -228,20 +256,32 @@ def _revoke(a: argparse.Namespace, undo: bool) -> int:
         validate_name(a.agent)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    acks = _run(a, go)
-    if acks is None:
+    signer = _signer(a)
+
+    async def go(etcd: Any, keys: Any) -> Any:
+        if undo:
+            return await unrevoke(etcd, keys, signer, a.agent, _by(), a.wait)
+        return await revoke(etcd, keys, signer, a.agent, a.reason or "", _by(), a.wait, force=a.force)
+
+    changed = _run(a, go)
+    if changed is None:
         emit({"agent": a.agent, "revoked": False, "changed": False}, a.json,
-             lambda: f"agent {a.agent} was not revoked")
+             lambda: f"agent {a.agent} was not revoked: nothing changed")
         return 0
-    what = f"agent {a.agent} {'no longer revoked' if undo else 'revoked'}"
-    emit({"agent": a.agent, "revoked": not undo, "changed": True, "acks": _acks_dict(acks)}, a.json,
-         lambda: _acks_line(what, acks, a.wait))
+    keys = [k.hex() for k in changed.doc.keys]
+    what = (f"agent {a.agent} no longer revoked" if undo else
+            f"agent {a.agent} revoked" + (f" with its static key{'s' if len(keys) > 1 else ''} "
+                                          + ", ".join(k[:16] + "..." for k in keys) if keys else
+                                          " by name only (no agent of that name was seen: --force)"))
+    acks = changed.acks
+    emit({"agent": a.agent, "revoked": not undo, "changed": True, "keys": keys, **_changed_dict(changed)}, a.json,
+         lambda: f"{what} ({_doc_line(changed)})\n{_acks_line('in force', acks, a.wait)}")
     return EXIT_FAIL if acks.missing else 0
 
 
 def _allowlist(a: argparse.Namespace) -> int:
-    from palm_net.cluster.admin import change_allowlist
-    from palm_net.cluster.model import Allowlist
+    from palm_net.cluster.admin import _doc, change_allowlist
+    from palm_net.crypto.identity import KeyFileError, load_authority_public
 
     how = a.how
     ms = [m.lower() for m in a.measurement]
@@ -250,27 +290,42 @@ def _allowlist(a: argparse.Namespace) -> int:
                        EXIT_USAGE)
     if how in ("show", "clear") and ms:
         raise CliError(f"allowlist {how} takes no measurement", EXIT_USAGE)
+    signer = _signer(a) if how != "show" else None
+    try:
+        ca = load_authority_public(Path(a.ca)) if how == "show" and a.ca else None
+    except KeyFileError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    note = ""
 
     async def go(etcd: Any, keys: Any) -> Any:
+        nonlocal note
         if how == "show":
             kv = await etcd.get(keys.allowlist)
-            return (Allowlist.decode(kv.value) if kv is not None else None), None
-        return await change_allowlist(etcd, keys, how, ms, _by(), a.wait)
+            if kv is None:
+                return None, None
+            doc = _doc(kv.value, keys, ca)
+            note = f"serial {doc.serial}, signed by the {doc.signer}"
+            return doc.measurements, None
+        assert signer is not None  # every change is signed
+        return await change_allowlist(etcd, keys, signer, how, ms, _by(), a.wait)
 
-    al, acks = _run(a, go)
-    out = {"allowlist": None if al is None else list(al.measurements), "acks": _acks_dict(acks)}
+    al, changed = _run(a, go)
+    out = {"allowlist": None if al is None else [m.hex() for m in al], "changed": changed is not None,
+           **(_changed_dict(changed) if changed is not None else {})}
 
     def text() -> str:
         head = ("no cluster allowlist: each agent accepts its own list (--allow-measurement, or its own "
-                "measurement)" if al is None else "cluster allowlist:\n" + "\n".join(f"  {m}" for m in al.measurements))
-        if acks is not None:
-            head += "\n" + _acks_line("allowlist changed", acks, a.wait)
+                "measurement)" if al is None else "cluster allowlist:\n" + "\n".join(f"  {m.hex()}" for m in al))
+        if note:
+            head += f"\n({note})"
+        if changed is not None:
+            head += f"\nallowlist changed ({_doc_line(changed)})\n" + _acks_line("in force", changed.acks, a.wait)
         elif how not in ("show",):
-            head += "\n(unchanged)"
+            head += "\n(unchanged: nothing written)"
         return head
 
     emit(out, a.json, text)
-    return EXIT_FAIL if acks is not None and acks.missing else 0
+    return EXIT_FAIL if changed is not None and changed.acks.missing else 0
 
 
 class DrainView:
@@ -334,12 +389,16 @@ def _drain(a: argparse.Namespace) -> int:
     from palm_net.cluster.admin import follow_drain, request_drain, stop_drain
     from palm_net.cluster.model import DrainOptions
 
+    signer = _signer(a)
     if a.stop:
-        ok = _run(a, lambda etcd, keys: stop_drain(etcd, keys, a.host, unmark=False))
-        emit({"host": a.host, "stopped": ok}, a.json, lambda: f"drain of {a.host}: "
-             + ("no more migrations will start (those under way finish); it stays marked draining "
-                "(palm cluster undrain)" if ok else "not draining"))
-        return 0 if ok else EXIT_FAIL
+        doc = _run(a, lambda etcd, keys: stop_drain(etcd, keys, signer, a.host, unmark=False, by=_by()))
+        emit({"host": a.host, "stopped": doc is not None, "serial": doc.serial if doc else None}, a.json,
+             lambda: f"drain of {a.host}: "
+             + (f"no more migrations will start (those under way finish); it stays marked draining "
+                f"(palm cluster undrain); serial {doc.serial}, signed by the {doc.signer}, written to "
+                f"{a.etcd_prefix or '/palm/'}drain/{a.host}" if doc else "not draining, or already stopped: "
+                                                                       "nothing changed"))
+        return 0 if doc else EXIT_FAIL
     try:
         bw = parse_rate(a.bandwidth) if a.bandwidth else 0
         opts = DrainOptions(a.max_cluster, a.max_source, a.timeout_per_gib, a.progress_timeout, a.attempts,
@@ -349,10 +408,12 @@ def _drain(a: argparse.Namespace) -> int:
     view = DrainView(a.host, live=not a.json and sys.stderr.isatty(), quiet=a.json)
 
     async def go(etcd: Any, keys: Any) -> Any:
-        req, joined = await request_drain(etcd, keys, a.host, opts, _by())
+        req, joined, doc = await request_drain(etcd, keys, signer, a.host, opts, _by())
         if not a.json:
-            print(f"{'following the drain already under way' if joined else 'draining'} {a.host} (drain {req.id}); "
-                  "it is marked draining: nothing new is placed on it", file=sys.stderr, flush=True)
+            where = ("" if doc is None else f"; serial {doc.serial}, signed by the {doc.signer}, written to "
+                                             f"{keys.prefix}drain/{a.host}")
+            print(f"{'following the drain already under way' if joined else 'draining'} {a.host} (drain {req.id}"
+                  f"{where}); it is marked draining: nothing new is placed on it", file=sys.stderr, flush=True)
         if a.no_wait:
             return req, None
         return req, await follow_drain(etcd, keys, a.host, req.id, view)
@@ -381,9 +442,12 @@ def _drain(a: argparse.Namespace) -> int:
 def _undrain(a: argparse.Namespace) -> int:
     from palm_net.cluster.admin import stop_drain
 
-    ok = _run(a, lambda etcd, keys: stop_drain(etcd, keys, a.host, unmark=True))
-    emit({"host": a.host, "was_draining": ok}, a.json,
-         lambda: f"{a.host} is no longer marked draining" if ok else f"{a.host} was not draining")
+    signer = _signer(a)
+    doc = _run(a, lambda etcd, keys: stop_drain(etcd, keys, signer, a.host, unmark=True, by=_by()))
+    emit({"host": a.host, "was_draining": doc is not None, "serial": doc.serial if doc else None}, a.json,
+         lambda: f"{a.host} is no longer marked draining (serial {doc.serial}, signed by the {doc.signer}, written "
+                 f"to {a.etcd_prefix or '/palm/'}drain/{a.host}; its agent starts no more drain migrations)"
+         if doc else f"{a.host} was not draining: nothing changed")
     return 0
 
 
@@ -404,23 +468,35 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], parser_c
         _etcd_flags(p, f"or ${ETCD_ENV}")
         return p
 
-    one("status", "agents and their health, VMs and where they run, migrations in flight, drains")
+    def signing(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--signer", metavar="DIR", help=f"who signs (or ${SIGNER_ENV}): the authority's directory "
+                                                       "(ca.key), or an operator's (identity.key, agent.cert of "
+                                                       "`palm ca issue --role operator`, ca.pub)")
+
+    p = one("status", "agents and their health, VMs and where they run, migrations in flight, drains")
+    p.add_argument("--ca", metavar="CA_PUB", help="check the policy documents' signatures against this ca.pub")
     for name, help in (("revoke", "refuse AGENT everywhere: every agent refuses its next handshake, and "
                                   "migrations with it end before READY"),
                        ("unrevoke", "take AGENT's revocation back")):
         p = one(name, help)
+        signing(p)
         p.add_argument("agent", metavar="AGENT", help="the agent's name (its certificate's)")
         if name == "revoke":
             p.add_argument("--reason", help="why (kept with the revocation)")
+            p.add_argument("--force", action="store_true", help="revoke a name no agent ever registered (by name "
+                                                                "only: no key of it is known)")
         p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                        help="wait this long for every live agent to enforce it (default 10)")
     p = one("allowlist", "the cluster's measurement allowlist (it replaces each agent's own while set)")
+    signing(p)
+    p.add_argument("--ca", metavar="CA_PUB", help="show: check the signature against this ca.pub")
     p.add_argument("how", choices=("show", "add", "remove", "set", "clear"))
     p.add_argument("measurement", nargs="*", metavar="HEX", help="measurements (palm measurement prints one)")
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="wait this long for every live agent to enforce it (default 10)")
     p = one("drain", "evacuate HOST: live-migrate every VM elsewhere, with progress and a summary; HOST stays "
                      "marked draining (nothing new is placed on it) until `palm cluster undrain`")
+    signing(p)
     p.add_argument("host", metavar="HOST", help="the agent to evacuate")
     p.add_argument("--max-cluster", type=int, default=5, help="drain migrations in the whole cluster at once "
                                                               "(default 5)")
@@ -435,6 +511,7 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], parser_c
     p.add_argument("--no-wait", action="store_true", help="request the drain and return")
     p.add_argument("--stop", action="store_true", help="start no more migrations (HOST stays marked draining)")
     p = one("undrain", "HOST may receive VMs again (and a drain under way starts no more migrations)")
+    signing(p)
     p.add_argument("host", metavar="HOST")
 
 

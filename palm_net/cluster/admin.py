@@ -1,11 +1,14 @@
 """The operator's side of the cluster (``palm cluster ...``): read it, revoke, allow, drain.
 
 Everything goes through etcd: the operator needs etcd's endpoints (and its
-credentials), not the agents' control sockets.  A revocation or an allowlist
-change is one write; the command then waits until every live agent has
-acknowledged it (``lists_revision`` in its record, written once it enforces
-the change) and reports how long that took.  A drain is a request the
-drained agent carries out itself; the command follows its status.
+credentials), not the agents' control sockets.  What changes policy (a
+revocation, the allowlist, a drain) is a document signed by the operator's
+``Signer`` (palm_net.cluster.policy): agents take nothing else.  A
+revocation or an allowlist change is one write; the command then waits
+until every live agent has acknowledged it (``lists_revision`` in its
+record, written once it enforces the change) and reports how long that
+took.  A drain is a request the drained agent carries out itself; the
+command follows its status.
 """
 
 from __future__ import annotations
@@ -13,25 +16,25 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 
 from palm_net.cluster.etcd import EtcdClient
-from palm_net.cluster.etcdwire import Compare, Delete, EtcdError, Put
+from palm_net.cluster.etcdwire import Compare, EtcdError, Put
 from palm_net.cluster.model import (
     AgentRecord,
-    Allowlist,
     DrainOptions,
     DrainRequest,
     DrainStatus,
     Keys,
+    KnownAgent,
     RecordError,
-    Revocation,
     Slot,
     VmRecord,
 )
+from palm_net.cluster.policy import PolicyDoc, PolicyError, Signer, next_serial, parse_body, revocation, verify
 from palm_net.crypto.identity import validate_name
 
 
@@ -44,8 +47,9 @@ class ClusterView:
     revision: int
     agents: dict[str, AgentRecord] = field(default_factory=dict)
     vms: dict[str, VmRecord] = field(default_factory=dict)
-    revoked: dict[str, Revocation | None] = field(default_factory=dict)
-    allowlist: Allowlist | None = None
+    known: dict[str, KnownAgent] = field(default_factory=dict)  # every name an agent ever registered
+    revoked: dict[str, PolicyDoc] = field(default_factory=dict)  # revocations in force
+    allowlist: tuple[bytes, ...] | None = None
     drains: dict[str, DrainRequest] = field(default_factory=dict)
     drain_status: dict[str, DrainStatus] = field(default_factory=dict)
     slots: dict[str, Slot] = field(default_factory=dict)
@@ -53,8 +57,25 @@ class ClusterView:
     config_revision: int = 0  # the newest write under config/ still there (a deletion leaves no trace)
 
 
-async def read_cluster(etcd: EtcdClient, keys: Keys) -> ClusterView:
-    """Everything under the prefix, at one revision."""
+def _doc(value: bytes, keys: Keys, authority_pub: bytes | None) -> PolicyDoc:
+    """A policy document as read: verified when the authority's key is known, else its body
+    only (``signer`` then says so)."""
+    if authority_pub is not None:
+        return verify(value, authority_pub, keys.prefix, time.time())
+    try:
+        import msgpack
+
+        outer = msgpack.unpackb(value, raw=False, max_map_len=4, max_bin_len=1 << 16, max_str_len=1024)
+        return replace(parse_body(outer["body"], keys.prefix), signer="signature not checked")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PolicyError("malformed", str(exc)[:200]) from None
+    except Exception:  # msgpack's own errors
+        raise PolicyError("malformed", "not a policy document") from None
+
+
+async def read_cluster(etcd: EtcdClient, keys: Keys, authority_pub: bytes | None = None) -> ClusterView:
+    """Everything under the prefix, at one revision; policy documents verified when
+    ``authority_pub`` is given."""
     snap = await etcd.range_prefix(keys.prefix.encode())
     view = ClusterView(snap.revision)
     for kv in snap.kvs:
@@ -72,19 +93,31 @@ async def read_cluster(etcd: EtcdClient, keys: Keys) -> ClusterView:
                 if k != keys.vm(vm.vm_id):
                     raise RecordError("VM record under another VM's key")
                 view.vms[vm.vm_id] = vm
+            elif k.startswith(keys.known):
+                known = KnownAgent.decode(v)
+                if Keys.tail(keys.known, k) != known.name:
+                    raise RecordError("known agent under another name")
+                view.known[known.name] = known
             elif k.startswith(keys.revoked):
-                name = Keys.tail(keys.revoked, k)
-                try:
-                    view.revoked[name] = Revocation.decode(v)
-                except RecordError:
-                    view.revoked[name] = None  # revoked all the same
+                doc = _doc(v, keys, authority_pub)
+                if k != doc.key(keys):
+                    raise RecordError("policy document under another key")
+                if doc.revoked:
+                    view.revoked[doc.subject] = doc
             elif k == keys.allowlist:
-                view.allowlist = Allowlist.decode(v)
+                doc = _doc(v, keys, authority_pub)
+                if doc.kind != "allowlist":
+                    raise RecordError("policy document under another key")
+                view.allowlist = doc.measurements
             elif k.startswith(keys.drain_statuses):
                 st = DrainStatus.decode(v)
                 view.drain_status[Keys.tail(keys.drain_statuses, k)] = st
             elif k.startswith(keys.drains):
-                view.drains[Keys.tail(keys.drains, k)] = DrainRequest.decode(v)
+                doc = _doc(v, keys, authority_pub)
+                if k != doc.key(keys):
+                    raise RecordError("policy document under another key")
+                if doc.request is not None:
+                    view.drains[doc.subject] = doc.request
             elif k.startswith(keys.slots):
                 view.slots[k[len(keys.slots):].decode(errors="replace")[:8]] = Slot.decode(v)
         except RecordError as exc:
@@ -96,7 +129,9 @@ def status_dict(view: ClusterView) -> dict[str, Any]:
     """What `palm cluster status --json` prints."""
     agents = []
     for name, a in sorted(view.agents.items()):
-        health = "revoked" if name in view.revoked else "draining" if name in view.drains else "ok"
+        pub = bytes.fromhex(a.static_pub)
+        revoked = name in view.revoked or any(pub in d.keys for d in view.revoked.values())
+        health = "revoked" if revoked else "draining" if name in view.drains else "ok"
         if a.in_doubt:
             health += f", {a.in_doubt} in doubt"
         if a.conflicts:
@@ -125,7 +160,7 @@ def status_dict(view: ClusterView) -> dict[str, Any]:
                        **(st.counts() if st is not None and st.id == req.id else {})})
     return {"revision": view.revision, "agents": agents, "vms": vms, "migrations": flying, "drains": drains,
             "revoked": sorted(view.revoked),
-            "allowlist": None if view.allowlist is None else list(view.allowlist.measurements),
+            "allowlist": None if view.allowlist is None else [m.hex() for m in view.allowlist],
             "slots": {k: {"agent": s.agent, "vm": s.vm} for k, s in sorted(view.slots.items())},
             "problems": view.problems}
 
@@ -184,82 +219,148 @@ async def wait_acks(etcd: EtcdClient, keys: Keys, revision: int, t0: float, time
     return acks
 
 
-async def revoke(etcd: EtcdClient, keys: Keys, name: str, reason: str, by: str, wait: float) -> Acks:
+async def _current(etcd: EtcdClient, keys: Keys, key: bytes, signer: Signer) -> tuple[PolicyDoc | None, int]:
+    """The document under ``key`` if it verifies, and the key's mod_revision (0: absent).
+    One that does not verify is overwritten, never built on."""
+    kv = await etcd.get(key)
+    if kv is None:
+        return None, 0
+    try:
+        return verify(kv.value, signer.authority_pub, keys.prefix, time.time()), kv.mod_revision
+    except RecordError:
+        return None, kv.mod_revision
+
+
+async def _put(etcd: EtcdClient, key: bytes, doc: PolicyDoc, mod_revision: int) -> int | None:
+    """Writes a signed document if the key is still as read; its revision, or None."""
+    got = await etcd.txn([Compare.mod_revision(key, "==", mod_revision)], [Put(key, doc.raw)])
+    return got.revision if got.succeeded else None
+
+
+async def known_agents(etcd: EtcdClient, keys: Keys) -> dict[str, set[str]]:
+    """Every name an agent registered under (alive or not) and the static keys it had (hex)."""
+    out: dict[str, set[str]] = {}
+    for prefix in (keys.known, keys.agents):
+        for kv in (await etcd.range_prefix(prefix)).kvs:
+            try:
+                rec: KnownAgent | AgentRecord = (KnownAgent.decode(kv.value) if prefix == keys.known
+                                                 else AgentRecord.decode(kv.value))
+                if Keys.tail(prefix, kv.key) != rec.name:
+                    continue
+            except RecordError:
+                continue
+            out.setdefault(rec.name, set()).add(rec.static_pub)
+    return out
+
+
+@dataclass
+class Changed:
+    """What a policy command wrote: the document, where, and which agents enforce it."""
+
+    doc: PolicyDoc
+    key: str
+    acks: Acks | None
+
+
+async def revoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, reason: str, by: str, wait: float,
+                 force: bool = False) -> Changed:
+    """Revokes the name and every static key an agent of that name registered with.  A name
+    no agent ever registered is refused (a typo would leave the host meant trusted) unless
+    ``force``."""
     validate_name(name)
-    t0 = time.monotonic()
-    rev = await etcd.put(keys.revocation(name), Revocation(name, time.time(), by[:128], reason[:500]).encode())
-    return await wait_acks(etcd, keys, rev, t0, wait)
+    known = await known_agents(etcd, keys)
+    if name not in known and not force:
+        names = ", ".join(sorted(known)[:50]) + (" ..." if len(known) > 50 else "") if known else "none"
+        raise AdminError(f"no agent named {name!r} ever registered in the cluster {keys.prefix} (known: {names}); "
+                         "nothing revoked. --force revokes a name never seen")
+    key = keys.revocation(name)
+    for _ in range(10):
+        cur, mod = await _current(etcd, keys, key, signer)
+        pubs = {bytes.fromhex(k) for k in known.get(name, ())} | set(cur.keys if cur is not None and cur.revoked
+                                                                    else ())
+        doc = signer.sign(revocation(keys.prefix, name, next_serial(cur.serial if cur else 0), sorted(pubs)[:16],
+                                     reason, by))
+        t0 = time.monotonic()
+        rev = await _put(etcd, key, doc, mod)
+        if rev is not None:
+            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait))
+    raise AdminError(f"{key.decode()} kept changing under this command; try again")
 
 
-async def unrevoke(etcd: EtcdClient, keys: Keys, name: str, wait: float) -> Acks | None:
-    """None if the agent was not revoked."""
+async def unrevoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, by: str, wait: float) -> Changed | None:
+    """None if the agent was not revoked.  The revocation is superseded by a newer signed
+    document, not deleted: agents keep the highest they saw."""
     validate_name(name)
-    t0 = time.monotonic()
-    got = await etcd.txn([Compare.version(keys.revocation(name), ">", 0)], [Delete(keys.revocation(name))])
-    if not got.succeeded:
-        return None
-    return await wait_acks(etcd, keys, got.revision, t0, wait)
+    key = keys.revocation(name)
+    for _ in range(10):
+        cur, mod = await _current(etcd, keys, key, signer)
+        if cur is None or not cur.revoked:
+            return None
+        doc = signer.sign(revocation(keys.prefix, name, next_serial(cur.serial), (), "", by, revoked=False))
+        t0 = time.monotonic()
+        rev = await _put(etcd, key, doc, mod)
+        if rev is not None:
+            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait))
+    raise AdminError(f"{key.decode()} kept changing under this command; try again")
 
 
-async def change_allowlist(etcd: EtcdClient, keys: Keys, how: str, measurements: list[str], by: str,
-                           wait: float) -> tuple[Allowlist | None, Acks | None]:
-    """``how``: add, remove, set or clear (back to each agent's own list).  Read, change,
-    compare-and-swap (again if someone else changed it meanwhile)."""
+async def change_allowlist(etcd: EtcdClient, keys: Keys, signer: Signer, how: str, measurements: list[str],
+                           by: str, wait: float) -> tuple[tuple[bytes, ...] | None, Changed | None]:
+    """``how``: add, remove, set or clear (back to each agent's own list).  Read (verified),
+    change, sign, compare-and-swap (again if someone else changed it meanwhile).
+    (the list in force, what was written or None if nothing changed)."""
     for m in measurements:
         if len(m) != 64 or any(c not in "0123456789abcdef" for c in m):
             raise AdminError(f"bad measurement {m[:80]!r}: 64 lower-case hex digits (palm measurement)")
+    wanted = {bytes.fromhex(m) for m in measurements}
     for _ in range(10):
-        kv = await etcd.get(keys.allowlist)
-        cur = Allowlist.decode(kv.value) if kv is not None else None
-        have = set(cur.measurements) if cur is not None else set()
+        cur, mod = await _current(etcd, keys, keys.allowlist, signer)
+        have = None if cur is None else cur.measurements
         if how == "clear":
-            if kv is None:
-                return None, None
-            t0 = time.monotonic()
-            got = await etcd.txn([Compare.mod_revision(keys.allowlist, "==", kv.mod_revision)],
-                                 [Delete(keys.allowlist)])
-            if got.succeeded:
-                return None, await wait_acks(etcd, keys, got.revision, t0, wait)
-            continue
-        new = {"add": have | set(measurements), "remove": have - set(measurements), "set": set(measurements)}[how]
-        if not new:
-            raise AdminError("that leaves the cluster's allowlist empty, which refuses every migration; "
-                             "`palm cluster allowlist clear` goes back to each agent's own list")
+            new: tuple[bytes, ...] | None = None
+        else:
+            base = set(have or ())
+            new = tuple(sorted({"add": base | wanted, "remove": base - wanted, "set": wanted}[how]))
+            if not new:
+                raise AdminError("that leaves the cluster's allowlist empty, which refuses every migration; "
+                                 "`palm cluster allowlist clear` goes back to each agent's own list")
         if cur is not None and new == have:
-            return cur, None
-        al = Allowlist(tuple(sorted(new)), time.time(), by[:128])
+            return have, None
+        if cur is None and new is None and mod == 0:
+            return None, None
+        doc = signer.sign(PolicyDoc("allowlist", keys.prefix, "", next_serial(cur.serial if cur else 0),
+                                    int(time.time()), by[:128], measurements=new))
         t0 = time.monotonic()
-        got = await etcd.txn([Compare.mod_revision(keys.allowlist, "==", kv.mod_revision if kv else 0)],
-                             [Put(keys.allowlist, al.encode())])
-        if got.succeeded:
-            return al, await wait_acks(etcd, keys, got.revision, t0, wait)
+        rev = await _put(etcd, keys.allowlist, doc, mod)
+        if rev is not None:
+            return new, Changed(doc, keys.allowlist.decode(), await wait_acks(etcd, keys, rev, t0, wait))
     raise AdminError("the allowlist kept changing under this command; try again")
 
 
 # --------------------------------------------------------------- drains
 
 
-async def request_drain(etcd: EtcdClient, keys: Keys, host: str, options: DrainOptions,
-                        by: str) -> tuple[DrainRequest, bool]:
+async def request_drain(etcd: EtcdClient, keys: Keys, signer: Signer, host: str, options: DrainOptions,
+                        by: str) -> tuple[DrainRequest, bool, PolicyDoc | None]:
     """Marks ``host`` draining and asks it to evacuate; (the request, True if it joined
-    a drain already under way)."""
+    a drain already under way, the document written if one was)."""
     validate_name(host)
     options.check()
     if await etcd.get(keys.agent(host)) is None:
         raise AdminError(f"agent {host!r} is not alive in the cluster (no record under {keys.prefix}agents/): "
                          "its agent runs the drain, so it must be running")
-    kv = await etcd.get(keys.drain(host))
-    if kv is not None:
-        try:
-            cur = DrainRequest.decode(kv.value)
-        except RecordError:
-            cur = None
+    cur, mod = await _current(etcd, keys, keys.drain(host), signer)
+    if cur is not None and cur.request is not None:
         st = await drain_status(etcd, keys, host)
-        if cur is not None and not cur.stop and (st is None or st.id != cur.id or st.state == "running"):
-            return cur, True
+        req = cur.request
+        if not req.stop and (st is None or st.id != req.id or st.state == "running"):
+            return req, True, None
     req = DrainRequest(os.urandom(8).hex(), time.time(), by[:128], options)
-    await etcd.put(keys.drain(host), req.encode())
-    return req, False
+    doc = signer.sign(PolicyDoc("drain", keys.prefix, host, next_serial(cur.serial if cur else 0),
+                                int(time.time()), by[:128], request=req))
+    if await _put(etcd, keys.drain(host), doc, mod) is None:
+        raise AdminError(f"{keys.drain(host).decode()} changed under this command; try again")
+    return req, False, doc
 
 
 async def drain_status(etcd: EtcdClient, keys: Keys, host: str) -> DrainStatus | None:
@@ -309,22 +410,18 @@ async def follow_drain(etcd: EtcdClient, keys: Keys, host: str, drain_id: str,
                 raise
 
 
-async def stop_drain(etcd: EtcdClient, keys: Keys, host: str, unmark: bool) -> bool:
+async def stop_drain(etcd: EtcdClient, keys: Keys, signer: Signer, host: str, unmark: bool,
+                     by: str = "") -> PolicyDoc | None:
     """Starts no more migrations (in-flight ones finish); with ``unmark`` also ends the draining
-    mark.  False if the host was not draining."""
+    mark.  The document written, or None if the host was not draining."""
     validate_name(host)
-    kv = await etcd.get(keys.drain(host))
-    if kv is None:
-        return False
-    if unmark:
-        await etcd.txn([Compare.mod_revision(keys.drain(host), "==", kv.mod_revision)], [Delete(keys.drain(host))])
-        return True
-    try:
-        cur = DrainRequest.decode(kv.value)
-    except RecordError:
-        await etcd.delete(keys.drain(host))
-        return True
-    stopped = DrainRequest(cur.id, cur.at, cur.by, cur.options, stop=True)
-    await etcd.txn([Compare.mod_revision(keys.drain(host), "==", kv.mod_revision)],
-                   [Put(keys.drain(host), stopped.encode())])
-    return True
+    key = keys.drain(host)
+    cur, mod = await _current(etcd, keys, key, signer)
+    if cur is None or cur.request is None or (cur.request.stop and not unmark):
+        return None
+    req = None if unmark else replace(cur.request, stop=True)
+    doc = signer.sign(PolicyDoc("drain", keys.prefix, host, next_serial(cur.serial), int(time.time()), by[:128],
+                                request=req))
+    if await _put(etcd, key, doc, mod) is None:
+        raise AdminError(f"{key.decode()} changed under this command; try again")
+    return doc

@@ -28,6 +28,7 @@ from palm_net.cluster.gate import Lists
 from palm_net.cluster.host import ClusterHost
 from palm_net.cluster.model import AgentRecord, DrainRequest, DrainStatus, Keys, RecordError, Slot
 from palm_net.cluster.placement import Candidate, DrainPlan
+from palm_net.cluster.policy import PolicyStore, verify
 
 log = structlog.get_logger("palm.cluster")
 
@@ -42,6 +43,7 @@ class DrainSide(Protocol):
     drain_request: DrainRequest | None
     drain_changed: trio.Event
     drain_status: dict[str, Any]
+    policy: PolicyStore
 
     def good(self) -> None: ...
 
@@ -52,14 +54,18 @@ class DrainSide(Protocol):
     async def give_slot(self, etcd: EtcdClient, key: bytes, value: bytes) -> None: ...
 
 
-async def candidates(etcd: EtcdClient, keys: Keys, me: str, lists: Lists) -> list[Candidate]:
+async def candidates(etcd: EtcdClient, keys: Keys, me: str, lists: Lists,
+                     authority_pub: bytes) -> list[Candidate]:
     """Every other live agent as a destination, with what placement needs to know."""
     draining = set()
+    now = time.time()
     for kv in (await etcd.range_prefix(keys.drains)).kvs:
         try:
-            draining.add(Keys.tail(keys.drains, kv.key))
-        except RecordError:
-            continue
+            doc = verify(kv.value, authority_pub, keys.prefix, now)
+            if doc.request is not None and kv.key == keys.drain(doc.subject):
+                draining.add(doc.subject)
+        except (RecordError, ValueError):
+            continue  # not signed: it marks nobody
     allowed = lists.allowlist
     out = []
     for kv in (await etcd.range_prefix(keys.agents)).kvs:
@@ -74,7 +80,7 @@ async def candidates(etcd: EtcdClient, keys: Keys, me: str, lists: Lists) -> lis
             continue
         m = bytes.fromhex(rec.measurement)
         out.append(Candidate(rec.name, rec.addr, m, rec.free, "destination" in rec.roles, rec.accepting,
-                             rec.name in draining, rec.name in lists.revoked,
+                             rec.name in draining, lists.is_revoked(rec.name, bytes.fromhex(rec.static_pub)),
                              allowed is None or m in allowed))
     return out
 
@@ -160,7 +166,8 @@ class Drain:
             waiting = any(v.state in ("waiting", "unplaceable") for v in plan.vms.values())
             if room > 0 and waiting and not plan.stopped:
                 try:
-                    cands = await candidates(self.etcd, self.side.keys, self.host.name, self.host.lists)
+                    cands = await candidates(self.etcd, self.side.keys, self.host.name, self.host.lists,
+                                            self.side.policy.authority_pub)
                     self.side.good()
                     for name, cand in plan.next(here, cands, room):
                         value = Slot(self.host.name, name, time.time()).encode()

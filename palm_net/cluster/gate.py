@@ -19,53 +19,27 @@ read them, all on the agent's trio thread.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from palm_net.channel.handshake import PeerInfo, Purpose
-from palm_net.cluster.model import MAX_ALLOWLIST, RecordError, _hex_text
-from palm_net.crypto.identity import validate_name
 from palm_net.wire.errors import ErrorCode, HandshakeError
-
-MAX_REVOKED = 100_000
 
 
 @dataclass(frozen=True)
 class Lists:
     """The cluster's lists as of an etcd revision (0: never read; nothing revoked,
-    each agent's own allowlist)."""
+    each agent's own allowlist), from the signed documents the agent keeps
+    (palm_net.cluster.policy)."""
 
-    revoked: frozenset[str] = frozenset()
+    revoked: frozenset[str] = frozenset()  # by certificate name
     allowlist: frozenset[bytes] | None = None  # None: no cluster allowlist, each agent's own applies
     revision: int = 0
     read_at: float = 0.0  # when they were last confirmed from etcd (wall clock)
+    revoked_keys: frozenset[bytes] = frozenset()  # static keys: revoked whatever name they claim
 
-    def encode(self) -> bytes:
-        return json.dumps({"v": 1, "revoked": sorted(self.revoked), "revision": self.revision,
-                           "read_at": self.read_at,
-                           "allowlist": None if self.allowlist is None else sorted(m.hex() for m in self.allowlist)},
-                          separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Lists:
-        """The lists an agent kept in its state directory (RecordError if damaged)."""
-        try:
-            d = json.loads(data)
-            if not isinstance(d, dict) or d.get("v") != 1:
-                raise ValueError
-            revoked, allow = d["revoked"], d["allowlist"]
-            revision, read_at = d["revision"], d["read_at"]
-            if (not isinstance(revoked, list) or len(revoked) > MAX_REVOKED or not isinstance(revision, int)
-                    or not isinstance(read_at, (int, float))
-                    or not (allow is None or (isinstance(allow, list) and len(allow) <= MAX_ALLOWLIST))):
-                raise ValueError
-            for n in revoked:
-                validate_name(n)
-            ms = None if allow is None else frozenset(bytes.fromhex(_hex_text(m, 32, "measurement")) for m in allow)
-        except (ValueError, KeyError, TypeError, RecordError, RecursionError):
-            raise RecordError("the saved cluster lists are damaged") from None
-        return cls(frozenset(revoked), ms, revision, float(read_at))
+    def is_revoked(self, name: str, static_pub: bytes) -> bool:
+        return name in self.revoked or any(hmac.compare_digest(static_pub, k) for k in self.revoked_keys)
 
 
 @dataclass
@@ -89,9 +63,9 @@ class PeerGate:
         its migrations)."""
         return self.local | (self.lists.allowlist or frozenset())
 
-    def refusal(self, name: str, measurement: bytes) -> HandshakeError | None:
+    def refusal(self, name: str, static_pub: bytes, measurement: bytes) -> HandshakeError | None:
         """Why a migration with this peer is refused now, or None."""
-        if name in self.lists.revoked:
+        if self.lists.is_revoked(name, static_pub):
             return HandshakeError(ErrorCode.REVOKED, f"agent {name!r} is revoked in the cluster")
         if not any(hmac.compare_digest(measurement, m) for m in self.allowed):
             where = "the cluster's allowlist" if self.lists.allowlist is not None else "the allowlist"
@@ -103,11 +77,12 @@ class PeerGate:
         """After a handshake: a MIGRATION session with a refused peer is refused."""
         if purpose is not Purpose.MIGRATION:
             return None
-        return self.refusal(peer.name, peer.measurement)
+        return self.refusal(peer.name, peer.static_pub, peer.measurement)
 
     def update(self, lists: Lists) -> bool:
         """New lists; True (and the listeners told) if what they refuse changed."""
-        changed = (lists.revoked, lists.allowlist) != (self.lists.revoked, self.lists.allowlist)
+        changed = ((lists.revoked, lists.revoked_keys, lists.allowlist)
+                   != (self.lists.revoked, self.lists.revoked_keys, self.lists.allowlist))
         self.lists = lists
         if changed:
             for fn in self.on_change:

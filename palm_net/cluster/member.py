@@ -5,14 +5,17 @@ Four tasks, each the one owner of its part, under one nursery:
 - membership: the agent's record ``agents/NAME`` under a lease, kept alive
   (every TTL/3) and published again when it changes; it disappears when the
   agent stops (the lease is revoked) or dies (the lease expires);
-- lists: the revocations and the allowlist under ``config/``, read and then
-  watched; each change goes to the agent's peer gate, is kept in the state
-  directory (a restart during an etcd outage enforces them still) and is
-  acknowledged in the agent record (``lists_revision``);
+- lists: the signed revocations and allowlist under ``config/``, read and
+  then watched; a document is taken only if it verifies and is newer than the
+  one kept (palm_net.cluster.policy); the lists it makes go to the agent's
+  peer gate, the documents are kept in the state directory (a restart during
+  an etcd outage, or etcd losing them, changes nothing) and the change is
+  acknowledged in the agent record (``lists_revision``); documents etcd lost
+  or rolled back are written back (they are signed: any agent may);
 - VM records: the rules of palm_net.cluster.converge, run when something
   changed here and every ``reconcile_every`` seconds;
-- drain: the request ``drain/NAME``, watched; while one stands, the host's
-  VMs are evacuated (palm_net.cluster.drainer).
+- drain: the signed request ``drain/NAME``, watched; while one stands, the
+  host's VMs are evacuated (palm_net.cluster.drainer).
 
 Whatever etcd does, the agent goes on: migrations, recovery and the control
 socket never wait for etcd; while etcd is unreachable the agent enforces its
@@ -36,28 +39,22 @@ from palm_net.cluster.etcd import EtcdClient, EtcdConfig
 from palm_net.cluster.etcdwire import CODE_NOT_FOUND, Compare, Delete, EtcdError, Lease, Put
 from palm_net.cluster.gate import Lists
 from palm_net.cluster.host import ClusterHost
-from palm_net.cluster.model import (
-    AgentRecord,
-    Allowlist,
-    DrainRequest,
-    Keys,
-    RecordError,
-    Revocation,
-    VmRecord,
-)
+from palm_net.cluster.model import AgentRecord, DrainRequest, Keys, KnownAgent, RecordError, VmRecord
+from palm_net.cluster.policy import MAX_POLICY, MAX_REVOCATIONS, PolicyDoc, PolicyStore
 from palm_net.hostfs import UnsafePathError, read_nofollow, write_atomic
 from palm_net.trioutil import single_error
 
 log = structlog.get_logger("palm.cluster")
 
-LISTS_FILE = "cluster-lists.json"
+POLICY_FILE = "cluster-policy"  # the highest signed documents this agent verified (msgpack)
 
 
 @dataclass(frozen=True)
 class MemberConfig:
     etcd: EtcdConfig
     keys: Keys
-    state_dir: Path  # the last known lists are kept here
+    state_dir: Path  # the policy documents it keeps are here
+    authority_pub: bytes  # policy documents are signed by it or by an operator it certified
     lease_ttl: int = 10
     reconcile_every: float = 15.0
     publish_every: float = 10.0  # the agent record at least this often when it changed
@@ -79,6 +76,7 @@ class ClusterMember:
         self.converger = Converger(host.name)
         self.lease: Lease | None = None
         self.lists = Lists()
+        self.policy = PolicyStore(cfg.authority_pub, cfg.keys, host.name)
         self.drain_request: DrainRequest | None = None
         self.drain_changed = trio.Event()
         self.drain_status: dict[str, Any] = {}
@@ -89,7 +87,7 @@ class ClusterMember:
         self._last_error = "not contacted yet"
         self._name_taken = ""
         self.written = 0  # VM record writes that landed
-        self._load_lists()
+        self._load_policy()
 
     # -- what the agent asks
 
@@ -110,8 +108,11 @@ class ClusterMember:
             "endpoints": list(self.cfg.etcd.endpoints),
             "registered": self.lease is not None,
             "lists": {"revision": lists.revision, "revoked": sorted(lists.revoked),
+                      "revoked_keys": sorted(k.hex() for k in lists.revoked_keys),
                       "allowlist": None if lists.allowlist is None else sorted(m.hex() for m in lists.allowlist),
-                      "confirmed": round(lists.read_at, 3)},
+                      "confirmed": round(lists.read_at, 3),
+                      "serials": {f"{k}/{n}" if n else k: d.serial for (k, n), d in sorted(self.policy.kept.items())},
+                      "refused": dict(sorted(self.policy.refused.items()))},
             "conflicts": sorted(self.converger.conflicts),
             "draining": self.drain_request is not None,
         }
@@ -225,6 +226,9 @@ class ClusterMember:
         if not got.succeeded:
             raise _NameTaken("the agent record changed while registering")
         self._name_taken = ""
+        # No lease: the name stays known after the agent leaves (`palm cluster revoke` checks it).
+        await etcd.put(self.keys.known_agent(self.host.name),
+                       KnownAgent(self.host.name, mine.static_pub, round(time.time(), 3)).encode())
 
     async def _keepalive(self, etcd: EtcdClient, lease: Lease) -> None:
         period = lease.ttl / 3
@@ -260,59 +264,77 @@ class ClusterMember:
 
     # -- lists
 
-    def _load_lists(self) -> None:
-        path = self.cfg.state_dir / LISTS_FILE
+    def _load_policy(self) -> None:
+        path = self.cfg.state_dir / POLICY_FILE
         if not path.exists():
             return
         try:
-            self.lists = Lists.decode(read_nofollow(path, 1 << 22))
-            log.info("cluster lists loaded from the state directory", revision=self.lists.revision,
-                     revoked=len(self.lists.revoked))
+            n = self.policy.load(read_nofollow(path, (MAX_REVOCATIONS + 2) * (MAX_POLICY + 8) + 64))
         except (OSError, UnsafePathError, RecordError) as exc:
-            log.error("saved cluster lists not usable; waiting for etcd's", error=str(exc))
+            log.error("kept policy documents not usable; waiting for etcd's", error=str(exc))
+            return
+        self.lists = self.policy.lists(0, 0.0)
+        self.drain_request = self.policy.drain_request()
+        log.info("cluster policy loaded from the state directory", documents=n, revoked=len(self.lists.revoked))
+
+    def _keep_policy(self) -> None:
+        try:
+            write_atomic(self.cfg.state_dir / POLICY_FILE, self.policy.encode())
+        except (OSError, UnsafePathError) as exc:
+            log.error("cannot keep the cluster policy in the state directory", error=str(exc))
+
+    def _offer(self, key: bytes, value: bytes, now: float) -> bool:
+        """A value under ``config/``; True if a newer signed document was taken."""
+        if key == self.keys.allowlist:
+            kind, subject = "allowlist", ""
+        elif key.startswith(self.keys.revoked):
+            kind = "revocation"
+            try:
+                subject = Keys.tail(self.keys.revoked, key)
+            except RecordError:
+                log.error("ignored a revocation key that is not an agent name",
+                          key=key[:100].decode(errors="replace"))
+                return False
+        else:
+            return False
+        got = self.policy.offer(kind, subject, value, now)
+        if got not in ("new", "same"):
+            log.warning("policy document refused: the kept one stays in force", kind=kind, subject=subject,
+                        why=got)
+        return got == "new"
 
     def _take_lists(self, values: dict[bytes, bytes], revision: int) -> None:
-        revoked: set[str] = set()
-        allow: frozenset[bytes] | None = None
-        for key, value in values.items():
-            if key == self.keys.allowlist:
-                try:
-                    allow = frozenset(bytes.fromhex(m) for m in Allowlist.decode(value).measurements)
-                except RecordError as exc:
-                    allow = frozenset()  # fail closed: a damaged allowlist allows nobody
-                    log.error("cluster allowlist damaged: no peer is allowed until it is fixed", error=str(exc))
-            elif key.startswith(self.keys.revoked):
-                try:
-                    name = Keys.tail(self.keys.revoked, key)
-                except RecordError:
-                    log.error("ignored a revocation key that is not an agent name",
-                              key=key[:100].decode(errors="replace"))
-                    continue
-                revoked.add(name)  # revoked, whatever the value says (it is only informative)
-                try:
-                    Revocation.decode(value)
-                except RecordError as exc:
-                    log.warning("revocation value damaged (the agent is revoked all the same)", agent=name,
-                                error=str(exc))
-        lists = Lists(frozenset(revoked), allow, revision, time.time())
+        now = time.time()
+        taken = [self._offer(key, value, now) for key, value in values.items()]
+        if any(taken):
+            self._keep_policy()  # before anything acts on them
+        lists = self.policy.lists(revision, now)
         old = self.lists
         self.lists = lists
-        if (lists.revoked, lists.allowlist) != (old.revoked, old.allowlist):
+        if (lists.revoked, lists.revoked_keys, lists.allowlist) != (old.revoked, old.revoked_keys, old.allowlist):
             log.warning("cluster lists changed", revision=revision, revoked=sorted(lists.revoked),
                         newly_revoked=sorted(lists.revoked - old.revoked),
-                        allowlist=None if allow is None else len(allow))
+                        allowlist=None if lists.allowlist is None else len(lists.allowlist))
         self.host.apply_lists(lists)
-        try:
-            write_atomic(self.cfg.state_dir / LISTS_FILE, lists.encode())
-        except (OSError, UnsafePathError) as exc:
-            log.error("cannot keep the cluster lists in the state directory", error=str(exc))
         self._publish.set()  # acknowledge: lists_revision in the agent record
+
+    async def _restore(self, etcd: EtcdClient, current: dict[bytes, bytes], docs: list[PolicyDoc]) -> None:
+        """Writes back kept documents etcd lost or holds older (only if the key is still as read)."""
+        for doc in docs:
+            key = doc.key(self.keys)
+            cmp = (Compare.value(key, "==", current[key]) if key in current
+                   else Compare.version(key, "==", 0))
+            got = await etcd.txn([cmp], [Put(key, doc.raw)])
+            if got.succeeded:
+                log.warning("policy document restored in etcd (it was deleted, older or not signed)",
+                            kind=doc.kind, subject=doc.subject, serial=doc.serial)
 
     async def _lists(self, etcd: EtcdClient) -> None:
         snap = await etcd.range_prefix(self.keys.config)
         self.good()
         values = {kv.key: kv.value for kv in snap.kvs}
         self._take_lists(values, snap.revision)
+        await self._restore(etcd, values, [d for d in self.policy.stale(values) if d.kind != "drain"])
         async with etcd.watch(self.keys.config, start_revision=snap.revision + 1) as watch:
             async for batch in watch:
                 for ev in batch.events:
@@ -321,6 +343,7 @@ class ClusterMember:
                     else:
                         values.pop(ev.kv.key, None)
                 self._take_lists(values, batch.revision)
+                await self._restore(etcd, values, [d for d in self.policy.stale(values) if d.kind != "drain"])
 
     # -- VM records
 
@@ -396,13 +419,14 @@ class ClusterMember:
     # -- drain requests
 
     def _take_drain(self, value: bytes | None) -> None:
-        req: DrainRequest | None = None
+        """A deleted request changes nothing: only a newer signed document ends a drain."""
         if value is not None:
-            try:
-                req = DrainRequest.decode(value)
-            except RecordError as exc:
-                log.error("drain request unreadable; ignored", error=str(exc))
-                req = None
+            got = self.policy.offer("drain", self.host.name, value, time.time())
+            if got == "new":
+                self._keep_policy()
+            elif got != "same":
+                log.error("drain request refused", why=got)
+        req = self.policy.drain_request()
         if req != self.drain_request:
             self.drain_request = req
             self.drain_changed.set()
@@ -413,11 +437,16 @@ class ClusterMember:
         key = self.keys.drain(self.host.name)
         snap = await etcd.range_prefix(key)
         self.good()
-        self._take_drain(next((kv.value for kv in snap.kvs if kv.key == key), None))
+        value = next((kv.value for kv in snap.kvs if kv.key == key), None)
+        self._take_drain(value)
+        current = {} if value is None else {key: value}
+        await self._restore(etcd, current, [d for d in self.policy.stale(current) if d.kind == "drain"])
         async with etcd.watch(key, prefix=False, start_revision=snap.revision + 1) as watch:
             async for batch in watch:
                 for ev in batch.events:
                     self._take_drain(ev.kv.value if ev.type == "put" else None)
+                    current = {key: ev.kv.value} if ev.type == "put" else {}
+                await self._restore(etcd, current, [d for d in self.policy.stale(current) if d.kind == "drain"])
 
     async def take_slot(self, etcd: EtcdClient, max_cluster: int, value: bytes) -> bytes | None:
         """One of the cluster's ``max_cluster`` drain slots, under our lease (None: all taken)."""

@@ -12,9 +12,10 @@ Layout under a prefix (default ``/palm/``)::
 
     agents/NAME          AgentRecord       the agent, under its lease (gone when it stops or dies)
     vms/VM_ID            VmRecord          where a VM runs, following the handoff (CAS only)
-    config/revoked/NAME  Revocation        an agent every agent refuses (the operator's)
-    config/allowlist     Allowlist         the measurements agents accept (absent: each agent's own list)
-    drain/NAME           DrainRequest      the host is draining: nothing new is placed on it
+    known/NAME           KnownAgent        an agent that once registered under this name (no lease)
+    config/revoked/NAME  signed policy     an agent every agent refuses (palm_net.cluster.policy, proto 10)
+    config/allowlist     signed policy     the measurements agents accept (absent: each agent's own list)
+    drain/NAME           signed policy     a DrainRequest: the host is draining, nothing new is placed on it
     drain-status/NAME    DrainStatus       the drain's progress, written by the drained agent
     slots/I              Slot              one of the cluster's concurrent drain migrations (under a lease)
 """
@@ -55,6 +56,7 @@ class Keys:
             raise ValueError(f"bad etcd prefix {prefix!r}: /NAME/ of at most 64 ASCII letters, digits, - _ . /")
         self.prefix = prefix
         self.agents = (prefix + "agents/").encode()
+        self.known = (prefix + "known/").encode()
         self.vms = (prefix + "vms/").encode()
         self.config = (prefix + "config/").encode()
         self.revoked = (prefix + "config/revoked/").encode()
@@ -70,6 +72,9 @@ class Keys:
 
     def agent(self, name: str) -> bytes:
         return self._named(self.agents, name)
+
+    def known_agent(self, name: str) -> bytes:
+        return self._named(self.known, name)
 
     def vm(self, vm_id: str) -> bytes:
         return self.vms + _hex_text(vm_id, 16, "vm_id").encode()
@@ -299,39 +304,22 @@ class VmRecord:
 
 
 @dataclass(frozen=True)
-class Revocation:
+class KnownAgent:
+    """An agent that once registered under this name (kept after it leaves: `palm cluster
+    revoke` refuses a name no agent ever had, and names the keys it had)."""
+
     name: str
-    at: float
-    by: str = ""
-    reason: str = ""
+    static_pub: str  # hex
+    at: float  # when it last registered
 
     def encode(self) -> bytes:
         return _dump(asdict(self))
 
     @classmethod
-    def decode(cls, value: bytes) -> Revocation:
-        w = "revocation"
+    def decode(cls, value: bytes) -> KnownAgent:
+        w = "known agent"
         d = _load(value, w)
-        return cls(_name(d, "name", w), _num(d, "at", w, hi=1e11), _text(d, "by", w, default="", limit=128),
-                   _text(d, "reason", w, default=""))
-
-
-@dataclass(frozen=True)
-class Allowlist:
-    measurements: tuple[str, ...]  # hex
-    at: float = 0.0
-    by: str = ""
-
-    def encode(self) -> bytes:
-        return _dump({"measurements": list(self.measurements), "at": self.at, "by": self.by})
-
-    @classmethod
-    def decode(cls, value: bytes) -> Allowlist:
-        w = "allowlist"
-        d = _load(value, w)
-        ms = tuple(_hex_text(m, 32, f"{w}: a measurement") for m in _list(d, "measurements", w, MAX_ALLOWLIST))
-        return cls(tuple(sorted(set(ms))), _num(d, "at", w, hi=1e11, default=0.0),
-                   _text(d, "by", w, default="", limit=128))
+        return cls(_name(d, "name", w), _hex(d, "static_pub", w, 32), _num(d, "at", w, hi=1e11))
 
 
 @dataclass(frozen=True)
@@ -366,14 +354,13 @@ class DrainRequest:
     options: DrainOptions = field(default_factory=DrainOptions)
     stop: bool = False  # start no more migrations (the mark stays)
 
-    def encode(self) -> bytes:
-        return _dump({"id": self.id, "at": self.at, "by": self.by, "options": asdict(self.options),
-                      "stop": self.stop})
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "at": self.at, "by": self.by, "options": asdict(self.options), "stop": self.stop}
 
     @classmethod
-    def decode(cls, value: bytes) -> DrainRequest:
-        w = "drain request"
-        d = _load(value, w)
+    def parse(cls, d: object, w: str = "drain request") -> DrainRequest:
+        if not isinstance(d, dict):
+            raise RecordError(f"{w}: not an object")
         o = _get(d, "options", w, {})
         if not isinstance(o, dict):
             raise RecordError(f"{w}: options is not an object")

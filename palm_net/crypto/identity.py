@@ -32,7 +32,8 @@ CERT_DOMAIN = b"palm-net/cert/v1\x00"
 QUOTE_DOMAIN = b"palm-net/quote/v1\x00"
 MAX_CERT_LEN = 4096
 MAX_KEY_FILE = 4096
-ROLES = ("source", "destination")
+ROLES = ("source", "destination")  # an agent's: the sides of a migration it may take
+OPERATOR_ROLE = "operator"  # signs the cluster's policy (proto 10); never an agent's
 
 IDENTITY_FILE = "identity.key"
 CERT_FILE = "agent.cert"
@@ -321,8 +322,11 @@ class Authority:
     ) -> Certificate:
         roles = tuple(roles)
         for r in roles:
-            if r not in ROLES:
-                raise ValueError(f"unknown role {r!r} (known: {', '.join(ROLES)})")
+            if r not in (*ROLES, OPERATOR_ROLE):
+                raise ValueError(f"unknown role {r!r} (known: {', '.join((*ROLES, OPERATOR_ROLE))})")
+        if OPERATOR_ROLE in roles and len(roles) > 1:
+            # An agent's host can be compromised: its key must never also sign the cluster's policy.
+            raise ValueError("the operator role goes alone: an agent's certificate never signs policy")
         nbf = int(time.time()) - 60 if not_before is None else not_before
         naf = nbf + int(days * 86400)
         body = msgpack.packb({

@@ -120,3 +120,74 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         "records": records,
     }
 
+
+
+# Signed cluster policy documents (proto/PROTOCOL.md 10): one of each kind, signed
+# by the authority or by an operator it certified, and documents an agent refuses.
+POLICY_INPUTS: dict[str, Any] = {
+    "authority_seed": "a0" * 32,
+    "operator": {"name": "alice", "x25519": "0a" * 32, "ed25519_seed": "1a" * 32},
+    "agent": {"name": "host-a", "x25519": "01" * 32, "ed25519_seed": "11" * 32},
+    "cluster": "/palm/",
+    "not_before": 1_700_000_000,
+    "days": 36500,
+    "clock": 1_800_000_000,
+    "revoked_static": "03" * 32,
+    "measurements": ["5a" * 32, "6b" * 32],
+    "drain_id": "0102030405060708",
+}
+
+
+def build_policy(inputs: dict[str, Any] = POLICY_INPUTS) -> dict[str, Any]:
+    from palm_net.cluster.model import DrainOptions, DrainRequest
+    from palm_net.cluster.policy import PolicyDoc, PolicyError, Signer, verify
+    from palm_net.crypto.identity import OPERATOR_ROLE
+
+    authority = Authority(SigningKey(bytes.fromhex(inputs["authority_seed"])))
+    certs = {}
+    keys = {}
+    for who, roles in (("operator", (OPERATOR_ROLE,)), ("agent", ("source", "destination"))):
+        side = inputs[who]
+        ident = AgentIdentity(side["name"], keypair_from_private(bytes.fromhex(side["x25519"])),
+                              SigningKey(bytes.fromhex(side["ed25519_seed"])))
+        certs[who] = authority.issue(ident.name, ident.static.public, ident.sign_pub, bytes(32), roles,
+                                     not_before=inputs["not_before"], days=inputs["days"])
+        keys[who] = ident.signing
+    by_authority = Signer(authority.signing, authority.public)
+    by_operator = Signer(keys["operator"], authority.public, certs["operator"])
+    cluster, at = inputs["cluster"], inputs["clock"]
+    req = DrainRequest(inputs["drain_id"], float(at), "vectors", DrainOptions())
+    docs = [
+        ("revocation", by_authority, PolicyDoc("revocation", cluster, "host-c", 1, at, "vectors", True,
+                                               (bytes.fromhex(inputs["revoked_static"]),), "compromised")),
+        ("allowlist", by_operator, PolicyDoc("allowlist", cluster, "", 2, at, "vectors",
+                                             measurements=tuple(bytes.fromhex(m) for m in inputs["measurements"]))),
+        ("drain", by_operator, PolicyDoc("drain", cluster, "host-a", 3, at, "vectors", request=req)),
+        ("revocation lifted", by_operator, PolicyDoc("revocation", cluster, "host-c", 4, at, "vectors")),
+    ]
+    out_docs = []
+    for label, signer, doc in docs:
+        signed = signer.sign(doc)
+        assert verify(signed.raw, authority.public, cluster, float(at)) == doc
+        outer = msgpack.unpackb(signed.raw)
+        out_docs.append({"what": label, "signer": signed.signer, "body": outer["body"].hex(),
+                         "signature": outer["sig"].hex(), "document": signed.raw.hex()})
+    # what an agent refuses, and the reason it counts
+    by_agent = Signer(keys["agent"], authority.public, certs["agent"])
+    signed = bytes.fromhex(out_docs[1]["document"])
+    at_serial = signed.index(b"\xa6serial\x02") + 7
+    forged = signed[:at_serial] + b"\x09" + signed[at_serial + 1:]  # a higher serial, same signature
+    refused = []
+    for label, data in (("signed by an agent's certificate (no operator role)", by_agent.sign(docs[1][2]).raw),
+                        ("its serial raised from 2 to 9 without signing again", forged),
+                        ("the body without a signature", bytes.fromhex(out_docs[1]["body"])),
+                        ("signed for another cluster", by_authority.sign(
+                            PolicyDoc("allowlist", "/other/", "", 2, at, "vectors", measurements=())).raw)):
+        try:
+            verify(data, authority.public, cluster, float(at))
+            reason = "accepted"
+        except PolicyError as exc:
+            reason = exc.reason
+        refused.append({"what": label, "document": data.hex(), "reason": reason})
+    return {"inputs": inputs, "authority_public": authority.public.hex(),
+            "operator_certificate": certs["operator"].encode().hex(), "documents": out_docs, "refused": refused}
