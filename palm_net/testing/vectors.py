@@ -174,9 +174,9 @@ def build_policy(inputs: dict[str, Any] = POLICY_INPUTS) -> dict[str, Any]:
                          "signature": outer["sig"].hex(), "document": signed.raw.hex()})
     # what an agent refuses, and the reason it counts
     by_agent = Signer(keys["agent"], authority.public, certs["agent"])
-    signed = bytes.fromhex(out_docs[1]["document"])
-    at_serial = signed.index(b"\xa6serial\x02") + 7
-    forged = signed[:at_serial] + b"\x09" + signed[at_serial + 1:]  # a higher serial, same signature
+    allow = bytes.fromhex(out_docs[1]["document"])
+    at_serial = allow.index(b"\xa6serial\x02") + 7
+    forged = allow[:at_serial] + b"\x09" + allow[at_serial + 1:]  # a higher serial, same signature
     refused = []
     for label, data in (("signed by an agent's certificate (no operator role)", by_agent.sign(docs[1][2]).raw),
                         ("its serial raised from 2 to 9 without signing again", forged),
