@@ -250,6 +250,38 @@ async def test_revocation_refuses_handshakes_everywhere_and_is_kept_across_resta
     assert r.ok, r.error
 
 
+async def test_a_revoked_host_with_etcd_credentials_stays_revoked_and_drains_nobody(make):
+    """Issue 22's reproductions on a real etcd: c, revoked, holds an etcd credential as every
+    agent does; it deletes its revocation, then writes an unsigned one lifting it and an
+    unsigned drain of a, its victim.  c stays refused, the revocation is written back, a does
+    not drain."""
+    import json as _json
+
+    from palm_net.cluster.model import DrainOptions, DrainRequest
+
+    c = await make(names=("a", "b", "c"))
+    await eventually(lambda: _all_registered(c, 3))
+    c["a"].registry.create_model("victim-vm", 8 * MiB, protected=1)
+    c["c"].registry.create_model("vm-c", 8 * MiB)
+    async with EtcdClient(c.etcd.config()) as e:
+        changed = await revoke(e, c.keys, c.signer, "c", "compromised", "test", 10.0)  # known: no --force
+        assert changed.doc.keys == (c["c"].identity.static.public,)
+        revocation = changed.doc.raw
+        await e.delete(c.keys.revocation("c"))  # with c's own etcd credential
+        await eventually(lambda: e.get(c.keys.revocation("c")), what="the agents writing the revocation back")
+        assert (await e.get(c.keys.revocation("c"))).value == revocation
+        await e.put(c.keys.revocation("c"), _json.dumps({"v": 1, "name": "c", "at": 1}).encode())
+        req = DrainRequest("01" * 8, 1.0, "c", DrainOptions())
+        await e.put(c.keys.drain("a"), _json.dumps({"v": 1, **req.to_dict()}).encode())
+        await eventually(lambda: c["a"].cluster.member.policy.refused.get("malformed", 0) >= 2,
+                         what="a refusing both")
+    for name in ("a", "b"):
+        assert c[name].cluster.gate.lists.is_revoked("c", c["c"].identity.static.public)
+    r = await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
+    assert not r.ok and c.local.running_copies("vm-c") == ["c"]
+    assert c["a"].cluster.member.drain_request is None and c.local.running_copies("victim-vm") == ["a"]
+
+
 @pytest.mark.parametrize("when", ["before READY", "after READY"])
 async def test_a_peer_revoked_in_flight(make, nursery, when):
     """Before READY the destination aborts and never sends READY; after READY the handoff decides."""

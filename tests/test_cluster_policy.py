@@ -1,0 +1,216 @@
+"""The cluster's signed policy (proto 10), without etcd: what verifies, what an agent keeps,
+and the two reproductions of issue 22 at the member (a revoked host deleting or rolling
+back its revocation; an unsigned drain of a victim), fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from nacl.signing import SigningKey
+
+from palm_net.cluster.etcd import EtcdConfig
+from palm_net.cluster.gate import Lists
+from palm_net.cluster.member import POLICY_FILE, ClusterMember, MemberConfig
+from palm_net.cluster.model import DrainOptions, DrainRequest, Keys
+from palm_net.cluster.policy import PolicyDoc, PolicyError, PolicyStore, Signer, revocation, verify
+from palm_net.crypto.identity import OPERATOR_ROLE, AgentIdentity, Authority, KeyFileError
+
+KEYS = Keys("/palm/")
+CA = Authority.generate()
+BY_CA = Signer(CA.signing, CA.public)
+NOW = float(int(time.time()))  # the member checks certificate windows against the clock
+EVIL = b"\xee" * 32  # the revoked host's static key
+
+
+def certified(roles: tuple[str, ...], days: float = 1, not_before: int | None = None) -> Signer:
+    ident = AgentIdentity.generate("op-" + roles[0])
+    cert = CA.issue(ident.name, ident.static.public, ident.sign_pub, bytes(32), roles, days=days,
+                    not_before=int(NOW) - 60 if not_before is None else not_before)
+    return Signer(ident.signing, CA.public, cert)
+
+
+OPERATOR = certified((OPERATOR_ROLE,))
+# The revoked host's own attempts: its agent certificate (no operator role), or its own key
+# claiming to be the authority (no certificate).
+AS_AGENT = certified(("source", "destination"))
+AS_AUTHORITY = Signer(SigningKey.generate(), CA.public)
+
+
+def revoke(serial: int, name: str = "evil", revoked: bool = True, signer: Signer = BY_CA) -> bytes:
+    return signer.sign(revocation(KEYS.prefix, name, serial, [EVIL] if revoked else [], "test", "t",
+                                  revoked)).raw
+
+
+def allow(serial: int, *ms: bytes, signer: Signer = OPERATOR) -> bytes:
+    return signer.sign(PolicyDoc("allowlist", KEYS.prefix, "", serial, int(NOW), measurements=ms or None)).raw
+
+
+def drain(serial: int, host: str = "victim", stop: bool = False, signer: Signer = OPERATOR) -> bytes:
+    req = DrainRequest("0" * 15 + str(serial % 10), NOW, "t", DrainOptions(), stop)
+    return signer.sign(PolicyDoc("drain", KEYS.prefix, host, serial, int(NOW), request=req)).raw
+
+
+def refused(data: bytes, now: float = NOW, cluster: str = KEYS.prefix) -> str:
+    with pytest.raises(PolicyError) as e:
+        verify(data, CA.public, cluster, now)
+    return e.value.reason
+
+
+# ------------------------------------------------------------------ the document
+
+
+def test_signed_by_the_authority_or_an_operator_it_certified():
+    assert verify(revoke(1), CA.public, KEYS.prefix, NOW).signer == "authority"
+    doc = verify(allow(2, b"\x01" * 32), CA.public, KEYS.prefix, NOW)
+    assert doc.signer.startswith("operator ") and doc.measurements == (b"\x01" * 32,) and doc.serial == 2
+
+
+def test_unsigned_forged_or_foreign_documents_are_refused():
+    body_only = json.dumps({"v": 1, "measurements": ["ab" * 32], "at": 1, "by": "x"}).encode()  # the old format
+    assert refused(body_only) == "malformed"
+    other_ca = Authority.generate()
+    assert refused(Signer(other_ca.signing, other_ca.public).sign(
+        PolicyDoc("allowlist", KEYS.prefix, "", 5, 1, measurements=None)).raw) == "bad-signature"
+    assert refused(revoke(1), cluster="/other/") == "other-cluster"
+    assert refused(b"\x00" * 9000) == "malformed"  # bounded before anything is read
+
+
+def test_a_document_signed_by_a_certificate_without_the_operator_role_is_refused():
+    assert refused(allow(9, b"\x02" * 32, signer=AS_AGENT)) == "wrong-role"
+    assert refused(drain(9, signer=AS_AGENT)) == "wrong-role"
+    with pytest.raises(ValueError, match="alone"):
+        certified((OPERATOR_ROLE, "source"))
+
+
+def test_an_expired_operator_still_revokes_but_lifts_and_widens_nothing():
+    old = certified((OPERATOR_ROLE,), days=1, not_before=int(NOW) - 10 * 86400)
+    assert verify(revoke(3, signer=old), CA.public, KEYS.prefix, NOW).revoked
+    assert refused(revoke(4, revoked=False, signer=old)) == "expired"
+    assert refused(allow(4, b"\x03" * 32, signer=old)) == "expired"
+
+
+def test_the_store_keeps_the_highest_serial_and_refuses_older_or_equivocal_ones():
+    store = PolicyStore(CA.public, KEYS, "me")
+    assert store.offer("revocation", "evil", revoke(5), NOW) == "new"
+    assert store.offer("revocation", "evil", revoke(5), NOW) == "same"
+    assert store.offer("revocation", "evil", revoke(4, revoked=False), NOW) == "older"
+    assert store.offer("revocation", "evil", revoke(5, revoked=False), NOW) == "equivocation"
+    assert store.offer("revocation", "other", revoke(6), NOW) == "misplaced"  # evil's document under other's key
+    assert store.lists(1, NOW).is_revoked("evil", b"\x00" * 32)
+    assert store.lists(1, NOW).is_revoked("renamed", EVIL)  # the key, whatever name it claims
+    assert store.offer("revocation", "evil", revoke(6, revoked=False), NOW) == "new"
+    assert not store.lists(2, NOW).is_revoked("evil", EVIL)
+    assert store.refused == {"older": 1, "equivocation": 1, "misplaced": 1}
+    assert store.offer("drain", "someone-else", drain(1, "someone-else"), NOW) == "ignored"
+
+
+# ------------------------------------------------------------------ at the member (no etcd)
+
+
+class Host:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lists = Lists()
+
+    def apply_lists(self, lists: Lists) -> None:
+        self.lists = lists
+
+
+def member(tmp_path: Path, name: str = "good") -> ClusterMember:
+    tmp_path.mkdir(mode=0o700, exist_ok=True)
+    tmp_path.chmod(0o700)
+    cfg = MemberConfig(EtcdConfig.from_urls("http://127.0.0.1:1"), KEYS, tmp_path, CA.public)
+    return ClusterMember(cfg, Host(name))  # type: ignore[arg-type]
+
+
+def test_a_revoked_host_cannot_lift_its_revocation(tmp_path):
+    """Issue 22's first reproduction: the revoked host deletes its revocation key, writes an
+    older document or an unsigned one; it stays revoked.  Only a newer signed one lifts it."""
+    m = member(tmp_path)
+    key = KEYS.revocation("evil")
+    m._take_lists({key: revoke(10)}, 5)
+    assert m.host.lists.revoked == {"evil"}
+    for values in ({}, {key: revoke(9, revoked=False)}, {key: b'{"v":1,"name":"evil","at":1}'},
+                   {key: revoke(12, revoked=False, signer=AS_AUTHORITY)},
+                   {key: revoke(12, revoked=False, signer=AS_AGENT)}):
+        m._take_lists(values, 6)  # deleted / rolled back / unsigned / signed by itself
+        assert m.host.lists.is_revoked("evil", EVIL), values
+    assert m.policy.refused == {"older": 1, "malformed": 1, "bad-signature": 1, "wrong-role": 1}
+    assert [d.serial for d in m.policy.stale({})] == [10]  # what it writes back to etcd
+    m._take_lists({key: revoke(11, revoked=False)}, 7)
+    assert not m.host.lists.is_revoked("evil", EVIL)
+
+
+def test_the_highest_document_survives_a_restart_even_if_etcd_lost_it(tmp_path):
+    m = member(tmp_path)
+    m._take_lists({KEYS.revocation("evil"): revoke(10), KEYS.allowlist: allow(3, b"\x05" * 32)}, 5)
+    path = tmp_path / POLICY_FILE
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again = member(tmp_path)  # a new agent process on the same state directory, etcd empty or unreachable
+    assert again.lists.is_revoked("evil", EVIL) and again.lists.allowlist == {b"\x05" * 32}
+    again._take_lists({}, 9)
+    assert again.host.lists.is_revoked("evil", EVIL) and again.host.lists.allowlist == {b"\x05" * 32}
+    path.write_bytes(path.read_bytes()[:-3])  # damaged: refused as a whole, said so
+    assert member(tmp_path).lists == Lists()
+
+
+def test_an_unsigned_widened_allowlist_changes_nothing(tmp_path):
+    m = member(tmp_path)
+    m._take_lists({KEYS.allowlist: allow(3, b"\x05" * 32)}, 5)
+    forged = json.dumps({"v": 1, "measurements": ["05" * 32, "66" * 32], "at": 1}).encode()
+    for bad in (forged, allow(4, b"\x05" * 32, b"\x66" * 32, signer=AS_AUTHORITY)):
+        m._take_lists({KEYS.allowlist: bad}, 6)
+        assert m.host.lists.allowlist == {b"\x05" * 32}
+    fresh = member(tmp_path / "fresh")  # nothing kept yet: the forged list is not taken either
+    fresh._take_lists({KEYS.allowlist: forged}, 6)
+    assert fresh.host.lists.allowlist is None
+
+
+def test_a_drain_request_must_be_signed_and_newer(tmp_path):
+    """Issue 22's second reproduction: the revoked host writes drain/victim (unsigned, or an
+    old signed one replayed): the victim does not drain."""
+    victim = member(tmp_path, "victim")
+    unsigned = DrainRequest("01" * 8, NOW, "evil", DrainOptions())
+    victim._take_drain(json.dumps({"v": 1, **unsigned.to_dict()}).encode())
+    victim._take_drain(drain(3, signer=AS_AUTHORITY))
+    victim._take_drain(drain(3, signer=AS_AGENT))
+    assert victim.drain_request is None
+    assert victim.policy.refused == {"malformed": 1, "bad-signature": 1, "wrong-role": 1}
+    victim._take_drain(drain(5))
+    assert victim.drain_request is not None and not victim.drain_request.stop
+    victim._take_drain(None)  # deleted: the drain goes on
+    assert victim.drain_request is not None
+    undrain = OPERATOR.sign(PolicyDoc("drain", KEYS.prefix, "victim", 6, int(NOW))).raw
+    victim._take_drain(undrain)
+    assert victim.drain_request is None
+    victim._take_drain(drain(5))  # the old request replayed
+    assert victim.drain_request is None and victim.policy.refused["older"] == 1
+    assert member(tmp_path, "victim").drain_request is None  # and after a restart
+
+
+# ------------------------------------------------------------------ the operator's key
+
+
+def test_operator_certificates_from_the_cli(tmp_path):
+    from palm_net.cli import main
+
+    assert main(["ca", "init", "--dir", str(tmp_path / "ca")]) == 0
+    assert main(["keygen", "--dir", str(tmp_path / "op"), "--name", "alice"]) == 0
+    assert main(["ca", "issue", "--ca", str(tmp_path / "ca"), "--agent", str(tmp_path / "op"), "--role",
+                 "operator", "--role", "source"]) == 2  # never an agent's and an operator's at once
+    assert main(["ca", "issue", "--ca", str(tmp_path / "ca"), "--agent", str(tmp_path / "op"), "--role",
+                 "operator"]) == 0
+    signer = Signer.load(tmp_path / "op")
+    assert signer.name == "operator alice" and Signer.load(tmp_path / "ca").name == "authority"
+    ca = Authority.load(tmp_path / "ca")
+    assert verify(signer.sign(PolicyDoc("allowlist", "/palm/", "", 1, 1)).raw, ca.public, "/palm/", None)
+    assert main(["keygen", "--dir", str(tmp_path / "agent"), "--name", "host-a"]) == 0
+    assert main(["ca", "issue", "--ca", str(tmp_path / "ca"), "--agent", str(tmp_path / "agent")]) == 0
+    (tmp_path / "agent" / "ca.pub").write_bytes((tmp_path / "ca" / "ca.pub").read_bytes())
+    with pytest.raises(KeyFileError, match="not an operator"):
+        Signer.load(tmp_path / "agent")
