@@ -19,7 +19,8 @@ from palm_net.cluster import EtcdClient
 from palm_net.cluster.admin import read_cluster, revoke, status_dict, unrevoke
 from palm_net.cluster.etcd import EtcdConfig
 from palm_net.cluster.model import AgentRecord, Keys, KnownAgent, VmRecord
-from palm_net.cluster.policy import Signer
+from palm_net.cluster.policy import PolicyDoc, Signer, next_serial
+from palm_net.cluster.policy import revocation as revocation_doc
 from palm_net.migration.handoff import HandoffState
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
@@ -271,10 +272,17 @@ async def test_a_revoked_host_with_etcd_credentials_stays_revoked_and_drains_nob
         await eventually(lambda: e.get(c.keys.revocation("c")), what="the agents writing the revocation back")
         assert (await e.get(c.keys.revocation("c"))).value == revocation
         await e.put(c.keys.revocation("c"), _json.dumps({"v": 1, "name": "c", "at": 1}).encode())
+        # c's own keys: as if the authority (no certificate), or with its agent certificate
+        own = c["c"].identity.signing
+        lift = revocation_doc(c.keys.prefix, "c", next_serial(changed.doc.serial), (), "", "c", revoked=False)
+        await e.put(c.keys.revocation("c"), Signer(own, c.signer.authority_pub).sign(lift).raw)
         req = DrainRequest("01" * 8, 1.0, "c", DrainOptions())
         await e.put(c.keys.drain("a"), _json.dumps({"v": 1, **req.to_dict()}).encode())
-        await eventually(lambda: c["a"].cluster.member.policy.refused.get("malformed", 0) >= 2,
-                         what="a refusing both")
+        as_agent = Signer(own, c.signer.authority_pub, c["c"].certificate)
+        await e.put(c.keys.drain("a"), as_agent.sign(PolicyDoc("drain", c.keys.prefix, "a", next_serial(0), 1,
+                                                                request=req)).raw)
+        await eventually(lambda: sum(c["a"].cluster.member.policy.refused.values()) >= 4, what="a refusing all")
+    assert set(c["a"].cluster.member.policy.refused) == {"malformed", "bad-signature", "wrong-role"}
     for name in ("a", "b"):
         assert c[name].cluster.gate.lists.is_revoked("c", c["c"].identity.static.public)
     r = await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
