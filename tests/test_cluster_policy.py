@@ -109,6 +109,18 @@ def test_the_store_keeps_the_highest_serial_and_refuses_older_or_equivocal_ones(
     assert store.offer("drain", "someone-else", drain(1, "someone-else"), NOW) == "ignored"
 
 
+def test_what_an_agent_writes_back_into_etcd():
+    """Lost, older or unsigned: written back; as high (refused here or not): left alone, so two
+    agents never overwrite each other's."""
+    store = PolicyStore(CA.public, KEYS, "me")
+    store.offer("revocation", "evil", revoke(5), NOW)
+    key = KEYS.revocation("evil")
+    for there in (None, revoke(4), b"junk", revoke(9, revoked=False, signer=AS_AGENT)):
+        assert [d.serial for d in store.stale({} if there is None else {key: there})] == [5], there
+    for there in (revoke(5), revoke(5, revoked=False), revoke(6, revoked=False)):
+        assert store.stale({key: there}) == []
+
+
 # ------------------------------------------------------------------ at the member (no etcd)
 
 

@@ -98,6 +98,9 @@ def cluster_line(c: dict[str, Any] | None) -> str:
             f"{'own allowlist' if lists.get('allowlist') is None else 'cluster allowlist'})")
     if c.get("note"):
         line += f"\n  {c['note']}"
+    if lists.get("refused"):
+        line += ("\n  policy documents refused (the kept ones stay in force): "
+                 + ", ".join(f"{n} {why}" for why, n in lists["refused"].items()))
     if c.get("conflicts"):
         line += f"\n  VM records also claimed by another agent (not written): {', '.join(c['conflicts'])}"
     if c.get("name_taken"):

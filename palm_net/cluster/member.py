@@ -77,6 +77,7 @@ class ClusterMember:
         self.lease: Lease | None = None
         self.lists = Lists()
         self.policy = PolicyStore(cfg.authority_pub, cfg.keys, host.name)
+        self._offered: dict[bytes, bytes] = {}  # the config/ values last offered to the policy
         self.drain_request: DrainRequest | None = None
         self.drain_changed = trio.Event()
         self.drain_status: dict[str, Any] = {}
@@ -305,7 +306,9 @@ class ClusterMember:
 
     def _take_lists(self, values: dict[bytes, bytes], revision: int) -> None:
         now = time.time()
-        taken = [self._offer(key, value, now) for key, value in values.items()]
+        # each value once: a refused one left in etcd is not counted again at every change
+        taken = [self._offer(key, value, now) for key, value in values.items() if self._offered.get(key) != value]
+        self._offered = dict(values)
         if any(taken):
             self._keep_policy()  # before anything acts on them
         lists = self.policy.lists(revision, now)

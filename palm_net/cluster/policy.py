@@ -289,6 +289,9 @@ class PolicyStore:
         ``ignored`` (someone else's drain), or why it was refused (and counted)."""
         if kind == "drain" and subject != self.me:
             return "ignored"
+        kept = self.kept.get((kind, subject))
+        if kept is not None and hmac.compare_digest(value, kept.raw):
+            return "same"
         try:
             doc = verify(value, self.authority_pub, self.keys.prefix, now)
             if (doc.kind, doc.subject) != (kind, subject):
@@ -331,12 +334,26 @@ class PolicyStore:
         return None if doc is None else doc.request
 
     def stale(self, current: dict[bytes, bytes]) -> list[PolicyDoc]:
-        """Kept documents etcd does not hold as they are (deleted, older, not signed):
-        any agent may write them back, they are signed.  ``current``: etcd's values
-        under ``config/`` (and this agent's drain key)."""
-        return [d for d in self.kept.values()
-                if (d.kind != "drain" or d.subject == self.me)
-                and not hmac.compare_digest(current.get(d.key(self.keys), b""), d.raw)]
+        """Kept documents etcd has lost, or holds older or not signed: any agent may write
+        them back, they are signed.  ``current``: etcd's values under ``config/`` (and this
+        agent's drain key).  A value that verifies with a serial as high is left alone,
+        even if this agent refused it (its clock, or two documents of one serial): agents
+        never overwrite each other's."""
+        out = []
+        for d in self.kept.values():
+            if d.kind == "drain" and d.subject != self.me:
+                continue
+            there = current.get(d.key(self.keys))
+            if there is not None:
+                if hmac.compare_digest(there, d.raw):
+                    continue
+                try:
+                    if verify(there, self.authority_pub, self.keys.prefix, None).serial >= d.serial:
+                        continue
+                except PolicyError:
+                    pass
+            out.append(d)
+        return out
 
     # the state directory's copy
 
