@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from palm_net.cluster import EtcdClient
 from palm_net.cluster.admin import read_cluster, revoke, status_dict, unrevoke
 from palm_net.cluster.etcd import EtcdConfig
 from palm_net.cluster.model import AgentRecord, Keys, KnownAgent, VmRecord
-from palm_net.cluster.policy import PolicyDoc, Signer, next_serial
+from palm_net.cluster.policy import PolicyDoc, Signer, next_serial, open_agent_record
 from palm_net.cluster.policy import revocation as revocation_doc
 from palm_net.migration.handoff import HandoffState
 from palm_net.migration.params import MigrationParams
@@ -103,7 +104,8 @@ class Cluster:
     async def agents(self) -> dict[str, AgentRecord]:
         async with EtcdClient(self.etcd.config()) as c:
             snap = await c.range_prefix(self.keys.agents)
-        return {r.name: r for r in (AgentRecord.decode(kv.value) for kv in snap.kvs)}
+        now = time.time()
+        return {r.name: r for r in (open_agent_record(kv.value, self.signer.authority_pub, now) for kv in snap.kvs)}
 
     async def close(self) -> None:
         for name in list(self.local.members):
@@ -290,6 +292,37 @@ async def test_a_revoked_host_with_etcd_credentials_stays_revoked_and_drains_nob
     assert c["a"].cluster.member.drain_request is None and c.local.running_copies("victim-vm") == ["a"]
 
 
+async def test_forged_agent_records_are_ignored_and_counted(make):
+    """Each agent writes only what is its own: a record squatting b's name (c's key and
+    certificate, or no signature) neither keeps b out nor draws a drain's VMs."""
+    from palm_net.cluster.admin import follow_drain, request_drain
+    from palm_net.cluster.model import DrainOptions
+    from palm_net.cluster.policy import seal_record
+
+    c = await make(names=("a", "b", "c"), capacity=64 * MiB)
+    await eventually(lambda: _all_registered(c, 3))
+    await c.local.stop("b")
+    await c.local.stop("c")
+    fake = dataclasses.replace(c["a"].cluster.advertise(), name="b", addr=c.local.addr("c"), free=1 << 40,
+                               capacity=1 << 40, static_pub="ee" * 32)
+    async with EtcdClient(c.etcd.config()) as e:
+        await e.put(c.keys.agent("b"), fake.encode())  # not signed, no lease: b was kept out before
+    await c.local.start("b")
+    await eventually(lambda: c["b"].cluster.member.lease is not None, what="b registering over the squatter")
+    assert c["b"].cluster.member.policy.refused == {"record-malformed": 1}
+    await c.local.start("c")
+    await eventually(lambda: _all_registered(c, 3))
+    # c, certified, claims b's name with its own key: the drain of a skips it
+    c_ident, c_cert = c["c"].identity, c["c"].certificate
+    async with EtcdClient(c.etcd.config()) as e:
+        await e.put(c.keys.agent("b"), seal_record(fake.encode(), c_ident.signing, c_cert))
+        c["a"].registry.create_model("vm0", 8 * MiB)
+        req, _, _ = await request_drain(e, c.keys, c.signer, "a", DrainOptions(), "test")
+        st = await follow_drain(e, c.keys, "a", req.id, lambda s: None)
+    assert st.state == "done" and st.vms["vm0"].to == "c"  # not to the "b" at c's address, 1 TiB free
+    assert c["a"].cluster.member.policy.refused.get("record-squatted", 0) >= 1
+
+
 @pytest.mark.parametrize("when", ["before READY", "after READY"])
 async def test_a_peer_revoked_in_flight(make, nursery, when):
     """Before READY the destination aborts and never sends READY; after READY the handoff decides."""
@@ -474,7 +507,8 @@ def test_cli_status_revoke_and_drain(etcd, prefix, capsys, tmp_path: Path):
     """The commands against etcd, with no agent: what they say and exit with."""
     from palm_net.agent.launcher import provision_operator
     from palm_net.cli import main
-    from palm_net.crypto.identity import Authority
+    from palm_net.cluster.policy import seal_record
+    from palm_net.crypto.identity import AgentIdentity, Authority
 
     url = etcd.urls[0]
     ca = Authority.generate()
@@ -486,13 +520,18 @@ def test_cli_status_revoke_and_drain(etcd, prefix, capsys, tmp_path: Path):
     assert main(["cluster", "revoke", "ghost", *at, "--wait", "1"]) == 2  # nothing unsigned
     assert "--signer DIR is required" in capsys.readouterr().err
     # a name no agent ever registered (a typo): refused, and the known names are said
+    ident = AgentIdentity.generate("host-c")
+    cert = ca.issue("host-c", ident.static.public, ident.sign_pub, bytes(32))
+
     async def register():
         async with EtcdClient(etcd.config()) as e:
-            await e.put(Keys(prefix).known_agent("host-c"), KnownAgent("host-c", "cd" * 32, 1.7e9).encode())
+            known = KnownAgent("host-c", ident.static.public.hex(), 1.7e9).encode()
+            await e.put(Keys(prefix).known_agent("host-c"), seal_record(known, ident.signing, cert))
+            await e.put(Keys(prefix).known_agent("squat"), KnownAgent("squat", "cd" * 32, 1.7e9).encode())
     trio.run(register)
     assert main(["cluster", "revoke", "host-zz", *at, "--wait", "1", "--signer", op]) == 1
     err = capsys.readouterr().err
-    assert "no agent named 'host-zz' ever registered" in err and "known: host-c" in err and "--force" in err
+    assert "no agent named 'host-zz' ever registered" in err and "known: host-c)" in err and "--force" in err
     assert main(["cluster", "status", "--json", *at]) == 0
     assert json.loads(capsys.readouterr().out)["revoked"] == []  # nothing was written
     assert main(["cluster", "revoke", "ghost", *at, "--wait", "1", "--signer", op, "--force"]) == 0
@@ -500,10 +539,11 @@ def test_cli_status_revoke_and_drain(etcd, prefix, capsys, tmp_path: Path):
     assert "agent ghost revoked by name only" in out and "signed by the operator alice" in out
     assert f"written to {prefix}config/revoked/ghost" in out and "no agent is alive" in out
     assert main(["cluster", "revoke", "host-c", *at, "--wait", "1", "--signer", str(tmp_path / "ca")]) == 0
-    assert "with its static key cdcdcdcdcdcdcdcd..." in capsys.readouterr().out
+    assert f"with its static key {ident.static.public.hex()[:16]}..." in capsys.readouterr().out
     assert main(["cluster", "status", "--json", *at, "--ca", str(tmp_path / "ca" / "ca.pub")]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert st["revoked"] == ["ghost", "host-c"] and st["problems"] == []
+    assert st["revoked"] == ["ghost", "host-c"]
+    assert len(st["problems"]) == 1 and "known/squat" in st["problems"][0]  # not signed by an agent
     assert {"name": "ghost", "health": "revoked", "alive": False} in st["agents"]
     assert main(["cluster", "drain", "ghost", *at, "--signer", op]) == 1
     assert "not alive in the cluster" in capsys.readouterr().err

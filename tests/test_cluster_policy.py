@@ -226,3 +226,29 @@ def test_operator_certificates_from_the_cli(tmp_path):
     (tmp_path / "agent" / "ca.pub").write_bytes((tmp_path / "ca" / "ca.pub").read_bytes())
     with pytest.raises(KeyFileError, match="not an operator"):
         Signer.load(tmp_path / "agent")
+
+
+# ------------------------------------------------------------------ what an agent says of itself
+
+
+def test_agent_records_are_the_named_agents_own():
+    from palm_net.cluster.model import AgentRecord
+    from palm_net.cluster.policy import open_agent_record, seal_record
+
+    def agent(name: str):
+        ident = AgentIdentity.generate(name)
+        return ident, CA.issue(name, ident.static.public, ident.sign_pub, bytes(32), not_before=int(NOW) - 60)
+
+    (b, b_cert), (c, c_cert) = agent("b"), agent("c")
+    rec = AgentRecord("b", "10.0.0.2:7400", "cd" * 32, b.static.public.hex(), ("source", "destination"),
+                      1 << 30, 1 << 30, 0, "1", NOW)
+    body = rec.encode()
+    assert open_agent_record(seal_record(body, b.signing, b_cert), CA.public, NOW) == rec
+    for value, why in ((seal_record(body, c.signing, c_cert), "squatted"),  # c claiming b's name
+                       (body, "malformed"),  # the JSON alone: not signed
+                       (seal_record(body, c.signing, b_cert), "bad-signature"),
+                       (seal_record(body, OPERATOR.key, OPERATOR.cert), "wrong-role")):  # type: ignore[arg-type]
+        with pytest.raises(PolicyError) as e:
+            open_agent_record(value, CA.public, NOW)
+        assert e.value.reason == why
+    assert open_agent_record(seal_record(body, c.signing, c_cert), None, NOW) == rec  # unchecked: status without --ca

@@ -41,6 +41,7 @@ from palm_net.cluster.host import DrainOutcome
 from palm_net.cluster.member import ClusterMember, MemberConfig
 from palm_net.cluster.model import VM_STATES, AgentRecord, Keys, Outgoing, VmRecord
 from palm_net.cluster.placement import Movable
+from palm_net.cluster.policy import seal_record
 from palm_net.crypto.identity import AgentIdentity, Certificate
 from palm_net.hypervisor.backend import PAGE_SIZE
 from palm_net.migration.handoff import HandoffState, HandoffStore
@@ -208,6 +209,9 @@ class AgentCluster:
         used = sum(vm.info.npages * PAGE_SIZE for vm in a.registry) + a.incoming.admission.memory
         capacity = a.cfg.capacity if a.cfg.capacity is not None else fs_total
         return capacity, max(0, min(capacity - used, fs_free))
+
+    def seal(self, body: bytes) -> bytes:
+        return seal_record(body, self.agent.identity.signing, self.agent.certificate)
 
     def advertise(self) -> AgentRecord:
         a = self.agent

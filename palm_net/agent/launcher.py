@@ -39,7 +39,7 @@ def provision(root: Path, names: list[str], days: float = 1, measurement: bytes 
     return ca
 
 
-def provision_operator(root: Path, ca: Authority, name: str = "operator", days: float = 1) -> Path:
+def provision_operator(root: Path, ca: Authority, name: str = "ops", days: float = 1) -> Path:
     """An operator's directory root/NAME (as `palm keygen` then `palm ca issue --role operator`):
     what `palm cluster ... --signer DIR` signs the cluster's policy with."""
     d = root / name

@@ -34,7 +34,17 @@ from palm_net.cluster.model import (
     Slot,
     VmRecord,
 )
-from palm_net.cluster.policy import PolicyDoc, PolicyError, Signer, next_serial, parse_body, revocation, verify
+from palm_net.cluster.policy import (
+    PolicyDoc,
+    PolicyError,
+    Signer,
+    next_serial,
+    open_agent_record,
+    open_known_agent,
+    parse_body,
+    revocation,
+    verify,
+)
 from palm_net.crypto.identity import validate_name
 
 
@@ -84,7 +94,7 @@ async def read_cluster(etcd: EtcdClient, keys: Keys, authority_pub: bytes | None
             view.config_revision = max(view.config_revision, kv.mod_revision)
         try:
             if k.startswith(keys.agents):
-                rec = AgentRecord.decode(v)
+                rec = open_agent_record(v, authority_pub, time.time())
                 if Keys.tail(keys.agents, k) != rec.name:
                     raise RecordError("agent record under another name")
                 view.agents[rec.name] = rec
@@ -94,7 +104,7 @@ async def read_cluster(etcd: EtcdClient, keys: Keys, authority_pub: bytes | None
                     raise RecordError("VM record under another VM's key")
                 view.vms[vm.vm_id] = vm
             elif k.startswith(keys.known):
-                known = KnownAgent.decode(v)
+                known = open_known_agent(v, authority_pub, time.time())
                 if Keys.tail(keys.known, k) != known.name:
                     raise RecordError("known agent under another name")
                 view.known[known.name] = known
@@ -176,14 +186,16 @@ class Acks:
     gone: list[str]  # agents that left the cluster while we waited
 
 
-async def wait_acks(etcd: EtcdClient, keys: Keys, revision: int, t0: float, timeout: float) -> Acks:
-    """Until every live agent's record says it enforces lists of ``revision`` or later."""
+async def wait_acks(etcd: EtcdClient, keys: Keys, revision: int, t0: float, timeout: float,
+                    authority_pub: bytes | None = None) -> Acks:
+    """Until every live agent's record says it enforces lists of ``revision`` or later (only
+    records signed by the agent they name count, when ``authority_pub`` is given)."""
     snap = await etcd.range_prefix(keys.agents)
     pending: set[str] = set()
     acks = Acks(revision, {}, [], [])
     for kv in snap.kvs:
         try:
-            rec = AgentRecord.decode(kv.value)
+            rec = open_agent_record(kv.value, authority_pub, time.time())
         except RecordError:
             continue
         if rec.lists_revision >= revision:
@@ -205,7 +217,7 @@ async def wait_acks(etcd: EtcdClient, keys: Keys, revision: int, t0: float, time
                                 acks.gone.append(name)
                             continue
                         try:
-                            rec = AgentRecord.decode(ev.kv.value)
+                            rec = open_agent_record(ev.kv.value, authority_pub, time.time())
                         except RecordError:
                             continue
                         if rec.lists_revision >= revision and name not in acks.seconds:
@@ -237,14 +249,17 @@ async def _put(etcd: EtcdClient, key: bytes, doc: PolicyDoc, mod_revision: int) 
     return got.revision if got.succeeded else None
 
 
-async def known_agents(etcd: EtcdClient, keys: Keys) -> dict[str, set[str]]:
-    """Every name an agent registered under (alive or not) and the static keys it had (hex)."""
+async def known_agents(etcd: EtcdClient, keys: Keys, authority_pub: bytes) -> dict[str, set[str]]:
+    """Every name an agent registered under (alive or not) and the static keys it had (hex),
+    from records signed by the agent they name."""
     out: dict[str, set[str]] = {}
     for prefix in (keys.known, keys.agents):
         for kv in (await etcd.range_prefix(prefix)).kvs:
             try:
-                rec: KnownAgent | AgentRecord = (KnownAgent.decode(kv.value) if prefix == keys.known
-                                                 else AgentRecord.decode(kv.value))
+                now = time.time()
+                rec: KnownAgent | AgentRecord = (open_known_agent(kv.value, authority_pub, now)
+                                                 if prefix == keys.known
+                                                 else open_agent_record(kv.value, authority_pub, now))
                 if Keys.tail(prefix, kv.key) != rec.name:
                     continue
             except RecordError:
@@ -268,7 +283,7 @@ async def revoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, reason
     no agent ever registered is refused (a typo would leave the host meant trusted) unless
     ``force``."""
     validate_name(name)
-    known = await known_agents(etcd, keys)
+    known = await known_agents(etcd, keys, signer.authority_pub)
     if name not in known and not force:
         names = ", ".join(sorted(known)[:50]) + (" ..." if len(known) > 50 else "") if known else "none"
         raise AdminError(f"no agent named {name!r} ever registered in the cluster {keys.prefix} (known: {names}); "
@@ -283,7 +298,7 @@ async def revoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, reason
         t0 = time.monotonic()
         rev = await _put(etcd, key, doc, mod)
         if rev is not None:
-            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait))
+            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub))
     raise AdminError(f"{key.decode()} kept changing under this command; try again")
 
 
@@ -300,7 +315,7 @@ async def unrevoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, by: 
         t0 = time.monotonic()
         rev = await _put(etcd, key, doc, mod)
         if rev is not None:
-            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait))
+            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub))
     raise AdminError(f"{key.decode()} kept changing under this command; try again")
 
 
@@ -333,7 +348,8 @@ async def change_allowlist(etcd: EtcdClient, keys: Keys, signer: Signer, how: st
         t0 = time.monotonic()
         rev = await _put(etcd, keys.allowlist, doc, mod)
         if rev is not None:
-            return new, Changed(doc, keys.allowlist.decode(), await wait_acks(etcd, keys, rev, t0, wait))
+            acks = await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub)
+            return new, Changed(doc, keys.allowlist.decode(), acks)
     raise AdminError("the allowlist kept changing under this command; try again")
 
 

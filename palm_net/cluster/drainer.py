@@ -26,9 +26,9 @@ from palm_net.cluster.etcd import EtcdClient
 from palm_net.cluster.etcdwire import EtcdError
 from palm_net.cluster.gate import Lists
 from palm_net.cluster.host import ClusterHost
-from palm_net.cluster.model import AgentRecord, DrainRequest, DrainStatus, Keys, RecordError, Slot
+from palm_net.cluster.model import DrainRequest, DrainStatus, Keys, RecordError, Slot
 from palm_net.cluster.placement import Candidate, DrainPlan
-from palm_net.cluster.policy import PolicyStore, verify
+from palm_net.cluster.policy import PolicyError, PolicyStore, open_agent_record, verify
 
 log = structlog.get_logger("palm.cluster")
 
@@ -55,8 +55,10 @@ class DrainSide(Protocol):
 
 
 async def candidates(etcd: EtcdClient, keys: Keys, me: str, lists: Lists,
-                     authority_pub: bytes) -> list[Candidate]:
-    """Every other live agent as a destination, with what placement needs to know."""
+                     policy: PolicyStore) -> list[Candidate]:
+    """Every other live agent as a destination, with what placement needs to know: only
+    records signed by the agent they name (a forged or squatted one is skipped and counted)."""
+    authority_pub = policy.authority_pub
     draining = set()
     now = time.time()
     for kv in (await etcd.range_prefix(keys.drains)).kvs:
@@ -70,11 +72,12 @@ async def candidates(etcd: EtcdClient, keys: Keys, me: str, lists: Lists,
     out = []
     for kv in (await etcd.range_prefix(keys.agents)).kvs:
         try:
-            rec = AgentRecord.decode(kv.value)
+            rec = open_agent_record(kv.value, authority_pub, now)
             if Keys.tail(keys.agents, kv.key) != rec.name:
-                raise RecordError("agent record under another name")
+                raise PolicyError("squatted", "agent record under another name")
         except RecordError as exc:
             log.warning("agent record skipped", error=str(exc))
+            policy.count(f"record-{getattr(exc, 'reason', 'malformed')}")
             continue
         if rec.name == me:
             continue
@@ -167,7 +170,7 @@ class Drain:
             if room > 0 and waiting and not plan.stopped:
                 try:
                     cands = await candidates(self.etcd, self.side.keys, self.host.name, self.host.lists,
-                                            self.side.policy.authority_pub)
+                                            self.side.policy)
                     self.side.good()
                     for name, cand in plan.next(here, cands, room):
                         value = Slot(self.host.name, name, time.time()).encode()

@@ -31,6 +31,10 @@ class ClusterHost(Protocol):
         """The agent record as of now (the member fills in lists_revision and conflicts)."""
         ...
 
+    def seal(self, body: bytes) -> bytes:
+        """Its own record signed by its identity key, with its certificate (palm_net.cluster.policy)."""
+        ...
+
     def vm_facts(self) -> dict[str, Fact]:
         """What the handoff says of each VM this agent knows (palm_net.cluster.converge)."""
         ...

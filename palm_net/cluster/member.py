@@ -40,7 +40,7 @@ from palm_net.cluster.etcdwire import CODE_NOT_FOUND, Compare, Delete, EtcdError
 from palm_net.cluster.gate import Lists
 from palm_net.cluster.host import ClusterHost
 from palm_net.cluster.model import AgentRecord, DrainRequest, Keys, KnownAgent, RecordError, VmRecord
-from palm_net.cluster.policy import MAX_POLICY, MAX_REVOCATIONS, PolicyDoc, PolicyStore
+from palm_net.cluster.policy import MAX_POLICY, MAX_REVOCATIONS, PolicyDoc, PolicyStore, open_agent_record
 from palm_net.hostfs import UnsafePathError, read_nofollow, write_atomic
 from palm_net.trioutil import single_error
 
@@ -213,8 +213,9 @@ class ClusterMember:
         kv = await etcd.get(key)
         if kv is not None:
             try:
-                theirs = AgentRecord.decode(kv.value)
-            except RecordError:
+                theirs = open_agent_record(kv.value, self.cfg.authority_pub, time.time())
+            except RecordError as exc:  # not signed by an agent of that name: a squatter's, taken back
+                self.policy.count(f"record-{getattr(exc, 'reason', 'malformed')}")
                 theirs = None
             if theirs is not None and theirs.static_pub != mine.static_pub:
                 self._name_taken = (f"the name {self.host.name!r} is registered by another agent (static key "
@@ -223,13 +224,13 @@ class ClusterMember:
                 log.error("cluster name taken", agent=self.host.name, other=theirs.static_pub[:16])
                 raise _NameTaken(self._name_taken)
         got = await etcd.txn([Compare.mod_revision(key, "==", kv.mod_revision if kv else 0)],
-                             [Put(key, mine.encode(), lease.id)])
+                             [Put(key, self.host.seal(mine.encode()), lease.id)])
         if not got.succeeded:
             raise _NameTaken("the agent record changed while registering")
         self._name_taken = ""
         # No lease: the name stays known after the agent leaves (`palm cluster revoke` checks it).
         await etcd.put(self.keys.known_agent(self.host.name),
-                       KnownAgent(self.host.name, mine.static_pub, round(time.time(), 3)).encode())
+                       self.host.seal(KnownAgent(self.host.name, mine.static_pub, round(time.time(), 3)).encode()))
 
     async def _keepalive(self, etcd: EtcdClient, lease: Lease) -> None:
         period = lease.ttl / 3
@@ -251,17 +252,23 @@ class ClusterMember:
                     await trio.sleep(min(period, 1.0))  # pacing the next try
 
     async def _publish_loop(self, etcd: EtcdClient, key: bytes, lease: Lease) -> None:
-        last = b""
+        last = sealed = b""
         while True:
             self._publish = trio.Event()  # before reading the record: a change after it wakes us
             data = self.record().encode()
             if data != last:
-                await etcd.put(key, data, lease=lease.id)
+                sealed = self.host.seal(data)
+                await etcd.put(key, sealed, lease=lease.id)
                 last = data
                 self.good()
             await trio.sleep(0.1)  # pacing: at most ten puts a second, however busy the agent
-            with trio.move_on_after(self.cfg.publish_every):
+            with trio.move_on_after(self.cfg.publish_every) as quiet:
                 await self._publish.wait()
+            if quiet.cancelled_caught:  # nothing changed here: is our record still ours in etcd?
+                kv = await etcd.get(key)
+                if kv is None or kv.value != sealed:
+                    log.warning("agent record overwritten in etcd (by a squatter?): publishing it again")
+                    last = b""
 
     # -- lists
 

@@ -1,4 +1,5 @@
-"""The cluster's policy, signed: revocations, the allowlist and drain requests (proto 10), sans-IO.
+"""The cluster's policy, signed: revocations, the allowlist and drain requests (proto 10), sans-IO;
+and what each agent says of itself (its record, its name), signed by its own key.
 
 etcd is writable by every agent's credential, so what decides whom an agent
 trusts cannot be whatever etcd holds.  Each policy value is a document signed
@@ -29,7 +30,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from palm_net.cluster.gate import Lists
-from palm_net.cluster.model import MAX_ALLOWLIST, DrainRequest, Keys, RecordError
+from palm_net.cluster.model import MAX_ALLOWLIST, MAX_VALUE, AgentRecord, DrainRequest, Keys, KnownAgent, RecordError
 from palm_net.crypto.identity import (
     CA_KEY_FILE,
     CA_PUB_FILE,
@@ -44,6 +45,9 @@ from palm_net.crypto.identity import (
     RejectReason,
     load_authority_public,
     validate_name,
+)
+from palm_net.crypto.identity import (
+    ROLES as AGENT_ROLES,
 )
 from palm_net.hostfs import UnsafePathError, read_nofollow
 
@@ -318,6 +322,10 @@ class PolicyStore:
         self.kept[k] = doc
         return "new"
 
+    def count(self, reason: str) -> None:
+        """Something else refused (an agent record: ``record-forged``, ``record-squatted``...)."""
+        self._refuse(reason)
+
     def _refuse(self, reason: str) -> str:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         return reason
@@ -383,3 +391,62 @@ def revocation(cluster: str, name: str, serial: int, keys: Iterable[bytes], reas
                revoked: bool = True) -> PolicyDoc:
     return PolicyDoc("revocation", cluster, name, serial, int(time.time()), by[:128], revoked,
                      tuple(sorted(set(keys))), reason[:500])
+
+
+# ------------------------------------------------------------------ what an agent says of itself
+
+RECORD_DOMAIN = b"palm-net/agent-record/v1\x00"
+
+
+def seal_record(body: bytes, key: SigningKey, cert: Certificate) -> bytes:
+    """An agent's own record (``agents/NAME``, ``known/NAME``), signed by its identity key
+    with its certificate: readers check the name and static key are the certificate's."""
+    out: bytes = msgpack.packb({"body": body, "sig": key.sign(RECORD_DOMAIN + body).signature,
+                                "cert": cert.encode()})
+    return out
+
+
+def _open_record(value: bytes, authority_pub: bytes | None, now: float) -> tuple[bytes, Certificate | None]:
+    if len(value) > MAX_VALUE:
+        raise PolicyError("malformed", f"{len(value)} bytes, over the limit of {MAX_VALUE}")
+    outer = _unpack(value, "agent record")
+    if not isinstance(outer, dict) or set(outer) != {"body", "sig", "cert"}:
+        raise PolicyError("unsigned", "not a signed agent record (body, sig, cert)")
+    body, sig, cert_bytes = (_get(outer, k, bytes, "agent record") for k in ("body", "sig", "cert"))
+    if authority_pub is None:
+        return body, None
+    try:
+        cert = Certificate.decode(cert_bytes)
+        cert.verify(authority_pub, now)
+    except AttestationError as exc:
+        raise PolicyError(exc.reason.value, str(exc)) from None
+    if not set(cert.roles) & set(AGENT_ROLES):
+        raise PolicyError("wrong-role", f"{cert.name!r} is not certified as an agent")
+    try:
+        VerifyKey(cert.sign_pub).verify(RECORD_DOMAIN + body, sig)
+    except (BadSignatureError, ValueError, TypeError):
+        raise PolicyError("bad-signature", f"the signature of {cert.name!r} does not verify") from None
+    return body, cert
+
+
+def _same_agent(cert: Certificate | None, name: str, static_pub_hex: str) -> None:
+    if cert is None:
+        return
+    if cert.name != name or not hmac.compare_digest(cert.static_pub.hex(), static_pub_hex):
+        raise PolicyError("squatted", f"a record of {name!r} signed by {cert.name!r} (another name or key)")
+
+
+def open_agent_record(value: bytes, authority_pub: bytes | None, now: float) -> AgentRecord:
+    """An agent record as read from etcd; verified against its certificate when the
+    authority's key is given (PolicyError: forged, squatted, unsigned)."""
+    body, cert = _open_record(value, authority_pub, now)
+    rec = AgentRecord.decode(body)
+    _same_agent(cert, rec.name, rec.static_pub)
+    return rec
+
+
+def open_known_agent(value: bytes, authority_pub: bytes | None, now: float) -> KnownAgent:
+    body, cert = _open_record(value, authority_pub, now)
+    rec = KnownAgent.decode(body)
+    _same_agent(cert, rec.name, rec.static_pub)
+    return rec
