@@ -19,8 +19,8 @@ from palm_net.agent.errors import AgentError
 from palm_net.cluster import EtcdClient
 from palm_net.cluster.admin import read_cluster, revoke, status_dict, unrevoke
 from palm_net.cluster.etcd import EtcdConfig
-from palm_net.cluster.model import AgentRecord, Keys, KnownAgent, VmRecord
-from palm_net.cluster.policy import PolicyDoc, Signer, next_serial, open_agent_record
+from palm_net.cluster.model import AgentRecord, Keys, KnownAgent, RecordError, VmRecord
+from palm_net.cluster.policy import PolicyDoc, Signer, next_serial, open_agent_record, open_vm_record
 from palm_net.cluster.policy import revocation as revocation_doc
 from palm_net.migration.handoff import HandoffState
 from palm_net.migration.params import MigrationParams
@@ -99,7 +99,10 @@ class Cluster:
     async def vm_record(self, vm_id: bytes) -> VmRecord | None:
         async with EtcdClient(self.etcd.config()) as c:
             kv = await c.get(self.keys.vm(vm_id.hex()))
-        return VmRecord.decode(kv.value) if kv else None
+        try:
+            return open_vm_record(kv.value, self.signer.authority_pub, time.time()) if kv else None
+        except RecordError:
+            return None  # not its writer's (the test's own forgeries)
 
     async def agents(self) -> dict[str, AgentRecord]:
         async with EtcdClient(self.etcd.config()) as c:
@@ -215,7 +218,17 @@ async def test_a_bogus_record_starts_nothing_stops_nothing_and_is_corrected(make
     await eventually(lambda: _rec_on(c, vid, "a"), what="the host correcting the record")
     assert c.local.running_copies("web") == ["a"] and "web" not in c["b"].vms
     assert "ghost" not in c["b"].vms and "ghost" not in c["a"].vms  # no VM started for a record
-    assert await c.vm_record(bytes.fromhex(ghost.vm_id)) is not None  # nobody hosts it: nobody writes it
+    async with EtcdClient(c.etcd.config()) as e:  # nobody hosts it: nobody writes it
+        assert (await e.get(c.keys.vm(ghost.vm_id))).value == ghost.encode()
+    # b, certified, writes a record of a's VM in a's name (not its own to write): a writes over it
+    from palm_net.cluster.policy import seal_record
+
+    b = c["b"]
+    forged = VmRecord(vid.hex(), "renamed", "a", memory=8 * MiB)
+    async with EtcdClient(c.etcd.config()) as e:
+        await e.put(c.keys.vm(vid.hex()), seal_record(forged.encode(), b.identity.signing, b.certificate, "vm"))
+    rec = await eventually(lambda: _rec_on(c, vid, "a"), what="a correcting b's record")
+    assert rec.name == "web" and c["a"].cluster.member.policy.refused.get("record-not-its-own", 0) >= 1
 
 
 async def test_revocation_refuses_handshakes_everywhere_and_is_kept_across_restarts(make, nursery):

@@ -252,3 +252,22 @@ def test_agent_records_are_the_named_agents_own():
             open_agent_record(value, CA.public, NOW)
         assert e.value.reason == why
     assert open_agent_record(seal_record(body, c.signing, c_cert), None, NOW) == rec  # unchecked: status without --ca
+
+
+def test_vm_records_are_their_hosts_or_their_last_sources():
+    from palm_net.cluster.model import VmRecord
+    from palm_net.cluster.policy import open_vm_record, seal_record
+
+    ident = AgentIdentity.generate("b")
+    cert = CA.issue("b", ident.static.public, ident.sign_pub, bytes(32), not_before=int(NOW) - 60)
+    here = VmRecord("aa" * 16, "web", "b")
+    assert open_vm_record(seal_record(here.encode(), ident.signing, cert, "vm"), CA.public, NOW) == here
+    moved = VmRecord("aa" * 16, "web", "c", migration="bb" * 16)  # b, the source, after DONE (proto 7.5)
+    assert open_vm_record(seal_record(moved.encode(), ident.signing, cert, "vm"), CA.public, NOW) == moved
+    for value, why in ((seal_record(VmRecord("aa" * 16, "web", "c").encode(), ident.signing, cert, "vm"),
+                        "not-its-own"),
+                       (seal_record(here.encode(), ident.signing, cert, "agent"), "bad-signature"),  # another kind
+                       (here.encode(), "malformed")):
+        with pytest.raises(PolicyError) as e:
+            open_vm_record(value, CA.public, NOW)
+        assert e.value.reason == why

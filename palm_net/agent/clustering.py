@@ -210,8 +210,8 @@ class AgentCluster:
         capacity = a.cfg.capacity if a.cfg.capacity is not None else fs_total
         return capacity, max(0, min(capacity - used, fs_free))
 
-    def seal(self, body: bytes) -> bytes:
-        return seal_record(body, self.agent.identity.signing, self.agent.certificate)
+    def seal(self, body: bytes, kind: str = "agent") -> bytes:
+        return seal_record(body, self.agent.identity.signing, self.agent.certificate, kind)
 
     def advertise(self) -> AgentRecord:
         a = self.agent

@@ -41,6 +41,7 @@ from palm_net.cluster.policy import (
     next_serial,
     open_agent_record,
     open_known_agent,
+    open_vm_record,
     parse_body,
     revocation,
     verify,
@@ -99,7 +100,7 @@ async def read_cluster(etcd: EtcdClient, keys: Keys, authority_pub: bytes | None
                     raise RecordError("agent record under another name")
                 view.agents[rec.name] = rec
             elif k.startswith(keys.vms):
-                vm = VmRecord.decode(v)
+                vm = open_vm_record(v, authority_pub, time.time())
                 if k != keys.vm(vm.vm_id):
                     raise RecordError("VM record under another VM's key")
                 view.vms[vm.vm_id] = vm

@@ -31,8 +31,9 @@ class ClusterHost(Protocol):
         """The agent record as of now (the member fills in lists_revision and conflicts)."""
         ...
 
-    def seal(self, body: bytes) -> bytes:
-        """Its own record signed by its identity key, with its certificate (palm_net.cluster.policy)."""
+    def seal(self, body: bytes, kind: str = "agent") -> bytes:
+        """Its own record (``agent`` or ``vm``) signed by its identity key, with its certificate
+        (palm_net.cluster.policy)."""
         ...
 
     def vm_facts(self) -> dict[str, Fact]:

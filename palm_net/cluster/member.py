@@ -39,8 +39,15 @@ from palm_net.cluster.etcd import EtcdClient, EtcdConfig
 from palm_net.cluster.etcdwire import CODE_NOT_FOUND, Compare, Delete, EtcdError, Lease, Put
 from palm_net.cluster.gate import Lists
 from palm_net.cluster.host import ClusterHost
-from palm_net.cluster.model import AgentRecord, DrainRequest, Keys, KnownAgent, RecordError, VmRecord
-from palm_net.cluster.policy import MAX_POLICY, MAX_REVOCATIONS, PolicyDoc, PolicyStore, open_agent_record
+from palm_net.cluster.model import AgentRecord, DrainRequest, Keys, KnownAgent, RecordError
+from palm_net.cluster.policy import (
+    MAX_POLICY,
+    MAX_REVOCATIONS,
+    PolicyDoc,
+    PolicyStore,
+    open_agent_record,
+    open_vm_record,
+)
 from palm_net.hostfs import UnsafePathError, read_nofollow, write_atomic
 from palm_net.trioutil import single_error
 
@@ -365,7 +372,7 @@ class ClusterMember:
                 if not scanned:  # once: the records that name us, whatever happened while we were away
                     for kv in (await etcd.range_prefix(self.keys.vms)).kvs:
                         try:
-                            rec = VmRecord.decode(kv.value)
+                            rec = open_vm_record(kv.value, self.cfg.authority_pub, time.time())
                         except RecordError:
                             continue
                         if rec.agent == self.host.name:
@@ -385,9 +392,10 @@ class ClusterMember:
         if kv is None:
             return Read(vm_id, None, 0)
         try:
-            rec = VmRecord.decode(kv.value)
-        except RecordError as exc:
-            log.warning("VM record unreadable", vm_id=vm_id, error=str(exc))
+            rec = open_vm_record(kv.value, self.cfg.authority_pub, time.time())
+        except RecordError as exc:  # garbage, forged, or not its writer's: its host writes over it
+            log.warning("VM record unreadable or not its writer's", vm_id=vm_id, error=str(exc))
+            self.policy.count(f"record-{getattr(exc, 'reason', 'malformed')}")
             return Read(vm_id, None, kv.mod_revision, invalid=True)
         if rec.vm_id != vm_id:
             log.warning("VM record under another VM's key", vm_id=vm_id)
@@ -405,7 +413,8 @@ class ClusterMember:
             again = bool(set(facts) - set(reads))
             for action in actions:
                 key = self.keys.vm(action.record.vm_id if isinstance(action, Write) else action.vm_id)
-                op: Put | Delete = Put(key, action.record.encode()) if isinstance(action, Write) else Delete(key)
+                op: Put | Delete = (Put(key, self.host.seal(action.record.encode(), "vm")) if isinstance(action, Write)
+                                    else Delete(key))
                 result = await etcd.txn([Compare.mod_revision(key, "==", action.expect)], [op])
                 self.converger.done(action, result.succeeded)
                 if result.succeeded:

@@ -30,7 +30,16 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from palm_net.cluster.gate import Lists
-from palm_net.cluster.model import MAX_ALLOWLIST, MAX_VALUE, AgentRecord, DrainRequest, Keys, KnownAgent, RecordError
+from palm_net.cluster.model import (
+    MAX_ALLOWLIST,
+    MAX_VALUE,
+    AgentRecord,
+    DrainRequest,
+    Keys,
+    KnownAgent,
+    RecordError,
+    VmRecord,
+)
 from palm_net.crypto.identity import (
     CA_KEY_FILE,
     CA_PUB_FILE,
@@ -64,11 +73,11 @@ _FIELDS = {"revocation": _COMMON | {"revoked", "keys", "reason"}, "allowlist": _
 
 
 class PolicyError(RecordError):
-    """A policy document refused; ``reason`` is what is counted (one word)."""
+    """A policy document or a signed record refused; ``reason`` is what is counted (one word)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
-        super().__init__(f"policy document refused ({reason}): {detail}")
+        super().__init__(f"refused ({reason}): {detail}")
 
 
 @dataclass(frozen=True)
@@ -395,24 +404,27 @@ def revocation(cluster: str, name: str, serial: int, keys: Iterable[bytes], reas
 
 # ------------------------------------------------------------------ what an agent says of itself
 
-RECORD_DOMAIN = b"palm-net/agent-record/v1\x00"
+RECORD_DOMAINS = {"agent": b"palm-net/agent-record/v1\x00", "vm": b"palm-net/vm-record/v1\x00"}
 
 
-def seal_record(body: bytes, key: SigningKey, cert: Certificate) -> bytes:
-    """An agent's own record (``agents/NAME``, ``known/NAME``), signed by its identity key
-    with its certificate: readers check the name and static key are the certificate's."""
-    out: bytes = msgpack.packb({"body": body, "sig": key.sign(RECORD_DOMAIN + body).signature,
+def seal_record(body: bytes, key: SigningKey, cert: Certificate, kind: str = "agent") -> bytes:
+    """What an agent writes of its own (``agents/NAME``, ``known/NAME``: kind ``agent``;
+    ``vms/VM_ID``: kind ``vm``), signed by its identity key with its certificate: readers
+    check it is the writer's to write."""
+    out: bytes = msgpack.packb({"body": body, "sig": key.sign(RECORD_DOMAINS[kind] + body).signature,
                                 "cert": cert.encode()})
     return out
 
 
-def _open_record(value: bytes, authority_pub: bytes | None, now: float) -> tuple[bytes, Certificate | None]:
+def _open_record(value: bytes, authority_pub: bytes | None, now: float,
+                 kind: str = "agent") -> tuple[bytes, Certificate | None]:
     if len(value) > MAX_VALUE:
         raise PolicyError("malformed", f"{len(value)} bytes, over the limit of {MAX_VALUE}")
-    outer = _unpack(value, "agent record")
+    what = f"{kind} record"
+    outer = _unpack(value, what)
     if not isinstance(outer, dict) or set(outer) != {"body", "sig", "cert"}:
-        raise PolicyError("unsigned", "not a signed agent record (body, sig, cert)")
-    body, sig, cert_bytes = (_get(outer, k, bytes, "agent record") for k in ("body", "sig", "cert"))
+        raise PolicyError("unsigned", f"not a signed {what} (body, sig, cert)")
+    body, sig, cert_bytes = (_get(outer, k, bytes, what) for k in ("body", "sig", "cert"))
     if authority_pub is None:
         return body, None
     try:
@@ -423,7 +435,7 @@ def _open_record(value: bytes, authority_pub: bytes | None, now: float) -> tuple
     if not set(cert.roles) & set(AGENT_ROLES):
         raise PolicyError("wrong-role", f"{cert.name!r} is not certified as an agent")
     try:
-        VerifyKey(cert.sign_pub).verify(RECORD_DOMAIN + body, sig)
+        VerifyKey(cert.sign_pub).verify(RECORD_DOMAINS[kind] + body, sig)
     except (BadSignatureError, ValueError, TypeError):
         raise PolicyError("bad-signature", f"the signature of {cert.name!r} does not verify") from None
     return body, cert
@@ -449,4 +461,14 @@ def open_known_agent(value: bytes, authority_pub: bytes | None, now: float) -> K
     body, cert = _open_record(value, authority_pub, now)
     rec = KnownAgent.decode(body)
     _same_agent(cert, rec.name, rec.static_pub)
+    return rec
+
+
+def open_vm_record(value: bytes, authority_pub: bytes | None, now: float) -> VmRecord:
+    """A VM record: written by the agent it names, or by the source of the migration it names
+    (after DONE, proto 7.5); any other writer's is refused (``not-its-own``)."""
+    body, cert = _open_record(value, authority_pub, now, "vm")
+    rec = VmRecord.decode(body)
+    if cert is not None and cert.name != rec.agent and not rec.migration:
+        raise PolicyError("not-its-own", f"a record of VM {rec.vm_id[:16]} on {rec.agent!r} written by {cert.name!r}")
     return rec
