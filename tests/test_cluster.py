@@ -562,6 +562,17 @@ def test_cli_status_revoke_and_drain(etcd, prefix, capsys, tmp_path: Path):
     assert "not alive in the cluster" in capsys.readouterr().err
     assert main(["cluster", "allowlist", "remove", "ab" * 32, *at, "--signer", op]) == 1
     assert "empty" in capsys.readouterr().err
+    assert main(["cluster", "allowlist", "set", "ab" * 32, *at, "--signer", op, "--wait", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "allowlist changed (serial " in out
+    assert f"signed by the operator alice, written to {prefix}config/allowlist" in out
+    assert main(["cluster", "allowlist", "show", *at, "--ca", str(tmp_path / "ca" / "ca.pub")]) == 0
+    out = capsys.readouterr().out
+    assert "ab" * 32 in out and "signed by the operator alice" in out
+    assert main(["cluster", "allowlist", "set", "ab" * 32, *at, "--signer", op]) == 0
+    assert "unchanged: nothing written" in capsys.readouterr().out
+    assert main(["cluster", "undrain", "ghost", *at, "--signer", op]) == 0
+    assert "was not draining: nothing changed" in capsys.readouterr().out
     assert main(["cluster", "status", "--etcd", "http://127.0.0.1:1", "--etcd-prefix", prefix]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no endpoint answered" in err

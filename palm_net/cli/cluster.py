@@ -283,7 +283,7 @@ def _revoke(a: argparse.Namespace, undo: bool) -> int:
 
 
 def _allowlist(a: argparse.Namespace) -> int:
-    from palm_net.cluster.admin import _doc, change_allowlist
+    from palm_net.cluster.admin import change_allowlist, read_doc
     from palm_net.crypto.identity import KeyFileError, load_authority_public
 
     how = a.how
@@ -306,7 +306,7 @@ def _allowlist(a: argparse.Namespace) -> int:
             kv = await etcd.get(keys.allowlist)
             if kv is None:
                 return None, None
-            doc = _doc(kv.value, keys, ca)
+            doc = read_doc(kv.value, keys, ca)
             note = f"serial {doc.serial}, signed by the {doc.signer}"
             return doc.measurements, None
         assert signer is not None  # every change is signed

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack
 import trio
 
 from palm_net.cluster.etcd import EtcdClient
@@ -35,6 +36,7 @@ from palm_net.cluster.model import (
     VmRecord,
 )
 from palm_net.cluster.policy import (
+    MAX_POLICY,
     PolicyDoc,
     PolicyError,
     Signer,
@@ -68,20 +70,19 @@ class ClusterView:
     config_revision: int = 0  # the newest write under config/ still there (a deletion leaves no trace)
 
 
-def _doc(value: bytes, keys: Keys, authority_pub: bytes | None) -> PolicyDoc:
+def read_doc(value: bytes, keys: Keys, authority_pub: bytes | None) -> PolicyDoc:
     """A policy document as read: verified when the authority's key is known, else its body
     only (``signer`` then says so)."""
     if authority_pub is not None:
         return verify(value, authority_pub, keys.prefix, time.time())
     try:
-        import msgpack
-
-        outer = msgpack.unpackb(value, raw=False, max_map_len=4, max_bin_len=1 << 16, max_str_len=1024)
-        return replace(parse_body(outer["body"], keys.prefix), signer="signature not checked")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PolicyError("malformed", str(exc)[:200]) from None
-    except Exception:  # msgpack's own errors
+        outer = msgpack.unpackb(value, raw=False, max_map_len=4, max_bin_len=MAX_POLICY, max_str_len=1024)
+        body = outer["body"]
+    except Exception:  # msgpack's own errors, or not a map with a body
         raise PolicyError("malformed", "not a policy document") from None
+    if not isinstance(body, bytes):
+        raise PolicyError("malformed", "not a policy document")
+    return replace(parse_body(body, keys.prefix), signer="signature not checked")
 
 
 async def read_cluster(etcd: EtcdClient, keys: Keys, authority_pub: bytes | None = None) -> ClusterView:
@@ -110,13 +111,13 @@ async def read_cluster(etcd: EtcdClient, keys: Keys, authority_pub: bytes | None
                     raise RecordError("known agent under another name")
                 view.known[known.name] = known
             elif k.startswith(keys.revoked):
-                doc = _doc(v, keys, authority_pub)
+                doc = read_doc(v, keys, authority_pub)
                 if k != doc.key(keys):
                     raise RecordError("policy document under another key")
                 if doc.revoked:
                     view.revoked[doc.subject] = doc
             elif k == keys.allowlist:
-                doc = _doc(v, keys, authority_pub)
+                doc = read_doc(v, keys, authority_pub)
                 if doc.kind != "allowlist":
                     raise RecordError("policy document under another key")
                 view.allowlist = doc.measurements
@@ -124,7 +125,7 @@ async def read_cluster(etcd: EtcdClient, keys: Keys, authority_pub: bytes | None
                 st = DrainStatus.decode(v)
                 view.drain_status[Keys.tail(keys.drain_statuses, k)] = st
             elif k.startswith(keys.drains):
-                doc = _doc(v, keys, authority_pub)
+                doc = read_doc(v, keys, authority_pub)
                 if k != doc.key(keys):
                     raise RecordError("policy document under another key")
                 if doc.request is not None:
