@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from palm_net.channel.transport import Record
+from palm_net.channel.records import Record
 from palm_net.migration.params import MigrationParams, MigrationStats, RoundStats
 from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, public_reason
 from palm_net.wire.messages import (
