@@ -259,7 +259,10 @@ class Palm:
         """The same guest as the QEMU-alone runs, as a palm_net QEMU VM, migrated through the attested session."""
         self.n += 1
         name = f"q{self.n}"
-        self.a.request("vm.create", name=name, memory=f"{memory}", backend="qemu", qemu_args=loader_args(content))
+        image = self.a.images_dir / content.name  # the agent's loader reads only its images directory
+        if not image.exists():
+            shutil.copyfile(content, image)
+        self.a.request("vm.create", name=name, memory=f"{memory}", backend="qemu", qemu_args=loader_args(image))
         try:
             time.sleep(0.5)  # let the guest run, as in the QEMU-alone runs
             rest = self.rss_at_rest()

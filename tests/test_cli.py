@@ -117,7 +117,7 @@ def test_migrate_end_to_end(cluster):
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
 def test_qemu_vm_through_the_cli(cluster, tmp_path):
     c = cluster
-    content = tmp_path / "content.bin"
+    content = c.agents["a"].images_dir / "content.bin"  # the agent loads only files of its images directory
     content.write_bytes(os.urandom(1 << 20))
     p = palm("vm", "create", "qvm", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64MiB",
              "--qemu-arg=-device", f"--qemu-arg=loader,file={content},addr=0x1000000,force-raw=on",

@@ -7,6 +7,7 @@ Every test starts its own QEMU processes (Debian's qemu-system-x86; KVM when
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -39,11 +40,20 @@ def content(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def new_vm(agent, content: Path) -> QemuVM:
     name = "q" + uuid.uuid4().hex[:10]  # unique: QEMU processes are counted by name across xdist workers
+    content = image(agent.registry.images_dir, content)
     # Without kvmclock: under KVM the destination's kernel rewrites the guest's
     # pvclock page when it loads the clock, so a guest using kvmclock never has
     # a bit-equal RAM digest on both sides (see docs/QEMU.md).
     return agent.registry.create_qemu(name, MEM, ["-device", f"loader,file={content},addr={LOAD_ADDR:#x},force-raw=on",
                                             "-cpu", "qemu64,-kvmclock"])
+
+
+def image(images_dir: Path, content: Path) -> Path:
+    """``content`` copied into an agent's images directory (the only files its loader may load)."""
+    dst = images_dir / content.name
+    if not dst.exists():
+        shutil.copyfile(content, dst)
+    return dst
 
 
 def runnable(cluster, name: str) -> list[str]:
