@@ -71,7 +71,7 @@ from palm_net.migration.effects import (
     StreamLoaded,
 )
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer, check_abort_token
-from palm_net.migration.source import SourceEngine
+from palm_net.migration.source import Pacer, SourceEngine
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Abort, Begin, Message, RoundDone
 from palm_net.wire.pages import Buffer, RoundGfns
@@ -151,8 +151,7 @@ class SourceRun:
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](8)
         self.started = time.monotonic() if started is None else started
         self.abort_token: bytes | None = None  # a valid one from the destination, after COMMIT
-        self._paced_since = time.monotonic()
-        self._paced_bytes = 0
+        self._pacer = Pacer(engine.params.bandwidth, time.monotonic()) if engine.params.bandwidth else None
         self._written_round = -1  # the last round the destination says it has written (ROUND_DONE)
         self._round_written = trio.Event()
 
@@ -179,12 +178,10 @@ class SourceRun:
     async def _sent(self, size: int) -> None:
         """``size`` bytes went on the wire: counted, and paced to the bandwidth cap."""
         self.engine.stats.transferred += size
-        cap = self.engine.params.bandwidth
-        if cap:
-            self._paced_bytes += size
-            ahead = self._paced_bytes / cap - (time.monotonic() - self._paced_since)
-            if ahead > 0:
-                await trio.sleep(ahead)
+        if self._pacer is not None:
+            wait = self._pacer.sent(size, time.monotonic())
+            if wait > 0:
+                await trio.sleep(wait)
 
     async def _pump(self, read: Callable[[Any], tuple[Any, bool]], buffers: list[Any],
                     to_records: Callable[[Any], list[Buffer]]) -> None:

@@ -44,6 +44,26 @@ DOWNTIME_GOAL_DIVISOR = 30  # iterate on while shrinking, until expected downtim
 CONTEXT_CHUNK = MAX_BLOB
 
 
+PACING_BURST = 0.05  # seconds of the bandwidth cap an idle sender may save up
+
+
+class Pacer:
+    """The bandwidth cap as a token bucket: the bytes let through never run ahead of
+    ``cap`` a second, and an idle sender saves up at most PACING_BURST seconds of
+    it.  Sans-IO: it says how long to wait."""
+
+    def __init__(self, cap: float, now: float) -> None:
+        self.cap = cap
+        self.ahead = 0.0  # seconds the bytes let through are ahead of the cap (negative: credit)
+        self.last = now
+
+    def sent(self, size: int, now: float) -> float:
+        """``size`` bytes went out at ``now``: the seconds to wait before the next send."""
+        self.ahead = max(self.ahead - (now - self.last), -PACING_BURST) + size / self.cap
+        self.last = now
+        return max(self.ahead, 0.0)
+
+
 class SourceEngine:
     """One outgoing migration: BEGIN, the VM's memory (page rounds, or a stream),
     COMPLETE, and the handoff messages.  ``info``: the VM's VmInfo."""
