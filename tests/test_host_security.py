@@ -392,3 +392,60 @@ def test_qemu_loader_files_come_only_from_the_images_directory(shm):
                 os.close(fd)
     assert open_loader_files(["loader,data=0x1,data-len=1,addr=0x1000"], None) == (
         ["loader,data=0x1,data-len=1,addr=0x1000"], [])  # no file: nothing to open
+
+
+def _as_nobody(fn) -> str:
+    """Runs ``fn`` in a forked child as uid/gid 65534 (modules already imported: no need
+    to reach the checkout) and returns what it returned, or the exception as a line."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            out = str(fn())
+        except BaseException as exc:  # reported to the parent
+            out = f"{type(exc).__name__}: {exc}"
+        os.write(w, out.encode()[:60000])
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return data.decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_an_unprivileged_user_gets_one_line_not_a_traceback(shm):
+    """Control commands against a root agent's socket, and palm's own files of root's:
+    one line naming the problem and exit 1 (issue 25: PermissionError tracebacks)."""
+    import contextlib
+    import io
+
+    from palm_net.agent.client import control_request
+    from palm_net.cli import main
+
+    private = shm / "run"
+    private.mkdir(mode=0o700)
+    sock = str(private / "control.sock")
+    out = _as_nobody(lambda: control_request(sock, "status", {}))
+    assert out == f"ControlError: cannot reach the agent at {sock}: permission denied (it runs as root: use sudo)"
+
+    def cli(*argv: str) -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = main(list(argv))
+        return f"{rc} {err.getvalue()}"
+
+    # The same commands once as root first: what they import lazily is loaded before the
+    # fork (uid 65534 may not reach this interpreter's library).
+    cli("status", "--control", str(shm / "none.sock"))
+    cli("keygen", "--dir", str(shm / "agent"), "--name", "x")
+    out = _as_nobody(lambda: cli("status", "--control", sock))
+    assert out.startswith("1 palm: ") and "permission denied" in out and "Traceback" not in out
+    assert out.count("\n") == 1
+    out = _as_nobody(lambda: cli("keygen", "--dir", str(private / "agent"), "--name", "x"))
+    assert out.startswith("1 palm: permission denied") and "Traceback" not in out, out

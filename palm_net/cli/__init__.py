@@ -731,3 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAIL
+    except PermissionError as exc:  # another user's files (root's agent, its keys): one line, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        hint = " (it belongs to root: use sudo)" if os.geteuid() != 0 else ""
+        print(f"palm: permission denied:{where}{hint}", file=sys.stderr)
+        return EXIT_FAIL
