@@ -966,3 +966,24 @@ def test_a_page_that_turns_to_zeros_is_zero_at_the_destination(shm):
     dst = dest.vm
     assert isinstance(dst, ModelVM) and dst.memory_bytes()[9 * 4096 : 10 * 4096] == bytes(4096)
     assert src.memory_bytes() == dst.memory_bytes()
+
+
+async def test_the_digest_check_after_done_is_shown_and_counted(cluster):
+    """--verify-digest re-reads the source's copy after DONE: the progress says so, and
+    the total includes it (issue 25.3: the line froze and the summary left it out)."""
+    a = cluster["a"]
+    vm = a.registry.create_model("vm1", 8 << 20, fill="random")
+    read_afresh = vm.digest
+
+    def slow_digest() -> str:  # as a large guest's would be
+        time.sleep(0.5)
+        return read_afresh()
+
+    vm.digest = slow_digest
+    phases: list[str] = []
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(verify_digest=True),
+                                   on_progress=lambda st: phases.append(st.phase))
+    assert res.ok and "digest-check" in phases
+    d = res.as_dict()
+    assert d["digest_at_pause"] == "equal" and d["digest_check_ms"] >= 500
+    assert d["total_ms"] >= 500  # counted in the total
