@@ -987,3 +987,21 @@ async def test_the_digest_check_after_done_is_shown_and_counted(cluster):
     d = res.as_dict()
     assert d["digest_at_pause"] == "equal" and d["digest_check_ms"] >= 500
     assert d["total_ms"] >= 500  # counted in the total
+
+
+async def test_the_downtime_is_broken_down_by_phase(cluster):
+    """The source's view of the pause, phase by phase (issue 24.1): the phases are in
+    order, and they add up to the downtime."""
+    a = cluster["a"]
+    a.registry.create_model("vm1", 8 << 20, fill="random", protected=1)
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    assert res.ok
+    d = res.as_dict()
+    phases = d["downtime_phases_ms"]
+    assert list(phases) == ["stop-and-copy", "channel", "destination-prepare", "hand-off", "commit"]
+    assert all(v >= 0 for v in phases.values())
+    assert abs(sum(phases.values()) - d["downtime_ms"]) <= 0.1 * len(phases)  # (each rounded to 0.1 ms)
+    from palm_net.cli.output import migrate_summary
+
+    line = next(ln for ln in migrate_summary(d).splitlines() if "by phase" in ln)
+    assert "stop-and-copy" in line and "commit" in line

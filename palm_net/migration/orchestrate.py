@@ -77,6 +77,8 @@ class MigrationResult:
             and st.downtime > st.downtime_limit,
             "stop_reason": st.stop_reason,
             "ready_wait_ms": round(st.ready_wait * 1000, 1) if st.ready_wait is not None else None,
+            "downtime_phases_ms": {k: round(v * 1000, 1) for k, v in st.downtime_phases.items()}
+            if st.downtime_phases else None,
         }
 
 

@@ -240,8 +240,9 @@ class SourceRun:
                 await self._stream(cast(StreamBackend, self.vm))
             else:
                 await self._precopy(cast(Backend, self.vm))
+            st.marks.setdefault("last-byte", time.monotonic())  # (model: the last round, CPU state and blob sent)
             await self._send([eng.complete(*self.ch.sent)])
-            completed_at = time.monotonic()
+            completed_at = st.marks["complete"] = time.monotonic()
             self.log.debug("complete sent", phase="verify", round=eng.round,
                            paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
             # Our digest (if asked) while the destination verifies: both run at once.
@@ -250,11 +251,13 @@ class SourceRun:
                 if eng.params.verify_digest:
                     digest_nursery.start_soon(self._digest, digest)
                 ready = await self._expect(timeout)
-            st.ready_wait = time.monotonic() - completed_at  # READY and our digest, if asked
+            st.marks["ready"] = time.monotonic()
+            st.ready_wait = st.marks["ready"] - completed_at  # READY and our digest, if asked
             eng.check_ready(ready, digest[0] if digest else None)
             # The handoff point: durable before COMMIT leaves.
             if not self.store.hand_off(eng.mid):
                 raise MigrationFailure(ErrorCode.CANCELLED, "migration was cancelled before the handoff")
+            st.marks["handed-off"] = time.monotonic()
             self.log.info("handed off", phase="commit", round=eng.round)
             await self._send([eng.commit()])
             self._finish(await self._expect(timeout))
@@ -360,6 +363,7 @@ class SourceRun:
 
         try:
             await self._pump(read, [bytearray(PER_HOP * MAX_BULK) for _ in range(READ_AHEAD + 1)], to_records)
+            eng.stats.marks["last-byte"] = time.monotonic()  # QEMU's last byte read and sent on
         finally:
             conn.close()  # also on failure or cancel: QEMU sees its stream end
         fault("source.vm.export_final")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from palm_net.channel.records import Record
-from palm_net.migration.params import MigrationParams, MigrationStats, RoundStats
+from palm_net.migration.params import DOWNTIME_PHASES, MigrationParams, MigrationStats, RoundStats
 from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, public_reason
 from palm_net.wire.messages import (
     MAX_BLOB,
@@ -277,6 +277,13 @@ class SourceEngine:
         st.downtime = now - (self.paused_at if self.paused_at is not None else now)
         st.total_time = now - started
         st.status = st.phase = "completed"
+        st.marks["done"] = now
+        if self.paused_at is not None and all(m in st.marks for _, m in DOWNTIME_PHASES):
+            prev, phases = self.paused_at, {}
+            for name, mark in DOWNTIME_PHASES:
+                phases[name] = max(0.0, st.marks[mark] - prev)
+                prev = max(prev, st.marks[mark])
+            st.downtime_phases = phases
 
     def abort(self, code: ErrorCode) -> bytes | None:
         """ABORT if the state machine still allows the source to send one (the reason
