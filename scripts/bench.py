@@ -499,13 +499,13 @@ def goal_qemu(pairs: dict[str, Palm], rep: int, memory: int, work: Path) -> dict
 
 def downtime_breakdown(modes: dict[str, Any]) -> list[str]:
     """The downtime of each palm_net mode by phase, as the source sees it (medians)."""
-    phases = ["stop-and-copy", "channel", "destination-prepare", "hand-off", "commit"]
+    phases = ["stop-and-copy", "finish", "destination-prepare", "hand-off", "commit"]
     rows = [(k, e) for k, e in modes.items() if f"down_{phases[0]}_ms" in e]
     if not rows:
         return []
     out = ["Where palm_net's downtime goes, as the source sees it (medians, ms): the source QEMU's "
-           "stop-and-copy to its last byte read (model: the last round, CPU state and blob sent), that "
-           "byte and the last messages through the channel, the destination loading, checking and making "
+           "stop-and-copy to its last byte read (model: the last round, CPU state and blob sent), QEMU's "
+           "completion event and figures and the last messages (finish), the destination loading, checking and making "
            "PREPARE durable until READY arrives, the source's durable hand-off, then COMMIT, the "
            "destination's durable COMMIT, `cont` and DONE.\n",
            "| migration | downtime | " + " | ".join(phases) + " |", "|---|---|" + "---|" * len(phases)]

@@ -998,7 +998,7 @@ async def test_the_downtime_is_broken_down_by_phase(cluster):
     assert res.ok
     d = res.as_dict()
     phases = d["downtime_phases_ms"]
-    assert list(phases) == ["stop-and-copy", "channel", "destination-prepare", "hand-off", "commit"]
+    assert list(phases) == ["stop-and-copy", "finish", "destination-prepare", "hand-off", "commit"]
     assert all(v >= 0 for v in phases.values())
     assert abs(sum(phases.values()) - d["downtime_ms"]) <= 0.1 * len(phases)  # (each rounded to 0.1 ms)
     from palm_net.cli.output import migrate_summary

@@ -105,7 +105,7 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     assert hv["stream_bytes"] > CONTENT and d["bytes"] > hv["stream_bytes"]
     assert d["downtime_ms"] > 0 and d["downtime_ms"] >= hv["downtime_ms"] >= 0  # ours runs until DONE (QEMU: whole ms)
     phases = d["downtime_phases_ms"]  # where the pause went, as the source saw it
-    assert list(phases) == ["stop-and-copy", "channel", "destination-prepare", "hand-off", "commit"]
+    assert list(phases) == ["stop-and-copy", "finish", "destination-prepare", "hand-off", "commit"]
     assert abs(sum(phases.values()) - d["downtime_ms"]) <= 0.5
     moved = b.vms[vm.name]
     assert isinstance(moved, QemuVM) and moved.state == "running" and moved.qemu_status() == "running"
