@@ -293,7 +293,7 @@ class Drill:
             if backend == "qemu":
                 if shutil.which("qemu-system-x86_64") is None:
                     raise SystemExit("drill: this scenario needs qemu-system-x86_64 (Debian qemu-system-x86)")
-                content = self.root / f"{spec.name}.content"
+                content = ag.images_dir / f"{spec.name}.content"  # the loader reads only the images directory
                 content.write_bytes(self.rng.randbytes(QEMU_CONTENT))
                 ag.request("vm.create", name=spec.name, memory=spec.memory, backend="qemu", qemu_args=[
                     "-device", f"loader,file={content},addr={QEMU_LOAD:#x},force-raw=on"])

@@ -117,7 +117,7 @@ def test_migrate_end_to_end(cluster):
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
 def test_qemu_vm_through_the_cli(cluster, tmp_path):
     c = cluster
-    content = tmp_path / "content.bin"
+    content = c.agents["a"].images_dir / "content.bin"  # the agent loads only files of its images directory
     content.write_bytes(os.urandom(1 << 20))
     p = palm("vm", "create", "qvm", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64MiB",
              "--qemu-arg=-device", f"--qemu-arg=loader,file={content},addr=0x1000000,force-raw=on",
@@ -279,3 +279,31 @@ def test_help_and_usage():
     p = palm("migrate", "--control", "/nonexistent.sock", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert palm("bogus", check=False).returncode == 2
+
+
+def test_to_an_address_that_does_not_speak_palm_says_so(cluster):
+    """--to at an HTTP or SSH port used to say "oversize: frame length 1397966893 ...";
+    --to http://... blamed name resolution (issue 25.4)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def ssh_like() -> None:
+        for _ in range(2):
+            conn, _ = srv.accept()
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+            conn.recv(4096)
+            conn.close()
+
+    threading.Thread(target=ssh_like, daemon=True).start()
+    c = cluster
+    palm("vm", "create", "v1", "--control", c.sock("a"), "--memory", "4MiB")
+    p = palm("migrate", "v1", "--control", c.sock("a"), "--to", f"127.0.0.1:{srv.getsockname()[1]}", check=False)
+    assert p.returncode == 1 and "does not speak palm" in p.stderr and "SSH-2.0" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    p = palm("migrate", "v1", "--control", c.sock("a"), "--to", "http://127.0.0.1:7400/", check=False)
+    assert p.returncode != 0 and "use HOST:PORT (no scheme, no path)" in p.stderr, p.stderr
+    srv.close()

@@ -470,8 +470,8 @@ def crash_case(root: Path, step: str, kind: str = "exit") -> Case:
     t0 = time.monotonic()
     plan = [f"{step}:{kind}"]
     if step in ON_ABORT_PATH:
-        trigger, kind = ABORT_TRIGGER[step.split(".")[0]]
-        plan.insert(0, f"{trigger}:{kind}")
+        trigger, first = ABORT_TRIGGER[step.split(".")[0]]
+        plan.insert(0, f"{trigger}:{first}")
     provision(root, ["a", "b"])
     env = {"PALM_FAULT": ",".join(plan)}
     agents = {"a": AgentProcess(root, "a", env=env if case.victim == "a" else None, log_level="debug"),

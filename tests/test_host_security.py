@@ -247,10 +247,8 @@ async def test_an_unprivileged_user_can_neither_plant_redirect_nor_read(nursery,
     try:
         a, b = await c.start("a"), await c.start("b")
         made = a.memory_dir
-        content = tmp_path / "content.bin"
+        content = a.registry.images_dir / "content.bin"
         content.write_bytes(os.urandom(1 << 20))
-        os.chmod(tmp_path, 0o755)
-        os.chmod(content, 0o644)
         q = a.registry.create_qemu("q" + uuid.uuid4().hex[:8], 64 << 20,
                              ["-device", f"loader,file={content},addr=0x1000000,force-raw=on"])
         a.registry.create_model("m1", 4 << 20, protected=1)
@@ -354,3 +352,100 @@ async def test_every_qemu_is_confined(cluster):
     for deny in ("obsolete=deny", "spawn=deny", "resourcecontrol=deny"):
         assert deny in sandbox
     assert b"-incoming" in cmd and not any(b"unix:" in w and b"incoming" in w for w in cmd)
+
+
+def test_qemu_loader_files_come_only_from_the_images_directory(shm):
+    """QEMU opens a loader file as root before it drops privileges: any host file
+    (the agent's own hv.key was tried) would land in guest RAM and the stream.  The
+    agent opens only regular files of its images directory and QEMU gets the descriptor."""
+    from palm_net.hostfs import ensure_dir
+    from palm_net.hypervisor.qemu import QemuError, open_loader_files
+
+    images = ensure_dir(shm / "images", "images directory")
+    (images / "ok.bin").write_bytes(b"x" * 4096)
+    secret = shm / "hv.key"
+    secret.write_bytes(os.urandom(32))
+    os.chmod(secret, 0o600)
+    (images / "link.bin").symlink_to(secret)
+    os.mkdir(images / "sub", 0o700)
+    args = ["loader,file={},addr=0x1000000,force-raw=on"]
+
+    def loader(path: str, where: Path | None = images) -> tuple[list[str], list[int]]:
+        return open_loader_files([args[0].format(path)], where)
+
+    for bad, why in ((str(secret), "not in the images directory"), ("link.bin", "Too many levels"),
+                     (str(images / "link.bin"), "Too many levels"), ("sub", "not a regular file"),
+                     (str(images / ".." / "hv.key"), "not in the images directory"),
+                     (str(images / "sub" / ".." / ".." / "hv.key"), "not in the images directory"),
+                     ("..", "not in the images directory"), ("missing.bin", "No such file")):
+        with pytest.raises(QemuError, match=why):
+            loader(bad)
+    with pytest.raises(QemuError, match="needs the agent's --images-dir"):
+        loader(str(images / "ok.bin"), None)
+    for named in ("ok.bin", str(images / "ok.bin")):
+        out, fds = loader(named)
+        try:
+            assert out == [f"loader,file=/proc/self/fd/{fds[0]},addr=0x1000000,force-raw=on"]
+            assert os.fstat(fds[0]).st_ino == os.stat(images / "ok.bin").st_ino
+        finally:
+            for fd in fds:
+                os.close(fd)
+    assert open_loader_files(["loader,data=0x1,data-len=1,addr=0x1000"], None) == (
+        ["loader,data=0x1,data-len=1,addr=0x1000"], [])  # no file: nothing to open
+
+
+def _as_nobody(fn) -> str:
+    """Runs ``fn`` in a forked child as uid/gid 65534 (modules already imported: no need
+    to reach the checkout) and returns what it returned, or the exception as a line."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            out = str(fn())
+        except BaseException as exc:  # reported to the parent
+            out = f"{type(exc).__name__}: {exc}"
+        os.write(w, out.encode()[:60000])
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return data.decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_an_unprivileged_user_gets_one_line_not_a_traceback(shm):
+    """Control commands against a root agent's socket, and palm's own files of root's:
+    one line naming the problem and exit 1 (issue 25: PermissionError tracebacks)."""
+    import contextlib
+    import io
+
+    from palm_net.agent.client import control_request
+    from palm_net.cli import main
+
+    private = shm / "run"
+    private.mkdir(mode=0o700)
+    sock = str(private / "control.sock")
+    out = _as_nobody(lambda: control_request(sock, "status", {}))
+    assert out == f"ControlError: cannot reach the agent at {sock}: permission denied (it runs as root: use sudo)"
+
+    def cli(*argv: str) -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = main(list(argv))
+        return f"{rc} {err.getvalue()}"
+
+    # The same commands once as root first: what they import lazily is loaded before the
+    # fork (uid 65534 may not reach this interpreter's library).
+    cli("status", "--control", str(shm / "none.sock"))
+    cli("keygen", "--dir", str(shm / "agent"), "--name", "x")
+    out = _as_nobody(lambda: cli("status", "--control", sock))
+    assert out.startswith("1 palm: ") and "permission denied" in out and "Traceback" not in out
+    assert out.count("\n") == 1
+    out = _as_nobody(lambda: cli("keygen", "--dir", str(private / "agent"), "--name", "x"))
+    assert out.startswith("1 palm: permission denied") and "Traceback" not in out, out

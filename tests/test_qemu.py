@@ -7,6 +7,7 @@ Every test starts its own QEMU processes (Debian's qemu-system-x86; KVM when
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -39,11 +40,20 @@ def content(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def new_vm(agent, content: Path) -> QemuVM:
     name = "q" + uuid.uuid4().hex[:10]  # unique: QEMU processes are counted by name across xdist workers
+    content = image(agent.registry.images_dir, content)
     # Without kvmclock: under KVM the destination's kernel rewrites the guest's
     # pvclock page when it loads the clock, so a guest using kvmclock never has
     # a bit-equal RAM digest on both sides (see docs/QEMU.md).
     return agent.registry.create_qemu(name, MEM, ["-device", f"loader,file={content},addr={LOAD_ADDR:#x},force-raw=on",
                                             "-cpu", "qemu64,-kvmclock"])
+
+
+def image(images_dir: Path, content: Path) -> Path:
+    """``content`` copied into an agent's images directory (the only files its loader may load)."""
+    dst = images_dir / content.name
+    if not dst.exists():
+        shutil.copyfile(content, dst)
+    return dst
 
 
 def runnable(cluster, name: str) -> list[str]:
@@ -94,6 +104,9 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     assert hv["status"] == "completed" and hv["rounds"] >= 1 and d["rounds"] == hv["rounds"]
     assert hv["stream_bytes"] > CONTENT and d["bytes"] > hv["stream_bytes"]
     assert d["downtime_ms"] > 0 and d["downtime_ms"] >= hv["downtime_ms"] >= 0  # ours runs until DONE (QEMU: whole ms)
+    phases = d["downtime_phases_ms"]  # where the pause went, as the source saw it
+    assert list(phases) == ["stop-and-copy", "finish", "destination-prepare", "hand-off", "commit"]
+    assert abs(sum(phases.values()) - d["downtime_ms"]) <= 0.5
     moved = b.vms[vm.name]
     assert isinstance(moved, QemuVM) and moved.state == "running" and moved.qemu_status() == "running"
     assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()

@@ -135,7 +135,7 @@ def test_kill9_of_an_agent_with_a_qemu_vm_then_restart(pair, case, victim, rule,
 
     rule = fresh(rule)
     p = pair
-    content = tmp_path / "content.bin"
+    content = p.a.images_dir / "content.bin"  # the agent loads only files of its images directory
     content.write_bytes(os.urandom(CONTENT))
     name = "q" + uuid.uuid4().hex[:10]
     p.a.request("vm.create", name=name, memory="64MiB", backend="qemu",

@@ -117,3 +117,20 @@ def test_layers_import_only_downwards_and_without_cycles():
 
     for m in graph:
         visit(m, [])
+
+
+def test_the_engines_import_no_io():
+    """The sans-IO cores (both engines, the handoff's table, the wire, the record layer)
+    load in a fresh interpreter without trio, and no palm_net module they load imports
+    socket (structlog, the logging library every module uses, loads it for itself)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import palm_net.migration.source, palm_net.migration.destination, palm_net.migration.handoff\n"
+        "import palm_net.wire, palm_net.channel.records\n"
+        "mods = [m for m in sys.modules if m.startswith('palm_net')]\n"
+        "print('trio' in sys.modules, sorted(m for m in mods if 'socket' in vars(sys.modules[m])))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False []", out.stdout + out.stderr

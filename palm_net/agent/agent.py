@@ -98,6 +98,7 @@ class AgentConfig:
     ciphers: tuple[CipherName, ...] = field(default_factory=default_ciphers)
     allow_plain: bool = False
     memory_dir: Path | None = None
+    images_dir: Path | None = None  # files a QEMU guest's -device loader may load (made 0700 or verified)
     adopt_vms: bool = False  # VMs the state records in another memory directory: moved here (else: refused)
     in_doubt_wait: float = 30.0
     accept_qemu: bool = True  # receive QEMU VMs (their QEMU is started here, paused until COMMIT)
@@ -197,8 +198,9 @@ class Agent:
         self._locks.append(DirLock(self.memory_dir, "memory directory"))
         self.confinement = Confinement.for_agent(cfg.qemu_uids)
         self.store = HandoffStore(d / "state.db")
+        images = ensure_dir(cfg.images_dir, "images directory") if cfg.images_dir is not None else None
         self.registry = VmRegistry(self.memory_dir, self.run_dir, self.sealing_key, self.store, self.confinement,
-                                   cfg.qemu_accel, migrating=lambda name: False, state_dir=d)
+                                   cfg.qemu_accel, migrating=lambda name: False, state_dir=d, images_dir=images)
 
     def _release_locks(self) -> None:
         for lock in self._locks:

@@ -7,6 +7,7 @@ agents, and scripts call it from plain threads.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,13 +24,21 @@ class ControlError(Exception):
 def control_request(path: str, op: str, args: dict[str, Any],
                     on_event: Callable[[dict[str, Any]], None] | None = None, timeout: float = 3600) -> Any:
     """One request; ``on_event`` sees the progress lines before the answer."""
-    if not Path(path).exists():
+    try:
+        present = Path(path).exists()
+    except PermissionError:  # a directory of another user's (root's agent) on the way
+        raise ControlError(_denied(path)) from None
+    if not present:
         raise ControlError(f"no agent at {path} (is `palm agent` running with --control {path}?)")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)
+    except PermissionError:
+        s.close()
+        raise ControlError(_denied(path)) from None
     except OSError as exc:
+        s.close()
         raise ControlError(f"no agent at {path} ({exc.strerror or exc})") from None
     try:
         s.sendall(json.dumps({"v": CONTROL_VERSION, "op": op, "args": args}).encode() + b"\n")
@@ -48,6 +57,11 @@ def control_request(path: str, op: str, args: dict[str, Any],
     finally:
         s.close()
     raise ControlError(f"agent at {path} closed the connection without an answer")
+
+
+def _denied(path: str) -> str:
+    owner = "it runs as root: use sudo" if os.geteuid() != 0 else "the socket is another user's"
+    return f"cannot reach the agent at {path}: permission denied ({owner})"
 
 
 def _lines(s: socket.socket) -> Iterator[dict[str, Any]]:

@@ -70,6 +70,7 @@ class AgentProcess:
         self.log_level = log_level
         self.env = env  # added to this process's environment (e.g. PALM_FAULT for a fault drill)
         self.control = str(root / f"{name}.sock")
+        self.images_dir = root / f"{name}-images"  # what a QEMU guest's -device loader may load (copy files here)
         self.log_path = root / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -84,6 +85,7 @@ class AgentProcess:
              "agent", "--dir", str(self.root / self.name), "--listen", f"{self.host}:{self.port}",
              "--control", self.control, "--ca", str(self.root / "ca" / "ca.pub"),
              "--memory-dir", str(self.root / f"{self.name}-mem"), "--run-dir", str(self.root / f"{self.name}-run"),
+             "--images-dir", str(self.images_dir),
              *self.extra],
             stdout=log, stderr=log, start_new_session=True, env={**os.environ, **self.env} if self.env else None)
         log.close()

@@ -38,6 +38,8 @@ KEEP_FINISHED = 50  # finished migrations kept for `palm migrations`
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
+    if "/" in text:  # a URL (http://host:7400/): the agents speak palm, not HTTP
+        raise ValueError(f"bad address {text!r}: use HOST:PORT (no scheme, no path)")
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"bad address {text!r}: use HOST:PORT")

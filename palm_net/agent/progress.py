@@ -4,7 +4,8 @@ The control API's ``migrate`` op (and any other op that drives migrations,
 such as a cluster drain) sends these views as progress events; `palm`
 draws them.  A view holds only figures that exist at that moment:
 
-- ``phase``: setup, round, stream, stop-and-copy, verify, commit, completed;
+- ``phase``: setup, round, stream, stop-and-copy, verify, commit, digest-check (--verify-digest
+  re-reads this copy after DONE), completed;
 - ``round``: the pre-copy round (QEMU: its dirty-sync count less one);
 - ``percent``: of the current round's pages sent (QEMU: of guest RAM, in its
   first pass only: later passes have no known size);

@@ -43,8 +43,10 @@ log = structlog.get_logger("palm.agent")
 class VmRegistry:
     def __init__(self, memory_dir: Path, run_dir: Path, sealing_key: bytes, store: HandoffStore,
                  confinement: Confinement, qemu_accel: str | None,
-                 migrating: Callable[[str], bool], state_dir: Path | None = None) -> None:
+                 migrating: Callable[[str], bool], state_dir: Path | None = None,
+                 images_dir: Path | None = None) -> None:
         self.memory_dir = memory_dir
+        self.images_dir = images_dir  # the only files a QEMU guest's -device loader may load
         self.state_dir = state_dir  # where the index of VMs is kept (palm_net.agent.vmindex), if anywhere
         self.run_dir = run_dir
         self.sealing_key = sealing_key
@@ -212,7 +214,8 @@ class VmRegistry:
         self._check_new(name, policy)
         try:
             vm = QemuVM.create(self.dir_of(name), self.run_dir, name, memory >> 20, vcpus=vcpus, args=args,
-                               policy=policy, accel=self.qemu_accel, confine=self.confinement)
+                               policy=policy, accel=self.qemu_accel, confine=self.confinement,
+                               images_dir=self.images_dir)
         except HypervisorError as exc:
             self.unreserve(name)
             raise AgentError(str(exc)) from None

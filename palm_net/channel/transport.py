@@ -278,6 +278,11 @@ class Inbox:
         self._pool.put(buf)
 
 
+def _printable(data: bytes | bytearray) -> str:
+    """A peer's first bytes, quoted and safe to print."""
+    return repr("".join(c if c.isprintable() else "." for c in data.decode("latin-1")))
+
+
 async def _drive(stream: trio.abc.Stream, hs: AttestedHandshake, first: bytes, timeout: float) -> SecureChannel:
     try:
         with trio.fail_after(timeout):
@@ -287,7 +292,14 @@ async def _drive(stream: trio.abc.Stream, hs: AttestedHandshake, first: bytes, t
                 data = await stream.receive_some(65536 + 8)
                 if not data:
                     raise HandshakeError(ErrorCode.CLOSED, "peer closed the connection during the handshake")
-                out = hs.receive_data(data)
+                awaiting_reply = bool(first) and hs.progress <= 2  # (initiator: nothing valid back yet)
+                try:
+                    out = hs.receive_data(data)
+                except RemoteProtocolError as exc:
+                    if awaiting_reply and exc.code is ErrorCode.OVERSIZE:  # "HTTP/1.1 400", "SSH-2.0-": not a frame
+                        raise HandshakeError(ErrorCode.OVERSIZE, "the address does not speak palm (it answered "
+                                             f"{_printable(data[:24])})") from None
+                    raise
                 if out:
                     await stream.send_all(out)
     except trio.TooSlowError:

@@ -139,6 +139,7 @@ def cmd_measurement(a: argparse.Namespace) -> int:
 CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "dir": (str,), "listen": (str,), "control": (str,), "ca": (str,), "allow_measurement": (list,),
     "max_incoming": (int,), "max_incoming_memory": (str, int), "memory_dir": (str,), "run_dir": (str,),
+    "images_dir": (str,),
     "allow_plain": (bool,), "handshake_timeout": (int, float), "log_format": (str,), "log_level": (str,),
     "no_qemu": (bool,), "qemu_accel": (str,), "qemu_uids": (str,), "max_incoming_per_peer": (int,),
     "incoming_deadline_per_gib": (int, float), "max_connections": (int,), "handshake_rate": (int, float),
@@ -239,6 +240,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
             allow_plain=bool(pick(a.allow_plain or None, "allow_plain", False)),
             memory_dir=Path(pick(a.memory_dir, "memory_dir")) if pick(a.memory_dir, "memory_dir") else None,
             adopt_vms=bool(a.adopt_vms),
+            images_dir=Path(pick(a.images_dir, "images_dir")) if pick(a.images_dir, "images_dir") else None,
             accept_qemu=not bool(pick(a.no_qemu or None, "no_qemu", False)),
             qemu_accel=pick(a.qemu_accel, "qemu_accel"),
             run_dir=Path(pick(a.run_dir, "run_dir")) if pick(a.run_dir, "run_dir") else None,
@@ -602,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--session-rate", type=float, metavar="PER_S",
                     help="sessions a second per certified peer, bursts of 4x (default 5)")
     ag.add_argument("--memory-dir", help="where VM memory lives (default a tmpfs directory)")
+    ag.add_argument("--images-dir", metavar="DIR",
+                    help="the only files a QEMU guest's -device loader,file= may load (a 0700 directory of this "
+                         "agent's; the agent opens them and QEMU gets a descriptor); without it loader files are "
+                         "refused")
     ag.add_argument("--adopt-vms", action="store_true",
                     help="VMs the state directory records in another memory directory are moved into this one "
                          "(without it the agent refuses to start and names them)")
@@ -629,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--qemu-arg", action="append", metavar="ARG",
                     help="extra QEMU argument, repeatable; write options with '=', e.g. --qemu-arg=-device "
                          "--qemu-arg=virtio-rng-pci.  Migratable: -cpu, -rtc, -device of a few host-free "
-                         "devices; -device loader,file=... (source only) loads guest memory from a file")
+                         "devices; -device loader,file=... (source only) loads guest memory from a file of "
+                         "the agent's --images-dir")
     vc.add_argument("--vcpus", type=int, default=1, help="virtual CPUs (QEMU backend; default 1)")
     vc.add_argument("--protected", type=int, default=0, metavar="N",
                     help="model: protected processes (default 0)")
@@ -730,4 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
+    except PermissionError as exc:  # another user's files (root's agent, its keys): one line, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        hint = " (it belongs to root: use sudo)" if os.geteuid() != 0 else ""
+        print(f"palm: permission denied:{where}{hint}", file=sys.stderr)
         return EXIT_FAIL

@@ -45,8 +45,10 @@ def add_agent_flags(ag: argparse.ArgumentParser) -> None:
                                                              "--listen; needed when listening on 0.0.0.0)")
     ag.add_argument("--capacity", metavar="SIZE", help="guest memory this host offers to placement (default: "
                                                        "the size of the memory directory's file system)")
-    ag.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics "
-                                                           "(needs prometheus_client: palm-net[metrics])")
+    ag.add_argument("--metrics", metavar="[HOST:]PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics; a bare PORT binds 127.0.0.1 (the "
+                         "endpoint is unauthenticated: name a management-network address to scrape from "
+                         "elsewhere; needs prometheus_client: palm-net[metrics])")
 
 
 def _etcd_config(etcd: str | None, ca: str | None, cert: str | None, key: str | None, required: bool) -> Any:
@@ -79,7 +81,9 @@ def agent_settings(a: argparse.Namespace, pick: Callable[..., Any]) -> dict[str,
         if advertise:
             check_listen(advertise, "--advertise")
         if metrics:
-            check_listen(metrics, "--metrics")
+            from palm_net.cluster.metrics import parse_listen
+
+            parse_listen(str(metrics))
         cap = parse_size(str(capacity)) if capacity else None
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None

@@ -122,6 +122,9 @@ def migrate_summary(r: dict[str, Any]) -> str:
         pairs.append(("downtime", f"{_ms(r.get('downtime_ms'))}  ({ctx})" if ctx else _ms(r.get("downtime_ms"))))
         if wait is not None:
             pairs.append(("  of which", f"{_ms(wait)} the destination's checks (COMPLETE to READY)"))
+    phases = r.get("downtime_phases_ms")
+    if phases:  # one line: where the pause went, as the source saw it
+        pairs.append(("  by phase", ", ".join(f"{k} {_ms(v)}" for k, v in phases.items())))
     pairs.append(("setup", _ms(r.get("setup_ms"))))
     hv = r.get("hypervisor")
     if hv:
@@ -142,7 +145,8 @@ def migrate_summary(r: dict[str, Any]) -> str:
         pairs.append(("memory digest", f"{r['digest'][:16]}... equal on both sides{cover}"))
         if r.get("digest_at_pause"):
             pairs.append(("  at the pause", f"{r['digest_at_pause']} to this copy's memory, read afresh "
-                                            f"after DONE ({_ms(r.get('digest_check_ms'))}, not in the downtime)"))
+                                            f"after DONE ({_ms(r.get('digest_check_ms'))}, in the total, not in "
+                                            "the downtime)"))
     lines += _labelled(pairs)
     rs = r.get("round_stats") or []
     if rs:

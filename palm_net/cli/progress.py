@@ -30,7 +30,8 @@ def _phase(v: dict[str, Any]) -> str:
     phase = str(v.get("phase") or "setup")
     if phase in ("round", "stream", "active"):
         return f"round {v.get('round', 0)}"
-    return {"verify": "verifying", "commit": "committing", "setup": "connecting"}.get(phase, phase)
+    return {"verify": "verifying", "commit": "committing", "setup": "connecting",
+            "digest-check": "checking memory at the pause"}.get(phase, phase)
 
 
 def _eta(seconds: float) -> str:

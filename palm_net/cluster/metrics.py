@@ -1,4 +1,4 @@
-"""Prometheus metrics of an agent (``palm agent --metrics HOST:PORT``).
+"""Prometheus metrics of an agent (``palm agent --metrics [HOST:]PORT``; a bare port on 127.0.0.1).
 
 The figures come from the agent's own records: each migration's result as
 it ends (outcome, total time, downtime, bytes), and at each scrape the
@@ -26,6 +26,7 @@ log = structlog.get_logger("palm.metrics")
 TIME_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 DOWNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10)
 MAX_CONNECTIONS = 16
+MAX_PER_CLIENT = 4  # one address holds at most this many of them (a slow client cannot starve the scraper)
 REQUEST_DEADLINE = 5.0
 
 
@@ -110,9 +111,13 @@ class AgentMetrics:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT, or a bare PORT on 127.0.0.1 (metrics are unauthenticated: the
+    management network only when the operator names it)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"bad metrics address {text!r}: use HOST:PORT")
+    if not sep:
+        host, port = "127.0.0.1", text
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad metrics address {text!r}: use PORT (on 127.0.0.1) or HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -124,20 +129,26 @@ async def serve_metrics(listen: str, render: Callable[[], bytes],
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
-    held = [0]
+    held: dict[str, int] = {}  # connections held, by client address
 
     async def handle(stream: trio.SocketStream) -> None:
-        if held[0] >= MAX_CONNECTIONS:
+        try:
+            client = str(stream.socket.getpeername()[0])
+        except OSError:
+            client = "?"
+        if sum(held.values()) >= MAX_CONNECTIONS or held.get(client, 0) >= MAX_PER_CLIENT:
             await trio.aclose_forcefully(stream)
             return
-        held[0] += 1
+        held[client] = held.get(client, 0) + 1
         try:
             with trio.move_on_after(REQUEST_DEADLINE):
                 await _answer(stream, render)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
             pass
         finally:
-            held[0] -= 1
+            held[client] -= 1
+            if not held[client]:
+                del held[client]
             await trio.aclose_forcefully(stream)
 
     task_status.started(listeners[0].socket.getsockname()[1])

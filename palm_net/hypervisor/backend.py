@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from palm_net.wire.messages import PAGE_SIZE
 from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, Gfns, PageBatch, RoundGfns
+
+if TYPE_CHECKING:  # the engines import this module and no I/O (only the stream backend hands out a socket)
+    import socket
 
 __all__ = ["DIGEST_PERSON", "KIND_NORMAL", "KIND_PROTECTED", "KIND_ZERO", "PAGE_SIZE", "Backend", "HostedVM",
            "HypervisorError", "NoRoomError", "PageBatch", "StreamBackend", "VerifyReport", "VmInfo",

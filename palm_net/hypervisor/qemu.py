@@ -40,6 +40,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -99,7 +100,11 @@ RTC_PROPS = frozenset({"base", "clock", "driftfix"})
 WIRE_OPTIONS = frozenset({"-cpu", "-device", "-rtc"})
 # The generic loader fills guest memory from a host file at reset: the
 # source's own business (the incoming stream overwrites that memory anyway).
+# QEMU opens that file before it drops root, so it never gets a path: the
+# agent opens a file of its images directory itself and QEMU gets the
+# descriptor (/proc/self/fd/N); any other host file is refused.
 LOCAL_DEVICES = frozenset({"loader"})
+LOADER_PROPS = frozenset({"file", "addr", "force-raw", "cpu-num", "data", "data-len"})
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,=:+-]{1,256}")
 # seccomp: no obsolete calls, no new processes, no resource control.
 # elevateprivileges stays "allow" only where QEMU must drop root itself
@@ -302,6 +307,50 @@ def _check_wire_value(opt: str, value: str) -> None:
         _check_props(opt, "", value.split(","), RTC_PROPS)
 
 
+def open_loader_files(local: list[str], images_dir: Path | None) -> tuple[list[str], list[int]]:
+    """The source-only arguments with each loader ``file=`` replaced by a descriptor
+    the agent opened itself: a regular file directly in ``images_dir`` (named by
+    its file name, or by a path whose directory is that one), never through a
+    symlink.  Returns the arguments and the descriptors to pass (the caller closes
+    them); QemuError names the first file refused."""
+    out: list[str] = []
+    fds: list[int] = []
+    dir_fd: int | None = None
+    try:
+        for arg in local:
+            props = arg.split(",")
+            files = [i for i, prop in enumerate(props) if prop.startswith("file=")]
+            if props[0] != "loader" or not files:
+                out.append(arg)
+                continue
+            if images_dir is None:
+                raise QemuError("-device loader,file=... needs the agent's --images-dir: QEMU opens the file as "
+                                "root, so it may load only what that directory holds")
+            named = props[files[0]].removeprefix("file=")
+            parent, leaf = os.path.split(named)
+            if not leaf or leaf in (".", "..") or (parent and os.path.realpath(parent) != str(images_dir)):
+                raise QemuError(f"loader file {named[:80]!r} is not in the images directory {images_dir}")
+            if dir_fd is None:
+                dir_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                raise QemuError(f"loader file {leaf!r} in {images_dir}: {exc.strerror or exc}") from None
+            fds.append(fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise QemuError(f"loader file {leaf!r} in {images_dir} is not a regular file")
+            props[files[0]] = f"file=/proc/self/fd/{fd}"
+            out.append(",".join(props))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return out, fds
+
+
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     """Splits a VM's extra QEMU arguments into (wire, local) option/value pairs.
 
@@ -326,6 +375,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
         if len(value) > MAX_ARG_LEN:
             raise QemuError(f"QEMU argument for {opt} is longer than {MAX_ARG_LEN} characters")
         if opt == "-device" and value.split(",", 1)[0] in LOCAL_DEVICES:
+            _check_props(opt, "loader", value.split(",")[1:], LOADER_PROPS)
             local += [opt, value]
         else:
             _check_wire_value(opt, value)
@@ -531,7 +581,7 @@ class QemuVM(ConfiguredVM):
     @classmethod
     def create(cls, vm_dir: Path, run_parent: Path, name: str, memory_mib: int, *, vcpus: int = 1,
                args: list[str] | None = None, policy: str = "any", accel: str | None = None, machine: str = "pc",
-               confine: Confinement | None = None) -> QemuVM:
+               confine: Confinement | None = None, images_dir: Path | None = None) -> QemuVM:
         if qemu_binary() is None:
             raise QemuError("qemu-system-x86_64 not found (install Debian's qemu-system-x86)")
         if not 1 <= memory_mib <= MAX_MEMORY_MIB:
@@ -546,7 +596,7 @@ class QemuVM(ConfiguredVM):
         }
         vm = cls._new(vm_dir, run_parent, confine or Confinement.for_agent(), config)
         try:
-            vm._start(incoming=False)
+            vm._start(incoming=False, images_dir=images_dir)
         except BaseException:  # whatever failed, nothing of the VM stays behind
             shutil.rmtree(vm.dir, ignore_errors=True)
             shutil.rmtree(vm.run_dir, ignore_errors=True)
@@ -597,7 +647,7 @@ class QemuVM(ConfiguredVM):
             theirs.close()  # QEMU holds its own copy now: its close is our end of stream
         return ours
 
-    def _command(self, incoming: bool) -> list[str]:
+    def _command(self, incoming: bool, local: list[str] | None = None) -> list[str]:
         binary = qemu_binary()
         if binary is None:
             raise QemuError("qemu-system-x86_64 not found")
@@ -612,26 +662,30 @@ class QemuVM(ConfiguredVM):
                "-sandbox", SANDBOX + ("allow" if uid is not None else "deny")]
         if uid is not None:
             cmd += ["-runas", f"{uid}:{uid}", "-chroot", str(self.run_dir / "root")]
-        cmd += [*s.args, *self.local_args]
+        cmd += [*s.args, *(self.local_args if local is None else local)]
         if incoming:
             cmd += ["-S", "-incoming", "defer"]
         return cmd
 
-    def _start(self, incoming: bool) -> None:
+    def _start(self, incoming: bool, images_dir: Path | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.qmp_path)
+        local, fds = ([], []) if incoming else open_loader_files(self.local_args, images_dir)
         log = open_nofollow(self.dir / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             # Own session: a signal to the agent's process group leaves the VM
             # running.  An empty working directory and environment: QEMU gets
-            # nothing of the agent's but what the command line names.
-            self.proc = subprocess.Popen(self._command(incoming), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, cwd=self.run_dir / "root",
-                                         env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+            # nothing of the agent's but what the command line names (and the
+            # loader files the agent opened for it).
+            self.proc = subprocess.Popen(self._command(incoming, local), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, start_new_session=True, cwd=self.run_dir / "root",
+                                         env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, pass_fds=tuple(fds))
         except OSError as exc:
             raise QemuError(f"cannot start QEMU: {exc.strerror or exc}") from None
         finally:
             os.close(log)
+            for fd in fds:
+                os.close(fd)
         self.config["pid"] = self.proc.pid
         self._save_config()
         try:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from palm_net.channel.transport import Record
+from palm_net.channel.records import Record
 from palm_net.migration.effects import (
     Aborted,
     AbortForever,

@@ -77,6 +77,8 @@ class MigrationResult:
             and st.downtime > st.downtime_limit,
             "stop_reason": st.stop_reason,
             "ready_wait_ms": round(st.ready_wait * 1000, 1) if st.ready_wait is not None else None,
+            "downtime_phases_ms": {k: round(v * 1000, 1) for k, v in st.downtime_phases.items()}
+            if st.downtime_phases else None,
         }
 
 
@@ -167,7 +169,11 @@ async def migrate_out(
         try:
             if store.confirm(mid):
                 if params.verify_digest and not engine.stream:
+                    stats.phase = "digest-check"  # the VM runs there; this side re-reads its copy: shown, counted
+                    if on_progress is not None:
+                        on_progress(stats)
                     await _check_digest_at_pause(vm, stats, mid)
+                    stats.total_time = time.monotonic() - started
             # A GiB takes a while to scrub: not on the event loop.  The row read back decides.
             await trio.to_thread.run_sync(store.scrub_handed_over, mid, vm)
         except (OSError, sqlite3.Error, HypervisorError) as exc:

@@ -40,6 +40,17 @@ class MigrationParams:
             raise ValueError(f"downtime policy must be one of {', '.join(DOWNTIME_POLICIES)}")
 
 
+# The downtime, from the pause to DONE, in the steps the source sees (each from the
+# mark before it): the hypervisor's stop-and-copy to its last byte read ("last-byte"),
+# the hypervisor's completion (QEMU's event and figures) and the final messages sent
+# ("complete"), the
+# destination's load, checks and durable PREPARE ("ready"), the source's durable
+# hand-off ("handed-off"), COMMIT, the destination's durable COMMIT, activation
+# and DONE ("done").
+DOWNTIME_PHASES = (("stop-and-copy", "last-byte"), ("finish", "complete"), ("destination-prepare", "ready"),
+                   ("hand-off", "handed-off"), ("commit", "done"))
+
+
 @dataclass
 class RoundStats:
     round: int
@@ -82,6 +93,10 @@ class MigrationStats:
     # "max-throttle") and paused anyway by the policy.
     stop_reason: str | None = None
     ready_wait: float | None = None  # from COMPLETE sent to READY (the destination's checks, and digests if asked)
+    # The source's clock at each step of the pause (monotonic seconds), and from them
+    # the downtime by phase (DOWNTIME_PHASES, seconds; set at DONE).
+    marks: dict[str, float] = field(default_factory=dict)
+    downtime_phases: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -71,7 +71,7 @@ from palm_net.migration.effects import (
     StreamLoaded,
 )
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer, check_abort_token
-from palm_net.migration.source import SourceEngine
+from palm_net.migration.source import Pacer, SourceEngine
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Abort, Begin, Message, RoundDone
 from palm_net.wire.pages import Buffer, RoundGfns
@@ -151,8 +151,7 @@ class SourceRun:
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](8)
         self.started = time.monotonic() if started is None else started
         self.abort_token: bytes | None = None  # a valid one from the destination, after COMMIT
-        self._paced_since = time.monotonic()
-        self._paced_bytes = 0
+        self._pacer = Pacer(engine.params.bandwidth, time.monotonic()) if engine.params.bandwidth else None
         self._written_round = -1  # the last round the destination says it has written (ROUND_DONE)
         self._round_written = trio.Event()
 
@@ -179,12 +178,10 @@ class SourceRun:
     async def _sent(self, size: int) -> None:
         """``size`` bytes went on the wire: counted, and paced to the bandwidth cap."""
         self.engine.stats.transferred += size
-        cap = self.engine.params.bandwidth
-        if cap:
-            self._paced_bytes += size
-            ahead = self._paced_bytes / cap - (time.monotonic() - self._paced_since)
-            if ahead > 0:
-                await trio.sleep(ahead)
+        if self._pacer is not None:
+            wait = self._pacer.sent(size, time.monotonic())
+            if wait > 0:
+                await trio.sleep(wait)
 
     async def _pump(self, read: Callable[[Any], tuple[Any, bool]], buffers: list[Any],
                     to_records: Callable[[Any], list[Buffer]]) -> None:
@@ -243,8 +240,9 @@ class SourceRun:
                 await self._stream(cast(StreamBackend, self.vm))
             else:
                 await self._precopy(cast(Backend, self.vm))
+            st.marks.setdefault("last-byte", time.monotonic())  # (model: the last round, CPU state and blob sent)
             await self._send([eng.complete(*self.ch.sent)])
-            completed_at = time.monotonic()
+            completed_at = st.marks["complete"] = time.monotonic()
             self.log.debug("complete sent", phase="verify", round=eng.round,
                            paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
             # Our digest (if asked) while the destination verifies: both run at once.
@@ -253,11 +251,13 @@ class SourceRun:
                 if eng.params.verify_digest:
                     digest_nursery.start_soon(self._digest, digest)
                 ready = await self._expect(timeout)
-            st.ready_wait = time.monotonic() - completed_at  # READY and our digest, if asked
+            st.marks["ready"] = time.monotonic()
+            st.ready_wait = st.marks["ready"] - completed_at  # READY and our digest, if asked
             eng.check_ready(ready, digest[0] if digest else None)
             # The handoff point: durable before COMMIT leaves.
             if not self.store.hand_off(eng.mid):
                 raise MigrationFailure(ErrorCode.CANCELLED, "migration was cancelled before the handoff")
+            st.marks["handed-off"] = time.monotonic()
             self.log.info("handed off", phase="commit", round=eng.round)
             await self._send([eng.commit()])
             self._finish(await self._expect(timeout))
@@ -363,6 +363,7 @@ class SourceRun:
 
         try:
             await self._pump(read, [bytearray(PER_HOP * MAX_BULK) for _ in range(READ_AHEAD + 1)], to_records)
+            eng.stats.marks["last-byte"] = time.monotonic()  # QEMU's last byte read and sent on
         finally:
             conn.close()  # also on failure or cancel: QEMU sees its stream end
         fault("source.vm.export_final")

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from palm_net.channel.transport import Record
-from palm_net.migration.params import MigrationParams, MigrationStats, RoundStats
+from palm_net.channel.records import Record
+from palm_net.migration.params import DOWNTIME_PHASES, MigrationParams, MigrationStats, RoundStats
 from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, public_reason
 from palm_net.wire.messages import (
     MAX_BLOB,
@@ -42,6 +42,26 @@ from palm_net.wire.protocol import Role, SessionProtocol
 
 DOWNTIME_GOAL_DIVISOR = 30  # iterate on while shrinking, until expected downtime <= limit / 30
 CONTEXT_CHUNK = MAX_BLOB
+
+
+PACING_BURST = 0.05  # seconds of the bandwidth cap an idle sender may save up
+
+
+class Pacer:
+    """The bandwidth cap as a token bucket: the bytes let through never run ahead of
+    ``cap`` a second, and an idle sender saves up at most PACING_BURST seconds of
+    it.  Sans-IO: it says how long to wait."""
+
+    def __init__(self, cap: float, now: float) -> None:
+        self.cap = cap
+        self.ahead = 0.0  # seconds the bytes let through are ahead of the cap (negative: credit)
+        self.last = now
+
+    def sent(self, size: int, now: float) -> float:
+        """``size`` bytes went out at ``now``: the seconds to wait before the next send."""
+        self.ahead = max(self.ahead - (now - self.last), -PACING_BURST) + size / self.cap
+        self.last = now
+        return max(self.ahead, 0.0)
 
 
 class SourceEngine:
@@ -257,6 +277,13 @@ class SourceEngine:
         st.downtime = now - (self.paused_at if self.paused_at is not None else now)
         st.total_time = now - started
         st.status = st.phase = "completed"
+        st.marks["done"] = now
+        if self.paused_at is not None and all(m in st.marks for _, m in DOWNTIME_PHASES):
+            prev, phases = self.paused_at, {}
+            for name, mark in DOWNTIME_PHASES:
+                phases[name] = max(0.0, st.marks[mark] - prev)
+                prev = max(prev, st.marks[mark])
+            st.downtime_phases = phases
 
     def abort(self, code: ErrorCode) -> bytes | None:
         """ABORT if the state machine still allows the source to send one (the reason

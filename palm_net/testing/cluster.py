@@ -53,7 +53,7 @@ class LocalCluster:
             (d / CERT_FILE).write_bytes(cert.encode())
             cfg = AgentConfig(state_dir=d, listen="127.0.0.1:0", control=self.root / f"{name}.sock",
                               ca_pub=self.root / "ca" / "ca.pub", memory_dir=self.root / f"{name}-mem",
-                              run_dir=self.root / f"{name}-run",
+                              run_dir=self.root / f"{name}-run", images_dir=self.root / f"{name}-images",
                               in_doubt_wait=in_doubt_wait, handshake_timeout=5.0, max_incoming=max_incoming)
             self.members[name] = Member(name, d, cfg)
         self.nursery: trio.Nursery | None = None

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from nacl.signing import SigningKey
 
-from palm_net.channel.transport import Record
+from palm_net.channel.records import Record
 from palm_net.hypervisor.backend import Backend, HostedVM
 from palm_net.migration.destination import DestinationEngine
 from palm_net.migration.effects import Effect, Opened, OpenIncoming, Send
