@@ -487,6 +487,7 @@ async def test_metrics_endpoint(make):
     assert "palm_migration_downtime_seconds_count 1.0" in text
     assert "palm_migrations_in_doubt 0.0" in text and "palm_etcd_reachable 1.0" in text
     assert "palm_migration_bytes_total" in text
+    assert "# TYPE palm_cluster_refused_total counter" in text
     bport = c["b"].cluster.metrics_port
     stream = await trio.open_tcp_stream("127.0.0.1", bport)
     await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -339,6 +339,7 @@ class AgentCluster:
             s.etcd_unreachable_seconds = float(st.get("unreachable_for_s", 0.0))
             s.lists_revision = m.lists.revision
             s.record_conflicts = len(m.converger.conflicts)
+            s.policy_refused = dict(m.policy.refused)
         return s
 
 

@@ -44,6 +44,7 @@ class Snapshot:
     etcd_unreachable_seconds: float = 0.0
     lists_revision: int = 0
     record_conflicts: int = 0
+    policy_refused: dict[str, int] = field(default_factory=dict)  # reason -> count (palm_net.cluster.policy)
 
 
 class _State(Collector):
@@ -79,6 +80,12 @@ class _State(Collector):
             yield GaugeMetricFamily("palm_cluster_record_conflicts",
                                     "VM records this agent and another both claim (not written)",
                                     value=s.record_conflicts)
+            c = CounterMetricFamily("palm_cluster_refused", "policy documents and records read from etcd and "
+                                    "refused (unsigned, older, wrong-role, record-squatted, ...), by reason",
+                                    labels=["reason"])
+            for reason, n in sorted(s.policy_refused.items()):
+                c.add_metric([reason], n)
+            yield c
 
 
 class AgentMetrics:
