@@ -449,3 +449,22 @@ def test_an_unprivileged_user_gets_one_line_not_a_traceback(shm):
     assert out.count("\n") == 1
     out = _as_nobody(lambda: cli("keygen", "--dir", str(private / "agent"), "--name", "x"))
     assert out.startswith("1 palm: permission denied") and "Traceback" not in out, out
+
+
+def test_qemu_never_starts_unconfined_unless_the_operator_said_so(shm):
+    """An agent that is not root (the container image's uid 10001) cannot give QEMU its
+    own uid and an empty root: QEMU guests are refused, made or arriving, with one line
+    (issue 22.4); --qemu-unconfined accepts the risk explicitly."""
+    from palm_net.hypervisor.qemu import Confinement, QemuError, QemuSpec, QemuVM
+
+    jail = Confinement(None)
+    assert "--qemu-unconfined" in (jail.refusal or "")
+    run = shm / "run"
+    run.mkdir(mode=0o700)
+    with pytest.raises(QemuError, match="QEMU guests are refused: this agent does not run as root"):
+        QemuVM.create(shm / "q1", run, "q1", 64, confine=jail)
+    with pytest.raises(QemuError, match="QEMU guests are refused"):
+        QemuVM.create_incoming(shm / "q2", run, "q2", b"i" * 16, QemuSpec(64, 1, "pc", "tcg"), confine=jail)
+    assert not (shm / "q1").exists() and not (shm / "q2").exists() and not list(run.iterdir())
+    assert Confinement(None, allow_unconfined=True).refusal is None
+    assert Confinement((2000000, 100)).refusal is None

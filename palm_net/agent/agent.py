@@ -102,6 +102,7 @@ class AgentConfig:
     adopt_vms: bool = False  # VMs the state records in another memory directory: moved here (else: refused)
     in_doubt_wait: float = 30.0
     accept_qemu: bool = True  # receive QEMU VMs (their QEMU is started here, paused until COMMIT)
+    qemu_unconfined: bool = False  # an agent not root may run QEMU with its own uid and / (said loudly)
     qemu_accel: str | None = None  # kvm or tcg; None: KVM when /dev/kvm is usable
     run_dir: Path | None = None  # sockets and QEMU jails; None: palm_net.agent.paths.default_run_dir
     qemu_uids: tuple[int, int] = DEFAULT_UIDS  # (first, count) of the uids confined QEMUs run as (root only)
@@ -145,7 +146,7 @@ class Agent:
                                 cfg.incoming_deadline_per_gib, cfg.max_connections, cfg.handshake_rate,
                                 cfg.session_rate)
         self.incoming = IncomingService(self.channel_config, self.store, self.identity.signing, self.registry,
-                                        limits, cfg.accept_qemu)
+                                        limits, cfg.accept_qemu and self.confinement.refusal is None)
         self.cluster = AgentCluster(self)  # the peer gate; with --etcd the cluster member, with --metrics those
 
     def _open(self) -> None:
@@ -196,7 +197,7 @@ class Agent:
         self.sealing_key = self._sealing_key()
         self.memory_dir = self._memory_dir()
         self._locks.append(DirLock(self.memory_dir, "memory directory"))
-        self.confinement = Confinement.for_agent(cfg.qemu_uids)
+        self.confinement = Confinement.for_agent(cfg.qemu_uids, cfg.qemu_unconfined)
         self.store = HandoffStore(d / "state.db")
         images = ensure_dir(cfg.images_dir, "images directory") if cfg.images_dir is not None else None
         self.registry = VmRegistry(self.memory_dir, self.run_dir, self.sealing_key, self.store, self.confinement,
@@ -328,7 +329,8 @@ class Agent:
             log.info("agent started", agent=self.identity.name, listen=f"{host}:{self.listen_port}",
                      control=str(self.control_path),
                      qemu_confinement="seccomp, own uid and empty root per VM" if self.confinement.uids
-                     else "seccomp only (agent not root)",
+                     else "UNCONFINED: seccomp only, the agent's uid and / (--qemu-unconfined)"
+                     if self.confinement.allow_unconfined else "none: QEMU guests refused (agent not root)",
                      measurement=self.measurement.hex()[:16], vms=len(self.registry), pruned_rows=pruned,
                      guest_memory=f"{self.memory_dir}: {memory_backing(self.memory_dir)}")
             async with trio.open_nursery() as nursery:

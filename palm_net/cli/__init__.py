@@ -141,7 +141,8 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "max_incoming": (int,), "max_incoming_memory": (str, int), "memory_dir": (str,), "run_dir": (str,),
     "images_dir": (str,),
     "allow_plain": (bool,), "handshake_timeout": (int, float), "log_format": (str,), "log_level": (str,),
-    "no_qemu": (bool,), "qemu_accel": (str,), "qemu_uids": (str,), "max_incoming_per_peer": (int,),
+    "no_qemu": (bool,), "qemu_unconfined": (bool,), "qemu_accel": (str,), "qemu_uids": (str,),
+    "max_incoming_per_peer": (int,),
     "incoming_deadline_per_gib": (int, float), "max_connections": (int,), "handshake_rate": (int, float),
     "session_rate": (int, float),
     **{key: (str,) for key in CLUSTER_CONFIG_KEYS},  # etcd URLs, files, addresses, a size
@@ -240,6 +241,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
             allow_plain=bool(pick(a.allow_plain or None, "allow_plain", False)),
             memory_dir=Path(pick(a.memory_dir, "memory_dir")) if pick(a.memory_dir, "memory_dir") else None,
             adopt_vms=bool(a.adopt_vms),
+            qemu_unconfined=bool(pick(a.qemu_unconfined or None, "qemu_unconfined", False)),
             images_dir=Path(pick(a.images_dir, "images_dir")) if pick(a.images_dir, "images_dir") else None,
             accept_qemu=not bool(pick(a.no_qemu or None, "no_qemu", False)),
             qemu_accel=pick(a.qemu_accel, "qemu_accel"),
@@ -608,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the only files a QEMU guest's -device loader,file= may load (a 0700 directory of this "
                          "agent's; the agent opens them and QEMU gets a descriptor); without it loader files are "
                          "refused")
+    ag.add_argument("--qemu-unconfined", action="store_true", default=None,
+                    help="an agent not running as root (a container, a user) may still run QEMU guests, as its "
+                         "own uid with the host's / (QEMU parses a peer's stream: without this they are refused)")
     ag.add_argument("--adopt-vms", action="store_true",
                     help="VMs the state directory records in another memory directory are moved into this one "
                          "(without it the agent refuses to start and names them)")

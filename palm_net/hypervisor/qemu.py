@@ -515,11 +515,23 @@ class Confinement:
     """How this agent confines the QEMUs it starts (docs/SECURITY.md)."""
 
     uids: tuple[int, int] | None = DEFAULT_UIDS  # None: QEMU keeps the agent's uid (no -runas, no chroot)
+    # Without uids QEMU (which parses a peer's stream) would run as the agent, with the
+    # host's / and the agent's files in reach: only when the operator said so.
+    allow_unconfined: bool = False
 
     @classmethod
-    def for_agent(cls, uids: tuple[int, int] = DEFAULT_UIDS) -> Confinement:
+    def for_agent(cls, uids: tuple[int, int] = DEFAULT_UIDS, allow_unconfined: bool = False) -> Confinement:
         """Root can give each QEMU its own uid and an empty root; another user cannot."""
-        return cls(uids if os.geteuid() == 0 else None)
+        return cls(uids if os.geteuid() == 0 else None, allow_unconfined)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why no QEMU may start here, or None."""
+        if self.uids is None and not self.allow_unconfined:
+            return ("QEMU guests are refused: this agent does not run as root, so QEMU would run as the agent's "
+                    "uid with the host's / and the agent's keys in reach; run the agent as root, or accept that "
+                    "with --qemu-unconfined")
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -582,6 +594,9 @@ class QemuVM(ConfiguredVM):
     def create(cls, vm_dir: Path, run_parent: Path, name: str, memory_mib: int, *, vcpus: int = 1,
                args: list[str] | None = None, policy: str = "any", accel: str | None = None, machine: str = "pc",
                confine: Confinement | None = None, images_dir: Path | None = None) -> QemuVM:
+        confine = confine or Confinement.for_agent()
+        if confine.refusal is not None:
+            raise QemuError(confine.refusal)
         if qemu_binary() is None:
             raise QemuError("qemu-system-x86_64 not found (install Debian's qemu-system-x86)")
         if not 1 <= memory_mib <= MAX_MEMORY_MIB:
@@ -594,7 +609,7 @@ class QemuVM(ConfiguredVM):
             "vcpus": vcpus, "machine": machine, "accel": accel or default_accel(), "args": wire,
             "local_args": local, "state": "running", "policy": policy, "migration": None, "pid": None,
         }
-        vm = cls._new(vm_dir, run_parent, confine or Confinement.for_agent(), config)
+        vm = cls._new(vm_dir, run_parent, confine, config)
         try:
             vm._start(incoming=False, images_dir=images_dir)
         except BaseException:  # whatever failed, nothing of the VM stays behind
@@ -607,6 +622,9 @@ class QemuVM(ConfiguredVM):
     def create_incoming(cls, vm_dir: Path, run_parent: Path, name: str, vm_id: bytes, spec: QemuSpec,
                         migration: bytes | None = None, confine: Confinement | None = None) -> QemuVM:
         """A paused QEMU waiting for the stream (-S -incoming defer); runs only after activate()."""
+        confine = confine or Confinement.for_agent()
+        if confine.refusal is not None:
+            raise QemuError(confine.refusal)
         if qemu_binary() is None:
             raise QemuError("qemu-system-x86_64 not found on the destination")
         if spec.accel == "kvm" and not kvm_usable():
@@ -617,7 +635,7 @@ class QemuVM(ConfiguredVM):
             "local_args": [], "state": "incoming", "policy": "any",
             "migration": migration.hex() if migration else None, "pid": None,
         }
-        vm = cls._new(vm_dir, run_parent, confine or Confinement.for_agent(), config)
+        vm = cls._new(vm_dir, run_parent, confine, config)
         try:
             vm._start(incoming=True)
             q = vm._q()
