@@ -587,3 +587,8 @@ async def test_no_space_at_the_start_of_a_migration_is_one_line_and_leaves_no_se
     assert "\n" not in res.error
     row = a.store.get(res.mid)
     assert row is not None and row.state == "aborted"  # never left "sending"
+
+
+def test_the_docs_count_the_fault_points():
+    text = (ROOT / "docs" / "SECURITY.md").read_text()
+    assert f"`palm_net/faults.py`, {len(faults.STEPS)} of them" in text
