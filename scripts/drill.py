@@ -270,7 +270,7 @@ class Drill:
                     problems.append(f"{name}: digest changed (memory lost or corrupted)")
             if spec.backend == "qemu":
                 show = ag.request("vm.show", name=name, timeout=30)
-                procs = live_processes(name)
+                procs = live_processes(bytes.fromhex(show["vm_id"]))
                 if show["qemu_status"] != "running" or procs != [show["pid"]]:
                     problems.append(f"{name}: QEMU says {show['qemu_status']}, QEMU processes on the host {procs}")
             if not ag.request("vm.verify", name=name, timeout=60)["ok"]:

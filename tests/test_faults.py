@@ -145,7 +145,7 @@ async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096,
     """One case; with ``content`` the VM is a QEMU guest holding it (tests/test_qemu.py)."""
     t0 = time.monotonic()
     a = cluster["a"]
-    digest = ""
+    digest, vm_id = "", b""
     if content is None:
         name = "vm1"
         vm = a.registry.create_model(name, memory, protected=1, fill="random", seed=5)
@@ -153,7 +153,8 @@ async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096,
     else:
         from tests.test_qemu import new_vm
 
-        name = (await trio.to_thread.run_sync(new_vm, a, content)).name
+        qvm = await trio.to_thread.run_sync(new_vm, a, content)
+        name, vm_id = qvm.name, qvm.vm_id
     plan = [(case.step, case.kind)]
     if case.step in ON_ABORT_PATH:
         plan.insert(0, (ABORT_TRIGGER if content is None else QEMU_ABORT_TRIGGER)[case.step.split(".")[0]])
@@ -196,7 +197,7 @@ async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096,
                         await cluster.stop(agent)
                         await cluster.start(agent)
                 case.where = await (settle(cluster, digest) if content is None
-                                    else settle_qemu(cluster, name, content))
+                                    else settle_qemu(cluster, name, vm_id, content))
             watchers.cancel_scope.cancel()
     finally:
         faults.install(old)
@@ -235,7 +236,7 @@ async def settle(cluster: LocalCluster, digest: str, timeout: float = 25) -> str
     return where
 
 
-async def settle_qemu(cluster: LocalCluster, name: str, content: Path, timeout: float = 25) -> str:
+async def settle_qemu(cluster: LocalCluster, name: str, vm_id: bytes, content: Path, timeout: float = 25) -> str:
     """Exactly one QEMU of the VM on the host, running (asked over QMP) on one agent that
     alone holds the VM; its RAM holds the content."""
     from tests.test_qemu import CONTENT, LOAD_ADDR, qemu_processes, runnable
@@ -244,11 +245,12 @@ async def settle_qemu(cluster: LocalCluster, name: str, content: Path, timeout: 
     while True:
         where = runnable(cluster, name)
         holders = [n for n, m in cluster.members.items() if m.agent is not None and name in m.agent.vms]
-        if len(qemu_processes(name)) == 1 and len(where) == 1 and holders == where:
+        procs = qemu_processes(vm_id)
+        if len(procs) == 1 and len(where) == 1 and holders == where:
             break
         if trio.current_time() > deadline:
             raise AssertionError(f"the QEMU guest did not settle on exactly one host: running on {where}, "
-                                 f"held by {holders}, {len(qemu_processes(name))} QEMU processes")
+                                 f"held by {holders}, {len(procs)} QEMU processes")
         await trio.sleep(0.05)
     vm = cluster[where[0]].vms[name]
     assert await trio.to_thread.run_sync(vm.read_ram, LOAD_ADDR, CONTENT) == content.read_bytes()

@@ -352,6 +352,11 @@ async def test_every_qemu_is_confined(cluster):
     for deny in ("obsolete=deny", "spawn=deny", "resourcecontrol=deny"):
         assert deny in sandbox
     assert b"-incoming" in cmd and not any(b"unix:" in w and b"incoming" in w for w in cmd)
+    # Every local user reads a command line: it names neither the VM nor where its memory is.
+    for q in (moved, other):
+        words = Path(f"/proc/{q.pid}/cmdline").read_bytes()
+        assert q.name.encode() not in words and str(q.dir).encode() not in words
+        assert str(cluster["b"].memory_dir).encode() not in words
 
 
 def test_qemu_loader_files_come_only_from_the_images_directory(shm):

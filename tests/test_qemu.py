@@ -76,7 +76,8 @@ async def settle_one_copy(cluster, name: str, where: str, content: Path) -> None
     other = "b" if where == "a" else "a"
     with trio.fail_after(20):  # in-doubt recovery and the other side's clean-up settle
         while True:
-            alive = qemu_processes(name)
+            copies = [m.agent.vms[name] for m in cluster.members.values() if m.agent and name in m.agent.vms]
+            alive = qemu_processes(copies[0].vm_id) if copies else []  # every copy has the VM's identity
             if len(alive) == 1 and runnable(cluster, name) == [where] and name not in cluster[other].vms:
                 break
             await trio.sleep(0.05)
@@ -110,7 +111,7 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     moved = b.vms[vm.name]
     assert isinstance(moved, QemuVM) and moved.state == "running" and moved.qemu_status() == "running"
     assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
-    assert vm.name not in a.vms and qemu_processes(vm.name) == [moved.pid] and src_pid != moved.pid
+    assert vm.name not in a.vms and qemu_processes(vm.vm_id) == [moved.pid] and src_pid != moved.pid
     # And back again, by the same rules.
     res = await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams())
     assert res.ok, res.error
@@ -263,7 +264,7 @@ async def test_unauthorised_destination_receives_nothing(nursery, content, why):
         # record, so no BEGIN and no byte of QEMU's stream.
         assert proxy.log.frames[(0, "c2s")] <= 2
         assert c["b"].vms == {} and c["b"].store.list() == []
-        assert qemu_processes(vm.name) == [vm.pid] and vm.qemu_status() == "running"
+        assert qemu_processes(vm.vm_id) == [vm.pid] and vm.qemu_status() == "running"
     finally:
         for name in list(c.members):
             await c.stop(name)

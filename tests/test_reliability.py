@@ -140,12 +140,13 @@ def test_kill9_of_an_agent_with_a_qemu_vm_then_restart(pair, case, victim, rule,
     name = "q" + uuid.uuid4().hex[:10]
     p.a.request("vm.create", name=name, memory="64MiB", backend="qemu",
                 qemu_args=["-device", f"loader,file={content},addr={LOAD_ADDR:#x},force-raw=on"])
+    vm_id = bytes.fromhex(p.a.request("vm.show", name=name)["vm_id"])  # QEMU's command line names only this
     # the 9 MB stream takes ~2 s at 4 MiB/s
     assert kill_during_migration(p, name, rule, victim, "4MiB/s") == where, case
     ag = p.a if where == "a" else p.b
-    _wait_for(lambda: len(qemu_processes(name)) == 1, what="exactly one QEMU of the VM")
+    _wait_for(lambda: len(qemu_processes(vm_id)) == 1, what="exactly one QEMU of the VM")
     show = ag.request("vm.show", name=name)
-    assert show["qemu_status"] == "running" and qemu_processes(name) == [show["pid"]]
+    assert show["qemu_status"] == "running" and qemu_processes(vm_id) == [show["pid"]]
     assert ag.request("vm.verify", name=name)["ok"]
     r = ag.request("vm.digest", name=name, range=f"{LOAD_ADDR:#x}:{CONTENT}")
     assert r["digest"] == hashlib.blake2b(content.read_bytes(), digest_size=32, person=b"palm-vm-digest").hexdigest()

@@ -60,7 +60,7 @@ def write_index(state_dir: Path, memory_dir: Path, vms: Iterable[AnyVM]) -> None
     """Best effort: the index only guards the next start (a full disk is logged, not fatal)."""
     entries = {}
     for vm in vms:
-        e: dict[str, Any] = {"backend": vm.backend}
+        e: dict[str, Any] = {"backend": vm.backend, "vm_id": vm.vm_id.hex()}
         if vm.backend == "qemu":
             e.update(pid=vm.config.get("pid"), qmp=str(getattr(vm, "qmp_path", "")))
         entries[vm.name] = e
@@ -73,10 +73,13 @@ def write_index(state_dir: Path, memory_dir: Path, vms: Iterable[AnyVM]) -> None
 
 
 def _running_qemu(name: str, entry: dict[str, Any]) -> int | None:
-    """The pid of the VM's QEMU if it still runs (found by its recorded pid, or by its name)."""
-    if entry.get("backend") != "qemu":
+    """The pid of the VM's QEMU if it still runs (its recorded pid, or any QEMU named by its identity)."""
+    if entry.get("backend") != "qemu" or not isinstance(entry.get("vm_id"), str):
         return None
-    pids = live_processes(name)
+    try:
+        pids = live_processes(bytes.fromhex(entry["vm_id"]))
+    except ValueError:
+        return None
     pid = entry.get("pid")
     return pid if pid in pids else (pids[0] if pids else None)
 

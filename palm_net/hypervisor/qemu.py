@@ -429,10 +429,16 @@ class QemuSpec:
         return cls(mem, vcpus, machine, accel, tuple(wire))
 
 
-def live_processes(vm_name: str) -> list[int]:
-    """Live (not zombie) QEMU processes of the VM with this name, host-wide
+def process_name(vm_id: bytes) -> str:
+    """QEMU's -name for a VM: opaque (every local user reads /proc/PID/cmdline), the
+    same for every copy of the VM (its identity, not its reusable name)."""
+    return f"palm-{vm_id.hex()[:16]}"
+
+
+def live_processes(vm_id: bytes) -> list[int]:
+    """Live (not zombie) QEMU processes of the VM with this identity, host-wide
     (tests and drills check there is exactly one)."""
-    marker = f"palm-{vm_name}".encode()  # QEMU's -name, see QemuVM._command
+    marker = process_name(vm_id).encode()  # QEMU's -name, see QemuVM._command
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -665,16 +671,18 @@ class QemuVM(ConfiguredVM):
             theirs.close()  # QEMU holds its own copy now: its close is our end of stream
         return ours
 
-    def _command(self, incoming: bool, local: list[str] | None = None) -> list[str]:
+    def _command(self, incoming: bool, local: list[str] | None = None, ram_fd: int | None = None) -> list[str]:
         binary = qemu_binary()
         if binary is None:
             raise QemuError("qemu-system-x86_64 not found")
         s = self.spec
         uid = self.config.get("uid")
-        cmd = [binary, "-name", f"palm-{self.name}",
+        # No operator's name and no path on the command line (any local user reads it):
+        # an opaque -name, and the RAM file as a descriptor the agent opened.
+        ram = f"/proc/self/fd/{ram_fd}" if ram_fd is not None else str(self.dir / GUEST_RAM)
+        cmd = [binary, "-name", process_name(self.vm_id),
                "-machine", f"{s.machine},accel={s.accel},memory-backend=pc.ram",
-               "-object", f"memory-backend-file,id=pc.ram,mem-path={self.dir / GUEST_RAM},size={s.memory_mib}M,"
-                          "share=on",
+               "-object", f"memory-backend-file,id=pc.ram,mem-path={ram},size={s.memory_mib}M,share=on",
                "-m", str(s.memory_mib), "-smp", str(s.vcpus), "-nodefaults", "-display", "none",
                "-serial", "none", "-monitor", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                "-sandbox", SANDBOX + ("allow" if uid is not None else "deny")]
@@ -689,14 +697,16 @@ class QemuVM(ConfiguredVM):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.qmp_path)
         local, fds = ([], []) if incoming else open_loader_files(self.local_args, images_dir)
+        ram_fd = open_nofollow(self.dir / GUEST_RAM, os.O_RDWR | os.O_CLOEXEC)
+        fds.append(ram_fd)
         log = open_nofollow(self.dir / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             # Own session: a signal to the agent's process group leaves the VM
             # running.  An empty working directory and environment: QEMU gets
             # nothing of the agent's but what the command line names (and the
             # loader files the agent opened for it).
-            self.proc = subprocess.Popen(self._command(incoming, local), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, start_new_session=True, cwd=self.run_dir / "root",
+            self.proc = subprocess.Popen(self._command(incoming, local, ram_fd), stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log, start_new_session=True, cwd=self.run_dir / "root",
                                          env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, pass_fds=tuple(fds))
         except OSError as exc:
             raise QemuError(f"cannot start QEMU: {exc.strerror or exc}") from None
