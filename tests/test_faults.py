@@ -323,7 +323,7 @@ async def test_committed_not_running_is_reported_and_resumable_by_the_operator(p
         shown = ControlServer(b, b.control_path)._summary(b.vms["vm1"])
         assert shown["state"] == "committed-not-running" and "I/O error" in shown["activation_error"]
         row = next(m for m in b.outgoing.migrations() if m["migration_id"] == res.mid.hex())
-        assert row["state"].startswith("committed (not running: I/O error")
+        assert row["state"] == "committed" and row["not_running"].startswith("I/O error")
         from palm_net.cluster.metrics import AgentMetrics
 
         scrape = AgentMetrics(b.cluster._snapshot).render().decode()

@@ -191,10 +191,12 @@ def test_in_flight_rows_show_elapsed_and_what_is_left(ops):
 # Ctrl-C cancels, as virsh aborts its job
 
 
-@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
-def test_ctrl_c_cancels_the_migration_and_the_vm_runs_on_the_source(ops, as_json):
+@pytest.mark.parametrize(("as_json", "sig"), [(False, signal.SIGINT), (True, signal.SIGINT),
+                                             (False, signal.SIGTERM)], ids=["text", "json", "sigterm"])
+def test_ctrl_c_cancels_the_migration_and_the_vm_runs_on_the_source(ops, as_json, sig):
+    """Ctrl-C, and SIGTERM as a service manager or `kill` sends it (it used to cancel and say nothing)."""
     c = ops
-    name = f"intr{int(as_json)}"
+    name = f"intr{int(as_json)}{int(sig)}"
     palm("vm", "create", name, "--control", c.sock("a"), "--memory", "128M", "--fill", "random")
     mig = subprocess.Popen([*PALM, "migrate", name, "--control", c.sock("a"), "--to", to(c, "b"),
                             "--bandwidth", "16M/s", *(["--json"] if as_json else [])],
@@ -203,7 +205,7 @@ def test_ctrl_c_cancels_the_migration_and_the_vm_runs_on_the_source(ops, as_json
     while time.monotonic() < deadline and not any(m["vm"] == name and m["in_flight"] for m in rows(c, "a")):
         time.sleep(0.1)
     time.sleep(0.5)
-    mig.send_signal(signal.SIGINT)
+    mig.send_signal(sig)
     out, err = mig.communicate(timeout=60)
     assert mig.returncode == 130, err
     assert "Traceback" not in err and "cancelled" in err and "VM runs on: source" in err, err

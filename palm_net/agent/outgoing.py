@@ -245,11 +245,10 @@ class OutgoingService:
             stats = lm.stats.as_dict() if lm is not None else row.stats
             in_flight = lm is not None and lm.result is None
             vm = self.registry.of(row)
-            state = row.state.value
-            if vm is not None and vm.name in self.registry.not_running:  # ours by this row, but not running
-                state += " (not running: " + self.registry.not_running[vm.name] + ")"
+            not_running = self.registry.not_running.get(vm.name) if vm is not None else None
             out.append({"migration_id": row.mid.hex(), "role": row.role.value, "vm": row.vm, "peer": row.peer.name,
-                        "state": state, "in_flight": in_flight,
+                        "state": row.state.value, "in_flight": in_flight,
+                        "not_running": not_running,  # ours by this row, but its activation or resume failed
                         "error": row.error, "started": row.created, "updated": row.updated, "stats": stats,
                         **_figures(stats, (now if in_flight else row.updated) - row.created, in_flight)})
         known = {row.mid for row in rows}

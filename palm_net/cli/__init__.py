@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -399,6 +400,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if a.downtime_policy:
         args["downtime_policy"] = a.downtime_policy
     view = ProgressView.for_command(a.json)
+    # SIGTERM (a service manager, `kill`) cancels as Ctrl-C does, and says so.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         try:
             r = control_request(control, "migrate", args, view)
@@ -406,6 +409,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             view.close()
     except KeyboardInterrupt:
         return _interrupted(a, control, view.migration_id)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return _report(a, r)
 
 

@@ -255,6 +255,8 @@ def migrations_text(rows: list[dict[str, Any]]) -> str:
         result.append(line)
         if m.get("error"):
             result.append(f"    {safe(m['error'])}")
+        if m.get("not_running"):  # this agent's by the row, but not running: said under its row, loudly
+            result.append(f"    NOT RUNNING (retried; palm vm resume {safe(m['vm'])}): {safe(m['not_running'])}")
     result.append(_wrap("DIR: out (this agent is the source) or in; TIME: elapsed; IDs shortened (--json has "
                         "them whole; --cancel takes a prefix or a VM name)" + ("; * in flight" if flying else ""),
                         ""))
