@@ -163,6 +163,8 @@ async def migrate_out(
         except BaseException:
             # Cancellation (operator cancel, agent shutdown), or an error of ours:
             # before the handoff point (the row says so) the VM runs here again.
+            # (No ABORT: a send the cancellation cut mid-record leaves the session
+            # unusable; the destination discards on the closed session.)
             if store.state_of(mid) is HandoffState.SENDING:
                 store.abort_and_resume(mid, vm, "cancelled: migration cancelled")
             raise
@@ -217,20 +219,25 @@ async def _resume_after_failure(vm: HostedVM, store: HandoffStore, error: PalmEr
                                 peer: Peer) -> MigrationResult:
     """Before the handoff point the source may always run again (ABORT to the destination, best effort)."""
     phase = stats.phase
-    abort = engine.abort(error.code)
-    if abort is not None:
-        with trio.move_on_after(1):
-            try:
-                await channel.send(abort)
-            except (PalmError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
-                    OSError):
-                pass  # the destination discards on its own anyway
+    await _send_abort(channel, engine, error.code)
     store.abort_and_resume(engine.mid, vm, str(error))
     stats.status = "failed"
     stats.total_time = time.monotonic() - started
     log.warning("migration failed, VM resumed on the source", migration=engine.mid.hex(), vm=vm.info.name,
                 peer=peer.name, phase=phase, error=error.code.value, reason=error.detail)
     return MigrationResult(False, engine.mid, vm.info.name, "failed", stats, str(error), phase, "source", peer.name)
+
+
+async def _send_abort(channel: SecureChannel, engine: SourceEngine, code: ErrorCode) -> None:
+    """ABORT to the destination, if the session still allows one: best effort, a second at most."""
+    abort = engine.abort(code)
+    if abort is None:
+        return
+    with trio.move_on_after(1):
+        try:
+            await channel.send(abort)
+        except (PalmError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            pass  # the destination discards on its own anyway
 
 
 def _recovered(outcome: str, name: str, mid: bytes, stats: MigrationStats, started: float,
