@@ -1005,3 +1005,24 @@ async def test_the_downtime_is_broken_down_by_phase(cluster):
 
     line = next(ln for ln in migrate_summary(d).splitlines() if "by phase" in ln)
     assert "stop-and-copy" in line and "commit" in line
+
+
+async def test_the_json_counts_agree_and_durations_are_in_ms(cluster):
+    """--json: "rounds" is the number of round_stats (the paused stop-and-copy round
+    among them, marked), every duration in ms; the summary's count matches its table
+    (issue 25.9: 5 rounds next to 4 entries, durations in seconds among ms)."""
+    from palm_net.cli.output import migrate_summary
+
+    a = cluster["a"]
+    a.registry.create_model("vm1", 8 << 20, fill="random", workload="random:2000")
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    assert res.ok
+    d = res.as_dict()
+    rs = d["round_stats"]
+    assert d["rounds"] == len(rs) >= 2 and rs[-1]["paused"] and not any(x["paused"] for x in rs[:-1])
+    assert all("duration" not in x and x["duration_ms"] >= 0 for x in rs)
+    text = migrate_summary(d)
+    assert f"in {len(rs)} rounds (the last one paused)" in text
+    table = text.split("rounds:")[1].splitlines()[2:]  # header and rule off
+    assert len([ln for ln in table if ln.strip() and not ln.startswith("WARNING")]) == len(rs)
+    assert "paused" in table[len(rs) - 1]

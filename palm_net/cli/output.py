@@ -153,9 +153,11 @@ def migrate_summary(r: dict[str, Any]) -> str:
         lines.append("  rounds:")
         rows = [["", "ROUND", "PAGES", "SENT", "TIME", "RATE", "DIRTIED", "DIRTY RATE"]]
         for x in rs:
-            rows.append(["", str(x["round"]), str(x["pages"]), format_bytes(x["bytes"]),
-                         format_duration(x["duration"]), format_rate(x["bandwidth"]), str(x["dirty_pages"]),
-                         format_rate(x["dirty_rate"] * 4096)])
+            paused = x.get("paused")
+            rows.append(["", f"{x['round']}{' paused' if paused else ''}", str(x["pages"]),
+                         format_bytes(x["bytes"]), format_duration(x["duration_ms"] / 1000),
+                         format_rate(x["bandwidth"]), "-" if paused else str(x["dirty_pages"]),
+                         "-" if paused else format_rate(x["dirty_rate"] * 4096)])
         lines += ["  " + ln for ln in _fmt_table(rows).splitlines()]
     warning = downtime_warning(r)
     if warning:
@@ -200,7 +202,7 @@ def _failure_figures(r: dict[str, Any]) -> str:
     if r.get("total_ms"):
         pairs.append(("after", _ms(r["total_ms"])))
     if r.get("bytes"):
-        rounds = len(r.get("round_stats") or [])
+        rounds = len([x for x in r.get("round_stats") or [] if not x.get("paused")])
         done = f" in {rounds} complete round{'s' if rounds > 1 else ''}" if rounds else ""
         pairs.append(("sent", format_bytes(r["bytes"]) + done))
     if r.get("migration_id"):

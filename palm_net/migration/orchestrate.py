@@ -62,14 +62,13 @@ class MigrationResult:
             "expected_downtime_ms": round(st.expected_downtime * 1000, 1) if st.expected_downtime is not None
             else None,
             "setup_ms": round(st.setup_time * 1000, 1),
-            "rounds": st.hypervisor["rounds"] if st.hypervisor
-            else len(st.rounds) + (1 if st.status == "completed" else 0),
+            "rounds": st.hypervisor["rounds"] if st.hypervisor else len(st.rounds),  # the paused one included
             "bytes": st.transferred, "zero_pages": st.zero_pages, "normal_pages": st.normal_pages,
             "protected_pages": st.protected_pages, "throttle": st.throttle,
             "digest": st.digest, "digest_verified": bool(st.digest) and self.ok,
             "digest_at_pause": st.digest_at_pause,
             "digest_check_ms": round(st.digest_check * 1000, 1) if st.digest_check is not None else None,
-            "round_stats": [r.__dict__ for r in st.rounds],
+            "round_stats": [r.as_dict() for r in st.rounds],
             "error": self.error, "phase": self.phase, "runs_on": self.runs_on,
             "hypervisor": st.hypervisor,
             "downtime_limit_ms": round(st.downtime_limit * 1000, 1) if st.downtime_limit is not None else None,

@@ -60,6 +60,13 @@ class RoundStats:
     dirty_pages: int  # pages dirtied during the round
     dirty_rate: float  # pages/s
     bandwidth: float  # bytes/s measured on the wire
+    paused: bool = False  # the stop-and-copy round (the guest paused; nothing dirtied)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For --json: durations in ms, as every other duration there."""
+        d = asdict(self)
+        d["duration_ms"] = round(d.pop("duration") * 1000, 3)
+        return d
 
 
 @dataclass

@@ -310,9 +310,11 @@ class SourceRun:
         paused_at, dirty = await trio.to_thread.run_sync(pause)
         gfns = eng.stop_and_copy(paused_at, dirty)
         self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(gfns))
+        b0 = st.transferred
         await self._send_pages(vm, gfns)
         cpu, blob = await trio.to_thread.run_sync(self._export_final, vm)
         await self._send(eng.final_state(cpu, blob))
+        eng.end_final_round(time.monotonic() - paused_at, st.transferred - b0)
 
     @staticmethod
     def _collect_dirty(vm: Backend) -> Any:

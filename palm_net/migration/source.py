@@ -207,6 +207,12 @@ class SourceEngine:
         self.stats.current_round = self.round
         return pending
 
+    def end_final_round(self, duration: float, wire_bytes: int) -> None:
+        """The stop-and-copy round is sent (its pages, CPU state and blob): counted as a round."""
+        bandwidth = wire_bytes / duration if duration > 0 else 0.0
+        self.stats.rounds.append(RoundStats(self.round, len(self.pending), wire_bytes, duration, 0, 0.0, bandwidth,
+                                            paused=True))
+
     def final_state(self, cpu_state: bytes, blob: bytes) -> list[bytes]:
         """CPU_STATE and the protected-context blob in CONTEXT chunks (the guest is paused)."""
         out = [self.proto.send(CpuState(cpu_state))]
