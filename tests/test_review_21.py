@@ -68,3 +68,48 @@ async def test_cancel_accepted_before_the_handoff_lands_after_it_leaves_the_vm_n
     src_state = a.store.state_of(res.mid)
     assert running, (f"the VM runs on no host: migrate said {res.status!r} ({res.error}); source row "
                      f"{src_state}, destination row {b.store.state_of(res.mid)}, no recovery task asked")
+
+
+async def test_a_state_db_read_error_in_the_activation_retry_crashes_the_agent(nursery):
+    """A committed-not-running VM is retried by Agent._activations, which calls
+    registry.activate in a worker thread.  registry.activate reads the row
+    (store.get); a storage error there (sqlite3.OperationalError "disk I/O error": a
+    failing disk, exactly the fault class issue 21 is about) is not caught by
+    activate_committed (HypervisorError, OSError only) nor by _activations: the task
+    dies and takes the agent's serve nursery, hence the whole agent, down
+    (agent.py _activations; registry.py activate).  The same holds for the to_scrub
+    loop (scrub_handed_over -> state_of) which catches only (HypervisorError, OSError).
+    No fault point covers row reads (faults.STEPS has only writes), so the matrix
+    cannot see it."""
+    fired: list[str] = []
+    async with LocalCluster.started(nursery, in_doubt_wait=0.5) as pair:
+        a, b = pair["a"], pair["b"]
+        a.registry.create_model("vm1", 64 * 4096, fill="random", seed=3)
+
+        def full_at_activation(at: str) -> None:
+            if at == "destination.vm.activate" and not fired:
+                fired.append(at)
+                raise faultdrill.raiser("eio")
+
+        real_get = b.store.get
+
+        def flaky_get(mid: bytes):
+            if fired and len(fired) == 1 and "vm1" in b.registry.not_running:
+                fired.append("get")
+                raise sqlite3.OperationalError("disk I/O error")
+            return real_get(mid)
+
+        old = faults.install(full_at_activation)
+        try:
+            res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+        finally:
+            faults.install(old)
+        assert res.ok, res.error
+        assert await _wait(lambda: "vm1" in b.registry.not_running, 5)
+        b.store.get = flaky_get  # one read of the row fails, then the disk is fine again
+        stopped = pair.members["b"].stopped
+        assert stopped is not None
+        crashed = await _wait(stopped.is_set, 8)
+        b.store.get = real_get
+        assert not crashed, "agent b stopped: its activation retry task died on a storage error"
+        assert await _wait(lambda: pair.running_copies("vm1") == ["b"], 10)
