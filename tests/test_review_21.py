@@ -113,3 +113,44 @@ async def test_a_state_db_read_error_in_the_activation_retry_crashes_the_agent(n
         b.store.get = real_get
         assert not crashed, "agent b stopped: its activation retry task died on a storage error"
         assert await _wait(lambda: pair.running_copies("vm1") == ["b"], 10)
+
+
+async def test_a_failed_scrub_during_the_in_doubt_wait_is_never_retried(pair):
+    """Two faults: DONE is lost (the destination's send fails after COMMITTED), so the
+    source is in doubt and migrate_out's own loop asks (recover_once); the answer is
+    "committed", confirm_and_scrub moves the row to DONE and the scrub of the source's
+    copy fails (EIO).  The exception escapes recover_once and migrate_out (it is raised
+    inside the `except (PalmError, InDoubt)` clause, so the sibling `except
+    BaseException` never sees it) and OutgoingService.migrate (re-raised, no _settle).
+    The handed-over copy, protected memory and keys included, stays in the registry,
+    paused, never retried (to_scrub is empty) until the agent's next start, and
+    `palm migrate` ends in an internal error although the migration completed
+    (orchestrate.py migrate_out in-doubt loop; outgoing.py migrate)."""
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, protected=1, fill="random", seed=3)
+    fired: list[str] = []
+
+    def inject(at: str) -> None:
+        if at == "destination.store.commit.done":
+            fired.append(at)
+        elif at == "destination.Send" and fired == ["destination.store.commit.done"]:
+            fired.append(at)
+            raise faultdrill.raiser("eio")  # DONE never leaves
+        elif at == "source.vm.scrub" and len(fired) == 2:
+            fired.append(at)
+            raise faultdrill.raiser("eio")
+
+    old = faults.install(inject)
+    outcome: object = None
+    try:
+        try:
+            outcome = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+        except Exception as exc:  # what the control socket would turn into "internal error"
+            outcome = exc
+    finally:
+        faults.install(old)
+    assert len(fired) == 3, fired
+    await trio.sleep(4)  # the retry loop's first attempts (1 s, 2 s)
+    assert "vm1" not in a.vms and not a.registry.dir_of("vm1").exists(), (
+        f"migrate ended with {outcome!r}; the handed-over copy is still held on the source "
+        f"(state {a.vms['vm1'].state if 'vm1' in a.vms else None}, queued for scrub: {bool(a.registry.to_scrub)})")
