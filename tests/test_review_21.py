@@ -154,3 +154,35 @@ async def test_a_failed_scrub_during_the_in_doubt_wait_is_never_retried(pair):
     assert "vm1" not in a.vms and not a.registry.dir_of("vm1").exists(), (
         f"migrate ended with {outcome!r}; the handed-over copy is still held on the source "
         f"(state {a.vms['vm1'].state if 'vm1' in a.vms else None}, queued for scrub: {bool(a.registry.to_scrub)})")
+
+
+async def test_abort_write_and_resume_both_fail_before_the_handoff_leaves_the_vm_paused_for_good(pair):
+    """A migration fails before the handoff (the source's export fails); on a failing
+    disk the abort's UPDATE fails too (EIO) and so does the resume (EIO).
+    abort_and_resume treats the failed write as moved (the row read back says SENDING:
+    "a restart records it"), the resume fails, mark_stopped.  Then nobody retries:
+    OutgoingService._settle only queues a resume when the row says ABORTED, and
+    registry.activate would refuse anyway (it resumes a source copy only for ABORTED).
+    The VM stays paused on the source with its row SENDING, on no host, until the agent
+    restarts (handoff.py abort_and_resume; outgoing.py _settle; registry.py activate)."""
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, fill="random", seed=3)
+    plan = [("source.vm.export_final", "hypervisor"), ("source.store.abort", "eio"), ("source.vm.resume", "eio")]
+    fired: list[str] = []
+
+    def inject(at: str) -> None:
+        if plan and at == plan[0][0]:
+            step, kind = plan.pop(0)
+            fired.append(step)
+            raise faultdrill.raiser(kind)
+
+    old = faults.install(inject)
+    try:
+        res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+    finally:
+        faults.install(old)
+    assert not plan, fired
+    ok = await _wait(lambda: pair.running_copies("vm1") == ["a"], 6)
+    assert ok, (f"migrate said {res.status!r}, runs_on {res.runs_on!r}; the VM runs nowhere: source row "
+                f"{a.store.state_of(res.mid)}, source VM {a.vms['vm1'].state}, retried: "
+                f"{'vm1' in a.registry.not_running}, destination has it: {'vm1' in b.vms}")
