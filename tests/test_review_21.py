@@ -186,3 +186,47 @@ async def test_abort_write_and_resume_both_fail_before_the_handoff_leaves_the_vm
     assert ok, (f"migrate said {res.status!r}, runs_on {res.runs_on!r}; the VM runs nowhere: source row "
                 f"{a.store.state_of(res.mid)}, source VM {a.vms['vm1'].state}, retried: "
                 f"{'vm1' in a.registry.not_running}, destination has it: {'vm1' in b.vms}")
+
+
+async def test_state_db_read_errors_right_after_commit_leave_the_committed_vm_unactivated_and_untracked(pair):
+    """COMMITTED is durable; then the state DB fails reads for a moment (EIO as
+    sqlite3.OperationalError, for ~0.3 s).  commit_and_activate's read back raises a
+    sqlite3 error, which neither DestinationHost.perform (IntegrityError,
+    HypervisorError, OSError) nor session_error maps (it re-raises), the session's
+    _fail and IncomingService._settle both read the row and fail too; _settle raises,
+    so the committed VM is neither activated nor put in not_running (never retried,
+    never reported) -- and the source, told "committed" by recovery, scrubs its copy.
+    Once the disk is fine again the VM still runs nowhere until b restarts
+    (handoff.py commit_and_activate; runner.py session_error; incoming.py _settle)."""
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, fill="random", seed=3)
+    failing_until = [0.0]
+    real_state_of = b.store.state_of
+
+    # state_of is called from worker threads too: trio.current_time() is not available
+    # there, so use the monotonic clock trio uses by default.
+    import time as _time
+    trio_now = _time.monotonic
+
+    def flaky_state_of_any_thread(mid: bytes):
+        if trio_now() < failing_until[0]:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_state_of(mid)
+
+    def inject_any_thread(at: str) -> None:
+        if at == "destination.store.commit.done" and not failing_until[0]:
+            failing_until[0] = trio_now() + 0.3
+
+    b.store.state_of = flaky_state_of_any_thread
+    old = faults.install(inject_any_thread)
+    try:
+        res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+    finally:
+        faults.install(old)
+    assert failing_until[0]
+    await trio.sleep(4)  # the disk is fine again; recovery and retries have had time
+    b.store.state_of = real_state_of
+    assert pair.running_copies("vm1") == ["b"], (
+        f"migrate said {res.status!r}; source row {a.store.state_of(res.mid)}, destination row "
+        f"{b.store.state_of(res.mid)}, destination VM {b.vms['vm1'].state if 'vm1' in b.vms else None}, "
+        f"retried: {'vm1' in b.registry.not_running}; running on {pair.running_copies('vm1')}")
