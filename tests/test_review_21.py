@@ -230,3 +230,60 @@ async def test_state_db_read_errors_right_after_commit_leave_the_committed_vm_un
         f"migrate said {res.status!r}; source row {a.store.state_of(res.mid)}, destination row "
         f"{b.store.state_of(res.mid)}, destination VM {b.vms['vm1'].state if 'vm1' in b.vms else None}, "
         f"retried: {'vm1' in b.registry.not_running}; running on {pair.running_copies('vm1')}")
+
+
+async def test_a_local_user_planting_the_old_memory_dir_after_a_reboot_keeps_the_agent_from_starting(nursery):
+    """Any local user reads the memory directory's "unpredictable" name from a QEMU
+    guest's command line (/proc/PID/cmdline: mem-path=/dev/shm/palm-0-XXXX/NAME/ram).
+    After a reboot (tmpfs emptied) they create that directory.  Agent._memory_dir sees it
+    is not the agent's and makes a new one (as designed), but vmindex.check_start then
+    finds the index's VMs recorded in a directory that exists and refuses to start
+    ("not in the memory directory now in force ... --adopt-vms"): the boot check that
+    lets a rebooted host start applies only when the old directory is missing
+    (vmindex.py check_start).  Neither suggested flag helps: --memory-dir OLD is
+    refused (not ours), --adopt-vms moves the planter's directories into ours."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from palm_net.agent import vmindex
+    from palm_net.agent.agent import Agent
+
+    c = LocalCluster(("a",))
+    c.nursery = nursery
+    cfg = c.members["a"].config
+    cfg.memory_dir = None  # the default: a directory made in /dev/shm
+    made: list[Path] = []
+    before = set(Path("/dev/shm").glob("palm-0-*"))  # noqa: S108
+    try:
+        a = await c.start("a")
+        a.registry.create_model("vm1", 16 * 4096, fill="random")
+        old = a.memory_dir
+        await c.stop("a")
+        # the reboot: tmpfs emptied, a new boot id
+        shutil.rmtree(old)
+        idx = vmindex.read_index(cfg.state_dir)
+        assert idx is not None and "vm1" in idx.vms
+        import json
+        raw = json.loads((cfg.state_dir / vmindex.INDEX_FILE).read_text())
+        raw["boot"] = "an-earlier-boot"
+        (cfg.state_dir / vmindex.INDEX_FILE).write_text(json.dumps(raw))
+        # the local user (nobody) plants the name they read from /proc/PID/cmdline
+        old.mkdir()
+        os.chown(old, 65534, 65534)
+        made.append(old)
+        try:
+            agent = Agent(cfg)
+        except Exception as exc:
+            raise AssertionError(f"the agent refuses to start after a reboot because a local user planted "
+                                 f"{old}: {exc}") from None
+        made.append(agent.memory_dir)
+        agent.close()
+    finally:
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in set(Path("/dev/shm").glob("palm-0-*")) - before:  # noqa: S108 - ours, made by this test
+            shutil.rmtree(p, ignore_errors=True)
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()
