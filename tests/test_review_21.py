@@ -287,3 +287,79 @@ async def test_a_local_user_planting_the_old_memory_dir_after_a_reboot_keeps_the
         for name in list(c.members):
             await c.stop(name)
         c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# The fault matrix raises OSError at the store's points; SQLite raises sqlite3 errors.
+
+# (the hand-off points are in the next test: the matrix harness runs migrate inside the
+# agent's nursery, where an escaping exception stops the agent, unlike the control socket)
+SQLITE_STEPS = [s for s in faults.STEPS if ".store." in s and "hand-off" not in s]
+
+
+def _sqlite_raiser(kind: str) -> BaseException:
+    if kind == "sqlite-io":
+        return sqlite3.OperationalError("disk I/O error")
+    if kind == "sqlite-full":
+        return sqlite3.OperationalError("database or disk is full")
+    return _real_raiser(kind)
+
+
+_real_raiser = faultdrill.raiser
+
+
+@pytest.mark.parametrize("step", SQLITE_STEPS)
+async def test_sqlite_error_at_each_store_point(nursery, monkeypatch, step):
+    """What a failing state DB really raises (sqlite3.OperationalError: "disk I/O error",
+    "database or disk is full"), at each durable write of the matrix.  The matrix only
+    raises OSError/HypervisorError/TimeoutError there (faultdrill.RAISE_KINDS), and
+    session_error re-raises what it does not know (runner.py session_error), so a
+    sqlite3 error takes other paths.  These cells pass (one copy): kept as coverage."""
+    from tests.test_faults import Case, run_case
+
+    monkeypatch.setattr(faultdrill, "raiser", _sqlite_raiser)
+    async with LocalCluster.started(nursery, in_doubt_wait=0.5) as c:
+        try:
+            case = await run_case(c, Case(step, "sqlite-io"))
+        except BaseException as exc:  # noqa: BLE001 - report what happened
+            leaf = exc
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise AssertionError(f"{step}: sqlite3 'disk I/O error' -> {type(leaf).__name__}: "
+                                 f"{str(leaf)[:300]}") from None
+        assert case.where in ("a", "b")
+
+
+@pytest.mark.parametrize("step", ["source.store.hand-off", "source.store.hand-off.done"])
+async def test_a_sqlite_error_at_the_handoff_as_the_control_socket_runs_it(pair, monkeypatch, step):
+    """As `palm migrate` runs it (the control server calls OutgoingService.migrate and
+    turns any exception into "internal error"): SQLite fails the HANDED_OFF write with
+    sqlite3.OperationalError ("disk I/O error"), before or after the row is durable.
+    session_error does not know sqlite3 errors and re-raises; migrate_out re-raises
+    from its BaseException path (resuming only if SENDING); OutgoingService.migrate
+    re-raises without _settle and without starting recovery.  After the write (.done)
+    the row is HANDED_OFF: the source's copy stays paused with nobody asking the
+    destination, which, never sent COMMIT, aborts: the VM runs on no host until the
+    agent restarts (runner.py session_error; orchestrate.py migrate_out; outgoing.py migrate)."""
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, fill="random", seed=3)
+    fired: list[str] = []
+
+    def inject(at: str) -> None:
+        if at == step and not fired:
+            fired.append(at)
+            raise sqlite3.OperationalError("disk I/O error")
+
+    old = faults.install(inject)
+    try:
+        try:
+            res: object = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+        except Exception as exc:  # the control socket: "internal error: OperationalError: disk I/O error"
+            res = exc
+    finally:
+        faults.install(old)
+    assert fired
+    ok = await _wait(lambda: len(pair.running_copies("vm1")) == 1, 8)
+    mids = [r.mid for r in a.store.list()]
+    assert ok, (f"migrate ended with {res!r}; the VM runs on no host: source rows "
+                f"{[a.store.state_of(m) for m in mids]}, destination rows {[b.store.state_of(m) for m in mids]}")
