@@ -363,3 +363,40 @@ async def test_a_sqlite_error_at_the_handoff_as_the_control_socket_runs_it(pair,
     mids = [r.mid for r in a.store.list()]
     assert ok, (f"migrate ended with {res!r}; the VM runs on no host: source rows "
                 f"{[a.store.state_of(m) for m in mids]}, destination rows {[b.store.state_of(m) for m in mids]}")
+
+
+# --------------------------------------------------------------------------
+# QEMU loader files (issue 22.5): "QEMU loads no host file by path"
+
+
+async def test_a_second_file_property_makes_qemu_load_any_host_file(nursery):
+    """split_args checks a loader's properties by name only (LOADER_PROPS), with no
+    value check and no duplicate check; open_loader_files replaces only the FIRST
+    `file=` with /proc/self/fd/N.  QEMU's option parser lets the LAST duplicate win,
+    and QEMU opens the loader file as root before it drops privileges (the very reason
+    for the images directory).  So `-device loader,file=IMG,addr=A,file=/any/host/file`
+    loads any host file (/etc/shadow, the agent's hv.key, ...) into the guest's RAM,
+    from where the guest reads it and a migration carries it anywhere
+    (qemu.py split_args, open_loader_files)."""
+    import os
+
+    from palm_net.hypervisor.qemu import qemu_binary
+
+    if qemu_binary() is None:
+        pytest.skip("no QEMU")
+    async with LocalCluster.started(nursery, names=("a",)) as c:
+        a = c["a"]
+        images = a.registry.images_dir
+        assert images is not None
+        (images / "img.bin").write_bytes(b"\0" * 4096)
+        secret = os.urandom(64)
+        host_file = c.root / "host-secret.key"  # outside the images directory, root's 0600
+        host_file.write_bytes(secret)
+        host_file.chmod(0o600)
+        with pytest.raises(Exception, match="images directory"):  # the guard, as documented
+            a.registry.create_qemu("q-direct", 64 << 20, ["-device", f"loader,file={host_file},addr=0x1000000"])
+        vm = a.registry.create_qemu(
+            "q-dup", 64 << 20,
+            ["-device", f"loader,file=img.bin,addr=0x1000000,force-raw=on,file={host_file}", "-cpu", "qemu64"])
+        got = await trio.to_thread.run_sync(vm.read_ram, 0x1000000, len(secret))
+        assert got != secret, f"QEMU loaded {host_file} (outside the images directory) into the guest's RAM"
