@@ -400,3 +400,44 @@ async def test_a_second_file_property_makes_qemu_load_any_host_file(nursery):
             ["-device", f"loader,file=img.bin,addr=0x1000000,force-raw=on,file={host_file}", "-cpu", "qemu64"])
         got = await trio.to_thread.run_sync(vm.read_ram, 0x1000000, len(secret))
         assert got != secret, f"QEMU loaded {host_file} (outside the images directory) into the guest's RAM"
+
+
+# --------------------------------------------------------------------------
+# The index of VMs (issue 21.4)
+
+
+async def test_a_vanished_memory_dir_is_refused_once_then_accepted_silently(nursery):
+    """--memory-dir DIR whose directory vanished: the first start refuses, naming the VMs
+    (as tested in tests/test_vmindex.py).  But Agent._memory_dir calls ensure_dir (which
+    makes DIR anew) BEFORE check_start, and a refused start leaves it made; the next
+    start (systemd's Restart=on-failure, or the operator trying again) finds DIR
+    existing and equal to the index's (`idx.memory_dir == memory_dir and not fresh`),
+    starts with no VMs and rewrites the index without them: the record of the VMs is
+    lost, and the refusal bought nothing (agent.py _memory_dir; vmindex.py check_start)."""
+    import shutil
+
+    from palm_net.agent.agent import Agent
+    from palm_net.agent.errors import AgentError
+
+    c = LocalCluster(("a",))
+    c.nursery = nursery
+    try:
+        a = await c.start("a")
+        a.registry.create_model("vm1", 16 * 4096, fill="random")
+        old = a.memory_dir
+        await c.stop("a")
+        shutil.rmtree(old)  # the memory directory vanished (unmounted, deleted)
+        cfg = c.members["a"].config
+        with pytest.raises(AgentError, match="missing"):
+            Agent(cfg)
+        try:
+            again = Agent(cfg)  # the same start, a second time
+        except AgentError:
+            return  # refused again: as intended
+        names = list(again.registry.vms)
+        again.close()
+        raise AssertionError(f"the second start of the same agent was accepted without the VMs (vms={names})")
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()
