@@ -441,3 +441,41 @@ async def test_a_vanished_memory_dir_is_refused_once_then_accepted_silently(nurs
         for name in list(c.members):
             await c.stop(name)
         c.cleanup()
+
+
+async def test_a_source_copy_whose_resume_failed_is_never_resumed_after_a_restart(pair):
+    """The source's copy after an abort: resume_after_migration first writes
+    migration=None into vm.json (set_migration(None)), then resumes.  If the resume
+    fails after that write (EIO on vm.json, a QMP error) the agent keeps the VM in
+    not_running, in memory only.  A restart (the operator's, systemd's after a crash
+    such as test_a_state_db_read_error_in_the_activation_retry_crashes_the_agent, or a
+    crash right between the two writes) finds a paused VM that records no migration:
+    registry.load skips it (`mid is None -> continue`), nothing resumes it, the
+    destination aborted: the VM runs on no host, with nothing reported
+    (model.py/qemu.py resume_after_migration; registry.py load)."""
+    a, b = pair["a"], pair["b"]
+    vm = a.registry.create_model("vm1", 64 * 4096, fill="random", seed=3)
+    fired: list[str] = []
+
+    def inject(at: str) -> None:
+        if at == "source.vm.export_final" and not fired:
+            fired.append(at)
+            raise faultdrill.raiser("hypervisor")  # the migration fails before the handoff
+
+    def resume_fails() -> None:
+        raise faultdrill.raiser("eio")  # after set_migration(None) was written
+
+    vm.resume = resume_fails
+    old = faults.install(inject)
+    try:
+        res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+    finally:
+        faults.install(old)
+    assert fired and not res.ok
+    assert "vm1" in a.registry.not_running and a.vms["vm1"].migration is None
+    await pair.stop("a")  # before the first retry (1 s)
+    a = await pair.start("a")
+    ok = await _wait(lambda: pair.running_copies("vm1") == ["a"], 6)
+    assert ok, (f"after the restart the source's copy is {a.vms['vm1'].state}, records migration "
+                f"{a.vms['vm1'].migration}, retried: {'vm1' in a.registry.not_running}; row "
+                f"{a.store.state_of(res.mid)}; the destination has it: {'vm1' in b.vms}")
