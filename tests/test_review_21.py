@@ -126,7 +126,7 @@ async def test_a_failed_scrub_during_the_in_doubt_wait_is_never_retried(pair):
     paused, never retried (to_scrub is empty) until the agent's next start, and
     `palm migrate` ends in an internal error although the migration completed
     (orchestrate.py migrate_out in-doubt loop; outgoing.py migrate)."""
-    a, b = pair["a"], pair["b"]
+    a = pair["a"]
     a.registry.create_model("vm1", 64 * 4096, protected=1, fill="random", seed=3)
     fired: list[str] = []
 
@@ -254,7 +254,7 @@ async def test_a_local_user_planting_the_old_memory_dir_after_a_reboot_keeps_the
     cfg = c.members["a"].config
     cfg.memory_dir = None  # the default: a directory made in /dev/shm
     made: list[Path] = []
-    before = set(Path("/dev/shm").glob("palm-0-*"))  # noqa: S108
+    before = set(Path("/dev/shm").glob("palm-0-*"))
     try:
         a = await c.start("a")
         a.registry.create_model("vm1", 16 * 4096, fill="random")
@@ -282,7 +282,7 @@ async def test_a_local_user_planting_the_old_memory_dir_after_a_reboot_keeps_the
     finally:
         for p in made:
             shutil.rmtree(p, ignore_errors=True)
-        for p in set(Path("/dev/shm").glob("palm-0-*")) - before:  # noqa: S108 - ours, made by this test
+        for p in set(Path("/dev/shm").glob("palm-0-*")) - before:
             shutil.rmtree(p, ignore_errors=True)
         for name in list(c.members):
             await c.stop(name)
@@ -321,7 +321,7 @@ async def test_sqlite_error_at_each_store_point(nursery, monkeypatch, step):
     async with LocalCluster.started(nursery, in_doubt_wait=0.5) as c:
         try:
             case = await run_case(c, Case(step, "sqlite-io"))
-        except BaseException as exc:  # noqa: BLE001 - report what happened
+        except BaseException as exc:
             leaf = exc
             while isinstance(leaf, BaseExceptionGroup):
                 leaf = leaf.exceptions[0]
