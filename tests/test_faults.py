@@ -44,7 +44,7 @@ IN_PROCESS_KINDS = (*faultdrill.RAISE_KINDS, "cancel")
 ABORT_TRIGGER = {"source": ("source.vm.export_final", "hypervisor"),
                  "destination": ("destination.ImportProtection", "hypervisor")}
 QEMU_ABORT_TRIGGER = {"source": ("source.vm.export_final", "qmp"), "destination": ("destination.EndStream", "qmp")}
-QEMU_KINDS = ("eio", "qmp", "timeout", "cancel")
+QEMU_KINDS = ("eio", "qmp", "timeout", "sqlite", "cancel")
 MODEL_ONLY = {"source.vm.read_pages", "source.vm.collect_dirty", "source.vm.pause", "destination.ImportKeys",
               "destination.ApplyPages", "destination.Settle", "destination.ImportCpuState",
               "destination.ImportProtection"}

@@ -36,7 +36,7 @@ from palm_net.agent.limits import bound_malloc
 from palm_net.agent.outgoing import OutgoingService, parse_hostport
 from palm_net.agent.paths import MAX_RUN_DIR, default_control, default_run_dir
 from palm_net.agent.registry import VmRegistry
-from palm_net.agent.vmindex import check_start
+from palm_net.agent.vmindex import adopt_vms, check_start
 from palm_net.channel.handshake import ChannelConfig, Purpose, TransportMode, default_ciphers
 from palm_net.channel.transport import SecureChannel, connect
 from palm_net.cluster.etcd import EtcdConfig
@@ -64,9 +64,9 @@ from palm_net.hostfs import (
     verify_dir,
     write_atomic,
 )
-from palm_net.hypervisor.backend import HypervisorError, describe_error
+from palm_net.hypervisor.backend import describe_error
 from palm_net.hypervisor.qemu import DEFAULT_UIDS, Confinement
-from palm_net.migration.handoff import HandoffStore
+from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore
 
 log = structlog.get_logger("palm.agent")
 
@@ -233,9 +233,9 @@ class Agent:
         the state directory (tmpfs: guest RAM survives an agent restart, not a reboot)."""
         record = self.state_dir / "memory-dir"
         mdir: Path | None = None
-        fresh = False
         if self.cfg.memory_dir is not None:
-            fresh = not self.cfg.memory_dir.exists() and not self.cfg.memory_dir.is_symlink()
+            # Checked before the directory is made: one that vanished is not made anew silently.
+            to_move = check_start(self.state_dir, Path(os.path.realpath(self.cfg.memory_dir)), self.cfg.adopt_vms)
             mdir = ensure_dir(self.cfg.memory_dir, "memory directory")
         else:
             if record.exists() or record.is_symlink():
@@ -247,12 +247,13 @@ class Agent:
                                 dir=str(recorded))
                 elif recorded.exists():
                     mdir = verify_dir(recorded, "memory directory")
+            to_move = check_start(self.state_dir, mdir, self.cfg.adopt_vms)  # before a new one is made
             if mdir is None:  # first start, or the host rebooted (tmpfs emptied)
                 shm = Path("/dev/shm")  # noqa: S108 - the directory made inside is ours alone (hostfs)
                 mdir = (make_private_dir(shm, f"palm-{os.geteuid()}-") if shm.is_dir()
                         else ensure_dir(self.state_dir / "vms", "memory directory"))
         # Never lose sight of the VMs the state records (in another directory, or one gone).
-        check_start(self.state_dir, mdir, self.cfg.adopt_vms, fresh)
+        adopt_vms(self.state_dir, to_move, mdir)
         write_atomic(record, (str(mdir) + "\n").encode())
         return mdir
 
@@ -365,14 +366,16 @@ class Agent:
             await trio.sleep(delay)
             for name in list(reg.not_running):
                 vm = reg.vms.get(name)
-                if vm is None:
-                    reg.not_running.pop(name, None)
+                if vm is None or reg.migrating(name):
                     continue
-                reg.activated(vm, await trio.to_thread.run_sync(reg.activate, vm))
+                try:
+                    reg.activated(vm, await trio.to_thread.run_sync(reg.activate, vm))
+                except STORAGE_ERRORS as exc:  # the state database failed too: next time
+                    log.warning("retry failed", vm=name, error=describe_error(exc))
             for mid, gone in list(reg.to_scrub.items()):
                 try:
                     await trio.to_thread.run_sync(self.store.scrub_handed_over, mid, gone)
-                except (HypervisorError, OSError) as exc:
+                except STORAGE_ERRORS as exc:
                     log.warning("scrub of a handed-over copy failed again", vm=gone.name, error=describe_error(exc))
                     continue
                 del reg.to_scrub[mid]

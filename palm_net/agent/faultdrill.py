@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sqlite3
 import sys
 
 from palm_net.faults import STEPS, install
@@ -14,7 +15,7 @@ from palm_net.hypervisor.qmp import QmpError
 
 
 def raiser(kind: str) -> BaseException:
-    """The exception a fault of ``kind`` raises: enospc, eio, hypervisor, qmp, timeout."""
+    """The exception a fault of ``kind`` raises: enospc, eio, hypervisor, qmp, timeout, sqlite."""
     if kind == "enospc":
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/injected/fault")
     if kind == "eio":
@@ -25,10 +26,12 @@ def raiser(kind: str) -> BaseException:
         return QmpError("injected QMP failure")
     if kind == "timeout":
         return TimeoutError("injected timeout")
+    if kind == "sqlite":  # what SQLite raises on a failing or full disk
+        return sqlite3.OperationalError("disk I/O error")
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
-RAISE_KINDS = ("enospc", "eio", "hypervisor", "timeout")
+RAISE_KINDS = ("enospc", "eio", "hypervisor", "timeout", "sqlite")
 
 
 def from_environment(value: str | None = None) -> str | None:

@@ -296,7 +296,14 @@ class IncomingService:
         or nothing of it is left.  Returns the outcome: committed, aborted, refused."""
         try:
             vm, mid = session.vm, session.mid
-            if vm is not None and may_run(Role.DESTINATION, self.store.state_of(mid) if mid else None):
+            try:
+                state = self.store.state_of(mid) if mid else None
+            except STORAGE_ERRORS as exc:  # unknown: kept (never scrubbed unread), settled by the retry
+                if vm is not None:
+                    self.registry.activation_failed(vm, f"state database unreadable ({describe_error(exc)}): "
+                                                        "settled when it reads again")
+                return "unknown"
+            if vm is not None and may_run(Role.DESTINATION, state):
                 if vm.running:
                     self.registry.start_workload(vm)
                 else:

@@ -24,7 +24,7 @@ from palm_net.channel.handshake import PeerInfo
 from palm_net.channel.transport import SecureChannel
 from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.vms import AnyVM
-from palm_net.migration.handoff import HandoffState, HandoffStore, may_scrub
+from palm_net.migration.handoff import STORAGE_ERRORS, HandoffState, HandoffStore, may_run, may_scrub
 from palm_net.migration.orchestrate import MigrationResult, migrate_out, override_resume, recover_once
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.wire.errors import PalmError
@@ -70,6 +70,7 @@ class OutgoingService:
         self.live: dict[bytes, LiveMigration] = {}
         self.nursery: trio.Nursery | None = None  # where recovery tasks run (set by the agent's serve)
         self.on_result: list[Callable[[MigrationResult], None]] = []  # told of each migration's result
+        self._recovering: set[bytes] = set()  # in-doubt migrations a recovery task asks about
 
     def migrating(self, name: str) -> bool:
         return any(lm.vm == name and lm.result is None for lm in self.live.values())
@@ -115,22 +116,42 @@ class OutgoingService:
                                            self.in_doubt_wait(), mid=mid, spec=vm.migration_spec())
         except BaseException:
             del self.live[mid]  # refused on the way (e.g. the destination is this agent): not a migration
+            self._after(vm, mid)  # or it ended some other way: its row says what is left to do
             raise
-        if result is None:  # cancelled by the operator before the handoff: the VM runs here
+        handed_off = self._state(mid) is HandoffState.HANDED_OFF
+        if result is None and handed_off:  # a cancel that came too late: the handoff rules decide
+            result = MigrationResult(False, mid, name, "in-doubt", lm.stats, "cancelled after the handoff point: "
+                                     "outcome unknown, VM paused until the destination answers", "in-doubt",
+                                     "none (paused, in doubt)", lm.peer_info.name if lm.peer_info else to)
+        elif result is None:  # cancelled by the operator before the handoff: the VM runs here
             result = MigrationResult(False, mid, name, "cancelled", lm.stats, f"cancelled: {lm.cancel_reason}",
                                      lm.stats.phase, "source" if vm.running else "none (paused, in doubt)")
         lm.result = result
         if not result.ok and self.store.get(mid) is None:  # failed before BEGIN: no row, so say it here
             log.warning("migration failed before it began", migration=mid.hex(), vm=name, peer=to,
                         phase=result.phase, error=result.error)
-        self._settle(vm, mid)
-        if result.status == "in-doubt" and self.nursery is not None:
-            self.nursery.start_soon(self.recover, result.mid)
+        self._after(vm, mid)
         self._trim()
         release_free_memory()
         for fn in self.on_result:
             fn(result)
         return result
+
+    def _state(self, mid: bytes) -> HandoffState | None:
+        try:
+            return self.store.state_of(mid)
+        except STORAGE_ERRORS:
+            return None
+
+    def _after(self, vm: AnyVM | None, mid: bytes) -> None:
+        """However a migration out ended (a result, an error, a cancel that came too
+        late), from its row: settled here, and asked about until answered if handed off."""
+        try:
+            self._settle(vm, mid)
+        except STORAGE_ERRORS as exc:
+            log.error("migration not settled: the state database failed", migration=mid.hex(), error=str(exc))
+        if self._state(mid) is HandoffState.HANDED_OFF and self.nursery is not None and mid not in self._recovering:
+            self.nursery.start_soon(self.recover, mid)
 
     def _settle(self, vm: AnyVM | None, mid: bytes) -> None:
         """After a migration's outcome is known, from its durable row: the VM was handed
@@ -145,7 +166,7 @@ class OutgoingService:
                 self.registry.forget(vm)
         elif vm.running:
             self.registry.start_workload(vm)
-        elif self.store.state_of(mid) is HandoffState.ABORTED:  # ours again, but its resume failed
+        elif may_run(Role.SOURCE, self.store.state_of(mid)):  # ours (aborted, or never handed off): resume failed
             self.registry.activation_failed(vm, "did not resume after the migration ended (see the log)")
 
     def _trim(self) -> None:
@@ -194,22 +215,30 @@ class OutgoingService:
 
     async def recover(self, mid: bytes) -> None:
         """Asks the destination until an in-doubt migration is settled (back-off up to 10 s)."""
+        if mid in self._recovering:
+            return
+        self._recovering.add(mid)
+        try:
+            await self._recover(mid)
+        finally:
+            self._recovering.discard(mid)
+
+    async def _recover(self, mid: bytes) -> None:
         delay = 0.5
         while True:
-            row = self.store.get(mid)
-            if row is None or row.state is not HandoffState.HANDED_OFF:
-                if row is not None:  # settled meanwhile (a resolution, or an attempt that failed late)
-                    self._settle(self.registry.of(row), mid)
-                return
-            vm = self.registry.of(row)
             try:
+                row = self.store.get(mid)
+                if row is None or row.state is not HandoffState.HANDED_OFF:
+                    if row is not None:  # settled meanwhile (a resolution, or an attempt that failed late)
+                        self._settle(self.registry.of(row), mid)
+                    return
+                vm = self.registry.of(row)
                 outcome = await recover_once(self.store, mid, vm, self.connect_recovery)
-            except Exception:
-                log.exception("recovery attempt failed", migration=mid.hex(), vm=row.vm, phase="in-doubt")
-                outcome = None
-            if outcome is not None:
-                self._settle(vm, mid)
-                return
+                if outcome is not None:
+                    self._settle(vm, mid)
+                    return
+            except Exception:  # a storage error, a failed scrub: asked again (the row decides each time)
+                log.exception("recovery attempt failed", migration=mid.hex(), phase="in-doubt")
             await trio.sleep(delay)
             delay = min(delay * 2, 10.0)
 

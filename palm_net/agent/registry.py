@@ -125,9 +125,11 @@ class VmRegistry:
         row = self.store.get(mid) if mid is not None else None
         if vm.state == "incoming":
             if row is None or not may_run(Role.DESTINATION, row.state):
-                return Activation(False, False, "its migration is not recorded committed here")
+                # Never committed (its session could not be settled then): discarded, as at a restart.
+                self.store.abort_forever(mid if row is not None else None, vm, "settled late")
+                return Activation(False, False, None if not vm.dir.exists() else "not committed, not discarded")
             return activate_committed(vm)
-        if row is not None and (row.role is not Role.SOURCE or row.state is not HandoffState.ABORTED):
+        if row is not None and (row.role is not Role.SOURCE or not may_run(Role.SOURCE, row.state)):
             return Activation(False, False, f"its migration is {row.state}: not this agent's to run")
         try:
             vm.resume_after_migration()
@@ -139,8 +141,11 @@ class VmRegistry:
         """The result of an attempt (the trio thread)."""
         if act.running:
             self.not_running.pop(vm.name, None)
-            log.info("committed VM activated", vm=vm.name)
+            log.info("VM runs again", vm=vm.name)
             self.start_workload(vm)
+        elif not act.committed and act.error is None:  # an incoming VM never committed: discarded
+            self.forget(vm)
+            log.warning("incoming VM discarded: its migration was not committed", vm=vm.name)
         elif act.error is not None:
             self.not_running[vm.name] = act.error
 

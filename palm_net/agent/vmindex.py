@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,7 @@ def write_index(state_dir: Path, memory_dir: Path, vms: Iterable[AnyVM]) -> None
         entries[vm.name] = e
     body = {"memory_dir": str(memory_dir), "boot": boot_id(), "vms": entries}
     try:
-        write_atomic(state_dir / INDEX_FILE, json.dumps(body).encode(), durable=False)
+        write_atomic(state_dir / INDEX_FILE, json.dumps(body).encode())
     except OSError as exc:
         log.warning("the index of VMs could not be written", file=str(state_dir / INDEX_FILE),
                     error=exc.strerror or str(exc))
@@ -91,20 +92,31 @@ def describe(name: str, entry: dict[str, Any]) -> str:
     return name
 
 
-def check_start(state_dir: Path, memory_dir: Path, adopt: bool, fresh: bool) -> list[str]:
-    """Before the agent takes ``memory_dir`` (``fresh``: just made, it did not exist): refuses
-    (AgentError, one line) if the state records VMs elsewhere, or in a directory that is
-    gone; with ``adopt`` moves them in (or goes on without the gone ones).  Returns the VMs moved."""
+def _ours(path: Path) -> bool:
+    """A real directory of this agent's uid (not a name someone planted meanwhile)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def check_start(state_dir: Path, memory_dir: Path | None, adopt: bool) -> list[str]:
+    """Before the agent makes or takes its memory directory (``memory_dir``: the one
+    now in force, None: a new one is about to be made): refuses (AgentError, one line)
+    if the state records VMs elsewhere, or in a directory that is gone or not this
+    agent's; with ``adopt`` returns the VMs to move in (adopt_vms), or goes on
+    without the gone ones.  After a reboot the VMs of the earlier boot are gone."""
     idx = read_index(state_dir)
-    if idx is None or not idx.vms or (idx.memory_dir == memory_dir and not fresh):
+    if idx is None or not idx.vms:
         return []
     names = ", ".join(describe(n, e) for n, e in sorted(idx.vms.items()))
     old = idx.memory_dir
-    if not old.exists() or old == memory_dir:  # gone (and, if named again, made anew empty)
-        if idx.boot and idx.boot != boot_id():
-            log.warning("the host restarted since this agent's last run: the VMs it hosted are gone", vms=names,
-                        memory_dir=str(old))
-            return []
+    if idx.boot and idx.boot != boot_id():  # tmpfs emptied: whatever stands at that name now is not theirs
+        log.warning("the host restarted since this agent's last run: the VMs it hosted are gone", vms=names,
+                    memory_dir=str(old))
+        return []
+    if not _ours(old):  # gone (deleted, or a name someone planted)
         if not adopt:
             raise AgentError(f"the state in {state_dir} records VMs {names} in {old}, which is missing: restore "
                              f"it and start with --memory-dir {old}, or start with --adopt-vms to go on without "
@@ -112,19 +124,30 @@ def check_start(state_dir: Path, memory_dir: Path, adopt: bool, fresh: bool) -> 
         log.error("starting without VMs whose memory directory is missing (--adopt-vms)", vms=names,
                   memory_dir=str(old))
         return []
+    if memory_dir == old:
+        return []
     if not adopt:
         raise AgentError(f"the state in {state_dir} records VMs {names} in {old}, not in the memory directory now "
-                         f"in force ({memory_dir}): start with --memory-dir {old}, or with --adopt-vms to move "
-                         "them here")
-    moved = []
+                         f"in force ({memory_dir or 'a new one'}): start with --memory-dir {old}, or with "
+                         "--adopt-vms to move them here")
     for name, entry in sorted(idx.vms.items()):
+        if _running_qemu(name, entry) is not None:
+            raise AgentError(f"VM {describe(name, entry)} cannot move while its QEMU runs: start with "
+                             f"--memory-dir {old}")
+    return sorted(idx.vms)
+
+
+def adopt_vms(state_dir: Path, names: list[str], memory_dir: Path) -> list[str]:
+    """Moves the VMs check_start named from the recorded memory directory into ``memory_dir``."""
+    idx = read_index(state_dir)
+    if idx is None or not names:
+        return []
+    old, moved = idx.memory_dir, []
+    for name in names:
         src = old / name
         if not src.is_dir() or src.is_symlink():
             log.error("VM recorded but not found in its memory directory", vm=name, memory_dir=str(old))
             continue
-        if _running_qemu(name, entry) is not None:
-            raise AgentError(f"VM {describe(name, entry)} cannot move while its QEMU runs: start with "
-                             f"--memory-dir {old}")
         try:
             os.rename(src, memory_dir / name)
         except OSError as exc:

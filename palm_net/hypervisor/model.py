@@ -575,9 +575,9 @@ class ModelVM(ConfiguredVM):
         the destination's abort token): stop logging and throttling, and run."""
         self.disable_dirty_log()
         self.set_throttle(1.0)
-        self.set_migration(None)
         if self.state == "paused":
             self.resume()
+        self.set_migration(None)  # last: a failure before leaves the record a restart resumes from
 
     # -- dirty log -------------------------------------------------------
 

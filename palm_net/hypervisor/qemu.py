@@ -285,12 +285,16 @@ def default_accel() -> str:
 
 
 def _check_props(opt: str, what: str, props: list[str], allowed: frozenset[str]) -> None:
+    seen: set[str] = set()
     for prop in props:
         key, eq, _ = prop.partition("=")
         if not eq or key not in allowed:
             names = ", ".join(sorted(allowed)) or "none"
             raise QemuError(f"QEMU argument {opt} {what}: property {key!r} is not allowed "
                             f"(allowed: {names}; nothing that names a host file or resource)")
+        if key in seen:  # QEMU takes the last one: a second file= would bypass every check of the first
+            raise QemuError(f"QEMU argument {opt} {what}: property {key!r} given twice")
+        seen.add(key)
 
 
 def _check_wire_value(opt: str, value: str) -> None:
@@ -839,7 +843,6 @@ class QemuVM(ConfiguredVM):
         if status in ("active", "cancelling", "device", "pre-switchover", "setup", "wait-unplug"):
             q.wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
                          ("cancelled", "failed", "completed"), QMP_TIMEOUT)
-        self.set_migration(None)
         if self.state == "paused" or self.qemu_status() != "running":
             self.config["state"] = "paused"
             try:
@@ -850,6 +853,7 @@ class QemuVM(ConfiguredVM):
                     raise
                 self.config["state"] = "running"
                 self._save_config()
+        self.set_migration(None)  # last: a failure before leaves the record a restart resumes from
 
     def sync(self) -> None:
         self._save_config()  # the guest's memory lives in QEMU's RAM file, which QEMU keeps

@@ -151,7 +151,11 @@ async def migrate_out(
             stats.status = stats.phase = "in-doubt"
             with trio.move_on_after(in_doubt_wait):
                 while True:
-                    outcome = await recover_once(store, mid, vm, connect_recovery)
+                    try:
+                        outcome = await recover_once(store, mid, vm, connect_recovery)
+                    except (OSError, sqlite3.Error, HypervisorError) as exc:  # asked again: the row decides
+                        log.error("recovery attempt failed", migration=mid.hex(), error=describe_error(exc))
+                        outcome = None
                     if outcome is not None:
                         return _recovered(outcome, name, mid, stats, started, peer.name)
                     await trio.sleep(0.5)  # retry backoff
@@ -222,9 +226,10 @@ async def _resume_after_failure(vm: HostedVM, store: HandoffStore, error: PalmEr
     store.abort_and_resume(engine.mid, vm, str(error))
     stats.status = "failed"
     stats.total_time = time.monotonic() - started
-    log.warning("migration failed, VM resumed on the source", migration=engine.mid.hex(), vm=vm.info.name,
-                peer=peer.name, phase=phase, error=error.code.value, reason=error.detail)
-    return MigrationResult(False, engine.mid, vm.info.name, "failed", stats, str(error), phase, "source", peer.name)
+    runs_on = "source" if vm.running else "source (paused: its resume failed, retried)"
+    log.warning("migration failed, VM back on the source", migration=engine.mid.hex(), vm=vm.info.name,
+                peer=peer.name, phase=phase, error=error.code.value, reason=error.detail, runs_on=runs_on)
+    return MigrationResult(False, engine.mid, vm.info.name, "failed", stats, str(error), phase, runs_on, peer.name)
 
 
 async def _send_abort(channel: SecureChannel, engine: SourceEngine, code: ErrorCode) -> None:

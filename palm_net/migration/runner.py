@@ -24,6 +24,7 @@ applier is idle: it may depend on the pages before it.
 from __future__ import annotations
 
 import errno
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
@@ -113,6 +114,9 @@ def session_error(exc: BaseException) -> PalmError:
         return MigrationFailure(ErrorCode.NO_SPACE, str(exc))
     if isinstance(exc, HypervisorError):
         return MigrationFailure(ErrorCode.HYPERVISOR, str(exc))
+    if isinstance(exc, sqlite3.Error):  # the state database (a full or failing disk)
+        full = "full" in str(exc)
+        return MigrationFailure(ErrorCode.NO_SPACE if full else ErrorCode.HYPERVISOR, f"state database: {exc}")
     if isinstance(exc, TimeoutError):  # a local wait (QMP, a worker), not the peer
         return MigrationFailure(ErrorCode.TIMEOUT, describe_error(exc))
     if isinstance(exc, OSError) and (exc.filename is not None or exc.errno in LOCAL_ERRNOS):
@@ -254,6 +258,9 @@ class SourceRun:
             st.marks["ready"] = time.monotonic()
             st.ready_wait = st.marks["ready"] - completed_at  # READY and our digest, if asked
             eng.check_ready(ready, digest[0] if digest else None)
+            # A cancel the operator had asked for (while the row said SENDING) lands here,
+            # not after the handoff: from this checkpoint to the durable write nothing yields.
+            await trio.lowlevel.checkpoint()
             # The handoff point: durable before COMMIT leaves.
             if not self.store.hand_off(eng.mid):
                 raise MigrationFailure(ErrorCode.CANCELLED, "migration was cancelled before the handoff")
@@ -454,7 +461,7 @@ class DestinationHost:
             if isinstance(eff, CommitAndActivate):
                 act = self.store.commit_and_activate(mid, vm)
                 return Committed(act.committed, act.running, act.error)
-        except (IntegrityError, HypervisorError, OSError) as exc:
+        except (IntegrityError, *STORAGE_ERRORS) as exc:
             raise session_error(exc) from None
         raise AssertionError(f"no host for {eff!r}")
 
