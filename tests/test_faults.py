@@ -400,7 +400,8 @@ def _leaf(exc: BaseException) -> str:
     """The first exception inside nested groups, as one line."""
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"[:400]
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 600 else f"{text[:200]} ... {text[-400:]}"  # (a log's tail says most)
 
 
 @pytest.mark.faults

@@ -92,7 +92,8 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ControlError(f"agent {self.name} exited at start: {self.log_tail(500)}")
+                raise ControlError(f"agent {self.name} exited at start (status {self.proc.returncode}): "
+                                   f"{self.log_tail(500)}")
             if Path(self.control).exists():
                 with contextlib.suppress(ControlError):
                     self.request("status", timeout=5)

@@ -394,7 +394,7 @@ class HandoffStore:
             try:
                 fault("source.vm.resume")
                 vm.resume_after_migration()
-            except (HypervisorError, OSError) as exc:
+            except STORAGE_ERRORS as exc:
                 # The VM is the source's (its row says so) but does not run: the
                 # agent sees it paused and retries (palm_net.agent.registry).
                 vm.mark_stopped()
