@@ -223,7 +223,11 @@ def worker_main(spec_path: str, lifetime: float) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     spec = msgpack.unpackb(Path(spec_path).read_bytes(), raw=False)
-    trio.run(_worker, spec, lifetime)
+    try:
+        trio.run(_worker, spec, lifetime)
+    except BaseException as exc:
+        print(f"cluster_scale worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise
     return 0
 
 
@@ -247,7 +251,7 @@ class Worker:
             try:
                 out.put((self.i, json.loads(line)))
             except ValueError:
-                continue
+                print(f"cluster_scale: worker {self.i} said {line[:200]!r}", file=sys.stderr)
         out.put((self.i, None))  # exited
 
     def send(self, what: str) -> None:
@@ -287,7 +291,10 @@ def _collect(q: queue.Queue[tuple[int, Any]], workers: list[Worker], key: str, d
         except queue.Empty:
             continue
         if msg is None:
-            raise ScaleError(f"{what}: worker {i} exited: {workers[i].tail()}")
+            if i in got:
+                continue  # it answered, then exited (after "stop")
+            rc = workers[i].proc.wait()
+            raise ScaleError(f"{what}: worker {i} exited with status {rc}: {workers[i].tail()}")
         if key in msg:
             got[i] = msg
     return got
@@ -389,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         signer = Signer.load(provision_operator(root, ca, "ops"))
         names = [f"sim{i:04d}" for i in range(args.agents)]
         drained, target = names[0], names[-1]
-        agents = []
+        agents: list[list[Any]] = []
         for i, name in enumerate(names):
             ident = AgentIdentity.generate(name)
             cert = ca.issue(name, ident.static.public, ident.sign_pub, MEASUREMENT, days=1)
@@ -397,15 +404,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         target_pub = keypair_from_private(agents[-1][2]).public
         lifetime = max(10.0, deadline - time.monotonic() + 10)  # a worker outlives the main process by 10 s at most
         q: queue.Queue[tuple[int, Any]] = queue.Queue()
-        for w in range(args.processes):
-            spec = root / f"worker{w}.spec"
+        for k in range(args.processes):
+            spec = root / f"worker{k}.spec"
             fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private keys: the owner's only
             with os.fdopen(fd, "wb") as f:
                 f.write(msgpack.packb({"root": str(root), "endpoints": list(cfg.endpoints),
                                        "authority_pub": ca.public, "target": target, "target_pub": target_pub,
                                        "drained": drained, "drain_vms": args.vms,
-                                       "agents": agents[w::args.processes]}))
-            workers.append(Worker(w, root, spec, lifetime, q))
+                                       "agents": agents[k::args.processes]}))
+            workers.append(Worker(k, root, spec, lifetime, q))
         ready = _collect(q, workers, "ready", min(deadline, time.monotonic() + args.start_timeout),
                          f"{args.agents} agents registering")
         res["registered_s"] = round(time.monotonic() - t_start, 1)
@@ -455,7 +462,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 w.proc.kill()
             w.proc.wait()
         etcd.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if os.environ.get("PALM_SCALE_KEEP"):  # debugging: the workers' logs stay
+            print(f"cluster_scale: kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _collect_usage(q: queue.Queue[tuple[int, Any]], workers: list[Worker], deadline: float) -> dict[int, Any]:
