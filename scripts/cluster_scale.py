@@ -269,13 +269,6 @@ class Worker:
             return "no log"
         return " | ".join(ln[:200] for ln in lines[-3:]) or "no output"
 
-    def stop(self) -> None:
-        self.send("stop")
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _collect(q: queue.Queue[tuple[int, Any]], workers: list[Worker], key: str, deadline: float,
@@ -457,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["total_s"] = round(time.monotonic() - t_start, 1)
         return res
     finally:
-        for w in workers:
+        for w in workers:  # each has exited after "stop", or is killed now (a failure, Ctrl-C)
             if w.proc.poll() is None:
                 w.proc.kill()
             w.proc.wait()
