@@ -50,6 +50,7 @@ import os
 import queue
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -185,33 +186,45 @@ async def _worker(spec: dict[str, Any], lifetime: float) -> None:
         hosts.append(host)
         members.append(ClusterMember(cfg, host))
     t0 = time.monotonic()
+    stopped = trio.Event()
+
+    async def commands() -> None:
+        """The main process's lines: ``usage``, ``stop``; its end (EOF) stops this worker too."""
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        buf = b""
+        while len(buf) < 4096:
+            data = await stdin.receive_some(4096)
+            if not data:
+                break  # the main process is gone
+            buf += data
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                if line == b"stop":
+                    stopped.set()
+                    return
+                if line == b"usage":
+                    _emit({"usage": _usage()})
+        stopped.set()
+
     with trio.move_on_after(lifetime):
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(commands)
             for i, m in enumerate(members):
                 nursery.start_soon(m.run)
                 if i % 10 == 9:
                     await trio.sleep(0.02)  # a staggered start: 500 agents a second per worker at most
-            while not all(m.lease is not None and h.first_lists is not None for m, h in zip(members, hosts)):
+            while not stopped.is_set() and not all(m.lease is not None and h.first_lists is not None
+                                                   for m, h in zip(members, hosts)):
                 await trio.sleep(0.1)
-            _emit({"ready": len(hosts), "seconds": round(time.monotonic() - t0, 2)})
-            stdin = trio.lowlevel.FdStream(os.dup(0))
+            if not stopped.is_set():
+                _emit({"ready": len(hosts), "seconds": round(time.monotonic() - t0, 2)})
             announced = False
-            buf = b""
-            while True:
+            while not stopped.is_set():
                 if not announced and all(h.enforced_at is not None for h in hosts):
                     _emit({"enforced_all": len(hosts)})
                     announced = True
-                data = b""
-                with trio.move_on_after(0.05):
-                    data = await stdin.receive_some(4096)
-                    if not data:
-                        break  # the main process is gone or done
-                buf += data
-                if b"stop\n" in buf:
-                    break
-                if b"usage\n" in buf:
-                    buf = buf.replace(b"usage\n", b"")
-                    _emit({"usage": _usage()})
+                with trio.move_on_after(0.05):  # the times are taken by the agents: this only announces
+                    await stopped.wait()
             nursery.cancel_scope.cancel()
     _emit({"result": {"enforced": {h.name: h.enforced_at for h in hosts},
                       "refused": sum(sum(m.policy.refused.values()) for m in members),
@@ -501,6 +514,10 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--agents", type=int, default=1000, metavar="N", help="simulated agents (default 1000)")
@@ -522,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.repeat <= 100 or not 0 <= args.idle <= 60 or not 10 <= args.timeout <= 3600:
         ap.error("--repeat 1..100, --idle 0..60, --timeout 10..3600")
     args.processes = min(args.processes, args.agents)
+    signal.signal(signal.SIGTERM, _terminated)  # killed politely: clean up as on Ctrl-C
     try:
         res = run(args)
     except (ScaleError, AdminError, EtcdError, RuntimeError, OSError) as exc:
