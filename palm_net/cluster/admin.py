@@ -277,6 +277,8 @@ class Changed:
     doc: PolicyDoc
     key: str
     acks: Acks | None
+    sent: float = 0.0  # time.monotonic() as the write went out
+    written: float = 0.0  # time.monotonic() as etcd's answer came back (scripts/cluster_scale.py times from it)
 
 
 async def revoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, reason: str, by: str, wait: float,
@@ -300,7 +302,9 @@ async def revoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, reason
         t0 = time.monotonic()
         rev = await _put(etcd, key, doc, mod)
         if rev is not None:
-            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub))
+            t1 = time.monotonic()
+            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub),
+                           t0, t1)
     raise AdminError(f"{key.decode()} kept changing under this command; try again")
 
 
@@ -317,7 +321,9 @@ async def unrevoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, by: 
         t0 = time.monotonic()
         rev = await _put(etcd, key, doc, mod)
         if rev is not None:
-            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub))
+            t1 = time.monotonic()
+            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub),
+                           t0, t1)
     raise AdminError(f"{key.decode()} kept changing under this command; try again")
 
 
@@ -350,8 +356,9 @@ async def change_allowlist(etcd: EtcdClient, keys: Keys, signer: Signer, how: st
         t0 = time.monotonic()
         rev = await _put(etcd, keys.allowlist, doc, mod)
         if rev is not None:
+            t1 = time.monotonic()
             acks = await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub)
-            return new, Changed(doc, keys.allowlist.decode(), acks)
+            return new, Changed(doc, keys.allowlist.decode(), acks, t0, t1)
     raise AdminError("the allowlist kept changing under this command; try again")
 
 
