@@ -286,3 +286,22 @@ def test_drain_plan_limits_retries_timeouts_and_resume():
     last.refresh([], left={"x": "c"})
     assert (last.vms["x"].state, last.vms["x"].to, last.vms["y"].state) == ("moved", "c", "gone")
     assert st.vms["v0"].state == st.vms["v1"].state == "moved" and st.vms["p"].state == "unplaceable"
+
+
+def test_the_drain_line_is_redrawn_within_the_terminal(monkeypatch, capsys):
+    """On an 80-column terminal the drain's progress line is redrawn in place: never
+    wider than the terminal (a wrapped line scrolled a new line every second)."""
+    from types import SimpleNamespace
+
+    from palm_net.cli.cluster import DrainView
+
+    monkeypatch.setenv("COLUMNS", "80")
+    view = DrainView("host-with-a-rather-long-name-a", live=True, quiet=False)
+    counts = {"moved": 12, "migrating": 2, "waiting": 123, "failed": 0, "unplaceable": 0}
+    st = SimpleNamespace(vms={}, counts=lambda: counts)
+    for _ in range(3):
+        view(st)
+    view.done()
+    err = capsys.readouterr().err
+    assert "\n" not in err
+    assert all(len(seg) <= 79 for seg in err.split("\r")), [len(s) for s in err.split("\r")]

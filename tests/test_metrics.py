@@ -37,3 +37,4 @@ async def test_one_client_cannot_hold_every_connection(nursery):
     assert b"palm_up 1" in await _get("127.0.0.4", port)  # another client is served meanwhile
     for s in held:
         await s.aclose()
+

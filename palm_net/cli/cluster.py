@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import shutil
 import socket
 import sys
 import time
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from palm_net.cli.output import EXIT_FAIL, EXIT_USAGE, CliError, _fmt_table, emit
+from palm_net.cli.output import EXIT_FAIL, EXIT_USAGE, CliError, _fmt_table, _wrap, emit
 from palm_net.units import format_bytes, parse_rate, parse_size
 
 ETCD_ENV = "PALM_ETCD_ENDPOINTS"
@@ -362,22 +363,28 @@ class DrainView:
             print(f"  {name}: {detail}", file=sys.stderr, flush=True)
         if self.live:
             c = st.counts()
-            line = (f"\rdrain {self.host}: {c['moved']}/{len(st.vms)} moved, {c['migrating']} migrating, "
+            line = (f"drain {self.host}: {c['moved']}/{len(st.vms)} moved, {c['migrating']} migrating, "
                     f"{c['waiting']} waiting, {c['failed']} failed  {time.monotonic() - self.t0:.1f} s")
-            sys.stderr.write(line[:150].ljust(100))
+            # Never wider than the terminal: a wrapped line cannot be redrawn in place (it scrolled).
+            width = _columns() - 1
+            sys.stderr.write("\r" + line[:width].ljust(width))
             sys.stderr.flush()
             self.drawn = True
 
     def _clear(self) -> None:
         if self.drawn:
-            sys.stderr.write("\r" + " " * 110 + "\r")
+            sys.stderr.write("\r" + " " * (_columns() - 1) + "\r")
             self.drawn = False
 
     def done(self) -> None:
         self._clear()
 
 
-def drain_summary(st: Any, opts: Any) -> str:
+def _columns() -> int:
+    return max(20, shutil.get_terminal_size().columns)
+
+
+def drain_summary(st: Any, opts: Any, wrap: bool = True) -> str:
     c = st.counts()
     dests = sorted({v.to for v in st.vms.values() if v.state == "moved"})
     took = (st.finished or st.updated) - st.started
@@ -386,6 +393,8 @@ def drain_summary(st: Any, opts: Any) -> str:
             f"{took:.1f} s, {c['failed']} failed, {c['unplaceable']} not placeable, {left} left on {st.host} "
             f"(at most {st.max_parallel} at once from {st.host}; limits {opts.max_cluster} in the cluster, "
             f"{opts.max_source} per host)")
+    if wrap:
+        line = _wrap(line, "").lstrip()  # at words on a terminal, never mid-word
     for name, v in sorted(st.vms.items()):
         if v.state in ("failed", "unplaceable", "waiting"):
             line += f"\n  {name}: {v.state}: {v.error}"
@@ -441,7 +450,7 @@ def _drain(a: argparse.Namespace) -> int:
            "seconds": round((st.finished or st.updated) - st.started, 2), "max_parallel": st.max_parallel,
            "counts": st.counts(), "vms": {k: v.__dict__ for k, v in st.vms.items()},
            "limits": {"cluster": req.options.max_cluster, "per_host": req.options.max_source},
-           "summary": drain_summary(st, req.options).splitlines()[0]}
+           "summary": drain_summary(st, req.options, wrap=False).splitlines()[0]}
     emit(out, a.json, lambda: drain_summary(st, req.options))
     return 0 if st.state == "done" else EXIT_FAIL
 
