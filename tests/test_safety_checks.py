@@ -1,0 +1,233 @@
+"""One test for each safety check the rest of the suite did not notice missing (issue 27).
+
+Each test sits where its check lives and fails with that check removed (the
+issue's closing note says how each was removed to see it fail); the checks
+that guard against an attack or a loss with nothing else behind them (1-3)
+are also tested end to end, between agents.
+
+1. the authority's signature on a certificate;
+2. the source's durable hand-off before COMMIT leaves;
+3. recovery asks only the recorded destination;
+4. an ABORT after COMMIT with an invalid token leaves the source in doubt;
+5. a clear record on the message path is refused by the channel itself;
+6. no clear record is sealed in secure mode;
+7. ``max_incoming`` refuses a session however much memory is free;
+8. a peer allowed only by the cluster's allowlist completes the handshake.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+from nacl.signing import SigningKey
+
+from palm_net.agent.limits import Admission
+from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, TransportMode
+from palm_net.channel.records import RecordSender
+from palm_net.channel.transport import accept, connect
+from palm_net.crypto.identity import (
+    CERT_DOMAIN,
+    AgentIdentity,
+    AttestationError,
+    Authority,
+    Certificate,
+    RejectReason,
+)
+from palm_net.crypto.noise import CHACHAPOLY, CipherState
+from palm_net.migration.handoff import make_abort_token
+from palm_net.migration.runner import InDoubt, SourceRun
+from palm_net.testing.hostile import HostilePeer
+from palm_net.wire.errors import ErrorCode, HandshakeError, MigrationFailure, PalmError, RemoteProtocolError
+from palm_net.wire.messages import Abort, Begin, Message
+from palm_net.wire.protocol import Role, SessionProtocol
+from tests.test_handshake import pump
+
+# --------------------------------------------------------------------------
+# 1. The authority's signature on a certificate (crypto/identity.py, Certificate.verify)
+
+
+def _rewrite(cert: Certificate, signer: Authority | None, **changes) -> Certificate:
+    """``cert`` with its body changed; signed by ``signer``, or keeping its old signature."""
+    body = msgpack.unpackb(cert.body, raw=False)
+    body.update(changes)
+    new_body = msgpack.packb(body)
+    sig = signer.signing.sign(CERT_DOMAIN + new_body).signature if signer else cert.signature
+    return Certificate.decode(msgpack.packb({"body": new_body, "sig": sig}))
+
+
+def forgeries(authority: Authority, ident: AgentIdentity, measurement: bytes) -> dict[str, Certificate]:
+    """Certificates naming ``authority`` as their issuer that it never signed."""
+    real = authority.issue(ident.name, ident.static.public, ident.sign_pub, measurement)
+    rogue = Authority.generate()
+    return {
+        # Issued by another key, with the real authority's key id written in.
+        "signed by another key": _rewrite(rogue.issue(ident.name, ident.static.public, ident.sign_pub, measurement),
+                                          rogue, iss=authority.key_id),
+        # Genuine, then altered: each signed field in turn.
+        "measurement altered": _rewrite(real, None, measurement=os.urandom(32)),
+        "validity extended": _rewrite(real, None, naf=real.not_after + 86400 * 3650),
+        "roles altered": _rewrite(real, None, roles=["source"]),
+        "name altered": _rewrite(real, None, name="someone-else"),
+        "signature of another body": Certificate.decode(msgpack.packb(
+            {"body": real.body, "sig": authority.signing.sign(CERT_DOMAIN + real.body[:-1] + b"\x00").signature})),
+    }
+
+
+def test_a_certificate_the_authority_did_not_sign_is_refused():
+    authority, ident = Authority.generate(), AgentIdentity.generate("dst")
+    m = os.urandom(32)
+    authority.issue(ident.name, ident.static.public, ident.sign_pub, m).verify(authority.public)  # the real one
+    for what, forged in forgeries(authority, ident, m).items():
+        assert forged.issuer == authority.key_id, what  # the issuer check alone lets it through
+        with pytest.raises(AttestationError) as info:
+            forged.verify(authority.public)
+        assert info.value.reason is RejectReason.BAD_CERTIFICATE, what
+
+
+def test_a_forged_certificate_is_refused_at_the_handshake(pki):
+    for responder_forges in (True, False):
+        ident = AgentIdentity.generate("forger")
+        for what, forged in forgeries(pki.authority, ident, pki.measurement).items():
+            cfg = ChannelConfig(ident, forged, pki.authority.public, pki.measurement,
+                                frozenset({pki.measurement}))
+            honest = pki.config("honest")
+            init, resp = (honest, cfg) if responder_forges else (cfg, honest)
+            a, b = AttestedHandshake(init, True), AttestedHandshake(resp, False)
+            with pytest.raises(HandshakeError) as info:
+                pump(a, b)
+            assert info.value.code == "bad-certificate", what
+            assert (a if responder_forges else b).result is None, what  # the honest side never completed
+
+
+async def test_an_agent_refuses_a_forged_certificate(cluster):
+    """End to end: a forger with the real authority's key id as issuer connects to a running agent."""
+    b = cluster["b"]
+    ident = AgentIdentity.generate("forger")
+    for i, (what, forged) in enumerate(forgeries(cluster.authority, ident, cluster.measurement).items()):
+        evil = HostilePeer(cluster.authority, cluster.measurement, name="forger")
+        evil.config = ChannelConfig(ident, forged, cluster.authority.public, cluster.measurement,
+                                    frozenset({cluster.measurement}))
+        # The initiator's part of the handshake ends with its last message: it learns
+        # of the refusal as the connection closing, the agent counts the reason.
+        with pytest.raises((PalmError, trio.BrokenResourceError)):  # closed, or reset
+            await evil.try_begin(cluster.members["b"].port, name="forged", pages=16)
+        assert b.incoming.counters.get("refused-bad-certificate") == i + 1, (what, b.incoming.counters)
+        assert "forged" not in b.vms and b.store.list() == [], what
+    # The same peer with the certificate the authority did issue gets in: the refusal was the signature's.
+    good = HostilePeer(cluster.authority, cluster.measurement, name="forger")
+    ch, _, reply = await good.try_begin(cluster.members["b"].port, name="genuine", pages=16)
+    await ch.aclose()
+    assert reply.type == "ACCEPT"
+
+
+# --------------------------------------------------------------------------
+# 4. ABORT after COMMIT: only a valid token lets the source resume (runner.py, SourceRun._finish)
+
+
+def _source_after_commit(dest: SigningKey, mid: bytes) -> SourceRun:
+    """A SourceRun as it is once COMMIT has left (only what _finish reads)."""
+    run = SourceRun.__new__(SourceRun)
+    run.engine = SimpleNamespace(mid=mid)
+    run.ch = SimpleNamespace(result=SimpleNamespace(peer=SimpleNamespace(sign_pub=dest.verify_key.encode())))
+    run.abort_token = None
+    return run
+
+
+def test_an_abort_after_commit_without_a_valid_token_leaves_the_source_in_doubt():
+    dest, mid = SigningKey.generate(), os.urandom(16)
+    bad = {"none": b"", "garbage": os.urandom(64), "another key's": make_abort_token(SigningKey.generate(), mid),
+           "another migration's": make_abort_token(dest, os.urandom(16))}
+    for what, token in bad.items():
+        run = _source_after_commit(dest, mid)
+        with pytest.raises(InDoubt):
+            run._finish(Message(mid, 9, Abort("aborted", "refused", token)))
+        assert run.abort_token is None, what  # nothing the store could be asked to resume with
+    run = _source_after_commit(dest, mid)
+    good = make_abort_token(dest, mid)
+    with pytest.raises(MigrationFailure) as info:
+        run._finish(Message(mid, 9, Abort("aborted", "refused", good)))
+    assert info.value.code is ErrorCode.ABORTED and run.abort_token == good
+
+
+# --------------------------------------------------------------------------
+# 5. A clear record on the message path is refused by the channel (transport.py, SecureChannel.receive)
+
+
+async def test_the_channel_refuses_a_clear_record_on_the_message_path(pki):
+    s1, s2 = trio.testing.memory_stream_pair()
+    out = {}
+    async with trio.open_nursery() as n:
+        async def server():
+            out["b"] = await accept(s2, pki.config("dst", allow_plain=True))
+        n.start_soon(server)
+        a = await connect(s1, pki.config("src", allow_plain=True), mode=TransportMode.PLAIN_BENCHMARK)
+    b = out["b"]
+    assert a.plain and b.plain
+    # A well-formed message, the first of a session: the protocol would take it.
+    begin = SessionProtocol(Role.SOURCE, os.urandom(16)).send(
+        Begin("v", os.urandom(16), 16, 0, 0, 1, True, False, "model", b""))
+    SessionProtocol(Role.DESTINATION).receive_message(begin)
+    await a.send_sealed(a._sender.seal(begin, clear=True))  # in the clear: only bulk data may be
+    with pytest.raises(RemoteProtocolError) as info:
+        await b.receive()
+    assert info.value.code is ErrorCode.UNAUTHENTICATED
+    await a.send(b"sealed, after")  # and the receiver stays failed: nothing more is taken
+    with pytest.raises(PalmError):  # whichever refusal: not a record
+        await b.receive()
+
+
+# --------------------------------------------------------------------------
+# 6. No clear record in secure mode (records.py, RecordSender.seal_parts and seal_into)
+
+
+def test_a_secure_sender_never_seals_a_clear_record():
+    tx = RecordSender(CipherState(CHACHAPOLY, b"K" * 32))
+    with pytest.raises(ValueError, match="plain benchmark mode"):
+        tx.seal(b"secret page", clear=True)
+    with pytest.raises(ValueError, match="plain benchmark mode"):
+        tx.seal_parts(b"secret page", clear=True)
+    out = bytearray(64)
+    with pytest.raises(ValueError, match="plain benchmark mode"):
+        tx.seal_into(b"secret page", memoryview(out), clear=True)
+    assert out == bytearray(64) and tx.count == 0  # nothing written, nothing counted
+    assert b"secret page" not in tx.seal(b"secret page")  # and the same record, sealed
+
+
+# --------------------------------------------------------------------------
+# 7. max_incoming with plenty of memory (agent/limits.py, Admission.admit)
+
+
+def test_max_incoming_refuses_a_second_peer_with_memory_to_spare():
+    adm = Admission(max_sessions=1, max_memory=1 << 40, max_per_peer=4, max_memory_per_peer=1 << 40)
+    release = adm.admit(b"p1", 1 << 20)
+    with pytest.raises(MigrationFailure) as info:
+        adm.admit(b"p2", 1 << 20)
+    assert info.value.code is ErrorCode.BUSY and "limit 1" in str(info.value)
+    assert adm.sessions == 1 and adm.memory == 1 << 20 and b"p2" not in adm.per_peer  # nothing taken
+    release()
+    adm.admit(b"p2", 1 << 20)()  # a place again once the first is settled
+
+
+async def test_an_agent_at_max_incoming_tells_the_second_peer_busy(nursery):
+    from palm_net.testing.cluster import LocalCluster
+
+    c = LocalCluster(("b",), max_incoming=1)
+    c.nursery = nursery
+    try:
+        b = await c.start("b")
+        assert b.incoming.admission.max_memory >= 1 << 30  # memory is not what refuses
+        first, second = (HostilePeer(c.authority, c.measurement, name=n) for n in ("p1", "p2"))
+        ch1, _, reply1 = await first.try_begin(c.members["b"].port, name="v1", pages=16)
+        ch2, _, reply2 = await second.try_begin(c.members["b"].port, name="v2", pages=16)
+        await ch1.aclose()
+        await ch2.aclose()
+        assert reply1.type == "ACCEPT"
+        assert reply2.type == "ABORT" and reply2.body.code == "busy", reply2.body
+    finally:
+        await c.stop("b")
+        c.cleanup()
