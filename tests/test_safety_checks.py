@@ -39,11 +39,17 @@ from palm_net.crypto.identity import (
     RejectReason,
 )
 from palm_net.crypto.noise import CHACHAPOLY, CipherState
-from palm_net.migration.handoff import make_abort_token
+from palm_net.hypervisor.model import ModelVM
+from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, make_abort_token
+from palm_net.migration.orchestrate import recover_once
+from palm_net.migration.params import MigrationParams
 from palm_net.migration.runner import InDoubt, SourceRun
+from palm_net.migration.source import SourceEngine
+from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.hostile import HostilePeer
+from palm_net.testing.proxy import FaultProxy, Rule
 from palm_net.wire.errors import ErrorCode, HandshakeError, MigrationFailure, PalmError, RemoteProtocolError
-from palm_net.wire.messages import Abort, Begin, Message
+from palm_net.wire.messages import Abort, Begin, Message, Outcome
 from palm_net.wire.protocol import Role, SessionProtocol
 from tests.test_handshake import pump
 
@@ -214,8 +220,6 @@ def test_max_incoming_refuses_a_second_peer_with_memory_to_spare():
 
 
 async def test_an_agent_at_max_incoming_tells_the_second_peer_busy(nursery):
-    from palm_net.testing.cluster import LocalCluster
-
     c = LocalCluster(("b",), max_incoming=1)
     c.nursery = nursery
     try:
@@ -230,4 +234,187 @@ async def test_an_agent_at_max_incoming_tells_the_second_peer_busy(nursery):
         assert reply2.type == "ABORT" and reply2.body.code == "busy", reply2.body
     finally:
         await c.stop("b")
+        c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# 2. The source's hand-off is durable before COMMIT leaves (runner.py, SourceRun._run)
+
+
+def _watch_commit(monkeypatch, on_commit_sent=None) -> list[HandoffState | None]:
+    """The source's row state at the moment its COMMIT is put on the wire; then
+    ``await on_commit_sent(mid)`` (e.g. a crash) right after it left."""
+    seen: list[HandoffState | None] = []
+    commits: list[bytes] = []
+    real_commit, real_send = SourceEngine.commit, SourceRun._send
+
+    def commit(self: SourceEngine) -> bytes:
+        commits.append(real_commit(self))
+        return commits[-1]
+
+    async def send(self: SourceRun, messages) -> None:
+        is_commit = any(m is c for m in messages for c in commits)
+        if is_commit:
+            row = self.store.get(self.engine.mid)
+            seen.append(row.state if row else None)
+        await real_send(self, messages)
+        if is_commit and on_commit_sent is not None:
+            await on_commit_sent(self.engine.mid)
+
+    monkeypatch.setattr(SourceEngine, "commit", commit)
+    monkeypatch.setattr(SourceRun, "_send", send)
+    return seen
+
+
+async def test_the_hand_off_is_durable_before_commit_leaves(cluster, monkeypatch):
+    seen = _watch_commit(monkeypatch)
+    a = cluster["a"]
+    a.registry.create_model("vm1", 1024 * 4096, fill="random")
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    assert res.ok, res.error
+    assert seen == [HandoffState.HANDED_OFF]
+
+
+class SourceCrash(BaseException):
+    """The source agent dies here: nothing of the migration's own error handling applies."""
+
+
+async def test_a_source_crash_right_after_commit_leaves_one_copy(cluster, monkeypatch):
+    """End to end: the source agent goes down the moment COMMIT is on the wire,
+    restarts, and settles with the destination: the VM runs there only."""
+
+    a, b = cluster["a"], cluster["b"]
+
+    async def crash(mid: bytes) -> None:
+        # Once the destination has committed (a crash closes the socket: with bytes
+        # unread, a reset could drop the COMMIT before it is read, and nothing is at stake).
+        with trio.fail_after(10):
+            while (row := b.store.get(mid)) is None or row.state is not HandoffState.COMMITTED:
+                await trio.sleep(0.01)
+        raise SourceCrash
+
+    seen = _watch_commit(monkeypatch, crash)
+    vm = a.registry.create_model("vm1", 1024 * 4096, fill="random")
+    digest, mid = vm.digest(), os.urandom(16)
+    with pytest.raises(SourceCrash):
+        await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(), mid=mid)
+    assert len(seen) == 1 and b.store.get(mid).state is HandoffState.COMMITTED
+    await cluster.stop("a")
+    a = await cluster.start("a")
+    with trio.fail_after(10):  # the restarted source settles what it left
+        while a.store.get(mid).state is HandoffState.HANDED_OFF:
+            await trio.sleep(0.02)
+    assert cluster.running_copies("vm1") == ["b"], (a.store.get(mid).state, a.vms.get("vm1"))
+    assert "vm1" not in a.vms and a.store.get(mid).state is HandoffState.DONE
+    assert b.vms["vm1"].digest() == digest
+
+
+# --------------------------------------------------------------------------
+# 3. Recovery asks only the recorded destination (orchestrate.py, recover_once)
+
+
+class _Answering:
+    """A recovery channel to some certified agent, which answers every QUERY with ``outcome``."""
+
+    def __init__(self, static_pub: bytes, outcome: Outcome) -> None:
+        self.result = SimpleNamespace(peer=SimpleNamespace(name="other", static_pub=static_pub,
+                                                           sign_pub=bytes(32)))
+        self.peer_name = "other"
+        self.proto = SessionProtocol(Role.DESTINATION, recovery=True)
+        self.outcome = outcome
+        self.queries = 0
+        self._reply = b""
+
+    async def send(self, data: bytes) -> int:
+        self.proto.receive_message(data)
+        self.queries += 1
+        self._reply = self.proto.send(self.outcome)
+        return len(data)
+
+    async def receive(self) -> SimpleNamespace:
+        return SimpleNamespace(data=self._reply)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _in_doubt_source(shm, dest_static: bytes) -> tuple[HandoffStore, ModelVM, bytes]:
+    store = HandoffStore(shm / "src.db")
+    vm = ModelVM.create(shm / "vm1", "vm1", 16, os.urandom(32))
+    mid = os.urandom(16)
+    store.open_outgoing(mid, vm, Peer("dst", dest_static, SigningKey.generate().verify_key.encode(),
+                                      "127.0.0.1:7"))
+    vm.pause()
+    assert store.hand_off(mid)
+    return store, vm, mid
+
+
+async def test_recovery_believes_only_the_recorded_destination(shm):
+    dest_static = os.urandom(32)
+    store, vm, mid = _in_doubt_source(shm, dest_static)
+    other = _Answering(os.urandom(32), Outcome("committed", b""))  # certified, but not the one recorded
+
+    async def connect_recovery(addr: str):
+        assert addr == "127.0.0.1:7"  # the recorded address: someone else answers there
+        return other
+
+    assert await recover_once(store, mid, vm, connect_recovery) is None
+    assert store.get(mid).state is HandoffState.HANDED_OFF and vm.state == "paused"
+    assert vm.digest()  # kept, not scrubbed
+    # The recorded destination saying the same is believed (what the check lets through).
+    (shm / "2").mkdir()
+    store2, vm2, mid2 = _in_doubt_source(shm / "2", dest_static)
+    same = _Answering(dest_static, Outcome("committed", b""))
+
+    async def connect_same(addr: str):
+        return same
+
+    assert await recover_once(store2, mid2, vm2, connect_same) == "committed"
+    assert store2.get(mid2).state is HandoffState.DONE
+    vm.close()
+    vm2.close()
+
+
+async def test_another_agent_answering_recovery_leaves_the_source_in_doubt(nursery, monkeypatch, capsys):
+    """End to end: COMMIT never reaches the destination (it aborts); at the address the
+    source recorded, another agent of the cluster now answers, and says "committed".
+    The source must stay in doubt with its VM kept: believing it would lose the VM."""
+    from palm_net.migration import orchestrate
+
+    c = LocalCluster(("a", "b", "c"), in_doubt_wait=0.01)
+    c.nursery = nursery
+    try:
+        a, b, other = await c.start("a"), await c.start("b"), await c.start("c")
+        real_answer = orchestrate.answer_query
+        monkeypatch.setattr(orchestrate, "answer_query", lambda store, signing, mid, asker: (
+            Outcome("committed", b"") if store is other.store else real_answer(store, signing, mid, asker)))
+        vm = a.registry.create_model("vm1", 1024 * 4096, fill="zero")
+        digest = vm.digest()
+        # COMMIT (c2s frame 10 for this VM, see test_migration's PHASES) is cut, and so are
+        # the recovery sessions while the migration waits: the source is left in doubt.
+        proxy = FaultProxy(("127.0.0.1", c.members["b"].port),
+                           [Rule("c2s", 10, "cut")] + [Rule("c2s", 0, "cut", connection=i) for i in (1, 2, 3)])
+        await nursery.start(proxy.serve)
+        res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+        assert res.status == "in-doubt", res.error
+        with trio.fail_after(10):  # the destination never saw COMMIT: it aborts for good
+            while (row := b.store.get(res.mid)) is None or row.state is not HandoffState.ABORTED:
+                await trio.sleep(0.02)
+        proxy.rules.clear()
+        asked = proxy.connections
+        capsys.readouterr()
+        proxy.target = ("127.0.0.1", c.members["c"].port)  # the recorded address now leads to c
+        status = await a.outgoing.resolve(res.mid.hex(), override=False, reason="")
+        assert proxy.connections > asked  # the recorded address was asked (c answered there)
+        assert a.store.get(res.mid).state is HandoffState.HANDED_OFF, status
+        assert "vm1" in a.vms and a.vms["vm1"].state == "paused" and a.vms["vm1"].digest() == digest
+        assert "recovery reached another agent" in "".join(capsys.readouterr())
+        assert "vm1" not in b.vms and "vm1" not in other.vms
+        # And the destination it recorded, asked again, settles it: the VM runs on the source again.
+        proxy.target = ("127.0.0.1", c.members["b"].port)
+        assert await a.outgoing.resolve(res.mid.hex(), override=False, reason="") == "aborted"
+        assert c.running_copies("vm1") == ["a"] and a.vms["vm1"].digest() == digest
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
         c.cleanup()
