@@ -17,6 +17,7 @@ are also tested end to end, between agents.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -27,9 +28,10 @@ import trio.testing
 from nacl.signing import SigningKey
 
 from palm_net.agent.limits import Admission
-from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, TransportMode
+from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, PeerInfo, Purpose, TransportMode
 from palm_net.channel.records import RecordSender
 from palm_net.channel.transport import accept, connect
+from palm_net.cluster.gate import Lists
 from palm_net.crypto.identity import (
     CERT_DOMAIN,
     AgentIdentity,
@@ -417,4 +419,36 @@ async def test_another_agent_answering_recovery_leaves_the_source_in_doubt(nurse
     finally:
         for name in list(c.members):
             await c.stop(name)
+        c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# 8. The cluster's allowlist reaches the handshake (agent/clustering.py apply_lists, cluster/gate.py)
+
+
+async def test_a_peer_allowed_only_by_the_cluster_allowlist_completes_the_handshake(nursery):
+    c = LocalCluster(("b",))
+    c.nursery = nursery
+    try:
+        b = await c.start("b")
+        port = c.members["b"].port
+        elsewhere = os.urandom(32)  # a build only the cluster's list allows, not b's own
+        assert elsewhere not in b.channel_config.allowed_measurements
+        peer = HostilePeer(c.authority, elsewhere, name="newer")
+        peer.config = dataclasses.replace(peer.config, allowed_measurements=frozenset({c.measurement}))
+        with pytest.raises((PalmError, trio.BrokenResourceError)):  # refused: not allowed yet
+            await peer.try_begin(port, name="v1", pages=16)
+        assert b.incoming.counters.get("refused-measurement-not-allowed") == 1
+        b.cluster.apply_lists(Lists(frozenset(), frozenset({elsewhere, c.measurement}), revision=1))
+        assert b.cluster.gate.check(PeerInfo("newer", b"s" * 32, b"k" * 32, elsewhere), Purpose.MIGRATION) is None
+        ch, _, reply = await peer.try_begin(port, name="v1", pages=16)
+        await ch.aclose()
+        assert reply.type == "ACCEPT", reply.body
+        assert b.incoming.counters.get("refused-measurement-not-allowed") == 1  # no second refusal
+        # And once the cluster's list no longer names it, neither the gate nor the handshake lets it in.
+        b.cluster.apply_lists(Lists(frozenset(), None, revision=2))
+        with pytest.raises((PalmError, trio.BrokenResourceError)):
+            await peer.try_begin(port, name="v2", pages=16)
+    finally:
+        await c.stop("b")
         c.cleanup()
