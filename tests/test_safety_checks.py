@@ -311,6 +311,55 @@ async def test_a_source_crash_right_after_commit_leaves_one_copy(cluster, monkey
     assert b.vms["vm1"].digest() == digest
 
 
+@pytest.mark.slow
+def test_the_source_agent_killed_right_after_commit_leaves_one_copy():
+    """End to end with real agent processes and kill -9: the source's store is frozen
+    (another connection holds its write lock) from the moment READY reaches it, so
+    the source stops at its hand-off. Hand-off first, COMMIT never leaves: killed
+    there, the source runs the VM again after its restart, the destination aborts.
+    Were COMMIT sent first, it would leave, the destination commit, and the source,
+    killed before its hand-off is durable, run the VM again: two copies."""
+    import signal
+    import sqlite3
+    import threading
+
+    from palm_net.testing.proxy import READY, ProxyThread, sealed
+    from tests.test_reliability import Pair, _wait_for
+
+    p = Pair()
+    frozen: list[sqlite3.Connection] = []
+    commit_left = threading.Event()
+
+    def freeze_source_store() -> None:
+        db = sqlite3.connect(p.root / "a" / "state.db", timeout=10, isolation_level=None, check_same_thread=False)
+        db.execute("BEGIN EXCLUSIVE")
+        frozen.append(db)
+
+    rules = [Rule("s2c", 0, "call", match=READY, callback=freeze_source_store),
+             Rule("c2s", 0, "call", match=sealed("COMMIT"), callback=commit_left.set)]
+    try:
+        p.a.request("vm.create", name="vm1", memory="32MiB", protected=1, fill="random")
+        digest = p.a.request("vm.digest", name="vm1")["digest"]
+        with ProxyThread(("127.0.0.1", p.b.port), rules) as proxy:
+            t, _ = p.a.migrate_async("vm1", f"127.0.0.1:{proxy.port}", timeout=120)
+            _wait_for(lambda: rules[0].fired, what="READY on its way to the source")
+            # The source's hand-off waits for the lock (sqlite's 5 s): well before that, it is killed.
+            if commit_left.wait(1.5):  # only if COMMIT went out before the hand-off
+                _wait_for(lambda: p.names(p.b).get("vm1") == "running", what="the destination to commit")
+            p.a.stop(signal.SIGKILL)
+            frozen[0].execute("ROLLBACK")
+            frozen[0].close()
+            p.a.start()
+            t.join(60)
+            assert p.one_copy("vm1") == "a"
+            assert not commit_left.is_set(), "COMMIT left before the source's hand-off was durable"
+        assert p.a.request("vm.digest", name="vm1")["digest"] == digest
+    finally:
+        for db in frozen:
+            db.close()
+        p.close()
+
+
 # --------------------------------------------------------------------------
 # 3. Recovery asks only the recorded destination (orchestrate.py, recover_once)
 
