@@ -146,7 +146,7 @@ def _source_after_commit(dest: SigningKey, mid: bytes) -> SourceRun:
     return run
 
 
-def test_an_abort_after_commit_without_a_valid_token_leaves_the_source_in_doubt():
+def test_an_abort_after_commit_needs_a_valid_token_to_resume_the_source():
     dest, mid = SigningKey.generate(), os.urandom(16)
     bad = {"none": b"", "garbage": os.urandom(64), "another key's": make_abort_token(SigningKey.generate(), mid),
            "another migration's": make_abort_token(dest, os.urandom(16))}
@@ -426,7 +426,8 @@ async def test_recovery_believes_only_the_recorded_destination(shm):
     vm2.close()
 
 
-async def test_another_agent_answering_recovery_leaves_the_source_in_doubt(nursery, monkeypatch, capsys):
+async def test_another_agent_answering_recovery_at_the_recorded_address_is_not_believed(nursery, monkeypatch,
+                                                                                         capsys):
     """End to end: COMMIT never reaches the destination (it aborts); at the address the
     source recorded, another agent of the cluster now answers, and says "committed".
     The source must stay in doubt with its VM kept: believing it would lose the VM."""
