@@ -502,3 +502,61 @@ async def test_a_peer_allowed_only_by_the_cluster_allowlist_completes_the_handsh
     finally:
         await c.stop("b")
         c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# Admission and rate accounting (agent/limits.py): what the mutation run found untested
+
+
+MiB = 1 << 20
+
+
+def test_admission_counts_every_session_and_its_memory_and_releases_each_once():
+    # A fresh peer has no session yet: with one allowed per peer, its first is admitted.
+    adm = Admission(max_sessions=10, max_memory=1000 * MiB, max_per_peer=1, max_memory_per_peer=1000 * MiB)
+    adm.admit(b"p1", 10 * MiB)
+    with pytest.raises(MigrationFailure, match="this peer has 1"):
+        adm.admit(b"p1", 10 * MiB)
+    # The total: each session's memory adds up, across peers.
+    adm = Admission(max_sessions=10, max_memory=100 * MiB, max_per_peer=10, max_memory_per_peer=100 * MiB)
+    adm.admit(b"p1", 40 * MiB)
+    adm.admit(b"p2", 40 * MiB)
+    assert adm.memory == 80 * MiB
+    with pytest.raises(MigrationFailure, match="exceeds 100 MiB"):
+        adm.admit(b"p3", 40 * MiB)
+    # A peer's share: its sessions' memory adds up, and only its own.
+    adm = Admission(max_sessions=10, max_memory=1000 * MiB, max_per_peer=10, max_memory_per_peer=50 * MiB)
+    r1 = adm.admit(b"p1", 20 * MiB)
+    r2 = adm.admit(b"p1", 20 * MiB)
+    adm.admit(b"p2", 50 * MiB)  # another peer's share is its own
+    assert adm.memory_per_peer == {b"p1": 40 * MiB, b"p2": 50 * MiB} and adm.per_peer == {b"p1": 2, b"p2": 1}
+    with pytest.raises(MigrationFailure, match="share of incoming memory"):
+        adm.admit(b"p1", 20 * MiB)
+    # Releasing one of a peer's two sessions leaves the other counted; a release is taken once.
+    r1()
+    assert adm.per_peer[b"p1"] == 1 and adm.memory_per_peer[b"p1"] == 20 * MiB
+    r1()
+    assert (adm.sessions, adm.memory, adm.per_peer[b"p1"]) == (2, 70 * MiB, 1)
+    r2()
+    assert b"p1" not in adm.per_peer and b"p1" not in adm.memory_per_peer and adm.sessions == 1
+
+
+def test_token_buckets_refill_at_their_rate_and_forget_only_beyond_max_keys():
+    from palm_net.agent.limits import TokenBuckets
+
+    now = [1000.0]
+    tb = TokenBuckets(rate=2.0, burst=3.0, max_keys=2, clock=lambda: now[0])
+    assert [tb.take("a") for _ in range(4)] == [True, True, True, False]  # the burst, then none
+    now[0] += 0.5  # one token back at 2 a second
+    assert tb.take("a") and not tb.take("a")
+    now[0] += 0.25  # half a token: not enough, and a refusal costs nothing
+    assert not tb.take("a")
+    now[0] += 0.25  # the other half: exactly one token
+    assert tb.take("a") and not tb.take("a")
+    now[0] += 100  # never more than the burst
+    assert [tb.take("a") for _ in range(4)] == [True, True, True, False]
+    tb.take("b")
+    assert len(tb) == 2  # max_keys keys are kept...
+    assert not tb.take("a")  # ...so "a" is still remembered empty
+    tb.take("c")
+    assert len(tb) == 2  # beyond: the least recently seen ("b") goes
