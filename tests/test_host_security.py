@@ -8,6 +8,7 @@ elsewhere; CI runs as root.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
 
 NOBODY = 65534
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: attacks come from another uid")
 needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed "
                                 "(Debian package qemu-system-x86; .ci/run installs it)")
@@ -206,11 +208,57 @@ print(json.dumps(won))
 """
 
 
+def runs_as(uid: int, python: str) -> bool:
+    """Whether `uid` can start `python` and import what the attacker imports."""
+    try:
+        p = subprocess.run([python, "-I", "-c", "import json, os, socket, sys"], capture_output=True,
+                           user=uid, group=uid, extra_groups=[], timeout=30, cwd="/")
+    except OSError:
+        return False
+    return p.returncode == 0
+
+
+@functools.cache
+def attacker_python(uid: int = NOBODY) -> str | None:
+    """A python3 that `uid` can run, outside the checkout (the attacker needs only the
+    standard library). Never sys.executable: the venv's python lives in the checkout,
+    which that user cannot enter when it is cloned into a 0700 directory (issue 28)."""
+    dirs = ("/usr/bin", "/bin", "/usr/local/bin", *os.environ.get("PATH", "").split(os.pathsep))
+    found = (shutil.which("python3", path=d) for d in dirs if d)
+    for python in dict.fromkeys(f for f in found if f):
+        real = Path(python).resolve()
+        if not real.is_relative_to(ROOT) and not real.is_relative_to(Path(sys.prefix).resolve()) \
+                and runs_as(uid, python):
+            return python
+    return None
+
+
 def attack_as(uid: int, targets: dict[str, list[str]]) -> list[str]:
-    p = subprocess.run([sys.executable, "-c", ATTACKER, json.dumps(targets)], capture_output=True, text=True,
+    python = attacker_python(uid)
+    if python is None:
+        pytest.skip(f"no python3 outside the checkout that uid {uid} can run (the attacker needs one)")
+    p = subprocess.run([python, "-I", "-c", ATTACKER, json.dumps(targets)], capture_output=True, text=True,
                        user=uid, group=uid, extra_groups=[], timeout=60, cwd="/")
     assert p.returncode == 0, p.stderr
     return list(json.loads(p.stdout))
+
+
+@root_only
+def test_the_attacker_runs_wherever_the_checkout_lives():
+    """CI's checkout is world-traversable; a root user's clone in a 0700 home is not. The
+    attacker's interpreter must not be in either, and uid 65534 must be able to run it:
+    on a host with a system python3 (CI's) this fails rather than letting the attack skip."""
+    python = attacker_python()
+    if python is None:
+        assert not any(runs_as(NOBODY, p) for p in ("/usr/bin/python3", "/usr/local/bin/python3")), \
+            "uid 65534 can run a system python3, but attacker_python() did not find it"
+        pytest.skip(f"no python3 outside the checkout that uid {NOBODY} can run")
+    real = Path(python).resolve()
+    assert not real.is_relative_to(ROOT) and not real.is_relative_to(Path(sys.prefix).resolve()), real
+    for d in real.parents:  # every directory on the way: traversable by all, not only by its owner
+        assert os.stat(d).st_mode & 0o001, f"{d} is not traversable by other users"
+    assert os.stat(real).st_mode & 0o001, f"{real} is not executable by other users"
+    assert attack_as(NOBODY, {"dirs": [], "files": [], "sockets": [], "plant": []}) == []
 
 
 def observable(agent: Agent) -> dict[str, list[str]]:
