@@ -292,13 +292,28 @@ async def revoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, reason
         names = ", ".join(sorted(known)[:50]) + (" ..." if len(known) > 50 else "") if known else "none"
         raise AdminError(f"no agent named {name!r} ever registered in the cluster {keys.prefix} (known: {names}); "
                          "nothing revoked. --force revokes a name never seen")
-    key = keys.revocation(name)
-    for _ in range(10):
-        cur, mod = await _current(etcd, keys, key, signer)
+
+    def revoked(cur: PolicyDoc | None, _: int) -> PolicyDoc:
         pubs = {bytes.fromhex(k) for k in known.get(name, ())} | set(cur.keys if cur is not None and cur.revoked
                                                                     else ())
-        doc = signer.sign(revocation(keys.prefix, name, next_serial(cur.serial if cur else 0), sorted(pubs)[:16],
-                                     reason, by))
+        return signer.sign(revocation(keys.prefix, name, next_serial(cur.serial if cur else 0), sorted(pubs)[:16],
+                                      reason, by))
+
+    changed = await _publish(etcd, keys, keys.revocation(name), signer, wait, revoked)
+    assert changed is not None  # (revoked() always makes a document)
+    return changed
+
+
+async def _publish(etcd: EtcdClient, keys: Keys, key: bytes, signer: Signer, wait: float,
+                   make: Callable[[PolicyDoc | None, int], PolicyDoc | None]) -> Changed | None:
+    """Read the document in force (verified; and the key's mod revision), make the next one
+    from it (None: nothing to change), compare-and-swap it in (again if someone changed it
+    meanwhile), then wait for the agents to acknowledge it."""
+    for _ in range(10):
+        cur, mod = await _current(etcd, keys, key, signer)
+        doc = make(cur, mod)
+        if doc is None:
+            return None
         t0 = time.monotonic()
         rev = await _put(etcd, key, doc, mod)
         if rev is not None:
@@ -312,19 +327,13 @@ async def unrevoke(etcd: EtcdClient, keys: Keys, signer: Signer, name: str, by: 
     """None if the agent was not revoked.  The revocation is superseded by a newer signed
     document, not deleted: agents keep the highest they saw."""
     validate_name(name)
-    key = keys.revocation(name)
-    for _ in range(10):
-        cur, mod = await _current(etcd, keys, key, signer)
+
+    def lifted(cur: PolicyDoc | None, _: int) -> PolicyDoc | None:
         if cur is None or not cur.revoked:
             return None
-        doc = signer.sign(revocation(keys.prefix, name, next_serial(cur.serial), (), "", by, revoked=False))
-        t0 = time.monotonic()
-        rev = await _put(etcd, key, doc, mod)
-        if rev is not None:
-            t1 = time.monotonic()
-            return Changed(doc, key.decode(), await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub),
-                           t0, t1)
-    raise AdminError(f"{key.decode()} kept changing under this command; try again")
+        return signer.sign(revocation(keys.prefix, name, next_serial(cur.serial), (), "", by, revoked=False))
+
+    return await _publish(etcd, keys, keys.revocation(name), signer, wait, lifted)
 
 
 async def change_allowlist(etcd: EtcdClient, keys: Keys, signer: Signer, how: str, measurements: list[str],
@@ -336,9 +345,10 @@ async def change_allowlist(etcd: EtcdClient, keys: Keys, signer: Signer, how: st
         if len(m) != 64 or any(c not in "0123456789abcdef" for c in m):
             raise AdminError(f"bad measurement {m[:80]!r}: 64 lower-case hex digits (palm measurement)")
     wanted = {bytes.fromhex(m) for m in measurements}
-    for _ in range(10):
-        cur, mod = await _current(etcd, keys, keys.allowlist, signer)
-        have = None if cur is None else cur.measurements
+    in_force: list[tuple[bytes, ...] | None] = [None]  # the list in force, as the last read found it
+
+    def changed(cur: PolicyDoc | None, mod: int) -> PolicyDoc | None:
+        have = in_force[0] = None if cur is None else cur.measurements
         if how == "clear":
             new: tuple[bytes, ...] | None = None
         else:
@@ -347,19 +357,13 @@ async def change_allowlist(etcd: EtcdClient, keys: Keys, signer: Signer, how: st
             if not new:
                 raise AdminError("that leaves the cluster's allowlist empty, which refuses every migration; "
                                  "`palm cluster allowlist clear` goes back to each agent's own list")
-        if cur is not None and new == have:
-            return have, None
-        if cur is None and new is None and mod == 0:
-            return None, None
-        doc = signer.sign(PolicyDoc("allowlist", keys.prefix, "", next_serial(cur.serial if cur else 0),
-                                    int(time.time()), by[:128], measurements=new))
-        t0 = time.monotonic()
-        rev = await _put(etcd, keys.allowlist, doc, mod)
-        if rev is not None:
-            t1 = time.monotonic()
-            acks = await wait_acks(etcd, keys, rev, t0, wait, signer.authority_pub)
-            return new, Changed(doc, keys.allowlist.decode(), acks, t0, t1)
-    raise AdminError("the allowlist kept changing under this command; try again")
+        if (cur is not None and new == have) or (cur is None and new is None and mod == 0):
+            return None
+        return signer.sign(PolicyDoc("allowlist", keys.prefix, "", next_serial(cur.serial if cur else 0),
+                                     int(time.time()), by[:128], measurements=new))
+
+    done = await _publish(etcd, keys, keys.allowlist, signer, wait, changed)
+    return (done.doc.measurements if done is not None else in_force[0]), done
 
 
 # --------------------------------------------------------------- drains
