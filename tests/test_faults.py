@@ -349,6 +349,14 @@ async def test_the_destination_stopped_inside_the_commit_window_keeps_the_commit
     assert case.where == "b"
 
 
+async def test_an_error_right_after_commit_keeps_the_vm_and_runs_it(pair):
+    """An error just after COMMITTED became durable (the engine never learns it committed):
+    the session is settled from the row, so the VM is kept and activated there, at once,
+    with no restart of the agent."""
+    case = await run_case(pair, Case("destination.store.commit.done", "eio"))
+    assert case.fired == ["destination.store.commit.done"] and case.where == "b"
+
+
 # --------------------------------------------------------------------------
 # The matrix
 

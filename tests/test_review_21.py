@@ -485,3 +485,28 @@ async def test_a_source_copy_whose_resume_failed_is_resumed_after_a_restart(pair
     assert ok, (f"after the restart the source's copy is {a.vms['vm1'].state}, records migration "
                 f"{a.vms['vm1'].migration}, retried: {'vm1' in a.registry.not_running}; row "
                 f"{a.store.state_of(res.mid)}; the destination has it: {'vm1' in b.vms}")
+
+
+async def test_a_cancel_asked_as_ready_arrives_is_honoured_before_the_handoff(pair):
+    """The operator's cancel, asked while the row still says SENDING (here: as READY
+    arrives, between two checkpoints of the session task), lands before the durable
+    hand-off: the VM runs on the source again, the migration is cancelled, never in
+    doubt (runner.py: the checkpoint right before hand_off)."""
+    a = pair["a"]
+    a.registry.create_model("vm1", 64 * 4096, fill="random", seed=3)
+    said: list[str] = []
+
+    def cancel_as_ready_arrives(at: str) -> None:
+        live = [lm for lm in a.outgoing.live.values() if lm.result is None]
+        if at == "source.receive" and not said and live and live[0].stats.phase == "verify":
+            said.append(a.outgoing.cancel(live[0].mid.hex()))
+
+    old = faults.install(cancel_as_ready_arrives)
+    try:
+        res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+    finally:
+        faults.install(old)
+    assert said == ["cancelling"]
+    assert res.status == "cancelled" and res.runs_on == "source", (res.status, res.error)
+    assert a.store.state_of(res.mid) is HandoffState.ABORTED
+    assert pair.running_copies("vm1") == ["a"]

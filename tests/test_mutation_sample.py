@@ -1,0 +1,113 @@
+"""Every safety check has a test that fails without it, kept true (issue 27, part 3).
+
+Each mutant below removes or weakens one safety check of the code as it
+stands (a guard of the handoff, a signature check, the order of a durable
+write and the message it announces, a bound).  The `mutation` tier (in
+`.ci/run`) copies the tree, applies a seeded sample of them one at a time and
+runs the tests named for each: they must fail.  A test weakened later, or a
+check refactored so that its test no longer reaches it, shows up here.  The
+default suite only checks that every mutant still applies to the code (so the
+list cannot go stale); the whole mutmut run is docs/MUTATION.md.
+
+Two of issue 21's guards are left out on purpose: each has a second layer that
+keeps one copy without it (settling a session from its row: the engine's own
+outcome now follows the row, and a restart activates from it; the checkpoint
+before the hand-off: every handed-off row is recovered however its migration
+ended), so removing one alone fails no test.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = int(os.environ.get("PALM_MUTATION_SAMPLE", "6"))
+SEED = int(os.environ.get("PALM_MUTATION_SEED", "27"))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # in the tree
+    old: str  # exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: what must fail
+
+
+SAFETY = "tests/test_safety_checks.py"
+MUTANTS = [
+    Mutant("certificate signature not checked", "palm_net/crypto/identity.py",
+           "            VerifyKey(authority_pub).verify(CERT_DOMAIN + self.body, self.signature)\n",
+           "            pass\n", (SAFETY, "-k", "forged_certificate or did_not_sign")),
+    Mutant("COMMIT sent before the hand-off is durable", "palm_net/migration/runner.py",
+           "            if not self.store.hand_off(eng.mid):\n",
+           "            await self._send([eng.commit()])\n            if not self.store.hand_off(eng.mid):\n",
+           (SAFETY, "-k", "hand_off_is_durable or crash_right_after_commit")),
+    Mutant("recovery believes any certified agent", "palm_net/migration/orchestrate.py",
+           "        if not row.is_peer(channel.result.peer.static_pub):\n",
+           "        if False:\n", (SAFETY, "-k", "recovery_believes_only")),
+    Mutant("an abort after COMMIT resumes without a valid token", "palm_net/migration/runner.py",
+           "            if check_abort_token(self.ch.result.peer.sign_pub, eng.mid, msg.body.token):\n",
+           "            if True:\n", (SAFETY, "-k", "abort_after_commit_needs")),
+    Mutant("a clear record accepted on the message path", "palm_net/channel/transport.py",
+           "                    if not rec.authenticated:\n",
+           "                    if False:\n", (SAFETY, "-k", "clear_record_on_the_message_path")),
+    Mutant("a secure sender seals a clear record", "palm_net/channel/records.py",
+           "        if clear and not self.plain:\n",
+           "        if False:\n", (SAFETY, "-k", "never_seals_a_clear_record")),
+    Mutant("max_incoming not enforced", "palm_net/agent/limits.py",
+           "            if self.sessions >= self.max_sessions:\n",
+           "            if False:\n", (SAFETY, "-k", "max_incoming")),
+    Mutant("the destination may scrub a committed VM", "palm_net/migration/handoff.py",
+           "    return state is None or state is H.ABORTED\n",
+           "    return True\n", ("tests/test_handoff_model.py", "-k", "safe_and_live")),
+    Mutant("an in-doubt source resumes without a token", "palm_net/migration/handoff.py",
+           "        return token_ok or override\n",
+           "        return True\n", ("tests/test_handoff_model.py", "-k", "safe_and_live")),
+    Mutant("a second loader file= let through", "palm_net/hypervisor/qemu.py",
+           "        if key in seen:",
+           "        if False:", ("tests/test_review_21.py", "-k", "second_file_property")),
+]
+
+
+def test_every_mutant_still_applies_to_the_code():
+    """The list cannot go stale: each mutant's line is in its file, exactly once."""
+    for m in MUTANTS:
+        text = (ROOT / m.path).read_text()
+        assert text.count(m.old) == 1, f"{m.name}: its line is not (once) in {m.path}: update MUTANTS"
+        assert (ROOT / m.tests[0]).exists(), f"{m.name}: no {m.tests[0]}"
+    assert len({m.name for m in MUTANTS}) == len(MUTANTS)
+
+
+def _tree(dst: Path) -> Path:
+    """What the tests need, copied (not the venv, not git, not earlier mutants)."""
+    for part in ("palm_net", "tests", "proto", "deploy", "scripts", "setup.cfg", "Dockerfile", "README.md", "docs"):
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dst / part, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+        elif src.exists():
+            shutil.copy2(src, dst / part)
+    return dst
+
+
+@pytest.mark.mutation
+@pytest.mark.parametrize("mutant", random.Random(SEED).sample(MUTANTS, min(SAMPLE, len(MUTANTS))),
+                         ids=lambda m: m.name.replace(" ", "-"))
+def test_a_sampled_safety_check_removed_fails_its_tests(mutant, tmp_path):
+    tree = _tree(tmp_path / "tree")
+    target = tree / mutant.path
+    target.write_text(target.read_text().replace(mutant.old, mutant.new, 1))
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
+                        "-m", "not slow", *mutant.tests], cwd=tree, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 1, (f"{mutant.name}: its tests did not fail (exit {p.returncode}); the check has no "
+                               f"test that notices it gone\n{p.stdout[-2000:]}\n{p.stderr[-1000:]}")
