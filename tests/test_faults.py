@@ -192,6 +192,10 @@ async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096,
             with trio.fail_after(30):
                 while "r" not in result and cluster.members["a"].agent is a and not _stopped(cluster, "a"):
                     await trio.sleep(0.01)
+                if case.kind == "cancel" and case.step in case.fired:  # its stop may still be under way
+                    stopped = cluster.members[case.victim].stopped
+                    assert stopped is not None
+                    await stopped.wait()
                 for agent in ("a", "b"):  # a stopped agent restarts (same directory, same port)
                     if _stopped(cluster, agent):
                         await cluster.stop(agent)
