@@ -118,15 +118,16 @@ class VmRegistry:
         self.to_scrub[mid] = vm
         self.retry_wanted.set()
 
-    def activate(self, vm: AnyVM) -> Activation:
-        """Worker thread: one attempt to run a VM of ``not_running``, as its row allows:
-        committed here (activation), or the source's after an abort (resume)."""
+    def activate(self, vm: AnyVM, why: str = "settled late") -> Activation:
+        """One attempt to run a VM this agent holds, as its row allows: committed here
+        (activation), or the source's after an abort (resume); an incoming VM never
+        committed is discarded (``why``, recorded with its abort).  Blocking: a worker
+        thread, or the start-up."""
         mid = vm.migration
         row = self.store.get(mid) if mid is not None else None
         if vm.state == "incoming":
             if row is None or not may_run(Role.DESTINATION, row.state):
-                # Never committed (its session could not be settled then): discarded, as at a restart.
-                self.store.abort_forever(mid if row is not None else None, vm, "settled late")
+                self.store.abort_forever(mid if row is not None else None, vm, why)
                 return Activation(False, False, None if not vm.dir.exists() else "not committed, not discarded")
             return activate_committed(vm)
         if row is not None and (row.role is not Role.SOURCE or not may_run(Role.SOURCE, row.state)):
@@ -327,14 +328,15 @@ class VmRegistry:
             row = store.get(mid) if mid else None
             bound = log.bind(migration=mid.hex() if mid else None, vm=name, phase="restart")
             if vm.state == "incoming":
-                if row is not None and row.role is Role.DESTINATION and may_run(Role.DESTINATION, row.state):
-                    act = activate_committed(vm)  # died between "committed" and activation (or it failed)
-                    if act.running:
-                        bound.info("committed migration activated after restart")
-                    else:  # e.g. its QEMU died with us: kept, reported, retried; never scrubbed
-                        self.activation_failed(vm, act.error or "activation failed")
-                elif store.abort_forever(mid if row is not None else None, vm, "agent restarted"):
-                    self.forget(vm)  # never committed: discarded, and never activated later
+                # Committed: it runs (the agent died between the commit and activation, or
+                # activation failed); else discarded, and never activated later.
+                act = self.activate(vm, "agent restarted")
+                if act.running:
+                    bound.info("committed migration activated after restart")
+                elif act.committed:  # e.g. its QEMU died with us: kept, reported, retried; never scrubbed
+                    self.activation_failed(vm, act.error or "activation failed")
+                elif not vm.dir.exists():
+                    self.forget(vm)
                     bound.warning("incoming migration aborted by restart")
                 continue
             if mid is None or row is None or row.role is not Role.SOURCE:
