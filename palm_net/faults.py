@@ -12,8 +12,8 @@ loudly at start).  This module imports nothing of palm_net: every layer may
 call it.
 
 ``STEPS`` names every point; a test checks that the code's calls and this
-table agree, and that every effect the destination's shell performs has one,
-so a new step cannot be added without its fault point.
+table agree, and that every effect either shell performs has one, so a new
+step cannot be added without its fault point.
 """
 
 from __future__ import annotations
@@ -28,20 +28,30 @@ def _store(side: str, step: str, what: str) -> dict[str, str]:
             f"{side}.store.{step}.done": f"after the durable write, before acting on it: {what}"}
 
 
-# The destination's shell performs each effect of its engine behind one point
-# named after the effect (palm_net.migration.effects): "destination.<Effect>".
+# Each shell performs each effect of its engine behind one point named after
+# the effect (palm_net.migration.effects): "source.<Effect>", "destination.<Effect>".
+SOURCE_EFFECTS = {
+    "Send": "control messages sealed and sent",
+    "StartPrecopy": "dirty log on, keys exported",
+    "SendPages": "a round's pages read (each piece, in a worker thread) and sent",
+    "CollectDirty": "the dirty log read after a round",
+    "SetThrottle": "the guest throttled",
+    "Pause": "the VM paused for stop-and-copy",
+    "ExportFinalState": "CPU state and protected-context blob exported",
+    "StartStream": "the stream backend's migration started",
+    "SendStream": "the stream backend's bytes carried",
+    "FinishStream": "the stream backend's migration finished (its guest paused)",
+    "ReadTranscript": "the channel's count and hash read for COMPLETE",
+    "DigestMemory": "the digest of the pages as sent",
+    "HandOff": "the hand-off asked of the store (before its own points)",
+}
 EFFECTS = ("OpenIncoming", "ImportKeys", "ApplyPages", "StreamIn", "EndStream", "Settle", "ImportCpuState",
            "ImportProtection", "Prepare", "CommitAndActivate", "AbortForever", "Send")
 
 STEPS: dict[str, str] = {
     # the source
     **_store(SRC, "open", "the row SENDING, the VM marked with the migration"),
-    f"{SRC}.vm.start": "dirty log on, keys exported (or the stream backend's migration started)",
-    f"{SRC}.vm.read_pages": "a round's pages read (a worker thread)",
-    f"{SRC}.vm.collect_dirty": "the dirty log read after a round",
-    f"{SRC}.vm.pause": "the VM paused for stop-and-copy",
-    f"{SRC}.vm.export_final": "CPU state and protected-context blob exported (or the stream finished)",
-    f"{SRC}.send": "a control message sealed and sent",
+    **{f"{SRC}.{e}": f"the shell performs {e}: {what}" for e, what in SOURCE_EFFECTS.items()},
     f"{SRC}.receive": "a message from the destination",
     **_store(SRC, "hand-off", "HANDED_OFF, before COMMIT leaves"),
     **_store(SRC, "confirm", "DONE: the destination committed"),

@@ -27,6 +27,7 @@ from palm_net.channel.transport import Record
 from palm_net.crypto.noise import AESGCM, CipherState
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.qemu import HOST_OPTIONS, OWN_OPTIONS, QemuError, QemuSpec, split_args
+from palm_net.migration.effects import Send, Transcript
 from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.params import MigrationParams
 from palm_net.migration.source import SourceEngine
@@ -153,7 +154,8 @@ class MigrationMachine(RuleBasedStateMachine):
     def _messages(self):
         yield from source_stream(self.src, self.eng, 3)
         self.digest_at_pause = self.src.digest()
-        yield self.eng.complete(self.tx.count, self.tx.transcript)
+        effects = self.eng.on_result(Transcript(self.tx.count, self.tx.transcript), 1.0)
+        yield next(e.data for e in effects if isinstance(e, Send))  # COMPLETE
 
     def teardown(self) -> None:
         with_suppressed = (self.src, getattr(self.dest, "vm", None))

@@ -172,7 +172,7 @@ async def test_abort_write_and_resume_both_failing_before_the_handoff_are_retrie
     restarts (handoff.py abort_and_resume; outgoing.py _settle; registry.py activate)."""
     a, b = pair["a"], pair["b"]
     a.registry.create_model("vm1", 64 * 4096, fill="random", seed=3)
-    plan = [("source.vm.export_final", "hypervisor"), ("source.store.abort", "eio"), ("source.vm.resume", "eio")]
+    plan = [("source.ExportFinalState", "hypervisor"), ("source.store.abort", "eio"), ("source.vm.resume", "eio")]
     fired: list[str] = []
 
     def inject(at: str) -> None:
@@ -464,7 +464,7 @@ async def test_a_source_copy_whose_resume_failed_is_resumed_after_a_restart(pair
     fired: list[str] = []
 
     def inject(at: str) -> None:
-        if at == "source.vm.export_final" and not fired:
+        if at == "source.ExportFinalState" and not fired:
             fired.append(at)
             raise faultdrill.raiser("hypervisor")  # the migration fails before the handoff
 

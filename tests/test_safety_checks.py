@@ -29,7 +29,7 @@ from nacl.signing import SigningKey
 
 from palm_net.agent.limits import Admission
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, PeerInfo, Purpose, TransportMode
-from palm_net.channel.records import RecordSender
+from palm_net.channel.records import Record, RecordSender
 from palm_net.channel.transport import accept, connect
 from palm_net.cluster.gate import Lists
 from palm_net.crypto.identity import (
@@ -42,21 +42,26 @@ from palm_net.crypto.identity import (
 )
 from palm_net.crypto.noise import CHACHAPOLY, CipherState
 from palm_net.hypervisor.model import ModelVM
+from palm_net.migration.effects import Effect, Result, Send
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, make_abort_token
 from palm_net.migration.orchestrate import recover_once
 from palm_net.migration.params import MigrationParams
-from palm_net.migration.runner import InDoubt, SourceRun
-from palm_net.migration.source import SourceEngine
+from palm_net.migration.runner import SourceRun
+from palm_net.migration.source import InDoubt, Step
 from palm_net.testing.cluster import LocalCluster
+from palm_net.testing.engines import DestinationDriver, SourceDriver
 from palm_net.testing.hostile import HostilePeer
 from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.wire import messages
 from palm_net.wire.errors import ErrorCode, HandshakeError, MigrationFailure, PalmError, RemoteProtocolError
-from palm_net.wire.messages import Abort, Begin, Message, Outcome
+from palm_net.wire.messages import Abort, Begin, Commit, Message, Outcome
 from palm_net.wire.protocol import Role, SessionProtocol
 from tests.test_handshake import pump
 
 # --------------------------------------------------------------------------
 # 1. The authority's signature on a certificate (crypto/identity.py, Certificate.verify)
+
+KEY = bytes(range(32))  # the model hypervisor's host key
 
 
 def _rewrite(cert: Certificate, signer: Authority | None, **changes) -> Certificate:
@@ -137,29 +142,40 @@ async def test_an_agent_refuses_a_forged_certificate(cluster):
 # 4. ABORT after COMMIT: only a valid token lets the source resume (runner.py, SourceRun._finish)
 
 
-def _source_after_commit(dest: SigningKey, mid: bytes) -> SourceRun:
-    """A SourceRun as it is once COMMIT has left (only what _finish reads)."""
-    run = SourceRun.__new__(SourceRun)
-    run.engine = SimpleNamespace(mid=mid)
-    run.ch = SimpleNamespace(result=SimpleNamespace(peer=SimpleNamespace(sign_pub=dest.verify_key.encode())))
-    run.abort_token = None
-    return run
+def _source_after_commit(shm) -> SourceDriver:
+    """Two engines, sans-IO, run until COMMIT has left the source (and was lost)."""
+    shm.mkdir(mode=0o700)
+    src = ModelVM.create(shm / "src", "vm", 64, KEY, protected_processes=1, protected_pages=8, fill="random")
+    dest = DestinationDriver(HandoffStore(shm / "dst.db"), lambda mid, b: ModelVM.create_incoming(
+        shm / "dst", b.vm, b.vm_id, b.pages, b.vcpus, KEY, migration=mid))
+    drv = SourceDriver(src, HandoffStore(shm / "src.db"), dest, MigrationParams(),
+                       deliver=lambda r: None if drv.engine.step is Step.COMMITTING else r)
+    for _ in drv.player.run():
+        if drv.engine.step is Step.COMMITTING:
+            break
+    assert drv.engine.committed
+    return drv
 
 
-def test_an_abort_after_commit_needs_a_valid_token_to_resume_the_source():
-    dest, mid = SigningKey.generate(), os.urandom(16)
-    bad = {"none": b"", "garbage": os.urandom(64), "another key's": make_abort_token(SigningKey.generate(), mid),
-           "another migration's": make_abort_token(dest, os.urandom(16))}
-    for what, token in bad.items():
-        run = _source_after_commit(dest, mid)
+def _abort(drv: SourceDriver, token: bytes) -> None:
+    msg = Message(drv.engine.mid, len(drv.replies), Abort("aborted", "refused", token))
+    drv.engine.on_record(Record(messages.encode(msg), 0, bytes(32)), 1.0)
+
+
+def test_an_abort_after_commit_needs_a_valid_token_to_resume_the_source(shm):
+    for what in ("none", "garbage", "another key's", "another migration's"):
+        drv = _source_after_commit(shm / what.replace(" ", "-").replace("'", ""))
+        dest, mid = drv.dest.host.signing, drv.engine.mid
+        token = {"none": b"", "garbage": os.urandom(64), "another key's": make_abort_token(SigningKey.generate(), mid),
+                 "another migration's": make_abort_token(dest, os.urandom(16))}[what]
         with pytest.raises(InDoubt):
-            run._finish(Message(mid, 9, Abort("aborted", "refused", token)))
-        assert run.abort_token is None, what  # nothing the store could be asked to resume with
-    run = _source_after_commit(dest, mid)
-    good = make_abort_token(dest, mid)
+            _abort(drv, token)
+        assert drv.engine.abort_token is None, what  # nothing the store could be asked to resume with
+    drv = _source_after_commit(shm / "good")
+    good = make_abort_token(drv.dest.host.signing, drv.engine.mid)
     with pytest.raises(MigrationFailure) as info:
-        run._finish(Message(mid, 9, Abort("aborted", "refused", good)))
-    assert info.value.code is ErrorCode.ABORTED and run.abort_token == good
+        _abort(drv, good)
+    assert info.value.code is ErrorCode.ABORTED and drv.engine.abort_token == good
 
 
 # --------------------------------------------------------------------------
@@ -243,29 +259,49 @@ async def test_an_agent_at_max_incoming_tells_the_second_peer_busy(nursery):
 # 2. The source's hand-off is durable before COMMIT leaves (runner.py, SourceRun._run)
 
 
+def _is_commit(data: bytes) -> bool:
+    try:
+        return isinstance(messages.decode(data).body, Commit)
+    except PalmError:
+        return False
+
+
 def _watch_commit(monkeypatch, on_commit_sent=None) -> list[HandoffState | None]:
     """The source's row state at the moment its COMMIT is put on the wire; then
     ``await on_commit_sent(mid)`` (e.g. a crash) right after it left."""
     seen: list[HandoffState | None] = []
-    commits: list[bytes] = []
-    real_commit, real_send = SourceEngine.commit, SourceRun._send
+    real_perform = SourceRun._perform
 
-    def commit(self: SourceEngine) -> bytes:
-        commits.append(real_commit(self))
-        return commits[-1]
-
-    async def send(self: SourceRun, messages) -> None:
-        is_commit = any(m is c for m in messages for c in commits)
+    async def perform(self: SourceRun, eff: Effect) -> Result | None:
+        is_commit = isinstance(eff, Send) and _is_commit(eff.data)
         if is_commit:
             row = self.store.get(self.engine.mid)
             seen.append(row.state if row else None)
-        await real_send(self, messages)
+        result = await real_perform(self, eff)
         if is_commit and on_commit_sent is not None:
             await on_commit_sent(self.engine.mid)
+        return result
 
-    monkeypatch.setattr(SourceEngine, "commit", commit)
-    monkeypatch.setattr(SourceRun, "_send", send)
+    monkeypatch.setattr(SourceRun, "_perform", perform)
     return seen
+
+
+def test_the_engines_hand_off_before_commit_leaves(shm):
+    """Sans-IO: COMMIT reaches the destination only once the source's row says HANDED_OFF."""
+    src = ModelVM.create(shm / "src", "vm", 64, KEY, fill="random")
+    store = HandoffStore(shm / "src.db")
+    dest = DestinationDriver(HandoffStore(shm / "dst.db"), lambda mid, b: ModelVM.create_incoming(
+        shm / "dst", b.vm, b.vm_id, b.pages, b.vcpus, KEY, migration=mid))
+    seen: list[HandoffState] = []
+
+    def deliver(record: bytes) -> bytes:
+        if _is_commit(record):
+            seen.append(store.get(drv.engine.mid).state)
+        return record
+
+    drv = SourceDriver(src, store, dest, MigrationParams(), deliver=deliver)
+    drv.run()
+    assert seen == [HandoffState.HANDED_OFF] and drv.engine.step is Step.DONE
 
 
 async def test_the_hand_off_is_durable_before_commit_leaves(cluster, monkeypatch):

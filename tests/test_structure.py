@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 from palm_net.crypto.identity import RejectReason
-from palm_net.migration.handoff import MOVES, HandoffState, Step
+from palm_net.migration import handoff
+from palm_net.migration.handoff import MOVES, HandoffState, Step, may_resume
 from palm_net.wire import messages
 from palm_net.wire.errors import ErrorCode
-from palm_net.wire.protocol import Role
+from palm_net.wire.protocol import FINAL, PAGE_ONLY, STREAM_ONLY, TRANSITIONS, Role, State
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = (ROOT / "proto" / "PROTOCOL.md").read_text()
@@ -45,28 +46,73 @@ def test_message_types_are_proto_section_6():
         assert messages.schema_fields_match(cls), cls
 
 
+def _table(text: str, header: str) -> list[list[str]]:
+    """The rows of the markdown table whose header line starts with ``header``, as cells."""
+    lines = text[text.index(header):].splitlines()
+    rows = []
+    for ln in lines[2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip().strip("|").split("|")])
+    return rows
+
+
+def _bare(cell: str) -> str:
+    return re.sub(r"\s*\(.*\)", "", cell).strip()
+
+
+def test_the_session_state_machine_is_proto_section_6_1():
+    """TRANSITIONS is the table of 6.1, read from the spec: a row changed on either side alone fails."""
+    spec: dict[tuple[State, Role, type], State] = {}
+    for states, senders, types, nxt in _table(section("6"), "| state | sender | type | next |"):
+        for st in (x.strip() for x in states.split(",")):
+            for sender in senders.split(" or "):
+                for t in (_bare(x) for x in re.sub(r"\([^)]*\)", "", types).split(",")):
+                    state = State[st]
+                    spec[(state, Role.SOURCE if sender == "S" else Role.DESTINATION, messages.TYPES[t])] = (
+                        state if nxt == "the same" else State[nxt])
+    assert spec == TRANSITIONS
+    finals = re.search(r"\n([A-Z, and]+) are final", section("6")).group(1)
+    assert {State[x] for x in re.split(r", | and ", finals)} == FINAL
+    backends = re.search(r"`model` \(a page backend\) takes\s+(.*?) and never STREAM; `qemu` \(a\s+stream backend\)"
+                         r" takes (.*?) and none", section("6"), re.S)
+    assert backends is not None
+    page, stream = ({messages.TYPES[x] for x in re.split(r",\s*|\s+and\s+", g.strip())} for g in backends.groups())
+    assert page == PAGE_ONLY and stream == STREAM_ONLY
+
+
 def test_handoff_moves_are_proto_section_7_5():
-    """Every (state, step) pair: exactly the moves proto 7.5 allows, nothing else."""
-    allowed = {
-        (Role.SOURCE, None, Step.OPEN): HandoffState.SENDING,
-        (Role.SOURCE, HandoffState.SENDING, Step.HAND_OFF): HandoffState.HANDED_OFF,
-        (Role.SOURCE, HandoffState.HANDED_OFF, Step.CONFIRM): HandoffState.DONE,
-        (Role.SOURCE, HandoffState.SENDING, Step.ABORT): HandoffState.ABORTED,
-        (Role.SOURCE, HandoffState.HANDED_OFF, Step.ABORT): HandoffState.ABORTED,
-        (Role.DESTINATION, None, Step.OPEN): HandoffState.RECEIVING,
-        (Role.DESTINATION, HandoffState.RECEIVING, Step.PREPARE): HandoffState.PREPARED,
-        (Role.DESTINATION, HandoffState.PREPARED, Step.COMMIT): HandoffState.COMMITTED,
-        (Role.DESTINATION, HandoffState.RECEIVING, Step.ABORT): HandoffState.ABORTED,
-        (Role.DESTINATION, HandoffState.PREPARED, Step.ABORT): HandoffState.ABORTED,
-        (Role.DESTINATION, None, Step.ABORT): HandoffState.ABORTED,
-    }
-    for side in Role:
-        for state in (None, *HandoffState):
-            for step in Step:
-                assert MOVES.get((side, state, step)) == allowed.get((side, state, step)), (side, state, step)
-    # Nothing ever leaves a final state; a committed migration is never aborted.
-    for state in (HandoffState.DONE, HandoffState.COMMITTED, HandoffState.ABORTED):
+    """MOVES is the state x step table of 7.5, read from the spec, cell by cell; the
+    guarded cell is may_resume's guard; the retention paragraph names the store's limits."""
+    text = section("7").split("### 7.5")[1].split("### 7.6")[0]
+    header = _table(text, "| side | state |")
+    steps = [Step(c) for c in text[text.index("| side | state |"):].splitlines()[0].strip("|").split("|")[2:]
+             for c in [c.strip()]]
+    spec = {}
+    guarded = []
+    for side, state, *cells in header:
+        before = None if state == "(no row)" else HandoffState(state)
+        role = Role.SOURCE if side == "source" else Role.DESTINATION
+        for step, cell in zip(steps, cells, strict=True):
+            if cell:
+                spec[(role, before, step)] = HandoffState(_bare(cell))
+                if "abort token or the override only" in cell:
+                    guarded.append(before)
+    assert spec == MOVES
+    for state in (None, *HandoffState):  # the source leaves by ABORT freely unless guarded
+        free = (Role.SOURCE, state, Step.ABORT) in spec and state not in guarded
+        assert may_resume(state) == free, state
+    assert guarded == [HandoffState.HANDED_OFF]
+    assert not may_resume(HandoffState.HANDED_OFF)
+    assert may_resume(HandoffState.HANDED_OFF, token_ok=True) and may_resume(HandoffState.HANDED_OFF, override=True)
+    # Nothing ever leaves a final state.
+    for state in handoff.FINAL:
         assert not any(s is state for (_, s, _) in MOVES)
+    kept = " ".join(text.split("How long rows are kept.")[1].split())
+    assert f"deleted after {handoff.HISTORY_TTL / 86400:.0f} days, except `committed`" in kept
+    assert f"at most the newest {handoff.MAX_ABORTED_PER_PEER} `aborted` incoming rows of each peer" in kept
+    assert f"at most {handoff.MAX_UNKNOWN_PER_PEER} rows a peer" in kept and handoff.UNKNOWN_TTL == 86400
+    assert "A row that is not final is never deleted." in kept
 
 
 def _imports(path: Path) -> set[str]:

@@ -162,7 +162,8 @@ class StreamBackend(HostedVM, Protocol):
         ...
 
     def finish_stream(self) -> dict[str, Any]:
-        """After the stream ended: the hypervisor completed (its guest paused); its figures."""
+        """After the stream ended: the hypervisor completed (its guest paused); its figures
+        (the keys of palm_net.hypervisor.qemu.migration_figures)."""
         ...
 
     def stream_in(self, data: bytes | bytearray | memoryview) -> None: ...

@@ -225,6 +225,17 @@ def kvmclock_areas(tail: bytes) -> list[tuple[int, int, str]] | None:
         return None
 
 
+def migration_figures(info: dict[str, Any], digest_excluded: list[str]) -> dict[str, Any]:
+    """QEMU's query-migrate answer as the migration record keeps it (MigrationStats.hypervisor):
+    times in ms, its round count, what it sent; ``digest_excluded``: the kvmclock
+    areas left out of the digest (proto 7.7)."""
+    ram = info.get("ram") or {}
+    return {"status": info.get("status"), "total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+            "setup_ms": info.get("setup-time"), "rounds": ram.get("dirty-sync-count"),
+            "transferred": ram.get("transferred"), "duplicate_pages": ram.get("duplicate"),
+            "normal_pages": ram.get("normal"), "mbps": ram.get("mbps"), "digest_excluded": digest_excluded}
+
+
 def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
     """The next bytes of a migration stream into ``out``: waits for some, then takes
     what else QEMU has written already (up to ``len(out)``; not waiting to fill it,
@@ -990,7 +1001,8 @@ class QemuVM(ConfiguredVM):
 
     def finish_stream(self) -> dict[str, Any]:
         """After QEMU closed the stream: its migration must have completed (the guest
-        is then paused, "postmigrate"); returns QEMU's figures.  QemuError otherwise."""
+        is then paused, "postmigrate"); returns QEMU's figures (migration_figures).
+        QemuError otherwise."""
         q = self._q()
         ev = q.wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
                           ("completed", "failed", "cancelled"), QMP_TIMEOUT)
@@ -1002,8 +1014,7 @@ class QemuVM(ConfiguredVM):
         self._save_config()
         self.paused_at = self._stop_time(q)
         self._find_clock_areas()
-        info["palm-digest-excluded"] = [f"{what} {addr:#x}+{size}" for addr, size, what in self.digest_excluded]
-        return info
+        return migration_figures(info, [f"{what} {addr:#x}+{size}" for addr, size, what in self.digest_excluded])
 
     def _find_clock_areas(self) -> None:
         """After the whole stream passed: the kvmclock areas its CPU state names (in RAM)."""

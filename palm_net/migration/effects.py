@@ -4,15 +4,18 @@ The engines (palm_net.migration.source, .destination) are sans-IO: they take
 records and results and return effects, small frozen objects.  The trio
 shell (palm_net.migration.runner) performs the effects in order: it sends,
 asks the hypervisor, writes the durable handoff; a request whose answer the
-engine needs comes back as a result through ``on_result``.
+engine needs comes back as a result through ``on_result``.  Each effect the
+shell performs is also a fault point, "source.<Effect>" or
+"destination.<Effect>" (palm_net.faults).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from palm_net.wire.messages import Begin
-from palm_net.wire.pages import PageBatch
+from palm_net.wire.pages import Gfns, PageBatch, RoundGfns
 
 # -- effects ------------------------------------------------------------------
 
@@ -104,6 +107,93 @@ class AbortForever(Effect):
     recorded: bool
 
 
+# -- the source's effects
+
+@dataclass(frozen=True)
+class StartPrecopy(Effect):
+    """A page backend: the page digest on if asked (proto 7.4), dirty logging on
+    (before the first page is read), the process keys exported: -> Started."""
+
+    digest: bool
+
+
+@dataclass(frozen=True)
+class SendPages(Effect):
+    """The pages of ``gfns``, read from the VM and sent as PAGES messages and their
+    data records; the shell reads them and asks the engine for each batch's records
+    (``SourceEngine.pages``): -> PagesSent."""
+
+    gfns: RoundGfns
+    round: int
+
+
+@dataclass(frozen=True)
+class CollectDirty(Effect):
+    """The dirty log since the last collection: -> Dirty."""
+
+
+@dataclass(frozen=True)
+class SetThrottle(Effect):
+    """The guest's CPU share (auto-converge or the throttle policy)."""
+
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Pause(Effect):
+    """Stop-and-copy: pause the guest, collect what it wrote until then, dirty
+    logging off: -> Paused."""
+
+
+@dataclass(frozen=True)
+class ExportFinalState(Effect):
+    """The CPU state and the protected-context blob of the paused guest: -> FinalState."""
+
+
+@dataclass(frozen=True)
+class StartStream(Effect):
+    """A stream backend: start the hypervisor's own migration: -> StreamStarted."""
+
+    downtime_limit: float
+    bandwidth: float | None
+    auto_converge: bool
+
+
+@dataclass(frozen=True)
+class SendStream(Effect):
+    """Carry the hypervisor's stream to its end, a STREAM message and its data records
+    per chunk (``SourceEngine.stream_chunk``): -> StreamSent."""
+
+
+@dataclass(frozen=True)
+class FinishStream(Effect):
+    """The hypervisor completed its migration (its guest paused): -> StreamFinished."""
+
+
+@dataclass(frozen=True)
+class ReadTranscript(Effect):
+    """The channel's count of records sent and its running hash, for COMPLETE: -> Transcript."""
+
+
+@dataclass(frozen=True)
+class DigestMemory(Effect):
+    """The digest of the pages as sent (proto 7.4), computed while the destination
+    verifies: performed beside what follows, -> Digested whenever it is ready."""
+
+
+@dataclass(frozen=True)
+class HandOff(Effect):
+    """The handoff point: HANDED_OFF durable, before COMMIT leaves: -> HandedOff."""
+
+
+@dataclass(frozen=True)
+class Note(Effect):
+    """A step worth a log line and a progress update (nothing else is done)."""
+
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
 # -- results -------------------------------------------------------------------
 
 
@@ -153,3 +243,65 @@ class Committed(Result):
 class Aborted(Result):
     token: bytes  # the abort token for the peer, or empty (palm_net.migration.handoff)
     aborted: bool = True  # False: the row says COMMITTED (the VM stays: it is this agent's)
+
+
+# -- the source's results
+
+
+@dataclass(frozen=True)
+class Started(Result):
+    keys: bytes  # the process keys and layout (KEYS)
+
+
+@dataclass(frozen=True)
+class PagesSent(Result):
+    pass
+
+
+@dataclass(frozen=True)
+class Dirty(Result):
+    gfns: Gfns
+
+
+@dataclass(frozen=True)
+class Paused(Result):
+    at: float  # the shell's monotonic clock when the guest stopped
+    dirty: Gfns  # what the guest wrote since the last collection
+
+
+@dataclass(frozen=True)
+class FinalState(Result):
+    cpu_state: bytes
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class StreamStarted(Result):
+    pass
+
+
+@dataclass(frozen=True)
+class StreamSent(Result):
+    pass
+
+
+@dataclass(frozen=True)
+class StreamFinished(Result):
+    paused_at: float | None  # when the hypervisor stopped its guest (monotonic)
+    figures: dict[str, Any] = field(hash=False)  # its own figures (palm_net.hypervisor.qemu.migration_figures)
+
+
+@dataclass(frozen=True)
+class Transcript(Result):
+    records: int
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class Digested(Result):
+    digest: str  # hex
+
+
+@dataclass(frozen=True)
+class HandedOff(Result):
+    ok: bool  # False: the row no longer said SENDING (cancelled meanwhile)

@@ -1,6 +1,6 @@
 """A whole migration on each side: policy, connect, run, the handoff rules, recovery.
 
-Source rules (proto/PROTOCOL.md 7.4):
+Source rules (proto/PROTOCOL.md 7.5):
 - before "handed_off" is durable, any failure resumes the VM on the source;
 - after it, the source stays paused ("in doubt") until the destination says
   "committed" (the source scrubs) or hands over a valid abort token (the
@@ -28,8 +28,8 @@ from palm_net.hypervisor.vmspec import check_policy
 from palm_net.migration.destination import DEADLINE_PER_GIB, DestinationEngine
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer
 from palm_net.migration.params import MigrationParams, MigrationStats
-from palm_net.migration.runner import DestinationRun, InDoubt, SourceRun
-from palm_net.migration.source import SourceEngine
+from palm_net.migration.runner import DestinationRun, SourceRun
+from palm_net.migration.source import InDoubt, SourceEngine
 from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError
 from palm_net.wire.messages import Begin, Outcome, Query
 from palm_net.wire.protocol import Role, SessionProtocol
@@ -134,7 +134,8 @@ async def migrate_out(
             store.open_outgoing(mid, vm, peer)
         except MigrationFailure as exc:  # e.g. no space for the VM's record of the migration
             return fail(exc, "setup")
-        engine = SourceEngine(mid, vm.info, params, stream=bool(spec), spec=spec, stats=stats)
+        engine = SourceEngine(mid, vm.info, params, stream=bool(spec), spec=spec, stats=stats,
+                              peer_sign_pub=info.sign_pub)
         run = SourceRun(channel, engine, vm, store, (lambda: on_progress(stats)) if on_progress else None, started)
         try:
             await run.run()

@@ -23,9 +23,10 @@ applier is idle: it may depend on the pages before it.
 
 from __future__ import annotations
 
-import errno
-import sqlite3
+import math
+import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -39,42 +40,39 @@ from palm_net.faults import fault
 from palm_net.hypervisor.backend import (
     Backend,
     HostedVM,
-    HypervisorError,
-    NoRoomError,
     StreamBackend,
     describe_error,
 )
-from palm_net.hypervisor.protection import IntegrityError
 from palm_net.hypervisor.qemu import read_stream
 from palm_net.migration.destination import DestinationEngine
 from palm_net.migration.effects import (
-    Aborted,
-    AbortForever,
     ApplyPages,
     CommitAndActivate,
     Committed,
+    DigestMemory,
     Effect,
-    EndStream,
-    ImportCpuState,
-    ImportKeys,
-    ImportProtection,
-    KeysImported,
+    HandOff,
+    Note,
     Opened,
     OpenIncoming,
-    Prepare,
+    PagesSent,
     Prepared,
-    ProtectionImported,
+    ReadTranscript,
     Result,
     Send,
-    Settle,
-    Settled,
+    SendPages,
+    SendStream,
+    StartStream,
     StreamIn,
-    StreamLoaded,
+    StreamSent,
+    StreamStarted,
+    Transcript,
 )
-from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer, check_abort_token
-from palm_net.migration.source import Pacer, SourceEngine
-from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
-from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Abort, Begin, Message, RoundDone
+from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
+from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
+from palm_net.migration.source import Pacer, SourceEngine, Step
+from palm_net.wire.errors import ErrorCode, PalmError, RemoteProtocolError
+from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Begin
 from palm_net.wire.pages import Buffer, RoundGfns
 from palm_net.wire.protocol import FINAL
 
@@ -89,42 +87,16 @@ READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
 APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not yet written
 COMMIT_WINDOW = 30.0  # destination: at most this long shielded for COMMIT, activation and DONE
-CATCH_UP_WAIT = 2.0  # source: at most this long for the destination to write the last round before the pause
-
-
-# Errors of the host's own storage, never of a connection.
-LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
-
-
-class InDoubt(Exception):
-    """The handoff point passed and the outcome is unknown: the VM stays paused."""
 
 
 def session_error(exc: BaseException) -> PalmError:
-    """What ended a session, in the one vocabulary (the I/O layer's own errors mapped once, here).
-    A file system's error is named as it is (no space on which file system, an I/O
-    error), never as a lost connection."""
-    if isinstance(exc, PalmError):
-        return exc
+    """What ended a session, in the one vocabulary: the trio shell's own errors, then
+    those of the host and the connection (palm_net.migration.hosts.error_of)."""
     if isinstance(exc, trio.TooSlowError):
         return RemoteProtocolError(ErrorCode.TIMEOUT, "the session ran out of time")
-    if isinstance(exc, IntegrityError):
-        return MigrationFailure(ErrorCode.INTEGRITY, str(exc))
-    if isinstance(exc, NoRoomError):
-        return MigrationFailure(ErrorCode.NO_SPACE, str(exc))
-    if isinstance(exc, HypervisorError):
-        return MigrationFailure(ErrorCode.HYPERVISOR, str(exc))
-    if isinstance(exc, sqlite3.Error):  # the state database (a full or failing disk)
-        full = "full" in str(exc)
-        return MigrationFailure(ErrorCode.NO_SPACE if full else ErrorCode.HYPERVISOR, f"state database: {exc}")
-    if isinstance(exc, TimeoutError):  # a local wait (QMP, a worker), not the peer
-        return MigrationFailure(ErrorCode.TIMEOUT, describe_error(exc))
-    if isinstance(exc, OSError) and (exc.filename is not None or exc.errno in LOCAL_ERRNOS):
-        return MigrationFailure(ErrorCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                                else ErrorCode.HYPERVISOR, describe_error(exc))
-    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
         return RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({describe_error(exc)})")
-    raise exc
+    return error_of(exc)
 
 
 def first_error(group: BaseExceptionGroup[Any]) -> PalmError:
@@ -142,7 +114,9 @@ def first_error(group: BaseExceptionGroup[Any]) -> PalmError:
 
 
 class SourceRun:
-    """One outgoing migration over an established channel."""
+    """One outgoing migration over an established channel: performs the source
+    engine's effects in order (the steps and their order are the engine's), feeds
+    it the destination's records as they come and the time when it asked for it."""
 
     def __init__(self, channel: SecureChannel, engine: SourceEngine, vm: HostedVM, store: HandoffStore,
                  on_progress: Callable[[], None] | None = None, started: float | None = None) -> None:
@@ -152,36 +126,36 @@ class SourceRun:
         self.store = store
         self.on_progress = on_progress or (lambda: None)
         self.log = log.bind(migration=engine.mid.hex(), vm=engine.info.name, peer=channel.peer_name)
-        self._inbox_send, self._inbox = trio.open_memory_channel[Message](8)
         self.started = time.monotonic() if started is None else started
-        self.abort_token: bytes | None = None  # a valid one from the destination, after COMMIT
         self._pacer = Pacer(engine.params.bandwidth, time.monotonic()) if engine.params.bandwidth else None
-        self._written_round = -1  # the last round the destination says it has written (ROUND_DONE)
-        self._round_written = trio.Event()
+        self._queue: deque[Effect] = deque()  # effects asked for and not yet performed
+        self._woken = trio.Event()  # the receiver or a background task queued effects
+        self._stream: socket.socket | None = None  # a stream backend's migration stream, while it runs
+        self.host = SourceHost(vm, store, engine.mid)
+
+    @property
+    def abort_token(self) -> bytes | None:
+        """A valid abort token from the destination, after COMMIT."""
+        return self.engine.abort_token
 
     # -- plumbing
 
+    def _queued(self, effects: Sequence[Effect]) -> None:
+        self._queue.extend(effects)
+        self._woken.set()
+
     async def _receiver(self) -> None:
+        eng = self.engine
         while True:
             rec = await self.ch.receive()
             fault("source.receive")
-            msg = self.engine.on_record(rec)
-            if isinstance(msg.body, RoundDone):
-                self._written_round = max(self._written_round, msg.body.round)
-                self._round_written.set()
-                self._round_written = trio.Event()
-                continue
-            await self._inbox_send.send(msg)
-            if self.engine.proto.state in FINAL:
+            self._queued(eng.on_record(rec, time.monotonic()))
+            if eng.proto.state in FINAL:
                 return  # the session is over: a close from here on is not an error
-
-    async def _send(self, messages: Sequence[bytes]) -> None:
-        fault("source.send")
-        await self._sent(await self.ch.send_batch([(m, False) for m in messages]))
 
     async def _sent(self, size: int) -> None:
         """``size`` bytes went on the wire: counted, and paced to the bandwidth cap."""
-        self.engine.stats.transferred += size
+        self.engine.sent(size)
         if self._pacer is not None:
             wait = self._pacer.sent(size, time.monotonic())
             if wait > 0:
@@ -218,10 +192,6 @@ class SourceRun:
                 self.on_progress()
             outbox.close()
 
-    async def _expect(self, timeout: float) -> Message:
-        with trio.fail_after(timeout):
-            return await self._inbox.receive()
-
     # -- the migration
 
     async def run(self) -> None:
@@ -232,113 +202,77 @@ class SourceRun:
         except BaseExceptionGroup as group:
             err = first_error(group)
             raise err from None
+        finally:
+            if self._stream is not None:
+                self._stream.close()  # also on failure or cancel: QEMU sees its stream end
 
     async def _run(self) -> None:
-        eng, st, timeout = self.engine, self.engine.stats, self.engine.params.reply_timeout
+        eng = self.engine
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receiver)
-            await self._send([eng.begin()])
-            eng.accepted(await self._expect(timeout))
-            st.setup_time = time.monotonic() - self.started
-            if eng.stream:
-                await self._stream(cast(StreamBackend, self.vm))
-            else:
-                await self._precopy(cast(Backend, self.vm))
-            st.marks.setdefault("last-byte", time.monotonic())  # (model: the last round, CPU state and blob sent)
-            await self._send([eng.complete(*self.ch.sent)])
-            completed_at = st.marks["complete"] = time.monotonic()
-            self.log.debug("complete sent", phase="verify", round=eng.round,
-                           paused_ms=round((time.monotonic() - (eng.paused_at or 0)) * 1000, 1))
-            # Our digest (if asked) while the destination verifies: both run at once.
-            digest: list[str] = []
-            async with trio.open_nursery() as digest_nursery:
-                if eng.params.verify_digest:
-                    digest_nursery.start_soon(self._digest, digest)
-                ready = await self._expect(timeout)
-            st.marks["ready"] = time.monotonic()
-            st.ready_wait = st.marks["ready"] - completed_at  # READY and our digest, if asked
-            eng.check_ready(ready, digest[0] if digest else None)
+            self._queued(eng.start(self.started))
+            while eng.step is not Step.DONE:
+                if not self._queue:
+                    deadline = eng.timer()
+                    self._woken = trio.Event()
+                    with trio.move_on_after(math.inf if deadline is None else deadline - time.monotonic()):
+                        await self._woken.wait()
+                    if not self._queue:
+                        self._queued(eng.on_timer(time.monotonic()))
+                    continue
+                eff = self._queue.popleft()
+                if isinstance(eff, DigestMemory):  # beside what follows: the destination verifies meanwhile
+                    nursery.start_soon(self._digest)
+                    continue
+                result = await self._perform(eff)
+                if result is not None:
+                    self._queued(eng.on_result(result, time.monotonic()))
+            nursery.cancel_scope.cancel()
+
+    async def _perform(self, eff: Effect) -> Result | None:
+        """One effect of the engine; its result, if one is due."""
+        if isinstance(eff, Send):  # with the control messages queued behind it, in one batch
+            batch = [eff.data]
+            while self._queue and isinstance(self._queue[0], Send):
+                batch.append(cast(Send, self._queue.popleft()).data)
+            fault("source.Send")
+            await self._sent(await self.ch.send_batch([(m, False) for m in batch]))
+            return None
+        if isinstance(eff, Note):
+            self.log.info(eff.event, **eff.fields)
+            self.on_progress()
+            return None
+        if isinstance(eff, SendPages):
+            await self._send_pages(cast(Backend, self.vm), eff.gfns, eff.round)
+            return PagesSent()
+        if isinstance(eff, HandOff):
             # A cancel the operator had asked for (while the row said SENDING) lands here,
             # not after the handoff: from this checkpoint to the durable write nothing yields.
             await trio.lowlevel.checkpoint()
-            # The handoff point: durable before COMMIT leaves.
-            if not self.store.hand_off(eng.mid):
-                raise MigrationFailure(ErrorCode.CANCELLED, "migration was cancelled before the handoff")
-            st.marks["handed-off"] = time.monotonic()
-            self.log.info("handed off", phase="commit", round=eng.round)
-            await self._send([eng.commit()])
-            self._finish(await self._expect(timeout))
-            nursery.cancel_scope.cancel()
+            return self.host.perform(eff)
+        fault(f"source.{type(eff).__name__}")
+        if isinstance(eff, ReadTranscript):
+            return Transcript(*self.ch.sent)
+        if isinstance(eff, StartStream):
+            self._stream = await trio.to_thread.run_sync(cast(StreamBackend, self.vm).start_stream,
+                                                         eff.downtime_limit, eff.bandwidth, eff.auto_converge)
+            return StreamStarted()
+        if isinstance(eff, SendStream):
+            await self._send_stream()
+            return StreamSent()
+        return await trio.to_thread.run_sync(self.host.perform, eff)
 
-    async def _digest(self, out: list[str]) -> None:
-        out.append(await trio.to_thread.run_sync(self.vm.page_digest))
+    async def _digest(self) -> None:
+        result = await trio.to_thread.run_sync(self.host.perform, DigestMemory())
+        assert result is not None
+        self._queued(self.engine.on_result(result, time.monotonic()))
 
-    async def _precopy(self, vm: Backend) -> None:
-        """Pre-copy rounds until convergence, then stop-and-copy."""
-        eng, st = self.engine, self.engine.stats
-
-        def start() -> bytes:
-            fault("source.vm.start")
-            if eng.params.verify_digest:
-                vm.start_page_digest()  # the hash of each page as it is sent (proto 7.4)
-            vm.enable_dirty_log()  # before the first page is read
-            return vm.export_keys()
-
-        await self._send([eng.keys(await trio.to_thread.run_sync(start))])
-        self.log.info("migration started", phase="round", round=0, pages=eng.info.npages)
-        while True:
-            t0, b0 = time.monotonic(), st.transferred
-            await self._send_pages(vm, eng.pending)
-            dirty = await trio.to_thread.run_sync(self._collect_dirty, vm)
-            end_msg, stop, throttle = eng.end_round(time.monotonic() - t0, st.transferred - b0, dirty)
-            if throttle is not None:
-                vm.set_throttle(throttle)
-            r = st.rounds[-1]
-            self.log.info("round done", phase="round", round=r.round, pages=r.pages, dirty=r.dirty_pages,
-                          seconds=round(r.duration, 4), expected_downtime=st.expected_downtime)
-            await self._send([end_msg])
-            if stop:
-                # Pause once the destination has written this round: what it still
-                # had to write would be downtime.  The guest runs meanwhile (its
-                # writes go to the last copy); a slow destination is not waited for long.
-                with trio.move_on_after(CATCH_UP_WAIT):
-                    while self._written_round < r.round:
-                        await self._round_written.wait()
-                break
-
-        def pause() -> tuple[float, Any]:
-            fault("source.vm.pause")
-            vm.pause()
-            paused_at = time.monotonic()
-            dirty = vm.collect_dirty()  # what the guest wrote until the pause
-            vm.disable_dirty_log()
-            return paused_at, dirty
-
-        paused_at, dirty = await trio.to_thread.run_sync(pause)
-        gfns = eng.stop_and_copy(paused_at, dirty)
-        self.log.info("stop-and-copy", phase="stop-and-copy", round=eng.round, pages=len(gfns))
-        b0 = st.transferred
-        await self._send_pages(vm, gfns)
-        cpu, blob = await trio.to_thread.run_sync(self._export_final, vm)
-        await self._send(eng.final_state(cpu, blob))
-        eng.end_final_round(time.monotonic() - paused_at, st.transferred - b0)
-
-    @staticmethod
-    def _collect_dirty(vm: Backend) -> Any:
-        fault("source.vm.collect_dirty")
-        return vm.collect_dirty()
-
-    @staticmethod
-    def _export_final(vm: Backend) -> tuple[bytes, bytes]:
-        fault("source.vm.export_final")
-        return vm.export_cpu_state(), vm.export_protection()
-
-    async def _send_pages(self, vm: Backend, gfns: RoundGfns) -> None:
+    async def _send_pages(self, vm: Backend, gfns: RoundGfns, round_no: int) -> None:
         """The pages of ``gfns``: read ahead in a worker thread, sent as PAGES messages."""
-        eng, round_no, pos = self.engine, self.engine.round, [0]
+        eng, pos = self.engine, [0]
 
         def read(out: Any) -> tuple[list[tuple[Any, int]], bool]:
-            fault("source.vm.read_pages")
+            fault("source.SendPages")
             batches = []
             for rows in range(0, PER_HOP * MAX_DATA_PAGES, MAX_DATA_PAGES):
                 if pos[0] >= len(gfns):
@@ -355,12 +289,10 @@ class SourceRun:
             buffers = [np.empty((PER_HOP * MAX_DATA_PAGES, PAGE_SIZE), np.uint8) for _ in range(READ_AHEAD + 1)]
             await self._pump(read, buffers, to_records)
 
-    async def _stream(self, vm: StreamBackend) -> None:
-        """A stream backend: its own rounds and stop-and-copy; we carry the bytes."""
-        eng, p = self.engine, self.engine.params
-        self.log.info("migration started", phase="stream", backend=vm.backend, pages=eng.info.npages)
-        fault("source.vm.start")
-        conn = await trio.to_thread.run_sync(vm.start_stream, p.downtime_limit, p.bandwidth, p.auto_converge)
+    async def _send_stream(self) -> None:
+        """A stream backend's own rounds and stop-and-copy: we carry the bytes."""
+        eng, conn = self.engine, self._stream
+        assert conn is not None
 
         def read(out: bytearray) -> tuple[memoryview, bool]:
             view = memoryview(out)
@@ -372,98 +304,13 @@ class SourceRun:
 
         try:
             await self._pump(read, [bytearray(PER_HOP * MAX_BULK) for _ in range(READ_AHEAD + 1)], to_records)
-            eng.stats.marks["last-byte"] = time.monotonic()  # QEMU's last byte read and sent on
         finally:
+            self._stream = None
             conn.close()  # also on failure or cancel: QEMU sees its stream end
-        fault("source.vm.export_final")
-        stats = await trio.to_thread.run_sync(vm.finish_stream)
-        await self._send([eng.stream_end(vm.paused_at, stats)])
-        hv = eng.stats.hypervisor or {}
-        self.log.info("stream done", phase="stop-and-copy", rounds=hv.get("rounds"), stream_bytes=eng.stream_bytes,
-                      hypervisor_downtime_ms=hv.get("downtime_ms"))
-
-    def _finish(self, msg: Message) -> None:
-        eng = self.engine
-        if isinstance(msg.body, Abort):
-            # ABORT after COMMIT: only with a valid token may the source resume.
-            if check_abort_token(self.ch.result.peer.sign_pub, eng.mid, msg.body.token):
-                self.abort_token = msg.body.token
-                raise MigrationFailure(ErrorCode.ABORTED, "destination refused the commit: " + msg.body.reason)
-            raise InDoubt("an abort without a valid token after COMMIT")
-        eng.done(msg, time.monotonic(), self.started)
 
 
 # --------------------------------------------------------------------------
 # Destination
-
-
-class DestinationHost:
-    """Performs a destination engine's requests on the incoming VM and the durable
-    handoff.  Blocking, and touching neither the engine nor the session: the
-    shell runs it in a worker thread (tests may call it directly)."""
-
-    def __init__(self, store: HandoffStore, signing: SigningKey, peer: Peer) -> None:
-        self.store = store
-        self.signing = signing
-        self.peer = peer
-        self.vm: HostedVM | None = None
-
-    def bulk(self, effects: Sequence[Effect]) -> None:
-        """Page batches into the VM (protected ones verified on arrival), or stream bytes to it."""
-        vm = self.vm
-        assert vm is not None
-        try:
-            for eff in effects:
-                fault(f"destination.{type(eff).__name__}")
-                if isinstance(eff, ApplyPages):
-                    cast(Backend, vm).write_pages(eff.batch)
-                elif isinstance(eff, StreamIn):
-                    cast(StreamBackend, vm).stream_in(eff.data)
-        except (IntegrityError, HypervisorError, OSError) as exc:
-            raise session_error(exc) from None
-
-    def perform(self, eff: Effect, mid: bytes | None) -> Result | None:
-        """One request (not Send, not OpenIncoming: those are the shell's); its result, if one is due.
-        ``mid``: the session's migration id (None before a valid first message)."""
-        fault(f"destination.{type(eff).__name__}")
-        if isinstance(eff, AbortForever):
-            # The row decides: a committed VM stays (this agent's now), whatever went wrong.
-            recorded = eff.recorded and mid is not None
-            if not self.store.abort_forever(mid if recorded else None, self.vm, eff.why):
-                return Aborted(b"", aborted=False)
-            self.vm = None
-            return Aborted(self.store.abort_token(mid, self.peer.static_pub, self.signing)
-                           if recorded and mid is not None else b"")
-        vm = self.vm
-        assert vm is not None and mid is not None  # the engine asks for these only after OpenIncoming
-        try:
-            if isinstance(eff, (ApplyPages, StreamIn)):
-                self.bulk([eff])
-                return None
-            if isinstance(eff, ImportKeys):
-                cast(Backend, vm).import_keys(eff.data)
-                return KeysImported(vm.info.protected_pages)
-            if isinstance(eff, ImportCpuState):
-                cast(Backend, vm).import_cpu_state(eff.state)
-                return None
-            if isinstance(eff, ImportProtection):
-                cast(Backend, vm).import_protection(eff.blob)
-                return ProtectionImported(vm.info.protected_pages)
-            if isinstance(eff, EndStream):
-                cast(StreamBackend, vm).end_stream()
-                return StreamLoaded()
-            if isinstance(eff, Settle):
-                cast(Backend, vm).settle()
-                return Settled()
-            if isinstance(eff, Prepare):
-                persisted = self.store.prepare(mid, vm)
-                return Prepared(persisted, bytes.fromhex(vm.page_digest()) if persisted and eff.digest else b"")
-            if isinstance(eff, CommitAndActivate):
-                act = self.store.commit_and_activate(mid, vm)
-                return Committed(act.committed, act.running, act.error)
-        except (IntegrityError, *STORAGE_ERRORS) as exc:
-            raise session_error(exc) from None
-        raise AssertionError(f"no host for {eff!r}")
 
 
 class _Applier:

@@ -1,23 +1,60 @@
-"""The source engine (sans-IO): what the source sends, in what order, and when to stop iterating.
+"""The source engine (sans-IO): the steps of an outgoing migration, in order, as effects.
 
-It owns the session protocol of one outgoing migration and turns what the
-shell read from the hypervisor (page batches, dirty sets, the CPU state and
-protected-context blob, a stream backend's bytes) into the messages of
-proto/PROTOCOL.md 7.1-7.4 and 7.7.  After each pre-copy round it decides
-whether to iterate or stop and copy.  It reads no clock (the shell passes
-``now``), touches no VM, socket or store.
+It owns the session protocol of one outgoing migration and every step of
+the source: BEGIN; the pre-copy rounds (read the pending pages, collect the
+dirty log, decide whether to iterate or stop and copy); the catch-up wait;
+the pause and the last copy; the CPU state and protected-context blob (or a
+stream backend's own stream); COMPLETE; READY and the digest; the durable
+hand-off, then COMMIT; DONE.  It takes records (``on_record``), the results
+of what it asked (``on_result``) and the time (``on_timer``, with ``timer``
+saying when it is next due), each with ``now``, and returns effects
+(palm_net.migration.effects).  It reads no clock, touches no VM, socket or
+store: the shell (palm_net.migration.runner) performs the effects, and
+palm_net.testing.engines.SourceDriver does so with no sockets or threads.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from palm_net.channel.records import Record
+from palm_net.migration.effects import (
+    CollectDirty,
+    Digested,
+    DigestMemory,
+    Dirty,
+    Effect,
+    ExportFinalState,
+    FinalState,
+    FinishStream,
+    HandedOff,
+    HandOff,
+    Note,
+    PagesSent,
+    Pause,
+    Paused,
+    ReadTranscript,
+    Result,
+    Send,
+    SendPages,
+    SendStream,
+    SetThrottle,
+    Started,
+    StartPrecopy,
+    StartStream,
+    StreamFinished,
+    StreamSent,
+    StreamStarted,
+    Transcript,
+)
+from palm_net.migration.handoff import check_abort_token
 from palm_net.migration.params import DOWNTIME_PHASES, MigrationParams, MigrationStats, RoundStats
-from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, public_reason
+from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError, public_reason
 from palm_net.wire.messages import (
     MAX_BLOB,
     PAGE_SIZE,
@@ -33,6 +70,7 @@ from palm_net.wire.messages import (
     Keys,
     Message,
     Ready,
+    RoundDone,
     RoundEnd,
     Stream,
     StreamEnd,
@@ -42,6 +80,7 @@ from palm_net.wire.protocol import Role, SessionProtocol
 
 DOWNTIME_GOAL_DIVISOR = 30  # iterate on while shrinking, until expected downtime <= limit / 30
 CONTEXT_CHUNK = MAX_BLOB
+CATCH_UP_WAIT = 2.0  # at most this long for the destination to write the last round before the pause
 
 
 PACING_BURST = 0.05  # seconds of the bandwidth cap an idle sender may save up
@@ -64,19 +103,47 @@ class Pacer:
         return max(self.ahead, 0.0)
 
 
+class InDoubt(Exception):
+    """The handoff point passed and the outcome is unknown: the VM stays paused."""
+
+
+class Step(enum.Enum):
+    """Where an outgoing migration is: what the engine waits for next."""
+
+    OPENING = "opening"  # BEGIN sent: ACCEPT due
+    STARTING = "starting"  # dirty logging (or the hypervisor's stream) starting: Started / StreamStarted due
+    ROUND = "round"  # a pre-copy round's pages going out: PagesSent due
+    COLLECTING = "collecting"  # the round's dirty log being read: Dirty due
+    CATCHING_UP = "catching-up"  # the last ROUND_END sent: its ROUND_DONE (or the catch-up wait's end) due
+    PAUSING = "pausing"  # the guest being paused: Paused due
+    STOP_AND_COPY = "stop-and-copy"  # the last copy going out: PagesSent due
+    EXPORTING = "exporting"  # CPU state and blob being exported: FinalState due
+    STREAMING = "streaming"  # the hypervisor's stream being carried: StreamSent due
+    FINISHING = "finishing"  # the hypervisor completing: StreamFinished due
+    COMPLETING = "completing"  # the channel's count and hash being read: Transcript due
+    VERIFYING = "verifying"  # COMPLETE sent: READY (and our digest, if asked) due
+    HANDING_OFF = "handing-off"  # HANDED_OFF being made durable: HandedOff due
+    COMMITTING = "committing"  # COMMIT sent: DONE (or ABORT with a token) due
+    DONE = "done"  # the destination runs the VM
+
+
 class SourceEngine:
     """One outgoing migration: BEGIN, the VM's memory (page rounds, or a stream),
-    COMPLETE, and the handoff messages.  ``info``: the VM's VmInfo."""
+    COMPLETE, and the handoff messages.  ``info``: the VM's VmInfo;
+    ``peer_sign_pub``: the destination's signing key (its abort tokens)."""
 
     def __init__(self, mid: bytes, info: Any, params: MigrationParams, stream: bool = False, spec: bytes = b"",
-                 stats: MigrationStats | None = None) -> None:
+                 stats: MigrationStats | None = None, peer_sign_pub: bytes = b"") -> None:
         self.proto = SessionProtocol(Role.SOURCE, mid)
         self.info = info
         self.params = params
         self.stream = stream
         self.spec = spec
+        self.peer_sign_pub = peer_sign_pub
         self.stats = stats or MigrationStats()
         self.stats.downtime_limit = params.downtime_limit
+        self.step = Step.OPENING
+        self.started = 0.0
         self.round = 0
         self.sent_bytes = 0  # message bytes of the VM's memory (before tags and framing)
         self.stream_bytes = 0
@@ -84,52 +151,134 @@ class SourceEngine:
         self.paused_at: float | None = None
         self.digest: str | None = None
         self.committed = False  # COMMIT was made: from here only the destination's word settles it
+        self.abort_token: bytes | None = None  # a valid one from the destination, after COMMIT
+        self.written_round = -1  # the last round the destination says it has written (ROUND_DONE)
+        self._awaiting: type[Result] | None = None  # the result the last request will bring
+        self._digest_due = False  # DigestMemory asked and not yet answered
+        self._ready: Ready | None = None  # READY, while our digest is still due
+        self._deadline: float | None = None  # when ``on_timer`` acts (a reply's timeout, the catch-up wait's end)
+        self._round_started = (0.0, 0)  # (now, bytes transferred) when the current round began
         self._last_dirty: int | None = None
         self._hot_rounds = 0
 
     def __repr__(self) -> str:
-        return f"SourceEngine({self.proto.state.value}, round={self.round})"
+        return f"SourceEngine({self.step.value}, {self.proto.state.value}, round={self.round})"
 
     @property
     def mid(self) -> bytes:
         assert self.proto.mid is not None
         return self.proto.mid
 
-    # -- the session
+    def sent(self, size: int) -> None:
+        """``size`` bytes went on the wire (framing and tags included): counted."""
+        self.stats.transferred += size
 
-    def begin(self) -> bytes:
+    # -- events
+
+    def start(self, now: float) -> list[Effect]:
+        """BEGIN; ACCEPT is due within the reply timeout."""
         p, i = self.params, self.info
         if p.plain and i.protected_pages:
             raise MigrationFailure(ErrorCode.PLAIN_REFUSED,
                                    "a VM with protected processes never migrates over the plain benchmark mode")
-        return self.proto.send(Begin(i.name, i.vm_id, i.npages, i.protected_pages, i.processes, i.vcpus, p.plain,
-                                     p.verify_digest, "qemu" if self.stream else "model", self.spec))
+        self.started = now
+        begin = self.proto.send(Begin(i.name, i.vm_id, i.npages, i.protected_pages, i.processes, i.vcpus, p.plain,
+                                      p.verify_digest, "qemu" if self.stream else "model", self.spec))
+        self._reply_due(now)
+        return [Send(begin)]
 
-    def on_record(self, rec: Record) -> Message:
-        """A message from the destination.  An ABORT before the handoff point ends
-        the migration (MigrationFailure with the destination's code)."""
+    def on_record(self, rec: Record, now: float) -> list[Effect]:
+        """A message from the destination.  An ABORT before the handoff point ends the
+        migration (MigrationFailure with the destination's code); after COMMIT, only one
+        with a valid token does (MigrationFailure, ``abort_token`` set), any other leaves
+        the outcome in doubt (InDoubt)."""
         msg = self.proto.receive_message(rec.data, rec.authenticated)
-        if isinstance(msg.body, Abort) and not self.committed:  # after COMMIT: the token decides (runner)
-            raise MigrationFailure(_code(msg.body.code), "destination aborted: " + msg.body.reason)
-        return msg
+        body = msg.body
+        if isinstance(body, Abort):
+            if not self.committed:
+                raise MigrationFailure(_code(body.code), "destination aborted: " + body.reason)
+            if check_abort_token(self.peer_sign_pub, self.mid, body.token):
+                self.abort_token = body.token
+                raise MigrationFailure(ErrorCode.ABORTED, "destination refused the commit: " + body.reason)
+            raise InDoubt("an abort without a valid token after COMMIT")
+        if isinstance(body, RoundDone):
+            self.written_round = max(self.written_round, body.round)
+            if self.step is Step.CATCHING_UP and self.written_round >= self.round - 1:
+                return self._pause()
+            return []
+        handler, step = self._on_message.get(type(body), (None, None))
+        if handler is None or step is not self.step:
+            raise MigrationFailure(ErrorCode.OUT_OF_STATE, f"{msg.type} while {self.step.value}")
+        self._deadline = None
+        return handler(self, msg, now)
 
-    def expect(self, msg: Message, cls: type[Body]) -> None:
-        if not isinstance(msg.body, cls):
-            raise MigrationFailure(ErrorCode.OUT_OF_STATE, f"expected {cls.TYPE}, got {msg.type}")
+    def on_result(self, result: Result, now: float) -> list[Effect]:
+        """What the shell learned by performing a request."""
+        if isinstance(result, Digested) and self._digest_due:
+            self._digest_due = False
+            self.digest = self.stats.digest = result.digest
+            return self._verified() if self._ready is not None else []
+        if self._awaiting is None or not isinstance(result, self._awaiting):
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"unexpected {type(result).__name__} while "
+                                                             f"{self.step.value}")
+        self._awaiting = None
+        return self._on_result[type(result)](self, result, now)
 
-    def accepted(self, msg: Message) -> None:
-        self.expect(msg, Accept)
+    def timer(self) -> float | None:
+        """When ``on_timer`` is next due (None: nothing is timed)."""
+        return self._deadline
+
+    def on_timer(self, now: float) -> list[Effect]:
+        """The time came: a reply that did not arrive fails the migration; the catch-up
+        wait ends with the pause (a slow destination is not waited for long)."""
+        if self._deadline is None or now < self._deadline:
+            return []
+        self._deadline = None
+        if self.step is Step.CATCHING_UP:
+            return self._pause()
+        raise RemoteProtocolError(ErrorCode.TIMEOUT, "the session ran out of time")
+
+    def _request(self, step: Step, effect: Effect, result: type[Result]) -> list[Effect]:
+        self.step = step
+        self._awaiting = result
+        return [effect]
+
+    def _reply_due(self, now: float) -> None:
+        self._deadline = now + self.params.reply_timeout
+
+    def _send(self, body: Body) -> Send:
+        return Send(self.proto.send(body))
+
+    # -- opening
+
+    def _on_accept(self, msg: Message, now: float) -> list[Effect]:
+        self.stats.setup_time = now - self.started
+        if self.stream:
+            p = self.params
+            self.stats.status, self.stats.phase = "active", "stream"
+            return [Note("migration started", {"phase": "stream", "pages": self.info.npages}),
+                    *self._request(Step.STARTING, StartStream(p.downtime_limit, p.bandwidth, p.auto_converge),
+                                   StreamStarted)]
+        return self._request(Step.STARTING, StartPrecopy(self.params.verify_digest), Started)
 
     # -- a page backend: keys, rounds, stop-and-copy
 
-    def keys(self, blob: bytes) -> bytes:
-        """The first message after ACCEPT (dirty logging is on): the process keys."""
+    def _started(self, result: Started, now: float) -> list[Effect]:
+        """Dirty logging is on: the process keys, then round 0 (every page)."""
         self.stats.status, self.stats.phase = "active", "round"
-        return self.proto.send(Keys(blob))
+        keys = self._send(Keys(result.keys))
+        return [keys, Note("migration started", {"phase": "round", "round": 0, "pages": self.info.npages}),
+                *self._next_round(now)]
+
+    def _next_round(self, now: float) -> list[Effect]:
+        self._round_started = (now, self.stats.transferred)
+        return self._request(Step.ROUND, SendPages(self.pending, self.round), PagesSent)
 
     def pages(self, batch: PageBatch, remaining: int) -> list[Buffer]:
         """A PAGES message for a batch the shell read from the current round's gfns,
-        then its data records (views of the batch's data)."""
+        then its data records (views of the batch's data): the bulk path of SendPages."""
+        if self.step not in (Step.ROUND, Step.STOP_AND_COPY):
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"pages while {self.step.value}")
         st = self.stats
         kinds = batch.kinds
         zero, prot = kinds.count(KIND_ZERO), kinds.count(KIND_PROTECTED)  # bytes.count: C speed
@@ -144,7 +293,33 @@ class SourceEngine:
         self.sent_bytes += len(msg) + len(data)
         return [msg, *self.proto.send_data(data)] if data else [msg]
 
-    def end_round(self, duration: float, wire_bytes: int, dirty: Gfns) -> tuple[bytes, bool, float | None]:
+    def _pages_sent(self, result: PagesSent, now: float) -> list[Effect]:
+        if self.step is Step.STOP_AND_COPY:
+            return self._request(Step.EXPORTING, ExportFinalState(), FinalState)
+        return self._request(Step.COLLECTING, CollectDirty(), Dirty)
+
+    def _dirty(self, result: Dirty, now: float) -> list[Effect]:
+        """The round is over: ROUND_END, then the next round or the catch-up wait."""
+        t0, b0 = self._round_started
+        ended = self.round
+        end, stop, throttle = self._end_round(now - t0, self.stats.transferred - b0, result.gfns)
+        r = self.stats.rounds[-1]
+        out: list[Effect] = [] if throttle is None else [SetThrottle(throttle)]
+        out += [Note("round done", {"phase": "round", "round": r.round, "pages": r.pages, "dirty": r.dirty_pages,
+                                    "seconds": round(r.duration, 4),
+                                    "expected_downtime": self.stats.expected_downtime}), end]
+        if not stop:
+            return out + self._next_round(now)
+        # Pause once the destination has written this round: what it still had to
+        # write would be downtime.  The guest runs meanwhile (its writes go to the
+        # last copy); a slow destination is not waited for long.
+        self.step = Step.CATCHING_UP
+        if self.written_round >= ended:
+            return out + self._pause()
+        self._deadline = now + CATCH_UP_WAIT
+        return out
+
+    def _end_round(self, duration: float, wire_bytes: int, dirty: Gfns) -> tuple[Send, bool, float | None]:
         """Closes the round: ROUND_END, whether to stop and copy now, and a new
         throttle for the guest (auto-converge) or None."""
         p, st = self.params, self.stats
@@ -157,7 +332,7 @@ class SourceEngine:
         st.bandwidth = bandwidth
         expected = n * PAGE_SIZE / bandwidth if bandwidth > 0 else float("inf")
         st.expected_downtime = expected
-        msg = self.proto.send(RoundEnd(self.round, len(self.pending), n))
+        msg = self._send(RoundEnd(self.round, len(self.pending), n))
         # QEMU/Xen stop as soon as the rest fits the limit.  We also go on while
         # a round at least halves the dirty set and the expected downtime is
         # above a thirtieth of the limit (10 ms by default, about what a pause
@@ -197,91 +372,128 @@ class SourceEngine:
         st.current_round = self.round
         return msg, stop, throttle
 
-    def stop_and_copy(self, now: float, dirty_at_pause: Gfns) -> Gfns:
-        """The guest is paused (at ``now``): the gfns of the last copy, which are the
-        last round's dirty set plus whatever the guest wrote until the pause."""
+    def _pause(self) -> list[Effect]:
+        self._deadline = None
+        return self._request(Step.PAUSING, Pause(), Paused)
+
+    def _paused(self, result: Paused, now: float) -> list[Effect]:
+        """The guest is paused: the last copy holds the last round's dirty set plus
+        whatever the guest wrote until the pause."""
         self.stats.phase = "stop-and-copy"
-        self.paused_at = now
-        pending = np.union1d(np.asarray(self.pending), dirty_at_pause).astype(np.uint64)
-        self.pending = pending
+        self.paused_at = result.at
+        self.pending = np.union1d(np.asarray(self.pending), result.dirty).astype(np.uint64)
         self.stats.current_round = self.round
-        return pending
+        self._round_started = (result.at, self.stats.transferred)
+        return [Note("stop-and-copy", {"phase": "stop-and-copy", "round": self.round, "pages": len(self.pending)}),
+                *self._request(Step.STOP_AND_COPY, SendPages(self.pending, self.round), PagesSent)]
 
-    def end_final_round(self, duration: float, wire_bytes: int) -> None:
-        """The stop-and-copy round is sent (its pages, CPU state and blob): counted as a round."""
-        bandwidth = wire_bytes / duration if duration > 0 else 0.0
-        self.stats.rounds.append(RoundStats(self.round, len(self.pending), wire_bytes, duration, 0, 0.0, bandwidth,
-                                            paused=True))
-
-    def final_state(self, cpu_state: bytes, blob: bytes) -> list[bytes]:
+    def _final_state(self, result: FinalState, now: float) -> list[Effect]:
         """CPU_STATE and the protected-context blob in CONTEXT chunks (the guest is paused)."""
-        out = [self.proto.send(CpuState(cpu_state))]
+        out: list[Effect] = [self._send(CpuState(result.cpu_state))]
+        blob = result.blob
         chunks = [blob[i : i + CONTEXT_CHUNK] for i in range(0, len(blob), CONTEXT_CHUNK)] or [b""]
-        out += [self.proto.send(Context(i, len(chunks), chunk)) for i, chunk in enumerate(chunks)]
-        return out
+        out += [self._send(Context(i, len(chunks), chunk)) for i, chunk in enumerate(chunks)]
+        return out + self._request(Step.COMPLETING, ReadTranscript(), Transcript)
 
     # -- a stream backend: the hypervisor's own stream
 
+    def _stream_started(self, result: StreamStarted, now: float) -> list[Effect]:
+        return self._request(Step.STREAMING, SendStream(), StreamSent)
+
     def stream_chunk(self, data: Buffer) -> list[Buffer]:
-        """The next bytes of the hypervisor's stream: a STREAM message, then its data records."""
-        st = self.stats
-        st.status, st.phase = "active", "stream"
+        """The next bytes of the hypervisor's stream: a STREAM message, then its data
+        records (the bulk path of SendStream)."""
+        if self.step is not Step.STREAMING:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"stream bytes while {self.step.value}")
         self.stream_bytes += len(data)
-        st.page_records += 1
+        self.stats.page_records += 1
         msg = self.proto.send(Stream(len(data)))
         self.sent_bytes += len(msg) + len(data)
         return [msg, *self.proto.send_data(data)]
 
-    def stream_end(self, paused_at: float | None, hypervisor_stats: dict[str, Any]) -> bytes:
-        """The hypervisor completed (its guest paused at ``paused_at``): STREAM_END."""
-        self.paused_at = paused_at
-        self.stats.phase = "stop-and-copy"
-        self._merge_stats(hypervisor_stats)
-        return self.proto.send(StreamEnd(self.stream_bytes))
+    def _stream_sent(self, result: StreamSent, now: float) -> list[Effect]:
+        self.stats.marks["last-byte"] = now  # the hypervisor's last byte read and sent on
+        return self._request(Step.FINISHING, FinishStream(), StreamFinished)
 
-    def _merge_stats(self, info: dict[str, Any]) -> None:
-        """QEMU's query-migrate figures into the migration record."""
-        ram = info.get("ram") or {}
+    def _stream_finished(self, result: StreamFinished, now: float) -> list[Effect]:
+        """The hypervisor completed (its guest paused at ``paused_at``): STREAM_END."""
+        self.paused_at = result.paused_at
         st = self.stats
-        st.hypervisor = {
-            "status": info.get("status"), "total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
-            "setup_ms": info.get("setup-time"), "rounds": ram.get("dirty-sync-count"),
-            "transferred": ram.get("transferred"), "duplicate_pages": ram.get("duplicate"),
-            "normal_pages": ram.get("normal"), "mbps": ram.get("mbps"), "stream_bytes": self.stream_bytes,
-            "digest_excluded": info.get("palm-digest-excluded") or [],  # kvmclock areas (proto 7.7)
-        }
-        st.zero_pages = int(ram.get("duplicate") or 0)
-        st.normal_pages = int(ram.get("normal") or 0)
-        st.current_round = self.round = int(ram.get("dirty-sync-count") or 0)
+        st.phase = "stop-and-copy"
+        fig = result.figures
+        st.hypervisor = {**fig, "stream_bytes": self.stream_bytes}
+        st.zero_pages = int(fig.get("duplicate_pages") or 0)
+        st.normal_pages = int(fig.get("normal_pages") or 0)
+        st.current_round = self.round = int(fig.get("rounds") or 0)
+        return [self._send(StreamEnd(self.stream_bytes)),
+                Note("stream done", {"phase": "stop-and-copy", "rounds": fig.get("rounds"),
+                                     "stream_bytes": self.stream_bytes,
+                                     "hypervisor_downtime_ms": fig.get("downtime_ms")}),
+                *self._request(Step.COMPLETING, ReadTranscript(), Transcript)]
 
     # -- verification and the handoff
 
-    def complete(self, records_sent: int, transcript: bytes) -> bytes:
-        self.stats.phase = "verify"
-        return self.proto.send(Complete(records_sent, self.stats.page_records, transcript))
+    def _transcript(self, result: Transcript, now: float) -> list[Effect]:
+        """COMPLETE, with the channel's count and hash of every record before it."""
+        st = self.stats
+        if not self.stream:  # the last round, CPU state and blob are sent
+            st.marks.setdefault("last-byte", now)
+            t0, b0 = self._round_started
+            duration, wire = now - t0, st.transferred - b0
+            st.rounds.append(RoundStats(self.round, len(self.pending), wire, duration, 0, 0.0,
+                                        wire / duration if duration > 0 else 0.0, paused=True))
+        st.phase = "verify"
+        out: list[Effect] = [self._send(Complete(result.records, st.page_records, result.hash))]
+        st.marks["complete"] = now
+        paused_ms = round((now - self.paused_at) * 1000, 1) if self.paused_at is not None else None
+        out.append(Note("complete sent", {"phase": "verify", "round": self.round, "paused_ms": paused_ms}))
+        self.step = Step.VERIFYING
+        self._reply_due(now)
+        if self.params.verify_digest:  # ours while the destination verifies: both run at once
+            self._digest_due = True
+            out.append(DigestMemory())
+        return out
 
-    def check_ready(self, msg: Message, digest: str | None) -> None:
-        """READY, and with verify_digest the destination's memory equals ours at pause."""
-        self.expect(msg, Ready)
-        self.digest = self.stats.digest = digest
+    def _on_ready(self, msg: Message, now: float) -> list[Effect]:
+        st = self.stats
+        st.marks["ready"] = now
+        st.ready_wait = now - st.marks["complete"]  # READY and our digest, if asked
+        self._ready = msg.get(Ready)
+        return [] if self._digest_due else self._verified()
+
+    def _verified(self) -> list[Effect]:
+        """READY, and with verify_digest the destination's memory equals ours at pause:
+        the handoff point next."""
+        assert self._ready is not None
         if self.params.verify_digest:
-            theirs = msg.get(Ready).digest
-            if digest is None or not hmac.compare_digest(theirs, bytes.fromhex(digest)):
+            theirs, ours = self._ready.digest, self.digest
+            if ours is None or not hmac.compare_digest(theirs, bytes.fromhex(ours)):
                 raise MigrationFailure(ErrorCode.DIGEST_MISMATCH, "destination memory differs from the source at "
                                                                   "pause")
+        return self._request(Step.HANDING_OFF, HandOff(), HandedOff)
 
-    def commit(self) -> bytes:
+    def _handed_off(self, result: HandedOff, now: float) -> list[Effect]:
+        """Durable before COMMIT leaves; from COMMIT on, only the destination's word settles it."""
+        if not result.ok:
+            raise MigrationFailure(ErrorCode.CANCELLED, "migration was cancelled before the handoff")
+        self.stats.marks["handed-off"] = now
+        return [Note("handed off", {"phase": "commit", "round": self.round}), *self._commit(now)]
+
+    def _commit(self, now: float) -> list[Effect]:
+        """COMMIT: from here only the destination's word settles it."""
         self.stats.phase = "commit"
-        msg = self.proto.send(Commit())
+        commit = self._send(Commit())
         self.committed = True
-        return msg
+        self.step = Step.COMMITTING
+        self._reply_due(now)
+        return [commit]
 
-    def done(self, msg: Message, now: float, started: float) -> None:
+    def _on_done(self, msg: Message, now: float) -> list[Effect]:
         """DONE: the destination runs the VM."""
-        self.expect(msg, Done)
         st = self.stats
+        self.step = Step.DONE
         st.downtime = now - (self.paused_at if self.paused_at is not None else now)
-        st.total_time = now - started
+        st.total_time = now - self.started
         st.status = st.phase = "completed"
         st.marks["done"] = now
         if self.paused_at is not None and all(m in st.marks for _, m in DOWNTIME_PHASES):
@@ -290,6 +502,7 @@ class SourceEngine:
                 phases[name] = max(0.0, st.marks[mark] - prev)
                 prev = max(prev, st.marks[mark])
             st.downtime_phases = phases
+        return []
 
     def abort(self, code: ErrorCode) -> bytes | None:
         """ABORT if the state machine still allows the source to send one (the reason
@@ -300,6 +513,16 @@ class SourceEngine:
             return self.proto.send(Abort(code.value, public_reason(code), b""))
         except LocalProtocolError:
             return None
+
+    # (message, the step it is due in) -> handler; ABORT and ROUND_DONE are taken in any step.
+    _on_message: dict[type[Body], tuple[Callable[[SourceEngine, Message, float], list[Effect]], Step]] = {
+        Accept: (_on_accept, Step.OPENING), Ready: (_on_ready, Step.VERIFYING), Done: (_on_done, Step.COMMITTING),
+    }
+    _on_result: dict[type[Result], Callable[[SourceEngine, Any, float], list[Effect]]] = {
+        Started: _started, PagesSent: _pages_sent, Dirty: _dirty, Paused: _paused, FinalState: _final_state,
+        StreamStarted: _stream_started, StreamSent: _stream_sent, StreamFinished: _stream_finished,
+        Transcript: _transcript, HandedOff: _handed_off,
+    }
 
 
 def _code(text: str) -> ErrorCode:

@@ -1,0 +1,202 @@
+"""The source engine on its own (sans-IO): its steps in order as effects, its timers,
+and a whole migration against the destination engine with no sockets, threads or
+trio (palm_net.testing.engines.SourceDriver)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from palm_net.channel.records import Record
+from palm_net.hypervisor.model import ModelVM
+from palm_net.migration.effects import (
+    CollectDirty,
+    Digested,
+    DigestMemory,
+    Dirty,
+    ExportFinalState,
+    FinalState,
+    HandedOff,
+    HandOff,
+    PagesSent,
+    Pause,
+    Paused,
+    ReadTranscript,
+    Send,
+    SendPages,
+    Started,
+    StartPrecopy,
+    Transcript,
+)
+from palm_net.migration.handoff import HandoffState, HandoffStore
+from palm_net.migration.params import MigrationParams
+from palm_net.migration.source import CATCH_UP_WAIT, SourceEngine, Step
+from palm_net.testing.engines import DestinationDriver, SourceDriver
+from palm_net.wire import messages
+from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError
+from palm_net.wire.messages import Accept, Message, Ready, RoundDone
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = bytes(range(32))
+
+
+def _pair(shm: Path, params: MigrationParams, npages: int = 256, **kw) -> tuple[ModelVM, SourceDriver]:
+    src = ModelVM.create(shm / "src", "vm", npages, KEY, protected_processes=1, protected_pages=32, fill="random",
+                         seed=3)
+    dest = DestinationDriver(HandoffStore(shm / "dst.db"), lambda mid, b: ModelVM.create_incoming(
+        shm / "dst", b.vm, b.vm_id, b.pages, b.vcpus, KEY, migration=mid))
+    return src, SourceDriver(src, HandoffStore(shm / "src.db"), dest, params, **kw)
+
+
+def test_a_whole_migration_between_the_two_engines(shm):
+    src, drv = _pair(shm, MigrationParams(max_rounds=3, downtime_limit=1e-9, verify_digest=True),
+                     between=lambda r: src.guest_write(7 + r, b"round %d" % r))
+    before = src.digest()
+    drv.run()
+    eng, dest = drv.engine, drv.dest
+    assert eng.step is Step.DONE and eng.stats.status == "completed" and src.state == "paused"
+    assert dest.engine.outcome == "committed" and dest.vm is not None
+    assert dest.vm.digest() == src.digest() != before  # the guest's writes between rounds arrived
+    assert drv.player.host.store.get(eng.mid).state is HandoffState.HANDED_OFF  # DONE is the shell's next write
+    assert dest.store.get(eng.mid).state is HandoffState.COMMITTED
+    assert [r.paused for r in eng.stats.rounds] == [False] * 3 + [True]
+    assert list(eng.stats.downtime_phases or {}) == ["stop-and-copy", "finish", "destination-prepare", "hand-off",
+                                                    "commit"]
+
+
+def test_the_source_steps_in_order(shm):
+    """One round: every effect the engine asks, in the order the runner used to hard-code."""
+    _, drv = _pair(shm, MigrationParams(max_rounds=1, verify_digest=True))
+    drv.run()
+    asked = [type(e) for e in drv.player.effects if not isinstance(e, Send) and type(e).__name__ != "Note"]
+    assert asked == [StartPrecopy, SendPages, CollectDirty, Pause, SendPages, ExportFinalState, ReadTranscript,
+                     DigestMemory, HandOff]
+
+
+def test_a_migration_with_no_trio_loaded():
+    """The engines, their hosts and the drivers run a migration in a fresh interpreter
+    that never loads trio (issue 23: the source is an engine, not a trio task)."""
+    code = (
+        "import sys, tempfile\n"
+        "from pathlib import Path\n"
+        "from palm_net.hypervisor.model import ModelVM\n"
+        "from palm_net.migration.handoff import HandoffStore\n"
+        "from palm_net.migration.params import MigrationParams\n"
+        "from palm_net.testing.engines import DestinationDriver, SourceDriver\n"
+        "d = Path(tempfile.mkdtemp(dir='/dev/shm' if Path('/dev/shm').is_dir() else None))\n"
+        "key = bytes(range(32))\n"
+        "src = ModelVM.create(d / 'src', 'vm', 64, key, protected_processes=1, protected_pages=8, fill='random')\n"
+        "dest = DestinationDriver(HandoffStore(d / 'dst.db'), lambda mid, b: ModelVM.create_incoming(\n"
+        "    d / 'dst', b.vm, b.vm_id, b.pages, b.vcpus, key, migration=mid))\n"
+        "drv = SourceDriver(src, HandoffStore(d / 'src.db'), dest, MigrationParams())\n"
+        "drv.run()\n"
+        "print(drv.engine.step.value, dest.engine.outcome, 'trio' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "done committed False", out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------
+# One engine, fed by hand
+
+
+def _engine(shm: Path, **params) -> tuple[ModelVM, SourceEngine]:
+    vm = ModelVM.create(shm / "vm", "vm", 64, KEY, fill="random")
+    return vm, SourceEngine(os.urandom(16), vm.info, MigrationParams(**params))
+
+
+def _from_destination(eng: SourceEngine, seq: int, body) -> Record:
+    return Record(messages.encode(Message(eng.mid, seq, body)), seq, bytes(32))
+
+
+def _to_catch_up(vm: ModelVM, eng: SourceEngine, now: float = 1.0) -> None:
+    """BEGIN, ACCEPT, keys, one round's pages (not read: the engine only counts), its dirty set."""
+    eng.start(0.0)
+    eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
+    vm.enable_dirty_log()
+    eng.on_result(Started(vm.export_keys()), 0.2)
+    eng.on_result(PagesSent(), 0.5)
+    effects = eng.on_result(Dirty(vm.collect_dirty()), now)
+    assert eng.step is Step.CATCHING_UP and not any(isinstance(e, Pause) for e in effects)
+
+
+def test_the_pause_waits_for_the_destination_to_write_the_last_round(shm):
+    vm, eng = _engine(shm, max_rounds=1)
+    _to_catch_up(vm, eng)
+    assert eng.timer() == 1.0 + CATCH_UP_WAIT
+    assert eng.on_timer(1.5) == []  # not due yet
+    assert eng.on_record(_from_destination(eng, 1, RoundDone(0)), 1.6) == [Pause()]
+    assert eng.step is Step.PAUSING and eng.timer() is None
+
+
+def test_a_slow_destination_is_not_waited_for_long(shm):
+    vm, eng = _engine(shm, max_rounds=1)
+    _to_catch_up(vm, eng)
+    assert eng.on_timer(1.0 + CATCH_UP_WAIT) == [Pause()]
+    assert eng.on_record(_from_destination(eng, 1, RoundDone(0)), 4.0) == []  # late: the pause is under way
+
+
+def test_a_reply_that_never_comes_fails_the_migration(shm):
+    _, eng = _engine(shm, reply_timeout=5.0)
+    eng.start(10.0)
+    assert eng.timer() == 15.0 and eng.on_timer(14.9) == []
+    with pytest.raises(RemoteProtocolError) as info:
+        eng.on_timer(15.0)
+    assert info.value.code is ErrorCode.TIMEOUT
+
+
+def test_a_result_not_asked_for_is_refused(shm):
+    _, eng = _engine(shm)
+    eng.start(0.0)
+    with pytest.raises(LocalProtocolError):
+        eng.on_result(Paused(0.0, np.zeros(0, np.uint64)), 0.1)  # nothing was paused
+    eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
+    with pytest.raises(LocalProtocolError):
+        eng.on_result(Digested("00"), 0.2)  # no digest was asked for
+    with pytest.raises(RemoteProtocolError) as info:  # the session protocol refuses it first
+        eng.on_record(_from_destination(eng, 1, Ready(b"")), 0.3)  # READY before COMPLETE
+    assert info.value.code is ErrorCode.OUT_OF_STATE
+
+
+def _to_verifying(vm: ModelVM, eng: SourceEngine) -> list:
+    _to_catch_up(vm, eng)
+    eng.on_timer(10.0)
+    vm.pause()
+    eng.on_result(Paused(10.0, vm.collect_dirty()), 10.0)
+    eng.on_result(PagesSent(), 10.1)
+    eng.on_result(FinalState(vm.export_cpu_state(), vm.export_protection()), 10.2)
+    return eng.on_result(Transcript(9, bytes(32)), 10.3)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ready_first=st.booleans(), equal=st.booleans())
+def test_ready_and_our_digest_in_either_order(shm, ready_first, equal):
+    """With --verify-digest the hand-off comes once both READY and our digest are in, in
+    whichever order; a digest that differs never reaches it."""
+    d = shm / os.urandom(4).hex()
+    d.mkdir()
+    vm, eng = _engine(d, max_rounds=1, verify_digest=True)
+    effects = _to_verifying(vm, eng)
+    assert DigestMemory() in effects and eng.step is Step.VERIFYING
+    ours = os.urandom(32)
+    ready = _from_destination(eng, 1, Ready(ours if equal else os.urandom(32)))
+    steps = [lambda: eng.on_record(ready, 11.0), lambda: eng.on_result(Digested(ours.hex()), 11.0)]
+    if not ready_first:
+        steps.reverse()
+    assert steps[0]() == []
+    if not equal:
+        with pytest.raises(MigrationFailure) as info:
+            steps[1]()
+        assert info.value.code is ErrorCode.DIGEST_MISMATCH
+        return
+    assert steps[1]() == [HandOff()] and eng.step is Step.HANDING_OFF
+    # The store said no (cancelled meanwhile): no COMMIT.
+    with pytest.raises(MigrationFailure) as info:
+        eng.on_result(HandedOff(False), 11.1)
+    assert info.value.code is ErrorCode.CANCELLED and not eng.committed
