@@ -165,6 +165,33 @@ def test_layers_import_only_downwards_and_without_cycles():
         visit(m, [])
 
 
+HELPERS = {"hostfs", "units", "trioutil", "logs", "faults"}  # below every layer: they import nothing of palm_net
+
+
+def test_the_readme_layout_says_what_each_layer_imports():
+    """The README's layout table, "may touch" column, is each layer's palm_net imports
+    exactly (the helpers aside, which import nothing of palm_net)."""
+    readme = (ROOT / "README.md").read_text()
+    said: dict[str, set[str]] = {}
+    for path, _, touch in _table(readme.split("## Layout")[1], "| path |"):
+        m = re.fullmatch(r"`palm_net/(\w+)(?:/|\.py)`", path)
+        if m is None or m.group(1) == "testing":
+            continue
+        names = {w.strip() for w in re.sub(r"\([^)]*\)", "", touch).split(",")} - {"nothing"}
+        said[m.group(1)] = names
+    actual: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        layer = _layer(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        if layer in ("testing", "", "__init__"):
+            continue
+        deps = {_layer(d) for d in _imports(path)} - {layer}
+        actual.setdefault(layer, set()).update(deps if layer in HELPERS else deps - HELPERS)
+    for helper in HELPERS:
+        assert not actual.get(helper), f"palm_net/{helper} imports {actual[helper]}: a helper imports nothing"
+    layers = {k: v for k, v in actual.items() if k not in HELPERS or k in said}
+    assert {k: said.get(k) for k in layers} == layers
+
+
 def test_the_engines_import_no_io():
     """The sans-IO cores (both engines, the handoff's table, the wire, the record layer)
     load in a fresh interpreter without trio, and no palm_net module they load imports
