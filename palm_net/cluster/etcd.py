@@ -546,6 +546,10 @@ class EtcdClient:
                 self._token = await self._authenticate()
             return self._token
 
+    async def authenticated(self) -> bool:
+        """Whether requests carry a token (False: no user given, or etcd has authentication off)."""
+        return self.config.credentials is not None and bool(await self._current_token())
+
     def _forget_token(self, token: str) -> None:
         if self._token == token:
             self._token = None
