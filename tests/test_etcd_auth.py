@@ -285,3 +285,22 @@ async def test_agents_run_under_their_roles(authed, nursery):
             await local.stop(name)
         local.cleanup()
 
+
+
+async def test_credentials_given_before_auth_is_on_work_then_authenticate(tmp_path):
+    """The roll-out order: agents get their users first, then etcd turns authentication on."""
+    d = tmp_path / "pw"
+    d.mkdir(mode=0o700)
+    for user in PASSWORDS:
+        _password_file(d, user)
+    with EtcdCluster(1) as cluster:
+        cfg = cluster.config(credentials=EtcdCredentials.from_file("agent-a", d / "agent-a.pw"))
+        async with EtcdClient(cluster.config()) as setup, EtcdClient(cfg) as a:
+            await a.put(KEYS.agent("a"), b"before")  # auth off: no token, no refusal
+            assert a.authentications == 0 and not await a.authenticated()
+            await set_up(setup, KEYS, SetUp(agents={"a": read_password_file(d / "agent-a.pw")},
+                                            root_password=read_password_file(d / "root.pw"), enable=True))
+            await a.put(KEYS.agent("a"), b"after")  # "user name is empty": it authenticates now
+            assert a.authentications == 1 and await a.authenticated()
+            with pytest.raises(EtcdError, match="permission denied"):
+                await a.put(KEYS.agent("b"), b"x")
