@@ -214,6 +214,11 @@ def test_a_password_file_others_can_read_is_refused(tmp_path, capsys):
         assert rc == 1 and err.count("\n") == 1 and "chmod 600" in err
     p = _password_file(d, "agent-a", 0o600)
     assert read_password_file(p).reveal() == PASSWORDS["agent-a"]  # without the newline
+    if os.geteuid() == 0:  # another user's file, even 0600: refused
+        other = _password_file(d, "agent-b", 0o600)
+        os.chown(other, 65534, 65534)
+        with pytest.raises(EtcdError, match="belongs to uid 65534, not to this user"):
+            read_password_file(other)
     link = d / "link.pw"
     link.symlink_to(p)
     with pytest.raises(EtcdError, match="is a symlink"):
@@ -304,3 +309,23 @@ async def test_credentials_given_before_auth_is_on_work_then_authenticate(tmp_pa
             assert a.authentications == 1 and await a.authenticated()
             with pytest.raises(EtcdError, match="permission denied"):
                 await a.put(KEYS.agent("b"), b"x")
+
+
+def test_the_etcd_user_flags_are_checked_before_anything_starts(tmp_path, capsys):
+    d = tmp_path / "pw"
+    d.mkdir(mode=0o700)
+    loose = _password_file(d, "agent-a", 0o644)
+    agent = ["agent", "--dir", str(tmp_path / "a"), "--listen", "127.0.0.1:0", "--ca", str(tmp_path / "none.pub")]
+    for args, rc, said in (
+            ([*agent, "--etcd", "http://127.0.0.1:9", "--etcd-user", "agent-a", "--etcd-password-file", str(loose)],
+             1, "has mode 0644: it must be readable by its owner only"),
+            ([*agent, "--etcd", "http://127.0.0.1:9", "--etcd-user", "agent-a"], 2, "go together"),
+            ([*agent, "--etcd-user", "agent-a", "--etcd-password-file", str(loose)], 2, "need --etcd"),
+            (["cluster", "etcd-roles", "--etcd", "http://127.0.0.1:9", "--agent", "bad name=/x"], 2, "invalid name"),
+            (["cluster", "etcd-roles", "--etcd", "http://127.0.0.1:9", "--operator", "agent-x=/x"], 2,
+             "is not an operator's name"),
+            (["cluster", "etcd-roles", "--etcd", "http://127.0.0.1:9"], 2, "nothing to do")):
+        assert main(args) == rc, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
+    assert not (tmp_path / "a").exists()  # refused before the agent made anything

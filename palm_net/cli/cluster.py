@@ -493,7 +493,7 @@ def _undrain(a: argparse.Namespace) -> int:
     return 0
 
 
-def _named_files(items: list[str] | None, flag: str) -> dict[str, Any]:
+def _named_files(items: list[str] | None, flag: str, check: Callable[[str], Any]) -> dict[str, Any]:
     """``NAME=FILE`` arguments: each file read once, now (mode 0600, this user's)."""
     from palm_net.cluster.etcd import read_password_file
     from palm_net.cluster.etcdwire import EtcdError
@@ -506,6 +506,10 @@ def _named_files(items: list[str] | None, flag: str) -> dict[str, Any]:
         if name in out:
             raise CliError(f"{flag} {name} given twice", EXIT_USAGE)
         try:
+            check(name)
+        except (ValueError, EtcdError) as exc:
+            raise CliError(f"{flag} {name!r}: {exc}", EXIT_USAGE) from None
+        try:
             out[name] = read_password_file(Path(path))
         except EtcdError as exc:
             raise CliError(str(exc)) from None
@@ -513,19 +517,17 @@ def _named_files(items: list[str] | None, flag: str) -> dict[str, Any]:
 
 
 def _etcd_roles(a: argparse.Namespace) -> int:
-    from palm_net.cluster.etcd import read_password_file
-    from palm_net.cluster.etcdauth import SetUp, agent_user, set_up
+    from palm_net.cluster.etcd import EtcdCredentials, Password, read_password_file
+    from palm_net.cluster.etcdauth import SetUp, agent_user, operator_user, set_up
     from palm_net.cluster.etcdwire import EtcdError
 
-    what = SetUp(agents=_named_files(a.agent, "--agent"), operators=_named_files(a.operator, "--operator"),
+    what = SetUp(agents=_named_files(a.agent, "--agent", agent_user),
+                 operators=_named_files(a.operator, "--operator",
+                                        lambda u: (EtcdCredentials(u, Password("")), operator_user(u))),
                  enable=a.enable)
     try:
-        for name in what.agents:
-            agent_user(name)
         if a.root_password_file:
             what.root_password = read_password_file(Path(a.root_password_file))
-    except ValueError as exc:
-        raise CliError(f"--agent: {exc}", EXIT_USAGE) from None
     except EtcdError as exc:
         raise CliError(str(exc)) from None
     if not (what.agents or what.operators or what.root_password or what.enable):

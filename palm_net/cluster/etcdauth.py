@@ -56,6 +56,12 @@ def agent_user(name: str) -> str:
     return f"agent-{name}"
 
 
+def operator_user(user: str) -> str:
+    if user == "root" or user.startswith("agent-"):
+        raise EtcdError(f"etcd user {user!r} is not an operator's name (root and agent-* are taken)")
+    return user
+
+
 def _prefix(kind: str, key: bytes) -> Perm:
     return Perm(kind, key, prefix_end(key))
 
@@ -174,9 +180,7 @@ async def set_up(etcd: EtcdClient, keys: Keys, what: SetUp) -> list[str]:
     if what.operators or what.enable:
         changes += await ensure_role(etcd, OPERATOR_ROLE, operator_permissions(keys))
     for user, password in sorted(what.operators.items()):
-        if user == "root" or user.startswith("agent-"):
-            raise EtcdError(f"etcd user {user!r} is not an operator's name (root and agent-* are taken)")
-        changes += await ensure_user(etcd, user, password, [OPERATOR_ROLE])
+        changes += await ensure_user(etcd, operator_user(user), password, [OPERATOR_ROLE])
     if what.enable:
         if not await auth_enabled(etcd):
             try:
