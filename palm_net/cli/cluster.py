@@ -2,12 +2,15 @@
 
 The cluster commands talk to etcd (``--etcd URL[,URL...]``, or
 ``$PALM_ETCD_ENDPOINTS``), never to an agent's control socket: an operator
-runs them from anywhere etcd is reachable.
+runs them from anywhere etcd is reachable.  With etcd's authentication on,
+``--etcd-user`` and ``--etcd-password-file`` (or ``$PALM_ETCD_USER``,
+``$PALM_ETCD_PASSWORD_FILE``) name the etcd user.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import os
 import shutil
@@ -22,8 +25,11 @@ from palm_net.cli.output import EXIT_FAIL, EXIT_USAGE, CliError, _fmt_table, _wr
 from palm_net.units import format_bytes, parse_rate, parse_size
 
 ETCD_ENV = "PALM_ETCD_ENDPOINTS"
+ETCD_USER_ENV = "PALM_ETCD_USER"
+ETCD_PASSWORD_ENV = "PALM_ETCD_PASSWORD_FILE"
 SIGNER_ENV = "PALM_SIGNER"
-CONFIG_KEYS = {"etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_prefix", "advertise", "capacity", "metrics"}
+CONFIG_KEYS = {"etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file", "etcd_prefix",
+               "advertise", "capacity", "metrics"}
 
 
 # --------------------------------------------------------------- flags
@@ -36,6 +42,10 @@ def _etcd_flags(p: argparse.ArgumentParser, required_hint: str) -> None:
     p.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd (members with "
                                                        "--client-cert-auth)")
     p.add_argument("--etcd-key", metavar="FILE", help="its private key")
+    p.add_argument("--etcd-user", metavar="NAME", help=f"etcd user, when etcd has authentication on (or "
+                                                       f"${ETCD_USER_ENV}; an agent's is agent-NAME)")
+    p.add_argument("--etcd-password-file", metavar="FILE", help=f"its password, one line in a file of this user "
+                                                                f"with mode 0600 (or ${ETCD_PASSWORD_ENV})")
     p.add_argument("--etcd-prefix", metavar="PREFIX", help="key prefix of this cluster in etcd (default /palm/)")
 
 
@@ -52,20 +62,34 @@ def add_agent_flags(ag: argparse.ArgumentParser) -> None:
                          "elsewhere; needs prometheus_client: palm-net[metrics])")
 
 
-def _etcd_config(etcd: str | None, ca: str | None, cert: str | None, key: str | None, required: bool) -> Any:
-    from palm_net.cluster.etcd import EtcdConfig
+def _etcd_config(etcd: str | None, ca: str | None, cert: str | None, key: str | None, required: bool,
+                 user: str | None = None, password_file: str | None = None) -> Any:
+    from palm_net.cluster.etcd import EtcdConfig, EtcdCredentials
     from palm_net.cluster.etcdwire import EtcdError
 
     urls = etcd or os.environ.get(ETCD_ENV)
     if not urls:
         if required:
             raise CliError(f"--etcd URL[,URL...] is required (or set {ETCD_ENV})", EXIT_USAGE)
+        if user or password_file:
+            raise CliError("--etcd-user and --etcd-password-file need --etcd", EXIT_USAGE)
         return None
+    user = user or os.environ.get(ETCD_USER_ENV) or None
+    password_file = password_file or os.environ.get(ETCD_PASSWORD_ENV) or None
+    if (user is None) != (password_file is None):
+        raise CliError("--etcd-user and --etcd-password-file go together", EXIT_USAGE)
     try:
-        return EtcdConfig.from_urls(urls, ca_file=Path(ca) if ca else None, cert_file=Path(cert) if cert else None,
-                                    key_file=Path(key) if key else None)
+        cfg = EtcdConfig.from_urls(urls, ca_file=Path(ca) if ca else None, cert_file=Path(cert) if cert else None,
+                                   key_file=Path(key) if key else None)
     except EtcdError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    if user is None or password_file is None:
+        return cfg
+    try:
+        # read once, now: a bad file is refused before anything starts
+        return dataclasses.replace(cfg, credentials=EtcdCredentials.from_file(user, Path(password_file)))
+    except EtcdError as exc:
+        raise CliError(str(exc)) from None
 
 
 def agent_settings(a: argparse.Namespace, pick: Callable[..., Any]) -> dict[str, Any]:
@@ -73,7 +97,8 @@ def agent_settings(a: argparse.Namespace, pick: Callable[..., Any]) -> dict[str,
     from palm_net.cluster.model import Keys
 
     etcd = _etcd_config(pick(a.etcd, "etcd"), pick(a.etcd_ca, "etcd_ca"), pick(a.etcd_cert, "etcd_cert"),
-                        pick(a.etcd_key, "etcd_key"), required=False)
+                        pick(a.etcd_key, "etcd_key"), required=False, user=pick(a.etcd_user, "etcd_user"),
+                        password_file=pick(a.etcd_password_file, "etcd_password_file"))
     prefix = pick(a.etcd_prefix, "etcd_prefix", "/palm/")
     advertise, capacity, metrics = pick(a.advertise, "advertise"), pick(a.capacity, "capacity"), pick(a.metrics,
                                                                                                     "metrics")
@@ -129,7 +154,8 @@ def _run(a: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) -> Any
     from palm_net.cluster.model import Keys, RecordError
     from palm_net.trioutil import single_error
 
-    cfg = _etcd_config(a.etcd, a.etcd_ca, a.etcd_cert, a.etcd_key, required=True)
+    cfg = _etcd_config(a.etcd, a.etcd_ca, a.etcd_cert, a.etcd_key, required=True, user=a.etcd_user,
+                       password_file=a.etcd_password_file)
     try:
         keys = Keys(a.etcd_prefix or "/palm/")
     except ValueError as exc:
@@ -467,9 +493,53 @@ def _undrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _named_files(items: list[str] | None, flag: str, check: Callable[[str], Any]) -> dict[str, Any]:
+    """``NAME=FILE`` arguments: each file read once, now (mode 0600, this user's)."""
+    from palm_net.cluster.etcd import read_password_file
+    from palm_net.cluster.etcdwire import EtcdError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CliError(f"bad {flag} {item!r}: use NAME=PASSWORD_FILE", EXIT_USAGE)
+        if name in out:
+            raise CliError(f"{flag} {name} given twice", EXIT_USAGE)
+        try:
+            check(name)
+        except (ValueError, EtcdError) as exc:
+            raise CliError(f"{flag} {name!r}: {exc}", EXIT_USAGE) from None
+        try:
+            out[name] = read_password_file(Path(path))
+        except EtcdError as exc:
+            raise CliError(str(exc)) from None
+    return out
+
+
+def _etcd_roles(a: argparse.Namespace) -> int:
+    from palm_net.cluster.etcd import EtcdCredentials, Password, read_password_file
+    from palm_net.cluster.etcdauth import SetUp, agent_user, operator_user, set_up
+    from palm_net.cluster.etcdwire import EtcdError
+
+    what = SetUp(agents=_named_files(a.agent, "--agent", agent_user),
+                 operators=_named_files(a.operator, "--operator",
+                                        lambda u: (EtcdCredentials(u, Password("")), operator_user(u))),
+                 enable=a.enable)
+    try:
+        if a.root_password_file:
+            what.root_password = read_password_file(Path(a.root_password_file))
+    except EtcdError as exc:
+        raise CliError(str(exc)) from None
+    if not (what.agents or what.operators or what.root_password or what.enable):
+        raise CliError("nothing to do: give --agent, --operator, --root-password-file or --enable", EXIT_USAGE)
+    changes = _run(a, lambda etcd, keys: set_up(etcd, keys, what))
+    emit({"changes": changes}, a.json, lambda: "\n".join(changes) or "nothing to change: etcd already has it all")
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _status, "revoke": lambda a: _revoke(a, False), "unrevoke": lambda a: _revoke(a, True),
-    "allowlist": _allowlist, "drain": _drain, "undrain": _undrain,
+    "allowlist": _allowlist, "drain": _drain, "undrain": _undrain, "etcd-roles": _etcd_roles,
 }
 
 
@@ -529,6 +599,15 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], parser_c
     p = one("undrain", "HOST may receive VMs again (and a drain under way starts no more migrations)")
     signing(p)
     p.add_argument("host", metavar="HOST")
+    p = one("etcd-roles", "etcd's own users and roles: each agent writes only its own keys, operators the "
+                          "policy documents (docs/CLUSTER.md); run as etcd's root once authentication is on")
+    p.add_argument("--agent", action="append", metavar="NAME=PASSWORD_FILE",
+                   help="etcd user agent-NAME with the role agent-NAME (repeatable)")
+    p.add_argument("--operator", action="append", metavar="USER=PASSWORD_FILE",
+                   help="etcd user USER with the role operator (repeatable)")
+    p.add_argument("--root-password-file", metavar="FILE", help="create etcd's root user (needed once, before "
+                                                                 "--enable), or set its password")
+    p.add_argument("--enable", action="store_true", help="then turn etcd's authentication on")
 
 
 def check_listen(text: str, flag: str) -> None:

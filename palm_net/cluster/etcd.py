@@ -16,19 +16,32 @@ repeated on the next endpoint.
 
 Everything from the network is bounded: response heads by h11
 (64 KiB), bodies and stream messages by ``EtcdConfig.max_message_bytes``.
+
+Authentication (``EtcdConfig.credentials``): etcd's JSON gateway forwards
+the ``Authorization`` header to the member as the gRPC token, so a user and
+password (read once from a 0600 file) get a token from
+``/v3/auth/authenticate`` that goes with every request, watches and lease
+keep-alives included.  A token etcd no longer knows (expired, or issued by a
+member that has since restarted: simple tokens live in memory) is replaced
+once per call.  The password is never logged nor put in an error.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
 import math
+import os
+import re
 import select
 import socket
 import ssl
+import stat
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -38,7 +51,11 @@ import structlog
 import trio
 
 from palm_net.cluster.etcdwire import (
+    CODE_FAILED_PRECONDITION,
+    CODE_INVALID_ARGUMENT,
     CODE_NOT_FOUND,
+    CODE_PERMISSION_DENIED,
+    CODE_UNAUTHENTICATED,
     CODE_UNAVAILABLE,
     Compare,
     EtcdError,
@@ -68,6 +85,7 @@ from palm_net.cluster.etcdwire import (
     txn_request,
     watch_create_request,
 )
+from palm_net.hostfs import open_nofollow
 from palm_net.trioutil import single_error
 
 log = structlog.get_logger("palm.etcd")
@@ -78,6 +96,10 @@ _MAX_IDLE = 4  # pooled connections per endpoint
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
 _WATCH_BACKOFF_MAX = 2.0
 _RANGE_PAGE = 1000
+_AUTHENTICATE = "/v3/auth/authenticate"
+_MAX_PASSWORD = 4096
+_MAX_TOKEN = 4096
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 
 
 # --------------------------------------------------------------------- config
@@ -105,6 +127,76 @@ def parse_endpoint(url: str) -> Endpoint:
     return Endpoint(u.scheme == "https", u.hostname, port)
 
 
+class Password:
+    """A password that does not show itself: repr, str and logs see ``<hidden>``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Password(<hidden>)"
+
+    __str__ = __repr__
+
+
+def read_password_file(path: Path) -> Password:
+    """The password in ``path``: a regular file (no symlink) of this user,
+    readable by nobody else (mode 0600 or 0400), one line; read once, here."""
+    try:
+        fd = open_nofollow(path, os.O_RDONLY)
+    except OSError as e:
+        why = "is a symlink" if e.errno == errno.ELOOP else e.strerror
+        raise EtcdError(f"etcd password file {path}: {why}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise EtcdError(f"etcd password file {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise EtcdError(f"etcd password file {path} belongs to uid {st.st_uid}, not to this user")
+        if st.st_mode & 0o077:
+            # anyone else who can read it can act as this user in etcd
+            raise EtcdError(f"etcd password file {path} has mode {stat.S_IMODE(st.st_mode):04o}: it must be "
+                            f"readable by its owner only (chmod 600 {path})")
+        data = os.read(fd, _MAX_PASSWORD + 1)
+    except OSError as e:
+        raise EtcdError(f"etcd password file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_PASSWORD:
+        raise EtcdError(f"etcd password file {path} is over {_MAX_PASSWORD} bytes")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise EtcdError(f"etcd password file {path} is not UTF-8 text") from None
+    text = text[:-1] if text.endswith("\n") else text  # the newline an editor or echo adds
+    text = text[:-1] if text.endswith("\r") else text
+    if not text or "\n" in text:
+        raise EtcdError(f"etcd password file {path} must hold one non-empty line")
+    return Password(text)
+
+
+@dataclass(frozen=True)
+class EtcdCredentials:
+    """An etcd user and its password (kept out of repr)."""
+
+    user: str
+    password: Password = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not _USER.fullmatch(self.user):
+            raise EtcdError(f"bad etcd user name {self.user[:140]!r}: 1 to 128 letters, digits, . _ @ -, "
+                            "starting with a letter or digit")
+
+    @classmethod
+    def from_file(cls, user: str, password_file: Path) -> EtcdCredentials:
+        return cls(user, read_password_file(password_file))
+
+
 @dataclass(frozen=True)
 class EtcdConfig:
     """Where etcd is and how long to wait for it.
@@ -113,6 +205,7 @@ class EtcdConfig:
     all https.  With https, ``ca_file`` is the CA that signed the members'
     certificates (the system's CAs when None) and ``cert_file``/``key_file``
     a client certificate for members run with ``--client-cert-auth``.
+    ``credentials``: an etcd user for clusters with authentication enabled.
     """
 
     endpoints: tuple[str, ...]
@@ -122,6 +215,7 @@ class EtcdConfig:
     timeout: float = 5.0  # one call, fail-over and retries included
     attempt_timeout: float = 2.0  # one endpoint, connecting included
     max_message_bytes: int = 4 * 1024 * 1024  # one response body or stream message
+    credentials: EtcdCredentials | None = None
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -247,6 +341,33 @@ class _Conn:
         await trio.aclose_forcefully(self.stream)
 
 
+def _token_refused(e: EtcdError) -> bool:
+    """etcd refused the token itself (not what it was for): a new one may pass."""
+    text = str(e)
+    return e.code == CODE_UNAUTHENTICATED or (e.code == CODE_INVALID_ARGUMENT and (
+        "auth store is old" in text  # roles changed since the token was issued
+        or "user name is empty" in text))  # no token sent: authentication was off then, is on now
+
+
+def _keys_named(body: dict[str, Any]) -> list[str]:
+    """The keys a request writes or reads, for an error message (at most 3)."""
+    raw: list[Any] = [body.get("key")]
+    for branch in ("success", "failure"):
+        for op in body.get(branch) or ():
+            if isinstance(op, dict):
+                raw += [o.get("key") for o in op.values() if isinstance(o, dict)]
+    out: list[str] = []
+    for k in raw:
+        if isinstance(k, str) and len(out) < 3:
+            try:
+                text = base64.b64decode(k, validate=True).decode("ascii", "replace")[:100]
+            except ValueError:
+                continue
+            if text not in out:
+                out.append(text)
+    return out
+
+
 # --------------------------------------------------------------------- client
 
 class EtcdClient:
@@ -260,6 +381,10 @@ class EtcdClient:
         self._pinned = 0
         self._idle: dict[int, list[_Conn]] = {i: [] for i in range(len(self.endpoints))}
         self._closed = False
+        # None: not asked yet; "": etcd has authentication off (requests go without one)
+        self._token: str | None = None
+        self._auth_lock = trio.Lock()
+        self.authentications = 0  # tokens obtained (a re-authentication counts)
 
     async def __aenter__(self) -> EtcdClient:
         return self
@@ -330,7 +455,8 @@ class EtcdClient:
 
     # -- one call
 
-    async def _attempt(self, index: int, path: str, payload: bytes, write_sent: list[str] | None) -> dict[str, Any]:
+    async def _attempt(self, index: int, path: str, payload: bytes, write_sent: list[str] | None,
+                       headers: Sequence[tuple[str, str]]) -> dict[str, Any]:
         """One request to one endpoint.  Connecting and sending are bounded by
         attempt_timeout, and so is waiting for the answer to a read; a write,
         once sent, cannot be sent elsewhere, so it waits for its answer up to
@@ -347,7 +473,7 @@ class EtcdClient:
                     if write_sent is not None:
                         write_sent.append(ep.url)
                         scope.deadline = math.inf
-                    await conn.send(path, payload)
+                    await conn.send(path, payload, headers)
                     status = await conn.head()
                     data = await conn.body(self.config.max_message_bytes)
                 except _IO_ERRORS as e:
@@ -380,8 +506,82 @@ class EtcdClient:
         return body
 
     async def _call(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
+        try:
+            if self.config.credentials is None:
+                return await self._send(path, body, idempotent=idempotent)
+            token = await self._current_token()
+            try:
+                return await self._send(path, body, idempotent=idempotent, token=token)
+            except EtcdError as e:
+                if not _token_refused(e):
+                    raise
+                # Refused before anything was applied (etcd checks the token
+                # before proposing, and the auth revision before applying):
+                # once more with a fresh token, no more.
+                log.info("etcd token refused: authenticating again", error=str(e))
+                token = await self._current_token(stale=token)
+                return await self._send(path, body, idempotent=idempotent, token=token)
+        except EtcdError as e:
+            raise self._explained(e, path, body) from None
+
+    def _explained(self, e: EtcdError, path: str, body: dict[str, Any]) -> EtcdError:
+        """etcd's auth refusals said with who asked and for which keys."""
+        creds = self.config.credentials
+        if e.code == CODE_PERMISSION_DENIED:
+            who = f"etcd user {creds.user!r}" if creds else "this etcd client"
+            keys = ", ".join(_keys_named(body)) or "these keys"
+            return EtcdError(f"etcd {path}: permission denied: {who} may not do this on {keys} "
+                             "(its etcd role does not grant it)", code=e.code)
+        if e.code == CODE_INVALID_ARGUMENT and "user name is empty" in str(e) and creds is None:
+            return EtcdError(f"etcd {path}: etcd has authentication on and this client gives no user "
+                             "(--etcd-user, --etcd-password-file)", code=e.code)
+        return e
+
+    async def _current_token(self, stale: str | None = None) -> str:
+        """The token to send; a new one if there is none yet or it is ``stale``.
+        One task authenticates at a time: the others then take its token."""
+        async with self._auth_lock:
+            if self._token is None or self._token == stale:
+                self._token = None
+                self._token = await self._authenticate()
+            return self._token
+
+    async def authenticated(self) -> bool:
+        """Whether requests carry a token (False: no user given, or etcd has authentication off)."""
+        return self.config.credentials is not None and bool(await self._current_token())
+
+    def _forget_token(self, token: str) -> None:
+        if self._token == token:
+            self._token = None
+
+    async def _authenticate(self) -> str:
+        creds = self.config.credentials
+        assert creds is not None
+        try:
+            body = await self._send(_AUTHENTICATE, {"name": creds.user, "password": creds.password.reveal()},
+                                    idempotent=True)
+        except EtcdError as e:
+            if e.code == CODE_FAILED_PRECONDITION and "authentication is not enabled" in str(e):
+                # credentials given before auth is enabled (the order of a roll-out):
+                # go without a token; "user name is empty" later means it is on now
+                log.warning("etcd has authentication off: requests carry no user", user=creds.user)
+                return ""
+            if e.code == CODE_INVALID_ARGUMENT and "authentication failed" in str(e):
+                raise EtcdError(f"etcd user {creds.user!r}: authentication failed (wrong user name or password)",
+                                code=e.code) from None
+            raise
+        token = body.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= _MAX_TOKEN or not token.isascii() \
+                or not token.isprintable():
+            raise EtcdError(f"etcd {_AUTHENTICATE}: etcd sent a malformed answer: no usable token")
+        self.authentications += 1
+        log.info("etcd authenticated", user=creds.user)
+        return token
+
+    async def _send(self, path: str, body: dict[str, Any], *, idempotent: bool, token: str = "") -> dict[str, Any]:
         if self._closed:
             raise EtcdError("etcd client is closed")
+        headers = [("Authorization", token)] if token else []
         payload = encode(body)
         last = "no endpoint tried"
         backoff = _BACKOFF_FIRST
@@ -390,7 +590,7 @@ class EtcdClient:
             while True:
                 for index in self._order():
                     try:
-                        result = await self._attempt(index, path, payload, write_sent)
+                        result = await self._attempt(index, path, payload, write_sent, headers)
                     except _Unreached as e:
                         last = str(e)
                     except _Lost as e:
@@ -447,6 +647,13 @@ class EtcdClient:
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         """If every comparison holds, runs ``success``, else ``failure``; atomically."""
         return parse_txn(await self._call("/v3/kv/txn", txn_request(compare, success, failure), idempotent=False))
+
+    async def auth_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One of etcd's ``/v3/auth/`` calls (users, roles, enabling; palm_net.cluster.etcdauth).
+        Repeated on fail-over: each is as good done twice (the caller takes "already exists")."""
+        if not path.startswith("/v3/auth/") or path == _AUTHENTICATE:
+            raise EtcdError(f"not an etcd auth call: {path[:100]!r}")
+        return await self._call(path, body, idempotent=True)
 
     # -- leases
 
@@ -616,12 +823,23 @@ class Watch:
         client = self.client
         ep = client.endpoints[index]
         body = encode(watch_create_request(self.key, prefix=self.prefix, start_revision=self.next_revision))
+        # hasleader: a member cut off from the quorum ends the stream
+        # instead of keeping it silently open.
+        headers = [("Grpc-Metadata-hasleader", "true")]
+        token = ""
+        if client.config.credentials is not None:
+            try:
+                token = await client._current_token()
+            except EtcdError as e:
+                if "authentication failed" in str(e):
+                    raise  # a wrong password stays wrong
+                raise _Unreached(str(e)) from None
+            if token:
+                headers.append(("Authorization", token))
         with trio.move_on_after(client.config.attempt_timeout) as scope:
             try:
                 self._conn = await client._connect(index)
-                # hasleader: a member cut off from the quorum ends the stream
-                # instead of keeping it silently open.
-                await self._conn.send("/v3/watch", body, [("Grpc-Metadata-hasleader", "true")])
+                await self._conn.send("/v3/watch", body, headers)
                 status = await self._conn.head()
                 if status != 200:
                     err = parse_json(await self._conn.body(client.config.max_message_bytes), "etcd /v3/watch")
@@ -636,11 +854,34 @@ class Watch:
             if not created.created:
                 await self._drop()
                 raise _Lost(f"{ep.url}: etcd did not create the watch")
+            if created.canceled and not created.compact_revision:
+                # refused at creation: the gateway says why in cancel_reason
+                await self._drop()
+                self._refused(ep, created.cancel_reason, token)
             if not self.next_revision:
                 self.next_revision = created.revision + 1
         if scope.cancelled_caught:
             await self._drop()
             raise _Lost(f"{ep.url}: the watch was not created within {client.config.attempt_timeout}s")
+
+    def _refused(self, ep: Endpoint, reason: str, token: str) -> NoReturn:
+        """A watch etcd refused to create: the token (once more with a new one:
+        raises _Lost) or the user's rights (raises EtcdError: retrying will not help)."""
+        client = self.client
+        what = f"etcd watch on {self.key[:100].decode('ascii', 'replace')}"
+        if "invalid auth token" in reason or "auth store is old" in reason or (
+                "user name is empty" in reason and client.config.credentials is not None):
+            client._forget_token(token)
+            raise _Lost(f"{ep.url}: {what}: the token was refused ({reason[:200]})")
+        creds = client.config.credentials
+        if "permission denied" in reason:
+            who = f"etcd user {creds.user!r}" if creds else "this etcd client"
+            raise EtcdError(f"{what}: permission denied: {who} may not read it (its etcd role does not grant it)",
+                            code=CODE_PERMISSION_DENIED)
+        if "user name is empty" in reason:
+            raise EtcdError(f"{what}: etcd has authentication on and this client gives no user "
+                            "(--etcd-user, --etcd-password-file)", code=CODE_INVALID_ARGUMENT)
+        raise _Lost(f"{ep.url}: {what}: cancelled at creation: {reason[:200] or 'no reason given'}")
 
     async def _reopen(self, reason: str) -> None:
         """Opens the stream again, anywhere, however long it takes."""

@@ -22,9 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 # gRPC status codes the client treats specially (google.rpc.Code).
+CODE_INVALID_ARGUMENT = 3  # etcd: also "authentication failed", "user name is empty", "auth store is old"
 CODE_NOT_FOUND = 5
+CODE_PERMISSION_DENIED = 7  # etcd auth: the user's roles do not grant that key
+CODE_FAILED_PRECONDITION = 9  # etcd: also "authentication is not enabled", "already exists"
 CODE_OUT_OF_RANGE = 11  # etcd: "required revision has been compacted"
 CODE_UNAVAILABLE = 14  # etcd: no leader, leader changed, request timed out
+CODE_UNAUTHENTICATED = 16  # etcd auth: "invalid auth token" (expired, or its member restarted)
 
 _INT64_MAX = (1 << 63) - 1
 _DECIMAL = re.compile(r"-?[0-9]{1,19}")
