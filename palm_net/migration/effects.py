@@ -21,7 +21,10 @@ from palm_net.wire.pages import Gfns, PageBatch, RoundGfns
 
 
 class Effect:
-    """Something the shell does for an engine."""
+    """Something the shell does for an engine.  ``beside``: performed beside the
+    effects that follow (its result comes back whenever it is ready), not before them."""
+
+    beside = False
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,10 @@ class SendStream(Effect):
 
 @dataclass(frozen=True)
 class FinishStream(Effect):
-    """The hypervisor completed its migration (its guest paused): -> StreamFinished."""
+    """The hypervisor completed its migration (its guest paused), awaited beside the
+    destination's checks: -> StreamFinished."""
+
+    beside = True
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,8 @@ class ReadTranscript(Effect):
 class DigestMemory(Effect):
     """The digest of the pages as sent (proto 7.4), computed while the destination
     verifies: performed beside what follows, -> Digested whenever it is ready."""
+
+    beside = True
 
 
 @dataclass(frozen=True)

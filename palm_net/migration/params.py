@@ -41,12 +41,11 @@ class MigrationParams:
 
 
 # The downtime, from the pause to DONE, in the steps the source sees (each from the
-# mark before it): the hypervisor's stop-and-copy to its last byte read ("last-byte"),
-# the hypervisor's completion (QEMU's event and figures) and the final messages sent
-# ("complete"), the
-# destination's load, checks and durable PREPARE ("ready"), the source's durable
-# hand-off ("handed-off"), COMMIT, the destination's durable COMMIT, activation
-# and DONE ("done").
+# mark before it): the stop-and-copy to its last byte read and sent ("last-byte"),
+# the final messages sent ("complete"), the destination's load, checks and durable
+# PREPARE ("ready"; a stream backend's own completion, QEMU's event and figures, is
+# awaited beside it), the source's durable hand-off ("handed-off"), COMMIT, the
+# destination's durable COMMIT, activation and DONE ("done").
 DOWNTIME_PHASES = (("stop-and-copy", "last-byte"), ("finish", "complete"), ("destination-prepare", "ready"),
                    ("hand-off", "handed-off"), ("commit", "done"))
 

@@ -49,7 +49,6 @@ from palm_net.migration.effects import (
     ApplyPages,
     CommitAndActivate,
     Committed,
-    DigestMemory,
     Effect,
     HandOff,
     Note,
@@ -221,8 +220,8 @@ class SourceRun:
                         self._queued(eng.on_timer(time.monotonic()))
                     continue
                 eff = self._queue.popleft()
-                if isinstance(eff, DigestMemory):  # beside what follows: the destination verifies meanwhile
-                    nursery.start_soon(self._digest)
+                if eff.beside:  # its result comes back whenever it is ready
+                    nursery.start_soon(self._beside, eff)
                     continue
                 result = await self._perform(eff)
                 if result is not None:
@@ -262,8 +261,9 @@ class SourceRun:
             return StreamSent()
         return await trio.to_thread.run_sync(self.host.perform, eff)
 
-    async def _digest(self) -> None:
-        result = await trio.to_thread.run_sync(self.host.perform, DigestMemory())
+    async def _beside(self, eff: Effect) -> None:
+        """An effect performed beside the others (the destination verifies meanwhile)."""
+        result = await trio.to_thread.run_sync(self.host.perform, eff)
         assert result is not None
         self._queued(self.engine.on_result(result, time.monotonic()))
 

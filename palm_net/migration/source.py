@@ -119,7 +119,6 @@ class Step(enum.Enum):
     STOP_AND_COPY = "stop-and-copy"  # the last copy going out: PagesSent due
     EXPORTING = "exporting"  # CPU state and blob being exported: FinalState due
     STREAMING = "streaming"  # the hypervisor's stream being carried: StreamSent due
-    FINISHING = "finishing"  # the hypervisor completing: StreamFinished due
     COMPLETING = "completing"  # the channel's count and hash being read: Transcript due
     VERIFYING = "verifying"  # COMPLETE sent: READY (and our digest, if asked) due
     HANDING_OFF = "handing-off"  # HANDED_OFF being made durable: HandedOff due
@@ -154,8 +153,10 @@ class SourceEngine:
         self.abort_token: bytes | None = None  # a valid one from the destination, after COMMIT
         self.written_round = -1  # the last round the destination says it has written (ROUND_DONE)
         self._awaiting: type[Result] | None = None  # the result the last request will bring
-        self._digest_due = False  # DigestMemory asked and not yet answered
-        self._ready: Ready | None = None  # READY, while our digest is still due
+        # Results of effects performed beside the rest (Effect.beside), not yet in:
+        # the hand-off waits for them and READY.
+        self._beside_due: set[type[Result]] = set()
+        self._ready: Ready | None = None  # READY, while a result performed beside is still due
         self._deadline: float | None = None  # when ``on_timer`` acts (a reply's timeout, the catch-up wait's end)
         self._round_started = (0.0, 0)  # (now, bytes transferred) when the current round began
         self._last_dirty: int | None = None
@@ -214,10 +215,10 @@ class SourceEngine:
 
     def on_result(self, result: Result, now: float) -> list[Effect]:
         """What the shell learned by performing a request."""
-        if isinstance(result, Digested) and self._digest_due:
-            self._digest_due = False
-            self.digest = self.stats.digest = result.digest
-            return self._verified() if self._ready is not None else []
+        if type(result) in self._beside_due:
+            self._beside_due.discard(type(result))
+            out = self._on_result[type(result)](self, result, now)
+            return out + self._verified() if self._ready is not None and not self._beside_due else out
         if self._awaiting is None or not isinstance(result, self._awaiting):
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"unexpected {type(result).__name__} while "
                                                              f"{self.step.value}")
@@ -412,24 +413,31 @@ class SourceEngine:
         return [msg, *self.proto.send_data(data)]
 
     def _stream_sent(self, result: StreamSent, now: float) -> list[Effect]:
+        """The hypervisor's stream ended: STREAM_END and COMPLETE at once.  Its
+        completion (its guest paused, its figures) is awaited beside the destination's
+        load and checks, not before them: the hand-off still waits for it."""
         self.stats.marks["last-byte"] = now  # the hypervisor's last byte read and sent on
-        return self._request(Step.FINISHING, FinishStream(), StreamFinished)
+        self.stats.phase = "stop-and-copy"
+        self._beside_due.add(StreamFinished)
+        return [self._send(StreamEnd(self.stream_bytes)), FinishStream(),
+                *self._request(Step.COMPLETING, ReadTranscript(), Transcript)]
 
     def _stream_finished(self, result: StreamFinished, now: float) -> list[Effect]:
-        """The hypervisor completed (its guest paused at ``paused_at``): STREAM_END."""
+        """The hypervisor completed (its guest paused at ``paused_at``), with its figures."""
         self.paused_at = result.paused_at
         st = self.stats
-        st.phase = "stop-and-copy"
         fig = result.figures
         st.hypervisor = {**fig, "stream_bytes": self.stream_bytes}
         st.zero_pages = int(fig.get("duplicate_pages") or 0)
         st.normal_pages = int(fig.get("normal_pages") or 0)
         st.current_round = self.round = int(fig.get("rounds") or 0)
-        return [self._send(StreamEnd(self.stream_bytes)),
-                Note("stream done", {"phase": "stop-and-copy", "rounds": fig.get("rounds"),
+        return [Note("stream done", {"phase": "stop-and-copy", "rounds": fig.get("rounds"),
                                      "stream_bytes": self.stream_bytes,
-                                     "hypervisor_downtime_ms": fig.get("downtime_ms")}),
-                *self._request(Step.COMPLETING, ReadTranscript(), Transcript)]
+                                     "hypervisor_downtime_ms": fig.get("downtime_ms")})]
+
+    def _digested(self, result: Digested, now: float) -> list[Effect]:
+        self.digest = self.stats.digest = result.digest
+        return []
 
     # -- verification and the handoff
 
@@ -450,7 +458,7 @@ class SourceEngine:
         self.step = Step.VERIFYING
         self._reply_due(now)
         if self.params.verify_digest:  # ours while the destination verifies: both run at once
-            self._digest_due = True
+            self._beside_due.add(Digested)
             out.append(DigestMemory())
         return out
 
@@ -459,11 +467,11 @@ class SourceEngine:
         st.marks["ready"] = now
         st.ready_wait = now - st.marks["complete"]  # READY and our digest, if asked
         self._ready = msg.get(Ready)
-        return [] if self._digest_due else self._verified()
+        return [] if self._beside_due else self._verified()
 
     def _verified(self) -> list[Effect]:
-        """READY, and with verify_digest the destination's memory equals ours at pause:
-        the handoff point next."""
+        """READY and what was performed beside (the hypervisor completed; with
+        verify_digest the destination's memory equals ours at pause): the handoff point next."""
         assert self._ready is not None
         if self.params.verify_digest:
             theirs, ours = self._ready.digest, self.digest
@@ -521,7 +529,7 @@ class SourceEngine:
     _on_result: dict[type[Result], Callable[[SourceEngine, Any, float], list[Effect]]] = {
         Started: _started, PagesSent: _pages_sent, Dirty: _dirty, Paused: _paused, FinalState: _final_state,
         StreamStarted: _stream_started, StreamSent: _stream_sent, StreamFinished: _stream_finished,
-        Transcript: _transcript, HandedOff: _handed_off,
+        Transcript: _transcript, HandedOff: _handed_off, Digested: _digested,
     }
 
 
