@@ -249,10 +249,14 @@ def test_migrate_mistakes(ops):
     p = palm("migrate", "nothere", "--control", c.sock("a"), "--to", to(c, "b"), check=False)
     one_line_error(p, "unknown VM 'nothere'")
     assert p.returncode == 1 and "internal error" not in p.stderr
-    for bad in ("host-b", "127.0.0.1"):
+    for bad in ("http://host-b:7400", "127.0.0.1"):
         p = palm("migrate", "mis1", "--control", c.sock("a"), "--to", bad, check=False)
         one_line_error(p, "bad address", "HOST:PORT")
         assert p.returncode == 2
+    # an agent's name, from an agent that is in no cluster
+    p = palm("migrate", "mis1", "--control", c.sock("a"), "--to", "host-b", check=False)
+    one_line_error(p, "--to host-b: agent names need a cluster (this agent has no --etcd): use HOST:PORT")
+    assert p.returncode == 2
     # to its own agent
     p = palm("migrate", "mis1", "--control", c.sock("a"), "--to", to(c, "a"), check=False)
     one_line_error(p, "is this agent", "cannot migrate to the agent it runs on")

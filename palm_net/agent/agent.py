@@ -315,6 +315,10 @@ class Agent:
             out["cluster"] = cluster
         return out
 
+    async def destinations(self, vm_name: str) -> dict[str, Any]:
+        """Where `palm migrate VM --to NAME|auto` may go (palm_net.agent.clustering)."""
+        return await self.cluster.destinations(vm_name)
+
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_hostport(self.cfg.listen)
         try:

@@ -7,6 +7,7 @@ Every error an operator can cause is one line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -386,20 +387,22 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid}: {r['status']}")
         return 0
     if not a.name or not a.to:
-        raise CliError("migrate needs NAME and --to HOST:PORT (or --cancel / --resolve)", EXIT_USAGE)
+        raise CliError("migrate needs NAME and --to HOST:PORT, an agent's name or auto (or --cancel / --resolve)",
+                       EXIT_USAGE)
     try:
         if a.bandwidth:
             parse_rate(a.bandwidth)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    _check_address(a.to)
-    args = {"name": a.name, "to": a.to, "downtime_ms": a.downtime_ms, "max_rounds": a.max_rounds,
+    to, to_name = _destination(control, a.name, a.to)
+    args = {"name": a.name, "to": to, "downtime_ms": a.downtime_ms, "max_rounds": a.max_rounds,
             "max_factor": a.max_factor, "bandwidth": a.bandwidth, "cipher": a.cipher,
             "auto_converge": a.auto_converge, "plain": a.plain_benchmark, "verify_digest": a.verify_digest,
             "reply_timeout": a.reply_timeout}
     if a.downtime_policy:
         args["downtime_policy"] = a.downtime_policy
     view = ProgressView.for_command(a.json)
+    view.to_name = to_name
     # SIGTERM (a service manager, `kill`) cancels as Ctrl-C does, and says so.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -414,13 +417,43 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return _report(a, r)
 
 
-def _check_address(to: str) -> None:
+def _destination(control: str, vm: str, to: str) -> tuple[str, str]:
+    """``--to``: HOST:PORT as it is; in a cluster also an agent's name (its address from its
+    record in etcd, signed by it and verified by the agent against the authority) or
+    ``auto`` (placed as a drain would).  Returns the address and the agent's name (or "")."""
     from palm_net.agent.outgoing import parse_hostport
+    from palm_net.crypto.identity import validate_name
 
     try:
         parse_hostport(to)
+        return to, ""
     except ValueError as exc:
-        raise CliError(f"--to: {exc} (e.g. host-b:7400)", EXIT_USAGE) from None
+        bad = CliError(f"--to: {exc} (e.g. host-b:7400; in a cluster also an agent's name, or auto)", EXIT_USAGE)
+    try:
+        validate_name(to)
+    except ValueError:
+        raise bad from None
+    try:
+        ipaddress.ip_address(to)
+        raise bad  # an address without its port is no agent's name
+    except ValueError:
+        pass
+    r = control_request(control, "cluster.destinations", {"vm": vm})
+    if not r.get("cluster"):
+        raise CliError(f"--to {to}: agent names need a cluster (this agent has no --etcd): use HOST:PORT "
+                       "(e.g. host-b:7400)", EXIT_USAGE)
+    agents = {x["name"]: x for x in r["agents"]}
+    if to == "auto":
+        if "auto" not in r:
+            raise CliError(f"--to auto: no place for {vm}: {r.get('auto_error', 'no destination')}")
+        return str(r["auto"]["addr"]), str(r["auto"]["name"])
+    if to == r.get("self"):
+        raise CliError(f"--to {to}: {vm} runs on {to}: a VM cannot migrate to the agent it runs on")
+    if to not in agents:
+        known = ", ".join(sorted(agents)) or "none alive"
+        raise CliError(f"--to {to}: no agent of that name in the cluster (other agents: {known}; or auto, or "
+                       "HOST:PORT)", EXIT_USAGE)
+    return str(agents[to]["addr"]), to
 
 
 def _report(a: argparse.Namespace, r: dict[str, Any]) -> int:
@@ -672,7 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg = add("migrate", "live-migrate a VM to another agent (or --cancel / --resolve one)", cmd_migrate,
              control=True)
     mg.add_argument("name", nargs="?", help="the VM").completer = _complete_vms  # type: ignore[attr-defined]
-    mg.add_argument("--to", metavar="HOST:PORT", help="the destination agent's --listen address")
+    mg.add_argument("--to", metavar="HOST:PORT|AGENT|auto",
+                    help="the destination agent's --listen address; in a cluster (the agent runs with --etcd) "
+                         "also an agent's name, or auto: placed as a drain would place it")
     mg.add_argument("--downtime-ms", type=float, default=300.0, help="downtime limit (default 300)")
     mg.add_argument("--max-rounds", type=int, default=30, help="stop iterating after this many rounds (default 30)")
     mg.add_argument("--max-factor", type=float, default=3.0,
