@@ -372,6 +372,19 @@ async def test_migrate_to_an_agent_by_name_or_auto(make):
     assert c.local.running_copies("web") == ["c"]
 
 
+
+async def test_cluster_status_explains_its_lists_column(make):
+    c = await make()
+    await eventually(lambda: _both(c))
+    p = await trio.run_process([sys.executable, "-m", "palm_net.cli", "cluster", "status", "--etcd",
+                                c.etcd.urls[0], "--etcd-prefix", c.keys.prefix], capture_stdout=True)
+    out = p.stdout.decode()
+    assert "LISTS" in out.splitlines()[2] and "\nLISTS: the etcd revision of the revocations and allowlist" in out
+    p = await trio.run_process([sys.executable, "-m", "palm_net.cli", "cluster", "status", "--help"],
+                               capture_stdout=True)
+    assert "LISTS: the etcd revision" in p.stdout.decode()
+
+
 @pytest.mark.parametrize("when", ["before READY", "after READY"])
 async def test_a_peer_revoked_in_flight(make, nursery, when):
     """Before READY the destination aborts and never sends READY; after READY the handoff decides."""

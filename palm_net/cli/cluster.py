@@ -23,6 +23,8 @@ from palm_net.units import format_bytes, parse_rate, parse_size
 
 ETCD_ENV = "PALM_ETCD_ENDPOINTS"
 SIGNER_ENV = "PALM_SIGNER"
+LISTS_NOTE = ("LISTS: the etcd revision of the revocations and allowlist each agent enforces (rN; behind: "
+              "a newer change is not yet enforced there)")
 CONFIG_KEYS = {"etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_prefix", "advertise", "capacity", "metrics"}
 
 
@@ -210,7 +212,7 @@ def status_text(r: dict[str, Any], prefix: str) -> str:
              str(x.get("vms", "-")), format_bytes(x["free"]) if "free" in x else "-",
              format_bytes(x["capacity"]) if "capacity" in x else "-",
              (f"r{x['lists_revision']}" + (" behind" if x.get("lists_behind") else "")) if x.get("alive") else "-"]
-            for x in r["agents"]])]
+            for x in r["agents"]]), _wrap(LISTS_NOTE, "")]
     if r["vms"]:
         lines += ["", _fmt_table([["VM", "RUNS ON", "STATE", "MEMORY", "POLICY", "PLACED BY"]] + [
             [v["name"], v["agent"] + ("" if v["agent_alive"] else " (agent not alive)"), v["state"],
@@ -490,6 +492,7 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], parser_c
                                                        "`palm ca issue --role operator`, ca.pub)")
 
     p = one("status", "agents and their health, VMs and where they run, migrations in flight, drains")
+    p.epilog = LISTS_NOTE
     p.add_argument("--ca", metavar="CA_PUB", help="check the policy documents' signatures against this ca.pub")
     for name, help in (("revoke", "refuse AGENT everywhere: every agent refuses its next handshake, and "
                                   "migrations with it end before READY"),
