@@ -301,8 +301,9 @@ async def test_a_revoked_host_with_etcd_credentials_stays_revoked_and_drains_nob
     assert set(c["a"].cluster.member.policy.refused) == {"malformed", "bad-signature", "wrong-role"}
     for name in ("a", "b"):
         assert c[name].cluster.gate.lists.is_revoked("c", c["c"].identity.static.public)
-    r = await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
-    assert not r.ok and c.local.running_copies("vm-c") == ["c"]
+    with pytest.raises(AgentError, match=r"^revoked: this agent \(c\) is revoked in the cluster"):
+        await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
+    assert c.local.running_copies("vm-c") == ["c"]
     assert c["a"].cluster.member.drain_request is None and c.local.running_copies("victim-vm") == ["a"]
 
 
@@ -373,7 +374,7 @@ async def test_migrate_to_an_agent_by_name_or_auto(make):
 
 
 
-async def test_cluster_status_explains_its_lists_column(make):
+async def test_cluster_status_explains_its_lists_column_and_acks_say_in_force_once(make):
     c = await make()
     await eventually(lambda: _both(c))
     p = await trio.run_process([sys.executable, "-m", "palm_net.cli", "cluster", "status", "--etcd",
@@ -383,6 +384,12 @@ async def test_cluster_status_explains_its_lists_column(make):
     p = await trio.run_process([sys.executable, "-m", "palm_net.cli", "cluster", "status", "--help"],
                                capture_stdout=True)
     assert "LISTS: the etcd revision" in p.stdout.decode()
+    for cmd in ("revoke", "unrevoke"):  # what the acknowledgements say, said once
+        p = await trio.run_process([sys.executable, "-m", "palm_net.cli", "cluster", cmd, "b", "--etcd",
+                                    c.etcd.urls[0], "--etcd-prefix", c.keys.prefix, "--signer",
+                                    str(c.local.root / "ca")], capture_stdout=True)
+        out = p.stdout.decode()
+        assert "\nin force on 2 of 2 live agents after " in out and "in force: in force" not in out, out
 
 
 @pytest.mark.parametrize("when", ["before READY", "after READY"])

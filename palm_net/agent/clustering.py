@@ -115,6 +115,15 @@ class AgentCluster:
             agent.outgoing.on_result.append(self._source_ended)
             agent.incoming.on_settled.append(self.metrics.destination_ended)
         agent.registry.changed = self._changed
+        agent.outgoing.self_refusal = self._self_revoked
+
+    def _self_revoked(self) -> str | None:
+        """A revoked agent is told so when it starts a migration: every peer closes its
+        sessions without a record (proto/PROTOCOL.md 3.3), which it could not tell apart."""
+        if not self.gate.lists.is_revoked(self.name, self.agent.identity.static.public):
+            return None
+        return (f"revoked: this agent ({self.name}) is revoked in the cluster, so every peer refuses it "
+                f"(palm cluster unrevoke {self.name} lifts it)")
 
     # -- the gate
 

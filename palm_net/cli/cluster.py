@@ -163,7 +163,7 @@ def _acks_line(what: str, acks: Any, wait: float) -> str:
     if not total:
         return f"{what} (revision {acks.revision}); no agent is alive to enforce it yet"
     slowest = max(acks.seconds.items(), key=lambda kv: kv[1]) if acks.seconds else None
-    line = f"{what}: in force on {n} of {total} live agents"
+    line = f"{what} on {n} of {total} live agents"
     if slowest is not None:
         line += f" after {slowest[1] * 1000:.0f} ms (slowest: {slowest[0]})"
     if acks.missing:
