@@ -413,3 +413,25 @@ def test_downtime_policies_continue_and_throttle_go_past_the_round_cap(ops):
     r = json.loads(palm("migrate", "pol1", "--control", c.sock("b"), "--to", to(c, "a"), *args,
                         "--downtime-policy", "throttle").stdout)
     assert r["ok"] and len(r["round_stats"]) >= 2 and r["throttle"] < 1.0 and r["stop_reason"] == "converged"
+
+
+# --------------------------------------------------------------------------
+# docs/CLUSTER.md: a local quick start before the production set-up, every PALM_ variable documented
+
+
+def test_cluster_doc_has_a_local_quick_start_and_every_environment_variable():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "CLUSTER.md").read_text()
+    heads = [ln for ln in doc.splitlines() if ln.startswith("## ")]
+    assert heads.index("## A local quick start") < heads.index("## Running a cluster")
+    quick = doc.split("## A local quick start", 1)[1].split("## Running a cluster", 1)[0]
+    for step in ("etcd --name lab", "palm cluster status", "palm cluster drain", "palm cluster revoke",
+                 "/metrics", "--to auto", "kill $(jobs -p)"):
+        assert step in quick, step
+    used = set()
+    for path in [*(root / "palm_net").rglob("*.py"), *(root / "scripts").rglob("*")]:
+        if path.is_file():
+            used |= set(re.findall(r"\bPALM_[A-Z_]+\b", path.read_text(errors="replace")))
+    assert used and {v for v in used if f"`{v}`" not in quick} == set()
