@@ -399,8 +399,28 @@ def test_failed_qemu_create_leaves_nothing(ops):
     before = set(run.iterdir())
     p = palm("vm", "create", "qbad", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64",
              "--qemu-arg=-cpu", "--qemu-arg=nosuchcpu", check=False)
-    one_line_error(p, "QEMU did not start")
+    one_line_error(p, "QEMU did not start: unable to find CPU model 'nosuchcpu' (the argument it blames: -cpu "
+                      "nosuchcpu)")
+    assert "qemu-system-x86_64:" not in p.stderr
     assert set(run.iterdir()) == before and not (c.root / "a-mem" / "qbad").exists()
+
+
+def test_a_qemu_that_dies_starting_says_its_last_line_and_the_argument_it_blames():
+    from palm_net.hypervisor.qemu import start_failure
+
+    args = ["-cpu", "host,nosuchflag=on", "-device", "virtio-rng-pci"]
+    line = ("qemu-system-x86_64: can't apply global host-x86_64-cpu.nosuchflag=on: Property "
+            "'host-x86_64-cpu.nosuchflag' not found")
+    assert start_failure(line, args) == ("QEMU did not start: can't apply global host-x86_64-cpu.nosuchflag=on: "
+                                         "Property 'host-x86_64-cpu.nosuchflag' not found (the argument it blames: "
+                                         "-cpu host,nosuchflag=on)")
+    # QEMU names the option itself: said once
+    assert start_failure("qemu-system-x86_64: -rtc base=bogus: invalid datetime format", ["-rtc", "base=bogus"]) \
+        == "QEMU did not start: -rtc base=bogus: invalid datetime format"
+    # the issue's -cpu host on a KVM that refuses some of the host's MSRs: a hint
+    msg = start_failure("qemu-system-x86_64: ../target/i386/kvm/kvm.c:2947: kvm_buf_set_msrs: Assertion `ret == "
+                        "cpu->kvm_msr_buf->nmsrs' failed.", args)
+    assert "KVM refused the CPU's MSRs of -cpu host,nosuchflag=on" in msg and "-cpu max" in msg
 
 
 def test_downtime_policies_continue_and_throttle_go_past_the_round_cap(ops):
