@@ -190,7 +190,18 @@ def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
         os.posix_fallocate(fd, offset, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-            raise UnsafePathError(f"no room for {what} ({size >> 20} MiB): the file system is full") from None
+            from palm_net.units import format_bytes
+
+            try:
+                st = os.fstatvfs(fd)
+                free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            except OSError:
+                raise UnsafePathError(f"no room for {what} ({format_bytes(size)}): the file system is full") from None
+            if size > free:
+                raise UnsafePathError(f"no room for {what}: {format_bytes(size)} does not fit in its file system "
+                                      f"({format_bytes(free)} free of {format_bytes(total)})") from None
+            raise UnsafePathError(f"no room for {what} ({format_bytes(size)}): the file system is full "
+                                  f"({format_bytes(free)} free of {format_bytes(total)})") from None
         raise
 
 

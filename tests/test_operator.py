@@ -455,3 +455,53 @@ def test_cluster_doc_has_a_local_quick_start_and_every_environment_variable():
         if path.is_file():
             used |= set(re.findall(r"\bPALM_[A-Z_]+\b", path.read_text(errors="replace")))
     assert used and {v for v in used if f"`{v}`" not in quick} == set()
+
+
+# --------------------------------------------------------------------------
+# Issue 25's low items: bad usage is exit 2, typos get a suggestion, sizes are said
+
+
+def test_bad_usage_exits_2_and_says_what_was_meant(ops, tmp_path):
+    c = ops
+    at = ["--control", c.sock("a")]
+    for args, words in (
+        (["vm", "create", "m0", "--memory", "0"], ["--memory 0: must be a positive multiple of 4 KiB"]),
+        (["vm", "create", "q0", "--backend", "qemu", "--memory", "1000K"], ["multiple of 1 MiB"]),
+        (["vm", "create", "w0", "--memory", "16M", "--workload", "bogus:1"], ["--workload: bad workload 'bogus:1'"]),
+        (["vm", "create", "bad/name", "--memory", "16M"], ["invalid VM name 'bad/name'"]),
+        (["migrate", "x", "--to", "127.0.0.1:1", "--downtime-ms", "-1"],
+         ["--downtime-ms -1: must be above 0 ms and at most 3600000 ms"]),
+        (["migrate", "x", "--too", "127.0.0.1:1"], ["unrecognized arguments: --too", "(did you mean --to?)",
+                                                    "palm migrate --help"]),
+        (["vm", "lst"], ["invalid choice: 'lst': did you mean list?"]),
+    ):
+        p = palm(*args, *at, check=False)
+        one_line_error(p, *words)
+        assert p.returncode == 2, (args, p.stderr)
+    assert vm_names(c, "a") == [n for n in vm_names(c, "a") if n not in ("m0", "q0", "w0")]
+    # a directory for a socket, and bare `palm`: the help
+    p = palm("vm", "list", "--control", str(tmp_path), check=False)
+    one_line_error(p, f"{tmp_path} is a directory, not an agent's control socket")
+    assert p.returncode == 2
+    for bare in ([], ["vm"]):
+        p = palm(*bare)
+        assert p.returncode == 0 and p.stdout.startswith(f"usage: palm{' vm' if bare else ''} ") and not p.stderr
+
+
+def test_memory_that_does_not_fit_says_the_sizes(ops):
+    c = ops
+    p = palm("vm", "create", "huge", "--control", c.sock("a"), "--memory", "1T", check=False)
+    line = one_line_error(p, "1.0 TiB does not fit in its file system (", " free of ")
+    assert "the file system is full" not in line and p.returncode == 1
+
+
+def test_a_failed_agent_start_leaves_no_memory_directory(ops, tmp_path):
+    c = ops
+    palm("keygen", "--dir", str(tmp_path / "d"), "--name", "host-d")
+    palm("ca", "issue", "--ca", str(c.root / "ca"), "--agent", str(tmp_path / "d"))
+    run = tmp_path / "run"
+    p = palm("agent", "--dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{c.ports['a']}", "--run-dir", str(run),
+             "--ca", str(c.root / "ca"), check=False)
+    one_line_error(p, "cannot listen on")
+    made = Path((tmp_path / "d" / "memory-dir").read_text().strip())  # the directory it made, in /dev/shm
+    assert not made.exists()

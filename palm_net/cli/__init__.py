@@ -7,6 +7,7 @@ Every error an operator can cause is one line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import json
 import os
@@ -266,16 +267,22 @@ def cmd_agent(a: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_arg(flag: str, text: str) -> str:
+def _memory_arg(flag: str, text: str, unit: int = 4096) -> str:
     """A memory size as QEMU's -m reads it (a bare number is MiB), sent exactly."""
     try:
-        return exact_size(parse_memory(text))
+        n = parse_memory(text)
     except ValueError as exc:
         raise CliError(f"{flag}: {exc}", EXIT_USAGE) from None
+    if n < unit or n % unit:
+        what = "4 KiB" if unit == 4096 else format_bytes(unit).replace(".0 ", " ")
+        raise CliError(f"{flag} {text}: must be a positive multiple of {what}", EXIT_USAGE)
+    return exact_size(n)
 
 
 def _workload_arg(spec: str) -> str:
-    """hotset:SIZE needs a unit (a bare number is not obviously MiB there)."""
+    """A workload that parses; hotset:SIZE needs a unit (a bare number is not obviously MiB there)."""
+    from palm_net.hypervisor.vmspec import check_workload
+
     for item in spec.split("+"):
         f = item.strip().split(":")
         if f[0] == "hotset" and len(f) == 3:
@@ -285,6 +292,10 @@ def _workload_arg(spec: str) -> str:
                                    EXIT_USAGE)
             except ValueError as exc:
                 raise CliError(f"--workload {item}: {exc}", EXIT_USAGE) from None
+    try:
+        check_workload(spec)
+    except ValueError as exc:
+        raise CliError(f"--workload: {exc}", EXIT_USAGE) from None
     return spec
 
 
@@ -292,7 +303,13 @@ def cmd_vm(a: argparse.Namespace) -> int:
     op = a.vm_cmd
     control = _control(a)
     if op == "create":
-        memory = _memory_arg("--memory", a.memory)
+        from palm_net.crypto.identity import validate_name
+
+        try:
+            validate_name(a.name)
+        except ValueError as exc:
+            raise CliError(str(exc).replace("invalid name", "invalid VM name", 1), EXIT_USAGE) from None
+        memory = _memory_arg("--memory", a.memory, 1 << 20 if a.backend == "qemu" else 4096)
         pm = _memory_arg("--protected-memory", a.protected_memory) if a.protected_memory else None
         if a.backend == "qemu":
             if a.protected or a.protected_memory:
@@ -394,6 +411,14 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             parse_rate(a.bandwidth)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    for flag, val, low, high, unit in (("--downtime-ms", a.downtime_ms, 0, 3_600_000, " ms"),
+                                       ("--max-rounds", a.max_rounds, 1, 10_000, ""),
+                                       ("--max-factor", a.max_factor, 1, 1000, ""),
+                                       ("--reply-timeout", a.reply_timeout, 0.1, 3600, " s")):
+        if not (low < val if flag == "--downtime-ms" else low <= val) or val > high:
+            above = "above" if flag == "--downtime-ms" else "from"
+            raise CliError(f"{flag} {val:.10g}: must be {above} {low:.10g}{unit} and at most {high:.10g}{unit}",
+                           EXIT_USAGE)
     to, to_name = _destination(control, a.name, a.to)
     args = {"name": a.name, "to": to, "downtime_ms": a.downtime_ms, "max_rounds": a.max_rounds,
             "max_factor": a.max_factor, "bandwidth": a.bandwidth, "cipher": a.cipher,
@@ -562,9 +587,45 @@ def _complete_vms(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> lis
 
 
 class _Parser(argparse.ArgumentParser):
+    argv: list[str] = []  # the command line being parsed (main sets it), for suggestions
+
     def error(self, message: str) -> NoReturn:
-        """Bad usage is one line too, with where to look."""
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+        """Bad usage is one line too, with where to look (and what was meant, for a typo)."""
+        prog = self.prog
+        if message.startswith("unrecognized arguments: "):
+            # argparse says it from the top: the suggestions come from the command's own options
+            cmd = _command_parser(self, self.argv)
+            prog = cmd.prog
+            options = [o for act in cmd._actions for o in act.option_strings if o.startswith("--")]
+            meant = []
+            for arg in message.removeprefix("unrecognized arguments: ").split():
+                flag = arg.split("=", 1)[0]
+                if flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+                    if close:
+                        meant.append(close[0])
+            if meant:
+                message += f" (did you mean {' and '.join(meant)}?)"
+        elif message.startswith("argument ") and "invalid choice: " in message:
+            got = message.split("invalid choice: ", 1)[1].split(" ", 1)[0].strip("'")
+            choices = [str(c) for act in self._actions if act.choices for c in act.choices]
+            close = difflib.get_close_matches(got, choices, n=1, cutoff=0.6)
+            if close:
+                message = f"{message.split(' (choose', 1)[0]}: did you mean {close[0]}?"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see: {prog} --help)\n")
+
+
+def _command_parser(top: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser the words of ``argv`` lead to: palm, palm vm, palm vm create..."""
+    p = top
+    for word in argv:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            break
+        nxt = subs[0].choices.get(word) if isinstance(subs[0].choices, dict) else None
+        if nxt is not None:
+            p = nxt
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -755,6 +816,12 @@ def main(argv: list[str] | None = None) -> int:
         import argcomplete
 
         argcomplete.autocomplete(parser)
+    args = sys.argv[1:] if argv is None else argv
+    _Parser.argv = list(args)
+    groups = {"vm", "ca", "cluster"}
+    if not args or (len(args) == 1 and args[0] in groups):  # bare `palm` (or `palm vm`): the help, not an error
+        _command_parser(parser, args).print_help()
+        return 0
     a = parser.parse_args(argv)
     from palm_net import logs
 

@@ -28,14 +28,25 @@ class CliError(Exception):
 def control_request(path: str, op: str, args: dict[str, Any],
                     on_event: Callable[[dict[str, Any]], None] | None = None, timeout: float = 3600) -> Any:
     """The agent's control API (palm_net.agent.client), its refusals as CliError."""
+    import stat
     from pathlib import Path
 
     from palm_net.agent.client import ControlError
     from palm_net.agent.client import control_request as request
 
-    if not Path(path).exists():
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
         raise CliError(f"no agent at {path} (is `palm agent` running? give its socket with --control or "
-                       "$PALM_CONTROL)")
+                       "$PALM_CONTROL)") from None
+    except OSError:
+        mode = stat.S_IFSOCK  # not ours to look at (permission): the request says why
+    if stat.S_ISDIR(mode):
+        raise CliError(f"{path} is a directory, not an agent's control socket (e.g. {path.rstrip('/')}/control.sock; "
+                       "`palm agent` logs its control= path)", EXIT_USAGE)
+    if not stat.S_ISSOCK(mode):
+        raise CliError(f"{path} is not a socket: give the agent's control socket (--control or $PALM_CONTROL)",
+                       EXIT_USAGE)
     try:
         return request(path, op, args, on_event, timeout)
     except ControlError as exc:
