@@ -505,3 +505,46 @@ def test_a_failed_agent_start_leaves_no_memory_directory(ops, tmp_path):
     one_line_error(p, "cannot listen on")
     made = Path((tmp_path / "d" / "memory-dir").read_text().strip())  # the directory it made, in /dev/shm
     assert not made.exists()
+
+
+def test_a_killed_destination_is_one_line_reason(ops):
+    c = ops
+    palm("vm", "create", "kd1", "--control", c.sock("a"), "--memory", "128M", "--fill", "random")
+    mig = subprocess.Popen([*PALM, "migrate", "kd1", "--control", c.sock("a"), "--to", to(c, "b"), "--bandwidth",
+                            "8M/s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not any(r["vm"] == "kd1" and r["in_flight"] and (r.get("bytes") or 0) > 0 for r in rows(c, "a")):
+            time.sleep(0.05)  # polling for the migration to be sending, not a timed assertion
+        c.stop("b", signal.SIGKILL)
+        err = mig.communicate(timeout=120)[1]
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+        c.start("b")
+    assert mig.returncode == 1 and "Traceback" not in err
+    first = [ln for ln in err.splitlines() if ln.startswith("palm: migration of kd1 failed")]
+    assert first and "BrokenResourceError" not in err and "(VM runs on: source)" in first[0], err
+    assert "kd1" in vm_names(c, "a")
+
+
+def test_a_broken_connection_is_said_in_words_not_by_its_class():
+    """What a killed destination leaves the source with (a reset socket under trio's
+    BrokenResourceError) is named by the socket's error, never 'BrokenResourceError'."""
+    import trio
+
+    from palm_net.hypervisor.backend import describe_error
+
+    def broken(cause):
+        try:
+            try:
+                raise cause
+            except OSError as exc:
+                raise trio.BrokenResourceError from exc
+        except trio.BrokenResourceError as exc:
+            return exc
+
+    assert describe_error(broken(ConnectionResetError(104, "Connection reset by peer"))) == \
+        "Connection reset by peer"
+    assert describe_error(broken(BrokenPipeError(32, "Broken pipe"))) == "Broken pipe"
+    assert describe_error(trio.BrokenResourceError()) == "the connection broke"
+    assert describe_error(trio.ClosedResourceError()) == "the connection was closed"
