@@ -548,3 +548,21 @@ def test_a_broken_connection_is_said_in_words_not_by_its_class():
     assert describe_error(broken(BrokenPipeError(32, "Broken pipe"))) == "Broken pipe"
     assert describe_error(trio.BrokenResourceError()) == "the connection broke"
     assert describe_error(trio.ClosedResourceError()) == "the connection was closed"
+
+
+def test_migrations_fit_80_columns_on_a_terminal_and_stay_whole_in_a_pipe():
+    from palm_net.cli.output import migrations_text
+
+    rows = [{"migration_id": "ab" * 16, "role": "source", "vm": "web-frontend-production-01", "peer": "127.0.0.1:7401",
+             "state": "aborted", "in_flight": False, "started": time.time(), "elapsed_ms": 10600.0,
+             "downtime_ms": None, "bytes": 2 << 30,
+             "error": "closed: connection lost (Connection reset by peer) while sending round 3 of the memory"},
+            {"migration_id": "cd" * 16, "role": "destination", "vm": "db", "peer": "host-b", "state": "committed",
+             "in_flight": False, "started": time.time(), "elapsed_ms": 2100.0, "downtime_ms": None, "bytes": 0}]
+    text = migrations_text(rows, 80)
+    assert max(len(line) for line in text.splitlines()) <= 79, text
+    assert "web-fron~" in text  # the long name cut, and marked as cut
+    joined = " ".join(line.strip() for line in text.splitlines())
+    assert rows[0]["error"] in joined and "--cancel takes a prefix or a VM name" in joined
+    whole = migrations_text(rows, None)
+    assert "web-frontend-production-01" in whole and f"    {rows[0]['error']}" in whole
