@@ -183,6 +183,15 @@ def read_nofollow(path: Path, limit: int = 1 << 20) -> bytes:
         os.close(fd)
 
 
+def format_bytes(n: float) -> str:
+    """As palm_net.units.format_bytes (this module is below it): 1.0 TiB, 22.6 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
     """Allocates ``size`` bytes of a file (from ``offset``) now, so that a later write
     into its mapping cannot fail (on tmpfs a write past the free space is SIGBUS)."""
@@ -190,8 +199,6 @@ def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
         os.posix_fallocate(fd, offset, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-            from palm_net.units import format_bytes
-
             try:
                 st = os.fstatvfs(fd)
                 free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
