@@ -548,6 +548,10 @@ def test_a_broken_connection_is_said_in_words_not_by_its_class():
     assert describe_error(broken(BrokenPipeError(32, "Broken pipe"))) == "Broken pipe"
     assert describe_error(trio.BrokenResourceError()) == "the connection broke"
     assert describe_error(trio.ClosedResourceError()) == "the connection was closed"
+    from palm_net.migration.runner import session_error
+
+    lost = session_error(broken(ConnectionResetError(104, "Connection reset by peer")))
+    assert lost.detail == "connection lost (Connection reset by peer)"
 
 
 def test_migrations_fit_80_columns_on_a_terminal_and_stay_whole_in_a_pipe():
