@@ -183,6 +183,15 @@ def read_nofollow(path: Path, limit: int = 1 << 20) -> bytes:
         os.close(fd)
 
 
+def format_bytes(n: float) -> str:
+    """As palm_net.units.format_bytes (this module is below it): 1.0 TiB, 22.6 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
     """Allocates ``size`` bytes of a file (from ``offset``) now, so that a later write
     into its mapping cannot fail (on tmpfs a write past the free space is SIGBUS)."""
@@ -190,7 +199,16 @@ def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
         os.posix_fallocate(fd, offset, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-            raise UnsafePathError(f"no room for {what} ({size >> 20} MiB): the file system is full") from None
+            try:
+                st = os.fstatvfs(fd)
+                free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            except OSError:
+                raise UnsafePathError(f"no room for {what} ({format_bytes(size)}): the file system is full") from None
+            if size > free:
+                raise UnsafePathError(f"no room for {what}: {format_bytes(size)} does not fit in its file system "
+                                      f"({format_bytes(free)} free of {format_bytes(total)})") from None
+            raise UnsafePathError(f"no room for {what} ({format_bytes(size)}): the file system is full "
+                                  f"({format_bytes(free)} free of {format_bytes(total)})") from None
         raise
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -300,8 +301,9 @@ async def test_a_revoked_host_with_etcd_credentials_stays_revoked_and_drains_nob
     assert set(c["a"].cluster.member.policy.refused) == {"malformed", "bad-signature", "wrong-role"}
     for name in ("a", "b"):
         assert c[name].cluster.gate.lists.is_revoked("c", c["c"].identity.static.public)
-    r = await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
-    assert not r.ok and c.local.running_copies("vm-c") == ["c"]
+    with pytest.raises(AgentError, match=r"^revoked: this agent \(c\) is revoked in the cluster"):
+        await c["c"].outgoing.migrate("vm-c", c.local.addr("b"), MigrationParams())
+    assert c.local.running_copies("vm-c") == ["c"]
     assert c["a"].cluster.member.drain_request is None and c.local.running_copies("victim-vm") == ["a"]
 
 
@@ -334,6 +336,60 @@ async def test_forged_agent_records_are_ignored_and_counted(make):
         st = await follow_drain(e, c.keys, "a", req.id, lambda s: None)
     assert st.state == "done" and st.vms["vm0"].to == "c"  # not to the "b" at c's address, 1 TiB free
     assert c["a"].cluster.member.policy.refused.get("record-squatted", 0) >= 1
+
+
+async def test_migrate_to_an_agent_by_name_or_auto(make):
+    """`palm migrate VM --to NAME` takes an agent's name (its address from its signed record),
+    `--to auto` places the VM as a drain would; a name that no verified record has (a typo, an
+    unsigned record) is one line naming the agents there are, exit 2."""
+    c = await make(names=("a", "b", "c"), capacity=64 * MiB)
+    await eventually(lambda: _all_registered(c, 3))
+    sock = {n: str(m.config.control) for n, m in c.local.members.items()}
+    c["a"].registry.create_model("web", 8 * MiB)
+    c["c"].registry.create_model("filler", 32 * MiB)
+    await eventually(lambda: _record_with(c, "c", lambda r: r.free <= 32 * MiB), what="c's record with filler")
+    fake = dataclasses.replace(c["a"].cluster.advertise(), name="evil", addr=c.local.addr("a"), free=1 << 40,
+                               capacity=1 << 40, static_pub="ee" * 32)
+    async with EtcdClient(c.etcd.config()) as e:
+        await e.put(c.keys.agent("evil"), fake.encode())  # not signed: no destination, by name or by placement
+
+    async def palm(*args: str) -> tuple[int, str, str]:
+        p = await trio.run_process([sys.executable, "-m", "palm_net.cli", *args], capture_stdout=True,
+                                   capture_stderr=True, check=False)
+        return p.returncode, p.stdout.decode(), p.stderr.decode()
+
+    code, out, err = await palm("migrate", "web", "--control", sock["a"], "--to", "auto")
+    assert code == 0 and "migrated web to b in" in out, err  # b has the most room
+    assert c.local.running_copies("web") == ["b"]
+    code, out, err = await palm("migrate", "web", "--control", sock["b"], "--to", "c")
+    assert code == 0 and "migrated web to c in" in out, err
+    assert c.local.running_copies("web") == ["c"]
+    for bad in ("evil", "host-zz"):
+        code, out, err = await palm("migrate", "web", "--control", sock["c"], "--to", bad)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"--to {bad}: no agent of that name in the cluster (other agents: a, b;" in err, err
+    code, out, err = await palm("migrate", "web", "--control", sock["c"], "--to", "c")
+    assert code == 1 and "a VM cannot migrate to the agent it runs on" in err, err
+    assert c.local.running_copies("web") == ["c"]
+
+
+
+async def test_cluster_status_explains_its_lists_column_and_acks_say_in_force_once(make):
+    c = await make()
+    await eventually(lambda: _both(c))
+    p = await trio.run_process([sys.executable, "-m", "palm_net.cli", "cluster", "status", "--etcd",
+                                c.etcd.urls[0], "--etcd-prefix", c.keys.prefix], capture_stdout=True)
+    out = p.stdout.decode()
+    assert "LISTS" in out.splitlines()[2] and "\nLISTS: the etcd revision of the revocations and allowlist" in out
+    p = await trio.run_process([sys.executable, "-m", "palm_net.cli", "cluster", "status", "--help"],
+                               capture_stdout=True)
+    assert "LISTS: the etcd revision" in p.stdout.decode()
+    for cmd in ("revoke", "unrevoke"):  # what the acknowledgements say, said once
+        p = await trio.run_process([sys.executable, "-m", "palm_net.cli", "cluster", cmd, "b", "--etcd",
+                                    c.etcd.urls[0], "--etcd-prefix", c.keys.prefix, "--signer",
+                                    str(c.local.root / "ca")], capture_stdout=True)
+        out = p.stdout.decode()
+        assert "\nin force on 2 of 2 live agents after " in out and "in force: in force" not in out, out
 
 
 @pytest.mark.parametrize("when", ["before READY", "after READY"])

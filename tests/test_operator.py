@@ -249,10 +249,14 @@ def test_migrate_mistakes(ops):
     p = palm("migrate", "nothere", "--control", c.sock("a"), "--to", to(c, "b"), check=False)
     one_line_error(p, "unknown VM 'nothere'")
     assert p.returncode == 1 and "internal error" not in p.stderr
-    for bad in ("host-b", "127.0.0.1"):
+    for bad in ("http://host-b:7400", "127.0.0.1"):
         p = palm("migrate", "mis1", "--control", c.sock("a"), "--to", bad, check=False)
         one_line_error(p, "bad address", "HOST:PORT")
         assert p.returncode == 2
+    # an agent's name, from an agent that is in no cluster
+    p = palm("migrate", "mis1", "--control", c.sock("a"), "--to", "host-b", check=False)
+    one_line_error(p, "--to host-b: agent names need a cluster (this agent has no --etcd): use HOST:PORT")
+    assert p.returncode == 2
     # to its own agent
     p = palm("migrate", "mis1", "--control", c.sock("a"), "--to", to(c, "a"), check=False)
     one_line_error(p, "is this agent", "cannot migrate to the agent it runs on")
@@ -395,8 +399,28 @@ def test_failed_qemu_create_leaves_nothing(ops):
     before = set(run.iterdir())
     p = palm("vm", "create", "qbad", "--control", c.sock("a"), "--backend", "qemu", "--memory", "64",
              "--qemu-arg=-cpu", "--qemu-arg=nosuchcpu", check=False)
-    one_line_error(p, "QEMU did not start")
+    one_line_error(p, "QEMU did not start: unable to find CPU model 'nosuchcpu' (the argument it blames: -cpu "
+                      "nosuchcpu)")
+    assert "qemu-system-x86_64:" not in p.stderr
     assert set(run.iterdir()) == before and not (c.root / "a-mem" / "qbad").exists()
+
+
+def test_a_qemu_that_dies_starting_says_its_last_line_and_the_argument_it_blames():
+    from palm_net.hypervisor.qemu import start_failure
+
+    args = ["-cpu", "host,nosuchflag=on", "-device", "virtio-rng-pci"]
+    line = ("qemu-system-x86_64: can't apply global host-x86_64-cpu.nosuchflag=on: Property "
+            "'host-x86_64-cpu.nosuchflag' not found")
+    assert start_failure(line, args) == ("QEMU did not start: can't apply global host-x86_64-cpu.nosuchflag=on: "
+                                         "Property 'host-x86_64-cpu.nosuchflag' not found (the argument it blames: "
+                                         "-cpu host,nosuchflag=on)")
+    # QEMU names the option itself: said once
+    assert start_failure("qemu-system-x86_64: -rtc base=bogus: invalid datetime format", ["-rtc", "base=bogus"]) \
+        == "QEMU did not start: -rtc base=bogus: invalid datetime format"
+    # the issue's -cpu host on a KVM that refuses some of the host's MSRs: a hint
+    msg = start_failure("qemu-system-x86_64: ../target/i386/kvm/kvm.c:2947: kvm_buf_set_msrs: Assertion `ret == "
+                        "cpu->kvm_msr_buf->nmsrs' failed.", args)
+    assert "KVM refused the CPU's MSRs of -cpu host,nosuchflag=on" in msg and "-cpu max" in msg
 
 
 def test_downtime_policies_continue_and_throttle_go_past_the_round_cap(ops):
@@ -409,3 +433,140 @@ def test_downtime_policies_continue_and_throttle_go_past_the_round_cap(ops):
     r = json.loads(palm("migrate", "pol1", "--control", c.sock("b"), "--to", to(c, "a"), *args,
                         "--downtime-policy", "throttle").stdout)
     assert r["ok"] and len(r["round_stats"]) >= 2 and r["throttle"] < 1.0 and r["stop_reason"] == "converged"
+
+
+# --------------------------------------------------------------------------
+# docs/CLUSTER.md: a local quick start before the production set-up, every PALM_ variable documented
+
+
+def test_cluster_doc_has_a_local_quick_start_and_every_environment_variable():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "CLUSTER.md").read_text()
+    heads = [ln for ln in doc.splitlines() if ln.startswith("## ")]
+    assert heads.index("## A local quick start") < heads.index("## Running a cluster")
+    quick = doc.split("## A local quick start", 1)[1].split("## Running a cluster", 1)[0]
+    for step in ("etcd --name lab", "palm cluster status", "palm cluster drain", "palm cluster revoke",
+                 "/metrics", "--to auto", "kill $(jobs -p)"):
+        assert step in quick, step
+    used = set()
+    for path in [*(root / "palm_net").rglob("*.py"), *(root / "scripts").rglob("*")]:
+        if path.is_file():
+            used |= set(re.findall(r"\bPALM_[A-Z_]+\b", path.read_text(errors="replace")))
+    assert used and {v for v in used if f"`{v}`" not in quick} == set()
+
+
+# --------------------------------------------------------------------------
+# Issue 25's low items: bad usage is exit 2, typos get a suggestion, sizes are said
+
+
+def test_bad_usage_exits_2_and_says_what_was_meant(ops, tmp_path):
+    c = ops
+    at = ["--control", c.sock("a")]
+    for args, words in (
+        (["vm", "create", "m0", "--memory", "0"], ["--memory 0: must be a positive multiple of 4 KiB"]),
+        (["vm", "create", "q0", "--backend", "qemu", "--memory", "1000K"], ["multiple of 1 MiB"]),
+        (["vm", "create", "w0", "--memory", "16M", "--workload", "bogus:1"], ["--workload: bad workload 'bogus:1'"]),
+        (["vm", "create", "bad/name", "--memory", "16M"], ["invalid VM name 'bad/name'"]),
+        (["migrate", "x", "--to", "127.0.0.1:1", "--downtime-ms", "-1"],
+         ["--downtime-ms -1: must be above 0 ms and at most 3600000 ms"]),
+        (["migrate", "x", "--too", "127.0.0.1:1"], ["unrecognized arguments: --too", "(did you mean --to?)",
+                                                    "palm migrate --help"]),
+        (["vm", "lst"], ["invalid choice: 'lst': did you mean list?"]),
+    ):
+        p = palm(*args, *at, check=False)
+        one_line_error(p, *words)
+        assert p.returncode == 2, (args, p.stderr)
+    assert vm_names(c, "a") == [n for n in vm_names(c, "a") if n not in ("m0", "q0", "w0")]
+    # a directory for a socket, and bare `palm`: the help
+    p = palm("vm", "list", "--control", str(tmp_path), check=False)
+    one_line_error(p, f"{tmp_path} is a directory, not an agent's control socket")
+    assert p.returncode == 2
+    for bare in ([], ["vm"]):
+        p = palm(*bare)
+        assert p.returncode == 0 and p.stdout.startswith(f"usage: palm{' vm' if bare else ''} ") and not p.stderr
+
+
+def test_memory_that_does_not_fit_says_the_sizes(ops):
+    c = ops
+    p = palm("vm", "create", "huge", "--control", c.sock("a"), "--memory", "1T", check=False)
+    line = one_line_error(p, "1.0 TiB does not fit in its file system (", " free of ")
+    assert "the file system is full" not in line and p.returncode == 1
+
+
+def test_a_failed_agent_start_leaves_no_memory_directory(ops, tmp_path):
+    c = ops
+    palm("keygen", "--dir", str(tmp_path / "d"), "--name", "host-d")
+    palm("ca", "issue", "--ca", str(c.root / "ca"), "--agent", str(tmp_path / "d"))
+    run = tmp_path / "run"
+    p = palm("agent", "--dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{c.ports['a']}", "--run-dir", str(run),
+             "--ca", str(c.root / "ca"), check=False)
+    one_line_error(p, "cannot listen on")
+    made = Path((tmp_path / "d" / "memory-dir").read_text().strip())  # the directory it made, in /dev/shm
+    assert not made.exists()
+
+
+def test_a_killed_destination_is_one_line_reason(ops):
+    c = ops
+    palm("vm", "create", "kd1", "--control", c.sock("a"), "--memory", "128M", "--fill", "random")
+    mig = subprocess.Popen([*PALM, "migrate", "kd1", "--control", c.sock("a"), "--to", to(c, "b"), "--bandwidth",
+                            "8M/s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not any(r["vm"] == "kd1" and r["in_flight"] and (r.get("bytes") or 0) > 0 for r in rows(c, "a")):
+            time.sleep(0.05)  # polling for the migration to be sending, not a timed assertion
+        c.stop("b", signal.SIGKILL)
+        err = mig.communicate(timeout=120)[1]
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+        c.start("b")
+    assert mig.returncode == 1 and "Traceback" not in err
+    first = [ln for ln in err.splitlines() if ln.startswith("palm: migration of kd1 failed")]
+    assert first and "BrokenResourceError" not in err and "(VM runs on: source)" in first[0], err
+    assert "kd1" in vm_names(c, "a")
+
+
+def test_a_broken_connection_is_said_in_words_not_by_its_class():
+    """What a killed destination leaves the source with (a reset socket under trio's
+    BrokenResourceError) is named by the socket's error, never 'BrokenResourceError'."""
+    import trio
+
+    from palm_net.hypervisor.backend import describe_error
+
+    def broken(cause):
+        try:
+            try:
+                raise cause
+            except OSError as exc:
+                raise trio.BrokenResourceError from exc
+        except trio.BrokenResourceError as exc:
+            return exc
+
+    assert describe_error(broken(ConnectionResetError(104, "Connection reset by peer"))) == \
+        "Connection reset by peer"
+    assert describe_error(broken(BrokenPipeError(32, "Broken pipe"))) == "Broken pipe"
+    assert describe_error(trio.BrokenResourceError()) == "the connection broke"
+    assert describe_error(trio.ClosedResourceError()) == "the connection was closed"
+    from palm_net.migration.runner import session_error
+
+    lost = session_error(broken(ConnectionResetError(104, "Connection reset by peer")))
+    assert lost.detail == "connection lost (Connection reset by peer)"
+
+
+def test_migrations_fit_80_columns_on_a_terminal_and_stay_whole_in_a_pipe():
+    from palm_net.cli.output import migrations_text
+
+    rows = [{"migration_id": "ab" * 16, "role": "source", "vm": "web-frontend-production-01", "peer": "127.0.0.1:7401",
+             "state": "aborted", "in_flight": False, "started": time.time(), "elapsed_ms": 10600.0,
+             "downtime_ms": None, "bytes": 2 << 30,
+             "error": "closed: connection lost (Connection reset by peer) while sending round 3 of the memory"},
+            {"migration_id": "cd" * 16, "role": "destination", "vm": "db", "peer": "host-b", "state": "committed",
+             "in_flight": False, "started": time.time(), "elapsed_ms": 2100.0, "downtime_ms": None, "bytes": 0}]
+    text = migrations_text(rows, 80)
+    assert max(len(line) for line in text.splitlines()) <= 79, text
+    assert "web-fron~" in text  # the long name cut, and marked as cut
+    joined = " ".join(line.strip() for line in text.splitlines())
+    assert rows[0]["error"] in joined and "--cancel takes a prefix or a VM name" in joined
+    whole = migrations_text(rows, None)
+    assert "web-frontend-production-01" in whole and f"    {rows[0]['error']}" in whole

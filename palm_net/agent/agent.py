@@ -133,10 +133,10 @@ class Agent:
         try:
             self._open()
         except UnsafePathError as exc:
-            self._release_locks()
+            self._failed_start()
             raise AgentError(str(exc)) from None
         except BaseException:
-            self._release_locks()
+            self._failed_start()
             raise
         self.outgoing = OutgoingService(self.store, self.registry, self._connect_migration, self._connect_recovery,
                                         lambda: self.cfg.in_doubt_wait)
@@ -202,6 +202,13 @@ class Agent:
         images = ensure_dir(cfg.images_dir, "images directory") if cfg.images_dir is not None else None
         self.registry = VmRegistry(self.memory_dir, self.run_dir, self.sealing_key, self.store, self.confinement,
                                    cfg.qemu_accel, migrating=lambda name: False, state_dir=d, images_dir=images)
+
+    def _failed_start(self) -> None:
+        """A start that failed leaves nothing it made: an empty memory directory of its own
+        goes (the next start makes a new one), the locks are released."""
+        if getattr(self, "memory_dir", None) is not None:
+            self._remove_empty_memory_dir()
+        self._release_locks()
 
     def _release_locks(self) -> None:
         for lock in self._locks:
@@ -315,15 +322,26 @@ class Agent:
             out["cluster"] = cluster
         return out
 
+    async def destinations(self, vm_name: str) -> dict[str, Any]:
+        """Where `palm migrate VM --to NAME|auto` may go (palm_net.agent.clustering)."""
+        return await self.cluster.destinations(vm_name)
+
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_hostport(self.cfg.listen)
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
+            self._closed_unstarted()
             raise AgentError(f"cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from None
         self.listen_port = listeners[0].socket.getsockname()[1]
         control = ControlServer(self, self.control_path)
-        await control.bind()
+        try:
+            await control.bind()
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            self._closed_unstarted()
+            raise
         try:
             self.registry.load()
             pruned = self.store.prune()
@@ -389,6 +407,12 @@ class Agent:
         self._remove_empty_memory_dir()
         self._release_locks()
         log.info("agent stopped", agent=self.identity.name)
+
+    def _closed_unstarted(self) -> None:
+        """serve() failed before the agent started: closed as at a stop, without saying it stopped."""
+        self.registry.close()
+        self.store.close()
+        self._failed_start()
 
     def _remove_empty_memory_dir(self) -> None:
         """A memory directory the agent made itself and that holds no VM goes at a

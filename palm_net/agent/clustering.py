@@ -40,7 +40,7 @@ from palm_net.cluster.gate import Lists, PeerGate
 from palm_net.cluster.host import DrainOutcome
 from palm_net.cluster.member import ClusterMember, MemberConfig
 from palm_net.cluster.model import VM_STATES, AgentRecord, Keys, Outgoing, VmRecord
-from palm_net.cluster.placement import Movable
+from palm_net.cluster.placement import Movable, place, why_not
 from palm_net.cluster.policy import seal_record
 from palm_net.crypto.identity import AgentIdentity, Certificate
 from palm_net.hypervisor.backend import PAGE_SIZE
@@ -115,6 +115,15 @@ class AgentCluster:
             agent.outgoing.on_result.append(self._source_ended)
             agent.incoming.on_settled.append(self.metrics.destination_ended)
         agent.registry.changed = self._changed
+        agent.outgoing.self_refusal = self._self_revoked
+
+    def _self_revoked(self) -> str | None:
+        """A revoked agent is told so when it starts a migration: every peer closes its
+        sessions without a record (proto/PROTOCOL.md 3.3), which it could not tell apart."""
+        if not self.gate.lists.is_revoked(self.name, self.agent.identity.static.public):
+            return None
+        return (f"revoked: this agent ({self.name}) is revoked in the cluster, so every peer refuses it "
+                f"(palm cluster unrevoke {self.name} lifts it)")
 
     # -- the gate
 
@@ -195,6 +204,36 @@ class AgentCluster:
         if self.refused_out:
             out["refused_outgoing"] = dict(self.refused_out)
         return out or None
+
+    async def destinations(self, vm_name: str) -> dict[str, Any]:
+        """`palm migrate VM --to NAME|auto`: the other live agents whose records are signed by
+        the agent they name (verified against the authority, as a drain reads them), with
+        where each one stands for this VM, and where a drain would place it."""
+        m = self.member
+        if m is None:
+            return {"cluster": False, "self": self.name}
+        from palm_net.cluster.drainer import candidates
+        from palm_net.cluster.etcd import EtcdClient
+
+        vm = next((v for v in self.movable() if v.name == vm_name), None)
+        if vm is None:
+            self.agent.registry.get(vm_name)  # unknown: says so; known but arriving: not movable yet
+            raise AgentError(f"VM {vm_name!r} is arriving here: it cannot migrate until it runs")
+        try:
+            with trio.fail_after(10):
+                async with EtcdClient(m.cfg.etcd) as etcd:
+                    cands = await candidates(etcd, m.cfg.keys, self.name, self.lists, m.policy)
+        except (EtcdError, trio.TooSlowError) as exc:
+            raise AgentError(f"cannot read the cluster's agents from etcd: {exc or 'no answer in 10 s'}") from None
+        agents = [{"name": c.name, "addr": c.addr, "why_not": why_not(vm, c, 0)}
+                  for c in sorted(cands, key=lambda c: c.name)]
+        out: dict[str, Any] = {"cluster": True, "self": self.name, "agents": agents}
+        where = place(vm, cands, {})
+        if isinstance(where, str):
+            out["auto_error"] = where
+        else:
+            out["auto"] = {"name": where.name, "addr": where.addr}
+        return out
 
     # -- what the member asks (palm_net.cluster.host.ClusterHost)
 

@@ -44,6 +44,8 @@ class Controlled(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    async def destinations(self, vm_name: str) -> dict[str, Any]: ...
+
 log = structlog.get_logger("palm.control")
 
 MAX_REQUEST = 64 * 1024
@@ -262,6 +264,9 @@ class ControlServer:
         return {"status": await self.agent.outgoing.resolve(_arg(args, "id", str), _arg(args, "override", bool, False),
                                                             _arg(args, "reason", str, ""))}
 
+    async def _destinations(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        return await self.agent.destinations(_arg(args, "vm", str))
+
     async def _migrate(self, args: dict[str, Any], stream: trio.SocketStream) -> Any:
         bw = _arg(args, "bandwidth", str, None)
         params = MigrationParams(
@@ -340,4 +345,5 @@ class ControlServer:
         "vm.digest": _vm_digest, "vm.verify": _vm_verify, "vm.pause": _vm_pause, "vm.resume": _vm_resume,
         "vm.destroy": _vm_destroy, "migrate": _migrate, "migrations": _migrations,
         "migrate.cancel": _migrate_cancel, "migrate.resolve": _migrate_resolve,
+        "cluster.destinations": _destinations,
     }

@@ -71,6 +71,8 @@ class OutgoingService:
         self.nursery: trio.Nursery | None = None  # where recovery tasks run (set by the agent's serve)
         self.on_result: list[Callable[[MigrationResult], None]] = []  # told of each migration's result
         self._recovering: set[bytes] = set()  # in-doubt migrations a recovery task asks about
+        # Why this agent itself may start no migration now (the cluster revoked it), or None.
+        self.self_refusal: Callable[[], str | None] = lambda: None
 
     def migrating(self, name: str) -> bool:
         return any(lm.vm == name and lm.result is None for lm in self.live.values())
@@ -84,6 +86,9 @@ class OutgoingService:
             raise AgentError(str(exc)) from None
         if not vm.running:
             raise AgentError(f"VM {name!r} is {vm.state}: only a running VM migrates (palm vm resume {name})")
+        why = self.self_refusal()
+        if why:
+            raise AgentError(why)
         if vm.backend == "qemu" and params.downtime_policy != "pause":
             raise AgentError("a QEMU guest converges by QEMU's own rule (it iterates until the expected downtime "
                              "fits; --auto-converge throttles): --downtime-policy is for model VMs")

@@ -278,6 +278,15 @@ class Inbox:
         self._pool.put(buf)
 
 
+
+def _lost(exc: BaseException) -> str:
+    """Why a connection ended, in words: the socket's error (trio's BrokenResourceError carries
+    it as its cause), else that it broke or was closed; never an exception's class name."""
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    if isinstance(cause, OSError):
+        return cause.strerror or str(cause) or "the connection broke"
+    return "the connection was closed" if isinstance(exc, trio.ClosedResourceError) else "the connection broke"
+
 def _printable(data: bytes | bytearray) -> str:
     """A peer's first bytes, quoted and safe to print."""
     return repr("".join(c if c.isprintable() else "." for c in data.decode("latin-1")))
@@ -305,7 +314,7 @@ async def _drive(stream: trio.abc.Stream, hs: AttestedHandshake, first: bytes, t
     except trio.TooSlowError:
         raise HandshakeError(ErrorCode.TIMEOUT, f"handshake not finished within {timeout:g} s") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise HandshakeError(ErrorCode.CLOSED, f"connection lost during the handshake ({type(exc).__name__})") from None
+        raise HandshakeError(ErrorCode.CLOSED, f"connection lost during the handshake ({_lost(exc)})") from None
     assert hs.result is not None
     return SecureChannel(stream, hs.result, hs.leftover())
 

@@ -7,6 +7,8 @@ Every error an operator can cause is one line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
+import difflib
+import ipaddress
 import json
 import os
 import signal
@@ -265,16 +267,22 @@ def cmd_agent(a: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_arg(flag: str, text: str) -> str:
+def _memory_arg(flag: str, text: str, unit: int = 4096) -> str:
     """A memory size as QEMU's -m reads it (a bare number is MiB), sent exactly."""
     try:
-        return exact_size(parse_memory(text))
+        n = parse_memory(text)
     except ValueError as exc:
         raise CliError(f"{flag}: {exc}", EXIT_USAGE) from None
+    if n < unit or n % unit:
+        what = "4 KiB" if unit == 4096 else format_bytes(unit).replace(".0 ", " ")
+        raise CliError(f"{flag} {text}: must be a positive multiple of {what}", EXIT_USAGE)
+    return exact_size(n)
 
 
 def _workload_arg(spec: str) -> str:
-    """hotset:SIZE needs a unit (a bare number is not obviously MiB there)."""
+    """A workload that parses; hotset:SIZE needs a unit (a bare number is not obviously MiB there)."""
+    from palm_net.hypervisor.vmspec import check_workload
+
     for item in spec.split("+"):
         f = item.strip().split(":")
         if f[0] == "hotset" and len(f) == 3:
@@ -284,6 +292,10 @@ def _workload_arg(spec: str) -> str:
                                    EXIT_USAGE)
             except ValueError as exc:
                 raise CliError(f"--workload {item}: {exc}", EXIT_USAGE) from None
+    try:
+        check_workload(spec)
+    except ValueError as exc:
+        raise CliError(f"--workload: {exc}", EXIT_USAGE) from None
     return spec
 
 
@@ -291,7 +303,13 @@ def cmd_vm(a: argparse.Namespace) -> int:
     op = a.vm_cmd
     control = _control(a)
     if op == "create":
-        memory = _memory_arg("--memory", a.memory)
+        from palm_net.crypto.identity import validate_name
+
+        try:
+            validate_name(a.name)
+        except ValueError as exc:
+            raise CliError(str(exc).replace("invalid name", "invalid VM name", 1), EXIT_USAGE) from None
+        memory = _memory_arg("--memory", a.memory, 1 << 20 if a.backend == "qemu" else 4096)
         pm = _memory_arg("--protected-memory", a.protected_memory) if a.protected_memory else None
         if a.backend == "qemu":
             if a.protected or a.protected_memory:
@@ -386,20 +404,30 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid}: {r['status']}")
         return 0
     if not a.name or not a.to:
-        raise CliError("migrate needs NAME and --to HOST:PORT (or --cancel / --resolve)", EXIT_USAGE)
+        raise CliError("migrate needs NAME and --to HOST:PORT, an agent's name or auto (or --cancel / --resolve)",
+                       EXIT_USAGE)
     try:
         if a.bandwidth:
             parse_rate(a.bandwidth)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    _check_address(a.to)
-    args = {"name": a.name, "to": a.to, "downtime_ms": a.downtime_ms, "max_rounds": a.max_rounds,
+    for flag, val, low, high, unit in (("--downtime-ms", a.downtime_ms, 0, 3_600_000, " ms"),
+                                       ("--max-rounds", a.max_rounds, 1, 10_000, ""),
+                                       ("--max-factor", a.max_factor, 1, 1000, ""),
+                                       ("--reply-timeout", a.reply_timeout, 0.1, 3600, " s")):
+        if not (low < val if flag == "--downtime-ms" else low <= val) or val > high:
+            above = "above" if flag == "--downtime-ms" else "from"
+            raise CliError(f"{flag} {val:.10g}: must be {above} {low:.10g}{unit} and at most {high:.10g}{unit}",
+                           EXIT_USAGE)
+    to, to_name = _destination(control, a.name, a.to)
+    args = {"name": a.name, "to": to, "downtime_ms": a.downtime_ms, "max_rounds": a.max_rounds,
             "max_factor": a.max_factor, "bandwidth": a.bandwidth, "cipher": a.cipher,
             "auto_converge": a.auto_converge, "plain": a.plain_benchmark, "verify_digest": a.verify_digest,
             "reply_timeout": a.reply_timeout}
     if a.downtime_policy:
         args["downtime_policy"] = a.downtime_policy
     view = ProgressView.for_command(a.json)
+    view.to_name = to_name
     # SIGTERM (a service manager, `kill`) cancels as Ctrl-C does, and says so.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -414,13 +442,43 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     return _report(a, r)
 
 
-def _check_address(to: str) -> None:
+def _destination(control: str, vm: str, to: str) -> tuple[str, str]:
+    """``--to``: HOST:PORT as it is; in a cluster also an agent's name (its address from its
+    record in etcd, signed by it and verified by the agent against the authority) or
+    ``auto`` (placed as a drain would).  Returns the address and the agent's name (or "")."""
     from palm_net.agent.outgoing import parse_hostport
+    from palm_net.crypto.identity import validate_name
 
     try:
         parse_hostport(to)
+        return to, ""
     except ValueError as exc:
-        raise CliError(f"--to: {exc} (e.g. host-b:7400)", EXIT_USAGE) from None
+        bad = CliError(f"--to: {exc} (e.g. host-b:7400; in a cluster also an agent's name, or auto)", EXIT_USAGE)
+    try:
+        validate_name(to)
+    except ValueError:
+        raise bad from None
+    try:
+        ipaddress.ip_address(to)
+        raise bad  # an address without its port is no agent's name
+    except ValueError:
+        pass
+    r = control_request(control, "cluster.destinations", {"vm": vm})
+    if not r.get("cluster"):
+        raise CliError(f"--to {to}: agent names need a cluster (this agent has no --etcd): use HOST:PORT "
+                       "(e.g. host-b:7400)", EXIT_USAGE)
+    agents = {x["name"]: x for x in r["agents"]}
+    if to == "auto":
+        if "auto" not in r:
+            raise CliError(f"--to auto: no place for {vm}: {r.get('auto_error', 'no destination')}")
+        return str(r["auto"]["addr"]), str(r["auto"]["name"])
+    if to == r.get("self"):
+        raise CliError(f"--to {to}: {vm} runs on {to}: a VM cannot migrate to the agent it runs on")
+    if to not in agents:
+        known = ", ".join(sorted(agents)) or "none alive"
+        raise CliError(f"--to {to}: no agent of that name in the cluster (other agents: {known}; or auto, or "
+                       "HOST:PORT)", EXIT_USAGE)
+    return str(agents[to]["addr"]), to
 
 
 def _report(a: argparse.Namespace, r: dict[str, Any]) -> int:
@@ -529,9 +587,45 @@ def _complete_vms(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> lis
 
 
 class _Parser(argparse.ArgumentParser):
+    argv: list[str] = []  # the command line being parsed (main sets it), for suggestions
+
     def error(self, message: str) -> NoReturn:
-        """Bad usage is one line too, with where to look."""
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+        """Bad usage is one line too, with where to look (and what was meant, for a typo)."""
+        prog = self.prog
+        if message.startswith("unrecognized arguments: "):
+            # argparse says it from the top: the suggestions come from the command's own options
+            cmd = _command_parser(self, self.argv)
+            prog = cmd.prog
+            options = [o for act in cmd._actions for o in act.option_strings if o.startswith("--")]
+            meant = []
+            for arg in message.removeprefix("unrecognized arguments: ").split():
+                flag = arg.split("=", 1)[0]
+                if flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+                    if close:
+                        meant.append(close[0])
+            if meant:
+                message += f" (did you mean {' and '.join(meant)}?)"
+        elif message.startswith("argument ") and "invalid choice: " in message:
+            got = message.split("invalid choice: ", 1)[1].split(" ", 1)[0].strip("'")
+            choices = [str(c) for act in self._actions if act.choices for c in act.choices]
+            close = difflib.get_close_matches(got, choices, n=1, cutoff=0.6)
+            if close:
+                message = f"{message.split(' (choose', 1)[0]}: did you mean {close[0]}?"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see: {prog} --help)\n")
+
+
+def _command_parser(top: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser the words of ``argv`` lead to: palm, palm vm, palm vm create..."""
+    p = top
+    for word in argv:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            break
+        nxt = subs[0].choices.get(word) if isinstance(subs[0].choices, dict) else None
+        if nxt is not None:
+            p = nxt
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -672,7 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg = add("migrate", "live-migrate a VM to another agent (or --cancel / --resolve one)", cmd_migrate,
              control=True)
     mg.add_argument("name", nargs="?", help="the VM").completer = _complete_vms  # type: ignore[attr-defined]
-    mg.add_argument("--to", metavar="HOST:PORT", help="the destination agent's --listen address")
+    mg.add_argument("--to", metavar="HOST:PORT|AGENT|auto",
+                    help="the destination agent's --listen address; in a cluster (the agent runs with --etcd) "
+                         "also an agent's name, or auto: placed as a drain would place it")
     mg.add_argument("--downtime-ms", type=float, default=300.0, help="downtime limit (default 300)")
     mg.add_argument("--max-rounds", type=int, default=30, help="stop iterating after this many rounds (default 30)")
     mg.add_argument("--max-factor", type=float, default=3.0,
@@ -720,6 +816,12 @@ def main(argv: list[str] | None = None) -> int:
         import argcomplete
 
         argcomplete.autocomplete(parser)
+    args = sys.argv[1:] if argv is None else argv
+    _Parser.argv = list(args)
+    groups = {"vm", "ca", "cluster"}
+    if not args or (len(args) == 1 and args[0] in groups):  # bare `palm` (or `palm vm`): the help, not an error
+        _command_parser(parser, args).print_help()
+        return 0
     a = parser.parse_args(argv)
     from palm_net import logs
 

@@ -28,6 +28,8 @@ ETCD_ENV = "PALM_ETCD_ENDPOINTS"
 ETCD_USER_ENV = "PALM_ETCD_USER"
 ETCD_PASSWORD_ENV = "PALM_ETCD_PASSWORD_FILE"
 SIGNER_ENV = "PALM_SIGNER"
+LISTS_NOTE = ("LISTS: the etcd revision of the revocations and allowlist each agent enforces (rN; behind: "
+              "a newer change is not yet enforced there)")
 CONFIG_KEYS = {"etcd", "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file", "etcd_prefix",
                "advertise", "capacity", "metrics"}
 
@@ -187,7 +189,7 @@ def _acks_line(what: str, acks: Any, wait: float) -> str:
     if not total:
         return f"{what} (revision {acks.revision}); no agent is alive to enforce it yet"
     slowest = max(acks.seconds.items(), key=lambda kv: kv[1]) if acks.seconds else None
-    line = f"{what}: in force on {n} of {total} live agents"
+    line = f"{what} on {n} of {total} live agents"
     if slowest is not None:
         line += f" after {slowest[1] * 1000:.0f} ms (slowest: {slowest[0]})"
     if acks.missing:
@@ -236,7 +238,7 @@ def status_text(r: dict[str, Any], prefix: str) -> str:
              str(x.get("vms", "-")), format_bytes(x["free"]) if "free" in x else "-",
              format_bytes(x["capacity"]) if "capacity" in x else "-",
              (f"r{x['lists_revision']}" + (" behind" if x.get("lists_behind") else "")) if x.get("alive") else "-"]
-            for x in r["agents"]])]
+            for x in r["agents"]]), _wrap(LISTS_NOTE, "")]
     if r["vms"]:
         lines += ["", _fmt_table([["VM", "RUNS ON", "STATE", "MEMORY", "POLICY", "PLACED BY"]] + [
             [v["name"], v["agent"] + ("" if v["agent_alive"] else " (agent not alive)"), v["state"],
@@ -560,6 +562,7 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], parser_c
                                                        "`palm ca issue --role operator`, ca.pub)")
 
     p = one("status", "agents and their health, VMs and where they run, migrations in flight, drains")
+    p.epilog = LISTS_NOTE
     p.add_argument("--ca", metavar="CA_PUB", help="check the policy documents' signatures against this ca.pub")
     for name, help in (("revoke", "refuse AGENT everywhere: every agent refuses its next handshake, and "
                                   "migrations with it end before READY"),

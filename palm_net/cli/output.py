@@ -28,14 +28,25 @@ class CliError(Exception):
 def control_request(path: str, op: str, args: dict[str, Any],
                     on_event: Callable[[dict[str, Any]], None] | None = None, timeout: float = 3600) -> Any:
     """The agent's control API (palm_net.agent.client), its refusals as CliError."""
+    import stat
     from pathlib import Path
 
     from palm_net.agent.client import ControlError
     from palm_net.agent.client import control_request as request
 
-    if not Path(path).exists():
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
         raise CliError(f"no agent at {path} (is `palm agent` running? give its socket with --control or "
-                       "$PALM_CONTROL)")
+                       "$PALM_CONTROL)") from None
+    except OSError:
+        mode = stat.S_IFSOCK  # not ours to look at (permission): the request says why
+    if stat.S_ISDIR(mode):
+        raise CliError(f"{path} is a directory, not an agent's control socket (e.g. {path.rstrip('/')}/control.sock; "
+                       "`palm agent` logs its control= path)", EXIT_USAGE)
+    if not stat.S_ISSOCK(mode):
+        raise CliError(f"{path} is not a socket: give the agent's control socket (--control or $PALM_CONTROL)",
+                       EXIT_USAGE)
     try:
         return request(path, op, args, on_event, timeout)
     except ControlError as exc:
@@ -236,9 +247,48 @@ def _when(ts: float | None) -> str:
     return time.strftime(fmt, time.localtime(ts))
 
 
-def migrations_text(rows: list[dict[str, Any]]) -> str:
+def _terminal_width() -> int | None:
+    """The terminal's columns when stdout is one (None for a pipe or a file: nothing is cut)."""
+    import shutil
+
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _fit_table(table: list[list[str]], width: int | None, shrink: tuple[int, ...]) -> list[list[str]]:
+    """The table with the ``shrink`` columns' long cells cut (ending in "~") until each row
+    fits in ``width - 1`` columns; as it is without a width."""
+    if width is None:
+        return table
+    rows = [[safe(c) for c in r] for r in table]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    over = sum(widths) + 2 * (len(widths) - 1) - (width - 1)
+    while over > 0:
+        col = max(shrink, key=lambda i: widths[i])
+        if widths[col] <= 6:
+            break
+        widths[col] -= 1
+        over -= 1
+    return [[c if i not in shrink or len(c) <= widths[i] else c[: widths[i] - 1] + "~" for i, c in enumerate(r)]
+            for r in rows]
+
+
+def _under(text: str, width: int | None, indent: str = "    ") -> list[str]:
+    """A line under a table's row, wrapped to the terminal (as it is for a file or a pipe)."""
+    import textwrap
+
+    if width is None:
+        return [indent + text]
+    return textwrap.wrap(text, max(30, width - 1), initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False)
+
+
+def migrations_text(rows: list[dict[str, Any]], width: int | None = -1) -> str:
+    """`palm migrations`: on a terminal every line fits its width (long VM and peer names cut,
+    the errors under their rows wrapped); for a pipe or a file, nothing is cut."""
     if not rows:
         return "no migrations"
+    if width == -1:
+        width = _terminal_width()
     flying = any(m["in_flight"] for m in rows)
     table = [["ID", "DIR", "VM", "PEER", "STATE", "STARTED", "TIME", "DOWN", "SENT"]
              + (["LEFT"] if flying else [])]
@@ -249,19 +299,20 @@ def migrations_text(rows: list[dict[str, Any]]) -> str:
                       _ms(m.get("elapsed_ms")), _ms(m.get("downtime_ms")),
                       format_bytes(m["bytes"]) if m.get("bytes") else "-"]
                      + ([format_bytes(left * 4096) if m["in_flight"] and left else "-"] if flying else []))
-    out = _fmt_table(table)
+    out = _fmt_table(_fit_table(table, width, (2, 3)))
     lines = out.splitlines()
     # Each error in full, under its row.
     result = [lines[0]]
     for line, m in zip(lines[1:], rows):
         result.append(line)
         if m.get("error"):
-            result.append(f"    {safe(m['error'])}")
+            result += _under(safe(m["error"]), width)
         if m.get("not_running"):  # this agent's by the row, but not running: said under its row, loudly
-            result.append(f"    NOT RUNNING (retried; palm vm resume {safe(m['vm'])}): {safe(m['not_running'])}")
-    result.append(_wrap("DIR: out (this agent is the source) or in; TIME: elapsed; IDs shortened (--json has "
-                        "them whole; --cancel takes a prefix or a VM name)" + ("; * in flight" if flying else ""),
-                        ""))
+            result += _under(f"NOT RUNNING (retried; palm vm resume {safe(m['vm'])}): {safe(m['not_running'])}",
+                             width)
+    note = ("DIR: out (this agent is the source) or in; TIME: elapsed; IDs shortened (--json has them whole; "
+            "--cancel takes a prefix or a VM name)" + ("; * in flight" if flying else ""))
+    result += _under(note, width, "")
     return "\n".join(result)
 
 

@@ -94,6 +94,7 @@ class ProgressView:
         self._last_plain = 0.0
         self._pending_note: str | None = None
         self.migration_id: str | None = None
+        self.to_name = ""  # the destination agent's name, when --to named it (or placed it: auto)
 
     @classmethod
     def for_command(cls, as_json: bool, label: str = "") -> ProgressView:
@@ -103,7 +104,8 @@ class ProgressView:
 
     def started(self, ev: dict[str, Any]) -> None:
         self.migration_id = ev.get("migration_id")
-        note = f"migration {self.migration_id}: {ev.get('vm')} to {ev.get('to')}"
+        to = f"{self.to_name} ({ev.get('to')})" if self.to_name else ev.get("to")
+        note = f"migration {self.migration_id}: {ev.get('vm')} to {to}"
         if self.mode == "live":
             self.note(note + " (Ctrl-C cancels)")
         elif self.mode == "plain":  # with the first progress line, a second in (a quick refusal stays one line)

@@ -48,6 +48,10 @@ def describe_error(exc: BaseException) -> str:
             return "I/O error" + (f" on {where}" if where else "")
         why = (exc.strerror or os.strerror(exc.errno)) if exc.errno else (str(exc) or type(exc).__name__)
         return f"{why}" + (f": {where}" if where else "")
+    if not str(exc) and isinstance(exc.__cause__, OSError):  # trio's BrokenResourceError: its socket's error
+        return describe_error(exc.__cause__)
+    if not str(exc) and type(exc).__name__ in ("BrokenResourceError", "ClosedResourceError"):
+        return "the connection broke" if type(exc).__name__ == "BrokenResourceError" else "the connection was closed"
     return str(exc) or type(exc).__name__
 
 

@@ -32,6 +32,7 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import pwd
@@ -559,6 +560,38 @@ class Confinement:
 # The VM
 
 
+def blamed_argument(args: list[str], line: str) -> str:
+    """The option of ``args`` (with its value) that QEMU's error ``line`` is about, or "":
+    QEMU names the option itself (``-cpu foo: ...``) or only a part of its value (``unable
+    to find CPU model 'foo'``, ``Property 'host-x86_64-cpu.nosuchflag' not found``)."""
+    pairs = [(args[i], args[i + 1]) for i in range(len(args) - 1)
+             if args[i].startswith("-") and not args[i + 1].startswith("-")]
+    for opt, val in pairs:
+        if f"{opt} {val}" in line:
+            return f"{opt} {val}"
+    best, score = "", 0
+    for opt, val in pairs:
+        for part in re.split(r"[,=]", val):
+            word = part.lstrip("+-")
+            if len(word) >= 3 and len(word) > score and re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", line):
+                best, score = f"{opt} {val}", len(word)
+    return best
+
+
+def start_failure(tail: str, args: list[str]) -> str:
+    """One line for a QEMU that died starting: its last stderr line, the argument it blames."""
+    msg = re.sub(r"^\S*qemu-system-\w+: ", "", tail.strip())
+    blamed = blamed_argument(args, msg)
+    out = f"QEMU did not start: {msg}"
+    if blamed and not msg.startswith(blamed):
+        out += f" (the argument it blames: {blamed})"
+    if "kvm_buf_set_msrs" in msg or "kvm_put_msrs" in msg:
+        cpu = next((f"-cpu {v}" for o, v in itertools.pairwise(args) if o == "-cpu"), "the default CPU")
+        out += (f" (KVM refused the CPU's MSRs of {cpu}: this host's KVM, nested perhaps, does not support all "
+                "it passes through; name a model such as -cpu max, or leave -cpu out)")
+    return out
+
+
 class QemuVM(ConfiguredVM):
     """One QEMU VM owned by the agent.  Thread-safe: QMP calls are serialised."""
 
@@ -734,12 +767,14 @@ class QemuVM(ConfiguredVM):
         try:
             self.qmp = QmpClient.connect(self.qmp_path, QMP_TIMEOUT, alive=lambda: self.proc is not None and
                                          self.proc.poll() is None)
+            if not incoming:  # a QEMU that dies as its vCPUs first run (KVM refusing the CPU's MSRs) dies now
+                self.qmp.execute("query-status", timeout=QMP_TIMEOUT)
         except QmpError as exc:
             tail = self._log_tail()
             self._kill()
             shutil.rmtree(self.dir, ignore_errors=True)
             shutil.rmtree(self.run_dir, ignore_errors=True)
-            raise QemuError(f"QEMU did not start: {tail or exc}") from None
+            raise QemuError(start_failure(tail or str(exc), [*self.spec.args, *self.local_args])) from None
 
     def _log_tail(self) -> str:
         """QEMU's last log line: for the local log and operator only, never for a peer."""

@@ -273,6 +273,7 @@ class SourceEngine:
 
     def _next_round(self, now: float) -> list[Effect]:
         self._round_started = (now, self.stats.transferred)
+        self.stats.round_pages = self.stats.remaining = len(self.pending)  # the progress knows the round's size
         return self._request(Step.ROUND, SendPages(self.pending, self.round), PagesSent)
 
     def pages(self, batch: PageBatch, remaining: int) -> list[Buffer]:
