@@ -440,7 +440,7 @@ class FakeStream:
         self.data = bytearray()
         self.ended = self.active = self.scrubbed = False
         self.running = False
-        self.paused_at, self.last_stats = None, {}
+        self.paused_at = None
 
     def stream_in(self, data: bytes) -> None:
         assert not self.ended

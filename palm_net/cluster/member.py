@@ -91,7 +91,6 @@ class ClusterMember:
         self.drain_status: dict[str, Any] = {}
         self._publish = trio.Event()
         self._reconcile = trio.Event()
-        self._ok_at = 0.0  # wall clock of the last call etcd answered
         self._failing_since: float | None = time.time()  # until etcd first answers
         self._last_error = "not contacted yet"
         self._name_taken = ""
@@ -141,7 +140,6 @@ class ClusterMember:
         if self._failing_since is not None:
             log.info("etcd reachable", endpoint_count=len(self.cfg.etcd.endpoints))
         self._failing_since = None
-        self._ok_at = time.time()
 
     def bad(self, exc: BaseException) -> None:
         self._last_error = str(exc)[:300] or type(exc).__name__

@@ -159,7 +159,6 @@ class StreamBackend(HostedVM, Protocol):
     """A hypervisor that migrates by its own byte stream (QEMU); palm_net carries it."""
 
     paused_at: float | None  # monotonic time the guest stopped for the last copy
-    last_stats: dict[str, Any]  # the hypervisor's own migration figures
 
     def start_stream(self, downtime_limit: float, bandwidth: float | None, auto_converge: bool) -> socket.socket:
         """Starts the hypervisor's migration; the stream is read from the socket returned."""

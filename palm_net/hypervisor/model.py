@@ -63,7 +63,6 @@ from palm_net.hypervisor.vmspec import check_workload, validate_policy
 from palm_net.wire.messages import MAX_DATA_PAGES, MAX_PAGES_PER_MESSAGE
 from palm_net.wire.pages import Gfns, RoundGfns
 
-ZERO_PAGE = bytes(PAGE_SIZE)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -611,7 +611,6 @@ class QemuVM(ConfiguredVM):
         self.qmp: QmpClient | None = None
         self.workload: Any = None  # QEMU guests run their own code
         self.paused_at: float | None = None  # monotonic time QEMU stopped the guest for stop-and-copy
-        self.last_stats: dict[str, Any] = {}
         self._incoming: socket.socket | None = None
         self._tail: StreamTail | None = None  # the end of the stream of the migration under way
         # What this VM's digest leaves out while it is paused for a migration (see kvmclock_areas).
@@ -1042,7 +1041,6 @@ class QemuVM(ConfiguredVM):
         ev = q.wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
                           ("completed", "failed", "cancelled"), QMP_TIMEOUT)
         info: dict[str, Any] = q.execute("query-migrate")
-        self.last_stats = info
         if ev["data"]["status"] != "completed":
             raise QemuError(f"QEMU migration {ev['data']['status']}: {info.get('error-desc', 'no reason given')}")
         self.config["state"] = "paused"  # postmigrate: QEMU keeps the guest stopped
