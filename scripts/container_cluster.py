@@ -39,6 +39,7 @@ from typing import Any, TextIO
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from palm_net.agent.client import ControlError  # noqa: E402
 from palm_net.agent.launcher import AgentProcess  # noqa: E402
 
 COMPOSE_FILE = ROOT / "scripts" / "compose.yaml"
@@ -491,6 +492,19 @@ class ContainerCluster:
             raise ContainerError("volume isolation: " + "; ".join(problems))
         print(f"containers: each agent mounts its own volume and the public ca.pub (read-only) only; "
               f"network {self.tag}_palm", flush=True)
+        print(f"containers: {self.qemu_refused()}", flush=True)
+
+    def qemu_refused(self) -> str:
+        """Issue 22.4 at run time: an agent that is not root in its container refuses to start
+        a QEMU guest (QEMU would run with the agent's uid, the host's / and its keys)."""
+        ag = self.agents[0]
+        try:
+            vm = ag.request("vm.create", timeout=60, name="qemu-probe", memory="64M", backend="qemu")
+        except ControlError as exc:
+            if "--qemu-unconfined" not in str(exc):
+                raise ContainerError(f"{ag.name}: a QEMU guest refused for another reason: {exc}") from None
+            return f"{ag.name} refuses a QEMU guest unconfined: {str(exc)[:80]}..."
+        raise ContainerError(f"{ag.name} started a QEMU guest unconfined in its container: {vm}")
 
     def make_base(self) -> None:
         """A Debian base with python3 made by mmdebstrap and imported, like the slim official image."""

@@ -23,7 +23,7 @@ from palm_net.cluster.model import (
     VmRecord,
 )
 from palm_net.cluster.placement import Candidate, DrainPlan, Movable, completion_timeout, place
-from palm_net.wire.errors import ErrorCode
+from palm_net.errors import ErrorCode
 
 MiB = 1 << 20
 VID = "aa" * 16

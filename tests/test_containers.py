@@ -109,6 +109,7 @@ def test_container_drill_migrates_between_containers_and_leaves_nothing():
     assert int(completed) >= 9  # the ring twice, two at once, one more; a killed migration may still complete
     assert faults == "{'kill-destination': 1, 'kill-source': 1}"
     assert "each agent mounts its own volume and the public ca.pub (read-only) only" in p.stdout
+    assert "refuses a QEMU guest unconfined: QEMU guests are refused: this agent does not run as root" in p.stdout
     assert "nothing left behind" in p.stdout
     assert left_on_host(before) == []
 

@@ -15,13 +15,13 @@ import trio.testing
 from palm_net.channel.records import RecordReceiver, RecordSender
 from palm_net.channel.transport import Inbox, Outbox, SecureChannel, _Buffers
 from palm_net.crypto.noise import CIPHERS, CipherState
+from palm_net.errors import LocalProtocolError, PalmError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration import orchestrate
 from palm_net.migration.handoff import HandoffStore
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.testing.engines import DestinationDriver, source_messages, units
 from palm_net.wire import messages
-from palm_net.wire.errors import LocalProtocolError, PalmError
 from palm_net.wire.messages import DATA_RECORD, MAX_BULK, Accept, Begin, Pages, Stream
 from palm_net.wire.pages import IncomingPages
 from palm_net.wire.protocol import Data, Role, SessionProtocol

@@ -578,8 +578,8 @@ def test_each_step_of_the_handoff_table_leads_to_one_state():
 def test_storage_errors_are_named_not_called_a_lost_connection():
     import errno as e
 
+    from palm_net.errors import ErrorCode
     from palm_net.migration.runner import session_error
-    from palm_net.wire.errors import ErrorCode
 
     full = session_error(OSError(e.ENOSPC, "No space left on device", "/dev/shm/palm-0-x/vm1/vm.json"))
     assert full.code is ErrorCode.NO_SPACE and "no space left on device" in full.detail

@@ -25,6 +25,7 @@ from palm_net.channel.handshake import AttestedHandshake
 from palm_net.channel.records import RecordReceiver, RecordSender
 from palm_net.channel.transport import Record
 from palm_net.crypto.noise import AESGCM, CipherState
+from palm_net.errors import ErrorCode, PalmError, RemoteProtocolError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.qemu import HOST_OPTIONS, OWN_OPTIONS, QemuError, QemuSpec, split_args
 from palm_net.migration.effects import Send, Transcript
@@ -32,7 +33,6 @@ from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.params import MigrationParams
 from palm_net.migration.source import SourceEngine
 from palm_net.testing.engines import DestinationDriver, source_stream
-from palm_net.wire.errors import ErrorCode, PalmError, RemoteProtocolError
 from palm_net.wire.messages import Begin
 from tests.conftest import FUZZ_COUNTS, Pki
 
@@ -261,7 +261,7 @@ import msgpack  # noqa: E402
 from hypothesis import given  # noqa: E402
 
 from palm_net.hypervisor.model import VmError  # noqa: E402
-from palm_net.hypervisor.protection import IntegrityError  # noqa: E402
+from palm_net.hypervisor.protection import ProtectionIntegrityError  # noqa: E402
 
 _values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=40) | st.text(max_size=10),
@@ -282,7 +282,7 @@ def test_fuzz_blob_parsers_only_refuse_cleanly(blob, which):
         data = msgpack.packb(blob)
         try:
             {"keys": vm.import_keys, "cpu": vm.import_cpu_state, "context": vm.import_protection}[which](data)
-        except (VmError, IntegrityError):
+        except (VmError, ProtectionIntegrityError):
             pass
         vm.close()
     finally:

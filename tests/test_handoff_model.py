@@ -16,11 +16,9 @@ import pytest
 
 from palm_net.agent.registry import VmRegistry
 from palm_net.migration import handoff
-from palm_net.migration.handoff import DST, SRC, HandoffState, Step
+from palm_net.migration.handoff import DESTINATION, SOURCE, HandoffState, Step
 from palm_net.testing import handoff_model as hm
 from tests.conftest import FUZZ_COUNTS
-
-H = HandoffState
 
 
 def explore(bounds: hm.Bounds | None = None, **kw) -> hm.Result:
@@ -50,12 +48,13 @@ def test_the_model_reaches_what_matters(checked):
     """Not a vacuous pass: the runs the properties are about are all explored."""
     seen = {(s.src_row, s.src_vm, s.dst_row, s.dst_vm) for s in checked.seen}
     V = hm.Vm
-    assert (H.DONE, V.SCRUBBED, H.COMMITTED, V.RUNNING) in seen  # migrated
-    assert (H.ABORTED, V.RUNNING, H.ABORTED, V.SCRUBBED) in seen  # aborted, resumed at the source
-    assert (H.ABORTED, V.RUNNING, None, V.NONE) in seen  # failed before BEGIN arrived
-    assert (H.HANDED_OFF, V.PAUSED, H.COMMITTED, V.RUNNING) in seen  # in doubt, committed
-    assert (H.HANDED_OFF, V.PAUSED, H.ABORTED, V.SCRUBBED) in seen  # in doubt, aborted
-    assert (H.DONE, V.SCRUBBED, H.COMMITTED, V.INCOMING) in seen  # committed, activation failed: the only copy
+    assert (HandoffState.DONE, V.SCRUBBED, HandoffState.COMMITTED, V.RUNNING) in seen  # migrated
+    assert (HandoffState.ABORTED, V.RUNNING, HandoffState.ABORTED, V.SCRUBBED) in seen  # aborted, resumed at the source
+    assert (HandoffState.ABORTED, V.RUNNING, None, V.NONE) in seen  # failed before BEGIN arrived
+    assert (HandoffState.HANDED_OFF, V.PAUSED, HandoffState.COMMITTED, V.RUNNING) in seen  # in doubt, committed
+    assert (HandoffState.HANDED_OFF, V.PAUSED, HandoffState.ABORTED, V.SCRUBBED) in seen  # in doubt, aborted
+    # committed, activation failed: the only copy
+    assert (HandoffState.DONE, V.SCRUBBED, HandoffState.COMMITTED, V.INCOMING) in seen
 
 
 def test_an_override_may_fork_and_only_an_override():
@@ -72,11 +71,12 @@ def test_an_override_may_fork_and_only_an_override():
 def test_the_operator_is_asked_through_operable():
     """The model's operator goes through the real VmRegistry.operable."""
     ask = hm.Operable()
-    assert not ask(SRC, H.HANDED_OFF, "paused", True, False)  # in doubt: --resolve only
-    assert not ask(SRC, H.SENDING, "running", True, True)  # migrating
-    assert ask(SRC, H.ABORTED, "running", False, False)
-    assert not ask(DST, H.COMMITTED, "incoming", True, False)  # committed, not running: not the operator's
-    assert ask(DST, H.COMMITTED, "running", False, False)
+    assert not ask(SOURCE, HandoffState.HANDED_OFF, "paused", True, False)  # in doubt: --resolve only
+    assert not ask(SOURCE, HandoffState.SENDING, "running", True, True)  # migrating
+    assert ask(SOURCE, HandoffState.ABORTED, "running", False, False)
+    # committed, not running: not the operator's
+    assert not ask(DESTINATION, HandoffState.COMMITTED, "incoming", True, False)
+    assert ask(DESTINATION, HandoffState.COMMITTED, "running", False, False)
 
 
 def test_the_model_uses_the_codes_rules(monkeypatch):
@@ -112,7 +112,7 @@ def test_mutation_resume_without_token_after_handoff_is_caught(monkeypatch):
     real = handoff.may_resume
 
     def may_resume(state, *, token_ok=False, override=False):
-        return state is H.HANDED_OFF or real(state, token_ok=token_ok, override=override)
+        return state is HandoffState.HANDED_OFF or real(state, token_ok=token_ok, override=override)
 
     monkeypatch.setattr(handoff, "may_resume", may_resume)
     found = counterexample(kind="fork")
@@ -121,7 +121,7 @@ def test_mutation_resume_without_token_after_handoff_is_caught(monkeypatch):
 
 def test_mutation_destination_scrubs_a_committed_vm_is_caught(monkeypatch):
     real = handoff.may_scrub
-    monkeypatch.setattr(handoff, "may_scrub", lambda side, state: real(side, state) or state is H.COMMITTED)
+    monkeypatch.setattr(handoff, "may_scrub", lambda side, state: real(side, state) or state is HandoffState.COMMITTED)
     counterexample(kind="loss")
 
 
@@ -130,16 +130,16 @@ def test_mutation_token_no_longer_resumes_is_caught_by_liveness(monkeypatch):
     stays paused forever once the destination aborted (the liveness check's own test)."""
     real = handoff.may_resume
     monkeypatch.setattr(handoff, "may_resume", lambda state, *, token_ok=False, override=False:
-                        state is not H.HANDED_OFF and real(state))
+                        state is not HandoffState.HANDED_OFF and real(state))
     found = explore()
     assert [v.kind for v in found.violations] == ["stuck"], found.summary()
     print(found.violations[0])
-    assert found.violations[0].state.src_row is H.HANDED_OFF
+    assert found.violations[0].state.src_row is HandoffState.HANDED_OFF
 
 
 def test_mutation_commit_after_abort_is_caught(monkeypatch):
-    monkeypatch.setitem(handoff.MOVES, (DST, H.ABORTED, Step.COMMIT), H.COMMITTED)
-    assert H.ABORTED in handoff.leaving(DST, Step.COMMIT)
+    monkeypatch.setitem(handoff.MOVES, (DESTINATION, HandoffState.ABORTED, Step.COMMIT), HandoffState.COMMITTED)
+    assert HandoffState.ABORTED in handoff.leaving(DESTINATION, Step.COMMIT)
     counterexample(kind="fork")
 
 

@@ -21,7 +21,7 @@ from palm_net.channel.handshake import (
 from palm_net.channel.transport import accept, connect
 from palm_net.crypto.identity import Authority
 from palm_net.crypto.noise import CipherName
-from palm_net.wire.errors import HandshakeError, LocalProtocolError, PalmError
+from palm_net.errors import HandshakeError, LocalProtocolError, PalmError
 from palm_net.wire.framing import frame
 
 

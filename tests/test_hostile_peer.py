@@ -22,6 +22,7 @@ import trio
 from palm_net.agent.errors import AgentError
 from palm_net.channel.handshake import Purpose
 from palm_net.channel.records import CLEAR
+from palm_net.errors import PalmError, public_reason
 from palm_net.migration import destination, handoff
 from palm_net.migration.handoff import check_abort_token
 from palm_net.migration.params import MigrationParams
@@ -29,7 +30,6 @@ from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.hostile import HostilePeer
 from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule, sealed
 from palm_net.wire import messages
-from palm_net.wire.errors import PalmError, public_reason
 from palm_net.wire.messages import Abort, Accept, Commit, Complete, Done, Pages, Query
 from palm_net.wire.protocol import Role, SessionProtocol, State
 from tests.conftest import raw_message

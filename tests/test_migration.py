@@ -17,6 +17,7 @@ from nacl.signing import SigningKey
 
 from palm_net.agent.errors import AgentError
 from palm_net.channel.records import Record
+from palm_net.errors import PalmError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.workload import Workload
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, check_abort_token
@@ -26,7 +27,6 @@ from palm_net.migration.source import PACING_BURST, Pacer
 from palm_net.testing.engines import DestinationDriver, Unit, renumber, source_messages, split_data, units
 from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule
 from palm_net.wire import messages
-from palm_net.wire.errors import PalmError
 from palm_net.wire.messages import (
     MAX_BLOB,
     Abort,
@@ -306,8 +306,8 @@ def test_begin_sizes_are_bounded_by_the_agent_s_limit_and_each_other(shm, pages,
 
 
 def test_the_destination_engine_takes_only_the_result_it_asked_for(shm):
+    from palm_net.errors import LocalProtocolError
     from palm_net.migration.effects import KeysImported, Opened
-    from palm_net.wire.errors import LocalProtocolError
 
     dest = _destination(shm, HandoffStore(shm / "d.db"))
     with pytest.raises(LocalProtocolError):  # nothing asked yet
@@ -394,8 +394,8 @@ def test_the_handoff_store_gives_back_every_field_it_was_given(shm):
 
 
 def test_past_the_handoff_a_source_resumes_only_with_the_token_or_by_the_operator(shm):
+    from palm_net.errors import LocalProtocolError
     from palm_net.migration.handoff import make_abort_token
-    from palm_net.wire.errors import LocalProtocolError
 
     store = HandoffStore(shm / "s.db")
     dest_key = SigningKey.generate()

@@ -67,7 +67,7 @@ MUTANTS = [
            "            if self.sessions >= self.max_sessions:\n",
            "            if False:\n", (SAFETY, "-k", "max_incoming")),
     Mutant("the destination may scrub a committed VM", "palm_net/migration/handoff.py",
-           "    return state is None or state is H.ABORTED\n",
+           "    return state is None or state is HandoffState.ABORTED\n",
            "    return True\n", ("tests/test_handoff_model.py", "-k", "safe_and_live")),
     Mutant("an in-doubt source resumes without a token", "palm_net/migration/handoff.py",
            "        return token_ok or override\n",

@@ -14,9 +14,21 @@ from hypothesis import strategies as st
 
 from palm_net.channel.records import MAX_PLAINTEXT, RecordReceiver, RecordSender
 from palm_net.crypto.noise import AESGCM, CHACHAPOLY, MAX_MESSAGE_LEN, TAGLEN, CipherState
+from palm_net.errors import ErrorCode, PalmError, RemoteProtocolError
 from palm_net.wire import messages
-from palm_net.wire.errors import PalmError
-from palm_net.wire.messages import Accept, Begin, Complete, Pages, RoundEnd, Stream, StreamEnd
+from palm_net.wire.messages import (
+    Abort,
+    Accept,
+    Begin,
+    Complete,
+    Message,
+    Outcome,
+    Pages,
+    RecoveryOutcome,
+    RoundEnd,
+    Stream,
+    StreamEnd,
+)
 from palm_net.wire.protocol import Role, SessionProtocol, State
 from tests.conftest import FUZZ_COUNTS, raw_message
 
@@ -172,6 +184,19 @@ def test_message_schema_violations(mutate):
     mutate(obj)
     with pytest.raises(PalmError):
         messages.decode(msgpack.packb(obj))
+
+
+def test_an_outcome_is_one_of_three_and_an_abort_code_maps_to_a_known_one():
+    for outcome in RecoveryOutcome:
+        body = messages.decode(messages.encode(Message(MID, 0, Outcome(outcome.value, b"")))).body
+        assert body.outcome == outcome
+    forged = {"v": messages.WIRE_VERSION, "t": "OUTCOME", "mid": MID, "seq": 0,
+              "b": {"outcome": "committed!", "token": b""}}
+    with pytest.raises(RemoteProtocolError) as info:
+        messages.decode(msgpack.packb(forged))
+    assert info.value.code is ErrorCode.MALFORMED
+    assert Abort("no-space", "", b"").error_code is ErrorCode.NO_SPACE
+    assert Abort("from-the-future", "", b"").error_code is ErrorCode.OUT_OF_STATE  # a code this side does not know
 
 
 def test_malformed_msgpack_and_ext_types():

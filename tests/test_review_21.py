@@ -196,7 +196,7 @@ async def test_abort_write_and_resume_both_failing_before_the_handoff_are_retrie
 async def test_state_db_read_errors_right_after_commit_keep_the_committed_vm_and_activate_it(pair):
     """COMMITTED is durable; then the state DB fails reads for a moment (EIO as
     sqlite3.OperationalError, for ~0.3 s).  commit_and_activate's read back raises a
-    sqlite3 error, which neither DestinationHost.perform (IntegrityError,
+    sqlite3 error, which neither DestinationHost.perform (ProtectionIntegrityError,
     HypervisorError, OSError) nor session_error maps (it re-raises), the session's
     _fail and IncomingService._settle both read the row and fail too; _settle raises,
     so the committed VM is neither activated nor put in not_running (never retried,

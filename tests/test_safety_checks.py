@@ -38,9 +38,9 @@ from palm_net.crypto.identity import (
     AttestationError,
     Authority,
     Certificate,
-    RejectReason,
 )
 from palm_net.crypto.noise import CHACHAPOLY, CipherState
+from palm_net.errors import ErrorCode, HandshakeError, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration.effects import Effect, Result, Send
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, make_abort_token
@@ -53,7 +53,6 @@ from palm_net.testing.engines import DestinationDriver, SourceDriver
 from palm_net.testing.hostile import HostilePeer
 from palm_net.testing.proxy import FaultProxy, Rule
 from palm_net.wire import messages
-from palm_net.wire.errors import ErrorCode, HandshakeError, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.wire.messages import Abort, Begin, Commit, Message, Outcome
 from palm_net.wire.protocol import Role, SessionProtocol
 from tests.test_handshake import pump
@@ -99,7 +98,7 @@ def test_a_certificate_the_authority_did_not_sign_is_refused():
         assert forged.issuer == authority.key_id, what  # the issuer check alone lets it through
         with pytest.raises(AttestationError) as info:
             forged.verify(authority.public)
-        assert info.value.reason is RejectReason.BAD_CERTIFICATE, what
+        assert info.value.reason is ErrorCode.BAD_CERTIFICATE, what
 
 
 def test_a_forged_certificate_is_refused_at_the_handshake(pki):

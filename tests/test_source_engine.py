@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from palm_net.channel.records import Record
+from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration.effects import (
     CollectDirty,
@@ -40,7 +41,6 @@ from palm_net.migration.params import MigrationParams
 from palm_net.migration.source import CATCH_UP_WAIT, SourceEngine, Step
 from palm_net.testing.engines import DestinationDriver, SourceDriver
 from palm_net.wire import messages
-from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError
 from palm_net.wire.messages import Accept, Message, Ready, RoundDone
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -43,11 +43,11 @@ from palm_net.cluster.model import VM_STATES, AgentRecord, Keys, Outgoing, VmRec
 from palm_net.cluster.placement import Movable, place, why_not
 from palm_net.cluster.policy import seal_record
 from palm_net.crypto.identity import AgentIdentity, Certificate
+from palm_net.errors import PalmError
 from palm_net.hypervisor.backend import PAGE_SIZE
 from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.orchestrate import MigrationResult
 from palm_net.migration.params import MigrationParams, MigrationStats
-from palm_net.wire.errors import PalmError
 from palm_net.wire.protocol import Role
 
 if TYPE_CHECKING:

@@ -27,12 +27,12 @@ from palm_net.agent.limits import Admission, TokenBuckets, release_free_memory
 from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel, accept
+from palm_net.errors import ErrorCode, MigrationFailure, PalmError
 from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError, describe_error
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer, may_run
 from palm_net.migration.orchestrate import serve_incoming
 from palm_net.migration.runner import DestinationRun
-from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError
 from palm_net.wire.messages import Begin
 from palm_net.wire.protocol import Role
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from palm_net.wire.errors import ErrorCode, MigrationFailure
+from palm_net.errors import ErrorCode, MigrationFailure
 
 try:
     _libc: ctypes.CDLL | None = ctypes.CDLL(None)

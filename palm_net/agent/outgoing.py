@@ -23,11 +23,11 @@ from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import PeerInfo
 from palm_net.channel.transport import SecureChannel
 from palm_net.crypto.noise import CipherName
+from palm_net.errors import PalmError
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffState, HandoffStore, may_run, may_scrub
 from palm_net.migration.orchestrate import MigrationResult, migrate_out, override_resume, recover_once
 from palm_net.migration.params import MigrationParams, MigrationStats
-from palm_net.wire.errors import PalmError
 from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.agent")

@@ -28,7 +28,6 @@ from palm_net.crypto.identity import (
     AgentIdentity,
     AttestationError,
     Certificate,
-    RejectReason,
     make_quote,
     same_key,
     verify_quote,
@@ -43,7 +42,7 @@ from palm_net.crypto.noise import (
     aesgcm_available,
     protocol_name,
 )
-from palm_net.wire.errors import ErrorCode, HandshakeError, LocalProtocolError, PalmError
+from palm_net.errors import ErrorCode, HandshakeError, LocalProtocolError, PalmError
 from palm_net.wire.framing import FrameBuffer, frame
 
 PROTOCOL_VERSION = 1
@@ -226,28 +225,28 @@ class AttestedHandshake:
             obj = msgpack.unpackb(payload, raw=False, max_bin_len=MAX_PAYLOAD, max_str_len=256,
                                   max_array_len=8, max_map_len=8, strict_map_key=True)
         except Exception:
-            raise AttestationError(RejectReason.MALFORMED, "attestation payload is not msgpack") from None
+            raise AttestationError(ErrorCode.MALFORMED, "attestation payload is not msgpack") from None
         if (not isinstance(obj, dict) or set(obj) != {"v", "cert", "quote", "ciphers"}
                 or obj["v"] != PROTOCOL_VERSION or not isinstance(obj["cert"], bytes)
                 or not isinstance(obj["quote"], bytes) or not isinstance(obj["ciphers"], list)
                 or not all(isinstance(c, str) for c in obj["ciphers"])):
-            raise AttestationError(RejectReason.MALFORMED, "attestation payload fields")
+            raise AttestationError(ErrorCode.MALFORMED, "attestation payload fields")
         cert = Certificate.decode(obj["cert"])
         cert.verify(cfg.authority_pub, cfg.clock())
         if remote_static is None or not same_key(cert.static_pub, remote_static):
-            raise AttestationError(RejectReason.KEY_MISMATCH,
+            raise AttestationError(ErrorCode.KEY_MISMATCH,
                                    f"certificate of {cert.name!r} is for another static key")
         verify_quote(cert.sign_pub, h, cert.measurement, obj["quote"])
         if not any(same_key(cert.measurement, m) for m in cfg.allowed_measurements):
-            raise AttestationError(RejectReason.MEASUREMENT_NOT_ALLOWED,
+            raise AttestationError(ErrorCode.MEASUREMENT_NOT_ALLOWED,
                                    f"agent {cert.name!r} has measurement {cert.measurement.hex()[:16]}...")
         role = required_peer_role(self.initiator)
         if role not in cert.roles:
-            raise AttestationError(RejectReason.ROLE_NOT_ALLOWED, f"agent {cert.name!r} lacks role {role!r}")
+            raise AttestationError(ErrorCode.ROLE_NOT_ALLOWED, f"agent {cert.name!r} lacks role {role!r}")
         assert self._hs is not None
         cipher = self._hs.protocol_name.split("_")[3]
         if cipher not in obj["ciphers"]:
-            raise AttestationError(RejectReason.CIPHER_NOT_ALLOWED, f"peer does not allow {cipher}")
+            raise AttestationError(ErrorCode.CIPHER_NOT_ALLOWED, f"peer does not allow {cipher}")
         return PeerInfo(cert.name, cert.static_pub, cert.sign_pub, cert.measurement)
 
     # -- the state machine

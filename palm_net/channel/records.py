@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TypeVar
 
 from palm_net.crypto.noise import MAX_MESSAGE_LEN, TAGLEN, Buffer, CipherState, NoiseError
-from palm_net.wire.errors import ErrorCode, PalmError, RemoteProtocolError
+from palm_net.errors import ErrorCode, PalmError, RemoteProtocolError
 from palm_net.wire.framing import LENGTH, PREFIX_LEN, FrameBuffer
 from palm_net.wire.messages import MAX_PLAINTEXT as WIRE_MAX_PLAINTEXT
 

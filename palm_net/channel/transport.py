@@ -25,8 +25,8 @@ from palm_net.channel.handshake import (
 )
 from palm_net.channel.records import Record, RecordReceiver, RecordSender
 from palm_net.crypto.noise import Buffer, CipherName
+from palm_net.errors import ErrorCode, HandshakeError, RemoteProtocolError
 from palm_net.trioutil import ConflictDetector
-from palm_net.wire.errors import ErrorCode, HandshakeError, RemoteProtocolError
 
 __all__ = ["Inbox", "Outbox", "Record", "SecureChannel", "accept", "connect"]
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from palm_net.channel.handshake import PeerInfo, Purpose
-from palm_net.wire.errors import ErrorCode, HandshakeError
+from palm_net.errors import ErrorCode, HandshakeError
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from palm_net.cluster.model import DrainOptions, DrainStatus, DrainVm
+from palm_net.errors import MigrationFailure
 from palm_net.hypervisor.vmspec import check_policy
-from palm_net.wire.errors import MigrationFailure
 
 GIB = 1 << 30
 MIN_COMPLETION = 60.0  # seconds: the completion timeout of a small VM is at least this

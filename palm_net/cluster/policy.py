@@ -51,13 +51,13 @@ from palm_net.crypto.identity import (
     Authority,
     Certificate,
     KeyFileError,
-    RejectReason,
     load_authority_public,
     validate_name,
 )
 from palm_net.crypto.identity import (
     ROLES as AGENT_ROLES,
 )
+from palm_net.errors import ErrorCode
 from palm_net.hostfs import UnsafePathError, read_nofollow
 
 POLICY_VERSION = 1
@@ -267,7 +267,7 @@ def verify(data: bytes, authority_pub: bytes, cluster: str, now: float | None) -
         try:
             cert.verify(authority_pub, cert.not_before if now is None else now)  # None: not the window
         except AttestationError as exc:
-            if exc.reason not in (RejectReason.EXPIRED, RejectReason.NOT_YET_VALID):
+            if exc.reason not in (ErrorCode.EXPIRED, ErrorCode.NOT_YET_VALID):
                 raise PolicyError(exc.reason.value, str(exc)) from None
             expired = exc
         if OPERATOR_ROLE not in cert.roles:

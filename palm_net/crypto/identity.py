@@ -8,7 +8,6 @@ Formats are specified in proto/PROTOCOL.md (section "Identities").
 
 from __future__ import annotations
 
-import enum
 import errno
 import hashlib
 import hmac
@@ -25,6 +24,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from palm_net.crypto.noise import KeyPair, keypair_from_private
+from palm_net.errors import ErrorCode
 from palm_net.hostfs import UnsafePathError, ensure_dir, open_nofollow, write_atomic
 
 CERT_VERSION = 1
@@ -41,23 +41,10 @@ CA_KEY_FILE = "ca.key"
 CA_PUB_FILE = "ca.pub"
 
 
-class RejectReason(enum.StrEnum):
-    """Why a peer was refused at the handshake (also the wire error codes)."""
-
-    MALFORMED = "malformed"
-    UNKNOWN_AUTHORITY = "unknown-authority"
-    BAD_CERTIFICATE = "bad-certificate"
-    EXPIRED = "expired"
-    NOT_YET_VALID = "not-yet-valid"
-    KEY_MISMATCH = "key-mismatch"
-    BAD_QUOTE = "bad-quote"
-    MEASUREMENT_NOT_ALLOWED = "measurement-not-allowed"
-    ROLE_NOT_ALLOWED = "role-not-allowed"
-    CIPHER_NOT_ALLOWED = "cipher-not-allowed"
-
-
 class AttestationError(Exception):
-    def __init__(self, reason: RejectReason, detail: str = "") -> None:
+    """A peer refused at the handshake: ``reason`` is the error code the wire carries."""
+
+    def __init__(self, reason: ErrorCode, detail: str = "") -> None:
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
@@ -229,7 +216,7 @@ class Certificate:
     @classmethod
     def decode(cls, data: bytes) -> Certificate:
         if len(data) > MAX_CERT_LEN:
-            raise AttestationError(RejectReason.MALFORMED, "certificate too long")
+            raise AttestationError(ErrorCode.MALFORMED, "certificate too long")
         try:
             outer = _unpack_map(data, "certificate")
             body = _field(outer, "body", bytes, "certificate")
@@ -255,26 +242,26 @@ class Certificate:
                 sig,
             )
         except KeyFileError as exc:
-            raise AttestationError(RejectReason.MALFORMED, str(exc)) from None
+            raise AttestationError(ErrorCode.MALFORMED, str(exc)) from None
         if len(cert.static_pub) != 32 or len(cert.sign_pub) != 32 or len(cert.measurement) != 32:
-            raise AttestationError(RejectReason.MALFORMED, "certificate key or measurement length")
+            raise AttestationError(ErrorCode.MALFORMED, "certificate key or measurement length")
         return cert
 
     def verify(self, authority_pub: bytes, now: float | None = None) -> None:
         """Checks issuer, signature and validity window; raises AttestationError."""
         if not hmac.compare_digest(self.issuer, key_id(authority_pub)):
-            raise AttestationError(RejectReason.UNKNOWN_AUTHORITY,
+            raise AttestationError(ErrorCode.UNKNOWN_AUTHORITY,
                                    f"certificate of {self.name!r} is issued by another authority")
         try:
             VerifyKey(authority_pub).verify(CERT_DOMAIN + self.body, self.signature)
         except (BadSignatureError, ValueError, TypeError):
-            raise AttestationError(RejectReason.BAD_CERTIFICATE,
+            raise AttestationError(ErrorCode.BAD_CERTIFICATE,
                                    f"signature on certificate of {self.name!r} is invalid") from None
         t = time.time() if now is None else now
         if t < self.not_before:
-            raise AttestationError(RejectReason.NOT_YET_VALID, f"certificate of {self.name!r}")
+            raise AttestationError(ErrorCode.NOT_YET_VALID, f"certificate of {self.name!r}")
         if t > self.not_after:
-            raise AttestationError(RejectReason.EXPIRED, f"certificate of {self.name!r}")
+            raise AttestationError(ErrorCode.EXPIRED, f"certificate of {self.name!r}")
 
 
 @dataclass(frozen=True, repr=False)
@@ -366,11 +353,11 @@ def make_quote(identity: AgentIdentity, handshake_hash: bytes, measurement: byte
 
 def verify_quote(sign_pub: bytes, handshake_hash: bytes, measurement: bytes, quote: bytes) -> None:
     if len(quote) != 64:
-        raise AttestationError(RejectReason.BAD_QUOTE, "quote has the wrong length")
+        raise AttestationError(ErrorCode.BAD_QUOTE, "quote has the wrong length")
     try:
         VerifyKey(sign_pub).verify(QUOTE_DOMAIN + handshake_hash + measurement, quote)
     except (BadSignatureError, ValueError, TypeError):
-        raise AttestationError(RejectReason.BAD_QUOTE, "quote signature does not verify") from None
+        raise AttestationError(ErrorCode.BAD_QUOTE, "quote signature does not verify") from None
 
 
 def same_key(a: bytes, b: bytes) -> bool:

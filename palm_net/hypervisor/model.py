@@ -52,7 +52,7 @@ from palm_net.hypervisor.backend import (
 from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
 from palm_net.hypervisor.protection import (
     TAG_LEN,
-    IntegrityError,
+    ProtectionIntegrityError,
     default_page_cipher,
     open_page,
     open_pages,
@@ -762,7 +762,7 @@ class ModelVM(ConfiguredVM):
     def _open_protected(self, gfns: Gfns, vers: Gfns, rows: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]],
                         tags: npt.NDArray[np.uint8], want_plain: bool) -> npt.NDArray[np.uint8] | None:
         """Verifies protected pages (ciphertext rows) against their MACs, a process at
-        a time (IntegrityError); their plaintexts, in the same order, if asked."""
+        a time (ProtectionIntegrityError); their plaintexts, in the same order, if asked."""
         owners = self.arrays.owners[gfns]
         plain = np.empty((len(gfns), PAGE_SIZE), np.uint8) if want_plain else None
         for owner in np.unique(owners):
@@ -896,7 +896,7 @@ class ModelVM(ConfiguredVM):
         owners = a.owners[gfns] if self.processes else np.zeros(len(gfns), np.uint8)
         if ((owners != 0) != protected).any():
             gfn = int(gfns[np.argmax((owners != 0) != protected)])
-            raise IntegrityError(f"page {gfn}: protected pages travel as ciphertext, and only they do")
+            raise ProtectionIntegrityError(f"page {gfn}: protected pages travel as ciphertext, and only they do")
         has_data = kinds != KIND_ZERO
         parts = [np.frombuffer(d, dtype=np.uint8).reshape(-1, PAGE_SIZE)
                  for d in (batch.data if isinstance(batch.data, list) else [batch.data])]
@@ -929,7 +929,7 @@ class ModelVM(ConfiguredVM):
             else:
                 a.pages[g] = rows
         if at != len(dg):
-            raise IntegrityError("page data disagrees with the page count")
+            raise ProtectionIntegrityError("page data disagrees with the page count")
         written[dg] = 1
         if self._pages_digest is not None:
             self._record_pages(gfns, kinds, batch.vers, [row for rows in parts for row in rows], batch.tags, plain)
@@ -967,7 +967,7 @@ class ModelVM(ConfiguredVM):
         obj, layouts, keys = self._parse_layout(blob, "protected-context blob")
         if layouts != self.processes or len(keys) != len(self._keys) or not all(
                 hmac.compare_digest(k, bytes(mine)) for k, mine in zip(keys, self._keys)):
-            raise IntegrityError("protected-context blob disagrees with the keys sent at the start")
+            raise ProtectionIntegrityError("protected-context blob disagrees with the keys sent at the start")
         threads: list[list[bytes]] = []
         for p, entry in zip(layouts, obj["processes"]):
             try:
@@ -981,7 +981,7 @@ class ModelVM(ConfiguredVM):
                 raise VmError("protected-context blob is malformed")
             # The versions and MACs verified on arrival must be exactly the final ones.
             if not hmac.compare_digest(self._metadata_digest(p), digest):
-                raise IntegrityError(f"protected pages of process {p.pid} do not hold the final versions "
+                raise ProtectionIntegrityError(f"protected pages of process {p.pid} do not hold the final versions "
                                      "the source sealed")
             threads.append(thr)
         self._threads = threads
@@ -1002,7 +1002,7 @@ class ModelVM(ConfiguredVM):
                         open_page(self.page_cipher, key, self.vm_id, p.pid, gfn, self.meta.versions[gfn],
                                   self.mem[base : base + PAGE_SIZE], self.meta.tag(gfn))
                         checked += 1
-                    except IntegrityError as exc:
+                    except ProtectionIntegrityError as exc:
                         failures.append(str(exc))
         return VerifyReport(checked, plain, tuple(failures[:20]))
 

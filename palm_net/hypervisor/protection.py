@@ -29,7 +29,7 @@ _AD = struct.Struct("<16sIQQ")
 _NONCE = struct.Struct("<IQ")
 
 
-class IntegrityError(Exception):
+class ProtectionIntegrityError(Exception):
     """A protected page does not match its metadata (tampered, rolled back, misplaced)."""
 
 
@@ -59,7 +59,7 @@ def open_pages(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfns: n
     nonces built as arrays, one C call a page (not the few microseconds of Python
     each that made protection cost a third of a migration's time).  The plaintexts
     go to ``out`` (rows of 4096) if given; ``scratch``: a (rows, 4112) buffer to use
-    again.  IntegrityError names the first failure."""
+    again.  ProtectionIntegrityError names the first failure."""
     k = len(gfns)
     if k == 0:
         return
@@ -87,8 +87,8 @@ def open_pages(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfns: n
     for i in range(k):
         if decrypt(dp + i * step, ffi.NULL, ffi.NULL, bp + i * (PAGE_SIZE + TAG_LEN), PAGE_SIZE + TAG_LEN,
                    ap + i * AD_LEN, AD_LEN, np_ + i * 12, key) != 0:
-            raise IntegrityError(f"protected page gfn {int(gfns[i])} (pid {pid}, version {int(versions[i])}) fails "
-                                 "its MAC")
+            raise ProtectionIntegrityError(f"protected page gfn {int(gfns[i])} (pid {pid}, version "
+                                           f"{int(versions[i])}) fails its MAC")
 
 
 def open_page(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfn: int, version: int,
@@ -97,4 +97,5 @@ def open_page(fns: CipherFunctions, key: bytes, vm_id: bytes, pid: int, gfn: int
         return fns.decrypt_raw(bytes(ciphertext) + bytes(tag), _ad(vm_id, pid, gfn, version),
                                _NONCE.pack(gfn, version), key)
     except Exception:  # libsodium's CryptoError; the message names the page, never the key
-        raise IntegrityError(f"protected page gfn {gfn} (pid {pid}, version {version}) fails its MAC") from None
+        raise ProtectionIntegrityError(
+            f"protected page gfn {gfn} (pid {pid}, version {version}) fails its MAC") from None

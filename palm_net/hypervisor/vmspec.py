@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from palm_net.errors import ErrorCode, MigrationFailure
 from palm_net.units import parse_size
-from palm_net.wire.errors import ErrorCode, MigrationFailure
 from palm_net.wire.messages import PAGE_SIZE
 
 MAX_SPEC_TEXT = 256

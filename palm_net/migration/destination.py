@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from palm_net.channel.records import Record
+from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, PalmError, public_reason
 from palm_net.migration.effects import (
     Aborted,
     AbortForever,
@@ -43,7 +44,6 @@ from palm_net.migration.effects import (
     StreamIn,
     StreamLoaded,
 )
-from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, PalmError, public_reason
 from palm_net.wire.messages import (
     PAGE_SIZE,
     Abort,

@@ -31,9 +31,9 @@ import structlog
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure
 from palm_net.faults import fault
 from palm_net.hypervisor.backend import HostedVM, HypervisorError, describe_error
-from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure
 from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.migration")
@@ -63,23 +63,24 @@ class Step(enum.StrEnum):
     ABORT = "abort"
 
 
-SRC, DST = Role.SOURCE, Role.DESTINATION
-H = HandoffState
+SOURCE, DESTINATION = Role.SOURCE, Role.DESTINATION
 # (side, state before (None: no row yet), step) -> state after.  proto 7.5.
 MOVES: dict[tuple[Role, HandoffState | None, Step], HandoffState] = {
-    (SRC, None, Step.OPEN): H.SENDING,
-    (SRC, H.SENDING, Step.HAND_OFF): H.HANDED_OFF,
-    (SRC, H.HANDED_OFF, Step.CONFIRM): H.DONE,  # the destination said "committed" (DONE or OUTCOME)
-    (SRC, H.SENDING, Step.ABORT): H.ABORTED,  # before the handoff point: always
-    (SRC, H.HANDED_OFF, Step.ABORT): H.ABORTED,  # after it: only with an abort token, or the operator's override
-    (DST, None, Step.OPEN): H.RECEIVING,
-    (DST, H.RECEIVING, Step.PREPARE): H.PREPARED,
-    (DST, H.PREPARED, Step.COMMIT): H.COMMITTED,
-    (DST, H.RECEIVING, Step.ABORT): H.ABORTED,
-    (DST, H.PREPARED, Step.ABORT): H.ABORTED,
-    (DST, None, Step.ABORT): H.ABORTED,  # a QUERY about an id never seen here: refused forever
+    (SOURCE, None, Step.OPEN): HandoffState.SENDING,
+    (SOURCE, HandoffState.SENDING, Step.HAND_OFF): HandoffState.HANDED_OFF,
+    # the destination said "committed" (DONE or OUTCOME)
+    (SOURCE, HandoffState.HANDED_OFF, Step.CONFIRM): HandoffState.DONE,
+    (SOURCE, HandoffState.SENDING, Step.ABORT): HandoffState.ABORTED,  # before the handoff point: always
+    # after it: only with an abort token, or the operator's override
+    (SOURCE, HandoffState.HANDED_OFF, Step.ABORT): HandoffState.ABORTED,
+    (DESTINATION, None, Step.OPEN): HandoffState.RECEIVING,
+    (DESTINATION, HandoffState.RECEIVING, Step.PREPARE): HandoffState.PREPARED,
+    (DESTINATION, HandoffState.PREPARED, Step.COMMIT): HandoffState.COMMITTED,
+    (DESTINATION, HandoffState.RECEIVING, Step.ABORT): HandoffState.ABORTED,
+    (DESTINATION, HandoffState.PREPARED, Step.ABORT): HandoffState.ABORTED,
+    (DESTINATION, None, Step.ABORT): HandoffState.ABORTED,  # a QUERY about an id never seen here: refused forever
 }
-FINAL = frozenset({H.DONE, H.COMMITTED, H.ABORTED})
+FINAL = frozenset({HandoffState.DONE, HandoffState.COMMITTED, HandoffState.ABORTED})
 
 
 def leaving(side: Role, step: Step) -> tuple[HandoffState, ...]:
@@ -96,9 +97,9 @@ def may_resume(state: HandoffState | None, *, token_ok: bool = False, override: 
     """May the source leave ``state`` by ABORT (and run its copy again)?  Before the
     handoff point always; after it only with the destination's abort token or the
     operator's override; never once the destination's commit was confirmed."""
-    if state is H.HANDED_OFF:
+    if state is HandoffState.HANDED_OFF:
         return token_ok or override
-    return state in leaving(SRC, Step.ABORT)
+    return state in leaving(SOURCE, Step.ABORT)
 
 
 def may_scrub(side: Role, state: HandoffState | None) -> bool:
@@ -106,17 +107,17 @@ def may_scrub(side: Role, state: HandoffState | None) -> bool:
     The source once DONE (the destination committed); the destination once ABORTED
     (forever: it never activates), or with no row at all (nothing recorded, nothing
     to commit).  A committed VM is never scrubbed."""
-    if side is SRC:
-        return state is H.DONE
-    return state is None or state is H.ABORTED
+    if side is SOURCE:
+        return state is HandoffState.DONE
+    return state is None or state is HandoffState.ABORTED
 
 
 def may_run(side: Role, state: HandoffState | None) -> bool:
     """May this side's copy run, its row being in ``state``?  The destination's only
     once COMMITTED; the source's while no handoff happened, or after an abort."""
-    if side is DST:
-        return state is H.COMMITTED
-    return state in (None, H.SENDING, H.ABORTED)
+    if side is DESTINATION:
+        return state is HandoffState.COMMITTED
+    return state in (None, HandoffState.SENDING, HandoffState.ABORTED)
 
 
 # --------------------------------------------------------------------------
@@ -313,11 +314,11 @@ class HandoffStore:
         cutoff = (time.time() if now is None else now) - HISTORY_TTL
         with self._lock:
             n = self._db.execute("DELETE FROM migrations WHERE state IN (?, ?) AND updated<?",
-                                 (H.DONE.value, H.ABORTED.value, cutoff)).rowcount
+                                 (HandoffState.DONE.value, HandoffState.ABORTED.value, cutoff)).rowcount
             n += self._db.execute(
                 "DELETE FROM migrations WHERE mid IN (SELECT mid FROM (SELECT mid, ROW_NUMBER() OVER"
                 " (PARTITION BY peer_static ORDER BY updated DESC) AS k FROM migrations WHERE role=? AND state=?)"
-                " WHERE k>?)", (DST.value, H.ABORTED.value, MAX_ABORTED_PER_PEER)).rowcount
+                " WHERE k>?)", (DESTINATION.value, HandoffState.ABORTED.value, MAX_ABORTED_PER_PEER)).rowcount
             return n
 
     @staticmethod
@@ -331,24 +332,24 @@ class HandoffStore:
         """SENDING, and the VM records the migration it is part of (a restart acts on that id).
         MigrationFailure if either cannot be written (no row is left SENDING then)."""
         try:
-            self._open(mid, SRC, vm.info.name, vm.info.vm_id, peer)
+            self._open(mid, SOURCE, vm.info.name, vm.info.vm_id, peer)
         except STORAGE_ERRORS as exc:
             raise MigrationFailure(_storage_code(exc), f"cannot record the migration: {describe_error(exc)}") from None
         try:
             vm.set_migration(mid)
         except STORAGE_ERRORS as exc:
-            self._move(mid, SRC, Step.ABORT, error=f"cannot mark the VM: {describe_error(exc)}")
+            self._move(mid, SOURCE, Step.ABORT, error=f"cannot mark the VM: {describe_error(exc)}")
             raise MigrationFailure(_storage_code(exc), f"cannot mark VM {vm.info.name!r} as migrating: "
                                                        f"{describe_error(exc)}") from None
 
     def hand_off(self, mid: bytes) -> bool:
         """The handoff point: durable before COMMIT leaves.  False if the migration was
         cancelled meanwhile (it then resumes here)."""
-        return self._move(mid, SRC, Step.HAND_OFF)
+        return self._move(mid, SOURCE, Step.HAND_OFF)
 
     def confirm(self, mid: bytes) -> bool:
         """The destination committed: DONE.  The caller scrubs this copy next."""
-        return self._move(mid, SRC, Step.CONFIRM)
+        return self._move(mid, SOURCE, Step.CONFIRM)
 
     def confirm_and_scrub(self, mid: bytes, vm: HostedVM | None) -> bool:
         """The destination committed: DONE, then this copy's memory and keys go."""
@@ -358,7 +359,7 @@ class HandoffStore:
 
     def scrub_handed_over(self, mid: bytes, vm: HostedVM | None) -> bool:
         """The source's copy goes if, and only if, the row read back says DONE."""
-        if vm is None or not may_scrub(SRC, self.state_of(mid)):
+        if vm is None or not may_scrub(SOURCE, self.state_of(mid)):
             return False
         fault("source.vm.scrub")
         vm.scrub()
@@ -370,24 +371,24 @@ class HandoffStore:
         with the destination's abort token (verified against the key recorded
         for it) or the operator's override."""
         row = self.get(mid)
-        if row is None or row.role is not SRC:
+        if row is None or row.role is not SOURCE:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "no outgoing migration with that id")
         token_ok = bool(token) and check_abort_token(row.peer.sign_pub, mid, token or b"")
         if not may_resume(row.state, token_ok=token_ok, override=override):
-            if row.state is H.HANDED_OFF:
+            if row.state is HandoffState.HANDED_OFF:
                 raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "an in-doubt migration resumes only with the "
                                                                  "destination's abort token or an override")
             return False  # aborted already (resumed then) or done (the destination runs it)
         # The guard of the UPDATE is the state just checked: a concurrent move
         # (the handoff, a confirmation) makes this one fail, and nothing resumes.
         try:
-            moved = self._move_from(mid, SRC, Step.ABORT, (row.state,), token=token, error=why)
+            moved = self._move_from(mid, SOURCE, Step.ABORT, (row.state,), token=token, error=why)
         except STORAGE_ERRORS:
             # The write failed (a full or failing disk), or failed to report: the
             # row read back decides.  Before the handoff point no COMMIT ever left,
             # so the VM is the source's whether or not the abort could be recorded
             # (a restart records it); after it, nothing resumes without the record.
-            if self.state_of(mid) not in (H.SENDING, H.ABORTED):
+            if self.state_of(mid) not in (HandoffState.SENDING, HandoffState.ABORTED):
                 raise
             moved = True
         if moved and vm is not None:
@@ -407,7 +408,7 @@ class HandoffStore:
     def open_incoming(self, mid: bytes, vm_name: str, vm_id: bytes, peer: Peer) -> None:
         """RECEIVING; an id already recorded here, in any state, is a replay."""
         try:
-            self._open(mid, DST, vm_name, vm_id, peer)
+            self._open(mid, DESTINATION, vm_name, vm_id, peer)
         except sqlite3.IntegrityError:
             raise MigrationFailure(ErrorCode.REPLAY, "migration id already used on this agent") from None
 
@@ -417,15 +418,15 @@ class HandoffStore:
         follow).  False if aborted meanwhile."""
         fault("destination.vm.sync")
         vm.sync()
-        return self._move(mid, DST, Step.PREPARE)
+        return self._move(mid, DESTINATION, Step.PREPARE)
 
     def commit_and_activate(self, mid: bytes, vm: HostedVM) -> Activation:
         """COMMITTED, then the VM runs here.  Not committed if the migration was
         aborted before (a timeout, a recovery query): the abort stands, the VM never
         runs.  Once committed, a failed activation leaves the VM committed and not
         running (to be retried, reported; never scrubbed): the row decides, not the error."""
-        moved = self._move(mid, DST, Step.COMMIT)
-        if not may_run(DST, self.state_of(mid)):
+        moved = self._move(mid, DESTINATION, Step.COMMIT)
+        if not may_run(DESTINATION, self.state_of(mid)):
             return Activation(False, False)
         if not moved:  # committed by an earlier call: activation is that call's (or the restart's)
             return Activation(True, vm.running)
@@ -436,8 +437,8 @@ class HandoffStore:
         if the row read back says aborted (or there is none).  A committed VM stays:
         False then (the caller keeps it; it is this agent's now)."""
         if mid is not None:
-            self._move(mid, DST, Step.ABORT, error=why)
-        if not may_scrub(DST, self.state_of(mid) if mid is not None else None):
+            self._move(mid, DESTINATION, Step.ABORT, error=why)
+        if not may_scrub(DESTINATION, self.state_of(mid) if mid is not None else None):
             return False
         if vm is not None:
             fault("destination.vm.scrub")
@@ -450,19 +451,20 @@ class HandoffStore:
         now = time.time()
         with self._lock:
             self._db.execute("DELETE FROM migrations WHERE vm=? AND state=? AND updated<?",
-                             (UNKNOWN_VM, H.ABORTED.value, now - UNKNOWN_TTL))
+                             (UNKNOWN_VM, HandoffState.ABORTED.value, now - UNKNOWN_TTL))
             self._db.execute(
                 "DELETE FROM migrations WHERE mid IN (SELECT mid FROM migrations WHERE vm=? AND peer_static=?"
                 " AND state=? ORDER BY created DESC LIMIT -1 OFFSET ?)",
-                (UNKNOWN_VM, peer.static_pub, H.ABORTED.value, MAX_UNKNOWN_PER_PEER - 1))
+                (UNKNOWN_VM, peer.static_pub, HandoffState.ABORTED.value, MAX_UNKNOWN_PER_PEER - 1))
         try:
-            self._open(mid, DST, UNKNOWN_VM, b"", peer, Step.ABORT, error="unknown migration queried")
+            self._open(mid, DESTINATION, UNKNOWN_VM, b"", peer, Step.ABORT, error="unknown migration queried")
         except sqlite3.IntegrityError:
             pass  # it exists after all (a concurrent BEGIN): the caller reads it again
 
     def abort_token(self, mid: bytes, peer_static: bytes, signing: SigningKey) -> bytes:
         """The abort token, only for a migration recorded aborted here and begun by that peer."""
         row = self.get(mid)
-        if row is None or row.role is not DST or row.state is not H.ABORTED or not row.is_peer(peer_static):
+        if (row is None or row.role is not DESTINATION or row.state is not HandoffState.ABORTED
+                or not row.is_peer(peer_static)):
             return b""
         return make_abort_token(signing, mid)

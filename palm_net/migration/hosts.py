@@ -20,6 +20,7 @@ from typing import cast
 
 from nacl.signing import SigningKey
 
+from palm_net.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.faults import fault
 from palm_net.hypervisor.backend import (
     Backend,
@@ -29,7 +30,7 @@ from palm_net.hypervisor.backend import (
     StreamBackend,
     describe_error,
 )
-from palm_net.hypervisor.protection import IntegrityError
+from palm_net.hypervisor.protection import ProtectionIntegrityError
 from palm_net.migration.effects import (
     Aborted,
     AbortForever,
@@ -67,7 +68,6 @@ from palm_net.migration.effects import (
     StreamLoaded,
 )
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
-from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 
 # Errors of the host's own storage, never of a connection.
 LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
@@ -80,7 +80,7 @@ def error_of(exc: BaseException) -> PalmError:
     here is raised again."""
     if isinstance(exc, PalmError):
         return exc
-    if isinstance(exc, IntegrityError):
+    if isinstance(exc, ProtectionIntegrityError):
         return MigrationFailure(ErrorCode.INTEGRITY, str(exc))
     if isinstance(exc, NoRoomError):
         return MigrationFailure(ErrorCode.NO_SPACE, str(exc))
@@ -167,7 +167,7 @@ class DestinationHost:
                     cast(Backend, vm).write_pages(eff.batch)
                 elif isinstance(eff, StreamIn):
                     cast(StreamBackend, vm).stream_in(eff.data)
-        except (IntegrityError, HypervisorError, OSError) as exc:
+        except (ProtectionIntegrityError, HypervisorError, OSError) as exc:
             raise error_of(exc) from None
 
     def perform(self, eff: Effect, mid: bytes | None) -> Result | None:
@@ -209,7 +209,7 @@ class DestinationHost:
             if isinstance(eff, CommitAndActivate):
                 act = self.store.commit_and_activate(mid, vm)
                 return Committed(act.committed, act.running, act.error)
-        except (IntegrityError, *STORAGE_ERRORS) as exc:
+        except (ProtectionIntegrityError, *STORAGE_ERRORS) as exc:
             raise error_of(exc) from None
         raise AssertionError(f"no host for {eff!r}")
 

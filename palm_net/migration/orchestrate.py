@@ -23,6 +23,7 @@ from nacl.signing import SigningKey
 
 from palm_net.channel.handshake import Purpose, TransportMode
 from palm_net.channel.transport import SecureChannel
+from palm_net.errors import ErrorCode, MigrationFailure, PalmError
 from palm_net.hypervisor.backend import HostedVM, HypervisorError, describe_error
 from palm_net.hypervisor.vmspec import check_policy
 from palm_net.migration.destination import DEADLINE_PER_GIB, DestinationEngine
@@ -30,8 +31,7 @@ from palm_net.migration.handoff import HandoffState, HandoffStore, Peer
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.migration.runner import DestinationRun, SourceRun
 from palm_net.migration.source import InDoubt, SourceEngine
-from palm_net.wire.errors import ErrorCode, MigrationFailure, PalmError
-from palm_net.wire.messages import Begin, Outcome, Query
+from palm_net.wire.messages import Begin, Outcome, Query, RecoveryOutcome
 from palm_net.wire.protocol import Role, SessionProtocol
 
 log = structlog.get_logger("palm.migration")
@@ -288,11 +288,11 @@ async def recover_once(store: HandoffStore, mid: bytes, vm: HostedVM | None,
         with trio.move_on_after(1):
             await channel.aclose()
     bound = log.bind(migration=mid.hex(), vm=row.vm, peer=row.peer.name, phase="in-doubt")
-    if answer.outcome == "committed":
+    if answer.outcome == RecoveryOutcome.COMMITTED:
         store.confirm_and_scrub(mid, vm)
         bound.info("in-doubt migration resolved: committed on the destination, source scrubbed")
         return "committed"
-    if answer.outcome == "aborted" and answer.token:
+    if answer.outcome == RecoveryOutcome.ABORTED and answer.token:
         try:
             store.abort_and_resume(mid, vm, "aborted by destination token", token=answer.token)
         except PalmError:
@@ -312,14 +312,14 @@ def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes, asker: Pe
     if row is None:
         store.record_unknown(mid, asker)  # a late BEGIN with this id is refused too
     elif row.role is not Role.DESTINATION or not row.is_peer(asker.static_pub):
-        return Outcome("unknown", b"")
+        return Outcome(RecoveryOutcome.UNKNOWN.value, b"")
     else:
         store.abort_forever(mid, None, "aborted on recovery query")  # a no-op once committed
     row = store.get(mid)
     if row is not None and row.state is HandoffState.COMMITTED:
-        return Outcome("committed", b"")
+        return Outcome(RecoveryOutcome.COMMITTED.value, b"")
     token = store.abort_token(mid, asker.static_pub, signing)  # only for what is recorded aborted
-    return Outcome("aborted", token) if token else Outcome("unknown", b"")
+    return Outcome(RecoveryOutcome.ABORTED.value, token) if token else Outcome(RecoveryOutcome.UNKNOWN.value, b"")
 
 
 def override_resume(store: HandoffStore, mid: bytes, vm: HostedVM, operator_reason: str) -> None:

@@ -36,6 +36,7 @@ import trio
 from nacl.signing import SigningKey
 
 from palm_net.channel.transport import Inbox, Outbox, Record, SecureChannel
+from palm_net.errors import ErrorCode, PalmError, RemoteProtocolError
 from palm_net.faults import fault
 from palm_net.hypervisor.backend import (
     Backend,
@@ -70,7 +71,6 @@ from palm_net.migration.effects import (
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
 from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
 from palm_net.migration.source import Pacer, SourceEngine, Step
-from palm_net.wire.errors import ErrorCode, PalmError, RemoteProtocolError
 from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Begin
 from palm_net.wire.pages import Buffer, RoundGfns
 from palm_net.wire.protocol import FINAL

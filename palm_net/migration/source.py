@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from palm_net.channel.records import Record
+from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError, public_reason
 from palm_net.migration.effects import (
     CollectDirty,
     Digested,
@@ -54,7 +55,6 @@ from palm_net.migration.effects import (
 )
 from palm_net.migration.handoff import check_abort_token
 from palm_net.migration.params import DOWNTIME_PHASES, MigrationParams, MigrationStats, RoundStats
-from palm_net.wire.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError, public_reason
 from palm_net.wire.messages import (
     MAX_BLOB,
     PAGE_SIZE,
@@ -197,7 +197,7 @@ class SourceEngine:
         body = msg.body
         if isinstance(body, Abort):
             if not self.committed:
-                raise MigrationFailure(_code(body.code), "destination aborted: " + body.reason)
+                raise MigrationFailure(body.error_code, "destination aborted: " + body.reason)
             if check_abort_token(self.peer_sign_pub, self.mid, body.token):
                 self.abort_token = body.token
                 raise MigrationFailure(ErrorCode.ABORTED, "destination refused the commit: " + body.reason)
@@ -532,11 +532,3 @@ class SourceEngine:
         StreamStarted: _stream_started, StreamSent: _stream_sent, StreamFinished: _stream_finished,
         Transcript: _transcript, HandedOff: _handed_off, Digested: _digested,
     }
-
-
-def _code(text: str) -> ErrorCode:
-    """A code the destination sent (printable, at most 64 characters); one we do not know is out-of-state."""
-    try:
-        return ErrorCode(text)
-    except ValueError:
-        return ErrorCode.OUT_OF_STATE

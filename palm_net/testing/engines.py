@@ -24,6 +24,7 @@ import numpy as np
 from nacl.signing import SigningKey
 
 from palm_net.channel.records import Record
+from palm_net.errors import PalmError
 from palm_net.hypervisor.backend import Backend, HostedVM
 from palm_net.migration.destination import DestinationEngine
 from palm_net.migration.effects import (
@@ -44,7 +45,6 @@ from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
 from palm_net.migration.params import MigrationParams
 from palm_net.migration.source import SourceEngine, Step
 from palm_net.wire import messages
-from palm_net.wire.errors import PalmError
 from palm_net.wire.messages import DATA_RECORD, MAX_DATA_PAGES, PAGE_SIZE, Accept, Begin, Message
 from palm_net.wire.protocol import State
 

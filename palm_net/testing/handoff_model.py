@@ -57,8 +57,7 @@ from palm_net.migration import handoff
 from palm_net.migration.handoff import HandoffState, HandoffStore, Step
 from palm_net.wire.protocol import Role
 
-H = HandoffState
-SRC, DST = Role.SOURCE, Role.DESTINATION
+SOURCE, DESTINATION = Role.SOURCE, Role.DESTINATION
 MID = b"\x01" * 16
 
 
@@ -184,9 +183,9 @@ def resume_move(row: HandoffState | None, *, token_ok: bool = False, override: b
     """``abort_and_resume``'s durable half: the row after it, or None if it refuses."""
     if not handoff.may_resume(row, token_ok=token_ok, override=override):
         return None
-    if row is None or (SRC, row, Step.ABORT) not in handoff.MOVES:  # _move_from raises
+    if row is None or (SOURCE, row, Step.ABORT) not in handoff.MOVES:  # _move_from raises
         return None
-    return handoff.MOVES[(SRC, row, Step.ABORT)]
+    return handoff.MOVES[(SOURCE, row, Step.ABORT)]
 
 
 class _Store:
@@ -259,7 +258,7 @@ class Model:
     @staticmethod
     def drop_to(s: State, side: Role) -> State:
         """A crash: the sessions to that side die, and what was on its way to it with them."""
-        lost = TO_DST if side is DST else TO_SRC
+        lost = TO_DST if side is DESTINATION else TO_SRC
         return s._replace(msgs=tuple(0 if Msg(i) in lost else n for i, n in enumerate(s.msgs)))
 
     # -- the source
@@ -275,7 +274,7 @@ class Model:
     def src_answer(self, s: State, m: Msg) -> State:
         """recover_once applying an OUTCOME (the recovery loop's, or the operator's --resolve)."""
         if m is Msg.OUT_COMMITTED:  # confirm_and_scrub: DONE, then the scrub the row allows
-            row = move(SRC, s.src_row, Step.CONFIRM) or s.src_row
+            row = move(SOURCE, s.src_row, Step.CONFIRM) or s.src_row
             return s._replace(src_row=row, src_pc=SrcPc.SCRUB)
         if m in (Msg.OUT_ABORTED, Msg.OUT_BAD):  # abort_and_resume with the token it carries
             row = resume_move(s.src_row, token_ok=m is Msg.OUT_ABORTED)
@@ -288,12 +287,12 @@ class Model:
         if m is Msg.READY and pc is SrcPc.WAIT_READY:
             if self.b.commit_before_handoff:
                 return self.send(s, Msg.COMMIT)._replace(src_pc=SrcPc.COMMIT_SENT)
-            row = move(SRC, s.src_row, Step.HAND_OFF)  # the handoff point: durable before COMMIT leaves
+            row = move(SOURCE, s.src_row, Step.HAND_OFF)  # the handoff point: durable before COMMIT leaves
             if row is None:
                 return self.src_fail_before_handoff(s)
             return self.send(s._replace(src_row=row, src_pc=SrcPc.WAIT_DONE), Msg.COMMIT)
         if m is Msg.DONE and pc is SrcPc.WAIT_DONE:
-            row = move(SRC, s.src_row, Step.CONFIRM)  # migrate_out: confirm, then scrub
+            row = move(SOURCE, s.src_row, Step.CONFIRM)  # migrate_out: confirm, then scrub
             return s._replace(src_row=row, src_pc=SrcPc.SCRUB) if row else s._replace(src_pc=SrcPc.IDLE)
         if m in (Msg.ABORT_TOKEN, Msg.ABORT_BAD):
             if pc in (SrcPc.PRECOPY, SrcPc.WAIT_READY, SrcPc.COMMIT_SENT):  # before the handoff point
@@ -315,14 +314,14 @@ class Model:
         if s.src_vm is Vm.SCRUBBED:
             return s  # not in the memory directory: load does nothing (an in-doubt row is still asked)
         row = s.src_row
-        if row is H.SENDING:  # aborted by restart, resumed
+        if row is HandoffState.SENDING:  # aborted by restart, resumed
             new = resume_move(row)
             return s._replace(src_row=new, src_pc=SrcPc.RESUME) if new else s
-        if row is H.ABORTED and handoff.may_run(SRC, row):
+        if row is HandoffState.ABORTED and handoff.may_run(SOURCE, row):
             return s._replace(src_pc=SrcPc.RESUME)
-        if row is H.DONE:
+        if row is HandoffState.DONE:
             return s._replace(src_pc=SrcPc.SCRUB)
-        if row is H.HANDED_OFF:
+        if row is HandoffState.HANDED_OFF:
             return s._replace(src_pc=SrcPc.IN_DOUBT)
         return s
 
@@ -332,7 +331,7 @@ class Model:
             yield Edge("source restarts", self.src_restart(s), True)
             return
         if s.crashes < b.crashes:
-            yield Edge("source crashes", self.drop_to(s, SRC)._replace(
+            yield Edge("source crashes", self.drop_to(s, SOURCE)._replace(
                 src_up=False, src_pc=SrcPc.IDLE, crashes=s.crashes + 1), False)
         pc = s.src_pc
         if pc is SrcPc.RESUME:
@@ -340,20 +339,20 @@ class Model:
             yield Edge("source resumes its copy", s._replace(src_vm=vm, src_pc=SrcPc.IDLE), True)
             return
         if pc is SrcPc.SCRUB:
-            vm = Vm.SCRUBBED if handoff.may_scrub(SRC, s.src_row) else s.src_vm
+            vm = Vm.SCRUBBED if handoff.may_scrub(SOURCE, s.src_row) else s.src_vm
             yield Edge("source scrubs its copy" if vm is Vm.SCRUBBED else "source keeps its copy",
                        s._replace(src_vm=vm, src_pc=SrcPc.IDLE), True)
             return
         row: HandoffState | None
         if pc is SrcPc.START:
-            row = handoff.MOVES[(SRC, None, Step.OPEN)]
+            row = handoff.MOVES[(SOURCE, None, Step.OPEN)]
             yield Edge("source opens (sending), BEGIN", self.send(s._replace(src_row=row, src_pc=SrcPc.PRECOPY),
                                                                   Msg.BEGIN), True)
         elif pc is SrcPc.PRECOPY:
             yield Edge("source pauses, COMPLETE", self.send(s._replace(src_vm=Vm.PAUSED, src_pc=SrcPc.WAIT_READY),
                                                             Msg.COMPLETE), True)
         elif pc is SrcPc.COMMIT_SENT:
-            row = move(SRC, s.src_row, Step.HAND_OFF)
+            row = move(SOURCE, s.src_row, Step.HAND_OFF)
             yield Edge("source persists handed_off (after COMMIT)",
                        s._replace(src_row=row, src_pc=SrcPc.WAIT_DONE) if row else self.src_fail_before_handoff(s),
                        True)
@@ -361,17 +360,17 @@ class Model:
             yield Edge("source fails before the handoff point", self.src_fail_before_handoff(s), True)
         if pc is SrcPc.WAIT_DONE:
             yield Edge("source times out after COMMIT: in doubt", s._replace(src_pc=SrcPc.IN_DOUBT), True)
-        if s.src_row is H.HANDED_OFF and s.msgs[Msg.QUERY] < b.copies:  # recovery loop, or --resolve
+        if s.src_row is HandoffState.HANDED_OFF and s.msgs[Msg.QUERY] < b.copies:  # recovery loop, or --resolve
             yield Edge("source asks (QUERY)", self.send(s, Msg.QUERY), True)
-        if b.override and s.src_row is H.HANDED_OFF and s.src_vm is not Vm.SCRUBBED:
+        if b.override and s.src_row is HandoffState.HANDED_OFF and s.src_vm is not Vm.SCRUBBED:
             row = resume_move(s.src_row, override=True)  # override_resume
             if row is not None:
                 yield Edge("OPERATOR OVERRIDE: source resumes in doubt",
                            s._replace(src_row=row, src_pc=SrcPc.RESUME, override=True), False)
         if b.operator and s.src_vm in (Vm.RUNNING, Vm.PAUSED):
-            records = s.src_row is not None and not (s.src_row is H.ABORTED and s.src_vm is Vm.RUNNING)
+            records = s.src_row is not None and not (s.src_row is HandoffState.ABORTED and s.src_vm is Vm.RUNNING)
             state = "running" if s.src_vm is Vm.RUNNING else "paused"
-            if self.operable(SRC, s.src_row, state, records, pc in MIGRATING):
+            if self.operable(SOURCE, s.src_row, state, records, pc in MIGRATING):
                 if s.src_vm is Vm.PAUSED:
                     yield Edge("operator: vm resume (source)", s._replace(src_vm=Vm.RUNNING), False)
                 yield Edge("operator: vm destroy (source)", s._replace(src_vm=Vm.SCRUBBED, destroyed=True), False)
@@ -383,18 +382,18 @@ class Model:
 
     def dst_abort(self, s: State, then: DstPc) -> State:
         """abort_forever's durable half (a no-op on a committed row); the scrub decision next."""
-        row = move(DST, s.dst_row, Step.ABORT) or s.dst_row
+        row = move(DESTINATION, s.dst_row, Step.ABORT) or s.dst_row
         return s._replace(dst_row=row, dst_pc=then)
 
     def dst_answer(self, s: State) -> State:
         """answer_query: record an unknown id aborted, or abort forever what is not committed; then say it."""
         if s.dst_row is None:
-            s = s._replace(dst_row=handoff.MOVES[(DST, None, Step.ABORT)])  # record_unknown
+            s = s._replace(dst_row=handoff.MOVES[(DESTINATION, None, Step.ABORT)])  # record_unknown
         else:
-            s = s._replace(dst_row=move(DST, s.dst_row, Step.ABORT) or s.dst_row)
-        if s.dst_row is H.COMMITTED:
+            s = s._replace(dst_row=move(DESTINATION, s.dst_row, Step.ABORT) or s.dst_row)
+        if s.dst_row is HandoffState.COMMITTED:
             return self.send(s, Msg.OUT_COMMITTED)
-        return self.send(s, Msg.OUT_ABORTED if s.dst_row is H.ABORTED else Msg.OUT_UNKNOWN)
+        return self.send(s, Msg.OUT_ABORTED if s.dst_row is HandoffState.ABORTED else Msg.OUT_UNKNOWN)
 
     def dst_receive(self, s: State, m: Msg) -> State:
         pc = s.dst_pc
@@ -402,17 +401,17 @@ class Model:
             return self.dst_answer(s)
         if m is Msg.BEGIN:
             if s.dst_row is None and pc is DstPc.IDLE:  # admitted: the VM, then the row
-                return s._replace(dst_row=handoff.MOVES[(DST, None, Step.OPEN)], dst_vm=Vm.INCOMING,
+                return s._replace(dst_row=handoff.MOVES[(DESTINATION, None, Step.OPEN)], dst_vm=Vm.INCOMING,
                                   dst_pc=DstPc.RECEIVING)
             return s  # an id already recorded: a replay, refused (its ABORT goes to whoever replayed it)
         if m is Msg.COMPLETE and pc is DstPc.RECEIVING:
-            row = move(DST, s.dst_row, Step.PREPARE)  # synced, then prepared
+            row = move(DESTINATION, s.dst_row, Step.PREPARE)  # synced, then prepared
             if row is None:  # aborted meanwhile (a query): the engine fails
                 return self.dst_abort(s, DstPc.SCRUB_SEND)
             return self.send(s._replace(dst_row=row, dst_pc=DstPc.WAIT_COMMIT), Msg.READY)
         if m is Msg.COMMIT and pc is DstPc.WAIT_COMMIT:  # commit_and_activate
-            row = move(DST, s.dst_row, Step.COMMIT)
-            if not handoff.may_run(DST, row or s.dst_row):  # aborted before: the abort stands
+            row = move(DESTINATION, s.dst_row, Step.COMMIT)
+            if not handoff.may_run(DESTINATION, row or s.dst_row):  # aborted before: the abort stands
                 return self.dst_abort(s, DstPc.SCRUB_SEND)
             if row is None:  # committed by an earlier call
                 return self.send(s._replace(dst_pc=DstPc.IDLE), Msg.DONE)
@@ -425,14 +424,14 @@ class Model:
         """registry.load: a committed incoming VM is activated (which may fail again);
         anything else in flight is aborted forever and its VM scrubbed."""
         s = s._replace(dst_up=True, dst_pc=DstPc.IDLE)
-        if s.dst_vm is Vm.INCOMING and s.dst_row is H.COMMITTED:
+        if s.dst_vm is Vm.INCOMING and s.dst_row is HandoffState.COMMITTED:
             yield Edge("destination restarts, activates", s._replace(dst_vm=Vm.RUNNING), True)
             yield Edge("destination restarts, activation fails", s, False)
             return
         if s.dst_vm is Vm.INCOMING:
             yield Edge("destination restarts, aborts", self.dst_abort(s, DstPc.SCRUB_LOAD), True)
             return
-        if s.dst_row in (H.RECEIVING, H.PREPARED):
+        if s.dst_row in (HandoffState.RECEIVING, HandoffState.PREPARED):
             s = self.dst_abort(s, DstPc.IDLE)
         yield Edge("destination restarts", s, True)
 
@@ -442,17 +441,17 @@ class Model:
             yield from self.dst_restart(s)
             return
         if s.crashes < b.crashes:
-            yield Edge("destination crashes", self.drop_to(s, DST)._replace(
+            yield Edge("destination crashes", self.drop_to(s, DESTINATION)._replace(
                 dst_up=False, dst_pc=DstPc.IDLE, crashes=s.crashes + 1), False)
         pc = s.dst_pc
         if pc in DST_PENDING:
             # abort_forever's second half: the row read back decides (incoming._settle then
             # scrubs whatever the engine did not see committed, if settle_by_outcome).
-            scrub = handoff.may_scrub(DST, s.dst_row) or (b.settle_by_outcome and pc is not DstPc.SCRUB_LOAD)
+            scrub = handoff.may_scrub(DESTINATION, s.dst_row) or (b.settle_by_outcome and pc is not DstPc.SCRUB_LOAD)
             vm = Vm.SCRUBBED if scrub and s.dst_vm is not Vm.NONE else s.dst_vm
             t = s._replace(dst_vm=vm, dst_pc=DstPc.IDLE)
             if pc is DstPc.SCRUB_SEND:  # then ABORT, with the token only for what is recorded aborted
-                t = self.send(t, Msg.ABORT_TOKEN if t.dst_row is H.ABORTED else Msg.ABORT_BAD)
+                t = self.send(t, Msg.ABORT_TOKEN if t.dst_row is HandoffState.ABORTED else Msg.ABORT_BAD)
             yield Edge("destination scrubs" if vm is Vm.SCRUBBED else "destination keeps its copy", t, True)
             if s.msgs[Msg.QUERY]:  # answer_query runs on the agent's thread, the store's call in a worker
                 yield Edge("destination gets QUERY", self.dst_answer(self.take(s, Msg.QUERY)), True)
@@ -466,12 +465,12 @@ class Model:
                 yield Edge("destination commit raises past the engine", self.dst_abort(s, DstPc.SCRUB_SEND), False)
         if pc in (DstPc.RECEIVING, DstPc.WAIT_COMMIT):  # deadline, lost connection, peer refused
             yield Edge("destination session fails", self.dst_abort(s, DstPc.SCRUB_SEND), True)
-        if pc is DstPc.IDLE and s.dst_row is H.COMMITTED and s.dst_vm is Vm.INCOMING:
+        if pc is DstPc.IDLE and s.dst_row is HandoffState.COMMITTED and s.dst_vm is Vm.INCOMING:
             # what a restart does (registry.load), without the crash: the retry of a committed activation
             yield Edge("destination retries activation", s._replace(dst_vm=Vm.RUNNING), True)
         if b.operator and s.dst_vm in (Vm.RUNNING, Vm.INCOMING):
             state = "running" if s.dst_vm is Vm.RUNNING else "incoming"
-            if self.operable(DST, s.dst_row, state, s.dst_vm is Vm.INCOMING, False):
+            if self.operable(DESTINATION, s.dst_row, state, s.dst_vm is Vm.INCOMING, False):
                 yield Edge("operator: vm destroy (destination)", s._replace(dst_vm=Vm.SCRUBBED, destroyed=True),
                            False)
         for m in TO_DST:
@@ -510,13 +509,13 @@ def alive(s: State, m: Msg) -> bool:
     if m in (Msg.COMPLETE, Msg.COMMIT, Msg.ABORT):  # the destination's session, once over, never comes back
         return s.dst_row is None or s.dst_pc in (DstPc.RECEIVING, DstPc.WAIT_COMMIT)
     if m is Msg.QUERY:
-        return s.src_row is H.HANDED_OFF or s.dst_row not in (H.COMMITTED, H.ABORTED)
+        return s.src_row is HandoffState.HANDED_OFF or s.dst_row not in (HandoffState.COMMITTED, HandoffState.ABORTED)
     if m is Msg.READY:
         return s.src_pc in (SrcPc.START, SrcPc.PRECOPY, SrcPc.WAIT_READY)
     if m in (Msg.DONE, Msg.ABORT_TOKEN, Msg.ABORT_BAD):  # the source's session, likewise
         return s.src_pc in SESSION_PCS
     # OUTCOMEs: acted on while in doubt; "committed" also scrubs what the row lets go
-    return s.src_row is H.HANDED_OFF or (m is Msg.OUT_COMMITTED and s.src_vm is not Vm.SCRUBBED)
+    return s.src_row is HandoffState.HANDED_OFF or (m is Msg.OUT_COMMITTED and s.src_vm is not Vm.SCRUBBED)
 
 
 def forget_dead(s: State) -> State:
@@ -532,14 +531,15 @@ def forget_dead(s: State) -> State:
 
 def fork(s: State) -> bool:
     """Two runnable copies: the source's running, and the destination's running or committed."""
-    return s.src_vm is Vm.RUNNING and (s.dst_vm is Vm.RUNNING or (s.dst_vm is Vm.INCOMING and s.dst_row is H.COMMITTED))
+    return s.src_vm is Vm.RUNNING and (s.dst_vm is Vm.RUNNING or (s.dst_vm is Vm.INCOMING
+                                                                  and s.dst_row is HandoffState.COMMITTED))
 
 
 def has_copy(s: State) -> bool:
     """Some copy may run, now or once the handoff settles: the source's while it has not
     confirmed the commit, the destination's once committed (running or not)."""
-    src = s.src_vm in (Vm.RUNNING, Vm.PAUSED) and s.src_row is not H.DONE
-    dst = s.dst_vm in (Vm.RUNNING, Vm.INCOMING) and s.dst_row is H.COMMITTED
+    src = s.src_vm in (Vm.RUNNING, Vm.PAUSED) and s.src_row is not HandoffState.DONE
+    dst = s.dst_vm in (Vm.RUNNING, Vm.INCOMING) and s.dst_row is HandoffState.COMMITTED
     return src or dst
 
 
@@ -547,7 +547,8 @@ def settled(s: State) -> bool:
     """Exactly one running copy, nothing in flight on either side, nothing left over."""
     if not (s.src_up and s.dst_up and s.src_pc is SrcPc.IDLE and s.dst_pc is DstPc.IDLE):
         return False
-    if s.src_row in (H.SENDING, H.HANDED_OFF) or s.dst_row in (H.RECEIVING, H.PREPARED):
+    if (s.src_row in (HandoffState.SENDING, HandoffState.HANDED_OFF)
+            or s.dst_row in (HandoffState.RECEIVING, HandoffState.PREPARED)):
         return False
     here = s.src_vm is Vm.RUNNING and s.dst_vm in (Vm.NONE, Vm.SCRUBBED)
     there = s.dst_vm is Vm.RUNNING and s.src_vm is Vm.SCRUBBED

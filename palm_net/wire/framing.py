@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from palm_net.wire.errors import ErrorCode, RemoteProtocolError
+from palm_net.errors import ErrorCode, RemoteProtocolError
 
 LENGTH = struct.Struct(">I")
 PREFIX_LEN = LENGTH.size

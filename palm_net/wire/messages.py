@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from palm_net.wire.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
+from palm_net.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 
 WIRE_VERSION = 2
 MID_LEN = 16
@@ -52,6 +53,7 @@ class Field:
     kind: type  # int, bytes, str, bool
     max: int  # max value for int, max length for bytes/str
     exact: int | None = None  # exact length for bytes
+    choices: frozenset[str] | None = None  # the only values a str may take
 
     def ok(self, value: Any) -> bool:
         if self.kind is int:
@@ -64,19 +66,28 @@ class Field:
             return False
         return (isinstance(value, (bytes, str)) and len(value) <= self.max
                 and (self.exact is None or len(value) == self.exact)
+                and (self.choices is None or value in self.choices)
                 and (not isinstance(value, str) or value.isprintable()))
 
 
-def U(max_value: int = MAX_SEQ) -> Field:
+def uint(max_value: int = MAX_SEQ) -> Field:
     return Field(int, max_value)
 
 
-def B(max_len: int, exact: int | None = None) -> Field:
+def octets(max_len: int, exact: int | None = None) -> Field:
     return Field(bytes, max_len, exact=exact)
 
 
-def S(max_len: int) -> Field:
-    return Field(str, max_len)
+def text(max_len: int, choices: type[enum.StrEnum] | None = None) -> Field:
+    return Field(str, max_len, choices=frozenset(c.value for c in choices) if choices is not None else None)
+
+
+class RecoveryOutcome(enum.StrEnum):
+    """What a destination answers a QUERY (proto 7.5)."""
+
+    COMMITTED = "committed"
+    ABORTED = "aborted"  # with the abort token
+    UNKNOWN = "unknown"  # not this peer's to ask, or nothing recorded that could be promised
 
 
 BOOL = Field(bool, 1)
@@ -116,9 +127,9 @@ class Begin(Body):
     """Source -> destination: open a migration (proto 7.1, 7.7)."""
 
     TYPE = "BEGIN"
-    SCHEMA = {"vm": S(64), "vm_id": B(16, exact=16), "pages": U(MAX_GUEST_PAGES),
-              "protected_pages": U(MAX_GUEST_PAGES), "processes": U(4096), "vcpus": U(256), "plain": BOOL,
-              "digest": BOOL, "backend": S(16), "spec": B(MAX_SPEC)}
+    SCHEMA = {"vm": text(64), "vm_id": octets(16, exact=16), "pages": uint(MAX_GUEST_PAGES),
+              "protected_pages": uint(MAX_GUEST_PAGES), "processes": uint(4096), "vcpus": uint(256), "plain": BOOL,
+              "digest": BOOL, "backend": text(16), "spec": octets(MAX_SPEC)}
     vm: str
     vm_id: bytes
     pages: int
@@ -142,7 +153,7 @@ class Keys(Body):
     """Process keys and layout, before the first page (proto 7.3)."""
 
     TYPE = "KEYS"
-    SCHEMA = {"data": B(MAX_BLOB)}
+    SCHEMA = {"data": octets(MAX_BLOB)}
     data: bytes
 
 
@@ -153,8 +164,8 @@ class Pages(Body):
     The 4096 bytes of each non-zero page follow in data records."""
 
     TYPE = "PAGES"
-    SCHEMA = {"round": U(10_000), "gfns": B(8 * MAX_PAGES_PER_MESSAGE), "kinds": B(MAX_PAGES_PER_MESSAGE),
-              "vers": B(8 * MAX_PAGES_PER_MESSAGE), "tags": B(16 * MAX_DATA_PAGES)}
+    SCHEMA = {"round": uint(10_000), "gfns": octets(8 * MAX_PAGES_PER_MESSAGE), "kinds": octets(MAX_PAGES_PER_MESSAGE),
+              "vers": octets(8 * MAX_PAGES_PER_MESSAGE), "tags": octets(16 * MAX_DATA_PAGES)}
     round: int
     gfns: bytes
     kinds: bytes
@@ -172,7 +183,7 @@ class Stream(Body):
     (proto 7.7), which follow in data records."""
 
     TYPE = "STREAM"
-    SCHEMA = {"length": U(MAX_BULK)}
+    SCHEMA = {"length": uint(MAX_BULK)}
     length: int
 
     def __post_init__(self) -> None:
@@ -188,14 +199,14 @@ class Stream(Body):
 @dataclass(frozen=True, repr=False)
 class StreamEnd(Body):
     TYPE = "STREAM_END"
-    SCHEMA = {"bytes": U()}
+    SCHEMA = {"bytes": uint()}
     bytes: int
 
 
 @dataclass(frozen=True, repr=False)
 class RoundEnd(Body):
     TYPE = "ROUND_END"
-    SCHEMA = {"round": U(10_000), "pages": U(MAX_GUEST_PAGES * 64), "dirty": U(MAX_GUEST_PAGES)}
+    SCHEMA = {"round": uint(10_000), "pages": uint(MAX_GUEST_PAGES * 64), "dirty": uint(MAX_GUEST_PAGES)}
     round: int
     pages: int
     dirty: int
@@ -207,14 +218,14 @@ class RoundDone(Body):
     pauses its guest for the last copy only once the destination has caught up)."""
 
     TYPE = "ROUND_DONE"
-    SCHEMA = {"round": U(10_000)}
+    SCHEMA = {"round": uint(10_000)}
     round: int
 
 
 @dataclass(frozen=True, repr=False)
 class CpuState(Body):
     TYPE = "CPU_STATE"
-    SCHEMA = {"state": B(MAX_BLOB)}
+    SCHEMA = {"state": octets(MAX_BLOB)}
     state: bytes
 
 
@@ -223,7 +234,7 @@ class Context(Body):
     """A chunk of the protected-context blob (proto 7.3)."""
 
     TYPE = "CONTEXT"
-    SCHEMA = {"index": U(2**20), "total": U(2**20), "data": B(MAX_BLOB)}
+    SCHEMA = {"index": uint(2**20), "total": uint(2**20), "data": octets(MAX_BLOB)}
     index: int
     total: int
     data: bytes
@@ -232,7 +243,7 @@ class Context(Body):
 @dataclass(frozen=True, repr=False)
 class Complete(Body):
     TYPE = "COMPLETE"
-    SCHEMA = {"records": U(), "page_records": U(), "transcript": B(32, exact=32)}
+    SCHEMA = {"records": uint(), "page_records": uint(), "transcript": octets(32, exact=32)}
     records: int
     page_records: int
     transcript: bytes
@@ -241,7 +252,7 @@ class Complete(Body):
 @dataclass(frozen=True, repr=False)
 class Ready(Body):
     TYPE = "READY"
-    SCHEMA = {"digest": B(32)}  # empty unless BEGIN asked for it
+    SCHEMA = {"digest": octets(32)}  # empty unless BEGIN asked for it
     digest: bytes
 
 
@@ -260,10 +271,18 @@ class Done(Body):
 @dataclass(frozen=True, repr=False)
 class Abort(Body):
     TYPE = "ABORT"
-    SCHEMA = {"code": S(64), "reason": S(512), "token": B(256)}
-    code: str
+    SCHEMA = {"code": text(64), "reason": text(512), "token": octets(256)}
+    code: str  # an ErrorCode's value; a peer may send one this side does not know (error_code)
     reason: str
     token: bytes
+
+    @property
+    def error_code(self) -> ErrorCode:
+        """The code as this side knows it; one it does not know is out-of-state."""
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return ErrorCode.OUT_OF_STATE
 
 
 @dataclass(frozen=True, repr=False)
@@ -277,8 +296,8 @@ class Query(Body):
 @dataclass(frozen=True, repr=False)
 class Outcome(Body):
     TYPE = "OUTCOME"
-    SCHEMA = {"outcome": S(16), "token": B(256)}
-    outcome: str  # committed, aborted, unknown
+    SCHEMA = {"outcome": text(16, RecoveryOutcome), "token": octets(256)}
+    outcome: str  # a RecoveryOutcome (any other value is malformed)
     token: bytes
 
 
@@ -287,8 +306,8 @@ TYPES: dict[str, type[Body]] = {cls.TYPE: cls for cls in (
     Done,
     Abort, Query, Outcome)}
 ENVELOPE = {"v", "t", "mid", "seq", "b"}
-_MID = B(MID_LEN, exact=MID_LEN)
-_SEQ = U()
+_MID = octets(MID_LEN, exact=MID_LEN)
+_SEQ = uint()
 T = TypeVar("T", bound=Body)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from palm_net.wire.errors import ErrorCode, RemoteProtocolError
+from palm_net.errors import ErrorCode, RemoteProtocolError
 from palm_net.wire.messages import DATA_RECORD, PAGE_SIZE, Pages
 
 KIND_ZERO = 0

@@ -16,8 +16,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from palm_net.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 from palm_net.wire import messages
-from palm_net.wire.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 from palm_net.wire.messages import (
     DATA_RECORD,
     Abort,
@@ -63,37 +63,37 @@ class State(enum.Enum):
     CLOSED = "closed"  # recovery session answered
 
 
-S, D = Role.SOURCE, Role.DESTINATION
+SOURCE, DESTINATION = Role.SOURCE, Role.DESTINATION
 
 TRANSITIONS: dict[tuple[State, Role, type[Body]], State] = {
-    (State.IDLE, S, Begin): State.BEGUN,
-    (State.RECOVERY, S, Query): State.QUERIED,
-    (State.BEGUN, D, Accept): State.STREAMING,
-    (State.STREAMING, S, Keys): State.STREAMING,
-    (State.STREAMING, S, Pages): State.STREAMING,
-    (State.STREAMING, S, RoundEnd): State.STREAMING,
+    (State.IDLE, SOURCE, Begin): State.BEGUN,
+    (State.RECOVERY, SOURCE, Query): State.QUERIED,
+    (State.BEGUN, DESTINATION, Accept): State.STREAMING,
+    (State.STREAMING, SOURCE, Keys): State.STREAMING,
+    (State.STREAMING, SOURCE, Pages): State.STREAMING,
+    (State.STREAMING, SOURCE, RoundEnd): State.STREAMING,
     # The destination answers each ROUND_END once the round is written; the
     # answer may cross the source's next messages on the wire.
-    (State.STREAMING, D, RoundDone): State.STREAMING,
-    (State.STOPPED, D, RoundDone): State.STOPPED,
-    (State.VERIFYING, D, RoundDone): State.VERIFYING,
-    (State.STREAMING, S, CpuState): State.STOPPED,
-    (State.STREAMING, S, Stream): State.STREAMING,
-    (State.STREAMING, S, StreamEnd): State.SEALED,
-    (State.SEALED, S, Complete): State.VERIFYING,
-    (State.STOPPED, S, Context): State.STOPPED,
-    (State.STOPPED, S, Complete): State.VERIFYING,
-    (State.VERIFYING, D, Ready): State.PREPARED,
-    (State.PREPARED, S, Commit): State.COMMITTING,
-    (State.COMMITTING, D, Done): State.DONE,
-    (State.QUERIED, D, Outcome): State.CLOSED,
+    (State.STREAMING, DESTINATION, RoundDone): State.STREAMING,
+    (State.STOPPED, DESTINATION, RoundDone): State.STOPPED,
+    (State.VERIFYING, DESTINATION, RoundDone): State.VERIFYING,
+    (State.STREAMING, SOURCE, CpuState): State.STOPPED,
+    (State.STREAMING, SOURCE, Stream): State.STREAMING,
+    (State.STREAMING, SOURCE, StreamEnd): State.SEALED,
+    (State.SEALED, SOURCE, Complete): State.VERIFYING,
+    (State.STOPPED, SOURCE, Context): State.STOPPED,
+    (State.STOPPED, SOURCE, Complete): State.VERIFYING,
+    (State.VERIFYING, DESTINATION, Ready): State.PREPARED,
+    (State.PREPARED, SOURCE, Commit): State.COMMITTING,
+    (State.COMMITTING, DESTINATION, Done): State.DONE,
+    (State.QUERIED, DESTINATION, Outcome): State.CLOSED,
 }
 # ABORT may end the session from any state before the handoff completes, by
 # either side; after COMMIT only the destination may abort (with a token).
 for _state in (State.BEGUN, State.STREAMING, State.STOPPED, State.SEALED, State.VERIFYING, State.PREPARED):
-    TRANSITIONS[(_state, S, Abort)] = State.ABORTED
-    TRANSITIONS[(_state, D, Abort)] = State.ABORTED
-TRANSITIONS[(State.COMMITTING, D, Abort)] = State.ABORTED
+    TRANSITIONS[(_state, SOURCE, Abort)] = State.ABORTED
+    TRANSITIONS[(_state, DESTINATION, Abort)] = State.ABORTED
+TRANSITIONS[(State.COMMITTING, DESTINATION, Abort)] = State.ABORTED
 
 FINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
 # What carries the VM depends on BEGIN's backend: page records, or a stream.
@@ -133,9 +133,9 @@ class SessionProtocol:
         self.role = role
         self.state = State.RECOVERY if recovery else State.IDLE
         self.mid = mid
-        self._next_seq = {S: 0, D: 0}
+        self._next_seq = {SOURCE: 0, DESTINATION: 0}
         # Per sender: bulk bytes still to come in data records, and the next one's index.
-        self._bulk = {S: _Bulk(), D: _Bulk()}
+        self._bulk = {SOURCE: _Bulk(), DESTINATION: _Bulk()}
         self._context_parts = 0
         self.stream: bool | None = None  # set by BEGIN: a stream backend
 
@@ -149,7 +149,7 @@ class SessionProtocol:
 
     @property
     def peer_role(self) -> Role:
-        return D if self.role is S else S
+        return DESTINATION if self.role is SOURCE else SOURCE
 
     def _advance(self, sender: Role, msg: Message) -> None:
         """Checks ``msg`` from ``sender`` against the table; raises the code proto 6.1 names
