@@ -16,16 +16,21 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first exception of a nursery's group, nested groups included, that is not
+    a cancellation (None: there is none)."""
+    return next((e for e in _leaves(group) if not isinstance(e, trio.Cancelled)), None)
+
+
 @contextlib.contextmanager
 def single_error() -> Iterator[None]:
     """Re-raises the first meaningful exception of a nursery's group on its own."""
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if not leaves:
+        first = first_error(group)
+        if first is None:
             raise
-        first = leaves[0]
         raise first from first.__cause__
 
 

@@ -19,8 +19,8 @@ PROTO = (ROOT / "proto" / "PROTOCOL.md").read_text()
 PKG = ROOT / "palm_net"
 # crypto -> wire -> channel -> hypervisor -> migration -> agent -> cli (STYLE.md "Layers"); the
 # helpers below every layer import nothing of palm_net; testing/ may use anything.
-LAYERS = ["hostfs", "units", "trioutil", "logs", "faults", "errors", "crypto", "wire", "channel", "hypervisor",
-          "migration", "cluster", "agent", "cli"]
+LAYERS = ["hostfs", "units", "trioutil", "logs", "faults", "errors", "jsonlines",
+          "crypto", "wire", "channel", "hypervisor", "migration", "cluster", "agent", "cli"]
 
 
 def section(number: str) -> str:
@@ -163,7 +163,7 @@ def test_layers_import_only_downwards_and_without_cycles():
 
 
 # Below every layer: they import nothing of palm_net.
-HELPERS = {"hostfs", "units", "trioutil", "logs", "faults", "errors"}
+HELPERS = {"hostfs", "units", "trioutil", "logs", "faults", "errors", "jsonlines"}
 
 
 def test_the_readme_layout_says_what_each_layer_imports():

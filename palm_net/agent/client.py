@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from palm_net.jsonlines import JsonLines, LineError
+
 CONTROL_VERSION = 1
 MAX_ANSWER_LINE = 16 << 20
 
@@ -65,20 +67,14 @@ def _denied(path: str) -> str:
 
 
 def _lines(s: socket.socket) -> Iterator[dict[str, Any]]:
-    buf = b""
+    lines = JsonLines(MAX_ANSWER_LINE)
     while True:
         data = s.recv(65536)
         if not data:
             return
-        buf += data
-        if len(buf) > MAX_ANSWER_LINE:
-            raise ControlError("agent sent an answer too large")
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise ControlError("agent sent a malformed answer") from None
-            if not isinstance(obj, dict):
-                raise ControlError("agent sent a malformed answer")
-            yield obj
+        lines.feed(data)
+        try:
+            while (obj := lines.next()) is not None:
+                yield obj
+        except LineError as exc:
+            raise ControlError(f"agent sent a malformed answer: {exc}") from None

@@ -28,6 +28,7 @@ from palm_net.crypto.noise import CipherName
 from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.qemu import QemuVM
 from palm_net.hypervisor.vms import AnyVM
+from palm_net.jsonlines import JsonLines, LineError
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.trioutil import single_error
 from palm_net.units import parse_rate, parse_size
@@ -138,24 +139,24 @@ class ControlServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
-            buf = bytearray()
+            lines = JsonLines(MAX_REQUEST)
+            req: Any = None
             try:
                 with trio.fail_after(30):
-                    while b"\n" not in buf:
+                    while req is None:
                         data = await stream.receive_some(65536)
                         if not data:
                             return
-                        buf += data
-                        if len(buf) > MAX_REQUEST:
-                            await self._reply(stream, {"ok": False, "error": "request too large"})
-                            return
+                        lines.feed(data)
+                        req = lines.next()
             except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            line = bytes(buf.split(b"\n", 1)[0])
-            req: Any = None
+            except LineError as exc:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._reply(stream, {"ok": False, "error": f"bad request: {exc}"})
+                return
             try:
-                req = json.loads(line)
-                if not isinstance(req, dict) or req.get("v") != CONTROL_VERSION or not isinstance(req.get("op"), str):
+                if req.get("v") != CONTROL_VERSION or not isinstance(req.get("op"), str):
                     raise RequestError(f"bad request: need {{'v': {CONTROL_VERSION}, 'op': ..., 'args': {{...}}}}")
                 args = req.get("args") or {}
                 if not isinstance(args, dict):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from palm_net.hypervisor.backend import HypervisorError
+from palm_net.jsonlines import JsonLines, LineError
 
 MAX_LINE = 1 << 20
 MAX_EVENTS = 256
@@ -34,7 +35,7 @@ Event = dict[str, Any]
 class QmpClient:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._buf = bytearray()
+        self._lines = JsonLines(MAX_LINE)
         self._lock = threading.Lock()
         self.events: list[Event] = []
 
@@ -69,7 +70,13 @@ class QmpClient:
         return client
 
     def _read(self, deadline: float) -> dict[str, Any]:
-        while b"\n" not in self._buf:
+        while True:
+            try:
+                obj = self._lines.next()
+            except LineError as exc:
+                raise QmpError(f"QMP sent {exc}") from None
+            if obj is not None:
+                return obj
             left = deadline - time.monotonic()
             if left <= 0:
                 raise QmpError("QMP timeout")
@@ -82,18 +89,7 @@ class QmpClient:
                 raise QmpError(f"QMP socket: {exc.strerror or exc}") from None
             if not data:
                 raise QmpError("QEMU closed the QMP socket")
-            self._buf += data
-            if len(self._buf) > MAX_LINE:
-                raise QmpError("QMP line too long")
-        line, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf = bytearray(rest)
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise QmpError("QMP sent a line that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise QmpError("QMP sent a non-object")
-        return obj
+            self._lines.feed(data)
 
     @contextlib.contextmanager
     def _locked(self, timeout: float) -> Iterator[None]:

@@ -11,6 +11,7 @@ clock: the shell (palm_net.migration.runner) performs the effects.
 
 from __future__ import annotations
 
+import enum
 import hmac
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +75,14 @@ MAX_RESEND = 8
 MAX_VERSION = 2**32 - 1  # page versions are below this (proto 6): the per-page table is 4 bytes a page
 
 
+class SessionOutcome(enum.StrEnum):
+    """How far an incoming session got, as the engine knows it (the durable row decides)."""
+
+    PREPARED = "prepared"  # READY sent
+    COMMITTED = "committed"  # DONE sent, or the row said committed when an abort was asked
+    ABORTED = "aborted"
+
+
 def context_limit(protected_pages: int, processes: int) -> int:
     """The largest protected-context blob a VM of this shape can need (proto 7.3):
     gfn u32 + version u64 + tag 16 per protected page, plus keys and thread contexts."""
@@ -106,7 +115,7 @@ class DestinationEngine:
         self.context_total = 0
         self.context_limit = 0
         self.complete: Complete | None = None
-        self.outcome: str | None = None  # prepared, committed, aborted
+        self.outcome: SessionOutcome | None = None
         self.error: PalmError | None = None
         self._awaiting: type[Result] | None = None  # the result the last request will bring
 
@@ -165,7 +174,7 @@ class DestinationEngine:
     def fail(self, error: PalmError) -> list[Effect]:
         """After an error: abort forever and scrub (then ABORT with the code's generic
         reason, if the state machine still allows it).  A committed VM stays as it is."""
-        if self.outcome in ("committed", "aborted"):
+        if self.outcome in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
             return []
         self.error = error
         self._awaiting = None
@@ -329,7 +338,7 @@ class DestinationEngine:
     def _prepared(self, result: Prepared) -> list[Effect]:
         if not result.persisted:
             raise MigrationFailure(ErrorCode.ABORTED, "the migration was aborted before READY (a recovery query?)")
-        self.outcome = "prepared"
+        self.outcome = SessionOutcome.PREPARED
         return [self._send(Ready(result.digest))]
 
     def _on_commit(self, msg: Message, _: Record) -> list[Effect]:
@@ -337,7 +346,7 @@ class DestinationEngine:
 
     def _committed(self, result: Committed) -> list[Effect]:
         if result.committed:
-            self.outcome = "committed"
+            self.outcome = SessionOutcome.COMMITTED
             return [self._send(Done())]
         # We already aborted (timeout, shutdown, a recovery query): the promise stands.
         return self.fail(MigrationFailure(ErrorCode.ABORTED, "commit after abort"))
@@ -349,9 +358,9 @@ class DestinationEngine:
 
     def _aborted(self, result: Aborted) -> list[Effect]:
         if not result.aborted:  # committed before the failure: the durable row stands
-            self.outcome = "committed"
+            self.outcome = SessionOutcome.COMMITTED
             return []
-        self.outcome = "aborted"
+        self.outcome = SessionOutcome.ABORTED
         if self.error is None or not self.proto.can_send(Abort):
             return []  # the source ended it, or the session is past answering
         code = self.error.code

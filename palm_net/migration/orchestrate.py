@@ -28,9 +28,9 @@ from palm_net.hypervisor.backend import HostedVM, HypervisorError, describe_erro
 from palm_net.hypervisor.vmspec import check_policy
 from palm_net.migration.destination import DEADLINE_PER_GIB, DestinationEngine
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer
-from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.migration.params import MigrationParams, MigrationStats, Phase, Status
 from palm_net.migration.runner import DestinationRun, SourceRun
-from palm_net.migration.source import InDoubt, SourceEngine
+from palm_net.migration.source import InDoubt, SourceEngine, plain_refusal
 from palm_net.wire.messages import Begin, Outcome, Query, RecoveryOutcome
 from palm_net.wire.protocol import Role, SessionProtocol
 
@@ -106,13 +106,13 @@ async def migrate_out(
     name = vm.info.name
 
     def fail(error: PalmError, phase: str) -> MigrationResult:
-        stats.status = "failed"
+        stats.status = Status.FAILED
         stats.total_time = time.monotonic() - started
         return MigrationResult(False, mid, name, "failed", stats, str(error), phase, "source")
 
-    if params.plain and vm.info.protected_pages:
-        return fail(MigrationFailure(ErrorCode.PLAIN_REFUSED, "a VM with protected processes never uses the "
-                                                              "plain benchmark mode"), "setup")
+    refused = plain_refusal(params, vm.info)
+    if refused is not None:
+        return fail(refused, "setup")
     if not vm.running:
         return fail(MigrationFailure(ErrorCode.VM_STATE, f"VM {name!r} is not running"), "setup")
     try:
@@ -149,7 +149,7 @@ async def migrate_out(
             # Past the handoff point: ask the destination (in doubt until it answers).
             log.warning("in doubt after COMMIT", migration=mid.hex(), vm=name, peer=peer.name,
                         phase="in-doubt", error=error.code.value)
-            stats.status = stats.phase = "in-doubt"
+            stats.status, stats.phase = Status.IN_DOUBT, Phase.IN_DOUBT
             with trio.move_on_after(in_doubt_wait):
                 while True:
                     try:
@@ -175,7 +175,7 @@ async def migrate_out(
         try:
             if store.confirm(mid):
                 if params.verify_digest and not engine.stream:
-                    stats.phase = "digest-check"  # the VM runs there; this side re-reads its copy: shown, counted
+                    stats.phase = Phase.DIGEST_CHECK  # the VM runs there; this side re-reads its copy: shown, counted
                     if on_progress is not None:
                         on_progress(stats)
                     await _check_digest_at_pause(vm, stats, mid)
@@ -188,7 +188,7 @@ async def migrate_out(
             log.error("migration committed on the destination, but this side could not finish",
                       migration=mid.hex(), vm=name, peer=peer.name, phase="done", error=describe_error(exc))
             if store.state_of(mid) is HandoffState.HANDED_OFF:
-                stats.status = stats.phase = "in-doubt"
+                stats.status, stats.phase = Status.IN_DOUBT, Phase.IN_DOUBT
                 stats.total_time = time.monotonic() - started
                 return MigrationResult(False, mid, name, "in-doubt", stats,
                                        f"committed on the destination; not recorded here ({describe_error(exc)})",
@@ -225,7 +225,7 @@ async def _resume_after_failure(vm: HostedVM, store: HandoffStore, error: PalmEr
     phase = stats.phase
     await _send_abort(channel, engine, error.code)
     store.abort_and_resume(engine.mid, vm, str(error))
-    stats.status = "failed"
+    stats.status = Status.FAILED
     stats.total_time = time.monotonic() - started
     runs_on = "source" if vm.running else "source (paused: its resume failed, retried)"
     log.warning("migration failed, VM back on the source", migration=engine.mid.hex(), vm=vm.info.name,
@@ -249,10 +249,10 @@ def _recovered(outcome: str, name: str, mid: bytes, stats: MigrationStats, start
                peer: str) -> MigrationResult:
     stats.total_time = time.monotonic() - started
     if outcome == "committed":
-        stats.status = "completed"
+        stats.status = Status.COMPLETED
         return MigrationResult(True, mid, name, "completed", stats, runs_on="destination", peer=peer,
                                extra={"recovered": True})
-    stats.status = "failed"
+    stats.status = Status.FAILED
     return MigrationResult(False, mid, name, "failed", stats, "aborted: destination issued an abort token",
                            "in-doubt", "source", peer)
 

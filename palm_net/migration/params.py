@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +51,30 @@ DOWNTIME_PHASES = (("stop-and-copy", "last-byte"), ("finish", "complete"), ("des
                    ("hand-off", "handed-off"), ("commit", "done"))
 
 
+class Status(enum.StrEnum):
+    """Where an outgoing migration stands, as its record and `palm` show it."""
+
+    SETUP = "setup"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    IN_DOUBT = "in-doubt"  # past the handoff point, the outcome not yet known
+
+
+class Phase(enum.StrEnum):
+    """The step an outgoing migration is in, as the progress line shows it."""
+
+    SETUP = "setup"
+    ROUND = "round"  # a pre-copy round (page backend)
+    STREAM = "stream"  # the hypervisor's own stream (stream backend)
+    STOP_AND_COPY = "stop-and-copy"
+    VERIFY = "verify"  # COMPLETE sent: the destination checks
+    COMMIT = "commit"  # handed off, COMMIT sent
+    COMPLETED = "completed"
+    DIGEST_CHECK = "digest-check"  # after DONE: this copy's memory at the pause re-read (--verify-digest)
+    IN_DOUBT = "in-doubt"
+
+
 @dataclass
 class RoundStats:
     round: int
@@ -70,8 +95,8 @@ class RoundStats:
 
 @dataclass
 class MigrationStats:
-    status: str = "setup"
-    phase: str = "setup"
+    status: Status = Status.SETUP
+    phase: Phase = Phase.SETUP
     setup_time: float = 0.0
     total_time: float = 0.0
     downtime: float | None = None

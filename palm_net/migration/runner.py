@@ -45,7 +45,7 @@ from palm_net.hypervisor.backend import (
     describe_error,
 )
 from palm_net.hypervisor.qemu import read_stream
-from palm_net.migration.destination import DestinationEngine
+from palm_net.migration.destination import DestinationEngine, SessionOutcome
 from palm_net.migration.effects import (
     ApplyPages,
     CommitAndActivate,
@@ -71,6 +71,7 @@ from palm_net.migration.effects import (
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
 from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
 from palm_net.migration.source import Pacer, SourceEngine, Step
+from palm_net.trioutil import first_error
 from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Begin
 from palm_net.wire.pages import Buffer, RoundGfns
 from palm_net.wire.protocol import FINAL
@@ -98,14 +99,12 @@ def session_error(exc: BaseException) -> PalmError:
     return error_of(exc)
 
 
-def first_error(group: BaseExceptionGroup[Any]) -> PalmError:
-    """The first error of a nursery's group that is not a cancellation."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return first_error(exc)
-        if not isinstance(exc, trio.Cancelled):
-            return session_error(exc)
-    raise group
+def group_error(group: BaseExceptionGroup[Any]) -> PalmError:
+    """What ended a session whose nursery raised a group: its first error, mapped."""
+    first = first_error(group)
+    if first is None:
+        raise group
+    return session_error(first)
 
 
 # --------------------------------------------------------------------------
@@ -199,7 +198,7 @@ class SourceRun:
         try:
             await self._run()
         except BaseExceptionGroup as group:
-            err = first_error(group)
+            err = group_error(group)
             raise err from None
         finally:
             if self._stream is not None:
@@ -395,12 +394,13 @@ class DestinationRun:
                     await applier.drain()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            error = first_error(group)
+            error = group_error(group)
         except Exception as exc:
             error = session_error(exc)
         finally:
             with trio.CancelScope(shield=True):
-                if eng.outcome not in ("committed", "aborted"):  # cancelled, failed, or the peer went away
+                # cancelled, failed, or the peer went away
+                if eng.outcome not in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
                     error = error or RemoteProtocolError(ErrorCode.CLOSED, "session ended before COMMIT")
                     await self._fail(error)
         return error

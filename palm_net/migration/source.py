@@ -54,7 +54,7 @@ from palm_net.migration.effects import (
     Transcript,
 )
 from palm_net.migration.handoff import check_abort_token
-from palm_net.migration.params import DOWNTIME_PHASES, MigrationParams, MigrationStats, RoundStats
+from palm_net.migration.params import DOWNTIME_PHASES, MigrationParams, MigrationStats, Phase, RoundStats, Status
 from palm_net.wire.messages import (
     MAX_BLOB,
     PAGE_SIZE,
@@ -101,6 +101,14 @@ class Pacer:
         self.ahead = max(self.ahead - (now - self.last), -PACING_BURST) + size / self.cap
         self.last = now
         return max(self.ahead, 0.0)
+
+
+def plain_refusal(params: MigrationParams, info: Any) -> MigrationFailure | None:
+    """A VM with protected processes never migrates over the plain benchmark mode (proto 7.6)."""
+    if params.plain and info.protected_pages:
+        return MigrationFailure(ErrorCode.PLAIN_REFUSED, "a VM with protected processes never uses the plain "
+                                                         "benchmark mode")
+    return None
 
 
 class InDoubt(Exception):
@@ -179,9 +187,9 @@ class SourceEngine:
     def start(self, now: float) -> list[Effect]:
         """BEGIN; ACCEPT is due within the reply timeout."""
         p, i = self.params, self.info
-        if p.plain and i.protected_pages:
-            raise MigrationFailure(ErrorCode.PLAIN_REFUSED,
-                                   "a VM with protected processes never migrates over the plain benchmark mode")
+        refused = plain_refusal(p, i)
+        if refused is not None:
+            raise refused
         self.started = now
         begin = self.proto.send(Begin(i.name, i.vm_id, i.npages, i.protected_pages, i.processes, i.vcpus, p.plain,
                                       p.verify_digest, "qemu" if self.stream else "model", self.spec))
@@ -256,7 +264,7 @@ class SourceEngine:
         self.stats.setup_time = now - self.started
         if self.stream:
             p = self.params
-            self.stats.status, self.stats.phase = "active", "stream"
+            self.stats.status, self.stats.phase = Status.ACTIVE, Phase.STREAM
             return [Note("migration started", {"phase": "stream", "pages": self.info.npages}),
                     *self._request(Step.STARTING, StartStream(p.downtime_limit, p.bandwidth, p.auto_converge),
                                    StreamStarted)]
@@ -266,7 +274,7 @@ class SourceEngine:
 
     def _started(self, result: Started, now: float) -> list[Effect]:
         """Dirty logging is on: the process keys, then round 0 (every page)."""
-        self.stats.status, self.stats.phase = "active", "round"
+        self.stats.status, self.stats.phase = Status.ACTIVE, Phase.ROUND
         keys = self._send(Keys(result.keys))
         return [keys, Note("migration started", {"phase": "round", "round": 0, "pages": self.info.npages}),
                 *self._next_round(now)]
@@ -381,7 +389,7 @@ class SourceEngine:
     def _paused(self, result: Paused, now: float) -> list[Effect]:
         """The guest is paused: the last copy holds the last round's dirty set plus
         whatever the guest wrote until the pause."""
-        self.stats.phase = "stop-and-copy"
+        self.stats.phase = Phase.STOP_AND_COPY
         self.paused_at = result.at
         self.pending = np.union1d(np.asarray(self.pending), result.dirty).astype(np.uint64)
         self.stats.current_round = self.round
@@ -418,7 +426,7 @@ class SourceEngine:
         completion (its guest paused, its figures) is awaited beside the destination's
         load and checks, not before them: the hand-off still waits for it."""
         self.stats.marks["last-byte"] = now  # the hypervisor's last byte read and sent on
-        self.stats.phase = "stop-and-copy"
+        self.stats.phase = Phase.STOP_AND_COPY
         self._beside_due.add(StreamFinished)
         return [self._send(StreamEnd(self.stream_bytes)), FinishStream(),
                 *self._request(Step.COMPLETING, ReadTranscript(), Transcript)]
@@ -451,7 +459,7 @@ class SourceEngine:
             duration, wire = now - t0, st.transferred - b0
             st.rounds.append(RoundStats(self.round, len(self.pending), wire, duration, 0, 0.0,
                                         wire / duration if duration > 0 else 0.0, paused=True))
-        st.phase = "verify"
+        st.phase = Phase.VERIFY
         out: list[Effect] = [self._send(Complete(result.records, st.page_records, result.hash))]
         st.marks["complete"] = now
         paused_ms = round((now - self.paused_at) * 1000, 1) if self.paused_at is not None else None
@@ -490,7 +498,7 @@ class SourceEngine:
 
     def _commit(self, now: float) -> list[Effect]:
         """COMMIT: from here only the destination's word settles it."""
-        self.stats.phase = "commit"
+        self.stats.phase = Phase.COMMIT
         commit = self._send(Commit())
         self.committed = True
         self.step = Step.COMMITTING
@@ -503,7 +511,7 @@ class SourceEngine:
         self.step = Step.DONE
         st.downtime = now - (self.paused_at if self.paused_at is not None else now)
         st.total_time = now - self.started
-        st.status = st.phase = "completed"
+        st.status, st.phase = Status.COMPLETED, Phase.COMPLETED
         st.marks["done"] = now
         if self.paused_at is not None and all(m in st.marks for _, m in DOWNTIME_PHASES):
             prev, phases = self.paused_at, {}
