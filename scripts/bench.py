@@ -311,6 +311,8 @@ def run_record(r: dict[str, Any], memory: int, rss: dict[str, int], rest: dict[s
             rec[extra] = r[extra]
     for phase, v in (r.get("downtime_phases_ms") or {}).items():  # where the pause went (medians per phase)
         rec[f"down_{phase}_ms"] = float(v)
+    for phase, v in (r.get("destination_phases_ms") or {}).items():  # the destination's own account of it
+        rec[f"dest_{phase}_ms"] = float(v)
     return rec
 
 
@@ -500,18 +502,23 @@ def goal_qemu(pairs: dict[str, Palm], rep: int, memory: int, work: Path) -> dict
 def downtime_breakdown(modes: dict[str, Any]) -> list[str]:
     """The downtime of each palm_net mode by phase, as the source sees it (medians)."""
     phases = ["stop-and-copy", "finish", "destination-prepare", "hand-off", "commit"]
+    dest = ["load", "prepare", "commit", "activate"]
     rows = [(k, e) for k, e in modes.items() if f"down_{phases[0]}_ms" in e]
     if not rows:
         return []
-    out = ["Where palm_net's downtime goes, as the source sees it (medians, ms): the source QEMU's "
-           "stop-and-copy to its last byte read (model: the last round, CPU state and blob sent), QEMU's "
-           "completion event and figures and the last messages (finish), the destination loading, checking and making "
-           "PREPARE durable until READY arrives, the source's durable hand-off, then COMMIT, the "
-           "destination's durable COMMIT, `cont` and DONE.\n",
-           "| migration | downtime | " + " | ".join(phases) + " |", "|---|---|" + "---|" * len(phases)]
+    out = ["Where palm_net's downtime goes, as the source sees it (medians, ms): the source's stop-and-copy "
+           "to its last byte read and sent (model: the last round, CPU state and blob), the last messages "
+           "(finish), the destination loading, checking and making PREPARE durable until READY arrives (a "
+           "stream backend's own completion is awaited beside it), the source's durable hand-off, then COMMIT, "
+           "the destination's durable COMMIT, `cont` and DONE. The destination's own account of its part "
+           "(READY's and DONE's timings): the hypervisor loading the stream's end (load), PREPARE (prepare), "
+           "the durable COMMIT (commit), the activation (activate).\n",
+           "| migration | downtime | " + " | ".join(phases) + " | " + " | ".join(f"dst {d}" for d in dest) + " |",
+           "|---|---|" + "---|" * (len(phases) + len(dest))]
     for k, e in rows:
         out.append(f"| {k} | {fmt(e['downtime_ms'], '', 1)} | "
-                   + " | ".join(fmt(e[f"down_{p}_ms"], "", 1) for p in phases) + " |")
+                   + " | ".join(fmt(e[f"down_{p}_ms"], "", 1) for p in phases) + " | "
+                   + " | ".join(fmt(e[f"dest_{d}_ms"], "", 1) if f"dest_{d}_ms" in e else "-" for d in dest) + " |")
     return [*out, ""]
 
 

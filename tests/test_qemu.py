@@ -108,6 +108,9 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     phases = d["downtime_phases_ms"]  # where the pause went, as the source saw it
     assert list(phases) == ["stop-and-copy", "finish", "destination-prepare", "hand-off", "commit"]
     assert abs(sum(phases.values()) - d["downtime_ms"]) <= 0.5
+    dest = d["destination_phases_ms"]  # the destination's own account: its QEMU loading the end, PREPARE, ...
+    assert list(dest) == ["load", "prepare", "commit", "activate"] and dest["load"] > 0 and dest["activate"] > 0
+    assert dest["load"] + dest["prepare"] <= phases["destination-prepare"] + 1  # inside it, as both clocks see it
     moved = b.vms[vm.name]
     assert isinstance(moved, QemuVM) and moved.state == "running" and moved.qemu_status() == "running"
     assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()

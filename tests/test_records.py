@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from palm_net.channel.records import MAX_PLAINTEXT, RecordReceiver, RecordSender
 from palm_net.crypto.noise import AESGCM, CHACHAPOLY, MAX_MESSAGE_LEN, TAGLEN, CipherState
-from palm_net.errors import ErrorCode, PalmError, RemoteProtocolError
+from palm_net.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 from palm_net.wire import messages
 from palm_net.wire.messages import (
     Abort,
@@ -24,6 +24,7 @@ from palm_net.wire.messages import (
     Message,
     Outcome,
     Pages,
+    Ready,
     RecoveryOutcome,
     RoundEnd,
     Stream,
@@ -197,6 +198,16 @@ def test_an_outcome_is_one_of_three_and_an_abort_code_maps_to_a_known_one():
     assert info.value.code is ErrorCode.MALFORMED
     assert Abort("no-space", "", b"").error_code is ErrorCode.NO_SPACE
     assert Abort("from-the-future", "", b"").error_code is ErrorCode.OUT_OF_STATE  # a code this side does not know
+
+
+def test_timings_are_two_capped_microsecond_counts_of_a_fixed_size():
+    assert messages.timings(0.0015, 12.25) == (1500).to_bytes(4, "big") + (12_250_000).to_bytes(4, "big")
+    assert messages.timings_s(messages.timings(0.0015, 12.25)) == (0.0015, 12.25)
+    assert messages.timings(1e9, -1.0) == (2**32 - 1).to_bytes(4, "big") + bytes(4)  # capped, never negative
+    for body in (Ready(b"", messages.timings(0, 0)), Ready(b"", messages.timings(4e3, 4e3))):
+        assert len(messages.encode(Message(MID, 7, body))) == len(messages.encode(Message(MID, 7, Ready(b""))))
+    with pytest.raises(LocalProtocolError):
+        Ready(b"", bytes(7))  # exactly 8 bytes
 
 
 def test_malformed_msgpack_and_ext_types():

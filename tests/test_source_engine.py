@@ -69,6 +69,10 @@ def test_a_whole_migration_between_the_two_engines(shm):
     assert [r.paused for r in eng.stats.rounds] == [False] * 3 + [True]
     assert list(eng.stats.downtime_phases or {}) == ["stop-and-copy", "finish", "destination-prepare", "hand-off",
                                                     "commit"]
+    # The destination's own account (READY's and DONE's timings): a page backend loads nothing at the end.
+    dest_phases = eng.stats.destination_phases or {}
+    assert list(dest_phases) == ["load", "prepare", "commit", "activate"] and dest_phases["load"] == 0
+    assert dest_phases["prepare"] > 0 and dest_phases["commit"] > 0
 
 
 def test_the_source_steps_in_order(shm):

@@ -136,6 +136,9 @@ def migrate_summary(r: dict[str, Any]) -> str:
     phases = r.get("downtime_phases_ms")
     if phases:  # one line: where the pause went, as the source saw it
         pairs.append(("  by phase", ", ".join(f"{k} {_ms(v)}" for k, v in phases.items())))
+    dest = r.get("destination_phases_ms")
+    if dest:  # the destination's own account of its part (READY's and DONE's timings)
+        pairs.append(("  destination", ", ".join(f"{k} {_ms(v)}" for k, v in dest.items())))
     pairs.append(("setup", _ms(r.get("setup_ms"))))
     hv = r.get("hypervisor")
     if hv:

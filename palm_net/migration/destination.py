@@ -64,6 +64,7 @@ from palm_net.wire.messages import (
     RoundEnd,
     Stream,
     StreamEnd,
+    timings,
 )
 from palm_net.wire.pages import IncomingPages
 from palm_net.wire.protocol import Data, Role, SessionProtocol, State
@@ -102,6 +103,7 @@ class DestinationEngine:
         self.stream = False  # a stream backend (QEMU): STREAM records instead of pages
         self.stream_bytes = 0  # STREAM data received
         self.stream_loaded = False
+        self.load_time = 0.0  # seconds the hypervisor took to load the stream's end (for READY)
         # Per gfn, the version applied plus one (0: never received): 4 bytes a page,
         # 4 MiB for a 4 GiB guest (versions are below 2**32 - 1, proto 6).
         self.applied: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
@@ -285,6 +287,7 @@ class DestinationEngine:
 
     def _stream_loaded(self, result: StreamLoaded) -> list[Effect]:
         self.stream_loaded = True
+        self.load_time = result.took
         return []
 
     def _on_cpu_state(self, msg: Message, _: Record) -> list[Effect]:
@@ -339,7 +342,7 @@ class DestinationEngine:
         if not result.persisted:
             raise MigrationFailure(ErrorCode.ABORTED, "the migration was aborted before READY (a recovery query?)")
         self.outcome = SessionOutcome.PREPARED
-        return [self._send(Ready(result.digest))]
+        return [self._send(Ready(result.digest, timings(self.load_time, result.took)))]
 
     def _on_commit(self, msg: Message, _: Record) -> list[Effect]:
         return self._request(CommitAndActivate(), Committed)
@@ -347,7 +350,7 @@ class DestinationEngine:
     def _committed(self, result: Committed) -> list[Effect]:
         if result.committed:
             self.outcome = SessionOutcome.COMMITTED
-            return [self._send(Done())]
+            return [self._send(Done(timings(result.took - result.activating, result.activating)))]
         # We already aborted (timeout, shutdown, a recovery query): the promise stands.
         return self.fail(MigrationFailure(ErrorCode.ABORTED, "commit after abort"))
 

@@ -221,7 +221,7 @@ class KeysImported(Result):
 
 @dataclass(frozen=True)
 class StreamLoaded(Result):
-    pass
+    took: float = 0.0  # seconds the hypervisor took to load the stream's end (for the record)
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,7 @@ class ProtectionImported(Result):
 class Prepared(Result):
     persisted: bool  # False: the migration was aborted meanwhile (a recovery query, a timeout)
     digest: bytes = b""
+    took: float = 0.0  # seconds: sync, staging, the durable write, the digest if asked
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,8 @@ class Committed(Result):
     committed: bool  # the durable row says COMMITTED (False: aborted before, the abort stands)
     running: bool = True  # the VM runs here (False: activation failed, retried; DONE all the same)
     error: str | None = None  # why it does not run
+    took: float = 0.0  # seconds: the durable COMMIT and the activation
+    activating: float = 0.0  # seconds of it the activation took
 
 
 @dataclass(frozen=True)

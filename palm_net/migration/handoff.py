@@ -172,6 +172,7 @@ class Activation:
     committed: bool  # the row says COMMITTED: the VM is this agent's, running or not
     running: bool  # it runs here now
     error: str | None = None  # why it does not run (committed: retried and reported, never scrubbed)
+    took: float = 0.0  # seconds the activation took (for the record)
 
 
 # What a durable write (SQLite, a file) can fail with, besides a crash.
@@ -187,12 +188,13 @@ def _storage_code(exc: BaseException) -> ErrorCode:
 def activate_committed(vm: HostedVM) -> Activation:
     """Runs a committed VM (its row is COMMITTED).  A failure is reported, not raised:
     the VM stays committed and not running, to be retried or resumed by the operator."""
+    t0 = time.monotonic()
     try:
         fault("destination.vm.activate")
         vm.activate()
     except (HypervisorError, OSError) as exc:  # (a VM that runs but whose vm.json lags says running)
-        return Activation(True, vm.running, describe_error(exc))
-    return Activation(True, True)
+        return Activation(True, vm.running, describe_error(exc), time.monotonic() - t0)
+    return Activation(True, True, took=time.monotonic() - t0)
 
 
 @dataclass(frozen=True)

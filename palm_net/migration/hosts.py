@@ -198,17 +198,21 @@ class DestinationHost:
                 cast(Backend, vm).import_protection(eff.blob)
                 return ProtectionImported(vm.info.protected_pages)
             if isinstance(eff, EndStream):
+                t0 = time.monotonic()
                 cast(StreamBackend, vm).end_stream()
-                return StreamLoaded()
+                return StreamLoaded(time.monotonic() - t0)
             if isinstance(eff, Settle):
                 cast(Backend, vm).settle()
                 return Settled()
             if isinstance(eff, Prepare):
+                t0 = time.monotonic()
                 persisted = self.store.prepare(mid, vm)
-                return Prepared(persisted, bytes.fromhex(vm.page_digest()) if persisted and eff.digest else b"")
+                digest = bytes.fromhex(vm.page_digest()) if persisted and eff.digest else b""
+                return Prepared(persisted, digest, time.monotonic() - t0)
             if isinstance(eff, CommitAndActivate):
+                t0 = time.monotonic()
                 act = self.store.commit_and_activate(mid, vm)
-                return Committed(act.committed, act.running, act.error)
+                return Committed(act.committed, act.running, act.error, time.monotonic() - t0, act.took)
         except (ProtectionIntegrityError, *STORAGE_ERRORS) as exc:
             raise error_of(exc) from None
         raise AssertionError(f"no host for {eff!r}")

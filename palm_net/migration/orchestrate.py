@@ -78,6 +78,8 @@ class MigrationResult:
             "ready_wait_ms": round(st.ready_wait * 1000, 1) if st.ready_wait is not None else None,
             "downtime_phases_ms": {k: round(v * 1000, 1) for k, v in st.downtime_phases.items()}
             if st.downtime_phases else None,
+            "destination_phases_ms": {k: round(v * 1000, 1) for k, v in st.destination_phases.items()}
+            if st.destination_phases else None,
         }
 
 

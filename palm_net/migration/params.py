@@ -128,6 +128,10 @@ class MigrationStats:
     # the downtime by phase (DOWNTIME_PHASES, seconds; set at DONE).
     marks: dict[str, float] = field(default_factory=dict)
     downtime_phases: dict[str, float] | None = None
+    # The destination's own account of its steps inside the pause (READY's and DONE's
+    # timings, seconds; for the record only): the stream's end loaded, PREPARE, the
+    # durable COMMIT, the activation.
+    destination_phases: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

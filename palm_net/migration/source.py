@@ -74,6 +74,7 @@ from palm_net.wire.messages import (
     RoundEnd,
     Stream,
     StreamEnd,
+    timings_s,
 )
 from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Buffer, Gfns, PageBatch, PageRange, RoundGfns
 from palm_net.wire.protocol import Role, SessionProtocol
@@ -475,7 +476,9 @@ class SourceEngine:
         st = self.stats
         st.marks["ready"] = now
         st.ready_wait = now - st.marks["complete"]  # READY and our digest, if asked
-        self._ready = msg.get(Ready)
+        self._ready = ready = msg.get(Ready)
+        load, prepare = timings_s(ready.timings)
+        st.destination_phases = {"load": load, "prepare": prepare}
         return [] if self._beside_due else self._verified()
 
     def _verified(self) -> list[Effect]:
@@ -508,6 +511,9 @@ class SourceEngine:
     def _on_done(self, msg: Message, now: float) -> list[Effect]:
         """DONE: the destination runs the VM."""
         st = self.stats
+        done = msg.get(Done)
+        commit, activate = timings_s(done.timings)
+        st.destination_phases = {**(st.destination_phases or {}), "commit": commit, "activate": activate}
         self.step = Step.DONE
         st.downtime = now - (self.paused_at if self.paused_at is not None else now)
         st.total_time = now - self.started

@@ -44,6 +44,20 @@ MAX_BULK = MAX_DATA_PAGES * PAGE_SIZE  # bulk data after one PAGES or STREAM mes
 MAX_GUEST_PAGES = 2**28
 MAX_BLOB = MAX_PLAINTEXT - 256  # room for the envelope around one bin field
 MAX_SPEC = 4096
+# READY's and DONE's timings: two u32be microsecond counts, fixed in size so that a
+# record's length says nothing of them.
+TIMINGS_LEN = 8
+MAX_TIMING_US = 2**32 - 1
+
+
+def timings(first: float, second: float) -> bytes:
+    """Two durations (seconds) as a timings field, each capped at MAX_TIMING_US."""
+    return b"".join(min(max(0, round(s * 1e6)), MAX_TIMING_US).to_bytes(4, "big") for s in (first, second))
+
+
+def timings_s(field: bytes) -> tuple[float, float]:
+    """A timings field's two durations, in seconds."""
+    return int.from_bytes(field[:4], "big") / 1e6, int.from_bytes(field[4:8], "big") / 1e6
 PAGE_BACKENDS = frozenset({"model"})
 STREAM_BACKENDS = frozenset({"qemu"})
 
@@ -251,9 +265,13 @@ class Complete(Body):
 
 @dataclass(frozen=True, repr=False)
 class Ready(Body):
+    """Verified and durable.  ``timings``: the destination's own, for the record only
+    (timings_us: the stream's end loaded, then PREPARE)."""
+
     TYPE = "READY"
-    SCHEMA = {"digest": octets(32)}  # empty unless BEGIN asked for it
-    digest: bytes
+    SCHEMA = {"digest": octets(32), "timings": octets(TIMINGS_LEN, exact=TIMINGS_LEN)}
+    digest: bytes  # empty unless BEGIN asked for it
+    timings: bytes = bytes(TIMINGS_LEN)
 
 
 @dataclass(frozen=True, repr=False)
@@ -264,8 +282,12 @@ class Commit(Body):
 
 @dataclass(frozen=True, repr=False)
 class Done(Body):
+    """Committed and running.  ``timings``: the destination's own, for the record only
+    (timings_us: the durable COMMIT, then the activation, QEMU's `cont`)."""
+
     TYPE = "DONE"
-    SCHEMA: ClassVar[dict[str, Field]] = {}
+    SCHEMA = {"timings": octets(TIMINGS_LEN, exact=TIMINGS_LEN)}
+    timings: bytes = bytes(TIMINGS_LEN)
 
 
 @dataclass(frozen=True, repr=False)
