@@ -22,7 +22,7 @@ import trio
 from palm_net.agent.errors import AgentError
 from palm_net.channel.handshake import Purpose
 from palm_net.channel.records import CLEAR
-from palm_net.errors import PalmError, public_reason
+from palm_net.errors import PalmError, RemoteProtocolError, public_reason
 from palm_net.migration import destination, handoff
 from palm_net.migration.handoff import check_abort_token
 from palm_net.migration.params import MigrationParams
@@ -414,7 +414,7 @@ def test_text_from_a_peer_never_carries_control_characters(text):
                         ("ABORT", {"code": text[:60], "reason": "ok", "token": b""}),
                         ("OUTCOME", {"outcome": text[:16], "token": b""})):
         data = raw_message(mtype, mid, 0, body)
-        with pytest.raises(PalmError) as exc:
+        with pytest.raises(RemoteProtocolError) as exc:
             messages.decode(data)
         assert exc.value.code == "malformed" and text not in str(exc.value)
 
@@ -552,7 +552,7 @@ def test_a_handoff_message_in_a_clear_record_is_refused():
     assert dst.state is State.STREAMING
     for body in (Commit(), Complete(1, 0, bytes(32)), Abort("x", "y", b"")):
         forged = messages.encode(messages.Message(mid, 1, body))
-        with pytest.raises(PalmError) as exc:
+        with pytest.raises(RemoteProtocolError) as exc:
             dst.receive(forged, authenticated=False)
         assert exc.value.code == "unauthenticated"
     # Bulk data may come in the clear in that mode; it is then checked as usual.

@@ -200,7 +200,7 @@ async def test_the_channel_refuses_a_clear_record_on_the_message_path(pki):
         await b.receive()
     assert info.value.code is ErrorCode.UNAUTHENTICATED
     await a.send(b"sealed, after")  # and the receiver stays failed: nothing more is taken
-    with pytest.raises(PalmError):  # whichever refusal: not a record
+    with pytest.raises(RemoteProtocolError):  # whichever refusal: not a record
         await b.receive()
 
 
