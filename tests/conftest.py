@@ -13,6 +13,7 @@ from palm_net.testing.cluster import LocalCluster
 from palm_net.wire import messages
 
 ROOT = Path(__file__).resolve().parent.parent
+KEY = bytes(range(32))  # the model hypervisor's host key, in every engine-level test
 # Examples run by the fuzzers, printed at the end of the run (CI's record).
 FUZZ_COUNTS: collections.Counter[str] = collections.Counter()
 

@@ -15,7 +15,7 @@ import trio.testing
 from palm_net.channel.records import RecordReceiver, RecordSender
 from palm_net.channel.transport import Inbox, Outbox, SecureChannel, _Buffers
 from palm_net.crypto.noise import CIPHERS, CipherState
-from palm_net.errors import LocalProtocolError, PalmError
+from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration import orchestrate
 from palm_net.migration.handoff import HandoffStore
@@ -58,7 +58,7 @@ def test_a_message_s_bulk_travels_in_data_records_of_61440_bytes(length):
 def test_data_records_must_have_their_exact_size_and_come_before_any_message():
     src, dst = _streaming()
     dst.receive(src.send(Stream(DATA_RECORD + 10)))
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         dst.receive(os.urandom(DATA_RECORD - 1))  # short
     assert info.value.code == "malformed"
     # The sender may not put a message before the data it announced, nor more data.
@@ -71,16 +71,18 @@ def test_data_records_must_have_their_exact_size_and_come_before_any_message():
     # A message where data is due is taken as data: a wrong size, refused.
     src3, dst3 = _streaming()
     dst3.receive(src3.send(Stream(100)))
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         dst3.receive(messages.encode(messages.Message(src3.mid or b"", 2, Stream(5))))
     assert info.value.code == "malformed"
 
 
 def test_a_bulk_announcement_is_bounded_before_anything_is_allocated():
-    with pytest.raises(PalmError):
+    with pytest.raises(LocalProtocolError) as info:
         Stream(MAX_BULK + 1)
-    with pytest.raises(PalmError):  # 257 data pages
+    assert info.value.code is ErrorCode.MALFORMED
+    with pytest.raises(LocalProtocolError) as info:  # 257 data pages
         Pages(0, bytes(8 * 257), b"\x01" * 257, bytes(8 * 257), b"")
+    assert info.value.code is ErrorCode.MALFORMED
 
 
 @pytest.mark.parametrize(("gfns", "kinds", "vers", "why"), [
@@ -92,8 +94,9 @@ def test_a_bulk_announcement_is_bounded_before_anything_is_allocated():
     ([2, 3], b"\x00\x03", 2, "kind"),
 ])
 def test_pages_arrays_agree_and_gfns_ascend(gfns, kinds, vers, why):
-    with pytest.raises(PalmError, match=why):
+    with pytest.raises(RemoteProtocolError, match=why) as info:
         IncomingPages(Pages(0, np.array(gfns, "<u8").tobytes(), kinds, bytes(8 * vers), b""))
+    assert info.value.code is ErrorCode.MALFORMED
     assert len(IncomingPages(Pages(0, np.array([2, 3], "<u8").tobytes(), b"\x00\x00", bytes(16), b""))) == 2
 
 
@@ -132,7 +135,7 @@ def test_open_in_place_fails_closed_on_a_flipped_bit():
     pos = tx.seal_into(b"a" * 100, memoryview(buf))
     pos += tx.seal_into(b"b" * 100, memoryview(buf)[pos:])
     buf[pos - 3] ^= 1
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         rx.open_in_place(memoryview(buf)[:pos])
     assert info.value.code == "bad-record" and rx.failed
 
@@ -217,7 +220,7 @@ def test_incoming_memory_is_reserved_before_it_is_written_and_a_failed_reservati
     dest = DestinationDriver(store, lambda mid, b: ModelVM.create_incoming(shm / "dst", b.vm, b.vm_id, b.pages,
                                                                            b.vcpus, KEY, migration=mid))
     _, msgs = source_messages(src, MigrationParams(max_rounds=1))
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(MigrationFailure) as info:
         for m in msgs:
             dest.feed(m)
     assert info.value.code == "no-space"

@@ -521,3 +521,28 @@ def test_qemu_never_starts_unconfined_unless_the_operator_said_so(shm):
     assert not (shm / "q1").exists() and not (shm / "q2").exists() and not list(run.iterdir())
     assert Confinement(None, allow_unconfined=True).refusal is None
     assert Confinement((2000000, 100)).refusal is None
+
+
+# Red-team review of the security fixes, F6 (low): a symlink of another user on the way to a
+# directory passed the checks (they looked at the resolved path), and could be retargeted later.
+
+
+@root_only
+def test_a_symlink_of_another_user_on_the_way_is_refused():
+    tag = os.urandom(4).hex()
+    good = Path(tempfile.mkdtemp(prefix="palm-good-", dir="/dev/shm"))
+    link = Path("/tmp") / f"palm-evil-{tag}"
+    try:
+        subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        "ln", "-s", str(good), str(link)], check=True)
+        with pytest.raises(UnsafePathError, match="symlink of uid 65534"):
+            ensure_dir(link / "mem")
+        assert not (good / "mem").exists()
+        own = Path("/tmp") / f"palm-own-{tag}"
+        own.symlink_to(good)  # the agent's own (or root's) symlink is fine, and resolved once
+        try:
+            assert ensure_dir(own / "mem") == good.resolve() / "mem"
+        finally:
+            own.unlink()
+    finally:
+        subprocess.run(["rm", "-rf", str(good), str(link)], check=False)

@@ -23,7 +23,7 @@ import trio
 from palm_net.agent.errors import AgentError
 from palm_net.channel.handshake import Purpose
 from palm_net.channel.records import CLEAR
-from palm_net.errors import PalmError, public_reason
+from palm_net.errors import PalmError, RemoteProtocolError, public_reason
 from palm_net.migration import destination, handoff
 from palm_net.migration.handoff import check_abort_token
 from palm_net.migration.params import MigrationParams
@@ -31,7 +31,7 @@ from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.hostile import HostilePeer
 from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule, sealed
 from palm_net.wire import messages
-from palm_net.wire.messages import Abort, Accept, Commit, Complete, Done, Pages, Query
+from palm_net.wire.messages import Abort, Accept, Commit, Complete, Done, Pages, Query, RoundEnd
 from palm_net.wire.protocol import Role, SessionProtocol, State
 from tests.conftest import raw_message
 
@@ -417,7 +417,7 @@ def test_text_from_a_peer_never_carries_control_characters(text):
                         ("ABORT", {"code": text[:60], "reason": "ok", "token": b""}),
                         ("OUTCOME", {"outcome": text[:16], "token": b""})):
         data = raw_message(mtype, mid, 0, body)
-        with pytest.raises(PalmError) as exc:
+        with pytest.raises(RemoteProtocolError) as exc:
             messages.decode(data)
         assert exc.value.code == "malformed" and text not in str(exc.value)
 
@@ -555,7 +555,7 @@ def test_a_handoff_message_in_a_clear_record_is_refused():
     assert dst.state is State.STREAMING
     for body in (Commit(), Complete(1, 0, bytes(32)), Abort("x", "y", b"")):
         forged = messages.encode(messages.Message(mid, 1, body))
-        with pytest.raises(PalmError) as exc:
+        with pytest.raises(RemoteProtocolError) as exc:
             dst.receive(forged, authenticated=False)
         assert exc.value.code == "unauthenticated"
     # Bulk data may come in the clear in that mode; it is then checked as usual.
@@ -640,3 +640,89 @@ async def test_every_operator_call_in_every_handoff_state(cluster, held):
     (where,) = copies
     assert cluster[where].vms["vm1"].digest() == digest and cluster[where].vms["vm1"].verify().ok
     assert cluster["b" if where == "a" else "a"].vms.get("vm1") is None
+
+
+# Red-team review of the security fixes, F8 (high): a hostile CPU state named a workload whose size overflowed (the
+# parsing itself: tests/test_units.py).
+
+
+async def test_a_hostile_cpu_state_cannot_kill_the_destination(cluster):
+    a, b = cluster["a"], cluster["b"]
+    vm = a.registry.create_model("w", 4 << 20)
+    vm.config["workload"] = "hotset:" + "9" * 400 + ":5"  # what a hostile source's CPU_STATE carries
+    res = await a.outgoing.migrate("w", cluster.addr("b"), MigrationParams())
+    assert not res.ok and res.error.startswith("hypervisor:") and res.runs_on == "source"
+    assert b.status()["agent"] == "b" and "w" not in b.vms  # alive, and nothing of it kept
+    vm.config["workload"] = "idle"
+    assert (await a.outgoing.migrate("w", cluster.addr("b"), MigrationParams())).ok
+
+
+async def test_a_vm_whose_workload_cannot_run_is_idle_not_fatal(cluster):
+    a = cluster["a"]
+    vm = a.registry.create_model("v", 4 << 20)
+    if vm.workload is not None:
+        vm.workload.stop()
+        vm.workload = None
+    vm.config["workload"] = "hotset:" + "9" * 400 + ":5"  # e.g. a vm.json from an older version
+    a.registry.start_workload(vm)  # logged, not raised
+    assert vm.workload is None and vm.running
+
+
+# Red-team review of the security fixes, F2 (medium): the same migration id BEGUN in two sessions
+# at once left a "phantom" VM that blocked its name until a restart.
+
+
+async def test_the_same_id_in_two_sessions_leaves_no_phantom(cluster):
+    b = cluster["b"]
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    mid = os.urandom(16)
+    codes: dict[str, str] = {}
+
+    async def one(name: str) -> None:
+        ch, _, reply = await evil.try_begin(port(cluster), mid=mid, name=name, pages=(256 << 20) // 4096)
+        codes[name] = reply.type if reply.type == "ACCEPT" else reply.body.code
+        await trio.sleep(0.2)
+        await ch.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one, "decoy")
+        n.start_soon(one, "web")
+    assert sorted(codes.values()) in (["ACCEPT", "replay"], ["replay", "replay"]), codes
+    with trio.fail_after(10):
+        while b.incoming.admission.sessions or b.vms:
+            await trio.sleep(0.02)
+    assert b.registry.name_free("web") and b.registry.name_free("decoy")
+    a = cluster["a"]
+    a.registry.create_model("web", 4 << 20)
+    assert (await a.outgoing.migrate("web", cluster.addr("b"), MigrationParams())).ok
+
+
+# Red-team review of the security fixes, F7 (low): one peer could hold all incoming memory for 42 minutes with no-op
+# records: now a per-peer share, and a deadline that needs data to move.
+
+
+async def test_no_data_no_slot(cluster, monkeypatch):
+    monkeypatch.setattr(destination, "SESSION_BASE", 1.0)
+    b = cluster["b"]
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    ch, proto, reply = await evil.try_begin(port(cluster), name="hog", pages=(64 << 20) // 4096)
+    assert reply.type == "ACCEPT" and b.incoming.admission.sessions == 1
+    # KEYS would be the next message; ROUND_ENDs keep the session "busy" but move no data.
+    with trio.fail_after(10):
+        while b.incoming.admission.sessions:
+            try:
+                await ch.send(proto.send(RoundEnd(0, 0, 0)))
+            except Exception:
+                break
+            await trio.sleep(0.2)
+    assert b.incoming.admission.sessions == 0 and "hog" not in b.vms
+
+
+async def test_one_peer_cannot_take_all_incoming_memory(cluster):
+    b = cluster["b"]
+    share = b.incoming.admission.max_memory_per_peer
+    assert share == b.incoming.admission.max_memory // 2
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    ch, _, reply = await evil.try_begin(port(cluster), name="hog", pages=(share + (1 << 20)) // 4096)
+    await ch.aclose()
+    assert reply.type == "ABORT" and reply.body.code == "busy"

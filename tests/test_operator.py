@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from palm_net.agent.launcher import AgentProcess, free_port
+from palm_net.cli import _fmt_table, safe
 from tests.test_cli import PALM, one_line_error, palm, two_agents, vm_names
 
 pytestmark = pytest.mark.slow
@@ -570,3 +571,14 @@ def test_migrations_fit_80_columns_on_a_terminal_and_stay_whole_in_a_pipe():
     assert rows[0]["error"] in joined and "--cancel takes a prefix or a VM name" in joined
     whole = migrations_text(rows, None)
     assert "web-frontend-production-01" in whole and f"    {rows[0]['error']}" in whole
+
+
+# Red-team review of the security fixes, F4 (low-medium): peer text inside the CPU state reached the
+# operator's terminal.
+
+
+def test_the_terminal_never_gets_an_escape_sequence():
+    evil = "idle+\x1b]0;pwned\x07\x1b[2J\nFAKE"
+    assert "\x1b" not in safe(evil) and "\n" not in safe(evil) and "FAKE" in safe(evil)
+    table = _fmt_table([["NAME", "WORKLOAD"], ["w", evil]])
+    assert "\x1b" not in table and table.count("\n") == 1

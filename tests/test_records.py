@@ -79,10 +79,12 @@ def test_a_receiver_that_failed_stays_failed():
     bad = bytearray(two)
     bad[-1] ^= 1
     assert deliver(rx, one) == b"one"
-    with pytest.raises(PalmError):
+    with pytest.raises(RemoteProtocolError) as info:
         deliver(rx, bytes(bad))
-    with pytest.raises(PalmError):  # not even the intact record, which would open otherwise
+    assert info.value.code is ErrorCode.BAD_RECORD
+    with pytest.raises(RemoteProtocolError) as info:  # not even the intact record, which would open otherwise
         deliver(rx, two)
+    assert info.value.code is ErrorCode.BAD_RECORD
 
 
 def test_bit_flip_at_every_sampled_position_fails():
@@ -94,44 +96,50 @@ def test_bit_flip_at_every_sampled_position_fails():
         _, rx = pair()
         bad = bytearray(rec)
         bad[pos] ^= 1 << rng.randrange(8)
-        with pytest.raises(PalmError) as info:
+        with pytest.raises(RemoteProtocolError) as info:
             deliver(rx, bytes(bad))
         assert info.value.code == "bad-record"
-        with pytest.raises(PalmError):  # no further processing
+        with pytest.raises(RemoteProtocolError) as info:  # no further processing
             rx.next_record()
+        assert info.value.code is ErrorCode.BAD_RECORD
 
 
 def test_replayed_reordered_truncated_records():
     tx, rx = pair()
     r0, r1, r2 = (tx.seal(bytes([i]) * 100) for i in range(3))
     assert deliver(rx, r0) == bytes(100)
-    with pytest.raises(PalmError, match="authentication"):
+    with pytest.raises(RemoteProtocolError, match="authentication") as info:
         deliver(rx, r0)  # replay
+    assert info.value.code is ErrorCode.BAD_RECORD
     _, rx = pair()
-    with pytest.raises(PalmError):
+    with pytest.raises(RemoteProtocolError) as info:
         deliver(rx, r1)  # reordered: r1 before r0
+    assert info.value.code is ErrorCode.BAD_RECORD
     _, rx = pair()
     deliver(rx, r0)
     assert deliver(rx, r1[:-5]) is None  # truncated: waits for the rest...
-    with pytest.raises(PalmError):
+    with pytest.raises(RemoteProtocolError) as info:
         deliver(rx, r2[:5])  # ...and the next bytes do not authenticate
+    assert info.value.code is ErrorCode.BAD_RECORD
 
 
 def test_oversize_length_refused_before_allocation():
     _, rx = pair()
     rx.receive_data((2**31).to_bytes(4, "big"))
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         rx.next_record()
     assert info.value.code == "oversize"
     assert len(rx.frames) == 4  # nothing beyond the prefix was buffered
     rx = RecordReceiver(CipherState(CHACHAPOLY, KEY), max_record=1024)
     rx.receive_data((1025).to_bytes(4, "big"))
-    with pytest.raises(PalmError, match="oversize"):
+    with pytest.raises(RemoteProtocolError, match="oversize") as info:
         rx.next_record()
+    assert info.value.code is ErrorCode.OVERSIZE
     _, rx = pair()
     rx.receive_data((3).to_bytes(4, "big") + b"abc")
-    with pytest.raises(PalmError, match="undersize"):
+    with pytest.raises(RemoteProtocolError, match="undersize") as info:
         rx.next_record()
+    assert info.value.code is ErrorCode.UNDERSIZE
 
 
 def test_sender_refuses_records_larger_than_noise_allows():
@@ -183,7 +191,7 @@ def test_message_schema_violations(mutate):
     obj = {"v": messages.WIRE_VERSION, "t": "ROUND_END", "mid": MID, "seq": 0,
            "b": {"round": 1, "pages": 2, "dirty": 3}}
     mutate(obj)
-    with pytest.raises(PalmError):
+    with pytest.raises(RemoteProtocolError):
         messages.decode(msgpack.packb(obj))
 
 
@@ -213,8 +221,9 @@ def test_timings_are_two_capped_microsecond_counts_of_a_fixed_size():
 def test_malformed_msgpack_and_ext_types():
     for data in (b"\xc1", b"\x81", msgpack.packb([1, 2]), msgpack.packb(msgpack.ExtType(1, b"x")),
                  messages.encode(_msg()) + b"\x00"):
-        with pytest.raises(PalmError):
+        with pytest.raises(RemoteProtocolError) as info:
             messages.decode(data)
+        assert info.value.code is ErrorCode.MALFORMED
 
 
 @settings(max_examples=400, deadline=None)
@@ -266,19 +275,22 @@ def _forged(src: SessionProtocol, mtype: str, **body) -> bytes:
 def test_session_backend_decides_page_or_stream_messages():
     # a page migration never takes STREAM, a stream migration never takes pages
     src, dst = _begun("model", b"")
-    with pytest.raises(PalmError, match="not part of a page migration"):
+    with pytest.raises(RemoteProtocolError, match="not part of a page migration") as info:
         dst.receive(_forged(src, "STREAM", length=1))
+    assert info.value.code is ErrorCode.OUT_OF_STATE
     src, dst = _begun("qemu", b"spec")
     for mtype, body in (("PAGES", {"round": 0, "gfns": b"", "kinds": b"", "vers": b"", "tags": b""}),
                         ("KEYS", {"data": b""}), ("CPU_STATE", {"state": b""})):
-        with pytest.raises(PalmError, match="not part of a stream migration"):
+        with pytest.raises(RemoteProtocolError, match="not part of a stream migration") as info:
             dst.receive(_forged(src, mtype, **body))
+        assert info.value.code is ErrorCode.OUT_OF_STATE
     # the stream path: STREAM*, STREAM_END, COMPLETE (no context blob)
     src, dst = _begun("qemu", b"spec")
     for m in (src.send(Stream(length=3)), *src.send_data(b"abc"), src.send(StreamEnd(bytes=3))):
         dst.receive(m)
-    with pytest.raises(PalmError):  # nothing streams after the end
+    with pytest.raises(RemoteProtocolError) as info:  # nothing streams after the end
         dst.receive(_forged(src, "STREAM", length=4))
+    assert info.value.code is ErrorCode.OUT_OF_STATE
     src, dst = _begun("qemu", b"spec")
     dst.receive(src.send(StreamEnd(bytes=0)))
     dst.receive(src.send(Complete(records=2, page_records=0, transcript=bytes(32))))
@@ -287,7 +299,7 @@ def test_session_backend_decides_page_or_stream_messages():
     for backend, spec, code in (("xen", b"", "unsupported"), ("model", b"x", "malformed"),
                                 ("qemu", b"", "malformed")):
         d = SessionProtocol(Role.DESTINATION)
-        with pytest.raises(PalmError) as info:
+        with pytest.raises(RemoteProtocolError) as info:
             d.receive(raw_message("BEGIN", MID, 0, {
                 "vm": "v", "vm_id": bytes(16), "pages": 1, "protected_pages": 0, "processes": 0, "vcpus": 1,
                 "plain": False, "digest": False, "backend": backend, "spec": spec}))
@@ -304,14 +316,15 @@ def test_session_out_of_state_replay_and_foreign_mid():
     src2.state = State.STREAMING
     src2._next_seq[Role.SOURCE] = 1
     pages = src2.send(Pages(round=0, gfns=b"", kinds=b"", vers=b"", tags=b""))
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         dst.receive(pages)
     assert info.value.code == "out-of-state"
     # a replayed BEGIN is out of state too
     dst2 = SessionProtocol(Role.DESTINATION)
     dst2.receive(begin)
-    with pytest.raises(PalmError):
+    with pytest.raises(RemoteProtocolError) as info:
         dst2.receive(begin)
+    assert info.value.code is ErrorCode.OUT_OF_STATE
     # right state, wrong sequence number
     dst3 = SessionProtocol(Role.DESTINATION)
     dst3.receive(begin)
@@ -319,7 +332,7 @@ def test_session_out_of_state_replay_and_foreign_mid():
     src3 = SessionProtocol(Role.SOURCE, MID)
     src3.state = State.STREAMING
     src3._next_seq[Role.SOURCE] = 5
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         dst3.receive(src3.send(RoundEnd(round=0, pages=0, dirty=0)))
     assert info.value.code == "sequence"
     # right state and sequence, another migration's id
@@ -329,7 +342,7 @@ def test_session_out_of_state_replay_and_foreign_mid():
     other = SessionProtocol(Role.SOURCE, os.urandom(16))
     other.state = State.STREAMING
     other._next_seq[Role.SOURCE] = 1
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         dst4.receive(other.send(RoundEnd(round=0, pages=0, dirty=0)))
     assert info.value.code == "wrong-migration"
 
@@ -359,7 +372,7 @@ def test_a_record_holds_1_to_max_plaintext_bytes():
 
 def test_a_sealed_frame_shorter_than_a_tag_and_one_byte_is_refused_unread():
     _, rx = pair()
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         deliver(rx, _frame(bytes(TAGLEN)))
     assert info.value.code == "undersize"
 
@@ -369,11 +382,11 @@ def test_plain_mode_frames_a_kind_byte_and_at_least_one_byte():
     assert deliver(rx, tx.seal(b"x", clear=True)) == b"x"  # a 2-byte frame body
     assert deliver(rx, tx.seal(bytes(MAX_PLAINTEXT), clear=True)) == bytes(MAX_PLAINTEXT)  # kind byte + max
     assert deliver(rx, tx.seal(bytes(MAX_PLAINTEXT))) == bytes(MAX_PLAINTEXT)  # kind byte + a whole Noise message
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         deliver(rx, _frame(b"\x00" + bytes(MAX_MESSAGE_LEN + 1)))  # one byte more than that
     assert info.value.code == "oversize"
     _, rx = pair(plain=True)
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         deliver(rx, _frame(b"\x00"))  # the kind byte alone
     assert info.value.code == "undersize"
 
@@ -381,7 +394,7 @@ def test_plain_mode_frames_a_kind_byte_and_at_least_one_byte():
 @pytest.mark.parametrize(("body", "why"), [(b"\x02" + bytes(40), "kind"), (b"\x01" + bytes(TAGLEN), "tag only")])
 def test_plain_mode_refuses_an_unknown_kind_and_a_sealed_record_with_no_plaintext(body, why):
     _, rx = pair(plain=True)
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         deliver(rx, _frame(body))
     assert info.value.code == "bad-record", why
 
@@ -390,13 +403,14 @@ def test_a_message_is_bounded_by_the_record_and_its_envelope_checked_on_both_sid
     pad = bytes(MAX_PLAINTEXT - 64)
     msg = msgpack.packb({"v": 2, "t": "ACCEPT", "mid": MID, "seq": 0, "b": {}, "pad": pad})
     msg += bytes(MAX_PLAINTEXT - len(msg))  # exactly the most a record holds: judged on its content
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         messages.decode(msg)
     assert info.value.code == "malformed"
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         messages.decode(msg + b"\x00")
     assert info.value.code == "oversize"
     for mid, seq in ((bytes(15), 0), (MID, -1), (MID, 2**63)):
-        with pytest.raises(PalmError):
+        with pytest.raises(LocalProtocolError) as info:
             messages.encode(messages.Message(mid, seq, Accept()))
+        assert info.value.code is ErrorCode.MALFORMED
     assert messages.decode(messages.encode(messages.Message(MID, 0, Accept()))).type == "ACCEPT"

@@ -200,7 +200,7 @@ async def test_the_channel_refuses_a_clear_record_on_the_message_path(pki):
         await b.receive()
     assert info.value.code is ErrorCode.UNAUTHENTICATED
     await a.send(b"sealed, after")  # and the receiver stays failed: nothing more is taken
-    with pytest.raises(PalmError):  # whichever refusal: not a record
+    with pytest.raises(RemoteProtocolError):  # whichever refusal: not a record
         await b.receive()
 
 
@@ -477,7 +477,7 @@ async def test_another_agent_answering_recovery_at_the_recorded_address_is_not_b
             Outcome("committed", b"") if store is other.store else real_answer(store, signing, mid, asker)))
         vm = a.registry.create_model("vm1", 1024 * 4096, fill="zero")
         digest = vm.digest()
-        # COMMIT (c2s frame 10 for this VM, see test_migration's PHASES) is cut, and so are
+        # COMMIT (c2s frame 10 for this VM, see test_migration_e2e's PHASES) is cut, and so are
         # the recovery sessions while the migration waits: the source is left in doubt.
         proxy = FaultProxy(("127.0.0.1", c.members["b"].port),
                            [Rule("c2s", 10, "cut")] + [Rule("c2s", 0, "cut", connection=i) for i in (1, 2, 3)])

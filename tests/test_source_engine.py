@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError
 from palm_net.hypervisor.model import ModelVM
+from palm_net.hypervisor.workload import Workload
 from palm_net.migration.effects import (
     CollectDirty,
     Digested,
@@ -38,13 +41,14 @@ from palm_net.migration.effects import (
 )
 from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.params import MigrationParams
-from palm_net.migration.source import CATCH_UP_WAIT, SourceEngine, Step
-from palm_net.testing.engines import DestinationDriver, SourceDriver
+from palm_net.migration.source import CATCH_UP_WAIT, PACING_BURST, Pacer, SourceEngine, Step
+from palm_net.testing.engines import DestinationDriver, SourceDriver, Unit, source_messages, units
 from palm_net.wire import messages
-from palm_net.wire.messages import Accept, Message, Ready, RoundDone
+from palm_net.wire.messages import Accept, Message, Pages, Ready, RoundDone
+from palm_net.wire.pages import IncomingPages
+from tests.conftest import KEY
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = bytes(range(32))
 
 
 def _pair(shm: Path, params: MigrationParams, npages: int = 256, **kw) -> tuple[ModelVM, SourceDriver]:
@@ -204,3 +208,75 @@ def test_ready_and_our_digest_in_either_order(shm, ready_first, equal):
     with pytest.raises(MigrationFailure) as info:
         eng.on_result(HandedOff(False), 11.1)
     assert info.value.code is ErrorCode.CANCELLED and not eng.committed
+
+
+# --------------------------------------------------------------------------
+# The dirty log: a concurrent writer never loses a write
+
+
+def _apply(dst: ModelVM, u: Unit) -> None:
+    if isinstance(u.body, Pages):
+        pages = IncomingPages(u.body)
+        for d in u.data:
+            pages.add(d)
+        for batch in (pages.zero(), pages.take()):
+            if batch is not None:
+                dst.write_pages(batch)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(rate=st.sampled_from([2_000, 20_000, 100_000]), hot=st.sampled_from([0, 64]),
+       rounds=st.integers(1, 4), seed=st.integers(0, 2**16), fill=st.sampled_from(["half", "random", "zero"]))
+def test_dirty_log_never_loses_a_write(shm, rate, hot, rounds, seed, fill):
+    """Writer and migrator race; at pause the destination equals the source byte for byte."""
+    npages = 2048
+    d = Path(tempfile.mkdtemp(dir=shm))
+    src = ModelVM.create(d / "src", "vm", npages, KEY, fill=fill, seed=seed)
+    dst = ModelVM.create_incoming(d / "dst", "vm", src.vm_id, npages, 1, KEY)
+    spec = f"hotset:{hot * 4096}:{rate}" if hot else f"random:{rate}"
+    wl = Workload(src, spec, seed)
+    wl.start()
+
+    def round_done(_: int) -> None:
+        seen, deadline = wl.writes, time.monotonic() + 2
+        while wl.writes == seen and time.monotonic() < deadline:
+            time.sleep(0.001)  # make sure the guest wrote during this round
+
+    try:
+        _, msgs = source_messages(src, MigrationParams(max_rounds=rounds, downtime_limit=1e-9), rounds, round_done)
+    finally:
+        wl.stop()
+    for u in units(msgs):
+        _apply(dst, u)
+    assert wl.writes > 0
+    assert src.state == "paused"
+    assert src.memory_bytes() == dst.memory_bytes()
+    src.close()
+    dst.close()
+
+
+# --------------------------------------------------------------------------
+# The pacer (palm_net.migration.source.Pacer)
+
+
+@given(st.lists(st.tuples(st.integers(1, 4 << 20), st.floats(0, 0.5)), min_size=1, max_size=60),
+       st.floats(1 << 16, 1 << 30))
+@settings(max_examples=200, deadline=None)
+def test_pacer_never_lets_more_through_than_the_cap(sends, cap):
+    """Whatever the sizes and the gaps: once the sender waited as told, the bytes since
+    the start are at most cap x the time since the start, and the bytes of any stretch
+    of sends at most cap x its time plus the burst an idle sender saved up."""
+    now = 10.0
+    pacer = Pacer(cap, now)
+    marks = [(now, 0)]  # (time after each send's wait, bytes so far)
+    for size, gap in sends:
+        now += gap
+        total = marks[-1][1] + size
+        now += pacer.sent(size, now)
+        marks.append((now, total))
+    eps = 1e-6 * cap
+    for i, (t0, b0) in enumerate(marks):
+        for t1, b1 in marks[i + 1:]:
+            assert b1 - b0 <= cap * (t1 - t0 + PACING_BURST) + eps
+    assert marks[-1][1] <= cap * (marks[-1][0] - marks[0][0]) + eps

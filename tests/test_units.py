@@ -2,6 +2,7 @@
 
 import pytest
 
+from palm_net.hypervisor.vmspec import WorkloadError, check_workload, parse_workload, validate_policy
 from palm_net.units import exact_size, format_duration, has_unit, parse_memory, parse_rate, parse_size
 
 
@@ -27,3 +28,20 @@ def test_exact_sizes_and_rates_and_durations():
     assert parse_rate("1Gbit") == 125e6 and parse_rate("100MiB/s") == parse_rate("100M/s") == 100 << 20
     assert [format_duration(x) for x in (0.0418, 0.528, 12.43, 754, None)] == \
         ["41.8 ms", "528 ms", "12.4 s", "12 min 34 s", "-"]
+
+
+# Red-team review of the security fixes, F8 (high): a peer's CPU state named a workload whose size overflowed; the
+# destination agent died after COMMIT, and again at every restart.
+
+
+def test_sizes_and_workloads_that_overflow_are_refused_as_bad_input():
+    with pytest.raises(ValueError, match="too large"):
+        parse_size("9" * 400)
+    for bad in ("hotset:" + "9" * 400 + ":5", "random:inf", "random:nan", "random:1e400"):
+        with pytest.raises(WorkloadError):
+            parse_workload(bad)
+    for bad in ("idle+\x1b]0;pwned\x07", "x" * 300, 7):
+        with pytest.raises(ValueError):
+            check_workload(bad)
+    with pytest.raises(ValueError):
+        validate_policy("agents:b,\x1b[2J")

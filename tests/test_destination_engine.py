@@ -1,0 +1,467 @@
+"""The destination engine on its own, fed record by record (palm_net.testing.engines.DestinationDriver):
+an intact stream, each of proto 7's checks tripped on its own, a stream backend's destination, and the
+destination's runner answering the first record."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nacl.signing import SigningKey
+
+from palm_net.channel.records import Record
+from palm_net.errors import ErrorCode, MigrationFailure, RemoteProtocolError
+from palm_net.hypervisor.model import ModelVM
+from palm_net.migration.handoff import HandoffState, HandoffStore
+from palm_net.migration.params import MigrationParams
+from palm_net.testing.engines import DestinationDriver, Unit, renumber, source_messages, split_data, units
+from palm_net.wire import messages
+from palm_net.wire.messages import (
+    MAX_BLOB,
+    Abort,
+    Begin,
+    Commit,
+    Complete,
+    Context,
+    Keys,
+    Message,
+    Pages,
+    RoundEnd,
+    Stream,
+    StreamEnd,
+)
+from palm_net.wire.pages import KIND_PROTECTED, IncomingPages, PageBatch
+from palm_net.wire.protocol import Role, SessionProtocol
+from tests.conftest import KEY
+
+# --------------------------------------------------------------------------
+# Destination checks, driven message by message (each defence on its own)
+
+
+def _destination(shm: Path, store: HandoffStore, plain: bool = False) -> DestinationDriver:
+    def make_vm(mid: bytes, b: Begin) -> ModelVM:
+        return ModelVM.create_incoming(shm / "dst", b.vm, b.vm_id, b.pages, b.vcpus, KEY, migration=mid)
+
+    return DestinationDriver(store, make_vm, plain)
+
+
+def _source_messages(shm: Path, protected: bool = True) -> tuple[ModelVM, list[bytes]]:
+    vm = ModelVM.create(shm / "src", "vm", 512, KEY, protected_processes=1 if protected else 0,
+                        protected_pages=128 if protected else 0, seed=5, fill="random")
+    _, msgs = source_messages(vm, MigrationParams(max_rounds=2, downtime_limit=1e-9), 1,
+                              lambda _: vm.guest_write(3, b"dirty"))  # round 1 has work
+    return vm, msgs
+
+
+def _count(msgs: list[bytes]) -> tuple[int, int]:
+    """(records, PAGES messages): what COMPLETE counts."""
+    return len(msgs), sum(isinstance(u.body, Pages) for u in units(msgs))
+
+
+def _feed(dest: DestinationDriver, msgs: list[bytes], claim: tuple[int, int] | None = None,
+          transcript: bytes = b"T" * 32) -> list[bytes]:
+    """Feeds the messages, then COMPLETE with the counts the source claims (default: true ones)."""
+    records, page_records = claim or _count(msgs)
+    replies = []
+    for m in msgs:
+        replies += dest.feed(m)
+    complete = messages.encode(Message(messages.decode(msgs[0]).mid, len(units(msgs)),
+                                       Complete(records, page_records, transcript)))
+    return replies + dest.feed(complete)
+
+
+def _types(replies: list[bytes]) -> list[str]:
+    return [messages.decode(r).type for r in replies]
+
+
+def test_destination_accepts_an_intact_stream(shm):
+    store = HandoffStore(shm / "d.db")
+    vm, msgs = _source_messages(shm)
+    dest = _destination(shm, store)
+    replies = _feed(dest, msgs)
+    rounds = sum(isinstance(u.body, RoundEnd) for u in units(msgs))
+    assert rounds and _types(replies) == ["ACCEPT"] + ["ROUND_DONE"] * rounds + ["READY"]
+    assert dest.engine.outcome == "prepared" and store.get(dest.engine.mid).state is HandoffState.PREPARED
+    assert dest.vm is not None and dest.vm.digest() == vm.digest() and not dest.vm.running
+    # COMMIT: durable first, then the VM runs here, then DONE
+    commit = messages.encode(Message(dest.engine.mid, len(units(msgs)) + 1, Commit()))
+    assert _types(dest.feed(commit)) == ["DONE"]
+    assert dest.engine.outcome == "committed" and store.get(dest.engine.mid).state is HandoffState.COMMITTED
+    assert dest.vm.running
+
+
+def test_a_protected_context_in_several_chunks_is_put_back_together(shm):
+    src = ModelVM.create(shm / "src", "vm", 1024, KEY, protected_processes=128, protected_pages=512, seed=3,
+                         fill="random")
+    _, msgs = source_messages(src, MigrationParams(max_rounds=1, downtime_limit=1e-9))
+    chunks = [u.body for u in units(msgs) if isinstance(u.body, Context)]
+    assert len(chunks) >= 2 and [c.index for c in chunks] == list(range(chunks[0].total))
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    assert _types(_feed(dest, msgs))[-1] == "READY"
+    assert dest.vm is not None and dest.vm.digest() == src.digest()
+    src.close()
+
+
+def test_a_handoff_message_that_came_in_the_clear_is_refused(shm):
+    _, msgs = _source_messages(shm)
+    dest = _destination(shm, HandoffStore(shm / "d.db"), plain=False)
+    with pytest.raises(RemoteProtocolError) as info:
+        dest.feed(msgs[0], authenticated=False)  # BEGIN, unsealed
+    assert info.value.code == "unauthenticated"
+    assert dest.vm is None
+
+
+def _alter(msg: Message, **fields: object) -> Message:
+    return Message(msg.mid, msg.seq, type(msg.body)(**{**msg.body.fields(), **fields}))
+
+
+@pytest.mark.parametrize(("tamper", "code"), [
+    ("drop", "incomplete"),
+    ("duplicate", "incomplete"),
+    ("replay-earlier-round", "rollback"),
+    ("older-version-of-a-page", "rollback"),
+    ("alter-protected-ciphertext", "integrity"),
+    ("alter-context", "integrity"),
+    ("missing-context-chunk", "out-of-state"),
+    ("transcript-differs", "incomplete"),
+    ("record-count-differs", "incomplete"),
+    ("page-never-sent", "incomplete"),
+    ("context-chunk-index-skipped", "sequence"),
+    ("context-chunk-past-its-total", "sequence"),
+    ("context-larger-than-the-vm-can-need", "oversize"),
+    ("context-one-byte-over-the-limit", "oversize"),
+    ("context-exactly-at-the-limit", "incomplete"),  # admitted by size; refused later, at COMPLETE
+])
+def test_destination_refuses_ready_on_tampering(shm, tamper, code):
+    """Each of PALM's completeness and freshness checks, tripped on its own."""
+    store = HandoffStore(shm / "d.db")
+    _, msgs = _source_messages(shm)
+    claim = _count(msgs)  # what the source sent and will claim in COMPLETE
+    us = units(msgs)
+    pages = [i for i, u in enumerate(us) if isinstance(u.body, Pages)]
+    transcript = b"T" * 32
+    if tamper == "drop":
+        del us[pages[1]]
+    elif tamper == "duplicate":
+        us.insert(pages[1], us[pages[1]])
+    elif tamper == "replay-earlier-round":
+        us.insert(pages[-1] + 1, us[pages[0]])  # a round-0 message after the stop-and-copy round
+    elif tamper == "older-version-of-a-page":
+        # The same round, but one page's version lower than what was applied: a stale copy.
+        last = us[pages[-1]]
+        vers = IncomingPages(last.body).vers.copy()
+        vers[0] = 0
+        stale = _alter(last.msg, vers=vers.astype("<u8").tobytes())
+        us.insert(pages[-1] + 1, Unit(stale, last.data))
+        claim = (claim[0] + len(last.records()), claim[1] + 1)
+    elif tamper == "alter-protected-ciphertext":
+        u = next(us[i] for i in pages if KIND_PROTECTED in us[i].body.kinds)
+        data_kinds = bytes(k for k in u.body.kinds if k)
+        at = data_kinds.index(KIND_PROTECTED) * 4096 + 100  # a byte of the first protected page
+        data = bytearray(b"".join(u.data))
+        data[at] ^= 0x80
+        us[us.index(u)] = Unit(u.msg, split_data(bytes(data)))
+    elif tamper == "alter-context":
+        i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
+        blob = bytearray(us[i].body.data)
+        blob[-1] ^= 0x80  # the last MAC tag
+        us[i] = Unit(_alter(us[i].msg, data=bytes(blob)), [])
+    elif tamper in ("context-one-byte-over-the-limit", "context-exactly-at-the-limit"):
+        # 128 protected pages, 1 process (_source_messages): 28 * 128 + 2048 + 65536 bytes at most
+        size = 28 * 128 + 2048 + 65536 + (tamper == "context-one-byte-over-the-limit")
+        i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
+        us = [u for u in us if not isinstance(u.body, Context)]
+        chunks = [bytes(MAX_BLOB), bytes(size - MAX_BLOB)]
+        us[i:i] = [Unit(Message(us[0].msg.mid, 0, Context(k, 2, c)), []) for k, c in enumerate(chunks)]
+    elif tamper == "context-larger-than-the-vm-can-need":
+        # two whole chunks: more than 28 bytes a protected page + 2 KiB a process + 64 KiB
+        i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
+        us = [u for u in us if not isinstance(u.body, Context)]
+        us[i:i] = [Unit(Message(us[0].msg.mid, 0, Context(k, 2, bytes(MAX_BLOB))), []) for k in (0, 1)]
+    elif tamper.startswith("context-"):
+        i = next(i for i, u in enumerate(us) if isinstance(u.body, Context))
+        c = us[i].body
+        change = {"context-chunk-index-skipped": {"index": c.index + 1},
+                  "context-chunk-past-its-total": {"total": c.index}}[tamper]
+        us[i] = Unit(_alter(us[i].msg, **change), [])
+    elif tamper == "missing-context-chunk":
+        us = [u for u in us if not isinstance(u.body, Context)]
+    elif tamper == "transcript-differs":
+        transcript = b"X" * 32
+    elif tamper == "record-count-differs":
+        claim = (claim[0] + 1, claim[1])
+    elif tamper == "page-never-sent":
+        # gfn 0 never arrives, and the counts agree with what was sent: only the
+        # every-page-received check can tell.
+        first = us[pages[0]]
+        p = IncomingPages(first.body)
+        k = first.body.kinds
+        data = b"".join(first.data)[4096 if k[0] else 0:]
+        rest = PageBatch(p.gfns[1:], k[1:], p.vers[1:], data, first.body.tags[16 if k[0] == KIND_PROTECTED else 0:])
+        us[pages[0]] = Unit(Message(first.msg.mid, first.msg.seq, rest.message(first.body.round)), split_data(data))
+        claim = (claim[0] - len(first.data) + len(us[pages[0]].data), claim[1])
+    msgs = renumber(us)
+    dest = _destination(shm, store)
+    # the session protocol's refusals (proto 6.1: the peer broke the order) or a migration's checks (proto 7)
+    expected = RemoteProtocolError if code in ("out-of-state", "sequence") else MigrationFailure
+    with pytest.raises(expected) as info:
+        _feed(dest, msgs, claim, transcript)
+    assert info.value.code == code
+    abort = dest.fail(info.value)
+    assert dest.engine.outcome == "aborted"
+    assert store.get(dest.engine.mid).state is HandoffState.ABORTED
+    assert not (shm / "dst").exists()  # everything received was scrubbed
+    assert _types(abort) == ["ABORT"] and messages.decode(abort[0]).body.token  # recorded aborted: a token
+
+
+def test_destination_refuses_plain_for_protected_and_mode_mismatch(shm):
+    store = HandoffStore(shm / "d.db")
+    _, msgs = _source_messages(shm)
+    begin = messages.decode(msgs[0])
+    plain_begin = messages.encode(_alter(begin, plain=True))
+    dest = _destination(shm, store, plain=True)
+    with pytest.raises(MigrationFailure) as info:
+        dest.feed(plain_begin)
+    assert info.value.code == "plain-refused"
+    dest = _destination(shm, HandoffStore(shm / "d2.db"))
+    with pytest.raises(MigrationFailure, match="mode-mismatch") as info:
+        dest.feed(plain_begin)
+    assert info.value.code is ErrorCode.MODE_MISMATCH
+
+
+@pytest.mark.parametrize(("pages", "protected", "processes", "code"), [
+    (0, 0, 0, "too-large"), (1, 0, 0, None), (64, 0, 0, None), (65, 0, 0, "too-large"),
+    (64, 64, 1, None), (64, 65, 1, "malformed"), (64, 1, 1, None), (64, 1, 2, "malformed"),
+])
+def test_begin_sizes_are_bounded_by_the_agent_s_limit_and_each_other(shm, pages, protected, processes, code):
+    mid = os.urandom(16)
+    begin = messages.encode(Message(mid, 0, Begin("vm", bytes(16), pages, protected, processes, 1, False, False,
+                                                  "model", b"")))
+    store = HandoffStore(shm / "d.db")
+    dest = DestinationDriver(store, lambda m, b: ModelVM.create_incoming(shm / "dst", b.vm, b.vm_id, b.pages,
+                                                                         b.vcpus, KEY, migration=m), max_pages=64)
+    if code is None:
+        assert _types(dest.feed(begin)) == ["ACCEPT"] and store.get(mid).state is HandoffState.RECEIVING
+    else:
+        with pytest.raises(MigrationFailure) as info:
+            dest.feed(begin)
+        assert info.value.code == code and store.get(mid) is None
+
+
+def test_the_destination_engine_takes_only_the_result_it_asked_for(shm):
+    from palm_net.errors import LocalProtocolError
+    from palm_net.migration.effects import KeysImported, Opened
+
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    with pytest.raises(LocalProtocolError):  # nothing asked yet
+        dest.engine.on_result(Opened(0))
+    _, msgs = _source_messages(shm)
+    effects = dest.engine.on_record(Record(msgs[0], 0, b"T" * 32))  # BEGIN: it asks for the VM to be opened
+    assert effects and dest.engine._awaiting is Opened
+    with pytest.raises(LocalProtocolError):
+        dest.engine.on_result(KeysImported(0))
+
+
+def test_the_session_deadline_grows_with_the_data_received_up_to_eight_times_the_vm(shm):
+    from palm_net.migration.destination import BEGIN_TIMEOUT, DEADLINE_PER_GIB, MAX_RESEND, SESSION_BASE
+
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    eng = dest.engine
+    assert eng.deadline(10.0) == 10.0 + BEGIN_TIMEOUT  # BEGIN soon
+    _, msgs = _source_messages(shm)  # a 512-page VM
+    us = units(msgs)
+    pages = [i for i, u in enumerate(us) if isinstance(u.body, Pages)]
+    first = us[: pages[1] + 1]  # BEGIN, KEYS and round 0's first two PAGES messages
+    for u in first:
+        for r in u.records():
+            dest.feed(r)
+    received = sum(len(IncomingPages(u.body)) for u in first if isinstance(u.body, Pages)) * 4096
+    assert received and eng.progress == received  # zero pages count whole
+    assert eng.deadline(10.0) == pytest.approx(10.0 + SESSION_BASE + DEADLINE_PER_GIB * received / 2**30)
+    eng.progress = 1 << 40  # a peer resending for ever earns no more time than MAX_RESEND times the VM
+    assert eng.deadline(0.0) == pytest.approx(SESSION_BASE + DEADLINE_PER_GIB * MAX_RESEND * 512 * 4096 / 2**30)
+
+
+def test_a_source_abort_ends_the_migration_for_good_and_scrubs(shm):
+    store = HandoffStore(shm / "d.db")
+    src, msgs = _source_messages(shm)
+    dest = _destination(shm, store)
+    first = units(msgs)[:3]  # BEGIN, KEYS and round 0's first pages
+    for u in first:
+        for r in u.records():
+            dest.feed(r)
+    mid = dest.engine.mid
+    assert dest.vm is not None and store.get(mid).state is HandoffState.RECEIVING
+    abort = messages.encode(Message(mid, len(first), Abort("cancelled", "migration cancelled", b"")))
+    assert dest.feed(abort) == []  # nothing to answer: the source has gone its way
+    assert dest.engine.outcome == "aborted" and dest.vm is None and not (shm / "dst").exists()
+    assert store.get(mid).state is HandoffState.ABORTED
+    assert dest.engine.error is not None and dest.engine.error.code == "cancelled"
+    assert "source aborted: cancelled" in dest.engine.error.detail
+    src.close()
+
+
+# --------------------------------------------------------------------------
+# A stream backend's destination, with a stand-in hypervisor (no QEMU needed)
+
+
+class FakeStream:
+    """Records the stream it is fed; ``load_ok`` decides what its 'QEMU' makes of it."""
+
+    backend = "qemu"
+
+    def __init__(self, info, load_ok: bool = True) -> None:
+        self.info, self.load_ok = info, load_ok
+        self.data = bytearray()
+        self.ended = self.active = self.scrubbed = False
+        self.running = False
+        self.paused_at = None
+
+    def stream_in(self, data: bytes) -> None:
+        assert not self.ended
+        self.data += data
+
+    def end_stream(self) -> None:
+        from palm_net.hypervisor.qemu import QemuError
+        self.ended = True
+        if not self.load_ok:
+            raise QemuError("destination QEMU refused the stream")
+
+    def sync(self) -> None:
+        pass
+
+    def digest(self) -> str:
+        return bytes(32).hex()
+
+    def activate(self) -> None:
+        self.active = self.running = True
+
+    def scrub(self) -> None:
+        self.scrubbed = True
+
+
+def _stream_session(chunks: list[bytes], claim: int | None = None, load_ok: bool = True):
+    from palm_net.hypervisor.backend import VmInfo
+
+    d = Path(tempfile.mkdtemp(prefix="palm-fs-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    fake = FakeStream(VmInfo("q", bytes(16), 256, 1, 0, 0), load_ok)
+    dest = DestinationDriver(HandoffStore(d / "d.db"), lambda mid, begin: fake)
+    src = SessionProtocol(Role.SOURCE, os.urandom(16))
+    msgs = [src.send(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec"))]
+    replies = dest.feed(msgs[0])
+    src.receive(replies[0])  # ACCEPT
+    for c in chunks:
+        msgs += [src.send(Stream(len(c))), *map(bytes, src.send_data(c))]
+    msgs.append(src.send(StreamEnd(sum(map(len, chunks)) if claim is None else claim)))
+    msgs.append(src.send(Complete(len(msgs), len(chunks), b"T" * 32)))  # records, STREAM messages
+    try:
+        for m in msgs[1:]:
+            replies += dest.feed(m)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return dest, fake, replies
+
+
+def test_stream_destination_feeds_the_hypervisor_in_order_and_says_ready_once_loaded():
+    chunks = [os.urandom(n) for n in (65263, 17, 4096)]
+    dest, fake, replies = _stream_session(chunks)
+    assert bytes(fake.data) == b"".join(chunks) and fake.ended
+    assert _types(replies) == ["ACCEPT", "READY"] and dest.engine.outcome == "prepared"
+    assert dest.engine.progress == sum(map(len, chunks))  # what the session deadline grows with
+
+
+@pytest.mark.parametrize(("claim", "load_ok", "code"), [(10, True, "incomplete"), (None, False, "hypervisor")],
+                         ids=["byte count differs", "hypervisor refuses the stream"])
+def test_stream_destination_refuses_ready(claim, load_ok, code):
+    with pytest.raises(MigrationFailure) as info:
+        _stream_session([b"abc", b"defg"], claim=claim, load_ok=load_ok)
+    assert info.value.code == code
+
+
+# --------------------------------------------------------------------------
+# The destination's runner (palm_net.migration.runner.DestinationRun) on memory streams
+
+
+async def test_first_record_arriving_with_the_last_handshake_message_is_answered(shm):
+    """Regression (found by the load test): BEGIN coalesced with msg3 in one
+    read sits in the record buffer; the destination must answer it without
+    waiting for more bytes (the source sends nothing until ACCEPT)."""
+    import trio.testing
+
+    from palm_net.channel.handshake import AttestedHandshake
+    from palm_net.channel.transport import SecureChannel
+    from palm_net.migration.destination import DestinationEngine
+    from palm_net.migration.runner import DestinationRun
+    from tests.conftest import Pki
+
+    pki = Pki()
+    init = AttestedHandshake(pki.config("src"), True)
+    resp = AttestedHandshake(pki.config("dst"), False)
+    resp.receive_data(init.receive_data(resp.receive_data(init.initiate())))  # msg1, msg2, msg3
+    src_proto = SessionProtocol(Role.SOURCE, os.urandom(16))
+    begin = init.result.sender.seal(src_proto.send(Begin("vm", bytes(16), 16, 0, 0, 1, False, False, "model", b"")))
+    ours, theirs = trio.testing.memory_stream_pair()
+    channel = SecureChannel(theirs, resp.result, leftover=begin)
+
+    async def open_vm(mid: bytes, b: Begin, peer) -> ModelVM:
+        return ModelVM.create_incoming(shm / "in", b.vm, b.vm_id, b.pages, b.vcpus, KEY)
+
+    store = HandoffStore(shm / "d.db")
+    run = DestinationRun(channel, DestinationEngine(False, 1 << 20), store, SigningKey.generate(), open_vm)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run.run)
+        rx = init.result.receiver
+        with trio.fail_after(3):
+            while (rec := rx.next_record()) is None:
+                rx.receive_data(await ours.receive_some(65536))
+        assert src_proto.receive(rec).type == "ACCEPT"
+        nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------
+# The page checks at their edges (found by mutation testing: each check's
+# boundary, and a page that turns to zeros)
+
+
+@pytest.mark.parametrize(("gfn", "version", "code"), [
+    (511, 0, None),  # the last page of the VM, the lowest version: fine
+    (512, 0, "malformed"),  # one past the end
+    (7, 2**32 - 2, None),  # the highest version a destination keeps
+    (7, 2**32 - 1, "malformed"),  # one more
+])
+def test_a_page_just_outside_the_vm_or_its_versions_is_refused(shm, gfn, version, code):
+    _, msgs = _source_messages(shm, protected=False)  # a VM of 512 pages
+    us = units(msgs)
+    begin, keys = us[0], next(u for u in us if isinstance(u.body, Keys))
+    page = PageBatch(np.array([gfn], np.uint64), b"\x00", np.array([version], np.uint64), b"")  # a zero page
+    forged = Unit(Message(begin.msg.mid, 0, page.message(0)), [])
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    records = renumber([begin, keys, forged])
+    for m in records[:-1]:
+        dest.feed(m)
+    if code is None:
+        dest.feed(records[-1])
+        return
+    with pytest.raises(MigrationFailure) as info:
+        dest.feed(records[-1])
+    assert info.value.code == code
+
+
+def test_a_page_that_turns_to_zeros_is_zero_at_the_destination(shm):
+    """Round 0 sends a page with data; the guest then clears it: the zero-page
+    record of round 1 must clear it at the destination too."""
+    src = ModelVM.create(shm / "src", "vm", 64, KEY, fill="random", seed=2)
+
+    def clear(_: int) -> None:
+        src.guest_write(9, bytes(4096))
+
+    _, msgs = source_messages(src, MigrationParams(max_rounds=2, downtime_limit=1e-9), 1, clear)
+    dest = _destination(shm, HandoffStore(shm / "d.db"))  # the engine applies what arrives
+    assert _types(_feed(dest, msgs))[-1] == "READY"
+    dst = dest.vm
+    assert isinstance(dst, ModelVM) and dst.memory_bytes()[9 * 4096 : 10 * 4096] == bytes(4096)
+    assert src.memory_bytes() == dst.memory_bytes()
