@@ -104,7 +104,7 @@ def map_file(path: Path, size: int, create: bool, reserve_now: bool = True) -> m
     """A shared mapping of a 0600 file of exactly ``size`` bytes.  ``create``
     makes a new file (never a planted one) and reserves its space now: a write
     into a mapping past a full tmpfs would be SIGBUS, a crash of the agent.
-    (``reserve_now=False``: the caller reserves it before writing, see _Reserver.)"""
+    (``reserve_now=False``: the caller reserves it before writing, see model._Reserver.)"""
     try:
         fd = create_exclusive(path) if create else open_nofollow(path, os.O_RDWR)
     except OSError as exc:
