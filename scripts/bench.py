@@ -72,7 +72,7 @@ from bench_tls import EXPECTED_CIPHER, TlsCopy  # noqa: E402
 from palm_net.agent.client import ControlError  # noqa: E402
 from palm_net.agent.launcher import AgentProcess, provision, remove_all  # noqa: E402
 from palm_net.crypto.noise import CipherName  # noqa: E402
-from palm_net.hypervisor.model import fill_pseudorandom  # noqa: E402
+from palm_net.hypervisor.model_guest import fill_pseudorandom  # noqa: E402
 from palm_net.hypervisor.qemu import default_accel, qemu_binary  # noqa: E402
 from palm_net.hypervisor.qmp import QmpError  # noqa: E402
 from palm_net.units import format_bytes, parse_size  # noqa: E402

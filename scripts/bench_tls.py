@@ -130,7 +130,7 @@ class TlsCopy:
 
 def _fill_random(mem: mmap.mmap, size: int, seed: int) -> None:
     try:
-        from palm_net.hypervisor.model import fill_pseudorandom  # the model's own generator: the same kind of bytes
+        from palm_net.hypervisor.model_guest import fill_pseudorandom  # the model's own: the same kind of bytes
     except ImportError:
         chunk = os.urandom(MIB)
         for off in range(0, size, MIB):

@@ -628,42 +628,36 @@ def _command_parser(top: argparse.ArgumentParser, argv: list[str]) -> argparse.A
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="palm", description="palm_net: secure live migration of VMs with hypervisor-protected "
-                "processes (PALM). Start with `palm demo`; docs/OPERATOR.md walks through a real session.",
-                epilog="Sizes: 512M, 2G, 2GiB (binary units; a bare number of memory is MiB, as QEMU's -m). "
-                f"Commands find the agent at --control, else ${CONTROL_ENV}, else the default agent's socket. "
-                "Shell completion: eval \"$(palm completion bash)\".")
-    p.add_argument("--version", action="version", version=f"palm {_version()}")
-    p.add_argument("--log-format", choices=("console", "json"), default=None, help="log line format (stderr)")
-    p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+def _add(name: str, help: str, fn: Callable[[argparse.Namespace], int], json_flag: bool = True,
+         control: bool = False, *, parent: Any) -> argparse.ArgumentParser:
+    """A command under ``parent`` (the subparsers of palm or of a group), its help as its
+    description, with the flags most commands share."""
+    sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+    sp.set_defaults(fn=fn)
+    if json_flag:
+        sp.add_argument("--json", action="store_true", help="print one JSON object (exact numbers)")
+    if control:
+        sp.add_argument("--control", metavar="SOCKET",
+                        help=f"the agent's control socket (default ${CONTROL_ENV}, else {default_control()})")
+    return sp
 
-    def add(name: str, help: str, fn: Callable[[argparse.Namespace], int], json_flag: bool = True,
-            control: bool = False, parent: Any = sub) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
-        sp.set_defaults(fn=fn)
-        if json_flag:
-            sp.add_argument("--json", action="store_true", help="print one JSON object (exact numbers)")
-        if control:
-            sp.add_argument("--control", metavar="SOCKET",
-                            help=f"the agent's control socket (default ${CONTROL_ENV}, else {default_control()})")
-        return sp
 
-    k = add("keygen", "create an agent identity (X25519 + Ed25519 keys, 0600)", cmd_keygen)
+def _keygen_command(sub: Any) -> None:
+    k = _add("keygen", "create an agent identity (X25519 + Ed25519 keys, 0600)", cmd_keygen, parent=sub)
     k.add_argument("--dir", help="agent state directory (default: the agent's, /var/lib/palm as root)")
     k.add_argument("--name", required=True, help="agent name (letters, digits, - _ .)")
     k.add_argument("--force", action="store_true", help="replace an existing identity")
 
+
+def _ca_commands(sub: Any) -> None:
     ca = sub.add_parser("ca", help="the cluster authority: init, issue")
     ca_sub = ca.add_subparsers(dest="ca_cmd", metavar="CA_COMMAND", parser_class=_Parser)
     ca_sub.required = True
-    ci = add("init", "create a cluster authority (Ed25519) in DIR", cmd_ca, parent=ca_sub)
+    ci = _add("init", "create a cluster authority (Ed25519) in DIR", cmd_ca, parent=ca_sub)
     ci.add_argument("--dir", required=True, help="where ca.key (private, stays here) and ca.pub (for agents) go")
     ci.add_argument("--force", action="store_true", help="replace an existing authority")
-    cs = add("issue", "issue a certificate for an agent (or an operator), written into its DIR", cmd_ca,
-             parent=ca_sub)
+    cs = _add("issue", "issue a certificate for an agent (or an operator), written into its DIR", cmd_ca,
+              parent=ca_sub)
     cs.add_argument("--ca", required=True, metavar="DIR", help="authority directory (holds ca.key; the ca.key "
                                                                "file itself is taken too)")
     cs.add_argument("--agent", required=True, metavar="DIR", help="agent state directory (has identity.key)")
@@ -674,9 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "never an agent's")
     cs.add_argument("--measurement", metavar="HEX", help="measurement to certify (default: this installation's)")
 
-    add("measurement", "print this installation's agent measurement", cmd_measurement)
 
-    ag = add("agent", "run an agent in the foreground until SIGINT/SIGTERM", cmd_agent, json_flag=False)
+def _agent_command(sub: Any) -> None:
+    """`palm agent`: every setting of the agent is a flag here too (flags win over --config)."""
+    ag = _add("agent", "run an agent in the foreground until SIGINT/SIGTERM", cmd_agent, json_flag=False, parent=sub)
     # also after the command (as the README lists them among the agent's settings)
     ag.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS,
                     help="log line format on stderr (default console)")
@@ -725,11 +720,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept the benchmark-only plain mode (never for protected VMs)")
     add_agent_flags(ag)
 
+
+def _vm_commands(sub: Any) -> None:
     vm = sub.add_parser("vm", help="VMs of an agent: create, list, show, digest, verify, pause, resume, destroy")
     vm_sub = vm.add_subparsers(dest="vm_cmd", metavar="VM_COMMAND", parser_class=_Parser)
     vm_sub.required = True
-    vc = add("create", "create a VM (the embedded hypervisor model, or a QEMU process)", cmd_vm, control=True,
-             parent=vm_sub)
+    vc = _add("create", "create a VM (the embedded hypervisor model, or a QEMU process)", cmd_vm, control=True,
+              parent=vm_sub)
     vc.add_argument("name")
     vc.add_argument("--memory", required=True, metavar="SIZE",
                     help="guest memory: 512M, 2G, 2GiB; a bare number is MiB (as QEMU's -m)")
@@ -753,18 +750,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "measurements:HEX,...")
     vc.add_argument("--fill", default=None, choices=("half", "random", "zero"),
                     help="model: initial memory, half random/half zero (default), random, zero")
-    add("list", "list VMs", cmd_vm, control=True, parent=vm_sub)
+    _add("list", "list VMs", cmd_vm, control=True, parent=vm_sub)
     for op, hlp in (("show", "show one VM"), ("digest", "digest of guest memory (protected pages as plaintext)"),
                     ("verify", "check every protected page against its metadata"), ("pause", "pause a VM"),
                     ("resume", "resume a VM"), ("destroy", "destroy a VM and scrub its memory and keys")):
-        sp = add(op, hlp, cmd_vm, control=True, parent=vm_sub)
+        sp = _add(op, hlp, cmd_vm, control=True, parent=vm_sub)
         sp.add_argument("name").completer = _complete_vms  # type: ignore[attr-defined]
         if op == "digest":
             sp.add_argument("--range", metavar="ADDR:SIZE",
                             help="QEMU VMs: digest only this guest-physical range, e.g. 0x1000000:8M")
 
-    mg = add("migrate", "live-migrate a VM to another agent (or --cancel / --resolve one)", cmd_migrate,
-             control=True)
+
+def _migrate_command(sub: Any) -> None:
+    mg = _add("migrate", "live-migrate a VM to another agent (or --cancel / --resolve one)", cmd_migrate,
+              control=True, parent=sub)
     mg.add_argument("name", nargs="?", help="the VM").completer = _complete_vms  # type: ignore[attr-defined]
     mg.add_argument("--to", metavar="HOST:PORT|AGENT|auto",
                     help="the destination agent's --listen address; in a cluster (the agent runs with --etcd) "
@@ -795,18 +794,44 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --resolve: resume the in-doubt VM without the destination (may fork it!)")
     mg.add_argument("--reason", help="with --override: why (logged)")
 
-    add("migrations", "in-flight and recent migrations", cmd_migrations, control=True)
-    add("status", "the agent's name, port and counts", cmd_status, control=True)
-    co = add("completion", "print the shell completion script: eval \"$(palm completion bash)\"", cmd_completion,
-             json_flag=False)
+
+def _completion_command(sub: Any) -> None:
+    co = _add("completion", "print the shell completion script: eval \"$(palm completion bash)\"", cmd_completion,
+              json_flag=False, parent=sub)
     co.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish", "tcsh"))
 
-    add_commands(sub, add, _Parser)
 
-    dm = add("demo", "throw-away authority + two agents on loopback: migrate a protected VM under load", cmd_demo)
+def _demo_command(sub: Any) -> None:
+    dm = _add("demo", "throw-away authority + two agents on loopback: migrate a protected VM under load", cmd_demo,
+              parent=sub)
     dm.add_argument("--memory", default="256M", metavar="SIZE", help="guest memory (default 256M)")
     dm.add_argument("--workload", default="random:2000+protected:500", help="guest workload during migration")
     dm.add_argument("--keep", action="store_true", help="keep the temporary directories")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`palm`: its own flags, then each command (group), in the order --help lists them."""
+    p = _Parser(prog="palm", description="palm_net: secure live migration of VMs with hypervisor-protected "
+                "processes (PALM). Start with `palm demo`; docs/OPERATOR.md walks through a real session.",
+                epilog="Sizes: 512M, 2G, 2GiB (binary units; a bare number of memory is MiB, as QEMU's -m). "
+                f"Commands find the agent at --control, else ${CONTROL_ENV}, else the default agent's socket. "
+                "Shell completion: eval \"$(palm completion bash)\".")
+    p.add_argument("--version", action="version", version=f"palm {_version()}")
+    p.add_argument("--log-format", choices=("console", "json"), default=None, help="log line format (stderr)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _keygen_command(sub)
+    _ca_commands(sub)
+    _add("measurement", "print this installation's agent measurement", cmd_measurement, parent=sub)
+    _agent_command(sub)
+    _vm_commands(sub)
+    _migrate_command(sub)
+    _add("migrations", "in-flight and recent migrations", cmd_migrations, control=True, parent=sub)
+    _add("status", "the agent's name, port and counts", cmd_status, control=True, parent=sub)
+    _completion_command(sub)
+    add_commands(sub, _add, _Parser)
+    _demo_command(sub)
     return p
 
 

@@ -1,12 +1,17 @@
-"""The embedded hypervisor model: a VM with Overshadow-style protected processes.
+"""The embedded hypervisor model: a VM with Overshadow-style protected processes,
+as the migration engine sees it (``Backend``).
 
-Guest memory is real memory: a shared mmap of a file in the VM's directory,
-so it outlives the agent process (as a VM outlives a crashed management
-daemon) and an agent restarted on its state directory finds its VMs again.
-Per-page protection metadata lives in a second mapped file; process keys and
-thread contexts are sealed with the host's hypervisor key (a stand-in for a
-TPM-sealed secret) and never leave the hypervisor except inside the
-protected-context blob, which the engine only sends over an attested session.
+``ModelVM`` is what the hypervisor offers a migration: pages read through
+the untrusted view and written into an incoming VM, the dirty log, process
+keys, CPU state and the protected-context blob, run state, the memory
+digest, scrubbing and activation; and the VM's life on disk (create, open,
+sync).  The guest it runs (memory, processes, the guest's own reads and
+writes) is ``ModelGuest`` (model_guest.py), which it extends.
+
+Process keys and thread contexts are sealed with the host's hypervisor key
+(a stand-in for a TPM-sealed secret) and never leave the hypervisor except
+inside the protected-context blob, which the engine only sends over an
+attested session.
 
 Dirty logging is a software log: every write path of the model writes the
 data first and then marks the page under the log's lock, and
@@ -19,15 +24,11 @@ the model's writers are its own code, so the software log sees every write.)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import hmac
-import mmap
 import os
 import shutil
-import struct
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,50 +38,34 @@ import numpy.typing as npt
 from nacl.secret import SecretBox
 
 from palm_net.crypto.noise import CIPHERS
-from palm_net.hostfs import UnsafePathError, create_exclusive, open_nofollow, read_nofollow, reserve, write_atomic
+from palm_net.hostfs import UnsafePathError, open_nofollow, read_nofollow, reserve, write_atomic
 from palm_net.hypervisor.backend import (
     KIND_NORMAL,
     KIND_PROTECTED,
     KIND_ZERO,
     PAGE_SIZE,
-    HypervisorError,
     NoRoomError,
     PageBatch,
-    VerifyReport,
     VmInfo,
 )
-from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
-from palm_net.hypervisor.protection import (
-    TAG_LEN,
-    ProtectionIntegrityError,
-    default_page_cipher,
-    open_page,
-    open_pages,
-    seal_page,
+from palm_net.hypervisor.model_guest import (
+    CPU_REGS,
+    MAX_PROCESSES,
+    THREAD_CONTEXT_LEN,
+    VIEW_CIPHER,
+    VIEW_PROCESS,
+    ModelGuest,
+    ProcessLayout,
+    VmError,
+    lay_out_processes,
+    populate,
 )
-from palm_net.hypervisor.vmconfig import ConfiguredVM
+from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
+from palm_net.hypervisor.protection import TAG_LEN, ProtectionIntegrityError, default_page_cipher
 from palm_net.hypervisor.vmspec import check_workload, validate_policy
-from palm_net.wire.messages import MAX_DATA_PAGES, MAX_PAGES_PER_MESSAGE
+from palm_net.wire.messages import MAX_PAGES_PER_MESSAGE
 from palm_net.wire.pages import Gfns, RoundGfns
 
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def populate(addr: int, length: int) -> bool:
-    """Backs [addr, addr+length) of a shared mapping with mapped pages now
-    (MADV_POPULATE_WRITE), without holding the GIL: mmap.madvise holds it for
-    the whole call, tens of ms a chunk, stalling every other thread.  False
-    where the kernel cannot (before Linux 5.14) or the memory is not there."""
-    return int(_libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_POPULATE_WRITE)) == 0
-META_MAGIC = b"PALMVM01"
-META_HEADER = 8192
-CPU_REGS = ("rip", "rsp", "rax", "rbx", "rcx", "rdx", "rflags", "cr3")
-VIEW_CIPHER = 0
-VIEW_PROCESS = 1
-MAX_PROCESSES = 255
-THREADS_PER_PROCESS = 2
-THREAD_CONTEXT_LEN = 256
 BLOB_VERSION = 1
 
 
@@ -96,41 +81,6 @@ def _bin(value: Any, max_len: int) -> bytes:
     if type(value) is not bytes or len(value) > max_len:
         raise ValueError("not a byte string of the right size")
     return value
-
-
-class VmError(HypervisorError):
-    """A VM operation is not possible (bad state, bad argument, damaged files)."""
-
-
-@dataclass(frozen=True)
-class ProcessLayout:
-    pid: int
-    first: int  # first gfn owned
-    count: int
-
-
-def map_file(path: Path, size: int, create: bool, reserve_now: bool = True) -> mmap.mmap:
-    """A shared mapping of a 0600 file of exactly ``size`` bytes.  ``create``
-    makes a new file (never a planted one) and reserves its space now: a write
-    into a mapping past a full tmpfs would be SIGBUS, a crash of the agent.
-    (``reserve_now=False``: the caller reserves it before writing, see _Reserver.)"""
-    try:
-        fd = create_exclusive(path) if create else open_nofollow(path, os.O_RDWR)
-    except OSError as exc:
-        raise VmError(f"{path}: {exc.strerror}") from None
-    try:
-        if create and not reserve_now:
-            os.ftruncate(fd, size)
-        elif create:
-            try:
-                reserve(fd, size, f"VM file {path.name}")
-            except UnsafePathError as exc:
-                raise NoRoomError(str(exc)) from None
-        elif os.fstat(fd).st_size != size:
-            raise VmError(f"{path} has the wrong size")
-        return mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
 
 
 class _Reserver:
@@ -217,73 +167,6 @@ class _Reserver:
         return self._done
 
 
-class _Meta:
-    """Per-page metadata arrays over a mapped file (owners, views, versions, tags)."""
-
-    def __init__(self, path: Path, npages: int, create: bool) -> None:
-        self.map = map_file(path, META_HEADER + npages * (1 + 1 + 8 + TAG_LEN), create)
-        if create:
-            self.map[:8] = META_MAGIC
-        elif self.map[:8] != META_MAGIC:
-            raise VmError(f"{path}: not a palm_net VM metadata file")
-        mv = memoryview(self.map)
-        o = META_HEADER
-        self.owners = mv[o : o + npages]
-        o += npages
-        self.views = mv[o : o + npages]
-        o += npages
-        self.versions = mv[o : o + 8 * npages].cast("Q")
-        o += 8 * npages
-        self.tags = mv[o : o + TAG_LEN * npages]
-        self._mv = mv
-
-    def tag(self, gfn: int) -> bytes:
-        return bytes(self.tags[gfn * TAG_LEN : (gfn + 1) * TAG_LEN])
-
-    def set_tag(self, gfn: int, tag: bytes) -> None:
-        self.tags[gfn * TAG_LEN : (gfn + 1) * TAG_LEN] = tag
-
-    def cpu_state(self) -> bytes:
-        (n,) = struct.unpack_from("<I", self.map, 8)
-        return bytes(self.map[12 : 12 + n])
-
-    def set_cpu_state(self, data: bytes) -> None:
-        if len(data) > META_HEADER - 12:
-            raise VmError("CPU state too large")
-        struct.pack_into("<I", self.map, 8, len(data))
-        self.map[12 : 12 + len(data)] = data
-
-    def close(self) -> None:
-        for v in (self.owners, self.views, self.versions, self.tags, self._mv):
-            v.release()
-        self.map.close()
-
-
-class _Views:
-    """numpy views of guest memory and page metadata (no copies): the page paths
-    of the migration work on whole batches of pages at once."""
-
-    def __init__(self, mem: mmap.mmap, meta: _Meta) -> None:
-        npages = len(meta.owners)
-        self.pages = np.frombuffer(mem, dtype=np.uint8).reshape(npages, PAGE_SIZE)
-        self.words = self.pages.view(np.uint64)  # (npages, 512): a page's first word tests "not zero" at once
-        self.owners = np.frombuffer(meta.owners, dtype=np.uint8)
-        self.views = np.frombuffer(meta.views, dtype=np.uint8)
-        self.versions = np.frombuffer(meta.versions, dtype=np.uint64)
-        self.tags = np.frombuffer(meta.tags, dtype=np.uint8).reshape(npages, TAG_LEN)
-
-
-def fill_pseudorandom(mem: mmap.mmap, start: int, end: int, seed: int) -> None:
-    """Deterministic random bytes from a seed: an AEAD keystream over zeros (fast)."""
-    fns = CIPHERS[default_page_cipher()]
-    key = hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=32, person=b"palm-fill").digest()
-    chunk = 65536
-    zeros = bytes(chunk)
-    for i, off in enumerate(range(start, end, chunk)):
-        n = min(chunk, end - off)
-        mem[off : off + n] = fns.encrypt(key, i, b"", zeros)[:n]
-
-
 def _zero_pages(words: npt.NDArray[np.uint64], gfns: Gfns, lo: int | None) -> npt.NDArray[np.bool_]:
     """Which of ``gfns`` are zero pages.  The first word rules out most pages at
     once; the rest are scanned whole, in place where the gfns are contiguous
@@ -304,44 +187,38 @@ def _zero_pages(words: npt.NDArray[np.uint64], gfns: Gfns, lo: int | None) -> np
     return zero
 
 
-class ModelVM(ConfiguredVM):
-    """One VM of the model.  Thread-safe for one workload thread plus the engine."""
+def _parse_layout(blob: bytes, what: str) -> tuple[dict[str, Any], list[ProcessLayout], list[bytes]]:
+    """A key or protected-context blob from the wire: the object, its layouts and keys (VmError if malformed)."""
+    try:
+        obj = msgpack.unpackb(blob, max_bin_len=1 << 30, max_array_len=MAX_PROCESSES * 8, max_map_len=16,
+                              max_str_len=64)
+        if obj["v"] != BLOB_VERSION or obj["cipher"] not in CIPHERS or len(obj["processes"]) > MAX_PROCESSES:
+            raise ValueError
+        # From the wire: exact types before use (bytes(n) of an int would allocate n bytes).
+        layouts = [ProcessLayout(_u(p["pid"], 2**32), _u(p["first"], 2**40), _u(p["count"], 2**40))
+                   for p in obj["processes"]]
+        keys = [_bin(p["key"], 32) for p in obj["processes"]]
+        if any(len(k) != 32 for k in keys) or any(p.count < 1 for p in layouts):
+            raise ValueError
+    except Exception:
+        raise VmError(f"{what} is malformed") from None
+    return obj, layouts, keys
+
+
+class ModelVM(ModelGuest):
+    """One VM of the model, as the hypervisor offers it to a migration: its guest
+    (ModelGuest) plus the Backend.  Thread-safe for one workload thread plus the engine."""
 
     def __init__(self, vm_dir: Path, config: dict[str, Any], sealing_key: bytes, create: bool) -> None:
-        self.dir = vm_dir
-        self.config = config
-        self.name: str = config["name"]
-        self.vm_id = bytes.fromhex(config["vm_id"])
-        self.npages: int = config["npages"]
-        self.vcpus: int = config["vcpus"]
-        self.page_cipher = CIPHERS[config["page_cipher"]]
-        self.processes = [ProcessLayout(**p) for p in config["processes"]]
-        self._box = SecretBox(sealing_key)
-        incoming = create and config["state"] == "incoming"
-        self.mem = map_file(vm_dir / "memory", self.npages * PAGE_SIZE, create, reserve_now=not incoming)
-        self.resident = False  # all of guest memory backed and mapped (see prefault)
+        self._box = SecretBox(sealing_key)  # before any file is made: a bad key makes none
+        incoming = config["state"] == "incoming"
+        super().__init__(vm_dir, config, create, reserve_now=not (create and incoming))
         # Incoming VMs start as holes (zero, unallocated): a zero page record
         # for a page never written costs nothing, as in QEMU's destination.
-        self._written = np.zeros(self.npages, np.uint8) if config["state"] == "incoming" else None
-        self.meta = _Meta(vm_dir / "meta", self.npages, create)
-        self._np: _Views | None = _Views(self.mem, self.meta)
+        self._written = np.zeros(self.npages, np.uint8) if incoming else None
         self._pages_digest: PageDigest | None = None  # kept as pages are sent or written (a migration's)
-        self._scratch = threading.local()
-        self._reserver = _Reserver(vm_dir / "memory", self._np.pages.ctypes.data, self.npages * PAGE_SIZE) \
-            if incoming else None
-        self._closing = threading.Event()
-        self._prefault: threading.Thread | None = None
-        if config["state"] != "incoming":
-            self._prefault = threading.Thread(target=self.prefault, name=f"prefault-{self.name}", daemon=True)
-            self._prefault.start()
-        self._lock = threading.Lock()  # dirty log, view transitions, run state
-        self._dirty: bytearray | None = None
-        self._unpause = threading.Condition(self._lock)
-        self._keys: list[bytearray] = []
-        self._threads: list[list[bytes]] = []
-        self.cpu: dict[str, Any] = {"regs": [dict.fromkeys(CPU_REGS, 0) for _ in range(self.vcpus)]}
-        self.throttle = 1.0
-        self.workload: Any = None  # palm_net.hypervisor.workload.Workload, when one runs
+        self._reserver = _Reserver(vm_dir / "memory", self.arrays.pages.ctypes.data, self.npages * PAGE_SIZE) \
+            if create and incoming else None
         if not create:
             self._load_secrets()
             cpu = self.meta.cpu_state()
@@ -375,20 +252,8 @@ class ModelVM(ConfiguredVM):
     ) -> ModelVM:
         if npages < 1:
             raise VmError("a VM needs at least one page")
-        if protected_processes > MAX_PROCESSES:
-            raise VmError(f"at most {MAX_PROCESSES} protected processes")
-        if protected_processes and not 0 < protected_pages <= npages // 2 * 2:
-            raise VmError("protected memory must be between one page and the VM's memory")
-        if protected_processes > protected_pages:
-            raise VmError("each protected process needs at least one page")
+        procs = lay_out_processes(npages, protected_processes, protected_pages)
         vm_dir.mkdir(mode=0o700)
-        # Protected processes own the top of memory, split evenly.
-        procs = []
-        first = npages - protected_pages
-        for i in range(protected_processes):
-            count = protected_pages // protected_processes + (1 if i < protected_pages % protected_processes else 0)
-            procs.append({"pid": 1000 + i, "first": first, "count": count})
-            first += count
         config = {
             "name": name, "vm_id": os.urandom(16).hex(), "npages": npages, "vcpus": vcpus,
             "page_cipher": page_cipher or default_page_cipher(), "processes": procs, "state": state,
@@ -396,13 +261,7 @@ class ModelVM(ConfiguredVM):
         }
         vm = cls(vm_dir, config, sealing_key, create=True)
         vm._fill(fill, seed)
-        vm._keys = [bytearray(os.urandom(32)) for _ in procs]
-        vm._threads = [[os.urandom(THREAD_CONTEXT_LEN) for _ in range(THREADS_PER_PROCESS)] for _ in procs]
-        # Cloaking: every protected page starts sealed (cipher view, version 1).
-        for idx, p in enumerate(vm.processes):
-            for gfn in range(p.first, p.first + p.count):
-                vm.meta.owners[gfn] = idx + 1
-                vm._to_cipher_view_locked(gfn)
+        vm._cloak()
         vm.sync()
         return vm
 
@@ -419,23 +278,6 @@ class ModelVM(ConfiguredVM):
         vm._save_config()
         return vm
 
-    def prefault(self, chunk: int = 64 << 20) -> None:
-        """Backs guest memory with real, mapped pages, as a running guest's is.
-
-        Fresh or newly mapped memory costs a page fault per page on first touch
-        (0.3-1.2 s per GiB measured on the reference VM).  Populating it from a
-        helper thread takes that work off the migration's path (at creation or
-        reopening; an incoming VM's memory is populated ahead of its data, see
-        _Reserver).  Best effort: without MADV_POPULATE_WRITE (Linux 5.14) it
-        does nothing.
-        """
-        size = self.npages * PAGE_SIZE
-        base = self.arrays.pages.ctypes.data
-        for off in range(0, size, chunk):
-            if self._closing.is_set() or not populate(base + off, min(chunk, size - off)):
-                return
-        self.resident = True
-
     @classmethod
     def open(cls, vm_dir: Path, config: dict[str, Any], sealing_key: bytes) -> ModelVM:
         """A VM again after an agent restart (``config``: its vm.json, palm_net.hypervisor.vmconfig)."""
@@ -443,17 +285,6 @@ class ModelVM(ConfiguredVM):
             return cls(vm_dir, config, sealing_key, create=False)
         except (KeyError, TypeError, ValueError) as exc:
             raise VmError(f"{vm_dir}: damaged vm.json ({type(exc).__name__})") from None
-
-    def _fill(self, fill: str, seed: int) -> None:
-        size = self.npages * PAGE_SIZE
-        if fill == "zero":
-            return
-        if fill == "random":
-            fill_pseudorandom(self.mem, 0, size, seed)
-        elif fill == "half":  # first half random, second half zero pages
-            fill_pseudorandom(self.mem, 0, (self.npages // 2) * PAGE_SIZE, seed)
-        else:
-            raise VmError(f"unknown fill {fill!r} (zero, random, half)")
 
     def _load_secrets(self) -> None:
         path = self.dir / "secrets"
@@ -485,26 +316,11 @@ class ModelVM(ConfiguredVM):
         if self.state == "incoming":
             self._stage_activation()
 
-    @property
-    def arrays(self) -> _Views:
-        if self._np is None:
-            raise VmError(f"VM {self.name!r} is closed")
-        return self._np
-
     def close(self) -> None:
-        if self.workload is not None:
-            self.workload.stop()
-            self.workload = None
-        self._closing.set()
-        if self._prefault is not None and self._prefault is not threading.current_thread():
-            self._prefault.join()  # it works on the mapping: done before the mapping goes
-        if self._reserver is not None:
+        if self._reserver is not None:  # it populates the mapping: stopped before the mapping goes
             self._reserver.stop()
             self._reserver = None
-        self._np = None  # the arrays are views of the mappings: gone before the mappings
-        with contextlib.suppress(Exception):
-            self.meta.close()
-            self.mem.close()
+        super().close()
 
     def scrub(self) -> None:
         """Destroys memory and keys: after a handoff, or a failed incoming VM."""
@@ -537,8 +353,7 @@ class ModelVM(ConfiguredVM):
 
     @property
     def info(self) -> VmInfo:
-        return VmInfo(self.name, self.vm_id, self.npages, self.vcpus,
-                      sum(p.count for p in self.processes), len(self.processes))
+        return VmInfo(self.name, self.vm_id, self.npages, self.vcpus, self.protected_pages, len(self.processes))
 
     # -- run state -------------------------------------------------------
 
@@ -560,11 +375,6 @@ class ModelVM(ConfiguredVM):
             self.config["state"] = "running"
             self._unpause.notify_all()
         self._save_config()
-
-    def wait_running(self, timeout: float) -> bool:
-        """For vCPU (workload) threads: blocks while paused.  Caller holds no lock."""
-        with self._lock:
-            return self._unpause.wait_for(lambda: self.state == "running", timeout)
 
     def set_throttle(self, fraction: float) -> None:
         self.throttle = max(0.01, min(1.0, fraction))
@@ -595,105 +405,6 @@ class ModelVM(ConfiguredVM):
                 raise VmError("dirty logging is not enabled")
             self._dirty = bytearray(self.npages)
         return np.flatnonzero(np.frombuffer(old, dtype=np.uint8)).astype(np.uint64)
-
-    def _mark_locked(self, gfn: int) -> None:
-        if self._dirty is not None:
-            self._dirty[gfn] = 1
-
-    # -- guest access (the workload is the guest) ------------------------
-
-    def _check_gfn(self, gfn: int) -> None:
-        if not 0 <= gfn < self.npages:
-            raise VmError(f"gfn {gfn} outside guest memory (0..{self.npages - 1})")
-
-    def guest_write(self, gfn: int, data: bytes, offset: int = 0) -> None:
-        """A write by the guest OS (untrusted view).  On a protected page it
-        writes over the ciphertext, which the page's MAC will expose."""
-        self._check_gfn(gfn)
-        if offset < 0 or offset + len(data) > PAGE_SIZE:
-            raise VmError("write crosses the page")
-        with self._lock:
-            if self.state != "running":
-                raise VmError(f"VM {self.name!r} is {self.state}")
-            if self.meta.owners[gfn]:
-                self._to_cipher_view_locked(gfn)
-            base = gfn * PAGE_SIZE + offset
-            self.mem[base : base + len(data)] = data
-            self._mark_locked(gfn)
-            self._tick_locked()
-
-    def process_write(self, process: int, gfn: int, data: bytes, offset: int = 0) -> None:
-        """A write by protected process ``process`` (index) to a page it owns."""
-        if offset < 0 or offset + len(data) > PAGE_SIZE:
-            raise VmError("write crosses the page")
-        with self._lock:
-            if self.state != "running":
-                raise VmError(f"VM {self.name!r} is {self.state}")
-            self._to_process_view_locked(process, gfn)
-            base = gfn * PAGE_SIZE + offset
-            self.mem[base : base + len(data)] = data
-            self._mark_locked(gfn)
-            self._tick_locked()
-            t = self._threads[process]
-            t[0] = hashlib.blake2b(t[0] + data, digest_size=THREAD_CONTEXT_LEN // 4).digest() * 4
-
-    def process_read(self, process: int, gfn: int) -> bytes:
-        with self._lock:
-            self._to_process_view_locked(process, gfn)
-            return self.mem[gfn * PAGE_SIZE : (gfn + 1) * PAGE_SIZE]
-
-    def os_read(self, gfn: int) -> bytes:
-        """What the guest OS (or any reader outside the VMM's trust) sees."""
-        self._check_gfn(gfn)
-        with self._lock:
-            if self.meta.owners[gfn]:
-                self._to_cipher_view_locked(gfn)
-            return self.mem[gfn * PAGE_SIZE : (gfn + 1) * PAGE_SIZE]
-
-    def _tick_locked(self) -> None:
-        regs = self.cpu["regs"][0]
-        regs["rip"] = (regs["rip"] + 4) & 0xFFFFFFFFFFFFFFFF
-        regs["rax"] = (regs["rax"] + 1) & 0xFFFFFFFFFFFFFFFF
-
-    # -- multi-shadowing -------------------------------------------------
-
-    def _owner_locked(self, gfn: int) -> int:
-        self._check_gfn(gfn)
-        return self.meta.owners[gfn] - 1
-
-    def _to_process_view_locked(self, process: int, gfn: int) -> None:
-        owner = self._owner_locked(gfn)
-        if owner != process:
-            raise VmError(f"page {gfn} does not belong to protected process {process}")
-        if self.meta.views[gfn] == VIEW_PROCESS:
-            return
-        p = self.processes[owner]
-        base = gfn * PAGE_SIZE
-        plain = open_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id, p.pid, gfn,
-                          self.meta.versions[gfn], self.mem[base : base + PAGE_SIZE], self.meta.tag(gfn))
-        self.mem[base : base + PAGE_SIZE] = plain
-        self.meta.views[gfn] = VIEW_PROCESS
-
-    def _to_cipher_view_locked(self, gfn: int, mark: bool = True) -> None:
-        """Re-encrypts a page in the process view under a bumped version.
-
-        Memory and metadata change, so the page is dirty, except for the
-        migration reader, which sends exactly this ciphertext right away.
-        """
-        owner = self.meta.owners[gfn] - 1
-        if self.meta.views[gfn] == VIEW_CIPHER and self.meta.versions[gfn]:
-            return
-        p = self.processes[owner]
-        version = self.meta.versions[gfn] + 1
-        base = gfn * PAGE_SIZE
-        ct, tag = seal_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id, p.pid, gfn, version,
-                            self.mem[base : base + PAGE_SIZE])
-        self.mem[base : base + PAGE_SIZE] = ct
-        self.meta.versions[gfn] = version
-        self.meta.set_tag(gfn, tag)
-        self.meta.views[gfn] = VIEW_CIPHER
-        if mark:
-            self._mark_locked(gfn)
 
     # -- the engine's source side ---------------------------------------
 
@@ -758,26 +469,6 @@ class ModelVM(ConfiguredVM):
     def page_digest(self) -> str:
         """The digest of the pages as sent or written since start_page_digest (else of memory)."""
         return self._pages_digest.digest() if self._pages_digest is not None else self.digest()
-
-    def _open_protected(self, gfns: Gfns, vers: Gfns, rows: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]],
-                        tags: npt.NDArray[np.uint8], want_plain: bool) -> npt.NDArray[np.uint8] | None:
-        """Verifies protected pages (ciphertext rows) against their MACs, a process at
-        a time (ProtectionIntegrityError); their plaintexts, in the same order, if asked."""
-        owners = self.arrays.owners[gfns]
-        plain = np.empty((len(gfns), PAGE_SIZE), np.uint8) if want_plain else None
-        for owner in np.unique(owners):
-            sel = np.flatnonzero(owners == owner)
-            p = self.processes[int(owner) - 1]
-            out = np.empty((len(sel), PAGE_SIZE), np.uint8) if plain is not None else None
-            mine = [rows[i] for i in sel] if isinstance(rows, list) else rows[sel]
-            scratch = getattr(self._scratch, "box", None)
-            if scratch is None:  # a buffer a thread keeps: a fresh MiB a batch would fault in every page of it
-                scratch = self._scratch.box = np.empty((MAX_DATA_PAGES, PAGE_SIZE + TAG_LEN), np.uint8)
-            open_pages(self.page_cipher, bytes(self._keys[int(owner) - 1]), self.vm_id, p.pid, gfns[sel], vers[sel],
-                       mine, tags[sel], out, scratch)
-            if plain is not None and out is not None:
-                plain[sel] = out
-        return plain
 
     def _record_pages(self, gfns: Gfns, kinds: npt.NDArray[np.uint8], vers: Gfns,
                       data: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]], tags: bytes,
@@ -845,28 +536,11 @@ class ModelVM(ConfiguredVM):
 
     # -- the engine's destination side ----------------------------------
 
-    @staticmethod
-    def _parse_layout(blob: bytes, what: str) -> tuple[dict[str, Any], list[ProcessLayout], list[bytes]]:
-        try:
-            obj = msgpack.unpackb(blob, max_bin_len=1 << 30, max_array_len=MAX_PROCESSES * 8, max_map_len=16,
-                                  max_str_len=64)
-            if obj["v"] != BLOB_VERSION or obj["cipher"] not in CIPHERS or len(obj["processes"]) > MAX_PROCESSES:
-                raise ValueError
-            # From the wire: exact types before use (bytes(n) of an int would allocate n bytes).
-            layouts = [ProcessLayout(_u(p["pid"], 2**32), _u(p["first"], 2**40), _u(p["count"], 2**40))
-                       for p in obj["processes"]]
-            keys = [_bin(p["key"], 32) for p in obj["processes"]]
-            if any(len(k) != 32 for k in keys) or any(p.count < 1 for p in layouts):
-                raise ValueError
-        except Exception:
-            raise VmError(f"{what} is malformed") from None
-        return obj, layouts, keys
-
     def import_keys(self, blob: bytes) -> None:
         """Installs process keys and layout before protected pages arrive."""
         if self.state != "incoming" or self._keys:
             raise VmError("keys are imported once, into an incoming VM")
-        obj, layouts, keys = self._parse_layout(blob, "key blob")
+        obj, layouts, keys = _parse_layout(blob, "key blob")
         end = 0
         for p in sorted(layouts, key=lambda p: p.first):
             if p.first < end or p.first + p.count > self.npages:
@@ -964,7 +638,7 @@ class ModelVM(ConfiguredVM):
         final version and MAC; keys and layout must equal the early ones."""
         if self.state != "incoming":
             raise VmError("protection metadata is only imported into an incoming VM")
-        obj, layouts, keys = self._parse_layout(blob, "protected-context blob")
+        obj, layouts, keys = _parse_layout(blob, "protected-context blob")
         if layouts != self.processes or len(keys) != len(self._keys) or not all(
                 hmac.compare_digest(k, bytes(mine)) for k, mine in zip(keys, self._keys)):
             raise ProtectionIntegrityError("protected-context blob disagrees with the keys sent at the start")
@@ -985,26 +659,6 @@ class ModelVM(ConfiguredVM):
                                      "the source sealed")
             threads.append(thr)
         self._threads = threads
-
-    def verify(self) -> VerifyReport:
-        """Checks every protected page in the cipher view against its MAC."""
-        checked = plain = 0
-        failures: list[str] = []
-        with self._lock:
-            for idx, p in enumerate(self.processes):
-                key = bytes(self._keys[idx])
-                for gfn in range(p.first, p.first + p.count):
-                    if self.meta.views[gfn] == VIEW_PROCESS:
-                        plain += 1
-                        continue
-                    base = gfn * PAGE_SIZE
-                    try:
-                        open_page(self.page_cipher, key, self.vm_id, p.pid, gfn, self.meta.versions[gfn],
-                                  self.mem[base : base + PAGE_SIZE], self.meta.tag(gfn))
-                        checked += 1
-                    except ProtectionIntegrityError as exc:
-                        failures.append(str(exc))
-        return VerifyReport(checked, plain, tuple(failures[:20]))
 
     def activate(self) -> None:
         """Runs a committed incoming VM: everything it needs was written and reserved at
@@ -1040,8 +694,3 @@ class ModelVM(ConfiguredVM):
                     plain[i] = opened[j]
                 pd.record(gfns, hash_pages(plain))
         return pd.digest()
-
-    def memory_bytes(self) -> bytes:
-        """Raw guest memory (tests compare unprotected VMs byte for byte)."""
-        with self._lock:
-            return self.mem[:]

@@ -17,7 +17,7 @@ import threading
 import time
 
 from palm_net.hypervisor.backend import PAGE_SIZE
-from palm_net.hypervisor.model import ModelVM, VmError
+from palm_net.hypervisor.model_guest import ModelGuest, VmError
 from palm_net.hypervisor.vmspec import Part, WorkloadError, parse_workload
 
 TICK = 0.002
@@ -28,7 +28,7 @@ TICK = 0.002
 class Workload:
     """Runs a spec against a VM in a daemon thread until stopped."""
 
-    def __init__(self, vm: ModelVM, spec: str, seed: int = 0) -> None:
+    def __init__(self, vm: ModelGuest, spec: str, seed: int = 0) -> None:
         self.vm = vm
         self.spec = spec
         self.parts = parse_workload(spec)
@@ -36,7 +36,7 @@ class Workload:
         self.writes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        unprotected = vm.npages - vm.info.protected_pages
+        unprotected = vm.npages - vm.protected_pages
         for p in self.parts:
             if p.kind == "protected" and not vm.processes:
                 raise WorkloadError("workload 'protected' needs a VM with protected processes")
@@ -63,7 +63,7 @@ class Workload:
         vm, rng = self.vm, self.rng
         stamp = (self.writes & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + rng.randbytes(8)
         offset = rng.randrange(0, PAGE_SIZE - len(stamp))
-        unprotected = vm.npages - vm.info.protected_pages
+        unprotected = vm.npages - vm.protected_pages
         if part.kind == "protected":
             idx = rng.randrange(len(vm.processes))
             p = vm.processes[idx]
