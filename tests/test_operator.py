@@ -295,7 +295,9 @@ def test_cancel_by_vm_name_or_prefix(ops):
     assert r["status"] == "cancelled" and r["runs_on"] == "source"
     mig = subprocess.Popen([*PALM, "migrate", "can1", "--control", c.sock("a"), "--to", to(c, "b"),
                             "--bandwidth", "16M/s", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 10  # until it is under way, however loaded this machine is
+    while time.monotonic() < deadline and not any(m["vm"] == "can1" and m["in_flight"] for m in rows(c, "a")):
+        time.sleep(0.1)
     assert "cancelling" in palm("migrate", "--cancel", "can1", "--control", c.sock("a")).stdout
     assert json.loads(mig.communicate(timeout=60)[0])["status"] == "cancelled"
 
