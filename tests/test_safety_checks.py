@@ -86,7 +86,8 @@ def forgeries(authority: Authority, ident: AgentIdentity, measurement: bytes) ->
         "roles altered": _rewrite(real, None, roles=["source"]),
         "name altered": _rewrite(real, None, name="someone-else"),
         "signature of another body": Certificate.decode(msgpack.packb(
-            {"body": real.body, "sig": authority.signing.sign(CERT_DOMAIN + real.body[:-1] + b"\x00").signature})),
+            {"body": real.body,  # (its last byte flipped: never the body itself)
+             "sig": authority.signing.sign(CERT_DOMAIN + real.body[:-1] + bytes([real.body[-1] ^ 1])).signature})),
     }
 
 

@@ -6,7 +6,9 @@ the session protocol and every check of proto/PROTOCOL.md 7.1-7.5 and 7.7:
 what BEGIN may claim, the order of keys, pages and blob, page versions
 (rollback), every page received, the CPU state, COMPLETE's counts and
 transcript, the protected page count.  It touches no socket, store, VM or
-clock: the shell (palm_net.migration.runner) performs the effects.
+clock: the shell (palm_net.migration.runner) performs the effects.  A record
+that breaks a rule is the peer's error (RemoteProtocolError); a valid request
+this agent refuses (too large, plain mode) is a MigrationFailure.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import numpy as np
 import numpy.typing as npt
 
 from palm_net.channel.records import Record
-from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, PalmError, public_reason
+from palm_net.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    MigrationFailure,
+    PalmError,
+    RemoteProtocolError,
+    public_reason,
+)
 from palm_net.migration.effects import (
     Aborted,
     AbortForever,
@@ -163,7 +172,7 @@ class DestinationEngine:
             return self._on_data(msg)
         handler = self._on_message.get(type(msg.body))
         if handler is None:  # the session protocol lets through only what a destination handles
-            raise MigrationFailure(ErrorCode.OUT_OF_STATE, f"{msg.type} is not for a destination")
+            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, f"{msg.type} is not for a destination")
         return handler(self, msg, rec)
 
     def on_result(self, result: Result) -> list[Effect]:
@@ -187,16 +196,16 @@ class DestinationEngine:
     def _on_begin(self, msg: Message, _: Record) -> list[Effect]:
         b = msg.get(Begin)
         if b.plain != self.plain_session:
-            raise MigrationFailure(ErrorCode.MODE_MISMATCH, "BEGIN's plain flag disagrees with the session mode")
+            raise RemoteProtocolError(ErrorCode.MODE_MISMATCH, "BEGIN's plain flag disagrees with the session mode")
         if b.plain and b.protected_pages:
             raise MigrationFailure(ErrorCode.PLAIN_REFUSED, "a VM with protected processes cannot use the plain mode")
         if not 1 <= b.pages <= self.max_pages:
             raise MigrationFailure(ErrorCode.TOO_LARGE, f"VM of {b.pages} pages exceeds this agent's limit")
         if b.protected_pages > b.pages or b.processes > b.protected_pages:
-            raise MigrationFailure(ErrorCode.MALFORMED, "inconsistent protected page counts")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "inconsistent protected page counts")
         self.stream = bool(self.proto.stream)
         if self.stream and b.protected_pages:
-            raise MigrationFailure(ErrorCode.MALFORMED, "a stream backend carries no protected processes")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "a stream backend carries no protected processes")
         self.begin = b
         return self._request(OpenIncoming(msg.mid, b), Opened)
 
@@ -210,32 +219,32 @@ class DestinationEngine:
 
     def _on_keys(self, msg: Message, _: Record) -> list[Effect]:
         if self.page_records:
-            raise MigrationFailure(ErrorCode.OUT_OF_STATE, "KEYS after the first page record")
+            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "KEYS after the first page record")
         return self._request(ImportKeys(msg.get(Keys).data), KeysImported)
 
     def _keys_imported(self, result: KeysImported) -> list[Effect]:
         assert self.begin is not None
         if result.protected_pages != self.begin.protected_pages:
-            raise MigrationFailure(ErrorCode.MALFORMED, "key layout disagrees with BEGIN's protected page count")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "key layout disagrees with BEGIN's protected page count")
         return []
 
     def _on_pages(self, msg: Message, _: Record) -> list[Effect]:
         p = msg.get(Pages)
         batch = IncomingPages(p)
         if p.round < self.round:
-            raise MigrationFailure(ErrorCode.ROLLBACK, f"page record of round {p.round} after round {self.round}")
+            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page record of round {p.round} after round {self.round}")
         self.round = p.round
         gfns, vers = batch.gfns, batch.vers
         outside = gfns >= self.npages
         if outside.any():
-            raise MigrationFailure(ErrorCode.MALFORMED, f"gfn {gfns[outside][0]} outside the VM")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"gfn {gfns[outside][0]} outside the VM")
         if int(vers.max()) >= MAX_VERSION:
-            raise MigrationFailure(ErrorCode.MALFORMED, "a page version out of range")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "a page version out of range")
         plus1 = vers + 1
         older = plus1 < self.applied[gfns]  # a gfn appears once in a message (ascending): no order within it
         if older.any():
             i = int(np.argmax(older))
-            raise MigrationFailure(ErrorCode.ROLLBACK, f"page {gfns[i]} version {vers[i]} older than applied "
+            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[i]} version {vers[i]} older than applied "
                                                        f"{int(self.applied[gfns[i]]) - 1}")
         self.applied[gfns] = plus1
         self.page_records += 1
@@ -282,7 +291,8 @@ class DestinationEngine:
     def _on_stream_end(self, msg: Message, _: Record) -> list[Effect]:
         claimed = msg.get(StreamEnd).bytes
         if claimed != self.stream_bytes:
-            raise MigrationFailure(ErrorCode.INCOMPLETE, f"{self.stream_bytes} stream bytes received, {claimed} sent")
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE,
+                                      f"{self.stream_bytes} stream bytes received, {claimed} sent")
         return self._request(EndStream(), StreamLoaded)
 
     def _stream_loaded(self, result: StreamLoaded) -> list[Effect]:
@@ -297,7 +307,7 @@ class DestinationEngine:
     def _on_context(self, msg: Message, _: Record) -> list[Effect]:
         c = msg.get(Context)
         if len(self.context) + len(c.data) > self.context_limit:
-            raise MigrationFailure(ErrorCode.OVERSIZE, "protected-context blob larger than the VM can need")
+            raise RemoteProtocolError(ErrorCode.OVERSIZE, "protected-context blob larger than the VM can need")
         self.context += c.data
         self.context_total = c.total
         return []
@@ -305,23 +315,23 @@ class DestinationEngine:
     def _on_complete(self, msg: Message, rec: Record) -> list[Effect]:
         c = msg.get(Complete)
         if not hmac.compare_digest(c.transcript, rec.transcript_before) or c.records != rec.index:
-            raise MigrationFailure(ErrorCode.INCOMPLETE, "record count or running hash differs from what was "
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE, "record count or running hash differs from what was "
                                                          "received")
         if c.page_records != self.page_records:
-            raise MigrationFailure(ErrorCode.INCOMPLETE, f"{self.page_records} page records applied, "
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE, f"{self.page_records} page records applied, "
                                                          f"{c.page_records} sent")
         self.complete = c
         if self.stream:
             if not self.stream_loaded:
-                raise MigrationFailure(ErrorCode.INCOMPLETE, "the stream never ended")
+                raise RemoteProtocolError(ErrorCode.INCOMPLETE, "the stream never ended")
             return self._prepare()
         if self.proto.context_parts != self.context_total:
-            raise MigrationFailure(ErrorCode.INCOMPLETE, "protected-context blob is missing chunks")
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE, "protected-context blob is missing chunks")
         missing = self.npages - int(np.count_nonzero(self.applied))
         if missing:
-            raise MigrationFailure(ErrorCode.INCOMPLETE, f"{missing} pages never received")
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE, f"{missing} pages never received")
         if not self.cpu_state_seen:
-            raise MigrationFailure(ErrorCode.INCOMPLETE, "no CPU state")
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE, "no CPU state")
         # Every protected page was verified against its MAC on arrival (and only
         # ciphertext was accepted on protected gfns); the final metadata must
         # name exactly those versions and MACs (the hypervisor checks it).
@@ -331,7 +341,7 @@ class DestinationEngine:
     def _protection_imported(self, result: ProtectionImported) -> list[Effect]:
         assert self.begin is not None
         if result.protected_pages != self.begin.protected_pages:
-            raise MigrationFailure(ErrorCode.INCOMPLETE, "protected page count differs from BEGIN")
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE, "protected page count differs from BEGIN")
         return self._prepare()
 
     def _prepare(self) -> list[Effect]:

@@ -218,7 +218,7 @@ class SourceEngine:
             return []
         handler, step = self._on_message.get(type(body), (None, None))
         if handler is None or step is not self.step:
-            raise MigrationFailure(ErrorCode.OUT_OF_STATE, f"{msg.type} while {self.step.value}")
+            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, f"{msg.type} while {self.step.value}")
         self._deadline = None
         return handler(self, msg, now)
 
