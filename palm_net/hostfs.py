@@ -27,6 +27,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from palm_net.units import format_bytes
+
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 LOCK_FILE = ".lock"
 
@@ -183,13 +185,31 @@ def read_nofollow(path: Path, limit: int = 1 << 20) -> bytes:
         os.close(fd)
 
 
-def format_bytes(n: float) -> str:
-    """As palm_net.units.format_bytes (this module is below it): 1.0 TiB, 22.6 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def read_private_file(path: Path, what: str, limit: int) -> bytes:
+    """A secret's file (a key, a password): a regular file, never through a symlink,
+    of this user and readable by nobody else, at most ``limit`` bytes.  UnsafePathError
+    in one line that says which and how to fix it (``what`` names the file's kind)."""
+    try:
+        fd = open_nofollow(path, os.O_RDONLY)
+    except OSError as exc:
+        raise UnsafePathError(f"{what} {path}: {'is a symlink' if exc.errno == errno.ELOOP else exc.strerror}") \
+            from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"{what} {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise UnsafePathError(f"{what} {path} belongs to uid {st.st_uid}, not to this user")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):  # anyone else who reads it holds the secret
+            raise UnsafePathError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: it must be readable "
+                                  f"by its owner only, not by group/other (chmod 600 {path})")
+        if st.st_size > limit:
+            raise UnsafePathError(f"{what} {path} is over {limit} bytes")
+        return os.read(fd, limit + 1)
+    except OSError as exc:
+        raise UnsafePathError(f"{what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:

@@ -21,19 +21,34 @@ class JsonLines:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
+    def __len__(self) -> int:
+        """Bytes held, not yet taken as a line."""
+        return len(self._buf)
+
     def next(self) -> dict[str, Any] | None:
-        """The next whole line's object, or None until one is whole."""
-        end = self._buf.find(b"\n")
-        if (end < 0 and len(self._buf) > self.max_line) or end > self.max_line:
-            raise LineError(f"a line longer than {self.max_line} bytes")
-        if end < 0:
-            return None
-        line = bytes(self._buf[:end])
-        del self._buf[: end + 1]
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise LineError("a line that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise LineError("a line that is not a JSON object")
-        return obj
+        """The next whole line's object (blank lines are skipped), or None until one is whole."""
+        while True:
+            end = self._buf.find(b"\n")
+            if (end < 0 and len(self._buf) > self.max_line) or end > self.max_line:
+                raise LineError(f"a line over the limit of {self.max_line} bytes")
+            if end < 0:
+                return None
+            line = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            if line.strip():
+                return _object(line)
+
+    def finish(self) -> dict[str, Any] | None:
+        """At the stream's end: what its last line holds if it lacks its newline."""
+        rest, self._buf = bytes(self._buf), bytearray()
+        return _object(rest) if rest.strip() else None
+
+
+def _object(line: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):  # (a deeply nested line)
+        raise LineError("a line that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise LineError("a line that is not a JSON object")
+    return obj

@@ -29,11 +29,11 @@ def test_objects_come_out_whole_however_the_bytes_are_cut(objs, cuts):
 def test_a_line_over_the_bound_is_refused_before_it_is_whole():
     lines = JsonLines(100)
     lines.feed(b"{" + b" " * 100)  # no newline yet, already too long
-    with pytest.raises(LineError, match="longer than 100"):
+    with pytest.raises(LineError, match="over the limit of 100"):
         lines.next()
     lines = JsonLines(100)
     lines.feed(b'{"a": "' + b"x" * 100 + b'"}\n')
-    with pytest.raises(LineError, match="longer than 100"):
+    with pytest.raises(LineError, match="over the limit of 100"):
         lines.next()
     lines = JsonLines(100)
     lines.feed(b'{"a": 1}' + b" " * 92 + b"\n")  # exactly at the bound: taken

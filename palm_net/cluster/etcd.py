@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import math
-import os
 import re
 import select
 import socket
 import ssl
-import stat
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -85,7 +82,7 @@ from palm_net.cluster.etcdwire import (
     txn_request,
     watch_create_request,
 )
-from palm_net.hostfs import open_nofollow
+from palm_net.hostfs import UnsafePathError, read_private_file
 from palm_net.trioutil import single_error
 
 log = structlog.get_logger("palm.etcd")
@@ -148,25 +145,9 @@ def read_password_file(path: Path) -> Password:
     """The password in ``path``: a regular file (no symlink) of this user,
     readable by nobody else (mode 0600 or 0400), one line; read once, here."""
     try:
-        fd = open_nofollow(path, os.O_RDONLY)
-    except OSError as e:
-        why = "is a symlink" if e.errno == errno.ELOOP else e.strerror
-        raise EtcdError(f"etcd password file {path}: {why}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise EtcdError(f"etcd password file {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise EtcdError(f"etcd password file {path} belongs to uid {st.st_uid}, not to this user")
-        if st.st_mode & 0o077:
-            # anyone else who can read it can act as this user in etcd
-            raise EtcdError(f"etcd password file {path} has mode {stat.S_IMODE(st.st_mode):04o}: it must be "
-                            f"readable by its owner only (chmod 600 {path})")
-        data = os.read(fd, _MAX_PASSWORD + 1)
-    except OSError as e:
-        raise EtcdError(f"etcd password file {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
+        data = read_private_file(path, "etcd password file", _MAX_PASSWORD)
+    except UnsafePathError as exc:  # (anyone else who can read it can act as this user in etcd)
+        raise EtcdError(str(exc)) from None
     if len(data) > _MAX_PASSWORD:
         raise EtcdError(f"etcd password file {path} is over {_MAX_PASSWORD} bytes")
     try:

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from palm_net import jsonlines
 
 # gRPC status codes the client treats specially (google.rpc.Code).
 CODE_INVALID_ARGUMENT = 3  # etcd: also "authentication failed", "user name is empty", "auth store is old"
@@ -412,28 +415,33 @@ def parse_json(data: bytes, context: str) -> dict[str, Any]:
 
 
 class JsonLines:
-    """Splits a streamed body into JSON messages, one a line, each at most
-    ``limit`` bytes."""
+    """The gateway's streamed body, a JSON message a line, each at most ``limit``
+    bytes (palm_net.jsonlines, its errors as EtcdError)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._buf = bytearray()
+        self._lines = jsonlines.JsonLines(limit)
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buf += data
+        self._lines.feed(data)
         out: list[dict[str, Any]] = []
-        while (i := self._buf.find(b"\n")) >= 0:
-            line = bytes(self._buf[:i])
-            del self._buf[:i + 1]
-            if len(line) > self.limit:
-                raise EtcdError(f"etcd stream: a message of {len(line)} bytes is over the limit of {self.limit}")
-            if line.strip():
-                out.append(parse_json(line, "etcd stream"))
-        if len(self._buf) > self.limit:
-            raise EtcdError(f"etcd stream: a message is over the limit of {self.limit} bytes")
+        with _as_etcd_error():
+            while (obj := self._lines.next()) is not None:
+                out.append(obj)
         return out
+
+    def __len__(self) -> int:
+        return len(self._lines)
 
     def finish(self) -> list[dict[str, Any]]:
         """Whatever the stream's end completes (the last line may lack its newline)."""
-        rest, self._buf = bytes(self._buf), bytearray()
-        return [parse_json(rest, "etcd stream")] if rest.strip() else []
+        with _as_etcd_error():
+            last = self._lines.finish()
+        return [] if last is None else [last]
+
+
+@contextlib.contextmanager
+def _as_etcd_error() -> Iterator[None]:
+    try:
+        yield
+    except jsonlines.LineError as exc:
+        raise EtcdError(f"etcd stream: etcd sent a malformed answer: {exc}") from None

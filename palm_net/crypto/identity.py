@@ -8,11 +8,9 @@ Formats are specified in proto/PROTOCOL.md (section "Identities").
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac
 import os
-import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from palm_net.crypto.noise import KeyPair, keypair_from_private
 from palm_net.errors import ErrorCode
-from palm_net.hostfs import UnsafePathError, ensure_dir, open_nofollow, write_atomic
+from palm_net.hostfs import UnsafePathError, ensure_dir, read_private_file, write_atomic
 
 CERT_VERSION = 1
 CERT_DOMAIN = b"palm-net/cert/v1\x00"
@@ -66,28 +64,9 @@ def write_secret_file(path: Path, data: bytes) -> None:
 
 def read_secret_file(path: Path) -> bytes:
     try:
-        fd = open_nofollow(path, os.O_RDONLY)
-    except OSError as exc:
-        why = "is a symlink" if exc.errno == errno.ELOOP else exc.strerror
-        raise KeyFileError(f"cannot read key file {path}: {why}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(
-                f"key file {path} is accessible by group/other (mode {stat.S_IMODE(st.st_mode):04o}); "
-                "run: chmod 600 " + str(path)
-            )
-        if st.st_uid != os.geteuid():
-            raise KeyFileError(f"key file {path} belongs to uid {st.st_uid}, not to this user")
-        if st.st_size > MAX_KEY_FILE:
-            raise KeyFileError(f"key file {path} is too large to be a key")
-        return os.read(fd, MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+        return read_private_file(path, "key file", MAX_KEY_FILE)
+    except UnsafePathError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 def key_directory(directory: Path) -> Path:
