@@ -546,3 +546,144 @@ def test_a_symlink_of_another_user_on_the_way_is_refused():
             own.unlink()
     finally:
         subprocess.run(["rm", "-rf", str(good), str(link)], check=False)
+
+
+# --------------------------------------------------------------------------
+# The memory directory after a reboot (found by the review of issue 21's change)
+
+
+async def test_a_memory_dir_planted_after_a_reboot_does_not_keep_the_agent_from_starting(nursery):
+    """Any local user reads the memory directory's "unpredictable" name from a QEMU
+    guest's command line (/proc/PID/cmdline: mem-path=/dev/shm/palm-0-XXXX/NAME/ram).
+    After a reboot (tmpfs emptied) they create that directory.  Agent._memory_dir sees it
+    is not the agent's and makes a new one (as designed), but vmindex.check_start then
+    finds the index's VMs recorded in a directory that exists and refuses to start
+    ("not in the memory directory now in force ... --adopt-vms"): the boot check that
+    lets a rebooted host start applies only when the old directory is missing
+    (vmindex.py check_start).  Neither suggested flag helps: --memory-dir OLD is
+    refused (not ours), --adopt-vms moves the planter's directories into ours."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from palm_net.agent import vmindex
+    from palm_net.agent.agent import Agent
+
+    c = LocalCluster(("a",))
+    c.nursery = nursery
+    cfg = c.members["a"].config
+    cfg.memory_dir = None  # the default: a directory made in /dev/shm
+    made: list[Path] = []
+    before = set(Path("/dev/shm").glob("palm-0-*"))
+    try:
+        a = await c.start("a")
+        a.registry.create_model("vm1", 16 * 4096, fill="random")
+        old = a.memory_dir
+        await c.stop("a")
+        # the reboot: tmpfs emptied, a new boot id
+        shutil.rmtree(old)
+        idx = vmindex.read_index(cfg.state_dir)
+        assert idx is not None and "vm1" in idx.vms
+        import json
+        raw = json.loads((cfg.state_dir / vmindex.INDEX_FILE).read_text())
+        raw["boot"] = "an-earlier-boot"
+        (cfg.state_dir / vmindex.INDEX_FILE).write_text(json.dumps(raw))
+        # the local user (nobody) plants the name they read from /proc/PID/cmdline
+        old.mkdir()
+        os.chown(old, 65534, 65534)
+        made.append(old)
+        try:
+            agent = Agent(cfg)
+        except Exception as exc:
+            raise AssertionError(f"the agent refuses to start after a reboot because a local user planted "
+                                 f"{old}: {exc}") from None
+        made.append(agent.memory_dir)
+        agent.close()
+    finally:
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in set(Path("/dev/shm").glob("palm-0-*")) - before:
+            shutil.rmtree(p, ignore_errors=True)
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()
+
+
+
+# --------------------------------------------------------------------------
+# QEMU loader files (issue 22.5): "QEMU loads no host file by path"
+
+
+async def test_a_second_file_property_is_refused(nursery):
+    """split_args checks a loader's properties by name only (LOADER_PROPS), with no
+    value check and no duplicate check; open_loader_files replaces only the FIRST
+    `file=` with /proc/self/fd/N.  QEMU's option parser lets the LAST duplicate win,
+    and QEMU opens the loader file as root before it drops privileges (the very reason
+    for the images directory).  So `-device loader,file=IMG,addr=A,file=/any/host/file`
+    loads any host file (/etc/shadow, the agent's hv.key, ...) into the guest's RAM,
+    from where the guest reads it and a migration carries it anywhere
+    (qemu.py split_args, open_loader_files)."""
+    import os
+
+    from palm_net.hypervisor.qemu import qemu_binary
+
+    if qemu_binary() is None:
+        pytest.skip("no QEMU")
+    async with LocalCluster.started(nursery, names=("a",)) as c:
+        a = c["a"]
+        images = a.registry.images_dir
+        assert images is not None
+        (images / "img.bin").write_bytes(b"\0" * 4096)
+        secret = os.urandom(64)
+        host_file = c.root / "host-secret.key"  # outside the images directory, root's 0600
+        host_file.write_bytes(secret)
+        host_file.chmod(0o600)
+        with pytest.raises(Exception, match="images directory"):  # the guard, as documented
+            a.registry.create_qemu("q-direct", 64 << 20, ["-device", f"loader,file={host_file},addr=0x1000000"])
+        from palm_net.agent.errors import AgentError
+
+        with pytest.raises(AgentError, match="property 'file' given twice"):  # (QEMU would take the last)
+            a.registry.create_qemu(
+                "q-dup", 64 << 20,
+                ["-device", f"loader,file=img.bin,addr=0x1000000,force-raw=on,file={host_file}", "-cpu", "qemu64"])
+
+
+# --------------------------------------------------------------------------
+# The index of VMs (issue 21.4)
+
+
+async def test_a_vanished_memory_dir_is_refused_every_time(nursery):
+    """--memory-dir DIR whose directory vanished: the first start refuses, naming the VMs
+    (as tested in tests/test_vmindex.py).  But Agent._memory_dir calls ensure_dir (which
+    makes DIR anew) BEFORE check_start, and a refused start leaves it made; the next
+    start (systemd's Restart=on-failure, or the operator trying again) finds DIR
+    existing and equal to the index's (`idx.memory_dir == memory_dir and not fresh`),
+    starts with no VMs and rewrites the index without them: the record of the VMs is
+    lost, and the refusal bought nothing (agent.py _memory_dir; vmindex.py check_start)."""
+    import shutil
+
+    from palm_net.agent.agent import Agent
+    from palm_net.agent.errors import AgentError
+
+    c = LocalCluster(("a",))
+    c.nursery = nursery
+    try:
+        a = await c.start("a")
+        a.registry.create_model("vm1", 16 * 4096, fill="random")
+        old = a.memory_dir
+        await c.stop("a")
+        shutil.rmtree(old)  # the memory directory vanished (unmounted, deleted)
+        cfg = c.members["a"].config
+        with pytest.raises(AgentError, match="missing"):
+            Agent(cfg)
+        try:
+            again = Agent(cfg)  # the same start, a second time
+        except AgentError:
+            return  # refused again: as intended
+        names = list(again.registry.vms)
+        again.close()
+        raise AssertionError(f"the second start of the same agent was accepted without the VMs (vms={names})")
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()

@@ -74,7 +74,7 @@ MUTANTS = [
            "        return True\n", ("tests/test_handoff_model.py", "-k", "safe_and_live")),
     Mutant("a second loader file= let through", "palm_net/hypervisor/qemu.py",
            "        if key in seen:",
-           "        if False:", ("tests/test_review_21.py", "-k", "second_file_property")),
+           "        if False:", ("tests/test_host_security.py", "-k", "second_file_property")),
 ]
 
 
