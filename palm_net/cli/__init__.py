@@ -396,13 +396,13 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if a.cancel:
         mid = _find_migration(control, a.cancel, True)
         r = control_request(control, "migrate.cancel", {"id": mid})
-        emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid[:8]}: {r['status']} ({CANCELLED})")
+        emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid[:8]} {CANCELLED} ({r['status']})")
         return 0
     if a.resolve:
         mid = _find_migration(control, a.resolve, False)
         r = control_request(control, "migrate.resolve", {"id": mid, "override": a.override,
                                                          "reason": a.reason or ""})
-        emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid[:8]}: {r['status']} ({CANCELLED})")
+        emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid}: {r['status']}")
         return 0
     if not a.name or not a.to:
         raise CliError("migrate needs NAME and --to HOST:PORT, an agent's name or auto (or --cancel / --resolve)",
@@ -532,9 +532,8 @@ def _interrupted(a: argparse.Namespace, control: str, mid: str | None) -> int:
         print(f"palm: migration {mid[:8]} was past the handoff point and completed: {a.name} runs on the "
               f"destination", file=sys.stderr)
         return 0
-    print(f"palm: migration {mid[:8]} {CANCELLED} (Ctrl-C); {a.name} runs on the {where}"
-          if where != "unknown" else f"palm: migration {mid[:8]} {CANCELLED} (Ctrl-C); its state: {state}",
-          file=sys.stderr)
+    print(f"palm: migration {mid[:8]} {CANCELLED}; {a.name} runs on the {where}"  # 80 columns
+          if where != "unknown" else f"palm: migration {mid[:8]} {CANCELLED}; its state: {state}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
