@@ -68,6 +68,9 @@ def check_ancestors(path: Path) -> None:
                                   f"{stat.S_IMODE(st.st_mode):04o}), who could replace what is below it")
 
 
+CONTROL_DIR = "control socket directory"  # the `what` of the control socket's directory
+
+
 def verify_dir(path: Path, what: str = "directory") -> Path:
     """Refuses ``path`` unless it is a real directory of ours, mode 0700, in safe
     ancestors; returns its real path (use that from then on)."""
@@ -84,8 +87,9 @@ def verify_dir(path: Path, what: str = "directory") -> Path:
     if st.st_uid != _uid():
         raise UnsafePathError(f"{what} {path} belongs to uid {st.st_uid}, not to this agent's uid {_uid()}")
     if stat.S_IMODE(st.st_mode) & 0o077:
-        raise UnsafePathError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 "
-                              f"(chmod 700 {path})")
+        fix = ("give the socket a 0700 directory of its own: mkdir -m 700 DIR, then --control DIR/control.sock"
+               if what == CONTROL_DIR else f"chmod 700 {path}")  # not chmod on a working directory
+        raise UnsafePathError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 ({fix})")
     check_ancestors(path.parent)
     return Path(os.path.realpath(path))
 

@@ -85,6 +85,14 @@ class ContainerError(Exception):
     pass
 
 
+KEPT_STATE = "kept.json"  # in the store of a run `scripts/containers up` left running
+
+
+def find_kept() -> Path | None:
+    """The state file of the cluster `scripts/containers up` left running on this host, if any."""
+    return next(iter(sorted(Path("/var/tmp").glob(f"{TAG_PREFIX}*/{KEPT_STATE}"))), None)
+
+
 # --------------------------------------------------------------------------
 # prerequisites
 
@@ -248,6 +256,11 @@ class HostState:
     processes: frozenset[tuple[int, str]]  # (pid, command) of processes naming the tag
 
     @classmethod
+    def load(cls, d: dict[str, Any]) -> HostState:
+        return cls(frozenset(d["paths"]), frozenset(d["links"]), tuple((t, r) for t, r in d["rules"]),
+                   frozenset((int(p), c) for p, c in d["processes"]))
+
+    @classmethod
     def take(cls, tag: str) -> HostState:
         paths = {p for p in HOST_DIRS + HOST_TREES if os.path.lexists(p)}
         for top in HOST_TREES:
@@ -401,7 +414,10 @@ class ContainerCluster:
 
     kind = "containers on a Podman network"
 
-    def __init__(self, n: int, root: Path, compose_file: Path = COMPOSE_FILE) -> None:
+    def __init__(self, n: int, root: Path, compose_file: Path = COMPOSE_FILE, kept: dict[str, Any] | None = None
+                 ) -> None:
+        """A new run; or, with kept (a kept cluster's state, see kept_state), the run `scripts/containers up`
+        left running, to look at or to close."""
         import yaml
 
         self.root = root
@@ -411,16 +427,42 @@ class ContainerCluster:
         if n != len(names):
             raise ContainerError(f"{compose_file.name} has {len(names)} agents ({', '.join(names)}), not {n}")
         self.lock = host_lock()
-        self.tag = f"{TAG_PREFIX}{os.getpid()}"
+        if kept is None and (other := find_kept()) is not None:
+            os.close(self.lock)
+            raise ContainerError(f"the agents of `scripts/containers up` are running (store {other.parent}): "
+                                 f"`scripts/containers down` first")
+        self.tag = kept["tag"] if kept else f"{TAG_PREFIX}{os.getpid()}"
         self.base, self.image = f"localhost/{self.tag}-base", f"localhost/{self.tag}"
-        self.store = Path(tempfile.mkdtemp(prefix=f"{self.tag}-", dir="/var/tmp"))
-        (self.store / "tmp").mkdir()
+        if kept:
+            self.store = Path(kept["store"])
+        else:
+            self.store = Path(tempfile.mkdtemp(prefix=f"{self.tag}-", dir="/var/tmp"))
+            (self.store / "tmp").mkdir()
         self.env = {**private_env(self.store), "PALM_IMAGE": self.image}
         self.log: TextIO = open(root / "containers.log", "a")
-        self.before = HostState.take(self.tag)
+        self.before = HostState.load(kept["before"]) if kept else HostState.take(self.tag)
         self.ours = Ours(self.tag)
         self.agents = [ContainerAgent(self, s) for s in names]
+        for ag in self.agents:
+            if kept:
+                ag.container, ag.control = kept["agents"][ag.name]
         self.timings: dict[str, float] = {}
+
+    def kept_state(self) -> dict[str, Any]:
+        """What a later process needs to find this run again (written to KEPT_STATE in the store)."""
+        b = self.before
+        return {"tag": self.tag, "store": str(self.store), "root": str(self.root),
+                "before": {"paths": sorted(b.paths), "links": sorted(b.links), "rules": list(b.rules),
+                           "processes": sorted(b.processes)},
+                "agents": {ag.name: [ag.container, ag.control] for ag in self.agents}}
+
+    def keep(self) -> Path:
+        """Leaves the run's containers running for a later process (`scripts/containers down`)."""
+        path = self.store / KEPT_STATE
+        path.write_text(json.dumps(self.kept_state()))
+        self.log.close()
+        os.close(self.lock)
+        return path
 
     # -- commands
 

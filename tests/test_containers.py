@@ -8,6 +8,7 @@ skip, saying why, where Podman cannot run containers.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -138,3 +139,45 @@ def test_container_drill_interrupted_mid_migration_cleans_up():
     assert "drill: interrupted, cleaning up" in err
     assert "nothing left behind" in text
     assert left_on_host(before) == []
+
+
+CONTAINERS = [sys.executable, str(ROOT / "scripts" / "containers.py")]
+PALM = [sys.executable, "-m", "palm_net.cli"]
+
+
+@pytest.mark.containers
+def test_containers_up_leaves_agents_to_use_and_down_leaves_nothing():
+    """Issue 25.8: `scripts/containers up` leaves the three agents running and says how to reach each control
+    socket; a model VM made on one moves to another through those sockets; `down` removes everything."""
+    podman_or_skip()
+    before = HostState.take(TAG_PREFIX)
+    try:
+        t0 = time.monotonic()
+        up = subprocess.run([*CONTAINERS, "up"], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+        print(up.stdout, up.stderr[-3000:], f"up took {time.monotonic() - t0:.1f} s", sep="\n")
+        assert up.returncode == 0, up.stderr[-3000:]
+        socks = dict(re.findall(r"^  (agent-\w)  palm vm list --control (\S+)$", up.stdout, re.M))
+        assert sorted(socks) == ["agent-a", "agent-b", "agent-c"], up.stdout
+
+        def palm(*args: str) -> subprocess.CompletedProcess[str]:
+            p = subprocess.run([*PALM, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+            assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+            return p
+
+        assert palm("vm", "list", "--control", socks["agent-a"]).stdout.strip().lower() == "no vms"
+        palm("vm", "create", "web", "--memory", "256MiB", "--protected", "2", "--control", socks["agent-a"])
+        moved = palm("migrate", "web", "--to", "agent-b:7400", "--control", socks["agent-a"], "--json")
+        assert json.loads(moved.stdout)["ok"] is True
+        assert "web" in palm("vm", "list", "--control", socks["agent-b"]).stdout
+        assert "web" not in palm("vm", "list", "--control", socks["agent-a"]).stdout
+        palm("vm", "verify", "web", "--control", socks["agent-b"])
+        status = subprocess.run([*CONTAINERS, "status"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert status.returncode == 0 and re.search(r"^agent-b .* running +web ", status.stdout, re.M), status.stdout
+    finally:
+        down = subprocess.run([*CONTAINERS, "down"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        print(down.stdout, down.stderr)
+    assert down.returncode == 0, down.stderr
+    assert "nothing left behind" in down.stdout
+    assert left_on_host(before) == []
+    again = subprocess.run([*CONTAINERS, "down"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert again.returncode == 1 and again.stderr.strip() == "containers: none are up (nothing to remove)"

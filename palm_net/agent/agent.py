@@ -53,6 +53,7 @@ from palm_net.crypto.identity import (
 )
 from palm_net.crypto.noise import CipherName
 from palm_net.hostfs import (
+    CONTROL_DIR,
     LOCK_FILE,
     DirLock,
     UnsafePathError,
@@ -164,7 +165,7 @@ class Agent:
             raise AgentError(f"run directory {self.run_dir} is longer than {MAX_RUN_DIR} characters "
                              "(Unix socket paths are short); choose a shorter --run-dir")
         control = cfg.control or default_control(d)
-        self.control_path = ensure_dir(control.parent, "control socket directory") / control.name
+        self.control_path = ensure_dir(control.parent, CONTROL_DIR) / control.name
         if not (d / IDENTITY_FILE).exists() and not (d / IDENTITY_FILE).is_symlink():
             raise AgentError(f"no agent identity in {d} (run: palm keygen --dir {d} --name NAME, "
                              f"then: palm ca issue --ca CA_DIR --agent {d})")

@@ -16,6 +16,9 @@ from typing import Any
 from palm_net.jsonlines import JsonLines, LineError
 
 CONTROL_VERSION = 1
+# The one wording of a migration the operator cancelled (Ctrl-C, --cancel, a client gone), in its
+# result's error, `palm migrations` and the command's own line.
+CANCELLED = "cancelled by the operator"
 MAX_ANSWER_LINE = 16 << 20
 
 

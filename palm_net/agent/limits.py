@@ -107,7 +107,9 @@ class Admission:
                 raise MigrationFailure(ErrorCode.BUSY, f"{self.memory >> 20} MiB reserved for incoming VMs, "
                                                        f"{size >> 20} MiB more exceeds {self.max_memory >> 20} MiB")
             if self.memory_per_peer.get(peer, 0) + size > self.max_memory_per_peer:
-                raise MigrationFailure(ErrorCode.BUSY, f"this peer's share of incoming memory is "
+                held = self.memory_per_peer.get(peer, 0)
+                raise MigrationFailure(ErrorCode.BUSY, f"{held >> 20} MiB reserved for this peer's incoming VMs, "
+                                                       f"{size >> 20} MiB more exceeds its share of incoming memory, "
                                                        f"{self.max_memory_per_peer >> 20} MiB")
             self.sessions += 1
             self.memory += size

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 import trio
 
+from palm_net.agent.client import CANCELLED
 from palm_net.agent.errors import AgentError
 from palm_net.agent.limits import release_free_memory
 from palm_net.agent.registry import VmRegistry
@@ -56,7 +57,7 @@ class LiveMigration:
     cancel: trio.CancelScope
     result: MigrationResult | None = None
     peer_info: PeerInfo | None = None  # the attested destination, once the handshake named it
-    cancel_reason: str = "by the operator"
+    cancel_reason: str | None = None  # None: the operator's (CANCELLED)
 
 
 class OutgoingService:
@@ -129,7 +130,8 @@ class OutgoingService:
                                      "outcome unknown, VM paused until the destination answers", "in-doubt",
                                      "none (paused, in doubt)", lm.peer_info.name if lm.peer_info else to)
         elif result is None:  # cancelled by the operator before the handoff: the VM runs here
-            result = MigrationResult(False, mid, name, "cancelled", lm.stats, f"cancelled: {lm.cancel_reason}",
+            why = CANCELLED if lm.cancel_reason is None else f"cancelled: {lm.cancel_reason}"
+            result = MigrationResult(False, mid, name, "cancelled", lm.stats, why,
                                      lm.stats.phase, "source" if vm.running else "none (paused, in doubt)")
         lm.result = result
         if not result.ok and self.store.get(mid) is None:  # failed before BEGIN: no row, so say it here

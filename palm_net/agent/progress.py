@@ -16,7 +16,8 @@ draws them.  A view holds only figures that exist at that moment:
 - ``dirty_rate``: bytes/s the guest dirtied in the last round (the embedded
   model measures it at each round's end; QEMU at each dirty sync);
 - ``expected_downtime``: seconds the stop-and-copy would take now;
-- ``eta``: seconds left in the current round at the current rate.
+- ``eta``: seconds left in the current round at the current rate, once that rate spans
+  ETA_AFTER seconds (before, a fraction of a second of setup would promise minutes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from palm_net.migration.params import MigrationStats
 
 PAGE = 4096
 WINDOW = 2.0  # seconds of samples for the current rate
+ETA_AFTER = 1.0  # no "left" estimate before the rate has been measured over this long (issue 25, low)
 
 
 class ProgressMeter:
@@ -46,6 +48,11 @@ class ProgressMeter:
             s.popleft()
         t0, b0 = s[0]
         return (sent - b0) / (now - t0) if now - t0 >= 0.2 else None
+
+    def rate_is_meaningful(self, now: float) -> bool:
+        """The rate spans ETA_AFTER seconds of samples: the first fraction of a second (the
+        connection, the first batch) would promise minutes for a one-second migration."""
+        return bool(self._samples) and now - self._samples[0][0] >= ETA_AFTER
 
     def view(self, stats: MigrationStats, now: float, live: dict[str, Any] | None = None) -> dict[str, Any]:
         st = stats
@@ -69,7 +76,7 @@ class ProgressMeter:
             if exp is not None and syncs > 1:
                 out["expected_downtime"] = float(exp) / 1000
             mbps = float(ram.get("mbps") or 0)
-            if mbps > 0:
+            if mbps > 0 and self.rate_is_meaningful(now):
                 out["eta"] = left * 8 / (mbps * 1e6)
             return out
         if st.rounds:
@@ -81,6 +88,6 @@ class ProgressMeter:
             out["percent"] = 100.0 * done / st.round_pages
             per_page = (sent - self._round[1]) / done if done > 0 else PAGE
             out["remaining"] = int(st.remaining * PAGE)
-            if rate:
+            if rate and self.rate_is_meaningful(now):
                 out["eta"] = st.remaining * per_page / rate
         return out

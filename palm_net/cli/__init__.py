@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from palm_net.agent.client import CANCELLED
 from palm_net.cli.cluster import CONFIG_KEYS as CLUSTER_CONFIG_KEYS
 from palm_net.cli.cluster import add_agent_flags, add_commands, agent_settings, cluster_line
 from palm_net.cli.output import (
@@ -395,7 +396,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if a.cancel:
         mid = _find_migration(control, a.cancel, True)
         r = control_request(control, "migrate.cancel", {"id": mid})
-        emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid}: {r['status']}")
+        emit({**r, "migration_id": mid}, a.json, lambda: f"migration {mid[:8]} {CANCELLED} ({r['status']})")
         return 0
     if a.resolve:
         mid = _find_migration(control, a.resolve, False)
@@ -501,7 +502,7 @@ def _interrupted(a: argparse.Namespace, control: str, mid: str | None) -> int:
     if mid is None:
         print("palm: interrupted before the migration started", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"palm: interrupted: cancelling migration {mid} ...", file=sys.stderr, flush=True)
+    print(f"palm: interrupted: cancelling migration {mid[:8]} ...", file=sys.stderr, flush=True)
     try:
         try:
             control_request(control, "migrate.cancel", {"id": mid}, timeout=10)
@@ -523,15 +524,16 @@ def _interrupted(a: argparse.Namespace, control: str, mid: str | None) -> int:
     done = state in ("done", "completed")
     where = "destination" if done else "source" if state in ("aborted", "failed", "cancelled") else "unknown"
     out = {"ok": done, "vm": a.name, "migration_id": mid, "status": "completed" if done else "cancelled",
-           "error": None if done else "cancelled: interrupted by the operator (Ctrl-C)", "runs_on": where,
+           "error": None if done else f"{CANCELLED} (Ctrl-C)", "runs_on": where,
            "state": state}
     if a.json:
         print(json.dumps(out))
     if done:
-        print(f"palm: migration {mid} was past the handoff point and completed: {a.name} runs on the destination",
-              file=sys.stderr)
+        print(f"palm: migration {mid[:8]} was past the handoff point and completed: {a.name} runs on the "
+              f"destination", file=sys.stderr)
         return 0
-    print(f"palm: migration {mid} cancelled (state {state}); VM runs on: {where}", file=sys.stderr)
+    print(f"palm: migration {mid[:8]} {CANCELLED}; {a.name} runs on the {where}"  # 80 columns
+          if where != "unknown" else f"palm: migration {mid[:8]} {CANCELLED}; its state: {state}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 

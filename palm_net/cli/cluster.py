@@ -417,7 +417,8 @@ def drain_summary(st: Any, opts: Any, wrap: bool = True) -> str:
     dests = sorted({v.to for v in st.vms.values() if v.state == "moved"})
     took = (st.finished or st.updated) - st.started
     left = c["waiting"] + c["migrating"] + c["failed"] + c["unplaceable"]
-    line = (f"drain of {st.host} {st.state}: {c['moved']} of {len(st.vms)} VMs moved to {len(dests)} agents in "
+    line = (f"drain of {st.host} {st.state}: {c['moved']} of {len(st.vms)} VMs moved to {len(dests)} "
+            f"{'agent' if len(dests) == 1 else 'agents'} in "
             f"{took:.1f} s, {c['failed']} failed, {c['unplaceable']} not placeable, {left} left on {st.host} "
             f"(at most {st.max_parallel} at once from {st.host}; limits {opts.max_cluster} in the cluster, "
             f"{opts.max_source} per host)")

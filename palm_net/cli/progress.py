@@ -105,7 +105,7 @@ class ProgressView:
     def started(self, ev: dict[str, Any]) -> None:
         self.migration_id = ev.get("migration_id")
         to = f"{self.to_name} ({ev.get('to')})" if self.to_name else ev.get("to")
-        note = f"migration {self.migration_id}: {ev.get('vm')} to {to}"
+        note = f"migration {(self.migration_id or '')[:8]}: {ev.get('vm')} to {to}"  # 80 columns: the short id
         if self.mode == "live":
             self.note(note + " (Ctrl-C cancels)")
         elif self.mode == "plain":  # with the first progress line, a second in (a quick refusal stays one line)
