@@ -251,6 +251,8 @@ def test_begin_sizes_are_bounded_by_the_agent_s_limit_and_each_other(shm, pages,
         with pytest.raises(MigrationFailure if code == "too-large" else RemoteProtocolError) as info:
             dest.feed(begin)
         assert info.value.code == code and store.get(mid) is None
+        if code == "too-large":  # the sizes, said
+            assert info.value.detail.endswith("exceeds this agent's limit of 256.0 KiB"), info.value.detail
 
 
 def test_the_destination_engine_takes_only_the_result_it_asked_for(shm):

@@ -54,6 +54,7 @@ from palm_net.migration.effects import (
     StreamIn,
     StreamLoaded,
 )
+from palm_net.units import format_bytes
 from palm_net.wire.messages import (
     PAGE_SIZE,
     Abort,
@@ -200,7 +201,8 @@ class DestinationEngine:
         if b.plain and b.protected_pages:
             raise MigrationFailure(ErrorCode.PLAIN_REFUSED, "a VM with protected processes cannot use the plain mode")
         if not 1 <= b.pages <= self.max_pages:
-            raise MigrationFailure(ErrorCode.TOO_LARGE, f"VM of {b.pages} pages exceeds this agent's limit")
+            raise MigrationFailure(ErrorCode.TOO_LARGE, f"a VM of {format_bytes(b.pages * PAGE_SIZE)} ({b.pages} "
+                                   f"pages) exceeds this agent's limit of {format_bytes(self.max_pages * PAGE_SIZE)}")
         if b.protected_pages > b.pages or b.processes > b.protected_pages:
             raise RemoteProtocolError(ErrorCode.MALFORMED, "inconsistent protected page counts")
         self.stream = bool(self.proto.stream)

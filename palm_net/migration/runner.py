@@ -491,6 +491,8 @@ class DestinationRun:
     async def _fail(self, error: PalmError) -> None:
         """The engine's way out: abort forever and scrub, then ABORT (best effort)."""
         eng, host = self.engine, self.host
+        if eng.mid is not None and "migration" not in self.log._context:  # (a refused BEGIN binds it here)
+            self.log = self.log.bind(migration=eng.mid.hex())
         self.log.warning("incoming migration failed", phase="abort", error=error.code.value, reason=error.detail,
                          outcome=eng.outcome)
         try:
