@@ -31,7 +31,9 @@ from palm_net.crypto.identity import (
     Certificate,
     KeyFileError,
     RejectReason,
+    compute_measurement,
     read_secret_file,
+    validate_name,
     write_secret_file,
 )
 from palm_net.crypto.noise import CipherName
@@ -435,10 +437,11 @@ def _signed_certificate(ca: Authority, **change: object) -> bytes:
     return out
 
 
-def test_a_certificate_field_of_the_wrong_type_is_malformed_even_if_signed():
+def test_a_signed_certificate_of_another_version_with_other_fields_or_types_is_malformed():
     ca = Authority.generate()
     Certificate.decode(_signed_certificate(ca)).verify(ca.public)
-    for change in ({"static_pub": "k" * 32}, {"nbf": True}, {"naf": "never"}, {"name": b"host"}):
+    for change in ({"v": 2}, {"extra": 1}, {"static_pub": "k" * 32}, {"nbf": True}, {"naf": "never"},
+                   {"name": b"host"}, {"static_pub": bytes(31)}, {"sign_pub": bytes(33)}, {"measurement": bytes(31)}):
         with pytest.raises(AttestationError) as info:
             Certificate.decode(_signed_certificate(ca, **change))
         assert info.value.reason == RejectReason.MALFORMED, change
@@ -453,3 +456,40 @@ def test_a_certificate_of_exactly_the_bound_is_read_one_byte_more_is_not():
     with pytest.raises(AttestationError) as info:
         Certificate.decode(data + b"\x00")
     assert info.value.reason == RejectReason.MALFORMED
+
+
+def test_a_certificate_holds_from_not_before_to_not_after_both_included():
+    ca = Authority.generate()
+    ident = AgentIdentity.generate("host")
+    cert = ca.issue("host", ident.static.public, ident.sign_pub, bytes(32), not_before=1000, days=1)
+    for now in (1000, 1000 + 86400):
+        cert.verify(ca.public, now)
+    for now, reason in ((999.5, RejectReason.NOT_YET_VALID), (1000 + 86400.5, RejectReason.EXPIRED)):
+        with pytest.raises(AttestationError) as info:
+            cert.verify(ca.public, now)
+        assert info.value.reason == reason
+
+
+def test_a_name_is_1_to_64_ascii_letters_digits_dash_underscore_dot_and_never_starts_with_a_dot():
+    for good in ("a", "n" * 64, "host-1_b.c", "A9"):
+        validate_name(good)
+    for bad in ("", "n" * 65, ".", "..", ".hidden", "a/b", "../x", "a b", "h\u00f6st", "a\x00"):
+        with pytest.raises(ValueError):
+            validate_name(bad)
+
+
+def test_the_measurement_covers_every_agent_module_and_the_policy_but_not_test_tooling(tmp_path):
+    (tmp_path / "testing").mkdir()
+    (tmp_path / "wire").mkdir()
+    files = {"a.py": b"a", "testing/t.py": b"t", "wire/z.py": b"z", "notes.txt": b"n"}
+    for rel, content in files.items():
+        (tmp_path / rel).write_bytes(content)
+    base = compute_measurement(b"", tmp_path)
+    assert compute_measurement(b"", tmp_path) == base and len(base) == 32
+    assert compute_measurement(b"p", tmp_path) != base
+    for rel, changes in (("a.py", True), ("wire/z.py", True), ("testing/t.py", False), ("notes.txt", False)):
+        (tmp_path / rel).write_bytes(files[rel] + b"!")
+        assert (compute_measurement(b"", tmp_path) != base) == changes, rel
+        (tmp_path / rel).write_bytes(files[rel])
+    (tmp_path / "wire" / "new.py").write_bytes(b"")  # a module added
+    assert compute_measurement(b"", tmp_path) != base
