@@ -478,7 +478,7 @@ def test_a_name_is_1_to_64_ascii_letters_digits_dash_underscore_dot_and_never_st
             validate_name(bad)
 
 
-def test_the_measurement_covers_every_agent_module_and_the_policy_but_not_test_tooling(tmp_path):
+def test_the_measurement_covers_every_agent_module_and_its_configuration_but_not_test_tooling(tmp_path):
     (tmp_path / "testing").mkdir()
     (tmp_path / "wire").mkdir()
     files = {"a.py": b"a", "testing/t.py": b"t", "wire/z.py": b"z", "notes.txt": b"n"}
