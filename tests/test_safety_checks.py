@@ -27,6 +27,8 @@ import trio
 import trio.testing
 from nacl.signing import SigningKey
 
+from palm_net.agent.errors import AgentError
+from palm_net.agent.incoming import IncomingLimits, IncomingService, Session
 from palm_net.agent.limits import Admission
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, PeerInfo, Purpose, TransportMode
 from palm_net.channel.records import RecordSender
@@ -560,3 +562,72 @@ def test_token_buckets_refill_at_their_rate_and_forget_only_beyond_max_keys():
     assert not tb.take("a")  # ...so "a" is still remembered empty
     tb.take("c")
     assert len(tb) == 2  # beyond: the least recently seen ("b") goes
+
+
+# ------------------------------------------------------------------ the incoming service's checks, alone
+# (palm_net/agent/incoming.py under mutation: each test below fails with a mutant that
+# survived the selection before it; docs/MUTATION.md)
+
+
+def _incoming(accept_qemu: bool = True, store: object = None, registry: object = None) -> IncomingService:
+    limits = IncomingLimits(4, 1 << 30, 2, 1 << 30, 1.0, 8, 100.0, 100.0)
+    return IncomingService(None, store, None, registry, limits, accept_qemu)  # type: ignore[arg-type]
+
+
+async def test_a_peer_refused_in_flight_ends_its_sessions_before_ready_and_only_those():
+    svc = _incoming()
+    code = ErrorCode.REVOKED
+    evil = SimpleNamespace(name="evil")
+    seen = []
+
+    def gate(peer, purpose):
+        seen.append(purpose)
+        return PalmError(code, "now refused") if peer is evil else None
+
+    svc.gate = gate  # type: ignore[assignment]
+
+    def session(peer, outcome, with_run=True):
+        ch = SimpleNamespace(result=SimpleNamespace(peer=peer, purpose=Purpose.MIGRATION), peer_name=peer.name)
+        scope = trio.CancelScope()
+        svc._live[object()] = (ch, scope)  # type: ignore[assignment]
+        if with_run:
+            svc.runs[len(svc.runs)] = SimpleNamespace(ch=ch, engine=SimpleNamespace(outcome=outcome, mid=b"\x01" * 16))  # type: ignore[assignment]
+        return scope
+
+    before_ready = session(evil, None)
+    without_run = session(evil, None, with_run=False)  # before BEGIN: no run yet
+    past_ready = session(evil, "ready")
+    other = session(SimpleNamespace(name="good"), None)
+    svc.recheck()
+    assert before_ready.cancel_called and without_run.cancel_called
+    assert not past_ready.cancel_called and not other.cancel_called
+    assert seen == [Purpose.MIGRATION] * 4
+    assert svc.counters == {f"ended-{code}": 2}
+
+
+async def test_begin_refuses_a_used_id_and_a_qemu_vm_where_not_accepted_before_anything_is_taken():
+    class Store:
+        def get(self, mid):
+            return "row" if mid == b"\x01" * 16 else None
+
+    class Registry:
+        reserved: list[str] = []
+
+        def reserve(self, name, vm_id):
+            self.reserved.append(name)
+            raise AgentError("stop here")  # what follows is not under test
+
+    peer = Peer("src", b"\x02" * 32, b"\x03" * 32)
+    for accept_qemu, mid, backend, code in ((True, b"\x01" * 16, "sim", ErrorCode.REPLAY),
+                                            (False, b"\x04" * 16, "qemu", ErrorCode.BACKEND),
+                                            (False, b"\x04" * 16, "sim", ErrorCode.EXISTS),
+                                            (True, b"\x04" * 16, "qemu", ErrorCode.EXISTS),
+                                            (True, b"\x04" * 16, "sim", ErrorCode.EXISTS)):
+        registry = Registry()
+        registry.reserved = []
+        svc = _incoming(accept_qemu, Store(), registry)
+        begin = SimpleNamespace(backend=backend, pages=1, vm="web", vm_id="aa" * 16)
+        with pytest.raises(MigrationFailure) as info:
+            await svc._open(Session(), mid, begin, peer)  # type: ignore[arg-type]
+        assert info.value.code == code, (accept_qemu, backend)
+        assert registry.reserved == ([] if code != ErrorCode.EXISTS else ["web"])
