@@ -41,6 +41,7 @@ from palm_net.crypto.identity import (
     Authority,
     Certificate,
     RejectReason,
+    validate_name,
 )
 from palm_net.crypto.noise import CHACHAPOLY, CipherState
 from palm_net.hypervisor.model import ModelVM
@@ -611,23 +612,27 @@ async def test_begin_refuses_a_used_id_and_a_qemu_vm_where_not_accepted_before_a
             return "row" if mid == b"\x01" * 16 else None
 
     class Registry:
-        reserved: list[str] = []
+        reserved: list[tuple[str, str | None]] = []
 
-        def reserve(self, name, vm_id):
-            self.reserved.append(name)
+        def reserve(self, name, vm_id=None):  # VmRegistry.reserve: the name, and the VM's identity
+            self.reserved.append((name, vm_id))
+            validate_name(name)
             raise AgentError("stop here")  # what follows is not under test
 
     peer = Peer("src", b"\x02" * 32, b"\x03" * 32)
-    for accept_qemu, mid, backend, code in ((True, b"\x01" * 16, "sim", ErrorCode.REPLAY),
-                                            (False, b"\x04" * 16, "qemu", ErrorCode.BACKEND),
-                                            (False, b"\x04" * 16, "sim", ErrorCode.EXISTS),
-                                            (True, b"\x04" * 16, "qemu", ErrorCode.EXISTS),
-                                            (True, b"\x04" * 16, "sim", ErrorCode.EXISTS)):
+    used, new = b"\x01" * 16, b"\x04" * 16
+    for accept_qemu, mid, backend, name, code in ((True, used, "sim", "web", ErrorCode.REPLAY),
+                                                  (False, new, "qemu", "web", ErrorCode.BACKEND),
+                                                  (False, new, "sim", "web", ErrorCode.EXISTS),
+                                                  (True, new, "qemu", "web", ErrorCode.EXISTS),
+                                                  (True, new, "sim", "web", ErrorCode.EXISTS),
+                                                  (True, new, "sim", "../x", ErrorCode.MALFORMED)):
         registry = Registry()
         registry.reserved = []
         svc = _incoming(accept_qemu, Store(), registry)
-        begin = SimpleNamespace(backend=backend, pages=1, vm="web", vm_id="aa" * 16)
+        begin = SimpleNamespace(backend=backend, pages=1, vm=name, vm_id="aa" * 16)
         with pytest.raises(MigrationFailure) as info:
             await svc._open(Session(), mid, begin, peer)  # type: ignore[arg-type]
-        assert info.value.code == code, (accept_qemu, backend)
-        assert registry.reserved == ([] if code != ErrorCode.EXISTS else ["web"])
+        assert info.value.code == code, (accept_qemu, backend, name)
+        # the name is reserved with the VM's identity (a VM hosted here already is refused)
+        assert registry.reserved == ([] if code in (ErrorCode.REPLAY, ErrorCode.BACKEND) else [(name, "aa" * 16)])
