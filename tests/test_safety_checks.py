@@ -44,6 +44,7 @@ from palm_net.crypto.identity import (
     validate_name,
 )
 from palm_net.crypto.noise import CHACHAPOLY, CipherState
+from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, make_abort_token
 from palm_net.migration.orchestrate import recover_once
@@ -636,3 +637,29 @@ async def test_begin_refuses_a_used_id_and_a_qemu_vm_where_not_accepted_before_a
         assert info.value.code == code, (accept_qemu, backend, name)
         # the name is reserved with the VM's identity (a VM hosted here already is refused)
         assert registry.reserved == ([] if code in (ErrorCode.REPLAY, ErrorCode.BACKEND) else [(name, "aa" * 16)])
+
+
+async def test_begin_makes_the_vm_under_its_migration_id(tmp_path):
+    made = []
+
+    class Registry:
+        memory_dir = tmp_path
+
+        def reserve(self, name, vm_id=None):
+            pass
+
+        def make_incoming(self, *args):
+            made.append(args)
+            raise HypervisorError("no room")  # what follows is not under test
+
+    class Store:
+        def get(self, mid):
+            return None
+
+    svc = _incoming(True, Store(), Registry())
+    begin = SimpleNamespace(backend="sim", pages=1, vm="web", vm_id="aa" * 16, vcpus=1, spec=None)
+    with pytest.raises(MigrationFailure) as info:
+        await svc._open(Session(), b"\x05" * 16, begin, Peer("src", b"\x02" * 32, b"\x03" * 32))  # type: ignore[arg-type]
+    assert info.value.code == ErrorCode.NO_SPACE
+    # the VM names the migration that made it: its row decides it after a restart
+    assert made == [("web", "aa" * 16, b"\x05" * 16, 1, 1, "sim", None)]
