@@ -663,3 +663,54 @@ async def test_begin_makes_the_vm_under_its_migration_id(tmp_path):
     assert info.value.code == ErrorCode.NO_SPACE
     # the VM names the migration that made it: its row decides it after a restart
     assert made == [("web", "aa" * 16, b"\x05" * 16, 1, 1, "sim", None)]
+
+
+def test_a_session_s_end_is_decided_by_its_row_committed_runs_anything_else_is_scrubbed(tmp_path):
+    mid = b"\x06" * 16
+    for state, running, want in ((HandoffState.COMMITTED, True, "committed"),
+                                 (HandoffState.COMMITTED, False, "committed"),
+                                 (HandoffState.PREPARED, True, "aborted"),
+                                 (HandoffState.RECEIVING, False, "aborted")):
+        calls: list[tuple[str, object]] = []
+        vm = SimpleNamespace(name="web", running=running, dir=tmp_path)
+
+        class Store:
+            def state_of(self, m):
+                calls.append(("state_of", m))
+                return state
+
+            def abort_forever(self, m, v, why):
+                calls.append(("abort_forever", m))
+                return True
+
+        class Registry:
+            vms: dict[str, object] = {}
+
+            def start_workload(self, v):
+                calls.append(("start_workload", v))
+
+            def activation_failed(self, v, why):
+                calls.append(("activation_failed", v))
+
+            def forget(self, v):
+                calls.append(("forget", v))
+
+            def unreserve(self, name):
+                calls.append(("unreserve", name))
+
+        svc = _incoming(True, Store(), Registry())
+        session = Session()
+        session.vm, session.mid, session.name = vm, mid, "web"  # type: ignore[assignment]
+        session.release = lambda: calls.append(("release", None))
+        assert svc._settle(session, None) == want, state
+        expected: list[tuple[str, object]] = [("state_of", mid)]
+        if want == "committed":
+            expected.append(("start_workload" if running else "activation_failed", vm))
+        else:
+            expected += [("abort_forever", mid), ("forget", vm), ("unreserve", "web")]
+        assert calls == [*expected, ("release", None)], state
+    empty = Session()  # refused at BEGIN: nothing made, nothing to settle
+    empty.release = lambda: calls.append(("released", None))
+    calls = []
+    assert _incoming(True, Store(), Registry())._settle(empty, None) == "refused"
+    assert calls == [("released", None)]
