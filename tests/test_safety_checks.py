@@ -680,7 +680,7 @@ def test_a_session_s_end_is_decided_by_its_row_committed_runs_anything_else_is_s
                 return state
 
             def abort_forever(self, m, v, why):
-                calls.append(("abort_forever", m))
+                calls.append(("abort_forever", (m, v)))
                 return True
 
         class Registry:
@@ -707,7 +707,7 @@ def test_a_session_s_end_is_decided_by_its_row_committed_runs_anything_else_is_s
         if want == "committed":
             expected.append(("start_workload" if running else "activation_failed", vm))
         else:
-            expected += [("abort_forever", mid), ("forget", vm), ("unreserve", "web")]
+            expected += [("abort_forever", (mid, vm)), ("forget", vm), ("unreserve", "web")]
         assert calls == [*expected, ("release", None)], state
     empty = Session()  # refused at BEGIN: nothing made, nothing to settle
     empty.release = lambda: calls.append(("released", None))
