@@ -714,3 +714,25 @@ def test_a_session_s_end_is_decided_by_its_row_committed_runs_anything_else_is_s
     calls = []
     assert _incoming(True, Store(), Registry())._settle(empty, None) == "refused"
     assert calls == [("released", None)]
+
+
+def test_refusals_under_a_flood_make_one_log_line_a_second_with_their_counts(monkeypatch):
+    import structlog.testing
+
+    import palm_net.agent.incoming as incoming
+
+    clock = [1000.0]
+    monkeypatch.setattr(incoming.time, "monotonic", lambda: clock[0])
+    svc = _incoming()
+    with structlog.testing.capture_logs() as logs:
+        svc._log_refusal("rate", "first")  # the first: said at once
+        for i in range(5):
+            clock[0] += 0.125  # exact in binary: the second boundary is hit exactly
+            svc._log_refusal("rate" if i % 2 else "connections", f"then {i}")
+        clock[0] += 0.375  # one second after the first line
+        svc._log_refusal("rate", "last")
+        svc._log_refusal("rate", "after")
+    lines = [(e["event"], e["counts"], e["last_reason"]) for e in logs]
+    assert lines == [("handshakes refused", {"rate": 1}, "first"),
+                     ("handshakes refused", {"connections": 3, "rate": 3}, "last")]
+    assert svc._refusals == {"rate": 1}
