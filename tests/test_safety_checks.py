@@ -736,3 +736,24 @@ def test_refusals_under_a_flood_make_one_log_line_a_second_with_their_counts(mon
     assert lines == [("handshakes refused", {"rate": 1}, "first"),
                      ("handshakes refused", {"connections": 3, "rate": 3}, "last")]
     assert svc._refusals == {"rate": 1}
+
+
+def test_the_rate_key_of_a_source_address_is_its_ipv6_64_and_a_service_stops_accepting_when_told():
+    from palm_net.agent.incoming import _peer_host
+
+    def stream(addr):
+        def getpeername():
+            if addr is None:
+                raise OSError("gone")
+            return (addr, 7400)
+        return SimpleNamespace(socket=SimpleNamespace(getpeername=getpeername))
+
+    for addr, key in (("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("2001:db8:1:2::9", "2001:db8:1:2::/64"),
+                      ("::ffff:10.0.0.1", "::ffff:10.0.0.1"), ("::1", "::1"), ("10.0.0.1", "10.0.0.1"),
+                      ("host", "host"), (None, "?")):
+        assert _peer_host(stream(addr)) == key, addr  # type: ignore[arg-type]
+    svc = _incoming()
+    assert svc.gate(SimpleNamespace(), Purpose.MIGRATION) is None  # type: ignore[arg-type]  # no cluster: no gate
+    assert svc.accepting
+    svc.stop_accepting()
+    assert not svc.accepting
