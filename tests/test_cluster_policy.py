@@ -8,17 +8,34 @@ import json
 import os
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import msgpack
 import pytest
 from nacl.signing import SigningKey
 
 from palm_net.cluster.etcd import EtcdConfig
 from palm_net.cluster.gate import Lists
 from palm_net.cluster.member import POLICY_FILE, ClusterMember, MemberConfig
-from palm_net.cluster.model import DrainOptions, DrainRequest, Keys
-from palm_net.cluster.policy import PolicyDoc, PolicyError, PolicyStore, Signer, revocation, verify
-from palm_net.crypto.identity import OPERATOR_ROLE, AgentIdentity, Authority, KeyFileError
+from palm_net.cluster.model import AgentRecord, DrainOptions, DrainRequest, Keys, RecordError, VmRecord
+from palm_net.cluster.policy import (
+    MAX_KEYS,
+    MAX_POLICY,
+    MAX_REVOCATIONS,
+    MAX_SERIAL,
+    POLICY_DOMAIN,
+    PolicyDoc,
+    PolicyError,
+    PolicyStore,
+    Signer,
+    open_agent_record,
+    open_vm_record,
+    revocation,
+    seal_record,
+    verify,
+)
+from palm_net.crypto.identity import CA_PUB_FILE, CERT_FILE, OPERATOR_ROLE, AgentIdentity, Authority, KeyFileError
 
 KEYS = Keys("/palm/")
 CA = Authority.generate()
@@ -271,3 +288,162 @@ def test_vm_records_are_their_hosts_or_their_last_sources():
         with pytest.raises(PolicyError) as e:
             open_vm_record(value, CA.public, NOW)
         assert e.value.reason == why
+
+
+# ------------------------------------------------------------------ bounds and edges
+# (palm_net/cluster/policy.py under mutation: each test below fails with a mutant that
+# survived the selection before it; docs/MUTATION.md)
+
+
+def signed_body(change: dict[str, object], base: PolicyDoc | None = None, signer: Signer = BY_CA) -> bytes:
+    """A document whose body is ``base``'s with ``change`` applied, signed as it is (no check)."""
+    doc = base or revocation(KEYS.prefix, "evil", 5, [EVIL], "test", "t")
+    body = msgpack.packb({**msgpack.unpackb(doc.body()), **change})
+    return msgpack.packb({"body": body, "sig": signer.key.sign(POLICY_DOMAIN + body).signature,
+                          "cert": b"" if signer.cert is None else signer.cert.encode()})
+
+
+def test_a_signed_body_is_held_to_its_version_types_and_bounds():
+    doc = verify(signed_body({}), CA.public, KEYS.prefix, NOW)
+    assert (doc.kind, doc.cluster, doc.subject, doc.serial, doc.by, doc.reason, doc.keys) == (
+        "revocation", KEYS.prefix, "evil", 5, "t", "test", (EVIL,))
+    at_the_bounds: list[dict[str, object]] = [
+        {"serial": 1}, {"serial": MAX_SERIAL}, {"at": 0}, {"at": (1 << 40) - 1}, {"by": "b" * 128},
+        {"reason": "r" * 500}, {"keys": [bytes([i]) * 32 for i in range(MAX_KEYS)]}]
+    for change in at_the_bounds:
+        got = verify(signed_body(change), CA.public, KEYS.prefix, NOW)
+        assert all(getattr(got, k) == (tuple(v) if isinstance(v, list) else v) for k, v in change.items()), change
+    beyond: list[dict[str, object]] = [
+        {"v": 2}, {"serial": 0}, {"serial": MAX_SERIAL + 1}, {"serial": "5"}, {"serial": True}, {"at": -1},
+        {"at": 1 << 40}, {"by": "b" * 129}, {"reason": "r" * 501}, {"revoked": 1},
+        {"keys": [bytes([i]) * 32 for i in range(MAX_KEYS + 1)]}, {"keys": [bytes(31)]}, {"keys": ["k" * 32]},
+        {"keys": ""}, {"keys": {}}]
+    for change in beyond:
+        assert refused(signed_body(change)) == "malformed", change
+    not_a_map = msgpack.packb([1])
+    assert refused(msgpack.packb({"body": not_a_map, "sig": CA.signing.sign(POLICY_DOMAIN + not_a_map).signature,
+                                  "cert": b""})) == "malformed"
+
+
+def test_a_document_of_exactly_the_bound_is_signed_and_read_one_byte_more_is_not():
+    def padded(n: int, by: int) -> PolicyDoc:
+        return PolicyDoc("allowlist", KEYS.prefix, "", 1, int(NOW), "b" * by,
+                         measurements=tuple(i.to_bytes(32, "big") for i in range(n)))
+    size = len(BY_CA.sign(padded(200, 32)).raw)
+    n = 200 + (MAX_POLICY - size) // 34  # each measurement: 34 bytes
+    doc = padded(n, 32 + MAX_POLICY - len(BY_CA.sign(padded(n, 32)).raw))
+    raw = BY_CA.sign(doc).raw
+    assert len(raw) == MAX_POLICY and verify(raw, CA.public, KEYS.prefix, NOW).measurements == doc.measurements
+    assert refused(raw + b"\x00") == "malformed"
+    with pytest.raises(ValueError):
+        BY_CA.sign(replace(doc, by=doc.by + "b"))
+
+
+def test_a_signed_value_with_another_field_beside_body_sig_and_cert_is_refused():
+    outer = msgpack.unpackb(revoke(5))
+    assert refused(msgpack.packb({**outer, "x": 1})) == "unsigned"
+    ident = AgentIdentity.generate("b")
+    cert = CA.issue("b", ident.static.public, ident.sign_pub, bytes(32), not_before=int(NOW) - 60)
+    rec = VmRecord("aa" * 16, "web", "b")
+    sealed = msgpack.unpackb(seal_record(rec.encode(), ident.signing, cert, "vm"))
+    with pytest.raises(PolicyError) as e:
+        open_vm_record(msgpack.packb({**sealed, "x": 1}), CA.public, NOW)
+    assert e.value.reason == "unsigned"
+
+
+def test_a_signer_s_certificate_is_judged_at_the_time_given_not_the_host_clock():
+    later, earlier = NOW + 3 * 86400, NOW - 3600  # OPERATOR holds one day from NOW - 60
+    assert refused(allow(2, b"\x01" * 32), now=later) == "expired"
+    assert refused(allow(2, b"\x01" * 32), now=earlier) == "not-yet-valid"
+    store = PolicyStore(CA.public, KEYS, "me")
+    assert store.offer("allowlist", "", allow(2, b"\x01" * 32), later) == "expired"
+    assert store.kept == {} and store.refused == {"expired": 1}
+    ident = AgentIdentity.generate("b")
+    cert = CA.issue("b", ident.static.public, ident.sign_pub, bytes(32), not_before=int(NOW) - 60, days=1)
+    agent = AgentRecord("b", "10.0.0.2:7400", "cd" * 32, ident.static.public.hex(), ("source", "destination"),
+                        1 << 30, 1 << 30, 0, "1", NOW)
+    vm = VmRecord("aa" * 16, "web", "b")
+    for value, opener in ((seal_record(agent.encode(), ident.signing, cert), open_agent_record),
+                          (seal_record(vm.encode(), ident.signing, cert, "vm"), open_vm_record)):
+        opener(value, CA.public, NOW)  # type: ignore[operator]
+        for now, why in ((later, "expired"), (earlier, "not-yet-valid")):
+            with pytest.raises(PolicyError) as e:
+                opener(value, CA.public, now)  # type: ignore[operator]
+            assert e.value.reason == why
+
+
+def test_a_record_of_its_name_under_another_key_is_squatted():
+    ident, other = AgentIdentity.generate("b"), AgentIdentity.generate("b")
+    cert = CA.issue("b", ident.static.public, ident.sign_pub, bytes(32), not_before=int(NOW) - 60)
+    for name, static in (("b", other.static.public), ("c", ident.static.public)):
+        rec = AgentRecord(name, "10.0.0.2:7400", "cd" * 32, static.hex(), ("source",), 1 << 30, 1 << 30, 0, "1",
+                          NOW)
+        with pytest.raises(PolicyError) as e:
+            open_agent_record(seal_record(rec.encode(), ident.signing, cert), CA.public, NOW)
+        assert e.value.reason == "squatted", name
+
+
+def test_revocations_kept_are_bounded_a_lifted_one_makes_room_and_all_survive_a_restart():
+    store = PolicyStore(CA.public, KEYS, "me")
+    for i in range(MAX_REVOCATIONS):
+        assert store.take(verify(revoke(5, f"h{i}"), CA.public, KEYS.prefix, NOW)) == "new", i
+    assert store.take(verify(revoke(5, "one-more"), CA.public, KEYS.prefix, NOW)) == "too-many"
+    assert store.take(verify(allow(2, b"\x01" * 32), CA.public, KEYS.prefix, NOW)) == "new"  # not a revocation
+    assert store.take(verify(revoke(6, "h0", revoked=False), CA.public, KEYS.prefix, NOW)) == "new"
+    assert store.take(verify(revoke(5, "one-more"), CA.public, KEYS.prefix, NOW)) == "new"  # h0's lifting goes
+    assert ("revocation", "h0") not in store.kept
+    assert sum(k[0] == "revocation" for k in store.kept) == MAX_REVOCATIONS
+    assert store.refused == {"too-many": 1}
+    again = PolicyStore(CA.public, KEYS, "me")
+    assert again.load(store.encode()) == MAX_REVOCATIONS + 1
+    assert again.kept.keys() == store.kept.keys()
+
+
+def test_the_kept_file_is_a_version_1_map_and_a_document_twice_in_it_is_taken_once():
+    store = PolicyStore(CA.public, KEYS, "me")
+    doc = revoke(5)
+    assert store.load(msgpack.packb({"v": 1, "docs": [doc, doc]})) == 1 and store.refused == {}
+    assert store.take(verify(doc, CA.public, KEYS.prefix, NOW)) == "same" and store.refused == {}
+    for bad in ({"v": 2, "docs": []}, [1, 2], {"v": 1, "docs": {}}):
+        with pytest.raises(RecordError):
+            PolicyStore(CA.public, KEYS, "me").load(msgpack.packb(bad))
+
+
+def test_what_is_written_back_goes_on_past_a_document_etcd_holds_and_includes_the_own_drain():
+    store = PolicyStore(CA.public, KEYS, "me")
+    for subject in ("a", "b", "c"):
+        store.offer("revocation", subject, revoke(5, subject), NOW)
+    store.offer("drain", "me", drain(4, "me"), NOW)
+    held = {KEYS.revocation("a"): revoke(5, "a"), KEYS.revocation("b"): revoke(7, "b", revoked=False)}
+    assert [(d.kind, d.subject) for d in store.stale(held)] == [("revocation", "c"), ("drain", "me")]
+
+
+def test_refusals_are_counted_each_and_the_lists_carry_their_revision_and_time():
+    store = PolicyStore(CA.public, KEYS, "me")
+    for _ in range(3):
+        store.offer("revocation", "evil", b"junk", NOW)
+    assert store.refused == {"malformed": 3}
+    lists = store.lists(7, 1234.5)
+    assert (lists.revision, lists.read_at) == (7, 1234.5)
+
+
+def test_a_revocation_made_for_the_cli_revokes_by_default_and_its_text_fits_what_agents_accept():
+    doc = revocation(KEYS.prefix, "evil", 5, [EVIL, EVIL], "r" * 600, "b" * 200)
+    assert doc.revoked and doc.keys == (EVIL,)
+    got = verify(BY_CA.sign(doc).raw, CA.public, KEYS.prefix, NOW)
+    assert got.revoked and (got.reason, got.by) == ("r" * 500, "b" * 128)
+
+
+def test_a_signer_loaded_from_a_directory_signs_and_knows_the_authority(tmp_path):
+    ca_dir, op_dir = tmp_path / "ca", tmp_path / "op"
+    CA.save(ca_dir)
+    ident = AgentIdentity.generate("alice")
+    ident.save(op_dir)
+    (op_dir / CERT_FILE).write_bytes(CA.issue("alice", ident.static.public, ident.sign_pub, bytes(32),
+                                              (OPERATOR_ROLE,), not_before=int(NOW) - 60).encode())
+    (op_dir / CA_PUB_FILE).write_bytes((ca_dir / CA_PUB_FILE).read_bytes())
+    for d in (ca_dir, op_dir):
+        signer = Signer.load(d)
+        assert signer.authority_pub == CA.public
+        assert verify(signer.sign(PolicyDoc("allowlist", KEYS.prefix, "", 1, 1)).raw, CA.public, KEYS.prefix,
+                      NOW).signer == signer.name

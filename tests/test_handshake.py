@@ -19,9 +19,24 @@ from palm_net.channel.handshake import (
     encode_preamble,
 )
 from palm_net.channel.transport import accept, connect
-from palm_net.crypto.identity import Authority
+from palm_net.crypto.identity import (
+    CA_KEY_FILE,
+    CERT_DOMAIN,
+    IDENTITY_FILE,
+    MAX_CERT_LEN,
+    MAX_KEY_FILE,
+    AgentIdentity,
+    AttestationError,
+    Authority,
+    Certificate,
+    KeyFileError,
+    compute_measurement,
+    read_secret_file,
+    validate_name,
+    write_secret_file,
+)
 from palm_net.crypto.noise import CipherName
-from palm_net.errors import HandshakeError, LocalProtocolError, PalmError
+from palm_net.errors import ErrorCode, HandshakeError, LocalProtocolError, RemoteProtocolError
 from palm_net.wire.framing import frame
 
 
@@ -366,7 +381,114 @@ def test_the_configured_record_bound_holds_on_the_session_s_receiver(pki):
     rx = resp.result.receiver
     rx.receive_data(init.result.sender.seal(bytes(1000 - 16)))  # a 1000-byte frame: at the bound
     assert rx.next_record() == bytes(984)
-    with pytest.raises(PalmError) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         rx.receive_data(init.result.sender.seal(bytes(1000 - 15)))
         rx.next_record()
-    assert info.value.code == "oversize"
+    assert info.value.code is ErrorCode.OVERSIZE
+
+
+# ------------------------------------------------------------------ identities on disk, certificates
+# (palm_net/crypto/identity.py: each test below fails with a mutant that survived the
+# selection before it; docs/MUTATION.md)
+
+
+def test_a_key_file_others_may_read_or_too_long_to_be_a_key_is_refused(tmp_path):
+    key = tmp_path / "k"
+    for mode in (0o640, 0o604, 0o610, 0o601):  # group or other: read, or any other bit
+        write_secret_file(key, b"x")
+        os.chmod(key, mode)
+        with pytest.raises(KeyFileError, match="group/other"):
+            read_secret_file(key)
+    whole = os.urandom(MAX_KEY_FILE)
+    write_secret_file(key, whole)  # at the bound: read whole
+    assert read_secret_file(key) == whole
+    write_secret_file(key, whole + b"x")
+    with pytest.raises(KeyFileError, match="is over 4096 bytes"):
+        read_secret_file(key)
+
+
+def test_a_key_file_of_another_version_or_key_length_is_refused(tmp_path):
+    tmp_path.chmod(0o700)
+    ident = AgentIdentity.generate("host")
+    ident.save(tmp_path)
+    assert AgentIdentity.load(tmp_path).sign_pub == ident.sign_pub
+    good = {"v": 1, "name": "host", "x25519": ident.static.private, "ed25519": bytes(ident.signing)}
+    for bad in ({"x25519": bytes(31)}, {"ed25519": bytes(31)}, {"v": 2}):
+        write_secret_file(tmp_path / IDENTITY_FILE, msgpack.packb(good | bad))
+        with pytest.raises(KeyFileError):
+            AgentIdentity.load(tmp_path)
+    ca = Authority.generate()
+    ca.save(tmp_path)
+    assert Authority.load(tmp_path).public == ca.public
+    for bad in ({"ed25519": bytes(31)}, {"v": 2}):
+        write_secret_file(tmp_path / CA_KEY_FILE, msgpack.packb({"v": 1, "ed25519": bytes(ca.signing)} | bad))
+        with pytest.raises(KeyFileError):
+            Authority.load(tmp_path)
+
+
+def _signed_certificate(ca: Authority, **change: object) -> bytes:
+    ident = AgentIdentity.generate("host")
+    body = {"v": 1, "name": "host", "static_pub": ident.static.public, "sign_pub": ident.sign_pub,
+            "measurement": bytes(32), "nbf": int(time.time()) - 60, "naf": int(time.time()) + 3600,
+            "roles": ["source", "destination"], "iss": ca.key_id} | change
+    packed = msgpack.packb(body)
+    out: bytes = msgpack.packb({"body": packed, "sig": ca.signing.sign(CERT_DOMAIN + packed).signature})
+    return out
+
+
+def test_a_signed_certificate_of_another_version_with_other_fields_or_types_is_malformed():
+    ca = Authority.generate()
+    Certificate.decode(_signed_certificate(ca)).verify(ca.public)
+    for change in ({"v": 2}, {"extra": 1}, {"static_pub": "k" * 32}, {"nbf": True}, {"naf": "never"},
+                   {"name": b"host"}, {"static_pub": bytes(31)}, {"sign_pub": bytes(33)}, {"measurement": bytes(31)}):
+        with pytest.raises(AttestationError) as info:
+            Certificate.decode(_signed_certificate(ca, **change))
+        assert info.value.reason == ErrorCode.MALFORMED, change
+
+
+def test_a_certificate_of_exactly_the_bound_is_read_one_byte_more_is_not():
+    ca = Authority.generate()
+    roles, pad = ["source"] + ["p" * 1000] * 3, 300  # a string is at most 1024 characters
+    while len(data := _signed_certificate(ca, roles=[*roles, "p" * pad])) != MAX_CERT_LEN:
+        pad += MAX_CERT_LEN - len(data)
+    assert Certificate.decode(data).roles == (*roles, "p" * pad)
+    with pytest.raises(AttestationError) as info:
+        Certificate.decode(data + b"\x00")
+    assert info.value.reason == ErrorCode.MALFORMED
+
+
+def test_a_certificate_holds_from_not_before_to_not_after_both_included():
+    ca = Authority.generate()
+    ident = AgentIdentity.generate("host")
+    cert = ca.issue("host", ident.static.public, ident.sign_pub, bytes(32), not_before=1000, days=1)
+    for now in (1000, 1000 + 86400):
+        cert.verify(ca.public, now)
+    for now, reason in ((999.5, ErrorCode.NOT_YET_VALID), (1000 + 86400.5, ErrorCode.EXPIRED)):
+        with pytest.raises(AttestationError) as info:
+            cert.verify(ca.public, now)
+        assert info.value.reason == reason
+
+
+def test_a_name_is_1_to_64_ascii_letters_digits_dash_underscore_dot_and_never_starts_with_a_dot():
+    for good in ("a", "n" * 64, "host-1_b.c", "A9"):
+        validate_name(good)
+    for bad in ("", "n" * 65, ".", "..", ".hidden", "a/b", "../x", "a b", "h\u00f6st", "a\x00"):
+        with pytest.raises(ValueError):
+            validate_name(bad)
+
+
+def test_the_measurement_covers_every_agent_module_and_its_configuration_but_not_test_tooling(tmp_path):
+    (tmp_path / "testing").mkdir()
+    (tmp_path / "wire").mkdir()
+    files = {"a.py": b"a", "testing/t.py": b"t", "wire/z.py": b"z", "notes.txt": b"n"}
+    for rel, content in files.items():
+        (tmp_path / rel).write_bytes(content)
+    base = compute_measurement(b"", tmp_path)
+    assert compute_measurement(b"", tmp_path) == base and len(base) == 32
+    assert compute_measurement(b"p", tmp_path) != base
+    for rel, changes in (("a.py", True), ("wire/z.py", True), ("testing/t.py", False), ("notes.txt", False)):
+        (tmp_path / rel).write_bytes(files[rel] + b"!")
+        assert (compute_measurement(b"", tmp_path) != base) == changes, rel
+        (tmp_path / rel).write_bytes(files[rel])
+    (tmp_path / "wire" / "new.py").write_bytes(b"")  # a module added
+    assert compute_measurement(b"", tmp_path) != base

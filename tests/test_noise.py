@@ -11,11 +11,14 @@ from nacl import bindings as sodium
 from palm_net.crypto.noise import (
     AESGCM,
     CHACHAPOLY,
+    MAX_MESSAGE_LEN,
     MAX_NONCE,
+    TAGLEN,
     CipherState,
     DecryptError,
     HandshakeState,
     NoiseError,
+    aesgcm_available,
     hkdf,
     hmac_blake2b,
     keypair_from_private,
@@ -166,3 +169,62 @@ def test_repr_hides_keys():
     for obj in (kp, cs):
         text = repr(obj)
         assert bytes(range(32)).hex() not in text and bytes(range(32, 64)).hex() not in text
+
+
+# ------------------------------------------------------------------ bounds and edges
+# (palm_net/crypto/noise.py under mutation: each test below fails with a mutant that
+# survived the selection before it; docs/MUTATION.md)
+
+
+@pytest.mark.parametrize("fns", [CHACHAPOLY, AESGCM])
+def test_in_place_ciphers_write_only_into_a_writable_buffer_large_enough(fns):
+    if fns is AESGCM and not aesgcm_available():
+        pytest.skip("no AES-NI here")
+    key = bytes(range(32))
+    for size in (0, 1, 100):
+        sealed = bytearray(size + TAGLEN)
+        assert fns.encrypt_into(key, 7, bytes(size), sealed) == size + TAGLEN
+        out = bytearray(size)  # exactly the plaintext's size
+        assert fns.decrypt_into(key, 7, bytes(sealed), out) == size and out == bytes(size)
+        with pytest.raises(ValueError):
+            fns.encrypt_into(key, 7, bytes(size), bytearray(size + TAGLEN - 1))
+        with pytest.raises(BufferError):
+            fns.encrypt_into(key, 7, bytes(size), bytes(size + TAGLEN))  # read-only
+        with pytest.raises(BufferError):
+            fns.decrypt_into(key, 7, bytes(sealed), bytes(size))  # read-only
+    short = bytearray(99)
+    with pytest.raises(DecryptError):
+        fns.decrypt_into(key, 7, bytes(sealed), short)  # one byte short of the plaintext
+    assert short == bytes(99)
+
+
+def test_hmac_keys_at_and_beyond_the_block_size():
+    for size in (127, 128, 129):
+        key = bytes(range(size))
+        assert hmac_blake2b(key, b"m") == hmac.new(key, b"m", hashlib.blake2b).digest(), size
+
+
+def test_a_protocol_name_from_the_wire_is_the_whole_known_name_or_refused():
+    HandshakeState("Noise_NN_25519_ChaChaPoly_BLAKE2b", True)
+    for name in ("Foo_NN_25519_ChaChaPoly_BLAKE2b", "Noise_NN_25519_ChaChaPoly_BLAKE2b_x", "Noise_NN_25519",
+                 "Noise_NN_25519_ChaChaPoly_SHA256", "Noise_QQ_25519_ChaChaPoly_BLAKE2b",
+                 "Noise_NN_25519_Foo_BLAKE2b"):
+        with pytest.raises(NoiseError):
+            HandshakeState(name, True)
+    with pytest.raises(NoiseError, match="pre-message"):  # IK: the responder's static key is known beforehand
+        HandshakeState("Noise_IK_25519_ChaChaPoly_BLAKE2b", False)
+
+
+def test_a_handshake_message_of_65535_bytes_is_written_and_read_and_no_message_after_a_failed_last_one():
+    init = HandshakeState("Noise_NN_25519_ChaChaPoly_BLAKE2b", True)
+    resp = HandshakeState("Noise_NN_25519_ChaChaPoly_BLAKE2b", False)
+    first = init.write_message(bytes(MAX_MESSAGE_LEN - 32))  # e, then the payload in clear
+    assert len(first) == MAX_MESSAGE_LEN
+    assert resp.read_message(first) == bytes(MAX_MESSAGE_LEN - 32)
+    with pytest.raises(NoiseError):
+        resp.write_message(bytes(MAX_MESSAGE_LEN))  # the last message, too long: the handshake is spent
+    for again in (resp.write_message, resp.read_message):
+        with pytest.raises(NoiseError):
+            again(b"")
+    with pytest.raises(NoiseError):
+        init.read_message(bytes(MAX_MESSAGE_LEN + 1))

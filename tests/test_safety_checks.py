@@ -27,6 +27,8 @@ import trio
 import trio.testing
 from nacl.signing import SigningKey
 
+from palm_net.agent.errors import AgentError
+from palm_net.agent.incoming import IncomingLimits, IncomingService, Session
 from palm_net.agent.limits import Admission
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, PeerInfo, Purpose, TransportMode
 from palm_net.channel.records import Record, RecordSender
@@ -38,9 +40,11 @@ from palm_net.crypto.identity import (
     AttestationError,
     Authority,
     Certificate,
+    validate_name,
 )
 from palm_net.crypto.noise import CHACHAPOLY, CipherState
 from palm_net.errors import ErrorCode, HandshakeError, MigrationFailure, PalmError, RemoteProtocolError
+from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration.effects import Effect, Result, Send
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, make_abort_token
@@ -596,3 +600,196 @@ def test_token_buckets_refill_at_their_rate_and_forget_only_beyond_max_keys():
     assert not tb.take("a")  # ...so "a" is still remembered empty
     tb.take("c")
     assert len(tb) == 2  # beyond: the least recently seen ("b") goes
+
+
+# ------------------------------------------------------------------ the incoming service's checks, alone
+# (palm_net/agent/incoming.py under mutation: each test below fails with a mutant that
+# survived the selection before it; docs/MUTATION.md)
+
+
+def _incoming(accept_qemu: bool = True, store: object = None, registry: object = None) -> IncomingService:
+    limits = IncomingLimits(4, 1 << 30, 2, 1 << 30, 1.0, 8, 100.0, 100.0)
+    return IncomingService(None, store, None, registry, limits, accept_qemu)  # type: ignore[arg-type]
+
+
+async def test_a_peer_refused_in_flight_ends_its_sessions_before_ready_and_only_those():
+    svc = _incoming()
+    code = ErrorCode.REVOKED
+    evil = SimpleNamespace(name="evil")
+    seen = []
+
+    def gate(peer, purpose):
+        seen.append(purpose)
+        return PalmError(code, "now refused") if peer is evil else None
+
+    svc.gate = gate  # type: ignore[assignment]
+
+    def session(peer, outcome, with_run=True):
+        ch = SimpleNamespace(result=SimpleNamespace(peer=peer, purpose=Purpose.MIGRATION), peer_name=peer.name)
+        scope = trio.CancelScope()
+        svc._live[object()] = (ch, scope)  # type: ignore[assignment]
+        if with_run:
+            svc.runs[len(svc.runs)] = SimpleNamespace(ch=ch, engine=SimpleNamespace(outcome=outcome, mid=b"\x01" * 16))  # type: ignore[assignment]
+        return scope
+
+    before_ready = session(evil, None)
+    without_run = session(evil, None, with_run=False)  # before BEGIN: no run yet
+    past_ready = session(evil, "ready")
+    other = session(SimpleNamespace(name="good"), None)
+    svc.recheck()
+    assert before_ready.cancel_called and without_run.cancel_called
+    assert not past_ready.cancel_called and not other.cancel_called
+    assert seen == [Purpose.MIGRATION] * 4
+    assert svc.counters == {f"ended-{code}": 2}
+
+
+async def test_begin_refuses_a_used_id_and_a_qemu_vm_where_not_accepted_before_anything_is_taken():
+    class Store:
+        def get(self, mid):
+            return "row" if mid == b"\x01" * 16 else None
+
+    class Registry:
+        reserved: list[tuple[str, str | None]] = []
+
+        def reserve(self, name, vm_id=None):  # VmRegistry.reserve: the name, and the VM's identity
+            self.reserved.append((name, vm_id))
+            validate_name(name)
+            raise AgentError("stop here")  # what follows is not under test
+
+    peer = Peer("src", b"\x02" * 32, b"\x03" * 32)
+    used, new = b"\x01" * 16, b"\x04" * 16
+    for accept_qemu, mid, backend, name, code in ((True, used, "sim", "web", ErrorCode.REPLAY),
+                                                  (False, new, "qemu", "web", ErrorCode.BACKEND),
+                                                  (False, new, "sim", "web", ErrorCode.EXISTS),
+                                                  (True, new, "qemu", "web", ErrorCode.EXISTS),
+                                                  (True, new, "sim", "web", ErrorCode.EXISTS),
+                                                  (True, new, "sim", "../x", ErrorCode.MALFORMED)):
+        registry = Registry()
+        registry.reserved = []
+        svc = _incoming(accept_qemu, Store(), registry)
+        begin = SimpleNamespace(backend=backend, pages=1, vm=name, vm_id="aa" * 16)
+        with pytest.raises(MigrationFailure) as info:
+            await svc._open(Session(), mid, begin, peer)  # type: ignore[arg-type]
+        assert info.value.code == code, (accept_qemu, backend, name)
+        # the name is reserved with the VM's identity (a VM hosted here already is refused)
+        assert registry.reserved == ([] if code in (ErrorCode.REPLAY, ErrorCode.BACKEND) else [(name, "aa" * 16)])
+
+
+async def test_begin_makes_the_vm_under_its_migration_id(tmp_path):
+    made = []
+
+    class Registry:
+        memory_dir = tmp_path
+
+        def reserve(self, name, vm_id=None):
+            pass
+
+        def make_incoming(self, *args):
+            made.append(args)
+            raise HypervisorError("no room")  # what follows is not under test
+
+    class Store:
+        def get(self, mid):
+            return None
+
+    svc = _incoming(True, Store(), Registry())
+    begin = SimpleNamespace(backend="sim", pages=1, vm="web", vm_id="aa" * 16, vcpus=1, spec=None)
+    with pytest.raises(MigrationFailure) as info:
+        await svc._open(Session(), b"\x05" * 16, begin, Peer("src", b"\x02" * 32, b"\x03" * 32))  # type: ignore[arg-type]
+    assert info.value.code == ErrorCode.NO_SPACE
+    # the VM names the migration that made it: its row decides it after a restart
+    assert made == [("web", "aa" * 16, b"\x05" * 16, 1, 1, "sim", None)]
+
+
+def test_a_session_s_end_is_decided_by_its_row_committed_runs_anything_else_is_scrubbed(tmp_path):
+    mid = b"\x06" * 16
+    for state, running, want in ((HandoffState.COMMITTED, True, "committed"),
+                                 (HandoffState.COMMITTED, False, "committed"),
+                                 (HandoffState.PREPARED, True, "aborted"),
+                                 (HandoffState.RECEIVING, False, "aborted")):
+        calls: list[tuple[str, object]] = []
+        vm = SimpleNamespace(name="web", running=running, dir=tmp_path)
+
+        class Store:
+            def state_of(self, m):
+                calls.append(("state_of", m))
+                return state
+
+            def abort_forever(self, m, v, why):
+                calls.append(("abort_forever", (m, v)))
+                return True
+
+        class Registry:
+            vms: dict[str, object] = {}
+
+            def start_workload(self, v):
+                calls.append(("start_workload", v))
+
+            def activation_failed(self, v, why):
+                calls.append(("activation_failed", v))
+
+            def forget(self, v):
+                calls.append(("forget", v))
+
+            def unreserve(self, name):
+                calls.append(("unreserve", name))
+
+        svc = _incoming(True, Store(), Registry())
+        session = Session()
+        session.vm, session.mid, session.name = vm, mid, "web"  # type: ignore[assignment]
+        session.release = lambda: calls.append(("release", None))
+        assert svc._settle(session, None) == want, state
+        expected: list[tuple[str, object]] = [("state_of", mid)]
+        if want == "committed":
+            expected.append(("start_workload" if running else "activation_failed", vm))
+        else:
+            expected += [("abort_forever", (mid, vm)), ("forget", vm), ("unreserve", "web")]
+        assert calls == [*expected, ("release", None)], state
+    empty = Session()  # refused at BEGIN: nothing made, nothing to settle
+    empty.release = lambda: calls.append(("released", None))
+    calls = []
+    assert _incoming(True, Store(), Registry())._settle(empty, None) == "refused"
+    assert calls == [("released", None)]
+
+
+def test_refusals_under_a_flood_make_one_log_line_a_second_with_their_counts(monkeypatch):
+    import structlog.testing
+
+    import palm_net.agent.incoming as incoming
+
+    clock = [1000.0]
+    monkeypatch.setattr(incoming.time, "monotonic", lambda: clock[0])
+    svc = _incoming()
+    with structlog.testing.capture_logs() as logs:
+        svc._log_refusal("rate", "first")  # the first: said at once
+        for i in range(5):
+            clock[0] += 0.125  # exact in binary: the second boundary is hit exactly
+            svc._log_refusal("rate" if i % 2 else "connections", f"then {i}")
+        clock[0] += 0.375  # one second after the first line
+        svc._log_refusal("rate", "last")
+        svc._log_refusal("rate", "after")
+    lines = [(e["event"], e["counts"], e["last_reason"]) for e in logs]
+    assert lines == [("handshakes refused", {"rate": 1}, "first"),
+                     ("handshakes refused", {"connections": 3, "rate": 3}, "last")]
+    assert svc._refusals == {"rate": 1}
+
+
+def test_the_rate_key_of_a_source_address_is_its_ipv6_64_and_a_service_stops_accepting_when_told():
+    from palm_net.agent.incoming import _peer_host
+
+    def stream(addr):
+        def getpeername():
+            if addr is None:
+                raise OSError("gone")
+            return (addr, 7400)
+        return SimpleNamespace(socket=SimpleNamespace(getpeername=getpeername))
+
+    for addr, key in (("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("2001:db8:1:2::9", "2001:db8:1:2::/64"),
+                      ("::ffff:10.0.0.1", "::ffff:10.0.0.1"), ("::1", "::1"), ("10.0.0.1", "10.0.0.1"),
+                      ("host", "host"), (None, "?")):
+        assert _peer_host(stream(addr)) == key, addr  # type: ignore[arg-type]
+    svc = _incoming()
+    assert svc.gate(SimpleNamespace(), Purpose.MIGRATION) is None  # type: ignore[arg-type]  # no cluster: no gate
+    assert svc.accepting
+    svc.stop_accepting()
+    assert not svc.accepting
