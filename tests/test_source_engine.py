@@ -280,3 +280,15 @@ def test_pacer_never_lets_more_through_than_the_cap(sends, cap):
         for t1, b1 in marks[i + 1:]:
             assert b1 - b0 <= cap * (t1 - t0 + PACING_BURST) + eps
     assert marks[-1][1] <= cap * (marks[-1][0] - marks[0][0]) + eps
+
+
+def test_pacer_waits_exactly_what_the_cap_needs():
+    """The other side of the bound above: no wait longer than the cap needs, and an idle
+    sender's credit is PACING_BURST, no more, no less (mutation testing found the
+    bound alone let a pacer that waits too long pass)."""
+    cap = float(1 << 20)
+    pacer = Pacer(cap, 0.0)
+    assert pacer.sent(1 << 20, 0.0) == pytest.approx(1.0)  # a second's worth: a second
+    assert pacer.sent(1 << 20, 1.0) == pytest.approx(1.0)  # back to back after that wait: another
+    assert pacer.sent(1 << 20, 5.0) == pytest.approx(1.0 - PACING_BURST)  # idle 3 s: PACING_BURST of credit
+    assert pacer.sent(1, 6.0 - PACING_BURST) == pytest.approx(1 / cap)  # and nothing owed after it
