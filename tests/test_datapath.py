@@ -239,7 +239,6 @@ def _migrate_digest(shm: Path, sneak: bool = False) -> tuple[ModelVM, ModelVM]:
     src = ModelVM.create(shm / "src", "vm", 2048, KEY, protected_processes=2, protected_pages=256,
                          fill="half", seed=9)
     src.process_write(0, src.processes[0].first + 3, b"in the process view at the pause")  # plaintext in memory
-    src.start_page_digest()
 
     def between(r: int) -> None:
         if sneak and r == 0:

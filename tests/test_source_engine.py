@@ -35,6 +35,7 @@ from palm_net.migration.effects import (
     ReadTranscript,
     Send,
     SendPages,
+    SetThrottle,
     Started,
     StartPrecopy,
     Transcript,
@@ -292,3 +293,41 @@ def test_pacer_waits_exactly_what_the_cap_needs():
     assert pacer.sent(1 << 20, 1.0) == pytest.approx(1.0)  # back to back after that wait: another
     assert pacer.sent(1 << 20, 5.0) == pytest.approx(1.0 - PACING_BURST)  # idle 3 s: PACING_BURST of credit
     assert pacer.sent(1, 6.0 - PACING_BURST) == pytest.approx(1 / cap)  # and nothing owed after it
+
+
+def test_the_throttle_policy_slows_the_guest_a_step_a_round(shm):
+    """At the round cap with the rest not fitting, the throttle policy iterates on and asks
+    the shell to slow the guest (20 %, then 10 % more a round), rather than pausing."""
+    vm, eng = _engine(shm, max_rounds=1, downtime_limit=1e-6, downtime_policy="throttle")
+    eng.start(0.0)
+    eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
+    vm.enable_dirty_log()
+    eng.on_result(Started(vm.export_keys()), 0.2)
+    dirty = np.arange(8, dtype=np.uint64)
+    fractions = []
+    for r in range(3):
+        eng.on_result(PagesSent(), 1.0 + r)
+        effects = eng.on_result(Dirty(dirty), 1.5 + r)
+        fractions += [e.fraction for e in effects if isinstance(e, SetThrottle)]
+        assert eng.step is Step.ROUND  # iterating on, not paused
+    assert fractions == pytest.approx([0.8, 0.7, 0.6]) and eng.stats.throttle == pytest.approx(0.6)
+
+
+def test_the_engine_itself_refuses_plain_mode_for_a_protected_vm(shm):
+    """The engine's own check (the orchestration checks before connecting too)."""
+    vm = ModelVM.create(shm / "vm", "vm", 64, KEY, protected_processes=1, protected_pages=8, fill="random")
+    eng = SourceEngine(os.urandom(16), vm.info, MigrationParams(plain=True))
+    with pytest.raises(MigrationFailure) as info:
+        eng.start(0.0)
+    assert info.value.code is ErrorCode.PLAIN_REFUSED and eng.proto.state.value == "idle"  # nothing sent
+
+
+def test_a_clear_record_never_carries_the_destinations_word(shm):
+    """A message from a clear record (the plain benchmark mode's bulk path) is refused
+    by the engine too, not only by the channel: READY, DONE or ABORT never come clear."""
+    _, eng = _engine(shm)
+    eng.start(0.0)
+    accept = messages.encode(Message(eng.mid, 0, Accept()))
+    with pytest.raises(RemoteProtocolError) as info:
+        eng.on_record(Record(accept, 0, bytes(32), authenticated=False), 0.1)
+    assert info.value.code is ErrorCode.UNAUTHENTICATED
