@@ -976,3 +976,34 @@ async def test_a_cancel_asked_as_ready_arrives_is_honoured_before_the_handoff(pa
     assert res.status == "cancelled" and res.runs_on == "source", (res.status, res.error)
     assert a.store.state_of(res.mid) is HandoffState.ABORTED
     assert pair.running_copies("vm1") == ["a"]
+
+
+@pytest.mark.parametrize("to", ["cipher", "process"])
+def test_an_agent_killed_in_the_middle_of_a_view_switch_leaves_the_page_as_it_was(shm, to):
+    """A protected page switching views is rewritten in place, then its metadata: an
+    agent killed between the two (kill -9; the mappings outlive it) left a page that
+    matched neither, and its VM failed verification after the restart (found by the
+    container drill).  The switch's undo record puts the page back as it was."""
+    from palm_net.hypervisor.model import ModelVM
+    from palm_net.hypervisor.vms import open_vm
+    from tests.conftest import KEY
+
+    vm = ModelVM.create(shm / "vm", "vm", 64, KEY, protected_processes=1, protected_pages=8, fill="random")
+    gfn = vm.processes[0].first + 2
+    vm.process_write(0, gfn, b"the process's secret")  # the page in the process view
+    if to == "process":
+        vm.os_read(gfn)  # back in the cipher view: the switch below goes to the process view
+    vm.sync()
+    before = vm.memory_bytes()[gfn * 4096 : (gfn + 1) * 4096]
+    with vm._lock:  # the switch, torn: its undo record written, the page rewritten, its metadata not
+        vm._journal_switch(gfn)
+        vm.mem[gfn * 4096 : (gfn + 1) * 4096] = os.urandom(4096)
+    vm.close()
+    again = open_vm(shm / "vm", KEY)
+    try:
+        assert again.memory_bytes()[gfn * 4096 : (gfn + 1) * 4096] == before
+        report = again.verify()
+        assert report.ok and report.checked + report.in_process_view == 8, report
+        assert again.process_read(0, gfn).startswith(b"the process's secret")
+    finally:
+        again.close()

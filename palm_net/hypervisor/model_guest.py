@@ -63,6 +63,9 @@ def populate(addr: int, length: int) -> bool:
 
 META_MAGIC = b"PALMVM01"
 META_HEADER = 8192
+# The view switch's undo record (a shared mapping beside the metadata): valid u8,
+# the view u8, 6 spare bytes, then gfn u64, version u64, tag, and the page as it was.
+JOURNAL_SIZE = 8 + 8 + 8 + TAG_LEN + PAGE_SIZE
 CPU_REGS = ("rip", "rsp", "rax", "rbx", "rcx", "rdx", "rflags", "cr3")
 VIEW_CIPHER = 0
 VIEW_PROCESS = 1
@@ -208,6 +211,9 @@ class ModelGuest(ConfiguredVM):
         self.mem = map_file(vm_dir / "memory", self.npages * PAGE_SIZE, create, reserve_now=reserve_now)
         self.resident = False  # all of guest memory backed and mapped (see prefault)
         self.meta = _Meta(vm_dir / "meta", self.npages, create)
+        journal = vm_dir / "journal"
+        self._journal = map_file(journal, JOURNAL_SIZE, create or not journal.exists())
+        self._undo_torn_switch()
         self._np: _Views | None = _Views(self.mem, self.meta)
         self._scratch = threading.local()
         self._closing = threading.Event()
@@ -287,6 +293,7 @@ class ModelGuest(ConfiguredVM):
         with contextlib.suppress(Exception):
             self.meta.close()
             self.mem.close()
+            self._journal.close()
 
     def memory_bytes(self) -> bytes:
         """Raw guest memory (tests compare unprotected VMs byte for byte)."""
@@ -363,6 +370,34 @@ class ModelGuest(ConfiguredVM):
         self._check_gfn(gfn)
         return self.meta.owners[gfn] - 1
 
+    # A view switch rewrites a page in place and then its metadata: an agent killed
+    # between the two (kill -9: the mappings outlive it) would leave a page that
+    # matches neither.  So the page and its metadata are first copied to an undo
+    # record, marked valid last; the switch ends by clearing the mark; a VM opened
+    # with the mark set puts the page back as it was before the switch.
+
+    def _journal_switch(self, gfn: int) -> None:
+        j, base = self._journal, gfn * PAGE_SIZE
+        j[1] = self.meta.views[gfn]
+        struct.pack_into("<QQ", j, 8, gfn, int(self.meta.versions[gfn]))
+        j[24 : 24 + TAG_LEN] = self.meta.tag(gfn)
+        j[24 + TAG_LEN :] = self.mem[base : base + PAGE_SIZE]
+        j[0] = 1
+
+    def _undo_torn_switch(self) -> None:
+        j = self._journal
+        if j[0] != 1:
+            return
+        gfn, version = struct.unpack_from("<QQ", j, 8)
+        if gfn >= self.npages:
+            raise VmError(f"{self.dir / 'journal'}: damaged (page {gfn} outside the VM)")
+        base = gfn * PAGE_SIZE
+        self.mem[base : base + PAGE_SIZE] = j[24 + TAG_LEN :]
+        self.meta.versions[gfn] = version
+        self.meta.set_tag(gfn, bytes(j[24 : 24 + TAG_LEN]))
+        self.meta.views[gfn] = j[1]
+        j[0] = 0
+
     def _to_process_view_locked(self, process: int, gfn: int) -> None:
         owner = self._owner_locked(gfn)
         if owner != process:
@@ -373,8 +408,10 @@ class ModelGuest(ConfiguredVM):
         base = gfn * PAGE_SIZE
         plain = open_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id, p.pid, gfn,
                           self.meta.versions[gfn], self.mem[base : base + PAGE_SIZE], self.meta.tag(gfn))
+        self._journal_switch(gfn)
         self.mem[base : base + PAGE_SIZE] = plain
         self.meta.views[gfn] = VIEW_PROCESS
+        self._journal[0] = 0
 
     def _to_cipher_view_locked(self, gfn: int, mark: bool = True) -> None:
         """Re-encrypts a page in the process view under a bumped version.
@@ -390,10 +427,13 @@ class ModelGuest(ConfiguredVM):
         base = gfn * PAGE_SIZE
         ct, tag = seal_page(self.page_cipher, bytes(self._keys[owner]), self.vm_id, p.pid, gfn, version,
                             self.mem[base : base + PAGE_SIZE])
+        self._journal_switch(gfn)
         self.mem[base : base + PAGE_SIZE] = ct
         self.meta.versions[gfn] = version
         self.meta.set_tag(gfn, tag)
         self.meta.views[gfn] = VIEW_CIPHER
+        self._journal[0] = 0
+        self._journal[24 + TAG_LEN :] = bytes(PAGE_SIZE)  # the plaintext it kept goes as the switch ends
         if mark:
             self._mark_locked(gfn)
 
