@@ -248,17 +248,19 @@ class SourceRun:
             # not after the handoff: from this checkpoint to the durable write nothing yields.
             await trio.lowlevel.checkpoint()
             return self.host.perform(eff)
-        fault(f"source.{type(eff).__name__}")
         if isinstance(eff, ReadTranscript):
+            fault("source.ReadTranscript")
             return Transcript(*self.ch.sent)
         if isinstance(eff, StartStream):
+            fault("source.StartStream")
             self._stream = await trio.to_thread.run_sync(cast(StreamBackend, self.vm).start_stream,
                                                          eff.downtime_limit, eff.bandwidth, eff.auto_converge)
             return StreamStarted()
         if isinstance(eff, SendStream):
+            fault("source.SendStream")
             await self._send_stream()
             return StreamSent()
-        return await trio.to_thread.run_sync(self.host.perform, eff)
+        return await trio.to_thread.run_sync(self.host.perform, eff)  # (its fault point is the host's)
 
     async def _beside(self, eff: Effect) -> None:
         """An effect performed beside the others (the destination verifies meanwhile)."""
