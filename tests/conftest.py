@@ -9,6 +9,7 @@ import pytest
 
 from palm_net.channel.handshake import ChannelConfig
 from palm_net.crypto.identity import AgentIdentity, Authority, compute_measurement
+from palm_net.testing import scratch
 from palm_net.testing.cluster import LocalCluster
 from palm_net.wire import messages
 
@@ -30,11 +31,13 @@ def pytest_configure(config) -> None:
 
 def pytest_sessionstart(session) -> None:
     if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        scratch.sweep()  # what killed runs left (guest memory is large)
         shutil.rmtree(COUNTS_DIR, ignore_errors=True)
         COUNTS_DIR.mkdir(exist_ok=True)
 
 
 def pytest_sessionfinish(session) -> None:
+    scratch.remove_own()
     worker = getattr(session.config, "workerinput", {}).get("workerid", "main")
     if FUZZ_COUNTS:
         COUNTS_DIR.mkdir(exist_ok=True)
@@ -92,9 +95,8 @@ async def cluster(nursery):
 @pytest.fixture
 def shm():
     """A private scratch directory on tmpfs (where guest memory lives), removed after."""
-    import tempfile
 
-    d = Path(tempfile.mkdtemp(prefix="palm-t-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    d = scratch.mkdtemp("palm-t-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

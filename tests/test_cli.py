@@ -8,13 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from palm_net.agent.launcher import AgentProcess, free_port, remove_all
+from palm_net.testing import scratch
 
 pytestmark = pytest.mark.slow
 PALM = [sys.executable, "-m", "palm_net.cli"]
@@ -41,7 +40,7 @@ class Cluster:
     """Two agents as processes; identities and certificates made with the CLI itself."""
 
     def __init__(self):
-        self.root = Path(tempfile.mkdtemp(prefix="palm-cli-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self.root = scratch.mkdtemp("palm-cli-")
         self.agents = {}
         palm("ca", "init", "--dir", str(self.root / "ca"))
         for name in ("a", "b"):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -32,12 +30,12 @@ from palm_net.migration.effects import Send, Transcript
 from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.params import MigrationParams
 from palm_net.migration.source import SourceEngine
+from palm_net.testing import scratch
 from palm_net.testing.engines import DestinationDriver, source_stream
 from palm_net.wire.messages import Begin
 from tests.conftest import FUZZ_COUNTS, Pki
 
 KEY = bytes(range(32))
-SHM = "/dev/shm" if Path("/dev/shm").is_dir() else None
 
 
 # --------------------------------------------------------------------------
@@ -125,7 +123,7 @@ TestHandshakeMachine.settings = settings(max_examples=60, stateful_step_count=12
 class MigrationMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.dir = Path(tempfile.mkdtemp(prefix="palm-fuzz-", dir=SHM))
+        self.dir = scratch.mkdtemp("palm-fuzz-")
         FUZZ_COUNTS["migration"] += 1
 
     @initialize(protected=st.booleans(), seed=st.integers(0, 1000))
@@ -276,7 +274,7 @@ _values = st.recursive(
 @given(blob=_values, which=st.sampled_from(["keys", "cpu", "context"]))
 def test_fuzz_blob_parsers_only_refuse_cleanly(blob, which):
     FUZZ_COUNTS["blob-parsers"] += 1
-    d = Path(tempfile.mkdtemp(prefix="palm-fz-", dir=SHM))
+    d = scratch.mkdtemp("palm-fz-")
     try:
         vm = ModelVM.create_incoming(d / "vm", "vm", bytes(16), 64, 1, KEY)
         data = msgpack.packb(blob)

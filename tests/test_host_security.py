@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from palm_net.agent.errors import AgentError
 from palm_net.hostfs import UnsafePathError, ensure_dir, verify_dir, write_atomic
 from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM, qemu_binary, split_args
 from palm_net.migration.params import MigrationParams
+from palm_net.testing import scratch
 from palm_net.testing.cluster import LocalCluster
 
 NOBODY = 65534
@@ -153,7 +153,7 @@ async def test_default_memory_directory_is_unpredictable_and_recorded(nursery):
         # While it was gone (a reboot empties /dev/shm), someone planted the recorded
         # name as a symlink to their directory: not adopted, and no reason to stay
         # down either: a fresh directory, recorded anew.
-        decoy = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        decoy = scratch.mkdtemp()
         made.symlink_to(decoy)
         again = (await c.start("a")).memory_dir
         assert again != made and again.parent == Path("/dev/shm") and not again.is_symlink()
@@ -530,7 +530,7 @@ def test_qemu_never_starts_unconfined_unless_the_operator_said_so(shm):
 @root_only
 def test_a_symlink_of_another_user_on_the_way_is_refused():
     tag = os.urandom(4).hex()
-    good = Path(tempfile.mkdtemp(prefix="palm-good-", dir="/dev/shm"))
+    good = scratch.mkdtemp("palm-good-")
     link = Path("/tmp") / f"palm-evil-{tag}"
     try:
         subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",

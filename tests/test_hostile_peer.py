@@ -13,9 +13,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import trio
@@ -27,6 +25,7 @@ from palm_net.errors import PalmError, RemoteProtocolError, public_reason
 from palm_net.migration import destination, handoff
 from palm_net.migration.handoff import check_abort_token
 from palm_net.migration.params import MigrationParams
+from palm_net.testing import scratch
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.hostile import HostilePeer
 from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule, sealed
@@ -131,7 +130,7 @@ async def test_recovery_acts_on_the_vm_identity_not_its_name(cluster):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
 async def test_incoming_vm_larger_than_the_free_space_is_refused(nursery):
-    mnt = Path(tempfile.mkdtemp(prefix="palm-small-", dir="/dev/shm"))
+    mnt = scratch.mkdtemp("palm-small-")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mnt)], check=True)
     c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
     c.nursery = nursery

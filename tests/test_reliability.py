@@ -9,27 +9,25 @@ import os
 import signal
 import socket
 import struct
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from palm_net.agent.launcher import AgentProcess, provision, remove_all
 from palm_net.channel.handshake import Purpose, TransportMode, encode_preamble
 from palm_net.hypervisor.qemu import qemu_binary
+from palm_net.testing import scratch
 from palm_net.testing.proxy import DONE, READY, ProxyThread, Rule
 
 pytestmark = pytest.mark.slow
-SHM = "/dev/shm" if Path("/dev/shm").is_dir() else None
 FLOODER = "127.0.0.2"  # floods come from another loopback address than the honest agents
 
 
 class Pair:
     def __init__(self, extra_b: list[str] | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="palm-rel-", dir=SHM))
+        self.root = scratch.mkdtemp("palm-rel-")
         provision(self.root, ["a", "b"])
         self.a = AgentProcess(self.root, "a", log_level="debug").start()
         self.b = AgentProcess(self.root, "b", extra=extra_b or [], log_level="debug").start()

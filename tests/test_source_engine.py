@@ -89,17 +89,17 @@ def test_the_source_steps_in_order(shm):
                      DigestMemory, HandOff]
 
 
-def test_a_migration_with_no_trio_loaded():
+def test_a_migration_with_no_trio_loaded(shm):
     """The engines, their hosts and the drivers run a migration in a fresh interpreter
     that never loads trio (issue 23: the source is an engine, not a trio task)."""
     code = (
-        "import sys, tempfile\n"
+        "import sys\n"
         "from pathlib import Path\n"
         "from palm_net.hypervisor.model import ModelVM\n"
         "from palm_net.migration.handoff import HandoffStore\n"
         "from palm_net.migration.params import MigrationParams\n"
         "from palm_net.testing.engines import DestinationDriver, SourceDriver\n"
-        "d = Path(tempfile.mkdtemp(dir='/dev/shm' if Path('/dev/shm').is_dir() else None))\n"
+        "d = Path(sys.argv[1])\n"
         "key = bytes(range(32))\n"
         "src = ModelVM.create(d / 'src', 'vm', 64, key, protected_processes=1, protected_pages=8, fill='random')\n"
         "dest = DestinationDriver(HandoffStore(d / 'dst.db'), lambda mid, b: ModelVM.create_incoming(\n"
@@ -107,7 +107,7 @@ def test_a_migration_with_no_trio_loaded():
         "drv = SourceDriver(src, HandoffStore(d / 'src.db'), dest, MigrationParams())\n"
         "drv.run()\n"
         "print(drv.engine.step.value, dest.engine.outcome, 'trio' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(shm)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "done committed False", out.stdout + out.stderr
 
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from palm_net.errors import ErrorCode
 from palm_net.migration import handoff
 from palm_net.migration.handoff import MOVES, HandoffState, Step, may_resume
+from palm_net.testing import scratch
 from palm_net.wire import messages
 from palm_net.wire.protocol import FINAL, PAGE_ONLY, STREAM_ONLY, TRANSITIONS, Role, State
 
@@ -233,3 +237,25 @@ def test_no_class_or_function_is_too_long():
                     over[f"{path.relative_to(ROOT)} {node.name}"] = size
     assert not set(over) - set(OVERSIZED), f"too long (lines): { {k: over[k] for k in set(over) - set(OVERSIZED)} }"
     assert not set(OVERSIZED) - set(over), f"no longer too long, drop from OVERSIZED: {set(OVERSIZED) - set(over)}"
+
+
+def test_scratch_of_killed_runs_is_swept():
+    """What a killed test run leaves on tmpfs (guest memory: gigabytes) is removed by
+    the next run's sweep; a live process's scratch and this process's stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    made = [scratch.base() / f"{scratch.PREFIX}{pid}" for pid in (dead.pid, live.pid)]
+    try:
+        for d in made:
+            d.mkdir(mode=0o700)
+            (d / "guest.ram").write_bytes(b"x")
+        mine = scratch.mkdtemp()
+        swept = scratch.sweep()
+        assert made[0] in swept and made[1] not in swept
+        assert not made[0].exists() and made[1].exists() and mine.exists()
+    finally:
+        live.kill()
+        live.wait()
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)

@@ -188,6 +188,12 @@ class DestinationEngine:
         reason, if the state machine still allows it).  A committed VM stays as it is."""
         if self.outcome in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
             return []
+        if error.code is ErrorCode.CLOSED and self.mid is not None:
+            # A cancel at the source ends the session so, as its failure or a lost link
+            # does: said as what happened here and where the VM is, not as our error.
+            why = f" ({error.detail})" if error.detail else ""
+            error = type(error)(ErrorCode.CLOSED,
+                                f"the session ended before the handoff{why}; the VM stays on the source")
         self.error = error
         self._awaiting = None
         return self._request(AbortForever(f"{error.code}: {error.detail}", self.npages > 0), Aborted)
@@ -368,8 +374,11 @@ class DestinationEngine:
 
     def _on_abort(self, msg: Message, _: Record) -> list[Effect]:
         a = msg.get(Abort)
-        self.error = MigrationFailure(ErrorCode.CANCELLED, f"source aborted: {a.code}: {a.reason}")
-        return self._request(AbortForever(f"source aborted: {a.code}: {a.reason}", self.npages > 0), Aborted)
+        # The source's decision, not a failure here: said as what happened and where the VM is.
+        why = ("cancelled at the source; the VM stays there" if a.error_code is ErrorCode.CANCELLED else
+               f"the source gave up ({a.code}: {a.reason}); the VM stays there")
+        self.error = MigrationFailure(ErrorCode.CANCELLED, why)
+        return self._request(AbortForever(why, self.npages > 0), Aborted)
 
     def _aborted(self, result: Aborted) -> list[Effect]:
         if not result.aborted:  # committed before the failure: the durable row stands

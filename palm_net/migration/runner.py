@@ -403,7 +403,7 @@ class DestinationRun:
             with trio.CancelScope(shield=True):
                 # cancelled, failed, or the peer went away
                 if eng.outcome not in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
-                    error = error or RemoteProtocolError(ErrorCode.CLOSED, "session ended before COMMIT")
+                    error = error or RemoteProtocolError(ErrorCode.CLOSED, "")  # (the engine says when)
                     await self._fail(error)
         return error
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import trio
 from palm_net.agent.agent import Agent, AgentConfig, default_measurement
 from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
 from palm_net.hypervisor.qemu import kill_all_under
+from palm_net.testing import scratch
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Member:
 class LocalCluster:
     def __init__(self, names: tuple[str, ...] = ("a", "b"), in_doubt_wait: float = 5.0,
                  max_incoming: int = 4) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="palm-test-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))  # noqa: S108
+        self.root = scratch.mkdtemp("palm-test-")
         self.authority = Authority.generate()
         self.authority.save(self.root / "ca")
         self.measurement = default_measurement()
