@@ -38,6 +38,7 @@ import os
 import pwd
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -244,16 +245,21 @@ def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
     the stream ended.  Blocking: for a worker thread."""
     filled = 0
     try:
-        flags = 0
-        while filled < len(out):
-            try:
-                n = conn.recv_into(out[filled:], 0, flags)
-            except BlockingIOError:
-                break
+        n = conn.recv_into(out)  # waits (up to the socket's timeout) for some
+        if n == 0:
+            return 0, True
+        filled = n
+        # Then only what is there already.  Not MSG_DONTWAIT: on a socket with a
+        # timeout Python waits for readiness first whatever the flags, so the reads
+        # went on until the buffer was full, and the last megabyte of the stream
+        # (QEMU's zero-page markers come slowly) was held back to the guest's pause.
+        ready = select.poll()
+        ready.register(conn, select.POLLIN)
+        while filled < len(out) and ready.poll(0):
+            n = conn.recv_into(out[filled:])
             if n == 0:
                 return filled, True
             filled += n
-            flags = socket.MSG_DONTWAIT
     except OSError as exc:
         raise QemuError(f"QEMU migration stream: {exc.strerror or exc}") from None
     finally:
