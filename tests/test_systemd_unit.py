@@ -51,6 +51,7 @@ from container_cluster import (  # noqa: E402
     mounts_under,
     private_env,
     restore_host,
+    terminate,
 )
 
 pytestmark = pytest.mark.containers
@@ -131,7 +132,16 @@ class SystemdContainer:
         print(f"systemd: {what} in {self.timings[what]:.1f} s", flush=True)
 
     def run(self, cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+        """A command in its own session; on Ctrl-C, a timeout or an error it is asked to stop (SIGTERM: mmdebstrap
+        then unmounts and removes its chroot), as the container drill does."""
+        with subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except BaseException:
+                terminate(proc)
+                raise
+        p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         if check and p.returncode != 0:
             raise AssertionError(f"{' '.join(cmd[:6])} failed ({p.returncode}): {(p.stdout + p.stderr)[-1500:]}")
         return p
