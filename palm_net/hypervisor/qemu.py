@@ -73,7 +73,9 @@ MAX_ARG_LEN = 256
 MAX_SPEC = 4096
 QMP_TIMEOUT = 30.0
 STREAM_TIMEOUT = 30.0  # longest silence of QEMU's migration stream
-STREAM_SOCKET_BUFFER = 4 << 20
+# QEMU writes ahead while a batch is sealed (200 KiB by default); not much more:
+# what is in flight when QEMU pauses the guest is loaded inside the downtime.
+STREAM_SOCKET_BUFFER = 1 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # as root: past net.core.wmem_max
 # Options palm_net sets itself; a VM's extra arguments may not repeat them.
 OWN_OPTIONS = frozenset({"-machine", "-M", "-m", "-smp", "-accel", "-enable-kvm", "-qmp", "-monitor", "-incoming",
@@ -712,7 +714,7 @@ class QemuVM(ConfiguredVM):
     def _pass_stream_fd(self, q: QmpClient) -> socket.socket:
         """A socket pair for the migration stream; QEMU gets one end by SCM_RIGHTS."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for end in (ours, theirs):  # QEMU writes ahead while a batch is sealed (200 KiB by default)
+        for end in (ours, theirs):
             with contextlib.suppress(OSError):
                 end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, STREAM_SOCKET_BUFFER)
         try:

@@ -85,6 +85,10 @@ log = structlog.get_logger("palm.migration")
 PER_HOP = 2
 READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
+# A read of QEMU's stream, at most: what our buffers hold when QEMU pauses the
+# guest is loaded by the destination inside the downtime (1 GiB KVM guest, under
+# load: 34 and 33 ms against 73 and 38 with 2 MiB reads and 4 MiB socket buffers).
+STREAM_READ = MAX_BULK // 2
 APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not yet written
 COMMIT_WINDOW = 30.0  # destination: at most this long shielded for COMMIT, activation and DONE
 
@@ -304,7 +308,7 @@ class SourceRun:
             return [r for i in range(0, len(data), MAX_BULK) for r in eng.stream_chunk(data[i : i + MAX_BULK])]
 
         try:
-            await self._pump(read, [bytearray(PER_HOP * MAX_BULK) for _ in range(READ_AHEAD + 1)], to_records)
+            await self._pump(read, [bytearray(STREAM_READ) for _ in range(READ_AHEAD + 1)], to_records)
         finally:
             self._stream = None
             conn.close()  # also on failure or cancel: QEMU sees its stream end
