@@ -329,6 +329,17 @@ def mounts_under(prefix: str) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
+def remove_store_and_restore(store: Path, before: HostState, ours: Ours) -> list[str]:
+    """The end of a run: its private store unmounted and removed, the host as it was;
+    what could not be removed, in words."""
+    for mnt in mounts_under(str(store)):
+        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+    shutil.rmtree(store, ignore_errors=True)
+    left = [f"store {store}"] if store.exists() else []
+    restore_host(before, ours)
+    return left + HostState.take(ours.tag).added_since(before, ours)
+
+
 def restore_host(before: HostState, ours: Ours) -> None:
     """Undoes what this run added to the host, and only that: its processes, iptables rules (and the CNI
     chains it created, once nobody else's rules are in them), its bridge, its files and the empty
@@ -657,13 +668,7 @@ class ContainerCluster:
             for c in json.loads(runc.stdout or "null") or []:
                 if self.tag in c.get("bundle", ""):
                     self.run(["runc", "delete", "--force", c["id"]], check=False, timeout=60)
-        for mnt in mounts_under(str(self.store)):
-            subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
-        shutil.rmtree(self.store, ignore_errors=True)
-        if self.store.exists():
-            left.append(f"store {self.store}")
-        restore_host(self.before, self.ours)
-        left += HostState.take(self.tag).added_since(self.before, self.ours)
+        left += remove_store_and_restore(self.store, self.before, self.ours)
         print(f"containers: removed containers, volumes, network, images and the private store in "
               f"{time.monotonic() - t0:.1f} s; " + (f"LEFT BEHIND: {'; '.join(left)}" if left else
                                                       "nothing left behind"), flush=True)

@@ -48,9 +48,8 @@ from container_cluster import (  # noqa: E402
     Ours,
     debian_mirrors,
     host_lock,
-    mounts_under,
     private_env,
-    restore_host,
+    remove_store_and_restore,
     terminate,
 )
 
@@ -249,13 +248,7 @@ class SystemdContainer:
                     left += [f"{what} {n}" for n in self.podman(*args, check=False, timeout=60).stdout.split()]
                 except subprocess.TimeoutExpired:
                     left.append(f"{what}s: podman did not answer")
-            for mnt in mounts_under(str(self.store)):
-                subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
-            shutil.rmtree(self.store, ignore_errors=True)
-            if self.store.exists():
-                left.append(f"store {self.store}")
-            restore_host(self.before, self.ours)
-            left += HostState.take(self.tag).added_since(self.before, self.ours)
+            left += remove_store_and_restore(self.store, self.before, self.ours)
         finally:
             os.close(self.lock)
         return left
