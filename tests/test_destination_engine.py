@@ -14,8 +14,11 @@ from nacl.signing import SigningKey
 
 from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, MigrationFailure, RemoteProtocolError
+from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.model import ModelVM
-from palm_net.migration.handoff import HandoffState, HandoffStore
+from palm_net.migration.effects import Aborted, AbortForever, CommitAndActivate, Prepare
+from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, check_abort_token
+from palm_net.migration.hosts import DestinationHost
 from palm_net.migration.params import MigrationParams
 from palm_net.testing import scratch
 from palm_net.testing.engines import DestinationDriver, Unit, renumber, source_messages, split_data, units
@@ -468,3 +471,58 @@ def test_a_page_that_turns_to_zeros_is_zero_at_the_destination(shm):
     dst = dest.vm
     assert isinstance(dst, ModelVM) and dst.memory_bytes()[9 * 4096 : 10 * 4096] == bytes(4096)
     assert src.memory_bytes() == dst.memory_bytes()
+
+
+# --------------------------------------------------------------------------
+# The destination's host (palm_net.migration.hosts.DestinationHost): what each request does
+# to the store and the VM, and its result whole (the mutation run of issue 27 part 2)
+
+
+def test_the_destination_host_aborts_only_what_its_session_opened(shm):
+    store, signing = HandoffStore(shm / "dst.db"), SigningKey.generate()
+    src = Peer("src", os.urandom(32), os.urandom(32))
+    host = DestinationHost(store, signing, src)
+    # A refused BEGIN (nothing of this session's to abort) naming another session's id,
+    # in flight or aborted already: that migration is left as it is, no token handed out.
+    in_flight, aborted = os.urandom(16), os.urandom(16)
+    store.open_incoming(in_flight, "vm0", b"O" * 16, src)
+    store.open_incoming(aborted, "vm1", b"A" * 16, src)
+    assert store.abort_forever(aborted, None, "earlier")
+    for mid in (in_flight, aborted):
+        assert host.perform(AbortForever("replay: refused", recorded=False), mid) == Aborted(b"")
+    assert store.state_of(in_flight) is HandoffState.RECEIVING
+    # Its own: aborted for good with its reason, what arrived scrubbed, the token for its source.
+    mid = os.urandom(16)
+    store.open_incoming(mid, "vm2", b"V" * 16, src)
+    host.vm = vm = ModelVM.create_incoming(shm / "in", "vm2", b"V" * 16, 16, 1, KEY, migration=mid)
+    result = host.perform(AbortForever("integrity: a page failed its check", recorded=True), mid)
+    assert result.aborted and check_abort_token(signing.verify_key.encode(), mid, result.token)
+    assert store.get(mid).error == "integrity: a page failed its check"
+    assert host.vm is None and not vm.dir.exists()
+
+
+def test_the_destination_host_s_prepare_and_commit_results_are_whole(shm, monkeypatch):
+    store, signing = HandoffStore(shm / "dst.db"), SigningKey.generate()
+    host = DestinationHost(store, signing, Peer("src", os.urandom(32), os.urandom(32)))
+    for activates in (True, False):
+        mid = os.urandom(16)
+        store.open_incoming(mid, f"vm-{activates}", b"V" * 16, host.peer)
+        host.vm = vm = ModelVM.create_incoming(shm / f"in-{activates}", f"vm-{activates}", b"V" * 16, 16, 1, KEY,
+                                               migration=mid)
+        prepared = host.perform(Prepare(digest=False), mid)
+        assert prepared.persisted and prepared.digest == b"" and 0 <= prepared.took < 60
+        if not activates:
+            monkeypatch.setattr(vm, "activate", _activation_fails)
+        committed = host.perform(CommitAndActivate(), mid)
+        assert store.state_of(mid) is HandoffState.COMMITTED
+        assert (committed.committed, committed.running) == (True, activates)
+        assert committed.error == (None if activates else "the VM would not start")
+        assert 0 <= committed.activating <= committed.took < 60
+        # An abort after the commit: the row decides, the VM stays (this agent's now).
+        assert host.perform(AbortForever("late", recorded=True), mid) == Aborted(b"", aborted=False)
+        assert host.vm is vm and store.state_of(mid) is HandoffState.COMMITTED
+        vm.close()
+
+
+def _activation_fails() -> None:
+    raise HypervisorError("the VM would not start")

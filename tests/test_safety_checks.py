@@ -18,7 +18,9 @@ are also tested end to end, between agents.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import time
 from types import SimpleNamespace
 
 import msgpack
@@ -46,10 +48,11 @@ from palm_net.crypto.noise import CHACHAPOLY, CipherState
 from palm_net.errors import ErrorCode, HandshakeError, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.model import ModelVM
+from palm_net.migration import handoff, orchestrate
 from palm_net.migration.effects import Effect, Result, Send
-from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, make_abort_token
-from palm_net.migration.orchestrate import recover_once
-from palm_net.migration.params import MigrationParams
+from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, check_abort_token, make_abort_token
+from palm_net.migration.orchestrate import MigrationResult, answer_query, override_resume, recover_once
+from palm_net.migration.params import MigrationParams, MigrationStats, Phase, Status
 from palm_net.migration.runner import SourceRun
 from palm_net.migration.source import InDoubt, Step
 from palm_net.testing.cluster import LocalCluster
@@ -429,12 +432,13 @@ class _Answering:
         pass
 
 
-def _in_doubt_source(shm, dest_static: bytes) -> tuple[HandoffStore, ModelVM, bytes]:
+def _in_doubt_source(shm, dest_static: bytes, dest_sign_pub: bytes | None = None
+                     ) -> tuple[HandoffStore, ModelVM, bytes]:
     store = HandoffStore(shm / "src.db")
     vm = ModelVM.create(shm / "vm1", "vm1", 16, os.urandom(32))
     mid = os.urandom(16)
-    store.open_outgoing(mid, vm, Peer("dst", dest_static, SigningKey.generate().verify_key.encode(),
-                                      "127.0.0.1:7"))
+    sign_pub = dest_sign_pub if dest_sign_pub is not None else SigningKey.generate().verify_key.encode()
+    store.open_outgoing(mid, vm, Peer("dst", dest_static, sign_pub, "127.0.0.1:7"))
     vm.pause()
     assert store.hand_off(mid)
     return store, vm, mid
@@ -510,6 +514,238 @@ async def test_another_agent_answering_recovery_at_the_recorded_address_is_not_b
         for name in list(c.members):
             await c.stop(name)
         c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# 3b. Recovery's other decisions (orchestrate.py; the mutation run of issue 27 part 2,
+# docs/MUTATION.md): what the source does with each answer, what the destination
+# answers whom, the operator's override, and what the operator is told.
+
+
+def _answering(dest_static: bytes, outcome: Outcome, asked: list[str]):
+    channel = _Answering(dest_static, outcome)
+
+    async def connect_recovery(addr: str):
+        asked.append(addr)
+        return channel
+    return connect_recovery
+
+
+async def test_recovery_acts_on_the_row_first_then_only_on_a_commit_or_a_valid_token(shm):
+    dest_key, dest_static, asked = SigningKey.generate(), os.urandom(32), []
+    store, vm, mid = _in_doubt_source(shm, dest_static, dest_key.verify_key.encode())
+    # Nothing to ask about: no row, or a row of this agent as a destination (not "aborted").
+    incoming = os.urandom(16)
+    store.open_incoming(incoming, "in", b"I" * 16, Peer("src", dest_static, bytes(32), "127.0.0.1:7"))
+    for other in (os.urandom(16), incoming):
+        assert await recover_once(store, other, vm, _answering(dest_static, Outcome("committed", b""), asked)) is None
+    assert asked == [] and store.state_of(incoming) is HandoffState.RECEIVING
+
+    # The destination unreachable, or no usable answer: still in doubt, the VM paused and kept.
+    async def unreachable(addr: str):
+        raise OSError("connection refused")
+
+    async def refused(addr: str):
+        raise HandshakeError(ErrorCode.BAD_CERTIFICATE, "refused")
+
+    for connect_recovery in (unreachable, refused, _answering(dest_static, Outcome("unknown", b""), asked),
+                             _answering(dest_static, Outcome("aborted", b""), asked),  # without its token
+                             _answering(dest_static, Outcome("aborted", make_abort_token(SigningKey.generate(), mid)),
+                                        asked),  # another key's
+                             _answering(dest_static, Outcome("aborted", make_abort_token(dest_key, os.urandom(16))),
+                                        asked)):  # another migration's
+        assert await recover_once(store, mid, vm, connect_recovery) is None
+        assert store.state_of(mid) is HandoffState.HANDED_OFF and vm.state == "paused" and vm.dir.exists()
+    assert asked == ["127.0.0.1:7"] * 4
+    # A valid token beside another word: a contradiction, not acted on.
+    token = make_abort_token(dest_key, mid)
+    assert await recover_once(store, mid, vm, _answering(dest_static, Outcome("unknown", token), asked)) is None
+    assert store.state_of(mid) is HandoffState.HANDED_OFF and vm.state == "paused"
+    # A valid token: the VM runs here again.
+    assert await recover_once(store, mid, vm, _answering(dest_static, Outcome("aborted", token), asked)) == "aborted"
+    row = store.get(mid)
+    assert row.state is HandoffState.ABORTED and row.token == token and vm.state == "running"
+    assert row.error == "aborted by destination token"
+    # Settled: the row answers, no one is asked.
+    asked.clear()
+    assert await recover_once(store, mid, vm, _answering(dest_static, Outcome("committed", b""), asked)) == "aborted"
+    assert asked == [] and vm.state == "running"
+    vm.close()
+    # "committed": DONE, and this copy is scrubbed; asked again, the row answers.
+    (shm / "2").mkdir()
+    store2, vm2, mid2 = _in_doubt_source(shm / "2", dest_static)
+    assert await recover_once(store2, mid2, vm2, _answering(dest_static, Outcome("committed", b""), asked)) \
+        == "committed"
+    assert store2.state_of(mid2) is HandoffState.DONE and not vm2.dir.exists()
+    asked.clear()
+    assert await recover_once(store2, mid2, None, _answering(dest_static, Outcome("aborted", token), asked)) \
+        == "committed"
+    assert asked == []
+
+
+def test_the_destination_answers_a_query_only_to_the_source_it_recorded(shm):
+    store, signing = HandoffStore(shm / "dst.db"), SigningKey.generate()
+    src = Peer("src", os.urandom(32), os.urandom(32))
+    other = Peer("other", os.urandom(32), os.urandom(32))
+    verify = signing.verify_key.encode()
+
+    def aborted_with_its_token(answer: Outcome, mid: bytes) -> bool:
+        return answer.outcome == "aborted" and check_abort_token(verify, mid, answer.token)
+
+    # In flight: the recorded source's query aborts it for good, with the token.
+    mid = os.urandom(16)
+    store.open_incoming(mid, "vm1", b"V" * 16, src)
+    answer = answer_query(store, signing, mid, other)  # another agent: told nothing, nothing changes
+    assert answer == Outcome("unknown", b"") and store.state_of(mid) is HandoffState.RECEIVING
+    answer = answer_query(store, signing, mid, src)
+    assert aborted_with_its_token(answer, mid) and store.state_of(mid) is HandoffState.ABORTED
+    assert store.get(mid).error == "aborted on recovery query"
+    assert answer_query(store, signing, mid, other) == Outcome("unknown", b"")  # still nothing for another
+    # Committed: "committed", to the recorded source only; the row stays committed.
+    done = os.urandom(16)
+    store.open_incoming(done, "vm2", b"W" * 16, src)
+    assert store._move(done, Role.DESTINATION, handoff.Step.PREPARE)
+    assert store._move(done, Role.DESTINATION, handoff.Step.COMMIT)
+    assert answer_query(store, signing, done, other) == Outcome("unknown", b"")
+    assert answer_query(store, signing, done, src) == Outcome("committed", b"")
+    assert store.state_of(done) is HandoffState.COMMITTED
+    # Never seen: recorded aborted for the one who asked (a late BEGIN is refused), its token to it.
+    unseen = os.urandom(16)
+    assert aborted_with_its_token(answer_query(store, signing, unseen, src), unseen)
+    row = store.get(unseen)
+    assert row.role is Role.DESTINATION and row.state is HandoffState.ABORTED and row.is_peer(src.static_pub)
+    # A BEGIN of another peer with that id wins the race to the row: not the asker's, nothing handed out.
+    raced = os.urandom(16)
+    real_record_unknown = store.record_unknown
+
+    def begun_meanwhile(mid: bytes, peer: Peer) -> None:
+        store.open_incoming(mid, "vm4", b"X" * 16, other)
+        real_record_unknown(mid, peer)  # (the id exists: it records nothing)
+
+    store.record_unknown = begun_meanwhile
+    assert answer_query(store, signing, raced, src) == Outcome("unknown", b"")
+    assert store.state_of(raced) is HandoffState.RECEIVING and store.get(raced).is_peer(other.static_pub)
+    store.record_unknown = real_record_unknown
+    # This agent's own outgoing migration with that id: not a destination's to answer.
+    out = os.urandom(16)
+    vm = ModelVM.create(shm / "vm3", "vm3", 16, KEY)
+    store.open_outgoing(out, vm, src)
+    assert answer_query(store, signing, out, src) == Outcome("unknown", b"")
+    assert store.state_of(out) is HandoffState.SENDING
+    vm.close()
+
+
+def test_the_operator_s_override_resumes_only_an_in_doubt_vm_and_says_so_in_its_row(shm):
+    store, vm, mid = _in_doubt_source(shm, os.urandom(32))
+    with pytest.raises(MigrationFailure) as info:  # no such migration
+        override_resume(store, os.urandom(16), vm, "operator")
+    assert info.value.code is ErrorCode.VM_STATE and vm.state == "paused"
+    override_resume(store, mid, vm, "the destination host burned down")
+    row = store.get(mid)
+    assert row.state is HandoffState.ABORTED and vm.state == "running"
+    assert row.error == "OPERATOR OVERRIDE: the destination host burned down"
+    with pytest.raises(MigrationFailure) as info:  # settled: nothing more to override
+        override_resume(store, mid, vm, "again")
+    assert info.value.code is ErrorCode.VM_STATE
+    vm.close()
+    (shm / "2").mkdir()
+    store2, vm2, mid2 = _in_doubt_source(shm / "2", os.urandom(32))
+    assert store2.confirm(mid2)  # DONE: the destination runs it
+    with pytest.raises(MigrationFailure) as info:
+        override_resume(store2, mid2, vm2, "operator")
+    assert info.value.code is ErrorCode.VM_STATE and vm2.state == "paused"
+    vm2.close()
+
+
+def test_a_settled_in_doubt_migration_is_reported_where_its_vm_runs():
+    mid, started = os.urandom(16), time.monotonic() - 5
+    stats = MigrationStats()
+    assert orchestrate._recovered("committed", "vm1", mid, stats, started, "dst") == MigrationResult(
+        True, mid, "vm1", "completed", stats, runs_on="destination", peer="dst", extra={"recovered": True})
+    assert stats.status is Status.COMPLETED and 5 <= stats.total_time < 60
+    stats = MigrationStats()
+    assert orchestrate._recovered("aborted", "vm1", mid, stats, started, "dst") == MigrationResult(
+        False, mid, "vm1", "failed", stats, "aborted: destination issued an abort token", "in-doubt", "source", "dst")
+    assert stats.status is Status.FAILED and 5 <= stats.total_time < 60
+
+
+class _Asking:
+    """A recovery session as the destination sees it: one QUERY about ``mid`` from ``peer``; keeps the reply."""
+
+    def __init__(self, peer: Peer, mid: bytes) -> None:
+        self.result = SimpleNamespace(peer=SimpleNamespace(name=peer.name, static_pub=peer.static_pub,
+                                                           sign_pub=peer.sign_pub), purpose=Purpose.RECOVERY)
+        self.source = SessionProtocol(Role.SOURCE, mid, recovery=True)
+        self._query = self.source.send(messages.Query())
+        self.replies: list[bytes] = []
+
+    async def receive(self) -> SimpleNamespace:
+        return SimpleNamespace(data=self._query)
+
+    async def send(self, data: bytes) -> int:
+        self.replies.append(data)
+        return len(data)
+
+
+async def test_a_query_about_an_id_never_seen_is_recorded_against_the_asker_and_answered_with_its_token(shm):
+    store, signing = HandoffStore(shm / "dst.db"), SigningKey.generate()
+    src = Peer("src", os.urandom(32), os.urandom(32))
+    mid = os.urandom(16)
+    channel = _Asking(src, mid)
+    assert await orchestrate.serve_incoming(channel, store, signing, None, 16) is None
+    (reply,) = channel.replies
+    answer = channel.source.receive_message(reply).get(Outcome)
+    assert answer.outcome == "aborted" and check_abort_token(signing.verify_key.encode(), mid, answer.token)
+    row = store.get(mid)  # a late BEGIN with this id is refused: the row is there, the asker's
+    assert row.state is HandoffState.ABORTED and row.peer == Peer("src", src.static_pub, src.sign_pub)
+
+
+async def test_an_incoming_session_s_run_gets_the_agent_s_bounds_and_key_and_is_listed_while_it_runs(shm, monkeypatch):
+    """What the agent's recheck (a peer revoked in flight) and its stop (wait for a commit) look
+    through: the runs listed while they run, and only then."""
+    listed: list[dict] = []
+
+    async def run(self) -> None:
+        listed.append(dict(runs))
+
+    monkeypatch.setattr(orchestrate.DestinationRun, "run", run)
+    store, signing, runs = HandoffStore(shm / "dst.db"), SigningKey.generate(), {}
+    channel = SimpleNamespace(peer_name="src", result=SimpleNamespace(
+        peer=SimpleNamespace(name="src", static_pub=os.urandom(32), sign_pub=os.urandom(32)),
+        purpose=Purpose.MIGRATION, mode=TransportMode.SECURE))
+    got = await orchestrate.serve_incoming(channel, store, signing, None, 1234, 77.0, runs)
+    assert listed == [{id(got): got}] and runs == {}
+    assert (got.engine.max_pages, got.engine.deadline_per_gib, got.engine.plain_session) == (1234, 77.0, False)
+    assert got.host.signing is signing and got.host.store is store
+
+
+def _fails_with_eio() -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+async def test_a_failure_before_the_handoff_is_reported_with_its_phase_and_where_the_vm_runs(shm, monkeypatch):
+    store = HandoffStore(shm / "src.db")
+    peer = Peer("dst", os.urandom(32), os.urandom(32), "127.0.0.1:7")
+    error = MigrationFailure(ErrorCode.TIMEOUT, "the destination went quiet")
+    for resumes in (True, False):
+        vm = ModelVM.create(shm / f"vm-{resumes}", "vm1", 16, KEY)
+        mid = os.urandom(16)
+        store.open_outgoing(mid, vm, peer)
+        vm.pause()
+        if not resumes:  # the row is written, the VM does not run: the agent retries it
+            monkeypatch.setattr(vm, "resume_after_migration", _fails_with_eio)
+        stats = MigrationStats()
+        stats.phase = Phase.ROUND
+        engine = SimpleNamespace(mid=mid, abort=lambda code: None)  # no session left to send ABORT on
+        res = await orchestrate._resume_after_failure(vm, store, error, stats, time.monotonic() - 5, None, engine,
+                                                      peer)
+        runs_on = "source" if resumes else "source (paused: its resume failed, retried)"
+        assert res == MigrationResult(False, mid, "vm1", "failed", stats, str(error), "round", runs_on, "dst")
+        assert stats.status is Status.FAILED and 5 <= stats.total_time < 60
+        row = store.get(mid)
+        assert row.state is HandoffState.ABORTED and row.error == str(error)
+        assert vm.running is resumes
+        vm.close()
 
 
 # --------------------------------------------------------------------------
