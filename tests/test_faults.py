@@ -31,6 +31,7 @@ import trio
 
 from palm_net import faults
 from palm_net.agent import faultdrill
+from palm_net.agent.errors import AgentError
 from palm_net.agent.launcher import AgentProcess, provision, remove_all
 from palm_net.migration import effects
 from palm_net.migration.handoff import MOVES, HandoffState
@@ -651,7 +652,11 @@ async def test_a_cancel_racing_the_handoff_never_leaves_the_vm_nowhere(pair):
     or the operator runs --resolve: the VM runs on no host.
 
     The interleaving is made deterministic by running the operator's cancel at the
-    fault point just before the hand-off UPDATE (the row is still SENDING there)."""
+    fault point just before the hand-off UPDATE (the row is still SENDING there).
+    Since the operator's cancel is taken between records (runner.Stop), the run
+    marks itself past the handoff before that point, and the cancel is refused
+    there ("past the handoff point"): the migration completes.  Either way the
+    VM must run somewhere."""
     a, b = pair["a"], pair["b"]
     a.registry.create_model("vm1", 64 * 4096, fill="random", seed=3)
     said: list[str] = []
@@ -659,17 +664,18 @@ async def test_a_cancel_racing_the_handoff_never_leaves_the_vm_nowhere(pair):
     def cancel_at_handoff(at: str) -> None:
         if at == "source.store.hand-off" and not said:
             (mid,) = [lm.mid for lm in a.outgoing.live.values() if lm.result is None]
-            said.append(a.outgoing.cancel(mid.hex()))  # the row says SENDING: accepted
+            try:
+                said.append(a.outgoing.cancel(mid.hex()))
+            except AgentError as exc:
+                said.append(str(exc))
 
     old = faults.install(cancel_at_handoff)
     try:
         res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
     finally:
         faults.install(old)
-    assert said == ["cancelling"]
-    # Let the destination notice the closed session and abort; give recovery time.
-    await _wait(lambda: b.store.state_of(res.mid) is HandoffState.ABORTED, 10)
-    await trio.sleep(3)
+    assert said == ["migration is past the handoff point; it cannot be cancelled"]
+    assert res.ok and res.runs_on == "destination"
     running = pair.running_copies("vm1")
     src_state = a.store.state_of(res.mid)
     assert running, (f"the VM runs on no host: migrate said {res.status!r} ({res.error}); source row "

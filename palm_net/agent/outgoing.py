@@ -8,6 +8,7 @@ recovery task keeps asking for (with back-off, also after a restart).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffState, HandoffStore, may_run, may_scrub
 from palm_net.migration.orchestrate import MigrationResult, migrate_out, override_resume, recover_once
 from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.migration.runner import Stop
 from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.agent")
@@ -58,6 +60,7 @@ class LiveMigration:
     result: MigrationResult | None = None
     peer_info: PeerInfo | None = None  # the attested destination, once the handshake named it
     cancel_reason: str | None = None  # None: the operator's (CANCELLED)
+    stop: Stop | None = None  # the operator's cancel, taken where the destination can be told
 
 
 class OutgoingService:
@@ -103,6 +106,7 @@ class OutgoingService:
 
         mid = mid or os.urandom(16)
         lm = LiveMigration(mid, name, to, MigrationStats(), time.time(), trio.CancelScope())
+        lm.stop = Stop(lm.cancel)
 
         async def connect(addr: str) -> SecureChannel:
             channel = await self.connect(addr, params.plain, cipher)
@@ -119,7 +123,7 @@ class OutgoingService:
         try:
             with lm.cancel:
                 result = await migrate_out(vm, self.store, to, params, connect, self.connect_recovery, progress,
-                                           self.in_doubt_wait(), mid=mid, spec=vm.migration_spec())
+                                           self.in_doubt_wait(), mid=mid, spec=vm.migration_spec(), stop=lm.stop)
         except BaseException:
             del self.live[mid]  # refused on the way (e.g. the destination is this agent): not a migration
             self._after(vm, mid)  # or it ended some other way: its row says what is left to do
@@ -133,6 +137,9 @@ class OutgoingService:
             why = CANCELLED if lm.cancel_reason is None else f"cancelled: {lm.cancel_reason}"
             result = MigrationResult(False, mid, name, "cancelled", lm.stats, why,
                                      lm.stats.phase, "source" if vm.running else "none (paused, in doubt)")
+        elif lm.stop.requested and not result.ok and self._state(mid) is HandoffState.ABORTED:
+            # The operator's cancel, taken at a safe point (the destination told): the row says aborted.
+            result = dataclasses.replace(result, status="cancelled", error=CANCELLED)
         lm.result = result
         if not result.ok and self.store.get(mid) is None:  # failed before BEGIN: no row, so say it here
             log.warning("migration failed before it began", migration=mid.hex(), vm=name, peer=to,
@@ -187,7 +194,10 @@ class OutgoingService:
                 row = self.store.get(lm.mid)
                 if row is not None and row.state is not HandoffState.SENDING:
                     raise AgentError("migration is past the handoff point; it cannot be cancelled")
-                lm.cancel.cancel()
+                if lm.stop is None:
+                    lm.cancel.cancel()
+                elif not lm.stop.request():
+                    raise AgentError("migration is past the handoff point; it cannot be cancelled")
                 return "cancelling"
         raise AgentError(f"no migration in flight with id {mid_hex}")
 

@@ -250,11 +250,14 @@ class Inbox:
         self._pool = _Buffers(buffers, size)
         # Bytes that arrived with the handshake: the start of the first buffer.
         self._carry = channel._receiver.take_buffered()
+        self.closed: RemoteProtocolError | None = None  # the peer closed the connection (after what was passed on)
 
     async def run(self, out: trio.MemorySendChannel[tuple[bytearray, int]]) -> None:
         """Waits for bytes, then takes whatever else the socket holds already, until
         whole frames are in: a consumer that falls behind gets few full buffers, not
-        many small ones.  The part of a frame at the end starts the next buffer."""
+        many small ones.  The part of a frame at the end starts the next buffer.
+        The peer's close ends ``out`` after everything before it (a last ABORT
+        then a close are read in that order), and is kept in ``closed``."""
         rx = self.ch._receiver
         async with out:
             while True:
@@ -264,7 +267,13 @@ class Inbox:
                 with memoryview(buf) as view:
                     end = rx.whole_frames(view, filled)
                     while not end:
-                        filled += await self.ch.read_into(view[filled:])
+                        try:
+                            filled += await self.ch.read_into(view[filled:])
+                        except RemoteProtocolError as exc:
+                            if exc.code is not ErrorCode.CLOSED:
+                                raise
+                            self.closed = exc
+                            return
                         filled += self.ch.read_ready(view[filled:])
                         end = rx.whole_frames(view, filled)
                     self._carry = bytes(view[end:filled])

@@ -29,7 +29,7 @@ from palm_net.hypervisor.vmspec import check_policy
 from palm_net.migration.destination import DEADLINE_PER_GIB, DestinationEngine
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer
 from palm_net.migration.params import MigrationParams, MigrationStats, Phase, Status
-from palm_net.migration.runner import DestinationRun, SourceRun
+from palm_net.migration.runner import DestinationRun, SourceRun, Stop
 from palm_net.migration.source import InDoubt, SourceEngine, plain_refusal
 from palm_net.wire.messages import Begin, Outcome, Query, RecoveryOutcome
 from palm_net.wire.protocol import Role, SessionProtocol
@@ -94,6 +94,7 @@ async def migrate_out(
     in_doubt_wait: float = 30.0,
     mid: bytes | None = None,
     spec: bytes = b"",
+    stop: Stop | None = None,
 ) -> MigrationResult:
     """Migrates ``vm`` to the agent at ``dest_addr``; never raises for a failed migration.
 
@@ -138,7 +139,8 @@ async def migrate_out(
             return fail(exc, "setup")
         engine = SourceEngine(mid, vm.info, params, stream=bool(spec), spec=spec, stats=stats,
                               peer_sign_pub=info.sign_pub)
-        run = SourceRun(channel, engine, vm, store, (lambda: on_progress(stats)) if on_progress else None, started)
+        run = SourceRun(channel, engine, vm, store, (lambda: on_progress(stats)) if on_progress else None, started,
+                        stop)
         try:
             await run.run()
         except (PalmError, InDoubt) as exc:

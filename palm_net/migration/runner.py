@@ -36,7 +36,7 @@ import trio
 from nacl.signing import SigningKey
 
 from palm_net.channel.transport import Inbox, Outbox, Record, SecureChannel
-from palm_net.errors import ErrorCode, PalmError, RemoteProtocolError
+from palm_net.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.faults import fault
 from palm_net.hypervisor.backend import (
     Backend,
@@ -115,13 +115,43 @@ def group_error(group: BaseExceptionGroup[Any]) -> PalmError:
 # Source
 
 
+STOP_GRACE = 5.0  # an operator's cancel not taken by then (a send stuck on a silent peer) cuts the run
+
+
+class Stop:
+    """An operator's cancel of an outgoing migration, taken at the next point where
+    nothing is half sent, so that the destination is told (ABORT, from the failure
+    path): the bulk path stops reading the VM and sends what it has sealed, then the
+    run fails with CANCELLED, before the handoff point.  Not taken within
+    ``grace``, ``hard`` (the migration's cancel scope) cuts the run as before,
+    and the destination sees the session close."""
+
+    def __init__(self, hard: trio.CancelScope, grace: float = STOP_GRACE) -> None:
+        self.hard = hard
+        self.grace = grace
+        self.requested = False
+        self.past_handoff = False  # set by the run as it hands off: from there it completes
+        self.wake: Callable[[], None] = lambda: None
+
+    def request(self) -> bool:
+        """Asks the run to stop; False if it is past the handoff point."""
+        if self.past_handoff:
+            return False
+        if not self.requested:
+            self.requested = True
+            self.hard.deadline = min(self.hard.deadline, trio.current_time() + self.grace)
+            self.wake()
+        return True
+
+
 class SourceRun:
     """One outgoing migration over an established channel: performs the source
     engine's effects in order (the steps and their order are the engine's), feeds
     it the destination's records as they come and the time when it asked for it."""
 
     def __init__(self, channel: SecureChannel, engine: SourceEngine, vm: HostedVM, store: HandoffStore,
-                 on_progress: Callable[[], None] | None = None, started: float | None = None) -> None:
+                 on_progress: Callable[[], None] | None = None, started: float | None = None,
+                 stop: Stop | None = None) -> None:
         self.ch = channel
         self.engine = engine
         self.vm = vm
@@ -134,6 +164,9 @@ class SourceRun:
         self._woken = trio.Event()  # the receiver or a background task queued effects
         self._stream: socket.socket | None = None  # a stream backend's migration stream, while it runs
         self.host = SourceHost(vm, store, engine.mid)
+        self.stop = stop
+        if stop is not None:
+            stop.wake = lambda: self._woken.set()
 
     @property
     def abort_token(self) -> bytes | None:
@@ -141,6 +174,16 @@ class SourceRun:
         return self.engine.abort_token
 
     # -- plumbing
+
+    @property
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.requested and not self.stop.past_handoff
+
+    def _stop_if_asked(self) -> None:
+        """Between effects: nothing is half sent here, so the failure path's ABORT reads
+        as the next record on the destination's side."""
+        if self._stopping:
+            raise MigrationFailure(ErrorCode.CANCELLED, "cancelled by the operator")
 
     def _queued(self, effects: Sequence[Effect]) -> None:
         self._queue.extend(effects)
@@ -177,7 +220,7 @@ class SourceRun:
         async def produce() -> None:
             async with ready_send:
                 last = False
-                while not last:
+                while not last and not self._stopping:  # a cancel: what is sealed still goes out whole
                     buf = await free.receive()
                     item, last = await trio.to_thread.run_sync(read, buf)
                     await ready_send.send((item, buf))
@@ -214,6 +257,7 @@ class SourceRun:
             nursery.start_soon(self._receiver)
             self._queued(eng.start(self.started))
             while eng.step is not Step.DONE:
+                self._stop_if_asked()
                 if not self._queue:
                     deadline = eng.timer()
                     self._woken = trio.Event()
@@ -251,6 +295,9 @@ class SourceRun:
             # A cancel the operator had asked for (while the row said SENDING) lands here,
             # not after the handoff: from this checkpoint to the durable write nothing yields.
             await trio.lowlevel.checkpoint()
+            self._stop_if_asked()
+            if self.stop is not None:
+                self.stop.past_handoff = True  # asked from here on, it completes
             return self.host.perform(eff)
         if isinstance(eff, ReadTranscript):
             fault("source.ReadTranscript")
@@ -397,6 +444,8 @@ class DestinationRun:
                         # An absolute deadline: a peer trickling bytes cannot hold its
                         # slot forever (BEGIN soon, then time in proportion to the memory).
                         deadline.deadline = eng.deadline(started)
+                    if inbox.closed is not None and eng.state not in FINAL:
+                        raise inbox.closed  # (after the records that came before the close)
                     await applier.drain()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
