@@ -113,8 +113,7 @@ async def migrate_out(
         stats.total_time = time.monotonic() - started
         return MigrationResult(False, mid, name, "failed", stats, str(error), phase, "source")
 
-    refused = plain_refusal(params, vm.info)
-    if refused is not None:
+    if (refused := plain_refusal(params, vm.info)) is not None:
         return fail(refused, "setup")
     if not vm.running:
         return fail(MigrationFailure(ErrorCode.VM_STATE, f"VM {name!r} is not running"), "setup")

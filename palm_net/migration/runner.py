@@ -183,6 +183,8 @@ class SourceRun:
         """Between effects: nothing is half sent here, so the failure path's ABORT reads
         as the next record on the destination's side."""
         if self._stopping:
+            assert self.stop is not None
+            self.stop.hard.deadline = math.inf  # stopped here: the failure path (bounded) is not cut
             raise MigrationFailure(ErrorCode.CANCELLED, "cancelled by the operator")
 
     def _queued(self, effects: Sequence[Effect]) -> None:
