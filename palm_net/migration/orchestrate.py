@@ -226,8 +226,9 @@ async def _resume_after_failure(vm: HostedVM, store: HandoffStore, error: PalmEr
                                 peer: Peer) -> MigrationResult:
     """Before the handoff point the source may always run again (ABORT to the destination, best effort)."""
     phase = stats.phase
-    await _send_abort(channel, engine, error.code)
-    store.abort_and_resume(engine.mid, vm, str(error))
+    with trio.CancelScope(shield=True):  # a cancel (agent stop, a drain's) must not leave the VM paused
+        await _send_abort(channel, engine, error.code)  # (a second at most)
+        store.abort_and_resume(engine.mid, vm, str(error))
     stats.status = Status.FAILED
     stats.total_time = time.monotonic() - started
     runs_on = "source" if vm.running else "source (paused: its resume failed, retried)"
@@ -239,7 +240,7 @@ async def _resume_after_failure(vm: HostedVM, store: HandoffStore, error: PalmEr
 async def _send_abort(channel: SecureChannel, engine: SourceEngine, code: ErrorCode) -> None:
     """ABORT to the destination, if the session still allows one: best effort, a second at most."""
     abort = engine.abort(code)
-    if abort is None:
+    if abort is None or not channel.sent[0]:  # nothing sent yet: the destination knows of no migration
         return
     with trio.move_on_after(1):
         try:

@@ -179,13 +179,19 @@ class SourceRun:
     def _stopping(self) -> bool:
         return self.stop is not None and self.stop.requested and not self.stop.past_handoff
 
-    def _stop_if_asked(self) -> None:
-        """Between effects: nothing is half sent here, so the failure path's ABORT reads
-        as the next record on the destination's side."""
-        if self._stopping:
-            assert self.stop is not None
-            self.stop.hard.deadline = math.inf  # stopped here: the failure path (bounded) is not cut
-            raise MigrationFailure(ErrorCode.CANCELLED, "cancelled by the operator")
+    async def _stop_if_asked(self) -> None:
+        """Between effects, where nothing is half sent: the messages the engine has
+        already made (their sequence numbers taken) go out first, so that the failure
+        path's ABORT is the next record the destination expects; then the run fails
+        with CANCELLED.  Nothing sent yet (BEGIN still queued): nothing is, and no ABORT."""
+        if not self._stopping:
+            return
+        assert self.stop is not None
+        while self.ch.sent[0] and (sends := [e for e in self._queue if isinstance(e, Send)]):
+            self._queue.clear()
+            await self.ch.send_batch([(e.data, False) for e in sends])  # (the hard deadline still bounds it)
+        self.stop.hard.deadline = math.inf  # stopped here: the failure path (bounded) is not cut
+        raise MigrationFailure(ErrorCode.CANCELLED, "cancelled by the operator")
 
     def _queued(self, effects: Sequence[Effect]) -> None:
         self._queue.extend(effects)
@@ -203,7 +209,7 @@ class SourceRun:
     async def _sent(self, size: int) -> None:
         """``size`` bytes went on the wire: counted, and paced to the bandwidth cap."""
         self.engine.sent(size)
-        if self._pacer is not None:
+        if self._pacer is not None and not self._stopping:  # a cancel's last sealed records: at once
             wait = self._pacer.sent(size, time.monotonic())
             if wait > 0:
                 await trio.sleep(wait)
@@ -222,7 +228,7 @@ class SourceRun:
         async def produce() -> None:
             async with ready_send:
                 last = False
-                while not last and not self._stopping:  # a cancel: what is sealed still goes out whole
+                while not last and not self._stopping:
                     buf = await free.receive()
                     item, last = await trio.to_thread.run_sync(read, buf)
                     await ready_send.send((item, buf))
@@ -231,10 +237,14 @@ class SourceRun:
             nursery.start_soon(produce)
             nursery.start_soon(outbox.run)
             async for item, buf in ready:
-                records = to_records(item)
-                if records:
-                    await outbox.put([(r, True) for r in records])
-                del records, item  # views of buf: sealed, so buf is free again
+                # A cancel: what is sealed still goes out whole; what was read is dropped
+                # before the engine makes its records (no sequence number taken).
+                if not self._stopping:
+                    records = to_records(item)
+                    if records:
+                        await outbox.put([(r, True) for r in records])
+                    del records  # views of buf: sealed, so buf is free again
+                del item
                 free_send.send_nowait(buf)
                 self.on_progress()
             outbox.close()
@@ -259,7 +269,7 @@ class SourceRun:
             nursery.start_soon(self._receiver)
             self._queued(eng.start(self.started))
             while eng.step is not Step.DONE:
-                self._stop_if_asked()
+                await self._stop_if_asked()
                 if not self._queue:
                     deadline = eng.timer()
                     self._woken = trio.Event()
@@ -273,6 +283,7 @@ class SourceRun:
                     nursery.start_soon(self._beside, eff)
                     continue
                 result = await self._perform(eff)
+                await self._stop_if_asked()  # before the engine makes what follows (a stopped pump's rest)
                 if result is not None:
                     self._queued(eng.on_result(result, time.monotonic()))
             nursery.cancel_scope.cancel()
@@ -297,7 +308,7 @@ class SourceRun:
             # A cancel the operator had asked for (while the row said SENDING) lands here,
             # not after the handoff: from this checkpoint to the durable write nothing yields.
             await trio.lowlevel.checkpoint()
-            self._stop_if_asked()
+            await self._stop_if_asked()
             if self.stop is not None:
                 self.stop.past_handoff = True  # asked from here on, it completes
             return self.host.perform(eff)
