@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from palm_net.agent.errors import AgentError
-from palm_net.migration.params import MigrationParams
+from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.migration.runner import OUTBOX_BUFFER
 from palm_net.migration.source import PACING_BURST
 from palm_net.testing.proxy import DONE, READY, FaultProxy, Rule
@@ -436,3 +436,31 @@ async def test_the_json_counts_agree_and_durations_are_in_ms(cluster):
     table = text.split("rounds:")[1].splitlines()[2:]  # header and rule off
     assert len([ln for ln in table if ln.strip() and not ln.startswith("WARNING")]) == len(rs)
     assert "paused" in table[len(rs) - 1]
+
+
+@pytest.mark.parametrize("at", ["round done", "under a bandwidth cap"])
+async def test_a_cancel_between_messages_reaches_the_destination_as_abort(cluster, at):
+    """A cancel asked where the engine has queued a message behind a note (ROUND_END
+    after "round done"), or under a tight bandwidth cap (sealed pieces waiting for
+    the pacer): what the engine made goes out first, the ABORT is the next record
+    the destination expects, and it is read as a cancel, not as a replay."""
+    a = cluster["a"]
+    a.registry.create_model("vm1", 32 << 20, fill="random", protected=1)
+    said: list[str] = []
+
+    def progress(stats: MigrationStats) -> None:
+        if not said and (stats.rounds if at == "round done" else stats.transferred > (2 << 20)):
+            (mid,) = [lm.mid for lm in a.outgoing.live.values() if lm.result is None]
+            said.append(a.outgoing.cancel(mid.hex()))
+
+    bandwidth = 8 << 20 if at == "round done" else 1 << 20
+    with trio.fail_after(30):
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(bandwidth=bandwidth),
+                                       on_progress=progress)
+    assert said == ["cancelling"] and res.status == "cancelled" and res.runs_on == "source"
+    with trio.fail_after(5):
+        while "vm1" in cluster["b"].vms:
+            await trio.sleep(0.02)
+    (row,) = [m for m in cluster["b"].outgoing.migrations() if m["migration_id"] == res.mid.hex()]
+    assert row["state"] == "aborted" and row["error"] == "cancelled at the source; the VM stays there"
+    assert cluster.running_copies("vm1") == ["a"]
