@@ -434,6 +434,39 @@ async def test_an_abort_the_engine_could_not_record_is_recorded_by_the_runner_wi
     assert pair.running_copies("vm1") == ["a"]
 
 
+async def test_a_destination_stopped_before_ready_records_its_own_abort(pair):
+    """The agent's stop before READY: the session's way out (DestinationRun.run's finally)
+    is shielded, so the runner itself aborts the migration for good, with the session's
+    reason (the connection's end), before the agent's settling would (whose
+    reason is "session ended before COMMIT"); the VM stays on the source, once
+    (migration/runner.py under mutation, docs/MUTATION.md)."""
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, protected=1, fill="random", seed=5)
+    fired: list[str] = []
+
+    def stop_b(at: str) -> None:
+        if at == "destination.ImportKeys" and not fired:
+            fired.append(at)
+            _cancel_agent(pair, "b")
+
+    old = faults.install(stop_b)
+    try:
+        with trio.fail_after(30):
+            res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+            stopped = pair.members["b"].stopped
+            assert stopped is not None
+            await stopped.wait()
+    finally:
+        faults.install(old)
+    assert fired and not res.ok
+    await pair.stop("b")
+    b = await pair.start("b")
+    row = b.store.get(res.mid)
+    assert row.state == "aborted" and row.error == (
+        "closed: the session ended before the handoff; the VM stays on the source"), row.error
+    assert await settle(pair, None) == "a"
+
+
 async def test_an_error_right_after_commit_keeps_the_vm_and_runs_it(pair):
     """An error just after COMMITTED became durable (the engine never learns it committed):
     the session is settled from the row, so the VM is kept and activated there, at once,
