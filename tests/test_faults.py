@@ -369,6 +369,105 @@ async def test_the_destination_stopped_inside_the_commit_window_keeps_the_commit
     assert case.where == "b"
 
 
+async def test_the_commit_window_is_counted_and_sends_done_though_the_agent_stops_inside_it(pair):
+    """Inside the commit window the session is counted as committing (what a stopping agent
+    waits for), and the window is shielded: the agent's stop, asked as COMMITTED becomes
+    durable, lets activation and DONE finish, so the source completes instead of being left
+    in doubt (migration/runner.py under mutation, docs/MUTATION.md)."""
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, protected=1, fill="random", seed=5)
+    seen: list[int] = []
+
+    def stop_at_commit(at: str) -> None:
+        if at == "destination.store.commit.done" and not seen:
+            seen.append(b.incoming.committing)
+            _cancel_agent(pair, "b")
+
+    old = faults.install(stop_at_commit)
+    try:
+        with trio.fail_after(30):
+            res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+    finally:
+        faults.install(old)
+    assert seen == [1]
+    assert res.ok and res.runs_on != "in doubt", res
+    assert a.store.get(res.mid).state == "done"
+    stopped = pair.members["b"].stopped
+    assert stopped is not None
+    await stopped.wait()
+    await pair.stop("b")
+    await pair.start("b")
+    assert await settle(pair, None) == "b"
+
+
+async def test_an_abort_the_engine_could_not_record_is_recorded_by_the_runner_with_its_reason(pair):
+    """The destination's way out (DestinationRun._fail): when the engine's abort could not be
+    recorded (the state database failing once), the runner records it itself, with the
+    failure's reason, and scrubs what arrived; the agent's own settling (whose reason is
+    "session ended before COMMIT") then finds nothing left (migration/runner.py under
+    mutation, docs/MUTATION.md)."""
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, protected=1, fill="random", seed=5)
+    plan: list[tuple[str, BaseException]] = [
+        ("destination.ImportProtection", faultdrill.raiser("hypervisor")),
+        ("destination.store.abort", sqlite3.OperationalError("disk I/O error"))]
+
+    reached: list[str] = []
+
+    def inject(at: str) -> None:
+        reached.append(at)
+        if plan and at == plan[0][0]:
+            raise plan.pop(0)[1]
+
+    old = faults.install(inject)
+    try:
+        with trio.fail_after(30):
+            res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+            while b.incoming.runs or "vm1" in b.vms:  # the destination's session settled
+                await trio.sleep(0.01)
+    finally:
+        faults.install(old)
+    assert not plan and not res.ok
+    row = b.store.get(res.mid)
+    assert row.state == "aborted" and row.error == "hypervisor: injected hypervisor failure", row.error
+    # the engine's try (failed), the runner's (scrubbed): none left for the agent's settling
+    assert reached.count("destination.store.abort") == 2 and reached.count("destination.vm.scrub") == 1
+    assert pair.running_copies("vm1") == ["a"]
+
+
+async def test_a_destination_stopped_before_ready_records_its_own_abort(pair):
+    """The agent's stop before READY: the session's way out (DestinationRun.run's finally)
+    is shielded, so the runner itself aborts the migration for good, with the session's
+    reason (the connection's end), before the agent's settling would (whose
+    reason is "session ended before COMMIT"); the VM stays on the source, once
+    (migration/runner.py under mutation, docs/MUTATION.md)."""
+    a, b = pair["a"], pair["b"]
+    a.registry.create_model("vm1", 64 * 4096, protected=1, fill="random", seed=5)
+    fired: list[str] = []
+
+    def stop_b(at: str) -> None:
+        if at == "destination.ImportKeys" and not fired:
+            fired.append(at)
+            _cancel_agent(pair, "b")
+
+    old = faults.install(stop_b)
+    try:
+        with trio.fail_after(30):
+            res = await a.outgoing.migrate("vm1", pair.addr("b"), MigrationParams())
+            stopped = pair.members["b"].stopped
+            assert stopped is not None
+            await stopped.wait()
+    finally:
+        faults.install(old)
+    assert fired and not res.ok
+    await pair.stop("b")
+    b = await pair.start("b")
+    row = b.store.get(res.mid)
+    assert row.state == "aborted" and row.error == (
+        "closed: the session ended before the handoff; the VM stays on the source"), row.error
+    assert await settle(pair, None) == "a"
+
+
 async def test_an_error_right_after_commit_keeps_the_vm_and_runs_it(pair):
     """An error just after COMMITTED became durable (the engine never learns it committed):
     the session is settled from the row, so the VM is kept and activated there, at once,

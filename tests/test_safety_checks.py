@@ -46,7 +46,7 @@ from palm_net.crypto.identity import (
 )
 from palm_net.crypto.noise import CHACHAPOLY, CipherState
 from palm_net.errors import ErrorCode, HandshakeError, MigrationFailure, PalmError, RemoteProtocolError
-from palm_net.hypervisor.backend import HypervisorError
+from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration import handoff, orchestrate
 from palm_net.migration.effects import Effect, Result, Send
@@ -1029,3 +1029,167 @@ def test_the_rate_key_of_a_source_address_is_its_ipv6_64_and_a_service_stops_acc
     assert svc.accepting
     svc.stop_accepting()
     assert not svc.accepting
+
+
+class _Closable:
+    """A stream or channel that records its close; the close takes a checkpoint, as a real one does."""
+
+    def __init__(self, n: int = 0, purpose: Purpose = Purpose.MIGRATION) -> None:
+        self.n, self.closed = n, 0
+        self.peer_name = f"peer{n}"
+        self.result = SimpleNamespace(peer=SimpleNamespace(name=self.peer_name, static_pub=bytes([n]) * 32),
+                                      purpose=purpose)
+        self.socket = SimpleNamespace(getpeername=lambda: ("10.0.0.9", 7400))
+
+    async def aclose(self) -> None:
+        await trio.sleep(0)
+        self.closed += 1
+
+
+async def test_an_incoming_session_is_served_with_the_agent_s_bounds_and_settled_from_its_row(monkeypatch):
+    """_session: serve_incoming gets the agent's page bound (an int), deadline and list of runs;
+    however the session ends, its row decides (committed, not running: kept and retried); only
+    a MIGRATION session's end is told (on_settled)."""
+    import palm_net.agent.incoming as incoming
+
+    calls: list[tuple] = []
+    vm = SimpleNamespace(name="web", running=False)
+
+    class Store:
+        def state_of(self, m):
+            return HandoffState.COMMITTED
+
+    class Registry:
+        vms: dict[str, object] = {}
+
+        def activation_failed(self, v, why):
+            calls.append(("activation_failed", v, why))
+
+    svc = _incoming(True, Store(), Registry())
+    svc.signing = "the agent's key"  # type: ignore[assignment]
+    served: list[tuple] = []
+
+    async def serve(channel, store, signing, open_vm, max_pages, deadline, runs):
+        served.append((channel, store, signing, max_pages, type(max_pages), deadline, runs))
+        assert [ch for ch, _ in svc._live.values()] == [channel]  # what recheck can end
+        if channel.result.purpose is Purpose.MIGRATION:
+            await open_vm(b"\x07" * 16, None, None)
+        raise MigrationFailure(ErrorCode.TIMEOUT, "the source went quiet")  # after the commit: run unset
+
+    async def _open(session, mid, begin, peer):
+        session.vm, session.mid = vm, mid
+        return vm
+
+    monkeypatch.setattr(incoming, "serve_incoming", serve)
+    monkeypatch.setattr(svc, "_open", _open)
+    outcomes: list[str] = []
+    svc.on_settled.append(outcomes.append)
+    channels = [_Closable(1), _Closable(2, Purpose.RECOVERY)]
+    for channel in channels:
+        await svc._session(channel)  # type: ignore[arg-type]
+    pages = (1 << 30) // PAGE_SIZE
+    assert served == [(ch, svc.store, "the agent's key", pages, int, 1.0, svc.runs) for ch in channels]
+    assert all(runs is svc.runs for *_, runs in served)
+    assert calls == [("activation_failed", vm, "the commit window ended before activation")]
+    assert outcomes == ["committed"]  # the recovery session ("refused": nothing made) is not told
+    assert svc._live == {}
+
+
+async def test_each_pending_handshake_is_kept_under_its_own_key_and_an_evicted_one_ends_quietly(monkeypatch):
+    """_handshake's bookkeeping: each pending handshake under its own key with its scope and its
+    handshake (its progress), dropped when it ends, also when evicted; then the gate is asked with
+    the peer and the purpose, and the session rate per peer key."""
+    import palm_net.agent.incoming as incoming
+
+    svc = _incoming()
+    svc.config = "config"  # type: ignore[assignment]
+    inside, release = [], trio.Event()
+    both_in = trio.Event()
+
+    async def accept(stream, config, on_start):
+        assert config == "config"
+        hs = SimpleNamespace(progress=stream.n)
+        on_start(hs)
+        inside.append(hs)
+        if len(inside) == 2:
+            both_in.set()
+        await release.wait()
+        return stream
+
+    monkeypatch.setattr(incoming, "accept", accept)
+    asked: list[tuple] = []
+    svc.gate = lambda peer, purpose: asked.append((peer, purpose))  # type: ignore[assignment,func-returns-value]
+    got: dict[int, object] = {}
+
+    async def one(n):
+        got[n] = await svc._handshake(_Closable(n))  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, 0)
+        nursery.start_soon(one, 5)
+        await both_in.wait()
+        pending = list(svc._pending.values())
+        assert len(pending) == 2 and [p[1] for p in pending] == inside
+        assert all(isinstance(p[0], trio.CancelScope) for p in pending)
+        for i in range(incoming.MAX_PENDING_HANDSHAKES - 2):  # full: the least advanced (ours, at 0) goes
+            svc._pending[i] = [trio.CancelScope(), SimpleNamespace(progress=9)]
+        svc._admit_handshake()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == {0: None}
+        release.set()
+    assert got[5].n == 5 and set(svc._pending) == set(range(incoming.MAX_PENDING_HANDSHAKES - 2))
+    assert asked == [(got[5].result.peer, Purpose.MIGRATION)] and svc.counters == {"handshakes": 1}
+    svc._pending.clear()
+
+    # refused by the gate, then by the session rate: closed, counted, the peer's key asked
+    refused = _Closable(1)
+    svc.gate = lambda peer, purpose: PalmError(ErrorCode.REVOKED, "revoked")  # type: ignore[assignment]
+    assert await svc._handshake(refused) is None and refused.closed == 1  # type: ignore[arg-type]
+    keys: list[bytes] = []
+    svc.gate = lambda peer, purpose: None  # type: ignore[assignment]
+    svc.sessions = SimpleNamespace(take=lambda key: keys.append(key) and False)  # type: ignore[assignment]
+    too_fast = _Closable(2)
+    assert await svc._handshake(too_fast) is None and too_fast.closed == 1  # type: ignore[arg-type]
+    assert keys == [too_fast.result.peer.static_pub]
+    assert svc.counters == {"handshakes": 1, f"refused-{ErrorCode.REVOKED}": 1, "refused-session-rate": 1}
+    assert svc._pending == {}
+
+
+async def test_a_full_table_of_pending_handshakes_drops_the_one_that_got_least_far():
+    from palm_net.agent.incoming import MAX_PENDING_HANDSHAKES
+
+    svc = _incoming()
+    for i in range(MAX_PENDING_HANDSHAKES - 1):
+        svc._pending[i] = [trio.CancelScope(), SimpleNamespace(progress=1 + i % 3)]
+    svc._admit_handshake()  # room for one more
+    assert len(svc._pending) == MAX_PENDING_HANDSHAKES - 1
+    never = trio.CancelScope()
+    svc._pending["not started"] = [never, None]  # its first message not read yet
+    svc._admit_handshake()  # full: the one not started goes, its handshake cancelled
+    assert "not started" not in svc._pending and never.cancel_called
+    assert len(svc._pending) == MAX_PENDING_HANDSHAKES - 1
+    assert not any(entry[0].cancel_called for entry in svc._pending.values())
+
+
+async def test_a_connection_refused_or_failing_its_handshake_is_closed_even_when_cancelled(monkeypatch):
+    import palm_net.agent.incoming as incoming
+
+    svc = _incoming()  # at most 8 connections
+    svc.connections = 8
+    full = _Closable()
+    await svc._handle(full)  # type: ignore[arg-type]
+    assert full.closed == 1 and svc.connections == 8 and svc.counters == {"refused-connections": 1}
+    svc.connections = 0
+
+    async def no_channel(stream):
+        return None
+
+    monkeypatch.setattr(svc, "_handshake", no_channel)
+    failed = _Closable()
+    await svc._handle(failed)  # type: ignore[arg-type]
+    assert failed.closed == 1 and svc.connections == 0
+    late = _Closable()
+    with trio.CancelScope() as cs:  # an agent stopping: its connections are still closed
+        cs.cancel()
+        await incoming._close(late)  # type: ignore[arg-type]
+    assert late.closed == 1
