@@ -12,7 +12,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -60,7 +60,10 @@ class LiveMigration:
     result: MigrationResult | None = None
     peer_info: PeerInfo | None = None  # the attested destination, once the handshake named it
     cancel_reason: str | None = None  # None: the operator's (CANCELLED)
-    stop: Stop | None = None  # the operator's cancel, taken where the destination can be told
+    stop: Stop = field(init=False)  # the operator's cancel, taken where the destination can be told
+
+    def __post_init__(self) -> None:
+        self.stop = Stop(self.cancel)
 
 
 class OutgoingService:
@@ -106,7 +109,6 @@ class OutgoingService:
 
         mid = mid or os.urandom(16)
         lm = LiveMigration(mid, name, to, MigrationStats(), time.time(), trio.CancelScope())
-        lm.stop = Stop(lm.cancel)
 
         async def connect(addr: str) -> SecureChannel:
             channel = await self.connect(addr, params.plain, cipher)
@@ -194,9 +196,7 @@ class OutgoingService:
                 row = self.store.get(lm.mid)
                 if row is not None and row.state is not HandoffState.SENDING:
                     raise AgentError("migration is past the handoff point; it cannot be cancelled")
-                if lm.stop is None:
-                    lm.cancel.cancel()
-                elif not lm.stop.request():
+                if not lm.stop.request():
                     raise AgentError("migration is past the handoff point; it cannot be cancelled")
                 return "cancelling"
         raise AgentError(f"no migration in flight with id {mid_hex}")
