@@ -200,6 +200,58 @@ async def test_outbox_and_inbox_carry_records_in_order_across_buffers():
     assert got == msgs
 
 
+async def test_a_received_record_carries_its_index_and_the_transcript_before_it():
+    """``receive`` gives each record its place in the session and the transcript before it (what COMPLETE binds)."""
+    a, b = await _channels()
+    before = []
+    for data in (b"one", b"two", b"three"):
+        before.append(a.sent)
+        await a.send(data)
+    for i, (count, transcript) in enumerate(before):
+        rec = await b.receive()
+        assert (rec.index, rec.transcript_before) == (count, transcript) == (i, transcript)
+    assert before[0][1] == bytes(32) != before[1][1] != before[2][1]
+
+
+async def test_an_inbox_passes_on_every_record_before_the_peer_s_close_then_keeps_the_close():
+    """The peer's close ends the Inbox after the records sent before it (a last ABORT), and is kept in ``closed``."""
+    a, b = await _channels()
+    with pytest.raises(ValueError):
+        Inbox(b, size=2 * (65536 + 8) - 1)  # a buffer holds two largest frames at least
+    await a.send(b"a record")
+    await a.send(b"the last words")
+    await a.stream.aclose()
+    inbox = Inbox(b, size=2 * (65536 + 8), buffers=2)
+    send, recv = trio.open_memory_channel[tuple[bytearray, int]](0)
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inbox.run, send)
+        async for buf, end in recv:
+            got.extend(bytes(r.data) for r in await inbox.open(buf, end))
+            inbox.release(buf)
+    assert got == [b"a record", b"the last words"]
+    assert inbox.closed is not None and inbox.closed.code is ErrorCode.CLOSED
+
+
+async def test_an_outbox_seals_a_batch_larger_than_its_buffers_into_one_of_its_own_and_reports_each_send():
+    """A batch of exactly a buffer's size takes a pooled buffer, a larger one its own; ``on_sent`` hears every send."""
+    a, b = await _channels()
+    size = RecordSender.frame_size(1000, False)  # one 1000-byte record fills a buffer
+    sent: list[int] = []
+
+    async def on_sent(n: int) -> None:
+        sent.append(n)
+
+    batches = [[os.urandom(1000)], [os.urandom(1000), os.urandom(1000)]] * 3
+    async with trio.open_nursery() as nursery:
+        outbox = Outbox(a, size, buffers=2, on_sent=on_sent)
+        nursery.start_soon(outbox.run)
+        sizes = [await outbox.put([(m, False) for m in batch]) for batch in batches]
+        outbox.close()
+    assert sizes == [size, 2 * size] * 3 and sent == sizes
+    assert [(await b.receive()).data for _ in range(9)] == [m for batch in batches for m in batch]
+
+
 # --------------------------------------------------------------------------
 # Incoming memory: reserved ahead of the data, no write past a full disk
 

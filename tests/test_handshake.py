@@ -74,11 +74,11 @@ def test_sans_io_handshake_both_ciphers(pki):
         assert resp.result.receiver.next_record() == b"first record"
 
 
-async def _pair(stream_a, stream_b, cfg_a, cfg_b, **kw):
+async def _pair(stream_a, stream_b, cfg_a, cfg_b, on_start=None, **kw):
     out = {}
     async with trio.open_nursery() as n:
         async def server():
-            out["b"] = await accept(stream_b, cfg_b)
+            out["b"] = await accept(stream_b, cfg_b, on_start=on_start)
         n.start_soon(server)
         out["a"] = await connect(stream_a, cfg_a, **kw)
     return out["a"], out["b"]
@@ -385,6 +385,44 @@ def test_the_configured_record_bound_holds_on_the_session_s_receiver(pki):
         rx.receive_data(init.result.sender.seal(bytes(1000 - 15)))
         rx.next_record()
     assert info.value.code is ErrorCode.OVERSIZE
+
+
+async def test_connect_and_accept_pass_on_what_they_are_asked_and_accept_shows_its_handshake(pki):
+    """connect's purpose, mode and cipher reach the handshake; accept's on_start sees it, accept's purpose binds."""
+    cfg_a = pki.config("src", allow_plain=True, ciphers=(CipherName.AESGCM, CipherName.CHACHAPOLY))
+    s1, s2 = trio.testing.memory_stream_pair()
+    seen: list[AttestedHandshake] = []
+    a, b = await _pair(s1, s2, cfg_a, pki.config("dst", allow_plain=True), purpose=Purpose.RECOVERY,
+                       mode=TransportMode.PLAIN_BENCHMARK, cipher=CipherName.CHACHAPOLY, on_start=seen.append)
+    assert len(seen) == 1 and seen[0].result is b.result  # the agent drops pending handshakes by their progress
+    assert b.result.purpose is Purpose.RECOVERY and b.result.mode is TransportMode.PLAIN_BENCHMARK and a.plain
+    assert "ChaChaPoly" in a.result.protocol_name == b.result.protocol_name  # not the first configured
+    s1, s2 = trio.testing.memory_stream_pair()
+    await s1.send_all(AttestedHandshake(pki.config("src"), True, purpose=Purpose.RECOVERY).initiate())
+    await s1.aclose()  # all it says: a recovery session's start
+    with pytest.raises(HandshakeError) as info:  # a migration endpoint refuses a recovery session
+        await accept(s2, pki.config("dst"), purpose=Purpose.MIGRATION)
+    assert info.value.code == "purpose"
+
+
+async def test_an_initiator_refusing_the_reply_says_why_not_that_the_address_does_not_speak_palm(pki):
+    """The initiator's refusal of a palm reply (a certificate of another authority) keeps its code; only a frame
+    too long for palm is called "does not speak palm"."""
+    rogue = Authority.generate()
+    s1, s2 = trio.testing.memory_stream_pair()
+    errors: dict[str, HandshakeError] = {}
+
+    async def end(name, stream, run):
+        try:
+            await run(stream)
+        except HandshakeError as exc:
+            errors[name] = exc
+            await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(end, "b", s2, lambda s: accept(s, pki.config("dst", authority=rogue)))
+        await end("a", s1, lambda s: connect(s, pki.config("src")))
+    assert errors["a"].code == "unknown-authority", errors["a"]
 
 
 # ------------------------------------------------------------------ identities on disk, certificates
