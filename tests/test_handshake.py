@@ -343,6 +343,16 @@ def test_the_attestation_payload_is_bounded(pki):
     assert _payload_refused(pki, {**base, "ciphers": ["A" * 257]}).code == "malformed"  # 256 characters at most
 
 
+def test_the_attestation_payload_s_bounds_hold_at_their_edge_in_a_valid_payload(pki):
+    """8 cipher names of 256 characters at most, judged in a payload otherwise valid (no later check hides them)."""
+    def padded(count, size):
+        return lambda d: {**d, "ciphers": d["ciphers"] + ["x" * size] * (count - len(d["ciphers"]))}
+    assert _altered_payload_refused(pki, padded(8, 256)) is None
+    for count, size in ((9, 1), (8, 257)):
+        err = _altered_payload_refused(pki, padded(count, size))
+        assert err is not None and err.code == "malformed", (count, size)
+
+
 def test_a_preamble_is_whole_and_at_most_64_bytes(pki):
     with pytest.raises(HandshakeError) as info:
         decode_preamble(b"PALM\x01\x01\x00")  # the magic, but cut short
@@ -363,6 +373,20 @@ def test_a_preamble_is_8_bytes_and_its_ascii_name():
         with pytest.raises(HandshakeError) as info:
             decode_preamble(bad)
         assert info.value.code == "bad-preamble"
+
+
+def test_a_preamble_whose_length_byte_disagrees_or_whose_name_noise_refuses_is_a_refusal_not_a_crash(pki):
+    """A preamble with a wrong name length, or a known cipher in an unknown protocol name, is a HandshakeError."""
+    head = b"PALM" + bytes([1, Purpose.MIGRATION, TransportMode.SECURE])
+    for bad in (head + b"\x02x", head + b"\x00x"):
+        with pytest.raises(HandshakeError) as info:
+            decode_preamble(bad)
+        assert info.value.code == "bad-preamble"
+    resp = AttestedHandshake(pki.config("dst"), False)
+    with pytest.raises(HandshakeError) as info:  # the cipher is allowed; Noise knows no 448 nor BLAKE3
+        resp.receive_data(frame(encode_preamble(Purpose.MIGRATION, TransportMode.SECURE,
+                                                "Noise_XX_448_ChaChaPoly_BLAKE3")))
+    assert info.value.code == "cipher-not-allowed"
 
 
 def test_an_initiator_offers_its_first_configured_cipher_unless_told(pki):
