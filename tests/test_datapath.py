@@ -375,3 +375,53 @@ def test_the_stream_is_read_as_it_comes_not_held_to_fill_a_buffer():
         assert read_stream(ours, out) == (10, True)
         assert bytes(out[:10]) == b"y" * 10
         assert read_stream(ours, out) == (0, True)
+
+
+# --------------------------------------------------------------------------
+# The destination's runner: page batches written beside, requests in order
+# (palm_net.migration.runner.DestinationRun._process and its _Applier)
+
+
+async def test_each_request_of_the_destination_waits_until_the_pages_before_it_are_written(cluster, monkeypatch):
+    """Guards the applier's drain and count: keys, settling, CPU state, READY wait for the pages before them."""
+    import threading
+    import time
+
+    from palm_net import faults
+    from palm_net.migration import runner
+    from palm_net.migration.hosts import DestinationHost
+
+    lock, unwritten, seen = threading.Lock(), [0], []  # batches handed to the applier, not yet written
+    submit, bulk = runner._Applier.submit, DestinationHost.bulk
+
+    async def counted_submit(self, effects, bufs):
+        if effects:
+            with lock:
+                unwritten[0] += 1
+        await submit(self, effects, bufs)
+
+    def slow_bulk(self, effects):
+        time.sleep(0.002)  # a disk a little slower than the session task: no request may overtake it
+        bulk(self, effects)
+        with lock:
+            unwritten[0] -= 1
+
+    def watch(at: str) -> None:
+        if at.startswith("destination.") and at not in ("destination.receive", "destination.ApplyPages"):
+            with lock:
+                seen.append((at, unwritten[0]))
+
+    monkeypatch.setattr(runner._Applier, "submit", counted_submit)
+    monkeypatch.setattr(DestinationHost, "bulk", slow_bulk)
+    a = cluster["a"]
+    a.registry.create_model("vm1", 4 << 20, protected=1, fill="random", seed=5, workload="random:2000")
+    old = faults.install(watch)
+    try:
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(max_rounds=3))
+    finally:
+        faults.install(old)
+    assert res.ok, res.error
+    steps = {at for at, _ in seen}
+    assert {"destination.ImportKeys", "destination.Settle", "destination.ImportCpuState",
+            "destination.ImportProtection", "destination.Prepare", "destination.Send"} <= steps, steps
+    assert [s for s in seen if s[1]] == []
