@@ -30,7 +30,7 @@ from palm_net.wire.messages import (
     Stream,
     StreamEnd,
 )
-from palm_net.wire.protocol import Role, SessionProtocol, State
+from palm_net.wire.protocol import Data, Role, SessionProtocol, State
 from tests.conftest import FUZZ_COUNTS, raw_message
 
 KEY = bytes(range(32))
@@ -346,6 +346,16 @@ def test_session_out_of_state_replay_and_foreign_mid():
         dst4.receive(other.send(RoundEnd(round=0, pages=0, dirty=0)))
     assert info.value.code == "wrong-migration"
 
+
+
+def test_a_stream_of_one_byte_is_one_data_record():
+    """Guards _data: a bulk of one byte is sent and taken as its one (last) data record."""
+    src, dst = _begun("qemu", b"spec")
+    announce, *data = [src.send(Stream(length=1)), *src.send_data(b"x")]
+    assert dst.receive(announce).type == "STREAM" and dst.data_due
+    (record,) = data
+    ev = dst.receive(record)
+    assert isinstance(ev, Data) and ev.last and bytes(ev.data) == b"x" and not dst.data_due
 
 # --------------------------------------------------------------------------
 # Each bound at its edge (found by mutation testing)
