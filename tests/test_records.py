@@ -424,3 +424,15 @@ def test_a_message_is_bounded_by_the_record_and_its_envelope_checked_on_both_sid
             messages.encode(messages.Message(mid, seq, Accept()))
         assert info.value.code is ErrorCode.MALFORMED
     assert messages.decode(messages.encode(messages.Message(MID, 0, Accept()))).type == "ACCEPT"
+
+
+def test_an_int_field_at_its_bound_is_taken_and_one_more_is_not():
+    """Guards Field.ok's `value <= max`: a message at each bound decodes; one more is malformed."""
+    top = {"round": 10_000, "pages": messages.MAX_GUEST_PAGES * 64, "dirty": messages.MAX_GUEST_PAGES}
+    at = messages.Message(MID, messages.MAX_SEQ, RoundEnd(**top))
+    assert messages.decode(messages.encode(at)) == at
+    for name in top:
+        forged = {"v": messages.WIRE_VERSION, "t": "ROUND_END", "mid": MID, "seq": 0, "b": {**top, name: top[name] + 1}}
+        with pytest.raises(RemoteProtocolError) as info:
+            messages.decode(msgpack.packb(forged))
+        assert info.value.code is ErrorCode.MALFORMED
