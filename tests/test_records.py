@@ -16,6 +16,7 @@ from palm_net.channel.records import MAX_PLAINTEXT, RecordReceiver, RecordSender
 from palm_net.crypto.noise import AESGCM, CHACHAPOLY, MAX_MESSAGE_LEN, TAGLEN, CipherState
 from palm_net.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 from palm_net.wire import messages
+from palm_net.wire.framing import LENGTH, FrameBuffer, frame
 from palm_net.wire.messages import (
     Abort,
     Accept,
@@ -436,3 +437,18 @@ def test_an_int_field_at_its_bound_is_taken_and_one_more_is_not():
         with pytest.raises(RemoteProtocolError) as info:
             messages.decode(msgpack.packb(forged))
         assert info.value.code is ErrorCode.MALFORMED
+
+
+def test_a_frame_buffer_counts_only_whole_frames_checks_a_bare_prefix_and_starts_afresh_after_take_rest():
+    """Guards FrameBuffer: whole_frames' bounds, the default 1-byte minimum, and take_rest resetting the frame due."""
+    fb = FrameBuffer(max_len=8)
+    two = frame(b"abc") + frame(b"defgh")
+    assert [fb.whole_frames(two, n) for n in (len(two), len(two) - 1, 7 + 4, 6)] == [len(two), 7, 7, 0]
+    with pytest.raises(RemoteProtocolError) as info:  # a 1-byte frame, then a bare prefix claiming too much
+        fb.whole_frames(frame(b"x") + LENGTH.pack(9), 9)
+    assert info.value.code is ErrorCode.OVERSIZE
+    fb.feed(frame(b"abcdef")[:6])
+    assert fb.next_frame() is None  # a frame in progress ...
+    assert fb.take_rest() == frame(b"abcdef")[:6]  # ... taken away, and forgotten
+    fb.feed(frame(b"xy"))
+    assert fb.next_frame() == b"xy" and len(fb) == 0
