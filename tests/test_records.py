@@ -452,3 +452,12 @@ def test_a_frame_buffer_counts_only_whole_frames_checks_a_bare_prefix_and_starts
     assert fb.take_rest() == frame(b"abcdef")[:6]  # ... taken away, and forgotten
     fb.feed(frame(b"xy"))
     assert fb.next_frame() == b"xy" and len(fb) == 0
+
+
+def test_a_message_type_that_is_not_a_string_is_an_unknown_type():
+    """Guards decode's `type(obj["t"]) is str` before the lookup: a map there is refused, not a TypeError."""
+    for t in ({"x": 1}, b"ROUND_END", 7):
+        forged = {"v": messages.WIRE_VERSION, "t": t, "mid": MID, "seq": 0, "b": {"round": 1, "pages": 2, "dirty": 3}}
+        with pytest.raises(RemoteProtocolError) as info:
+            messages.decode(msgpack.packb(forged))
+        assert info.value.code is ErrorCode.UNKNOWN_TYPE
