@@ -526,3 +526,67 @@ def test_the_destination_host_s_prepare_and_commit_results_are_whole(shm, monkey
 
 def _activation_fails() -> None:
     raise HypervisorError("the VM would not start")
+
+
+# --------------------------------------------------------------------------
+# The engine's abort is its own session's (the mutation run of destination.py, issue 27)
+
+
+def _begin_one(shm: Path, store: HandoffStore, mid: bytes, where: str) -> tuple[DestinationDriver, list[bytes]]:
+    """A destination fed BEGIN for ``mid``, a VM of one page, and its answer (raises if it refuses)."""
+    dest = DestinationDriver(store, lambda m, b: ModelVM.create_incoming(shm / where, b.vm, b.vm_id, b.pages,
+                                                                         b.vcpus, KEY, migration=m))
+    begin = messages.encode(Message(mid, 0, Begin("vm", bytes(16), 1, 0, 0, 1, False, False, "model", b"")))
+    return dest, dest.feed(begin)
+
+
+def test_a_begin_refused_for_a_used_id_aborts_nothing_of_that_migration(shm):
+    """Guards fail's `recorded` (npages > 0): a replayed id's refusal never aborts the migration it names."""
+    store = HandoffStore(shm / "d.db")
+    in_flight = os.urandom(16)
+    store.open_incoming(in_flight, "vm0", b"O" * 16, Peer("src", b"S" * 32, b"K" * 32))
+    dest = DestinationDriver(store, lambda m, b: ModelVM.create_incoming(shm / "replayed", b.vm, b.vm_id, b.pages,
+                                                                         b.vcpus, KEY, migration=m))
+    with pytest.raises(MigrationFailure) as info:
+        dest.feed(messages.encode(Message(in_flight, 0, Begin("vm", bytes(16), 1, 0, 0, 1, False, False, "model",
+                                                              b""))))
+    assert info.value.code == "replay"
+    (abort,) = dest.fail(info.value)
+    assert messages.decode(abort).body.token == b""  # nothing of this session's recorded: no promise
+    assert store.state_of(in_flight) is HandoffState.RECEIVING
+
+
+def test_a_one_page_vm_s_abort_is_recorded_with_its_reason_either_way(shm):
+    """Guards fail's and _on_abort's AbortForever (recorded for a VM of one page, its reason in the row), and the
+    outcome before READY."""
+    store = HandoffStore(shm / "d.db")
+    mid = os.urandom(16)
+    dest, accepted = _begin_one(shm, store, mid, "a")
+    assert _types(accepted) == ["ACCEPT"] and dest.engine.outcome is None  # before READY (what recheck reads)
+    assert dest.feed(messages.encode(Message(mid, 1, Abort("cancelled", "migration cancelled", b"")))) == []
+    assert store.get(mid).error == "cancelled at the source; the VM stays there"
+    assert store.state_of(mid) is HandoffState.ABORTED and dest.vm is None
+    mid = os.urandom(16)
+    dest, _ = _begin_one(shm, store, mid, "b")
+    (abort,) = dest.fail(RemoteProtocolError(ErrorCode.MALFORMED, "a bad record"))
+    assert store.get(mid).error == "malformed: a bad record" and store.state_of(mid) is HandoffState.ABORTED
+    assert check_abort_token(dest.host.signing.verify_key.encode(), mid, messages.decode(abort).body.token)
+
+
+def test_a_page_at_the_highest_version_still_refuses_an_older_copy_of_itself(shm):
+    """Guards _on_pages's version + 1 in the 4-byte table: the highest version (2**32 - 2) is kept, not wrapped to 0."""
+    _, msgs = _source_messages(shm, protected=False)
+    us = units(msgs)
+    begin, keys = us[0], next(u for u in us if isinstance(u.body, Keys))
+
+    def zero_page(version: int) -> Unit:
+        page = PageBatch(np.array([7], np.uint64), b"\x00", np.array([version], np.uint64), b"")
+        return Unit(Message(begin.msg.mid, 0, page.message(0)), [])
+
+    records = renumber([begin, keys, zero_page(2**32 - 2), zero_page(0)])
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    for m in records[:-1]:
+        dest.feed(m)
+    with pytest.raises(RemoteProtocolError) as info:
+        dest.feed(records[-1])
+    assert info.value.code == "rollback"

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 import trio
 from nacl.signing import SigningKey
 
+from palm_net.errors import LocalProtocolError, MigrationFailure
 from palm_net.hypervisor.model import ModelVM
 from palm_net.migration import handoff
-from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, check_abort_token
+from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, Step, check_abort_token
 from palm_net.testing.hostile import HostilePeer
 from palm_net.wire.messages import Abort
 from palm_net.wire.protocol import Role
@@ -131,3 +133,125 @@ async def test_rows_are_pruned_and_bounded_per_peer(cluster, monkeypatch):
     b.store._db.execute("UPDATE migrations SET updated = updated - 3650*86400")
     b.store.prune()
     assert b.store.get(row.mid) is not None
+
+
+# Issue 27: the store's own rules, each test killing the mutants named in docs/MUTATION.md.
+
+
+class _Copy:
+    """A stand-in for a hosted VM that only counts what the store does to it."""
+
+    def __init__(self, name: str = "vm") -> None:
+        self.info = SimpleNamespace(name=name, vm_id=name.encode().ljust(16, b"_"))
+        self.scrubbed = self.resumed = 0
+        self.migration: bytes | None = None
+
+    def set_migration(self, mid: bytes) -> None:
+        self.migration = mid
+
+    def scrub(self) -> None:
+        self.scrubbed += 1
+
+    def resume_after_migration(self) -> None:
+        self.resumed += 1
+
+
+def _clock(monkeypatch) -> list[float]:
+    """The store's wall clock, set by the test (rows ordered and expired by it)."""
+    now = [1000.0]
+    monkeypatch.setattr(handoff.time, "time", lambda: now[0])
+    return now
+
+
+def test_a_move_the_table_does_not_have_is_refused_and_the_row_stays(shm):
+    """Guards _move_from's check that every move is one of MOVES (no UPDATE otherwise)."""
+    store = HandoffStore(shm / "m.db")
+    mid = b"\x01" * 16
+    store.open_outgoing(mid, _Copy(), Peer("dst", b"S" * 32, b"K" * 32))
+    with pytest.raises(LocalProtocolError):  # no PREPARE for a source: no state it may leave
+        store._move(mid, Role.SOURCE, Step.PREPARE)
+    with pytest.raises(LocalProtocolError):  # a state the source's ABORT may not leave
+        store._move_from(mid, Role.SOURCE, Step.ABORT, (HandoffState.DONE,))
+    assert store.state_of(mid) is HandoffState.SENDING
+
+
+def test_the_source_s_copy_is_scrubbed_only_when_its_row_reads_done(shm):
+    """Guards scrub_handed_over: never a copy whose row is not DONE, and its answer (restart forgets on True)."""
+    store = HandoffStore(shm / "s.db")
+    peer = Peer("dst", b"S" * 32, b"K" * 32)
+    mid, vm = b"\x02" * 16, _Copy()
+    store.open_outgoing(mid, vm, peer)
+    assert store.hand_off(mid)
+    assert not store.scrub_handed_over(mid, vm) and vm.scrubbed == 0  # in doubt: kept
+    assert store.abort_and_resume(mid, vm, "operator", override=True)
+    assert not store.confirm_and_scrub(mid, vm) and vm.scrubbed == 0  # resumed: a late DONE changes nothing
+    other, copy = b"\x03" * 16, _Copy("b")
+    store.open_outgoing(other, copy, peer)
+    assert store.hand_off(other) and store.confirm(other)
+    assert not store.scrub_handed_over(other, None)
+    assert store.scrub_handed_over(other, copy) and copy.scrubbed == 1
+
+
+def test_a_resume_that_loses_the_race_to_the_handoff_leaves_the_vm_paused(shm, monkeypatch):
+    """Guards abort_and_resume: the VM resumes only if its guarded ABORT moved the row."""
+    store = HandoffStore(shm / "r.db")
+    mid, vm = b"\x04" * 16, _Copy()
+    store.open_outgoing(mid, vm, Peer("dst", b"S" * 32, b"K" * 32))
+    real_get = store.get
+
+    def read_then_hand_off(m: bytes):
+        row = real_get(m)  # read while SENDING (a resume is allowed) ...
+        monkeypatch.setattr(store, "get", real_get)
+        assert store.hand_off(m)  # ... and the handoff lands before the guarded UPDATE
+        return row
+
+    monkeypatch.setattr(store, "get", read_then_hand_off)
+    assert not store.abort_and_resume(mid, vm, "cancelled")
+    assert store.state_of(mid) is HandoffState.HANDED_OFF and vm.resumed == 0
+
+
+def test_unknown_queries_are_recorded_aborted_bounded_per_peer_and_expire(shm, monkeypatch):
+    """Guards record_unknown: its row, the per-peer bound and the time to live (a late BEGIN is refused)."""
+    monkeypatch.setattr(handoff, "MAX_UNKNOWN_PER_PEER", 3)
+    now = _clock(monkeypatch)
+    store = HandoffStore(shm / "u.db")
+    a, b = Peer("a", b"A" * 32, b"a" * 32), Peer("b", b"B" * 32, b"b" * 32)
+    mids = [bytes([i]) * 16 for i in range(1, 6)]
+    store.record_unknown(b"\x0b" * 16, b)
+    for mid in mids[:4]:
+        now[0] += 1
+        store.record_unknown(mid, a)
+    row = store.get(mids[3])
+    assert row is not None and (row.role, row.vm, row.vm_id, row.peer, row.state, row.error) == (
+        Role.DESTINATION, "", b"", a, HandoffState.ABORTED, "unknown migration queried")
+    kept = {r.mid for r in store.list(states=(HandoffState.ABORTED,))}
+    assert kept == {b"\x0b" * 16, *mids[1:4]}  # a's oldest went; b's is its own
+    with pytest.raises(MigrationFailure):
+        store.open_incoming(mids[3], "late", b"L" * 16, a)
+    store.open_incoming(b"\x0c" * 16, "web", b"W" * 16, b)
+    store.record_unknown(b"\x0c" * 16, b)  # begun meanwhile: the BEGIN's row stands
+    assert store.state_of(b"\x0c" * 16) is HandoffState.RECEIVING
+    now[0] = 1000.5 + handoff.UNKNOWN_TTL
+    store.record_unknown(mids[4], b)  # a day after b's first: it is gone, a's younger ones stay
+    assert {r.mid for r in store.list(states=(HandoffState.ABORTED,))} == {*mids[1:5]}
+    now[0] += 3
+    store.record_unknown(b"\x0d" * 16, b)
+    assert {r.mid for r in store.list(states=(HandoffState.ABORTED,))} == {*mids[3:5], b"\x0d" * 16}
+
+
+def test_prune_keeps_each_peer_s_newest_aborted_rows_and_counts_what_it_removed(shm, monkeypatch):
+    """Guards prune's per-peer bound and count, a row's own times and the 500-character reason."""
+    monkeypatch.setattr(handoff, "MAX_ABORTED_PER_PEER", 2)
+    now = _clock(monkeypatch)
+    store = HandoffStore(shm / "p.db")
+    a, b = Peer("a", b"A" * 32, b"a" * 32), Peer("b", b"B" * 32, b"b" * 32)
+    mids = [bytes([i]) * 16 for i in range(1, 6)]
+    for mid in mids:
+        now[0] += 1
+        store.open_incoming(mid, "vm", b"V" * 16, b if mid == mids[0] else a)
+        now[0] += 1
+        store.abort_forever(mid, None, "x" * 600)
+    row = store.get(mids[0])
+    assert row is not None and (row.created, row.updated, row.error) == (1001.0, 1002.0, "x" * 500)
+    assert store.prune() == 2
+    assert {r.mid for r in store.list()} == {mids[0], mids[3], mids[4]}

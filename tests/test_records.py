@@ -16,6 +16,7 @@ from palm_net.channel.records import MAX_PLAINTEXT, RecordReceiver, RecordSender
 from palm_net.crypto.noise import AESGCM, CHACHAPOLY, MAX_MESSAGE_LEN, TAGLEN, CipherState
 from palm_net.errors import ErrorCode, LocalProtocolError, PalmError, RemoteProtocolError
 from palm_net.wire import messages
+from palm_net.wire.framing import LENGTH, FrameBuffer, frame
 from palm_net.wire.messages import (
     Abort,
     Accept,
@@ -30,7 +31,7 @@ from palm_net.wire.messages import (
     Stream,
     StreamEnd,
 )
-from palm_net.wire.protocol import Role, SessionProtocol, State
+from palm_net.wire.protocol import Data, Role, SessionProtocol, State
 from tests.conftest import FUZZ_COUNTS, raw_message
 
 KEY = bytes(range(32))
@@ -347,6 +348,16 @@ def test_session_out_of_state_replay_and_foreign_mid():
     assert info.value.code == "wrong-migration"
 
 
+
+def test_a_stream_of_one_byte_is_one_data_record():
+    """Guards _data: a bulk of one byte is sent and taken as its one (last) data record."""
+    src, dst = _begun("qemu", b"spec")
+    announce, *data = [src.send(Stream(length=1)), *src.send_data(b"x")]
+    assert dst.receive(announce).type == "STREAM" and dst.data_due
+    (record,) = data
+    ev = dst.receive(record)
+    assert isinstance(ev, Data) and ev.last and bytes(ev.data) == b"x" and not dst.data_due
+
 # --------------------------------------------------------------------------
 # Each bound at its edge (found by mutation testing)
 
@@ -463,3 +474,38 @@ def test_plain_mode_refuses_a_sealed_record_with_no_plaintext_even_under_a_valid
     with pytest.raises(RemoteProtocolError) as info:
         deliver(rx, _frame(b"\x01" + empty))
     assert info.value.code is ErrorCode.BAD_RECORD
+
+def test_an_int_field_at_its_bound_is_taken_and_one_more_is_not():
+    """Guards Field.ok's `value <= max`: a message at each bound decodes; one more is malformed."""
+    top = {"round": 10_000, "pages": messages.MAX_GUEST_PAGES * 64, "dirty": messages.MAX_GUEST_PAGES}
+    at = messages.Message(MID, messages.MAX_SEQ, RoundEnd(**top))
+    assert messages.decode(messages.encode(at)) == at
+    for name in top:
+        forged = {"v": messages.WIRE_VERSION, "t": "ROUND_END", "mid": MID, "seq": 0, "b": {**top, name: top[name] + 1}}
+        with pytest.raises(RemoteProtocolError) as info:
+            messages.decode(msgpack.packb(forged))
+        assert info.value.code is ErrorCode.MALFORMED
+
+
+def test_a_frame_buffer_counts_only_whole_frames_checks_a_bare_prefix_and_starts_afresh_after_take_rest():
+    """Guards FrameBuffer: whole_frames' bounds, the default 1-byte minimum, and take_rest resetting the frame due."""
+    fb = FrameBuffer(max_len=8)
+    two = frame(b"abc") + frame(b"defgh")
+    assert [fb.whole_frames(two, n) for n in (len(two), len(two) - 1, 7 + 4, 6)] == [len(two), 7, 7, 0]
+    with pytest.raises(RemoteProtocolError) as info:  # a 1-byte frame, then a bare prefix claiming too much
+        fb.whole_frames(frame(b"x") + LENGTH.pack(9), 9)
+    assert info.value.code is ErrorCode.OVERSIZE
+    fb.feed(frame(b"abcdef")[:6])
+    assert fb.next_frame() is None  # a frame in progress ...
+    assert fb.take_rest() == frame(b"abcdef")[:6]  # ... taken away, and forgotten
+    fb.feed(frame(b"xy"))
+    assert fb.next_frame() == b"xy" and len(fb) == 0
+
+
+def test_a_message_type_that_is_not_a_string_is_an_unknown_type():
+    """Guards decode's `type(obj["t"]) is str` before the lookup: a map there is refused, not a TypeError."""
+    for t in ({"x": 1}, b"ROUND_END", 7):
+        forged = {"v": messages.WIRE_VERSION, "t": t, "mid": MID, "seq": 0, "b": {"round": 1, "pages": 2, "dirty": 3}}
+        with pytest.raises(RemoteProtocolError) as info:
+            messages.decode(msgpack.packb(forged))
+        assert info.value.code is ErrorCode.UNKNOWN_TYPE
