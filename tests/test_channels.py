@@ -11,6 +11,7 @@ import trio
 from palm_net.channel.handshake import Purpose
 from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, RemoteProtocolError
+from palm_net.migration import runner
 from palm_net.migration.destination import DestinationEngine, Lane
 from palm_net.migration.effects import (
     ApplyPages,
@@ -26,6 +27,8 @@ from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.hostile import HostilePeer
 from palm_net.testing.proxy import FaultProxy, Rule
 from palm_net.wire.messages import (
+    MAX_CHANNELS,
+    Abort,
     Begin,
     Bind,
     Channels,
@@ -295,3 +298,88 @@ async def test_a_data_session_must_reach_the_migrations_destination(nursery):
         assert res.runs_on == "source" and c3.running_copies("vm1") == ["a"]
         assert c3["c"].incoming.counters.get("refused-data-session") == 1  # it got no BIND: closed
         await _settled(c3["b"], res.mid)
+
+
+# --------------------------------------------------------------------------
+# What a data session may hold at the destination, and the order of the ends
+
+
+async def _closed(ch, timeout: float = 5.0) -> bool:
+    """The agent closed this session (it sends nothing on a DATA session)."""
+    with trio.move_on_after(timeout):
+        try:
+            await ch.receive()
+        except (RemoteProtocolError, trio.BrokenResourceError):
+            return True
+    return False
+
+
+async def test_data_sessions_joining_as_the_migration_ends_are_closed_with_it(cluster):
+    """BINDs that reach the run as its session ends: each data session is closed, and its
+    connection given back, with the run (they used to wait forever on its queue)."""
+    b, port = cluster["b"], cluster.members["b"].port
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    mid = bytes(range(16))
+    ch, proto, reply = await evil.try_begin(port, mid=mid, pages=4096)
+    assert reply.type == "ACCEPT"
+    datas = [await evil.session(port, Purpose.DATA) for _ in range(8)]
+    await ch.send(proto.send(Abort("cancelled", "x", b"")))
+    for d in datas:
+        await d.send(SessionProtocol(Role.SOURCE, mid, data=True).send(Bind(1, 2)))
+    assert all([await _closed(d) for d in datas])
+    with trio.fail_after(5):
+        while b.incoming.connections > 1:  # (the main session's, until the hostile peer closes it)
+            await trio.sleep(0.01)
+
+
+async def test_a_migration_takes_at_most_its_data_sessions_and_a_bind_waits_a_bounded_time(cluster, monkeypatch):
+    """A peer's data sessions for its own migration that never says CHANNELS: the run holds at
+    most MAX_CHANNELS - 1 of them, each for BIND_WAIT at most; the rest are closed at once."""
+    monkeypatch.setattr(runner, "BIND_WAIT", 1.0)
+    b, port = cluster["b"], cluster.members["b"].port
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    mid = bytes(range(1, 17))
+    ch, _proto, reply = await evil.try_begin(port, mid=mid, pages=4096)
+    assert reply.type == "ACCEPT"
+    datas = []
+    for _ in range(MAX_CHANNELS):  # 16: one more than a migration may have
+        d = await evil.session(port, Purpose.DATA)
+        await d.send(SessionProtocol(Role.SOURCE, mid, data=True).send(Bind(1, 2)))
+        datas.append(d)
+    assert await _closed(datas[-1], 0.8)  # the 16th, at once
+    assert not any([await _closed(d, 0.01) for d in datas[:-1]])  # the others wait for CHANNELS and KEYS...
+    assert all([await _closed(d, 3.0) for d in datas[:-1]])  # ... for BIND_WAIT, then are closed
+    run = next(iter(b.incoming.runs.values()))
+    assert run.engine.state.value == "streaming" and not run.engine.lanes  # the migration itself goes on
+    await ch.aclose()
+
+
+async def test_two_migrations_on_16_channels_at_once_are_not_refused_by_the_session_rate(cluster):
+    """Data sessions are bounded by their migration, not counted as sessions of their own."""
+    a = cluster["a"]
+    for n in ("vm1", "vm2"):
+        a.registry.create_model(n, 4 << 20, protected=1, fill="random", seed=3)
+    res = {}
+
+    async def go(n):
+        res[n] = await a.outgoing.migrate(n, cluster.addr("b"), MigrationParams(channels=MAX_CHANNELS))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(go, "vm1")
+        nursery.start_soon(go, "vm2")
+    assert all(r.ok for r in res.values()), {n: r.error for n, r in res.items()}
+    assert "refused-session-rate" not in cluster["b"].incoming.counters
+
+
+async def test_a_cancel_on_channels_reaches_the_destination_as_abort(cluster, nursery):
+    """The ABORT on the main session goes before the data sessions close (and a data session's
+    close that crosses it does not win): the destination says cancelled, as on one channel."""
+    out, run = await _migrating(cluster, nursery, MigrationParams(channels=4, bandwidth=8 << 20))
+    with trio.fail_after(20):
+        while run.engine.page_records < 2:
+            await trio.sleep(0.01)
+    assert cluster["a"].outgoing.cancel(run.engine.mid.hex()) == "cancelling"
+    res = await _result(out)
+    assert res.runs_on == "source" and cluster.running_copies("vm1") == ["a"]
+    await _settled(cluster["b"], res.mid)
+    assert run.engine.error is not None and run.engine.error.code is ErrorCode.CANCELLED, run.engine.error

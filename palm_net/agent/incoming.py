@@ -198,7 +198,9 @@ class IncomingService:
             self._log_refusal(refused.code.value, refused.detail)
             await _close(channel)
             return None
-        if not self.sessions.take(channel.result.peer.static_pub):
+        # (A DATA session is not a session of its own: bound to its migration or closed
+        # within BIND_TIMEOUT, at most MAX_CHANNELS - 1 to a migration.)
+        if channel.result.purpose is not Purpose.DATA and not self.sessions.take(channel.result.peer.static_pub):
             self._count("refused-session-rate")
             self._log_refusal("session-rate", f"peer {channel.peer_name!r} opens sessions too fast")
             await _close(channel)

@@ -23,6 +23,7 @@ applier is idle: it may depend on the pages before it.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 import socket
@@ -75,7 +76,7 @@ from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
 from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
 from palm_net.migration.source import Pacer, SourceEngine, Step
 from palm_net.trioutil import first_error
-from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Begin
+from palm_net.wire.messages import MAX_BULK, MAX_CHANNELS, MAX_DATA_PAGES, PAGE_SIZE, Begin
 from palm_net.wire.pages import Buffer, RoundGfns, split_lanes
 from palm_net.wire.protocol import FINAL
 
@@ -157,8 +158,7 @@ class SourceRun:
                  stop: Stop | None = None, connect_data: Callable[[], Awaitable[SecureChannel]] | None = None) -> None:
         self.ch = channel
         self.connect_data = connect_data  # a DATA session to the destination (more channels, proto 7.8)
-        self.data_channels: list[SecureChannel] = []  # channel 1, 2, ...
-        self._to_close: list[SecureChannel] = []  # the data sessions this run opened
+        self.data_channels: list[SecureChannel] = []  # channel 1, 2, ...: they close with the main session
         self.engine = engine
         self.vm = vm
         self.store = store
@@ -269,10 +269,6 @@ class SourceRun:
         finally:
             if self._stream is not None:
                 self._stream.close()  # also on failure or cancel: QEMU sees its stream end
-            with trio.CancelScope(shield=True):
-                for ch in self._to_close:
-                    with trio.move_on_after(1):
-                        await ch.aclose()
 
     async def _run(self) -> None:
         eng = self.engine
@@ -359,7 +355,7 @@ class SourceRun:
         async def open_one(i: int, bind: bytes) -> None:
             assert self.connect_data is not None
             ch = opened[i] = await self.connect_data()
-            self._to_close.append(ch)
+            self.ch.bound.append(ch)
             if not hmac.compare_digest(ch.result.peer.static_pub, peer):
                 raise MigrationFailure(ErrorCode.KEY_MISMATCH, f"a data session reached {ch.peer_name!r}, not "
                                        f"the migration's destination {self.ch.peer_name!r}")
@@ -485,6 +481,17 @@ class _Applier:
 
 
 _Release = Callable[[bytearray], None] | None
+BIND_WAIT = 10.0  # a data session's BIND waits this long at most for CHANNELS and KEYS
+LANE_GRACE = 1.0  # a data session's close ends the migration after this, unless its main session ends it first
+
+
+class _Bind:
+    """A data session waiting to be bound (its first record, BIND)."""
+
+    def __init__(self, channel: SecureChannel, first: Record) -> None:
+        self.channel, self.first = channel, first
+        self.taken = trio.Event()  # bound (or the run ended)
+        self.withdrawn = False  # not bound within BIND_WAIT: closed, never to be bound
 
 
 class _Opened:
@@ -496,7 +503,7 @@ class _Opened:
 
     def __init__(self, lane: Lane | None, records: list[Record] | None = None, buf: bytearray | None = None,
                  release: _Release = None, closed: PalmError | None = None,
-                 bind: tuple[SecureChannel, Record] | None = None) -> None:
+                 bind: _Bind | None = None) -> None:
         self.lane, self.records, self.buf, self.release = lane, records, buf, release
         self.ended = records is None and bind is None
         self.closed, self.bind = closed, bind
@@ -520,7 +527,9 @@ class DestinationRun:
         self.host = DestinationHost(store, signing, Peer(peer.name, peer.static_pub, peer.sign_pub))
         self.log = log.bind(peer=channel.peer_name)
         self._opened: trio.MemorySendChannel[_Opened] | None = None  # into the session task, while it runs
-        self._binds: list[tuple[SecureChannel, Record]] = []  # data sessions waiting for CHANNELS and KEYS
+        self._opened_recv: trio.MemoryReceiveChannel[_Opened] | None = None
+        self._binds: list[_Bind] = []  # data sessions waiting for CHANNELS and KEYS
+        self._attached = 0  # data sessions that asked to join (at most MAX_CHANNELS - 1)
         self._ended = trio.Event()
 
     @property
@@ -538,16 +547,24 @@ class DestinationRun:
                     self._nursery = nursery
                     self._applier = applier = _Applier(self.host)
                     opened_send, opened = trio.open_memory_channel[_Opened](1)
-                    self._opened = opened_send
+                    self._opened, self._opened_recv = opened_send, opened
                     nursery.start_soon(applier.run)
                     nursery.start_soon(self._feed, None, Inbox(self.ch), opened_send.clone())
-                    async for item in opened:
+                    lost: tuple[float, PalmError] | None = None  # a data session closed before its COMPLETE
+                    while True:
+                        with trio.move_on_at(lost[0] if lost else math.inf):
+                            item = await opened.receive()
+                        if lost and trio.current_time() >= lost[0]:
+                            raise lost[1]
                         if item.ended:
-                            if item.lane is None or not (item.lane.complete or item.closed is None):
-                                if item.closed is not None and eng.state not in FINAL:
-                                    raise item.closed  # (after the records that came before the close)
+                            if item.lane is None and item.closed is not None and eng.state not in FINAL:
+                                raise item.closed  # (after the records that came before the close)
                             if item.lane is None:
                                 break
+                            if item.closed is not None and not item.lane.complete and lost is None:
+                                # The migration's end, unless the main session says more at once (the
+                                # source's ABORT may cross its data sessions' close).
+                                lost = (trio.current_time() + LANE_GRACE, item.closed)
                         elif item.bind is not None:
                             self._binds.append(item.bind)
                         else:
@@ -567,12 +584,23 @@ class DestinationRun:
             error = session_error(exc)
         finally:
             self._opened = None
-            self._ended.set()
-            with trio.CancelScope(shield=True):
-                # cancelled, failed, or the peer went away
-                if eng.outcome not in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
-                    error = error or RemoteProtocolError(ErrorCode.CLOSED, "")  # (the engine says when)
-                    await self._fail(error)
+            if self._opened_recv is not None:  # a data session still joining is told (attach)
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    while True:
+                        left = self._opened_recv.receive_nowait()
+                        if left.bind is not None:
+                            self._binds.append(left.bind)
+                self._opened_recv.close()
+            try:
+                with trio.CancelScope(shield=True):
+                    # cancelled, failed, or the peer went away
+                    if eng.outcome not in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
+                        error = error or RemoteProtocolError(ErrorCode.CLOSED, "")  # (the engine says when)
+                        await self._fail(error)  # (its ABORT before the data sessions close)
+            finally:
+                self._ended.set()
+                for bind in self._binds:
+                    bind.taken.set()
         return error
 
     async def _feed(self, lane: Lane | None, inbox: Inbox, out: trio.MemorySendChannel[_Opened]) -> None:
@@ -590,22 +618,35 @@ class DestinationRun:
         """The data sessions that came before CHANNELS and KEYS, bound once those are in
         (or refused once pages came without them): each read from then on."""
         eng = self.engine
-        while self._binds and eng.keys_imported and (eng.channels > 1 or eng.page_records):
-            channel, first = self._binds.pop(0)
-            lane = eng.bind(first, channel.plain)  # the peer's error (RemoteProtocolError) fails the migration
+        while self._binds and (eng.stream or (eng.keys_imported and (eng.channels > 1 or eng.page_records))):
+            bind = self._binds.pop(0)
+            if bind.withdrawn:
+                continue
+            lane = eng.bind(bind.first, bind.channel.plain)  # the peer's error fails the migration
             assert self._opened is not None
             self.log.info("data session bound", channel=lane.index, of=eng.channels)
-            self._nursery.start_soon(self._feed, lane, Inbox(channel), self._opened.clone())
+            self._nursery.start_soon(self._feed, lane, Inbox(bind.channel, buffers=2), self._opened.clone())
+            bind.taken.set()
 
     async def attach(self, channel: SecureChannel, first: Record) -> None:
         """A DATA session for this migration, from the peer of its main session (the
         agent checked its key): its BIND goes to the engine in the session task, which
-        then reads it; returns when the migration's session ends."""
-        if self._opened is not None:
-            try:
-                await self._opened.send(_Opened(None, bind=(channel, first)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+        then reads it; returns when the migration's session ends, or at once (the session
+        closed) when the run has all the data sessions it may have or the BIND is not
+        taken within BIND_WAIT (no CHANNELS and KEYS by then)."""
+        if self._opened is None or self._attached >= MAX_CHANNELS - 1:
+            return
+        self._attached += 1
+        bind = _Bind(channel, first)
+        try:
+            with trio.move_on_after(BIND_WAIT):
+                await self._opened.send(_Opened(None, bind=bind))
+                await bind.taken.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the run ended
+        if not bind.taken.is_set():
+            bind.withdrawn = True
+            return
         await self._ended.wait()
 
     async def _process(self, lane: Lane | None, records: list[Record], buf: bytearray, release: _Release) -> None:

@@ -150,7 +150,7 @@ def _data_session(src: ChannelConfig, dst: ChannelConfig, inputs: dict[str, Any]
     batch = PageBatch(np.array([256], np.uint64), b"\x01", np.array([0], np.uint64), DATA_PAGE)
     msgs = [src_proto.send(Bind(1, channels)), src_proto.send(batch.message(0)),
             *map(bytes, src_proto.send_data(DATA_PAGE))]
-    records = []
+    records: list[dict[str, Any]] = []
     for i, msg in enumerate(msgs):
         rec = init.result.sender.seal(msg)
         records.append({"from": "initiator", **({"data": True} if i == 2 else {}), "plaintext": msg.hex(),
