@@ -4,6 +4,9 @@ session fails the whole migration closed, exactly as one session does."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import trio
@@ -26,6 +29,7 @@ from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.hostile import HostilePeer
 from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.wire import messages
 from palm_net.wire.messages import (
     MAX_CHANNELS,
     Abort,
@@ -383,3 +387,23 @@ async def test_a_cancel_on_channels_reaches_the_destination_as_abort(cluster, nu
     assert res.runs_on == "source" and cluster.running_copies("vm1") == ["a"]
     await _settled(cluster["b"], res.mid)
     assert run.engine.error is not None and run.engine.error.code is ErrorCode.CANCELLED, run.engine.error
+
+
+def test_the_channel_vectors_are_what_a_destination_engine_accepts():
+    """proto/vectors/channels_aesgcm.json, fed to a destination engine: the data session binds,
+    its page (gfn 256, channel 1's) is applied and its COMPLETE checks."""
+    v = json.loads((Path(__file__).resolve().parent.parent / "proto/vectors/channels_aesgcm.json").read_text())
+    main = [bytes.fromhex(r["plaintext"]) for r in v["records"] if r["from"] == "initiator"]
+    eng = DestinationEngine(False, 1 << 20)
+    assert isinstance(eng.on_record(Record(main[0], 0, bytes(32)))[0], OpenIncoming)
+    eng.on_result(Opened(0))
+    assert isinstance(eng.on_record(Record(main[1], 1, bytes(32)))[0], ImportKeys)
+    eng.on_result(KeysImported(0))
+    assert eng.on_record(Record(main[2], 2, bytes(32))) == [] and eng.channels == 2 and eng.binding
+    data = [bytes.fromhex(r["plaintext"]) for r in v["data_session"]["records"]]
+    lane = eng.bind(Record(data[0], 0, bytes(32)), False)
+    assert eng.on_lane_record(lane, Record(data[1], 1, bytes(32))) == []
+    applied = eng.on_lane_record(lane, Record(data[2], 2, bytes(32)))
+    assert [type(e) for e in applied] == [ApplyPages] and applied[0].batch.gfns.tolist() == [256]
+    complete = messages.decode(data[3]).body
+    assert eng.on_lane_record(lane, Record(data[3], 3, complete.transcript)) == [] and lane.complete

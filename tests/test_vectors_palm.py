@@ -88,7 +88,7 @@ def test_channel_vectors():
     its preamble) whose BIND, PAGES of its own gfn, data record and COMPLETE reproduce."""
     expected = json.loads((VECTORS / "channels_aesgcm.json").read_text())
     assert build(CipherName.AESGCM, expected["inputs"], channels=2) == expected
-    assert [_type(r) for r in expected["records"]] == ["BEGIN", "ACCEPT", "CHANNELS"]
+    assert [_type(r) for r in expected["records"]] == ["BEGIN", "ACCEPT", "KEYS", "CHANNELS"]
     data = expected["data_session"]
     flight1 = bytes.fromhex(data["flights"][0]["bytes"])
     assert flight1[4 + 4 + 1] == 3  # the preamble's purpose: DATA

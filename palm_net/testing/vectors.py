@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose, TransportMode
 from palm_net.crypto.identity import AgentIdentity, Authority
 from palm_net.crypto.noise import CipherName, keypair_from_private
-from palm_net.wire.messages import Accept, Begin, Bind, Channels, Complete, RoundEnd, Stream, StreamEnd
+from palm_net.wire.messages import Accept, Begin, Bind, Channels, Complete, Keys, RoundEnd, Stream, StreamEnd
 from palm_net.wire.pages import PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
@@ -72,6 +72,8 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
     if backend == "qemu":
         spec = msgpack.packb(STREAM_SPEC, use_bin_type=True)
         begin = src_proto.send(Begin("vm-1", bytes(range(16)), 64 * 256, 0, 0, 1, False, False, "qemu", spec))
+    elif channels > 1:  # 512 pages, none protected: channel 1's first block is gfns 256..511
+        begin = src_proto.send(Begin("vm-1", bytes(range(16)), 512, 0, 0, 1, False, False, "model", b""))
     else:
         begin = src_proto.send(Begin("vm-1", bytes(range(16)), 256, 0 if plain else 16, 0 if plain else 1, 1, plain,
                                      False, "model", b""))
@@ -93,12 +95,13 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
             assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
             records.append({"from": "initiator", **({"data": True} if i == 1 else {}), "plaintext": msg.hex(),
                             "bytes": rec.hex()})
-    if channels > 1:  # CHANNELS on the main session, then a DATA session: proto/PROTOCOL.md 7.8
-        msg = src_proto.send(Channels(channels))
-        rec = init.result.sender.seal(msg)
-        resp.result.receiver.receive_data(rec)
-        assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
-        records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
+    if channels > 1:  # KEYS (no process) and CHANNELS on the main session, then a DATA session: proto 7.8
+        keys = msgpack.packb({"v": 1, "cipher": "AESGCM", "processes": []}, use_bin_type=True)
+        for msg in (src_proto.send(Keys(keys)), src_proto.send(Channels(channels))):
+            rec = init.result.sender.seal(msg)
+            resp.result.receiver.receive_data(rec)
+            assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
+            records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
         data_session = _data_session(src, dst, inputs, cipher, mid, channels)
     if plain:  # bulk data in the clear, everything else sealed (proto/PROTOCOL.md 5)
         batch = PageBatch(np.array([7, 9], np.uint64), b"\x01\x00", np.array([0, 0], np.uint64),
