@@ -203,6 +203,9 @@ def test_channels_come_before_the_first_page_and_once():
         d2.on_record(Record(src.send(Channels(2)), 2, bytes(32)))
     assert exc.value.code is ErrorCode.OUT_OF_STATE
     assert not d2.binding  # no CHANNELS, no keys: a data session is not bound
+    with pytest.raises(RemoteProtocolError) as exc:
+        d2.bind(Record(SessionProtocol(Role.SOURCE, MID, data=True).send(Bind(1, 2)), 0, bytes(32)), False)
+    assert exc.value.code is ErrorCode.OUT_OF_STATE
 
 
 def test_the_lanes_of_a_round_cover_it_once_each_in_ascending_order():
