@@ -159,7 +159,9 @@ def test_round_done_waits_for_every_channels_round_end():
     assert [type(e) for e in d.on(2, RoundEnd(0, 0, 0))] == [Settle]
 
 
-def test_ready_waits_for_every_data_sessions_complete_and_its_counts():
+def _all_but_completes() -> _Dest:
+    """Every page of a 512-page VM in (channel 0's on the main session, channel 1's on its
+    data session), the CPU state and the blob, and the main session's COMPLETE."""
     d = _Dest()
     d.bind(1)
     d.main(d.zero_pages(list(range(256))))
@@ -167,16 +169,15 @@ def test_ready_waits_for_every_data_sessions_complete_and_its_counts():
     d.main(CpuState(b"cpu"))
     d.main(Context(0, 1, b""))
     assert d.main(Complete(d.n, 1, bytes(32))) == []  # every page is in, but channel 1 is not complete
+    return d
+
+
+def test_ready_waits_for_every_data_sessions_complete_and_its_counts():
+    d = _all_but_completes()
     with pytest.raises(RemoteProtocolError) as exc:
         d.on(1, Complete(2, 2, bytes(32)))  # one page record sent on it, not two
     assert exc.value.code is ErrorCode.INCOMPLETE
-    d2 = _Dest()
-    d2.bind(1)
-    d2.main(d2.zero_pages(list(range(256))))
-    d2.on(1, d2.zero_pages(list(range(256, 512))))
-    d2.main(CpuState(b"cpu"))
-    d2.main(Context(0, 1, b""))
-    d2.main(Complete(d2.n, 1, bytes(32)))
+    d2 = _all_but_completes()
     assert [type(e) for e in d2.on(1, Complete(2, 1, bytes(32)))] == [ImportProtection]
 
 
