@@ -636,6 +636,66 @@ def goal_scale(palm: Palm, rep: int, sizes: list[int], tls: TlsCopy | None = Non
 CHANNEL_COUNTS = (1, 2, 4)
 
 
+LINK_GIBS = 25e9 / 8 / GIB  # a 25 Gbit/s link, in GiB/s
+PROJECTED_CORES = 16
+
+
+def gil_seconds_per_gib(palm: Palm, guest: int, rate: int = 200) -> dict[str, float]:
+    """One 1-channel migration with each agent sampled by py-spy (only while a thread holds the
+    GIL): the seconds per GiB each agent's GIL was held, what no number of channels in one
+    process can run in parallel."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.access(spy, os.X_OK):
+        raise RuntimeError("py-spy not installed (pip install py-spy)")
+    palm.n += 1
+    name = f"gil{palm.n}"
+    palm.a.request("vm.create", name=name, memory=str(guest), fill="random", seed=palm.n)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            while not palm.a.request("vm.show", name=name)["resident"]:
+                time.sleep(0.1)
+            spies = {side: subprocess.Popen([spy, "record", "--gil", "--nonblocking", "-r", str(rate), "-d", "120",
+                                             "-f", "raw", "-o", f"{tmp}/{side}", "-p", str(ag.pid())],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for side, ag in (("source", palm.a), ("destination", palm.b))}
+            time.sleep(1.0)  # (py-spy attached)
+            r = palm.a.request("migrate", name=name, to=palm.b.addr, channels=1)
+            for sp in spies.values():
+                sp.send_signal(2)
+                sp.wait(60)
+        finally:
+            palm._discard(name)
+        if not r.get("ok"):
+            raise RuntimeError(f"migration failed: {r.get('error')}")
+        for side in spies:
+            text = Path(f"{tmp}/{side}").read_text() if Path(f"{tmp}/{side}").exists() else ""
+            samples = sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.strip())
+            out[f"gil_{side}_s_per_gib"] = samples / rate / (guest / GIB)
+        out["wall_s_per_gib"] = r["total_ms"] / 1000 / (guest / GIB)
+    return out
+
+
+def channel_projection(palm: Palm, guest: int, one: dict[str, Any]) -> dict[str, Any]:
+    """What N channels could reach on a host of PROJECTED_CORES cores a side and a 25 Gbit/s link,
+    from per-GiB figures measured here: each side's CPU seconds per GiB (all its threads) bounds
+    it by cores, its GIL-held seconds per GiB bounds one process whatever the channels (Amdahl),
+    and the link bounds both."""
+    try:
+        gil = gil_seconds_per_gib(palm, guest)
+    except (RuntimeError, ControlError, OSError, subprocess.SubprocessError) as exc:
+        return {"skipped": str(exc)}
+    bounds = {"link": LINK_GIBS}
+    for side in ("source", "destination"):
+        cpu = (one.get(f"cpu_{side}_s_per_gib") or {}).get("median")
+        if cpu:
+            bounds[f"{side} cores"] = PROJECTED_CORES / cpu
+        if gil[f"gil_{side}_s_per_gib"] > 0:
+            bounds[f"{side} GIL"] = 1 / gil[f"gil_{side}_s_per_gib"]
+    limit = min(bounds, key=lambda k: bounds[k])
+    return {**gil, "bounds_gibs": bounds, "projected_gibs": bounds[limit], "limited_by": limit}
+
+
 def channel_cpu_table(modes: dict[str, Any]) -> list[str]:
     """Each agent's CPU seconds per GiB moved, by channel count (medians): what a channel costs."""
     L = ["| channels | total (ms) | source CPU s/GiB | destination CPU s/GiB |", "|---|---|---|---|"]
@@ -646,6 +706,18 @@ def channel_cpu_table(modes: dict[str, Any]) -> list[str]:
         L.append(f"| {n} | {fmt(m['total_ms'], '', 0)} | {fmt(m.get('cpu_source_s_per_gib'))} | "
                  f"{fmt(m.get('cpu_destination_s_per_gib'))} |")
     return [*L, ""]
+
+
+def projection_text(p: dict[str, Any]) -> list[str]:
+    if not p or "skipped" in p:
+        return [f"Projection skipped: {p.get('skipped', 'not measured')}.", ""]
+    b = p["bounds_gibs"]
+    return [f"Projection for {PROJECTED_CORES} cores a side and a 25 Gbit/s link ({LINK_GIBS:.2f} GiB/s), from "
+            "this run's per-GiB figures (1 channel): " + "; ".join(f"{k} bound {v:.2f} GiB/s" for k, v in b.items())
+            + f" (GIL held {p['gil_source_s_per_gib']:.2f} s/GiB at the source, "
+            f"{p['gil_destination_s_per_gib']:.2f} at the destination, of {p['wall_s_per_gib']:.2f} s/GiB of wall "
+            f"time): at most **{p['projected_gibs']:.2f} GiB/s**, limited by the {p['limited_by']}, an upper bound "
+            "(the channels share one process a side).", ""]
 
 
 def goal_channels(palm: Palm, rep: int, guest: int) -> dict[str, Any]:
@@ -678,6 +750,7 @@ def goal_channels(palm: Palm, rep: int, guest: int) -> dict[str, Any]:
         rows.append(row("6. channels", what.format(n=n), ms(c["palm"]), ms(c["base"]), c, None,
                         f"information: {os.cpu_count()} cores shared by both agents (a channel gains only "
                         "with cores to spare)"))
+    out["projection"] = channel_projection(palm, guest, out["modes"].get("channels_1") or {})
     rows.append(skipped_row("6. channels (QEMU)", "a QEMU guest on N channels",
                             "not built: QEMU's multifd channels are not carried over palm data sessions yet "
                             "(a QEMU guest migrates on one channel)"))
@@ -934,6 +1007,7 @@ def report(res: dict[str, Any]) -> str:
             L += modes_table(v["modes"])
             L.append("")
             L += channel_cpu_table(v["modes"])
+            L += projection_text(v.get("projection") or {})
     ctx = res.get("context", {})
     if ctx:
         L.append("## Context (no goal)\n")
