@@ -594,7 +594,8 @@ def _one_copy(agents: dict[str, AgentProcess], vm: str, timeout: float = 40) -> 
         if running and [n for n, s in states.items() if s is not None] == running:
             return running[0]
         if time.monotonic() > deadline:
-            raise AssertionError(f"the VM did not settle on exactly one agent: {states}")
+            tails = "\n".join(f"--- {n}:\n{ag.log_tail(3000)}" for n, ag in agents.items())
+            raise AssertionError(f"the VM did not settle on exactly one agent: {states}\n{tails}")
         time.sleep(0.1)
 
 
