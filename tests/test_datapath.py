@@ -200,6 +200,58 @@ async def test_outbox_and_inbox_carry_records_in_order_across_buffers():
     assert got == msgs
 
 
+async def test_a_received_record_carries_its_index_and_the_transcript_before_it():
+    """``receive`` gives each record its place in the session and the transcript before it (what COMPLETE binds)."""
+    a, b = await _channels()
+    before = []
+    for data in (b"one", b"two", b"three"):
+        before.append(a.sent)
+        await a.send(data)
+    for i, (count, transcript) in enumerate(before):
+        rec = await b.receive()
+        assert (rec.index, rec.transcript_before) == (count, transcript) == (i, transcript)
+    assert before[0][1] == bytes(32) != before[1][1] != before[2][1]
+
+
+async def test_an_inbox_passes_on_every_record_before_the_peer_s_close_then_keeps_the_close():
+    """The peer's close ends the Inbox after the records sent before it (a last ABORT), and is kept in ``closed``."""
+    a, b = await _channels()
+    with pytest.raises(ValueError):
+        Inbox(b, size=2 * (65536 + 8) - 1)  # a buffer holds two largest frames at least
+    await a.send(b"a record")
+    await a.send(b"the last words")
+    await a.stream.aclose()
+    inbox = Inbox(b, size=2 * (65536 + 8), buffers=2)
+    send, recv = trio.open_memory_channel[tuple[bytearray, int]](0)
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inbox.run, send)
+        async for buf, end in recv:
+            got.extend(bytes(r.data) for r in await inbox.open(buf, end))
+            inbox.release(buf)
+    assert got == [b"a record", b"the last words"]
+    assert inbox.closed is not None and inbox.closed.code is ErrorCode.CLOSED
+
+
+async def test_an_outbox_seals_a_batch_larger_than_its_buffers_into_one_of_its_own_and_reports_each_send():
+    """A batch of exactly a buffer's size takes a pooled buffer, a larger one its own; ``on_sent`` hears every send."""
+    a, b = await _channels()
+    size = RecordSender.frame_size(1000, False)  # one 1000-byte record fills a buffer
+    sent: list[int] = []
+
+    async def on_sent(n: int) -> None:
+        sent.append(n)
+
+    batches = [[os.urandom(1000)], [os.urandom(1000), os.urandom(1000)]] * 3
+    async with trio.open_nursery() as nursery:
+        outbox = Outbox(a, size, buffers=2, on_sent=on_sent)
+        nursery.start_soon(outbox.run)
+        sizes = [await outbox.put([(m, False) for m in batch]) for batch in batches]
+        outbox.close()
+    assert sizes == [size, 2 * size] * 3 and sent == sizes
+    assert [(await b.receive()).data for _ in range(9)] == [m for batch in batches for m in batch]
+
+
 # --------------------------------------------------------------------------
 # Incoming memory: reserved ahead of the data, no write past a full disk
 
@@ -323,3 +375,53 @@ def test_the_stream_is_read_as_it_comes_not_held_to_fill_a_buffer():
         assert read_stream(ours, out) == (10, True)
         assert bytes(out[:10]) == b"y" * 10
         assert read_stream(ours, out) == (0, True)
+
+
+# --------------------------------------------------------------------------
+# The destination's runner: page batches written beside, requests in order
+# (palm_net.migration.runner.DestinationRun._process and its _Applier)
+
+
+async def test_each_request_of_the_destination_waits_until_the_pages_before_it_are_written(cluster, monkeypatch):
+    """Guards the applier's drain and count: keys, settling, CPU state, READY wait for the pages before them."""
+    import threading
+    import time
+
+    from palm_net import faults
+    from palm_net.migration import runner
+    from palm_net.migration.hosts import DestinationHost
+
+    lock, unwritten, seen = threading.Lock(), [0], []  # batches handed to the applier, not yet written
+    submit, bulk = runner._Applier.submit, DestinationHost.bulk
+
+    async def counted_submit(self, effects, bufs):
+        if effects:
+            with lock:
+                unwritten[0] += 1
+        await submit(self, effects, bufs)
+
+    def slow_bulk(self, effects):
+        time.sleep(0.002)  # a disk a little slower than the session task: no request may overtake it
+        bulk(self, effects)
+        with lock:
+            unwritten[0] -= 1
+
+    def watch(at: str) -> None:
+        if at.startswith("destination.") and at not in ("destination.receive", "destination.ApplyPages"):
+            with lock:
+                seen.append((at, unwritten[0]))
+
+    monkeypatch.setattr(runner._Applier, "submit", counted_submit)
+    monkeypatch.setattr(DestinationHost, "bulk", slow_bulk)
+    a = cluster["a"]
+    a.registry.create_model("vm1", 4 << 20, protected=1, fill="random", seed=5, workload="random:2000")
+    old = faults.install(watch)
+    try:
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(max_rounds=3))
+    finally:
+        faults.install(old)
+    assert res.ok, res.error
+    steps = {at for at, _ in seen}
+    assert {"destination.ImportKeys", "destination.Settle", "destination.ImportCpuState",
+            "destination.ImportProtection", "destination.Prepare", "destination.Send"} <= steps, steps
+    assert [s for s in seen if s[1]] == []

@@ -74,11 +74,11 @@ def test_sans_io_handshake_both_ciphers(pki):
         assert resp.result.receiver.next_record() == b"first record"
 
 
-async def _pair(stream_a, stream_b, cfg_a, cfg_b, **kw):
+async def _pair(stream_a, stream_b, cfg_a, cfg_b, on_start=None, **kw):
     out = {}
     async with trio.open_nursery() as n:
         async def server():
-            out["b"] = await accept(stream_b, cfg_b)
+            out["b"] = await accept(stream_b, cfg_b, on_start=on_start)
         n.start_soon(server)
         out["a"] = await connect(stream_a, cfg_a, **kw)
     return out["a"], out["b"]
@@ -343,6 +343,16 @@ def test_the_attestation_payload_is_bounded(pki):
     assert _payload_refused(pki, {**base, "ciphers": ["A" * 257]}).code == "malformed"  # 256 characters at most
 
 
+def test_the_attestation_payload_s_bounds_hold_at_their_edge_in_a_valid_payload(pki):
+    """8 cipher names of 256 characters at most, judged in a payload otherwise valid (no later check hides them)."""
+    def padded(count, size):
+        return lambda d: {**d, "ciphers": d["ciphers"] + ["x" * size] * (count - len(d["ciphers"]))}
+    assert _altered_payload_refused(pki, padded(8, 256)) is None
+    for count, size in ((9, 1), (8, 257)):
+        err = _altered_payload_refused(pki, padded(count, size))
+        assert err is not None and err.code == "malformed", (count, size)
+
+
 def test_a_preamble_is_whole_and_at_most_64_bytes(pki):
     with pytest.raises(HandshakeError) as info:
         decode_preamble(b"PALM\x01\x01\x00")  # the magic, but cut short
@@ -365,6 +375,20 @@ def test_a_preamble_is_8_bytes_and_its_ascii_name():
         assert info.value.code == "bad-preamble"
 
 
+def test_a_preamble_whose_length_byte_disagrees_or_whose_name_noise_refuses_is_a_refusal_not_a_crash(pki):
+    """A preamble with a wrong name length, or a known cipher in an unknown protocol name, is a HandshakeError."""
+    head = b"PALM" + bytes([1, Purpose.MIGRATION, TransportMode.SECURE])
+    for bad in (head + b"\x02x", head + b"\x00x"):
+        with pytest.raises(HandshakeError) as info:
+            decode_preamble(bad)
+        assert info.value.code == "bad-preamble"
+    resp = AttestedHandshake(pki.config("dst"), False)
+    with pytest.raises(HandshakeError) as info:  # the cipher is allowed; Noise knows no 448 nor BLAKE3
+        resp.receive_data(frame(encode_preamble(Purpose.MIGRATION, TransportMode.SECURE,
+                                                "Noise_XX_448_ChaChaPoly_BLAKE3")))
+    assert info.value.code == "cipher-not-allowed"
+
+
 def test_an_initiator_offers_its_first_configured_cipher_unless_told(pki):
     for ciphers in ((CipherName.AESGCM, CipherName.CHACHAPOLY), (CipherName.CHACHAPOLY, CipherName.AESGCM)):
         init = AttestedHandshake(pki.config("src", ciphers=ciphers), True)
@@ -385,6 +409,44 @@ def test_the_configured_record_bound_holds_on_the_session_s_receiver(pki):
         rx.receive_data(init.result.sender.seal(bytes(1000 - 15)))
         rx.next_record()
     assert info.value.code is ErrorCode.OVERSIZE
+
+
+async def test_connect_and_accept_pass_on_what_they_are_asked_and_accept_shows_its_handshake(pki):
+    """connect's purpose, mode and cipher reach the handshake; accept's on_start sees it, accept's purpose binds."""
+    cfg_a = pki.config("src", allow_plain=True, ciphers=(CipherName.AESGCM, CipherName.CHACHAPOLY))
+    s1, s2 = trio.testing.memory_stream_pair()
+    seen: list[AttestedHandshake] = []
+    a, b = await _pair(s1, s2, cfg_a, pki.config("dst", allow_plain=True), purpose=Purpose.RECOVERY,
+                       mode=TransportMode.PLAIN_BENCHMARK, cipher=CipherName.CHACHAPOLY, on_start=seen.append)
+    assert len(seen) == 1 and seen[0].result is b.result  # the agent drops pending handshakes by their progress
+    assert b.result.purpose is Purpose.RECOVERY and b.result.mode is TransportMode.PLAIN_BENCHMARK and a.plain
+    assert "ChaChaPoly" in a.result.protocol_name == b.result.protocol_name  # not the first configured
+    s1, s2 = trio.testing.memory_stream_pair()
+    await s1.send_all(AttestedHandshake(pki.config("src"), True, purpose=Purpose.RECOVERY).initiate())
+    await s1.aclose()  # all it says: a recovery session's start
+    with pytest.raises(HandshakeError) as info:  # a migration endpoint refuses a recovery session
+        await accept(s2, pki.config("dst"), purpose=Purpose.MIGRATION)
+    assert info.value.code == "purpose"
+
+
+async def test_an_initiator_refusing_the_reply_says_why_not_that_the_address_does_not_speak_palm(pki):
+    """The initiator's refusal of a palm reply (a certificate of another authority) keeps its code; only a frame
+    too long for palm is called "does not speak palm"."""
+    rogue = Authority.generate()
+    s1, s2 = trio.testing.memory_stream_pair()
+    errors: dict[str, HandshakeError] = {}
+
+    async def end(name, stream, run):
+        try:
+            await run(stream)
+        except HandshakeError as exc:
+            errors[name] = exc
+            await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(end, "b", s2, lambda s: accept(s, pki.config("dst", authority=rogue)))
+        await end("a", s1, lambda s: connect(s, pki.config("src")))
+    assert errors["a"].code == "unknown-authority", errors["a"]
 
 
 # ------------------------------------------------------------------ identities on disk, certificates

@@ -562,6 +562,34 @@ def test_a_handoff_message_in_a_clear_record_is_refused():
     assert dst.receive(messages.encode(pages), authenticated=False).type == "PAGES"
 
 
+async def test_plain_mode_a_cancel_sends_the_queued_messages_sealed(nursery):
+    """Guards the cancel's last messages (ROUND_END behind the note) going out sealed in the plain mode too."""
+    c = await plain_cluster(nursery)
+    try:
+        a = c["a"]
+        a.registry.create_model("vm1", 4 << 20, fill="random")
+        said: list[str] = []
+
+        def progress(stats) -> None:
+            if not said and stats.rounds:  # "round done": ROUND_END is queued behind it
+                (mid,) = [lm.mid for lm in a.outgoing.live.values() if lm.result is None]
+                said.append(a.outgoing.cancel(mid.hex()))
+
+        with trio.fail_after(30):
+            res = await a.outgoing.migrate("vm1", c.addr("b"), MigrationParams(plain=True), on_progress=progress)
+            while "vm1" in c["b"].vms:
+                await trio.sleep(0.02)
+        assert said == ["cancelling"] and res.status == "cancelled" and res.runs_on == "source"
+        # ROUND_END then ABORT, both sealed: read as the source's cancel, not refused as clear
+        row = c["b"].store.get(res.mid)
+        assert row.state == "aborted" and row.error == "cancelled at the source; the VM stays there", row.error
+        assert c.running_copies("vm1") == ["a"]
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()
+
+
 # --------------------------------------------------------------------------
 # The operator: every control operation in every handoff state
 

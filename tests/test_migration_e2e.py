@@ -464,3 +464,50 @@ async def test_a_cancel_between_messages_reaches_the_destination_as_abort(cluste
     (row,) = [m for m in cluster["b"].outgoing.migrations() if m["migration_id"] == res.mid.hex()]
     assert row["state"] == "aborted" and row["error"] == "cancelled at the source; the VM stays there"
     assert cluster.running_copies("vm1") == ["a"]
+
+
+async def test_a_cancel_while_the_source_waits_for_the_destination_wakes_it_and_sends_abort(cluster):
+    """Guards the Stop's wake: a cancel asked while the run waits (for ROUND_DONE) is taken at once, with ABORT."""
+    import threading
+
+    from palm_net import faults
+
+    a, b = cluster["a"], cluster["b"]
+    a.registry.create_model("vm1", 1 << 20, fill="random")
+    held, release = threading.Event(), threading.Event()
+
+    def hold(at: str) -> None:  # the destination settles round 0 only once the test says so
+        if at == "destination.Settle" and not held.is_set():
+            held.set()
+            release.wait(30)
+
+    old = faults.install(hold)
+    try:
+        async with trio.open_nursery() as n:
+            results = []
+
+            async def run() -> None:
+                results.append(await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams()))
+
+            n.start_soon(run)
+            with trio.fail_after(10):
+                while not held.is_set():
+                    await trio.sleep(0.01)
+            (lm,) = [m for m in a.outgoing.live.values() if m.result is None]
+            lm.stop.grace = 0.2  # not woken, the run would be cut with no ABORT sent
+            assert a.outgoing.cancel(lm.mid.hex()) == "cancelling"
+            with trio.fail_after(10):
+                while not results:
+                    await trio.sleep(0.01)
+            release.set()
+    finally:
+        release.set()
+        faults.install(old)
+    (res,) = results
+    assert res.status == "cancelled" and res.runs_on == "source"
+    with trio.fail_after(5):
+        while "vm1" in b.vms:
+            await trio.sleep(0.02)
+    row = b.store.get(res.mid)
+    assert row.state == "aborted" and row.error == "cancelled at the source; the VM stays there", row.error
+    assert cluster.running_copies("vm1") == ["a"]

@@ -414,3 +414,52 @@ def test_a_message_is_bounded_by_the_record_and_its_envelope_checked_on_both_sid
             messages.encode(messages.Message(mid, seq, Accept()))
         assert info.value.code is ErrorCode.MALFORMED
     assert messages.decode(messages.encode(messages.Message(MID, 0, Accept()))).type == "ACCEPT"
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_direction_rekeys_after_exactly_its_interval_of_sealed_records(plain):
+    """REKEY after every ``rekey_interval`` sealed records, clear ones not counted, both ends in step (proto 5)."""
+    tx, rx = pair(plain=plain, rekey_interval=4)
+    keys = []
+    for i in range(9):
+        if plain:
+            assert deliver(rx, tx.seal(b"bulk", clear=True)) == b"bulk"
+        assert deliver(rx, tx.seal(bytes([i]))) == bytes([i])
+        assert rx.cs.k == tx.cs.k
+        keys.append(tx.cs.k)
+    assert keys[:3] == [KEY] * 3 and keys[3:7] == [keys[3]] * 4 and keys[7:] == [keys[7]] * 2
+    assert len({KEY, keys[3], keys[7]}) == 3
+
+
+def test_a_record_direction_needs_a_key():
+    """No record layer over a CipherState without a key (its records would go unsealed)."""
+    for direction in (RecordSender, RecordReceiver):
+        with pytest.raises(ValueError):
+            direction(CipherState(CHACHAPOLY))
+
+
+def test_any_refusal_of_a_frame_is_final_not_only_a_failed_tag():
+    """An unknown kind or a bad length ends the receiver too: the valid record after it is never opened."""
+    tx, rx = pair(plain=True)
+    rx.receive_data(_frame(b"\x02" + bytes(40)) + tx.seal(b"valid", clear=True))
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError) as info:
+            rx.next_record()
+        assert info.value.code is ErrorCode.BAD_RECORD and rx.failed
+    _, rx = pair()
+    buf = (2**20).to_bytes(4, "big") + bytes(20)
+    with pytest.raises(RemoteProtocolError) as info:
+        rx.whole_frames(buf, len(buf))
+    assert info.value.code is ErrorCode.OVERSIZE and rx.failed
+    with pytest.raises(RemoteProtocolError) as info:
+        rx.whole_frames(buf[:4], 4)
+    assert info.value.code is ErrorCode.BAD_RECORD
+
+
+def test_plain_mode_refuses_a_sealed_record_with_no_plaintext_even_under_a_valid_tag():
+    """A sealed record holds 1 byte at least in plain mode too: a tag alone is refused before it is opened."""
+    _, rx = pair(plain=True)
+    empty = CipherState(CHACHAPOLY, KEY).encrypt_with_ad(b"", b"")  # the record the peer's key would make
+    with pytest.raises(RemoteProtocolError) as info:
+        deliver(rx, _frame(b"\x01" + empty))
+    assert info.value.code is ErrorCode.BAD_RECORD
