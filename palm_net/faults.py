@@ -33,6 +33,7 @@ def _store(side: str, step: str, what: str) -> dict[str, str]:
 SOURCE_EFFECTS = {
     "Send": "control messages sealed and sent",
     "StartPrecopy": "dirty log on, keys exported",
+    "OpenChannels": "the data sessions opened and bound (more channels, proto 7.8)",
     "SendPages": "a round's pages read (each piece, in a worker thread) and sent",
     "CollectDirty": "the dirty log read after a round",
     "SetThrottle": "the guest throttled",

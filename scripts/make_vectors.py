@@ -28,6 +28,9 @@ if __name__ == "__main__":
     path = OUT / "plain_aesgcm.json"
     path.write_text(json.dumps(build(CipherName.AESGCM, plain=True), indent=1) + "\n")
     print(f"wrote {path}")
+    path = OUT / "channels_aesgcm.json"
+    path.write_text(json.dumps(build(CipherName.AESGCM, channels=2), indent=1) + "\n")
+    print(f"wrote {path}")
     path = OUT / "policy.json"
     path.write_text(json.dumps(build_policy(), indent=1) + "\n")
     print(f"wrote {path}")

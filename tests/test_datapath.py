@@ -382,8 +382,11 @@ def test_the_stream_is_read_as_it_comes_not_held_to_fill_a_buffer():
 # (palm_net.migration.runner.DestinationRun._process and its _Applier)
 
 
-async def test_each_request_of_the_destination_waits_until_the_pages_before_it_are_written(cluster, monkeypatch):
-    """Guards the applier's drain and count: keys, settling, CPU state, READY wait for the pages before them."""
+@pytest.mark.parametrize("channels", [1, 2])
+async def test_each_request_of_the_destination_waits_until_the_pages_before_it_are_written(cluster, monkeypatch,
+                                                                                          channels):
+    """Guards the applier's drain and count: keys, settling, CPU state, READY wait for the pages before them
+    (with 2 channels: the pages of every channel)."""
     import threading
     import time
 
@@ -394,11 +397,11 @@ async def test_each_request_of_the_destination_waits_until_the_pages_before_it_a
     lock, unwritten, seen = threading.Lock(), [0], []  # batches handed to the applier, not yet written
     submit, bulk = runner._Applier.submit, DestinationHost.bulk
 
-    async def counted_submit(self, effects, bufs):
+    async def counted_submit(self, effects, bufs, release=None):
         if effects:
             with lock:
                 unwritten[0] += 1
-        await submit(self, effects, bufs)
+        await submit(self, effects, bufs, release)
 
     def slow_bulk(self, effects):
         time.sleep(0.002)  # a disk a little slower than the session task: no request may overtake it
@@ -417,7 +420,7 @@ async def test_each_request_of_the_destination_waits_until_the_pages_before_it_a
     a.registry.create_model("vm1", 4 << 20, protected=1, fill="random", seed=5, workload="random:2000")
     old = faults.install(watch)
     try:
-        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(max_rounds=3))
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(max_rounds=3, channels=channels))
     finally:
         faults.install(old)
     assert res.ok, res.error

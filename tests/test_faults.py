@@ -18,6 +18,7 @@ sample; ``-m faults`` runs the whole matrix and prints its table.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import random
 import sqlite3
@@ -37,6 +38,7 @@ from palm_net.migration import effects
 from palm_net.migration.handoff import MOVES, HandoffState
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
+from palm_net.wire.messages import LANE_BLOCK
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_PROCESS_KINDS = (*faultdrill.RAISE_KINDS, "cancel")
@@ -58,9 +60,12 @@ ON_ABORT_PATH = {"source.store.abort", "source.store.abort.done", "source.vm.res
 # guest's workload: the throttle needs a guest that dirties faster than a round sends).
 REACHED_WITH = {
     "source.DigestMemory": (MigrationParams(verify_digest=True), "idle"),
+    "source.OpenChannels": (MigrationParams(channels=2), "idle"),
     "source.SetThrottle": (MigrationParams(max_rounds=1, downtime_limit=1e-6, downtime_policy="throttle"),
                            "random:5000"),
 }
+# PALM_FAULT_CHANNELS=N runs every case on N channels (proto 7.8), the VM then N blocks of pages.
+CHANNELS = int(os.environ.get("PALM_FAULT_CHANNELS", "1"))
 STREAM_ONLY = {"source.StartStream", "source.SendStream", "source.FinishStream", "destination.StreamIn",
                "destination.EndStream"}
 
@@ -161,6 +166,8 @@ async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096,
     digest: str | None = ""
     vm_id = b""
     params, workload = REACHED_WITH.get(case.step, (MigrationParams(), "idle"))
+    if content is None and CHANNELS > 1:
+        params, memory = dataclasses.replace(params, channels=CHANNELS), max(memory, CHANNELS * LANE_BLOCK * 4096)
     if content is None:
         name = "vm1"
         vm = a.registry.create_model(name, memory, protected=1, fill="random", seed=5, workload=workload)
@@ -587,7 +594,8 @@ def _one_copy(agents: dict[str, AgentProcess], vm: str, timeout: float = 40) -> 
         if running and [n for n, s in states.items() if s is not None] == running:
             return running[0]
         if time.monotonic() > deadline:
-            raise AssertionError(f"the VM did not settle on exactly one agent: {states}")
+            tails = "\n".join(f"--- {n}:\n{ag.log_tail(3000)}" for n, ag in agents.items())
+            raise AssertionError(f"the VM did not settle on exactly one agent: {states}\n{tails}")
         time.sleep(0.1)
 
 
@@ -610,9 +618,10 @@ def crash_case(root: Path, step: str, kind: str = "exit") -> Case:
         for ag in agents.values():
             ag.start()
         a, victim = agents["a"], agents[case.victim]
-        a.request("vm.create", name="vm1", memory="1MiB", protected=1, fill="random", seed=3)
+        a.request("vm.create", name="vm1", memory=f"{max(1, CHANNELS)}MiB", protected=1, fill="random", seed=3)
         digest = a.request("vm.digest", name="vm1")["digest"]
-        t, _ = a.migrate_async("vm1", agents["b"].addr, timeout=60)
+        t, _ = a.migrate_async("vm1", agents["b"].addr, timeout=60,
+                               channels=max(CHANNELS, REACHED_WITH.get(step, (MigrationParams(), ""))[0].channels))
         assert victim.proc is not None
         while t.is_alive() and victim.proc.poll() is None:
             time.sleep(0.01)

@@ -43,6 +43,7 @@ class Mutant:
 
 
 SAFETY = "tests/test_safety_checks.py"
+CHANNELS = "tests/test_channels.py"
 MUTANTS = [
     Mutant("certificate signature not checked", "palm_net/crypto/identity.py",
            "            VerifyKey(authority_pub).verify(CERT_DOMAIN + self.body, self.signature)\n",
@@ -72,6 +73,21 @@ MUTANTS = [
     Mutant("an in-doubt source resumes without a token", "palm_net/migration/handoff.py",
            "        return token_ok or override\n",
            "        return True\n", ("tests/test_handoff_model.py", "-k", "safe_and_live")),
+    Mutant("a gfn accepted on another channel than its own", "palm_net/migration/destination.py",
+           "            if elsewhere.any():\n",
+           "            if False:\n", (CHANNELS, "-k", "own_channel")),
+    Mutant("a data session joins a migration of another agent", "palm_net/agent/incoming.py",
+           "and hmac.compare_digest(r.host.peer.static_pub, key)), None)",
+           "and True), None)", (CHANNELS, "-k", "cannot_join")),
+    Mutant("pages sent on a data session to another agent", "palm_net/migration/runner.py",
+           "            if not hmac.compare_digest(ch.result.peer.static_pub, peer):\n",
+           "            if False:\n", (CHANNELS, "-k", "must_reach")),
+    Mutant("READY before every data session's COMPLETE", "palm_net/migration/destination.py",
+           "sum(lane.complete for lane in self.lanes.values()) < self.channels - 1:\n",
+           "False:\n", (CHANNELS, "-k", "ready_waits")),
+    Mutant("a data session's page count not bound by its COMPLETE", "palm_net/migration/destination.py",
+           "        if c.page_records != lane.page_records:\n",
+           "        if False:\n", (CHANNELS, "-k", "ready_waits")),
     Mutant("a second loader file= let through", "palm_net/hypervisor/qemu.py",
            "        if key in seen:",
            "        if False:", ("tests/test_host_security.py", "-k", "second_file_property")),

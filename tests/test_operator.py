@@ -20,6 +20,7 @@ import pytest
 from palm_net.agent.client import control_request
 from palm_net.agent.launcher import AgentProcess, free_port
 from palm_net.cli import _fmt_table, safe
+from palm_net.migration.params import default_channels
 from tests.test_cli import PALM, one_line_error, palm, two_agents, vm_names
 
 pytestmark = pytest.mark.slow
@@ -162,6 +163,9 @@ def test_success_summary_and_human_units(ops):
     assert "downtime" in out and "with the memory digest check" in out and "without the check" in out
     r = json.loads(palm("migrate", "sum1", "--control", c.sock("b"), "--to", to(c, "a"), "--json").stdout)
     assert r["downtime_limit_ms"] == 300 and r["ready_wait_ms"] > 0 and r["stop_reason"] == "converged"
+    assert r["channels"] == default_channels()  # none asked: the default for this host's cores
+    out = palm("migrate", "sum1", "--control", c.sock("a"), "--to", to(c, "b"), "--channels", "3").stdout
+    assert "on 3 channels (this session and 2 data sessions)" in out
     ms = rows(c, "b")
     dest = [m for m in ms if m["vm"] == "sum1" and m["role"] == "destination"]
     assert dest and all(m["elapsed_ms"] > 0 for m in dest)  # not 0 on destination rows
@@ -482,6 +486,8 @@ def test_bad_usage_exits_2_and_says_what_was_meant(ops, tmp_path):
         (["vm", "create", "bad/name", "--memory", "16M"], ["invalid VM name 'bad/name'"]),
         (["migrate", "x", "--to", "127.0.0.1:1", "--downtime-ms", "-1"],
          ["--downtime-ms -1: must be above 0 ms and at most 3600000 ms"]),
+        (["migrate", "x", "--to", "127.0.0.1:1", "--channels", "17"], ["--channels 17: must be from 1 and at most 16"]),
+        (["migrate", "x", "--to", "127.0.0.1:1", "--channels", "0"], ["--channels 0: must be from 1 and at most 16"]),
         (["migrate", "x", "--too", "127.0.0.1:1"], ["unrecognized arguments: --too", "(did you mean --to?)",
                                                     "palm migrate --help"]),
         (["vm", "lst"], ["invalid choice: 'lst': did you mean list?"]),

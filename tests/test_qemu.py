@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from palm_net.agent.client import ControlError, control_request
 from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
 from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM, qemu_binary, split_args
@@ -115,9 +116,15 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     assert isinstance(moved, QemuVM) and moved.state == "running" and moved.qemu_status() == "running"
     assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
     assert vm.name not in a.vms and qemu_processes(vm.vm_id) == [moved.pid] and src_pid != moved.pid
-    # And back again, by the same rules.
-    res = await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams())
+    # A QEMU guest's stream takes one channel (proto 7.8): asked for more, the agent says so.
+    with pytest.raises(ControlError, match="a QEMU guest migrates on one channel"):
+        await trio.to_thread.run_sync(lambda: control_request(
+            str(cluster.members["b"].config.control), "migrate", {"name": vm.name, "to": cluster.addr("a"),
+                                                                  "channels": 2}))
+    # And back again, by the same rules (channels in the parameters: a stream backend uses one).
+    res = await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams(channels=4))
     assert res.ok, res.error
+    assert res.as_dict()["channels"] == 1
     await settle_one_copy(cluster, vm.name, "a", content)
 
 

@@ -81,3 +81,20 @@ def test_policy_vectors():
         key.verify(b"palm-net/policy/v1\x00" + outer["body"], outer["sig"])
         assert msgpack.unpackb(outer["body"])["cluster"] == expected["inputs"]["cluster"]
     assert [r["reason"] for r in expected["refused"]] == ["wrong-role", "bad-signature", "unsigned", "other-cluster"]
+
+
+def test_channel_vectors():
+    """More channels (proto 7.8): CHANNELS on the main session; a DATA session (purpose 3 in
+    its preamble) whose BIND, PAGES of its own gfn, data record and COMPLETE reproduce."""
+    expected = json.loads((VECTORS / "channels_aesgcm.json").read_text())
+    assert build(CipherName.AESGCM, expected["inputs"], channels=2) == expected
+    assert [_type(r) for r in expected["records"]] == ["BEGIN", "ACCEPT", "KEYS", "CHANNELS"]
+    data = expected["data_session"]
+    flight1 = bytes.fromhex(data["flights"][0]["bytes"])
+    assert flight1[4 + 4 + 1] == 3  # the preamble's purpose: DATA
+    assert [_type(r) for r in data["records"]] == ["BIND", "PAGES", "data", "COMPLETE"]
+    bind = messages.decode(bytes.fromhex(data["records"][0]["plaintext"]))
+    assert (bind.body.channel, bind.body.count, bind.seq) == (1, 2, 0)
+    assert bind.mid.hex() == expected["inputs"]["migration_id"]
+    complete = messages.decode(bytes.fromhex(data["records"][3]["plaintext"])).body
+    assert complete.records == 3 and complete.page_records == 1

@@ -289,11 +289,13 @@ class Agent:
     async def _connect_recovery(self, addr: str) -> SecureChannel:
         return await self._connect(addr, Purpose.RECOVERY)
 
-    async def _connect_migration(self, addr: str, plain: bool, cipher: CipherName | None) -> SecureChannel:
+    async def _connect_migration(self, addr: str, plain: bool, cipher: CipherName | None,
+                                 purpose: Purpose = Purpose.MIGRATION) -> SecureChannel:
+        """A MIGRATION session, or one of its DATA sessions (proto 7.8)."""
         if not self.incoming.accepting:
             raise AgentError("agent is shutting down")
         mode = TransportMode.PLAIN_BENCHMARK if plain else TransportMode.SECURE
-        channel = await self._connect(addr, Purpose.MIGRATION, mode, cipher)
+        channel = await self._connect(addr, purpose, mode, cipher)
         if channel.result.peer.static_pub == self.identity.static.public:
             with trio.move_on_after(1):
                 await channel.aclose()

@@ -29,7 +29,7 @@ from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.qemu import QemuVM
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.jsonlines import JsonLines, LineError
-from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.migration.params import MigrationParams, MigrationStats, default_channels
 from palm_net.trioutil import single_error
 from palm_net.units import parse_rate, parse_size
 
@@ -280,6 +280,7 @@ class ControlServer:
             verify_digest=_arg(args, "verify_digest", bool, False),
             reply_timeout=_arg(args, "reply_timeout", float, 30.0),
             downtime_policy=_arg(args, "downtime_policy", str, "pause"),
+            channels=_arg(args, "channels", int, 0) or default_channels(),
         )
         params.validate()
         cipher_name = _arg(args, "cipher", str, None)
@@ -293,6 +294,11 @@ class ControlServer:
                 raise RequestError(f"cipher {cipher_name} is not available on this agent")
         name, to = _arg(args, "name", str), _arg(args, "to", str)
         vm = self.agent.outgoing.check(name, to, params)  # refused before anything starts: one line
+        if vm.backend == "qemu":  # QEMU's stream on one channel (its multifd over data sessions: not built)
+            if _arg(args, "channels", int, 0) > 1:
+                raise RequestError("--channels: a QEMU guest migrates on one channel (QEMU's multifd is not "
+                                   "carried over palm data sessions yet)")
+            params.channels = 1
         mid = os.urandom(16)
         meter = ProgressMeter(mid, trio.current_time())
         send, recv = trio.open_memory_channel[dict[str, Any]](1)

@@ -11,6 +11,7 @@ limits is given back.  A RECOVERY session is answered by the handoff rules.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 import time
@@ -33,12 +34,14 @@ from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer, may_run
 from palm_net.migration.orchestrate import serve_incoming
 from palm_net.migration.runner import DestinationRun
+from palm_net.wire import messages
 from palm_net.wire.messages import Begin
 from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.agent")
 
 MAX_PENDING_HANDSHAKES = 256
+BIND_TIMEOUT = 10.0  # a DATA session's BIND within this of its handshake
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,9 @@ class IncomingService:
             self._log_refusal(refused.code.value, refused.detail)
             await _close(channel)
             return None
-        if not self.sessions.take(channel.result.peer.static_pub):
+        # (A DATA session is not a session of its own: bound to its migration or closed
+        # within BIND_TIMEOUT, at most MAX_CHANNELS - 1 to a migration.)
+        if channel.result.purpose is not Purpose.DATA and not self.sessions.take(channel.result.peer.static_pub):
             self._count("refused-session-rate")
             self._log_refusal("session-rate", f"peer {channel.peer_name!r} opens sessions too fast")
             await _close(channel)
@@ -205,6 +210,9 @@ class IncomingService:
 
     async def _session(self, channel: SecureChannel) -> None:
         log.debug("session accepted", peer=channel.peer_name, purpose=channel.result.purpose.name)
+        if channel.result.purpose is Purpose.DATA:
+            await self._data_session(channel)
+            return
         session = Session()
 
         async def open_vm(mid: bytes, begin: Begin, peer: Peer) -> AnyVM:
@@ -231,6 +239,27 @@ class IncomingService:
             if channel.result.purpose is Purpose.MIGRATION:
                 for fn in self.on_settled:
                     fn(outcome)
+
+    async def _data_session(self, channel: SecureChannel) -> None:
+        """A DATA session (proto 7.8): its BIND names a migration in progress here whose
+        main session has this peer's static key, and it becomes part of that migration
+        (the engine checks the rest); else it is closed, and no migration is touched."""
+        first, mid = None, None
+        with trio.move_on_after(BIND_TIMEOUT):
+            try:
+                first = await channel.receive()
+                mid = messages.decode(first.data).mid
+            except (PalmError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        key = channel.result.peer.static_pub
+        run = next((r for r in self.runs.values() if mid is not None and r.engine.mid == mid
+                    and hmac.compare_digest(r.host.peer.static_pub, key)), None)
+        if run is None or first is None:
+            self._count("refused-data-session")
+            self._log_refusal("data-session", f"peer {channel.peer_name!r}: a data session for no migration of "
+                                              "its own here")
+            return
+        await run.attach(channel, first)
 
     def recheck(self) -> None:
         """The peers allowed changed: each session in flight with a peer now refused ends

@@ -22,7 +22,7 @@ from palm_net.agent.client import CANCELLED
 from palm_net.agent.errors import AgentError
 from palm_net.agent.limits import release_free_memory
 from palm_net.agent.registry import VmRegistry
-from palm_net.channel.handshake import PeerInfo
+from palm_net.channel.handshake import PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel
 from palm_net.crypto.noise import CipherName
 from palm_net.errors import PalmError
@@ -35,7 +35,7 @@ from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.agent")
 
-ConnectFn = Callable[[str, bool, CipherName | None], Awaitable[SecureChannel]]  # -> a MIGRATION session
+ConnectFn = Callable[[str, bool, CipherName | None, Purpose], Awaitable[SecureChannel]]  # MIGRATION or DATA
 RecoveryFn = Callable[[str], Awaitable[SecureChannel]]  # address -> a RECOVERY session
 KEEP_FINISHED = 50  # finished migrations kept for `palm migrations`
 
@@ -111,9 +111,12 @@ class OutgoingService:
         lm = LiveMigration(mid, name, to, MigrationStats(), time.time(), trio.CancelScope())
 
         async def connect(addr: str) -> SecureChannel:
-            channel = await self.connect(addr, params.plain, cipher)
+            channel = await self.connect(addr, params.plain, cipher, Purpose.MIGRATION)
             lm.peer_info = channel.result.peer
             return channel
+
+        async def connect_data(addr: str) -> SecureChannel:
+            return await self.connect(addr, params.plain, cipher, Purpose.DATA)
 
         def progress(stats: MigrationStats) -> None:
             lm.stats = stats
@@ -125,7 +128,8 @@ class OutgoingService:
         try:
             with lm.cancel:
                 result = await migrate_out(vm, self.store, to, params, connect, self.connect_recovery, progress,
-                                           self.in_doubt_wait(), mid=mid, spec=vm.migration_spec(), stop=lm.stop)
+                                           self.in_doubt_wait(), mid=mid, spec=vm.migration_spec(), stop=lm.stop,
+                                           connect_data=connect_data)
         except BaseException:
             del self.live[mid]  # refused on the way (e.g. the destination is this agent): not a migration
             self._after(vm, mid)  # or it ended some other way: its row says what is left to do

@@ -60,6 +60,7 @@ class Purpose(enum.IntEnum):
 
     MIGRATION = 1  # a VM migration, source -> destination
     RECOVERY = 2  # an in-doubt source asking the outcome of a migration
+    DATA = 3  # one more channel of a migration's pages, bound to its MIGRATION session (proto 7.8)
 
 
 class TransportMode(enum.IntEnum):

@@ -52,6 +52,9 @@ class SecureChannel:
         self._sealing = ConflictDetector("another task is sealing on this channel")
         self._receiving = ConflictDetector("another task is receiving on this channel")
         self._raw: socket.socket | None = None  # see read_ready
+        # Sessions that close with this one, after it (a migration's data sessions,
+        # proto 7.8: its ABORT on this session goes before they close).
+        self.bound: list[SecureChannel] = []
 
     def __repr__(self) -> str:
         return f"SecureChannel(peer={self.peer_name!r}, {self.result.protocol_name})"
@@ -170,7 +173,11 @@ class SecureChannel:
         if self._raw is not None:
             self._raw.close()
             self._raw = None
-        await self.stream.aclose()
+        try:
+            await self.stream.aclose()
+        finally:
+            while self.bound:
+                await self.bound.pop().aclose()
 
 
 class _Buffers:

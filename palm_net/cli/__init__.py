@@ -415,7 +415,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     for flag, val, low, high, unit in (("--downtime-ms", a.downtime_ms, 0, 3_600_000, " ms"),
                                        ("--max-rounds", a.max_rounds, 1, 10_000, ""),
                                        ("--max-factor", a.max_factor, 1, 1000, ""),
-                                       ("--reply-timeout", a.reply_timeout, 0.1, 3600, " s")):
+                                       ("--reply-timeout", a.reply_timeout, 0.1, 3600, " s"),
+                                       ("--channels", 1 if a.channels is None else a.channels, 1, 16, "")):
         if not (low < val if flag == "--downtime-ms" else low <= val) or val > high:
             above = "above" if flag == "--downtime-ms" else "from"
             raise CliError(f"{flag} {val:.10g}: must be {above} {low:.10g}{unit} and at most {high:.10g}{unit}",
@@ -427,6 +428,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
             "reply_timeout": a.reply_timeout}
     if a.downtime_policy:
         args["downtime_policy"] = a.downtime_policy
+    if a.channels is not None:
+        args["channels"] = a.channels
     view = ProgressView.for_command(a.json)
     view.to_name = to_name
     # SIGTERM (a service manager, `kill`) cancels as Ctrl-C does, and says so.
@@ -778,6 +781,9 @@ def _migrate_command(sub: Any) -> None:
                     help="model VMs: at --max-rounds/--max-factor with the limit not met, pause anyway (default; "
                          "the summary warns), abort (the VM runs on here), continue iterating until it fits, or "
                          "throttle the guest a step a round until it fits")
+    mg.add_argument("--channels", type=int, metavar="N",
+                    help="model VMs: carry the pages on N attested sessions at once, the main one and N-1 data "
+                         "sessions (1-16; default: one for every four cores of the source's host, at most 8)")
     mg.add_argument("--bandwidth", metavar="RATE", help="cap, e.g. 1Gbit or 100MiB/s")
     mg.add_argument("--cipher", choices=("aesgcm", "chachapoly"), help="default: aesgcm with AES-NI")
     mg.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")

@@ -148,7 +148,9 @@ def migrate_summary(r: dict[str, Any]) -> str:
                                          "destination runs)"))
         pairs.append(("pages", f"{hv['normal_pages']} normal, {hv['duplicate_pages']} zero"))
     else:
-        pairs.append(("sent", f"{format_bytes(r['bytes'])} in {r['rounds']} rounds (the last one paused)"))
+        n = r.get("channels") or 1
+        on = f" on {n} channels (this session and {n - 1} data sessions)" if n > 1 else ""
+        pairs.append(("sent", f"{format_bytes(r['bytes'])} in {r['rounds']} rounds (the last one paused){on}"))
         prot = f", {r['protected_pages']} protected (as ciphertext)" if r["protected_pages"] else ""
         pairs.append(("pages", f"{r['normal_pages']} normal, {r['zero_pages']} zero{prot}"))
     if r.get("throttle", 1.0) < 1.0:

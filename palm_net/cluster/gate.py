@@ -74,8 +74,8 @@ class PeerGate:
         return None
 
     def check(self, peer: PeerInfo, purpose: Purpose) -> HandshakeError | None:
-        """After a handshake: a MIGRATION session with a refused peer is refused."""
-        if purpose is not Purpose.MIGRATION:
+        """After a handshake: a MIGRATION or DATA session with a refused peer is refused."""
+        if purpose is Purpose.RECOVERY:
             return None
         return self.refusal(peer.name, peer.static_pub, peer.measurement)
 

@@ -60,7 +60,9 @@ from palm_net.wire.messages import (
     Abort,
     Accept,
     Begin,
+    Bind,
     Body,
+    Channels,
     Commit,
     Complete,
     Context,
@@ -74,10 +76,11 @@ from palm_net.wire.messages import (
     RoundEnd,
     Stream,
     StreamEnd,
+    lane_of,
     timings,
 )
 from palm_net.wire.pages import IncomingPages
-from palm_net.wire.protocol import Data, Role, SessionProtocol, State
+from palm_net.wire.protocol import FINAL, Data, Role, SessionProtocol, State
 
 BEGIN_TIMEOUT = 30.0  # BEGIN within this of the session's start
 SESSION_BASE = 120.0  # then: this, plus DEADLINE_PER_GIB for each GiB of the VM's data received so far
@@ -98,6 +101,23 @@ def context_limit(protected_pages: int, processes: int) -> int:
     """The largest protected-context blob a VM of this shape can need (proto 7.3):
     gfn u32 + version u64 + tag 16 per protected page, plus keys and thread contexts."""
     return 28 * protected_pages + 2048 * processes + 65536
+
+
+class Lane:
+    """A data session's share of the pages (proto 7.8): its own session protocol, the
+    PAGES message whose data comes next, its round and counts."""
+
+    def __init__(self, index: int, proto: SessionProtocol) -> None:
+        self.index = index
+        self.proto = proto
+        self.pages: IncomingPages | None = None
+        self.round = 0
+        self.round_ended = -1  # its last ROUND_END's round
+        self.page_records = 0
+        self.complete = False  # its COMPLETE checked: every record it carried was received
+
+    def __repr__(self) -> str:
+        return f"Lane({self.index}, {self.proto.state.value}, round={self.round})"
 
 
 class DestinationEngine:
@@ -130,6 +150,11 @@ class DestinationEngine:
         self.outcome: SessionOutcome | None = None
         self.error: PalmError | None = None
         self._awaiting: type[Result] | None = None  # the result the last request will bring
+        self.keys_imported = False
+        self.channels = 1  # sessions carrying pages (CHANNELS): this one and its data sessions
+        self.lanes: dict[int, Lane] = {}  # the data sessions bound so far, by channel
+        self._settle_due = False  # ROUND_DONE waits for every channel's ROUND_END of its round
+        self._complete_due = False  # COMPLETE's checks wait for every data session's COMPLETE
 
     def __repr__(self) -> str:
         return f"DestinationEngine({self.proto.state.value}, outcome={self.outcome})"
@@ -234,18 +259,32 @@ class DestinationEngine:
         assert self.begin is not None
         if result.protected_pages != self.begin.protected_pages:
             raise RemoteProtocolError(ErrorCode.MALFORMED, "key layout disagrees with BEGIN's protected page count")
+        self.keys_imported = True
         return []
 
     def _on_pages(self, msg: Message, _: Record) -> list[Effect]:
         p = msg.get(Pages)
-        batch = IncomingPages(p)
-        if p.round < self.round:
-            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page record of round {p.round} after round {self.round}")
+        batch = self._check_pages(p, 0, self.round)
         self.round = p.round
+        self.page_records += 1
+        self._pages = batch if self.proto.data_due else None
+        zero = batch.zero()
+        return [ApplyPages(zero)] if zero is not None else []
+
+    def _check_pages(self, p: Pages, channel: int, last_round: int) -> IncomingPages:
+        """A PAGES message's checks (on any channel), and its versions taken as applied."""
+        batch = IncomingPages(p)
+        if p.round < last_round:
+            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page record of round {p.round} after round {last_round}")
         gfns, vers = batch.gfns, batch.vers
         outside = gfns >= self.npages
         if outside.any():
             raise RemoteProtocolError(ErrorCode.MALFORMED, f"gfn {gfns[outside][0]} outside the VM")
+        if self.channels > 1:  # each gfn has one channel: its versions arrive in order on it
+            elsewhere = lane_of(gfns, self.channels) != channel
+            if elsewhere.any():
+                raise RemoteProtocolError(ErrorCode.MALFORMED, f"gfn {gfns[elsewhere][0]} on channel {channel}, "
+                                                             f"not its own")
         if int(vers.max()) >= MAX_VERSION:
             raise RemoteProtocolError(ErrorCode.MALFORMED, "a page version out of range")
         plus1 = vers + 1
@@ -255,11 +294,8 @@ class DestinationEngine:
             raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[i]} version {vers[i]} older than applied "
                                                        f"{int(self.applied[gfns[i]]) - 1}")
         self.applied[gfns] = plus1
-        self.page_records += 1
         self.progress += len(batch) * PAGE_SIZE
-        self._pages = batch if self.proto.data_due else None
-        zero = batch.zero()
-        return [ApplyPages(zero)] if zero is not None else []
+        return batch
 
     def _on_data(self, d: Data) -> list[Effect]:
         """A data record: the next pages of the last PAGES message, or stream bytes."""
@@ -271,15 +307,19 @@ class DestinationEngine:
         self._pages.add(d.data)
         return self.flush() if d.last else []
 
-    def flush(self) -> list[Effect]:
+    def flush(self, lane: Lane | None = None) -> list[Effect]:
         """The pages of data records received and not yet asked to be written (the
         shell calls this at the end of each buffer it opened, so that the buffer's
-        data is written before the buffer is reused)."""
-        if self._pages is None:
+        data is written before the buffer is reused); ``lane``: a data session's."""
+        pages = self._pages if lane is None else lane.pages
+        if pages is None:
             return []
-        batch = self._pages.take()
-        if not self.proto.data_due:
-            self._pages = None
+        batch = pages.take()
+        if not (self.proto if lane is None else lane.proto).data_due:
+            if lane is None:
+                self._pages = None
+            else:
+                lane.pages = None
         return [ApplyPages(batch)] if batch is not None else []
 
     def _on_round_end(self, msg: Message, _: Record) -> list[Effect]:
@@ -287,6 +327,16 @@ class DestinationEngine:
         # only then) and the memory is all reserved: the source pauses for the last
         # copy once we have caught up, so none of this is downtime.
         self._round_ended = msg.get(RoundEnd).round
+        self._settle_due = True
+        return self._settle_if_due()
+
+    def _settle_if_due(self) -> list[Effect]:
+        """Settle (then ROUND_DONE) once every channel ended the round."""
+        r = self._round_ended
+        if not self._settle_due or not all(c in self.lanes and self.lanes[c].round_ended >= r
+                                           for c in range(1, self.channels)):
+            return []
+        self._settle_due = False
         return self._request(Settle(), Settled)
 
     def _settled(self, result: Settled) -> list[Effect]:
@@ -307,6 +357,69 @@ class DestinationEngine:
         self.stream_loaded = True
         self.load_time = result.took
         return []
+
+    # -- more channels (proto 7.8)
+
+    def _on_channels(self, msg: Message, _: Record) -> list[Effect]:
+        if self.page_records or self.channels > 1:
+            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "CHANNELS after the first page record, or twice")
+        self.channels = msg.get(Channels).count
+        return []
+
+    @property
+    def binding(self) -> bool:
+        """Data sessions may bind now: CHANNELS and the keys are in, COMPLETE not yet checked."""
+        return (self.channels > 1 and self.keys_imported and not self.stream_loaded
+                and self.state in (State.STREAMING, State.STOPPED, State.VERIFYING) and self.outcome is None)
+
+    def bind(self, rec: Record, plain_session: bool) -> Lane:
+        """A data session's first record (its BIND), for this migration's source: its lane
+        (``plain_session``: the data session's mode, which must be this session's)."""
+        proto = SessionProtocol(Role.DESTINATION, data=True)
+        b = proto.receive_message(rec.data, rec.authenticated).get(Bind)  # (the state machine: BIND only)
+        if proto.mid != self.mid:
+            raise RemoteProtocolError(ErrorCode.WRONG_MIGRATION, "a data session for another migration")
+        if plain_session != self.plain_session:  # (a protected VM's pages never in the clear)
+            raise RemoteProtocolError(ErrorCode.MODE_MISMATCH, "a data session's mode differs from the migration's")
+        if not self.binding or b.count != self.channels:
+            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, f"BIND of channel {b.channel} of {b.count}: "
+                                                           f"{self.channels} announced, or not while streaming")
+        if b.channel in self.lanes:
+            raise RemoteProtocolError(ErrorCode.REPLAY, f"channel {b.channel} bound twice")
+        lane = self.lanes[b.channel] = Lane(b.channel, proto)
+        return lane
+
+    def on_lane_record(self, lane: Lane, rec: Record) -> list[Effect]:
+        """One record of a data session: its pages, ROUND_END or COMPLETE."""
+        if self._awaiting is not None:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"a record while {self._awaiting.__name__} is due")
+        if self.state in FINAL:
+            return []
+        msg = lane.proto.receive(rec.data, rec.authenticated)
+        if isinstance(msg, Data):
+            assert lane.pages is not None  # the protocol announced this record
+            lane.pages.add(msg.data)
+            return self.flush(lane) if msg.last else []
+        body = msg.body
+        if isinstance(body, Pages):  # (the last round's may come after the main session's CPU_STATE)
+            batch = self._check_pages(body, lane.index, lane.round)
+            lane.round = body.round
+            lane.page_records += 1
+            lane.pages = batch if lane.proto.data_due else None
+            zero = batch.zero()
+            return [ApplyPages(zero)] if zero is not None else []
+        if isinstance(body, RoundEnd):
+            lane.round_ended = body.round
+            return self._settle_if_due()
+        c = msg.get(Complete)
+        if not hmac.compare_digest(c.transcript, rec.transcript_before) or c.records != rec.index:
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE, f"channel {lane.index}: record count or running hash "
+                                                         "differs from what was received")
+        if c.page_records != lane.page_records:
+            raise RemoteProtocolError(ErrorCode.INCOMPLETE, f"channel {lane.index}: {lane.page_records} page "
+                                                         f"records applied, {c.page_records} sent")
+        lane.complete = True
+        return self._complete_if_due()
 
     def _on_cpu_state(self, msg: Message, _: Record) -> list[Effect]:
         self.cpu_state_seen = True
@@ -333,6 +446,14 @@ class DestinationEngine:
             if not self.stream_loaded:
                 raise RemoteProtocolError(ErrorCode.INCOMPLETE, "the stream never ended")
             return self._prepare()
+        self._complete_due = True
+        return self._complete_if_due()
+
+    def _complete_if_due(self) -> list[Effect]:
+        """COMPLETE's checks of the whole VM, once every data session's COMPLETE is in."""
+        if not self._complete_due or sum(lane.complete for lane in self.lanes.values()) < self.channels - 1:
+            return []
+        self._complete_due = False
         if self.proto.context_parts != self.context_total:
             raise RemoteProtocolError(ErrorCode.INCOMPLETE, "protected-context blob is missing chunks")
         missing = self.npages - int(np.count_nonzero(self.applied))
@@ -391,9 +512,9 @@ class DestinationEngine:
         return [self._send(Abort(code.value, public_reason(code), result.token))]
 
     _on_message: dict[type[Body], Callable[[DestinationEngine, Message, Record], list[Effect]]] = {
-        Begin: _on_begin, Keys: _on_keys, Pages: _on_pages, RoundEnd: _on_round_end, Stream: _on_stream,
-        StreamEnd: _on_stream_end, CpuState: _on_cpu_state, Context: _on_context, Complete: _on_complete,
-        Commit: _on_commit, Abort: _on_abort,
+        Begin: _on_begin, Keys: _on_keys, Channels: _on_channels, Pages: _on_pages, RoundEnd: _on_round_end,
+        Stream: _on_stream, StreamEnd: _on_stream_end, CpuState: _on_cpu_state, Context: _on_context,
+        Complete: _on_complete, Commit: _on_commit, Abort: _on_abort,
     }
     _on_result: dict[type[Result], Callable[[DestinationEngine, Any], list[Effect]]] = {
         Opened: _opened, KeysImported: _keys_imported, StreamLoaded: _stream_loaded, Settled: _settled,

@@ -121,6 +121,14 @@ class StartPrecopy(Effect):
 
 
 @dataclass(frozen=True)
+class OpenChannels(Effect):
+    """More channels (proto 7.8): a DATA session each to the same destination (its
+    static key checked), and its BIND sent: -> ChannelsOpened."""
+
+    binds: tuple[bytes, ...]  # BIND of channel 1, 2, ...
+
+
+@dataclass(frozen=True)
 class SendPages(Effect):
     """The pages of ``gfns``, read from the VM and sent as PAGES messages and their
     data records; the shell reads them and asks the engine for each batch's records
@@ -262,6 +270,11 @@ class Aborted(Result):
 @dataclass(frozen=True)
 class Started(Result):
     keys: bytes  # the process keys and layout (KEYS)
+
+
+@dataclass(frozen=True)
+class ChannelsOpened(Result):
+    pass
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class MigrationResult:
             "setup_ms": round(st.setup_time * 1000, 1),
             "rounds": st.hypervisor["rounds"] if st.hypervisor else len(st.rounds),  # the paused one included
             "bytes": st.transferred, "zero_pages": st.zero_pages, "normal_pages": st.normal_pages,
-            "protected_pages": st.protected_pages, "throttle": st.throttle,
+            "protected_pages": st.protected_pages, "throttle": st.throttle, "channels": st.channels,
             "digest": st.digest, "digest_verified": bool(st.digest) and self.ok,
             "digest_at_pause": st.digest_at_pause,
             "digest_check_ms": round(st.digest_check * 1000, 1) if st.digest_check is not None else None,
@@ -95,17 +95,17 @@ async def migrate_out(
     mid: bytes | None = None,
     spec: bytes = b"",
     stop: Stop | None = None,
+    connect_data: ConnectFn | None = None,
 ) -> MigrationResult:
     """Migrates ``vm`` to the agent at ``dest_addr``; never raises for a failed migration.
 
     If cancelled (operator cancel, agent shutdown) before the handoff point,
     the VM is resumed here before the cancellation propagates; after it, the
-    VM stays paused in doubt and the agent's recovery takes over.
+    VM stays paused in doubt and the agent's recovery takes over (``connect_data``: proto 7.8).
     """
     params.validate()
     mid = mid or os.urandom(16)
-    stats = MigrationStats()
-    started = time.monotonic()
+    stats, started = MigrationStats(), time.monotonic()
     name = vm.info.name
 
     def fail(error: PalmError, phase: str) -> MigrationResult:
@@ -139,7 +139,7 @@ async def migrate_out(
         engine = SourceEngine(mid, vm.info, params, stream=bool(spec), spec=spec, stats=stats,
                               peer_sign_pub=info.sign_pub)
         run = SourceRun(channel, engine, vm, store, (lambda: on_progress(stats)) if on_progress else None, started,
-                        stop)
+                        stop, (lambda: connect_data(dest_addr)) if connect_data else None)
         try:
             await run.run()
         except (PalmError, InDoubt) as exc:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from palm_net.wire.messages import MAX_CHANNELS
 
 # What the source does when it must stop iterating (max_rounds or max_factor
 # reached) while the expected downtime is still above the limit:
 DOWNTIME_POLICIES = ("pause", "abort", "continue", "throttle")
+
+
+def default_channels() -> int:
+    """Channels for a page migration when the operator names none: a channel keeps about
+    a core busy at each end (Python around libsodium), so one for every four cores (the
+    guests keep the rest), at most 8: 1 on a host of fewer than 8 cores."""
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
 @dataclass
@@ -25,6 +35,7 @@ class MigrationParams:
     # (and say so), "abort" (the VM runs on here), "continue" iterating past the
     # caps, or "throttle" the guest a step a round until it fits (pause at 99%).
     downtime_policy: str = "pause"
+    channels: int = 1  # sessions carrying a page backend's pages (proto 7.8); a stream backend uses one
 
     def validate(self) -> None:
         if not 0 < self.downtime_limit <= 3600:
@@ -37,6 +48,8 @@ class MigrationParams:
             raise ValueError("bandwidth cap must be at least 4 KiB/s")
         if not 0.1 <= self.reply_timeout <= 3600:
             raise ValueError("reply timeout must be between 0.1 and 3600 s")
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ValueError(f"channels must be between 1 and {MAX_CHANNELS}")
         if self.downtime_policy not in DOWNTIME_POLICIES:
             raise ValueError(f"downtime policy must be one of {', '.join(DOWNTIME_POLICIES)}")
 
@@ -106,6 +119,7 @@ class MigrationStats:
     transferred: int = 0  # bytes on the wire, framing and tags included
     remaining: int = 0  # pages still to send in the current round
     round_pages: int = 0  # pages of the current round
+    channels: int = 1  # sessions that carried the pages (proto 7.8)
     zero_pages: int = 0
     normal_pages: int = 0
     protected_pages: int = 0

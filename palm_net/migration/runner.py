@@ -23,6 +23,8 @@ applier is idle: it may depend on the pages before it.
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import math
 import socket
 import time
@@ -45,14 +47,16 @@ from palm_net.hypervisor.backend import (
     describe_error,
 )
 from palm_net.hypervisor.qemu import read_stream
-from palm_net.migration.destination import DestinationEngine, SessionOutcome
+from palm_net.migration.destination import DestinationEngine, Lane, SessionOutcome
 from palm_net.migration.effects import (
     ApplyPages,
+    ChannelsOpened,
     CommitAndActivate,
     Committed,
     Effect,
     HandOff,
     Note,
+    OpenChannels,
     Opened,
     OpenIncoming,
     PagesSent,
@@ -72,8 +76,8 @@ from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
 from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
 from palm_net.migration.source import Pacer, SourceEngine, Step
 from palm_net.trioutil import first_error
-from palm_net.wire.messages import MAX_BULK, MAX_DATA_PAGES, PAGE_SIZE, Begin
-from palm_net.wire.pages import Buffer, RoundGfns
+from palm_net.wire.messages import MAX_BULK, MAX_CHANNELS, MAX_DATA_PAGES, PAGE_SIZE, Begin
+from palm_net.wire.pages import Buffer, RoundGfns, split_lanes
 from palm_net.wire.protocol import FINAL
 
 log = structlog.get_logger("palm.migration")
@@ -151,8 +155,10 @@ class SourceRun:
 
     def __init__(self, channel: SecureChannel, engine: SourceEngine, vm: HostedVM, store: HandoffStore,
                  on_progress: Callable[[], None] | None = None, started: float | None = None,
-                 stop: Stop | None = None) -> None:
+                 stop: Stop | None = None, connect_data: Callable[[], Awaitable[SecureChannel]] | None = None) -> None:
         self.ch = channel
+        self.connect_data = connect_data  # a DATA session to the destination (more channels, proto 7.8)
+        self.data_channels: list[SecureChannel] = []  # channel 1, 2, ...: they close with the main session
         self.engine = engine
         self.vm = vm
         self.store = store
@@ -215,15 +221,16 @@ class SourceRun:
                 await trio.sleep(wait)
 
     async def _pump(self, read: Callable[[Any], tuple[Any, bool]], buffers: list[Any],
-                    to_records: Callable[[Any], list[Buffer]]) -> None:
+                    to_records: Callable[[Any], list[Buffer]], channel: SecureChannel | None = None) -> None:
         """The bulk path: ``read(buffer)`` (a worker thread) fills one of ``buffers``
         and says whether it was the last; ``to_records`` (this task: the engine) makes
-        the records of what was read, which the Outbox seals and sends."""
+        the records of what was read, which the Outbox seals and sends on ``channel``
+        (by default the main session)."""
         free_send, free = trio.open_memory_channel[Any](len(buffers))
         for b in buffers:
             free_send.send_nowait(b)
         ready_send, ready = trio.open_memory_channel[tuple[Any, Any]](len(buffers) - 1)
-        outbox = Outbox(self.ch, OUTBOX_BUFFER, on_sent=self._sent)
+        outbox = Outbox(channel or self.ch, OUTBOX_BUFFER, on_sent=self._sent)
 
         async def produce() -> None:
             async with ready_send:
@@ -266,6 +273,7 @@ class SourceRun:
     async def _run(self) -> None:
         eng = self.engine
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._receiver)
             self._queued(eng.start(self.started))
             while eng.step is not Step.DONE:
@@ -304,6 +312,10 @@ class SourceRun:
         if isinstance(eff, SendPages):
             await self._send_pages(cast(Backend, self.vm), eff.gfns, eff.round)
             return PagesSent()
+        if isinstance(eff, OpenChannels):
+            fault("source.OpenChannels")
+            await self._open_channels(eff.binds)
+            return ChannelsOpened()
         if isinstance(eff, HandOff):
             # A cancel the operator had asked for (while the row said SENDING) lands here,
             # not after the handoff: from this checkpoint to the durable write nothing yields.
@@ -332,8 +344,58 @@ class SourceRun:
         assert result is not None
         self._queued(self.engine.on_result(result, time.monotonic()))
 
+    async def _open_channels(self, binds: tuple[bytes, ...]) -> None:
+        """A DATA session for each BIND, to the destination of the main session and no
+        other agent (its static key), each watched for the destination's close."""
+        assert self.connect_data is not None
+        peer = self.ch.result.peer.static_pub
+
+        opened: dict[int, SecureChannel] = {}
+
+        async def open_one(i: int, bind: bytes) -> None:
+            assert self.connect_data is not None
+            ch = opened[i] = await self.connect_data()
+            self.ch.bound.append(ch)
+            if not hmac.compare_digest(ch.result.peer.static_pub, peer):
+                raise MigrationFailure(ErrorCode.KEY_MISMATCH, f"a data session reached {ch.peer_name!r}, not "
+                                       f"the migration's destination {self.ch.peer_name!r}")
+            await self._send_on(ch, [bind])
+            self._nursery.start_soon(self._watch_channel, ch)
+
+        async with trio.open_nursery() as nursery:
+            for i, bind in enumerate(binds):
+                nursery.start_soon(open_one, i, bind)
+        self.data_channels = [opened[i] for i in range(len(binds))]
+
+    async def _send_on(self, ch: SecureChannel, messages: list[bytes]) -> None:
+        """Control messages on a data session, counted and paced."""
+        await self._sent(await ch.send_batch([(m, False) for m in messages]))
+
+    async def _watch_channel(self, ch: SecureChannel) -> None:
+        """A data session carries nothing from the destination: a record is its error, a
+        close before COMMIT fails the migration (after it, the main session decides)."""
+        try:
+            await ch.receive()
+        except (PalmError, trio.BrokenResourceError, trio.ClosedResourceError):
+            if self.engine.committed:
+                return
+            raise
+        raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "the destination sent on a data session")
+
     async def _send_pages(self, vm: Backend, gfns: RoundGfns, round_no: int) -> None:
-        """The pages of ``gfns``: read ahead in a worker thread, sent as PAGES messages."""
+        """The pages of ``gfns`` on each channel (its share, wire.messages.lane_of) at once."""
+        if not self.data_channels:
+            await self._send_share(vm, gfns, round_no, 0, self.ch)
+            return
+        shares = split_lanes(gfns, len(self.data_channels) + 1)
+        async with trio.open_nursery() as nursery:
+            for i, ch in enumerate([self.ch, *self.data_channels]):
+                nursery.start_soon(self._send_share, vm, shares[i], round_no, i, ch)
+
+    async def _send_share(self, vm: Backend, gfns: RoundGfns, round_no: int, channel: int,
+                          ch: SecureChannel) -> None:
+        """One channel's pages of the round: read ahead in a worker thread, sent as PAGES
+        messages; then a data session's ROUND_END (its COMPLETE after the last copy)."""
         eng, pos = self.engine, [0]
 
         def read(out: Any) -> tuple[list[tuple[Any, int]], bool]:
@@ -347,12 +409,14 @@ class SourceRun:
             return batches, pos[0] >= len(gfns)
 
         def to_records(batches: list[tuple[Any, int]]) -> list[Buffer]:
-            return [r for batch, done in batches for r in eng.pages(batch, len(gfns) - done)]
+            return [r for batch, done in batches for r in eng.pages(batch, len(gfns) - done, channel)]
 
         if len(gfns):
             # np.empty: memory a page backend that reads runs in place never touches.
             buffers = [np.empty((PER_HOP * MAX_DATA_PAGES, PAGE_SIZE), np.uint8) for _ in range(READ_AHEAD + 1)]
-            await self._pump(read, buffers, to_records)
+            await self._pump(read, buffers, to_records, ch)
+        if channel and not self._stopping:
+            await self._send_on(ch, [eng.channel_end(channel, len(gfns), *ch.sent)])
 
     async def _send_stream(self) -> None:
         """A stream backend's own rounds and stop-and-copy: we carry the bytes."""
@@ -381,38 +445,68 @@ class SourceRun:
 class _Applier:
     """The destination's writer: page batches (or stream bytes) into the VM in a
     worker thread, in order, while the session task opens the next buffer;
-    then the buffers their data lies in go back to the Inbox."""
+    then the buffers their data lies in go back to their Inbox."""
 
-    def __init__(self, host: DestinationHost, release: Callable[[bytearray], None]) -> None:
+    def __init__(self, host: DestinationHost) -> None:
         self.host = host
-        self.release = release
-        self._send, self._recv = trio.open_memory_channel[tuple[list[Effect], list[bytearray]]](APPLY_WINDOW)
+        self._send, self._recv = trio.open_memory_channel[tuple[list[Effect], list[bytearray], _Release]](
+            APPLY_WINDOW)
         self._pending = 0
         self._idle = trio.Event()
         self._idle.set()
 
-    async def submit(self, effects: list[Effect], bufs: list[bytearray]) -> None:
+    async def submit(self, effects: list[Effect], bufs: list[bytearray], release: _Release = None) -> None:
         if not effects and not bufs:
             return
         self._pending += 1
         if self._idle.is_set():
             self._idle = trio.Event()
-        await self._send.send((effects, bufs))
+        await self._send.send((effects, bufs, release))
 
     async def drain(self) -> None:
         """Returns once everything submitted is written."""
         await self._idle.wait()
 
     async def run(self) -> None:
-        async for effects, bufs in self._recv:
+        async for effects, bufs, release in self._recv:
             if effects:
                 await trio.to_thread.run_sync(self.host.bulk, effects)
             del effects
             for buf in bufs:
-                self.release(buf)
+                assert release is not None
+                release(buf)
             self._pending -= 1
             if not self._pending:
                 self._idle.set()
+
+
+_Release = Callable[[bytearray], None] | None
+BIND_WAIT = 10.0  # a data session's BIND waits this long at most for CHANNELS and KEYS
+LANE_GRACE = 1.0  # a data session's close ends the migration after this, unless its main session ends it first
+
+
+class _Bind:
+    """A data session waiting to be bound (its first record, BIND)."""
+
+    def __init__(self, channel: SecureChannel, first: Record) -> None:
+        self.channel, self.first = channel, first
+        self.taken = trio.Event()  # bound (or the run ended)
+        self.withdrawn = False  # not bound within BIND_WAIT: closed, never to be bound
+
+
+class _Opened:
+    """What the session task takes next: a buffer's records, opened, from the main
+    session (``lane`` None) or a data session; a data session's BIND; or the end of
+    a session's stream (``closed``: the peer's close, if it closed)."""
+
+    __slots__ = ("bind", "buf", "closed", "ended", "lane", "records", "release")
+
+    def __init__(self, lane: Lane | None, records: list[Record] | None = None, buf: bytearray | None = None,
+                 release: _Release = None, closed: PalmError | None = None,
+                 bind: _Bind | None = None) -> None:
+        self.lane, self.records, self.buf, self.release = lane, records, buf, release
+        self.ended = records is None and bind is None
+        self.closed, self.bind = closed, bind
 
 
 class DestinationRun:
@@ -432,6 +526,11 @@ class DestinationRun:
         peer = channel.result.peer
         self.host = DestinationHost(store, signing, Peer(peer.name, peer.static_pub, peer.sign_pub))
         self.log = log.bind(peer=channel.peer_name)
+        self._opened: trio.MemorySendChannel[_Opened] | None = None  # into the session task, while it runs
+        self._opened_recv: trio.MemoryReceiveChannel[_Opened] | None = None
+        self._binds: list[_Bind] = []  # data sessions waiting for CHANNELS and KEYS
+        self._attached = 0  # data sessions that asked to join (at most MAX_CHANNELS - 1)
+        self._ended = trio.Event()
 
     @property
     def vm(self) -> HostedVM | None:
@@ -445,20 +544,38 @@ class DestinationRun:
         try:
             with trio.fail_at(eng.deadline(started)) as deadline:
                 async with trio.open_nursery() as nursery:
-                    inbox = Inbox(self.ch)
-                    applier = _Applier(self.host, inbox.release)
-                    chunks_send, chunks = trio.open_memory_channel[tuple[bytearray, int]](1)
-                    nursery.start_soon(inbox.run, chunks_send)
+                    self._nursery = nursery
+                    self._applier = applier = _Applier(self.host)
+                    opened_send, opened = trio.open_memory_channel[_Opened](1)
+                    self._opened, self._opened_recv = opened_send, opened
                     nursery.start_soon(applier.run)
-                    async for buf, end in chunks:
-                        await self._process(await inbox.open(buf, end), buf, applier)
+                    nursery.start_soon(self._feed, None, Inbox(self.ch), opened_send.clone())
+                    lost: tuple[float, PalmError] | None = None  # a data session closed before its COMPLETE
+                    while True:
+                        with trio.move_on_at(lost[0] if lost else math.inf):
+                            item = await opened.receive()
+                        if lost and trio.current_time() >= lost[0]:
+                            raise lost[1]
+                        if item.ended:
+                            if item.lane is None and item.closed is not None and eng.state not in FINAL:
+                                raise item.closed  # (after the records that came before the close)
+                            if item.lane is None:
+                                break
+                            if item.closed is not None and not item.lane.complete and lost is None:
+                                # The migration's end, unless the main session says more at once (the
+                                # source's ABORT may cross its data sessions' close).
+                                lost = (trio.current_time() + LANE_GRACE, item.closed)
+                        elif item.bind is not None:
+                            self._binds.append(item.bind)
+                        else:
+                            assert item.records is not None and item.buf is not None
+                            await self._process(item.lane, item.records, item.buf, item.release)
                         if eng.state in FINAL:
                             break
+                        self._bind_waiting()
                         # An absolute deadline: a peer trickling bytes cannot hold its
                         # slot forever (BEGIN soon, then time in proportion to the memory).
                         deadline.deadline = eng.deadline(started)
-                    if inbox.closed is not None and eng.state not in FINAL:
-                        raise inbox.closed  # (after the records that came before the close)
                     await applier.drain()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -466,24 +583,83 @@ class DestinationRun:
         except Exception as exc:
             error = session_error(exc)
         finally:
-            with trio.CancelScope(shield=True):
-                # cancelled, failed, or the peer went away
-                if eng.outcome not in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
-                    error = error or RemoteProtocolError(ErrorCode.CLOSED, "")  # (the engine says when)
-                    await self._fail(error)
+            self._opened = None
+            if self._opened_recv is not None:  # a data session still joining is told (attach)
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    while True:
+                        left = self._opened_recv.receive_nowait()
+                        if left.bind is not None:
+                            self._binds.append(left.bind)
+                self._opened_recv.close()
+            try:
+                with trio.CancelScope(shield=True):
+                    # cancelled, failed, or the peer went away
+                    if eng.outcome not in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
+                        error = error or RemoteProtocolError(ErrorCode.CLOSED, "")  # (the engine says when)
+                        await self._fail(error)  # (its ABORT before the data sessions close)
+            finally:
+                self._ended.set()
+                for bind in self._binds:
+                    bind.taken.set()
         return error
 
-    async def _process(self, records: list[Record], buf: bytearray, applier: _Applier) -> None:
+    async def _feed(self, lane: Lane | None, inbox: Inbox, out: trio.MemorySendChannel[_Opened]) -> None:
+        """One session's records into the session task: its buffers read and opened
+        (a worker thread) while the session task takes the one before; then its end."""
+        async with out:
+            chunks_send, chunks = trio.open_memory_channel[tuple[bytearray, int]](1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(inbox.run, chunks_send)
+                async for buf, end in chunks:
+                    await out.send(_Opened(lane, await inbox.open(buf, end), buf, inbox.release))
+            await out.send(_Opened(lane, closed=inbox.closed))
+
+    def _bind_waiting(self) -> None:
+        """The data sessions that came before CHANNELS and KEYS, bound once those are in
+        (or refused once pages came without them): each read from then on."""
+        eng = self.engine
+        while self._binds and (eng.stream or (eng.keys_imported and (eng.channels > 1 or eng.page_records))):
+            bind = self._binds.pop(0)
+            if bind.withdrawn:
+                continue
+            lane = eng.bind(bind.first, bind.channel.plain)  # the peer's error fails the migration
+            assert self._opened is not None
+            self.log.info("data session bound", channel=lane.index, of=eng.channels)
+            self._nursery.start_soon(self._feed, lane, Inbox(bind.channel, buffers=2), self._opened.clone())
+            bind.taken.set()
+
+    async def attach(self, channel: SecureChannel, first: Record) -> None:
+        """A DATA session for this migration, from the peer of its main session (the
+        agent checked its key): its BIND goes to the engine in the session task, which
+        then reads it; returns when the migration's session ends, or at once (the session
+        closed) when the run has all the data sessions it may have or the BIND is not
+        taken within BIND_WAIT (no CHANNELS and KEYS by then)."""
+        if self._opened is None or self._attached >= MAX_CHANNELS - 1:
+            return
+        self._attached += 1
+        bind = _Bind(channel, first)
+        try:
+            with trio.move_on_after(BIND_WAIT):
+                await self._opened.send(_Opened(None, bind=bind))
+                await bind.taken.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the run ended
+        if not bind.taken.is_set():
+            bind.withdrawn = True
+            return
+        await self._ended.wait()
+
+    async def _process(self, lane: Lane | None, records: list[Record], buf: bytearray, release: _Release) -> None:
         """One buffer's records through the engine, in order: page batches to the
         applier, any other request once the applier is idle (it may depend on
         them); the buffer goes back once its batches are written."""
-        eng = self.engine
+        eng, applier = self.engine, self._applier
         fault("destination.receive")
         bulk: list[Effect] = []
         for i in range(len(records)):
             if eng.state in FINAL:
                 break
-            effects = eng.on_record(records[i])
+            effects = eng.on_record(records[i]) if lane is None else eng.on_lane_record(lane, records[i])
             if eng.mid is not None and "migration" not in self.log._context:
                 self.log = self.log.bind(migration=eng.mid.hex())
             while effects:
@@ -496,7 +672,7 @@ class DestinationRun:
                 await applier.drain()
                 await self._perform([eff])
         records.clear()  # views of buf: only the batches hold it now
-        await applier.submit(bulk + eng.flush(), [buf])
+        await applier.submit(bulk + eng.flush(lane), [buf], release)
 
     async def _perform(self, effects: list[Effect]) -> None:
         """Performs effects in order: runs of page batches (or stream bytes) in one worker

@@ -25,6 +25,7 @@ import numpy as np
 from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError, public_reason
 from palm_net.migration.effects import (
+    ChannelsOpened,
     CollectDirty,
     Digested,
     DigestMemory,
@@ -36,6 +37,7 @@ from palm_net.migration.effects import (
     HandedOff,
     HandOff,
     Note,
+    OpenChannels,
     PagesSent,
     Pause,
     Paused,
@@ -61,7 +63,9 @@ from palm_net.wire.messages import (
     Abort,
     Accept,
     Begin,
+    Bind,
     Body,
+    Channels,
     Commit,
     Complete,
     Context,
@@ -170,6 +174,11 @@ class SourceEngine:
         self._round_started = (0.0, 0)  # (now, bytes transferred) when the current round began
         self._last_dirty: int | None = None
         self._hot_rounds = 0
+        # More channels (proto 7.8): channel 0 is this session, each other a DATA session.
+        self.channels = 1 if stream else params.channels
+        self.lanes = [SessionProtocol(Role.SOURCE, mid, data=True) for _ in range(self.channels - 1)]
+        self.channel_records = [0] * self.channels  # PAGES (or STREAM) messages sent on each channel
+        self.stats.channels = self.channels
 
     def __repr__(self) -> str:
         return f"SourceEngine({self.step.value}, {self.proto.state.value}, round={self.round})"
@@ -276,18 +285,26 @@ class SourceEngine:
     def _started(self, result: Started, now: float) -> list[Effect]:
         """Dirty logging is on: the process keys, then round 0 (every page)."""
         self.stats.status, self.stats.phase = Status.ACTIVE, Phase.ROUND
-        keys = self._send(Keys(result.keys))
-        return [keys, Note("migration started", {"phase": "round", "round": 0, "pages": self.info.npages}),
-                *self._next_round(now)]
+        out: list[Effect] = [self._send(Keys(result.keys))]
+        if self.channels > 1:  # the data sessions bind once the destination knows how many
+            out.append(self._send(Channels(self.channels)))
+            binds = tuple(lane.send(Bind(i + 1, self.channels)) for i, lane in enumerate(self.lanes))
+            return out + self._request(Step.STARTING, OpenChannels(binds), ChannelsOpened)
+        return out + self._channels_opened(ChannelsOpened(), now)
+
+    def _channels_opened(self, result: ChannelsOpened, now: float) -> list[Effect]:
+        return [Note("migration started", {"phase": "round", "round": 0, "pages": self.info.npages,
+                                           "channels": self.channels}), *self._next_round(now)]
 
     def _next_round(self, now: float) -> list[Effect]:
         self._round_started = (now, self.stats.transferred)
         self.stats.round_pages = self.stats.remaining = len(self.pending)  # the progress knows the round's size
         return self._request(Step.ROUND, SendPages(self.pending, self.round), PagesSent)
 
-    def pages(self, batch: PageBatch, remaining: int) -> list[Buffer]:
+    def pages(self, batch: PageBatch, remaining: int, channel: int = 0) -> list[Buffer]:
         """A PAGES message for a batch the shell read from the current round's gfns,
-        then its data records (views of the batch's data): the bulk path of SendPages."""
+        then its data records (views of the batch's data): the bulk path of SendPages,
+        on ``channel`` (its gfns are that channel's, wire.messages.lane_of)."""
         if self.step not in (Step.ROUND, Step.STOP_AND_COPY):
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"pages while {self.step.value}")
         st = self.stats
@@ -297,12 +314,22 @@ class SourceEngine:
         st.protected_pages += prot
         st.normal_pages += len(kinds) - zero - prot
         st.page_records += 1
+        self.channel_records[channel] += 1
         st.remaining = remaining
         st.round_pages = len(self.pending)
-        msg = self.proto.send(batch.message(self.round))
+        proto = self.lanes[channel - 1] if channel else self.proto
+        msg = proto.send(batch.message(self.round))
         data = b"".join(batch.data) if isinstance(batch.data, list) else batch.data
         self.sent_bytes += len(msg) + len(data)
-        return [msg, *self.proto.send_data(data)] if data else [msg]
+        return [msg, *proto.send_data(data)] if data else [msg]
+
+    def channel_end(self, channel: int, pages: int, records: int, transcript: bytes) -> bytes:
+        """A data session's last message of the round (``pages`` of its own): its ROUND_END,
+        or in the stop-and-copy its COMPLETE, binding its ``records`` and ``transcript``."""
+        lane = self.lanes[channel - 1]
+        if self.step is Step.STOP_AND_COPY:
+            return lane.send(Complete(records, self.channel_records[channel], transcript))
+        return lane.send(RoundEnd(self.round, pages, 0))
 
     def _pages_sent(self, result: PagesSent, now: float) -> list[Effect]:
         if self.step is Step.STOP_AND_COPY:
@@ -418,6 +445,7 @@ class SourceEngine:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"stream bytes while {self.step.value}")
         self.stream_bytes += len(data)
         self.stats.page_records += 1
+        self.channel_records[0] += 1
         msg = self.proto.send(Stream(len(data)))
         self.sent_bytes += len(msg) + len(data)
         return [msg, *self.proto.send_data(data)]
@@ -461,7 +489,7 @@ class SourceEngine:
             st.rounds.append(RoundStats(self.round, len(self.pending), wire, duration, 0, 0.0,
                                         wire / duration if duration > 0 else 0.0, paused=True))
         st.phase = Phase.VERIFY
-        out: list[Effect] = [self._send(Complete(result.records, st.page_records, result.hash))]
+        out: list[Effect] = [self._send(Complete(result.records, self.channel_records[0], result.hash))]
         st.marks["complete"] = now
         paused_ms = round((now - self.paused_at) * 1000, 1) if self.paused_at is not None else None
         out.append(Note("complete sent", {"phase": "verify", "round": self.round, "paused_ms": paused_ms}))
@@ -542,7 +570,8 @@ class SourceEngine:
         Accept: (_on_accept, Step.OPENING), Ready: (_on_ready, Step.VERIFYING), Done: (_on_done, Step.COMMITTING),
     }
     _on_result: dict[type[Result], Callable[[SourceEngine, Any, float], list[Effect]]] = {
-        Started: _started, PagesSent: _pages_sent, Dirty: _dirty, Paused: _paused, FinalState: _final_state,
-        StreamStarted: _stream_started, StreamSent: _stream_sent, StreamFinished: _stream_finished,
+        Started: _started, ChannelsOpened: _channels_opened, PagesSent: _pages_sent, Dirty: _dirty,
+        Paused: _paused, FinalState: _final_state, StreamStarted: _stream_started, StreamSent: _stream_sent,
+        StreamFinished: _stream_finished,
         Transcript: _transcript, HandedOff: _handed_off, Digested: _digested,
     }

@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose, TransportMode
 from palm_net.crypto.identity import AgentIdentity, Authority
 from palm_net.crypto.noise import CipherName, keypair_from_private
-from palm_net.wire.messages import Accept, Begin, RoundEnd, Stream, StreamEnd
+from palm_net.wire.messages import Accept, Begin, Bind, Channels, Complete, Keys, RoundEnd, Stream, StreamEnd
 from palm_net.wire.pages import PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 
@@ -53,7 +53,7 @@ STREAM_BYTES = b"QEVM\x00\x00\x00\x03"
 
 
 def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "model",
-          plain: bool = False) -> dict[str, Any]:
+          plain: bool = False, channels: int = 1) -> dict[str, Any]:
     authority = Authority(SigningKey(bytes.fromhex(inputs["authority_seed"])))
     src = _config(inputs["source"], authority, inputs, cipher)
     dst = _config(inputs["destination"], authority, inputs, cipher)
@@ -72,6 +72,8 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
     if backend == "qemu":
         spec = msgpack.packb(STREAM_SPEC, use_bin_type=True)
         begin = src_proto.send(Begin("vm-1", bytes(range(16)), 64 * 256, 0, 0, 1, False, False, "qemu", spec))
+    elif channels > 1:  # 512 pages, none protected: channel 1's first block is gfns 256..511
+        begin = src_proto.send(Begin("vm-1", bytes(range(16)), 512, 0, 0, 1, False, False, "model", b""))
     else:
         begin = src_proto.send(Begin("vm-1", bytes(range(16)), 256, 0 if plain else 16, 0 if plain else 1, 1, plain,
                                      False, "model", b""))
@@ -93,6 +95,14 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
             assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
             records.append({"from": "initiator", **({"data": True} if i == 1 else {}), "plaintext": msg.hex(),
                             "bytes": rec.hex()})
+    if channels > 1:  # KEYS (no process) and CHANNELS on the main session, then a DATA session: proto 7.8
+        keys = msgpack.packb({"v": 1, "cipher": "AESGCM", "processes": []}, use_bin_type=True)
+        for msg in (src_proto.send(Keys(keys)), src_proto.send(Channels(channels))):
+            rec = init.result.sender.seal(msg)
+            resp.result.receiver.receive_data(rec)
+            assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
+            records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
+        data_session = _data_session(src, dst, inputs, cipher, mid, channels)
     if plain:  # bulk data in the clear, everything else sealed (proto/PROTOCOL.md 5)
         batch = PageBatch(np.array([7, 9], np.uint64), b"\x01\x00", np.array([0, 0], np.uint64),
                           bytes(range(256)) * 16)
@@ -118,7 +128,45 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         "backend": backend,
         **({"mode": "plain-benchmark"} if plain else {}),
         "records": records,
+        **({"data_session": data_session} if channels > 1 else {}),
     }
+
+
+# Channel 1's data session: gfn 256 (its first block of LANE_BLOCK pages, with 2
+# channels) as a normal page, then COMPLETE binding the session's three records.
+DATA_EPHEMERALS = {"initiator": "23" * 32, "responder": "24" * 32}
+DATA_PAGE = bytes(range(256)) * 16
+
+
+def _data_session(src: ChannelConfig, dst: ChannelConfig, inputs: dict[str, Any], cipher: CipherName, mid: bytes,
+                  channels: int) -> dict[str, Any]:
+    init = AttestedHandshake(src, True, Purpose.DATA, cipher=cipher,
+                             ephemeral=keypair_from_private(bytes.fromhex(DATA_EPHEMERALS["initiator"])))
+    resp = AttestedHandshake(dst, False, None,
+                             ephemeral=keypair_from_private(bytes.fromhex(DATA_EPHEMERALS["responder"])))
+    flights = [init.initiate()]
+    flights.append(resp.receive_data(flights[0]))
+    flights.append(init.receive_data(flights[1]))
+    assert resp.receive_data(flights[2]) == b""
+    assert init.result is not None and resp.result is not None
+    src_proto, dst_proto = SessionProtocol(Role.SOURCE, mid, data=True), SessionProtocol(Role.DESTINATION, data=True)
+    batch = PageBatch(np.array([256], np.uint64), b"\x01", np.array([0], np.uint64), DATA_PAGE)
+    msgs = [src_proto.send(Bind(1, channels)), src_proto.send(batch.message(0)),
+            *map(bytes, src_proto.send_data(DATA_PAGE))]
+    records: list[dict[str, Any]] = []
+    for i, msg in enumerate(msgs):
+        rec = init.result.sender.seal(msg)
+        records.append({"from": "initiator", **({"data": True} if i == 2 else {}), "plaintext": msg.hex(),
+                        "bytes": rec.hex()})
+    complete = src_proto.send(Complete(init.result.sender.count, 1, init.result.sender.transcript))
+    records.append({"from": "initiator", "plaintext": complete.hex(), "bytes": init.result.sender.seal(complete).hex()})
+    for r in records:
+        resp.result.receiver.receive_data(bytes.fromhex(r["bytes"]))
+        assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
+    return {"ephemerals": DATA_EPHEMERALS,
+            "flights": [{"from": "responder" if i == 1 else "initiator", "bytes": f.hex()}
+                        for i, f in enumerate(flights)],
+            "handshake_hash": init.result.handshake_hash.hex(), "records": records}
 
 
 

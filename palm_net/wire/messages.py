@@ -58,6 +58,18 @@ def timings(first: float, second: float) -> bytes:
 def timings_s(field: bytes) -> tuple[float, float]:
     """A timings field's two durations, in seconds."""
     return int.from_bytes(field[:4], "big") / 1e6, int.from_bytes(field[4:8], "big") / 1e6
+# Channels (proto 7.8): a page migration may carry its pages on up to this many
+# sessions, the main one (channel 0) and data sessions bound to it; each gfn has
+# one channel (lane_of), so a page's versions travel in order on one session.
+MAX_CHANNELS = 16
+LANE_BLOCK = 256  # pages of a block that travels on one channel (1 MiB: one PAGES message's data)
+
+
+def lane_of(gfns: Any, channels: int) -> Any:
+    """The channel of each gfn: its block of LANE_BLOCK pages, modulo ``channels``."""
+    return (gfns // LANE_BLOCK) % channels
+
+
 PAGE_BACKENDS = frozenset({"model"})
 STREAM_BACKENDS = frozenset({"qemu"})
 
@@ -218,6 +230,37 @@ class StreamEnd(Body):
 
 
 @dataclass(frozen=True, repr=False)
+class Channels(Body):
+    """Source -> destination, main session, before the first page record: the pages
+    travel on ``count`` channels, this session and count - 1 data sessions (proto 7.8)."""
+
+    TYPE = "CHANNELS"
+    SCHEMA = {"count": uint(MAX_CHANNELS)}
+    count: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.count < 2:
+            raise LocalProtocolError(ErrorCode.MALFORMED, "CHANNELS: a count of at least 2")
+
+
+@dataclass(frozen=True, repr=False)
+class Bind(Body):
+    """Source -> destination, the first message of a DATA session: it is channel
+    ``channel`` of the migration its envelope names (proto 7.8)."""
+
+    TYPE = "BIND"
+    SCHEMA = {"channel": uint(MAX_CHANNELS - 1), "count": uint(MAX_CHANNELS)}
+    channel: int
+    count: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.channel < self.count:
+            raise LocalProtocolError(ErrorCode.MALFORMED, "BIND: a channel from 1 to count - 1")
+
+
+@dataclass(frozen=True, repr=False)
 class RoundEnd(Body):
     TYPE = "ROUND_END"
     SCHEMA = {"round": uint(10_000), "pages": uint(MAX_GUEST_PAGES * 64), "dirty": uint(MAX_GUEST_PAGES)}
@@ -325,8 +368,7 @@ class Outcome(Body):
 
 TYPES: dict[str, type[Body]] = {cls.TYPE: cls for cls in (
     Begin, Accept, Keys, Pages, Stream, StreamEnd, RoundEnd, RoundDone, CpuState, Context, Complete, Ready, Commit,
-    Done,
-    Abort, Query, Outcome)}
+    Done, Abort, Query, Outcome, Channels, Bind)}
 ENVELOPE = {"v", "t", "mid", "seq", "b"}
 _MID = octets(MID_LEN, exact=MID_LEN)
 _SEQ = uint()

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from palm_net.errors import ErrorCode, RemoteProtocolError
-from palm_net.wire.messages import DATA_RECORD, PAGE_SIZE, Pages
+from palm_net.wire.messages import DATA_RECORD, LANE_BLOCK, PAGE_SIZE, Pages, lane_of
 
 KIND_ZERO = 0
 KIND_NORMAL = 1
@@ -48,7 +48,39 @@ class PageRange:
         return np.arange(self.n, dtype=dtype or np.uint64)
 
 
-RoundGfns = Gfns | PageRange
+class LaneRange:
+    """The gfns 0 .. n-1 of one channel (palm_net.wire.messages.lane_of: its blocks of
+    LANE_BLOCK pages, every ``channels``-th from ``lane``), a slice at a time like PageRange."""
+
+    def __init__(self, n: int, channels: int, lane: int) -> None:
+        self.channels, self.lane = channels, lane
+        blocks = -(-n // LANE_BLOCK)
+        mine = len(range(lane, blocks, channels))
+        tail = n % LANE_BLOCK
+        self.n = mine * LANE_BLOCK - (LANE_BLOCK - tail if tail and mine and (blocks - 1) % channels == lane else 0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, s: slice) -> Gfns:
+        lo, hi, _ = s.indices(self.n)
+        pos = np.arange(lo, max(lo, hi), dtype=np.uint64)
+        return ((pos // LANE_BLOCK) * self.channels + self.lane) * LANE_BLOCK + pos % LANE_BLOCK
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Gfns:
+        return self[:].astype(dtype or np.uint64, copy=False)
+
+
+RoundGfns = Gfns | PageRange | LaneRange
+
+
+def split_lanes(gfns: RoundGfns, channels: int) -> list[RoundGfns]:
+    """A round's gfns by channel (proto 7.8), each in ascending order."""
+    if isinstance(gfns, PageRange):
+        return [LaneRange(gfns.n, channels, lane) for lane in range(channels)]
+    g = np.asarray(gfns, dtype=np.uint64)
+    which = lane_of(g, channels)
+    return [g[which == lane] for lane in range(channels)]
 
 
 def u64le(values: Gfns) -> bytes:

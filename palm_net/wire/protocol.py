@@ -23,7 +23,9 @@ from palm_net.wire.messages import (
     Abort,
     Accept,
     Begin,
+    Bind,
     Body,
+    Channels,
     Commit,
     Complete,
     Context,
@@ -61,6 +63,8 @@ class State(enum.Enum):
     ABORTED = "aborted"
     QUERIED = "queried"  # recovery session: QUERY sent
     CLOSED = "closed"  # recovery session answered
+    DATA = "data"  # a DATA session (proto 7.8), before BIND
+    BOUND = "bound"  # a DATA session carrying its channel's pages
 
 
 SOURCE, DESTINATION = Role.SOURCE, Role.DESTINATION
@@ -87,6 +91,13 @@ TRANSITIONS: dict[tuple[State, Role, type[Body]], State] = {
     (State.PREPARED, SOURCE, Commit): State.COMMITTING,
     (State.COMMITTING, DESTINATION, Done): State.DONE,
     (State.QUERIED, DESTINATION, Outcome): State.CLOSED,
+    # More channels (proto 7.8): announced on the main session, each a DATA session
+    # that carries its share of the pages and ends with its own COMPLETE.
+    (State.STREAMING, SOURCE, Channels): State.STREAMING,
+    (State.DATA, SOURCE, Bind): State.BOUND,
+    (State.BOUND, SOURCE, Pages): State.BOUND,
+    (State.BOUND, SOURCE, RoundEnd): State.BOUND,
+    (State.BOUND, SOURCE, Complete): State.DONE,
 }
 # ABORT may end the session from any state before the handoff completes, by
 # either side; after COMMIT only the destination may abort (with a token).
@@ -97,7 +108,7 @@ TRANSITIONS[(State.COMMITTING, DESTINATION, Abort)] = State.ABORTED
 
 FINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
 # What carries the VM depends on BEGIN's backend: page records, or a stream.
-PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, RoundDone, CpuState, Context})
+PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, RoundDone, CpuState, Context, Channels})
 STREAM_ONLY: frozenset[type[Body]] = frozenset({Stream, StreamEnd})
 # The only messages that may travel unauthenticated (CLEAR records of the
 # plain benchmark mode, proto/PROTOCOL.md 5): bulk data, never a handoff step.
@@ -128,16 +139,18 @@ class _Bulk:
 
 
 class SessionProtocol:
-    def __init__(self, role: Role, mid: bytes | None = None, recovery: bool = False) -> None:
-        """``recovery``: a RECOVERY session (QUERY and OUTCOME only), else a MIGRATION session."""
+    def __init__(self, role: Role, mid: bytes | None = None, recovery: bool = False, data: bool = False) -> None:
+        """``recovery``: a RECOVERY session (QUERY and OUTCOME only); ``data``: a DATA
+        session (BIND, then pages); else a MIGRATION session."""
         self.role = role
-        self.state = State.RECOVERY if recovery else State.IDLE
+        self.state = State.RECOVERY if recovery else State.DATA if data else State.IDLE
         self.mid = mid
         self._next_seq = {SOURCE: 0, DESTINATION: 0}
         # Per sender: bulk bytes still to come in data records, and the next one's index.
         self._bulk = {SOURCE: _Bulk(), DESTINATION: _Bulk()}
         self._context_parts = 0
-        self.stream: bool | None = None  # set by BEGIN: a stream backend
+        self.stream: bool | None = False if data else None  # set by BEGIN: a stream backend
+        self.data = data
 
     def __repr__(self) -> str:
         return f"SessionProtocol({self.role.value}, {self.state.value})"
@@ -183,7 +196,7 @@ class SessionProtocol:
             if body.index != parts or body.index >= body.total:
                 raise PalmError(ErrorCode.SEQUENCE, "protected-context chunks out of order")
             parts += 1
-        if isinstance(body, Complete) and not stream and parts == 0:
+        if isinstance(body, Complete) and not stream and not self.data and parts == 0:
             raise PalmError(ErrorCode.OUT_OF_STATE, "COMPLETE before the protected-context blob")
         self.stream, self._context_parts = stream, parts
         self._next_seq[sender] = expected + 1

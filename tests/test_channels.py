@@ -1,0 +1,415 @@
+"""More channels (proto 7.8): a page migration carried on the main session and N-1 attested
+DATA sessions bound to it; each gfn on its own channel; a lost, tampered or foreign data
+session fails the whole migration closed, exactly as one session does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from palm_net.channel.handshake import Purpose
+from palm_net.channel.records import Record
+from palm_net.errors import ErrorCode, RemoteProtocolError
+from palm_net.migration import runner
+from palm_net.migration.destination import DestinationEngine, Lane
+from palm_net.migration.effects import (
+    ApplyPages,
+    ImportKeys,
+    ImportProtection,
+    KeysImported,
+    Opened,
+    OpenIncoming,
+    Settle,
+)
+from palm_net.migration.params import MigrationParams
+from palm_net.testing.cluster import LocalCluster
+from palm_net.testing.hostile import HostilePeer
+from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.wire import messages
+from palm_net.wire.messages import (
+    MAX_CHANNELS,
+    Abort,
+    Begin,
+    Bind,
+    Channels,
+    Complete,
+    Context,
+    CpuState,
+    Keys,
+    Pages,
+    RoundEnd,
+    lane_of,
+)
+from palm_net.wire.pages import PageBatch, PageRange, split_lanes
+from palm_net.wire.protocol import Role, SessionProtocol
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+@pytest.mark.parametrize("workload", ["idle", "random:3000+protected:1000"])
+async def test_a_migration_on_n_channels_moves_every_page(cluster, channels, workload):
+    a, b = cluster["a"], cluster["b"]
+    vm = a.registry.create_model("vm1", 8 << 20, protected=2, workload=workload, seed=7)
+    await trio.sleep(0.1)
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(verify_digest=True, channels=channels))
+    assert res.ok, res.error
+    assert res.stats.channels == channels and res.stats.digest
+    assert cluster.running_copies("vm1") == ["b"]
+    moved = b.vms["vm1"]
+    report = moved.verify()
+    assert report.ok and report.checked + report.in_process_view == moved.info.protected_pages
+    assert b.store.get(res.mid).state == "committed"
+    del vm
+
+
+# --------------------------------------------------------------------------
+# The destination engine's checks (sans-IO)
+
+MID = bytes(range(16))
+
+
+class _Dest:
+    """A destination engine past BEGIN, KEYS and CHANNELS for a VM of ``npages`` zero
+    pages, fed hand-made records of the main session and its data sessions."""
+
+    def __init__(self, npages: int = 512, count: int = 2) -> None:
+        self.eng = DestinationEngine(False, 1 << 20)
+        self.src = SessionProtocol(Role.SOURCE, MID)
+        self.n = 0
+        assert isinstance(self.main(Begin("v", bytes(16), npages, 0, 0, 1, False, False, "model", b""))[0],
+                          OpenIncoming)
+        self.src.receive(self.eng.on_result(Opened(0))[0].data)  # ACCEPT
+        assert isinstance(self.main(Keys(b"k"))[0], ImportKeys)
+        self.eng.on_result(KeysImported(0))
+        assert self.main(Channels(count)) == []
+        self.count = count
+        self.lanes: dict[int, tuple[SessionProtocol, Lane, list[int]]] = {}
+
+    def main(self, body) -> list:
+        rec = Record(self.src.send(body), self.n, bytes(32))
+        self.n += 1
+        return self.eng.on_record(rec)
+
+    def bind(self, channel: int, count: int | None = None) -> Lane:
+        proto = SessionProtocol(Role.SOURCE, MID, data=True)
+        lane = self.eng.bind(Record(proto.send(Bind(channel, count or self.count)), 0, bytes(32)), False)
+        self.lanes[channel] = (proto, lane, [1])
+        return lane
+
+    def on(self, channel: int, body) -> list:
+        proto, lane, n = self.lanes[channel]
+        rec = Record(proto.send(body), n[0], bytes(32))
+        n[0] += 1
+        return self.eng.on_lane_record(lane, rec)
+
+    def zero_pages(self, gfns: list[int], round_no: int = 0) -> Pages:
+        g = np.array(gfns, np.uint64)
+        return PageBatch(g, bytes(len(g)), np.full(len(g), round_no, np.uint64), b"").message(round_no)
+
+
+def test_a_data_session_binds_once_with_the_announced_count():
+    d = _Dest()
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.bind(1, count=3)
+    assert exc.value.code is ErrorCode.OUT_OF_STATE
+    d.bind(1)
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.bind(1)
+    assert exc.value.code is ErrorCode.REPLAY
+    other = SessionProtocol(Role.SOURCE, bytes(16), data=True)  # another migration's id
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.eng.bind(Record(other.send(Bind(1, 2)), 0, bytes(32)), False)
+    assert exc.value.code is ErrorCode.WRONG_MIGRATION
+    plain = SessionProtocol(Role.SOURCE, MID, data=True)  # a plain-mode data session for a secure migration
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.eng.bind(Record(plain.send(Bind(2, 2 + 1)), 0, bytes(32)), True)
+    assert exc.value.code is ErrorCode.MODE_MISMATCH
+    clear = SessionProtocol(Role.SOURCE, MID, data=True)  # BIND itself in a clear record
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.eng.bind(Record(clear.send(Bind(1, 2)), 0, bytes(32), authenticated=False), False)
+    assert exc.value.code is ErrorCode.UNAUTHENTICATED
+
+
+def test_a_gfn_travels_on_its_own_channel_only():
+    """Each page on one ordered session keeps its versions in order (proto 7.8)."""
+    d = _Dest()
+    d.bind(1)
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.on(1, d.zero_pages([255]))  # block 0: channel 0's
+    assert exc.value.code is ErrorCode.MALFORMED and "channel 1" in exc.value.detail
+    d2 = _Dest()
+    with pytest.raises(RemoteProtocolError) as exc:
+        d2.main(d2.zero_pages([256]))  # block 1: channel 1's
+    assert exc.value.code is ErrorCode.MALFORMED
+    d3 = _Dest()
+    d3.bind(1)
+    assert [type(e) for e in d3.on(1, d3.zero_pages([256, 300]))] == [ApplyPages]
+    assert [type(e) for e in d3.main(d3.zero_pages([0, 255]))] == [ApplyPages]
+
+
+def test_round_done_waits_for_every_channels_round_end():
+    d = _Dest(count=3)
+    d.bind(1)
+    d.bind(2)
+    assert d.main(RoundEnd(0, 256, 0)) == []
+    assert d.on(1, RoundEnd(0, 256, 0)) == []
+    assert [type(e) for e in d.on(2, RoundEnd(0, 0, 0))] == [Settle]
+
+
+def _all_but_completes() -> _Dest:
+    """Every page of a 512-page VM in (channel 0's on the main session, channel 1's on its
+    data session), the CPU state and the blob, and the main session's COMPLETE."""
+    d = _Dest()
+    d.bind(1)
+    d.main(d.zero_pages(list(range(256))))
+    d.on(1, d.zero_pages(list(range(256, 512))))
+    d.main(CpuState(b"cpu"))
+    d.main(Context(0, 1, b""))
+    assert d.main(Complete(d.n, 1, bytes(32))) == []  # every page is in, but channel 1 is not complete
+    return d
+
+
+def test_ready_waits_for_every_data_sessions_complete_and_its_counts():
+    d = _all_but_completes()
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.on(1, Complete(2, 2, bytes(32)))  # one page record sent on it, not two
+    assert exc.value.code is ErrorCode.INCOMPLETE
+    d2 = _all_but_completes()
+    assert [type(e) for e in d2.on(1, Complete(2, 1, bytes(32)))] == [ImportProtection]
+
+
+def test_a_data_sessions_complete_binds_its_own_records():
+    d = _Dest()
+    d.bind(1)
+    d.on(1, d.zero_pages([256]))
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.on(1, Complete(3, 1, bytes(32)))  # two records came before it, not three
+    assert exc.value.code is ErrorCode.INCOMPLETE
+
+
+def test_channels_come_before_the_first_page_and_once():
+    d = _Dest()
+    with pytest.raises(RemoteProtocolError):
+        d.main(Channels(2))
+    d2 = DestinationEngine(False, 1 << 20)
+    src = SessionProtocol(Role.SOURCE, MID)
+    d2.on_record(Record(src.send(Begin("v", bytes(16), 512, 0, 0, 1, False, False, "model", b"")), 0, bytes(32)))
+    src.receive(d2.on_result(Opened(0))[0].data)  # ACCEPT
+    d2.on_record(Record(src.send(PageBatch(np.array([0], np.uint64), b"\x00", np.zeros(1, np.uint64), b"")
+                                 .message(0)), 1, bytes(32)))
+    with pytest.raises(RemoteProtocolError) as exc:
+        d2.on_record(Record(src.send(Channels(2)), 2, bytes(32)))
+    assert exc.value.code is ErrorCode.OUT_OF_STATE
+    assert not d2.binding  # no CHANNELS, no keys: a data session is not bound
+    with pytest.raises(RemoteProtocolError) as exc:
+        d2.bind(Record(SessionProtocol(Role.SOURCE, MID, data=True).send(Bind(1, 2)), 0, bytes(32)), False)
+    assert exc.value.code is ErrorCode.OUT_OF_STATE
+
+
+def test_the_lanes_of_a_round_cover_it_once_each_in_ascending_order():
+    for n in (1, 255, 256, 257, 1000, 4096 + 17):
+        for count in (2, 3, 16):
+            shares = split_lanes(PageRange(n), count)
+            got = np.concatenate([np.asarray(s) for s in shares])
+            assert sorted(got.tolist()) == list(range(n))
+            for i, share in enumerate(shares):
+                a = np.asarray(share)
+                assert len(a) == len(share) and (lane_of(a, count) == i).all() and (np.diff(a.astype(int)) > 0).all()
+            dirty = np.array(sorted({(7 * k * k) % n for k in range(50)}), np.uint64)
+            assert sorted(np.concatenate(split_lanes(dirty, count)).tolist()) == dirty.tolist()
+
+
+# --------------------------------------------------------------------------
+# Whole migrations: a foreign, lost or tampered data session
+
+
+async def _migrating(cluster, nursery, params: MigrationParams, to: str | None = None):
+    """Starts a 16 MiB random VM's migration a -> b (paced, so that it lasts); returns its
+    result holder and b's run once the run has bound its data sessions."""
+    a, b = cluster["a"], cluster["b"]
+    a.registry.create_model("vm1", 16 << 20, protected=1, fill="random", seed=3)
+    out = {}
+
+    async def go():
+        out["res"] = await a.outgoing.migrate("vm1", to or cluster.addr("b"), params)
+
+    nursery.start_soon(go)
+    with trio.fail_after(20):
+        while not any(len(r.engine.lanes) == r.engine.channels - 1 > 0 for r in b.incoming.runs.values()):
+            await trio.sleep(0.005)
+    return out, next(iter(b.incoming.runs.values()))
+
+
+async def _settled(agent, mid: bytes) -> None:
+    """The destination's session ended: its row aborted, nothing of the VM left there."""
+    with trio.fail_after(10):
+        while agent.incoming.runs or agent.store.get(mid) is None or agent.store.get(mid).state != "aborted":
+            await trio.sleep(0.01)
+    assert "vm1" not in agent.vms
+
+
+async def _result(out) -> object:
+    with trio.fail_after(60):
+        while "res" not in out:
+            await trio.sleep(0.01)
+    return out["res"]
+
+
+async def test_another_certified_agent_cannot_join_a_migration(cluster, nursery):
+    """Its BIND names the migration, but its key is not the migration's source: closed, and the
+    migration goes on untouched (bound, it would take channel 1 twice and fail it)."""
+    params = MigrationParams(channels=2, bandwidth=16 << 20)
+    out, run = await _migrating(cluster, nursery, params)
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    ch = await evil.session(cluster.members["b"].port, Purpose.DATA)
+    await ch.send(SessionProtocol(Role.SOURCE, run.engine.mid, data=True).send(Bind(1, 2)))
+    with trio.fail_after(15), pytest.raises(RemoteProtocolError):
+        await ch.receive()  # closed without an answer
+    res = await _result(out)
+    assert res.ok, res.error
+    assert cluster["b"].incoming.counters.get("refused-data-session") == 1
+    assert cluster.running_copies("vm1") == ["b"]
+
+
+@pytest.mark.parametrize("action", ["flip", "cut"])
+async def test_a_tampered_or_lost_data_session_fails_the_migration_closed(cluster, action):
+    """A record of a data session altered, or the session cut in its middle: the whole migration
+    fails as with one session, the VM runs on at the source and nothing is left at the destination."""
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port),
+                       [Rule("c2s", 12, action, connection=1, bit=200)])  # (record 9 of channel 1)
+    await cluster.nursery.start(proxy.serve)
+    cluster["a"].registry.create_model("vm1", 16 << 20, protected=1, fill="random", seed=3)
+    res = await cluster["a"].outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(channels=2))
+    assert not res.ok and proxy.rules[0].fired
+    assert res.runs_on == "source" and cluster.running_copies("vm1") == ["a"]
+    assert cluster["a"].vms["vm1"].verify().ok
+    await _settled(cluster["b"], res.mid)
+
+
+async def test_a_data_session_must_reach_the_migrations_destination(nursery):
+    """A data session that reaches another certified agent (here c, as a redirected address
+    would): the source fails the migration before it sends that session anything, and runs on."""
+    async with LocalCluster.started(nursery, ("a", "b", "c")) as c3:
+        a = c3["a"]
+        direct = a.outgoing.connect
+
+        async def redirected(addr, plain, cipher, purpose):
+            return await direct(c3.addr("c") if purpose is Purpose.DATA else addr, plain, cipher, purpose)
+
+        a.outgoing.connect = redirected
+        a.registry.create_model("vm1", 4 << 20, protected=1, fill="random", seed=3)
+        res = await a.outgoing.migrate("vm1", c3.addr("b"), MigrationParams(channels=2))
+        assert not res.ok and "key-mismatch" in res.error and "'c'" in res.error
+        assert res.runs_on == "source" and c3.running_copies("vm1") == ["a"]
+        with trio.fail_after(10):  # c got no BIND, only the session's close
+            while c3["c"].incoming.counters.get("refused-data-session") != 1:
+                await trio.sleep(0.01)
+        await _settled(c3["b"], res.mid)
+
+
+# --------------------------------------------------------------------------
+# What a data session may hold at the destination, and the order of the ends
+
+
+async def _closed(ch, timeout: float = 5.0) -> bool:
+    """The agent closed this session (it sends nothing on a DATA session)."""
+    with trio.move_on_after(timeout):
+        try:
+            await ch.receive()
+        except (RemoteProtocolError, trio.BrokenResourceError):
+            return True
+    return False
+
+
+async def test_data_sessions_joining_as_the_migration_ends_are_closed_with_it(cluster):
+    """BINDs that reach the run as its session ends: each data session is closed, and its
+    connection given back, with the run (they used to wait forever on its queue)."""
+    b, port = cluster["b"], cluster.members["b"].port
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    mid = bytes(range(16))
+    ch, proto, reply = await evil.try_begin(port, mid=mid, pages=4096)
+    assert reply.type == "ACCEPT"
+    datas = [await evil.session(port, Purpose.DATA) for _ in range(8)]
+    await ch.send(proto.send(Abort("cancelled", "x", b"")))
+    for d in datas:
+        await d.send(SessionProtocol(Role.SOURCE, mid, data=True).send(Bind(1, 2)))
+    assert all([await _closed(d) for d in datas])
+    with trio.fail_after(5):
+        while b.incoming.connections > 1:  # (the main session's, until the hostile peer closes it)
+            await trio.sleep(0.01)
+
+
+async def test_a_migration_takes_at_most_its_data_sessions_and_a_bind_waits_a_bounded_time(cluster, monkeypatch):
+    """A peer's data sessions for its own migration that never says CHANNELS: the run holds at
+    most MAX_CHANNELS - 1 of them, each for BIND_WAIT at most; the rest are closed at once."""
+    monkeypatch.setattr(runner, "BIND_WAIT", 1.0)
+    b, port = cluster["b"], cluster.members["b"].port
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    mid = bytes(range(1, 17))
+    ch, _proto, reply = await evil.try_begin(port, mid=mid, pages=4096)
+    assert reply.type == "ACCEPT"
+    datas = []
+    for _ in range(MAX_CHANNELS):  # 16: one more than a migration may have
+        d = await evil.session(port, Purpose.DATA)
+        await d.send(SessionProtocol(Role.SOURCE, mid, data=True).send(Bind(1, 2)))
+        datas.append(d)
+    assert await _closed(datas[-1], 0.8)  # the 16th, at once
+    assert not any([await _closed(d, 0.01) for d in datas[:-1]])  # the others wait for CHANNELS and KEYS...
+    assert all([await _closed(d, 3.0) for d in datas[:-1]])  # ... for BIND_WAIT, then are closed
+    run = next(iter(b.incoming.runs.values()))
+    assert run.engine.state.value == "streaming" and not run.engine.lanes  # the migration itself goes on
+    await ch.aclose()
+
+
+async def test_two_migrations_on_16_channels_at_once_are_not_refused_by_the_session_rate(cluster):
+    """Data sessions are bounded by their migration, not counted as sessions of their own."""
+    a = cluster["a"]
+    for n in ("vm1", "vm2"):
+        a.registry.create_model(n, 4 << 20, protected=1, fill="random", seed=3)
+    res = {}
+
+    async def go(n):
+        res[n] = await a.outgoing.migrate(n, cluster.addr("b"), MigrationParams(channels=MAX_CHANNELS))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(go, "vm1")
+        nursery.start_soon(go, "vm2")
+    assert all(r.ok for r in res.values()), {n: r.error for n, r in res.items()}
+    assert "refused-session-rate" not in cluster["b"].incoming.counters
+
+
+async def test_a_cancel_on_channels_reaches_the_destination_as_abort(cluster, nursery):
+    """The ABORT on the main session goes before the data sessions close (and a data session's
+    close that crosses it does not win): the destination says cancelled, as on one channel."""
+    out, run = await _migrating(cluster, nursery, MigrationParams(channels=4, bandwidth=8 << 20))
+    with trio.fail_after(20):
+        while run.engine.page_records < 2:
+            await trio.sleep(0.01)
+    assert cluster["a"].outgoing.cancel(run.engine.mid.hex()) == "cancelling"
+    res = await _result(out)
+    assert res.runs_on == "source" and cluster.running_copies("vm1") == ["a"]
+    await _settled(cluster["b"], res.mid)
+    assert run.engine.error is not None and run.engine.error.code is ErrorCode.CANCELLED, run.engine.error
+
+
+def test_the_channel_vectors_are_what_a_destination_engine_accepts():
+    """proto/vectors/channels_aesgcm.json, fed to a destination engine: the data session binds,
+    its page (gfn 256, channel 1's) is applied and its COMPLETE checks."""
+    v = json.loads((Path(__file__).resolve().parent.parent / "proto/vectors/channels_aesgcm.json").read_text())
+    main = [bytes.fromhex(r["plaintext"]) for r in v["records"] if r["from"] == "initiator"]
+    eng = DestinationEngine(False, 1 << 20)
+    assert isinstance(eng.on_record(Record(main[0], 0, bytes(32)))[0], OpenIncoming)
+    eng.on_result(Opened(0))
+    assert isinstance(eng.on_record(Record(main[1], 1, bytes(32)))[0], ImportKeys)
+    eng.on_result(KeysImported(0))
+    assert eng.on_record(Record(main[2], 2, bytes(32))) == [] and eng.channels == 2 and eng.binding
+    data = [bytes.fromhex(r["plaintext"]) for r in v["data_session"]["records"]]
+    lane = eng.bind(Record(data[0], 0, bytes(32)), False)
+    assert eng.on_lane_record(lane, Record(data[1], 1, bytes(32))) == []
+    applied = eng.on_lane_record(lane, Record(data[2], 2, bytes(32)))
+    assert [type(e) for e in applied] == [ApplyPages] and applied[0].batch.gfns.tolist() == [256]
+    complete = messages.decode(data[3]).body
+    assert eng.on_lane_record(lane, Record(data[3], 3, complete.transcript)) == [] and lane.complete
