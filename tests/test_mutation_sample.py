@@ -91,6 +91,12 @@ MUTANTS = [
     Mutant("a second loader file= let through", "palm_net/hypervisor/qemu.py",
            "        if key in seen:",
            "        if False:", ("tests/test_host_security.py", "-k", "second_file_property")),
+    Mutant("a migration cancelled before the hand-off leaves the VM paused", "palm_net/migration/orchestrate.py",
+           '                store.abort_and_resume(mid, vm, "cancelled: migration cancelled")\n',
+           "                pass\n", (SAFETY, "-k", "cancelled_from_outside")),
+    Mutant("a DONE not recorded reported completed", "palm_net/migration/orchestrate.py",
+           "            if store.state_of(mid) is HandoffState.HANDED_OFF:\n",
+           "            if False:\n", (SAFETY, "-k", "failure_after_done")),
 ]
 
 

@@ -17,9 +17,12 @@ are also tested end to end, between agents.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import json
 import os
+import sqlite3
 import time
 from types import SimpleNamespace
 
@@ -29,6 +32,7 @@ import trio
 import trio.testing
 from nacl.signing import SigningKey
 
+from palm_net import faults
 from palm_net.agent.errors import AgentError
 from palm_net.agent.incoming import IncomingLimits, IncomingService, Session
 from palm_net.agent.limits import Admission
@@ -58,7 +62,7 @@ from palm_net.migration.source import InDoubt, Step
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.engines import DestinationDriver, SourceDriver
 from palm_net.testing.hostile import HostilePeer
-from palm_net.testing.proxy import FaultProxy, Rule
+from palm_net.testing.proxy import DONE, FaultProxy, Rule
 from palm_net.wire import messages
 from palm_net.wire.messages import Abort, Begin, Commit, Message, Outcome
 from palm_net.wire.protocol import Role, SessionProtocol
@@ -749,6 +753,261 @@ async def test_a_failure_before_the_handoff_is_reported_with_its_phase_and_where
 
 
 # --------------------------------------------------------------------------
+# 3c. The source's whole migration (orchestrate.py migrate_out; the mutation run of
+# issue 27, docs/MUTATION.md): the refusals before a page leaves, a cancel from
+# outside before the handoff point, and what each ending after it reports.
+
+
+async def test_a_migration_refused_before_its_first_message_says_why_and_leaves_the_vm_as_it_was(shm, monkeypatch):
+    """No row: a VM that does not run, a protected VM in plain mode (neither connects), a
+    destination that cannot be reached or fails the handshake, an attested destination
+    the VM's policy does not allow, no room for the migration's row; each reported with
+    its phase, the VM where it was, the channel closed."""
+    store = HandoffStore(shm / "src.db")
+    vm = ModelVM.create(shm / "vm1", "vm1", 16, KEY, protected_processes=1, protected_pages=2, policy="agents:b")
+    connected: list[str] = []
+    closed: list[str] = []
+
+    class Attested:
+        def __init__(self, name: str) -> None:
+            self.result = SimpleNamespace(peer=PeerInfo(name, os.urandom(32), os.urandom(32), bytes(32)))
+
+        async def aclose(self) -> None:
+            closed.append(self.result.peer.name)
+
+    answers = [ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+               HandshakeError(ErrorCode.BAD_CERTIFICATE, "refused"), Attested("c"), Attested("b")]
+
+    async def connect(addr: str):
+        connected.append(addr)
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def no_recovery(addr: str):
+        raise AssertionError("nothing to recover")
+
+    async def migrate(params: MigrationParams) -> MigrationResult:
+        mid = os.urandom(16)
+        t0 = time.monotonic()
+        res = await orchestrate.migrate_out(vm, store, "127.0.0.1:7", params, connect, no_recovery, mid=mid)
+        assert res.mid == mid and res.stats.status is Status.FAILED
+        assert 0 <= res.stats.total_time <= time.monotonic() - t0
+        assert store.get(mid) is None  # refused before BEGIN: nothing recorded
+        return res
+
+    def failed(error: str, phase: str) -> MigrationResult:
+        return MigrationResult(False, res.mid, "vm1", "failed", res.stats, error, phase, "source")
+
+    vm.pause()
+    res = await migrate(MigrationParams())
+    assert res == failed("vm-state: VM 'vm1' is not running", "setup")
+    assert connected == [] and vm.state == "paused"
+    vm.resume()
+    res = await migrate(MigrationParams(plain=True))
+    assert (res.ok, res.status, res.phase, res.runs_on) == (False, "failed", "setup", "source")
+    assert res.error.startswith("plain-refused: ") and connected == []
+    res = await migrate(MigrationParams())
+    assert res == failed("unreachable: destination 127.0.0.1:7 not reachable (Connection refused)", "connect")
+    res = await migrate(MigrationParams())
+    assert res == failed("bad-certificate: refused", "handshake")
+    res = await migrate(MigrationParams())
+    assert res == failed("policy: the VM's policy does not allow agent 'c'", "policy")
+
+    def no_room(*args) -> None:
+        raise MigrationFailure(ErrorCode.NO_SPACE, "no room for the migration's row")
+
+    monkeypatch.setattr(store, "open_outgoing", no_room)
+    res = await migrate(MigrationParams())
+    assert res == failed("no-space: no room for the migration's row", "setup")
+    assert connected == ["127.0.0.1:7"] * 4 and closed == ["c", "b"] and vm.running
+    vm.close()
+
+
+async def test_a_migration_cancelled_from_outside_before_the_handoff_resumes_the_vm_before_it_returns(cluster):
+    """What a peer revoked in flight does (OutgoingService.cancel_before_handoff: the
+    migration's cancel scope, not the operator's cancel between records): migrate_out's
+    cancellation path records the abort and resumes the VM itself, from the row (SENDING),
+    before the cancellation propagates; the agent then reports it cancelled, on the source.
+    Asked during the rounds (the VM still runs) and once the VM is paused for stop-and-copy."""
+    a = cluster["a"]
+    for when in ("rounds", "paused"):
+        a.registry.create_model(when, 16 << 20, fill="random", protected=1)
+        cancelled: list[bool] = []
+
+        def cancel() -> None:
+            (lm,) = [lm for lm in a.outgoing.live.values() if lm.result is None]
+            cancelled.append(a.outgoing.cancel_before_handoff(lm, "peer revoked"))
+
+        def progress(stats: MigrationStats) -> None:
+            if when == "rounds" and not cancelled and stats.transferred > (1 << 20):
+                cancel()
+
+        def at_the_pause(at: str) -> None:
+            if when == "paused" and at == "source.Send" and a.vms[when].state == "paused" and not cancelled:
+                cancel()  # the first message after the pause (its state, then READY's wait)
+
+        params = MigrationParams(bandwidth=4 << 20) if when == "rounds" else MigrationParams()
+        old = faults.install(at_the_pause)
+        try:
+            with trio.fail_after(30):
+                res = await a.outgoing.migrate(when, cluster.addr("b"), params, on_progress=progress)
+        finally:
+            faults.install(old)
+        assert cancelled == [True], when
+        assert (res.ok, res.status, res.error, res.runs_on) == (False, "cancelled", "cancelled: peer revoked",
+                                                                "source"), when
+        row = a.store.get(res.mid)
+        assert row.state is HandoffState.ABORTED and row.error == "cancelled: migration cancelled"
+        assert a.vms[when].state == "running" and cluster.running_copies(when) == ["a"]
+        assert a.registry.not_running == {}  # resumed by the migration, not left to the agent's retry
+
+
+@contextlib.contextmanager
+def _raising_once_at(errors: dict[str, BaseException]):
+    """Each named fault point raises its error the first time it is reached."""
+    fired: list[str] = []
+
+    def inject(at: str) -> None:
+        if at in errors and at not in fired:
+            fired.append(at)
+            raise errors[at]
+
+    old = faults.install(inject)
+    try:
+        yield fired
+    finally:
+        faults.install(old)
+
+
+async def test_a_completed_migration_says_where_the_vm_runs_and_records_its_figures(cluster):
+    a = cluster["a"]
+    a.registry.create_model("vm1", 256 * 4096, fill="random", protected=1)
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    assert res == MigrationResult(True, res.mid, "vm1", "completed", res.stats, runs_on="destination", peer="b")
+    assert res.stats.status is Status.COMPLETED and 0 < res.stats.total_time < 30
+    assert (res.stats.digest_at_pause, res.stats.digest_check) == (None, None)  # not asked: memory not read again
+    row = a.store.get(res.mid)
+    assert row.state is HandoffState.DONE and row.stats == json.loads(json.dumps(res.stats.as_dict()))
+    assert "vm1" not in a.vms and cluster.running_copies("vm1") == ["b"]
+    assert a.registry.to_scrub == {}  # scrubbed by the migration itself, not left to the agent's retry
+    # Asked to, the source re-reads its paused copy after DONE: counted in the migration's time.
+    res = await cluster["b"].outgoing.migrate("vm1", cluster.addr("a"), MigrationParams(verify_digest=True))
+    assert res.ok and res.stats.digest_at_pause == "equal"
+    assert 0 <= res.stats.digest_check <= res.stats.total_time < 30
+
+
+async def test_a_failure_after_done_is_in_doubt_only_while_the_row_says_handed_off(cluster):
+    """The destination committed and said DONE; then this side fails.  The DONE write
+    failing leaves the row HANDED_OFF: reported in doubt (the VM runs on the
+    destination; recovery confirms).  The scrub failing after DONE is durable: the
+    migration completed (the copy goes at the agent's retry)."""
+    a = cluster["a"]
+    a.registry.create_model("vm1", 256 * 4096, fill="random", protected=1)
+    with _raising_once_at({"source.store.confirm": sqlite3.OperationalError("disk I/O error")}) as fired:
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    assert fired == ["source.store.confirm"]
+    assert res == MigrationResult(False, res.mid, "vm1", "in-doubt", res.stats,
+                                  "committed on the destination; not recorded here (disk I/O error)",
+                                  "in-doubt", "destination", "b")
+    assert (res.stats.status, res.stats.phase) == (Status.IN_DOUBT, Phase.IN_DOUBT)
+    assert 0 < res.stats.total_time < 30 and cluster.running_copies("vm1") == ["b"]
+    with trio.fail_after(10):  # the agent's recovery asks, and confirms
+        while a.store.state_of(res.mid) is not HandoffState.DONE:
+            await trio.sleep(0.02)
+
+    b = cluster["b"]
+    with _raising_once_at({"source.vm.scrub": OSError(errno.EIO, "Input/output error")}) as fired:
+        res = await b.outgoing.migrate("vm1", cluster.addr("a"), MigrationParams())
+    assert fired == ["source.vm.scrub"]
+    assert res == MigrationResult(True, res.mid, "vm1", "completed", res.stats, runs_on="destination", peer="a")
+    assert b.store.state_of(res.mid) is HandoffState.DONE and cluster.running_copies("vm1") == ["a"]
+
+
+async def test_an_in_doubt_source_reports_what_recovery_found_or_that_nothing_came(cluster):
+    """DONE lost after the destination committed: the source's own recovery loop asks
+    (again after an attempt that failed here); "committed" completes the migration
+    (recovered); no answer within the wait leaves the VM paused, reported in doubt."""
+    a = cluster["a"]
+    a.registry.create_model("vm1", 256 * 4096, fill="random", protected=1)
+    committed: list[str] = []
+
+    def lose_done(at: str) -> None:  # DONE never leaves the destination; the first confirmation fails here
+        if at == "destination.store.commit.done":
+            committed.append(at)
+        elif at == "destination.Send" and committed == ["destination.store.commit.done"]:
+            committed.append(at)
+            raise OSError(errno.EIO, "Input/output error")
+        elif at == "source.store.confirm" and len(committed) == 2:
+            committed.append(at)
+            raise sqlite3.OperationalError("disk I/O error")
+
+    old = faults.install(lose_done)
+    try:
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    finally:
+        faults.install(old)
+    assert len(committed) == 3
+    assert res == MigrationResult(True, res.mid, "vm1", "completed", res.stats, runs_on="destination", peer="b",
+                                  extra={"recovered": True})
+    assert a.store.state_of(res.mid) is HandoffState.DONE and cluster.running_copies("vm1") == ["b"]
+
+    # No answer: DONE cut on the way back, and so is every recovery connection.
+    b = cluster["b"]
+    cluster.members["b"].config.in_doubt_wait = 0.3
+    recovery_cut = [Rule("c2s", 0, "cut", connection=i) for i in range(1, 20)]
+    proxy = FaultProxy(("127.0.0.1", cluster.members["a"].port), [Rule("s2c", 0, "cut", match=DONE), *recovery_cut])
+    await cluster.nursery.start(proxy.serve)
+    t0 = time.monotonic()
+    res = await b.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams())
+    assert res == MigrationResult(False, res.mid, "vm1", "in-doubt", res.stats, res.error, "in-doubt",
+                                  "none (paused, in doubt)", "a")
+    assert res.error.endswith("; outcome unknown, VM paused until the destination answers") and res.error[0] != ";"
+    assert (res.stats.status, res.stats.phase) == (Status.IN_DOUBT, Phase.IN_DOUBT)
+    assert 0.3 <= res.stats.total_time <= time.monotonic() - t0
+    assert b.store.state_of(res.mid) is HandoffState.HANDED_OFF and b.vms["vm1"].state == "paused"
+    assert cluster.running_copies("vm1") == ["a"]
+
+
+async def test_a_commit_the_destination_refused_with_its_token_resumes_the_vm_here(cluster):
+    """The destination cannot record its commit and answers with an ABORT and its token:
+    the source resumes at once, its row aborted with that token and the run's error."""
+    a = cluster["a"]
+    a.registry.create_model("vm1", 256 * 4096, fill="random", protected=1)
+    with _raising_once_at({"destination.store.commit": sqlite3.OperationalError("disk I/O error")}) as fired:
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    assert fired == ["destination.store.commit"]
+    assert res == MigrationResult(False, res.mid, "vm1", "failed", res.stats,
+                                  "aborted: destination issued an abort token", "in-doubt", "source", "b")
+    row = a.store.get(res.mid)
+    assert row.state is HandoffState.ABORTED and row.token and check_abort_token(row.peer.sign_pub, res.mid, row.token)
+    assert row.error.startswith("aborted: destination refused the commit: ")  # the error that ended the run
+    assert cluster.running_copies("vm1") == ["a"]
+
+
+async def test_a_commit_refused_with_a_token_that_does_not_verify_leaves_the_source_in_doubt(cluster, monkeypatch):
+    """Item 4 end to end: the destination refuses the commit, and neither its ABORT nor
+    its answers to recovery carry a token that verifies.  The source never resumes on
+    them: reported in doubt, the VM paused, the row handed off, until a valid answer."""
+    a, b = cluster["a"], cluster["b"]
+    cluster.members["a"].config.in_doubt_wait = 0.3
+    a.registry.create_model("vm1", 256 * 4096, fill="random", protected=1)
+    monkeypatch.setattr(b.store, "abort_token", lambda mid, peer_static, signing: os.urandom(64))
+    with _raising_once_at({"destination.store.commit": sqlite3.OperationalError("disk I/O error")}):
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    assert res == MigrationResult(False, res.mid, "vm1", "in-doubt", res.stats,
+                                  "out-of-state: an abort without a valid token after COMMIT; outcome unknown, "
+                                  "VM paused until the destination answers", "in-doubt", "none (paused, in doubt)", "b")
+    assert a.store.state_of(res.mid) is HandoffState.HANDED_OFF and a.vms["vm1"].state == "paused"
+    monkeypatch.undo()  # the destination's answer now carries its real token: the agent's recovery resumes the VM
+    with trio.fail_after(15):
+        while a.store.state_of(res.mid) is not HandoffState.ABORTED or a.vms["vm1"].state != "running":
+            await trio.sleep(0.05)
+    assert cluster.running_copies("vm1") == ["a"]
+
+
+# --------------------------------------------------------------------------
 # 8. The cluster's allowlist reaches the handshake (agent/clustering.py apply_lists, cluster/gate.py)
 
 
@@ -1193,3 +1452,4 @@ async def test_a_connection_refused_or_failing_its_handshake_is_closed_even_when
         cs.cancel()
         await incoming._close(late)  # type: ignore[arg-type]
     assert late.closed == 1
+
