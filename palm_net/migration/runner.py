@@ -556,11 +556,12 @@ class DestinationRun:
                             item = await opened.receive()
                         if lost and trio.current_time() >= lost[0]:
                             raise lost[1]
-                        if item.ended:
-                            if item.lane is None and item.closed is not None and eng.state not in FINAL:
+                        if item.ended and item.lane is None:  # the main session's
+                            if item.closed is not None and eng.state not in FINAL:
                                 raise item.closed  # (after the records that came before the close)
-                            if item.lane is None:
-                                break
+                            break
+                        if item.ended:
+                            assert item.lane is not None
                             if item.closed is not None and not item.lane.complete and lost is None:
                                 # The migration's end, unless the main session says more at once (the
                                 # source's ABORT may cross its data sessions' close).
