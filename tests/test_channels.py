@@ -428,6 +428,32 @@ async def test_a_bind_not_taken_within_bind_wait_is_withdrawn_and_never_bound(mo
     assert run._binds == []
 
 
+def test_data_sessions_wait_for_channels_and_keys_then_bind():
+    """_bind_waiting binds nothing before CHANNELS (KEYS alone is not enough), then binds on CHANNELS 2."""
+    run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
+    started, bound = [], []
+    run._opened, _ = trio.open_memory_channel(1)
+    run._nursery = type("Nursery", (), {"start_soon": staticmethod(lambda *a: started.append(a))})()
+    run.log = runner.log
+    channel = type("Channel", (), {"plain": False, "_receiver": type("R", (), {"take_buffered": lambda self: b""})()})
+    waiting = runner._Bind(channel(), Record(SessionProtocol(Role.SOURCE, MID, data=True).send(Bind(1, 2)), 0,
+                                             bytes(32)))
+    run._binds = [waiting]
+
+    def bind(rec, plain):
+        bound.append(rec)
+        return Lane(len(bound), SessionProtocol(Role.DESTINATION, data=True))
+
+    run.engine = eng = type("Engine", (), {"stream": False, "keys_imported": True, "channels": 1, "page_records": 0,
+                                           "bind": staticmethod(bind)})()
+    run._bind_waiting()  # KEYS in, CHANNELS not yet: it waits
+    assert bound == [] and run._binds == [waiting] and not waiting.taken.is_set()
+    eng.channels = 2
+    run._bind_waiting()
+    assert bound == [waiting.first] and run._binds == [] and waiting.taken.is_set()
+    assert [a[1].index for a in started] == [1]  # then read on its own lane
+
+
 async def test_two_migrations_on_16_channels_at_once_are_not_refused_by_the_session_rate(cluster):
     """Data sessions are bounded by their migration, not counted as sessions of their own."""
     a = cluster["a"]
