@@ -407,6 +407,32 @@ async def test_data_sessions_joining_as_the_migration_ends_are_closed_with_it(cl
             await trio.sleep(0.01)
 
 
+async def test_a_data_session_lost_before_its_complete_fails_the_migration_though_the_source_says_nothing(cluster):
+    """A bound data session closed before its COMPLETE, the main session silent: the run fails closed
+    after LANE_GRACE (1 s), not at its session deadline (120 s from BEGIN)."""
+    b, port = cluster["b"], cluster.members["b"].port
+    keys = cluster["a"].registry.create_model("k", 4 << 20).export_keys()  # (no protected process)
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    mid = bytes(range(2, 18))
+    ch, proto, reply = await evil.try_begin(port, mid=mid, pages=1024)
+    assert reply.type == "ACCEPT"
+    await ch.send(proto.send(Keys(keys)))
+    await ch.send(proto.send(Channels(2)))
+    d = await evil.session(port, Purpose.DATA)
+    await d.send(SessionProtocol(Role.SOURCE, mid, data=True).send(Bind(1, 2)))
+    run = next(iter(b.incoming.runs.values()))
+    with trio.fail_after(10):
+        while not run.engine.lanes:
+            await trio.sleep(0.01)
+    await d.aclose()
+    with trio.fail_after(10):
+        while b.incoming.runs:
+            await trio.sleep(0.01)
+    assert run.engine.error is not None and run.engine.error.code is ErrorCode.CLOSED, run.engine.error
+    assert b.store.get(mid).state == "aborted"
+    await ch.aclose()
+
+
 async def test_a_migration_takes_at_most_its_data_sessions_and_a_bind_waits_a_bounded_time(cluster, monkeypatch):
     """A peer's data sessions for its own migration that never says CHANNELS: the run holds at
     most MAX_CHANNELS - 1 of them, each for BIND_WAIT at most; the rest are closed at once."""
