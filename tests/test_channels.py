@@ -389,9 +389,10 @@ async def _closed(ch, timeout: float = 5.0) -> bool:
     return False
 
 
-async def test_data_sessions_joining_as_the_migration_ends_are_closed_with_it(cluster):
+async def test_data_sessions_joining_as_the_migration_ends_are_closed_with_it(cluster, monkeypatch):
     """BINDs that reach the run as its session ends: each data session is closed, and its
-    connection given back, with the run (they used to wait forever on its queue)."""
+    connection given back, with the run (they used to wait forever on its queue), not BIND_WAIT later."""
+    monkeypatch.setattr(runner, "BIND_WAIT", 60.0)
     b, port = cluster["b"], cluster.members["b"].port
     evil = HostilePeer(cluster.authority, cluster.measurement)
     mid = bytes(range(16))
