@@ -267,26 +267,6 @@ def test_a_data_sessions_control_message_in_a_clear_record_is_refused():
     assert exc.value.code is ErrorCode.UNAUTHENTICATED
 
 
-async def test_a_plain_mode_migration_on_channels_seals_each_data_sessions_messages(nursery):
-    """In the plain mode BIND, ROUND_END and COMPLETE on a data session still go sealed (_send_on)."""
-    c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
-    c.nursery = nursery
-    for m in c.members.values():
-        m.config.allow_plain = True
-    await c.start("a")
-    await c.start("b")
-    try:
-        vm = c["a"].registry.create_model("vm1", 4 << 20, fill="random", seed=3)
-        digest = vm.digest()
-        res = await c["a"].outgoing.migrate("vm1", c.addr("b"), MigrationParams(plain=True, channels=2))
-        assert res.ok, res.error
-        assert res.stats.channels == 2 and c.running_copies("vm1") == ["b"] and c["b"].vms["vm1"].digest() == digest
-    finally:
-        for name in list(c.members):
-            await c.stop(name)
-        c.cleanup()
-
-
 # --------------------------------------------------------------------------
 # Whole migrations: a foreign, lost or tampered data session
 
@@ -321,6 +301,26 @@ async def _result(out) -> object:
         while "res" not in out:
             await trio.sleep(0.01)
     return out["res"]
+
+
+async def test_a_plain_mode_migration_on_channels_seals_each_data_sessions_messages(nursery):
+    """In the plain mode BIND, ROUND_END and COMPLETE on a data session still go sealed (_send_on)."""
+    c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
+    c.nursery = nursery
+    for m in c.members.values():
+        m.config.allow_plain = True
+    await c.start("a")
+    await c.start("b")
+    try:
+        vm = c["a"].registry.create_model("vm1", 4 << 20, fill="random", seed=3)
+        digest = vm.digest()
+        res = await c["a"].outgoing.migrate("vm1", c.addr("b"), MigrationParams(plain=True, channels=2))
+        assert res.ok, res.error
+        assert res.stats.channels == 2 and c.running_copies("vm1") == ["b"] and c["b"].vms["vm1"].digest() == digest
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()
 
 
 async def test_another_certified_agent_cannot_join_a_migration(cluster, nursery):
