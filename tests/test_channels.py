@@ -501,6 +501,31 @@ def test_data_sessions_wait_for_channels_and_keys_then_bind():
     assert [a[1].index for a in started] == [1]  # then read on its own lane
 
 
+async def test_a_data_sessions_pages_pending_at_its_buffers_end_go_with_that_buffer():
+    """_process flushes the lane's own pending pages at the end of a data session's buffer (its
+    data records are views of that buffer, which goes back to the Inbox once its batches are written)."""
+    d = _Dest()
+    d.bind(1)
+    proto = d.lanes[1][0]
+    g = np.arange(256, 256 + 30, dtype=np.uint64)
+    data = bytes(range(256)) * (30 * 16)  # 30 normal pages: two data records of 15 pages
+    msg = proto.send(PageBatch(g, bytes([1]) * 30, np.zeros(30, np.uint64), data).message(0))
+    first, _second = proto.send_data(data)
+    submitted = []
+
+    class Applier:
+        async def submit(self, effects, bufs, release=None):
+            submitted.append([type(e) for e in effects])
+
+        async def drain(self):
+            pass
+
+    run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
+    run.engine, run._applier, run.log = d.eng, Applier(), runner.log.bind(migration=MID.hex())
+    await run._process(d.lanes[1][1], [Record(msg, 1, bytes(32)), Record(first, 2, bytes(32))], bytearray(), None)
+    assert submitted == [[ApplyPages]]  # the first 15 pages, with the buffer that holds them
+
+
 async def test_two_migrations_on_16_channels_at_once_are_not_refused_by_the_session_rate(cluster):
     """Data sessions are bounded by their migration, not counted as sessions of their own."""
     a = cluster["a"]
