@@ -13,9 +13,9 @@ import trio
 
 from palm_net.channel.handshake import Purpose
 from palm_net.channel.records import Record
-from palm_net.errors import ErrorCode, RemoteProtocolError
+from palm_net.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from palm_net.migration import runner
-from palm_net.migration.destination import DestinationEngine, Lane
+from palm_net.migration.destination import MAX_VERSION, DestinationEngine, Lane
 from palm_net.migration.effects import (
     ApplyPages,
     ImportKeys,
@@ -23,7 +23,9 @@ from palm_net.migration.effects import (
     KeysImported,
     Opened,
     OpenIncoming,
+    Send,
     Settle,
+    Settled,
 )
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
@@ -99,9 +101,9 @@ class _Dest:
         self.lanes[channel] = (proto, lane, [1])
         return lane
 
-    def on(self, channel: int, body) -> list:
+    def on(self, channel: int, body, authenticated: bool = True) -> list:
         proto, lane, n = self.lanes[channel]
-        rec = Record(proto.send(body), n[0], bytes(32))
+        rec = Record(proto.send(body), n[0], bytes(32), authenticated=authenticated)
         n[0] += 1
         return self.eng.on_lane_record(lane, rec)
 
@@ -133,6 +135,15 @@ def test_a_data_session_binds_once_with_the_announced_count():
     assert exc.value.code is ErrorCode.UNAUTHENTICATED
 
 
+def test_bind_names_a_channel_from_1_to_count_minus_1():
+    """Bind's own check: channel 0 is the main session, and channel == count is none of them."""
+    assert Bind(1, 2).channel == 1 and Bind(15, 16).channel == 15
+    for channel, count in ((0, 2), (2, 2), (16, 16)):
+        with pytest.raises(LocalProtocolError) as exc:
+            Bind(channel, count)
+        assert exc.value.code is ErrorCode.MALFORMED
+
+
 def test_a_gfn_travels_on_its_own_channel_only():
     """Each page on one ordered session keeps its versions in order (proto 7.8)."""
     d = _Dest()
@@ -150,6 +161,19 @@ def test_a_gfn_travels_on_its_own_channel_only():
     assert [type(e) for e in d3.main(d3.zero_pages([0, 255]))] == [ApplyPages]
 
 
+def test_a_page_at_the_highest_version_is_not_rolled_back():
+    """The per-page table keeps version + 1 in 4 bytes: the highest version still refuses an older one."""
+    for channel, gfn in ((0, 0), (1, 256)):
+        d = _Dest()
+        d.bind(1)
+        send = d.main if channel == 0 else lambda body: d.on(1, body)
+        g = np.array([gfn], np.uint64)
+        send(PageBatch(g, b"\x00", np.array([MAX_VERSION - 1], np.uint64), b"").message(0))
+        with pytest.raises(RemoteProtocolError) as exc:
+            send(PageBatch(g, b"\x00", np.zeros(1, np.uint64), b"").message(0))
+        assert exc.value.code is ErrorCode.ROLLBACK
+
+
 def test_round_done_waits_for_every_channels_round_end():
     d = _Dest(count=3)
     d.bind(1)
@@ -157,6 +181,17 @@ def test_round_done_waits_for_every_channels_round_end():
     assert d.main(RoundEnd(0, 256, 0)) == []
     assert d.on(1, RoundEnd(0, 256, 0)) == []
     assert [type(e) for e in d.on(2, RoundEnd(0, 0, 0))] == [Settle]
+
+
+def test_a_data_sessions_next_round_end_does_not_settle_the_round_again():
+    """Once settled, ROUND_DONE of the next round waits for the main session's ROUND_END again."""
+    d = _Dest()
+    d.bind(1)
+    assert d.main(RoundEnd(0, 256, 0)) == []
+    assert [type(e) for e in d.on(1, RoundEnd(0, 256, 0))] == [Settle]
+    assert [type(e) for e in d.eng.on_result(Settled())] == [Send]  # ROUND_DONE 0
+    assert d.on(1, RoundEnd(1, 0, 0)) == []  # channel 1 ahead of the main session
+    assert [type(e) for e in d.main(RoundEnd(1, 0, 0))] == [Settle]
 
 
 def _all_but_completes() -> _Dest:
@@ -218,8 +253,18 @@ def test_the_lanes_of_a_round_cover_it_once_each_in_ascending_order():
             for i, share in enumerate(shares):
                 a = np.asarray(share)
                 assert len(a) == len(share) and (lane_of(a, count) == i).all() and (np.diff(a.astype(int)) > 0).all()
+                assert a.dtype == np.uint64 and share[1:3].dtype == np.uint64  # gfns, as PageRange gives them
             dirty = np.array(sorted({(7 * k * k) % n for k in range(50)}), np.uint64)
             assert sorted(np.concatenate(split_lanes(dirty, count)).tolist()) == dirty.tolist()
+
+
+def test_a_data_sessions_control_message_in_a_clear_record_is_refused():
+    """on_lane_record passes the record's authentication on: ROUND_END in the clear is refused."""
+    d = _Dest()
+    d.bind(1)
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.on(1, RoundEnd(0, 0, 0), authenticated=False)
+    assert exc.value.code is ErrorCode.UNAUTHENTICATED
 
 
 # --------------------------------------------------------------------------
@@ -256,6 +301,26 @@ async def _result(out) -> object:
         while "res" not in out:
             await trio.sleep(0.01)
     return out["res"]
+
+
+async def test_a_plain_mode_migration_on_channels_seals_each_data_sessions_messages(nursery):
+    """In the plain mode BIND, ROUND_END and COMPLETE on a data session still go sealed (_send_on)."""
+    c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
+    c.nursery = nursery
+    for m in c.members.values():
+        m.config.allow_plain = True
+    await c.start("a")
+    await c.start("b")
+    try:
+        vm = c["a"].registry.create_model("vm1", 4 << 20, fill="random", seed=3)
+        digest = vm.digest()
+        res = await c["a"].outgoing.migrate("vm1", c.addr("b"), MigrationParams(plain=True, channels=2))
+        assert res.ok, res.error
+        assert res.stats.channels == 2 and c.running_copies("vm1") == ["b"] and c["b"].vms["vm1"].digest() == digest
+    finally:
+        for name in list(c.members):
+            await c.stop(name)
+        c.cleanup()
 
 
 async def test_another_certified_agent_cannot_join_a_migration(cluster, nursery):
@@ -324,9 +389,10 @@ async def _closed(ch, timeout: float = 5.0) -> bool:
     return False
 
 
-async def test_data_sessions_joining_as_the_migration_ends_are_closed_with_it(cluster):
+async def test_data_sessions_joining_as_the_migration_ends_are_closed_with_it(cluster, monkeypatch):
     """BINDs that reach the run as its session ends: each data session is closed, and its
-    connection given back, with the run (they used to wait forever on its queue)."""
+    connection given back, with the run (they used to wait forever on its queue), not BIND_WAIT later."""
+    monkeypatch.setattr(runner, "BIND_WAIT", 60.0)
     b, port = cluster["b"], cluster.members["b"].port
     evil = HostilePeer(cluster.authority, cluster.measurement)
     mid = bytes(range(16))
@@ -340,6 +406,32 @@ async def test_data_sessions_joining_as_the_migration_ends_are_closed_with_it(cl
     with trio.fail_after(5):
         while b.incoming.connections > 1:  # (the main session's, until the hostile peer closes it)
             await trio.sleep(0.01)
+
+
+async def test_a_data_session_lost_before_its_complete_fails_the_migration_though_the_source_says_nothing(cluster):
+    """A bound data session closed before its COMPLETE, the main session silent: the run fails closed
+    after LANE_GRACE (1 s), not at its session deadline (120 s from BEGIN)."""
+    b, port = cluster["b"], cluster.members["b"].port
+    keys = cluster["a"].registry.create_model("k", 4 << 20).export_keys()  # (no protected process)
+    evil = HostilePeer(cluster.authority, cluster.measurement)
+    mid = bytes(range(2, 18))
+    ch, proto, reply = await evil.try_begin(port, mid=mid, pages=1024)
+    assert reply.type == "ACCEPT"
+    await ch.send(proto.send(Keys(keys)))
+    await ch.send(proto.send(Channels(2)))
+    d = await evil.session(port, Purpose.DATA)
+    await d.send(SessionProtocol(Role.SOURCE, mid, data=True).send(Bind(1, 2)))
+    run = next(iter(b.incoming.runs.values()))
+    with trio.fail_after(10):
+        while not run.engine.lanes:
+            await trio.sleep(0.01)
+    await d.aclose()
+    with trio.fail_after(10):
+        while b.incoming.runs:
+            await trio.sleep(0.01)
+    assert run.engine.error is not None and run.engine.error.code is ErrorCode.CLOSED, run.engine.error
+    assert b.store.get(mid).state == "aborted"
+    await ch.aclose()
 
 
 async def test_a_migration_takes_at_most_its_data_sessions_and_a_bind_waits_a_bounded_time(cluster, monkeypatch):
@@ -362,6 +454,76 @@ async def test_a_migration_takes_at_most_its_data_sessions_and_a_bind_waits_a_bo
     run = next(iter(b.incoming.runs.values()))
     assert run.engine.state.value == "streaming" and not run.engine.lanes  # the migration itself goes on
     await ch.aclose()
+
+
+async def test_a_bind_not_taken_within_bind_wait_is_withdrawn_and_never_bound(monkeypatch):
+    """attach marks a BIND it gave up on: _bind_waiting skips it once CHANNELS and KEYS are in."""
+    monkeypatch.setattr(runner, "BIND_WAIT", 0.05)
+    run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
+    opened_send, opened = trio.open_memory_channel(1)
+    run._opened, run._attached, run._ended, run._binds = opened_send, 0, trio.Event(), []
+    first = Record(SessionProtocol(Role.SOURCE, MID, data=True).send(Bind(1, 2)), 0, bytes(32))
+    await run.attach(type("Channel", (), {"plain": False})(), first)  # back after BIND_WAIT: the agent closes it
+    run._binds.append(opened.receive_nowait().bind)  # as the session task takes it, too late
+
+    def bind(rec, plain):
+        raise AssertionError("a withdrawn data session bound")
+
+    run.engine = type("Engine", (), {"stream": False, "keys_imported": True, "channels": 2, "page_records": 0,
+                                     "bind": staticmethod(bind)})()
+    run._bind_waiting()
+    assert run._binds == []
+
+
+def test_data_sessions_wait_for_channels_and_keys_then_bind():
+    """_bind_waiting binds nothing before CHANNELS (KEYS alone is not enough), then binds on CHANNELS 2."""
+    run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
+    started, bound = [], []
+    run._opened, _ = trio.open_memory_channel(1)
+    run._nursery = type("Nursery", (), {"start_soon": staticmethod(lambda *a: started.append(a))})()
+    run.log = runner.log
+    channel = type("Channel", (), {"plain": False, "_receiver": type("R", (), {"take_buffered": lambda self: b""})()})
+    waiting = runner._Bind(channel(), Record(SessionProtocol(Role.SOURCE, MID, data=True).send(Bind(1, 2)), 0,
+                                             bytes(32)))
+    run._binds = [waiting]
+
+    def bind(rec, plain):
+        bound.append(rec)
+        return Lane(len(bound), SessionProtocol(Role.DESTINATION, data=True))
+
+    run.engine = eng = type("Engine", (), {"stream": False, "keys_imported": True, "channels": 1, "page_records": 0,
+                                           "bind": staticmethod(bind)})()
+    run._bind_waiting()  # KEYS in, CHANNELS not yet: it waits
+    assert bound == [] and run._binds == [waiting] and not waiting.taken.is_set()
+    eng.channels = 2
+    run._bind_waiting()
+    assert bound == [waiting.first] and run._binds == [] and waiting.taken.is_set()
+    assert [a[1].index for a in started] == [1]  # then read on its own lane
+
+
+async def test_a_data_sessions_pages_pending_at_its_buffers_end_go_with_that_buffer():
+    """_process flushes the lane's own pending pages at the end of a data session's buffer (its
+    data records are views of that buffer, which goes back to the Inbox once its batches are written)."""
+    d = _Dest()
+    d.bind(1)
+    proto = d.lanes[1][0]
+    g = np.arange(256, 256 + 30, dtype=np.uint64)
+    data = bytes(range(256)) * (30 * 16)  # 30 normal pages: two data records of 15 pages
+    msg = proto.send(PageBatch(g, bytes([1]) * 30, np.zeros(30, np.uint64), data).message(0))
+    first, _second = proto.send_data(data)
+    submitted = []
+
+    class Applier:
+        async def submit(self, effects, bufs, release=None):
+            submitted.append([type(e) for e in effects])
+
+        async def drain(self):
+            pass
+
+    run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
+    run.engine, run._applier, run.log = d.eng, Applier(), runner.log.bind(migration=MID.hex())
+    await run._process(d.lanes[1][1], [Record(msg, 1, bytes(32)), Record(first, 2, bytes(32))], bytearray(), None)
+    assert submitted == [[ApplyPages]]  # the first 15 pages, with the buffer that holds them
 
 
 async def test_two_migrations_on_16_channels_at_once_are_not_refused_by_the_session_rate(cluster):
