@@ -575,3 +575,22 @@ def test_the_channel_vectors_are_what_a_destination_engine_accepts():
     assert [type(e) for e in applied] == [ApplyPages] and applied[0].batch.gfns.tolist() == [256]
     complete = messages.decode(data[3]).body
     assert eng.on_lane_record(lane, Record(data[3], 3, complete.transcript)) == [] and lane.complete
+
+
+async def test_a_record_from_the_destination_on_a_data_session_fails_the_migration(cluster, monkeypatch):
+    """The destination never sends on a DATA session (proto 7.8): the source takes a record there as
+    the peer's error, fails the migration before the handoff, and runs on."""
+    from palm_net.agent.incoming import IncomingService
+
+    joined = IncomingService._data_session
+
+    async def talking(self, channel):
+        await channel.send(b"not for a data session")
+        await joined(self, channel)
+
+    monkeypatch.setattr(IncomingService, "_data_session", talking)
+    cluster["a"].registry.create_model("vm1", 4 << 20, protected=1, fill="random", seed=3)
+    res = await cluster["a"].outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(channels=2))
+    assert not res.ok and "the destination sent on a data session" in res.error
+    assert res.runs_on == "source" and cluster.running_copies("vm1") == ["a"]
+    await _settled(cluster["b"], res.mid)
