@@ -305,12 +305,9 @@ async def _result(out) -> object:
 
 async def test_a_plain_mode_migration_on_channels_seals_each_data_sessions_messages(nursery):
     """In the plain mode BIND, ROUND_END and COMPLETE on a data session still go sealed (_send_on)."""
-    c = LocalCluster(("a", "b"), in_doubt_wait=3.0)
-    c.nursery = nursery
-    for m in c.members.values():
-        m.config.allow_plain = True
-    await c.start("a")
-    await c.start("b")
+    from tests.test_hostile_peer import plain_cluster
+
+    c = await plain_cluster(nursery)
     try:
         vm = c["a"].registry.create_model("vm1", 4 << 20, fill="random", seed=3)
         digest = vm.digest()

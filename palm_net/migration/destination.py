@@ -104,8 +104,9 @@ def context_limit(protected_pages: int, processes: int) -> int:
 
 
 class Lane:
-    """A data session's share of the pages (proto 7.8): its own session protocol, the
-    PAGES message whose data comes next, its round and counts."""
+    """A session's share of the pages (proto 7.8): the main session's (channel 0) or a data
+    session's, with its own session protocol, the PAGES message whose data comes next, its
+    round and counts (``round_ended`` and ``complete``: a data session's)."""
 
     def __init__(self, index: int, proto: SessionProtocol) -> None:
         self.index = index
@@ -137,11 +138,9 @@ class DestinationEngine:
         # Per gfn, the version applied plus one (0: never received): 4 bytes a page,
         # 4 MiB for a 4 GiB guest (versions are below 2**32 - 1, proto 6).
         self.applied: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
-        self.page_records = 0
-        self._pages: IncomingPages | None = None  # the PAGES message whose data records come next
+        self.main = Lane(0, self.proto)  # this session's pages (PAGES or STREAM messages: page_records)
         self._round_ended = 0  # the last ROUND_END's round, for its ROUND_DONE
         self.progress = 0  # bytes of the VM's memory received (zero pages count as whole pages)
-        self.round = 0
         self.cpu_state_seen = False
         self.context = bytearray()
         self.context_total = 0
@@ -166,6 +165,15 @@ class DestinationEngine:
     @property
     def state(self) -> State:
         return self.proto.state
+
+    @property
+    def round(self) -> int:
+        return self.main.round
+
+    @property
+    def page_records(self) -> int:
+        """PAGES (or STREAM) messages received on this session."""
+        return self.main.page_records
 
     @property
     def vm_name(self) -> str | None:
@@ -263,11 +271,14 @@ class DestinationEngine:
         return []
 
     def _on_pages(self, msg: Message, _: Record) -> list[Effect]:
-        p = msg.get(Pages)
-        batch = self._check_pages(p, 0, self.round)
-        self.round = p.round
-        self.page_records += 1
-        self._pages = batch if self.proto.data_due else None
+        return self._lane_pages(self.main, msg.get(Pages))
+
+    def _lane_pages(self, lane: Lane, p: Pages) -> list[Effect]:
+        """A PAGES message on a session, checked: its zero pages at once, its data as it comes."""
+        batch = self._check_pages(p, lane.index, lane.round)
+        lane.round = p.round
+        lane.page_records += 1
+        lane.pages = batch if lane.proto.data_due else None
         zero = batch.zero()
         return [ApplyPages(zero)] if zero is not None else []
 
@@ -303,23 +314,23 @@ class DestinationEngine:
             self.stream_bytes += len(d.data)
             self.progress += len(d.data)
             return [StreamIn(d.data)]
-        assert self._pages is not None  # the protocol announced this record
-        self._pages.add(d.data)
-        return self.flush() if d.last else []
+        return self._lane_data(self.main, d)
+
+    def _lane_data(self, lane: Lane, d: Data) -> list[Effect]:
+        assert lane.pages is not None  # the protocol announced this record
+        lane.pages.add(d.data)
+        return self.flush(lane) if d.last else []
 
     def flush(self, lane: Lane | None = None) -> list[Effect]:
         """The pages of data records received and not yet asked to be written (the
         shell calls this at the end of each buffer it opened, so that the buffer's
         data is written before the buffer is reused); ``lane``: a data session's."""
-        pages = self._pages if lane is None else lane.pages
-        if pages is None:
+        lane = lane or self.main
+        if lane.pages is None:
             return []
-        batch = pages.take()
-        if not (self.proto if lane is None else lane.proto).data_due:
-            if lane is None:
-                self._pages = None
-            else:
-                lane.pages = None
+        batch = lane.pages.take()
+        if not lane.proto.data_due:
+            lane.pages = None
         return [ApplyPages(batch)] if batch is not None else []
 
     def _on_round_end(self, msg: Message, _: Record) -> list[Effect]:
@@ -343,7 +354,7 @@ class DestinationEngine:
         return [self._send(RoundDone(self._round_ended))]
 
     def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
-        self.page_records += 1  # its bytes follow in data records
+        self.main.page_records += 1  # its bytes follow in data records
         return []
 
     def _on_stream_end(self, msg: Message, _: Record) -> list[Effect]:
@@ -397,17 +408,10 @@ class DestinationEngine:
             return []
         msg = lane.proto.receive(rec.data, rec.authenticated)
         if isinstance(msg, Data):
-            assert lane.pages is not None  # the protocol announced this record
-            lane.pages.add(msg.data)
-            return self.flush(lane) if msg.last else []
+            return self._lane_data(lane, msg)
         body = msg.body
         if isinstance(body, Pages):  # (the last round's may come after the main session's CPU_STATE)
-            batch = self._check_pages(body, lane.index, lane.round)
-            lane.round = body.round
-            lane.page_records += 1
-            lane.pages = batch if lane.proto.data_due else None
-            zero = batch.zero()
-            return [ApplyPages(zero)] if zero is not None else []
+            return self._lane_pages(lane, body)
         if isinstance(body, RoundEnd):
             lane.round_ended = body.round
             return self._settle_if_due()

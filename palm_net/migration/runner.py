@@ -347,14 +347,12 @@ class SourceRun:
     async def _open_channels(self, binds: tuple[bytes, ...]) -> None:
         """A DATA session for each BIND, to the destination of the main session and no
         other agent (its static key), each watched for the destination's close."""
-        assert self.connect_data is not None
-        peer = self.ch.result.peer.static_pub
-
+        connect, peer = self.connect_data, self.ch.result.peer.static_pub
+        assert connect is not None
         opened: dict[int, SecureChannel] = {}
 
         async def open_one(i: int, bind: bytes) -> None:
-            assert self.connect_data is not None
-            ch = opened[i] = await self.connect_data()
+            ch = opened[i] = await connect()
             self.ch.bound.append(ch)
             if not hmac.compare_digest(ch.result.peer.static_pub, peer):
                 raise MigrationFailure(ErrorCode.KEY_MISMATCH, f"a data session reached {ch.peer_name!r}, not "
@@ -384,13 +382,10 @@ class SourceRun:
 
     async def _send_pages(self, vm: Backend, gfns: RoundGfns, round_no: int) -> None:
         """The pages of ``gfns`` on each channel (its share, wire.messages.lane_of) at once."""
-        if not self.data_channels:
-            await self._send_share(vm, gfns, round_no, 0, self.ch)
-            return
-        shares = split_lanes(gfns, len(self.data_channels) + 1)
+        channels = [self.ch, *self.data_channels]
         async with trio.open_nursery() as nursery:
-            for i, ch in enumerate([self.ch, *self.data_channels]):
-                nursery.start_soon(self._send_share, vm, shares[i], round_no, i, ch)
+            for i, share in enumerate(split_lanes(gfns, len(channels))):
+                nursery.start_soon(self._send_share, vm, share, round_no, i, channels[i])
 
     async def _send_share(self, vm: Backend, gfns: RoundGfns, round_no: int, channel: int,
                           ch: SecureChannel) -> None:

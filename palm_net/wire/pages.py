@@ -75,7 +75,9 @@ RoundGfns = Gfns | PageRange | LaneRange
 
 
 def split_lanes(gfns: RoundGfns, channels: int) -> list[RoundGfns]:
-    """A round's gfns by channel (proto 7.8), each in ascending order."""
+    """A round's gfns by channel (proto 7.8), each in ascending order (one channel: as they are)."""
+    if channels == 1:
+        return [gfns]
     if isinstance(gfns, PageRange):
         return [LaneRange(gfns.n, channels, lane) for lane in range(channels)]
     g = np.asarray(gfns, dtype=np.uint64)
