@@ -46,8 +46,8 @@ SOURCE_EFFECTS = {
     "DigestMemory": "the digest of the pages as sent",
     "HandOff": "the hand-off asked of the store (before its own points)",
 }
-EFFECTS = ("OpenIncoming", "ImportKeys", "ApplyPages", "StreamIn", "EndStream", "Settle", "ImportCpuState",
-           "ImportProtection", "Prepare", "CommitAndActivate", "AbortForever", "Send")
+EFFECTS = ("OpenIncoming", "ImportKeys", "ApplyPages", "ListenStream", "StreamIn", "EndStream", "Settle",
+           "ImportCpuState", "ImportProtection", "Prepare", "CommitAndActivate", "AbortForever", "Send")
 
 STEPS: dict[str, str] = {
     # the source

@@ -269,7 +269,7 @@ class Palm:
             rec[f"cpu_{side}_s_per_gib"] = secs / (memory / GIB)
         return rec
 
-    def migrate_qemu(self, memory: int, content: Path, downtime_ms: int) -> dict[str, Any]:
+    def migrate_qemu(self, memory: int, content: Path, downtime_ms: int, channels: int = 1) -> dict[str, Any]:
         """The same guest as the QEMU-alone runs, as a palm_net QEMU VM, migrated through the attested session."""
         self.n += 1
         name = f"q{self.n}"
@@ -282,7 +282,7 @@ class Palm:
             rest = self.rss_at_rest()
             with RssSampler({"source": self.a.pid(), "destination": self.b.pid()}) as rss:
                 r: dict[str, Any] = self.a.request("migrate", name=name, to=self.b.addr,
-                                                   downtime_ms=float(downtime_ms))
+                                                   downtime_ms=float(downtime_ms), channels=channels)
         except BaseException:
             self._discard(name)
             raise
@@ -462,18 +462,25 @@ def goal_digest(palm: Palm, rep: int, guest: int) -> dict[str, Any]:
 # goal 4: QEMU
 
 
+def qemu_content(work: Path, memory: int) -> Path:
+    """What the bench's QEMU guests load: half their memory, pseudo-random (the rest stays zero)."""
+    import mmap
+    content = work / "qemu-content.bin"
+    if not content.exists():
+        half = memory // 2
+        m = mmap.mmap(-1, half)
+        fill_pseudorandom(m, 0, half, 12345)
+        content.write_bytes(m[:])
+        m.close()
+    return content
+
+
 def goal_qemu(pairs: dict[str, Palm], rep: int, memory: int, work: Path) -> dict[str, Any]:
     accels = list(pairs)
     if qemu_binary() is None:
         reason = "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
         return {"skipped": reason, "rows": [skipped_row("4. QEMU", "palm_net vs QEMU alone", reason)]}
-    import mmap
-    content = work / "qemu-content.bin"
-    half = memory // 2
-    m = mmap.mmap(-1, half)
-    fill_pseudorandom(m, 0, half, 12345)
-    content.write_bytes(m[:])
-    m.close()
+    content = qemu_content(work, memory)
     tls_skip = make_tls_creds(work / "tls")
     modes: dict[str, Callable[[], dict[str, Any]]] = {}
     for accel in accels:
@@ -720,7 +727,7 @@ def projection_text(p: dict[str, Any]) -> list[str]:
             "(the channels share one process a side).", ""]
 
 
-def goal_channels(palm: Palm, rep: int, guest: int) -> dict[str, Any]:
+def goal_channels(palm: Palm, rep: int, guest: int, work: Path) -> dict[str, Any]:
     what = f"idle {format_bytes(guest)} all-random guest, {{n}} channels vs 1, total time"
     # The agent must both accept the argument and say it used it; an agent
     # that ignores an unknown argument would otherwise be measured as "2 channels".
@@ -751,11 +758,40 @@ def goal_channels(palm: Palm, rep: int, guest: int) -> dict[str, Any]:
                         f"information: {os.cpu_count()} cores shared by both agents (a channel gains only "
                         "with cores to spare)"))
     out["projection"] = channel_projection(palm, guest, out["modes"].get("channels_1") or {})
-    rows.append(skipped_row("6. channels (QEMU)", "a QEMU guest on N channels",
-                            "not built: QEMU's multifd channels are not carried over palm data sessions yet "
-                            "(a QEMU guest migrates on one channel)"))
+    rows += qemu_channels(palm, rep, guest, work, out)
     out["rows"] = rows
     return out
+
+
+def qemu_channels(palm: Palm, rep: int, guest: int, work: Path, out: dict[str, Any]) -> list[dict[str, Any]]:
+    """A QEMU guest on N channels (QEMU's multifd, one palm session a stream) next to
+    QEMU alone with the same multifd streams over plain TCP, interleaved in one run."""
+    what = f"{format_bytes(guest)} QEMU guest, half random, {{n}} channels: palm_net vs QEMU alone's multifd, {{m}}"
+    if qemu_binary() is None:
+        return [skipped_row("6. channels (QEMU)", what.format(n="N", m="total"), "qemu-system-x86_64 not installed")]
+    content = qemu_content(work, guest)
+    accel = default_accel()  # (the default pair's agents start their QEMUs so)
+    modes: dict[str, Callable[[], dict[str, Any]]] = {}
+    for n in CHANNEL_COUNTS:
+        modes[f"palm_qemu_channels_{n}"] = lambda n=n: palm.migrate_qemu(guest, content, 300, n)
+        modes[f"qemu_alone_channels_{n}"] = lambda n=n: qemu_migrate_once(work, guest, content, accel, False, 300, n)
+    runs, failed = interleave(rep, modes, "goal 6 (QEMU channels)")
+    out["qemu_modes"], out["qemu_accel"] = summaries(runs, failed), accel
+    rows = []
+    for n in CHANNEL_COUNTS:
+        p, q = runs[f"palm_qemu_channels_{n}"], runs[f"qemu_alone_channels_{n}"]
+        for key, m in (("total_ms", "total"), ("downtime_ms", "downtime")):
+            w = what.format(n=n, m=m) + f" ({accel.upper()})"
+            if not p or not q:
+                rows.append(skipped_row("6. channels (QEMU)", w, failed.get(f"palm_qemu_channels_{n}") or
+                                        failed.get(f"qemu_alone_channels_{n}", "?")))
+                continue
+            c = compare(*paired(p, q, key))
+            out[f"qemu_{key}_{n}"] = c
+            rows.append(row("6. channels (QEMU)", w, ms(c["palm"], 1 if m == "downtime" else 0),
+                            ms(c["base"], 1 if m == "downtime" else 0), c, None,
+                            "information: the same multifd streams, QEMU alone over plain TCP"))
+    return rows
 
 
 # --------------------------------------------------------------------------
@@ -1008,6 +1044,10 @@ def report(res: dict[str, Any]) -> str:
             L.append("")
             L += channel_cpu_table(v["modes"])
             L += projection_text(v.get("projection") or {})
+        if "qemu_modes" in v:
+            L.append(f"\n### A QEMU guest on N channels ({v['qemu_accel'].upper()}): palm_net and QEMU alone's "
+                     "multifd\n")
+            L += modes_table(v["qemu_modes"])
     ctx = res.get("context", {})
     if ctx:
         L.append("## Context (no goal)\n")
@@ -1202,7 +1242,7 @@ def main() -> int:
         for key in [k for k in pairs if k != "default"]:
             pairs.pop(key).close()  # the other accelerator's agents: done
         run("goals", "scale", lambda: goal_scale(palm(), rep, sizes, tls))
-        run("goals", "channels", lambda: goal_channels(palm(), rep, guest))
+        run("goals", "channels", lambda: goal_channels(palm(), rep, guest, work))
         run("context", "ciphers", lambda: context_ciphers(palm(), rep, guest))
         run("context", "hotset", lambda: context_hotset(palm(), rep, guest, args.hotset, args.hot_rate))
     finally:

@@ -128,8 +128,9 @@ def loader_args(content: Path) -> list[str]:
 
 
 def qemu_migrate_once(work: Path, memory: int, content: Path, accel: str, tls: bool,
-                      downtime_ms: int) -> dict[str, Any]:
-    """One QEMU-alone migration (source and destination QEMU on loopback); total and the guest's real pause."""
+                      downtime_ms: int, channels: int = 1) -> dict[str, Any]:
+    """One QEMU-alone migration (source and destination QEMU on loopback); total and the guest's real pause.
+    ``channels`` > 1: QEMU's multifd with ``channels`` - 1 multifd streams, as palm_net's N channels."""
     port = free_port()
 
     def creds(endpoint: str) -> list[str]:
@@ -155,6 +156,10 @@ def qemu_migrate_once(work: Path, memory: int, content: Path, accel: str, tls: b
         if tls:
             params["tls-creds"] = "tls0"
             qd.execute("migrate-set-parameters", **{"tls-creds": "tls0"})
+        if channels > 1:
+            for q in (qs, qd):
+                q.execute("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+                q.execute("migrate-set-parameters", **{"multifd-channels": channels - 1})
         qd.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         qs.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         qs.execute("migrate-set-parameters", **params)

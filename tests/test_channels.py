@@ -518,7 +518,7 @@ async def test_a_data_sessions_pages_pending_at_its_buffers_end_go_with_that_buf
             pass
 
     run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
-    run.engine, run._applier, run.log = d.eng, Applier(), runner.log.bind(migration=MID.hex())
+    run.engine, run._appliers, run.log = d.eng, {0: Applier()}, runner.log.bind(migration=MID.hex())
     await run._process(d.lanes[1][1], [Record(msg, 1, bytes(32)), Record(first, 2, bytes(32))], bytearray(), None)
     assert submitted == [[ApplyPages]]  # the first 15 pages, with the buffer that holds them
 
@@ -591,3 +591,95 @@ async def test_a_record_from_the_destination_on_a_data_session_fails_the_migrati
     assert not res.ok and "the destination sent on a data session" in res.error
     assert res.runs_on == "source" and cluster.running_copies("vm1") == ["a"]
     await _settled(cluster["b"], res.mid)
+
+
+# --------------------------------------------------------------------------
+# A stream backend's channels (QEMU's multifd): the destination engine, sans-IO
+
+
+class _StreamDest:
+    """A destination (engine and synchronous shell) of a stream migration past BEGIN,
+    with a stand-in hypervisor that keeps each stream it is fed."""
+
+    def __init__(self, tmp: Path) -> None:
+        from palm_net.hypervisor.backend import VmInfo
+        from palm_net.migration.handoff import HandoffStore
+        from palm_net.testing.engines import DestinationDriver
+        from tests.test_destination_engine import FakeStream
+
+        self.fake = FakeStream(VmInfo("q", bytes(16), 256, 1, 0, 0))
+        self.d = DestinationDriver(HandoffStore(tmp / "d.db"), lambda mid, begin: self.fake)
+        self.src = SessionProtocol(Role.SOURCE, MID)
+        self.sent: list[bytes] = []
+        self.main(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec"))
+        self.src.receive(self.sent.pop())  # ACCEPT
+        self.lanes: dict[int, tuple[SessionProtocol, Lane, list[int]]] = {}
+
+    def main(self, body, data: bytes = b"") -> None:
+        self.sent += self.d.feed(self.src.send(body))
+        for part in self.src.send_data(data) if data else []:
+            self.sent += self.d.feed(bytes(part))
+
+    def bind(self, channel: int, count: int) -> None:
+        proto = SessionProtocol(Role.SOURCE, MID, data=True, stream=True)
+        lane = self.d.engine.bind(Record(proto.send(Bind(channel, count)), 0, bytes(32)), False)
+        self.lanes[channel] = (proto, lane, [1])
+
+    def on(self, channel: int, body, data: bytes = b"") -> None:
+        proto, lane, n = self.lanes[channel]
+        for rec in [proto.send(body), *(bytes(p) for p in (proto.send_data(data) if data else []))]:
+            self.sent += self.d.perform(self.d.engine.on_lane_record(lane, Record(rec, n[0], b"T" * 32)))
+            n[0] += 1
+
+
+def test_a_stream_on_three_channels_loads_once_every_channel_is_complete(tmp_path):
+    """CHANNELS makes the hypervisor listen for 3 streams; each channel's bytes go to its
+    own stream; the hypervisor loads (EndStream) only once every data session's COMPLETE
+    is in, after the main session's STREAM_END, and READY follows."""
+    s = _StreamDest(tmp_path)
+    s.main(Channels(3))
+    assert s.fake.listening == 3
+    s.bind(1, 3)
+    s.bind(2, 3)
+    chunks = {0: b"QEVM" + bytes(70000), 1: b"\x11\x22\x33\x44" + b"a" * 100, 2: b"\x11\x22\x33\x44" + b"b" * 9}
+    s.main(messages.Stream(len(chunks[0])), chunks[0])
+    for c in (1, 2):
+        s.on(c, messages.Stream(len(chunks[c])), chunks[c])
+    s.main(messages.StreamEnd(len(chunks[0])))
+    s.main(Complete(s.d.index, 1, b"T" * 32))
+    s.on(1, Complete(3, 1, b"T" * 32))
+    assert not s.fake.ended and s.sent == []  # channel 2's bytes may still come: QEMU waits for them
+    s.on(2, Complete(3, 1, b"T" * 32))
+    assert s.fake.ended and [messages.decode(m).type for m in s.sent] == ["READY"]
+    assert {c: bytes(b) for c, b in s.fake.streams.items()} == chunks
+
+
+def test_a_stream_channels_page_messages_and_a_short_complete_are_refused(tmp_path):
+    s = _StreamDest(tmp_path)
+    s.main(Channels(2))
+    s.bind(1, 2)
+    pages = SessionProtocol(Role.SOURCE, MID, data=True)  # (a page migration's data session, to forge with)
+    pages.send(Bind(1, 2))
+    with pytest.raises(RemoteProtocolError) as exc:  # a page message on a stream's data session
+        s.d.engine.on_lane_record(s.lanes[1][1], Record(pages.send(RoundEnd(0, 0, 0)), 1, bytes(32)))
+    assert exc.value.code is ErrorCode.OUT_OF_STATE
+    (tmp_path / "2").mkdir()
+    s = _StreamDest(tmp_path / "2")
+    s.main(Channels(2))
+    s.bind(1, 2)
+    s.on(1, messages.Stream(3), b"abc")
+    with pytest.raises(RemoteProtocolError) as exc:  # COMPLETE that counts two STREAM messages
+        s.on(1, Complete(3, 2, b"T" * 32))
+    assert exc.value.code is ErrorCode.INCOMPLETE
+
+
+def test_a_bind_for_a_stream_on_one_channel_or_before_channels_is_refused(tmp_path):
+    s = _StreamDest(tmp_path)
+    with pytest.raises(RemoteProtocolError) as exc:  # no CHANNELS yet: the hypervisor listens for nothing
+        s.bind(1, 2)
+    assert exc.value.code is ErrorCode.OUT_OF_STATE and s.fake.listening == 0
+    s.main(messages.Stream(3), b"abc")  # one channel, then
+    assert s.fake.listening == 1 and bytes(s.fake.streams[0]) == b"abc"
+    with pytest.raises(RemoteProtocolError) as exc:
+        s.bind(1, 2)
+    assert exc.value.code is ErrorCode.OUT_OF_STATE

@@ -428,3 +428,30 @@ async def test_each_request_of_the_destination_waits_until_the_pages_before_it_a
     assert {"destination.ImportKeys", "destination.Settle", "destination.ImportCpuState",
             "destination.ImportProtection", "destination.Prepare", "destination.Send"} <= steps, steps
     assert [s for s in seen if s[1]] == []
+
+
+async def test_a_worker_thread_on_a_quiet_stream_returns_when_its_nursery_is_cancelled():
+    """A thread cannot be cancelled: one reading a stream that says nothing (a quiet QEMU
+    multifd channel) held its nursery, and the failure path behind it, for the stream's
+    timeout.  runner.unblock_on_cancel shuts the streams down (not closed: the thread
+    still uses the descriptor), so the read returns at once."""
+    from palm_net.migration.runner import shut_down, unblock_on_cancel
+
+    ours, qemu = socket.socketpair()
+    ours.settimeout(15)  # past the test's own deadline (without the fix: fails after this)
+    returned = []
+
+    def read() -> None:
+        returned.append(read_stream(ours, memoryview(bytearray(64))))
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(unblock_on_cancel, trio.CancelScope(), lambda: shut_down([ours]))
+                nursery.start_soon(trio.to_thread.run_sync, read)
+                await trio.sleep(0.2)  # the thread waits in recv by now (if not, it returns all the same)
+                nursery.cancel_scope.cancel()
+        assert returned == [(0, True)]  # the stream's end, seen by the thread
+    finally:
+        ours.close()
+        qemu.close()

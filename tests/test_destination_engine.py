@@ -326,10 +326,21 @@ class FakeStream:
         self.ended = self.active = self.scrubbed = False
         self.running = False
         self.paused_at = None
+        self.listening = 0  # the streams it listens for (listen_stream)
+        self.streams: dict[int, bytearray] = {}
 
-    def stream_in(self, data: bytes) -> None:
-        assert not self.ended
-        self.data += data
+    def listen_stream(self, channels: int) -> None:
+        assert not self.listening
+        self.listening = channels
+        self.streams = {c: bytearray() for c in range(channels)}
+        self.data = self.streams[0]
+
+    def interrupt_stream(self) -> None:
+        pass
+
+    def stream_in(self, data: bytes, channel: int = 0) -> None:
+        assert not self.ended and channel < self.listening
+        self.streams[channel] += data
 
     def end_stream(self) -> None:
         from palm_net.hypervisor.qemu import QemuError

@@ -64,10 +64,11 @@ REACHED_WITH = {
     "source.SetThrottle": (MigrationParams(max_rounds=1, downtime_limit=1e-6, downtime_policy="throttle"),
                            "random:5000"),
 }
-# PALM_FAULT_CHANNELS=N runs every case on N channels (proto 7.8), the VM then N blocks of pages.
+# PALM_FAULT_CHANNELS=N runs every case on N channels (proto 7.8), a model VM then N blocks of
+# pages, a QEMU guest N streams (its multifd).
 CHANNELS = int(os.environ.get("PALM_FAULT_CHANNELS", "1"))
-STREAM_ONLY = {"source.StartStream", "source.SendStream", "source.FinishStream", "destination.StreamIn",
-               "destination.EndStream"}
+STREAM_ONLY = {"source.StartStream", "source.SendStream", "source.FinishStream", "destination.ListenStream",
+               "destination.StreamIn", "destination.EndStream"}
 
 
 def model_steps() -> list[str]:
@@ -166,7 +167,7 @@ async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096,
     digest: str | None = ""
     vm_id = b""
     params, workload = REACHED_WITH.get(case.step, (MigrationParams(), "idle"))
-    if content is None and CHANNELS > 1:
+    if CHANNELS > 1:  # (a QEMU guest's: its multifd channels)
         params, memory = dataclasses.replace(params, channels=CHANNELS), max(memory, CHANNELS * LANE_BLOCK * 4096)
     if content is None:
         name = "vm1"

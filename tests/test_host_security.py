@@ -687,3 +687,65 @@ async def test_a_vanished_memory_dir_is_refused_every_time(nursery):
         for name in list(c.members):
             await c.stop(name)
         c.cleanup()
+
+
+# --------------------------------------------------------------------------
+# QEMU's multifd streams meet the source agent at a socket in QEMU's root
+
+
+class _Connects:
+    """Stands in for QMP: ``migrate`` connects the given streams (first bytes each) to the
+    agent's socket from this process, as QEMU would from its own."""
+
+    def __init__(self, run_dir: Path, firsts: list[bytes]) -> None:
+        self.run_dir, self.firsts, self.conns = run_dir, firsts, []
+
+    def execute(self, command: str, **args: object) -> None:
+        import socket
+
+        assert command == "migrate" and args["uri"] == "unix:m/out"
+        for first in self.firsts:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(str(self.run_dir / "root" / "m" / "out"))
+            c.sendall(first)
+            self.conns.append(c)
+
+
+def _source_vm(tmp_path: Path, pid: int) -> QemuVM:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    (run_dir / "root").mkdir(mode=0o500)
+    vm = object.__new__(QemuVM)  # (its migration's part only: no QEMU is started)
+    vm.run_dir, vm.config = run_dir, {"uid": None, "pid": pid}
+    return vm
+
+
+MAIN, MULTIFD = b"QEVM\x00\x00\x00\x03", bytes.fromhex("1122334400000001")
+
+
+def test_the_source_takes_qemus_streams_main_first_whatever_their_order(tmp_path):
+    vm = _source_vm(tmp_path, os.getpid())
+    q = _Connects(vm.run_dir, [MULTIFD + b"a", MAIN, MULTIFD + b"b"])
+    conns = vm._accept_streams(q, 3)
+    try:
+        assert [c.recv(16) for c in conns] == [MAIN, MULTIFD + b"a", MULTIFD + b"b"]
+        assert not (vm.run_dir / "root" / "m" / "out").exists()  # the socket is gone once all came
+    finally:
+        for c in conns + q.conns:
+            c.close()
+
+
+@pytest.mark.parametrize(("pid", "firsts", "says"), [
+    (1, [MAIN, MULTIFD], "not its QEMU"),  # another process got there (checked by SO_PEERCRED)
+    (None, [MAIN, b"HTTP/1.1"], "neither its main one nor multifd"),
+    (None, [MULTIFD, MULTIFD], "no main migration stream"),
+], ids=["another process", "another protocol", "no main stream"])
+def test_the_source_refuses_a_stream_not_from_its_qemu_or_not_qemus(tmp_path, pid, firsts, says):
+    vm = _source_vm(tmp_path, os.getpid() if pid is None else pid)
+    q = _Connects(vm.run_dir, firsts)
+    try:
+        with pytest.raises(QemuError, match=says):
+            vm._accept_streams(q, len(firsts))
+    finally:
+        for c in q.conns:
+            c.close()

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from palm_net.agent.client import ControlError, control_request
+from palm_net import faults
+from palm_net.agent.client import control_request
 from palm_net.crypto.identity import CERT_FILE, AgentIdentity, Authority
 from palm_net.hypervisor.backend import HypervisorError
-from palm_net.hypervisor.qemu import QemuError, QemuSpec, QemuVM, qemu_binary, split_args
+from palm_net.hypervisor.qemu import STREAM_TIMEOUT, QemuError, QemuSpec, QemuVM, qemu_binary, split_args
 from palm_net.hypervisor.qemu import live_processes as qemu_processes
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.cluster import LocalCluster
@@ -116,15 +117,35 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
     assert isinstance(moved, QemuVM) and moved.state == "running" and moved.qemu_status() == "running"
     assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
     assert vm.name not in a.vms and qemu_processes(vm.vm_id) == [moved.pid] and src_pid != moved.pid
-    # A QEMU guest's stream takes one channel (proto 7.8): asked for more, the agent says so.
-    with pytest.raises(ControlError, match="a QEMU guest migrates on one channel"):
-        await trio.to_thread.run_sync(lambda: control_request(
-            str(cluster.members["b"].config.control), "migrate", {"name": vm.name, "to": cluster.addr("a"),
-                                                                  "channels": 2}))
-    # And back again, by the same rules (channels in the parameters: a stream backend uses one).
-    res = await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams(channels=4))
+    # And back again, by the same rules.
+    res = await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams())
     assert res.ok, res.error
     assert res.as_dict()["channels"] == 1
+    await settle_one_copy(cluster, vm.name, "a", content)
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+async def test_qemu_vm_migrates_on_more_channels(cluster, content, channels):
+    """QEMU's multifd (proto 7.8): its main stream on the migration's session and each
+    multifd channel on a DATA session; digests equal, one copy, the content there;
+    asked through the control API, as `palm migrate --channels N` asks."""
+    a, b = cluster["a"], cluster["b"]
+    vm = new_vm(a, content)
+    await trio.sleep(0.5)  # the guest's BIOS writes its RAM first
+    d = await trio.to_thread.run_sync(lambda: control_request(
+        str(cluster.members["a"].config.control), "migrate",
+        {"name": vm.name, "to": cluster.addr("b"), "channels": channels, "verify_digest": True}, timeout=120))
+    assert d["ok"], d
+    assert d["channels"] == channels and d["digest_verified"]
+    hv = d["hypervisor"]
+    assert hv["status"] == "completed" and hv["stream_bytes"] > CONTENT
+    moved = b.vms[vm.name]
+    assert isinstance(moved, QemuVM) and moved.qemu_status() == "running"
+    assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
+    assert vm.name not in a.vms and qemu_processes(vm.vm_id) == [moved.pid]
+    # Back on one channel: the destination QEMU listens as the source says.
+    res = await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams())
+    assert res.ok, res.error
     await settle_one_copy(cluster, vm.name, "a", content)
 
 
@@ -385,3 +406,44 @@ def test_kvmclock_areas_refuse_what_is_not_qemus_layout():
     assert kvmclock_areas(tail[:-1]) is None  # the description cut short
     off = (0xE8C20).to_bytes(8, "big")  # the enable bit clear: the guest does not use it
     assert kvmclock_areas(tail.replace((0xE8C21).to_bytes(8, "big"), off)) == [(0x9000, 12, "kvmclock wall clock")]
+
+
+# --------------------------------------------------------------------------
+# More channels (QEMU's multifd over DATA sessions): every failure fails closed
+
+
+async def test_a_destination_qemu_that_cannot_listen_for_its_channels_leaves_the_vm_on_the_source(cluster, content):
+    """The destination fails as its QEMU would listen for the multifd streams: the source,
+    waiting for its own QEMU's connections, is told at once and resumes (no wait for
+    a stream timeout)."""
+    a = cluster["a"]
+    vm = new_vm(a, content)
+
+    def inject(step: str) -> None:
+        if step == "destination.ListenStream":
+            raise QemuError("injected: QEMU refused migrate-incoming")
+
+    old = faults.install(inject)
+    try:
+        t0 = trio.current_time()
+        res = await a.outgoing.migrate(vm.name, cluster.addr("b"), MigrationParams(channels=3))
+        took = trio.current_time() - t0
+    finally:
+        faults.install(old)
+    assert not res.ok and res.error is not None and "hypervisor" in res.error
+    assert took < STREAM_TIMEOUT / 2, took
+    await settle_one_copy(cluster, vm.name, "a", content)
+
+
+@pytest.mark.parametrize("action", ["flip", "cut"])
+async def test_a_data_session_tampered_or_cut_mid_stream_fails_closed(cluster, content, action):
+    """A multifd channel's DATA session (connection 1 through the proxy) altered or cut
+    after its first STREAM records: the migration fails, the VM runs on the source only."""
+    a = cluster["a"]
+    vm = new_vm(a, content)
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [Rule("c2s", 12, action, connection=1, bit=7000)])
+    await cluster.nursery.start(proxy.serve)
+    res = await a.outgoing.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams(channels=2))
+    assert proxy.log.events, "the fault was not injected"
+    assert not res.ok
+    await settle_one_copy(cluster, vm.name, "a", content)

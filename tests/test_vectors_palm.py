@@ -98,3 +98,17 @@ def test_channel_vectors():
     assert bind.mid.hex() == expected["inputs"]["migration_id"]
     complete = messages.decode(bytes.fromhex(data["records"][3]["plaintext"])).body
     assert complete.records == 3 and complete.page_records == 1
+
+
+def test_stream_channel_vectors():
+    """A stream backend on 2 channels (proto 7.8 item 7): CHANNELS right after ACCEPT, the
+    main stream on the main session; the DATA session's BIND, STREAM (a multifd stream's
+    first bytes), data record and COMPLETE reproduce."""
+    expected = json.loads((VECTORS / "channels_stream_aesgcm.json").read_text())
+    assert build(CipherName.AESGCM, expected["inputs"], backend="qemu", channels=2) == expected
+    assert [_type(r) for r in expected["records"]] == ["BEGIN", "ACCEPT", "CHANNELS", "STREAM", "data", "STREAM_END"]
+    data = expected["data_session"]
+    assert [_type(r) for r in data["records"]] == ["BIND", "STREAM", "data", "COMPLETE"]
+    assert bytes.fromhex(data["records"][2]["plaintext"])[:4] == bytes.fromhex("11223344")  # QEMU's multifd magic
+    complete = messages.decode(bytes.fromhex(data["records"][3]["plaintext"])).body
+    assert complete.records == 3 and complete.page_records == 1

@@ -294,11 +294,6 @@ class ControlServer:
                 raise RequestError(f"cipher {cipher_name} is not available on this agent")
         name, to = _arg(args, "name", str), _arg(args, "to", str)
         vm = self.agent.outgoing.check(name, to, params)  # refused before anything starts: one line
-        if vm.backend == "qemu":  # QEMU's stream on one channel (its multifd over data sessions: not built)
-            if _arg(args, "channels", int, 0) > 1:
-                raise RequestError("--channels: a QEMU guest migrates on one channel (QEMU's multifd is not "
-                                   "carried over palm data sessions yet)")
-            params.channels = 1
         mid = os.urandom(16)
         meter = ProgressMeter(mid, trio.current_time())
         send, recv = trio.open_memory_channel[dict[str, Any]](1)

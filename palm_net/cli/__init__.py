@@ -782,8 +782,9 @@ def _migrate_command(sub: Any) -> None:
                          "the summary warns), abort (the VM runs on here), continue iterating until it fits, or "
                          "throttle the guest a step a round until it fits")
     mg.add_argument("--channels", type=int, metavar="N",
-                    help="model VMs: carry the pages on N attested sessions at once, the main one and N-1 data "
-                         "sessions (1-16; default: one for every four cores of the source's host, at most 8)")
+                    help="carry the VM on N attested sessions at once, the main one and N-1 data sessions (a "
+                         "QEMU guest: QEMU's multifd streams, one a session); 1-16, default: one for every four "
+                         "cores of the source's host, at most 8")
     mg.add_argument("--bandwidth", metavar="RATE", help="cap, e.g. 1Gbit or 100MiB/s")
     mg.add_argument("--cipher", choices=("aesgcm", "chachapoly"), help="default: aesgcm with AES-NI")
     mg.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")

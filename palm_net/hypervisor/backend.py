@@ -160,8 +160,10 @@ class StreamBackend(HostedVM, Protocol):
 
     paused_at: float | None  # monotonic time the guest stopped for the last copy
 
-    def start_stream(self, downtime_limit: float, bandwidth: float | None, auto_converge: bool) -> socket.socket:
-        """Starts the hypervisor's migration; the stream is read from the socket returned."""
+    def start_stream(self, downtime_limit: float, bandwidth: float | None, auto_converge: bool,
+                     channels: int = 1) -> list[socket.socket]:
+        """Starts the hypervisor's migration on ``channels`` streams; each is read from its
+        socket of those returned, the main stream's first."""
         ...
 
     def finish_stream(self) -> dict[str, Any]:
@@ -169,7 +171,15 @@ class StreamBackend(HostedVM, Protocol):
         (the keys of palm_net.hypervisor.qemu.migration_figures)."""
         ...
 
-    def stream_in(self, data: bytes | bytearray | memoryview) -> None: ...
+    def listen_stream(self, channels: int) -> None:
+        """The incoming hypervisor listens for ``channels`` streams (the main one first)."""
+        ...
+
+    def stream_in(self, data: bytes | bytearray | memoryview, channel: int = 0) -> None: ...
+
+    def interrupt_stream(self) -> None:
+        """The session ended: a thread blocked in ``stream_in`` returns at once (an error)."""
+        ...
 
     def end_stream(self) -> None:
         """Waits until the incoming hypervisor loaded the whole stream (paused)."""

@@ -43,12 +43,14 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -120,6 +122,13 @@ SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny,elevateprivileges="
 DEFAULT_UIDS = (2_000_000_000, 65536)
 GUEST_RAM = "guest.ram"
 STREAM_FD = "palm-migration"
+# More channels (QEMU's multifd, proto 7.8): QEMU 7.2 takes multifd only on socket
+# URIs, so its streams pass through a Unix socket in a directory of its empty root
+# that only root and the VM's own uid can reach (relative: QEMU's working directory
+# is that root, chrooted or not).  The first bytes of each stream say which it is.
+CHANNELS_DIR = "m"
+MAIN_MAGIC = b"QEVM"  # QEMU's migration stream
+MULTIFD_MAGIC = bytes.fromhex("11223344")  # a multifd channel's first packet
 
 
 class QemuError(HypervisorError):
@@ -170,9 +179,10 @@ class StreamTail:
 
 
 class StreamSocket(socket.socket):
-    """The source's end of QEMU's migration stream; read_stream keeps its tail."""
+    """The source's end of QEMU's migration stream; read_stream keeps its tail (the main
+    stream's: its end holds the CPU state)."""
 
-    tail: StreamTail
+    tail: StreamTail | None = None
 
 
 def _fields_size(desc: dict[str, Any]) -> int:
@@ -265,7 +275,7 @@ def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
     except OSError as exc:
         raise QemuError(f"QEMU migration stream: {exc.strerror or exc}") from None
     finally:
-        if isinstance(conn, StreamSocket):
+        if isinstance(conn, StreamSocket) and conn.tail is not None:
             conn.tail.add(out[:filled])
     return filled, False
 
@@ -619,7 +629,7 @@ class QemuVM(ConfiguredVM):
         self.qmp: QmpClient | None = None
         self.workload: Any = None  # QEMU guests run their own code
         self.paused_at: float | None = None  # monotonic time QEMU stopped the guest for stop-and-copy
-        self._incoming: socket.socket | None = None
+        self._incoming: list[socket.socket] = []  # the destination's ends of the streams, the main one first
         self._tail: StreamTail | None = None  # the end of the stream of the migration under way
         # What this VM's digest leaves out while it is paused for a migration (see kvmclock_areas).
         self.digest_excluded: list[tuple[int, int, str]] = []
@@ -699,17 +709,65 @@ class QemuVM(ConfiguredVM):
         vm = cls._new(vm_dir, run_parent, confine, config)
         try:
             vm._start(incoming=True)
-            q = vm._q()
-            q.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-            ours = vm._pass_stream_fd(q)
-            q.execute("migrate-incoming", uri=f"fd:{STREAM_FD}")
-            ours.settimeout(STREAM_TIMEOUT)
-            vm._incoming = ours
-            vm._tail = StreamTail()
+            vm._q().execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         except (QmpError, OSError) as exc:
             vm.scrub()
             raise QemuError(f"destination QEMU did not start: {exc}") from None
         return vm
+
+    def listen_stream(self, channels: int) -> None:
+        """The incoming QEMU listens for the stream: one channel through a socket pair
+        (``migrate-incoming fd:``); more with multifd, its main stream connected first
+        (QEMU 7.2 takes the first connection as the main one), then one a channel."""
+        q = self._q()
+        try:
+            if channels == 1:
+                ours = self._pass_stream_fd(q)
+                self._incoming.append(ours)
+                q.execute("migrate-incoming", uri=f"fd:{STREAM_FD}")
+            else:
+                self._multifd(q, channels)
+                with self._channels_dir() as where:
+                    q.execute("migrate-incoming", uri=f"unix:{CHANNELS_DIR}/in")
+                    for _ in range(channels):
+                        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                        self._incoming.append(conn)
+                        conn.settimeout(STREAM_TIMEOUT)
+                        with contextlib.suppress(OSError):
+                            conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, STREAM_SOCKET_BUFFER)
+                        conn.connect(f"{where}/in")
+        except (QmpError, OSError) as exc:
+            raise QemuError(f"destination QEMU does not listen for the stream: {exc}") from None
+        for conn in self._incoming:
+            conn.settimeout(STREAM_TIMEOUT)
+        self._tail = StreamTail()
+
+    @staticmethod
+    def _multifd(q: QmpClient, channels: int) -> None:
+        """QEMU's multifd on, with one multifd channel per DATA session (both sides)."""
+        q.execute("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+        q.execute("migrate-set-parameters", **{"multifd-channels": channels - 1})
+
+    @contextlib.contextmanager
+    def _channels_dir(self) -> Iterator[str]:
+        """The directory of the multifd sockets in QEMU's root, made now: the VM's uid may
+        pass through its root (group, execute only) and owns this directory; yields a
+        short path to it for the agent (a Unix socket's path has 108 bytes at most)."""
+        root = self.run_dir / "root"
+        where = root / CHANNELS_DIR
+        uid = self.config.get("uid")
+        if not where.is_dir():
+            os.mkdir(where, 0o700)
+            if isinstance(uid, int):
+                os.chown(where, uid, uid)
+                os.chown(root, os.geteuid(), uid)
+                os.chmod(root, 0o510)  # noqa: S103 (its group is the VM's own; run_dir is 0700 anyway)
+        verify_dir(self.run_dir, "QEMU run directory")
+        fd = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
 
     def _pass_stream_fd(self, q: QmpClient) -> socket.socket:
         """A socket pair for the migration stream; QEMU gets one end by SCM_RIGHTS."""
@@ -913,20 +971,21 @@ class QemuVM(ConfiguredVM):
         if self.state == "incoming":
             self._stage_activation()
 
+    def _close_incoming(self) -> None:
+        for conn in self._incoming:
+            conn.close()
+        self._incoming = []
+
     def close(self) -> None:
         """Lets go of the QEMU (the VM keeps running; the next agent reconnects)."""
-        if self._incoming is not None:
-            self._incoming.close()
-            self._incoming = None
+        self._close_incoming()
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
 
     def scrub(self) -> None:
         """Ends the VM: QEMU quits and its RAM file goes (tmpfs pages are zeroed before reuse)."""
-        if self._incoming is not None:
-            self._incoming.close()
-            self._incoming = None
+        self._close_incoming()
         self._kill()
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -1018,28 +1077,85 @@ class QemuVM(ConfiguredVM):
 
     # -- migration: source -------------------------------------------------
 
-    def start_stream(self, downtime_limit: float, bandwidth: float | None, auto_converge: bool) -> socket.socket:
-        """Starts QEMU's migration into a socket pair; returns our end, from which
-        ``read_stream`` takes the stream until QEMU closes it."""
+    def start_stream(self, downtime_limit: float, bandwidth: float | None, auto_converge: bool,
+                     channels: int = 1) -> list[socket.socket]:
+        """Starts QEMU's migration into a socket pair, or with multifd into ``channels``
+        connections; returns our ends (the main stream's first), from which
+        ``read_stream`` takes each stream until QEMU closes it."""
         q = self._q()
         q.execute("migrate-set-capabilities", capabilities=[
             {"capability": "events", "state": True},
-            {"capability": "auto-converge", "state": auto_converge}])
+            {"capability": "auto-converge", "state": auto_converge},
+            {"capability": "multifd", "state": channels > 1}])
         # QEMU caps migration at 128 MiB/s by default; ours is the channel's pace.
         q.execute("migrate-set-parameters", **{
             "downtime-limit": max(1, int(downtime_limit * 1000)),
             "max-bandwidth": int(bandwidth) if bandwidth else 1 << 40})
+        if channels > 1:
+            self._multifd(q, channels)
         q.events.clear()
-        conn = StreamSocket(fileno=self._pass_stream_fd(q).detach())
-        conn.tail = self._tail = StreamTail()
+        self._tail = StreamTail()
         self.digest_excluded = []
-        try:
-            q.execute("migrate", uri=f"fd:{STREAM_FD}")
-        except BaseException:
-            conn.close()
-            raise
-        conn.settimeout(STREAM_TIMEOUT)
-        return conn
+        if channels > 1:
+            conns = self._accept_streams(q, channels)
+        else:
+            conn = StreamSocket(fileno=self._pass_stream_fd(q).detach())
+            conns = [conn]
+            try:
+                q.execute("migrate", uri=f"fd:{STREAM_FD}")
+            except BaseException:
+                conn.close()
+                raise
+        cast(StreamSocket, conns[0]).tail = self._tail
+        for c in conns:
+            c.settimeout(STREAM_TIMEOUT)
+        return conns
+
+    def _accept_streams(self, q: QmpClient, channels: int) -> list[socket.socket]:
+        """QEMU's connections to our socket in its root, each checked to come from this VM's
+        QEMU (SO_PEERCRED) and told apart by its first bytes: the main stream, then the
+        multifd channels in the order they came."""
+        conns: list[socket.socket] = []
+        main: socket.socket | None = None
+        with self._channels_dir() as where:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{where}/out")
+                listener.bind(f"{where}/out")
+                uid = self.config.get("uid")
+                if isinstance(uid, int):
+                    os.chown(f"{where}/out", uid, uid)  # QEMU connects as its own uid
+                listener.listen(channels)
+                listener.settimeout(STREAM_TIMEOUT)
+                q.execute("migrate", uri=f"unix:{CHANNELS_DIR}/out")
+                while len(conns) < channels:
+                    conn = StreamSocket(fileno=listener.accept()[0].detach())
+                    conns.append(conn)
+                    conn.settimeout(STREAM_TIMEOUT)
+                    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))[0]
+                    if pid != self.pid:
+                        raise QemuError(f"a connection to the VM's migration socket from process {pid}, not its "
+                                        "QEMU")
+                    magic = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+                    if magic == MAIN_MAGIC and main is None:
+                        main = conn
+                    elif magic != MULTIFD_MAGIC:
+                        raise QemuError("a migration stream of QEMU's that is neither its main one nor multifd")
+            except BaseException:
+                for c in conns:
+                    c.close()
+                raise
+            finally:
+                listener.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{where}/out")
+        if main is None:
+            for c in conns:
+                c.close()
+            raise QemuError("QEMU opened no main migration stream")
+        return [main, *(c for c in conns if c is not main)]
 
     def finish_stream(self) -> dict[str, Any]:
         """After QEMU closed the stream: its migration must have completed (the guest
@@ -1077,29 +1193,34 @@ class QemuVM(ConfiguredVM):
 
     # -- migration: destination --------------------------------------------
 
-    def stream_in(self, data: bytes | bytearray | memoryview) -> None:
-        if self._incoming is None:
+    def stream_in(self, data: bytes | bytearray | memoryview, channel: int = 0) -> None:
+        if channel >= len(self._incoming):
             raise QemuError("no incoming migration on this VM")
-        if self._tail is not None:
+        if self._tail is not None and not channel:  # (the CPU state is at the main stream's end)
             self._tail.add(data)
         try:
-            self._incoming.sendall(data)
+            self._incoming[channel].sendall(data)
         except OSError as exc:
             raise QemuError(f"destination QEMU stopped reading the stream: {exc.strerror or exc}") from None
 
+    def interrupt_stream(self) -> None:
+        for conn in self._incoming:  # shut down, not closed: a writer thread may be in sendall
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
     def end_stream(self) -> None:
         """The whole stream was handed over: wait for QEMU to load it (paused)."""
-        if self._incoming is None:
+        if not self._incoming:
             raise QemuError("no incoming migration on this VM")
-        with contextlib.suppress(OSError):
-            self._incoming.shutdown(socket.SHUT_WR)
+        for conn in self._incoming:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
         try:
             ev = self._q().wait_event(lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in
                                       ("completed", "failed"), QMP_TIMEOUT)
         except QmpError as exc:
             raise QemuError(f"destination QEMU did not finish loading: {exc}; {self._log_tail()}") from None
-        self._incoming.close()
-        self._incoming = None
+        self._close_incoming()
         if ev["data"]["status"] != "completed":
             raise QemuError(f"destination QEMU refused the stream: {self._log_tail()}")
         status = self.qemu_status()

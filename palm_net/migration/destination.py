@@ -42,6 +42,7 @@ from palm_net.migration.effects import (
     ImportKeys,
     ImportProtection,
     KeysImported,
+    ListenStream,
     Opened,
     OpenIncoming,
     Prepare,
@@ -52,6 +53,7 @@ from palm_net.migration.effects import (
     Settle,
     Settled,
     StreamIn,
+    StreamListening,
     StreamLoaded,
 )
 from palm_net.units import format_bytes
@@ -115,6 +117,7 @@ class Lane:
         self.round = 0
         self.round_ended = -1  # its last ROUND_END's round
         self.page_records = 0
+        self.stream_bytes = 0  # a stream backend's: its bytes received
         self.complete = False  # its COMPLETE checked: every record it carried was received
 
     def __repr__(self) -> str:
@@ -132,8 +135,9 @@ class DestinationEngine:
         self.begin: Begin | None = None
         self.npages = 0
         self.stream = False  # a stream backend (QEMU): STREAM records instead of pages
-        self.stream_bytes = 0  # STREAM data received
         self.stream_loaded = False
+        self.listening = False  # the incoming hypervisor listens for the stream (ListenStream done)
+        self._end_due = False  # STREAM_END checked: the hypervisor loads once every channel is complete
         self.load_time = 0.0  # seconds the hypervisor took to load the stream's end (for READY)
         # Per gfn, the version applied plus one (0: never received): 4 bytes a page,
         # 4 MiB for a 4 GiB guest (versions are below 2**32 - 1, proto 6).
@@ -310,13 +314,13 @@ class DestinationEngine:
 
     def _on_data(self, d: Data) -> list[Effect]:
         """A data record: the next pages of the last PAGES message, or stream bytes."""
-        if self.stream:
-            self.stream_bytes += len(d.data)
-            self.progress += len(d.data)
-            return [StreamIn(d.data)]
         return self._lane_data(self.main, d)
 
     def _lane_data(self, lane: Lane, d: Data) -> list[Effect]:
+        if self.stream:  # the next bytes of that channel's stream
+            lane.stream_bytes += len(d.data)
+            self.progress += len(d.data)
+            return [StreamIn(d.data, lane.index)]
         assert lane.pages is not None  # the protocol announced this record
         lane.pages.add(d.data)
         return self.flush(lane) if d.last else []
@@ -355,19 +359,42 @@ class DestinationEngine:
 
     def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
         self.main.page_records += 1  # its bytes follow in data records
+        if not self.listening:  # one channel: the hypervisor listens for it now
+            return self._listen(1)
         return []
+
+    def _listen(self, channels: int) -> list[Effect]:
+        self.listening = True
+        return self._request(ListenStream(channels), StreamListening)
+
+    def _stream_listening(self, result: StreamListening) -> list[Effect]:
+        return []
+
+    @property
+    def stream_bytes(self) -> int:
+        """STREAM data received on this session."""
+        return self.main.stream_bytes
 
     def _on_stream_end(self, msg: Message, _: Record) -> list[Effect]:
         claimed = msg.get(StreamEnd).bytes
         if claimed != self.stream_bytes:
             raise RemoteProtocolError(ErrorCode.INCOMPLETE,
                                       f"{self.stream_bytes} stream bytes received, {claimed} sent")
+        self._end_due = True
+        return self._end_if_due()
+
+    def _end_if_due(self) -> list[Effect]:
+        """The hypervisor loads the stream's end once every channel is complete: all its
+        streams' bytes are written (QEMU's main stream waits for its multifd ones)."""
+        if not self._end_due or not self.lanes_complete:
+            return []
+        self._end_due = False
         return self._request(EndStream(), StreamLoaded)
 
     def _stream_loaded(self, result: StreamLoaded) -> list[Effect]:
         self.stream_loaded = True
         self.load_time = result.took
-        return []
+        return self._prepare() if self.complete is not None else []
 
     # -- more channels (proto 7.8)
 
@@ -375,18 +402,20 @@ class DestinationEngine:
         if self.page_records or self.channels > 1:
             raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "CHANNELS after the first page record, or twice")
         self.channels = msg.get(Channels).count
-        return []
+        return self._listen(self.channels) if self.stream else []
 
     @property
     def binding(self) -> bool:
-        """Data sessions may bind now: CHANNELS and the keys are in, COMPLETE not yet checked."""
-        return (self.channels > 1 and self.keys_imported and not self.stream_loaded
-                and self.state in (State.STREAMING, State.STOPPED, State.VERIFYING) and self.outcome is None)
+        """Data sessions may bind now: CHANNELS and the keys (a stream backend: its
+        hypervisor listening) are in, COMPLETE not yet checked."""
+        return (self.channels > 1 and (self.listening if self.stream else self.keys_imported)
+                and not self.stream_loaded and self.outcome is None
+                and self.state in (State.STREAMING, State.STOPPED, State.SEALED, State.VERIFYING))
 
     def bind(self, rec: Record, plain_session: bool) -> Lane:
         """A data session's first record (its BIND), for this migration's source: its lane
         (``plain_session``: the data session's mode, which must be this session's)."""
-        proto = SessionProtocol(Role.DESTINATION, data=True)
+        proto = SessionProtocol(Role.DESTINATION, data=True, stream=self.stream)
         b = proto.receive_message(rec.data, rec.authenticated).get(Bind)  # (the state machine: BIND only)
         if proto.mid != self.mid:
             raise RemoteProtocolError(ErrorCode.WRONG_MIGRATION, "a data session for another migration")
@@ -412,6 +441,9 @@ class DestinationEngine:
         body = msg.body
         if isinstance(body, Pages):  # (the last round's may come after the main session's CPU_STATE)
             return self._lane_pages(lane, body)
+        if isinstance(body, Stream):  # its bytes follow in data records
+            lane.page_records += 1
+            return []
         if isinstance(body, RoundEnd):
             lane.round_ended = body.round
             return self._settle_if_due()
@@ -423,7 +455,7 @@ class DestinationEngine:
             raise RemoteProtocolError(ErrorCode.INCOMPLETE, f"channel {lane.index}: {lane.page_records} page "
                                                          f"records applied, {c.page_records} sent")
         lane.complete = True
-        return self._complete_if_due()
+        return self._end_if_due() if self.stream else self._complete_if_due()
 
     def _on_cpu_state(self, msg: Message, _: Record) -> list[Effect]:
         self.cpu_state_seen = True
@@ -446,16 +478,19 @@ class DestinationEngine:
             raise RemoteProtocolError(ErrorCode.INCOMPLETE, f"{self.page_records} page records applied, "
                                                          f"{c.page_records} sent")
         self.complete = c
-        if self.stream:
-            if not self.stream_loaded:
-                raise RemoteProtocolError(ErrorCode.INCOMPLETE, "the stream never ended")
-            return self._prepare()
+        if self.stream:  # (after STREAM_END: the state machine) READY once the hypervisor loaded it
+            return self._prepare() if self.stream_loaded else []
         self._complete_due = True
         return self._complete_if_due()
 
+    @property
+    def lanes_complete(self) -> bool:
+        """Every data session's COMPLETE is in (proto 7.8)."""
+        return sum(lane.complete for lane in self.lanes.values()) >= self.channels - 1
+
     def _complete_if_due(self) -> list[Effect]:
         """COMPLETE's checks of the whole VM, once every data session's COMPLETE is in."""
-        if not self._complete_due or sum(lane.complete for lane in self.lanes.values()) < self.channels - 1:
+        if not self._complete_due or not self.lanes_complete:
             return []
         self._complete_due = False
         if self.proto.context_parts != self.context_total:
@@ -521,6 +556,7 @@ class DestinationEngine:
         Complete: _on_complete, Commit: _on_commit, Abort: _on_abort,
     }
     _on_result: dict[type[Result], Callable[[DestinationEngine, Any], list[Effect]]] = {
-        Opened: _opened, KeysImported: _keys_imported, StreamLoaded: _stream_loaded, Settled: _settled,
+        Opened: _opened, KeysImported: _keys_imported, StreamListening: _stream_listening,
+        StreamLoaded: _stream_loaded, Settled: _settled,
         ProtectionImported: _protection_imported, Prepared: _prepared, Committed: _committed, Aborted: _aborted,
     }

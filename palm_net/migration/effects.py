@@ -58,11 +58,22 @@ class ApplyPages(Effect):
 
 
 @dataclass(frozen=True)
+class ListenStream(Effect):
+    """A stream backend: the incoming hypervisor listens for its migration on
+    ``channels`` streams (more than one: QEMU's multifd, proto 7.8), each connected
+    in order, the main one first: -> StreamListening."""
+
+    channels: int
+
+
+@dataclass(frozen=True)
 class StreamIn(Effect):
     """The next bytes of a stream backend's migration stream, to its hypervisor
-    (a view of the buffer its record was opened in: used before the shell releases it)."""
+    (a view of the buffer its record was opened in: used before the shell releases it),
+    on its ``channel``'s stream."""
 
     data: bytes | bytearray | memoryview
+    channel: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,7 @@ class StartStream(Effect):
     downtime_limit: float
     bandwidth: float | None
     auto_converge: bool
+    channels: int = 1  # the hypervisor's streams: its main one, then one more per DATA session
 
 
 @dataclass(frozen=True)
@@ -230,6 +242,11 @@ class KeysImported(Result):
 @dataclass(frozen=True)
 class StreamLoaded(Result):
     took: float = 0.0  # seconds the hypervisor took to load the stream's end (for the record)
+
+
+@dataclass(frozen=True)
+class StreamListening(Result):
+    pass
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from palm_net.migration.effects import (
     ImportKeys,
     ImportProtection,
     KeysImported,
+    ListenStream,
     Pause,
     Paused,
     Prepare,
@@ -65,6 +66,7 @@ from palm_net.migration.effects import (
     StartPrecopy,
     StreamFinished,
     StreamIn,
+    StreamListening,
     StreamLoaded,
 )
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
@@ -166,7 +168,7 @@ class DestinationHost:
                 if isinstance(eff, ApplyPages):
                     cast(Backend, vm).write_pages(eff.batch)
                 elif isinstance(eff, StreamIn):
-                    cast(StreamBackend, vm).stream_in(eff.data)
+                    cast(StreamBackend, vm).stream_in(eff.data, eff.channel)
         except (ProtectionIntegrityError, HypervisorError, OSError) as exc:
             raise error_of(exc) from None
 
@@ -197,6 +199,9 @@ class DestinationHost:
             if isinstance(eff, ImportProtection):
                 cast(Backend, vm).import_protection(eff.blob)
                 return ProtectionImported(vm.info.protected_pages)
+            if isinstance(eff, ListenStream):
+                cast(StreamBackend, vm).listen_stream(eff.channels)
+                return StreamListening()
             if isinstance(eff, EndStream):
                 t0 = time.monotonic()
                 cast(StreamBackend, vm).end_stream()

@@ -97,6 +97,25 @@ APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not y
 COMMIT_WINDOW = 30.0  # destination: at most this long shielded for COMMIT, activation and DONE
 
 
+def shut_down(conns: Sequence[socket.socket]) -> None:
+    """Both ways, not closed: a worker thread blocked on one returns at once (closing
+    it under the thread could hand its descriptor to someone else's next open)."""
+    for conn in conns:
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
+
+async def unblock_on_cancel(scope: trio.CancelScope, unblock: Callable[[], None]) -> None:
+    """Runs until ``scope`` or its nursery is cancelled, then ``unblock``s the worker
+    threads of its siblings (a thread cannot be cancelled: one waiting on a quiet
+    stream would hold the nursery, and the failure path behind it, for its timeout)."""
+    with scope:
+        try:
+            await trio.sleep_forever()
+        finally:
+            unblock()
+
+
 def session_error(exc: BaseException) -> PalmError:
     """What ended a session, in the one vocabulary: the trio shell's own errors, then
     those of the host and the connection (palm_net.migration.hosts.error_of)."""
@@ -168,7 +187,7 @@ class SourceRun:
         self._pacer = Pacer(engine.params.bandwidth, time.monotonic()) if engine.params.bandwidth else None
         self._queue: deque[Effect] = deque()  # effects asked for and not yet performed
         self._woken = trio.Event()  # the receiver or a background task queued effects
-        self._stream: socket.socket | None = None  # a stream backend's migration stream, while it runs
+        self._streams: list[socket.socket] = []  # a stream backend's migration streams, while they run
         self.host = SourceHost(vm, store, engine.mid)
         self.stop = stop
         if stop is not None:
@@ -267,8 +286,7 @@ class SourceRun:
             err = group_error(group)
             raise err from None
         finally:
-            if self._stream is not None:
-                self._stream.close()  # also on failure or cancel: QEMU sees its stream end
+            self._close_streams()  # also on failure or cancel: QEMU sees its streams end
 
     async def _run(self) -> None:
         eng = self.engine
@@ -329,8 +347,9 @@ class SourceRun:
             return Transcript(*self.ch.sent)
         if isinstance(eff, StartStream):
             fault("source.StartStream")
-            self._stream = await trio.to_thread.run_sync(cast(StreamBackend, self.vm).start_stream,
-                                                         eff.downtime_limit, eff.bandwidth, eff.auto_converge)
+            self._streams = await trio.to_thread.run_sync(cast(StreamBackend, self.vm).start_stream,
+                                                          eff.downtime_limit, eff.bandwidth, eff.auto_converge,
+                                                          eff.channels)
             return StreamStarted()
         if isinstance(eff, SendStream):
             fault("source.SendStream")
@@ -413,10 +432,37 @@ class SourceRun:
         if channel and not self._stopping:
             await self._send_on(ch, [eng.channel_end(channel, len(gfns), *ch.sent)])
 
+    def _close_streams(self) -> None:
+        for conn in self._streams:
+            conn.close()
+        self._streams = []
+
     async def _send_stream(self) -> None:
-        """A stream backend's own rounds and stop-and-copy: we carry the bytes."""
-        eng, conn = self.engine, self._stream
-        assert conn is not None
+        """A stream backend's own rounds and stop-and-copy: we carry the bytes, each of
+        its streams on its channel at once (more channels: QEMU's multifd, proto 7.8)."""
+        channels, streams = [self.ch, *self.data_channels], self._streams
+        assert len(streams) == len(channels)
+        left = [len(streams)]
+        unblock = trio.CancelScope()
+
+        async def send_one(i: int) -> None:
+            await self._send_one_stream(streams[i], i, channels[i])
+            left[0] -= 1
+            if not left[0]:
+                unblock.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(unblock_on_cancel, unblock, lambda: shut_down(streams))
+                for i in range(len(streams)):
+                    nursery.start_soon(send_one, i)
+        finally:
+            self._close_streams()  # also on failure or cancel: QEMU sees its streams end
+
+    async def _send_one_stream(self, conn: socket.socket, channel: int, ch: SecureChannel) -> None:
+        """One of the hypervisor's streams to its end, as STREAM messages; then a data
+        session's COMPLETE."""
+        eng = self.engine
 
         def read(out: bytearray) -> tuple[memoryview, bool]:
             view = memoryview(out)
@@ -424,13 +470,12 @@ class SourceRun:
             return view[:n], ended
 
         def to_records(data: memoryview) -> list[Buffer]:
-            return [r for i in range(0, len(data), MAX_BULK) for r in eng.stream_chunk(data[i : i + MAX_BULK])]
+            return [r for i in range(0, len(data), MAX_BULK)
+                    for r in eng.stream_chunk(data[i : i + MAX_BULK], channel)]
 
-        try:
-            await self._pump(read, [bytearray(STREAM_READ) for _ in range(READ_AHEAD + 1)], to_records)
-        finally:
-            self._stream = None
-            conn.close()  # also on failure or cancel: QEMU sees its stream end
+        await self._pump(read, [bytearray(STREAM_READ) for _ in range(READ_AHEAD + 1)], to_records, ch)
+        if channel and not self._stopping:
+            await self._send_on(ch, [eng.channel_end(channel, 0, *ch.sent)])
 
 
 # --------------------------------------------------------------------------
@@ -442,10 +487,9 @@ class _Applier:
     worker thread, in order, while the session task opens the next buffer;
     then the buffers their data lies in go back to their Inbox."""
 
-    def __init__(self, host: DestinationHost) -> None:
+    def __init__(self, host: DestinationHost, window: float = APPLY_WINDOW) -> None:
         self.host = host
-        self._send, self._recv = trio.open_memory_channel[tuple[list[Effect], list[bytearray], _Release]](
-            APPLY_WINDOW)
+        self._send, self._recv = trio.open_memory_channel[tuple[list[Effect], list[bytearray], _Release]](window)
         self._pending = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -526,6 +570,7 @@ class DestinationRun:
         self._binds: list[_Bind] = []  # data sessions waiting for CHANNELS and KEYS
         self._attached = 0  # data sessions that asked to join (at most MAX_CHANNELS - 1)
         self._ended = trio.Event()
+        self._appliers: dict[int, _Applier] = {}  # who writes each session's data (_applier_of)
 
     @property
     def vm(self) -> HostedVM | None:
@@ -540,11 +585,10 @@ class DestinationRun:
             with trio.fail_at(eng.deadline(started)) as deadline:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    self._applier = applier = _Applier(self.host)
                     opened_send, opened = trio.open_memory_channel[_Opened](1)
                     self._opened, self._opened_recv = opened_send, opened
-                    nursery.start_soon(applier.run)
                     nursery.start_soon(self._feed, None, Inbox(self.ch), opened_send.clone())
+                    nursery.start_soon(unblock_on_cancel, trio.CancelScope(), self._interrupt_stream)
                     lost: tuple[float, PalmError] | None = None  # a data session closed before its COMPLETE
                     while True:
                         with trio.move_on_at(lost[0] if lost else math.inf):
@@ -572,7 +616,7 @@ class DestinationRun:
                         # An absolute deadline: a peer trickling bytes cannot hold its
                         # slot forever (BEGIN soon, then time in proportion to the memory).
                         deadline.deadline = eng.deadline(started)
-                    await applier.drain()
+                    await self._drain()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             error = group_error(group)
@@ -611,10 +655,12 @@ class DestinationRun:
             await out.send(_Opened(lane, closed=inbox.closed))
 
     def _bind_waiting(self) -> None:
-        """The data sessions that came before CHANNELS and KEYS, bound once those are in
-        (or refused once pages came without them): each read from then on."""
+        """The data sessions that came before CHANNELS and KEYS (a stream backend: its
+        hypervisor listening), bound once those are in (or refused once pages came
+        without them): each read from then on."""
         eng = self.engine
-        while self._binds and (eng.stream or (eng.keys_imported and (eng.channels > 1 or eng.page_records))):
+        while self._binds and (eng.listening if eng.stream else
+                               eng.keys_imported and (eng.channels > 1 or eng.page_records)):
             bind = self._binds.pop(0)
             if bind.withdrawn:
                 continue
@@ -649,7 +695,7 @@ class DestinationRun:
         """One buffer's records through the engine, in order: page batches to the
         applier, any other request once the applier is idle (it may depend on
         them); the buffer goes back once its batches are written."""
-        eng, applier = self.engine, self._applier
+        eng, applier = self.engine, self._applier_of(lane)
         fault("destination.receive")
         bulk: list[Effect] = []
         for i in range(len(records)):
@@ -665,10 +711,32 @@ class DestinationRun:
                     continue
                 await applier.submit(bulk, [])
                 bulk = []
-                await applier.drain()
+                await self._drain()
                 await self._perform([eff])
         records.clear()  # views of buf: only the batches hold it now
         await applier.submit(bulk + eng.flush(lane), [buf], release)
+
+    def _interrupt_stream(self) -> None:
+        """A stream backend's writers, blocked on a hypervisor that stopped reading, return."""
+        if self.engine.stream and self.host.vm is not None:
+            cast(StreamBackend, self.host.vm).interrupt_stream()
+
+    def _applier_of(self, lane: Lane | None) -> _Applier:
+        """Who writes a session's data: one applier for every page (in order), but a
+        stream each its own, so that no stream waits behind another: QEMU reads its
+        main stream only as its multifd streams catch up.  A stream's applier takes
+        whatever is submitted at once (its session's buffers bound what it holds)."""
+        stream = self.engine.stream
+        index = lane.index if lane is not None and stream else 0
+        if index not in self._appliers:
+            self._appliers[index] = _Applier(self.host, math.inf if stream else APPLY_WINDOW)
+            self._nursery.start_soon(self._appliers[index].run)
+        return self._appliers[index]
+
+    async def _drain(self) -> None:
+        """Returns once everything submitted to every applier is written."""
+        for applier in list(self._appliers.values()):
+            await applier.drain()
 
     async def _perform(self, effects: list[Effect]) -> None:
         """Performs effects in order: runs of page batches (or stream bytes) in one worker

@@ -174,10 +174,12 @@ class SourceEngine:
         self._round_started = (0.0, 0)  # (now, bytes transferred) when the current round began
         self._last_dirty: int | None = None
         self._hot_rounds = 0
-        # More channels (proto 7.8): channel 0 is this session, each other a DATA session.
-        self.channels = 1 if stream else params.channels
-        self.lanes = [SessionProtocol(Role.SOURCE, mid, data=True) for _ in range(self.channels - 1)]
+        # More channels (proto 7.8): channel 0 is this session, each other a DATA session
+        # (a stream backend: each carries one of the hypervisor's streams).
+        self.channels = params.channels
+        self.lanes = [SessionProtocol(Role.SOURCE, mid, data=True, stream=stream) for _ in range(self.channels - 1)]
         self.channel_records = [0] * self.channels  # PAGES (or STREAM) messages sent on each channel
+        self.channel_bytes = [0] * self.channels  # a stream backend's bytes sent on each channel
         self.stats.channels = self.channels
 
     def __repr__(self) -> str:
@@ -272,20 +274,13 @@ class SourceEngine:
 
     def _on_accept(self, msg: Message, now: float) -> list[Effect]:
         self.stats.setup_time = now - self.started
-        if self.stream:
-            p = self.params
+        if self.stream:  # the data sessions first: the destination's hypervisor listens for them all
             self.stats.status, self.stats.phase = Status.ACTIVE, Phase.STREAM
-            return [Note("migration started", {"phase": "stream", "pages": self.info.npages}),
-                    *self._request(Step.STARTING, StartStream(p.downtime_limit, p.bandwidth, p.auto_converge),
-                                   StreamStarted)]
+            return self._open_channels([], now)
         return self._request(Step.STARTING, StartPrecopy(self.params.verify_digest), Started)
 
-    # -- a page backend: keys, rounds, stop-and-copy
-
-    def _started(self, result: Started, now: float) -> list[Effect]:
-        """Dirty logging is on: the process keys, then round 0 (every page)."""
-        self.stats.status, self.stats.phase = Status.ACTIVE, Phase.ROUND
-        out: list[Effect] = [self._send(Keys(result.keys))]
+    def _open_channels(self, out: list[Effect], now: float) -> list[Effect]:
+        """CHANNELS and the data sessions, bound, if there are more channels than one."""
         if self.channels > 1:  # the data sessions bind once the destination knows how many
             out.append(self._send(Channels(self.channels)))
             binds = tuple(lane.send(Bind(i + 1, self.channels)) for i, lane in enumerate(self.lanes))
@@ -293,8 +288,21 @@ class SourceEngine:
         return out + self._channels_opened(ChannelsOpened(), now)
 
     def _channels_opened(self, result: ChannelsOpened, now: float) -> list[Effect]:
+        if self.stream:
+            p = self.params
+            return [Note("migration started", {"phase": "stream", "pages": self.info.npages,
+                                               "channels": self.channels}),
+                    *self._request(Step.STARTING, StartStream(p.downtime_limit, p.bandwidth, p.auto_converge,
+                                                              self.channels), StreamStarted)]
         return [Note("migration started", {"phase": "round", "round": 0, "pages": self.info.npages,
                                            "channels": self.channels}), *self._next_round(now)]
+
+    # -- a page backend: keys, rounds, stop-and-copy
+
+    def _started(self, result: Started, now: float) -> list[Effect]:
+        """Dirty logging is on: the process keys, then round 0 (every page)."""
+        self.stats.status, self.stats.phase = Status.ACTIVE, Phase.ROUND
+        return self._open_channels([self._send(Keys(result.keys))], now)
 
     def _next_round(self, now: float) -> list[Effect]:
         self._round_started = (now, self.stats.transferred)
@@ -325,9 +333,10 @@ class SourceEngine:
 
     def channel_end(self, channel: int, pages: int, records: int, transcript: bytes) -> bytes:
         """A data session's last message of the round (``pages`` of its own): its ROUND_END,
-        or in the stop-and-copy its COMPLETE, binding its ``records`` and ``transcript``."""
+        or in the stop-and-copy (or at its stream's end) its COMPLETE, binding its
+        ``records`` and ``transcript``."""
         lane = self.lanes[channel - 1]
-        if self.step is Step.STOP_AND_COPY:
+        if self.step in (Step.STOP_AND_COPY, Step.STREAMING):
             return lane.send(Complete(records, self.channel_records[channel], transcript))
         return lane.send(RoundEnd(self.round, pages, 0))
 
@@ -438,17 +447,19 @@ class SourceEngine:
     def _stream_started(self, result: StreamStarted, now: float) -> list[Effect]:
         return self._request(Step.STREAMING, SendStream(), StreamSent)
 
-    def stream_chunk(self, data: Buffer) -> list[Buffer]:
-        """The next bytes of the hypervisor's stream: a STREAM message, then its data
-        records (the bulk path of SendStream)."""
+    def stream_chunk(self, data: Buffer, channel: int = 0) -> list[Buffer]:
+        """The next bytes of the hypervisor's stream of ``channel``: a STREAM message,
+        then its data records (the bulk path of SendStream)."""
         if self.step is not Step.STREAMING:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"stream bytes while {self.step.value}")
         self.stream_bytes += len(data)
+        self.channel_bytes[channel] += len(data)
         self.stats.page_records += 1
-        self.channel_records[0] += 1
-        msg = self.proto.send(Stream(len(data)))
+        self.channel_records[channel] += 1
+        proto = self.lanes[channel - 1] if channel else self.proto
+        msg = proto.send(Stream(len(data)))
         self.sent_bytes += len(msg) + len(data)
-        return [msg, *self.proto.send_data(data)]
+        return [msg, *proto.send_data(data)]
 
     def _stream_sent(self, result: StreamSent, now: float) -> list[Effect]:
         """The hypervisor's stream ended: STREAM_END and COMPLETE at once.  Its
@@ -457,7 +468,7 @@ class SourceEngine:
         self.stats.marks["last-byte"] = now  # the hypervisor's last byte read and sent on
         self.stats.phase = Phase.STOP_AND_COPY
         self._beside_due.add(StreamFinished)
-        return [self._send(StreamEnd(self.stream_bytes)), FinishStream(),
+        return [self._send(StreamEnd(self.channel_bytes[0])), FinishStream(),
                 *self._request(Step.COMPLETING, ReadTranscript(), Transcript)]
 
     def _stream_finished(self, result: StreamFinished, now: float) -> list[Effect]:

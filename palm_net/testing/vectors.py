@@ -87,6 +87,15 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         {"from": "initiator", "plaintext": begin.hex(), "bytes": record1.hex()},
         {"from": "responder", "plaintext": accept.hex(), "bytes": record2.hex()},
     ]
+    if channels > 1:  # proto 7.8: a page backend's KEYS (no process) then CHANNELS, or a stream's CHANNELS
+        keys = msgpack.packb({"v": 1, "cipher": "AESGCM", "processes": []}, use_bin_type=True)
+        first = [src_proto.send(Keys(keys))] if backend == "model" else []
+        for msg in [*first, src_proto.send(Channels(channels))]:
+            rec = init.result.sender.seal(msg)
+            resp.result.receiver.receive_data(rec)
+            assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
+            records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
+        data_session = _data_session(src, dst, inputs, cipher, mid, channels, backend == "qemu")
     if backend == "qemu":  # STREAM, its data record, STREAM_END
         stream = [src_proto.send(Stream(len(STREAM_BYTES))), *map(bytes, src_proto.send_data(STREAM_BYTES))]
         for i, msg in enumerate((*stream, src_proto.send(StreamEnd(len(STREAM_BYTES))))):
@@ -95,14 +104,6 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
             assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
             records.append({"from": "initiator", **({"data": True} if i == 1 else {}), "plaintext": msg.hex(),
                             "bytes": rec.hex()})
-    if channels > 1:  # KEYS (no process) and CHANNELS on the main session, then a DATA session: proto 7.8
-        keys = msgpack.packb({"v": 1, "cipher": "AESGCM", "processes": []}, use_bin_type=True)
-        for msg in (src_proto.send(Keys(keys)), src_proto.send(Channels(channels))):
-            rec = init.result.sender.seal(msg)
-            resp.result.receiver.receive_data(rec)
-            assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
-            records.append({"from": "initiator", "plaintext": msg.hex(), "bytes": rec.hex()})
-        data_session = _data_session(src, dst, inputs, cipher, mid, channels)
     if plain:  # bulk data in the clear, everything else sealed (proto/PROTOCOL.md 5)
         batch = PageBatch(np.array([7, 9], np.uint64), b"\x01\x00", np.array([0, 0], np.uint64),
                           bytes(range(256)) * 16)
@@ -133,13 +134,16 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
 
 
 # Channel 1's data session: gfn 256 (its first block of LANE_BLOCK pages, with 2
-# channels) as a normal page, then COMPLETE binding the session's three records.
+# channels) as a normal page, or a stream backend's first bytes of a multifd
+# stream (QEMU's multifd magic and version 1), then COMPLETE binding the
+# session's three records.
 DATA_EPHEMERALS = {"initiator": "23" * 32, "responder": "24" * 32}
 DATA_PAGE = bytes(range(256)) * 16
+MULTIFD_BYTES = bytes.fromhex("1122334400000001")
 
 
 def _data_session(src: ChannelConfig, dst: ChannelConfig, inputs: dict[str, Any], cipher: CipherName, mid: bytes,
-                  channels: int) -> dict[str, Any]:
+                  channels: int, stream: bool = False) -> dict[str, Any]:
     init = AttestedHandshake(src, True, Purpose.DATA, cipher=cipher,
                              ephemeral=keypair_from_private(bytes.fromhex(DATA_EPHEMERALS["initiator"])))
     resp = AttestedHandshake(dst, False, None,
@@ -149,10 +153,12 @@ def _data_session(src: ChannelConfig, dst: ChannelConfig, inputs: dict[str, Any]
     flights.append(init.receive_data(flights[1]))
     assert resp.receive_data(flights[2]) == b""
     assert init.result is not None and resp.result is not None
-    src_proto, dst_proto = SessionProtocol(Role.SOURCE, mid, data=True), SessionProtocol(Role.DESTINATION, data=True)
+    src_proto = SessionProtocol(Role.SOURCE, mid, data=True, stream=stream)
+    dst_proto = SessionProtocol(Role.DESTINATION, data=True, stream=stream)
     batch = PageBatch(np.array([256], np.uint64), b"\x01", np.array([0], np.uint64), DATA_PAGE)
-    msgs = [src_proto.send(Bind(1, channels)), src_proto.send(batch.message(0)),
-            *map(bytes, src_proto.send_data(DATA_PAGE))]
+    msgs = [src_proto.send(Bind(1, channels)),
+            src_proto.send(Stream(len(MULTIFD_BYTES)) if stream else batch.message(0)),
+            *map(bytes, src_proto.send_data(MULTIFD_BYTES if stream else DATA_PAGE))]
     records: list[dict[str, Any]] = []
     for i, msg in enumerate(msgs):
         rec = init.result.sender.seal(msg)

@@ -92,11 +92,13 @@ TRANSITIONS: dict[tuple[State, Role, type[Body]], State] = {
     (State.COMMITTING, DESTINATION, Done): State.DONE,
     (State.QUERIED, DESTINATION, Outcome): State.CLOSED,
     # More channels (proto 7.8): announced on the main session, each a DATA session
-    # that carries its share of the pages and ends with its own COMPLETE.
+    # that carries its share of the pages (or one of the hypervisor's streams) and
+    # ends with its own COMPLETE.
     (State.STREAMING, SOURCE, Channels): State.STREAMING,
     (State.DATA, SOURCE, Bind): State.BOUND,
     (State.BOUND, SOURCE, Pages): State.BOUND,
     (State.BOUND, SOURCE, RoundEnd): State.BOUND,
+    (State.BOUND, SOURCE, Stream): State.BOUND,
     (State.BOUND, SOURCE, Complete): State.DONE,
 }
 # ABORT may end the session from any state before the handoff completes, by
@@ -108,7 +110,7 @@ TRANSITIONS[(State.COMMITTING, DESTINATION, Abort)] = State.ABORTED
 
 FINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
 # What carries the VM depends on BEGIN's backend: page records, or a stream.
-PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, RoundDone, CpuState, Context, Channels})
+PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, RoundDone, CpuState, Context})
 STREAM_ONLY: frozenset[type[Body]] = frozenset({Stream, StreamEnd})
 # The only messages that may travel unauthenticated (CLEAR records of the
 # plain benchmark mode, proto/PROTOCOL.md 5): bulk data, never a handoff step.
@@ -139,9 +141,11 @@ class _Bulk:
 
 
 class SessionProtocol:
-    def __init__(self, role: Role, mid: bytes | None = None, recovery: bool = False, data: bool = False) -> None:
+    def __init__(self, role: Role, mid: bytes | None = None, recovery: bool = False, data: bool = False,
+                 stream: bool = False) -> None:
         """``recovery``: a RECOVERY session (QUERY and OUTCOME only); ``data``: a DATA
-        session (BIND, then pages); else a MIGRATION session."""
+        session (BIND, then pages, or with ``stream`` a stream backend's STREAM
+        messages); else a MIGRATION session."""
         self.role = role
         self.state = State.RECOVERY if recovery else State.DATA if data else State.IDLE
         self.mid = mid
@@ -149,7 +153,7 @@ class SessionProtocol:
         # Per sender: bulk bytes still to come in data records, and the next one's index.
         self._bulk = {SOURCE: _Bulk(), DESTINATION: _Bulk()}
         self._context_parts = 0
-        self.stream: bool | None = False if data else None  # set by BEGIN: a stream backend
+        self.stream: bool | None = stream if data else None  # set by BEGIN: a stream backend
         self.data = data
 
     def __repr__(self) -> str:
