@@ -17,6 +17,8 @@ from palm_net.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from palm_net.migration import runner
 from palm_net.migration.destination import MAX_VERSION, DestinationEngine, Lane
 from palm_net.migration.effects import (
+    Aborted,
+    AbortForever,
     ApplyPages,
     ImportKeys,
     ImportProtection,
@@ -47,7 +49,7 @@ from palm_net.wire.messages import (
     lane_of,
 )
 from palm_net.wire.pages import PageBatch, PageRange, split_lanes
-from palm_net.wire.protocol import Role, SessionProtocol
+from palm_net.wire.protocol import Role, SessionProtocol, State
 
 
 @pytest.mark.parametrize("channels", [2, 4])
@@ -242,6 +244,62 @@ def test_channels_come_before_the_first_page_and_once():
     with pytest.raises(RemoteProtocolError) as exc:
         d2.bind(Record(SessionProtocol(Role.SOURCE, MID, data=True).send(Bind(1, 2)), 0, bytes(32)), False)
     assert exc.value.code is ErrorCode.OUT_OF_STATE
+
+
+def _bind_refused(d: _Dest) -> None:
+    assert not d.eng.binding
+    with pytest.raises(RemoteProtocolError) as exc:
+        d.bind(1)
+    assert exc.value.code is ErrorCode.OUT_OF_STATE
+
+
+def test_a_data_session_binds_from_channels_and_keys_until_the_session_has_an_outcome():
+    """``binding`` (a property: mutmut leaves it alone, so each change was made by hand): a
+    BIND is taken once CHANNELS and the keys are in, still after CPU_STATE and after the
+    main session's COMPLETE (a late data session's COMPLETE is what READY waits for), and
+    never before the keys (its pages would come before what checks them, and KEYS is
+    refused only after the main session's first page), nor once the session is aborted
+    or its abort found it committed."""
+    eng = DestinationEngine(False, 1 << 20)
+    src = SessionProtocol(Role.SOURCE, MID)
+    eng.on_record(Record(src.send(Begin("v", bytes(16), 512, 0, 0, 1, False, False, "model", b"")), 0, bytes(32)))
+    src.receive(eng.on_result(Opened(0))[0].data)  # ACCEPT
+    assert isinstance(eng.on_record(Record(src.send(Keys(b"k")), 1, bytes(32)))[0], ImportKeys)
+    eng.on_result(KeysImported(0))
+    assert not eng.binding  # the keys, no CHANNELS (a BIND's count, at least 2, is refused anyway)
+    eng2 = DestinationEngine(False, 1 << 20)
+    src2 = SessionProtocol(Role.SOURCE, MID)
+    eng2.on_record(Record(src2.send(Begin("v", bytes(16), 512, 0, 0, 1, False, False, "model", b"")), 0, bytes(32)))
+    src2.receive(eng2.on_result(Opened(0))[0].data)
+    assert eng2.on_record(Record(src2.send(Channels(2)), 1, bytes(32))) == []  # CHANNELS before KEYS
+    assert not eng2.binding
+    with pytest.raises(RemoteProtocolError) as exc:
+        eng2.bind(Record(SessionProtocol(Role.SOURCE, MID, data=True).send(Bind(1, 2)), 0, bytes(32)), False)
+    assert exc.value.code is ErrorCode.OUT_OF_STATE
+
+    stopped = _Dest()
+    stopped.main(stopped.zero_pages(list(range(256))))
+    stopped.main(CpuState(b"cpu"))
+    assert stopped.eng.binding
+    stopped.bind(1)  # after CPU_STATE
+    late = _Dest()
+    late.main(late.zero_pages(list(range(256))))
+    late.main(CpuState(b"cpu"))
+    late.main(Context(0, 1, b""))
+    assert late.main(Complete(late.n, 1, bytes(32))) == []
+    assert late.eng.binding
+    late.bind(1)  # after the main session's COMPLETE: its pages and COMPLETE still make READY
+    late.on(1, late.zero_pages(list(range(256, 512))))
+    assert [type(e) for e in late.on(1, Complete(2, 1, bytes(32)))] == [ImportProtection]
+
+    aborted = _Dest()  # the source's ABORT, its abort not yet recorded
+    assert [type(e) for e in aborted.main(Abort("cancelled", "x", b""))] == [AbortForever]
+    _bind_refused(aborted)
+    committed = _Dest()  # a failure here, whose abort found the row committed: the session stays STREAMING
+    assert [type(e) for e in committed.eng.fail(RemoteProtocolError(ErrorCode.MALFORMED, "x"))] == [AbortForever]
+    assert committed.eng.on_result(Aborted(b"", aborted=False)) == []
+    assert committed.eng.state is State.STREAMING and committed.eng.outcome is not None
+    _bind_refused(committed)
 
 
 def test_the_lanes_of_a_round_cover_it_once_each_in_ascending_order():

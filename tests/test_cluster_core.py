@@ -214,6 +214,16 @@ def test_a_revoked_key_is_refused_whatever_name_it_claims():
     assert gate.check(peer("c", static=b"t" * 32), Purpose.MIGRATION) is None
 
 
+
+def test_an_empty_cluster_allowlist_allows_no_migration_and_no_cluster_list_leaves_the_agent_s_own():
+    """``allowed`` and ``handshake_allowlist`` are properties (mutmut leaves them alone; their
+    changes were made by hand): a signed allowlist of no measurements is a list, not its absence."""
+    gate = PeerGate(frozenset({b"\x01" * 32}))
+    assert gate.allowed == gate.handshake_allowlist == {b"\x01" * 32}  # no cluster list: the agent's own
+    gate.update(Lists(frozenset(), frozenset(), 2))
+    assert gate.check(peer(), Purpose.MIGRATION).code is ErrorCode.MEASUREMENT_NOT_ALLOWED
+    assert gate.handshake_allowlist == {b"\x01" * 32}  # the handshake completes; the gate refuses
+
 # ------------------------------------------------------------------ placement
 
 

@@ -1097,6 +1097,20 @@ def test_token_buckets_refill_at_their_rate_and_forget_only_beyond_max_keys():
     assert len(tb) == 2  # beyond: the least recently seen ("b") goes
 
 
+
+def test_token_buckets_beyond_max_keys_forget_the_least_recently_seen_never_the_key_just_taken():
+    """A full table forgets its oldest key: the key that just took a token stays counted.
+    (Forgetting the newest instead, ``popitem(last=True)``, gave every new key a full
+    bucket at each take once a flood had filled the table: no rate for new addresses.)"""
+    from palm_net.agent.limits import TokenBuckets
+
+    now = [1000.0]
+    tb = TokenBuckets(rate=1.0, burst=3.0, max_keys=2, clock=lambda: now[0])
+    assert tb.take("a") and tb.take("b")
+    assert [tb.take("c") for _ in range(4)] == [True, True, True, False]  # "c" is counted, its burst spent
+    assert len(tb) == 2
+    assert [tb.take("a") for _ in range(4)] == [True, True, True, False]  # "a", the oldest, was forgotten: full
+
 # ------------------------------------------------------------------ the incoming service's checks, alone
 # (palm_net/agent/incoming.py under mutation: each test below fails with a mutant that
 # survived the selection before it; docs/MUTATION.md)

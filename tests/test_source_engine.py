@@ -313,6 +313,20 @@ def test_the_throttle_policy_slows_the_guest_a_step_a_round(shm):
     assert fractions == pytest.approx([0.8, 0.7, 0.6]) and eng.stats.throttle == pytest.approx(0.6)
 
 
+def test_the_source_stops_iterating_once_it_has_sent_max_factor_times_the_memory(shm):
+    """max_factor bounds what the pre-copy sends: each PAGES message and its data count
+    (SourceEngine.pages), so at max_factor 1 the first round of a VM of random pages
+    (four PAGES messages, MAX_DATA_PAGES each) reaches the cap and the source pauses,
+    though the guest writes a page a round and max_rounds would allow five."""
+    src, drv = _pair(shm, MigrationParams(max_rounds=5, max_factor=1.0, downtime_limit=1e-9), npages=1024,
+                     between=lambda r: src.guest_write(7 + r, b"round %d" % r))
+    drv.run()
+    st = drv.engine.stats
+    assert drv.engine.step is Step.DONE and st.stop_reason == "max-factor"
+    assert [r.paused for r in st.rounds] == [False, True]
+    assert drv.engine.sent_bytes >= 1024 * messages.PAGE_SIZE  # the first round, each page and its message
+
+
 def test_the_engine_itself_refuses_plain_mode_for_a_protected_vm(shm):
     """The engine's own check (the orchestration checks before connecting too)."""
     vm = ModelVM.create(shm / "vm", "vm", 64, KEY, protected_processes=1, protected_pages=8, fill="random")
