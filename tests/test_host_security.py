@@ -736,7 +736,7 @@ def test_the_source_takes_qemus_streams_main_first_whatever_their_order(tmp_path
 
 
 @pytest.mark.parametrize(("pid", "firsts", "says"), [
-    (1, [MAIN, MULTIFD], "not its QEMU"),  # another process got there (checked by SO_PEERCRED)
+    (1, [MAIN, MULTIFD], "leads to process .*, not its QEMU"),  # another process got there (SO_PEERCRED)
     (None, [MAIN, b"HTTP/1.1"], "neither its main one nor multifd"),
     (None, [MULTIFD, MULTIFD], "no main migration stream"),
 ], ids=["another process", "another protocol", "no main stream"])
@@ -749,3 +749,58 @@ def test_the_source_refuses_a_stream_not_from_its_qemu_or_not_qemus(tmp_path, pi
     finally:
         for c in q.conns:
             c.close()
+
+
+class _Listens:
+    """Stands in for QMP at the destination: ``migrate-incoming`` leaves at m/in what
+    ``make_in`` makes there (QEMU's listening socket, or what a subverted QEMU plants)."""
+
+    def __init__(self, make_in) -> None:
+        self.make_in, self.commands = make_in, []
+
+    def execute(self, command: str, **args: object) -> None:
+        self.commands.append(command)
+        if command == "migrate-incoming":
+            assert args["uri"] == "unix:m/in"
+            self.make_in()
+
+
+def test_the_destination_sends_its_streams_only_to_its_qemu(tmp_path):
+    """m/ belongs to the VM's uid: a QEMU taken over by the stream it parses could put a
+    symlink there to another socket of the host (the agent's own control socket, outside
+    its root). The agent checks whom it reached (SO_PEERCRED) before it sends a byte."""
+    import socket
+
+    victim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # the host's socket the link points to
+    victim.bind(str(tmp_path / "control.sock"))
+    victim.listen(8)
+    vm = _source_vm(tmp_path, 1)  # its QEMU: another process than the one listening
+    vm.qmp, vm._incoming, vm._tail = _Listens(lambda: os.symlink(tmp_path / "control.sock",
+                                                                 vm.run_dir / "root" / "m" / "in")), [], None
+    try:
+        with pytest.raises(QemuError, match="leads to process"):
+            vm.listen_stream(3)
+        victim.settimeout(1)
+        got, _ = victim.accept()  # the one connection made, closed before anything was sent
+        got.settimeout(1)
+        assert got.recv(16) == b""
+        got.close()
+    finally:
+        vm._close_incoming()
+        victim.close()
+    # The same with QEMU's own socket there (its process: here, this one): every stream connected.
+    (tmp_path / "2").mkdir()
+    vm = _source_vm(tmp_path / "2", os.getpid())
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def listen() -> None:
+        qemu.bind(str(vm.run_dir / "root" / "m" / "in"))
+        qemu.listen(8)
+
+    vm.qmp, vm._incoming, vm._tail = _Listens(listen), [], None
+    try:
+        vm.listen_stream(3)
+        assert len(vm._incoming) == 3 and vm.qmp.commands[-1] == "migrate-incoming"
+    finally:
+        vm._close_incoming()
+        qemu.close()

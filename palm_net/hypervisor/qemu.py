@@ -736,7 +736,11 @@ class QemuVM(ConfiguredVM):
                         with contextlib.suppress(OSError):
                             conn.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, STREAM_SOCKET_BUFFER)
                         conn.connect(f"{where}/in")
-        except (QmpError, OSError) as exc:
+                        # m/ is QEMU's: a QEMU that a stream took over could leave a symlink there to any
+                        # socket of the host's (the agent's control socket): only QEMU itself is sent to.
+                        self._check_peer(conn)
+        except (QemuError, QmpError, OSError) as exc:
+            self._close_incoming()  # (nothing was sent on them)
             raise QemuError(f"destination QEMU does not listen for the stream: {exc}") from None
         for conn in self._incoming:
             conn.settimeout(STREAM_TIMEOUT)
@@ -1111,6 +1115,12 @@ class QemuVM(ConfiguredVM):
             c.settimeout(STREAM_TIMEOUT)
         return conns
 
+    def _check_peer(self, conn: socket.socket) -> None:
+        """The other end of a multifd socket is this VM's QEMU process (SO_PEERCRED), or QemuError."""
+        pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        if pid != self.pid:
+            raise QemuError(f"the VM's migration socket leads to process {pid}, not its QEMU")
+
     def _accept_streams(self, q: QmpClient, channels: int) -> list[socket.socket]:
         """QEMU's connections to our socket in its root, each checked to come from this VM's
         QEMU (SO_PEERCRED) and told apart by its first bytes: the main stream, then the
@@ -1124,8 +1134,8 @@ class QemuVM(ConfiguredVM):
                     os.unlink(f"{where}/out")
                 listener.bind(f"{where}/out")
                 uid = self.config.get("uid")
-                if isinstance(uid, int):
-                    os.chown(f"{where}/out", uid, uid)  # QEMU connects as its own uid
+                if isinstance(uid, int):  # QEMU connects as its own uid (m/ is its: never follow what is there)
+                    os.chown(f"{where}/out", uid, uid, follow_symlinks=False)
                 listener.listen(channels)
                 listener.settimeout(STREAM_TIMEOUT)
                 q.execute("migrate", uri=f"unix:{CHANNELS_DIR}/out")
@@ -1133,11 +1143,7 @@ class QemuVM(ConfiguredVM):
                     conn = StreamSocket(fileno=listener.accept()[0].detach())
                     conns.append(conn)
                     conn.settimeout(STREAM_TIMEOUT)
-                    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                              struct.calcsize("3i")))[0]
-                    if pid != self.pid:
-                        raise QemuError(f"a connection to the VM's migration socket from process {pid}, not its "
-                                        "QEMU")
+                    self._check_peer(conn)
                     magic = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
                     if magic == MAIN_MAGIC and main is None:
                         main = conn
