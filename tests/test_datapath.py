@@ -455,3 +455,27 @@ async def test_a_worker_thread_on_a_quiet_stream_returns_when_its_nursery_is_can
     finally:
         ours.close()
         qemu.close()
+
+
+async def test_an_operators_cancel_ends_the_hypervisors_streams_at_once():
+    """A cancel while a QEMU guest's streams are carried: a pump waiting on a quiet one
+    (a multifd stream between QEMU's syncs) held the cancel past its grace, and the
+    destination saw the session cut instead of ABORT.  The stop shuts them down."""
+    from palm_net.migration.runner import SourceRun
+
+    ours, qemu = socket.socketpair()
+    ours.settimeout(15)  # (without the fix: the read returns after this, past the test's deadline)
+    run = object.__new__(SourceRun)  # (its stop's part only)
+    run._woken, run._streams = trio.Event(), [ours]
+    returned = []
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, lambda: returned.append(read_stream(ours, memoryview(
+                    bytearray(64)))))
+                await trio.sleep(0.2)  # the thread waits in recv by now (if not, it returns all the same)
+                run._wake_for_stop()
+        assert returned == [(0, True)] and run._woken.is_set()
+    finally:
+        ours.close()
+        qemu.close()

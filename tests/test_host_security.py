@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import uuid
@@ -711,6 +712,13 @@ class _Connects:
             self.conns.append(c)
 
 
+def _root_is_closed_again(vm: QemuVM) -> None:
+    """Once the streams are connected QEMU's root is empty and closed to its uid again."""
+    root = vm.run_dir / "root"
+    assert list(root.iterdir()) == [] and stat.S_IMODE(root.stat().st_mode) == 0o500
+    assert (root.stat().st_uid, root.stat().st_gid) == (os.geteuid(), os.getegid())
+
+
 def _source_vm(tmp_path: Path, pid: int) -> QemuVM:
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
@@ -724,12 +732,23 @@ MAIN, MULTIFD = b"QEVM\x00\x00\x00\x03", bytes.fromhex("1122334400000001")
 
 
 def test_the_source_takes_qemus_streams_main_first_whatever_their_order(tmp_path):
+    import socket
+
+    from palm_net.hypervisor.qemu import read_stream
+
     vm = _source_vm(tmp_path, os.getpid())
     q = _Connects(vm.run_dir, [MULTIFD + b"a", MAIN, MULTIFD + b"b"])
     conns = vm._accept_streams(q, 3)
     try:
-        assert [c.recv(16) for c in conns] == [MAIN, MULTIFD + b"a", MULTIFD + b"b"]
-        assert not (vm.run_dir / "root" / "m" / "out").exists()  # the socket is gone once all came
+        for c in q.conns:
+            c.shutdown(socket.SHUT_WR)
+        got = []
+        for c in conns:  # each whole, its first bytes too (read to tell it apart)
+            out = memoryview(bytearray(64))
+            n, _ = read_stream(c, out)
+            got.append(bytes(out[:n]))
+        assert got == [MAIN, MULTIFD + b"a", MULTIFD + b"b"]
+        _root_is_closed_again(vm)
     finally:
         for c in conns + q.conns:
             c.close()
@@ -746,6 +765,7 @@ def test_the_source_refuses_a_stream_not_from_its_qemu_or_not_qemus(tmp_path, pi
     try:
         with pytest.raises(QemuError, match=says):
             vm._accept_streams(q, len(firsts))
+        _root_is_closed_again(vm)
     finally:
         for c in q.conns:
             c.close()
@@ -801,6 +821,58 @@ def test_the_destination_sends_its_streams_only_to_its_qemu(tmp_path):
     try:
         vm.listen_stream(3)
         assert len(vm._incoming) == 3 and vm.qmp.commands[-1] == "migrate-incoming"
+        _root_is_closed_again(vm)  # (QEMU took the streams before it parsed a byte of them)
     finally:
         vm._close_incoming()
         qemu.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user for a moment")
+def test_an_unconfined_agent_opens_and_closes_its_multifd_directory_too():
+    """An agent that is not root (QEMU unconfined: it keeps the agent's uid) owns the empty
+    root it may not write either: the multifd directory is made all the same (it was
+    refused once: EACCES), and the root is closed again after."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chown(base, 65534, 65534)
+    vm = None
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        run_dir = base / "run"
+        run_dir.mkdir(mode=0o700)
+        (run_dir / "root").mkdir(mode=0o500)
+        vm = object.__new__(QemuVM)
+        vm.run_dir, vm.config = run_dir, {"uid": None, "pid": os.getpid()}
+        with vm._channels_dir() as where:
+            Path(where, "probe").write_bytes(b"")
+        _root_is_closed_again(vm)
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_source_stops_waiting_for_streams_once_qemus_migration_failed(tmp_path):
+    """QEMU that fails before it opens all its streams opens no more: the source asks it
+    while it waits (it waited out the stream's timeout, 30 s, its failure path behind it)."""
+    import time
+
+    class Fails(_Connects):
+        def execute(self, command: str, **args: object):
+            if command == "query-migrate":
+                return {"status": "failed", "error-desc": "injected: connection refused"}
+            return super().execute(command, **args)
+
+    vm = _source_vm(tmp_path, os.getpid())
+    q = Fails(vm.run_dir, [MAIN])  # one stream of two
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(QemuError, match="QEMU migration failed: injected"):
+            vm._accept_streams(q, 2)
+        assert time.monotonic() - t0 < 10
+        _root_is_closed_again(vm)
+    finally:
+        for c in q.conns:
+            c.close()

@@ -265,6 +265,32 @@ async def test_cancel_mid_stream_resumes_the_source(cluster, content):
     await settle_one_copy(cluster, vm.name, "a", content)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+async def test_a_cancel_mid_stream_reaches_the_destination_as_abort(cluster, content, channels):
+    """An operator's cancel while QEMU streams, on one channel or on QEMU's multifd (whose
+    streams go quiet whenever QEMU syncs them: a pump waiting on a quiet stream held the
+    cancel past its grace, and the destination saw the session cut): the streams end at
+    once, ABORT reaches the destination, the guest runs on at the source."""
+    a, b = cluster["a"], cluster["b"]
+    vm = new_vm(a, content)
+    mids = []
+
+    def cancel() -> None:
+        (mid,) = [lm.mid for lm in a.outgoing.live.values() if lm.result is None]
+        mids.append(mid)
+        a.outgoing.cancel(mid.hex())
+
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port), [Rule("c2s", 20, "call", callback=cancel)])
+    await cluster.nursery.start(proxy.serve)
+    res = await a.outgoing.migrate(vm.name, f"127.0.0.1:{proxy.port}", MigrationParams(channels=channels))
+    assert res.status == "cancelled" and res.runs_on == "source"
+    with trio.fail_after(10):
+        while (row := b.store.get(mids[0])) is None or row.state != "aborted":
+            await trio.sleep(0.05)
+    assert row.error == "cancelled at the source; the VM stays there", row.error
+    await settle_one_copy(cluster, vm.name, "a", content)
+
+
 # --------------------------------------------------------------------------
 # An unauthorised destination receives nothing
 
@@ -447,3 +473,21 @@ async def test_a_data_session_tampered_or_cut_mid_stream_fails_closed(cluster, c
     assert proxy.log.events, "the fault was not injected"
     assert not res.ok
     await settle_one_copy(cluster, vm.name, "a", content)
+
+
+def test_an_incoming_qemu_deaf_to_qmp_is_scrubbed_at_once(tmp_path):
+    """An incoming QEMU never ran: nothing of it is kept, so it is killed at once. One whose
+    multifd load was cut may wait in QEMU's multifd sync for good, deaf to QMP (here: stopped),
+    and its scrub waited for QMP's quit, then for the process, before it killed it."""
+    import signal
+    import time
+
+    run_parent = tmp_path / "run"
+    run_parent.mkdir(mode=0o700)
+    vm = QemuVM.create_incoming(tmp_path / "vm", run_parent, "deaf", os.urandom(16), QemuSpec(64, 1, "pc", "tcg"))
+    pid = vm.pid
+    assert pid is not None and qemu_processes(vm.vm_id) == [pid]
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    vm.scrub()
+    assert time.monotonic() - t0 < 4 and qemu_processes(vm.vm_id) == []

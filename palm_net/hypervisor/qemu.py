@@ -5,7 +5,9 @@ palm_net carries QEMU's byte stream and adds what QEMU lacks: attestation of
 the peer and the one-copy handoff.  The stream passes through a socket pair
 whose QEMU end is handed over QMP (``getfd``, then ``migrate fd:`` /
 ``migrate-incoming fd:``), so no file-system name exists that anyone could
-plant or connect to.  The destination QEMU is started paused with ``-S
+plant or connect to.  More channels (QEMU's multifd, which QEMU 7.2 takes only
+on socket URIs) pass through a Unix socket in QEMU's root, open to QEMU's uid
+only while the streams connect, each end checked to be this VM's QEMU.  The destination QEMU is started paused with ``-S
 -incoming defer``; it stays paused until COMMIT (``cont``); the source stays
 paused ("postmigrate") until the handoff rules let it run again or quit it.
 
@@ -129,6 +131,7 @@ STREAM_FD = "palm-migration"
 CHANNELS_DIR = "m"
 MAIN_MAGIC = b"QEVM"  # QEMU's migration stream
 MULTIFD_MAGIC = bytes.fromhex("11223344")  # a multifd channel's first packet
+ACCEPT_POLL = 0.5  # the source asks QEMU how its migration goes this often while it waits for a stream
 
 
 class QemuError(HypervisorError):
@@ -183,6 +186,7 @@ class StreamSocket(socket.socket):
     stream's: its end holds the CPU state)."""
 
     tail: StreamTail | None = None
+    head = b""  # its first bytes, read already (to tell the stream apart) and not yet passed on
 
 
 def _fields_size(desc: dict[str, Any]) -> int:
@@ -257,10 +261,14 @@ def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
     the stream ended.  Blocking: for a worker thread."""
     filled = 0
     try:
-        n = conn.recv_into(out)  # waits (up to the socket's timeout) for some
-        if n == 0:
-            return 0, True
-        filled = n
+        if isinstance(conn, StreamSocket) and conn.head:  # its first bytes, read to tell it apart
+            filled = min(len(conn.head), len(out))
+            out[:filled], conn.head = conn.head[:filled], conn.head[filled:]
+        else:
+            n = conn.recv_into(out)  # waits (up to the socket's timeout) for some
+            if n == 0:
+                return 0, True
+            filled = n
         # Then only what is there already.  Not MSG_DONTWAIT: on a socket with a
         # timeout Python waits for readiness first whatever the flags, so the reads
         # went on until the buffer was full, and the last megabyte of the stream
@@ -278,6 +286,22 @@ def read_stream(conn: socket.socket, out: memoryview) -> tuple[int, bool]:
         if isinstance(conn, StreamSocket) and conn.tail is not None:
             conn.tail.add(out[:filled])
     return filled, False
+
+
+def read_head(conn: socket.socket, n: int, deadline: float) -> bytes:
+    """A stream's first ``n`` bytes (fewer only at its end), read: its first write may
+    come in pieces.  QemuError after ``deadline``."""
+    head = b""
+    while len(head) < n:
+        conn.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            got = conn.recv(n - len(head))
+        except TimeoutError:
+            raise QemuError("QEMU's migration stream said nothing") from None
+        if not got:
+            break
+        head += got
+    return head
 
 
 def qemu_binary() -> str | None:
@@ -754,24 +778,33 @@ class QemuVM(ConfiguredVM):
 
     @contextlib.contextmanager
     def _channels_dir(self) -> Iterator[str]:
-        """The directory of the multifd sockets in QEMU's root, made now: the VM's uid may
-        pass through its root (group, execute only) and owns this directory; yields a
-        short path to it for the agent (a Unix socket's path has 108 bytes at most)."""
+        """The directory of the multifd sockets in QEMU's root, for as long as the streams
+        take to connect: the VM's uid may pass through its root (group, execute only) and
+        owns this directory; yields a short path to it for the agent (a Unix socket's path
+        has 108 bytes at most).  Then the root is as it was (empty, QEMU may not write
+        there) and the directory gone: the connections need neither."""
         root = self.run_dir / "root"
         where = root / CHANNELS_DIR
         uid = self.config.get("uid")
-        if not where.is_dir():
+        verify_dir(self.run_dir, "QEMU run directory")
+        os.chmod(root, 0o700)  # (an unconfined agent owns the root it may not write either)
+        try:
             os.mkdir(where, 0o700)
             if isinstance(uid, int):
                 os.chown(where, uid, uid)
                 os.chown(root, os.geteuid(), uid)
                 os.chmod(root, 0o510)  # noqa: S103 (its group is the VM's own; run_dir is 0700 anyway)
-        verify_dir(self.run_dir, "QEMU run directory")
-        fd = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            yield f"/proc/self/fd/{fd}"
+            fd = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                yield f"/proc/self/fd/{fd}"
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.chown(root, os.geteuid(), os.getegid())
+            # First, confined: QEMU's uid reaches nothing there from here on (root removes m/ all the same).
+            os.chmod(root, 0o500 if isinstance(uid, int) else 0o700)
+            shutil.rmtree(where, ignore_errors=True)  # (what QEMU left there too; never followed)
+            os.chmod(root, 0o500)
 
     def _pass_stream_fd(self, q: QmpClient) -> socket.socket:
         """A socket pair for the migration stream; QEMU gets one end by SCM_RIGHTS."""
@@ -884,7 +917,11 @@ class QemuVM(ConfiguredVM):
         return pid if isinstance(pid, int) else None
 
     def _kill(self) -> None:
-        """Ends the QEMU process: QMP quit, then SIGKILL if it lingers."""
+        """Ends the QEMU process: QMP quit, then SIGKILL if it lingers.  An incoming QEMU
+        (never run: nothing to keep) is killed at once: one whose multifd load was cut
+        may wait in QEMU's multifd sync for good, deaf to QMP."""
+        if self.state == "incoming" and self.proc is not None:
+            self.proc.kill()
         if self.qmp is not None:
             with contextlib.suppress(QmpError):
                 self.qmp.execute("quit", timeout=5)
@@ -1115,6 +1152,22 @@ class QemuVM(ConfiguredVM):
             c.settimeout(STREAM_TIMEOUT)
         return conns
 
+    @staticmethod
+    def _accept_one(q: QmpClient, listener: socket.socket, deadline: float) -> socket.socket:
+        """QEMU's next connection; QemuError once QEMU's migration failed (it makes no
+        more) or the stream's timeout passed."""
+        while True:
+            listener.settimeout(max(0.0, min(ACCEPT_POLL, deadline - time.monotonic())))
+            try:
+                return listener.accept()[0]
+            except TimeoutError:
+                info = q.execute("query-migrate")
+                if info.get("status") in ("failed", "cancelled"):
+                    why = info.get("error-desc", "no reason given")
+                    raise QemuError(f"QEMU migration {info['status']}: {why}") from None
+                if time.monotonic() >= deadline:
+                    raise QemuError("QEMU did not open all its migration streams") from None
+
     def _check_peer(self, conn: socket.socket) -> None:
         """The other end of a multifd socket is this VM's QEMU process (SO_PEERCRED), or QemuError."""
         pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
@@ -1137,14 +1190,14 @@ class QemuVM(ConfiguredVM):
                 if isinstance(uid, int):  # QEMU connects as its own uid (m/ is its: never follow what is there)
                     os.chown(f"{where}/out", uid, uid, follow_symlinks=False)
                 listener.listen(channels)
-                listener.settimeout(STREAM_TIMEOUT)
                 q.execute("migrate", uri=f"unix:{CHANNELS_DIR}/out")
+                deadline = time.monotonic() + STREAM_TIMEOUT
                 while len(conns) < channels:
-                    conn = StreamSocket(fileno=listener.accept()[0].detach())
+                    conn = StreamSocket(fileno=self._accept_one(q, listener, deadline).detach())
                     conns.append(conn)
                     conn.settimeout(STREAM_TIMEOUT)
                     self._check_peer(conn)
-                    magic = conn.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL)
+                    magic = conn.head = read_head(conn, 4, deadline)  # (read_stream passes it on first)
                     if magic == MAIN_MAGIC and main is None:
                         main = conn
                     elif magic != MULTIFD_MAGIC:

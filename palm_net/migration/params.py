@@ -15,7 +15,7 @@ DOWNTIME_POLICIES = ("pause", "abort", "continue", "throttle")
 
 
 def default_channels() -> int:
-    """Channels for a page migration when the operator names none: a channel keeps about
+    """Channels for a migration when the operator names none: a channel keeps about
     a core busy at each end (Python around libsodium), so one for every four cores (the
     guests keep the rest), at most 8: 1 on a host of fewer than 8 cores."""
     return max(1, min(8, (os.cpu_count() or 1) // 4))
@@ -35,7 +35,7 @@ class MigrationParams:
     # (and say so), "abort" (the VM runs on here), "continue" iterating past the
     # caps, or "throttle" the guest a step a round until it fits (pause at 99%).
     downtime_policy: str = "pause"
-    channels: int = 1  # sessions carrying a page backend's pages (proto 7.8); a stream backend uses one
+    channels: int = 1  # sessions carrying the pages, or a stream backend's streams (QEMU's multifd): proto 7.8
 
     def validate(self) -> None:
         if not 0 < self.downtime_limit <= 3600:

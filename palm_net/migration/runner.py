@@ -49,6 +49,7 @@ from palm_net.hypervisor.backend import (
 from palm_net.hypervisor.qemu import read_stream
 from palm_net.migration.destination import DestinationEngine, Lane, SessionOutcome
 from palm_net.migration.effects import (
+    AbortForever,
     ApplyPages,
     ChannelsOpened,
     CommitAndActivate,
@@ -191,7 +192,13 @@ class SourceRun:
         self.host = SourceHost(vm, store, engine.mid)
         self.stop = stop
         if stop is not None:
-            stop.wake = lambda: self._woken.set()
+            stop.wake = self._wake_for_stop
+
+    def _wake_for_stop(self) -> None:
+        """An operator's cancel: the run looks at once; a hypervisor's streams being carried
+        end now (a quiet one would hold its pump, and the cancel past its grace)."""
+        self._woken.set()
+        shut_down(self._streams)
 
     @property
     def abort_token(self) -> bytes | None:
@@ -493,6 +500,7 @@ class _Applier:
         self._pending = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.discarding = False  # the migration is being aborted: what is left is dropped, not written
 
     async def submit(self, effects: list[Effect], bufs: list[bytearray], release: _Release = None) -> None:
         if not effects and not bufs:
@@ -508,8 +516,12 @@ class _Applier:
 
     async def run(self) -> None:
         async for effects, bufs, release in self._recv:
-            if effects:
-                await trio.to_thread.run_sync(self.host.bulk, effects)
+            if effects and not self.discarding:
+                try:
+                    await trio.to_thread.run_sync(self.host.bulk, effects)
+                except PalmError:
+                    if not self.discarding:  # (a stream interrupted for the abort fails its writes)
+                        raise
             del effects
             for buf in bufs:
                 assert release is not None
@@ -695,7 +707,7 @@ class DestinationRun:
         """One buffer's records through the engine, in order: page batches to the
         applier, any other request once the applier is idle (it may depend on
         them); the buffer goes back once its batches are written."""
-        eng, applier = self.engine, self._applier_of(lane)
+        eng = self.engine
         fault("destination.receive")
         bulk: list[Effect] = []
         for i in range(len(records)):
@@ -709,12 +721,17 @@ class DestinationRun:
                 if isinstance(eff, (ApplyPages, StreamIn)):
                     bulk.append(eff)
                     continue
-                await applier.submit(bulk, [])
+                await self._applier_of(lane).submit(bulk, [])
                 bulk = []
+                if isinstance(eff, AbortForever) and eng.stream:
+                    # A stream's writer may wait on a QEMU that reads no more: what is left is dropped.
+                    for applier in self._appliers.values():
+                        applier.discarding = True
+                    self._interrupt_stream()
                 await self._drain()
                 await self._perform([eff])
         records.clear()  # views of buf: only the batches hold it now
-        await applier.submit(bulk + eng.flush(lane), [buf], release)
+        await self._applier_of(lane).submit(bulk + eng.flush(lane), [buf], release)
 
     def _interrupt_stream(self) -> None:
         """A stream backend's writers, blocked on a hypervisor that stopped reading, return."""
