@@ -514,3 +514,29 @@ async def test_a_cancel_while_the_source_waits_for_the_destination_wakes_it_and_
     row = b.store.get(res.mid)
     assert row.state == "aborted" and row.error == "cancelled at the source; the VM stays there", row.error
     assert cluster.running_copies("vm1") == ["a"]
+
+
+async def test_a_finished_migration_keeps_neither_its_run_nor_its_vm(cluster):
+    """The agent keeps its last finished migrations for `palm migrations`; each kept the
+    operator's Stop, whose wake-up was bound to the run, which held the source VM and
+    its page digest (16 bytes a page): 4 MiB per GiB with --verify-digest, 50 times over.
+    Now the run lets go when it ends, and a VM drops its digest once its migration is over
+    (scrubbed, activated, or resumed after a failure)."""
+    import gc
+
+    from palm_net.hypervisor.model import ModelVM
+    from palm_net.migration.runner import SourceRun
+
+    a = cluster["a"]
+    vm = a.registry.create_model("vm1", 8 << 20, fill="random")
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams(verify_digest=True))
+    assert res.ok and [lm.result for lm in a.outgoing.live.values()] == [res]
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, SourceRun)] == []
+    assert vm._pages_digest is None and vm.state != "running"
+    assert [o for o in gc.get_objects() if isinstance(o, ModelVM) and o._pages_digest is not None] == []
+    back = cluster["b"]  # and a migration that fails: the source runs on, without the digest
+    proxy = FaultProxy(("127.0.0.1", cluster.members["a"].port), [Rule("s2c", 2, "cut")])  # READY cut
+    await cluster.nursery.start(proxy.serve)
+    res = await back.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}", MigrationParams(verify_digest=True))
+    assert not res.ok and back.vms["vm1"].running and back.vms["vm1"]._pages_digest is None

@@ -331,6 +331,7 @@ class ModelVM(ModelGuest):
             k[:] = bytes(len(k))
         self._keys = []
         self._threads = []
+        self._pages_digest = None  # (16 bytes a page)
         end = len(self.mem)
         if self._reserver is not None:  # an incoming VM: only what was reserved holds anything
             end = self._reserver.stop()
@@ -384,6 +385,7 @@ class ModelVM(ModelGuest):
         the destination's abort token): stop logging and throttling, and run."""
         self.disable_dirty_log()
         self.set_throttle(1.0)
+        self._pages_digest = None  # (that migration's)
         if self.state == "paused":
             self.resume()
         self.set_migration(None)  # last: a failure before leaves the record a restart resumes from
@@ -668,6 +670,7 @@ class ModelVM(ModelGuest):
         if self._reserver is not None:  # all reserved (sync waited): the guest's own writes map the rest
             self._reserver.stop()
             self._reserver = None
+        self._pages_digest = None  # READY's, done with (16 bytes a page)
         self._flip_activation()
 
     # -- digest ------------------------------------------------------------

@@ -294,6 +294,8 @@ class SourceRun:
             raise err from None
         finally:
             self._close_streams()  # also on failure or cancel: QEMU sees its streams end
+            if self.stop is not None:  # (the operator's Stop outlives the run, kept with its result:
+                self.stop.wake = lambda: None  # it must not keep the run, its VM and its digest alive)
 
     async def _run(self) -> None:
         eng = self.engine
