@@ -739,7 +739,10 @@ def test_the_source_takes_qemus_streams_main_first_whatever_their_order(tmp_path
     (1, [MAIN, MULTIFD], "not its QEMU"),  # another process got there (checked by SO_PEERCRED)
     (None, [MAIN, b"HTTP/1.1"], "neither its main one nor multifd"),
     (None, [MULTIFD, MULTIFD], "no main migration stream"),
-], ids=["another process", "another protocol", "no main stream"])
+    # a second main stream is not taken for a multifd one (its bytes would reach the
+    # destination QEMU's multifd stream of that channel)
+    (None, [MAIN, MAIN, MULTIFD], "neither its main one nor multifd"),
+], ids=["another process", "another protocol", "no main stream", "two main streams"])
 def test_the_source_refuses_a_stream_not_from_its_qemu_or_not_qemus(tmp_path, pid, firsts, says):
     vm = _source_vm(tmp_path, os.getpid() if pid is None else pid)
     q = _Connects(vm.run_dir, firsts)
@@ -748,4 +751,25 @@ def test_the_source_refuses_a_stream_not_from_its_qemu_or_not_qemus(tmp_path, pi
             vm._accept_streams(q, len(firsts))
     finally:
         for c in q.conns:
+            c.close()
+
+
+def test_the_source_takes_qemus_streams_past_a_socket_an_earlier_agent_left(tmp_path):
+    """An agent stopped while it waited for QEMU's connections leaves its socket in m/ (the
+    VM and its run directory outlive the agent): the next migration on channels binds
+    its own socket all the same, and leaves none behind."""
+    import socket
+
+    vm = _source_vm(tmp_path, os.getpid())
+    (vm.run_dir / "root" / "m").mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(vm.run_dir / "root" / "m" / "out"))
+    stale.close()
+    q = _Connects(vm.run_dir, [MAIN, MULTIFD])
+    conns = vm._accept_streams(q, 2)
+    try:
+        assert [c.recv(16) for c in conns] == [MAIN, MULTIFD]
+        assert not (vm.run_dir / "root" / "m" / "out").exists()
+    finally:
+        for c in conns + q.conns:
             c.close()
