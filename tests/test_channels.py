@@ -741,3 +741,28 @@ def test_a_bind_for_a_stream_on_one_channel_or_before_channels_is_refused(tmp_pa
     with pytest.raises(RemoteProtocolError) as exc:
         s.bind(1, 2)
     assert exc.value.code is ErrorCode.OUT_OF_STATE
+
+
+def test_a_stream_data_session_read_after_the_main_streams_end_still_binds(tmp_path):
+    """A data session's BIND may be read after the main session's STREAM_END (SEALED) or
+    its COMPLETE (VERIFYING): the hypervisor waits for that channel's stream, so the
+    session binds, and READY follows its COMPLETE."""
+    for late in ("sealed", "verifying"):
+        (tmp_path / late).mkdir()
+        s = _StreamDest(tmp_path / late)
+        s.main(Channels(2))
+        main = b"QEVM" + bytes(100)
+        s.main(messages.Stream(len(main)), main)
+        s.main(messages.StreamEnd(len(main)))
+        if late == "verifying":
+            s.main(Complete(s.d.index, 1, b"T" * 32))
+        assert s.d.engine.state.value == late and s.d.engine.binding
+        s.bind(1, 2)
+        multifd = b"\x11\x22\x33\x44" + b"a" * 10
+        s.on(1, messages.Stream(len(multifd)), multifd)
+        if late == "sealed":
+            s.main(Complete(s.d.index, 1, b"T" * 32))
+        assert not s.fake.ended and s.sent == []
+        s.on(1, Complete(3, 1, b"T" * 32))
+        assert s.fake.ended and [messages.decode(m).type for m in s.sent] == ["READY"]
+        assert {c: bytes(b) for c, b in s.fake.streams.items()} == {0: main, 1: multifd}

@@ -747,8 +747,17 @@ def test_the_source_refuses_a_stream_not_from_its_qemu_or_not_qemus(tmp_path, pi
     vm = _source_vm(tmp_path, os.getpid() if pid is None else pid)
     q = _Connects(vm.run_dir, firsts)
     try:
-        with pytest.raises(QemuError, match=says):
+        with pytest.raises(QemuError, match=says) as refused:
             vm._accept_streams(q, len(firsts))
+        # Each connection QEMU made is closed at once, not left to the garbage collector
+        # (the error's traceback keeps the agent's ends alive): QEMU sees its streams end.
+        for c in q.conns:
+            c.settimeout(5)  # a bound, not a wait: the end is there already or never
+            try:
+                assert c.recv(64) == b""
+            except ConnectionResetError:  # (closed with QEMU's first bytes unread)
+                pass
+        assert refused.value is not None
     finally:
         for c in q.conns:
             c.close()
