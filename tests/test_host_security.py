@@ -782,3 +782,34 @@ def test_the_source_takes_qemus_streams_past_a_socket_an_earlier_agent_left(tmp_
     finally:
         for c in conns + q.conns:
             c.close()
+
+
+@pytest.mark.parametrize("firsts", [[b"", MULTIFD], [MAIN]], ids=["a stream that says nothing", "too few streams"])
+def test_the_source_gives_up_on_qemus_streams_within_the_stream_timeout(tmp_path, monkeypatch, firsts):
+    """A connection of QEMU's that says nothing, or fewer connections than channels: the
+    source stops waiting after STREAM_TIMEOUT (a worker thread cannot be cancelled:
+    without it the migration's failure path would wait for ever)."""
+    import threading
+
+    from palm_net.hypervisor import qemu
+
+    monkeypatch.setattr(qemu, "STREAM_TIMEOUT", 0.2)
+    vm = _source_vm(tmp_path, os.getpid())
+    q = _Connects(vm.run_dir, firsts)
+    raised: list[BaseException] = []
+
+    def accept() -> None:
+        try:
+            vm._accept_streams(q, 2)
+        except BaseException as exc:  # (what ended it, for the test)
+            raised.append(exc)
+
+    waiter = threading.Thread(target=accept, daemon=True)
+    waiter.start()
+    try:
+        waiter.join(20)  # a bound: 0.2 s is what it takes
+        assert not waiter.is_alive(), "still waiting for QEMU's streams"
+        assert len(raised) == 1 and isinstance(raised[0], TimeoutError)
+    finally:
+        for c in q.conns:
+            c.close()
