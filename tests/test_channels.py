@@ -766,3 +766,15 @@ def test_a_stream_data_session_read_after_the_main_streams_end_still_binds(tmp_p
         s.on(1, Complete(3, 1, b"T" * 32))
         assert s.fake.ended and [messages.decode(m).type for m in s.sent] == ["READY"]
         assert {c: bytes(b) for c, b in s.fake.streams.items()} == {0: main, 1: multifd}
+
+
+def test_each_stream_message_of_a_data_session_is_counted(tmp_path):
+    """A data session carries its stream in many STREAM messages (QEMU's multifd: its
+    packets as they are read): each counts towards its COMPLETE's page_records."""
+    s = _StreamDest(tmp_path)
+    s.main(Channels(2))
+    s.bind(1, 2)
+    for part in (b"\x11\x22\x33\x44" + b"a" * 10, b"b" * 7, b"c"):
+        s.on(1, messages.Stream(len(part)), part)
+    s.on(1, Complete(7, 3, b"T" * 32))  # BIND, 3 STREAM and their 3 data records
+    assert s.lanes[1][1].complete and s.lanes[1][1].page_records == 3
