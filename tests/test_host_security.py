@@ -813,3 +813,14 @@ def test_the_source_gives_up_on_qemus_streams_within_the_stream_timeout(tmp_path
     finally:
         for c in q.conns:
             c.close()
+
+
+def test_the_source_binds_no_socket_for_qemus_streams_in_a_run_directory_others_may_enter(tmp_path):
+    """The socket QEMU's streams come to is in QEMU's root, in the VM's run directory: one
+    that others may enter (mode, owner, a symlink) is refused before anything listens."""
+    vm = _source_vm(tmp_path, os.getpid())
+    vm.run_dir.chmod(0o755)
+    q = _Connects(vm.run_dir, [MAIN, MULTIFD])
+    with pytest.raises(UnsafePathError, match="QEMU run directory"):
+        vm._accept_streams(q, 2)
+    assert q.conns == [] and not (vm.run_dir / "root" / "m" / "out").exists()
