@@ -824,3 +824,35 @@ def test_the_source_binds_no_socket_for_qemus_streams_in_a_run_directory_others_
     with pytest.raises(UnsafePathError, match="QEMU run directory"):
         vm._accept_streams(q, 2)
     assert q.conns == [] and not (vm.run_dir / "root" / "m" / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to the VM's uid (root only)")
+def test_the_directory_of_qemus_streams_is_the_vm_uids_alone(tmp_path):
+    """QEMU's root stays root's, its group the VM's uid with execute only (the uid passes,
+    never reads or writes there); m/ in it is the VM's uid's own, mode 0700."""
+    import stat as st
+
+    vm = _source_vm(tmp_path, os.getpid())
+    vm.config["uid"] = uid = 2_000_000_123
+    q = _Connects(vm.run_dir, [MAIN, MULTIFD])
+    conns = vm._accept_streams(q, 2)
+    try:
+        root, m = os.lstat(vm.run_dir / "root"), os.lstat(vm.run_dir / "root" / "m")
+        assert (root.st_uid, root.st_gid, st.S_IMODE(root.st_mode)) == (0, uid, 0o510)
+        assert (m.st_uid, m.st_gid, st.S_IMODE(m.st_mode)) == (uid, uid, 0o700)
+    finally:
+        for c in conns + q.conns:
+            c.close()
+
+
+def test_the_source_binds_no_socket_where_a_symlink_in_qemus_root_points(tmp_path):
+    """m/ made a symlink (to a directory QEMU's uid may reach): refused, and nothing
+    listens where it points."""
+    vm = _source_vm(tmp_path, os.getpid())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (vm.run_dir / "root" / "m").symlink_to(elsewhere)
+    q = _Connects(vm.run_dir, [MAIN, MULTIFD])
+    with pytest.raises(OSError):
+        vm._accept_streams(q, 2)
+    assert q.conns == [] and list(elsewhere.iterdir()) == []
