@@ -8,6 +8,7 @@ elsewhere; CI runs as root.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -856,3 +857,104 @@ def test_the_source_binds_no_socket_where_a_symlink_in_qemus_root_points(tmp_pat
     with pytest.raises(OSError):
         vm._accept_streams(q, 2)
     assert q.conns == [] and list(elsewhere.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# The destination's ends of QEMU's streams (one socket a channel)
+
+
+def _destination_vm(channels: int) -> tuple[QemuVM, list]:
+    """A destination QemuVM's stream part (no QEMU): its ends of ``channels`` streams and
+    the ends its QEMU would read."""
+    import socket
+
+    from palm_net.hypervisor.qemu import StreamTail
+
+    vm = object.__new__(QemuVM)
+    vm._incoming, theirs = [], []
+    for _ in range(channels):
+        ours, qemu = socket.socketpair()
+        qemu.settimeout(10)  # a bound, for bytes that never come
+        vm._incoming.append(ours)
+        theirs.append(qemu)
+    vm._tail = StreamTail()
+    return vm, theirs
+
+
+def test_each_channels_bytes_reach_its_own_qemu_stream_and_only_the_main_ones_its_tail():
+    vm, theirs = _destination_vm(2)
+    try:
+        vm.stream_in(b"QEVM main", 0)
+        vm.stream_in(b"\x11\x22\x33\x44 multifd", 1)
+        assert [q.recv(64) for q in theirs] == [b"QEVM main", b"\x11\x22\x33\x44 multifd"]
+        assert vm._tail.bytes() == b"QEVM main"  # the CPU state is at the main stream's end
+        with pytest.raises(QemuError, match="no incoming migration"):
+            vm.stream_in(b"x", 2)  # a channel QEMU does not listen for
+    finally:
+        for c in vm._incoming + theirs:
+            c.close()
+
+
+def test_a_writer_blocked_on_a_qemu_that_stopped_reading_returns_when_interrupted():
+    """The destination's writer of a stream QEMU stopped reading (a worker thread, in
+    sendall) returns at once on interrupt_stream, not after the stream's timeout."""
+    import socket
+    import threading
+
+    vm, theirs = _destination_vm(2)
+    for c in vm._incoming:
+        c.settimeout(60)  # past the test's bound: without the interrupt, the writer waits this long
+    theirs[1].settimeout(20)  # a bound, for a writer that never writes there
+    raised: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for _ in range(1 << 12):  # 4 GiB: more than any socket buffer holds
+                vm.stream_in(bytes(1 << 20), 1)
+        except QemuError as exc:
+            raised.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        assert theirs[1].recv(1, socket.MSG_PEEK)  # (blocks until the writer has begun)
+        vm.interrupt_stream()
+        writer.join(20)  # a bound: it returns at once
+        assert not writer.is_alive() and len(raised) == 1
+    finally:
+        for c in vm._incoming + theirs:  # (the writer returns whatever happened above)
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        writer.join(70)
+        for c in vm._incoming + theirs:
+            c.close()
+
+
+class _LoadedAs:
+    """Stands in for QMP after the stream's end: QEMU says how its load went."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+    def wait_event(self, match, timeout):
+        ev = {"event": "MIGRATION", "data": {"status": self.status}}
+        assert match(ev)
+        return ev
+
+    def execute(self, command: str, **args: object) -> dict:
+        assert command == "query-status"
+        return {"status": "paused"}
+
+
+def test_a_stream_its_qemu_failed_to_load_is_refused(tmp_path):
+    """QEMU read every stream but failed to load them (a device state it refused): the
+    migration fails there, never READY with a VM that did not load."""
+    vm, theirs = _destination_vm(2)
+    vm.qmp, vm.dir, vm.name = _LoadedAs("failed"), tmp_path, "q"
+    try:
+        with pytest.raises(QemuError, match="refused the stream"):
+            vm.end_stream()
+        assert vm._incoming == []  # every stream closed
+    finally:
+        for c in theirs:
+            c.close()
