@@ -778,3 +778,19 @@ def test_each_stream_message_of_a_data_session_is_counted(tmp_path):
         s.on(1, messages.Stream(len(part)), part)
     s.on(1, Complete(7, 3, b"T" * 32))  # BIND, 3 STREAM and their 3 data records
     assert s.lanes[1][1].complete and s.lanes[1][1].page_records == 3
+
+
+def test_a_failing_stream_migration_interrupts_its_hypervisors_streams():
+    """DestinationRun._interrupt_stream (run by unblock_on_cancel as the migration's nursery
+    ends): a stream backend's writers, blocked on a QEMU that stopped reading, are
+    interrupted; a page migration, or one with no VM yet, has none."""
+    from types import SimpleNamespace
+
+    calls = []
+    vm = SimpleNamespace(interrupt_stream=lambda: calls.append("interrupted"))
+    run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
+    for stream, hosted, expected in ((True, vm, ["interrupted"]), (False, vm, []), (True, None, [])):
+        calls.clear()
+        run.engine, run.host = SimpleNamespace(stream=stream), SimpleNamespace(vm=hosted)
+        run._interrupt_stream()
+        assert calls == expected
