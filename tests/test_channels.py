@@ -741,3 +741,56 @@ def test_a_bind_for_a_stream_on_one_channel_or_before_channels_is_refused(tmp_pa
     with pytest.raises(RemoteProtocolError) as exc:
         s.bind(1, 2)
     assert exc.value.code is ErrorCode.OUT_OF_STATE
+
+
+def test_a_stream_data_session_read_after_the_main_streams_end_still_binds(tmp_path):
+    """A data session's BIND may be read after the main session's STREAM_END (SEALED) or
+    its COMPLETE (VERIFYING): the hypervisor waits for that channel's stream, so the
+    session binds, and READY follows its COMPLETE."""
+    for late in ("sealed", "verifying"):
+        (tmp_path / late).mkdir()
+        s = _StreamDest(tmp_path / late)
+        s.main(Channels(2))
+        main = b"QEVM" + bytes(100)
+        s.main(messages.Stream(len(main)), main)
+        s.main(messages.StreamEnd(len(main)))
+        if late == "verifying":
+            s.main(Complete(s.d.index, 1, b"T" * 32))
+        assert s.d.engine.state.value == late and s.d.engine.binding
+        s.bind(1, 2)
+        multifd = b"\x11\x22\x33\x44" + b"a" * 10
+        s.on(1, messages.Stream(len(multifd)), multifd)
+        if late == "sealed":
+            s.main(Complete(s.d.index, 1, b"T" * 32))
+        assert not s.fake.ended and s.sent == []
+        s.on(1, Complete(3, 1, b"T" * 32))
+        assert s.fake.ended and [messages.decode(m).type for m in s.sent] == ["READY"]
+        assert {c: bytes(b) for c, b in s.fake.streams.items()} == {0: main, 1: multifd}
+
+
+def test_each_stream_message_of_a_data_session_is_counted(tmp_path):
+    """A data session carries its stream in many STREAM messages (QEMU's multifd: its
+    packets as they are read): each counts towards its COMPLETE's page_records."""
+    s = _StreamDest(tmp_path)
+    s.main(Channels(2))
+    s.bind(1, 2)
+    for part in (b"\x11\x22\x33\x44" + b"a" * 10, b"b" * 7, b"c"):
+        s.on(1, messages.Stream(len(part)), part)
+    s.on(1, Complete(7, 3, b"T" * 32))  # BIND, 3 STREAM and their 3 data records
+    assert s.lanes[1][1].complete and s.lanes[1][1].page_records == 3
+
+
+def test_a_failing_stream_migration_interrupts_its_hypervisors_streams():
+    """DestinationRun._interrupt_stream (run by unblock_on_cancel as the migration's nursery
+    ends): a stream backend's writers, blocked on a QEMU that stopped reading, are
+    interrupted; a page migration, or one with no VM yet, has none."""
+    from types import SimpleNamespace
+
+    calls = []
+    vm = SimpleNamespace(interrupt_stream=lambda: calls.append("interrupted"))
+    run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
+    for stream, hosted, expected in ((True, vm, ["interrupted"]), (False, vm, []), (True, None, [])):
+        calls.clear()
+        run.engine, run.host = SimpleNamespace(stream=stream), SimpleNamespace(vm=hosted)
+        run._interrupt_stream()
+        assert calls == expected

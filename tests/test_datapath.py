@@ -479,3 +479,37 @@ async def test_an_operators_cancel_ends_the_hypervisors_streams_at_once():
     finally:
         ours.close()
         qemu.close()
+
+
+async def test_a_failed_stream_unblocks_the_readers_of_the_others():
+    """SourceRun._send_stream: one of the hypervisor's streams fails (its channel's send
+    failed) while another is quiet: the reader of the quiet one, a worker thread, returns
+    at once (its stream shut down), not after the stream's timeout."""
+    from palm_net.migration import runner
+
+    pairs = [socket.socketpair() for _ in range(2)]
+    streams = [ours for ours, _ in pairs]
+    for s in streams:
+        s.settimeout(15)  # past the test's own deadline: without the shut-down, the read waits this long
+    returned = []
+    reading = trio.Event()
+
+    async def send_one(conn: socket.socket, channel: int, ch: object) -> None:
+        if channel:
+            await reading.wait()  # (the other's thread starts before this fails)
+            raise LocalProtocolError(ErrorCode.CLOSED, "channel 1's session failed")
+        reading.set()
+        returned.append(await trio.to_thread.run_sync(read_stream, conn, memoryview(bytearray(64))))
+
+    run = object.__new__(runner.SourceRun)  # (the streams' part only: no session)
+    run.ch, run.data_channels, run._streams = object(), [object()], streams
+    run._send_one_stream = send_one
+    try:
+        with trio.fail_after(10):
+            with pytest.raises(BaseExceptionGroup):
+                await run._send_stream()
+        assert returned == [(0, True)] and run._streams == []  # the quiet one's end seen; both closed
+    finally:
+        for ours, qemu in pairs:
+            ours.close()
+            qemu.close()

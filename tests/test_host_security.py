@@ -8,6 +8,7 @@ elsewhere; CI runs as root.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -701,9 +702,11 @@ class _Connects:
     def __init__(self, run_dir: Path, firsts: list[bytes]) -> None:
         self.run_dir, self.firsts, self.conns = run_dir, firsts, []
 
-    def execute(self, command: str, **args: object) -> None:
+    def execute(self, command: str, **args: object) -> object:
         import socket
 
+        if command == "query-migrate":  # (asked while the source waits for a stream)
+            return {"status": "active"}
         assert command == "migrate" and args["uri"] == "unix:m/out"
         for first in self.firsts:
             c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -758,14 +761,26 @@ def test_the_source_takes_qemus_streams_main_first_whatever_their_order(tmp_path
     (1, [MAIN, MULTIFD], "leads to process .*, not its QEMU"),  # another process got there (SO_PEERCRED)
     (None, [MAIN, b"HTTP/1.1"], "neither its main one nor multifd"),
     (None, [MULTIFD, MULTIFD], "no main migration stream"),
-], ids=["another process", "another protocol", "no main stream"])
+    # a second main stream is not taken for a multifd one (its bytes would reach the
+    # destination QEMU's multifd stream of that channel)
+    (None, [MAIN, MAIN, MULTIFD], "neither its main one nor multifd"),
+], ids=["another process", "another protocol", "no main stream", "two main streams"])
 def test_the_source_refuses_a_stream_not_from_its_qemu_or_not_qemus(tmp_path, pid, firsts, says):
     vm = _source_vm(tmp_path, os.getpid() if pid is None else pid)
     q = _Connects(vm.run_dir, firsts)
     try:
-        with pytest.raises(QemuError, match=says):
+        with pytest.raises(QemuError, match=says) as refused:
             vm._accept_streams(q, len(firsts))
         _root_is_closed_again(vm)
+        # Each connection QEMU made is closed at once, not left to the garbage collector
+        # (the error's traceback keeps the agent's ends alive): QEMU sees its streams end.
+        for c in q.conns:
+            c.settimeout(5)  # a bound, not a wait: the end is there already or never
+            try:
+                assert c.recv(64) == b""
+            except ConnectionResetError:  # (closed with QEMU's first bytes unread)
+                pass
+        assert refused.value is not None
     finally:
         for c in q.conns:
             c.close()
@@ -875,4 +890,215 @@ def test_the_source_stops_waiting_for_streams_once_qemus_migration_failed(tmp_pa
         _root_is_closed_again(vm)
     finally:
         for c in q.conns:
+            c.close()
+
+
+def test_the_source_takes_qemus_streams_past_a_socket_an_earlier_agent_left(tmp_path):
+    """An agent stopped while it waited for QEMU's connections leaves its socket in m/ (the
+    VM and its run directory outlive the agent): the next migration on channels binds
+    its own socket all the same, and leaves none behind."""
+    import socket
+
+    vm = _source_vm(tmp_path, os.getpid())
+    (vm.run_dir / "root" / "m").mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(vm.run_dir / "root" / "m" / "out"))
+    stale.close()
+    q = _Connects(vm.run_dir, [MAIN, MULTIFD])
+    conns = vm._accept_streams(q, 2)
+    try:
+        assert [c.head for c in conns] == [MAIN[:4], MULTIFD[:4]]  # (read to tell them apart)
+        _root_is_closed_again(vm)
+    finally:
+        for c in conns + q.conns:
+            c.close()
+
+
+@pytest.mark.parametrize("firsts", [[b"", MULTIFD], [MAIN]], ids=["a stream that says nothing", "too few streams"])
+def test_the_source_gives_up_on_qemus_streams_within_the_stream_timeout(tmp_path, monkeypatch, firsts):
+    """A connection of QEMU's that says nothing, or fewer connections than channels: the
+    source stops waiting after STREAM_TIMEOUT (a worker thread cannot be cancelled:
+    without it the migration's failure path would wait for ever)."""
+    import threading
+
+    from palm_net.hypervisor import qemu
+
+    monkeypatch.setattr(qemu, "STREAM_TIMEOUT", 0.2)
+    vm = _source_vm(tmp_path, os.getpid())
+    q = _Connects(vm.run_dir, firsts)
+    raised: list[BaseException] = []
+
+    def accept() -> None:
+        try:
+            vm._accept_streams(q, 2)
+        except BaseException as exc:  # (what ended it, for the test)
+            raised.append(exc)
+
+    waiter = threading.Thread(target=accept, daemon=True)
+    waiter.start()
+    try:
+        waiter.join(20)  # a bound: 0.2 s is what it takes
+        assert not waiter.is_alive(), "still waiting for QEMU's streams"
+        assert len(raised) == 1 and isinstance(raised[0], QemuError), raised
+    finally:
+        for c in q.conns:
+            c.close()
+
+
+def test_the_source_binds_no_socket_for_qemus_streams_in_a_run_directory_others_may_enter(tmp_path):
+    """The socket QEMU's streams come to is in QEMU's root, in the VM's run directory: one
+    that others may enter (mode, owner, a symlink) is refused before anything listens."""
+    vm = _source_vm(tmp_path, os.getpid())
+    vm.run_dir.chmod(0o755)
+    q = _Connects(vm.run_dir, [MAIN, MULTIFD])
+    with pytest.raises(UnsafePathError, match="QEMU run directory"):
+        vm._accept_streams(q, 2)
+    assert q.conns == [] and not (vm.run_dir / "root" / "m" / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to the VM's uid (root only)")
+def test_the_directory_of_qemus_streams_is_the_vm_uids_alone(tmp_path):
+    """While QEMU connects its streams its root stays root's, its group the VM's uid with
+    execute only (the uid passes, never reads or writes there); m/ in it is the VM's
+    uid's own, mode 0700. Then the root is closed again."""
+    import stat as st
+
+    vm = _source_vm(tmp_path, os.getpid())
+    vm.config["uid"] = uid = 2_000_000_123
+    seen = []
+
+    class Looks(_Connects):
+        def execute(self, command: str, **args: object) -> object:
+            if command == "migrate":  # (as QEMU connects)
+                seen.append((os.lstat(vm.run_dir / "root"), os.lstat(vm.run_dir / "root" / "m")))
+            return super().execute(command, **args)
+
+    q = Looks(vm.run_dir, [MAIN, MULTIFD])
+    conns = vm._accept_streams(q, 2)
+    try:
+        ((root, m),) = seen
+        assert (root.st_uid, root.st_gid, st.S_IMODE(root.st_mode)) == (0, uid, 0o510)
+        assert (m.st_uid, m.st_gid, st.S_IMODE(m.st_mode)) == (uid, uid, 0o700)
+        _root_is_closed_again(vm)
+    finally:
+        for c in conns + q.conns:
+            c.close()
+
+
+def test_the_source_binds_no_socket_where_a_symlink_in_qemus_root_points(tmp_path):
+    """m/ found a symlink (to a directory QEMU's uid may reach): the link goes, never
+    followed, and nothing listens or is removed where it points."""
+    vm = _source_vm(tmp_path, os.getpid())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_bytes(b"")
+    (vm.run_dir / "root" / "m").symlink_to(elsewhere)
+    q = _Connects(vm.run_dir, [MAIN, MULTIFD])
+    conns = vm._accept_streams(q, 2)
+    try:
+        assert [p.name for p in elsewhere.iterdir()] == ["keep"]
+        _root_is_closed_again(vm)
+    finally:
+        for c in conns + q.conns:
+            c.close()
+
+
+# --------------------------------------------------------------------------
+# The destination's ends of QEMU's streams (one socket a channel)
+
+
+def _destination_vm(channels: int) -> tuple[QemuVM, list]:
+    """A destination QemuVM's stream part (no QEMU): its ends of ``channels`` streams and
+    the ends its QEMU would read."""
+    import socket
+
+    from palm_net.hypervisor.qemu import StreamTail
+
+    vm = object.__new__(QemuVM)
+    vm._incoming, theirs = [], []
+    for _ in range(channels):
+        ours, qemu = socket.socketpair()
+        qemu.settimeout(10)  # a bound, for bytes that never come
+        vm._incoming.append(ours)
+        theirs.append(qemu)
+    vm._tail = StreamTail()
+    return vm, theirs
+
+
+def test_each_channels_bytes_reach_its_own_qemu_stream_and_only_the_main_ones_its_tail():
+    vm, theirs = _destination_vm(2)
+    try:
+        vm.stream_in(b"QEVM main", 0)
+        vm.stream_in(b"\x11\x22\x33\x44 multifd", 1)
+        assert [q.recv(64) for q in theirs] == [b"QEVM main", b"\x11\x22\x33\x44 multifd"]
+        assert vm._tail.bytes() == b"QEVM main"  # the CPU state is at the main stream's end
+        with pytest.raises(QemuError, match="no incoming migration"):
+            vm.stream_in(b"x", 2)  # a channel QEMU does not listen for
+    finally:
+        for c in vm._incoming + theirs:
+            c.close()
+
+
+def test_a_writer_blocked_on_a_qemu_that_stopped_reading_returns_when_interrupted():
+    """The destination's writer of a stream QEMU stopped reading (a worker thread, in
+    sendall) returns at once on interrupt_stream, not after the stream's timeout."""
+    import socket
+    import threading
+
+    vm, theirs = _destination_vm(2)
+    for c in vm._incoming:
+        c.settimeout(60)  # past the test's bound: without the interrupt, the writer waits this long
+    theirs[1].settimeout(20)  # a bound, for a writer that never writes there
+    raised: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for _ in range(1 << 12):  # 4 GiB: more than any socket buffer holds
+                vm.stream_in(bytes(1 << 20), 1)
+        except QemuError as exc:
+            raised.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        assert theirs[1].recv(1, socket.MSG_PEEK)  # (blocks until the writer has begun)
+        vm.interrupt_stream()
+        writer.join(20)  # a bound: it returns at once
+        assert not writer.is_alive() and len(raised) == 1
+    finally:
+        for c in vm._incoming + theirs:  # (the writer returns whatever happened above)
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        writer.join(70)
+        for c in vm._incoming + theirs:
+            c.close()
+
+
+class _LoadedAs:
+    """Stands in for QMP after the stream's end: QEMU says how its load went."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+    def wait_event(self, match, timeout):
+        ev = {"event": "MIGRATION", "data": {"status": self.status}}
+        assert match(ev)
+        return ev
+
+    def execute(self, command: str, **args: object) -> dict:
+        assert command == "query-status"
+        return {"status": "paused"}
+
+
+def test_a_stream_its_qemu_failed_to_load_is_refused(tmp_path):
+    """QEMU read every stream but failed to load them (a device state it refused): the
+    migration fails there, never READY with a VM that did not load."""
+    vm, theirs = _destination_vm(2)
+    vm.qmp, vm.dir, vm.name = _LoadedAs("failed"), tmp_path, "q"
+    try:
+        with pytest.raises(QemuError, match="refused the stream"):
+            vm.end_stream()
+        assert vm._incoming == []  # every stream closed
+    finally:
+        for c in theirs:
             c.close()

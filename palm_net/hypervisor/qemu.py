@@ -789,6 +789,11 @@ class QemuVM(ConfiguredVM):
         verify_dir(self.run_dir, "QEMU run directory")
         os.chmod(root, 0o700)  # (an unconfined agent owns the root it may not write either)
         try:
+            if os.path.lexists(where):  # left by an agent stopped while its streams connected
+                if where.is_symlink() or not where.is_dir():
+                    os.unlink(where)
+                else:
+                    shutil.rmtree(where)
             os.mkdir(where, 0o700)
             if isinstance(uid, int):
                 os.chown(where, uid, uid)
