@@ -748,6 +748,7 @@ class QemuVM(ConfiguredVM):
             if channels == 1:
                 ours = self._pass_stream_fd(q)
                 self._incoming.append(ours)
+                ours.settimeout(STREAM_TIMEOUT)
                 q.execute("migrate-incoming", uri=f"fd:{STREAM_FD}")
             else:
                 self._multifd(q, channels)
@@ -766,8 +767,6 @@ class QemuVM(ConfiguredVM):
         except (QemuError, QmpError, OSError) as exc:
             self._close_incoming()  # (nothing was sent on them)
             raise QemuError(f"destination QEMU does not listen for the stream: {exc}") from None
-        for conn in self._incoming:
-            conn.settimeout(STREAM_TIMEOUT)
         self._tail = StreamTail()
 
     @staticmethod

@@ -158,7 +158,6 @@ class SourceEngine:
         self.started = 0.0
         self.round = 0
         self.sent_bytes = 0  # message bytes of the VM's memory (before tags and framing)
-        self.stream_bytes = 0
         self.pending: RoundGfns = PageRange(info.npages)  # gfns of the current round; round 0: all
         self.paused_at: float | None = None
         self.digest: str | None = None
@@ -189,6 +188,11 @@ class SourceEngine:
     def mid(self) -> bytes:
         assert self.proto.mid is not None
         return self.proto.mid
+
+    @property
+    def stream_bytes(self) -> int:
+        """A stream backend's bytes sent, on every channel."""
+        return sum(self.channel_bytes)
 
     def sent(self, size: int) -> None:
         """``size`` bytes went on the wire (framing and tags included): counted."""
@@ -452,7 +456,6 @@ class SourceEngine:
         then its data records (the bulk path of SendStream)."""
         if self.step is not Step.STREAMING:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"stream bytes while {self.step.value}")
-        self.stream_bytes += len(data)
         self.channel_bytes[channel] += len(data)
         self.stats.page_records += 1
         self.channel_records[channel] += 1
