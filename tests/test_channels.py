@@ -5,14 +5,19 @@ session fails the whole migration closed, exactly as one session does."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trio
+import trio.testing
+from nacl.signing import SigningKey
 
-from palm_net.channel.handshake import Purpose
+from palm_net.channel.handshake import AttestedHandshake, Purpose
 from palm_net.channel.records import Record
+from palm_net.channel.transport import SecureChannel
 from palm_net.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from palm_net.migration import runner
 from palm_net.migration.destination import MAX_VERSION, DestinationEngine, Lane
@@ -50,6 +55,7 @@ from palm_net.wire.messages import (
 )
 from palm_net.wire.pages import PageBatch, PageRange, split_lanes
 from palm_net.wire.protocol import Role, SessionProtocol, State
+from tests.test_destination_engine import FakeStream
 
 
 @pytest.mark.parametrize("channels", [2, 4])
@@ -663,7 +669,6 @@ class _StreamDest:
         from palm_net.hypervisor.backend import VmInfo
         from palm_net.migration.handoff import HandoffStore
         from palm_net.testing.engines import DestinationDriver
-        from tests.test_destination_engine import FakeStream
 
         self.fake = FakeStream(VmInfo("q", bytes(16), 256, 1, 0, 0))
         self.d = DestinationDriver(HandoffStore(tmp / "d.db"), lambda mid, begin: self.fake)
@@ -794,3 +799,105 @@ def test_a_failing_stream_migration_interrupts_its_hypervisors_streams():
         run.engine, run.host = SimpleNamespace(stream=stream), SimpleNamespace(vm=hosted)
         run._interrupt_stream()
         assert calls == expected
+
+
+# --------------------------------------------------------------------------
+# A stream backend's channels through the destination's runner (DestinationRun)
+
+
+class _QemuReadingBehind(FakeStream):
+    """A stand-in for a destination QEMU on two streams that, as QEMU does, reads its main
+    stream only as far as its multifd stream has caught up: a write to the main stream
+    waits (a worker thread, as ``sendall`` on a full socket) until the multifd stream's
+    ``behind`` bytes are all in; ``interrupt_stream`` ends such a write with an error, as
+    the real one does.  ``main_waiting`` is set (on the trio thread) once one waits."""
+
+    def __init__(self, behind: int) -> None:
+        from palm_net.hypervisor.backend import VmInfo
+
+        super().__init__(VmInfo("q", bytes(16), 256, 1, 0, 0))
+        self.behind = behind
+        self.caught_up = threading.Event()
+        self.interrupted = False
+        self.main_waiting = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def stream_in(self, data, channel: int = 0) -> None:
+        from palm_net.hypervisor.qemu import QemuError
+
+        if channel == 0:
+            self._token.run_sync_soon(self.main_waiting.set)
+            # (10 s: only a backstop, past the test's deadline, should nothing interrupt it)
+            if not self.caught_up.wait(10) or self.interrupted:
+                raise QemuError("a write of the main stream interrupted")
+        super().stream_in(data, channel)
+        if channel == 1 and len(self.streams[1]) >= self.behind:
+            self.caught_up.set()
+
+    def interrupt_stream(self) -> None:
+        self.interrupted = True
+        self.caught_up.set()
+
+
+def _attested_pair(src, dst, purpose: Purpose) -> tuple[SecureChannel, SecureChannel]:
+    """A session between two agents' configs over an in-memory stream: (source's end, destination's)."""
+    init = AttestedHandshake(src, True, purpose)
+    resp = AttestedHandshake(dst, False, purpose)
+    resp.receive_data(init.receive_data(resp.receive_data(init.initiate())))  # msg1, msg2, msg3
+    ours, theirs = trio.testing.memory_stream_pair()
+    return SecureChannel(ours, init.result), SecureChannel(theirs, resp.result)
+
+
+async def test_a_stream_destination_writes_each_stream_on_its_own_as_qemu_reads_its_main_stream_behind(tmp_path):
+    """DestinationRun._applier_of: at a QEMU destination on 2 channels, the main session's
+    bytes and the data session's go to QEMU each through a writer of its own.  QEMU reads its
+    main stream only as far as its multifd stream has caught up: here the main stream's write
+    waits until the multifd stream's bytes are all in, and they come only after it.  One
+    writer for both streams would queue the multifd bytes behind that write, and the
+    migration would wait (for STREAM_TIMEOUT, then fail) instead of reaching READY."""
+    from palm_net.migration.handoff import HandoffStore
+    from palm_net.migration.runner import DestinationRun
+    from palm_net.wire.messages import Stream, StreamEnd
+    from tests.conftest import Pki
+
+    pki = Pki()
+    src_cfg, dst_cfg = pki.config("src"), pki.config("dst")
+    main_src, main_dst = _attested_pair(src_cfg, dst_cfg, Purpose.MIGRATION)
+    data_src, data_dst = _attested_pair(src_cfg, dst_cfg, Purpose.DATA)
+    main_bytes = b"QEVM" + os.urandom(100_000)  # (each more than a data record)
+    multifd = b"\x11\x22\x33\x44" + os.urandom(100_000)
+    qemu = _QemuReadingBehind(len(multifd))
+    store = HandoffStore(tmp_path / "d.db")
+
+    async def open_vm(mid: bytes, begin: Begin, peer):
+        store.open_incoming(mid, begin.vm, begin.vm_id, peer)  # (the agent's part)
+        return qemu
+
+    run = DestinationRun(main_dst, DestinationEngine(False, 1 << 20), store, SigningKey.generate(), open_vm)
+    mid = os.urandom(16)
+    src, lane = SessionProtocol(Role.SOURCE, mid), SessionProtocol(Role.SOURCE, mid, data=True, stream=True)
+
+    def stream(proto: SessionProtocol, data: bytes) -> list[tuple[bytes, bool]]:
+        return [(proto.send(Stream(len(data))), False), *((bytes(p), True) for p in proto.send_data(data))]
+
+    async def complete(ch: SecureChannel, proto: SessionProtocol) -> None:
+        records, transcript = ch.sent
+        await ch.send(proto.send(Complete(records, 1, transcript)))  # (one STREAM message)
+
+    with trio.fail_after(1.5):  # (READY comes within about 0.1 s; one writer for both: never)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run.run)
+            await main_src.send(src.send(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec")))
+            assert src.receive((await main_src.receive()).data).type == "ACCEPT"
+            await main_src.send(src.send(Channels(2)))
+            await data_src.send(lane.send(Bind(1, 2)))
+            nursery.start_soon(run.attach, data_dst, await data_dst.receive())  # (as the agent does)
+            await main_src.send_batch(stream(src, main_bytes))
+            await qemu.main_waiting.wait()  # QEMU's main stream waits for its multifd stream now
+            await data_src.send_batch(stream(lane, multifd))
+            await complete(data_src, lane)
+            await main_src.send(src.send(StreamEnd(len(main_bytes))))
+            await complete(main_src, src)
+            assert src.receive((await main_src.receive()).data).type == "READY"
+            nursery.cancel_scope.cancel()
+    assert qemu.ended and {c: bytes(b) for c, b in qemu.streams.items()} == {0: main_bytes, 1: multifd}

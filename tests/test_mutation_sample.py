@@ -100,6 +100,9 @@ MUTANTS = [
     Mutant("a DONE not recorded reported completed", "palm_net/migration/orchestrate.py",
            "            if store.state_of(mid) is HandoffState.HANDED_OFF:\n",
            "            if False:\n", (SAFETY, "-k", "failure_after_done")),
+    Mutant("QEMU streams queued behind one another at the destination", "palm_net/migration/runner.py",
+           "        index = lane.index if lane is not None and stream else 0\n",
+           "        index = 0\n", (CHANNELS, "-k", "writes_each_stream_on_its_own")),
 ]
 
 
