@@ -45,9 +45,12 @@ SOURCE_EFFECTS = {
     "ReadTranscript": "the channel's count and hash read for COMPLETE",
     "DigestMemory": "the digest of the pages as sent",
     "HandOff": "the hand-off asked of the store (before its own points)",
+    "ReadMetadata": "post-copy: the missing pages' metadata read at the switch",
+    "Serve": "post-copy: SERVING asked of the store (before its own points)",
 }
 EFFECTS = ("OpenIncoming", "ImportKeys", "ApplyPages", "ListenStream", "StreamIn", "EndStream", "Settle",
-           "ImportCpuState", "ImportProtection", "Prepare", "CommitAndActivate", "AbortForever", "Send")
+           "ImportCpuState", "ImportProtection", "Prepare", "CommitAndActivate", "AbortForever", "Send",
+           "MarkMissing", "FinishPulling")
 
 STEPS: dict[str, str] = {
     # the source
@@ -56,6 +59,7 @@ STEPS: dict[str, str] = {
     f"{SRC}.receive": "a message from the destination",
     **_store(SRC, "hand-off", "HANDED_OFF, before COMMIT leaves"),
     **_store(SRC, "confirm", "DONE: the destination committed"),
+    **_store(SRC, "serve", "SERVING: post-copy, the destination runs the VM"),
     f"{SRC}.vm.scrub": "the source's copy destroyed after DONE",
     **_store(SRC, "abort", "ABORTED: the source runs its copy again"),
     f"{SRC}.vm.resume": "the source's copy resumed",
@@ -66,6 +70,8 @@ STEPS: dict[str, str] = {
     f"{DST}.vm.sync": "the incoming VM synced (and its activation staged) before PREPARED",
     **_store(DST, "prepare", "PREPARED, before READY"),
     **_store(DST, "commit", "COMMITTED, before the VM runs"),
+    **_store(DST, "switch", "PULLING: post-copy, before the VM runs with pages missing"),
+    **_store(DST, "pulled", "COMMITTED: post-copy, every page in"),
     f"{DST}.vm.activate": "the committed VM activated",
     **_store(DST, "abort", "ABORTED forever"),
     f"{DST}.vm.scrub": "what arrived destroyed after an abort",

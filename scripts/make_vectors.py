@@ -34,6 +34,9 @@ if __name__ == "__main__":
     path = OUT / "channels_stream_aesgcm.json"
     path.write_text(json.dumps(build(CipherName.AESGCM, backend="qemu", channels=2), indent=1) + "\n")
     print(f"wrote {path}")
+    path = OUT / "postcopy_aesgcm.json"
+    path.write_text(json.dumps(build(CipherName.AESGCM, postcopy=True), indent=1) + "\n")
+    print(f"wrote {path}")
     path = OUT / "policy.json"
     path.write_text(json.dumps(build_policy(), indent=1) + "\n")
     print(f"wrote {path}")

@@ -100,6 +100,19 @@ def test_channel_vectors():
     assert complete.records == 3 and complete.page_records == 1
 
 
+def test_postcopy_vectors():
+    """Post-copy (proto 7.9): MISSING, the handoff answered by RUNNING, a FETCH served by PAGES
+    (a normal page, then a protected one with the MAC MISSING named), PULLED: they reproduce."""
+    expected = json.loads((VECTORS / "postcopy_aesgcm.json").read_text())
+    assert build(CipherName.AESGCM, expected["inputs"], postcopy=True) == expected
+    assert [_type(r) for r in expected["records"]] == [
+        "BEGIN", "ACCEPT", "KEYS", "MISSING", "CPU_STATE", "CONTEXT", "COMPLETE", "READY", "COMMIT", "RUNNING",
+        "FETCH", "PAGES", "data", "PAGES", "data", "PULLED"]
+    missing = messages.decode(bytes.fromhex(expected["records"][3]["plaintext"])).body
+    protected = messages.decode(bytes.fromhex(expected["records"][13]["plaintext"])).body
+    assert missing.tags == protected.tags and missing.vers[:8] == protected.vers
+
+
 def test_stream_channel_vectors():
     """A stream backend on 2 channels (proto 7.8 item 7): CHANNELS right after ACCEPT, the
     main stream on the main session; the DATA session's BIND, STREAM (a multifd stream's

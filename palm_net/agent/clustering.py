@@ -46,7 +46,7 @@ from palm_net.crypto.identity import AgentIdentity, Certificate
 from palm_net.errors import PalmError
 from palm_net.hypervisor.backend import PAGE_SIZE
 from palm_net.migration.handoff import HandoffState, HandoffStore
-from palm_net.migration.orchestrate import MigrationResult
+from palm_net.migration.orchestrate import IN_DOUBT, MigrationResult
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.wire.protocol import Role
 
@@ -292,7 +292,7 @@ class AgentCluster:
             if vm.state == "incoming":
                 facts[vid] = Fact(FactKind.ARRIVING, vid)
                 continue
-            if row is not None and row.role is Role.SOURCE and row.state is HandoffState.HANDED_OFF:
+            if row is not None and row.role is Role.SOURCE and row.state in IN_DOUBT:
                 facts[vid] = Fact(FactKind.IN_DOUBT, vid)
                 continue
             state = vm.state if vm.state in VM_STATES else "unknown"
@@ -319,7 +319,7 @@ class AgentCluster:
                 continue
             mid = vm.migration
             row = a.store.get(mid) if mid else None
-            in_doubt = row is not None and row.role is Role.SOURCE and row.state is HandoffState.HANDED_OFF
+            in_doubt = row is not None and row.role is Role.SOURCE and row.state in IN_DOUBT
             out.append(Movable(vm.name, vm.info.npages * PAGE_SIZE, vm.policy, vm.running, in_doubt,
                                a.outgoing.migrating(vm.name)))
         return out

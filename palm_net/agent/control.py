@@ -280,7 +280,10 @@ class ControlServer:
             verify_digest=_arg(args, "verify_digest", bool, False),
             reply_timeout=_arg(args, "reply_timeout", float, 30.0),
             downtime_policy=_arg(args, "downtime_policy", str, "pause"),
-            channels=_arg(args, "channels", int, 0) or default_channels(),
+            channels=_arg(args, "channels", int, 0) or (1 if _arg(args, "postcopy", bool, False)
+                                                         else default_channels()),
+            postcopy=_arg(args, "postcopy", bool, False),
+            postcopy_after=_arg(args, "postcopy_after", int, None),
         )
         params.validate()
         cipher_name = _arg(args, "cipher", str, None)

@@ -31,7 +31,7 @@ from palm_net.channel.transport import SecureChannel, accept
 from palm_net.errors import ErrorCode, MigrationFailure, PalmError
 from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError, describe_error
 from palm_net.hypervisor.vms import AnyVM
-from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer, may_run
+from palm_net.migration.handoff import STORAGE_ERRORS, HandoffState, HandoffStore, Peer, may_run
 from palm_net.migration.orchestrate import serve_incoming
 from palm_net.migration.runner import DestinationRun
 from palm_net.wire import messages
@@ -86,6 +86,7 @@ class Session:
         self.vm: AnyVM | None = None
         self.mid: bytes | None = None  # the migration recorded for it (its row decides how it ends)
         self.name: str | None = None  # reserved in the registry
+        self.pulling: bytes | None = None  # a RECOVERY session pulling post-copy's pages (proto 7.9)
 
 
 class IncomingService:
@@ -112,6 +113,7 @@ class IncomingService:
         self.gate: Callable[[PeerInfo, Purpose], PalmError | None] = lambda peer, purpose: None
         self._live: dict[object, tuple[SecureChannel, trio.CancelScope]] = {}
         self.on_settled: list[Callable[[str], None]] = []  # told how each MIGRATION session ended
+        self._pulling: set[bytes] = set()  # post-copy migrations a recovery session pulls into now
 
     @property
     def accepting(self) -> bool:
@@ -218,6 +220,12 @@ class IncomingService:
         async def open_vm(mid: bytes, begin: Begin, peer: Peer) -> AnyVM:
             return await self._open(session, mid, begin, peer)
 
+        def pulling_vm(mid: bytes) -> AnyVM | None:
+            vm = self._pulling_vm(mid)
+            if vm is not None:
+                session.pulling = mid
+            return vm
+
         run: DestinationRun | None = None
         key, scope = object(), trio.CancelScope()
         self._live[key] = (channel, scope)
@@ -225,7 +233,7 @@ class IncomingService:
             with scope:  # cancelled by recheck: the peer was refused before READY
                 run = await serve_incoming(channel, self.store, self.signing, open_vm,
                                            self.limits.max_memory // PAGE_SIZE, self.limits.deadline_per_gib,
-                                           self.runs)
+                                           self.runs, pulling_vm)
         except (PalmError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if channel.result.purpose is Purpose.RECOVERY:
                 log.warning("recovery session refused", peer=channel.peer_name, error=type(exc).__name__,
@@ -234,11 +242,23 @@ class IncomingService:
             # However it ended (an error, the agent's stop, a cancellation after the
             # commit), the durable row says what the session left: never a variable.
             del self._live[key]
+            if session.pulling is not None:
+                self._pulling.discard(session.pulling)
             outcome = self._settle(session, run)
             release_free_memory()
             if channel.result.purpose is Purpose.MIGRATION:
                 for fn in self.on_settled:
                     fn(outcome)
+
+    def _pulling_vm(self, mid: bytes) -> AnyVM | None:
+        """Post-copy's recovery: the VM of a PULLING migration, if it is here and no other
+        session pulls into it now (taken until that session ends)."""
+        row = self.store.get(mid)
+        vm = self.registry.of(row) if row is not None and row.state is HandoffState.PULLING else None
+        if vm is None or mid in self._pulling:
+            return None
+        self._pulling.add(mid)
+        return vm
 
     async def _data_session(self, channel: SecureChannel) -> None:
         """A DATA session (proto 7.8): its BIND names a migration in progress here whose

@@ -28,7 +28,7 @@ from palm_net.crypto.noise import CipherName
 from palm_net.errors import PalmError
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffState, HandoffStore, may_run, may_scrub
-from palm_net.migration.orchestrate import MigrationResult, migrate_out, override_resume, recover_once
+from palm_net.migration.orchestrate import IN_DOUBT, MigrationResult, migrate_out, override_resume, recover_once
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.migration.runner import Stop
 from palm_net.wire.protocol import Role
@@ -96,6 +96,8 @@ class OutgoingService:
         why = self.self_refusal()
         if why:
             raise AgentError(why)
+        if vm.backend == "qemu" and params.postcopy:
+            raise AgentError("post-copy is for model VMs: QEMU's own postcopy-ram is not carried (proto 7.9)")
         if vm.backend == "qemu" and params.downtime_policy != "pause":
             raise AgentError("a QEMU guest converges by QEMU's own rule (it iterates until the expected downtime "
                              "fits; --auto-converge throttles): --downtime-policy is for model VMs")
@@ -134,7 +136,7 @@ class OutgoingService:
             del self.live[mid]  # refused on the way (e.g. the destination is this agent): not a migration
             self._after(vm, mid)  # or it ended some other way: its row says what is left to do
             raise
-        handed_off = self._state(mid) is HandoffState.HANDED_OFF
+        handed_off = self._state(mid) in IN_DOUBT
         if result is None and handed_off:  # a cancel that came too late: the handoff rules decide
             result = MigrationResult(False, mid, name, "in-doubt", lm.stats, "cancelled after the handoff point: "
                                      "outcome unknown, VM paused until the destination answers", "in-doubt",
@@ -170,7 +172,7 @@ class OutgoingService:
             self._settle(vm, mid)
         except STORAGE_ERRORS as exc:
             log.error("migration not settled: the state database failed", migration=mid.hex(), error=str(exc))
-        if self._state(mid) is HandoffState.HANDED_OFF and self.nursery is not None and mid not in self._recovering:
+        if self._state(mid) in IN_DOUBT and self.nursery is not None and mid not in self._recovering:
             self.nursery.start_soon(self.recover, mid)
 
     def _settle(self, vm: AnyVM | None, mid: bytes) -> None:
@@ -232,7 +234,7 @@ class OutgoingService:
                             "decide", migration=lm.mid.hex(), vm=lm.vm, peer=lm.peer_info.name)
 
     def in_doubt(self) -> list[bytes]:
-        return [r.mid for r in self.store.list(role=Role.SOURCE, states=(HandoffState.HANDED_OFF,))]
+        return [r.mid for r in self.store.list(role=Role.SOURCE, states=IN_DOUBT)]
 
     async def recover(self, mid: bytes) -> None:
         """Asks the destination until an in-doubt migration is settled (back-off up to 10 s)."""
@@ -249,7 +251,7 @@ class OutgoingService:
         while True:
             try:
                 row = self.store.get(mid)
-                if row is None or row.state is not HandoffState.HANDED_OFF:
+                if row is None or row.state not in IN_DOUBT:
                     if row is not None:  # settled meanwhile (a resolution, or an attempt that failed late)
                         self._settle(self.registry.of(row), mid)
                     return

@@ -256,6 +256,10 @@ class VmRegistry:
         if mid is not None and row is not None and row.role is Role.SOURCE and row.state is HandoffState.HANDED_OFF:
             raise AgentError(f"VM {name!r} was handed off by migration {mid.hex()} and its outcome is in doubt: "
                              f"use palm migrate --resolve {mid.hex()} [--override]")
+        if mid is not None and row is not None and row.role is Role.SOURCE and row.state is HandoffState.SERVING:
+            raise AgentError(f"VM {name!r} runs on {row.peer.name} since migration {mid.hex()} (post-copy), which "
+                             "still needs pages only this copy holds: it never runs here again, and goes once "
+                             "they are all served")
         if mid is not None and row is not None and row.role is Role.SOURCE and not may_run(Role.SOURCE, row.state):
             raise AgentError(f"VM {name!r} was handed over to {row.peer.name} by migration {mid.hex()}: this copy "
                              "never runs again (it is scrubbed at the agent's next start)")

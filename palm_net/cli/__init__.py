@@ -430,6 +430,16 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         args["downtime_policy"] = a.downtime_policy
     if a.channels is not None:
         args["channels"] = a.channels
+    if a.postcopy_after is not None and not a.postcopy:
+        raise CliError("--postcopy-after goes with --postcopy", EXIT_USAGE)
+    if a.postcopy_after is not None and not 1 <= a.postcopy_after <= 10_000:
+        raise CliError(f"--postcopy-after {a.postcopy_after}: must be from 1 to 10000", EXIT_USAGE)
+    if a.postcopy and (a.channels or 1) > 1:
+        raise CliError("--postcopy migrates on one channel: drop --channels", EXIT_USAGE)
+    if a.postcopy:
+        args.update(postcopy=True, postcopy_after=a.postcopy_after, channels=1)
+        print("post-copy: once the VM switches to the destination, its missing pages exist only on this "
+              "host until they have all arrived: losing this host then loses the VM", file=sys.stderr)
     view = ProgressView.for_command(a.json)
     view.to_name = to_name
     # SIGTERM (a service manager, `kill`) cancels as Ctrl-C does, and says so.
@@ -785,6 +795,14 @@ def _migrate_command(sub: Any) -> None:
                     help="carry the VM on N attested sessions at once, the main one and N-1 data sessions (a "
                          "QEMU guest: QEMU's multifd streams, one a session); 1-16, default: one for every four "
                          "cores of the source's host, at most 8")
+    mg.add_argument("--postcopy", action="store_true",
+                    help="model VMs: where the stop-and-copy would not fit the downtime limit (at --max-rounds/"
+                         "--max-factor, or after --postcopy-after rounds), switch to post-copy: the VM runs on "
+                         "the destination at once and its missing pages follow, each page verified as it "
+                         "arrives. Until the last one has arrived, losing the source host loses the VM")
+    mg.add_argument("--postcopy-after", type=int, metavar="ROUNDS",
+                    help="with --postcopy: switch after this many pre-copy rounds (1-10000), whatever the "
+                         "expected downtime")
     mg.add_argument("--bandwidth", metavar="RATE", help="cap, e.g. 1Gbit or 100MiB/s")
     mg.add_argument("--cipher", choices=("aesgcm", "chachapoly"), help="default: aesgcm with AES-NI")
     mg.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")

@@ -38,16 +38,19 @@ from palm_net.migration.effects import (
     Committed,
     Effect,
     EndStream,
+    FinishPulling,
     ImportCpuState,
     ImportKeys,
     ImportProtection,
     KeysImported,
     ListenStream,
+    MarkMissing,
     Opened,
     OpenIncoming,
     Prepare,
     Prepared,
     ProtectionImported,
+    PullFinished,
     Result,
     Send,
     Settle,
@@ -56,6 +59,7 @@ from palm_net.migration.effects import (
     StreamListening,
     StreamLoaded,
 )
+from palm_net.migration.postcopy import Puller
 from palm_net.units import format_bytes
 from palm_net.wire.messages import (
     PAGE_SIZE,
@@ -70,18 +74,22 @@ from palm_net.wire.messages import (
     Context,
     CpuState,
     Done,
+    Fetch,
     Keys,
     Message,
+    Missing,
     Pages,
+    Pulled,
     Ready,
     RoundDone,
     RoundEnd,
+    Running,
     Stream,
     StreamEnd,
     lane_of,
     timings,
 )
-from palm_net.wire.pages import IncomingPages
+from palm_net.wire.pages import IncomingPages, ascending_gfns
 from palm_net.wire.protocol import FINAL, Data, Role, SessionProtocol, State
 
 BEGIN_TIMEOUT = 30.0  # BEGIN within this of the session's start
@@ -119,6 +127,7 @@ class Lane:
         self.page_records = 0
         self.stream_bytes = 0  # a stream backend's: its bytes received
         self.complete = False  # its COMPLETE checked: every record it carried was received
+        self.fill = False  # post-copy's serving phase: its pages go into missing ones (proto 7.9)
 
     def __repr__(self) -> str:
         return f"Lane({self.index}, {self.proto.state.value}, round={self.round})"
@@ -158,9 +167,29 @@ class DestinationEngine:
         self.lanes: dict[int, Lane] = {}  # the data sessions bound so far, by channel
         self._settle_due = False  # ROUND_DONE waits for every channel's ROUND_END of its round
         self._complete_due = False  # COMPLETE's checks wait for every data session's COMPLETE
+        # Post-copy (proto 7.9): MISSING's pages (gfns, versions), then the serving phase.
+        self.switch_round: int | None = None
+        self._missing: list[tuple[np.ndarray, np.ndarray]] = []
+        self.puller: Puller | None = None
+        self._pulling_done = False  # every missing page accepted and asked to be written: PULLED next
 
     def __repr__(self) -> str:
         return f"DestinationEngine({self.proto.state.value}, outcome={self.outcome})"
+
+    @classmethod
+    def pulling(cls, proto: SessionProtocol, npages: int, switch_round: int, missing: npt.NDArray[np.uint64],
+                vers: npt.NDArray[np.uint64]) -> tuple[DestinationEngine, list[Effect]]:
+        """A RECOVERY session answered ``postcopy`` (proto 7.9 item 6) for a VM that runs
+        here and misses ``missing``: its WANTs first, then the serving phase as after
+        RUNNING (no digest: what the first session wrote is not hashed again)."""
+        assert proto.state is State.SERVING
+        eng = cls(False, npages)
+        eng.proto, eng.npages, eng.switch_round = proto, npages, switch_round
+        eng.main = Lane(0, proto)
+        eng.main.fill = True
+        eng.outcome = SessionOutcome.COMMITTED  # the VM is this agent's: nothing here aborts it
+        eng.puller = Puller(switch_round, missing, vers)
+        return eng, [eng._send(w) for w in eng.puller.wants()] + eng._pulled_if_due()
 
     @property
     def mid(self) -> bytes | None:
@@ -279,12 +308,17 @@ class DestinationEngine:
 
     def _lane_pages(self, lane: Lane, p: Pages) -> list[Effect]:
         """A PAGES message on a session, checked: its zero pages at once, its data as it comes."""
-        batch = self._check_pages(p, lane.index, lane.round)
-        lane.round = p.round
-        lane.page_records += 1
+        if self.puller is not None:  # post-copy's serving phase: only missing pages, as announced
+            batch = self.puller.take(p)
+            self.progress += len(batch) * PAGE_SIZE
+        else:
+            batch = self._check_pages(p, lane.index, lane.round)
+            lane.round = p.round
+            lane.page_records += 1
         lane.pages = batch if lane.proto.data_due else None
         zero = batch.zero()
-        return [ApplyPages(zero)] if zero is not None else []
+        out: list[Effect] = [ApplyPages(zero, lane.fill)] if zero is not None else []
+        return out + (self._pulled_if_due() if lane.pages is None else [])
 
     def _check_pages(self, p: Pages, channel: int, last_round: int) -> IncomingPages:
         """A PAGES message's checks (on any channel), and its versions taken as applied."""
@@ -323,7 +357,7 @@ class DestinationEngine:
             return [StreamIn(d.data, lane.index)]
         assert lane.pages is not None  # the protocol announced this record
         lane.pages.add(d.data)
-        return self.flush(lane) if d.last else []
+        return self.flush(lane) + self._pulled_if_due() if d.last else []
 
     def flush(self, lane: Lane | None = None) -> list[Effect]:
         """The pages of data records received and not yet asked to be written (the
@@ -335,7 +369,7 @@ class DestinationEngine:
         batch = lane.pages.take()
         if not lane.proto.data_due:
             lane.pages = None
-        return [ApplyPages(batch)] if batch is not None else []
+        return [ApplyPages(batch, lane.fill)] if batch is not None else []
 
     def _on_round_end(self, msg: Message, _: Record) -> list[Effect]:
         # Answered once everything before is written (the shell performs a request
@@ -355,6 +389,8 @@ class DestinationEngine:
         return self._request(Settle(), Settled)
 
     def _settled(self, result: Settled) -> list[Effect]:
+        if self._pulling_done:  # post-copy: every page written
+            return self._request(FinishPulling(self.begin is not None and self.begin.digest), PullFinished)
         return [self._send(RoundDone(self._round_ended))]
 
     def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
@@ -513,8 +549,8 @@ class DestinationEngine:
         return self._prepare()
 
     def _prepare(self) -> list[Effect]:
-        assert self.begin is not None
-        return self._request(Prepare(self.begin.digest), Prepared)
+        assert self.begin is not None  # (post-copy: the digest comes with PULLED, proto 7.9)
+        return self._request(Prepare(self.begin.digest and self.switch_round is None), Prepared)
 
     def _prepared(self, result: Prepared) -> list[Effect]:
         if not result.persisted:
@@ -523,14 +559,61 @@ class DestinationEngine:
         return [self._send(Ready(result.digest, timings(self.load_time, result.took)))]
 
     def _on_commit(self, msg: Message, _: Record) -> list[Effect]:
-        return self._request(CommitAndActivate(), Committed)
+        return self._request(CommitAndActivate(self.switch_round is not None), Committed)
 
     def _committed(self, result: Committed) -> list[Effect]:
         if result.committed:
             self.outcome = SessionOutcome.COMMITTED
-            return [self._send(Done(timings(result.took - result.activating, result.activating)))]
+            took = timings(result.took - result.activating, result.activating)
+            if self.switch_round is None:
+                return [self._send(Done(took))]
+            # Post-copy: PULLING is durable and the VM runs here; its missing pages follow.
+            parts = self._missing
+            self._missing = []
+            self.puller = Puller(self.switch_round, np.concatenate([g for g, _ in parts]),
+                                 np.concatenate([v for _, v in parts]))
+            self.main.fill = True
+            return [self._send(Running(took)), *self._pulled_if_due()]
         # We already aborted (timeout, shutdown, a recovery query): the promise stands.
         return self.fail(MigrationFailure(ErrorCode.ABORTED, "commit after abort"))
+
+    # -- post-copy (proto 7.9)
+
+    def _on_missing(self, msg: Message, _: Record) -> list[Effect]:
+        """MISSING: these pages come after the switch, with these versions and MACs."""
+        m = msg.get(Missing)
+        if not self.keys_imported or self.channels > 1:
+            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "MISSING before KEYS, or on more channels than one")
+        if m.round < self.round or (self.switch_round is not None and m.round != self.switch_round):
+            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"MISSING of round {m.round}")
+        last = int(self._missing[-1][0][-1]) if self._missing else -1
+        gfns = ascending_gfns(m.gfns, self.npages, "MISSING", above=last)
+        vers = np.frombuffer(m.vers, dtype="<u8").astype(np.uint64) if len(m.vers) % 8 == 0 else None
+        if not len(gfns) or vers is None or len(vers) != len(gfns) or int(vers.max()) >= MAX_VERSION:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING arrays disagree, or a version out of range")
+        self.switch_round = m.round
+        self._missing.append((gfns, vers))
+        self.applied[gfns] = vers + 1  # arrived, as far as COMPLETE's check goes: they come later
+        return [MarkMissing(m.round, gfns, vers, m.tags)]
+
+    def _pulled_if_due(self) -> list[Effect]:
+        """Once every missing page is taken and asked to be written: settle, then PULLED."""
+        if self.puller is None or self.puller.remaining or self._pulling_done:
+            return []
+        self._pulling_done = True
+        return self._request(Settle(), Settled)
+
+    def _pull_finished(self, result: PullFinished) -> list[Effect]:
+        if not result.committed:  # the row is not PULLING: nothing to do but say so (the VM stays)
+            raise MigrationFailure(ErrorCode.HYPERVISOR, "post-copy: COMMITTED could not be recorded")
+        return [self._send(Pulled(result.digest))]
+
+    def on_fault(self, gfns: list[int]) -> list[Effect]:
+        """vCPUs wait for these pages: FETCH those not yet asked for (post-copy's serving phase)."""
+        if self.puller is None or self.state is not State.SERVING:
+            return []
+        body = self.puller.faults(gfns)
+        return [self._send(Fetch(body))] if body is not None else []
 
     def _on_abort(self, msg: Message, _: Record) -> list[Effect]:
         a = msg.get(Abort)
@@ -553,10 +636,11 @@ class DestinationEngine:
     _on_message: dict[type[Body], Callable[[DestinationEngine, Message, Record], list[Effect]]] = {
         Begin: _on_begin, Keys: _on_keys, Channels: _on_channels, Pages: _on_pages, RoundEnd: _on_round_end,
         Stream: _on_stream, StreamEnd: _on_stream_end, CpuState: _on_cpu_state, Context: _on_context,
-        Complete: _on_complete, Commit: _on_commit, Abort: _on_abort,
+        Complete: _on_complete, Commit: _on_commit, Abort: _on_abort, Missing: _on_missing,
     }
     _on_result: dict[type[Result], Callable[[DestinationEngine, Any], list[Effect]]] = {
         Opened: _opened, KeysImported: _keys_imported, StreamListening: _stream_listening,
         StreamLoaded: _stream_loaded, Settled: _settled,
         ProtectionImported: _protection_imported, Prepared: _prepared, Committed: _committed, Aborted: _aborted,
+        PullFinished: _pull_finished,
     }

@@ -52,9 +52,11 @@ class ImportKeys(Effect):
 
 @dataclass(frozen=True)
 class ApplyPages(Effect):
-    """Page records into the incoming VM (protected ones verified on arrival)."""
+    """Page records into the incoming VM (protected ones verified on arrival); ``fill``:
+    post-copy's, into pages that are missing (proto 7.9)."""
 
     batch: PageBatch
+    fill: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,29 @@ class Prepare(Effect):
 
 @dataclass(frozen=True)
 class CommitAndActivate(Effect):
-    """Persist COMMITTED, then run the VM: -> Committed."""
+    """Persist COMMITTED (``postcopy``: PULLING, its missing pages still to come), then
+    run the VM: -> Committed."""
+
+    postcopy: bool = False
+
+
+@dataclass(frozen=True)
+class MarkMissing(Effect):
+    """Post-copy's MISSING (proto 7.9): these pages come later, with these versions and
+    (protected pages) MACs, into the VM's post-copy map and metadata."""
+
+    round: int
+    gfns: Gfns
+    vers: Gfns
+    tags: bytes
+
+
+@dataclass(frozen=True)
+class FinishPulling(Effect):
+    """Post-copy: every page is in: the VM synced, COMMITTED durable: -> PullFinished
+    (with the digest of the pages as the migration wrote them, if ``digest``)."""
+
+    digest: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,6 +236,19 @@ class DigestMemory(Effect):
 @dataclass(frozen=True)
 class HandOff(Effect):
     """The handoff point: HANDED_OFF durable, before COMMIT leaves: -> HandedOff."""
+
+
+@dataclass(frozen=True)
+class ReadMetadata(Effect):
+    """Post-copy's switch (proto 7.9): the kind, version and MAC of each page that is not
+    sent now (the VM paused): -> Metadata."""
+
+    gfns: Gfns
+
+
+@dataclass(frozen=True)
+class Serve(Effect):
+    """Post-copy: the destination runs the VM: SERVING durable: -> Served."""
 
 
 @dataclass(frozen=True)
@@ -346,3 +383,21 @@ class Digested(Result):
 @dataclass(frozen=True)
 class HandedOff(Result):
     ok: bool  # False: the row no longer said SENDING (cancelled meanwhile)
+
+
+@dataclass(frozen=True)
+class Metadata(Result):
+    kinds: bytes  # 1 normal, 2 protected, one a page
+    vers: Gfns  # a protected page's protection version (0 for a normal one)
+    tags: bytes  # the MAC of each protected page, in order
+
+
+@dataclass(frozen=True)
+class Served(Result):
+    ok: bool  # the row says SERVING
+
+
+@dataclass(frozen=True)
+class PullFinished(Result):
+    committed: bool  # the row says COMMITTED
+    digest: bytes = b""  # the memory digest of what the migration wrote, if asked

@@ -45,10 +45,12 @@ class HandoffState(enum.StrEnum):
     # the source
     SENDING = "sending"
     HANDED_OFF = "handed_off"  # COMMIT may have left: never resume without the destination's word
+    SERVING = "serving"  # post-copy: the VM runs at the destination; this copy serves its missing pages
     DONE = "done"
     # the destination
     RECEIVING = "receiving"
     PREPARED = "prepared"  # verified and synced; READY may have left
+    PULLING = "pulling"  # post-copy: the VM runs here; pages it misses still come from the source
     COMMITTED = "committed"  # the VM runs here
     # either side, forever
     ABORTED = "aborted"
@@ -61,6 +63,9 @@ class Step(enum.StrEnum):
     COMMIT = "commit"
     CONFIRM = "confirm"
     ABORT = "abort"
+    SWITCH = "switch"  # post-copy (proto 7.9): the destination runs the VM before it has every page
+    SERVE = "serve"
+    PULLED = "pulled"
 
 
 SOURCE, DESTINATION = Role.SOURCE, Role.DESTINATION
@@ -79,6 +84,11 @@ MOVES: dict[tuple[Role, HandoffState | None, Step], HandoffState] = {
     (DESTINATION, HandoffState.RECEIVING, Step.ABORT): HandoffState.ABORTED,
     (DESTINATION, HandoffState.PREPARED, Step.ABORT): HandoffState.ABORTED,
     (DESTINATION, None, Step.ABORT): HandoffState.ABORTED,  # a QUERY about an id never seen here: refused forever
+    # Post-copy (proto 7.9): no abort from either, nothing undoes a VM that ran at the destination.
+    (DESTINATION, HandoffState.PREPARED, Step.SWITCH): HandoffState.PULLING,
+    (DESTINATION, HandoffState.PULLING, Step.PULLED): HandoffState.COMMITTED,
+    (SOURCE, HandoffState.HANDED_OFF, Step.SERVE): HandoffState.SERVING,
+    (SOURCE, HandoffState.SERVING, Step.CONFIRM): HandoffState.DONE,
 }
 FINAL = frozenset({HandoffState.DONE, HandoffState.COMMITTED, HandoffState.ABORTED})
 
@@ -114,9 +124,10 @@ def may_scrub(side: Role, state: HandoffState | None) -> bool:
 
 def may_run(side: Role, state: HandoffState | None) -> bool:
     """May this side's copy run, its row being in ``state``?  The destination's only
-    once COMMITTED; the source's while no handoff happened, or after an abort."""
+    once COMMITTED (or PULLING: post-copy, its missing pages still to come); the
+    source's while no handoff happened, or after an abort."""
     if side is DESTINATION:
-        return state is HandoffState.COMMITTED
+        return state in (HandoffState.COMMITTED, HandoffState.PULLING)
     return state in (None, HandoffState.SENDING, HandoffState.ABORTED)
 
 
@@ -359,6 +370,13 @@ class HandoffStore:
         self.scrub_handed_over(mid, vm)
         return moved
 
+    def serve(self, mid: bytes) -> bool:
+        """Post-copy (proto 7.9): the destination runs the VM and still misses pages:
+        SERVING, this copy never runs again and is kept until it has them all.  True
+        if the row reads SERVING after it (a recovery session serves a row moved before)."""
+        self._move(mid, SOURCE, Step.SERVE)
+        return self.state_of(mid) is HandoffState.SERVING
+
     def scrub_handed_over(self, mid: bytes, vm: HostedVM | None) -> bool:
         """The source's copy goes if, and only if, the row read back says DONE."""
         if vm is None or not may_scrub(SOURCE, self.state_of(mid)):
@@ -433,6 +451,22 @@ class HandoffStore:
         if not moved:  # committed by an earlier call: activation is that call's (or the restart's)
             return Activation(True, vm.running)
         return activate_committed(vm)
+
+    def switch_and_activate(self, mid: bytes, vm: HostedVM) -> Activation:
+        """Post-copy (proto 7.9): PULLING, then the VM runs here with its missing pages
+        still to come; as ``commit_and_activate`` otherwise (the row decides)."""
+        moved = self._move(mid, DESTINATION, Step.SWITCH)
+        if not may_run(DESTINATION, self.state_of(mid)):
+            return Activation(False, False)
+        if not moved:
+            return Activation(True, vm.running)
+        return activate_committed(vm)
+
+    def pulled(self, mid: bytes, vm: HostedVM) -> bool:
+        """Post-copy: every page is in and synced, then COMMITTED (PULLED may follow)."""
+        fault("destination.vm.sync")
+        vm.sync()
+        return self._move(mid, DESTINATION, Step.PULLED)
 
     def abort_forever(self, mid: bytes | None, vm: HostedVM | None, why: str) -> bool:
         """ABORTED (this migration is never activated), then what arrived is scrubbed,

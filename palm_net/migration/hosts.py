@@ -45,6 +45,7 @@ from palm_net.migration.effects import (
     EndStream,
     ExportFinalState,
     FinalState,
+    FinishPulling,
     FinishStream,
     HandedOff,
     HandOff,
@@ -53,12 +54,18 @@ from palm_net.migration.effects import (
     ImportProtection,
     KeysImported,
     ListenStream,
+    MarkMissing,
+    Metadata,
     Pause,
     Paused,
     Prepare,
     Prepared,
     ProtectionImported,
+    PullFinished,
+    ReadMetadata,
     Result,
+    Serve,
+    Served,
     SetThrottle,
     Settle,
     Settled,
@@ -144,6 +151,11 @@ class SourceHost:
         if isinstance(eff, HandOff):
             assert self.store is not None, "a hand-off needs the source's store"
             return HandedOff(self.store.hand_off(self.mid))
+        if isinstance(eff, ReadMetadata):
+            return Metadata(*vm.read_metadata(eff.gfns))
+        if isinstance(eff, Serve):
+            assert self.store is not None, "serving needs the source's store"
+            return Served(self.store.serve(self.mid))
         raise AssertionError(f"no host for {eff!r}")
 
 
@@ -165,7 +177,9 @@ class DestinationHost:
         try:
             for eff in effects:
                 fault(f"destination.{type(eff).__name__}")
-                if isinstance(eff, ApplyPages):
+                if isinstance(eff, ApplyPages) and eff.fill:  # post-copy: into missing pages only
+                    cast(Backend, vm).fill_missing(eff.batch)
+                elif isinstance(eff, ApplyPages):
                     cast(Backend, vm).write_pages(eff.batch)
                 elif isinstance(eff, StreamIn):
                     cast(StreamBackend, vm).stream_in(eff.data, eff.channel)
@@ -216,8 +230,17 @@ class DestinationHost:
                 return Prepared(persisted, digest, time.monotonic() - t0)
             if isinstance(eff, CommitAndActivate):
                 t0 = time.monotonic()
-                act = self.store.commit_and_activate(mid, vm)
+                act = (self.store.switch_and_activate if eff.postcopy else self.store.commit_and_activate)(mid, vm)
                 return Committed(act.committed, act.running, act.error, time.monotonic() - t0, act.took)
+            if isinstance(eff, MarkMissing):
+                cast(Backend, vm).set_missing(eff.round, eff.gfns, eff.vers, eff.tags)
+                return None
+            if isinstance(eff, FinishPulling):
+                committed = self.store.pulled(mid, vm)
+                digest = bytes.fromhex(vm.page_digest()) if committed and eff.digest else b""
+                if committed:
+                    cast(Backend, vm).finish_postcopy()
+                return PullFinished(committed, digest)
         except (ProtectionIntegrityError, *STORAGE_ERRORS) as exc:
             raise error_of(exc) from None
         raise AssertionError(f"no host for {eff!r}")

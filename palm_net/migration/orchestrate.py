@@ -15,8 +15,9 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import structlog
 import trio
 from nacl.signing import SigningKey
@@ -24,7 +25,7 @@ from nacl.signing import SigningKey
 from palm_net.channel.handshake import Purpose, TransportMode
 from palm_net.channel.transport import SecureChannel
 from palm_net.errors import ErrorCode, MigrationFailure, PalmError
-from palm_net.hypervisor.backend import HostedVM, HypervisorError, describe_error
+from palm_net.hypervisor.backend import Backend, HostedVM, HypervisorError, describe_error
 from palm_net.hypervisor.vmspec import check_policy
 from palm_net.migration.destination import DEADLINE_PER_GIB, DestinationEngine
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer
@@ -32,9 +33,13 @@ from palm_net.migration.params import MigrationParams, MigrationStats, Phase, St
 from palm_net.migration.runner import DestinationRun, SourceRun, Stop
 from palm_net.migration.source import InDoubt, SourceEngine, plain_refusal
 from palm_net.wire.messages import Begin, Outcome, Query, RecoveryOutcome
-from palm_net.wire.protocol import Role, SessionProtocol
+from palm_net.wire.protocol import Role, SessionProtocol, State
 
 log = structlog.get_logger("palm.migration")
+
+# A source row whose VM runs where only the destination's word settles it: asked about
+# until answered (post-copy's SERVING also until every page is served, proto 7.9).
+IN_DOUBT = (HandoffState.HANDED_OFF, HandoffState.SERVING)
 
 ConnectFn = Callable[[str], Awaitable[SecureChannel]]
 
@@ -80,6 +85,8 @@ class MigrationResult:
             if st.downtime_phases else None,
             "destination_phases_ms": {k: round(v * 1000, 1) for k, v in st.destination_phases.items()}
             if st.destination_phases else None,
+            "postcopy_pages": st.postcopy_pages, "served_pages": st.served_pages, "fetched_pages": st.fetched_pages,
+            "serve_ms": round(st.serve_time * 1000, 1) if st.serve_time is not None else None,
         }
 
 
@@ -144,7 +151,7 @@ async def migrate_out(
             await run.run()
         except (PalmError, InDoubt) as exc:
             error = exc if isinstance(exc, PalmError) else MigrationFailure(ErrorCode.OUT_OF_STATE, str(exc))
-            if store.state_of(mid) is not HandoffState.HANDED_OFF:  # the row decides, not how we got here
+            if store.state_of(mid) not in IN_DOUBT:  # the row decides, not how we got here
                 return await _resume_after_failure(vm, store, error, stats, started, channel, engine, peer)
             if run.abort_token is not None:  # the destination refused the commit, with its token
                 store.abort_and_resume(mid, vm, str(error), token=run.abort_token)
@@ -175,6 +182,8 @@ async def migrate_out(
             if store.state_of(mid) is HandoffState.SENDING:
                 store.abort_and_resume(mid, vm, "cancelled: migration cancelled")
             raise
+        if engine.pulled is not None and params.verify_digest:  # post-copy: the destination's, at PULLED
+            stats.digest = engine.pulled.digest.hex()
         try:
             if store.confirm(mid):
                 if params.verify_digest and not engine.stream:
@@ -190,7 +199,7 @@ async def migrate_out(
             # in doubt and recovery confirms it; confirmed, it is scrubbed at the next start.
             log.error("migration committed on the destination, but this side could not finish",
                       migration=mid.hex(), vm=name, peer=peer.name, phase="done", error=describe_error(exc))
-            if store.state_of(mid) is HandoffState.HANDED_OFF:
+            if store.state_of(mid) in IN_DOUBT:
                 stats.status, stats.phase = Status.IN_DOUBT, Phase.IN_DOUBT
                 stats.total_time = time.monotonic() - started
                 return MigrationResult(False, mid, name, "in-doubt", stats,
@@ -263,35 +272,37 @@ def _recovered(outcome: str, name: str, mid: bytes, stats: MigrationStats, start
 
 async def recover_once(store: HandoffStore, mid: bytes, vm: HostedVM | None,
                        connect_recovery: ConnectFn) -> str | None:
-    """One attempt to learn an in-doubt migration's outcome and apply it.
+    """One attempt to learn an in-doubt migration's outcome and apply it; post-copy's
+    ``postcopy`` answer: the missing pages served on that session (proto 7.9 item 6).
 
     Returns "committed" / "aborted" once settled, None if the destination
-    could not be asked or gave no usable answer (try again later).
+    could not be asked, gave no usable answer or the serving broke off (try again later).
     """
     row = store.get(mid)
     if row is None or row.role is not Role.SOURCE:
         return None
-    if row.state is not HandoffState.HANDED_OFF:
+    if row.state not in IN_DOUBT:
         return "committed" if row.state is HandoffState.DONE else "aborted"
     try:
         channel = await connect_recovery(row.peer.addr)
     except (OSError, PalmError):
         return None
+    bound = log.bind(migration=mid.hex(), vm=row.vm, peer=row.peer.name, phase="in-doubt")
     try:
         if not row.is_peer(channel.result.peer.static_pub):
-            log.error("recovery reached another agent", migration=mid.hex(), peer=channel.peer_name,
-                      phase="in-doubt")
+            bound.error("recovery reached another agent")
             return None
         proto = SessionProtocol(Role.SOURCE, mid, recovery=True)
         with trio.fail_after(10):
             await channel.send(proto.send(Query()))
             answer = proto.receive_message((await channel.receive()).data).get(Outcome)
-    except (OSError, PalmError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+        if answer.outcome == RecoveryOutcome.POSTCOPY:
+            return await _serve_again(store, mid, vm, channel, proto, bound)
+    except (OSError, PalmError, InDoubt, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
         return None
     finally:
         with trio.move_on_after(1):
             await channel.aclose()
-    bound = log.bind(migration=mid.hex(), vm=row.vm, peer=row.peer.name, phase="in-doubt")
     if answer.outcome == RecoveryOutcome.COMMITTED:
         store.confirm_and_scrub(mid, vm)
         bound.info("in-doubt migration resolved: committed on the destination, source scrubbed")
@@ -308,6 +319,21 @@ async def recover_once(store: HandoffStore, mid: bytes, vm: HostedVM | None,
     return None
 
 
+async def _serve_again(store: HandoffStore, mid: bytes, vm: HostedVM | None, channel: SecureChannel,
+                       proto: SessionProtocol, bound: Any) -> str | None:
+    """Post-copy's recovery: the VM runs at the destination, which still misses pages only
+    this copy holds: SERVING (if RUNNING never came), its WANTs served, then DONE and scrub."""
+    if vm is None:  # (the agent keeps a serving VM: never scrubbed before PULLED)
+        bound.error("post-copy recovery: this copy of the VM is not here to serve its pages")
+        return None
+    bound.info("post-copy recovery: serving the destination's missing pages again")
+    engine = SourceEngine.recovering(proto, vm.info, MigrationParams())
+    await SourceRun(channel, engine, vm, store).run()
+    store.confirm_and_scrub(mid, vm)
+    bound.info("post-copy recovery: every page served, source scrubbed", pages=engine.stats.served_pages)
+    return "committed"
+
+
 def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes, asker: Peer) -> Outcome:
     """Destination side of recovery, for the source recorded for ``mid`` only:
     'committed', or abort forever and hand out the token.  Another agent
@@ -322,8 +348,27 @@ def answer_query(store: HandoffStore, signing: SigningKey, mid: bytes, asker: Pe
     row = store.get(mid)
     if row is not None and row.state is HandoffState.COMMITTED:
         return Outcome(RecoveryOutcome.COMMITTED.value, b"")
+    if row is not None and row.state is HandoffState.PULLING:  # (never aborted: the VM ran here)
+        return Outcome(RecoveryOutcome.POSTCOPY.value, b"")
     token = store.abort_token(mid, asker.static_pub, signing)  # only for what is recorded aborted
     return Outcome(RecoveryOutcome.ABORTED.value, token) if token else Outcome(RecoveryOutcome.UNKNOWN.value, b"")
+
+
+async def _pull_again(channel: SecureChannel, proto: SessionProtocol, vm: HostedVM, store: HandoffStore,
+                      signing: SigningKey, open_vm: Callable[[bytes, Begin, Peer], Awaitable[HostedVM]]) -> None:
+    """Post-copy's recovery at the destination (proto 7.9 item 6): WANT what the VM still
+    misses, then take it as the first session would have, to COMMITTED and PULLED."""
+    state = cast(Backend, vm).postcopy_state()
+    empty = np.zeros(0, np.uint64)
+    switch_round, missing, vers = state if state is not None else (0, empty, empty)
+    engine, first = DestinationEngine.pulling(proto, vm.info.npages, switch_round, missing, vers)
+    run = DestinationRun(channel, engine, store, signing, open_vm)
+    run.host.vm = vm
+    log.info("post-copy recovery: pulling the missing pages", migration=proto.mid.hex() if proto.mid else None,
+             vm=vm.info.name, pages=len(missing))
+    error = await run.run(first)
+    if error is None and engine.state is State.DONE:
+        log.info("post-copy recovery: every page in, committed", vm=vm.info.name)
 
 
 def override_resume(store: HandoffStore, mid: bytes, vm: HostedVM, operator_reason: str) -> None:
@@ -348,19 +393,27 @@ async def serve_incoming(
     max_pages: int,
     deadline_per_gib: float = DEADLINE_PER_GIB,
     runs: dict[int, DestinationRun] | None = None,
+    pulling_vm: Callable[[bytes], HostedVM | None] = lambda mid: None,
 ) -> DestinationRun | None:
-    """Destination side of one attested session: a recovery query (answered here),
-    or a migration (returns its run: its engine's outcome and VM, for the agent)."""
+    """Destination side of one attested session: a recovery query (answered here; post-copy's
+    ``postcopy``: its missing pages pulled on it), or a migration (returns its run: its
+    engine's outcome and VM, for the agent).  ``pulling_vm(mid)``: the VM of a PULLING
+    migration, if this agent holds it and no other session pulls into it now."""
     info = channel.result.peer
     if channel.result.purpose is Purpose.RECOVERY:
         proto = SessionProtocol(Role.DESTINATION, recovery=True)
+        vm: HostedVM | None = None
         with trio.fail_after(10):
             proto.receive_message((await channel.receive()).data)  # QUERY: the state machine allows nothing else
             assert proto.mid is not None
             outcome = answer_query(store, signing, proto.mid, Peer(info.name, info.static_pub, info.sign_pub))
+            if outcome.outcome == RecoveryOutcome.POSTCOPY and (vm := pulling_vm(proto.mid)) is None:
+                outcome = Outcome(RecoveryOutcome.UNKNOWN.value, b"")  # not now: asked again
             log.info("recovery query answered", migration=proto.mid.hex(), peer=info.name, phase="in-doubt",
                      outcome=outcome.outcome)
             await channel.send(proto.send(outcome))
+        if vm is not None:
+            await _pull_again(channel, proto, vm, store, signing, open_vm)
         return None
     engine = DestinationEngine(channel.result.mode is TransportMode.PLAIN_BENCHMARK, max_pages, deadline_per_gib)
     run = DestinationRun(channel, engine, store, signing, open_vm)

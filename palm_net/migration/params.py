@@ -36,6 +36,10 @@ class MigrationParams:
     # caps, or "throttle" the guest a step a round until it fits (pause at 99%).
     downtime_policy: str = "pause"
     channels: int = 1  # sessions carrying the pages, or a stream backend's streams (QEMU's multifd): proto 7.8
+    # Post-copy (proto 7.9): switch instead of the stop-and-copy, after this many
+    # rounds (None: where the downtime policy would otherwise act).
+    postcopy: bool = False
+    postcopy_after: int | None = None
 
     def validate(self) -> None:
         if not 0 < self.downtime_limit <= 3600:
@@ -52,6 +56,10 @@ class MigrationParams:
             raise ValueError(f"channels must be between 1 and {MAX_CHANNELS}")
         if self.downtime_policy not in DOWNTIME_POLICIES:
             raise ValueError(f"downtime policy must be one of {', '.join(DOWNTIME_POLICIES)}")
+        if self.postcopy_after is not None and not (self.postcopy and 1 <= self.postcopy_after <= 10_000):
+            raise ValueError("postcopy-after is a round count from 1 to 10000, with post-copy")
+        if self.postcopy and (self.channels > 1 or self.plain):
+            raise ValueError("post-copy migrates on one channel, never in the plain mode")
 
 
 # The downtime, from the pause to DONE, in the steps the source sees (each from the
@@ -83,6 +91,7 @@ class Phase(enum.StrEnum):
     STOP_AND_COPY = "stop-and-copy"
     VERIFY = "verify"  # COMPLETE sent: the destination checks
     COMMIT = "commit"  # handed off, COMMIT sent
+    POSTCOPY = "postcopy"  # the VM runs at the destination; its missing pages going out (proto 7.9)
     COMPLETED = "completed"
     DIGEST_CHECK = "digest-check"  # after DONE: this copy's memory at the pause re-read (--verify-digest)
     IN_DOUBT = "in-doubt"
@@ -131,6 +140,11 @@ class MigrationStats:
     # it is checked against this copy's memory at the pause, read afresh (7.4).
     digest_at_pause: str | None = None  # "equal", "differs"
     digest_check: float | None = None  # seconds that check took (after DONE, off the downtime)
+    # Post-copy (proto 7.9): the switch's missing pages, and the serving phase.
+    postcopy_pages: int | None = None  # pages left to the serving phase at the switch
+    served_pages: int = 0  # pages sent while serving (this session)
+    fetched_pages: int = 0  # of them, asked for by the destination's vCPUs (FETCH)
+    serve_time: float | None = None  # seconds from RUNNING to PULLED
     hypervisor: dict[str, Any] | None = None  # a stream backend's own figures (QEMU's query-migrate)
     downtime_limit: float | None = None  # the limit asked for (seconds)
     # Why the source stopped iterating: "converged" (the rest fits the limit),

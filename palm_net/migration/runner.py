@@ -550,16 +550,17 @@ class _Bind:
 class _Opened:
     """What the session task takes next: a buffer's records, opened, from the main
     session (``lane`` None) or a data session; a data session's BIND; or the end of
-    a session's stream (``closed``: the peer's close, if it closed)."""
+    a session's stream (``closed``: the peer's close, if it closed); or post-copy's
+    vCPU faults (``faults``: gfns a vCPU waits for)."""
 
-    __slots__ = ("bind", "buf", "closed", "ended", "lane", "records", "release")
+    __slots__ = ("bind", "buf", "closed", "ended", "faults", "lane", "records", "release")
 
     def __init__(self, lane: Lane | None, records: list[Record] | None = None, buf: bytearray | None = None,
                  release: _Release = None, closed: PalmError | None = None,
-                 bind: _Bind | None = None) -> None:
+                 bind: _Bind | None = None, faults: list[int] | None = None) -> None:
         self.lane, self.records, self.buf, self.release = lane, records, buf, release
-        self.ended = records is None and bind is None
-        self.closed, self.bind = closed, bind
+        self.ended = records is None and bind is None and faults is None
+        self.closed, self.bind, self.faults = closed, bind, faults
 
 
 class DestinationRun:
@@ -585,13 +586,17 @@ class DestinationRun:
         self._attached = 0  # data sessions that asked to join (at most MAX_CHANNELS - 1)
         self._ended = trio.Event()
         self._appliers: dict[int, _Applier] = {}  # who writes each session's data (_applier_of)
+        self._faults: list[int] = []  # post-copy: gfns the VM's vCPUs wait for, not yet taken (_watch_faults)
+        self._fault_woken = trio.Event()
+        self._watching: HostedVM | None = None
 
     @property
     def vm(self) -> HostedVM | None:
         return self.host.vm
 
-    async def run(self) -> PalmError | None:
-        """The session, to its end; returns what ended it early (it is logged), None if it ran through."""
+    async def run(self, initial: Sequence[Effect] = ()) -> PalmError | None:
+        """The session, to its end; returns what ended it early (it is logged), None if it ran through.
+        ``initial``: the engine's first effects (a post-copy recovery session's WANTs)."""
         eng = self.engine
         started = trio.current_time()
         error: PalmError | None = None
@@ -603,6 +608,9 @@ class DestinationRun:
                     self._opened, self._opened_recv = opened_send, opened
                     nursery.start_soon(self._feed, None, Inbox(self.ch), opened_send.clone())
                     nursery.start_soon(unblock_on_cancel, trio.CancelScope(), self._interrupt_stream)
+                    nursery.start_soon(self._feed_faults, opened_send.clone())
+                    await self._perform(list(initial))
+                    self._watch_faults()
                     lost: tuple[float, PalmError] | None = None  # a data session closed before its COMPLETE
                     while True:
                         with trio.move_on_at(lost[0] if lost else math.inf):
@@ -621,12 +629,15 @@ class DestinationRun:
                                 lost = (trio.current_time() + LANE_GRACE, item.closed)
                         elif item.bind is not None:
                             self._binds.append(item.bind)
+                        elif item.faults is not None:
+                            await self._perform(eng.on_fault(item.faults))
                         else:
                             assert item.records is not None and item.buf is not None
                             await self._process(item.lane, item.records, item.buf, item.release)
                         if eng.state in FINAL:
                             break
                         self._bind_waiting()
+                        self._watch_faults()
                         # An absolute deadline: a peer trickling bytes cannot hold its
                         # slot forever (BEGIN soon, then time in proportion to the memory).
                         deadline.deadline = eng.deadline(started)
@@ -638,6 +649,8 @@ class DestinationRun:
             error = session_error(exc)
         finally:
             self._opened = None
+            if self._watching is not None:
+                cast(Backend, self._watching).on_fault = None
             if self._opened_recv is not None:  # a data session still joining is told (attach)
                 with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                     while True:
@@ -656,6 +669,33 @@ class DestinationRun:
                 for bind in self._binds:
                     bind.taken.set()
         return error
+
+    def _watch_faults(self) -> None:
+        """Post-copy's serving phase: the VM's vCPU faults (its guest's threads) reach the
+        session task, which asks for their pages ahead of the rest (proto 7.9 item 4)."""
+        vm = self.host.vm
+        if self.engine.puller is None or vm is None or self._watching is vm:
+            return
+        token = trio.lowlevel.current_trio_token()
+
+        def arrived(gfn: int) -> None:  # (the trio thread)
+            self._faults.append(gfn)
+            self._fault_woken.set()
+
+        def on_fault(gfn: int) -> None:  # (a vCPU's thread)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(arrived, gfn)
+
+        self._watching = vm
+        cast(Backend, vm).on_fault = on_fault
+
+    async def _feed_faults(self, out: trio.MemorySendChannel[_Opened]) -> None:
+        async with out:
+            while True:
+                await self._fault_woken.wait()
+                self._fault_woken = trio.Event()
+                faults, self._faults = self._faults, []
+                await out.send(_Opened(None, faults=faults))
 
     async def _feed(self, lane: Lane | None, inbox: Inbox, out: trio.MemorySendChannel[_Opened]) -> None:
         """One session's records into the session task: its buffers read and opened

@@ -36,16 +36,20 @@ from palm_net.migration.effects import (
     FinishStream,
     HandedOff,
     HandOff,
+    Metadata,
     Note,
     OpenChannels,
     PagesSent,
     Pause,
     Paused,
+    ReadMetadata,
     ReadTranscript,
     Result,
     Send,
     SendPages,
     SendStream,
+    Serve,
+    Served,
     SetThrottle,
     Started,
     StartPrecopy,
@@ -57,8 +61,11 @@ from palm_net.migration.effects import (
 )
 from palm_net.migration.handoff import check_abort_token
 from palm_net.migration.params import DOWNTIME_PHASES, MigrationParams, MigrationStats, Phase, RoundStats, Status
+from palm_net.migration.postcopy import PageServer
 from palm_net.wire.messages import (
     MAX_BLOB,
+    MAX_DATA_PAGES,
+    MAX_PAGES_PER_MESSAGE,
     PAGE_SIZE,
     Abort,
     Accept,
@@ -71,17 +78,33 @@ from palm_net.wire.messages import (
     Context,
     CpuState,
     Done,
+    Fetch,
     Keys,
     Message,
+    Missing,
+    Pulled,
     Ready,
     RoundDone,
     RoundEnd,
+    Running,
     Stream,
     StreamEnd,
+    Want,
     timings_s,
 )
-from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Buffer, Gfns, PageBatch, PageRange, RoundGfns
-from palm_net.wire.protocol import Role, SessionProtocol
+from palm_net.wire.pages import (
+    KIND_PROTECTED,
+    KIND_ZERO,
+    TAG_LEN,
+    Buffer,
+    Gfns,
+    PageBatch,
+    PageRange,
+    RoundGfns,
+    ascending_gfns,
+    u64le,
+)
+from palm_net.wire.protocol import Role, SessionProtocol, State
 
 DOWNTIME_GOAL_DIVISOR = 30  # iterate on while shrinking, until expected downtime <= limit / 30
 CONTEXT_CHUNK = MAX_BLOB
@@ -136,7 +159,10 @@ class Step(enum.Enum):
     VERIFYING = "verifying"  # COMPLETE sent: READY (and our digest, if asked) due
     HANDING_OFF = "handing-off"  # HANDED_OFF being made durable: HandedOff due
     COMMITTING = "committing"  # COMMIT sent: DONE (or ABORT with a token) due
-    DONE = "done"  # the destination runs the VM
+    SWITCHING = "switching"  # post-copy (proto 7.9): the missing pages' metadata being read: Metadata due
+    WANTING = "wanting"  # post-copy's recovery session: the destination's WANTs due
+    SERVING = "serving"  # post-copy: the VM runs at the destination, its missing pages going out
+    DONE = "done"  # the destination runs the VM (post-copy: and has every page)
 
 
 class SourceEngine:
@@ -180,9 +206,24 @@ class SourceEngine:
         self.channel_records = [0] * self.channels  # PAGES (or STREAM) messages sent on each channel
         self.channel_bytes = [0] * self.channels  # a stream backend's bytes sent on each channel
         self.stats.channels = self.channels
+        # Post-copy (proto 7.9): switching instead of the stop-and-copy, then serving.
+        self.switching = False
+        self.missing: Gfns | None = None  # the pages left to the serving phase
+        self.server: PageServer | None = None
+        self.pulled: Pulled | None = None  # the destination has every page (its digest, if asked)
+        self._wanted: list[Gfns] = []  # a recovery session's WANTs so far
 
     def __repr__(self) -> str:
         return f"SourceEngine({self.step.value}, {self.proto.state.value}, round={self.round})"
+
+    @classmethod
+    def recovering(cls, proto: SessionProtocol, info: Any, params: MigrationParams) -> SourceEngine:
+        """A RECOVERY session answered ``postcopy`` (proto 7.9 item 6): the destination's
+        WANTs, then serving them as after RUNNING."""
+        assert proto.mid is not None and proto.state is State.SERVING
+        eng = cls(proto.mid, info, params)
+        eng.proto, eng.committed, eng.step = proto, True, Step.WANTING
+        return eng
 
     @property
     def mid(self) -> bytes:
@@ -203,10 +244,12 @@ class SourceEngine:
     def start(self, now: float) -> list[Effect]:
         """BEGIN; ACCEPT is due within the reply timeout."""
         p, i = self.params, self.info
+        self.started = now
+        if self.step is Step.WANTING:  # a recovery session: the destination speaks first
+            return []
         refused = plain_refusal(p, i)
         if refused is not None:
             raise refused
-        self.started = now
         begin = self.proto.send(Begin(i.name, i.vm_id, i.npages, i.protected_pages, i.processes, i.vcpus, p.plain,
                                       p.verify_digest, "qemu" if self.stream else "model", self.spec))
         self._reply_due(now)
@@ -226,6 +269,10 @@ class SourceEngine:
                 self.abort_token = body.token
                 raise MigrationFailure(ErrorCode.ABORTED, "destination refused the commit: " + body.reason)
             raise InDoubt("an abort without a valid token after COMMIT")
+        if isinstance(body, Fetch) and self.server is not None:  # (any time while serving)
+            return self._on_fetch(body)
+        if isinstance(body, Pulled) and self.server is not None:
+            return self._on_pulled(body, now)
         if isinstance(body, RoundDone):
             self.written_round = max(self.written_round, body.round)
             if self.step is Step.CATCHING_UP and self.written_round >= self.round - 1:
@@ -317,7 +364,7 @@ class SourceEngine:
         """A PAGES message for a batch the shell read from the current round's gfns,
         then its data records (views of the batch's data): the bulk path of SendPages,
         on ``channel`` (its gfns are that channel's, wire.messages.lane_of)."""
-        if self.step not in (Step.ROUND, Step.STOP_AND_COPY):
+        if self.step not in (Step.ROUND, Step.STOP_AND_COPY, Step.SERVING):
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"pages while {self.step.value}")
         st = self.stats
         kinds = batch.kinds
@@ -345,6 +392,8 @@ class SourceEngine:
         return lane.send(RoundEnd(self.round, pages, 0))
 
     def _pages_sent(self, result: PagesSent, now: float) -> list[Effect]:
+        if self.step in (Step.SERVING, Step.DONE):  # (PULLED may overtake the last slice's result)
+            return self._push() if self.step is Step.SERVING else []
         if self.step is Step.STOP_AND_COPY:
             return self._request(Step.EXPORTING, ExportFinalState(), FinalState)
         return self._request(Step.COLLECTING, CollectDirty(), Dirty)
@@ -398,6 +447,12 @@ class SourceEngine:
         stop = converged or (cap is not None and p.downtime_policy != "continue")
         self._last_dirty = n
         throttle = None
+        # Post-copy switches where the stop-and-copy would not fit (proto 7.9): after
+        # postcopy_after rounds, or at a cap, in place of the downtime policy.
+        self.switching = p.postcopy and not converged and (
+            self.round + 1 >= p.postcopy_after if p.postcopy_after is not None else cap is not None)
+        if self.switching:
+            stop, cap, st.stop_reason = True, None, "postcopy"
         if cap and not fits and p.downtime_policy == "abort":
             raise MigrationFailure(ErrorCode.CANCELLED, f"expected downtime {expected * 1000:.0f} ms is above the "
                                    f"{p.downtime_limit * 1000:.0f} ms limit at {cap} (downtime policy abort)")
@@ -409,7 +464,7 @@ class SourceEngine:
             else:
                 stop, throttle = False, max(0.01, st.throttle - (0.2 if st.throttle == 1.0 else 0.1))
                 st.throttle = throttle
-        if stop:
+        if stop and not self.switching:
             st.stop_reason = "converged" if fits else (cap or "converged")
         if p.auto_converge and not stop and throttle is None:
             # QEMU's rule: throttle when the guest dirtied over half of what we sent, twice running.
@@ -435,8 +490,33 @@ class SourceEngine:
         self.pending = np.union1d(np.asarray(self.pending), result.dirty).astype(np.uint64)
         self.stats.current_round = self.round
         self._round_started = (result.at, self.stats.transferred)
+        if self.switching:
+            self.missing, self.pending = self.pending, np.zeros(0, np.uint64)
+            self.stats.postcopy_pages = len(self.missing)
+            return [Note("switch to post-copy", {"phase": "postcopy", "round": self.round,
+                                                 "missing": len(self.missing)}),
+                    *self._request(Step.SWITCHING, ReadMetadata(self.missing), Metadata)]
         return [Note("stop-and-copy", {"phase": "stop-and-copy", "round": self.round, "pages": len(self.pending)}),
                 *self._request(Step.STOP_AND_COPY, SendPages(self.pending, self.round), PagesSent)]
+
+    def _metadata(self, result: Metadata, now: float) -> list[Effect]:
+        """MISSING for every page left to the serving phase (ascending, at most 2048 a
+        message and 256 of them protected), then the CPU state and blob as ever."""
+        assert self.missing is not None
+        gfns, kinds = self.missing, np.frombuffer(result.kinds, np.uint8)
+        protected = kinds == KIND_PROTECTED
+        vers = np.where(protected, result.vers, self.round).astype(np.uint64)
+        tag_at = np.concatenate(([0], np.cumsum(protected))) * TAG_LEN  # MAC offsets in result.tags
+        out: list[Effect] = []
+        i = 0
+        while i < len(gfns):
+            j = min(len(gfns), i + MAX_PAGES_PER_MESSAGE)
+            if tag_at[j] - tag_at[i] > MAX_DATA_PAGES * TAG_LEN:  # no more than 256 protected pages
+                j = i + int(np.searchsorted(tag_at[i:] - tag_at[i], MAX_DATA_PAGES * TAG_LEN, side="right")) - 1
+            out.append(self._send(Missing(self.round, u64le(gfns[i:j]), u64le(vers[i:j]),
+                                          result.tags[tag_at[i] : tag_at[j]])))
+            i = j
+        return out + self._request(Step.EXPORTING, ExportFinalState(), FinalState)
 
     def _final_state(self, result: FinalState, now: float) -> list[Effect]:
         """CPU_STATE and the protected-context blob in CONTEXT chunks (the guest is paused)."""
@@ -509,7 +589,7 @@ class SourceEngine:
         out.append(Note("complete sent", {"phase": "verify", "round": self.round, "paused_ms": paused_ms}))
         self.step = Step.VERIFYING
         self._reply_due(now)
-        if self.params.verify_digest:  # ours while the destination verifies: both run at once
+        if self.params.verify_digest and not self.switching:  # ours while the destination verifies
             self._beside_due.add(Digested)
             out.append(DigestMemory())
         return out
@@ -527,7 +607,7 @@ class SourceEngine:
         """READY and what was performed beside (the hypervisor completed; with
         verify_digest the destination's memory equals ours at pause): the handoff point next."""
         assert self._ready is not None
-        if self.params.verify_digest:
+        if self.params.verify_digest and not self.switching:  # (post-copy: PULLED's, proto 7.9)
             theirs, ours = self._ready.digest, self.digest
             if ours is None or not hmac.compare_digest(theirs, bytes.fromhex(ours)):
                 raise MigrationFailure(ErrorCode.DIGEST_MISMATCH, "destination memory differs from the source at "
@@ -553,13 +633,18 @@ class SourceEngine:
     def _on_done(self, msg: Message, now: float) -> list[Effect]:
         """DONE: the destination runs the VM."""
         st = self.stats
-        done = msg.get(Done)
-        commit, activate = timings_s(done.timings)
-        st.destination_phases = {**(st.destination_phases or {}), "commit": commit, "activate": activate}
+        self._running(msg.get(Done).timings, now)
         self.step = Step.DONE
-        st.downtime = now - (self.paused_at if self.paused_at is not None else now)
         st.total_time = now - self.started
         st.status, st.phase = Status.COMPLETED, Phase.COMPLETED
+        return []
+
+    def _running(self, timings: bytes, now: float) -> None:
+        """The VM runs at the destination (DONE, or post-copy's RUNNING): the downtime is over."""
+        st = self.stats
+        commit, activate = timings_s(timings)
+        st.destination_phases = {**(st.destination_phases or {}), "commit": commit, "activate": activate}
+        st.downtime = now - (self.paused_at if self.paused_at is not None else now)
         st.marks["done"] = now
         if self.paused_at is not None and all(m in st.marks for _, m in DOWNTIME_PHASES):
             prev, phases = self.paused_at, {}
@@ -567,6 +652,65 @@ class SourceEngine:
                 phases[name] = max(0.0, st.marks[mark] - prev)
                 prev = max(prev, st.marks[mark])
             st.downtime_phases = phases
+
+    def _on_running(self, msg: Message, now: float) -> list[Effect]:
+        """Post-copy's RUNNING: the VM runs at the destination (the downtime is over) and
+        misses pages only this copy holds: SERVING durable before the first is sent."""
+        self._running(msg.get(Running).timings, now)
+        self.stats.phase = Phase.POSTCOPY
+        return self._request(Step.SERVING, Serve(), Served)
+
+    def _served(self, result: Served, now: float) -> list[Effect]:
+        if not result.ok:  # the row is not HANDED_OFF (cannot be: this run handed off): ask again
+            raise InDoubt("SERVING could not be recorded")
+        assert self.missing is not None
+        self.server = PageServer(self.missing, self.round)
+        self.stats.marks["serving"] = now
+        return [Note("serving", {"phase": "postcopy", "pages": len(self.missing)}), *self._push()]
+
+    def _push(self) -> list[Effect]:
+        """The next slice of missing pages (those a vCPU waits for first), if any is left."""
+        assert self.server is not None
+        gfns = self.server.next_slice()
+        if gfns is None:
+            return []  # every page went: PULLED (or a FETCH of one lost) is due
+        self.stats.served_pages += len(gfns)
+        self.stats.remaining = self.server.unsent
+        return self._request(Step.SERVING, SendPages(gfns, self.round), PagesSent)
+
+    def _on_want(self, msg: Message, now: float) -> list[Effect]:
+        """A recovery session's WANT: the pages still missing there; the last one starts serving."""
+        w = msg.get(Want)
+        last = max((int(g[-1]) for g in self._wanted if len(g)), default=-1)
+        self._wanted.append(ascending_gfns(w.gfns, self.info.npages, "WANT", above=last))
+        if w.more:
+            self.step = Step.WANTING
+            return []
+        self.round = w.round
+        self.missing = np.concatenate(self._wanted)
+        self._wanted = []
+        self.stats.postcopy_pages = len(self.missing)
+        self.stats.status, self.stats.phase = Status.ACTIVE, Phase.POSTCOPY
+        return self._request(Step.SERVING, Serve(), Served)
+
+    def _on_fetch(self, body: Fetch) -> list[Effect]:
+        assert self.server is not None
+        gfns = ascending_gfns(body.gfns, self.info.npages, "FETCH")
+        self.stats.fetched_pages += len(gfns)
+        self.server.fetch(gfns)
+        return self._push() if self._awaiting is None and self.step is Step.SERVING else []
+
+    def _on_pulled(self, body: Pulled, now: float) -> list[Effect]:
+        """Every page is at the destination and its row COMMITTED: this copy may go."""
+        assert self.server is not None
+        if self.server.unsent:  # it cannot have pages never sent: its word is not taken
+            raise InDoubt(f"PULLED with {self.server.unsent} pages never sent")
+        st = self.stats
+        self.pulled = body
+        self.step = Step.DONE
+        st.serve_time = now - st.marks.get("serving", now)
+        st.total_time = now - self.started
+        st.status, st.phase = Status.COMPLETED, Phase.COMPLETED
         return []
 
     def abort(self, code: ErrorCode) -> bytes | None:
@@ -582,10 +726,11 @@ class SourceEngine:
     # (message, the step it is due in) -> handler; ABORT and ROUND_DONE are taken in any step.
     _on_message: dict[type[Body], tuple[Callable[[SourceEngine, Message, float], list[Effect]], Step]] = {
         Accept: (_on_accept, Step.OPENING), Ready: (_on_ready, Step.VERIFYING), Done: (_on_done, Step.COMMITTING),
+        Running: (_on_running, Step.COMMITTING), Want: (_on_want, Step.WANTING),
     }
     _on_result: dict[type[Result], Callable[[SourceEngine, Any, float], list[Effect]]] = {
         Started: _started, ChannelsOpened: _channels_opened, PagesSent: _pages_sent, Dirty: _dirty,
         Paused: _paused, FinalState: _final_state, StreamStarted: _stream_started, StreamSent: _stream_sent,
         StreamFinished: _stream_finished,
-        Transcript: _transcript, HandedOff: _handed_off, Digested: _digested,
+        Transcript: _transcript, HandedOff: _handed_off, Digested: _digested, Metadata: _metadata, Served: _served,
     }

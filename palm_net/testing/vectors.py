@@ -19,8 +19,26 @@ from nacl.signing import SigningKey
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose, TransportMode
 from palm_net.crypto.identity import AgentIdentity, Authority
 from palm_net.crypto.noise import CipherName, keypair_from_private
-from palm_net.wire.messages import Accept, Begin, Bind, Channels, Complete, Keys, RoundEnd, Stream, StreamEnd
-from palm_net.wire.pages import PageBatch
+from palm_net.wire.messages import (
+    Accept,
+    Begin,
+    Bind,
+    Channels,
+    Commit,
+    Complete,
+    Context,
+    CpuState,
+    Fetch,
+    Keys,
+    Missing,
+    Pulled,
+    Ready,
+    RoundEnd,
+    Running,
+    Stream,
+    StreamEnd,
+)
+from palm_net.wire.pages import PageBatch, u64le
 from palm_net.wire.protocol import Role, SessionProtocol
 
 INPUTS: dict[str, Any] = {
@@ -53,7 +71,7 @@ STREAM_BYTES = b"QEVM\x00\x00\x00\x03"
 
 
 def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "model",
-          plain: bool = False, channels: int = 1) -> dict[str, Any]:
+          plain: bool = False, channels: int = 1, postcopy: bool = False) -> dict[str, Any]:
     authority = Authority(SigningKey(bytes.fromhex(inputs["authority_seed"])))
     src = _config(inputs["source"], authority, inputs, cipher)
     dst = _config(inputs["destination"], authority, inputs, cipher)
@@ -104,6 +122,17 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
             assert dst_proto.receive(resp.result.receiver.next_record() or b"") is not None
             records.append({"from": "initiator", **({"data": True} if i == 1 else {}), "plaintext": msg.hex(),
                             "bytes": rec.hex()})
+    if postcopy:  # proto 7.9: the switch, the handoff, a FETCH served, PULLED
+        init.result.receiver.receive_data(record2)  # (ACCEPT, opened where the source reads it)
+        assert init.result.receiver.next_record() == accept
+        for who, msg, data in _postcopy_messages(src_proto, dst_proto):
+            sender, receiver = (init, resp) if who == "initiator" else (resp, init)
+            assert sender.result is not None and receiver.result is not None
+            rec = sender.result.sender.seal(msg)
+            receiver.result.receiver.receive_data(rec)
+            assert receiver.result.receiver.next_record() == msg
+            records.append({"from": who, **({"data": True} if data else {}), "plaintext": msg.hex(),
+                            "bytes": rec.hex()})
     if plain:  # bulk data in the clear, everything else sealed (proto/PROTOCOL.md 5)
         batch = PageBatch(np.array([7, 9], np.uint64), b"\x01\x00", np.array([0, 0], np.uint64),
                           bytes(range(256)) * 16)
@@ -131,6 +160,48 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         "records": records,
         **({"data_session": data_session} if channels > 1 else {}),
     }
+
+
+# Post-copy (proto 7.9), after BEGIN/ACCEPT of the 256-page VM whose one process owns
+# gfns 0..15: KEYS; MISSING of gfns 3 (protected: its version 2 and MAC) and 200
+# (normal: the switch's round, 1); CPU_STATE, one CONTEXT, COMPLETE; READY, COMMIT,
+# RUNNING; FETCH of 200, its PAGES (a normal page) and data record; the PAGES of 3 and
+# its data record (the ciphertext and MAC, as MISSING named them); PULLED.
+POSTCOPY_KEYS = {"v": 1, "cipher": "AESGCM", "processes": [{"pid": 1, "first": 0, "count": 16, "key": b"\x33" * 32}]}
+POSTCOPY_TAG = bytes(range(16))
+
+
+def _postcopy_messages(src: SessionProtocol, dst: SessionProtocol) -> list[tuple[str, bytes, bool]]:
+    out: list[tuple[str, bytes, bool]] = []
+
+    def s(msg: bytes, data: bool = False) -> None:
+        dst.receive(msg)
+        out.append(("initiator", msg, data))
+
+    def d(msg: bytes) -> None:
+        src.receive(msg)
+        out.append(("responder", msg, False))
+
+    gfns, vers = np.array([3, 200], np.uint64), np.array([2, 1], np.uint64)
+    s(src.send(Keys(msgpack.packb(POSTCOPY_KEYS, use_bin_type=True))))
+    s(src.send(Missing(1, u64le(gfns), u64le(vers), POSTCOPY_TAG)))
+    s(src.send(CpuState(b"cpu")))
+    s(src.send(Context(0, 1, b"blob")))
+    s(src.send(Complete(6, 0, bytes(32))))
+    d(dst.send(Ready(b"")))
+    s(src.send(Commit()))
+    d(dst.send(Running()))
+    d(dst.send(Fetch(u64le(gfns[1:]))))
+    for batch in (PageBatch(gfns[1:], b"\x01", vers[1:], DATA_PAGE_PC),
+                  PageBatch(gfns[:1], b"\x02", vers[:1], DATA_PAGE_PC[::-1], POSTCOPY_TAG)):
+        s(src.send(batch.message(1)))
+        for part in src.send_data(DATA_PAGE_PC if batch.kinds == b"\x01" else DATA_PAGE_PC[::-1]):
+            s(bytes(part), data=True)
+    d(dst.send(Pulled(b"")))
+    return out
+
+
+DATA_PAGE_PC = bytes(range(256)) * 16
 
 
 # Channel 1's data session: gfn 256 (its first block of LANE_BLOCK pages, with 2

@@ -114,6 +114,7 @@ class RecoveryOutcome(enum.StrEnum):
     COMMITTED = "committed"
     ABORTED = "aborted"  # with the abort token
     UNKNOWN = "unknown"  # not this peer's to ask, or nothing recorded that could be promised
+    POSTCOPY = "postcopy"  # the VM runs here and still misses pages: serve them (7.9)
 
 
 BOOL = Field(bool, 1)
@@ -366,9 +367,69 @@ class Outcome(Body):
     token: bytes
 
 
+# -- post-copy (proto 7.9)
+
+MAX_FETCH = 64  # gfns one FETCH asks for (a few vCPUs' faults)
+
+
+@dataclass(frozen=True, repr=False)
+class Missing(Body):
+    """Source -> destination, at the switch to post-copy: pages that come later, each
+    with the version it will come with and (protected pages, in order) its MAC."""
+
+    TYPE = "MISSING"
+    SCHEMA = {"round": uint(10_000), "gfns": octets(8 * MAX_PAGES_PER_MESSAGE),
+              "vers": octets(8 * MAX_PAGES_PER_MESSAGE), "tags": octets(16 * MAX_DATA_PAGES)}
+    round: int
+    gfns: bytes
+    vers: bytes
+    tags: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Running(Body):
+    """Destination -> source, the answer to a post-copy migration's COMMIT: PULLING is
+    durable and the VM runs here; its pages still come from the source."""
+
+    TYPE = "RUNNING"
+    SCHEMA = {"timings": octets(TIMINGS_LEN, exact=TIMINGS_LEN)}
+    timings: bytes = bytes(TIMINGS_LEN)
+
+
+@dataclass(frozen=True, repr=False)
+class Fetch(Body):
+    """Destination -> source: pages a vCPU waits for, sent ahead of the rest."""
+
+    TYPE = "FETCH"
+    SCHEMA = {"gfns": octets(8 * MAX_FETCH)}
+    gfns: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Want(Body):
+    """Destination -> source, a recovery session: pages still missing here (``more``:
+    another WANT follows)."""
+
+    TYPE = "WANT"
+    SCHEMA = {"round": uint(10_000), "gfns": octets(8 * MAX_PAGES_PER_MESSAGE), "more": BOOL}
+    round: int  # the switch's (the serving phase's PAGES carry it)
+    gfns: bytes
+    more: bool
+
+
+@dataclass(frozen=True, repr=False)
+class Pulled(Body):
+    """Destination -> source: every page is in and COMMITTED durable; ``digest``: the
+    memory digest of what the migration wrote, if BEGIN asked."""
+
+    TYPE = "PULLED"
+    SCHEMA = {"digest": octets(32)}
+    digest: bytes
+
+
 TYPES: dict[str, type[Body]] = {cls.TYPE: cls for cls in (
     Begin, Accept, Keys, Pages, Stream, StreamEnd, RoundEnd, RoundDone, CpuState, Context, Complete, Ready, Commit,
-    Done, Abort, Query, Outcome, Channels, Bind)}
+    Done, Abort, Query, Outcome, Channels, Bind, Missing, Running, Fetch, Want, Pulled)}
 ENVELOPE = {"v", "t", "mid", "seq", "b"}
 _MID = octets(MID_LEN, exact=MID_LEN)
 _SEQ = uint()

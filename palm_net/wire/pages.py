@@ -94,6 +94,18 @@ def from_u64le(data: bytes) -> Gfns:
     return np.frombuffer(data, dtype=U64LE).astype(np.uint64, copy=False)
 
 
+def ascending_gfns(data: bytes, npages: int, what: str, above: int = -1) -> Gfns:
+    """A list of gfns from the wire (MISSING, FETCH, WANT): u64le, strictly ascending,
+    above ``above`` and below ``npages`` (RemoteProtocolError ``malformed``)."""
+    if len(data) % 8:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{what}: gfns not a whole number of u64le")
+    gfns = from_u64le(data)
+    if len(gfns) and (int(gfns[0]) <= above or int(gfns[-1]) >= npages
+                      or (len(gfns) > 1 and not bool((gfns[1:] > gfns[:-1]).all()))):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{what}: gfns not ascending, or outside the VM")
+    return gfns
+
+
 @dataclass
 class PageBatch:
     """Page records as they travel: parallel arrays plus the data of non-zero pages."""

@@ -31,16 +31,22 @@ from palm_net.wire.messages import (
     Context,
     CpuState,
     Done,
+    Fetch,
     Keys,
     Message,
+    Missing,
     Outcome,
     Pages,
+    Pulled,
     Query,
     Ready,
+    RecoveryOutcome,
     RoundDone,
     RoundEnd,
+    Running,
     Stream,
     StreamEnd,
+    Want,
 )
 
 
@@ -65,6 +71,8 @@ class State(enum.Enum):
     CLOSED = "closed"  # recovery session answered
     DATA = "data"  # a DATA session (proto 7.8), before BIND
     BOUND = "bound"  # a DATA session carrying its channel's pages
+    SWITCHING = "switching"  # post-copy (proto 7.9): MISSING sent, CPU state next
+    SERVING = "serving"  # post-copy: the VM runs at the destination, its missing pages follow
 
 
 SOURCE, DESTINATION = Role.SOURCE, Role.DESTINATION
@@ -100,17 +108,30 @@ TRANSITIONS: dict[tuple[State, Role, type[Body]], State] = {
     (State.BOUND, SOURCE, RoundEnd): State.BOUND,
     (State.BOUND, SOURCE, Stream): State.BOUND,
     (State.BOUND, SOURCE, Complete): State.DONE,
+    # Post-copy (proto 7.9): the switch, then the destination runs the VM and pulls
+    # the pages it misses (OUTCOME postcopy leads a RECOVERY session here too).
+    (State.STREAMING, SOURCE, Missing): State.SWITCHING,
+    (State.SWITCHING, SOURCE, Missing): State.SWITCHING,
+    (State.SWITCHING, DESTINATION, RoundDone): State.SWITCHING,
+    (State.SWITCHING, SOURCE, CpuState): State.STOPPED,
+    (State.COMMITTING, DESTINATION, Running): State.SERVING,
+    (State.SERVING, SOURCE, Pages): State.SERVING,
+    (State.SERVING, DESTINATION, Fetch): State.SERVING,
+    (State.SERVING, DESTINATION, Want): State.SERVING,
+    (State.SERVING, DESTINATION, Pulled): State.DONE,
 }
 # ABORT may end the session from any state before the handoff completes, by
 # either side; after COMMIT only the destination may abort (with a token).
-for _state in (State.BEGUN, State.STREAMING, State.STOPPED, State.SEALED, State.VERIFYING, State.PREPARED):
+for _state in (State.BEGUN, State.STREAMING, State.SWITCHING, State.STOPPED, State.SEALED, State.VERIFYING,
+               State.PREPARED):
     TRANSITIONS[(_state, SOURCE, Abort)] = State.ABORTED
     TRANSITIONS[(_state, DESTINATION, Abort)] = State.ABORTED
 TRANSITIONS[(State.COMMITTING, DESTINATION, Abort)] = State.ABORTED
 
 FINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
 # What carries the VM depends on BEGIN's backend: page records, or a stream.
-PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, RoundDone, CpuState, Context})
+PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, RoundDone, CpuState, Context, Missing, Running,
+                                               Fetch, Want, Pulled})
 STREAM_ONLY: frozenset[type[Body]] = frozenset({Stream, StreamEnd})
 # The only messages that may travel unauthenticated (CLEAR records of the
 # plain benchmark mode, proto/PROTOCOL.md 5): bulk data, never a handoff step.
@@ -155,6 +176,8 @@ class SessionProtocol:
         self._context_parts = 0
         self.stream: bool | None = stream if data else None  # set by BEGIN: a stream backend
         self.data = data
+        self.recovery = recovery
+        self.postcopy = False  # a MISSING went (or OUTCOME postcopy came): RUNNING, not DONE (proto 7.9)
 
     def __repr__(self) -> str:
         return f"SessionProtocol({self.role.value}, {self.state.value})"
@@ -194,6 +217,14 @@ class SessionProtocol:
         if type(body) in (STREAM_ONLY if not stream else PAGE_ONLY):
             raise PalmError(ErrorCode.OUT_OF_STATE, f"{body.TYPE} is not part of a "
                                                     f"{'stream' if stream else 'page'} migration")
+        postcopy = self.postcopy or isinstance(body, Missing)
+        if isinstance(body, Outcome) and body.outcome == RecoveryOutcome.POSTCOPY:
+            nxt, postcopy = State.SERVING, True  # the one value-dependent move: serving resumes
+        if (isinstance(body, Running) and not postcopy) or (isinstance(body, Done) and postcopy):
+            raise PalmError(ErrorCode.OUT_OF_STATE, f"{body.TYPE} answers a {'pre' if postcopy else 'post'}-copy "
+                                                    "migration's COMMIT")
+        if isinstance(body, Want) and not self.recovery:
+            raise PalmError(ErrorCode.OUT_OF_STATE, "WANT outside a recovery session")
         parts = self._context_parts
         if isinstance(body, Context):
             # Context chunks arrive in order, each naming the same total.
@@ -202,7 +233,7 @@ class SessionProtocol:
             parts += 1
         if isinstance(body, Complete) and not stream and not self.data and parts == 0:
             raise PalmError(ErrorCode.OUT_OF_STATE, "COMPLETE before the protected-context blob")
-        self.stream, self._context_parts = stream, parts
+        self.stream, self._context_parts, self.postcopy = stream, parts, postcopy
         self._next_seq[sender] = expected + 1
         self._bulk[sender].due, self._bulk[sender].index = body.bulk, 0
         self.state = nxt

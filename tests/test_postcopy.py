@@ -1,0 +1,244 @@
+"""Post-copy (proto 7.9): the session's new states, the source's page server, the
+destination's puller, and the handoff rows that go with them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from palm_net.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from palm_net.migration import handoff
+from palm_net.migration.handoff import DESTINATION, SOURCE, HandoffState, Step, may_resume, may_run, may_scrub
+from palm_net.migration.postcopy import SERVE_SLICE, PageServer, Puller
+from palm_net.wire.messages import (
+    Accept,
+    Begin,
+    Commit,
+    Complete,
+    Context,
+    CpuState,
+    Done,
+    Fetch,
+    Keys,
+    Missing,
+    Outcome,
+    Pages,
+    Pulled,
+    Query,
+    Ready,
+    RecoveryOutcome,
+    Running,
+    Want,
+)
+from palm_net.wire.pages import PageBatch, ascending_gfns, u64le
+from palm_net.wire.protocol import Role, SessionProtocol, State
+
+MID = bytes(range(16))
+
+
+def _pair() -> tuple[SessionProtocol, SessionProtocol]:
+    return SessionProtocol(Role.SOURCE, MID), SessionProtocol(Role.DESTINATION)
+
+
+def _to_switch(src: SessionProtocol, dst: SessionProtocol, postcopy: bool = True) -> None:
+    """A page migration to COMMITTING: BEGIN .. MISSING (post-copy) .. COMPLETE, READY, COMMIT."""
+    def s2d(body: object) -> None:
+        dst.receive(src.send(body))  # type: ignore[arg-type]
+
+    def d2s(body: object) -> None:
+        src.receive(dst.send(body))  # type: ignore[arg-type]
+
+    s2d(Begin("vm", bytes(16), 8, 0, 0, 1, False, False, "model", b""))
+    d2s(Accept())
+    s2d(Keys(b"k"))
+    s2d(Pages(0, u64le(np.arange(8)), bytes(8), u64le(np.zeros(8)), b""))
+    if postcopy:
+        s2d(Missing(1, u64le(np.array([3, 5])), u64le(np.array([1, 1])), b""))
+        assert src.state is State.SWITCHING
+    s2d(CpuState(b"c"))
+    s2d(Context(0, 1, b"x"))
+    s2d(Complete(5, 1, bytes(32)))
+    d2s(Ready(b""))
+    s2d(Commit())
+
+
+def test_a_post_copy_session_runs_through_serving_to_done():
+    src, dst = _pair()
+    _to_switch(src, dst)
+    src.receive(dst.send(Running()))
+    assert src.state is dst.state is State.SERVING
+    src.receive(dst.send(Fetch(u64le(np.array([5])))))
+    batch = PageBatch(np.array([5], np.uint64), bytes(1), np.array([1], np.uint64), b"")
+    dst.receive(src.send(batch.message(1)))
+    src.receive(dst.send(Pulled(b"")))
+    assert src.state is dst.state is State.DONE
+
+
+def test_done_never_answers_a_post_copy_commit_nor_running_a_pre_copy_one():
+    src, dst = _pair()
+    _to_switch(src, dst)
+    with pytest.raises(RemoteProtocolError) as e:
+        src.receive(_forged(dst, Done()))
+    assert e.value.code is ErrorCode.OUT_OF_STATE
+    with pytest.raises(LocalProtocolError):
+        dst.send(Done())  # our own stack refuses it too
+    src2, dst2 = _pair()
+    _to_switch(src2, dst2, postcopy=False)
+    with pytest.raises(LocalProtocolError):
+        dst2.send(Running())
+    with pytest.raises(RemoteProtocolError):
+        src2.receive(_forged(dst2, Running()))
+
+
+def _forged(dst: SessionProtocol, body: object) -> bytes:
+    """``body`` as the destination's next message, made by a stack that does not check the state."""
+    from palm_net.wire import messages
+    return messages.encode(messages.Message(MID, dst._next_seq[Role.DESTINATION], body))  # type: ignore[arg-type]
+
+
+def test_no_abort_and_no_want_in_a_migration_session_while_serving():
+    from palm_net.wire.messages import Abort
+    src, dst = _pair()
+    _to_switch(src, dst)
+    src.receive(dst.send(Running()))
+    assert not src.can_send(Abort) and not dst.can_send(Abort)
+    with pytest.raises(RemoteProtocolError) as e:
+        src.receive(_forged(dst, Want(1, b"", False)))
+    assert e.value.code is ErrorCode.OUT_OF_STATE
+
+
+def test_outcome_postcopy_leads_a_recovery_session_to_serving_and_want_is_taken_there():
+    src, dst = SessionProtocol(Role.SOURCE, MID, recovery=True), SessionProtocol(Role.DESTINATION, recovery=True)
+    dst.receive(src.send(Query()))
+    src.receive(dst.send(Outcome(RecoveryOutcome.POSTCOPY.value, b"")))
+    assert src.state is dst.state is State.SERVING and src.postcopy
+    src.receive(dst.send(Want(1, u64le(np.array([2, 4])), False)))
+    src.receive(dst.send(Pulled(b"")))
+    assert src.state is State.DONE
+    other_s, other_d = SessionProtocol(Role.SOURCE, MID, recovery=True), SessionProtocol(Role.DESTINATION,
+                                                                                        recovery=True)
+    other_d.receive(other_s.send(Query()))
+    other_s.receive(other_d.send(Outcome(RecoveryOutcome.COMMITTED.value, b"")))
+    assert other_s.state is State.CLOSED
+
+
+def test_missing_after_the_cpu_state_or_on_a_stream_backend_is_out_of_state():
+    src, dst = _pair()
+    dst.receive(src.send(Begin("vm", bytes(16), 8, 0, 0, 1, False, False, "model", b"")))
+    src.receive(dst.send(Accept()))
+    dst.receive(src.send(CpuState(b"c")))
+    with pytest.raises(LocalProtocolError):
+        src.send(Missing(1, u64le(np.array([1])), u64le(np.array([1])), b""))
+    qs, qd = _pair()
+    qd.receive(qs.send(Begin("vm", bytes(16), 8, 0, 0, 1, False, False, "qemu", b"s")))
+    qs.receive(qd.send(Accept()))
+    with pytest.raises(LocalProtocolError) as e:
+        qs.send(Missing(1, u64le(np.array([1])), u64le(np.array([1])), b""))
+    assert e.value.code is ErrorCode.OUT_OF_STATE
+
+
+def test_wire_gfn_lists_are_ascending_and_inside_the_vm():
+    assert list(ascending_gfns(u64le(np.array([1, 2, 9])), 10, "X")) == [1, 2, 9]
+    for bad in ([2, 2], [3, 1], [10]):
+        with pytest.raises(RemoteProtocolError):
+            ascending_gfns(u64le(np.array(bad)), 10, "X")
+    with pytest.raises(RemoteProtocolError):
+        ascending_gfns(b"\x00" * 7, 10, "X")
+    with pytest.raises(RemoteProtocolError):
+        ascending_gfns(u64le(np.array([4])), 10, "X", above=4)
+
+
+# -- the page server and the puller
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.integers(0, 5000), min_size=1, max_size=400), st.lists(st.integers(0, 5000), max_size=80),
+       st.integers(0, 10))
+def test_the_server_sends_every_pending_page_once_fetched_ones_first(pending, fetched, fetch_after):
+    server = PageServer(np.array(sorted(pending), np.uint64), 3)
+    sent: list[int] = []
+    slices = 0
+    while True:
+        if slices == fetch_after:
+            server.fetch(np.array(sorted(set(fetched)), np.uint64))
+            asked = [g for g in sorted(set(fetched)) if g in pending and g not in sent]
+            nxt = server.next_slice()
+            if nxt is not None:
+                assert set(asked[:SERVE_SLICE]) <= set(int(g) for g in nxt)  # fetched ones first
+                sent += [int(g) for g in nxt]
+            slices += 1
+            continue
+        nxt = server.next_slice()
+        if nxt is None:
+            break
+        assert len(nxt) <= SERVE_SLICE and bool((nxt[1:] > nxt[:-1]).all())  # ascending, as PAGES wants
+        sent += [int(g) for g in nxt]
+        slices += 1
+    assert sorted(sent) == sorted(pending) and len(sent) == len(set(sent)) and server.unsent == 0
+
+
+def _pages(gfns: list[int], vers: list[int], round_no: int = 4) -> Pages:
+    return PageBatch(np.array(gfns, np.uint64), bytes(len(gfns)), np.array(vers, np.uint64), b"").message(round_no)
+
+
+def test_the_puller_takes_only_missing_pages_once_and_of_the_announced_version():
+    puller = Puller(4, np.array([2, 5, 9], np.uint64), np.array([4, 7, 4], np.uint64))
+    puller.take(_pages([2, 9], [4, 4]))
+    assert puller.remaining == 1
+    for gfns, vers, rnd, code in (([2], [4], 4, ErrorCode.REPLAY),  # taken already
+                                  ([3], [4], 4, ErrorCode.REPLAY),  # never missing
+                                  ([5], [6], 4, ErrorCode.ROLLBACK),  # another version than announced
+                                  ([5], [7], 3, ErrorCode.ROLLBACK)):  # another round
+        with pytest.raises(RemoteProtocolError) as e:
+            puller.take(_pages(gfns, vers, rnd))
+        assert e.value.code is code
+    assert puller.remaining == 1  # a refused message takes nothing
+    puller.take(_pages([5], [7]))
+    assert puller.remaining == 0
+
+
+def test_the_puller_asks_for_a_fault_once_and_wants_what_is_left():
+    puller = Puller(4, np.arange(0, 5000, 2, dtype=np.uint64), np.full(2500, 4, np.uint64))
+    assert puller.faults([3]) is None  # not missing
+    body = puller.faults([10, 4, 10])
+    assert body is not None and list(np.frombuffer(body, "<u8")) == [4, 10]
+    assert puller.faults([4, 10]) is None  # asked already
+    assert len(Fetch(puller.faults(list(range(100, 400, 2))) or b"").gfns) == 8 * 64  # at most MAX_FETCH
+    puller.take(_pages([0, 2], [4, 4]))
+    wants = puller.wants()
+    assert [w.more for w in wants] == [True, False] and all(w.round == 4 for w in wants)
+    left = np.concatenate([np.frombuffer(w.gfns, "<u8") for w in wants])
+    assert len(left) == 2498 and left[0] == 4
+    assert [w.gfns for w in Puller(4, np.zeros(0, np.uint64), np.zeros(0, np.uint64)).wants()] == [b""]
+
+
+# -- the handoff rows
+
+
+def test_post_copy_rows_never_abort_and_never_scrub_before_pulled():
+    assert may_run(DESTINATION, HandoffState.PULLING) and not may_scrub(DESTINATION, HandoffState.PULLING)
+    assert not may_run(SOURCE, HandoffState.SERVING) and not may_scrub(SOURCE, HandoffState.SERVING)
+    assert not may_resume(HandoffState.SERVING, token_ok=True, override=True)
+    assert (DESTINATION, HandoffState.PULLING, Step.ABORT) not in handoff.MOVES
+    assert (SOURCE, HandoffState.SERVING, Step.ABORT) not in handoff.MOVES
+
+
+def test_the_store_moves_post_copy_rows_and_refuses_an_abort_of_them(tmp_path):
+    from palm_net.migration.handoff import HandoffStore, Peer
+    store = HandoffStore(tmp_path / "s.db")
+    peer = Peer("p", bytes(32), bytes(32), "h:1")
+    src, dst = b"s" * 16, b"d" * 16
+    store._open(src, SOURCE, "vm", bytes(16), peer)
+    assert not store.serve(src)  # only from HANDED_OFF
+    assert store.hand_off(src) and store.serve(src) and store.serve(src)  # (a recovery's: already SERVING)
+    assert not store.abort_and_resume(src, None, "no", override=True)
+    assert store.state_of(src) is HandoffState.SERVING
+    assert store.confirm(src) and store.state_of(src) is HandoffState.DONE
+    store.open_incoming(dst, "vm", bytes(16), peer)
+    store._move(dst, DESTINATION, Step.PREPARE)
+    assert store._move(dst, DESTINATION, Step.SWITCH)
+    assert not store.abort_forever(dst, None, "no")  # kept: the VM ran here
+    assert store.state_of(dst) is HandoffState.PULLING
+    assert store._move(dst, DESTINATION, Step.PULLED) and store.state_of(dst) is HandoffState.COMMITTED
