@@ -242,3 +242,139 @@ def test_the_store_moves_post_copy_rows_and_refuses_an_abort_of_them(tmp_path):
     assert not store.abort_forever(dst, None, "no")  # kept: the VM ran here
     assert store.state_of(dst) is HandoffState.PULLING
     assert store._move(dst, DESTINATION, Step.PULLED) and store.state_of(dst) is HandoffState.COMMITTED
+
+
+# -- a whole post-copy migration between the two engines (no sockets, threads or clock)
+
+
+def _pc_pair(shm, params, **kw):
+    from palm_net.hypervisor.model import ModelVM
+    from palm_net.migration.handoff import HandoffStore
+    from palm_net.testing.engines import DestinationDriver, SourceDriver
+    from tests.conftest import KEY
+    src = ModelVM.create(shm / "src", "vm", 256, KEY, protected_processes=2, protected_pages=32, fill="random",
+                         seed=5)
+    dest = DestinationDriver(HandoffStore(shm / "dst.db"), lambda mid, b: ModelVM.create_incoming(
+        shm / "dst", b.vm, b.vm_id, b.pages, b.vcpus, KEY, migration=mid))
+    return src, SourceDriver(src, HandoffStore(shm / "src.db"), dest, params, **kw)
+
+
+def _dirty(src):
+    """After round 0: normal pages and both processes' pages written (the missing set)."""
+    def between(r: int) -> None:
+        for g in range(100, 140):
+            src.guest_write(g, b"after round %d" % r)
+        for p in range(2):
+            first = src.processes[p].first
+            for g in range(first, first + 5):
+                src.process_write(p, g, b"protected %d" % g)
+    return between
+
+
+PC = dict(postcopy=True, postcopy_after=1)
+
+
+def test_a_post_copy_migration_between_the_two_engines(shm):
+    from palm_net.migration.params import MigrationParams
+    from palm_net.migration.source import Step
+    src, drv = _pc_pair(shm, MigrationParams(verify_digest=True, **PC))
+    drv.player.between = _dirty(src)
+    drv.run()
+    eng, dest = drv.engine, drv.dest
+    assert eng.step is Step.DONE and eng.pulled is not None and eng.stats.stop_reason == "postcopy"
+    assert eng.stats.postcopy_pages == 50 == eng.stats.served_pages
+    assert drv.player.host.store.get(eng.mid).state is HandoffState.SERVING  # DONE is the shell's next write
+    assert dest.store.get(eng.mid).state is HandoffState.COMMITTED
+    assert dest.vm is not None and dest.vm.running and dest.vm.verify().ok
+    assert dest.vm.digest() == src.digest()  # the source's memory at the switch, every page
+    assert eng.pulled.digest.hex() == src.digest()  # PULLED's: the pages as the migration wrote them
+    assert dest.vm.postcopy_state() is None
+    sent = [type(e).__name__ for e in drv.player.effects]
+    assert "ReadMetadata" in sent and "Serve" in sent and sent.index("HandOff") < sent.index("Serve")
+
+
+def test_a_fetched_page_goes_before_the_rest(shm):
+    from palm_net.channel.records import Record
+    from palm_net.migration.params import MigrationParams
+    from palm_net.wire import messages as m
+    src, drv = _pc_pair(shm, MigrationParams(**PC))
+    drv.player.between = _dirty(src)
+    order: list[int] = []
+
+    def deliver(record: bytes) -> bytes | None:
+        dest = drv.dest.engine
+        if dest.puller is not None and dest.puller.remaining == 50 and not order:
+            order.append(-1)  # once, right after RUNNING: a vCPU touches gfn 139 (the last missing normal page)
+            for fetch in drv.dest.perform(dest.on_fault([139])):
+                drv.player.queue.extend(drv.engine.on_record(Record(fetch, 0, bytes(32)), drv.player.now))
+        try:
+            body = m.decode(record).body
+        except Exception:
+            return record
+        if isinstance(body, Pages) and dest.puller is not None:
+            order.extend(int(g) for g in np.frombuffer(body.gfns, "<u8"))
+        return record
+
+    drv.deliver = deliver
+    drv.run()
+    assert 139 in order[1:3] and drv.engine.stats.fetched_pages == 1
+    assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest()
+
+
+def test_a_tampered_post_copy_page_keeps_the_vm_and_recovery_finishes_it(shm):
+    """A protected page's ciphertext altered in the serving phase: refused (integrity), nothing
+    aborts (the VM ran at the destination: row PULLING, the source's SERVING); a recovery
+    session (WANT, then serving) brings the rest, and the VM is whole."""
+    from palm_net.channel.records import Record
+    from palm_net.migration.destination import DestinationEngine
+    from palm_net.migration.hosts import error_of
+    from palm_net.migration.params import MigrationParams
+    from palm_net.migration.source import SourceEngine, Step
+    from palm_net.testing.engines import SourcePlayer
+    from palm_net.wire import messages as m
+    src, drv = _pc_pair(shm, MigrationParams(**PC))
+    drv.player.between = _dirty(src)
+    flipped = []
+
+    def deliver(record: bytes) -> bytes | None:
+        dest = drv.dest.engine
+        if dest.puller is not None and dest.main.pages is not None and not flipped and \
+                len(record) == 2 * 4096 and dest.main.pages._kinds[0] == 2:  # a protected page's data
+            flipped.append(1)
+            return record[:10] + bytes([record[10] ^ 1]) + record[11:]
+        return record
+
+    drv.deliver = deliver
+    with pytest.raises(Exception):
+        drv.run()
+    dest = drv.dest
+    assert flipped and dest.engine.outcome == "committed"
+    assert dest.store.get(drv.engine.mid).state is HandoffState.PULLING  # kept: the VM ran here
+    assert drv.player.host.store.get(drv.engine.mid).state is HandoffState.SERVING
+    assert dest.vm is not None and dest.vm.running and dest.vm.postcopy_state() is not None
+    # Recovery: QUERY answered postcopy (the protocol), then WANT and serving.
+    s_proto, d_proto = SessionProtocol(Role.SOURCE, drv.engine.mid, recovery=True), SessionProtocol(
+        Role.DESTINATION, recovery=True)
+    d_proto.receive(s_proto.send(Query()))
+    s_proto.receive(d_proto.send(Outcome(RecoveryOutcome.POSTCOPY.value, b"")))
+    rnd, missing, vers = dest.vm.postcopy_state()
+    d_eng, first = DestinationEngine.pulling(d_proto, 256, rnd, missing, vers)
+    dest.engine = d_eng
+    s_eng = SourceEngine.recovering(s_proto, src.info, MigrationParams())
+    wants = dest.perform(first)
+
+    def reply(record: bytes, before: bytes) -> list[bytes]:
+        try:
+            return dest.feed(record, before)
+        except Exception as exc:
+            return dest.fail(error_of(exc))
+
+    player = SourcePlayer(src, s_eng, drv.player.host.store, reply)
+    player.started = True
+    for w in wants:
+        player.queue.extend(s_eng.on_record(Record(w, 0, bytes(32)), 0.0))
+    list(player.run())
+    assert s_eng.step is Step.DONE and 0 < s_eng.stats.served_pages < 50
+    assert dest.store.get(s_eng.mid).state is HandoffState.COMMITTED
+    assert dest.vm.digest() == src.digest() and dest.vm.verify().ok
+    assert m.TYPES["WANT"] is Want

@@ -432,8 +432,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         args["channels"] = a.channels
     if a.postcopy_after is not None and not a.postcopy:
         raise CliError("--postcopy-after goes with --postcopy", EXIT_USAGE)
-    if a.postcopy_after is not None and not 1 <= a.postcopy_after <= 10_000:
-        raise CliError(f"--postcopy-after {a.postcopy_after}: must be from 1 to 10000", EXIT_USAGE)
+    if a.postcopy_after is not None and not 0 <= a.postcopy_after <= 10_000:
+        raise CliError(f"--postcopy-after {a.postcopy_after}: must be from 0 to 10000", EXIT_USAGE)
     if a.postcopy and (a.channels or 1) > 1:
         raise CliError("--postcopy migrates on one channel: drop --channels", EXIT_USAGE)
     if a.postcopy:
@@ -801,8 +801,8 @@ def _migrate_command(sub: Any) -> None:
                          "the destination at once and its missing pages follow, each page verified as it "
                          "arrives. Until the last one has arrived, losing the source host loses the VM")
     mg.add_argument("--postcopy-after", type=int, metavar="ROUNDS",
-                    help="with --postcopy: switch after this many pre-copy rounds (1-10000), whatever the "
-                         "expected downtime")
+                    help="with --postcopy: switch after this many pre-copy rounds (0-10000; 0: at once, every "
+                         "page follows the switch), whatever the expected downtime")
     mg.add_argument("--bandwidth", metavar="RATE", help="cap, e.g. 1Gbit or 100MiB/s")
     mg.add_argument("--cipher", choices=("aesgcm", "chachapoly"), help="default: aesgcm with AES-NI")
     mg.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")

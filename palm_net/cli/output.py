@@ -153,13 +153,23 @@ def migrate_summary(r: dict[str, Any]) -> str:
         pairs.append(("sent", f"{format_bytes(r['bytes'])} in {r['rounds']} rounds (the last one paused){on}"))
         prot = f", {r['protected_pages']} protected (as ciphertext)" if r["protected_pages"] else ""
         pairs.append(("pages", f"{r['normal_pages']} normal, {r['zero_pages']} zero{prot}"))
+    if r.get("postcopy_pages") is not None:
+        pairs.append(("post-copy", f"{r['postcopy_pages']} pages followed the switch ({r.get('fetched_pages', 0)} "
+                                   f"asked for by a vCPU), served in {_ms(r.get('serve_ms'))}; every one "
+                                   "verified as it arrived"))
     if r.get("throttle", 1.0) < 1.0:
         pairs.append(("guest throttled", f"to {r['throttle'] * 100:.0f}% of its CPU time"))
     if r.get("digest"):
         excl = (hv or {}).get("digest_excluded") or []
         cover = f"; kvmclock areas left out: {', '.join(excl)}" if excl else ""
-        pairs.append(("memory digest", f"{r['digest'][:16]}... equal on both sides{cover}"))
-        if r.get("digest_at_pause"):
+        both = "the destination's, of what the migration wrote" if r.get("postcopy_pages") is not None \
+            else "equal on both sides"
+        pairs.append(("memory digest", f"{r['digest'][:16]}... {both}{cover}"))
+        if r.get("digest_at_pause") and r.get("postcopy_pages") is not None:
+            pairs.append(("  at the switch", f"{r['digest_at_pause']}: what the migration wrote there, to this "
+                                             f"copy's memory at the switch ({_ms(r.get('digest_check_ms'))}, "
+                                             "after PULLED)"))
+        elif r.get("digest_at_pause"):
             pairs.append(("  at the pause", f"{r['digest_at_pause']} to this copy's memory, read afresh "
                                             f"after DONE ({_ms(r.get('digest_check_ms'))}, in the total, not in "
                                             "the downtime)"))

@@ -70,7 +70,8 @@ class MigrationResult:
             "rounds": st.hypervisor["rounds"] if st.hypervisor else len(st.rounds),  # the paused one included
             "bytes": st.transferred, "zero_pages": st.zero_pages, "normal_pages": st.normal_pages,
             "protected_pages": st.protected_pages, "throttle": st.throttle, "channels": st.channels,
-            "digest": st.digest, "digest_verified": bool(st.digest) and self.ok,
+            "digest": st.digest, "digest_verified": bool(st.digest) and self.ok and (
+                st.postcopy_pages is None or st.digest_at_pause == "equal"),  # (post-copy: checked after PULLED)
             "digest_at_pause": st.digest_at_pause,
             "digest_check_ms": round(st.digest_check * 1000, 1) if st.digest_check is not None else None,
             "round_stats": [r.as_dict() for r in st.rounds],

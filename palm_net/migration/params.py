@@ -37,7 +37,7 @@ class MigrationParams:
     downtime_policy: str = "pause"
     channels: int = 1  # sessions carrying the pages, or a stream backend's streams (QEMU's multifd): proto 7.8
     # Post-copy (proto 7.9): switch instead of the stop-and-copy, after this many
-    # rounds (None: where the downtime policy would otherwise act).
+    # rounds (0: at once, every page follows; None: where the downtime policy would act).
     postcopy: bool = False
     postcopy_after: int | None = None
 
@@ -56,8 +56,8 @@ class MigrationParams:
             raise ValueError(f"channels must be between 1 and {MAX_CHANNELS}")
         if self.downtime_policy not in DOWNTIME_POLICIES:
             raise ValueError(f"downtime policy must be one of {', '.join(DOWNTIME_POLICIES)}")
-        if self.postcopy_after is not None and not (self.postcopy and 1 <= self.postcopy_after <= 10_000):
-            raise ValueError("postcopy-after is a round count from 1 to 10000, with post-copy")
+        if self.postcopy_after is not None and not (self.postcopy and 0 <= self.postcopy_after <= 10_000):
+            raise ValueError("postcopy-after is a round count from 0 to 10000, with post-copy")
         if self.postcopy and (self.channels > 1 or self.plain):
             raise ValueError("post-copy migrates on one channel, never in the plain mode")
 

@@ -345,8 +345,12 @@ class SourceEngine:
                                                "channels": self.channels}),
                     *self._request(Step.STARTING, StartStream(p.downtime_limit, p.bandwidth, p.auto_converge,
                                                               self.channels), StreamStarted)]
-        return [Note("migration started", {"phase": "round", "round": 0, "pages": self.info.npages,
-                                           "channels": self.channels}), *self._next_round(now)]
+        started = Note("migration started", {"phase": "round", "round": 0, "pages": self.info.npages,
+                                             "channels": self.channels})
+        if self.params.postcopy and self.params.postcopy_after == 0:  # pure post-copy: every page follows
+            self.switching, self.stats.stop_reason = True, "postcopy"
+            return [started, *self._pause()]
+        return [started, *self._next_round(now)]
 
     # -- a page backend: keys, rounds, stop-and-copy
 
@@ -490,6 +494,8 @@ class SourceEngine:
         self.pending = np.union1d(np.asarray(self.pending), result.dirty).astype(np.uint64)
         self.stats.current_round = self.round
         self._round_started = (result.at, self.stats.transferred)
+        if self.switching and not len(self.pending):  # nothing left to follow: the stop-and-copy is empty
+            self.switching, self.stats.stop_reason = False, "converged"
         if self.switching:
             self.missing, self.pending = self.pending, np.zeros(0, np.uint64)
             self.stats.postcopy_pages = len(self.missing)

@@ -1,0 +1,112 @@
+"""Post-copy (proto 7.9) between two in-process agents over loopback TCP: a guest that
+writes faster than pre-copy converges, the link cut and the destination agent stopped
+at 10%, 50% and 90% of the serving phase, each followed by recovery: one copy, every
+page verified, the memory the migration wrote equal to the source's at the switch."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from palm_net.migration.params import MigrationParams
+from palm_net.testing.proxy import FaultProxy, Rule, sealed
+
+RUNNING = sealed("RUNNING", {"timings": bytes(8)})
+HOT = "random:50000"  # pages a second: the 8 MiB guest's whole memory every 40 ms
+POSTCOPY = MigrationParams(postcopy=True, postcopy_after=2, verify_digest=True)
+
+
+def _one_copy(cluster, where: str) -> None:
+    assert cluster.running_copies("vm1") == [where]
+    vm = cluster[where].vms["vm1"]
+    assert vm.verify().ok and vm.postcopy_state() is None
+
+
+async def _settled(cluster, mid: bytes, seconds: float = 20) -> None:
+    with trio.fail_after(seconds):
+        while (cluster["a"].store.state_of(mid) != "done" or cluster["b"].store.state_of(mid) != "committed"
+               or "vm1" in cluster["a"].vms):
+            await trio.sleep(0.02)
+
+
+async def test_a_guest_pre_copy_cannot_converge_on_migrates_by_post_copy(cluster):
+    a = cluster["a"]
+    a.registry.create_model("vm1", 8 << 20, protected=2, workload=HOT, seed=3, fill="random")
+    await trio.sleep(0.2)
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), POSTCOPY)
+    assert res.ok, res.error
+    st = res.stats
+    assert st.stop_reason == "postcopy" and st.postcopy_pages and st.served_pages == st.postcopy_pages
+    assert st.digest_at_pause == "equal"  # what the migration wrote there = this copy at the switch
+    assert res.as_dict()["digest_verified"]
+    _one_copy(cluster, "b")
+    assert a.store.state_of(res.mid) == "done" and cluster["b"].store.state_of(res.mid) == "committed"
+    with trio.fail_after(5):  # the guest runs on at the destination
+        while cluster["b"].vms["vm1"].workload is None or cluster["b"].vms["vm1"].workload.writes < 100:
+            await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("at", [0.1, 0.5, 0.9])
+async def test_the_link_cut_while_serving_is_recovered(cluster, at):
+    """The link cut after ``at`` of the serving phase's records: the source stays SERVING,
+    the destination PULLING with its VM running; recovery serves the rest."""
+    cluster.members["a"].config.in_doubt_wait = 30.0
+    a = cluster["a"]
+    a.registry.create_model("vm1", 8 << 20, protected=2, workload=HOT, seed=4, fill="random")
+    await trio.sleep(0.2)
+    serving = {"on": False, "frames": 0, "cut": 0}
+
+    def after(_: int, frame: bytes) -> bool:
+        if serving["on"]:
+            serving["frames"] += 1
+        return serving["on"] and serving["frames"] >= serving["cut"]
+
+    def running() -> None:
+        serving["on"] = True
+
+    # About 19 records a slice of 64 pages: the cut falls at ``at`` of what the switch left.
+    proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port),
+                       [Rule("s2c", 0, "call", match=RUNNING, callback=running),
+                        Rule("c2s", 0, "cut", match=after)])
+    await cluster.nursery.start(proxy.serve)
+    serving["cut"] = max(1, int(at * a.vms["vm1"].info.npages / 64 * 19))  # (nearly every page is dirty)
+    res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}",
+                                   MigrationParams(postcopy=True, postcopy_after=2, bandwidth=16 << 20))
+    assert proxy.cut_event.is_set() and res.stats.stop_reason == "postcopy"
+    await _settled(cluster, res.mid)
+    _one_copy(cluster, "b")
+
+
+@pytest.mark.parametrize("at", [0.1, 0.5, 0.9])
+async def test_the_destination_agent_stopped_while_serving_is_recovered(cluster, at):
+    """The destination agent stopped once ``at`` of the missing pages arrived, then started
+    again: its VM runs on (PULLING, reopened from disk), the source reconnects and serves
+    what is still missing."""
+    cluster.members["a"].config.in_doubt_wait = 0.5
+    a = cluster["a"]
+    a.registry.create_model("vm1", 8 << 20, protected=2, workload=HOT, seed=5, fill="random")
+    await trio.sleep(0.2)
+    params = MigrationParams(postcopy=True, postcopy_after=2, bandwidth=16 << 20)
+    res = None
+
+    async def migrate() -> None:
+        nonlocal res
+        res = await a.outgoing.migrate("vm1", cluster.addr("b"), params)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(migrate)
+        total = 0
+        with trio.fail_after(20):
+            while True:
+                vm = cluster["b"].vms.get("vm1")
+                state = vm.postcopy_state() if vm is not None and vm.state == "running" else None
+                if state is not None:
+                    total = total or len(state[1])
+                    if len(state[1]) <= (1 - at) * total:
+                        break
+                await trio.sleep(0.002)
+        await cluster.stop("b")
+        await cluster.start("b")
+    assert res is not None
+    await _settled(cluster, res.mid, 30)
+    _one_copy(cluster, "b")
