@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -233,4 +234,36 @@ class Backend(HostedVM, Protocol):
     def import_cpu_state(self, state: bytes) -> None: ...
 
     def import_protection(self, blob: bytes) -> None: ...
+
+    # -- post-copy (proto 7.9)
+    on_fault: Callable[[int], None] | None  # the agent's: a guest access waits for this missing gfn
+
+    def read_metadata(self, gfns: Gfns) -> tuple[bytes, Gfns, bytes]:
+        """Source, paused at the switch: for ascending ``gfns``, kinds (one byte each: 1
+        normal, 2 protected), versions (a protected page's; 0 for a normal one) and the
+        protected pages' 16-byte MACs in order, final (read_pages later sends exactly them)."""
+        ...
+
+    def set_missing(self, round_no: int, gfns: Gfns, vers: Gfns, tags: bytes) -> None:
+        """Destination, one MISSING message: marks ``gfns`` missing in the VM's durable map
+        and takes each protected page's version and MAC as its final metadata (ValueError
+        for input that does not fit)."""
+        ...
+
+    def postcopy_state(self) -> tuple[int, Gfns, Gfns] | None:
+        """None if no page is missing; else (the switch's round, the missing gfns ascending,
+        the version each must come with).  As it was after the VM is reopened."""
+        ...
+
+    def fill_missing(self, batch: PageBatch) -> None:
+        """Pages arriving in post-copy, taken whole or refused whole (PostcopyPageError of
+        the model: code "replay", "rollback" or "integrity"); a guest access waiting for
+        one goes on."""
+        ...
+
+    def missing_count(self) -> int: ...
+
+    def finish_postcopy(self) -> None:
+        """Removes the map once no page is missing (after the durable COMMITTED); idempotent."""
+        ...
 

@@ -6,7 +6,9 @@ the untrusted view and written into an incoming VM, the dirty log, process
 keys, CPU state and the protected-context blob, run state, the memory
 digest, scrubbing and activation; and the VM's life on disk (create, open,
 sync).  The guest it runs (memory, processes, the guest's own reads and
-writes) is ``ModelGuest`` (model_guest.py), which it extends.
+writes) is ``ModelGuest`` (model_guest.py), which it extends; post-copy's
+map of missing pages (and the recording of pages into a migration's page
+digest) is ``PostcopyVM`` (model_postcopy.py), between the two.
 
 Process keys and thread contexts are sealed with the host's hypervisor key
 (a stand-in for a TPM-sealed secret) and never leave the hypervisor except
@@ -54,12 +56,12 @@ from palm_net.hypervisor.model_guest import (
     THREAD_CONTEXT_LEN,
     VIEW_CIPHER,
     VIEW_PROCESS,
-    ModelGuest,
     ProcessLayout,
     VmError,
     lay_out_processes,
     populate,
 )
+from palm_net.hypervisor.model_postcopy import PostcopyVM
 from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
 from palm_net.hypervisor.protection import TAG_LEN, ProtectionIntegrityError, default_page_cipher
 from palm_net.hypervisor.vmspec import check_workload, validate_policy
@@ -205,9 +207,10 @@ def _parse_layout(blob: bytes, what: str) -> tuple[dict[str, Any], list[ProcessL
     return obj, layouts, keys
 
 
-class ModelVM(ModelGuest):
+class ModelVM(PostcopyVM):
     """One VM of the model, as the hypervisor offers it to a migration: its guest
-    (ModelGuest) plus the Backend.  Thread-safe for one workload thread plus the engine."""
+    (ModelGuest) plus the Backend (post-copy's part in PostcopyVM).  Thread-safe for
+    one workload thread plus the engine."""
 
     def __init__(self, vm_dir: Path, config: dict[str, Any], sealing_key: bytes, create: bool) -> None:
         self._box = SecretBox(sealing_key)  # before any file is made: a bad key makes none
@@ -216,7 +219,6 @@ class ModelVM(ModelGuest):
         # Incoming VMs start as holes (zero, unallocated): a zero page record
         # for a page never written costs nothing, as in QEMU's destination.
         self._written = np.zeros(self.npages, np.uint8) if incoming else None
-        self._pages_digest: PageDigest | None = None  # kept as pages are sent or written (a migration's)
         self._reserver = _Reserver(vm_dir / "memory", self.arrays.pages.ctypes.data, self.npages * PAGE_SIZE) \
             if create and incoming else None
         if not create:
@@ -313,20 +315,21 @@ class ModelVM(ModelGuest):
         blob = msgpack.packb({"keys": [bytes(k) for k in self._keys], "threads": self._threads})
         write_atomic(self.dir / "secrets", self._box.encrypt(blob))
         self._save_config()
+        self._sync_postcopy()
         if self.state == "incoming":
             self._stage_activation()
 
     def close(self) -> None:
+        self._stop_guest()  # a vCPU waiting for a missing page gives up before the map goes
         if self._reserver is not None:  # it populates the mapping: stopped before the mapping goes
             self._reserver.stop()
             self._reserver = None
+        self._close_postcopy()
         super().close()
 
     def scrub(self) -> None:
-        """Destroys memory and keys: after a handoff, or a failed incoming VM."""
-        if self.workload is not None:
-            self.workload.stop()
-            self.workload = None
+        """Destroys memory and keys (and a post-copy map): after a handoff, or a failed incoming VM."""
+        self._stop_guest()
         for k in self._keys:
             k[:] = bytes(len(k))
         self._keys = []
@@ -465,35 +468,12 @@ class ModelVM(ModelGuest):
 
     def start_page_digest(self) -> None:
         """From now on, the hash of each page as it is sent (read_pages) or written
-        (write_pages): the digest of the last copy of every page, at no pass over memory."""
+        (write_pages, fill_missing): the digest of the last copy of every page, at no pass over memory."""
         self._pages_digest = PageDigest(self.npages)
 
     def page_digest(self) -> str:
         """The digest of the pages as sent or written since start_page_digest (else of memory)."""
         return self._pages_digest.digest() if self._pages_digest is not None else self.digest()
-
-    def _record_pages(self, gfns: Gfns, kinds: npt.NDArray[np.uint8], vers: Gfns,
-                      data: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]], tags: bytes,
-                      plain: npt.NDArray[np.uint8] | None = None) -> None:
-        """The hashes of a batch's pages as the guest sees them: zero, data, or a
-        protected page's plaintext (``plain``, or opened here from the ciphertext)."""
-        pd = self._pages_digest
-        assert pd is not None
-        pd.record_zero(gfns[kinds == KIND_ZERO])
-        has_data = kinds != KIND_ZERO
-        dg, dk = gfns[has_data], kinds[has_data]
-        rows = data if isinstance(data, list) else list(data.reshape(-1, PAGE_SIZE)[: len(dg)])
-        prot = np.flatnonzero(dk == KIND_PROTECTED)
-        if len(prot):
-            opened = plain if plain is not None else self._open_protected(
-                dg[prot], vers[has_data][prot], np.stack([rows[i] for i in prot]),
-                np.frombuffer(tags, np.uint8).reshape(-1, TAG_LEN), True)
-            assert opened is not None
-            for j, i in enumerate(prot):
-                rows[i] = opened[j]
-        if len(dg):
-            pd.record(dg, hash_pages(rows))
-        pd.refresh()
 
     def export_cpu_state(self) -> bytes:
         if self.state == "running":
@@ -664,20 +644,23 @@ class ModelVM(ModelGuest):
 
     def activate(self) -> None:
         """Runs a committed incoming VM: everything it needs was written and reserved at
-        PREPARE (sync), so this only flips what is in place."""
+        PREPARE (sync), so this only flips what is in place.  Pages still missing
+        (post-copy) arrive while it runs; a guest access to one waits for it."""
         if self.state != "incoming":
             raise VmError(f"only an incoming VM can be activated (state {self.state})")
         if self._reserver is not None:  # all reserved (sync waited): the guest's own writes map the rest
             self._reserver.stop()
             self._reserver = None
-        self._pages_digest = None  # READY's, done with (16 bytes a page)
+        if not self.missing_count():  # post-copy's is PULLED's: kept while pages arrive
+            self._pages_digest = None  # READY's, done with (16 bytes a page)
         self._flip_activation()
 
     # -- digest ------------------------------------------------------------
 
     def digest(self) -> str:
         """The memory digest (proto 7.4) of memory as the guest sees it now,
-        protected pages in plaintext: every page hashed afresh."""
+        protected pages in plaintext: every page hashed afresh.  (A protected page
+        still missing in post-copy is hashed as it lies: it cannot be opened yet.)"""
         pd = PageDigest(self.npages)
         step = 1024
         with self._lock:
@@ -686,6 +669,8 @@ class ModelVM(ModelGuest):
                 gfns = np.arange(lo, min(lo + step, self.npages), dtype=np.uint64)
                 rows = a.pages[lo : lo + len(gfns)]
                 prot = (a.owners[lo : lo + len(gfns)] != 0) & (a.views[lo : lo + len(gfns)] == VIEW_CIPHER)
+                if self._missing is not None:
+                    prot &= self._missing[lo : lo + len(gfns)] == 0
                 if not prot.any():
                     pd.record(gfns, hash_pages(rows))
                     continue

@@ -16,6 +16,11 @@ advance.  What the hypervisor offers a migration (the ``Backend``) is the
 other half, in model.py.  Every guest write path writes the data first and
 then marks the page in the dirty log under the lock that ``collect_dirty``
 swaps the bitmap with, so a write is never lost to a migration.
+
+After a post-copy switch (proto/PROTOCOL.md 7.9) some pages of a running
+incoming VM are still missing (``_missing``, kept by model_postcopy.py): a
+guest access to one first asks for it (``on_fault``) and then waits until it
+is filled; the hypervisor's own reads and writes never wait.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +230,11 @@ class ModelGuest(ConfiguredVM):
         self._lock = threading.Lock()  # dirty log, view transitions, run state
         self._dirty: bytearray | None = None
         self._unpause = threading.Condition(self._lock)
+        # Post-copy: nonzero for a page not yet arrived (a view of the map in
+        # model_postcopy.py, None when none is missing); a fill notifies _filled.
+        self._missing: npt.NDArray[np.uint8] | None = None
+        self._filled = threading.Condition(self._lock)
+        self.on_fault: Callable[[int], None] | None = None  # the agent's: asks the source for a missing page
         self._keys: list[bytearray] = []
         self._threads: list[list[bytes]] = []
         self.cpu: dict[str, Any] = {"regs": [dict.fromkeys(CPU_REGS, 0) for _ in range(self.vcpus)]}
@@ -281,12 +292,19 @@ class ModelGuest(ConfiguredVM):
     def protected_pages(self) -> int:
         return sum(p.count for p in self.processes)
 
-    def close(self) -> None:
-        """Stops the guest (its workload, the prefault) and unmaps its memory."""
+    def _stop_guest(self) -> None:
+        """Stops the workload and the prefault; a vCPU waiting for a missing page
+        (post-copy) gives up first (VmError), so the workload stops at once."""
+        self._closing.set()
+        with self._lock:
+            self._filled.notify_all()
         if self.workload is not None:
             self.workload.stop()
             self.workload = None
-        self._closing.set()
+
+    def close(self) -> None:
+        """Stops the guest (its workload, the prefault) and unmaps its memory."""
+        self._stop_guest()
         if self._prefault is not None and self._prefault is not threading.current_thread():
             self._prefault.join()  # it works on the mapping: done before the mapping goes
         self._np = None  # the arrays are views of the mappings: gone before the mappings
@@ -315,13 +333,45 @@ class ModelGuest(ConfiguredVM):
         if not 0 <= gfn < self.npages:
             raise VmError(f"gfn {gfn} outside guest memory (0..{self.npages - 1})")
 
+    @contextlib.contextmanager
+    def _present(self, gfn: int, running: bool = False) -> Iterator[None]:
+        """The VM lock, held with page ``gfn`` in memory: a guest access to a page
+        still missing (post-copy) asks for it (``on_fault``, called without the
+        lock) and waits until it is filled.  ``running``: a paused VM's write is
+        refused at once, as before, not left waiting."""
+        self._check_gfn(gfn)
+        self._lock.acquire()
+        try:
+            if running and self.state != "running":
+                raise VmError(f"VM {self.name!r} is {self.state}")
+            if self._missing is not None and self._missing[gfn]:
+                self._fault_locked(gfn)
+            yield
+        finally:
+            self._lock.release()
+
+    def _fault_locked(self, gfn: int) -> None:
+        hook = self.on_fault
+        if hook is not None:
+            self._lock.release()  # the hook talks to the agent: never under the VM lock
+            try:
+                hook(gfn)
+            finally:
+                self._lock.acquire()
+        while True:
+            if self._closing.is_set():  # before the map: close drops it
+                raise VmError(f"VM {self.name!r} closed while page {gfn} was awaited")
+            if self._missing is None or not self._missing[gfn]:
+                return
+            self._filled.wait(0.1)  # in slices: a close is noticed
+
     def guest_write(self, gfn: int, data: bytes, offset: int = 0) -> None:
         """A write by the guest OS (untrusted view).  On a protected page it
         writes over the ciphertext, which the page's MAC will expose."""
         self._check_gfn(gfn)
         if offset < 0 or offset + len(data) > PAGE_SIZE:
             raise VmError("write crosses the page")
-        with self._lock:
+        with self._present(gfn, running=True):
             if self.state != "running":
                 raise VmError(f"VM {self.name!r} is {self.state}")
             if self.meta.owners[gfn]:
@@ -335,7 +385,7 @@ class ModelGuest(ConfiguredVM):
         """A write by protected process ``process`` (index) to a page it owns."""
         if offset < 0 or offset + len(data) > PAGE_SIZE:
             raise VmError("write crosses the page")
-        with self._lock:
+        with self._present(gfn, running=True):
             if self.state != "running":
                 raise VmError(f"VM {self.name!r} is {self.state}")
             self._to_process_view_locked(process, gfn)
@@ -347,14 +397,13 @@ class ModelGuest(ConfiguredVM):
             t[0] = hashlib.blake2b(t[0] + data, digest_size=THREAD_CONTEXT_LEN // 4).digest() * 4
 
     def process_read(self, process: int, gfn: int) -> bytes:
-        with self._lock:
+        with self._present(gfn):
             self._to_process_view_locked(process, gfn)
             return self.mem[gfn * PAGE_SIZE : (gfn + 1) * PAGE_SIZE]
 
     def os_read(self, gfn: int) -> bytes:
         """What the guest OS (or any reader outside the VMM's trust) sees."""
-        self._check_gfn(gfn)
-        with self._lock:
+        with self._present(gfn):
             if self.meta.owners[gfn]:
                 self._to_cipher_view_locked(gfn)
             return self.mem[gfn * PAGE_SIZE : (gfn + 1) * PAGE_SIZE]
@@ -458,13 +507,16 @@ class ModelGuest(ConfiguredVM):
         return plain
 
     def verify(self) -> VerifyReport:
-        """Checks every protected page in the cipher view against its MAC."""
+        """Checks every protected page in the cipher view against its MAC (not one
+        still missing in post-copy: its ciphertext is not here yet)."""
         checked = plain = 0
         failures: list[str] = []
         with self._lock:
             for idx, p in enumerate(self.processes):
                 key = bytes(self._keys[idx])
                 for gfn in range(p.first, p.first + p.count):
+                    if self._missing is not None and self._missing[gfn]:
+                        continue
                     if self.meta.views[gfn] == VIEW_PROCESS:
                         plain += 1
                         continue
