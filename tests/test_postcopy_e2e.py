@@ -61,15 +61,16 @@ async def test_the_link_cut_while_serving_is_recovered(cluster, at):
             serving["frames"] += 1
         return serving["on"] and serving["frames"] >= serving["cut"]
 
-    def running() -> None:
+    def running() -> None:  # the switch: the cut falls at ``at`` of the records of what it left
         serving["on"] = True
+        state = cluster["b"].vms["vm1"].postcopy_state()
+        serving["cut"] = max(1, int(at * len(state[1]) / 64 * 6))  # a slice: PAGES and 5 data records
 
-    # About 19 records a slice of 64 pages: the cut falls at ``at`` of what the switch left.
+
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port),
                        [Rule("s2c", 0, "call", match=RUNNING, callback=running),
                         Rule("c2s", 0, "cut", match=after)])
     await cluster.nursery.start(proxy.serve)
-    serving["cut"] = max(1, int(at * a.vms["vm1"].info.npages / 64 * 19))  # (nearly every page is dirty)
     res = await a.outgoing.migrate("vm1", f"127.0.0.1:{proxy.port}",
                                    MigrationParams(postcopy=True, postcopy_after=2, bandwidth=16 << 20))
     assert proxy.cut_event.is_set() and res.stats.stop_reason == "postcopy"

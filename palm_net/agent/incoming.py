@@ -254,8 +254,10 @@ class IncomingService:
         """Post-copy's recovery: the VM of a PULLING migration, if it is here and no other
         session pulls into it now (taken until that session ends)."""
         row = self.store.get(mid)
-        vm = self.registry.of(row) if row is not None and row.state is HandoffState.PULLING else None
-        if vm is None or mid in self._pulling:
+        if row is None or row.state is not HandoffState.PULLING or mid in self._pulling:
+            return None
+        vm = self.registry.vms.get(row.vm)  # (activated, it records no migration: its identity says it is)
+        if vm is None or vm.vm_id != row.vm_id:
             return None
         self._pulling.add(mid)
         return vm

@@ -30,6 +30,7 @@ from palm_net.errors import (
     RemoteProtocolError,
     public_reason,
 )
+from palm_net.migration import postcopy_destination
 from palm_net.migration.effects import (
     Aborted,
     AbortForever,
@@ -44,7 +45,6 @@ from palm_net.migration.effects import (
     ImportProtection,
     KeysImported,
     ListenStream,
-    MarkMissing,
     Opened,
     OpenIncoming,
     Prepare,
@@ -79,7 +79,6 @@ from palm_net.wire.messages import (
     Message,
     Missing,
     Pages,
-    Pulled,
     Ready,
     RoundDone,
     RoundEnd,
@@ -89,14 +88,13 @@ from palm_net.wire.messages import (
     lane_of,
     timings,
 )
-from palm_net.wire.pages import IncomingPages, ascending_gfns
+from palm_net.wire.pages import MAX_VERSION, IncomingPages
 from palm_net.wire.protocol import FINAL, Data, Role, SessionProtocol, State
 
 BEGIN_TIMEOUT = 30.0  # BEGIN within this of the session's start
 SESSION_BASE = 120.0  # then: this, plus DEADLINE_PER_GIB for each GiB of the VM's data received so far
 DEADLINE_PER_GIB = 150.0  # (a floor of about 7 MiB/s), up to MAX_RESEND times the VM's memory
 MAX_RESEND = 8
-MAX_VERSION = 2**32 - 1  # page versions are below this (proto 6): the per-page table is 4 bytes a page
 
 
 class SessionOutcome(enum.StrEnum):
@@ -234,6 +232,8 @@ class DestinationEngine:
         """One record from the source; raises PalmError, after which the shell calls ``fail``."""
         if self._awaiting is not None:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"a record while {self._awaiting.__name__} is due")
+        if self.puller is not None and self.error is not None:  # post-copy: the session failed, recovery takes it
+            raise self.error
         msg = self.proto.receive(rec.data, rec.authenticated)
         if isinstance(msg, Data):
             return self._on_data(msg)
@@ -253,6 +253,7 @@ class DestinationEngine:
         """After an error: abort forever and scrub (then ABORT with the code's generic
         reason, if the state machine still allows it).  A committed VM stays as it is."""
         if self.outcome in (SessionOutcome.COMMITTED, SessionOutcome.ABORTED):
+            self.error = self.error or error  # (post-copy: nothing more is taken on this session)
             return []
         if error.code is ErrorCode.CLOSED and self.mid is not None:
             # A cancel at the source ends the session so, as its failure or a lost link
@@ -579,23 +580,6 @@ class DestinationEngine:
 
     # -- post-copy (proto 7.9)
 
-    def _on_missing(self, msg: Message, _: Record) -> list[Effect]:
-        """MISSING: these pages come after the switch, with these versions and MACs."""
-        m = msg.get(Missing)
-        if not self.keys_imported or self.channels > 1:
-            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "MISSING before KEYS, or on more channels than one")
-        if m.round < self.round or (self.switch_round is not None and m.round != self.switch_round):
-            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"MISSING of round {m.round}")
-        last = int(self._missing[-1][0][-1]) if self._missing else -1
-        gfns = ascending_gfns(m.gfns, self.npages, "MISSING", above=last)
-        vers = np.frombuffer(m.vers, dtype="<u8").astype(np.uint64) if len(m.vers) % 8 == 0 else None
-        if not len(gfns) or vers is None or len(vers) != len(gfns) or int(vers.max()) >= MAX_VERSION:
-            raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING arrays disagree, or a version out of range")
-        self.switch_round = m.round
-        self._missing.append((gfns, vers))
-        self.applied[gfns] = vers + 1  # arrived, as far as COMPLETE's check goes: they come later
-        return [MarkMissing(m.round, gfns, vers, m.tags)]
-
     def _pulled_if_due(self) -> list[Effect]:
         """Once every missing page is taken and asked to be written: settle, then PULLED."""
         if self.puller is None or self.puller.remaining or self._pulling_done:
@@ -603,16 +587,9 @@ class DestinationEngine:
         self._pulling_done = True
         return self._request(Settle(), Settled)
 
-    def _pull_finished(self, result: PullFinished) -> list[Effect]:
-        if not result.committed:  # the row is not PULLING: nothing to do but say so (the VM stays)
-            raise MigrationFailure(ErrorCode.HYPERVISOR, "post-copy: COMMITTED could not be recorded")
-        return [self._send(Pulled(result.digest))]
-
     def on_fault(self, gfns: list[int]) -> list[Effect]:
         """vCPUs wait for these pages: FETCH those not yet asked for (post-copy's serving phase)."""
-        if self.puller is None or self.state is not State.SERVING:
-            return []
-        body = self.puller.faults(gfns)
+        body = self.puller.faults(gfns) if self.puller is not None and self.state is State.SERVING else None
         return [self._send(Fetch(body))] if body is not None else []
 
     def _on_abort(self, msg: Message, _: Record) -> list[Effect]:
@@ -636,11 +613,11 @@ class DestinationEngine:
     _on_message: dict[type[Body], Callable[[DestinationEngine, Message, Record], list[Effect]]] = {
         Begin: _on_begin, Keys: _on_keys, Channels: _on_channels, Pages: _on_pages, RoundEnd: _on_round_end,
         Stream: _on_stream, StreamEnd: _on_stream_end, CpuState: _on_cpu_state, Context: _on_context,
-        Complete: _on_complete, Commit: _on_commit, Abort: _on_abort, Missing: _on_missing,
+        Complete: _on_complete, Commit: _on_commit, Abort: _on_abort, Missing: postcopy_destination.on_missing,
     }
     _on_result: dict[type[Result], Callable[[DestinationEngine, Any], list[Effect]]] = {
         Opened: _opened, KeysImported: _keys_imported, StreamListening: _stream_listening,
         StreamLoaded: _stream_loaded, Settled: _settled,
         ProtectionImported: _protection_imported, Prepared: _prepared, Committed: _committed, Aborted: _aborted,
-        PullFinished: _pull_finished,
+        PullFinished: postcopy_destination.pull_finished,
     }

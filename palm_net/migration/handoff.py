@@ -41,6 +41,10 @@ log = structlog.get_logger("palm.migration")
 ABORT_DOMAIN = b"palm-net/abort/v1\x00"
 
 
+class InDoubt(Exception):
+    """The handoff point passed and the outcome is unknown: the VM stays paused."""
+
+
 class HandoffState(enum.StrEnum):
     # the source
     SENDING = "sending"

@@ -30,6 +30,7 @@ from palm_net.hypervisor.backend import (
     StreamBackend,
     describe_error,
 )
+from palm_net.hypervisor.model_postcopy import PostcopyPageError
 from palm_net.hypervisor.protection import ProtectionIntegrityError
 from palm_net.migration.effects import (
     Aborted,
@@ -93,6 +94,8 @@ def error_of(exc: BaseException) -> PalmError:
         return MigrationFailure(ErrorCode.INTEGRITY, str(exc))
     if isinstance(exc, NoRoomError):
         return MigrationFailure(ErrorCode.NO_SPACE, str(exc))
+    if isinstance(exc, PostcopyPageError):  # a post-copy page refused: the peer's (proto 7.9)
+        return RemoteProtocolError(ErrorCode(exc.code), str(exc))
     if isinstance(exc, HypervisorError):
         return MigrationFailure(ErrorCode.HYPERVISOR, str(exc))
     if isinstance(exc, sqlite3.Error):  # the state database (a full or failing disk)

@@ -28,10 +28,10 @@ from palm_net.errors import ErrorCode, MigrationFailure, PalmError
 from palm_net.hypervisor.backend import Backend, HostedVM, HypervisorError, describe_error
 from palm_net.hypervisor.vmspec import check_policy
 from palm_net.migration.destination import DEADLINE_PER_GIB, DestinationEngine
-from palm_net.migration.handoff import HandoffState, HandoffStore, Peer
+from palm_net.migration.handoff import HandoffState, HandoffStore, InDoubt, Peer
 from palm_net.migration.params import MigrationParams, MigrationStats, Phase, Status
 from palm_net.migration.runner import DestinationRun, SourceRun, Stop
-from palm_net.migration.source import InDoubt, SourceEngine, plain_refusal
+from palm_net.migration.source import SourceEngine, plain_refusal
 from palm_net.wire.messages import Begin, Outcome, Query, RecoveryOutcome
 from palm_net.wire.protocol import Role, SessionProtocol, State
 
@@ -183,14 +183,12 @@ async def migrate_out(
             if store.state_of(mid) is HandoffState.SENDING:
                 store.abort_and_resume(mid, vm, "cancelled: migration cancelled")
             raise
-        if engine.pulled is not None and params.verify_digest:  # post-copy: the destination's, at PULLED
-            stats.digest = engine.pulled.digest.hex()
+        stats.digest = engine.pulled.digest.hex() if engine.pulled and params.verify_digest else stats.digest
         try:
             if store.confirm(mid):
                 if params.verify_digest and not engine.stream:
                     stats.phase = Phase.DIGEST_CHECK  # the VM runs there; this side re-reads its copy: shown, counted
-                    if on_progress is not None:
-                        on_progress(stats)
+                    _ = on_progress and on_progress(stats)
                     await _check_digest_at_pause(vm, stats, mid)
                     stats.total_time = time.monotonic() - started
             # A GiB takes a while to scrub: not on the event loop.  The row read back decides.

@@ -163,3 +163,25 @@ class MigrationStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Step(enum.Enum):
+    """Where an outgoing migration is: what the engine waits for next."""
+
+    OPENING = "opening"  # BEGIN sent: ACCEPT due
+    STARTING = "starting"  # dirty logging (or the hypervisor's stream) starting: Started / StreamStarted due
+    ROUND = "round"  # a pre-copy round's pages going out: PagesSent due
+    COLLECTING = "collecting"  # the round's dirty log being read: Dirty due
+    CATCHING_UP = "catching-up"  # the last ROUND_END sent: its ROUND_DONE (or the catch-up wait's end) due
+    PAUSING = "pausing"  # the guest being paused: Paused due
+    STOP_AND_COPY = "stop-and-copy"  # the last copy going out: PagesSent due
+    EXPORTING = "exporting"  # CPU state and blob being exported: FinalState due
+    STREAMING = "streaming"  # the hypervisor's stream being carried: StreamSent due
+    COMPLETING = "completing"  # the channel's count and hash being read: Transcript due
+    VERIFYING = "verifying"  # COMPLETE sent: READY (and our digest, if asked) due
+    HANDING_OFF = "handing-off"  # HANDED_OFF being made durable: HandedOff due
+    COMMITTING = "committing"  # COMMIT sent: DONE (or ABORT with a token) due
+    SWITCHING = "switching"  # post-copy (proto 7.9): the missing pages' metadata being read: Metadata due
+    WANTING = "wanting"  # post-copy's recovery session: the destination's WANTs due
+    SERVING = "serving"  # post-copy: the VM runs at the destination, its missing pages going out
+    DONE = "done"  # the destination runs the VM (post-copy: and has every page)

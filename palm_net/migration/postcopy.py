@@ -50,13 +50,16 @@ class PageServer:
         self._asked.extend(int(i) for i in idx[ok] if not self.sent[i])
 
     def next_slice(self) -> Gfns | None:
-        """The next pages to send (ascending, as PAGES wants), marked sent; None: all sent."""
+        """The next pages to send (ascending, as PAGES wants), marked sent; None: all sent.
+        Pages a FETCH asked for go alone, in a slice of their own: a vCPU waits for them."""
         take: list[int] = []
         while self._asked and len(take) < SERVE_SLICE:
             i = self._asked.popleft()
             if not self.sent[i]:
                 self.sent[i] = True
                 take.append(i)
+        if take:
+            return self.pending[np.sort(np.asarray(take, dtype=np.int64))]
         n = len(self.pending)
         while len(take) < SERVE_SLICE and self._cursor < n:
             hi = min(n, self._cursor + SERVE_SLICE - len(take))

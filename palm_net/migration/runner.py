@@ -75,7 +75,8 @@ from palm_net.migration.effects import (
 )
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
 from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
-from palm_net.migration.source import Pacer, SourceEngine, Step
+from palm_net.migration.params import Step
+from palm_net.migration.source import Pacer, SourceEngine
 from palm_net.trioutil import first_error
 from palm_net.wire.messages import MAX_BULK, MAX_CHANNELS, MAX_DATA_PAGES, PAGE_SIZE, Begin
 from palm_net.wire.pages import Buffer, RoundGfns, split_lanes

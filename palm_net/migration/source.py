@@ -15,7 +15,6 @@ palm_net.testing.engines.SourceDriver does so with no sockets or threads.
 
 from __future__ import annotations
 
-import enum
 import hmac
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 
 from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError, public_reason
+from palm_net.migration import postcopy_source
 from palm_net.migration.effects import (
     ChannelsOpened,
     CollectDirty,
@@ -48,7 +48,6 @@ from palm_net.migration.effects import (
     Send,
     SendPages,
     SendStream,
-    Serve,
     Served,
     SetThrottle,
     Started,
@@ -59,13 +58,19 @@ from palm_net.migration.effects import (
     StreamStarted,
     Transcript,
 )
-from palm_net.migration.handoff import check_abort_token
-from palm_net.migration.params import DOWNTIME_PHASES, MigrationParams, MigrationStats, Phase, RoundStats, Status
+from palm_net.migration.handoff import InDoubt, check_abort_token
+from palm_net.migration.params import (
+    DOWNTIME_PHASES,
+    MigrationParams,
+    MigrationStats,
+    Phase,
+    RoundStats,
+    Status,
+    Step,
+)
 from palm_net.migration.postcopy import PageServer
 from palm_net.wire.messages import (
     MAX_BLOB,
-    MAX_DATA_PAGES,
-    MAX_PAGES_PER_MESSAGE,
     PAGE_SIZE,
     Abort,
     Accept,
@@ -81,7 +86,6 @@ from palm_net.wire.messages import (
     Fetch,
     Keys,
     Message,
-    Missing,
     Pulled,
     Ready,
     RoundDone,
@@ -95,14 +99,11 @@ from palm_net.wire.messages import (
 from palm_net.wire.pages import (
     KIND_PROTECTED,
     KIND_ZERO,
-    TAG_LEN,
     Buffer,
     Gfns,
     PageBatch,
     PageRange,
     RoundGfns,
-    ascending_gfns,
-    u64le,
 )
 from palm_net.wire.protocol import Role, SessionProtocol, State
 
@@ -137,32 +138,6 @@ def plain_refusal(params: MigrationParams, info: Any) -> MigrationFailure | None
         return MigrationFailure(ErrorCode.PLAIN_REFUSED, "a VM with protected processes never uses the plain "
                                                          "benchmark mode")
     return None
-
-
-class InDoubt(Exception):
-    """The handoff point passed and the outcome is unknown: the VM stays paused."""
-
-
-class Step(enum.Enum):
-    """Where an outgoing migration is: what the engine waits for next."""
-
-    OPENING = "opening"  # BEGIN sent: ACCEPT due
-    STARTING = "starting"  # dirty logging (or the hypervisor's stream) starting: Started / StreamStarted due
-    ROUND = "round"  # a pre-copy round's pages going out: PagesSent due
-    COLLECTING = "collecting"  # the round's dirty log being read: Dirty due
-    CATCHING_UP = "catching-up"  # the last ROUND_END sent: its ROUND_DONE (or the catch-up wait's end) due
-    PAUSING = "pausing"  # the guest being paused: Paused due
-    STOP_AND_COPY = "stop-and-copy"  # the last copy going out: PagesSent due
-    EXPORTING = "exporting"  # CPU state and blob being exported: FinalState due
-    STREAMING = "streaming"  # the hypervisor's stream being carried: StreamSent due
-    COMPLETING = "completing"  # the channel's count and hash being read: Transcript due
-    VERIFYING = "verifying"  # COMPLETE sent: READY (and our digest, if asked) due
-    HANDING_OFF = "handing-off"  # HANDED_OFF being made durable: HandedOff due
-    COMMITTING = "committing"  # COMMIT sent: DONE (or ABORT with a token) due
-    SWITCHING = "switching"  # post-copy (proto 7.9): the missing pages' metadata being read: Metadata due
-    WANTING = "wanting"  # post-copy's recovery session: the destination's WANTs due
-    SERVING = "serving"  # post-copy: the VM runs at the destination, its missing pages going out
-    DONE = "done"  # the destination runs the VM (post-copy: and has every page)
 
 
 class SourceEngine:
@@ -270,9 +245,9 @@ class SourceEngine:
                 raise MigrationFailure(ErrorCode.ABORTED, "destination refused the commit: " + body.reason)
             raise InDoubt("an abort without a valid token after COMMIT")
         if isinstance(body, Fetch) and self.server is not None:  # (any time while serving)
-            return self._on_fetch(body)
+            return postcopy_source.on_fetch(self, body)
         if isinstance(body, Pulled) and self.server is not None:
-            return self._on_pulled(body, now)
+            return postcopy_source.on_pulled(self, body, now)
         if isinstance(body, RoundDone):
             self.written_round = max(self.written_round, body.round)
             if self.step is Step.CATCHING_UP and self.written_round >= self.round - 1:
@@ -397,7 +372,7 @@ class SourceEngine:
 
     def _pages_sent(self, result: PagesSent, now: float) -> list[Effect]:
         if self.step in (Step.SERVING, Step.DONE):  # (PULLED may overtake the last slice's result)
-            return self._push() if self.step is Step.SERVING else []
+            return postcopy_source.push(self) if self.step is Step.SERVING else []
         if self.step is Step.STOP_AND_COPY:
             return self._request(Step.EXPORTING, ExportFinalState(), FinalState)
         return self._request(Step.COLLECTING, CollectDirty(), Dirty)
@@ -451,10 +426,11 @@ class SourceEngine:
         stop = converged or (cap is not None and p.downtime_policy != "continue")
         self._last_dirty = n
         throttle = None
-        # Post-copy switches where the stop-and-copy would not fit (proto 7.9): after
-        # postcopy_after rounds, or at a cap, in place of the downtime policy.
-        self.switching = p.postcopy and not converged and (
-            self.round + 1 >= p.postcopy_after if p.postcopy_after is not None else cap is not None)
+        # Post-copy switches (proto 7.9) after postcopy_after rounds whatever the expected
+        # downtime, or else where the stop-and-copy would not fit: at a cap, in place of
+        # the downtime policy.
+        self.switching = p.postcopy and (self.round + 1 >= p.postcopy_after if p.postcopy_after is not None
+                                         else not converged and cap is not None)
         if self.switching:
             stop, cap, st.stop_reason = True, None, "postcopy"
         if cap and not fits and p.downtime_policy == "abort":
@@ -504,25 +480,6 @@ class SourceEngine:
                     *self._request(Step.SWITCHING, ReadMetadata(self.missing), Metadata)]
         return [Note("stop-and-copy", {"phase": "stop-and-copy", "round": self.round, "pages": len(self.pending)}),
                 *self._request(Step.STOP_AND_COPY, SendPages(self.pending, self.round), PagesSent)]
-
-    def _metadata(self, result: Metadata, now: float) -> list[Effect]:
-        """MISSING for every page left to the serving phase (ascending, at most 2048 a
-        message and 256 of them protected), then the CPU state and blob as ever."""
-        assert self.missing is not None
-        gfns, kinds = self.missing, np.frombuffer(result.kinds, np.uint8)
-        protected = kinds == KIND_PROTECTED
-        vers = np.where(protected, result.vers, self.round).astype(np.uint64)
-        tag_at = np.concatenate(([0], np.cumsum(protected))) * TAG_LEN  # MAC offsets in result.tags
-        out: list[Effect] = []
-        i = 0
-        while i < len(gfns):
-            j = min(len(gfns), i + MAX_PAGES_PER_MESSAGE)
-            if tag_at[j] - tag_at[i] > MAX_DATA_PAGES * TAG_LEN:  # no more than 256 protected pages
-                j = i + int(np.searchsorted(tag_at[i:] - tag_at[i], MAX_DATA_PAGES * TAG_LEN, side="right")) - 1
-            out.append(self._send(Missing(self.round, u64le(gfns[i:j]), u64le(vers[i:j]),
-                                          result.tags[tag_at[i] : tag_at[j]])))
-            i = j
-        return out + self._request(Step.EXPORTING, ExportFinalState(), FinalState)
 
     def _final_state(self, result: FinalState, now: float) -> list[Effect]:
         """CPU_STATE and the protected-context blob in CONTEXT chunks (the guest is paused)."""
@@ -659,66 +616,6 @@ class SourceEngine:
                 prev = max(prev, st.marks[mark])
             st.downtime_phases = phases
 
-    def _on_running(self, msg: Message, now: float) -> list[Effect]:
-        """Post-copy's RUNNING: the VM runs at the destination (the downtime is over) and
-        misses pages only this copy holds: SERVING durable before the first is sent."""
-        self._running(msg.get(Running).timings, now)
-        self.stats.phase = Phase.POSTCOPY
-        return self._request(Step.SERVING, Serve(), Served)
-
-    def _served(self, result: Served, now: float) -> list[Effect]:
-        if not result.ok:  # the row is not HANDED_OFF (cannot be: this run handed off): ask again
-            raise InDoubt("SERVING could not be recorded")
-        assert self.missing is not None
-        self.server = PageServer(self.missing, self.round)
-        self.stats.marks["serving"] = now
-        return [Note("serving", {"phase": "postcopy", "pages": len(self.missing)}), *self._push()]
-
-    def _push(self) -> list[Effect]:
-        """The next slice of missing pages (those a vCPU waits for first), if any is left."""
-        assert self.server is not None
-        gfns = self.server.next_slice()
-        if gfns is None:
-            return []  # every page went: PULLED (or a FETCH of one lost) is due
-        self.stats.served_pages += len(gfns)
-        self.stats.remaining = self.server.unsent
-        return self._request(Step.SERVING, SendPages(gfns, self.round), PagesSent)
-
-    def _on_want(self, msg: Message, now: float) -> list[Effect]:
-        """A recovery session's WANT: the pages still missing there; the last one starts serving."""
-        w = msg.get(Want)
-        last = max((int(g[-1]) for g in self._wanted if len(g)), default=-1)
-        self._wanted.append(ascending_gfns(w.gfns, self.info.npages, "WANT", above=last))
-        if w.more:
-            self.step = Step.WANTING
-            return []
-        self.round = w.round
-        self.missing = np.concatenate(self._wanted)
-        self._wanted = []
-        self.stats.postcopy_pages = len(self.missing)
-        self.stats.status, self.stats.phase = Status.ACTIVE, Phase.POSTCOPY
-        return self._request(Step.SERVING, Serve(), Served)
-
-    def _on_fetch(self, body: Fetch) -> list[Effect]:
-        assert self.server is not None
-        gfns = ascending_gfns(body.gfns, self.info.npages, "FETCH")
-        self.stats.fetched_pages += len(gfns)
-        self.server.fetch(gfns)
-        return self._push() if self._awaiting is None and self.step is Step.SERVING else []
-
-    def _on_pulled(self, body: Pulled, now: float) -> list[Effect]:
-        """Every page is at the destination and its row COMMITTED: this copy may go."""
-        assert self.server is not None
-        if self.server.unsent:  # it cannot have pages never sent: its word is not taken
-            raise InDoubt(f"PULLED with {self.server.unsent} pages never sent")
-        st = self.stats
-        self.pulled = body
-        self.step = Step.DONE
-        st.serve_time = now - st.marks.get("serving", now)
-        st.total_time = now - self.started
-        st.status, st.phase = Status.COMPLETED, Phase.COMPLETED
-        return []
-
     def abort(self, code: ErrorCode) -> bytes | None:
         """ABORT if the state machine still allows the source to send one (the reason
         on the wire is the code's generic text)."""
@@ -732,11 +629,12 @@ class SourceEngine:
     # (message, the step it is due in) -> handler; ABORT and ROUND_DONE are taken in any step.
     _on_message: dict[type[Body], tuple[Callable[[SourceEngine, Message, float], list[Effect]], Step]] = {
         Accept: (_on_accept, Step.OPENING), Ready: (_on_ready, Step.VERIFYING), Done: (_on_done, Step.COMMITTING),
-        Running: (_on_running, Step.COMMITTING), Want: (_on_want, Step.WANTING),
+        Running: (postcopy_source.on_running, Step.COMMITTING), Want: (postcopy_source.on_want, Step.WANTING),
     }
     _on_result: dict[type[Result], Callable[[SourceEngine, Any, float], list[Effect]]] = {
         Started: _started, ChannelsOpened: _channels_opened, PagesSent: _pages_sent, Dirty: _dirty,
         Paused: _paused, FinalState: _final_state, StreamStarted: _stream_started, StreamSent: _stream_sent,
         StreamFinished: _stream_finished,
-        Transcript: _transcript, HandedOff: _handed_off, Digested: _digested, Metadata: _metadata, Served: _served,
+        Transcript: _transcript, HandedOff: _handed_off, Digested: _digested, Metadata: postcopy_source.metadata,
+        Served: postcopy_source.served,
     }

@@ -42,8 +42,8 @@ from palm_net.migration.effects import (
 )
 from palm_net.migration.handoff import HandoffStore, Peer
 from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
-from palm_net.migration.params import MigrationParams
-from palm_net.migration.source import SourceEngine, Step
+from palm_net.migration.params import MigrationParams, Step
+from palm_net.migration.source import SourceEngine
 from palm_net.wire import messages
 from palm_net.wire.messages import DATA_RECORD, MAX_DATA_PAGES, PAGE_SIZE, Accept, Begin, Message
 from palm_net.wire.protocol import State

@@ -25,6 +25,7 @@ TAG_LEN = 16
 ENTRY_BYTES = 8 + 1 + 8  # gfn, kind, version in a PAGES message
 PAGES_PER_RECORD = DATA_RECORD // PAGE_SIZE
 U64LE = np.dtype("<u8")  # whatever the host's byte order
+MAX_VERSION = 2**32 - 1  # page versions are below this (proto 6): a destination keeps 4 bytes a page
 
 Gfns = npt.NDArray[np.uint64]
 Buffer = bytes | bytearray | memoryview

@@ -1,0 +1,116 @@
+"""The source engine's post-copy steps (proto/PROTOCOL.md 7.9), as functions of the engine:
+the switch's MISSING, SERVING made durable on RUNNING, the pages served (FETCHed ones
+first), a recovery session's WANTs, and PULLED.  Sans-IO as the engine is
+(palm_net.migration.source dispatches here; kept apart for its size)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from palm_net.migration.effects import (
+    Effect,
+    ExportFinalState,
+    FinalState,
+    Metadata,
+    Note,
+    PagesSent,
+    SendPages,
+    Serve,
+    Served,
+)
+from palm_net.migration.handoff import InDoubt
+from palm_net.migration.params import Phase, Status, Step
+from palm_net.migration.postcopy import PageServer
+from palm_net.wire.messages import MAX_DATA_PAGES, MAX_PAGES_PER_MESSAGE, Fetch, Message, Missing, Pulled, Running, Want
+from palm_net.wire.pages import KIND_PROTECTED, TAG_LEN, ascending_gfns, u64le
+
+if TYPE_CHECKING:
+    from palm_net.migration.source import SourceEngine
+
+
+def metadata(eng: SourceEngine, result: Metadata, now: float) -> list[Effect]:
+    """MISSING for every page left to the serving phase (ascending, at most 2048 a
+    message and 256 of them protected), then the CPU state and blob as ever."""
+    assert eng.missing is not None
+    gfns, kinds = eng.missing, np.frombuffer(result.kinds, np.uint8)
+    protected = kinds == KIND_PROTECTED
+    vers = np.where(protected, result.vers, eng.round).astype(np.uint64)
+    tag_at = np.concatenate(([0], np.cumsum(protected))) * TAG_LEN  # MAC offsets in result.tags
+    out: list[Effect] = []
+    i = 0
+    while i < len(gfns):
+        j = min(len(gfns), i + MAX_PAGES_PER_MESSAGE)
+        if tag_at[j] - tag_at[i] > MAX_DATA_PAGES * TAG_LEN:  # no more than 256 protected pages
+            j = i + int(np.searchsorted(tag_at[i:] - tag_at[i], MAX_DATA_PAGES * TAG_LEN, side="right")) - 1
+        out.append(eng._send(Missing(eng.round, u64le(gfns[i:j]), u64le(vers[i:j]),
+                                      result.tags[tag_at[i] : tag_at[j]])))
+        i = j
+    return out + eng._request(Step.EXPORTING, ExportFinalState(), FinalState)
+
+
+def on_running(eng: SourceEngine, msg: Message, now: float) -> list[Effect]:
+    """Post-copy's RUNNING: the VM runs at the destination (the downtime is over) and
+    misses pages only this copy holds: SERVING durable before the first is sent."""
+    eng._running(msg.get(Running).timings, now)
+    eng.stats.phase = Phase.POSTCOPY
+    return eng._request(Step.SERVING, Serve(), Served)
+
+
+def served(eng: SourceEngine, result: Served, now: float) -> list[Effect]:
+    if not result.ok:  # the row is not HANDED_OFF (cannot be: this run handed off): ask again
+        raise InDoubt("SERVING could not be recorded")
+    assert eng.missing is not None
+    eng.server = PageServer(eng.missing, eng.round)
+    eng.stats.marks["serving"] = now
+    return [Note("serving", {"phase": "postcopy", "pages": len(eng.missing)}), *push(eng)]
+
+
+def push(eng: SourceEngine) -> list[Effect]:
+    """The next slice of missing pages (those a vCPU waits for first), if any is left."""
+    assert eng.server is not None
+    gfns = eng.server.next_slice()
+    if gfns is None:
+        return []  # every page went: PULLED (or a FETCH of one lost) is due
+    eng.stats.served_pages += len(gfns)
+    eng.stats.remaining = eng.server.unsent
+    return eng._request(Step.SERVING, SendPages(gfns, eng.round), PagesSent)
+
+
+def on_want(eng: SourceEngine, msg: Message, now: float) -> list[Effect]:
+    """A recovery session's WANT: the pages still missing there; the last one starts serving."""
+    w = msg.get(Want)
+    last = max((int(g[-1]) for g in eng._wanted if len(g)), default=-1)
+    eng._wanted.append(ascending_gfns(w.gfns, eng.info.npages, "WANT", above=last))
+    if w.more:
+        eng.step = Step.WANTING
+        return []
+    eng.round = w.round
+    eng.missing = np.concatenate(eng._wanted)
+    eng._wanted = []
+    eng.stats.postcopy_pages = len(eng.missing)
+    eng.stats.status, eng.stats.phase = Status.ACTIVE, Phase.POSTCOPY
+    return eng._request(Step.SERVING, Serve(), Served)
+
+
+def on_fetch(eng: SourceEngine, body: Fetch) -> list[Effect]:
+    assert eng.server is not None
+    gfns = ascending_gfns(body.gfns, eng.info.npages, "FETCH")
+    eng.stats.fetched_pages += len(gfns)
+    eng.server.fetch(gfns)
+    return push(eng) if eng._awaiting is None and eng.step is Step.SERVING else []
+
+
+def on_pulled(eng: SourceEngine, body: Pulled, now: float) -> list[Effect]:
+    """Every page is at the destination and its row COMMITTED: this copy may go."""
+    assert eng.server is not None
+    if eng.server.unsent:  # it cannot have pages never sent: its word is not taken
+        raise InDoubt(f"PULLED with {eng.server.unsent} pages never sent")
+    st = eng.stats
+    eng.pulled = body
+    eng.step = Step.DONE
+    st.serve_time = now - st.marks.get("serving", now)
+    st.total_time = now - eng.started
+    st.status, st.phase = Status.COMPLETED, Phase.COMPLETED
+    return []
