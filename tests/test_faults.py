@@ -52,7 +52,10 @@ QEMU_KINDS = ("eio", "qmp", "timeout", "sqlite", "cancel")
 MODEL_ONLY = {"source.StartPrecopy", "source.SendPages", "source.CollectDirty", "source.SetThrottle", "source.Pause",
               "source.ExportFinalState", "destination.ImportKeys",
               "destination.ApplyPages", "destination.Settle", "destination.ImportCpuState",
-              "destination.ImportProtection"}
+              "destination.ImportProtection", "source.ReadMetadata", "source.Serve", "source.store.serve",
+              "source.store.serve.done", "destination.MarkMissing", "destination.FinishPulling",
+              "destination.store.switch", "destination.store.switch.done", "destination.store.pulled",
+              "destination.store.pulled.done"}
 ON_ABORT_PATH = {"source.store.abort", "source.store.abort.done", "source.vm.resume",
                  "destination.AbortForever", "destination.store.abort", "destination.store.abort.done",
                  "destination.vm.scrub"}
@@ -63,6 +66,11 @@ REACHED_WITH = {
     "source.OpenChannels": (MigrationParams(channels=2), "idle"),
     "source.SetThrottle": (MigrationParams(max_rounds=1, downtime_limit=1e-6, downtime_policy="throttle"),
                            "random:5000"),
+    # Post-copy's steps (proto 7.9): every page follows the switch, so an idle guest's does too.
+    **{s: (MigrationParams(postcopy=True, postcopy_after=0), "idle") for s in (
+        "source.ReadMetadata", "source.Serve", "source.store.serve", "source.store.serve.done",
+        "destination.MarkMissing", "destination.FinishPulling", "destination.store.switch",
+        "destination.store.switch.done", "destination.store.pulled", "destination.store.pulled.done")},
 }
 # PALM_FAULT_CHANNELS=N runs every case on N channels (proto 7.8), a model VM then N blocks of
 # pages, a QEMU guest N streams (its multifd).
@@ -167,7 +175,7 @@ async def run_case(cluster: LocalCluster, case: Case, memory: int = 256 * 4096,
     digest: str | None = ""
     vm_id = b""
     params, workload = REACHED_WITH.get(case.step, (MigrationParams(), "idle"))
-    if CHANNELS > 1:  # (a QEMU guest's: its multifd channels)
+    if CHANNELS > 1 and not params.postcopy:  # (a QEMU guest's: its multifd channels; post-copy takes one)
         params, memory = dataclasses.replace(params, channels=CHANNELS), max(memory, CHANNELS * LANE_BLOCK * 4096)
     if content is None:
         name = "vm1"
@@ -621,8 +629,10 @@ def crash_case(root: Path, step: str, kind: str = "exit") -> Case:
         a, victim = agents["a"], agents[case.victim]
         a.request("vm.create", name="vm1", memory=f"{max(1, CHANNELS)}MiB", protected=1, fill="random", seed=3)
         digest = a.request("vm.digest", name="vm1")["digest"]
-        t, _ = a.migrate_async("vm1", agents["b"].addr, timeout=60,
-                               channels=max(CHANNELS, REACHED_WITH.get(step, (MigrationParams(), ""))[0].channels))
+        params = REACHED_WITH.get(step, (MigrationParams(), ""))[0]
+        how = {"postcopy": True, "postcopy_after": 0} if params.postcopy else {
+            "channels": max(CHANNELS, params.channels)}
+        t, _ = a.migrate_async("vm1", agents["b"].addr, timeout=60, **how)
         assert victim.proc is not None
         while t.is_alive() and victim.proc.poll() is None:
             time.sleep(0.01)

@@ -208,7 +208,7 @@ class ControlServer:
         vm = registry.create_model(
             name, parse_size(memory), _arg(args, "protected", int, 0), parse_size(pm) if pm else None,
             _arg(args, "workload", str, "idle"), _arg(args, "seed", int, 0), _arg(args, "policy", str, "any"),
-            _arg(args, "fill", str, "half"))
+            _arg(args, "fill", str, "half"), postcopy=_arg(args, "postcopy", bool, True))
         return vm_summary(vm)
 
     def _summary(self, vm: AnyVM) -> dict[str, Any]:

@@ -98,6 +98,8 @@ class OutgoingService:
             raise AgentError(why)
         if vm.backend == "qemu" and params.postcopy:
             raise AgentError("post-copy is for model VMs: QEMU's own postcopy-ram is not carried (proto 7.9)")
+        if params.postcopy and not getattr(vm, "postcopy_allowed", True):
+            raise AgentError(f"VM {name!r} was created with --no-postcopy: it migrates by pre-copy only")
         if vm.backend == "qemu" and params.downtime_policy != "pause":
             raise AgentError("a QEMU guest converges by QEMU's own rule (it iterates until the expected downtime "
                              "fits; --auto-converge throttles): --downtime-policy is for model VMs")

@@ -188,7 +188,7 @@ class VmRegistry:
 
     def create_model(self, name: str, memory: int, protected: int = 0, protected_memory: int | None = None,
                      workload: str = "idle", seed: int = 0, policy: str = "any", fill: str = "half",
-                     vcpus: int = 1) -> ModelVM:
+                     vcpus: int = 1, postcopy: bool = True) -> ModelVM:
         try:
             check_workload(workload)
         except ValueError as exc:
@@ -204,7 +204,7 @@ class VmRegistry:
         try:
             vm = ModelVM.create(self.dir_of(name), name, npages, self.sealing_key, protected_processes=protected,
                                 protected_pages=prot_pages, vcpus=vcpus, fill=fill, seed=seed, policy=policy,
-                                workload=workload)
+                                workload=workload, postcopy=postcopy)
         except HypervisorError as exc:
             self.unreserve(name)
             raise AgentError(str(exc)) from None

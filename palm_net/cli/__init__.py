@@ -328,6 +328,8 @@ def cmd_vm(a: argparse.Namespace) -> int:
                                 "protected_memory": pm, "workload": _workload_arg(a.workload or "idle"),
                                 "seed": a.seed or 0, "policy": a.policy, "fill": a.fill or "half",
                                 "backend": a.backend, "qemu_args": a.qemu_arg or [], "vcpus": a.vcpus}
+        if a.no_postcopy:
+            args["postcopy"] = False
         r = control_request(control, "vm.create", args)
         if r["backend"] == "qemu":
             emit(r, a.json, lambda: f"VM {r['name']} created: QEMU ({r['accel']}, pid {r['pid']}), "
@@ -763,6 +765,9 @@ def _vm_commands(sub: Any) -> None:
     vc.add_argument("--seed", type=int, default=None, help="model: the workload's and fill's seed (default 0)")
     vc.add_argument("--policy", default="any", help="where it may migrate: any | none | agents:A,B | "
                                                     "measurements:HEX,...")
+    vc.add_argument("--no-postcopy", action="store_true",
+                    help="model: never migrate this VM by post-copy (palm migrate --postcopy is refused for it: "
+                         "until its last page arrives, a post-copy migration loses it with its source host)")
     vc.add_argument("--fill", default=None, choices=("half", "random", "zero"),
                     help="model: initial memory, half random/half zero (default), random, zero")
     _add("list", "list VMs", cmd_vm, control=True, parent=vm_sub)

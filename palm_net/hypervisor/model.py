@@ -251,6 +251,7 @@ class ModelVM(PostcopyVM):
         policy: str = "any",
         workload: str = "idle",
         state: str = "running",
+        postcopy: bool = True,
     ) -> ModelVM:
         if npages < 1:
             raise VmError("a VM needs at least one page")
@@ -259,7 +260,7 @@ class ModelVM(PostcopyVM):
         config = {
             "name": name, "vm_id": os.urandom(16).hex(), "npages": npages, "vcpus": vcpus,
             "page_cipher": page_cipher or default_page_cipher(), "processes": procs, "state": state,
-            "policy": policy, "workload": workload, "seed": seed,
+            "policy": policy, "workload": workload, "seed": seed, "postcopy": postcopy,
         }
         vm = cls(vm_dir, config, sealing_key, create=True)
         vm._fill(fill, seed)
@@ -475,11 +476,17 @@ class ModelVM(PostcopyVM):
         """The digest of the pages as sent or written since start_page_digest (else of memory)."""
         return self._pages_digest.digest() if self._pages_digest is not None else self.digest()
 
+    @property
+    def postcopy_allowed(self) -> bool:
+        """May this VM migrate by post-copy (proto 7.9)?  Its creator's choice (``--no-postcopy``)."""
+        return self.config.get("postcopy", True) is not False
+
     def export_cpu_state(self) -> bytes:
         if self.state == "running":
             raise VmError("CPU state is only exported from a paused VM")
         out: bytes = msgpack.packb({"v": 1, "cpu": self.cpu, "workload": self.config.get("workload", "idle"),
-                                    "seed": self.config.get("seed", 0), "policy": self.policy})
+                                    "seed": self.config.get("seed", 0), "policy": self.policy,
+                                    "postcopy": self.postcopy_allowed})
         return out
 
     def _layout(self) -> list[dict[str, Any]]:
@@ -609,10 +616,13 @@ class ModelVM(PostcopyVM):
             workload = check_workload(obj.get("workload", "idle"))
             policy = validate_policy(obj.get("policy", "any"))
             seed = _u(obj.get("seed", 0), 2**63)
+            postcopy = obj.get("postcopy", True)
+            if type(postcopy) is not bool:
+                raise ValueError
         except Exception:
             raise VmError("CPU state is malformed") from None
         self.cpu = cpu
-        self.config.update(workload=workload, seed=seed, policy=policy)
+        self.config.update(workload=workload, seed=seed, policy=policy, postcopy=postcopy)
 
     def import_protection(self, blob: bytes) -> None:
         """Installs the final protected context.  Every protected page must
