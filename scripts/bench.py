@@ -28,6 +28,10 @@ Goals (select with --only, by number or name):
   6 channels    2 and 4 channels vs 1 (`migrate`'s `channels`, proto 7.8) on the idle
                 all-random guest: total time and each agent's CPU seconds per GiB (on 2
                 shared cores a channel cannot gain: what it costs); QEMU guests: one channel
+  7 postcopy    a guest writing 50000 pages/s by post-copy vs the same guest idle by
+                pre-copy: downtime <= 2x, memory at the switch equal; total time and
+                downtime against the hot guest's pre-copy, and how long the destination's
+                vCPUs waited for a page (median, 99th percentile): information
 Context (no goal): limits (AEAD, TCP, memcpy, fresh-memory populate), ciphers (each
 cipher and plain), hotset (a guest writing a hot set).  `goals`, `context` and `all`
 select groups.
@@ -82,7 +86,7 @@ from palm_net.units import format_bytes, parse_size  # noqa: E402
 MIB = 1 << 20
 GIB = 1 << 30
 
-GOALS = {"1": "tls", "2": "protection", "3": "digest", "4": "qemu", "5": "scale", "6": "channels"}
+GOALS = {"1": "tls", "2": "protection", "3": "digest", "4": "qemu", "5": "scale", "6": "channels", "7": "postcopy"}
 CONTEXT = ("limits", "ciphers", "hotset")
 DEMO_MEMORY = 256 * MIB  # `palm demo`'s guest: 2 protected processes under load
 DEMO_WORKLOAD = "random:2000+protected:500"
@@ -264,8 +268,15 @@ class Palm:
         if not r["ok"]:
             self._discard(name)
             raise RuntimeError(f"migration failed in {r.get('phase')}: {r['error']}")
+        faults = self.b.request("vm.show", name=name).get("postcopy_faults") if r.get("postcopy_pages") else None
         self.b.request("vm.destroy", name=name)
         rec = run_record(r, memory, rss.peak, rest)
+        if r.get("postcopy_pages") is not None:  # post-copy: its figures, and its guest's waits at the destination
+            rec.update(postcopy_pages=float(r["postcopy_pages"]), fetched_pages=float(r.get("fetched_pages") or 0),
+                       serve_ms=float(r.get("serve_ms") or 0), digest_at_switch=r.get("digest_at_pause") == "equal",
+                       fault_count=float((faults or {}).get("count", 0)),
+                       fault_median_ms=float((faults or {}).get("median_ms", 0)),
+                       fault_p99_ms=float((faults or {}).get("p99_ms", 0)))
         for side, secs in cpu.items():  # the agent's own CPU (user + system, all its threads) per GiB moved
             rec[f"cpu_{side}_s_per_gib"] = secs / (memory / GIB)
         return rec
@@ -455,6 +466,56 @@ def goal_digest(palm: Palm, rep: int, guest: int) -> dict[str, Any]:
         verdict = None if verified == len(a) else f"MISSED (digest verified in {verified}/{len(a)} runs)"
         rows.append(row("3. verify-digest", what, ms(c["palm"], 1) + f" (digest verified {verified}/{len(a)})",
                         ms(c["base"], 1), c, 1.2, verdict=verdict))
+    out["rows"] = rows
+    return out
+
+
+# --------------------------------------------------------------------------
+# goal 7: post-copy
+
+
+POSTCOPY_RATE = 50_000  # pages a second: pre-copy cannot converge on a guest that writes this fast here
+
+
+def goal_postcopy(palm: Palm, rep: int, guest: int) -> dict[str, Any]:
+    """A guest writing POSTCOPY_RATE pages/s, by post-copy (switching where the downtime policy
+    would act) and by pre-copy (pausing anyway at the cap), against the same idle guest's
+    pre-copy: downtime, total time, and how long its vCPUs waited for a page (proto 7.9)."""
+    hot = f"random:{POSTCOPY_RATE}"
+    modes = {
+        "idle_precopy": lambda: palm.migrate(guest, fill="random", protected=2),
+        "hot_postcopy": lambda: palm.migrate(guest, fill="random", protected=2, workload=hot, settle=0.5,
+                                             postcopy=True, verify_digest=True),
+        "hot_precopy": lambda: palm.migrate(guest, fill="random", protected=2, workload=hot, settle=0.5),
+    }
+    runs, failed = interleave(rep, modes, "goal 7 (post-copy)")
+    out: dict[str, Any] = {"guest": guest, "rate": POSTCOPY_RATE, "modes": summaries(runs, failed)}
+    rows = []
+    what = (f"{format_bytes(guest)} guest writing {POSTCOPY_RATE} pages/s by post-copy vs the idle guest by "
+            "pre-copy: downtime")
+    if not runs["hot_postcopy"] or not runs["idle_precopy"]:
+        out["rows"] = [skipped_row("7. post-copy", what, failed.get("hot_postcopy") or
+                                   failed.get("idle_precopy", "?"))]
+        return out
+    c = compare(*paired(runs["hot_postcopy"], runs["idle_precopy"], "downtime_ms"))
+    pc = runs["hot_postcopy"]
+    equal = sum(bool(r["digest_at_switch"]) for r in pc)
+    verdict = None if equal == len(pc) else f"MISSED (memory equal to the switch's in {equal}/{len(pc)} runs)"
+    rows.append(row("7. post-copy", what, ms(c["palm"], 1) + f" (memory at the switch equal {equal}/{len(pc)})",
+                    ms(c["base"], 1), c, 2.0, verdict=verdict))
+    if runs["hot_precopy"]:
+        t = compare(*paired(pc, runs["hot_precopy"], "total_ms"))
+        d = compare(*paired(pc, runs["hot_precopy"], "downtime_ms"))
+        rows.append(row("7. post-copy", "the same hot guest, post-copy vs pre-copy (paused at the cap): total time",
+                        ms(t["palm"]), ms(t["base"]), t, None))
+        rows.append(row("7. post-copy", "the same hot guest, post-copy vs pre-copy: downtime", ms(d["palm"], 1),
+                        ms(d["base"], 1), d, None))
+    s = summarize([r["fault_median_ms"] for r in pc])
+    p = summarize([r["fault_p99_ms"] for r in pc])
+    n = summarize([r["fault_count"] for r in pc])
+    rows.append(row("7. post-copy", "a page a vCPU waited for at the destination: median / 99th percentile "
+                    f"(medians of {len(pc)} runs; {fmt(n, '', 0)} waits a run)", f"{ms(s, 2)} / {ms(p, 2)}", "-",
+                    None, None))
     out["rows"] = rows
     return out
 
@@ -1059,6 +1120,17 @@ def report(res: dict[str, Any]) -> str:
             L.append(f"\n### A QEMU guest on N channels ({v['qemu_accel'].upper()}): palm_net and QEMU alone's "
                      "multifd\n")
             L += modes_table(v["qemu_modes"])
+    if "postcopy" in goals and "modes" in goals["postcopy"]:
+        v = goals["postcopy"]
+        L.append("## Goal 7: post-copy\n")
+        L.append(f"A {format_bytes(v['guest'])} guest with 2 protected processes, all random, writing "
+                 f"{v['rate']} pages/s: by post-copy (`--postcopy --verify-digest`, the switch where the downtime "
+                 "policy would act), by pre-copy (paused at the cap), and the same guest idle by pre-copy. "
+                 "Fault waits: how long the destination's guest waited for each page it touched before it "
+                 "arrived (its summary, `palm vm show`).\n")
+        L += modes_table(v["modes"], (("postcopy_pages", "post-copy pages", 0), ("fetched_pages", "asked for", 0),
+                                      ("fault_median_ms", "fault median ms", 2), ("fault_p99_ms", "fault p99 ms", 2)))
+        L.append("")
     ctx = res.get("context", {})
     if ctx:
         L.append("## Context (no goal)\n")
@@ -1147,7 +1219,7 @@ def parse_only(text: str) -> set[str]:
         elif tok in names:
             out.add(tok)
         else:
-            raise ValueError(f"unknown {tok!r}: use goal numbers 1-6, names ({', '.join(names)}), goals, context "
+            raise ValueError(f"unknown {tok!r}: use goal numbers 1-7, names ({', '.join(names)}), goals, context "
                              "or all")
     return out
 
@@ -1257,6 +1329,7 @@ def main() -> int:
             pairs.pop(key).close()  # the other accelerator's agents: done
         run("goals", "scale", lambda: goal_scale(palm(), rep, sizes, tls))
         run("goals", "channels", lambda: goal_channels(palm(), rep, guest, work))
+        run("goals", "postcopy", lambda: goal_postcopy(palm(), rep, guest))
         run("context", "ciphers", lambda: context_ciphers(palm(), rep, guest))
         run("context", "hotset", lambda: context_hotset(palm(), rep, guest, args.hotset, args.hot_rate))
     finally:

@@ -52,7 +52,7 @@ from palm_net.hypervisor.qemu import live_processes  # noqa: E402
 from palm_net.testing.proxy import ProxyThread, Rule  # noqa: E402
 
 PORT = 7400
-UNSETTLED = ("sending", "receiving", "prepared", "handed_off")
+UNSETTLED = ("sending", "receiving", "prepared", "handed_off", "serving", "pulling")
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:

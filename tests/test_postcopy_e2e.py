@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from palm_net.agent.errors import AgentError
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.proxy import FaultProxy, Rule, sealed
 
@@ -41,6 +42,7 @@ async def test_a_guest_pre_copy_cannot_converge_on_migrates_by_post_copy(cluster
     assert res.as_dict()["digest_verified"]
     _one_copy(cluster, "b")
     assert a.store.state_of(res.mid) == "done" and cluster["b"].store.state_of(res.mid) == "committed"
+    assert st.fetched_pages > 0  # the destination's guest touched pages before they came, and asked
     with trio.fail_after(5):  # the guest runs on at the destination
         while cluster["b"].vms["vm1"].workload is None or cluster["b"].vms["vm1"].workload.writes < 100:
             await trio.sleep(0.02)
@@ -107,7 +109,23 @@ async def test_the_destination_agent_stopped_while_serving_is_recovered(cluster,
                         break
                 await trio.sleep(0.002)
         await cluster.stop("b")
-        await cluster.start("b")
+        b = await cluster.start("b")
+        vm = b.vms["vm1"]
+        if vm.missing_count():  # (recovery may already be done) a VM still pulling is no operator's to move
+            with pytest.raises(AgentError, match="still receives"):
+                b.registry.operable("vm1")
     assert res is not None
     await _settled(cluster, res.mid, 30)
     _one_copy(cluster, "b")
+
+
+async def test_a_vm_created_without_post_copy_is_refused_it_here_and_after_a_migration(cluster):
+    a, b = cluster["a"], cluster["b"]
+    a.registry.create_model("vm1", 1 << 20, protected=1, postcopy=False)
+    with pytest.raises(AgentError, match="--no-postcopy"):
+        await a.outgoing.migrate("vm1", cluster.addr("b"), POSTCOPY)
+    assert cluster.running_copies("vm1") == ["a"]
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())  # pre-copy: fine
+    assert res.ok and not b.vms["vm1"].postcopy_allowed  # (CPU_STATE carried the choice)
+    with pytest.raises(AgentError, match="--no-postcopy"):
+        await b.outgoing.migrate("vm1", cluster.addr("a"), POSTCOPY)

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import trio
@@ -233,7 +233,8 @@ class IncomingService:
             with scope:  # cancelled by recheck: the peer was refused before READY
                 run = await serve_incoming(channel, self.store, self.signing, open_vm,
                                            self.limits.max_memory // PAGE_SIZE, self.limits.deadline_per_gib,
-                                           self.runs, pulling_vm)
+                                           self.runs, pulling_vm, lambda vm: self.registry.start_workload(
+                                               cast(AnyVM, vm)))
         except (PalmError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if channel.result.purpose is Purpose.RECOVERY:
                 log.warning("recovery session refused", peer=channel.peer_name, error=type(exc).__name__,

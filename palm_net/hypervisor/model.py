@@ -349,8 +349,13 @@ class ModelVM(PostcopyVM):
 
     def summary(self) -> dict[str, Any]:
         """What `palm vm show` adds for this backend."""
-        return {"workload": self.config.get("workload", "idle"), "resident": self.resident,
-                "writes": self.workload.writes if self.workload is not None else 0}
+        out = {"workload": self.config.get("workload", "idle"), "resident": self.resident,
+               "writes": self.workload.writes if self.workload is not None else 0}
+        waits = sorted(self.fault_waits)
+        if waits:  # post-copy: its guest's accesses to missing pages, and how long they waited
+            out["postcopy_faults"] = {"count": len(waits), "median_ms": round(waits[len(waits) // 2] * 1000, 3),
+                                      "p99_ms": round(waits[min(len(waits) - 1, len(waits) * 99 // 100)] * 1000, 3)}
+        return out
 
     def migration_spec(self) -> bytes:
         """BEGIN's spec: none for a page backend (proto 6)."""

@@ -32,6 +32,8 @@ import mmap
 import os
 import struct
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,8 @@ MAX_PROCESSES = 255
 THREADS_PER_PROCESS = 2
 THREAD_CONTEXT_LEN = 256
 
+
+FAULT_WAITS_KEPT = 100_000  # post-copy: the last guest waits for a missing page kept (for the figures)
 
 class VmError(HypervisorError):
     """A VM operation is not possible (bad state, bad argument, damaged files)."""
@@ -235,6 +239,8 @@ class ModelGuest(ConfiguredVM):
         self._missing: npt.NDArray[np.uint8] | None = None
         self._filled = threading.Condition(self._lock)
         self.on_fault: Callable[[int], None] | None = None  # the agent's: asks the source for a missing page
+        # Post-copy: how long each guest access to a missing page waited, seconds (the last ones).
+        self.fault_waits: deque[float] = deque(maxlen=FAULT_WAITS_KEPT)
         self._keys: list[bytearray] = []
         self._threads: list[list[bytes]] = []
         self.cpu: dict[str, Any] = {"regs": [dict.fromkeys(CPU_REGS, 0) for _ in range(self.vcpus)]}
@@ -351,6 +357,13 @@ class ModelGuest(ConfiguredVM):
             self._lock.release()
 
     def _fault_locked(self, gfn: int) -> None:
+        t0 = time.monotonic()
+        try:
+            self._await_page_locked(gfn)
+        finally:
+            self.fault_waits.append(time.monotonic() - t0)
+
+    def _await_page_locked(self, gfn: int) -> None:
         hook = self.on_fault
         if hook is not None:
             self._lock.release()  # the hook talks to the agent: never under the VM lock

@@ -236,7 +236,10 @@ class DestinationHost:
                 act = (self.store.switch_and_activate if eff.postcopy else self.store.commit_and_activate)(mid, vm)
                 return Committed(act.committed, act.running, act.error, time.monotonic() - t0, act.took)
             if isinstance(eff, MarkMissing):
-                cast(Backend, vm).set_missing(eff.round, eff.gfns, eff.vers, eff.tags)
+                try:
+                    cast(Backend, vm).set_missing(eff.round, eff.gfns, eff.vers, eff.tags)
+                except ValueError as exc:  # a version or MAC count that does not fit the layout: the peer's
+                    raise RemoteProtocolError(ErrorCode.MALFORMED, f"MISSING: {exc}") from None
                 return None
             if isinstance(eff, FinishPulling):
                 committed = self.store.pulled(mid, vm)

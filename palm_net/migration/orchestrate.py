@@ -308,9 +308,12 @@ async def recover_once(store: HandoffStore, mid: bytes, vm: HostedVM | None,
         return "committed"
     if answer.outcome == RecoveryOutcome.ABORTED and answer.token:
         try:
-            store.abort_and_resume(mid, vm, "aborted by destination token", token=answer.token)
+            resumed = store.abort_and_resume(mid, vm, "aborted by destination token", token=answer.token)
         except PalmError:
             bound.error("recovery answer with an invalid abort token ignored")
+            return None
+        if not resumed:  # (SERVING: the VM ran there; nothing here may run it again) asked again
+            bound.error("the destination says aborted, but this copy may not run again: still in doubt")
             return None
         bound.warning("in-doubt migration resolved: destination aborted (valid token), VM resumed on the source")
         return "aborted"
@@ -393,6 +396,7 @@ async def serve_incoming(
     deadline_per_gib: float = DEADLINE_PER_GIB,
     runs: dict[int, DestinationRun] | None = None,
     pulling_vm: Callable[[bytes], HostedVM | None] = lambda mid: None,
+    on_running: Callable[[HostedVM], None] | None = None,
 ) -> DestinationRun | None:
     """Destination side of one attested session: a recovery query (answered here; post-copy's
     ``postcopy``: its missing pages pulled on it), or a migration (returns its run: its
@@ -415,7 +419,7 @@ async def serve_incoming(
             await _pull_again(channel, proto, vm, store, signing, open_vm)
         return None
     engine = DestinationEngine(channel.result.mode is TransportMode.PLAIN_BENCHMARK, max_pages, deadline_per_gib)
-    run = DestinationRun(channel, engine, store, signing, open_vm)
+    run = DestinationRun(channel, engine, store, signing, open_vm, on_running)
     if runs is not None:
         runs[id(run)] = run
     try:

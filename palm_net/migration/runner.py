@@ -572,8 +572,10 @@ class DestinationRun:
     """
 
     def __init__(self, channel: SecureChannel, engine: DestinationEngine, store: HandoffStore, signing: SigningKey,
-                 open_vm: Callable[[bytes, Begin, Peer], Awaitable[HostedVM]]) -> None:
+                 open_vm: Callable[[bytes, Begin, Peer], Awaitable[HostedVM]],
+                 on_running: Callable[[HostedVM], None] | None = None) -> None:
         self.ch = channel
+        self.on_running = on_running  # post-copy: the VM runs here before its session ends (its guest starts)
         self.engine = engine
         self.open_vm = open_vm
         self.committing = False  # inside the commit window (an agent asked to stop waits for it)
@@ -852,7 +854,11 @@ class DestinationRun:
                                    phase="committed", error=self.activation_error)
                 elif result.committed:
                     self.log.info("committed", phase="committed", round=eng.round)
-                await self._perform(eng.on_result(result))  # DONE (or, aborted before, ABORT)
+                await self._perform(eng.on_result(result))  # DONE (or RUNNING; or, aborted before, ABORT)
+                if eng.puller is not None and result.running and self.host.vm is not None:
+                    self._watch_faults()  # post-copy: its guest runs now, asking for what it touches
+                    if self.on_running is not None:
+                        self.on_running(self.host.vm)
         finally:
             self.committing = False
 
