@@ -98,7 +98,7 @@ MUTANTS = [
            '                store.abort_and_resume(mid, vm, "cancelled: migration cancelled")\n',
            "                pass\n", (SAFETY, "-k", "cancelled_from_outside")),
     Mutant("a DONE not recorded reported completed", "palm_net/migration/orchestrate.py",
-           "            if store.state_of(mid) is HandoffState.HANDED_OFF:\n",
+           "            if store.state_of(mid) in IN_DOUBT:\n",
            "            if False:\n", (SAFETY, "-k", "failure_after_done")),
     Mutant("QEMU streams queued behind one another at the destination", "palm_net/migration/runner.py",
            "        index = lane.index if lane is not None and stream else 0\n",

@@ -380,3 +380,26 @@ def test_a_tampered_post_copy_page_keeps_the_vm_and_recovery_finishes_it(shm):
     assert dest.store.get(s_eng.mid).state is HandoffState.COMMITTED
     assert dest.vm.digest() == src.digest() and dest.vm.verify().ok
     assert m.TYPES["WANT"] is Want
+
+
+def test_a_pulling_destination_answers_postcopy_and_never_aborts(tmp_path):
+    """QUERY about a migration whose VM ran here with pages missing: `postcopy` (serve me),
+    never `aborted` with a token (the source would resume a second copy) nor `committed`
+    (the source would scrub pages only it holds); another agent learns nothing."""
+    from nacl.signing import SigningKey
+
+    from palm_net.migration.handoff import HandoffStore, Peer
+    from palm_net.migration.orchestrate import answer_query
+    store = HandoffStore(tmp_path / "d.db")
+    src = Peer("a", b"S" * 32, bytes(SigningKey.generate().verify_key))
+    mid = b"p" * 16
+    store.open_incoming(mid, "vm", bytes(16), src)
+    store._move(mid, DESTINATION, Step.PREPARE)
+    store._move(mid, DESTINATION, Step.SWITCH)
+    signing = SigningKey.generate()
+    assert answer_query(store, signing, mid, src) == Outcome(RecoveryOutcome.POSTCOPY.value, b"")
+    assert store.state_of(mid) is HandoffState.PULLING
+    other = Peer("c", b"C" * 32, bytes(SigningKey.generate().verify_key))
+    assert answer_query(store, signing, mid, other).outcome == RecoveryOutcome.UNKNOWN
+    store._move(mid, DESTINATION, Step.PULLED)
+    assert answer_query(store, signing, mid, src).outcome == RecoveryOutcome.COMMITTED

@@ -483,3 +483,22 @@ def test_two_appliers_racing_fill_each_page_once(shm, switch):
         assert not t.is_alive()
     assert sorted(taken[0] + taken[1]) == list(range(len(batches)))  # each exactly once
     assert dst.missing_count() == 0 and dst.page_digest() == sw.digest == dst.digest()
+
+
+def test_a_vm_still_pulling_is_no_operator_s_to_pause_destroy_or_migrate(shm, switch):
+    """Its memory is not all here: migrating it on would read pages it does not hold."""
+    from typing import cast
+
+    from palm_net.agent.errors import AgentError
+    from palm_net.agent.registry import VmRegistry
+    from palm_net.hypervisor.qemu import Confinement
+    from palm_net.migration.handoff import HandoffStore
+
+    dst = pulling(shm, switch)
+    reg = VmRegistry(shm / "mem", shm / "run", KEY, HandoffStore(shm / "r.db"), cast(Confinement, None), None,
+                     lambda name: False)
+    reg.vms = {"vm": dst}
+    with pytest.raises(AgentError, match="still receives"):
+        reg.operable("vm")
+    dst.fill_missing(pieces(switch, switch.missing))
+    assert dst.missing_count() == 0 and reg.operable("vm") is dst

@@ -1342,7 +1342,7 @@ async def test_an_incoming_session_is_served_with_the_agent_s_bounds_and_settled
     svc.signing = "the agent's key"  # type: ignore[assignment]
     served: list[tuple] = []
 
-    async def serve(channel, store, signing, open_vm, max_pages, deadline, runs):
+    async def serve(channel, store, signing, open_vm, max_pages, deadline, runs, pulling_vm, on_running):
         served.append((channel, store, signing, max_pages, type(max_pages), deadline, runs))
         assert [ch for ch, _ in svc._live.values()] == [channel]  # what recheck can end
         if channel.result.purpose is Purpose.MIGRATION:
