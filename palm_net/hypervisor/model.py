@@ -61,6 +61,7 @@ from palm_net.hypervisor.model_guest import (
     lay_out_processes,
     populate,
 )
+from palm_net.hypervisor.model_postcopy import PostcopyPageError as PostcopyPageError  # (re-exported)
 from palm_net.hypervisor.model_postcopy import PostcopyVM
 from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
 from palm_net.hypervisor.protection import TAG_LEN, ProtectionIntegrityError, default_page_cipher

@@ -266,8 +266,9 @@ class PostcopyVM(ModelGuest):
             pc.remove()
 
     def _sync_postcopy(self) -> None:
-        if self._postcopy is not None:
-            self._postcopy.sync()
+        with self._lock:  # (finish_postcopy may be dropping it)
+            if self._postcopy is not None:
+                self._postcopy.sync()
 
     def _close_postcopy(self) -> None:
         """Drops the map's mapping (the file stays: a reopened VM finds it)."""
@@ -303,7 +304,7 @@ class PostcopyVM(ModelGuest):
         stored = self._claim(gfns, kinds, vers)
         try:
             plain = self._check_protected(gfns, kinds, vers, rows, batch.tags, stored)
-            self._write_filled(gfns, kinds, rows)
+            self._write_filled(gfns, kinds, parts)
             if self._pages_digest is not None:
                 self._record_pages(gfns, kinds, vers, rows, batch.tags, plain)
         except BaseException:
@@ -350,15 +351,21 @@ class PostcopyVM(ModelGuest):
         except ProtectionIntegrityError as exc:
             raise PostcopyPageError("integrity", str(exc)) from None
 
-    def _write_filled(self, gfns: Gfns, kinds: npt.NDArray[np.uint8], rows: list[npt.NDArray[np.uint8]]) -> None:
+    def _write_filled(self, gfns: Gfns, kinds: npt.NDArray[np.uint8], parts: list[npt.NDArray[np.uint8]]) -> None:
         """The pages into guest memory: a protected page as ciphertext (cipher view, as
-        write_pages leaves it), a zero page as zeros."""
+        write_pages leaves it), a zero page as zeros (over any older copy)."""
         a = self.arrays
         has_data = kinds != KIND_ZERO
         dg, zg = gfns[has_data], gfns[~has_data]
         with self._lock:
-            if len(dg):
-                a.pages[dg] = np.stack(rows)
+            at = 0
+            for rows in parts:  # each record's pages: a run of gfns is one copy, no index
+                g = dg[at : at + len(rows)]
+                at += len(rows)
+                if len(g) and int(g[-1]) - int(g[0]) == len(g) - 1:
+                    a.pages[int(g[0]) : int(g[0]) + len(g)] = rows
+                else:
+                    a.pages[g] = rows
             a.pages[zg] = 0
             a.views[gfns[kinds == KIND_PROTECTED]] = VIEW_CIPHER
             if self._written is not None:
