@@ -44,6 +44,7 @@ class Mutant:
 
 SAFETY = "tests/test_safety_checks.py"
 CHANNELS = "tests/test_channels.py"
+POSTCOPY = "tests/test_postcopy.py"
 MUTANTS = [
     Mutant("certificate signature not checked", "palm_net/crypto/identity.py",
            "            VerifyKey(authority_pub).verify(CERT_DOMAIN + self.body, self.signature)\n",
@@ -103,6 +104,31 @@ MUTANTS = [
     Mutant("QEMU streams queued behind one another at the destination", "palm_net/migration/runner.py",
            "        index = lane.index if lane is not None and stream else 0\n",
            "        index = 0\n", (CHANNELS, "-k", "writes_each_stream_on_its_own")),
+    # Post-copy (proto 7.9)
+    Mutant("a post-copy page taken twice", "palm_net/migration/postcopy.py",
+           "        if not known.all() or self.taken[idx].any():\n",
+           "        if not known.all():\n", (POSTCOPY, "-k", "puller_takes_only")),
+    Mutant("a post-copy page of another version than announced taken", "palm_net/migration/postcopy.py",
+           "        if not bool((self.vers[idx] == batch.vers).all()):\n",
+           "        if False:\n", (POSTCOPY, "-k", "puller_takes_only")),
+    Mutant("a post-copy page of another version filled", "palm_net/hypervisor/model_postcopy.py",
+           "            if bool((vers != expected).any()):\n",
+           "            if False:\n", ("tests/test_postcopy_vm.py", "-k", "refused_whole")),
+    Mutant("a pulling destination answers a query as aborted", "palm_net/migration/orchestrate.py",
+           "    if row is not None and row.state is HandoffState.PULLING:  # (never aborted: the VM ran here)\n",
+           "    if False:\n", (POSTCOPY, "-k", "pulling_destination")),
+    Mutant("a PULLED believed with pages never sent", "palm_net/migration/postcopy_source.py",
+           "    if eng.server.unsent:  # it cannot have pages never sent: its word is not taken\n",
+           "    if False:\n", (POSTCOPY, "-k", "pulled_before")),
+    Mutant("a pulling VM is not the destination's to run", "palm_net/migration/handoff.py",
+           "        return state in (HandoffState.COMMITTED, HandoffState.PULLING)\n",
+           "        return state is HandoffState.COMMITTED\n", (POSTCOPY, "-k", "between_the_two_engines")),
+    Mutant("a VM still pulling its pages handed to the operator", "palm_net/agent/registry.py",
+           "        if isinstance(vm, ModelVM) and vm.missing_count():\n",
+           "        if False:\n", ("tests/test_postcopy_vm.py", "-k", "pulling_is_no")),
+    Mutant("a VM created --no-postcopy migrated by post-copy", "palm_net/agent/outgoing.py",
+           '        if params.postcopy and not getattr(vm, "postcopy_allowed", True):\n',
+           "        if False:\n", ("tests/test_postcopy_e2e.py", "-k", "created_without")),
 ]
 
 

@@ -403,3 +403,27 @@ def test_a_pulling_destination_answers_postcopy_and_never_aborts(tmp_path):
     assert answer_query(store, signing, mid, other).outcome == RecoveryOutcome.UNKNOWN
     store._move(mid, DESTINATION, Step.PULLED)
     assert answer_query(store, signing, mid, src).outcome == RecoveryOutcome.COMMITTED
+
+
+def test_a_pulled_before_every_page_went_is_not_believed(shm):
+    """PULLED while the source has pages it never sent: not taken (its copy would be scrubbed
+    with pages the destination cannot have): in doubt, asked again."""
+    from palm_net.migration.handoff import InDoubt
+    from palm_net.migration.params import MigrationParams
+    from palm_net.wire import messages as m
+    src, drv = _pc_pair(shm, MigrationParams(**PC))
+    drv.player.between = _dirty(src)
+    forged: list[bytes] = []
+
+    def deliver(record: bytes) -> bytes | None:
+        dest = drv.dest.engine
+        if dest.puller is not None and not forged:  # the first page served: a PULLED overtakes the rest
+            forged.append(m.encode(m.Message(drv.engine.mid, dest.proto._next_seq[Role.DESTINATION], Pulled(b""))))
+            from palm_net.channel.records import Record
+            drv.player.queue.extend(drv.engine.on_record(Record(forged[0], 0, bytes(32)), drv.player.now))
+        return record
+
+    drv.deliver = deliver
+    with pytest.raises(InDoubt, match="never sent"):
+        drv.run()
+    assert drv.player.host.store.get(drv.engine.mid).state is HandoffState.SERVING
