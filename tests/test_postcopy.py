@@ -427,3 +427,99 @@ def test_a_pulled_before_every_page_went_is_not_believed(shm):
     with pytest.raises(InDoubt, match="never sent"):
         drv.run()
     assert drv.player.host.store.get(drv.engine.mid).state is HandoffState.SERVING
+
+
+# -- what a hostile or quiet destination can make a source do (review findings)
+
+
+def _recovering_engine(npages: int = 4096):
+    from palm_net.migration.params import MigrationParams
+    from palm_net.migration.source import SourceEngine
+
+    class Info:
+        name, vm_id, protected_pages, processes, vcpus = "vm", bytes(16), 0, 0, 1
+
+    Info.npages = npages
+    s, d = SessionProtocol(Role.SOURCE, MID, recovery=True), SessionProtocol(Role.DESTINATION, recovery=True)
+    d.receive(s.send(Query()))
+    s.receive(d.send(Outcome(RecoveryOutcome.POSTCOPY.value, b"")))
+    eng = SourceEngine.recovering(s, Info(), MigrationParams())
+    assert eng.start(0.0) == [] and eng.timer() is not None  # the destination's WANTs are due, not awaited forever
+    return eng, d
+
+
+def test_wants_are_bounded_and_one_round():
+    from palm_net.channel.records import Record
+    eng, d = _recovering_engine()
+    with pytest.raises(RemoteProtocolError) as e:
+        eng.on_record(Record(d.send(Want(1, b"", True)), 0, bytes(32)), 0.0)  # empty, and more to come: a flood
+    assert e.value.code is ErrorCode.MALFORMED
+    eng, d = _recovering_engine()
+    eng.on_record(Record(d.send(Want(1, u64le(np.array([1])), True)), 0, bytes(32)), 0.0)
+    with pytest.raises(RemoteProtocolError):
+        eng.on_record(Record(d.send(Want(2, u64le(np.array([2])), False)), 0, bytes(32)), 0.0)  # another round
+    eng, d = _recovering_engine(npages=2048)
+    for g in range(2):
+        eng.on_record(Record(d.send(Want(1, u64le(np.array([g])), True)), 0, bytes(32)), 0.0)
+    with pytest.raises(RemoteProtocolError):  # more WANTs than 2048 pages can need
+        eng.on_record(Record(d.send(Want(1, u64le(np.array([5])), True)), 0, bytes(32)), 0.0)
+
+
+def test_a_page_asked_for_again_and_again_is_queued_once():
+    server = PageServer(np.arange(100, dtype=np.uint64), 1)
+    for _ in range(1000):
+        server.fetch(np.array([7, 9], np.uint64))
+    assert len(server._asked) == 2 and [int(g) for g in server.next_slice()] == [7, 9]
+    server.fetch(np.array([7], np.uint64))
+    assert len(server._asked) == 0  # sent already
+
+
+def test_a_fetch_before_serving_is_durable_is_kept_and_served_first(shm):
+    """RUNNING, then at once a vCPU's FETCH, before the source's SERVING is durable: kept (it
+    used to end the session), and the page goes first once serving begins."""
+    from palm_net.channel.records import Record
+    from palm_net.migration.effects import Serve
+    from palm_net.migration.params import MigrationParams
+    from palm_net.wire import messages as m
+    src, drv = _pc_pair(shm, MigrationParams(**PC))
+    drv.player.between = _dirty(src)
+    perform, order = drv.player.host.perform, []
+
+    def serve_late(eff):
+        if isinstance(eff, Serve):
+            dest = drv.dest.engine
+            for fetch in drv.dest.perform(dest.on_fault([209])):
+                assert drv.engine.on_record(Record(fetch, 0, bytes(32)), drv.player.now) == []
+        return perform(eff)
+
+    def deliver(record: bytes) -> bytes | None:
+        try:
+            body = m.decode(record).body
+        except Exception:
+            return record
+        if isinstance(body, Pages) and drv.dest.engine.puller is not None:
+            order.append([int(g) for g in np.frombuffer(body.gfns, "<u8")])
+        return record
+
+    drv.player.host.perform, drv.deliver = serve_late, deliver
+    drv.run()
+    assert order[0] == [209] and drv.engine.stats.fetched_pages == 1
+    assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest()
+
+
+def test_a_source_that_sent_every_page_waits_for_pulled_only_so_long(shm):
+    """PULLED never comes (the destination gone quiet without a close): the session is taken
+    as lost after the reply timeout (then recovery asks), not waited for forever."""
+    from palm_net.migration.params import MigrationParams
+    from palm_net.wire import messages as m
+    src, drv = _pc_pair(shm, MigrationParams(reply_timeout=5.0, **PC))
+    drv.player.between = _dirty(src)
+    reply = drv.player.reply
+
+    def no_pulled(record: bytes, before: bytes) -> list[bytes]:
+        return [a for a in reply(record, before) if not isinstance(m.decode(a).body, Pulled)]
+
+    drv.player.reply = no_pulled
+    with pytest.raises(RemoteProtocolError) as e:
+        drv.run()
+    assert e.value.code is ErrorCode.TIMEOUT and drv.engine.server is not None and not drv.engine.server.unsent

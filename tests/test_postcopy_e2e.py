@@ -129,3 +129,19 @@ async def test_a_vm_created_without_post_copy_is_refused_it_here_and_after_a_mig
     assert res.ok and not b.vms["vm1"].postcopy_allowed  # (CPU_STATE carried the choice)
     with pytest.raises(AgentError, match="--no-postcopy"):
         await b.outgoing.migrate("vm1", cluster.addr("a"), POSTCOPY)
+
+
+async def test_an_override_never_resumes_a_serving_copy(cluster):
+    """`palm migrate --resolve ID --override` on a post-copy migration being served: refused
+    (the VM ran on the destination; this copy only holds pages it still needs)."""
+    import os
+
+    from palm_net.migration.handoff import Peer
+    from palm_net.wire.protocol import Role
+    a = cluster["a"]
+    mid = os.urandom(16)
+    a.store._open(mid, Role.SOURCE, "vmx", bytes(16), Peer("b", bytes(32), bytes(32), "127.0.0.1:9"))
+    assert a.store.hand_off(mid) and a.store.serve(mid)
+    with pytest.raises(AgentError, match="no override"):
+        await a.outgoing.resolve(mid.hex(), override=True, reason="operator")
+    assert a.store.state_of(mid) == "serving"

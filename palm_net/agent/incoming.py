@@ -36,7 +36,7 @@ from palm_net.migration.orchestrate import serve_incoming
 from palm_net.migration.runner import DestinationRun
 from palm_net.wire import messages
 from palm_net.wire.messages import Begin
-from palm_net.wire.protocol import Role
+from palm_net.wire.protocol import FINAL, Role
 
 log = structlog.get_logger("palm.agent")
 
@@ -255,8 +255,9 @@ class IncomingService:
         """Post-copy's recovery: the VM of a PULLING migration, if it is here and no other
         session pulls into it now (taken until that session ends)."""
         row = self.store.get(mid)
-        if row is None or row.state is not HandoffState.PULLING or mid in self._pulling:
-            return None
+        if row is None or row.state is not HandoffState.PULLING or mid in self._pulling or any(
+                r.engine.mid == mid and r.engine.state not in FINAL for r in self.runs.values()):
+            return None  # (its first session still live: this one is asked again once it ended)
         vm = self.registry.vms.get(row.vm)  # (activated, it records no migration: its identity says it is)
         if vm is None or vm.vm_id != row.vm_id:
             return None

@@ -273,9 +273,13 @@ class OutgoingService:
         except ValueError:
             raise AgentError(f"bad migration id {mid_hex!r}") from None
         row = self.store.get(mid)
-        if row is None or row.role is not Role.SOURCE or row.state is not HandoffState.HANDED_OFF:
+        if row is None or row.role is not Role.SOURCE or row.state not in IN_DOUBT:
             raise AgentError(f"no in-doubt migration with id {mid_hex}")
         vm = self.registry.of(row)
+        if override and row.state is HandoffState.SERVING:
+            raise AgentError(f"migration {mid_hex} is post-copy: the VM runs on {row.peer.name} and still needs "
+                             "pages only this copy holds; no override resumes it here (without --override, "
+                             "palm asks the destination now and serves them)")
         if override:
             if vm is None:
                 raise AgentError(f"the VM of migration {mid_hex} is no longer here: nothing to resume")

@@ -265,9 +265,10 @@ class VmRegistry:
                              "never runs again (it is scrubbed at the agent's next start)")
         if vm.state == "incoming":
             raise AgentError(f"VM {name!r} is arriving by a migration; it is the destination's only after COMMIT")
-        if isinstance(vm, ModelVM) and vm.missing_count():
-            raise AgentError(f"VM {name!r} runs here but still receives {vm.missing_count()} pages by post-copy: "
-                             "it can be paused, destroyed or migrated once they are all in")
+        if isinstance(vm, ModelVM) and (vm.missing_count() or any(
+                r.vm_id == vm.vm_id for r in self.store.list(role=Role.DESTINATION, states=(HandoffState.PULLING,)))):
+            raise AgentError(f"VM {name!r} runs here but still receives pages by post-copy (its migration is not "
+                             "committed yet): it can be paused, destroyed or migrated once they are all in")
         return vm
 
     def set_run_state(self, name: str, run: bool) -> AnyVM:

@@ -441,7 +441,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if a.postcopy:
         args.update(postcopy=True, postcopy_after=a.postcopy_after, channels=1)
         print("post-copy: once the VM switches to the destination, its missing pages exist only on this "
-              "host until they have all arrived: losing this host then loses the VM", file=sys.stderr)
+              "host until they have all arrived: losing or rebooting this host then loses the VM", file=sys.stderr)
     view = ProgressView.for_command(a.json)
     view.to_name = to_name
     # SIGTERM (a service manager, `kill`) cancels as Ctrl-C does, and says so.

@@ -161,20 +161,17 @@ async def migrate_out(
             log.warning("in doubt after COMMIT", migration=mid.hex(), vm=name, peer=peer.name,
                         phase="in-doubt", error=error.code.value)
             stats.status, stats.phase = Status.IN_DOUBT, Phase.IN_DOUBT
-            with trio.move_on_after(in_doubt_wait):
-                while True:
-                    try:
-                        outcome = await recover_once(store, mid, vm, connect_recovery)
-                    except (OSError, sqlite3.Error, HypervisorError) as exc:  # asked again: the row decides
-                        log.error("recovery attempt failed", migration=mid.hex(), error=describe_error(exc))
-                        outcome = None
-                    if outcome is not None:
-                        return _recovered(outcome, name, mid, stats, started, peer.name)
-                    await trio.sleep(0.5)  # retry backoff
+            with trio.move_on_after(1):  # (post-copy: the destination's session ends before a recovery's serves)
+                await channel.aclose()
+            outcome = await _ask_until(store, mid, vm, connect_recovery, in_doubt_wait)
+            if outcome is not None:
+                return _recovered(outcome, name, mid, stats, started, peer.name)
             stats.total_time = time.monotonic() - started
-            return MigrationResult(False, mid, name, "in-doubt", stats,
-                                   f"{error}; outcome unknown, VM paused until the destination answers",
-                                   "in-doubt", "none (paused, in doubt)", peer.name)
+            serving = store.state_of(mid) is HandoffState.SERVING
+            return MigrationResult(False, mid, name, "in-doubt", stats, f"{error}; " + (
+                "the VM runs on the destination, its missing pages served from here once it answers" if serving
+                else "outcome unknown, VM paused until the destination answers"), "in-doubt",
+                "destination (pages still served from here)" if serving else "none (paused, in doubt)", peer.name)
         except BaseException:
             # Cancellation (operator cancel, agent shutdown), or an error of ours:
             # before the handoff point (the row says so) the VM runs here again.
@@ -211,6 +208,23 @@ async def migrate_out(
     finally:
         with trio.move_on_after(1):
             await channel.aclose()
+
+
+async def _ask_until(store: HandoffStore, mid: bytes, vm: HostedVM, connect_recovery: ConnectFn,
+                     wait: float) -> str | None:
+    """Asks the destination about an in-doubt migration until answered or ``wait`` is over
+    (an answer being served, post-copy's, runs to its end)."""
+    deadline = trio.current_time() + wait
+    while trio.current_time() < deadline:
+        try:
+            outcome = await recover_once(store, mid, vm, connect_recovery)
+        except (OSError, sqlite3.Error, HypervisorError) as exc:  # asked again: the row decides
+            log.error("recovery attempt failed", migration=mid.hex(), error=describe_error(exc))
+            outcome = None
+        if outcome is not None:
+            return outcome
+        await trio.sleep(min(0.5, max(0.0, deadline - trio.current_time())))  # retry backoff
+    return None
 
 
 async def _check_digest_at_pause(vm: HostedVM, stats: MigrationStats, mid: bytes) -> None:

@@ -30,8 +30,9 @@ class PageServer:
         self.round = round_no
         self.pending = np.unique(np.asarray(pending, dtype=np.uint64))
         self.sent = np.zeros(len(self.pending), dtype=bool)
+        self.asked = np.zeros(len(self.pending), dtype=bool)  # a FETCH named it (once is enough)
         self._cursor = 0  # the ascending push: every index below it is sent
-        self._asked: deque[int] = deque()  # indices a FETCH asked for, in order
+        self._asked: deque[int] = deque()  # indices a FETCH asked for, in order: at most one each
 
     @property
     def unsent(self) -> int:
@@ -47,7 +48,9 @@ class PageServer:
         """A FETCH: these go next (a gfn not pending or sent already is ignored: its
         page is on its way, or the destination asked about one it has)."""
         idx, ok = self._index(gfns)
-        self._asked.extend(int(i) for i in idx[ok] if not self.sent[i])
+        new = idx[ok][~self.sent[idx[ok]] & ~self.asked[idx[ok]]]
+        self.asked[new] = True
+        self._asked.extend(int(i) for i in new)
 
     def next_slice(self) -> Gfns | None:
         """The next pages to send (ascending, as PAGES wants), marked sent; None: all sent.

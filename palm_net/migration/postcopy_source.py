@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from palm_net.errors import ErrorCode, RemoteProtocolError
 from palm_net.migration.effects import (
     Effect,
     ExportFinalState,
@@ -63,16 +64,20 @@ def served(eng: SourceEngine, result: Served, now: float) -> list[Effect]:
         raise InDoubt("SERVING could not be recorded")
     assert eng.missing is not None
     eng.server = PageServer(eng.missing, eng.round)
+    for early in eng._early_fetches:  # FETCHes that came before SERVING was durable (a vCPU waits)
+        eng.server.fetch(early)
+    eng._early_fetches = []
     eng.stats.marks["serving"] = now
-    return [Note("serving", {"phase": "postcopy", "pages": len(eng.missing)}), *push(eng)]
+    return [Note("serving", {"phase": "postcopy", "pages": len(eng.missing)}), *push(eng, now)]
 
 
-def push(eng: SourceEngine) -> list[Effect]:
+def push(eng: SourceEngine, now: float) -> list[Effect]:
     """The next slice of missing pages (those a vCPU waits for first), if any is left."""
     assert eng.server is not None
     gfns = eng.server.next_slice()
-    if gfns is None:
-        return []  # every page went: PULLED (or a FETCH of one lost) is due
+    if gfns is None:  # every page went: PULLED is due (a destination gone quiet: asked again)
+        eng._reply_due(now)
+        return []
     eng.stats.served_pages += len(gfns)
     eng.stats.remaining = eng.server.unsent
     return eng._request(Step.SERVING, SendPages(gfns, eng.round), PagesSent)
@@ -81,12 +86,17 @@ def push(eng: SourceEngine) -> list[Effect]:
 def on_want(eng: SourceEngine, msg: Message, now: float) -> list[Effect]:
     """A recovery session's WANT: the pages still missing there; the last one starts serving."""
     w = msg.get(Want)
-    last = max((int(g[-1]) for g in eng._wanted if len(g)), default=-1)
-    eng._wanted.append(ascending_gfns(w.gfns, eng.info.npages, "WANT", above=last))
+    if (w.more and not w.gfns) or len(eng._wanted) >= eng.info.npages // MAX_PAGES_PER_MESSAGE + 1 or (
+            eng._wanted and w.round != eng.round):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "WANT: empty but not the last, more than the VM's pages "
+                                                       "need, or of another round")
+    eng.round = w.round
+    eng._wanted.append(gfns := ascending_gfns(w.gfns, eng.info.npages, "WANT", above=eng._wanted_last))
+    eng._wanted_last = int(gfns[-1]) if len(gfns) else eng._wanted_last
     if w.more:
         eng.step = Step.WANTING
+        eng._reply_due(now)
         return []
-    eng.round = w.round
     eng.missing = np.concatenate(eng._wanted)
     eng._wanted = []
     eng.stats.postcopy_pages = len(eng.missing)
@@ -94,12 +104,18 @@ def on_want(eng: SourceEngine, msg: Message, now: float) -> list[Effect]:
     return eng._request(Step.SERVING, Serve(), Served)
 
 
-def on_fetch(eng: SourceEngine, body: Fetch) -> list[Effect]:
-    assert eng.server is not None
+def on_fetch(eng: SourceEngine, body: Fetch, now: float) -> list[Effect]:
+    """A vCPU waits for these: next, ahead of the rest (before SERVING is durable: kept for then)."""
     gfns = ascending_gfns(body.gfns, eng.info.npages, "FETCH")
+    if not len(gfns):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "FETCH of no page")
     eng.stats.fetched_pages += len(gfns)
+    if eng.server is None:  # (RUNNING or the last WANT came; Served not yet): bounded, one a page at most
+        if sum(map(len, eng._early_fetches)) < eng.info.npages:
+            eng._early_fetches.append(gfns)
+        return []
     eng.server.fetch(gfns)
-    return push(eng) if eng._awaiting is None and eng.step is Step.SERVING else []
+    return push(eng, now) if eng._awaiting is None and eng.step is Step.SERVING else []
 
 
 def on_pulled(eng: SourceEngine, body: Pulled, now: float) -> list[Effect]:

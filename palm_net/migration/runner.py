@@ -592,6 +592,7 @@ class DestinationRun:
         self._faults: list[int] = []  # post-copy: gfns the VM's vCPUs wait for, not yet taken (_watch_faults)
         self._fault_woken = trio.Event()
         self._watching: HostedVM | None = None
+        self._hook: Callable[[int], None] | None = None
 
     @property
     def vm(self) -> HostedVM | None:
@@ -652,8 +653,8 @@ class DestinationRun:
             error = session_error(exc)
         finally:
             self._opened = None
-            if self._watching is not None:
-                cast(Backend, self._watching).on_fault = None
+            if self._watching is not None and cast(Backend, self._watching).on_fault is self._hook:
+                cast(Backend, self._watching).on_fault = None  # (only ours: another session may pull now)
             if self._opened_recv is not None:  # a data session still joining is told (attach)
                 with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                     while True:
@@ -689,7 +690,7 @@ class DestinationRun:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(arrived, gfn)
 
-        self._watching = vm
+        self._watching, self._hook = vm, on_fault
         cast(Backend, vm).on_fault = on_fault
 
     async def _feed_faults(self, out: trio.MemorySendChannel[_Opened]) -> None:

@@ -181,12 +181,13 @@ class SourceEngine:
         self.channel_records = [0] * self.channels  # PAGES (or STREAM) messages sent on each channel
         self.channel_bytes = [0] * self.channels  # a stream backend's bytes sent on each channel
         self.stats.channels = self.channels
-        # Post-copy (proto 7.9): switching instead of the stop-and-copy, then serving.
-        self.switching = False
+        self.switching = False  # post-copy (proto 7.9): switching instead of the stop-and-copy, then serving
         self.missing: Gfns | None = None  # the pages left to the serving phase
         self.server: PageServer | None = None
         self.pulled: Pulled | None = None  # the destination has every page (its digest, if asked)
-        self._wanted: list[Gfns] = []  # a recovery session's WANTs so far
+        self._wanted: list[Gfns] = []  # a recovery session's WANTs so far, and the highest gfn they named:
+        self._wanted_last = -1
+        self._early_fetches: list[Gfns] = []  # FETCHes before SERVING was durable
 
     def __repr__(self) -> str:
         return f"SourceEngine({self.step.value}, {self.proto.state.value}, round={self.round})"
@@ -221,6 +222,7 @@ class SourceEngine:
         p, i = self.params, self.info
         self.started = now
         if self.step is Step.WANTING:  # a recovery session: the destination speaks first
+            self._reply_due(now)
             return []
         refused = plain_refusal(p, i)
         if refused is not None:
@@ -244,8 +246,8 @@ class SourceEngine:
                 self.abort_token = body.token
                 raise MigrationFailure(ErrorCode.ABORTED, "destination refused the commit: " + body.reason)
             raise InDoubt("an abort without a valid token after COMMIT")
-        if isinstance(body, Fetch) and self.server is not None:  # (any time while serving)
-            return postcopy_source.on_fetch(self, body)
+        if isinstance(body, Fetch):  # (any time while serving: the state machine lets it through only then)
+            return postcopy_source.on_fetch(self, body, now)
         if isinstance(body, Pulled) and self.server is not None:
             return postcopy_source.on_pulled(self, body, now)
         if isinstance(body, RoundDone):
@@ -372,7 +374,7 @@ class SourceEngine:
 
     def _pages_sent(self, result: PagesSent, now: float) -> list[Effect]:
         if self.step in (Step.SERVING, Step.DONE):  # (PULLED may overtake the last slice's result)
-            return postcopy_source.push(self) if self.step is Step.SERVING else []
+            return postcopy_source.push(self, now) if self.step is Step.SERVING else []
         if self.step is Step.STOP_AND_COPY:
             return self._request(Step.EXPORTING, ExportFinalState(), FinalState)
         return self._request(Step.COLLECTING, CollectDirty(), Dirty)
