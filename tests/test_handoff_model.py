@@ -1,13 +1,16 @@
 """The handoff, checked exhaustively (issue 21, point 6): palm_net.testing.handoff_model.
 
-Every state of one migration reachable within the bound (messages lost,
-duplicated, reordered, delayed; crashes and restarts of either side at every
-step; recovery queries; the operator) is explored breadth first, and on each:
-never two runnable copies, never no copy; from each, recovery alone settles on
-exactly one running copy.  The model takes its rules from the code
-(handoff.MOVES / leaving / may_resume / may_scrub / may_run, looked up at call
-time, and VmRegistry.operable), so the mutation tests below break one rule of
-the code with monkeypatch and expect the checker to find a counterexample.
+Every state of one migration reachable within the bound (pre-copy or
+post-copy, the source's choice at the pause; messages lost, duplicated,
+reordered, delayed; crashes and restarts of either side at every step;
+recovery queries, post-copy's serving again; the operator) is explored breadth
+first, and on each: never two runnable copies, never no copy (post-copy: the
+destination's running copy and the source's paused one, both, until PULLED);
+from each, recovery alone settles on exactly one running copy.  The model
+takes its rules from the code (handoff.MOVES / leaving / may_resume / may_scrub
+/ may_run and orchestrate.IN_DOUBT, looked up at call time, and
+VmRegistry.operable), so the mutation tests below break one rule of the code
+with monkeypatch and expect the checker to find a counterexample.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from palm_net.agent.registry import VmRegistry
-from palm_net.migration import handoff
+from palm_net.migration import handoff, orchestrate
 from palm_net.migration.handoff import DESTINATION, SOURCE, HandoffState, Step
 from palm_net.testing import handoff_model as hm
 from tests.conftest import FUZZ_COUNTS
@@ -38,10 +41,21 @@ def test_the_handoff_is_safe_and_live(checked, record_property):
     record_property("handoff_model_states", result.states)
     record_property("handoff_model_bound", result.bounds.describe())
     FUZZ_COUNTS["handoff model states"] += result.states  # in the run's summary line, with or without -s
+    postcopy = sum(s.postcopy for s in result.seen)
+    record_property("handoff_model_postcopy_states", postcopy)
     assert not result.violations, f"{result.summary()}\n{result.violations[0]}"
     # The bound is the one stated in docs/SECURITY.md; a collapse of the state space would be a bug of the model.
-    assert result.states > 10000, result.summary()
-    assert result.seconds < 60, result.summary()
+    assert result.bounds.postcopy and result.states > 50000 and postcopy > 30000, (result.summary(), postcopy)
+    assert result.cpu < 60, result.summary()
+
+
+@pytest.mark.deep
+def test_the_handoff_at_a_deeper_bound():
+    """3 copies of each message in flight, 4 crashes, 2 forged messages: about 290,000
+    states, a minute or two of CPU (run with -m deep)."""
+    result = explore(hm.Bounds(copies=3, crashes=4, forged=2))
+    assert not result.violations, f"{result.summary()}\n{result.violations[0]}"
+    assert result.states > 250000, result.summary()
 
 
 def test_the_model_reaches_what_matters(checked):
@@ -55,6 +69,26 @@ def test_the_model_reaches_what_matters(checked):
     assert (HandoffState.HANDED_OFF, V.PAUSED, HandoffState.ABORTED, V.SCRUBBED) in seen  # in doubt, aborted
     # committed, activation failed: the only copy
     assert (HandoffState.DONE, V.SCRUBBED, HandoffState.COMMITTED, V.INCOMING) in seen
+
+
+def test_the_model_reaches_what_matters_in_postcopy(checked):
+    """Post-copy's runs: switched, served, pulled; RUNNING lost and the source asking;
+    served again by a recovery session; a pulling VM that does not run; a crash with
+    every page in but COMMITTED not yet written."""
+    S, D, V = hm.SrcPc, hm.DstPc, hm.Vm
+    pc = [s for s in checked.seen if s.postcopy and not s.destroyed]
+    seen = {(s.src_row, s.src_vm, s.dst_row, s.dst_vm, s.dst_missing) for s in pc}
+    assert (HandoffState.DONE, V.SCRUBBED, HandoffState.COMMITTED, V.RUNNING, False) in seen  # migrated
+    assert (HandoffState.SERVING, V.PAUSED, HandoffState.PULLING, V.RUNNING, True) in seen  # serving
+    assert (HandoffState.HANDED_OFF, V.PAUSED, HandoffState.PULLING, V.RUNNING, True) in seen  # RUNNING lost
+    assert (HandoffState.SERVING, V.PAUSED, HandoffState.PULLING, V.INCOMING, True) in seen  # activation failed
+    assert (HandoffState.SERVING, V.PAUSED, HandoffState.COMMITTED, V.RUNNING, False) in seen  # PULLED lost
+    assert (HandoffState.ABORTED, V.RUNNING, HandoffState.ABORTED, V.SCRUBBED, True) in seen  # aborted before COMMIT
+    assert any(s.src_pc is S.SERVING and s.dst_pc is D.PULL_AGAIN for s in pc)  # a recovery session serves
+    assert any(s.src_row is HandoffState.HANDED_OFF and s.src_pc is S.IN_DOUBT and s.msgs[hm.Msg.OUT_POSTCOPY]
+               for s in pc)  # "postcopy" on its way to a source that never had RUNNING
+    assert any(s.dst_row is HandoffState.PULLING and not s.dst_missing and not s.dst_up for s in pc)
+    assert any(s.src_row is HandoffState.SERVING and not s.src_up for s in pc)  # restarted serving
 
 
 def test_an_override_may_fork_and_only_an_override():
@@ -77,6 +111,10 @@ def test_the_operator_is_asked_through_operable():
     # committed, not running: not the operator's
     assert not ask(DESTINATION, HandoffState.COMMITTED, "incoming", True, False)
     assert ask(DESTINATION, HandoffState.COMMITTED, "running", False, False)
+    # post-copy: a serving copy never runs again; a pulling VM is not the operator's while pages are missing
+    assert not ask(SOURCE, HandoffState.SERVING, "paused", True, False)
+    assert not ask(DESTINATION, HandoffState.PULLING, "running", False, False, True)
+    assert ask(DESTINATION, HandoffState.PULLING, "running", False, False, False)
 
 
 def test_the_model_uses_the_codes_rules(monkeypatch):
@@ -90,7 +128,7 @@ def test_the_model_uses_the_codes_rules(monkeypatch):
             return _real(*a, **kw)
 
         monkeypatch.setattr(handoff, name, spy)
-    explore(hm.Bounds(crashes=1), liveness=False)
+    explore(hm.Bounds(crashes=1, postcopy=False), liveness=False)
     assert set(calls) == {"may_resume", "may_scrub", "may_run", "leaving"}, calls
 
 
@@ -131,7 +169,7 @@ def test_mutation_token_no_longer_resumes_is_caught_by_liveness(monkeypatch):
     real = handoff.may_resume
     monkeypatch.setattr(handoff, "may_resume", lambda state, *, token_ok=False, override=False:
                         state is not HandoffState.HANDED_OFF and real(state))
-    found = explore()
+    found = explore(hm.Bounds(postcopy=False))
     assert [v.kind for v in found.violations] == ["stuck"], found.summary()
     print(found.violations[0])
     assert found.violations[0].state.src_row is HandoffState.HANDED_OFF
@@ -162,3 +200,98 @@ def test_settling_a_session_by_its_outcome_loses_a_committed_vm():
     (may_scrub); this test keeps the counterexample in view until the code does too."""
     counterexample(hm.Bounds(settle_by_outcome=True), kind="loss")
 
+
+
+# --------------------------------------------------------------------------
+# Post-copy's mutations (proto 7.9): the source's copy kept, paused, until PULLED.
+
+
+def test_mutation_source_scrubs_a_serving_copy_is_caught(monkeypatch):
+    """(a) A serving source may scrub: the destination's VM loses the pages only it held."""
+    real = handoff.may_scrub
+    monkeypatch.setattr(handoff, "may_scrub",
+                        lambda side, state: real(side, state) or (side is SOURCE and state is HandoffState.SERVING))
+    found = counterexample(kind="loss")
+    assert found.state.dst_row is HandoffState.PULLING and found.state.src_vm is hm.Vm.SCRUBBED, str(found)
+
+
+def test_mutation_switch_straight_to_committed_is_caught(monkeypatch):
+    """(b) SWITCH moves prepared -> committed: a query is answered "committed" while
+    pages are missing, and the source confirms and scrubs too early."""
+    monkeypatch.setitem(handoff.MOVES, (DESTINATION, HandoffState.PREPARED, Step.SWITCH), HandoffState.COMMITTED)
+    found = counterexample(kind="loss")
+    assert found.state.dst_missing and found.state.src_row is HandoffState.DONE, str(found)
+
+
+def test_mutation_pulling_answered_committed_is_caught():
+    """(b) answer_query says "committed" for a pulling row: the source scrubs too early."""
+    found = counterexample(hm.Bounds(answer_pulling_committed=True), kind="loss")
+    assert found.state.dst_row is HandoffState.PULLING and found.state.src_row is HandoffState.DONE, str(found)
+    assert "source gets OUT_COMMITTED" in found.trace, str(found)
+
+
+def test_mutation_serving_source_resumes_is_caught(monkeypatch):
+    """(c) may_resume lets a serving source resume (with the table's abort move it needs):
+    its copy runs beside the destination's.  The operator's --override cannot reach a
+    serving row (--resolve and override_resume take a handed_off one only): a forged
+    OUTCOME is what the model finds."""
+    real = handoff.may_resume
+    monkeypatch.setattr(handoff, "may_resume", lambda state, *, token_ok=False, override=False:
+                        state is HandoffState.SERVING or real(state, token_ok=token_ok, override=override))
+    monkeypatch.setitem(handoff.MOVES, (SOURCE, HandoffState.SERVING, Step.ABORT), HandoffState.ABORTED)
+    found = counterexample(kind="fork")
+    assert found.state.dst_row is HandoffState.PULLING, str(found)
+
+
+def test_mutation_abort_from_serving_in_the_table_is_caught(monkeypatch):
+    """(c) The table alone: an abort move from serving is enough, since may_resume
+    guards handed_off only and lets any other state the table lets ABORT leave resume."""
+    monkeypatch.setitem(handoff.MOVES, (SOURCE, HandoffState.SERVING, Step.ABORT), HandoffState.ABORTED)
+    counterexample(kind="fork")
+
+
+def test_mutation_abort_from_pulling_in_the_table_is_caught(monkeypatch):
+    """A pulling row that can be aborted (answer_query's abort_forever) hands out a token
+    while the VM runs at the destination."""
+    monkeypatch.setitem(handoff.MOVES, (DESTINATION, HandoffState.PULLING, Step.ABORT), HandoffState.ABORTED)
+    counterexample(kind="fork")
+
+
+def test_mutation_serving_source_may_run_is_caught(monkeypatch):
+    """may_run(SOURCE, serving): the outgoing service's _settle resumes the paused copy."""
+    real = handoff.may_run
+    monkeypatch.setattr(handoff, "may_run",
+                        lambda side, state: real(side, state) or (side is SOURCE and state is HandoffState.SERVING))
+    counterexample(kind="fork")
+
+
+def test_mutation_destination_scrubs_a_pulling_vm_is_caught(monkeypatch):
+    """The destination's copy ran: scrubbing it loses the VM (the source's copy is stale)."""
+    real = handoff.may_scrub
+    monkeypatch.setattr(handoff, "may_scrub", lambda side, state:
+                        real(side, state) or (side is DESTINATION and state is HandoffState.PULLING))
+    counterexample(kind="loss")
+
+
+def test_mutation_operator_resumes_a_serving_vm_is_caught(monkeypatch):
+    """operable without its serving guard: the operator's vm resume runs the stale copy."""
+    real = VmRegistry.operable
+
+    def operable(self, name):
+        vm = self.get(name)
+        row = self.store.get(vm.migration) if vm.migration else None
+        return vm if row is not None and row.state is HandoffState.SERVING else real(self, name)
+
+    monkeypatch.setattr(VmRegistry, "operable", operable)
+    found = counterexample(kind="fork")
+    assert "operator: vm resume (source)" in found.trace, str(found)
+
+
+def test_mutation_serving_not_in_doubt_is_caught_by_liveness(monkeypatch):
+    """orchestrate.IN_DOUBT without serving: a serving source whose session broke off
+    (or that restarted) is never asked about, and the destination pulls forever."""
+    monkeypatch.setattr(orchestrate, "IN_DOUBT", (HandoffState.HANDED_OFF,))
+    found = explore(hm.Bounds(crashes=0, forged=0, operator=False))
+    assert [v.kind for v in found.violations] == ["stuck"], found.summary()
+    print(found.violations[0])
+    assert found.violations[0].state.src_row is HandoffState.SERVING

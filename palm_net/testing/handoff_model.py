@@ -1,35 +1,56 @@
-"""An exhaustive, explicit-state model of the handoff (proto/PROTOCOL.md 7.5).
+"""An exhaustive, explicit-state model of the handoff (proto/PROTOCOL.md 7.5, and
+post-copy's, 7.9).
 
-One migration of one VM between a source and a destination agent.  A state is
-what survives and what is in flight:
+One migration of one VM between a source and a destination agent, pre-copy or
+post-copy (the source's choice at the pause; ``Bounds.postcopy`` explores both).
+A state is what survives and what is in flight:
 
-- each side's durable row (source: none / sending / handed_off / done /
-  aborted; destination: none / receiving / prepared / committed / aborted);
+- each side's durable row (source: none / sending / handed_off / serving /
+  done / aborted; destination: none / receiving / prepared / pulling /
+  committed / aborted);
 - each side's copy of the VM (source: running / paused / scrubbed;
   destination: none / incoming / running / scrubbed; "incoming" with a
-  committed row is the committed-not-running copy a failed activation leaves);
+  committed or pulling row is the not-running copy a failed activation
+  leaves), and whether the destination's copy still misses pages only the
+  source's holds (post-copy's map, durable with the VM);
 - each side up or crashed, and what its process is in the middle of (lost in
-  a crash): the source's ``migrate_out`` and recovery, the destination's session;
+  a crash): the source's ``migrate_out``, its recovery and serving sessions,
+  the destination's session (the migration's, or a recovery one pulling);
 - the messages in flight, a bounded multiset: any of them may be lost,
   duplicated, delayed past any other (so reordered), or delivered.
+
+Post-copy: COMPLETE carries MISSING; at COMMIT the destination moves prepared
+-> pulling (SWITCH), runs the VM and answers RUNNING instead of DONE; the source
+moves handed_off -> serving (SERVE) and sends PAGES (every page the destination
+misses, FETCHed or pushed: one message), keeping its copy paused; once they are
+in, the destination moves pulling -> committed (PULLED) and says PULLED, and
+the source moves serving -> done (CONFIRM) and scrubs.  Recovery: a source in
+doubt (handed_off or serving) asks with QUERY; a pulling destination answers
+``postcopy`` (its WANTs with it) and that session pulls, the source's serves
+(handed_off -> serving first), ending in PULLED as above.
 
 The steps are the code's, in the code's order (persist, then act), with the
 durable move and the VM action as separate steps so that a crash may fall
 between them.  Every state move is taken from ``handoff.MOVES`` / ``leaving``,
-and every decision to resume, scrub or run from ``handoff.may_resume`` /
-``may_scrub`` / ``may_run``, looked up at call time (a test may monkeypatch
+every decision to resume, scrub or run from ``handoff.may_resume`` /
+``may_scrub`` / ``may_run``, and which source rows are in doubt (asked about)
+from ``orchestrate.IN_DOUBT``, looked up at call time (a test may monkeypatch
 them); what the operator may touch is decided by the real
 ``VmRegistry.operable``.  The properties checked are the model's own (they do
 not use those functions, so a wrong rule cannot redefine what is right):
 
 - never two runnable copies (the source's running, and the destination's
-  running or committed), except after the operator's override;
+  running, committed or pulling), except after the operator's override;
 - never no copy at all: some copy that may run (now, or once the in-doubt
-  handoff is settled) always exists, unless the operator destroyed one;
+  handoff is settled) always exists, unless the operator destroyed one.
+  Post-copy: while the destination's copy (which ran) misses pages, the VM is
+  whole only with both, that copy and the source's paused one (not done):
+  either scrubbed or lost before PULLED is a loss;
 - from every reachable state, recovery alone (no more crashes, losses or
   forged messages; restarts, timeouts, deliveries, queries and answers, a
   committed activation retried) can reach a settled state with exactly one
-  running copy and nothing left over (checked as "AG EF settled").
+  running copy and nothing left over: no row in flight, no page missing
+  (checked as "AG EF settled").
 
 What is abstracted: the pages, keys and checks of 7.1-7.4 are one BEGIN and
 one COMPLETE (a failed check is a session failure, which is modelled); one
@@ -37,6 +58,13 @@ migration id and one peer (other migrations, other agents' queries, name
 reuse and the pruning of old rows are not modelled); a crash loses the
 messages to that side (its sessions die) but not those it already sent; the
 abort token is valid or not (a forged or garbled one is "not"), never stolen.
+Post-copy's serving is one PAGES message (FETCH, WANT, the push and a refused
+page are not told apart: a session that breaks off is modelled); sessions that
+serve or pull at once (the migration's and a recovery one) are one on each
+side (they share the row and the VM's map); a page's content is the same from
+any session (the source's copy is paused since the switch).  The source
+host's loss while serving (post-copy's inherent risk, 7.9 item 7) is not
+modelled: a crash loses no durable row and no copy.
 """
 
 from __future__ import annotations
@@ -51,9 +79,10 @@ from typing import NamedTuple, cast
 
 from palm_net.agent.errors import AgentError
 from palm_net.agent.registry import VmRegistry
+from palm_net.hypervisor.model import ModelVM
 from palm_net.hypervisor.qemu import Confinement
 from palm_net.hypervisor.vms import AnyVM
-from palm_net.migration import handoff
+from palm_net.migration import handoff, orchestrate
 from palm_net.migration.handoff import HandoffState, HandoffStore, Step
 from palm_net.wire.protocol import Role
 
@@ -85,11 +114,17 @@ class Msg(enum.IntEnum):
     OUT_ABORTED = 10  # OUTCOME aborted, with a valid token
     OUT_BAD = 11  # OUTCOME aborted with a (non-empty) token that does not verify
     OUT_UNKNOWN = 12
+    # post-copy (proto 7.9)
+    PAGES = 13  # to the destination: the pages it misses (FETCHed or pushed; the WANT set on recovery)
+    RUNNING = 14  # to the source: PULLING durable, the VM runs at the destination (instead of DONE)
+    PULLED = 15  # to the source: every page in, COMMITTED durable
+    OUT_POSTCOPY = 16  # OUTCOME postcopy (and the destination's WANTs): the session goes on serving
 
 
-TO_DST = frozenset({Msg.BEGIN, Msg.COMPLETE, Msg.COMMIT, Msg.ABORT, Msg.QUERY})
+TO_DST = frozenset({Msg.BEGIN, Msg.COMPLETE, Msg.COMMIT, Msg.ABORT, Msg.QUERY, Msg.PAGES})
 TO_SRC = frozenset(Msg) - TO_DST
 NO_MSGS = (0,) * len(Msg)
+ALL_MSGS = tuple(Msg)  # by index (Msg(i) is slow)
 
 
 class SrcPc(enum.Enum):
@@ -101,6 +136,7 @@ class SrcPc(enum.Enum):
     WAIT_READY = "wait-ready"  # paused, COMPLETE sent
     COMMIT_SENT = "commit-sent"  # only with commit_before_handoff (a mutation): COMMIT left, handed_off not durable
     WAIT_DONE = "wait-done"  # handed_off durable, COMMIT sent
+    SERVING = "serving"  # post-copy: serving durable, PAGES sent, PULLED awaited (migrate_out's or recovery's session)
     IN_DOUBT = "in-doubt"  # handed_off, asking the destination (recovery loop)
     RESUME = "resume"  # the row says aborted; resume_after_migration is next
     SCRUB = "scrub"  # the row says done (or the answer said committed); the scrub is next
@@ -116,11 +152,17 @@ class DstPc(enum.Enum):
     SCRUB_SEND = "scrub-send"  # abort_forever moved (or not): the scrub decision, then ABORT (a failure)
     SCRUB_QUIET = "scrub-quiet"  # the same, no ABORT (the source aborted)
     SCRUB_LOAD = "scrub-load"  # the same, at restart (registry.load)
+    PULLING = "pulling"  # post-copy: the migration's session after RUNNING, taking PAGES
+    PULL_AGAIN = "pull-again"  # post-copy: a recovery session answered postcopy, taking PAGES (others get unknown)
+    FINISH = "finish"  # post-copy: every page in; the pulled move is next, then PULLED
 
 
 SRC_PENDING = frozenset({SrcPc.RESUME, SrcPc.SCRUB})  # mid-call: only the act itself, or a crash
 DST_PENDING = frozenset({DstPc.SCRUB_SEND, DstPc.SCRUB_QUIET, DstPc.SCRUB_LOAD})
-MIGRATING = frozenset({SrcPc.PRECOPY, SrcPc.WAIT_READY, SrcPc.COMMIT_SENT, SrcPc.WAIT_DONE})  # migrate_out runs
+MIGRATING = frozenset({SrcPc.PRECOPY, SrcPc.WAIT_READY, SrcPc.COMMIT_SENT, SrcPc.WAIT_DONE,
+                       SrcPc.SERVING})  # migrate_out runs
+UNSETTLED = frozenset({HandoffState.HANDED_OFF, HandoffState.SERVING})  # a source row only the destination settles
+PULLERS = frozenset({DstPc.PULLING, DstPc.PULL_AGAIN})
 
 
 class State(NamedTuple):
@@ -137,6 +179,8 @@ class State(NamedTuple):
     forged: int  # forged messages so far
     override: bool  # the operator overrode (set only by an override: every trace to here has one)
     destroyed: bool  # the operator destroyed a copy (a VM may then be gone on purpose)
+    postcopy: bool = False  # the source switched (post-copy) instead of the stop-and-copy; COMPLETE says so
+    dst_missing: bool = False  # the destination's copy misses pages only the source's holds (its post-copy map)
 
 
 INITIAL = State(None, Vm.RUNNING, True, SrcPc.START, None, Vm.NONE, True, DstPc.IDLE, NO_MSGS, 0, 0, False, False)
@@ -154,10 +198,13 @@ class Bounds:
     commit_before_handoff: bool = False  # a mutation: COMMIT sent before handed_off is durable
     unexpected_errors: bool = True  # commit_and_activate raising past the engine (the row committed)
     settle_by_outcome: bool = False  # incoming._settle scrubs by the engine's outcome (the code today)
+    postcopy: bool = True  # the source may switch to post-copy at the pause (both are explored)
+    answer_pulling_committed: bool = False  # a mutation: answer_query says committed for a pulling row
 
     def describe(self) -> str:
         return (f"<= {self.copies} copies of each message in flight, <= {self.crashes} crashes, "
-                f"<= {self.forged} forged messages, override {'on' if self.override else 'off'}")
+                f"<= {self.forged} forged messages, override {'on' if self.override else 'off'}, "
+                f"{'pre-copy and post-copy' if self.postcopy else 'pre-copy only'}")
 
 
 class Edge(NamedTuple):
@@ -198,13 +245,16 @@ class _Store:
         return self.row
 
 
-class _Vm:
-    """Just enough of a hosted VM for ``VmRegistry.operable``."""
+class _Vm(ModelVM):
+    """Just enough of a hosted model VM for ``VmRegistry.operable`` (nothing of it is opened)."""
 
-    def __init__(self, state: str, migration: bytes | None) -> None:
+    def __init__(self, state: str, migration: bytes | None, missing: int) -> None:  # (no super().__init__)
         self.name = "vm"
-        self.state = state
-        self.migration = migration
+        self.config = {"state": state, "migration": migration.hex() if migration else None}
+        self._pages_missing = missing
+
+    def missing_count(self) -> int:
+        return self._pages_missing
 
 
 class Operable:
@@ -215,16 +265,16 @@ class Operable:
         self._migrating = False
         self.registry = VmRegistry(Path("/nonexistent"), Path("/nonexistent"), b"", cast(HandoffStore, self._store),
                                    cast(Confinement, None), None, lambda name: self._migrating)
-        self._seen: dict[tuple[Role, HandoffState | None, str, bool, bool], bool] = {}
+        self._seen: dict[tuple[Role, HandoffState | None, str, bool, bool, bool], bool] = {}
 
     def __call__(self, side: Role, row: HandoffState | None, vm_state: str, records_mid: bool,
-                 migrating: bool) -> bool:
-        key = (side, row, vm_state, records_mid, migrating)
+                 migrating: bool, missing: bool = False) -> bool:
+        key = (side, row, vm_state, records_mid, migrating, missing)
         if key not in self._seen:
             self._migrating = migrating
             self._store.row = None if row is None else handoff.MigrationRow(
                 MID, side, "vm", b"id", handoff.Peer("peer", b"", b""), row, None, None, None, 0.0, 0.0)
-            self.registry.vms = {"vm": cast(AnyVM, _Vm(vm_state, MID if records_mid else None))}
+            self.registry.vms = {"vm": cast(AnyVM, _Vm(vm_state, MID if records_mid else None, int(missing)))}
             try:
                 self.registry.operable("vm")
                 self._seen[key] = True
@@ -259,7 +309,7 @@ class Model:
     def drop_to(s: State, side: Role) -> State:
         """A crash: the sessions to that side die, and what was on its way to it with them."""
         lost = TO_DST if side is DESTINATION else TO_SRC
-        return s._replace(msgs=tuple(0 if Msg(i) in lost else n for i, n in enumerate(s.msgs)))
+        return s._replace(msgs=tuple(0 if ALL_MSGS[i] in lost else n for i, n in enumerate(s.msgs)))
 
     # -- the source
 
@@ -271,8 +321,33 @@ class Model:
             return s._replace(src_pc=SrcPc.IDLE)
         return s._replace(src_row=row, src_pc=SrcPc.RESUME)
 
+    def src_session_failed(self, s: State) -> State:
+        """migrate_out's session failed after COMMIT: the row decides.  In doubt
+        (``orchestrate.IN_DOUBT``), the outgoing service's ``_settle`` decides by the row
+        (scrub, or resume a copy it may run) and its recovery task asks until answered;
+        else as before the handoff point."""
+        if s.src_row not in orchestrate.IN_DOUBT:
+            return self.src_fail_before_handoff(s)
+        s = s._replace(src_pc=SrcPc.IN_DOUBT)
+        if handoff.may_scrub(SOURCE, s.src_row):
+            return s._replace(src_vm=Vm.SCRUBBED)
+        if s.src_vm is Vm.PAUSED and handoff.may_run(SOURCE, s.src_row):  # activation_failed, retried: resumed
+            return s._replace(src_pc=SrcPc.RESUME)
+        return s
+
+    def src_serve(self, s: State, *, recovery: bool) -> State:
+        """Post-copy: ``store.serve`` (SERVING, or already), then PAGES; PULLED awaited.
+        If the row does not read SERVING: the migration's session raises InDoubt (the
+        row decides), a recovery session returns None (asked again)."""
+        row = move(SOURCE, s.src_row, Step.SERVE) or s.src_row
+        if row is HandoffState.SERVING and s.src_vm is not Vm.SCRUBBED:  # (_serve_again needs the copy)
+            return self.send(s._replace(src_row=row, src_pc=SrcPc.SERVING), Msg.PAGES)
+        return s._replace(src_row=row) if recovery else self.src_session_failed(s._replace(src_row=row))
+
     def src_answer(self, s: State, m: Msg) -> State:
         """recover_once applying an OUTCOME (the recovery loop's, or the operator's --resolve)."""
+        if m is Msg.OUT_POSTCOPY:  # _serve_again: SERVING (if RUNNING never came), the WANT set, PULLED
+            return self.src_serve(s, recovery=True) if s.src_row in orchestrate.IN_DOUBT else s
         if m is Msg.OUT_COMMITTED:  # confirm_and_scrub: DONE, then the scrub the row allows
             row = move(SOURCE, s.src_row, Step.CONFIRM) or s.src_row
             return s._replace(src_row=row, src_pc=SrcPc.SCRUB)
@@ -294,17 +369,21 @@ class Model:
         if m is Msg.DONE and pc is SrcPc.WAIT_DONE:
             row = move(SOURCE, s.src_row, Step.CONFIRM)  # migrate_out: confirm, then scrub
             return s._replace(src_row=row, src_pc=SrcPc.SCRUB) if row else s._replace(src_pc=SrcPc.IDLE)
+        if m is Msg.RUNNING and pc is SrcPc.WAIT_DONE:  # post-copy: serve, durable before the first page
+            return self.src_serve(s, recovery=False)
+        if m is Msg.PULLED and pc is SrcPc.SERVING:  # confirm (serving -> done), then the scrub the row allows
+            return s._replace(src_row=move(SOURCE, s.src_row, Step.CONFIRM) or s.src_row, src_pc=SrcPc.SCRUB)
         if m in (Msg.ABORT_TOKEN, Msg.ABORT_BAD):
             if pc in (SrcPc.PRECOPY, SrcPc.WAIT_READY, SrcPc.COMMIT_SENT):  # before the handoff point
                 return self.src_fail_before_handoff(s)
-            if pc is SrcPc.WAIT_DONE:  # after it: the token decides (runner._finish)
+            if pc in (SrcPc.WAIT_DONE, SrcPc.SERVING):  # after it: the token decides (migrate_out)
                 if m is Msg.ABORT_TOKEN:
                     row = resume_move(s.src_row, token_ok=True)
                     if row is not None:
                         return s._replace(src_row=row, src_pc=SrcPc.RESUME)
-                return s._replace(src_pc=SrcPc.IN_DOUBT)
+                return self.src_session_failed(s)
             return s
-        if m in (Msg.OUT_COMMITTED, Msg.OUT_ABORTED, Msg.OUT_BAD, Msg.OUT_UNKNOWN):
+        if m in (Msg.OUT_COMMITTED, Msg.OUT_ABORTED, Msg.OUT_BAD, Msg.OUT_UNKNOWN, Msg.OUT_POSTCOPY):
             return self.src_answer(s, m)
         return s  # no session expects it here
 
@@ -321,7 +400,7 @@ class Model:
             return s._replace(src_pc=SrcPc.RESUME)
         if row is HandoffState.DONE:
             return s._replace(src_pc=SrcPc.SCRUB)
-        if row is HandoffState.HANDED_OFF:
+        if row in orchestrate.IN_DOUBT:  # handed_off, or serving (its copy stays paused): asked about
             return s._replace(src_pc=SrcPc.IN_DOUBT)
         return s
 
@@ -349,8 +428,11 @@ class Model:
             yield Edge("source opens (sending), BEGIN", self.send(s._replace(src_row=row, src_pc=SrcPc.PRECOPY),
                                                                   Msg.BEGIN), True)
         elif pc is SrcPc.PRECOPY:
-            yield Edge("source pauses, COMPLETE", self.send(s._replace(src_vm=Vm.PAUSED, src_pc=SrcPc.WAIT_READY),
-                                                            Msg.COMPLETE), True)
+            paused = s._replace(src_vm=Vm.PAUSED, src_pc=SrcPc.WAIT_READY)
+            yield Edge("source pauses, COMPLETE", self.send(paused, Msg.COMPLETE), True)
+            if b.postcopy:  # the switch: MISSING names what is not sent, then COMPLETE
+                yield Edge("source switches (post-copy): pauses, MISSING, COMPLETE",
+                           self.send(paused._replace(postcopy=True), Msg.COMPLETE), True)
         elif pc is SrcPc.COMMIT_SENT:
             row = move(SOURCE, s.src_row, Step.HAND_OFF)
             yield Edge("source persists handed_off (after COMMIT)",
@@ -359,8 +441,12 @@ class Model:
         if pc in (SrcPc.PRECOPY, SrcPc.WAIT_READY, SrcPc.COMMIT_SENT):
             yield Edge("source fails before the handoff point", self.src_fail_before_handoff(s), True)
         if pc is SrcPc.WAIT_DONE:
-            yield Edge("source times out after COMMIT: in doubt", s._replace(src_pc=SrcPc.IN_DOUBT), True)
-        if s.src_row is HandoffState.HANDED_OFF and s.msgs[Msg.QUERY] < b.copies:  # recovery loop, or --resolve
+            yield Edge("source times out after COMMIT: in doubt", self.src_session_failed(s), True)
+        if pc is SrcPc.SERVING:  # the session breaks off (lost, timed out, a page refused)
+            yield Edge("source serving session ends: in doubt", self.src_session_failed(s), True)
+        # the recovery loop (or --resolve, handed_off only) asks
+        asks = s.src_row is HandoffState.HANDED_OFF or (s.src_row in orchestrate.IN_DOUBT and pc is SrcPc.IN_DOUBT)
+        if asks and s.msgs[Msg.QUERY] < b.copies:
             yield Edge("source asks (QUERY)", self.send(s, Msg.QUERY), True)
         if b.override and s.src_row is HandoffState.HANDED_OFF and s.src_vm is not Vm.SCRUBBED:
             row = resume_move(s.src_row, override=True)  # override_resume
@@ -386,13 +472,24 @@ class Model:
         return s._replace(dst_row=row, dst_pc=then)
 
     def dst_answer(self, s: State) -> State:
-        """answer_query: record an unknown id aborted, or abort forever what is not committed; then say it."""
+        """answer_query: record an unknown id aborted, or abort forever what is not committed; then say it.
+        A pulling row: ``postcopy``, and this session pulls (serve_incoming, _pull_again), unless
+        a recovery session pulls already or the VM is not here (``unknown``: asked again)."""
         if s.dst_row is None:
             s = s._replace(dst_row=handoff.MOVES[(DESTINATION, None, Step.ABORT)])  # record_unknown
         else:
             s = s._replace(dst_row=move(DESTINATION, s.dst_row, Step.ABORT) or s.dst_row)
         if s.dst_row is HandoffState.COMMITTED:
             return self.send(s, Msg.OUT_COMMITTED)
+        if s.dst_row is HandoffState.PULLING:
+            if self.b.answer_pulling_committed:
+                return self.send(s, Msg.OUT_COMMITTED)
+            if s.dst_pc is DstPc.PULL_AGAIN or s.dst_vm not in (Vm.RUNNING, Vm.INCOMING):  # _pulling_vm: None
+                return self.send(s, Msg.OUT_UNKNOWN)
+            if s.dst_pc in (DstPc.IDLE, DstPc.PULLING):  # (the migration's own session is not registered)
+                # WANT what the map holds; an empty map: settled and pulled at once
+                s = s._replace(dst_pc=DstPc.PULL_AGAIN if s.dst_missing else DstPc.FINISH)
+            return self.send(s, Msg.OUT_POSTCOPY)  # (mid-call elsewhere: that session pulls once it is done)
         return self.send(s, Msg.OUT_ABORTED if s.dst_row is HandoffState.ABORTED else Msg.OUT_UNKNOWN)
 
     def dst_receive(self, s: State, m: Msg) -> State:
@@ -405,26 +502,35 @@ class Model:
                                   dst_pc=DstPc.RECEIVING)
             return s  # an id already recorded: a replay, refused (its ABORT goes to whoever replayed it)
         if m is Msg.COMPLETE and pc is DstPc.RECEIVING:
+            s = s._replace(dst_missing=s.postcopy)  # MISSING, before COMPLETE: the map, kept with the VM
             row = move(DESTINATION, s.dst_row, Step.PREPARE)  # synced, then prepared
             if row is None:  # aborted meanwhile (a query): the engine fails
                 return self.dst_abort(s, DstPc.SCRUB_SEND)
             return self.send(s._replace(dst_row=row, dst_pc=DstPc.WAIT_COMMIT), Msg.READY)
-        if m is Msg.COMMIT and pc is DstPc.WAIT_COMMIT:  # commit_and_activate
-            row = move(DESTINATION, s.dst_row, Step.COMMIT)
+        if m is Msg.COMMIT and pc is DstPc.WAIT_COMMIT:  # commit_and_activate (post-copy: switch_and_activate)
+            row = move(DESTINATION, s.dst_row, Step.SWITCH if s.postcopy else Step.COMMIT)
             if not handoff.may_run(DESTINATION, row or s.dst_row):  # aborted before: the abort stands
                 return self.dst_abort(s, DstPc.SCRUB_SEND)
             if row is None:  # committed by an earlier call
-                return self.send(s._replace(dst_pc=DstPc.IDLE), Msg.DONE)
+                return self.dst_activated(s)
             return s._replace(dst_row=row, dst_pc=DstPc.ACTIVATE)
         if m is Msg.ABORT and pc in (DstPc.RECEIVING, DstPc.WAIT_COMMIT):
             return self.dst_abort(s, DstPc.SCRUB_QUIET)
+        if m is Msg.PAGES and pc in PULLERS and s.dst_missing:  # written, then their bits cleared
+            return s._replace(dst_missing=False, dst_pc=DstPc.FINISH)
         return s  # no session expects it
+
+    def dst_activated(self, s: State) -> State:
+        """After the commit window: DONE; post-copy RUNNING, and this session pulls."""
+        if s.postcopy:
+            return self.send(s._replace(dst_pc=DstPc.PULLING), Msg.RUNNING)
+        return self.send(s._replace(dst_pc=DstPc.IDLE), Msg.DONE)
 
     def dst_restart(self, s: State) -> Iterator[Edge]:
         """registry.load: a committed incoming VM is activated (which may fail again);
         anything else in flight is aborted forever and its VM scrubbed."""
         s = s._replace(dst_up=True, dst_pc=DstPc.IDLE)
-        if s.dst_vm is Vm.INCOMING and s.dst_row is HandoffState.COMMITTED:
+        if s.dst_vm is Vm.INCOMING and handoff.may_run(DESTINATION, s.dst_row):  # committed (or pulling)
             yield Edge("destination restarts, activates", s._replace(dst_vm=Vm.RUNNING), True)
             yield Edge("destination restarts, activation fails", s, False)
             return
@@ -456,21 +562,30 @@ class Model:
             if s.msgs[Msg.QUERY]:  # answer_query runs on the agent's thread, the store's call in a worker
                 yield Edge("destination gets QUERY", self.dst_answer(self.take(s, Msg.QUERY)), True)
             return
+        if pc is DstPc.FINISH:  # pulled: synced, then COMMITTED, then PULLED (not committed: the session ends)
+            row = move(DESTINATION, s.dst_row, Step.PULLED)
+            t = s._replace(dst_pc=DstPc.IDLE)
+            yield Edge("destination pulled: committed, PULLED",
+                       self.send(t._replace(dst_row=row), Msg.PULLED) if row else t, True)
+            return
         if pc is DstPc.ACTIVATE:
-            yield Edge("destination activates, DONE",
-                       self.send(s._replace(dst_vm=Vm.RUNNING, dst_pc=DstPc.IDLE), Msg.DONE), True)
-            yield Edge("destination activation fails (committed, not running), DONE",
-                       self.send(s._replace(dst_pc=DstPc.IDLE), Msg.DONE), False)
+            said = "RUNNING" if s.postcopy else "DONE"
+            yield Edge(f"destination activates, {said}", self.dst_activated(s._replace(dst_vm=Vm.RUNNING)), True)
+            yield Edge(f"destination activation fails (committed, not running), {said}", self.dst_activated(s),
+                       False)
             if b.unexpected_errors:  # the engine never learns it committed: the runner's _fail
                 yield Edge("destination commit raises past the engine", self.dst_abort(s, DstPc.SCRUB_SEND), False)
         if pc in (DstPc.RECEIVING, DstPc.WAIT_COMMIT):  # deadline, lost connection, peer refused
             yield Edge("destination session fails", self.dst_abort(s, DstPc.SCRUB_SEND), True)
-        if pc is DstPc.IDLE and s.dst_row is HandoffState.COMMITTED and s.dst_vm is Vm.INCOMING:
+        if pc in PULLERS:  # its deadline, the source gone, a page refused: the VM runs on, waiting for recovery
+            yield Edge("destination pulling session ends", s._replace(dst_pc=DstPc.IDLE), True)
+        retry = pc in (DstPc.IDLE, DstPc.PULL_AGAIN) and handoff.may_run(DESTINATION, s.dst_row)
+        if retry and s.dst_vm is Vm.INCOMING:
             # what a restart does (registry.load), without the crash: the retry of a committed activation
             yield Edge("destination retries activation", s._replace(dst_vm=Vm.RUNNING), True)
         if b.operator and s.dst_vm in (Vm.RUNNING, Vm.INCOMING):
             state = "running" if s.dst_vm is Vm.RUNNING else "incoming"
-            if self.operable(DESTINATION, s.dst_row, state, s.dst_vm is Vm.INCOMING, False):
+            if self.operable(DESTINATION, s.dst_row, state, s.dst_vm is Vm.INCOMING, False, s.dst_missing):
                 yield Edge("operator: vm destroy (destination)", s._replace(dst_vm=Vm.SCRUBBED, destroyed=True),
                            False)
         for m in TO_DST:
@@ -509,19 +624,28 @@ def alive(s: State, m: Msg) -> bool:
     if m in (Msg.COMPLETE, Msg.COMMIT, Msg.ABORT):  # the destination's session, once over, never comes back
         return s.dst_row is None or s.dst_pc in (DstPc.RECEIVING, DstPc.WAIT_COMMIT)
     if m is Msg.QUERY:
-        return s.src_row is HandoffState.HANDED_OFF or s.dst_row not in (HandoffState.COMMITTED, HandoffState.ABORTED)
+        return s.src_row in UNSETTLED or s.dst_row not in (HandoffState.COMMITTED, HandoffState.ABORTED)
     if m is Msg.READY:
         return s.src_pc in (SrcPc.START, SrcPc.PRECOPY, SrcPc.WAIT_READY)
-    if m in (Msg.DONE, Msg.ABORT_TOKEN, Msg.ABORT_BAD):  # the source's session, likewise
+    if m in (Msg.DONE, Msg.RUNNING):  # the source's session, likewise
         return s.src_pc in SESSION_PCS
+    if m in (Msg.ABORT_TOKEN, Msg.ABORT_BAD):
+        return s.src_pc in SESSION_PCS or s.src_pc is SrcPc.SERVING
+    if m is Msg.PAGES:  # a pulling session's (or one about to pull, mid-commit window), while pages are missing
+        return (s.dst_row is HandoffState.PULLING and s.dst_missing
+                and (s.dst_pc in PULLERS or s.dst_pc is DstPc.ACTIVATE))
+    if m is Msg.PULLED:  # a serving session's
+        return s.src_pc is SrcPc.SERVING
+    if m is Msg.OUT_UNKNOWN:  # changes nothing anywhere
+        return False
     # OUTCOMEs: acted on while in doubt; "committed" also scrubs what the row lets go
-    return s.src_row is HandoffState.HANDED_OFF or (m is Msg.OUT_COMMITTED and s.src_vm is not Vm.SCRUBBED)
+    return s.src_row in UNSETTLED or (m is Msg.OUT_COMMITTED and s.src_vm is not Vm.SCRUBBED)
 
 
 def forget_dead(s: State) -> State:
     if not any(s.msgs):
         return s
-    msgs = tuple(n if n == 0 or alive(s, Msg(i)) else 0 for i, n in enumerate(s.msgs))
+    msgs = tuple(n if n == 0 or alive(s, ALL_MSGS[i]) else 0 for i, n in enumerate(s.msgs))
     return s if msgs == s.msgs else s._replace(msgs=msgs)
 
 
@@ -529,29 +653,37 @@ def forget_dead(s: State) -> State:
 # The properties (the model's own, not the code's rules)
 
 
+TAKEN_OVER = frozenset({HandoffState.COMMITTED, HandoffState.PULLING})  # the destination took the VM at COMMIT
+
+
 def fork(s: State) -> bool:
-    """Two runnable copies: the source's running, and the destination's running or committed."""
+    """Two runnable copies: the source's running, and the destination's running, or
+    committed (post-copy: pulling) and not running."""
     return s.src_vm is Vm.RUNNING and (s.dst_vm is Vm.RUNNING or (s.dst_vm is Vm.INCOMING
-                                                                  and s.dst_row is HandoffState.COMMITTED))
+                                                                  and s.dst_row in TAKEN_OVER))
 
 
 def has_copy(s: State) -> bool:
     """Some copy may run, now or once the handoff settles: the source's while it has not
-    confirmed the commit, the destination's once committed (running or not)."""
+    confirmed the commit, the destination's once committed (running or not).  Post-copy:
+    once the destination took the VM (pulling: it ran) while its copy still misses pages,
+    the VM is whole only with both, the destination's copy and the source's paused one."""
     src = s.src_vm in (Vm.RUNNING, Vm.PAUSED) and s.src_row is not HandoffState.DONE
-    dst = s.dst_vm in (Vm.RUNNING, Vm.INCOMING) and s.dst_row is HandoffState.COMMITTED
-    return src or dst
+    dst = s.dst_vm in (Vm.RUNNING, Vm.INCOMING)
+    if s.dst_row is HandoffState.PULLING or (s.dst_row is HandoffState.COMMITTED and s.dst_missing):
+        return dst and (src or not s.dst_missing)
+    return src or (dst and s.dst_row is HandoffState.COMMITTED)
 
 
 def settled(s: State) -> bool:
     """Exactly one running copy, nothing in flight on either side, nothing left over."""
     if not (s.src_up and s.dst_up and s.src_pc is SrcPc.IDLE and s.dst_pc is DstPc.IDLE):
         return False
-    if (s.src_row in (HandoffState.SENDING, HandoffState.HANDED_OFF)
-            or s.dst_row in (HandoffState.RECEIVING, HandoffState.PREPARED)):
+    if (s.src_row in (HandoffState.SENDING, HandoffState.HANDED_OFF, HandoffState.SERVING)
+            or s.dst_row in (HandoffState.RECEIVING, HandoffState.PREPARED, HandoffState.PULLING)):
         return False
     here = s.src_vm is Vm.RUNNING and s.dst_vm in (Vm.NONE, Vm.SCRUBBED)
-    there = s.dst_vm is Vm.RUNNING and s.src_vm is Vm.SCRUBBED
+    there = s.dst_vm is Vm.RUNNING and not s.dst_missing and s.src_vm is Vm.SCRUBBED
     return here or there
 
 
@@ -576,6 +708,7 @@ class Result:
     states: int = 0
     edges: int = 0
     seconds: float = 0.0
+    cpu: float = 0.0  # this process's CPU seconds (the machine may be busy: the wall clock says less)
     violations: list[Violation] = field(default_factory=list)
     overridden: list[Violation] = field(default_factory=list)  # forks after an override (documented, loud)
     seen: list[State] = field(default_factory=list)  # every state reached
@@ -585,6 +718,7 @@ class Result:
 
     def summary(self) -> str:
         return (f"handoff model: {self.states} states, {self.edges} transitions in {self.seconds:.1f} s "
+                f"({self.cpu:.1f} s of CPU) "
                 f"({self.bounds.describe()}); {len(self.violations)} violations")
 
 
@@ -592,7 +726,8 @@ def show(s: State) -> str:
     msgs = ",".join(f"{m.name}x{s.msgs[m]}" for m in Msg if s.msgs[m]) or "-"
     src = f"{s.src_row.value if s.src_row else '-'}/{s.src_vm.value}/{s.src_pc.value}{'' if s.src_up else '/DOWN'}"
     dst = f"{s.dst_row.value if s.dst_row else '-'}/{s.dst_vm.value}/{s.dst_pc.value}{'' if s.dst_up else '/DOWN'}"
-    return f"source {src}; destination {dst}; in flight {msgs}"
+    mode = f" (post-copy{', pages missing' if s.dst_missing else ''})" if s.postcopy else ""
+    return f"source {src}; destination {dst}; in flight {msgs}{mode}"
 
 
 def explore(bounds: Bounds | None = None, *, stop_at_first: bool = False,
@@ -602,7 +737,7 @@ def explore(bounds: Bounds | None = None, *, stop_at_first: bool = False,
     bounds = bounds or Bounds()
     model = Model(bounds)
     result = Result(bounds)
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     index: dict[State, int] = {INITIAL: 0}
     states = [INITIAL]
     parent: list[tuple[int, str]] = [(-1, "")]
@@ -658,5 +793,5 @@ def explore(bounds: Bounds | None = None, *, stop_at_first: bool = False,
             if not good[i] and not s.override and not s.destroyed:
                 result.violations.append(Violation("stuck", trace(i), s))
                 break
-    result.seconds = time.monotonic() - started
+    result.seconds, result.cpu = time.monotonic() - started, time.process_time() - cpu
     return result
