@@ -523,3 +523,43 @@ def test_a_source_that_sent_every_page_waits_for_pulled_only_so_long(shm):
     with pytest.raises(RemoteProtocolError) as e:
         drv.run()
     assert e.value.code is ErrorCode.TIMEOUT and drv.engine.server is not None and not drv.engine.server.unsent
+
+
+def test_a_recovery_with_nothing_missing_any_more_settles_at_once(shm):
+    """The destination filled every page but died before COMMITTED: recovery's WANT names no
+    page and its PULLED follows at once, overtaking the source's durable SERVING: taken."""
+    from palm_net.channel.records import Record
+    from palm_net.migration.destination import DestinationEngine
+    from palm_net.migration.params import MigrationParams
+    from palm_net.migration.source import SourceEngine, Step
+    from palm_net.testing.engines import SourcePlayer
+    src, drv = _pc_pair(shm, MigrationParams(**PC))
+    drv.player.between = _dirty(src)
+    drv.player.reply = lambda record, before: [a for a in drv._reply(record, before)
+                                               if not isinstance(m_decode(a), Pulled)]
+    with pytest.raises(RemoteProtocolError):  # (PULLED lost: the session times out)
+        drv.run()
+    dest = drv.dest
+    assert dest.store.get(drv.engine.mid).state is HandoffState.COMMITTED and dest.vm.postcopy_state() is None
+    dest.store._db.execute("UPDATE migrations SET state='pulling' WHERE mid=?", (drv.engine.mid,))  # (died before)
+    s_proto, d_proto = SessionProtocol(Role.SOURCE, drv.engine.mid, recovery=True), SessionProtocol(
+        Role.DESTINATION, recovery=True)
+    d_proto.receive(s_proto.send(Query()))
+    s_proto.receive(d_proto.send(Outcome(RecoveryOutcome.POSTCOPY.value, b"")))
+    empty = np.zeros(0, np.uint64)
+    d_eng, first = DestinationEngine.pulling(d_proto, 256, 1, empty, empty)
+    dest.engine = d_eng
+    sent = dest.perform(first)  # WANT (no page), then at once PULLED
+    assert [type(m_decode(r)).__name__ for r in sent] == ["Want", "Pulled"]
+    s_eng = SourceEngine.recovering(s_proto, src.info, MigrationParams())
+    player = SourcePlayer(src, s_eng, drv.player.host.store)
+    player.started = True
+    for r in sent:
+        player.queue.extend(s_eng.on_record(Record(r, 0, bytes(32)), 0.0))
+    list(player.run())
+    assert s_eng.step is Step.DONE and s_eng.stats.served_pages == 0
+
+
+def m_decode(record: bytes):
+    from palm_net.wire import messages as m
+    return m.decode(record).body

@@ -68,7 +68,10 @@ def served(eng: SourceEngine, result: Served, now: float) -> list[Effect]:
         eng.server.fetch(early)
     eng._early_fetches = []
     eng.stats.marks["serving"] = now
-    return [Note("serving", {"phase": "postcopy", "pages": len(eng.missing)}), *push(eng, now)]
+    note = Note("serving", {"phase": "postcopy", "pages": len(eng.missing)})
+    if eng._early_pulled is not None:  # every page was in already: the destination said so first
+        return [note, *on_pulled(eng, eng._early_pulled, now)]
+    return [note, *push(eng, now)]
 
 
 def push(eng: SourceEngine, now: float) -> list[Effect]:
@@ -116,6 +119,19 @@ def on_fetch(eng: SourceEngine, body: Fetch, now: float) -> list[Effect]:
         return []
     eng.server.fetch(gfns)
     return push(eng, now) if eng._awaiting is None and eng.step is Step.SERVING else []
+
+
+def on_message(eng: SourceEngine, body: Fetch | Pulled, now: float) -> list[Effect]:
+    """FETCH or PULLED, whenever they come while serving (a PULLED may overtake SERVING's
+    durable write when nothing was missing any more: kept for then)."""
+    if isinstance(body, Fetch):
+        return on_fetch(eng, body, now)
+    if eng.server is None and eng._awaiting is Served:
+        eng._early_pulled = body
+        return []
+    if eng.server is None:
+        raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "PULLED before serving began")
+    return on_pulled(eng, body, now)
 
 
 def on_pulled(eng: SourceEngine, body: Pulled, now: float) -> list[Effect]:

@@ -188,6 +188,7 @@ class SourceEngine:
         self._wanted: list[Gfns] = []  # a recovery session's WANTs so far, and the highest gfn they named:
         self._wanted_last = -1
         self._early_fetches: list[Gfns] = []  # FETCHes before SERVING was durable
+        self._early_pulled: Pulled | None = None  # and a PULLED
 
     def __repr__(self) -> str:
         return f"SourceEngine({self.step.value}, {self.proto.state.value}, round={self.round})"
@@ -246,10 +247,8 @@ class SourceEngine:
                 self.abort_token = body.token
                 raise MigrationFailure(ErrorCode.ABORTED, "destination refused the commit: " + body.reason)
             raise InDoubt("an abort without a valid token after COMMIT")
-        if isinstance(body, Fetch):  # (any time while serving: the state machine lets it through only then)
-            return postcopy_source.on_fetch(self, body, now)
-        if isinstance(body, Pulled) and self.server is not None:
-            return postcopy_source.on_pulled(self, body, now)
+        if isinstance(body, (Fetch, Pulled)):  # post-copy's serving (the state machine lets them through only then)
+            return postcopy_source.on_message(self, body, now)
         if isinstance(body, RoundDone):
             self.written_round = max(self.written_round, body.round)
             if self.step is Step.CATCHING_UP and self.written_round >= self.round - 1:
