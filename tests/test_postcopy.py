@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from palm_net.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from palm_net.migration import handoff
+from palm_net.migration import handoff, postcopy
 from palm_net.migration.handoff import DESTINATION, SOURCE, HandoffState, Step, may_resume, may_run, may_scrub
-from palm_net.migration.postcopy import SERVE_SLICE, PageServer, Puller
+from palm_net.migration.postcopy import SERVE_BULK, SERVE_SLICE, PageServer, Puller
 from palm_net.wire.messages import (
     Accept,
     Begin,
@@ -166,15 +166,15 @@ def test_the_server_sends_every_pending_page_once_fetched_ones_first(pending, fe
             asked = [g for g in sorted(set(fetched)) if g in pending and g not in sent]
             nxt = server.next_slice()
             if nxt is not None:
-                if asked:  # fetched ones first, in a slice of their own
-                    assert sorted(asked[:SERVE_SLICE]) == [int(g) for g in nxt]
+                if asked:  # fetched ones first
+                    assert set(asked[:SERVE_SLICE]) <= {int(g) for g in nxt}
                 sent += [int(g) for g in nxt]
             slices += 1
             continue
         nxt = server.next_slice()
         if nxt is None:
             break
-        assert len(nxt) <= SERVE_SLICE and bool((nxt[1:] > nxt[:-1]).all())  # ascending, as PAGES wants
+        assert len(nxt) <= SERVE_BULK and bool((nxt[1:] > nxt[:-1]).all())  # ascending, as PAGES wants
         sent += [int(g) for g in nxt]
         slices += 1
     assert sorted(sent) == sorted(pending) and len(sent) == len(set(sent)) and server.unsent == 0
@@ -294,7 +294,8 @@ def test_a_post_copy_migration_between_the_two_engines(shm):
     assert "ReadMetadata" in sent and "Serve" in sent and sent.index("HandOff") < sent.index("Serve")
 
 
-def test_a_fetched_page_goes_before_the_rest(shm):
+def test_a_fetched_page_goes_before_the_rest(shm, monkeypatch):
+    monkeypatch.setattr(postcopy, "SERVE_BULK", SERVE_SLICE)  # (slices of 64 pages: several of them)
     from palm_net.channel.records import Record
     from palm_net.migration.params import MigrationParams
     from palm_net.wire import messages as m
@@ -318,15 +319,16 @@ def test_a_fetched_page_goes_before_the_rest(shm):
 
     drv.deliver = deliver
     drv.run()
-    # The first slice (64 pages) was on its way; 209 goes next, alone, not 200th as in order.
-    assert order.index(209) == 1 + 64 and order[66] == 74 and drv.engine.stats.fetched_pages == 1
+    # The first slice (64 pages) was on its way; 209 goes in the next, not 200th as in order.
+    assert 1 + 64 <= order.index(209) < 1 + 128 and drv.engine.stats.fetched_pages == 1
     assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest()
 
 
-def test_a_tampered_post_copy_page_keeps_the_vm_and_recovery_finishes_it(shm):
+def test_a_tampered_post_copy_page_keeps_the_vm_and_recovery_finishes_it(shm, monkeypatch):
     """A protected page's ciphertext altered in the serving phase: refused (integrity), nothing
     aborts (the VM ran at the destination: row PULLING, the source's SERVING); a recovery
     session (WANT, then serving) brings the rest, and the VM is whole."""
+    monkeypatch.setattr(postcopy, "SERVE_BULK", SERVE_SLICE)  # (slices of 64 pages: several of them)
     from palm_net.channel.records import Record
     from palm_net.migration.destination import DestinationEngine
     from palm_net.migration.hosts import error_of
@@ -405,9 +407,10 @@ def test_a_pulling_destination_answers_postcopy_and_never_aborts(tmp_path):
     assert answer_query(store, signing, mid, src).outcome == RecoveryOutcome.COMMITTED
 
 
-def test_a_pulled_before_every_page_went_is_not_believed(shm):
+def test_a_pulled_before_every_page_went_is_not_believed(shm, monkeypatch):
     """PULLED while the source has pages it never sent: not taken (its copy would be scrubbed
     with pages the destination cannot have): in doubt, asked again."""
+    monkeypatch.setattr(postcopy, "SERVE_BULK", SERVE_SLICE)  # (slices of 64 pages: several of them)
     from palm_net.migration.handoff import InDoubt
     from palm_net.migration.params import MigrationParams
     from palm_net.wire import messages as m
@@ -469,7 +472,7 @@ def test_a_page_asked_for_again_and_again_is_queued_once():
     server = PageServer(np.arange(100, dtype=np.uint64), 1)
     for _ in range(1000):
         server.fetch(np.array([7, 9], np.uint64))
-    assert len(server._asked) == 2 and [int(g) for g in server.next_slice()] == [7, 9]
+    assert len(server._asked) == 2 and {7, 9} <= {int(g) for g in server.next_slice()}
     server.fetch(np.array([7], np.uint64))
     assert len(server._asked) == 0  # sent already
 
@@ -503,7 +506,7 @@ def test_a_fetch_before_serving_is_durable_is_kept_and_served_first(shm):
 
     drv.player.host.perform, drv.deliver = serve_late, deliver
     drv.run()
-    assert order[0] == [209] and drv.engine.stats.fetched_pages == 1
+    assert 209 in order[0] and drv.engine.stats.fetched_pages == 1
     assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest()
 
 

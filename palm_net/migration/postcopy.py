@@ -20,7 +20,8 @@ from palm_net.errors import ErrorCode, RemoteProtocolError
 from palm_net.wire.messages import MAX_FETCH, MAX_PAGES_PER_MESSAGE, Pages, Want
 from palm_net.wire.pages import Gfns, IncomingPages, u64le
 
-SERVE_SLICE = 64  # pages a push reads and sends at a time: a FETCH waits behind at most these (256 KiB)
+SERVE_SLICE = 64  # pages a push sends at a time while a FETCH waits (256 KiB: the fetched ones first)
+SERVE_BULK = 1024  # and when none does (4 MiB: a push's own costs spread; a FETCH waits behind at most this)
 
 
 class PageServer:
@@ -54,18 +55,17 @@ class PageServer:
 
     def next_slice(self) -> Gfns | None:
         """The next pages to send (ascending, as PAGES wants), marked sent; None: all sent.
-        Pages a FETCH asked for go alone, in a slice of their own: a vCPU waits for them."""
+        Pages a FETCH asked for go first, the rest of the slice from the ascending push (a
+        slice of one page each would cost a read, a message and its overheads a page)."""
         take: list[int] = []
         while self._asked and len(take) < SERVE_SLICE:
             i = self._asked.popleft()
             if not self.sent[i]:
                 self.sent[i] = True
                 take.append(i)
-        if take:
-            return self.pending[np.sort(np.asarray(take, dtype=np.int64))]
-        n = len(self.pending)
-        while len(take) < SERVE_SLICE and self._cursor < n:
-            hi = min(n, self._cursor + SERVE_SLICE - len(take))
+        n, size = len(self.pending), SERVE_SLICE if take else SERVE_BULK
+        while len(take) < size and self._cursor < n:
+            hi = min(n, self._cursor + size - len(take))
             fresh = np.flatnonzero(~self.sent[self._cursor : hi]) + self._cursor
             self.sent[fresh] = True
             take.extend(int(i) for i in fresh)
