@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from palm_net.agent.errors import AgentError
+from palm_net.migration import postcopy
 from palm_net.migration.params import MigrationParams
 from palm_net.testing.proxy import FaultProxy, Rule, sealed
 
@@ -49,10 +50,11 @@ async def test_a_guest_pre_copy_cannot_converge_on_migrates_by_post_copy(cluster
 
 
 @pytest.mark.parametrize("at", [0.1, 0.5, 0.9])
-async def test_the_link_cut_while_serving_is_recovered(cluster, at):
+async def test_the_link_cut_while_serving_is_recovered(cluster, at, monkeypatch):
     """The link cut after ``at`` of the serving phase's records: the source stays SERVING,
     the destination PULLING with its VM running; recovery serves the rest."""
     cluster.members["a"].config.in_doubt_wait = 30.0
+    monkeypatch.setattr(postcopy, "SERVE_BULK", postcopy.SERVE_SLICE)  # served in small steps: the cut lands
     a = cluster["a"]
     a.registry.create_model("vm1", 8 << 20, protected=2, workload=HOT, seed=4, fill="random")
     await trio.sleep(0.2)
@@ -66,7 +68,7 @@ async def test_the_link_cut_while_serving_is_recovered(cluster, at):
     def running() -> None:  # the switch: the cut falls at ``at`` of the records of what it left
         serving["on"] = True
         state = cluster["b"].vms["vm1"].postcopy_state()
-        serving["cut"] = max(1, int(at * len(state[1]) / 64 * 6))  # a slice: PAGES and 5 data records
+        serving["cut"] = max(1, int(at * len(state[1]) / 64 * 6))  # 64 pages: a PAGES and 5 data records
 
 
     proxy = FaultProxy(("127.0.0.1", cluster.members["b"].port),
@@ -81,11 +83,12 @@ async def test_the_link_cut_while_serving_is_recovered(cluster, at):
 
 
 @pytest.mark.parametrize("at", [0.1, 0.5, 0.9])
-async def test_the_destination_agent_stopped_while_serving_is_recovered(cluster, at):
+async def test_the_destination_agent_stopped_while_serving_is_recovered(cluster, at, monkeypatch):
     """The destination agent stopped once ``at`` of the missing pages arrived, then started
     again: its VM runs on (PULLING, reopened from disk), the source reconnects and serves
     what is still missing."""
     cluster.members["a"].config.in_doubt_wait = 0.5
+    monkeypatch.setattr(postcopy, "SERVE_BULK", postcopy.SERVE_SLICE)  # served in small steps: the stop lands
     a = cluster["a"]
     a.registry.create_model("vm1", 8 << 20, protected=2, workload=HOT, seed=5, fill="random")
     await trio.sleep(0.2)

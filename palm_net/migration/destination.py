@@ -168,6 +168,7 @@ class DestinationEngine:
         # Post-copy (proto 7.9): MISSING's pages (gfns, versions), then the serving phase.
         self.switch_round: int | None = None
         self._missing: list[tuple[np.ndarray, np.ndarray]] = []
+        self._missing_tags: list[bytes] = []
         self.puller: Puller | None = None
         self._pulling_done = False  # every missing page accepted and asked to be written: PULLED next
 
@@ -496,7 +497,7 @@ class DestinationEngine:
 
     def _on_cpu_state(self, msg: Message, _: Record) -> list[Effect]:
         self.cpu_state_seen = True
-        return [ImportCpuState(msg.get(CpuState).state)]
+        return [*postcopy_destination.mark_missing(self), ImportCpuState(msg.get(CpuState).state)]
 
     def _on_context(self, msg: Message, _: Record) -> list[Effect]:
         c = msg.get(Context)

@@ -33,8 +33,18 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
         raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING arrays disagree, or a version out of range")
     eng.switch_round = m.round
     eng._missing.append((gfns, vers))
+    eng._missing_tags.append(m.tags)
     eng.applied[gfns] = vers + 1  # arrived, as far as COMPLETE's check goes: they come later
-    return [MarkMissing(m.round, gfns, vers, m.tags)]
+    return []  # marked all at once with the CPU state (one hypervisor call, not one a message)
+
+
+def mark_missing(eng: DestinationEngine) -> list[Effect]:
+    """MISSING's pages into the VM's map and metadata, at the CPU state (after the last MISSING)."""
+    if eng.switch_round is None:
+        return []
+    gfns, vers = (np.concatenate([p[i] for p in eng._missing]) for i in (0, 1))
+    tags, eng._missing_tags = b"".join(eng._missing_tags), []
+    return [MarkMissing(eng.switch_round, gfns, vers, tags)]
 
 
 def pull_finished(eng: DestinationEngine, result: PullFinished) -> list[Effect]:
