@@ -114,7 +114,8 @@ def test_the_operator_is_asked_through_operable():
     # post-copy: a serving copy never runs again; a pulling VM is not the operator's while pages are missing
     assert not ask(SOURCE, HandoffState.SERVING, "paused", True, False)
     assert not ask(DESTINATION, HandoffState.PULLING, "running", False, False, True)
-    assert ask(DESTINATION, HandoffState.PULLING, "running", False, False, False)
+    assert not ask(DESTINATION, HandoffState.PULLING, "running", False, False, False)  # nor until COMMITTED
+    assert ask(DESTINATION, HandoffState.COMMITTED, "running", False, False, False)
 
 
 def test_the_model_uses_the_codes_rules(monkeypatch):

@@ -244,12 +244,17 @@ class _Store:
     def get(self, mid: bytes) -> handoff.MigrationRow | None:
         return self.row
 
+    def list(self, role: Role | None = None, states: tuple[HandoffState, ...] | None = None,
+             limit: int = 0) -> list[handoff.MigrationRow]:
+        r = self.row
+        return [r] if r is not None and role in (None, r.role) and (states is None or r.state in states) else []
+
 
 class _Vm(ModelVM):
     """Just enough of a hosted model VM for ``VmRegistry.operable`` (nothing of it is opened)."""
 
     def __init__(self, state: str, migration: bytes | None, missing: int) -> None:  # (no super().__init__)
-        self.name = "vm"
+        self.name, self.vm_id = "vm", b"id"  # (the model's row names this identity)
         self.config = {"state": state, "migration": migration.hex() if migration else None}
         self._pages_missing = missing
 
