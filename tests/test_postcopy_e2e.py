@@ -49,7 +49,8 @@ async def test_a_guest_pre_copy_cannot_converge_on_migrates_by_post_copy(cluster
             await trio.sleep(0.02)
 
 
-@pytest.mark.parametrize("at", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("at", [pytest.param(0.1, marks=pytest.mark.faults), 0.5,
+                                pytest.param(0.9, marks=pytest.mark.faults)])  # (10%, 90%: the fault tier)
 async def test_the_link_cut_while_serving_is_recovered(cluster, at, monkeypatch):
     """The link cut after ``at`` of the serving phase's records: the source stays SERVING,
     the destination PULLING with its VM running; recovery serves the rest."""
@@ -82,7 +83,8 @@ async def test_the_link_cut_while_serving_is_recovered(cluster, at, monkeypatch)
     _one_copy(cluster, "b")
 
 
-@pytest.mark.parametrize("at", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("at", [pytest.param(0.1, marks=pytest.mark.faults), 0.5,
+                                pytest.param(0.9, marks=pytest.mark.faults)])  # (10%, 90%: the fault tier)
 async def test_the_destination_agent_stopped_while_serving_is_recovered(cluster, at, monkeypatch):
     """The destination agent stopped once ``at`` of the missing pages arrived, then started
     again: its VM runs on (PULLING, reopened from disk), the source reconnects and serves
