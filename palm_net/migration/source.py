@@ -20,8 +20,6 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, LocalProtocolError, MigrationFailure, RemoteProtocolError, public_reason
 from palm_net.migration.effects import (
@@ -80,7 +78,7 @@ from palm_net.wire.messages import (
     StreamEnd,
     timings_s,
 )
-from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Buffer, Gfns, PageBatch, PageRange, RoundGfns
+from palm_net.wire.pages import KIND_PROTECTED, KIND_ZERO, Buffer, Gfns, PageBatch, PageRange, RoundGfns, union_gfns
 from palm_net.wire.protocol import Role, SessionProtocol
 
 DOWNTIME_GOAL_DIVISOR = 30  # iterate on while shrinking, until expected downtime <= limit / 30
@@ -432,7 +430,7 @@ class SourceEngine:
         whatever the guest wrote until the pause."""
         self.stats.phase = Phase.STOP_AND_COPY
         self.paused_at = result.at
-        self.pending = np.union1d(np.asarray(self.pending), result.dirty).astype(np.uint64)
+        self.pending = union_gfns(self.pending, result.dirty)
         self.stats.current_round = self.round
         self._round_started = (result.at, self.stats.transferred)
         return [Note("stop-and-copy", {"phase": "stop-and-copy", "round": self.round, "pages": len(self.pending)}),
