@@ -44,7 +44,7 @@ from palm_net.wire.protocol import Role
 
 # The member and what it uses (etcd's client, h11, the records, placement) are
 # imported where they are used: only an agent with --etcd runs them, and an
-# agent without it is 2-3 MiB smaller (docs/DATAPATH.md, "Threads, hops and memory").
+# agent without it is 1-2 MiB smaller (docs/DATAPATH.md, "Threads, hops and memory").
 if TYPE_CHECKING:
     from palm_net.cluster.converge import Fact
     from palm_net.cluster.host import DrainOutcome
