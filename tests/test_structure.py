@@ -213,6 +213,22 @@ def test_the_engines_import_no_io():
     assert out.stdout.strip() == "False []", out.stdout + out.stderr
 
 
+def test_an_agent_without_etcd_loads_no_cluster_member():
+    """`palm agent` without --etcd loads the peer gate of palm_net.cluster and nothing
+    else of it: not etcd's client, h11, the member, the records or placement, nor
+    importlib.metadata (the member's version): memory an agent on its own never uses."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import palm_net.cli, palm_net.agent.agent\n"
+        "print(sorted(m for m in sys.modules if m.startswith('palm_net.cluster.') and m != 'palm_net.cluster.gate'\n"
+        "             or m in ('h11', 'importlib.metadata')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 # A class or function past these is two things at once (ModelVM was guest and migration
 # interface; build_parser every command): split it rather than raise the limit.
 MAX_CLASS_LINES = 500

@@ -21,7 +21,6 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,14 +33,7 @@ from palm_net.agent.outgoing import OutgoingService, parse_hostport
 from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel
-from palm_net.cluster.converge import Fact, FactKind
-from palm_net.cluster.etcdwire import EtcdError
 from palm_net.cluster.gate import Lists, PeerGate
-from palm_net.cluster.host import DrainOutcome
-from palm_net.cluster.member import ClusterMember, MemberConfig
-from palm_net.cluster.model import VM_STATES, AgentRecord, Keys, Outgoing, VmRecord
-from palm_net.cluster.placement import Movable, place, why_not
-from palm_net.cluster.policy import seal_record
 from palm_net.crypto.identity import AgentIdentity, Certificate
 from palm_net.errors import PalmError
 from palm_net.hypervisor.backend import PAGE_SIZE
@@ -50,13 +42,23 @@ from palm_net.migration.orchestrate import IN_DOUBT, MigrationResult
 from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.wire.protocol import Role
 
+# The member and what it uses (etcd's client, h11, the records, placement) are
+# imported where they are used: only an agent with --etcd runs them, and an
+# agent without it is 1-2 MiB smaller (docs/DATAPATH.md, "Threads, hops and memory").
 if TYPE_CHECKING:
+    from palm_net.cluster.converge import Fact
+    from palm_net.cluster.host import DrainOutcome
+    from palm_net.cluster.member import ClusterMember
     from palm_net.cluster.metrics import AgentMetrics
+    from palm_net.cluster.model import AgentRecord
+    from palm_net.cluster.placement import Movable
 
 log = structlog.get_logger("palm.agent")
 
 
 def _version() -> str:
+    from importlib import metadata  # only a cluster member says its version (1 MiB of imports)
+
     try:
         return metadata.version("palm-net")
     except metadata.PackageNotFoundError:
@@ -93,6 +95,10 @@ class AgentCluster:
         self._token: trio.lowlevel.TrioToken | None = None
         self.started = time.time()
         if cfg.etcd is not None:
+            from palm_net.cluster.etcdwire import EtcdError
+            from palm_net.cluster.member import ClusterMember, MemberConfig
+            from palm_net.cluster.model import Keys
+
             try:
                 cfg.etcd.ssl_context()  # unreadable TLS files: refuse now, in one line, not retry forever
             except EtcdError as exc:
@@ -214,6 +220,8 @@ class AgentCluster:
             return {"cluster": False, "self": self.name}
         from palm_net.cluster.drainer import candidates
         from palm_net.cluster.etcd import EtcdClient
+        from palm_net.cluster.etcdwire import EtcdError
+        from palm_net.cluster.placement import place, why_not
 
         vm = next((v for v in self.movable() if v.name == vm_name), None)
         if vm is None:
@@ -250,9 +258,13 @@ class AgentCluster:
         return capacity, max(0, min(capacity - used, fs_free))
 
     def seal(self, body: bytes, kind: str = "agent") -> bytes:
+        from palm_net.cluster.policy import seal_record
+
         return seal_record(body, self.agent.identity.signing, self.agent.certificate, kind)
 
     def advertise(self) -> AgentRecord:
+        from palm_net.cluster.model import AgentRecord, Outgoing
+
         a = self.agent
         addr = a.cfg.advertise or a.cfg.listen
         try:
@@ -275,6 +287,9 @@ class AgentCluster:
                            in_doubt=len(a.outgoing.in_doubt()), migrating=migrating)
 
     def vm_facts(self) -> dict[str, Fact]:
+        from palm_net.cluster.converge import Fact, FactKind
+        from palm_net.cluster.model import VM_STATES, VmRecord
+
         a = self.agent
         store = a.store
         # Settled migrations, newest first: where a VM that left went (DONE), and which
@@ -312,6 +327,8 @@ class AgentCluster:
         return facts
 
     def movable(self) -> list[Movable]:
+        from palm_net.cluster.placement import Movable
+
         a = self.agent
         out = []
         for vm in a.registry:
@@ -334,6 +351,8 @@ class AgentCluster:
 
     async def drain_migrate(self, name: str, addr: str, on_sent: Callable[[int], None],
                             bandwidth: int = 0) -> DrainOutcome:
+        from palm_net.cluster.host import DrainOutcome
+
         def progress(stats: MigrationStats) -> None:
             on_sent(stats.transferred)
 

@@ -29,7 +29,9 @@ class PageServer:
 
     def __init__(self, pending: Gfns, round_no: int) -> None:
         self.round = round_no
-        self.pending = np.unique(np.asarray(pending, dtype=np.uint64))
+        self.pending = np.asarray(pending, dtype=np.uint64)  # ascending, each once (the dirty set, or WANTs)
+        if len(self.pending) > 1 and not bool((self.pending[1:] > self.pending[:-1]).all()):
+            raise ValueError("pages to serve are in ascending order, each once")
         self.sent = np.zeros(len(self.pending), dtype=bool)
         self.asked = np.zeros(len(self.pending), dtype=bool)  # a FETCH named it (once is enough)
         self._cursor = 0  # the ascending push: every index below it is sent

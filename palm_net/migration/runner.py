@@ -90,6 +90,11 @@ log = structlog.get_logger("palm.migration")
 # agent stays within 64 MiB outside guest memory, docs/DATAPATH.md).
 PER_HOP = 2
 READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
+# Pieces in flight on each session: the source seals one while the other is sent,
+# the destination reads one while the other is opened and written.  A third on
+# each side measured no faster here and held 2 MiB more at the peak of every
+# migration (docs/DATAPATH.md, "Threads, hops and memory").
+BULK_BUFFERS = 2
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
 # A read of QEMU's stream, at most: what our buffers hold when QEMU pauses the
 # guest is loaded by the destination inside the downtime (1 GiB KVM guest, under
@@ -257,7 +262,7 @@ class SourceRun:
         for b in buffers:
             free_send.send_nowait(b)
         ready_send, ready = trio.open_memory_channel[tuple[Any, Any]](len(buffers) - 1)
-        outbox = Outbox(channel or self.ch, OUTBOX_BUFFER, on_sent=self._sent)
+        outbox = Outbox(channel or self.ch, OUTBOX_BUFFER, BULK_BUFFERS, on_sent=self._sent)
 
         async def produce() -> None:
             async with ready_send:
@@ -610,7 +615,7 @@ class DestinationRun:
                     self._nursery = nursery
                     opened_send, opened = trio.open_memory_channel[_Opened](1)
                     self._opened, self._opened_recv = opened_send, opened
-                    nursery.start_soon(self._feed, None, Inbox(self.ch), opened_send.clone())
+                    nursery.start_soon(self._feed, None, Inbox(self.ch, buffers=BULK_BUFFERS), opened_send.clone())
                     nursery.start_soon(unblock_on_cancel, trio.CancelScope(), self._interrupt_stream)
                     nursery.start_soon(self._feed_faults, opened_send.clone())
                     await self._perform(list(initial))
@@ -725,7 +730,7 @@ class DestinationRun:
             lane = eng.bind(bind.first, bind.channel.plain)  # the peer's error fails the migration
             assert self._opened is not None
             self.log.info("data session bound", channel=lane.index, of=eng.channels)
-            self._nursery.start_soon(self._feed, lane, Inbox(bind.channel, buffers=2), self._opened.clone())
+            self._nursery.start_soon(self._feed, lane, Inbox(bind.channel, buffers=BULK_BUFFERS), self._opened.clone())
             bind.taken.set()
 
     async def attach(self, channel: SecureChannel, first: Record) -> None:

@@ -104,6 +104,7 @@ from palm_net.wire.pages import (
     PageBatch,
     PageRange,
     RoundGfns,
+    union_gfns,
 )
 from palm_net.wire.protocol import Role, SessionProtocol, State
 
@@ -468,7 +469,7 @@ class SourceEngine:
         whatever the guest wrote until the pause."""
         self.stats.phase = Phase.STOP_AND_COPY
         self.paused_at = result.at
-        self.pending = np.union1d(np.asarray(self.pending), result.dirty).astype(np.uint64)
+        self.pending = union_gfns(self.pending, result.dirty)
         self.stats.current_round = self.round
         self._round_started = (result.at, self.stats.transferred)
         if self.switching and not len(self.pending):  # nothing left to follow: the stop-and-copy is empty

@@ -31,6 +31,20 @@ Gfns = npt.NDArray[np.uint64]
 Buffer = bytes | bytearray | memoryview
 
 
+def union_gfns(a: Any, b: Any) -> Gfns:
+    """The gfns in ``a`` or ``b``, sorted, each once: np.union1d's result without
+    np.unique, which imports numpy.ma on its first call (1.2 MiB an agent then
+    holds for good, and 40 ms inside the first migration's pause)."""
+    out = np.concatenate((np.asarray(a, np.uint64), np.asarray(b, np.uint64)))
+    out.sort()
+    if len(out) > 1:
+        first = np.empty(len(out), np.bool_)
+        first[0] = True
+        np.not_equal(out[1:], out[:-1], out=first[1:])
+        out = out[first]
+    return out
+
+
 class PageRange:
     """The gfns 0 .. n-1 as a round sends them, made a slice at a time (round 0 of
     a 4 GiB guest would otherwise hold an 8 MiB array of all of them)."""
