@@ -60,6 +60,7 @@ from palm_net.hypervisor.model_guest import (
     VmError,
     lay_out_processes,
     populate,
+    put_pages,
 )
 from palm_net.hypervisor.model_postcopy import PostcopyPageError as PostcopyPageError  # (re-exported)
 from palm_net.hypervisor.model_postcopy import PostcopyVM
@@ -589,15 +590,7 @@ class ModelVM(PostcopyVM):
         if again.size:
             a.pages[again] = 0
             written[again] = 0
-        at = 0
-        for rows in parts:  # each record's pages: a run of gfns is one copy, no index
-            g = dg[at : at + len(rows)]
-            at += len(rows)
-            if len(g) and int(g[-1]) - int(g[0]) == len(g) - 1:
-                a.pages[int(g[0]) : int(g[0]) + len(g)] = rows
-            else:
-                a.pages[g] = rows
-        if at != len(dg):
+        if put_pages(a.pages, dg, parts) != len(dg):
             raise ProtectionIntegrityError("page data disagrees with the page count")
         written[dg] = 1
         if self._pages_digest is not None:

@@ -84,6 +84,20 @@ THREAD_CONTEXT_LEN = 256
 
 FAULT_WAITS_KEPT = 100_000  # post-copy: the last guest waits for a missing page kept (for the figures)
 
+
+def put_pages(pages: npt.NDArray[np.uint8], gfns: npt.NDArray[np.uint64], parts: list[npt.NDArray[np.uint8]]) -> int:
+    """Each part's rows into ``pages`` at the next of ``gfns`` (a run of gfns is one copy, no
+    index); returns how many rows there were."""
+    at = 0
+    for rows in parts:
+        g = gfns[at : at + len(rows)]
+        at += len(rows)
+        if len(g) and int(g[-1]) - int(g[0]) == len(g) - 1:
+            pages[int(g[0]) : int(g[0]) + len(g)] = rows
+        else:
+            pages[g] = rows
+    return at
+
 class VmError(HypervisorError):
     """A VM operation is not possible (bad state, bad argument, damaged files)."""
 

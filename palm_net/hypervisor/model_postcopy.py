@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from palm_net.hostfs import fsync_dir
 from palm_net.hypervisor.backend import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, PAGE_SIZE, PageBatch
-from palm_net.hypervisor.model_guest import VIEW_CIPHER, VIEW_PROCESS, ModelGuest, VmError, map_file
+from palm_net.hypervisor.model_guest import VIEW_CIPHER, VIEW_PROCESS, ModelGuest, VmError, map_file, put_pages
 from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
 from palm_net.hypervisor.protection import TAG_LEN, ProtectionIntegrityError
 from palm_net.wire.pages import Gfns
@@ -359,14 +359,7 @@ class PostcopyVM(ModelGuest):
         has_data = kinds != KIND_ZERO
         dg, zg = gfns[has_data], gfns[~has_data]
         with self._lock:
-            at = 0
-            for rows in parts:  # each record's pages: a run of gfns is one copy, no index
-                g = dg[at : at + len(rows)]
-                at += len(rows)
-                if len(g) and int(g[-1]) - int(g[0]) == len(g) - 1:
-                    a.pages[int(g[0]) : int(g[0]) + len(g)] = rows
-                else:
-                    a.pages[g] = rows
+            put_pages(a.pages, dg, parts)
             a.pages[zg] = 0
             a.views[gfns[kinds == KIND_PROTECTED]] = VIEW_CIPHER
             if self._written is not None:
