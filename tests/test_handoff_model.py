@@ -94,7 +94,7 @@ def test_the_model_reaches_what_matters_in_postcopy(checked):
 def test_an_override_may_fork_and_only_an_override():
     """--override is the documented, loud exception: it forks the VM if the destination
     committed; every fork the checker finds has an override in its trace."""
-    result = explore(hm.Bounds(override=True))
+    result = explore(hm.Bounds(override=True, crashes=1))  # (post-copy too: the override of a handed-off one)
     assert not result.violations, f"{result.summary()}\n{result.violations[0]}"
     assert result.overridden, "the override never forked: the model lost the case it exists for"
     for fork in result.overridden:
