@@ -185,7 +185,8 @@ async def migrate_out(
             if store.confirm(mid):
                 if params.verify_digest and not engine.stream:
                     stats.phase = Phase.DIGEST_CHECK  # the VM runs there; this side re-reads its copy: shown, counted
-                    _ = on_progress and on_progress(stats)
+                    if on_progress is not None:
+                        on_progress(stats)
                     await _check_digest_at_pause(vm, stats, mid)
                     stats.total_time = time.monotonic() - started
             # A GiB takes a while to scrub: not on the event loop.  The row read back decides.
