@@ -129,6 +129,16 @@ MUTANTS = [
     Mutant("a VM created --no-postcopy migrated by post-copy", "palm_net/agent/outgoing.py",
            '        if params.postcopy and not getattr(vm, "postcopy_allowed", True):\n',
            "        if False:\n", ("tests/test_postcopy_e2e.py", "-k", "created_without")),
+    Mutant("a MISSING not above the earlier ones taken (until the CPU state)",
+           "palm_net/migration/postcopy_destination.py",
+           '    gfns = ascending_gfns(m.gfns, eng.npages, "MISSING", above=last)\n',
+           '    gfns = ascending_gfns(m.gfns, eng.npages, "MISSING")\n', (POSTCOPY, "-k", "does_not_fit")),
+    Mutant("a MISSING taken on more channels than one", "palm_net/migration/postcopy_destination.py",
+           "    if not eng.keys_imported or eng.channels > 1:\n",
+           "    if not eng.keys_imported:\n", (POSTCOPY, "-k", "does_not_fit")),
+    Mutant("a restarted agent's guest reads a missing page's stale copy", "palm_net/hypervisor/model_postcopy.py",
+           "                self._missing = self._postcopy.bits\n",
+           "                self._missing = None\n", ("tests/test_postcopy_vm.py", "-k", "restarted_agent")),
 ]
 
 

@@ -566,3 +566,255 @@ def test_a_recovery_with_nothing_missing_any_more_settles_at_once(shm):
 def m_decode(record: bytes):
     from palm_net.wire import messages as m
     return m.decode(record).body
+
+
+# -- written for the mutation run over post-copy's safety code (docs/MUTATION.md)
+
+
+def test_a_pure_post_copy_migration_switches_before_round_0(shm):
+    """``postcopy_after`` 0 (proto 7.9 item 1): MISSING names every page, with round 0, the
+    destination's own round too; gfn 0 is among them."""
+    from palm_net.migration.params import MigrationParams
+    from palm_net.migration.source import Step
+    from palm_net.wire import messages as m
+    src, drv = _pc_pair(shm, MigrationParams(verify_digest=True, postcopy=True, postcopy_after=0))
+    rounds: list[int] = []
+
+    def deliver(record: bytes) -> bytes | None:
+        try:
+            body = m.decode(record).body
+        except Exception:
+            return record
+        if isinstance(body, Missing):
+            rounds.append(body.round)
+        return record
+
+    drv.deliver = deliver
+    drv.run()
+    assert rounds == [0] and drv.engine.step is Step.DONE and drv.engine.stats.postcopy_pages == 256
+    assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest() and drv.dest.vm.postcopy_state() is None
+
+
+def _split_missing(monkeypatch) -> None:
+    """MISSING messages of at most 50 pages, 3 of them protected (2048 and 256 on the wire)."""
+    from palm_net.migration import postcopy_source
+    monkeypatch.setattr(postcopy_source, "MAX_PAGES_PER_MESSAGE", 50)
+    monkeypatch.setattr(postcopy_source, "MAX_DATA_PAGES", 3)
+    monkeypatch.setattr(postcopy, "SERVE_BULK", SERVE_SLICE)
+
+
+def test_missing_in_several_messages_marks_every_page(shm, monkeypatch):
+    from palm_net.migration.params import MigrationParams
+    from palm_net.migration.source import Step
+    from palm_net.wire import messages as m
+    _split_missing(monkeypatch)
+    src, drv = _pc_pair(shm, MigrationParams(verify_digest=True, **PC))
+    drv.player.between = _dirty(src)
+    seen: list[Missing] = []
+
+    def deliver(record: bytes) -> bytes | None:
+        try:
+            body = m.decode(record).body
+        except Exception:
+            return record
+        if isinstance(body, Missing):
+            seen.append(body)
+        return record
+
+    drv.deliver = deliver
+    drv.run()
+    eng = drv.engine
+    assert len(seen) > 5 and eng.step is Step.DONE
+    gfns = np.concatenate([np.frombuffer(b.gfns, "<u8") for b in seen])
+    assert len(gfns) == 210 and bool((gfns[1:] > gfns[:-1]).all())
+    assert eng.stats.served_pages == eng.stats.postcopy_pages == 210  # in slices of 64: counted across them
+    assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest() and drv.dest.vm.verify().ok
+
+
+
+
+@pytest.mark.parametrize("which,alter,code", [
+    (0, lambda b, e: setattr(e, "keys_imported", False), ErrorCode.OUT_OF_STATE),  # KEYS' import not done
+    (0, lambda b, e: setattr(e, "channels", 2), ErrorCode.OUT_OF_STATE),  # post-copy is on one channel
+    (0, lambda b, e: Missing(0, b.gfns, b.vers, b.tags), ErrorCode.ROLLBACK),  # a round before the pages'
+    (0, lambda b, e: Missing(b.round, b.gfns, b.vers[:-1], b.tags), ErrorCode.MALFORMED),  # not whole u64s
+    (0, lambda b, e: Missing(b.round, b.gfns, b.vers[:-8], b.tags), ErrorCode.MALFORMED),  # a version short
+    (0, lambda b, e: Missing(b.round, b.gfns[:-8], b.vers, b.tags), ErrorCode.MALFORMED),  # a gfn short
+    (0, lambda b, e: Missing(b.round, b"", b"", b""), ErrorCode.MALFORMED),  # no page
+    (0, lambda b, e: Missing(b.round, b.gfns, u64le(np.array([2**32 - 1])) + b.vers[8:], b.tags),
+     ErrorCode.MALFORMED),  # MAX_VERSION
+    (1, lambda b, e: Missing(b.round + 1, b.gfns, b.vers, b.tags), ErrorCode.ROLLBACK),  # another round
+    (1, lambda b, e: Missing(b.round, u64le(np.concatenate(([e._missing[0][0][-1]], np.frombuffer(b.gfns, "<u8")[1:]))),
+                             b.vers, b.tags), ErrorCode.MALFORMED),  # the last message's last gfn again
+    (1, lambda b, e: Missing(b.round, u64le(np.concatenate(([e._missing[0][0][-2] + 1],
+                                                           np.frombuffer(b.gfns, "<u8")[1:]))),
+                             b.vers, b.tags), ErrorCode.MALFORMED),  # between its last two
+])
+def test_a_missing_that_does_not_fit_is_refused(shm, monkeypatch, which, alter, code):
+    """A hostile source's MISSING (proto 7.9 item 1), the first or the second of a switch."""
+    from palm_net.migration.params import MigrationParams
+    from palm_net.wire import messages as m
+    _split_missing(monkeypatch)
+    src, drv = _pc_pair(shm, MigrationParams(postcopy=True, postcopy_after=2, downtime_limit=0.0))
+    drv.player.between = _dirty(src)
+    count, failed, fail = [0], [], drv.dest.fail
+    drv.dest.fail = lambda exc: (failed.append(exc), fail(exc))[1]
+
+    def deliver(record: bytes) -> bytes | None:
+        try:
+            msg = m.decode(record)
+        except Exception:
+            return record
+        if isinstance(msg.body, Missing):
+            count[0] += 1
+            if count[0] == which + 1:
+                forged = alter(msg.body, drv.dest.engine)
+                if forged is not None:
+                    return m.encode(m.Message(msg.mid, msg.seq, forged))
+        return record
+
+    drv.deliver = deliver
+    with pytest.raises(Exception):
+        drv.run()
+    assert len(failed) == 1 and isinstance(failed[0], RemoteProtocolError) and failed[0].code is code
+    assert len(drv.dest.engine._missing) == which  # refused as it came (not at the CPU state): none of it taken
+
+
+def _fake_source(missing: np.ndarray, round_no: int = 5):
+    from types import SimpleNamespace
+    return SimpleNamespace(missing=missing, round=round_no, _send=lambda body: body, _request=lambda *a: [])
+
+
+@pytest.mark.parametrize("kinds", [
+    "p" * 3 + "n" * 60,  # 3 protected, then normal pages past the page limit: a split at 50, not at 3
+    "p" * 3 + "n" * 120,  # and the next message too (its MACs counted from its own first page)
+    "p" * 7 + "n" * 5 + "p" * 4,
+    "n" * 49 + "p" * 5,
+    "np" * 40,
+    "p" * 9,
+    "n" * 120,
+])
+def test_missing_is_split_at_the_first_page_that_would_pass_a_limit(monkeypatch, kinds):
+    """The source's MISSING messages (proto 7.9 item 1): each as full as the limits allow
+    (pages a message, protected pages a message), the MACs in order with their pages."""
+    from palm_net.migration import postcopy_source
+    from palm_net.migration.effects import Metadata
+    from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, TAG_LEN
+    monkeypatch.setattr(postcopy_source, "MAX_PAGES_PER_MESSAGE", 50)
+    monkeypatch.setattr(postcopy_source, "MAX_DATA_PAGES", 3)
+    n = len(kinds)
+    gfns = np.arange(3, 3 + 2 * n, 2, dtype=np.uint64)
+    prot = np.array([k == "p" for k in kinds])
+    tags = b"".join(bytes([i % 251]) * TAG_LEN for i in np.flatnonzero(prot))
+    kind_bytes = np.where(prot, KIND_PROTECTED, KIND_NORMAL).astype(np.uint8).tobytes()
+    out = postcopy_source.metadata(_fake_source(gfns), Metadata(kind_bytes, np.where(prot, 9, 0).astype(np.uint64),
+                                                                tags), 0.0)
+    expected: list[list[int]] = [[]]  # greedy: a message ends where the next page would pass a limit
+    for i in range(n):
+        cur = expected[-1]
+        if len(cur) == 50 or (prot[i] and sum(prot[j] for j in cur) == 3):
+            expected.append(cur := [])
+        cur.append(i)
+    assert [list(np.frombuffer(b.gfns, "<u8")) for b in out] == [[int(gfns[i]) for i in c] for c in expected]
+    for b, c in zip(out, expected):
+        assert b.round == 5 and list(np.frombuffer(b.vers, "<u8")) == [9 if prot[i] else 5 for i in c]
+        assert b.tags == b"".join(bytes([i % 251]) * TAG_LEN for i in c if prot[i])
+
+
+def test_the_page_server_refuses_pages_out_of_order_and_slices_as_documented():
+    for bad in ([5, 3], [3, 3], [1, 3, 2]):
+        with pytest.raises(ValueError):
+            PageServer(np.array(bad, np.uint64), 1)
+    n = 4 * SERVE_BULK
+    server = PageServer(np.arange(n, dtype=np.uint64), 1)
+    assert len(server.next_slice()) == SERVE_BULK  # no FETCH waits: a bulk slice
+    server.fetch(np.array([n - 1], np.uint64))
+    first = server.next_slice()
+    assert len(first) == SERVE_SLICE and n - 1 in first  # a FETCH waits: a small slice, the fetched page in it
+    asked = np.arange(2 * SERVE_BULK, 2 * SERVE_BULK + 100, dtype=np.uint64)[::-1].copy()
+    server.fetch(np.sort(asked))
+    assert list(server.next_slice()) == list(np.sort(asked)[:SERVE_SLICE])  # the first 64 asked, only they
+    rest = server.next_slice()  # the other 36 asked, and the push's next ones
+    assert len(rest) == SERVE_SLICE and set(np.sort(asked)[SERVE_SLICE:].tolist()) <= set(rest.tolist())
+
+
+def test_the_puller_knows_a_page_above_every_missing_one_is_not_missing():
+    puller = Puller(4, np.array([2, 5, 9], np.uint64), np.array([4, 4, 4], np.uint64))
+    with pytest.raises(RemoteProtocolError) as e:
+        puller.take(_pages([9, 10], [4, 4]))
+    assert e.value.code is ErrorCode.REPLAY and puller.remaining == 3
+    assert puller.faults([10, 11]) is None
+    assert np.frombuffer(puller.faults([9, 10]) or b"", "<u8").tolist() == [9]
+
+
+def _want(eng, d, rnd: int, gfns: list[int], more: bool, now: float = 0.0):
+    from palm_net.channel.records import Record
+    return eng.on_record(Record(d.send(Want(rnd, u64le(np.array(gfns, np.uint64)), more)), 0, bytes(32)), now)
+
+
+def test_wants_are_bounded_by_the_messages_the_vm_s_pages_need_and_ascend_across_messages():
+    eng, d = _recovering_engine(npages=3000)  # two WANTs at most (2048 a message)
+    _want(eng, d, 1, [1], True)
+    _want(eng, d, 1, [2], True)
+    with pytest.raises(RemoteProtocolError) as e:
+        _want(eng, d, 1, [3], True)
+    assert e.value.code is ErrorCode.MALFORMED
+    eng, d = _recovering_engine()
+    _want(eng, d, 1, [4, 7], True)
+    with pytest.raises(RemoteProtocolError) as e:
+        _want(eng, d, 1, [7, 9], False)  # not above the last message's
+    assert e.value.code is ErrorCode.MALFORMED
+    eng, d = _recovering_engine()
+    _want(eng, d, 1, [4, 7], True)
+    with pytest.raises(RemoteProtocolError) as e:
+        eng.on_record(_rec(d.send(Pulled(b""))), 0.0)  # WANTs still due: serving has not begun
+    assert e.value.code is ErrorCode.OUT_OF_STATE
+
+
+def _rec(record: bytes):
+    from palm_net.channel.records import Record
+    return Record(record, 0, bytes(32))
+
+
+def test_fetches_before_serving_is_durable_are_kept_up_to_the_vm_s_pages():
+    from palm_net.migration.effects import Served
+    eng, d = _recovering_engine(npages=8)
+    _want(eng, d, 1, [1, 2, 3, 4, 5, 6], False)
+    for g in (6, 5, 4, 3, 2, 1, 6, 5, 4, 3, 2, 1):
+        assert eng.on_record(_rec(d.send(Fetch(u64le(np.array([g], np.uint64))))), 0.0) == []
+    assert sum(map(len, eng._early_fetches)) == 8 and eng.stats.fetched_pages == 12
+    out = eng.on_result(Served(True), 1.0)
+    first = [e for e in out if type(e).__name__ == "SendPages"]
+    assert first and list(first[0].gfns)[:6] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_fetch_after_every_page_went_sends_nothing_and_waits_for_pulled_anew():
+    """The last pages on their way, a vCPU faults on one of them: its FETCH is ignored, and
+    PULLED is due from then (the destination is there)."""
+    from palm_net.migration.effects import PagesSent, Served
+    from palm_net.migration.source import Step
+    eng, d = _recovering_engine(npages=8)
+    _want(eng, d, 1, [2, 5], False)
+    out = eng.on_result(Served(True), 1.0)
+    assert [type(e).__name__ for e in out] == ["Note", "SendPages"]
+    assert eng.on_result(PagesSent(), 2.0) == [] and eng.step is Step.SERVING and eng._awaiting is None
+    assert eng.timer() == 2.0 + eng.params.reply_timeout
+    assert eng.on_record(_rec(d.send(Fetch(u64le(np.array([5], np.uint64))))), 7.0) == []
+    assert eng.timer() == 7.0 + eng.params.reply_timeout
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_a_recovery_that_wants_no_page_waits_for_pulled_only_so_long(early):
+    """WANT names no page: PULLED is due at once (and taken if it came before SERVING was durable)."""
+    from palm_net.migration.effects import Served
+    from palm_net.migration.source import Step
+    eng, d = _recovering_engine(npages=8)
+    _want(eng, d, 1, [], False)
+    pulled = Pulled(b"\x01" * 32)
+    if early:
+        assert eng.on_record(_rec(d.send(pulled)), 2.0) == []
+    assert [type(e).__name__ for e in eng.on_result(Served(True), 3.0)] == ["Note"]
+    if not early:
+        assert eng.timer() == 3.0 + eng.params.reply_timeout and eng.step is Step.SERVING
+        eng.on_record(_rec(d.send(pulled)), 4.0)
+    assert eng.pulled == pulled and eng.step is Step.DONE

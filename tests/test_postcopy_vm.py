@@ -505,3 +505,130 @@ def test_a_vm_still_pulling_is_no_operator_s_to_pause_destroy_or_migrate(shm, sw
         reg.operable("vm")
     dst.fill_missing(pieces(switch, switch.missing))
     assert dst.missing_count() == 0 and reg.operable("vm") is dst
+
+
+# -- written for the mutation run over post-copy's safety code (docs/MUTATION.md)
+
+
+def test_the_models_integer_arrays_are_one_dimensional_non_negative_integers():
+    from palm_net.hypervisor.model_postcopy import _u64s
+    for ok, want in (([0, 3], [0, 3]), (np.array([0, 7], np.int64), [0, 7]), (np.zeros(0, np.int64), []),
+                     (np.zeros(0, np.uint64), []), ([], [])):
+        got = _u64s(ok, "x")
+        assert got.dtype == np.uint64 and got.tolist() == want
+    for bad in (np.array([-1, 2]), np.array([1.5]), np.array([[1, 2]]), np.array([[1.0]])):
+        with pytest.raises(ValueError):
+            _u64s(bad, "x")
+
+
+def test_set_missing_checks_order_counts_rounds_and_versions(shm, switch):
+    sw = switch
+    owners = sw.src.arrays.owners
+    normal = [int(g) for g in range(NPAGES) if not owners[g]]
+    dst = incoming(shm, sw)
+    r = np.array([ROUND] * 3, np.uint64)
+    for gfns in ([normal[0], normal[0]], [normal[0], normal[2], normal[1]]):  # twice, or not ascending
+        with pytest.raises(ValueError):
+            dst.set_missing(ROUND, np.array(gfns, np.uint64), r[: len(gfns)], b"")
+    with pytest.raises(ValueError):
+        dst.set_missing(ROUND, np.array(normal[:3], np.uint64), r[:2], b"")  # a version short
+    for rnd in (2**64, 2**64 + ROUND):
+        with pytest.raises(ValueError):
+            dst.set_missing(rnd, np.array(normal[:1], np.uint64), np.array([rnd % 2**64], np.uint64), b"")
+    assert dst.postcopy_state() is None
+    dst.set_missing(ROUND, np.array(normal[:3], np.uint64), r, b"")
+    with pytest.raises(ValueError):  # not above the highest gfn marked (its last, not its second)
+        dst.set_missing(ROUND, np.array(normal[2:4], np.uint64), r[:2], b"")
+    big = 2**63 + 5  # any u64 round (the wire's are smaller)
+    other = incoming(shm, sw, "big")
+    other.set_missing(big, np.array(normal[:2], np.uint64), np.array([big, big], np.uint64), b"")
+    assert other.postcopy_state()[0] == big
+
+
+def test_a_protected_page_may_come_at_the_version_already_received(shm, switch):
+    """MISSING's version of a protected page only goes up: the copy's own version is not older."""
+    sw = switch
+    dst = incoming(shm, sw)
+    prot = np.flatnonzero(dst.arrays.owners != 0)
+    held = dst.arrays.versions[prot]
+    assert (held >= 1).all() and (held == 1).any()
+    g = np.array([int(prot[held == 1][0])], np.uint64)
+    dst.set_missing(ROUND, g, np.array([1], np.uint64), bytes(dst.arrays.tags[g].tobytes()))
+    assert dst.missing_count() == 1
+    other = incoming(shm, sw, "huge")  # a round past u64 (only protected pages: no normal page's version to differ)
+    with pytest.raises(ValueError):
+        other.set_missing(2**64, g, np.array([1], np.uint64), bytes(other.arrays.tags[g].tobytes()))
+    assert other.postcopy_state() is None
+
+
+def test_read_metadata_gives_a_normal_page_version_0(switch):
+    sw = switch
+    kinds, vers, _ = sw.src.read_metadata(sw.missing)
+    normal = np.frombuffer(kinds, np.uint8) == KIND_NORMAL
+    assert normal.any() and vers.dtype == np.uint64 and (vers[normal] == 0).all()
+
+
+def test_a_restarted_agent_s_vm_still_waits_for_its_missing_pages_and_ends_its_map(shm, switch):
+    sw = switch
+    dst = pulling(shm, sw)
+    dst.close()
+    dst = ModelVM.open(shm / "dst", load_config(shm / "dst"), KEY)
+    rnd, gfns, vers = dst.postcopy_state()
+    assert rnd == ROUND and (gfns == sw.missing).all() and vers.dtype == np.uint64 and (vers == sw.vers).all()
+    asked = threading.Event()
+    dst.on_fault = lambda gfn: asked.set()
+    done: list[bytes] = []
+    t = threading.Thread(target=lambda: done.append(dst.os_read(int(sw.missing[0]))), daemon=True)
+    t.start()
+    assert asked.wait(WAIT) and not done  # waits for the page, as before the restart
+    dst.fill_missing(pieces(sw, sw.missing))
+    t.join(WAIT)
+    assert done and dst.digest() == sw.digest
+    dst.finish_postcopy()
+    assert not (dst.dir / MAP_FILE).exists()
+
+
+def test_a_map_of_another_kind_is_not_taken(shm, switch):
+    sw = switch
+    dst = pulling(shm, sw)
+    dst.close()
+    raw = bytearray((shm / "dst" / MAP_FILE).read_bytes())
+    raw[0] ^= 1  # the magic (the page count still fits)
+    (shm / "dst" / MAP_FILE).write_bytes(bytes(raw))
+    with pytest.raises(VmError):
+        ModelVM.open(shm / "dst", load_config(shm / "dst"), KEY)
+
+
+def test_a_batch_that_disagrees_with_itself_is_refused_whole(shm, switch):
+    sw = switch
+    dst = pulling(shm, sw)
+    normal = [int(g) for f in sw.fills for g, k in zip(f.gfns, f.kinds) if k == KIND_NORMAL]  # (not zero)
+    b = pieces(sw, normal[:3])
+    kinds = np.frombuffer(b.kinds, np.uint8)
+    assert (kinds == KIND_NORMAL).all()
+    data = bytes(b.data)
+    for bad in (PageBatch(b.gfns, b.kinds[:2], b.vers, data, b""),  # a kind short
+                PageBatch(b.gfns, b.kinds, b.vers[:2], data, b""),  # a version short
+                PageBatch(b.gfns, b.kinds, b.vers, data[: 2 * PAGE_SIZE], b""),  # a page's data short
+                PageBatch(b.gfns, b.kinds, b.vers, data, bytes(TAG_LEN)),  # a MAC too many
+                PageBatch(np.array([normal[0], NPAGES], np.uint64), b.kinds[:2], b.vers[:2],
+                          data[: 2 * PAGE_SIZE], b""),  # outside the VM
+                PageBatch(b.gfns, bytes([KIND_NORMAL, 3, KIND_NORMAL]), b.vers, data, b"")):  # no such kind
+        refused(dst, bad, "integrity")
+    refused(dst, PageBatch(b.gfns[[0, 2, 1]].copy(), b.kinds, b.vers, data, b""), "replay")  # not ascending
+    empty = np.zeros(0, np.uint64)
+    dst.fill_missing(PageBatch(empty, b"", empty, b"", b""))  # nothing: nothing happens
+    dst.fill_missing(b)
+    assert dst.missing_count() == len(sw.missing) - 3
+
+
+def test_a_vm_made_here_has_its_memory_reserved_and_closes_with_a_view_of_its_map_held(shm, switch):
+    """Guest memory reserved when made (a write past a full tmpfs would be SIGBUS), and a VM's
+    close does not fail on a view of the post-copy map someone still holds."""
+    fresh = ModelVM.create(shm / "fresh", "vm", NPAGES, KEY, fill="zero")  # (no page written)
+    assert os.stat(fresh.dir / "memory").st_blocks * 512 >= NPAGES * PAGE_SIZE
+    fresh.close()
+    dst = pulling(shm, switch)
+    held = dst._postcopy.bits[:4]
+    dst.close()
+    assert len(held) == 4
