@@ -168,7 +168,8 @@ class DestinationEngine:
         # Post-copy (proto 7.9): MISSING's pages (gfns, versions), then the serving phase.
         self.switch_round: int | None = None
         self._missing: list[tuple[np.ndarray, np.ndarray]] = []
-        self._missing_tags: list[bytes] = []
+        self._missing_tags: list[bytes] = []  # the MACs of those not yet marked
+        self._marked = 0  # how many of _missing are marked in the VM
         self.puller: Puller | None = None
         self._pulling_done = False  # every missing page accepted and asked to be written: PULLED next
 

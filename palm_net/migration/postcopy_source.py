@@ -24,29 +24,43 @@ from palm_net.migration.effects import (
 from palm_net.migration.handoff import InDoubt
 from palm_net.migration.params import Phase, Status, Step
 from palm_net.migration.postcopy import PageServer
-from palm_net.wire.messages import MAX_DATA_PAGES, MAX_PAGES_PER_MESSAGE, Fetch, Message, Missing, Pulled, Running, Want
-from palm_net.wire.pages import KIND_PROTECTED, TAG_LEN, ascending_gfns, u64le
+from palm_net.wire.messages import (
+    MAX_DATA_PAGES,
+    MAX_MISSING_BITMAP,
+    MAX_PAGES_PER_MESSAGE,
+    Fetch,
+    Message,
+    Missing,
+    Pulled,
+    Running,
+    Want,
+)
+from palm_net.wire.pages import KIND_PROTECTED, TAG_LEN, ascending_gfns, gfn_bitmap, u64le
 
 if TYPE_CHECKING:
     from palm_net.migration.source import SourceEngine
 
 
 def metadata(eng: SourceEngine, result: Metadata, now: float) -> list[Effect]:
-    """MISSING for every page left to the serving phase (ascending, at most 2048 a
-    message and 256 of them protected), then the CPU state and blob as ever."""
+    """MISSING for every page left to the serving phase: ascending bitmaps (a normal
+    page comes with the round as its version) of at most MAX_MISSING_BITMAP bytes, each
+    with the versions and MACs of the protected pages it names (at most 256 a message),
+    then the CPU state and blob as ever.  A bitmap keeps the pause short: 1 bit a page
+    on the wire, not 16 bytes."""
     assert eng.missing is not None
-    gfns, kinds = eng.missing, np.frombuffer(result.kinds, np.uint8)
-    protected = kinds == KIND_PROTECTED
-    vers = np.where(protected, result.vers, eng.round).astype(np.uint64)
-    tag_at = np.concatenate(([0], np.cumsum(protected))) * TAG_LEN  # MAC offsets in result.tags
+    gfns = eng.missing
+    pidx = np.flatnonzero(np.frombuffer(result.kinds, np.uint8) == KIND_PROTECTED)  # their indices in gfns
     out: list[Effect] = []
     i = 0
     while i < len(gfns):
-        j = min(len(gfns), i + MAX_PAGES_PER_MESSAGE)
-        if tag_at[j] - tag_at[i] > MAX_DATA_PAGES * TAG_LEN:  # no more than 256 protected pages
-            j = i + int(np.searchsorted(tag_at[i:] - tag_at[i], MAX_DATA_PAGES * TAG_LEN, side="right")) - 1
-        out.append(eng._send(Missing(eng.round, u64le(gfns[i:j]), u64le(vers[i:j]),
-                                      result.tags[tag_at[i] : tag_at[j]])))
+        j = int(np.searchsorted(gfns, gfns[i] + np.uint64(8 * MAX_MISSING_BITMAP)))  # past the bitmap's span
+        k = int(np.searchsorted(pidx, i))  # the first protected page from i on
+        if k + MAX_DATA_PAGES < len(pidx) and pidx[k + MAX_DATA_PAGES] < j:
+            j = int(pidx[k + MAX_DATA_PAGES])  # no more than 256 protected pages
+        k2 = int(np.searchsorted(pidx, j))
+        base, bitmap = gfn_bitmap(gfns[i:j])
+        out.append(eng._send(Missing(eng.round, base, bitmap, u64le(gfns[pidx[k:k2]]), u64le(result.vers[pidx[k:k2]]),
+                                     result.tags[k * TAG_LEN : k2 * TAG_LEN])))
         i = j
     return out + eng._request(Step.EXPORTING, ExportFinalState(), FinalState)
 

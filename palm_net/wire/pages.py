@@ -121,6 +121,26 @@ def ascending_gfns(data: bytes, npages: int, what: str, above: int = -1) -> Gfns
     return gfns
 
 
+def gfn_bitmap(gfns: Gfns) -> tuple[int, bytes]:
+    """Ascending ``gfns`` as (base, bitmap): bit i (byte i // 8, least significant bit
+    first) set for page base + i; base is the first gfn (MISSING, proto 7.9)."""
+    base = int(gfns[0])
+    bits = np.zeros(int(gfns[-1]) - base + 1, dtype=bool)
+    bits[np.asarray(gfns, dtype=np.uint64) - np.uint64(base)] = True
+    return base, np.packbits(bits, bitorder="little").tobytes()
+
+
+def bitmap_gfns(base: int, bitmap: bytes, npages: int, what: str, above: int = -1) -> Gfns:
+    """The gfns a (base, bitmap) names, ascending: at least one, above ``above`` and below
+    ``npages`` (RemoteProtocolError ``malformed``)."""
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
+    offsets = np.flatnonzero(bits.view(np.bool_))  # (as bool: twice as fast)
+    if not len(offsets) or base + int(offsets[0]) <= above or base + int(offsets[-1]) >= npages:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{what}: no page, gfns not above the last, or outside "
+                                                       "the VM")
+    return offsets.astype(np.uint64) + np.uint64(base)
+
+
 @dataclass
 class PageBatch:
     """Page records as they travel: parallel arrays plus the data of non-zero pages."""
