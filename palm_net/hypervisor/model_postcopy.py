@@ -188,14 +188,20 @@ class PostcopyVM(ModelGuest):
         gfns = _u64s(gfns, "read_metadata")
         _ascending(gfns, self.npages, "read_metadata")
         a = self.arrays
-        protected = a.owners[gfns] != 0
-        pg = gfns[protected]
+        # A process owns one range of gfns: its pages among ``gfns`` are one slice each
+        # (no lookup a page: this runs in the switch's pause, for up to every page).
+        kinds = np.full(len(gfns), KIND_NORMAL, np.uint8)
+        vers = np.zeros(len(gfns), np.uint64)
+        spans = [(int(lo), int(hi)) for p in sorted(self.processes, key=lambda p: p.first)
+                 for lo, hi in [np.searchsorted(gfns, (p.first, p.first + p.count))] if hi > lo]
+        pg = np.concatenate([gfns[lo:hi] for lo, hi in spans]) if spans else gfns[:0]
         with self._lock:
             for gfn in pg[(a.views[pg] == VIEW_PROCESS) | (a.versions[pg] == 0)]:
                 self._to_cipher_view_locked(int(gfn))
-            vers = np.where(protected, a.versions[gfns], 0).astype(np.uint64)
+            for lo, hi in spans:
+                kinds[lo:hi] = KIND_PROTECTED
+                vers[lo:hi] = a.versions[gfns[lo:hi]]
             tags = a.tags[pg].tobytes()
-        kinds = np.where(protected, KIND_PROTECTED, KIND_NORMAL).astype(np.uint8)
         return kinds.tobytes(), vers, tags
 
     # -- the destination
