@@ -253,6 +253,7 @@ class ModelGuest(ConfiguredVM):
         self._missing: npt.NDArray[np.uint8] | None = None
         self._filled = threading.Condition(self._lock)
         self.on_fault: Callable[[int], None] | None = None  # the agent's: asks the source for a missing page
+        self._waiting: dict[int, int] = {}  # gfn: guest accesses waiting for it (waiting_pages)
         # Post-copy: how long each guest access to a missing page waited, seconds (the last ones).
         self.fault_waits: deque[float] = deque(maxlen=FAULT_WAITS_KEPT)
         self._keys: list[bytearray] = []
@@ -378,19 +379,34 @@ class ModelGuest(ConfiguredVM):
             self.fault_waits.append(time.monotonic() - t0)
 
     def _await_page_locked(self, gfn: int) -> None:
-        hook = self.on_fault
-        if hook is not None:
-            self._lock.release()  # the hook talks to the agent: never under the VM lock
-            try:
-                hook(gfn)
-            finally:
-                self._lock.acquire()
-        while True:
-            if self._closing.is_set():  # before the map: close drops it
-                raise VmError(f"VM {self.name!r} closed while page {gfn} was awaited")
-            if self._missing is None or not self._missing[gfn]:
-                return
-            self._filled.wait(0.1)  # in slices: a close is noticed
+        # Counted as waiting and the hook read under one hold of the lock: a hook set
+        # later learns of this wait from waiting_pages (its session asks again).
+        self._waiting[gfn] = self._waiting.get(gfn, 0) + 1
+        try:
+            hook = self.on_fault
+            if hook is not None:
+                self._lock.release()  # the hook talks to the agent: never under the VM lock
+                try:
+                    hook(gfn)
+                finally:
+                    self._lock.acquire()
+            while True:
+                if self._closing.is_set():  # before the map: close drops it
+                    raise VmError(f"VM {self.name!r} closed while page {gfn} was awaited")
+                if self._missing is None or not self._missing[gfn]:
+                    return
+                self._filled.wait(0.1)  # in slices: a close is noticed
+        finally:
+            if self._waiting[gfn] == 1:
+                del self._waiting[gfn]
+            else:
+                self._waiting[gfn] -= 1
+
+    def waiting_pages(self) -> list[int]:
+        """The missing pages guest accesses wait for now, ascending: those asked of a hook
+        since gone (a lost session's, or none: a restart) are asked again by the next."""
+        with self._lock:
+            return sorted(self._waiting)
 
     def guest_write(self, gfn: int, data: bytes, offset: int = 0) -> None:
         """A write by the guest OS (untrusted view).  On a protected page it

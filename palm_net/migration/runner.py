@@ -699,6 +699,13 @@ class DestinationRun:
 
         self._watching, self._hook = vm, on_fault
         cast(Backend, vm).on_fault = on_fault
+        # Accesses already waiting asked an earlier hook (a lost session's) or none (a
+        # restart): asked again now, first (proto 7.9 item 6); read after the hook is set,
+        # so an access begun meanwhile is in one or the other (the engine asks once).
+        waiting = cast(Backend, vm).waiting_pages()
+        if waiting:
+            self._faults.extend(waiting)
+            self._fault_woken.set()
 
     async def _feed_faults(self, out: trio.MemorySendChannel[_Opened]) -> None:
         async with out:
