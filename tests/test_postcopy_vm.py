@@ -634,7 +634,7 @@ def test_a_vm_made_here_has_its_memory_reserved_and_closes_with_a_view_of_its_ma
     assert len(held) == 4
 
 
-# -- waits begun before a session (issue 26)
+# -- waits begun before a session, and an agent stopping while one waits (issue 26)
 
 
 def _waiting_for(dst: ModelVM, gfn: int) -> threading.Thread:
@@ -713,3 +713,29 @@ async def test_a_recovery_session_asks_first_for_the_pages_waited_for_before_it_
     assert not t.is_alive()
     dst.close()
 
+
+def test_an_agent_stopping_while_a_vcpu_waits_for_a_page_stops_at_once_and_keeps_the_map(shm, switch):
+    """The registry's close (the agent's stop) with the workload's vCPU waiting for a missing
+    page: the vCPU gives up at once (the workload's join would wait 5 s per VM), and the map
+    reopened names every page missing as before (the guest asks again)."""
+    from types import SimpleNamespace
+
+    from palm_net.agent.registry import VmRegistry
+    sw = switch
+    dst = pulling(shm, sw)
+    asked = threading.Event()
+    dst.on_fault = lambda gfn: asked.set()
+    wl = Workload(dst, "random:20000", seed=1)
+    dst.workload = wl
+    wl.start()
+    assert asked.wait(WAIT) and dst.waiting_pages()  # its vCPU waits for a page
+    registry = VmRegistry(shm, shm, b"", SimpleNamespace(), None, None, lambda name: False)
+    registry.vms[dst.name] = dst
+    closing = threading.Thread(target=registry.close, daemon=True)
+    closing.start()
+    closing.join(2.0)  # a guard well below the workload's 5 s join, not a measure
+    assert not closing.is_alive() and wl._thread is None
+    reopened = ModelVM.open(shm / "dst", load_config(shm / "dst"), KEY)
+    rnd, gfns, _ = reopened.postcopy_state()
+    assert rnd == ROUND and (gfns == sw.missing).all()
+    reopened.close()

@@ -313,9 +313,10 @@ class ModelGuest(ConfiguredVM):
     def protected_pages(self) -> int:
         return sum(p.count for p in self.processes)
 
-    def _stop_guest(self) -> None:
-        """Stops the workload and the prefault; a vCPU waiting for a missing page
-        (post-copy) gives up first (VmError), so the workload stops at once."""
+    def stop_guest(self) -> None:
+        """Stops the workload and the prefault, for good (the VM closes next); a vCPU
+        waiting for a missing page (post-copy) gives up first (VmError), so the workload
+        stops at once; the map still names the page (reopened, the guest asks again)."""
         self._closing.set()
         with self._lock:
             self._filled.notify_all()
@@ -325,7 +326,7 @@ class ModelGuest(ConfiguredVM):
 
     def close(self) -> None:
         """Stops the guest (its workload, the prefault) and unmaps its memory."""
-        self._stop_guest()
+        self.stop_guest()
         if self._prefault is not None and self._prefault is not threading.current_thread():
             self._prefault.join()  # it works on the mapping: done before the mapping goes
         self._np = None  # the arrays are views of the mappings: gone before the mappings
