@@ -879,3 +879,68 @@ def test_a_recovery_that_wants_no_page_waits_for_pulled_only_so_long(early):
         assert eng.timer() == 3.0 + eng.params.reply_timeout and eng.step is Step.SERVING
         eng.on_record(_rec(d.send(pulled)), 4.0)
     assert eng.pulled == pulled and eng.step is Step.DONE
+
+
+# -- waits begun before a recovery session (issue 26)
+
+
+def test_more_pages_waited_for_than_one_fetch_holds_are_all_asked_for():
+    """A recovery finds more accesses waiting than MAX_FETCH (64): FETCHes of 64, none left out."""
+    from palm_net.migration.destination import DestinationEngine
+    from palm_net.wire.messages import MAX_FETCH, decode
+    _, d = _recovering_engine()
+    missing = np.arange(0, 400, 2, dtype=np.uint64)
+    eng, _ = DestinationEngine.pulling(d, 4096, 1, missing, np.ones(len(missing), np.uint64))
+    waited = [int(g) for g in missing[-150:]]
+    bodies = [decode(e.data).body for e in eng.on_fault(waited)]
+    asked = [int(g) for b in bodies for g in np.frombuffer(b.gfns, "<u8")]
+    assert [len(b.gfns) // 8 for b in bodies] == [MAX_FETCH, MAX_FETCH, 150 - 2 * MAX_FETCH] and asked == waited
+    assert eng.on_fault(waited) == []  # each asked once
+
+
+def test_a_recovery_serves_a_page_waited_for_before_it_began_ahead_of_lower_ones(shm, monkeypatch):
+    """The link broke right after RUNNING (nothing served arrived), with a vCPU waiting for
+    the highest missing page: the recovery session's WANTs, then its FETCH, and that page
+    goes in the first slice, ahead of the lower pages of later slices."""
+    monkeypatch.setattr(postcopy, "SERVE_BULK", SERVE_SLICE)  # (slices of 64 pages: several of them)
+    from palm_net.channel.records import Record
+    from palm_net.migration.destination import DestinationEngine
+    from palm_net.migration.params import MigrationParams
+    from palm_net.migration.source import SourceEngine, Step
+    from palm_net.testing.engines import SourcePlayer
+    src, drv = _pc_pair(shm, MigrationParams(**PC))
+    drv.player.between = _dirty(src)
+    drv.deliver = lambda record: None if drv.dest.engine.puller is not None else record  # the link is gone
+    with pytest.raises(RemoteProtocolError):  # (PULLED never comes: the session times out)
+        drv.run()
+    dest = drv.dest
+    rnd, missing, vers = dest.vm.postcopy_state()
+    high = int(missing[-1])
+    s_proto, d_proto = SessionProtocol(Role.SOURCE, drv.engine.mid, recovery=True), SessionProtocol(
+        Role.DESTINATION, recovery=True)
+    d_proto.receive(s_proto.send(Query()))
+    s_proto.receive(d_proto.send(Outcome(RecoveryOutcome.POSTCOPY.value, b"")))
+    d_eng, first = DestinationEngine.pulling(d_proto, 256, rnd, missing, vers)
+    dest.engine = d_eng
+    opening = dest.perform(first) + dest.perform(d_eng.on_fault([high]))  # the shell's: its WANTs, then the wait
+    assert [type(m_decode(r)).__name__ for r in opening] == ["Want", "Fetch"]
+    s_eng = SourceEngine.recovering(s_proto, src.info, MigrationParams())
+    slices: list[list[int]] = []
+
+    def reply(record: bytes, before: bytes) -> list[bytes]:
+        try:
+            body = m_decode(record)
+        except RemoteProtocolError:
+            body = None  # a data record
+        if isinstance(body, Pages):
+            slices.append([int(g) for g in np.frombuffer(body.gfns, "<u8")])
+        return dest.feed(record, before)
+
+    player = SourcePlayer(src, s_eng, drv.player.host.store, reply)
+    player.started = True
+    for r in opening:
+        player.queue.extend(s_eng.on_record(Record(r, 0, bytes(32)), 0.0))
+    list(player.run())
+    assert s_eng.step is Step.DONE and len(slices) > 2 and high in slices[0]
+    assert max(slices[-1]) < high  # the last slice's lower pages came after it
+    assert dest.vm.digest() == src.digest() and dest.store.get(s_eng.mid).state is HandoffState.COMMITTED

@@ -632,3 +632,110 @@ def test_a_vm_made_here_has_its_memory_reserved_and_closes_with_a_view_of_its_ma
     held = dst._postcopy.bits[:4]
     dst.close()
     assert len(held) == 4
+
+
+# -- waits begun before a session, and an agent stopping while one waits (issue 26)
+
+
+def _waiting_for(dst: ModelVM, gfn: int) -> threading.Thread:
+    """A guest access to missing page ``gfn`` in a thread, once it waits for it."""
+    t = threading.Thread(target=lambda: dst.os_read(gfn), daemon=True)
+    t.start()
+    for _ in range(int(WAIT / 0.01)):
+        if dst.waiting_pages() == [gfn]:
+            return t
+        threading.Event().wait(0.01)
+    raise AssertionError(f"no access waits for {gfn}")
+
+
+def test_the_vm_knows_which_pages_its_guest_waits_for_whatever_hook_was_set(shm, switch):
+    sw = switch
+    dst = pulling(shm, sw)
+    high = int(sw.missing[-1])
+    t = _waiting_for(dst, high)  # no hook set (a restarted agent's, or between sessions)
+    assert dst.waiting_pages() == [high]
+    dst.fill_missing(pieces(sw, [high]))
+    t.join(WAIT)
+    assert not t.is_alive() and dst.waiting_pages() == []
+    dst.close()
+
+
+async def test_a_recovery_session_asks_first_for_the_pages_waited_for_before_it_began(shm, switch, pki):
+    """A guest access waits for the highest missing page when no session runs (the link
+    broke, or the agent restarted): the recovery session's WANTs, then at once a FETCH of
+    that page (its vCPU's fault was asked of no session that still runs)."""
+    import trio
+    import trio.testing
+    from nacl.signing import SigningKey
+
+    from palm_net.channel.transport import accept, connect
+    from palm_net.migration.destination import DestinationEngine
+    from palm_net.migration.handoff import HandoffStore
+    from palm_net.migration.runner import DestinationRun
+    from palm_net.wire import messages as m
+    from palm_net.wire.protocol import Role, SessionProtocol
+
+    sw = switch
+    dst = pulling(shm, sw)
+    high = int(sw.missing[-1])
+    t = _waiting_for(dst, high)
+    s1, s2 = trio.testing.memory_stream_pair()
+    chans: dict[str, object] = {}
+    async with trio.open_nursery() as n:
+        async def responder() -> None:
+            chans["d"] = await accept(s2, pki.config("dst"))
+        n.start_soon(responder)
+        src_ch = await connect(s1, pki.config("src"))
+    s_proto = SessionProtocol(Role.SOURCE, b"r" * 16, recovery=True)
+    d_proto = SessionProtocol(Role.DESTINATION, recovery=True)
+    d_proto.receive(s_proto.send(m.Query()))
+    s_proto.receive(d_proto.send(m.Outcome("postcopy", b"")))
+    rnd, missing, vers = dst.postcopy_state()
+    eng, first = DestinationEngine.pulling(d_proto, NPAGES, rnd, missing, vers)
+
+    async def no_vm(*_: object) -> ModelVM:
+        raise AssertionError("a recovery opens no VM")
+
+    run = DestinationRun(chans["d"], eng, HandoffStore(shm / "d.db"), SigningKey.generate(), no_vm)
+    run.host.vm = dst
+    got: list[object] = []
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as n:
+            n.start_soon(run.run, first)
+            while not got or not isinstance(got[-1], m.Fetch):
+                got.append(s_proto.receive_message((await src_ch.receive()).data).body)
+            n.cancel_scope.cancel()
+    assert [type(b).__name__ for b in got] == ["Want", "Fetch"] and not got[0].more
+    assert [int(g) for g in np.frombuffer(got[1].gfns, "<u8")] == [high]
+    assert dst.on_fault is None  # (the run's hook, cleared as it ended)
+    dst.fill_missing(pieces(sw, [high]))
+    t.join(WAIT)
+    assert not t.is_alive()
+    dst.close()
+
+
+def test_an_agent_stopping_while_a_vcpu_waits_for_a_page_stops_at_once_and_keeps_the_map(shm, switch):
+    """The registry's close (the agent's stop) with the workload's vCPU waiting for a missing
+    page: the vCPU gives up at once (the workload's join would wait 5 s per VM), and the map
+    reopened names every page missing as before (the guest asks again)."""
+    from types import SimpleNamespace
+
+    from palm_net.agent.registry import VmRegistry
+    sw = switch
+    dst = pulling(shm, sw)
+    asked = threading.Event()
+    dst.on_fault = lambda gfn: asked.set()
+    wl = Workload(dst, "random:20000", seed=1)
+    dst.workload = wl
+    wl.start()
+    assert asked.wait(WAIT) and dst.waiting_pages()  # its vCPU waits for a page
+    registry = VmRegistry(shm, shm, b"", SimpleNamespace(), None, None, lambda name: False)
+    registry.vms[dst.name] = dst
+    closing = threading.Thread(target=registry.close, daemon=True)
+    closing.start()
+    closing.join(2.0)  # a guard well below the workload's 5 s join, not a measure
+    assert not closing.is_alive() and wl._thread is None
+    reopened = ModelVM.open(shm / "dst", load_config(shm / "dst"), KEY)
+    rnd, gfns, _ = reopened.postcopy_state()
+    assert rnd == ROUND and (gfns == sw.missing).all()
+    reopened.close()

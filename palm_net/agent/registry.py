@@ -374,9 +374,8 @@ class VmRegistry:
     def close(self) -> None:
         for vm in self:
             try:
-                if vm.workload is not None:
-                    vm.workload.stop()
-                    vm.workload = None
+                if isinstance(vm, ModelVM):  # (a QEMU guest has no workload of ours)
+                    vm.stop_guest()  # not its workload alone: a vCPU waiting for a page would hold it 5 s
                 if vm.dir.exists():
                     vm.sync()
                 vm.close()

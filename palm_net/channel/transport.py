@@ -10,6 +10,7 @@ kernel and the cipher.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,10 +28,31 @@ from palm_net.channel.records import Record, RecordReceiver, RecordSender
 from palm_net.crypto.noise import Buffer, CipherName
 from palm_net.errors import ErrorCode, HandshakeError, RemoteProtocolError
 from palm_net.trioutil import ConflictDetector
+from palm_net.wire.protocol import REPLY_TIMEOUT
 
 __all__ = ["Inbox", "Outbox", "Record", "SecureChannel", "accept", "connect"]
 
 RECV_CHUNK = 256 * 1024
+# A send moves this much at a time, each piece within the channel's send timeout
+# (the peer must take 256 KiB in it: a link of 1 Mbit/s does in 2 s).
+SEND_CHUNK = 256 * 1024
+# Linux's TCP_USER_TIMEOUT on every session's socket, in ms: data the peer has not
+# acknowledged after the reply timeout (a host gone, a link cut without a reset, a
+# peer whose window stays shut) ends the connection in the kernel too (proto 1).
+# Never less (a lost segment's retransmissions must fit); more for a source whose
+# reply timeout is longer (its send timeout), so the kernel never cuts first.
+TCP_USER_TIMEOUT_MS = int(REPLY_TIMEOUT * 1000)
+
+
+def set_user_timeout(stream: trio.abc.Stream, seconds: float = REPLY_TIMEOUT) -> None:
+    """TCP_USER_TIMEOUT on a TCP stream's socket (at least TCP_USER_TIMEOUT_MS), where
+    the platform has it (Linux)."""
+    opt = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if opt is None or not isinstance(stream, trio.SocketStream) or \
+            stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):  # (a connection already broken: the handshake says so)
+        stream.setsockopt(socket.IPPROTO_TCP, opt, max(TCP_USER_TIMEOUT_MS, int(seconds * 1000)))
 
 
 class SecureChannel:
@@ -52,6 +74,7 @@ class SecureChannel:
         self._sealing = ConflictDetector("another task is sealing on this channel")
         self._receiving = ConflictDetector("another task is receiving on this channel")
         self._raw: socket.socket | None = None  # see read_ready
+        self._send_timeout = REPLY_TIMEOUT  # (the socket's TCP_USER_TIMEOUT is set by the handshake)
         # Sessions that close with this one, after it (a migration's data sessions,
         # proto 7.8: its ABORT on this session goes before they close).
         self.bound: list[SecureChannel] = []
@@ -75,6 +98,17 @@ class SecureChannel:
 
     # -- sending
 
+    @property
+    def send_timeout(self) -> float:
+        """A send the peer takes nothing of for this long ends the session (a source: its
+        reply timeout), whether the peer is gone or alive and not reading."""
+        return self._send_timeout
+
+    @send_timeout.setter
+    def send_timeout(self, seconds: float) -> None:
+        self._send_timeout = seconds
+        set_user_timeout(self.stream, seconds)
+
     async def send(self, plaintext: bytes) -> int:
         """One record, sealed; returns the bytes put on the wire."""
         return await self.send_batch([(plaintext, False)])
@@ -87,7 +121,7 @@ class SecureChannel:
             for data, bulk in messages:
                 parts.extend(self._sender.seal_parts(data, self.plain and bulk))
             frames = b"".join(parts)
-            await self.stream.send_all(frames)
+            await self._send_all(frames)
         return len(frames)
 
     def frames_size(self, messages: Sequence[tuple[Buffer, bool]]) -> int:
@@ -104,7 +138,19 @@ class SecureChannel:
 
     async def send_sealed(self, frames: Buffer) -> None:
         with self._sending:
-            await self.stream.send_all(frames)
+            await self._send_all(frames)
+
+    async def _send_all(self, frames: Buffer) -> None:
+        """``frames`` onto the stream, SEND_CHUNK at a time, each within ``send_timeout``:
+        a peer that takes nothing for that long ends the session (``timeout``) instead of
+        holding its sender for ever (trio's send_all has no deadline of its own)."""
+        with memoryview(frames) as view:
+            for pos in range(0, len(view) or 1, SEND_CHUNK):
+                with trio.move_on_after(self.send_timeout) as scope:
+                    await self.stream.send_all(view[pos : pos + SEND_CHUNK])
+                if scope.cancelled_caught:
+                    raise RemoteProtocolError(ErrorCode.TIMEOUT, f"the peer took nothing sent for "
+                                              f"{self.send_timeout:g} s (not reading, or unreachable)")
 
     # -- receiving
 
@@ -309,6 +355,7 @@ def _printable(data: bytes | bytearray) -> str:
 
 
 async def _drive(stream: trio.abc.Stream, hs: AttestedHandshake, first: bytes, timeout: float) -> SecureChannel:
+    set_user_timeout(stream)  # (every session's socket, both sides: they all come here)
     try:
         with trio.fail_after(timeout):
             if first:

@@ -263,6 +263,11 @@ class Backend(HostedVM, Protocol):
 
     def missing_count(self) -> int: ...
 
+    def waiting_pages(self) -> list[int]:
+        """The missing gfns guest accesses wait for now (each asked of ``on_fault`` when it
+        began, whatever hook was set then), ascending."""
+        ...
+
     def finish_postcopy(self) -> None:
         """Removes the map once no page is missing (after the durable COMMITTED); idempotent."""
         ...

@@ -323,7 +323,7 @@ class ModelVM(PostcopyVM):
             self._stage_activation()
 
     def close(self) -> None:
-        self._stop_guest()  # a vCPU waiting for a missing page gives up before the map goes
+        self.stop_guest()  # a vCPU waiting for a missing page gives up before the map goes
         if self._reserver is not None:  # it populates the mapping: stopped before the mapping goes
             self._reserver.stop()
             self._reserver = None
@@ -332,7 +332,7 @@ class ModelVM(PostcopyVM):
 
     def scrub(self) -> None:
         """Destroys memory and keys (and a post-copy map): after a handoff, or a failed incoming VM."""
-        self._stop_guest()
+        self.stop_guest()
         for k in self._keys:
             k[:] = bytes(len(k))
         self._keys = []

@@ -253,6 +253,7 @@ class ModelGuest(ConfiguredVM):
         self._missing: npt.NDArray[np.uint8] | None = None
         self._filled = threading.Condition(self._lock)
         self.on_fault: Callable[[int], None] | None = None  # the agent's: asks the source for a missing page
+        self._waiting: dict[int, int] = {}  # gfn: guest accesses waiting for it (waiting_pages)
         # Post-copy: how long each guest access to a missing page waited, seconds (the last ones).
         self.fault_waits: deque[float] = deque(maxlen=FAULT_WAITS_KEPT)
         self._keys: list[bytearray] = []
@@ -312,9 +313,10 @@ class ModelGuest(ConfiguredVM):
     def protected_pages(self) -> int:
         return sum(p.count for p in self.processes)
 
-    def _stop_guest(self) -> None:
-        """Stops the workload and the prefault; a vCPU waiting for a missing page
-        (post-copy) gives up first (VmError), so the workload stops at once."""
+    def stop_guest(self) -> None:
+        """Stops the workload and the prefault, for good (the VM closes next); a vCPU
+        waiting for a missing page (post-copy) gives up first (VmError), so the workload
+        stops at once; the map still names the page (reopened, the guest asks again)."""
         self._closing.set()
         with self._lock:
             self._filled.notify_all()
@@ -324,7 +326,7 @@ class ModelGuest(ConfiguredVM):
 
     def close(self) -> None:
         """Stops the guest (its workload, the prefault) and unmaps its memory."""
-        self._stop_guest()
+        self.stop_guest()
         if self._prefault is not None and self._prefault is not threading.current_thread():
             self._prefault.join()  # it works on the mapping: done before the mapping goes
         self._np = None  # the arrays are views of the mappings: gone before the mappings
@@ -378,19 +380,34 @@ class ModelGuest(ConfiguredVM):
             self.fault_waits.append(time.monotonic() - t0)
 
     def _await_page_locked(self, gfn: int) -> None:
-        hook = self.on_fault
-        if hook is not None:
-            self._lock.release()  # the hook talks to the agent: never under the VM lock
-            try:
-                hook(gfn)
-            finally:
-                self._lock.acquire()
-        while True:
-            if self._closing.is_set():  # before the map: close drops it
-                raise VmError(f"VM {self.name!r} closed while page {gfn} was awaited")
-            if self._missing is None or not self._missing[gfn]:
-                return
-            self._filled.wait(0.1)  # in slices: a close is noticed
+        # Counted as waiting and the hook read under one hold of the lock: a hook set
+        # later learns of this wait from waiting_pages (its session asks again).
+        self._waiting[gfn] = self._waiting.get(gfn, 0) + 1
+        try:
+            hook = self.on_fault
+            if hook is not None:
+                self._lock.release()  # the hook talks to the agent: never under the VM lock
+                try:
+                    hook(gfn)
+                finally:
+                    self._lock.acquire()
+            while True:
+                if self._closing.is_set():  # before the map: close drops it
+                    raise VmError(f"VM {self.name!r} closed while page {gfn} was awaited")
+                if self._missing is None or not self._missing[gfn]:
+                    return
+                self._filled.wait(0.1)  # in slices: a close is noticed
+        finally:
+            if self._waiting[gfn] == 1:
+                del self._waiting[gfn]
+            else:
+                self._waiting[gfn] -= 1
+
+    def waiting_pages(self) -> list[int]:
+        """The missing pages guest accesses wait for now, ascending: those asked of a hook
+        since gone (a lost session's, or none: a restart) are asked again by the next."""
+        with self._lock:
+            return sorted(self._waiting)
 
     def guest_write(self, gfn: int, data: bytes, offset: int = 0) -> None:
         """A write by the guest OS (untrusted view).  On a protected page it

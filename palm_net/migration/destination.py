@@ -590,9 +590,12 @@ class DestinationEngine:
         return self._request(Settle(), Settled)
 
     def on_fault(self, gfns: list[int]) -> list[Effect]:
-        """vCPUs wait for these pages: FETCH those not yet asked for (post-copy's serving phase)."""
-        body = self.puller.faults(gfns) if self.puller is not None and self.state is State.SERVING else None
-        return [self._send(Fetch(body))] if body is not None else []
+        """vCPUs wait for these pages: FETCH those not yet asked for (post-copy's serving
+        phase), MAX_FETCH a message (a recovery's re-asked waits may be more)."""
+        out: list[Effect] = []
+        while self.puller is not None and self.state is State.SERVING and (body := self.puller.faults(gfns)):
+            out.append(self._send(Fetch(body)))
+        return out
 
     def _on_abort(self, msg: Message, _: Record) -> list[Effect]:
         a = msg.get(Abort)

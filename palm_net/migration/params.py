@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from palm_net.wire.messages import MAX_CHANNELS
+from palm_net.wire.protocol import REPLY_TIMEOUT
 
 # What the source does when it must stop iterating (max_rounds or max_factor
 # reached) while the expected downtime is still above the limit:
@@ -30,7 +31,7 @@ class MigrationParams:
     auto_converge: bool = False
     plain: bool = False  # benchmark-only transport mode
     verify_digest: bool = False  # both sides digest memory while paused; COMMIT only if equal
-    reply_timeout: float = 30.0  # seconds to wait for ACCEPT, READY and DONE
+    reply_timeout: float = REPLY_TIMEOUT  # seconds to wait for ACCEPT, READY and DONE (and for a send to move)
     # At the round or volume cap with the downtime limit not met: "pause" anyway
     # (and say so), "abort" (the VM runs on here), "continue" iterating past the
     # caps, or "throttle" the guest a step a round until it fits (pause at 99%).

@@ -183,6 +183,7 @@ class SourceRun:
                  on_progress: Callable[[], None] | None = None, started: float | None = None,
                  stop: Stop | None = None, connect_data: Callable[[], Awaitable[SecureChannel]] | None = None) -> None:
         self.ch = channel
+        channel.send_timeout = engine.params.reply_timeout  # a destination that reads nothing for it: lost
         self.connect_data = connect_data  # a DATA session to the destination (more channels, proto 7.8)
         self.data_channels: list[SecureChannel] = []  # channel 1, 2, ...: they close with the main session
         self.engine = engine
@@ -387,6 +388,7 @@ class SourceRun:
 
         async def open_one(i: int, bind: bytes) -> None:
             ch = opened[i] = await connect()
+            ch.send_timeout = self.ch.send_timeout
             self.ch.bound.append(ch)
             if not hmac.compare_digest(ch.result.peer.static_pub, peer):
                 raise MigrationFailure(ErrorCode.KEY_MISMATCH, f"a data session reached {ch.peer_name!r}, not "
@@ -697,6 +699,13 @@ class DestinationRun:
 
         self._watching, self._hook = vm, on_fault
         cast(Backend, vm).on_fault = on_fault
+        # Accesses already waiting asked an earlier hook (a lost session's) or none (a
+        # restart): asked again now, first (proto 7.9 item 6); read after the hook is set,
+        # so an access begun meanwhile is in one or the other (the engine asks once).
+        waiting = cast(Backend, vm).waiting_pages()
+        if waiting:
+            self._faults.extend(waiting)
+            self._fault_woken.set()
 
     async def _feed_faults(self, out: trio.MemorySendChannel[_Opened]) -> None:
         async with out:

@@ -129,6 +129,9 @@ for _state in (State.BEGUN, State.STREAMING, State.SWITCHING, State.STOPPED, Sta
 TRANSITIONS[(State.COMMITTING, DESTINATION, Abort)] = State.ABORTED
 
 FINAL = frozenset({State.DONE, State.ABORTED, State.CLOSED})
+# Seconds a side waits for its peer's reply, and at most for its peer to take what it
+# sends (proto 1): the source's default, `palm migrate --reply-timeout`.
+REPLY_TIMEOUT = 30.0
 # What carries the VM depends on BEGIN's backend: page records, or a stream.
 PAGE_ONLY: frozenset[type[Body]] = frozenset({Keys, Pages, RoundEnd, RoundDone, CpuState, Context, Missing, Running,
                                                Fetch, Want, Pulled})
