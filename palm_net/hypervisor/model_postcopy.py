@@ -188,13 +188,9 @@ class PostcopyVM(ModelGuest):
         gfns = _u64s(gfns, "read_metadata")
         _ascending(gfns, self.npages, "read_metadata")
         a = self.arrays
-        # A process owns one range of gfns: its pages among ``gfns`` are one slice each
-        # (no lookup a page: this runs in the switch's pause, for up to every page).
         kinds = np.full(len(gfns), KIND_NORMAL, np.uint8)
         vers = np.zeros(len(gfns), np.uint64)
-        spans = [(int(lo), int(hi)) for p in sorted(self.processes, key=lambda p: p.first)
-                 for lo, hi in [np.searchsorted(gfns, (p.first, p.first + p.count))] if hi > lo]
-        pg = np.concatenate([gfns[lo:hi] for lo, hi in spans]) if spans else gfns[:0]
+        spans, pg = self._protected_spans(gfns)
         with self._lock:
             for gfn in pg[(a.views[pg] == VIEW_PROCESS) | (a.versions[pg] == 0)]:
                 self._to_cipher_view_locked(int(gfn))
@@ -203,6 +199,14 @@ class PostcopyVM(ModelGuest):
                 vers[lo:hi] = a.versions[gfns[lo:hi]]
             tags = a.tags[pg].tobytes()
         return kinds.tobytes(), vers, tags
+
+    def _protected_spans(self, gfns: Gfns) -> tuple[list[tuple[int, int]], Gfns]:
+        """Where ascending ``gfns`` hold protected pages: a process owns one range of
+        gfns, so its pages are one slice of them (no lookup a page: the switch's pause
+        needs this for up to every page); and those pages, ascending."""
+        spans = [(int(lo), int(hi)) for p in sorted(self.processes, key=lambda p: p.first)
+                 for lo, hi in [np.searchsorted(gfns, (p.first, p.first + p.count))] if hi > lo]
+        return spans, (np.concatenate([gfns[lo:hi] for lo, hi in spans]) if spans else gfns[:0])
 
     # -- the destination
 
@@ -222,8 +226,11 @@ class PostcopyVM(ModelGuest):
         if not len(gfns):
             return
         a = self.arrays
-        protected = a.owners[gfns] != 0
-        pg, pv = gfns[protected], vers[protected]
+        spans, pg = self._protected_spans(gfns)
+        protected = np.zeros(len(gfns), np.bool_)
+        for lo, hi in spans:
+            protected[lo:hi] = True
+        pv = vers[protected]
         if len(tags) != TAG_LEN * len(pg):
             raise ValueError(f"MISSING: {len(tags)} bytes of MACs for {len(pg)} protected pages")
         if bool((vers[~protected] != round_no).any()):

@@ -44,7 +44,8 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
     eng.switch_round = m.round
     eng._missing.append((gfns, vers))
     eng._missing_tags.append(m.tags)
-    eng.applied[gfns] = vers + 1  # arrived, as far as COMPLETE's check goes: they come later
+    eng.applied[gfns] = m.round + 1  # arrived, as far as COMPLETE's check goes: they come later
+    eng.applied[pgfns] = pvers + 1
     unmarked = sum(len(g) for g, _ in eng._missing[eng._marked :])
     return mark_missing(eng) if unmarked >= MARK_BATCH else []
 
