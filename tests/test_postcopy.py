@@ -186,8 +186,10 @@ def _pages(gfns: list[int], vers: list[int], round_no: int = 4) -> Pages:
     return PageBatch(np.array(gfns, np.uint64), bytes(len(gfns)), np.array(vers, np.uint64), b"").message(round_no)
 
 
-def test_the_puller_takes_only_missing_pages_once_and_of_the_announced_version():
-    puller = Puller(4, np.array([2, 5, 9], np.uint64), np.array([4, 7, 4], np.uint64))
+@pytest.mark.parametrize("order", [[0, 1, 2], [1, 2, 0]])  # ascending, or two runs (named before the pause, after)
+def test_the_puller_takes_only_missing_pages_once_and_of_the_announced_version(order):
+    puller = Puller(4, np.array([2, 5, 9], np.uint64)[order], np.array([4, 7, 4], np.uint64)[order])
+    assert [int(g) for g in np.frombuffer(puller.faults([9, 5, 2, 3]) or b"", "<u8")] == [2, 5, 9]
     puller.take(_pages([2, 9], [4, 4]))
     assert puller.remaining == 1
     for gfns, vers, rnd, code in (([2], [4], 4, ErrorCode.REPLAY),  # taken already
@@ -671,7 +673,8 @@ def _clear_first_protected(b, _):
     (0, lambda b, e: replace(b, base=e.npages - 1, bitmap=b"\x03"), ErrorCode.MALFORMED),  # past the VM's last page
     (1, lambda b, e: replace(b, base=int(e._missing[0][0][-1]), bitmap=b"\x01"),
      ErrorCode.MALFORMED),  # the last message's last gfn again
-    (1, lambda b, e: replace(b, base=int(e._missing[0][0][-2]) + 1), ErrorCode.MALFORMED),  # between its last two
+    (1, lambda b, e: replace(b, base=int(e._missing[0][0][0]), bitmap=b"\x01" + b.bitmap[1:]),
+     ErrorCode.MALFORMED),  # the first message's first gfn, among others
     ("p", lambda b, e: replace(b, vers=b.vers[:-1]), ErrorCode.MALFORMED),  # not whole u64s
     ("p", lambda b, e: replace(b, vers=b.vers[:-8]), ErrorCode.MALFORMED),  # a version short
     ("p", lambda b, e: replace(b, gfns=b.gfns[:-8]), ErrorCode.MALFORMED),  # a protected gfn short
@@ -712,9 +715,42 @@ def test_a_missing_that_does_not_fit_is_refused(shm, monkeypatch, which, alter, 
     assert len(drv.dest.engine._missing) == at[0]  # refused as it came (not at the CPU state): none of it taken
 
 
+def test_missing_names_the_dirty_normal_pages_before_the_pause_and_the_rest_after(shm):
+    """Proto 7.9 item 1: the last round's dirty normal pages are named while the VM still
+    runs (their version is the round's); its protected pages, and what the guest wrote
+    since, once it is paused (their metadata is final then).  Each page once."""
+    from palm_net.migration.params import MigrationParams
+    from palm_net.wire import messages as m
+    src, drv = _pc_pair(shm, MigrationParams(**PC))
+    drv.player.between = _dirty(src)
+    seen: list[tuple[bool, Missing]] = []
+
+    def deliver(record: bytes) -> bytes | None:
+        try:
+            body = m.decode(record).body
+        except Exception:
+            return record
+        if isinstance(body, Missing):
+            seen.append((src.state == "running", body))
+        return record
+
+    drv.deliver = deliver
+    drv.run()
+    named = [(running, bitmap_gfns(b.base, b.bitmap, 256, "M"), b) for running, b in seen]
+    before = np.concatenate([g for running, g, _ in named if running])
+    after = np.concatenate([g for running, g, _ in named if not running])
+    owners = src.arrays.owners
+    assert len(before) and not owners[before].any() and all(not b.gfns for running, _, b in named if running)
+    assert owners[after].any() and not set(before.tolist()) & set(after.tolist())
+    eng = drv.engine
+    assert len(before) + len(after) == eng.stats.postcopy_pages == eng.stats.served_pages
+    assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest() and drv.dest.vm.verify().ok
+
+
 def _fake_source(missing: np.ndarray, round_no: int = 5):
     from types import SimpleNamespace
-    return SimpleNamespace(missing=missing, round=round_no, _send=lambda body: body, _request=lambda *a: [])
+    return SimpleNamespace(missing=missing, unnamed=missing, round=round_no, _send=lambda body: body,
+                           _request=lambda *a: [])
 
 
 @pytest.mark.parametrize("kinds", [

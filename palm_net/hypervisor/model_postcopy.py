@@ -35,7 +35,7 @@ from palm_net.hypervisor.backend import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, 
 from palm_net.hypervisor.model_guest import VIEW_CIPHER, VIEW_PROCESS, ModelGuest, VmError, map_file, put_pages
 from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
 from palm_net.hypervisor.protection import TAG_LEN, ProtectionIntegrityError
-from palm_net.wire.pages import Gfns
+from palm_net.wire.pages import Gfns, protected_spans
 
 MAP_FILE = "postcopy"
 MAP_MAGIC = b"PALMPC01"
@@ -83,7 +83,6 @@ class PostcopyMap:
         set_ = np.flatnonzero(self.bits)
         self.bits[set_] = _MISSING  # a fill a crash cut short (claimed) is simply fetched again
         self.count = len(set_)  # pages missing
-        self.last = int(set_[-1]) if len(set_) else -1  # the highest gfn marked: MISSING only goes up
 
     @classmethod
     def create(cls, vm_dir: Path, npages: int, round_no: int) -> PostcopyMap:
@@ -109,7 +108,6 @@ class PostcopyMap:
     def mark(self, gfns: Gfns) -> None:
         self.count += int(np.count_nonzero(self.bits[gfns] == 0))
         self.bits[gfns] = _MISSING
-        self.last = max(self.last, int(gfns[-1]))
 
     def clear(self, gfns: Gfns) -> None:
         self.count -= int(np.count_nonzero(self.bits[gfns]))
@@ -204,9 +202,7 @@ class PostcopyVM(ModelGuest):
         """Where ascending ``gfns`` hold protected pages: a process owns one range of
         gfns, so its pages are one slice of them (no lookup a page: the switch's pause
         needs this for up to every page); and those pages, ascending."""
-        spans = [(int(lo), int(hi)) for p in sorted(self.processes, key=lambda p: p.first)
-                 for lo, hi in [np.searchsorted(gfns, (p.first, p.first + p.count))] if hi > lo]
-        return spans, (np.concatenate([gfns[lo:hi] for lo, hi in spans]) if spans else gfns[:0])
+        return protected_spans(gfns, [(p.first, p.count) for p in self.processes])
 
     # -- the destination
 
@@ -240,8 +236,8 @@ class PostcopyVM(ModelGuest):
             if bool((pv < np.maximum(a.versions[pg], 1)).any()):
                 raise ValueError("MISSING: a protected page's version is older than the copy received")
             pc = self._postcopy
-            if pc is not None and (pc.round != round_no or int(gfns[0]) <= pc.last):
-                raise ValueError("MISSING: another round, or gfns not above those of earlier messages")
+            if pc is not None and (pc.round != round_no or bool(pc.bits[gfns].any())):
+                raise ValueError("MISSING: another round, or a page marked missing already")
             if pc is None:
                 pc = self._postcopy = PostcopyMap.create(self.dir, self.npages, round_no)
                 self._missing = pc.bits

@@ -29,8 +29,11 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
         raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "MISSING before KEYS, or on more channels than one")
     if m.round < eng.round or (eng.switch_round is not None and m.round != eng.switch_round):
         raise RemoteProtocolError(ErrorCode.ROLLBACK, f"MISSING of round {m.round}")
-    last = int(eng._missing[-1][0][-1]) if eng._missing else -1
-    gfns = bitmap_gfns(m.base, m.bitmap, eng.npages, "MISSING", above=last)
+    gfns = bitmap_gfns(m.base, m.bitmap, eng.npages, "MISSING")
+    if eng._named is None:
+        eng._named = np.zeros(eng.npages, np.bool_)
+    if bool(eng._named[gfns].any()):  # (two ascending runs: before the pause and after it)
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING: a page an earlier MISSING named")
     pgfns = ascending_gfns(m.gfns, eng.npages, "MISSING's protected pages")
     at = np.searchsorted(gfns, pgfns)
     named = bool((at < len(gfns)).all()) and bool((gfns[np.minimum(at, len(gfns) - 1)] == pgfns).all())
@@ -42,6 +45,7 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
     vers = np.full(len(gfns), m.round, dtype=np.uint64)
     vers[at] = pvers
     eng.switch_round = m.round
+    eng._named[gfns] = True
     eng._missing.append((gfns, vers))
     eng._missing_tags.append(m.tags)
     eng.applied[gfns] = m.round + 1  # arrived, as far as COMPLETE's check goes: they come later
@@ -52,16 +56,25 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
 
 def mark_missing(eng: DestinationEngine) -> list[Effect]:
     """MISSING's pages not yet marked into the VM's map and metadata: in batches of
-    MARK_BATCH pages or more as they come (the first while the source still exports
-    its blob: off the pause's critical path), the rest at the CPU state (after the
-    last MISSING).  Not one hypervisor call a message: a message may name few pages."""
-    parts = eng._missing[eng._marked :]
+    MARK_BATCH pages or more as they come (the first while the source still pauses or
+    exports its blob: off the pause's critical path), the rest at the CPU state
+    (after the last MISSING); one call for each ascending run of them (those named
+    before the pause, those after).  Not one hypervisor call a message: a message may
+    name few pages."""
+    parts, tags = eng._missing[eng._marked :], eng._missing_tags
     if eng.switch_round is None or not parts:
         return []
-    eng._marked = len(eng._missing)
-    gfns, vers = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
-    tags, eng._missing_tags = b"".join(eng._missing_tags), []
-    return [MarkMissing(eng.switch_round, gfns, vers, tags)]
+    eng._marked, eng._missing_tags = len(eng._missing), []
+    out: list[Effect] = []
+    i = 0
+    while i < len(parts):
+        j = i + 1
+        while j < len(parts) and parts[j][0][0] > parts[j - 1][0][-1]:
+            j += 1
+        out.append(MarkMissing(eng.switch_round, np.concatenate([p[0] for p in parts[i:j]]),
+                               np.concatenate([p[1] for p in parts[i:j]]), b"".join(tags[i:j])))
+        i = j
+    return out
 
 
 def pull_finished(eng: DestinationEngine, result: PullFinished) -> list[Effect]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from palm_net.errors import ErrorCode, RemoteProtocolError
 from palm_net.migration.effects import (
@@ -17,6 +18,7 @@ from palm_net.migration.effects import (
     Metadata,
     Note,
     PagesSent,
+    ReadMetadata,
     SendPages,
     Serve,
     Served,
@@ -35,21 +37,68 @@ from palm_net.wire.messages import (
     Running,
     Want,
 )
-from palm_net.wire.pages import KIND_PROTECTED, TAG_LEN, ascending_gfns, gfn_bitmap, u64le
+from palm_net.wire.pages import KIND_PROTECTED, TAG_LEN, Gfns, ascending_gfns, gfn_bitmap, protected_spans, u64le
 
 if TYPE_CHECKING:
     from palm_net.migration.source import SourceEngine
 
 
-def metadata(eng: SourceEngine, result: Metadata, now: float) -> list[Effect]:
-    """MISSING for every page left to the serving phase: ascending bitmaps (a normal
-    page comes with the round as its version) of at most MAX_MISSING_BITMAP bytes, each
-    with the versions and MACs of the protected pages it names (at most 256 a message),
-    then the CPU state and blob as ever.  A bitmap keeps the pause short: 1 bit a page
-    on the wire, not 16 bytes."""
+def announce(eng: SourceEngine) -> list[Effect]:
+    """Before the pause (the last round is over, the switch decided): MISSING for the
+    normal pages of its dirty set.  Their version is the round's whatever the guest
+    writes until the pause; the destination marks them while this side pauses.  A
+    protected page's version and MAC are final only once the VM is paused: it waits."""
+    if not eng.switching:
+        return []
+    pending = np.asarray(eng.pending, dtype=np.uint64)
+    spans, _ = protected_spans(pending, eng.protected_ranges)
+    normal = np.ones(len(pending), np.bool_)
+    for lo, hi in spans:
+        normal[lo:hi] = False
+    eng.announced = pending[normal]
+    return _missing_messages(eng, eng.announced, np.zeros(0, np.intp), np.zeros(0, np.uint64), b"")
+
+
+def switch(eng: SourceEngine) -> list[Effect]:
+    """Paused: every page not yet sent follows the switch; the metadata of those not
+    named yet is read now."""
+    eng.missing = missing = np.asarray(eng.pending, np.uint64)
+    eng.pending = np.zeros(0, np.uint64)
+    eng.stats.postcopy_pages = len(missing)
+    return [Note("switch to post-copy", {"phase": "postcopy", "round": eng.round, "missing": len(missing)}),
+            *eng._request(Step.SWITCHING, ReadMetadata(after_pause(eng)), Metadata)]
+
+
+def after_pause(eng: SourceEngine) -> Gfns:
+    """The missing pages MISSING has not named yet (the dirty set's protected pages and
+    what the guest wrote until the pause), ascending: their metadata is read now."""
     assert eng.missing is not None
     gfns = eng.missing
+    if len(eng.announced):
+        bits = np.zeros(eng.info.npages, np.bool_)
+        bits[eng.missing] = True
+        bits[eng.announced] = False
+        gfns = np.flatnonzero(bits).astype(np.uint64)
+    eng.unnamed = gfns
+    return gfns
+
+
+def metadata(eng: SourceEngine, result: Metadata, now: float) -> list[Effect]:
+    """MISSING for every page left to the serving phase not named before the pause,
+    then the CPU state and blob as ever."""
+    gfns = eng.unnamed
     pidx = np.flatnonzero(np.frombuffer(result.kinds, np.uint8) == KIND_PROTECTED)  # their indices in gfns
+    return (_missing_messages(eng, gfns, pidx, result.vers[pidx], result.tags)
+            + eng._request(Step.EXPORTING, ExportFinalState(), FinalState))
+
+
+def _missing_messages(eng: SourceEngine, gfns: Gfns, pidx: npt.NDArray[np.intp], pvers: Gfns,
+                      tags: bytes) -> list[Effect]:
+    """MISSING messages naming ascending ``gfns``: bitmaps (a normal page comes with the
+    round as its version) of at most MAX_MISSING_BITMAP bytes, each with the versions
+    and MACs of the protected pages it names (``pidx``: their indices in ``gfns``; at
+    most 256 a message).  A bitmap keeps the pause short: 1 bit a page on the wire,
+    not 16 bytes."""
     out: list[Effect] = []
     i = 0
     while i < len(gfns):
@@ -59,10 +108,10 @@ def metadata(eng: SourceEngine, result: Metadata, now: float) -> list[Effect]:
             j = int(pidx[k + MAX_DATA_PAGES])  # no more than 256 protected pages
         k2 = int(np.searchsorted(pidx, j))
         base, bitmap = gfn_bitmap(gfns[i:j])
-        out.append(eng._send(Missing(eng.round, base, bitmap, u64le(gfns[pidx[k:k2]]), u64le(result.vers[pidx[k:k2]]),
-                                     result.tags[k * TAG_LEN : k2 * TAG_LEN])))
+        out.append(eng._send(Missing(eng.round, base, bitmap, u64le(gfns[pidx[k:k2]]), u64le(pvers[k:k2]),
+                                     tags[k * TAG_LEN : k2 * TAG_LEN])))
         i = j
-    return out + eng._request(Step.EXPORTING, ExportFinalState(), FinalState)
+    return out
 
 
 def on_running(eng: SourceEngine, msg: Message, now: float) -> list[Effect]:

@@ -121,6 +121,16 @@ def ascending_gfns(data: bytes, npages: int, what: str, above: int = -1) -> Gfns
     return gfns
 
 
+def protected_spans(gfns: Gfns, ranges: Any) -> tuple[list[tuple[int, int]], Gfns]:
+    """Where ascending ``gfns`` fall in the protected processes' ``ranges`` ((first,
+    count) each): a process owns one range, so its pages are one slice of ``gfns``
+    (no lookup a page: the switch's pause needs this for up to every page); the
+    slices (lo, hi) ascending, and those pages."""
+    spans = [(int(lo), int(hi)) for first, count in sorted(ranges)
+             for lo, hi in [np.searchsorted(gfns, (first, first + count))] if hi > lo]
+    return spans, (np.concatenate([gfns[lo:hi] for lo, hi in spans]) if spans else gfns[:0])
+
+
 def gfn_bitmap(gfns: Gfns) -> tuple[int, bytes]:
     """Ascending ``gfns`` as (base, bitmap): bit i (byte i // 8, least significant bit
     first) set for page base + i; base is the first gfn (MISSING, proto 7.9)."""
