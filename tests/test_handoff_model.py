@@ -53,8 +53,8 @@ def test_the_handoff_is_safe_and_live(checked, record_property):
 
 @pytest.mark.deep
 def test_the_handoff_at_a_deeper_bound():
-    """3 copies of each message in flight, 4 crashes, 2 forged messages: about 290,000
-    states, a minute or two of CPU (run with -m deep)."""
+    """3 copies of each message in flight, 4 crashes, 2 forged messages, the abandon: about
+    340,000 states, a minute or two of CPU (run with -m deep)."""
     result = explore(hm.Bounds(copies=3, crashes=4, forged=2))
     assert not result.violations, f"{result.summary()}\n{result.violations[0]}"
     assert result.states > 250000, result.summary()
