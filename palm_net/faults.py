@@ -62,6 +62,7 @@ STEPS: dict[str, str] = {
     **_store(SRC, "serve", "SERVING: post-copy, the destination runs the VM"),
     f"{SRC}.vm.scrub": "the source's copy destroyed after DONE",
     **_store(SRC, "abort", "ABORTED: the source runs its copy again"),
+    **_store(SRC, "abandon", "ABANDONED: the operator declared a serving VM lost (post-copy)"),
     f"{SRC}.vm.resume": "the source's copy resumed",
     # the destination
     **_store(DST, "open", "the row RECEIVING"),
@@ -74,6 +75,7 @@ STEPS: dict[str, str] = {
     **_store(DST, "pulled", "COMMITTED: post-copy, every page in"),
     f"{DST}.vm.activate": "the committed VM activated",
     **_store(DST, "abort", "ABORTED forever"),
+    **_store(DST, "abandon", "ABANDONED: the operator declared a pulling VM lost (post-copy)"),
     f"{DST}.vm.scrub": "what arrived destroyed after an abort",
 }
 

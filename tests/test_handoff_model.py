@@ -3,10 +3,12 @@
 Every state of one migration reachable within the bound (pre-copy or
 post-copy, the source's choice at the pause; messages lost, duplicated,
 reordered, delayed; crashes and restarts of either side at every step;
-recovery queries, post-copy's serving again; the operator) is explored breadth
-first, and on each: never two runnable copies, never no copy (post-copy: the
-destination's running copy and the source's paused one, both, until PULLED);
-from each, recovery alone settles on exactly one running copy.  The model
+recovery queries, post-copy's serving again; the operator, its abandon
+included) is explored breadth first, and on each: never two runnable copies,
+never no copy (post-copy: the destination's running copy and the source's
+paused one, both, until PULLED; unless the operator abandoned it there,
+counted apart); from each, recovery alone settles on exactly one running copy,
+and brings a side that abandoned to its end.  The model
 takes its rules from the code (handoff.MOVES / leaving / may_resume / may_scrub
 / may_run and orchestrate.IN_DOUBT, looked up at call time, and
 VmRegistry.operable), so the mutation tests below break one rule of the code
@@ -51,8 +53,8 @@ def test_the_handoff_is_safe_and_live(checked, record_property):
 
 @pytest.mark.deep
 def test_the_handoff_at_a_deeper_bound():
-    """3 copies of each message in flight, 4 crashes, 2 forged messages: about 290,000
-    states, a minute or two of CPU (run with -m deep)."""
+    """3 copies of each message in flight, 4 crashes, 2 forged messages, the abandon: about
+    340,000 states, a minute or two of CPU (run with -m deep)."""
     result = explore(hm.Bounds(copies=3, crashes=4, forged=2))
     assert not result.violations, f"{result.summary()}\n{result.violations[0]}"
     assert result.states > 250000, result.summary()
@@ -296,3 +298,92 @@ def test_mutation_serving_not_in_doubt_is_caught_by_liveness(monkeypatch):
     assert [v.kind for v in found.violations] == ["stuck"], found.summary()
     print(found.violations[0])
     assert found.violations[0].state.src_row is HandoffState.SERVING
+
+
+# --------------------------------------------------------------------------
+# The operator's abandon (proto 7.5's last column, 7.9 item 7): post-copy's way out once a
+# host is lost.  It may lose the VM only where post-copy risks it; it never forks it.
+
+
+def test_an_abandon_loses_the_vm_only_where_post_copy_risks_it(checked):
+    """In the suite's bound (Bounds().abandon): the operator abandons on either side wherever
+    the table allows it (serving, pulling), before or after the other side, with crashes
+    between its row and its scrub.  No fork; the VM is lost only after an abandon taken while
+    the destination ran the VM with pages missing (counted apart, never a violation); and
+    each abandoning side ends done with it (its copy scrubbed, nothing asked or served)."""
+    assert checked.bounds.abandon and not checked.violations
+    example = checked.abandoned_example
+    assert checked.abandoned > 0 and example is not None, "no abandon lost the VM: the model lost the case"
+    assert any(step.startswith("OPERATOR ABANDON") for step in example.trace), str(example)
+    print(f"{checked.abandoned} states lost by an abandon, e.g.\n{example}")
+    abandoned = [s for s in checked.seen if HandoffState.ABANDONED in (s.src_row, s.dst_row)]
+    assert all(s.postcopy for s in abandoned)
+    # not at risk: only a source abandoning after the destination committed (PULLED lost), which loses nothing
+    assert all(s.dst_row is HandoffState.COMMITTED and s.src_row is HandoffState.ABANDONED
+               for s in abandoned if s.needless)
+    V, D, S = hm.Vm, hm.DstPc, hm.SrcPc
+    both = [s for s in abandoned if s.src_row is s.dst_row is HandoffState.ABANDONED]
+    assert any(s.src_vm is s.dst_vm is V.SCRUBBED and s.src_pc is S.IDLE and s.dst_pc is D.IDLE for s in both)
+    # a crash between the row and the scrub: the restart scrubs (registry.load)
+    assert any(s.src_row is HandoffState.ABANDONED and s.src_vm is V.PAUSED and not s.src_up for s in abandoned)
+    assert any(s.dst_row is HandoffState.ABANDONED and s.dst_vm is V.RUNNING and not s.dst_up for s in abandoned)
+    # the source abandoned after the destination committed (PULLED lost): nothing lost, it settles
+    assert any(s.src_row is HandoffState.ABANDONED and s.dst_row is HandoffState.COMMITTED
+               and s.dst_vm is V.RUNNING and hm.settled(s) for s in abandoned)
+
+
+def test_the_abandon_never_runs_a_copy_and_its_moves_are_the_operators_only():
+    """MOVES: abandon leaves serving and pulling only, into abandoned, which is final and
+    lets no copy run; no other step (none a message takes) reaches abandoned."""
+    assert {(side, s) for (side, s, step) in handoff.MOVES if step is Step.ABANDON} == {
+        (SOURCE, HandoffState.SERVING), (DESTINATION, HandoffState.PULLING)}
+    assert {step for (_, _, step), after in handoff.MOVES.items() if after is HandoffState.ABANDONED} == {
+        Step.ABANDON}
+    assert HandoffState.ABANDONED in handoff.FINAL
+    for side in (SOURCE, DESTINATION):
+        assert not handoff.may_run(side, HandoffState.ABANDONED) and handoff.may_scrub(side, HandoffState.ABANDONED)
+    assert not handoff.may_resume(HandoffState.ABANDONED, token_ok=True, override=True)
+
+
+def test_mutation_abandon_from_handed_off_is_caught(monkeypatch):
+    """An abandon from handed_off (in doubt, not past a post-copy switch): the source scrubs
+    a copy that was the whole VM (the destination had not committed, or aborted): a loss
+    no post-copy risk allows."""
+    monkeypatch.setitem(handoff.MOVES, (SOURCE, HandoffState.HANDED_OFF, Step.ABANDON), HandoffState.ABANDONED)
+    found = counterexample(kind="loss")
+    assert "OPERATOR ABANDON (source)" in found.trace and found.state.needless, str(found)
+
+
+def test_mutation_abandon_from_prepared_is_caught(monkeypatch):
+    """An abandon from prepared: the destination scrubs a VM that never ran there, the
+    source's copy still whole (it then waits in doubt for ever: no token for an abandoned row)."""
+    monkeypatch.setitem(handoff.MOVES, (DESTINATION, HandoffState.PREPARED, Step.ABANDON), HandoffState.ABANDONED)
+    found = counterexample(kind="loss")
+    assert "OPERATOR ABANDON (destination)" in found.trace and found.state.needless, str(found)
+
+
+def test_mutation_abandon_into_aborted_at_the_source_is_caught(monkeypatch):
+    """Why abandoned is a state of its own (proto 7.5): a serving copy recorded aborted may
+    run again (the operator's resume, a restart before its scrub) beside the destination's VM."""
+    monkeypatch.setitem(handoff.MOVES, (SOURCE, HandoffState.SERVING, Step.ABANDON), HandoffState.ABORTED)
+    found = counterexample(kind="fork")
+    assert "OPERATOR ABANDON (source)" in found.trace, str(found)
+
+
+def test_mutation_abandon_into_aborted_at_the_destination_is_caught(monkeypatch):
+    """The same at the destination: an aborted row hands a source still handed_off an abort
+    token, and its copy resumes (here before the abandoned VM is even scrubbed: a fork)."""
+    monkeypatch.setitem(handoff.MOVES, (DESTINATION, HandoffState.PULLING, Step.ABANDON), HandoffState.ABORTED)
+    found = counterexample(kind="fork")
+    assert "source gets OUT_ABORTED" in found.trace, str(found)
+
+
+def test_mutation_an_abandoned_copy_never_scrubbed_is_caught_by_liveness(monkeypatch):
+    """may_scrub without abandoned: the row says abandoned and the copy stays for ever."""
+    real = handoff.may_scrub
+    monkeypatch.setattr(handoff, "may_scrub", lambda side, state: state is not HandoffState.ABANDONED
+                        and real(side, state))
+    found = explore(hm.Bounds(crashes=1, forged=0))
+    assert {v.kind for v in found.violations} == {"stuck"}, found.summary()
+    print(found.violations[0])
+    assert HandoffState.ABANDONED in (found.violations[0].state.src_row, found.violations[0].state.dst_row)

@@ -69,7 +69,7 @@ MUTANTS = [
            "            if self.sessions >= self.max_sessions:\n",
            "            if False:\n", (SAFETY, "-k", "max_incoming")),
     Mutant("the destination may scrub a committed VM", "palm_net/migration/handoff.py",
-           "    return state is None or state is HandoffState.ABORTED\n",
+           "    return state in (None, HandoffState.ABORTED, HandoffState.ABANDONED)\n",
            "    return True\n", ("tests/test_handoff_model.py", "-k", "safe_and_live")),
     Mutant("an in-doubt source resumes without a token", "palm_net/migration/handoff.py",
            "        return token_ok or override\n",
@@ -142,6 +142,24 @@ MUTANTS = [
     Mutant("a restarted agent's guest reads a missing page's stale copy", "palm_net/hypervisor/model_postcopy.py",
            "                self._missing = self._postcopy.bits\n",
            "                self._missing = None\n", ("tests/test_postcopy_vm.py", "-k", "restarted_agent")),
+    # The operator's abandon (proto 7.5, 7.9 item 7)
+    Mutant("an in-doubt (handed-off) copy abandoned", "palm_net/migration/handoff.py",
+           "    (SOURCE, HandoffState.SERVING, Step.ABANDON): HandoffState.ABANDONED,\n",
+           "    (SOURCE, HandoffState.HANDED_OFF, Step.ABANDON): HandoffState.ABANDONED,\n",
+           ("tests/test_handoff_model.py", "-k", "safe_and_live")),
+    Mutant("an abandoned serving copy recorded aborted (runnable)", "palm_net/migration/handoff.py",
+           "    (SOURCE, HandoffState.SERVING, Step.ABANDON): HandoffState.ABANDONED,\n",
+           "    (SOURCE, HandoffState.SERVING, Step.ABANDON): HandoffState.ABORTED,\n",
+           ("tests/test_handoff_model.py", "-k", "safe_and_live")),
+    Mutant("an abandoned copy scrubbed while its pages are still served", "palm_net/agent/abandon.py",
+           "        await outgoing.end_readers(row.mid)",
+           "        pass", ("tests/test_postcopy_abandon.py", "-k", "still_serves")),
+    Mutant("a VM abandoned without a reason", "palm_net/agent/abandon.py",
+           "    if not reason.strip():\n",
+           "    if False:\n", ("tests/test_postcopy_abandon.py", "-k", "without_a_reason")),
+    Mutant("an abandoned VM left running by a restart", "palm_net/agent/registry.py",
+           "        self._scrub_abandoned()\n",
+           "        pass\n", ("tests/test_postcopy_abandon.py", "-k", "restart_finishes")),
 ]
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from palm_net.agent import faultdrill
+from palm_net.agent import abandon, faultdrill
 from palm_net.agent.clustering import AgentCluster
 from palm_net.agent.control import ControlServer
 from palm_net.agent.errors import AgentError
@@ -330,6 +330,11 @@ class Agent:
     async def destinations(self, vm_name: str) -> dict[str, Any]:
         """Where `palm migrate VM --to NAME|auto` may go (palm_net.agent.clustering)."""
         return await self.cluster.destinations(vm_name)
+
+    async def abandon(self, mid_hex: str, reason: str) -> dict[str, Any]:
+        """`palm migrate --resolve ID --abandon --reason WHY`: a post-copy migration whose other
+        host is lost, declared lost here (palm_net.agent.abandon)."""
+        return await abandon.abandon(self.store, self.registry, self.outgoing, self.incoming, mid_hex, reason)
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_hostport(self.cfg.listen)

@@ -47,6 +47,8 @@ class Controlled(Protocol):
 
     async def destinations(self, vm_name: str) -> dict[str, Any]: ...
 
+    async def abandon(self, mid_hex: str, reason: str) -> dict[str, Any]: ...
+
 log = structlog.get_logger("palm.control")
 
 MAX_REQUEST = 64 * 1024
@@ -265,6 +267,9 @@ class ControlServer:
         return {"status": await self.agent.outgoing.resolve(_arg(args, "id", str), _arg(args, "override", bool, False),
                                                             _arg(args, "reason", str, ""))}
 
+    async def _migrate_abandon(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
+        return await self.agent.abandon(_arg(args, "id", str), _arg(args, "reason", str, ""))
+
     async def _destinations(self, args: dict[str, Any], _: trio.SocketStream) -> Any:
         return await self.agent.destinations(_arg(args, "vm", str))
 
@@ -349,6 +354,6 @@ class ControlServer:
         "status": _status, "vm.create": _vm_create, "vm.list": _vm_list, "vm.show": _vm_show,
         "vm.digest": _vm_digest, "vm.verify": _vm_verify, "vm.pause": _vm_pause, "vm.resume": _vm_resume,
         "vm.destroy": _vm_destroy, "migrate": _migrate, "migrations": _migrations,
-        "migrate.cancel": _migrate_cancel, "migrate.resolve": _migrate_resolve,
+        "migrate.cancel": _migrate_cancel, "migrate.resolve": _migrate_resolve, "migrate.abandon": _migrate_abandon,
         "cluster.destinations": _destinations,
     }

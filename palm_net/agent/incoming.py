@@ -11,11 +11,12 @@ limits is given back.  A RECOVERY session is answered by the handoff rules.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -227,7 +228,7 @@ class IncomingService:
             return vm
 
         run: DestinationRun | None = None
-        key, scope = object(), trio.CancelScope()
+        key, scope = session, trio.CancelScope()  # (the operator's abandon finds a migration's sessions by key)
         self._live[key] = (channel, scope)
         try:
             with scope:  # cancelled by recheck: the peer was refused before READY
@@ -250,6 +251,25 @@ class IncomingService:
             if channel.result.purpose is Purpose.MIGRATION:
                 for fn in self.on_settled:
                     fn(outcome)
+
+    @contextlib.asynccontextmanager
+    async def without_sessions(self, mid: bytes) -> AsyncIterator[None]:
+        """Ends the sessions of a migration (its own, a recovery one pulling into its VM), once
+        each has ended and been settled enters the block, and no session pulls into its VM
+        until the block is over (asked again): the operator's abandon (palm_net.agent.abandon)."""
+        def of_mid(key: object) -> bool:
+            return isinstance(key, Session) and mid in (key.mid, key.pulling)
+
+        for key, (_, scope) in list(self._live.items()):
+            if of_mid(key):
+                scope.cancel()
+        while any(of_mid(key) for key in self._live):
+            await trio.sleep(0.01)
+        self._pulling.add(mid)
+        try:
+            yield
+        finally:
+            self._pulling.discard(mid)
 
     def _pulling_vm(self, mid: bytes) -> AnyVM | None:
         """Post-copy's recovery: the VM of a PULLING migration, if it is here and no other

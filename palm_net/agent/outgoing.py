@@ -8,10 +8,11 @@ recovery task keeps asking for (with back-off, also after a restart).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ log = structlog.get_logger("palm.agent")
 ConnectFn = Callable[[str, bool, CipherName | None, Purpose], Awaitable[SecureChannel]]  # MIGRATION or DATA
 RecoveryFn = Callable[[str], Awaitable[SecureChannel]]  # address -> a RECOVERY session
 KEEP_FINISHED = 50  # finished migrations kept for `palm migrations`
+ABANDONED = "abandoned by the operator (palm migrate --resolve ID --abandon): the VM is lost"
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -78,6 +80,9 @@ class OutgoingService:
         self.nursery: trio.Nursery | None = None  # where recovery tasks run (set by the agent's serve)
         self.on_result: list[Callable[[MigrationResult], None]] = []  # told of each migration's result
         self._recovering: set[bytes] = set()  # in-doubt migrations a recovery task asks about
+        # What may read a migration's copy now besides migrate_out (its recovery task, a --resolve):
+        # the operator's abandon ends them before the copy is scrubbed (palm_net.agent.abandon).
+        self._readers: dict[bytes, set[trio.CancelScope]] = {}
         # Why this agent itself may start no migration now (the cluster revoked it), or None.
         self.self_refusal: Callable[[], str | None] = lambda: None
 
@@ -139,7 +144,10 @@ class OutgoingService:
             self._after(vm, mid)  # or it ended some other way: its row says what is left to do
             raise
         handed_off = self._state(mid) in IN_DOUBT
-        if result is None and handed_off:  # a cancel that came too late: the handoff rules decide
+        if self._state(mid) is HandoffState.ABANDONED:  # the operator's abandon ended it (proto 7.9 item 7)
+            result = MigrationResult(False, mid, name, "failed", lm.stats, ABANDONED, lm.stats.phase,
+                                     "none (abandoned: the VM is lost)", lm.peer_info.name if lm.peer_info else to)
+        elif result is None and handed_off:  # a cancel that came too late: the handoff rules decide
             result = MigrationResult(False, mid, name, "in-doubt", lm.stats, "cancelled after the handoff point: "
                                      "outcome unknown, VM paused until the destination answers", "in-doubt",
                                      "none (paused, in doubt)", lm.peer_info.name if lm.peer_info else to)
@@ -181,7 +189,7 @@ class OutgoingService:
         """After a migration's outcome is known, from its durable row: the VM was handed
         over (DONE: forgotten here; a copy whose scrub failed goes at the next start),
         or it runs here again."""
-        if vm is None:
+        if vm is None or self.store.state_of(mid) is HandoffState.ABANDONED:  # (the abandon scrubs it)
             return
         if may_scrub(Role.SOURCE, self.store.state_of(mid)):
             if vm.dir.exists():  # its scrub failed: it never runs here again, and is retried
@@ -244,9 +252,39 @@ class OutgoingService:
             return
         self._recovering.add(mid)
         try:
-            await self._recover(mid)
+            with self._reading(mid):
+                await self._recover(mid)
         finally:
             self._recovering.discard(mid)
+
+    @contextlib.contextmanager
+    def _reading(self, mid: bytes) -> Iterator[trio.CancelScope]:
+        """A task that may serve this migration's pages from its copy: the operator's abandon
+        cancels it, and waits for its end, before the copy is scrubbed (``end_readers``)."""
+        scope = trio.CancelScope()
+        readers = self._readers.setdefault(mid, set())
+        readers.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            readers.discard(scope)
+            if not readers:
+                self._readers.pop(mid, None)
+
+    async def end_readers(self, mid: bytes) -> None:
+        """Ends whatever may read this migration's copy (migrate_out's session, its recovery, a
+        --resolve) and returns once each has ended: no page is read from a copy being scrubbed.
+        The caller made the row final first (nothing starts serving it again)."""
+        lm = self.live.get(mid)
+        running = lm if lm is not None and lm.result is None else None
+        if running is not None:
+            running.cancel.cancel()
+        for scope in self._readers.get(mid, ()):
+            scope.cancel()
+        while self._readers.get(mid) or (running is not None and running.result is None
+                                         and self.live.get(mid) is running):
+            await trio.sleep(0.01)
 
     async def _recover(self, mid: bytes) -> None:
         delay = 0.5
@@ -286,7 +324,11 @@ class OutgoingService:
             override_resume(self.store, mid, vm, reason or "operator override")
             self.registry.start_workload(vm)
             return "resumed (override)"
-        outcome = await recover_once(self.store, mid, vm, self.connect_recovery)
+        outcome = None
+        with self._reading(mid) as scope:
+            outcome = await recover_once(self.store, mid, vm, self.connect_recovery)
+        if scope.cancelled_caught:
+            return "abandoned by the operator meanwhile"
         if outcome is None:
             return "still in doubt: destination not reachable"
         self._settle(vm, mid)

@@ -34,6 +34,7 @@ from palm_net.migration.handoff import (
     MigrationRow,
     activate_committed,
     may_run,
+    may_scrub,
 )
 from palm_net.wire.protocol import Role
 
@@ -356,7 +357,7 @@ class VmRegistry:
                 act = self.activate(vm)  # the resume was missing (or failed)
                 if not act.running:
                     self.activation_failed(vm, act.error or "did not resume")
-            elif row.state is HandoffState.DONE:  # only the scrub was missing
+            elif may_scrub(Role.SOURCE, row.state):  # done (or abandoned by the operator): only the scrub was missing
                 try:
                     if store.scrub_handed_over(mid, vm):
                         self.forget(vm)
@@ -366,10 +367,30 @@ class VmRegistry:
         for row in store.list(role=Role.DESTINATION, states=(HandoffState.RECEIVING, HandoffState.PREPARED),
                               limit=1 << 30):
             store.abort_forever(row.mid, None, "agent restarted")
+        self._scrub_abandoned()
         for vm in self:
             if vm.running:
                 self.start_workload(vm)
         self._write_index()
+
+    def _scrub_abandoned(self) -> None:
+        """A pulling VM the operator abandoned here whose scrub a stop or crash cut short
+        (its row ABANDONED, the VM still here: activated, it records no migration, so it is
+        found by its identity, and only if no later migration brought that VM here again)."""
+        store = self.store
+        rows = store.list(role=Role.DESTINATION, states=(HandoffState.ABANDONED,), limit=1 << 30)
+        for row in rows:
+            vm = self.vms.get(row.vm)
+            if vm is None or vm.vm_id != row.vm_id or any(
+                    r.vm_id == row.vm_id and r.created > row.created
+                    for r in store.list(role=Role.DESTINATION, limit=1 << 30)):
+                continue
+            try:
+                if store.scrub_abandoned(row.mid, vm):
+                    self.forget(vm)
+                    log.warning("abandoned VM scrubbed at restart", vm=vm.name, migration=row.mid.hex())
+            except (HypervisorError, OSError):
+                self.scrub_failed(vm, row.mid)
 
     def close(self) -> None:
         for vm in self:

@@ -391,10 +391,49 @@ def _find_migration(control: str, what: str, in_flight: bool) -> str:
     return str(hits[0]["migration_id"])
 
 
+def _find_abandonable(control: str, what: str) -> str:
+    """The id of the post-copy migration (serving here as its source, or pulling here as its
+    destination) that ``what`` names: an id, a unique prefix, or a VM's name.  An id of a
+    migration in any other state is passed on too: the agent says why it is refused."""
+    rows = control_request(control, "migrations", {})
+    live = [m for m in rows if (m["role"], m["state"]) in (("source", "serving"), ("destination", "pulling"))]
+    for pool in (live, rows):
+        hits = [m for m in pool if m["migration_id"] == what] or \
+            [m for m in pool if m["migration_id"].startswith(what.lower())] or \
+            ([m for m in pool if m["vm"] == what] if pool is live else [])
+        if len(hits) > 1:
+            ids = ", ".join(f"{m['migration_id'][:12]} ({m['vm']}, {m['state']})" for m in hits)
+            raise CliError(f"{what!r} matches {len(hits)} migrations: {ids}; give more of the id")
+        if hits:
+            return str(hits[0]["migration_id"])
+    raise CliError(f"no post-copy migration serving or pulling here matches {what!r} (palm migrations lists them)")
+
+
+def _abandon(control: str, a: argparse.Namespace) -> int:
+    """`palm migrate --resolve ID --abandon --reason WHY` (palm_net.agent.abandon): loud, and only
+    for a post-copy migration past its switch whose other host is lost."""
+    if a.override:
+        raise CliError("--abandon and --override exclude each other: --override resumes an in-doubt VM here, "
+                       "--abandon declares a post-copy VM lost", EXIT_USAGE)
+    if not (a.reason or "").strip():
+        raise CliError("--abandon needs --reason: why the VM may be lost (it is logged and recorded)", EXIT_USAGE)
+    mid = _find_abandonable(control, a.resolve)
+    r = control_request(control, "migrate.abandon", {"id": mid, "reason": a.reason})
+    if r["status"] == "abandoned" and not a.json:
+        print(f"palm: ABANDONED migration {mid}: {safe(r['lost'])}", file=sys.stderr)
+    emit(r, a.json, lambda: f"migration {mid}: {r['status']}" + (f" ({safe(r['lost'])})"
+                                                               if r["status"] != "abandoned" else ""))
+    return 0
+
+
 def cmd_migrate(a: argparse.Namespace) -> int:
     control = _control(a)
     if a.override and not a.resolve:
         raise CliError("--override goes with --resolve ID", EXIT_USAGE)
+    if a.abandon and not a.resolve:
+        raise CliError("--abandon goes with --resolve ID", EXIT_USAGE)
+    if a.abandon:
+        return _abandon(control, a)
     if a.cancel:
         mid = _find_migration(control, a.cancel, True)
         r = control_request(control, "migrate.cancel", {"id": mid})
@@ -824,7 +863,11 @@ def _migrate_command(sub: Any) -> None:
                                                        "prefix or VM name)")
     mg.add_argument("--override", action="store_true",
                     help="with --resolve: resume the in-doubt VM without the destination (may fork it!)")
-    mg.add_argument("--reason", help="with --override: why (logged)")
+    mg.add_argument("--abandon", action="store_true",
+                    help="with --resolve and --reason: a post-copy migration whose other host is lost (serving "
+                         "here as its source, or pulling here as its destination): declare the VM lost and scrub "
+                         "this copy. Nothing runs again; the VM is gone")
+    mg.add_argument("--reason", help="with --override or --abandon: why (logged and recorded)")
 
 
 def _completion_command(sub: Any) -> None:

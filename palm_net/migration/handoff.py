@@ -11,7 +11,8 @@ one atomic UPDATE guarded by the states the move may leave.  The operations
 pair each durable step with its effect on the VM, in the order that keeps
 the promise (persist, then act): ``prepare``, ``hand_off``,
 ``commit_and_activate``, ``confirm_and_scrub``, ``abort_forever``,
-``abort_and_resume``.  Nothing outside this module names a state by string.
+``abort_and_resume``, and the operator's ``abandon`` then ``scrub_abandoned``.
+Nothing outside this module names a state by string.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class HandoffState(enum.StrEnum):
     COMMITTED = "committed"  # the VM runs here
     # either side, forever
     ABORTED = "aborted"
+    # Post-copy, either side, forever: the operator declared the VM lost (its other host is
+    # gone): this side's copy never runs again and is scrubbed; no abort token is ever issued.
+    ABANDONED = "abandoned"
 
 
 class Step(enum.StrEnum):
@@ -70,6 +74,7 @@ class Step(enum.StrEnum):
     SWITCH = "switch"  # post-copy (proto 7.9): the destination runs the VM before it has every page
     SERVE = "serve"
     PULLED = "pulled"
+    ABANDON = "abandon"  # the operator's only (palm migrate --resolve ID --abandon), never a message's
 
 
 SOURCE, DESTINATION = Role.SOURCE, Role.DESTINATION
@@ -93,8 +98,11 @@ MOVES: dict[tuple[Role, HandoffState | None, Step], HandoffState] = {
     (DESTINATION, HandoffState.PULLING, Step.PULLED): HandoffState.COMMITTED,
     (SOURCE, HandoffState.HANDED_OFF, Step.SERVE): HandoffState.SERVING,
     (SOURCE, HandoffState.SERVING, Step.CONFIRM): HandoffState.DONE,
+    # The operator's way out once the other host is lost (proto 7.5, 7.9 item 7): the VM is lost.
+    (SOURCE, HandoffState.SERVING, Step.ABANDON): HandoffState.ABANDONED,
+    (DESTINATION, HandoffState.PULLING, Step.ABANDON): HandoffState.ABANDONED,
 }
-FINAL = frozenset({HandoffState.DONE, HandoffState.COMMITTED, HandoffState.ABORTED})
+FINAL = frozenset({HandoffState.DONE, HandoffState.COMMITTED, HandoffState.ABORTED, HandoffState.ABANDONED})
 
 
 def leaving(side: Role, step: Step) -> tuple[HandoffState, ...]:
@@ -120,10 +128,11 @@ def may_scrub(side: Role, state: HandoffState | None) -> bool:
     """May this side destroy its copy, its row being in ``state`` (read after the move)?
     The source once DONE (the destination committed); the destination once ABORTED
     (forever: it never activates), or with no row at all (nothing recorded, nothing
-    to commit).  A committed VM is never scrubbed."""
+    to commit); either once ABANDONED (the operator's: the VM is lost).  A committed
+    VM is never scrubbed."""
     if side is SOURCE:
-        return state is HandoffState.DONE
-    return state is None or state is HandoffState.ABORTED
+        return state in (HandoffState.DONE, HandoffState.ABANDONED)
+    return state in (None, HandoffState.ABORTED, HandoffState.ABANDONED)
 
 
 def may_run(side: Role, state: HandoffState | None) -> bool:
@@ -175,8 +184,8 @@ CREATE TABLE IF NOT EXISTS migrations (
 UNKNOWN_VM = ""  # the VM name of a row made for a QUERY about an id we never saw
 MAX_UNKNOWN_PER_PEER = 256  # such rows a peer can leave behind; the oldest go first
 UNKNOWN_TTL = 86400.0  # and they expire after a day
-HISTORY_TTL = 30 * 86400.0  # finished rows kept this long ("committed" forever: an in-doubt
-# source may ask at any time, and the answer must never turn into "aborted")
+HISTORY_TTL = 30 * 86400.0  # finished rows kept this long ("committed" and "abandoned" forever: an
+# in-doubt source may ask at any time, and the answer must never turn into "aborted")
 MAX_ABORTED_PER_PEER = 1000  # and at most this many aborted incoming ones per peer
 
 
@@ -327,7 +336,7 @@ class HandoffStore:
 
     def prune(self, now: float | None = None) -> int:
         """Forgets finished migrations older than HISTORY_TTL, and aborted incoming ones
-        beyond the newest MAX_ABORTED_PER_PEER of each peer; never a committed one."""
+        beyond the newest MAX_ABORTED_PER_PEER of each peer; never a committed or abandoned one."""
         cutoff = (time.time() if now is None else now) - HISTORY_TTL
         with self._lock:
             n = self._db.execute("DELETE FROM migrations WHERE state IN (?, ?) AND updated<?",
@@ -508,3 +517,20 @@ class HandoffStore:
                 or not row.is_peer(peer_static)):
             return b""
         return make_abort_token(signing, mid)
+
+    # -- either side: the operator's way out of post-copy (proto 7.5, 7.9 item 7)
+
+    def abandon(self, mid: bytes, side: Role, why: str) -> bool:
+        """ABANDONED, from SERVING (the source) or PULLING (the destination) only: the operator
+        declared the VM lost, its other host gone.  This side's copy never runs again and goes
+        next (``scrub_abandoned``, once nothing reads it).  False if the row was elsewhere."""
+        return self._move(mid, side, Step.ABANDON, error=why)
+
+    def scrub_abandoned(self, mid: bytes, vm: HostedVM | None) -> bool:
+        """This side's copy goes if, and only if, the row read back says ABANDONED."""
+        row = self.get(mid)
+        if vm is None or row is None or row.state is not HandoffState.ABANDONED or not may_scrub(row.role, row.state):
+            return False
+        fault(f"{row.role.value}.vm.scrub")
+        vm.scrub()
+        return True

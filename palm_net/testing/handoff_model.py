@@ -29,6 +29,15 @@ doubt (handed_off or serving) asks with QUERY; a pulling destination answers
 ``postcopy`` (its WANTs with it) and that session pulls, the source's serves
 (handed_off -> serving first), ending in PULLED as above.
 
+The operator's abandon (proto 7.5's last column, 7.9 item 7; ``Bounds.abandon``):
+once the other host is lost, either side moves serving / pulling to abandoned,
+ends what reads its copy and scrubs it (a destination's VM that misses no page
+commits instead).  It is taken from the table (``move``), anywhere the table
+allows it, and may lose the VM: that loss is allowed only where post-copy's
+inherent risk is (the destination runs the VM before it has every page: its row
+pulling), and is counted apart; anywhere else it is a violation, and so is any
+fork.
+
 The steps are the code's, in the code's order (persist, then act), with the
 durable move and the VM action as separate steps so that a crash may fall
 between them.  Every state move is taken from ``handoff.MOVES`` / ``leaving``,
@@ -40,9 +49,11 @@ them); what the operator may touch is decided by the real
 not use those functions, so a wrong rule cannot redefine what is right):
 
 - never two runnable copies (the source's running, and the destination's
-  running, committed or pulling), except after the operator's override;
+  running, committed or pulling), except after the operator's override
+  (never after an abandon);
 - never no copy at all: some copy that may run (now, or once the in-doubt
-  handoff is settled) always exists, unless the operator destroyed one.
+  handoff is settled) always exists, unless the operator destroyed one, or
+  abandoned it where post-copy risks it (``at_risk``: counted apart).
   Post-copy: while the destination's copy (which ran) misses pages, the VM is
   whole only with both, that copy and the source's paused one (not done):
   either scrubbed or lost before PULLED is a loss;
@@ -50,7 +61,11 @@ not use those functions, so a wrong rule cannot redefine what is right):
   forged messages; restarts, timeouts, deliveries, queries and answers, a
   committed activation retried) can reach a settled state with exactly one
   running copy and nothing left over: no row in flight, no page missing
-  (checked as "AG EF settled").
+  (checked as "AG EF settled"; not after a loss the operator's abandon
+  allowed, where nothing can settle on a copy);
+- and there, from every state with an abandoned row, recovery alone reaches
+  that side done with it: its copy scrubbed, its process idle (no session,
+  no asking: "AG EF quiet").
 
 What is abstracted: the pages, keys and checks of 7.1-7.4 are one BEGIN and
 one COMPLETE (a failed check is a session failure, which is modelled); one
@@ -181,6 +196,8 @@ class State(NamedTuple):
     destroyed: bool  # the operator destroyed a copy (a VM may then be gone on purpose)
     postcopy: bool = False  # the source switched (post-copy) instead of the stop-and-copy; COMPLETE says so
     dst_missing: bool = False  # the destination's copy misses pages only the source's holds (its post-copy map)
+    abandoned: bool = False  # the operator abandoned where post-copy risks the VM (at_risk): a loss is allowed
+    needless: bool = False  # the operator abandoned where the VM was not at risk: a loss is a violation
 
 
 INITIAL = State(None, Vm.RUNNING, True, SrcPc.START, None, Vm.NONE, True, DstPc.IDLE, NO_MSGS, 0, 0, False, False)
@@ -200,10 +217,12 @@ class Bounds:
     settle_by_outcome: bool = False  # incoming._settle scrubs by the engine's outcome (the code today)
     postcopy: bool = True  # the source may switch to post-copy at the pause (both are explored)
     answer_pulling_committed: bool = False  # a mutation: answer_query says committed for a pulling row
+    abandon: bool = True  # the operator's abandon, wherever the table allows it (proto 7.5's last column)
 
     def describe(self) -> str:
         return (f"<= {self.copies} copies of each message in flight, <= {self.crashes} crashes, "
                 f"<= {self.forged} forged messages, override {'on' if self.override else 'off'}, "
+                f"abandon {'on' if self.abandon else 'off'}, "
                 f"{'pre-copy and post-copy' if self.postcopy else 'pre-copy only'}")
 
 
@@ -403,7 +422,7 @@ class Model:
             return s._replace(src_row=new, src_pc=SrcPc.RESUME) if new else s
         if row is HandoffState.ABORTED and handoff.may_run(SOURCE, row):
             return s._replace(src_pc=SrcPc.RESUME)
-        if row is HandoffState.DONE:
+        if handoff.may_scrub(SOURCE, row):  # done (or abandoned): only the scrub was missing
             return s._replace(src_pc=SrcPc.SCRUB)
         if row in orchestrate.IN_DOUBT:  # handed_off, or serving (its copy stays paused): asked about
             return s._replace(src_pc=SrcPc.IN_DOUBT)
@@ -458,6 +477,9 @@ class Model:
             if row is not None:
                 yield Edge("OPERATOR OVERRIDE: source resumes in doubt",
                            s._replace(src_row=row, src_pc=SrcPc.RESUME, override=True), False)
+        row = move(SOURCE, s.src_row, Step.ABANDON) if b.abandon else None
+        if row is not None:  # palm_net.agent.abandon: the row, what serves the copy ended, the scrub next
+            yield Edge("OPERATOR ABANDON (source)", abandoning(s)._replace(src_row=row, src_pc=SrcPc.SCRUB), False)
         if b.operator and s.src_vm in (Vm.RUNNING, Vm.PAUSED):
             records = s.src_row is not None and not (s.src_row is HandoffState.ABORTED and s.src_vm is Vm.RUNNING)
             state = "running" if s.src_vm is Vm.RUNNING else "paused"
@@ -542,6 +564,9 @@ class Model:
         if s.dst_vm is Vm.INCOMING:
             yield Edge("destination restarts, aborts", self.dst_abort(s, DstPc.SCRUB_LOAD), True)
             return
+        if s.dst_vm is Vm.RUNNING and s.dst_row is HandoffState.ABANDONED:  # registry._scrub_abandoned
+            yield Edge("destination restarts, its abandoned VM to scrub", s._replace(dst_pc=DstPc.SCRUB_LOAD), True)
+            return
         if s.dst_row in (HandoffState.RECEIVING, HandoffState.PREPARED):
             s = self.dst_abort(s, DstPc.IDLE)
         yield Edge("destination restarts", s, True)
@@ -588,6 +613,16 @@ class Model:
         if retry and s.dst_vm is Vm.INCOMING:
             # what a restart does (registry.load), without the crash: the retry of a committed activation
             yield Edge("destination retries activation", s._replace(dst_vm=Vm.RUNNING), True)
+        row = move(DESTINATION, s.dst_row, Step.ABANDON) if b.abandon and pc is not DstPc.ACTIVATE else None
+        if row is not None:  # palm_net.agent.abandon (the commit window is waited for: not mid-way)
+            if s.dst_vm in (Vm.RUNNING, Vm.INCOMING) and not s.dst_missing:  # every page here: committed instead
+                done = move(DESTINATION, s.dst_row, Step.PULLED)
+                if done is not None:
+                    yield Edge("operator: abandon (destination), nothing missing: committed instead",
+                               s._replace(dst_row=done, dst_pc=DstPc.IDLE), False)
+            else:  # the row, its sessions ended (settled), the scrub the row allows next
+                yield Edge("OPERATOR ABANDON (destination)",
+                           abandoning(s)._replace(dst_row=row, dst_pc=DstPc.SCRUB_QUIET), False)
         if b.operator and s.dst_vm in (Vm.RUNNING, Vm.INCOMING):
             state = "running" if s.dst_vm is Vm.RUNNING else "incoming"
             if self.operable(DESTINATION, s.dst_row, state, s.dst_vm is Vm.INCOMING, False, s.dst_missing):
@@ -629,7 +664,8 @@ def alive(s: State, m: Msg) -> bool:
     if m in (Msg.COMPLETE, Msg.COMMIT, Msg.ABORT):  # the destination's session, once over, never comes back
         return s.dst_row is None or s.dst_pc in (DstPc.RECEIVING, DstPc.WAIT_COMMIT)
     if m is Msg.QUERY:
-        return s.src_row in UNSETTLED or s.dst_row not in (HandoffState.COMMITTED, HandoffState.ABORTED)
+        return s.src_row in UNSETTLED or s.dst_row not in (HandoffState.COMMITTED, HandoffState.ABORTED,
+                                                            HandoffState.ABANDONED)
     if m is Msg.READY:
         return s.src_pc in (SrcPc.START, SrcPc.PRECOPY, SrcPc.WAIT_READY)
     if m in (Msg.DONE, Msg.RUNNING):  # the source's session, likewise
@@ -661,6 +697,21 @@ def forget_dead(s: State) -> State:
 TAKEN_OVER = frozenset({HandoffState.COMMITTED, HandoffState.PULLING})  # the destination took the VM at COMMIT
 
 
+def at_risk(s: State) -> bool:
+    """Post-copy's window (proto 7.9 item 7): the VM runs at the destination before it has
+    every page, and is not committed there: a lost host now loses the VM, and only now may
+    the operator's abandon declare it lost.  (Anywhere else one copy is whole.)"""
+    return s.postcopy and s.dst_row is HandoffState.PULLING
+
+
+def abandoning(s: State) -> State:
+    """The operator's abandon taken in ``s``: allowed to lose the VM if it was at risk (or
+    already lost by an allowed abandon: the other side's, following it), else not."""
+    if at_risk(s) or (s.abandoned and not s.needless):
+        return s._replace(abandoned=True)
+    return s._replace(needless=True)
+
+
 def fork(s: State) -> bool:
     """Two runnable copies: the source's running, and the destination's running, or
     committed (post-copy: pulling) and not running."""
@@ -675,7 +726,8 @@ def has_copy(s: State) -> bool:
     the VM is whole only with both, the destination's copy and the source's paused one."""
     src = s.src_vm in (Vm.RUNNING, Vm.PAUSED) and s.src_row is not HandoffState.DONE
     dst = s.dst_vm in (Vm.RUNNING, Vm.INCOMING)
-    if s.dst_row is HandoffState.PULLING or (s.dst_row is HandoffState.COMMITTED and s.dst_missing):
+    if s.dst_row in (HandoffState.PULLING, HandoffState.ABANDONED) or (s.dst_row is HandoffState.COMMITTED
+                                                                      and s.dst_missing):
         return dst and (src or not s.dst_missing)
     return src or (dst and s.dst_row is HandoffState.COMMITTED)
 
@@ -690,6 +742,15 @@ def settled(s: State) -> bool:
     here = s.src_vm is Vm.RUNNING and s.dst_vm in (Vm.NONE, Vm.SCRUBBED)
     there = s.dst_vm is Vm.RUNNING and not s.dst_missing and s.src_vm is Vm.SCRUBBED
     return here or there
+
+
+def quiet(s: State) -> bool:
+    """Each side whose row is abandoned is done with it: up, idle, its copy scrubbed (or none)."""
+    src = s.src_row is not HandoffState.ABANDONED or (
+        s.src_up and s.src_pc is SrcPc.IDLE and s.src_vm is Vm.SCRUBBED)
+    dst = s.dst_row is not HandoffState.ABANDONED or (
+        s.dst_up and s.dst_pc is DstPc.IDLE and s.dst_vm in (Vm.NONE, Vm.SCRUBBED))
+    return src and dst
 
 
 # --------------------------------------------------------------------------
@@ -716,6 +777,8 @@ class Result:
     cpu: float = 0.0  # this process's CPU seconds (the machine may be busy: the wall clock says less)
     violations: list[Violation] = field(default_factory=list)
     overridden: list[Violation] = field(default_factory=list)  # forks after an override (documented, loud)
+    abandoned: int = 0  # states where the VM is lost by the operator's abandon, where post-copy risked it
+    abandoned_example: Violation | None = None  # the first of them (a shortest trace)
     seen: list[State] = field(default_factory=list)  # every state reached
 
     def first(self, kind: str) -> Violation | None:
@@ -724,7 +787,8 @@ class Result:
     def summary(self) -> str:
         return (f"handoff model: {self.states} states, {self.edges} transitions in {self.seconds:.1f} s "
                 f"({self.cpu:.1f} s of CPU) "
-                f"({self.bounds.describe()}); {len(self.violations)} violations")
+                f"({self.bounds.describe()}); {len(self.violations)} violations"
+                + (f"; {self.abandoned} states lost by the operator's abandon" if self.abandoned else ""))
 
 
 def show(s: State) -> str:
@@ -732,6 +796,7 @@ def show(s: State) -> str:
     src = f"{s.src_row.value if s.src_row else '-'}/{s.src_vm.value}/{s.src_pc.value}{'' if s.src_up else '/DOWN'}"
     dst = f"{s.dst_row.value if s.dst_row else '-'}/{s.dst_vm.value}/{s.dst_pc.value}{'' if s.dst_up else '/DOWN'}"
     mode = f" (post-copy{', pages missing' if s.dst_missing else ''})" if s.postcopy else ""
+    mode += " (abandoned)" if s.abandoned else " (abandoned where the VM was whole)" if s.needless else ""
     return f"source {src}; destination {dst}; in flight {msgs}{mode}"
 
 
@@ -764,7 +829,12 @@ def explore(bounds: Bounds | None = None, *, stop_at_first: bool = False,
         if fork(s):
             (result.overridden if s.override else result.violations).append(Violation("fork", trace(i), s))
         if not s.destroyed and not has_copy(s):
-            result.violations.append(Violation("loss", trace(i), s))
+            if s.abandoned and not s.needless:  # lost on purpose, where only post-copy's risk allows it
+                result.abandoned += 1
+                if result.abandoned_example is None:
+                    result.abandoned_example = Violation("loss (abandoned)", trace(i), s)
+            else:
+                result.violations.append(Violation("loss", trace(i), s))
         if stop_at_first and result.violations:
             break
         succ: list[int] = []
@@ -787,15 +857,25 @@ def explore(bounds: Bounds | None = None, *, stop_at_first: bool = False,
         for i, succ in enumerate(fair):
             for j in succ:
                 back[j].append(i)
-        good = [settled(s) for s in states]
-        todo = [i for i, g in enumerate(good) if g]
-        while todo:
-            for p in back[todo.pop()]:
-                if not good[p]:
-                    good[p] = True
-                    todo.append(p)
+
+        def reaching(goal: Callable[[State], bool]) -> list[bool]:
+            good = [goal(s) for s in states]
+            todo = [i for i, g in enumerate(good) if g]
+            while todo:
+                for p in back[todo.pop()]:
+                    if not good[p]:
+                        good[p] = True
+                        todo.append(p)
+            return good
+
+        good = reaching(settled)
         for i, s in enumerate(states):
-            if not good[i] and not s.override and not s.destroyed:
+            if not good[i] and not s.override and not s.destroyed and not (s.abandoned and not s.needless):
+                result.violations.append(Violation("stuck", trace(i), s))
+                break
+        done = reaching(quiet)
+        for i, s in enumerate(states):
+            if not done[i] and not s.override and not s.destroyed:
                 result.violations.append(Violation("stuck", trace(i), s))
                 break
     result.seconds, result.cpu = time.monotonic() - started, time.process_time() - cpu
