@@ -37,7 +37,16 @@ from palm_net.wire.messages import (
     Running,
     Want,
 )
-from palm_net.wire.pages import KIND_PROTECTED, TAG_LEN, Gfns, ascending_gfns, gfn_bitmap, protected_spans, u64le
+from palm_net.wire.pages import (
+    KIND_PROTECTED,
+    TAG_LEN,
+    Gfns,
+    ascending_gfns,
+    gfn_bitmap,
+    protected_spans,
+    u64le,
+    union_gfns,
+)
 
 if TYPE_CHECKING:
     from palm_net.migration.source import SourceEngine
@@ -59,28 +68,23 @@ def announce(eng: SourceEngine) -> list[Effect]:
     return _missing_messages(eng, eng.announced, np.zeros(0, np.intp), np.zeros(0, np.uint64), b"")
 
 
-def switch(eng: SourceEngine) -> list[Effect]:
-    """Paused: every page not yet sent follows the switch; the metadata of those not
-    named yet is read now."""
-    eng.missing = missing = np.asarray(eng.pending, np.uint64)
+def switch(eng: SourceEngine, dirty: Gfns) -> list[Effect]:
+    """Paused: every page not yet sent follows the switch (the last round's dirty set and
+    what the guest wrote until the pause); the metadata of those MISSING has not named
+    yet is read now.  Only those are worked out inside the pause (the dirty set's
+    protected pages, and what is new): the whole set waits for the serving phase."""
+    pending, dirty = np.asarray(eng.pending, np.uint64), np.asarray(dirty, np.uint64)
     eng.pending = np.zeros(0, np.uint64)
-    eng.stats.postcopy_pages = len(missing)
-    return [Note("switch to post-copy", {"phase": "postcopy", "round": eng.round, "missing": len(missing)}),
-            *eng._request(Step.SWITCHING, ReadMetadata(after_pause(eng)), Metadata)]
-
-
-def after_pause(eng: SourceEngine) -> Gfns:
-    """The missing pages MISSING has not named yet (the dirty set's protected pages and
-    what the guest wrote until the pause), ascending: their metadata is read now."""
-    assert eng.missing is not None
-    gfns = eng.missing
-    if len(eng.announced):
-        bits = np.zeros(eng.info.npages, np.bool_)
-        bits[eng.missing] = True
-        bits[eng.announced] = False
-        gfns = np.flatnonzero(bits).astype(np.uint64)
-    eng.unnamed = gfns
-    return gfns
+    named = eng.announced  # the dirty set's normal pages, if any: its protected ones are left
+    if len(named):
+        _, left = protected_spans(pending, eng.protected_ranges)
+        at = np.minimum(np.searchsorted(named, dirty), len(named) - 1)
+        eng.unnamed = union_gfns(left, dirty[named[at] != dirty])
+    else:
+        eng.unnamed = union_gfns(pending, dirty)
+    eng.stats.postcopy_pages = n = len(named) + len(eng.unnamed)  # (disjoint: together, every page left)
+    return [Note("switch to post-copy", {"phase": "postcopy", "round": eng.round, "missing": n}),
+            *eng._request(Step.SWITCHING, ReadMetadata(eng.unnamed), Metadata)]
 
 
 def metadata(eng: SourceEngine, result: Metadata, now: float) -> list[Effect]:
@@ -125,7 +129,8 @@ def on_running(eng: SourceEngine, msg: Message, now: float) -> list[Effect]:
 def served(eng: SourceEngine, result: Served, now: float) -> list[Effect]:
     if not result.ok:  # the row is not HANDED_OFF (cannot be: this run handed off): ask again
         raise InDoubt("SERVING could not be recorded")
-    assert eng.missing is not None
+    if eng.missing is None:  # (after a switch: the pages named before the pause and after it)
+        eng.missing = union_gfns(eng.announced, eng.unnamed)
     eng.server = PageServer(eng.missing, eng.round)
     for early in eng._early_fetches:  # FETCHes that came before SERVING was durable (a vCPU waits)
         eng.server.fetch(early)

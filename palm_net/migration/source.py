@@ -473,13 +473,13 @@ class SourceEngine:
         whatever the guest wrote until the pause."""
         self.stats.phase = Phase.STOP_AND_COPY
         self.paused_at = result.at
-        self.pending = union_gfns(self.pending, result.dirty)
         self.stats.current_round = self.round
         self._round_started = (result.at, self.stats.transferred)
-        if self.switching and not len(self.pending):  # nothing left to follow: the stop-and-copy is empty
+        if self.switching and (len(self.pending) or len(result.dirty)):
+            return postcopy_source.switch(self, result.dirty)
+        if self.switching:  # nothing left to follow: the stop-and-copy is empty
             self.switching, self.stats.stop_reason = False, "converged"
-        if self.switching:
-            return postcopy_source.switch(self)
+        self.pending = union_gfns(self.pending, result.dirty)
         return [Note("stop-and-copy", {"phase": "stop-and-copy", "round": self.round, "pages": len(self.pending)}),
                 *self._request(Step.STOP_AND_COPY, SendPages(self.pending, self.round), PagesSent)]
 
