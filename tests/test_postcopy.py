@@ -3,6 +3,8 @@ destination's puller, and the handoff rows that go with them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -32,7 +34,7 @@ from palm_net.wire.messages import (
     Running,
     Want,
 )
-from palm_net.wire.pages import PageBatch, ascending_gfns, u64le
+from palm_net.wire.pages import PageBatch, ascending_gfns, bitmap_gfns, gfn_bitmap, u64le
 from palm_net.wire.protocol import Role, SessionProtocol, State
 
 MID = bytes(range(16))
@@ -55,7 +57,7 @@ def _to_switch(src: SessionProtocol, dst: SessionProtocol, postcopy: bool = True
     s2d(Keys(b"k"))
     s2d(Pages(0, u64le(np.arange(8)), bytes(8), u64le(np.zeros(8)), b""))
     if postcopy:
-        s2d(Missing(1, u64le(np.array([3, 5])), u64le(np.array([1, 1])), b""))
+        s2d(Missing(1, 3, b"\x05", b"", b"", b""))  # gfns 3 and 5, normal
         assert src.state is State.SWITCHING
     s2d(CpuState(b"c"))
     s2d(Context(0, 1, b"x"))
@@ -130,12 +132,12 @@ def test_missing_after_the_cpu_state_or_on_a_stream_backend_is_out_of_state():
     src.receive(dst.send(Accept()))
     dst.receive(src.send(CpuState(b"c")))
     with pytest.raises(LocalProtocolError):
-        src.send(Missing(1, u64le(np.array([1])), u64le(np.array([1])), b""))
+        src.send(Missing(1, 1, b"\x01", b"", b"", b""))
     qs, qd = _pair()
     qd.receive(qs.send(Begin("vm", bytes(16), 8, 0, 0, 1, False, False, "qemu", b"s")))
     qs.receive(qd.send(Accept()))
     with pytest.raises(LocalProtocolError) as e:
-        qs.send(Missing(1, u64le(np.array([1])), u64le(np.array([1])), b""))
+        qs.send(Missing(1, 1, b"\x01", b"", b"", b""))
     assert e.value.code is ErrorCode.OUT_OF_STATE
 
 
@@ -184,8 +186,10 @@ def _pages(gfns: list[int], vers: list[int], round_no: int = 4) -> Pages:
     return PageBatch(np.array(gfns, np.uint64), bytes(len(gfns)), np.array(vers, np.uint64), b"").message(round_no)
 
 
-def test_the_puller_takes_only_missing_pages_once_and_of_the_announced_version():
-    puller = Puller(4, np.array([2, 5, 9], np.uint64), np.array([4, 7, 4], np.uint64))
+@pytest.mark.parametrize("order", [[0, 1, 2], [1, 2, 0]])  # ascending, or two runs (named before the pause, after)
+def test_the_puller_takes_only_missing_pages_once_and_of_the_announced_version(order):
+    puller = Puller(4, np.array([2, 5, 9], np.uint64)[order], np.array([4, 7, 4], np.uint64)[order])
+    assert [int(g) for g in np.frombuffer(puller.faults([9, 5, 2, 3]) or b"", "<u8")] == [2, 5, 9]
     puller.take(_pages([2, 9], [4, 4]))
     assert puller.remaining == 1
     for gfns, vers, rnd, code in (([2], [4], 4, ErrorCode.REPLAY),  # taken already
@@ -596,15 +600,31 @@ def test_a_pure_post_copy_migration_switches_before_round_0(shm):
 
 
 def _split_missing(monkeypatch) -> None:
-    """MISSING messages of at most 50 pages, 3 of them protected (2048 and 256 on the wire)."""
+    """MISSING messages of bitmaps of at most 4 bytes (32 pages), at most 3 protected pages
+    each (16384 and 256 on the wire)."""
     from palm_net.migration import postcopy_source
-    monkeypatch.setattr(postcopy_source, "MAX_PAGES_PER_MESSAGE", 50)
+    monkeypatch.setattr(postcopy_source, "MAX_MISSING_BITMAP", 4)
     monkeypatch.setattr(postcopy_source, "MAX_DATA_PAGES", 3)
     monkeypatch.setattr(postcopy, "SERVE_BULK", SERVE_SLICE)
 
 
-def test_missing_in_several_messages_marks_every_page(shm, monkeypatch):
+@pytest.mark.parametrize("mark_batch", [65536, 20])
+def test_missing_in_several_messages_marks_every_page(shm, monkeypatch, mark_batch):
+    """Every page of several MISSING messages is marked: at the CPU state, or in batches
+    as they come (``mark_batch``: 20 pages, so every message or two)."""
+    from palm_net.migration import postcopy_destination
+    from palm_net.migration.effects import MarkMissing
     from palm_net.migration.params import MigrationParams
+    monkeypatch.setattr(postcopy_destination, "MARK_BATCH", mark_batch)
+    marks: list[MarkMissing] = []
+    real_mark = postcopy_destination.mark_missing
+
+    def mark(eng):
+        out = real_mark(eng)
+        marks.extend(out)
+        return out
+
+    monkeypatch.setattr(postcopy_destination, "mark_missing", mark)
     from palm_net.migration.source import Step
     from palm_net.wire import messages as m
     _split_missing(monkeypatch)
@@ -625,39 +645,53 @@ def test_missing_in_several_messages_marks_every_page(shm, monkeypatch):
     drv.run()
     eng = drv.engine
     assert len(seen) > 5 and eng.step is Step.DONE
-    gfns = np.concatenate([np.frombuffer(b.gfns, "<u8") for b in seen])
+    gfns = np.concatenate([bitmap_gfns(b.base, b.bitmap, 256, "MISSING") for b in seen])
     assert len(gfns) == 210 and bool((gfns[1:] > gfns[:-1]).all())
     assert eng.stats.served_pages == eng.stats.postcopy_pages == 210  # in slices of 64: counted across them
+    assert len(marks) == 1 if mark_batch > 210 else len(marks) > 5  # (at most 32 pages a message)
+    assert list(np.concatenate([k.gfns for k in marks])) == list(gfns)
     assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest() and drv.dest.vm.verify().ok
 
 
 
 
+def _clear_first_protected(b, _):
+    """The bitmap without the bit of the first protected page it names."""
+    bits = bytearray(b.bitmap)
+    off = int(np.frombuffer(b.gfns, "<u8")[0]) - b.base
+    bits[off // 8] &= ~(1 << (off % 8))
+    return replace(b, bitmap=bytes(bits))
+
+
 @pytest.mark.parametrize("which,alter,code", [
     (0, lambda b, e: setattr(e, "keys_imported", False), ErrorCode.OUT_OF_STATE),  # KEYS' import not done
     (0, lambda b, e: setattr(e, "channels", 2), ErrorCode.OUT_OF_STATE),  # post-copy is on one channel
-    (0, lambda b, e: Missing(0, b.gfns, b.vers, b.tags), ErrorCode.ROLLBACK),  # a round before the pages'
-    (0, lambda b, e: Missing(b.round, b.gfns, b.vers[:-1], b.tags), ErrorCode.MALFORMED),  # not whole u64s
-    (0, lambda b, e: Missing(b.round, b.gfns, b.vers[:-8], b.tags), ErrorCode.MALFORMED),  # a version short
-    (0, lambda b, e: Missing(b.round, b.gfns[:-8], b.vers, b.tags), ErrorCode.MALFORMED),  # a gfn short
-    (0, lambda b, e: Missing(b.round, b"", b"", b""), ErrorCode.MALFORMED),  # no page
-    (0, lambda b, e: Missing(b.round, b.gfns, u64le(np.array([2**32 - 1])) + b.vers[8:], b.tags),
-     ErrorCode.MALFORMED),  # MAX_VERSION
-    (1, lambda b, e: Missing(b.round + 1, b.gfns, b.vers, b.tags), ErrorCode.ROLLBACK),  # another round
-    (1, lambda b, e: Missing(b.round, u64le(np.concatenate(([e._missing[0][0][-1]], np.frombuffer(b.gfns, "<u8")[1:]))),
-                             b.vers, b.tags), ErrorCode.MALFORMED),  # the last message's last gfn again
-    (1, lambda b, e: Missing(b.round, u64le(np.concatenate(([e._missing[0][0][-2] + 1],
-                                                           np.frombuffer(b.gfns, "<u8")[1:]))),
-                             b.vers, b.tags), ErrorCode.MALFORMED),  # between its last two
+    (0, lambda b, e: replace(b, round=0), ErrorCode.ROLLBACK),  # a round before the pages'
+    (1, lambda b, e: replace(b, round=b.round + 1), ErrorCode.ROLLBACK),  # another round
+    (0, lambda b, e: replace(b, bitmap=bytes(len(b.bitmap))), ErrorCode.MALFORMED),  # no page
+    (0, lambda b, e: replace(b, bitmap=b""), ErrorCode.MALFORMED),  # no page
+    (0, lambda b, e: replace(b, base=e.npages - 1, bitmap=b"\x03"), ErrorCode.MALFORMED),  # past the VM's last page
+    (1, lambda b, e: replace(b, base=int(e._missing[0][0][-1]), bitmap=b"\x01"),
+     ErrorCode.MALFORMED),  # the last message's last gfn again
+    (1, lambda b, e: replace(b, base=int(e._missing[0][0][0]), bitmap=b"\x01" + b.bitmap[1:]),
+     ErrorCode.MALFORMED),  # the first message's first gfn, among others
+    ("p", lambda b, e: replace(b, vers=b.vers[:-1]), ErrorCode.MALFORMED),  # not whole u64s
+    ("p", lambda b, e: replace(b, vers=b.vers[:-8]), ErrorCode.MALFORMED),  # a version short
+    ("p", lambda b, e: replace(b, gfns=b.gfns[:-8]), ErrorCode.MALFORMED),  # a protected gfn short
+    ("p", lambda b, e: replace(b, tags=b.tags[:-1]), ErrorCode.MALFORMED),  # a MAC short
+    ("p", lambda b, e: replace(b, vers=u64le(np.array([2**32 - 1])) + b.vers[8:]), ErrorCode.MALFORMED),  # MAX_VERSION
+    ("p", _clear_first_protected, ErrorCode.MALFORMED),  # a protected page its bitmap does not name
+    ("p", lambda b, e: replace(b, gfns=b.gfns[8:] + b.gfns[:8]), ErrorCode.MALFORMED),  # protected ones not ascending
 ])
 def test_a_missing_that_does_not_fit_is_refused(shm, monkeypatch, which, alter, code):
-    """A hostile source's MISSING (proto 7.9 item 1), the first or the second of a switch."""
+    """A hostile source's MISSING (proto 7.9 item 1): the first, the second, or the first
+    naming protected pages ("p") of a switch."""
     from palm_net.migration.params import MigrationParams
     from palm_net.wire import messages as m
     _split_missing(monkeypatch)
     src, drv = _pc_pair(shm, MigrationParams(postcopy=True, postcopy_after=2, downtime_limit=0.0))
     drv.player.between = _dirty(src)
-    count, failed, fail = [0], [], drv.dest.fail
+    count, failed, fail, at = [0], [], drv.dest.fail, []
     drv.dest.fail = lambda exc: (failed.append(exc), fail(exc))[1]
 
     def deliver(record: bytes) -> bytes | None:
@@ -667,40 +701,74 @@ def test_a_missing_that_does_not_fit_is_refused(shm, monkeypatch, which, alter, 
             return record
         if isinstance(msg.body, Missing):
             count[0] += 1
-            if count[0] == which + 1:
+            if not at and (count[0] == which + 1 if which != "p" else len(msg.body.gfns) >= 16):
+                at.append(count[0] - 1)
                 forged = alter(msg.body, drv.dest.engine)
                 if forged is not None:
                     return m.encode(m.Message(msg.mid, msg.seq, forged))
         return record
 
     drv.deliver = deliver
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as ei:
         drv.run()
-    assert len(failed) == 1 and isinstance(failed[0], RemoteProtocolError) and failed[0].code is code
-    assert len(drv.dest.engine._missing) == which  # refused as it came (not at the CPU state): none of it taken
+    assert len(failed) == 1 and isinstance(failed[0], RemoteProtocolError) and failed[0].code is code, ei.value
+    assert len(drv.dest.engine._missing) == at[0]  # refused as it came (not at the CPU state): none of it taken
+
+
+def test_missing_names_the_dirty_normal_pages_before_the_pause_and_the_rest_after(shm):
+    """Proto 7.9 item 1: the last round's dirty normal pages are named while the VM still
+    runs (their version is the round's); its protected pages, and what the guest wrote
+    since, once it is paused (their metadata is final then).  Each page once."""
+    from palm_net.migration.params import MigrationParams
+    from palm_net.wire import messages as m
+    src, drv = _pc_pair(shm, MigrationParams(**PC))
+    drv.player.between = _dirty(src)
+    seen: list[tuple[bool, Missing]] = []
+
+    def deliver(record: bytes) -> bytes | None:
+        try:
+            body = m.decode(record).body
+        except Exception:
+            return record
+        if isinstance(body, Missing):
+            seen.append((src.state == "running", body))
+        return record
+
+    drv.deliver = deliver
+    drv.run()
+    named = [(running, bitmap_gfns(b.base, b.bitmap, 256, "M"), b) for running, b in seen]
+    before = np.concatenate([g for running, g, _ in named if running])
+    after = np.concatenate([g for running, g, _ in named if not running])
+    owners = src.arrays.owners
+    assert len(before) and not owners[before].any() and all(not b.gfns for running, _, b in named if running)
+    assert owners[after].any() and not set(before.tolist()) & set(after.tolist())
+    eng = drv.engine
+    assert len(before) + len(after) == eng.stats.postcopy_pages == eng.stats.served_pages
+    assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest() and drv.dest.vm.verify().ok
 
 
 def _fake_source(missing: np.ndarray, round_no: int = 5):
     from types import SimpleNamespace
-    return SimpleNamespace(missing=missing, round=round_no, _send=lambda body: body, _request=lambda *a: [])
+    return SimpleNamespace(missing=missing, unnamed=missing, round=round_no, _send=lambda body: body,
+                           _request=lambda *a: [])
 
 
 @pytest.mark.parametrize("kinds", [
-    "p" * 3 + "n" * 60,  # 3 protected, then normal pages past the page limit: a split at 50, not at 3
-    "p" * 3 + "n" * 120,  # and the next message too (its MACs counted from its own first page)
+    "p" * 3 + "n" * 30,  # 3 protected, then normal pages past the bitmap's span: a split at 16, not at 3
+    "p" * 3 + "n" * 60,  # and the next message too (its MACs counted from its own first page)
     "p" * 7 + "n" * 5 + "p" * 4,
-    "n" * 49 + "p" * 5,
-    "np" * 40,
+    "n" * 15 + "p" * 5,
+    "np" * 20,
     "p" * 9,
-    "n" * 120,
+    "n" * 40,
 ])
 def test_missing_is_split_at_the_first_page_that_would_pass_a_limit(monkeypatch, kinds):
     """The source's MISSING messages (proto 7.9 item 1): each as full as the limits allow
-    (pages a message, protected pages a message), the MACs in order with their pages."""
+    (a bitmap's span, protected pages a message), the MACs in order with their pages."""
     from palm_net.migration import postcopy_source
     from palm_net.migration.effects import Metadata
     from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, TAG_LEN
-    monkeypatch.setattr(postcopy_source, "MAX_PAGES_PER_MESSAGE", 50)
+    monkeypatch.setattr(postcopy_source, "MAX_MISSING_BITMAP", 4)  # 32 pages: 16 of these, a gfn every other
     monkeypatch.setattr(postcopy_source, "MAX_DATA_PAGES", 3)
     n = len(kinds)
     gfns = np.arange(3, 3 + 2 * n, 2, dtype=np.uint64)
@@ -712,13 +780,42 @@ def test_missing_is_split_at_the_first_page_that_would_pass_a_limit(monkeypatch,
     expected: list[list[int]] = [[]]  # greedy: a message ends where the next page would pass a limit
     for i in range(n):
         cur = expected[-1]
-        if len(cur) == 50 or (prot[i] and sum(prot[j] for j in cur) == 3):
+        if cur and (gfns[i] - gfns[cur[0]] >= 32 or (prot[i] and sum(prot[j] for j in cur) == 3)):
             expected.append(cur := [])
         cur.append(i)
-    assert [list(np.frombuffer(b.gfns, "<u8")) for b in out] == [[int(gfns[i]) for i in c] for c in expected]
+    assert [list(bitmap_gfns(b.base, b.bitmap, 1000, "M")) for b in out] == [[int(gfns[i]) for i in c]
+                                                                             for c in expected]
     for b, c in zip(out, expected):
-        assert b.round == 5 and list(np.frombuffer(b.vers, "<u8")) == [9 if prot[i] else 5 for i in c]
+        assert b.round == 5 and b.base == gfns[c[0]] and len(b.bitmap) <= 4
+        assert list(np.frombuffer(b.gfns, "<u8")) == [int(gfns[i]) for i in c if prot[i]]
+        assert list(np.frombuffer(b.vers, "<u8")) == [9 for i in c if prot[i]]
         assert b.tags == b"".join(bytes([i % 251]) * TAG_LEN for i in c if prot[i])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.integers(0, 4999), min_size=1), st.integers(0, 6000), st.binary(max_size=64),
+       st.integers(-1, 5000))
+def test_gfn_bitmaps_round_trip_and_any_bitmap_names_only_pages_of_the_vm(gfns, base, bitmap, above):
+    arr = np.array(sorted(gfns), np.uint64)
+    b, bm = gfn_bitmap(arr)
+    assert list(bitmap_gfns(b, bm, 5000, "M")) == list(arr) and len(bm) == (int(arr[-1]) - b) // 8 + 1
+    try:
+        out = bitmap_gfns(base, bitmap, 5000, "M", above=above)
+    except RemoteProtocolError as e:
+        assert e.code is ErrorCode.MALFORMED
+        return
+    assert len(out) and int(out[0]) > above and int(out[-1]) < 5000 and bool((out[1:] > out[:-1]).all())
+
+
+def test_a_gfn_bitmap_round_trips_and_names_only_pages_of_the_vm():
+    gfns = np.array([5, 6, 13, 40], np.uint64)
+    base, bitmap = gfn_bitmap(gfns)
+    assert base == 5 and bitmap == bytes([0b11, 0b1, 0, 0, 0b1000]) and len(bitmap) == 5
+    assert list(bitmap_gfns(base, bitmap, 41, "M")) == [5, 6, 13, 40]
+    for npages, above in ((40, -1), (41, 5), (41, 40)):  # gfn 40 outside; the first not above the last
+        with pytest.raises(RemoteProtocolError):
+            bitmap_gfns(base, bitmap, npages, "M", above=above)
+    assert list(bitmap_gfns(0, b"\x00\x02", 10, "M", above=8)) == [9]  # leading clear bits are allowed
 
 
 def test_the_page_server_refuses_pages_out_of_order_and_slices_as_documented():

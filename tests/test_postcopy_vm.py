@@ -242,7 +242,7 @@ def test_set_missing_refuses_what_does_not_fit(shm, switch):
     assert dst.postcopy_state() is None and not (dst.dir / MAP_FILE).exists()  # nothing marked
     dst.set_missing(ROUND, m[:2], v[:2], b"")
     with pytest.raises(ValueError):
-        dst.set_missing(ROUND, m[1:3], v[1:3], b"")  # not above the earlier message's
+        dst.set_missing(ROUND, m[1:3], v[1:3], b"")  # a page an earlier message marked
     with pytest.raises(ValueError):
         dst.set_missing(ROUND + 1, m[2:3], np.array([ROUND + 1], np.uint64), b"")  # another round
     assert n_prot and dst.missing_count() == 2
@@ -537,8 +537,11 @@ def test_set_missing_checks_order_counts_rounds_and_versions(shm, switch):
             dst.set_missing(rnd, np.array(normal[:1], np.uint64), np.array([rnd % 2**64], np.uint64), b"")
     assert dst.postcopy_state() is None
     dst.set_missing(ROUND, np.array(normal[:3], np.uint64), r, b"")
-    with pytest.raises(ValueError):  # not above the highest gfn marked (its last, not its second)
+    with pytest.raises(ValueError):  # a page marked already (its last, not its second)
         dst.set_missing(ROUND, np.array(normal[2:4], np.uint64), r[:2], b"")
+    dst.set_missing(ROUND, np.array(normal[5:6], np.uint64), r[:1], b"")
+    dst.set_missing(ROUND, np.array(normal[3:5], np.uint64), r[:2], b"")  # below it: two runs (7.9 item 1)
+    assert dst.missing_count() == 6
     big = 2**63 + 5  # any u64 round (the wire's are smaller)
     other = incoming(shm, sw, "big")
     other.set_missing(big, np.array(normal[:2], np.uint64), np.array([big, big], np.uint64), b"")

@@ -214,6 +214,11 @@ class Backend(HostedVM, Protocol):
         """Process keys and page layout, for verifying protected pages on arrival."""
         ...
 
+    def protected_ranges(self) -> tuple[tuple[int, int], ...]:
+        """The gfns each protected process owns, (first, count), ascending (the layout,
+        without its keys: which pages a paused VM's metadata must come from)."""
+        ...
+
     def export_protection(self) -> bytes:
         """The protected-context blob: keys, per-page metadata, thread contexts."""
         ...

@@ -35,7 +35,7 @@ from palm_net.hypervisor.backend import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, 
 from palm_net.hypervisor.model_guest import VIEW_CIPHER, VIEW_PROCESS, ModelGuest, VmError, map_file, put_pages
 from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
 from palm_net.hypervisor.protection import TAG_LEN, ProtectionIntegrityError
-from palm_net.wire.pages import Gfns
+from palm_net.wire.pages import Gfns, protected_spans
 
 MAP_FILE = "postcopy"
 MAP_MAGIC = b"PALMPC01"
@@ -83,7 +83,6 @@ class PostcopyMap:
         set_ = np.flatnonzero(self.bits)
         self.bits[set_] = _MISSING  # a fill a crash cut short (claimed) is simply fetched again
         self.count = len(set_)  # pages missing
-        self.last = int(set_[-1]) if len(set_) else -1  # the highest gfn marked: MISSING only goes up
 
     @classmethod
     def create(cls, vm_dir: Path, npages: int, round_no: int) -> PostcopyMap:
@@ -109,7 +108,6 @@ class PostcopyMap:
     def mark(self, gfns: Gfns) -> None:
         self.count += int(np.count_nonzero(self.bits[gfns] == 0))
         self.bits[gfns] = _MISSING
-        self.last = max(self.last, int(gfns[-1]))
 
     def clear(self, gfns: Gfns) -> None:
         self.count -= int(np.count_nonzero(self.bits[gfns]))
@@ -188,15 +186,23 @@ class PostcopyVM(ModelGuest):
         gfns = _u64s(gfns, "read_metadata")
         _ascending(gfns, self.npages, "read_metadata")
         a = self.arrays
-        protected = a.owners[gfns] != 0
-        pg = gfns[protected]
+        kinds = np.full(len(gfns), KIND_NORMAL, np.uint8)
+        vers = np.zeros(len(gfns), np.uint64)
+        spans, pg = self._protected_spans(gfns)
         with self._lock:
             for gfn in pg[(a.views[pg] == VIEW_PROCESS) | (a.versions[pg] == 0)]:
                 self._to_cipher_view_locked(int(gfn))
-            vers = np.where(protected, a.versions[gfns], 0).astype(np.uint64)
+            for lo, hi in spans:
+                kinds[lo:hi] = KIND_PROTECTED
+                vers[lo:hi] = a.versions[gfns[lo:hi]]
             tags = a.tags[pg].tobytes()
-        kinds = np.where(protected, KIND_PROTECTED, KIND_NORMAL).astype(np.uint8)
         return kinds.tobytes(), vers, tags
+
+    def _protected_spans(self, gfns: Gfns) -> tuple[list[tuple[int, int]], Gfns]:
+        """Where ascending ``gfns`` hold protected pages: a process owns one range of
+        gfns, so its pages are one slice of them (no lookup a page: the switch's pause
+        needs this for up to every page); and those pages, ascending."""
+        return protected_spans(gfns, [(p.first, p.count) for p in self.processes])
 
     # -- the destination
 
@@ -216,8 +222,11 @@ class PostcopyVM(ModelGuest):
         if not len(gfns):
             return
         a = self.arrays
-        protected = a.owners[gfns] != 0
-        pg, pv = gfns[protected], vers[protected]
+        spans, pg = self._protected_spans(gfns)
+        protected = np.zeros(len(gfns), np.bool_)
+        for lo, hi in spans:
+            protected[lo:hi] = True
+        pv = vers[protected]
         if len(tags) != TAG_LEN * len(pg):
             raise ValueError(f"MISSING: {len(tags)} bytes of MACs for {len(pg)} protected pages")
         if bool((vers[~protected] != round_no).any()):
@@ -227,8 +236,8 @@ class PostcopyVM(ModelGuest):
             if bool((pv < np.maximum(a.versions[pg], 1)).any()):
                 raise ValueError("MISSING: a protected page's version is older than the copy received")
             pc = self._postcopy
-            if pc is not None and (pc.round != round_no or int(gfns[0]) <= pc.last):
-                raise ValueError("MISSING: another round, or gfns not above those of earlier messages")
+            if pc is not None and (pc.round != round_no or bool(pc.bits[gfns].any())):
+                raise ValueError("MISSING: another round, or a page marked missing already")
             if pc is None:
                 pc = self._postcopy = PostcopyMap.create(self.dir, self.npages, round_no)
                 self._missing = pc.bits

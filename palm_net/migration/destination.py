@@ -168,7 +168,9 @@ class DestinationEngine:
         # Post-copy (proto 7.9): MISSING's pages (gfns, versions), then the serving phase.
         self.switch_round: int | None = None
         self._missing: list[tuple[np.ndarray, np.ndarray]] = []
-        self._missing_tags: list[bytes] = []
+        self._missing_tags: list[bytes] = []  # the MACs of those not yet marked
+        self._marked = 0  # how many of _missing are marked in the VM
+        self._named: npt.NDArray[np.bool_] | None = None  # each page MISSING named (once at most)
         self.puller: Puller | None = None
         self._pulling_done = False  # every missing page accepted and asked to be written: PULLED next
 
@@ -570,10 +572,9 @@ class DestinationEngine:
             if self.switch_round is None:
                 return [self._send(Done(took))]
             # Post-copy: PULLING is durable and the VM runs here; its missing pages follow.
-            parts = self._missing
-            self._missing = []
-            self.puller = Puller(self.switch_round, np.concatenate([g for g, _ in parts]),
-                                 np.concatenate([v for _, v in parts]))
+            gfns, vers = (np.concatenate([p[i] for p in self._missing]) for i in (0, 1))
+            self._missing, self._named = [], None
+            self.puller = Puller(self.switch_round, gfns, vers)  # (in gfn order when first used)
             self.main.fill = True
             return [self._send(Running(took)), *self._pulled_if_due()]
         # We already aborted (timeout, shutdown, a recovery query): the promise stands.

@@ -131,7 +131,7 @@ class SourceHost:
             if eff.digest:
                 vm.start_page_digest()  # the hash of each page as it is sent (proto 7.4)
             vm.enable_dirty_log()  # before the first page is read
-            return Started(vm.export_keys())
+            return Started(vm.export_keys(), vm.protected_ranges())
         if isinstance(eff, CollectDirty):
             return Dirty(vm.collect_dirty())
         if isinstance(eff, SetThrottle):

@@ -78,8 +78,10 @@ class PageServer:
 
 
 class Puller:
-    """The destination's pages still missing in post-copy: ``missing`` (ascending gfns),
-    each due with version ``vers``; ``round``: the switch's round."""
+    """The destination's pages still missing in post-copy: ``missing`` (gfns, each once),
+    each due with version ``vers``; ``round``: the switch's round.  Put in gfn order on
+    first use, not when made: a switch's MISSING names two ascending runs (before the
+    pause, after it), and the Puller is made inside the pause (at COMMIT)."""
 
     def __init__(self, round_no: int, missing: Gfns, vers: Gfns) -> None:
         self.round = round_no
@@ -87,19 +89,28 @@ class Puller:
         self.vers = np.asarray(vers, dtype=np.uint64)
         if len(self.vers) != len(self.missing):
             raise ValueError("one version per missing page")
+        self._sorted = len(self.missing) < 2 or bool((self.missing[1:] > self.missing[:-1]).all())
         self.taken = np.zeros(len(self.missing), dtype=bool)  # accepted in this session
+        self._taken = 0
         self._asked: set[int] = set()
+
+    def _in_order(self) -> None:
+        if not self._sorted:
+            # (ascending runs, each page once: the engine saw to it; merged in linear time)
+            order = np.argsort(self.missing, kind="stable")
+            self.missing, self.vers, self._sorted = self.missing[order], self.vers[order], True
 
     @property
     def remaining(self) -> int:
         """Pages not yet taken (their PAGES not yet accepted)."""
-        return len(self.missing) - int(np.count_nonzero(self.taken))
+        return len(self.missing) - self._taken
 
     def take(self, p: Pages) -> IncomingPages:
         """A PAGES message of the serving phase, checked: each gfn missing and not yet
         taken (else ``replay``), of the switch's round and the version MISSING named
         (else ``rollback``).  The hypervisor checks each page's kind and MAC as it fills it."""
         batch = IncomingPages(p)
+        self._in_order()
         if p.round != self.round:
             raise RemoteProtocolError(ErrorCode.ROLLBACK, f"post-copy page of round {p.round}, not {self.round}")
         idx = np.searchsorted(self.missing, batch.gfns)
@@ -110,6 +121,7 @@ class Puller:
         if not bool((self.vers[idx] == batch.vers).all()):
             raise RemoteProtocolError(ErrorCode.ROLLBACK, "a post-copy page of another version than announced")
         self.taken[idx] = True
+        self._taken += len(idx)
         return batch
 
     def faults(self, gfns: list[int]) -> bytes | None:
@@ -119,6 +131,7 @@ class Puller:
         if not want:
             return None
         arr = np.asarray(want, dtype=np.uint64)
+        self._in_order()
         idx = np.searchsorted(self.missing, arr)
         ok = idx < len(self.missing)
         ok[ok] = self.missing[idx[ok]] == arr[ok]
@@ -131,6 +144,7 @@ class Puller:
 
     def wants(self) -> list[Want]:
         """The pages still missing, as a recovery session's WANT messages (at least one)."""
+        self._in_order()
         left = self.missing[~self.taken]
         chunks = [left[i : i + MAX_PAGES_PER_MESSAGE] for i in range(0, len(left), MAX_PAGES_PER_MESSAGE)] or [left]
         return [Want(self.round, u64le(c), i + 1 < len(chunks)) for i, c in enumerate(chunks)]

@@ -13,38 +13,68 @@ from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, MigrationFailure, RemoteProtocolError
 from palm_net.migration.effects import Effect, MarkMissing, PullFinished
 from palm_net.wire.messages import Message, Missing, Pulled
-from palm_net.wire.pages import MAX_VERSION, ascending_gfns
+from palm_net.wire.pages import MAX_VERSION, TAG_LEN, ascending_gfns, bitmap_gfns
+
+MARK_BATCH = 65536  # MISSING's pages marked in one hypervisor call, at least (but the last)
 
 if TYPE_CHECKING:
     from palm_net.migration.destination import DestinationEngine
 
 
 def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
-    """MISSING: these pages come after the switch, with these versions and MACs."""
+    """MISSING: these pages come after the switch, a normal one with the round as its
+    version, a protected one with the version and MAC named here."""
     m = msg.get(Missing)
     if not eng.keys_imported or eng.channels > 1:
         raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "MISSING before KEYS, or on more channels than one")
     if m.round < eng.round or (eng.switch_round is not None and m.round != eng.switch_round):
         raise RemoteProtocolError(ErrorCode.ROLLBACK, f"MISSING of round {m.round}")
-    last = int(eng._missing[-1][0][-1]) if eng._missing else -1
-    gfns = ascending_gfns(m.gfns, eng.npages, "MISSING", above=last)
-    vers = np.frombuffer(m.vers, dtype="<u8").astype(np.uint64) if len(m.vers) % 8 == 0 else None
-    if not len(gfns) or vers is None or len(vers) != len(gfns) or int(vers.max()) >= MAX_VERSION:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING arrays disagree, or a version out of range")
+    gfns = bitmap_gfns(m.base, m.bitmap, eng.npages, "MISSING")
+    if eng._named is None:
+        eng._named = np.zeros(eng.npages, np.bool_)
+    if bool(eng._named[gfns].any()):  # (two ascending runs: before the pause and after it)
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING: a page an earlier MISSING named")
+    pgfns = ascending_gfns(m.gfns, eng.npages, "MISSING's protected pages")
+    at = np.searchsorted(gfns, pgfns)
+    named = bool((at < len(gfns)).all()) and bool((gfns[np.minimum(at, len(gfns) - 1)] == pgfns).all())
+    pvers = np.frombuffer(m.vers, dtype="<u8").astype(np.uint64) if len(m.vers) % 8 == 0 else None
+    if (not named or pvers is None or len(pvers) != len(pgfns) or len(m.tags) != TAG_LEN * len(pgfns)
+            or (len(pvers) and int(pvers.max()) >= MAX_VERSION)):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING: a protected page not in its bitmap, arrays that "
+                                                       "disagree, or a version out of range")
+    vers = np.full(len(gfns), m.round, dtype=np.uint64)
+    vers[at] = pvers
     eng.switch_round = m.round
+    eng._named[gfns] = True
     eng._missing.append((gfns, vers))
     eng._missing_tags.append(m.tags)
-    eng.applied[gfns] = vers + 1  # arrived, as far as COMPLETE's check goes: they come later
-    return []  # marked all at once with the CPU state (one hypervisor call, not one a message)
+    eng.applied[gfns] = m.round + 1  # arrived, as far as COMPLETE's check goes: they come later
+    eng.applied[pgfns] = pvers + 1
+    unmarked = sum(len(g) for g, _ in eng._missing[eng._marked :])
+    return mark_missing(eng) if unmarked >= MARK_BATCH else []
 
 
 def mark_missing(eng: DestinationEngine) -> list[Effect]:
-    """MISSING's pages into the VM's map and metadata, at the CPU state (after the last MISSING)."""
-    if eng.switch_round is None:
+    """MISSING's pages not yet marked into the VM's map and metadata: in batches of
+    MARK_BATCH pages or more as they come (the first while the source still pauses or
+    exports its blob: off the pause's critical path), the rest at the CPU state
+    (after the last MISSING); one call for each ascending run of them (those named
+    before the pause, those after).  Not one hypervisor call a message: a message may
+    name few pages."""
+    parts, tags = eng._missing[eng._marked :], eng._missing_tags
+    if eng.switch_round is None or not parts:
         return []
-    gfns, vers = (np.concatenate([p[i] for p in eng._missing]) for i in (0, 1))
-    tags, eng._missing_tags = b"".join(eng._missing_tags), []
-    return [MarkMissing(eng.switch_round, gfns, vers, tags)]
+    eng._marked, eng._missing_tags = len(eng._missing), []
+    out: list[Effect] = []
+    i = 0
+    while i < len(parts):
+        j = i + 1
+        while j < len(parts) and parts[j][0][0] > parts[j - 1][0][-1]:
+            j += 1
+        out.append(MarkMissing(eng.switch_round, np.concatenate([p[0] for p in parts[i:j]]),
+                               np.concatenate([p[1] for p in parts[i:j]]), b"".join(tags[i:j])))
+        i = j
+    return out
 
 
 def pull_finished(eng: DestinationEngine, result: PullFinished) -> list[Effect]:

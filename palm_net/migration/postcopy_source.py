@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from palm_net.errors import ErrorCode, RemoteProtocolError
 from palm_net.migration.effects import (
@@ -17,6 +18,7 @@ from palm_net.migration.effects import (
     Metadata,
     Note,
     PagesSent,
+    ReadMetadata,
     SendPages,
     Serve,
     Served,
@@ -24,31 +26,96 @@ from palm_net.migration.effects import (
 from palm_net.migration.handoff import InDoubt
 from palm_net.migration.params import Phase, Status, Step
 from palm_net.migration.postcopy import PageServer
-from palm_net.wire.messages import MAX_DATA_PAGES, MAX_PAGES_PER_MESSAGE, Fetch, Message, Missing, Pulled, Running, Want
-from palm_net.wire.pages import KIND_PROTECTED, TAG_LEN, ascending_gfns, u64le
+from palm_net.wire.messages import (
+    MAX_DATA_PAGES,
+    MAX_MISSING_BITMAP,
+    MAX_PAGES_PER_MESSAGE,
+    Fetch,
+    Message,
+    Missing,
+    Pulled,
+    Running,
+    Want,
+)
+from palm_net.wire.pages import (
+    KIND_PROTECTED,
+    TAG_LEN,
+    Gfns,
+    ascending_gfns,
+    gfn_bitmap,
+    protected_spans,
+    u64le,
+    union_gfns,
+)
 
 if TYPE_CHECKING:
     from palm_net.migration.source import SourceEngine
 
 
+def announce(eng: SourceEngine) -> list[Effect]:
+    """Before the pause (the last round is over, the switch decided): MISSING for the
+    normal pages of its dirty set.  Their version is the round's whatever the guest
+    writes until the pause; the destination marks them while this side pauses.  A
+    protected page's version and MAC are final only once the VM is paused: it waits."""
+    if not eng.switching:
+        return []
+    pending = np.asarray(eng.pending, dtype=np.uint64)
+    spans, _ = protected_spans(pending, eng.protected_ranges)
+    normal = np.ones(len(pending), np.bool_)
+    for lo, hi in spans:
+        normal[lo:hi] = False
+    eng.announced = pending[normal]
+    return _missing_messages(eng, eng.announced, np.zeros(0, np.intp), np.zeros(0, np.uint64), b"")
+
+
+def switch(eng: SourceEngine, dirty: Gfns) -> list[Effect]:
+    """Paused: every page not yet sent follows the switch (the last round's dirty set and
+    what the guest wrote until the pause); the metadata of those MISSING has not named
+    yet is read now.  Only those are worked out inside the pause (the dirty set's
+    protected pages, and what is new): the whole set waits for the serving phase."""
+    pending, dirty = np.asarray(eng.pending, np.uint64), np.asarray(dirty, np.uint64)
+    eng.pending = np.zeros(0, np.uint64)
+    named = eng.announced  # the dirty set's normal pages, if any: its protected ones are left
+    if len(named):
+        _, left = protected_spans(pending, eng.protected_ranges)
+        at = np.minimum(np.searchsorted(named, dirty), len(named) - 1)
+        eng.unnamed = union_gfns(left, dirty[named[at] != dirty])
+    else:
+        eng.unnamed = union_gfns(pending, dirty)
+    eng.stats.postcopy_pages = n = len(named) + len(eng.unnamed)  # (disjoint: together, every page left)
+    return [Note("switch to post-copy", {"phase": "postcopy", "round": eng.round, "missing": n}),
+            *eng._request(Step.SWITCHING, ReadMetadata(eng.unnamed), Metadata)]
+
+
 def metadata(eng: SourceEngine, result: Metadata, now: float) -> list[Effect]:
-    """MISSING for every page left to the serving phase (ascending, at most 2048 a
-    message and 256 of them protected), then the CPU state and blob as ever."""
-    assert eng.missing is not None
-    gfns, kinds = eng.missing, np.frombuffer(result.kinds, np.uint8)
-    protected = kinds == KIND_PROTECTED
-    vers = np.where(protected, result.vers, eng.round).astype(np.uint64)
-    tag_at = np.concatenate(([0], np.cumsum(protected))) * TAG_LEN  # MAC offsets in result.tags
+    """MISSING for every page left to the serving phase not named before the pause,
+    then the CPU state and blob as ever."""
+    gfns = eng.unnamed
+    pidx = np.flatnonzero(np.frombuffer(result.kinds, np.uint8) == KIND_PROTECTED)  # their indices in gfns
+    return (_missing_messages(eng, gfns, pidx, result.vers[pidx], result.tags)
+            + eng._request(Step.EXPORTING, ExportFinalState(), FinalState))
+
+
+def _missing_messages(eng: SourceEngine, gfns: Gfns, pidx: npt.NDArray[np.intp], pvers: Gfns,
+                      tags: bytes) -> list[Effect]:
+    """MISSING messages naming ascending ``gfns``: bitmaps (a normal page comes with the
+    round as its version) of at most MAX_MISSING_BITMAP bytes, each with the versions
+    and MACs of the protected pages it names (``pidx``: their indices in ``gfns``; at
+    most 256 a message).  A bitmap keeps the pause short: 1 bit a page on the wire,
+    not 16 bytes."""
     out: list[Effect] = []
     i = 0
     while i < len(gfns):
-        j = min(len(gfns), i + MAX_PAGES_PER_MESSAGE)
-        if tag_at[j] - tag_at[i] > MAX_DATA_PAGES * TAG_LEN:  # no more than 256 protected pages
-            j = i + int(np.searchsorted(tag_at[i:] - tag_at[i], MAX_DATA_PAGES * TAG_LEN, side="right")) - 1
-        out.append(eng._send(Missing(eng.round, u64le(gfns[i:j]), u64le(vers[i:j]),
-                                      result.tags[tag_at[i] : tag_at[j]])))
+        j = int(np.searchsorted(gfns, gfns[i] + np.uint64(8 * MAX_MISSING_BITMAP)))  # past the bitmap's span
+        k = int(np.searchsorted(pidx, i))  # the first protected page from i on
+        if k + MAX_DATA_PAGES < len(pidx) and pidx[k + MAX_DATA_PAGES] < j:
+            j = int(pidx[k + MAX_DATA_PAGES])  # no more than 256 protected pages
+        k2 = int(np.searchsorted(pidx, j))
+        base, bitmap = gfn_bitmap(gfns[i:j])
+        out.append(eng._send(Missing(eng.round, base, bitmap, u64le(gfns[pidx[k:k2]]), u64le(pvers[k:k2]),
+                                     tags[k * TAG_LEN : k2 * TAG_LEN])))
         i = j
-    return out + eng._request(Step.EXPORTING, ExportFinalState(), FinalState)
+    return out
 
 
 def on_running(eng: SourceEngine, msg: Message, now: float) -> list[Effect]:
@@ -62,7 +129,8 @@ def on_running(eng: SourceEngine, msg: Message, now: float) -> list[Effect]:
 def served(eng: SourceEngine, result: Served, now: float) -> list[Effect]:
     if not result.ok:  # the row is not HANDED_OFF (cannot be: this run handed off): ask again
         raise InDoubt("SERVING could not be recorded")
-    assert eng.missing is not None
+    if eng.missing is None:  # (after a switch: the pages named before the pause and after it)
+        eng.missing = union_gfns(eng.announced, eng.unnamed)
     eng.server = PageServer(eng.missing, eng.round)
     for early in eng._early_fetches:  # FETCHes that came before SERVING was durable (a vCPU waits)
         eng.server.fetch(early)

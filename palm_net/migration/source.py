@@ -42,7 +42,6 @@ from palm_net.migration.effects import (
     PagesSent,
     Pause,
     Paused,
-    ReadMetadata,
     ReadTranscript,
     Result,
     Send,
@@ -184,6 +183,9 @@ class SourceEngine:
         self.stats.channels = self.channels
         self.switching = False  # post-copy (proto 7.9): switching instead of the stop-and-copy, then serving
         self.missing: Gfns | None = None  # the pages left to the serving phase
+        self.announced: Gfns = np.zeros(0, np.uint64)  # of them, named by MISSING before the pause
+        self.unnamed: Gfns = np.zeros(0, np.uint64)  # and those named after it
+        self.protected_ranges: tuple[tuple[int, int], ...] = ()  # each process's gfns (first, count)
         self.server: PageServer | None = None
         self.pulled: Pulled | None = None  # the destination has every page (its digest, if asked)
         self._wanted: list[Gfns] = []  # a recovery session's WANTs so far, and the highest gfn they named:
@@ -334,6 +336,7 @@ class SourceEngine:
     def _started(self, result: Started, now: float) -> list[Effect]:
         """Dirty logging is on: the process keys, then round 0 (every page)."""
         self.stats.status, self.stats.phase = Status.ACTIVE, Phase.ROUND
+        self.protected_ranges = result.protected
         return self._open_channels([self._send(Keys(result.keys))], now)
 
     def _next_round(self, now: float) -> list[Effect]:
@@ -391,6 +394,7 @@ class SourceEngine:
                                     "expected_downtime": self.stats.expected_downtime}), end]
         if not stop:
             return out + self._next_round(now)
+        out += postcopy_source.announce(self)  # (post-copy: what is known before the pause goes first)
         # Pause once the destination has written this round: what it still had to
         # write would be downtime.  The guest runs meanwhile (its writes go to the
         # last copy); a slow destination is not waited for long.
@@ -469,17 +473,13 @@ class SourceEngine:
         whatever the guest wrote until the pause."""
         self.stats.phase = Phase.STOP_AND_COPY
         self.paused_at = result.at
-        self.pending = union_gfns(self.pending, result.dirty)
         self.stats.current_round = self.round
         self._round_started = (result.at, self.stats.transferred)
-        if self.switching and not len(self.pending):  # nothing left to follow: the stop-and-copy is empty
+        if self.switching and (len(self.pending) or len(result.dirty)):
+            return postcopy_source.switch(self, result.dirty)
+        if self.switching:  # nothing left to follow: the stop-and-copy is empty
             self.switching, self.stats.stop_reason = False, "converged"
-        if self.switching:
-            self.missing, self.pending = self.pending, np.zeros(0, np.uint64)
-            self.stats.postcopy_pages = len(self.missing)
-            return [Note("switch to post-copy", {"phase": "postcopy", "round": self.round,
-                                                 "missing": len(self.missing)}),
-                    *self._request(Step.SWITCHING, ReadMetadata(self.missing), Metadata)]
+        self.pending = union_gfns(self.pending, result.dirty)
         return [Note("stop-and-copy", {"phase": "stop-and-copy", "round": self.round, "pages": len(self.pending)}),
                 *self._request(Step.STOP_AND_COPY, SendPages(self.pending, self.round), PagesSent)]
 

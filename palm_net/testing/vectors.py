@@ -38,7 +38,7 @@ from palm_net.wire.messages import (
     Stream,
     StreamEnd,
 )
-from palm_net.wire.pages import PageBatch, u64le
+from palm_net.wire.pages import PageBatch, gfn_bitmap, u64le
 from palm_net.wire.protocol import Role, SessionProtocol
 
 INPUTS: dict[str, Any] = {
@@ -184,7 +184,8 @@ def _postcopy_messages(src: SessionProtocol, dst: SessionProtocol) -> list[tuple
 
     gfns, vers = np.array([3, 200], np.uint64), np.array([2, 1], np.uint64)
     s(src.send(Keys(msgpack.packb(POSTCOPY_KEYS, use_bin_type=True))))
-    s(src.send(Missing(1, u64le(gfns), u64le(vers), POSTCOPY_TAG)))
+    base, bitmap = gfn_bitmap(gfns)  # gfn 3 protected (process 1's), 200 normal: version 1, the round
+    s(src.send(Missing(1, base, bitmap, u64le(gfns[:1]), u64le(vers[:1]), POSTCOPY_TAG)))
     s(src.send(CpuState(b"cpu")))
     s(src.send(Context(0, 1, b"blob")))
     s(src.send(Complete(6, 0, bytes(32))))

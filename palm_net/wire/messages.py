@@ -369,18 +369,23 @@ class Outcome(Body):
 
 # -- post-copy (proto 7.9)
 
+MAX_MISSING_BITMAP = 16384  # bytes of one MISSING's bitmap: 131072 pages (512 MiB of guest)
 MAX_FETCH = 64  # gfns one FETCH asks for (a few vCPUs' faults)
 
 
 @dataclass(frozen=True, repr=False)
 class Missing(Body):
-    """Source -> destination, at the switch to post-copy: pages that come later, each
-    with the version it will come with and (protected pages, in order) its MAC."""
+    """Source -> destination, at the switch to post-copy: pages that come later (a
+    bitmap from ``base``; a normal page comes with version ``round``) and, for the
+    protected ones among them (``gfns``), the version and MAC each will come with."""
 
     TYPE = "MISSING"
-    SCHEMA = {"round": uint(10_000), "gfns": octets(8 * MAX_PAGES_PER_MESSAGE),
-              "vers": octets(8 * MAX_PAGES_PER_MESSAGE), "tags": octets(16 * MAX_DATA_PAGES)}
+    SCHEMA = {"round": uint(10_000), "base": uint(MAX_GUEST_PAGES), "bitmap": octets(MAX_MISSING_BITMAP),
+              "gfns": octets(8 * MAX_DATA_PAGES), "vers": octets(8 * MAX_DATA_PAGES),
+              "tags": octets(16 * MAX_DATA_PAGES)}
     round: int
+    base: int
+    bitmap: bytes
     gfns: bytes
     vers: bytes
     tags: bytes

@@ -36,7 +36,7 @@ def union_gfns(a: Any, b: Any) -> Gfns:
     np.unique, which imports numpy.ma on its first call (1.2 MiB an agent then
     holds for good, and 40 ms inside the first migration's pause)."""
     out = np.concatenate((np.asarray(a, np.uint64), np.asarray(b, np.uint64)))
-    out.sort()
+    out.sort(kind="stable")  # two ascending runs: merged in linear time (4x quicker than the default here)
     if len(out) > 1:
         first = np.empty(len(out), np.bool_)
         first[0] = True
@@ -119,6 +119,36 @@ def ascending_gfns(data: bytes, npages: int, what: str, above: int = -1) -> Gfns
                       or (len(gfns) > 1 and not bool((gfns[1:] > gfns[:-1]).all()))):
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"{what}: gfns not ascending, or outside the VM")
     return gfns
+
+
+def protected_spans(gfns: Gfns, ranges: Any) -> tuple[list[tuple[int, int]], Gfns]:
+    """Where ascending ``gfns`` fall in the protected processes' ``ranges`` ((first,
+    count) each): a process owns one range, so its pages are one slice of ``gfns``
+    (no lookup a page: the switch's pause needs this for up to every page); the
+    slices (lo, hi) ascending, and those pages."""
+    spans = [(int(lo), int(hi)) for first, count in sorted(ranges)
+             for lo, hi in [np.searchsorted(gfns, (first, first + count))] if hi > lo]
+    return spans, (np.concatenate([gfns[lo:hi] for lo, hi in spans]) if spans else gfns[:0])
+
+
+def gfn_bitmap(gfns: Gfns) -> tuple[int, bytes]:
+    """Ascending ``gfns`` as (base, bitmap): bit i (byte i // 8, least significant bit
+    first) set for page base + i; base is the first gfn (MISSING, proto 7.9)."""
+    base = int(gfns[0])
+    bits = np.zeros(int(gfns[-1]) - base + 1, dtype=bool)
+    bits[np.asarray(gfns, dtype=np.uint64) - np.uint64(base)] = True
+    return base, np.packbits(bits, bitorder="little").tobytes()
+
+
+def bitmap_gfns(base: int, bitmap: bytes, npages: int, what: str, above: int = -1) -> Gfns:
+    """The gfns a (base, bitmap) names, ascending: at least one, above ``above`` and below
+    ``npages`` (RemoteProtocolError ``malformed``)."""
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
+    offsets = np.flatnonzero(bits.view(np.bool_))  # (as bool: twice as fast)
+    if not len(offsets) or base + int(offsets[0]) <= above or base + int(offsets[-1]) >= npages:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{what}: no page, gfns not above the last, or outside "
+                                                       "the VM")
+    return offsets.astype(np.uint64) + np.uint64(base)
 
 
 @dataclass
