@@ -580,31 +580,37 @@ def test_a_pure_post_copy_migration_switches_before_round_0(shm):
     destination's own round too; gfn 0 is among them."""
     from palm_net.migration.params import MigrationParams
     from palm_net.migration.source import Step
-    from palm_net.wire import messages as m
     src, drv = _pc_pair(shm, MigrationParams(verify_digest=True, postcopy=True, postcopy_after=0))
     rounds: list[int] = []
-
-    def deliver(record: bytes) -> bytes | None:
-        try:
-            body = m.decode(record).body
-        except Exception:
-            return record
-        if isinstance(body, Missing):
-            rounds.append(body.round)
-        return record
-
-    drv.deliver = deliver
+    _watch(drv, Missing, lambda body: rounds.append(body.round))
     drv.run()
     assert rounds == [0] and drv.engine.step is Step.DONE and drv.engine.stats.postcopy_pages == 256
     assert drv.dest.vm is not None and drv.dest.vm.digest() == src.digest() and drv.dest.vm.postcopy_state() is None
 
 
+def _watch(drv, kind: type, see) -> None:
+    """Each message of ``kind`` the source sends is shown to ``see`` on its way (unchanged)."""
+    from palm_net.wire import messages as m
+
+    def deliver(record: bytes) -> bytes | None:
+        try:
+            body = m.decode(record).body
+        except Exception:
+            return record  # (a data record)
+        if isinstance(body, kind):
+            see(body)
+        return record
+
+    drv.deliver = deliver
+
+
 def _split_missing(monkeypatch) -> None:
     """MISSING messages of bitmaps of at most 4 bytes (32 pages), at most 3 protected pages
     each (16384 and 256 on the wire)."""
-    from palm_net.migration import postcopy_source
-    monkeypatch.setattr(postcopy_source, "MAX_MISSING_BITMAP", 4)
-    monkeypatch.setattr(postcopy_source, "MAX_DATA_PAGES", 3)
+    from palm_net.migration import postcopy_destination, postcopy_source
+    for side in (postcopy_source, postcopy_destination):  # (the destination's bound on their number too)
+        monkeypatch.setattr(side, "MAX_MISSING_BITMAP", 4)
+        monkeypatch.setattr(side, "MAX_DATA_PAGES", 3)
     monkeypatch.setattr(postcopy, "SERVE_BULK", SERVE_SLICE)
 
 
@@ -626,22 +632,11 @@ def test_missing_in_several_messages_marks_every_page(shm, monkeypatch, mark_bat
 
     monkeypatch.setattr(postcopy_destination, "mark_missing", mark)
     from palm_net.migration.source import Step
-    from palm_net.wire import messages as m
     _split_missing(monkeypatch)
     src, drv = _pc_pair(shm, MigrationParams(verify_digest=True, **PC))
     drv.player.between = _dirty(src)
     seen: list[Missing] = []
-
-    def deliver(record: bytes) -> bytes | None:
-        try:
-            body = m.decode(record).body
-        except Exception:
-            return record
-        if isinstance(body, Missing):
-            seen.append(body)
-        return record
-
-    drv.deliver = deliver
+    _watch(drv, Missing, seen.append)
     drv.run()
     eng = drv.engine
     assert len(seen) > 5 and eng.step is Step.DONE
@@ -715,26 +710,48 @@ def test_a_missing_that_does_not_fit_is_refused(shm, monkeypatch, which, alter, 
     assert len(drv.dest.engine._missing) == at[0]  # refused as it came (not at the CPU state): none of it taken
 
 
+def test_missing_in_a_third_run_or_more_messages_than_the_vm_needs_is_refused():
+    """The destination bounds MISSING (proto 7.9 item 1): two ascending runs at most (named
+    before the pause, after it), and no more messages than the VM's pages need (a bitmap's
+    span, or 256 protected pages, a message: 2 x (pages / 131072 + protected / 256 + 2)).
+    Without them, one-page messages in any order would cost the destination a hypervisor
+    call, or a sum over all before, each."""
+    from types import SimpleNamespace
+
+    from palm_net.migration import postcopy_destination
+
+    def engine(npages: int) -> SimpleNamespace:
+        return SimpleNamespace(keys_imported=True, channels=1, round=4, switch_round=None, _missing=[],
+                               _missing_tags=[], npages=npages, applied=np.zeros(npages, np.uint32), _marked=0,
+                               _unmarked=0, _missing_runs=0, _named=None, begin=SimpleNamespace(protected_pages=0))
+
+    def missing(eng: SimpleNamespace, gfn: int) -> None:
+        m = Missing(5, gfn, b"\x01", b"", b"", b"")
+        postcopy_destination.on_missing(eng, SimpleNamespace(get=lambda _: m), None)
+
+    eng = engine(1_000_000)  # (up to 18 messages)
+    for gfn in (10, 20, 5, 7):  # two runs
+        missing(eng, gfn)
+    with pytest.raises(RemoteProtocolError) as e:
+        missing(eng, 6)  # a third
+    assert e.value.code is ErrorCode.MALFORMED and eng._missing_runs == 2 and len(eng._missing) == 4
+    eng = engine(1000)  # 2 x (0 + 0 + 2) messages at most
+    for gfn in range(4):
+        missing(eng, gfn)
+    with pytest.raises(RemoteProtocolError):
+        missing(eng, 4)
+    assert eng._unmarked == 4 and len(eng._missing) == 4
+
+
 def test_missing_names_the_dirty_normal_pages_before_the_pause_and_the_rest_after(shm):
     """Proto 7.9 item 1: the last round's dirty normal pages are named while the VM still
     runs (their version is the round's); its protected pages, and what the guest wrote
     since, once it is paused (their metadata is final then).  Each page once."""
     from palm_net.migration.params import MigrationParams
-    from palm_net.wire import messages as m
     src, drv = _pc_pair(shm, MigrationParams(**PC))
     drv.player.between = _dirty(src)
     seen: list[tuple[bool, Missing]] = []
-
-    def deliver(record: bytes) -> bytes | None:
-        try:
-            body = m.decode(record).body
-        except Exception:
-            return record
-        if isinstance(body, Missing):
-            seen.append((src.state == "running", body))
-        return record
-
-    drv.deliver = deliver
+    _watch(drv, Missing, lambda body: seen.append((src.state == "running", body)))
     drv.run()
     named = [(running, bitmap_gfns(b.base, b.bitmap, 256, "M"), b) for running, b in seen]
     before = np.concatenate([g for running, g, _ in named if running])
@@ -793,18 +810,17 @@ def test_missing_is_split_at_the_first_page_that_would_pass_a_limit(monkeypatch,
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sets(st.integers(0, 4999), min_size=1), st.integers(0, 6000), st.binary(max_size=64),
-       st.integers(-1, 5000))
-def test_gfn_bitmaps_round_trip_and_any_bitmap_names_only_pages_of_the_vm(gfns, base, bitmap, above):
+@given(st.sets(st.integers(0, 4999), min_size=1), st.integers(0, 6000), st.binary(max_size=64))
+def test_gfn_bitmaps_round_trip_and_any_bitmap_names_only_pages_of_the_vm(gfns, base, bitmap):
     arr = np.array(sorted(gfns), np.uint64)
     b, bm = gfn_bitmap(arr)
     assert list(bitmap_gfns(b, bm, 5000, "M")) == list(arr) and len(bm) == (int(arr[-1]) - b) // 8 + 1
     try:
-        out = bitmap_gfns(base, bitmap, 5000, "M", above=above)
+        out = bitmap_gfns(base, bitmap, 5000, "M")
     except RemoteProtocolError as e:
         assert e.code is ErrorCode.MALFORMED
         return
-    assert len(out) and int(out[0]) > above and int(out[-1]) < 5000 and bool((out[1:] > out[:-1]).all())
+    assert len(out) and int(out[0]) >= base and int(out[-1]) < 5000 and bool((out[1:] > out[:-1]).all())
 
 
 def test_a_gfn_bitmap_round_trips_and_names_only_pages_of_the_vm():
@@ -812,10 +828,10 @@ def test_a_gfn_bitmap_round_trips_and_names_only_pages_of_the_vm():
     base, bitmap = gfn_bitmap(gfns)
     assert base == 5 and bitmap == bytes([0b11, 0b1, 0, 0, 0b1000]) and len(bitmap) == 5
     assert list(bitmap_gfns(base, bitmap, 41, "M")) == [5, 6, 13, 40]
-    for npages, above in ((40, -1), (41, 5), (41, 40)):  # gfn 40 outside; the first not above the last
+    for bad in (bitmap, b"", bytes(5)):  # gfn 40 outside a VM of 40 pages; no page at all
         with pytest.raises(RemoteProtocolError):
-            bitmap_gfns(base, bitmap, npages, "M", above=above)
-    assert list(bitmap_gfns(0, b"\x00\x02", 10, "M", above=8)) == [9]  # leading clear bits are allowed
+            bitmap_gfns(base, bad, 40, "M")
+    assert list(bitmap_gfns(0, b"\x00\x02", 10, "M")) == [9]  # leading clear bits are allowed
 
 
 def test_the_page_server_refuses_pages_out_of_order_and_slices_as_documented():

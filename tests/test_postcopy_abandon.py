@@ -19,6 +19,8 @@ from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, Step
 from palm_net.migration.params import MigrationParams
 from palm_net.wire.protocol import Role
 
+from .test_postcopy_e2e import until_pulled
+
 HOT = "random:50000"
 PEER = Peer("elsewhere", bytes(32), bytes(32), "127.0.0.1:9")
 SOURCE, DESTINATION = Role.SOURCE, Role.DESTINATION
@@ -46,16 +48,7 @@ async def _pulling(cluster, name: str = "vm1", at: float = 0.3) -> bytes:
     await trio.sleep(0.2)
     params = MigrationParams(postcopy=True, postcopy_after=2, bandwidth=16 << 20)
     a.outgoing.nursery.start_soon(a.outgoing.migrate, name, cluster.addr("b"), params)
-    total = 0
-    with trio.fail_after(20):
-        while True:
-            vm = b.vms.get(name)
-            state = vm.postcopy_state() if vm is not None and vm.state == "running" else None
-            if state is not None:
-                total = total or len(state[1])
-                if len(state[1]) <= (1 - at) * total:
-                    break
-            await trio.sleep(0.002)
+    await until_pulled(b, name, at)
     (row,) = b.store.list(role=DESTINATION, states=(HandoffState.PULLING,))
     return row.mid
 

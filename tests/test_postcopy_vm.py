@@ -438,14 +438,20 @@ def test_a_paused_vm_s_write_is_refused_not_left_waiting(shm, switch):
         dst.guest_write(int(sw.missing[0]), b"x")
 
 
-def test_the_workload_runs_with_pages_missing_and_goes_on_as_they_arrive(shm, switch):
-    sw = switch
-    dst = pulling(shm, sw)
+def waiting_workload(dst: ModelVM) -> tuple[Workload, threading.Event]:
+    """The guest's workload started on a pulling VM, and the event its first fault sets."""
     asked = threading.Event()
     dst.on_fault = lambda gfn: asked.set()
     wl = Workload(dst, "random:20000", seed=1)
     dst.workload = wl
     wl.start()
+    return wl, asked
+
+
+def test_the_workload_runs_with_pages_missing_and_goes_on_as_they_arrive(shm, switch):
+    sw = switch
+    dst = pulling(shm, sw)
+    wl, asked = waiting_workload(dst)
     try:
         assert asked.wait(WAIT)  # it touched a missing page and waits for it
         for b in sw.fills:
@@ -726,11 +732,7 @@ def test_an_agent_stopping_while_a_vcpu_waits_for_a_page_stops_at_once_and_keeps
     from palm_net.agent.registry import VmRegistry
     sw = switch
     dst = pulling(shm, sw)
-    asked = threading.Event()
-    dst.on_fault = lambda gfn: asked.set()
-    wl = Workload(dst, "random:20000", seed=1)
-    dst.workload = wl
-    wl.start()
+    wl, asked = waiting_workload(dst)
     assert asked.wait(WAIT) and dst.waiting_pages()  # its vCPU waits for a page
     registry = VmRegistry(shm, shm, b"", SimpleNamespace(), None, None, lambda name: False)
     registry.vms[dst.name] = dst

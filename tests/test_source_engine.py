@@ -163,7 +163,7 @@ def _to_catch_up(vm: ModelVM, eng: SourceEngine, now: float = 1.0) -> None:
     eng.start(0.0)
     eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
     vm.enable_dirty_log()
-    eng.on_result(Started(vm.export_keys()), 0.2)
+    eng.on_result(Started(vm.export_keys(), vm.protected_ranges()), 0.2)
     eng.on_result(PagesSent(), 0.5)
     effects = eng.on_result(Dirty(vm.collect_dirty()), now)
     assert eng.step is Step.CATCHING_UP and not any(isinstance(e, Pause) for e in effects)
@@ -336,7 +336,7 @@ def test_the_throttle_policy_slows_the_guest_a_step_a_round(shm):
     eng.start(0.0)
     eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
     vm.enable_dirty_log()
-    eng.on_result(Started(vm.export_keys()), 0.2)
+    eng.on_result(Started(vm.export_keys(), vm.protected_ranges()), 0.2)
     dirty = np.arange(8, dtype=np.uint64)
     fractions = []
     for r in range(3):

@@ -207,8 +207,8 @@ class PostcopyVM(ModelGuest):
     # -- the destination
 
     def set_missing(self, round_no: int, gfns: Gfns, vers: Gfns, tags: bytes) -> None:
-        """One MISSING message: ``gfns`` (ascending, above those of earlier calls) are
-        marked missing, and each protected one's version and MAC (``tags``, in order)
+        """One MISSING message or more: ``gfns`` (ascending, none marked by an earlier
+        call) are marked missing, and each protected one's version and MAC (``tags``, in order)
         take the place of those of any older copy received, so that import_protection
         checks the blob's metadata digest over them.  ValueError for input that does not
         fit (the engine checked it already)."""

@@ -170,6 +170,8 @@ class DestinationEngine:
         self._missing: list[tuple[np.ndarray, np.ndarray]] = []
         self._missing_tags: list[bytes] = []  # the MACs of those not yet marked
         self._marked = 0  # how many of _missing are marked in the VM
+        self._unmarked = 0  # pages of the rest
+        self._missing_runs = 0  # ascending runs of MISSING so far (before the pause, after it: two at most)
         self._named: npt.NDArray[np.bool_] | None = None  # each page MISSING named (once at most)
         self.puller: Puller | None = None
         self._pulling_done = False  # every missing page accepted and asked to be written: PULLED next

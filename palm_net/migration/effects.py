@@ -324,7 +324,7 @@ class Aborted(Result):
 @dataclass(frozen=True)
 class Started(Result):
     keys: bytes  # the process keys and layout (KEYS)
-    protected: tuple[tuple[int, int], ...] = ()  # each process's gfns: (first, count)
+    protected: tuple[tuple[int, int], ...]  # each process's gfns: (first, count)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,8 @@ class Puller:
         self._taken = 0
         self._asked: set[int] = set()
 
-    def _in_order(self) -> None:
+    def in_order(self) -> None:
+        """Sorted now (the runner's, once RUNNING is sent: not on a waiting vCPU's path)."""
         if not self._sorted:
             # (ascending runs, each page once: the engine saw to it; merged in linear time)
             order = np.argsort(self.missing, kind="stable")
@@ -110,7 +111,7 @@ class Puller:
         taken (else ``replay``), of the switch's round and the version MISSING named
         (else ``rollback``).  The hypervisor checks each page's kind and MAC as it fills it."""
         batch = IncomingPages(p)
-        self._in_order()
+        self.in_order()
         if p.round != self.round:
             raise RemoteProtocolError(ErrorCode.ROLLBACK, f"post-copy page of round {p.round}, not {self.round}")
         idx = np.searchsorted(self.missing, batch.gfns)
@@ -131,7 +132,7 @@ class Puller:
         if not want:
             return None
         arr = np.asarray(want, dtype=np.uint64)
-        self._in_order()
+        self.in_order()
         idx = np.searchsorted(self.missing, arr)
         ok = idx < len(self.missing)
         ok[ok] = self.missing[idx[ok]] == arr[ok]
@@ -144,7 +145,7 @@ class Puller:
 
     def wants(self) -> list[Want]:
         """The pages still missing, as a recovery session's WANT messages (at least one)."""
-        self._in_order()
+        self.in_order()
         left = self.missing[~self.taken]
         chunks = [left[i : i + MAX_PAGES_PER_MESSAGE] for i in range(0, len(left), MAX_PAGES_PER_MESSAGE)] or [left]
         return [Want(self.round, u64le(c), i + 1 < len(chunks)) for i, c in enumerate(chunks)]

@@ -12,7 +12,7 @@ import numpy as np
 from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, MigrationFailure, RemoteProtocolError
 from palm_net.migration.effects import Effect, MarkMissing, PullFinished
-from palm_net.wire.messages import Message, Missing, Pulled
+from palm_net.wire.messages import MAX_DATA_PAGES, MAX_MISSING_BITMAP, Message, Missing, Pulled
 from palm_net.wire.pages import MAX_VERSION, TAG_LEN, ascending_gfns, bitmap_gfns
 
 MARK_BATCH = 65536  # MISSING's pages marked in one hypervisor call, at least (but the last)
@@ -34,6 +34,12 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
         eng._named = np.zeros(eng.npages, np.bool_)
     if bool(eng._named[gfns].any()):  # (two ascending runs: before the pause and after it)
         raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING: a page an earlier MISSING named")
+    runs = eng._missing_runs + (not eng._missing or int(gfns[0]) < int(eng._missing[-1][0][-1]))
+    protected = eng.begin.protected_pages if eng.begin is not None else eng.npages
+    if runs > 2 or len(eng._missing) >= 2 * (eng.npages // (8 * MAX_MISSING_BITMAP) + protected // MAX_DATA_PAGES + 2):
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING: more than two ascending runs, or more messages "
+                                                       "than the VM's pages need")
+    eng._missing_runs = runs
     pgfns = ascending_gfns(m.gfns, eng.npages, "MISSING's protected pages")
     at = np.searchsorted(gfns, pgfns)
     named = bool((at < len(gfns)).all()) and bool((gfns[np.minimum(at, len(gfns) - 1)] == pgfns).all())
@@ -50,8 +56,8 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
     eng._missing_tags.append(m.tags)
     eng.applied[gfns] = m.round + 1  # arrived, as far as COMPLETE's check goes: they come later
     eng.applied[pgfns] = pvers + 1
-    unmarked = sum(len(g) for g, _ in eng._missing[eng._marked :])
-    return mark_missing(eng) if unmarked >= MARK_BATCH else []
+    eng._unmarked += len(gfns)
+    return mark_missing(eng) if eng._unmarked >= MARK_BATCH else []
 
 
 def mark_missing(eng: DestinationEngine) -> list[Effect]:
@@ -64,7 +70,7 @@ def mark_missing(eng: DestinationEngine) -> list[Effect]:
     parts, tags = eng._missing[eng._marked :], eng._missing_tags
     if eng.switch_round is None or not parts:
         return []
-    eng._marked, eng._missing_tags = len(eng._missing), []
+    eng._marked, eng._missing_tags, eng._unmarked = len(eng._missing), [], 0
     out: list[Effect] = []
     i = 0
     while i < len(parts):

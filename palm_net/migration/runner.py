@@ -871,6 +871,7 @@ class DestinationRun:
                     self.log.info("committed", phase="committed", round=eng.round)
                 await self._perform(eng.on_result(result))  # DONE (or RUNNING; or, aborted before, ABORT)
                 if eng.puller is not None and result.running and self.host.vm is not None:
+                    eng.puller.in_order()  # (RUNNING is sent: the downtime is over, no vCPU waits yet)
                     self._watch_faults()  # post-copy: its guest runs now, asking for what it touches
                     if self.on_running is not None:
                         self.on_running(self.host.vm)

@@ -140,14 +140,13 @@ def gfn_bitmap(gfns: Gfns) -> tuple[int, bytes]:
     return base, np.packbits(bits, bitorder="little").tobytes()
 
 
-def bitmap_gfns(base: int, bitmap: bytes, npages: int, what: str, above: int = -1) -> Gfns:
-    """The gfns a (base, bitmap) names, ascending: at least one, above ``above`` and below
-    ``npages`` (RemoteProtocolError ``malformed``)."""
+def bitmap_gfns(base: int, bitmap: bytes, npages: int, what: str) -> Gfns:
+    """The gfns a (base, bitmap) names, ascending: at least one, all below ``npages``
+    (RemoteProtocolError ``malformed``)."""
     bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
     offsets = np.flatnonzero(bits.view(np.bool_))  # (as bool: twice as fast)
-    if not len(offsets) or base + int(offsets[0]) <= above or base + int(offsets[-1]) >= npages:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{what}: no page, gfns not above the last, or outside "
-                                                       "the VM")
+    if not len(offsets) or base + int(offsets[-1]) >= npages:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"{what}: no page, or one outside the VM")
     return offsets.astype(np.uint64) + np.uint64(base)
 
 
