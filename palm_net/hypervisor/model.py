@@ -516,9 +516,6 @@ class ModelVM(PostcopyVM):
                                     "processes": self._layout()})
         return out
 
-    def protected_ranges(self) -> tuple[tuple[int, int], ...]:
-        return tuple(sorted((p.first, p.count) for p in self.processes))
-
     def export_protection(self) -> bytes:
         """The protected-context blob (proto/PROTOCOL.md 7.3).  Only from a paused VM."""
         if self.state == "running":

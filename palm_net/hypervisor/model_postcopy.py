@@ -188,7 +188,7 @@ class PostcopyVM(ModelGuest):
         a = self.arrays
         kinds = np.full(len(gfns), KIND_NORMAL, np.uint8)
         vers = np.zeros(len(gfns), np.uint64)
-        spans, pg = self._protected_spans(gfns)
+        spans, pg = protected_spans(gfns, self.protected_ranges())
         with self._lock:
             for gfn in pg[(a.views[pg] == VIEW_PROCESS) | (a.versions[pg] == 0)]:
                 self._to_cipher_view_locked(int(gfn))
@@ -198,11 +198,8 @@ class PostcopyVM(ModelGuest):
             tags = a.tags[pg].tobytes()
         return kinds.tobytes(), vers, tags
 
-    def _protected_spans(self, gfns: Gfns) -> tuple[list[tuple[int, int]], Gfns]:
-        """Where ascending ``gfns`` hold protected pages: a process owns one range of
-        gfns, so its pages are one slice of them (no lookup a page: the switch's pause
-        needs this for up to every page); and those pages, ascending."""
-        return protected_spans(gfns, [(p.first, p.count) for p in self.processes])
+    def protected_ranges(self) -> tuple[tuple[int, int], ...]:
+        return tuple(sorted((p.first, p.count) for p in self.processes))
 
     # -- the destination
 
@@ -222,7 +219,7 @@ class PostcopyVM(ModelGuest):
         if not len(gfns):
             return
         a = self.arrays
-        spans, pg = self._protected_spans(gfns)
+        spans, pg = protected_spans(gfns, self.protected_ranges())
         protected = np.zeros(len(gfns), np.bool_)
         for lo, hi in spans:
             protected[lo:hi] = True
