@@ -259,7 +259,7 @@ async def test_an_outbox_seals_a_batch_larger_than_its_buffers_into_one_of_its_o
 def test_incoming_memory_is_reserved_before_it_is_written_and_a_failed_reservation_ends_the_migration(
         shm, monkeypatch):
     from palm_net import hostfs
-    from palm_net.hypervisor import model
+    from palm_net.hypervisor import reserver
 
     real = hostfs.reserve
 
@@ -268,7 +268,7 @@ def test_incoming_memory_is_reserved_before_it_is_written_and_a_failed_reservati
             raise hostfs.UnsafePathError(f"no room for {what}: the file system is full")
         real(fd, size, what, offset)
 
-    monkeypatch.setattr(model, "reserve", reserve)
+    monkeypatch.setattr(reserver, "reserve", reserve)
     src = ModelVM.create(shm / "src", "vm", 16384, KEY, fill="random", seed=3)  # 64 MiB
     store = HandoffStore(shm / "d.db")
     dest = DestinationDriver(store, lambda mid, b: ModelVM.create_incoming(shm / "dst", b.vm, b.vm_id, b.pages,

@@ -1022,6 +1022,7 @@ def _destination_vm(channels: int) -> tuple[QemuVM, list]:
         vm._incoming.append(ours)
         theirs.append(qemu)
     vm._tail = StreamTail()
+    vm._reserver = None  # (its RAM file is not under test)
     return vm, theirs
 
 

@@ -464,6 +464,32 @@ async def test_a_destination_qemu_that_cannot_listen_for_its_channels_leaves_the
     await settle_one_copy(cluster, vm.name, "a", content)
 
 
+async def test_an_incoming_qemu_whose_memory_cannot_be_reserved_leaves_the_vm_on_the_source(
+        cluster, content, monkeypatch):
+    """The destination's RAM file is reserved beside the stream (not before ACCEPT): a file
+    system that fills meanwhile fails the migration before PREPARE, named as no room,
+    the VM runs on the source only and nothing is left at the destination."""
+    from palm_net import hostfs
+    from palm_net.hypervisor import reserver
+
+    real, refused = hostfs.reserve, []
+
+    def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
+        if what == "the guest's memory" and offset >= MEM // 2:
+            refused.append(offset)
+            raise hostfs.UnsafePathError(f"no room for {what}: the file system is full")
+        real(fd, size, what, offset)
+
+    monkeypatch.setattr(reserver, "reserve", reserve)
+    a = cluster["a"]
+    vm = new_vm(a, content)
+    res = await a.outgoing.migrate(vm.name, cluster.addr("b"), MigrationParams())
+    assert refused, "the destination reserved nothing past half the guest's memory"
+    assert not res.ok and res.error is not None and res.error.startswith("no-space"), res.error
+    await settle_one_copy(cluster, vm.name, "a", content)
+    assert not cluster["b"].registry.dir_of(vm.name).exists()
+
+
 @pytest.mark.parametrize("action", ["flip", "cut"])
 async def test_a_data_session_tampered_or_cut_mid_stream_fails_closed(cluster, content, action):
     """A multifd channel's DATA session (connection 1 through the proxy) altered or cut

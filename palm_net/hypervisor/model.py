@@ -30,7 +30,6 @@ import hashlib
 import hmac
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,12 @@ import numpy.typing as npt
 from nacl.secret import SecretBox
 
 from palm_net.crypto.noise import CIPHERS
-from palm_net.hostfs import UnsafePathError, open_nofollow, read_nofollow, reserve, write_atomic
+from palm_net.hostfs import read_nofollow, write_atomic
 from palm_net.hypervisor.backend import (
     KIND_NORMAL,
     KIND_PROTECTED,
     KIND_ZERO,
     PAGE_SIZE,
-    NoRoomError,
     PageBatch,
     VmInfo,
 )
@@ -59,13 +57,13 @@ from palm_net.hypervisor.model_guest import (
     ProcessLayout,
     VmError,
     lay_out_processes,
-    populate,
     put_pages,
 )
 from palm_net.hypervisor.model_postcopy import PostcopyPageError as PostcopyPageError  # (re-exported)
 from palm_net.hypervisor.model_postcopy import PostcopyVM
 from palm_net.hypervisor.pagedigest import PageDigest, hash_pages
 from palm_net.hypervisor.protection import TAG_LEN, ProtectionIntegrityError, default_page_cipher
+from palm_net.hypervisor.reserver import Reserver
 from palm_net.hypervisor.vmspec import check_workload, validate_policy
 from palm_net.wire.messages import MAX_PAGES_PER_MESSAGE
 from palm_net.wire.pages import Gfns, RoundGfns
@@ -85,90 +83,6 @@ def _bin(value: Any, max_len: int) -> bytes:
     if type(value) is not bytes or len(value) > max_len:
         raise ValueError("not a byte string of the right size")
     return value
-
-
-class _Reserver:
-    """An incoming VM's memory, reserved (fallocate) by a helper thread ahead of its
-    data, in ascending chunks, so that the reservation is off the BEGIN path; and
-    populated (mapped) just ahead of where the data is being written, so that the
-    receive path writes into memory that is already there (a fresh page costs a
-    fault, a clear and a mapping: 0.35-0.5 s per GiB here), while the stretches
-    that stay zero are never touched.  A write waits until its pages are
-    reserved, so none lands past a full file system (SIGBUS on tmpfs); no room
-    ends the migration."""
-
-    CHUNK = 32 << 20
-    AHEAD = 2 * CHUNK  # populated beyond the highest byte written so far
-
-    def __init__(self, path: Path, base: int, size: int) -> None:
-        self._fd = open_nofollow(path, os.O_RDWR)
-        self._base = base  # where the file is mapped (it stays mapped until stop() returns)
-        self._size = size
-        self._done = 0  # reserved: [0, _done)
-        self._populated = 0
-        self._wanted = 0  # the highest byte a write waited for (populated ahead of it)
-        self._needed = 0  # the highest byte anyone waits to be reserved (reserved first)
-        self._error: str | None = None
-        self._stop = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"reserve-{path.parent.name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    if self._stop:
-                        return
-                    # What a caller waits for is reserved first; then memory is populated
-                    # up to just ahead of the writes; else reserved on.
-                    target = min(self._done, self._wanted + self.AHEAD)
-                    populating = self._done >= self._needed and self._populated < target
-                    if not populating and self._done >= self._size:
-                        if self._populated >= self._size:
-                            return
-                        self._cond.wait()  # all reserved: populate as the writes move on
-                        continue
-                    off = self._populated if populating else self._done
-                n = min(self.CHUNK, self._size - off)
-                if populating:
-                    populate(self._base + off, n)  # best effort
-                else:
-                    reserve(self._fd, n, "the incoming VM's memory", offset=off)
-                with self._cond:
-                    if populating:
-                        self._populated = off + n
-                    else:
-                        self._done = off + n
-                    self._cond.notify_all()
-        except BaseException as exc:
-            with self._cond:
-                self._error = str(exc) if isinstance(exc, UnsafePathError) else "reservation failed"
-                self._cond.notify_all()
-        finally:
-            os.close(self._fd)
-
-    def wait(self, end: int, writing: bool = True) -> None:
-        """Returns once bytes [0, end) are reserved; NoRoomError if they never will be.
-        ``writing``: the caller writes up to ``end`` next (populate ahead of it)."""
-        with self._cond:
-            if end > self._needed or (writing and end > self._wanted):
-                self._needed = max(self._needed, end)
-                if writing:
-                    self._wanted = max(self._wanted, end)
-                self._cond.notify_all()
-            while self._done < end and self._error is None:
-                self._cond.wait()
-            if self._done < end:
-                raise NoRoomError(self._error or "reservation failed")
-
-    def stop(self) -> int:
-        """Stops reserving; returns how many bytes (from 0) were reserved."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join()
-        return self._done
 
 
 def _zero_pages(words: npt.NDArray[np.uint64], gfns: Gfns, lo: int | None) -> npt.NDArray[np.bool_]:
@@ -221,7 +135,7 @@ class ModelVM(PostcopyVM):
         # Incoming VMs start as holes (zero, unallocated): a zero page record
         # for a page never written costs nothing, as in QEMU's destination.
         self._written = np.zeros(self.npages, np.uint8) if incoming else None
-        self._reserver = _Reserver(vm_dir / "memory", self.arrays.pages.ctypes.data, self.npages * PAGE_SIZE) \
+        self._reserver = Reserver(vm_dir / "memory", self.arrays.pages.ctypes.data, self.npages * PAGE_SIZE) \
             if create and incoming else None
         if not create:
             self._load_secrets()

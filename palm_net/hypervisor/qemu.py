@@ -30,7 +30,6 @@ record by record in the attested session.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import hashlib
@@ -67,6 +66,7 @@ from palm_net.hostfs import (
 )
 from palm_net.hypervisor.backend import DIGEST_PERSON, PAGE_SIZE, HypervisorError, VerifyReport, VmInfo
 from palm_net.hypervisor.qmp import QmpClient, QmpError
+from palm_net.hypervisor.reserver import Reserver
 from palm_net.hypervisor.vmconfig import ConfiguredVM
 
 MIB = 1 << 20
@@ -161,24 +161,48 @@ VM_EOF, VM_SECTION_FULL, VM_SUBSECTION, VM_VMDESCRIPTION, VM_SECTION_FOOTER = 0x
 
 
 class StreamTail:
-    """The last TAIL_BYTES of a migration stream (copies: the stream passes through
-    buffers that are used again)."""
+    """The last ``limit`` bytes of a migration stream, in a ring: each read is copied
+    in (the stream passes through buffers that are used again), nothing else is kept
+    or allocated per read, and the end is searched from its last bytes outwards, so
+    the guest's pause pays for the device state, not for the whole ring."""
 
     def __init__(self, limit: int = TAIL_BYTES) -> None:
         self.limit = limit
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.size = 0
+        self._ring = bytearray(limit)
+        self._end = 0  # where the next byte goes
+        self.size = 0  # bytes held (at most limit)
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
-        if not len(data):
-            return
-        self.chunks.append(bytes(data))
-        self.size += len(data)
-        while self.chunks and self.size - len(self.chunks[0]) >= self.limit:
-            self.size -= len(self.chunks.popleft())
+        with memoryview(data) as view:
+            if len(view) >= self.limit:
+                view = view[len(view) - self.limit :]
+            n, end = len(view), self._end
+            first = min(n, self.limit - end)
+            self._ring[end : end + first] = view[:first]
+            self._ring[: n - first] = view[first:]
+            self._end = (end + n) % self.limit
+            self.size = min(self.limit, self.size + n)
+
+    def last(self, n: int) -> bytes:
+        """The last ``n`` bytes held (all of them if fewer), in stream order."""
+        n, end = min(n, self.size), self._end
+        if n <= end:
+            return bytes(self._ring[end - n : end])
+        return bytes(self._ring[self.limit - (n - end) :]) + bytes(self._ring[:end])
 
     def bytes(self) -> bytes:
-        return b"".join(self.chunks)
+        return self.last(self.size)
+
+    def clock_areas(self) -> list[tuple[int, int, str]] | None:
+        """kvmclock_areas of the stream's end: tried on its last 256 KiB, then on four
+        times more until the whole tail; the same answer as on the whole tail, since the
+        parse trusts only the last description whose length reaches the end exactly."""
+        window = 256 << 10
+        while True:
+            areas = kvmclock_areas(self.last(window))
+            if areas is not None or window >= self.size:
+                return areas
+            window *= 4
 
 
 class StreamSocket(socket.socket):
@@ -655,6 +679,7 @@ class QemuVM(ConfiguredVM):
         self.paused_at: float | None = None  # monotonic time QEMU stopped the guest for stop-and-copy
         self._incoming: list[socket.socket] = []  # the destination's ends of the streams, the main one first
         self._tail: StreamTail | None = None  # the end of the stream of the migration under way
+        self._reserver: Reserver | None = None  # an incoming VM's RAM file, reserved beside the stream
         # What this VM's digest leaves out while it is paused for a migration (see kvmclock_areas).
         self.digest_excluded: list[tuple[int, int, str]] = []
 
@@ -664,8 +689,11 @@ class QemuVM(ConfiguredVM):
     # -- lifecycle -------------------------------------------------------
 
     @classmethod
-    def _new(cls, vm_dir: Path, run_parent: Path, confine: Confinement, config: dict[str, Any]) -> QemuVM:
-        """Makes the VM's directories and its guest RAM file (space reserved now)."""
+    def _new(cls, vm_dir: Path, run_parent: Path, confine: Confinement, config: dict[str, Any],
+             reserve_now: bool = True) -> QemuVM:
+        """Makes the VM's directories and its guest RAM file: its space reserved now, or
+        (``reserve_now`` False: an incoming VM) by a helper thread while the stream
+        arrives, see Reserver."""
         vm_dir.mkdir(mode=0o700)
         try:
             run_dir = make_private_dir(run_parent, "")
@@ -674,7 +702,10 @@ class QemuVM(ConfiguredVM):
             config["uid"] = allocate_uid(confine.uids) if confine.uids else None
             fd = create_exclusive(vm_dir / GUEST_RAM)
             try:
-                reserve(fd, config["memory_mib"] * MIB, "the guest's memory")
+                if reserve_now:
+                    reserve(fd, config["memory_mib"] * MIB, "the guest's memory")
+                else:
+                    os.ftruncate(fd, config["memory_mib"] * MIB)
             finally:
                 os.close(fd)
         except (UnsafePathError, OSError) as exc:
@@ -730,8 +761,9 @@ class QemuVM(ConfiguredVM):
             "local_args": [], "state": "incoming", "policy": "any",
             "migration": migration.hex() if migration else None, "pid": None,
         }
-        vm = cls._new(vm_dir, run_parent, confine, config)
+        vm = cls._new(vm_dir, run_parent, confine, config, reserve_now=False)
         try:
+            vm._reserver = Reserver(vm.dir / GUEST_RAM, None, spec.memory_mib * MIB, "the guest's memory")
             vm._start(incoming=True)
             vm._q().execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         except (QmpError, OSError) as exc:
@@ -1023,13 +1055,26 @@ class QemuVM(ConfiguredVM):
 
     def close(self) -> None:
         """Lets go of the QEMU (the VM keeps running; the next agent reconnects)."""
+        self._stop_reserving()
         self._close_incoming()
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
 
+    def _reserved(self) -> None:
+        """All of an incoming VM's RAM file is allocated: nothing QEMU writes can fault on a full file system."""
+        if self._reserver is not None:
+            self._reserver.wait(self.spec.memory_mib * MIB, writing=False)
+            self._stop_reserving()
+
+    def _stop_reserving(self) -> None:
+        if self._reserver is not None:
+            self._reserver.stop()
+            self._reserver = None
+
     def scrub(self) -> None:
         """Ends the VM: QEMU quits and its RAM file goes (tmpfs pages are zeroed before reuse)."""
+        self._stop_reserving()
         self._close_incoming()
         self._kill()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -1238,7 +1283,7 @@ class QemuVM(ConfiguredVM):
 
     def _find_clock_areas(self) -> None:
         """After the whole stream passed: the kvmclock areas its CPU state names (in RAM)."""
-        areas = kvmclock_areas(self._tail.bytes()) if self._tail is not None else None
+        areas = self._tail.clock_areas() if self._tail is not None else None
         self._tail = None
         ram = self.ram_ranges()
         self.digest_excluded = [a for a in areas or []
@@ -1272,9 +1317,11 @@ class QemuVM(ConfiguredVM):
                 conn.shutdown(socket.SHUT_RDWR)
 
     def end_stream(self) -> None:
-        """The whole stream was handed over: wait for QEMU to load it (paused)."""
+        """The whole stream was handed over: wait for QEMU to load it (paused), and for
+        its RAM file to be wholly reserved (NoRoomError if it cannot be)."""
         if not self._incoming:
             raise QemuError("no incoming migration on this VM")
+        self._reserved()
         for conn in self._incoming:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_WR)
