@@ -283,6 +283,47 @@ def test_incoming_memory_is_reserved_before_it_is_written_and_a_failed_reservati
     src.close()
 
 
+def test_a_hypervisors_ram_file_is_reserved_and_faulted_in_beside_its_writer_its_content_untouched(shm):
+    """QEMU's RAM file (the agent does not write it): reserved, then every page faulted in
+    from the top down, while the writer writes; what it wrote before and meanwhile stays,
+    and all of the file is allocated once the reservation is waited for."""
+    import mmap
+
+    from palm_net.hypervisor.reserver import Reserver
+
+    size, page = 96 << 20, 4096
+    path = shm / "guest.ram"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as ram:
+            ram[5 * page : 5 * page + 8] = b"written!"
+            helper = Reserver(path, None, size, "the guest's memory", fault_in=True)
+            ram[size - page : size - page + 8] = b"top page"  # meanwhile
+            helper.wait(size, writing=False)
+            assert os.fstat(fd).st_blocks * 512 >= size
+            helper.stop()
+            assert ram[5 * page : 5 * page + 8] == b"written!"
+            assert ram[size - page : size - page + 8] == b"top page"
+            assert ram[6 * page : 7 * page] == bytes(page)
+    finally:
+        os.close(fd)
+
+
+def test_a_fault_in_stops_with_its_reservation(shm):
+    """Stopped at once (the VM scrubbed, or its stream loaded): the helper thread ends
+    within a chunk, whatever it had left to fault in."""
+    from palm_net.hypervisor.reserver import Reserver
+
+    path = shm / "guest.ram"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 256 << 20)
+    os.close(fd)
+    helper = Reserver(path, None, 256 << 20, "the guest's memory", fault_in=True)
+    helper.stop()
+    assert not helper._thread.is_alive()
+
+
 # --------------------------------------------------------------------------
 # The memory digest, page by page (proto 7.4)
 

@@ -57,16 +57,19 @@ from palm_net.hypervisor.vmconfig import ConfiguredVM
 from palm_net.wire.messages import MAX_DATA_PAGES
 from palm_net.wire.pages import Gfns
 
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def populate(addr: int, length: int) -> bool:
+def populate(addr: int, length: int, write: bool = True) -> bool:
     """Backs [addr, addr+length) of a shared mapping with mapped pages now
-    (MADV_POPULATE_WRITE), without holding the GIL: mmap.madvise holds it for
-    the whole call, tens of ms a chunk, stalling every other thread.  False
-    where the kernel cannot (before Linux 5.14) or the memory is not there."""
-    return int(_libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_POPULATE_WRITE)) == 0
+    (MADV_POPULATE_WRITE, or _READ: the pages are allocated and cleared all the
+    same, their content untouched), without holding the GIL: mmap.madvise holds
+    it for the whole call, tens of ms a chunk, stalling every other thread.
+    False where the kernel cannot (before Linux 5.14) or the memory is not there."""
+    advice = MADV_POPULATE_WRITE if write else MADV_POPULATE_READ
+    return int(_libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice)) == 0
 
 
 META_MAGIC = b"PALMVM01"

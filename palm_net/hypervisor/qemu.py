@@ -742,6 +742,9 @@ class QemuVM(ConfiguredVM):
             shutil.rmtree(vm.dir, ignore_errors=True)
             shutil.rmtree(vm.run_dir, ignore_errors=True)
             raise
+        # Reserved already: its pages cleared now, not at QEMU's first touch (a migration's
+        # first pass reads every page the guest never wrote).
+        vm._reserver = Reserver(vm.dir / GUEST_RAM, None, memory_mib * MIB, "the guest's memory", fault_in=True)
         return vm
 
     @classmethod
@@ -763,7 +766,8 @@ class QemuVM(ConfiguredVM):
         }
         vm = cls._new(vm_dir, run_parent, confine, config, reserve_now=False)
         try:
-            vm._reserver = Reserver(vm.dir / GUEST_RAM, None, spec.memory_mib * MIB, "the guest's memory")
+            vm._reserver = Reserver(vm.dir / GUEST_RAM, None, spec.memory_mib * MIB, "the guest's memory",
+                                    fault_in=True)
             vm._start(incoming=True)
             vm._q().execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         except (QmpError, OSError) as exc:

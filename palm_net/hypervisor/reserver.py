@@ -3,6 +3,8 @@ data already arrives (both backends: the model's pages, QEMU's RAM file)."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -28,10 +30,12 @@ class Reserver:
     CHUNK = 32 << 20
     AHEAD = 2 * CHUNK  # populated beyond the highest byte written so far
 
-    def __init__(self, path: Path, base: int | None, size: int, what: str = "the incoming VM's memory") -> None:
+    def __init__(self, path: Path, base: int | None, size: int, what: str = "the incoming VM's memory",
+                 fault_in: bool = False) -> None:
         self._fd = open_nofollow(path, os.O_RDWR)
         self._base = base  # where the file is mapped (it stays mapped until stop() returns); None: not ours
         self._what = what
+        self._fault_in = fault_in and base is None  # see _fault_in_all
         self._size = size
         self._done = 0  # reserved: [0, _done)
         self._populated = 0
@@ -56,7 +60,7 @@ class Reserver:
                         self._populated < target
                     if not populating and self._done >= self._size:
                         if self._populated >= self._size or self._base is None:
-                            return
+                            break
                         self._cond.wait()  # all reserved: populate as the writes move on
                         continue
                     off = self._populated if populating else self._done
@@ -72,12 +76,32 @@ class Reserver:
                     else:
                         self._done = off + n
                     self._cond.notify_all()
+            if self._fault_in:
+                self._fault_in_all()
         except BaseException as exc:
             with self._cond:
                 self._error = str(exc) if isinstance(exc, UnsafePathError) else "reservation failed"
                 self._cond.notify_all()
         finally:
             os.close(self._fd)
+
+    def _fault_in_all(self) -> None:
+        """A file the hypervisor maps (QEMU's RAM), all reserved: every page cleared now,
+        through a mapping of our own that goes again, so that the hypervisor's first
+        touch of a page only maps it (fallocate leaves each page to be cleared at its
+        first fault: 2 us a page, as slow as the source's scan of its zero pages, so a
+        destination QEMU took as long as its source over the end of the first pass and
+        the lag was downtime).  From the end down: a first pass ends at the top of
+        RAM, where the guest pauses.  Best effort; stops with the reservation."""
+        with mmap.mmap(self._fd, self._size) as mm:
+            anchor = ctypes.c_char.from_buffer(mm)
+            try:
+                base = ctypes.addressof(anchor)
+                for off in reversed(range(0, self._size, self.CHUNK)):
+                    if self._stop or not populate(base + off, min(self.CHUNK, self._size - off), write=False):
+                        return
+            finally:
+                del anchor
 
     def wait(self, end: int, writing: bool = True) -> None:
         """Returns once bytes [0, end) are reserved; NoRoomError if they never will be.
