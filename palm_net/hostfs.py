@@ -20,6 +20,7 @@ This module imports nothing from palm_net: every layer may use it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -234,6 +235,15 @@ def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
             raise UnsafePathError(f"no room for {what} ({format_bytes(size)}): the file system is full "
                                   f"({format_bytes(free)} free of {format_bytes(total)})") from None
         raise
+
+
+def reserves_natively(fd: int) -> bool:
+    """Whether the file system allocates a file's space itself (fallocate(2)): only then
+    may a reservation run while another process writes the file.  Elsewhere glibc's
+    posix_fallocate imitates it, writing a zero byte into each block that reads as zero,
+    which wipes a byte written meanwhile."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(1))) == 0
 
 
 def memory_backing(path: Path) -> str:

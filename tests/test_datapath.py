@@ -324,6 +324,44 @@ def test_a_fault_in_stops_with_its_reservation(shm):
     assert not helper._thread.is_alive()
 
 
+def test_a_wait_after_its_reservation_stopped_fails_rather_than_hangs(shm):
+    from palm_net.hypervisor.backend import NoRoomError
+    from palm_net.hypervisor.reserver import Reserver
+
+    path = shm / "guest.ram"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 256 << 20)
+    os.close(fd)
+    helper = Reserver(path, None, 256 << 20, "the guest's memory", fault_in=True)
+    helper.stop()
+    if helper._done < 256 << 20:
+        with pytest.raises(NoRoomError, match="stopped"):
+            helper.wait(256 << 20, writing=False)
+
+
+def test_an_incoming_qemus_ram_is_reserved_beside_its_stream_only_where_the_file_system_allocates_natively(
+        shm, monkeypatch):
+    """Elsewhere glibc imitates fallocate by writing zero bytes, which would race QEMU's
+    own writes: there the file is reserved whole before QEMU starts, as before, and its
+    helper only faults it in."""
+    from palm_net.hypervisor import qemu
+    from palm_net.hypervisor.qemu import Confinement, QemuVM
+
+    def make(name: str) -> QemuVM:
+        config = {"backend": "qemu", "name": name, "vm_id": os.urandom(16).hex(), "memory_mib": 64, "vcpus": 1,
+                  "machine": "pc", "accel": "tcg", "args": [], "local_args": [], "state": "incoming",
+                  "policy": "any", "migration": None, "pid": None}
+        return QemuVM._new(shm / name, shm / "run", Confinement(uids=None, allow_unconfined=True), config,
+                           reserve_now=False)
+
+    (shm / "run").mkdir(mode=0o700)
+    native = make("native")  # tmpfs allocates natively: the file is sparse, its helper reserves it
+    assert not native._ram_reserved and os.stat(native.dir / "guest.ram").st_blocks * 512 < 64 << 20
+    monkeypatch.setattr(qemu, "reserves_natively", lambda fd: False)
+    imitated = make("imitated")
+    assert imitated._ram_reserved and os.stat(imitated.dir / "guest.ram").st_blocks * 512 >= 64 << 20
+
+
 # --------------------------------------------------------------------------
 # The memory digest, page by page (proto 7.4)
 

@@ -490,6 +490,23 @@ async def test_an_incoming_qemu_whose_memory_cannot_be_reserved_leaves_the_vm_on
     assert not cluster["b"].registry.dir_of(vm.name).exists()
 
 
+def test_an_incoming_qemu_that_does_not_start_leaves_no_helper_reserving_its_memory(tmp_path):
+    """A destination QEMU that fails to start (a machine type a peer's BEGIN named and this
+    QEMU does not know): its RAM file's helper is stopped with it, not left reserving and
+    faulting in a deleted file."""
+    import threading
+
+    from palm_net.hypervisor.qemu import Confinement
+
+    (tmp_path / "run").mkdir(mode=0o700)
+    spec = QemuSpec(memory_mib=512, vcpus=1, machine="no-such-machine", accel="tcg")
+    with pytest.raises(QemuError):
+        QemuVM.create_incoming(tmp_path / "vm", tmp_path / "run", "vm", os.urandom(16), spec,
+                               confine=Confinement(uids=None, allow_unconfined=True))
+    assert not (tmp_path / "vm").exists()
+    assert not [t for t in threading.enumerate() if t.name == "reserve-vm"]
+
+
 @pytest.mark.parametrize("action", ["flip", "cut"])
 async def test_a_data_session_tampered_or_cut_mid_stream_fails_closed(cluster, content, action):
     """A multifd channel's DATA session (connection 1 through the proxy) altered or cut

@@ -51,3 +51,32 @@ def test_the_tail_finds_the_clock_areas_from_its_end_as_in_the_whole_tail():
         short = StreamTail(256 << 10)  # the description does not fit: nothing is trusted
         short.add(stream)
         assert short.clock_areas() is None if pad > 16 else short.clock_areas() == areas
+
+
+def test_a_description_with_a_negative_size_is_not_trusted():
+    """A negative field size or count (QEMU writes none) could point an offset back from
+    the end, where a parse of the last bytes reads other bytes than a parse of the whole
+    tail: the description is refused, in either."""
+    cpu = {"name": "cpu", "instance_id": 0, "version": 12,
+           "fields": [{"name": "a", "size": 8, "array_len": -4}, {"name": "b", "size": 8, "array_len": 4},
+                      {"name": "env.system_time_msr", "type": "uint64", "size": 8}]}
+    desc = json.dumps({"page_size": 4096, "devices": [cpu]}).encode()
+    section = (b"\x04\x00\x00\x00\x03\x03cpu\x00\x00\x00\x00\x00\x00\x00\x0c"
+               + (0xE8C21).to_bytes(8, "big") + b"\x7e\x00\x00\x00\x03")
+    stream = os.urandom(1 << 20) + section + b"\x00\x06" + len(desc).to_bytes(4, "big") + desc
+    tail = StreamTail(2 << 20)
+    tail.add(stream)
+    assert kvmclock_areas(stream) is None
+    assert tail.clock_areas() is None
+
+
+def test_a_stream_tail_takes_bytes_whatever_the_views_items_and_keeps_at_least_one():
+    import array
+
+    import pytest
+
+    tail = StreamTail(8)
+    tail.add(memoryview(array.array("I", [1, 2, 3])))  # 12 bytes of 4-byte items
+    assert tail.bytes() == array.array("I", [1, 2, 3]).tobytes()[-8:]
+    with pytest.raises(ValueError):
+        StreamTail(0)

@@ -134,7 +134,7 @@ def map_file(path: Path, size: int, create: bool, reserve_now: bool = True) -> m
     """A shared mapping of a 0600 file of exactly ``size`` bytes.  ``create``
     makes a new file (never a planted one) and reserves its space now: a write
     into a mapping past a full tmpfs would be SIGBUS, a crash of the agent.
-    (``reserve_now=False``: the caller reserves it before writing, see model._Reserver.)"""
+    (``reserve_now=False``: the caller reserves it before writing, see hypervisor/reserver.py.)"""
     try:
         fd = create_exclusive(path) if create else open_nofollow(path, os.O_RDWR)
     except OSError as exc:
@@ -274,7 +274,7 @@ class ModelGuest(ConfiguredVM):
         (0.3-1.2 s per GiB measured on the reference VM).  Populating it from a
         helper thread takes that work off the migration's path (at creation or
         reopening; an incoming VM's memory is populated ahead of its data, see
-        model._Reserver).  Best effort: without MADV_POPULATE_WRITE (Linux 5.14) it
+        hypervisor/reserver.py).  Best effort: without MADV_POPULATE_WRITE (Linux 5.14) it
         does nothing.
         """
         size = self.npages * PAGE_SIZE

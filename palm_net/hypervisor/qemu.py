@@ -62,6 +62,7 @@ from palm_net.hostfs import (
     open_nofollow,
     read_nofollow,
     reserve,
+    reserves_natively,
     verify_dir,
 )
 from palm_net.hypervisor.backend import DIGEST_PERSON, PAGE_SIZE, HypervisorError, VerifyReport, VmInfo
@@ -167,13 +168,15 @@ class StreamTail:
     the guest's pause pays for the device state, not for the whole ring."""
 
     def __init__(self, limit: int = TAIL_BYTES) -> None:
+        if limit < 1:
+            raise ValueError("a stream tail keeps at least one byte")
         self.limit = limit
         self._ring = bytearray(limit)
         self._end = 0  # where the next byte goes
         self.size = 0  # bytes held (at most limit)
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
-        with memoryview(data) as view:
+        with memoryview(data) as whole, whole.cast("B") as view:  # (bytes, whatever the view's items)
             if len(view) >= self.limit:
                 view = view[len(view) - self.limit :]
             n, end = len(view), self._end
@@ -213,8 +216,18 @@ class StreamSocket(socket.socket):
     head = b""  # its first bytes, read already (to tell the stream apart) and not yet passed on
 
 
+def _field_size(field: dict[str, Any]) -> int:
+    """A described field's bytes; ValueError for a negative size or count (QEMU writes
+    none: with one, an offset could point back from the end, and a parse of the last
+    bytes would read other bytes than a parse of the whole tail)."""
+    size, count = int(field["size"]), int(field.get("array_len", 1))
+    if size < 0 or count < 0:
+        raise ValueError("a negative field size in QEMU's device description")
+    return size * count
+
+
 def _fields_size(desc: dict[str, Any]) -> int:
-    return sum(int(f["size"]) * int(f.get("array_len", 1)) for f in desc.get("fields", []))
+    return sum(_field_size(f) for f in desc.get("fields", []))
 
 
 def _subsections_size(desc: dict[str, Any]) -> int:
@@ -253,7 +266,7 @@ def kvmclock_areas(tail: bytes) -> list[tuple[int, int, str]] | None:
             if dev["name"] == "cpu":
                 off = pos + len(header)
                 for f in dev.get("fields", []):
-                    n = int(f["size"]) * int(f.get("array_len", 1))
+                    n = _field_size(f)
                     value = int.from_bytes(tail[off : off + 8], "big") if f["size"] == 8 else 0
                     cpu = int(dev["instance_id"])
                     if f["name"] == "env.system_time_msr" and value & 1:
@@ -679,7 +692,8 @@ class QemuVM(ConfiguredVM):
         self.paused_at: float | None = None  # monotonic time QEMU stopped the guest for stop-and-copy
         self._incoming: list[socket.socket] = []  # the destination's ends of the streams, the main one first
         self._tail: StreamTail | None = None  # the end of the stream of the migration under way
-        self._reserver: Reserver | None = None  # an incoming VM's RAM file, reserved beside the stream
+        self._reserver: Reserver | None = None  # its RAM file's helper: reserves (incoming), faults in
+        self._ram_reserved = True  # the RAM file was reserved when it was made (else: by _reserver)
         # What this VM's digest leaves out while it is paused for a migration (see kvmclock_areas).
         self.digest_excluded: list[tuple[int, int, str]] = []
 
@@ -692,8 +706,8 @@ class QemuVM(ConfiguredVM):
     def _new(cls, vm_dir: Path, run_parent: Path, confine: Confinement, config: dict[str, Any],
              reserve_now: bool = True) -> QemuVM:
         """Makes the VM's directories and its guest RAM file: its space reserved now, or
-        (``reserve_now`` False: an incoming VM) by a helper thread while the stream
-        arrives, see Reserver."""
+        (``reserve_now`` False: an incoming VM, on a file system that allocates natively)
+        by a helper thread while the stream arrives, see Reserver."""
         vm_dir.mkdir(mode=0o700)
         try:
             run_dir = make_private_dir(run_parent, "")
@@ -702,7 +716,8 @@ class QemuVM(ConfiguredVM):
             config["uid"] = allocate_uid(confine.uids) if confine.uids else None
             fd = create_exclusive(vm_dir / GUEST_RAM)
             try:
-                if reserve_now:
+                reserved = reserve_now or not reserves_natively(fd)  # (else it would race QEMU's writes)
+                if reserved:
                     reserve(fd, config["memory_mib"] * MIB, "the guest's memory")
                 else:
                     os.ftruncate(fd, config["memory_mib"] * MIB)
@@ -714,7 +729,9 @@ class QemuVM(ConfiguredVM):
                 shutil.rmtree(config["run_dir"], ignore_errors=True)
             raise QemuError(str(exc) if isinstance(exc, UnsafePathError) else
                             f"cannot prepare the VM: {exc.strerror or exc}") from None
-        return cls(vm_dir, config)
+        vm = cls(vm_dir, config)
+        vm._ram_reserved = reserved
+        return vm
 
     @classmethod
     def create(cls, vm_dir: Path, run_parent: Path, name: str, memory_mib: int, *, vcpus: int = 1,
@@ -743,8 +760,10 @@ class QemuVM(ConfiguredVM):
             shutil.rmtree(vm.run_dir, ignore_errors=True)
             raise
         # Reserved already: its pages cleared now, not at QEMU's first touch (a migration's
-        # first pass reads every page the guest never wrote).
-        vm._reserver = Reserver(vm.dir / GUEST_RAM, None, memory_mib * MIB, "the guest's memory", fault_in=True)
+        # first pass reads every page the guest never wrote).  Best effort: a speed-up only.
+        with contextlib.suppress(OSError, RuntimeError):
+            vm._reserver = Reserver(vm.dir / GUEST_RAM, None, memory_mib * MIB, "the guest's memory",
+                                    fault_in=True, reserved=True)
         return vm
 
     @classmethod
@@ -767,12 +786,14 @@ class QemuVM(ConfiguredVM):
         vm = cls._new(vm_dir, run_parent, confine, config, reserve_now=False)
         try:
             vm._reserver = Reserver(vm.dir / GUEST_RAM, None, spec.memory_mib * MIB, "the guest's memory",
-                                    fault_in=True)
+                                    fault_in=True, reserved=vm._ram_reserved)
             vm._start(incoming=True)
             vm._q().execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-        except (QmpError, OSError) as exc:
+        except BaseException as exc:  # nothing of it stays: its helper stopped, QEMU and files gone
             vm.scrub()
-            raise QemuError(f"destination QEMU did not start: {exc}") from None
+            if isinstance(exc, (QmpError, OSError, RuntimeError)):
+                raise QemuError(f"destination QEMU did not start: {exc}") from None
+            raise
         return vm
 
     def listen_stream(self, channels: int) -> None:
@@ -1066,10 +1087,11 @@ class QemuVM(ConfiguredVM):
             self.qmp = None
 
     def _reserved(self) -> None:
-        """All of an incoming VM's RAM file is allocated: nothing QEMU writes can fault on a full file system."""
+        """All of an incoming VM's RAM file is allocated: nothing QEMU writes can fault on a
+        full file system.  Its fault-in goes on (not joined inside the guest's pause); it
+        stops with the VM (scrub, close) or ends by itself."""
         if self._reserver is not None:
             self._reserver.wait(self.spec.memory_mib * MIB, writing=False)
-            self._stop_reserving()
 
     def _stop_reserving(self) -> None:
         if self._reserver is not None:

@@ -31,13 +31,13 @@ class Reserver:
     AHEAD = 2 * CHUNK  # populated beyond the highest byte written so far
 
     def __init__(self, path: Path, base: int | None, size: int, what: str = "the incoming VM's memory",
-                 fault_in: bool = False) -> None:
+                 fault_in: bool = False, reserved: bool = False) -> None:
         self._fd = open_nofollow(path, os.O_RDWR)
         self._base = base  # where the file is mapped (it stays mapped until stop() returns); None: not ours
         self._what = what
         self._fault_in = fault_in and base is None  # see _fault_in_all
         self._size = size
-        self._done = 0  # reserved: [0, _done)
+        self._done = size if reserved else 0  # reserved: [0, _done) (``reserved``: all of it already)
         self._populated = 0
         self._wanted = 0  # the highest byte a write waited for (populated ahead of it)
         self._needed = 0  # the highest byte anyone waits to be reserved (reserved first)
@@ -45,7 +45,11 @@ class Reserver:
         self._stop = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"reserve-{path.parent.name}", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def _run(self) -> None:
         try:
@@ -112,10 +116,10 @@ class Reserver:
                 if writing:
                     self._wanted = max(self._wanted, end)
                 self._cond.notify_all()
-            while self._done < end and self._error is None:
+            while self._done < end and self._error is None and not self._stop:
                 self._cond.wait()
             if self._done < end:
-                raise NoRoomError(self._error or "reservation failed")
+                raise NoRoomError(self._error or "the reservation was stopped")
 
     def stop(self) -> int:
         """Stops reserving; returns how many bytes (from 0) were reserved."""
