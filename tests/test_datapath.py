@@ -310,33 +310,34 @@ def test_a_hypervisors_ram_file_is_reserved_and_faulted_in_beside_its_writer_its
         os.close(fd)
 
 
-def test_a_fault_in_stops_with_its_reservation(shm):
-    """Stopped at once (the VM scrubbed, or its stream loaded): the helper thread ends
-    within a chunk, whatever it had left to fault in."""
-    from palm_net.hypervisor.reserver import Reserver
+def test_a_reservation_stopped_midway_ends_its_thread_and_fails_a_wait_rather_than_hanging(shm, monkeypatch):
+    """Stopped (the VM scrubbed, or the agent closing) while a chunk is being reserved: a
+    wait for the rest fails at once, and the helper thread ends after that chunk."""
+    import threading
 
-    path = shm / "guest.ram"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.ftruncate(fd, 256 << 20)
-    os.close(fd)
-    helper = Reserver(path, None, 256 << 20, "the guest's memory", fault_in=True)
-    helper.stop()
-    assert not helper._thread.is_alive()
-
-
-def test_a_wait_after_its_reservation_stopped_fails_rather_than_hangs(shm):
+    from palm_net.hypervisor import reserver
     from palm_net.hypervisor.backend import NoRoomError
-    from palm_net.hypervisor.reserver import Reserver
 
+    started, go = threading.Event(), threading.Event()
+
+    def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
+        started.set()
+        go.wait(10)
+
+    monkeypatch.setattr(reserver, "reserve", reserve)
     path = shm / "guest.ram"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, 256 << 20)
     os.close(fd)
-    helper = Reserver(path, None, 256 << 20, "the guest's memory", fault_in=True)
-    helper.stop()
-    if helper._done < 256 << 20:
-        with pytest.raises(NoRoomError, match="stopped"):
-            helper.wait(256 << 20, writing=False)
+    helper = reserver.Reserver(path, None, 256 << 20, "the guest's memory", fault_in=True)
+    assert started.wait(10)
+    stopper = threading.Thread(target=helper.stop)
+    stopper.start()
+    with pytest.raises(NoRoomError, match="stopped"):
+        helper.wait(256 << 20, writing=False)
+    go.set()
+    stopper.join(10)
+    assert not stopper.is_alive() and not helper._thread.is_alive()
 
 
 def test_an_incoming_qemus_ram_is_reserved_beside_its_stream_only_where_the_file_system_allocates_natively(
