@@ -121,10 +121,12 @@ class Reserver:
             if self._done < end:
                 raise NoRoomError(self._error or "the reservation was stopped")
 
-    def stop(self) -> int:
-        """Stops reserving; returns how many bytes (from 0) were reserved."""
+    def stop(self, join: bool = True) -> int:
+        """Stops reserving; returns how many bytes (from 0) were reserved.  ``join`` False:
+        only asks (the thread ends after its chunk, holding nobody up meanwhile)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join()
+        if join:
+            self._thread.join()
         return self._done
