@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +308,79 @@ def test_a_hypervisors_ram_file_is_reserved_and_faulted_in_beside_its_writer_its
             assert ram[size - page : size - page + 8] == b"top page"
             assert ram[6 * page : 7 * page] == bytes(page)
     finally:
+        os.close(fd)
+
+
+def test_an_incoming_qemus_ram_is_faulted_in_from_the_top_before_it_is_reserved(shm, monkeypatch):
+    """The fault-in allocates as it goes and has to stay ahead of QEMU's writes, so it does
+    not wait behind a reservation of the whole file (0.4 s a GiB on a slow host): it runs
+    first, from the top down; the reservation comes after it, all of it."""
+    from palm_net.hypervisor import reserver
+
+    calls: list[tuple[str, int]] = []
+    real_populate, real_reserve = reserver.populate, reserver.reserve
+
+    def populate(addr: int, length: int, write: bool = True) -> bool:
+        calls.append(("fault-in", length))
+        return real_populate(addr, length, write)
+
+    def reserve(fd: int, size: int, what: str, offset: int = 0) -> None:
+        calls.append(("reserve", offset))
+        real_reserve(fd, size, what, offset)
+
+    monkeypatch.setattr(reserver, "populate", populate)
+    monkeypatch.setattr(reserver, "reserve", reserve)
+    size, chunk = 96 << 20, reserver.Reserver.CHUNK
+    path = shm / "guest.ram"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        helper = reserver.Reserver(path, None, size, "the guest's memory", fault_in=True)
+        helper._thread.join(30)
+        helper.wait(size, writing=False)
+        assert [c[0] for c in calls] == ["fault-in"] * (size // chunk) + ["reserve"] * (size // chunk)
+        assert [c[1] for c in calls if c[0] == "reserve"] == list(range(0, size, chunk))
+        assert os.fstat(fd).st_blocks * 512 >= size
+    finally:
+        os.close(fd)
+
+
+def test_a_wait_for_the_reservation_cuts_the_fault_in_short(shm, monkeypatch):
+    """QEMU's stream ended before the fault-in did: the reservation is what PREPARE needs,
+    so it goes on at once rather than after the rest of the fault-in."""
+    import threading
+
+    from palm_net.hypervisor import reserver
+
+    faulted: list[int] = []
+    held, go = threading.Event(), threading.Event()
+
+    def populate(addr: int, length: int, write: bool = True) -> bool:
+        faulted.append(length)
+        held.set()
+        return go.wait(10)
+
+    monkeypatch.setattr(reserver, "populate", populate)
+    size = 4 * reserver.Reserver.CHUNK
+    path = shm / "guest.ram"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        helper = reserver.Reserver(path, None, size, "the guest's memory", fault_in=True)
+        assert held.wait(10)
+
+        def release() -> None:  # the first chunk's fault-in ends once the wait is in
+            while not helper._needed:
+                time.sleep(0.005)
+            go.set()
+
+        threading.Thread(target=release, daemon=True).start()
+        helper.wait(size, writing=False)
+        assert len(faulted) == 1
+        assert os.fstat(fd).st_blocks * 512 >= size
+        helper.stop()
+    finally:
+        go.set()
         os.close(fd)
 
 

@@ -25,7 +25,8 @@ class Reserver:
     file system (SIGBUS on tmpfs); no room ends the migration.  QEMU writes where
     its stream says, so a QEMU VM waits for all of it before PREPARE; a page QEMU
     writes past a full file system kills it (SIGBUS), which fails the migration
-    closed, before PREPARE too."""
+    closed, before PREPARE too.  An incoming QEMU's file is faulted in first and
+    reserved after (see _fault_in_all)."""
 
     CHUNK = 32 << 20
     AHEAD = 2 * CHUNK  # populated beyond the highest byte written so far
@@ -53,6 +54,13 @@ class Reserver:
 
     def _run(self) -> None:
         try:
+            # An incoming QEMU's RAM: faulted in first (which allocates as it goes, so
+            # the reservation after it finds most of the file there), not after a
+            # reservation of all of it: fallocate of 1 GiB took 0.4 s here, a head start
+            # the fault-in needs to stay ahead of QEMU (_fault_in_all).
+            early = self._fault_in and not self._done
+            if early:
+                self._fault_in_all()
             while True:
                 with self._cond:
                     if self._stop:
@@ -80,7 +88,7 @@ class Reserver:
                     else:
                         self._done = off + n
                     self._cond.notify_all()
-            if self._fault_in:
+            if self._fault_in and not early:
                 self._fault_in_all()
         except BaseException as exc:
             with self._cond:
@@ -90,19 +98,26 @@ class Reserver:
             os.close(self._fd)
 
     def _fault_in_all(self) -> None:
-        """A file the hypervisor maps (QEMU's RAM), all reserved: every page cleared now,
+        """A file the hypervisor maps (QEMU's RAM): every page allocated and cleared now,
         through a mapping of our own that goes again, so that the hypervisor's first
         touch of a page only maps it (fallocate leaves each page to be cleared at its
         first fault: 2 us a page, as slow as the source's scan of its zero pages, so a
         destination QEMU took as long as its source over the end of the first pass and
         the lag was downtime).  From the end down: a first pass ends at the top of
-        RAM, where the guest pauses.  Best effort; stops with the reservation."""
+        RAM, where the guest pauses.  Where it still lags as QEMU's stream ends, the
+        rest is QEMU's to clear in the pause: 230-450 ms of a 1 GiB guest's downtime
+        on a host whose fresh pages are slow (a VM whose freed memory goes back to its
+        host), 13-45 ms once it ran before the reservation.  Best effort; ends at
+        stop(), or (before the reservation) once anyone waits for the reservation,
+        which then goes on at once."""
         with mmap.mmap(self._fd, self._size) as mm:
             anchor = ctypes.c_char.from_buffer(mm)
             try:
                 base = ctypes.addressof(anchor)
                 for off in reversed(range(0, self._size, self.CHUNK)):
-                    if self._stop or not populate(base + off, min(self.CHUNK, self._size - off), write=False):
+                    if self._stop or self._needed > self._done:
+                        return
+                    if not populate(base + off, min(self.CHUNK, self._size - off), write=False):
                         return
             finally:
                 del anchor
