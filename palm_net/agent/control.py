@@ -275,16 +275,17 @@ class ControlServer:
 
     async def _migrate(self, args: dict[str, Any], stream: trio.SocketStream) -> Any:
         bw = _arg(args, "bandwidth", str, None)
+        d = MigrationParams()  # what a request leaves out
         params = MigrationParams(
-            downtime_limit=_arg(args, "downtime_ms", float, 300.0) / 1000,
-            max_rounds=_arg(args, "max_rounds", int, 30),
-            max_factor=_arg(args, "max_factor", float, 3.0),
+            downtime_limit=_arg(args, "downtime_ms", float, d.downtime_limit * 1000) / 1000,
+            max_rounds=_arg(args, "max_rounds", int, d.max_rounds),
+            max_factor=_arg(args, "max_factor", float, d.max_factor),
             bandwidth=parse_rate(bw) if bw else None,
             auto_converge=_arg(args, "auto_converge", bool, False),
             plain=_arg(args, "plain", bool, False),
             verify_digest=_arg(args, "verify_digest", bool, False),
-            reply_timeout=_arg(args, "reply_timeout", float, 30.0),
-            downtime_policy=_arg(args, "downtime_policy", str, "pause"),
+            reply_timeout=_arg(args, "reply_timeout", float, d.reply_timeout),
+            downtime_policy=_arg(args, "downtime_policy", str, d.downtime_policy),
             channels=_arg(args, "channels", int, 0) or (1 if _arg(args, "postcopy", bool, False)
                                                          else default_channels()),
             postcopy=_arg(args, "postcopy", bool, False),

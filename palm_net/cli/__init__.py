@@ -39,7 +39,7 @@ from palm_net.cli.output import (
     vm_text,
 )
 from palm_net.cli.progress import ProgressView
-from palm_net.migration.params import DOWNTIME_POLICIES
+from palm_net.migration.params import DOWNTIME_POLICIES, MigrationParams
 from palm_net.units import exact_size, format_bytes, has_unit, parse_memory, parse_rate
 
 CONTROL_ENV = "PALM_CONTROL"
@@ -827,10 +827,13 @@ def _migrate_command(sub: Any) -> None:
     mg.add_argument("--to", metavar="HOST:PORT|AGENT|auto",
                     help="the destination agent's --listen address; in a cluster (the agent runs with --etcd) "
                          "also an agent's name, or auto: placed as a drain would place it")
-    mg.add_argument("--downtime-ms", type=float, default=300.0, help="downtime limit (default 300)")
-    mg.add_argument("--max-rounds", type=int, default=30, help="stop iterating after this many rounds (default 30)")
-    mg.add_argument("--max-factor", type=float, default=3.0,
-                    help="stop iterating after sending X times the memory (default 3)")
+    d = MigrationParams()  # the defaults are the migration's own
+    mg.add_argument("--downtime-ms", type=float, default=d.downtime_limit * 1000,
+                    help=f"downtime limit (default {d.downtime_limit * 1000:g})")
+    mg.add_argument("--max-rounds", type=int, default=d.max_rounds,
+                    help=f"stop iterating after this many rounds (default {d.max_rounds})")
+    mg.add_argument("--max-factor", type=float, default=d.max_factor,
+                    help=f"stop iterating after sending X times the memory (default {d.max_factor:g})")
     mg.add_argument("--downtime-policy", choices=DOWNTIME_POLICIES, default=None,
                     help="model VMs: at --max-rounds/--max-factor with the limit not met, pause anyway (default; "
                          "the summary warns), abort (the VM runs on here), continue iterating until it fits, or "
@@ -852,8 +855,8 @@ def _migrate_command(sub: Any) -> None:
     mg.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")
     mg.add_argument("--verify-digest", action="store_true",
                     help="both sides digest memory while paused; commit only if equal (adds downtime)")
-    mg.add_argument("--reply-timeout", type=float, default=30.0, metavar="SECONDS",
-                    help="wait this long for the destination's ACCEPT, READY and DONE (default 30)")
+    mg.add_argument("--reply-timeout", type=float, default=d.reply_timeout, metavar="SECONDS",
+                    help=f"wait this long for the destination's ACCEPT, READY and DONE (default {d.reply_timeout:g})")
     mg.add_argument("--plain-benchmark", action="store_true",
                     help="benchmark-only unencrypted records (refused for protected VMs)")
     which = mg.add_mutually_exclusive_group()
