@@ -32,7 +32,7 @@ from palm_net.agent.clustering import AgentCluster
 from palm_net.agent.control import ControlServer
 from palm_net.agent.errors import AgentError
 from palm_net.agent.incoming import IncomingLimits, IncomingService
-from palm_net.agent.limits import bound_malloc, release_free_memory
+from palm_net.agent.limits import bound_malloc, freeze_heap, release_free_memory
 from palm_net.agent.outgoing import OutgoingService, parse_hostport
 from palm_net.agent.paths import MAX_RUN_DIR, default_control, default_run_dir
 from palm_net.agent.registry import VmRegistry
@@ -450,6 +450,7 @@ async def run_agent(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve)
+        freeze_heap()  # no full collection of start-up's objects inside a pause
         release_free_memory()  # what start-up freed (compiling modules, loading the state): ~2 MiB
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for sig in signals:
