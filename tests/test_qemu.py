@@ -375,17 +375,30 @@ async def test_default_guest_digest_leaves_out_exactly_the_kvmclock_areas(cluste
     """A guest started with the defaults uses kvmclock under KVM; the destination's
     kernel rewrites its pvclock structures when QEMU loads the CPU state.  Both
     agents find those structures in the stream's CPU state and leave exactly
-    them out: the check passes, and RAM is byte-equal everywhere else."""
+    them out: the check passes, and RAM is byte-equal everywhere else.  The
+    destination looks for them only when a digest needs them: a migration without
+    --verify-digest searches the stream's end on the source only (its figures name
+    them), not inside the destination's part of the pause."""
+    from palm_net.hypervisor.qemu import StreamTail
+
     a, b = cluster["a"], cluster["b"]
     seen: list[tuple[str, bytes, list[tuple[int, int, str]]]] = []
     digest = QemuVM.digest
+    searches: list[int] = []
+    clock_areas = StreamTail.clock_areas
 
     def spy(self, ranges=None):
+        out = digest(self, ranges)
         if ranges is None:  # the migration's digests, both sides, while paused
             seen.append((self.dir.parent.name, (self.dir / "guest.ram").read_bytes(), list(self.digest_excluded)))
-        return digest(self, ranges)
+        return out
+
+    def counted(self):
+        searches.append(1)
+        return clock_areas(self)
 
     monkeypatch.setattr(QemuVM, "digest", spy)
+    monkeypatch.setattr(StreamTail, "clock_areas", counted)
     vm = a.registry.create_qemu("q" + uuid.uuid4().hex[:10], MEM, [])  # no -cpu: kvmclock as QEMU defaults it
     await trio.sleep(1.5)  # SeaBIOS turns kvmclock on after about half a second
     res = await a.outgoing.migrate(vm.name, cluster.addr("b"), MigrationParams(verify_digest=True))
@@ -406,7 +419,10 @@ async def test_default_guest_digest_leaves_out_exactly_the_kvmclock_areas(cluste
         assert d["hypervisor"]["digest_excluded"] == [f"{w} {x:#x}+{n}" for x, n, w in src_excl]
     else:  # TCG has no kvmclock: nothing left out, RAM equal
         assert src_excl == [] and diff == []
-    await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams())
+    assert len(searches) == 2  # one a side
+    back = await b.outgoing.migrate(vm.name, cluster.addr("a"), MigrationParams())
+    assert back.ok, back.error
+    assert len(searches) == 3  # the source's only
 
 
 def test_kvmclock_areas_refuse_what_is_not_qemus_layout():
