@@ -170,6 +170,7 @@ class SourceEngine:
         # the hand-off waits for them and READY.
         self._beside_due: set[type[Result]] = set()
         self._ready: Ready | None = None  # READY, while a result performed beside is still due
+        self._digest_after_finish = False  # verify_digest: our digest asked for once StreamFinished is in
         self._deadline: float | None = None  # when ``on_timer`` acts (a reply's timeout, the catch-up wait's end)
         self._round_started = (0.0, 0)  # (now, bytes transferred) when the current round began
         self._last_dirty: int | None = None
@@ -528,9 +529,13 @@ class SourceEngine:
         st.zero_pages = int(fig.get("duplicate_pages") or 0)
         st.normal_pages = int(fig.get("normal_pages") or 0)
         st.current_round = self.round = int(fig.get("rounds") or 0)
-        return [Note("stream done", {"phase": "stop-and-copy", "rounds": fig.get("rounds"),
-                                     "stream_bytes": self.stream_bytes,
-                                     "hypervisor_downtime_ms": fig.get("downtime_ms")})]
+        out: list[Effect] = [Note("stream done", {"phase": "stop-and-copy", "rounds": fig.get("rounds"),
+                                                  "stream_bytes": self.stream_bytes,
+                                                  "hypervisor_downtime_ms": fig.get("downtime_ms")})]
+        if self._digest_after_finish:
+            self._digest_after_finish = False
+            out.append(DigestMemory())
+        return out
 
     def _digested(self, result: Digested, now: float) -> list[Effect]:
         self.digest = self.stats.digest = result.digest
@@ -556,7 +561,12 @@ class SourceEngine:
         self._reply_due(now)
         if self.params.verify_digest and not self.switching:  # ours while the destination verifies
             self._beside_due.add(Digested)
-            out.append(DigestMemory())
+            # A stream backend's digest leaves out what its stream's CPU state names
+            # (proto 7.7), known once the hypervisor completed: not before StreamFinished.
+            if StreamFinished in self._beside_due:
+                self._digest_after_finish = True
+            else:
+                out.append(DigestMemory())
         return out
 
     def _on_ready(self, msg: Message, now: float) -> list[Effect]:
