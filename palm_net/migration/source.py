@@ -148,10 +148,7 @@ class SourceEngine:
     def __init__(self, mid: bytes, info: Any, params: MigrationParams, stream: bool = False, spec: bytes = b"",
                  stats: MigrationStats | None = None, peer_sign_pub: bytes = b"") -> None:
         self.proto = SessionProtocol(Role.SOURCE, mid)
-        self.info = info
-        self.params = params
-        self.stream = stream
-        self.spec = spec
+        self.info, self.params, self.stream, self.spec = info, params, stream, spec
         self.peer_sign_pub = peer_sign_pub
         self.stats = stats or MigrationStats()
         self.stats.downtime_limit = params.downtime_limit
@@ -522,20 +519,14 @@ class SourceEngine:
 
     def _stream_finished(self, result: StreamFinished, now: float) -> list[Effect]:
         """The hypervisor completed (its guest paused at ``paused_at``), with its figures."""
-        self.paused_at = result.paused_at
-        st = self.stats
-        fig = result.figures
+        self.paused_at, st, fig = result.paused_at, self.stats, result.figures
         st.hypervisor = {**fig, "stream_bytes": self.stream_bytes}
-        st.zero_pages = int(fig.get("duplicate_pages") or 0)
-        st.normal_pages = int(fig.get("normal_pages") or 0)
+        st.zero_pages, st.normal_pages = int(fig.get("duplicate_pages") or 0), int(fig.get("normal_pages") or 0)
         st.current_round = self.round = int(fig.get("rounds") or 0)
-        out: list[Effect] = [Note("stream done", {"phase": "stop-and-copy", "rounds": fig.get("rounds"),
-                                                  "stream_bytes": self.stream_bytes,
-                                                  "hypervisor_downtime_ms": fig.get("downtime_ms")})]
-        if self._digest_after_finish:
-            self._digest_after_finish = False
-            out.append(DigestMemory())
-        return out
+        due, self._digest_after_finish = self._digest_after_finish, False  # (our digest: asked for now)
+        note = Note("stream done", {"phase": "stop-and-copy", "rounds": self.round, "stream_bytes": self.stream_bytes,
+                                    "hypervisor_downtime_ms": fig.get("downtime_ms")})
+        return [note, DigestMemory()] if due else [note]
 
     def _digested(self, result: Digested, now: float) -> list[Effect]:
         self.digest = self.stats.digest = result.digest
@@ -561,12 +552,10 @@ class SourceEngine:
         self._reply_due(now)
         if self.params.verify_digest and not self.switching:  # ours while the destination verifies
             self._beside_due.add(Digested)
-            # A stream backend's digest leaves out what its stream's CPU state names
-            # (proto 7.7), known once the hypervisor completed: not before StreamFinished.
-            if StreamFinished in self._beside_due:
-                self._digest_after_finish = True
-            else:
-                out.append(DigestMemory())
+            # A stream backend's leaves out what its stream's CPU state names (proto 7.7),
+            # known once the hypervisor completed: asked for at StreamFinished, not before.
+            self._digest_after_finish = StreamFinished in self._beside_due
+            out += [] if self._digest_after_finish else [DigestMemory()]
         return out
 
     def _on_ready(self, msg: Message, now: float) -> list[Effect]:
