@@ -693,6 +693,7 @@ class QemuVM(ConfiguredVM):
         self._incoming: list[socket.socket] = []  # the destination's ends of the streams, the main one first
         self._tail: StreamTail | None = None  # the end of the stream of the migration under way
         self._areas_due = False  # an incoming stream ended: its kvmclock areas, found at the first digest
+        self._areas_lock = threading.Lock()  # (an operator's digest may run beside READY's)
         self._reserver: Reserver | None = None  # its RAM file's helper: reserves (incoming), faults in
         self._ram_reserved = True  # the RAM file was reserved when it was made (else: by _reserver)
         # What this VM's digest leaves out while it is paused for a migration (see kvmclock_areas).
@@ -1170,8 +1171,10 @@ class QemuVM(ConfiguredVM):
         first, so that equal digests mean equal RAM outside exactly these areas
         and the same areas left out (proto/PROTOCOL.md 7.7)."""
         if ranges is None and self._areas_due:
-            self._areas_due = False
-            self._find_clock_areas()
+            with self._areas_lock:
+                if self._areas_due:
+                    self._find_clock_areas()
+                    self._areas_due = False
         h = hashlib.blake2b(digest_size=32, person=DIGEST_PERSON)
         step = 16 * MIB
         holes: list[tuple[int, int]] = []
