@@ -440,6 +440,7 @@ class Agent:
 async def run_agent(cfg: AgentConfig) -> None:
     """Runs until SIGINT/SIGTERM; in-flight migrations end by the handoff rules."""
     bound_malloc()  # this process is an agent from now on
+    freeze_heap()  # its modules, classes and functions: never walked by a full collection (not its VMs)
     try:
         drill = faultdrill.from_environment()
     except ValueError as exc:
@@ -450,7 +451,6 @@ async def run_agent(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve)
-        freeze_heap()  # no full collection of start-up's objects inside a pause
         release_free_memory()  # what start-up freed (compiling modules, loading the state): ~2 MiB
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for sig in signals:

@@ -43,12 +43,13 @@ def bound_malloc() -> None:
 
 
 def freeze_heap() -> None:
-    """What the agent holds for good once it serves (its modules, classes, functions:
+    """What the agent holds for good from its start (its modules, classes, functions:
     40,000 objects) moved out of the cyclic garbage collector's way.  A full
     collection walked all of them, 22 ms with the GIL held, at whatever moment the
     allocations made it due: once inside a destination's pause (perf: 12 ms of
     ``gc_collect_main`` in the thread awaiting QEMU's load).  Objects made later are
-    collected as ever; freed by their reference counts, the frozen ones still go."""
+    collected as ever (its VMs too: frozen before they are loaded, a VM in a cycle
+    would never be freed); freed by their reference counts, the frozen ones still go."""
     gc.collect()
     gc.freeze()
 

@@ -1114,7 +1114,8 @@ class QemuVM(ConfiguredVM):
         if self.state != "incoming":
             raise QemuError(f"only an incoming VM can be activated (state {self.state})")
         self._q().execute("cont")  # QmpError: not running; the caller retries (the row is COMMITTED)
-        self.digest_excluded, self._tail, self._areas_due = [], None, False  # running: the guest owns them again
+        with self._areas_lock:  # (an operator's digest may be finding them): running, the guest owns them again
+            self.digest_excluded, self._tail, self._areas_due = [], None, False
         self._flip_activation()
 
     def verify(self) -> VerifyReport:
