@@ -311,6 +311,21 @@ def test_a_hypervisors_ram_file_is_reserved_and_faulted_in_beside_its_writer_its
         os.close(fd)
 
 
+def _incoming_ram(shm, size: int):
+    """A RAM file of ``size`` bytes, not yet allocated, and a Reserver faulting it in
+    and reserving it as an incoming QEMU's (the caller stops it)."""
+    from palm_net.hypervisor.reserver import Reserver
+
+    path = shm / "guest.ram"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    return fd, Reserver(path, None, size, "the guest's memory", fault_in=True)
+
+
+def _allocated(fd: int, size: int) -> bool:
+    return os.fstat(fd).st_blocks * 512 >= size
+
+
 def test_an_incoming_qemus_ram_is_faulted_in_from_the_top_beside_its_reservation(shm, monkeypatch):
     """The fault-in has to stay ahead of QEMU's writes, so it does not wait behind a
     reservation of the whole file (0.4 s a GiB on a slow host): it runs beside it, from
@@ -336,11 +351,8 @@ def test_an_incoming_qemus_ram_is_faulted_in_from_the_top_beside_its_reservation
     monkeypatch.setattr(reserver, "populate", populate)
     monkeypatch.setattr(reserver, "reserve", reserve)
     size = 3 * reserver.Reserver.CHUNK
-    path = shm / "guest.ram"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd, helper = _incoming_ram(shm, size)
     try:
-        os.ftruncate(fd, size)
-        helper = reserver.Reserver(path, None, size, "the guest's memory", fault_in=True)
         assert reserving.wait(10)
         deadline = time.monotonic() + 10
         while len(faulted) < 3 and time.monotonic() < deadline:
@@ -349,7 +361,7 @@ def test_an_incoming_qemus_ram_is_faulted_in_from_the_top_beside_its_reservation
         assert os.getpriority(os.PRIO_PROCESS, helper._thread.native_id or 0) >= 10  # where CPU is short: the fault-in
         go.set()
         helper.wait(size, writing=False)
-        assert os.fstat(fd).st_blocks * 512 >= size
+        assert _allocated(fd, size)
         helper.stop()
         assert helper._faulter is not None and not helper._faulter.is_alive()
     finally:
@@ -373,15 +385,12 @@ def test_the_reservation_does_not_wait_behind_the_fault_in(shm, monkeypatch):
 
     monkeypatch.setattr(reserver, "populate", populate)
     size = 3 * reserver.Reserver.CHUNK
-    path = shm / "guest.ram"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd, helper = _incoming_ram(shm, size)
     try:
-        os.ftruncate(fd, size)
-        helper = reserver.Reserver(path, None, size, "the guest's memory", fault_in=True)
         assert held.wait(10)
         t0 = time.monotonic()
         helper.wait(size, writing=False)  # while the fault-in is still held
-        assert time.monotonic() - t0 < 5 and not go.is_set() and os.fstat(fd).st_blocks * 512 >= size
+        assert time.monotonic() - t0 < 5 and not go.is_set() and _allocated(fd, size)
         go.set()
         helper.stop()
     finally:
@@ -401,13 +410,10 @@ def test_a_fault_in_that_fails_leaves_the_reservation_whole(shm, monkeypatch):
 
     monkeypatch.setattr(mmap_module, "mmap", no_mapping)
     size = 2 * reserver.Reserver.CHUNK
-    path = shm / "guest.ram"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd, helper = _incoming_ram(shm, size)
     try:
-        os.ftruncate(fd, size)
-        helper = reserver.Reserver(path, None, size, "the guest's memory", fault_in=True)
         helper.wait(size, writing=False)  # no NoRoomError
-        assert os.fstat(fd).st_blocks * 512 >= size
+        assert _allocated(fd, size)
         helper.stop()
     finally:
         os.close(fd)
