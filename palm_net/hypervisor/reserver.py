@@ -127,7 +127,7 @@ class Reserver:
         RAM, where the guest pauses.  Where it still lags as QEMU's stream ends, the
         rest is QEMU's to clear in the pause: 230-450 ms of a 1 GiB guest's downtime
         on a host whose fresh pages are slow (a VM whose freed memory goes back to its
-        host), 13-45 ms once it ran beside the reservation.  Best effort; ends at
+        host), 12-42 ms once it ran beside the reservation.  Best effort; ends at
         stop()."""
         with mmap.mmap(fd, self._size) as mm:
             anchor = ctypes.c_char.from_buffer(mm)

@@ -167,7 +167,6 @@ class SourceEngine:
         # the hand-off waits for them and READY.
         self._beside_due: set[type[Result]] = set()
         self._ready: Ready | None = None  # READY, while a result performed beside is still due
-        self._digest_after_finish = False  # verify_digest: our digest asked for once StreamFinished is in
         self._deadline: float | None = None  # when ``on_timer`` acts (a reply's timeout, the catch-up wait's end)
         self._round_started = (0.0, 0)  # (now, bytes transferred) when the current round began
         self._last_dirty: int | None = None
@@ -523,10 +522,10 @@ class SourceEngine:
         st.hypervisor = {**fig, "stream_bytes": self.stream_bytes}
         st.zero_pages, st.normal_pages = int(fig.get("duplicate_pages") or 0), int(fig.get("normal_pages") or 0)
         st.current_round = self.round = int(fig.get("rounds") or 0)
-        due, self._digest_after_finish = self._digest_after_finish, False  # (our digest: asked for now)
         note = Note("stream done", {"phase": "stop-and-copy", "rounds": self.round, "stream_bytes": self.stream_bytes,
                                     "hypervisor_downtime_ms": fig.get("downtime_ms")})
-        return [note, DigestMemory()] if due else [note]
+        # Our digest still due: COMPLETE came first and left it to now (_transcript).
+        return [note, DigestMemory()] if Digested in self._beside_due else [note]
 
     def _digested(self, result: Digested, now: float) -> list[Effect]:
         self.digest = self.stats.digest = result.digest
@@ -554,8 +553,7 @@ class SourceEngine:
             self._beside_due.add(Digested)
             # A stream backend's leaves out what its stream's CPU state names (proto 7.7),
             # known once the hypervisor completed: asked for at StreamFinished, not before.
-            self._digest_after_finish = StreamFinished in self._beside_due
-            out += [] if self._digest_after_finish else [DigestMemory()]
+            out += [] if StreamFinished in self._beside_due else [DigestMemory()]
         return out
 
     def _on_ready(self, msg: Message, now: float) -> list[Effect]:
