@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerates proto/vectors/*.json (palm_net's own handshake and first records, and the
-signed cluster policy documents).
+"""Regenerates proto/vectors/*.json (palm_net's own handshake and first records, the
+signed cluster policy documents and the protected-context blob's metadata digest).
 
 Run after a deliberate wire change, then review the diff: tests compare the
 implementation against these files byte for byte.
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from palm_net.crypto.noise import CipherName
-from palm_net.testing.vectors import build, build_policy
+from palm_net.testing.vectors import build, build_metadata_digest, build_policy
 
 OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"
 
@@ -36,6 +36,9 @@ if __name__ == "__main__":
     print(f"wrote {path}")
     path = OUT / "postcopy_aesgcm.json"
     path.write_text(json.dumps(build(CipherName.AESGCM, postcopy=True), indent=1) + "\n")
+    print(f"wrote {path}")
+    path = OUT / "metadata_digest.json"
+    path.write_text(json.dumps(build_metadata_digest(), indent=1) + "\n")
     print(f"wrote {path}")
     path = OUT / "policy.json"
     path.write_text(json.dumps(build_policy(), indent=1) + "\n")

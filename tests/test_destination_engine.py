@@ -601,3 +601,43 @@ def test_a_page_at_the_highest_version_still_refuses_an_older_copy_of_itself(shm
     with pytest.raises(RemoteProtocolError) as info:
         dest.feed(records[-1])
     assert info.value.code == "rollback"
+
+
+def test_a_protected_page_short_of_its_final_version_is_refused_by_the_blob_s_digest(shm):
+    """A protected page written again after round 0 travels again with a higher version.
+    Its last copy taken out, with the counts the source claims made to agree: every gfn
+    still arrived, each copy opens under its MAC, so only the blob's digest of the
+    final versions and MACs (proto 7.3) can tell that memory is not the final state."""
+    vm = ModelVM.create(shm / "src", "vm", 512, KEY, protected_processes=1, protected_pages=128, seed=5,
+                        fill="random")
+    gfn = vm.processes[0].first + 70  # in the process's second block of 64
+
+    def between(r: int) -> None:
+        if r == 0:
+            vm.process_write(0, gfn, b"written again")
+
+    _, msgs = source_messages(vm, MigrationParams(max_rounds=2, downtime_limit=1e-9), 1, between)
+    us = units(msgs)
+    last = max(i for i, u in enumerate(us) if isinstance(u.body, Pages) and gfn in IncomingPages(u.body).gfns)
+    assert last > min(i for i, u in enumerate(us) if isinstance(u.body, Pages))  # sent twice
+    u = us[last]
+    p = IncomingPages(u.body)
+    keep = p.gfns != gfn
+    if keep.any():  # the message without it
+        kinds = np.frombuffer(u.body.kinds, np.uint8)
+        rows = np.frombuffer(b"".join(u.data), np.uint8).reshape(-1, 4096)
+        data_at, prot_at = np.cumsum(kinds != 0) - 1, np.cumsum(kinds == KIND_PROTECTED) - 1
+        tags = np.frombuffer(u.body.tags, np.uint8).reshape(-1, 16)
+        data = rows[data_at[keep & (kinds != 0)]].tobytes()
+        rest = PageBatch(p.gfns[keep], kinds[keep].tobytes(), p.vers[keep], data,
+                         tags[prot_at[keep & (kinds == KIND_PROTECTED)]].tobytes())
+        us[last] = Unit(Message(u.msg.mid, u.msg.seq, rest.message(u.body.round)), split_data(data) if data else [])
+    else:  # it was all the message held
+        del us[last]
+    msgs = renumber(us)
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    with pytest.raises(MigrationFailure) as info:
+        _feed(dest, msgs)
+    assert info.value.code == "integrity"
+    assert "final versions" in str(info.value)
+    vm.close()

@@ -142,6 +142,13 @@ MUTANTS = [
     Mutant("a restarted agent's guest reads a missing page's stale copy", "palm_net/hypervisor/model_postcopy.py",
            "                self._missing = self._postcopy.bits\n",
            "                self._missing = None\n", ("tests/test_postcopy_vm.py", "-k", "restarted_agent")),
+    # Protected pages (proto 7.3)
+    Mutant("the blob's digest of the final versions and MACs not checked", "palm_net/hypervisor/model.py",
+           "            if not hmac.compare_digest(self._metadata_digest(i), digest):\n",
+           "            if False:\n", ("tests/test_destination_engine.py", "-k", "short_of_its_final_version")),
+    Mutant("a page sealed for sending under a version already used", "palm_net/hypervisor/model_guest.py",
+           "            version = a.versions[g] + 1\n",
+           "            version = a.versions[g] + 0\n", ("tests/test_protected_pages.py", "-k", "sealed_for_sending")),
     # The operator's abandon (proto 7.5, 7.9 item 7)
     Mutant("an in-doubt (handed-off) copy abandoned", "palm_net/migration/handoff.py",
            "    (SOURCE, HandoffState.SERVING, Step.ABANDON): HandoffState.ABANDONED,\n",

@@ -125,3 +125,16 @@ def test_stream_channel_vectors():
     assert bytes.fromhex(data["records"][2]["plaintext"])[:4] == bytes.fromhex("11223344")  # QEMU's multifd magic
     complete = messages.decode(bytes.fromhex(data["records"][3]["plaintext"])).body
     assert complete.records == 3 and complete.page_records == 1
+
+
+def test_metadata_digest_vector():
+    """proto 7.3: the blob's metadata digest reproduces, and equals the spec's definition
+    computed from the vector's versions and MACs alone."""
+    from palm_net.testing.vectors import build_metadata_digest
+    from tests.test_protected_pages import _spec_metadata_digest
+
+    expected = json.loads((VECTORS / "metadata_digest.json").read_text())
+    assert build_metadata_digest() == expected
+    assert expected["count"] == len(expected["versions"]) == 70  # a block of 64 and a shorter one
+    macs = bytes.fromhex(expected["macs"])
+    assert _spec_metadata_digest(expected["versions"], macs).hex() == expected["metadata"]

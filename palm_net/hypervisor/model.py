@@ -26,7 +26,6 @@ the model's writers are its own code, so the software log sees every write.)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import os
 import shutil
@@ -252,6 +251,7 @@ class ModelVM(PostcopyVM):
         self._keys = []
         self._threads = []
         self._pages_digest = None  # (16 bytes a page)
+        self._meta_digest = None
         end = len(self.mem)
         if self._reserver is not None:  # an incoming VM: only what was reserved holds anything
             end = self._reserver.stop()
@@ -320,6 +320,7 @@ class ModelVM(PostcopyVM):
     def enable_dirty_log(self) -> None:
         with self._lock:
             self._dirty = bytearray(self.npages)
+            self._meta_digest = None  # a migration's own, hashed afresh as it goes
 
     def disable_dirty_log(self) -> None:
         with self._lock:
@@ -374,14 +375,16 @@ class ModelVM(PostcopyVM):
             normal = has_data & ~protected
             data[pos[normal]] = a.pages[cand[normal]]
             pg = cand[protected]
-            with self._lock:  # ciphertext, version and tag must match: copied under the lock
-                for gfn in pg[a.views[pg] == VIEW_PROCESS]:
+            with self._lock:  # ciphertext, version and tag must match: taken under the lock
+                plain = a.views[pg] == VIEW_PROCESS
+                for gfn in pg[~plain & (a.versions[pg] == 0)]:  # never sealed yet
                     self._to_cipher_view_locked(int(gfn), mark=False)
-                for gfn in pg[a.versions[pg] == 0]:  # never sealed yet
-                    self._to_cipher_view_locked(int(gfn), mark=False)
-                data[pos[protected]] = a.pages[pg]
+                rows = pos[protected]
+                data[rows[~plain]] = a.pages[pg[~plain]]
+                self._seal_out_locked(pg[plain], data, rows[plain])
                 vers[protected] = a.versions[pg]
                 tags = a.tags[pg].tobytes()
+            self._metadata().refresh()  # what this batch sealed, and the guest's switches: hashed before the pause
         if self._pages_digest is not None:
             self._record_pages(cand, kinds, vers, data, tags)
         return PageBatch(cand, kinds.tobytes(), vers, data.reshape(-1).data, tags), start + n
@@ -414,14 +417,11 @@ class ModelVM(PostcopyVM):
         return [{"pid": p.pid, "first": p.first, "count": p.count, "key": bytes(self._keys[i])}
                 for i, p in enumerate(self.processes)]
 
-    def _metadata_digest(self, p: ProcessLayout) -> bytes:
-        """BLAKE2b-256 over a process's per-page versions (u64le) then MACs: the
-        final metadata, committed to in the blob instead of sent again."""
-        m = self.meta
-        h = hashlib.blake2b(digest_size=32, person=b"palm-page-meta")
-        h.update(m.versions[p.first : p.first + p.count])
-        h.update(m.tags[p.first * TAG_LEN : (p.first + p.count) * TAG_LEN])
-        return h.digest()
+    def _metadata_digest(self, process: int) -> bytes:
+        """The digest of a process's per-page versions and MACs (proto 7.3): the final
+        metadata, committed to in the blob instead of sent again.  Kept block by block
+        as pages are sealed or written: here only the blocks changed since."""
+        return self._metadata().digest(process)
 
     def export_keys(self) -> bytes:
         """Process keys and layout, sent at the start of streaming so the
@@ -439,8 +439,8 @@ class ModelVM(PostcopyVM):
                 "v": BLOB_VERSION,
                 "cipher": self.page_cipher.name.value,
                 "processes": [{**lay, "threads": self._threads[i],
-                               "metadata": self._metadata_digest(p)}
-                              for i, (p, lay) in enumerate(zip(self.processes, self._layout()))],
+                               "metadata": self._metadata_digest(i)}
+                              for i, lay in enumerate(self._layout())],
             })
         return out
 
@@ -460,6 +460,7 @@ class ModelVM(PostcopyVM):
             for idx, p in enumerate(layouts):
                 self.meta.owners[p.first : p.first + p.count] = bytes([idx + 1]) * p.count
             self.processes = layouts
+            self._meta_digest = None  # over this layout
             self.page_cipher = CIPHERS[obj["cipher"]]
             self._keys = [bytearray(k) for k in keys]
             self._threads = [[] for _ in layouts]
@@ -494,6 +495,8 @@ class ModelVM(PostcopyVM):
             a.versions[pg] = pver
             a.tags[pg] = tags
             a.views[pg] = VIEW_CIPHER
+            self._touch_metadata(pg)
+            self._metadata().refresh()  # a batch's few blocks now, not all of them in the pause
         # Zero pages: a page never written is a hole, already zero (its memory was
         # reserved, not touched); one written before is zeroed again.
         zg = gfns[~has_data]
@@ -548,7 +551,7 @@ class ModelVM(PostcopyVM):
                 hmac.compare_digest(k, bytes(mine)) for k, mine in zip(keys, self._keys)):
             raise ProtectionIntegrityError("protected-context blob disagrees with the keys sent at the start")
         threads: list[list[bytes]] = []
-        for p, entry in zip(layouts, obj["processes"]):
+        for i, (p, entry) in enumerate(zip(layouts, obj["processes"])):
             try:
                 digest = _bin(entry["metadata"], 32)
                 if not isinstance(entry["threads"], list):
@@ -559,7 +562,7 @@ class ModelVM(PostcopyVM):
             if len(digest) != 32 or len(thr) > 64:
                 raise VmError("protected-context blob is malformed")
             # The versions and MACs verified on arrival must be exactly the final ones.
-            if not hmac.compare_digest(self._metadata_digest(p), digest):
+            if not hmac.compare_digest(self._metadata_digest(i), digest):
                 raise ProtectionIntegrityError(f"protected pages of process {p.pid} do not hold the final versions "
                                      "the source sealed")
             threads.append(thr)

@@ -45,6 +45,7 @@ import numpy.typing as npt
 from palm_net.crypto.noise import CIPHERS
 from palm_net.hostfs import UnsafePathError, create_exclusive, open_nofollow, reserve
 from palm_net.hypervisor.backend import PAGE_SIZE, HypervisorError, NoRoomError, VerifyReport
+from palm_net.hypervisor.metadigest import MetadataDigest
 from palm_net.hypervisor.protection import (
     TAG_LEN,
     ProtectionIntegrityError,
@@ -52,6 +53,7 @@ from palm_net.hypervisor.protection import (
     open_page,
     open_pages,
     seal_page,
+    seal_pages,
 )
 from palm_net.hypervisor.vmconfig import ConfiguredVM
 from palm_net.wire.messages import MAX_DATA_PAGES
@@ -238,6 +240,9 @@ class ModelGuest(ConfiguredVM):
         self.mem = map_file(vm_dir / "memory", self.npages * PAGE_SIZE, create, reserve_now=reserve_now)
         self.resident = False  # all of guest memory backed and mapped (see prefault)
         self.meta = _Meta(vm_dir / "meta", self.npages, create)
+        # The block hashes of the processes' versions and MACs (made on first use; a
+        # migration's own: see _metadata).
+        self._meta_digest: MetadataDigest | None = None
         journal = vm_dir / "journal"
         self._journal = map_file(journal, JOURNAL_SIZE, create or not journal.exists())
         self._undo_torn_switch()
@@ -492,6 +497,7 @@ class ModelGuest(ConfiguredVM):
         self.meta.versions[gfn] = version
         self.meta.set_tag(gfn, bytes(j[24 : 24 + TAG_LEN]))
         self.meta.views[gfn] = j[1]
+        self._touch_metadata(gfn)
         j[0] = 0
 
     def _to_process_view_locked(self, process: int, gfn: int) -> None:
@@ -527,11 +533,56 @@ class ModelGuest(ConfiguredVM):
         self.mem[base : base + PAGE_SIZE] = ct
         self.meta.versions[gfn] = version
         self.meta.set_tag(gfn, tag)
+        self._touch_metadata(gfn)
         self.meta.views[gfn] = VIEW_CIPHER
         self._journal[0] = 0
         self._journal[24 + TAG_LEN :] = bytes(PAGE_SIZE)  # the plaintext it kept goes as the switch ends
         if mark:
             self._mark_locked(gfn)
+
+    def _seal_out_locked(self, gfns: Gfns, out: npt.NDArray[np.uint8], rows: npt.NDArray[np.intp]) -> None:
+        """Pages in the process view sealed for the migration reader, each under a
+        bumped version, into ``out[rows]``: memory keeps the plaintext and the page
+        its process view, the metadata gets the version and MAC that were sent.  A
+        switch to the cipher view instead rewrote each page in place through the
+        journal, and the process's next access opened it again (17 us a page, in
+        the pause for the last round's).  Not marked dirty: what is sent is this."""
+        a = self.arrays
+        owners = a.owners[gfns]
+        for owner in np.flatnonzero(np.bincount(owners)):
+            sel = np.flatnonzero(owners == owner)
+            g = gfns[sel]
+            version = a.versions[g] + 1
+            a.versions[g] = version  # first: killed halfway, a version is still never used twice
+            p = self.processes[int(owner) - 1]
+            boxed = seal_pages(self.page_cipher, bytes(self._keys[int(owner) - 1]), self.vm_id, p.pid, g, version,
+                               [a.pages[gfn] for gfn in g.tolist()], self._scratch_box())
+            out[rows[sel]] = boxed[:, :PAGE_SIZE]
+            a.tags[g] = boxed[:, PAGE_SIZE:]
+            self._touch_metadata(g)
+
+    def _scratch_box(self) -> npt.NDArray[np.uint8]:
+        """A buffer of MAX_DATA_PAGES rows of ciphertext || MAC a thread keeps: a fresh
+        MiB a batch would fault in every page of it."""
+        scratch: npt.NDArray[np.uint8] | None = getattr(self._scratch, "box", None)
+        if scratch is None:
+            scratch = self._scratch.box = np.empty((MAX_DATA_PAGES, PAGE_SIZE + TAG_LEN), np.uint8)
+        return scratch
+
+    def _metadata(self) -> MetadataDigest:
+        """The metadata digest's blocks (hypervisor/metadigest.py), made on first use
+        with every block still to hash."""
+        md = self._meta_digest
+        if md is None:
+            a = self.arrays
+            md = self._meta_digest = MetadataDigest(a.versions, a.tags, [(p.first, p.count) for p in self.processes])
+        return md
+
+    def _touch_metadata(self, gfns: Gfns | int) -> None:
+        """After a protected page's version or MAC changed: its block is hashed again."""
+        md = self._meta_digest
+        if md is not None:
+            md.touch(gfns)
 
     def _open_protected(self, gfns: Gfns, vers: Gfns, rows: npt.NDArray[np.uint8] | list[npt.NDArray[np.uint8]],
                         tags: npt.NDArray[np.uint8], want_plain: bool) -> npt.NDArray[np.uint8] | None:
@@ -544,9 +595,7 @@ class ModelGuest(ConfiguredVM):
             p = self.processes[int(owner) - 1]
             out = np.empty((len(sel), PAGE_SIZE), np.uint8) if plain is not None else None
             mine = [rows[i] for i in sel] if isinstance(rows, list) else rows[sel]
-            scratch = getattr(self._scratch, "box", None)
-            if scratch is None:  # a buffer a thread keeps: a fresh MiB a batch would fault in every page of it
-                scratch = self._scratch.box = np.empty((MAX_DATA_PAGES, PAGE_SIZE + TAG_LEN), np.uint8)
+            scratch = self._scratch_box()
             open_pages(self.page_cipher, bytes(self._keys[int(owner) - 1]), self.vm_id, p.pid, gfns[sel], vers[sel],
                        mine, tags[sel], out, scratch)
             if plain is not None and out is not None:

@@ -241,6 +241,7 @@ class PostcopyVM(ModelGuest):
             a.versions[pg] = pv
             a.tags[pg] = np.frombuffer(tags, np.uint8).reshape(-1, TAG_LEN)
             a.views[pg] = VIEW_CIPHER
+            self._touch_metadata(pg)
             pc.mark(gfns)
 
     def postcopy_state(self) -> tuple[int, Gfns, Gfns] | None:

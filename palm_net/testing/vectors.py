@@ -19,6 +19,7 @@ from nacl.signing import SigningKey
 from palm_net.channel.handshake import AttestedHandshake, ChannelConfig, Purpose, TransportMode
 from palm_net.crypto.identity import AgentIdentity, Authority
 from palm_net.crypto.noise import CipherName, keypair_from_private
+from palm_net.hypervisor.metadigest import MetadataDigest
 from palm_net.wire.messages import (
     Accept,
     Begin,
@@ -317,3 +318,14 @@ def build_policy(inputs: dict[str, Any] = POLICY_INPUTS) -> dict[str, Any]:
         refused.append({"what": label, "document": data.hex(), "reason": reason})
     return {"inputs": inputs, "authority_public": authority.public.hex(),
             "operator_certificate": certs["operator"].encode().hex(), "documents": out_docs, "refused": refused}
+
+
+def build_metadata_digest() -> dict[str, Any]:
+    """proto 7.3: one protected process (gfns 3..72: a block of 64 pages and one of 6)
+    with made-up versions and MACs, and the blob's ``metadata`` over them."""
+    first, count = 3, 70
+    versions = np.array([0] * first + [(g * 7919) % 1000 + (g << 40) for g in range(count)], np.uint64)
+    tags = np.frombuffer(bytes(16 * first) + b"".join(bytes([g]) * 16 for g in range(count)), np.uint8)
+    digest = MetadataDigest(versions, tags.reshape(-1, 16), [(first, count)]).digest(0)
+    return {"first": first, "count": count, "versions": [int(v) for v in versions[first:]],
+            "macs": tags[16 * first :].tobytes().hex(), "metadata": digest.hex()}
