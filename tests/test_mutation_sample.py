@@ -149,6 +149,9 @@ MUTANTS = [
     Mutant("a page sealed for sending under a version already used", "palm_net/hypervisor/model_guest.py",
            "            version = a.versions[g] + 1\n",
            "            version = a.versions[g] + 0\n", ("tests/test_protected_pages.py", "-k", "sealed_for_sending")),
+    Mutant("a page sealed again after the final state was exported", "palm_net/hypervisor/model_guest.py",
+           "        if len(gfns) and not self._reads_seal:",
+           "        if False:", ("tests/test_protected_pages.py", "-k", "not_sealed_again")),
     # The operator's abandon (proto 7.5, 7.9 item 7)
     Mutant("an in-doubt (handed-off) copy abandoned", "palm_net/migration/handoff.py",
            "    (SOURCE, HandoffState.SERVING, Step.ABANDON): HandoffState.ABANDONED,\n",

@@ -4,14 +4,18 @@ lies in the process view, and the blob's digest of every process's versions and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import msgpack
 import numpy as np
+import pytest
 
+from palm_net.crypto.noise import CIPHERS
+from palm_net.hypervisor.metadigest import MetadataDigest
 from palm_net.hypervisor.model import ModelVM
-from palm_net.hypervisor.model_guest import VIEW_PROCESS
-from palm_net.hypervisor.protection import open_page
+from palm_net.hypervisor.model_guest import VIEW_PROCESS, VmError
+from palm_net.hypervisor.protection import ProtectionIntegrityError, open_page, seal_pages
 from palm_net.wire.messages import MAX_DATA_PAGES
 from tests.conftest import KEY
 
@@ -102,3 +106,45 @@ def test_a_page_in_the_process_view_is_sealed_for_sending_and_stays_in_the_proce
         assert list(vm.collect_dirty()) == [gfn]
     finally:
         vm.close()
+
+
+def test_a_page_is_not_sealed_again_once_the_final_state_is_exported(shm):
+    """After the blob, the peer owns the next version of every page it holds (post-copy
+    runs it there while this side serves the rest): a read here must not seal a page
+    under that version with this side's plaintext.  A post-copy WANT naming a page the
+    switch never announced would otherwise have made exactly that read."""
+    vm = ModelVM.create(shm / "vm", "vm", 256, KEY, protected_processes=1, protected_pages=16, fill="random")
+    try:
+        gfn = vm.processes[0].first + 2
+        vm.enable_dirty_log()
+        vm.process_write(0, gfn, b"the process's secret")
+        vm.pause()
+        _read_all(vm, np.array([gfn], np.uint64), 1)  # the last round: sealed for sending
+        version = int(vm.arrays.versions[gfn])
+        vm.export_protection()
+        with pytest.raises(VmError, match="not sealed again"):
+            _read_all(vm, np.array([gfn], np.uint64), 2)
+        assert int(vm.arrays.versions[gfn]) == version
+    finally:
+        vm.close()
+
+
+def test_the_metadata_digest_does_not_depend_on_the_order_of_the_layout(shm):
+    rng = np.random.default_rng(7)
+    versions = rng.integers(0, 2**40, 400).astype(np.uint64)
+    tags = rng.integers(0, 256, (400, 16)).astype(np.uint8)
+    layout = [(300, 90), (10, 70), (100, 130)]  # not in gfn order
+    md = MetadataDigest(versions, tags, layout)
+    md.touch(np.array([15, 120, 389], np.uint64))
+    for i, (first, count) in enumerate(layout):
+        assert md.digest(i) == _spec_metadata_digest([int(v) for v in versions[first : first + count]],
+                                                     tags[first : first + count].tobytes())
+
+
+def test_a_page_that_fails_to_seal_fails_the_read_and_sends_nothing():
+    fns = dataclasses.replace(CIPHERS["AESGCM"], encrypt_c=lambda *args: -1)  # AES-GCM on a CPU without AES-NI
+    scratch = np.full((4, 4096 + 16), 0x41, np.uint8)
+    with pytest.raises(ProtectionIntegrityError, match="could not be sealed"):
+        seal_pages(fns, bytes(32), bytes(16), 1, np.array([5], np.uint64), np.array([3], np.uint64),
+                   [np.zeros(4096, np.uint8)], scratch)
+    assert not scratch[:1].any()

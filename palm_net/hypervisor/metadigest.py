@@ -39,10 +39,12 @@ class MetadataDigest:
     def __init__(self, versions: npt.NDArray[np.uint64], tags: npt.NDArray[np.uint8],
                  layout: Sequence[tuple[int, int]]) -> None:
         self._versions, self._tags = versions, tags
-        self._first = np.array([f for f, _ in layout], np.int64)
-        self._count = [c for _, c in layout]
+        # Kept in gfn order (the search below needs it), whatever the layout's order.
+        self._order = sorted(range(len(layout)), key=lambda i: layout[i][0])
+        self._first = np.array([layout[i][0] for i in self._order], np.int64)
+        self._count = [layout[i][1] for i in self._order]
         nblocks = [-(-c // BLOCK) for c in self._count]
-        self._base = np.array([0, *np.cumsum(nblocks)], np.int64)  # process i's blocks: base[i] .. base[i+1]
+        self._base = np.array([0, *np.cumsum(nblocks)], np.int64)  # the i-th in gfn order: base[i] .. base[i+1]
         self._blocks = np.zeros((int(self._base[-1]), 32), np.uint8)
         self._stale = np.ones(int(self._base[-1]), np.bool_)  # nothing hashed yet
         self._lock = threading.Lock()  # the stale flags: taken briefly, by writers under the VM's lock too
@@ -95,7 +97,8 @@ class MetadataDigest:
     def digest(self, process: int) -> bytes:
         """The metadata digest of the process at this index of the layout."""
         self.refresh()
+        i = self._order.index(process)
         with self._hashing:
-            h = hashlib.blake2b(self._count[process].to_bytes(8, "little"), digest_size=32, person=DIGEST_PERSON)
-            h.update(self._blocks[self._base[process] : self._base[process + 1]].tobytes())
+            h = hashlib.blake2b(self._count[i].to_bytes(8, "little"), digest_size=32, person=DIGEST_PERSON)
+            h.update(self._blocks[self._base[i] : self._base[i + 1]].tobytes())
             return h.digest()

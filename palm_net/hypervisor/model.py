@@ -67,7 +67,7 @@ from palm_net.hypervisor.vmspec import check_workload, validate_policy
 from palm_net.wire.messages import MAX_PAGES_PER_MESSAGE
 from palm_net.wire.pages import Gfns, RoundGfns
 
-BLOB_VERSION = 1
+BLOB_VERSION = 2  # 2: the metadata digest by blocks (proto 7.3)
 
 
 def _u(value: Any, limit: int) -> int:
@@ -311,6 +311,7 @@ class ModelVM(PostcopyVM):
         self.disable_dirty_log()
         self.set_throttle(1.0)
         self._pages_digest = None  # (that migration's)
+        self._reads_seal = False
         if self.state == "paused":
             self.resume()
         self.set_migration(None)  # last: a failure before leaves the record a restart resumes from
@@ -321,6 +322,7 @@ class ModelVM(PostcopyVM):
         with self._lock:
             self._dirty = bytearray(self.npages)
             self._meta_digest = None  # a migration's own, hashed afresh as it goes
+            self._reads_seal = True
 
     def disable_dirty_log(self) -> None:
         with self._lock:
@@ -435,6 +437,7 @@ class ModelVM(PostcopyVM):
         if self.state == "running":
             raise VmError("the protected-context blob is only exported from a paused VM")
         with self._lock:
+            self._reads_seal = False  # the versions and MACs below are final
             out: bytes = msgpack.packb({
                 "v": BLOB_VERSION,
                 "cipher": self.page_cipher.name.value,

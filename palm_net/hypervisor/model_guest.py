@@ -243,6 +243,10 @@ class ModelGuest(ConfiguredVM):
         # The block hashes of the processes' versions and MACs (made on first use; a
         # migration's own: see _metadata).
         self._meta_digest: MetadataDigest | None = None
+        # A migration's reader may seal a page in its process's view under a new
+        # version: from its start until its final state is exported, never after
+        # (post-copy serves only what was sealed at the switch; a restart clears it).
+        self._reads_seal = False
         journal = vm_dir / "journal"
         self._journal = map_file(journal, JOURNAL_SIZE, create or not journal.exists())
         self._undo_torn_switch()
@@ -497,7 +501,6 @@ class ModelGuest(ConfiguredVM):
         self.meta.versions[gfn] = version
         self.meta.set_tag(gfn, bytes(j[24 : 24 + TAG_LEN]))
         self.meta.views[gfn] = j[1]
-        self._touch_metadata(gfn)
         j[0] = 0
 
     def _to_process_view_locked(self, process: int, gfn: int) -> None:
@@ -547,6 +550,9 @@ class ModelGuest(ConfiguredVM):
         switch to the cipher view instead rewrote each page in place through the
         journal, and the process's next access opened it again (17 us a page, in
         the pause for the last round's).  Not marked dirty: what is sent is this."""
+        if len(gfns) and not self._reads_seal:  # its version and MAC were final: the peer may seal at the next
+            raise VmError(f"protected page {int(gfns[0])} is in its process's view after the migration's final "
+                          "state: it is not sealed again")
         a = self.arrays
         owners = a.owners[gfns]
         for owner in np.flatnonzero(np.bincount(owners)):

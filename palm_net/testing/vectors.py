@@ -107,7 +107,7 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
         {"from": "responder", "plaintext": accept.hex(), "bytes": record2.hex()},
     ]
     if channels > 1:  # proto 7.8: a page backend's KEYS (no process) then CHANNELS, or a stream's CHANNELS
-        keys = msgpack.packb({"v": 1, "cipher": "AESGCM", "processes": []}, use_bin_type=True)
+        keys = msgpack.packb({"v": 2, "cipher": "AESGCM", "processes": []}, use_bin_type=True)
         first = [src_proto.send(Keys(keys))] if backend == "model" else []
         for msg in [*first, src_proto.send(Channels(channels))]:
             rec = init.result.sender.seal(msg)
@@ -168,7 +168,7 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
 # (normal: the switch's round, 1); CPU_STATE, one CONTEXT, COMPLETE; READY, COMMIT,
 # RUNNING; FETCH of 200, its PAGES (a normal page) and data record; the PAGES of 3 and
 # its data record (the ciphertext and MAC, as MISSING named them); PULLED.
-POSTCOPY_KEYS = {"v": 1, "cipher": "AESGCM", "processes": [{"pid": 1, "first": 0, "count": 16, "key": b"\x33" * 32}]}
+POSTCOPY_KEYS = {"v": 2, "cipher": "AESGCM", "processes": [{"pid": 1, "first": 0, "count": 16, "key": b"\x33" * 32}]}
 POSTCOPY_TAG = bytes(range(16))
 
 
