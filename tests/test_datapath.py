@@ -253,6 +253,49 @@ async def test_an_outbox_seals_a_batch_larger_than_its_buffers_into_one_of_its_o
     assert [(await b.receive()).data for _ in range(9)] == [m for batch in batches for m in batch]
 
 
+async def test_the_buffers_one_outbox_sealed_into_serve_the_next():
+    """A round's Outbox gives its buffers back once all is sent, and the next round's
+    takes them: the stop-and-copy seals into memory already touched (fresh buffers
+    cost a page fault a page there: 13 of 18 ms for 530 scattered pages)."""
+    a, b = await _channels()
+    size = RecordSender.frame_size(1000, False)
+    spares: list[bytearray] = []
+    seen: list[set[int]] = []
+    for _ in range(2):
+        async with trio.open_nursery() as nursery:
+            outbox = Outbox(a, size, buffers=2, spares=spares)
+            assert not spares  # taken
+            nursery.start_soon(outbox.run)
+            for _ in range(3):
+                await outbox.put([(os.urandom(1000), False)])
+            outbox.close()
+        seen.append({id(buf) for buf in spares})
+        assert len(spares) == 2
+    assert seen[0] == seen[1]
+    assert len([(await b.receive()).data for _ in range(6)]) == 6
+
+
+async def test_a_migration_reads_its_pages_into_the_same_buffers_every_round(cluster, monkeypatch):
+    from palm_net.migration import runner
+
+    made = []
+    empty = np.empty
+
+    def counting(shape, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if shape == (runner.PER_HOP * runner.MAX_DATA_PAGES, 4096):
+            made.append(shape)
+        return empty(shape, *args, **kwargs)
+
+    monkeypatch.setattr(runner.np, "empty", counting)
+    a = cluster["a"]
+    a.registry.create_model("vm1", 8 << 20, workload="random:3000", seed=4)
+    await trio.sleep(0.2)
+    res = await a.outgoing.migrate("vm1", cluster.addr("b"), MigrationParams())
+    assert res.ok, res.error
+    assert len(res.stats.rounds) >= 2  # round 0 and the stop-and-copy at least
+    assert len(made) == runner.READ_AHEAD + 1
+
+
 # --------------------------------------------------------------------------
 # Incoming memory: reserved ahead of the data, no write past a full disk
 

@@ -227,15 +227,24 @@ class SecureChannel:
 
 
 class _Buffers:
-    """A bounded pool of reusable bytearrays.  One still viewed (a record's data
-    held somewhere) cannot be resized: it is left to the garbage collector and a
-    fresh one takes its place, so a buffer is never written while anything sees it."""
+    """A bounded pool of reusable bytearrays (taken first from ``spares``, if given).
+    One still viewed (a record's data held somewhere) cannot be resized: it is left
+    to the garbage collector and a fresh one takes its place, so a buffer is never
+    written while anything sees it."""
 
-    def __init__(self, count: int, size: int) -> None:
+    def __init__(self, count: int, size: int, spares: list[bytearray] | None = None) -> None:
         self.size = size
         self._send, self._recv = trio.open_memory_channel[bytearray](count)
         for _ in range(count):
-            self._send.send_nowait(self._new())
+            self._send.send_nowait(spares.pop() if spares else self._new())
+
+    def give_back(self, spares: list[bytearray]) -> None:
+        """The buffers in the pool now, to ``spares`` (for the next pool)."""
+        while True:
+            try:
+                spares.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
 
     def _new(self) -> bytearray:
         buf = bytearray(self.size + 1)
@@ -262,9 +271,11 @@ class Outbox:
     Nothing else may send on the channel meanwhile."""
 
     def __init__(self, channel: SecureChannel, size: int, buffers: int = 3,
-                 on_sent: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 on_sent: Callable[[int], Awaitable[None]] | None = None,
+                 spares: list[bytearray] | None = None) -> None:
         self.ch = channel
-        self._pool = _Buffers(buffers, size)
+        self._spares = spares  # buffers of an earlier Outbox: already touched, taken and given back
+        self._pool = _Buffers(buffers, size, spares)
         self._queue_send, self._queue = trio.open_memory_channel[tuple[bytearray, int]](buffers - 1)
         self._on_sent = on_sent
 
@@ -288,6 +299,8 @@ class Outbox:
                 self._pool.put(buf)
             if self._on_sent is not None:
                 await self._on_sent(size)
+        if self._spares is not None:  # all sent: each buffer is back in the pool, or lost to a cancel
+            self._pool.give_back(self._spares)
 
 
 class Inbox:

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 import trio
 from nacl.signing import SigningKey
@@ -196,6 +197,11 @@ class SourceRun:
         self._queue: deque[Effect] = deque()  # effects asked for and not yet performed
         self._woken = trio.Event()  # the receiver or a background task queued effects
         self._streams: list[socket.socket] = []  # a stream backend's migration streams, while they run
+        # Each channel's buffers of pages read and of records sealed, kept from round to
+        # round: fresh ones each round were first touched, a page fault a page, in the
+        # stop-and-copy too (13 ms of 18 for 530 scattered pages here).
+        self._read_buffers: dict[int, list[npt.NDArray[np.uint8]]] = {}
+        self._sealed_buffers: dict[int, list[bytearray]] = {}
         self.host = SourceHost(vm, store, engine.mid)
         self.stop = stop
         if stop is not None:
@@ -254,16 +260,17 @@ class SourceRun:
                 await trio.sleep(wait)
 
     async def _pump(self, read: Callable[[Any], tuple[Any, bool]], buffers: list[Any],
-                    to_records: Callable[[Any], list[Buffer]], channel: SecureChannel | None = None) -> None:
+                    to_records: Callable[[Any], list[Buffer]], channel: SecureChannel | None = None,
+                    sealed: list[bytearray] | None = None) -> None:
         """The bulk path: ``read(buffer)`` (a worker thread) fills one of ``buffers``
         and says whether it was the last; ``to_records`` (this task: the engine) makes
         the records of what was read, which the Outbox seals and sends on ``channel``
-        (by default the main session)."""
+        (by default the main session), into ``sealed`` buffers if given (and back)."""
         free_send, free = trio.open_memory_channel[Any](len(buffers))
         for b in buffers:
             free_send.send_nowait(b)
         ready_send, ready = trio.open_memory_channel[tuple[Any, Any]](len(buffers) - 1)
-        outbox = Outbox(channel or self.ch, OUTBOX_BUFFER, BULK_BUFFERS, on_sent=self._sent)
+        outbox = Outbox(channel or self.ch, OUTBOX_BUFFER, BULK_BUFFERS, on_sent=self._sent, spares=sealed)
 
         async def produce() -> None:
             async with ready_send:
@@ -444,8 +451,11 @@ class SourceRun:
 
         if len(gfns):
             # np.empty: memory a page backend that reads runs in place never touches.
-            buffers = [np.empty((PER_HOP * MAX_DATA_PAGES, PAGE_SIZE), np.uint8) for _ in range(READ_AHEAD + 1)]
-            await self._pump(read, buffers, to_records, ch)
+            if channel not in self._read_buffers:
+                self._read_buffers[channel] = [np.empty((PER_HOP * MAX_DATA_PAGES, PAGE_SIZE), np.uint8)
+                                               for _ in range(READ_AHEAD + 1)]
+            await self._pump(read, self._read_buffers[channel], to_records, ch,
+                             self._sealed_buffers.setdefault(channel, []))
         if channel and not self._stopping:
             await self._send_on(ch, [eng.channel_end(channel, len(gfns), *ch.sent)])
 
