@@ -405,3 +405,28 @@ def test_a_stream_backends_digest_waits_for_the_hypervisors_completion(shm, fini
     assert (DigestMemory in asked) is False
     asked = [type(e) for e in eng.on_result(then, 0.5)]
     assert asked.count(DigestMemory) == 1
+
+
+def test_the_source_goes_on_while_a_round_halves_the_rest_and_it_would_cost_above_a_hundredth_of_the_limit(shm):
+    """proto 7.1: past the limit's test, one more round while the last one at least halved
+    the dirty set and its expected downtime is above a hundredth of the limit (3 ms of the
+    default 300).  At a thirtieth (10 ms) a guest writing 5000 pages/s paused with 400-800
+    pages dirty, 9-21 ms of downtime; one round more left 40-120, and 7 ms."""
+
+    def ends(last_dirty: int, rounds: list[tuple[float, int, int]]) -> list[bool]:
+        (shm / str(last_dirty)).mkdir(mode=0o700)
+        vm, eng = _engine(shm / str(last_dirty))
+        eng.start(0.0)
+        eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
+        vm.enable_dirty_log()
+        eng.on_result(Started(vm.export_keys(), vm.protected_ranges()), 0.2)
+        eng._last_dirty = last_dirty
+        out = []
+        for duration, wire, dirty in rounds:
+            out.append(eng._end_round(duration, wire, np.arange(dirty, dtype=np.uint64))[1])
+            eng.round += 1
+        return out
+
+    # 600 pages at 400 MB/s (6.1 ms) after 11000: one round more; then 60 (0.6 ms): the pause.
+    assert ends(11000, [(0.1, 40_000_000, 600), (0.01, 4_000_000, 60)]) == [False, True]
+    assert ends(900, [(0.1, 40_000_000, 600)]) == [True]  # 6.1 ms, not halved: the pause
