@@ -125,10 +125,16 @@ async def test_qemu_vm_migrates_with_equal_memory(cluster, content):
 
 
 @pytest.mark.parametrize("channels", [2, 4])
-async def test_qemu_vm_migrates_on_more_channels(cluster, content, channels):
+async def test_qemu_vm_migrates_on_more_channels(cluster, content, channels, monkeypatch):
     """QEMU's multifd (proto 7.8): its main stream on the migration's session and each
     multifd channel on a DATA session; digests equal, one copy, the content there;
-    asked through the control API, as `palm migrate --channels N` asks."""
+    asked through the control API, as `palm migrate --channels N` asks.  Each session's
+    socket queues are bounded on both sides (what they hold when QEMU pauses is downtime)."""
+    from palm_net.migration import runner
+
+    bounded: list[object] = []
+    real = runner.bound_queues
+    monkeypatch.setattr(runner, "bound_queues", lambda stream: (bounded.append(stream), real(stream)))
     a, b = cluster["a"], cluster["b"]
     vm = new_vm(a, content)
     await trio.sleep(0.5)  # the guest's BIOS writes its RAM first
@@ -137,6 +143,7 @@ async def test_qemu_vm_migrates_on_more_channels(cluster, content, channels):
         {"name": vm.name, "to": cluster.addr("b"), "channels": channels, "verify_digest": True}, timeout=120))
     assert d["ok"], d
     assert d["channels"] == channels and d["digest_verified"]
+    assert len(bounded) == len(set(map(id, bounded))) == 2 * channels  # each session, at each end
     hv = d["hypervisor"]
     assert hv["status"] == "completed" and hv["stream_bytes"] > CONTENT
     moved = b.vms[vm.name]

@@ -55,6 +55,42 @@ def set_user_timeout(stream: trio.abc.Stream, seconds: float = REPLY_TIMEOUT) ->
         stream.setsockopt(socket.IPPROTO_TCP, opt, max(TCP_USER_TIMEOUT_MS, int(seconds * 1000)))
 
 
+# The queues of a session's socket (docs/QEMU.md): what the kernel holds between two
+# agents when a hypervisor pauses its guest is drained inside the downtime, and the
+# kernel's autotuning let 4 MiB wait unsent and up to 32 MiB unread here.
+NOTSENT_LOWAT = 128 * 1024  # unsent bytes beyond what is in flight (no cost to throughput)
+RECEIVE_QUEUE = 512 * 1024  # a session's receive window, where it still carries LINK_RATE
+LINK_RATE = 25e9 / 8  # bytes/s a session must keep: a 25 Gbit/s link
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+_TCPI_RTT = 68  # struct tcp_info: tcpi_rtt, u32 microseconds
+
+
+def _rmem_max() -> int:
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def bound_queues(stream: trio.abc.Stream) -> None:
+    """A hypervisor stream's session (after its handshake, whose round trips
+    measured the link): its unsent bytes bounded, and its receive window too where
+    the round trip lets RECEIVE_QUEUE carry LINK_RATE (a window then lasts a round
+    trip); elsewhere the kernel's autotuning stays, which a long round trip needs.
+    Not a page backend's: its source waits for the last round to be written before
+    it pauses.  Linux only; best effort."""
+    if not isinstance(stream, trio.SocketStream) or stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        stream.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        info = stream.socket.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), _TCPI_RTT + 4)
+        rtt = int.from_bytes(info[_TCPI_RTT : _TCPI_RTT + 4], "little") / 1e6 if len(info) >= _TCPI_RTT + 4 else 0
+        window = min(RECEIVE_QUEUE, _rmem_max())  # (the kernel caps SO_RCVBUF there)
+        if 0 < rtt and window >= LINK_RATE * rtt:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+
+
 class SecureChannel:
     """An attested session: the only way into its record layer.
 

@@ -38,7 +38,7 @@ import structlog
 import trio
 from nacl.signing import SigningKey
 
-from palm_net.channel.transport import Inbox, Outbox, Record, SecureChannel
+from palm_net.channel.transport import Inbox, Outbox, Record, SecureChannel, bound_queues
 from palm_net.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.faults import fault
 from palm_net.hypervisor.backend import (
@@ -469,6 +469,8 @@ class SourceRun:
         its streams on its channel at once (more channels: QEMU's multifd, proto 7.8)."""
         channels, streams = [self.ch, *self.data_channels], self._streams
         assert len(streams) == len(channels)
+        for ch in channels:  # what they queue when QEMU pauses is downtime
+            bound_queues(ch.stream)
         left = [len(streams)]
         unblock = trio.CancelScope()
 
@@ -603,6 +605,7 @@ class DestinationRun:
         self._opened: trio.MemorySendChannel[_Opened] | None = None  # into the session task, while it runs
         self._opened_recv: trio.MemoryReceiveChannel[_Opened] | None = None
         self._binds: list[_Bind] = []  # data sessions waiting for CHANNELS and KEYS
+        self._queues_bounded = False  # a stream backend's session, once its hypervisor listens
         self._attached = 0  # data sessions that asked to join (at most MAX_CHANNELS - 1)
         self._ended = trio.Event()
         self._appliers: dict[int, _Applier] = {}  # who writes each session's data (_applier_of)
@@ -741,12 +744,17 @@ class DestinationRun:
         hypervisor listening), bound once those are in (or refused once pages came
         without them): each read from then on."""
         eng = self.engine
+        if eng.stream and eng.listening and not self._queues_bounded:
+            self._queues_bounded = True
+            bound_queues(self.ch.stream)  # what it queues when the source's QEMU pauses is downtime
         while self._binds and (eng.listening if eng.stream else
                                eng.keys_imported and (eng.channels > 1 or eng.page_records)):
             bind = self._binds.pop(0)
             if bind.withdrawn:
                 continue
             lane = eng.bind(bind.first, bind.channel.plain)  # the peer's error fails the migration
+            if eng.stream:
+                bound_queues(bind.channel.stream)
             assert self._opened is not None
             self.log.info("data session bound", channel=lane.index, of=eng.channels)
             self._nursery.start_soon(self._feed, lane, Inbox(bind.channel, buffers=BULK_BUFFERS), self._opened.clone())
