@@ -42,8 +42,8 @@ class MetadataDigest:
         # Kept in gfn order (the search below needs it), whatever the layout's order.
         self._order = sorted(range(len(layout)), key=lambda i: layout[i][0])
         self._first = np.array([layout[i][0] for i in self._order], np.int64)
-        self._count = [layout[i][1] for i in self._order]
-        nblocks = [-(-c // BLOCK) for c in self._count]
+        self._count = np.array([layout[i][1] for i in self._order], np.int64)
+        nblocks = -(-self._count // BLOCK)
         self._base = np.array([0, *np.cumsum(nblocks)], np.int64)  # the i-th in gfn order: base[i] .. base[i+1]
         self._blocks = np.zeros((int(self._base[-1]), 32), np.uint8)
         self._stale = np.ones(int(self._base[-1]), np.bool_)  # nothing hashed yet
@@ -73,13 +73,13 @@ class MetadataDigest:
                 return
             proc = np.searchsorted(self._base, stale, side="right") - 1
             lo = self._first[proc] + (stale - self._base[proc]) * BLOCK
-            lens = np.minimum(lo + BLOCK, self._first[proc] + np.array(self._count)[proc]) - lo
+            lens = np.minimum(lo + BLOCK, self._first[proc] + self._count[proc]) - lo
             ends = np.cumsum(lens)
             recs = np.empty((int(ends[-1]), RECORD), np.uint8)
             versions = self._versions.astype("<u8", copy=False)  # (a view: the hosts are little-endian)
             if len(stale) == len(self._stale):  # all of them (the first): the processes' runs as they lie
                 at = 0
-                for first, count in zip(self._first.tolist(), self._count):
+                for first, count in zip(self._first.tolist(), self._count.tolist()):
                     recs[at : at + count, :8] = versions[first : first + count, None].view(np.uint8)
                     recs[at : at + count, 8:] = self._tags[first : first + count]
                     at += count
@@ -99,6 +99,6 @@ class MetadataDigest:
         self.refresh()
         i = self._order.index(process)
         with self._hashing:
-            h = hashlib.blake2b(self._count[i].to_bytes(8, "little"), digest_size=32, person=DIGEST_PERSON)
+            h = hashlib.blake2b(int(self._count[i]).to_bytes(8, "little"), digest_size=32, person=DIGEST_PERSON)
             h.update(self._blocks[self._base[i] : self._base[i + 1]].tobytes())
             return h.digest()

@@ -742,7 +742,8 @@ class DestinationRun:
     def _bind_waiting(self) -> None:
         """The data sessions that came before CHANNELS and KEYS (a stream backend: its
         hypervisor listening), bound once those are in (or refused once pages came
-        without them): each read from then on."""
+        without them): each read from then on.  A stream backend's sessions, main one
+        included, get their socket queues bounded as its hypervisor listens."""
         eng = self.engine
         if eng.stream and eng.listening and not self._queues_bounded:
             self._queues_bounded = True
