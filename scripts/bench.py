@@ -42,8 +42,8 @@ select groups.
     scripts/bench --report-only     # re-render the report from bench-out/bench.json
 
 Writes bench-out/bench.json, bench-out/rounds.png (with matplotlib: the `bench`
-extra) and, for a full run of everything (not --quick, not a partial --only),
-docs/BENCHMARKS.md.  The report opens with the goal table.
+extra, which also brings py-spy for goal 6's projection) and, for a full run of
+everything (not --quick, not a partial --only), docs/BENCHMARKS.md.  The report opens with the goal table.
 """
 
 from __future__ import annotations
@@ -721,7 +721,7 @@ def gil_seconds_per_gib(palm: Palm, guest: int, rate: int = 200) -> dict[str, fl
     process can run in parallel."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not os.access(spy, os.X_OK):
-        raise RuntimeError("py-spy not installed (pip install py-spy)")
+        raise RuntimeError("py-spy not installed (the bench extra: pip install -e '.[bench]')")
     palm.n += 1
     name = f"gil{palm.n}"
     palm.a.request("vm.create", name=name, memory=str(guest), fill="random", seed=palm.n)
@@ -761,14 +761,20 @@ def channel_projection(palm: Palm, guest: int, one: dict[str, Any]) -> dict[str,
     except (RuntimeError, ControlError, OSError, subprocess.SubprocessError) as exc:
         return {"skipped": str(exc)}
     bounds = {"link": LINK_GIBS}
+    arithmetic = {"link": f"25 Gbit/s = {LINK_GIBS:.2f} GiB/s"}
     for side in ("source", "destination"):
         cpu = (one.get(f"cpu_{side}_s_per_gib") or {}).get("median")
         if cpu:
             bounds[f"{side} cores"] = PROJECTED_CORES / cpu
-        if gil[f"gil_{side}_s_per_gib"] > 0:
-            bounds[f"{side} GIL"] = 1 / gil[f"gil_{side}_s_per_gib"]
+            arithmetic[f"{side} cores"] = (f"{PROJECTED_CORES} cores / {cpu:.2f} CPU-s per GiB "
+                                           f"= {bounds[f'{side} cores']:.2f} GiB/s")
+        held = gil[f"gil_{side}_s_per_gib"]
+        if held > 0:
+            bounds[f"{side} GIL"] = 1 / held
+            arithmetic[f"{side} GIL"] = f"1 / {held:.2f} GIL-s per GiB = {bounds[f'{side} GIL']:.2f} GiB/s"
     limit = min(bounds, key=lambda k: bounds[k])
-    return {**gil, "bounds_gibs": bounds, "projected_gibs": bounds[limit], "limited_by": limit}
+    return {**gil, "bounds_gibs": bounds, "arithmetic": arithmetic, "projected_gibs": bounds[limit],
+            "limited_by": limit}
 
 
 def channel_cpu_table(modes: dict[str, Any]) -> list[str]:
@@ -786,13 +792,14 @@ def channel_cpu_table(modes: dict[str, Any]) -> list[str]:
 def projection_text(p: dict[str, Any]) -> list[str]:
     if not p or "skipped" in p:
         return [f"Projection skipped: {p.get('skipped', 'not measured')}.", ""]
-    b = p["bounds_gibs"]
+    b, how = p["bounds_gibs"], p.get("arithmetic") or {}
     return [f"Projection for {PROJECTED_CORES} cores a side and a 25 Gbit/s link ({LINK_GIBS:.2f} GiB/s), from "
-            "this run's per-GiB figures (1 channel): " + "; ".join(f"{k} bound {v:.2f} GiB/s" for k, v in b.items())
-            + f" (GIL held {p['gil_source_s_per_gib']:.2f} s/GiB at the source, "
-            f"{p['gil_destination_s_per_gib']:.2f} at the destination, of {p['wall_s_per_gib']:.2f} s/GiB of wall "
-            f"time): at most **{p['projected_gibs']:.2f} GiB/s**, limited by the {p['limited_by']}, an upper bound "
-            "(the channels share one process a side).", ""]
+            "this run's per-GiB figures (1 channel; CPU seconds of all of an agent's threads, and the seconds "
+            "py-spy saw a thread of it holding the GIL, which no number of channels in one process runs in "
+            f"parallel; {p['wall_s_per_gib']:.2f} s/GiB of wall time here):", "",
+            *(f"- {k}: {how.get(k, f'{v:.2f} GiB/s')}" for k, v in b.items()), "",
+            f"At most **{p['projected_gibs']:.2f} GiB/s** ({p['projected_gibs'] * 8 * GIB / 1e9:.1f} Gbit/s), "
+            f"limited by the {p['limited_by']}: an upper bound, as the channels share one process a side.", ""]
 
 
 def goal_channels(palm: Palm, rep: int, guest: int, work: Path) -> dict[str, Any]:

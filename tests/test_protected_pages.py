@@ -129,6 +129,34 @@ def test_a_page_is_not_sealed_again_once_the_final_state_is_exported(shm):
         vm.close()
 
 
+def test_a_paused_vms_protected_page_is_not_sealed_for_a_reader(shm):
+    """The untrusted view of a page in its process's view is a sealing under a new
+    version: on a paused VM, whose versions may be the migration's final state (the
+    blob went out), that is the next version the peer seals under.  Refused, nothing
+    changed; once running again the read seals as before, and a page already in the
+    cipher view reads while paused (nothing to seal)."""
+    vm = ModelVM.create(shm / "vm", "vm", 256, KEY, protected_processes=1, protected_pages=16, fill="random")
+    try:
+        p = vm.processes[0]
+        held, sealed = p.first + 2, p.first + 3
+        vm.process_write(0, held, b"the process's secret")
+        vm.enable_dirty_log()
+        vm.pause()
+        _read_all(vm, np.array([held], np.uint64), 1)  # the last round: sealed for sending, stays in the process view
+        vm.export_protection()
+        before = int(vm.arrays.versions[held]), bytes(vm.arrays.tags[held]), vm.memory_bytes()
+        with pytest.raises(VmError, match=r"paused: protected page \d+ is in its process's view"):
+            vm.os_read(held)
+        assert (int(vm.arrays.versions[held]), bytes(vm.arrays.tags[held]), vm.memory_bytes()) == before
+        assert vm.arrays.views[held] == VIEW_PROCESS
+        assert vm.os_read(sealed) == before[2][sealed * 4096 : (sealed + 1) * 4096]  # the cipher view: as it is
+        vm.resume_after_migration()
+        assert b"the process's secret" not in vm.os_read(held)
+        assert int(vm.arrays.versions[held]) == before[0] + 1
+    finally:
+        vm.close()
+
+
 def test_the_metadata_digest_does_not_depend_on_the_order_of_the_layout(shm):
     rng = np.random.default_rng(7)
     versions = rng.integers(0, 2**40, 400).astype(np.uint64)
