@@ -601,7 +601,8 @@ def downtime_breakdown(modes: dict[str, Any]) -> list[str]:
            "(finish), the destination loading, checking and making PREPARE durable until READY arrives (a "
            "stream backend's own completion is awaited beside it), the source's durable hand-off, then COMMIT, "
            "the destination's durable COMMIT, `cont` and DONE. The destination's own account of its part "
-           "(READY's and DONE's timings): the hypervisor loading the stream's end (load), PREPARE (prepare), "
+           "(READY's and DONE's timings): from STREAM_END, what it still held written to the hypervisor and "
+           "the hypervisor loading the stream's end (load), PREPARE (prepare), "
            "the durable COMMIT (commit), the activation (activate).\n",
            "| migration | downtime | " + " | ".join(phases) + " | " + " | ".join(f"dst {d}" for d in dest) + " |",
            "|---|---|" + "---|" * (len(phases) + len(dest))]

@@ -901,3 +901,62 @@ async def test_a_stream_destination_writes_each_stream_on_its_own_as_qemu_reads_
             assert src.receive((await main_src.receive()).data).type == "READY"
             nursery.cancel_scope.cancel()
     assert qemu.ended and {c: bytes(b) for c, b in qemu.streams.items()} == {0: main_bytes, 1: multifd}
+
+
+class _QemuLoadingSlowly(FakeStream):
+    """A destination QEMU that takes its stream's last bytes slowly: a write of the main
+    stream waits (a worker thread, as ``sendall`` on a full socket) until ``go`` is set."""
+
+    def __init__(self) -> None:
+        from palm_net.hypervisor.backend import VmInfo
+
+        super().__init__(VmInfo("q", bytes(16), 256, 1, 0, 0))
+        self.go = threading.Event()
+
+    def stream_in(self, data, channel: int = 0) -> None:
+        self.go.wait(10)  # (a backstop past the test's deadline)
+        super().stream_in(data, channel)
+
+
+async def test_readys_load_counts_the_stream_bytes_still_being_written_at_stream_end(tmp_path):
+    """proto 7.4: READY's load runs from STREAM_END until the hypervisor loaded the
+    stream's end.  What the destination still had to write to QEMU when STREAM_END came
+    is part of it (it is inside the pause: with QEMU's zero-page markers it was up to
+    49 ms here); timed from the hypervisor's own end alone, it read 0."""
+    from palm_net.migration.handoff import HandoffStore
+    from palm_net.migration.runner import DestinationRun
+    from palm_net.wire.messages import Ready, Stream, StreamEnd, timings_s
+    from tests.conftest import Pki
+
+    pki = Pki()
+    main_src, main_dst = _attested_pair(pki.config("src"), pki.config("dst"), Purpose.MIGRATION)
+    qemu = _QemuLoadingSlowly()
+    store = HandoffStore(tmp_path / "d.db")
+
+    async def open_vm(mid: bytes, begin: Begin, peer):
+        store.open_incoming(mid, begin.vm, begin.vm_id, peer)
+        return qemu
+
+    run = DestinationRun(main_dst, DestinationEngine(False, 1 << 20), store, SigningKey.generate(), open_vm)
+    src = SessionProtocol(Role.SOURCE, os.urandom(16))
+    data = b"QEVM" + os.urandom(10_000)
+    held = 0.3
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run.run)
+            await main_src.send(src.send(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec")))
+            assert src.receive((await main_src.receive()).data).type == "ACCEPT"
+            await main_src.send_batch([(src.send(Stream(len(data))), False),
+                                       *((bytes(p), True) for p in src.send_data(data))])
+            await main_src.send(src.send(StreamEnd(len(data))))
+            records, transcript = main_src.sent
+            await main_src.send(src.send(Complete(records, 1, transcript)))
+            while run.engine.state.value != "sealed":  # STREAM_END taken, the write still due
+                await trio.sleep(0.01)
+            await trio.sleep(held)
+            qemu.go.set()
+            ready = src.receive((await main_src.receive()).data)
+            assert ready.type == "READY"
+            load, _ = timings_s(ready.get(Ready).timings)
+            nursery.cancel_scope.cancel()
+    assert held <= load < 5 and qemu.ended and bytes(qemu.streams[0]) == data

@@ -80,7 +80,12 @@ class StreamIn(Effect):
 
 @dataclass(frozen=True)
 class EndStream(Effect):
-    """The stream is whole: wait until the hypervisor loaded it, paused: -> StreamLoaded."""
+    """The stream is whole: wait until the hypervisor loaded it, paused: -> StreamLoaded.
+    ``since``: when the shell saw the stream's end (its monotonic clock; 0: when it
+    performs this), so that READY's load counts the bytes still being written to the
+    hypervisor then (proto 7.4: from STREAM_END)."""
+
+    since: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ class DestinationHost:
                 cast(StreamBackend, vm).listen_stream(eff.channels)
                 return StreamListening()
             if isinstance(eff, EndStream):
-                t0 = time.monotonic()
+                t0 = eff.since or time.monotonic()
                 cast(StreamBackend, vm).end_stream()
                 return StreamLoaded(time.monotonic() - t0)
             if isinstance(eff, Settle):

@@ -56,6 +56,7 @@ from palm_net.migration.effects import (
     CommitAndActivate,
     Committed,
     Effect,
+    EndStream,
     HandOff,
     Note,
     OpenChannels,
@@ -807,6 +808,8 @@ class DestinationRun:
                     for applier in self._appliers.values():
                         applier.discarding = True
                     self._interrupt_stream()
+                if isinstance(eff, EndStream):  # READY's load from here: the writes still due are the pause's too
+                    eff = EndStream(since=time.monotonic())
                 await self._drain()
                 await self._perform([eff])
         records.clear()  # views of buf: only the batches hold it now
