@@ -145,7 +145,7 @@ def test_a_paused_vms_protected_page_is_not_sealed_for_a_reader(shm):
         _read_all(vm, np.array([held], np.uint64), 1)  # the last round: sealed for sending, stays in the process view
         vm.export_protection()
         before = int(vm.arrays.versions[held]), bytes(vm.arrays.tags[held]), vm.memory_bytes()
-        with pytest.raises(VmError, match=r"paused: protected page \d+ is in its process's view"):
+        with pytest.raises(VmError, match=r"paused: protected page \d+ is not sealed"):
             vm.os_read(held)
         assert (int(vm.arrays.versions[held]), bytes(vm.arrays.tags[held]), vm.memory_bytes()) == before
         assert vm.arrays.views[held] == VIEW_PROCESS
@@ -153,6 +153,48 @@ def test_a_paused_vms_protected_page_is_not_sealed_for_a_reader(shm):
         vm.resume_after_migration()
         assert b"the process's secret" not in vm.os_read(held)
         assert int(vm.arrays.versions[held]) == before[0] + 1
+    finally:
+        vm.close()
+
+
+def test_an_incoming_vms_protected_page_is_not_sealed_for_a_reader(shm):
+    """An incoming VM holds the source's keys and a page not yet arrived at version 0:
+    sealing it for a reader would use version 1, which the source sealed with the
+    page's own plaintext (the two ciphertexts together give that plaintext away).
+    Refused, nothing changed; an arrived page (in the cipher view) reads as it is."""
+    src = ModelVM.create(shm / "src", "vm", 256, KEY, protected_processes=1, protected_pages=16, fill="random")
+    dst = ModelVM.create_incoming(shm / "dst", "vm", src.vm_id, 256, src.vcpus, KEY, migration=b"m" * 16)
+    try:
+        p = src.processes[0]
+        arrived, waiting = p.first + 1, p.first + 2
+        src.enable_dirty_log()
+        dst.import_keys(src.export_keys())
+        for batch, data in _read_all(src, np.array([arrived], np.uint64), 0):
+            dst.write_pages(dataclasses.replace(batch, data=data))
+        assert dst.os_read(arrived) == src.memory_bytes()[arrived * 4096 : (arrived + 1) * 4096]
+        before = dst.memory_bytes(), bytes(dst.arrays.versions.tobytes())
+        with pytest.raises(VmError, match=r"incoming: protected page \d+ is not sealed"):
+            dst.os_read(waiting)
+        assert (dst.memory_bytes(), bytes(dst.arrays.versions.tobytes())) == before
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_the_switch_does_not_seal_once_the_final_state_is_exported(shm):
+    """Post-copy's switch reads the pages' final versions and MACs, sealing what is in
+    its process's view (proto 7.9); after the blob it may not, as the reader may not."""
+    vm = ModelVM.create(shm / "vm", "vm", 256, KEY, protected_processes=1, protected_pages=16, fill="random")
+    try:
+        gfn = vm.processes[0].first + 2
+        vm.enable_dirty_log()
+        vm.process_write(0, gfn, b"the process's secret")
+        vm.pause()
+        vm.export_protection()
+        version = int(vm.arrays.versions[gfn])
+        with pytest.raises(VmError, match="not sealed again"):
+            vm.read_metadata(np.array([gfn], np.uint64))
+        assert int(vm.arrays.versions[gfn]) == version and vm.arrays.views[gfn] == VIEW_PROCESS
     finally:
         vm.close()
 

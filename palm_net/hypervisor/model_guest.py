@@ -459,15 +459,17 @@ class ModelGuest(ConfiguredVM):
 
     def os_read(self, gfn: int) -> bytes:
         """What the guest OS (or any reader outside the VMM's trust) sees.  A protected
-        page in its process's view is sealed under a new version for it, which only a
-        running VM may do: a paused one's versions may already be the migration's
-        final state, and the peer seals from there (the same version twice, two
-        plaintexts, one key)."""
+        page in its process's view (or never sealed: version 0) is sealed under a new
+        version for it, which only a running VM may do: a paused one's versions may
+        already be the migration's final state, and the peer seals from there; an
+        incoming one's are the source's, which sealed version 1 with other plaintext
+        (the same version twice, two plaintexts, one key)."""
         with self._present(gfn):
             if self.meta.owners[gfn]:
-                if self.state != "running" and self.meta.views[gfn] == VIEW_PROCESS:
-                    raise VmError(f"VM {self.name!r} is {self.state}: protected page {gfn} is in its process's "
-                                  "view and is sealed for a reader only while the VM runs")
+                sealed = self.meta.views[gfn] == VIEW_CIPHER and self.meta.versions[gfn]
+                if self.state != "running" and not sealed:
+                    raise VmError(f"VM {self.name!r} is {self.state}: protected page {gfn} is not sealed, and "
+                                  "is sealed for a reader only while the VM runs")
                 self._to_cipher_view_locked(gfn)
             return self.mem[gfn * PAGE_SIZE : (gfn + 1) * PAGE_SIZE]
 
