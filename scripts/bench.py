@@ -43,7 +43,8 @@ select groups.
 
 Writes bench-out/bench.json, bench-out/rounds.png (with matplotlib: the `bench`
 extra, which also brings py-spy for goal 6's projection) and, for a full run of
-everything (not --quick, not a partial --only), docs/BENCHMARKS.md.  The report opens with the goal table.
+everything (not --quick, not a partial --only), docs/BENCHMARKS.md.  The report
+opens with the goal table.
 """
 
 from __future__ import annotations
