@@ -552,6 +552,14 @@ class ModelGuest(ConfiguredVM):
         if mark:
             self._mark_locked(gfn)
 
+    def _refuse_sealing_after_export(self, gfns: Gfns) -> None:
+        """VmError if any of ``gfns`` (protected pages about to be sealed for the migration)
+        would be sealed once the final state was exported: their versions and MACs were
+        final, and the peer may seal at the next."""
+        if len(gfns) and not self._reads_seal:
+            raise VmError(f"protected page {int(gfns[0])} is unsealed after the migration's final state: it is "
+                          "not sealed again")
+
     def _seal_out_locked(self, gfns: Gfns, out: npt.NDArray[np.uint8], rows: npt.NDArray[np.intp]) -> None:
         """Pages in the process view sealed for the migration reader, each under a
         bumped version, into ``out[rows]``: memory keeps the plaintext and the page
@@ -559,9 +567,7 @@ class ModelGuest(ConfiguredVM):
         switch to the cipher view instead rewrote each page in place through the
         journal, and the process's next access opened it again (17 us a page, in
         the pause for the last round's).  Not marked dirty: what is sent is this."""
-        if len(gfns) and not self._reads_seal:  # its version and MAC were final: the peer may seal at the next
-            raise VmError(f"protected page {int(gfns[0])} is in its process's view after the migration's final "
-                          "state: it is not sealed again")
+        self._refuse_sealing_after_export(gfns)
         a = self.arrays
         owners = a.owners[gfns]
         for owner in np.flatnonzero(np.bincount(owners)):

@@ -191,9 +191,7 @@ class PostcopyVM(ModelGuest):
         spans, pg = protected_spans(gfns, self.protected_ranges())
         with self._lock:
             due = pg[(a.views[pg] == VIEW_PROCESS) | (a.versions[pg] == 0)]
-            if len(due) and not self._reads_seal:  # (as _seal_out_locked: the final state went out)
-                raise VmError(f"protected page {int(due[0])} is unsealed after the migration's final state: it is "
-                              "not sealed again")
+            self._refuse_sealing_after_export(due)
             for gfn in due:
                 self._to_cipher_view_locked(int(gfn))
             for lo, hi in spans:
