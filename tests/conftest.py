@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -108,3 +109,17 @@ def raw_message(mtype: str, mid: bytes, seq: int, body: dict) -> bytes:
 
     return msgpack.packb({"v": messages.WIRE_VERSION, "t": mtype, "mid": mid, "seq": seq, "b": body},
                          use_bin_type=True)
+
+
+def data_bytes(fd: int) -> int:
+    """Bytes of a tmpfs file that hold data: pages written or faulted in (cleared), not
+    those only reserved or never touched (SEEK_DATA counts a page once it is up to date)."""
+    size, total, off = os.fstat(fd).st_size, 0, 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past off
+            break
+        off = os.lseek(fd, start, os.SEEK_HOLE)
+        total += off - start
+    return total

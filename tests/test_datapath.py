@@ -29,6 +29,7 @@ from palm_net.wire import messages
 from palm_net.wire.messages import DATA_RECORD, MAX_BULK, Accept, Begin, Pages, Stream
 from palm_net.wire.pages import IncomingPages
 from palm_net.wire.protocol import Data, Role, SessionProtocol
+from tests.conftest import data_bytes
 
 KEY = bytes(range(32))
 
@@ -385,15 +386,15 @@ def test_a_hypervisors_ram_file_is_reserved_and_faulted_in_beside_its_writer_its
         os.close(fd)
 
 
-def _incoming_ram(shm, size: int):
-    """A RAM file of ``size`` bytes, not yet allocated, and a Reserver faulting it in
-    and reserving it as an incoming QEMU's (the caller stops it)."""
+def _incoming_ram(shm, size: int, fault_in: bool = True, name: str = "guest.ram"):
+    """A RAM file of ``size`` bytes, not yet allocated, and a Reserver reserving it (and
+    faulting it in) as an incoming QEMU's (the caller stops it)."""
     from palm_net.hypervisor.reserver import Reserver
 
-    path = shm / "guest.ram"
+    path = shm / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(fd, size)
-    return fd, Reserver(path, None, size, "the guest's memory", fault_in=True)
+    return fd, Reserver(path, None, size, "the guest's memory", fault_in=fault_in)
 
 
 def _allocated(fd: int, size: int) -> bool:
@@ -469,6 +470,34 @@ def test_the_reservation_does_not_wait_behind_the_fault_in(shm, monkeypatch):
         helper.stop()
     finally:
         go.set()
+        os.close(fd)
+
+
+def test_a_fault_in_put_off_starts_when_asked_and_never_after_stop(shm):
+    """An incoming RAM file whose QEMU may leave alone the pages it is not sent (9.0+ on
+    multifd) is reserved but not faulted in until the stream's shape is known: asked
+    then (one channel: QEMU reads every page it is sent), all of it is faulted in;
+    once stopped, a late ask starts nothing."""
+    from palm_net.hypervisor.reserver import Reserver
+
+    size = 2 * Reserver.CHUNK
+    fd, helper = _incoming_ram(shm, size, fault_in=False)
+    try:
+        helper.wait(size, writing=False)
+        assert _allocated(fd, size) and data_bytes(fd) == 0 and helper._faulter is None
+        helper.start_fault_in()
+        assert helper._faulter is not None
+        helper._faulter.join(30)
+        assert data_bytes(fd) == size
+        helper.stop()
+    finally:
+        os.close(fd)
+    fd, late = _incoming_ram(shm, size, fault_in=False, name="late.ram")
+    try:
+        late.stop()
+        late.start_fault_in()
+        assert late._faulter is None and data_bytes(fd) == 0
+    finally:
         os.close(fd)
 
 

@@ -1103,3 +1103,43 @@ def test_a_stream_its_qemu_failed_to_load_is_refused(tmp_path):
     finally:
         for c in theirs:
             c.close()
+
+
+@pytest.mark.parametrize(("version", "drop"), [
+    ((7, 2), ["-runas", "2000000007:2000000007", "-chroot", "{root}"]),
+    ((9, 1), ["-run-with", "user=2000000007:2000000007,chroot={root}"]),  # 9.1 dropped -runas and -chroot
+], ids=["7.2", "9.1"])
+def test_qemu_is_told_to_drop_root_into_its_empty_root_as_its_version_spells_it(tmp_path, monkeypatch, version, drop):
+    """A QEMU that did not understand its confinement options would not start (10.0:
+    "-runas: invalid option"), and one that ignored them would run as root: each version
+    gets its own spelling of the same uid and chroot."""
+    from palm_net.hypervisor import qemu
+    from palm_net.hypervisor.qemu import QemuVM
+
+    monkeypatch.setattr(qemu, "qemu_version", lambda: version)
+    monkeypatch.setattr(qemu, "qemu_binary", lambda: "/usr/bin/qemu-system-x86_64")
+    config = {"backend": "qemu", "name": "q", "vm_id": "ab" * 16, "memory_mib": 64, "vcpus": 1, "machine": "pc",
+              "accel": "tcg", "args": [], "local_args": [], "state": "incoming", "policy": "any",
+              "migration": None, "pid": None, "uid": 2000000007, "run_dir": str(tmp_path / "run")}
+    vm = QemuVM(tmp_path / "vm", config)
+    cmd = vm._command(incoming=True, local=[], ram_fd=7)
+    root = str(tmp_path / "run" / "root")
+    at = cmd.index(drop[0])
+    assert cmd[at : at + len(drop)] == [w.format(root=root) for w in drop]
+    assert "-runas" not in cmd[at + len(drop):] and "-run-with" not in cmd[at + len(drop):]
+    assert cmd[cmd.index("-sandbox") + 1].endswith("elevateprivileges=allow")  # (it must setuid itself)
+
+
+def test_qemus_version_is_read_from_its_own_banner(tmp_path):
+    """What the command line and the migration's options depend on; (0, 0) where it
+    cannot be read (a binary that says nothing useful is treated as the oldest)."""
+    from palm_net.hypervisor.qemu import _binary_version
+
+    for banner, want in [("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", (10, 0)),
+                         ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", (7, 2)),
+                         ("something else", (0, 0))]:
+        fake = tmp_path / f"qemu-{want[0]}-{len(banner)}"
+        fake.write_text(f"#!/bin/sh\necho '{banner}'\n")
+        fake.chmod(0o700)
+        assert _binary_version(str(fake)) == want
+    assert _binary_version(str(tmp_path / "missing")) == (0, 0)

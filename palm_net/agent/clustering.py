@@ -39,7 +39,7 @@ from palm_net.errors import PalmError
 from palm_net.hypervisor.backend import PAGE_SIZE
 from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.orchestrate import IN_DOUBT, MigrationResult
-from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.migration.params import MigrationParams, MigrationStats, default_channels
 from palm_net.wire.protocol import Role
 
 # The member and what it uses (etcd's client, h11, the records, placement) are
@@ -356,7 +356,9 @@ class AgentCluster:
         def progress(stats: MigrationStats) -> None:
             on_sent(stats.transferred)
 
-        params = MigrationParams(bandwidth=float(bandwidth) if bandwidth else None)
+        vm = self.agent.registry.vms.get(name)  # (gone: migrate says so)
+        params = MigrationParams(bandwidth=float(bandwidth) if bandwidth else None,
+                                 channels=default_channels(vm.channels_wanted if vm is not None else 1))
         try:
             r = await self.agent.outgoing.migrate(name, addr, params, None, progress)
         except (AgentError, PalmError, ValueError) as exc:

@@ -286,8 +286,7 @@ class ControlServer:
             verify_digest=_arg(args, "verify_digest", bool, False),
             reply_timeout=_arg(args, "reply_timeout", float, d.reply_timeout),
             downtime_policy=_arg(args, "downtime_policy", str, d.downtime_policy),
-            channels=_arg(args, "channels", int, 0) or (1 if _arg(args, "postcopy", bool, False)
-                                                         else default_channels()),
+            channels=_arg(args, "channels", int, 0) or 1,  # none named: the VM's default, below
             postcopy=_arg(args, "postcopy", bool, False),
             postcopy_after=_arg(args, "postcopy_after", int, None),
         )
@@ -303,6 +302,8 @@ class ControlServer:
                 raise RequestError(f"cipher {cipher_name} is not available on this agent")
         name, to = _arg(args, "name", str), _arg(args, "to", str)
         vm = self.agent.outgoing.check(name, to, params)  # refused before anything starts: one line
+        if not _arg(args, "channels", int, 0) and not params.postcopy:
+            params.channels = default_channels(vm.channels_wanted)
         mid = os.urandom(16)
         meter = ProgressMeter(mid, trio.current_time())
         send, recv = trio.open_memory_channel[dict[str, Any]](1)

@@ -841,7 +841,7 @@ def _migrate_command(sub: Any) -> None:
     mg.add_argument("--channels", type=int, metavar="N",
                     help="carry the VM on N attested sessions at once, the main one and N-1 data sessions (a "
                          "QEMU guest: QEMU's multifd streams, one a session); 1-16, default: one for every four "
-                         "cores of the source's host, at most 8")
+                         "cores of the source's host, at most 8 (a QEMU guest with QEMU 9.0+: at least 2)")
     mg.add_argument("--postcopy", action="store_true",
                     help="model VMs: where the stop-and-copy would not fit the downtime limit (at --max-rounds/"
                          "--max-factor, or after --postcopy-after rounds), switch to post-copy: the VM runs on "

@@ -106,6 +106,12 @@ class HostedVM(Protocol):
         ...
 
     @property
+    def channels_wanted(self) -> int:
+        """The fewest channels this VM migrates on best, where the operator names none
+        (the host's own default may be more: migration.params.default_channels)."""
+        ...
+
+    @property
     def migration(self) -> bytes | None:
         """The migration this VM is part of (as source or incoming), if any."""
         ...

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import pwd
 import re
@@ -171,7 +173,9 @@ class StreamTail:
         if limit < 1:
             raise ValueError("a stream tail keeps at least one byte")
         self.limit = limit
-        self._ring = bytearray(limit)
+        # Mapped, not a bytearray: its pages come as the stream fills them, where a
+        # bytearray's 16 MiB were cleared before QEMU's migration could start.
+        self._ring = mmap.mmap(-1, limit)
         self._end = 0  # where the next byte goes
         self.size = 0  # bytes held (at most limit)
 
@@ -343,6 +347,32 @@ def read_head(conn: socket.socket, n: int, deadline: float) -> bytes:
 
 def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
+
+
+@functools.lru_cache(maxsize=4)
+def _binary_version(binary: str) -> tuple[int, int]:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=QMP_TIMEOUT,
+                             env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0, 0)
+    found = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def skips_unsent_zero_pages() -> bool:
+    """QEMU 9.0+ on multifd finds zero pages at the source and, at the destination,
+    leaves a page it has not received alone (``multifd_recv_zero_page_process``),
+    where its main stream reads every zero page it is sent (``ram_handle_zero``)."""
+    return qemu_version() >= (9, 0)
+
+
+def qemu_version() -> tuple[int, int]:
+    """(major, minor) of the QEMU found, (0, 0) if none or unreadable: what its
+    command line and its migration's options may use (QEMU 9.1 replaced -runas and
+    -chroot with -run-with; 9.0 skips zero pages it never received on multifd)."""
+    binary = qemu_binary()
+    return _binary_version(binary) if binary else (0, 0)
 
 
 KVM_GET_API_VERSION = 0xAE00
@@ -787,8 +817,11 @@ class QemuVM(ConfiguredVM):
         }
         vm = cls._new(vm_dir, run_parent, confine, config, reserve_now=False)
         try:
+            # Faulted in at once where QEMU reads every page it is sent; a QEMU that leaves
+            # alone those it is not sent data for (9.0+, on multifd) is faulted in only if
+            # its stream comes on one channel after all (listen_stream).
             vm._reserver = Reserver(vm.dir / GUEST_RAM, None, spec.memory_mib * MIB, "the guest's memory",
-                                    fault_in=True, reserved=vm._ram_reserved)
+                                    fault_in=not skips_unsent_zero_pages(), reserved=vm._ram_reserved)
             vm._start(incoming=True)
             vm._q().execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         except BaseException as exc:  # nothing of it stays: its helper stopped, QEMU and files gone
@@ -798,11 +831,19 @@ class QemuVM(ConfiguredVM):
             raise
         return vm
 
+    @property
+    def channels_wanted(self) -> int:
+        """Two where QEMU skips unsent zero pages on multifd (the main stream and one
+        multifd stream): the destination then clears only the pages the guest wrote."""
+        return 2 if skips_unsent_zero_pages() else 1
+
     def listen_stream(self, channels: int) -> None:
         """The incoming QEMU listens for the stream: one channel through a socket pair
         (``migrate-incoming fd:``); more with multifd, its main stream connected first
         (QEMU 7.2 takes the first connection as the main one), then one a channel."""
         q = self._q()
+        if channels == 1 and skips_unsent_zero_pages() and self._reserver is not None:
+            self._reserver.start_fault_in()  # its main stream reads every page: see create_incoming
         try:
             if channels == 1:
                 ours = self._pass_stream_fd(q)
@@ -899,7 +940,9 @@ class QemuVM(ConfiguredVM):
                "-m", str(s.memory_mib), "-smp", str(s.vcpus), "-nodefaults", "-display", "none",
                "-serial", "none", "-monitor", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                "-sandbox", SANDBOX + ("allow" if uid is not None else "deny")]
-        if uid is not None:
+        if uid is not None and qemu_version() >= (9, 1):
+            cmd += ["-run-with", f"user={uid}:{uid},chroot={self.run_dir / 'root'}"]
+        elif uid is not None:
             cmd += ["-runas", f"{uid}:{uid}", "-chroot", str(self.run_dir / "root")]
         cmd += [*s.args, *(self.local_args if local is None else local)]
         if incoming:

@@ -35,6 +35,7 @@ class Reserver:
     def __init__(self, path: Path, base: int | None, size: int, what: str = "the incoming VM's memory",
                  fault_in: bool = False, reserved: bool = False) -> None:
         self._fd = open_nofollow(path, os.O_RDWR)
+        self._path = path
         self._base = base  # where the file is mapped (it stays mapped until stop() returns); None: not ours
         self._what = what
         self._fault_in = fault_in and base is None  # see _fault_in_all
@@ -138,6 +139,31 @@ class Reserver:
                         return
             finally:
                 del anchor
+
+    def start_fault_in(self) -> None:
+        """Faults the file in from now on, beside what is left of its reservation (made
+        with ``fault_in`` False): for a hypervisor that may leave alone the pages it is
+        not sent (QEMU 9.0+ on multifd), known only once the stream's shape is; where it
+        reads every page it is sent, as above.  Best effort; not after stop()."""
+        with self._cond:
+            if self._base is not None or self._faulter is not None or self._stop:
+                return
+            try:
+                fd = open_nofollow(self._path, os.O_RDWR)
+            except (OSError, UnsafePathError):
+                return
+            faulter = threading.Thread(target=self._fault_in_beside, args=(fd,), daemon=True,
+                                       name=f"fault-in-{self._path.parent.name}")
+            try:
+                faulter.start()
+            except RuntimeError:  # no thread to be had: no speed-up either
+                os.close(fd)
+                return
+            self._faulter = faulter
+        tid = self._thread.native_id
+        if tid is not None:  # the fault-in first where the CPU is short, as above
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, tid, 10)
 
     def wait(self, end: int, writing: bool = True) -> None:
         """Returns once bytes [0, end) are reserved; NoRoomError if they never will be.

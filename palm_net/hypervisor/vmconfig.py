@@ -29,6 +29,10 @@ class ConfiguredVM:
         return self.state == "running"
 
     @property
+    def channels_wanted(self) -> int:
+        return 1
+
+    @property
     def policy(self) -> str:
         return str(self.config.get("policy", "any"))
 

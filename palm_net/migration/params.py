@@ -15,11 +15,12 @@ from palm_net.wire.protocol import REPLY_TIMEOUT
 DOWNTIME_POLICIES = ("pause", "abort", "continue", "throttle")
 
 
-def default_channels() -> int:
+def default_channels(wanted: int = 1) -> int:
     """Channels for a migration when the operator names none: a channel keeps about
     a core busy at each end (Python around libsodium), so one for every four cores (the
-    guests keep the rest), at most 8: 1 on a host of fewer than 8 cores."""
-    return max(1, min(8, (os.cpu_count() or 1) // 4))
+    guests keep the rest), at most 8: 1 on a host of fewer than 8 cores; at least what
+    the VM's hypervisor migrates on best (``wanted``: HostedVM.channels_wanted)."""
+    return max(1, wanted, min(8, (os.cpu_count() or 1) // 4))
 
 
 @dataclass
