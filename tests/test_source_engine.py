@@ -407,6 +407,22 @@ def test_a_stream_backends_digest_waits_for_the_hypervisors_completion(shm, fini
     assert asked.count(DigestMemory) == 1
 
 
+@pytest.mark.parametrize("verify", [True, False], ids=["verify-digest", "no digest"])
+def test_a_stream_backend_finds_what_its_digest_leaves_out_at_completion_only_when_a_digest_follows(shm, verify):
+    """The search of the stream's end for its kvmclock areas took 4-5 ms of the pause:
+    the hypervisor's completion is asked for it only where our digest follows."""
+    from palm_net.hypervisor.qemu import QemuSpec
+    from palm_net.migration.effects import FinishStream, StreamSent, StreamStarted
+
+    vm = ModelVM.create(shm / "vm", "vm", 256, KEY, fill="random")
+    eng = SourceEngine(os.urandom(16), vm.info, MigrationParams(verify_digest=verify), stream=True,
+                       spec=QemuSpec(1, 1, "pc", "tcg").encode())
+    eng.start(0.0)
+    eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
+    eng.on_result(StreamStarted(), 0.2)
+    assert [e.digest for e in eng.on_result(StreamSent(), 0.3) if isinstance(e, FinishStream)] == [verify]
+
+
 def test_the_source_goes_on_while_a_round_halves_the_rest_and_it_would_cost_above_a_hundredth_of_the_limit(shm):
     """proto 7.1: past the limit's test, one more round while the last one at least halved
     the dirty set and its expected downtime is above a hundredth of the limit (3 ms of the

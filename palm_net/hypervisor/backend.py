@@ -173,9 +173,10 @@ class StreamBackend(HostedVM, Protocol):
         socket of those returned, the main stream's first."""
         ...
 
-    def finish_stream(self) -> dict[str, Any]:
+    def finish_stream(self, digest: bool = False) -> dict[str, Any]:
         """After the stream ended: the hypervisor completed (its guest paused); its figures
-        (the keys of palm_net.hypervisor.qemu.migration_figures)."""
+        (the keys of palm_net.hypervisor.qemu.migration_figures).  ``digest``: a digest
+        of its memory follows (what it leaves out is part of the figures)."""
         ...
 
     def listen_stream(self, channels: int) -> None:

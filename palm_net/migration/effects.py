@@ -220,8 +220,10 @@ class SendStream(Effect):
 @dataclass(frozen=True)
 class FinishStream(Effect):
     """The hypervisor completed its migration (its guest paused), awaited beside the
-    destination's checks: -> StreamFinished."""
+    destination's checks: -> StreamFinished.  ``digest``: our digest follows (what it
+    leaves out is found now, not at a digest that never comes)."""
 
+    digest: bool = False
     beside = True
 
 

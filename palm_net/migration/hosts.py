@@ -147,7 +147,7 @@ class SourceHost:
             return FinalState(vm.export_cpu_state(), vm.export_protection())
         if isinstance(eff, FinishStream):
             stream = cast(StreamBackend, self.vm)
-            figures = stream.finish_stream()
+            figures = stream.finish_stream(eff.digest)
             return StreamFinished(stream.paused_at, figures)
         if isinstance(eff, DigestMemory):
             return Digested(self.vm.page_digest())

@@ -515,7 +515,7 @@ class SourceEngine:
         self.stats.marks["last-byte"] = now  # the hypervisor's last byte read and sent on
         self.stats.phase = Phase.STOP_AND_COPY
         self._beside_due.add(StreamFinished)
-        return [self._send(StreamEnd(self.channel_bytes[0])), FinishStream(),
+        return [self._send(StreamEnd(self.channel_bytes[0])), FinishStream(self.params.verify_digest),
                 *self._request(Step.COMPLETING, ReadTranscript(), Transcript)]
 
     def _stream_finished(self, result: StreamFinished, now: float) -> list[Effect]:
