@@ -381,6 +381,21 @@ def test_a_clear_record_never_carries_the_destinations_word(shm):
     assert info.value.code is ErrorCode.UNAUTHENTICATED
 
 
+def _streamed(shm, verify: bool) -> tuple[SourceEngine, list]:
+    """A stream backend's source engine whose hypervisor's stream just ended, and
+    what it asked for then (StreamSent's effects, its messages left out)."""
+    from palm_net.hypervisor.qemu import QemuSpec
+    from palm_net.migration.effects import StreamSent, StreamStarted
+
+    vm = ModelVM.create(shm / "vm", "vm", 256, KEY, fill="random")
+    eng = SourceEngine(os.urandom(16), vm.info, MigrationParams(verify_digest=verify), stream=True,
+                       spec=QemuSpec(1, 1, "pc", "tcg").encode())
+    eng.start(0.0)
+    eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
+    eng.on_result(StreamStarted(), 0.2)
+    return eng, [e for e in eng.on_result(StreamSent(), 0.3) if not isinstance(e, Send)]
+
+
 @pytest.mark.parametrize("finished_first", [True, False])
 def test_a_stream_backends_digest_waits_for_the_hypervisors_completion(shm, finished_first):
     """A QEMU guest's digest leaves out the kvmclock areas its stream's CPU state names,
@@ -388,17 +403,10 @@ def test_a_stream_backends_digest_waits_for_the_hypervisors_completion(shm, fini
     for only then, whichever comes first of it and the transcript.  Asked at COMPLETE,
     it could run beside the completion, before the areas were known, and differ from
     the destination's (seen once in CI: digest-mismatch, the VM back on the source)."""
-    from palm_net.hypervisor.qemu import QemuSpec
-    from palm_net.migration.effects import FinishStream, StreamFinished, StreamSent, StreamStarted
+    from palm_net.migration.effects import FinishStream, StreamFinished
 
-    vm = ModelVM.create(shm / "vm", "vm", 256, KEY, fill="random")
-    eng = SourceEngine(os.urandom(16), vm.info, MigrationParams(verify_digest=True), stream=True,
-                       spec=QemuSpec(1, 1, "pc", "tcg").encode())
-    eng.start(0.0)
-    eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
-    eng.on_result(StreamStarted(), 0.2)
-    assert [type(e) for e in eng.on_result(StreamSent(), 0.3) if not isinstance(e, Send)] == \
-        [FinishStream, ReadTranscript]
+    eng, asked_at_end = _streamed(shm, verify=True)
+    assert [type(e) for e in asked_at_end] == [FinishStream, ReadTranscript]
     finished, transcript = StreamFinished(0.25, {"rounds": 2}), Transcript(5, bytes(32))
     first, then = (finished, transcript) if finished_first else (transcript, finished)
     asked = [type(e) for e in eng.on_result(first, 0.4)]
@@ -411,16 +419,10 @@ def test_a_stream_backends_digest_waits_for_the_hypervisors_completion(shm, fini
 def test_a_stream_backend_finds_what_its_digest_leaves_out_at_completion_only_when_a_digest_follows(shm, verify):
     """The search of the stream's end for its kvmclock areas took 4-5 ms of the pause:
     the hypervisor's completion is asked for it only where our digest follows."""
-    from palm_net.hypervisor.qemu import QemuSpec
-    from palm_net.migration.effects import FinishStream, StreamSent, StreamStarted
+    from palm_net.migration.effects import FinishStream
 
-    vm = ModelVM.create(shm / "vm", "vm", 256, KEY, fill="random")
-    eng = SourceEngine(os.urandom(16), vm.info, MigrationParams(verify_digest=verify), stream=True,
-                       spec=QemuSpec(1, 1, "pc", "tcg").encode())
-    eng.start(0.0)
-    eng.on_record(_from_destination(eng, 0, Accept()), 0.1)
-    eng.on_result(StreamStarted(), 0.2)
-    assert [e.digest for e in eng.on_result(StreamSent(), 0.3) if isinstance(e, FinishStream)] == [verify]
+    _, asked_at_end = _streamed(shm, verify)
+    assert [e.digest for e in asked_at_end if isinstance(e, FinishStream)] == [verify]
 
 
 def test_the_source_goes_on_while_a_round_halves_the_rest_and_it_would_cost_above_a_hundredth_of_the_limit(shm):

@@ -144,10 +144,11 @@ class Reserver:
         """Faults the file in from now on, beside what is left of its reservation (made
         with ``fault_in`` False): for a hypervisor that may leave alone the pages it is
         not sent (QEMU 9.0+ on multifd), known only once the stream's shape is; where it
-        reads every page it is sent, as above.  Best effort; not after stop()."""
+        reads every page it is sent, as above.  Best effort; not after stop().  (The
+        reservation keeps its priority: mostly done by then.)"""
         with self._cond:
-            if self._base is not None or self._faulter is not None or self._stop:
-                return
+            if self._fault_in or self._base is not None or self._faulter is not None or self._stop:
+                return  # (``fault_in``: faulted in already, beside or after the reservation)
             try:
                 fd = open_nofollow(self._path, os.O_RDWR)
             except (OSError, UnsafePathError):
@@ -160,10 +161,6 @@ class Reserver:
                 os.close(fd)
                 return
             self._faulter = faulter
-        tid = self._thread.native_id
-        if tid is not None:  # the fault-in first where the CPU is short, as above
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid, 10)
 
     def wait(self, end: int, writing: bool = True) -> None:
         """Returns once bytes [0, end) are reserved; NoRoomError if they never will be.
