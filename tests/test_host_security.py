@@ -727,7 +727,7 @@ def _source_vm(tmp_path: Path, pid: int) -> QemuVM:
     run_dir.mkdir(mode=0o700)
     (run_dir / "root").mkdir(mode=0o500)
     vm = object.__new__(QemuVM)  # (its migration's part only: no QEMU is started)
-    vm.run_dir, vm.config = run_dir, {"uid": None, "pid": pid}
+    vm.run_dir, vm.config, vm._reserver = run_dir, {"uid": None, "pid": pid}, None
     return vm
 
 
@@ -1106,13 +1106,15 @@ def test_a_stream_its_qemu_failed_to_load_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("version", "drop"), [
+    ((0, 0), ["-runas", "2000000007:2000000007", "-chroot", "{root}"]),  # unknown: refused by a QEMU without them
     ((7, 2), ["-runas", "2000000007:2000000007", "-chroot", "{root}"]),
-    ((9, 1), ["-run-with", "user=2000000007:2000000007,chroot={root}"]),  # 9.1 dropped -runas and -chroot
-], ids=["7.2", "9.1"])
+    ((9, 0), ["-runas", "2000000007:2000000007", "-run-with", "chroot={root}"]),  # -chroot gone in 9.0
+    ((10, 0), ["-run-with", "user=2000000007:2000000007,chroot={root}"]),  # -runas gone in 10.0
+], ids=["unknown", "7.2", "9.0", "10.0"])
 def test_qemu_is_told_to_drop_root_into_its_empty_root_as_its_version_spells_it(tmp_path, monkeypatch, version, drop):
     """A QEMU that did not understand its confinement options would not start (10.0:
-    "-runas: invalid option"), and one that ignored them would run as root: each version
-    gets its own spelling of the same uid and chroot."""
+    "-runas: invalid option"; 9.0: no -chroot), and one that ignored them would run as
+    root: each version gets its own spelling of the same uid and chroot."""
     from palm_net.hypervisor import qemu
     from palm_net.hypervisor.qemu import QemuVM
 
@@ -1126,20 +1128,35 @@ def test_qemu_is_told_to_drop_root_into_its_empty_root_as_its_version_spells_it(
     root = str(tmp_path / "run" / "root")
     at = cmd.index(drop[0])
     assert cmd[at : at + len(drop)] == [w.format(root=root) for w in drop]
-    assert "-runas" not in cmd[at + len(drop):] and "-run-with" not in cmd[at + len(drop):]
+    assert not {"-runas", "-run-with", "-chroot"} & set(cmd[at + len(drop):])
     assert cmd[cmd.index("-sandbox") + 1].endswith("elevateprivileges=allow")  # (it must setuid itself)
 
 
-def test_qemus_version_is_read_from_its_own_banner(tmp_path):
-    """What the command line and the migration's options depend on; (0, 0) where it
-    cannot be read (a binary that says nothing useful is treated as the oldest)."""
-    from palm_net.hypervisor.qemu import _binary_version
+def test_qemus_version_is_read_from_its_own_banner_and_asked_again_of_a_new_binary(tmp_path, monkeypatch):
+    """What the command line and the migration's options depend on; (0, 0), not
+    remembered, where it cannot be read (an unknown QEMU is taken for the oldest);
+    the same file is asked once, an upgrade in place again."""
+    import subprocess
 
-    for banner, want in [("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", (10, 0)),
-                         ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", (7, 2)),
-                         ("something else", (0, 0))]:
-        fake = tmp_path / f"qemu-{want[0]}-{len(banner)}"
-        fake.write_text(f"#!/bin/sh\necho '{banner}'\n")
-        fake.chmod(0o700)
-        assert _binary_version(str(fake)) == want
-    assert _binary_version(str(tmp_path / "missing")) == (0, 0)
+    from palm_net.hypervisor import qemu
+    from palm_net.hypervisor.qemu import _binary_version, parse_qemu_version
+
+    assert parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n") == (10, 0)
+    assert parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)") == (7, 2)
+    assert parse_qemu_version("Copyright (c) 2003-2025 version 9.9") == (0, 0)
+    asked: list[str] = []
+    says = ["garbage", "QEMU emulator version 9.2.0", "QEMU emulator version 10.1.0"]
+
+    def run(args, **kwargs):
+        asked.append(args[0])
+        return subprocess.CompletedProcess(args, 0, says[len(asked) - 1], "")
+
+    monkeypatch.setattr(qemu.subprocess, "run", run)
+    binary = tmp_path / "qemu-system-x86_64"
+    binary.write_text("")
+    assert _binary_version(str(binary)) == (0, 0)  # unreadable: asked again next time
+    assert _binary_version(str(binary)) == (9, 2) == _binary_version(str(binary))
+    assert len(asked) == 2
+    os.utime(binary, ns=(0, 1))  # replaced in place
+    assert _binary_version(str(binary)) == (10, 1) and len(asked) == 3
+    assert _binary_version(str(tmp_path / "missing")) == (0, 0) and len(asked) == 3

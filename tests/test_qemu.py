@@ -29,7 +29,7 @@ from palm_net.hypervisor.qemu import (
     split_args,
 )
 from palm_net.hypervisor.qemu import live_processes as qemu_processes
-from palm_net.migration.params import MigrationParams
+from palm_net.migration.params import MigrationParams, default_channels
 from palm_net.testing.cluster import LocalCluster
 from palm_net.testing.proxy import FaultProxy, Rule
 from tests.conftest import data_bytes, raw_message
@@ -181,7 +181,7 @@ async def test_a_qemu_guest_migrates_on_two_channels_by_default_and_its_unwritte
         str(cluster.members["a"].config.control), "migrate", {"name": vm.name, "to": cluster.addr("b")},
         timeout=120))
     assert d["ok"], d
-    assert d["channels"] == 2
+    assert d["channels"] == default_channels(2)
     moved = b.vms[vm.name]
     assert isinstance(moved, QemuVM) and moved.qemu_status() == "running"
     assert moved.read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()

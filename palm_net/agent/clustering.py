@@ -357,8 +357,9 @@ class AgentCluster:
             on_sent(stats.transferred)
 
         vm = self.agent.registry.vms.get(name)  # (gone: migrate says so)
-        params = MigrationParams(bandwidth=float(bandwidth) if bandwidth else None,
-                                 channels=default_channels(vm.channels_wanted if vm is not None else 1))
+        # (A QEMU's may ask its binary: not on the event loop.)
+        wanted = await trio.to_thread.run_sync(lambda: vm.channels_wanted) if vm is not None else 1
+        params = MigrationParams(bandwidth=float(bandwidth) if bandwidth else None, channels=default_channels(wanted))
         try:
             r = await self.agent.outgoing.migrate(name, addr, params, None, progress)
         except (AgentError, PalmError, ValueError) as exc:

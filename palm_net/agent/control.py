@@ -302,8 +302,8 @@ class ControlServer:
                 raise RequestError(f"cipher {cipher_name} is not available on this agent")
         name, to = _arg(args, "name", str), _arg(args, "to", str)
         vm = self.agent.outgoing.check(name, to, params)  # refused before anything starts: one line
-        if not _arg(args, "channels", int, 0) and not params.postcopy:
-            params.channels = default_channels(vm.channels_wanted)
+        if not _arg(args, "channels", int, 0) and not params.postcopy:  # (QEMU's: it may ask the binary)
+            params.channels = default_channels(await trio.to_thread.run_sync(lambda: vm.channels_wanted))
         mid = os.urandom(16)
         meter = ProgressMeter(mid, trio.current_time())
         send, recv = trio.open_memory_channel[dict[str, Any]](1)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import itertools
 import json
@@ -175,7 +174,7 @@ class StreamTail:
         self.limit = limit
         # Mapped, not a bytearray: its pages come as the stream fills them, where a
         # bytearray's 16 MiB were cleared before QEMU's migration could start.
-        self._ring = mmap.mmap(-1, limit)
+        self._ring = mmap.mmap(-1, limit, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._end = 0  # where the next byte goes
         self.size = 0  # bytes held (at most limit)
 
@@ -349,15 +348,32 @@ def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
 
 
-@functools.lru_cache(maxsize=4)
+def parse_qemu_version(banner: str) -> tuple[int, int]:
+    """(major, minor) from ``qemu-system-x86_64 --version``'s first line; (0, 0) if none."""
+    found = re.match(r"QEMU emulator version (\d+)\.(\d+)", banner)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+_versions: dict[tuple[str, int, int, int], tuple[int, int]] = {}  # by the binary's path, inode and mtime
+
+
 def _binary_version(binary: str) -> tuple[int, int]:
+    """A binary's QEMU version, asked once per file (an upgrade in place is a new one);
+    (0, 0), not remembered, where it cannot be read now."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=QMP_TIMEOUT,
-                             env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, check=False).stdout
+        st = os.stat(binary)
+        key = (binary, st.st_dev, st.st_ino, st.st_mtime_ns)
+        if key not in _versions:
+            out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=QMP_TIMEOUT,
+                                 stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+                                 check=False).stdout
+            version = parse_qemu_version(out)
+            if version == (0, 0):
+                return version
+            _versions[key] = version
+        return _versions[key]
     except (OSError, subprocess.SubprocessError):
         return (0, 0)
-    found = re.search(r"version (\d+)\.(\d+)", out)
-    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def skips_unsent_zero_pages() -> bool:
@@ -369,8 +385,9 @@ def skips_unsent_zero_pages() -> bool:
 
 def qemu_version() -> tuple[int, int]:
     """(major, minor) of the QEMU found, (0, 0) if none or unreadable: what its
-    command line and its migration's options may use (QEMU 9.1 replaced -runas and
-    -chroot with -run-with; 9.0 skips zero pages it never received on multifd)."""
+    command line and its migration's options may use (-run-with chroot= from 8.1,
+    -chroot gone in 9.0; -run-with user= from 9.1, -runas gone in 10.0; 9.0 skips
+    zero pages it never received on multifd).  Blocking (it may run the binary)."""
     binary = qemu_binary()
     return _binary_version(binary) if binary else (0, 0)
 
@@ -819,7 +836,8 @@ class QemuVM(ConfiguredVM):
         try:
             # Faulted in at once where QEMU reads every page it is sent; a QEMU that leaves
             # alone those it is not sent data for (9.0+, on multifd) is faulted in only if
-            # its stream comes on one channel after all (listen_stream).
+            # its stream comes on one channel after all (listen_stream): faulted in from
+            # here and called off there, two channels took 3.5 s against 2.0 (4 runs each).
             vm._reserver = Reserver(vm.dir / GUEST_RAM, None, spec.memory_mib * MIB, "the guest's memory",
                                     fault_in=not skips_unsent_zero_pages(), reserved=vm._ram_reserved)
             vm._start(incoming=True)
@@ -842,9 +860,11 @@ class QemuVM(ConfiguredVM):
         (``migrate-incoming fd:``); more with multifd, its main stream connected first
         (QEMU 7.2 takes the first connection as the main one), then one a channel."""
         q = self._q()
-        if channels == 1 and skips_unsent_zero_pages() and self._reserver is not None:
-            self._reserver.start_fault_in()  # its main stream reads every page: see create_incoming
+        helper = self._reserver
         try:
+            if helper is not None and skips_unsent_zero_pages() and (  # see create_incoming
+                    channels == 1 or q.execute("query-migrate-parameters").get("zero-page-detection") != "multifd"):
+                helper.start_fault_in()  # (an old machine type's QEMU reads every zero page it is sent)
             if channels == 1:
                 ours = self._pass_stream_fd(q)
                 self._incoming.append(ours)
@@ -940,10 +960,14 @@ class QemuVM(ConfiguredVM):
                "-m", str(s.memory_mib), "-smp", str(s.vcpus), "-nodefaults", "-display", "none",
                "-serial", "none", "-monitor", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                "-sandbox", SANDBOX + ("allow" if uid is not None else "deny")]
-        if uid is not None and qemu_version() >= (9, 1):
-            cmd += ["-run-with", f"user={uid}:{uid},chroot={self.run_dir / 'root'}"]
-        elif uid is not None:
-            cmd += ["-runas", f"{uid}:{uid}", "-chroot", str(self.run_dir / "root")]
+        if uid is not None:  # each version's spelling of the same drop (qemu_version)
+            version, root = qemu_version(), self.run_dir / "root"
+            if version >= (9, 1):
+                cmd += ["-run-with", f"user={uid}:{uid},chroot={root}"]
+            elif version >= (8, 1):
+                cmd += ["-runas", f"{uid}:{uid}", "-run-with", f"chroot={root}"]
+            else:
+                cmd += ["-runas", f"{uid}:{uid}", "-chroot", str(root)]
         cmd += [*s.args, *(self.local_args if local is None else local)]
         if incoming:
             cmd += ["-S", "-incoming", "defer"]
@@ -1263,7 +1287,8 @@ class QemuVM(ConfiguredVM):
             self._multifd(q, channels)
         q.events.clear()
         self._tail = StreamTail()
-        self.digest_excluded = []
+        with self._areas_lock:
+            self.digest_excluded, self._areas_due = [], False
         if channels > 1:
             conns = self._accept_streams(q, channels)
         else:
