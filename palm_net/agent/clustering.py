@@ -29,7 +29,7 @@ import trio
 
 from palm_net.agent.errors import AgentError
 from palm_net.agent.incoming import IncomingService
-from palm_net.agent.outgoing import OutgoingService, parse_hostport
+from palm_net.agent.outgoing import OutgoingService, channels_by_default, parse_hostport
 from palm_net.agent.registry import VmRegistry
 from palm_net.channel.handshake import ChannelConfig, PeerInfo, Purpose
 from palm_net.channel.transport import SecureChannel
@@ -39,7 +39,7 @@ from palm_net.errors import PalmError
 from palm_net.hypervisor.backend import PAGE_SIZE
 from palm_net.migration.handoff import HandoffState, HandoffStore
 from palm_net.migration.orchestrate import IN_DOUBT, MigrationResult
-from palm_net.migration.params import MigrationParams, MigrationStats, default_channels
+from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.wire.protocol import Role
 
 # The member and what it uses (etcd's client, h11, the records, placement) are
@@ -357,9 +357,8 @@ class AgentCluster:
             on_sent(stats.transferred)
 
         vm = self.agent.registry.vms.get(name)  # (gone: migrate says so)
-        # (A QEMU's may ask its binary: not on the event loop.)
-        wanted = await trio.to_thread.run_sync(lambda: vm.channels_wanted) if vm is not None else 1
-        params = MigrationParams(bandwidth=float(bandwidth) if bandwidth else None, channels=default_channels(wanted))
+        params = MigrationParams(bandwidth=float(bandwidth) if bandwidth else None,
+                                 channels=await channels_by_default(vm) if vm is not None else 1)
         try:
             r = await self.agent.outgoing.migrate(name, addr, params, None, progress)
         except (AgentError, PalmError, ValueError) as exc:

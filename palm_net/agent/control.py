@@ -21,7 +21,7 @@ import trio
 
 from palm_net.agent.client import CONTROL_VERSION
 from palm_net.agent.errors import AgentError
-from palm_net.agent.outgoing import OutgoingService
+from palm_net.agent.outgoing import OutgoingService, channels_by_default
 from palm_net.agent.progress import ProgressMeter
 from palm_net.agent.registry import VmRegistry
 from palm_net.crypto.noise import CipherName
@@ -29,7 +29,7 @@ from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.qemu import QemuVM
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.jsonlines import JsonLines, LineError
-from palm_net.migration.params import MigrationParams, MigrationStats, default_channels
+from palm_net.migration.params import MigrationParams, MigrationStats
 from palm_net.trioutil import single_error
 from palm_net.units import parse_rate, parse_size
 
@@ -303,7 +303,7 @@ class ControlServer:
         name, to = _arg(args, "name", str), _arg(args, "to", str)
         vm = self.agent.outgoing.check(name, to, params)  # refused before anything starts: one line
         if not _arg(args, "channels", int, 0) and not params.postcopy:  # (QEMU's: it may ask the binary)
-            params.channels = default_channels(await trio.to_thread.run_sync(lambda: vm.channels_wanted))
+            params.channels = await channels_by_default(vm)
         mid = os.urandom(16)
         meter = ProgressMeter(mid, trio.current_time())
         send, recv = trio.open_memory_channel[dict[str, Any]](1)

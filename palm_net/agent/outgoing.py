@@ -30,7 +30,7 @@ from palm_net.errors import PalmError
 from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffState, HandoffStore, may_run, may_scrub
 from palm_net.migration.orchestrate import IN_DOUBT, MigrationResult, migrate_out, override_resume, recover_once
-from palm_net.migration.params import MigrationParams, MigrationStats
+from palm_net.migration.params import MigrationParams, MigrationStats, default_channels
 from palm_net.migration.runner import Stop
 from palm_net.wire.protocol import Role
 
@@ -49,6 +49,13 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"bad address {text!r}: use HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+async def channels_by_default(vm: AnyVM) -> int:
+    """The channels a migration of ``vm`` takes when none are named: the host's default,
+    at least what its hypervisor migrates on best (a QEMU's asks its binary: off the
+    event loop)."""
+    return default_channels(await trio.to_thread.run_sync(lambda: vm.channels_wanted))
 
 
 @dataclass
