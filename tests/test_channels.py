@@ -20,7 +20,7 @@ from palm_net.channel.records import Record
 from palm_net.channel.transport import SecureChannel
 from palm_net.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from palm_net.migration import runner
-from palm_net.migration.destination import MAX_VERSION, DestinationEngine, Lane
+from palm_net.migration.destination import DestinationEngine, Lane
 from palm_net.migration.effects import (
     Aborted,
     AbortForever,
@@ -93,7 +93,7 @@ class _Dest:
                           OpenIncoming)
         self.src.receive(self.eng.on_result(Opened(0))[0].data)  # ACCEPT
         assert isinstance(self.main(Keys(b"k"))[0], ImportKeys)
-        self.eng.on_result(KeysImported(0))
+        self.eng.on_result(KeysImported(()))
         assert self.main(Channels(count)) == []
         self.count = count
         self.lanes: dict[int, tuple[SessionProtocol, Lane, list[int]]] = {}
@@ -169,14 +169,15 @@ def test_a_gfn_travels_on_its_own_channel_only():
     assert [type(e) for e in d3.main(d3.zero_pages([0, 255]))] == [ApplyPages]
 
 
-def test_a_page_at_the_highest_version_is_not_rolled_back():
-    """The per-page table keeps version + 1 in 4 bytes: the highest version still refuses an older one."""
+def test_a_pages_round_never_goes_back_on_its_own_channel():
+    """A zero or normal page's version is its round (proto 6), so a channel's rounds never going
+    back is what refuses an older copy of it (the destination keeps no version for it)."""
     for channel, gfn in ((0, 0), (1, 256)):
         d = _Dest()
         d.bind(1)
         send = d.main if channel == 0 else lambda body: d.on(1, body)
         g = np.array([gfn], np.uint64)
-        send(PageBatch(g, b"\x00", np.array([MAX_VERSION - 1], np.uint64), b"").message(0))
+        send(PageBatch(g, b"\x00", np.ones(1, np.uint64), b"").message(1))
         with pytest.raises(RemoteProtocolError) as exc:
             send(PageBatch(g, b"\x00", np.zeros(1, np.uint64), b"").message(0))
         assert exc.value.code is ErrorCode.ROLLBACK
@@ -271,7 +272,7 @@ def test_a_data_session_binds_from_channels_and_keys_until_the_session_has_an_ou
     eng.on_record(Record(src.send(Begin("v", bytes(16), 512, 0, 0, 1, False, False, "model", b"")), 0, bytes(32)))
     src.receive(eng.on_result(Opened(0))[0].data)  # ACCEPT
     assert isinstance(eng.on_record(Record(src.send(Keys(b"k")), 1, bytes(32)))[0], ImportKeys)
-    eng.on_result(KeysImported(0))
+    eng.on_result(KeysImported(()))
     assert not eng.binding  # the keys, no CHANNELS (a BIND's count, at least 2, is refused anyway)
     eng2 = DestinationEngine(False, 1 << 20)
     src2 = SessionProtocol(Role.SOURCE, MID)
@@ -627,7 +628,7 @@ def test_the_channel_vectors_are_what_a_destination_engine_accepts():
     assert isinstance(eng.on_record(Record(main[0], 0, bytes(32)))[0], OpenIncoming)
     eng.on_result(Opened(0))
     assert isinstance(eng.on_record(Record(main[1], 1, bytes(32)))[0], ImportKeys)
-    eng.on_result(KeysImported(0))
+    eng.on_result(KeysImported(()))
     assert eng.on_record(Record(main[2], 2, bytes(32))) == [] and eng.channels == 2 and eng.binding
     data = [bytes.fromhex(r["plaintext"]) for r in v["data_session"]["records"]]
     lane = eng.bind(Record(data[0], 0, bytes(32)), False)

@@ -29,7 +29,7 @@ from palm_net.wire import messages
 from palm_net.wire.messages import DATA_RECORD, MAX_BULK, Accept, Begin, Pages, Stream
 from palm_net.wire.pages import IncomingPages
 from palm_net.wire.protocol import Data, Role, SessionProtocol
-from tests.conftest import data_bytes
+from tests.conftest import KEY, data_bytes
 
 KEY = bytes(range(32))
 
@@ -805,3 +805,21 @@ async def test_a_failed_stream_unblocks_the_readers_of_the_others():
         for ours, qemu in pairs:
             ours.close()
             qemu.close()
+
+
+def test_the_dirty_log_is_cleared_in_place_as_it_is_collected(shm):
+    """collect_dirty names each page written since the last collection, once: the log is
+    cleared where it lies (no fresh log in the pause), and a write after it is seen next time."""
+    vm = ModelVM.create(shm / "vm", "vm", 64, KEY)
+    try:
+        vm.enable_dirty_log()
+        log = vm._dirty
+        for gfn in (3, 40, 3):
+            vm.guest_write(gfn, b"x")
+        assert list(vm.collect_dirty()) == [3, 40]
+        assert not len(vm.collect_dirty())
+        vm.guest_write(7, b"y")
+        assert list(vm.collect_dirty()) == [7]
+        assert vm._dirty is log
+    finally:
+        vm.close()

@@ -16,6 +16,7 @@ from palm_net.channel.records import Record
 from palm_net.errors import ErrorCode, MigrationFailure, RemoteProtocolError
 from palm_net.hypervisor.backend import HypervisorError
 from palm_net.hypervisor.model import ModelVM
+from palm_net.migration.applied import Applied
 from palm_net.migration.effects import Aborted, AbortForever, CommitAndActivate, Prepare
 from palm_net.migration.handoff import HandoffState, HandoffStore, Peer, check_abort_token
 from palm_net.migration.hosts import DestinationHost
@@ -37,7 +38,7 @@ from palm_net.wire.messages import (
     Stream,
     StreamEnd,
 )
-from palm_net.wire.pages import KIND_PROTECTED, IncomingPages, PageBatch
+from palm_net.wire.pages import KIND_NORMAL, KIND_PROTECTED, KIND_ZERO, IncomingPages, PageBatch
 from palm_net.wire.protocol import Role, SessionProtocol
 from tests.conftest import KEY
 
@@ -154,13 +155,16 @@ def test_destination_refuses_ready_on_tampering(shm, tamper, code):
     elif tamper == "replay-earlier-round":
         us.insert(pages[-1] + 1, us[pages[0]])  # a round-0 message after the stop-and-copy round
     elif tamper == "older-version-of-a-page":
-        # The same round, but one page's version lower than what was applied: a stale copy.
-        last = us[pages[-1]]
-        vers = IncomingPages(last.body).vers.copy()
-        vers[0] = 0
-        stale = _alter(last.msg, vers=vers.astype("<u8").tobytes())
-        us.insert(pages[-1] + 1, Unit(stale, last.data))
-        claim = (claim[0] + len(last.records()), claim[1] + 1)
+        # The same round, but a protected page's version lower than what was applied: a stale
+        # copy (a zero or normal page's version is its round: only a protected one can be older).
+        i = next(i for i in pages if KIND_PROTECTED in us[i].body.kinds)
+        u = us[i]
+        vers = IncomingPages(u.body).vers.copy()
+        at = u.body.kinds.index(KIND_PROTECTED)
+        assert vers[at] >= 1
+        vers[at] -= 1
+        us.insert(i + 1, Unit(_alter(u.msg, vers=vers.astype("<u8").tobytes()), u.data))
+        claim = (claim[0] + len(u.records()), claim[1] + 1)
     elif tamper == "alter-protected-ciphertext":
         u = next(us[i] for i in pages if KIND_PROTECTED in us[i].body.kinds)
         data_kinds = bytes(k for k in u.body.kinds if k)
@@ -269,7 +273,7 @@ def test_the_destination_engine_takes_only_the_result_it_asked_for(shm):
     effects = dest.engine.on_record(Record(msgs[0], 0, b"T" * 32))  # BEGIN: it asks for the VM to be opened
     assert effects and dest.engine._awaiting is Opened
     with pytest.raises(LocalProtocolError):
-        dest.engine.on_result(KeysImported(0))
+        dest.engine.on_result(KeysImported(()))
 
 
 def test_the_session_deadline_grows_with_the_data_received_up_to_eight_times_the_vm(shm):
@@ -447,8 +451,8 @@ async def test_first_record_arriving_with_the_last_handshake_message_is_answered
 @pytest.mark.parametrize(("gfn", "version", "code"), [
     (511, 0, None),  # the last page of the VM, the lowest version: fine
     (512, 0, "malformed"),  # one past the end
-    (7, 2**32 - 2, None),  # the highest version a destination keeps
-    (7, 2**32 - 1, "malformed"),  # one more
+    (7, 2**32 - 2, "malformed"),  # below the bound, but a zero page's version is its round (0)
+    (7, 2**32 - 1, "malformed"),  # the bound
 ])
 def test_a_page_just_outside_the_vm_or_its_versions_is_refused(shm, gfn, version, code):
     _, msgs = _source_messages(shm, protected=False)  # a VM of 512 pages
@@ -584,23 +588,63 @@ def test_a_one_page_vm_s_abort_is_recorded_with_its_reason_either_way(shm):
     assert check_abort_token(dest.host.signing.verify_key.encode(), mid, messages.decode(abort).body.token)
 
 
-def test_a_page_at_the_highest_version_still_refuses_an_older_copy_of_itself(shm):
-    """Guards _on_pages's version + 1 in the 4-byte table: the highest version (2**32 - 2) is kept, not wrapped to 0."""
+def test_a_protected_page_at_the_highest_version_still_refuses_an_older_copy_of_itself():
+    """Guards Applied's version + 1 in its 4-byte table: the highest version (2**32 - 2) is kept, not wrapped to 0."""
+    applied = Applied(64)
+    applied.set_layout([(40, 8), (8, 16)])
+    slots = applied.slots(np.array([7, 8, 23, 24, 40, 47, 48], np.uint64))
+    assert slots.tolist() == [-1, 0, 15, -1, 16, 23, -1]
+    top = np.array([2**32 - 2], np.uint64)
+    applied.apply(slots[4:5], top)
+    assert applied.version(16) == 2**32 - 2
+    assert applied.older(slots[4:5], np.array([0], np.uint64)).tolist() == [True]
+    assert applied.older(slots[4:5], top).tolist() == [False]  # the same version again: a resend
+    assert applied.older(slots[5:6], np.array([0], np.uint64)).tolist() == [False]  # another page: none yet
+
+
+@pytest.mark.parametrize("kind", ["zero", "normal"])
+def test_a_zero_or_normal_page_whose_version_is_not_its_round_is_refused(shm, kind):
+    """proto 6: a zero or normal page carries its round as its version; the destination keeps
+    no version for it, so one that claims another is refused, not taken."""
     _, msgs = _source_messages(shm, protected=False)
     us = units(msgs)
     begin, keys = us[0], next(u for u in us if isinstance(u.body, Keys))
-
-    def zero_page(version: int) -> Unit:
-        page = PageBatch(np.array([7], np.uint64), b"\x00", np.array([version], np.uint64), b"")
-        return Unit(Message(begin.msg.mid, 0, page.message(0)), [])
-
-    records = renumber([begin, keys, zero_page(2**32 - 2), zero_page(0)])
+    data = bytes(4096) if kind == "normal" else b""
+    page = PageBatch(np.array([7], np.uint64), bytes([KIND_NORMAL if kind == "normal" else KIND_ZERO]),
+                     np.array([1], np.uint64), data)
+    records = renumber([begin, keys, Unit(Message(begin.msg.mid, 0, page.message(0)), split_data(data))])
     dest = _destination(shm, HandoffStore(shm / "d.db"))
-    for m in records[:-1]:
+    dest.feed(records[0])
+    dest.feed(records[1])
+    with pytest.raises(RemoteProtocolError) as info:
+        dest.feed(records[2])
+    assert info.value.code == "malformed" and "version is not its round" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["plaintext-on-a-protected-gfn", "ciphertext-on-an-unprotected-gfn"])
+def test_the_destination_refuses_a_page_of_the_wrong_kind_for_its_gfn_before_the_hypervisor_sees_it(shm, where):
+    """Applied's slots and KEYS' layout: a protected gfn comes as ciphertext, and only it does
+    (refused by the engine, with ``integrity``, before any of the message is written)."""
+    _, msgs = _source_messages(shm)
+    us = units(msgs)
+    plaintext = where == "plaintext-on-a-protected-gfn"
+    first = next(u for u in us if isinstance(u.body, Pages) and (KIND_PROTECTED in u.body.kinds) == plaintext)
+    kinds = np.frombuffer(first.body.kinds, np.uint8)
+    prot = int(np.argmax((kinds == KIND_PROTECTED) == plaintext))
+    gfns = IncomingPages(first.body).gfns
+    kind = KIND_ZERO if plaintext else KIND_PROTECTED
+    tags = bytes(16) if kind == KIND_PROTECTED else b""
+    data = bytes(4096) if kind == KIND_PROTECTED else b""
+    page = PageBatch(gfns[prot : prot + 1], bytes([kind]), np.array([0], np.uint64), data, tags)
+    forged = Unit(Message(first.msg.mid, 0, page.message(0)), split_data(data))
+    records = renumber([*us[: us.index(first)], forged])
+    at = len(records) - len(forged.records())  # the forged PAGES message: refused as it comes, before its data
+    dest = _destination(shm, HandoffStore(shm / "d.db"))
+    for m in records[:at]:
         dest.feed(m)
     with pytest.raises(RemoteProtocolError) as info:
-        dest.feed(records[-1])
-    assert info.value.code == "rollback"
+        dest.feed(records[at])
+    assert info.value.code == "integrity" and f"page {gfns[prot]}" in str(info.value)
 
 
 def test_a_protected_page_short_of_its_final_version_is_refused_by_the_blob_s_digest(shm):

@@ -719,10 +719,11 @@ def test_missing_in_a_third_run_or_more_messages_than_the_vm_needs_is_refused():
     from types import SimpleNamespace
 
     from palm_net.migration import postcopy_destination
+    from palm_net.migration.applied import Applied
 
     def engine(npages: int) -> SimpleNamespace:
         return SimpleNamespace(keys_imported=True, channels=1, round=4, switch_round=None, _missing=[],
-                               _missing_tags=[], npages=npages, applied=np.zeros(npages, np.uint32), _marked=0,
+                               _missing_tags=[], npages=npages, applied=Applied(npages), _marked=0,
                                _unmarked=0, _missing_runs=0, _named=None, begin=SimpleNamespace(protected_pages=0))
 
     def missing(eng: SimpleNamespace, gfn: int) -> None:
@@ -741,6 +742,31 @@ def test_missing_in_a_third_run_or_more_messages_than_the_vm_needs_is_refused():
     with pytest.raises(RemoteProtocolError):
         missing(eng, 4)
     assert eng._unmarked == 4 and len(eng._missing) == 4
+
+
+def test_a_missing_naming_a_page_no_protected_process_owns_as_protected_is_refused():
+    """MISSING's protected pages (their versions kept for the rollback check) must be in KEYS'
+    layout: an unprotected page named as one is refused (``integrity``), not given a slot."""
+    from types import SimpleNamespace
+
+    from palm_net.migration import postcopy_destination
+    from palm_net.migration.applied import Applied
+
+    applied = Applied(1000)
+    applied.set_layout([(16, 8)])
+    eng = SimpleNamespace(keys_imported=True, channels=1, round=4, switch_round=None, _missing=[], _missing_tags=[],
+                          npages=1000, applied=applied, _marked=0, _unmarked=0, _missing_runs=0, _named=None,
+                          begin=SimpleNamespace(protected_pages=8))
+
+    def missing(gfn: int) -> None:
+        m = Missing(5, gfn, b"\x01", u64le(np.array([gfn])), u64le(np.array([3])), bytes(16))
+        postcopy_destination.on_missing(eng, SimpleNamespace(get=lambda _: m), None)
+
+    missing(17)
+    assert applied.version(1) == 3 and bool(applied.arrived[17])
+    with pytest.raises(RemoteProtocolError) as e:
+        missing(24)  # one past the process's pages
+    assert e.value.code is ErrorCode.INTEGRITY and len(eng._missing) == 1
 
 
 def test_missing_names_the_dirty_normal_pages_before_the_pause_and_the_rest_after(shm):

@@ -329,12 +329,15 @@ class ModelVM(PostcopyVM):
             self._dirty = None
 
     def collect_dirty(self) -> Gfns:
+        # Cleared in place, not swapped for a fresh log: a fresh 1 MiB (a 4 GiB guest's)
+        # costs its page faults, 0.7-1.2 ms here, inside the pause's last round.
         with self._lock:
-            old = self._dirty
-            if old is None:
+            if self._dirty is None:
                 raise VmError("dirty logging is not enabled")
-            self._dirty = bytearray(self.npages)
-        return np.flatnonzero(np.frombuffer(old, dtype=np.uint8)).astype(np.uint64)
+            log = np.frombuffer(self._dirty, dtype=np.uint8)
+            dirty = np.flatnonzero(log)
+            log[dirty] = 0
+        return dirty.astype(np.uint64)
 
     # -- the engine's source side ---------------------------------------
 

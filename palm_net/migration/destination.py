@@ -31,6 +31,7 @@ from palm_net.errors import (
     public_reason,
 )
 from palm_net.migration import postcopy_destination
+from palm_net.migration.applied import Applied
 from palm_net.migration.effects import (
     Aborted,
     AbortForever,
@@ -146,9 +147,7 @@ class DestinationEngine:
         self.listening = False  # the incoming hypervisor listens for the stream (ListenStream done)
         self._end_due = False  # STREAM_END checked: the hypervisor loads once every channel is complete
         self.load_time = 0.0  # seconds the hypervisor took to load the stream's end (for READY)
-        # Per gfn, the version applied plus one (0: never received): 4 bytes a page,
-        # 4 MiB for a 4 GiB guest (versions are below 2**32 - 1, proto 6).
-        self.applied: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
+        self.applied = Applied(0)  # each page's arrival, each protected page's version
         self.main = Lane(0, self.proto)  # this session's pages (PAGES or STREAM messages: page_records)
         self._round_ended = 0  # the last ROUND_END's round, for its ROUND_DONE
         self.progress = 0  # bytes of the VM's memory received (zero pages count as whole pages)
@@ -293,7 +292,7 @@ class DestinationEngine:
         assert self.begin is not None
         self.npages = self.begin.pages
         if not self.stream:
-            self.applied = np.zeros(self.npages, np.uint32)
+            self.applied = Applied(self.npages)
             self.context_limit = context_limit(self.begin.protected_pages, self.begin.processes)
         return [self._send(Accept())]
 
@@ -304,7 +303,8 @@ class DestinationEngine:
 
     def _keys_imported(self, result: KeysImported) -> list[Effect]:
         assert self.begin is not None
-        if result.protected_pages != self.begin.protected_pages:
+        self.applied.set_layout(result.ranges)
+        if self.applied.protected_pages != self.begin.protected_pages:
             raise RemoteProtocolError(ErrorCode.MALFORMED, "key layout disagrees with BEGIN's protected page count")
         self.keys_imported = True
         return []
@@ -342,13 +342,24 @@ class DestinationEngine:
                                                              f"not its own")
         if int(vers.max()) >= MAX_VERSION:
             raise RemoteProtocolError(ErrorCode.MALFORMED, "a page version out of range")
-        plus1 = vers + 1
-        older = plus1 < self.applied[gfns]  # a gfn appears once in a message (ascending): no order within it
+        protected = batch.protected
+        if bool((vers[~protected] != p.round).any()):
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "a zero or normal page's version is not its round")
+        slots = self.applied.slots(gfns)
+        misplaced = (slots >= 0) != protected
+        if misplaced.any():
+            raise RemoteProtocolError(ErrorCode.INTEGRITY, f"page {gfns[np.argmax(misplaced)]}: protected pages "
+                                                            "travel as ciphertext, and only they do")
+        # A zero or normal page's version is its round, and this channel's rounds ascend:
+        # only a protected page can come older than what was applied.
+        slots, vers = slots[protected], vers[protected]
+        older = self.applied.older(slots, vers)  # a gfn appears once in a message (ascending): no order within it
         if older.any():
             i = int(np.argmax(older))
-            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[i]} version {vers[i]} older than applied "
-                                                       f"{int(self.applied[gfns[i]]) - 1}")
-        self.applied[gfns] = plus1
+            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[protected][i]} version {vers[i]} older than "
+                                                          f"applied {self.applied.version(int(slots[i]))}")
+        self.applied.apply(slots, vers)
+        self.applied.arrived[gfns] = True
         self.progress += len(batch) * PAGE_SIZE
         return batch
 
@@ -537,7 +548,7 @@ class DestinationEngine:
         self._complete_due = False
         if self.proto.context_parts != self.context_total:
             raise RemoteProtocolError(ErrorCode.INCOMPLETE, "protected-context blob is missing chunks")
-        missing = self.npages - int(np.count_nonzero(self.applied))
+        missing = self.applied.missing
         if missing:
             raise RemoteProtocolError(ErrorCode.INCOMPLETE, f"{missing} pages never received")
         if not self.cpu_state_seen:

@@ -280,7 +280,7 @@ class Opened(Result):
 
 @dataclass(frozen=True)
 class KeysImported(Result):
-    protected_pages: int
+    ranges: tuple[tuple[int, int], ...]  # the gfns each protected process owns, (first, count)
 
 
 @dataclass(frozen=True)

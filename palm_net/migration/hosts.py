@@ -209,7 +209,7 @@ class DestinationHost:
                 return None
             if isinstance(eff, ImportKeys):
                 cast(Backend, vm).import_keys(eff.data)
-                return KeysImported(vm.info.protected_pages)
+                return KeysImported(cast(Backend, vm).protected_ranges())
             if isinstance(eff, ImportCpuState):
                 cast(Backend, vm).import_cpu_state(eff.state)
                 return None

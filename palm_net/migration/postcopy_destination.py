@@ -48,14 +48,17 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
             or (len(pvers) and int(pvers.max()) >= MAX_VERSION)):
         raise RemoteProtocolError(ErrorCode.MALFORMED, "MISSING: a protected page not in its bitmap, arrays that "
                                                        "disagree, or a version out of range")
+    slots = eng.applied.slots(pgfns)
+    if bool((slots < 0).any()):
+        raise RemoteProtocolError(ErrorCode.INTEGRITY, "MISSING: a protected page no protected process owns")
     vers = np.full(len(gfns), m.round, dtype=np.uint64)
     vers[at] = pvers
     eng.switch_round = m.round
     eng._named[gfns] = True
     eng._missing.append((gfns, vers))
     eng._missing_tags.append(m.tags)
-    eng.applied[gfns] = m.round + 1  # arrived, as far as COMPLETE's check goes: they come later
-    eng.applied[pgfns] = pvers + 1
+    eng.applied.arrived[gfns] = True  # as far as COMPLETE's check goes: they come later
+    eng.applied.apply(slots, pvers)
     eng._unmarked += len(gfns)
     return mark_missing(eng) if eng._unmarked >= MARK_BATCH else []
 

@@ -25,7 +25,7 @@ TAG_LEN = 16
 ENTRY_BYTES = 8 + 1 + 8  # gfn, kind, version in a PAGES message
 PAGES_PER_RECORD = DATA_RECORD // PAGE_SIZE
 U64LE = np.dtype("<u8")  # whatever the host's byte order
-MAX_VERSION = 2**32 - 1  # page versions are below this (proto 6): a destination keeps 4 bytes a page
+MAX_VERSION = 2**32 - 1  # page versions are below this (proto 6): a destination keeps 4 bytes a protected page
 
 Gfns = npt.NDArray[np.uint64]
 Buffer = bytes | bytearray | memoryview
@@ -189,6 +189,7 @@ class IncomingPages:
         if n > 1 and not bool((self.gfns[1:] > self.gfns[:-1]).all()):
             raise RemoteProtocolError(ErrorCode.MALFORMED, "PAGES gfns are not in ascending order")
         self.vers = from_u64le(p.vers)
+        self.protected = protected
         self._zero = kinds == KIND_ZERO
         has_data = ~self._zero
         self._gfns, self._vers, self._kinds = self.gfns[has_data], self.vers[has_data], kinds[has_data]
