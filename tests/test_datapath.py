@@ -29,7 +29,7 @@ from palm_net.wire import messages
 from palm_net.wire.messages import DATA_RECORD, MAX_BULK, Accept, Begin, Pages, Stream
 from palm_net.wire.pages import IncomingPages
 from palm_net.wire.protocol import Data, Role, SessionProtocol
-from tests.conftest import KEY, data_bytes
+from tests.conftest import data_bytes
 
 KEY = bytes(range(32))
 

@@ -597,9 +597,12 @@ def test_a_protected_page_at_the_highest_version_still_refuses_an_older_copy_of_
     top = np.array([2**32 - 2], np.uint64)
     applied.apply(slots[4:5], top)
     assert applied.version(16) == 2**32 - 2
-    assert applied.older(slots[4:5], np.array([0], np.uint64)).tolist() == [True]
-    assert applied.older(slots[4:5], top).tolist() == [False]  # the same version again: a resend
-    assert applied.older(slots[5:6], np.array([0], np.uint64)).tolist() == [False]  # another page: none yet
+    prot = np.ones(1, np.bool_)
+    applied.take(np.array([40], np.uint64), top, prot, 9)  # the same version again: a resend
+    applied.take(np.array([47], np.uint64), np.zeros(1, np.uint64), prot, 9)  # another page: none yet
+    with pytest.raises(RemoteProtocolError) as info:
+        applied.take(np.array([40], np.uint64), np.zeros(1, np.uint64), prot, 9)
+    assert info.value.code is ErrorCode.ROLLBACK and applied.version(16) == 2**32 - 2
 
 
 @pytest.mark.parametrize("kind", ["zero", "normal"])

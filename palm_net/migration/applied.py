@@ -4,8 +4,8 @@ and each protected page's version, for the rollback check.
 A zero or normal page record carries its message's round as its version, and a
 gfn's rounds never go back (each gfn has one channel, whose rounds ascend): so
 only a protected page's version is worth keeping.  A byte a page, plus 4 bytes a
-protected page (a 4 GiB guest: 1 MiB, where a version a page took 4 MiB).  Sans-IO:
-the destination engine owns it and raises what its checks find.
+protected page (a 4 GiB guest: 1 MiB, where a version a page took 4 MiB).  Sans-IO,
+owned by the destination engine: its checks raise the peer's errors.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from palm_net.errors import ErrorCode, RemoteProtocolError
 from palm_net.wire.pages import Gfns
 
 
@@ -49,12 +50,30 @@ class Applied:
         out[inside] = self._base[at[inside]] + (gfns[inside] - self._first[at[inside]]).astype(np.int64)
         return out
 
-    def older(self, slots: npt.NDArray[np.int64], vers: Gfns) -> npt.NDArray[np.bool_]:
-        """Which of these protected pages' versions are older than the one applied."""
-        return (vers + 1) < self._version[slots]
+    def take(self, gfns: Gfns, vers: Gfns, protected: npt.NDArray[np.bool_], round_no: int) -> None:
+        """A PAGES message's pages, checked (versions below MAX_VERSION already) and taken as
+        applied: a zero or normal page's version is its round, a protected page comes as
+        ciphertext and only it does, and none older than what was applied."""
+        if bool((vers[~protected] != round_no).any()):
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "a zero or normal page's version is not its round")
+        slots = self.slots(gfns)
+        misplaced = (slots >= 0) != protected
+        if misplaced.any():
+            raise RemoteProtocolError(ErrorCode.INTEGRITY, f"page {gfns[np.argmax(misplaced)]}: protected pages "
+                                                            "travel as ciphertext, and only they do")
+        # The round of a zero or normal page never goes back (its channel's): only a
+        # protected page can come older than what was applied.
+        slots, vers = slots[protected], vers[protected]
+        older = (vers + 1) < self._version[slots]  # a gfn appears once in a message (ascending)
+        if older.any():
+            i = int(np.argmax(older))
+            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[protected][i]} version {vers[i]} older than "
+                                                          f"applied {self.version(int(slots[i]))}")
+        self.apply(slots, vers)
+        self.arrived[gfns] = True
 
     def apply(self, slots: npt.NDArray[np.int64], vers: Gfns) -> None:
-        """These protected pages' versions, as applied (checked: none older, all below 2**32 - 1)."""
+        """These protected pages' versions, as applied (all below 2**32 - 1)."""
         self._version[slots] = vers + 1
 
     def version(self, slot: int) -> int:

@@ -342,24 +342,7 @@ class DestinationEngine:
                                                              f"not its own")
         if int(vers.max()) >= MAX_VERSION:
             raise RemoteProtocolError(ErrorCode.MALFORMED, "a page version out of range")
-        protected = batch.protected
-        if bool((vers[~protected] != p.round).any()):
-            raise RemoteProtocolError(ErrorCode.MALFORMED, "a zero or normal page's version is not its round")
-        slots = self.applied.slots(gfns)
-        misplaced = (slots >= 0) != protected
-        if misplaced.any():
-            raise RemoteProtocolError(ErrorCode.INTEGRITY, f"page {gfns[np.argmax(misplaced)]}: protected pages "
-                                                            "travel as ciphertext, and only they do")
-        # A zero or normal page's version is its round, and this channel's rounds ascend:
-        # only a protected page can come older than what was applied.
-        slots, vers = slots[protected], vers[protected]
-        older = self.applied.older(slots, vers)  # a gfn appears once in a message (ascending): no order within it
-        if older.any():
-            i = int(np.argmax(older))
-            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[protected][i]} version {vers[i]} older than "
-                                                          f"applied {self.applied.version(int(slots[i]))}")
-        self.applied.apply(slots, vers)
-        self.applied.arrived[gfns] = True
+        self.applied.take(gfns, vers, batch.protected, p.round)
         self.progress += len(batch) * PAGE_SIZE
         return batch
 
