@@ -84,6 +84,9 @@ def _bin(value: Any, max_len: int) -> bytes:
     return value
 
 
+ZERO_SCAN = 64  # scattered candidate pages gathered at once by _zero_pages (256 KiB)
+
+
 def _zero_pages(words: npt.NDArray[np.uint64], gfns: Gfns, lo: int | None) -> npt.NDArray[np.bool_]:
     """Which of ``gfns`` are zero pages.  The first word rules out most pages at
     once; the rest are scanned whole, in place where the gfns are contiguous
@@ -93,8 +96,10 @@ def _zero_pages(words: npt.NDArray[np.uint64], gfns: Gfns, lo: int | None) -> np
     maybe = np.flatnonzero(zero)
     if not maybe.size:
         return zero
-    if lo is None:
-        zero[maybe] = words[gfns[maybe]].max(axis=1) == 0
+    if lo is None:  # gathered (a copy), a few pages at a time: 2048 at once took 8 MiB a reader thread
+        for at in range(0, len(maybe), ZERO_SCAN):
+            part = maybe[at : at + ZERO_SCAN]
+            zero[part] = words[gfns[part]].max(axis=1) == 0
         return zero
     # Runs of candidates, each scanned as one slice of guest memory (no copy).
     breaks = np.flatnonzero(np.diff(maybe) != 1) + 1
