@@ -604,9 +604,9 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_completion(a: argparse.Namespace) -> int:
-    import argcomplete
+    from argcomplete.shell_integration import shellcode  # (where it is defined: re-exported from 3.8 only)
 
-    print(argcomplete.shellcode(["palm"], shell=a.shell))  # type: ignore[attr-defined]
+    print(shellcode(["palm"], shell=a.shell))
     return 0
 
 

@@ -36,26 +36,28 @@ class CutProxy:
         self.is_cut = False
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        if self.is_cut:
-            await trio.aclose_forcefully(client)
-            return
-        try:
-            server = await trio.open_tcp_stream(*self.target)
-        except OSError:
-            await trio.aclose_forcefully(client)
-            return
-        self.connections += 1
+        # The scope is cut's to cancel from the first moment: a connection still being
+        # made to the target when cut() came used to survive it.
         scope = trio.CancelScope()
         self._scopes.add(scope)
+        server: trio.SocketStream | None = None
         try:
             with scope:
+                if self.is_cut:
+                    return
+                try:
+                    server = await trio.open_tcp_stream(*self.target)
+                except OSError:
+                    return
+                self.connections += 1
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
                     nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
         finally:
             self._scopes.discard(scope)
             await trio.aclose_forcefully(client)
-            await trio.aclose_forcefully(server)
+            if server is not None:
+                await trio.aclose_forcefully(server)
 
     @staticmethod
     async def _pump(src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
