@@ -89,7 +89,7 @@ class _Dest:
         self.eng = DestinationEngine(False, 1 << 20)
         self.src = SessionProtocol(Role.SOURCE, MID)
         self.n = 0
-        assert isinstance(self.main(Begin("v", bytes(16), npages, 0, 0, 1, False, False, "model", b"", count))[0],
+        assert isinstance(self.main(Begin("v", bytes(16), npages, 0, 0, 1, False, False, "model", b""))[0],
                           OpenIncoming)
         self.src.receive(self.eng.on_result(Opened(0))[0].data)  # ACCEPT
         assert isinstance(self.main(Keys(b"k"))[0], ImportKeys)
@@ -234,24 +234,6 @@ def test_a_data_sessions_complete_binds_its_own_records():
     assert exc.value.code is ErrorCode.INCOMPLETE
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_begin_names_the_channel_count_channels_repeats_it_and_no_page_comes_before_it(stream):
-    """Proto 7.8 item 1: BEGIN's count is CHANNELS' (another is malformed), and a page record
-    (a STREAM) before CHANNELS, when BEGIN named more than one, is out of state."""
-    backend, spec = ("qemu", b"spec") if stream else ("model", b"")
-    first = messages.Stream(3) if stream else PageBatch(np.array([0], np.uint64), b"\x00", np.zeros(1, np.uint64),
-                                                        b"").message(0)
-    for then, code in ((Channels(3), ErrorCode.MALFORMED), (first, ErrorCode.OUT_OF_STATE)):
-        eng = DestinationEngine(False, 1 << 20)
-        src = SessionProtocol(Role.SOURCE, MID)
-        eng.on_record(Record(src.send(Begin("v", bytes(16), 512, 0, 0, 1, False, False, backend, spec, 2)), 0,
-                             bytes(32)))
-        src.receive(eng.on_result(Opened(0))[0].data)  # ACCEPT
-        with pytest.raises(RemoteProtocolError) as exc:
-            eng.on_record(Record(src.send(then), 1, bytes(32)))
-        assert exc.value.code is code and not eng.binding and not eng.listening
-
-
 def test_channels_come_before_the_first_page_and_once():
     d = _Dest()
     with pytest.raises(RemoteProtocolError):
@@ -294,8 +276,7 @@ def test_a_data_session_binds_from_channels_and_keys_until_the_session_has_an_ou
     assert not eng.binding  # the keys, no CHANNELS (a BIND's count, at least 2, is refused anyway)
     eng2 = DestinationEngine(False, 1 << 20)
     src2 = SessionProtocol(Role.SOURCE, MID)
-    eng2.on_record(Record(src2.send(Begin("v", bytes(16), 512, 0, 0, 1, False, False, "model", b"", 2)), 0,
-                          bytes(32)))
+    eng2.on_record(Record(src2.send(Begin("v", bytes(16), 512, 0, 0, 1, False, False, "model", b"")), 0, bytes(32)))
     src2.receive(eng2.on_result(Opened(0))[0].data)
     assert eng2.on_record(Record(src2.send(Channels(2)), 1, bytes(32))) == []  # CHANNELS before KEYS
     assert not eng2.binding
@@ -496,7 +477,7 @@ async def test_a_data_session_lost_before_its_complete_fails_the_migration_thoug
     keys = cluster["a"].registry.create_model("k", 4 << 20).export_keys()  # (no protected process)
     evil = HostilePeer(cluster.authority, cluster.measurement)
     mid = bytes(range(2, 18))
-    ch, proto, reply = await evil.try_begin(port, mid=mid, pages=1024, channels=2)
+    ch, proto, reply = await evil.try_begin(port, mid=mid, pages=1024)
     assert reply.type == "ACCEPT"
     await ch.send(proto.send(Keys(keys)))
     await ch.send(proto.send(Channels(2)))
@@ -685,7 +666,7 @@ class _StreamDest:
     """A destination (engine and synchronous shell) of a stream migration past BEGIN,
     with a stand-in hypervisor that keeps each stream it is fed."""
 
-    def __init__(self, tmp: Path, count: int = 2) -> None:
+    def __init__(self, tmp: Path) -> None:
         from palm_net.hypervisor.backend import VmInfo
         from palm_net.migration.handoff import HandoffStore
         from palm_net.testing.engines import DestinationDriver
@@ -694,7 +675,7 @@ class _StreamDest:
         self.d = DestinationDriver(HandoffStore(tmp / "d.db"), lambda mid, begin: self.fake)
         self.src = SessionProtocol(Role.SOURCE, MID)
         self.sent: list[bytes] = []
-        self.main(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec", count))
+        self.main(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec"))
         self.src.receive(self.sent.pop())  # ACCEPT
         self.lanes: dict[int, tuple[SessionProtocol, Lane, list[int]]] = {}
 
@@ -719,7 +700,7 @@ def test_a_stream_on_three_channels_loads_once_every_channel_is_complete(tmp_pat
     """CHANNELS makes the hypervisor listen for 3 streams; each channel's bytes go to its
     own stream; the hypervisor loads (EndStream) only once every data session's COMPLETE
     is in, after the main session's STREAM_END, and READY follows."""
-    s = _StreamDest(tmp_path, 3)
+    s = _StreamDest(tmp_path)
     s.main(Channels(3))
     assert s.fake.listening == 3
     s.bind(1, 3)
@@ -757,7 +738,7 @@ def test_a_stream_channels_page_messages_and_a_short_complete_are_refused(tmp_pa
 
 
 def test_a_bind_for_a_stream_on_one_channel_or_before_channels_is_refused(tmp_path):
-    s = _StreamDest(tmp_path, 1)
+    s = _StreamDest(tmp_path)
     with pytest.raises(RemoteProtocolError) as exc:  # no CHANNELS yet: the hypervisor listens for nothing
         s.bind(1, 2)
     assert exc.value.code is ErrorCode.OUT_OF_STATE and s.fake.listening == 0
@@ -907,7 +888,7 @@ async def test_a_stream_destination_writes_each_stream_on_its_own_as_qemu_reads_
     with trio.fail_after(1.5):  # (READY comes within about 0.1 s; one writer for both: never)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run.run)
-            await main_src.send(src.send(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec", 2)))
+            await main_src.send(src.send(Begin("q", bytes(16), 256, 0, 0, 1, False, False, "qemu", b"spec")))
             assert src.receive((await main_src.receive()).data).type == "ACCEPT"
             await main_src.send(src.send(Channels(2)))
             await data_src.send(lane.send(Bind(1, 2)))

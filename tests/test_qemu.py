@@ -10,7 +10,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -191,33 +190,6 @@ async def test_a_qemu_guest_migrates_on_two_channels_by_default_and_its_unwritte
         assert CONTENT <= data_bytes(fd) < MEM // 2
     finally:
         os.close(fd)
-
-
-@pytest.mark.skipif(qemu_version() < (9, 0), reason="QEMU before 9.0 reads every zero page it is sent: its RAM "
-                    "file is faulted in from the start, however many channels")
-@pytest.mark.parametrize("channels", [1, 2])
-async def test_begin_says_how_many_channels_so_one_channels_ram_file_is_faulted_in_from_the_start(
-        cluster, content, monkeypatch, channels):
-    """BEGIN names the channel count (proto 7.8 item 1): a QEMU 9.0+ destination whose stream
-    comes on one channel (QEMU then reads every page it is sent) faults its RAM file in from
-    its creation, not from the first STREAM (then it lagged the stream, and QEMU cleared what
-    was left in the pause: 16-377 ms of downtime); on two, it leaves it alone."""
-    from palm_net.hypervisor import qemu, reserver
-
-    made: list[bool] = []
-
-    class Recording(reserver.Reserver):
-        def __init__(self, *args: Any, **kw: Any) -> None:
-            made.append(bool(kw.get("fault_in")))
-            super().__init__(*args, **kw)
-
-    monkeypatch.setattr(qemu, "Reserver", Recording)
-    a, b = cluster["a"], cluster["b"]
-    vm = new_vm(a, content)
-    made.clear()  # (the source's own)
-    assert (await a.outgoing.migrate(vm.name, cluster.addr("b"), MigrationParams(channels=channels))).ok
-    assert made == [channels == 1]
-    assert b.vms[vm.name].read_ram(LOAD_ADDR, CONTENT) == content.read_bytes()
 
 
 async def test_stream_never_carries_the_content_in_clear(cluster, content):

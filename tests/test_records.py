@@ -303,7 +303,7 @@ def test_session_backend_decides_page_or_stream_messages():
         with pytest.raises(RemoteProtocolError) as info:
             d.receive(raw_message("BEGIN", MID, 0, {
                 "vm": "v", "vm_id": bytes(16), "pages": 1, "protected_pages": 0, "processes": 0, "vcpus": 1,
-                "plain": False, "digest": False, "backend": backend, "spec": spec, "channels": 1}))
+                "plain": False, "digest": False, "backend": backend, "spec": spec}))
         assert info.value.code == code
 
 

@@ -1202,12 +1202,12 @@ async def test_begin_makes_the_vm_under_its_migration_id(tmp_path):
             return None
 
     svc = _incoming(True, Store(), Registry())
-    begin = SimpleNamespace(backend="sim", pages=1, vm="web", vm_id="aa" * 16, vcpus=1, spec=None, channels=1)
+    begin = SimpleNamespace(backend="sim", pages=1, vm="web", vm_id="aa" * 16, vcpus=1, spec=None)
     with pytest.raises(MigrationFailure) as info:
         await svc._open(Session(), b"\x05" * 16, begin, Peer("src", b"\x02" * 32, b"\x03" * 32))  # type: ignore[arg-type]
     assert info.value.code == ErrorCode.NO_SPACE
     # the VM names the migration that made it: its row decides it after a restart
-    assert made == [("web", "aa" * 16, b"\x05" * 16, 1, 1, "sim", None, 1)]
+    assert made == [("web", "aa" * 16, b"\x05" * 16, 1, 1, "sim", None)]
 
 
 def test_a_session_s_end_is_decided_by_its_row_committed_runs_anything_else_is_scrubbed(tmp_path):

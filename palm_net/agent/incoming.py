@@ -350,7 +350,7 @@ class IncomingService:
                                                        f"{free.f_bavail * free.f_frsize >> 20} MiB free")
         try:
             vm = await trio.to_thread.run_sync(self.registry.make_incoming, begin.vm, begin.vm_id, mid, begin.pages,
-                                               begin.vcpus, begin.backend, begin.spec, begin.channels)
+                                               begin.vcpus, begin.backend, begin.spec)
         except HypervisorError as exc:
             raise MigrationFailure(ErrorCode.NO_SPACE if "no room" in str(exc) else ErrorCode.BACKEND,
                                    str(exc)) from None

@@ -231,16 +231,15 @@ class VmRegistry:
         return vm
 
     def make_incoming(self, name: str, vm_id: bytes, mid: bytes, pages: int, vcpus: int, backend: str,
-                      spec: bytes, channels: int = 1) -> AnyVM:
-        """Worker thread: the VM an admitted BEGIN asked for, on the name reserved for it, its
-        stream to come on ``channels`` (HypervisorError if it cannot be made; the caller gives
-        the name back)."""
+                      spec: bytes) -> AnyVM:
+        """Worker thread: the VM an admitted BEGIN asked for, on the name reserved for it
+        (HypervisorError if it cannot be made; the caller gives the name back)."""
         if backend == "qemu":
             qspec = QemuSpec.decode(spec)
             if qspec.memory_mib * (1 << 20) != pages * PAGE_SIZE:
                 raise HypervisorError("QEMU spec's memory disagrees with BEGIN's page count")
             return QemuVM.create_incoming(self.dir_of(name), self.run_dir, name, vm_id, qspec, migration=mid,
-                                          confine=self.confinement, channels=channels)
+                                          confine=self.confinement)
         return ModelVM.create_incoming(self.dir_of(name), name, vm_id, pages, vcpus, self.sealing_key,
                                        migration=mid)
 

@@ -817,10 +817,8 @@ class QemuVM(ConfiguredVM):
 
     @classmethod
     def create_incoming(cls, vm_dir: Path, run_parent: Path, name: str, vm_id: bytes, spec: QemuSpec,
-                        migration: bytes | None = None, confine: Confinement | None = None,
-                        channels: int = 1) -> QemuVM:
-        """A paused QEMU waiting for the stream (-S -incoming defer), to come on ``channels``
-        (BEGIN's); runs only after activate()."""
+                        migration: bytes | None = None, confine: Confinement | None = None) -> QemuVM:
+        """A paused QEMU waiting for the stream (-S -incoming defer); runs only after activate()."""
         confine = confine or Confinement.for_agent()
         if confine.refusal is not None:
             raise QemuError(confine.refusal)
@@ -836,15 +834,12 @@ class QemuVM(ConfiguredVM):
         }
         vm = cls._new(vm_dir, run_parent, confine, config, reserve_now=False)
         try:
-            # Faulted in at once where QEMU reads every page it is sent: an old QEMU, or one
-            # stream (BEGIN says how many).  A QEMU that leaves alone those it is not sent data
-            # for (9.0+, on multifd) is faulted in only if its machine type has it read them
-            # all (listen_stream).  Faulted in from here and called off there, two channels
-            # took 3.5 s against 2.0 (4 runs each); one channel whose fault-in started only
-            # with the stream paused 16-377 ms, against 21-36 ms with it started here.
+            # Faulted in at once where QEMU reads every page it is sent; a QEMU that leaves
+            # alone those it is not sent data for (9.0+, on multifd) is faulted in only if
+            # its stream comes on one channel after all (listen_stream): faulted in from
+            # here and called off there, two channels took 3.5 s against 2.0 (4 runs each).
             vm._reserver = Reserver(vm.dir / GUEST_RAM, None, spec.memory_mib * MIB, "the guest's memory",
-                                    fault_in=channels == 1 or not skips_unsent_zero_pages(),
-                                    reserved=vm._ram_reserved)
+                                    fault_in=not skips_unsent_zero_pages(), reserved=vm._ram_reserved)
             vm._start(incoming=True)
             vm._q().execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         except BaseException as exc:  # nothing of it stays: its helper stopped, QEMU and files gone
@@ -867,8 +862,8 @@ class QemuVM(ConfiguredVM):
         q = self._q()
         helper = self._reserver
         try:
-            if helper is not None and skips_unsent_zero_pages() and channels > 1 and (  # see create_incoming
-                    q.execute("query-migrate-parameters").get("zero-page-detection") != "multifd"):
+            if helper is not None and skips_unsent_zero_pages() and (  # see create_incoming
+                    channels == 1 or q.execute("query-migrate-parameters").get("zero-page-detection") != "multifd"):
                 helper.start_fault_in()  # (an old machine type's QEMU reads every zero page it is sent)
             if channels == 1:
                 ours = self._pass_stream_fd(q)

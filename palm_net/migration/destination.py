@@ -310,7 +310,6 @@ class DestinationEngine:
         return []
 
     def _on_pages(self, msg: Message, _: Record) -> list[Effect]:
-        self._channels_known()
         return self._lane_pages(self.main, msg.get(Pages))
 
     def _lane_pages(self, lane: Lane, p: Pages) -> list[Effect]:
@@ -395,16 +394,10 @@ class DestinationEngine:
         return [self._send(RoundDone(self._round_ended))]
 
     def _on_stream(self, msg: Message, _: Record) -> list[Effect]:
-        self._channels_known()
         self.main.page_records += 1  # its bytes follow in data records
         if not self.listening:  # one channel: the hypervisor listens for it now
             return self._listen(1)
         return []
-
-    def _channels_known(self) -> None:
-        """A page record on the main session: CHANNELS came first if BEGIN named more than one."""
-        if self.begin is not None and self.begin.channels != self.channels:
-            raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "a page record before the CHANNELS that BEGIN announced")
 
     def _listen(self, channels: int) -> list[Effect]:
         self.listening = True
@@ -445,9 +438,6 @@ class DestinationEngine:
         if self.page_records or self.channels > 1:
             raise RemoteProtocolError(ErrorCode.OUT_OF_STATE, "CHANNELS after the first page record, or twice")
         self.channels = msg.get(Channels).count
-        if self.begin is not None and self.channels != self.begin.channels:
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"CHANNELS says {self.channels}, BEGIN "
-                                                          f"{self.begin.channels}")
         return self._listen(self.channels) if self.stream else []
 
     @property

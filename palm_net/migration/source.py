@@ -229,8 +229,7 @@ class SourceEngine:
         if refused is not None:
             raise refused
         begin = self.proto.send(Begin(i.name, i.vm_id, i.npages, i.protected_pages, i.processes, i.vcpus, p.plain,
-                                      p.verify_digest, "qemu" if self.stream else "model", self.spec,
-                                      self.channels))
+                                      p.verify_digest, "qemu" if self.stream else "model", self.spec))
         self._reply_due(now)
         return [Send(begin)]
 

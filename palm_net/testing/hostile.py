@@ -28,8 +28,8 @@ class HostilePeer:
 
     @staticmethod
     def begin(proto: SessionProtocol, name: str = "v", pages: int = 16, backend: str = "model",
-              spec: bytes = b"", vm_id: bytes | None = None, channels: int = 1) -> bytes:
-        return proto.send(Begin(name, vm_id or os.urandom(16), pages, 0, 0, 1, False, False, backend, spec, channels))
+              spec: bytes = b"", vm_id: bytes | None = None) -> bytes:
+        return proto.send(Begin(name, vm_id or os.urandom(16), pages, 0, 0, 1, False, False, backend, spec))
 
     async def try_begin(self, port: int, mid: bytes | None = None, timeout: float = 10,
                         **kw: Any) -> tuple[SecureChannel, SessionProtocol, Message]:

@@ -90,9 +90,9 @@ def build(cipher: CipherName, inputs: dict[str, Any] = INPUTS, backend: str = "m
     src_proto, dst_proto = SessionProtocol(Role.SOURCE, mid), SessionProtocol(Role.DESTINATION)
     if backend == "qemu":
         spec = msgpack.packb(STREAM_SPEC, use_bin_type=True)
-        begin = src_proto.send(Begin("vm-1", bytes(range(16)), 64 * 256, 0, 0, 1, False, False, "qemu", spec, channels))
+        begin = src_proto.send(Begin("vm-1", bytes(range(16)), 64 * 256, 0, 0, 1, False, False, "qemu", spec))
     elif channels > 1:  # 512 pages, none protected: channel 1's first block is gfns 256..511
-        begin = src_proto.send(Begin("vm-1", bytes(range(16)), 512, 0, 0, 1, False, False, "model", b"", channels))
+        begin = src_proto.send(Begin("vm-1", bytes(range(16)), 512, 0, 0, 1, False, False, "model", b""))
     else:
         begin = src_proto.send(Begin("vm-1", bytes(range(16)), 256, 0 if plain else 16, 0 if plain else 1, 1, plain,
                                      False, "model", b""))

@@ -156,7 +156,7 @@ class Begin(Body):
     TYPE = "BEGIN"
     SCHEMA = {"vm": text(64), "vm_id": octets(16, exact=16), "pages": uint(MAX_GUEST_PAGES),
               "protected_pages": uint(MAX_GUEST_PAGES), "processes": uint(4096), "vcpus": uint(256), "plain": BOOL,
-              "digest": BOOL, "backend": text(16), "spec": octets(MAX_SPEC), "channels": uint(MAX_CHANNELS)}
+              "digest": BOOL, "backend": text(16), "spec": octets(MAX_SPEC)}
     vm: str
     vm_id: bytes
     pages: int
@@ -167,12 +167,6 @@ class Begin(Body):
     digest: bool  # ask the destination for its memory digest in READY
     backend: str  # "model": page records; "qemu": the hypervisor's own stream
     spec: bytes  # the machine to start for a stream backend (empty for "model")
-    channels: int = 1  # the sessions the pages or streams travel on (CHANNELS, with more than one, says it again)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.channels < 1:
-            raise LocalProtocolError(ErrorCode.MALFORMED, "BEGIN: channels of at least 1")
 
 
 @dataclass(frozen=True, repr=False)
