@@ -624,11 +624,12 @@ def test_a_zero_or_normal_page_whose_version_is_not_its_round_is_refused(shm, ki
     assert info.value.code == "malformed" and "version is not its round" in str(info.value)
 
 
-@pytest.mark.parametrize("where", ["plaintext-on-a-protected-gfn", "ciphertext-on-an-unprotected-gfn"])
+@pytest.mark.parametrize("where", ["plaintext-on-a-protected-gfn", "ciphertext-on-an-unprotected-gfn",
+                                   "ciphertext-in-a-vm-without-protected-processes"])
 def test_the_destination_refuses_a_page_of_the_wrong_kind_for_its_gfn_before_the_hypervisor_sees_it(shm, where):
     """Applied's slots and KEYS' layout: a protected gfn comes as ciphertext, and only it does
     (refused by the engine, with ``integrity``, before any of the message is written)."""
-    _, msgs = _source_messages(shm)
+    _, msgs = _source_messages(shm, protected=where != "ciphertext-in-a-vm-without-protected-processes")
     us = units(msgs)
     plaintext = where == "plaintext-on-a-protected-gfn"
     first = next(u for u in us if isinstance(u.body, Pages) and (KIND_PROTECTED in u.body.kinds) == plaintext)

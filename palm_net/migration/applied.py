@@ -54,22 +54,24 @@ class Applied:
         """A PAGES message's pages, checked (versions below MAX_VERSION already) and taken as
         applied: a zero or normal page's version is its round, a protected page comes as
         ciphertext and only it does, and none older than what was applied."""
-        if bool((vers[~protected] != round_no).any()):
+        plain = vers if not len(self._first) else vers[~protected]  # (no protected process: any is misplaced)
+        if bool((plain != round_no).any()):
             raise RemoteProtocolError(ErrorCode.MALFORMED, "a zero or normal page's version is not its round")
-        slots = self.slots(gfns)
-        misplaced = (slots >= 0) != protected
+        slots = self.slots(gfns) if len(self._first) else None
+        misplaced = protected if slots is None else (slots >= 0) != protected
         if misplaced.any():
             raise RemoteProtocolError(ErrorCode.INTEGRITY, f"page {gfns[np.argmax(misplaced)]}: protected pages "
                                                             "travel as ciphertext, and only they do")
-        # The round of a zero or normal page never goes back (its channel's): only a
-        # protected page can come older than what was applied.
-        slots, vers = slots[protected], vers[protected]
-        older = (vers + 1) < self._version[slots]  # a gfn appears once in a message (ascending)
-        if older.any():
-            i = int(np.argmax(older))
-            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[protected][i]} version {vers[i]} older than "
-                                                          f"applied {self.version(int(slots[i]))}")
-        self.apply(slots, vers)
+        if slots is not None:
+            # The round of a zero or normal page never goes back (its channel's): only a
+            # protected page can come older than what was applied.
+            slots, vers = slots[protected], vers[protected]
+            older = (vers + 1) < self._version[slots]  # a gfn appears once in a message (ascending)
+            if older.any():
+                i = int(np.argmax(older))
+                raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[protected][i]} version {vers[i]} older "
+                                                              f"than applied {self.version(int(slots[i]))}")
+            self.apply(slots, vers)
         self.arrived[gfns] = True
 
     def apply(self, slots: npt.NDArray[np.int64], vers: Gfns) -> None:
