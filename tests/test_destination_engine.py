@@ -595,7 +595,7 @@ def test_a_protected_page_at_the_highest_version_still_refuses_an_older_copy_of_
     slots = applied.slots(np.array([7, 8, 23, 24, 40, 47, 48], np.uint64))
     assert slots.tolist() == [-1, 0, 15, -1, 16, 23, -1]
     top = np.array([2**32 - 2], np.uint64)
-    applied.apply(slots[4:5], top)
+    applied.apply(slots[4:5], top, np.array([40], np.uint64))
     assert applied.version(16) == 2**32 - 2
     prot = np.ones(1, np.bool_)
     applied.take(np.array([40], np.uint64), top, prot, 9)  # the same version again: a resend
@@ -639,7 +639,9 @@ def test_the_destination_refuses_a_page_of_the_wrong_kind_for_its_gfn_before_the
     kind = KIND_ZERO if plaintext else KIND_PROTECTED
     tags = bytes(16) if kind == KIND_PROTECTED else b""
     data = bytes(4096) if kind == KIND_PROTECTED else b""
-    page = PageBatch(gfns[prot : prot + 1], bytes([kind]), np.array([0], np.uint64), data, tags)
+    # A version no round could have (a protected version, or none of this message's round 0):
+    # the page's kind is refused first, with ``integrity``, not its version.
+    page = PageBatch(gfns[prot : prot + 1], bytes([kind]), np.array([7], np.uint64), data, tags)
     forged = Unit(Message(first.msg.mid, 0, page.message(0)), split_data(data))
     records = renumber([*us[: us.index(first)], forged])
     at = len(records) - len(forged.records())  # the forged PAGES message: refused as it comes, before its data

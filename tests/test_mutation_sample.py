@@ -78,7 +78,7 @@ MUTANTS = [
            "            if elsewhere.any():\n",
            "            if False:\n", (CHANNELS, "-k", "own_channel")),
     Mutant("an older copy of a protected page taken", "palm_net/migration/applied.py",
-           "            if older.any():\n", "            if False:\n",
+           "        if older.any():\n", "        if False:\n",
            ("tests/test_destination_engine.py", "-k", "older-version-of-a-page")),
     Mutant("a zero or normal page of another version than its round taken", "palm_net/migration/applied.py",
            "        if bool((plain != round_no).any()):\n", "        if False:\n",

@@ -746,7 +746,8 @@ def test_missing_in_a_third_run_or_more_messages_than_the_vm_needs_is_refused():
 
 def test_a_missing_naming_a_page_no_protected_process_owns_as_protected_is_refused():
     """MISSING's protected pages (their versions kept for the rollback check) must be in KEYS'
-    layout: an unprotected page named as one is refused (``integrity``), not given a slot."""
+    layout: an unprotected page named as one is refused (``integrity``), not given a slot;
+    and none at a version older than one received (``rollback``)."""
     from types import SimpleNamespace
 
     from palm_net.migration import postcopy_destination
@@ -767,6 +768,10 @@ def test_a_missing_naming_a_page_no_protected_process_owns_as_protected_is_refus
     with pytest.raises(RemoteProtocolError) as e:
         missing(24)  # one past the process's pages
     assert e.value.code is ErrorCode.INTEGRITY and len(eng._missing) == 1
+    applied.apply(applied.slots(np.array([19], np.uint64)), np.array([10], np.uint64), np.array([19], np.uint64))
+    with pytest.raises(RemoteProtocolError) as e:
+        missing(19)  # received at version 10 before the switch: named at 3, a rollback
+    assert e.value.code is ErrorCode.ROLLBACK and len(eng._missing) == 1 and applied.version(3) == 10
 
 
 def test_missing_names_the_dirty_normal_pages_before_the_pause_and_the_rest_after(shm):

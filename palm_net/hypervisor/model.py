@@ -17,8 +17,8 @@ attested session.
 
 Dirty logging is a software log: every write path of the model writes the
 data first and then marks the page under the log's lock, and
-``collect_dirty`` swaps the bitmap under the same lock, so a write is either
-seen by the collect or lands in the next bitmap: no write is lost.  (The
+``collect_dirty`` reads and clears the bitmap under the same lock, so a write is
+either seen by the collect or marked after it, for the next: no write is lost.  (The
 kernel's userfaultfd write-protect + PAGEMAP_SCAN dirty log is not used:
 the model's writers are its own code, so the software log sees every write.)
 """

@@ -54,28 +54,28 @@ class Applied:
         """A PAGES message's pages, checked (versions below MAX_VERSION already) and taken as
         applied: a zero or normal page's version is its round, a protected page comes as
         ciphertext and only it does, and none older than what was applied."""
-        plain = vers if not len(self._first) else vers[~protected]  # (no protected process: any is misplaced)
-        if bool((plain != round_no).any()):
-            raise RemoteProtocolError(ErrorCode.MALFORMED, "a zero or normal page's version is not its round")
         slots = self.slots(gfns) if len(self._first) else None
         misplaced = protected if slots is None else (slots >= 0) != protected
         if misplaced.any():
             raise RemoteProtocolError(ErrorCode.INTEGRITY, f"page {gfns[np.argmax(misplaced)]}: protected pages "
                                                             "travel as ciphertext, and only they do")
+        plain = vers if slots is None else vers[~protected]  # (no protected process: none is protected here)
+        if bool((plain != round_no).any()):
+            raise RemoteProtocolError(ErrorCode.MALFORMED, "a zero or normal page's version is not its round")
         if slots is not None:
             # The round of a zero or normal page never goes back (its channel's): only a
             # protected page can come older than what was applied.
-            slots, vers = slots[protected], vers[protected]
-            older = (vers + 1) < self._version[slots]  # a gfn appears once in a message (ascending)
-            if older.any():
-                i = int(np.argmax(older))
-                raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[protected][i]} version {vers[i]} older "
-                                                              f"than applied {self.version(int(slots[i]))}")
-            self.apply(slots, vers)
+            self.apply(slots[protected], vers[protected], gfns[protected])
         self.arrived[gfns] = True
 
-    def apply(self, slots: npt.NDArray[np.int64], vers: Gfns) -> None:
-        """These protected pages' versions, as applied (all below 2**32 - 1)."""
+    def apply(self, slots: npt.NDArray[np.int64], vers: Gfns, gfns: Gfns) -> None:
+        """These protected pages' (``gfns``, each once) versions, as applied: all below
+        2**32 - 1, none older than one applied before (RemoteProtocolError ``rollback``)."""
+        older = (vers + 1) < self._version[slots]
+        if older.any():
+            i = int(np.argmax(older))
+            raise RemoteProtocolError(ErrorCode.ROLLBACK, f"page {gfns[i]} version {vers[i]} older than applied "
+                                                          f"{self.version(int(slots[i]))}")
         self._version[slots] = vers + 1
 
     def version(self, slot: int) -> int:

@@ -51,6 +51,7 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
     slots = eng.applied.slots(pgfns)
     if bool((slots < 0).any()):
         raise RemoteProtocolError(ErrorCode.INTEGRITY, "MISSING: a protected page no protected process owns")
+    eng.applied.apply(slots, pvers, pgfns)  # (a version older than one received: rollback)
     vers = np.full(len(gfns), m.round, dtype=np.uint64)
     vers[at] = pvers
     eng.switch_round = m.round
@@ -58,7 +59,6 @@ def on_missing(eng: DestinationEngine, msg: Message, _: Record) -> list[Effect]:
     eng._missing.append((gfns, vers))
     eng._missing_tags.append(m.tags)
     eng.applied.arrived[gfns] = True  # as far as COMPLETE's check goes: they come later
-    eng.applied.apply(slots, pvers)
     eng._unmarked += len(gfns)
     return mark_missing(eng) if eng._unmarked >= MARK_BATCH else []
 
