@@ -22,7 +22,6 @@ from palm_net.wire.pages import Gfns
 class Applied:
     def __init__(self, npages: int) -> None:
         self.arrived: npt.NDArray[np.bool_] = np.zeros(npages, np.bool_)
-        self.protected_pages = 0
         self._first: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)  # each process's first gfn, ascending
         self._end: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)  # and one past its last
         self._base: npt.NDArray[np.int64] = np.zeros(0, np.int64)  # its first page's slot
@@ -36,8 +35,11 @@ class Applied:
         self._first = np.array([first for first, _ in rs], np.uint64)
         self._end = self._first + np.array(counts, np.uint64)
         self._base = np.cumsum([0, *counts[:-1]], dtype=np.int64)[: len(rs)]
-        self.protected_pages = sum(counts)
-        self._version = np.zeros(self.protected_pages, np.uint32)
+        self._version = np.zeros(sum(counts), np.uint32)
+
+    @property
+    def protected_pages(self) -> int:
+        return len(self._version)
 
     def slots(self, gfns: Gfns) -> npt.NDArray[np.int64]:
         """Each gfn's protected-version slot, or -1 for a gfn no protected process owns."""
