@@ -789,15 +789,18 @@ def test_each_stream_message_of_a_data_session_is_counted(tmp_path):
 def test_a_failing_stream_migration_interrupts_its_hypervisors_streams():
     """DestinationRun._interrupt_stream (run by unblock_on_cancel as the migration's nursery
     ends): a stream backend's writers, blocked on a QEMU that stopped reading, are
-    interrupted; a page migration, or one with no VM yet, has none."""
+    interrupted, and its relays, blocked on a quiet data session, aborted; a page
+    migration, or one with no VM yet, has none."""
     from types import SimpleNamespace
 
     calls = []
     vm = SimpleNamespace(interrupt_stream=lambda: calls.append("interrupted"))
     run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
-    for stream, hosted, expected in ((True, vm, ["interrupted"]), (False, vm, []), (True, None, [])):
+    for stream, hosted, relays, expected in ((True, vm, 1, ["relay aborted", "interrupted"]), (False, vm, 0, []),
+                                             (True, None, 0, [])):
         calls.clear()
         run.engine, run.host = SimpleNamespace(stream=stream), SimpleNamespace(vm=hosted)
+        run._relays = [SimpleNamespace(abort=lambda: calls.append("relay aborted"))] * relays
         run._interrupt_stream()
         assert calls == expected
 

@@ -758,7 +758,7 @@ async def test_an_operators_cancel_ends_the_hypervisors_streams_at_once():
     ours, qemu = socket.socketpair()
     ours.settimeout(15)  # (without the fix: the read returns after this, past the test's deadline)
     run = object.__new__(SourceRun)  # (its stop's part only)
-    run._woken, run._streams = trio.Event(), [ours]
+    run._woken, run._streams, run._relays = trio.Event(), [ours], []
     returned = []
     try:
         with trio.fail_after(10):

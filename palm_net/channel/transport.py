@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
 
@@ -30,7 +31,7 @@ from palm_net.errors import ErrorCode, HandshakeError, RemoteProtocolError
 from palm_net.trioutil import ConflictDetector
 from palm_net.wire.protocol import REPLY_TIMEOUT
 
-__all__ = ["Inbox", "Outbox", "Record", "SecureChannel", "accept", "connect"]
+__all__ = ["Inbox", "Outbox", "Record", "SecureChannel", "ThreadReceiver", "ThreadSender", "accept", "connect"]
 
 RECV_CHUNK = 256 * 1024
 # A send moves this much at a time, each piece within the channel's send timeout
@@ -185,8 +186,7 @@ class SecureChannel:
                 with trio.move_on_after(self.send_timeout) as scope:
                     await self.stream.send_all(view[pos : pos + SEND_CHUNK])
                 if scope.cancelled_caught:
-                    raise RemoteProtocolError(ErrorCode.TIMEOUT, f"the peer took nothing sent for "
-                                              f"{self.send_timeout:g} s (not reading, or unreachable)")
+                    raise _took_nothing(self.send_timeout)
 
     # -- receiving
 
@@ -260,6 +260,145 @@ class SecureChannel:
         finally:
             while self.bound:
                 await self.bound.pop().aclose()
+
+
+def _took_nothing(timeout: float) -> RemoteProtocolError:
+    return RemoteProtocolError(ErrorCode.TIMEOUT, f"the peer took nothing sent for {timeout:g} s (not reading, "
+                                                  "or unreachable)")
+
+
+@contextlib.contextmanager
+def _lend(detector: ConflictDetector) -> Iterator[None]:
+    """Holds ``detector`` from here until the lent socket's ``close``; not if lending fails."""
+    detector.__enter__()
+    try:
+        yield
+    except BaseException:
+        detector.__exit__()
+        raise
+
+
+def _begin(rx: RecordReceiver, view: memoryview, carry: bytes) -> tuple[int, int]:
+    """A receive buffer begun with the frame cut at the end of the last: the bytes in it,
+    and where its whole frames end."""
+    view[: len(carry)] = carry
+    return len(carry), rx.whole_frames(view, len(carry))
+
+
+class _LentSocket:
+    """A session's socket lent to one worker thread (a stream relay's), one way: a
+    descriptor of its own on the same socket, which trio keeps non-blocking, so a
+    call that would block polls it, with ``abort`` (from any thread) beside it to
+    end a wait at once."""
+
+    def __init__(self, channel: SecureChannel, events: int) -> None:
+        sock = getattr(channel.stream, "socket", None)
+        if sock is None:
+            raise TypeError("only a socket's session is lent to a thread")
+        self.ch = channel  # (its sending or receiving detector already held: _lend)
+        self.aborted = False
+        self._sock = socket.socket(fileno=os.dup(sock.fileno()))
+        self._wake_r, self._wake_w = os.pipe()
+        self._poll = select.poll()
+        self._poll.register(self._sock, events)
+        self._poll.register(self._wake_r, select.POLLIN)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Until the socket is ready (True), aborted, or ``timeout`` passed (False)."""
+        return bool(self._poll.poll(None if timeout is None else timeout * 1000))
+
+    def wait(self, seconds: float) -> None:
+        """Sleeps ``seconds`` (pacing), or less if aborted."""
+        select.select([self._wake_r], [], [], seconds)
+
+    def abort(self) -> None:
+        self.aborted = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"!")
+
+    def close(self) -> None:
+        """The owner's, once the thread is done."""
+        self._sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
+class ThreadSender(_LentSocket):
+    """A session's sending side lent to a worker thread: records sealed and sent there,
+    blocking, with no hop to trio between them, each piece taken within the channel's
+    send timeout as in ``send_sealed``.  Nothing else sends on it until ``close``."""
+
+    def __init__(self, channel: SecureChannel) -> None:
+        with _lend(channel._sending):
+            super().__init__(channel, select.POLLOUT)
+        self.timeout = channel.send_timeout
+        self._out = bytearray()
+
+    def seal_and_send(self, messages: Sequence[tuple[Buffer, bool]]) -> int:
+        """Records in order (as ``Outbox.put``); the bytes put on the wire, all of them
+        unless aborted."""
+        need = self.ch.frames_size(messages)
+        if len(self._out) < need:
+            self._out = bytearray(need)
+        with memoryview(self._out) as out:
+            size = self.ch.seal_into(messages, out)
+            pos = 0
+            while pos < size and not self.aborted:
+                try:
+                    pos += self._sock.send(out[pos : min(size, pos + SEND_CHUNK)], socket.MSG_DONTWAIT)
+                    continue
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as exc:
+                    raise RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({_lost(exc)})") from None
+                if not self._wait(self.timeout):
+                    raise _took_nothing(self.timeout)
+        return size
+
+    def close(self) -> None:
+        super().close()
+        self.ch._sending.__exit__()
+
+
+class ThreadReceiver(_LentSocket):
+    """A session's receiving side lent to a worker thread: its records read and opened
+    there in a buffer of its own, as an ``Inbox`` does.  ``close`` gives a frame's start
+    read and not yet opened back to the channel, for whoever reads it next."""
+
+    def __init__(self, channel: SecureChannel, size: int = 2 << 20) -> None:
+        with _lend(channel._receiving):
+            super().__init__(channel, select.POLLIN)
+        self._rx = channel._receiver
+        self.buffer = bytearray(size)
+        self._carry = self._rx.take_buffered()
+
+    def records(self) -> list[Record] | None:
+        """The next whole records, opened (views of a buffer that is reused at the next
+        call); None once the peer closed the connection or the receiver was aborted."""
+        rx = self._rx
+        with memoryview(self.buffer) as view:
+            filled, end = _begin(rx, view, self._carry)
+            while not end:
+                try:
+                    n = self._sock.recv_into(view[filled:], 0, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    if self.aborted:
+                        return None
+                    self._wait(None)
+                    continue
+                except OSError as exc:
+                    raise RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({_lost(exc)})") from None
+                if not n:
+                    return None
+                filled += n
+                end = rx.whole_frames(view, filled)
+            self._carry = bytes(view[end:filled])
+            return rx.open_in_place(view[:end])
+
+    def close(self) -> None:
+        super().close()
+        self._rx.receive_data(self._carry)
+        self.ch._receiving.__exit__()
 
 
 class _Buffers:
@@ -364,10 +503,8 @@ class Inbox:
         async with out:
             while True:
                 buf = await self._pool.get()
-                filled = len(self._carry)
-                buf[:filled] = self._carry
                 with memoryview(buf) as view:
-                    end = rx.whole_frames(view, filled)
+                    filled, end = _begin(rx, view, self._carry)
                     while not end:
                         try:
                             filled += await self.ch.read_into(view[filled:])

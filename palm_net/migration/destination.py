@@ -127,6 +127,24 @@ class Lane:
         self.stream_bytes = 0  # a stream backend's: its bytes received
         self.complete = False  # its COMPLETE checked: every record it carried was received
         self.fill = False  # post-copy's serving phase: its pages go into missing ones (proto 7.9)
+        self.lent = False  # a stream's data session read by its relay (DestinationEngine.lend_lane)
+
+    def lend(self, stream: bool) -> SessionProtocol:
+        """This data session (a ``stream``'s only) read from here by its relay (a worker
+        thread) as far as its STREAM messages and their data go: its protocol is the
+        relay's, and no record of it reaches the engine, until ``returned``."""
+        if not stream or self.lent or not self.index or self.proto.state in FINAL:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"channel {self.index} cannot be lent to a relay")
+        self.lent = True
+        return self.proto
+
+    def carried(self, messages: int, data: int) -> None:
+        """Its relay took ``messages`` more STREAM messages and wrote ``data`` more bytes."""
+        self.page_records += messages
+        self.stream_bytes += data
+
+    def returned(self) -> None:
+        self.lent = False
 
     def __repr__(self) -> str:
         return f"Lane({self.index}, {self.proto.state.value}, round={self.round})"
@@ -465,8 +483,18 @@ class DestinationEngine:
         lane = self.lanes[b.channel] = Lane(b.channel, proto)
         return lane
 
+    def lend_lane(self, lane: Lane) -> SessionProtocol:
+        """A stream's data session to its relay (Lane.lend); what it carries is counted in (``lane_carried``)."""
+        return lane.lend(self.stream)
+
+    def lane_carried(self, lane: Lane, messages: int, data: int) -> None:
+        lane.carried(messages, data)
+        self.progress += data
+
     def on_lane_record(self, lane: Lane, rec: Record) -> list[Effect]:
         """One record of a data session: its pages, ROUND_END or COMPLETE."""
+        if lane.lent:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"a record of channel {lane.index}, lent to its relay")
         if self._awaiting is not None:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"a record while {self._awaiting.__name__} is due")
         if self.state in FINAL:

@@ -213,8 +213,8 @@ class StartStream(Effect):
 
 @dataclass(frozen=True)
 class SendStream(Effect):
-    """Carry the hypervisor's stream to its end, a STREAM message and its data records
-    per chunk (``SourceEngine.stream_chunk``): -> StreamSent."""
+    """Carry the hypervisor's streams to their end, a STREAM message and its data records
+    per chunk, each channel's made under its lease (``SourceEngine.lease_stream``): -> StreamSent."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Each engine has one owner, the trio task that runs its session: every call
 into an engine, its session protocol and the durable handoff happens on
 the trio thread.  Worker threads get plain inputs and return plain outputs:
 pages read from the VM, page batches written into it, records sealed or
-opened (libsodium drops the GIL), a digest.
+opened (libsodium drops the GIL), a digest.  A stream backend's relays
+(palm_net.migration.relay) hold what the engine lends them until they
+return: a session's StreamLease, or a data session's protocol (Lane.lend).
 
 Source: a producer task reads the round's pages in a worker thread, a few
 PAGES messages' worth (up to 1 MiB of data each) at a time, into reusable
@@ -12,6 +14,10 @@ buffers; the session task turns each batch into a PAGES message and its data
 records (the engine) and seals them into the channel's Outbox, whose task
 sends the previous batch meanwhile.  A receiver task reads the
 destination's messages concurrently, so an ABORT stops the stream at once.
+
+A stream backend's bytes go by a relay a session instead, one worker thread
+reading, sealing and sending (source) or reading, opening and writing (a
+destination's data sessions) with no hop to trio between them.
 
 Destination: the channel's Inbox task reads the socket into reusable
 buffers; the session task opens each buffer's records in place (a worker
@@ -27,6 +33,7 @@ import contextlib
 import hmac
 import math
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,7 +45,15 @@ import structlog
 import trio
 from nacl.signing import SigningKey
 
-from palm_net.channel.transport import Inbox, Outbox, Record, SecureChannel, bound_queues
+from palm_net.channel.transport import (
+    Inbox,
+    Outbox,
+    Record,
+    SecureChannel,
+    ThreadReceiver,
+    ThreadSender,
+    bound_queues,
+)
 from palm_net.errors import ErrorCode, MigrationFailure, PalmError, RemoteProtocolError
 from palm_net.faults import fault
 from palm_net.hypervisor.backend import (
@@ -47,7 +62,6 @@ from palm_net.hypervisor.backend import (
     StreamBackend,
     describe_error,
 )
-from palm_net.hypervisor.qemu import read_stream
 from palm_net.migration.destination import DestinationEngine, Lane, SessionOutcome
 from palm_net.migration.effects import (
     AbortForever,
@@ -78,6 +92,7 @@ from palm_net.migration.effects import (
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
 from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
 from palm_net.migration.params import Step
+from palm_net.migration.relay import DestinationRelay, SourceRelay
 from palm_net.migration.source import Pacer, SourceEngine
 from palm_net.trioutil import first_error
 from palm_net.wire.messages import MAX_BULK, MAX_CHANNELS, MAX_DATA_PAGES, PAGE_SIZE, Begin
@@ -98,10 +113,8 @@ READ_AHEAD = 2  # source: pieces read ahead of the one being sealed
 # migration (docs/DATAPATH.md, "Threads, hops and memory").
 BULK_BUFFERS = 2
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
-# A read of QEMU's stream, at most: what our buffers hold when QEMU pauses the
-# guest is loaded by the destination inside the downtime (1 GiB KVM guest, under
-# load: 34 and 33 ms against 73 and 38 with 2 MiB reads and 4 MiB socket buffers).
-STREAM_READ = MAX_BULK // 2
+PROGRESS_EVERY = 0.25  # s: a stream's relays' bytes counted this often
+RELAY_BUFFER = 2 << 20  # a destination relay's receive buffer (as an Inbox's)
 APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not yet written
 COMMIT_WINDOW = 30.0  # destination: at most this long shielded for COMMIT, activation and DONE
 
@@ -198,6 +211,8 @@ class SourceRun:
         self._queue: deque[Effect] = deque()  # effects asked for and not yet performed
         self._woken = trio.Event()  # the receiver or a background task queued effects
         self._streams: list[socket.socket] = []  # a stream backend's migration streams, while they run
+        self._relays: list[SourceRelay] = []  # and the relays carrying them
+        self._pace_lock = threading.Lock()  # (the relays' threads pace too)
         # Each channel's buffers of pages read and of records sealed, kept from round to
         # round: fresh ones each round were first touched, a page fault a page, in the
         # stop-and-copy too (13 ms of 18 for 530 scattered pages here).
@@ -212,6 +227,8 @@ class SourceRun:
         """An operator's cancel: the run looks at once; a hypervisor's streams being carried
         end now (a quiet one would hold its pump, and the cancel past its grace)."""
         self._woken.set()
+        for relay in self._relays:
+            relay.stop()
         shut_down(self._streams)
 
     @property
@@ -255,10 +272,9 @@ class SourceRun:
     async def _sent(self, size: int) -> None:
         """``size`` bytes went on the wire: counted, and paced to the bandwidth cap."""
         self.engine.sent(size)
-        if self._pacer is not None and not self._stopping:  # a cancel's last sealed records: at once
-            wait = self._pacer.sent(size, time.monotonic())
-            if wait > 0:
-                await trio.sleep(wait)
+        wait = self._pace(size)  # (none for a cancel's last sealed records: at once)
+        if wait > 0:
+            await trio.sleep(wait)
 
     async def _pump(self, read: Callable[[Any], tuple[Any, bool]], buffers: list[Any],
                     to_records: Callable[[Any], list[Buffer]], channel: SecureChannel | None = None,
@@ -467,23 +483,31 @@ class SourceRun:
 
     async def _send_stream(self) -> None:
         """A stream backend's own rounds and stop-and-copy: we carry the bytes, each of
-        its streams on its channel at once (more channels: QEMU's multifd, proto 7.8)."""
+        its streams on its channel at once (more channels: QEMU's multifd, proto 7.8),
+        each by a relay in a worker thread (palm_net.migration.relay)."""
         channels, streams = [self.ch, *self.data_channels], self._streams
         assert len(streams) == len(channels)
         for ch in channels:  # what they queue when QEMU pauses is downtime
             bound_queues(ch.stream)
         left = [len(streams)]
-        unblock = trio.CancelScope()
+        unblock, counting = trio.CancelScope(), trio.CancelScope()
+
+        def abort() -> None:
+            shut_down(streams)
+            for relay in self._relays:
+                relay.abort()
 
         async def send_one(i: int) -> None:
             await self._send_one_stream(streams[i], i, channels[i])
             left[0] -= 1
             if not left[0]:
                 unblock.cancel()
+                counting.cancel()
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(unblock_on_cancel, unblock, lambda: shut_down(streams))
+                nursery.start_soon(unblock_on_cancel, unblock, abort)
+                nursery.start_soon(self._count_relayed, counting)
                 for i in range(len(streams)):
                     nursery.start_soon(send_one, i)
         finally:
@@ -493,19 +517,47 @@ class SourceRun:
         """One of the hypervisor's streams to its end, as STREAM messages; then a data
         session's COMPLETE."""
         eng = self.engine
-
-        def read(out: bytearray) -> tuple[memoryview, bool]:
-            view = memoryview(out)
-            n, ended = read_stream(conn, view)
-            return view[:n], ended
-
-        def to_records(data: memoryview) -> list[Buffer]:
-            return [r for i in range(0, len(data), MAX_BULK)
-                    for r in eng.stream_chunk(data[i : i + MAX_BULK], channel)]
-
-        await self._pump(read, [bytearray(STREAM_READ) for _ in range(READ_AHEAD + 1)], to_records, ch)
+        lease = eng.lease_stream(channel)
+        try:
+            sender = ThreadSender(ch)
+            try:
+                relay = SourceRelay(conn, lease, sender, self._pace)
+                self._relays.append(relay)
+                if self._stopping:
+                    relay.stop()
+                await trio.to_thread.run_sync(relay.run)
+            finally:
+                sender.close()
+        finally:
+            eng.stream_returned(channel, lease)
         if channel and not self._stopping:
             await self._send_on(ch, [eng.channel_end(channel, 0, *ch.sent)])
+
+    async def _count_relayed(self, scope: trio.CancelScope) -> None:
+        """What the relays sent, counted (the engine's figures, progress) now and then
+        while they run, and at their end."""
+        counted: dict[int, int] = {}
+        with scope:
+            try:
+                while True:
+                    await trio.sleep(PROGRESS_EVERY)
+                    self._count(counted)
+            finally:
+                self._count(counted)
+
+    def _count(self, counted: dict[int, int]) -> None:
+        for relay in self._relays:
+            sent = relay.sent
+            self.engine.sent(sent - counted.get(id(relay), 0))
+            counted[id(relay)] = sent
+        self.on_progress()
+
+    def _pace(self, size: int) -> float:
+        """A relay's ``size`` bytes sent: how long it waits (the bandwidth cap, shared)."""
+        if self._pacer is None or self._stopping:
+            return 0.0
+        with self._pace_lock:
+            return self._pacer.sent(size, time.monotonic())
 
 
 # --------------------------------------------------------------------------
@@ -614,6 +666,9 @@ class DestinationRun:
         self._fault_woken = trio.Event()
         self._watching: HostedVM | None = None
         self._hook: Callable[[int], None] | None = None
+        self._relays: list[DestinationRelay] = []  # a stream's data sessions being carried (_relay)
+        self._deadline = trio.CancelScope()  # (the session's, once it runs)
+        self._started = 0.0
 
     @property
     def vm(self) -> HostedVM | None:
@@ -627,12 +682,13 @@ class DestinationRun:
         error: PalmError | None = None
         try:
             with trio.fail_at(eng.deadline(started)) as deadline:
+                self._deadline, self._started = deadline, started
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     opened_send, opened = trio.open_memory_channel[_Opened](1)
                     self._opened, self._opened_recv = opened_send, opened
                     nursery.start_soon(self._feed, None, Inbox(self.ch, buffers=BULK_BUFFERS), opened_send.clone())
-                    nursery.start_soon(unblock_on_cancel, trio.CancelScope(), self._interrupt_stream)
+                    nursery.start_soon(unblock_on_cancel, trio.CancelScope(), self._interrupt_stream)  # (relays too)
                     nursery.start_soon(self._feed_faults, opened_send.clone())
                     await self._perform(list(initial))
                     self._watch_faults()
@@ -759,8 +815,63 @@ class DestinationRun:
                 bound_queues(bind.channel.stream)
             assert self._opened is not None
             self.log.info("data session bound", channel=lane.index, of=eng.channels)
-            self._nursery.start_soon(self._feed, lane, Inbox(bind.channel, buffers=BULK_BUFFERS), self._opened.clone())
+            if eng.stream and getattr(bind.channel.stream, "socket", None) is not None:
+                self._nursery.start_soon(self._relay, lane, bind.channel, self._opened.clone())
+            else:
+                self._nursery.start_soon(self._feed, lane, Inbox(bind.channel, buffers=BULK_BUFFERS),
+                                         self._opened.clone())
             bind.taken.set()
+
+    async def _relay(self, lane: Lane, channel: SecureChannel, out: trio.MemorySendChannel[_Opened]) -> None:
+        """A stream's data session: its STREAM messages carried into the hypervisor by a
+        relay (a worker thread, palm_net.migration.relay); the records after them (its
+        COMPLETE), then the session's end, to the session task, as ``_feed`` does, in
+        the relay's buffer (a fresh Inbox's 4 MiB, first touched, cost the downtime
+        10-20 ms here)."""
+        eng, index = self.engine, lane.index
+        receiver = ThreadReceiver(channel, RELAY_BUFFER)
+        relay = DestinationRelay(receiver, eng.lend_lane(lane),
+                                 lambda chunks: self.host.bulk([StreamIn(c, index) for c in chunks]))
+        counted = [0, 0]
+
+        def count() -> None:
+            eng.lane_carried(lane, relay.messages - counted[0], relay.data - counted[1])
+            counted[:] = relay.messages, relay.data
+            self._deadline.deadline = eng.deadline(self._started)  # (its data is the session's progress)
+
+        async def tick(scope: trio.CancelScope) -> None:
+            with scope:
+                while True:
+                    await trio.sleep(PROGRESS_EVERY)
+                    count()
+
+        async with out:
+            self._relays.append(relay)  # (until its receiver is closed: a cancel aborts what reads it)
+            try:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        ticking = trio.CancelScope()
+                        nursery.start_soon(tick, ticking)
+                        try:
+                            rest = await trio.to_thread.run_sync(relay.run)
+                        finally:
+                            ticking.cancel()
+                finally:
+                    count()
+                    lane.returned()
+                while rest:
+                    taken = trio.Event()  # (the buffer is read into again only once they are)
+
+                    def release(_: bytearray, taken: trio.Event = taken) -> None:
+                        taken.set()
+
+                    await out.send(_Opened(lane, rest, receiver.buffer, release))
+                    await taken.wait()
+                    rest = await trio.to_thread.run_sync(receiver.records)
+            finally:
+                self._relays.remove(relay)
+                receiver.close()
+            await out.send(_Opened(lane, closed=RemoteProtocolError(ErrorCode.CLOSED, "peer closed the connection")))
 
     async def attach(self, channel: SecureChannel, first: Record) -> None:
         """A DATA session for this migration, from the peer of its main session (the
@@ -816,7 +927,10 @@ class DestinationRun:
         await self._applier_of(lane).submit(bulk + eng.flush(lane), [buf], release)
 
     def _interrupt_stream(self) -> None:
-        """A stream backend's writers, blocked on a hypervisor that stopped reading, return."""
+        """A stream backend's writers, blocked on a hypervisor that stopped reading, return;
+        its relays, blocked on a quiet session, too."""
+        for relay in self._relays:
+            relay.abort()
         if self.engine.stream and self.host.vm is not None:
             cast(StreamBackend, self.host.vm).interrupt_stream()
 

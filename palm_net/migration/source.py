@@ -90,7 +90,6 @@ from palm_net.wire.messages import (
     RoundDone,
     RoundEnd,
     Running,
-    Stream,
     StreamEnd,
     Want,
     timings_s,
@@ -105,7 +104,7 @@ from palm_net.wire.pages import (
     RoundGfns,
     union_gfns,
 )
-from palm_net.wire.protocol import Role, SessionProtocol, State
+from palm_net.wire.protocol import Role, SessionProtocol, State, StreamLease
 
 DOWNTIME_GOAL_DIVISOR = 100  # iterate on while shrinking, until expected downtime <= limit / 100
 CONTEXT_CHUNK = MAX_BLOB
@@ -495,18 +494,19 @@ class SourceEngine:
     def _stream_started(self, result: StreamStarted, now: float) -> list[Effect]:
         return self._request(Step.STREAMING, SendStream(), StreamSent)
 
-    def stream_chunk(self, data: Buffer, channel: int = 0) -> list[Buffer]:
-        """The next bytes of the hypervisor's stream of ``channel``: a STREAM message,
-        then its data records (the bulk path of SendStream)."""
+    def lease_stream(self, channel: int = 0) -> StreamLease:
+        """``channel``'s STREAM messages, made by its relay (SendStream's bulk path) until ``stream_returned``."""
         if self.step is not Step.STREAMING:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"stream bytes while {self.step.value}")
-        self.channel_bytes[channel] += len(data)
-        self.stats.page_records += 1
-        self.channel_records[channel] += 1
-        proto = self.lanes[channel - 1] if channel else self.proto
-        msg = proto.send(Stream(len(data)))
-        self.sent_bytes += len(msg) + len(data)
-        return [msg, *proto.send_data(data)]
+        return (self.lanes[channel - 1] if channel else self.proto).lease_stream()
+
+    def stream_returned(self, channel: int, lease: StreamLease) -> None:
+        """``channel``'s relay is done with its lease: what it made is counted."""
+        (self.lanes[channel - 1] if channel else self.proto).end_lease(lease)
+        self.channel_bytes[channel] += lease.data_bytes
+        self.stats.page_records += lease.messages
+        self.channel_records[channel] += lease.messages
+        self.sent_bytes += lease.bytes
 
     def _stream_sent(self, result: StreamSent, now: float) -> list[Effect]:
         """The hypervisor's stream ended: STREAM_END and COMPLETE at once.  Its

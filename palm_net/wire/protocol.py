@@ -164,6 +164,32 @@ class _Bulk:
         self.index = 0
 
 
+class StreamLease:
+    """Our STREAM messages and their data records, made by whoever holds the lease (a
+    relay's worker thread, palm_net.migration.relay) instead of the session's owner.
+    Only where a STREAM leaves the state as it is, so each is the message ``send``
+    would have made; the session sends nothing else until the lease comes back
+    (``SessionProtocol.end_lease``), which takes on its sequence numbers."""
+
+    __slots__ = ("bytes", "data_bytes", "messages", "mid", "seq")
+
+    def __init__(self, mid: bytes, seq: int) -> None:
+        self.mid, self.seq = mid, seq
+        self.messages = 0  # STREAM messages made
+        self.data_bytes = 0  # the stream's bytes they announced
+        self.bytes = 0  # those and the messages' own (before framing and tags)
+
+    def frame(self, data: Buffer) -> list[Buffer]:
+        """A STREAM message announcing ``data`` (1..MAX_BULK bytes), then its data records."""
+        view = memoryview(data).cast("B")
+        msg = messages.encode(Message(self.mid, self.seq, Stream(len(view))))
+        self.seq += 1
+        self.messages += 1
+        self.data_bytes += len(view)
+        self.bytes += len(msg) + len(view)
+        return [msg, *(view[i : i + DATA_RECORD] for i in range(0, len(view), DATA_RECORD))]
+
+
 class SessionProtocol:
     def __init__(self, role: Role, mid: bytes | None = None, recovery: bool = False, data: bool = False,
                  stream: bool = False) -> None:
@@ -181,6 +207,7 @@ class SessionProtocol:
         self.data = data
         self.recovery = recovery
         self.postcopy = False  # a MISSING went (or OUTCOME postcopy came): RUNNING, not DONE (proto 7.9)
+        self._lease: StreamLease | None = None
 
     def __repr__(self) -> str:
         return f"SessionProtocol({self.role.value}, {self.state.value})"
@@ -264,6 +291,8 @@ class SessionProtocol:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "no migration id set")
         if self._bulk[self.role].due:
             raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "the data records of the last message are due")
+        if self._lease is not None:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "our STREAM messages are leased out")
         msg = Message(self.mid, self._next_seq[self.role], body)
         try:
             self._advance(self.role, msg)
@@ -283,7 +312,23 @@ class SessionProtocol:
         return parts
 
     def can_send(self, cls: type[Body]) -> bool:
-        return (self.state, self.role, cls) in TRANSITIONS and not self._bulk[self.role].due
+        return (self.state, self.role, cls) in TRANSITIONS and not self._bulk[self.role].due and self._lease is None
+
+    def lease_stream(self) -> StreamLease:
+        """Our next STREAM messages, to be made elsewhere (StreamLease); only in a stream
+        session's state that a STREAM keeps, with nothing due or leased already."""
+        if self.mid is None or not self.stream or TRANSITIONS.get((self.state, self.role, Stream)) is not self.state:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, f"no STREAM to lease in state {self.state.value}")
+        if self._bulk[self.role].due or self._lease is not None:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "the last message's data, or a lease, is still out")
+        self._lease = StreamLease(self.mid, self._next_seq[self.role])
+        return self._lease
+
+    def end_lease(self, lease: StreamLease) -> None:
+        """The lease is back: what it made was sent (or the session is failing anyway)."""
+        if lease is not self._lease:
+            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "not this session's lease")
+        self._next_seq[self.role], self._lease = lease.seq, None
 
     def receive_message(self, data: Buffer, authenticated: bool = True) -> Message:
         """As ``receive``, where a message must come (the destination sends no data)."""
