@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 import trio
@@ -18,7 +19,7 @@ from palm_net.channel.records import Record, RecordReceiver, RecordSender
 from palm_net.channel.transport import SecureChannel, ThreadReceiver, ThreadSender
 from palm_net.crypto.noise import CIPHERS, CipherState
 from palm_net.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from palm_net.migration.relay import DestinationRelay, SourceRelay
+from palm_net.migration.relay import DestinationRelay, SourceRelay, in_own_thread
 from palm_net.wire import messages
 from palm_net.wire.messages import MAX_BULK, Bind, Complete, Stream
 from palm_net.wire.protocol import Role, SessionProtocol
@@ -138,12 +139,12 @@ async def test_a_thread_sender_to_a_peer_that_takes_nothing_times_out_or_returns
     a.send_timeout = 60
     sender = ThreadSender(a)
     try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, sender.seal_and_send, big)
-                await trio.sleep(0.3)
-                sender.abort()
-        assert sender.aborted
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, sender.seal_and_send, big)
+            await trio.sleep(0.3)
+            sender.abort()
+        assert time.monotonic() - started < 5  # (not the send timeout's 60 s)
     finally:
         sender.close()
 
@@ -191,6 +192,71 @@ async def test_a_thread_receiver_on_a_quiet_session_returns_when_aborted_and_ref
         assert exc.value.code is ErrorCode.BAD_RECORD
     finally:
         receiver.close()
+
+
+async def test_a_thread_sender_times_out_a_peer_that_takes_a_little_at_a_time():
+    """Each piece (SEND_CHUNK) must go within the send timeout, as in ``send_sealed``, not
+    each wait: a peer taking a kilobyte now and then does not hold the sender (a paused
+    guest) for ever."""
+    a, _b = _socket_channels()
+    a.send_timeout = 0.3
+    sender = ThreadSender(a)
+    real, turn = sender._sock, [0]
+
+    class Trickle:  # the socket's peer takes 1000 bytes every other try, ready again 10 ms on
+        def send(self, data: memoryview, flags: int) -> int:
+            turn[0] += 1
+            if turn[0] % 2:
+                raise BlockingIOError
+            return min(len(data), 1000)
+
+    sender._sock, sender._wait = Trickle(), lambda timeout: (time.sleep(0.01), True)[1]
+    try:
+        started = time.monotonic()
+        with pytest.raises(RemoteProtocolError) as exc:
+            await trio.to_thread.run_sync(sender.seal_and_send, [(os.urandom(65000), False)] * 4)
+        assert exc.value.code is ErrorCode.TIMEOUT and time.monotonic() - started < 2
+    finally:
+        sender._sock = real
+        sender.close()
+
+
+def test_a_lent_socket_aborted_after_it_is_closed_writes_to_no_descriptor():
+    """A relay aborted after its sender closed (a migration's end): the wake-up's descriptor
+    number may be another's by then (a session's, the store's): nothing is written to it."""
+    a, _b = _socket_channels()
+    sender = ThreadSender(a)
+    sender.close()
+    r, w = os.pipe()  # (the numbers just freed, most likely)
+    try:
+        os.set_blocking(r, False)
+        sender.abort()
+        sender.close()  # (twice: nothing either)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert sender.aborted
+
+
+async def test_a_relay_has_a_thread_of_its_own_when_trios_are_all_taken():
+    """A relay holds its thread for its session's whole stream: not one of trio's pool,
+    which many channels (or a peer's quiet data sessions) would otherwise use up."""
+    limiter = trio.to_thread.current_default_thread_limiter()
+    total, limiter.total_tokens = limiter.total_tokens, 1
+    release = threading.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, release.wait)  # (the pool's only token)
+            await trio.sleep(0.1)
+            try:
+                with trio.fail_after(5):
+                    assert await in_own_thread(lambda: "ran") == "ran"
+            finally:
+                release.set()
+    finally:
+        limiter.total_tokens = total
 
 
 # --------------------------------------------------------------------------
@@ -244,6 +310,27 @@ async def test_a_source_relay_carries_a_stream_to_its_end_and_a_stopped_one_make
             ours2.close()
             qemu2.close()
         assert lease2.messages == 0 and relay2.sent == 0
+        # Stopped in a pacing wait (a bandwidth cap): the wait ends at once.
+        again3, _ = _bound()
+        lease3, sender3 = again3.lease_stream(), ThreadSender(a)
+        ours3, qemu3 = socket.socketpair()
+        qemu3.sendall(b"paced")
+        try:
+            relay3 = SourceRelay(ours3, lease3, sender3, lambda size: 20.0)
+            started = time.monotonic()
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(b.receive)  # (what it sent before the wait)
+                    nursery.start_soon(lambda: trio.to_thread.run_sync(relay3.run))
+                    await trio.sleep(0.3)
+                    relay3.stop()
+                    ours3.shutdown(socket.SHUT_RDWR)  # (as the run's stop does: a read returns)
+            assert time.monotonic() - started < 3  # (a thread is never cancelled: timed by hand)
+        finally:
+            sender3.close()
+            ours3.close()
+            qemu3.close()
+        assert lease3.messages == 1
     finally:
         ours.close()
         qemu.close()
@@ -274,13 +361,12 @@ async def test_a_destination_relay_writes_what_its_protocol_takes_and_stops_at_t
 
 
 async def test_a_destination_relay_refuses_a_record_its_lanes_protocol_refuses():
-    """A STREAM message where its data is due (a record dropped, or forged): the lane's
-    protocol refuses it in the relay as it would in the engine, and nothing of it is written."""
+    """A STREAM message replayed (or forged): the lane's protocol refuses it in the relay
+    as it would in the engine, and nothing of the buffer it came in is written."""
     a, b = _socket_channels()
     src, dst = _bound()
-    forged, _ = _bound()
-    first = src.send(Stream(10))
-    await a.send_batch([(first, True), (forged.send(Stream(10)), True)])  # data records were due
+    first, data = src.send(Stream(10)), bytes(src.send_data(b"0123456789")[0])
+    await a.send_batch([(first, True), (data, True), (first, True)])  # (its STREAM again: sequence 1)
     a.stream.socket.shutdown(socket.SHUT_WR)  # (then nothing more)
     written: list[bytes] = []
     receiver = ThreadReceiver(b)

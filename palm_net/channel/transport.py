@@ -14,6 +14,8 @@ import contextlib
 import os
 import select
 import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
@@ -298,35 +300,45 @@ class _LentSocket:
         self.ch = channel  # (its sending or receiving detector already held: _lend)
         self.aborted = False
         self._sock = socket.socket(fileno=os.dup(sock.fileno()))
-        self._wake_r, self._wake_w = os.pipe()
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+        except BaseException:
+            self._sock.close()
+            raise
+        self._lock = threading.Lock()  # abort (any thread) against close: never a descriptor closed
         self._poll = select.poll()
         self._poll.register(self._sock, events)
         self._poll.register(self._wake_r, select.POLLIN)
 
     def _wait(self, timeout: float | None) -> bool:
         """Until the socket is ready (True), aborted, or ``timeout`` passed (False)."""
-        return bool(self._poll.poll(None if timeout is None else timeout * 1000))
-
-    def wait(self, seconds: float) -> None:
-        """Sleeps ``seconds`` (pacing), or less if aborted."""
-        select.select([self._wake_r], [], [], seconds)
+        return bool(self._poll.poll(None if timeout is None else max(timeout, 0.0) * 1000))
 
     def abort(self) -> None:
-        self.aborted = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"!")
+        """Any thread: the thread's wait ends now; after ``close``, nothing (its descriptors
+        are closed, and their numbers may be someone else's by then)."""
+        with self._lock:
+            self.aborted = True
+            if self._wake_w >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"!")
 
     def close(self) -> None:
-        """The owner's, once the thread is done."""
-        self._sock.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        """The owner's, once the thread is done (again: nothing)."""
+        with self._lock:
+            if self._wake_w < 0:
+                return
+            self._sock.close()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
 
 
 class ThreadSender(_LentSocket):
     """A session's sending side lent to a worker thread: records sealed and sent there,
-    blocking, with no hop to trio between them, each piece taken within the channel's
-    send timeout as in ``send_sealed``.  Nothing else sends on it until ``close``."""
+    blocking, with no hop to trio between them, each piece (SEND_CHUNK) taken within
+    the channel's send timeout as in ``send_sealed``.  Nothing else sends on it until
+    ``close``."""
 
     def __init__(self, channel: SecureChannel) -> None:
         with _lend(channel._sending):
@@ -344,26 +356,30 @@ class ThreadSender(_LentSocket):
             size = self.ch.seal_into(messages, out)
             pos = 0
             while pos < size and not self.aborted:
-                try:
-                    pos += self._sock.send(out[pos : min(size, pos + SEND_CHUNK)], socket.MSG_DONTWAIT)
-                    continue
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as exc:
-                    raise RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({_lost(exc)})") from None
-                if not self._wait(self.timeout):
-                    raise _took_nothing(self.timeout)
+                piece, deadline = min(size, pos + SEND_CHUNK), time.monotonic() + self.timeout
+                while pos < piece and not self.aborted:
+                    try:
+                        pos += self._sock.send(out[pos:piece], socket.MSG_DONTWAIT)
+                        continue
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError as exc:
+                        raise RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({_lost(exc)})") from None
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._wait(left):
+                        raise _took_nothing(self.timeout)
         return size
 
     def close(self) -> None:
+        if self._wake_w >= 0:
+            self.ch._sending.__exit__()
         super().close()
-        self.ch._sending.__exit__()
 
 
 class ThreadReceiver(_LentSocket):
     """A session's receiving side lent to a worker thread: its records read and opened
-    there in a buffer of its own, as an ``Inbox`` does.  ``close`` gives a frame's start
-    read and not yet opened back to the channel, for whoever reads it next."""
+    there in a buffer of its own, as an ``Inbox`` does.  ``close`` gives what was read
+    and not yet opened (a frame's start) back to the channel, for whoever reads it next."""
 
     def __init__(self, channel: SecureChannel, size: int = 2 << 20) -> None:
         with _lend(channel._receiving):
@@ -382,13 +398,14 @@ class ThreadReceiver(_LentSocket):
                 try:
                     n = self._sock.recv_into(view[filled:], 0, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
-                    if self.aborted:
-                        return None
-                    self._wait(None)
-                    continue
+                    if not self.aborted:
+                        self._wait(None)
+                        continue
+                    n = 0
                 except OSError as exc:
                     raise RemoteProtocolError(ErrorCode.CLOSED, f"connection lost ({_lost(exc)})") from None
                 if not n:
+                    self._carry = bytes(view[:filled])
                     return None
                 filled += n
                 end = rx.whole_frames(view, filled)
@@ -396,9 +413,11 @@ class ThreadReceiver(_LentSocket):
             return rx.open_in_place(view[:end])
 
     def close(self) -> None:
+        if self._wake_w >= 0:
+            self._rx.receive_data(self._carry)
+            self._carry = b""
+            self.ch._receiving.__exit__()
         super().close()
-        self._rx.receive_data(self._carry)
-        self.ch._receiving.__exit__()
 
 
 class _Buffers:

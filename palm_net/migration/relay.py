@@ -21,14 +21,28 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable
+from typing import TypeVar
+
+import trio
 
 from palm_net.channel.transport import Record, ThreadReceiver, ThreadSender
 from palm_net.errors import PalmError
+from palm_net.faults import fault
 from palm_net.hypervisor.qemu import read_stream
 from palm_net.wire import messages
 from palm_net.wire.messages import MAX_BULK, Stream
 from palm_net.wire.pages import Buffer
 from palm_net.wire.protocol import Data, SessionProtocol, StreamLease
+
+T = TypeVar("T")
+
+
+async def in_own_thread(fn: Callable[[], T]) -> T:
+    """``fn`` (a relay's, or its receiver's) in a worker thread of its own: not one of the
+    trio pool's 40, which a relay holds for its session's whole stream (so many
+    channels, or a peer's quiet data sessions, would starve every other hop)."""
+    return await trio.to_thread.run_sync(fn, limiter=trio.CapacityLimiter(1))
+
 
 # A read of the hypervisor's stream, at most: what our buffers hold when QEMU pauses
 # the guest is loaded by the destination inside the downtime (1 GiB KVM guest, under
@@ -70,7 +84,7 @@ class SourceRelay:
                     self.sent += size
                     wait = self._pace(size)
                     if wait > 0:
-                        self.sender.wait(wait)
+                        self._stopped.wait(wait)  # (a stop or an abort ends it)
                 if ended:
                     return True
 
@@ -100,6 +114,7 @@ class DestinationRelay:
             records = self.receiver.records()
             if records is None:
                 return None
+            fault("destination.receive")
             chunks: list[Buffer] = []
             try:
                 for i, rec in enumerate(records):

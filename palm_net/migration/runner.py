@@ -92,7 +92,7 @@ from palm_net.migration.effects import (
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffStore, Peer
 from palm_net.migration.hosts import DestinationHost, SourceHost, error_of
 from palm_net.migration.params import Step
-from palm_net.migration.relay import DestinationRelay, SourceRelay
+from palm_net.migration.relay import DestinationRelay, SourceRelay, in_own_thread
 from palm_net.migration.source import Pacer, SourceEngine
 from palm_net.trioutil import first_error
 from palm_net.wire.messages import MAX_BULK, MAX_CHANNELS, MAX_DATA_PAGES, PAGE_SIZE, Begin
@@ -115,6 +115,7 @@ BULK_BUFFERS = 2
 OUTBOX_BUFFER = PER_HOP * (MAX_BULK + 72 * 1024)  # a piece's records, sealed (header and framing included)
 PROGRESS_EVERY = 0.25  # s: a stream's relays' bytes counted this often
 RELAY_BUFFER = 2 << 20  # a destination relay's receive buffer (as an Inbox's)
+LANE_TAIL = 2 * (65536 + 8)  # a relayed data session's Inbox after its COMPLETE: its close (two frames)
 APPLY_WINDOW = 3  # destination: receive buffers handed to the applier and not yet written
 COMMIT_WINDOW = 30.0  # destination: at most this long shielded for COMMIT, activation and DONE
 
@@ -212,6 +213,7 @@ class SourceRun:
         self._woken = trio.Event()  # the receiver or a background task queued effects
         self._streams: list[socket.socket] = []  # a stream backend's migration streams, while they run
         self._relays: list[SourceRelay] = []  # and the relays carrying them
+        self._counted: dict[SourceRelay, int] = {}  # bytes each relay sent that the engine has counted
         self._pace_lock = threading.Lock()  # (the relays' threads pace too)
         # Each channel's buffers of pages read and of records sealed, kept from round to
         # round: fresh ones each round were first touched, a page fault a page, in the
@@ -520,13 +522,15 @@ class SourceRun:
         lease = eng.lease_stream(channel)
         try:
             sender = ThreadSender(ch)
+            relay = SourceRelay(conn, lease, sender, self._pace)
+            self._relays.append(relay)
             try:
-                relay = SourceRelay(conn, lease, sender, self._pace)
-                self._relays.append(relay)
                 if self._stopping:
                     relay.stop()
-                await trio.to_thread.run_sync(relay.run)
+                await in_own_thread(relay.run)
             finally:
+                self._count(relay)
+                self._relays.remove(relay)  # (before its sender closes: nothing aborts it after)
                 sender.close()
         finally:
             eng.stream_returned(channel, lease)
@@ -535,22 +539,18 @@ class SourceRun:
 
     async def _count_relayed(self, scope: trio.CancelScope) -> None:
         """What the relays sent, counted (the engine's figures, progress) now and then
-        while they run, and at their end."""
-        counted: dict[int, int] = {}
+        while they run (and by each as it ends)."""
         with scope:
-            try:
-                while True:
-                    await trio.sleep(PROGRESS_EVERY)
-                    self._count(counted)
-            finally:
-                self._count(counted)
+            while True:
+                await trio.sleep(PROGRESS_EVERY)
+                for relay in self._relays:
+                    self._count(relay)
+                self.on_progress()
 
-    def _count(self, counted: dict[int, int]) -> None:
-        for relay in self._relays:
-            sent = relay.sent
-            self.engine.sent(sent - counted.get(id(relay), 0))
-            counted[id(relay)] = sent
-        self.on_progress()
+    def _count(self, relay: SourceRelay) -> None:
+        sent = relay.sent
+        self.engine.sent(sent - self._counted.get(relay, 0))
+        self._counted[relay] = sent
 
     def _pace(self, size: int) -> float:
         """A relay's ``size`` bytes sent: how long it waits (the bandwidth cap, shared)."""
@@ -666,7 +666,7 @@ class DestinationRun:
         self._fault_woken = trio.Event()
         self._watching: HostedVM | None = None
         self._hook: Callable[[int], None] | None = None
-        self._relays: list[DestinationRelay] = []  # a stream's data sessions being carried (_relay)
+        self._relays: dict[DestinationRelay, trio.Event] = {}  # a stream's data sessions being carried (_relay)
         self._deadline = trio.CancelScope()  # (the session's, once it runs)
         self._started = 0.0
 
@@ -824,54 +824,46 @@ class DestinationRun:
 
     async def _relay(self, lane: Lane, channel: SecureChannel, out: trio.MemorySendChannel[_Opened]) -> None:
         """A stream's data session: its STREAM messages carried into the hypervisor by a
-        relay (a worker thread, palm_net.migration.relay); the records after them (its
-        COMPLETE), then the session's end, to the session task, as ``_feed`` does, in
-        the relay's buffer (a fresh Inbox's 4 MiB, first touched, cost the downtime
-        10-20 ms here)."""
+        relay (a worker thread of its own, palm_net.migration.relay); the records after
+        them (its COMPLETE) in the relay's buffer, then the session's end, to the session
+        task as ``_feed`` does, with an Inbox of one small buffer (a fresh Inbox's 4 MiB,
+        first touched, cost the downtime 10-20 ms here)."""
         eng, index = self.engine, lane.index
-        receiver = ThreadReceiver(channel, RELAY_BUFFER)
-        relay = DestinationRelay(receiver, eng.lend_lane(lane),
-                                 lambda chunks: self.host.bulk([StreamIn(c, index) for c in chunks]))
         counted = [0, 0]
+        receiver = ThreadReceiver(channel, RELAY_BUFFER)
+        try:
+            relay = DestinationRelay(receiver, eng.lend_lane(lane),
+                                     lambda chunks: self.host.bulk([StreamIn(c, index) for c in chunks]))
 
-        def count() -> None:
-            eng.lane_carried(lane, relay.messages - counted[0], relay.data - counted[1])
-            counted[:] = relay.messages, relay.data
-            self._deadline.deadline = eng.deadline(self._started)  # (its data is the session's progress)
+            def count() -> None:
+                eng.lane_carried(lane, relay.messages - counted[0], relay.data - counted[1])
+                counted[:] = relay.messages, relay.data
+                self._deadline.deadline = eng.deadline(self._started)  # (its data is the session's progress)
 
-        async def tick(scope: trio.CancelScope) -> None:
-            with scope:
-                while True:
-                    await trio.sleep(PROGRESS_EVERY)
-                    count()
+            async def tick(scope: trio.CancelScope) -> None:
+                with scope:
+                    while True:
+                        await trio.sleep(PROGRESS_EVERY)
+                        count()
 
-        async with out:
-            self._relays.append(relay)  # (until its receiver is closed: a cancel aborts what reads it)
+            self._relays[relay] = trio.Event()
             try:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        ticking = trio.CancelScope()
-                        nursery.start_soon(tick, ticking)
-                        try:
-                            rest = await trio.to_thread.run_sync(relay.run)
-                        finally:
-                            ticking.cancel()
-                finally:
-                    count()
-                    lane.returned()
-                while rest:
-                    taken = trio.Event()  # (the buffer is read into again only once they are)
-
-                    def release(_: bytearray, taken: trio.Event = taken) -> None:
-                        taken.set()
-
-                    await out.send(_Opened(lane, rest, receiver.buffer, release))
-                    await taken.wait()
-                    rest = await trio.to_thread.run_sync(receiver.records)
+                async with trio.open_nursery() as nursery:
+                    ticking = trio.CancelScope()
+                    nursery.start_soon(tick, ticking)
+                    try:
+                        rest = await in_own_thread(relay.run)
+                    finally:
+                        ticking.cancel()
             finally:
-                self._relays.remove(relay)
-                receiver.close()
-            await out.send(_Opened(lane, closed=RemoteProtocolError(ErrorCode.CLOSED, "peer closed the connection")))
+                count()
+                lane.returned()
+                self._relays.pop(relay).set()
+        finally:
+            receiver.close()  # (what it read past its last record goes back to the channel)
+        if rest:
+            await out.send(_Opened(lane, rest, receiver.buffer, lambda _: None))
+        await self._feed(lane, Inbox(channel, LANE_TAIL, buffers=1), out)
 
     async def attach(self, channel: SecureChannel, first: Record) -> None:
         """A DATA session for this migration, from the peer of its main session (the
@@ -919,6 +911,8 @@ class DestinationRun:
                     for applier in self._appliers.values():
                         applier.discarding = True
                     self._interrupt_stream()
+                    for done in list(self._relays.values()):  # (they write to the VM the abort scrubs)
+                        await done.wait()
                 if isinstance(eff, EndStream):  # READY's load from here: the writes still due are the pause's too
                     eff = EndStream(since=time.monotonic())
                 await self._drain()
