@@ -45,6 +45,7 @@ class Mutant:
 SAFETY = "tests/test_safety_checks.py"
 CHANNELS = "tests/test_channels.py"
 POSTCOPY = "tests/test_postcopy.py"
+RELAY = "tests/test_relay.py"
 MUTANTS = [
     Mutant("certificate signature not checked", "palm_net/crypto/identity.py",
            "            VerifyKey(authority_pub).verify(CERT_DOMAIN + self.body, self.signature)\n",
@@ -184,6 +185,20 @@ MUTANTS = [
     Mutant("an abandoned VM left running by a restart", "palm_net/agent/registry.py",
            "        self._scrub_abandoned()\n",
            "        pass\n", ("tests/test_postcopy_abandon.py", "-k", "restart_finishes")),
+    Mutant("a session sends a message of its own beside its stream's lease", "palm_net/wire/protocol.py",
+           "        if self._lease is not None:\n            raise LocalProtocolError(ErrorCode.OUT_OF_STATE, "
+           "\"our STREAM messages are leased out\")\n", "", (RELAY, "-k", "sends_nothing_of_its_own")),
+    Mutant("a STREAM lease in a page migration's session", "palm_net/wire/protocol.py",
+           "if self.mid is None or not self.stream or TRANSITIONS.get", "if self.mid is None or TRANSITIONS.get",
+           (RELAY, "-k", "no_lease_where")),
+    Mutant("a data session lent to its relay still takes records in the engine", "palm_net/migration/destination.py",
+           "        if lane.lent:\n", "        if False:\n", (RELAY, "-k", "lent_to_its_relay")),
+    Mutant("a destination relay writes data records its lane's protocol never checked", "palm_net/migration/relay.py",
+           "                    ev = proto.receive(rec.data, rec.authenticated)\n",
+           "                    ev = Data(rec.data, 0, False) if proto.data_due else proto.receive(rec.data, "
+           "rec.authenticated)\n", (RELAY, "-k", "destination_relay")),
+    Mutant("a relay's late abort writes to a descriptor its sender closed", "palm_net/channel/transport.py",
+           "            self._wake_r = self._wake_w = -1\n", "", (RELAY, "-k", "aborted_after_it_is_closed")),
 ]
 
 
