@@ -428,3 +428,43 @@ def test_a_complete_counting_more_than_the_relay_carried_is_refused(tmp_path):
     with pytest.raises(RemoteProtocolError) as exc:
         s.on(1, Complete(1, 2, b"T" * 32))
     assert exc.value.code is ErrorCode.INCOMPLETE
+
+
+async def test_a_destinations_abort_waits_for_its_relays_before_it_scrubs():
+    """The abort scrubs the incoming VM: a relay still writing to it (between reading a
+    buffer and writing it) would write into what is being scrubbed.  The session task
+    aborts the relays and waits until each has returned, then performs the abort."""
+    from types import SimpleNamespace
+
+    from palm_net.migration import runner
+    from palm_net.migration.effects import AbortForever
+
+    order: list[str] = []
+    done = trio.Event()
+    class Relay:
+        def abort(self) -> None:
+            order.append("relay aborted")
+
+    relay = Relay()
+    run = object.__new__(runner.DestinationRun)  # (the session task's part, without a session)
+    run.engine = SimpleNamespace(state=None, stream=True, mid=MID, on_record=lambda rec: [AbortForever("x", True)],
+                                 flush=lambda lane: [])
+    run.host = SimpleNamespace(vm=SimpleNamespace(interrupt_stream=lambda: order.append("interrupted")))
+    run.log, run._appliers, run._relays = SimpleNamespace(_context={"migration": 1}), {}, {relay: done}
+
+    async def perform(effects: list) -> None:
+        order.append(type(effects[0]).__name__)
+
+    async def relay_returns() -> None:
+        await trio.sleep(0.2)
+        order.append("relay returned")
+        done.set()
+
+    run._perform = perform
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            run._nursery = nursery
+            nursery.start_soon(relay_returns)
+            await run._process(None, [SimpleNamespace()], bytearray(1), lambda buf: None)
+            nursery.cancel_scope.cancel()
+    assert order == ["relay aborted", "interrupted", "relay returned", "AbortForever"]
