@@ -10,9 +10,9 @@ the hypervisor's stream of that channel.
 
 Through the trio shell each piece took hops to a thread and back, a wake-up of
 the event loop for every send or receive, and the GIL handed between four
-threads: 1.7-2.9 CPU-s of each agent for a 1 GiB QEMU guest's 515 MiB of stream,
-where reading, sealing and sending them take about 0.6 (docs/QEMU.md, "The stream
-in one thread").  A relay owns nothing of its engine: what it uses is lent to it
+threads: 1.6-4.1 CPU-s of each agent for a 1 GiB QEMU guest's 515 MiB of stream,
+where the same work in plain threads takes 0.6-0.9 (docs/QEMU.md, "The stream in
+one thread").  A relay owns nothing of its engine: what it uses is lent to it
 until it returns, and the engine counts what it carried from its counters.
 """
 
