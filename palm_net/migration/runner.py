@@ -139,6 +139,14 @@ async def unblock_on_cancel(scope: trio.CancelScope, unblock: Callable[[], None]
             unblock()
 
 
+async def every(seconds: float, fn: Callable[[], None], scope: trio.CancelScope) -> None:
+    """``fn`` every ``seconds`` until ``scope`` is cancelled (what a stream's relays carried, counted)."""
+    with scope:
+        while True:
+            await trio.sleep(seconds)
+            fn()
+
+
 def session_error(exc: BaseException) -> PalmError:
     """What ended a session, in the one vocabulary: the trio shell's own errors, then
     those of the host and the connection (palm_net.migration.hosts.error_of)."""
@@ -509,7 +517,7 @@ class SourceRun:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(unblock_on_cancel, unblock, abort)
-                nursery.start_soon(self._count_relayed, counting)
+                nursery.start_soon(every, PROGRESS_EVERY, self._count_relayed, counting)
                 for i in range(len(streams)):
                     nursery.start_soon(send_one, i)
         finally:
@@ -537,15 +545,12 @@ class SourceRun:
         if channel and not self._stopping:
             await self._send_on(ch, [eng.channel_end(channel, 0, *ch.sent)])
 
-    async def _count_relayed(self, scope: trio.CancelScope) -> None:
+    def _count_relayed(self) -> None:
         """What the relays sent, counted (the engine's figures, progress) now and then
         while they run (and by each as it ends)."""
-        with scope:
-            while True:
-                await trio.sleep(PROGRESS_EVERY)
-                for relay in self._relays:
-                    self._count(relay)
-                self.on_progress()
+        for relay in self._relays:
+            self._count(relay)
+        self.on_progress()
 
     def _count(self, relay: SourceRelay) -> None:
         sent = relay.sent
@@ -840,17 +845,11 @@ class DestinationRun:
                 counted[:] = relay.messages, relay.data
                 self._deadline.deadline = eng.deadline(self._started)  # (its data is the session's progress)
 
-            async def tick(scope: trio.CancelScope) -> None:
-                with scope:
-                    while True:
-                        await trio.sleep(PROGRESS_EVERY)
-                        count()
-
             self._relays[relay] = trio.Event()
             try:
                 async with trio.open_nursery() as nursery:
                     ticking = trio.CancelScope()
-                    nursery.start_soon(tick, ticking)
+                    nursery.start_soon(every, PROGRESS_EVERY, count, ticking)
                     try:
                         rest = await in_own_thread(relay.run)
                     finally:
