@@ -228,10 +228,6 @@ class DestinationEngine:
         """PAGES (or STREAM) messages received on this session."""
         return self.main.page_records
 
-    @property
-    def vm_name(self) -> str | None:
-        return self.begin.vm if self.begin is not None else None
-
     def deadline(self, started: float) -> float:
         """When this session must be over if nothing more arrives: BEGIN soon; then
         time in proportion to the VM's data received (a peer that trickles, or
