@@ -258,11 +258,10 @@ class Palm:
                 time.sleep(0.1)  # a running guest's memory is resident: wait until the model's is
             time.sleep(settle)
             rest = self.rss_at_rest()
-            cpu0 = {side: cpu_seconds(ag.pid()) for side, ag in (("source", self.a), ("destination", self.b))}
+            cpu0 = self.cpu()
             with RssSampler({"source": self.a.pid(), "destination": self.b.pid()}) as rss:
                 r: dict[str, Any] = self.a.request("migrate", name=name, to=self.b.addr, **args)
-            cpu = {side: cpu_seconds(ag.pid()) - cpu0[side] for side, ag in (("source", self.a),
-                                                                              ("destination", self.b))}
+            cpu = {side: secs - cpu0[side] for side, secs in self.cpu().items()}
         except BaseException:
             self._discard(name)
             raise
@@ -294,10 +293,12 @@ class Palm:
         try:
             time.sleep(SETTLE)  # past its firmware's start, as in the QEMU-alone runs
             rest = self.rss_at_rest()
+            cpu0 = self.cpu()
             with RssSampler({"source": self.a.pid(), "destination": self.b.pid()}) as rss:
                 asked = {"channels": channels} if channels else {}
                 r: dict[str, Any] = self.a.request("migrate", name=name, to=self.b.addr,
                                                    downtime_ms=float(downtime_ms), **asked)
+            cpu = {side: secs - cpu0[side] for side, secs in self.cpu().items()}
         except BaseException:
             self._discard(name)
             raise
@@ -309,7 +310,13 @@ class Palm:
         rec = run_record(r, memory, rss.peak, rest)
         rec.update({"qemu_total_ms": float(hv.get("total_ms") or 0), "qemu_downtime_ms":
                     float(hv.get("downtime_ms") or 0), "stream_bytes": hv.get("stream_bytes") or 0})
+        for side, secs in cpu.items():  # the agent's own CPU per GiB of QEMU's stream (what it carries)
+            rec[f"cpu_{side}_s_per_gib"] = secs / (max(1, rec["stream_bytes"]) / GIB)
         return rec
+
+    def cpu(self) -> dict[str, float]:
+        """Each agent's CPU seconds so far (user + system, all its threads)."""
+        return {side: cpu_seconds(ag.pid()) for side, ag in (("source", self.a), ("destination", self.b))}
 
     def rss_at_rest(self) -> dict[str, int]:
         """Each agent's memory beyond guest memory just before a migration (what it holds anyway)."""
@@ -721,51 +728,71 @@ CHANNEL_COUNTS = (1, 2, 4)
 
 LINK_GIBS = 25e9 / 8 / GIB  # a 25 Gbit/s link, in GiB/s
 PROJECTED_CORES = 16
+QEMU_PROJECTED_CHANNELS = 2  # a QEMU guest's projection: from its runs on this many channels
 
 
-def gil_seconds_per_gib(palm: Palm, guest: int, rate: int = 200) -> dict[str, float]:
-    """One 1-channel migration with each agent sampled by py-spy (only while a thread holds the
-    GIL): the seconds per GiB each agent's GIL was held, what no number of channels in one
-    process can run in parallel."""
+def gil_held(palm: Palm, migrate: Callable[[], dict[str, Any]], rate: int = 200) -> dict[str, float]:
+    """``migrate`` (one migration between ``palm``'s agents) with each agent sampled by py-spy
+    only while a thread of it holds the GIL: the seconds each agent's GIL was held, what no
+    number of channels in one process can run in parallel."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not os.access(spy, os.X_OK):
         raise RuntimeError("py-spy not installed (the bench extra: pip install -e '.[bench]')")
-    palm.n += 1
-    name = f"gil{palm.n}"
-    palm.a.request("vm.create", name=name, memory=str(guest), fill="random", seed=palm.n)
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        spies = {side: subprocess.Popen([spy, "record", "--gil", "--nonblocking", "-r", str(rate), "-d", "300",
+                                         "-f", "raw", "-o", f"{tmp}/{side}", "-p", str(ag.pid())],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for side, ag in (("source", palm.a), ("destination", palm.b))}
         try:
-            while not palm.a.request("vm.show", name=name)["resident"]:
-                time.sleep(0.1)
-            spies = {side: subprocess.Popen([spy, "record", "--gil", "--nonblocking", "-r", str(rate), "-d", "120",
-                                             "-f", "raw", "-o", f"{tmp}/{side}", "-p", str(ag.pid())],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for side, ag in (("source", palm.a), ("destination", palm.b))}
             time.sleep(1.0)  # (py-spy attached)
-            r = palm.a.request("migrate", name=name, to=palm.b.addr, channels=1)
+            migrate()
+        finally:
             for sp in spies.values():
                 sp.send_signal(2)
                 sp.wait(60)
-        finally:
-            palm._discard(name)
-        if not r.get("ok"):
-            raise RuntimeError(f"migration failed: {r.get('error')}")
         for side in spies:
             text = Path(f"{tmp}/{side}").read_text() if Path(f"{tmp}/{side}").exists() else ""
-            samples = sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.strip())
-            out[f"gil_{side}_s_per_gib"] = samples / rate / (guest / GIB)
-        out["wall_s_per_gib"] = r["total_ms"] / 1000 / (guest / GIB)
+            out[side] = sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.strip()) / rate
     return out
 
 
-def channel_projection(palm: Palm, guest: int, one: dict[str, Any]) -> dict[str, Any]:
-    """What N channels could reach on a host of PROJECTED_CORES cores a side and a 25 Gbit/s link,
-    from per-GiB figures measured here: each side's CPU seconds per GiB (all its threads) bounds
-    it by cores, its GIL-held seconds per GiB bounds one process whatever the channels (Amdahl),
-    and the link bounds both."""
+def gil_seconds_per_gib(palm: Palm, guest: int) -> dict[str, float]:
+    """One 1-channel migration of an idle all-random model guest, its agents' GIL sampled (gil_held):
+    the seconds per GiB each held it, and the wall time per GiB.  A created guest is resident
+    before the sampling starts (its idle migration is all the agents do meanwhile)."""
+    palm.n += 1
+    name = f"gil{palm.n}"
+    palm.a.request("vm.create", name=name, memory=str(guest), fill="random", seed=palm.n)
+    r: dict[str, Any] = {}
     try:
-        gil = gil_seconds_per_gib(palm, guest)
+        while not palm.a.request("vm.show", name=name)["resident"]:
+            time.sleep(0.1)
+        held = gil_held(palm, lambda: r.update(palm.a.request("migrate", name=name, to=palm.b.addr, channels=1)))
+    finally:
+        palm._discard(name)
+    if not r.get("ok"):
+        raise RuntimeError(f"migration failed: {r.get('error')}")
+    return {**{f"gil_{side}_s_per_gib": secs / (guest / GIB) for side, secs in held.items()},
+            "wall_s_per_gib": r["total_ms"] / 1000 / (guest / GIB)}
+
+
+def gil_seconds_per_stream_gib(palm: Palm, guest: int, content: Path, channels: int) -> dict[str, float]:
+    """The same for a QEMU guest on ``channels`` channels, per GiB of QEMU's stream."""
+    r: dict[str, Any] = {}
+    held = gil_held(palm, lambda: r.update(palm.migrate_qemu(guest, content, 300, channels)))
+    per = max(1, r["stream_bytes"]) / GIB
+    return {**{f"gil_{side}_s_per_gib": secs / per for side, secs in held.items()},
+            "wall_s_per_gib": r["total_ms"] / 1000 / per}
+
+
+def channel_projection(measure: Callable[[], dict[str, float]], one: dict[str, Any]) -> dict[str, Any]:
+    """What N channels could reach on a host of PROJECTED_CORES cores a side and a 25 Gbit/s link,
+    from per-GiB figures measured here (``one``: a mode's runs; ``measure``: its GIL figures):
+    each side's CPU seconds per GiB (all its threads) bounds it by cores, its GIL-held seconds
+    per GiB bounds one process whatever the channels (Amdahl), and the link bounds both."""
+    try:
+        gil = measure()
     except (RuntimeError, ControlError, OSError, subprocess.SubprocessError) as exc:
         return {"skipped": str(exc)}
     bounds = {"link": LINK_GIBS}
@@ -785,11 +812,12 @@ def channel_projection(palm: Palm, guest: int, one: dict[str, Any]) -> dict[str,
             "limited_by": limit}
 
 
-def channel_cpu_table(modes: dict[str, Any]) -> list[str]:
-    """Each agent's CPU seconds per GiB moved, by channel count (medians): what a channel costs."""
+def channel_cpu_table(modes: dict[str, Any], prefix: str = "channels_") -> list[str]:
+    """Each agent's CPU seconds per GiB moved (a QEMU guest's: per GiB of its stream), by channel
+    count (medians): what a channel costs."""
     L = ["| channels | total (ms) | source CPU s/GiB | destination CPU s/GiB |", "|---|---|---|---|"]
     for n in CHANNEL_COUNTS:
-        m = modes.get(f"channels_{n}") or {}
+        m = modes.get(f"{prefix}{n}") or {}
         if "total_ms" not in m:
             continue
         L.append(f"| {n} | {fmt(m['total_ms'], '', 0)} | {fmt(m.get('cpu_source_s_per_gib'))} | "
@@ -797,12 +825,12 @@ def channel_cpu_table(modes: dict[str, Any]) -> list[str]:
     return [*L, ""]
 
 
-def projection_text(p: dict[str, Any]) -> list[str]:
+def projection_text(p: dict[str, Any], measured: str = "1 channel") -> list[str]:
     if not p or "skipped" in p:
         return [f"Projection skipped: {p.get('skipped', 'not measured')}.", ""]
     b, how = p["bounds_gibs"], p.get("arithmetic") or {}
     return [f"Projection for {PROJECTED_CORES} cores a side and a 25 Gbit/s link ({LINK_GIBS:.2f} GiB/s), from "
-            "this run's per-GiB figures (1 channel; CPU seconds of all of an agent's threads, and the seconds "
+            f"this run's per-GiB figures ({measured}; CPU seconds of all of an agent's threads, and the seconds "
             "py-spy saw a thread of it holding the GIL, which no number of channels in one process runs in "
             f"parallel; {p['wall_s_per_gib']:.2f} s/GiB of wall time here):", "",
             *(f"- {k}: {how.get(k, f'{v:.2f} GiB/s')}" for k, v in b.items()), "",
@@ -840,7 +868,8 @@ def goal_channels(palm: Palm, rep: int, guest: int, work: Path) -> dict[str, Any
         rows.append(row("6. channels", what.format(n=n), ms(c["palm"]), ms(c["base"]), c, None,
                         f"information: {os.cpu_count()} cores shared by both agents (a channel gains only "
                         "with cores to spare)"))
-    out["projection"] = channel_projection(palm, guest, out["modes"].get("channels_1") or {})
+    out["projection"] = channel_projection(lambda: gil_seconds_per_gib(palm, guest),
+                                           out["modes"].get("channels_1") or {})
     rows += qemu_channels(palm, rep, guest, work, out)
     out["rows"] = rows
     return out
@@ -860,6 +889,9 @@ def qemu_channels(palm: Palm, rep: int, guest: int, work: Path, out: dict[str, A
         modes[f"qemu_alone_channels_{n}"] = lambda n=n: qemu_migrate_once(work, guest, content, accel, False, 300, n)
     runs, failed = interleave(rep, modes, "goal 6 (QEMU channels)")
     out["qemu_modes"], out["qemu_accel"] = summaries(runs, failed), accel
+    n = QEMU_PROJECTED_CHANNELS  # (as `palm migrate` chooses with QEMU 9.0 or later)
+    out["qemu_projection"] = channel_projection(lambda: gil_seconds_per_stream_gib(palm, guest, content, n),
+                                                out["qemu_modes"].get(f"palm_qemu_channels_{n}") or {})
     rows = []
     for n in CHANNEL_COUNTS:
         p, q = runs[f"palm_qemu_channels_{n}"], runs[f"qemu_alone_channels_{n}"]
@@ -1160,6 +1192,11 @@ def report(res: dict[str, Any]) -> str:
             L.append(f"\n### A QEMU guest on N channels ({v['qemu_accel'].upper()}): palm_net and QEMU alone's "
                      "multifd\n")
             L += modes_table(v["qemu_modes"])
+            L.append("")
+            L += channel_cpu_table(v["qemu_modes"], "palm_qemu_channels_")
+            L += projection_text(v.get("qemu_projection") or {},
+                                 f"{QEMU_PROJECTED_CHANNELS} channels, per GiB of QEMU's stream; the agents only, "
+                                 "not QEMU's own processes")
     if "postcopy" in goals and "modes" in goals["postcopy"]:
         v = goals["postcopy"]
         L.append("## Goal 7: post-copy\n")
