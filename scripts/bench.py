@@ -25,9 +25,11 @@ Goals (select with --only, by number or name):
                 (max/min <= 1.25); agent memory beyond guest memory < 64 MiB at every
                 size; idle pause random-filled vs zero-filled at each size, and across
                 sizes (<= 1.25, this bench's reading of "the same")
-  6 channels    2 and 4 channels vs 1 (`migrate`'s `channels`, proto 7.8) on the idle
+  6 channels    1, 2 and 4 channels (`migrate`'s `channels`, proto 7.8) on the idle
                 all-random guest: total time and each agent's CPU seconds per GiB (on 2
-                shared cores a channel cannot gain: what it costs); QEMU guests: one channel
+                shared cores a channel cannot gain: what it costs); a QEMU guest on 1, 2
+                and 4 next to QEMU alone's same multifd streams (CPU per GiB of stream);
+                each with a projection for 16 cores and 25 Gbit/s (py-spy: the GIL)
   7 postcopy    a guest writing 50000 pages/s by post-copy vs the same guest idle by
                 pre-copy: downtime <= 2x, memory at the switch equal; total time and
                 downtime against the hot guest's pre-copy, and how long the destination's
@@ -548,6 +550,9 @@ def qemu_content(work: Path, memory: int) -> Path:
     return content
 
 
+QEMU_DOWNTIME_MS = 300  # every QEMU migration's downtime limit, QEMU alone's and palm_net's (QEMU's default)
+
+
 def goal_qemu(pairs: dict[str, Palm], rep: int, memory: int, work: Path) -> dict[str, Any]:
     accels = list(pairs)
     if qemu_binary() is None:
@@ -557,10 +562,12 @@ def goal_qemu(pairs: dict[str, Palm], rep: int, memory: int, work: Path) -> dict
     tls_skip = make_tls_creds(work / "tls")
     modes: dict[str, Callable[[], dict[str, Any]]] = {}
     for accel in accels:
-        modes[f"qemu_tcp_{accel}"] = lambda a=accel: qemu_migrate_once(work, memory, content, a, False, 300)
+        modes[f"qemu_tcp_{accel}"] = lambda a=accel: qemu_migrate_once(work, memory, content, a, False,
+                                                                       QEMU_DOWNTIME_MS)
         if tls_skip is None:
-            modes[f"qemu_tls_{accel}"] = lambda a=accel: qemu_migrate_once(work, memory, content, a, True, 300)
-        modes[f"palm_qemu_{accel}"] = lambda a=accel: pairs[a].migrate_qemu(memory, content, 300)
+            modes[f"qemu_tls_{accel}"] = lambda a=accel: qemu_migrate_once(work, memory, content, a, True,
+                                                                           QEMU_DOWNTIME_MS)
+        modes[f"palm_qemu_{accel}"] = lambda a=accel: pairs[a].migrate_qemu(memory, content, QEMU_DOWNTIME_MS)
     runs, failed = interleave(rep, modes, "goal 4 (QEMU)")
     if tls_skip:
         for accel in accels:
@@ -597,6 +604,18 @@ def goal_qemu(pairs: dict[str, Palm], rep: int, memory: int, work: Path) -> dict
             rows.append(skipped_row(f"4. QEMU ({A})", "QEMU's own TLS", failed.get(f"qemu_tls_{accel}", "?")))
     out["rows"] = rows
     return out
+
+
+def runs_text(modes: dict[str, Any]) -> list[str]:
+    """Each run's total and downtime, in run order: a QEMU that pauses its guest early (its
+    bandwidth estimate says what is left fits the downtime limit) trades one for the other."""
+    lines = [f"- {k}: " + ", ".join(f"{r['total_ms']:.0f} / {r['downtime_ms']:.0f}" for r in e["runs"])
+             for k, e in modes.items() if e.get("runs") and "downtime_ms" in e["runs"][0]]
+    if not lines:
+        return []
+    return ["Each run, in run order (total ms / downtime ms): a QEMU migration paused early, with more of its "
+            "RAM still to send in the pause, is shorter in total and longer in downtime, up to its limit "
+            f"({QEMU_DOWNTIME_MS} ms here) and past it.\n", *lines, ""]
 
 
 def downtime_breakdown(modes: dict[str, Any], told: list[str]) -> list[str]:
@@ -780,7 +799,7 @@ def gil_seconds_per_gib(palm: Palm, guest: int) -> dict[str, float]:
 def gil_seconds_per_stream_gib(palm: Palm, guest: int, content: Path, channels: int) -> dict[str, float]:
     """The same for a QEMU guest on ``channels`` channels, per GiB of QEMU's stream."""
     r: dict[str, Any] = {}
-    held = gil_held(palm, lambda: r.update(palm.migrate_qemu(guest, content, 300, channels)))
+    held = gil_held(palm, lambda: r.update(palm.migrate_qemu(guest, content, QEMU_DOWNTIME_MS, channels)))
     per = max(1, r["stream_bytes"]) / GIB
     return {**{f"gil_{side}_s_per_gib": secs / per for side, secs in held.items()},
             "wall_s_per_gib": r["total_ms"] / 1000 / per}
@@ -885,8 +904,9 @@ def qemu_channels(palm: Palm, rep: int, guest: int, work: Path, out: dict[str, A
     accel = default_accel()  # (the default pair's agents start their QEMUs so)
     modes: dict[str, Callable[[], dict[str, Any]]] = {}
     for n in CHANNEL_COUNTS:
-        modes[f"palm_qemu_channels_{n}"] = lambda n=n: palm.migrate_qemu(guest, content, 300, n)
-        modes[f"qemu_alone_channels_{n}"] = lambda n=n: qemu_migrate_once(work, guest, content, accel, False, 300, n)
+        modes[f"palm_qemu_channels_{n}"] = lambda n=n: palm.migrate_qemu(guest, content, QEMU_DOWNTIME_MS, n)
+        modes[f"qemu_alone_channels_{n}"] = lambda n=n: qemu_migrate_once(work, guest, content, accel, False,
+                                                                             QEMU_DOWNTIME_MS, n)
     runs, failed = interleave(rep, modes, "goal 6 (QEMU channels)")
     out["qemu_modes"], out["qemu_accel"] = summaries(runs, failed), accel
     n = QEMU_PROJECTED_CHANNELS  # (as `palm migrate` chooses with QEMU 9.0 or later)
@@ -1155,6 +1175,7 @@ def report(res: dict[str, Any]) -> str:
                          f"{fmt(e.get('qemu_downtime_ms'), '', 1)} | "
                          f"{format_bytes(int(e['bytes']['median'])) if e.get('bytes') else '-'} |")
         L.append("")
+        L += runs_text(v["modes"])
         L += breakdown(v["modes"], "Goal 4")
     if "scale" in goals and "modes" in goals["scale"]:
         v = goals["scale"]
@@ -1193,6 +1214,13 @@ def report(res: dict[str, Any]) -> str:
                      "multifd\n")
             L += modes_table(v["qemu_modes"])
             L.append("")
+            L.append("What they show on 2 cores shared by two QEMUs and two agents: from one channel to two, "
+                     "palm_net gains the most, as on one its destination QEMU reads every zero page it is sent, so "
+                     "the agent faults in the whole RAM file ahead of it (the destination's CPU per GiB below; "
+                     "docs/QEMU.md); from QEMU 9.0 `palm migrate` takes two. Beyond two, QEMU alone's multifd "
+                     "threads go faster and palm_net's streams do not: each stream's bytes cost each agent the CPU "
+                     "below (one relay thread a session a side, docs/DATAPATH.md), on the cores QEMU's threads "
+                     "need too.\n")
             L += channel_cpu_table(v["qemu_modes"], "palm_qemu_channels_")
             L += projection_text(v.get("qemu_projection") or {},
                                  f"{QEMU_PROJECTED_CHANNELS} channels, per GiB of QEMU's stream; the agents only, "
