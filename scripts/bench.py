@@ -1214,13 +1214,12 @@ def report(res: dict[str, Any]) -> str:
                      "multifd\n")
             L += modes_table(v["qemu_modes"])
             L.append("")
-            L.append("What they show on 2 cores shared by two QEMUs and two agents: from one channel to two, "
-                     "palm_net gains the most, as on one its destination QEMU reads every zero page it is sent, so "
-                     "the agent faults in the whole RAM file ahead of it (the destination's CPU per GiB below; "
-                     "docs/QEMU.md); from QEMU 9.0 `palm migrate` takes two. Beyond two, QEMU alone's multifd "
-                     "threads go faster and palm_net's streams do not: each stream's bytes cost each agent the CPU "
-                     "below (one relay thread a session a side, docs/DATAPATH.md), on the cores QEMU's threads "
-                     "need too.\n")
+            L.append(f"What decides them on {m['cores']} cores shared by two QEMUs and two agents: on one "
+                     "channel the destination QEMU reads every zero page it is sent, so the agent faults in the "
+                     "whole RAM file ahead of it (the destination's CPU per GiB below; docs/QEMU.md), which is why "
+                     "from QEMU 9.0 `palm migrate` takes two; beyond two, each stream's bytes cost each agent the "
+                     "CPU below (one relay thread a session a side, docs/DATAPATH.md), on the cores QEMU's own "
+                     "multifd threads need too.\n")
             L += channel_cpu_table(v["qemu_modes"], "palm_qemu_channels_")
             L += projection_text(v.get("qemu_projection") or {},
                                  f"{QEMU_PROJECTED_CHANNELS} channels, per GiB of QEMU's stream; the agents only, "
