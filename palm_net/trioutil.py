@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -50,3 +50,20 @@ class ConflictDetector:
 
     def __exit__(self, *_: object) -> None:
         self._held = False
+
+
+class Changes:
+    """Tasks waiting until a condition on shared state holds, woken by whoever changes
+    that state (``changed``), instead of polling it on a timer."""
+
+    def __init__(self) -> None:
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def changed(self) -> None:
+        self._lot.unpark_all()
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Returns once ``done()`` is true; it is checked at once and after each change.
+        (No checkpoint between the check and the wait: no change is missed.)"""
+        while not done():
+            await self._lot.park()

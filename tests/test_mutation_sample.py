@@ -46,6 +46,7 @@ SAFETY = "tests/test_safety_checks.py"
 CHANNELS = "tests/test_channels.py"
 POSTCOPY = "tests/test_postcopy.py"
 RELAY = "tests/test_relay.py"
+ABANDON = "tests/test_postcopy_abandon.py"
 MUTANTS = [
     Mutant("certificate signature not checked", "palm_net/crypto/identity.py",
            "            VerifyKey(authority_pub).verify(CERT_DOMAIN + self.body, self.signature)\n",
@@ -199,6 +200,12 @@ MUTANTS = [
            "rec.authenticated)\n", (RELAY, "-k", "destination_relay")),
     Mutant("a relay's late abort writes to a descriptor its sender closed", "palm_net/channel/transport.py",
            "            self._wake_r = self._wake_w = -1\n", "", (RELAY, "-k", "aborted_after_it_is_closed")),
+    Mutant("the destination's abandon scrubs before its sessions have ended", "palm_net/agent/incoming.py",
+           "        await self._settled.until(lambda: not any(of_mid(key) for key in self._live))\n", "",
+           (ABANDON, "-k", "session_still_pulls")),
+    Mutant("the source's abandon scrubs a copy something may still read", "palm_net/agent/outgoing.py",
+           "        await self._ended.until(", "        return\n        await self._ended.until(",
+           (ABANDON, "-k", "stops_serving_before_its_scrub")),
 ]
 
 

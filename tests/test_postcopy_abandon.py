@@ -142,10 +142,13 @@ async def test_a_source_abandoned_while_it_still_serves_stops_serving_before_its
     mid = await _pulling(cluster, at=0.1)
     lm = a.outgoing.live[mid]
     assert lm.result is None and a.store.state_of(mid) is HandoffState.SERVING  # serving now
-    vm, scrubbing, late = a.vms["vm1"], [], []
+    vm, scrubbing, late, abandoning = a.vms["vm1"], [], [], []
     read, scrub = vm.read_pages, vm.scrub
 
     def reading(*args, **kw):  # (a worker thread)
+        if abandoning and len(abandoning) == 1:
+            abandoning.append(True)
+            time.sleep(0.3)  # a read still under way as the abandon comes: its scrub must wait for it
         if scrubbing:
             late.append(args[0])
         return read(*args, **kw)
@@ -155,6 +158,8 @@ async def test_a_source_abandoned_while_it_still_serves_stops_serving_before_its
         scrub()
 
     vm.read_pages, vm.scrub = reading, scrubbed
+    abandoning.append(True)
+    await trio.sleep(0.1)  # (the next read begins, and is held)
     res = await a.abandon(mid.hex(), "host b unreachable (it was not lost after all)")
     assert lm.result is not None and "abandoned by the operator" in lm.result.error  # ended first
     assert scrubbing and not late, "a page was read from the copy once its scrub had begun"
@@ -164,6 +169,30 @@ async def test_a_source_abandoned_while_it_still_serves_stops_serving_before_its
     assert (await b.abandon(mid.hex(), "its source abandoned it"))["status"] == "abandoned"
     assert cluster.running_copies("vm1") == [] and "vm1" not in b.vms
     assert not late
+
+
+async def test_a_destination_abandoned_while_its_session_still_pulls_ends_it_before_its_scrub(cluster, monkeypatch):
+    """The destination's operator abandons while its session still pulls from a source that
+    serves: the session is ended, and settled from its row, before the VM is scrubbed (the
+    abandon waits for it, woken as it settles: no timer)."""
+    monkeypatch.setattr(postcopy, "SERVE_BULK", postcopy.SERVE_SLICE)
+    b = cluster["b"]
+    mid = await _pulling(cluster, at=0.1)
+    assert b.incoming._live and b.store.state_of(mid) is HandoffState.PULLING  # its session pulls now
+    vm, live_at_scrub = b.vms["vm1"], []
+    scrub = vm.scrub
+
+    def scrubbed() -> None:
+        live_at_scrub.append(len(b.incoming._live))
+        scrub()
+
+    vm.scrub = scrubbed
+    with trio.fail_after(30):
+        res = await b.abandon(mid.hex(), "host a unreachable")
+    assert (res["status"], res["role"], res["scrubbed"]) == ("abandoned", "destination", True)
+    assert live_at_scrub == [0], "the VM was scrubbed while its session still ran"
+    assert "vm1" not in b.vms and b.store.state_of(mid) is HandoffState.ABANDONED
+    assert cluster.running_copies("vm1") == []
 
 
 # --------------------------------------------------------------------------

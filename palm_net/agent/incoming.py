@@ -35,6 +35,7 @@ from palm_net.hypervisor.vms import AnyVM
 from palm_net.migration.handoff import STORAGE_ERRORS, HandoffState, HandoffStore, Peer, may_run
 from palm_net.migration.orchestrate import serve_incoming
 from palm_net.migration.runner import DestinationRun
+from palm_net.trioutil import Changes
 from palm_net.wire import messages
 from palm_net.wire.messages import Begin
 from palm_net.wire.protocol import FINAL, Role
@@ -113,6 +114,7 @@ class IncomingService:
         # and, when its lists change, for every session in flight (recheck).
         self.gate: Callable[[PeerInfo, Purpose], PalmError | None] = lambda peer, purpose: None
         self._live: dict[object, tuple[SecureChannel, trio.CancelScope]] = {}
+        self._settled = Changes()  # a session left _live, settled (without_sessions waits on it)
         self.on_settled: list[Callable[[str], None]] = []  # told how each MIGRATION session ended
         self._pulling: set[bytes] = set()  # post-copy migrations a recovery session pulls into now
 
@@ -246,7 +248,10 @@ class IncomingService:
             del self._live[key]
             if session.pulling is not None:
                 self._pulling.discard(session.pulling)
-            outcome = self._settle(session, run)
+            try:
+                outcome = self._settle(session, run)
+            finally:
+                self._settled.changed()  # (settled, or it failed to be: the abandon's wait goes on either way)
             release_free_memory()
             if channel.result.purpose is Purpose.MIGRATION:
                 for fn in self.on_settled:
@@ -263,8 +268,7 @@ class IncomingService:
         for key, (_, scope) in list(self._live.items()):
             if of_mid(key):
                 scope.cancel()
-        while any(of_mid(key) for key in self._live):
-            await trio.sleep(0.01)
+        await self._settled.until(lambda: not any(of_mid(key) for key in self._live))
         self._pulling.add(mid)
         try:
             yield

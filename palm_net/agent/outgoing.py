@@ -32,6 +32,7 @@ from palm_net.migration.handoff import STORAGE_ERRORS, HandoffState, HandoffStor
 from palm_net.migration.orchestrate import IN_DOUBT, MigrationResult, migrate_out, override_resume, recover_once
 from palm_net.migration.params import MigrationParams, MigrationStats, default_channels
 from palm_net.migration.runner import Stop
+from palm_net.trioutil import Changes
 from palm_net.wire.protocol import Role
 
 log = structlog.get_logger("palm.agent")
@@ -90,6 +91,7 @@ class OutgoingService:
         # What may read a migration's copy now besides migrate_out (its recovery task, a --resolve):
         # the operator's abandon ends them before the copy is scrubbed (palm_net.agent.abandon).
         self._readers: dict[bytes, set[trio.CancelScope]] = {}
+        self._ended = Changes()  # a migration's result, or a reader of its copy, ended (end_readers waits on it)
         # Why this agent itself may start no migration now (the cluster revoked it), or None.
         self.self_refusal: Callable[[], str | None] = lambda: None
 
@@ -148,6 +150,7 @@ class OutgoingService:
                                            connect_data=connect_data)
         except BaseException:
             del self.live[mid]  # refused on the way (e.g. the destination is this agent): not a migration
+            self._ended.changed()
             self._after(vm, mid)  # or it ended some other way: its row says what is left to do
             raise
         handed_off = self._state(mid) in IN_DOUBT
@@ -166,6 +169,7 @@ class OutgoingService:
             # The operator's cancel, taken at a safe point (the destination told): the row says aborted.
             result = dataclasses.replace(result, status="cancelled", error=CANCELLED)
         lm.result = result
+        self._ended.changed()
         if not result.ok and self.store.get(mid) is None:  # failed before BEGIN: no row, so say it here
             log.warning("migration failed before it began", migration=mid.hex(), vm=name, peer=to,
                         phase=result.phase, error=result.error)
@@ -278,6 +282,7 @@ class OutgoingService:
             readers.discard(scope)
             if not readers:
                 self._readers.pop(mid, None)
+            self._ended.changed()
 
     async def end_readers(self, mid: bytes) -> None:
         """Ends whatever may read this migration's copy (migrate_out's session, its recovery, a
@@ -289,9 +294,8 @@ class OutgoingService:
             running.cancel.cancel()
         for scope in self._readers.get(mid, ()):
             scope.cancel()
-        while self._readers.get(mid) or (running is not None and running.result is None
-                                         and self.live.get(mid) is running):
-            await trio.sleep(0.01)
+        await self._ended.until(lambda: not self._readers.get(mid) and (
+            running is None or running.result is not None or self.live.get(mid) is not running))
 
     async def _recover(self, mid: bytes) -> None:
         delay = 0.5
