@@ -539,6 +539,7 @@ class SourceRun:
             finally:
                 self._count(relay)
                 self._relays.remove(relay)  # (before its sender closes: nothing aborts it after)
+                del self._counted[relay]  # (all of it counted: nothing counts it again)
                 sender.close()
         finally:
             eng.stream_returned(channel, lease)
